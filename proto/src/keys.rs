@@ -1,0 +1,156 @@
+//! The cluster secret and the keys derived from it.
+//!
+//! Routers and gateways share one 32-byte cluster secret tagged with a key id
+//! (the byte carried in every preamble). Every working key is derived from it
+//! with BLAKE3 `derive_key` under its own context string, so one leaked
+//! derived key reveals neither the secret nor its siblings.
+
+use std::fmt;
+use std::str::FromStr;
+
+use zeroize::Zeroizing;
+
+/// Context strings; changing one changes every golden vector.
+const CTX_RING: &str = "jvpn 2026-11 placement ring siphash v1";
+const CTX_VIEW: &str = "jvpn 2026-11 view id v1";
+const CTX_TAG: &str = "jvpn 2026-11 owner tag v1";
+const CTX_ROUTE: &str = "jvpn 2026-11 routing token chacha20poly1305 v1";
+
+/// Errors reading a cluster secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The secret was not 64 hexadecimal digits.
+    #[error("cluster secret must be 64 hex digits (32 bytes)")]
+    SecretFormat,
+}
+
+/// The shared cluster secret with its key id. Zeroized on drop; `Debug` shows the id only.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    key_id: u8,
+    secret: Zeroizing<[u8; 32]>,
+}
+
+impl ClusterSecret {
+    pub fn new(key_id: u8, secret: [u8; 32]) -> Self {
+        Self {
+            key_id,
+            secret: Zeroizing::new(secret),
+        }
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(key_id: u8, hex_secret: &str) -> Result<Self, KeyError> {
+        let mut secret = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(hex_secret.trim(), &mut secret[..])
+            .map_err(|_| KeyError::SecretFormat)?;
+        Ok(Self { key_id, secret })
+    }
+
+    pub fn key_id(&self) -> u8 {
+        self.key_id
+    }
+
+    /// Derives every working key.
+    pub fn derive(&self) -> ClusterKeys {
+        let ring = blake3::derive_key(CTX_RING, &self.secret[..]);
+        let (k0, k1) = ring.split_at(8);
+        ClusterKeys {
+            key_id: self.key_id,
+            ring_sip: (
+                u64::from_le_bytes(k0.try_into().unwrap_or_default()),
+                u64::from_le_bytes(k1[..8].try_into().unwrap_or_default()),
+            ),
+            view: Zeroizing::new(blake3::derive_key(CTX_VIEW, &self.secret[..])),
+            tag: Zeroizing::new(blake3::derive_key(CTX_TAG, &self.secret[..])),
+            route: Zeroizing::new(blake3::derive_key(CTX_ROUTE, &self.secret[..])),
+        }
+    }
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterSecret(key_id={}, <redacted>)", self.key_id)
+    }
+}
+
+impl FromStr for ClusterSecret {
+    type Err = KeyError;
+    /// `"<key_id>:<64 hex digits>"`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, hex_secret) = s.split_once(':').ok_or(KeyError::SecretFormat)?;
+        let key_id = id.trim().parse().map_err(|_| KeyError::SecretFormat)?;
+        Self::from_hex(key_id, hex_secret)
+    }
+}
+
+/// Keys derived from one [`ClusterSecret`].
+#[derive(Clone)]
+pub struct ClusterKeys {
+    key_id: u8,
+    ring_sip: (u64, u64),
+    view: Zeroizing<[u8; 32]>,
+    tag: Zeroizing<[u8; 32]>,
+    route: Zeroizing<[u8; 32]>,
+}
+
+impl ClusterKeys {
+    pub fn key_id(&self) -> u8 {
+        self.key_id
+    }
+    /// SipHash-2-4 keys of the placement ring.
+    pub fn ring_sip_keys(&self) -> (u64, u64) {
+        self.ring_sip
+    }
+    /// BLAKE3 key for `view_id`.
+    pub fn view_key(&self) -> &[u8; 32] {
+        &self.view
+    }
+    /// BLAKE3 key for owner tags.
+    pub fn tag_key(&self) -> &[u8; 32] {
+        &self.tag
+    }
+    /// ChaCha20-Poly1305 key of routing tokens.
+    pub fn route_key(&self) -> &[u8; 32] {
+        &self.route
+    }
+}
+
+impl fmt::Debug for ClusterKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterKeys(key_id={}, <redacted>)", self.key_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_are_distinct_and_stable() {
+        let s = ClusterSecret::new(3, [7; 32]);
+        let a = s.derive();
+        let b = s.derive();
+        assert_eq!(a.route_key(), b.route_key());
+        assert_ne!(a.route_key(), a.tag_key());
+        assert_ne!(a.view_key(), a.tag_key());
+        assert_eq!(a.key_id(), 3);
+        let other = ClusterSecret::new(3, [8; 32]).derive();
+        assert_ne!(a.ring_sip_keys(), other.ring_sip_keys());
+    }
+
+    #[test]
+    fn parse_and_redact() {
+        let s: ClusterSecret = format!("2:{}", "ab".repeat(32)).parse().unwrap();
+        assert_eq!(s.key_id(), 2);
+        assert!(!format!("{s:?}").contains("abab"));
+        assert_eq!(
+            "2:abc".parse::<ClusterSecret>().err(),
+            Some(KeyError::SecretFormat)
+        );
+        assert_eq!(
+            "zz".parse::<ClusterSecret>().err(),
+            Some(KeyError::SecretFormat)
+        );
+    }
+}

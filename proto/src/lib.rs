@@ -1,0 +1,36 @@
+//! The Jumping VPN wire contract, shared bit for bit by router, gateway and agent.
+//!
+//! Everything here is pure: no sockets, no clock reads, no global state. Callers
+//! hand in bytes, keys, nonces and randomness; they get values or typed errors back.
+//!
+//! # Layout
+//!
+//! - [`pb`]: prost/tonic code generated from `proto/*.proto` (frames, membership service).
+//! - [`ids`]: `SessionId`, `NodeId`, `Incarnation`, `ViewId`, `OwnerTag`.
+//! - [`reason`]: the one `ReasonCode` enum and its lower_snake names.
+//! - [`keys`]: the cluster secret and the keys derived from it (BLAKE3 `derive_key`).
+//! - [`preamble`]: the 64-byte plaintext preamble and the 8-byte pre-TLS status reply.
+//! - [`token`]: the encrypted routing token carried in RESUME preambles.
+//! - [`proxy`]: PROXY protocol v2 header with the router TLVs.
+//! - [`frame`]: the length-delimited frame codec used inside TLS.
+//! - [`ring`]: views, `view_id`, the consistent-hash ring and owner tags.
+//! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
+
+pub mod crypto;
+pub mod frame;
+pub mod ids;
+pub mod keys;
+pub mod pb;
+pub mod preamble;
+pub mod proxy;
+pub mod reason;
+pub mod ring;
+pub mod token;
+
+pub use ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
+pub use reason::ReasonCode;
+
+/// ALPN protocol id; the only protocol-version negotiation there is.
+pub const ALPN: &[u8] = b"jvpn/1";
+/// `Hello.protocol_version` that matches [`ALPN`].
+pub const PROTOCOL_VERSION: u32 = 1;

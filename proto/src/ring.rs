@@ -1,0 +1,386 @@
+//! Views and the placement ring: the function every router and gateway must
+//! compute bit for bit identically.
+//!
+//! A [`View`] is the set of placeable members `(node_id, incarnation, addr,
+//! weight)` sorted by node id, plus the ring parameters; its [`ViewId`] is a
+//! keyed BLAKE3 hash of the canonical encoding. A [`Ring`] is built once per
+//! view with `hashring` (`batch_add` of `weight × vnodes_per_weight` virtual
+//! nodes per member) and never mutated: a membership change builds a new one,
+//! published by an atomic swap in the shells.
+//!
+//! Hashing: keyed SipHash-2-4 over explicit bytes only. A virtual node hashes
+//! `len(node_id) ‖ node_id ‖ vnode(u32 BE)`; a session id hashes its 16 bytes.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::SocketAddr;
+
+use hashring::HashRing;
+use siphasher::sip::SipHasher24;
+
+use crate::keys::ClusterKeys;
+use crate::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
+
+/// Virtual nodes per unit of weight, chosen by measurement (docs/ring.md):
+/// the smallest value giving max/mean load ≤ 1.15 at 100 members.
+pub const DEFAULT_VNODES_PER_WEIGHT: u32 = 1024;
+/// Lower bound from the design contract.
+pub const MIN_VNODES_PER_WEIGHT: u32 = 160;
+/// Upper bound: keeps a 100-member ring build in milliseconds.
+pub const MAX_VNODES_PER_WEIGHT: u32 = 4096;
+/// Largest weight a member may claim.
+pub const MAX_WEIGHT: u32 = 16;
+
+/// One placeable gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub node_id: NodeId,
+    pub incarnation: Incarnation,
+    /// Where routers connect for this gateway's client traffic.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// Ring parameters; part of the view id so two routers with different
+/// parameters can never report the same view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingParams {
+    pub vnodes_per_weight: u32,
+}
+
+impl Default for RingParams {
+    fn default() -> Self {
+        Self {
+            vnodes_per_weight: DEFAULT_VNODES_PER_WEIGHT,
+        }
+    }
+}
+
+/// Why a set of members is not a valid view.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    /// Two members share a node id.
+    #[error("node id {0} appears twice")]
+    DuplicateNode(NodeId),
+    /// A member has weight 0 or above [`MAX_WEIGHT`].
+    #[error("node {node} has weight {weight}, allowed 1..={MAX_WEIGHT}")]
+    Weight { node: NodeId, weight: u32 },
+    /// `vnodes_per_weight` outside the allowed range.
+    #[error("vnodes_per_weight {0} outside {MIN_VNODES_PER_WEIGHT}..={MAX_VNODES_PER_WEIGHT}")]
+    Vnodes(u32),
+}
+
+/// An immutable, canonical member set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    members: Vec<Member>,
+    params: RingParams,
+    key_id: u8,
+    id: ViewId,
+}
+
+impl View {
+    /// Sorts, validates and identifies a member set. Input order does not matter.
+    pub fn new(
+        mut members: Vec<Member>,
+        params: RingParams,
+        keys: &ClusterKeys,
+    ) -> Result<Self, ViewError> {
+        if !(MIN_VNODES_PER_WEIGHT..=MAX_VNODES_PER_WEIGHT).contains(&params.vnodes_per_weight) {
+            return Err(ViewError::Vnodes(params.vnodes_per_weight));
+        }
+        members.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        for pair in members.windows(2) {
+            if pair[0].node_id == pair[1].node_id {
+                return Err(ViewError::DuplicateNode(pair[0].node_id.clone()));
+            }
+        }
+        if let Some(m) = members
+            .iter()
+            .find(|m| m.weight == 0 || m.weight > MAX_WEIGHT)
+        {
+            return Err(ViewError::Weight {
+                node: m.node_id.clone(),
+                weight: m.weight,
+            });
+        }
+        let mut view = Self {
+            members,
+            params,
+            key_id: keys.key_id(),
+            id: ViewId([0; 8]),
+        };
+        let digest = blake3::keyed_hash(keys.view_key(), &view.canonical_encoding());
+        view.id = ViewId::from_slice(&digest.as_bytes()[..8]).unwrap_or(ViewId([0; 8]));
+        Ok(view)
+    }
+
+    /// `"jvpn-view-v1" ‖ vnodes_per_weight(u32) ‖ key_id ‖ count(u32)` then per
+    /// member `len ‖ node_id ‖ incarnation(u64) ‖ weight(u32) ‖ addr`, where
+    /// addr is `4|6 ‖ ip ‖ port(u16)`; all integers big-endian.
+    pub fn canonical_encoding(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.members.len() * 48);
+        out.extend_from_slice(b"jvpn-view-v1");
+        out.extend_from_slice(&self.params.vnodes_per_weight.to_be_bytes());
+        out.push(self.key_id);
+        out.extend_from_slice(&(self.members.len() as u32).to_be_bytes());
+        for m in &self.members {
+            m.node_id.encode_into(&mut out);
+            out.extend_from_slice(&m.incarnation.0.to_be_bytes());
+            out.extend_from_slice(&m.weight.to_be_bytes());
+            match m.addr {
+                SocketAddr::V4(a) => {
+                    out.push(4);
+                    out.extend_from_slice(&a.ip().octets());
+                }
+                SocketAddr::V6(a) => {
+                    out.push(6);
+                    out.extend_from_slice(&a.ip().octets());
+                }
+            }
+            out.extend_from_slice(&m.addr.port().to_be_bytes());
+        }
+        out
+    }
+
+    pub fn id(&self) -> ViewId {
+        self.id
+    }
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+    pub fn params(&self) -> RingParams {
+        self.params
+    }
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+    /// Is this exact incarnation of `node` a member?
+    pub fn contains(&self, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.member(node)
+            .is_some_and(|m| m.incarnation == incarnation)
+    }
+    pub fn member(&self, node: &NodeId) -> Option<&Member> {
+        self.members
+            .binary_search_by(|m| m.node_id.cmp(node))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+}
+
+/// One virtual node; hashes as explicit bytes.
+#[derive(Clone, Debug)]
+struct VNode {
+    name: NodeId,
+    index: u32,
+    member: u32,
+}
+
+impl Hash for VNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut buf = [0u8; 1 + NodeId::MAX_LEN + 4];
+        let name = self.name.as_str().as_bytes();
+        buf[0] = name.len() as u8;
+        buf[1..1 + name.len()].copy_from_slice(name);
+        buf[1 + name.len()..5 + name.len()].copy_from_slice(&self.index.to_be_bytes());
+        state.write(&buf[..5 + name.len()]);
+    }
+}
+
+/// Keyed SipHash-2-4 (the `hashring` default has a zero key).
+#[derive(Clone, Copy, Debug)]
+struct RingHasher(u64, u64);
+
+impl BuildHasher for RingHasher {
+    type Hasher = SipHasher24;
+    fn build_hasher(&self) -> SipHasher24 {
+        SipHasher24::new_with_keys(self.0, self.1)
+    }
+}
+
+/// The placement ring of one view. Immutable; rebuild for a new view.
+pub struct Ring {
+    view: View,
+    inner: HashRing<VNode, RingHasher>,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("view_id", &self.view.id)
+            .field("members", &self.view.members.len())
+            .field("vnodes", &self.inner.len())
+            .finish()
+    }
+}
+
+impl Ring {
+    pub fn new(view: View, keys: &ClusterKeys) -> Self {
+        let (k0, k1) = keys.ring_sip_keys();
+        let mut inner = HashRing::with_hasher(RingHasher(k0, k1));
+        let per = view.params.vnodes_per_weight;
+        let total: usize = view.members.iter().map(|m| (m.weight * per) as usize).sum();
+        let mut vnodes = Vec::with_capacity(total);
+        // Canonical insertion order (members sorted by node id, then index), so
+        // even equal hash points sort the same way everywhere.
+        for (i, m) in view.members.iter().enumerate() {
+            for index in 0..m.weight * per {
+                vnodes.push(VNode {
+                    name: m.node_id.clone(),
+                    index,
+                    member: i as u32,
+                });
+            }
+        }
+        inner.batch_add(vnodes);
+        Self { view, inner }
+    }
+
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// Number of virtual nodes on the ring.
+    pub fn vnodes(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Index into `view().members()` of the owner of `key`.
+    pub fn owner_index(&self, key: &SessionId) -> Option<usize> {
+        self.inner.get(key).map(|v| v.member as usize)
+    }
+
+    /// The member owning `key` (a session id, or a router's random placement key).
+    pub fn owner(&self, key: &SessionId) -> Option<&Member> {
+        self.owner_index(key).map(|i| &self.view.members[i])
+    }
+}
+
+/// `owner_tag` = first 8 bytes of BLAKE3-keyed(tag key, len ‖ node_id ‖ incarnation(u64 BE)).
+pub fn owner_tag(keys: &ClusterKeys, node: &NodeId, incarnation: Incarnation) -> OwnerTag {
+    let mut buf = Vec::with_capacity(1 + NodeId::MAX_LEN + 8);
+    node.encode_into(&mut buf);
+    buf.extend_from_slice(&incarnation.0.to_be_bytes());
+    let h = blake3::keyed_hash(keys.tag_key(), &buf);
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&h.as_bytes()[..8]);
+    OwnerTag(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::ClusterSecret;
+
+    fn keys() -> ClusterKeys {
+        ClusterSecret::new(1, [1; 32]).derive()
+    }
+
+    fn member(name: &str, w: u32) -> Member {
+        Member {
+            node_id: NodeId::new(name).unwrap(),
+            incarnation: Incarnation(7),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight: w,
+        }
+    }
+
+    #[test]
+    fn view_validation() {
+        let k = keys();
+        let p = RingParams::default();
+        assert!(matches!(
+            View::new(vec![member("a", 1), member("a", 1)], p, &k),
+            Err(ViewError::DuplicateNode(_))
+        ));
+        assert!(matches!(
+            View::new(vec![member("a", 0)], p, &k),
+            Err(ViewError::Weight { .. })
+        ));
+        assert!(matches!(
+            View::new(vec![member("a", 17)], p, &k),
+            Err(ViewError::Weight { .. })
+        ));
+        assert_eq!(
+            View::new(
+                vec![],
+                RingParams {
+                    vnodes_per_weight: 10
+                },
+                &k
+            ),
+            Err(ViewError::Vnodes(10))
+        );
+    }
+
+    #[test]
+    fn view_id_covers_every_field() {
+        let k = keys();
+        let p = RingParams::default();
+        let base = View::new(vec![member("a", 1), member("b", 1)], p, &k)
+            .unwrap()
+            .id();
+        let mut m = member("b", 1);
+        m.incarnation = Incarnation(8);
+        assert_ne!(
+            View::new(vec![member("a", 1), m], p, &k).unwrap().id(),
+            base
+        );
+        assert_ne!(
+            View::new(vec![member("a", 1), member("b", 2)], p, &k)
+                .unwrap()
+                .id(),
+            base
+        );
+        let mut m = member("b", 1);
+        m.addr = "127.0.0.1:2".parse().unwrap();
+        assert_ne!(
+            View::new(vec![member("a", 1), m], p, &k).unwrap().id(),
+            base
+        );
+        let p2 = RingParams {
+            vnodes_per_weight: 200,
+        };
+        assert_ne!(
+            View::new(vec![member("a", 1), member("b", 1)], p2, &k)
+                .unwrap()
+                .id(),
+            base
+        );
+        let k2 = ClusterSecret::new(2, [1; 32]).derive();
+        assert_ne!(
+            View::new(vec![member("a", 1), member("b", 1)], p, &k2)
+                .unwrap()
+                .id(),
+            base
+        );
+    }
+
+    #[test]
+    fn weights_scale_vnodes_and_empty_ring_has_no_owner() {
+        let k = keys();
+        let v = View::new(
+            vec![member("a", 1), member("b", 3)],
+            RingParams::default(),
+            &k,
+        )
+        .unwrap();
+        let r = Ring::new(v, &k);
+        assert_eq!(r.vnodes(), 4 * DEFAULT_VNODES_PER_WEIGHT as usize);
+        let empty = Ring::new(View::new(vec![], RingParams::default(), &k).unwrap(), &k);
+        assert!(empty.owner(&SessionId::from_bytes([0; 16])).is_none());
+    }
+
+    #[test]
+    fn owner_tags_differ_by_incarnation() {
+        let k = keys();
+        let n = NodeId::new("g1").unwrap();
+        assert_ne!(
+            owner_tag(&k, &n, Incarnation(1)),
+            owner_tag(&k, &n, Incarnation(2))
+        );
+        assert_eq!(
+            owner_tag(&k, &n, Incarnation(1)),
+            owner_tag(&k, &n, Incarnation(1))
+        );
+    }
+}
