@@ -1,6 +1,8 @@
 //! Every decoder takes ≥ 100k random and mutated inputs without panicking,
 //! without growing buffers past the frame limit, and with typed errors.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::BytesMut;
 use jvpn_proto::frame::{self, MAX_FRAME_LEN};
 use jvpn_proto::keys::ClusterSecret;

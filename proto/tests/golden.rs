@@ -3,6 +3,8 @@
 //! in `tests/golden/vectors.json`; regenerate only for a deliberate,
 //! versioned contract change: `JVPN_BLESS_GOLDEN=1 cargo test -p jvpn-proto --test golden`.
 
+#![allow(clippy::unwrap_used)]
+
 use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
 use jvpn_proto::preamble::Preamble;
 use jvpn_proto::ring::{Member, Ring, RingParams, View, owner_tag};

@@ -1,5 +1,7 @@
 //! Placement ring properties: balance, minimal movement, order independence.
 
+#![allow(clippy::unwrap_used)]
+
 use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
 use jvpn_proto::ring::{Member, Ring, RingParams, View};
 use jvpn_proto::{Incarnation, NodeId, SessionId};
