@@ -1,0 +1,84 @@
+//! Anti-flap: at most `max_switches_per_min` committed switches in any 60 s
+//! window, and `switch_cooldown_ms` between two of them. Only committed
+//! switches count: attempts are already bounded by rate limits and counters.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::fsm::Denial;
+use super::policy::Policy;
+use super::time::Mono;
+
+pub const SWITCH_WINDOW: Duration = Duration::from_secs(60);
+
+/// Times of the most recent committed switches (at most `max_switches_per_min`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AntiFlap {
+    recent: VecDeque<Mono>,
+}
+
+impl AntiFlap {
+    /// May a switch commit at `now`? If not, why and for how long. Changes nothing.
+    pub fn check(&self, now: Mono, p: &Policy) -> Result<(), (Denial, Duration)> {
+        let cooldown_left = self
+            .recent
+            .back()
+            .map(|last| (*last + p.switch_cooldown()).saturating_since(now))
+            .unwrap_or_default();
+        let max = p.max_switches_per_min as usize;
+        if self.recent.len() >= max {
+            // The switch that must leave the window before another may enter.
+            if let Some(oldest) = self.recent.get(self.recent.len() - max) {
+                let window_left = (*oldest + SWITCH_WINDOW).saturating_since(now);
+                if !window_left.is_zero() {
+                    return Err((Denial::SwitchRateLimited, window_left.max(cooldown_left)));
+                }
+            }
+        }
+        if !cooldown_left.is_zero() {
+            return Err((Denial::CooldownActive, cooldown_left));
+        }
+        Ok(())
+    }
+
+    /// Records a committed switch.
+    pub fn record(&mut self, now: Mono, p: &Policy) {
+        while self.recent.len() >= (p.max_switches_per_min as usize).max(1) {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(now);
+    }
+
+    /// Committed switches within the 60 s window ending at `now`.
+    pub fn switches_in_window(&self, now: Mono) -> usize {
+        self.recent.iter().filter(|t| now.saturating_since(**t) < SWITCH_WINDOW).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Mono {
+        Mono::from_millis(v)
+    }
+
+    #[test]
+    fn cooldown_then_window() {
+        let p = Policy { max_switches_per_min: 3, switch_cooldown_ms: 1000, ..Default::default() };
+        let mut f = AntiFlap::default();
+        assert_eq!(f.check(ms(0), &p), Ok(()));
+        f.record(ms(0), &p);
+        assert_eq!(f.check(ms(400), &p), Err((Denial::CooldownActive, Duration::from_millis(600))));
+        f.record(ms(1000), &p);
+        f.record(ms(2000), &p);
+        // Three in the window: the first leaves it at 60 s.
+        assert_eq!(
+            f.check(ms(3000), &p),
+            Err((Denial::SwitchRateLimited, Duration::from_millis(57_000)))
+        );
+        assert_eq!(f.check(ms(60_000), &p), Ok(()));
+        assert_eq!(f.switches_in_window(ms(3000)), 3);
+        assert_eq!(f.switches_in_window(ms(61_500)), 1);
+    }
+}

@@ -1,0 +1,646 @@
+//! The session engine: every session this gateway owns, and every decision
+//! about them, as deterministic sans-IO code.
+//!
+//! The engine never touches a socket, a TLS object or a clock. The async shell
+//! calls it with `now` ([`Mono`]), parsed frames, the connection's channel
+//! binding and a closure that evaluates the TLS exporter; it answers with a
+//! value (what to send back) and queues side effects to drain afterwards.
+//!
+//! # Calling order
+//!
+//! - Inputs: [`Engine::hello`], [`Engine::resume`], [`Engine::activity`],
+//!   [`Engine::transport_closed`], [`Engine::terminate`],
+//!   [`Engine::terminate_all`], [`Engine::handle_timeout`].
+//! - After any input: drain [`Engine::poll_action`] (transports to close, with
+//!   the reason to send in `Terminate`) and [`Engine::poll_event`] (one
+//!   `StateChange` per transition, plus refused authenticated RESUMEs), then
+//!   re-arm the shell's timer with [`Engine::poll_timeout`].
+//!
+//! # Layout
+//!
+//! - [`fsm`]: the transition table (one pure function).
+//! - [`policy`]: policy values and validation.
+//! - [`replay`]: the RESUME counter window.
+//! - `antiflap`: switch rate and cooldown.
+//! - [`time`]: the engine's notion of time.
+
+mod antiflap;
+pub mod fsm;
+pub mod policy;
+pub mod replay;
+pub mod time;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use jvpn_proto::crypto::{ChannelBinding, PROOF_LEN, ResumeKey, resume_key_context};
+use jvpn_proto::ring::Ring;
+use jvpn_proto::{Incarnation, NodeId, ReasonCode, SessionId};
+use rand::RngCore;
+
+pub use antiflap::{AntiFlap, SWITCH_WINDOW};
+pub use fsm::{Denial, Event, State, Termination};
+pub use policy::{Policy, PolicyError};
+pub use replay::ReplayWindow;
+pub use time::Mono;
+
+use time::ceil_millis;
+
+/// The shell's handle for one client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransportId(pub u64);
+
+/// Owner epoch of sessions in the sticky topology: ownership never moves.
+pub const STICKY_OWNER_EPOCH: u64 = 1;
+
+/// One state transition of one session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub at: Mono,
+    pub session_id: SessionId,
+    pub from: State,
+    pub to: State,
+    pub reason: ReasonCode,
+    /// The version after this transition.
+    pub state_version: u64,
+}
+
+/// What the engine reports for observability.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// Exactly one per transition.
+    StateChange(StateChange),
+    /// An authenticated RESUME refused without a transition (replay, stale binding).
+    ResumeRefused { at: Mono, session_id: SessionId, reason: ReasonCode },
+}
+
+/// Work for the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send `Terminate{reason}` on `transport` (if it is still open) and close it.
+    CloseTransport { session_id: SessionId, transport: TransportId, reason: ReasonCode },
+}
+
+/// A refused HELLO or RESUME.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The exact reason, for metrics and debug logs.
+    pub reason: ReasonCode,
+    /// Milliseconds after which a retry may succeed (0: no hint).
+    pub retry_after_ms: u64,
+    /// Disclosed only to authenticated requesters.
+    pub current_binding_epoch: Option<u64>,
+}
+
+impl Rejection {
+    fn quiet(reason: ReasonCode) -> Self {
+        Self { reason, retry_after_ms: 0, current_binding_epoch: None }
+    }
+
+    /// What goes into the `Reject` frame: pre-authentication failures are all
+    /// `unknown_session`.
+    pub fn wire_reason(&self) -> ReasonCode {
+        self.reason.on_wire_before_auth()
+    }
+}
+
+/// A new session's identity and credentials.
+#[derive(Clone, Debug)]
+pub struct HelloRequest {
+    pub transport: TransportId,
+    /// Who authenticated (certificate subject or token name).
+    pub principal: Arc<str>,
+    /// The credential's expiry; the session ends no later.
+    pub credential_expiry: Option<Mono>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloAccepted {
+    pub session_id: SessionId,
+    pub state_version: u64,
+    pub binding_epoch: u64,
+}
+
+/// A parsed `Resume` frame.
+#[derive(Clone, Copy, Debug)]
+pub struct ResumeRequest<'a> {
+    pub session_id: SessionId,
+    pub counter: u64,
+    pub binding_epoch: u64,
+    pub proof: &'a [u8],
+}
+
+/// The connection a RESUME arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn<'a> {
+    pub transport: TransportId,
+    /// RFC 9266 `EXPORTER-Channel-Binding` of this connection.
+    pub binding: &'a ChannelBinding,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeAccepted {
+    pub state_version: u64,
+    pub binding_epoch: u64,
+    pub owner_epoch: u64,
+    pub server_proof: [u8; PROOF_LEN],
+    /// The transport this RESUME replaced, if the session was still ATTACHED.
+    pub replaced: Option<TransportId>,
+}
+
+/// One session as the engine holds it. `PartialEq` compares every field
+/// (tests use it to prove that rejected requests change nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    state: State,
+    version: u64,
+    epoch: u64,
+    transport: Option<TransportId>,
+    end_of_life: Mono,
+    last_rx: Mono,
+    volatile_since: Mono,
+    /// Set while there is no transport: the session ends at this time.
+    lost_deadline: Option<Mono>,
+    key: ResumeKey,
+    /// The key the agent last proved it holds, kept until it uses `key`, so a
+    /// lost `ResumeOk` can be recovered.
+    fallback: Option<ResumeKey>,
+    replay: ReplayWindow,
+    flap: AntiFlap,
+    principal: Arc<str>,
+    /// The earliest timer entry queued for this session.
+    scheduled: Option<Mono>,
+}
+
+impl Session {
+    pub fn state(&self) -> State {
+        self.state
+    }
+    pub fn state_version(&self) -> u64 {
+        self.version
+    }
+    pub fn binding_epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn transport(&self) -> Option<TransportId> {
+        self.transport
+    }
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+    pub fn transport_lost_deadline(&self) -> Option<Mono> {
+        self.lost_deadline
+    }
+    pub fn end_of_life(&self) -> Mono {
+        self.end_of_life
+    }
+    pub fn switches_in_window(&self, now: Mono) -> usize {
+        self.flap.switches_in_window(now)
+    }
+    /// Highest RESUME counter accepted so far.
+    pub fn replay_top(&self) -> u64 {
+        self.replay.top()
+    }
+}
+
+/// Construction parameters.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_id: NodeId,
+    pub incarnation: Incarnation,
+    pub policy: Policy,
+}
+
+/// Side effects and counters, kept apart from the session table so a
+/// transition can borrow both.
+#[derive(Debug, Default)]
+struct Outputs {
+    events: VecDeque<EngineEvent>,
+    actions: VecDeque<Action>,
+    by_state: [u64; 6],
+}
+
+/// Every session this gateway owns.
+pub struct Engine {
+    node_id: NodeId,
+    incarnation: Incarnation,
+    policy: Policy,
+    /// `None`: single-node mode, the gateway is its whole ring.
+    placement: Option<Arc<Ring>>,
+    sessions: HashMap<SessionId, Session>,
+    timers: BinaryHeap<Reverse<(Mono, SessionId)>>,
+    out: Outputs,
+    rng: Box<dyn RngCore + Send>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node_id", &self.node_id)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Session-id draws allowed per view member before a HELLO gives up.
+const MINT_DRAWS_PER_MEMBER: usize = 64;
+
+impl Engine {
+    /// Builds an engine; the policy is validated first. `rng` must be a CSPRNG
+    /// in production (session ids are bearer-secret-adjacent).
+    pub fn new(
+        config: EngineConfig,
+        rng: Box<dyn RngCore + Send>,
+    ) -> Result<Self, Vec<PolicyError>> {
+        config.policy.validate()?;
+        Ok(Self {
+            node_id: config.node_id,
+            incarnation: config.incarnation,
+            policy: config.policy,
+            placement: None,
+            sessions: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: Outputs::default(),
+            rng,
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    /// Installs the current cluster view; `None` returns to single-node mode.
+    /// Only HELLO minting uses it: existing sessions never move.
+    pub fn set_placement(&mut self, ring: Option<Arc<Ring>>) {
+        self.placement = ring;
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Live sessions per state (TERMINATED sessions are removed at once).
+    pub fn count(&self, state: State) -> u64 {
+        self.out.by_state[state.index()]
+    }
+
+    pub fn session(&self, id: &SessionId) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.out.events.pop_front()
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next run. May be
+    /// early (a deadline moved later), never late.
+    pub fn poll_timeout(&self) -> Option<Mono> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Creates a session for a completed, authenticated HELLO.
+    ///
+    /// `export` evaluates the handshake connection's TLS exporter with the
+    /// resume-key label and the given context.
+    pub fn hello(
+        &mut self,
+        now: Mono,
+        req: HelloRequest,
+        export: impl FnOnce(&[u8]) -> ResumeKey,
+    ) -> Result<HelloAccepted, Rejection> {
+        let mut end_of_life = now + self.policy.session_max_lifetime();
+        if let Some(exp) = req.credential_expiry {
+            end_of_life = end_of_life.min(exp);
+        }
+        if end_of_life <= now {
+            return Err(Rejection::quiet(ReasonCode::AuthFailed));
+        }
+        let id = self.mint()?;
+        let key = export(&resume_key_context(&id, 1));
+        let mut s = Session {
+            state: State::Birth,
+            version: 0,
+            epoch: 1,
+            transport: None,
+            end_of_life,
+            last_rx: now,
+            volatile_since: now,
+            lost_deadline: None,
+            key,
+            fallback: None,
+            replay: ReplayWindow::new(self.policy.replay_window),
+            flap: AntiFlap::default(),
+            principal: req.principal,
+            scheduled: None,
+        };
+        self.out.by_state[State::Birth.index()] += 1;
+        step(&mut self.out, &self.policy, now, id, &mut s, Event::HandshakeDone)
+            .map_err(Rejection::quiet)?;
+        s.transport = Some(req.transport);
+        schedule(&mut self.timers, &self.policy, id, &mut s);
+        let accepted =
+            HelloAccepted { session_id: id, state_version: s.version, binding_epoch: s.epoch };
+        self.sessions.insert(id, s);
+        Ok(accepted)
+    }
+
+    /// Draws a fresh id inside this node's own shard of the current view.
+    fn mint(&mut self) -> Result<SessionId, Rejection> {
+        let not_in_cluster = || Rejection::quiet(ReasonCode::NotInCluster);
+        let (ring, draws) = match &self.placement {
+            Some(ring) => {
+                if !ring.view().contains(&self.node_id, self.incarnation) {
+                    return Err(not_in_cluster());
+                }
+                let n = ring.view().members().len();
+                (Some(ring), MINT_DRAWS_PER_MEMBER * n)
+            }
+            None => (None, MINT_DRAWS_PER_MEMBER),
+        };
+        for _ in 0..draws {
+            let mut bytes = [0u8; 16];
+            self.rng.fill_bytes(&mut bytes);
+            let id = SessionId::from_bytes(bytes);
+            let mine = ring.is_none_or(|r| r.owner(&id).is_some_and(|m| m.node_id == self.node_id));
+            if mine && !self.sessions.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(not_in_cluster())
+    }
+
+    /// Validates and, if everything holds, commits a RESUME (DESIGN §2.5).
+    ///
+    /// Up to and including the proof check a failure changes nothing at all.
+    /// `export` evaluates this connection's TLS exporter (resume-key label)
+    /// and is called only when the switch commits.
+    pub fn resume(
+        &mut self,
+        now: Mono,
+        req: &ResumeRequest<'_>,
+        conn: Conn<'_>,
+        export: impl FnOnce(&[u8]) -> ResumeKey,
+    ) -> Result<ResumeAccepted, Rejection> {
+        let id = req.session_id;
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(Rejection::quiet(ReasonCode::UnknownSession));
+        };
+        if now >= s.end_of_life {
+            return Err(Rejection::quiet(ReasonCode::SessionLifetimeExceeded));
+        }
+        if s.lost_deadline.is_some_and(|d| now >= d) {
+            return Err(Rejection::quiet(ReasonCode::TransportTtlExceeded));
+        }
+        let verify = |k: &ResumeKey| {
+            k.verify_resume_proof(&id, req.counter, req.binding_epoch, conn.binding, req.proof)
+        };
+        let used_current = if verify(&s.key) {
+            true
+        } else if s.fallback.as_ref().is_some_and(verify) {
+            false
+        } else {
+            return Err(Rejection::quiet(ReasonCode::BadProof));
+        };
+        // Authenticated from here on: reasons may be disclosed.
+        if s.replay.check(req.counter).is_err() {
+            return Err(refuse(&mut self.out, now, id, ReasonCode::ReplayDetected, None));
+        }
+        s.replay.record(req.counter);
+        if used_current {
+            // The agent holds the newest key: the old one is retired for good.
+            s.fallback = None;
+        }
+        if req.binding_epoch != s.epoch {
+            // A request from before the latest binding (a lost ResumeOk, or the
+            // loser of a race) must not disturb that binding.
+            return Err(refuse(&mut self.out, now, id, ReasonCode::StaleBinding, Some(s.epoch)));
+        }
+        let replaced = s.transport;
+        let p = &self.policy;
+        step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated)
+            .map_err(Rejection::quiet)?;
+        if let Err((denial, wait)) = s.flap.check(now, p) {
+            step(&mut self.out, p, now, id, s, Event::SwitchDenied(denial))
+                .map_err(Rejection::quiet)?;
+            // Anti-flap never kills a session inside its TTL: keep it alive
+            // until the next allowed switch plus one heartbeat timeout.
+            let needed = (now + wait + p.heartbeat_timeout()).min(s.end_of_life);
+            if s.lost_deadline.is_none_or(|d| d < needed) {
+                s.lost_deadline = Some(needed);
+            }
+            schedule(&mut self.timers, p, id, s);
+            return Err(Rejection {
+                reason: denial.reason(),
+                retry_after_ms: ceil_millis(wait),
+                current_binding_epoch: Some(s.epoch),
+            });
+        }
+        // Commit.
+        s.epoch += 1;
+        let new_key = export(&resume_key_context(&id, s.epoch));
+        let used_key = if used_current {
+            let old = std::mem::replace(&mut s.key, new_key);
+            s.fallback = Some(old.clone());
+            old
+        } else {
+            s.key = new_key;
+            s.fallback.clone().unwrap_or_else(|| unreachable!("verified against fallback"))
+        };
+        s.flap.record(now, p);
+        step(&mut self.out, p, now, id, s, Event::SwitchAllowed).map_err(Rejection::quiet)?;
+        s.transport = Some(conn.transport);
+        s.last_rx = now;
+        s.lost_deadline = None;
+        schedule(&mut self.timers, p, id, s);
+        Ok(ResumeAccepted {
+            state_version: s.version,
+            binding_epoch: s.epoch,
+            owner_epoch: STICKY_OWNER_EPOCH,
+            server_proof: used_key.server_proof(&id, req.counter, s.epoch, conn.binding),
+            replaced,
+        })
+    }
+
+    /// A frame arrived on `transport`: it is alive. Returns false if that
+    /// transport is not (or no longer) the session's binding.
+    pub fn activity(&mut self, now: Mono, id: &SessionId, transport: TransportId) -> bool {
+        match self.sessions.get_mut(id) {
+            Some(s) if s.transport == Some(transport) => {
+                // Deadlines only move later; the queued timer re-arms when it fires.
+                s.last_rx = s.last_rx.max(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The shell saw `transport` close or fail. Ignored unless it is the
+    /// session's current binding.
+    pub fn transport_closed(&mut self, now: Mono, id: &SessionId, transport: TransportId) -> bool {
+        let Some(s) = self.sessions.get_mut(id) else { return false };
+        if s.transport != Some(transport) {
+            return false;
+        }
+        let ok = step(&mut self.out, &self.policy, now, *id, s, Event::TransportClosed).is_ok();
+        schedule(&mut self.timers, &self.policy, *id, s);
+        ok
+    }
+
+    /// Ends one session explicitly (operator, drain deadline, superseded).
+    pub fn terminate(&mut self, now: Mono, id: &SessionId, why: Termination) -> bool {
+        let Some(s) = self.sessions.get_mut(id) else { return false };
+        let ok = step(&mut self.out, &self.policy, now, *id, s, Event::Terminate(why)).is_ok();
+        if ok {
+            self.sessions.remove(id);
+        }
+        ok
+    }
+
+    /// Ends every session (in id order, so runs are reproducible).
+    pub fn terminate_all(&mut self, now: Mono, why: Termination) -> usize {
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
+        ids.iter().filter(|id| self.terminate(now, id, why)).count()
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Mono) {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&id) else { continue };
+            if s.scheduled != Some(t) {
+                continue; // superseded by an earlier entry
+            }
+            s.scheduled = None;
+            let p = &self.policy;
+            loop {
+                let event = if now >= s.end_of_life {
+                    Event::LifetimeExpired
+                } else if s.lost_deadline.is_some_and(|d| now >= d) {
+                    Event::TransportTtlExpired
+                } else if s.state == State::Attached && now >= s.last_rx + p.heartbeat_timeout() {
+                    Event::HeartbeatTimeout
+                } else if s.state == State::Volatile
+                    && now >= s.volatile_since + p.volatile_to_degraded()
+                {
+                    Event::VolatileTimeout
+                } else {
+                    break;
+                };
+                if step(&mut self.out, p, now, id, s, event).is_err() {
+                    break;
+                }
+            }
+            if s.state == State::Terminated {
+                self.sessions.remove(&id);
+            } else {
+                schedule(&mut self.timers, p, id, s);
+            }
+        }
+    }
+}
+
+/// Emits a refusal event for an authenticated request that changes no state.
+fn refuse(
+    out: &mut Outputs,
+    now: Mono,
+    id: SessionId,
+    reason: ReasonCode,
+    epoch: Option<u64>,
+) -> Rejection {
+    out.events.push_back(EngineEvent::ResumeRefused { at: now, session_id: id, reason });
+    Rejection { reason, retry_after_ms: 0, current_binding_epoch: epoch }
+}
+
+/// Applies one table transition with all its effects: version, counters,
+/// event, transport retirement and transport-loss clock.
+fn step(
+    out: &mut Outputs,
+    p: &Policy,
+    now: Mono,
+    id: SessionId,
+    s: &mut Session,
+    event: Event,
+) -> Result<(), ReasonCode> {
+    let (to, reason) = fsm::transition(s.state, event)?;
+    let from = s.state;
+    if let Some(transport) = s.transport.take() {
+        // Only ATTACHED holds a transport, and every exit from it retires it.
+        let why = match event {
+            Event::ResumeAuthenticated => Some(ReasonCode::TransportReplaced),
+            Event::TransportClosed => None, // already gone
+            _ => Some(reason),
+        };
+        if let Some(reason) = why {
+            out.actions.push_back(Action::CloseTransport { session_id: id, transport, reason });
+        }
+        s.lost_deadline = Some(now + p.transport_lost_ttl());
+    }
+    if to == State::Volatile {
+        s.volatile_since = now;
+    }
+    s.state = to;
+    s.version += 1;
+    out.by_state[from.index()] -= 1;
+    if to != State::Terminated {
+        out.by_state[to.index()] += 1;
+    }
+    out.events.push_back(EngineEvent::StateChange(StateChange {
+        at: now,
+        session_id: id,
+        from,
+        to,
+        reason,
+        state_version: s.version,
+    }));
+    Ok(())
+}
+
+/// The next time anything can happen to `s` on its own.
+fn next_deadline(s: &Session, p: &Policy) -> Mono {
+    let mut d = s.end_of_life;
+    match s.state {
+        State::Attached => d = d.min(s.last_rx + p.heartbeat_timeout()),
+        State::Volatile => d = d.min(s.volatile_since + p.volatile_to_degraded()),
+        _ => {}
+    }
+    if let Some(l) = s.lost_deadline {
+        d = d.min(l);
+    }
+    d
+}
+
+/// Queues a timer entry if the session's next deadline is earlier than the
+/// one already queued (later deadlines are found when the early entry fires).
+fn schedule(
+    timers: &mut BinaryHeap<Reverse<(Mono, SessionId)>>,
+    p: &Policy,
+    id: SessionId,
+    s: &mut Session,
+) {
+    let d = next_deadline(s, p);
+    if s.scheduled.is_none_or(|t| d < t) {
+        timers.push(Reverse((d, id)));
+        s.scheduled = Some(d);
+    }
+}
