@@ -51,7 +51,10 @@ impl AntiFlap {
 
     /// Committed switches within the 60 s window ending at `now`.
     pub fn switches_in_window(&self, now: Mono) -> usize {
-        self.recent.iter().filter(|t| now.saturating_since(**t) < SWITCH_WINDOW).count()
+        self.recent
+            .iter()
+            .filter(|t| now.saturating_since(**t) < SWITCH_WINDOW)
+            .count()
     }
 }
 
@@ -65,11 +68,18 @@ mod tests {
 
     #[test]
     fn cooldown_then_window() {
-        let p = Policy { max_switches_per_min: 3, switch_cooldown_ms: 1000, ..Default::default() };
+        let p = Policy {
+            max_switches_per_min: 3,
+            switch_cooldown_ms: 1000,
+            ..Default::default()
+        };
         let mut f = AntiFlap::default();
         assert_eq!(f.check(ms(0), &p), Ok(()));
         f.record(ms(0), &p);
-        assert_eq!(f.check(ms(400), &p), Err((Denial::CooldownActive, Duration::from_millis(600))));
+        assert_eq!(
+            f.check(ms(400), &p),
+            Err((Denial::CooldownActive, Duration::from_millis(600)))
+        );
         f.record(ms(1000), &p);
         f.record(ms(2000), &p);
         // Three in the window: the first leaves it at 60 s.

@@ -47,7 +47,10 @@ impl State {
 
     /// A live state: the session exists and may still recover.
     pub fn is_live(self) -> bool {
-        matches!(self, State::Attached | State::Volatile | State::Degraded | State::Recovering)
+        matches!(
+            self,
+            State::Attached | State::Volatile | State::Degraded | State::Recovering
+        )
     }
 }
 
@@ -60,8 +63,11 @@ pub enum Denial {
 }
 
 impl Denial {
-    pub const ALL: [Denial; 3] =
-        [Denial::StaleBinding, Denial::SwitchRateLimited, Denial::CooldownActive];
+    pub const ALL: [Denial; 3] = [
+        Denial::StaleBinding,
+        Denial::SwitchRateLimited,
+        Denial::CooldownActive,
+    ];
 
     pub fn reason(self) -> ReasonCode {
         match self {
@@ -81,8 +87,11 @@ pub enum Termination {
 }
 
 impl Termination {
-    pub const ALL: [Termination; 3] =
-        [Termination::Operator, Termination::Drain, Termination::Superseded];
+    pub const ALL: [Termination; 3] = [
+        Termination::Operator,
+        Termination::Drain,
+        Termination::Superseded,
+    ];
 
     pub fn reason(self) -> ReasonCode {
         match self {

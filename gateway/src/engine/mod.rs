@@ -72,14 +72,22 @@ pub enum EngineEvent {
     /// Exactly one per transition.
     StateChange(StateChange),
     /// An authenticated RESUME refused without a transition (replay, stale binding).
-    ResumeRefused { at: Mono, session_id: SessionId, reason: ReasonCode },
+    ResumeRefused {
+        at: Mono,
+        session_id: SessionId,
+        reason: ReasonCode,
+    },
 }
 
 /// Work for the shell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send `Terminate{reason}` on `transport` (if it is still open) and close it.
-    CloseTransport { session_id: SessionId, transport: TransportId, reason: ReasonCode },
+    CloseTransport {
+        session_id: SessionId,
+        transport: TransportId,
+        reason: ReasonCode,
+    },
 }
 
 /// A refused HELLO or RESUME.
@@ -95,7 +103,11 @@ pub struct Rejection {
 
 impl Rejection {
     fn quiet(reason: ReasonCode) -> Self {
-        Self { reason, retry_after_ms: 0, current_binding_epoch: None }
+        Self {
+            reason,
+            retry_after_ms: 0,
+            current_binding_epoch: None,
+        }
     }
 
     /// What goes into the `Reject` frame: pre-authentication failures are all
@@ -351,12 +363,22 @@ impl Engine {
             scheduled: None,
         };
         self.out.by_state[State::Birth.index()] += 1;
-        step(&mut self.out, &self.policy, now, id, &mut s, Event::HandshakeDone)
-            .map_err(Rejection::quiet)?;
+        step(
+            &mut self.out,
+            &self.policy,
+            now,
+            id,
+            &mut s,
+            Event::HandshakeDone,
+        )
+        .map_err(Rejection::quiet)?;
         s.transport = Some(req.transport);
         schedule(&mut self.timers, &self.policy, id, &mut s);
-        let accepted =
-            HelloAccepted { session_id: id, state_version: s.version, binding_epoch: s.epoch };
+        let accepted = HelloAccepted {
+            session_id: id,
+            state_version: s.version,
+            binding_epoch: s.epoch,
+        };
         self.sessions.insert(id, s);
         Ok(accepted)
     }
@@ -420,7 +442,13 @@ impl Engine {
         };
         // Authenticated from here on: reasons may be disclosed.
         if s.replay.check(req.counter).is_err() {
-            return Err(refuse(&mut self.out, now, id, ReasonCode::ReplayDetected, None));
+            return Err(refuse(
+                &mut self.out,
+                now,
+                id,
+                ReasonCode::ReplayDetected,
+                None,
+            ));
         }
         s.replay.record(req.counter);
         if used_current {
@@ -430,12 +458,17 @@ impl Engine {
         if req.binding_epoch != s.epoch {
             // A request from before the latest binding (a lost ResumeOk, or the
             // loser of a race) must not disturb that binding.
-            return Err(refuse(&mut self.out, now, id, ReasonCode::StaleBinding, Some(s.epoch)));
+            return Err(refuse(
+                &mut self.out,
+                now,
+                id,
+                ReasonCode::StaleBinding,
+                Some(s.epoch),
+            ));
         }
         let replaced = s.transport;
         let p = &self.policy;
-        step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated)
-            .map_err(Rejection::quiet)?;
+        step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated).map_err(Rejection::quiet)?;
         if let Err((denial, wait)) = s.flap.check(now, p) {
             step(&mut self.out, p, now, id, s, Event::SwitchDenied(denial))
                 .map_err(Rejection::quiet)?;
@@ -461,7 +494,9 @@ impl Engine {
             old
         } else {
             s.key = new_key;
-            s.fallback.clone().unwrap_or_else(|| unreachable!("verified against fallback"))
+            s.fallback
+                .clone()
+                .unwrap_or_else(|| unreachable!("verified against fallback"))
         };
         s.flap.record(now, p);
         step(&mut self.out, p, now, id, s, Event::SwitchAllowed).map_err(Rejection::quiet)?;
@@ -494,19 +529,39 @@ impl Engine {
     /// The shell saw `transport` close or fail. Ignored unless it is the
     /// session's current binding.
     pub fn transport_closed(&mut self, now: Mono, id: &SessionId, transport: TransportId) -> bool {
-        let Some(s) = self.sessions.get_mut(id) else { return false };
+        let Some(s) = self.sessions.get_mut(id) else {
+            return false;
+        };
         if s.transport != Some(transport) {
             return false;
         }
-        let ok = step(&mut self.out, &self.policy, now, *id, s, Event::TransportClosed).is_ok();
+        let ok = step(
+            &mut self.out,
+            &self.policy,
+            now,
+            *id,
+            s,
+            Event::TransportClosed,
+        )
+        .is_ok();
         schedule(&mut self.timers, &self.policy, *id, s);
         ok
     }
 
     /// Ends one session explicitly (operator, drain deadline, superseded).
     pub fn terminate(&mut self, now: Mono, id: &SessionId, why: Termination) -> bool {
-        let Some(s) = self.sessions.get_mut(id) else { return false };
-        let ok = step(&mut self.out, &self.policy, now, *id, s, Event::Terminate(why)).is_ok();
+        let Some(s) = self.sessions.get_mut(id) else {
+            return false;
+        };
+        let ok = step(
+            &mut self.out,
+            &self.policy,
+            now,
+            *id,
+            s,
+            Event::Terminate(why),
+        )
+        .is_ok();
         if ok {
             self.sessions.remove(id);
         }
@@ -527,7 +582,9 @@ impl Engine {
                 break;
             }
             self.timers.pop();
-            let Some(s) = self.sessions.get_mut(&id) else { continue };
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
             if s.scheduled != Some(t) {
                 continue; // superseded by an earlier entry
             }
@@ -568,8 +625,16 @@ fn refuse(
     reason: ReasonCode,
     epoch: Option<u64>,
 ) -> Rejection {
-    out.events.push_back(EngineEvent::ResumeRefused { at: now, session_id: id, reason });
-    Rejection { reason, retry_after_ms: 0, current_binding_epoch: epoch }
+    out.events.push_back(EngineEvent::ResumeRefused {
+        at: now,
+        session_id: id,
+        reason,
+    });
+    Rejection {
+        reason,
+        retry_after_ms: 0,
+        current_binding_epoch: epoch,
+    }
 }
 
 /// Applies one table transition with all its effects: version, counters,
@@ -592,7 +657,11 @@ fn step(
             _ => Some(reason),
         };
         if let Some(reason) = why {
-            out.actions.push_back(Action::CloseTransport { session_id: id, transport, reason });
+            out.actions.push_back(Action::CloseTransport {
+                session_id: id,
+                transport,
+                reason,
+            });
         }
         s.lost_deadline = Some(now + p.transport_lost_ttl());
     }

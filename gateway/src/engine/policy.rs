@@ -52,10 +52,20 @@ pub enum PolicyError {
     Zero { field: &'static str },
     /// The value lies outside its allowed range.
     #[error("{field} = {value} is outside {min}..={max}")]
-    Range { field: &'static str, value: u64, min: u64, max: u64 },
+    Range {
+        field: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
     /// The value must exceed another key's value.
     #[error("{field} = {value} must be greater than {other} = {other_value}")]
-    Order { field: &'static str, value: u64, other: &'static str, other_value: u64 },
+    Order {
+        field: &'static str,
+        value: u64,
+        other: &'static str,
+        other_value: u64,
+    },
 }
 
 impl PolicyError {
@@ -90,7 +100,12 @@ impl Policy {
         }
         let mut order = |field, value: u64, other, other_value: u64| {
             if value != 0 && other_value != 0 && value <= other_value {
-                errs.push(PolicyError::Order { field, value, other, other_value });
+                errs.push(PolicyError::Order {
+                    field,
+                    value,
+                    other,
+                    other_value,
+                });
             }
         };
         order(
@@ -169,25 +184,84 @@ mod tests {
         let p = Policy::default();
         assert_eq!(p.validate(), Ok(()));
         assert_eq!(
-            (p.heartbeat_interval_ms, p.heartbeat_timeout_ms, p.volatile_to_degraded_ms),
+            (
+                p.heartbeat_interval_ms,
+                p.heartbeat_timeout_ms,
+                p.volatile_to_degraded_ms
+            ),
             (500, 2000, 4000)
         );
-        assert_eq!((p.transport_lost_ttl_ms, p.session_max_lifetime_ms), (15_000, 28_800_000));
-        assert_eq!((p.max_switches_per_min, p.switch_cooldown_ms, p.replay_window), (8, 1500, 128));
+        assert_eq!(
+            (p.transport_lost_ttl_ms, p.session_max_lifetime_ms),
+            (15_000, 28_800_000)
+        );
+        assert_eq!(
+            (
+                p.max_switches_per_min,
+                p.switch_cooldown_ms,
+                p.replay_window
+            ),
+            (8, 1500, 128)
+        );
     }
 
     #[test]
     fn each_bad_value_names_its_field() {
         let cases: Vec<(Policy, &str)> = vec![
-            (Policy { heartbeat_interval_ms: 0, ..Default::default() }, "heartbeat_interval_ms"),
-            (Policy { switch_cooldown_ms: 0, ..Default::default() }, "switch_cooldown_ms"),
-            (Policy { max_switches_per_min: 0, ..Default::default() }, "max_switches_per_min"),
-            (Policy { replay_window: 0, ..Default::default() }, "replay_window"),
-            (Policy { replay_window: 300, ..Default::default() }, "replay_window"),
-            (Policy { heartbeat_timeout_ms: 400, ..Default::default() }, "heartbeat_timeout_ms"),
-            (Policy { transport_lost_ttl_ms: 1000, ..Default::default() }, "transport_lost_ttl_ms"),
             (
-                Policy { session_max_lifetime_ms: 10_000, ..Default::default() },
+                Policy {
+                    heartbeat_interval_ms: 0,
+                    ..Default::default()
+                },
+                "heartbeat_interval_ms",
+            ),
+            (
+                Policy {
+                    switch_cooldown_ms: 0,
+                    ..Default::default()
+                },
+                "switch_cooldown_ms",
+            ),
+            (
+                Policy {
+                    max_switches_per_min: 0,
+                    ..Default::default()
+                },
+                "max_switches_per_min",
+            ),
+            (
+                Policy {
+                    replay_window: 0,
+                    ..Default::default()
+                },
+                "replay_window",
+            ),
+            (
+                Policy {
+                    replay_window: 300,
+                    ..Default::default()
+                },
+                "replay_window",
+            ),
+            (
+                Policy {
+                    heartbeat_timeout_ms: 400,
+                    ..Default::default()
+                },
+                "heartbeat_timeout_ms",
+            ),
+            (
+                Policy {
+                    transport_lost_ttl_ms: 1000,
+                    ..Default::default()
+                },
+                "transport_lost_ttl_ms",
+            ),
+            (
+                Policy {
+                    session_max_lifetime_ms: 10_000,
+                    ..Default::default()
+                },
                 "session_max_lifetime_ms",
             ),
         ];
@@ -200,7 +274,11 @@ mod tests {
 
     #[test]
     fn several_errors_are_all_reported() {
-        let p = Policy { heartbeat_interval_ms: 0, volatile_to_degraded_ms: 0, ..Default::default() };
+        let p = Policy {
+            heartbeat_interval_ms: 0,
+            volatile_to_degraded_ms: 0,
+            ..Default::default()
+        };
         assert_eq!(p.validate().unwrap_err().len(), 2);
     }
 }

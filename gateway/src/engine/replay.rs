@@ -27,7 +27,11 @@ pub enum Replay {
 
 impl ReplayWindow {
     pub fn new(window: u32) -> Self {
-        Self { top: 0, window: window.clamp(1, MAX_WINDOW), bits: [0; BLOCKS] }
+        Self {
+            top: 0,
+            window: window.clamp(1, MAX_WINDOW),
+            bits: [0; BLOCKS],
+        }
     }
 
     /// Highest counter accepted so far.
@@ -52,7 +56,11 @@ impl ReplayWindow {
             return Err(Replay::TooOld);
         }
         let (block, bit) = Self::slot(counter);
-        if self.bits[block] & bit != 0 { Err(Replay::Duplicate) } else { Ok(()) }
+        if self.bits[block] & bit != 0 {
+            Err(Replay::Duplicate)
+        } else {
+            Ok(())
+        }
     }
 
     /// Records `counter`; call only after [`check`](Self::check) passed and
@@ -90,7 +98,11 @@ mod tests {
         assert_eq!(accept(&mut w, 1), Err(Replay::Duplicate));
         assert_eq!(accept(&mut w, 200), Ok(()));
         assert_eq!(accept(&mut w, 73), Ok(()), "200-73 = 127 < 128: inside");
-        assert_eq!(accept(&mut w, 72), Err(Replay::TooOld), "200-72 = 128: outside");
+        assert_eq!(
+            accept(&mut w, 72),
+            Err(Replay::TooOld),
+            "200-72 = 128: outside"
+        );
         assert_eq!(accept(&mut w, 150), Ok(()));
         assert_eq!(accept(&mut w, 150), Err(Replay::Duplicate));
         // A jump far ahead clears everything.

@@ -31,7 +31,10 @@ impl Mono {
 impl Add<Duration> for Mono {
     type Output = Mono;
     fn add(self, d: Duration) -> Mono {
-        Mono(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+        Mono(
+            self.0
+                .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        )
     }
 }
 
