@@ -7,4 +7,6 @@
 //!   the async shell hands it `now`, bytes and exporter values, and drains the
 //!   events and transport actions it returns.
 
+#![forbid(unsafe_code)]
+
 pub mod engine;

@@ -16,6 +16,8 @@
 //! - [`ring`]: views, `view_id`, the consistent-hash ring and owner tags.
 //! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
 
+#![forbid(unsafe_code)]
+
 pub mod crypto;
 pub mod frame;
 pub mod ids;
