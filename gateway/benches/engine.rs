@@ -56,7 +56,7 @@ fn resume(c: &mut Criterion) {
         b.iter(|| {
             counter += 1;
             t += 1;
-            now = now + Duration::from_millis(2);
+            now = now + Duration::from_millis(61);
             let proof = key.resume_proof(&id, counter, epoch, &binding);
             let r = e
                 .resume(

@@ -20,6 +20,8 @@
 
 pub mod crypto;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod pb;

@@ -6,8 +6,7 @@
 //! fresh one (fresh random nonce) in `HelloOk` and every `ResumeOk`; the agent
 //! uses each once, so observers cannot link a session across networks.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 use crate::keys::ClusterKeys;
 use crate::preamble::{Kind, Preamble};
@@ -36,10 +35,16 @@ pub struct TokenContents {
 }
 
 /// Seals and opens tokens under one cluster key.
-#[derive(Clone)]
 pub struct TokenKey {
     key_id: u8,
-    aead: ChaCha20Poly1305,
+    raw: zeroize::Zeroizing<[u8; 32]>,
+    aead: LessSafeKey,
+}
+
+impl Clone for TokenKey {
+    fn clone(&self) -> Self {
+        Self::from_raw(self.key_id, *self.raw)
+    }
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -50,9 +55,17 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     pub fn new(keys: &ClusterKeys) -> Self {
+        Self::from_raw(keys.key_id(), *keys.route_key())
+    }
+
+    fn from_raw(key_id: u8, raw: [u8; 32]) -> Self {
+        // A 32-byte key is always valid for ChaCha20-Poly1305.
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, &raw)
+            .unwrap_or_else(|_| unreachable!("32-byte ChaCha20-Poly1305 key"));
         Self {
-            key_id: keys.key_id(),
-            aead: ChaCha20Poly1305::new(Key::from_slice(keys.route_key())),
+            key_id,
+            raw: zeroize::Zeroizing::new(raw),
+            aead: LessSafeKey::new(unbound),
         }
     }
 
@@ -68,24 +81,33 @@ impl TokenKey {
         body[..16].copy_from_slice(contents.session_id.as_bytes());
         body[16..].copy_from_slice(&contents.owner_tag.0);
         let aad = Preamble::header(Kind::Resume, self.key_id);
-        // Encryption of a fixed 24-byte buffer cannot fail.
-        let tag = self
-            .aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, body)
-            .unwrap_or_default();
-        out[NONCE_LEN + PLAIN_LEN..].copy_from_slice(&tag);
+        // Sealing a fixed 24-byte buffer cannot fail.
+        if let Ok(tag) = self.aead.seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            body,
+        ) {
+            out[NONCE_LEN + PLAIN_LEN..].copy_from_slice(tag.as_ref());
+        }
         out
     }
 
     /// Opens a token from a RESUME preamble. Constant work for every input.
     pub fn open(&self, token: &[u8; TOKEN_LEN]) -> Result<TokenContents, TokenError> {
         let aad = Preamble::header(Kind::Resume, self.key_id);
-        let mut body = [0u8; PLAIN_LEN];
-        body.copy_from_slice(&token[NONCE_LEN..NONCE_LEN + PLAIN_LEN]);
-        let tag = Tag::from_slice(&token[NONCE_LEN + PLAIN_LEN..]);
-        self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(&token[..NONCE_LEN]), &aad, &mut body, tag)
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&token[..NONCE_LEN]);
+        let mut sealed = [0u8; TOKEN_LEN - NONCE_LEN];
+        sealed.copy_from_slice(&token[NONCE_LEN..]);
+        let plain = self
+            .aead
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut sealed,
+            )
             .map_err(|_| TokenError::Open)?;
+        let body: &[u8] = plain;
         let mut sid = [0u8; 16];
         sid.copy_from_slice(&body[..16]);
         let mut tag8 = [0u8; 8];
