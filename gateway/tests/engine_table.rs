@@ -101,6 +101,12 @@ fn expected(from: State, ev: Event) -> Option<(State, R)> {
             S::Terminated,
             R::Superseded,
         ),
+        (
+            live.to_vec(),
+            E::Terminate(Termination::AgentClosed),
+            S::Terminated,
+            R::AgentClosed,
+        ),
     ];
     rows.into_iter()
         .find(|(froms, e, _, _)| froms.contains(&from) && *e == ev)
@@ -130,7 +136,7 @@ fn every_state_event_pair_matches_the_design_table() {
         }
     }
     assert_eq!(listed + rejected, State::ALL.len() * Event::all().len());
-    assert_eq!(listed, 30, "(state, event) pairs the table allows");
+    assert_eq!(listed, 34, "(state, event) pairs the table allows");
 }
 
 #[test]

@@ -27,7 +27,8 @@ const FIXED_LEN: usize = 16;
 /// A parsed or to-be-written PROXY v2 header.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ProxyHeader {
-    /// `None` for a `LOCAL` command (health check: no session follows).
+    /// `None` for a `LOCAL` command (health check: no session follows; a
+    /// LOCAL header carries no TLVs either).
     pub addresses: Option<(SocketAddr, SocketAddr)>,
     pub router_id: Option<String>,
     pub view_id: Option<ViewId>,
@@ -85,11 +86,14 @@ impl ProxyHeader {
                 Protocol::Stream,
                 Addresses::from(pair),
             ),
-            None => Builder::with_addresses(
-                Version::Two | Command::Local,
-                Protocol::Unspecified,
-                Addresses::Unspecified,
-            ),
+            None => {
+                let local = Builder::with_addresses(
+                    Version::Two | Command::Local,
+                    Protocol::Unspecified,
+                    Addresses::Unspecified,
+                );
+                return local.build().map_err(err);
+            }
         };
         if let Some(r) = &self.router_id {
             b = b.write_tlv(TLV_ROUTER_ID, r.as_bytes()).map_err(err)?;
@@ -129,7 +133,11 @@ impl ProxyHeader {
         let header = v2::Header::try_from(&buf[..total])
             .map_err(|e| ProxyError::Malformed(e.to_string()))?;
         let mut out = ProxyHeader::default();
-        if header.command == Command::Proxy {
+        if header.command == Command::Local {
+            // A health check: addresses and TLVs carry no meaning.
+            return Ok(Decoded::Done(out, total));
+        }
+        {
             out.addresses = Some(match header.addresses {
                 Addresses::IPv4(a) => (
                     SocketAddr::from((a.source_address, a.source_port)),

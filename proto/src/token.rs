@@ -6,7 +6,7 @@
 //! fresh one (fresh random nonce) in `HelloOk` and every `ResumeOk`; the agent
 //! uses each once, so observers cannot link a session across networks.
 
-use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use ::ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 use crate::keys::ClusterKeys;
 use crate::preamble::{Kind, Preamble};

@@ -84,13 +84,16 @@ pub enum Termination {
     Operator,
     Drain,
     Superseded,
+    /// The agent ended its own session (`Terminate` frame).
+    AgentClosed,
 }
 
 impl Termination {
-    pub const ALL: [Termination; 3] = [
+    pub const ALL: [Termination; 4] = [
         Termination::Operator,
         Termination::Drain,
         Termination::Superseded,
+        Termination::AgentClosed,
     ];
 
     pub fn reason(self) -> ReasonCode {
@@ -98,6 +101,7 @@ impl Termination {
             Termination::Operator => ReasonCode::OperatorTerminated,
             Termination::Drain => ReasonCode::Draining,
             Termination::Superseded => ReasonCode::Superseded,
+            Termination::AgentClosed => ReasonCode::AgentClosed,
         }
     }
 }

@@ -240,6 +240,9 @@ pub struct Engine {
     policy: Policy,
     /// `None`: single-node mode, the gateway is its whole ring.
     placement: Option<Arc<Ring>>,
+    /// `(index, count)` when the shell splits sessions over several engines:
+    /// minted ids satisfy [`shard_of`]`(id, count) == index`.
+    shard: (usize, usize),
     sessions: HashMap<SessionId, Session>,
     timers: BinaryHeap<Reverse<(Mono, SessionId)>>,
     out: Outputs,
@@ -271,6 +274,7 @@ impl Engine {
             incarnation: config.incarnation,
             policy: config.policy,
             placement: None,
+            shard: (0, 1),
             sessions: HashMap::new(),
             timers: BinaryHeap::new(),
             out: Outputs::default(),
@@ -294,6 +298,12 @@ impl Engine {
     /// Only HELLO minting uses it: existing sessions never move.
     pub fn set_placement(&mut self, ring: Option<Arc<Ring>>) {
         self.placement = ring;
+    }
+
+    /// Makes this engine one of `count` shards: it mints only ids that
+    /// [`shard_of`] maps to `index`.
+    pub fn set_shard(&mut self, index: usize, count: usize) {
+        self.shard = (index, count.max(1));
     }
 
     pub fn len(&self) -> usize {
@@ -396,10 +406,15 @@ impl Engine {
             }
             None => (None, MINT_DRAWS_PER_MEMBER),
         };
+        let (index, count) = self.shard;
+        let draws = draws * count;
         for _ in 0..draws {
             let mut bytes = [0u8; 16];
             self.rng.fill_bytes(&mut bytes);
             let id = SessionId::from_bytes(bytes);
+            if shard_of(&id, count) != index {
+                continue;
+            }
             let mine = ring.is_none_or(|r| r.owner(&id).is_some_and(|m| m.node_id == self.node_id));
             if mine && !self.sessions.contains_key(&id) {
                 return Ok(id);
@@ -615,6 +630,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Which of `count` engine shards owns `id` (the shells' lock striping).
+pub fn shard_of(id: &SessionId, count: usize) -> usize {
+    usize::from(id.as_bytes()[15]) % count.max(1)
 }
 
 /// Emits a refusal event for an authenticated request that changes no state.

@@ -1,0 +1,273 @@
+//! Admission before TLS work: per-source token buckets in a bounded table,
+//! and a gateway-wide handshake budget with a share reserved for RESUMEs.
+//!
+//! Sans-IO like the engine: every call takes `now`. Sources are keyed by the
+//! TCP-validated address only (IPv4 /32, IPv6 /64), never by anything the
+//! client claims. The table has a hard capacity and a randomly keyed hasher;
+//! when full, buckets that have refilled (indistinguishable from new ones)
+//! are evicted first, and if none can be, unknown sources share one overflow
+//! bucket while known sources keep theirs: the table fails closed without
+//! shutting everyone out.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::engine::Mono;
+
+/// A token bucket: `rate` tokens per second up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bucket {
+    tokens: f64,
+    last: Mono,
+}
+
+impl Bucket {
+    pub fn full(burst: f64, now: Mono) -> Self {
+        Self {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, burst: f64, now: Mono) {
+        let dt = now.saturating_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.last = self.last.max(now);
+    }
+
+    /// Takes one token, or says how long until one is available.
+    pub fn take(&mut self, rate: f64, burst: f64, now: Mono) -> Result<(), Duration> {
+        self.refill(rate, burst, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+
+    fn is_refilled(&self, rate: f64, burst: f64, now: Mono) -> bool {
+        let dt = now.saturating_since(self.last).as_secs_f64();
+        self.tokens + dt * rate >= burst
+    }
+}
+
+/// The key a source is limited by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceKey {
+    V4(u32),
+    /// The /64 prefix.
+    V6(u64),
+}
+
+impl From<IpAddr> for SourceKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(a) => SourceKey::V4(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(u32::from(v4)),
+                None => SourceKey::V6((u128::from(a) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// Outcome of a per-source check.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Admit,
+    /// Admitted through the shared overflow bucket (table full).
+    AdmitOverflow,
+    /// Refused; retry after this long.
+    Limit(Duration),
+    /// Refused by the shared overflow bucket.
+    LimitOverflow(Duration),
+}
+
+impl Verdict {
+    pub fn admitted(self) -> bool {
+        matches!(self, Verdict::Admit | Verdict::AdmitOverflow)
+    }
+    pub fn overflow(self) -> bool {
+        matches!(self, Verdict::AdmitOverflow | Verdict::LimitOverflow(_))
+    }
+}
+
+/// Per-source buckets with a hard capacity.
+#[derive(Debug)]
+pub struct SourceLimiter {
+    rate: f64,
+    burst: f64,
+    capacity: usize,
+    table: HashMap<SourceKey, Bucket, RandomState>,
+    overflow: Bucket,
+    /// No sweep before this time (sweeps are O(n); at most one per refill period).
+    next_sweep: Mono,
+}
+
+impl SourceLimiter {
+    pub fn new(rate: f64, burst: u32, capacity: usize, now: Mono) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            rate,
+            burst,
+            capacity: capacity.max(1),
+            table: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), RandomState::new()),
+            overflow: Bucket::full(burst, now),
+            next_sweep: now,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    pub fn check(&mut self, key: SourceKey, now: Mono) -> Verdict {
+        let (rate, burst) = (self.rate, self.burst);
+        if let Some(b) = self.table.get_mut(&key) {
+            return match b.take(rate, burst, now) {
+                Ok(()) => Verdict::Admit,
+                Err(d) => Verdict::Limit(d),
+            };
+        }
+        if self.table.len() >= self.capacity && now >= self.next_sweep {
+            self.table.retain(|_, b| !b.is_refilled(rate, burst, now));
+            self.next_sweep = now + Duration::from_secs_f64(burst / rate);
+        }
+        if self.table.len() < self.capacity {
+            let mut b = Bucket::full(burst, now);
+            let r = b.take(rate, burst, now);
+            self.table.insert(key, b);
+            return match r {
+                Ok(()) => Verdict::Admit,
+                Err(d) => Verdict::Limit(d),
+            };
+        }
+        match self.overflow.take(rate, burst, now) {
+            Ok(()) => Verdict::AdmitOverflow,
+            Err(d) => Verdict::LimitOverflow(d),
+        }
+    }
+}
+
+/// Kind of handshake asking for budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeKind {
+    Hello,
+    Resume,
+}
+
+/// Gateway-wide handshakes per second. RESUMEs draw from a reserved bucket
+/// first, then the shared one; HELLOs only from the shared one, so a HELLO
+/// flood cannot starve reattaching sessions.
+#[derive(Debug)]
+pub struct HandshakeBudget {
+    shared: (Bucket, f64),
+    reserved: (Bucket, f64),
+}
+
+impl HandshakeBudget {
+    pub fn new(per_s: f64, resume_share: f64, now: Mono) -> Self {
+        let reserved_rate = (per_s * resume_share).max(f64::MIN_POSITIVE);
+        let shared_rate = (per_s - reserved_rate).max(f64::MIN_POSITIVE);
+        // One second of burst each.
+        Self {
+            shared: (Bucket::full(shared_rate.max(1.0), now), shared_rate),
+            reserved: (Bucket::full(reserved_rate.max(1.0), now), reserved_rate),
+        }
+    }
+
+    pub fn take(&mut self, kind: HandshakeKind, now: Mono) -> Result<(), Duration> {
+        let (rb, rr) = &mut self.reserved;
+        if kind == HandshakeKind::Resume && rb.take(*rr, rr.max(1.0), now).is_ok() {
+            return Ok(());
+        }
+        let (sb, sr) = &mut self.shared;
+        sb.take(*sr, sr.max(1.0), now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Mono {
+        Mono::from_millis(v)
+    }
+
+    #[test]
+    fn bucket_rate_and_burst() {
+        let mut l = SourceLimiter::new(10.0, 5, 100, ms(0));
+        let k = SourceKey::V4(1);
+        for _ in 0..5 {
+            assert_eq!(l.check(k, ms(0)), Verdict::Admit);
+        }
+        assert!(matches!(l.check(k, ms(0)), Verdict::Limit(d) if d == Duration::from_millis(100)));
+        assert_eq!(l.check(k, ms(100)), Verdict::Admit);
+        // Over 10 s exactly 100 more are admitted (rate 10/s).
+        let admitted = (0..10_000)
+            .filter(|i| l.check(k, ms(100 + i)).admitted())
+            .count();
+        assert!((99..=101).contains(&admitted), "{admitted}");
+    }
+
+    #[test]
+    fn full_table_fails_closed_but_known_sources_keep_their_buckets() {
+        let mut l = SourceLimiter::new(1.0, 2, 3, ms(0));
+        for i in 0..3 {
+            assert_eq!(l.check(SourceKey::V4(i), ms(0)), Verdict::Admit);
+        }
+        // Unknown sources now share one overflow bucket (burst 2).
+        assert_eq!(l.check(SourceKey::V4(10), ms(0)), Verdict::AdmitOverflow);
+        assert_eq!(l.check(SourceKey::V4(11), ms(0)), Verdict::AdmitOverflow);
+        assert!(matches!(
+            l.check(SourceKey::V4(12), ms(0)),
+            Verdict::LimitOverflow(_)
+        ));
+        // A known source is unaffected.
+        assert_eq!(l.check(SourceKey::V4(1), ms(0)), Verdict::Admit);
+        assert_eq!(l.len(), 3);
+        // Once buckets refill they are evicted and new sources get their own.
+        assert_eq!(l.check(SourceKey::V4(20), ms(5_000)), Verdict::Admit);
+        assert!(l.len() <= 3);
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_slash_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(SourceKey::from(a), SourceKey::from(b));
+        assert_ne!(SourceKey::from(a), SourceKey::from(c));
+        let m: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            SourceKey::from(m),
+            SourceKey::from("10.0.0.1".parse::<IpAddr>().unwrap())
+        );
+    }
+
+    #[test]
+    fn resumes_keep_their_reserved_share_under_a_hello_flood() {
+        let mut b = HandshakeBudget::new(100.0, 0.5, ms(0));
+        let hellos = (0..1_000)
+            .filter(|i| b.take(HandshakeKind::Hello, ms(*i)).is_ok())
+            .count();
+        let mut b2 = HandshakeBudget::new(100.0, 0.5, ms(0));
+        let mut resumes = 0;
+        for i in 0..1_000 {
+            let _ = b2.take(HandshakeKind::Hello, ms(i));
+            if b2.take(HandshakeKind::Resume, ms(i)).is_ok() {
+                resumes += 1;
+            }
+        }
+        // 1 s at 50/s shared (+ burst 50) for HELLOs; RESUMEs still get their 50/s (+ burst).
+        assert!((95..=105).contains(&hellos), "{hellos}");
+        assert!(resumes >= 95, "{resumes}");
+    }
+}

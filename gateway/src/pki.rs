@@ -1,0 +1,233 @@
+//! Development PKI: every certificate and secret a local cluster needs, in
+//! one directory. Production deployments bring their own CA; the layout and
+//! certificate roles stay the same.
+//!
+//! ```text
+//! DIR/client-ca.pem            CA that agents trust for gateway certificates
+//! DIR/gateways/<node>.{pem,key}    serverAuth, SANs <cluster>, <node>.node.<cluster>
+//! DIR/membership-ca.pem        CA of the membership plane (mTLS)
+//! DIR/membership/<node>.{pem,key}  clientAuth, URI SAN jvpn://<cluster>/gateway/<node>
+//! DIR/membership/router-<r>.{pem,key}  serverAuth, SAN <r>.router.<cluster>
+//! DIR/agent-ca.pem             CA whose certificates authenticate agents
+//! DIR/agents/agent-<i>.{pem,key}   clientAuth sample agents
+//! DIR/cluster.secret           "<key_id>:<64 hex>", the cluster secret
+//! DIR/dev-token                a development agent token
+//! ```
+//!
+//! Every private key and secret is written with mode 0600.
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct PkiSpec {
+    pub out: PathBuf,
+    pub cluster: String,
+    pub nodes: Vec<String>,
+    pub routers: Vec<String>,
+    pub agents: usize,
+}
+
+/// File names of what [`init`] wrote, for harnesses.
+#[derive(Clone, Debug)]
+pub struct PkiLayout {
+    pub dir: PathBuf,
+}
+
+impl PkiLayout {
+    pub fn client_ca(&self) -> PathBuf {
+        self.dir.join("client-ca.pem")
+    }
+    pub fn gateway_cert(&self, node: &str) -> PathBuf {
+        self.dir.join("gateways").join(format!("{node}.pem"))
+    }
+    pub fn gateway_key(&self, node: &str) -> PathBuf {
+        self.dir.join("gateways").join(format!("{node}.key"))
+    }
+    pub fn agent_ca(&self) -> PathBuf {
+        self.dir.join("agent-ca.pem")
+    }
+    pub fn agent_cert(&self, i: usize) -> PathBuf {
+        self.dir.join("agents").join(format!("agent-{i}.pem"))
+    }
+    pub fn agent_key(&self, i: usize) -> PathBuf {
+        self.dir.join("agents").join(format!("agent-{i}.key"))
+    }
+    pub fn secret(&self) -> PathBuf {
+        self.dir.join("cluster.secret")
+    }
+    pub fn dev_token(&self) -> PathBuf {
+        self.dir.join("dev-token")
+    }
+}
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Result<(Self, String)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        Ok((Self { params, key }, cert.pem()))
+    }
+
+    fn issue(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        eku: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String)> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![eku];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut d = DistinguishedName::new();
+    d.push(DnType::CommonName, cn);
+    d
+}
+
+fn dns(name: &str) -> Result<SanType> {
+    Ok(SanType::DnsName(
+        name.try_into()
+            .with_context(|| format!("bad DNS name {name}"))?,
+    ))
+}
+
+fn loopback() -> SanType {
+    SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn write_public(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Generates the whole tree. Refuses to overwrite an existing cluster secret.
+pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
+    let layout = PkiLayout {
+        dir: spec.out.clone(),
+    };
+    if layout.secret().exists() {
+        anyhow::bail!(
+            "{} already holds a PKI (cluster.secret exists)",
+            spec.out.display()
+        );
+    }
+    for sub in ["gateways", "membership", "agents"] {
+        fs::create_dir_all(spec.out.join(sub))?;
+    }
+    let c = &spec.cluster;
+    jvpn_proto::NodeId::new(c).map_err(|e| anyhow::anyhow!("cluster name: {e}"))?;
+
+    let (client_ca, pem) = Ca::new(&format!("jvpn {c} client-facing CA"))?;
+    write_public(&layout.client_ca(), &pem)?;
+    write_secret(
+        &spec.out.join("client-ca.key"),
+        &client_ca.key.serialize_pem(),
+    )?;
+    let (member_ca, pem) = Ca::new(&format!("jvpn {c} membership CA"))?;
+    write_public(&spec.out.join("membership-ca.pem"), &pem)?;
+    write_secret(
+        &spec.out.join("membership-ca.key"),
+        &member_ca.key.serialize_pem(),
+    )?;
+    let (agent_ca, pem) = Ca::new(&format!("jvpn {c} agent CA"))?;
+    write_public(&layout.agent_ca(), &pem)?;
+    write_secret(
+        &spec.out.join("agent-ca.key"),
+        &agent_ca.key.serialize_pem(),
+    )?;
+
+    for node in &spec.nodes {
+        jvpn_proto::NodeId::new(node).map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+        let (cert, key) = client_ca.issue(
+            &format!("{node}.node.{c}"),
+            vec![dns(c)?, dns(&format!("{node}.node.{c}"))?, loopback()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        write_public(&layout.gateway_cert(node), &cert)?;
+        write_secret(&layout.gateway_key(node), &key)?;
+        let uri = format!("jvpn://{c}/gateway/{node}");
+        let (cert, key) = member_ca.issue(
+            &uri,
+            vec![SanType::URI(uri.as_str().try_into()?), loopback()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        write_public(
+            &spec.out.join("membership").join(format!("{node}.pem")),
+            &cert,
+        )?;
+        write_secret(
+            &spec.out.join("membership").join(format!("{node}.key")),
+            &key,
+        )?;
+    }
+    for r in &spec.routers {
+        let name = format!("{r}.router.{c}");
+        let (cert, key) = member_ca.issue(
+            &name,
+            vec![dns(&name)?, loopback()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        write_public(
+            &spec.out.join("membership").join(format!("router-{r}.pem")),
+            &cert,
+        )?;
+        write_secret(
+            &spec.out.join("membership").join(format!("router-{r}.key")),
+            &key,
+        )?;
+    }
+    for i in 0..spec.agents {
+        let (cert, key) = agent_ca.issue(
+            &format!("agent-{i}.{c}"),
+            vec![dns(&format!("agent-{i}.{c}"))?],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        write_public(&layout.agent_cert(i), &cert)?;
+        write_secret(&layout.agent_key(i), &key)?;
+    }
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    write_secret(&layout.secret(), &format!("1:{}\n", hex::encode(secret)))?;
+    let mut token = [0u8; 16];
+    rand::rng().fill_bytes(&mut token);
+    write_secret(&layout.dev_token(), &format!("{}\n", hex::encode(token)))?;
+    Ok(layout)
+}

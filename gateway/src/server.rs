@@ -1,0 +1,884 @@
+//! The async shell around the session engine: client listener, admission,
+//! TLS, frames, timers and drain.
+//!
+//! # Layout
+//!
+//! - [`serve`]: takes bound listeners and a shutdown future (tests bind
+//!   port 0), runs until shutdown, then drains.
+//! - Sessions are split over `2 × cores` engine shards by session id; each
+//!   shard is a mutex held for microseconds, never across an await, plus a
+//!   timer task. There is no lock shared by all sessions on the data path.
+//! - One task per client connection: preamble → admission → TLS → first
+//!   frame → HELLO or RESUME through the engine → frame loop (Ping/Pong,
+//!   echo of `Data`, in-session RESUME, `Terminate`).
+//! - Engine outputs are dispatched after the shard lock is released: events
+//!   to the sink and metrics, `CloseTransport` to the connection's task.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
+use jvpn_proto::frame::{self, FrameError};
+use jvpn_proto::pb::session::{GoAway, HelloOk, Pong, Reject, ResumeOk, Terminate, frame::Kind};
+use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status, StatusReply};
+use jvpn_proto::ring::owner_tag;
+use jvpn_proto::token::{TokenContents, TokenKey};
+use jvpn_proto::{Incarnation, OwnerTag, ReasonCode, SessionId};
+use metrics::{counter, gauge, histogram};
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admission::{HandshakeBudget, HandshakeKind, SourceKey, SourceLimiter, Verdict};
+use crate::config::Validated;
+use crate::engine::{
+    Action, Conn, Engine, EngineConfig, EngineEvent, HelloRequest, Mono, Rejection, ResumeRequest,
+    State, Termination, TransportId, shard_of,
+};
+use crate::events::EventSink;
+use crate::metrics::{self as m, ConnReject};
+
+/// Messages from the engine side to a connection task.
+#[derive(Debug)]
+enum Control {
+    Terminate(ReasonCode),
+    GoAway { deadline_ms: u64 },
+}
+
+struct Shard {
+    engine: Mutex<Engine>,
+    conns: Mutex<HashMap<TransportId, mpsc::UnboundedSender<Control>>>,
+    wake: Notify,
+}
+
+/// State shared by every task of one gateway.
+struct Shared {
+    cfg: Validated,
+    acceptor: TlsAcceptor,
+    token_key: TokenKey,
+    owner_tag: OwnerTag,
+    incarnation: Incarnation,
+    shards: Vec<Shard>,
+    next_transport: AtomicU64,
+    next_hello_shard: AtomicUsize,
+    origin: Instant,
+    sources: Mutex<SourceLimiter>,
+    budget: Mutex<HandshakeBudget>,
+    tls_slots: Semaphore,
+    open_conns: AtomicUsize,
+    draining: AtomicBool,
+    events: EventSink,
+    token_hashes: Vec<blake3::Hash>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn now(&self) -> Mono {
+        Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn instant(&self, t: Mono) -> Instant {
+        self.origin + Duration::from_nanos(t.as_nanos())
+    }
+
+    /// Runs `f` on one shard's engine, then dispatches what it produced.
+    fn with_engine<R>(&self, shard: usize, f: impl FnOnce(&mut Engine) -> R) -> R {
+        let s = &self.shards[shard];
+        let mut actions = Vec::new();
+        let mut events = Vec::new();
+        let r = {
+            let mut e = lock(&s.engine);
+            let r = f(&mut e);
+            while let Some(a) = e.poll_action() {
+                actions.push(a);
+            }
+            while let Some(ev) = e.poll_event() {
+                events.push(ev);
+            }
+            r
+        };
+        for ev in &events {
+            if let EngineEvent::StateChange(c) = ev {
+                counter!(m::TRANSITIONS, "from" => c.from.as_str(), "to" => c.to.as_str(),
+                    "reason" => c.reason.as_str())
+                .increment(1);
+            }
+            self.events.emit(ev);
+        }
+        if !actions.is_empty() {
+            let conns = lock(&s.conns);
+            for Action::CloseTransport {
+                transport, reason, ..
+            } in actions
+            {
+                if let Some(tx) = conns.get(&transport) {
+                    let _ = tx.send(Control::Terminate(reason));
+                }
+            }
+        }
+        s.wake.notify_one();
+        r
+    }
+
+    fn register(&self, shard: usize, t: TransportId, tx: mpsc::UnboundedSender<Control>) {
+        lock(&self.shards[shard].conns).insert(t, tx);
+    }
+
+    fn deregister(&self, shard: usize, t: TransportId) {
+        lock(&self.shards[shard].conns).remove(&t);
+    }
+
+    fn counts(&self) -> [u64; 6] {
+        let mut out = [0u64; 6];
+        for s in &self.shards {
+            let e = lock(&s.engine);
+            for st in State::ALL {
+                out[st.index()] += e.count(st);
+            }
+        }
+        out
+    }
+
+    fn token_ok(&self, auth: &[u8]) -> bool {
+        // blake3::Hash compares in constant time.
+        let h = blake3::hash(auth);
+        !auth.is_empty() && self.token_hashes.contains(&h)
+    }
+
+    fn seal_token(&self, sid: SessionId) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        self.token_key
+            .seal(
+                nonce,
+                &TokenContents {
+                    session_id: sid,
+                    owner_tag: self.owner_tag,
+                },
+            )
+            .to_vec()
+    }
+}
+
+/// What the admin endpoints need from a running gateway.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GatewayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayHandle")
+            .field("node_id", &self.shared.cfg.node_id)
+            .finish()
+    }
+}
+
+impl GatewayHandle {
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Sessions per state (TERMINATED is always 0: terminated sessions are removed).
+    pub fn session_counts(&self) -> Vec<(&'static str, u64)> {
+        let c = self.shared.counts();
+        State::ALL
+            .iter()
+            .filter(|s| s.is_live())
+            .map(|s| (s.as_str(), c[s.index()]))
+            .collect()
+    }
+}
+
+/// Runs a gateway on already-bound listeners until `shutdown` resolves, then
+/// drains (GoAway spread over the first half of `drain_timeout_ms`,
+/// `Terminate{draining}` near its end) and returns.
+pub async fn serve(
+    cfg: Validated,
+    client: TcpListener,
+    admin: TcpListener,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let shared = build(cfg)?;
+    let handle = GatewayHandle {
+        shared: shared.clone(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for i in 0..shared.shards.len() {
+        tokio::spawn(timer_loop(shared.clone(), i, stop_rx.clone()));
+    }
+    tokio::spawn(crate::admin::serve(admin, handle.clone(), prometheus));
+    tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
+    info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = client.accept() => accept(&shared, r),
+            () = &mut shutdown => break,
+        }
+    }
+
+    // Drain.
+    shared.draining.store(true, Ordering::Relaxed);
+    gauge!(m::DRAINING).set(1.0);
+    let drain = Duration::from_millis(shared.cfg.raw.timeouts.drain_timeout_ms);
+    let started = Instant::now();
+    let terminate_at = started + drain.mul_f64(0.9);
+    info!(drain_ms = drain.as_millis() as u64, "draining");
+    spread_goaway(&shared, drain / 2, terminate_at);
+    loop {
+        let live: u64 = shared.counts().iter().sum();
+        if live == 0 {
+            break;
+        }
+        tokio::select! {
+            r = client.accept() => accept(&shared, r),
+            () = tokio::time::sleep_until(terminate_at.into()) => break,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    let now = shared.now();
+    for i in 0..shared.shards.len() {
+        shared.with_engine(i, |e| e.terminate_all(now, Termination::Drain));
+    }
+    // Give connection tasks a moment to write their Terminate frames.
+    let grace_end = (started + drain).min(Instant::now() + Duration::from_secs(1));
+    while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(true);
+    info!("drained");
+    Ok(())
+}
+
+fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
+    let keys = cfg.secret.derive();
+    let incarnation = Incarnation(rand::rng().next_u64());
+    let tokenless = !cfg.dev_tokens.is_empty();
+    let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
+    let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut engine = Engine::new(
+            EngineConfig {
+                node_id: cfg.node_id.clone(),
+                incarnation,
+                policy: cfg.raw.policy.clone(),
+            },
+            Box::new(rand::rngs::StdRng::from_os_rng()),
+        )
+        .map_err(|e| anyhow::anyhow!("policy: {e:?}"))?;
+        engine.set_shard(i, n);
+        shards.push(Shard {
+            engine: Mutex::new(engine),
+            conns: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        });
+    }
+    let a = &cfg.raw.admission;
+    let start = Mono::ZERO;
+    let shared = Shared {
+        acceptor: TlsAcceptor::from(Arc::new(tls)),
+        token_key: TokenKey::new(&keys),
+        owner_tag: owner_tag(&keys, &cfg.node_id, incarnation),
+        incarnation,
+        shards,
+        next_transport: AtomicU64::new(1),
+        next_hello_shard: AtomicUsize::new(0),
+        origin: Instant::now(),
+        sources: Mutex::new(SourceLimiter::new(
+            a.per_source_rate_per_s,
+            a.per_source_burst,
+            a.source_table_capacity,
+            start,
+        )),
+        budget: Mutex::new(HandshakeBudget::new(
+            a.handshakes_per_s,
+            a.resume_share,
+            start,
+        )),
+        tls_slots: Semaphore::new(cfg.max_tls_handshakes_in_flight),
+        open_conns: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        events: EventSink::start(&cfg.raw.events, cfg.node_id.clone(), incarnation),
+        token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
+        cfg,
+    };
+    Ok(Arc::new(shared))
+}
+
+use rand::SeedableRng;
+
+fn accept(shared: &Arc<Shared>, r: std::io::Result<(TcpStream, SocketAddr)>) {
+    match r {
+        Ok((stream, peer)) => {
+            counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+            let shared = shared.clone();
+            // The span never carries the client address at info level.
+            let span = info_span!("conn");
+            tokio::spawn(
+                async move {
+                    let _guard = OpenConn::new(&shared);
+                    if let Err(why) = handle_conn(&shared, stream, peer).await {
+                        counter!(m::CONNECTIONS_REJECTED, "reason" => why.as_str()).increment(1);
+                        debug!(%peer, reason = why.as_str(), "connection refused");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        Err(e) => {
+            // EMFILE and friends: back off briefly instead of spinning.
+            warn!(error = %e, "accept failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+struct OpenConn<'a>(&'a Shared);
+
+impl<'a> OpenConn<'a> {
+    fn new(s: &'a Shared) -> Self {
+        let n = s.open_conns.fetch_add(1, Ordering::Relaxed) + 1;
+        gauge!(m::CONNECTIONS_OPEN).set(n as f64);
+        Self(s)
+    }
+}
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        let n = self
+            .0
+            .open_conns
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        gauge!(m::CONNECTIONS_OPEN).set(n as f64);
+    }
+}
+
+async fn status(stream: &mut TcpStream, status: Status, retry: Duration) {
+    let reply = StatusReply {
+        status,
+        retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
+    };
+    let _ = stream.write_all(&reply.encode()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Everything before the engine; returns why the connection ended early.
+async fn handle_conn(
+    shared: &Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ConnReject> {
+    let _ = stream.set_nodelay(true);
+    let cfg = &shared.cfg.raw;
+    if shared.open_conns.load(Ordering::Relaxed) > cfg.admission.max_connections {
+        status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
+        return Err(ConnReject::Overloaded);
+    }
+    let verdict = lock(&shared.sources).check(SourceKey::from(peer.ip()), shared.now());
+    if verdict.overflow() {
+        counter!(m::OVERFLOW_BUCKET).increment(1);
+    }
+    if let Verdict::Limit(d) | Verdict::LimitOverflow(d) = verdict {
+        counter!(m::RATE_LIMITED, "stage" => "source").increment(1);
+        status(&mut stream, Status::Overloaded, d).await;
+        return Err(ConnReject::RateLimited);
+    }
+
+    let mut pre = [0u8; PREAMBLE_LEN];
+    let t = Duration::from_millis(cfg.timeouts.preamble_timeout_ms);
+    match tokio::time::timeout(t, stream.read_exact(&mut pre)).await {
+        Err(_) => return Err(ConnReject::PreambleTimeout),
+        Ok(Err(_)) => return Err(ConnReject::BadPreamble),
+        Ok(Ok(_)) => {}
+    }
+    if pre.starts_with(jvpn_proto::proxy::SIGNATURE) {
+        // Single-node mode: nobody is a configured router.
+        status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
+        return Err(ConnReject::ProxyForbidden);
+    }
+    let preamble = match Preamble::decode(&pre) {
+        Ok(p) => p,
+        Err(e) => {
+            status(&mut stream, e.status(), Duration::ZERO).await;
+            return Err(ConnReject::BadPreamble);
+        }
+    };
+    let kind = match preamble {
+        Preamble::Hello { .. } => HandshakeKind::Hello,
+        Preamble::Resume { .. } => HandshakeKind::Resume,
+    };
+    let budget = lock(&shared.budget).take(kind, shared.now());
+    if let Err(d) = budget {
+        counter!(m::RATE_LIMITED, "stage" => "handshake_budget").increment(1);
+        status(&mut stream, Status::Overloaded, d).await;
+        return Err(ConnReject::Overloaded);
+    }
+    let Ok(permit) = shared.tls_slots.try_acquire() else {
+        counter!(m::RATE_LIMITED, "stage" => "tls_in_flight").increment(1);
+        status(&mut stream, Status::Overloaded, Duration::from_millis(100)).await;
+        return Err(ConnReject::Overloaded);
+    };
+    let accepted_at = Instant::now();
+    gauge!(m::TLS_IN_FLIGHT).increment(1.0);
+    let t = Duration::from_millis(cfg.timeouts.tls_handshake_timeout_ms);
+    let tls = tokio::time::timeout(t, shared.acceptor.accept(stream)).await;
+    gauge!(m::TLS_IN_FLIGHT).decrement(1.0);
+    drop(permit);
+    let mut tls = match tls {
+        Err(_) => return Err(ConnReject::TlsTimeout),
+        Ok(Err(_)) => return Err(ConnReject::TlsFailed),
+        Ok(Ok(s)) => s,
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(jvpn_proto::ALPN) {
+        return Err(ConnReject::AlpnMismatch);
+    }
+
+    let mut buf = BytesMut::with_capacity(256);
+    let t = Duration::from_millis(cfg.timeouts.first_frame_timeout_ms);
+    let first = match tokio::time::timeout(t, read_frame(&mut tls, &mut buf)).await {
+        Err(_) => return Err(ConnReject::FirstFrameTimeout),
+        Ok(Ok(Some(k))) => k,
+        Ok(Ok(None)) => return Err(ConnReject::ProtocolError),
+        Ok(Err(e)) => {
+            let _ = send_terminate(&mut tls, e.reason()).await;
+            return Err(match e {
+                FrameError::TooLarge(_) => ConnReject::FrameTooLarge,
+                _ => ConnReject::ProtocolError,
+            });
+        }
+    };
+    match (kind, first) {
+        (HandshakeKind::Hello, Kind::Hello(h)) => do_hello(shared, tls, buf, h, accepted_at).await,
+        (HandshakeKind::Resume, Kind::Resume(r)) => {
+            do_resume(shared, tls, buf, r, accepted_at).await
+        }
+        _ => {
+            let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
+            Err(ConnReject::ProtocolError)
+        }
+    }
+}
+
+type Tls = TlsStream<TcpStream>;
+
+fn export(tls: &Tls, label: &[u8], ctx: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // Exporters exist once the handshake completed, which it has here.
+    let _ = tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut out, label, Some(ctx));
+    out
+}
+
+fn channel_binding(tls: &Tls) -> ChannelBinding {
+    export(tls, CHANNEL_BINDING_LABEL, &[])
+}
+
+async fn do_hello(
+    shared: &Arc<Shared>,
+    mut tls: Tls,
+    buf: BytesMut,
+    hello: jvpn_proto::pb::session::Hello,
+    accepted_at: Instant,
+) -> Result<(), ConnReject> {
+    let refuse = |r: ReasonCode| counter!(m::HELLOS, "result" => r.as_str()).increment(1);
+    if hello.protocol_version != jvpn_proto::PROTOCOL_VERSION {
+        refuse(ReasonCode::ProtocolError);
+        let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
+        return Err(ConnReject::ProtocolError);
+    }
+    let principal: Arc<str> = match tls.get_ref().1.peer_certificates() {
+        Some([leaf, ..]) => Arc::from(format!(
+            "cert:{}",
+            &blake3::hash(leaf.as_ref()).to_hex()[..16]
+        )),
+        _ if shared.token_ok(&hello.auth) => Arc::from("dev-token"),
+        _ => {
+            refuse(ReasonCode::AuthFailed);
+            let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
+            return Err(ConnReject::AuthFailed);
+        }
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        refuse(ReasonCode::Draining);
+        let _ = send_reject(&mut tls, ReasonCode::Draining, 0, 0).await;
+        return Err(ConnReject::Draining);
+    }
+    let n = shared.shards.len();
+    let shard = shared.next_hello_shard.fetch_add(1, Ordering::Relaxed) % n;
+    let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::unbounded_channel();
+    shared.register(shard, transport, tx);
+    let now = shared.now();
+    let r = shared.with_engine(shard, |e| {
+        e.hello(
+            now,
+            HelloRequest {
+                transport,
+                principal,
+                credential_expiry: None,
+            },
+            |ctx| ResumeKey::new(export(&tls, RESUME_KEY_LABEL, ctx)),
+        )
+    });
+    let acc = match r {
+        Ok(acc) => acc,
+        Err(rej) => {
+            shared.deregister(shard, transport);
+            refuse(rej.reason);
+            let _ = send_rejection(&mut tls, &rej).await;
+            return Ok(());
+        }
+    };
+    let ok = HelloOk {
+        session_id: acc.session_id.as_bytes().to_vec(),
+        node_id: shared.cfg.node_id.to_string(),
+        incarnation: shared.incarnation.0,
+        state_version: acc.state_version,
+        binding_epoch: acc.binding_epoch,
+        resume_token: shared.seal_token(acc.session_id),
+        policy: Some(shared.cfg.raw.policy.to_wire()),
+    };
+    if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
+        shared.with_engine(shard, |e| {
+            e.transport_closed(shared.now(), &acc.session_id, transport)
+        });
+        shared.deregister(shard, transport);
+        return Ok(());
+    }
+    counter!(m::HELLOS, "result" => "ok").increment(1);
+    histogram!(m::HELLO_SECONDS).record(accepted_at.elapsed().as_secs_f64());
+    session_loop(shared, shard, acc.session_id, transport, tls, buf, rx).await;
+    Ok(())
+}
+
+async fn do_resume(
+    shared: &Arc<Shared>,
+    mut tls: Tls,
+    mut buf: BytesMut,
+    mut resume: jvpn_proto::pb::session::Resume,
+    accepted_at: Instant,
+) -> Result<(), ConnReject> {
+    let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
+    let binding = channel_binding(&tls);
+    let (tx, rx) = mpsc::unbounded_channel();
+    // A client may retry on the same connection (e.g. after stale_binding);
+    // each attempt carries a fresh counter and is bound to this connection.
+    for _attempt in 0..4 {
+        match resume_once(shared, &tls, &binding, transport, &resume, Some(&tx)) {
+            Ok((sid, shard, ok, _)) => {
+                if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
+                    shared
+                        .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
+                    shared.deregister(shard, transport);
+                    return Ok(());
+                }
+                histogram!(m::RESUME_SECONDS).record(accepted_at.elapsed().as_secs_f64());
+                session_loop(shared, shard, sid, transport, tls, buf, rx).await;
+                return Ok(());
+            }
+            Err(rej) => {
+                if send_rejection(&mut tls, &rej).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let t = Duration::from_millis(shared.cfg.raw.timeouts.first_frame_timeout_ms);
+        match tokio::time::timeout(t, read_frame(&mut tls, &mut buf)).await {
+            Ok(Ok(Some(Kind::Resume(r)))) => resume = r,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// One RESUME through the engine; on success the transport is registered.
+fn resume_once(
+    shared: &Arc<Shared>,
+    tls: &Tls,
+    binding: &ChannelBinding,
+    transport: TransportId,
+    r: &jvpn_proto::pb::session::Resume,
+    register: Option<&mpsc::UnboundedSender<Control>>,
+) -> Result<(SessionId, usize, ResumeOk, Option<TransportId>), Rejection> {
+    let count = |reason: &str| counter!(m::RESUMES, "result" => reason.to_owned()).increment(1);
+    let Ok(sid) = SessionId::from_slice(&r.session_id) else {
+        count(ReasonCode::UnknownSession.as_str());
+        return Err(Rejection {
+            reason: ReasonCode::UnknownSession,
+            retry_after_ms: 0,
+            current_binding_epoch: None,
+        });
+    };
+    let shard = shard_of(&sid, shared.shards.len());
+    if let Some(tx) = register {
+        shared.register(shard, transport, tx.clone());
+    }
+    let now = shared.now();
+    let req = ResumeRequest {
+        session_id: sid,
+        counter: r.counter,
+        binding_epoch: r.binding_epoch,
+        proof: &r.proof,
+    };
+    let res = shared.with_engine(shard, |e| {
+        e.resume(now, &req, Conn { transport, binding }, |ctx| {
+            ResumeKey::new(export(tls, RESUME_KEY_LABEL, ctx))
+        })
+    });
+    match res {
+        Ok(acc) => {
+            count("ok");
+            Ok((
+                sid,
+                shard,
+                ResumeOk {
+                    node_id: shared.cfg.node_id.to_string(),
+                    incarnation: shared.incarnation.0,
+                    owner_epoch: acc.owner_epoch,
+                    state_version: acc.state_version,
+                    binding_epoch: acc.binding_epoch,
+                    resume_token: shared.seal_token(sid),
+                    server_proof: acc.server_proof.to_vec(),
+                },
+                acc.replaced,
+            ))
+        }
+        Err(rej) => {
+            if register.is_some() {
+                shared.deregister(shard, transport);
+            }
+            count(rej.reason.as_str());
+            Err(rej)
+        }
+    }
+}
+
+/// The attached connection: answer pings, echo data, watch for control.
+async fn session_loop(
+    shared: &Arc<Shared>,
+    shard: usize,
+    sid: SessionId,
+    transport: TransportId,
+    mut tls: Tls,
+    mut buf: BytesMut,
+    mut rx: mpsc::UnboundedReceiver<Control>,
+) {
+    let binding = channel_binding(&tls);
+    let report_every = Duration::from_millis(shared.cfg.raw.policy.heartbeat_interval_ms / 2);
+    let mut last_report = Instant::now();
+    // `Some(reason)`: the transport failed and the engine must hear about it.
+    let end = loop {
+        let read = tokio::select! {
+            biased;
+            ctl = rx.recv() => match ctl {
+                Some(Control::Terminate(reason)) => {
+                    let _ = send_terminate(&mut tls, reason).await;
+                    break None; // the engine already unbound this transport
+                }
+                Some(Control::GoAway { deadline_ms }) => {
+                    let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
+                    if write_frame(&mut tls, Kind::GoAway(g)).await.is_err() {
+                        break Some(ReasonCode::TransportDead);
+                    }
+                    continue;
+                }
+                None => break None,
+            },
+            r = read_frame(&mut tls, &mut buf) => r,
+        };
+        let kind = match read {
+            Ok(Some(k)) => k,
+            Ok(None) => break Some(ReasonCode::TransportDead),
+            Err(e) => {
+                let reason = e.reason();
+                let _ = send_terminate(&mut tls, reason).await;
+                counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
+                break Some(reason);
+            }
+        };
+        counter!(m::FRAMES_RECEIVED).increment(1);
+        if last_report.elapsed() >= report_every {
+            last_report = Instant::now();
+            let now = shared.now();
+            if !shared.with_engine(shard, |e| e.activity(now, &sid, transport)) {
+                break None; // no longer this session's binding
+            }
+        }
+        let reply = match kind {
+            Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
+            Kind::Data(d) => {
+                // The default egress is an echo service.
+                let n = d.payload.len() as u64;
+                counter!(m::DATA_BYTES, "direction" => "in").increment(n);
+                counter!(m::DATA_BYTES, "direction" => "out").increment(n);
+                Kind::Data(d)
+            }
+            Kind::Ack(_) | Kind::Pong(_) => continue,
+            Kind::Terminate(_) => {
+                let now = shared.now();
+                shared.with_engine(shard, |e| e.terminate(now, &sid, Termination::AgentClosed));
+                break None;
+            }
+            Kind::Resume(r) => {
+                // A RESUME on the attached connection itself (a replay, or an
+                // agent retrying): validated like any other.
+                match resume_once(shared, &tls, &binding, transport, &r, None) {
+                    Ok((_, _, ok, replaced)) => {
+                        if replaced == Some(transport) {
+                            // The engine "replaced" this transport by itself.
+                            let _ = rx.try_recv();
+                        }
+                        Kind::ResumeOk(ok)
+                    }
+                    Err(rej) => Kind::Reject(reject_frame(&rej)),
+                }
+            }
+            _ => {
+                let _ = send_terminate(&mut tls, ReasonCode::ProtocolError).await;
+                break Some(ReasonCode::ProtocolError);
+            }
+        };
+        if write_frame(&mut tls, reply).await.is_err() {
+            break Some(ReasonCode::TransportDead);
+        }
+    };
+    if end.is_some() {
+        let now = shared.now();
+        shared.with_engine(shard, |e| e.transport_closed(now, &sid, transport));
+    }
+    shared.deregister(shard, transport);
+    let _ = tls.shutdown().await;
+}
+
+fn reject_frame(rej: &Rejection) -> Reject {
+    Reject {
+        reason: rej.wire_reason() as i32,
+        retry_after_ms: rej.retry_after_ms,
+        current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
+    }
+}
+
+async fn send_rejection<W: AsyncWrite + Unpin>(w: &mut W, rej: &Rejection) -> std::io::Result<()> {
+    write_frame(w, Kind::Reject(reject_frame(rej))).await
+}
+
+async fn send_reject<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reason: ReasonCode,
+    retry_after_ms: u64,
+    epoch: u64,
+) -> std::io::Result<()> {
+    let r = Reject {
+        reason: reason as i32,
+        retry_after_ms,
+        current_binding_epoch: epoch,
+    };
+    write_frame(w, Kind::Reject(r)).await
+}
+
+async fn send_terminate<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reason: ReasonCode,
+) -> std::io::Result<()> {
+    write_frame(
+        w,
+        Kind::Terminate(Terminate {
+            reason: reason as i32,
+        }),
+    )
+    .await
+}
+
+/// Writes one frame and flushes it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: Kind) -> std::io::Result<()> {
+    let bytes = frame::to_bytes(kind).map_err(std::io::Error::other)?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream. Cancel-safe: a
+/// partial frame stays in `buf`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Kind>, FrameError> {
+    loop {
+        if let Some(k) = frame::decode(buf)? {
+            return Ok(Some(k));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {
+    let mut all = Vec::new();
+    for s in &shared.shards {
+        all.extend(lock(&s.conns).values().cloned());
+    }
+    let n = all.len().max(1) as u32;
+    for (i, tx) in all.into_iter().enumerate() {
+        let delay = over * i as u32 / n;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let left = terminate_at.saturating_duration_since(Instant::now());
+            let _ = tx.send(Control::GoAway {
+                deadline_ms: left.as_millis() as u64,
+            });
+        });
+    }
+}
+
+async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watch::Receiver<bool>) {
+    loop {
+        let next = lock(&shared.shards[shard].engine).poll_timeout();
+        let sleep = match next {
+            Some(t) => tokio::time::sleep_until(shared.instant(t).into()),
+            None => tokio::time::sleep(Duration::from_secs(3600)),
+        };
+        tokio::select! {
+            () = sleep => {
+                let now = shared.now();
+                shared.with_engine(shard, |e| e.handle_timeout(now));
+            }
+            () = shared.shards[shard].wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn gauge_loop(handle: GatewayHandle, mut stop: watch::Receiver<bool>) {
+    loop {
+        for (state, n) in handle.session_counts() {
+            gauge!(m::SESSIONS, "state" => state).set(n as f64);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

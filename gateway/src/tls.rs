@@ -1,0 +1,144 @@
+//! TLS 1.3 server setup: certificate files, agent CA, and a rustls config
+//! that speaks only TLS 1.3 with ALPN `jvpn/1`, no 0-RTT and no resumption
+//! tickets (every connection gets fresh exporters from a full handshake).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{ConfigProblem, TlsConfig};
+
+/// Certificate, key and optional agent CA, read and parsed.
+pub struct TlsMaterial {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub agent_roots: Option<RootCertStore>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        Self {
+            certs: self.certs.clone(),
+            key: self.key.clone_key(),
+            agent_roots: self.agent_roots.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("certs", &self.certs.len())
+            .field("key", &"<redacted>")
+            .field("agent_ca", &self.agent_roots.as_ref().map(|r| r.len()))
+            .finish()
+    }
+}
+
+fn certs_from(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigProblem> {
+    let problem = |p: String| ConfigProblem {
+        key: key.to_owned(),
+        problem: p,
+    };
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| problem(format!("{}: {e}", path.display())))?;
+    let certs: Vec<_> = iter
+        .collect::<Result<_, _>>()
+        .map_err(|e| problem(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(problem(format!(
+            "{}: no PEM certificate found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Reads every TLS file; reports each bad one under its own key.
+pub fn load_material(cfg: &TlsConfig) -> Result<TlsMaterial, Vec<ConfigProblem>> {
+    let mut errs = Vec::new();
+    let certs = certs_from(&cfg.cert_file, "tls.cert_file")
+        .map_err(|e| errs.push(e))
+        .ok();
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|e| {
+            errs.push(ConfigProblem {
+                key: "tls.key_file".into(),
+                problem: format!("{}: {e}", cfg.key_file.display()),
+            })
+        })
+        .ok();
+    let mut agent_roots = None;
+    if let Some(ca) = &cfg.agent_ca_file {
+        match certs_from(ca, "tls.agent_ca_file") {
+            Ok(list) => {
+                let mut roots = RootCertStore::empty();
+                let (_, bad) = roots.add_parsable_certificates(list);
+                if bad > 0 || roots.is_empty() {
+                    errs.push(ConfigProblem {
+                        key: "tls.agent_ca_file".into(),
+                        problem: format!("{}: {bad} unusable CA certificates", ca.display()),
+                    });
+                }
+                agent_roots = Some(roots);
+            }
+            Err(e) => errs.push(e),
+        }
+    }
+    match (certs, key) {
+        (Some(certs), Some(key)) if errs.is_empty() => {
+            let material = TlsMaterial {
+                certs,
+                key,
+                agent_roots,
+            };
+            // Build once now so a key that does not match the certificate is a config error.
+            server_config(&material, true).map_err(|e| {
+                vec![ConfigProblem {
+                    key: "tls.key_file".into(),
+                    problem: e.to_string(),
+                }]
+            })?;
+            Ok(material)
+        }
+        _ => Err(errs),
+    }
+}
+
+/// The rustls server configuration. `allow_tokenless`: agents without a
+/// client certificate may connect (they must then present a dev token).
+pub fn server_config(
+    m: &TlsMaterial,
+    allow_tokenless: bool,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match &m.agent_roots {
+        Some(roots) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider);
+            let verifier = if allow_tokenless {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| rustls::Error::General(format!("agent CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(m.certs.clone(), m.key.clone_key())?;
+    cfg.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
+    cfg.max_early_data_size = 0;
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(cfg)
+}
