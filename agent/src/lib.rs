@@ -1,7 +1,591 @@
-//! jvpn-agent: the client library and CLI that keeps a session across
-//! transport changes (RESUME) and re-handshakes explicitly when its owner is
-//! gone.
+//! jvpn-agent: the client side of a Jumping VPN session.
 //!
-//! Not built yet: the single-node issue fills this crate.
+//! The session is the anchor; transports come and go. An [`Agent`] holds the
+//! session's client state (id, key, binding epoch, counter, routing token)
+//! and opens transports to it:
+//!
+//! - [`Agent::hello`] opens a new session (explicitly, and counted as a
+//!   re-handshake when a session existed before);
+//! - [`Agent::resume`] reattaches the session over a fresh TCP + TLS
+//!   connection, verifies the gateway's `server_proof`, checks that the
+//!   answer comes from the node and incarnation that issued the session, and
+//!   rotates the key;
+//! - [`Transport`] is one attached connection: ping, echo data, read frames.
+//!
+//! [`keep_alive`] composes these into the loop the CLI and the load tool run:
+//! heartbeats, reattach with back-off and jitter bounded by the transport-lost
+//! TTL, honouring `retry_after_ms`, and an explicit, reported re-handshake
+//! when the gateway answers `unknown_session` or `owner_lost`.
+//!
+//! # Layout
+//!
+//! - this file: [`Agent`], [`Transport`], errors and reports.
+//! - [`sniff`]: tells a pre-TLS status reply from a TLS record.
+//! - [`run`]: the keep-alive loop.
 
 #![forbid(unsafe_code)]
+
+pub mod run;
+pub mod sniff;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, RESUME_KEY_LABEL, ResumeKey, resume_key_context};
+use jvpn_proto::frame::{self, FrameError};
+use jvpn_proto::pb::session::{Hello, Policy, Resume, frame::Kind};
+use jvpn_proto::preamble::{Preamble, StatusReply};
+use jvpn_proto::token::TOKEN_LEN;
+use jvpn_proto::{ReasonCode, SessionId};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub use run::{AgentReport, Command, keep_alive};
+use sniff::Sniff;
+
+/// How the agent proves who it is.
+#[derive(Clone)]
+pub enum Credential {
+    /// A development token (sent inside TLS, in `Hello.auth`).
+    Token(zeroize::Zeroizing<Vec<u8>>),
+    /// A client certificate from the agent CA.
+    Certificate {
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<PrivateKeyDer<'static>>,
+    },
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(_) => f.write_str("Token(<redacted>)"),
+            Credential::Certificate { .. } => f.write_str("Certificate(<redacted key>)"),
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Gateways (single node) or routers (cluster), tried in order.
+    pub servers: Vec<SocketAddr>,
+    /// TLS name the gateway certificates carry (the cluster name).
+    pub server_name: String,
+    pub roots: Arc<RootCertStore>,
+    pub credential: Credential,
+    /// Local address to connect from (`None`: the OS chooses).
+    pub bind_ip: Option<IpAddr>,
+    pub connect_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Reads a PEM CA file into a root store.
+    pub fn roots_from_pem(path: &Path) -> Result<RootCertStore, AgentError> {
+        let mut roots = RootCertStore::empty();
+        for cert in
+            CertificateDer::pem_file_iter(path).map_err(|e| AgentError::Config(e.to_string()))?
+        {
+            let cert = cert.map_err(|e| AgentError::Config(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| AgentError::Config(e.to_string()))?;
+        }
+        Ok(roots)
+    }
+
+    /// Reads a client certificate chain and key.
+    pub fn certificate_from_pem(cert: &Path, key: &Path) -> Result<Credential, AgentError> {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| AgentError::Config(format!("{}: {e}", cert.display())))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| AgentError::Config(format!("{}: {e}", key.display())))?;
+        Ok(Credential::Certificate {
+            chain,
+            key: Arc::new(key),
+        })
+    }
+}
+
+/// Why an operation failed. Each variant says what the agent should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad local configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// TCP connect failed or timed out.
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    /// The server answered with a pre-TLS status instead of TLS.
+    #[error("server status {:?} (retry after {} ms)", .0.status, .0.retry_after_ms)]
+    Status(StatusReply),
+    /// TLS failed (certificate, ALPN, protocol).
+    #[error("tls: {0}")]
+    Tls(io::Error),
+    /// The gateway refused the request.
+    #[error("rejected: {reason} (retry after {retry_after_ms} ms)")]
+    Rejected {
+        reason: ReasonCode,
+        retry_after_ms: u64,
+        current_binding_epoch: u64,
+    },
+    /// The gateway ended the transport or the session.
+    #[error("terminated: {0}")]
+    Terminated(ReasonCode),
+    /// The transport closed.
+    #[error("transport closed")]
+    Closed,
+    /// The peer broke the protocol (or a security check failed).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// An I/O error on an established transport.
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    /// A frame could not be read.
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    /// There is no session to resume.
+    #[error("no session")]
+    NoSession,
+}
+
+impl AgentError {
+    /// Does this failure mean the session is gone and a new HELLO is needed?
+    pub fn session_gone(&self) -> bool {
+        match self {
+            AgentError::Rejected { reason, .. } | AgentError::Terminated(reason) => matches!(
+                reason,
+                ReasonCode::UnknownSession
+                    | ReasonCode::OwnerLost
+                    | ReasonCode::SessionLifetimeExceeded
+                    | ReasonCode::TransportTtlExceeded
+                    | ReasonCode::Draining
+                    | ReasonCode::Superseded
+                    | ReasonCode::OperatorTerminated
+            ),
+            AgentError::Status(s) => s.status == jvpn_proto::preamble::Status::OwnerLost,
+            _ => false,
+        }
+    }
+}
+
+/// The client's half of a session.
+#[derive(Clone)]
+pub struct SessionState {
+    pub id: SessionId,
+    pub node_id: String,
+    pub incarnation: u64,
+    pub binding_epoch: u64,
+    pub state_version: u64,
+    key: ResumeKey,
+    counter: u64,
+    token: [u8; TOKEN_LEN],
+    key_id: u8,
+    pub policy: Policy,
+}
+
+impl std::fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionState")
+            .field("node_id", &self.node_id)
+            .field("binding_epoch", &self.binding_epoch)
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One attached TLS connection.
+pub struct Transport {
+    tls: TlsStream<Sniff<TcpStream>>,
+    buf: BytesMut,
+    next_seq: u64,
+    pub local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Transport {
+    pub async fn send(&mut self, kind: Kind) -> Result<(), AgentError> {
+        let bytes = frame::to_bytes(kind)?;
+        self.tls.write_all(&bytes).await?;
+        self.tls.flush().await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes (tests: oversize or malformed frames).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
+        self.tls.write_all(bytes).await?;
+        self.tls.flush().await?;
+        Ok(())
+    }
+
+    /// Next frame; `Terminate` becomes [`AgentError::Terminated`].
+    pub async fn recv(&mut self) -> Result<Kind, AgentError> {
+        loop {
+            if let Some(k) = frame::decode(&mut self.buf)? {
+                if let Kind::Terminate(t) = &k {
+                    return Err(AgentError::Terminated(reason_of(t.reason)));
+                }
+                return Ok(k);
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(1024);
+            }
+            if self.tls.read_buf(&mut self.buf).await? == 0 {
+                return Err(AgentError::Closed);
+            }
+        }
+    }
+
+    /// Sends `payload` and waits for the gateway's echo of it, skipping
+    /// pongs and other frames.
+    pub async fn echo(&mut self, payload: &[u8]) -> Result<(), AgentError> {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let data = jvpn_proto::pb::session::Data {
+            seq,
+            payload: payload.to_vec().into(),
+        };
+        self.send(Kind::Data(data)).await?;
+        loop {
+            match self.recv().await? {
+                Kind::Data(d) if d.seq == seq => {
+                    return if d.payload.as_ref() == payload {
+                        Ok(())
+                    } else {
+                        Err(AgentError::Protocol("echo payload differs".into()))
+                    };
+                }
+                Kind::Reject(r) => return Err(rejected(&r)),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn ping(&mut self) -> Result<(), AgentError> {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.send(Kind::Ping(jvpn_proto::pb::session::Ping { seq }))
+            .await
+    }
+
+    /// Closes the TCP connection abruptly (no TLS close_notify): a lost transport.
+    pub fn abandon(self) {
+        drop(self);
+    }
+
+    fn export(&self, label: &[u8], ctx: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let _ = self
+            .tls
+            .get_ref()
+            .1
+            .export_keying_material(&mut out, label, Some(ctx));
+        out
+    }
+}
+
+fn reason_of(v: i32) -> ReasonCode {
+    ReasonCode::try_from(v).unwrap_or(ReasonCode::ProtocolError)
+}
+
+fn rejected(r: &jvpn_proto::pb::session::Reject) -> AgentError {
+    AgentError::Rejected {
+        reason: reason_of(r.reason),
+        retry_after_ms: r.retry_after_ms,
+        current_binding_epoch: r.current_binding_epoch,
+    }
+}
+
+/// A client agent: configuration, TLS setup and (once established) its session.
+pub struct Agent {
+    cfg: AgentConfig,
+    connector: TlsConnector,
+    pub session: Option<SessionState>,
+    next_server: usize,
+    /// Committed switches of the current session, for client-side pacing.
+    switches: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| AgentError::Config(e.to_string()))?
+            .with_root_certificates(cfg.roots.clone());
+        let mut tls = match &cfg.credential {
+            Credential::Token(_) => builder.with_no_client_auth(),
+            Credential::Certificate { chain, key } => builder
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| AgentError::Config(e.to_string()))?,
+        };
+        tls.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
+        tls.resumption = rustls::client::Resumption::disabled();
+        tls.enable_early_data = false;
+        if cfg.servers.is_empty() {
+            return Err(AgentError::Config("no servers configured".into()));
+        }
+        Ok(Self {
+            cfg,
+            connector: TlsConnector::from(Arc::new(tls)),
+            session: None,
+            next_server: 0,
+            switches: std::collections::VecDeque::new(),
+        })
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// How long to wait before the next switch is within the policy the
+    /// gateway announced (cooldown and switches per minute): the agent never
+    /// switches faster than the gateway would allow.
+    pub fn switch_allowed_in(&self) -> Duration {
+        let Some(p) = self.session.as_ref().map(|s| s.policy) else {
+            return Duration::ZERO;
+        };
+        let now = std::time::Instant::now();
+        let cooldown = self
+            .switches
+            .back()
+            .map(|t| {
+                (*t + Duration::from_millis(p.switch_cooldown_ms)).saturating_duration_since(now)
+            })
+            .unwrap_or_default();
+        let max = p.max_switches_per_min as usize;
+        let window = if max > 0 && self.switches.len() >= max {
+            let oldest = self.switches[self.switches.len() - max];
+            (oldest + Duration::from_secs(60)).saturating_duration_since(now)
+        } else {
+            Duration::ZERO
+        };
+        cooldown.max(window)
+    }
+
+    /// Moves on to the next configured server (router fail-over).
+    pub fn rotate_server(&mut self) {
+        self.next_server = (self.next_server + 1) % self.cfg.servers.len();
+    }
+
+    /// Opens TCP (from `bind_ip` if set), sends the preamble, runs TLS and checks ALPN.
+    pub async fn open(&self, preamble: &Preamble) -> Result<Transport, AgentError> {
+        let addr = self.cfg.servers[self.next_server];
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| AgentError::Connect(addr, e))?;
+        if let Some(ip) = self.cfg.bind_ip {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| AgentError::Connect(addr, e))?;
+        }
+        let mut tcp = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(addr))
+            .await
+            .map_err(|_| AgentError::Connect(addr, io::ErrorKind::TimedOut.into()))?
+            .map_err(|e| AgentError::Connect(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let local_addr = tcp.local_addr()?;
+        tcp.write_all(&preamble.encode())
+            .await
+            .map_err(|e| AgentError::Connect(addr, e))?;
+        let name = ServerName::try_from(self.cfg.server_name.clone())
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let tls = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            self.connector.connect(name, Sniff::new(tcp)),
+        )
+        .await
+        .map_err(|_| AgentError::Tls(io::ErrorKind::TimedOut.into()))?
+        .map_err(|e| match sniff::status_of(&e) {
+            Some(s) => AgentError::Status(s),
+            None => AgentError::Tls(e),
+        })?;
+        if tls.get_ref().1.alpn_protocol() != Some(jvpn_proto::ALPN) {
+            return Err(AgentError::Protocol(
+                "server did not select ALPN jvpn/1".into(),
+            ));
+        }
+        Ok(Transport {
+            tls,
+            buf: BytesMut::with_capacity(256),
+            next_seq: 0,
+            local_addr,
+        })
+    }
+
+    /// Opens a new session. Any previous session state is discarded.
+    pub async fn hello(&mut self) -> Result<Transport, AgentError> {
+        let mut t = self.open(&Preamble::Hello { key_id: 0 }).await?;
+        let auth = match &self.cfg.credential {
+            Credential::Token(tok) => tok.to_vec(),
+            Credential::Certificate { .. } => Vec::new(),
+        };
+        t.send(Kind::Hello(Hello {
+            protocol_version: jvpn_proto::PROTOCOL_VERSION,
+            auth,
+        }))
+        .await?;
+        let ok = match t.recv().await? {
+            Kind::HelloOk(ok) => ok,
+            Kind::Reject(r) => return Err(rejected(&r)),
+            other => {
+                return Err(AgentError::Protocol(format!(
+                    "expected HelloOk, got {other:?}"
+                )));
+            }
+        };
+        let id = SessionId::from_slice(&ok.session_id)
+            .map_err(|_| AgentError::Protocol("bad session id".into()))?;
+        let token: [u8; TOKEN_LEN] = ok
+            .resume_token
+            .as_slice()
+            .try_into()
+            .map_err(|_| AgentError::Protocol("bad resume token".into()))?;
+        let key =
+            ResumeKey::new(t.export(RESUME_KEY_LABEL, &resume_key_context(&id, ok.binding_epoch)));
+        self.switches.clear();
+        self.session = Some(SessionState {
+            id,
+            node_id: ok.node_id,
+            incarnation: ok.incarnation,
+            binding_epoch: ok.binding_epoch,
+            state_version: ok.state_version,
+            key,
+            counter: 0,
+            token,
+            key_id: u8::try_from(ok.token_key_id)
+                .map_err(|_| AgentError::Protocol("bad token key id".into()))?,
+            policy: ok.policy.unwrap_or_default(),
+        });
+        Ok(t)
+    }
+
+    /// Builds the next `Resume` for transport `t` (advancing the counter).
+    pub fn build_resume(&mut self, t: &Transport) -> Result<Resume, AgentError> {
+        let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
+        s.counter += 1;
+        let b = t.export(CHANNEL_BINDING_LABEL, &[]);
+        let proof = s.key.resume_proof(&s.id, s.counter, s.binding_epoch, &b);
+        Ok(Resume {
+            session_id: s.id.as_bytes().to_vec(),
+            counter: s.counter,
+            binding_epoch: s.binding_epoch,
+            proof: proof.to_vec(),
+        })
+    }
+
+    /// Opens a transport for a RESUME (preamble carrying the routing token).
+    pub async fn open_resume(&self) -> Result<Transport, AgentError> {
+        let s = self.session.as_ref().ok_or(AgentError::NoSession)?;
+        self.open(&Preamble::Resume {
+            key_id: s.key_id,
+            token: s.token,
+        })
+        .await
+    }
+
+    /// Reattaches over a fresh connection. A `stale_binding` answer is
+    /// retried once on the same connection with the epoch it names.
+    pub async fn resume(&mut self) -> Result<Transport, AgentError> {
+        let mut t = self.open_resume().await?;
+        for _ in 0..2 {
+            let r = self.build_resume(&t)?;
+            t.send(Kind::Resume(r.clone())).await?;
+            match self.await_resume(&mut t, &r).await {
+                Err(AgentError::Rejected {
+                    reason: ReasonCode::StaleBinding,
+                    current_binding_epoch,
+                    ..
+                }) if current_binding_epoch > 0 => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.binding_epoch = current_binding_epoch;
+                    }
+                }
+                other => return other.map(|()| t),
+            }
+        }
+        Err(AgentError::Protocol("stale binding twice".into()))
+    }
+
+    /// Waits for the answer to `sent` and applies it: verify the server
+    /// proof and the owner, rotate the key, take the new token.
+    pub async fn await_resume(
+        &mut self,
+        t: &mut Transport,
+        sent: &Resume,
+    ) -> Result<(), AgentError> {
+        let ok = loop {
+            match t.recv().await? {
+                Kind::ResumeOk(ok) => break ok,
+                Kind::Reject(r) => return Err(rejected(&r)),
+                Kind::Pong(_) | Kind::GoAway(_) => continue,
+                other => {
+                    return Err(AgentError::Protocol(format!(
+                        "expected ResumeOk, got {other:?}"
+                    )));
+                }
+            }
+        };
+        let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
+        if ok.node_id != s.node_id || ok.incarnation != s.incarnation {
+            // A session never moves silently to another owner.
+            return Err(AgentError::Protocol(format!(
+                "ResumeOk from {} (incarnation {:x}), session belongs to {} ({:x})",
+                ok.node_id, ok.incarnation, s.node_id, s.incarnation
+            )));
+        }
+        let b = t.export(CHANNEL_BINDING_LABEL, &[]);
+        if !s
+            .key
+            .verify_server_proof(&s.id, sent.counter, ok.binding_epoch, &b, &ok.server_proof)
+        {
+            return Err(AgentError::Protocol("server proof does not verify".into()));
+        }
+        s.binding_epoch = ok.binding_epoch;
+        s.state_version = ok.state_version;
+        let max = s.policy.max_switches_per_min.max(1) as usize;
+        while self.switches.len() >= max {
+            self.switches.pop_front();
+        }
+        self.switches.push_back(std::time::Instant::now());
+        s.key = ResumeKey::new(t.export(
+            RESUME_KEY_LABEL,
+            &resume_key_context(&s.id, ok.binding_epoch),
+        ));
+        if let (Ok(tok), Ok(id)) = (
+            <[u8; TOKEN_LEN]>::try_from(ok.resume_token.as_slice()),
+            u8::try_from(ok.token_key_id),
+        ) {
+            s.token = tok;
+            s.key_id = id;
+        }
+        Ok(())
+    }
+}

@@ -556,6 +556,7 @@ async fn do_hello(
         binding_epoch: acc.binding_epoch,
         resume_token: shared.seal_token(acc.session_id),
         policy: Some(shared.cfg.raw.policy.to_wire()),
+        token_key_id: u32::from(shared.token_key.key_id()),
     };
     if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
         shared.with_engine(shard, |e| {
@@ -658,6 +659,7 @@ fn resume_once(
                     binding_epoch: acc.binding_epoch,
                     resume_token: shared.seal_token(sid),
                     server_proof: acc.server_proof.to_vec(),
+                    token_key_id: u32::from(shared.token_key.key_id()),
                 },
                 acc.replaced,
             ))

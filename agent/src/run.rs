@@ -1,0 +1,328 @@
+//! The keep-alive loop: one session kept alive across transport losses.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use jvpn_proto::ReasonCode;
+use jvpn_proto::pb::session::{Terminate, frame::Kind};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Agent, AgentError, Transport};
+
+/// What the caller can ask of a running session.
+#[derive(Debug)]
+pub enum Command {
+    /// Drop the current transport and reattach over a new connection.
+    Jump,
+    /// Stall: keep the transport open but stop reading and pinging, then
+    /// reattach over a new connection (a half-open transport).
+    StallAndJump,
+    /// Send a payload and report the echo round trip.
+    Echo(Vec<u8>, oneshot::Sender<Result<Duration, String>>),
+    /// End the session (`Terminate{agent_closed}`).
+    Close,
+}
+
+/// Counters of one agent, for summaries. No session ids in here.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentReport {
+    pub sessions_established: u64,
+    /// New HELLOs after a session was lost, explicit and counted.
+    pub rehandshakes: u64,
+    pub rehandshake_reasons: BTreeMap<String, u64>,
+    pub resumes_ok: u64,
+    pub resumes_rejected: BTreeMap<String, u64>,
+    /// Security or protocol checks that failed (e.g. a ResumeOk from another owner).
+    pub protocol_violations: u64,
+    pub go_aways: u64,
+    /// Transport loss → attached again, per successful resume.
+    pub recovery_ms: Vec<u64>,
+    /// Why the session finally ended, if it did.
+    pub ended: Option<String>,
+}
+
+/// A state line for humans (`jvpn-agent connect` prints these).
+pub type Transitions = mpsc::UnboundedSender<String>;
+
+fn note(tx: &Option<Transitions>, line: String) {
+    if let Some(tx) = tx {
+        let _ = tx.send(line);
+    }
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    *map.entry(key.to_owned()).or_insert(0) += 1;
+}
+
+fn reason_str(e: &AgentError) -> String {
+    match e {
+        AgentError::Rejected { reason, .. } | AgentError::Terminated(reason) => reason.to_string(),
+        AgentError::Status(s) => s.status.reason().to_string(),
+        AgentError::Protocol(_) => "protocol_violation".into(),
+        AgentError::Connect(..) => "connect_failed".into(),
+        AgentError::Tls(_) => "tls_failed".into(),
+        _ => "transport_dead".into(),
+    }
+}
+
+/// Runs one session until `Close`, the command channel closing, or a
+/// failure with no way back. Returns the final report.
+pub async fn keep_alive(
+    mut agent: Agent,
+    mut cmds: mpsc::Receiver<Command>,
+    transitions: Option<Transitions>,
+    report: Arc<Mutex<AgentReport>>,
+) -> AgentReport {
+    let rep = |f: &mut dyn FnMut(&mut AgentReport)| {
+        f(&mut report.lock().unwrap_or_else(PoisonError::into_inner))
+    };
+    let snapshot = || {
+        report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    };
+    let mut t = match establish(&mut agent, &transitions, None).await {
+        Ok(t) => t,
+        Err(e) => {
+            rep(&mut |r| r.ended = Some(reason_str(&e)));
+            return snapshot();
+        }
+    };
+    rep(&mut |r| r.sessions_established += 1);
+    loop {
+        let interval = Duration::from_millis(
+            agent
+                .session
+                .as_ref()
+                .map_or(500, |s| s.policy.heartbeat_interval_ms.max(50)),
+        );
+        enum Ev {
+            Frame(Result<Kind, AgentError>),
+            Tick,
+            Cmd(Option<Command>),
+        }
+        let ev = tokio::select! {
+            f = t.recv() => Ev::Frame(f),
+            () = tokio::time::sleep(interval) => Ev::Tick,
+            c = cmds.recv() => Ev::Cmd(c),
+        };
+        let lost: Option<AgentError> = match ev {
+            Ev::Tick => t.ping().await.err(),
+            Ev::Frame(Ok(Kind::GoAway(g))) => {
+                rep(&mut |r| r.go_aways += 1);
+                note(
+                    &transitions,
+                    format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
+                );
+                None
+            }
+            Ev::Frame(Ok(_)) => None,
+            Ev::Frame(Err(e)) => Some(e),
+            Ev::Cmd(None) | Ev::Cmd(Some(Command::Close)) => {
+                let _ = t
+                    .send(Kind::Terminate(Terminate {
+                        reason: ReasonCode::AgentClosed as i32,
+                    }))
+                    .await;
+                rep(&mut |r| r.ended = Some("agent_closed".into()));
+                return snapshot();
+            }
+            Ev::Cmd(Some(Command::Echo(payload, reply))) => {
+                let start = Instant::now();
+                match t.echo(&payload).await {
+                    Ok(()) => {
+                        let _ = reply.send(Ok(start.elapsed()));
+                        None
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                        Some(e)
+                    }
+                }
+            }
+            Ev::Cmd(Some(Command::Jump)) => {
+                note(&transitions, "jump: dropping transport".into());
+                Some(AgentError::Closed)
+            }
+            Ev::Cmd(Some(Command::StallAndJump)) => {
+                note(&transitions, "jump: old transport left half-open".into());
+                // Keep `t` alive (unread) until the new one is attached.
+                let lost_at = Instant::now();
+                match reattach(&mut agent, &transitions, &report, lost_at).await {
+                    Ok(new_t) => {
+                        let old = std::mem::replace(&mut t, new_t);
+                        drop(old);
+                        continue;
+                    }
+                    Err(e) => {
+                        rep(&mut |r| r.ended = Some(reason_str(&e)));
+                        return snapshot();
+                    }
+                }
+            }
+        };
+        let Some(e) = lost else { continue };
+        if let AgentError::Protocol(_) = e {
+            rep(&mut |r| r.protocol_violations += 1);
+        }
+        note(&transitions, format!("transport lost: {}", reason_str(&e)));
+        let lost_at = Instant::now();
+        if e.session_gone() {
+            match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
+                Ok(new_t) => {
+                    rep(&mut |r| {
+                        r.rehandshakes += 1;
+                        bump(&mut r.rehandshake_reasons, &reason_str(&e));
+                    });
+                    t = new_t;
+                    continue;
+                }
+                Err(e2) => {
+                    rep(&mut |r| r.ended = Some(reason_str(&e2)));
+                    return snapshot();
+                }
+            }
+        }
+        match reattach(&mut agent, &transitions, &report, lost_at).await {
+            Ok(new_t) => t = new_t,
+            Err(e) => {
+                rep(&mut |r| r.ended = Some(reason_str(&e)));
+                return snapshot();
+            }
+        }
+    }
+}
+
+/// HELLO with a few retries. `after`: the reason a previous session ended
+/// (then this is an explicit re-handshake, and says so).
+async fn establish(
+    agent: &mut Agent,
+    transitions: &Option<Transitions>,
+    after: Option<String>,
+) -> Result<Transport, AgentError> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match agent.hello().await {
+            Ok(t) => {
+                let s = agent.session.as_ref().ok_or(AgentError::NoSession)?;
+                let what = match &after {
+                    Some(why) => format!("re-handshake after {why}"),
+                    None => "handshake".into(),
+                };
+                note(
+                    transitions,
+                    format!(
+                        "{what}: attached to {} (epoch {})",
+                        s.node_id, s.binding_epoch
+                    ),
+                );
+                return Ok(t);
+            }
+            Err(e) => {
+                let wait = match &e {
+                    AgentError::Status(s) => {
+                        Duration::from_millis(s.capped_retry_after_ms(4_000).max(50))
+                    }
+                    AgentError::Rejected { retry_after_ms, .. } => {
+                        Duration::from_millis((*retry_after_ms).clamp(50, 1_000))
+                    }
+                    _ => Duration::from_millis(100 << attempt),
+                };
+                note(
+                    transitions,
+                    format!(
+                        "handshake failed: {}; retry in {} ms",
+                        reason_str(&e),
+                        wait.as_millis()
+                    ),
+                );
+                agent.rotate_server();
+                last = Some(e);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Err(last.unwrap_or(AgentError::Closed))
+}
+
+/// RESUME until attached, within the transport-lost TTL. Falls back to an
+/// explicit re-handshake when the gateway says the session is gone.
+async fn reattach(
+    agent: &mut Agent,
+    transitions: &Option<Transitions>,
+    report: &Arc<Mutex<AgentReport>>,
+    lost_at: Instant,
+) -> Result<Transport, AgentError> {
+    let rep = |f: &mut dyn FnMut(&mut AgentReport)| {
+        f(&mut report.lock().unwrap_or_else(PoisonError::into_inner))
+    };
+    let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
+    let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
+    let mut attempt = 0u32;
+    loop {
+        let pace = agent
+            .switch_allowed_in()
+            .min(ttl.saturating_sub(lost_at.elapsed()));
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
+        match agent.resume().await {
+            Ok(t) => {
+                let ms = lost_at.elapsed().as_millis() as u64;
+                rep(&mut |r| {
+                    r.resumes_ok += 1;
+                    r.recovery_ms.push(ms);
+                });
+                let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
+                note(
+                    transitions,
+                    format!("reattached in {ms} ms (epoch {epoch})"),
+                );
+                return Ok(t);
+            }
+            Err(e) => {
+                let why = reason_str(&e);
+                rep(&mut |r| bump(&mut r.resumes_rejected, &why));
+                if let AgentError::Protocol(_) = e {
+                    rep(&mut |r| r.protocol_violations += 1);
+                }
+                let remaining = ttl.saturating_sub(lost_at.elapsed());
+                if e.session_gone() || remaining.is_zero() {
+                    let t = establish(agent, transitions, Some(why.clone())).await?;
+                    rep(&mut |r| {
+                        r.rehandshakes += 1;
+                        bump(&mut r.rehandshake_reasons, &why);
+                    });
+                    return Ok(t);
+                }
+                // Back-off: what the gateway asked for, else exponential with jitter.
+                let wait = match &e {
+                    AgentError::Rejected { retry_after_ms, .. } if *retry_after_ms > 0 => {
+                        Duration::from_millis(*retry_after_ms)
+                    }
+                    AgentError::Status(s) => {
+                        Duration::from_millis(s.capped_retry_after_ms(remaining.as_millis() as u64))
+                    }
+                    _ => {
+                        let base = 25u64 << attempt.min(6);
+                        Duration::from_millis(base + rand::rng().random_range(0..=base))
+                    }
+                };
+                let wait = wait.min(remaining);
+                note(
+                    transitions,
+                    format!("resume refused: {why}; retry in {} ms", wait.as_millis()),
+                );
+                if matches!(e, AgentError::Connect(..) | AgentError::Status(_)) {
+                    agent.rotate_server();
+                }
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
