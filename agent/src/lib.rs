@@ -153,6 +153,10 @@ pub enum AgentError {
     /// A frame could not be read.
     #[error("frame: {0}")]
     Frame(#[from] FrameError),
+    /// A `ResumeOk` came from another node or incarnation than the one that
+    /// issued the session: a silent migration attempt, refused.
+    #[error("ResumeOk from {got}, session belongs to {expected}")]
+    OwnerMismatch { expected: String, got: String },
     /// There is no session to resume.
     #[error("no session")]
     NoSession,
@@ -173,6 +177,8 @@ impl AgentError {
                     | ReasonCode::OperatorTerminated
             ),
             AgentError::Status(s) => s.status == jvpn_proto::preamble::Status::OwnerLost,
+            // Never continue with an owner the session did not start on.
+            AgentError::OwnerMismatch { .. } => true,
             _ => false,
         }
     }
@@ -556,10 +562,10 @@ impl Agent {
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
         if ok.node_id != s.node_id || ok.incarnation != s.incarnation {
             // A session never moves silently to another owner.
-            return Err(AgentError::Protocol(format!(
-                "ResumeOk from {} (incarnation {:x}), session belongs to {} ({:x})",
-                ok.node_id, ok.incarnation, s.node_id, s.incarnation
-            )));
+            return Err(AgentError::OwnerMismatch {
+                expected: format!("{}/{:016x}", s.node_id, s.incarnation),
+                got: format!("{}/{:016x}", ok.node_id, ok.incarnation),
+            });
         }
         let b = t.export(CHANNEL_BINDING_LABEL, &[]);
         if !s

@@ -35,8 +35,10 @@ pub struct AgentReport {
     pub rehandshake_reasons: BTreeMap<String, u64>,
     pub resumes_ok: u64,
     pub resumes_rejected: BTreeMap<String, u64>,
-    /// Security or protocol checks that failed (e.g. a ResumeOk from another owner).
+    /// Security or protocol checks that failed.
     pub protocol_violations: u64,
+    /// `ResumeOk` answers from another owner than the session's (refused).
+    pub silent_migration_attempts: u64,
     pub go_aways: u64,
     /// Transport loss → attached again, per successful resume.
     pub recovery_ms: Vec<u64>,
@@ -62,6 +64,7 @@ fn reason_str(e: &AgentError) -> String {
         AgentError::Rejected { reason, .. } | AgentError::Terminated(reason) => reason.to_string(),
         AgentError::Status(s) => s.status.reason().to_string(),
         AgentError::Protocol(_) => "protocol_violation".into(),
+        AgentError::OwnerMismatch { .. } => "owner_mismatch".into(),
         AgentError::Connect(..) => "connect_failed".into(),
         AgentError::Tls(_) => "tls_failed".into(),
         _ => "transport_dead".into(),
@@ -287,8 +290,12 @@ async fn reattach(
             Err(e) => {
                 let why = reason_str(&e);
                 rep(&mut |r| bump(&mut r.resumes_rejected, &why));
-                if let AgentError::Protocol(_) = e {
-                    rep(&mut |r| r.protocol_violations += 1);
+                match e {
+                    AgentError::Protocol(_) => rep(&mut |r| r.protocol_violations += 1),
+                    AgentError::OwnerMismatch { .. } => {
+                        rep(&mut |r| r.silent_migration_attempts += 1)
+                    }
+                    _ => {}
                 }
                 let remaining = ttl.saturating_sub(lost_at.elapsed());
                 if e.session_gone() || remaining.is_zero() {

@@ -1,6 +1,18 @@
-//! jvpn-loadtest: load tool, local-cluster harness, fault proxy and
-//! end-to-end checks.
+//! jvpn-loadtest: the load tool, the local-cluster harness, the fault proxy
+//! and the checks of the product's invariants.
 //!
-//! Not built yet: the single-node and load-tool issues fill this crate.
+//! # Layout
+//!
+//! - [`harness`]: start real gateway processes on ephemeral loopback ports,
+//!   wait for readiness, scrape metrics, build agents.
+//! - [`faultproxy`]: a user-space TCP proxy that cuts, stalls, delays or
+//!   blackholes connections on command.
+//! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
+//! - [`demo`]: the README's quick-start demo.
 
 #![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod faultproxy;
+pub mod harness;
+pub mod invariants;

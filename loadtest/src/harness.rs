@@ -1,0 +1,373 @@
+//! Starts real gateway processes on loopback with ephemeral ports and waits
+//! for readiness (never a fixed sleep); builds agents that connect to them.
+//!
+//! Binary resolution: `$JVPN_GATEWAY_BIN`, else `jvpn-gateway` beside the
+//! given executable (what `cargo test --workspace` and `cargo build` produce),
+//! else the given executable itself as a multi-call binary
+//! (`jvpn-loadtest gateway …`), so `cargo run -p jvpn-loadtest -- demo`
+//! works on a fresh checkout.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use jvpn_agent::{Agent, AgentConfig, Credential};
+use jvpn_gateway::pki::{self, PkiLayout, PkiSpec};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// How to launch the gateway program.
+#[derive(Clone, Debug)]
+pub struct Launcher {
+    program: PathBuf,
+    prefix: Vec<String>,
+}
+
+impl Launcher {
+    /// Resolves the gateway binary relative to `exe` (see module docs).
+    pub fn resolve(exe: &Path) -> Self {
+        if let Some(p) = std::env::var_os("JVPN_GATEWAY_BIN") {
+            return Self {
+                program: p.into(),
+                prefix: vec![],
+            };
+        }
+        let mut dirs = vec![];
+        if let Some(d) = exe.parent() {
+            dirs.push(d.to_path_buf());
+            if let Some(up) = d.parent() {
+                dirs.push(up.to_path_buf()); // target/<profile>/deps → target/<profile>
+            }
+        }
+        for d in dirs {
+            let cand = d.join("jvpn-gateway");
+            if cand.is_file() {
+                return Self {
+                    program: cand,
+                    prefix: vec![],
+                };
+            }
+        }
+        Self {
+            program: exe.to_path_buf(),
+            prefix: vec!["gateway".into()],
+        }
+    }
+
+    /// For integration tests of this crate: the real binary if built, else multi-call.
+    pub fn for_tests(loadtest_bin: &str) -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(loadtest_bin));
+        let found = Self::resolve(&exe);
+        if found.prefix.is_empty() {
+            found
+        } else {
+            Self {
+                program: loadtest_bin.into(),
+                prefix: vec!["gateway".into()],
+            }
+        }
+    }
+
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+}
+
+/// A development PKI in a directory that lives as long as this value.
+#[derive(Debug)]
+pub struct TestPki {
+    pub layout: PkiLayout,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestPki {
+    pub fn new(nodes: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let layout = pki::init(&PkiSpec {
+            out: dir.path().join("pki"),
+            cluster: "jvpn-dev".into(),
+            nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
+            routers: vec!["r1".into()],
+            agents: 2,
+        })?;
+        Ok(Self {
+            layout,
+            _dir: Some(dir),
+        })
+    }
+
+    pub fn dev_token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.layout.dev_token())?
+            .trim()
+            .to_owned())
+    }
+}
+
+/// Options for one gateway process.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayOptions {
+    pub node_id: String,
+    /// Extra TOML appended to the generated config (e.g. a `[policy]` table).
+    pub extra_toml: String,
+    /// Event sink path (empty: a file in the gateway's directory).
+    pub events_path: Option<String>,
+}
+
+/// A running gateway process. Killed on drop.
+#[derive(Debug)]
+pub struct LocalGateway {
+    child: Child,
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub dir: PathBuf,
+    pub events_path: String,
+    pub config_path: PathBuf,
+}
+
+/// Writes a gateway config for `opts` into `dir`; returns its path.
+pub fn write_config(pki: &TestPki, dir: &Path, opts: &GatewayOptions) -> Result<(PathBuf, String)> {
+    let l = &pki.layout;
+    let node = if opts.node_id.is_empty() {
+        "g1"
+    } else {
+        &opts.node_id
+    };
+    let events = opts
+        .events_path
+        .clone()
+        .unwrap_or_else(|| dir.join("events.jsonl").display().to_string());
+    let text = format!(
+        r#"node_id = "{node}"
+client_addr = "127.0.0.1:0"
+admin_addr = "127.0.0.1:0"
+
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+agent_ca_file = "{agent_ca}"
+
+[auth]
+dev_tokens = ["{token}"]
+
+[cluster]
+secret_file = "{secret}"
+
+[events]
+path = "{events}"
+
+{extra}
+"#,
+        cert = l.gateway_cert(node).display(),
+        key = l.gateway_key(node).display(),
+        agent_ca = l.agent_ca().display(),
+        token = pki.dev_token()?,
+        secret = l.secret().display(),
+        extra = opts.extra_toml,
+    );
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, text)?;
+    Ok((path, events))
+}
+
+impl LocalGateway {
+    /// Starts a gateway and returns once `/readyz` answers 200.
+    pub async fn start(
+        launcher: &Launcher,
+        pki: &TestPki,
+        dir: &Path,
+        opts: &GatewayOptions,
+    ) -> Result<Self> {
+        let (config_path, events_path) = write_config(pki, dir, opts)?;
+        let mut cmd = Command::new(&launcher.program);
+        cmd.args(&launcher.prefix)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.join("gateway.log"))?))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", launcher.program.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("JVPN_READY ") {
+                    return Ok::<_, anyhow::Error>(Some(rest.to_owned()));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .context("gateway did not report readiness within 30 s")??;
+        let Some(rest) = ready else {
+            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+            bail!("gateway exited before readiness:\n{log}");
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut client_addr = None;
+        let mut admin_addr = None;
+        for kv in rest.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("client", v)) => client_addr = Some(v.parse()?),
+                Some(("admin", v)) => admin_addr = Some(v.parse()?),
+                _ => {}
+            }
+        }
+        let gw = Self {
+            child,
+            client_addr: client_addr.context("no client address")?,
+            admin_addr: admin_addr.context("no admin address")?,
+            dir: dir.to_path_buf(),
+            events_path,
+            config_path,
+        };
+        gw.wait_ready(Duration::from_secs(10)).await?;
+        Ok(gw)
+    }
+
+    async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok((200, _)) = http_get(self.admin_addr, "/readyz").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<Pid> {
+        self.child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(Pid::from_raw)
+    }
+
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        kill(self.pid().context("gateway already exited")?, sig)?;
+        Ok(())
+    }
+
+    pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
+        Ok(self.child.wait().await?)
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = http_get(self.admin_addr, "/metrics").await?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body)
+    }
+
+    /// Sum of all samples of a counter or gauge whose labels contain every `label=value` given.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metric_value(&self.metrics().await?, name, labels))
+    }
+
+    /// The gateway's log so far (for test failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+}
+
+/// Sums the samples of `name` matching `labels` in Prometheus text format.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (head, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let base = head.split('{').next().unwrap_or("");
+            base == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| head.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Minimal HTTP/1.0 GET over loopback: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw)).await??;
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The i-th loopback source address (127.0.1.0/24 upwards), so that agents
+/// look like distinct sources to per-source limits.
+pub fn source_ip(i: usize) -> IpAddr {
+    let i = i as u32 + 256;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        ((i >> 16) & 0xff) as u8,
+        ((i >> 8) & 0xff) as u8,
+        (i & 0xff) as u8,
+    ))
+}
+
+/// An agent configuration for the dev PKI, authenticating with the dev token.
+pub fn agent_config(
+    pki: &TestPki,
+    servers: Vec<SocketAddr>,
+    bind: Option<IpAddr>,
+) -> Result<AgentConfig> {
+    Ok(AgentConfig {
+        servers,
+        server_name: "jvpn-dev".into(),
+        roots: Arc::new(AgentConfig::roots_from_pem(&pki.layout.client_ca())?),
+        credential: Credential::Token(zeroize::Zeroizing::new(pki.dev_token()?.into_bytes())),
+        bind_ip: bind,
+        connect_timeout: Duration::from_secs(5),
+    })
+}
+
+pub fn agent(pki: &TestPki, server: SocketAddr, bind: Option<IpAddr>) -> Result<Agent> {
+    Ok(Agent::new(agent_config(pki, vec![server], bind)?)?)
+}
+
+/// Waits until `f` holds, polling; for conditions observed through metrics
+/// or processes (never a fixed sleep).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !f().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
