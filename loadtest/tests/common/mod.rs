@@ -1,0 +1,76 @@
+//! Shared setup for the end-to-end tests: a PKI, a temp dir and a gateway process.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use jvpn_agent::{Agent, AgentError, Transport};
+use jvpn_loadtest::harness::{GatewayOptions, Launcher, LocalGateway, TestPki};
+use jvpn_proto::preamble::Status;
+
+pub struct Env {
+    pub pki: TestPki,
+    pub dir: tempfile::TempDir,
+    pub gw: LocalGateway,
+}
+
+pub fn launcher() -> Launcher {
+    Launcher::for_tests(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+}
+
+pub async fn start(extra_toml: &str) -> Env {
+    start_with(GatewayOptions {
+        extra_toml: extra_toml.into(),
+        ..Default::default()
+    })
+    .await
+}
+
+pub async fn start_with(opts: GatewayOptions) -> Env {
+    let pki = TestPki::new(&["g1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = LocalGateway::start(&launcher(), &pki, dir.path(), &opts)
+        .await
+        .unwrap();
+    Env { pki, dir, gw }
+}
+
+/// Retries while the gateway's admission says `overloaded` (storms in tests).
+pub async fn hello(agent: &mut Agent) -> Transport {
+    for _ in 0..50 {
+        match agent.hello().await {
+            Ok(t) => return t,
+            Err(AgentError::Status(s)) if s.status == Status::Overloaded => {
+                tokio::time::sleep(Duration::from_millis(u64::from(s.retry_after_ms).max(20)))
+                    .await;
+            }
+            Err(e) => panic!("hello failed: {e}"),
+        }
+    }
+    panic!("hello kept being refused as overloaded");
+}
+
+/// RESUME after waiting for the agent's own pacing, retrying admission refusals.
+pub async fn resume(agent: &mut Agent) -> Result<Transport, AgentError> {
+    tokio::time::sleep(agent.switch_allowed_in()).await;
+    loop {
+        match agent.resume().await {
+            Err(AgentError::Status(s)) if s.status == Status::Overloaded => {
+                tokio::time::sleep(Duration::from_millis(u64::from(s.retry_after_ms).max(20)))
+                    .await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Fast timers so TTL tests finish in seconds.
+pub const FAST_POLICY: &str = r#"
+[policy]
+heartbeat_interval_ms = 200
+heartbeat_timeout_ms = 600
+volatile_to_degraded_ms = 800
+transport_lost_ttl_ms = 1500
+switch_cooldown_ms = 300
+max_switches_per_min = 3
+"#;
