@@ -1,0 +1,170 @@
+//! `jvpn-gateway check`: full validation without binding, naming every bad
+//! key; environment overrides beat the file, which beats the defaults.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use jvpn_gateway::config;
+use jvpn_gateway::pki::{PkiSpec, init};
+
+fn pki(dir: &Path) -> jvpn_gateway::pki::PkiLayout {
+    init(&PkiSpec {
+        out: dir.join("pki"),
+        cluster: "jvpn-dev".into(),
+        nodes: vec!["g1".into()],
+        routers: vec![],
+        agents: 1,
+    })
+    .unwrap()
+}
+
+fn base(l: &jvpn_gateway::pki::PkiLayout) -> String {
+    format!(
+        "node_id = \"g1\"\nclient_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n\
+         [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nagent_ca_file = \"{}\"\n\
+         [cluster]\nsecret_file = \"{}\"\n",
+        l.gateway_cert("g1").display(),
+        l.gateway_key("g1").display(),
+        l.agent_ca().display(),
+        l.secret().display()
+    )
+}
+
+fn check(dir: &Path, text: &str) -> (i32, String) {
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-gateway"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("JVPN_GATEWAY__POLICY__SWITCH_COOLDOWN_MS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_good_config_passes() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let (code, err) = check(d.path(), &base(&l));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let (code, err) = check(
+        d.path(),
+        &format!("{}[policy]\nswitch_cooldwn_ms = 5\n", base(&l)),
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("switch_cooldwn_ms"), "{err}");
+}
+
+#[test]
+fn zero_durations_are_named_each() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let text = format!(
+        "{}[policy]\nheartbeat_interval_ms = 0\n[timeouts]\npreamble_timeout_ms = 0\n",
+        base(&l)
+    );
+    let (code, err) = check(d.path(), &text);
+    assert_eq!(code, 64);
+    assert!(err.contains("policy.heartbeat_interval_ms"), "{err}");
+    assert!(err.contains("timeouts.preamble_timeout_ms"), "{err}");
+}
+
+#[test]
+fn a_negative_duration_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let (code, err) = check(
+        d.path(),
+        &format!("{}[policy]\nswitch_cooldown_ms = -5\n", base(&l)),
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("switch_cooldown_ms"), "{err}");
+}
+
+#[test]
+fn a_missing_certificate_file_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let text = base(&l).replace(
+        &l.gateway_cert("g1").display().to_string(),
+        "/nonexistent/cert.pem",
+    );
+    let (code, err) = check(d.path(), &text);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("tls.cert_file") && err.contains("/nonexistent/cert.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn several_bad_keys_are_all_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let text = format!(
+        "{}[admission]\nresume_share = 2.0\nmax_connections = 0\n",
+        base(&l).replace("node_id = \"g1\"", "node_id = \"bad id\"")
+    );
+    let (code, err) = check(d.path(), &text);
+    assert_eq!(code, 64);
+    for key in [
+        "node_id",
+        "admission.resume_share",
+        "admission.max_connections",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn precedence_is_env_then_file_then_default() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!("{}[policy]\nswitch_cooldown_ms = 2000\n", base(&l)),
+    )
+    .unwrap();
+    let none: Vec<(String, String)> = vec![];
+    let from_file = config::load_with_env(&path, none.clone()).unwrap();
+    assert_eq!(
+        from_file.raw.policy.switch_cooldown_ms, 2000,
+        "file beats default"
+    );
+    assert_eq!(
+        from_file.raw.policy.heartbeat_interval_ms, 500,
+        "default where the file is silent"
+    );
+    let env = vec![(
+        "JVPN_GATEWAY__POLICY__SWITCH_COOLDOWN_MS".to_owned(),
+        "3000".to_owned(),
+    )];
+    let from_env = config::load_with_env(&path, env).unwrap();
+    assert_eq!(
+        from_env.raw.policy.switch_cooldown_ms, 3000,
+        "env beats file"
+    );
+    // A bad value from the environment is named like one from the file.
+    let env = vec![(
+        "JVPN_GATEWAY__POLICY__SWITCH_COOLDOWN_MS".to_owned(),
+        "0".to_owned(),
+    )];
+    let err = config::load_with_env(&path, env).unwrap_err();
+    assert!(
+        err.to_string().contains("policy.switch_cooldown_ms"),
+        "{err}"
+    );
+}

@@ -1,0 +1,234 @@
+//! Bad input at the listener, a broken event sink, the metrics endpoint, and
+//! the quick-start demo itself.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use jvpn_loadtest::harness::{self, GatewayOptions, eventually};
+use jvpn_proto::preamble::Preamble;
+use rand::{RngCore, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the gateway closes the connection (or 10 s pass).
+async fn closed_by_gateway(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn rejected(env: &common::Env, reason: &str) -> f64 {
+    env.gw
+        .metric(
+            "jvpn_gateway_connections_rejected_total",
+            &[("reason", reason)],
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_counted_and_closed_and_other_sessions_carry_on() {
+    let env = common::start(
+        "[timeouts]\npreamble_timeout_ms = 300\ntls_handshake_timeout_ms = 500\nfirst_frame_timeout_ms = 500\n",
+    )
+    .await;
+    let addr = env.gw.client_addr;
+    // A healthy session alongside.
+    let mut good = harness::agent(&env.pki, addr, Some(harness::source_ip(7))).unwrap();
+    let mut gt = common::hello(&mut good).await;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+
+    // Random bytes instead of a preamble.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut junk = [0u8; 64];
+    rng.fill_bytes(&mut junk);
+    s.write_all(&junk).await.unwrap();
+    assert!(closed_by_gateway(&mut s).await);
+
+    // A slow preamble: 10 bytes, then nothing.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&Preamble::Hello { key_id: 0 }.encode()[..10])
+        .await
+        .unwrap();
+    assert!(closed_by_gateway(&mut s).await);
+
+    // A TLS handshake that never starts after a valid preamble.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&Preamble::Hello { key_id: 0 }.encode())
+        .await
+        .unwrap();
+    assert!(closed_by_gateway(&mut s).await);
+
+    // TLS garbage after a valid preamble.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&Preamble::Hello { key_id: 0 }.encode())
+        .await
+        .unwrap();
+    let mut garbage = [0u8; 300];
+    rng.fill_bytes(&mut garbage);
+    garbage[0] = 0x16;
+    s.write_all(&garbage).await.unwrap();
+    assert!(closed_by_gateway(&mut s).await);
+
+    // An oversize frame on an attached session.
+    let mut victim = harness::agent(&env.pki, addr, Some(harness::source_ip(8))).unwrap();
+    let mut vt = common::hello(&mut victim).await;
+    vt.send_raw(&[0x00, 0x10, 0x00, 0x00, 1, 2, 3])
+        .await
+        .unwrap(); // 1 MiB announced
+    match vt.recv().await {
+        Err(jvpn_agent::AgentError::Terminated(r)) => {
+            assert_eq!(r, jvpn_proto::ReasonCode::FrameTooLarge)
+        }
+        other => panic!("expected Terminate(frame_too_large), got {other:?}"),
+    }
+
+    for (reason, want) in [
+        ("bad_preamble", 1.0),
+        ("preamble_timeout", 1.0),
+        ("tls_timeout", 1.0),
+        ("tls_failed", 1.0),
+        ("frame_too_large", 1.0),
+    ] {
+        eventually(Duration::from_secs(5), reason, || async {
+            rejected(&env, reason).await == want
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", env.gw.log()));
+    }
+    // The healthy session never noticed.
+    gt.echo(b"unaffected").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_nobody_reads_drops_events_and_never_slows_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("events.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let env = common::start_with(GatewayOptions {
+        // Appended right after the generated [events] table.
+        extra_toml: "queue_capacity = 4\n".into(),
+        events_path: Some(fifo.display().to_string()),
+        ..Default::default()
+    })
+    .await;
+    let mut agents = Vec::new();
+    for i in 0..5 {
+        let mut a =
+            harness::agent(&env.pki, env.gw.client_addr, Some(harness::source_ip(i))).unwrap();
+        let t = common::hello(&mut a).await;
+        agents.push((a, t));
+    }
+    for (a, t) in agents.iter_mut() {
+        *t = common::resume(a).await.unwrap();
+        t.echo(b"still flowing").await.unwrap();
+    }
+    eventually(Duration::from_secs(5), "events dropped", || async {
+        env.gw
+            .metric("jvpn_gateway_events_dropped_total", &[])
+            .await
+            .unwrap()
+            > 0.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        env.gw
+            .metric("jvpn_gateway_events_written_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_carry_no_identifiers() {
+    let env = common::start("").await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, Some(harness::source_ip(3))).unwrap();
+    let mut t = common::hello(&mut a).await;
+    t.echo(b"x").await.unwrap();
+    let _t = common::resume(&mut a).await.unwrap();
+    let text = env.gw.metrics().await.unwrap();
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by .ci/run");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No session id, address or key in any label or value line.
+    let sid = a.session.as_ref().unwrap().id.to_string();
+    assert!(!text.contains(&sid));
+    assert!(!text.contains("127.0."), "an address leaked into metrics");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let labels = line.split('{').nth(1).unwrap_or("");
+        let hexrun = labels
+            .split(|c: char| !c.is_ascii_hexdigit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(hexrun < 16, "a long hex string in labels: {line}");
+    }
+    assert!(
+        text.contains("jvpn_gateway_sessions{state=\"attached\"}")
+            || text.contains("jvpn_gateway_hellos_total")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_demo_runs_and_reports_zero_invariant_violations() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+            .args(["demo", "--json", "--agents", "10"])
+            .output(),
+    )
+    .await
+    .expect("demo finished within 120 s")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["sessions_established"], 10);
+    assert_eq!(v["resumes_ok"], 30, "three jumps per session");
+    assert_eq!(v["rehandshakes"], 0);
+    assert_eq!(v["echo_failed"], 0);
+    assert!(v["resumes_rejected"].is_object());
+    for k in [
+        "silent_migrations",
+        "forced_rehandshakes",
+        "dual_active_detected",
+        "lost_sessions",
+    ] {
+        assert_eq!(v[k], 0, "{k}");
+    }
+    assert_eq!(v["gateway_exit_code"], 0);
+}
