@@ -152,6 +152,7 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 }
 
 async fn run(cfg: config::Validated) -> anyhow::Result<()> {
+    raise_nofile();
     let prom = metrics::install()?;
     let client = tokio::net::TcpListener::bind(cfg.raw.client_addr).await?;
     let admin = tokio::net::TcpListener::bind(cfg.raw.admin_addr).await?;
@@ -175,6 +176,17 @@ async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Every connection is a file descriptor: use the whole hard limit, and say
+/// when the soft limit cannot be raised.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, hard, "could not raise the open-file limit");
         }
     }
 }

@@ -77,6 +77,20 @@ impl Launcher {
     pub fn program(&self) -> &Path {
         &self.program
     }
+
+    /// The same program under `taskset -c <cpu>`.
+    pub fn pinned(self, cpu: usize) -> Self {
+        let mut prefix = vec![
+            "-c".to_owned(),
+            cpu.to_string(),
+            self.program.display().to_string(),
+        ];
+        prefix.extend(self.prefix);
+        Self {
+            program: "taskset".into(),
+            prefix,
+        }
+    }
 }
 
 /// A development PKI in a directory that lives as long as this value.

@@ -9,9 +9,11 @@
 //!   blackholes connections on command.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
 //! - [`demo`]: the README's quick-start demo.
+//! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod demo;
 pub mod faultproxy;
 pub mod harness;

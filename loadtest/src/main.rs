@@ -26,6 +26,26 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         agents: usize,
     },
+    /// Gateway capacity next to bare rustls (server on CPU 0, load on CPU 1).
+    BenchGateway {
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Sessions for the memory measurement.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+    },
+    /// The bare rustls baseline server used by bench-gateway.
+    #[command(hide = true)]
+    BareTlsServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
     /// Run the gateway program (same as the `jvpn-gateway` binary).
     #[command(disable_help_flag = true)]
     Gateway {
@@ -40,8 +60,42 @@ fn main() -> ExitCode {
             let argv = std::iter::once(std::ffi::OsString::from("jvpn-gateway")).chain(args);
             jvpn_gateway::cli::main_with(argv)
         }
+        Cmd::BenchGateway {
+            duration_s,
+            concurrency,
+            sessions,
+        } => {
+            let opts = jvpn_loadtest::bench::BenchOptions {
+                duration: std::time::Duration::from_secs(duration_s),
+                concurrency,
+                sessions,
+            };
+            match runtime().and_then(|rt| rt.block_on(jvpn_loadtest::bench::run(opts))) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::BareTlsServer { listen, cert, key } => {
+            let r = runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let l = tokio::net::TcpListener::bind(listen).await?;
+                    jvpn_loadtest::bench::bare_tls_server(&cert, &key, l).await
+                })
+            });
+            if let Err(e) = r {
+                eprintln!("bare server: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Demo { json, agents } => {
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("runtime: {e}");
@@ -64,4 +118,8 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Runtime::new()?)
 }

@@ -1,0 +1,357 @@
+//! `jvpn-loadtest bench-gateway`: what one gateway core sustains, side by side
+//! with bare rustls in the same run.
+//!
+//! The server under test is pinned to CPU 0 and the load generator to CPU 1
+//! (this machine has two cores). Measured, in order:
+//!
+//! 1. bare rustls: TCP + 64-byte preamble + TLS 1.3 + one frame each way;
+//! 2. full gateway HELLOs (the same, plus auth, session creation, exporter,
+//!    token) per second;
+//! 3. RESUMEs per second on one core, with p50/p99 latency from the client;
+//! 4. RSS per attached and per detached session at `--sessions` sessions.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use jvpn_proto::frame;
+use jvpn_proto::pb::session::{HelloOk, frame::Kind};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::harness::{self, GatewayOptions, Launcher, LocalGateway, TestPki};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub sessions: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BenchReport {
+    pub bare_rustls_handshakes_per_s: f64,
+    pub gateway_hellos_per_s: f64,
+    pub hello_vs_bare_ratio: f64,
+    pub gateway_resumes_per_s: f64,
+    /// At saturation (`concurrency` clients): mostly queueing.
+    pub resume_latency_us_p50: u64,
+    pub resume_latency_us_p99: u64,
+    /// One client at a time: the latency of a RESUME itself.
+    pub resume_latency_unloaded_us_p50: u64,
+    pub resume_latency_unloaded_us_p99: u64,
+    pub sessions_measured: usize,
+    pub rss_per_attached_session_bytes: f64,
+    pub rss_per_detached_session_bytes: f64,
+    pub pinned: bool,
+}
+
+fn bench_toml() -> &'static str {
+    // Admission, anti-flap and liveness timers out of the way: this measures
+    // capacity, and idle benchmark transports send no pings.
+    "[admission]\nper_source_rate_per_s = 1000000.0\nper_source_burst = 1000000\n\
+     handshakes_per_s = 10000000.0\nmax_tls_handshakes_in_flight = 1024\n\
+     [policy]\nswitch_cooldown_ms = 1\nmax_switches_per_min = 1000\n\
+     heartbeat_timeout_ms = 600000\ntransport_lost_ttl_ms = 1200000\n"
+}
+
+fn pin_self(cpu: usize) -> bool {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).is_ok()
+        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok()
+}
+
+fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// Raises this process's open-file limit to its hard limit; says so if it cannot.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+                eprintln!("note: could not raise the open-file limit above {soft}");
+                return soft;
+            }
+            hard
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// Runs `f` from `concurrency` tasks until `duration` passes; returns completions/s.
+async fn rate<F, Fut>(concurrency: usize, duration: Duration, f: F) -> Result<(f64, Histogram<u64>)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let f = Arc::new(f);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let (f, stop, done, errors) = (f.clone(), stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!("3 sig figs"));
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match f(i).await {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        let _ = h.record(t.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            h
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await?)?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let errs = errors.load(Ordering::Relaxed);
+    if errs > 0 {
+        eprintln!("note: {errs} failed attempts (not counted)");
+    }
+    Ok((done.load(Ordering::Relaxed) as f64 / elapsed, hist))
+}
+
+/// The bare baseline server: preamble, TLS 1.3 with the same configuration
+/// as the gateway, one frame in, one HelloOk-sized frame out.
+pub async fn bare_tls_server(cert: &Path, key: &Path, listener: TcpListener) -> Result<()> {
+    let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
+        cert_file: cert.into(),
+        key_file: key.into(),
+        agent_ca_file: None,
+    })
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
+        &material, true,
+    )?));
+    let reply = frame::to_bytes(Kind::HelloOk(HelloOk {
+        session_id: vec![1; 16],
+        node_id: "bare".into(),
+        resume_token: vec![2; 52],
+        ..Default::default()
+    }))?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let (acceptor, reply) = (acceptor.clone(), reply.clone());
+        tokio::spawn(async move {
+            let mut pre = [0u8; 64];
+            if s.read_exact(&mut pre).await.is_err() {
+                return;
+            }
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut buf = BytesMut::with_capacity(256);
+            let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+            let _ = tls.write_all(&reply).await;
+            let _ = tls.flush().await;
+        });
+    }
+}
+
+async fn start_pinned_gateway(
+    exe: &Path,
+    pki: &TestPki,
+    dir: &Path,
+    extra: &str,
+) -> Result<LocalGateway> {
+    let launcher = Launcher::resolve(exe).pinned(0);
+    LocalGateway::start(
+        &launcher,
+        pki,
+        dir,
+        &GatewayOptions {
+            extra_toml: extra.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
+    raise_nofile();
+    let exe = std::env::current_exe()?;
+    let pki = TestPki::new(&["g1"])?;
+    let dir = tempfile::tempdir()?;
+    let mut report = BenchReport::default();
+    // Whoever runs us: pin the load generator to CPU 1 (the server gets CPU 0).
+    report.pinned = pin_self(1);
+
+    // 1. Bare rustls, in a pinned child process (same binary, multi-call).
+    let bare_addr: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let mut bare = tokio::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&exe)
+        .arg("bare-tls-server")
+        .arg("--listen")
+        .arg(bare_addr.to_string())
+        .arg("--cert")
+        .arg(pki.layout.gateway_cert("g1"))
+        .arg("--key")
+        .arg(pki.layout.gateway_key("g1"))
+        .kill_on_drop(true)
+        .spawn()
+        .context("taskset (util-linux) is needed to pin the server")?;
+    harness::eventually(Duration::from_secs(10), "bare server listening", || async {
+        tokio::net::TcpStream::connect(bare_addr).await.is_ok()
+    })
+    .await?;
+    let cfg = Arc::new(harness::agent_config(&pki, vec![bare_addr], None)?);
+    let (r, _) = rate(opts.concurrency, opts.duration, move |_| {
+        let cfg = cfg.clone();
+        async move {
+            let agent = jvpn_agent::Agent::new((*cfg).clone())?;
+            let mut t = agent
+                .open(&jvpn_proto::preamble::Preamble::Hello { key_id: 0 })
+                .await?;
+            t.ping().await?;
+            t.recv().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report.bare_rustls_handshakes_per_s = r;
+    let _ = bare.kill().await;
+
+    // 2 and 3. HELLO and RESUME rates on a pinned gateway.
+    let gw = start_pinned_gateway(&exe, &pki, &dir.path().join("rate"), bench_toml()).await?;
+    let cfg = Arc::new(harness::agent_config(&pki, vec![gw.client_addr], None)?);
+    let c2 = cfg.clone();
+    let (r, _) = rate(opts.concurrency, opts.duration, move |i| {
+        let mut cfg = (*c2).clone();
+        cfg.bind_ip = Some(harness::source_ip(i));
+        async move {
+            let mut agent = jvpn_agent::Agent::new(cfg)?;
+            let t = agent.hello().await?;
+            // End the session so the table does not grow during the run.
+            let mut t = t;
+            t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
+                reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+            }))
+            .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report.gateway_hellos_per_s = r;
+    report.hello_vs_bare_ratio = r / report.bare_rustls_handshakes_per_s.max(1e-9);
+
+    let agents: Vec<_> = {
+        let mut v = Vec::new();
+        for i in 0..opts.concurrency {
+            let mut c = (*cfg).clone();
+            c.bind_ip = Some(harness::source_ip(i));
+            let mut a = jvpn_agent::Agent::new(c)?;
+            let t = a.hello().await?;
+            v.push(Arc::new(tokio::sync::Mutex::new((a, Some(t)))));
+        }
+        v
+    };
+    let solo = agents[0].clone();
+    let (_, hist) = rate(1, opts.duration, move |_| {
+        let slot = solo.clone();
+        async move {
+            let mut g = slot.lock().await;
+            let (a, t) = &mut *g;
+            *t = Some(a.resume().await?);
+            Ok(())
+        }
+    })
+    .await?;
+    report.resume_latency_unloaded_us_p50 = hist.value_at_quantile(0.5);
+    report.resume_latency_unloaded_us_p99 = hist.value_at_quantile(0.99);
+    let (r, hist) = rate(opts.concurrency, opts.duration, move |i| {
+        let slot = agents[i].clone();
+        async move {
+            let mut g = slot.lock().await;
+            let (a, t) = &mut *g;
+            let new_t = a.resume().await?;
+            *t = Some(new_t);
+            Ok(())
+        }
+    })
+    .await?;
+    report.gateway_resumes_per_s = r;
+    report.resume_latency_us_p50 = hist.value_at_quantile(0.5);
+    report.resume_latency_us_p99 = hist.value_at_quantile(0.99);
+    drop(gw);
+
+    // 4. Memory per attached and per detached session.
+    report.sessions_measured = opts.sessions;
+    for attached in [true, false] {
+        let sub = if attached { "attached" } else { "detached" };
+        let gw = start_pinned_gateway(&exe, &pki, &dir.path().join(sub), bench_toml()).await?;
+        let pid = gw.pid().context("gateway pid")?;
+        let base = rss_bytes(pid)?;
+        let mut keep = Vec::with_capacity(if attached { opts.sessions } else { 0 });
+        let cfg = harness::agent_config(&pki, vec![gw.client_addr], None)?;
+        let mut set = tokio::task::JoinSet::new();
+        let per_task = opts.sessions.div_ceil(opts.concurrency);
+        for c in 0..opts.concurrency {
+            let mut cfg = cfg.clone();
+            cfg.bind_ip = Some(harness::source_ip(c));
+            set.spawn(async move {
+                let mut ts = Vec::new();
+                for _ in 0..per_task {
+                    let mut a = jvpn_agent::Agent::new(cfg.clone())?;
+                    let t = a.hello().await?;
+                    if attached {
+                        ts.push(t);
+                    }
+                }
+                Ok::<_, anyhow::Error>(ts)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            keep.extend(r??);
+        }
+        let total = per_task * opts.concurrency;
+        harness::eventually(Duration::from_secs(30), "sessions settled", || async {
+            let (_, body) = harness::http_get(gw.admin_addr, "/sessions")
+                .await
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let live = v["total"].as_u64() == Some(total as u64);
+            let attached_now = v["by_state"]["attached"].as_u64().unwrap_or(0);
+            live && (attached_now == total as u64) == attached
+        })
+        .await?;
+        let per = (rss_bytes(pid)?.saturating_sub(base)) as f64 / total as f64;
+        if attached {
+            report.rss_per_attached_session_bytes = per;
+        } else {
+            report.rss_per_detached_session_bytes = per;
+        }
+        drop(keep);
+    }
+    Ok(report)
+}

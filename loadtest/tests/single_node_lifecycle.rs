@@ -1,0 +1,166 @@
+//! Lifecycle over real processes: a lost ResumeOk, anti-flap across a full
+//! switch window, graceful drain, and the development PKI's file modes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use jvpn_agent::AgentError;
+use jvpn_loadtest::harness::{self, eventually};
+use jvpn_proto::ReasonCode as R;
+use jvpn_proto::pb::session::frame::Kind;
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_resume_ok_is_recovered_with_the_current_binding_epoch() {
+    let env = common::start("[policy]\nswitch_cooldown_ms = 100\n").await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let _t = common::hello(&mut a).await;
+    tokio::time::sleep(a.switch_allowed_in()).await;
+    // A RESUME commits on the gateway, but its ResumeOk never reaches us.
+    let mut lost = a.open_resume().await.unwrap();
+    let r = a.build_resume(&lost).unwrap();
+    lost.send(Kind::Resume(r)).await.unwrap();
+    eventually(Duration::from_secs(5), "the switch to commit", || async {
+        env.gw
+            .metric("jvpn_gateway_resumes_total", &[("result", "ok")])
+            .await
+            .unwrap()
+            == 1.0
+    })
+    .await
+    .unwrap();
+    drop(lost);
+    assert_eq!(
+        a.session.as_ref().unwrap().binding_epoch,
+        1,
+        "the agent never saw epoch 2"
+    );
+    // The agent's retry learns the epoch (stale_binding) and commits with its old key.
+    tokio::time::sleep(Duration::from_millis(150)).await; // the gateway's cooldown
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert_eq!(a.session.as_ref().unwrap().binding_epoch, 3);
+    t.echo(b"recovered").await.unwrap();
+    let stale = env
+        .gw
+        .metric("jvpn_gateway_resumes_total", &[("result", "stale_binding")])
+        .await
+        .unwrap();
+    assert_eq!(stale, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_rate_limited_then_success_after_the_hinted_wait() {
+    // 2 switches per minute; the TTL (1.5 s) is far shorter than the wait, so
+    // this also proves anti-flap never kills a session inside its TTL.
+    let policy =
+        common::FAST_POLICY.replace("max_switches_per_min = 3", "max_switches_per_min = 2");
+    let env = common::start(&policy).await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let _t0 = common::hello(&mut a).await;
+    let _t1 = common::resume(&mut a).await.unwrap();
+    let _t2 = common::resume(&mut a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let wait = match a.resume().await {
+        Err(AgentError::Rejected {
+            reason: R::SwitchRateLimited,
+            retry_after_ms,
+            ..
+        }) => retry_after_ms,
+        other => panic!("expected switch_rate_limited, got {other:?}"),
+    };
+    assert!(wait > 50_000, "{wait}");
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let mut t = a
+        .resume()
+        .await
+        .expect("allowed again after retry_after_ms");
+    t.echo(b"back").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_goaway_then_terminate_and_exits_zero() {
+    // These raw transports send no pings: keep liveness out of the way.
+    let mut env = common::start(
+        "[timeouts]\ndrain_timeout_ms = 3000\n[policy]\nheartbeat_timeout_ms = 10000\ntransport_lost_ttl_ms = 20000\n",
+    )
+    .await;
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        let mut a =
+            harness::agent(&env.pki, env.gw.client_addr, Some(harness::source_ip(i))).unwrap();
+        let t = common::hello(&mut a).await;
+        agents.push((a, t));
+    }
+    let started = std::time::Instant::now();
+    env.gw.signal(Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(2), "/readyz 503", || async {
+        matches!(
+            harness::http_get(env.gw.admin_addr, "/readyz").await,
+            Ok((503, _))
+        )
+    })
+    .await
+    .unwrap();
+    // New sessions are refused with an explicit reason.
+    let mut late =
+        harness::agent(&env.pki, env.gw.client_addr, Some(harness::source_ip(9))).unwrap();
+    match late.hello().await {
+        Err(AgentError::Rejected { reason, .. }) => assert_eq!(reason, R::Draining),
+        other => panic!("expected draining, got {other:?}"),
+    }
+    // Every session hears GoAway, then Terminate{draining}.
+    for (_, t) in agents.iter_mut() {
+        let mut saw_goaway = false;
+        loop {
+            match t.recv().await {
+                Ok(Kind::GoAway(g)) => {
+                    assert_eq!(g.reason, R::Draining as i32);
+                    saw_goaway = true;
+                }
+                Ok(_) => {}
+                Err(AgentError::Terminated(r)) => {
+                    assert_eq!(r, R::Draining);
+                    break;
+                }
+                Err(e) => panic!("expected Terminate(draining), got {e}"),
+            }
+        }
+        assert!(saw_goaway);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), env.gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() <= Duration::from_millis(3_500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn pki_private_files_are_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = jvpn_loadtest::harness::TestPki::new(&["g1", "g2"]).unwrap();
+    let l = &pki.layout;
+    for p in [
+        l.gateway_key("g1"),
+        l.gateway_key("g2"),
+        l.agent_key(0),
+        l.secret(),
+        l.dev_token(),
+    ] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+    let cert = std::fs::metadata(l.gateway_cert("g1"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o077;
+    assert_ne!(cert, 0, "certificates are public");
+}
