@@ -199,9 +199,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     let exe = std::env::current_exe()?;
     let pki = TestPki::new(&["g1"])?;
     let dir = tempfile::tempdir()?;
-    let mut report = BenchReport::default();
     // Whoever runs us: pin the load generator to CPU 1 (the server gets CPU 0).
-    report.pinned = pin_self(1);
+    let mut report = BenchReport { pinned: pin_self(1), ..Default::default() };
 
     // 1. Bare rustls, in a pinned child process (same binary, multi-call).
     let bare_addr: SocketAddr = {
