@@ -18,9 +18,11 @@ use jvpn_proto::{Incarnation, NodeId};
 use rand::SeedableRng;
 
 fn engine() -> Engine {
+    // Anti-flap and lifetime loose enough for millions of back-to-back commits.
     let policy = Policy {
         max_switches_per_min: 1000,
         switch_cooldown_ms: 1,
+        session_max_lifetime_ms: 10 * 365 * 24 * 3600 * 1000,
         ..Policy::default()
     };
     Engine::new(

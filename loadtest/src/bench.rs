@@ -36,10 +36,16 @@ pub struct BenchOptions {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchReport {
+    /// Completed per wall-clock second (bounded by the one-core load generator).
     pub bare_rustls_handshakes_per_s: f64,
     pub gateway_hellos_per_s: f64,
-    pub hello_vs_bare_ratio: f64,
     pub gateway_resumes_per_s: f64,
+    /// Completed per second of server CPU time: what one server core sustains.
+    pub bare_rustls_handshakes_per_core_s: f64,
+    pub gateway_hellos_per_core_s: f64,
+    pub gateway_resumes_per_core_s: f64,
+    /// `gateway_hellos_per_core_s / bare_rustls_handshakes_per_core_s`.
+    pub hello_vs_bare_ratio: f64,
     /// At saturation (`concurrency` clients): mostly queueing.
     pub resume_latency_us_p50: u64,
     pub resume_latency_us_p99: u64,
@@ -65,6 +71,29 @@ fn pin_self(cpu: usize) -> bool {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).is_ok()
         && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok()
+}
+
+/// User + system CPU seconds consumed so far by `pid`.
+fn cpu_seconds(pid: nix::unistd::Pid) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("utime")?
+        + f.get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .context("stime")?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Ok(ticks / hz as f64)
 }
 
 fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
@@ -94,7 +123,11 @@ pub fn raise_nofile() -> u64 {
 }
 
 /// Runs `f` from `concurrency` tasks until `duration` passes; returns completions/s.
-async fn rate<F, Fut>(concurrency: usize, duration: Duration, f: F) -> Result<(f64, Histogram<u64>)>
+async fn rate<F, Fut>(
+    concurrency: usize,
+    duration: Duration,
+    f: F,
+) -> Result<(f64, Histogram<u64>, u64)>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
@@ -103,9 +136,11 @@ where
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut tasks = Vec::new();
     for i in 0..concurrency {
         let (f, stop, done, errors) = (f.clone(), stop.clone(), done.clone(), errors.clone());
+        let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).unwrap_or_else(|_| unreachable!("3 sig figs"));
             while !stop.load(Ordering::Relaxed) {
@@ -115,8 +150,12 @@ where
                         done.fetch_add(1, Ordering::Relaxed);
                         let _ = h.record(t.elapsed().as_micros() as u64);
                     }
-                    Err(_) => {
+                    Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        let mut f = first_error
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        f.get_or_insert_with(|| format!("{e:#}"));
                     }
                 }
             }
@@ -133,18 +172,32 @@ where
     let elapsed = start.elapsed().as_secs_f64();
     let errs = errors.load(Ordering::Relaxed);
     if errs > 0 {
-        eprintln!("note: {errs} failed attempts (not counted)");
+        let first = first_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        eprintln!(
+            "note: {errs} failed attempts (not counted); first: {}",
+            first.unwrap_or_default()
+        );
     }
-    Ok((done.load(Ordering::Relaxed) as f64 / elapsed, hist))
+    let done = done.load(Ordering::Relaxed);
+    Ok((done as f64 / elapsed, hist, done))
 }
 
 /// The bare baseline server: preamble, TLS 1.3 with the same configuration
 /// as the gateway, one frame in, one HelloOk-sized frame out.
-pub async fn bare_tls_server(cert: &Path, key: &Path, listener: TcpListener) -> Result<()> {
+pub async fn bare_tls_server(
+    cert: &Path,
+    key: &Path,
+    agent_ca: Option<&Path>,
+    listener: TcpListener,
+) -> Result<()> {
+    // The same TLS configuration as the gateway, client-certificate request included.
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
         cert_file: cert.into(),
         key_file: key.into(),
-        agent_ca_file: None,
+        agent_ca_file: agent_ca.map(Into::into),
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
@@ -200,7 +253,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     let pki = TestPki::new(&["g1"])?;
     let dir = tempfile::tempdir()?;
     // Whoever runs us: pin the load generator to CPU 1 (the server gets CPU 0).
-    let mut report = BenchReport { pinned: pin_self(1), ..Default::default() };
+    let mut report = BenchReport {
+        pinned: pin_self(1),
+        ..Default::default()
+    };
 
     // 1. Bare rustls, in a pinned child process (same binary, multi-call).
     let bare_addr: SocketAddr = {
@@ -217,6 +273,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         .arg(pki.layout.gateway_cert("g1"))
         .arg("--key")
         .arg(pki.layout.gateway_key("g1"))
+        .arg("--agent-ca")
+        .arg(pki.layout.agent_ca())
         .kill_on_drop(true)
         .spawn()
         .context("taskset (util-linux) is needed to pin the server")?;
@@ -225,10 +283,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     })
     .await?;
     let cfg = Arc::new(harness::agent_config(&pki, vec![bare_addr], None)?);
-    let (r, _) = rate(opts.concurrency, opts.duration, move |_| {
-        let cfg = cfg.clone();
+    let bare_pid = nix::unistd::Pid::from_raw(bare.id().context("bare pid")? as i32);
+    let cpu0 = cpu_seconds(bare_pid)?;
+    let (r, _, n) = rate(opts.concurrency, opts.duration, move |i| {
+        let mut cfg = (*cfg).clone();
+        cfg.bind_ip = Some(harness::source_ip(i));
         async move {
-            let agent = jvpn_agent::Agent::new((*cfg).clone())?;
+            let agent = jvpn_agent::Agent::new(cfg)?;
             let mut t = agent
                 .open(&jvpn_proto::preamble::Preamble::Hello { key_id: 0 })
                 .await?;
@@ -239,13 +300,16 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     })
     .await?;
     report.bare_rustls_handshakes_per_s = r;
+    report.bare_rustls_handshakes_per_core_s = n as f64 / (cpu_seconds(bare_pid)? - cpu0);
     let _ = bare.kill().await;
 
     // 2 and 3. HELLO and RESUME rates on a pinned gateway.
     let gw = start_pinned_gateway(&exe, &pki, &dir.path().join("rate"), bench_toml()).await?;
     let cfg = Arc::new(harness::agent_config(&pki, vec![gw.client_addr], None)?);
     let c2 = cfg.clone();
-    let (r, _) = rate(opts.concurrency, opts.duration, move |i| {
+    let gw_pid = gw.pid().context("gateway pid")?;
+    let cpu0 = cpu_seconds(gw_pid)?;
+    let (r, _, n) = rate(opts.concurrency, opts.duration, move |i| {
         let mut cfg = (*c2).clone();
         cfg.bind_ip = Some(harness::source_ip(i));
         async move {
@@ -262,44 +326,45 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     })
     .await?;
     report.gateway_hellos_per_s = r;
-    report.hello_vs_bare_ratio = r / report.bare_rustls_handshakes_per_s.max(1e-9);
+    report.gateway_hellos_per_core_s = n as f64 / (cpu_seconds(gw_pid)? - cpu0);
+    report.hello_vs_bare_ratio =
+        report.gateway_hellos_per_core_s / report.bare_rustls_handshakes_per_core_s.max(1e-9);
 
-    let agents: Vec<_> = {
+    // A pool of sessions used round-robin, so no session exceeds the
+    // anti-flap budget (1000 switches a minute here) during the run.
+    let pool = 512usize.max(opts.concurrency);
+    let agents: Arc<Vec<_>> = {
         let mut v = Vec::new();
-        for i in 0..opts.concurrency {
+        for i in 0..pool {
             let mut c = (*cfg).clone();
-            c.bind_ip = Some(harness::source_ip(i));
+            c.bind_ip = Some(harness::source_ip(i % 64));
             let mut a = jvpn_agent::Agent::new(c)?;
             let t = a.hello().await?;
-            v.push(Arc::new(tokio::sync::Mutex::new((a, Some(t)))));
+            v.push(tokio::sync::Mutex::new((a, Some(t))));
         }
-        v
+        Arc::new(v)
     };
-    let solo = agents[0].clone();
-    let (_, hist) = rate(1, opts.duration, move |_| {
-        let slot = solo.clone();
-        async move {
-            let mut g = slot.lock().await;
-            let (a, t) = &mut *g;
-            *t = Some(a.resume().await?);
-            Ok(())
+    let next = Arc::new(AtomicU64::new(0));
+    let resume_one = {
+        let (agents, next) = (agents.clone(), next.clone());
+        move |_: usize| {
+            let (agents, next) = (agents.clone(), next.clone());
+            async move {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % agents.len();
+                let mut g = agents[i].lock().await;
+                let (a, t) = &mut *g;
+                *t = Some(a.resume().await?);
+                Ok(())
+            }
         }
-    })
-    .await?;
+    };
+    let (_, hist, _) = rate(1, opts.duration, resume_one.clone()).await?;
     report.resume_latency_unloaded_us_p50 = hist.value_at_quantile(0.5);
     report.resume_latency_unloaded_us_p99 = hist.value_at_quantile(0.99);
-    let (r, hist) = rate(opts.concurrency, opts.duration, move |i| {
-        let slot = agents[i].clone();
-        async move {
-            let mut g = slot.lock().await;
-            let (a, t) = &mut *g;
-            let new_t = a.resume().await?;
-            *t = Some(new_t);
-            Ok(())
-        }
-    })
-    .await?;
+    let cpu0 = cpu_seconds(gw_pid)?;
+    let (r, hist, n) = rate(opts.concurrency, opts.duration, resume_one).await?;
     report.gateway_resumes_per_s = r;
+    report.gateway_resumes_per_core_s = n as f64 / (cpu_seconds(gw_pid)? - cpu0);
     report.resume_latency_us_p50 = hist.value_at_quantile(0.5);
     report.resume_latency_us_p99 = hist.value_at_quantile(0.99);
     drop(gw);

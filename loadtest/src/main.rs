@@ -45,6 +45,8 @@ enum Cmd {
         cert: std::path::PathBuf,
         #[arg(long)]
         key: std::path::PathBuf,
+        #[arg(long)]
+        agent_ca: Option<std::path::PathBuf>,
     },
     /// Run the gateway program (same as the `jvpn-gateway` binary).
     #[command(disable_help_flag = true)]
@@ -81,11 +83,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::BareTlsServer { listen, cert, key } => {
+        Cmd::BareTlsServer {
+            listen,
+            cert,
+            key,
+            agent_ca,
+        } => {
             let r = runtime().and_then(|rt| {
                 rt.block_on(async {
                     let l = tokio::net::TcpListener::bind(listen).await?;
-                    jvpn_loadtest::bench::bare_tls_server(&cert, &key, l).await
+                    jvpn_loadtest::bench::bare_tls_server(&cert, &key, agent_ca.as_deref(), l).await
                 })
             });
             if let Err(e) = r {
