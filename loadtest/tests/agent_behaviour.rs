@@ -1,0 +1,129 @@
+//! Agent-side guarantees: a `ResumeOk` from another owner is refused (never
+//! a silent migration), and the `jvpn-agent connect` CLI reports every
+//! transition.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use jvpn_agent::AgentError;
+use jvpn_loadtest::harness;
+use jvpn_proto::frame;
+use jvpn_proto::pb::session::{ResumeOk, frame::Kind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A server holding a valid gateway certificate that answers any RESUME
+/// with a `ResumeOk` claiming another node.
+async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
+    let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
+        cert_file: pki.layout.gateway_cert("g2"),
+        key_file: pki.layout.gateway_key("g2"),
+        agent_ca_file: None,
+    })
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        jvpn_gateway::tls::server_config(&material, true).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut pre = [0u8; 64];
+                s.read_exact(&mut pre).await.unwrap();
+                let mut tls = acceptor.accept(s).await.unwrap();
+                let mut buf = BytesMut::new();
+                let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+                let ok = ResumeOk {
+                    node_id: "g2".into(),
+                    incarnation: 7,
+                    owner_epoch: 1,
+                    binding_epoch: 2,
+                    server_proof: vec![0; 32],
+                    ..Default::default()
+                };
+                let bytes = frame::to_bytes(Kind::ResumeOk(ok)).unwrap();
+                tls.write_all(&bytes).await.unwrap();
+                tls.flush().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_ok_from_another_owner_is_refused() {
+    let pki = harness::TestPki::new(&["g1", "g2"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
+        .await
+        .unwrap();
+    let mut a = harness::agent(&pki, gw.client_addr, None).unwrap();
+    let _t = common::hello(&mut a).await;
+    let before = a.session.clone().unwrap();
+
+    // Same session, but the next transport lands on an impostor.
+    let fake = impostor(&pki).await;
+    let mut moved = harness::agent(&pki, fake, None).unwrap();
+    moved.session = a.session.clone();
+    match moved.resume().await {
+        Err(e @ AgentError::OwnerMismatch { .. }) => {
+            assert!(e.session_gone(), "the agent must re-handshake explicitly");
+            assert!(e.to_string().contains("g2"), "{e}");
+        }
+        other => panic!("expected OwnerMismatch, got {other:?}"),
+    }
+    // Nothing was adopted from the impostor.
+    let after = moved.session.as_ref().unwrap();
+    assert_eq!((after.node_id.as_str(), after.incarnation), (before.node_id.as_str(), before.incarnation));
+    assert_eq!(after.binding_epoch, before.binding_epoch);
+}
+
+/// `jvpn-agent` beside the test binary (built by `cargo test --workspace`).
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("jvpn-agent");
+    assert!(bin.is_file(), "{} missing: run `cargo test --workspace`", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_cli_prints_each_transition_with_its_reason() {
+    let env = common::start("[policy]\nswitch_cooldown_ms = 200\n").await;
+    let l = &env.pki.layout;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::process::Command::new(agent_binary())
+            .arg("connect")
+            .arg("--server")
+            .arg(env.gw.client_addr.to_string())
+            .arg("--ca")
+            .arg(l.client_ca())
+            .arg("--cert")
+            .arg(l.agent_cert(0))
+            .arg("--key")
+            .arg(l.agent_key(0))
+            .args(["--jump-every-s", "1", "--duration-s", "3"])
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("handshake: attached to g1 (epoch 1)"), "{text}");
+    assert!(text.contains("reattached in"), "{text}");
+    assert!(text.contains("(epoch 2)"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert_eq!(report["ended"], "agent_closed");
+    assert!(report["resumes_ok"].as_u64().unwrap() >= 1);
+    assert_eq!(report["rehandshakes"], 0);
+}
