@@ -13,12 +13,26 @@ use crate::config::EventsConfig;
 use crate::engine::{EngineEvent, Mono};
 use crate::metrics as m;
 
+enum Msg {
+    Line(String),
+    /// Write everything queued so far, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Handle for emitting events; cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EventSink {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::Sender<Msg>>,
     node_id: NodeId,
     incarnation: Incarnation,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink")
+            .field("enabled", &self.tx.is_some())
+            .finish()
+    }
 }
 
 impl EventSink {
@@ -43,9 +57,21 @@ impl EventSink {
     /// Queues one event; never waits.
     pub fn emit(&self, ev: &EngineEvent) {
         let Some(tx) = &self.tx else { return };
-        if tx.try_send(self.to_json(ev)).is_err() {
+        if tx.try_send(Msg::Line(self.to_json(ev))).is_err() {
             metrics::counter!(m::EVENTS_DROPPED).increment(1);
         }
+    }
+
+    /// Waits (at most `within`) until everything queued so far is written.
+    pub async fn flush(&self, within: std::time::Duration) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let _ = tokio::time::timeout(within, async {
+            if tx.send(Msg::Flush(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        })
+        .await;
     }
 
     fn to_json(&self, ev: &EngineEvent) -> String {
@@ -86,7 +112,7 @@ impl EventSink {
     }
 }
 
-async fn write_loop(path: String, mut rx: mpsc::Receiver<String>) {
+async fn write_loop(path: String, mut rx: mpsc::Receiver<Msg>) {
     let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if path == "-" {
         Box::new(tokio::io::stdout())
     } else {
@@ -100,34 +126,65 @@ async fn write_loop(path: String, mut rx: mpsc::Receiver<String>) {
             Ok(f) => Box::new(f),
             Err(e) => {
                 tracing::warn!(error = %e, "event sink cannot be opened; events will be dropped");
-                while rx.recv().await.is_some() {
-                    metrics::counter!(m::EVENTS_DROPPED).increment(1);
+                while let Some(msg) = rx.recv().await {
+                    if let Msg::Line(_) = msg {
+                        metrics::counter!(m::EVENTS_DROPPED).increment(1);
+                    }
                 }
                 return;
             }
         }
     };
+    // Lines are batched and written at most every FLUSH_EVERY (or when 64 KiB
+    // accumulate): one write per batch, not one per event.
+    const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    const BATCH_MAX: usize = 64 * 1024;
+    let mut batch = String::with_capacity(BATCH_MAX);
+    let mut pending = 0u64;
     let mut broken = false;
-    while let Some(mut line) = rx.recv().await {
-        if broken {
-            metrics::counter!(m::EVENTS_DROPPED).increment(1);
-            continue;
-        }
-        line.push('\n');
-        match out.write_all(line.as_bytes()).await {
-            Ok(()) => {
-                metrics::counter!(m::EVENTS_WRITTEN).increment(1);
-                // tokio's File buffers: flush whenever the queue runs dry.
-                if rx.is_empty() && out.flush().await.is_err() {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut ack = None;
+        let flush_now = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Line(_)) if broken => {
+                    metrics::counter!(m::EVENTS_DROPPED).increment(1);
+                    false
+                }
+                Some(Msg::Line(line)) => {
+                    batch.push_str(&line);
+                    batch.push('\n');
+                    pending += 1;
+                    batch.len() >= BATCH_MAX
+                }
+                Some(Msg::Flush(done)) => {
+                    ack = Some(done);
+                    pending > 0
+                }
+                None => break,
+            },
+            _ = tick.tick() => pending > 0,
+        };
+        if flush_now {
+            let written = out.write_all(batch.as_bytes()).await.and(out.flush().await);
+            match written {
+                Ok(()) => metrics::counter!(m::EVENTS_WRITTEN).increment(pending),
+                Err(e) => {
+                    tracing::warn!(error = %e, "event sink broke; further events are dropped");
+                    metrics::counter!(m::EVENTS_DROPPED).increment(pending);
                     broken = true;
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "event sink broke; further events are dropped");
-                metrics::counter!(m::EVENTS_DROPPED).increment(1);
-                broken = true;
-            }
+            batch.clear();
+            pending = 0;
         }
+        if let Some(done) = ack {
+            let _ = done.send(());
+        }
+    }
+    if pending > 0 && out.write_all(batch.as_bytes()).await.is_ok() {
+        metrics::counter!(m::EVENTS_WRITTEN).increment(pending);
     }
     let _ = out.flush().await;
 }

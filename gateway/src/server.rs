@@ -212,6 +212,7 @@ pub async fn serve(
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // (the listener moves into the accept task below)
     let shared = build(cfg)?;
     let handle = GatewayHandle {
         shared: shared.clone(),
@@ -224,13 +225,24 @@ pub async fn serve(
     tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
     info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
 
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            r = client.accept() => accept(&shared, r),
-            () = &mut shutdown => break,
+    // Accept on a worker thread: connection tasks then start on the same
+    // worker instead of being handed over from the `block_on` thread.
+    let (accept_stop, mut accept_stopped) = watch::channel(false);
+    let acc = shared.clone();
+    let accept_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = client.accept() => {
+                    if !accept(&acc, r) {
+                        // EMFILE and friends: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                _ = accept_stopped.changed() => return,
+            }
         }
-    }
+    });
+    shutdown.await;
 
     // Drain.
     shared.draining.store(true, Ordering::Relaxed);
@@ -246,11 +258,12 @@ pub async fn serve(
             break;
         }
         tokio::select! {
-            r = client.accept() => accept(&shared, r),
             () = tokio::time::sleep_until(terminate_at.into()) => break,
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
+    let _ = accept_stop.send(true);
+    let _ = accept_task.await;
     let now = shared.now();
     for i in 0..shared.shards.len() {
         shared.with_engine(i, |e| e.terminate_all(now, Termination::Drain));
@@ -261,6 +274,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop_tx.send(true);
+    shared.events.flush(Duration::from_secs(2)).await;
     info!("drained");
     Ok(())
 }
@@ -323,7 +337,8 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
 
 use rand::SeedableRng;
 
-fn accept(shared: &Arc<Shared>, r: std::io::Result<(TcpStream, SocketAddr)>) {
+/// Spawns the connection's task; false if accepting failed.
+fn accept(shared: &Arc<Shared>, r: std::io::Result<(TcpStream, SocketAddr)>) -> bool {
     match r {
         Ok((stream, peer)) => {
             counter!(m::CONNECTIONS_ACCEPTED).increment(1);
@@ -340,11 +355,11 @@ fn accept(shared: &Arc<Shared>, r: std::io::Result<(TcpStream, SocketAddr)>) {
                 }
                 .instrument(span),
             );
+            true
         }
         Err(e) => {
-            // EMFILE and friends: back off briefly instead of spinning.
             warn!(error = %e, "accept failed");
-            std::thread::sleep(Duration::from_millis(5));
+            false
         }
     }
 }

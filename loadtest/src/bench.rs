@@ -186,7 +186,7 @@ where
 }
 
 /// The bare baseline server: preamble, TLS 1.3 with the same configuration
-/// as the gateway, one frame in, one HelloOk-sized frame out.
+/// as the gateway, and the same frame exchange as a HELLO, with no session logic.
 pub async fn bare_tls_server(
     cert: &Path,
     key: &Path,
@@ -220,10 +220,14 @@ pub async fn bare_tls_server(
             let Ok(mut tls) = acceptor.accept(s).await else {
                 return;
             };
+            // The same exchange as a gateway HELLO: a frame in, a reply out,
+            // the client's closing frame in, then TLS close_notify.
             let mut buf = BytesMut::with_capacity(256);
             let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
             let _ = tls.write_all(&reply).await;
             let _ = tls.flush().await;
+            let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+            let _ = tls.shutdown().await;
         });
     }
 }
@@ -295,6 +299,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 .await?;
             t.ping().await?;
             t.recv().await?;
+            t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
+                reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+            }))
+            .await?;
             Ok(())
         }
     })

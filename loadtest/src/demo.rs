@@ -43,6 +43,8 @@ pub struct DemoSummary {
     #[serde(flatten)]
     pub invariants: Invariants,
     pub gateway_exit_code: Option<i32>,
+    /// Gateway state-change events scanned for dual-active bindings.
+    pub events_checked: usize,
     pub duration_ms: u64,
 }
 
@@ -199,7 +201,8 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     gw.signal(Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(40), gw.wait()).await??;
     let mut inv = invariants::from_agents(&reports);
-    inv.dual_active_detected = invariants::dual_active(&[std::path::Path::new(&gw.events_path)]);
+    let (dual, events_checked) = invariants::dual_active(&[std::path::Path::new(&gw.events_path)]);
+    inv.dual_active_detected = dual;
     let summary = DemoSummary {
         topology: "single_node",
         agents: opts.agents,
@@ -212,6 +215,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         recovery_ms: percentiles(reports.iter().flat_map(|r| r.recovery_ms.clone()).collect()),
         invariants: inv.clone(),
         gateway_exit_code: status.code(),
+        events_checked,
         duration_ms: started.elapsed().as_millis() as u64,
     };
     if opts.json {

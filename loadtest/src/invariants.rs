@@ -57,8 +57,8 @@ pub fn from_agents(reports: &[AgentReport]) -> Invariants {
 
 /// Scans event files (JSON lines) for one session attached on two
 /// incarnations at once, ordering by the monotonic stamps of each file
-/// (one host: one monotonic clock).
-pub fn dual_active(paths: &[&Path]) -> u64 {
+/// (one host: one monotonic clock). Returns (violations, events read).
+pub fn dual_active(paths: &[&Path]) -> (u64, usize) {
     let mut evs: Vec<(u64, String, String, String)> = Vec::new();
     for p in paths {
         let Ok(text) = std::fs::read_to_string(p) else {
@@ -81,6 +81,7 @@ pub fn dual_active(paths: &[&Path]) -> u64 {
         }
     }
     evs.sort();
+    let read = evs.len();
     let mut attached: HashMap<String, HashSet<String>> = HashMap::new();
     let mut dual = 0;
     for (_, sid, inc, to) in evs {
@@ -94,7 +95,7 @@ pub fn dual_active(paths: &[&Path]) -> u64 {
             set.remove(&inc);
         }
     }
-    dual
+    (dual, read)
 }
 
 /// Reasons of rejected resumes summed over agents.

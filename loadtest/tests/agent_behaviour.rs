@@ -60,9 +60,10 @@ async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
 async fn a_resume_ok_from_another_owner_is_refused() {
     let pki = harness::TestPki::new(&["g1", "g2"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gw = harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
-        .await
-        .unwrap();
+    let gw =
+        harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
+            .await
+            .unwrap();
     let mut a = harness::agent(&pki, gw.client_addr, None).unwrap();
     let _t = common::hello(&mut a).await;
     let before = a.session.clone().unwrap();
@@ -80,7 +81,10 @@ async fn a_resume_ok_from_another_owner_is_refused() {
     }
     // Nothing was adopted from the impostor.
     let after = moved.session.as_ref().unwrap();
-    assert_eq!((after.node_id.as_str(), after.incarnation), (before.node_id.as_str(), before.incarnation));
+    assert_eq!(
+        (after.node_id.as_str(), after.incarnation),
+        (before.node_id.as_str(), before.incarnation)
+    );
     assert_eq!(after.binding_epoch, before.binding_epoch);
 }
 
@@ -89,7 +93,11 @@ fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("jvpn-agent");
-    assert!(bin.is_file(), "{} missing: run `cargo test --workspace`", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
@@ -117,12 +125,18 @@ async fn the_agent_cli_prints_each_transition_with_its_reason() {
     .unwrap()
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("handshake: attached to g1 (epoch 1)"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("handshake: attached to g1 (epoch 1)"),
+        "{text}"
+    );
     assert!(text.contains("reattached in"), "{text}");
     assert!(text.contains("(epoch 2)"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
     assert_eq!(report["ended"], "agent_closed");
     assert!(report["resumes_ok"].as_u64().unwrap() >= 1);
     assert_eq!(report["rehandshakes"], 0);

@@ -231,4 +231,11 @@ async fn the_quick_start_demo_runs_and_reports_zero_invariant_violations() {
         assert_eq!(v[k], 0, "{k}");
     }
     assert_eq!(v["gateway_exit_code"], 0);
+    // Every transition was scanned: per session 1 handshake, 3 × 2 switch
+    // transitions, 1 termination (more if the gateway saw a transport die first).
+    assert!(
+        v["events_checked"].as_u64().unwrap() >= 80,
+        "{}",
+        v["events_checked"]
+    );
 }
