@@ -168,3 +168,39 @@ fn precedence_is_env_then_file_then_default() {
         "{err}"
     );
 }
+
+#[test]
+fn the_deploy_example_passes_check_and_every_key_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("deploy/single-node/g1.toml");
+    let d = tempfile::tempdir().unwrap();
+    pki(d.path());
+    let text = std::fs::read_to_string(&example).unwrap();
+    // Relative paths resolve against the directory holding pki/.
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-gateway"))
+        .args(["check", "--config"])
+        .arg(&example)
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let mut keys = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some((key, _)) = line.split_once('=')
+            && !line.starts_with('#')
+        {
+            let key = key.trim();
+            assert!(
+                docs.contains(&format!("`{key}`")),
+                "{key} is not in docs/configuration.md"
+            );
+            keys += 1;
+        }
+    }
+    assert!(keys >= 25, "the example covers every key ({keys})");
+}
