@@ -493,6 +493,22 @@ async fn handle_conn(
 
 type Tls = TlsStream<TcpStream>;
 
+/// When the agent's certificate expires, on the engine's clock: a session
+/// never outlives its credential. The certificate was verified moments ago,
+/// so a parse failure here is unexpected and leaves only the policy lifetime.
+fn cert_expiry(der: &[u8], now: Mono) -> Option<Mono> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    // Wall-clock time is needed to read an X.509 date; it is used once, here.
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let left = u64::try_from(not_after)
+        .ok()?
+        .saturating_sub(wall.as_secs());
+    Some(now + Duration::from_secs(left))
+}
+
 fn export(tls: &Tls, label: &[u8], ctx: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     // Exporters exist once the handshake completed, which it has here.
@@ -520,18 +536,23 @@ async fn do_hello(
         let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
         return Err(ConnReject::ProtocolError);
     }
-    let principal: Arc<str> = match tls.get_ref().1.peer_certificates() {
-        Some([leaf, ..]) => Arc::from(format!(
-            "cert:{}",
-            &blake3::hash(leaf.as_ref()).to_hex()[..16]
-        )),
-        _ if shared.token_ok(&hello.auth) => Arc::from("dev-token"),
-        _ => {
-            refuse(ReasonCode::AuthFailed);
-            let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
-            return Err(ConnReject::AuthFailed);
-        }
-    };
+    let now = shared.now();
+    let (principal, credential_expiry): (Arc<str>, Option<Mono>) =
+        match tls.get_ref().1.peer_certificates() {
+            Some([leaf, ..]) => (
+                Arc::from(format!(
+                    "cert:{}",
+                    &blake3::hash(leaf.as_ref()).to_hex()[..16]
+                )),
+                cert_expiry(leaf.as_ref(), now),
+            ),
+            _ if shared.token_ok(&hello.auth) => (Arc::from("dev-token"), None),
+            _ => {
+                refuse(ReasonCode::AuthFailed);
+                let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
+                return Err(ConnReject::AuthFailed);
+            }
+        };
     if shared.draining.load(Ordering::Relaxed) {
         refuse(ReasonCode::Draining);
         let _ = send_reject(&mut tls, ReasonCode::Draining, 0, 0).await;
@@ -549,7 +570,7 @@ async fn do_hello(
             HelloRequest {
                 transport,
                 principal,
-                credential_expiry: None,
+                credential_expiry,
             },
             |ctx| ResumeKey::new(export(&tls, RESUME_KEY_LABEL, ctx)),
         )
@@ -897,5 +918,24 @@ async fn gauge_loop(handle: GatewayHandle, mut stop: watch::Receiver<bool>) {
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_expiry_bounds_the_session_on_the_engine_clock() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".into()]).unwrap();
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        params.not_after = in_an_hour.into();
+        let cert = params.self_signed(&key).unwrap();
+        let now = Mono::from_millis(5_000);
+        let exp = cert_expiry(cert.der(), now).unwrap();
+        let left = exp.saturating_since(now).as_secs();
+        assert!((3590..=3600).contains(&left), "{left}");
+        assert_eq!(cert_expiry(b"not a certificate", now), None);
     }
 }
