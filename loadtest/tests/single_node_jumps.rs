@@ -13,7 +13,8 @@ use jvpn_loadtest::harness::{self, eventually};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_sessions_survive_three_forced_jumps_each() {
     let env = common::start(
-        "[admission]\nmax_tls_handshakes_in_flight = 256\n[policy]\nswitch_cooldown_ms = 300\n",
+        "[admission]\nmax_tls_handshakes_in_flight = 256\n\
+         [policy]\nswitch_cooldown_ms = 300\nheartbeat_timeout_ms = 60000\ntransport_lost_ttl_ms = 120000\n",
     )
     .await;
     let proxy = FaultProxy::start(env.gw.client_addr).await.unwrap();
@@ -66,7 +67,7 @@ async fn hundred_sessions_survive_three_forced_jumps_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_jump_succeeds_at_once_and_retires_the_old_transport() {
-    let env = common::start("").await;
+    let env = common::start(common::QUIET_TRANSPORTS).await;
     let proxy = FaultProxy::start(env.gw.client_addr).await.unwrap();
     let mut a = harness::agent(&env.pki, proxy.addr, Some(harness::source_ip(1))).unwrap();
     let mut old = common::hello(&mut a).await;

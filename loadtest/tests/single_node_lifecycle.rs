@@ -15,7 +15,11 @@ use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_resume_ok_is_recovered_with_the_current_binding_epoch() {
-    let env = common::start("[policy]\nswitch_cooldown_ms = 100\n").await;
+    let env = common::start(&format!(
+        "{}switch_cooldown_ms = 100\n",
+        common::QUIET_TRANSPORTS
+    ))
+    .await;
     let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     let _t = common::hello(&mut a).await;
     tokio::time::sleep(a.switch_allowed_in()).await;

@@ -38,9 +38,11 @@ async fn rejected(env: &common::Env, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_counted_and_closed_and_other_sessions_carry_on() {
-    let env = common::start(
-        "[timeouts]\npreamble_timeout_ms = 300\ntls_handshake_timeout_ms = 500\nfirst_frame_timeout_ms = 500\n",
-    )
+    let env = common::start(&format!(
+        "[timeouts]\npreamble_timeout_ms = 300\ntls_handshake_timeout_ms = 500\n\
+             first_frame_timeout_ms = 500\n{}",
+        common::QUIET_TRANSPORTS
+    ))
     .await;
     let addr = env.gw.client_addr;
     // A healthy session alongside.

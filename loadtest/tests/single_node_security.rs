@@ -29,7 +29,7 @@ fn rejected(e: AgentError) -> (R, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_relayed_and_forged_resumes_change_nothing() {
-    let env = common::start("").await;
+    let env = common::start(common::QUIET_TRANSPORTS).await;
     let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     let _first = common::hello(&mut a).await;
     tokio::time::sleep(a.switch_allowed_in()).await;

@@ -74,3 +74,8 @@ transport_lost_ttl_ms = 1500
 switch_cooldown_ms = 300
 max_switches_per_min = 3
 "#;
+
+/// Liveness timers long enough that transports which send no pings stay
+/// ATTACHED however slow the machine is (tests that assert on state).
+pub const QUIET_TRANSPORTS: &str =
+    "[policy]\nheartbeat_timeout_ms = 60000\ntransport_lost_ttl_ms = 120000\n";
