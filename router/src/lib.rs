@@ -2,7 +2,14 @@
 //! gateway ring, token-based routing of RESUMEs, PROXY v2 and splicing,
 //! membership from gateway heartbeat streams).
 //!
-//! Not built yet: the cluster issue fills this crate. It depends on
-//! `jvpn-proto` for the preamble, token, PROXY and ring code it will use.
+//! # Layout
+//!
+//! - [`membership`]: the sans-IO membership rules of DESIGN §4 (alive,
+//!   placeable, rise, hold-down, supersession, self-suspicion, warm-up).
+//!
+//! The networked router (listener, gRPC heartbeat service, splice) is the
+//! cluster milestone's next step.
 
 #![forbid(unsafe_code)]
+
+pub mod membership;

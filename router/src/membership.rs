@@ -1,0 +1,564 @@
+//! The router's view of the gateways (DESIGN §4), as sans-IO logic.
+//!
+//! The async shell feeds it heartbeats, stream closures, connect results and
+//! a 50 ms tick, all stamped with `now`; it answers which members are alive,
+//! which are placeable (they form the ring), and how a RESUME for a given
+//! owner must be answered. It never reads a clock.
+//!
+//! Per `(node_id, incarnation)`:
+//! - **alive**: a heartbeat within `failure_timeout`, its stream not closed
+//!   for longer than `2 × interval`, and not unreachable for
+//!   `3 × failure_timeout`;
+//! - **placeable**: alive, READY, `lease_ok`, two heartbeats at least
+//!   `interval / 2` apart since it became alive (rise), not held down, and
+//!   fewer than 3 failed connects within 1 s;
+//! - a newer incarnation of a node id supersedes the older one at once; the
+//!   older one is tombstoned and told `superseded`;
+//! - a node that died and came back is held down for
+//!   `min(2 s × 2^(flaps − 1), 60 s)`;
+//! - self-suspicion: when the tick runs more than `failure_timeout / 4` late,
+//!   no death verdicts for one `failure_timeout`; when more than half of the
+//!   members would die at once, the router marks itself unhealthy instead;
+//! - warm-up: for `failure_timeout + 2 × interval` after start, unknown
+//!   owners are `owner_unreachable`, never `owner_lost`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use jvpn_proto::{Incarnation, NodeId};
+
+/// Time on the shell's monotonic clock, in nanoseconds since its origin.
+pub type Nanos = u64;
+
+fn ns(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Membership timing (DESIGN §10 defaults).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipConfig {
+    pub interval: Duration,
+    pub failure_timeout: Duration,
+    pub hold_down_base: Duration,
+    pub hold_down_max: Duration,
+    /// A node stable this long forgets its flaps.
+    pub flap_memory: Duration,
+    pub connect_failures_to_unplace: usize,
+    pub connect_failure_window: Duration,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(250),
+            failure_timeout: Duration::from_millis(1000),
+            hold_down_base: Duration::from_secs(2),
+            hold_down_max: Duration::from_secs(60),
+            flap_memory: Duration::from_secs(300),
+            connect_failures_to_unplace: 3,
+            connect_failure_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a gateway says about itself in a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    Starting,
+    Ready,
+    Draining,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub node_id: NodeId,
+    pub incarnation: Incarnation,
+    pub addr: SocketAddr,
+    pub state: NodeState,
+    pub weight: u32,
+    pub lease_ok: bool,
+}
+
+/// The answer to one heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatVerdict {
+    Accepted,
+    /// This incarnation was replaced by a newer one: the gateway must exit.
+    Superseded,
+}
+
+/// How a RESUME for an owner is routed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnerRoute {
+    /// Splice to this address.
+    Alive(SocketAddr),
+    /// Final: the owner is gone; the agent re-handshakes.
+    Lost,
+    /// Transient: warm-up, self-suspicion or unhealthy router; retry.
+    Unreachable,
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    incarnation: Incarnation,
+    addr: SocketAddr,
+    state: NodeState,
+    weight: u32,
+    lease_ok: bool,
+    last_heartbeat: Nanos,
+    /// Heartbeats since (re)becoming alive, for the rise rule.
+    rise_first: Nanos,
+    rise_count: u32,
+    stream_closed_at: Option<Nanos>,
+    connect_failures: VecDeque<Nanos>,
+    unreachable_since: Option<Nanos>,
+    held_until: Nanos,
+    dead: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct FlapRecord {
+    flaps: u32,
+    last_flap: Nanos,
+}
+
+/// A member's externally visible status (for `/ring` and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub node_id: NodeId,
+    pub incarnation: Incarnation,
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub alive: bool,
+    pub placeable: bool,
+}
+
+/// Everything one router knows about the gateways.
+#[derive(Debug)]
+pub struct Membership {
+    cfg: MembershipConfig,
+    started: Nanos,
+    members: BTreeMap<NodeId, Member>,
+    tombstones: HashMap<(NodeId, Incarnation), Nanos>,
+    flaps: HashMap<NodeId, FlapRecord>,
+    last_tick: Option<Nanos>,
+    suspicious_until: Nanos,
+    unhealthy: bool,
+}
+
+impl Membership {
+    pub fn new(cfg: MembershipConfig, now: Nanos) -> Self {
+        Self {
+            cfg,
+            started: now,
+            members: BTreeMap::new(),
+            tombstones: HashMap::new(),
+            flaps: HashMap::new(),
+            last_tick: None,
+            suspicious_until: 0,
+            unhealthy: false,
+        }
+    }
+
+    fn warming_up(&self, now: Nanos) -> bool {
+        now < self.started + ns(self.cfg.failure_timeout + 2 * self.cfg.interval)
+    }
+
+    /// True while the router distrusts its own timing or its own view.
+    pub fn is_unhealthy(&self) -> bool {
+        self.unhealthy
+    }
+
+    pub fn on_heartbeat(&mut self, now: Nanos, hb: &Heartbeat) -> HeartbeatVerdict {
+        if self
+            .tombstones
+            .contains_key(&(hb.node_id.clone(), hb.incarnation))
+        {
+            return HeartbeatVerdict::Superseded;
+        }
+        if let Some(m) = self.members.get(&hb.node_id)
+            && m.incarnation != hb.incarnation
+        {
+            // A new incarnation supersedes the old one at once (incarnations
+            // are random: order is by arrival, and the old one is tombstoned).
+            let old = m.incarnation;
+            self.tombstones.insert((hb.node_id.clone(), old), now);
+            self.members.remove(&hb.node_id);
+            self.record_flap(&hb.node_id, now);
+        }
+        let hold = self.hold_down(&hb.node_id);
+        let m = self
+            .members
+            .entry(hb.node_id.clone())
+            .or_insert_with(|| Member {
+                incarnation: hb.incarnation,
+                addr: hb.addr,
+                state: hb.state,
+                weight: hb.weight,
+                lease_ok: hb.lease_ok,
+                last_heartbeat: now,
+                rise_first: now,
+                rise_count: 0,
+                stream_closed_at: None,
+                connect_failures: VecDeque::new(),
+                unreachable_since: None,
+                held_until: now + ns(hold),
+                dead: false,
+            });
+        if m.dead {
+            // Back from the dead: a flap, held down before it is placeable,
+            // and reachability must be proven again from scratch.
+            m.dead = false;
+            m.rise_first = now;
+            m.rise_count = 0;
+            m.unreachable_since = None;
+            m.connect_failures.clear();
+            let flaps = {
+                let r = self.flaps.entry(hb.node_id.clone()).or_default();
+                r.flaps += 1;
+                r.last_flap = now;
+                r.flaps
+            };
+            m.held_until = now + ns(hold_down_for(&self.cfg, flaps));
+        }
+        if now.saturating_sub(m.rise_first) >= ns(self.cfg.interval / 2) || m.rise_count == 0 {
+            m.rise_count += 1;
+        }
+        m.addr = hb.addr;
+        m.state = hb.state;
+        m.weight = hb.weight;
+        m.lease_ok = hb.lease_ok;
+        m.last_heartbeat = now;
+        m.stream_closed_at = None;
+        HeartbeatVerdict::Accepted
+    }
+
+    fn hold_down(&self, node: &NodeId) -> Duration {
+        match self.flaps.get(node) {
+            Some(r) if r.flaps > 0 => hold_down_for(&self.cfg, r.flaps),
+            _ => Duration::ZERO,
+        }
+    }
+
+    fn record_flap(&mut self, node: &NodeId, now: Nanos) {
+        let r = self.flaps.entry(node.clone()).or_default();
+        r.flaps += 1;
+        r.last_flap = now;
+    }
+
+    /// The member's heartbeat stream closed (fast death unless it reopens).
+    pub fn on_stream_closed(&mut self, now: Nanos, node: &NodeId, incarnation: Incarnation) {
+        if let Some(m) = self.members.get_mut(node)
+            && m.incarnation == incarnation
+        {
+            m.stream_closed_at.get_or_insert(now);
+        }
+    }
+
+    /// A data-plane connect to the member failed or succeeded.
+    pub fn on_connect(&mut self, now: Nanos, node: &NodeId, incarnation: Incarnation, ok: bool) {
+        let Some(m) = self.members.get_mut(node) else {
+            return;
+        };
+        if m.incarnation != incarnation {
+            return;
+        }
+        if ok {
+            m.connect_failures.clear();
+            m.unreachable_since = None;
+        } else {
+            m.connect_failures.push_back(now);
+            m.unreachable_since.get_or_insert(now);
+        }
+        let window = ns(self.cfg.connect_failure_window);
+        while m
+            .connect_failures
+            .front()
+            .is_some_and(|t| now.saturating_sub(*t) > window)
+        {
+            m.connect_failures.pop_front();
+        }
+    }
+
+    fn would_die(&self, m: &Member, now: Nanos) -> bool {
+        let silent = now.saturating_sub(m.last_heartbeat) > ns(self.cfg.failure_timeout);
+        let closed = m
+            .stream_closed_at
+            .is_some_and(|t| now.saturating_sub(t) > ns(2 * self.cfg.interval));
+        let unreachable = m
+            .unreachable_since
+            .is_some_and(|t| now.saturating_sub(t) > ns(3 * self.cfg.failure_timeout));
+        silent || closed || unreachable
+    }
+
+    /// Runs death verdicts. Call every 50 ms; returns the members that died.
+    pub fn tick(&mut self, now: Nanos) -> Vec<(NodeId, Incarnation)> {
+        if let Some(last) = self.last_tick
+            && now.saturating_sub(last)
+                > ns(Duration::from_millis(50) + self.cfg.failure_timeout / 4)
+        {
+            // Our own clock or scheduler stalled: trust nothing for a while.
+            self.suspicious_until = now + ns(self.cfg.failure_timeout);
+        }
+        self.last_tick = Some(now);
+        let memory = ns(self.cfg.flap_memory);
+        self.flaps
+            .retain(|_, r| now.saturating_sub(r.last_flap) < memory);
+        let tomb_ttl = ns(60 * self.cfg.failure_timeout);
+        self.tombstones
+            .retain(|_, t| now.saturating_sub(*t) < tomb_ttl);
+        if now < self.suspicious_until {
+            return Vec::new();
+        }
+        let live = self.members.values().filter(|m| !m.dead).count();
+        let dying: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.dead && self.would_die(m, now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if live >= 2 && dying.len() * 2 > live {
+            // More than half would die at once: more likely our fault.
+            self.unhealthy = true;
+            return Vec::new();
+        }
+        self.unhealthy = false;
+        let mut died = Vec::new();
+        for n in dying {
+            if let Some(m) = self.members.get_mut(&n) {
+                m.dead = true;
+                died.push((n, m.incarnation));
+            }
+        }
+        died
+    }
+
+    fn alive(&self, m: &Member) -> bool {
+        !m.dead
+    }
+
+    fn placeable(&self, m: &Member, now: Nanos) -> bool {
+        let recent_failures = m.connect_failures.len() >= self.cfg.connect_failures_to_unplace;
+        self.alive(m)
+            && m.state == NodeState::Ready
+            && m.lease_ok
+            && m.rise_count >= 2
+            && now >= m.held_until
+            && !recent_failures
+    }
+
+    /// Every known member with its status, sorted by node id.
+    pub fn status(&self, now: Nanos) -> Vec<MemberStatus> {
+        self.members
+            .iter()
+            .map(|(n, m)| MemberStatus {
+                node_id: n.clone(),
+                incarnation: m.incarnation,
+                addr: m.addr,
+                weight: m.weight,
+                alive: self.alive(m),
+                placeable: self.placeable(m, now),
+            })
+            .collect()
+    }
+
+    /// The members that form the ring now.
+    pub fn placeable_members(&self, now: Nanos) -> Vec<jvpn_proto::ring::Member> {
+        self.members
+            .iter()
+            .filter(|(_, m)| self.placeable(m, now))
+            .map(|(n, m)| jvpn_proto::ring::Member {
+                node_id: n.clone(),
+                incarnation: m.incarnation,
+                addr: m.addr,
+                weight: m.weight,
+            })
+            .collect()
+    }
+
+    /// How to answer a RESUME whose token names `(node, incarnation)`;
+    /// `None` for the owner means the tag matched no known incarnation.
+    pub fn route(&self, now: Nanos, owner: Option<(&NodeId, Incarnation)>) -> OwnerRoute {
+        if let Some((node, inc)) = owner
+            && let Some(m) = self.members.get(node)
+            && m.incarnation == inc
+            && self.alive(m)
+        {
+            return OwnerRoute::Alive(m.addr);
+        }
+        if self.warming_up(now) || now < self.suspicious_until || self.unhealthy {
+            OwnerRoute::Unreachable
+        } else {
+            OwnerRoute::Lost
+        }
+    }
+}
+
+fn hold_down_for(cfg: &MembershipConfig, flaps: u32) -> Duration {
+    let exp = flaps.saturating_sub(1).min(16);
+    (cfg.hold_down_base * 2u32.pow(exp)).min(cfg.hold_down_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+
+    fn hb(node: &str, inc: u64) -> Heartbeat {
+        Heartbeat {
+            node_id: NodeId::new(node).unwrap(),
+            incarnation: Incarnation(inc),
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            state: NodeState::Ready,
+            weight: 1,
+            lease_ok: true,
+        }
+    }
+
+    /// Heartbeats every 250 ms for `node` from `from` to `to` (ms), ticking every 50 ms.
+    fn run(
+        m: &mut Membership,
+        nodes: &[(&str, u64)],
+        from: u64,
+        to: u64,
+    ) -> Vec<(NodeId, Incarnation)> {
+        let mut died = Vec::new();
+        let mut t = from;
+        while t < to {
+            if t.is_multiple_of(250) {
+                for (n, inc) in nodes {
+                    m.on_heartbeat(t * MS, &hb(n, *inc));
+                }
+            }
+            died.extend(m.tick(t * MS));
+            t += 50;
+        }
+        died
+    }
+
+    fn placeable(m: &Membership, now_ms: u64) -> Vec<String> {
+        m.placeable_members(now_ms * MS)
+            .iter()
+            .map(|x| x.node_id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn rise_then_placeable_and_silence_kills_within_failure_timeout_plus_interval() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 200);
+        assert!(placeable(&m, 200).is_empty(), "one heartbeat is not a rise");
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 200, 1000);
+        assert_eq!(placeable(&m, 1000), ["g1", "g2", "g3"]);
+        // g3 goes silent (SIGSTOP): dead within failure_timeout + one interval.
+        let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2300);
+        assert_eq!(died, vec![(NodeId::new("g3").unwrap(), Incarnation(1))]);
+        assert_eq!(placeable(&m, 2300), ["g1", "g2"]);
+        let g3 = NodeId::new("g3").unwrap();
+        assert_eq!(
+            m.route(2300 * MS, Some((&g3, Incarnation(1)))),
+            OwnerRoute::Lost
+        );
+    }
+
+    #[test]
+    fn closed_stream_is_fast_death() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+        let g2 = NodeId::new("g2").unwrap();
+        m.on_stream_closed(1000 * MS, &g2, Incarnation(1));
+        let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
+        assert_eq!(died.len(), 1);
+    }
+
+    #[test]
+    fn new_incarnation_supersedes_and_old_is_told_so() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 5)], 0, 1000);
+        assert_eq!(
+            m.on_heartbeat(1000 * MS, &hb("g2", 6)),
+            HeartbeatVerdict::Accepted
+        );
+        assert_eq!(
+            m.on_heartbeat(1010 * MS, &hb("g2", 5)),
+            HeartbeatVerdict::Superseded
+        );
+        let g2 = NodeId::new("g2").unwrap();
+        assert_eq!(
+            m.route(3000 * MS, Some((&g2, Incarnation(5)))),
+            OwnerRoute::Lost
+        );
+        assert!(matches!(
+            m.route(3000 * MS, Some((&g2, Incarnation(6)))),
+            OwnerRoute::Alive(_)
+        ));
+    }
+
+    #[test]
+    fn flapping_node_is_held_down_exponentially() {
+        let cfg = MembershipConfig::default();
+        let mut m = Membership::new(cfg.clone(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+        // g3 dies, comes back: held down 2 s.
+        run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 2500, 4000);
+        assert_eq!(placeable(&m, 4000), ["g1", "g2"], "held down");
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 4000, 5000);
+        assert_eq!(placeable(&m, 5000), ["g1", "g2", "g3"]);
+        assert_eq!(hold_down_for(&cfg, 2), Duration::from_secs(4));
+        assert_eq!(hold_down_for(&cfg, 10), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn late_ticks_suspend_verdicts_and_mass_death_marks_unhealthy() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+        // The router itself stalls for 2 s: no deaths right after.
+        assert!(m.tick(3000 * MS).is_empty());
+        let g1 = NodeId::new("g1").unwrap();
+        assert_eq!(
+            m.route(3000 * MS, Some((&g1, Incarnation(9)))),
+            OwnerRoute::Unreachable
+        );
+        // Past the suspicion window, everyone silent: unhealthy, not a massacre.
+        let mut t = 3050;
+        while t < 4200 {
+            assert!(m.tick(t * MS).is_empty());
+            t += 50;
+        }
+        assert!(m.is_unhealthy());
+        assert_eq!(placeable(&m, 4200).len(), 3, "nobody killed");
+    }
+
+    #[test]
+    fn warm_up_answers_unknown_owners_unreachable() {
+        let m = Membership::new(MembershipConfig::default(), 0);
+        let g = NodeId::new("gx").unwrap();
+        assert_eq!(
+            m.route(100 * MS, Some((&g, Incarnation(1)))),
+            OwnerRoute::Unreachable
+        );
+        assert_eq!(m.route(100 * MS, None), OwnerRoute::Unreachable);
+        assert_eq!(m.route(2000 * MS, None), OwnerRoute::Lost);
+    }
+
+    #[test]
+    fn failed_connects_unplace_then_unreachable_kills() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+        let g3 = NodeId::new("g3").unwrap();
+        for t in [1000, 1100, 1200] {
+            m.on_connect(t * MS, &g3, Incarnation(1), false);
+        }
+        assert_eq!(placeable(&m, 1200), ["g1", "g2"]);
+        assert!(matches!(
+            m.route(1200 * MS, Some((&g3, Incarnation(1)))),
+            OwnerRoute::Alive(_)
+        ));
+        // Heartbeats still arrive, but 3 × failure_timeout unreachable: not alive.
+        let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 1200, 4300);
+        assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    }
+}
