@@ -22,9 +22,11 @@
 //! - this file: [`Agent`], [`Transport`], errors and reports.
 //! - [`sniff`]: tells a pre-TLS status reply from a TLS record.
 //! - [`run`]: the keep-alive loop.
+//! - [`cli`]: the `jvpn-agent` command line.
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod run;
 pub mod sniff;
 

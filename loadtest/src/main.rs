@@ -48,6 +48,12 @@ enum Cmd {
         #[arg(long)]
         agent_ca: Option<std::path::PathBuf>,
     },
+    /// Run the agent program (same as the `jvpn-agent` binary).
+    #[command(disable_help_flag = true)]
+    Agent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Run the gateway program (same as the `jvpn-gateway` binary).
     #[command(disable_help_flag = true)]
     Gateway {
@@ -58,6 +64,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Agent { args } => {
+            let argv = std::iter::once(std::ffi::OsString::from("jvpn-agent")).chain(args);
+            jvpn_agent::cli::main_with(argv)
+        }
         Cmd::Gateway { args } => {
             let argv = std::iter::once(std::ffi::OsString::from("jvpn-gateway")).chain(args);
             jvpn_gateway::cli::main_with(argv)

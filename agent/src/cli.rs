@@ -1,0 +1,148 @@
+//! Command line of `jvpn-agent`: `connect` keeps one session alive and prints
+//! every transition. Lives in the library so multi-call harnesses can run it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{Agent, AgentConfig, AgentReport, Command, Credential, keep_alive};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Parser)]
+#[command(name = "jvpn-agent", version, about = "Jumping VPN client agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Open a session and keep it alive; press Enter to force a transport jump.
+    Connect {
+        /// Gateway (single node) or router addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        server: Vec<SocketAddr>,
+        /// CA that signed the gateway certificates (client-ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// TLS name of the gateways (the cluster name).
+        #[arg(long, default_value = "jvpn-dev")]
+        server_name: String,
+        /// Development token file.
+        #[arg(long, conflicts_with_all = ["cert", "key"])]
+        token_file: Option<PathBuf>,
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Local address to connect from.
+        #[arg(long)]
+        bind: Option<IpAddr>,
+        /// Force a transport jump every N seconds.
+        #[arg(long)]
+        jump_every_s: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration_s: Option<u64>,
+    },
+}
+
+/// The whole `jvpn-agent` program.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
+    let cli = Cli::parse_from(args);
+    let run = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match run {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jvpn-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cmd::Connect {
+        server,
+        ca,
+        server_name,
+        token_file,
+        cert,
+        key,
+        bind,
+        jump_every_s,
+        duration_s,
+    } = cli.command;
+    let credential = match (token_file, cert, key) {
+        (Some(f), _, _) => {
+            let tok = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
+            Credential::Token(zeroize::Zeroizing::new(tok.trim().as_bytes().to_vec()))
+        }
+        (None, Some(c), Some(k)) => AgentConfig::certificate_from_pem(&c, &k)?,
+        _ => anyhow::bail!("give --token-file, or --cert and --key"),
+    };
+    let cfg = AgentConfig {
+        servers: server,
+        server_name,
+        roots: Arc::new(AgentConfig::roots_from_pem(&ca)?),
+        credential,
+        bind_ip: bind,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let agent = Agent::new(cfg)?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(8);
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel();
+    let report = Arc::new(Mutex::new(AgentReport::default()));
+    tokio::spawn(async move {
+        while let Some(line) = line_rx.recv().await {
+            println!("{line}");
+        }
+    });
+    if let Some(s) = jump_every_s {
+        let tx = cmd_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(s.max(1))).await;
+                if tx.send(Command::Jump).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    {
+        let tx = cmd_tx.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                let _ = tx.blocking_send(Command::Jump);
+                line.clear();
+            }
+        });
+    }
+    if let Some(d) = duration_s {
+        let tx = cmd_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(d)).await;
+            let _ = tx.send(Command::Close).await;
+        });
+    }
+    let run = keep_alive(agent, cmd_rx, Some(line_tx), report);
+    let final_report = tokio::select! {
+        r = run => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!("interrupted");
+            return Ok(());
+        }
+    };
+    drop(cmd_tx);
+    println!("{}", serde_json::to_string_pretty(&final_report)?);
+    Ok(())
+}
