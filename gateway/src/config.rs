@@ -77,6 +77,13 @@ pub struct AuthConfig {
 pub struct ClusterConfig {
     /// File holding `<key_id>:<64 hex digits>`.
     pub secret_file: PathBuf,
+    /// Router source addresses (exact IPs). Empty: single-node mode. Non-empty:
+    /// a PROXY v2 header is mandatory from these and forbidden from anyone else.
+    #[serde(default)]
+    pub routers: Vec<std::net::IpAddr>,
+    /// In cluster mode, also accept agents connecting directly (no PROXY).
+    #[serde(default)]
+    pub direct_clients: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -220,6 +227,7 @@ fn parse(
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("auth.dev_tokens")
+                .with_list_parse_key("cluster.routers")
                 .source(Some(env_map)),
         )
         .build()

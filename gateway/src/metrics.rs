@@ -23,6 +23,7 @@ pub const FRAMES_RECEIVED: &str = "jvpn_gateway_frames_received_total";
 pub const DATA_BYTES: &str = "jvpn_gateway_data_bytes_total";
 pub const DRAINING: &str = "jvpn_gateway_draining";
 pub const BUILD_INFO: &str = "jvpn_build_info";
+pub const HEALTH_CHECKS: &str = "jvpn_gateway_proxy_health_checks_total";
 
 /// Why a connection was closed before it reached the session engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +33,10 @@ pub enum ConnReject {
     BadPreamble,
     PreambleTimeout,
     ProxyForbidden,
+    ProxyRequired,
+    BadProxy,
+    DirectForbidden,
+    OwnerLost,
     TlsFailed,
     TlsTimeout,
     AlpnMismatch,
@@ -50,6 +55,10 @@ impl ConnReject {
             ConnReject::BadPreamble => "bad_preamble",
             ConnReject::PreambleTimeout => "preamble_timeout",
             ConnReject::ProxyForbidden => "proxy_forbidden",
+            ConnReject::ProxyRequired => "proxy_required",
+            ConnReject::BadProxy => "bad_proxy",
+            ConnReject::DirectForbidden => "direct_forbidden",
+            ConnReject::OwnerLost => "owner_lost",
             ConnReject::TlsFailed => "tls_failed",
             ConnReject::TlsTimeout => "tls_timeout",
             ConnReject::AlpnMismatch => "alpn_mismatch",
@@ -106,6 +115,7 @@ pub fn describe() {
     describe_counter!(DATA_BYTES, "Data payload bytes, by direction.");
     describe_gauge!(DRAINING, "1 while the gateway drains.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    describe_counter!(HEALTH_CHECKS, "PROXY LOCAL health checks from routers.");
 }
 
 /// Installs the Prometheus recorder for this process. Histograms get

@@ -406,7 +406,31 @@ async fn handle_conn(
         status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
         return Err(ConnReject::Overloaded);
     }
-    let verdict = lock(&shared.sources).check(SourceKey::from(peer.ip()), shared.now());
+    let t = Duration::from_millis(cfg.timeouts.preamble_timeout_ms);
+    let deadline = tokio::time::Instant::now() + t;
+    let cluster = !cfg.cluster.routers.is_empty();
+    let from_router = cfg.cluster.routers.contains(&peer.ip());
+    // The address limits and logs use: the PROXY source for routers.
+    let mut source = peer;
+    let mut intended = None;
+    if from_router {
+        match read_proxy(&mut stream, deadline).await {
+            Ok(Some(h)) if h.is_local() => {
+                counter!(m::HEALTH_CHECKS).increment(1);
+                return Ok(());
+            }
+            Ok(Some(h)) => {
+                source = h.source().unwrap_or(peer);
+                intended = h.intended_owner;
+            }
+            Ok(None) => {
+                status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
+                return Err(ConnReject::ProxyRequired);
+            }
+            Err(why) => return Err(why),
+        }
+    }
+    let verdict = lock(&shared.sources).check(SourceKey::from(source.ip()), shared.now());
     if verdict.overflow() {
         counter!(m::OVERFLOW_BUCKET).increment(1);
     }
@@ -417,16 +441,26 @@ async fn handle_conn(
     }
 
     let mut pre = [0u8; PREAMBLE_LEN];
-    let t = Duration::from_millis(cfg.timeouts.preamble_timeout_ms);
-    match tokio::time::timeout(t, stream.read_exact(&mut pre)).await {
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut pre)).await {
         Err(_) => return Err(ConnReject::PreambleTimeout),
         Ok(Err(_)) => return Err(ConnReject::BadPreamble),
         Ok(Ok(_)) => {}
     }
     if pre.starts_with(jvpn_proto::proxy::SIGNATURE) {
-        // Single-node mode: nobody is a configured router.
+        // PROXY is accepted only from configured routers.
         status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
         return Err(ConnReject::ProxyForbidden);
+    }
+    if cluster && !from_router && !cfg.cluster.direct_clients {
+        status(&mut stream, Status::NoGateway, Duration::ZERO).await;
+        return Err(ConnReject::DirectForbidden);
+    }
+    if let Some((node, inc)) = &intended
+        && (*node != shared.cfg.node_id || *inc != shared.incarnation)
+    {
+        // The router aimed at another life of this node: its sessions are gone.
+        status(&mut stream, Status::OwnerLost, Duration::ZERO).await;
+        return Err(ConnReject::OwnerLost);
     }
     let preamble = match Preamble::decode(&pre) {
         Ok(p) => p,
@@ -487,6 +521,31 @@ async fn handle_conn(
         _ => {
             let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
             Err(ConnReject::ProtocolError)
+        }
+    }
+}
+
+/// Reads a PROXY v2 header (at most 512 bytes) before `deadline`.
+/// `Ok(None)`: the bytes are not a PROXY header.
+async fn read_proxy(
+    stream: &mut TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Option<jvpn_proto::proxy::ProxyHeader>, ConnReject> {
+    use jvpn_proto::proxy::{Decoded, ProxyError, ProxyHeader};
+    let mut buf = vec![0u8; 16];
+    let mut have = 0;
+    loop {
+        let want = buf.len();
+        match tokio::time::timeout_at(deadline, stream.read_exact(&mut buf[have..want])).await {
+            Err(_) => return Err(ConnReject::PreambleTimeout),
+            Ok(Err(_)) => return Err(ConnReject::BadProxy),
+            Ok(Ok(_)) => have = want,
+        }
+        match ProxyHeader::decode(&buf[..have]) {
+            Ok(Decoded::Done(h, _)) => return Ok(Some(h)),
+            Ok(Decoded::NeedMore(n)) => buf.resize(n, 0),
+            Err(ProxyError::Signature) => return Ok(None),
+            Err(_) => return Err(ConnReject::BadProxy),
         }
     }
 }

@@ -204,3 +204,22 @@ fn the_deploy_example_passes_check_and_every_key_is_documented() {
     }
     assert!(keys >= 25, "the example covers every key ({keys})");
 }
+
+#[test]
+fn router_list_from_the_environment() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("gw.toml");
+    std::fs::write(&path, base(&l)).unwrap();
+    let env = vec![(
+        "JVPN_GATEWAY__CLUSTER__ROUTERS".to_owned(),
+        "127.0.0.1,10.0.0.2".to_owned(),
+    )];
+    let cfg = config::load_with_env(&path, env).unwrap();
+    assert_eq!(
+        cfg.raw.cluster.routers.len(),
+        2,
+        "{:?}",
+        cfg.raw.cluster.routers
+    );
+}

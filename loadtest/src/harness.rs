@@ -131,6 +131,8 @@ pub struct GatewayOptions {
     pub extra_toml: String,
     /// Event sink path (empty: a file in the gateway's directory).
     pub events_path: Option<String>,
+    /// Extra environment (e.g. `JVPN_GATEWAY__CLUSTER__ROUTERS`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running gateway process. Killed on drop.
@@ -211,6 +213,7 @@ impl LocalGateway {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
