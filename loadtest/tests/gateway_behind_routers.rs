@@ -30,7 +30,7 @@ fn proxy_header(intended: Option<(&str, u64)>) -> Vec<u8> {
     ProxyHeader {
         addresses: Some((
             "10.9.8.7:5555".parse().unwrap(),
-            "127.0.0.1:7443".parse().unwrap(),
+            "198.51.100.2:7443".parse().unwrap(),
         )),
         router_id: Some("r1".into()),
         view_id: None,
@@ -54,16 +54,6 @@ async fn status_reply(s: &mut TcpStream) -> Option<Status> {
             .map(|r| r.status),
         _ => None,
     }
-}
-
-async fn rejected(env: &common::Env, reason: &str) -> f64 {
-    env.gw
-        .metric(
-            "jvpn_gateway_connections_rejected_total",
-            &[("reason", reason)],
-        )
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +98,7 @@ async fn proxy_is_mandatory_from_routers_and_refused_from_others() {
         ("direct_forbidden", 1.0),
     ] {
         eventually(Duration::from_secs(5), reason, || async {
-            rejected(&env, reason).await == want
+            common::rejected(&env, reason).await == want
         })
         .await
         .unwrap();
@@ -146,7 +136,7 @@ async fn sessions_work_through_a_router_and_a_stale_owner_gets_owner_lost() {
         }
         other => panic!("expected owner_lost, got {other:?}"),
     }
-    assert_eq!(rejected(&env, "owner_lost").await, 1.0);
+    assert_eq!(common::rejected(&env, "owner_lost").await, 1.0);
     // The session itself is untouched and still answers through the router.
     t.echo(b"still here").await.unwrap();
 }

@@ -26,16 +26,6 @@ async fn closed_by_gateway(s: &mut TcpStream) -> bool {
     }
 }
 
-async fn rejected(env: &common::Env, reason: &str) -> f64 {
-    env.gw
-        .metric(
-            "jvpn_gateway_connections_rejected_total",
-            &[("reason", reason)],
-        )
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_counted_and_closed_and_other_sessions_carry_on() {
     let env = common::start(&format!(
@@ -103,7 +93,7 @@ async fn bad_input_is_counted_and_closed_and_other_sessions_carry_on() {
         ("frame_too_large", 1.0),
     ] {
         eventually(Duration::from_secs(5), reason, || async {
-            rejected(&env, reason).await == want
+            common::rejected(&env, reason).await == want
         })
         .await
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", env.gw.log()));

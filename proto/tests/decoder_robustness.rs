@@ -92,7 +92,7 @@ fn proxy_decoder_never_panics_or_overreads() {
     let valid = ProxyHeader {
         addresses: Some((
             "192.0.2.1:1234".parse().unwrap(),
-            "127.0.0.1:7443".parse().unwrap(),
+            "198.51.100.2:7443".parse().unwrap(),
         )),
         router_id: Some("r1".into()),
         view_id: Some(ViewId([1; 8])),

@@ -410,7 +410,7 @@ mod tests {
         Heartbeat {
             node_id: NodeId::new(node).unwrap(),
             incarnation: Incarnation(inc),
-            addr: "127.0.0.1:7000".parse().unwrap(),
+            addr: "198.51.100.3:7000".parse().unwrap(),
             state: NodeState::Ready,
             weight: 1,
             lease_ok: true,

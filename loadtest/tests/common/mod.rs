@@ -79,3 +79,14 @@ max_switches_per_min = 3
 /// ATTACHED however slow the machine is (tests that assert on state).
 pub const QUIET_TRANSPORTS: &str =
     "[policy]\nheartbeat_timeout_ms = 60000\ntransport_lost_ttl_ms = 120000\n";
+
+/// Connections the gateway closed before a session, for one reason.
+pub async fn rejected(env: &Env, reason: &str) -> f64 {
+    env.gw
+        .metric(
+            "jvpn_gateway_connections_rejected_total",
+            &[("reason", reason)],
+        )
+        .await
+        .unwrap()
+}
