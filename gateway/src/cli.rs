@@ -153,6 +153,11 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 
 async fn run(cfg: config::Validated) -> anyhow::Result<()> {
     raise_nofile();
+    // Held until the process exits.
+    let _lock = match &cfg.raw.state_dir {
+        Some(dir) => Some(lock_state_dir(dir)?),
+        None => None,
+    };
     let prom = metrics::install()?;
     let client = tokio::net::TcpListener::bind(cfg.raw.client_addr).await?;
     let admin = tokio::net::TcpListener::bind(cfg.raw.admin_addr).await?;
@@ -189,5 +194,37 @@ fn raise_nofile() {
         && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
     {
         tracing::warn!(soft, hard, "could not raise the open-file limit");
+    }
+}
+
+/// Takes the exclusive lock on `dir/lock` (creating both), writing our pid.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut locked) => {
+            locked.set_len(0)?;
+            locked.rewind()?;
+            writeln!(locked, "{}", std::process::id())?;
+            Ok(locked)
+        }
+        Err((mut file, _)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "state_dir {} is locked by another gateway (pid {}): refusing to run twice",
+                dir.display(),
+                holder.trim()
+            )
+        }
     }
 }

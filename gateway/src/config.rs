@@ -31,6 +31,10 @@ pub struct GatewayConfig {
     /// Admin HTTP listener: metrics, health, sessions. Loopback by default.
     #[serde(default = "default_admin_addr")]
     pub admin_addr: SocketAddr,
+    /// Directory this gateway locks exclusively while it runs, so two
+    /// processes can never serve as the same node from one host.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     pub tls: TlsConfig,
     #[serde(default)]
     pub auth: AuthConfig,

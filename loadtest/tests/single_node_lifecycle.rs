@@ -168,3 +168,33 @@ fn pki_private_files_are_0600() {
         & 0o077;
     assert_ne!(cert, 0, "certificates are public");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_state_dir_refuses_to_start() {
+    let pki = harness::TestPki::new(&["g1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let opts = harness::GatewayOptions {
+        extra_toml: String::new(),
+        env: vec![(
+            "JVPN_GATEWAY__STATE_DIR".into(),
+            state.display().to_string(),
+        )],
+        ..Default::default()
+    };
+    let first =
+        harness::LocalGateway::start(&common::launcher(), &pki, &dir.path().join("a"), &opts)
+            .await
+            .unwrap();
+    let second =
+        harness::LocalGateway::start(&common::launcher(), &pki, &dir.path().join("b"), &opts).await;
+    let err = format!("{:#}", second.unwrap_err());
+    assert!(err.contains("is locked by another gateway"), "{err}");
+    let pid = first.pid().unwrap().to_string();
+    assert!(err.contains(&pid), "the message names the holder: {err}");
+    // The first one is unaffected.
+    assert!(matches!(
+        harness::http_get(first.admin_addr, "/readyz").await,
+        Ok((200, _))
+    ));
+}
