@@ -55,6 +55,11 @@ fn note(tx: &Option<Transitions>, line: String) {
     }
 }
 
+/// Applies `f` to the shared report.
+fn update(report: &Mutex<AgentReport>, f: impl FnOnce(&mut AgentReport)) {
+    f(&mut report.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
 fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     *map.entry(key.to_owned()).or_insert(0) += 1;
 }
@@ -79,9 +84,6 @@ pub async fn keep_alive(
     transitions: Option<Transitions>,
     report: Arc<Mutex<AgentReport>>,
 ) -> AgentReport {
-    let rep = |f: &mut dyn FnMut(&mut AgentReport)| {
-        f(&mut report.lock().unwrap_or_else(PoisonError::into_inner))
-    };
     let snapshot = || {
         report
             .lock()
@@ -91,11 +93,11 @@ pub async fn keep_alive(
     let mut t = match establish(&mut agent, &transitions, None).await {
         Ok(t) => t,
         Err(e) => {
-            rep(&mut |r| r.ended = Some(reason_str(&e)));
+            update(&report, |r| r.ended = Some(reason_str(&e)));
             return snapshot();
         }
     };
-    rep(&mut |r| r.sessions_established += 1);
+    update(&report, |r| r.sessions_established += 1);
     loop {
         let interval = Duration::from_millis(
             agent
@@ -116,7 +118,7 @@ pub async fn keep_alive(
         let lost: Option<AgentError> = match ev {
             Ev::Tick => t.ping().await.err(),
             Ev::Frame(Ok(Kind::GoAway(g))) => {
-                rep(&mut |r| r.go_aways += 1);
+                update(&report, |r| r.go_aways += 1);
                 note(
                     &transitions,
                     format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
@@ -131,7 +133,7 @@ pub async fn keep_alive(
                         reason: ReasonCode::AgentClosed as i32,
                     }))
                     .await;
-                rep(&mut |r| r.ended = Some("agent_closed".into()));
+                update(&report, |r| r.ended = Some("agent_closed".into()));
                 return snapshot();
             }
             Ev::Cmd(Some(Command::Echo(payload, reply))) => {
@@ -162,7 +164,7 @@ pub async fn keep_alive(
                         continue;
                     }
                     Err(e) => {
-                        rep(&mut |r| r.ended = Some(reason_str(&e)));
+                        update(&report, |r| r.ended = Some(reason_str(&e)));
                         return snapshot();
                     }
                 }
@@ -170,14 +172,14 @@ pub async fn keep_alive(
         };
         let Some(e) = lost else { continue };
         if let AgentError::Protocol(_) = e {
-            rep(&mut |r| r.protocol_violations += 1);
+            update(&report, |r| r.protocol_violations += 1);
         }
         note(&transitions, format!("transport lost: {}", reason_str(&e)));
         let lost_at = Instant::now();
         if e.session_gone() {
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
-                    rep(&mut |r| {
+                    update(&report, |r| {
                         r.rehandshakes += 1;
                         bump(&mut r.rehandshake_reasons, &reason_str(&e));
                     });
@@ -185,7 +187,7 @@ pub async fn keep_alive(
                     continue;
                 }
                 Err(e2) => {
-                    rep(&mut |r| r.ended = Some(reason_str(&e2)));
+                    update(&report, |r| r.ended = Some(reason_str(&e2)));
                     return snapshot();
                 }
             }
@@ -193,7 +195,7 @@ pub async fn keep_alive(
         match reattach(&mut agent, &transitions, &report, lost_at).await {
             Ok(new_t) => t = new_t,
             Err(e) => {
-                rep(&mut |r| r.ended = Some(reason_str(&e)));
+                update(&report, |r| r.ended = Some(reason_str(&e)));
                 return snapshot();
             }
         }
@@ -260,9 +262,6 @@ async fn reattach(
     report: &Arc<Mutex<AgentReport>>,
     lost_at: Instant,
 ) -> Result<Transport, AgentError> {
-    let rep = |f: &mut dyn FnMut(&mut AgentReport)| {
-        f(&mut report.lock().unwrap_or_else(PoisonError::into_inner))
-    };
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
     let mut attempt = 0u32;
@@ -276,7 +275,7 @@ async fn reattach(
         match agent.resume().await {
             Ok(t) => {
                 let ms = lost_at.elapsed().as_millis() as u64;
-                rep(&mut |r| {
+                update(report, |r| {
                     r.resumes_ok += 1;
                     r.recovery_ms.push(ms);
                 });
@@ -289,18 +288,18 @@ async fn reattach(
             }
             Err(e) => {
                 let why = reason_str(&e);
-                rep(&mut |r| bump(&mut r.resumes_rejected, &why));
+                update(report, |r| bump(&mut r.resumes_rejected, &why));
                 match e {
-                    AgentError::Protocol(_) => rep(&mut |r| r.protocol_violations += 1),
+                    AgentError::Protocol(_) => update(report, |r| r.protocol_violations += 1),
                     AgentError::OwnerMismatch { .. } => {
-                        rep(&mut |r| r.silent_migration_attempts += 1)
+                        update(report, |r| r.silent_migration_attempts += 1)
                     }
                     _ => {}
                 }
                 let remaining = ttl.saturating_sub(lost_at.elapsed());
                 if e.session_gone() || remaining.is_zero() {
                     let t = establish(agent, transitions, Some(why.clone())).await?;
-                    rep(&mut |r| {
+                    update(report, |r| {
                         r.rehandshakes += 1;
                         bump(&mut r.rehandshake_reasons, &why);
                     });
