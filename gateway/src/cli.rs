@@ -141,7 +141,8 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
                 }
             };
             match rt.block_on(run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(server::Exit::Drained) => ExitCode::SUCCESS,
+                Ok(server::Exit::Superseded) => ExitCode::from(EXIT_SUPERSEDED),
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE
@@ -151,7 +152,11 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
     }
 }
 
-async fn run(cfg: config::Validated) -> anyhow::Result<()> {
+/// Exit status of a gateway superseded by a newer incarnation of its node id
+/// (sysexits EX_TEMPFAIL; systemd units keep it from restarting in a loop).
+pub const EXIT_SUPERSEDED: u8 = 75;
+
+async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
     raise_nofile();
     // Held until the process exits.
     let _lock = match &cfg.raw.state_dir {

@@ -88,6 +88,87 @@ pub struct ClusterConfig {
     /// In cluster mode, also accept agents connecting directly (no PROXY).
     #[serde(default)]
     pub direct_clients: bool,
+    /// Cluster name: membership identities are `jvpn://<name>/gateway/<node>`
+    /// and routers present `router.<name>`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// Router membership endpoints (`host:port`), one heartbeat stream each.
+    /// Empty with `routers` set: static PROXY mode (no membership, no leases).
+    #[serde(default)]
+    pub membership_endpoints: Vec<String>,
+    /// Membership client certificate (URI SAN `jvpn://<name>/gateway/<node>`).
+    #[serde(default)]
+    pub membership_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub membership_key_file: Option<PathBuf>,
+    /// CA that signed the routers' membership certificates.
+    #[serde(default)]
+    pub membership_ca_file: Option<PathBuf>,
+    /// Address routers connect to for client traffic; default: the bound client address.
+    #[serde(default)]
+    pub advertise_addr: Option<SocketAddr>,
+    /// Share of new sessions relative to other gateways (1..=16).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Lease length after an acknowledged heartbeat's send time; must be
+    /// shorter than the routers' failure timeout.
+    #[serde(default = "default_lease_timeout_ms")]
+    pub lease_timeout_ms: u64,
+}
+
+fn default_cluster_name() -> String {
+    "jvpn".into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    250
+}
+fn default_lease_timeout_ms() -> u64 {
+    750
+}
+
+/// Membership files read at startup.
+#[derive(Clone)]
+pub struct MembershipFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: zeroize::Zeroizing<Vec<u8>>,
+    pub ca_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for MembershipFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MembershipFiles { .. }")
+    }
+}
+
+/// Reads a required PEM file; a problem names `key`.
+pub fn read_pem(
+    key: &str,
+    path: Option<&Path>,
+    errs: &mut Vec<ConfigProblem>,
+) -> Option<Vec<u8>> {
+    let Some(path) = path else {
+        errs.push(ConfigProblem::new(key, "required"));
+        return None;
+    };
+    match std::fs::read(path) {
+        Ok(b) if b.starts_with(b"-----BEGIN") => Some(b),
+        Ok(_) => {
+            errs.push(ConfigProblem::new(
+                key,
+                format!("{}: not a PEM file", path.display()),
+            ));
+            None
+        }
+        Err(e) => {
+            errs.push(ConfigProblem::new(key, format!("{}: {e}", path.display())));
+            None
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -170,7 +251,7 @@ pub struct ConfigProblem {
 }
 
 impl ConfigProblem {
-    fn new(key: impl Into<String>, problem: impl ToString) -> Self {
+    pub fn new(key: impl Into<String>, problem: impl ToString) -> Self {
         Self {
             key: key.into(),
             problem: problem.to_string(),
@@ -192,6 +273,8 @@ pub struct Validated {
     pub secret: ClusterSecret,
     pub dev_tokens: Vec<zeroize::Zeroizing<Vec<u8>>>,
     pub max_tls_handshakes_in_flight: usize,
+    /// Set when `cluster.membership_endpoints` is not empty.
+    pub membership: Option<MembershipFiles>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -212,6 +295,26 @@ fn parse(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<GatewayConfig, ConfigProblem> {
+    parse_layered(
+        path,
+        env,
+        ENV_PREFIX,
+        &[
+            "auth.dev_tokens",
+            "cluster.routers",
+            "cluster.membership_endpoints",
+        ],
+    )
+}
+
+/// TOML file, then `PREFIX__SECTION__KEY` environment overrides (list keys
+/// split on commas), deserialized into `T`. Shared by every binary.
+pub fn parse_layered<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+    prefix: &str,
+    list_keys: &[&str],
+) -> Result<T, ConfigProblem> {
     if !path.exists() {
         return Err(ConfigProblem::new(
             "--config",
@@ -220,23 +323,46 @@ fn parse(
     }
     let env_map: config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .filter(|(k, _)| k.starts_with(&format!("{prefix}__")))
         .collect();
+    let mut environment = config::Environment::with_prefix(prefix)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",");
+    for k in list_keys {
+        environment = environment.with_list_parse_key(k);
+    }
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("auth.dev_tokens")
-                .with_list_parse_key("cluster.routers")
-                .source(Some(env_map)),
-        )
+        .add_source(environment.source(Some(env_map)))
         .build()
-        .and_then(|c| c.try_deserialize::<GatewayConfig>())
+        .and_then(|c| c.try_deserialize::<T>())
         .map_err(|e| ConfigProblem::new(key_of(&e), e))
+}
+
+/// Reads a `<key_id>:<hex>` cluster secret file; a problem is filed under `key`.
+pub fn read_secret(key: &str, path: &Path, errs: &mut Vec<ConfigProblem>) -> Option<ClusterSecret> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<ClusterSecret>()
+            .map_err(|e| errs.push(ConfigProblem::new(key, e)))
+            .ok(),
+        Err(e) => {
+            errs.push(ConfigProblem::new(key, format!("{}: {e}", path.display())));
+            None
+        }
+    }
+}
+
+/// Files a problem for every zero value among `(key, value)`.
+pub fn require_nonzero(errs: &mut Vec<ConfigProblem>, items: &[(&str, u64)]) {
+    for (key, v) in items {
+        if *v == 0 {
+            errs.push(ConfigProblem::new(*key, "must be greater than zero"));
+        }
+    }
 }
 
 /// Best effort: the key a `config` error is about.
@@ -266,19 +392,15 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         );
     }
     let t = &raw.timeouts;
-    for (key, v) in [
-        ("timeouts.preamble_timeout_ms", t.preamble_timeout_ms),
-        (
-            "timeouts.tls_handshake_timeout_ms",
-            t.tls_handshake_timeout_ms,
-        ),
-        ("timeouts.first_frame_timeout_ms", t.first_frame_timeout_ms),
-        ("timeouts.drain_timeout_ms", t.drain_timeout_ms),
-    ] {
-        if v == 0 {
-            errs.push(ConfigProblem::new(key, "must be greater than zero"));
-        }
-    }
+    require_nonzero(
+        &mut errs,
+        &[
+            ("timeouts.preamble_timeout_ms", t.preamble_timeout_ms),
+            ("timeouts.tls_handshake_timeout_ms", t.tls_handshake_timeout_ms),
+            ("timeouts.first_frame_timeout_ms", t.first_frame_timeout_ms),
+            ("timeouts.drain_timeout_ms", t.drain_timeout_ms),
+        ],
+    );
     let a = &raw.admission;
     let positive = |v: f64| v.is_finite() && v > 0.0;
     if !positive(a.per_source_rate_per_s) {
@@ -299,15 +421,14 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             "must be in [0, 1)",
         ));
     }
-    for (key, v) in [
-        ("admission.per_source_burst", a.per_source_burst as usize),
-        ("admission.source_table_capacity", a.source_table_capacity),
-        ("admission.max_connections", a.max_connections),
-    ] {
-        if v == 0 {
-            errs.push(ConfigProblem::new(key, "must be greater than zero"));
-        }
-    }
+    require_nonzero(
+        &mut errs,
+        &[
+            ("admission.per_source_burst", u64::from(a.per_source_burst)),
+            ("admission.source_table_capacity", a.source_table_capacity as u64),
+            ("admission.max_connections", a.max_connections as u64),
+        ],
+    );
     if raw.events.queue_capacity == 0 {
         errs.push(ConfigProblem::new(
             "events.queue_capacity",
@@ -321,21 +442,55 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             None
         }
     };
-    let secret = match std::fs::read_to_string(&raw.cluster.secret_file) {
-        Ok(text) => text
-            .trim()
-            .parse::<ClusterSecret>()
-            .map_err(|e| errs.push(ConfigProblem::new("cluster.secret_file", e)))
-            .ok(),
-        Err(e) => {
-            let shown = raw.cluster.secret_file.display();
+    let secret = read_secret("cluster.secret_file", &raw.cluster.secret_file, &mut errs);
+    let c = &raw.cluster;
+    let mut membership = None;
+    if !c.membership_endpoints.is_empty() {
+        if c.routers.is_empty() {
             errs.push(ConfigProblem::new(
-                "cluster.secret_file",
-                format!("{shown}: {e}"),
+                "cluster.routers",
+                "membership_endpoints are set: list the routers' source addresses too",
             ));
-            None
         }
-    };
+        if let Err(e) = NodeId::new(&c.name) {
+            errs.push(ConfigProblem::new("cluster.name", e));
+        }
+        let cert = read_pem(
+            "cluster.membership_cert_file",
+            c.membership_cert_file.as_deref(),
+            &mut errs,
+        );
+        let key = read_pem(
+            "cluster.membership_key_file",
+            c.membership_key_file.as_deref(),
+            &mut errs,
+        );
+        let ca = read_pem(
+            "cluster.membership_ca_file",
+            c.membership_ca_file.as_deref(),
+            &mut errs,
+        );
+        if let (Some(cert_pem), Some(key), Some(ca_pem)) = (cert, key, ca) {
+            membership = Some(MembershipFiles {
+                cert_pem,
+                key_pem: zeroize::Zeroizing::new(key),
+                ca_pem,
+            });
+        }
+    }
+    if !(1..=jvpn_proto::ring::MAX_WEIGHT).contains(&c.weight) {
+        errs.push(ConfigProblem::new(
+            "cluster.weight",
+            format!("must be in 1..={}", jvpn_proto::ring::MAX_WEIGHT),
+        ));
+    }
+    require_nonzero(
+        &mut errs,
+        &[
+            ("cluster.heartbeat_interval_ms", c.heartbeat_interval_ms),
+            ("cluster.lease_timeout_ms", c.lease_timeout_ms),
+        ],
+    );
     if raw.auth.dev_tokens.is_empty() && raw.tls.agent_ca_file.is_none() {
         errs.push(ConfigProblem::new(
             "auth.dev_tokens",
@@ -367,6 +522,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 secret,
                 dev_tokens,
                 max_tls_handshakes_in_flight: max_tls,
+                membership,
             })
         }
         _ => Err(ConfigErrors(errs)),

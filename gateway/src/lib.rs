@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod events;
+pub mod membership;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -24,6 +24,11 @@ pub const DATA_BYTES: &str = "jvpn_gateway_data_bytes_total";
 pub const DRAINING: &str = "jvpn_gateway_draining";
 pub const BUILD_INFO: &str = "jvpn_build_info";
 pub const HEALTH_CHECKS: &str = "jvpn_gateway_proxy_health_checks_total";
+pub const HEARTBEATS_SENT: &str = "jvpn_gateway_heartbeats_sent_total";
+pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_total";
+pub const SUPERSEDED: &str = "jvpn_gateway_superseded_total";
+pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
+pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
 
 /// Why a connection was closed before it reached the session engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +50,7 @@ pub enum ConnReject {
     ProtocolError,
     AuthFailed,
     Draining,
+    NoLease,
 }
 
 impl ConnReject {
@@ -67,6 +73,7 @@ impl ConnReject {
             ConnReject::ProtocolError => "protocol_error",
             ConnReject::AuthFailed => "auth_failed",
             ConnReject::Draining => "draining",
+            ConnReject::NoLease => "no_lease",
         }
     }
 }
@@ -116,6 +123,23 @@ pub fn describe() {
     describe_gauge!(DRAINING, "1 while the gateway drains.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     describe_counter!(HEALTH_CHECKS, "PROXY LOCAL health checks from routers.");
+    describe_counter!(HEARTBEATS_SENT, "Membership heartbeats sent to routers.");
+    describe_counter!(
+        HEARTBEAT_STREAM_ERRORS,
+        "Heartbeat streams that failed or closed (each is retried)."
+    );
+    describe_counter!(
+        SUPERSEDED,
+        "Times a router said this incarnation was superseded (duplicate node id)."
+    );
+    describe_counter!(
+        VIEW_MISMATCH,
+        "Router views this gateway could not reproduce (cluster secret mismatch)."
+    );
+    describe_gauge!(
+        LEASE_VALID,
+        "1 while this gateway holds a valid lease with the router (label: router id)."
+    );
 }
 
 /// Installs the Prometheus recorder for this process. Histograms get

@@ -7,7 +7,7 @@
 //! DIR/gateways/<node>.{pem,key}    serverAuth, SANs <cluster>, <node>.node.<cluster>
 //! DIR/membership-ca.pem        CA of the membership plane (mTLS)
 //! DIR/membership/<node>.{pem,key}  clientAuth, URI SAN jvpn://<cluster>/gateway/<node>
-//! DIR/membership/router-<r>.{pem,key}  serverAuth, SAN <r>.router.<cluster>
+//! DIR/membership/router-<r>.{pem,key}  serverAuth, SANs <r>.router.<cluster>, router.<cluster>
 //! DIR/agent-ca.pem             CA whose certificates authenticate agents
 //! DIR/agents/agent-<i>.{pem,key}   clientAuth sample agents
 //! DIR/cluster.secret           "<key_id>:<64 hex>", the cluster secret
@@ -200,9 +200,11 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
     }
     for r in &spec.routers {
         let name = format!("{r}.router.{c}");
+        // Every router also answers to `router.<cluster>`, the one name
+        // gateways verify, so gateway configs need no per-router names.
         let (cert, key) = member_ca.issue(
             &name,
-            vec![dns(&name)?, loopback()],
+            vec![dns(&name)?, dns(&format!("router.{c}"))?, loopback()],
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         write_public(

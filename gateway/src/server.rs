@@ -78,9 +78,11 @@ struct Shared {
     draining: AtomicBool,
     events: EventSink,
     token_hashes: Vec<blake3::Hash>,
+    /// Leases and views; `None` without membership (single node, static PROXY).
+    cluster: Option<Arc<crate::membership::Cluster>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -202,6 +204,16 @@ impl GatewayHandle {
     }
 }
 
+/// How [`serve`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested and the drain completed.
+    Drained,
+    /// A router said a newer incarnation of this node id exists: every
+    /// session was terminated with `superseded` (the process exits 75).
+    Superseded,
+}
+
 /// Runs a gateway on already-bound listeners until `shutdown` resolves, then
 /// drains (GoAway spread over the first half of `drain_timeout_ms`,
 /// `Terminate{draining}` near its end) and returns.
@@ -211,9 +223,30 @@ pub async fn serve(
     admin: TcpListener,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    // (the listener moves into the accept task below)
+) -> anyhow::Result<Exit> {
+    let advertise = match cfg.raw.cluster.advertise_addr {
+        Some(a) => a,
+        None => client.local_addr()?,
+    };
     let shared = build(cfg)?;
+    let mut superseded = None;
+    if let (Some(cluster), Some(files)) = (&shared.cluster, &shared.cfg.membership) {
+        let c = &shared.cfg.raw.cluster;
+        crate::membership::spawn(
+            cluster.clone(),
+            crate::membership::HeartbeatSettings {
+                cert_pem: files.cert_pem.clone(),
+                key_pem: files.key_pem.to_vec(),
+                ca_pem: files.ca_pem.clone(),
+                server_name: format!("router.{}", c.name),
+                advertise_addr: advertise,
+                weight: c.weight,
+                interval: Duration::from_millis(c.heartbeat_interval_ms),
+                keys: shared.cfg.secret.derive(),
+            },
+        )?;
+        superseded = Some(cluster.superseded());
+    }
     let handle = GatewayHandle {
         shared: shared.clone(),
     };
@@ -242,7 +275,38 @@ pub async fn serve(
             }
         }
     });
-    shutdown.await;
+    if let Some(c) = &shared.cluster {
+        c.set_state(crate::membership::LocalState::Ready);
+    }
+    let was_superseded = match superseded.as_mut() {
+        Some(rx) => tokio::select! {
+            () = shutdown => false,
+            r = rx.wait_for(|s| *s) => r.is_ok(),
+        },
+        None => {
+            shutdown.await;
+            false
+        }
+    };
+    if was_superseded {
+        // Another process serves this node id now: our sessions are not ours
+        // to keep. End them explicitly and leave at once.
+        shared.draining.store(true, Ordering::Relaxed);
+        let _ = accept_stop.send(true);
+        let _ = accept_task.await;
+        let now = shared.now();
+        for i in 0..shared.shards.len() {
+            shared.with_engine(i, |e| e.terminate_all(now, Termination::Superseded));
+        }
+        let grace_end = Instant::now() + Duration::from_millis(500);
+        while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop_tx.send(true);
+        shared.events.flush(Duration::from_secs(1)).await;
+        warn!("superseded by a newer incarnation of this node id; exiting");
+        return Ok(Exit::Superseded);
+    }
 
     // Drain.
     shared.draining.store(true, Ordering::Relaxed);
@@ -251,7 +315,17 @@ pub async fn serve(
     let started = Instant::now();
     let terminate_at = started + drain.mul_f64(0.9);
     info!(drain_ms = drain.as_millis() as u64, "draining");
-    spread_goaway(&shared, drain / 2, terminate_at);
+    if let Some(c) = &shared.cluster {
+        // GoAway only once every router stopped placing HELLOs here, so the
+        // re-handshakes it triggers cannot land on this node again.
+        c.set_state(crate::membership::LocalState::Draining);
+        let ack_deadline = Instant::now() + (drain / 4).min(Duration::from_secs(5));
+        while !c.draining_acknowledged() && Instant::now() < ack_deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let spread = (terminate_at.saturating_duration_since(Instant::now())).min(drain / 2);
+    spread_goaway(&shared, spread, terminate_at);
     loop {
         let live: u64 = shared.counts().iter().sum();
         if live == 0 {
@@ -276,7 +350,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     shared.events.flush(Duration::from_secs(2)).await;
     info!("drained");
-    Ok(())
+    Ok(Exit::Drained)
 }
 
 fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
@@ -330,6 +404,14 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
         draining: AtomicBool::new(false),
         events: EventSink::start(&cfg.raw.events, cfg.node_id.clone(), incarnation),
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
+        cluster: cfg.membership.as_ref().map(|_| {
+            crate::membership::Cluster::new(
+                cfg.node_id.clone(),
+                incarnation,
+                &cfg.raw.cluster.membership_endpoints,
+                Duration::from_millis(cfg.raw.cluster.lease_timeout_ms),
+            )
+        }),
         cfg,
     };
     Ok(Arc::new(shared))
@@ -413,6 +495,7 @@ async fn handle_conn(
     // The address limits and logs use: the PROXY source for routers.
     let mut source = peer;
     let mut intended = None;
+    let mut router_id = None;
     if from_router {
         match read_proxy(&mut stream, deadline).await {
             Ok(Some(h)) if h.is_local() => {
@@ -422,6 +505,7 @@ async fn handle_conn(
             Ok(Some(h)) => {
                 source = h.source().unwrap_or(peer);
                 intended = h.intended_owner;
+                router_id = h.router_id;
             }
             Ok(None) => {
                 status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
@@ -514,7 +598,9 @@ async fn handle_conn(
         }
     };
     match (kind, first) {
-        (HandshakeKind::Hello, Kind::Hello(h)) => do_hello(shared, tls, buf, h, accepted_at).await,
+        (HandshakeKind::Hello, Kind::Hello(h)) => {
+            do_hello(shared, tls, buf, h, accepted_at, router_id.as_deref()).await
+        }
         (HandshakeKind::Resume, Kind::Resume(r)) => {
             do_resume(shared, tls, buf, r, accepted_at).await
         }
@@ -588,6 +674,7 @@ async fn do_hello(
     buf: BytesMut,
     hello: jvpn_proto::pb::session::Hello,
     accepted_at: Instant,
+    router_id: Option<&str>,
 ) -> Result<(), ConnReject> {
     let refuse = |r: ReasonCode| counter!(m::HELLOS, "result" => r.as_str()).increment(1);
     if hello.protocol_version != jvpn_proto::PROTOCOL_VERSION {
@@ -617,12 +704,34 @@ async fn do_hello(
         let _ = send_reject(&mut tls, ReasonCode::Draining, 0, 0).await;
         return Err(ConnReject::Draining);
     }
+    // Fencing: mint only under a valid lease with the forwarding router
+    // (a direct HELLO needs leases with a majority of routers).
+    let lease_ok = |c: &crate::membership::Cluster| match router_id {
+        Some(r) => c.lease_with(r),
+        None => c.has_majority_lease(),
+    };
+    let placement = match &shared.cluster {
+        None => None,
+        Some(c) => {
+            let ring = match router_id {
+                Some(r) => c.hello_ring(r),
+                None => c.majority_ring(),
+            };
+            if ring.is_none() {
+                refuse(ReasonCode::NotInCluster);
+                let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
+                return Err(ConnReject::NoLease);
+            }
+            ring
+        }
+    };
     let n = shared.shards.len();
     let shard = shared.next_hello_shard.fetch_add(1, Ordering::Relaxed) % n;
     let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::unbounded_channel();
     shared.register(shard, transport, tx);
     let r = shared.with_engine(shard, |e| {
+        e.set_placement(placement);
         e.hello(
             now,
             HelloRequest {
@@ -652,6 +761,18 @@ async fn do_hello(
         policy: Some(shared.cfg.raw.policy.to_wire()),
         token_key_id: u32::from(shared.token_key.key_id()),
     };
+    if let Some(c) = &shared.cluster
+        && !lease_ok(c)
+    {
+        // The lease lapsed while minting: this HelloOk must not be written.
+        shared.with_engine(shard, |e| {
+            e.terminate(shared.now(), &acc.session_id, Termination::LeaseLost)
+        });
+        shared.deregister(shard, transport);
+        refuse(ReasonCode::NotInCluster);
+        let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
+        return Err(ConnReject::NoLease);
+    }
     if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
         shared.with_engine(shard, |e| {
             e.transport_closed(shared.now(), &acc.session_id, transport)
@@ -970,11 +1091,17 @@ async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watch::Receiver
 
 async fn gauge_loop(handle: GatewayHandle, mut stop: watch::Receiver<bool>) {
     loop {
+        let mut total = 0;
         for (state, n) in handle.session_counts() {
             gauge!(m::SESSIONS, "state" => state).set(n as f64);
+            total += n;
+        }
+        if let Some(c) = &handle.shared.cluster {
+            c.set_sessions(total);
+            c.export_lease_gauges();
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stop.changed() => return,
         }
     }

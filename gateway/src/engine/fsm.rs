@@ -86,14 +86,17 @@ pub enum Termination {
     Superseded,
     /// The agent ended its own session (`Terminate` frame).
     AgentClosed,
+    /// The router lease lapsed between minting and `HelloOk` (fencing).
+    LeaseLost,
 }
 
 impl Termination {
-    pub const ALL: [Termination; 4] = [
+    pub const ALL: [Termination; 5] = [
         Termination::Operator,
         Termination::Drain,
         Termination::Superseded,
         Termination::AgentClosed,
+        Termination::LeaseLost,
     ];
 
     pub fn reason(self) -> ReasonCode {
@@ -102,6 +105,7 @@ impl Termination {
             Termination::Drain => ReasonCode::Draining,
             Termination::Superseded => ReasonCode::Superseded,
             Termination::AgentClosed => ReasonCode::AgentClosed,
+            Termination::LeaseLost => ReasonCode::NotInCluster,
         }
     }
 }

@@ -1,0 +1,406 @@
+//! The gateway side of membership (DESIGN §4): one heartbeat stream per
+//! configured router, driven from a dedicated thread so a busy runtime can
+//! never starve it, and the leases that fence HELLO.
+//!
+//! Lease with router R: the send time (this process's monotonic clock) of the
+//! last heartbeat R acknowledged, plus `lease_timeout`. It is shorter than the
+//! router's `failure_timeout`, so by the time a router may declare this node
+//! dead, the node has already stopped minting sessions through that router.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jvpn_proto::ids::{Incarnation, NodeId};
+use jvpn_proto::keys::ClusterKeys;
+use jvpn_proto::pb::membership::membership_client::MembershipClient;
+use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
+use jvpn_proto::ring::{Member, Ring, RingParams, View};
+use metrics::{counter, gauge};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tracing::{debug, info, warn};
+
+use crate::metrics as m;
+
+/// What this gateway tells routers about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LocalState {
+    Starting = 1,
+    Ready = 2,
+    Draining = 3,
+}
+
+/// One router as seen from this gateway.
+#[derive(Debug)]
+pub struct RouterLink {
+    endpoint: String,
+    /// The router's id (PROXY TLV 0xE0), learned from its replies.
+    router_id: Mutex<Option<String>>,
+    /// Lease end in ns since [`Cluster::origin`]; 0 = no lease.
+    lease_until: AtomicU64,
+    /// The router's latest view, as a ring to mint ids in.
+    ring: Mutex<Option<Arc<Ring>>>,
+    /// The router acknowledged a heartbeat that said DRAINING.
+    draining_acked: AtomicBool,
+}
+
+impl RouterLink {
+    fn id(&self) -> Option<String> {
+        crate::server::lock(&self.router_id).clone()
+    }
+}
+
+/// Leases, views and local state shared by the server and the heartbeat thread.
+#[derive(Debug)]
+pub struct Cluster {
+    origin: Instant,
+    pub node_id: NodeId,
+    pub incarnation: Incarnation,
+    links: Vec<Arc<RouterLink>>,
+    lease_timeout: Duration,
+    state: AtomicU8,
+    sessions: AtomicU64,
+    superseded: watch::Sender<bool>,
+}
+
+impl Cluster {
+    pub fn new(
+        node_id: NodeId,
+        incarnation: Incarnation,
+        endpoints: &[String],
+        lease_timeout: Duration,
+    ) -> Arc<Self> {
+        let links = endpoints
+            .iter()
+            .map(|e| {
+                Arc::new(RouterLink {
+                    endpoint: e.clone(),
+                    router_id: Mutex::new(None),
+                    lease_until: AtomicU64::new(0),
+                    ring: Mutex::new(None),
+                    draining_acked: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        Arc::new(Self {
+            origin: Instant::now(),
+            node_id,
+            incarnation,
+            links,
+            lease_timeout,
+            state: AtomicU8::new(LocalState::Starting as u8),
+            sessions: AtomicU64::new(0),
+            superseded: watch::channel(false).0,
+        })
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn lease_valid(&self, link: &RouterLink) -> bool {
+        let until = link.lease_until.load(Ordering::Acquire);
+        until != 0 && self.nanos(Instant::now()) < until
+    }
+
+    /// The ring to mint in for a HELLO forwarded by `router_id`, if the lease
+    /// with that router is valid now.
+    pub fn hello_ring(&self, router_id: &str) -> Option<Arc<Ring>> {
+        let link = self
+            .links
+            .iter()
+            .find(|l| l.id().as_deref() == Some(router_id))?;
+        if !self.lease_valid(link) {
+            return None;
+        }
+        crate::server::lock(&link.ring).clone()
+    }
+
+    /// The lease check repeated right before `HelloOk` is written.
+    pub fn lease_with(&self, router_id: &str) -> bool {
+        self.links
+            .iter()
+            .any(|l| l.id().as_deref() == Some(router_id) && self.lease_valid(l))
+    }
+
+    /// A direct HELLO needs leases with a majority of routers; minted in the
+    /// view of the first of them.
+    pub fn majority_ring(&self) -> Option<Arc<Ring>> {
+        let valid: Vec<&Arc<RouterLink>> =
+            self.links.iter().filter(|l| self.lease_valid(l)).collect();
+        if valid.len() * 2 <= self.links.len() {
+            return None;
+        }
+        valid
+            .iter()
+            .find_map(|l| crate::server::lock(&l.ring).clone())
+    }
+
+    pub fn has_majority_lease(&self) -> bool {
+        let valid = self.links.iter().filter(|l| self.lease_valid(l)).count();
+        valid * 2 > self.links.len()
+    }
+
+    pub fn set_state(&self, s: LocalState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    fn state(&self) -> NodeState {
+        match self.state.load(Ordering::Acquire) {
+            x if x == LocalState::Ready as u8 => NodeState::Ready,
+            x if x == LocalState::Draining as u8 => NodeState::Draining,
+            _ => NodeState::Starting,
+        }
+    }
+
+    pub fn set_sessions(&self, n: u64) {
+        self.sessions.store(n, Ordering::Relaxed);
+    }
+
+    /// True once every router that currently holds a lease acknowledged
+    /// DRAINING (a router we cannot reach places nothing on us anyway).
+    pub fn draining_acknowledged(&self) -> bool {
+        self.links
+            .iter()
+            .all(|l| l.draining_acked.load(Ordering::Acquire) || !self.lease_valid(l))
+    }
+
+    /// Publishes one lease gauge per identified router.
+    pub fn export_lease_gauges(&self) {
+        for l in &self.links {
+            if let Some(id) = l.id() {
+                let v = if self.lease_valid(l) { 1.0 } else { 0.0 };
+                gauge!(m::LEASE_VALID, "router" => id).set(v);
+            }
+        }
+    }
+
+    /// Resolves when a router says this incarnation was superseded.
+    pub fn superseded(&self) -> watch::Receiver<bool> {
+        self.superseded.subscribe()
+    }
+}
+
+/// TLS material and parameters for the heartbeat streams.
+#[derive(Clone, Debug)]
+pub struct HeartbeatSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub ca_pem: Vec<u8>,
+    /// The name every router's membership certificate carries (`router.<cluster>`).
+    pub server_name: String,
+    pub advertise_addr: std::net::SocketAddr,
+    pub weight: u32,
+    pub interval: Duration,
+    pub keys: ClusterKeys,
+}
+
+/// Starts the heartbeat thread: one stream per router, reconnecting forever.
+pub fn spawn(cluster: Arc<Cluster>, settings: HeartbeatSettings) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("jvpn-heartbeat".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "heartbeat runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let settings = Arc::new(settings);
+                let mut tasks = Vec::new();
+                for link in cluster.links.clone() {
+                    tasks.push(tokio::spawn(run_link(
+                        cluster.clone(),
+                        link,
+                        settings.clone(),
+                    )));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })?;
+    Ok(())
+}
+
+async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<HeartbeatSettings>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match stream_once(&cluster, &link, &s).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                debug!(router = %link.endpoint, error = %e, "heartbeat stream ended");
+                counter!(m::HEARTBEAT_STREAM_ERRORS).increment(1);
+            }
+        }
+        if *cluster.superseded.borrow() {
+            return;
+        }
+        link.draining_acked.store(false, Ordering::Release);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn stream_once(
+    cluster: &Cluster,
+    link: &RouterLink,
+    s: &HeartbeatSettings,
+) -> anyhow::Result<()> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&s.ca_pem))
+        .identity(Identity::from_pem(&s.cert_pem, &s.key_pem))
+        .domain_name(s.server_name.clone());
+    let channel = Endpoint::from_shared(format!("https://{}", link.endpoint))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = MembershipClient::new(channel);
+    let (tx, rx) = mpsc::channel::<HeartbeatRequest>(4);
+    let mut ticker = tokio::time::interval(s.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq: u64 = 0;
+    let mut sent: VecDeque<(u64, Instant, NodeState)> = VecDeque::new();
+    // The first request must be queued before the call resolves: tonic
+    // waits for response headers, which the router sends on the first message.
+    let first = request(cluster, link, s, &mut seq, &mut sent);
+    tx.send(first).await?;
+    let mut replies = client
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    ticker.tick().await;
+    info!(router = %link.endpoint, "heartbeat stream open");
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let req = request(cluster, link, s, &mut seq, &mut sent);
+                tx.send(req).await?;
+            }
+            msg = replies.message() => {
+                let Some(reply) = msg? else {
+                    anyhow::bail!("router closed the stream");
+                };
+                on_reply(cluster, link, s, &mut sent, reply)?;
+            }
+        }
+    }
+}
+
+fn request(
+    cluster: &Cluster,
+    link: &RouterLink,
+    s: &HeartbeatSettings,
+    seq: &mut u64,
+    sent: &mut VecDeque<(u64, Instant, NodeState)>,
+) -> HeartbeatRequest {
+    *seq += 1;
+    let state = cluster.state();
+    sent.push_back((*seq, Instant::now(), state));
+    while sent.len() > 32 {
+        sent.pop_front();
+    }
+    counter!(m::HEARTBEATS_SENT).increment(1);
+    HeartbeatRequest {
+        node_id: cluster.node_id.to_string(),
+        incarnation: cluster.incarnation.0,
+        advertise_addr: s.advertise_addr.to_string(),
+        state: state as i32,
+        weight: s.weight,
+        sessions: cluster.sessions.load(Ordering::Relaxed),
+        lease_ok: cluster.lease_valid(link),
+        build_version: env!("CARGO_PKG_VERSION").to_owned(),
+        sequence: *seq,
+    }
+}
+
+fn on_reply(
+    cluster: &Cluster,
+    link: &RouterLink,
+    s: &HeartbeatSettings,
+    sent: &mut VecDeque<(u64, Instant, NodeState)>,
+    reply: HeartbeatReply,
+) -> anyhow::Result<()> {
+    if reply.superseded {
+        counter!(m::SUPERSEDED).increment(1);
+        warn!(router = %link.endpoint, "a router says this incarnation was superseded");
+        cluster.superseded.send_replace(true);
+        anyhow::bail!("superseded");
+    }
+    let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
+        // An echo we no longer remember grants nothing.
+        return Ok(());
+    };
+    {
+        let mut id = crate::server::lock(&link.router_id);
+        if id.as_deref() != Some(reply.router_id.as_str()) {
+            info!(router = %link.endpoint, router_id = %reply.router_id, "router identified");
+            *id = Some(reply.router_id.clone());
+        }
+    }
+    let ring = match view_from(&reply, &s.keys) {
+        Ok(r) => r,
+        Err(why) => {
+            // A view we cannot reproduce means a different cluster secret:
+            // we must not mint sessions for this router.
+            counter!(m::VIEW_MISMATCH).increment(1);
+            warn!(router = %link.endpoint, %why, "router view rejected; no lease");
+            link.lease_until.store(0, Ordering::Release);
+            return Ok(());
+        }
+    };
+    let changed = {
+        let mut cur = crate::server::lock(&link.ring);
+        let same = match (&*cur, &ring) {
+            (Some(a), Some(b)) => a.view().id() == b.view().id(),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            *cur = ring;
+        }
+        !same
+    };
+    if changed {
+        debug!(router = %link.endpoint, "router view changed");
+    }
+    let until = cluster.nanos(sent_at + cluster.lease_timeout);
+    link.lease_until.fetch_max(until, Ordering::AcqRel);
+    if state == NodeState::Draining {
+        link.draining_acked.store(true, Ordering::Release);
+    }
+    Ok(())
+}
+
+fn view_from(reply: &HeartbeatReply, keys: &ClusterKeys) -> Result<Option<Arc<Ring>>, String> {
+    if reply.members.is_empty() {
+        return Ok(None);
+    }
+    let params = RingParams {
+        vnodes_per_weight: reply.ring.as_ref().map_or(0, |r| r.vnodes_per_weight),
+    };
+    let mut members = Vec::with_capacity(reply.members.len());
+    for vm in &reply.members {
+        members.push(Member {
+            node_id: NodeId::new(&vm.node_id).map_err(|e| e.to_string())?,
+            incarnation: Incarnation(vm.incarnation),
+            addr: vm.addr.parse().map_err(|e| format!("{}: {e}", vm.addr))?,
+            weight: vm.weight,
+        });
+    }
+    let view = View::new(members, params, keys).map_err(|e| e.to_string())?;
+    if view.id().0.as_slice() != reply.view_id.as_slice() {
+        return Err("view id differs (cluster secret mismatch?)".into());
+    }
+    Ok(Some(Arc::new(Ring::new(view, keys))))
+}
