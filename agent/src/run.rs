@@ -265,6 +265,7 @@ async fn reattach(
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
     let mut attempt = 0u32;
+    let mut asked_another_router = false;
     loop {
         let pace = agent
             .switch_allowed_in()
@@ -297,6 +298,20 @@ async fn reattach(
                     _ => {}
                 }
                 let remaining = ttl.saturating_sub(lost_at.elapsed());
+                let router_says_lost = matches!(&e, AgentError::Status(s)
+                    if s.status == jvpn_proto::preamble::Status::OwnerLost);
+                if router_says_lost
+                    && !asked_another_router
+                    && agent.config().servers.len() > 1
+                    && !remaining.is_zero()
+                {
+                    // One router's view may lag (or be wrong): ask one more
+                    // before giving the session up.
+                    asked_another_router = true;
+                    agent.rotate_server();
+                    note(transitions, "owner_lost: asking another router".into());
+                    continue;
+                }
                 if e.session_gone() || remaining.is_zero() {
                     let t = establish(agent, transitions, Some(why.clone())).await?;
                     update(report, |r| {

@@ -1,5 +1,6 @@
-//! Admin HTTP (loopback by default): `/metrics`, `/healthz`, `/readyz`,
-//! `/sessions`. Plain hyper: no framework, nothing but these four routes.
+//! Admin HTTP (loopback by default): `/metrics`, `/healthz`, `/readyz`, plus
+//! JSON routes of the binary (`/sessions` on gateways, `/ring` on routers).
+//! Plain hyper: no framework. Shared by every binary through [`AdminApp`].
 
 use std::convert::Infallible;
 
@@ -13,7 +14,33 @@ use tokio::net::TcpListener;
 
 use crate::server::GatewayHandle;
 
-pub async fn serve(listener: TcpListener, gw: GatewayHandle, prom: Option<PrometheusHandle>) {
+/// What a binary exposes on its admin port.
+pub trait AdminApp: Clone + Send + Sync + 'static {
+    /// `Some(why)` makes `/readyz` answer 503 with that word.
+    fn not_ready(&self) -> Option<&'static str>;
+    /// JSON for binary-specific paths; `None` is a 404.
+    fn json(&self, path: &str) -> Option<serde_json::Value>;
+}
+
+impl AdminApp for GatewayHandle {
+    fn not_ready(&self) -> Option<&'static str> {
+        self.is_draining().then_some("draining")
+    }
+
+    fn json(&self, path: &str) -> Option<serde_json::Value> {
+        (path == "/sessions").then(|| {
+            let counts = self.session_counts();
+            let total: u64 = counts.iter().map(|(_, v)| v).sum();
+            let by_state: serde_json::Map<String, serde_json::Value> = counts
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect();
+            serde_json::json!({ "total": total, "by_state": by_state })
+        })
+    }
+}
+
+pub async fn serve<A: AdminApp>(listener: TcpListener, gw: A, prom: Option<PrometheusHandle>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -41,9 +68,9 @@ fn text(status: StatusCode, body: String, ctype: &'static str) -> Response<Full<
     r
 }
 
-fn route(
+fn route<A: AdminApp>(
     req: &Request<Incoming>,
-    gw: &GatewayHandle,
+    gw: &A,
     prom: Option<&PrometheusHandle>,
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
@@ -57,23 +84,13 @@ fn route(
             ),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into(), PLAIN),
-        "/readyz" => {
-            if gw.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into(), PLAIN)
-            } else {
-                text(StatusCode::OK, "ready\n".into(), PLAIN)
-            }
-        }
-        "/sessions" => {
-            let counts: serde_json::Map<String, serde_json::Value> = gw
-                .session_counts()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect();
-            let total: u64 = gw.session_counts().iter().map(|(_, v)| v).sum();
-            let body = serde_json::json!({ "total": total, "by_state": counts });
-            text(StatusCode::OK, body.to_string() + "\n", "application/json")
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
+        "/readyz" => match gw.not_ready() {
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"), PLAIN),
+            None => text(StatusCode::OK, "ready\n".into(), PLAIN),
+        },
+        path => match gw.json(path) {
+            Some(body) => text(StatusCode::OK, body.to_string() + "\n", "application/json"),
+            None => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
+        },
     }
 }

@@ -73,7 +73,7 @@ pub fn init_tracing(format: LogFormat) {
 }
 
 /// sysexits EX_USAGE: the configuration is wrong.
-const EXIT_CONFIG: u8 = 64;
+pub const EXIT_CONFIG: u8 = 64;
 
 /// The whole `jvpn-gateway` program, for the binary and for multi-call harnesses.
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -175,7 +175,8 @@ async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
     server::serve(cfg, client, admin, Some(prom), shutdown_signal()).await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {
@@ -192,7 +193,7 @@ async fn shutdown_signal() {
 
 /// Every connection is a file descriptor: use the whole hard limit, and say
 /// when the soft limit cannot be raised.
-fn raise_nofile() {
+pub fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard

@@ -146,11 +146,7 @@ impl std::fmt::Debug for MembershipFiles {
 }
 
 /// Reads a required PEM file; a problem names `key`.
-pub fn read_pem(
-    key: &str,
-    path: Option<&Path>,
-    errs: &mut Vec<ConfigProblem>,
-) -> Option<Vec<u8>> {
+pub fn read_pem(key: &str, path: Option<&Path>, errs: &mut Vec<ConfigProblem>) -> Option<Vec<u8>> {
     let Some(path) = path else {
         errs.push(ConfigProblem::new(key, "required"));
         return None;
@@ -396,7 +392,10 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         &mut errs,
         &[
             ("timeouts.preamble_timeout_ms", t.preamble_timeout_ms),
-            ("timeouts.tls_handshake_timeout_ms", t.tls_handshake_timeout_ms),
+            (
+                "timeouts.tls_handshake_timeout_ms",
+                t.tls_handshake_timeout_ms,
+            ),
             ("timeouts.first_frame_timeout_ms", t.first_frame_timeout_ms),
             ("timeouts.drain_timeout_ms", t.drain_timeout_ms),
         ],
@@ -425,7 +424,10 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         &mut errs,
         &[
             ("admission.per_source_burst", u64::from(a.per_source_burst)),
-            ("admission.source_table_capacity", a.source_table_capacity as u64),
+            (
+                "admission.source_table_capacity",
+                a.source_table_capacity as u64,
+            ),
             ("admission.max_connections", a.max_connections as u64),
         ],
     );

@@ -319,6 +319,9 @@ fn request(
         weight: s.weight,
         sessions: cluster.sessions.load(Ordering::Relaxed),
         lease_ok: cluster.lease_valid(link),
+        in_view: crate::server::lock(&link.ring)
+            .as_ref()
+            .is_some_and(|r| r.view().contains(&cluster.node_id, cluster.incarnation)),
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
         sequence: *seq,
     }
@@ -374,7 +377,13 @@ fn on_reply(
     if changed {
         debug!(router = %link.endpoint, "router view changed");
     }
-    let until = cluster.nanos(sent_at + cluster.lease_timeout);
+    // The shorter of ours and the router's: both sides must agree the lease
+    // ends before the router may declare us dead.
+    let mut lease = cluster.lease_timeout;
+    if reply.lease_duration_ms > 0 {
+        lease = lease.min(Duration::from_millis(reply.lease_duration_ms));
+    }
+    let until = cluster.nanos(sent_at + lease);
     link.lease_until.fetch_max(until, Ordering::AcqRel);
     if state == NodeState::Draining {
         link.draining_acked.store(true, Ordering::Release);

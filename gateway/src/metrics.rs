@@ -121,7 +121,6 @@ pub fn describe() {
     describe_counter!(FRAMES_RECEIVED, "Frames received on attached transports.");
     describe_counter!(DATA_BYTES, "Data payload bytes, by direction.");
     describe_gauge!(DRAINING, "1 while the gateway drains.");
-    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     describe_counter!(HEALTH_CHECKS, "PROXY LOCAL health checks from routers.");
     describe_counter!(HEARTBEATS_SENT, "Membership heartbeats sent to routers.");
     describe_counter!(
@@ -145,6 +144,12 @@ pub fn describe() {
 /// Installs the Prometheus recorder for this process. Histograms get
 /// buckets from 100 µs to 10 s.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
+    install_for("gateway", describe)
+}
+
+/// Installs the recorder for any binary: `describe` names its catalogue and
+/// `jvpn_build_info{component}` is set.
+pub fn install_for(component: &'static str, describe: fn()) -> anyhow::Result<PrometheusHandle> {
     let buckets = [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0,
@@ -153,7 +158,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
         .install_recorder()?;
     describe();
-    metrics::gauge!(BUILD_INFO, "component" => "gateway", "version" => env!("CARGO_PKG_VERSION"))
+    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    metrics::gauge!(BUILD_INFO, "component" => component, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     Ok(handle)
 }

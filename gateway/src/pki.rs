@@ -63,6 +63,27 @@ impl PkiLayout {
     pub fn agent_key(&self, i: usize) -> PathBuf {
         self.dir.join("agents").join(format!("agent-{i}.key"))
     }
+    pub fn membership_ca(&self) -> PathBuf {
+        self.dir.join("membership-ca.pem")
+    }
+    /// A gateway's membership client certificate.
+    pub fn membership_cert(&self, node: &str) -> PathBuf {
+        self.dir.join("membership").join(format!("{node}.pem"))
+    }
+    pub fn membership_key(&self, node: &str) -> PathBuf {
+        self.dir.join("membership").join(format!("{node}.key"))
+    }
+    /// A router's membership server certificate.
+    pub fn router_cert(&self, router: &str) -> PathBuf {
+        self.dir
+            .join("membership")
+            .join(format!("router-{router}.pem"))
+    }
+    pub fn router_key(&self, router: &str) -> PathBuf {
+        self.dir
+            .join("membership")
+            .join(format!("router-{router}.key"))
+    }
     pub fn secret(&self) -> PathBuf {
         self.dir.join("cluster.secret")
     }
@@ -162,7 +183,7 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
         &client_ca.key.serialize_pem(),
     )?;
     let (member_ca, pem) = Ca::new(&format!("jvpn {c} membership CA"))?;
-    write_public(&spec.out.join("membership-ca.pem"), &pem)?;
+    write_public(&layout.membership_ca(), &pem)?;
     write_secret(
         &spec.out.join("membership-ca.key"),
         &member_ca.key.serialize_pem(),
@@ -189,14 +210,8 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
             vec![SanType::URI(uri.as_str().try_into()?), loopback()],
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
-        write_public(
-            &spec.out.join("membership").join(format!("{node}.pem")),
-            &cert,
-        )?;
-        write_secret(
-            &spec.out.join("membership").join(format!("{node}.key")),
-            &key,
-        )?;
+        write_public(&layout.membership_cert(node), &cert)?;
+        write_secret(&layout.membership_key(node), &key)?;
     }
     for r in &spec.routers {
         let name = format!("{r}.router.{c}");
@@ -207,14 +222,8 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
             vec![dns(&name)?, dns(&format!("router.{c}"))?, loopback()],
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
-        write_public(
-            &spec.out.join("membership").join(format!("router-{r}.pem")),
-            &cert,
-        )?;
-        write_secret(
-            &spec.out.join("membership").join(format!("router-{r}.key")),
-            &key,
-        )?;
+        write_public(&layout.router_cert(r), &cert)?;
+        write_secret(&layout.router_key(r), &key)?;
     }
     for i in 0..spec.agents {
         let (cert, key) = agent_ca.issue(

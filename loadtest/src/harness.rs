@@ -22,7 +22,35 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-/// How to launch the gateway program.
+/// Which program a [`Launcher`] starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Router,
+}
+
+impl Role {
+    fn binary(self) -> &'static str {
+        match self {
+            Role::Gateway => "jvpn-gateway",
+            Role::Router => "jvpn-router",
+        }
+    }
+    fn subcommand(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Router => "router",
+        }
+    }
+    fn env_override(self) -> &'static str {
+        match self {
+            Role::Gateway => "JVPN_GATEWAY_BIN",
+            Role::Router => "JVPN_ROUTER_BIN",
+        }
+    }
+}
+
+/// How to launch a gateway or router program.
 #[derive(Clone, Debug)]
 pub struct Launcher {
     program: PathBuf,
@@ -32,7 +60,13 @@ pub struct Launcher {
 impl Launcher {
     /// Resolves the gateway binary relative to `exe` (see module docs).
     pub fn resolve(exe: &Path) -> Self {
-        if let Some(p) = std::env::var_os("JVPN_GATEWAY_BIN") {
+        Self::resolve_as(exe, Role::Gateway)
+    }
+
+    /// Resolves `role`'s binary: `$JVPN_<ROLE>_BIN`, else beside `exe`, else
+    /// `exe` itself as a multi-call binary.
+    pub fn resolve_as(exe: &Path, role: Role) -> Self {
+        if let Some(p) = std::env::var_os(role.env_override()) {
             return Self {
                 program: p.into(),
                 prefix: vec![],
@@ -46,7 +80,7 @@ impl Launcher {
             }
         }
         for d in dirs {
-            let cand = d.join("jvpn-gateway");
+            let cand = d.join(role.binary());
             if cand.is_file() {
                 return Self {
                     program: cand,
@@ -56,20 +90,25 @@ impl Launcher {
         }
         Self {
             program: exe.to_path_buf(),
-            prefix: vec!["gateway".into()],
+            prefix: vec![role.subcommand().into()],
         }
     }
 
-    /// For integration tests of this crate: the real binary if built, else multi-call.
+    /// For integration tests of this crate: the real gateway binary if
+    /// built, else the multi-call load tool.
     pub fn for_tests(loadtest_bin: &str) -> Self {
+        Self::for_tests_as(loadtest_bin, Role::Gateway)
+    }
+
+    pub fn for_tests_as(loadtest_bin: &str, role: Role) -> Self {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(loadtest_bin));
-        let found = Self::resolve(&exe);
+        let found = Self::resolve_as(&exe, role);
         if found.prefix.is_empty() {
             found
         } else {
             Self {
                 program: loadtest_bin.into(),
-                prefix: vec!["gateway".into()],
+                prefix: vec![role.subcommand().into()],
             }
         }
     }
@@ -91,7 +130,98 @@ impl Launcher {
             prefix,
         }
     }
+
+    /// Runs `<program> run --config CONFIG`, logging to `log`, and waits for
+    /// its `JVPN_READY k=addr …` line. Returns the child and those addresses.
+    pub(crate) async fn spawn_ready(
+        &self,
+        config: &Path,
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Result<(Child, Vec<(String, SocketAddr)>)> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.prefix)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?,
+            ))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", self.program.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("JVPN_READY ") {
+                    return Ok::<_, anyhow::Error>(Some(rest.to_owned()));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .context("process did not report readiness within 30 s")??;
+        let Some(rest) = ready else {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("process exited before readiness:\n{text}");
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let mut addrs = Vec::new();
+        for kv in rest.split_whitespace() {
+            if let Some((k, v)) = kv.split_once('=') {
+                addrs.push((k.to_owned(), v.parse()?));
+            }
+        }
+        Ok((child, addrs))
+    }
 }
+
+pub(crate) fn addr_of(addrs: &[(String, SocketAddr)], key: &str) -> Result<SocketAddr> {
+    addrs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, a)| *a)
+        .with_context(|| format!("no {key} address reported"))
+}
+
+pub(crate) async fn wait_http_ok(admin: SocketAddr, path: &str, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok((200, _)) = http_get(admin, path).await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{path} not 200 within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn signal_child(child: &Child, sig: Signal) -> Result<()> {
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw)
+        .context("process already exited")?;
+    kill(pid, sig)?;
+    Ok(())
+}
+
+/// The cluster name of every test and demo PKI.
+pub const CLUSTER: &str = "jvpn-dev";
 
 /// A development PKI in a directory that lives as long as this value.
 #[derive(Debug)]
@@ -102,12 +232,16 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn new(nodes: &[&str]) -> Result<Self> {
+        Self::with_routers(nodes, &["r1"])
+    }
+
+    pub fn with_routers(nodes: &[&str], routers: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let layout = pki::init(&PkiSpec {
             out: dir.path().join("pki"),
-            cluster: "jvpn-dev".into(),
+            cluster: CLUSTER.into(),
             nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
-            routers: vec!["r1".into()],
+            routers: routers.iter().map(|s| (*s).to_owned()).collect(),
             agents: 2,
         })?;
         Ok(Self {
@@ -133,6 +267,8 @@ pub struct GatewayOptions {
     pub events_path: Option<String>,
     /// Extra environment (e.g. `JVPN_GATEWAY__CLUSTER__ROUTERS`).
     pub env: Vec<(String, String)>,
+    /// Extra keys for the `[cluster]` table (membership endpoints, routers).
+    pub cluster_toml: String,
 }
 
 /// A running gateway process. Killed on drop.
@@ -173,6 +309,7 @@ dev_tokens = ["{token}"]
 
 [cluster]
 secret_file = "{secret}"
+{cluster_extra}
 
 [events]
 path = "{events}"
@@ -185,6 +322,7 @@ path = "{events}"
         token = pki.dev_token()?,
         secret = l.secret().display(),
         extra = opts.extra_toml,
+        cluster_extra = opts.cluster_toml,
     );
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{node}.toml"));
@@ -201,73 +339,19 @@ impl LocalGateway {
         opts: &GatewayOptions,
     ) -> Result<Self> {
         let (config_path, events_path) = write_config(pki, dir, opts)?;
-        let mut cmd = Command::new(&launcher.program);
-        cmd.args(&launcher.prefix)
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.join("gateway.log"))?))
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", launcher.program.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.strip_prefix("JVPN_READY ") {
-                    return Ok::<_, anyhow::Error>(Some(rest.to_owned()));
-                }
-            }
-            Ok(None)
-        })
-        .await
-        .context("gateway did not report readiness within 30 s")??;
-        let Some(rest) = ready else {
-            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
-            bail!("gateway exited before readiness:\n{log}");
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let mut client_addr = None;
-        let mut admin_addr = None;
-        for kv in rest.split_whitespace() {
-            match kv.split_once('=') {
-                Some(("client", v)) => client_addr = Some(v.parse()?),
-                Some(("admin", v)) => admin_addr = Some(v.parse()?),
-                _ => {}
-            }
-        }
+        let (child, addrs) = launcher
+            .spawn_ready(&config_path, &dir.join("gateway.log"), &opts.env)
+            .await?;
         let gw = Self {
             child,
-            client_addr: client_addr.context("no client address")?,
-            admin_addr: admin_addr.context("no admin address")?,
+            client_addr: addr_of(&addrs, "client")?,
+            admin_addr: addr_of(&addrs, "admin")?,
             dir: dir.to_path_buf(),
             events_path,
             config_path,
         };
-        gw.wait_ready(Duration::from_secs(10)).await?;
+        wait_http_ok(gw.admin_addr, "/readyz", Duration::from_secs(10)).await?;
         Ok(gw)
-    }
-
-    async fn wait_ready(&self, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok((200, _)) = http_get(self.admin_addr, "/readyz").await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("gateway not ready within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     pub fn pid(&self) -> Option<Pid> {
@@ -278,8 +362,7 @@ impl LocalGateway {
     }
 
     pub fn signal(&self, sig: Signal) -> Result<()> {
-        kill(self.pid().context("gateway already exited")?, sig)?;
-        Ok(())
+        signal_child(&self.child, sig)
     }
 
     pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
@@ -360,7 +443,7 @@ pub fn agent_config(
 ) -> Result<AgentConfig> {
     Ok(AgentConfig {
         servers,
-        server_name: "jvpn-dev".into(),
+        server_name: CLUSTER.into(),
         roots: Arc::new(AgentConfig::roots_from_pem(&pki.layout.client_ca())?),
         credential: Credential::Token(zeroize::Zeroizing::new(pki.dev_token()?.into_bytes())),
         bind_ip: bind,

@@ -5,6 +5,7 @@
 //!
 //! - [`harness`]: start real gateway processes on ephemeral loopback ports,
 //!   wait for readiness, scrape metrics, build agents.
+//! - [`cluster`]: a local cluster (routers + gateways as processes), restarts, scale-out.
 //! - [`faultproxy`]: a user-space TCP proxy that cuts, stalls, delays or
 //!   blackholes connections on command.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod faultproxy;
 pub mod harness;

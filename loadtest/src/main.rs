@@ -60,6 +60,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Run the router program (same as the `jvpn-router` binary).
+    #[command(disable_help_flag = true)]
+    Router {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +77,10 @@ fn main() -> ExitCode {
         Cmd::Gateway { args } => {
             let argv = std::iter::once(std::ffi::OsString::from("jvpn-gateway")).chain(args);
             jvpn_gateway::cli::main_with(argv)
+        }
+        Cmd::Router { args } => {
+            let argv = std::iter::once(std::ffi::OsString::from("jvpn-router")).chain(args);
+            jvpn_router::cli::main_with(argv)
         }
         Cmd::BenchGateway {
             duration_s,

@@ -6,10 +6,22 @@
 //!
 //! - [`membership`]: the sans-IO membership rules of DESIGN §4 (alive,
 //!   placeable, rise, hold-down, supersession, self-suspicion, warm-up).
-//!
-//! The networked router (listener, gRPC heartbeat service, splice) is the
-//! cluster milestone's next step.
+//! - [`state`]: shared state: membership behind a mutex, the ring behind an
+//!   atomic swap, owner tags, admission tables, death signals.
+//! - [`service`]: the tonic heartbeat service (mTLS identity from URI SANs).
+//! - [`forward`]: one client connection: preamble, placement/routing, PROXY v2.
+//! - [`splice`]: the copy loop (buffers only while data is in flight).
+//! - [`server`]: listeners, ticker, admin, shutdown.
+//! - [`config`], [`metrics`], [`cli`].
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod config;
+pub mod forward;
 pub mod membership;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod splice;
+pub mod state;

@@ -78,6 +78,8 @@ pub struct Heartbeat {
     pub state: NodeState,
     pub weight: u32,
     pub lease_ok: bool,
+    /// The gateway holds a view from this router that contains it.
+    pub in_view: bool,
 }
 
 /// The answer to one heartbeat.
@@ -106,6 +108,7 @@ struct Member {
     state: NodeState,
     weight: u32,
     lease_ok: bool,
+    in_view: bool,
     last_heartbeat: Nanos,
     /// Heartbeats since (re)becoming alive, for the rise rule.
     rise_first: Nanos,
@@ -132,6 +135,8 @@ pub struct MemberStatus {
     pub weight: u32,
     pub alive: bool,
     pub placeable: bool,
+    /// Placeable and holding a view that contains it: HELLOs may go there.
+    pub hello_ready: bool,
 }
 
 /// Everything one router knows about the gateways.
@@ -197,6 +202,7 @@ impl Membership {
                 state: hb.state,
                 weight: hb.weight,
                 lease_ok: hb.lease_ok,
+                in_view: hb.in_view,
                 last_heartbeat: now,
                 rise_first: now,
                 rise_count: 0,
@@ -229,6 +235,7 @@ impl Membership {
         m.state = hb.state;
         m.weight = hb.weight;
         m.lease_ok = hb.lease_ok;
+        m.in_view = hb.in_view;
         m.last_heartbeat = now;
         m.stream_closed_at = None;
         HeartbeatVerdict::Accepted
@@ -359,8 +366,16 @@ impl Membership {
                 weight: m.weight,
                 alive: self.alive(m),
                 placeable: self.placeable(m, now),
+                hello_ready: self.placeable(m, now) && m.in_view,
             })
             .collect()
+    }
+
+    /// Whether a HELLO may be placed on this incarnation now.
+    pub fn hello_ready(&self, now: Nanos, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.members
+            .get(node)
+            .is_some_and(|m| m.incarnation == incarnation && m.in_view && self.placeable(m, now))
     }
 
     /// The members that form the ring now.
@@ -414,6 +429,7 @@ mod tests {
             state: NodeState::Ready,
             weight: 1,
             lease_ok: true,
+            in_view: true,
         }
     }
 

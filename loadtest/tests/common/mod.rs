@@ -90,3 +90,17 @@ pub async fn rejected(env: &Env, reason: &str) -> f64 {
         .await
         .unwrap()
 }
+
+/// A local cluster with the real binaries (multi-call fallback).
+pub async fn cluster(
+    opts: jvpn_loadtest::cluster::ClusterOptions,
+) -> jvpn_loadtest::cluster::LocalCluster {
+    let bin = env!("CARGO_BIN_EXE_jvpn-loadtest");
+    jvpn_loadtest::cluster::LocalCluster::start(
+        Launcher::for_tests(bin),
+        Launcher::for_tests_as(bin, jvpn_loadtest::harness::Role::Router),
+        opts,
+    )
+    .await
+    .unwrap()
+}

@@ -1,0 +1,104 @@
+//! Command line of `jvpn-router`: `run`, `check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use jvpn_gateway::cli::{EXIT_CONFIG, LogFormat, init_tracing, raise_nofile, shutdown_signal};
+
+use crate::{config, server};
+
+#[derive(Debug, Parser)]
+#[command(name = "jvpn-router", version, about = "Jumping VPN front router")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Route clients until SIGTERM, then let spliced connections finish.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
+    /// Validate a configuration (files included) without binding anything.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// The whole `jvpn-router` program, for the binary and multi-call harnesses.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = Cli::parse_from(args);
+    match cli.command {
+        Command::Check { config: path } => match config::load(&path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(errs) => {
+                eprintln!("{}: invalid configuration", path.display());
+                for p in errs.0 {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run {
+            config: path,
+            log_format,
+        } => {
+            init_tracing(log_format);
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(errs) => {
+                    for p in errs.0 {
+                        tracing::error!(key = %p.key, "{}", p.problem);
+                    }
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(cfg: config::Validated) -> anyhow::Result<()> {
+    raise_nofile();
+    let prom = jvpn_gateway::metrics::install_for("router", crate::metrics::describe)?;
+    let bind = |a| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|e| anyhow::anyhow!("bind {a}: {e}"))
+    };
+    let listeners = server::Listeners {
+        client: bind(cfg.raw.client_addr).await?,
+        membership: bind(cfg.raw.membership_addr).await?,
+        admin: bind(cfg.raw.admin_addr).await?,
+    };
+    // One line on stdout for harnesses (ports may have been 0).
+    println!(
+        "JVPN_READY client={} membership={} admin={}",
+        listeners.client.local_addr()?,
+        listeners.membership.local_addr()?,
+        listeners.admin.local_addr()?
+    );
+    server::serve(cfg, listeners, Some(prom), shutdown_signal()).await
+}

@@ -1,0 +1,365 @@
+//! Router configuration: TOML file, then `JVPN_ROUTER__SECTION__KEY`
+//! environment overrides, then validation naming every bad key. `check` runs
+//! exactly [`load`]; nothing binds.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jvpn_gateway::config::{
+    ConfigErrors, ConfigProblem, parse_layered, read_pem, read_secret, require_nonzero,
+};
+use jvpn_proto::NodeId;
+use jvpn_proto::keys::ClusterSecret;
+use serde::Deserialize;
+
+use crate::membership::MembershipConfig;
+
+/// Environment prefix; `JVPN_ROUTER__MEMBERSHIP__FAILURE_TIMEOUT_MS=1500`.
+pub const ENV_PREFIX: &str = "JVPN_ROUTER";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// This router's name (PROXY TLV 0xE0, metrics, logs).
+    pub router_id: String,
+    /// Agents connect here.
+    #[serde(default = "default_client_addr")]
+    pub client_addr: SocketAddr,
+    /// Gateways open their heartbeat streams here (gRPC over mTLS).
+    #[serde(default = "default_membership_addr")]
+    pub membership_addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/ring`. Loopback by default.
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: SocketAddr,
+    pub cluster: ClusterSection,
+    pub membership: MembershipSection,
+    #[serde(default)]
+    pub admission: AdmissionSection,
+    #[serde(default)]
+    pub timeouts: TimeoutSection,
+    #[serde(default)]
+    pub splice: SpliceSection,
+}
+
+fn default_client_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+fn default_membership_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7600))
+}
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9400))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Cluster name: gateway identities are `jvpn://<name>/gateway/<node>`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// `<key_id>:<64 hex digits>`, the same file the gateways read.
+    pub secret_file: PathBuf,
+    /// The secret before the last rotation: its tokens are still routed.
+    #[serde(default)]
+    pub previous_secret_file: Option<PathBuf>,
+    /// Virtual nodes per unit of weight on the ring.
+    #[serde(default = "default_vnodes")]
+    pub vnodes_per_weight: u32,
+    /// Largest weight a gateway may claim.
+    #[serde(default = "default_max_weight")]
+    pub max_weight: u32,
+}
+
+fn default_cluster_name() -> String {
+    "jvpn".into()
+}
+fn default_vnodes() -> u32 {
+    jvpn_proto::ring::DEFAULT_VNODES_PER_WEIGHT
+}
+fn default_max_weight() -> u32 {
+    jvpn_proto::ring::MAX_WEIGHT
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipSection {
+    /// Server certificate (SAN `router.<cluster>`), from the membership CA.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// CA whose client certificates identify gateways.
+    pub ca_file: PathBuf,
+    /// Advertise IPs accepted even when the certificate does not name them.
+    #[serde(default)]
+    pub advertise_allow: Vec<IpAddr>,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_failure_timeout")]
+    pub failure_timeout_ms: u64,
+    /// Told to gateways; must be below `failure_timeout_ms`.
+    #[serde(default = "default_lease_timeout")]
+    pub lease_timeout_ms: u64,
+    #[serde(default = "default_hold_down_base")]
+    pub hold_down_base_ms: u64,
+    #[serde(default = "default_hold_down_max")]
+    pub hold_down_max_ms: u64,
+}
+
+fn default_interval() -> u64 {
+    250
+}
+fn default_failure_timeout() -> u64 {
+    1000
+}
+fn default_lease_timeout() -> u64 {
+    750
+}
+fn default_hold_down_base() -> u64 {
+    2000
+}
+fn default_hold_down_max() -> u64 {
+    60_000
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// New connections per second per source (IPv4 /32, IPv6 /64).
+    pub per_source_rate_per_s: f64,
+    pub per_source_burst: u32,
+    /// Open connections per source at most.
+    pub per_source_max_connections: u32,
+    /// Tracked sources at most; past it unknown sources share one bucket.
+    pub source_table_capacity: usize,
+    /// Open client connections at most (router-wide).
+    pub max_connections: usize,
+    /// HELLOs forwarded per second to one gateway.
+    pub hello_per_gateway_per_s: f64,
+    /// RESUMEs forwarded per second to one gateway.
+    pub resume_per_gateway_per_s: f64,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        Self {
+            per_source_rate_per_s: 100.0,
+            per_source_burst: 200,
+            per_source_max_connections: 512,
+            source_table_capacity: 65_536,
+            max_connections: 100_000,
+            hello_per_gateway_per_s: 5_000.0,
+            resume_per_gateway_per_s: 10_000.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutSection {
+    pub preamble_timeout_ms: u64,
+    /// TCP connect to a gateway.
+    pub connect_timeout_ms: u64,
+    /// On SIGTERM: how long spliced connections may finish.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for TimeoutSection {
+    fn default() -> Self {
+        Self {
+            preamble_timeout_ms: 2_000,
+            connect_timeout_ms: 1_000,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpliceSection {
+    /// Copy buffer per direction, allocated only while data is in flight.
+    pub buffer_bytes: usize,
+}
+
+impl Default for SpliceSection {
+    fn default() -> Self {
+        Self {
+            buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// A configuration that passed every check, with its files read.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub raw: RouterConfig,
+    pub router_id: NodeId,
+    pub secret: ClusterSecret,
+    pub previous_secret: Option<ClusterSecret>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: zeroize::Zeroizing<Vec<u8>>,
+    pub ca_pem: Vec<u8>,
+}
+
+impl Validated {
+    pub fn membership(&self) -> MembershipConfig {
+        let m = &self.raw.membership;
+        MembershipConfig {
+            interval: Duration::from_millis(m.interval_ms),
+            failure_timeout: Duration::from_millis(m.failure_timeout_ms),
+            hold_down_base: Duration::from_millis(m.hold_down_base_ms),
+            hold_down_max: Duration::from_millis(m.hold_down_max_ms),
+            ..MembershipConfig::default()
+        }
+    }
+}
+
+pub fn load(path: &Path) -> Result<Validated, ConfigErrors> {
+    load_with_env(path, std::env::vars())
+}
+
+pub fn load_with_env(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Validated, ConfigErrors> {
+    let raw: RouterConfig = parse_layered(path, env, ENV_PREFIX, &["membership.advertise_allow"])
+        .map_err(|e| ConfigErrors(vec![e]))?;
+    validate(raw)
+}
+
+fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
+    let mut errs = Vec::new();
+    let router_id = NodeId::new(&raw.router_id)
+        .map_err(|e| errs.push(ConfigProblem::new("router_id", e)))
+        .ok();
+    if let Err(e) = NodeId::new(&raw.cluster.name) {
+        errs.push(ConfigProblem::new("cluster.name", e));
+    }
+    let c = &raw.cluster;
+    if !(jvpn_proto::ring::MIN_VNODES_PER_WEIGHT..=jvpn_proto::ring::MAX_VNODES_PER_WEIGHT)
+        .contains(&c.vnodes_per_weight)
+    {
+        errs.push(ConfigProblem::new(
+            "cluster.vnodes_per_weight",
+            format!(
+                "must be in {}..={}",
+                jvpn_proto::ring::MIN_VNODES_PER_WEIGHT,
+                jvpn_proto::ring::MAX_VNODES_PER_WEIGHT
+            ),
+        ));
+    }
+    if !(1..=jvpn_proto::ring::MAX_WEIGHT).contains(&c.max_weight) {
+        errs.push(ConfigProblem::new(
+            "cluster.max_weight",
+            format!("must be in 1..={}", jvpn_proto::ring::MAX_WEIGHT),
+        ));
+    }
+    let m = &raw.membership;
+    require_nonzero(
+        &mut errs,
+        &[
+            ("membership.interval_ms", m.interval_ms),
+            ("membership.failure_timeout_ms", m.failure_timeout_ms),
+            ("membership.lease_timeout_ms", m.lease_timeout_ms),
+            ("membership.hold_down_base_ms", m.hold_down_base_ms),
+            ("membership.hold_down_max_ms", m.hold_down_max_ms),
+            (
+                "timeouts.preamble_timeout_ms",
+                raw.timeouts.preamble_timeout_ms,
+            ),
+            (
+                "timeouts.connect_timeout_ms",
+                raw.timeouts.connect_timeout_ms,
+            ),
+            ("timeouts.drain_timeout_ms", raw.timeouts.drain_timeout_ms),
+            ("splice.buffer_bytes", raw.splice.buffer_bytes as u64),
+            (
+                "admission.per_source_burst",
+                u64::from(raw.admission.per_source_burst),
+            ),
+            (
+                "admission.per_source_max_connections",
+                u64::from(raw.admission.per_source_max_connections),
+            ),
+            (
+                "admission.source_table_capacity",
+                raw.admission.source_table_capacity as u64,
+            ),
+            (
+                "admission.max_connections",
+                raw.admission.max_connections as u64,
+            ),
+        ],
+    );
+    if m.lease_timeout_ms >= m.failure_timeout_ms {
+        errs.push(ConfigProblem::new(
+            "membership.lease_timeout_ms",
+            "must be below membership.failure_timeout_ms (leases end before deaths)",
+        ));
+    }
+    if m.failure_timeout_ms < 2 * m.interval_ms {
+        errs.push(ConfigProblem::new(
+            "membership.failure_timeout_ms",
+            "must be at least twice membership.interval_ms",
+        ));
+    }
+    if m.hold_down_max_ms < m.hold_down_base_ms {
+        errs.push(ConfigProblem::new(
+            "membership.hold_down_max_ms",
+            "must be at least membership.hold_down_base_ms",
+        ));
+    }
+    if raw.splice.buffer_bytes > 16 * 1024 * 1024 {
+        errs.push(ConfigProblem::new(
+            "splice.buffer_bytes",
+            "must be at most 16 MiB",
+        ));
+    }
+    let a = &raw.admission;
+    for (key, v) in [
+        ("admission.per_source_rate_per_s", a.per_source_rate_per_s),
+        (
+            "admission.hello_per_gateway_per_s",
+            a.hello_per_gateway_per_s,
+        ),
+        (
+            "admission.resume_per_gateway_per_s",
+            a.resume_per_gateway_per_s,
+        ),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            errs.push(ConfigProblem::new(key, "must be a positive number"));
+        }
+    }
+    let secret = read_secret("cluster.secret_file", &c.secret_file, &mut errs);
+    let previous_secret = c
+        .previous_secret_file
+        .as_ref()
+        .and_then(|p| read_secret("cluster.previous_secret_file", p, &mut errs));
+    if let (Some(cur), Some(prev)) = (&secret, &previous_secret)
+        && cur.key_id() == prev.key_id()
+    {
+        errs.push(ConfigProblem::new(
+            "cluster.previous_secret_file",
+            "has the same key id as cluster.secret_file",
+        ));
+    }
+    let cert = read_pem("membership.cert_file", Some(&m.cert_file), &mut errs);
+    let key = read_pem("membership.key_file", Some(&m.key_file), &mut errs);
+    let ca = read_pem("membership.ca_file", Some(&m.ca_file), &mut errs);
+    match (router_id, secret, cert, key, ca) {
+        (Some(router_id), Some(secret), Some(cert_pem), Some(key), Some(ca_pem))
+            if errs.is_empty() =>
+        {
+            Ok(Validated {
+                raw,
+                router_id,
+                secret,
+                previous_secret,
+                cert_pem,
+                key_pem: zeroize::Zeroizing::new(key),
+                ca_pem,
+            })
+        }
+        _ => Err(ConfigErrors(errs)),
+    }
+}

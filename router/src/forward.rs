@@ -1,0 +1,286 @@
+//! One client connection: admission, preamble, placement or owner routing,
+//! PROXY v2 to the chosen gateway, then splice until either side ends or
+//! the gateway stops being alive.
+//!
+//! Pre-TLS answers follow DESIGN §2.1: `no_gateway`, `overloaded`,
+//! `bad_preamble`, `unsupported_version`, `owner_lost` (final) and
+//! `owner_unreachable` (retry after the hint).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use jvpn_gateway::admission::SourceKey;
+use jvpn_proto::ids::{Incarnation, NodeId};
+use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status, StatusReply};
+use jvpn_proto::proxy::ProxyHeader;
+use metrics::{counter, histogram};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::metrics as m;
+use crate::state::{Placement, ResumeRoute, RouterState};
+
+/// Retry hint for transient refusals.
+const RETRY_SOON: Duration = Duration::from_millis(250);
+
+/// How a connection ended (the `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Spliced,
+    ClosedOnDeath,
+    NoGateway,
+    OwnerLost,
+    OwnerUnreachable,
+    BadToken,
+    BadPreamble,
+    PreambleTimeout,
+    RateLimited,
+    Overloaded,
+    ConnectFailed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Spliced => "spliced",
+            Outcome::ClosedOnDeath => "closed_on_member_death",
+            Outcome::NoGateway => "no_gateway",
+            Outcome::OwnerLost => "owner_lost",
+            Outcome::OwnerUnreachable => "owner_unreachable",
+            Outcome::BadToken => "bad_token",
+            Outcome::BadPreamble => "bad_preamble",
+            Outcome::PreambleTimeout => "preamble_timeout",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Overloaded => "overloaded",
+            Outcome::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+async fn status(stream: &mut TcpStream, status: Status, retry: Duration) {
+    let reply = StatusReply {
+        status,
+        retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
+    };
+    let _ = stream.write_all(&reply.encode()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Handles one accepted client connection to the end.
+pub async fn handle(state: Arc<RouterState>, mut client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let open = state.active.fetch_add(1, Ordering::Relaxed) + 1;
+    let (kind, outcome) = if open > state.cfg.raw.admission.max_connections {
+        status(&mut client, Status::Overloaded, Duration::from_millis(500)).await;
+        ("none", Outcome::Overloaded)
+    } else {
+        match state.admit(SourceKey::from(peer.ip())) {
+            Err(retry) => {
+                status(&mut client, Status::Overloaded, retry).await;
+                ("none", Outcome::RateLimited)
+            }
+            Ok(slot) => {
+                let r = serve(&state, &mut client, peer).await;
+                state.release(slot);
+                r
+            }
+        }
+    };
+    state.active.fetch_sub(1, Ordering::Relaxed);
+    counter!(m::CONNECTIONS, "kind" => kind, "result" => outcome.as_str()).increment(1);
+}
+
+async fn serve(
+    state: &RouterState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+) -> (&'static str, Outcome) {
+    let t = Duration::from_millis(state.cfg.raw.timeouts.preamble_timeout_ms);
+    let mut pre = [0u8; PREAMBLE_LEN];
+    match tokio::time::timeout(t, client.read_exact(&mut pre)).await {
+        Err(_) => return ("none", Outcome::PreambleTimeout),
+        Ok(Err(_)) => return ("none", Outcome::BadPreamble),
+        Ok(Ok(_)) => {}
+    }
+    let preamble = match Preamble::decode(&pre) {
+        Ok(p) => p,
+        Err(e) => {
+            status(client, e.status(), Duration::ZERO).await;
+            return ("none", Outcome::BadPreamble);
+        }
+    };
+    match preamble {
+        Preamble::Hello { .. } => ("hello", hello(state, client, peer, &pre).await),
+        Preamble::Resume { key_id, token } => (
+            "resume",
+            resume(state, client, peer, &pre, key_id, &token).await,
+        ),
+    }
+}
+
+async fn hello(
+    state: &RouterState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    pre: &[u8; PREAMBLE_LEN],
+) -> Outcome {
+    let Some((first, next)) = state.place_hello() else {
+        status(client, Status::NoGateway, Duration::from_secs(1)).await;
+        return Outcome::NoGateway;
+    };
+    for p in std::iter::once(first).chain(next) {
+        if let Err(retry) = state.gateway_budget(&p.member.node_id, false) {
+            status(client, Status::Overloaded, retry).await;
+            return Outcome::Overloaded;
+        }
+        let Some(mut gw) = connect(
+            state,
+            &p.member.node_id,
+            p.member.incarnation,
+            p.member.addr,
+        )
+        .await
+        else {
+            continue;
+        };
+        state.check_placeable(&p);
+        let header = proxy_header(state, peer, &gw, Some(&p), None);
+        return forward(
+            state,
+            client,
+            &mut gw,
+            header,
+            pre,
+            &p.member.node_id,
+            p.member.incarnation,
+        )
+        .await;
+    }
+    status(client, Status::NoGateway, RETRY_SOON).await;
+    Outcome::ConnectFailed
+}
+
+async fn resume(
+    state: &RouterState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    pre: &[u8; PREAMBLE_LEN],
+    key_id: u8,
+    token: &[u8; jvpn_proto::token::TOKEN_LEN],
+) -> Outcome {
+    match state.route_resume(key_id, token) {
+        ResumeRoute::BadToken => {
+            status(client, Status::BadPreamble, Duration::ZERO).await;
+            Outcome::BadToken
+        }
+        ResumeRoute::Lost => {
+            status(client, Status::OwnerLost, Duration::ZERO).await;
+            Outcome::OwnerLost
+        }
+        ResumeRoute::Unreachable => {
+            status(client, Status::OwnerUnreachable, RETRY_SOON).await;
+            Outcome::OwnerUnreachable
+        }
+        ResumeRoute::Splice {
+            node,
+            incarnation,
+            addr,
+        } => {
+            if let Err(retry) = state.gateway_budget(&node, true) {
+                status(client, Status::Overloaded, retry).await;
+                return Outcome::Overloaded;
+            }
+            let Some(mut gw) = connect(state, &node, incarnation, addr).await else {
+                status(client, Status::OwnerUnreachable, RETRY_SOON).await;
+                return Outcome::OwnerUnreachable;
+            };
+            let header = proxy_header(state, peer, &gw, None, Some((node.clone(), incarnation)));
+            forward(state, client, &mut gw, header, pre, &node, incarnation).await
+        }
+    }
+}
+
+async fn connect(
+    state: &RouterState,
+    node: &NodeId,
+    incarnation: Incarnation,
+    addr: SocketAddr,
+) -> Option<TcpStream> {
+    let t = Duration::from_millis(state.cfg.raw.timeouts.connect_timeout_ms);
+    let started = Instant::now();
+    match tokio::time::timeout(t, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            histogram!(m::CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+            state.on_connect(node, incarnation, true);
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        _ => {
+            counter!(m::CONNECT_FAILURES).increment(1);
+            debug!(node = %node, "connect to gateway failed");
+            state.on_connect(node, incarnation, false);
+            None
+        }
+    }
+}
+
+fn proxy_header(
+    state: &RouterState,
+    peer: SocketAddr,
+    gw: &TcpStream,
+    placement: Option<&Placement>,
+    intended: Option<(NodeId, Incarnation)>,
+) -> Vec<u8> {
+    let dst = gw.peer_addr().unwrap_or(peer);
+    // Both addresses must be of one family in PROXY v2.
+    let src = match (peer, dst) {
+        (SocketAddr::V4(_), SocketAddr::V6(_)) | (SocketAddr::V6(_), SocketAddr::V4(_)) => {
+            SocketAddr::new(dst.ip(), 0)
+        }
+        _ => peer,
+    };
+    let view_id = match placement {
+        Some(p) => p.ring.view().id(),
+        None => state.view().id(),
+    };
+    let h = ProxyHeader {
+        addresses: Some((src, dst)),
+        router_id: Some(state.cfg.router_id.to_string()),
+        view_id: Some(view_id),
+        intended_owner: intended,
+    };
+    // Our own TLVs are short and valid: encoding cannot exceed the limit.
+    h.encode().unwrap_or_default()
+}
+
+async fn forward(
+    state: &RouterState,
+    client: &mut TcpStream,
+    gw: &mut TcpStream,
+    mut header: Vec<u8>,
+    pre: &[u8; PREAMBLE_LEN],
+    node: &NodeId,
+    incarnation: Incarnation,
+) -> Outcome {
+    header.extend_from_slice(pre);
+    if gw.write_all(&header).await.is_err() {
+        status(client, Status::OwnerUnreachable, RETRY_SOON).await;
+        return Outcome::ConnectFailed;
+    }
+    let mut death = state.death_signal(node, incarnation);
+    let size = state.cfg.raw.splice.buffer_bytes;
+    tokio::select! {
+        moved = crate::splice::splice(client, gw, size) => {
+            counter!(m::SPLICED_BYTES, "direction" => "up").increment(moved.up);
+            counter!(m::SPLICED_BYTES, "direction" => "down").increment(moved.down);
+            Outcome::Spliced
+        }
+        _ = death.wait_for(|dead| *dead) => {
+            counter!(m::CLOSED_ON_DEATH).increment(1);
+            Outcome::ClosedOnDeath
+        }
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    jvpn_router::cli::main_with(std::env::args_os())
+}

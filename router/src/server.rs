@@ -1,0 +1,182 @@
+//! The networked router: client listener, gRPC membership server, the 50 ms
+//! membership ticker and the admin port, until shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use jvpn_gateway::admin::AdminApp;
+use jvpn_proto::pb::membership::membership_server::MembershipServer;
+use metrics::histogram;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::config::Validated;
+use crate::metrics as m;
+use crate::state::RouterState;
+
+/// Ticker period of the membership rules (DESIGN §4).
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// What the admin port shows of a router.
+#[derive(Clone, Debug)]
+pub struct RouterHandle {
+    pub state: Arc<RouterState>,
+}
+
+impl AdminApp for RouterHandle {
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.state.is_draining() {
+            Some("draining")
+        } else if self.state.is_unhealthy() {
+            Some("unhealthy")
+        } else {
+            None
+        }
+    }
+
+    fn json(&self, path: &str) -> Option<serde_json::Value> {
+        (path == "/ring").then(|| ring_json(&self.state))
+    }
+}
+
+/// `/ring`: the view id, ring members and every known member's state.
+pub fn ring_json(state: &RouterState) -> serde_json::Value {
+    let view = state.view();
+    let ring = state.ring();
+    let members: Vec<serde_json::Value> = state
+        .status()
+        .into_iter()
+        .map(|s| {
+            let vnodes = view
+                .member(&s.node_id)
+                .filter(|m| m.incarnation == s.incarnation)
+                .map_or(0, |m| m.weight * view.params().vnodes_per_weight);
+            serde_json::json!({
+                "node_id": s.node_id.as_str(),
+                "incarnation": format!("{:016x}", s.incarnation.0),
+                "addr": s.addr.to_string(),
+                "weight": s.weight,
+                "alive": s.alive,
+                "placeable": s.placeable,
+                "hello_ready": s.hello_ready,
+                "vnodes": vnodes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "router_id": state.cfg.router_id.as_str(),
+        "view_id": hex::encode(view.id().0),
+        "ring_members": view.members().len(),
+        "vnodes": ring.map_or(0, |r| r.vnodes()),
+        "vnodes_per_weight": view.params().vnodes_per_weight,
+        "ring_changes": state.ring_changes(),
+        "unhealthy": state.is_unhealthy(),
+        "members": members,
+    })
+}
+
+/// Listeners bound by the caller (ports may be 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    pub client: TcpListener,
+    pub membership: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Runs until `shutdown` resolves, then stops accepting and gives spliced
+/// connections up to `drain_timeout_ms` to finish.
+pub async fn serve(
+    cfg: Validated,
+    listeners: Listeners,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let state = RouterState::new(cfg);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    tokio::spawn(ticker(state.clone(), stop_rx.clone()));
+    tokio::spawn(jvpn_gateway::admin::serve(
+        listeners.admin,
+        RouterHandle {
+            state: state.clone(),
+        },
+        prometheus,
+    ));
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &state.cfg.cert_pem,
+            state.cfg.key_pem.as_slice(),
+        ))
+        .client_ca_root(Certificate::from_pem(&state.cfg.ca_pem));
+    let svc = MembershipServer::new(crate::service::Service {
+        state: state.clone(),
+    });
+    let mut grpc_stop = stop_rx.clone();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.membership);
+    let grpc = Server::builder()
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        });
+    let grpc_task = tokio::spawn(grpc);
+
+    let mut accept_stop = stop_rx.clone();
+    let acc_state = state.clone();
+    let client = listeners.client;
+    let accept_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = client.accept() => match r {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(crate::forward::handle(acc_state.clone(), stream, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                },
+                _ = accept_stop.changed() => return,
+            }
+        }
+    });
+    info!(router = %state.cfg.router_id, "router serving");
+    shutdown.await;
+
+    info!("router stopping");
+    state.set_draining();
+    let drain = Duration::from_millis(state.cfg.raw.timeouts.drain_timeout_ms);
+    let _ = stop_tx.send(true);
+    let _ = accept_task.await;
+    let deadline = Instant::now() + drain;
+    while state.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    grpc_task.abort();
+    info!("router stopped");
+    Ok(())
+}
+
+async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
+    let mut iv = tokio::time::interval(TICK);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = Instant::now();
+        let late = now.duration_since(last).saturating_sub(TICK);
+        histogram!(m::TICK_LATENESS).record(late.as_secs_f64());
+        last = now;
+        state.tick();
+    }
+}

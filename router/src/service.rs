@@ -1,0 +1,253 @@
+//! The gRPC membership service: one bidirectional heartbeat stream per
+//! gateway, over mTLS with the membership CA.
+//!
+//! Identity comes from the client certificate's URI SAN only
+//! (`jvpn://<cluster>/gateway/<node_id>`); the advertised address must be an
+//! IP SAN of that certificate or on the allow-list; weight is capped. A
+//! stream that breaks any rule is refused with `PERMISSION_DENIED` and the
+//! refusal is counted by reason.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use jvpn_proto::ids::{Incarnation, NodeId};
+use jvpn_proto::pb::membership::membership_server::Membership as MembershipRpc;
+use jvpn_proto::pb::membership::{
+    HeartbeatReply, HeartbeatRequest, NodeState as PbState, RingParameters, ViewMember,
+};
+use metrics::counter;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::membership::{Heartbeat, HeartbeatVerdict, NodeState};
+use crate::metrics as m;
+use crate::state::RouterState;
+
+/// What a gateway's membership certificate proves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub node_id: NodeId,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Why a heartbeat stream was refused (metric label values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Identity,
+    Advertise,
+    Weight,
+    Malformed,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Identity => "identity",
+            Refusal::Advertise => "advertise",
+            Refusal::Weight => "weight",
+            Refusal::Malformed => "malformed",
+        }
+    }
+}
+
+/// Reads the node identity and IP SANs from a DER certificate. The node id
+/// comes from the one URI SAN of the form `jvpn://<cluster>/gateway/<node>`.
+pub fn identity_of(der: &[u8], cluster: &str) -> Result<PeerIdentity, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .ok_or("certificate has no subjectAltName")?;
+    let prefix = format!("jvpn://{cluster}/gateway/");
+    let mut node = None;
+    let mut ips = Vec::new();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(uri) => {
+                if let Some(id) = uri.strip_prefix(&prefix) {
+                    if node.is_some() {
+                        return Err("more than one gateway URI SAN".into());
+                    }
+                    node = Some(NodeId::new(id).map_err(|e| e.to_string())?);
+                }
+            }
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => ips.push(IpAddr::from(
+                    <[u8; 4]>::try_from(*b).map_err(|_| "bad IP SAN")?,
+                )),
+                16 => ips.push(IpAddr::from(
+                    <[u8; 16]>::try_from(*b).map_err(|_| "bad IP SAN")?,
+                )),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let node_id = node.ok_or_else(|| format!("no URI SAN {prefix}<node_id>"))?;
+    Ok(PeerIdentity { node_id, ips })
+}
+
+/// Checks one request against the stream's certificate and our limits.
+pub fn check_request(
+    req: &HeartbeatRequest,
+    peer: &PeerIdentity,
+    allow: &[IpAddr],
+    max_weight: u32,
+) -> Result<Heartbeat, (Refusal, String)> {
+    if req.node_id != peer.node_id.as_str() {
+        return Err((
+            Refusal::Identity,
+            format!(
+                "node id {:?} is not the certificate's {}",
+                req.node_id, peer.node_id
+            ),
+        ));
+    }
+    let addr: SocketAddr = req
+        .advertise_addr
+        .parse()
+        .map_err(|_| (Refusal::Malformed, "advertise_addr is not ip:port".into()))?;
+    if !peer.ips.contains(&addr.ip()) && !allow.contains(&addr.ip()) {
+        return Err((
+            Refusal::Advertise,
+            format!(
+                "advertise address {} is not named by the certificate",
+                addr.ip()
+            ),
+        ));
+    }
+    if req.weight == 0 || req.weight > max_weight {
+        return Err((
+            Refusal::Weight,
+            format!("weight {} outside 1..={max_weight}", req.weight),
+        ));
+    }
+    let state = match PbState::try_from(req.state) {
+        Ok(PbState::Starting) => NodeState::Starting,
+        Ok(PbState::Ready) => NodeState::Ready,
+        Ok(PbState::Draining) => NodeState::Draining,
+        _ => return Err((Refusal::Malformed, "unknown node state".into())),
+    };
+    Ok(Heartbeat {
+        node_id: peer.node_id.clone(),
+        incarnation: Incarnation(req.incarnation),
+        addr,
+        state,
+        weight: req.weight,
+        lease_ok: req.lease_ok,
+        in_view: req.in_view,
+    })
+}
+
+/// The tonic service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub state: Arc<RouterState>,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<HeartbeatReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MembershipRpc for Service {
+    type HeartbeatStream = ReplyStream;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let refuse = |r: Refusal, msg: String| {
+            counter!(m::MEMBERSHIP_REFUSED, "reason" => r.as_str()).increment(1);
+            warn!(reason = r.as_str(), "heartbeat stream refused: {msg}");
+            Status::permission_denied(msg)
+        };
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| refuse(Refusal::Identity, "no client certificate".into()))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| refuse(Refusal::Identity, "no client certificate".into()))?;
+        let cluster = &self.state.cfg.raw.cluster.name;
+        let peer = identity_of(leaf.as_ref(), cluster).map_err(|e| refuse(Refusal::Identity, e))?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<HeartbeatReply, Status>>(4);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let allow = state.cfg.raw.membership.advertise_allow.clone();
+            let max_weight = state.cfg.raw.cluster.max_weight;
+            let mut current: Option<Incarnation> = None;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => break,
+                };
+                let hb = match check_request(&msg, &peer, &allow, max_weight) {
+                    Ok(hb) => hb,
+                    Err((r, text)) => {
+                        let _ = tx.send(Err(refuse(r, text))).await;
+                        break;
+                    }
+                };
+                if current.is_some_and(|i| i != hb.incarnation) {
+                    let _ = tx
+                        .send(Err(refuse(
+                            Refusal::Malformed,
+                            "incarnation changed within one stream".into(),
+                        )))
+                        .await;
+                    break;
+                }
+                if current.is_none() {
+                    info!(node = %hb.node_id, "heartbeat stream from gateway");
+                }
+                current = Some(hb.incarnation);
+                let verdict = state.on_heartbeat(&hb);
+                let superseded = verdict == HeartbeatVerdict::Superseded;
+                counter!(m::HEARTBEATS, "verdict" => if superseded { "superseded" } else { "accepted" })
+                    .increment(1);
+                let reply = reply_for(&state, msg.sequence, superseded);
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+                if superseded {
+                    break;
+                }
+            }
+            if let Some(inc) = current {
+                debug!(node = %peer.node_id, "heartbeat stream closed");
+                state.on_stream_closed(&peer.node_id, inc);
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn reply_for(state: &RouterState, sequence: u64, superseded: bool) -> HeartbeatReply {
+    let view = state.view();
+    HeartbeatReply {
+        sequence,
+        view_id: view.id().0.to_vec(),
+        members: view
+            .members()
+            .iter()
+            .map(|m| ViewMember {
+                node_id: m.node_id.to_string(),
+                incarnation: m.incarnation.0,
+                addr: m.addr.to_string(),
+                weight: m.weight,
+            })
+            .collect(),
+        ring: Some(RingParameters {
+            vnodes_per_weight: view.params().vnodes_per_weight,
+            key_id: u32::from(state.keys().key_id()),
+        }),
+        lease_duration_ms: state.cfg.raw.membership.lease_timeout_ms,
+        superseded,
+        router_id: state.cfg.router_id.to_string(),
+    }
+}

@@ -1,0 +1,458 @@
+//! The router's shared state: the membership rules behind a mutex, the ring
+//! published by atomic swap (readers never block on a membership change),
+//! owner tags, admission tables, and the death signals that close spliced
+//! connections when their gateway stops being alive.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use jvpn_gateway::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
+use jvpn_gateway::engine::Mono;
+use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId};
+use jvpn_proto::keys::ClusterKeys;
+use jvpn_proto::ring::{Member, Ring, RingParams, View, owner_tag};
+use jvpn_proto::token::{TOKEN_LEN, TokenKey, TokenKeyring};
+use metrics::{counter, gauge};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Validated;
+use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, OwnerRoute};
+use crate::metrics as m;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a RESUME goes, once its token was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeRoute {
+    Splice {
+        node: NodeId,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+    },
+    Lost,
+    Unreachable,
+    /// The token did not open under any key we hold.
+    BadToken,
+}
+
+/// A gateway chosen for a HELLO.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub ring: Arc<Ring>,
+    pub member: Member,
+}
+
+/// Per-source open connections with a hard capacity; unknown sources share
+/// one overflow slot count when the table is full (fail closed).
+#[derive(Debug)]
+struct Concurrency {
+    max_per_source: u32,
+    capacity: usize,
+    table: HashMap<SourceKey, u32>,
+    overflow: u32,
+}
+
+/// Which slot a connection holds, to give it back.
+#[derive(Clone, Copy, Debug)]
+pub enum Slot {
+    Source(SourceKey),
+    Overflow,
+}
+
+impl Concurrency {
+    fn acquire(&mut self, key: SourceKey) -> Option<Slot> {
+        if let Some(n) = self.table.get_mut(&key) {
+            if *n >= self.max_per_source {
+                return None;
+            }
+            *n += 1;
+            return Some(Slot::Source(key));
+        }
+        if self.table.len() < self.capacity {
+            self.table.insert(key, 1);
+            return Some(Slot::Source(key));
+        }
+        counter!(m::OVERFLOW_BUCKET, "table" => "concurrency").increment(1);
+        if self.overflow >= self.max_per_source {
+            return None;
+        }
+        self.overflow += 1;
+        Some(Slot::Overflow)
+    }
+
+    fn release(&mut self, slot: Slot) {
+        match slot {
+            Slot::Overflow => self.overflow = self.overflow.saturating_sub(1),
+            Slot::Source(key) => {
+                if let Some(n) = self.table.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.table.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Admission {
+    rate: SourceLimiter,
+    conc: Concurrency,
+    /// `[hello, resume]` buckets per gateway.
+    per_gateway: HashMap<NodeId, [Bucket; 2]>,
+}
+
+/// Everything the router's tasks share.
+pub struct RouterState {
+    pub cfg: Validated,
+    origin: Instant,
+    keys: ClusterKeys,
+    previous_keys: Option<ClusterKeys>,
+    tokens: TokenKeyring,
+    params: RingParams,
+    membership: Mutex<Membership>,
+    ring: ArcSwapOption<Ring>,
+    /// `(key id, owner tag)` → member incarnation, under every key we hold.
+    tags: Mutex<HashMap<(u8, OwnerTag), (NodeId, Incarnation)>>,
+    deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
+    admission: Mutex<Admission>,
+    pub active: AtomicUsize,
+    draining: AtomicBool,
+    ring_changes: AtomicU64,
+}
+
+impl std::fmt::Debug for RouterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterState")
+            .field("router_id", &self.cfg.router_id)
+            .finish()
+    }
+}
+
+impl RouterState {
+    pub fn new(cfg: Validated) -> Arc<Self> {
+        let keys = cfg.secret.derive();
+        let previous_keys = cfg.previous_secret.as_ref().map(|s| s.derive());
+        let tokens = TokenKeyring::new(
+            TokenKey::new(&keys),
+            previous_keys.as_ref().map(TokenKey::new),
+        );
+        let a = &cfg.raw.admission;
+        let admission = Admission {
+            rate: SourceLimiter::new(
+                a.per_source_rate_per_s,
+                a.per_source_burst,
+                a.source_table_capacity,
+                Mono::ZERO,
+            ),
+            conc: Concurrency {
+                max_per_source: a.per_source_max_connections,
+                capacity: a.source_table_capacity,
+                table: HashMap::new(),
+                overflow: 0,
+            },
+            per_gateway: HashMap::new(),
+        };
+        Arc::new(Self {
+            params: RingParams {
+                vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
+            },
+            membership: Mutex::new(Membership::new(cfg.membership(), 0)),
+            origin: Instant::now(),
+            keys,
+            previous_keys,
+            tokens,
+            ring: ArcSwapOption::empty(),
+            tags: Mutex::new(HashMap::new()),
+            deaths: Mutex::new(HashMap::new()),
+            admission: Mutex::new(admission),
+            active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            ring_changes: AtomicU64::new(0),
+            cfg,
+        })
+    }
+
+    /// Nanoseconds on this router's monotonic clock.
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn mono(&self) -> Mono {
+        Mono::from_nanos(self.now())
+    }
+
+    pub fn keys(&self) -> &ClusterKeys {
+        &self.keys
+    }
+
+    pub fn params(&self) -> RingParams {
+        self.params
+    }
+
+    pub fn ring(&self) -> Option<Arc<Ring>> {
+        self.ring.load_full()
+    }
+
+    pub fn is_unhealthy(&self) -> bool {
+        lock(&self.membership).is_unhealthy()
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    // ---- membership -------------------------------------------------------
+
+    pub fn on_heartbeat(&self, hb: &Heartbeat) -> HeartbeatVerdict {
+        let now = self.now();
+        let verdict = lock(&self.membership).on_heartbeat(now, hb);
+        if verdict == HeartbeatVerdict::Accepted {
+            let mut tags = lock(&self.tags);
+            for keys in std::iter::once(&self.keys).chain(self.previous_keys.as_ref()) {
+                let tag = owner_tag(keys, &hb.node_id, hb.incarnation);
+                tags.entry((keys.key_id(), tag))
+                    .or_insert_with(|| (hb.node_id.clone(), hb.incarnation));
+            }
+        }
+        verdict
+    }
+
+    pub fn on_stream_closed(&self, node: &NodeId, incarnation: Incarnation) {
+        lock(&self.membership).on_stream_closed(self.now(), node, incarnation);
+    }
+
+    pub fn on_connect(&self, node: &NodeId, incarnation: Incarnation, ok: bool) {
+        lock(&self.membership).on_connect(self.now(), node, incarnation, ok);
+    }
+
+    pub fn status(&self) -> Vec<MemberStatus> {
+        lock(&self.membership).status(self.now())
+    }
+
+    fn is_placeable(&self, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.status()
+            .iter()
+            .any(|s| s.node_id == *node && s.incarnation == incarnation && s.placeable)
+    }
+
+    /// One 50 ms step: death verdicts, ring rebuild on a view change, and
+    /// closing the connections of members that stopped being alive.
+    pub fn tick(&self) {
+        let now = self.now();
+        let (died, placeable, status, unhealthy) = {
+            let mut mship = lock(&self.membership);
+            let died = mship.tick(now);
+            (
+                died,
+                mship.placeable_members(now),
+                mship.status(now),
+                mship.is_unhealthy(),
+            )
+        };
+        for (node, inc) in &died {
+            counter!(m::MEMBER_DEATHS).increment(1);
+            warn!(node = %node, incarnation = %inc, "gateway is no longer alive");
+        }
+        self.publish_view(placeable);
+        let alive: HashSet<(NodeId, Incarnation)> = status
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| (s.node_id.clone(), s.incarnation))
+            .collect();
+        {
+            let mut deaths = lock(&self.deaths);
+            deaths.retain(|k, tx| {
+                if alive.contains(k) {
+                    return true;
+                }
+                tx.send_replace(true);
+                false
+            });
+        }
+        {
+            // Forget tags of incarnations nobody routes to any more.
+            let current: HashSet<(NodeId, Incarnation)> = status
+                .iter()
+                .map(|s| (s.node_id.clone(), s.incarnation))
+                .collect();
+            lock(&self.tags).retain(|_, v| current.contains(v));
+        }
+        let n_alive = status.iter().filter(|s| s.alive).count();
+        let n_place = status.iter().filter(|s| s.placeable).count();
+        gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
+        gauge!(m::MEMBERS, "state" => "alive").set(n_alive as f64);
+        gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
+        gauge!(m::UNHEALTHY).set(if unhealthy { 1.0 } else { 0.0 });
+        gauge!(m::CONNECTIONS_OPEN).set(self.active.load(Ordering::Relaxed) as f64);
+    }
+
+    fn publish_view(&self, placeable: Vec<Member>) {
+        let current = self.ring.load();
+        let same = match current.as_ref() {
+            Some(r) => r.view().members() == placeable.as_slice(),
+            None => placeable.is_empty(),
+        };
+        if same {
+            return;
+        }
+        if placeable.is_empty() {
+            self.ring.store(None);
+        } else {
+            match View::new(placeable, self.params, &self.keys) {
+                Ok(view) => self.ring.store(Some(Arc::new(Ring::new(view, &self.keys)))),
+                Err(e) => {
+                    // Weights and ids were validated on admission; keep the old ring.
+                    warn!(error = %e, "invalid view; keeping the previous ring");
+                    return;
+                }
+            }
+        }
+        self.ring_changes.fetch_add(1, Ordering::Relaxed);
+        counter!(m::RING_CHANGES).increment(1);
+        let members = self
+            .ring
+            .load()
+            .as_ref()
+            .map_or(0, |r| r.view().members().len());
+        gauge!(m::RING_MEMBERS).set(members as f64);
+        info!(members, "ring changed");
+    }
+
+    pub fn ring_changes(&self) -> u64 {
+        self.ring_changes.load(Ordering::Relaxed)
+    }
+
+    /// The view as heartbeat replies carry it (empty when nothing is placeable).
+    pub fn view(&self) -> View {
+        match self.ring.load().as_ref() {
+            Some(r) => r.view().clone(),
+            None => View::new(Vec::new(), self.params, &self.keys)
+                .unwrap_or_else(|_| unreachable!("an empty view with validated parameters")),
+        }
+    }
+
+    /// Signal that resolves when `(node, incarnation)` stops being alive.
+    pub fn death_signal(&self, node: &NodeId, incarnation: Incarnation) -> watch::Receiver<bool> {
+        lock(&self.deaths)
+            .entry((node.clone(), incarnation))
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    // ---- routing ----------------------------------------------------------
+
+    /// The ring owner of a fresh random key, plus the next member for the
+    /// single retry. A member that does not yet hold a view containing itself
+    /// (it joined less than one heartbeat ago) is skipped for the next one
+    /// along the ring. `None`: nothing can take a HELLO.
+    pub fn place_hello(&self) -> Option<(Placement, Option<Placement>)> {
+        let ring = self.ring.load_full()?;
+        let mut key = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+        let idx = ring.owner_index(&SessionId::from_bytes(key))?;
+        let members = ring.view().members();
+        let now = self.now();
+        let ready: Vec<&Member> = {
+            let mship = lock(&self.membership);
+            (0..members.len())
+                .map(|i| &members[(idx + i) % members.len()])
+                .filter(|m| mship.hello_ready(now, &m.node_id, m.incarnation))
+                .take(2)
+                .collect()
+        };
+        let mut it = ready.into_iter().map(|m| Placement {
+            ring: ring.clone(),
+            member: m.clone(),
+        });
+        let first = it.next()?;
+        Some((first, it.next()))
+    }
+
+    /// Counts a HELLO about to be spliced to a member that stopped being
+    /// placeable since it was chosen (must stay 0 in every test).
+    pub fn check_placeable(&self, p: &Placement) {
+        if !self.is_placeable(&p.member.node_id, p.member.incarnation) {
+            counter!(m::ROUTED_TO_UNPLACEABLE).increment(1);
+        }
+    }
+
+    pub fn route_resume(&self, key_id: u8, token: &[u8; TOKEN_LEN]) -> ResumeRoute {
+        let Ok(contents) = self.tokens.open(key_id, token) else {
+            return ResumeRoute::BadToken;
+        };
+        let owner = lock(&self.tags).get(&(key_id, contents.owner_tag)).cloned();
+        let route = lock(&self.membership).route(self.now(), owner.as_ref().map(|(n, i)| (n, *i)));
+        match (route, owner) {
+            (OwnerRoute::Alive(addr), Some((node, incarnation))) => {
+                if let Some(ring) = self.ring.load().as_ref()
+                    && ring
+                        .owner(&contents.session_id)
+                        .is_some_and(|m| m.node_id != node)
+                {
+                    // Kept on its owner across a ring change: expected after
+                    // a scale-out, visible to operators.
+                    counter!(m::RESUMES_OFF_SHARD).increment(1);
+                }
+                ResumeRoute::Splice {
+                    node,
+                    incarnation,
+                    addr,
+                }
+            }
+            (OwnerRoute::Alive(_), None) | (OwnerRoute::Lost, _) => ResumeRoute::Lost,
+            (OwnerRoute::Unreachable, _) => ResumeRoute::Unreachable,
+        }
+    }
+
+    // ---- admission ----------------------------------------------------------
+
+    /// Per-source rate and concurrency at accept. `Err(retry)` refuses.
+    pub fn admit(&self, source: SourceKey) -> Result<Slot, Duration> {
+        let now = self.mono();
+        let mut a = lock(&self.admission);
+        let v = a.rate.check(source, now);
+        if v.overflow() {
+            counter!(m::OVERFLOW_BUCKET, "table" => "rate").increment(1);
+        }
+        match v {
+            Verdict::Limit(d) | Verdict::LimitOverflow(d) => Err(d),
+            _ => a.conc.acquire(source).ok_or(Duration::from_millis(500)),
+        }
+    }
+
+    pub fn release(&self, slot: Slot) {
+        lock(&self.admission).conc.release(slot);
+    }
+
+    /// The per-gateway HELLO (`resume = false`) or RESUME budget.
+    pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
+        let now = self.mono();
+        let a = &self.cfg.raw.admission;
+        let rate = if resume {
+            a.resume_per_gateway_per_s
+        } else {
+            a.hello_per_gateway_per_s
+        };
+        let mut adm = lock(&self.admission);
+        let buckets = adm.per_gateway.entry(node.clone()).or_insert_with(|| {
+            [
+                Bucket::full(a.hello_per_gateway_per_s, now),
+                Bucket::full(a.resume_per_gateway_per_s, now),
+            ]
+        });
+        buckets[usize::from(resume)].take(rate, rate, now)
+    }
+}
