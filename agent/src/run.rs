@@ -44,6 +44,28 @@ pub struct AgentReport {
     pub recovery_ms: Vec<u64>,
     /// Why the session finally ended, if it did.
     pub ended: Option<String>,
+    /// The gateway that owns the current session (a node name, not a secret).
+    pub node_id: String,
+    pub binding_epoch: u64,
+    /// When the current session was established (HELLO completed).
+    #[serde(skip)]
+    pub established_at: Option<Instant>,
+    /// When the current transport was attached (HELLO or RESUME).
+    #[serde(skip)]
+    pub attached_at: Option<Instant>,
+}
+
+fn record_attach(report: &Mutex<AgentReport>, agent: &Agent, hello: bool) {
+    if let Some(s) = agent.session.as_ref() {
+        update(report, |r| {
+            r.node_id = s.node_id.clone();
+            r.binding_epoch = s.binding_epoch;
+            r.attached_at = Some(Instant::now());
+            if hello {
+                r.established_at = Some(Instant::now());
+            }
+        });
+    }
 }
 
 /// A state line for humans (`jvpn-agent connect` prints these).
@@ -98,6 +120,7 @@ pub async fn keep_alive(
         }
     };
     update(&report, |r| r.sessions_established += 1);
+    record_attach(&report, &agent, true);
     loop {
         let interval = Duration::from_millis(
             agent
@@ -123,6 +146,31 @@ pub async fn keep_alive(
                     &transitions,
                     format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
                 );
+                // Move before the deadline: a new session elsewhere (routers
+                // no longer place HELLOs on a draining gateway), then end the
+                // old one explicitly.
+                match establish(&mut agent, &transitions, Some("go_away".into())).await {
+                    Ok(new_t) => {
+                        let mut old = std::mem::replace(&mut t, new_t);
+                        let _ = old
+                            .send(Kind::Terminate(Terminate {
+                                reason: ReasonCode::AgentClosed as i32,
+                            }))
+                            .await;
+                        update(&report, |r| {
+                            r.rehandshakes += 1;
+                            bump(&mut r.rehandshake_reasons, "go_away");
+                        });
+                        record_attach(&report, &agent, true);
+                    }
+                    Err(e) => note(
+                        &transitions,
+                        format!(
+                            "no new session yet ({}); staying until the deadline",
+                            reason_str(&e)
+                        ),
+                    ),
+                }
                 None
             }
             Ev::Frame(Ok(_)) => None,
@@ -183,6 +231,7 @@ pub async fn keep_alive(
                         r.rehandshakes += 1;
                         bump(&mut r.rehandshake_reasons, &reason_str(&e));
                     });
+                    record_attach(&report, &agent, true);
                     t = new_t;
                     continue;
                 }
@@ -202,16 +251,41 @@ pub async fn keep_alive(
     }
 }
 
-/// HELLO with a few retries. `after`: the reason a previous session ended
-/// (then this is an explicit re-handshake, and says so).
+/// How long a HELLO keeps being retried while the cluster answers with
+/// transient refusals (overloaded, no gateway yet, lease not ready).
+const ESTABLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Is this HELLO failure worth waiting out?
+fn transient(e: &AgentError) -> bool {
+    use jvpn_proto::preamble::Status;
+    match e {
+        AgentError::Status(s) => matches!(
+            s.status,
+            Status::Overloaded | Status::NoGateway | Status::OwnerUnreachable
+        ),
+        AgentError::Rejected { reason, .. } => matches!(
+            reason,
+            ReasonCode::Overloaded
+                | ReasonCode::RateLimited
+                | ReasonCode::NotInCluster
+                | ReasonCode::Draining
+        ),
+        _ => false,
+    }
+}
+
+/// HELLO with retries: transient refusals are retried for up to
+/// [`ESTABLISH_PATIENCE`], anything else five times. `after`: the reason a
+/// previous session ended (then this is an explicit re-handshake, and says so).
 async fn establish(
     agent: &mut Agent,
     transitions: &Option<Transitions>,
     after: Option<String>,
 ) -> Result<Transport, AgentError> {
-    let mut last = None;
-    for attempt in 0..5u32 {
-        match agent.hello().await {
+    let started = Instant::now();
+    let mut hard_failures = 0u32;
+    loop {
+        let e = match agent.hello().await {
             Ok(t) => {
                 let s = agent.session.as_ref().ok_or(AgentError::NoSession)?;
                 let what = match &after {
@@ -227,31 +301,37 @@ async fn establish(
                 );
                 return Ok(t);
             }
-            Err(e) => {
-                let wait = match &e {
-                    AgentError::Status(s) => {
-                        Duration::from_millis(s.capped_retry_after_ms(4_000).max(50))
-                    }
-                    AgentError::Rejected { retry_after_ms, .. } => {
-                        Duration::from_millis((*retry_after_ms).clamp(50, 1_000))
-                    }
-                    _ => Duration::from_millis(100 << attempt),
-                };
-                note(
-                    transitions,
-                    format!(
-                        "handshake failed: {}; retry in {} ms",
-                        reason_str(&e),
-                        wait.as_millis()
-                    ),
-                );
-                agent.rotate_server();
-                last = Some(e);
-                tokio::time::sleep(wait).await;
+            Err(e) => e,
+        };
+        if transient(&e) {
+            if started.elapsed() > ESTABLISH_PATIENCE {
+                return Err(e);
+            }
+        } else {
+            hard_failures += 1;
+            if hard_failures >= 5 {
+                return Err(e);
             }
         }
+        let jitter = rand::rng().random_range(0..=50);
+        let wait = match &e {
+            AgentError::Status(s) => Duration::from_millis(s.capped_retry_after_ms(4_000).max(50)),
+            AgentError::Rejected { retry_after_ms, .. } => {
+                Duration::from_millis((*retry_after_ms).clamp(50, 1_000))
+            }
+            _ => Duration::from_millis(100 << hard_failures.min(4)),
+        } + Duration::from_millis(jitter);
+        note(
+            transitions,
+            format!(
+                "handshake failed: {}; retry in {} ms",
+                reason_str(&e),
+                wait.as_millis()
+            ),
+        );
+        agent.rotate_server();
+        tokio::time::sleep(wait).await;
     }
-    Err(last.unwrap_or(AgentError::Closed))
 }
 
 /// RESUME until attached, within the transport-lost TTL. Falls back to an
@@ -281,6 +361,7 @@ async fn reattach(
                     r.recovery_ms.push(ms);
                 });
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
+                record_attach(report, agent, false);
                 note(
                     transitions,
                     format!("reattached in {ms} ms (epoch {epoch})"),
@@ -318,6 +399,7 @@ async fn reattach(
                         r.rehandshakes += 1;
                         bump(&mut r.rehandshake_reasons, &why);
                     });
+                    record_attach(report, agent, true);
                     return Ok(t);
                 }
                 // Back-off: what the gateway asked for, else exponential with jitter.

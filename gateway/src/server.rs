@@ -82,6 +82,9 @@ struct Shared {
     cluster: Option<Arc<crate::membership::Cluster>>,
 }
 
+/// How long a connection may wait for a TLS handshake slot before `overloaded`.
+const TLS_SLOT_WAIT: Duration = Duration::from_millis(50);
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -563,7 +566,10 @@ async fn handle_conn(
         status(&mut stream, Status::Overloaded, d).await;
         return Err(ConnReject::Overloaded);
     }
-    let Ok(permit) = shared.tls_slots.try_acquire() else {
+    // A short queue smooths bursts (a failover's re-handshakes arrive at
+    // once) without letting waiting connections pile up.
+    let slot = tokio::time::timeout(TLS_SLOT_WAIT, shared.tls_slots.acquire()).await;
+    let Ok(Ok(permit)) = slot else {
         counter!(m::RATE_LIMITED, "stage" => "tls_in_flight").increment(1);
         status(&mut stream, Status::Overloaded, Duration::from_millis(100)).await;
         return Err(ConnReject::Overloaded);

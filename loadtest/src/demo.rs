@@ -1,18 +1,18 @@
-//! The quick-start demo: a real gateway process with a fresh development PKI,
-//! real agents over TLS through the fault proxy, three rounds of forced
-//! transport jumps (agent-side jump, network cut, half-open stall), echo
-//! checks after each, then a drain. Prints what happened and a summary.
+//! The quick-start demos. The default one is the cluster
+//! ([`crate::demo_cluster`]); `--single-node` runs a real gateway process
+//! with a fresh development PKI, real agents over TLS through the fault
+//! proxy, three rounds of forced transport jumps (agent-side jump, network
+//! cut, half-open stall), echo checks after each, then a drain.
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use jvpn_agent::{AgentReport, Command, keep_alive};
+use jvpn_agent::Command;
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::faultproxy::FaultProxy;
+use crate::fleet::Fleet;
 use crate::harness::{self, GatewayOptions, Launcher, LocalGateway, TestPki};
 use crate::invariants::{self, Invariants};
 
@@ -20,6 +20,8 @@ use crate::invariants::{self, Invariants};
 pub struct DemoOptions {
     pub agents: usize,
     pub json: bool,
+    /// The single-node topology instead of the cluster.
+    pub single_node: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -48,7 +50,7 @@ pub struct DemoSummary {
     pub duration_ms: u64,
 }
 
-fn percentiles(mut v: Vec<u64>) -> Percentiles {
+pub fn percentiles(mut v: Vec<u64>) -> Percentiles {
     if v.is_empty() {
         return Percentiles::default();
     }
@@ -61,45 +63,17 @@ fn percentiles(mut v: Vec<u64>) -> Percentiles {
     }
 }
 
-struct Running {
-    tx: mpsc::Sender<Command>,
-    report: Arc<Mutex<AgentReport>>,
-    task: tokio::task::JoinHandle<AgentReport>,
-}
-
-async fn echo_all(agents: &[Running], round: &str, say: &dyn Fn(String)) -> (u64, u64) {
-    let mut ok = 0;
-    let mut failed = 0;
-    for (i, a) in agents.iter().enumerate() {
-        let (tx, rx) = oneshot::channel();
-        let payload = format!("{round}-{i}").into_bytes();
-        let sent = a.tx.send(Command::Echo(payload, tx)).await.is_ok();
-        match (
-            sent,
-            tokio::time::timeout(Duration::from_secs(10), rx).await,
-        ) {
-            (true, Ok(Ok(Ok(_)))) => ok += 1,
-            _ => failed += 1,
-        }
-    }
-    say(format!("  echo after {round}: {ok} ok, {failed} failed"));
-    (ok, failed)
-}
-
-fn resumes(agents: &[Running]) -> u64 {
-    agents
-        .iter()
-        .map(|a| {
-            a.report
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .resumes_ok
-        })
-        .sum()
-}
-
 /// Runs the demo; `Ok(false)` when an invariant failed.
 pub async fn run(opts: DemoOptions) -> Result<bool> {
+    if opts.single_node {
+        run_single_node(opts).await
+    } else {
+        crate::demo_cluster::run(opts).await
+    }
+}
+
+/// The single-node topology: agent → fault proxy → gateway.
+async fn run_single_node(opts: DemoOptions) -> Result<bool> {
     let started = Instant::now();
     let quiet = opts.json;
     let say = move |s: String| {
@@ -122,33 +96,16 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let proxy = FaultProxy::start(gw.client_addr).await?;
     say(format!("  fault proxy on {} in front of it", proxy.addr));
 
-    let mut agents = Vec::new();
-    for i in 0..opts.agents {
-        let agent = harness::agent(&pki, proxy.addr, Some(harness::source_ip(i)))?;
-        let (tx, rx) = mpsc::channel(8);
-        let report = Arc::new(Mutex::new(AgentReport::default()));
-        let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
-        agents.push(Running { tx, report, task });
-    }
-    harness::eventually(Duration::from_secs(20), "all sessions established", || {
-        let n = agents
-            .iter()
-            .filter(|a| {
-                a.report
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .sessions_established
-                    > 0
-            })
-            .count();
-        async move { n == opts.agents }
-    })
-    .await?;
+    let fleet = Fleet::start(&pki, &[proxy.addr], opts.agents, 0)?;
+    fleet.wait_established(Duration::from_secs(30)).await?;
     say(format!(
         "  {} agents attached, each from its own 127.0.x.y source",
         opts.agents
     ));
-    let (mut echo_ok, mut echo_failed) = echo_all(&agents, "handshake", &say).await;
+    let (mut echo_ok, mut echo_failed) = fleet.echo_all("handshake").await;
+    say(format!(
+        "  echo after handshake: {echo_ok} ok, {echo_failed} failed"
+    ));
 
     // The policy's cooldown (1500 ms) spaces the jumps; agents pace themselves.
     let rounds: [(&str, u64); 3] = [
@@ -157,13 +114,9 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         ("half-open stall", 3),
     ];
     for (name, round) in rounds {
-        let before = resumes(&agents);
+        let before = fleet.resumes_ok();
         match round {
-            1 => {
-                for a in &agents {
-                    a.tx.send(Command::Jump).await?;
-                }
-            }
+            1 => fleet.each(|| Command::Jump).await,
             2 => {
                 let n = proxy.cut_all();
                 say(format!("  cut {n} connections at the proxy"));
@@ -173,14 +126,12 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
                 say(format!(
                     "  stalled {n} connections at the proxy (both ends still open)"
                 ));
-                for a in &agents {
-                    a.tx.send(Command::StallAndJump).await?;
-                }
+                fleet.each(|| Command::StallAndJump).await;
             }
         }
         let want = before + opts.agents as u64;
         harness::eventually(Duration::from_secs(30), "every session reattached", || {
-            let n = resumes(&agents);
+            let n = fleet.resumes_ok();
             async move { n >= want }
         })
         .await?;
@@ -188,16 +139,13 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
             "  round {round} ({name}): all {} sessions reattached",
             opts.agents
         ));
-        let (o, f) = echo_all(&agents, name, &say).await;
+        let (o, f) = fleet.echo_all(name).await;
+        say(format!("  echo after {name}: {o} ok, {f} failed"));
         echo_ok += o;
         echo_failed += f;
     }
 
-    let mut reports = Vec::new();
-    for a in agents {
-        let _ = a.tx.send(Command::Close).await;
-        reports.push(a.task.await?);
-    }
+    let reports = fleet.close().await;
     gw.signal(Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(40), gw.wait()).await??;
     let mut inv = invariants::from_agents(&reports);

@@ -12,6 +12,7 @@ pub const EXPLICIT_REASONS: &[&str] = &[
     "unknown_session",
     "owner_lost",
     "draining",
+    "go_away",
     "superseded",
     "operator_terminated",
     "session_lifetime_exceeded",

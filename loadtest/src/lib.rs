@@ -8,6 +8,7 @@
 //! - [`cluster`]: a local cluster (routers + gateways as processes), restarts, scale-out.
 //! - [`faultproxy`]: a user-space TCP proxy that cuts, stalls, delays or
 //!   blackholes connections on command.
+//! - [`fleet`]: many agents running the real keep-alive loop, observed through reports.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
 //! - [`demo`]: the README's quick-start demo.
 //! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
@@ -17,6 +18,8 @@
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod demo_cluster;
 pub mod faultproxy;
+pub mod fleet;
 pub mod harness;
 pub mod invariants;

@@ -18,13 +18,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start a local deployment, run agents through transport jumps, print a summary.
+    /// Start a local cluster (1 router + 3 gateways), run agents through
+    /// jumps, a scale-out, a router restart and a gateway kill; print a summary.
     Demo {
         /// Print the summary as JSON only.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value_t = 20)]
-        agents: usize,
+        /// Agents (default: 200 in the cluster, 20 single-node).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// The single-node topology (agent → gateway) instead.
+        #[arg(long)]
+        single_node: bool,
     },
     /// Gateway capacity next to bare rustls (server on CPU 0, load on CPU 1).
     BenchGateway {
@@ -121,7 +126,12 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Cmd::Demo { json, agents } => {
+        Cmd::Demo {
+            json,
+            agents,
+            single_node,
+        } => {
+            let agents = agents.unwrap_or(if single_node { 20 } else { 200 });
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -132,6 +142,7 @@ fn main() -> ExitCode {
             match rt.block_on(jvpn_loadtest::demo::run(jvpn_loadtest::demo::DemoOptions {
                 agents,
                 json,
+                single_node,
             })) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => {

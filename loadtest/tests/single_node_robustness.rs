@@ -196,7 +196,7 @@ async fn the_quick_start_demo_runs_and_reports_zero_invariant_violations() {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-            .args(["demo", "--json", "--agents", "10"])
+            .args(["demo", "--single-node", "--json", "--agents", "10"])
             .output(),
     )
     .await

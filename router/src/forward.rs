@@ -25,6 +25,8 @@ use crate::state::{Placement, ResumeRoute, RouterState};
 
 /// Retry hint for transient refusals.
 const RETRY_SOON: Duration = Duration::from_millis(250);
+/// Retry hint when the owner refused a connect.
+const RETRY_DYING: Duration = Duration::from_millis(100);
 
 /// How a connection ended (the `result` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +196,8 @@ async fn resume(
                 return Outcome::Overloaded;
             }
             let Some(mut gw) = connect(state, &node, incarnation, addr).await else {
-                status(client, Status::OwnerUnreachable, RETRY_SOON).await;
+                // Often a dying owner: the verdict is at most a few ticks away.
+                status(client, Status::OwnerUnreachable, RETRY_DYING).await;
                 return Outcome::OwnerUnreachable;
             };
             let header = proxy_header(state, peer, &gw, None, Some((node.clone(), incarnation)));

@@ -1,0 +1,311 @@
+//! The cluster quick-start demo: 1 router + 3 gateways as separate
+//! processes, agents attached through the router, then in order: every
+//! transport jumps (RESUME), a 4th gateway joins (scale-out), the router is
+//! killed and restarted, and one gateway is SIGKILLed so that its sessions
+//! re-handshake, explicitly, elsewhere. The summary carries the invariant
+//! counters of DESIGN §11; the exit code is non-zero when one fails.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use jvpn_agent::{AgentReport, Command};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+use crate::cluster::{ClusterOptions, LocalCluster, launchers, node_name};
+use crate::demo::{DemoOptions, Percentiles, percentiles};
+use crate::fleet::Fleet;
+use crate::harness;
+use crate::invariants::{self, Invariants};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClusterSummary {
+    pub topology: &'static str,
+    pub agents: usize,
+    pub sessions_established: u64,
+    pub resumes_ok: u64,
+    pub resumes_rejected: BTreeMap<String, u64>,
+    /// Sessions per gateway after the scale-out, before the kill.
+    pub sessions_by_gateway: BTreeMap<String, usize>,
+    pub killed_gateway: String,
+    pub sessions_on_killed_gateway: u64,
+    /// Re-handshakes of sessions whose owner was killed (explicit: `owner_lost`).
+    pub rehandshakes_after_owner_loss: u64,
+    /// Re-handshakes caused by adding the 4th gateway (must be 0).
+    pub forced_rehandshakes_on_scale_out: u64,
+    /// Re-handshakes caused by restarting the router (must be 0).
+    pub rehandshakes_on_router_restart: u64,
+    /// From the SIGKILL to each affected session being established again.
+    pub failover_ms: Percentiles,
+    pub recovery_ms: Percentiles,
+    pub echo_ok: u64,
+    pub echo_failed: u64,
+    #[serde(flatten)]
+    pub invariants: Invariants,
+    pub routed_to_unplaceable: f64,
+    pub events_checked: usize,
+    pub duration_ms: u64,
+}
+
+fn sum(reports: &[AgentReport], f: impl Fn(&AgentReport) -> u64) -> u64 {
+    reports.iter().map(f).sum()
+}
+
+fn reason_count(reports: &[AgentReport], reason: &str) -> u64 {
+    sum(reports, |r| {
+        r.rehandshake_reasons.get(reason).copied().unwrap_or(0)
+    })
+}
+
+/// Runs the cluster demo; `Ok(false)` when an invariant failed.
+pub async fn run(opts: DemoOptions) -> Result<bool> {
+    let started = Instant::now();
+    let quiet = opts.json;
+    let say = move |s: String| {
+        if !quiet {
+            println!("{s}");
+        }
+    };
+    let exe = std::env::current_exe()?;
+    let (gw_launcher, router_launcher) = launchers(&exe);
+    say("Jumping VPN demo: sticky cluster (agents → router → gateways), real TLS 1.3".into());
+    let mut c = LocalCluster::start(gw_launcher, router_launcher, ClusterOptions::default())
+        .await
+        .context("starting the cluster")?;
+    say(format!(
+        "  router r1 on {} (membership {}, admin {}); gateways g1..g3 joined over mTLS heartbeats",
+        c.routers[0].client_addr, c.routers[0].membership_addr, c.routers[0].admin_addr
+    ));
+
+    // 1. Attach.
+    let fleet = Fleet::start(&c.pki, &c.router_addrs(), opts.agents, 0)?;
+    fleet.wait_established(Duration::from_secs(60)).await?;
+    say(format!(
+        "  {} agents attached through the router: {:?}",
+        opts.agents,
+        fleet.by_node()
+    ));
+
+    // 2. Every transport jumps.
+    let before = fleet.resumes_ok();
+    fleet.each(|| Command::Jump).await;
+    let want = before + fleet.len() as u64;
+    harness::eventually(Duration::from_secs(60), "every session resumed", || {
+        let n = fleet.resumes_ok();
+        async move { n >= want }
+    })
+    .await?;
+    say("  every agent changed transport: all sessions resumed on their owner".into());
+
+    // 3. Scale-out.
+    let rh_before = fleet.rehandshakes();
+    c.start_gateway(&node_name(3)).await?;
+    let four: Vec<String> = (0..4).map(node_name).collect();
+    c.wait_placeable(&four, Duration::from_secs(15)).await?;
+    let newcomers = Fleet::start(
+        &c.pki,
+        &c.router_addrs(),
+        (opts.agents / 5).max(4),
+        opts.agents,
+    )?;
+    newcomers.wait_established(Duration::from_secs(60)).await?;
+    let scale_out_rehandshakes = fleet.rehandshakes() - rh_before;
+    say(format!(
+        "  g4 joined: existing sessions re-handshaked: {scale_out_rehandshakes}; {} new sessions: {:?}",
+        newcomers.len(),
+        newcomers.by_node()
+    ));
+
+    // 4. Router restart: every spliced connection breaks; sessions resume.
+    let rh_before = fleet.rehandshakes() + newcomers.rehandshakes();
+    let resumes_before = fleet.resumes_ok() + newcomers.resumes_ok();
+    c.restart_router(0).await?;
+    let total = (fleet.len() + newcomers.len()) as u64;
+    harness::eventually(
+        Duration::from_secs(60),
+        "every session resumed after the router restart",
+        || {
+            let n = fleet.resumes_ok() + newcomers.resumes_ok();
+            async move { n >= resumes_before + total }
+        },
+    )
+    .await?;
+    let router_restart_rehandshakes = fleet.rehandshakes() + newcomers.rehandshakes() - rh_before;
+    say(format!(
+        "  router restarted on the same ports: {total} sessions resumed, {router_restart_rehandshakes} re-handshakes"
+    ));
+
+    // 5. Kill the gateway holding the most sessions, once every agent may
+    // switch again (agents pace RESUMEs by the policy's cooldown, which
+    // would otherwise count into the failover time).
+    let cooldown = Duration::from_millis(1_600);
+    harness::eventually(Duration::from_secs(10), "switch cooldowns over", || {
+        let quiet = fleet
+            .snapshots()
+            .iter()
+            .chain(newcomers.snapshots().iter())
+            .all(|r| r.attached_at.is_some_and(|t| t.elapsed() >= cooldown));
+        async move { quiet }
+    })
+    .await?;
+    let mut by_node = fleet.by_node();
+    for (k, v) in newcomers.by_node() {
+        *by_node.entry(k).or_default() += v;
+    }
+    let victim = by_node
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(k, _)| k.clone())
+        .context("no sessions")?;
+    let on_victim: Vec<usize> = fleet
+        .snapshots()
+        .iter()
+        .chain(newcomers.snapshots().iter())
+        .enumerate()
+        .filter(|(_, r)| r.node_id == victim)
+        .map(|(i, _)| i)
+        .collect();
+    let all = |f: &Fleet, g: &Fleet| {
+        let mut v = f.snapshots();
+        v.extend(g.snapshots());
+        v
+    };
+    let owner_lost_before = reason_count(&all(&fleet, &newcomers), "owner_lost");
+    let killed_at = Instant::now();
+    c.gateway(&victim)?.signal(Signal::SIGKILL)?;
+    c.wait_not_alive(&victim, Duration::from_secs(10)).await?;
+    let detected_ms = killed_at.elapsed().as_millis();
+    harness::eventually(
+        Duration::from_secs(60),
+        "every session of the killed gateway re-established",
+        || {
+            let snaps = all(&fleet, &newcomers);
+            let done = on_victim.iter().all(|i| {
+                snaps[*i]
+                    .established_at
+                    .is_some_and(|t| t > killed_at && snaps[*i].node_id != victim)
+            });
+            async move { done }
+        },
+    )
+    .await?;
+    let snaps = all(&fleet, &newcomers);
+    let failover: Vec<u64> = on_victim
+        .iter()
+        .filter_map(|i| snaps[*i].established_at)
+        .map(|t| t.duration_since(killed_at).as_millis() as u64)
+        .collect();
+    let rehandshakes_after_owner_loss = reason_count(&snaps, "owner_lost") - owner_lost_before;
+    say(format!(
+        "  SIGKILL {victim} ({} sessions): not alive after {detected_ms} ms; all re-handshaked elsewhere",
+        on_victim.len()
+    ));
+    let (echo_ok_1, echo_failed_1) = fleet.echo_all("after-failover").await;
+    let (echo_ok_2, echo_failed_2) = newcomers.echo_all("after-failover").await;
+    let routed_to_unplaceable = c
+        .router_metric("jvpn_router_routed_to_unplaceable_total", &[])
+        .await?;
+
+    // 6. Wind down: close sessions, drain gateways, stop the router.
+    let mut reports = fleet.close().await;
+    reports.extend(newcomers.close().await);
+    let mut event_files: Vec<PathBuf> = Vec::new();
+    for (node, gw) in &mut c.gateways {
+        event_files.push(PathBuf::from(&gw.events_path));
+        if *node == victim {
+            continue;
+        }
+        gw.signal(Signal::SIGTERM)?;
+        let _ = tokio::time::timeout(Duration::from_secs(40), gw.wait()).await;
+    }
+    let mut inv = invariants::from_agents(&reports);
+    let paths: Vec<&std::path::Path> = event_files.iter().map(PathBuf::as_path).collect();
+    let (dual, events_checked) = invariants::dual_active(&paths);
+    inv.dual_active_detected = dual;
+    let summary = ClusterSummary {
+        topology: "sticky_cluster",
+        agents: reports.len(),
+        sessions_established: sum(&reports, |r| r.sessions_established + r.rehandshakes),
+        resumes_ok: sum(&reports, |r| r.resumes_ok),
+        resumes_rejected: invariants::rejected_by_reason(&reports),
+        sessions_by_gateway: by_node,
+        killed_gateway: victim,
+        sessions_on_killed_gateway: on_victim.len() as u64,
+        rehandshakes_after_owner_loss,
+        forced_rehandshakes_on_scale_out: scale_out_rehandshakes,
+        rehandshakes_on_router_restart: router_restart_rehandshakes,
+        failover_ms: percentiles(failover),
+        recovery_ms: percentiles(reports.iter().flat_map(|r| r.recovery_ms.clone()).collect()),
+        echo_ok: echo_ok_1 + echo_ok_2,
+        echo_failed: echo_failed_1 + echo_failed_2,
+        invariants: inv.clone(),
+        routed_to_unplaceable,
+        events_checked,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        let f = &summary.failover_ms;
+        let r = &summary.recovery_ms;
+        println!();
+        println!("summary");
+        println!(
+            "  sessions established          {}",
+            summary.sessions_established
+        );
+        println!("  resumes ok                    {}", summary.resumes_ok);
+        println!(
+            "  resumes rejected              {:?}",
+            summary.resumes_rejected
+        );
+        println!(
+            "  sessions by gateway           {:?}",
+            summary.sessions_by_gateway
+        );
+        println!(
+            "  sessions on killed gateway    {} ({})",
+            summary.sessions_on_killed_gateway, summary.killed_gateway
+        );
+        println!(
+            "  re-handshakes after loss      {} (explicit: owner_lost)",
+            summary.rehandshakes_after_owner_loss
+        );
+        println!(
+            "  forced re-handshakes          {} ({} on scale-out, {} on router restart)",
+            inv.forced_rehandshakes,
+            summary.forced_rehandshakes_on_scale_out,
+            summary.rehandshakes_on_router_restart
+        );
+        println!(
+            "  failover ms p50/p99/max       {}/{}/{}",
+            f.p50, f.p99, f.max
+        );
+        println!(
+            "  recovery ms p50/p99/max       {}/{}/{}",
+            r.p50, r.p99, r.max
+        );
+        println!(
+            "  echo ok / failed              {} / {}",
+            summary.echo_ok, summary.echo_failed
+        );
+        println!("  silent migrations             {}", inv.silent_migrations);
+        println!(
+            "  dual active detected          {}",
+            inv.dual_active_detected
+        );
+        println!("  lost sessions                 {}", inv.lost_sessions);
+        println!(
+            "  routed to unplaceable         {}",
+            summary.routed_to_unplaceable
+        );
+    }
+    Ok(inv.all_zero()
+        && summary.forced_rehandshakes_on_scale_out == 0
+        && summary.rehandshakes_on_router_restart == 0
+        && summary.echo_failed == 0
+        && summary.routed_to_unplaceable == 0.0
+        && summary.rehandshakes_after_owner_loss == summary.sessions_on_killed_gateway)
+}

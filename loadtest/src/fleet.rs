@@ -1,0 +1,152 @@
+//! Many agents, each running the real keep-alive loop in its own task and
+//! from its own loopback source address, observed through their reports.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Result;
+use jvpn_agent::{Agent, AgentReport, Command, keep_alive};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::harness::{self, TestPki};
+
+/// One running agent.
+#[derive(Debug)]
+pub struct Running {
+    pub tx: mpsc::Sender<Command>,
+    pub report: Arc<Mutex<AgentReport>>,
+    pub task: tokio::task::JoinHandle<AgentReport>,
+}
+
+impl Running {
+    pub fn snapshot(&self) -> AgentReport {
+        self.report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A group of agents started together.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub agents: Vec<Running>,
+}
+
+impl Fleet {
+    /// Starts `n` agents against `servers`, sources `source_ip(first_source..)`.
+    pub fn start(
+        pki: &TestPki,
+        servers: &[SocketAddr],
+        n: usize,
+        first_source: usize,
+    ) -> Result<Self> {
+        let mut agents = Vec::with_capacity(n);
+        for i in 0..n {
+            let cfg = harness::agent_config(
+                pki,
+                servers.to_vec(),
+                Some(harness::source_ip(first_source + i)),
+            )?;
+            let mut agent = Agent::new(cfg)?;
+            // Spread agents over the routers (first choice; they fail over).
+            for _ in 0..(i % servers.len().max(1)) {
+                agent.rotate_server();
+            }
+            let (tx, rx) = mpsc::channel(8);
+            let report = Arc::new(Mutex::new(AgentReport::default()));
+            let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
+            agents.push(Running { tx, report, task });
+        }
+        Ok(Self { agents })
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    pub fn snapshots(&self) -> Vec<AgentReport> {
+        self.agents.iter().map(Running::snapshot).collect()
+    }
+
+    /// Waits until every agent established its first session.
+    pub async fn wait_established(&self, within: Duration) -> Result<()> {
+        harness::eventually(within, "every agent established a session", || {
+            let done = self
+                .agents
+                .iter()
+                .all(|a| a.snapshot().sessions_established > 0);
+            async move { done }
+        })
+        .await
+    }
+
+    /// Sessions per owning gateway, now.
+    pub fn by_node(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for r in self.snapshots() {
+            *out.entry(r.node_id).or_default() += 1;
+        }
+        out
+    }
+
+    pub fn resumes_ok(&self) -> u64 {
+        self.snapshots().iter().map(|r| r.resumes_ok).sum()
+    }
+
+    pub fn rehandshakes(&self) -> u64 {
+        self.snapshots().iter().map(|r| r.rehandshakes).sum()
+    }
+
+    /// Sends one command to every agent.
+    pub async fn each(&self, mut cmd: impl FnMut() -> Command) {
+        for a in &self.agents {
+            let _ = a.tx.send(cmd()).await;
+        }
+    }
+
+    /// One echo through every agent: `(ok, failed)`.
+    pub async fn echo_all(&self, tag: &str) -> (u64, u64) {
+        let mut ok = 0;
+        let mut failed = 0;
+        for (i, a) in self.agents.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let sent =
+                a.tx.send(Command::Echo(format!("{tag}-{i}").into_bytes(), tx))
+                    .await
+                    .is_ok();
+            match (
+                sent,
+                tokio::time::timeout(Duration::from_secs(10), rx).await,
+            ) {
+                (true, Ok(Ok(Ok(_)))) => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Closes every session (`Terminate{agent_closed}`) and returns the final reports.
+    pub async fn close(self) -> Vec<AgentReport> {
+        let mut out = Vec::with_capacity(self.agents.len());
+        for a in &self.agents {
+            let _ = a.tx.send(Command::Close).await;
+        }
+        for a in self.agents {
+            match a.task.await {
+                Ok(r) => out.push(r),
+                Err(_) => out.push(AgentReport {
+                    ended: Some("agent_task_failed".into()),
+                    ..AgentReport::default()
+                }),
+            }
+        }
+        out
+    }
+}
