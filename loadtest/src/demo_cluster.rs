@@ -141,15 +141,8 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     // switch again (agents pace RESUMEs by the policy's cooldown, which
     // would otherwise count into the failover time).
     let cooldown = Duration::from_millis(1_600);
-    harness::eventually(Duration::from_secs(10), "switch cooldowns over", || {
-        let quiet = fleet
-            .snapshots()
-            .iter()
-            .chain(newcomers.snapshots().iter())
-            .all(|r| r.attached_at.is_some_and(|t| t.elapsed() >= cooldown));
-        async move { quiet }
-    })
-    .await?;
+    fleet.wait_switch_allowed(cooldown).await?;
+    newcomers.wait_switch_allowed(cooldown).await?;
     let mut by_node = fleet.by_node();
     for (k, v) in newcomers.by_node() {
         *by_node.entry(k).or_default() += v;

@@ -87,6 +87,25 @@ impl Fleet {
         .await
     }
 
+    /// Waits until every agent's last attach is older than `cooldown`, so a
+    /// transport loss from now on is retried at once (agents pace RESUMEs by
+    /// the policy's switch cooldown).
+    pub async fn wait_switch_allowed(&self, cooldown: Duration) -> Result<()> {
+        harness::eventually(
+            cooldown * 4 + Duration::from_secs(5),
+            "switch cooldowns over",
+            || {
+                let quiet = self.agents.iter().all(|a| {
+                    a.snapshot()
+                        .attached_at
+                        .is_some_and(|t| t.elapsed() >= cooldown)
+                });
+                async move { quiet }
+            },
+        )
+        .await
+    }
+
     /// Sessions per owning gateway, now.
     pub fn by_node(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();

@@ -38,7 +38,11 @@ impl AdminApp for RouterHandle {
     }
 
     fn json(&self, path: &str) -> Option<serde_json::Value> {
-        (path == "/ring").then(|| ring_json(&self.state))
+        match path {
+            "/ring" => Some(ring_json(&self.state)),
+            "/ring/digest" => Some(placement_digest(&self.state, DIGEST_KEYS)),
+            _ => None,
+        }
     }
 }
 
@@ -75,6 +79,42 @@ pub fn ring_json(state: &RouterState) -> serde_json::Value {
         "ring_changes": state.ring_changes(),
         "unhealthy": state.is_unhealthy(),
         "members": members,
+    })
+}
+
+/// Keys hashed by `/ring/digest`.
+pub const DIGEST_KEYS: u32 = 1_000_000;
+
+/// `/ring/digest`: the owners of `n` fixed pseudo-random keys under the
+/// current ring, hashed, plus per-member counts. Two routers that agree on
+/// placement report the same digest (operators compare routers with it).
+pub fn placement_digest(state: &RouterState, n: u32) -> serde_json::Value {
+    let Some(ring) = state.ring() else {
+        return serde_json::json!({ "view_id": hex::encode(state.view().id().0), "keys": 0 });
+    };
+    let mut digest = blake3::Hasher::new();
+    let mut counts = vec![0u64; ring.view().members().len()];
+    for i in 0..n {
+        let h = blake3::hash(&i.to_be_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&h.as_bytes()[..16]);
+        if let Some(idx) = ring.owner_index(&jvpn_proto::SessionId::from_bytes(key)) {
+            counts[idx] += 1;
+            digest.update(&(idx as u32).to_be_bytes());
+        }
+    }
+    let per_member: serde_json::Map<String, serde_json::Value> = ring
+        .view()
+        .members()
+        .iter()
+        .zip(counts)
+        .map(|(m, c)| (m.node_id.to_string(), c.into()))
+        .collect();
+    serde_json::json!({
+        "view_id": hex::encode(ring.view().id().0),
+        "keys": n,
+        "digest": digest.finalize().to_hex().to_string(),
+        "per_member": per_member,
     })
 }
 
