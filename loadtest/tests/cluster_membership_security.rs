@@ -1,0 +1,243 @@
+//! Who may join the membership plane: identity from the certificate's URI
+//! SAN only, advertised addresses the certificate names, capped weights,
+//! certificates from the membership CA with the client role. And on the
+//! data plane: gateways in cluster mode refuse direct clients and PROXY
+//! headers from anyone but routers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use jvpn_loadtest::cluster::ClusterOptions;
+use jvpn_loadtest::harness::{CLUSTER, TestPki, eventually};
+use jvpn_proto::pb::membership::membership_client::MembershipClient;
+use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
+use jvpn_proto::preamble::{Preamble, Status, StatusReply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
+    HeartbeatRequest {
+        node_id: node.into(),
+        incarnation: 42,
+        advertise_addr: advertise.into(),
+        state: NodeState::Ready as i32,
+        weight,
+        sessions: 0,
+        lease_ok: false,
+        build_version: "test".into(),
+        sequence: 1,
+        in_view: false,
+    }
+}
+
+/// One heartbeat over a fresh mTLS stream; `Err` carries why it failed.
+async fn heartbeat(
+    router: std::net::SocketAddr,
+    identity: Option<(&Path, &Path)>,
+    ca: &Path,
+    req: HeartbeatRequest,
+) -> Result<HeartbeatReply, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name(format!("router.{CLUSTER}"));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://{router}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut client = MembershipClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(req).await.unwrap();
+    let mut replies = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| "timeout".to_string())?
+    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    .into_inner();
+    match tokio::time::timeout(Duration::from_secs(5), replies.message()).await {
+        Ok(Ok(Some(r))) => Ok(r),
+        Ok(Ok(None)) => Err("stream closed".into()),
+        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+        Err(_) => Err("timeout".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certified_gateways_join_under_their_own_name_and_address() {
+    let c = common::cluster(ClusterOptions::default()).await;
+    let r = &c.routers[0];
+    let l = &c.pki.layout;
+    let ca = l.membership_ca();
+    let g4 = (l.membership_cert("g4"), l.membership_key("g4"));
+    let g4_id = Some((g4.0.as_path(), g4.1.as_path()));
+
+    // Another node's name with g4's certificate.
+    let e = heartbeat(
+        r.membership_addr,
+        g4_id,
+        &ca,
+        request("g1", "127.0.0.1:7000", 1),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("PermissionDenied"), "{e}");
+    // An address the certificate does not name.
+    let e = heartbeat(
+        r.membership_addr,
+        g4_id,
+        &ca,
+        request("g4", "127.0.0.9:7000", 1),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("advertise"),
+        "{e}"
+    );
+    // A weight above max_weight.
+    let e = heartbeat(
+        r.membership_addr,
+        g4_id,
+        &ca,
+        request("g4", "127.0.0.1:7000", 17),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("weight"),
+        "{e}"
+    );
+    // No client certificate, a certificate from another CA, a router's
+    // (server-role) certificate: the TLS handshake itself fails.
+    assert!(
+        heartbeat(
+            r.membership_addr,
+            None,
+            &ca,
+            request("g4", "127.0.0.1:7000", 1)
+        )
+        .await
+        .is_err()
+    );
+    let other = TestPki::new(&["g4"]).unwrap();
+    let (oc, ok) = (
+        other.layout.membership_cert("g4"),
+        other.layout.membership_key("g4"),
+    );
+    assert!(
+        heartbeat(
+            r.membership_addr,
+            Some((&oc, &ok)),
+            &ca,
+            request("g4", "127.0.0.1:7000", 1)
+        )
+        .await
+        .is_err()
+    );
+    let (rc, rk) = (l.router_cert("r1"), l.router_key("r1"));
+    assert!(
+        heartbeat(
+            r.membership_addr,
+            Some((&rc, &rk)),
+            &ca,
+            request("g4", "127.0.0.1:7000", 1)
+        )
+        .await
+        .is_err()
+    );
+    for reason in ["identity", "advertise", "weight"] {
+        assert_eq!(
+            r.metric(
+                "jvpn_router_membership_refused_total",
+                &[("reason", reason)]
+            )
+            .await
+            .unwrap(),
+            1.0,
+            "{reason}"
+        );
+    }
+    let known: Vec<String> = r.ring().await.unwrap()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(known, ["g1", "g2", "g3"], "nobody joined");
+
+    // Control: the same certificate, honestly used, is accepted.
+    let reply = heartbeat(
+        r.membership_addr,
+        g4_id,
+        &ca,
+        request("g4", "127.0.0.1:7000", 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.sequence, 1);
+    assert_eq!(reply.router_id, "r1");
+    assert!(!reply.superseded);
+    assert_eq!(reply.members.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_in_a_cluster_refuse_direct_clients_and_foreign_proxy_headers() {
+    let c = common::cluster(ClusterOptions::default()).await;
+    let gw = c.gateway("g1").unwrap();
+    // Direct from a client address (not a router's), no PROXY: refused before TLS.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(gw.client_addr).await.unwrap();
+    s.write_all(&Preamble::Hello { key_id: 1 }.encode())
+        .await
+        .unwrap();
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(StatusReply::decode(&b).unwrap().status, Status::NoGateway);
+    // A PROXY header from an address that is not a router's.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(gw.client_addr).await.unwrap();
+    let header = jvpn_proto::proxy::ProxyHeader {
+        addresses: Some(("10.1.2.3:4444".parse().unwrap(), gw.client_addr)),
+        router_id: Some("r1".into()),
+        view_id: None,
+        intended_owner: None,
+    }
+    .encode()
+    .unwrap();
+    s.write_all(&header).await.unwrap();
+    s.write_all(&Preamble::Hello { key_id: 1 }.encode())
+        .await
+        .unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(StatusReply::decode(&b).unwrap().status, Status::BadPreamble);
+    eventually(Duration::from_secs(5), "both refusals counted", || async {
+        let m = gw.metrics().await.unwrap();
+        let v = |r| {
+            jvpn_loadtest::harness::metric_value(
+                &m,
+                "jvpn_gateway_connections_rejected_total",
+                &[("reason", r)],
+            )
+        };
+        v("direct_forbidden") == 1.0 && v("proxy_forbidden") == 1.0
+    })
+    .await
+    .unwrap();
+}
