@@ -361,6 +361,27 @@ pub fn require_nonzero(errs: &mut Vec<ConfigProblem>, items: &[(&str, u64)]) {
     }
 }
 
+/// Keys set in an example TOML file that `docs` does not mention as
+/// `` `key` `` (the test that keeps docs/configuration.md complete).
+pub fn undocumented_keys(example_toml: &str, docs: &str) -> (usize, Vec<String>) {
+    let mut seen = 0;
+    let mut missing = Vec::new();
+    for line in example_toml.lines().map(str::trim) {
+        let line = line.trim_start_matches('#').trim();
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim();
+            if key.is_empty() || key.contains(' ') {
+                continue;
+            }
+            seen += 1;
+            if !docs.contains(&format!("`{key}`")) {
+                missing.push(key.to_owned());
+            }
+        }
+    }
+    (seen, missing)
+}
+
 /// Best effort: the key a `config` error is about.
 fn key_of(e: &config::ConfigError) -> String {
     let text = e.to_string();

@@ -169,13 +169,20 @@ fn precedence_is_env_then_file_then_default() {
     );
 }
 
-#[test]
-fn the_deploy_example_passes_check_and_every_key_is_documented() {
+/// Runs `jvpn-gateway check` on a deploy example from a directory holding
+/// a PKI for it, and checks every key it sets is documented.
+fn check_example(example: &str, nodes: &[&str], min_keys: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let example = root.join("deploy/single-node/g1.toml");
+    let example = root.join(example);
     let d = tempfile::tempdir().unwrap();
-    pki(d.path());
-    let text = std::fs::read_to_string(&example).unwrap();
+    init(&PkiSpec {
+        out: d.path().join("pki"),
+        cluster: "jvpn-dev".into(),
+        nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
+        routers: vec!["r1".into(), "r2".into()],
+        agents: 1,
+    })
+    .unwrap();
     // Relative paths resolve against the directory holding pki/.
     let out = Command::new(env!("CARGO_BIN_EXE_jvpn-gateway"))
         .args(["check", "--config"])
@@ -185,24 +192,24 @@ fn the_deploy_example_passes_check_and_every_key_is_documented() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{}: {}",
+        example.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
-    let mut keys = 0;
-    for line in text.lines().map(str::trim) {
-        if let Some((key, _)) = line.split_once('=')
-            && !line.starts_with('#')
-        {
-            let key = key.trim();
-            assert!(
-                docs.contains(&format!("`{key}`")),
-                "{key} is not in docs/configuration.md"
-            );
-            keys += 1;
-        }
-    }
-    assert!(keys >= 25, "the example covers every key ({keys})");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let (keys, missing) = config::undocumented_keys(&text, &docs);
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+    assert!(keys >= min_keys, "the example covers every key ({keys})");
+}
+
+#[test]
+fn the_deploy_examples_pass_check_and_every_key_is_documented() {
+    check_example("deploy/single-node/g1.toml", &["g1"], 25);
+    check_example("deploy/cluster/g1.toml", &["g1", "g2", "g3"], 36);
 }
 
 #[test]

@@ -1,0 +1,160 @@
+//! `jvpn-router check`: full validation without binding, naming every bad
+//! key; environment beats file beats default; the deploy example passes and
+//! every key it sets is documented.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use jvpn_gateway::pki::{PkiLayout, PkiSpec, init};
+use jvpn_router::config;
+
+fn pki(dir: &Path) -> PkiLayout {
+    init(&PkiSpec {
+        out: dir.join("pki"),
+        cluster: "jvpn-dev".into(),
+        nodes: vec!["g1".into()],
+        routers: vec!["r1".into(), "r2".into()],
+        agents: 1,
+    })
+    .unwrap()
+}
+
+fn base(l: &PkiLayout) -> String {
+    format!(
+        "router_id = \"r1\"\n[cluster]\nsecret_file = \"{}\"\n\
+         [membership]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        l.secret().display(),
+        l.router_cert("r1").display(),
+        l.router_key("r1").display(),
+        l.membership_ca().display(),
+    )
+}
+
+fn check(text: &str, env: Vec<(String, String)>) -> Result<config::Validated, String> {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("r.toml");
+    std::fs::write(&path, format!("{}{text}", base(&l))).unwrap();
+    config::load_with_env(&path, env).map_err(|e| e.to_string())
+}
+
+#[test]
+fn defaults_validate() {
+    let v = check("", vec![]).unwrap();
+    assert_eq!(v.raw.membership.failure_timeout_ms, 1000);
+    assert_eq!(v.raw.cluster.vnodes_per_weight, 512);
+    assert_eq!(v.router_id.as_str(), "r1");
+}
+
+#[test]
+fn bad_values_are_named_by_key() {
+    let e = check("[timeouts]\nconnect_timeout_ms = 0\n", vec![]).unwrap_err();
+    assert!(e.contains("timeouts.connect_timeout_ms"), "{e}");
+    let e = check("[splice]\nbogus = 1\n", vec![]).unwrap_err();
+    assert!(e.contains("bogus"), "{e}");
+    // Several problems at once, each under its own key.
+    let env = vec![
+        (
+            "JVPN_ROUTER__MEMBERSHIP__LEASE_TIMEOUT_MS".to_owned(),
+            "1500".to_owned(),
+        ),
+        (
+            "JVPN_ROUTER__CLUSTER__VNODES_PER_WEIGHT".to_owned(),
+            "10".to_owned(),
+        ),
+        (
+            "JVPN_ROUTER__ADMISSION__HELLO_PER_GATEWAY_PER_S".to_owned(),
+            "-1".to_owned(),
+        ),
+    ];
+    let e = check("", env).unwrap_err();
+    for key in [
+        "membership.lease_timeout_ms",
+        "cluster.vnodes_per_weight",
+        "admission.hello_per_gateway_per_s",
+    ] {
+        assert!(e.contains(key), "{key} missing from: {e}");
+    }
+}
+
+#[test]
+fn missing_files_are_named_by_key() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("r.toml");
+    let text = base(&l).replace(
+        &l.router_key("r1").display().to_string(),
+        "/nonexistent/key.pem",
+    );
+    std::fs::write(&path, text).unwrap();
+    let e = config::load_with_env(&path, vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("membership.key_file"), "{e}");
+}
+
+#[test]
+fn environment_beats_file_beats_default() {
+    // Default.
+    assert_eq!(check("", vec![]).unwrap().raw.membership.interval_ms, 250);
+    // File.
+    let v = check("[timeouts]\nconnect_timeout_ms = 700\n", vec![]).unwrap();
+    assert_eq!(v.raw.timeouts.connect_timeout_ms, 700);
+    // Environment over file.
+    let env = vec![(
+        "JVPN_ROUTER__TIMEOUTS__CONNECT_TIMEOUT_MS".to_owned(),
+        "900".to_owned(),
+    )];
+    let v = check("[timeouts]\nconnect_timeout_ms = 700\n", env).unwrap();
+    assert_eq!(v.raw.timeouts.connect_timeout_ms, 900);
+    let env = vec![(
+        "JVPN_ROUTER__MEMBERSHIP__ADVERTISE_ALLOW".to_owned(),
+        "10.0.0.1,10.0.0.2".to_owned(),
+    )];
+    let v = check("", env).unwrap();
+    assert_eq!(v.raw.membership.advertise_allow.len(), 2);
+}
+
+#[test]
+fn the_deploy_example_passes_check_and_every_key_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("deploy/cluster/r1.toml");
+    let d = tempfile::tempdir().unwrap();
+    pki(d.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
+        .args(["check", "--config"])
+        .arg(&example)
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let text = std::fs::read_to_string(&example).unwrap();
+    let (keys, missing) = jvpn_gateway::config::undocumented_keys(&text, &docs);
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+    assert!(keys >= 27, "the example covers every key ({keys})");
+}
+
+#[test]
+fn check_exits_64_and_names_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("r.toml");
+    std::fs::write(&path, format!("{}[splice]\nbuffer_bytes = 0\n", base(&l))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("splice.buffer_bytes"));
+}
