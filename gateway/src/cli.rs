@@ -191,16 +191,23 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Every connection is a file descriptor: use the whole hard limit, and say
-/// when the soft limit cannot be raised.
-pub fn raise_nofile() {
+/// Every connection is a file descriptor: use as many as allowed (raising
+/// the hard limit too when privileged), and say when that is not possible.
+/// Returns the soft limit in force.
+pub fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
-    {
-        tracing::warn!(soft, hard, "could not raise the open-file limit");
+    const WANT: u64 = 262_144;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if hard < WANT && setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_ok() {
+        return WANT;
     }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        tracing::warn!(soft, hard, "could not raise the open-file limit");
+        return soft;
+    }
+    hard.max(soft)
 }
 
 /// Takes the exclusive lock on `dir/lock` (creating both), writing our pid.

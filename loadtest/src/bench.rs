@@ -58,7 +58,7 @@ pub struct BenchReport {
     pub pinned: bool,
 }
 
-fn bench_toml() -> &'static str {
+pub(crate) fn bench_toml() -> &'static str {
     // Admission, anti-flap and liveness timers out of the way: this measures
     // capacity, and idle benchmark transports send no pings.
     "[admission]\nper_source_rate_per_s = 1000000.0\nper_source_burst = 1000000\n\
@@ -67,14 +67,14 @@ fn bench_toml() -> &'static str {
      heartbeat_timeout_ms = 600000\ntransport_lost_ttl_ms = 1200000\n"
 }
 
-fn pin_self(cpu: usize) -> bool {
+pub(crate) fn pin_self(cpu: usize) -> bool {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu).is_ok()
         && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok()
 }
 
 /// User + system CPU seconds consumed so far by `pid`.
-fn cpu_seconds(pid: nix::unistd::Pid) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: nix::unistd::Pid) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let rest = stat
@@ -96,7 +96,7 @@ fn cpu_seconds(pid: nix::unistd::Pid) -> Result<f64> {
     Ok(ticks / hz as f64)
 }
 
-fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
+pub(crate) fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()
@@ -107,23 +107,13 @@ fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// Raises this process's open-file limit to its hard limit; says so if it cannot.
+/// Raises this process's open-file limit (see the gateway's `raise_nofile`).
 pub fn raise_nofile() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-                eprintln!("note: could not raise the open-file limit above {soft}");
-                return soft;
-            }
-            hard
-        }
-        Err(_) => 1024,
-    }
+    jvpn_gateway::cli::raise_nofile()
 }
 
 /// Runs `f` from `concurrency` tasks until `duration` passes; returns completions/s.
-async fn rate<F, Fut>(
+pub(crate) async fn rate<F, Fut>(
     concurrency: usize,
     duration: Duration,
     f: F,

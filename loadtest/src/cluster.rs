@@ -122,6 +122,13 @@ impl LocalRouter {
         signal_child(&self.child, sig)
     }
 
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw)
+    }
+
     pub async fn wait(&mut self) -> Result<std::process::ExitStatus> {
         Ok(self.child.wait().await?)
     }
@@ -177,7 +184,8 @@ impl LocalRouter {
     }
 }
 
-fn members_where(ring: &serde_json::Value, flag: &str) -> BTreeSet<String> {
+/// Node ids whose `/ring` entry has `flag` true.
+pub fn members_where(ring: &serde_json::Value, flag: &str) -> BTreeSet<String> {
     ring["members"]
         .as_array()
         .map(|a| {
@@ -187,6 +195,25 @@ fn members_where(ring: &serde_json::Value, flag: &str) -> BTreeSet<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The `[cluster]` keys that put gateway `node` behind routers whose
+/// membership endpoints are `endpoints` (routers connect from 127.0.0.1).
+pub fn gateway_cluster_toml(pki: &TestPki, node: &str, endpoints: &[SocketAddr]) -> String {
+    let l = &pki.layout;
+    let endpoints: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"name = "{CLUSTER}"
+routers = ["127.0.0.1"]
+membership_endpoints = [{endpoints}]
+membership_cert_file = "{cert}"
+membership_key_file = "{key}"
+membership_ca_file = "{ca}""#,
+        endpoints = endpoints.join(", "),
+        cert = l.membership_cert(node).display(),
+        key = l.membership_key(node).display(),
+        ca = l.membership_ca().display(),
+    )
 }
 
 /// Shape of a local cluster.
@@ -249,6 +276,7 @@ impl LocalCluster {
         let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
         let router_refs: Vec<&str> = routers.iter().map(String::as_str).collect();
         let pki = TestPki::with_routers(&node_refs, &router_refs)?;
+        let _ = crate::bench::raise_nofile();
         let dir = tempfile::tempdir()?;
         let mut c = Self {
             pki,
@@ -279,24 +307,8 @@ impl LocalCluster {
 
     /// The `[cluster]` keys that put a gateway behind this cluster's routers.
     pub fn gateway_cluster_toml(&self, node: &str) -> String {
-        let l = &self.pki.layout;
-        let endpoints: Vec<String> = self
-            .routers
-            .iter()
-            .map(|r| format!("\"{}\"", r.membership_addr))
-            .collect();
-        format!(
-            r#"name = "{CLUSTER}"
-routers = ["127.0.0.1"]
-membership_endpoints = [{endpoints}]
-membership_cert_file = "{cert}"
-membership_key_file = "{key}"
-membership_ca_file = "{ca}""#,
-            endpoints = endpoints.join(", "),
-            cert = l.membership_cert(node).display(),
-            key = l.membership_key(node).display(),
-            ca = l.membership_ca().display(),
-        )
+        let endpoints: Vec<SocketAddr> = self.routers.iter().map(|r| r.membership_addr).collect();
+        gateway_cluster_toml(&self.pki, node, &endpoints)
     }
 
     /// Starts one more gateway process as `node` (a new incarnation if that

@@ -12,10 +12,13 @@
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
 //! - [`demo`]: the README's quick-start demo.
 //! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
+//! - [`bench_router`]: direct vs jvpn-router vs HAProxy, splice buffers,
+//!   router memory per connection, failure detection times.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_router;
 pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;

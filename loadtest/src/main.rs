@@ -41,6 +41,21 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         sessions: usize,
     },
+    /// Direct vs jvpn-router vs HAProxy in one run, splice buffers, router
+    /// memory per idle connection, detection times (needs haproxy).
+    BenchRouter {
+        #[arg(long, default_value_t = 5)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Each costs 2 descriptors in the router: keep below half its limit.
+        #[arg(long, default_value_t = 9_000)]
+        idle_connections: usize,
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        #[arg(long, value_delimiter = ',', default_value = "65536,8192,262144")]
+        buffer_sizes: Vec<usize>,
+    },
     /// The bare rustls baseline server used by bench-gateway.
     #[command(hide = true)]
     BareTlsServer {
@@ -125,6 +140,38 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
+        }
+        Cmd::BenchRouter {
+            duration_s,
+            concurrency,
+            idle_connections,
+            trials,
+            buffer_sizes,
+        } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = jvpn_loadtest::bench_router::RouterBenchOptions {
+                duration: std::time::Duration::from_secs(duration_s),
+                concurrency,
+                idle_connections,
+                trials,
+                buffer_sizes,
+            };
+            match rt.block_on(jvpn_loadtest::bench_router::run(opts)) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench-router: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Demo {
             json,
