@@ -79,3 +79,70 @@ async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Result<
         // `buf` is dropped here: idle connections hold no copy buffer.
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_forwards_half_close_and_counts_bytes() {
+        // agent_end <-> agent_side [splice] gateway_side <-> gateway_end
+        let (mut agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, mut gateway_end) = pair().await;
+        // A small buffer forces many reads per direction.
+        let task = tokio::spawn(async move { splice(&mut agent_side, &mut gateway_side, 7).await });
+        let up: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        agent_end.write_all(&up).await.unwrap();
+        agent_end.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        gateway_end.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got, up,
+            "EOF from the agent reached the gateway after all bytes"
+        );
+        // The other direction still works after the half-close.
+        gateway_end.write_all(b"still here").await.unwrap();
+        gateway_end.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        agent_end.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"still here");
+        let moved = task.await.unwrap();
+        assert_eq!(
+            moved,
+            Moved {
+                up: 100_000,
+                down: 10
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_ends_the_splice() {
+        let (agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, gateway_end) = pair().await;
+        let task =
+            tokio::spawn(async move { splice(&mut agent_side, &mut gateway_side, 1024).await });
+        // SO_LINGER 0: close with RST.
+        gateway_end
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(gateway_end);
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("splice ended")
+            .unwrap();
+        assert_eq!(moved, Moved::default());
+        drop(agent_end);
+    }
+}

@@ -456,3 +456,41 @@ impl RouterState {
         buckets[usize::from(resume)].take(rate, rate, now)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> SourceKey {
+        SourceKey::V4(i)
+    }
+
+    #[test]
+    fn concurrency_table_fails_closed_when_full() {
+        let mut c = Concurrency {
+            max_per_source: 2,
+            capacity: 2,
+            table: HashMap::new(),
+            overflow: 0,
+        };
+        // Known sources keep their own limit.
+        let a1 = c.acquire(key(1)).unwrap();
+        let _a2 = c.acquire(key(1)).unwrap();
+        assert!(c.acquire(key(1)).is_none(), "per-source cap");
+        let _b = c.acquire(key(2)).unwrap();
+        // Table full: unknown sources share one overflow allowance, then are refused.
+        assert!(matches!(c.acquire(key(3)), Some(Slot::Overflow)));
+        assert!(matches!(c.acquire(key(4)), Some(Slot::Overflow)));
+        assert!(
+            c.acquire(key(5)).is_none(),
+            "overflow exhausted: refuse, never admit"
+        );
+        // Known sources are unaffected by the overflow being used up.
+        c.release(a1);
+        assert!(matches!(c.acquire(key(1)), Some(Slot::Source(_))));
+        // Releasing the last slot of a source frees its table entry.
+        c.release(Slot::Source(key(2)));
+        assert!(!c.table.contains_key(&key(2)));
+        assert!(matches!(c.acquire(key(6)), Some(Slot::Source(_))));
+    }
+}
