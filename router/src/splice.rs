@@ -133,7 +133,8 @@ mod tests {
         let (mut gateway_side, gateway_end) = pair().await;
         let task =
             tokio::spawn(async move { splice(&mut agent_side, &mut gateway_side, 1024).await });
-        // SO_LINGER 0: close with RST.
+        // SO_LINGER 0: close with RST (a zero linger never blocks on drop).
+        #[allow(deprecated)]
         gateway_end
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
