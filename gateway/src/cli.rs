@@ -79,19 +79,7 @@ pub const EXIT_CONFIG: u8 = 64;
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::Check { config: path } => match config::load(&path) {
-            Ok(_) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(errs) => {
-                eprintln!("{}: invalid configuration", path.display());
-                for p in errs.0 {
-                    eprintln!("  {p}");
-                }
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Check { config: path } => check_config(&path, config::load),
         Command::Pki {
             command:
                 PkiCommand::Init {
@@ -122,32 +110,68 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
         Command::Run {
             config: path,
             log_format,
-        } => {
-            init_tracing(log_format);
-            let cfg = match config::load(&path) {
-                Ok(c) => c,
-                Err(errs) => {
-                    for p in errs.0 {
-                        tracing::error!(key = %p.key, "{}", p.problem);
-                    }
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(run(cfg)) {
-                Ok(server::Exit::Drained) => ExitCode::SUCCESS,
-                Ok(server::Exit::Superseded) => ExitCode::from(EXIT_SUPERSEDED),
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::FAILURE
-                }
+        } => run_service(&path, log_format, config::load, |cfg| async move {
+            Ok(match run(cfg).await? {
+                server::Exit::Drained => ExitCode::SUCCESS,
+                server::Exit::Superseded => ExitCode::from(EXIT_SUPERSEDED),
+            })
+        }),
+    }
+}
+
+/// `check --config PATH`: 0 and `ok`, or 64 after naming every bad key.
+pub fn check_config<T>(
+    path: &std::path::Path,
+    load: impl FnOnce(&std::path::Path) -> Result<T, config::ConfigErrors>,
+) -> ExitCode {
+    match load(path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            eprintln!("{}: invalid configuration", path.display());
+            for p in errs.0 {
+                eprintln!("  {p}");
             }
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `run --config PATH`: tracing, then the configuration (64 when bad, every
+/// key logged), then `serve` on a multi-threaded runtime.
+pub fn run_service<T, F>(
+    path: &std::path::Path,
+    log_format: LogFormat,
+    load: impl FnOnce(&std::path::Path) -> Result<T, config::ConfigErrors>,
+    serve: impl FnOnce(T) -> F,
+) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<ExitCode>>,
+{
+    init_tracing(log_format);
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(errs) => {
+            for p in errs.0 {
+                tracing::error!(key = %p.key, "{}", p.problem);
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
         }
     }
 }

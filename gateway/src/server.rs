@@ -470,7 +470,8 @@ impl Drop for OpenConn<'_> {
     }
 }
 
-async fn status(stream: &mut TcpStream, status: Status, retry: Duration) {
+/// Answers with the 8-byte pre-TLS status reply and closes the write side.
+pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration) {
     let reply = StatusReply {
         status,
         retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
@@ -488,7 +489,7 @@ async fn handle_conn(
     let _ = stream.set_nodelay(true);
     let cfg = &shared.cfg.raw;
     if shared.open_conns.load(Ordering::Relaxed) > cfg.admission.max_connections {
-        status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
+        send_status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
         return Err(ConnReject::Overloaded);
     }
     let t = Duration::from_millis(cfg.timeouts.preamble_timeout_ms);
@@ -511,7 +512,7 @@ async fn handle_conn(
                 router_id = h.router_id;
             }
             Ok(None) => {
-                status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
+                send_status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
                 return Err(ConnReject::ProxyRequired);
             }
             Err(why) => return Err(why),
@@ -523,7 +524,7 @@ async fn handle_conn(
     }
     if let Verdict::Limit(d) | Verdict::LimitOverflow(d) = verdict {
         counter!(m::RATE_LIMITED, "stage" => "source").increment(1);
-        status(&mut stream, Status::Overloaded, d).await;
+        send_status(&mut stream, Status::Overloaded, d).await;
         return Err(ConnReject::RateLimited);
     }
 
@@ -535,24 +536,24 @@ async fn handle_conn(
     }
     if pre.starts_with(jvpn_proto::proxy::SIGNATURE) {
         // PROXY is accepted only from configured routers.
-        status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
+        send_status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
         return Err(ConnReject::ProxyForbidden);
     }
     if cluster && !from_router && !cfg.cluster.direct_clients {
-        status(&mut stream, Status::NoGateway, Duration::ZERO).await;
+        send_status(&mut stream, Status::NoGateway, Duration::ZERO).await;
         return Err(ConnReject::DirectForbidden);
     }
     if let Some((node, inc)) = &intended
         && (*node != shared.cfg.node_id || *inc != shared.incarnation)
     {
         // The router aimed at another life of this node: its sessions are gone.
-        status(&mut stream, Status::OwnerLost, Duration::ZERO).await;
+        send_status(&mut stream, Status::OwnerLost, Duration::ZERO).await;
         return Err(ConnReject::OwnerLost);
     }
     let preamble = match Preamble::decode(&pre) {
         Ok(p) => p,
         Err(e) => {
-            status(&mut stream, e.status(), Duration::ZERO).await;
+            send_status(&mut stream, e.status(), Duration::ZERO).await;
             return Err(ConnReject::BadPreamble);
         }
     };
@@ -563,7 +564,7 @@ async fn handle_conn(
     let budget = lock(&shared.budget).take(kind, shared.now());
     if let Err(d) = budget {
         counter!(m::RATE_LIMITED, "stage" => "handshake_budget").increment(1);
-        status(&mut stream, Status::Overloaded, d).await;
+        send_status(&mut stream, Status::Overloaded, d).await;
         return Err(ConnReject::Overloaded);
     }
     // A short queue smooths bursts (a failover's re-handshakes arrive at
@@ -571,7 +572,7 @@ async fn handle_conn(
     let slot = tokio::time::timeout(TLS_SLOT_WAIT, shared.tls_slots.acquire()).await;
     let Ok(Ok(permit)) = slot else {
         counter!(m::RATE_LIMITED, "stage" => "tls_in_flight").increment(1);
-        status(&mut stream, Status::Overloaded, Duration::from_millis(100)).await;
+        send_status(&mut stream, Status::Overloaded, Duration::from_millis(100)).await;
         return Err(ConnReject::Overloaded);
     };
     let accepted_at = Instant::now();

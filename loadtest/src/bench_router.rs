@@ -38,8 +38,9 @@ pub struct RouterBenchOptions {
     pub idle_connections: usize,
     /// Kill and pause trials for the detection-time distribution.
     pub trials: usize,
-    /// Splice buffer sizes compared for bulk throughput.
-    pub buffer_sizes: Vec<usize>,
+    /// Splice variants compared for bulk throughput, as `mode:bytes`
+    /// (`copy:65536`, `pipe:65536`); the first one serves the comparisons.
+    pub splice_variants: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -63,8 +64,8 @@ pub struct RouterBenchReport {
     pub router_vs_haproxy_hellos: f64,
     pub router_added_echo_us_p50: i64,
     pub haproxy_added_echo_us_p50: i64,
-    /// `(buffer bytes, MiB/s)` through the router.
-    pub splice_buffer_bulk_mib_per_s: Vec<(usize, f64)>,
+    /// `(variant, MiB/s, router CPU µs per MiB)` through the router.
+    pub splice_variants: Vec<(String, f64, f64)>,
     pub idle_connections: usize,
     pub router_rss_per_idle_connection_bytes: f64,
     /// Kernel socket memory (`/proc/net/sockstat` TCP mem) per spliced
@@ -284,7 +285,7 @@ pub async fn run(opts: RouterBenchOptions) -> Result<RouterBenchReport> {
         ..Default::default()
     };
     let exe = std::env::current_exe()?;
-    let routers: Vec<String> = (0..opts.buffer_sizes.len().max(1))
+    let routers: Vec<String> = (0..opts.splice_variants.len().max(1))
         .map(|i| format!("r{}", i + 1))
         .collect();
     let router_refs: Vec<&str> = routers.iter().map(String::as_str).collect();
@@ -295,10 +296,16 @@ pub async fn run(opts: RouterBenchOptions) -> Result<RouterBenchReport> {
 
     // Routers first (one per splice buffer size), then the pinned gateway.
     let mut rs = Vec::new();
-    for (id, size) in routers.iter().zip(&opts.buffer_sizes) {
+    for (id, variant) in routers.iter().zip(&opts.splice_variants) {
+        let (mode, size) = variant
+            .split_once(':')
+            .with_context(|| format!("splice variant {variant:?} is not mode:bytes"))?;
         let ro = RouterOptions {
             router_id: id.clone(),
-            extra_toml: format!("{}[splice]\nbuffer_bytes = {size}\n", router_admission()),
+            extra_toml: format!(
+                "{}[splice]\nmode = \"{mode}\"\nbuffer_bytes = {size}\n",
+                router_admission()
+            ),
             ..Default::default()
         };
         rs.push(LocalRouter::start(&router_launcher, &pki, dir.path(), &ro).await?);
@@ -366,9 +373,14 @@ pub async fn run(opts: RouterBenchOptions) -> Result<RouterBenchReport> {
     report.haproxy_added_echo_us_p50 = h.echo_rtt_us_p50 as i64 - d.echo_rtt_us_p50 as i64;
     drop(ha);
 
-    for (r, size) in rs.iter().zip(&opts.buffer_sizes) {
+    for (r, variant) in rs.iter().zip(&opts.splice_variants) {
+        let pid = r.pid().context("router pid")?;
+        let cpu0 = cpu_seconds(pid)?;
+        let started = Instant::now();
         let mib = bulk(&pki, r.client_addr, opts.duration, streams).await?;
-        report.splice_buffer_bulk_mib_per_s.push((*size, mib));
+        let moved = mib * started.elapsed().as_secs_f64();
+        let cpu = (cpu_seconds(pid)? - cpu0) * 1e6 / moved.max(1e-9);
+        report.splice_variants.push((variant.clone(), mib, cpu));
     }
 
     // Memory per idle spliced connection.

@@ -167,11 +167,7 @@ impl LocalRouter {
     }
 
     pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin_addr, "/metrics").await?;
-        if code != 200 {
-            bail!("/metrics answered {code}");
-        }
-        Ok(body)
+        crate::harness::scrape(self.admin_addr).await
     }
 
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {

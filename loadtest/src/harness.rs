@@ -370,11 +370,7 @@ impl LocalGateway {
     }
 
     pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = http_get(self.admin_addr, "/metrics").await?;
-        if code != 200 {
-            bail!("/metrics answered {code}");
-        }
-        Ok(body)
+        scrape(self.admin_addr).await
     }
 
     /// Sum of all samples of a counter or gauge whose labels contain every `label=value` given.
@@ -402,6 +398,15 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// `/metrics` of an admin port, which must answer 200.
+pub async fn scrape(admin: SocketAddr) -> Result<String> {
+    let (code, body) = http_get(admin, "/metrics").await?;
+    if code != 200 {
+        bail!("/metrics answered {code}");
+    }
+    Ok(body)
 }
 
 /// Minimal HTTP/1.0 GET over loopback: (status, body).

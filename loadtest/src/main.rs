@@ -53,8 +53,13 @@ enum Cmd {
         idle_connections: usize,
         #[arg(long, default_value_t = 20)]
         trials: usize,
-        #[arg(long, value_delimiter = ',', default_value = "65536,8192,262144")]
-        buffer_sizes: Vec<usize>,
+        /// Router splice variants (`mode:bytes`); the first serves the comparison.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "copy:65536,copy:8192,copy:262144,pipe:65536"
+        )]
+        splice_variants: Vec<String>,
     },
     /// The bare rustls baseline server used by bench-gateway.
     #[command(hide = true)]
@@ -146,7 +151,7 @@ fn main() -> ExitCode {
             concurrency,
             idle_connections,
             trials,
-            buffer_sizes,
+            splice_variants,
         } => {
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -160,7 +165,7 @@ fn main() -> ExitCode {
                 concurrency,
                 idle_connections,
                 trials,
-                buffer_sizes,
+                splice_variants,
             };
             match rt.block_on(jvpn_loadtest::bench_router::run(opts)) {
                 Ok(r) => {

@@ -76,6 +76,25 @@ fn assert_survivors_untouched(
     }
 }
 
+/// `n` agents attached and past their switch cooldown; their reports, and
+/// the indexes of those on `victim`.
+async fn settled_fleet(
+    c: &LocalCluster,
+    n: usize,
+    victim: &str,
+) -> (Fleet, Vec<AgentReport>, BTreeSet<usize>) {
+    let fleet = Fleet::start(&c.pki, &c.router_addrs(), n, 0).unwrap();
+    fleet
+        .wait_established(Duration::from_secs(60))
+        .await
+        .unwrap();
+    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
+    let before = fleet.snapshots();
+    let who = victims(&before, victim);
+    assert!(!who.is_empty(), "{victim} holds no session");
+    (fleet, before, who)
+}
+
 async fn unplaceable(c: &LocalCluster) -> f64 {
     c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
         .await
@@ -86,15 +105,8 @@ async fn unplaceable(c: &LocalCluster) -> f64 {
 async fn sigkill_of_one_gateway_rehandshakes_exactly_its_sessions_explicitly() {
     let _serial = SERIAL.lock().await;
     let c = common::cluster(ClusterOptions::default()).await;
-    let fleet = Fleet::start(&c.pki, &c.router_addrs(), 300, 0).unwrap();
-    fleet
-        .wait_established(Duration::from_secs(60))
-        .await
-        .unwrap();
-    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
-    let before = fleet.snapshots();
     let victim = "g2";
-    let who = victims(&before, victim);
+    let (fleet, before, who) = settled_fleet(&c, 300, victim).await;
     assert!(who.len() > 50, "g2 holds {} of 300", who.len());
 
     let t0 = Instant::now();
@@ -147,15 +159,8 @@ async fn sigkill_of_one_gateway_rehandshakes_exactly_its_sessions_explicitly() {
 async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
     let _serial = SERIAL.lock().await;
     let c = common::cluster(ClusterOptions::default()).await;
-    let fleet = Fleet::start(&c.pki, &c.router_addrs(), 60, 0).unwrap();
-    fleet
-        .wait_established(Duration::from_secs(60))
-        .await
-        .unwrap();
-    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
-    let before = fleet.snapshots();
     let victim = "g3";
-    let who = victims(&before, victim);
+    let (fleet, before, who) = settled_fleet(&c, 60, victim).await;
 
     // New HELLOs keep arriving during the pause.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -207,16 +212,8 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
 async fn a_restarted_node_id_supersedes_its_old_incarnation_which_exits_75() {
     let _serial = SERIAL.lock().await;
     let mut c = common::cluster(ClusterOptions::default()).await;
-    let fleet = Fleet::start(&c.pki, &c.router_addrs(), 60, 0).unwrap();
-    fleet
-        .wait_established(Duration::from_secs(60))
-        .await
-        .unwrap();
-    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
-    let before = fleet.snapshots();
     let victim = "g2";
-    let who = victims(&before, victim);
-    assert!(!who.is_empty());
+    let (fleet, before, who) = settled_fleet(&c, 60, victim).await;
 
     // The old process is frozen (it cannot notice anything), then a new
     // process starts as g2: a new incarnation.

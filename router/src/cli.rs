@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jvpn_gateway::cli::{EXIT_CONFIG, LogFormat, init_tracing, raise_nofile, shutdown_signal};
+use jvpn_gateway::cli::{LogFormat, check_config, raise_nofile, run_service, shutdown_signal};
 
 use crate::{config, server};
 
@@ -35,48 +35,13 @@ pub enum Command {
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::Check { config: path } => match config::load(&path) {
-            Ok(_) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(errs) => {
-                eprintln!("{}: invalid configuration", path.display());
-                for p in errs.0 {
-                    eprintln!("  {p}");
-                }
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Check { config: path } => check_config(&path, config::load),
         Command::Run {
             config: path,
             log_format,
-        } => {
-            init_tracing(log_format);
-            let cfg = match config::load(&path) {
-                Ok(c) => c,
-                Err(errs) => {
-                    for p in errs.0 {
-                        tracing::error!(key = %p.key, "{}", p.problem);
-                    }
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => run_service(&path, log_format, config::load, |cfg| async move {
+            run(cfg).await.map(|()| ExitCode::SUCCESS)
+        }),
     }
 }
 

@@ -176,14 +176,17 @@ impl Default for TimeoutSection {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpliceSection {
-    /// Copy buffer per direction, allocated only while data is in flight.
+    /// Copy buffer (or splice chunk) per direction, allocated only while data is in flight.
     pub buffer_bytes: usize,
+    /// `copy` (read/write through a buffer) or `pipe` (`splice(2)`).
+    pub mode: crate::splice::Mode,
 }
 
 impl Default for SpliceSection {
     fn default() -> Self {
         Self {
             buffer_bytes: 64 * 1024,
+            mode: crate::splice::Mode::Copy,
         }
     }
 }

@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jvpn_gateway::admission::SourceKey;
+use jvpn_gateway::server::send_status as status;
 use jvpn_proto::ids::{Incarnation, NodeId};
-use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status, StatusReply};
+use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status};
 use jvpn_proto::proxy::ProxyHeader;
 use metrics::{counter, histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,15 +61,6 @@ impl Outcome {
             Outcome::ConnectFailed => "connect_failed",
         }
     }
-}
-
-async fn status(stream: &mut TcpStream, status: Status, retry: Duration) {
-    let reply = StatusReply {
-        status,
-        retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
-    };
-    let _ = stream.write_all(&reply.encode()).await;
-    let _ = stream.shutdown().await;
 }
 
 /// Handles one accepted client connection to the end.
@@ -275,8 +267,9 @@ async fn forward(
     }
     let mut death = state.death_signal(node, incarnation);
     let size = state.cfg.raw.splice.buffer_bytes;
+    let mode = state.cfg.raw.splice.mode;
     tokio::select! {
-        moved = crate::splice::splice(client, gw, size) => {
+        moved = crate::splice::splice_with(client, gw, size, mode) => {
             counter!(m::SPLICED_BYTES, "direction" => "up").increment(moved.up);
             counter!(m::SPLICED_BYTES, "direction" => "down").increment(moved.down);
             Outcome::Spliced

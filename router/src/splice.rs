@@ -10,9 +10,21 @@
 use std::io;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use serde::Deserialize;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// How bytes move between the two sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// `read` into a transient buffer, `write` out.
+    #[default]
+    Copy,
+    /// `splice(2)` through a pipe created per burst: no copy to user space.
+    Pipe,
+}
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,10 +35,20 @@ pub struct Moved {
 
 /// Copies until both directions reached EOF, or one failed.
 pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes: usize) -> Moved {
+    splice_with(agent, gateway, buffer_bytes, Mode::Copy).await
+}
+
+/// As [`splice`], moving bytes the way `mode` says.
+pub async fn splice_with(
+    agent: &mut TcpStream,
+    gateway: &mut TcpStream,
+    buffer_bytes: usize,
+    mode: Mode,
+) -> Moved {
     let (ar, aw) = agent.split();
     let (gr, gw) = gateway.split();
-    let up = pump(ar, gw, buffer_bytes);
-    let down = pump(gr, aw, buffer_bytes);
+    let up = pump(ar, gw, buffer_bytes, mode);
+    let down = pump(gr, aw, buffer_bytes, mode);
     tokio::pin!(up, down);
     let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
@@ -52,7 +74,14 @@ pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes
 }
 
 /// One direction. `Ok(bytes)` on EOF, `Err(bytes)` on an error.
-async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Result<u64, u64> {
+async fn pump(from: ReadHalf<'_>, to: WriteHalf<'_>, size: usize, mode: Mode) -> Result<u64, u64> {
+    match mode {
+        Mode::Copy => pump_copy(from, to, size).await,
+        Mode::Pipe => pump_pipe(from, to, size).await,
+    }
+}
+
+async fn pump_copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Result<u64, u64> {
     let mut total = 0u64;
     loop {
         if from.as_ref().readable().await.is_err() {
@@ -77,6 +106,64 @@ async fn pump(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Result<
             }
         }
         // `buf` is dropped here: idle connections hold no copy buffer.
+    }
+}
+
+fn spliced(
+    from: impl std::os::fd::AsFd,
+    to: impl std::os::fd::AsFd,
+    len: usize,
+) -> io::Result<usize> {
+    use nix::fcntl::SpliceFFlags;
+    nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Zero-copy direction: socket → pipe → socket with `splice(2)`. The pipe
+/// exists only while data flows, like the copy buffer.
+async fn pump_pipe(from: ReadHalf<'_>, mut to: WriteHalf<'_>, chunk: usize) -> Result<u64, u64> {
+    use nix::fcntl::OFlag;
+    let mut total = 0u64;
+    loop {
+        if from.as_ref().readable().await.is_err() {
+            return Err(total);
+        }
+        let Ok((pipe_r, pipe_w)) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
+            return Err(total);
+        };
+        loop {
+            let src: &TcpStream = from.as_ref();
+            let n = match src.try_io(Interest::READABLE, || spliced(src, &pipe_w, chunk)) {
+                Ok(0) => {
+                    let _ = to.shutdown().await;
+                    return Ok(total);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(total),
+            };
+            let mut left = n;
+            while left > 0 {
+                let dst: &TcpStream = to.as_ref();
+                match dst.try_io(Interest::WRITABLE, || spliced(&pipe_r, dst, left)) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if dst.writable().await.is_err() {
+                            return Err(total);
+                        }
+                    }
+                    Err(_) => return Err(total),
+                }
+            }
+            total += n as u64;
+        }
     }
 }
 
