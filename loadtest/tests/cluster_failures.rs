@@ -193,6 +193,17 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
     wait_moved(&fleet, &who, victim, t0).await;
     let after = fleet.snapshots();
     assert_survivors_untouched(&before, &after, &who);
+    // The paused owner's spliced connections were cut by the router when it
+    // died (its agents would otherwise wait for their own ping timeout).
+    let cut = c
+        .router_metric("jvpn_router_connections_closed_on_member_death_total", &[])
+        .await
+        .unwrap();
+    assert!(
+        cut >= who.len() as f64,
+        "{cut} cut for {} sessions",
+        who.len()
+    );
 
     c.gateway(victim).unwrap().signal(Signal::SIGCONT).unwrap();
     // Same incarnation back from the dead: a flap, held down 2 s, then placeable.
