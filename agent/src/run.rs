@@ -121,13 +121,21 @@ pub async fn keep_alive(
     };
     update(&report, |r| r.sessions_established += 1);
     record_attach(&report, &agent, true);
+    // Silence for heartbeat_timeout means the transport is dead even if TCP
+    // has not noticed (a paused gateway, a blackholed path): reattach.
+    let mut last_rx = Instant::now();
+    let mut transport_no = 0u64;
+    let mut seen_transport = 0u64;
     loop {
-        let interval = Duration::from_millis(
-            agent
-                .session
-                .as_ref()
-                .map_or(500, |s| s.policy.heartbeat_interval_ms.max(50)),
-        );
+        if seen_transport != transport_no {
+            seen_transport = transport_no;
+            last_rx = Instant::now();
+        }
+        let policy = agent.session.as_ref().map(|s| s.policy);
+        let interval =
+            Duration::from_millis(policy.map_or(500, |p| p.heartbeat_interval_ms.max(50)));
+        let silence_limit =
+            Duration::from_millis(policy.map_or(2_000, |p| p.heartbeat_timeout_ms.max(100)));
         enum Ev {
             Frame(Result<Kind, AgentError>),
             Tick,
@@ -138,7 +146,14 @@ pub async fn keep_alive(
             () = tokio::time::sleep(interval) => Ev::Tick,
             c = cmds.recv() => Ev::Cmd(c),
         };
+        if matches!(ev, Ev::Frame(Ok(_))) {
+            last_rx = Instant::now();
+        }
         let lost: Option<AgentError> = match ev {
+            Ev::Tick if last_rx.elapsed() > silence_limit => {
+                note(&transitions, "no frame within heartbeat_timeout".into());
+                Some(AgentError::Closed)
+            }
             Ev::Tick => t.ping().await.err(),
             Ev::Frame(Ok(Kind::GoAway(g))) => {
                 update(&report, |r| r.go_aways += 1);
@@ -151,6 +166,7 @@ pub async fn keep_alive(
                 // old one explicitly.
                 match establish(&mut agent, &transitions, Some("go_away".into())).await {
                     Ok(new_t) => {
+                        transport_no += 1;
                         let mut old = std::mem::replace(&mut t, new_t);
                         let _ = old
                             .send(Kind::Terminate(Terminate {
@@ -188,6 +204,7 @@ pub async fn keep_alive(
                 let start = Instant::now();
                 match t.echo(&payload).await {
                     Ok(()) => {
+                        last_rx = Instant::now();
                         let _ = reply.send(Ok(start.elapsed()));
                         None
                     }
@@ -207,6 +224,7 @@ pub async fn keep_alive(
                 let lost_at = Instant::now();
                 match reattach(&mut agent, &transitions, &report, lost_at).await {
                     Ok(new_t) => {
+                        transport_no += 1;
                         let old = std::mem::replace(&mut t, new_t);
                         drop(old);
                         continue;
@@ -232,6 +250,7 @@ pub async fn keep_alive(
                         bump(&mut r.rehandshake_reasons, &reason_str(&e));
                     });
                     record_attach(&report, &agent, true);
+                    transport_no += 1;
                     t = new_t;
                     continue;
                 }
@@ -242,7 +261,10 @@ pub async fn keep_alive(
             }
         }
         match reattach(&mut agent, &transitions, &report, lost_at).await {
-            Ok(new_t) => t = new_t,
+            Ok(new_t) => {
+                transport_no += 1;
+                t = new_t;
+            }
             Err(e) => {
                 update(&report, |r| r.ended = Some(reason_str(&e)));
                 return snapshot();

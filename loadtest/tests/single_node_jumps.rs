@@ -141,3 +141,28 @@ async fn after_the_transport_lost_ttl_the_session_is_gone() {
         .unwrap();
     assert_eq!(exact, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_transport_is_abandoned_after_the_heartbeat_timeout() {
+    // The proxy stops forwarding but keeps both sockets open: TCP never
+    // reports an error, only silence tells the agent the transport is dead.
+    let env = common::start(common::FAST_POLICY).await;
+    let proxy = FaultProxy::start(env.gw.client_addr).await.unwrap();
+    let fleet = jvpn_loadtest::fleet::Fleet::start(&env.pki, &[proxy.addr], 3, 40).unwrap();
+    fleet
+        .wait_established(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(proxy.stall_all(), 3);
+    eventually(Duration::from_secs(10), "every agent reattached", || {
+        let n = fleet.resumes_ok();
+        async move { n >= 3 }
+    })
+    .await
+    .unwrap();
+    let reports = fleet.close().await;
+    for r in &reports {
+        assert_eq!(r.rehandshakes, 0, "{:?}", r.rehandshake_reasons);
+        assert_eq!(r.resumes_ok, 1);
+    }
+}
