@@ -187,15 +187,7 @@ async fn clients_without_alpn_are_closed() {
         .await
         .unwrap_or(0);
     assert_eq!(n, 0, "the gateway closes a connection without ALPN jvpn/1");
-    let n = env
-        .gw
-        .metric(
-            "jvpn_gateway_connections_rejected_total",
-            &[("reason", "alpn_mismatch")],
-        )
-        .await
-        .unwrap();
-    assert_eq!(n, 1.0);
+    common::wait_rejected(&env, "alpn_mismatch", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

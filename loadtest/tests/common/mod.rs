@@ -80,6 +80,17 @@ max_switches_per_min = 3
 pub const QUIET_TRANSPORTS: &str =
     "[policy]\nheartbeat_timeout_ms = 60000\ntransport_lost_ttl_ms = 120000\n";
 
+/// Waits until the gateway counted exactly `want` rejections for `reason`
+/// (the counter moves just after the connection closes).
+pub async fn wait_rejected(env: &Env, reason: &str, want: f64) {
+    let what = format!("{want} rejections for {reason}");
+    jvpn_loadtest::harness::eventually(Duration::from_secs(5), &what, || async {
+        rejected(env, reason).await == want
+    })
+    .await
+    .unwrap();
+}
+
 /// Connections the gateway closed before a session, for one reason.
 pub async fn rejected(env: &Env, reason: &str) -> f64 {
     env.gw
