@@ -320,7 +320,23 @@ async fn sigterm_drains_with_spread_goaways_and_sessions_move_elsewhere() {
     .await
     .unwrap();
     let acked = t0.elapsed();
+    let hellos_ok = |g: &jvpn_loadtest::harness::LocalGateway| {
+        let admin = g.admin_addr;
+        async move {
+            jvpn_loadtest::harness::metric_value(
+                &jvpn_loadtest::harness::scrape(admin).await.unwrap(),
+                "jvpn_gateway_hellos_total",
+                &[("result", "ok")],
+            )
+        }
+    };
+    let hellos_at_ack = hellos_ok(c.gateway(victim).unwrap()).await;
     wait_moved(&fleet, &who, victim, t0).await;
+    assert_eq!(
+        hellos_ok(c.gateway(victim).unwrap()).await,
+        hellos_at_ack,
+        "a session was placed on the draining gateway"
+    );
     let after = fleet.snapshots();
     assert_survivors_untouched(&before, &after, &who);
     let mut moved_at: Vec<Duration> = who

@@ -177,3 +177,67 @@ async fn two_routers_agree_on_placement_and_a_session_resumes_through_either() {
         .unwrap();
     }
 }
+
+/// A router whose view is wrong: it forwards HELLOs to the real router but
+/// answers every RESUME with `owner_lost`.
+async fn confused_router(real: std::net::SocketAddr) -> std::net::SocketAddr {
+    use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status, StatusReply};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut pre = [0u8; PREAMBLE_LEN];
+                if s.read_exact(&mut pre).await.is_err() {
+                    return;
+                }
+                match Preamble::decode(&pre) {
+                    Ok(Preamble::Hello { .. }) => {
+                        let mut up = tokio::net::TcpStream::connect(real).await.unwrap();
+                        up.write_all(&pre).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                    _ => {
+                        let reply = StatusReply {
+                            status: Status::OwnerLost,
+                            retry_after_ms: 0,
+                        };
+                        let _ = s.write_all(&reply.encode()).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_lost_from_one_router_is_checked_with_another_before_rehandshaking() {
+    let _serial = SERIAL.lock().await;
+    let c = common::cluster(ClusterOptions::default()).await;
+    let confused = confused_router(c.routers[0].client_addr).await;
+    // The agent tries the confused router first.
+    let fleet = Fleet::start(&c.pki, &[confused, c.routers[0].client_addr], 1, 60).unwrap();
+    fleet
+        .wait_established(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let before = fleet.snapshots().remove(0);
+    fleet
+        .wait_switch_allowed(Duration::from_millis(1_600))
+        .await
+        .unwrap();
+    fleet.each(|| jvpn_agent::Command::Jump).await;
+    eventually(Duration::from_secs(10), "resumed", || {
+        let n = fleet.resumes_ok();
+        async move { n == 1 }
+    })
+    .await
+    .unwrap();
+    let after = fleet.close().await.remove(0);
+    assert_eq!(after.rehandshakes, 0, "{:?}", after.rehandshake_reasons);
+    assert_eq!(after.resumes_rejected.get("owner_lost"), Some(&1));
+    assert_eq!(after.node_id, before.node_id);
+}
