@@ -42,6 +42,8 @@ pub struct AgentReport {
     pub go_aways: u64,
     /// Transport loss → attached again, per successful resume.
     pub recovery_ms: Vec<u64>,
+    /// Duration of each successful RESUME attempt (connect → `ResumeOk`).
+    pub resume_ms: Vec<u64>,
     /// Why the session finally ended, if it did.
     pub ended: Option<String>,
     /// The gateway that owns the current session (a node name, not a secret).
@@ -375,12 +377,15 @@ async fn reattach(
         if !pace.is_zero() {
             tokio::time::sleep(pace).await;
         }
+        let attempt_started = Instant::now();
         match agent.resume().await {
             Ok(t) => {
                 let ms = lost_at.elapsed().as_millis() as u64;
+                let took = attempt_started.elapsed().as_micros() as u64;
                 update(report, |r| {
                     r.resumes_ok += 1;
                     r.recovery_ms.push(ms);
+                    r.resume_ms.push(took.div_ceil(1000));
                 });
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
                 record_attach(report, agent, false);

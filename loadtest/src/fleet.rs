@@ -52,7 +52,7 @@ impl Fleet {
             )?;
             let mut agent = Agent::new(cfg)?;
             // Spread agents over the routers (first choice; they fail over).
-            for _ in 0..(i % servers.len().max(1)) {
+            for _ in 0..((first_source + i) % servers.len().max(1)) {
                 agent.rotate_server();
             }
             let (tx, rx) = mpsc::channel(8);

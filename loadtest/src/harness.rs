@@ -250,6 +250,20 @@ impl TestPki {
         })
     }
 
+    /// A PKI written earlier by `jvpn-gateway pki init --out DIR`.
+    pub fn existing(dir: &Path) -> Result<Self> {
+        let layout = PkiLayout {
+            dir: dir.to_path_buf(),
+        };
+        if !layout.client_ca().is_file() || !layout.dev_token().is_file() {
+            bail!(
+                "{}: no client-ca.pem and dev-token (write one with jvpn-gateway pki init)",
+                dir.display()
+            );
+        }
+        Ok(Self { layout, _dir: None })
+    }
+
     pub fn dev_token(&self) -> Result<String> {
         Ok(std::fs::read_to_string(self.layout.dev_token())?
             .trim()

@@ -11,6 +11,7 @@
 //! - [`fleet`]: many agents running the real keep-alive loop, observed through reports.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
 //! - [`demo`]: the README's quick-start demo.
+//! - [`scenario`]: `jvpn-loadtest run`: open-loop scenarios with HDR latencies and invariants.
 //! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
 //! - [`bench_router`]: direct vs jvpn-router vs HAProxy, splice buffers,
 //!   router memory per connection, failure detection times.
@@ -26,3 +27,4 @@ pub mod faultproxy;
 pub mod fleet;
 pub mod harness;
 pub mod invariants;
+pub mod scenario;

@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Load a deployment with a scenario; report latencies and invariants.
+    Run(RunArgs),
     /// Start a local cluster (1 router + 3 gateways), run agents through
     /// jumps, a scale-out, a router restart and a gateway kill; print a summary.
     Demo {
@@ -93,8 +95,100 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Spawn 1 router + N gateways locally.
+    #[arg(long, conflicts_with = "routers")]
+    local_cluster: Option<usize>,
+    /// Routers of an existing deployment (with --pki).
+    #[arg(long, value_delimiter = ',', requires = "pki")]
+    routers: Vec<std::net::SocketAddr>,
+    /// PKI directory of that deployment (client-ca.pem, dev-token).
+    #[arg(long)]
+    pki: Option<std::path::PathBuf>,
+    #[arg(long, value_enum, default_value = "steady")]
+    scenario: jvpn_loadtest::scenario::Scenario,
+    #[arg(long, default_value_t = 100)]
+    sessions: usize,
+    /// Session arrivals per second (open loop).
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// How long the scenario runs after the last arrival.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    #[arg(long, default_value_t = 5)]
+    jump_every_s: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the JSON report here (schema: docs/loadtest.md).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// NAME<VALUE or NAME>VALUE, repeatable; exit 1 when one fails.
+    #[arg(long)]
+    threshold: Vec<String>,
+}
+
+fn run_scenario(a: RunArgs) -> ExitCode {
+    use jvpn_loadtest::scenario::{RunOptions, Target};
+    let target = match (a.local_cluster, a.routers.is_empty(), a.pki) {
+        (Some(n), _, _) => Target::LocalCluster(n),
+        (None, false, Some(dir)) => Target::Routers(a.routers, dir),
+        _ => Target::LocalCluster(3),
+    };
+    let opts = RunOptions {
+        target,
+        scenario: a.scenario,
+        sessions: a.sessions,
+        rate: a.rate,
+        duration: std::time::Duration::from_secs(a.duration_s),
+        jump_every: std::time::Duration::from_secs(a.jump_every_s.max(1)),
+        seed: a.seed,
+        thresholds: a.threshold,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match rt.block_on(jvpn_loadtest::scenario::run(opts)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("run: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+    match &a.json {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &text) {
+                eprintln!("{}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+        None => println!("{text}"),
+    }
+    let mut ok = report.invariants.all_zero();
+    for t in &report.thresholds {
+        eprintln!(
+            "threshold {}: {} ({})",
+            t.expr,
+            if t.ok { "ok" } else { "FAILED" },
+            t.value
+        );
+        ok &= t.ok;
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Cmd::Run(args) => run_scenario(args),
         Cmd::Agent { args } => {
             let argv = std::iter::once(std::ffi::OsString::from("jvpn-agent")).chain(args);
             jvpn_agent::cli::main_with(argv)

@@ -1,0 +1,450 @@
+//! `jvpn-loadtest run`: load a deployment the way its operators will, and
+//! check the session invariants while doing it.
+//!
+//! Open loop: sessions arrive at a constant `--rate`, each at its intended
+//! time; a late start is charged to the handshake latency (no coordinated
+//! omission). Echoes are scheduled once a second per session and measured
+//! from their intended send time too. Every agent runs the real keep-alive
+//! loop from its own loopback source address.
+//!
+//! Scenarios (this slice): `steady`, `jump`, `storm`, `failover` and
+//! `scale-out` (the last two need `--local-cluster`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use jvpn_agent::{AgentReport, Command};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::cluster::{ClusterOptions, LocalCluster, launchers, node_name};
+use crate::fleet::{Fleet, Running};
+use crate::harness::{self, TestPki};
+use crate::invariants::{self, Invariants};
+
+/// What a run does to its sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Sessions with heartbeats and echo data.
+    Steady,
+    /// Each session changes transport every `--jump-every-s`.
+    Jump,
+    /// Every session loses its transport at the same moment, then resumes.
+    Storm,
+    /// A gateway of the local cluster is killed (explicit re-handshakes).
+    Failover,
+    /// A gateway is added to the local cluster (no re-handshake allowed).
+    ScaleOut,
+}
+
+/// Where the load goes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Spawn routers + gateways locally (1 router, N gateways).
+    LocalCluster(usize),
+    /// An existing deployment: its routers and the PKI directory of
+    /// `jvpn-gateway pki init` (client CA and dev token).
+    Routers(Vec<SocketAddr>, PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub target: Target,
+    pub scenario: Scenario,
+    pub sessions: usize,
+    /// Session arrivals per second.
+    pub rate: f64,
+    /// How long the scenario runs once every session arrived.
+    pub duration: Duration,
+    pub jump_every: Duration,
+    pub seed: u64,
+    /// `name<value` / `name>value` (e.g. `resume_p99_ms<500`).
+    pub thresholds: Vec<String>,
+}
+
+/// HDR percentiles in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        count: h.len(),
+        p50: ms(h.value_at_quantile(0.5)),
+        p90: ms(h.value_at_quantile(0.9)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h, 3 significant figures.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid HDR bounds"))
+}
+
+/// The JSON report (`docs/loadtest.md` describes every field).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunReport {
+    pub schema: &'static str,
+    pub scenario: String,
+    pub seed: u64,
+    pub sessions_requested: usize,
+    pub sessions_established: u64,
+    pub rate_requested_per_s: f64,
+    pub rate_achieved_per_s: f64,
+    pub duration_s: f64,
+    pub handshake_ms: Latency,
+    pub resume_ms: Latency,
+    pub echo_rtt_ms: Latency,
+    pub recovery_ms: Latency,
+    pub resumes_ok: u64,
+    pub rehandshakes: u64,
+    pub errors_by_reason: BTreeMap<String, u64>,
+    pub echo_failed: u64,
+    #[serde(flatten)]
+    pub invariants: Invariants,
+    pub thresholds: Vec<ThresholdResult>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ThresholdResult {
+    pub expr: String,
+    pub value: f64,
+    pub ok: bool,
+}
+
+/// Evaluates `name<value` or `name>value` against the report's metrics.
+pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult> {
+    let (name, op, limit) = if let Some((n, v)) = expr.split_once('<') {
+        (n.trim(), '<', v.trim())
+    } else if let Some((n, v)) = expr.split_once('>') {
+        (n.trim(), '>', v.trim())
+    } else {
+        bail!("threshold {expr:?}: expected NAME<VALUE or NAME>VALUE");
+    };
+    let limit: f64 = limit
+        .parse()
+        .with_context(|| format!("threshold {expr:?}: {limit:?} is not a number"))?;
+    let value = metric(report, name)
+        .with_context(|| format!("threshold {expr:?}: unknown metric {name:?}"))?;
+    let ok = if op == '<' { value < limit } else { value > limit };
+    Ok(ThresholdResult {
+        expr: expr.to_owned(),
+        value,
+        ok,
+    })
+}
+
+/// Threshold names: `<latency>_<pXX|max>_ms` for handshake, resume, echo_rtt
+/// and recovery; and the counters.
+fn metric(r: &RunReport, name: &str) -> Option<f64> {
+    let lat = |l: &Latency, q: &str| match q {
+        "p50" => Some(l.p50),
+        "p90" => Some(l.p90),
+        "p99" => Some(l.p99),
+        "p999" => Some(l.p999),
+        "max" => Some(l.max),
+        _ => None,
+    };
+    if let Some(rest) = name.strip_suffix("_ms") {
+        let (which, q) = rest.rsplit_once('_')?;
+        let l = match which {
+            "handshake" => &r.handshake_ms,
+            "resume" => &r.resume_ms,
+            "echo_rtt" => &r.echo_rtt_ms,
+            "recovery" => &r.recovery_ms,
+            _ => return None,
+        };
+        return lat(l, q);
+    }
+    let i = &r.invariants;
+    Some(match name {
+        "sessions_established" => r.sessions_established as f64,
+        "rate_achieved_per_s" => r.rate_achieved_per_s,
+        "resumes_ok" => r.resumes_ok as f64,
+        "rehandshakes" => r.rehandshakes as f64,
+        "echo_failed" => r.echo_failed as f64,
+        "errors" => r.errors_by_reason.values().sum::<u64>() as f64,
+        "silent_migrations" => i.silent_migrations as f64,
+        "forced_rehandshakes" => i.forced_rehandshakes as f64,
+        "dual_active_detected" => i.dual_active_detected as f64,
+        "lost_sessions" => i.lost_sessions as f64,
+        _ => return None,
+    })
+}
+
+/// Echoes once a second per session, measured from the intended send time.
+fn spawn_echoes(
+    fleet: &Fleet,
+    stop_at: Instant,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    failed: Arc<Mutex<u64>>,
+    seed: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let period = Duration::from_secs(1);
+    fleet
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let tx = a.tx.clone();
+            let (hist, failed) = (hist.clone(), failed.clone());
+            // Spread sessions over the period, deterministically from the seed.
+            let offset = Duration::from_micros(
+                (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64) % 1_000_000,
+            );
+            tokio::spawn(async move {
+                let mut next = Instant::now() + offset;
+                while next < stop_at {
+                    tokio::time::sleep_until(next.into()).await;
+                    let (rtx, rrx) = oneshot::channel();
+                    if tx.send(Command::Echo(b"jvpn".to_vec(), rtx)).await.is_err() {
+                        return;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(10), rrx).await {
+                        Ok(Ok(Ok(_))) => {
+                            let us = next.elapsed().as_micros() as u64;
+                            let _ = lock(&hist).record(us.max(1));
+                        }
+                        _ => *lock(&failed) += 1,
+                    }
+                    next += period;
+                }
+            })
+        })
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts sessions at a constant rate: session `i` is due at `start + i/rate`.
+/// Returns the fleet and, per session, its intended start.
+async fn arrive(
+    pki: &TestPki,
+    routers: &[SocketAddr],
+    opts: &RunOptions,
+) -> Result<(Fleet, Vec<Instant>)> {
+    let start = Instant::now();
+    let mut fleet = Fleet::default();
+    let mut intended = Vec::with_capacity(opts.sessions);
+    for i in 0..opts.sessions {
+        let due = start + Duration::from_secs_f64(i as f64 / opts.rate.max(1e-3));
+        tokio::time::sleep_until(due.into()).await;
+        let one = Fleet::start(pki, routers, 1, i)?;
+        fleet.agents.extend(one.agents);
+        intended.push(due);
+    }
+    Ok((fleet, intended))
+}
+
+fn errors(reports: &[AgentReport]) -> BTreeMap<String, u64> {
+    let mut out = invariants::rejected_by_reason(reports);
+    for r in reports {
+        for (k, v) in &r.rehandshake_reasons {
+            *out.entry(format!("rehandshake:{k}")).or_insert(0) += v;
+        }
+    }
+    out
+}
+
+/// Runs one scenario and returns its report (thresholds evaluated).
+pub async fn run(opts: RunOptions) -> Result<RunReport> {
+    crate::bench::raise_nofile();
+    let needs_cluster = matches!(opts.scenario, Scenario::Failover | Scenario::ScaleOut);
+    let mut cluster = None;
+    let (pki, routers) = match &opts.target {
+        Target::LocalCluster(n) => {
+            let exe = std::env::current_exe()?;
+            let (g, r) = launchers(&exe);
+            let c = LocalCluster::start(
+                g,
+                r,
+                ClusterOptions {
+                    gateways: *n,
+                    spare_gateways: 1,
+                    ..ClusterOptions::default()
+                },
+            )
+            .await?;
+            let routers = c.router_addrs();
+            cluster = Some(c);
+            (None, routers)
+        }
+        Target::Routers(addrs, dir) => {
+            if needs_cluster {
+                bail!("scenario {:?} needs --local-cluster", opts.scenario);
+            }
+            (Some(TestPki::existing(dir)?), addrs.clone())
+        }
+    };
+    let pki = match (&pki, &cluster) {
+        (Some(p), _) => p,
+        (None, Some(c)) => &c.pki,
+        _ => unreachable!("a target was chosen"),
+    };
+
+    let t0 = Instant::now();
+    let (fleet, intended) = arrive(pki, &routers, &opts).await?;
+    let arrived = t0.elapsed();
+    fleet
+        .wait_established(Duration::from_secs(60) + opts.duration)
+        .await?;
+    let mut handshake = histogram();
+    for (r, due) in fleet.snapshots().iter().zip(&intended) {
+        if let Some(at) = r.established_at {
+            let _ = handshake.record((at.duration_since(*due).as_micros() as u64).max(1));
+        }
+    }
+
+    let echo_hist = Arc::new(Mutex::new(histogram()));
+    let echo_failed = Arc::new(Mutex::new(0u64));
+    let stop_at = Instant::now() + opts.duration;
+    let echoes = spawn_echoes(
+        &fleet,
+        stop_at,
+        echo_hist.clone(),
+        echo_failed.clone(),
+        opts.seed,
+    );
+    drive(&opts, &fleet, cluster.as_mut(), stop_at).await?;
+    for e in echoes {
+        let _ = e.await;
+    }
+    tokio::time::sleep_until(stop_at.into()).await;
+
+    let reports = fleet.close().await;
+    let mut inv = invariants::from_agents(&reports);
+    if let Some(c) = &cluster {
+        let files: Vec<PathBuf> = c
+            .gateways
+            .iter()
+            .map(|(_, g)| PathBuf::from(&g.events_path))
+            .collect();
+        let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+        inv.dual_active_detected = invariants::dual_active(&paths).0;
+    }
+    let mut resume = histogram();
+    let mut recovery = histogram();
+    for r in &reports {
+        for ms in &r.recovery_ms {
+            let _ = recovery.record((ms * 1000).max(1));
+        }
+        for ms in &r.resume_ms {
+            let _ = resume.record((ms * 1000).max(1));
+        }
+    }
+    let mut report = RunReport {
+        schema: "jvpn-loadtest-run/1",
+        scenario: format!("{:?}", opts.scenario).to_lowercase(),
+        seed: opts.seed,
+        sessions_requested: opts.sessions,
+        sessions_established: reports.iter().map(|r| r.sessions_established).sum(),
+        rate_requested_per_s: opts.rate,
+        rate_achieved_per_s: opts.sessions as f64 / arrived.as_secs_f64().max(1e-9),
+        duration_s: t0.elapsed().as_secs_f64(),
+        handshake_ms: latency(&handshake),
+        resume_ms: latency(&resume),
+        echo_rtt_ms: latency(&lock(&echo_hist)),
+        recovery_ms: latency(&recovery),
+        resumes_ok: reports.iter().map(|r| r.resumes_ok).sum(),
+        rehandshakes: reports.iter().map(|r| r.rehandshakes).sum(),
+        errors_by_reason: errors(&reports),
+        echo_failed: *lock(&echo_failed),
+        invariants: inv,
+        thresholds: Vec::new(),
+    };
+    for t in &opts.thresholds {
+        let r = check_threshold(&report, t)?;
+        report.thresholds.push(r);
+    }
+    Ok(report)
+}
+
+/// The scenario's own actions while echoes run.
+async fn drive(
+    opts: &RunOptions,
+    fleet: &Fleet,
+    cluster: Option<&mut LocalCluster>,
+    stop_at: Instant,
+) -> Result<()> {
+    match opts.scenario {
+        Scenario::Steady => Ok(()),
+        Scenario::Jump => {
+            let n = fleet.len().max(1) as u32;
+            let mut due = Instant::now();
+            let step = opts.jump_every / n;
+            while due + opts.jump_every < stop_at {
+                for a in &fleet.agents {
+                    due += step;
+                    tokio::time::sleep_until(due.into()).await;
+                    let _ = a.tx.send(Command::Jump).await;
+                }
+            }
+            Ok(())
+        }
+        Scenario::Storm => {
+            fleet.wait_switch_allowed(Duration::from_millis(1_600)).await?;
+            let before = fleet.resumes_ok();
+            fleet.each(|| Command::Jump).await;
+            let want = before + fleet.len() as u64;
+            harness::eventually(
+                stop_at.saturating_duration_since(Instant::now()) + Duration::from_secs(30),
+                "every session resumed after the storm",
+                || {
+                    let n = fleet.resumes_ok();
+                    async move { n >= want }
+                },
+            )
+            .await
+        }
+        Scenario::Failover => {
+            let c = cluster.context("failover needs a local cluster")?;
+            fleet.wait_switch_allowed(Duration::from_millis(1_600)).await?;
+            let victim = fleet
+                .by_node()
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .map(|(k, _)| k)
+                .context("no sessions")?;
+            let on_victim: Vec<&Running> = fleet
+                .agents
+                .iter()
+                .filter(|a| a.snapshot().node_id == victim)
+                .collect();
+            let killed = Instant::now();
+            c.gateway(&victim)?.signal(Signal::SIGKILL)?;
+            harness::eventually(Duration::from_secs(30), "victims re-established", || {
+                let done = on_victim
+                    .iter()
+                    .all(|a| a.snapshot().established_at.is_some_and(|t| t > killed));
+                async move { done }
+            })
+            .await
+        }
+        Scenario::ScaleOut => {
+            let c = cluster.context("scale-out needs a local cluster")?;
+            let n = c.gateways.len();
+            c.start_gateway(&node_name(n)).await?;
+            let all: Vec<String> = (0..=n).map(node_name).collect();
+            c.wait_placeable(&all, Duration::from_secs(15)).await
+        }
+    }
+}
