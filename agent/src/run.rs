@@ -381,11 +381,11 @@ async fn reattach(
         match agent.resume().await {
             Ok(t) => {
                 let ms = lost_at.elapsed().as_millis() as u64;
-                let took = attempt_started.elapsed().as_micros() as u64;
+                let took = attempt_started.elapsed().as_millis() as u64;
                 update(report, |r| {
                     r.resumes_ok += 1;
                     r.recovery_ms.push(ms);
-                    r.resume_ms.push(took.div_ceil(1000));
+                    r.resume_ms.push(took);
                 });
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
                 record_attach(report, agent, false);

@@ -143,7 +143,11 @@ pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult
         .with_context(|| format!("threshold {expr:?}: {limit:?} is not a number"))?;
     let value = metric(report, name)
         .with_context(|| format!("threshold {expr:?}: unknown metric {name:?}"))?;
-    let ok = if op == '<' { value < limit } else { value > limit };
+    let ok = if op == '<' {
+        value < limit
+    } else {
+        value > limit
+    };
     Ok(ThresholdResult {
         expr: expr.to_owned(),
         value,
@@ -401,7 +405,9 @@ async fn drive(
             Ok(())
         }
         Scenario::Storm => {
-            fleet.wait_switch_allowed(Duration::from_millis(1_600)).await?;
+            fleet
+                .wait_switch_allowed(Duration::from_millis(1_600))
+                .await?;
             let before = fleet.resumes_ok();
             fleet.each(|| Command::Jump).await;
             let want = before + fleet.len() as u64;
@@ -417,7 +423,9 @@ async fn drive(
         }
         Scenario::Failover => {
             let c = cluster.context("failover needs a local cluster")?;
-            fleet.wait_switch_allowed(Duration::from_millis(1_600)).await?;
+            fleet
+                .wait_switch_allowed(Duration::from_millis(1_600))
+                .await?;
             let victim = fleet
                 .by_node()
                 .into_iter()

@@ -361,7 +361,10 @@ async fn sigterm_drains_with_spread_goaways_and_sessions_move_elsewhere() {
     // routers acknowledged DRAINING.
     let events = std::fs::read_to_string(&gw.events_path).unwrap();
     let created = events.matches("\"handshake_ok\"").count() as f64;
-    assert_eq!(created, hellos_at_ack, "a session was placed on the draining gateway");
+    assert_eq!(
+        created, hellos_at_ack,
+        "a session was placed on the draining gateway"
+    );
     assert_eq!(unplaceable(&c).await, 0.0);
     let reports = fleet.close().await;
     assert!(invariants::from_agents(&reports).all_zero());

@@ -1,0 +1,149 @@
+//! `jvpn-loadtest run`: each scenario briefly against a local cluster, its
+//! invariant counters checked; thresholds gate the exit code.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the tool; returns its exit code and JSON report.
+async fn run(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+            .arg("run")
+            .args(args)
+            .arg("--json")
+            .arg(&json)
+            .output(),
+    )
+    .await
+    .expect("run finished within 180 s")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|_| panic!("no report: {stderr}"));
+    (
+        out.status.code(),
+        serde_json::from_str(&text).unwrap(),
+        stderr,
+    )
+}
+
+fn assert_invariants_zero(v: &serde_json::Value) {
+    for k in [
+        "silent_migrations",
+        "forced_rehandshakes",
+        "dual_active_detected",
+        "lost_sessions",
+        "echo_failed",
+    ] {
+        assert_eq!(v[k], 0, "{k}: {v}");
+    }
+}
+
+async fn scenario(name: &str, duration_s: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "--local-cluster",
+        "3",
+        "--scenario",
+        name,
+        "--sessions",
+        "30",
+        "--rate",
+        "60",
+        "--duration-s",
+        duration_s,
+    ];
+    args.extend_from_slice(extra);
+    let (code, v, stderr) = run(&args).await;
+    assert_eq!(code, Some(0), "{name}: {stderr}\n{v}");
+    assert_eq!(v["schema"], "jvpn-loadtest-run/1");
+    assert_eq!(v["sessions_requested"], 30);
+    assert!(v["handshake_ms"]["count"].as_u64().unwrap() >= 30, "{v}");
+    assert!(v["echo_rtt_ms"]["count"].as_u64().unwrap() >= 30, "{v}");
+    assert_invariants_zero(&v);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_and_jump() {
+    let _s = SERIAL.lock().await;
+    let v = scenario("steady", "3", &[]).await;
+    assert_eq!(v["resumes_ok"], 0);
+    assert_eq!(v["rehandshakes"], 0);
+    let v = scenario("jump", "5", &["--jump-every-s", "2"]).await;
+    assert!(v["resumes_ok"].as_u64().unwrap() >= 30, "{v}");
+    assert_eq!(v["rehandshakes"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_resumes_everyone() {
+    let _s = SERIAL.lock().await;
+    let v = scenario("storm", "3", &["--threshold", "recovery_p99_ms<5000"]).await;
+    assert_eq!(v["resumes_ok"], 30, "100 % resumed");
+    assert_eq!(v["recovery_ms"]["count"], 30);
+    assert_eq!(v["rehandshakes"], 0);
+    assert_eq!(v["thresholds"][0]["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_and_scale_out() {
+    let _s = SERIAL.lock().await;
+    let v = scenario("failover", "3", &[]).await;
+    let lost = v["errors_by_reason"]["rehandshake:owner_lost"]
+        .as_u64()
+        .unwrap();
+    assert!(lost > 0, "{v}");
+    assert_eq!(
+        v["rehandshakes"].as_u64().unwrap(),
+        lost,
+        "only explicit ones"
+    );
+    let v = scenario("scale-out", "3", &[]).await;
+    assert_eq!(v["rehandshakes"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violated_threshold_fails_the_run() {
+    let _s = SERIAL.lock().await;
+    let (code, v, _) = run(&[
+        "--local-cluster",
+        "2",
+        "--sessions",
+        "5",
+        "--rate",
+        "50",
+        "--duration-s",
+        "1",
+        "--threshold",
+        "handshake_p50_ms<0.001",
+        "--threshold",
+        "sessions_established>4",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["thresholds"][0]["ok"], false);
+    assert_eq!(v["thresholds"][1]["ok"], true);
+    // An unknown metric is a usage error, not a pass.
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+        .args([
+            "run",
+            "--local-cluster",
+            "1",
+            "--sessions",
+            "1",
+            "--duration-s",
+            "1",
+        ])
+        .args(["--threshold", "bogus_ms<1", "--json"])
+        .arg(dir.path().join("r.json"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown metric"));
+}
