@@ -126,6 +126,27 @@ impl FaultProxy {
         self.broadcast(ConnCtl::Stall)
     }
 
+    /// Closes each current connection with probability `fraction` (the
+    /// caller's seeded RNG decides); returns how many.
+    pub fn cut_fraction(&self, fraction: f64, rng: &mut impl rand::Rng) -> usize {
+        let mut conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut cut = Vec::new();
+        for (id, tx) in conns.iter() {
+            if rng.random_bool(fraction.clamp(0.0, 1.0)) {
+                let _ = tx.send(ConnCtl::Cut);
+                cut.push(*id);
+            }
+        }
+        for id in &cut {
+            conns.remove(id);
+        }
+        cut.len()
+    }
+
     pub fn open_connections(&self) -> usize {
         self.inner
             .conns

@@ -126,6 +126,9 @@ struct RunArgs {
     /// NAME<VALUE or NAME>VALUE, repeatable; exit 1 when one fails.
     #[arg(long)]
     threshold: Vec<String>,
+    /// `loss`: percentage of open connections cut every second.
+    #[arg(long, default_value_t = 20.0)]
+    loss_pct: f64,
 }
 
 fn run_scenario(a: RunArgs) -> ExitCode {
@@ -144,6 +147,7 @@ fn run_scenario(a: RunArgs) -> ExitCode {
         jump_every: std::time::Duration::from_secs(a.jump_every_s.max(1)),
         seed: a.seed,
         thresholds: a.threshold,
+        loss_pct: a.loss_pct,
     };
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -7,8 +7,8 @@
 //! from their intended send time too. Every agent runs the real keep-alive
 //! loop from its own loopback source address.
 //!
-//! Scenarios (this slice): `steady`, `jump`, `storm`, `failover` and
-//! `scale-out` (the last two need `--local-cluster`).
+//! Scenarios (this slice): `steady`, `jump`, `storm`, `churn`, `loss`,
+//! `failover` and `scale-out` (the last two need `--local-cluster`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +42,11 @@ pub enum Scenario {
     Failover,
     /// A gateway is added to the local cluster (no re-handshake allowed).
     ScaleOut,
+    /// Sessions are closed and new ones created at `--rate` each.
+    Churn,
+    /// A fault proxy in front of every router cuts `--loss-pct` % of the
+    /// open connections every second; sessions resume.
+    Loss,
 }
 
 /// Where the load goes.
@@ -67,6 +72,8 @@ pub struct RunOptions {
     pub seed: u64,
     /// `name<value` / `name>value` (e.g. `resume_p99_ms<500`).
     pub thresholds: Vec<String>,
+    /// `loss`: share of open connections cut every second, in percent.
+    pub loss_pct: f64,
 }
 
 /// HDR percentiles in milliseconds.
@@ -116,7 +123,10 @@ pub struct RunReport {
     pub resumes_ok: u64,
     pub rehandshakes: u64,
     pub errors_by_reason: BTreeMap<String, u64>,
+    /// Echoes with no answer within 10 s on a live session.
     pub echo_failed: u64,
+    /// Echoes whose transport died under them (the session then resumed).
+    pub echo_lost: u64,
     #[serde(flatten)]
     pub invariants: Invariants,
     pub thresholds: Vec<ThresholdResult>,
@@ -184,6 +194,7 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "resumes_ok" => r.resumes_ok as f64,
         "rehandshakes" => r.rehandshakes as f64,
         "echo_failed" => r.echo_failed as f64,
+        "echo_lost" => r.echo_lost as f64,
         "errors" => r.errors_by_reason.values().sum::<u64>() as f64,
         "silent_migrations" => i.silent_migrations as f64,
         "forced_rehandshakes" => i.forced_rehandshakes as f64,
@@ -198,7 +209,7 @@ fn spawn_echoes(
     fleet: &Fleet,
     stop_at: Instant,
     hist: Arc<Mutex<Histogram<u64>>>,
-    failed: Arc<Mutex<u64>>,
+    failed: Arc<Mutex<(u64, u64)>>,
     seed: u64,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let period = Duration::from_secs(1);
@@ -226,7 +237,13 @@ fn spawn_echoes(
                             let us = next.elapsed().as_micros() as u64;
                             let _ = lock(&hist).record(us.max(1));
                         }
-                        _ => *lock(&failed) += 1,
+                        // The session ended (churn closes sessions); how it
+                        // ended is judged by the invariants, not here.
+                        Ok(Err(_)) => return,
+                        // The transport died under the echo (cut, jump):
+                        // lost with it, the session resumes.
+                        Ok(Ok(Err(_))) => lock(&failed).1 += 1,
+                        Err(_) => lock(&failed).0 += 1,
                     }
                     next += period;
                 }
@@ -299,14 +316,28 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
             (Some(TestPki::existing(dir)?), addrs.clone())
         }
     };
-    let pki = match (&pki, &cluster) {
+    // A handle on the same files, independent of the cluster's lifetime.
+    let pki = match (pki, &cluster) {
         (Some(p), _) => p,
-        (None, Some(c)) => &c.pki,
-        _ => unreachable!("a target was chosen"),
+        (None, Some(c)) => TestPki::existing(&c.pki.layout.dir)?,
+        (None, None) => unreachable!("a target was chosen"),
     };
+    let pki = &pki;
 
+    // `loss`: agents reach the routers through fault proxies.
+    let mut proxies = Vec::new();
+    if opts.scenario == Scenario::Loss {
+        for r in &routers {
+            proxies.push(crate::faultproxy::FaultProxy::start(*r).await?);
+        }
+    }
+    let entry: Vec<SocketAddr> = if proxies.is_empty() {
+        routers.clone()
+    } else {
+        proxies.iter().map(|p| p.addr).collect()
+    };
     let t0 = Instant::now();
-    let (fleet, intended) = arrive(pki, &routers, &opts).await?;
+    let (mut fleet, intended) = arrive(pki, &entry, &opts).await?;
     let arrived = t0.elapsed();
     fleet
         .wait_established(Duration::from_secs(60) + opts.duration)
@@ -319,7 +350,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     }
 
     let echo_hist = Arc::new(Mutex::new(histogram()));
-    let echo_failed = Arc::new(Mutex::new(0u64));
+    let echo_failed = Arc::new(Mutex::new((0u64, 0u64)));
     let stop_at = Instant::now() + opts.duration;
     let echoes = spawn_echoes(
         &fleet,
@@ -328,7 +359,12 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         echo_failed.clone(),
         opts.seed,
     );
-    drive(&opts, &fleet, cluster.as_mut(), stop_at).await?;
+    let setting = Setting {
+        pki,
+        entry: &entry,
+        proxies: &proxies,
+    };
+    drive(&opts, &mut fleet, cluster.as_mut(), &setting, stop_at).await?;
     for e in echoes {
         let _ = e.await;
     }
@@ -355,6 +391,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
             let _ = resume.record((ms * 1000).max(1));
         }
     }
+    let (echo_failed, echo_lost) = *lock(&echo_failed);
+    let echo_rtt = latency(&lock(&echo_hist));
     let mut report = RunReport {
         schema: "jvpn-loadtest-run/1",
         scenario: format!("{:?}", opts.scenario).to_lowercase(),
@@ -366,12 +404,13 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         duration_s: t0.elapsed().as_secs_f64(),
         handshake_ms: latency(&handshake),
         resume_ms: latency(&resume),
-        echo_rtt_ms: latency(&lock(&echo_hist)),
+        echo_rtt_ms: echo_rtt,
         recovery_ms: latency(&recovery),
         resumes_ok: reports.iter().map(|r| r.resumes_ok).sum(),
         rehandshakes: reports.iter().map(|r| r.rehandshakes).sum(),
         errors_by_reason: errors(&reports),
-        echo_failed: *lock(&echo_failed),
+        echo_failed,
+        echo_lost,
         invariants: inv,
         thresholds: Vec::new(),
     };
@@ -382,14 +421,52 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     Ok(report)
 }
 
+/// What a scenario may act on besides the fleet.
+struct Setting<'a> {
+    pki: &'a TestPki,
+    entry: &'a [SocketAddr],
+    proxies: &'a [crate::faultproxy::FaultProxy],
+}
+
 /// The scenario's own actions while echoes run.
 async fn drive(
     opts: &RunOptions,
-    fleet: &Fleet,
+    fleet: &mut Fleet,
     cluster: Option<&mut LocalCluster>,
+    setting: &Setting<'_>,
     stop_at: Instant,
 ) -> Result<()> {
     match opts.scenario {
+        Scenario::Churn => {
+            let step = Duration::from_secs_f64(1.0 / opts.rate.max(1e-3));
+            let mut due = Instant::now();
+            let mut oldest = 0;
+            while due + step < stop_at {
+                due += step;
+                tokio::time::sleep_until(due.into()).await;
+                if let Some(a) = fleet.agents.get(oldest) {
+                    let _ = a.tx.send(Command::Close).await;
+                    oldest += 1;
+                }
+                let n = fleet.len();
+                let one = Fleet::start(setting.pki, setting.entry, 1, n)?;
+                fleet.agents.extend(one.agents);
+            }
+            Ok(())
+        }
+        Scenario::Loss => {
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+            let mut due = Instant::now();
+            while due + Duration::from_secs(1) < stop_at {
+                due += Duration::from_secs(1);
+                tokio::time::sleep_until(due.into()).await;
+                for p in setting.proxies {
+                    p.cut_fraction(opts.loss_pct / 100.0, &mut rng);
+                }
+            }
+            Ok(())
+        }
         Scenario::Steady => Ok(()),
         Scenario::Jump => {
             let n = fleet.len().max(1) as u32;
