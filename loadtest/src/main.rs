@@ -129,6 +129,9 @@ struct RunArgs {
     /// `loss`: percentage of open connections cut every second.
     #[arg(long, default_value_t = 20.0)]
     loss_pct: f64,
+    /// `handshake-flood` / `replay-flood`: attempts per second.
+    #[arg(long, default_value_t = 200.0)]
+    flood_rate: f64,
 }
 
 fn run_scenario(a: RunArgs) -> ExitCode {
@@ -148,6 +151,7 @@ fn run_scenario(a: RunArgs) -> ExitCode {
         seed: a.seed,
         thresholds: a.threshold,
         loss_pct: a.loss_pct,
+        flood_rate: a.flood_rate,
     };
     let rt = match runtime() {
         Ok(rt) => rt,

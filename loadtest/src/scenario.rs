@@ -47,6 +47,12 @@ pub enum Scenario {
     /// A fault proxy in front of every router cuts `--loss-pct` % of the
     /// open connections every second; sessions resume.
     Loss,
+    /// `--flood-rate` HELLOs/s from 3 sources while the sessions arrive
+    /// from others.
+    HandshakeFlood,
+    /// `--flood-rate` replays/s of one captured `Resume` frame over new
+    /// connections; every one must be refused and the session unaffected.
+    ReplayFlood,
 }
 
 /// Where the load goes.
@@ -74,6 +80,23 @@ pub struct RunOptions {
     pub thresholds: Vec<String>,
     /// `loss`: share of open connections cut every second, in percent.
     pub loss_pct: f64,
+    /// `handshake-flood` / `replay-flood`: attempts per second.
+    pub flood_rate: f64,
+}
+
+/// What a flood did (`handshake-flood`, `replay-flood`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FloodReport {
+    pub attempts: u64,
+    /// HELLOs that got a session / replays that were accepted (must be 0).
+    pub admitted: u64,
+    pub refused: u64,
+    /// Refusals by reason (pre-TLS status or reject reason).
+    pub refused_by_reason: BTreeMap<String, u64>,
+    /// `replay-flood`: the targeted session resumed normally afterwards.
+    pub victim_resumed_after: Option<bool>,
+    /// Gateway CPU time per attempt, local clusters only.
+    pub gateway_cpu_us_per_attempt: Option<f64>,
 }
 
 /// HDR percentiles in milliseconds.
@@ -129,6 +152,8 @@ pub struct RunReport {
     pub echo_lost: u64,
     #[serde(flatten)]
     pub invariants: Invariants,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<FloodReport>,
     pub thresholds: Vec<ThresholdResult>,
 }
 
@@ -195,6 +220,8 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "rehandshakes" => r.rehandshakes as f64,
         "echo_failed" => r.echo_failed as f64,
         "echo_lost" => r.echo_lost as f64,
+        "flood_admitted" => r.flood.as_ref()?.admitted as f64,
+        "flood_refused" => r.flood.as_ref()?.refused as f64,
         "errors" => r.errors_by_reason.values().sum::<u64>() as f64,
         "silent_migrations" => i.silent_migrations as f64,
         "forced_rehandshakes" => i.forced_rehandshakes as f64,
@@ -336,6 +363,23 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     } else {
         proxies.iter().map(|p| p.addr).collect()
     };
+    let gw_cpu0 = gateway_cpu(cluster.as_ref());
+    let flood_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood_task = match opts.scenario {
+        Scenario::HandshakeFlood => Some(tokio::spawn(hello_flood(
+            TestPki::existing(&pki.layout.dir)?,
+            entry.clone(),
+            opts.flood_rate,
+            flood_stop.clone(),
+        ))),
+        Scenario::ReplayFlood => Some(tokio::spawn(replay_flood(
+            TestPki::existing(&pki.layout.dir)?,
+            entry.clone(),
+            opts.flood_rate,
+            flood_stop.clone(),
+        ))),
+        _ => None,
+    };
     let t0 = Instant::now();
     let (mut fleet, intended) = arrive(pki, &entry, &opts).await?;
     let arrived = t0.elapsed();
@@ -369,6 +413,17 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         let _ = e.await;
     }
     tokio::time::sleep_until(stop_at.into()).await;
+    flood_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flood = match flood_task {
+        Some(t) => {
+            let mut f = t.await??;
+            if let (Some(c0), Some(c1)) = (gw_cpu0, gateway_cpu(cluster.as_ref())) {
+                f.gateway_cpu_us_per_attempt = Some((c1 - c0) * 1e6 / f.attempts.max(1) as f64);
+            }
+            Some(f)
+        }
+        None => None,
+    };
 
     let reports = fleet.close().await;
     let mut inv = invariants::from_agents(&reports);
@@ -412,6 +467,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         echo_failed,
         echo_lost,
         invariants: inv,
+        flood,
         thresholds: Vec::new(),
     };
     for t in &opts.thresholds {
@@ -419,6 +475,138 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         report.thresholds.push(r);
     }
     Ok(report)
+}
+
+/// Total CPU seconds of the local gateways.
+fn gateway_cpu(c: Option<&LocalCluster>) -> Option<f64> {
+    let c = c?;
+    let mut sum = 0.0;
+    for (_, g) in &c.gateways {
+        sum += crate::bench::cpu_seconds(g.pid()?).ok()?;
+    }
+    Some(sum)
+}
+
+fn reason_of(e: &jvpn_agent::AgentError) -> String {
+    match e {
+        jvpn_agent::AgentError::Status(s) => s.status.reason().to_string(),
+        jvpn_agent::AgentError::Rejected { reason, .. } => reason.to_string(),
+        other => {
+            let t = other.to_string();
+            t.split(':')
+                .next()
+                .unwrap_or("error")
+                .trim()
+                .replace(' ', "_")
+        }
+    }
+}
+
+/// HELLOs at `rate` from three flood sources until `stop`.
+async fn hello_flood(
+    pki: TestPki,
+    entry: Vec<SocketAddr>,
+    rate: f64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<FloodReport> {
+    let report = Arc::new(Mutex::new(FloodReport::default()));
+    let step = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let mut due = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        due += step;
+        tokio::time::sleep_until(due.into()).await;
+        // Flood sources sit far from the fleet's 127.0.1.x range.
+        let cfg = harness::agent_config(
+            &pki,
+            entry.clone(),
+            Some(harness::source_ip(60_000 + i % 3)),
+        )?;
+        i += 1;
+        let report = report.clone();
+        tasks.spawn(async move {
+            let mut a = match jvpn_agent::Agent::new(cfg) {
+                Ok(a) => a,
+                Err(_) => return,
+            };
+            let r = a.hello().await;
+            let mut f = lock(&report);
+            f.attempts += 1;
+            match r {
+                Ok(_) => f.admitted += 1,
+                Err(e) => {
+                    f.refused += 1;
+                    *f.refused_by_reason.entry(reason_of(&e)).or_insert(0) += 1;
+                }
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let out = lock(&report).clone();
+    Ok(out)
+}
+
+/// Replays one captured `Resume` frame over new connections at `rate`.
+async fn replay_flood(
+    pki: TestPki,
+    entry: Vec<SocketAddr>,
+    rate: f64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<FloodReport> {
+    use jvpn_proto::pb::session::frame::Kind;
+    let cfg = harness::agent_config(&pki, entry.clone(), Some(harness::source_ip(61_000)))?;
+    let mut victim = jvpn_agent::Agent::new(cfg)?;
+    let live = victim.hello().await?;
+    // Capture a genuine Resume, bound to a connection the attacker saw.
+    let seen = victim.open_resume().await?;
+    let captured = victim.build_resume(&seen)?;
+    drop(seen);
+    let mut f = FloodReport::default();
+    let step = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+    let mut due = Instant::now();
+    let mut i = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        due += step;
+        tokio::time::sleep_until(due.into()).await;
+        let mut attacker = jvpn_agent::Agent::new(harness::agent_config(
+            &pki,
+            entry.clone(),
+            Some(harness::source_ip(61_001 + i % 100)),
+        )?)?;
+        i += 1;
+        attacker.session = victim.session.clone();
+        f.attempts += 1;
+        let mut t = match attacker.open_resume().await {
+            Ok(t) => t,
+            Err(e) => {
+                f.refused += 1;
+                *f.refused_by_reason.entry(reason_of(&e)).or_insert(0) += 1;
+                continue;
+            }
+        };
+        let answer = match t.send(Kind::Resume(captured.clone())).await {
+            Ok(()) => t.recv().await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Kind::ResumeOk(_)) => f.admitted += 1,
+            Ok(Kind::Reject(r)) => {
+                f.refused += 1;
+                let why = jvpn_proto::ReasonCode::try_from(r.reason)
+                    .map_or_else(|_| "unknown".to_owned(), |c| c.to_string());
+                *f.refused_by_reason.entry(why).or_insert(0) += 1;
+            }
+            Ok(_) | Err(_) => {
+                f.refused += 1;
+                *f.refused_by_reason.entry("closed".into()).or_insert(0) += 1;
+            }
+        }
+    }
+    drop(live);
+    f.victim_resumed_after = Some(victim.resume().await.is_ok());
+    Ok(f)
 }
 
 /// What a scenario may act on besides the fleet.
@@ -437,6 +625,7 @@ async fn drive(
     stop_at: Instant,
 ) -> Result<()> {
     match opts.scenario {
+        Scenario::HandshakeFlood | Scenario::ReplayFlood => Ok(()),
         Scenario::Churn => {
             let step = Duration::from_secs_f64(1.0 / opts.rate.max(1e-3));
             let mut due = Instant::now();

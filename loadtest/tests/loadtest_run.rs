@@ -164,3 +164,28 @@ async fn a_violated_threshold_fails_the_run() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown metric"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_are_refused_and_leave_legitimate_sessions_alone() {
+    let _s = SERIAL.lock().await;
+    // One captured Resume replayed over new connections: every replay is
+    // refused (as unknown_session on the wire), the session still resumes.
+    let v = scenario("replay-flood", "3", &["--flood-rate", "100"]).await;
+    let f = &v["flood"];
+    assert!(f["attempts"].as_u64().unwrap() >= 100, "{v}");
+    assert_eq!(f["admitted"], 0);
+    assert_eq!(f["refused"], f["attempts"]);
+    assert_eq!(f["refused_by_reason"]["unknown_session"], f["attempts"]);
+    assert_eq!(f["victim_resumed_after"], true);
+    assert!(f["gateway_cpu_us_per_attempt"].as_f64().unwrap() > 0.0);
+    // HELLOs from 3 sources far above their per-source budgets while the
+    // sessions arrive from others: the flood is cut, every session arrives.
+    let v = scenario("handshake-flood", "3", &["--flood-rate", "800"]).await;
+    let f = &v["flood"];
+    assert!(f["refused"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        f["refused_by_reason"]["overloaded"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+    assert_eq!(v["sessions_established"], 30, "{v}");
+}
