@@ -289,6 +289,7 @@ async fn arrive(
     pki: &TestPki,
     routers: &[SocketAddr],
     opts: &RunOptions,
+    watch: &Mutex<Vec<Arc<Mutex<AgentReport>>>>,
 ) -> Result<(Fleet, Vec<Instant>)> {
     let start = Instant::now();
     let mut fleet = Fleet::default();
@@ -297,6 +298,7 @@ async fn arrive(
         let due = start + Duration::from_secs_f64(i as f64 / opts.rate.max(1e-3));
         tokio::time::sleep_until(due.into()).await;
         let one = Fleet::start(pki, routers, 1, i)?;
+        lock(watch).extend(one.agents.iter().map(|a| a.report.clone()));
         fleet.agents.extend(one.agents);
         intended.push(due);
     }
@@ -381,7 +383,10 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         _ => None,
     };
     let t0 = Instant::now();
-    let (mut fleet, intended) = arrive(pki, &entry, &opts).await?;
+    let watch = Arc::new(Mutex::new(Vec::new()));
+    let progress_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = spawn_progress(watch.clone(), t0, progress_stop.clone());
+    let (mut fleet, intended) = arrive(pki, &entry, &opts, &watch).await?;
     let arrived = t0.elapsed();
     fleet
         .wait_established(Duration::from_secs(60) + opts.duration)
@@ -414,6 +419,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     }
     tokio::time::sleep_until(stop_at.into()).await;
     flood_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    progress_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = progress.await;
     let flood = match flood_task {
         Some(t) => {
             let mut f = t.await??;
@@ -475,6 +482,46 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         report.thresholds.push(r);
     }
     Ok(report)
+}
+
+/// Live progress on stderr once a second: a spinner line on a terminal,
+/// plain lines otherwise. Stops when `stop` is set.
+fn spawn_progress(
+    agents: Arc<Mutex<Vec<Arc<Mutex<AgentReport>>>>>,
+    started: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    tokio::spawn(async move {
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        let mut last_resumes = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let snaps: Vec<AgentReport> = lock(&agents).iter().map(|r| lock(r).clone()).collect();
+            let est: u64 = snaps.iter().map(|r| r.sessions_established).sum();
+            let resumes: u64 = snaps.iter().map(|r| r.resumes_ok).sum();
+            let rh: u64 = snaps.iter().map(|r| r.rehandshakes).sum();
+            let errs = invariants::rejected_by_reason(&snaps);
+            let line = format!(
+                "{:>5.1}s sessions {est} resumes {resumes} (+{}/s) re-handshakes {rh} errors {errs:?}",
+                started.elapsed().as_secs_f64(),
+                resumes - last_resumes.min(resumes),
+            );
+            last_resumes = resumes;
+            match &bar {
+                Some(b) => b.set_message(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    })
 }
 
 /// Total CPU seconds of the local gateways.

@@ -60,6 +60,13 @@ async fn scenario(name: &str, duration_s: &str, extra: &[&str]) -> serde_json::V
     args.extend_from_slice(extra);
     let (code, v, stderr) = run(&args).await;
     assert_eq!(code, Some(0), "{name}: {stderr}\n{v}");
+    // Not a terminal: plain progress lines once a second.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(" sessions ") && l.contains("re-handshakes")),
+        "{stderr}"
+    );
     assert_eq!(v["schema"], "jvpn-loadtest-run/1");
     assert_eq!(v["sessions_requested"], 30);
     assert!(v["handshake_ms"]["count"].as_u64().unwrap() >= 30, "{v}");
