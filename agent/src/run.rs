@@ -55,6 +55,21 @@ pub struct AgentReport {
     /// When the current transport was attached (HELLO or RESUME).
     #[serde(skip)]
     pub attached_at: Option<Instant>,
+    /// What happened when (`established`, `attached`, `transport_lost`),
+    /// the first [`TIMELINE_MAX`] entries, for reports of sample sessions.
+    #[serde(skip)]
+    pub timeline: Vec<(Instant, &'static str)>,
+}
+
+/// Timeline entries kept per agent.
+pub const TIMELINE_MAX: usize = 64;
+
+fn mark(report: &Mutex<AgentReport>, what: &'static str) {
+    update(report, |r| {
+        if r.timeline.len() < TIMELINE_MAX {
+            r.timeline.push((Instant::now(), what));
+        }
+    });
 }
 
 fn record_attach(report: &Mutex<AgentReport>, agent: &Agent, hello: bool) {
@@ -68,6 +83,7 @@ fn record_attach(report: &Mutex<AgentReport>, agent: &Agent, hello: bool) {
             }
         });
     }
+    mark(report, if hello { "established" } else { "attached" });
 }
 
 /// A state line for humans (`jvpn-agent connect` prints these).
@@ -243,6 +259,7 @@ pub async fn keep_alive(
             update(&report, |r| r.protocol_violations += 1);
         }
         note(&transitions, format!("transport lost: {}", reason_str(&e)));
+        mark(&report, "transport_lost");
         let lost_at = Instant::now();
         if e.session_gone() {
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {

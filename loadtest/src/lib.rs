@@ -11,6 +11,7 @@
 //! - [`fleet`]: many agents running the real keep-alive loop, observed through reports.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
 //! - [`demo`]: the README's quick-start demo.
+//! - [`report`]: the self-contained HTML page of a run report.
 //! - [`scenario`]: `jvpn-loadtest run`: open-loop scenarios with HDR latencies and invariants.
 //! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
 //! - [`bench_router`]: direct vs jvpn-router vs HAProxy, splice buffers,
@@ -27,4 +28,5 @@ pub mod faultproxy;
 pub mod fleet;
 pub mod harness;
 pub mod invariants;
+pub mod report;
 pub mod scenario;

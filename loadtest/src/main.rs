@@ -20,6 +20,13 @@ struct Cli {
 enum Cmd {
     /// Load a deployment with a scenario; report latencies and invariants.
     Run(RunArgs),
+    /// Render a `run --json` report as one self-contained HTML page.
+    Report {
+        /// The JSON report.
+        file: std::path::PathBuf,
+        #[arg(long)]
+        html: std::path::PathBuf,
+    },
     /// Start a local cluster (1 router + 3 gateways), run agents through
     /// jumps, a scale-out, a router restart and a gateway kill; print a summary.
     Demo {
@@ -197,6 +204,19 @@ fn run_scenario(a: RunArgs) -> ExitCode {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(args) => run_scenario(args),
+        Cmd::Report { file, html } => {
+            let page = std::fs::read_to_string(&file)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(serde_json::from_str::<serde_json::Value>(&t)?))
+                .and_then(|v| jvpn_loadtest::report::render(&v));
+            match page.and_then(|p| Ok(std::fs::write(&html, p)?)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("report {}: {e:#}", file.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
         Cmd::Agent { args } => {
             let argv = std::iter::once(std::ffi::OsString::from("jvpn-agent")).chain(args);
             jvpn_agent::cli::main_with(argv)

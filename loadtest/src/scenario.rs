@@ -155,6 +155,33 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<FloodReport>,
     pub thresholds: Vec<ThresholdResult>,
+    /// Per latency: `[upper bound ms, count]` on doubling buckets from 0.25 ms.
+    pub histograms: BTreeMap<String, Vec<(f64, u64)>>,
+    /// Up to 8 sample sessions: `[ms since the run started, what]`.
+    pub timeline: Vec<SampleTimeline>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SampleTimeline {
+    pub session: usize,
+    pub events: Vec<(f64, String)>,
+}
+
+/// Doubling buckets from 250 µs: `[upper bound ms, count]`, empty tail cut.
+fn buckets(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = h
+        .iter_log(250, 2.0)
+        .map(|v| {
+            (
+                (v.value_iterated_to() + 1) as f64 / 1000.0,
+                v.count_since_last_iteration(),
+            )
+        })
+        .collect();
+    while out.last().is_some_and(|(_, c)| *c == 0) {
+        out.pop();
+    }
+    out
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -454,7 +481,35 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         }
     }
     let (echo_failed, echo_lost) = *lock(&echo_failed);
-    let echo_rtt = latency(&lock(&echo_hist));
+    let echo_hist = lock(&echo_hist).clone();
+    let echo_rtt = latency(&echo_hist);
+    let histograms: BTreeMap<String, Vec<(f64, u64)>> = [
+        ("handshake", &handshake),
+        ("resume", &resume),
+        ("echo_rtt", &echo_hist),
+        ("recovery", &recovery),
+    ]
+    .into_iter()
+    .map(|(k, h)| (k.to_owned(), buckets(h)))
+    .collect();
+    let timeline = reports
+        .iter()
+        .enumerate()
+        .take(8)
+        .map(|(i, r)| SampleTimeline {
+            session: i,
+            events: r
+                .timeline
+                .iter()
+                .map(|(t, what)| {
+                    (
+                        t.saturating_duration_since(t0).as_secs_f64() * 1000.0,
+                        (*what).to_owned(),
+                    )
+                })
+                .collect(),
+        })
+        .collect();
     let mut report = RunReport {
         schema: "jvpn-loadtest-run/1",
         scenario: format!("{:?}", opts.scenario).to_lowercase(),
@@ -476,6 +531,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         invariants: inv,
         flood,
         thresholds: Vec::new(),
+        histograms,
+        timeline,
     };
     for t in &opts.thresholds {
         let r = check_threshold(&report, t)?;

@@ -1,0 +1,133 @@
+//! `jvpn-loadtest report FILE.json --html OUT.html`: one self-contained page
+//! that headless Chromium (Debian's, installed by `.ci/run`) renders with
+//! data in every chart and no script error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+async fn tool(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("finished in time")
+    .unwrap()
+}
+
+async fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--enable-logging=stderr",
+            ])
+            .args(args)
+            .arg(format!("file://{}", page.display()))
+            .output(),
+    )
+    .await
+    .expect("chromium finished")
+    .expect("chromium is installed (.ci/run installs Debian's package)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_html_report_renders_every_chart_with_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("storm.json");
+    let html = dir.path().join("storm.html");
+    let out = tool(&[
+        "run".as_ref(),
+        "--local-cluster".as_ref(),
+        "2".as_ref(),
+        "--scenario".as_ref(),
+        "storm".as_ref(),
+        "--sessions".as_ref(),
+        "20".as_ref(),
+        "--rate".as_ref(),
+        "40".as_ref(),
+        "--duration-s".as_ref(),
+        "2".as_ref(),
+        "--json".as_ref(),
+        json.as_os_str(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tool(&[
+        "report".as_ref(),
+        json.as_os_str(),
+        "--html".as_ref(),
+        html.as_os_str(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    // Self-contained: nothing fetched, nothing executed.
+    assert!(!page.contains("http://") && !page.contains("https://"));
+    assert!(!page.contains("<script"));
+
+    let dom = chromium(&["--dump-dom"], &html).await;
+    assert!(dom.status.success());
+    let dom_text = String::from_utf8_lossy(&dom.stdout);
+    let log = String::from_utf8_lossy(&dom.stderr);
+    assert!(!log.contains("Uncaught"), "{log}");
+    for id in [
+        "hist-handshake",
+        "hist-resume",
+        "hist-echo",
+        "hist-recovery",
+    ] {
+        let at = dom_text
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("{id} not rendered"));
+        let chart = &dom_text[at..at + dom_text[at..].find("</svg>").unwrap()];
+        assert!(chart.contains("class=\"bar\""), "{id} has no data");
+    }
+    let at = dom_text.find("id=\"timeline\"").unwrap();
+    let timeline = &dom_text[at..at + dom_text[at..].find("</svg>").unwrap()];
+    assert!(
+        timeline.contains("span up") && timeline.contains("span lost"),
+        "{timeline}"
+    );
+
+    let png = dir.path().join("storm.png");
+    let shot = chromium(
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=800,2000",
+        ],
+        &html,
+    )
+    .await;
+    assert!(shot.status.success());
+    assert!(
+        std::fs::metadata(&png).unwrap().len() > 10_000,
+        "blank page?"
+    );
+
+    // A file that is not a run report is refused, not rendered.
+    std::fs::write(dir.path().join("bad.json"), "{}").unwrap();
+    let out = tool(&[
+        "report".as_ref(),
+        dir.path().join("bad.json").as_os_str(),
+        "--html".as_ref(),
+        dir.path().join("bad.html").as_os_str(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+}
