@@ -446,18 +446,30 @@ async fn reattach(
                     record_attach(report, agent, true);
                     return Ok(t);
                 }
-                // Back-off: what the gateway asked for, else exponential with jitter.
-                let wait = match &e {
+                // Back-off: what the server asked for, and when it says it is
+                // overloaded, at least an exponential step, jittered, so a
+                // storm of agents spreads out instead of retrying in lockstep.
+                let exp = || {
+                    let base = 25u64 << attempt.min(6);
+                    Duration::from_millis(base + rand::rng().random_range(0..=base))
+                };
+                let overloaded = matches!(&e, AgentError::Status(s)
+                    if s.status == jvpn_proto::preamble::Status::Overloaded)
+                    || matches!(&e, AgentError::Rejected { reason, .. }
+                        if matches!(reason, ReasonCode::Overloaded | ReasonCode::RateLimited));
+                let hint = match &e {
                     AgentError::Rejected { retry_after_ms, .. } if *retry_after_ms > 0 => {
-                        Duration::from_millis(*retry_after_ms)
+                        Some(Duration::from_millis(*retry_after_ms))
                     }
-                    AgentError::Status(s) => {
-                        Duration::from_millis(s.capped_retry_after_ms(remaining.as_millis() as u64))
-                    }
-                    _ => {
-                        let base = 25u64 << attempt.min(6);
-                        Duration::from_millis(base + rand::rng().random_range(0..=base))
-                    }
+                    AgentError::Status(s) => Some(Duration::from_millis(
+                        s.capped_retry_after_ms(remaining.as_millis() as u64),
+                    )),
+                    _ => None,
+                };
+                let wait = match (hint, overloaded) {
+                    (Some(h), true) => h.max(exp()).min(remaining / 4),
+                    (Some(h), false) => h,
+                    (None, _) => exp(),
                 };
                 let wait = wait.min(remaining);
                 note(

@@ -104,9 +104,12 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Spawn 1 router + N gateways locally.
+    /// Spawn routers (--local-routers) + N gateways locally.
     #[arg(long, conflicts_with = "routers")]
     local_cluster: Option<usize>,
+    /// Routers of the local cluster (each holds two sockets per session).
+    #[arg(long, default_value_t = 1)]
+    local_routers: usize,
     /// Routers of an existing deployment (with --pki).
     #[arg(long, value_delimiter = ',', requires = "pki")]
     routers: Vec<std::net::SocketAddr>,
@@ -144,9 +147,9 @@ struct RunArgs {
 fn run_scenario(a: RunArgs) -> ExitCode {
     use jvpn_loadtest::scenario::{RunOptions, Target};
     let target = match (a.local_cluster, a.routers.is_empty(), a.pki) {
-        (Some(n), _, _) => Target::LocalCluster(n),
+        (Some(n), _, _) => Target::LocalCluster(n, a.local_routers),
         (None, false, Some(dir)) => Target::Routers(a.routers, dir),
-        _ => Target::LocalCluster(3),
+        _ => Target::LocalCluster(3, a.local_routers),
     };
     let opts = RunOptions {
         target,

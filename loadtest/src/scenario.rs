@@ -58,8 +58,8 @@ pub enum Scenario {
 /// Where the load goes.
 #[derive(Clone, Debug)]
 pub enum Target {
-    /// Spawn routers + gateways locally (1 router, N gateways).
-    LocalCluster(usize),
+    /// Spawn routers + gateways locally: `(gateways, routers)`.
+    LocalCluster(usize, usize),
     /// An existing deployment: its routers and the PKI directory of
     /// `jvpn-gateway pki init` (client CA and dev token).
     Routers(Vec<SocketAddr>, PathBuf),
@@ -344,11 +344,19 @@ fn errors(reports: &[AgentReport]) -> BTreeMap<String, u64> {
 
 /// Runs one scenario and returns its report (thresholds evaluated).
 pub async fn run(opts: RunOptions) -> Result<RunReport> {
-    crate::bench::raise_nofile();
+    let limit = crate::bench::raise_nofile();
+    // One socket per session here, plus listeners, files and floods.
+    let want = opts.sessions as u64 + 512;
+    if limit < want {
+        eprintln!(
+            "note: the open-file limit is {limit} and could not be raised to {want}: \
+             sessions beyond it will fail to connect"
+        );
+    }
     let needs_cluster = matches!(opts.scenario, Scenario::Failover | Scenario::ScaleOut);
     let mut cluster = None;
     let (pki, routers) = match &opts.target {
-        Target::LocalCluster(n) => {
+        Target::LocalCluster(n, routers) => {
             let exe = std::env::current_exe()?;
             let (g, r) = launchers(&exe);
             let c = LocalCluster::start(
@@ -356,6 +364,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
                 r,
                 ClusterOptions {
                     gateways: *n,
+                    routers: (*routers).max(1),
                     spare_gateways: 1,
                     ..ClusterOptions::default()
                 },
