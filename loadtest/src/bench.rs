@@ -177,22 +177,91 @@ where
 
 /// The bare baseline server: preamble, TLS 1.3 with the same configuration
 /// as the gateway, and the same frame exchange as a HELLO, with no session logic.
-pub async fn bare_tls_server(
+/// The gateway's own TLS configuration, client-certificate request included.
+fn gateway_like_acceptor(
     cert: &Path,
     key: &Path,
     agent_ca: Option<&Path>,
-    listener: TcpListener,
-) -> Result<()> {
-    // The same TLS configuration as the gateway, client-certificate request included.
+) -> Result<tokio_rustls::TlsAcceptor> {
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
         cert_file: cert.into(),
         key_file: key.into(),
         agent_ca_file: agent_ca.map(Into::into),
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
-        &material, true,
-    )?));
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(
+        jvpn_gateway::tls::server_config(&material, true)?,
+    )))
+}
+
+/// A target that does nothing but keep TLS sessions: answers `Hello` with a
+/// synthetic `HelloOk`, `Ping` with `Pong`, echoes `Data`. Runs of the load
+/// tool against it measure the tool's own latency floor.
+pub async fn noop_target(
+    cert: &Path,
+    key: &Path,
+    agent_ca: Option<&Path>,
+    listener: TcpListener,
+) -> Result<()> {
+    use jvpn_proto::pb::session::{Policy, Pong};
+    let acceptor = gateway_like_acceptor(cert, key, agent_ca)?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let mut pre = [0u8; 64];
+            if s.read_exact(&mut pre).await.is_err() {
+                return;
+            }
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut buf = BytesMut::with_capacity(256);
+            let mut id = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+            let ok = Kind::HelloOk(HelloOk {
+                session_id: id.to_vec(),
+                node_id: "noop".into(),
+                incarnation: 1,
+                state_version: 1,
+                binding_epoch: 1,
+                resume_token: vec![2; 52],
+                policy: Some(Policy {
+                    heartbeat_interval_ms: 500,
+                    heartbeat_timeout_ms: 2_000,
+                    transport_lost_ttl_ms: 15_000,
+                    session_max_lifetime_ms: 3_600_000,
+                    max_switches_per_min: 8,
+                    switch_cooldown_ms: 1_500,
+                }),
+                token_key_id: 1,
+            });
+            while let Ok(Some(kind)) = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await {
+                let reply = match kind {
+                    Kind::Hello(_) => ok.clone(),
+                    Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
+                    Kind::Data(d) => Kind::Data(d),
+                    _ => break,
+                };
+                let Ok(bytes) = frame::to_bytes(reply) else {
+                    break;
+                };
+                if tls.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = tls.shutdown().await;
+        });
+    }
+}
+
+pub async fn bare_tls_server(
+    cert: &Path,
+    key: &Path,
+    agent_ca: Option<&Path>,
+    listener: TcpListener,
+) -> Result<()> {
+    let acceptor = gateway_like_acceptor(cert, key, agent_ca)?;
     let reply = frame::to_bytes(Kind::HelloOk(HelloOk {
         session_id: vec![1; 16],
         node_id: "bare".into(),

@@ -70,7 +70,8 @@ enum Cmd {
         )]
         splice_variants: Vec<String>,
     },
-    /// The bare rustls baseline server used by bench-gateway.
+    /// The bare rustls baseline server used by bench-gateway; with --echo,
+    /// the no-op target that measures the load tool's own overhead.
     #[command(hide = true)]
     BareTlsServer {
         #[arg(long)]
@@ -81,6 +82,9 @@ enum Cmd {
         key: std::path::PathBuf,
         #[arg(long)]
         agent_ca: Option<std::path::PathBuf>,
+        /// Keep sessions: answer pings, echo data (no session logic).
+        #[arg(long)]
+        echo: bool,
     },
     /// Run the agent program (same as the `jvpn-agent` binary).
     #[command(disable_help_flag = true)]
@@ -258,11 +262,17 @@ fn main() -> ExitCode {
             cert,
             key,
             agent_ca,
+            echo,
         } => {
             let r = runtime().and_then(|rt| {
                 rt.block_on(async {
                     let l = tokio::net::TcpListener::bind(listen).await?;
-                    jvpn_loadtest::bench::bare_tls_server(&cert, &key, agent_ca.as_deref(), l).await
+                    if echo {
+                        jvpn_loadtest::bench::noop_target(&cert, &key, agent_ca.as_deref(), l).await
+                    } else {
+                        jvpn_loadtest::bench::bare_tls_server(&cert, &key, agent_ca.as_deref(), l)
+                            .await
+                    }
                 })
             });
             if let Err(e) = r {
