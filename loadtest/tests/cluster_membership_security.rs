@@ -85,39 +85,28 @@ async fn only_certified_gateways_join_under_their_own_name_and_address() {
     let ca = l.membership_ca();
     let g4 = (l.membership_cert("g4"), l.membership_key("g4"));
     let g4_id = Some((g4.0.as_path(), g4.1.as_path()));
+    // The address this would-be gateway advertises: a port it really holds.
+    let client_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let own = client_port.local_addr().unwrap().to_string();
+    let foreign = format!("127.0.0.9:{}", client_port.local_addr().unwrap().port());
 
     // Another node's name with g4's certificate.
-    let e = heartbeat(
-        r.membership_addr,
-        g4_id,
-        &ca,
-        request("g1", "127.0.0.1:7000", 1),
-    )
-    .await
-    .unwrap_err();
+    let e = heartbeat(r.membership_addr, g4_id, &ca, request("g1", &own, 1))
+        .await
+        .unwrap_err();
     assert!(e.contains("PermissionDenied"), "{e}");
     // An address the certificate does not name.
-    let e = heartbeat(
-        r.membership_addr,
-        g4_id,
-        &ca,
-        request("g4", "127.0.0.9:7000", 1),
-    )
-    .await
-    .unwrap_err();
+    let e = heartbeat(r.membership_addr, g4_id, &ca, request("g4", &foreign, 1))
+        .await
+        .unwrap_err();
     assert!(
         e.contains("PermissionDenied") && e.contains("advertise"),
         "{e}"
     );
     // A weight above max_weight.
-    let e = heartbeat(
-        r.membership_addr,
-        g4_id,
-        &ca,
-        request("g4", "127.0.0.1:7000", 17),
-    )
-    .await
-    .unwrap_err();
+    let e = heartbeat(r.membership_addr, g4_id, &ca, request("g4", &own, 17))
+        .await
+        .unwrap_err();
     assert!(
         e.contains("PermissionDenied") && e.contains("weight"),
         "{e}"
@@ -125,14 +114,9 @@ async fn only_certified_gateways_join_under_their_own_name_and_address() {
     // No client certificate, a certificate from another CA, a router's
     // (server-role) certificate: the TLS handshake itself fails.
     assert!(
-        heartbeat(
-            r.membership_addr,
-            None,
-            &ca,
-            request("g4", "127.0.0.1:7000", 1)
-        )
-        .await
-        .is_err()
+        heartbeat(r.membership_addr, None, &ca, request("g4", &own, 1))
+            .await
+            .is_err()
     );
     let other = TestPki::new(&["g4"]).unwrap();
     let (oc, ok) = (
@@ -144,7 +128,7 @@ async fn only_certified_gateways_join_under_their_own_name_and_address() {
             r.membership_addr,
             Some((&oc, &ok)),
             &ca,
-            request("g4", "127.0.0.1:7000", 1)
+            request("g4", &own, 1)
         )
         .await
         .is_err()
@@ -155,7 +139,7 @@ async fn only_certified_gateways_join_under_their_own_name_and_address() {
             r.membership_addr,
             Some((&rc, &rk)),
             &ca,
-            request("g4", "127.0.0.1:7000", 1)
+            request("g4", &own, 1)
         )
         .await
         .is_err()
@@ -181,14 +165,9 @@ async fn only_certified_gateways_join_under_their_own_name_and_address() {
     assert_eq!(known, ["g1", "g2", "g3"], "nobody joined");
 
     // Control: the same certificate, honestly used, is accepted.
-    let reply = heartbeat(
-        r.membership_addr,
-        g4_id,
-        &ca,
-        request("g4", "127.0.0.1:7000", 1),
-    )
-    .await
-    .unwrap();
+    let reply = heartbeat(r.membership_addr, g4_id, &ca, request("g4", &own, 1))
+        .await
+        .unwrap();
     assert_eq!(reply.sequence, 1);
     assert_eq!(reply.router_id, "r1");
     assert!(!reply.superseded);
