@@ -142,13 +142,7 @@ pub async fn keep_alive(
     // Silence for heartbeat_timeout means the transport is dead even if TCP
     // has not noticed (a paused gateway, a blackholed path): reattach.
     let mut last_rx = Instant::now();
-    let mut transport_no = 0u64;
-    let mut seen_transport = 0u64;
     loop {
-        if seen_transport != transport_no {
-            seen_transport = transport_no;
-            last_rx = Instant::now();
-        }
         let policy = agent.session.as_ref().map(|s| s.policy);
         let interval =
             Duration::from_millis(policy.map_or(500, |p| p.heartbeat_interval_ms.max(50)));
@@ -184,7 +178,7 @@ pub async fn keep_alive(
                 // old one explicitly.
                 match establish(&mut agent, &transitions, Some("go_away".into())).await {
                     Ok(new_t) => {
-                        transport_no += 1;
+                        last_rx = Instant::now();
                         let mut old = std::mem::replace(&mut t, new_t);
                         let _ = old
                             .send(Kind::Terminate(Terminate {
@@ -242,7 +236,7 @@ pub async fn keep_alive(
                 let lost_at = Instant::now();
                 match reattach(&mut agent, &transitions, &report, lost_at).await {
                     Ok(new_t) => {
-                        transport_no += 1;
+                        last_rx = Instant::now();
                         let old = std::mem::replace(&mut t, new_t);
                         drop(old);
                         continue;
@@ -269,7 +263,7 @@ pub async fn keep_alive(
                         bump(&mut r.rehandshake_reasons, &reason_str(&e));
                     });
                     record_attach(&report, &agent, true);
-                    transport_no += 1;
+                    last_rx = Instant::now();
                     t = new_t;
                     continue;
                 }
@@ -281,7 +275,7 @@ pub async fn keep_alive(
         }
         match reattach(&mut agent, &transitions, &report, lost_at).await {
             Ok(new_t) => {
-                transport_no += 1;
+                last_rx = Instant::now();
                 t = new_t;
             }
             Err(e) => {

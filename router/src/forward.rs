@@ -239,7 +239,7 @@ fn proxy_header(
     };
     let view_id = match placement {
         Some(p) => p.ring.view().id(),
-        None => state.view().id(),
+        None => state.view_id(),
     };
     let h = ProxyHeader {
         addresses: Some((src, dst)),

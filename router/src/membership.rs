@@ -371,6 +371,13 @@ impl Membership {
             .collect()
     }
 
+    /// Whether this incarnation is placeable now.
+    pub fn is_placeable(&self, now: Nanos, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.members
+            .get(node)
+            .is_some_and(|m| m.incarnation == incarnation && self.placeable(m, now))
+    }
+
     /// Whether a HELLO may be placed on this incarnation now.
     pub fn hello_ready(&self, now: Nanos, node: &NodeId, incarnation: Incarnation) -> bool {
         self.members

@@ -90,7 +90,7 @@ pub const DIGEST_KEYS: u32 = 1_000_000;
 /// placement report the same digest (operators compare routers with it).
 pub fn placement_digest(state: &RouterState, n: u32) -> serde_json::Value {
     let Some(ring) = state.ring() else {
-        return serde_json::json!({ "view_id": hex::encode(state.view().id().0), "keys": 0 });
+        return serde_json::json!({ "view_id": hex::encode(state.view_id().0), "keys": 0 });
     };
     let mut digest = blake3::Hasher::new();
     let mut counts = vec![0u64; ring.view().members().len()];

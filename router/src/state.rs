@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use jvpn_gateway::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
 use jvpn_gateway::engine::Mono;
-use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId};
+use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::ring::{Member, Ring, RingParams, View, owner_tag};
 use jvpn_proto::token::{TOKEN_LEN, TokenKey, TokenKeyring};
@@ -118,6 +118,8 @@ pub struct RouterState {
     previous_keys: Option<ClusterKeys>,
     tokens: TokenKeyring,
     params: RingParams,
+    /// The view with no member (nothing placeable), built once.
+    empty_view: View,
     membership: Mutex<Membership>,
     ring: ArcSwapOption<Ring>,
     /// `(key id, owner tag)` → member incarnation, under every key we hold.
@@ -161,10 +163,14 @@ impl RouterState {
             },
             per_gateway: HashMap::new(),
         };
+        let params = RingParams {
+            vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
+        };
+        let empty_view = View::new(Vec::new(), params, &keys)
+            .unwrap_or_else(|_| unreachable!("an empty view with validated parameters"));
         Arc::new(Self {
-            params: RingParams {
-                vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
-            },
+            params,
+            empty_view,
             membership: Mutex::new(Membership::new(cfg.membership(), 0)),
             origin: Instant::now(),
             keys,
@@ -243,9 +249,7 @@ impl RouterState {
     }
 
     fn is_placeable(&self, node: &NodeId, incarnation: Incarnation) -> bool {
-        self.status()
-            .iter()
-            .any(|s| s.node_id == *node && s.incarnation == incarnation && s.placeable)
+        lock(&self.membership).is_placeable(self.now(), node, incarnation)
     }
 
     /// One 50 ms step: death verdicts, ring rebuild on a view change, and
@@ -339,8 +343,15 @@ impl RouterState {
     pub fn view(&self) -> View {
         match self.ring.load().as_ref() {
             Some(r) => r.view().clone(),
-            None => View::new(Vec::new(), self.params, &self.keys)
-                .unwrap_or_else(|_| unreachable!("an empty view with validated parameters")),
+            None => self.empty_view.clone(),
+        }
+    }
+
+    /// The current view's id, without copying the view (per RESUME).
+    pub fn view_id(&self) -> ViewId {
+        match self.ring.load().as_ref() {
+            Some(r) => r.view().id(),
+            None => self.empty_view.id(),
         }
     }
 
