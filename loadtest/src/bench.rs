@@ -175,23 +175,44 @@ where
     Ok((done as f64 / elapsed, hist, done))
 }
 
-/// The bare baseline server: preamble, TLS 1.3 with the same configuration
-/// as the gateway, and the same frame exchange as a HELLO, with no session logic.
-/// The gateway's own TLS configuration, client-certificate request included.
-fn gateway_like_acceptor(
+type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts connections like a gateway's front door (64-byte preamble, then
+/// TLS 1.3 with the gateway's own configuration, client-certificate request
+/// included) and hands each TLS stream to `per_conn` on its own task.
+async fn serve_tls<F, Fut>(
     cert: &Path,
     key: &Path,
     agent_ca: Option<&Path>,
-) -> Result<tokio_rustls::TlsAcceptor> {
+    listener: TcpListener,
+    per_conn: F,
+) -> Result<()>
+where
+    F: Fn(ServerTls) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
         cert_file: cert.into(),
         key_file: key.into(),
         agent_ca_file: agent_ca.map(Into::into),
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(
-        jvpn_gateway::tls::server_config(&material, true)?,
-    )))
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
+        &material, true,
+    )?));
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let (acceptor, per_conn) = (acceptor.clone(), per_conn.clone());
+        tokio::spawn(async move {
+            let mut pre = [0u8; 64];
+            if s.read_exact(&mut pre).await.is_err() {
+                return;
+            }
+            if let Ok(tls) = acceptor.accept(s).await {
+                per_conn(tls).await;
+            }
+        });
+    }
 }
 
 /// A target that does nothing but keep TLS sessions: answers `Hello` with a
@@ -204,81 +225,63 @@ pub async fn noop_target(
     listener: TcpListener,
 ) -> Result<()> {
     use jvpn_proto::pb::session::{Policy, Pong};
-    let acceptor = gateway_like_acceptor(cert, key, agent_ca)?;
-    loop {
-        let (mut s, _) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let mut pre = [0u8; 64];
-            if s.read_exact(&mut pre).await.is_err() {
-                return;
-            }
-            let Ok(mut tls) = acceptor.accept(s).await else {
-                return;
-            };
-            let mut buf = BytesMut::with_capacity(256);
-            let mut id = [0u8; 16];
-            rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
-            let ok = Kind::HelloOk(HelloOk {
-                session_id: id.to_vec(),
-                node_id: "noop".into(),
-                incarnation: 1,
-                state_version: 1,
-                binding_epoch: 1,
-                resume_token: vec![2; 52],
-                policy: Some(Policy {
-                    heartbeat_interval_ms: 500,
-                    heartbeat_timeout_ms: 2_000,
-                    transport_lost_ttl_ms: 15_000,
-                    session_max_lifetime_ms: 3_600_000,
-                    max_switches_per_min: 8,
-                    switch_cooldown_ms: 1_500,
-                }),
-                token_key_id: 1,
-            });
-            while let Ok(Some(kind)) = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await {
-                let reply = match kind {
-                    Kind::Hello(_) => ok.clone(),
-                    Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
-                    Kind::Data(d) => Kind::Data(d),
-                    _ => break,
-                };
-                let Ok(bytes) = frame::to_bytes(reply) else {
-                    break;
-                };
-                if tls.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
-            let _ = tls.shutdown().await;
+    serve_tls(cert, key, agent_ca, listener, |mut tls| async move {
+        let mut buf = BytesMut::with_capacity(256);
+        let mut id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+        let ok = Kind::HelloOk(HelloOk {
+            session_id: id.to_vec(),
+            node_id: "noop".into(),
+            incarnation: 1,
+            state_version: 1,
+            binding_epoch: 1,
+            resume_token: vec![2; 52],
+            policy: Some(Policy {
+                heartbeat_interval_ms: 500,
+                heartbeat_timeout_ms: 2_000,
+                transport_lost_ttl_ms: 15_000,
+                session_max_lifetime_ms: 3_600_000,
+                max_switches_per_min: 8,
+                switch_cooldown_ms: 1_500,
+            }),
+            token_key_id: 1,
         });
-    }
+        while let Ok(Some(kind)) = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await {
+            let reply = match kind {
+                Kind::Hello(_) => ok.clone(),
+                Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
+                Kind::Data(d) => Kind::Data(d),
+                _ => break,
+            };
+            let Ok(bytes) = frame::to_bytes(reply) else {
+                break;
+            };
+            if tls.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = tls.shutdown().await;
+    })
+    .await
 }
 
+/// The bare baseline server: preamble, TLS 1.3 with the same configuration
+/// as the gateway, and the same frame exchange as a HELLO, with no session logic.
 pub async fn bare_tls_server(
     cert: &Path,
     key: &Path,
     agent_ca: Option<&Path>,
     listener: TcpListener,
 ) -> Result<()> {
-    let acceptor = gateway_like_acceptor(cert, key, agent_ca)?;
     let reply = frame::to_bytes(Kind::HelloOk(HelloOk {
         session_id: vec![1; 16],
         node_id: "bare".into(),
         resume_token: vec![2; 52],
         ..Default::default()
     }))?;
-    loop {
-        let (mut s, _) = listener.accept().await?;
-        let (acceptor, reply) = (acceptor.clone(), reply.clone());
-        tokio::spawn(async move {
-            let mut pre = [0u8; 64];
-            if s.read_exact(&mut pre).await.is_err() {
-                return;
-            }
-            let Ok(mut tls) = acceptor.accept(s).await else {
-                return;
-            };
+    serve_tls(cert, key, agent_ca, listener, move |mut tls| {
+        let reply = reply.clone();
+        async move {
             // The same exchange as a gateway HELLO: a frame in, a reply out,
             // the client's closing frame in, then TLS close_notify.
             let mut buf = BytesMut::with_capacity(256);
@@ -287,8 +290,9 @@ pub async fn bare_tls_server(
             let _ = tls.flush().await;
             let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
             let _ = tls.shutdown().await;
-        });
-    }
+        }
+    })
+    .await
 }
 
 async fn start_pinned_gateway(

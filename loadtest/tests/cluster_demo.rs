@@ -3,19 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_demo_reports_explicit_failover_and_zero_invariant_violations() {
-    let out = tokio::time::timeout(
+    let out = common::loadtest(
+        ["demo", "--json", "--agents", "60"],
         Duration::from_secs(180),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-            .args(["demo", "--json", "--agents", "60"])
-            .output(),
     )
-    .await
-    .expect("demo finished within 180 s")
-    .unwrap();
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -4,18 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 async fn tool(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    tokio::time::timeout(
-        Duration::from_secs(180),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-            .args(args)
-            .output(),
-    )
-    .await
-    .expect("finished in time")
-    .unwrap()
+    common::loadtest(args, Duration::from_secs(180)).await
 }
 
 async fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output {

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -11,18 +13,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn run(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let out = tokio::time::timeout(
-        Duration::from_secs(180),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-            .arg("run")
-            .args(args)
-            .arg("--json")
-            .arg(&json)
-            .output(),
-    )
-    .await
-    .expect("run finished within 180 s")
-    .unwrap();
+    let mut argv: Vec<std::ffi::OsString> = vec!["run".into()];
+    argv.extend(args.iter().map(Into::into));
+    argv.extend(["--json".into(), json.clone().into_os_string()]);
+    let out = common::loadtest(argv, Duration::from_secs(180)).await;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let text = std::fs::read_to_string(&json).unwrap_or_else(|_| panic!("no report: {stderr}"));
     (
@@ -153,8 +147,9 @@ async fn a_violated_threshold_fails_the_run() {
     assert_eq!(v["thresholds"][1]["ok"], true);
     // An unknown metric is a usage error, not a pass.
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-        .args([
+    let json = dir.path().join("r.json");
+    let out = common::loadtest(
+        [
             "run",
             "--local-cluster",
             "1",
@@ -162,12 +157,14 @@ async fn a_violated_threshold_fails_the_run() {
             "1",
             "--duration-s",
             "1",
-        ])
-        .args(["--threshold", "bogus_ms<1", "--json"])
-        .arg(dir.path().join("r.json"))
-        .output()
-        .await
-        .unwrap();
+            "--threshold",
+            "bogus_ms<1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown metric"));
 }

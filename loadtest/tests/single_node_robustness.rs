@@ -193,15 +193,11 @@ async fn metrics_pass_promtool_and_carry_no_identifiers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quick_start_demo_runs_and_reports_zero_invariant_violations() {
-    let out = tokio::time::timeout(
+    let out = common::loadtest(
+        ["demo", "--single-node", "--json", "--agents", "10"],
         Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
-            .args(["demo", "--single-node", "--json", "--agents", "10"])
-            .output(),
     )
-    .await
-    .expect("demo finished within 120 s")
-    .unwrap();
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -115,3 +115,21 @@ pub async fn cluster(
     .await
     .unwrap()
 }
+
+/// Runs this crate's `jvpn-loadtest` binary with `args` and returns its
+/// output; fails the test if it takes longer than `within`.
+pub async fn loadtest<I, S>(args: I, within: Duration) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    tokio::time::timeout(
+        within,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("jvpn-loadtest did not finish within {within:?}"))
+    .unwrap()
+}
