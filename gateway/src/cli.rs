@@ -14,20 +14,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `run --config FILE [--log-format …]`, shared by every service binary.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// `check --config FILE`, shared by every service binary.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve clients until SIGTERM, then drain.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-        log_format: LogFormat,
-    },
+    Run(RunArgs),
     /// Validate a configuration (files included) without binding anything.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    Check(CheckArgs),
     /// Development PKI.
     Pki {
         #[command(subcommand)]
@@ -79,7 +87,7 @@ pub const EXIT_CONFIG: u8 = 64;
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::Check { config: path } => check_config(&path, config::load),
+        Command::Check(a) => check_config(&a.config, config::load),
         Command::Pki {
             command:
                 PkiCommand::Init {
@@ -107,10 +115,7 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
                 }
             }
         }
-        Command::Run {
-            config: path,
-            log_format,
-        } => run_service(&path, log_format, config::load, |cfg| async move {
+        Command::Run(a) => run_service(&a.config, a.log_format, config::load, |cfg| async move {
             Ok(match run(cfg).await? {
                 server::Exit::Drained => ExitCode::SUCCESS,
                 server::Exit::Superseded => ExitCode::from(EXIT_SUPERSEDED),

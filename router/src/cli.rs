@@ -1,10 +1,11 @@
 //! Command line of `jvpn-router`: `run`, `check`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jvpn_gateway::cli::{LogFormat, check_config, raise_nofile, run_service, shutdown_signal};
+use jvpn_gateway::cli::{
+    CheckArgs, RunArgs, check_config, raise_nofile, run_service, shutdown_signal,
+};
 
 use crate::{config, server};
 
@@ -18,28 +19,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Route clients until SIGTERM, then let spliced connections finish.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-        log_format: LogFormat,
-    },
+    Run(RunArgs),
     /// Validate a configuration (files included) without binding anything.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    Check(CheckArgs),
 }
 
 /// The whole `jvpn-router` program, for the binary and multi-call harnesses.
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::Check { config: path } => check_config(&path, config::load),
-        Command::Run {
-            config: path,
-            log_format,
-        } => run_service(&path, log_format, config::load, |cfg| async move {
+        Command::Check(a) => check_config(&a.config, config::load),
+        Command::Run(a) => run_service(&a.config, a.log_format, config::load, |cfg| async move {
             run(cfg).await.map(|()| ExitCode::SUCCESS)
         }),
     }
