@@ -193,6 +193,100 @@ impl HandshakeBudget {
     }
 }
 
+/// The waiting room in front of the TLS handshake slots.
+///
+/// A connection refused with `overloaded` comes back as a new TCP connection,
+/// preamble and PROXY header, so in a reattach storm refusals cost more than
+/// waiting: a short fixed wait turned 10,000 simultaneous RESUMEs into a
+/// retry livelock. Connections therefore queue (FIFO, bounded in length and
+/// in wait) and are refused only when the queue is full or would take longer
+/// than `max_wait` to drain at the measured completion rate. The refusal's
+/// retry hint is that drain time, so clients come back when there is room.
+#[derive(Debug)]
+pub struct TlsQueue {
+    max_waiting: usize,
+    max_wait: Duration,
+    waiting: usize,
+    /// Handshakes finished per second (EWMA over 250 ms windows).
+    rate: f64,
+    window_start: Mono,
+    window_done: u32,
+}
+
+/// Completion-rate window of [`TlsQueue`].
+const RATE_WINDOW: Duration = Duration::from_millis(250);
+/// Shortest retry hint, so refused clients do not come straight back.
+const MIN_HINT: Duration = Duration::from_millis(100);
+
+impl TlsQueue {
+    pub fn new(max_waiting: usize, max_wait: Duration, now: Mono) -> Self {
+        Self {
+            max_waiting,
+            max_wait,
+            waiting: 0,
+            rate: 0.0,
+            window_start: now,
+            window_done: 0,
+        }
+    }
+
+    /// Connections waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting
+    }
+
+    /// How long the queue takes to drain at the measured rate (`None` before
+    /// any handshake finished).
+    pub fn drain_time(&self) -> Option<Duration> {
+        (self.rate > 0.0).then(|| Duration::from_secs_f64(self.waiting as f64 / self.rate))
+    }
+
+    /// The retry hint for a refused connection.
+    pub fn hint(&self) -> Duration {
+        self.drain_time().unwrap_or(self.max_wait).max(MIN_HINT)
+    }
+
+    /// Joins the queue, or says how long to stay away.
+    pub fn enter(&mut self, now: Mono) -> Result<(), Duration> {
+        self.roll(now);
+        let too_slow = self.drain_time().is_some_and(|d| d > self.max_wait);
+        if self.waiting >= self.max_waiting || too_slow {
+            return Err(self.hint());
+        }
+        self.waiting += 1;
+        Ok(())
+    }
+
+    /// Leaves the queue (a slot was granted, or the wait ran out).
+    pub fn leave(&mut self) {
+        self.waiting = self.waiting.saturating_sub(1);
+    }
+
+    /// A handshake released its slot.
+    pub fn completed(&mut self, now: Mono) {
+        self.roll(now);
+        self.window_done = self.window_done.saturating_add(1);
+    }
+
+    fn roll(&mut self, now: Mono) {
+        let dt = now.saturating_since(self.window_start);
+        if dt < RATE_WINDOW {
+            return;
+        }
+        let observed = f64::from(self.window_done) / dt.as_secs_f64();
+        // A window with nothing waiting says nothing about capacity.
+        if self.window_done > 0 || self.waiting > 0 {
+            self.rate = if self.rate == 0.0 {
+                observed
+            } else {
+                0.5 * self.rate + 0.5 * observed
+            };
+        }
+        self.window_start = now;
+        self.window_done = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +363,59 @@ mod tests {
         // 1 s at 50/s shared (+ burst 50) for HELLOs; RESUMEs still get their 50/s (+ burst).
         assert!((95..=105).contains(&hellos), "{hellos}");
         assert!(resumes >= 95, "{resumes}");
+    }
+
+    #[test]
+    fn tls_queue_is_bounded_in_length() {
+        let mut q = TlsQueue::new(3, Duration::from_secs(1), ms(0));
+        for _ in 0..3 {
+            assert!(q.enter(ms(0)).is_ok());
+        }
+        // Full: refused, and before any completion the hint is the max wait.
+        assert_eq!(q.enter(ms(0)), Err(Duration::from_secs(1)));
+        q.leave();
+        assert!(q.enter(ms(0)).is_ok());
+        assert_eq!(q.waiting(), 3);
+    }
+
+    #[test]
+    fn tls_queue_refuses_what_it_could_not_serve_in_time_and_hints_the_drain_time() {
+        let mut q = TlsQueue::new(10_000, Duration::from_secs(1), ms(0));
+        // One second at balance: 100 handshakes/s arrive and finish.
+        for i in 0..100u64 {
+            assert!(q.enter(ms(i * 10)).is_ok());
+            q.leave();
+            q.completed(ms(i * 10 + 5));
+        }
+        // Then ten times as many arrive as finish.
+        let mut refused = None;
+        for i in 0..5_000u64 {
+            let t = 1_000 + i;
+            if i % 10 == 0 {
+                q.leave();
+                q.completed(ms(t));
+            }
+            if let Err(hint) = q.enter(ms(t)) {
+                refused = Some((q.waiting(), hint, t));
+                break;
+            }
+        }
+        let (waiting, hint, t) = refused.expect("the queue must start refusing");
+        // About one second of work queued at 100/s, and a hint of that order.
+        assert!((90..=140).contains(&waiting), "waiting {waiting} at {t} ms");
+        assert!(
+            (Duration::from_millis(900)..=Duration::from_millis(1_400)).contains(&hint),
+            "{hint:?}"
+        );
+    }
+
+    #[test]
+    fn tls_queue_hint_is_never_below_the_floor() {
+        let mut q = TlsQueue::new(1, Duration::from_secs(1), ms(0));
+        for i in 0..1_000 {
+            q.completed(ms(i));
+        }
+        assert!(q.enter(ms(1_000)).is_ok());
+        assert_eq!(q.enter(ms(1_000)), Err(MIN_HINT));
     }
 }

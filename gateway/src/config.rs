@@ -167,6 +167,9 @@ pub fn read_pem(key: &str, path: Option<&Path>, errs: &mut Vec<ConfigProblem>) -
     }
 }
 
+/// Default TLS handshakes in flight per core (design note 19).
+pub const TLS_SLOTS_PER_CORE: usize = 256;
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionConfig {
@@ -176,8 +179,15 @@ pub struct AdmissionConfig {
     pub per_source_burst: u32,
     /// Hard cap on tracked sources; past it unknown sources share one bucket.
     pub source_table_capacity: usize,
-    /// TLS handshakes in progress at once; 0 = 4 × CPU cores.
+    /// TLS handshakes in progress at once; 0 = 256 × CPU cores. A handshake
+    /// waiting on a slow client costs memory, not CPU (the CPU is bounded by
+    /// `handshakes_per_s`), so this is sized by Little's law for real RTTs.
     pub max_tls_handshakes_in_flight: usize,
+    /// Connections that may wait for a TLS slot; past it, `overloaded`.
+    pub tls_queue_max: usize,
+    /// Longest wait for a TLS slot, and the most queued work (at the measured
+    /// completion rate) a new connection may join.
+    pub tls_queue_wait_ms: u64,
     /// Handshakes (HELLO + RESUME) started per second, gateway-wide.
     pub handshakes_per_s: f64,
     /// Share of `handshakes_per_s` reserved for RESUMEs (0..1).
@@ -193,6 +203,8 @@ impl Default for AdmissionConfig {
             per_source_burst: 100,
             source_table_capacity: 65_536,
             max_tls_handshakes_in_flight: 0,
+            tls_queue_max: 4_096,
+            tls_queue_wait_ms: 1_000,
             handshakes_per_s: 5_000.0,
             resume_share: 0.5,
             max_connections: 100_000,
@@ -450,6 +462,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 a.source_table_capacity as u64,
             ),
             ("admission.max_connections", a.max_connections as u64),
+            ("admission.tls_queue_wait_ms", a.tls_queue_wait_ms),
         ],
     );
     if raw.events.queue_capacity == 0 {
@@ -529,7 +542,9 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
     match (node_id, tls, secret) {
         (Some(node_id), Some(tls), Some(secret)) if errs.is_empty() => {
             let max_tls = match raw.admission.max_tls_handshakes_in_flight {
-                0 => 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+                0 => {
+                    TLS_SLOTS_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
+                }
                 n => n,
             };
             let dev_tokens = raw

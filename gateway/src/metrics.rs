@@ -9,6 +9,7 @@ pub const CONNECTIONS_ACCEPTED: &str = "jvpn_gateway_connections_accepted_total"
 pub const CONNECTIONS_REJECTED: &str = "jvpn_gateway_connections_rejected_total";
 pub const CONNECTIONS_OPEN: &str = "jvpn_gateway_connections_open";
 pub const TLS_IN_FLIGHT: &str = "jvpn_gateway_tls_handshakes_in_flight";
+pub const TLS_QUEUE_WAITING: &str = "jvpn_gateway_tls_queue_waiting";
 pub const HELLOS: &str = "jvpn_gateway_hellos_total";
 pub const RESUMES: &str = "jvpn_gateway_resumes_total";
 pub const HELLO_SECONDS: &str = "jvpn_gateway_hello_duration_seconds";
@@ -88,6 +89,10 @@ pub fn describe() {
     );
     describe_gauge!(CONNECTIONS_OPEN, "Client connections currently open.");
     describe_gauge!(TLS_IN_FLIGHT, "TLS handshakes currently in progress.");
+    describe_gauge!(
+        TLS_QUEUE_WAITING,
+        "Connections waiting for a TLS handshake slot."
+    );
     describe_counter!(HELLOS, "HELLO attempts by result (ok or reason code).");
     describe_counter!(
         RESUMES,

@@ -38,7 +38,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::admission::{HandshakeBudget, HandshakeKind, SourceKey, SourceLimiter, Verdict};
+use crate::admission::{
+    HandshakeBudget, HandshakeKind, SourceKey, SourceLimiter, TlsQueue, Verdict,
+};
 use crate::config::Validated;
 use crate::engine::{
     Action, Conn, Engine, EngineConfig, EngineEvent, HelloRequest, Mono, Rejection, ResumeRequest,
@@ -74,6 +76,7 @@ struct Shared {
     sources: Mutex<SourceLimiter>,
     budget: Mutex<HandshakeBudget>,
     tls_slots: Semaphore,
+    tls_queue: Mutex<TlsQueue>,
     open_conns: AtomicUsize,
     draining: AtomicBool,
     events: EventSink,
@@ -81,9 +84,6 @@ struct Shared {
     /// Leases and views; `None` without membership (single node, static PROXY).
     cluster: Option<Arc<crate::membership::Cluster>>,
 }
-
-/// How long a connection may wait for a TLS handshake slot before `overloaded`.
-const TLS_SLOT_WAIT: Duration = Duration::from_millis(50);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -403,6 +403,11 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
             start,
         )),
         tls_slots: Semaphore::new(cfg.max_tls_handshakes_in_flight),
+        tls_queue: Mutex::new(TlsQueue::new(
+            a.tls_queue_max,
+            Duration::from_millis(a.tls_queue_wait_ms),
+            start,
+        )),
         open_conns: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
         events: EventSink::start(&cfg.raw.events, cfg.node_id.clone(), incarnation),
@@ -567,12 +572,9 @@ async fn handle_conn(
         send_status(&mut stream, Status::Overloaded, d).await;
         return Err(ConnReject::Overloaded);
     }
-    // A short queue smooths bursts (a failover's re-handshakes arrive at
-    // once) without letting waiting connections pile up.
-    let slot = tokio::time::timeout(TLS_SLOT_WAIT, shared.tls_slots.acquire()).await;
-    let Ok(Ok(permit)) = slot else {
-        counter!(m::RATE_LIMITED, "stage" => "tls_in_flight").increment(1);
-        send_status(&mut stream, Status::Overloaded, Duration::from_millis(100)).await;
+    let Some(permit) = tls_slot(shared).await else {
+        let hint = lock(&shared.tls_queue).hint();
+        send_status(&mut stream, Status::Overloaded, hint).await;
         return Err(ConnReject::Overloaded);
     };
     let accepted_at = Instant::now();
@@ -581,6 +583,7 @@ async fn handle_conn(
     let tls = tokio::time::timeout(t, shared.acceptor.accept(stream)).await;
     gauge!(m::TLS_IN_FLIGHT).decrement(1.0);
     drop(permit);
+    lock(&shared.tls_queue).completed(shared.now());
     let mut tls = match tls {
         Err(_) => return Err(ConnReject::TlsTimeout),
         Ok(Err(_)) => return Err(ConnReject::TlsFailed),
@@ -614,6 +617,30 @@ async fn handle_conn(
         _ => {
             let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
             Err(ConnReject::ProtocolError)
+        }
+    }
+}
+
+/// A TLS handshake slot: at once if one is free, else through the bounded
+/// waiting room ([`TlsQueue`]); `None` means refuse with `overloaded`.
+async fn tls_slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    if let Ok(p) = shared.tls_slots.try_acquire() {
+        return Some(p);
+    }
+    if lock(&shared.tls_queue).enter(shared.now()).is_err() {
+        counter!(m::RATE_LIMITED, "stage" => "tls_queue_full").increment(1);
+        return None;
+    }
+    gauge!(m::TLS_QUEUE_WAITING).increment(1.0);
+    let wait = Duration::from_millis(shared.cfg.raw.admission.tls_queue_wait_ms);
+    let slot = tokio::time::timeout(wait, shared.tls_slots.acquire()).await;
+    lock(&shared.tls_queue).leave();
+    gauge!(m::TLS_QUEUE_WAITING).decrement(1.0);
+    match slot {
+        Ok(Ok(p)) => Some(p),
+        _ => {
+            counter!(m::RATE_LIMITED, "stage" => "tls_queue_wait").increment(1);
+            None
         }
     }
 }

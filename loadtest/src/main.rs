@@ -146,6 +146,13 @@ struct RunArgs {
     /// `handshake-flood` / `replay-flood`: attempts per second.
     #[arg(long, default_value_t = 200.0)]
     flood_rate: f64,
+    /// Local clusters: the gateways' keep-alive interval (policy
+    /// `heartbeat_interval_ms`; the timeout is 4 ×). Default: the policy's.
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// One echo per session every this many ms; 0 = no echoes.
+    #[arg(long, default_value_t = 1_000)]
+    echo_interval_ms: u64,
 }
 
 fn run_scenario(a: RunArgs) -> ExitCode {
@@ -166,6 +173,11 @@ fn run_scenario(a: RunArgs) -> ExitCode {
         thresholds: a.threshold,
         loss_pct: a.loss_pct,
         flood_rate: a.flood_rate,
+        heartbeat_interval: a
+            .heartbeat_interval_ms
+            .map(std::time::Duration::from_millis),
+        echo_every: (a.echo_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(a.echo_interval_ms)),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
