@@ -227,3 +227,66 @@ async fn the_quick_start_demo_runs_and_reports_zero_invariant_violations() {
         v["events_checked"]
     );
 }
+
+/// `n` HELLOs at once, each from its own source: how many got a session and
+/// how many were refused `overloaded` before TLS.
+async fn concurrent_hellos(env: &common::Env, n: usize) -> (usize, usize) {
+    use jvpn_agent::AgentError;
+    use jvpn_proto::preamble::Status;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut a = harness::agent(
+                &env.pki,
+                env.gw.client_addr,
+                Some(harness::source_ip(100 + i)),
+            )
+            .unwrap();
+            tokio::spawn(async move {
+                match a.hello().await {
+                    Ok(_) => Ok(()),
+                    Err(AgentError::Status(s)) if s.status == Status::Overloaded => Err(true),
+                    Err(e) => panic!("hello failed otherwise: {e}"),
+                }
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    (ok, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_slots_wait_in_the_queue_instead_of_being_refused() {
+    // One slot: 40 simultaneous HELLOs must queue, and all get a session.
+    let env = common::start(
+        "[admission]\nmax_tls_handshakes_in_flight = 1\ntls_queue_max = 256\ntls_queue_wait_ms = 5000\n",
+    )
+    .await;
+    let (ok, refused) = concurrent_hellos(&env, 40).await;
+    assert_eq!((ok, refused), (40, 0));
+    let m = env.gw.metrics().await.unwrap();
+    let full = harness::metric_value(
+        &m,
+        "jvpn_gateway_rate_limited_total",
+        &[("stage", "tls_queue_full")],
+    );
+    assert_eq!(full, 0.0);
+
+    // The same burst without a waiting room: refusals, counted by stage.
+    let env =
+        common::start("[admission]\nmax_tls_handshakes_in_flight = 1\ntls_queue_max = 0\n").await;
+    let (ok, refused) = concurrent_hellos(&env, 40).await;
+    assert!(ok >= 1 && refused >= 1, "ok {ok}, refused {refused}");
+    let m = env.gw.metrics().await.unwrap();
+    let full = harness::metric_value(
+        &m,
+        "jvpn_gateway_rate_limited_total",
+        &[("stage", "tls_queue_full")],
+    );
+    assert_eq!(full, refused as f64);
+}
