@@ -195,17 +195,30 @@ async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
     let prom = metrics::install()?;
     let client = tokio::net::TcpListener::bind(cfg.raw.client_addr).await?;
     let admin = tokio::net::TcpListener::bind(cfg.raw.admin_addr).await?;
-    // One line on stdout for harnesses (ports may have been 0).
-    println!(
-        "JVPN_READY client={} admin={}",
+    announce_ready(&format!(
+        "client={} admin={}",
         client.local_addr()?,
         admin.local_addr()?
-    );
+    ));
     server::serve(cfg, client, admin, Some(prom), shutdown_signal()).await
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
+/// Every listener is bound: one line on stdout for harnesses (ports may have
+/// been 0) and `READY=1` to systemd when started by a `Type=notify` unit.
+pub fn announce_ready(addrs: &str) {
+    println!("JVPN_READY {addrs}");
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C, telling systemd the service is stopping.
 pub async fn shutdown_signal() {
+    wait_for_termination().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+async fn wait_for_termination() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

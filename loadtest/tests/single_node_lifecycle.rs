@@ -198,3 +198,30 @@ async fn a_second_gateway_on_the_same_state_dir_refuses_to_start() {
         Ok((200, _))
     ));
 }
+
+/// A `Type=notify` unit: the gateway says `READY=1` once it listens and
+/// `STOPPING=1` when asked to stop, on the socket systemd names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let env = common::start_with(harness::GatewayOptions {
+        env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
+        ..Default::default()
+    })
+    .await;
+    let mut buf = [0u8; 512];
+    let within = Duration::from_secs(10);
+    let n = tokio::time::timeout(within, sock.recv(&mut buf))
+        .await
+        .expect("no READY within 10 s")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "READY=1");
+    env.gw.signal(Signal::SIGTERM).unwrap();
+    let n = tokio::time::timeout(within, sock.recv(&mut buf))
+        .await
+        .expect("no STOPPING within 10 s")
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
+}

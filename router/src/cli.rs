@@ -48,12 +48,11 @@ async fn run(cfg: config::Validated) -> anyhow::Result<()> {
         membership: bind(cfg.raw.membership_addr).await?,
         admin: bind(cfg.raw.admin_addr).await?,
     };
-    // One line on stdout for harnesses (ports may have been 0).
-    println!(
-        "JVPN_READY client={} membership={} admin={}",
+    jvpn_gateway::cli::announce_ready(&format!(
+        "client={} membership={} admin={}",
         listeners.client.local_addr()?,
         listeners.membership.local_addr()?,
         listeners.admin.local_addr()?
-    );
+    ));
     server::serve(cfg, listeners, Some(prom), shutdown_signal()).await
 }

@@ -11,6 +11,8 @@ pub const CONNECT_SECONDS: &str = "jvpn_router_gateway_connect_duration_seconds"
 pub const CONNECT_FAILURES: &str = "jvpn_router_gateway_connect_failures_total";
 pub const CLOSED_ON_DEATH: &str = "jvpn_router_connections_closed_on_member_death_total";
 pub const MEMBERS: &str = "jvpn_router_members";
+pub const MEMBER_ALIVE: &str = "jvpn_router_member_alive";
+pub const MEMBER_PLACEABLE: &str = "jvpn_router_member_placeable";
 pub const RING_MEMBERS: &str = "jvpn_router_ring_members";
 pub const RING_CHANGES: &str = "jvpn_router_ring_changes_total";
 pub const MEMBER_DEATHS: &str = "jvpn_router_member_deaths_total";
@@ -49,6 +51,14 @@ pub fn describe() {
         "Gateways known to this router, by state (known, alive, placeable)."
     );
     describe_gauge!(RING_MEMBERS, "Gateways on the current ring.");
+    describe_gauge!(
+        MEMBER_ALIVE,
+        "1 while this router holds a live incarnation of the gateway node_id, else 0."
+    );
+    describe_gauge!(
+        MEMBER_PLACEABLE,
+        "1 while the gateway node_id receives new sessions from this router, else 0."
+    );
     describe_counter!(RING_CHANGES, "Ring rebuilds (view changes).");
     describe_counter!(MEMBER_DEATHS, "Gateways declared not alive.");
     describe_counter!(

@@ -125,6 +125,8 @@ pub struct RouterState {
     /// `(key id, owner tag)` → member incarnation, under every key we hold.
     tags: Mutex<HashMap<(u8, OwnerTag), (NodeId, Incarnation)>>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
+    /// Node ids that have per-node gauges.
+    reported_nodes: Mutex<HashSet<String>>,
     admission: Mutex<Admission>,
     pub active: AtomicUsize,
     draining: AtomicBool,
@@ -179,6 +181,7 @@ impl RouterState {
             ring: ArcSwapOption::empty(),
             tags: Mutex::new(HashMap::new()),
             deaths: Mutex::new(HashMap::new()),
+            reported_nodes: Mutex::new(HashSet::new()),
             admission: Mutex::new(admission),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -296,11 +299,34 @@ impl RouterState {
         }
         let n_alive = status.iter().filter(|s| s.alive).count();
         let n_place = status.iter().filter(|s| s.placeable).count();
+        self.publish_member_gauges(&status);
         gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
         gauge!(m::MEMBERS, "state" => "alive").set(n_alive as f64);
         gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
         gauge!(m::UNHEALTHY).set(if unhealthy { 1.0 } else { 0.0 });
         gauge!(m::CONNECTIONS_OPEN).set(self.active.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Per node id (a configured, certified name: a bounded label); a node
+    /// that is no longer known at all reads 0 rather than its last value.
+    fn publish_member_gauges(&self, status: &[MemberStatus]) {
+        let mut now: HashMap<String, (bool, bool)> = HashMap::new();
+        for s in status {
+            let e = now.entry(s.node_id.to_string()).or_default();
+            e.0 |= s.alive;
+            e.1 |= s.placeable;
+        }
+        let mut seen = lock(&self.reported_nodes);
+        for gone in seen.iter().filter(|n| !now.contains_key(*n)) {
+            gauge!(m::MEMBER_ALIVE, "node_id" => gone.clone()).set(0.0);
+            gauge!(m::MEMBER_PLACEABLE, "node_id" => gone.clone()).set(0.0);
+        }
+        for (node, (alive, placeable)) in &now {
+            gauge!(m::MEMBER_ALIVE, "node_id" => node.clone()).set(f64::from(u8::from(*alive)));
+            gauge!(m::MEMBER_PLACEABLE, "node_id" => node.clone())
+                .set(f64::from(u8::from(*placeable)));
+            seen.insert(node.clone());
+        }
     }
 
     fn publish_view(&self, placeable: Vec<Member>) {

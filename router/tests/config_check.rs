@@ -118,30 +118,32 @@ fn environment_beats_file_beats_default() {
 }
 
 #[test]
-fn the_deploy_example_passes_check_and_every_key_is_documented() {
+fn the_deploy_examples_pass_check_and_every_key_is_documented() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let example = root.join("deploy/cluster/r1.toml");
-    let d = tempfile::tempdir().unwrap();
-    pki(d.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
-        .args(["check", "--config"])
-        .arg(&example)
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
-    let text = std::fs::read_to_string(&example).unwrap();
-    let (keys, missing) = jvpn_gateway::config::undocumented_keys(&text, &docs);
-    assert!(
-        missing.is_empty(),
-        "not in docs/configuration.md: {missing:?}"
-    );
-    assert!(keys >= 27, "the example covers every key ({keys})");
+    for r in ["r1", "r2"] {
+        let example = root.join(format!("deploy/cluster/{r}.toml"));
+        let d = tempfile::tempdir().unwrap();
+        pki(d.path());
+        let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
+            .args(["check", "--config"])
+            .arg(&example)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        let text = std::fs::read_to_string(&example).unwrap();
+        let (keys, missing) = jvpn_gateway::config::undocumented_keys(&text, &docs);
+        assert!(
+            missing.is_empty(),
+            "not in docs/configuration.md: {missing:?}"
+        );
+        assert!(keys >= 27, "the example covers every key ({keys})");
+    }
 }
 
 #[test]
