@@ -144,6 +144,37 @@ pub fn describe() {
         LEASE_VALID,
         "1 while this gateway holds a valid lease with the router (label: router id)."
     );
+    // Series alerts read exist from the start at 0: `increase()` needs a
+    // sample before the first event to see it.
+    for name in [
+        CONNECTIONS_ACCEPTED,
+        EVENTS_WRITTEN,
+        EVENTS_DROPPED,
+        OVERFLOW_BUCKET,
+        HEALTH_CHECKS,
+        HEARTBEATS_SENT,
+        HEARTBEAT_STREAM_ERRORS,
+        SUPERSEDED,
+        VIEW_MISMATCH,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for stage in [
+        "source",
+        "handshake_budget",
+        "tls_queue_full",
+        "tls_queue_wait",
+    ] {
+        metrics::counter!(RATE_LIMITED, "stage" => stage).absolute(0);
+    }
+    metrics::counter!(CONNECTIONS_REJECTED, "reason" => "overloaded").absolute(0);
+    metrics::counter!(HELLOS, "result" => "ok").absolute(0);
+    metrics::counter!(RESUMES, "result" => "ok").absolute(0);
+    metrics::counter!(RESUMES, "result" => "replay_detected").absolute(0);
+    metrics::gauge!(TLS_IN_FLIGHT).set(0.0);
+    metrics::gauge!(TLS_QUEUE_WAITING).set(0.0);
+    metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
+    metrics::gauge!(DRAINING).set(0.0);
 }
 
 /// Installs the Prometheus recorder for this process. Histograms get

@@ -90,4 +90,20 @@ pub fn describe() {
         Unit::Seconds,
         "How late the 50 ms membership ticker ran (self-suspicion input)."
     );
+    // Series alerts read exist from the start at 0: `increase()` needs a
+    // sample before the first event to see it.
+    for name in [
+        CLOSED_ON_DEATH,
+        MEMBER_DEATHS,
+        ROUTED_TO_UNPLACEABLE,
+        RESUMES_OFF_SHARD,
+        RING_CHANGES,
+        CONNECT_FAILURES,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::counter!(HEARTBEATS, "verdict" => "superseded").absolute(0);
+    metrics::counter!(OVERFLOW_BUCKET, "table" => "rate").absolute(0);
+    metrics::counter!(OVERFLOW_BUCKET, "table" => "concurrency").absolute(0);
+    metrics::gauge!(UNHEALTHY).set(0.0);
 }

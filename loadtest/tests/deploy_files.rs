@@ -1,0 +1,194 @@
+//! The operator material in `deploy/` is real: Prometheus accepts the
+//! scrape config and rules, every alert's unit tests pass, systemd accepts
+//! the units, and every metric the dashboard and the alerts read exists in
+//! what a running cluster exports.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use jvpn_loadtest::cluster::ClusterOptions;
+use jvpn_loadtest::harness::{agent_config, source_ip};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Runs a tool (installed by `.ci/run`) and fails with its output.
+fn run_ok(program: &str, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not run ({e}); .ci/run installs it"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn promtool_accepts_the_scrape_config_and_rules_and_the_alert_tests_pass() {
+    let dir = deploy().join("prometheus");
+    run_ok("promtool", &["check", "config", "prometheus.yml"], &dir);
+    // The compose variant mounts alerts.yml beside it inside the container.
+    run_ok(
+        "promtool",
+        &["check", "config", "--syntax-only", "prometheus-compose.yml"],
+        &deploy().join("docker"),
+    );
+    let rules = run_ok("promtool", &["check", "rules", "alerts.yml"], &dir);
+    assert!(rules.contains("SUCCESS"), "{rules}");
+    let tests = run_ok("promtool", &["test", "rules", "alerts_test.yml"], &dir);
+    assert!(tests.contains("SUCCESS"), "{tests}");
+}
+
+#[test]
+fn every_alert_has_a_unit_test_and_a_runbook_entry() {
+    let dir = deploy().join("prometheus");
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("alerts_test.yml")).unwrap();
+    let ops = std::fs::read_to_string(deploy().join("../docs/operations.md")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 14, "{alerts:?}");
+    for a in alerts {
+        assert!(
+            tests.contains(&format!("alertname: {a}")),
+            "{a} has no promtool test"
+        );
+        assert!(
+            ops.contains(&format!("### {a}")),
+            "{a} has no runbook entry in docs/operations.md"
+        );
+    }
+}
+
+/// `systemd-analyze verify` on each unit, with the binaries it names
+/// pointed at this build.
+#[test]
+fn systemd_accepts_the_units() {
+    let d = tempfile::tempdir().unwrap();
+    for (unit, bin) in [
+        ("jvpn-gateway@.service", env!("CARGO_BIN_EXE_jvpn-loadtest")),
+        ("jvpn-router@.service", env!("CARGO_BIN_EXE_jvpn-loadtest")),
+    ] {
+        let text = std::fs::read_to_string(deploy().join("systemd").join(unit)).unwrap();
+        assert!(
+            text.contains("\nType=notify\n"),
+            "{unit}: readiness via sd_notify"
+        );
+        if unit.starts_with("jvpn-gateway") {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("RestartPreventExitStatus=") && l.contains("75")),
+                "{unit}: a superseded gateway (exit 75) must not be restarted"
+            );
+        }
+        let prog = if unit.starts_with("jvpn-gateway") {
+            "/usr/local/bin/jvpn-gateway"
+        } else {
+            "/usr/local/bin/jvpn-router"
+        };
+        let local = text.replace(prog, bin);
+        let instance = unit.replace("@.service", "@n1.service");
+        std::fs::write(d.path().join(unit), &local).unwrap();
+        std::os::unix::fs::symlink(d.path().join(unit), d.path().join(&instance)).unwrap();
+        run_ok(
+            "systemd-analyze",
+            &["verify", "--man=no", &instance],
+            d.path(),
+        );
+    }
+}
+
+/// Metric names an expression reads (`_bucket`/`_sum`/`_count` folded into
+/// their histogram).
+fn metric_names(text: &str, out: &mut BTreeSet<String>) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("jvpn_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        if boundary {
+            let mut name = &text[start..end];
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    name = base;
+                }
+            }
+            out.insert(name.to_owned());
+        }
+        i = end;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_in_the_dashboard_and_the_alerts_exists_in_a_running_cluster() {
+    let mut wanted = BTreeSet::new();
+    let dash = std::fs::read_to_string(deploy().join("grafana/jvpn-cluster.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&dash).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            metric_names(t["expr"].as_str().unwrap(), &mut wanted);
+        }
+    }
+    let rules = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
+    for l in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+    {
+        metric_names(l, &mut wanted);
+    }
+    assert!(wanted.len() >= 25, "{wanted:?}");
+
+    // A small cluster with a little traffic: sessions, a resume.
+    let c = common::cluster(ClusterOptions {
+        gateways: 2,
+        routers: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(1))).unwrap();
+    let mut a = jvpn_agent::Agent::new(cfg).unwrap();
+    let t = common::hello(&mut a).await;
+    drop(t);
+    let _t = common::resume(&mut a).await.unwrap();
+
+    let mut exported = BTreeSet::new();
+    let mut scrapes = Vec::new();
+    for r in &c.routers {
+        scrapes.push(r.metrics().await.unwrap());
+    }
+    for (_, g) in &c.gateways {
+        scrapes.push(g.metrics().await.unwrap());
+    }
+    for s in &scrapes {
+        for l in s.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                exported.insert(rest.split(' ').next().unwrap().to_owned());
+            }
+        }
+    }
+    let missing: Vec<&String> = wanted.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "read by the dashboard or alerts but not exported: {missing:?}"
+    );
+}
