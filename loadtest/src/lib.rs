@@ -30,3 +30,4 @@ pub mod harness;
 pub mod invariants;
 pub mod report;
 pub mod scenario;
+pub mod serve_cluster;

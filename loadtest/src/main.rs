@@ -40,6 +40,17 @@ enum Cmd {
         #[arg(long)]
         single_node: bool,
     },
+    /// Start a local cluster and keep it up (Ctrl-C stops it): prints its
+    /// addresses and writes a Prometheus config for its admin ports.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        gateways: usize,
+        #[arg(long, default_value_t = 2)]
+        routers: usize,
+        /// Where prometheus.yml, alerts.yml and a copy of the PKI go.
+        #[arg(long, default_value = "jvpn-local-cluster")]
+        dir: std::path::PathBuf,
+    },
     /// Gateway capacity next to bare rustls (server on CPU 0, load on CPU 1).
     BenchGateway {
         #[arg(long, default_value_t = 5)]
@@ -321,6 +332,24 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("bench-router: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Cluster {
+            gateways,
+            routers,
+            dir,
+        } => {
+            let opts = jvpn_loadtest::serve_cluster::ServeOptions {
+                gateways,
+                routers,
+                dir,
+            };
+            match runtime().and_then(|rt| rt.block_on(jvpn_loadtest::serve_cluster::run(opts))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cluster: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -192,3 +192,51 @@ async fn every_metric_in_the_dashboard_and_the_alerts_exists_in_a_running_cluste
         "read by the dashboard or alerts but not exported: {missing:?}"
     );
 }
+
+/// `jvpn-loadtest cluster`: up with one command, a Prometheus config that
+/// promtool accepts and whose every target answers `/metrics`, down on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_command_local_cluster_is_ready_for_prometheus() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("lc");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+        .args(["cluster", "--gateways", "2", "--routers", "1", "--dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if l.starts_with("JVPN_CLUSTER_READY") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("cluster not ready within 60 s");
+    assert!(ready, "cluster exited before it was ready");
+    run_ok("promtool", &["check", "config", "prometheus.yml"], &dir);
+    let yml = std::fs::read_to_string(dir.join("prometheus.yml")).unwrap();
+    let targets: Vec<std::net::SocketAddr> =
+        yml.split('"').filter_map(|s| s.parse().ok()).collect();
+    assert_eq!(targets.len(), 3, "{yml}");
+    for t in targets {
+        let text = jvpn_loadtest::harness::scrape(t).await.unwrap();
+        assert!(text.contains("jvpn_build_info"), "{t}");
+    }
+    assert!(dir.join("pki/client-ca.pem").exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
