@@ -124,6 +124,19 @@ impl SourceLimiter {
         self.table.len()
     }
 
+    /// New rate, burst and capacity (a reload). Known sources keep their
+    /// buckets, clamped to the new burst, so a reload never refills anyone.
+    pub fn reconfigure(&mut self, rate: f64, burst: u32, capacity: usize) {
+        let burst = f64::from(burst.max(1));
+        self.rate = rate;
+        self.burst = burst;
+        self.capacity = capacity.max(1);
+        for b in self.table.values_mut() {
+            b.tokens = b.tokens.min(burst);
+        }
+        self.overflow.tokens = self.overflow.tokens.min(burst);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
@@ -230,6 +243,12 @@ impl TlsQueue {
         }
     }
 
+    /// New bounds (a reload); connections already waiting stay.
+    pub fn reconfigure(&mut self, max_waiting: usize, max_wait: Duration) {
+        self.max_waiting = max_waiting;
+        self.max_wait = max_wait;
+    }
+
     /// Connections waiting now.
     pub fn waiting(&self) -> usize {
         self.waiting
@@ -330,6 +349,29 @@ mod tests {
         // Once buckets refill they are evicted and new sources get their own.
         assert_eq!(l.check(SourceKey::V4(20), ms(5_000)), Verdict::Admit);
         assert!(l.len() <= 3);
+    }
+
+    #[test]
+    fn reconfigure_keeps_known_buckets_and_never_refills_them() {
+        let mut l = SourceLimiter::new(10.0, 5, 100, ms(0));
+        let k = SourceKey::V4(1);
+        for _ in 0..5 {
+            assert_eq!(l.check(k, ms(0)), Verdict::Admit);
+        }
+        // A bigger burst after a reload: the empty bucket stays empty.
+        l.reconfigure(10.0, 50, 100);
+        assert!(matches!(l.check(k, ms(0)), Verdict::Limit(_)));
+        // And it now refills up to the new burst.
+        let admitted = (0..60)
+            .filter(|_| l.check(k, ms(10_000)).admitted())
+            .count();
+        assert_eq!(admitted, 50);
+        // A smaller one clamps.
+        l.reconfigure(10.0, 2, 100);
+        let admitted = (0..10)
+            .filter(|_| l.check(k, ms(20_000)).admitted())
+            .count();
+        assert_eq!(admitted, 2);
     }
 
     #[test]

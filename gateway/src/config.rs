@@ -20,7 +20,7 @@ pub const ENV_PREFIX: &str = "JVPN_GATEWAY";
 
 /// The file as written by the operator. Every key has a default except the
 /// node id, the TLS files and the cluster secret.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// This gateway's name in the cluster (`g1`).
@@ -56,7 +56,7 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9443))
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM chain presented to agents.
@@ -68,7 +68,7 @@ pub struct TlsConfig {
     pub agent_ca_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Static agent tokens, for development only.
@@ -76,7 +76,7 @@ pub struct AuthConfig {
     pub dev_tokens: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// File holding `<key_id>:<64 hex digits>`.
@@ -283,6 +283,8 @@ pub struct Validated {
     pub max_tls_handshakes_in_flight: usize,
     /// Set when `cluster.membership_endpoints` is not empty.
     pub membership: Option<MembershipFiles>,
+    /// The file it was read from (reloads read it again).
+    pub source: Option<PathBuf>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -296,7 +298,34 @@ pub fn load_with_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Validated, ConfigErrors> {
     let raw = parse(path, env).map_err(|e| ConfigErrors(vec![e]))?;
-    validate(raw)
+    let mut v = validate(raw)?;
+    v.source = Some(path.to_path_buf());
+    Ok(v)
+}
+
+/// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
+/// `[tls]` and `[admission]` (less its TLS slot count). Returns the names of
+/// those that differ.
+pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("node_id", old.node_id == new.node_id);
+    check("client_addr", old.client_addr == new.client_addr);
+    check("admin_addr", old.admin_addr == new.admin_addr);
+    check("state_dir", old.state_dir == new.state_dir);
+    check("auth", old.auth == new.auth);
+    check("cluster", old.cluster == new.cluster);
+    check("timeouts", old.timeouts == new.timeouts);
+    check("events", old.events == new.events);
+    check(
+        "admission.max_tls_handshakes_in_flight",
+        old.admission.max_tls_handshakes_in_flight == new.admission.max_tls_handshakes_in_flight,
+    );
+    out
 }
 
 fn parse(
@@ -561,6 +590,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 dev_tokens,
                 max_tls_handshakes_in_flight: max_tls,
                 membership,
+                source: None,
             })
         }
         _ => Err(ConfigErrors(errs)),

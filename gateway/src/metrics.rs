@@ -30,6 +30,8 @@ pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_
 pub const SUPERSEDED: &str = "jvpn_gateway_superseded_total";
 pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
+pub const CONFIG_RELOADS: &str = "jvpn_gateway_config_reloads_total";
+pub const CONFIG_RELOAD_FAILURES: &str = "jvpn_gateway_config_reload_failures_total";
 
 /// Why a connection was closed before it reached the session engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,9 +146,16 @@ pub fn describe() {
         LEASE_VALID,
         "1 while this gateway holds a valid lease with the router (label: router id)."
     );
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads applied (SIGHUP).");
+    describe_counter!(
+        CONFIG_RELOAD_FAILURES,
+        "Reloads refused (invalid, or a restart-only key changed); the old configuration stays."
+    );
     // Series alerts read exist from the start at 0: `increase()` needs a
     // sample before the first event to see it.
     for name in [
+        CONFIG_RELOADS,
+        CONFIG_RELOAD_FAILURES,
         CONNECTIONS_ACCEPTED,
         EVENTS_WRITTEN,
         EVENTS_DROPPED,

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
 use jvpn_proto::frame::{self, FrameError};
@@ -64,8 +65,11 @@ struct Shard {
 
 /// State shared by every task of one gateway.
 struct Shared {
+    /// The configuration at start; restart-only keys are read from here.
     cfg: Validated,
-    acceptor: TlsAcceptor,
+    /// Reloadable (SIGHUP): the TLS configuration and admission limits.
+    acceptor: ArcSwap<TlsAcceptor>,
+    admission: ArcSwap<crate::config::AdmissionConfig>,
     token_key: TokenKey,
     owner_tag: OwnerTag,
     incarnation: Incarnation,
@@ -90,6 +94,41 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Applies a validated configuration read again from disk (SIGHUP):
+    /// `[policy]` for sessions created from now on, `[admission]` limits and
+    /// `[tls]` certificates. Anything else must be unchanged; otherwise
+    /// nothing is applied.
+    fn reload(&self, new: &Validated) -> Result<(), String> {
+        let fixed = crate::config::restart_only_changes(&self.cfg.raw, &new.raw);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} cannot change without a restart",
+                fixed.join(", ")
+            ));
+        }
+        let tokenless = !new.dev_tokens.is_empty();
+        let tls =
+            crate::tls::server_config(&new.tls, tokenless).map_err(|e| format!("tls: {e}"))?;
+        for i in 0..self.shards.len() {
+            self.with_engine(i, |e| e.set_policy(new.raw.policy.clone()))
+                .map_err(|e| format!("policy: {e:?}"))?;
+        }
+        let a = &new.raw.admission;
+        let now = self.now();
+        lock(&self.sources).reconfigure(
+            a.per_source_rate_per_s,
+            a.per_source_burst,
+            a.source_table_capacity,
+        );
+        *lock(&self.budget) = HandshakeBudget::new(a.handshakes_per_s, a.resume_share, now);
+        lock(&self.tls_queue)
+            .reconfigure(a.tls_queue_max, Duration::from_millis(a.tls_queue_wait_ms));
+        self.admission.store(Arc::new(a.clone()));
+        self.acceptor
+            .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
+        Ok(())
+    }
+
     fn now(&self) -> Mono {
         Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
@@ -258,6 +297,9 @@ pub async fn serve(
         tokio::spawn(timer_loop(shared.clone(), i, stop_rx.clone()));
     }
     tokio::spawn(crate::admin::serve(admin, handle.clone(), prometheus));
+    if let Some(path) = shared.cfg.source.clone() {
+        tokio::spawn(reload_on_hangup(shared.clone(), path));
+    }
     tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
     info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
 
@@ -356,6 +398,34 @@ pub async fn serve(
     Ok(Exit::Drained)
 }
 
+/// SIGHUP re-reads the configuration file; a reload that does not validate
+/// or changes a restart-only key leaves the running configuration as it was.
+async fn reload_on_hangup(shared: Arc<Shared>, path: std::path::PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "no SIGHUP handler: reloads are unavailable");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let outcome = crate::config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| shared.reload(&new));
+        match outcome {
+            Ok(()) => {
+                counter!(m::CONFIG_RELOADS).increment(1);
+                info!("configuration reloaded");
+            }
+            Err(why) => {
+                counter!(m::CONFIG_RELOAD_FAILURES).increment(1);
+                tracing::error!(%why, "reload refused; the running configuration is unchanged");
+            }
+        }
+    }
+}
+
 fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
     let keys = cfg.secret.derive();
     let incarnation = Incarnation(rand::rng().next_u64());
@@ -383,7 +453,8 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
     let a = &cfg.raw.admission;
     let start = Mono::ZERO;
     let shared = Shared {
-        acceptor: TlsAcceptor::from(Arc::new(tls)),
+        acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
+        admission: ArcSwap::from_pointee(cfg.raw.admission.clone()),
         token_key: TokenKey::new(&keys),
         owner_tag: owner_tag(&keys, &cfg.node_id, incarnation),
         incarnation,
@@ -493,7 +564,7 @@ async fn handle_conn(
 ) -> Result<(), ConnReject> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.cfg.raw;
-    if shared.open_conns.load(Ordering::Relaxed) > cfg.admission.max_connections {
+    if shared.open_conns.load(Ordering::Relaxed) > shared.admission.load().max_connections {
         send_status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
         return Err(ConnReject::Overloaded);
     }
@@ -580,7 +651,8 @@ async fn handle_conn(
     let accepted_at = Instant::now();
     gauge!(m::TLS_IN_FLIGHT).increment(1.0);
     let t = Duration::from_millis(cfg.timeouts.tls_handshake_timeout_ms);
-    let tls = tokio::time::timeout(t, shared.acceptor.accept(stream)).await;
+    let acceptor = shared.acceptor.load_full();
+    let tls = tokio::time::timeout(t, acceptor.accept(stream)).await;
     gauge!(m::TLS_IN_FLIGHT).decrement(1.0);
     drop(permit);
     lock(&shared.tls_queue).completed(shared.now());
@@ -632,7 +704,7 @@ async fn tls_slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
         return None;
     }
     gauge!(m::TLS_QUEUE_WAITING).increment(1.0);
-    let wait = Duration::from_millis(shared.cfg.raw.admission.tls_queue_wait_ms);
+    let wait = Duration::from_millis(shared.admission.load().tls_queue_wait_ms);
     let slot = tokio::time::timeout(wait, shared.tls_slots.acquire()).await;
     lock(&shared.tls_queue).leave();
     gauge!(m::TLS_QUEUE_WAITING).decrement(1.0);
@@ -792,7 +864,7 @@ async fn do_hello(
         state_version: acc.state_version,
         binding_epoch: acc.binding_epoch,
         resume_token: shared.seal_token(acc.session_id),
-        policy: Some(shared.cfg.raw.policy.to_wire()),
+        policy: Some(acc.policy.to_wire()),
         token_key_id: u32::from(shared.token_key.key_id()),
     };
     if let Some(c) = &shared.cluster
@@ -935,7 +1007,12 @@ async fn session_loop(
     mut rx: mpsc::UnboundedReceiver<Control>,
 ) {
     let binding = channel_binding(&tls);
-    let report_every = Duration::from_millis(shared.cfg.raw.policy.heartbeat_interval_ms / 2);
+    let interval_ms = shared
+        .with_engine(shard, |e| {
+            e.session(&sid).map(|s| s.policy().heartbeat_interval_ms)
+        })
+        .unwrap_or(shared.cfg.raw.policy.heartbeat_interval_ms);
+    let report_every = Duration::from_millis(interval_ms / 2);
     let mut last_report = Instant::now();
     // `Some(reason)`: the transport failed and the engine must hear about it.
     let end = loop {

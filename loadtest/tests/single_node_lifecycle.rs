@@ -225,3 +225,111 @@ async fn systemd_is_told_ready_and_stopping() {
         .unwrap();
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
 }
+
+/// SIGHUP: a new policy reaches new sessions only, a new certificate is
+/// served at once, and an invalid or restart-only change is refused,
+/// counted, and leaves the running configuration as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes() {
+    let env = common::start("").await;
+    let gw = &env.gw;
+    let original = std::fs::read_to_string(&gw.config_path).unwrap();
+    let hello_policy = |pki: &harness::TestPki, token_from: &harness::TestPki| {
+        let mut cfg = harness::agent_config(pki, vec![gw.client_addr], None).unwrap();
+        cfg.credential = jvpn_agent::Credential::Token(zeroize::Zeroizing::new(
+            token_from.dev_token().unwrap().into_bytes(),
+        ));
+        async move {
+            let mut a = jvpn_agent::Agent::new(cfg).unwrap();
+            let r = a
+                .hello()
+                .await
+                .map(|_| a.session.unwrap().policy.heartbeat_interval_ms);
+            r
+        }
+    };
+    let count = |name: &'static str| async move { gw.metric(name, &[]).await.unwrap() };
+    let reload = |text: String, ok: f64, failed: f64| async move {
+        std::fs::write(&gw.config_path, text).unwrap();
+        gw.signal(Signal::SIGHUP).unwrap();
+        eventually(Duration::from_secs(5), "reload counted", || async {
+            count("jvpn_gateway_config_reloads_total").await == ok
+                && count("jvpn_gateway_config_reload_failures_total").await == failed
+        })
+        .await
+        .unwrap();
+    };
+    assert_eq!(hello_policy(&env.pki, &env.pki).await.unwrap(), 500);
+
+    // A valid policy change: new sessions get it.
+    let slower = format!("{original}\n[policy]\nheartbeat_interval_ms = 700\n");
+    reload(slower.clone(), 1.0, 0.0).await;
+    assert_eq!(hello_policy(&env.pki, &env.pki).await.unwrap(), 700);
+
+    // Invalid (timeout not above the interval): refused, 700 stays.
+    let bad =
+        format!("{original}\n[policy]\nheartbeat_interval_ms = 700\nheartbeat_timeout_ms = 600\n");
+    reload(bad, 1.0, 1.0).await;
+    assert_eq!(hello_policy(&env.pki, &env.pki).await.unwrap(), 700);
+
+    // A restart-only key (the listener address): refused.
+    let moved = slower.replace(
+        "client_addr = \"127.0.0.1:0\"",
+        "client_addr = \"127.0.0.1:1\"",
+    );
+    assert_ne!(moved, slower);
+    reload(moved, 1.0, 2.0).await;
+    assert!(
+        gw.log()
+            .contains("client_addr cannot change without a restart"),
+        "{}",
+        gw.log()
+    );
+
+    // A certificate from another CA: served from the next connection on.
+    let other = harness::TestPki::new(&["g1"]).unwrap();
+    let old_cert = env.pki.layout.gateway_cert("g1").display().to_string();
+    let old_key = env.pki.layout.gateway_key("g1").display().to_string();
+    assert!(slower.contains(&old_cert) && slower.contains(&old_key));
+    let recert = slower
+        .replace(
+            &old_cert,
+            &other.layout.gateway_cert("g1").display().to_string(),
+        )
+        .replace(
+            &old_key,
+            &other.layout.gateway_key("g1").display().to_string(),
+        );
+    reload(recert, 2.0, 2.0).await;
+    assert!(
+        matches!(
+            hello_policy(&env.pki, &env.pki).await,
+            Err(AgentError::Tls(_))
+        ),
+        "the old certificate is still served"
+    );
+    assert_eq!(hello_policy(&other, &env.pki).await.unwrap(), 700);
+
+    // Admission limits: one connection per source from now on.
+    let strict = format!(
+        "{}\n[admission]\nper_source_rate_per_s = 0.01\nper_source_burst = 1\n",
+        std::fs::read_to_string(&gw.config_path).unwrap()
+    );
+    reload(strict, 3.0, 2.0).await;
+    let mut cfg =
+        harness::agent_config(&other, vec![gw.client_addr], Some(harness::source_ip(50))).unwrap();
+    cfg.credential = jvpn_agent::Credential::Token(zeroize::Zeroizing::new(
+        env.pki.dev_token().unwrap().into_bytes(),
+    ));
+    let mut a = jvpn_agent::Agent::new(cfg).unwrap();
+    assert!(a.hello().await.is_ok());
+    match a.hello().await {
+        Err(AgentError::Status(s)) => {
+            assert_eq!(s.status, jvpn_proto::preamble::Status::Overloaded)
+        }
+        other => panic!(
+            "second connection from one source admitted: {:?}",
+            other.err()
+        ),
+    }
+}

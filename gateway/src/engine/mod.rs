@@ -132,6 +132,8 @@ pub struct HelloAccepted {
     pub session_id: SessionId,
     pub state_version: u64,
     pub binding_epoch: u64,
+    /// The policy the session runs under (tell the agent this one).
+    pub policy: Arc<Policy>,
 }
 
 /// A parsed `Resume` frame.
@@ -181,6 +183,9 @@ pub struct Session {
     replay: ReplayWindow,
     flap: AntiFlap,
     principal: Arc<str>,
+    /// The policy the session was created under (and its agent was told in
+    /// `HelloOk`); a reload changes new sessions only.
+    policy: Arc<Policy>,
     /// The earliest timer entry queued for this session.
     scheduled: Option<Mono>,
 }
@@ -214,6 +219,9 @@ impl Session {
     pub fn replay_top(&self) -> u64 {
         self.replay.top()
     }
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
 }
 
 /// Construction parameters.
@@ -237,7 +245,8 @@ struct Outputs {
 pub struct Engine {
     node_id: NodeId,
     incarnation: Incarnation,
-    policy: Policy,
+    /// The policy new sessions get.
+    policy: Arc<Policy>,
     /// `None`: single-node mode, the gateway is its whole ring.
     placement: Option<Arc<Ring>>,
     /// `(index, count)` when the shell splits sessions over several engines:
@@ -272,7 +281,7 @@ impl Engine {
         Ok(Self {
             node_id: config.node_id,
             incarnation: config.incarnation,
-            policy: config.policy,
+            policy: Arc::new(config.policy),
             placement: None,
             shard: (0, 1),
             sessions: HashMap::new(),
@@ -284,6 +293,14 @@ impl Engine {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Replaces the policy for sessions created from now on (a reload).
+    /// Existing sessions keep theirs: their agents were told it in `HelloOk`.
+    pub fn set_policy(&mut self, policy: Policy) -> Result<(), Vec<PolicyError>> {
+        policy.validate()?;
+        self.policy = Arc::new(policy);
+        Ok(())
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -370,6 +387,7 @@ impl Engine {
             replay: ReplayWindow::new(self.policy.replay_window),
             flap: AntiFlap::default(),
             principal: req.principal,
+            policy: self.policy.clone(),
             scheduled: None,
         };
         self.out.by_state[State::Birth.index()] += 1;
@@ -388,6 +406,7 @@ impl Engine {
             session_id: id,
             state_version: s.version,
             binding_epoch: s.epoch,
+            policy: s.policy.clone(),
         };
         self.sessions.insert(id, s);
         Ok(accepted)
@@ -482,7 +501,7 @@ impl Engine {
             ));
         }
         let replaced = s.transport;
-        let p = &self.policy;
+        let p = &*s.policy.clone();
         step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated).map_err(Rejection::quiet)?;
         if let Err((denial, wait)) = s.flap.check(now, p) {
             step(&mut self.out, p, now, id, s, Event::SwitchDenied(denial))
@@ -550,16 +569,9 @@ impl Engine {
         if s.transport != Some(transport) {
             return false;
         }
-        let ok = step(
-            &mut self.out,
-            &self.policy,
-            now,
-            *id,
-            s,
-            Event::TransportClosed,
-        )
-        .is_ok();
-        schedule(&mut self.timers, &self.policy, *id, s);
+        let p = s.policy.clone();
+        let ok = step(&mut self.out, &p, now, *id, s, Event::TransportClosed).is_ok();
+        schedule(&mut self.timers, &p, *id, s);
         ok
     }
 
@@ -568,15 +580,8 @@ impl Engine {
         let Some(s) = self.sessions.get_mut(id) else {
             return false;
         };
-        let ok = step(
-            &mut self.out,
-            &self.policy,
-            now,
-            *id,
-            s,
-            Event::Terminate(why),
-        )
-        .is_ok();
+        let p = s.policy.clone();
+        let ok = step(&mut self.out, &p, now, *id, s, Event::Terminate(why)).is_ok();
         if ok {
             self.sessions.remove(id);
         }
@@ -604,7 +609,7 @@ impl Engine {
                 continue; // superseded by an earlier entry
             }
             s.scheduled = None;
-            let p = &self.policy;
+            let p = &*s.policy.clone();
             loop {
                 let event = if now >= s.end_of_life {
                     Event::LifetimeExpired
