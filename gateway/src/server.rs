@@ -554,7 +554,26 @@ pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration
     };
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;
+    // Lingering close: closing with unread input (the agent sends its
+    // ClientHello right after the preamble) makes the kernel answer with a
+    // RST, which can destroy the reply before the agent reads it. Read and
+    // discard until the agent closes, briefly and boundedly.
+    let mut sink = [0u8; 2048];
+    let mut left = STATUS_LINGER_BYTES;
+    let _ = tokio::time::timeout(STATUS_LINGER, async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
+
+/// How long and how much a refused connection is read after its status reply.
+const STATUS_LINGER: Duration = Duration::from_millis(250);
+const STATUS_LINGER_BYTES: usize = 16 * 1024;
 
 /// Everything before the engine; returns why the connection ended early.
 async fn handle_conn(
