@@ -1,18 +1,83 @@
 //! Admin HTTP (loopback by default): `/metrics`, `/healthz`, `/readyz`, plus
-//! JSON routes of the binary (`/sessions` on gateways, `/ring` on routers).
+//! JSON routes of the binary (`/sessions` on gateways, `/ring` on routers),
+//! and operator actions behind a bearer token (`admin_token_file`):
+//! `POST /drain` on both, `GET /sessions/<id>` on gateways.
 //! Plain hyper: no framework. Shared by every binary through [`AdminApp`].
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::server::GatewayHandle;
+
+/// The operator token, kept only as a hash (compared in constant time).
+#[derive(Clone)]
+pub struct AdminToken(blake3::Hash);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// Shortest admin token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl AdminToken {
+    /// Reads a token file (surrounding whitespace ignored).
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let token = text.trim();
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "the token must be at least {MIN_TOKEN_LEN} characters"
+            ));
+        }
+        Ok(Self(blake3::hash(token.as_bytes())))
+    }
+
+    fn admits(&self, req: &Request<Incoming>) -> bool {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // blake3::Hash compares in constant time.
+        presented.is_some_and(|p| blake3::hash(p.trim().as_bytes()) == self.0)
+    }
+}
+
+/// Starts a drain from the admin port, as SIGTERM would.
+#[derive(Clone, Debug)]
+pub struct DrainTrigger(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for DrainTrigger {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
+
+impl DrainTrigger {
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves when `shutdown` does or the trigger fires.
+    pub async fn or(&self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut rx = self.0.subscribe();
+        tokio::select! {
+            () = shutdown => {}
+            _ = rx.wait_for(|fired| *fired) => {}
+        }
+    }
+}
 
 /// What a binary exposes on its admin port.
 pub trait AdminApp: Clone + Send + Sync + 'static {
@@ -20,11 +85,32 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     fn not_ready(&self) -> Option<&'static str>;
     /// JSON for binary-specific paths; `None` is a 404.
     fn json(&self, path: &str) -> Option<serde_json::Value>;
+    /// The token that guards operator actions; `None`: they are disabled.
+    fn token(&self) -> Option<&AdminToken>;
+    /// `POST /drain`.
+    fn drain(&self) -> &DrainTrigger;
+    /// `GET /sessions/<id>`: `Some(None)` for an unknown id, `None` where the
+    /// binary has no sessions.
+    fn session(&self, _id: &str) -> Option<Option<serde_json::Value>> {
+        None
+    }
 }
 
 impl AdminApp for GatewayHandle {
     fn not_ready(&self) -> Option<&'static str> {
         self.is_draining().then_some("draining")
+    }
+
+    fn token(&self) -> Option<&AdminToken> {
+        self.admin_token()
+    }
+
+    fn drain(&self) -> &DrainTrigger {
+        self.drain_trigger()
+    }
+
+    fn session(&self, id: &str) -> Option<Option<serde_json::Value>> {
+        Some(self.session_info(id))
     }
 
     fn json(&self, path: &str) -> Option<serde_json::Value> {
@@ -68,12 +154,51 @@ fn text(status: StatusCode, body: String, ctype: &'static str) -> Response<Full<
     r
 }
 
+fn json_reply(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, body.to_string() + "\n", "application/json")
+}
+
+/// Operator actions: the token first, then the action.
+fn privileged<A: AdminApp>(req: &Request<Incoming>, app: &A) -> Option<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    let lookup = path.strip_prefix("/sessions/");
+    if path != "/drain" && lookup.is_none() {
+        return None;
+    }
+    let refuse = |status, why: &str| Some(json_reply(status, &serde_json::json!({ "error": why })));
+    let Some(token) = app.token() else {
+        return refuse(StatusCode::FORBIDDEN, "admin_token_file is not configured");
+    };
+    if !token.admits(req) {
+        return refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    match (req.method(), lookup) {
+        (&Method::POST, None) => {
+            app.drain().fire();
+            Some(json_reply(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "draining": true }),
+            ))
+        }
+        (_, None) => refuse(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (&Method::GET, Some(id)) => match app.session(id) {
+            Some(Some(body)) => Some(json_reply(StatusCode::OK, &body)),
+            Some(None) => refuse(StatusCode::NOT_FOUND, "no such session"),
+            None => None,
+        },
+        (_, Some(_)) => refuse(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+    }
+}
+
 fn route<A: AdminApp>(
     req: &Request<Incoming>,
     gw: &A,
     prom: Option<&PrometheusHandle>,
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
+    if let Some(r) = privileged(req, gw) {
+        return r;
+    }
     match req.uri().path() {
         "/metrics" => match prom {
             Some(p) => text(StatusCode::OK, p.render(), "text/plain; version=0.0.4"),
@@ -89,7 +214,7 @@ fn route<A: AdminApp>(
             None => text(StatusCode::OK, "ready\n".into(), PLAIN),
         },
         path => match gw.json(path) {
-            Some(body) => text(StatusCode::OK, body.to_string() + "\n", "application/json"),
+            Some(body) => json_reply(StatusCode::OK, &body),
             None => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
         },
     }

@@ -20,7 +20,7 @@ pub const ENV_PREFIX: &str = "JVPN_GATEWAY";
 
 /// The file as written by the operator. Every key has a default except the
 /// node id, the TLS files and the cluster secret.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// This gateway's name in the cluster (`g1`).
@@ -35,6 +35,10 @@ pub struct GatewayConfig {
     /// processes can never serve as the same node from one host.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// File holding the bearer token for `POST /drain` and session lookups
+    /// on the admin port; unset disables them.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     pub tls: TlsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -56,7 +60,7 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9443))
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM chain presented to agents.
@@ -68,7 +72,7 @@ pub struct TlsConfig {
     pub agent_ca_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Static agent tokens, for development only.
@@ -76,7 +80,7 @@ pub struct AuthConfig {
     pub dev_tokens: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// File holding `<key_id>:<64 hex digits>`.
@@ -170,7 +174,7 @@ pub fn read_pem(key: &str, path: Option<&Path>, errs: &mut Vec<ConfigProblem>) -
 /// Default TLS handshakes in flight per core (design note 19).
 pub const TLS_SLOTS_PER_CORE: usize = 256;
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionConfig {
     /// New connections per second per source (IPv4 /32, IPv6 /64).
@@ -212,7 +216,7 @@ impl Default for AdmissionConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutConfig {
     pub preamble_timeout_ms: u64,
@@ -232,7 +236,7 @@ impl Default for TimeoutConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Where JSON-line events go: a file or FIFO path, `-` for stdout, empty for nowhere.
@@ -285,6 +289,7 @@ pub struct Validated {
     pub membership: Option<MembershipFiles>,
     /// The file it was read from (reloads read it again).
     pub source: Option<PathBuf>,
+    pub admin_token: Option<crate::admin::AdminToken>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -303,6 +308,20 @@ pub fn load_with_env(
     Ok(v)
 }
 
+/// Reads `admin_token_file` if set; a problem is filed under that key.
+pub fn load_admin_token(
+    path: Option<&Path>,
+    errs: &mut Vec<ConfigProblem>,
+) -> Option<crate::admin::AdminToken> {
+    match crate::admin::AdminToken::load(path?) {
+        Ok(t) => Some(t),
+        Err(why) => {
+            errs.push(ConfigProblem::new("admin_token_file", why));
+            None
+        }
+    }
+}
+
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
 /// `[tls]` and `[admission]` (less its TLS slot count). Returns the names of
 /// those that differ.
@@ -317,6 +336,10 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
     check("client_addr", old.client_addr == new.client_addr);
     check("admin_addr", old.admin_addr == new.admin_addr);
     check("state_dir", old.state_dir == new.state_dir);
+    check(
+        "admin_token_file",
+        old.admin_token_file == new.admin_token_file,
+    );
     check("auth", old.auth == new.auth);
     check("cluster", old.cluster == new.cluster);
     check("timeouts", old.timeouts == new.timeouts);
@@ -421,6 +444,44 @@ pub fn undocumented_keys(example_toml: &str, docs: &str) -> (usize, Vec<String>)
         }
     }
     (seen, missing)
+}
+
+/// Every key a configuration type has, as `section.key` (from its
+/// serialized form, so a new field shows up without anyone listing it):
+/// what docs/configuration.md must describe.
+pub fn all_keys<T: serde::Serialize>(cfg: &T) -> Vec<String> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(map) = v {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if v.is_object() {
+                    walk(&path, v, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::to_value(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// The keys of `all` whose last component is not named (in backticks) in `docs`.
+pub fn undocumented<'a>(all: &'a [String], docs: &str) -> Vec<&'a str> {
+    all.iter()
+        .map(String::as_str)
+        .filter(|k| {
+            let leaf = k.rsplit('.').next().unwrap_or(k);
+            !docs.contains(&format!("`{leaf}`"))
+        })
+        .collect()
 }
 
 /// Best effort: the key a `config` error is about.
@@ -568,6 +629,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             "tokens must be at least 16 characters",
         ));
     }
+    let admin_token = load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
     match (node_id, tls, secret) {
         (Some(node_id), Some(tls), Some(secret)) if errs.is_empty() => {
             let max_tls = match raw.admission.max_tls_handshakes_in_flight {
@@ -591,6 +653,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 max_tls_handshakes_in_flight: max_tls,
                 membership,
                 source: None,
+                admin_token,
             })
         }
         _ => Err(ConfigErrors(errs)),

@@ -87,6 +87,8 @@ struct Shared {
     token_hashes: Vec<blake3::Hash>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     cluster: Option<Arc<crate::membership::Cluster>>,
+    /// `POST /drain` on the admin port.
+    drain: crate::admin::DrainTrigger,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +237,37 @@ impl GatewayHandle {
         self.shared.draining.load(Ordering::Relaxed)
     }
 
+    pub fn admin_token(&self) -> Option<&crate::admin::AdminToken> {
+        self.shared.cfg.admin_token.as_ref()
+    }
+
+    pub fn drain_trigger(&self) -> &crate::admin::DrainTrigger {
+        &self.shared.drain
+    }
+
+    /// One session as the engine holds it (operators, behind the admin
+    /// token); `None` when the id is malformed or unknown. No keys.
+    pub fn session_info(&self, id_hex: &str) -> Option<serde_json::Value> {
+        let bytes: [u8; 16] = hex::decode(id_hex).ok()?.try_into().ok()?;
+        let id = SessionId::from_bytes(bytes);
+        let now = self.shared.now();
+        let shard = crate::engine::shard_of(&id, self.shared.shards.len());
+        self.shared.with_engine(shard, |e| {
+            let s = e.session(&id)?;
+            let ms = |t: Mono| t.saturating_since(now).as_millis() as u64;
+            Some(serde_json::json!({
+                "state": s.state().as_str(),
+                "state_version": s.state_version(),
+                "binding_epoch": s.binding_epoch(),
+                "attached": s.transport().is_some(),
+                "transport_lost_ttl_left_ms": s.transport_lost_deadline().map(ms),
+                "lifetime_left_ms": ms(s.end_of_life()),
+                "switches_last_60s": s.switches_in_window(now),
+                "heartbeat_interval_ms": s.policy().heartbeat_interval_ms,
+            }))
+        })
+    }
+
     /// Sessions per state (TERMINATED is always 0: terminated sessions are removed).
     pub fn session_counts(&self) -> Vec<(&'static str, u64)> {
         let c = self.shared.counts();
@@ -323,6 +356,8 @@ pub async fn serve(
     if let Some(c) = &shared.cluster {
         c.set_state(crate::membership::LocalState::Ready);
     }
+    let trigger = shared.drain.clone();
+    let shutdown = async move { trigger.or(shutdown).await };
     let was_superseded = match superseded.as_mut() {
         Some(rx) => tokio::select! {
             () = shutdown => false,
@@ -491,6 +526,7 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
                 Duration::from_millis(cfg.raw.cluster.lease_timeout_ms),
             )
         }),
+        drain: crate::admin::DrainTrigger::default(),
         cfg,
     };
     Ok(Arc::new(shared))

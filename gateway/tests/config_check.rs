@@ -232,3 +232,29 @@ fn router_list_from_the_environment() {
         cfg.raw.cluster.routers
     );
 }
+
+/// Every key the gateway understands (taken from the configuration type
+/// itself, not from an example) is described in docs/configuration.md.
+#[test]
+fn every_gateway_config_key_is_documented() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("gw.toml");
+    std::fs::write(&path, base(&l)).unwrap();
+    let cfg = config::load_with_env(&path, Vec::new()).unwrap();
+    let keys = config::all_keys(&cfg.raw);
+    assert!(keys.len() >= 40, "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k == "admission.tls_queue_wait_ms"),
+        "{keys:?}"
+    );
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .unwrap();
+    let missing = config::undocumented(&keys, &docs);
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+}

@@ -425,9 +425,23 @@ pub async fn scrape(admin: SocketAddr) -> Result<String> {
 
 /// Minimal HTTP/1.0 GET over loopback: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// Minimal HTTP/1.0 request over loopback, with an optional bearer token.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await?;
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     let mut raw = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut raw)).await??;
     let code = raw

@@ -52,3 +52,34 @@ async fn sessions_spread_over_gateways_and_resume_on_their_owner() {
         "resumed transports are still open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_drains_on_an_authorized_post() {
+    use jvpn_loadtest::harness::{http_get, http_request};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "router-operator-token-1\n").unwrap();
+    let mut c = common::cluster(ClusterOptions {
+        gateways: 1,
+        router_env: vec![(
+            "JVPN_ROUTER__ADMIN_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    let admin = c.routers[0].admin_addr;
+    let (code, _) = http_request(admin, "POST", "/drain", None).await.unwrap();
+    assert_eq!(code, 401);
+    assert!(matches!(http_get(admin, "/readyz").await, Ok((200, _))));
+    let (code, _) = http_request(admin, "POST", "/drain", Some("router-operator-token-1"))
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    let status = tokio::time::timeout(Duration::from_secs(20), c.routers[0].wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -241,11 +241,9 @@ async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes()
         ));
         async move {
             let mut a = jvpn_agent::Agent::new(cfg).unwrap();
-            let r = a
-                .hello()
+            a.hello()
                 .await
-                .map(|_| a.session.unwrap().policy.heartbeat_interval_ms);
-            r
+                .map(|_| a.session.unwrap().policy.heartbeat_interval_ms)
         }
     };
     let count = |name: &'static str| async move { gw.metric(name, &[]).await.unwrap() };
@@ -332,4 +330,90 @@ async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes()
             other.err()
         ),
     }
+}
+
+/// The admin port's operator actions: a session looked up by id and a
+/// drain started over HTTP, both behind the bearer token; refused without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_guards_session_lookup_and_drain() {
+    use jvpn_loadtest::harness::http_request;
+    let dir = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef-operator";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut env = common::start_with(harness::GatewayOptions {
+        env: vec![(
+            "JVPN_GATEWAY__ADMIN_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let admin = env.gw.admin_addr;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = common::hello(&mut a).await;
+    let id = hex::encode(a.session.as_ref().unwrap().id.as_bytes());
+    let path = format!("/sessions/{id}");
+
+    for bearer in [None, Some("not-the-token-at-all")] {
+        let (code, _) = http_request(admin, "GET", &path, bearer).await.unwrap();
+        assert_eq!(code, 401, "{bearer:?}");
+    }
+    let (code, body) = http_request(admin, "GET", &path, Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "attached");
+    assert_eq!(v["binding_epoch"], 1);
+    assert_eq!(v["attached"], true);
+    let unknown = format!("/sessions/{}", "00".repeat(16));
+    let (code, _) = http_request(admin, "GET", &unknown, Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 404);
+    let (code, _) = http_request(admin, "GET", "/drain", Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 405, "a drain needs POST");
+    assert!(
+        !env.gw.log().contains(&id),
+        "the session id reached the log"
+    );
+
+    // POST /drain: readyz goes 503, the session is told, the process exits 0.
+    let (code, _) = http_request(admin, "POST", "/drain", Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    eventually(Duration::from_secs(2), "readyz 503", || async {
+        matches!(harness::http_get(admin, "/readyz").await, Ok((503, _)))
+    })
+    .await
+    .unwrap();
+    let told = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            match t.recv().await {
+                Ok(Kind::GoAway(_)) | Ok(Kind::Terminate(_)) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(told, "the session was not told about the drain");
+    drop(t);
+    let status = tokio::time::timeout(Duration::from_secs(40), env.gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Without a configured token the actions are disabled.
+    let other = common::start("").await;
+    let (code, _) = http_request(other.gw.admin_addr, "POST", "/drain", Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 403);
 }

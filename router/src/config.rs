@@ -18,7 +18,7 @@ use crate::membership::MembershipConfig;
 /// Environment prefix; `JVPN_ROUTER__MEMBERSHIP__FAILURE_TIMEOUT_MS=1500`.
 pub const ENV_PREFIX: &str = "JVPN_ROUTER";
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// This router's name (PROXY TLV 0xE0, metrics, logs).
@@ -32,6 +32,10 @@ pub struct RouterConfig {
     /// `/metrics`, `/healthz`, `/readyz`, `/ring`. Loopback by default.
     #[serde(default = "default_admin_addr")]
     pub admin_addr: SocketAddr,
+    /// File holding the bearer token for `POST /drain` on the admin port;
+    /// unset disables it.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
     pub cluster: ClusterSection,
     pub membership: MembershipSection,
     #[serde(default)]
@@ -52,7 +56,7 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9400))
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// Cluster name: gateway identities are `jvpn://<name>/gateway/<node>`.
@@ -81,7 +85,7 @@ fn default_max_weight() -> u32 {
     jvpn_proto::ring::MAX_WEIGHT
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipSection {
     /// Server certificate (SAN `router.<cluster>`), from the membership CA.
@@ -121,7 +125,7 @@ fn default_hold_down_max() -> u64 {
     60_000
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdmissionSection {
     /// New connections per second per source (IPv4 /32, IPv6 /64).
@@ -153,7 +157,7 @@ impl Default for AdmissionSection {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutSection {
     pub preamble_timeout_ms: u64,
@@ -173,7 +177,7 @@ impl Default for TimeoutSection {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpliceSection {
     /// Copy buffer (or splice chunk) per direction, allocated only while data is in flight.
@@ -201,6 +205,7 @@ pub struct Validated {
     pub cert_pem: Vec<u8>,
     pub key_pem: zeroize::Zeroizing<Vec<u8>>,
     pub ca_pem: Vec<u8>,
+    pub admin_token: Option<jvpn_gateway::admin::AdminToken>,
 }
 
 impl Validated {
@@ -346,6 +351,8 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             "has the same key id as cluster.secret_file",
         ));
     }
+    let admin_token =
+        jvpn_gateway::config::load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
     let cert = read_pem("membership.cert_file", Some(&m.cert_file), &mut errs);
     let key = read_pem("membership.key_file", Some(&m.key_file), &mut errs);
     let ca = read_pem("membership.ca_file", Some(&m.ca_file), &mut errs);
@@ -361,6 +368,7 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
                 cert_pem,
                 key_pem: zeroize::Zeroizing::new(key),
                 ca_pem,
+                admin_token,
             })
         }
         _ => Err(ConfigErrors(errs)),

@@ -24,6 +24,7 @@ pub const TICK: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub struct RouterHandle {
     pub state: Arc<RouterState>,
+    pub drain: jvpn_gateway::admin::DrainTrigger,
 }
 
 impl AdminApp for RouterHandle {
@@ -35,6 +36,14 @@ impl AdminApp for RouterHandle {
         } else {
             None
         }
+    }
+
+    fn token(&self) -> Option<&jvpn_gateway::admin::AdminToken> {
+        self.state.cfg.admin_token.as_ref()
+    }
+
+    fn drain(&self) -> &jvpn_gateway::admin::DrainTrigger {
+        &self.drain
     }
 
     fn json(&self, path: &str) -> Option<serde_json::Value> {
@@ -138,13 +147,16 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     tokio::spawn(ticker(state.clone(), stop_rx.clone()));
+    let drain = jvpn_gateway::admin::DrainTrigger::default();
     tokio::spawn(jvpn_gateway::admin::serve(
         listeners.admin,
         RouterHandle {
             state: state.clone(),
+            drain: drain.clone(),
         },
         prometheus,
     ));
+    let shutdown = async move { drain.or(shutdown).await };
 
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(

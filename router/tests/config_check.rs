@@ -160,3 +160,25 @@ fn check_exits_64_and_names_the_key() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("splice.buffer_bytes"));
 }
+
+/// Every key the router understands (from the configuration type itself)
+/// is described in docs/configuration.md.
+#[test]
+fn every_router_config_key_is_documented() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("r.toml");
+    std::fs::write(&path, base(&l)).unwrap();
+    let cfg = jvpn_router::config::load_with_env(&path, Vec::new()).unwrap();
+    let keys = jvpn_gateway::config::all_keys(&cfg.raw);
+    assert!(keys.len() >= 28, "{keys:?}");
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .unwrap();
+    let missing = jvpn_gateway::config::undocumented(&keys, &docs);
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::replay::MAX_WINDOW;
 
 /// Per-session policy. Every duration key carries its unit.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     /// Agent ping interval.
