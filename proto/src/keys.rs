@@ -1,9 +1,17 @@
 //! The cluster secret and the keys derived from it.
 //!
 //! Routers and gateways share one 32-byte cluster secret tagged with a key id
-//! (the byte carried in every preamble). Every working key is derived from it
-//! with BLAKE3 `derive_key` under its own context string, so one leaked
-//! derived key reveals neither the secret nor its siblings.
+//! (the byte carried in every preamble). The owner-tag and routing-token keys
+//! are derived from it with BLAKE3 `derive_key` under their own context
+//! strings, so one leaked derived key reveals neither the secret nor its
+//! siblings.
+//!
+//! The placement keys (ring SipHash and view id) are *not* secret-derived:
+//! nothing a client sends is ever hashed onto the ring (HELLOs are placed by
+//! router randomness, session ids are minted by gateways), so their secrecy
+//! protects nothing, while their stability is what lets the secret rotate
+//! without every router and gateway switching at the same instant
+//! (design note 20).
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,6 +23,8 @@ const CTX_RING: &str = "jvpn 2026-11 placement ring siphash v1";
 const CTX_VIEW: &str = "jvpn 2026-11 view id v1";
 const CTX_TAG: &str = "jvpn 2026-11 owner tag v1";
 const CTX_ROUTE: &str = "jvpn 2026-11 routing token chacha20poly1305 v1";
+/// Input of the placement keys: a constant, so placement survives rotations.
+const PLACEMENT_KEY_MATERIAL: &[u8] = b"jvpn placement v2";
 
 /// Errors reading a cluster secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +63,8 @@ impl ClusterSecret {
 
     /// Derives every working key.
     pub fn derive(&self) -> ClusterKeys {
-        let ring = blake3::derive_key(CTX_RING, &self.secret[..]);
+        // Placement: fixed, the same under every secret (see the module docs).
+        let ring = blake3::derive_key(CTX_RING, PLACEMENT_KEY_MATERIAL);
         let (k0, k1) = ring.split_at(8);
         ClusterKeys {
             key_id: self.key_id,
@@ -61,7 +72,7 @@ impl ClusterSecret {
                 u64::from_le_bytes(k0.try_into().unwrap_or_default()),
                 u64::from_le_bytes(k1[..8].try_into().unwrap_or_default()),
             ),
-            view: Zeroizing::new(blake3::derive_key(CTX_VIEW, &self.secret[..])),
+            view: Zeroizing::new(blake3::derive_key(CTX_VIEW, PLACEMENT_KEY_MATERIAL)),
             tag: Zeroizing::new(blake3::derive_key(CTX_TAG, &self.secret[..])),
             route: Zeroizing::new(blake3::derive_key(CTX_ROUTE, &self.secret[..])),
         }
@@ -135,8 +146,12 @@ mod tests {
         assert_ne!(a.route_key(), a.tag_key());
         assert_ne!(a.view_key(), a.tag_key());
         assert_eq!(a.key_id(), 3);
-        let other = ClusterSecret::new(3, [8; 32]).derive();
-        assert_ne!(a.ring_sip_keys(), other.ring_sip_keys());
+        let other = ClusterSecret::new(4, [8; 32]).derive();
+        // Secret keys change with the secret; placement does not.
+        assert_ne!(a.route_key(), other.route_key());
+        assert_ne!(a.tag_key(), other.tag_key());
+        assert_eq!(a.ring_sip_keys(), other.ring_sip_keys());
+        assert_eq!(a.view_key(), other.view_key());
     }
 
     #[test]

@@ -74,7 +74,6 @@ pub enum ViewError {
 pub struct View {
     members: Vec<Member>,
     params: RingParams,
-    key_id: u8,
     id: ViewId,
 }
 
@@ -106,7 +105,6 @@ impl View {
         let mut view = Self {
             members,
             params,
-            key_id: keys.key_id(),
             id: ViewId([0; 8]),
         };
         let digest = blake3::keyed_hash(keys.view_key(), &view.canonical_encoding());
@@ -114,14 +112,14 @@ impl View {
         Ok(view)
     }
 
-    /// `"jvpn-view-v1" ‖ vnodes_per_weight(u32) ‖ key_id ‖ count(u32)` then per
+    /// `"jvpn-view-v2" ‖ vnodes_per_weight(u32) ‖ count(u32)` then per
     /// member `len ‖ node_id ‖ incarnation(u64) ‖ weight(u32) ‖ addr`, where
     /// addr is `4|6 ‖ ip ‖ port(u16)`; all integers big-endian.
     pub fn canonical_encoding(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.members.len() * 48);
-        out.extend_from_slice(b"jvpn-view-v1");
+        // v2: no key id, so a view means the same under every secret.
+        out.extend_from_slice(b"jvpn-view-v2");
         out.extend_from_slice(&self.params.vnodes_per_weight.to_be_bytes());
-        out.push(self.key_id);
         out.extend_from_slice(&(self.members.len() as u32).to_be_bytes());
         for m in &self.members {
             m.node_id.encode_into(&mut out);
@@ -346,8 +344,9 @@ mod tests {
                 .id(),
             base
         );
+        // Not the secret: a rotation must not change what a view means.
         let k2 = ClusterSecret::new(2, [1; 32]).derive();
-        assert_ne!(
+        assert_eq!(
             View::new(vec![member("a", 1), member("b", 1)], p, &k2)
                 .unwrap()
                 .id(),

@@ -141,3 +141,23 @@ fn golden_token_opens_to_its_contents() {
         want["token"]["owner_tag"].as_str().unwrap()
     );
 }
+
+/// Placement and view ids are the same under any cluster secret, so a
+/// rotation moves no session and needs no synchronised switch; tags and
+/// tokens do change with it.
+#[test]
+fn placement_does_not_depend_on_the_secret() {
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+    let other = ClusterSecret::new(9, [0x5c; 32]).derive();
+    let view = View::new(members(), RingParams::default(), &other).unwrap();
+    assert_eq!(view.id().to_string(), want["view_id"].as_str().unwrap());
+    let ring = Ring::new(view, &other);
+    for (id, pair) in session_ids().iter().zip(want["owners"].as_array().unwrap()) {
+        assert_eq!(ring.owner(id).unwrap().node_id.as_str(), pair[1].as_str().unwrap());
+    }
+    let m = &members()[0];
+    assert_ne!(
+        owner_tag(&other, &m.node_id, m.incarnation).to_string(),
+        want["owner_tags"][0][2].as_str().unwrap()
+    );
+}
