@@ -201,6 +201,13 @@ pub struct SessionState {
     pub policy: Policy,
 }
 
+impl SessionState {
+    /// Key id of the routing token the next RESUME will carry.
+    pub fn token_key_id(&self) -> u8 {
+        self.key_id
+    }
+}
+
 impl std::fmt::Debug for SessionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionState")

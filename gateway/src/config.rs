@@ -323,8 +323,8 @@ pub fn load_admin_token(
 }
 
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
-/// `[tls]` and `[admission]` (less its TLS slot count). Returns the names of
-/// those that differ.
+/// `[tls]`, `[admission]` (less its TLS slot count) and
+/// `cluster.secret_file`. Returns the names of those that differ.
 pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
     let mut out = Vec::new();
     let mut check = |name, same: bool| {
@@ -341,7 +341,12 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
         old.admin_token_file == new.admin_token_file,
     );
     check("auth", old.auth == new.auth);
-    check("cluster", old.cluster == new.cluster);
+    // The secret may rotate (design note 20); the rest of [cluster] may not.
+    let same_cluster = ClusterConfig {
+        secret_file: old.cluster.secret_file.clone(),
+        ..new.cluster.clone()
+    } == old.cluster;
+    check("cluster", same_cluster);
     check("timeouts", old.timeouts == new.timeouts);
     check("events", old.events == new.events);
     check(

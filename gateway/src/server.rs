@@ -63,6 +63,28 @@ struct Shard {
     wake: Notify,
 }
 
+/// The routing-token key and this incarnation's owner tag under it.
+struct Issuer {
+    secret: jvpn_proto::keys::ClusterSecret,
+    key: TokenKey,
+    tag: OwnerTag,
+}
+
+impl Issuer {
+    fn new(
+        secret: &jvpn_proto::keys::ClusterSecret,
+        node: &jvpn_proto::NodeId,
+        inc: Incarnation,
+    ) -> Self {
+        let keys = secret.derive();
+        Self {
+            secret: secret.clone(),
+            key: TokenKey::new(&keys),
+            tag: owner_tag(&keys, node, inc),
+        }
+    }
+}
+
 /// State shared by every task of one gateway.
 struct Shared {
     /// The configuration at start; restart-only keys are read from here.
@@ -70,8 +92,8 @@ struct Shared {
     /// Reloadable (SIGHUP): the TLS configuration and admission limits.
     acceptor: ArcSwap<TlsAcceptor>,
     admission: ArcSwap<crate::config::AdmissionConfig>,
-    token_key: TokenKey,
-    owner_tag: OwnerTag,
+    /// Seals routing tokens; swapped when a reload rotates the cluster secret.
+    issuer: ArcSwap<Issuer>,
     incarnation: Incarnation,
     shards: Vec<Shard>,
     next_transport: AtomicU64,
@@ -108,6 +130,15 @@ impl Shared {
                 fixed.join(", ")
             ));
         }
+        let current = self.issuer.load();
+        let rotate = new.secret.key_id() != current.secret.key_id();
+        if !rotate && new.secret.derive().tag_key() != current.secret.derive().tag_key() {
+            return Err(
+                "cluster.secret_file: the secret changed but its key id did not; \
+                        a rotation needs a new key id"
+                    .into(),
+            );
+        }
         let tokenless = !new.dev_tokens.is_empty();
         let tls =
             crate::tls::server_config(&new.tls, tokenless).map_err(|e| format!("tls: {e}"))?;
@@ -128,6 +159,16 @@ impl Shared {
         self.admission.store(Arc::new(a.clone()));
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
+        if rotate {
+            // New tokens under the new key; tokens already issued stay
+            // valid while routers hold the old key as their previous one.
+            let next = Issuer::new(&new.secret, &self.cfg.node_id, self.incarnation);
+            self.issuer.store(Arc::new(next));
+            info!(
+                key_id = new.secret.key_id(),
+                "routing tokens now sealed under a new cluster key"
+            );
+        }
         Ok(())
     }
 
@@ -203,18 +244,19 @@ impl Shared {
         !auth.is_empty() && self.token_hashes.contains(&h)
     }
 
-    fn seal_token(&self, sid: SessionId) -> Vec<u8> {
+    /// A fresh token for `sid` and the key id it is sealed under.
+    fn seal_token(&self, sid: SessionId) -> (Vec<u8>, u32) {
         let mut nonce = [0u8; 12];
         rand::rng().fill_bytes(&mut nonce);
-        self.token_key
-            .seal(
-                nonce,
-                &TokenContents {
-                    session_id: sid,
-                    owner_tag: self.owner_tag,
-                },
-            )
-            .to_vec()
+        let issuer = self.issuer.load();
+        let token = issuer.key.seal(
+            nonce,
+            &TokenContents {
+                session_id: sid,
+                owner_tag: issuer.tag,
+            },
+        );
+        (token.to_vec(), u32::from(issuer.key.key_id()))
     }
 }
 
@@ -462,7 +504,6 @@ async fn reload_on_hangup(shared: Arc<Shared>, path: std::path::PathBuf) {
 }
 
 fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
-    let keys = cfg.secret.derive();
     let incarnation = Incarnation(rand::rng().next_u64());
     let tokenless = !cfg.dev_tokens.is_empty();
     let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
@@ -490,8 +531,7 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
     let shared = Shared {
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
         admission: ArcSwap::from_pointee(cfg.raw.admission.clone()),
-        token_key: TokenKey::new(&keys),
-        owner_tag: owner_tag(&keys, &cfg.node_id, incarnation),
+        issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret, &cfg.node_id, incarnation)),
         incarnation,
         shards,
         next_transport: AtomicU64::new(1),
@@ -912,15 +952,16 @@ async fn do_hello(
             return Ok(());
         }
     };
+    let (resume_token, token_key_id) = shared.seal_token(acc.session_id);
     let ok = HelloOk {
         session_id: acc.session_id.as_bytes().to_vec(),
         node_id: shared.cfg.node_id.to_string(),
         incarnation: shared.incarnation.0,
         state_version: acc.state_version,
         binding_epoch: acc.binding_epoch,
-        resume_token: shared.seal_token(acc.session_id),
+        resume_token,
         policy: Some(acc.policy.to_wire()),
-        token_key_id: u32::from(shared.token_key.key_id()),
+        token_key_id,
     };
     if let Some(c) = &shared.cluster
         && !lease_ok(c)
@@ -1025,6 +1066,7 @@ fn resume_once(
     match res {
         Ok(acc) => {
             count("ok");
+            let (resume_token, token_key_id) = shared.seal_token(sid);
             Ok((
                 sid,
                 shard,
@@ -1034,9 +1076,9 @@ fn resume_once(
                     owner_epoch: acc.owner_epoch,
                     state_version: acc.state_version,
                     binding_epoch: acc.binding_epoch,
-                    resume_token: shared.seal_token(sid),
+                    resume_token,
                     server_proof: acc.server_proof.to_vec(),
-                    token_key_id: u32::from(shared.token_key.key_id()),
+                    token_key_id,
                 },
                 acc.replaced,
             ))

@@ -83,3 +83,64 @@ async fn a_router_drains_on_an_authorized_post() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// SIGHUP on a router applies `[admission]` at once and refuses anything
+/// else; the router keeps running either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_reloads_its_admission_limits_on_sighup() {
+    use jvpn_loadtest::harness::{eventually, http_get};
+    use nix::sys::signal::Signal;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let r = &c.routers[0];
+    let text = std::fs::read_to_string(&r.config_path).unwrap();
+    let reloads = |ok: f64, failed: f64| async move {
+        eventually(Duration::from_secs(5), "reload counted", || async {
+            r.metric("jvpn_router_config_reloads_total", &[])
+                .await
+                .unwrap()
+                == ok
+                && r.metric("jvpn_router_config_reload_failures_total", &[])
+                    .await
+                    .unwrap()
+                    == failed
+        })
+        .await
+        .unwrap();
+    };
+    std::fs::write(
+        &r.config_path,
+        format!("{text}\n[admission]\nper_source_max_connections = 1\n"),
+    )
+    .unwrap();
+    r.signal(Signal::SIGHUP).unwrap();
+    reloads(1.0, 0.0).await;
+    // One open connection per source now: a second one is refused at accept.
+    let _held = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    let mut reply = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply[..4], b"JVPN");
+    assert_eq!(reply[5], jvpn_proto::preamble::Status::Overloaded as u8);
+
+    // A restart-only key: refused, counted, nothing changes.
+    std::fs::write(
+        &r.config_path,
+        text.replace("router_id = \"r1\"", "router_id = \"r9\""),
+    )
+    .unwrap();
+    r.signal(Signal::SIGHUP).unwrap();
+    reloads(1.0, 1.0).await;
+    assert!(matches!(
+        http_get(r.admin_addr, "/readyz").await,
+        Ok((200, _))
+    ));
+}

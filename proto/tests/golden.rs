@@ -153,7 +153,10 @@ fn placement_does_not_depend_on_the_secret() {
     assert_eq!(view.id().to_string(), want["view_id"].as_str().unwrap());
     let ring = Ring::new(view, &other);
     for (id, pair) in session_ids().iter().zip(want["owners"].as_array().unwrap()) {
-        assert_eq!(ring.owner(id).unwrap().node_id.as_str(), pair[1].as_str().unwrap());
+        assert_eq!(
+            ring.owner(id).unwrap().node_id.as_str(),
+            pair[1].as_str().unwrap()
+        );
     }
     let m = &members()[0];
     assert_ne!(

@@ -18,7 +18,7 @@ use crate::membership::MembershipConfig;
 /// Environment prefix; `JVPN_ROUTER__MEMBERSHIP__FAILURE_TIMEOUT_MS=1500`.
 pub const ENV_PREFIX: &str = "JVPN_ROUTER";
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// This router's name (PROXY TLV 0xE0, metrics, logs).
@@ -56,7 +56,7 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9400))
 }
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// Cluster name: gateway identities are `jvpn://<name>/gateway/<node>`.
@@ -85,7 +85,7 @@ fn default_max_weight() -> u32 {
     jvpn_proto::ring::MAX_WEIGHT
 }
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipSection {
     /// Server certificate (SAN `router.<cluster>`), from the membership CA.
@@ -195,6 +195,20 @@ impl Default for SpliceSection {
     }
 }
 
+/// Names the sections a reload (SIGHUP) cannot change: everything but
+/// `[admission]`. Routers hold no sessions, so the rest is a restart away.
+pub fn restart_only_changes(old: &RouterConfig, new: &RouterConfig) -> Vec<&'static str> {
+    let probe = RouterConfig {
+        admission: old.admission.clone(),
+        ..new.clone()
+    };
+    if probe == *old {
+        Vec::new()
+    } else {
+        vec!["every section but [admission]"]
+    }
+}
+
 /// A configuration that passed every check, with its files read.
 #[derive(Clone, Debug)]
 pub struct Validated {
@@ -206,6 +220,8 @@ pub struct Validated {
     pub key_pem: zeroize::Zeroizing<Vec<u8>>,
     pub ca_pem: Vec<u8>,
     pub admin_token: Option<jvpn_gateway::admin::AdminToken>,
+    /// The file it was read from (reloads read it again).
+    pub source: Option<PathBuf>,
 }
 
 impl Validated {
@@ -231,7 +247,9 @@ pub fn load_with_env(
 ) -> Result<Validated, ConfigErrors> {
     let raw: RouterConfig = parse_layered(path, env, ENV_PREFIX, &["membership.advertise_allow"])
         .map_err(|e| ConfigErrors(vec![e]))?;
-    validate(raw)
+    let mut v = validate(raw)?;
+    v.source = Some(path.to_path_buf());
+    Ok(v)
 }
 
 fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
@@ -369,6 +387,7 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
                 key_pem: zeroize::Zeroizing::new(key),
                 ca_pem,
                 admin_token,
+                source: None,
             })
         }
         _ => Err(ConfigErrors(errs)),

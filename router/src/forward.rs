@@ -67,7 +67,7 @@ impl Outcome {
 pub async fn handle(state: Arc<RouterState>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let open = state.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let (kind, outcome) = if open > state.cfg.raw.admission.max_connections {
+    let (kind, outcome) = if open > state.max_connections() {
         status(&mut client, Status::Overloaded, Duration::from_millis(500)).await;
         ("none", Outcome::Overloaded)
     } else {

@@ -13,6 +13,8 @@ pub const CLOSED_ON_DEATH: &str = "jvpn_router_connections_closed_on_member_deat
 pub const MEMBERS: &str = "jvpn_router_members";
 pub const MEMBER_ALIVE: &str = "jvpn_router_member_alive";
 pub const MEMBER_PLACEABLE: &str = "jvpn_router_member_placeable";
+pub const CONFIG_RELOADS: &str = "jvpn_router_config_reloads_total";
+pub const CONFIG_RELOAD_FAILURES: &str = "jvpn_router_config_reload_failures_total";
 pub const RING_MEMBERS: &str = "jvpn_router_ring_members";
 pub const RING_CHANGES: &str = "jvpn_router_ring_changes_total";
 pub const MEMBER_DEATHS: &str = "jvpn_router_member_deaths_total";
@@ -90,9 +92,16 @@ pub fn describe() {
         Unit::Seconds,
         "How late the 50 ms membership ticker ran (self-suspicion input)."
     );
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads applied (SIGHUP).");
+    describe_counter!(
+        CONFIG_RELOAD_FAILURES,
+        "Reloads refused (invalid, or a restart-only key changed); the old configuration stays."
+    );
     // Series alerts read exist from the start at 0: `increase()` needs a
     // sample before the first event to see it.
     for name in [
+        CONFIG_RELOADS,
+        CONFIG_RELOAD_FAILURES,
         CLOSED_ON_DEATH,
         MEMBER_DEATHS,
         ROUTED_TO_UNPLACEABLE,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use jvpn_gateway::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
 use jvpn_gateway::engine::Mono;
 use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
@@ -128,6 +128,8 @@ pub struct RouterState {
     /// Node ids that have per-node gauges.
     reported_nodes: Mutex<HashSet<String>>,
     admission: Mutex<Admission>,
+    /// `[admission]` as last (re)loaded.
+    limits: ArcSwap<crate::config::AdmissionSection>,
     pub active: AtomicUsize,
     draining: AtomicBool,
     ring_changes: AtomicU64,
@@ -183,6 +185,7 @@ impl RouterState {
             deaths: Mutex::new(HashMap::new()),
             reported_nodes: Mutex::new(HashSet::new()),
             admission: Mutex::new(admission),
+            limits: ArcSwap::from_pointee(cfg.raw.admission.clone()),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             ring_changes: AtomicU64::new(0),
@@ -456,6 +459,24 @@ impl RouterState {
 
     // ---- admission ----------------------------------------------------------
 
+    /// Router-wide connection cap in force.
+    pub fn max_connections(&self) -> usize {
+        self.limits.load().max_connections
+    }
+
+    /// A reload's `[admission]`: known sources keep their buckets and slots.
+    pub fn reconfigure_admission(&self, a: &crate::config::AdmissionSection) {
+        let mut adm = lock(&self.admission);
+        adm.rate.reconfigure(
+            a.per_source_rate_per_s,
+            a.per_source_burst,
+            a.source_table_capacity,
+        );
+        adm.conc.max_per_source = a.per_source_max_connections;
+        adm.conc.capacity = a.source_table_capacity;
+        self.limits.store(Arc::new(a.clone()));
+    }
+
     /// Per-source rate and concurrency at accept. `Err(retry)` refuses.
     pub fn admit(&self, source: SourceKey) -> Result<Slot, Duration> {
         let now = self.mono();
@@ -477,7 +498,7 @@ impl RouterState {
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
     pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
         let now = self.mono();
-        let a = &self.cfg.raw.admission;
+        let a = self.limits.load();
         let rate = if resume {
             a.resume_per_gateway_per_s
         } else {
