@@ -182,3 +182,17 @@ fn every_router_config_key_is_documented() {
         "not in docs/configuration.md: {missing:?}"
     );
 }
+
+#[test]
+fn version_flag_prints_the_release() {
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!("jvpn-router {}", env!("CARGO_PKG_VERSION"))
+    );
+}
