@@ -212,6 +212,36 @@ pub fn announce_ready(addrs: &str) {
     }
 }
 
+/// On every SIGHUP, `apply(path)` re-reads and applies the configuration;
+/// a refusal leaves the running one as it was. Counted in `[applied,
+/// refused]`. Shared by every service binary.
+pub async fn reload_on_hangup(
+    path: std::path::PathBuf,
+    apply: impl Fn(&std::path::Path) -> Result<(), String>,
+    counters: [&'static str; 2],
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: reloads are unavailable");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match apply(&path) {
+            Ok(()) => {
+                ::metrics::counter!(counters[0]).increment(1);
+                tracing::info!("configuration reloaded");
+            }
+            Err(why) => {
+                ::metrics::counter!(counters[1]).increment(1);
+                tracing::error!(%why, "reload refused; the running configuration is unchanged");
+            }
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C, telling systemd the service is stopping.
 pub async fn shutdown_signal() {
     wait_for_termination().await;

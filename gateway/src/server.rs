@@ -373,7 +373,16 @@ pub async fn serve(
     }
     tokio::spawn(crate::admin::serve(admin, handle.clone(), prometheus));
     if let Some(path) = shared.cfg.source.clone() {
-        tokio::spawn(reload_on_hangup(shared.clone(), path));
+        let target = shared.clone();
+        tokio::spawn(crate::cli::reload_on_hangup(
+            path,
+            move |p| {
+                crate::config::load(p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|new| target.reload(&new))
+            },
+            [m::CONFIG_RELOADS, m::CONFIG_RELOAD_FAILURES],
+        ));
     }
     tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
     info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
@@ -473,34 +482,6 @@ pub async fn serve(
     shared.events.flush(Duration::from_secs(2)).await;
     info!("drained");
     Ok(Exit::Drained)
-}
-
-/// SIGHUP re-reads the configuration file; a reload that does not validate
-/// or changes a restart-only key leaves the running configuration as it was.
-async fn reload_on_hangup(shared: Arc<Shared>, path: std::path::PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "no SIGHUP handler: reloads are unavailable");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        let outcome = crate::config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|new| shared.reload(&new));
-        match outcome {
-            Ok(()) => {
-                counter!(m::CONFIG_RELOADS).increment(1);
-                info!("configuration reloaded");
-            }
-            Err(why) => {
-                counter!(m::CONFIG_RELOAD_FAILURES).increment(1);
-                tracing::error!(%why, "reload refused; the running configuration is unchanged");
-            }
-        }
-    }
 }
 
 fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {

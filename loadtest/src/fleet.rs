@@ -123,6 +123,25 @@ impl Fleet {
         self.snapshots().iter().map(|r| r.rehandshakes).sum()
     }
 
+    /// Every agent drops its transport at once and must resume, each one
+    /// itself (a total could be met by some resuming twice while others
+    /// never come back). Waits for switch cooldowns first.
+    pub async fn jump_all(&self, within: Duration) -> Result<()> {
+        self.wait_switch_allowed(Duration::from_millis(1_600))
+            .await?;
+        let before: Vec<u64> = self.snapshots().iter().map(|r| r.resumes_ok).collect();
+        self.each(|| Command::Jump).await;
+        harness::eventually(within, "every session resumed", || {
+            let done = self
+                .agents
+                .iter()
+                .zip(&before)
+                .all(|(a, b)| a.snapshot().resumes_ok > *b);
+            async move { done }
+        })
+        .await
+    }
+
     /// Sends one command to every agent.
     pub async fn each(&self, mut cmd: impl FnMut() -> Command) {
         for a in &self.agents {

@@ -821,25 +821,10 @@ async fn drive(
         }
         Scenario::Storm => {
             fleet
-                .wait_switch_allowed(Duration::from_millis(1_600))
-                .await?;
-            let before: Vec<u64> = fleet.snapshots().iter().map(|r| r.resumes_ok).collect();
-            fleet.each(|| Command::Jump).await;
-            // Each session itself must resume: a total could be met by some
-            // sessions resuming twice while others never come back.
-            harness::eventually(
-                stop_at.saturating_duration_since(Instant::now()) + Duration::from_secs(30),
-                "every session resumed after the storm",
-                || {
-                    let done = fleet
-                        .agents
-                        .iter()
-                        .zip(&before)
-                        .all(|(a, b)| a.snapshot().resumes_ok > *b);
-                    async move { done }
-                },
-            )
-            .await
+                .jump_all(
+                    stop_at.saturating_duration_since(Instant::now()) + Duration::from_secs(30),
+                )
+                .await
         }
         Scenario::Failover => {
             let c = cluster.context("failover needs a local cluster")?;

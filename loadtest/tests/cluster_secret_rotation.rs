@@ -18,22 +18,7 @@ use nix::sys::signal::Signal;
 
 /// Every agent of the fleet changes transport once and resumes.
 async fn jump_all(fleet: &Fleet) {
-    fleet
-        .wait_switch_allowed(Duration::from_millis(1_600))
-        .await
-        .unwrap();
-    let before: Vec<u64> = fleet.snapshots().iter().map(|r| r.resumes_ok).collect();
-    fleet.each(|| jvpn_agent::Command::Jump).await;
-    eventually(Duration::from_secs(20), "every session resumed", || {
-        let done = fleet
-            .agents
-            .iter()
-            .zip(&before)
-            .all(|(a, b)| a.snapshot().resumes_ok > *b);
-        async move { done }
-    })
-    .await
-    .unwrap();
+    fleet.jump_all(Duration::from_secs(20)).await.unwrap();
 }
 
 /// A brand-new session through every router.

@@ -137,43 +137,19 @@ pub struct Listeners {
 
 /// Runs until `shutdown` resolves, then stops accepting and gives spliced
 /// connections up to `drain_timeout_ms` to finish.
-/// SIGHUP re-reads the file and applies `[admission]`; anything else, or a
-/// file that does not validate, is refused and counted.
-async fn reload_on_hangup(state: Arc<RouterState>, path: std::path::PathBuf) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler: reloads are unavailable");
-            return;
-        }
-    };
-    while hup.recv().await.is_some() {
-        let outcome = crate::config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|new| {
-                let fixed = crate::config::restart_only_changes(&state.cfg.raw, &new.raw);
-                if fixed.is_empty() {
-                    state.reconfigure_admission(&new.raw.admission);
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} cannot change without a restart",
-                        fixed.join(", ")
-                    ))
-                }
-            });
-        match outcome {
-            Ok(()) => {
-                metrics::counter!(crate::metrics::CONFIG_RELOADS).increment(1);
-                tracing::info!("configuration reloaded");
-            }
-            Err(why) => {
-                metrics::counter!(crate::metrics::CONFIG_RELOAD_FAILURES).increment(1);
-                tracing::error!(%why, "reload refused; the running configuration is unchanged");
-            }
-        }
+/// A SIGHUP's configuration: `[admission]` applies, anything else changed
+/// (or a file that does not validate) refuses the whole reload.
+fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), String> {
+    let new = crate::config::load(path).map_err(|e| e.to_string())?;
+    let fixed = crate::config::restart_only_changes(&state.cfg.raw, &new.raw);
+    if !fixed.is_empty() {
+        return Err(format!(
+            "{} cannot change without a restart",
+            fixed.join(", ")
+        ));
     }
+    state.reconfigure_admission(&new.raw.admission);
+    Ok(())
 }
 
 pub async fn serve(
@@ -197,7 +173,15 @@ pub async fn serve(
     ));
     let shutdown = async move { drain.or(shutdown).await };
     if let Some(path) = state.cfg.source.clone() {
-        tokio::spawn(reload_on_hangup(state.clone(), path));
+        let target = state.clone();
+        tokio::spawn(jvpn_gateway::cli::reload_on_hangup(
+            path,
+            move |p| reload(&target, p),
+            [
+                crate::metrics::CONFIG_RELOADS,
+                crate::metrics::CONFIG_RELOAD_FAILURES,
+            ],
+        ));
     }
 
     let tls = ServerTlsConfig::new()
