@@ -126,18 +126,31 @@ impl AdminApp for GatewayHandle {
     }
 }
 
+/// Connections the admin port holds at once; past it new ones are closed.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// A request's headers must arrive within this (slowloris).
+pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn serve<A: AdminApp>(listener: TcpListener, gw: A, prom: Option<PrometheusHandle>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // Full: drop the connection rather than queue it behind idle ones.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let (gw, prom) = (gw.clone(), prom.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let resp = route(&req, &gw, prom.as_ref());
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -120,14 +120,20 @@ async fn a_router_reloads_its_admission_limits_on_sighup() {
     .unwrap();
     r.signal(Signal::SIGHUP).unwrap();
     reloads(1.0, 0.0).await;
-    // One open connection per source now: a second one is refused at accept.
-    let _held = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
-    let mut second = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
-    let mut reply = [0u8; 8];
-    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
+    // One open connection per source now: of two, one is refused at accept
+    // (which one depends on which connection task runs first).
+    let mut a = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    let mut b = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    let (mut ra, mut rb) = ([0u8; 8], [0u8; 8]);
+    let reply = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            r = a.read_exact(&mut ra) => r.map(|_| ra),
+            r = b.read_exact(&mut rb) => r.map(|_| rb),
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(&reply[..4], b"JVPN");
     assert_eq!(reply[5], jvpn_proto::preamble::Status::Overloaded as u8);
 

@@ -15,15 +15,7 @@ use tokio::net::TcpStream;
 
 /// Reads until the gateway closes the connection (or 10 s pass).
 async fn closed_by_gateway(s: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-            Err(_) => return false,
-        }
-    }
+    closed_by_server(s, Duration::from_secs(10)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,4 +281,61 @@ async fn handshakes_beyond_the_slots_wait_in_the_queue_instead_of_being_refused(
         &[("stage", "tls_queue_full")],
     );
     assert_eq!(full, refused as f64);
+}
+
+/// True when the server closes `s` within `within` (reading whatever it
+/// sends until then) without an HTTP 200 among it.
+async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(k)) if String::from_utf8_lossy(&buf[..k]).contains(" 200 ") => return false,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Slowloris on the admin port: idle connections are closed after the
+/// header timeout, connections past the cap are closed at once, and the
+/// port serves again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_cannot_hold_the_admin_port() {
+    use jvpn_gateway::admin::{ADMIN_HEADER_TIMEOUT, MAX_ADMIN_CONNECTIONS};
+    let env = common::start("").await;
+    let admin = env.gw.admin_addr;
+    let n = MAX_ADMIN_CONNECTIONS + 50;
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        // Half a request line, then nothing.
+        s.write_all(b"GET /metr").await.unwrap();
+        idle.push(s);
+    }
+    // The ones past the cap (the last accepted) are closed at once...
+    let deadline = ADMIN_HEADER_TIMEOUT * 3;
+    let started = std::time::Instant::now();
+    for s in idle.iter_mut().rev().take(n - MAX_ADMIN_CONNECTIONS) {
+        assert!(
+            closed_by_server(s, deadline).await,
+            "a connection past the cap was served"
+        );
+    }
+    assert!(
+        started.elapsed() < ADMIN_HEADER_TIMEOUT / 2,
+        "connections past the cap were not closed at once ({:?})",
+        started.elapsed()
+    );
+    // ...and every other one within the header timeout, none answered.
+    for s in idle.iter_mut().take(MAX_ADMIN_CONNECTIONS) {
+        assert!(
+            closed_by_server(s, deadline).await,
+            "an idle admin connection stayed open past {deadline:?}"
+        );
+    }
+    drop(idle);
+    let (code, _) = harness::http_get(admin, "/healthz").await.unwrap();
+    assert_eq!(code, 200);
 }

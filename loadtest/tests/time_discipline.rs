@@ -1,0 +1,87 @@
+//! Every timer runs on the monotonic clock: wall time may be read only
+//! where wall time is the point (event timestamps, certificate dates). A
+//! wall-clock jump then cannot expire, extend or reorder anything.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+/// Files allowed to read the wall clock (`SystemTime::now`), each with why
+/// and how often.
+const ALLOWED: &[(&str, usize, &str)] = &[
+    (
+        "gateway/src/events.rs",
+        1,
+        "ts_ms of JSON events (mono_ns orders them)",
+    ),
+    (
+        "gateway/src/server.rs",
+        2,
+        "an agent certificate's notAfter is a wall date, read once per HELLO; and its test",
+    ),
+];
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn system_time_only_where_wall_time_is_the_point() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for krate in ["proto", "gateway", "router", "agent", "loadtest"] {
+        sources(&root.join(krate).join("src"), &mut files);
+    }
+    assert!(files.len() > 40, "{} source files", files.len());
+    let mut offenders = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(&f).unwrap();
+        let uses = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .filter(|l| l.contains("SystemTime::now"))
+            .count();
+        let allowed = ALLOWED
+            .iter()
+            .find(|(p, _, _)| *p == rel)
+            .map_or(0, |(_, n, _)| *n);
+        if uses > allowed {
+            offenders.push(format!("{rel}: {uses} wall-clock reads, {allowed} allowed"));
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "wall-clock time outside logging and event timestamps: {offenders:?}"
+    );
+}
+
+/// The sans-IO engine takes `now` as an argument and reads no clock at all.
+#[test]
+fn the_engine_reads_no_clock() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/src/engine");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    assert!(files.len() >= 5);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for needle in ["Instant::now", "SystemTime", "tokio::time"] {
+            assert!(
+                !text.contains(needle),
+                "{} uses {needle}: the engine must take `now` from its caller",
+                f.display()
+            );
+        }
+    }
+}
