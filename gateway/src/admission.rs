@@ -465,11 +465,19 @@ mod tests {
     /// virtual clock: the burst at once, then the rate, for several shapes.
     #[test]
     fn limiter_fidelity_within_five_percent_of_rate_and_burst() {
-        for (rate, burst) in [(1.0, 1u32), (10.0, 5), (50.0, 100), (200.0, 20), (1_000.0, 2_000)] {
+        for (rate, burst) in [
+            (1.0, 1u32),
+            (10.0, 5),
+            (50.0, 100),
+            (200.0, 20),
+            (1_000.0, 2_000),
+        ] {
             let mut l = SourceLimiter::new(rate, burst, 16, ms(0));
             let k = SourceKey::V4(7);
             // Burst: exactly `burst` at one instant.
-            let at_once = (0..burst * 3).filter(|_| l.check(k, ms(0)).admitted()).count();
+            let at_once = (0..burst * 3)
+                .filter(|_| l.check(k, ms(0)).admitted())
+                .count();
             assert_eq!(at_once, burst as usize, "burst at rate {rate}");
             // Rate: offered every 100 µs for 60 virtual seconds.
             let mut admitted = 0u64;
@@ -480,7 +488,10 @@ mod tests {
             }
             let want = rate * 60.0;
             let err = (admitted as f64 - want).abs() / want;
-            assert!(err <= 0.05, "rate {rate}: {admitted} admitted in 60 s, want {want} ±5 %");
+            assert!(
+                err <= 0.05,
+                "rate {rate}: {admitted} admitted in 60 s, want {want} ±5 %"
+            );
         }
         // The gateway-wide handshake budget too (RESUMEs: reserved + shared).
         let mut b = HandshakeBudget::new(400.0, 0.25, ms(0));
@@ -491,7 +502,13 @@ mod tests {
             resumes += u64::from(b.take(HandshakeKind::Resume, t).is_ok());
         }
         let total = (hellos + resumes) as f64;
-        assert!((total - 400.0 * 60.0).abs() / (400.0 * 60.0) <= 0.05, "{hellos} + {resumes}");
-        assert!(resumes as f64 >= 0.95 * 100.0 * 60.0, "reserved share kept: {resumes}");
+        assert!(
+            (total - 400.0 * 60.0).abs() / (400.0 * 60.0) <= 0.05,
+            "{hellos} + {resumes}"
+        );
+        assert!(
+            resumes as f64 >= 0.95 * 100.0 * 60.0,
+            "reserved share kept: {resumes}"
+        );
     }
 }

@@ -339,3 +339,50 @@ async fn idle_admin_connections_cannot_hold_the_admin_port() {
     let (code, _) = harness::http_get(admin, "/healthz").await.unwrap();
     assert_eq!(code, 200);
 }
+
+/// A full source table fails closed without shutting known sources out:
+/// new sources share one overflow bucket (counted), sources already in the
+/// table keep their own buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_limiter_table_uses_the_overflow_bucket_and_spares_known_sources() {
+    use jvpn_agent::AgentError;
+    use jvpn_proto::preamble::Status;
+    // Buckets refill over 300 s, so none counts as refilled (evictable)
+    // while the test runs.
+    let env = common::start(
+        "[admission]\nsource_table_capacity = 4\nper_source_rate_per_s = 0.01\nper_source_burst = 3\n",
+    )
+    .await;
+    let addr = env.gw.client_addr;
+    let hello = |i: usize| {
+        let mut a = harness::agent(&env.pki, addr, Some(harness::source_ip(500 + i))).unwrap();
+        async move {
+            match a.hello().await {
+                Ok(_) => true,
+                Err(AgentError::Status(s)) if s.status == Status::Overloaded => false,
+                Err(e) => panic!("hello failed otherwise: {e}"),
+            }
+        }
+    };
+    // Four known sources, one HELLO each (two tokens left each).
+    for i in 0..4 {
+        assert!(hello(i).await, "known source {i}");
+    }
+    // Twenty new sources: together they get the overflow bucket's burst.
+    let mut admitted = 0;
+    for i in 4..24 {
+        admitted += usize::from(hello(i).await);
+    }
+    assert_eq!(admitted, 3, "the overflow bucket admits its burst, no more");
+    let overflow = env
+        .gw
+        .metric("jvpn_gateway_rate_limit_overflow_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(overflow, 20.0);
+    // Known sources are unaffected: each still has its own two tokens.
+    for i in 0..4 {
+        assert!(hello(i).await, "known source {i}, second HELLO");
+        assert!(hello(i).await, "known source {i}, third HELLO");
+    }
+}

@@ -259,3 +259,96 @@ async fn certificates_from_the_wrong_ca_are_refused() {
     let (reason, _) = rejected(b.hello().await.unwrap_err());
     assert_eq!(reason, R::AuthFailed);
 }
+
+/// A targeted attack: 10,000 RESUMEs with wrong proofs for one live
+/// session, from 100 sources, four per connection. The session does not
+/// notice (same version, same epoch, still attached and echoing) and then
+/// resumes normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_bad_resumes_from_a_hundred_sources_leave_the_session_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "security-test-admin-token";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, token).unwrap();
+    let env = common::start_with(harness::GatewayOptions {
+        extra_toml: common::QUIET_TRANSPORTS.into(),
+        env: vec![(
+            "JVPN_GATEWAY__ADMIN_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        )],
+        ..Default::default()
+    })
+    .await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = common::hello(&mut a).await;
+    let victim = a.session.clone().unwrap();
+    let lookup = format!("/sessions/{}", hex::encode(victim.id.as_bytes()));
+    let state = || async {
+        let (code, body) = harness::http_request(env.gw.admin_addr, "GET", &lookup, Some(token))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let before = state().await;
+
+    const SOURCES: usize = 100;
+    const CONNS_PER_SOURCE: usize = 25;
+    const PER_CONN: usize = 4;
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..SOURCES {
+        let mut attacker = harness::agent(
+            &env.pki,
+            env.gw.client_addr,
+            Some(harness::source_ip(1_000 + s)),
+        )
+        .unwrap();
+        attacker.session = Some(victim.clone());
+        tasks.spawn(async move {
+            let mut refused = 0usize;
+            for _ in 0..CONNS_PER_SOURCE {
+                let mut c = attacker.open_resume().await.unwrap();
+                for _ in 0..PER_CONN {
+                    let mut forged = attacker.build_resume(&c).unwrap();
+                    forged.proof[7] ^= 0x01;
+                    c.send(Kind::Resume(forged.clone())).await.unwrap();
+                    let (reason, _) =
+                        rejected(attacker.await_resume(&mut c, &forged).await.unwrap_err());
+                    assert_eq!(reason, R::UnknownSession);
+                    refused += 1;
+                }
+            }
+            refused
+        });
+        // At most a few sources' connections in flight at once.
+        if tasks.len() >= 8 {
+            let n = tasks.join_next().await.unwrap().unwrap();
+            assert_eq!(n, CONNS_PER_SOURCE * PER_CONN);
+        }
+    }
+    while let Some(n) = tasks.join_next().await {
+        assert_eq!(n.unwrap(), CONNS_PER_SOURCE * PER_CONN);
+    }
+
+    let bad = env
+        .gw
+        .metric("jvpn_gateway_resumes_total", &[("result", "bad_proof")])
+        .await
+        .unwrap();
+    assert_eq!(bad, (SOURCES * CONNS_PER_SOURCE * PER_CONN) as f64);
+    let after = state().await;
+    for k in ["state", "state_version", "binding_epoch", "attached"] {
+        assert_eq!(after[k], before[k], "{k} changed under the attack");
+    }
+    t.echo(b"unaffected").await.unwrap();
+    tokio::time::sleep(a.switch_allowed_in()).await;
+    drop(std::mem::replace(
+        &mut t,
+        common::resume(&mut a).await.unwrap(),
+    ));
+    assert_eq!(
+        a.session.as_ref().unwrap().binding_epoch,
+        victim.binding_epoch + 1
+    );
+    t.echo(b"resumed").await.unwrap();
+}
