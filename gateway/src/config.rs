@@ -406,6 +406,16 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
         .map_err(|e| ConfigProblem::new(key_of(&e), e))
 }
 
+/// Parses TOML text (no environment) into `T` the same way files are read:
+/// what the configuration fuzz target feeds.
+pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<T>())
+        .map_err(|e| ConfigProblem::new(key_of(&e), e))
+}
+
 /// Reads a `<key_id>:<hex>` cluster secret file; a problem is filed under `key`.
 pub fn read_secret(key: &str, path: &Path, errs: &mut Vec<ConfigProblem>) -> Option<ClusterSecret> {
     match std::fs::read_to_string(path) {

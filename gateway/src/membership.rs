@@ -16,7 +16,7 @@ use jvpn_proto::ids::{Incarnation, NodeId};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::membership::membership_client::MembershipClient;
 use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
-use jvpn_proto::ring::{Member, Ring, RingParams, View};
+use jvpn_proto::ring::Ring;
 use metrics::{counter, gauge};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -392,24 +392,6 @@ fn on_reply(
 }
 
 fn view_from(reply: &HeartbeatReply, keys: &ClusterKeys) -> Result<Option<Arc<Ring>>, String> {
-    if reply.members.is_empty() {
-        return Ok(None);
-    }
-    let params = RingParams {
-        vnodes_per_weight: reply.ring.as_ref().map_or(0, |r| r.vnodes_per_weight),
-    };
-    let mut members = Vec::with_capacity(reply.members.len());
-    for vm in &reply.members {
-        members.push(Member {
-            node_id: NodeId::new(&vm.node_id).map_err(|e| e.to_string())?,
-            incarnation: Incarnation(vm.incarnation),
-            addr: vm.addr.parse().map_err(|e| format!("{}: {e}", vm.addr))?,
-            weight: vm.weight,
-        });
-    }
-    let view = View::new(members, params, keys).map_err(|e| e.to_string())?;
-    if view.id().0.as_slice() != reply.view_id.as_slice() {
-        return Err("view id differs (cluster secret mismatch?)".into());
-    }
-    Ok(Some(Arc::new(Ring::new(view, keys))))
+    let view = jvpn_proto::ring::view_from_reply(reply, keys).map_err(|e| e.to_string())?;
+    Ok(view.map(|v| Arc::new(Ring::new(v, keys))))
 }

@@ -69,6 +69,56 @@ pub enum ViewError {
     Vnodes(u32),
 }
 
+/// Why a router's heartbeat reply does not describe a view a gateway can
+/// mint sessions in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyViewError {
+    /// A member's node id is not a valid node id.
+    #[error("member node id {0:?} is not valid")]
+    NodeId(String),
+    /// A member's address does not parse as ip:port.
+    #[error("member address {0:?} is not ip:port")]
+    Addr(String),
+    /// The members do not form a view.
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// The view id computed here differs from the router's.
+    #[error("view id differs from the router's (different ring parameters?)")]
+    IdMismatch,
+}
+
+/// Rebuilds and checks the view a router's heartbeat reply describes;
+/// `None` when it has no member. Shared by gateways and the fuzz target.
+pub fn view_from_reply(
+    reply: &crate::pb::membership::HeartbeatReply,
+    keys: &ClusterKeys,
+) -> Result<Option<View>, ReplyViewError> {
+    if reply.members.is_empty() {
+        return Ok(None);
+    }
+    let params = RingParams {
+        vnodes_per_weight: reply.ring.as_ref().map_or(0, |r| r.vnodes_per_weight),
+    };
+    let mut members = Vec::with_capacity(reply.members.len());
+    for vm in &reply.members {
+        members.push(Member {
+            node_id: NodeId::new(&vm.node_id)
+                .map_err(|_| ReplyViewError::NodeId(vm.node_id.clone()))?,
+            incarnation: Incarnation(vm.incarnation),
+            addr: vm
+                .addr
+                .parse()
+                .map_err(|_| ReplyViewError::Addr(vm.addr.clone()))?,
+            weight: vm.weight,
+        });
+    }
+    let view = View::new(members, params, keys)?;
+    if view.id().0.as_slice() != reply.view_id.as_slice() {
+        return Err(ReplyViewError::IdMismatch);
+    }
+    Ok(Some(view))
+}
+
 /// An immutable, canonical member set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {

@@ -162,3 +162,20 @@ fn frame_decoder_never_panics_or_overallocates() {
     }
     assert!(frames > 0 && errors > 0, "{frames} {errors}");
 }
+
+/// Heartbeat requests and replies, and the view a gateway rebuilds from a
+/// reply: 100k mutations of the kept corpus inputs through the fuzz entry.
+#[test]
+fn membership_messages_never_panic() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/heartbeat");
+    let seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() >= 4);
+    for i in 0..N {
+        let v = input(&mut rng, &seeds[i % seeds.len()], 400);
+        jvpn_proto::fuzzing::heartbeat(&v);
+    }
+}

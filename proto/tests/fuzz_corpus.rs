@@ -39,3 +39,8 @@ fn proxy_corpus() {
 fn frame_corpus() {
     replay("frame", jvpn_proto::fuzzing::frame, 10);
 }
+
+#[test]
+fn heartbeat_corpus() {
+    replay("heartbeat", jvpn_proto::fuzzing::heartbeat, 8);
+}

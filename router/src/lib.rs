@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod forward;
+pub mod fuzzing;
 pub mod membership;
 pub mod metrics;
 pub mod server;
