@@ -112,6 +112,8 @@ pub struct FloodReport {
     /// HELLOs that got a session / replays that were accepted (must be 0).
     pub admitted: u64,
     pub refused: u64,
+    /// Refusals answered with the pre-TLS status, before any TLS work.
+    pub refused_before_tls: u64,
     /// Refusals by reason (pre-TLS status or reject reason).
     pub refused_by_reason: BTreeMap<String, u64>,
     /// `replay-flood`: the targeted session resumed normally afterwards.
@@ -683,6 +685,9 @@ async fn hello_flood(
                 Ok(_) => f.admitted += 1,
                 Err(e) => {
                     f.refused += 1;
+                    if matches!(e, jvpn_agent::AgentError::Status(_)) {
+                        f.refused_before_tls += 1;
+                    }
                     *f.refused_by_reason.entry(reason_of(&e)).or_insert(0) += 1;
                 }
             }

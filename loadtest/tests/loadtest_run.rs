@@ -191,5 +191,7 @@ async fn floods_are_refused_and_leave_legitimate_sessions_alone() {
         f["refused_by_reason"]["overloaded"].as_u64().unwrap() > 0,
         "{v}"
     );
+    // Admission cuts the flood before any TLS work.
+    assert_eq!(f["refused_before_tls"], f["refused"], "{v}");
     assert_eq!(v["sessions_established"], 30, "{v}");
 }
