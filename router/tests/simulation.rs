@@ -1,0 +1,577 @@
+//! Deterministic simulation of a cluster over the real sans-IO cores: two
+//! routers (`membership::Membership`), three gateways (`engine::Engine`) and
+//! agents, on a virtual clock, with crashes, pauses, partitions of the
+//! heartbeat links and dropped heartbeats drawn from a seed.
+//!
+//! Checked on every seed:
+//! * one owner per session id: no id is live on two gateway lives;
+//! * no silent migration: a RESUME is only ever accepted by the life of the
+//!   node that created the session (routers route by owner, a gateway
+//!   refuses an owner that is not itself);
+//! * every orphaned session is signalled: an agent whose owner is gone gets
+//!   `owner_lost` (then re-handshakes) within a bound, and once the faults
+//!   stop every agent is attached to a live owner that holds its session.
+//!
+//! A failing seed is printed; `JVPN_SIM_SEED=<n> cargo test -p jvpn-router
+//! --test simulation` replays exactly that one.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jvpn_gateway::engine::{
+    Conn, Engine, EngineConfig, HelloRequest, Mono, Policy, ResumeRequest, TransportId,
+};
+use jvpn_proto::crypto::{ChannelBinding, ResumeKey, resume_key_context};
+use jvpn_proto::{Incarnation, NodeId, SessionId};
+use jvpn_router::membership::{Heartbeat, Membership, MembershipConfig, NodeState, OwnerRoute};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const MS: u64 = 1_000_000;
+const STEP_MS: u64 = 10;
+const FAULTY_UNTIL_MS: u64 = 14_000;
+const END_MS: u64 = 24_000;
+const GATEWAYS: usize = 3;
+const ROUTERS: usize = 2;
+const AGENTS: usize = 12;
+/// How long an orphaned agent may go without being told (failure timeout,
+/// warm-up and self-suspicion windows, retries): generous, never infinite.
+const SIGNAL_BOUND_MS: u64 = 6_000;
+
+/// One life of a gateway process.
+struct Life {
+    incarnation: Incarnation,
+    engine: Engine,
+}
+
+struct Gateway {
+    node: NodeId,
+    life: Option<Life>,
+    paused_until: u64,
+    restart_at: u64,
+    /// Heartbeat link to each router is cut until this time.
+    cut_until: [u64; ROUTERS],
+}
+
+struct Session {
+    id: SessionId,
+    node: NodeId,
+    incarnation: Incarnation,
+    epoch: u64,
+    counter: u64,
+    key: ResumeKey,
+    /// The transport and when its gateway was last heard from.
+    transport: Option<TransportId>,
+    last_heard: u64,
+}
+
+struct Agent {
+    session: Option<Session>,
+    next_jump: u64,
+    /// Since when this agent has had no transport (for the signal bound).
+    orphaned_since: Option<u64>,
+    retry_at: u64,
+    next_router: usize,
+    asked_another: bool,
+}
+
+/// What a TLS exporter gives both ends of one connection.
+fn export(conn: u64, ctx: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(&[7; 32]);
+    h.update(&conn.to_be_bytes());
+    h.update(ctx);
+    *h.finalize().as_bytes()
+}
+
+fn binding(conn: u64) -> ChannelBinding {
+    export(conn, b"binding")
+}
+
+struct World {
+    rng: ChaCha8Rng,
+    now: u64,
+    routers: Vec<Membership>,
+    gateways: Vec<Gateway>,
+    agents: Vec<Agent>,
+    next_conn: u64,
+    /// Every session id ever minted, with the life that minted it.
+    minted: BTreeMap<SessionId, (NodeId, Incarnation)>,
+    owner_lost: u64,
+    resumes: u64,
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let routers = (0..ROUTERS)
+            .map(|_| Membership::new(MembershipConfig::default(), 0))
+            .collect();
+        let mut gateways: Vec<Gateway> = (0..GATEWAYS)
+            .map(|i| Gateway {
+                node: NodeId::new(&format!("g{}", i + 1)).unwrap(),
+                life: None,
+                paused_until: 0,
+                restart_at: 0,
+                cut_until: [0; ROUTERS],
+            })
+            .collect();
+        for g in &mut gateways {
+            g.life = Some(new_life(&g.node, &mut rng));
+        }
+        let agents = (0..AGENTS)
+            .map(|i| Agent {
+                session: None,
+                next_jump: 2_000 + rng.random_range(0..3_000),
+                orphaned_since: Some(0),
+                retry_at: 1_500 + i as u64 * 10,
+                next_router: i % ROUTERS,
+                asked_another: false,
+            })
+            .collect();
+        Self {
+            rng,
+            now: 0,
+            routers,
+            gateways,
+            agents,
+            next_conn: 1,
+            minted: BTreeMap::new(),
+            owner_lost: 0,
+            resumes: 0,
+        }
+    }
+
+    fn mono(&self) -> Mono {
+        Mono::from_millis(self.now)
+    }
+
+    fn running(&self, g: usize) -> bool {
+        self.gateways[g].life.is_some() && self.now >= self.gateways[g].paused_until
+    }
+
+    fn gateway_of(&self, node: &NodeId) -> usize {
+        self.gateways.iter().position(|g| g.node == *node).unwrap()
+    }
+
+    /// Faults, only before `FAULTY_UNTIL_MS`.
+    fn inject(&mut self) {
+        if self.now >= FAULTY_UNTIL_MS {
+            return;
+        }
+        let g = self.rng.random_range(0..GATEWAYS);
+        let roll = self.rng.random_range(0..10_000);
+        if roll < 4 && self.gateways[g].life.is_some() {
+            // SIGKILL: the streams close, the process restarts later.
+            let life = self.gateways[g].life.take().unwrap();
+            for r in &mut self.routers {
+                r.on_stream_closed(self.now * MS, &self.gateways[g].node, life.incarnation);
+            }
+            self.gateways[g].restart_at = self.now + self.rng.random_range(500..3_000);
+        } else if roll < 8 {
+            // SIGSTOP, silent.
+            self.gateways[g].paused_until = self.now + self.rng.random_range(500..3_000);
+        } else if roll < 12 {
+            let r = self.rng.random_range(0..ROUTERS);
+            self.gateways[g].cut_until[r] = self.now + self.rng.random_range(500..3_000);
+        }
+    }
+
+    fn heartbeats(&mut self) {
+        for g in 0..GATEWAYS {
+            if self.gateways[g].life.is_none() && self.now >= self.gateways[g].restart_at {
+                let life = new_life(&self.gateways[g].node, &mut self.rng);
+                self.gateways[g].life = Some(life);
+            }
+            if !self.now.is_multiple_of(250) || !self.running(g) {
+                continue;
+            }
+            let inc = self.gateways[g].life.as_ref().unwrap().incarnation;
+            for r in 0..ROUTERS {
+                let dropped = self.now < FAULTY_UNTIL_MS && self.rng.random_bool(0.05);
+                if self.now < self.gateways[g].cut_until[r] || dropped {
+                    continue;
+                }
+                let hb = Heartbeat {
+                    node_id: self.gateways[g].node.clone(),
+                    incarnation: inc,
+                    addr: format!("10.0.0.{}:7443", g + 1).parse().unwrap(),
+                    state: NodeState::Ready,
+                    weight: 1,
+                    lease_ok: true,
+                    in_view: true,
+                };
+                self.routers[r].on_heartbeat(self.now * MS, &hb);
+            }
+        }
+        if self.now.is_multiple_of(50) {
+            for r in &mut self.routers {
+                r.tick(self.now * MS);
+            }
+        }
+    }
+
+    fn gateway_timers(&mut self) {
+        let now = self.mono();
+        for g in 0..GATEWAYS {
+            if !self.running(g) {
+                continue;
+            }
+            let life = self.gateways[g].life.as_mut().unwrap();
+            life.engine.handle_timeout(now);
+            while life.engine.poll_action().is_some() {}
+            while life.engine.poll_event().is_some() {}
+        }
+    }
+
+    /// One agent's turn: keep-alive, detect a dead transport, jump, reattach.
+    fn agent(&mut self, i: usize) {
+        let now = self.now;
+        // Keep-alive on the current transport.
+        if let Some(s) = &self.agents[i].session
+            && let Some(t) = s.transport
+        {
+            let g = self.gateway_of(&s.node);
+            let same_life = self.gateways[g]
+                .life
+                .as_ref()
+                .is_some_and(|l| l.incarnation == s.incarnation);
+            if !same_life {
+                // The process died: the TCP connection resets at once.
+                self.lose_transport(i);
+            } else if self.running(g) {
+                if now.is_multiple_of(500) {
+                    let id = s.id;
+                    let m = self.mono();
+                    let life = self.gateways[g].life.as_mut().unwrap();
+                    if life.engine.activity(m, &id, t) {
+                        self.agents[i].session.as_mut().unwrap().last_heard = now;
+                    } else {
+                        // The gateway retired this transport (silence).
+                        self.lose_transport(i);
+                    }
+                }
+            } else if now.saturating_sub(s.last_heard) > 2_000 {
+                // Paused gateway: silence for heartbeat_timeout.
+                self.lose_transport(i);
+            }
+        }
+        let a = &self.agents[i];
+        // Transports change (mobile clients) while faults happen; then calm.
+        if a.session.as_ref().is_some_and(|s| s.transport.is_some())
+            && now >= a.next_jump
+            && now < FAULTY_UNTIL_MS
+        {
+            self.lose_transport(i);
+            self.agents[i].next_jump = now + self.rng.random_range(1_600..4_000);
+        }
+        let a = &self.agents[i];
+        if a.session.as_ref().is_none_or(|s| s.transport.is_none()) && now >= a.retry_at {
+            self.reattach(i);
+        }
+    }
+
+    fn lose_transport(&mut self, i: usize) {
+        let now = self.now;
+        let m = self.mono();
+        let a = &mut self.agents[i];
+        if let Some(s) = a.session.as_mut()
+            && let Some(t) = s.transport.take()
+        {
+            a.orphaned_since.get_or_insert(now);
+            a.asked_another = false;
+            let (node, inc, id) = (s.node.clone(), s.incarnation, s.id);
+            let g = self.gateways.iter().position(|g| g.node == node).unwrap();
+            if let Some(life) = self.gateways[g].life.as_mut()
+                && life.incarnation == inc
+            {
+                life.engine.transport_closed(m, &id, t);
+            }
+        }
+    }
+
+    fn reattach(&mut self, i: usize) {
+        let now = self.now;
+        let r = self.agents[i].next_router;
+        let route = match &self.agents[i].session {
+            None => None,
+            Some(s) => Some(self.routers[r].route(now * MS, Some((&s.node, s.incarnation)))),
+        };
+        match route {
+            Some(OwnerRoute::Alive(_)) => self.resume_on_owner(i),
+            Some(OwnerRoute::Unreachable) => self.retry_later(i, 100),
+            Some(OwnerRoute::Lost) if !self.agents[i].asked_another => {
+                self.agents[i].asked_another = true;
+                self.agents[i].next_router = (r + 1) % ROUTERS;
+                self.retry_later(i, 10);
+            }
+            Some(OwnerRoute::Lost) | None => {
+                if route.is_some() {
+                    self.owner_lost += 1;
+                }
+                self.hello(i, r);
+            }
+        }
+    }
+
+    fn retry_later(&mut self, i: usize, ms: u64) {
+        let jitter = self.rng.random_range(0..50);
+        self.agents[i].retry_at = self.now + ms + jitter;
+        self.agents[i].next_router = (self.agents[i].next_router + 1) % ROUTERS;
+    }
+
+    fn resume_on_owner(&mut self, i: usize) {
+        let s = self.agents[i].session.as_ref().unwrap();
+        let g = self.gateway_of(&s.node);
+        if !self.running(g) {
+            // Connect refused (dead) or hanging (paused): try again later.
+            return self.retry_later(i, 200);
+        }
+        let life = self.gateways[g].life.as_ref().unwrap();
+        if life.incarnation != s.incarnation {
+            // Intended-owner check before TLS: owner_lost, explicitly.
+            self.owner_lost += 1;
+            return self.hello(i, self.agents[i].next_router);
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let s = self.agents[i].session.as_mut().unwrap();
+        s.counter += 1;
+        let b = binding(conn);
+        let proof = s.key.resume_proof(&s.id, s.counter, s.epoch, &b);
+        let (id, counter, epoch) = (s.id, s.counter, s.epoch);
+        let m = self.mono();
+        let node = self.gateways[g].node.clone();
+        let life = self.gateways[g].life.as_mut().unwrap();
+        let inc = life.incarnation;
+        let r = life.engine.resume(
+            m,
+            &ResumeRequest {
+                session_id: id,
+                counter,
+                binding_epoch: epoch,
+                proof: &proof,
+            },
+            Conn {
+                transport: TransportId(conn),
+                binding: &b,
+            },
+            |ctx| ResumeKey::new(export(conn, &[b"key".as_slice(), ctx].concat())),
+        );
+        match r {
+            Ok(acc) => {
+                // No silent migration: only the minting life accepts.
+                assert_eq!(
+                    self.minted.get(&id),
+                    Some(&(node, inc)),
+                    "a RESUME was accepted by a life that did not mint the session"
+                );
+                let key = ResumeKey::new(export(
+                    conn,
+                    &[
+                        b"key".as_slice(),
+                        &resume_key_context(&id, acc.binding_epoch),
+                    ]
+                    .concat(),
+                ));
+                let s = self.agents[i].session.as_mut().unwrap();
+                s.epoch = acc.binding_epoch;
+                s.key = key;
+                s.transport = Some(TransportId(conn));
+                s.last_heard = self.now;
+                self.agents[i].orphaned_since = None;
+                self.resumes += 1;
+            }
+            Err(rej) => {
+                use jvpn_proto::ReasonCode as R;
+                match rej.reason {
+                    // The session is gone (TTL): explicit, re-handshake.
+                    R::UnknownSession | R::TransportTtlExceeded | R::SessionLifetimeExceeded => {
+                        self.hello(i, self.agents[i].next_router)
+                    }
+                    _ => {
+                        let wait = rej.retry_after_ms.clamp(50, 2_000);
+                        self.retry_later(i, wait);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An explicit re-handshake through router `r`.
+    fn hello(&mut self, i: usize, r: usize) {
+        let placeable = self.routers[r].placeable_members(self.now * MS);
+        if placeable.is_empty() {
+            return self.retry_later(i, 250);
+        }
+        let pick = &placeable[self.rng.random_range(0..placeable.len())];
+        let g = self.gateway_of(&pick.node_id);
+        let fenced = self.now < self.gateways[g].cut_until[r];
+        let matches = self.gateways[g]
+            .life
+            .as_ref()
+            .is_some_and(|l| l.incarnation == pick.incarnation);
+        if !self.running(g) || !matches || fenced {
+            // Dead, paused, a newer life, or no lease with this router.
+            return self.retry_later(i, 250);
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let m = self.mono();
+        let node = self.gateways[g].node.clone();
+        let life = self.gateways[g].life.as_mut().unwrap();
+        let acc = life
+            .engine
+            .hello(
+                m,
+                HelloRequest {
+                    transport: TransportId(conn),
+                    principal: Arc::from("sim"),
+                    credential_expiry: None,
+                },
+                |ctx| ResumeKey::new(export(conn, &[b"key".as_slice(), ctx].concat())),
+            )
+            .unwrap();
+        let owner = (node, life.incarnation);
+        // One owner per session id, ever.
+        assert!(
+            self.minted.insert(acc.session_id, owner.clone()).is_none(),
+            "a session id was minted twice"
+        );
+        let key = ResumeKey::new(export(
+            conn,
+            &[b"key".as_slice(), &resume_key_context(&acc.session_id, 1)].concat(),
+        ));
+        self.agents[i].session = Some(Session {
+            id: acc.session_id,
+            node: owner.0,
+            incarnation: owner.1,
+            epoch: acc.binding_epoch,
+            counter: 0,
+            key,
+            transport: Some(TransportId(conn)),
+            last_heard: self.now,
+        });
+        self.agents[i].orphaned_since = None;
+    }
+
+    fn check(&self) {
+        // No agent stays unattached without being told for long.
+        for (i, a) in self.agents.iter().enumerate() {
+            if let Some(since) = a.orphaned_since {
+                let bound = if self.now < FAULTY_UNTIL_MS + SIGNAL_BOUND_MS {
+                    // During faults, new faults can keep an agent away.
+                    u64::MAX
+                } else {
+                    SIGNAL_BOUND_MS
+                };
+                assert!(
+                    self.now - since.max(FAULTY_UNTIL_MS.min(self.now)) <= bound,
+                    "agent {i} left without a transport or a signal since {since} ms"
+                );
+            }
+        }
+    }
+
+    fn settle_checks(&self) {
+        for (i, a) in self.agents.iter().enumerate() {
+            let s = a
+                .session
+                .as_ref()
+                .unwrap_or_else(|| panic!("agent {i} has no session"));
+            assert!(
+                s.transport.is_some(),
+                "agent {i} is not attached at the end"
+            );
+            let g = self.gateway_of(&s.node);
+            let life = self.gateways[g].life.as_ref().unwrap();
+            assert_eq!(
+                life.incarnation, s.incarnation,
+                "agent {i}'s owner is not alive"
+            );
+            assert!(
+                life.engine.session(&s.id).is_some(),
+                "agent {i}'s owner does not hold its session"
+            );
+        }
+        // Each live session id is held by exactly the life that minted it.
+        for g in &self.gateways {
+            if let Some(l) = &g.life {
+                for a in &self.agents {
+                    if let Some(s) = &a.session
+                        && l.engine.session(&s.id).is_some()
+                    {
+                        assert_eq!(self.minted[&s.id], (g.node.clone(), l.incarnation));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn new_life(node: &NodeId, rng: &mut ChaCha8Rng) -> Life {
+    let incarnation = Incarnation(rng.next_u64());
+    let engine = Engine::new(
+        EngineConfig {
+            node_id: node.clone(),
+            incarnation,
+            policy: Policy::default(),
+        },
+        Box::new(ChaCha8Rng::seed_from_u64(rng.next_u64())),
+    )
+    .unwrap();
+    Life {
+        incarnation,
+        engine,
+    }
+}
+
+/// Runs one seed to the end; returns (RESUMEs accepted, owner_lost answers).
+fn run(seed: u64) -> (u64, u64) {
+    let mut w = World::new(seed);
+    while w.now <= END_MS {
+        w.inject();
+        w.heartbeats();
+        w.gateway_timers();
+        for i in 0..AGENTS {
+            w.agent(i);
+        }
+        w.check();
+        w.now += STEP_MS;
+    }
+    w.settle_checks();
+    (w.resumes, w.owner_lost)
+}
+
+#[test]
+fn a_thousand_seeds_keep_one_owner_and_signal_every_orphan() {
+    let seeds: Vec<u64> = match std::env::var("JVPN_SIM_SEED") {
+        Ok(s) => vec![s.parse().unwrap()],
+        Err(_) => (0..1_000).collect(),
+    };
+    let (mut resumes, mut lost) = (0, 0);
+    for seed in seeds {
+        let r = std::panic::catch_unwind(|| run(seed));
+        match r {
+            Ok((a, b)) => {
+                resumes += a;
+                lost += b;
+            }
+            Err(e) => {
+                eprintln!("seed {seed} failed; replay it with JVPN_SIM_SEED={seed}");
+                std::panic::resume_unwind(e)
+            }
+        }
+    }
+    // The faults really happened: sessions resumed, and owners were lost.
+    assert!(
+        resumes > 0 && lost > 0,
+        "resumes {resumes}, owner_lost {lost}"
+    );
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    assert_eq!(run(42), run(42));
+}
