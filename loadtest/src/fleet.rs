@@ -129,6 +129,12 @@ impl Fleet {
     pub async fn jump_all(&self, within: Duration) -> Result<()> {
         self.wait_switch_allowed(Duration::from_millis(1_600))
             .await?;
+        self.jump_all_now(within).await
+    }
+
+    /// [`Fleet::jump_all`] without waiting for cooldowns (agents pace
+    /// themselves; used when transports are being cut meanwhile).
+    pub async fn jump_all_now(&self, within: Duration) -> Result<()> {
         let before: Vec<u64> = self.snapshots().iter().map(|r| r.resumes_ok).collect();
         self.each(|| Command::Jump).await;
         harness::eventually(within, "every session resumed", || {

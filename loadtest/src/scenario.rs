@@ -38,6 +38,9 @@ pub enum Scenario {
     Jump,
     /// Every session loses its transport at the same moment, then resumes.
     Storm,
+    /// `storm` while fault proxies keep cutting `--loss-pct` % of the open
+    /// connections every second (resumed transports included).
+    StormLoss,
     /// A gateway of the local cluster is killed (explicit re-handshakes).
     Failover,
     /// A gateway is added to the local cluster (no re-handshake allowed).
@@ -421,7 +424,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
 
     // `loss`: agents reach the routers through fault proxies.
     let mut proxies = Vec::new();
-    if opts.scenario == Scenario::Loss {
+    if matches!(opts.scenario, Scenario::Loss | Scenario::StormLoss) {
         for r in &routers {
             proxies.push(crate::faultproxy::FaultProxy::start(*r).await?);
         }
@@ -769,6 +772,22 @@ struct Setting<'a> {
     watch: &'a Mutex<Vec<Arc<Mutex<AgentReport>>>>,
 }
 
+/// Every second until `stop_at`, the fault proxies cut `--loss-pct` % of
+/// the connections open through them, chosen by the seeded RNG.
+async fn cut_connections(opts: &RunOptions, setting: &Setting<'_>, stop_at: Instant) -> Result<()> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut due = Instant::now();
+    while due + Duration::from_secs(1) < stop_at {
+        due += Duration::from_secs(1);
+        tokio::time::sleep_until(due.into()).await;
+        for p in setting.proxies {
+            p.cut_fraction(opts.loss_pct / 100.0, &mut rng);
+        }
+    }
+    Ok(())
+}
+
 /// The scenario's own actions while echoes run.
 async fn drive(
     opts: &RunOptions,
@@ -797,18 +816,19 @@ async fn drive(
             }
             Ok(())
         }
-        Scenario::Loss => {
-            use rand::SeedableRng;
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-            let mut due = Instant::now();
-            while due + Duration::from_secs(1) < stop_at {
-                due += Duration::from_secs(1);
-                tokio::time::sleep_until(due.into()).await;
-                for p in setting.proxies {
-                    p.cut_fraction(opts.loss_pct / 100.0, &mut rng);
-                }
+        Scenario::Loss => cut_connections(opts, setting, stop_at).await,
+        Scenario::StormLoss => {
+            fleet
+                .wait_switch_allowed(Duration::from_millis(1_600))
+                .await?;
+            let storm = fleet.jump_all_now(
+                stop_at.saturating_duration_since(Instant::now()) + Duration::from_secs(30),
+            );
+            // Cuts go on until every session resumed at least once.
+            tokio::select! {
+                r = storm => r,
+                r = cut_connections(opts, setting, Instant::now() + Duration::from_secs(3_600)) => r,
             }
-            Ok(())
         }
         Scenario::Steady => Ok(()),
         Scenario::Jump => {

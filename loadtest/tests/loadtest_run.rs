@@ -93,6 +93,18 @@ async fn storm_resumes_everyone() {
     assert_eq!(v["thresholds"][0]["ok"], true);
 }
 
+/// The reattach storm while a fifth of the open connections is cut every
+/// second (resumed transports too): every session still resumes, none
+/// re-handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_under_connection_loss_resumes_everyone() {
+    let _s = SERIAL.lock().await;
+    let v = scenario("storm-loss", "3", &["--loss-pct", "20"]).await;
+    assert!(v["resumes_ok"].as_u64().unwrap() >= 30, "{v}");
+    assert!(v["recovery_ms"]["count"].as_u64().unwrap() >= 30, "{v}");
+    assert_eq!(v["rehandshakes"], 0, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_and_loss() {
     let _s = SERIAL.lock().await;
