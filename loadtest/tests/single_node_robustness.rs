@@ -386,3 +386,35 @@ async fn a_full_limiter_table_uses_the_overflow_bucket_and_spares_known_sources(
         assert!(hello(i).await, "known source {i}, third HELLO");
     }
 }
+
+/// Slowloris on the client port: connections that never send a preamble
+/// are closed at `preamble_timeout_ms`, and an agent connecting meanwhile
+/// gets its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed_and_agents_still_connect() {
+    let env = common::start("[timeouts]\npreamble_timeout_ms = 500\n").await;
+    let addr = env.gw.client_addr;
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(std::net::SocketAddr::new(
+            harness::source_ip(2_000 + i % 30),
+            0,
+        ))
+        .unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        // A few bytes of a preamble, then nothing.
+        s.write_all(b"JVPN").await.unwrap();
+        idle.push(s);
+    }
+    let mut a = harness::agent(&env.pki, addr, Some(harness::source_ip(7))).unwrap();
+    let mut t = common::hello(&mut a).await;
+    t.echo(b"through the slowloris").await.unwrap();
+    for s in &mut idle {
+        assert!(
+            closed_by_server(s, Duration::from_secs(5)).await,
+            "an idle client connection outlived the preamble timeout"
+        );
+    }
+    common::wait_rejected(&env, "preamble_timeout", 300.0).await;
+}
