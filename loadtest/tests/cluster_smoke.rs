@@ -150,3 +150,53 @@ async fn a_router_reloads_its_admission_limits_on_sighup() {
         Ok((200, _))
     ));
 }
+
+/// Slowloris on the membership port: connections that never finish a TLS
+/// handshake are closed after the handshake timeout, and gateways keep
+/// their heartbeat streams meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_membership_connections_are_closed() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let r = &c.routers[0];
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(r.membership_addr)
+            .await
+            .unwrap();
+        s.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello
+        idle.push(s);
+    }
+    let within = jvpn_router::server::MEMBERSHIP_TLS_TIMEOUT * 2;
+    for s in &mut idle {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "an idle membership connection outlived {within:?}"
+        );
+    }
+    // The real gateway never lost its place.
+    assert_eq!(
+        r.metric("jvpn_router_member_deaths_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+    c.wait_placeable(&["g1".to_owned()], Duration::from_secs(5))
+        .await
+        .unwrap();
+}

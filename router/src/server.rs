@@ -152,6 +152,9 @@ fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A gateway's TLS handshake on the membership port must finish within this.
+pub const MEMBERSHIP_TLS_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn serve(
     cfg: Validated,
     listeners: Listeners,
@@ -189,7 +192,10 @@ pub async fn serve(
             &state.cfg.cert_pem,
             state.cfg.key_pem.as_slice(),
         ))
-        .client_ca_root(Certificate::from_pem(&state.cfg.ca_pem));
+        .client_ca_root(Certificate::from_pem(&state.cfg.ca_pem))
+        // Without it a connection that never finishes its handshake is held
+        // for ever (slowloris on the membership port).
+        .timeout(MEMBERSHIP_TLS_TIMEOUT);
     let svc = MembershipServer::new(crate::service::Service {
         state: state.clone(),
     });
