@@ -123,6 +123,8 @@ pub struct FloodReport {
     pub victim_resumed_after: Option<bool>,
     /// Gateway CPU time per attempt, local clusters only.
     pub gateway_cpu_us_per_attempt: Option<f64>,
+    /// How much the local gateways' RSS grew over the run, in KiB.
+    pub gateway_rss_growth_kib: Option<i64>,
 }
 
 /// HDR percentiles in milliseconds.
@@ -435,6 +437,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         proxies.iter().map(|p| p.addr).collect()
     };
     let gw_cpu0 = gateway_cpu(cluster.as_ref());
+    let gw_rss0 = gateway_rss(cluster.as_ref());
     let flood_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood_task = match opts.scenario {
         Scenario::HandshakeFlood => Some(tokio::spawn(hello_flood(
@@ -500,6 +503,9 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
             let mut f = t.await??;
             if let (Some(c0), Some(c1)) = (gw_cpu0, gateway_cpu(cluster.as_ref())) {
                 f.gateway_cpu_us_per_attempt = Some((c1 - c0) * 1e6 / f.attempts.max(1) as f64);
+            }
+            if let (Some(r0), Some(r1)) = (gw_rss0, gateway_rss(cluster.as_ref())) {
+                f.gateway_rss_growth_kib = Some((r1 as i64 - r0 as i64) / 1024);
             }
             Some(f)
         }
@@ -634,6 +640,16 @@ fn gateway_cpu(c: Option<&LocalCluster>) -> Option<f64> {
     let mut sum = 0.0;
     for (_, g) in &c.gateways {
         sum += crate::bench::cpu_seconds(g.pid()?).ok()?;
+    }
+    Some(sum)
+}
+
+/// Resident memory of every local gateway, summed.
+fn gateway_rss(c: Option<&LocalCluster>) -> Option<u64> {
+    let c = c?;
+    let mut sum = 0;
+    for (_, g) in &c.gateways {
+        sum += crate::bench::rss_bytes(g.pid()?).ok()?;
     }
     Some(sum)
 }
