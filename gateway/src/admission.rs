@@ -249,6 +249,11 @@ impl TlsQueue {
         self.max_wait = max_wait;
     }
 
+    /// Longest a connection waits for a slot.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
     /// Connections waiting now.
     pub fn waiting(&self) -> usize {
         self.waiting

@@ -65,7 +65,6 @@ struct Shard {
 
 /// The routing-token key and this incarnation's owner tag under it.
 struct Issuer {
-    secret: jvpn_proto::keys::ClusterSecret,
     key: TokenKey,
     tag: OwnerTag,
 }
@@ -78,7 +77,6 @@ impl Issuer {
     ) -> Self {
         let keys = secret.derive();
         Self {
-            secret: secret.clone(),
             key: TokenKey::new(&keys),
             tag: owner_tag(&keys, node, inc),
         }
@@ -89,9 +87,10 @@ impl Issuer {
 struct Shared {
     /// The configuration at start; restart-only keys are read from here.
     cfg: Validated,
-    /// Reloadable (SIGHUP): the TLS configuration and admission limits.
+    /// Reloadable (SIGHUP): the TLS configuration and the connection cap
+    /// (the other limits live in their limiters).
     acceptor: ArcSwap<TlsAcceptor>,
-    admission: ArcSwap<crate::config::AdmissionConfig>,
+    max_connections: AtomicUsize,
     /// Seals routing tokens; swapped when a reload rotates the cluster secret.
     issuer: ArcSwap<Issuer>,
     incarnation: Incarnation,
@@ -130,9 +129,11 @@ impl Shared {
                 fixed.join(", ")
             ));
         }
+        // The same key id must mean the same secret: compare what it derives.
+        let next = Issuer::new(&new.secret, &self.cfg.node_id, self.incarnation);
         let current = self.issuer.load();
-        let rotate = new.secret.key_id() != current.secret.key_id();
-        if !rotate && new.secret.derive().tag_key() != current.secret.derive().tag_key() {
+        let rotate = next.key.key_id() != current.key.key_id();
+        if !rotate && next.tag != current.tag {
             return Err(
                 "cluster.secret_file: the secret changed but its key id did not; \
                         a rotation needs a new key id"
@@ -156,18 +157,18 @@ impl Shared {
         *lock(&self.budget) = HandshakeBudget::new(a.handshakes_per_s, a.resume_share, now);
         lock(&self.tls_queue)
             .reconfigure(a.tls_queue_max, Duration::from_millis(a.tls_queue_wait_ms));
-        self.admission.store(Arc::new(a.clone()));
+        self.max_connections
+            .store(a.max_connections, Ordering::Relaxed);
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
         if rotate {
             // New tokens under the new key; tokens already issued stay
             // valid while routers hold the old key as their previous one.
-            let next = Issuer::new(&new.secret, &self.cfg.node_id, self.incarnation);
-            self.issuer.store(Arc::new(next));
             info!(
                 key_id = new.secret.key_id(),
                 "routing tokens now sealed under a new cluster key"
             );
+            self.issuer.store(Arc::new(next));
         }
         Ok(())
     }
@@ -511,7 +512,7 @@ fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
     let start = Mono::ZERO;
     let shared = Shared {
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
-        admission: ArcSwap::from_pointee(cfg.raw.admission.clone()),
+        max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
         issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret, &cfg.node_id, incarnation)),
         incarnation,
         shards,
@@ -640,7 +641,7 @@ async fn handle_conn(
 ) -> Result<(), ConnReject> {
     let _ = stream.set_nodelay(true);
     let cfg = &shared.cfg.raw;
-    if shared.open_conns.load(Ordering::Relaxed) > shared.admission.load().max_connections {
+    if shared.open_conns.load(Ordering::Relaxed) > shared.max_connections.load(Ordering::Relaxed) {
         send_status(&mut stream, Status::Overloaded, Duration::from_millis(500)).await;
         return Err(ConnReject::Overloaded);
     }
@@ -775,12 +776,15 @@ async fn tls_slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
     if let Ok(p) = shared.tls_slots.try_acquire() {
         return Some(p);
     }
-    if lock(&shared.tls_queue).enter(shared.now()).is_err() {
-        counter!(m::RATE_LIMITED, "stage" => "tls_queue_full").increment(1);
-        return None;
-    }
+    let wait = {
+        let mut q = lock(&shared.tls_queue);
+        if q.enter(shared.now()).is_err() {
+            counter!(m::RATE_LIMITED, "stage" => "tls_queue_full").increment(1);
+            return None;
+        }
+        q.max_wait()
+    };
     gauge!(m::TLS_QUEUE_WAITING).increment(1.0);
-    let wait = Duration::from_millis(shared.admission.load().tls_queue_wait_ms);
     let slot = tokio::time::timeout(wait, shared.tls_slots.acquire()).await;
     lock(&shared.tls_queue).leave();
     gauge!(m::TLS_QUEUE_WAITING).decrement(1.0);

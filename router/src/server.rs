@@ -135,8 +135,6 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs until `shutdown` resolves, then stops accepting and gives spliced
-/// connections up to `drain_timeout_ms` to finish.
 /// A SIGHUP's configuration: `[admission]` applies, anything else changed
 /// (or a file that does not validate) refuses the whole reload.
 fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), String> {
@@ -155,6 +153,8 @@ fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), String> {
 /// A gateway's TLS handshake on the membership port must finish within this.
 pub const MEMBERSHIP_TLS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Runs until `shutdown` resolves, then stops accepting and gives spliced
+/// connections up to `drain_timeout_ms` to finish.
 pub async fn serve(
     cfg: Validated,
     listeners: Listeners,
