@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::faultproxy::FaultProxy;
 use crate::fleet::Fleet;
-use crate::harness::{self, GatewayOptions, Launcher, LocalGateway, TestPki};
+use crate::harness::{GatewayOptions, Launcher, LocalGateway, TestPki};
 use crate::invariants::{self, Invariants};
 
 #[derive(Clone, Debug)]
@@ -114,7 +114,7 @@ async fn run_single_node(opts: DemoOptions) -> Result<bool> {
         ("half-open stall", 3),
     ];
     for (name, round) in rounds {
-        let before = fleet.resumes_ok();
+        let before = fleet.resume_counts();
         match round {
             1 => fleet.each(|| Command::Jump).await,
             2 => {
@@ -129,12 +129,9 @@ async fn run_single_node(opts: DemoOptions) -> Result<bool> {
                 fleet.each(|| Command::StallAndJump).await;
             }
         }
-        let want = before + opts.agents as u64;
-        harness::eventually(Duration::from_secs(30), "every session reattached", || {
-            let n = fleet.resumes_ok();
-            async move { n >= want }
-        })
-        .await?;
+        fleet
+            .wait_each_resumed(&before, Duration::from_secs(30), "every session reattached")
+            .await?;
         say(format!(
             "  round {round} ({name}): all {} sessions reattached",
             opts.agents

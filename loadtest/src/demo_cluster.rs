@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use jvpn_agent::{AgentReport, Command};
+use jvpn_agent::AgentReport;
 use nix::sys::signal::Signal;
 use serde::Serialize;
 
@@ -89,14 +89,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     ));
 
     // 2. Every transport jumps.
-    let before = fleet.resumes_ok();
-    fleet.each(|| Command::Jump).await;
-    let want = before + fleet.len() as u64;
-    harness::eventually(Duration::from_secs(60), "every session resumed", || {
-        let n = fleet.resumes_ok();
-        async move { n >= want }
-    })
-    .await?;
+    fleet.jump_all_now(Duration::from_secs(60)).await?;
     say("  every agent changed transport: all sessions resumed on their owner".into());
 
     // 3. Scale-out.
@@ -120,18 +113,15 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
 
     // 4. Router restart: every spliced connection breaks; sessions resume.
     let rh_before = fleet.rehandshakes() + newcomers.rehandshakes();
-    let resumes_before = fleet.resumes_ok() + newcomers.resumes_ok();
+    let (before, newcomers_before) = (fleet.resume_counts(), newcomers.resume_counts());
     c.restart_router(0).await?;
-    let total = (fleet.len() + newcomers.len()) as u64;
-    harness::eventually(
-        Duration::from_secs(60),
-        "every session resumed after the router restart",
-        || {
-            let n = fleet.resumes_ok() + newcomers.resumes_ok();
-            async move { n >= resumes_before + total }
-        },
-    )
-    .await?;
+    let total = fleet.len() + newcomers.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let what = "every session resumed after the router restart";
+    for (f, b) in [(&fleet, &before), (&newcomers, &newcomers_before)] {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        f.wait_each_resumed(b, left, what).await?;
+    }
     let router_restart_rehandshakes = fleet.rehandshakes() + newcomers.rehandshakes() - rh_before;
     say(format!(
         "  router restarted on the same ports: {total} sessions resumed, {router_restart_rehandshakes} re-handshakes"

@@ -135,13 +135,30 @@ impl Fleet {
     /// [`Fleet::jump_all`] without waiting for cooldowns (agents pace
     /// themselves; used when transports are being cut meanwhile).
     pub async fn jump_all_now(&self, within: Duration) -> Result<()> {
-        let before: Vec<u64> = self.snapshots().iter().map(|r| r.resumes_ok).collect();
+        let before = self.resume_counts();
         self.each(|| Command::Jump).await;
-        harness::eventually(within, "every session resumed", || {
+        self.wait_each_resumed(&before, within, "every session resumed")
+            .await
+    }
+
+    /// Each agent's successful RESUMEs so far (for [`Fleet::wait_each_resumed`]).
+    pub fn resume_counts(&self) -> Vec<u64> {
+        self.snapshots().iter().map(|r| r.resumes_ok).collect()
+    }
+
+    /// Waits until every agent resumed at least once since `before` (from
+    /// [`Fleet::resume_counts`]).
+    pub async fn wait_each_resumed(
+        &self,
+        before: &[u64],
+        within: Duration,
+        what: &str,
+    ) -> Result<()> {
+        harness::eventually(within, what, || {
             let done = self
                 .agents
                 .iter()
-                .zip(&before)
+                .zip(before)
                 .all(|(a, b)| a.snapshot().resumes_ok > *b);
             async move { done }
         })

@@ -635,23 +635,23 @@ fn spawn_progress(
 }
 
 /// Total CPU seconds of the local gateways.
+/// `f` of every local gateway process, summed (`None` without a local
+/// cluster or when one cannot be read).
+fn over_gateways<T: std::iter::Sum>(
+    c: Option<&LocalCluster>,
+    f: impl Fn(nix::unistd::Pid) -> Result<T>,
+) -> Option<T> {
+    c?.gateways.iter().map(|(_, g)| f(g.pid()?).ok()).sum()
+}
+
+/// CPU seconds the local gateways have used.
 fn gateway_cpu(c: Option<&LocalCluster>) -> Option<f64> {
-    let c = c?;
-    let mut sum = 0.0;
-    for (_, g) in &c.gateways {
-        sum += crate::bench::cpu_seconds(g.pid()?).ok()?;
-    }
-    Some(sum)
+    over_gateways(c, crate::bench::cpu_seconds)
 }
 
 /// Resident memory of every local gateway, summed.
 fn gateway_rss(c: Option<&LocalCluster>) -> Option<u64> {
-    let c = c?;
-    let mut sum = 0;
-    for (_, g) in &c.gateways {
-        sum += crate::bench::rss_bytes(g.pid()?).ok()?;
-    }
-    Some(sum)
+    over_gateways(c, crate::bench::rss_bytes)
 }
 
 fn reason_of(e: &jvpn_agent::AgentError) -> String {

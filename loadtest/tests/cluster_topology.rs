@@ -84,16 +84,13 @@ async fn scale_out_then_router_restart_force_no_rehandshake() {
         .wait_switch_allowed(Duration::from_millis(1_600))
         .await
         .unwrap();
-    let resumes_before = fleet.resumes_ok();
+    let before = fleet.resume_counts();
     let t0 = Instant::now();
     c.restart_router(0).await.unwrap();
-    let want = resumes_before + fleet.len() as u64;
-    eventually(Duration::from_secs(15), "every session resumed", || {
-        let n = fleet.resumes_ok();
-        async move { n >= want }
-    })
-    .await
-    .unwrap();
+    fleet
+        .wait_each_resumed(&before, Duration::from_secs(15), "every session resumed")
+        .await
+        .unwrap();
     let took = t0.elapsed();
     assert!(
         took < Duration::from_secs(15),

@@ -153,13 +153,12 @@ async fn a_silent_transport_is_abandoned_after_the_heartbeat_timeout() {
         .wait_established(Duration::from_secs(20))
         .await
         .unwrap();
+    let before = fleet.resume_counts();
     assert_eq!(proxy.stall_all(), 3);
-    eventually(Duration::from_secs(10), "every agent reattached", || {
-        let n = fleet.resumes_ok();
-        async move { n >= 3 }
-    })
-    .await
-    .unwrap();
+    fleet
+        .wait_each_resumed(&before, Duration::from_secs(10), "every agent reattached")
+        .await
+        .unwrap();
     let reports = fleet.close().await;
     for r in &reports {
         assert_eq!(r.rehandshakes, 0, "{:?}", r.rehandshake_reasons);
