@@ -165,10 +165,12 @@ async fn idle_membership_connections_are_closed() {
     .await;
     let r = &c.routers[0];
     let mut idle = Vec::new();
-    for _ in 0..50 {
-        let mut s = tokio::net::TcpStream::connect(r.membership_addr)
-            .await
-            .unwrap();
+    // As many as one source may hold, so the TLS timeout (not the
+    // per-source cap) is what closes them.
+    for _ in 0..8 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(([127, 0, 0, 10], 0).into()).unwrap();
+        let mut s = sock.connect(r.membership_addr).await.unwrap();
         s.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello
         idle.push(s);
     }
@@ -190,6 +192,78 @@ async fn idle_membership_connections_are_closed() {
         );
     }
     // The real gateway never lost its place.
+    assert_eq!(
+        r.metric("jvpn_router_member_deaths_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+    c.wait_placeable(&["g1".to_owned()], Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// A connection flood on the membership port from one source: past its cap
+/// (8 open connections) the router closes new ones before any TLS work, the
+/// source gets its slots back as connections close, and the gateways
+/// (another source) keep their place throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_connection_flood_is_capped_per_source() {
+    use jvpn_loadtest::harness::eventually;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let r = &c.routers[0];
+    let flooder = std::net::SocketAddr::from(([127, 0, 0, 9], 0));
+    let connect = || async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(flooder).unwrap();
+        s.connect(r.membership_addr).await.unwrap()
+    };
+    // A refused connection is closed right after accept; an admitted one
+    // waits for its ClientHello up to the 5 s TLS timeout.
+    let closed_within = |mut s: tokio::net::TcpStream, within: Duration| async move {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect().await);
+    }
+    for i in 0..12 {
+        assert!(
+            closed_within(connect().await, Duration::from_secs(2)).await,
+            "connection {i} over the cap stayed open"
+        );
+    }
+    assert_eq!(
+        r.metric("jvpn_router_membership_connections_refused_total", &[])
+            .await
+            .unwrap(),
+        12.0
+    );
+    // The eight within the cap are still open (no data, no EOF).
+    let mut buf = [0u8; 64];
+    for s in &held {
+        assert!(
+            matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a connection within the cap was closed"
+        );
+    }
+    // Closing them gives the source its slots back.
+    drop(held);
+    eventually(Duration::from_secs(5), "slots released", || async {
+        !closed_within(connect().await, Duration::from_millis(500)).await
+    })
+    .await
+    .unwrap();
     assert_eq!(
         r.metric("jvpn_router_member_deaths_total", &[])
             .await

@@ -107,6 +107,21 @@ pub struct MembershipSection {
     pub hold_down_base_ms: u64,
     #[serde(default = "default_hold_down_max")]
     pub hold_down_max_ms: u64,
+    /// Open membership connections one source IP may hold (each gateway
+    /// needs one; reconnects overlap briefly).
+    #[serde(default = "default_membership_per_source")]
+    pub max_connections_per_source: u32,
+    /// Distinct source IPs tracked on the membership port; past it, new
+    /// sources share one overflow allowance (fail closed).
+    #[serde(default = "default_membership_sources")]
+    pub max_sources: usize,
+}
+
+fn default_membership_per_source() -> u32 {
+    8
+}
+fn default_membership_sources() -> usize {
+    256
 }
 
 fn default_interval() -> u64 {
@@ -288,6 +303,11 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             ("membership.lease_timeout_ms", m.lease_timeout_ms),
             ("membership.hold_down_base_ms", m.hold_down_base_ms),
             ("membership.hold_down_max_ms", m.hold_down_max_ms),
+            (
+                "membership.max_connections_per_source",
+                u64::from(m.max_connections_per_source),
+            ),
+            ("membership.max_sources", m.max_sources as u64),
             (
                 "timeouts.preamble_timeout_ms",
                 raw.timeouts.preamble_timeout_ms,

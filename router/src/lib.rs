@@ -21,6 +21,7 @@ pub mod config;
 pub mod forward;
 pub mod fuzzing;
 pub mod membership;
+pub mod membership_port;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -20,6 +20,7 @@ pub const RING_CHANGES: &str = "jvpn_router_ring_changes_total";
 pub const MEMBER_DEATHS: &str = "jvpn_router_member_deaths_total";
 pub const HEARTBEATS: &str = "jvpn_router_heartbeats_total";
 pub const MEMBERSHIP_REFUSED: &str = "jvpn_router_membership_refused_total";
+pub const MEMBERSHIP_CONNECTIONS_REFUSED: &str = "jvpn_router_membership_connections_refused_total";
 pub const UNHEALTHY: &str = "jvpn_router_unhealthy";
 pub const ROUTED_TO_UNPLACEABLE: &str = "jvpn_router_routed_to_unplaceable_total";
 pub const RESUMES_OFF_SHARD: &str = "jvpn_router_resumes_off_shard_total";
@@ -71,6 +72,10 @@ pub fn describe() {
         MEMBERSHIP_REFUSED,
         "Heartbeat streams refused, by reason (identity, advertise, weight, malformed)."
     );
+    describe_counter!(
+        MEMBERSHIP_CONNECTIONS_REFUSED,
+        "Membership-port connections closed before TLS: their source held its cap of open connections."
+    );
     describe_gauge!(
         UNHEALTHY,
         "1 while the router distrusts its own view (mass-death guard)."
@@ -108,11 +113,13 @@ pub fn describe() {
         RESUMES_OFF_SHARD,
         RING_CHANGES,
         CONNECT_FAILURES,
+        MEMBERSHIP_CONNECTIONS_REFUSED,
     ] {
         metrics::counter!(name).absolute(0);
     }
     metrics::counter!(HEARTBEATS, "verdict" => "superseded").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "rate").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "concurrency").absolute(0);
+    metrics::counter!(OVERFLOW_BUCKET, "table" => "membership").absolute(0);
     metrics::gauge!(UNHEALTHY).set(0.0);
 }

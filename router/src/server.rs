@@ -200,7 +200,8 @@ pub async fn serve(
         state: state.clone(),
     });
     let mut grpc_stop = stop_rx.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.membership);
+    let incoming =
+        crate::membership_port::incoming(listeners.membership, state.clone(), stop_rx.clone());
     let grpc = Server::builder()
         .tls_config(tls)?
         .tcp_nodelay(true)

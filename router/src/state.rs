@@ -53,6 +53,8 @@ pub struct Placement {
 /// one overflow slot count when the table is full (fail closed).
 #[derive(Debug)]
 struct Concurrency {
+    /// The `table` label of the overflow counter.
+    name: &'static str,
     max_per_source: u32,
     capacity: usize,
     table: HashMap<SourceKey, u32>,
@@ -67,6 +69,16 @@ pub enum Slot {
 }
 
 impl Concurrency {
+    fn new(name: &'static str, max_per_source: u32, capacity: usize) -> Self {
+        Self {
+            name,
+            max_per_source,
+            capacity,
+            table: HashMap::new(),
+            overflow: 0,
+        }
+    }
+
     fn acquire(&mut self, key: SourceKey) -> Option<Slot> {
         if let Some(n) = self.table.get_mut(&key) {
             if *n >= self.max_per_source {
@@ -79,7 +91,7 @@ impl Concurrency {
             self.table.insert(key, 1);
             return Some(Slot::Source(key));
         }
-        counter!(m::OVERFLOW_BUCKET, "table" => "concurrency").increment(1);
+        counter!(m::OVERFLOW_BUCKET, "table" => self.name).increment(1);
         if self.overflow >= self.max_per_source {
             return None;
         }
@@ -128,6 +140,8 @@ pub struct RouterState {
     /// Node ids that have per-node gauges.
     reported_nodes: Mutex<HashSet<String>>,
     admission: Mutex<Admission>,
+    /// Open membership-port connections per source (before TLS).
+    membership_conns: Mutex<Concurrency>,
     /// `[admission]` as last (re)loaded.
     limits: ArcSwap<crate::config::AdmissionSection>,
     pub active: AtomicUsize,
@@ -159,14 +173,16 @@ impl RouterState {
                 a.source_table_capacity,
                 Mono::ZERO,
             ),
-            conc: Concurrency {
-                max_per_source: a.per_source_max_connections,
-                capacity: a.source_table_capacity,
-                table: HashMap::new(),
-                overflow: 0,
-            },
+            conc: Concurrency::new(
+                "concurrency",
+                a.per_source_max_connections,
+                a.source_table_capacity,
+            ),
             per_gateway: HashMap::new(),
         };
+        let mc = &cfg.raw.membership;
+        let membership_conns =
+            Concurrency::new("membership", mc.max_connections_per_source, mc.max_sources);
         let params = RingParams {
             vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
         };
@@ -185,6 +201,7 @@ impl RouterState {
             deaths: Mutex::new(HashMap::new()),
             reported_nodes: Mutex::new(HashSet::new()),
             admission: Mutex::new(admission),
+            membership_conns: Mutex::new(membership_conns),
             limits: ArcSwap::from_pointee(cfg.raw.admission.clone()),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -495,6 +512,16 @@ impl RouterState {
         lock(&self.admission).conc.release(slot);
     }
 
+    /// A membership-port connection from `source`, before its TLS handshake;
+    /// `None` refuses it (per-source cap, or the table and overflow full).
+    pub fn admit_membership(&self, source: SourceKey) -> Option<Slot> {
+        lock(&self.membership_conns).acquire(source)
+    }
+
+    pub fn release_membership(&self, slot: Slot) {
+        lock(&self.membership_conns).release(slot);
+    }
+
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
     pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
         let now = self.mono();
@@ -525,12 +552,7 @@ mod tests {
 
     #[test]
     fn concurrency_table_fails_closed_when_full() {
-        let mut c = Concurrency {
-            max_per_source: 2,
-            capacity: 2,
-            table: HashMap::new(),
-            overflow: 0,
-        };
+        let mut c = Concurrency::new("test", 2, 2);
         // Known sources keep their own limit.
         let a1 = c.acquire(key(1)).unwrap();
         let _a2 = c.acquire(key(1)).unwrap();
