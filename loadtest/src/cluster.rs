@@ -3,8 +3,8 @@
 //! acceptance tests and the demo need: scale-out, restarts, signals, and
 //! waiting on what the routers report (never a fixed sleep).
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use crate::harness::{
     CLUSTER, GatewayOptions, Launcher, LocalGateway, Role, TestPki, addr_of, eventually, http_get,
     metric_value, signal_child, wait_http_ok,
 };
+use crate::netns::GatewayNet;
 
 /// Options for one router process.
 #[derive(Clone, Debug, Default)]
@@ -196,11 +197,21 @@ pub fn members_where(ring: &serde_json::Value, flag: &str) -> BTreeSet<String> {
 /// The `[cluster]` keys that put gateway `node` behind routers whose
 /// membership endpoints are `endpoints` (routers connect from 127.0.0.1).
 pub fn gateway_cluster_toml(pki: &TestPki, node: &str, endpoints: &[SocketAddr]) -> String {
+    gateway_cluster_toml_from(pki, node, IpAddr::V4(Ipv4Addr::LOCALHOST), endpoints)
+}
+
+/// [`gateway_cluster_toml`] with routers connecting from `router_ip`.
+pub fn gateway_cluster_toml_from(
+    pki: &TestPki,
+    node: &str,
+    router_ip: IpAddr,
+    endpoints: &[SocketAddr],
+) -> String {
     let l = &pki.layout;
     let endpoints: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         r#"name = "{CLUSTER}"
-routers = ["127.0.0.1"]
+routers = ["{router_ip}"]
 membership_endpoints = [{endpoints}]
 membership_cert_file = "{cert}"
 membership_key_file = "{key}"
@@ -223,6 +234,10 @@ pub struct ClusterOptions {
     pub gateway_extra_toml: String,
     pub gateway_env: Vec<(String, String)>,
     pub router_env: Vec<(String, String)>,
+    /// Each gateway in a network namespace of its own, linked to the
+    /// caller's (see [`crate::netns`]; the caller must have entered a private
+    /// namespace first). Routers then listen for heartbeats on every address.
+    pub netns: bool,
 }
 
 impl Default for ClusterOptions {
@@ -234,6 +249,7 @@ impl Default for ClusterOptions {
             gateway_extra_toml: String::new(),
             gateway_env: Vec::new(),
             router_env: Vec::new(),
+            netns: false,
         }
     }
 }
@@ -250,6 +266,9 @@ pub struct LocalCluster {
     /// Gateways by start order; a killed one stays here, exited.
     pub gateways: Vec<(String, LocalGateway)>,
     starts: usize,
+    /// Each node's network namespace (with `netns`); dropped after the
+    /// processes in them.
+    pub nets: BTreeMap<String, GatewayNet>,
 }
 
 /// Node id of the i-th gateway (0-based): `g1`, `g2`, ….
@@ -283,11 +302,21 @@ impl LocalCluster {
             routers: Vec::new(),
             gateways: Vec::new(),
             starts: 0,
+            nets: BTreeMap::new(),
         };
+        if opts.netns {
+            for (i, n) in nodes.iter().enumerate() {
+                let index = u8::try_from(i + 1).context("too many gateways for namespaces")?;
+                c.nets.insert(n.clone(), GatewayNet::create(index)?);
+            }
+        }
         for r in &routers {
             let ro = RouterOptions {
                 router_id: r.clone(),
-                env: opts.router_env.clone(),
+                env: c.router_env(),
+                membership_addr: opts
+                    .netns
+                    .then(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
                 ..RouterOptions::default()
             };
             let router = LocalRouter::start(&c.router_launcher, &c.pki, c.dir.path(), &ro).await?;
@@ -301,10 +330,38 @@ impl LocalCluster {
         Ok(c)
     }
 
+    /// The routers' environment: the options', plus (with namespaces) the
+    /// gateways' addresses, which their certificates do not name.
+    fn router_env(&self) -> Vec<(String, String)> {
+        let mut env = self.opts.router_env.clone();
+        if !self.nets.is_empty() {
+            let ips: Vec<String> = self.nets.values().map(|n| n.ip.to_string()).collect();
+            env.push((
+                "JVPN_ROUTER__MEMBERSHIP__ADVERTISE_ALLOW".into(),
+                ips.join(","),
+            ));
+        }
+        env
+    }
+
     /// The `[cluster]` keys that put a gateway behind this cluster's routers.
     pub fn gateway_cluster_toml(&self, node: &str) -> String {
-        let endpoints: Vec<SocketAddr> = self.routers.iter().map(|r| r.membership_addr).collect();
-        gateway_cluster_toml(&self.pki, node, &endpoints)
+        match self.nets.get(node) {
+            None => {
+                let endpoints: Vec<SocketAddr> =
+                    self.routers.iter().map(|r| r.membership_addr).collect();
+                gateway_cluster_toml(&self.pki, node, &endpoints)
+            }
+            // Routers are reached (and connect from) the hub's end of the link.
+            Some(net) => {
+                let endpoints: Vec<SocketAddr> = self
+                    .routers
+                    .iter()
+                    .map(|r| SocketAddr::from((net.hub_ip, r.membership_addr.port())))
+                    .collect();
+                gateway_cluster_toml_from(&self.pki, node, IpAddr::V4(net.hub_ip), &endpoints)
+            }
+        }
     }
 
     /// Starts one more gateway process as `node` (a new incarnation if that
@@ -318,8 +375,13 @@ impl LocalCluster {
             events_path: None,
             env: self.opts.gateway_env.clone(),
             cluster_toml: self.gateway_cluster_toml(node),
+            bind_ip: self.nets.get(node).map(|n| IpAddr::V4(n.ip)),
         };
-        let gw = LocalGateway::start(&self.gateway_launcher, &self.pki, &dir, &opts).await?;
+        let launcher = match self.nets.get(node) {
+            Some(net) => self.gateway_launcher.in_netns(&net.name),
+            None => self.gateway_launcher.clone(),
+        };
+        let gw = LocalGateway::start(&launcher, &self.pki, &dir, &opts).await?;
         self.gateways.push((node.to_owned(), gw));
         let (_, gw) = self.gateways.last().context("just pushed")?;
         Ok(gw)
@@ -381,7 +443,7 @@ impl LocalCluster {
     /// Kills router `i` and starts it again on the same ports.
     pub async fn restart_router(&mut self, i: usize) -> Result<()> {
         let mut opts = self.routers[i].same_ports();
-        opts.env = self.opts.router_env.clone();
+        opts.env = self.router_env();
         self.routers[i].kill().await?;
         let r =
             LocalRouter::start(&self.router_launcher, &self.pki, self.dir.path(), &opts).await?;

@@ -131,6 +131,22 @@ impl Launcher {
         }
     }
 
+    /// The same program inside network namespace `name` (`ip netns exec`,
+    /// which execs it: the child's pid is the program's).
+    pub fn in_netns(&self, name: &str) -> Self {
+        let mut prefix = vec![
+            "netns".to_owned(),
+            "exec".to_owned(),
+            name.to_owned(),
+            self.program.display().to_string(),
+        ];
+        prefix.extend(self.prefix.iter().cloned());
+        Self {
+            program: "ip".into(),
+            prefix,
+        }
+    }
+
     /// Runs `<program> run --config CONFIG`, logging to `log`, and waits for
     /// its `JVPN_READY k=addr …` line. Returns the child and those addresses.
     pub(crate) async fn spawn_ready(
@@ -283,6 +299,8 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     /// Extra keys for the `[cluster]` table (membership endpoints, routers).
     pub cluster_toml: String,
+    /// Address to listen on (client and admin ports); default 127.0.0.1.
+    pub bind_ip: Option<IpAddr>,
 }
 
 /// A running gateway process. Killed on drop.
@@ -308,10 +326,11 @@ pub fn write_config(pki: &TestPki, dir: &Path, opts: &GatewayOptions) -> Result<
         .events_path
         .clone()
         .unwrap_or_else(|| dir.join("events.jsonl").display().to_string());
+    let ip = opts.bind_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let text = format!(
         r#"node_id = "{node}"
-client_addr = "127.0.0.1:0"
-admin_addr = "127.0.0.1:0"
+client_addr = "{ip}:0"
+admin_addr = "{ip}:0"
 
 [tls]
 cert_file = "{cert}"

@@ -28,6 +28,7 @@ pub mod faultproxy;
 pub mod fleet;
 pub mod harness;
 pub mod invariants;
+pub mod netns;
 pub mod report;
 pub mod scenario;
 pub mod serve_cluster;

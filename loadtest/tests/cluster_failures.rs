@@ -12,7 +12,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use jvpn_agent::AgentReport;
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
 use jvpn_loadtest::fleet::Fleet;
 use jvpn_loadtest::harness::{agent_config, eventually, http_get, source_ip};
@@ -20,17 +19,6 @@ use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const COOLDOWN: Duration = Duration::from_millis(1_600);
-
-fn victims(before: &[AgentReport], node: &str) -> BTreeSet<usize> {
-    before
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.node_id == node)
-        .map(|(i, _)| i)
-        .collect()
-}
 
 /// Polls the router until `node` is not alive; returns how long it took.
 async fn detection(c: &LocalCluster, node: &str, from: Instant) -> Duration {
@@ -46,55 +34,6 @@ async fn detection(c: &LocalCluster, node: &str, from: Instant) -> Duration {
     }
 }
 
-/// Waits until every agent in `who` runs a new session established after `t0`
-/// on another node than `node`.
-async fn wait_moved(fleet: &Fleet, who: &BTreeSet<usize>, node: &str, t0: Instant) {
-    eventually(Duration::from_secs(30), "victims re-established", || {
-        let snaps = fleet.snapshots();
-        let done = who
-            .iter()
-            .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0) && snaps[*i].node_id != node);
-        async move { done }
-    })
-    .await
-    .unwrap();
-}
-
-fn assert_survivors_untouched(
-    before: &[AgentReport],
-    after: &[AgentReport],
-    who: &BTreeSet<usize>,
-) {
-    for (i, (b, a)) in before.iter().zip(after).enumerate() {
-        if who.contains(&i) {
-            continue;
-        }
-        assert_eq!(a.node_id, b.node_id, "survivor {i} moved");
-        assert_eq!(a.binding_epoch, b.binding_epoch, "survivor {i} rebound");
-        assert_eq!(a.rehandshakes, b.rehandshakes, "survivor {i} re-handshaked");
-        assert_eq!(a.sessions_established, b.sessions_established);
-    }
-}
-
-/// `n` agents attached and past their switch cooldown; their reports, and
-/// the indexes of those on `victim`.
-async fn settled_fleet(
-    c: &LocalCluster,
-    n: usize,
-    victim: &str,
-) -> (Fleet, Vec<AgentReport>, BTreeSet<usize>) {
-    let fleet = Fleet::start(&c.pki, &c.router_addrs(), n, 0).unwrap();
-    fleet
-        .wait_established(Duration::from_secs(60))
-        .await
-        .unwrap();
-    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
-    let before = fleet.snapshots();
-    let who = victims(&before, victim);
-    assert!(!who.is_empty(), "{victim} holds no session");
-    (fleet, before, who)
-}
-
 async fn unplaceable(c: &LocalCluster) -> f64 {
     c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
         .await
@@ -106,7 +45,7 @@ async fn sigkill_of_one_gateway_rehandshakes_exactly_its_sessions_explicitly() {
     let _serial = SERIAL.lock().await;
     let c = common::cluster(ClusterOptions::default()).await;
     let victim = "g2";
-    let (fleet, before, who) = settled_fleet(&c, 300, victim).await;
+    let (fleet, before, who) = common::settled_fleet(&c, 300, victim).await;
     assert!(who.len() > 50, "g2 holds {} of 300", who.len());
 
     let t0 = Instant::now();
@@ -117,10 +56,10 @@ async fn sigkill_of_one_gateway_rehandshakes_exactly_its_sessions_explicitly() {
         detected <= Duration::from_millis(1_000),
         "detected after {detected:?}"
     );
-    wait_moved(&fleet, &who, victim, t0).await;
+    common::wait_moved(&fleet, &who, victim, t0).await;
 
     let after = fleet.snapshots();
-    assert_survivors_untouched(&before, &after, &who);
+    common::assert_survivors_untouched(&before, &after, &who);
     let mut failover: Vec<u64> = Vec::new();
     for i in &who {
         let (b, a) = (&before[*i], &after[*i]);
@@ -160,7 +99,7 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
     let _serial = SERIAL.lock().await;
     let c = common::cluster(ClusterOptions::default()).await;
     let victim = "g3";
-    let (fleet, before, who) = settled_fleet(&c, 60, victim).await;
+    let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
 
     // New HELLOs keep arriving during the pause.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -190,9 +129,9 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
         detected <= Duration::from_millis(1_750),
         "detected after {detected:?}"
     );
-    wait_moved(&fleet, &who, victim, t0).await;
+    common::wait_moved(&fleet, &who, victim, t0).await;
     let after = fleet.snapshots();
-    assert_survivors_untouched(&before, &after, &who);
+    common::assert_survivors_untouched(&before, &after, &who);
     // The paused owner's spliced connections were cut by the router when it
     // died (its agents would otherwise wait for their own ping timeout).
     let cut = c
@@ -224,7 +163,7 @@ async fn a_restarted_node_id_supersedes_its_old_incarnation_which_exits_75() {
     let _serial = SERIAL.lock().await;
     let mut c = common::cluster(ClusterOptions::default()).await;
     let victim = "g2";
-    let (fleet, before, who) = settled_fleet(&c, 60, victim).await;
+    let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
 
     // The old process is frozen (it cannot notice anything), then a new
     // process starts as g2: a new incarnation.
@@ -234,7 +173,7 @@ async fn a_restarted_node_id_supersedes_its_old_incarnation_which_exits_75() {
     c.start_gateway(victim).await.unwrap();
     wait_moved_or_same_node(&fleet, &who, t0).await;
     let after = fleet.snapshots();
-    assert_survivors_untouched(&before, &after, &who);
+    common::assert_survivors_untouched(&before, &after, &who);
     for i in &who {
         assert!(
             after[*i].rehandshake_reasons.contains_key("owner_lost"),
@@ -272,13 +211,17 @@ async fn a_restarted_node_id_supersedes_its_old_incarnation_which_exits_75() {
 /// Victims re-established after `t0` (possibly on the new incarnation of the
 /// same node id: a fresh HELLO may land anywhere).
 async fn wait_moved_or_same_node(fleet: &Fleet, who: &BTreeSet<usize>, t0: Instant) {
-    eventually(Duration::from_secs(30), "victims re-established", || {
-        let snaps = fleet.snapshots();
-        let done = who
-            .iter()
-            .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0));
-        async move { done }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "common::victims re-established",
+        || {
+            let snaps = fleet.snapshots();
+            let done = who
+                .iter()
+                .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0));
+            async move { done }
+        },
+    )
     .await
     .unwrap();
 }
@@ -302,7 +245,7 @@ async fn sigterm_drains_with_spread_goaways_and_sessions_move_elsewhere() {
         .unwrap();
     let before = fleet.snapshots();
     let victim = "g1";
-    let who = victims(&before, victim);
+    let who = common::victims(&before, victim);
     assert!(who.len() >= 5, "{}", who.len());
 
     let t0 = Instant::now();
@@ -327,9 +270,9 @@ async fn sigterm_drains_with_spread_goaways_and_sessions_move_elsewhere() {
         .metric("jvpn_gateway_hellos_total", &[("result", "ok")])
         .await
         .unwrap();
-    wait_moved(&fleet, &who, victim, t0).await;
+    common::wait_moved(&fleet, &who, victim, t0).await;
     let after = fleet.snapshots();
-    assert_survivors_untouched(&before, &after, &who);
+    common::assert_survivors_untouched(&before, &after, &who);
     let mut moved_at: Vec<Duration> = who
         .iter()
         .map(|i| {

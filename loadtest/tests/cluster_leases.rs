@@ -9,60 +9,23 @@ mod common;
 
 use std::time::Duration;
 
-use jvpn_agent::AgentError;
 use jvpn_loadtest::cluster::ClusterOptions;
-use jvpn_loadtest::faultproxy::FaultProxy;
-use jvpn_loadtest::harness::{self, eventually};
-use jvpn_proto::ReasonCode;
-use jvpn_proto::proxy::ProxyHeader;
+use jvpn_loadtest::harness::eventually;
 use nix::sys::signal::Signal;
-
-/// A stand-in for router `router_id`: connects from 127.0.0.1 (a configured
-/// router address) and writes a PROXY header naming that router.
-async fn as_router(router_id: &str, gateway: std::net::SocketAddr) -> FaultProxy {
-    let header = ProxyHeader {
-        addresses: Some(("10.9.8.7:5555".parse().unwrap(), gateway)),
-        router_id: Some(router_id.into()),
-        view_id: None,
-        intended_owner: None,
-    }
-    .encode()
-    .unwrap();
-    FaultProxy::with_prefix(gateway, header).await.unwrap()
-}
-
-async fn hello_via(
-    c: &jvpn_loadtest::cluster::LocalCluster,
-    p: &FaultProxy,
-) -> Result<String, AgentError> {
-    let mut a = harness::agent(&c.pki, p.addr, Some("127.0.0.1".parse().unwrap())).unwrap();
-    a.hello().await?;
-    Ok(a.session.as_ref().unwrap().node_id.clone())
-}
-
-fn not_in_cluster(r: Result<String, AgentError>) -> bool {
-    matches!(
-        r,
-        Err(AgentError::Rejected {
-            reason: ReasonCode::NotInCluster,
-            ..
-        })
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_needs_a_live_lease_with_the_forwarding_router() {
     let c = common::cluster(ClusterOptions::default()).await;
     let g1 = c.gateway("g1").unwrap();
-    let r1 = as_router("r1", g1.client_addr).await;
+    let r1 = common::as_router("r1", g1.client_addr).await;
     assert_eq!(
-        hello_via(&c, &r1).await.unwrap(),
+        common::hello_via(&c, &r1).await.unwrap(),
         "g1",
         "control: lease valid"
     );
     // A router id the gateway holds no lease with.
-    let r9 = as_router("r9", g1.client_addr).await;
-    assert!(not_in_cluster(hello_via(&c, &r9).await));
+    let r9 = common::as_router("r9", g1.client_addr).await;
+    assert!(common::not_in_cluster(common::hello_via(&c, &r9).await));
 
     // Pause the router: heartbeats go unanswered, the lease lapses.
     let router = &c.routers[0];
@@ -80,11 +43,14 @@ async fn hello_needs_a_live_lease_with_the_forwarding_router() {
     )
     .await
     .unwrap();
-    assert!(not_in_cluster(hello_via(&c, &r1).await));
+    assert!(common::not_in_cluster(common::hello_via(&c, &r1).await));
     assert_eq!(
-        g1.metric("jvpn_gateway_hellos_total", &[("result", "not_in_cluster")])
-            .await
-            .unwrap(),
+        g1.metric(
+            "jvpn_gateway_hellos_total",
+            &[("result", "common::not_in_cluster")]
+        )
+        .await
+        .unwrap(),
         2.0
     );
 
@@ -105,11 +71,11 @@ async fn hello_needs_a_live_lease_with_the_forwarding_router() {
     .unwrap();
     // HELLOs through r1 work again. Fencing refuses one whenever the lease
     // lapses, even for a moment (a starved CPU delays an acknowledgement),
-    // and agents retry `not_in_cluster`: so does this check.
+    // and agents retry `common::not_in_cluster`: so does this check.
     eventually(
         Duration::from_secs(5),
         "a HELLO through r1 succeeds",
-        || async { matches!(hello_via(&c, &r1).await.as_deref(), Ok("g1")) },
+        || async { matches!(common::hello_via(&c, &r1).await.as_deref(), Ok("g1")) },
     )
     .await
     .unwrap();

@@ -2,11 +2,17 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
-use jvpn_agent::{Agent, AgentError, Transport};
-use jvpn_loadtest::harness::{GatewayOptions, Launcher, LocalGateway, TestPki};
+use jvpn_agent::{Agent, AgentError, AgentReport, Transport};
+use jvpn_loadtest::cluster::LocalCluster;
+use jvpn_loadtest::faultproxy::FaultProxy;
+use jvpn_loadtest::fleet::Fleet;
+use jvpn_loadtest::harness::{self, GatewayOptions, Launcher, LocalGateway, TestPki, eventually};
+use jvpn_proto::ReasonCode;
 use jvpn_proto::preamble::Status;
+use jvpn_proto::proxy::ProxyHeader;
 
 pub struct Env {
     pub pki: TestPki,
@@ -132,4 +138,100 @@ where
     .await
     .unwrap_or_else(|_| panic!("jvpn-loadtest did not finish within {within:?}"))
     .unwrap()
+}
+
+// ---- clusters: failures, leases, partitions --------------------------------
+
+/// The agents' switch cooldown in these clusters, plus slack.
+pub const COOLDOWN: Duration = Duration::from_millis(1_600);
+
+pub fn victims(before: &[AgentReport], node: &str) -> BTreeSet<usize> {
+    before
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.node_id == node)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Waits until every agent in `who` runs a new session established after `t0`
+/// on another node than `node`.
+pub async fn wait_moved(fleet: &Fleet, who: &BTreeSet<usize>, node: &str, t0: Instant) {
+    eventually(Duration::from_secs(30), "victims re-established", || {
+        let snaps = fleet.snapshots();
+        let done = who
+            .iter()
+            .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0) && snaps[*i].node_id != node);
+        async move { done }
+    })
+    .await
+    .unwrap();
+}
+
+pub fn assert_survivors_untouched(
+    before: &[AgentReport],
+    after: &[AgentReport],
+    who: &BTreeSet<usize>,
+) {
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        if who.contains(&i) {
+            continue;
+        }
+        assert_eq!(a.node_id, b.node_id, "survivor {i} moved");
+        assert_eq!(a.binding_epoch, b.binding_epoch, "survivor {i} rebound");
+        assert_eq!(a.rehandshakes, b.rehandshakes, "survivor {i} re-handshaked");
+        assert_eq!(a.sessions_established, b.sessions_established);
+    }
+}
+
+/// `n` agents attached and past their switch cooldown; their reports, and
+/// the indexes of those on `victim`.
+pub async fn settled_fleet(
+    c: &LocalCluster,
+    n: usize,
+    victim: &str,
+) -> (Fleet, Vec<AgentReport>, BTreeSet<usize>) {
+    let fleet = Fleet::start(&c.pki, &c.router_addrs(), n, 0).unwrap();
+    fleet
+        .wait_established(Duration::from_secs(60))
+        .await
+        .unwrap();
+    fleet.wait_switch_allowed(COOLDOWN).await.unwrap();
+    let before = fleet.snapshots();
+    let who = victims(&before, victim);
+    assert!(!who.is_empty(), "{victim} holds no session");
+    (fleet, before, who)
+}
+
+/// A stand-in for router `router_id`: connects from this host's address
+/// towards the gateway (a configured router address) and writes a PROXY header naming that router.
+pub async fn as_router(router_id: &str, gateway: std::net::SocketAddr) -> FaultProxy {
+    let header = ProxyHeader {
+        addresses: Some(("10.9.8.7:5555".parse().unwrap(), gateway)),
+        router_id: Some(router_id.into()),
+        view_id: None,
+        intended_owner: None,
+    }
+    .encode()
+    .unwrap();
+    FaultProxy::with_prefix(gateway, header).await.unwrap()
+}
+
+pub async fn hello_via(
+    c: &jvpn_loadtest::cluster::LocalCluster,
+    p: &FaultProxy,
+) -> Result<String, AgentError> {
+    let mut a = harness::agent(&c.pki, p.addr, Some("127.0.0.1".parse().unwrap())).unwrap();
+    a.hello().await?;
+    Ok(a.session.as_ref().unwrap().node_id.clone())
+}
+
+pub fn not_in_cluster(r: Result<String, AgentError>) -> bool {
+    matches!(
+        r,
+        Err(AgentError::Rejected {
+            reason: ReasonCode::NotInCluster,
+            ..
+        })
+    )
 }

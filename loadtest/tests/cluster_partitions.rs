@@ -1,0 +1,157 @@
+//! Partitions by port, in network namespaces this test creates (as root):
+//! the test, its agents and the router run in a private namespace; each
+//! gateway in one of its own behind a veth link; iptables inside a
+//! gateway's namespace silently drops one of its ports.
+//!
+//! * membership port cut: the gateway stops being alive, loses its lease and
+//!   refuses HELLOs, and its sessions are told `owner_lost`;
+//! * client port cut: unplaceable once 3 connects fail within 1 s, RESUMEs
+//!   answered `owner_unreachable`, then `owner_lost` after 3 × failure
+//!   timeout unreachable.
+//!
+//! After each heal: no session attached on two gateways, nothing routed to
+//! an unplaceable gateway, no `HelloOk` from a gateway without a lease.
+//! Tests here measure detection times, so they run one at a time.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster, node_name};
+use jvpn_loadtest::harness::eventually;
+use jvpn_loadtest::invariants;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `body` on a runtime whose threads (and the processes they start)
+/// live in a fresh network namespace.
+fn in_private_namespace<F: Future<Output = ()>>(body: impl FnOnce() -> F) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    jvpn_loadtest::netns::enter_private_namespace().unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body());
+}
+
+async fn partitioned_cluster(router_env: Vec<(String, String)>) -> LocalCluster {
+    common::cluster(ClusterOptions {
+        gateways: 3,
+        routers: 1,
+        spare_gateways: 0,
+        netns: true,
+        router_env,
+        ..ClusterOptions::default()
+    })
+    .await
+}
+
+fn all_nodes() -> Vec<String> {
+    (0..3).map(node_name).collect()
+}
+
+async fn gateway_metric(c: &LocalCluster, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    c.gateway(node).unwrap().metric(name, labels).await.unwrap()
+}
+
+async fn hellos_ok(c: &LocalCluster, node: &str) -> f64 {
+    gateway_metric(c, node, "jvpn_gateway_hellos_total", &[("result", "ok")]).await
+}
+
+/// The checks after a heal: every agent explicit and never migrated, no
+/// session attached on two gateways (from their event streams), nothing
+/// placed on an unplaceable gateway.
+async fn assert_healed_cleanly(c: &LocalCluster, fleet: jvpn_loadtest::fleet::Fleet) {
+    assert_eq!(
+        c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+    let reports = fleet.close().await;
+    let inv = invariants::from_agents(&reports);
+    assert!(inv.all_zero(), "{inv:?}");
+    let paths: Vec<&Path> = c
+        .gateways
+        .iter()
+        .map(|(_, g)| Path::new(&g.events_path))
+        .collect();
+    let (dual, read) = invariants::dual_active(&paths);
+    assert!(read > 0, "no events read");
+    assert_eq!(dual, 0, "a session was attached on two gateways at once");
+}
+
+#[test]
+fn a_gateway_cut_off_the_membership_port_dies_loses_its_lease_and_its_sessions_are_told() {
+    in_private_namespace(|| async {
+        let c = partitioned_cluster(Vec::new()).await;
+        let victim = "g2";
+        let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
+        let hellos_before = hellos_ok(&c, victim).await;
+        let net = &c.nets[victim];
+        let router = &c.routers[0];
+
+        let t0 = Instant::now();
+        net.drop_outgoing_to(router.membership_addr.port()).unwrap();
+        c.wait_not_alive(victim, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let detected = t0.elapsed();
+        // Silence: failure_timeout (1 s) after the last heartbeat, plus the
+        // 50 ms tick and slack for a loaded 2-core machine.
+        assert!(
+            detected <= Duration::from_millis(2_000),
+            "detected after {detected:?}"
+        );
+        // The gateway's side: no acknowledged heartbeat, so no lease, so no HELLO.
+        eventually(Duration::from_secs(3), "g2's lease to lapse", || async {
+            gateway_metric(&c, victim, "jvpn_gateway_lease_valid", &[]).await == 0.0
+        })
+        .await
+        .unwrap();
+        let stand_in = common::as_router("r1", c.gateway(victim).unwrap().client_addr).await;
+        assert!(common::not_in_cluster(
+            common::hello_via(&c, &stand_in).await
+        ));
+        // Its sessions: cut by the router at death, then told owner_lost.
+        common::wait_moved(&fleet, &who, victim, t0).await;
+        let after = fleet.snapshots();
+        common::assert_survivors_untouched(&before, &after, &who);
+        for i in &who {
+            let lost = |r: &jvpn_agent::AgentReport| {
+                r.rehandshake_reasons
+                    .get("owner_lost")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            assert_eq!(lost(&after[*i]), lost(&before[*i]) + 1, "agent {i}");
+        }
+        assert_eq!(
+            hellos_ok(&c, victim).await,
+            hellos_before,
+            "a HelloOk from a gateway without a lease"
+        );
+        eprintln!(
+            "membership cut: not alive after {} ms; {} sessions moved explicitly",
+            detected.as_millis(),
+            who.len()
+        );
+
+        net.heal().unwrap();
+        // Back: a flap, held down, then placeable with a lease again.
+        c.wait_placeable(&all_nodes(), Duration::from_secs(15))
+            .await
+            .unwrap();
+        assert_eq!(
+            gateway_metric(&c, victim, "jvpn_gateway_lease_valid", &[]).await,
+            1.0
+        );
+        assert_healed_cleanly(&c, fleet).await;
+    });
+}
