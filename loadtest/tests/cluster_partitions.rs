@@ -155,3 +155,131 @@ fn a_gateway_cut_off_the_membership_port_dies_loses_its_lease_and_its_sessions_a
         assert_healed_cleanly(&c, fleet).await;
     });
 }
+
+async fn router_count(c: &LocalCluster, name: &str, labels: &[(&str, &str)]) -> f64 {
+    c.router_metric(name, labels).await.unwrap()
+}
+
+#[test]
+fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
+    // Connects to a cut-off gateway fail after this (the router's timeout).
+    let env = vec![(
+        "JVPN_ROUTER__TIMEOUTS__CONNECT_TIMEOUT_MS".to_owned(),
+        "250".to_owned(),
+    )];
+    in_private_namespace(|| async move {
+        let c = partitioned_cluster(env).await;
+        let victim = "g2";
+        let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
+        let hellos_before = hellos_ok(&c, victim).await;
+        let net = &c.nets[victim];
+        let router = &c.routers[0];
+        let failures = || router_count(&c, "jvpn_router_gateway_connect_failures_total", &[]);
+        assert_eq!(failures().await, 0.0);
+
+        let t0 = Instant::now();
+        net.drop_incoming_to(c.gateway(victim).unwrap().client_addr.port())
+            .unwrap();
+        // Its agents' transports stall; their RESUMEs make the router
+        // connect, and fail.
+        eventually(Duration::from_secs(15), "3 failed connects", || async {
+            failures().await >= 3.0
+        })
+        .await
+        .unwrap();
+        let t_failed = Instant::now();
+        eventually(
+            Duration::from_secs(1),
+            "g2 unplaceable within 1 s",
+            || async { !router.placeable().await.unwrap().contains(victim) },
+        )
+        .await
+        .unwrap();
+        let unplaced = t_failed.elapsed();
+        // Still alive (heartbeats arrive): RESUMEs are told to retry.
+        eventually(
+            Duration::from_secs(3),
+            "owner_unreachable answers",
+            || async {
+                router_count(
+                    &c,
+                    "jvpn_router_connections_total",
+                    &[("result", "owner_unreachable")],
+                )
+                .await
+                    > 0.0
+            },
+        )
+        .await
+        .unwrap();
+        // Unreachable for 3 × failure_timeout: not alive, sessions lost.
+        c.wait_not_alive(victim, Duration::from_secs(6))
+            .await
+            .unwrap();
+        let dead = t0.elapsed();
+        common::wait_moved(&fleet, &who, victim, t0).await;
+        let after = fleet.snapshots();
+        common::assert_survivors_untouched(&before, &after, &who);
+        let mut unreachable_seen = 0;
+        for i in &who {
+            let (b, a) = (&before[*i], &after[*i]);
+            let lost = |r: &jvpn_agent::AgentReport| {
+                r.rehandshake_reasons
+                    .get("owner_lost")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            assert_eq!(
+                lost(a),
+                lost(b) + 1,
+                "agent {i}: {:?}",
+                a.rehandshake_reasons
+            );
+            let retried = |r: &jvpn_agent::AgentReport| {
+                r.resumes_rejected
+                    .get("owner_unreachable")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            unreachable_seen += u64::from(retried(a) > retried(b));
+        }
+        assert!(unreachable_seen > 0, "no agent was told owner_unreachable");
+        assert_eq!(hellos_ok(&c, victim).await, hellos_before);
+        eprintln!(
+            "client port cut: unplaceable {} ms after the 3rd failed connect; not alive {} ms after the cut; \
+             {} of {} sessions saw owner_unreachable first",
+            unplaced.as_millis(),
+            dead.as_millis(),
+            unreachable_seen,
+            who.len()
+        );
+
+        // Dead, yet its heartbeats still arrive: only a probe of the client
+        // port may bring it back, and while cut off every probe fails.
+        let probes = |result: &'static str| {
+            let c = &c;
+            async move {
+                router_count(
+                    c,
+                    "jvpn_router_reachability_probes_total",
+                    &[("result", result)],
+                )
+                .await
+            }
+        };
+        eventually(Duration::from_secs(3), "a failed probe", || async {
+            probes("failed").await > 0.0
+        })
+        .await
+        .unwrap();
+        assert_eq!(probes("ok").await, 0.0);
+        assert!(!router.alive().await.unwrap().contains(victim));
+
+        net.heal().unwrap();
+        c.wait_placeable(&all_nodes(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(probes("ok").await >= 1.0, "back without a successful probe");
+        assert_healed_cleanly(&c, fleet).await;
+    });
+}

@@ -222,6 +222,28 @@ async fn connect(
     }
 }
 
+/// Probes a member that died unreachable: a TCP connect to its client
+/// address (the result goes to membership like any connect), then a PROXY
+/// `LOCAL` header, which the gateway counts as a health check and closes.
+pub async fn probe(
+    state: Arc<RouterState>,
+    node: NodeId,
+    incarnation: Incarnation,
+    addr: SocketAddr,
+) {
+    let ok = match connect(&state, &node, incarnation, addr).await {
+        Some(mut s) => {
+            if let Ok(h) = ProxyHeader::local().encode() {
+                let _ = s.write_all(&h).await;
+            }
+            let _ = s.shutdown().await;
+            "ok"
+        }
+        None => "failed",
+    };
+    counter!(m::REACHABILITY_PROBES, "result" => ok).increment(1);
+}
+
 fn proxy_header(
     state: &RouterState,
     peer: SocketAddr,

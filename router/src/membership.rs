@@ -118,6 +118,10 @@ struct Member {
     unreachable_since: Option<Nanos>,
     held_until: Nanos,
     dead: bool,
+    /// Died unreachable: heartbeats alone do not bring it back, a connect
+    /// to its client address must succeed first (the router probes it).
+    needs_probe: bool,
+    last_probe: Nanos,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -211,22 +215,11 @@ impl Membership {
                 unreachable_since: None,
                 held_until: now + ns(hold),
                 dead: false,
+                needs_probe: false,
+                last_probe: 0,
             });
-        if m.dead {
-            // Back from the dead: a flap, held down before it is placeable,
-            // and reachability must be proven again from scratch.
-            m.dead = false;
-            m.rise_first = now;
-            m.rise_count = 0;
-            m.unreachable_since = None;
-            m.connect_failures.clear();
-            let flaps = {
-                let r = self.flaps.entry(hb.node_id.clone()).or_default();
-                r.flaps += 1;
-                r.last_flap = now;
-                r.flaps
-            };
-            m.held_until = now + ns(hold_down_for(&self.cfg, flaps));
+        if m.dead && !m.needs_probe {
+            revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
         }
         if now.saturating_sub(m.rise_first) >= ns(self.cfg.interval / 2) || m.rise_count == 0 {
             m.rise_count += 1;
@@ -263,7 +256,8 @@ impl Membership {
         }
     }
 
-    /// A data-plane connect to the member failed or succeeded.
+    /// A data-plane connect (or a reachability probe) to the member failed
+    /// or succeeded.
     pub fn on_connect(&mut self, now: Nanos, node: &NodeId, incarnation: Incarnation, ok: bool) {
         let Some(m) = self.members.get_mut(node) else {
             return;
@@ -274,6 +268,10 @@ impl Membership {
         if ok {
             m.connect_failures.clear();
             m.unreachable_since = None;
+            let heard = now.saturating_sub(m.last_heartbeat) <= ns(self.cfg.failure_timeout);
+            if m.dead && m.needs_probe && heard {
+                revive(m, &mut self.flaps, node, &self.cfg, now);
+            }
         } else {
             m.connect_failures.push_back(now);
             m.unreachable_since.get_or_insert(now);
@@ -288,15 +286,36 @@ impl Membership {
         }
     }
 
+    fn unreachable_too_long(&self, m: &Member, now: Nanos) -> bool {
+        m.unreachable_since
+            .is_some_and(|t| now.saturating_sub(t) > ns(3 * self.cfg.failure_timeout))
+    }
+
     fn would_die(&self, m: &Member, now: Nanos) -> bool {
         let silent = now.saturating_sub(m.last_heartbeat) > ns(self.cfg.failure_timeout);
         let closed = m
             .stream_closed_at
             .is_some_and(|t| now.saturating_sub(t) > ns(2 * self.cfg.interval));
-        let unreachable = m
-            .unreachable_since
-            .is_some_and(|t| now.saturating_sub(t) > ns(3 * self.cfg.failure_timeout));
-        silent || closed || unreachable
+        silent || closed || self.unreachable_too_long(m, now)
+    }
+
+    /// Members that died unreachable and still heartbeat, due for a probe of
+    /// their client address (at most one per heartbeat interval each). The
+    /// shell connects and reports the result through [`Self::on_connect`].
+    pub fn probes_due(&mut self, now: Nanos) -> Vec<(NodeId, Incarnation, SocketAddr)> {
+        let (every, fresh) = (ns(self.cfg.interval), ns(self.cfg.failure_timeout));
+        let mut due = Vec::new();
+        for (n, m) in &mut self.members {
+            if m.dead
+                && m.needs_probe
+                && now.saturating_sub(m.last_heartbeat) <= fresh
+                && now.saturating_sub(m.last_probe) >= every
+            {
+                m.last_probe = now;
+                due.push((n.clone(), m.incarnation, m.addr));
+            }
+        }
+        due
     }
 
     /// Runs death verdicts. Call every 50 ms; returns the members that died.
@@ -333,8 +352,15 @@ impl Membership {
         self.unhealthy = false;
         let mut died = Vec::new();
         for n in dying {
+            let unreachable = self
+                .members
+                .get(&n)
+                .is_some_and(|m| self.unreachable_too_long(m, now));
             if let Some(m) = self.members.get_mut(&n) {
                 m.dead = true;
+                // Heartbeats still arriving prove nothing about the client
+                // port: only a successful connect brings it back.
+                m.needs_probe = unreachable;
                 died.push((n, m.incarnation));
             }
         }
@@ -415,6 +441,27 @@ impl Membership {
             OwnerRoute::Lost
         }
     }
+}
+
+/// Back from the dead: a flap, held down before it is placeable, and
+/// reachability proven again from scratch.
+fn revive(
+    m: &mut Member,
+    flaps: &mut HashMap<NodeId, FlapRecord>,
+    node: &NodeId,
+    cfg: &MembershipConfig,
+    now: Nanos,
+) {
+    m.dead = false;
+    m.needs_probe = false;
+    m.rise_first = now;
+    m.rise_count = 0;
+    m.unreachable_since = None;
+    m.connect_failures.clear();
+    let r = flaps.entry(node.clone()).or_default();
+    r.flaps += 1;
+    r.last_flap = now;
+    m.held_until = now + ns(hold_down_for(cfg, r.flaps));
 }
 
 fn hold_down_for(cfg: &MembershipConfig, flaps: u32) -> Duration {
@@ -583,5 +630,49 @@ mod tests {
         // Heartbeats still arrive, but 3 × failure_timeout unreachable: not alive.
         let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 1200, 4300);
         assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+        // Its heartbeats keep arriving, yet it stays dead: a heartbeat says
+        // nothing about the client port.
+        let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 4300, 9000);
+        assert!(died.is_empty());
+        assert_eq!(
+            m.route(9000 * MS, Some((&g3, Incarnation(1)))),
+            OwnerRoute::Lost
+        );
+        // The router probes it once per interval; a failed probe changes nothing.
+        let due = m.probes_due(9000 * MS);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, g3);
+        assert!(
+            m.probes_due(9100 * MS).is_empty(),
+            "at most one per interval"
+        );
+        m.on_connect(9100 * MS, &g3, Incarnation(1), false);
+        assert_eq!(m.probes_due(9250 * MS).len(), 1);
+        // A successful probe: back, as a flap (held down), then placeable.
+        m.on_connect(9300 * MS, &g3, Incarnation(1), true);
+        assert!(matches!(
+            m.route(9300 * MS, Some((&g3, Incarnation(1)))),
+            OwnerRoute::Alive(_)
+        ));
+        assert!(m.probes_due(9600 * MS).is_empty());
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 9300, 10000);
+        assert_eq!(placeable(&m, 10000), ["g1", "g2"], "held down");
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 10000, 11500);
+        assert_eq!(placeable(&m, 11500), ["g1", "g2", "g3"]);
+    }
+
+    #[test]
+    fn a_silent_death_is_undone_by_heartbeats_alone() {
+        let mut m = Membership::new(MembershipConfig::default(), 0);
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+        let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
+        assert_eq!(died.len(), 1);
+        assert!(m.probes_due(2500 * MS).is_empty(), "silence needs no probe");
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 2500, 2600);
+        let g3 = NodeId::new("g3").unwrap();
+        assert!(matches!(
+            m.route(2600 * MS, Some((&g3, Incarnation(1)))),
+            OwnerRoute::Alive(_)
+        ));
     }
 }

@@ -25,6 +25,7 @@ pub const UNHEALTHY: &str = "jvpn_router_unhealthy";
 pub const ROUTED_TO_UNPLACEABLE: &str = "jvpn_router_routed_to_unplaceable_total";
 pub const RESUMES_OFF_SHARD: &str = "jvpn_router_resumes_off_shard_total";
 pub const OVERFLOW_BUCKET: &str = "jvpn_router_rate_limit_overflow_total";
+pub const REACHABILITY_PROBES: &str = "jvpn_router_reachability_probes_total";
 pub const TICK_LATENESS: &str = "jvpn_router_tick_lateness_seconds";
 
 /// Describes every metric (no HELP line fails `promtool check metrics`).
@@ -92,6 +93,10 @@ pub fn describe() {
         OVERFLOW_BUCKET,
         "Admission decisions made by a shared overflow entry (source table full), by table."
     );
+    describe_counter!(
+        REACHABILITY_PROBES,
+        "Connects to gateways that died unreachable but still heartbeat, by result; one success brings the gateway back (held down)."
+    );
     describe_histogram!(
         TICK_LATENESS,
         Unit::Seconds,
@@ -121,5 +126,7 @@ pub fn describe() {
     metrics::counter!(OVERFLOW_BUCKET, "table" => "rate").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "concurrency").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "membership").absolute(0);
+    metrics::counter!(REACHABILITY_PROBES, "result" => "ok").absolute(0);
+    metrics::counter!(REACHABILITY_PROBES, "result" => "failed").absolute(0);
     metrics::gauge!(UNHEALTHY).set(0.0);
 }

@@ -263,5 +263,13 @@ async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
         histogram!(m::TICK_LATENESS).record(late.as_secs_f64());
         last = now;
         state.tick();
+        for (node, incarnation, addr) in state.probes_due() {
+            tokio::spawn(crate::forward::probe(
+                state.clone(),
+                node,
+                incarnation,
+                addr,
+            ));
+        }
     }
 }

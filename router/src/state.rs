@@ -271,6 +271,11 @@ impl RouterState {
         lock(&self.membership).status(self.now())
     }
 
+    /// Members that died unreachable and must be probed before they return.
+    pub fn probes_due(&self) -> Vec<(NodeId, Incarnation, std::net::SocketAddr)> {
+        lock(&self.membership).probes_due(self.now())
+    }
+
     fn is_placeable(&self, node: &NodeId, incarnation: Incarnation) -> bool {
         lock(&self.membership).is_placeable(self.now(), node, incarnation)
     }
