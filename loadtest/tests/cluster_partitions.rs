@@ -9,6 +9,9 @@
 //!   answered `owner_unreachable`, then `owner_lost` after 3 × failure
 //!   timeout unreachable.
 //!
+//! * a pause (SIGSTOP for 2 × failure timeout, then SIGCONT): nothing
+//!   accepted from the paused gateway until it is admitted again.
+//!
 //! After each heal: no session attached on two gateways, nothing routed to
 //! an unplaceable gateway, no `HelloOk` from a gateway without a lease.
 //! Tests here measure detection times, so they run one at a time.
@@ -22,8 +25,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster, node_name};
-use jvpn_loadtest::harness::eventually;
+use jvpn_loadtest::harness::{agent_config, eventually, source_ip};
 use jvpn_loadtest::invariants;
+use nix::sys::signal::Signal;
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -280,6 +284,73 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
             .await
             .unwrap();
         assert!(probes("ok").await >= 1.0, "back without a successful probe");
+        assert_healed_cleanly(&c, fleet).await;
+    });
+}
+
+/// HELLOs through the routers until `stop`: which gateway answered each
+/// `HelloOk`, and when the agent read it.
+fn hello_load(
+    c: &LocalCluster,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(String, Instant)>> {
+    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(500))).unwrap();
+    tokio::spawn(async move {
+        let mut placed = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut a = jvpn_agent::Agent::new(cfg.clone()).unwrap();
+            if a.hello().await.is_ok() {
+                placed.push((a.session.as_ref().unwrap().node_id.clone(), Instant::now()));
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        placed
+    })
+}
+
+#[test]
+fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
+    in_private_namespace(|| async {
+        let c = partitioned_cluster(Vec::new()).await;
+        let victim = "g3";
+        let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = hello_load(&c, stop.clone());
+
+        let failure_timeout = Duration::from_millis(1_000);
+        let t_stop = Instant::now();
+        c.gateway(victim).unwrap().signal(Signal::SIGSTOP).unwrap();
+        c.wait_not_alive(victim, 2 * failure_timeout).await.unwrap();
+        // The pause itself is the fault being tested: it lasts 2 × failure_timeout.
+        tokio::time::sleep_until((t_stop + 2 * failure_timeout).into()).await;
+        c.gateway(victim).unwrap().signal(Signal::SIGCONT).unwrap();
+        let t_cont = Instant::now();
+
+        common::wait_moved(&fleet, &who, victim, t_stop).await;
+        let after = fleet.snapshots();
+        common::assert_survivors_untouched(&before, &after, &who);
+        // Back: its first heartbeat after the pause is a flap, held down 2 s.
+        c.wait_placeable(&all_nodes(), Duration::from_secs(15))
+            .await
+            .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let placed = load.await.unwrap();
+        // Nothing from the paused gateway between the pause and the end of
+        // its hold-down: it had no lease, and the router did not place on it.
+        let readmitted_earliest = t_cont + Duration::from_secs(2);
+        let stale: Vec<_> = placed
+            .iter()
+            .filter(|(n, t)| n == victim && *t > t_stop && *t < readmitted_earliest)
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "{} HelloOk from the paused gateway",
+            stale.len()
+        );
+        assert!(
+            placed.iter().any(|(_, t)| *t > t_stop && *t < t_cont),
+            "no HELLO was placed during the pause"
+        );
         assert_healed_cleanly(&c, fleet).await;
     });
 }
