@@ -192,6 +192,9 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     install_for("gateway", describe)
 }
 
+/// How often queued histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the recorder for any binary: `describe` names its catalogue and
 /// `jvpn_build_info{component}` is set.
 pub fn install_for(component: &'static str, describe: fn()) -> anyhow::Result<PrometheusHandle> {
@@ -202,6 +205,19 @@ pub fn install_for(component: &'static str, describe: fn()) -> anyhow::Result<Pr
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
         .install_recorder()?;
+    // Histogram samples queue in the recorder until a render or an upkeep
+    // drains them: without scrapes that queue grows with every request
+    // (found by the churn soak, ~60 bytes per session). `install_recorder`
+    // starts no upkeep of its own.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })?;
     describe();
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     metrics::gauge!(BUILD_INFO, "component" => component, "version" => env!("CARGO_PKG_VERSION"))

@@ -295,7 +295,7 @@ pub async fn bare_tls_server(
     .await
 }
 
-async fn start_pinned_gateway(
+pub(crate) async fn start_pinned_gateway(
     exe: &Path,
     pki: &TestPki,
     dir: &Path,

@@ -32,3 +32,4 @@ pub mod netns;
 pub mod report;
 pub mod scenario;
 pub mod serve_cluster;
+pub mod soak;

@@ -61,6 +61,17 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         sessions: usize,
     },
+    /// Session churn on one gateway (create, resume, terminate): RSS,
+    /// descriptors and the session table must return to their baseline.
+    Soak {
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: u64,
+        /// Cycles before the baseline is read (allocator and caches warm).
+        #[arg(long, default_value_t = 10_000)]
+        warmup: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// Direct vs jvpn-router vs HAProxy in one run, splice buffers, router
     /// memory per idle connection, detection times (needs haproxy).
     BenchRouter {
@@ -276,6 +287,32 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("bench failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Soak {
+            sessions,
+            warmup,
+            concurrency,
+        } => {
+            let opts = jvpn_loadtest::soak::SoakOptions {
+                sessions,
+                warmup,
+                concurrency,
+            };
+            match runtime().and_then(|rt| rt.block_on(jvpn_loadtest::soak::run(opts))) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    if r.violations.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("soak failed: {}", r.violations.join("; "));
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("soak failed: {e:#}");
                     ExitCode::FAILURE
                 }
             }

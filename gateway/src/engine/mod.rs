@@ -584,8 +584,23 @@ impl Engine {
         let ok = step(&mut self.out, &p, now, *id, s, Event::Terminate(why)).is_ok();
         if ok {
             self.sessions.remove(id);
+            self.compact_timers();
         }
         ok
+    }
+
+    /// Timer entries are deleted lazily (an entry whose session is gone is
+    /// skipped when it fires), so churn leaves entries behind until their
+    /// deadlines: rate × heartbeat timeout of them. Once they outnumber the
+    /// live sessions, rebuild the heap from the entries still in force.
+    fn compact_timers(&mut self) {
+        if self.timers.len() > 2 * self.sessions.len() + 1024 {
+            self.timers = self
+                .sessions
+                .iter()
+                .filter_map(|(id, s)| s.scheduled.map(|t| Reverse((t, *id))))
+                .collect();
+        }
     }
 
     /// Ends every session (in id order, so runs are reproducible).
@@ -634,6 +649,7 @@ impl Engine {
                 schedule(&mut self.timers, p, id, s);
             }
         }
+        self.compact_timers();
     }
 }
 
