@@ -98,7 +98,7 @@ fn churned_sessions_leave_nothing_behind() {
     let mut e = engine();
     let principal: Arc<str> = Arc::from("agent");
     let now = Mono::from_millis(1);
-    let mut churn = |e: &mut Engine, from: u64, n: u64| {
+    let churn = |e: &mut Engine, from: u64, n: u64| {
         for i in from..from + n {
             let id = hello(e, now, i, &principal);
             e.transport_closed(now, &id, TransportId(i));

@@ -211,17 +211,13 @@ async fn a_restarted_node_id_supersedes_its_old_incarnation_which_exits_75() {
 /// Victims re-established after `t0` (possibly on the new incarnation of the
 /// same node id: a fresh HELLO may land anywhere).
 async fn wait_moved_or_same_node(fleet: &Fleet, who: &BTreeSet<usize>, t0: Instant) {
-    eventually(
-        Duration::from_secs(30),
-        "common::victims re-established",
-        || {
-            let snaps = fleet.snapshots();
-            let done = who
-                .iter()
-                .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0));
-            async move { done }
-        },
-    )
+    eventually(Duration::from_secs(30), "victims re-established", || {
+        let snaps = fleet.snapshots();
+        let done = who
+            .iter()
+            .all(|i| snaps[*i].established_at.is_some_and(|t| t > t0));
+        async move { done }
+    })
     .await
     .unwrap();
 }

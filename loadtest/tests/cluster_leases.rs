@@ -45,12 +45,9 @@ async fn hello_needs_a_live_lease_with_the_forwarding_router() {
     .unwrap();
     assert!(common::not_in_cluster(common::hello_via(&c, &r1).await));
     assert_eq!(
-        g1.metric(
-            "jvpn_gateway_hellos_total",
-            &[("result", "common::not_in_cluster")]
-        )
-        .await
-        .unwrap(),
+        g1.metric("jvpn_gateway_hellos_total", &[("result", "not_in_cluster")])
+            .await
+            .unwrap(),
         2.0
     );
 

@@ -72,15 +72,7 @@ async fn hellos_ok(c: &LocalCluster, node: &str) -> f64 {
 /// session attached on two gateways (from their event streams), nothing
 /// placed on an unplaceable gateway.
 async fn assert_healed_cleanly(c: &LocalCluster, fleet: jvpn_loadtest::fleet::Fleet) {
-    assert_eq!(
-        c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
-            .await
-            .unwrap(),
-        0.0
-    );
-    let reports = fleet.close().await;
-    let inv = invariants::from_agents(&reports);
-    assert!(inv.all_zero(), "{inv:?}");
+    common::close_clean(c, fleet).await;
     let paths: Vec<&Path> = c
         .gateways
         .iter()

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use jvpn_loadtest::cluster::{ClusterOptions, node_name};
 use jvpn_loadtest::fleet::Fleet;
 use jvpn_loadtest::harness::eventually;
-use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,14 +119,6 @@ async fn rolling_upgrade_moves_only_the_drained_nodes_sessions() {
             .unwrap();
     }
 
-    assert_eq!(
-        c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
-            .await
-            .unwrap(),
-        0.0
-    );
-    let reports = fleet.close().await;
+    let reports = common::close_clean(&c, fleet).await;
     assert!(reports.len() > 90);
-    let inv = invariants::from_agents(&reports);
-    assert!(inv.all_zero(), "{inv:?}");
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
 use jvpn_loadtest::fleet::Fleet;
 use jvpn_loadtest::harness::{agent_config, eventually, source_ip};
-use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
 /// Every agent of the fleet changes transport once and resumes.
@@ -119,17 +118,9 @@ async fn the_cluster_secret_rotates_without_a_rehandshake() {
     restart_routers(&mut c, env(false), &fleet).await;
     new_sessions_work(&c, 320).await;
 
-    assert_eq!(
-        c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
-            .await
-            .unwrap(),
-        0.0
-    );
-    let reports = fleet.close().await;
+    let reports = common::close_clean(&c, fleet).await;
     assert!(
         reports.iter().all(|r| r.rehandshakes == 0),
         "a session re-handshaked"
     );
-    let inv = invariants::from_agents(&reports);
-    assert!(inv.all_zero(), "{inv:?}");
 }

@@ -92,11 +92,7 @@ async fn a_router_reloads_its_admission_limits_on_sighup() {
     use nix::sys::signal::Signal;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
-    let c = common::cluster(ClusterOptions {
-        gateways: 1,
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = common::one_gateway_cluster().await;
     let r = &c.routers[0];
     let text = std::fs::read_to_string(&r.config_path).unwrap();
     let reloads = |ok: f64, failed: f64| async move {
@@ -158,11 +154,7 @@ async fn a_router_reloads_its_admission_limits_on_sighup() {
 async fn idle_membership_connections_are_closed() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = common::cluster(ClusterOptions {
-        gateways: 1,
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = common::one_gateway_cluster().await;
     let r = &c.routers[0];
     let mut idle = Vec::new();
     // As many as one source may hold, so the TLS timeout (not the
@@ -212,11 +204,7 @@ async fn a_membership_connection_flood_is_capped_per_source() {
     use jvpn_loadtest::harness::eventually;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
-    let c = common::cluster(ClusterOptions {
-        gateways: 1,
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = common::one_gateway_cluster().await;
     let r = &c.routers[0];
     let flooder = std::net::SocketAddr::from(([127, 0, 0, 9], 0));
     let connect = || async {

@@ -235,3 +235,27 @@ pub fn not_in_cluster(r: Result<String, AgentError>) -> bool {
         })
     )
 }
+
+/// A cluster of one router and one gateway (`g1`).
+pub async fn one_gateway_cluster() -> LocalCluster {
+    cluster(jvpn_loadtest::cluster::ClusterOptions {
+        gateways: 1,
+        ..jvpn_loadtest::cluster::ClusterOptions::default()
+    })
+    .await
+}
+
+/// Closes the fleet after asserting nothing was ever placed on an
+/// unplaceable gateway, and checks the agents' invariant counters.
+pub async fn close_clean(c: &LocalCluster, fleet: Fleet) -> Vec<AgentReport> {
+    assert_eq!(
+        c.router_metric("jvpn_router_routed_to_unplaceable_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+    let reports = fleet.close().await;
+    let inv = jvpn_loadtest::invariants::from_agents(&reports);
+    assert!(inv.all_zero(), "{inv:?}");
+    reports
+}
