@@ -1,7 +1,8 @@
 //! Deterministic simulation of a cluster over the real sans-IO cores: two
 //! routers (`membership::Membership`), three gateways (`engine::Engine`) and
 //! agents, on a virtual clock, with crashes, pauses, partitions of the
-//! heartbeat links and dropped heartbeats drawn from a seed.
+//! heartbeat links and of the client ports, and dropped heartbeats drawn
+//! from a seed.
 //!
 //! Checked on every seed:
 //! * one owner per session id: no id is live on two gateway lives;
@@ -53,6 +54,8 @@ struct Gateway {
     restart_at: u64,
     /// Heartbeat link to each router is cut until this time.
     cut_until: [u64; ROUTERS],
+    /// Each router's connects to the client port fail until this time.
+    client_cut_until: [u64; ROUTERS],
 }
 
 struct Session {
@@ -115,6 +118,7 @@ impl World {
                 paused_until: 0,
                 restart_at: 0,
                 cut_until: [0; ROUTERS],
+                client_cut_until: [0; ROUTERS],
             })
             .collect();
         for g in &mut gateways {
@@ -151,6 +155,16 @@ impl World {
         self.gateways[g].life.is_some() && self.now >= self.gateways[g].paused_until
     }
 
+    /// Would router `r`'s TCP connect to `g`'s client port succeed? (A
+    /// paused process still completes handshakes in its kernel.)
+    fn reachable(&self, g: usize, r: usize, inc: Incarnation) -> bool {
+        self.gateways[g]
+            .life
+            .as_ref()
+            .is_some_and(|l| l.incarnation == inc)
+            && self.now >= self.gateways[g].client_cut_until[r]
+    }
+
     fn gateway_of(&self, node: &NodeId) -> usize {
         self.gateways.iter().position(|g| g.node == *node).unwrap()
     }
@@ -175,6 +189,12 @@ impl World {
         } else if roll < 12 {
             let r = self.rng.random_range(0..ROUTERS);
             self.gateways[g].cut_until[r] = self.now + self.rng.random_range(500..3_000);
+        } else if roll < 15 {
+            // The client port cut off from one router, heartbeats unaffected:
+            // long enough, often, for the unreachable rule to kill.
+            let r = self.rng.random_range(0..ROUTERS);
+            let until = self.now + self.rng.random_range(500..6_000);
+            self.gateways[g].client_cut_until[r] = until.min(FAULTY_UNTIL_MS);
         }
     }
 
@@ -206,8 +226,13 @@ impl World {
             }
         }
         if self.now.is_multiple_of(50) {
-            for r in &mut self.routers {
-                r.tick(self.now * MS);
+            for r in 0..ROUTERS {
+                self.routers[r].tick(self.now * MS);
+                // Members that died unreachable come back only through a probe.
+                for (node, inc, _) in self.routers[r].probes_due(self.now * MS) {
+                    let ok = self.reachable(self.gateway_of(&node), r, inc);
+                    self.routers[r].on_connect(self.now * MS, &node, inc, ok);
+                }
             }
         }
     }
@@ -324,6 +349,14 @@ impl World {
     fn resume_on_owner(&mut self, i: usize) {
         let s = self.agents[i].session.as_ref().unwrap();
         let g = self.gateway_of(&s.node);
+        let r = self.agents[i].next_router;
+        let (node, inc) = (s.node.clone(), s.incarnation);
+        let reached = self.reachable(g, r, inc);
+        self.routers[r].on_connect(self.now * MS, &node, inc, reached);
+        if !reached && self.gateways[g].life.is_some() {
+            // The router's connect failed: owner_unreachable, retry.
+            return self.retry_later(i, 100);
+        }
         if !self.running(g) {
             // Connect refused (dead) or hanging (paused): try again later.
             return self.retry_later(i, 200);
@@ -407,6 +440,8 @@ impl World {
         }
         let pick = &placeable[self.rng.random_range(0..placeable.len())];
         let g = self.gateway_of(&pick.node_id);
+        let reached = self.reachable(g, r, pick.incarnation);
+        self.routers[r].on_connect(self.now * MS, &pick.node_id, pick.incarnation, reached);
         let fenced = self.now < self.gateways[g].cut_until[r];
         let matches = self.gateways[g]
             .life
@@ -494,6 +529,24 @@ impl World {
                 life.engine.session(&s.id).is_some(),
                 "agent {i}'s owner does not hold its session"
             );
+        }
+        // Once faults stop, every running gateway is alive again on every
+        // router (one that died unreachable came back through a probe).
+        for (r, m) in self.routers.iter().enumerate() {
+            let alive: Vec<_> = m
+                .status(self.now * MS)
+                .into_iter()
+                .filter(|s| s.alive)
+                .map(|s| (s.node_id, s.incarnation))
+                .collect();
+            for g in &self.gateways {
+                let l = g.life.as_ref().unwrap();
+                assert!(
+                    alive.contains(&(g.node.clone(), l.incarnation)),
+                    "{} is not alive on router {r} at the end",
+                    g.node
+                );
+            }
         }
         // Each live session id is held by exactly the life that minted it.
         for g in &self.gateways {
