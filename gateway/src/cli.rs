@@ -195,12 +195,13 @@ async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
     let prom = metrics::install()?;
     let client = tokio::net::TcpListener::bind(cfg.raw.client_addr).await?;
     let admin = tokio::net::TcpListener::bind(cfg.raw.admin_addr).await?;
+    let shutdown = shutdown_signal();
     announce_ready(&format!(
         "client={} admin={}",
         client.local_addr()?,
         admin.local_addr()?
     ));
-    server::serve(cfg, client, admin, Some(prom), shutdown_signal()).await
+    server::serve(cfg, client, admin, Some(prom), shutdown).await
 }
 
 /// Every listener is bound: one line on stdout for harnesses (ports may have
@@ -242,24 +243,28 @@ pub async fn reload_on_hangup(
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C, telling systemd the service is stopping.
-pub async fn shutdown_signal() {
-    wait_for_termination().await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-}
-
-async fn wait_for_termination() {
+/// Resolves on SIGTERM or SIGINT, telling systemd the service is stopping.
+/// The handlers are installed when this is called, not when it is first
+/// polled: call it before announcing readiness, or a SIGTERM sent right
+/// after `READY=1` would kill the process undrained (default action).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending::<()>().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
 }
 

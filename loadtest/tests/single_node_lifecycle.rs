@@ -206,7 +206,7 @@ async fn systemd_is_told_ready_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let env = common::start_with(harness::GatewayOptions {
+    let mut env = common::start_with(harness::GatewayOptions {
         env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
         ..Default::default()
     })
@@ -224,6 +224,13 @@ async fn systemd_is_told_ready_and_stopping() {
         .expect("no STOPPING within 10 s")
         .unwrap();
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap().trim(), "STOPPING=1");
+    // A SIGTERM right after READY is a drain, never the default action
+    // (the handler is installed before readiness is announced).
+    let status = tokio::time::timeout(within, env.gw.wait())
+        .await
+        .expect("no exit within 10 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 /// SIGHUP: a new policy reaches new sessions only, a new certificate is

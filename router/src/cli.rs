@@ -48,11 +48,13 @@ async fn run(cfg: config::Validated) -> anyhow::Result<()> {
         membership: bind(cfg.raw.membership_addr).await?,
         admin: bind(cfg.raw.admin_addr).await?,
     };
+    // Signal handlers before readiness (see `shutdown_signal`).
+    let shutdown = shutdown_signal();
     jvpn_gateway::cli::announce_ready(&format!(
         "client={} membership={} admin={}",
         listeners.client.local_addr()?,
         listeners.membership.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    server::serve(cfg, listeners, Some(prom), shutdown_signal()).await
+    server::serve(cfg, listeners, Some(prom), shutdown).await
 }
