@@ -80,6 +80,27 @@ impl AsyncWrite for Capped {
     }
 }
 
+/// The next connection on `listener`, or `None` once `stop` changes. Accept
+/// errors (EMFILE and friends) back off instead of spinning. Both of the
+/// router's TCP listeners accept through this.
+pub(crate) async fn accept_until(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 /// Accepts on `listener` until `stop`, closing connections over the cap at
 /// once; the rest go to the gRPC server through the returned stream.
 pub fn incoming(
@@ -89,18 +110,7 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<Capped>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "membership accept failed");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    }
-                },
-                _ = stop.changed() => return,
-            };
+        while let Some((stream, peer)) = accept_until(&listener, &mut stop).await {
             let Some(slot) = state.admit_membership(SourceKey::from(peer.ip())) else {
                 counter!(m::MEMBERSHIP_CONNECTIONS_REFUSED).increment(1);
                 drop(stream);

@@ -11,7 +11,7 @@ use metrics::histogram;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Validated;
 use crate::metrics as m;
@@ -216,20 +216,10 @@ pub async fn serve(
     let acc_state = state.clone();
     let client = listeners.client;
     let accept_task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = client.accept() => match r {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(crate::forward::handle(acc_state.clone(), stream, peer));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                },
-                _ = accept_stop.changed() => return,
-            }
+        while let Some((stream, peer)) =
+            crate::membership_port::accept_until(&client, &mut accept_stop).await
+        {
+            tokio::spawn(crate::forward::handle(acc_state.clone(), stream, peer));
         }
     });
     info!(router = %state.cfg.router_id, "router serving");
