@@ -124,6 +124,13 @@ struct Member {
     last_probe: Nanos,
 }
 
+impl Member {
+    /// No heartbeat for longer than `timeout`.
+    fn silent(&self, now: Nanos, timeout: Duration) -> bool {
+        now.saturating_sub(self.last_heartbeat) > ns(timeout)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct FlapRecord {
     flaps: u32,
@@ -268,8 +275,7 @@ impl Membership {
         if ok {
             m.connect_failures.clear();
             m.unreachable_since = None;
-            let heard = now.saturating_sub(m.last_heartbeat) <= ns(self.cfg.failure_timeout);
-            if m.dead && m.needs_probe && heard {
+            if m.dead && m.needs_probe && !m.silent(now, self.cfg.failure_timeout) {
                 revive(m, &mut self.flaps, node, &self.cfg, now);
             }
         } else {
@@ -292,7 +298,7 @@ impl Membership {
     }
 
     fn would_die(&self, m: &Member, now: Nanos) -> bool {
-        let silent = now.saturating_sub(m.last_heartbeat) > ns(self.cfg.failure_timeout);
+        let silent = m.silent(now, self.cfg.failure_timeout);
         let closed = m
             .stream_closed_at
             .is_some_and(|t| now.saturating_sub(t) > ns(2 * self.cfg.interval));
@@ -303,12 +309,12 @@ impl Membership {
     /// their client address (at most one per heartbeat interval each). The
     /// shell connects and reports the result through [`Self::on_connect`].
     pub fn probes_due(&mut self, now: Nanos) -> Vec<(NodeId, Incarnation, SocketAddr)> {
-        let (every, fresh) = (ns(self.cfg.interval), ns(self.cfg.failure_timeout));
+        let (every, fresh) = (ns(self.cfg.interval), self.cfg.failure_timeout);
         let mut due = Vec::new();
         for (n, m) in &mut self.members {
             if m.dead
                 && m.needs_probe
-                && now.saturating_sub(m.last_heartbeat) <= fresh
+                && !m.silent(now, fresh)
                 && now.saturating_sub(m.last_probe) >= every
             {
                 m.last_probe = now;
@@ -338,11 +344,12 @@ impl Membership {
             return Vec::new();
         }
         let live = self.members.values().filter(|m| !m.dead).count();
-        let dying: Vec<NodeId> = self
+        // Each dying member, and whether unreachability is (one) cause.
+        let dying: Vec<(NodeId, bool)> = self
             .members
             .iter()
             .filter(|(_, m)| !m.dead && self.would_die(m, now))
-            .map(|(n, _)| n.clone())
+            .map(|(n, m)| (n.clone(), self.unreachable_too_long(m, now)))
             .collect();
         if live >= 2 && dying.len() * 2 > live {
             // More than half would die at once: more likely our fault.
@@ -351,11 +358,7 @@ impl Membership {
         }
         self.unhealthy = false;
         let mut died = Vec::new();
-        for n in dying {
-            let unreachable = self
-                .members
-                .get(&n)
-                .is_some_and(|m| self.unreachable_too_long(m, now));
+        for (n, unreachable) in dying {
             if let Some(m) = self.members.get_mut(&n) {
                 m.dead = true;
                 // Heartbeats still arriving prove nothing about the client
