@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
 use jvpn_loadtest::fleet::Fleet;
-use jvpn_loadtest::harness::{agent_config, eventually, http_get, source_ip};
+use jvpn_loadtest::harness::{eventually, http_get};
 use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
@@ -102,24 +102,7 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
     let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
 
     // New HELLOs keep arriving during the pause.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let (pki_cfg, stop) = (
-            agent_config(&c.pki, c.router_addrs(), Some(source_ip(500))).unwrap(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let mut placed = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut a = jvpn_agent::Agent::new(pki_cfg.clone()).unwrap();
-                if a.hello().await.is_ok() {
-                    placed.push(a.session.as_ref().unwrap().node_id.clone());
-                }
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-            placed
-        })
-    };
+    let load = common::HelloLoad::start(&c, 500, Duration::from_millis(30));
 
     let t0 = Instant::now();
     c.gateway(victim).unwrap().signal(Signal::SIGSTOP).unwrap();
@@ -150,8 +133,7 @@ async fn sigstop_is_silent_death_then_the_node_is_readmitted_after_hold_down() {
     c.wait_placeable(&all, Duration::from_secs(10))
         .await
         .unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let placed = load.await.unwrap();
+    let placed = load.stop().await;
     assert!(!placed.is_empty());
     assert_eq!(unplaceable(&c).await, 0.0);
     let reports = fleet.close().await;
@@ -316,22 +298,7 @@ async fn a_flapping_gateway_changes_the_ring_a_bounded_number_of_times() {
     let changes_before = c.routers[0].ring().await.unwrap()["ring_changes"]
         .as_u64()
         .unwrap();
-    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(900))).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut a = jvpn_agent::Agent::new(cfg.clone()).unwrap();
-                if a.hello().await.is_ok() {
-                    n += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            n
-        })
-    };
+    let load = common::HelloLoad::start(&c, 900, Duration::from_millis(50));
     let flapper = c.gateway("g3").unwrap();
     let end = Instant::now() + Duration::from_secs(20);
     let mut stopped = false;
@@ -351,8 +318,7 @@ async fn a_flapping_gateway_changes_the_ring_a_bounded_number_of_times() {
     if stopped {
         flapper.signal(Signal::SIGCONT).unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let hellos = load.await.unwrap();
+    let hellos = load.stop().await.len();
     let changes = c.routers[0].ring().await.unwrap()["ring_changes"]
         .as_u64()
         .unwrap()

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster, node_name};
-use jvpn_loadtest::harness::{agent_config, eventually, source_ip};
+use jvpn_loadtest::harness::eventually;
 use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
@@ -280,34 +280,13 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
     });
 }
 
-/// HELLOs through the routers until `stop`: which gateway answered each
-/// `HelloOk`, and when the agent read it.
-fn hello_load(
-    c: &LocalCluster,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<(String, Instant)>> {
-    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(500))).unwrap();
-    tokio::spawn(async move {
-        let mut placed = Vec::new();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut a = jvpn_agent::Agent::new(cfg.clone()).unwrap();
-            if a.hello().await.is_ok() {
-                placed.push((a.session.as_ref().unwrap().node_id.clone(), Instant::now()));
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        placed
-    })
-}
-
 #[test]
 fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
     in_private_namespace(|| async {
         let c = partitioned_cluster(Vec::new()).await;
         let victim = "g3";
         let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let load = hello_load(&c, stop.clone());
+        let load = common::HelloLoad::start(&c, 500, Duration::from_millis(30));
 
         let failure_timeout = Duration::from_millis(1_000);
         let t_stop = Instant::now();
@@ -325,8 +304,7 @@ fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
         c.wait_placeable(&all_nodes(), Duration::from_secs(15))
             .await
             .unwrap();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let placed = load.await.unwrap();
+        let placed = load.stop().await;
         // Nothing from the paused gateway between the pause and the end of
         // its hold-down: it had no lease, and the router did not place on it.
         let readmitted_earliest = t_cont + Duration::from_secs(2);

@@ -259,3 +259,37 @@ pub async fn close_clean(c: &LocalCluster, fleet: Fleet) -> Vec<AgentReport> {
     assert!(inv.all_zero(), "{inv:?}");
     reports
 }
+
+/// New HELLOs through the cluster's routers from one source address, one
+/// every `every`, until stopped.
+pub struct HelloLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(String, Instant)>>,
+}
+
+impl HelloLoad {
+    pub fn start(c: &LocalCluster, source: usize, every: Duration) -> Self {
+        let cfg = harness::agent_config(&c.pki, c.router_addrs(), Some(harness::source_ip(source)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut placed = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut a = Agent::new(cfg.clone()).unwrap();
+                if a.hello().await.is_ok() {
+                    placed.push((a.session.as_ref().unwrap().node_id.clone(), Instant::now()));
+                }
+                tokio::time::sleep(every).await;
+            }
+            placed
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it: which gateway answered each `HelloOk`, and when it was read.
+    pub async fn stop(self) -> Vec<(String, Instant)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
