@@ -10,7 +10,12 @@ use std::sync::Arc;
 
 use jvpn_proto::NodeId;
 use jvpn_proto::keys::ClusterSecret;
+use jvpn_runtime::config::{
+    load_admin_token, parse_layered, read_pem, read_secret, require_nonzero,
+};
 use serde::Deserialize;
+
+pub use jvpn_runtime::config::{ConfigErrors, ConfigProblem};
 
 use crate::engine::Policy;
 use crate::tls::{self, TlsMaterial};
@@ -149,28 +154,6 @@ impl std::fmt::Debug for MembershipFiles {
     }
 }
 
-/// Reads a required PEM file; a problem names `key`.
-pub fn read_pem(key: &str, path: Option<&Path>, errs: &mut Vec<ConfigProblem>) -> Option<Vec<u8>> {
-    let Some(path) = path else {
-        errs.push(ConfigProblem::new(key, "required"));
-        return None;
-    };
-    match std::fs::read(path) {
-        Ok(b) if b.starts_with(b"-----BEGIN") => Some(b),
-        Ok(_) => {
-            errs.push(ConfigProblem::new(
-                key,
-                format!("{}: not a PEM file", path.display()),
-            ));
-            None
-        }
-        Err(e) => {
-            errs.push(ConfigProblem::new(key, format!("{}: {e}", path.display())));
-            None
-        }
-    }
-}
-
 /// Default TLS handshakes in flight per core (design note 19).
 pub const TLS_SLOTS_PER_CORE: usize = 256;
 
@@ -254,28 +237,6 @@ impl Default for EventsConfig {
     }
 }
 
-/// One problem with one key.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {problem}")]
-pub struct ConfigProblem {
-    pub key: String,
-    pub problem: String,
-}
-
-impl ConfigProblem {
-    pub fn new(key: impl Into<String>, problem: impl ToString) -> Self {
-        Self {
-            key: key.into(),
-            problem: problem.to_string(),
-        }
-    }
-}
-
-/// Every problem found; `Display` prints one per line.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-pub struct ConfigErrors(pub Vec<ConfigProblem>);
-
 /// A configuration that passed every check, with its files loaded.
 #[derive(Clone, Debug)]
 pub struct Validated {
@@ -289,7 +250,7 @@ pub struct Validated {
     pub membership: Option<MembershipFiles>,
     /// The file it was read from (reloads read it again).
     pub source: Option<PathBuf>,
-    pub admin_token: Option<crate::admin::AdminToken>,
+    pub admin_token: Option<jvpn_runtime::admin::AdminToken>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -306,20 +267,6 @@ pub fn load_with_env(
     let mut v = validate(raw)?;
     v.source = Some(path.to_path_buf());
     Ok(v)
-}
-
-/// Reads `admin_token_file` if set; a problem is filed under that key.
-pub fn load_admin_token(
-    path: Option<&Path>,
-    errs: &mut Vec<ConfigProblem>,
-) -> Option<crate::admin::AdminToken> {
-    match crate::admin::AdminToken::load(path?) {
-        Ok(t) => Some(t),
-        Err(why) => {
-            errs.push(ConfigProblem::new("admin_token_file", why));
-            None
-        }
-    }
 }
 
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
@@ -370,148 +317,6 @@ fn parse(
             "cluster.membership_endpoints",
         ],
     )
-}
-
-/// TOML file, then `PREFIX__SECTION__KEY` environment overrides (list keys
-/// split on commas), deserialized into `T`. Shared by every binary.
-pub fn parse_layered<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    env: impl IntoIterator<Item = (String, String)>,
-    prefix: &str,
-    list_keys: &[&str],
-) -> Result<T, ConfigProblem> {
-    if !path.exists() {
-        return Err(ConfigProblem::new(
-            "--config",
-            format!("{} does not exist", path.display()),
-        ));
-    }
-    let env_map: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{prefix}__")))
-        .collect();
-    let mut environment = config::Environment::with_prefix(prefix)
-        .prefix_separator("__")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",");
-    for k in list_keys {
-        environment = environment.with_list_parse_key(k);
-    }
-    config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(environment.source(Some(env_map)))
-        .build()
-        .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigProblem::new(key_of(&e), e))
-}
-
-/// Parses TOML text (no environment) into `T` the same way files are read:
-/// what the configuration fuzz target feeds.
-pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
-    config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigProblem::new(key_of(&e), e))
-}
-
-/// Reads a `<key_id>:<hex>` cluster secret file; a problem is filed under `key`.
-pub fn read_secret(key: &str, path: &Path, errs: &mut Vec<ConfigProblem>) -> Option<ClusterSecret> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .trim()
-            .parse::<ClusterSecret>()
-            .map_err(|e| errs.push(ConfigProblem::new(key, e)))
-            .ok(),
-        Err(e) => {
-            errs.push(ConfigProblem::new(key, format!("{}: {e}", path.display())));
-            None
-        }
-    }
-}
-
-/// Files a problem for every zero value among `(key, value)`.
-pub fn require_nonzero(errs: &mut Vec<ConfigProblem>, items: &[(&str, u64)]) {
-    for (key, v) in items {
-        if *v == 0 {
-            errs.push(ConfigProblem::new(*key, "must be greater than zero"));
-        }
-    }
-}
-
-/// Keys set in an example TOML file that `docs` does not mention as
-/// `` `key` `` (the test that keeps docs/configuration.md complete).
-pub fn undocumented_keys(example_toml: &str, docs: &str) -> (usize, Vec<String>) {
-    let mut seen = 0;
-    let mut missing = Vec::new();
-    for line in example_toml.lines().map(str::trim) {
-        let line = line.trim_start_matches('#').trim();
-        if let Some((key, _)) = line.split_once('=') {
-            let key = key.trim();
-            if key.is_empty() || key.contains(' ') {
-                continue;
-            }
-            seen += 1;
-            if !docs.contains(&format!("`{key}`")) {
-                missing.push(key.to_owned());
-            }
-        }
-    }
-    (seen, missing)
-}
-
-/// Every key a configuration type has, as `section.key` (from its
-/// serialized form, so a new field shows up without anyone listing it):
-/// what docs/configuration.md must describe.
-pub fn all_keys<T: serde::Serialize>(cfg: &T) -> Vec<String> {
-    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
-        if let serde_json::Value::Object(map) = v {
-            for (k, v) in map {
-                let path = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                if v.is_object() {
-                    walk(&path, v, out);
-                } else {
-                    out.push(path);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if let Ok(v) = serde_json::to_value(cfg) {
-        walk("", &v, &mut out);
-    }
-    out
-}
-
-/// The keys of `all` whose last component is not named (in backticks) in `docs`.
-pub fn undocumented<'a>(all: &'a [String], docs: &str) -> Vec<&'a str> {
-    all.iter()
-        .map(String::as_str)
-        .filter(|k| {
-            let leaf = k.rsplit('.').next().unwrap_or(k);
-            !docs.contains(&format!("`{leaf}`"))
-        })
-        .collect()
-}
-
-/// Best effort: the key a `config` error is about.
-fn key_of(e: &config::ConfigError) -> String {
-    let text = e.to_string();
-    if let Some(rest) = text.split("for key `").nth(1) {
-        return rest.split('`').next().unwrap_or("config").to_owned();
-    }
-    if let Some(rest) = text.split("unknown field `").nth(1) {
-        return rest.split('`').next().unwrap_or("config").to_owned();
-    }
-    if let Some(rest) = text.split("missing field `").nth(1) {
-        return rest.split('`').next().unwrap_or("config").to_owned();
-    }
-    "config".to_owned()
 }
 
 fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {

@@ -4,24 +4,30 @@
 //!
 //! - [`engine`]: the sans-IO session engine (state machine, RESUME validation,
 //!   replay window, anti-flap, timers). No sockets, no tokio, no clock reads.
-//! - [`server`]: the async shell: listener, admission, TLS, frames, timers, drain.
-//! - [`admission`]: per-source buckets and the handshake budget (sans-IO).
+//! - [`gate`]: the pre-TLS gate and HELLO fencing as pure functions of
+//!   their inputs and `now` (sans-IO).
+//! - [`server`]: the async shell, split by stage: serve and lifecycle,
+//!   connection admission, session I/O, shared state.
+//! - [`membership`]: heartbeat streams to routers and the leases that fence HELLO.
 //! - [`config`]: TOML + environment configuration and its validation.
 //! - [`tls`]: rustls server configuration (TLS 1.3, ALPN `jvpn/1`).
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/sessions`.
 //! - [`events`]: the JSON-lines event sink behind a bounded queue.
 //! - [`metrics`]: the metrics catalogue.
 //! - [`pki`]: the development PKI (`jvpn-gateway pki init`).
-//! - [`cli`]: command-line definitions shared by the binary and harnesses.
+//! - [`cli`]: the `jvpn-gateway` command line (`run`, `check`, `pki init`).
+//!
+//! Process running, config helpers, the admin port and admission buckets
+//! come from `jvpn-runtime`, shared with the router.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod gate;
 pub mod membership;
 pub mod metrics;
 pub mod pki;

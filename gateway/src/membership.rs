@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use jvpn_proto::Mono;
 use jvpn_proto::ids::{Incarnation, NodeId};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::membership::membership_client::MembershipClient;
@@ -21,6 +22,8 @@ use metrics::{counter, gauge};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
+
+use jvpn_runtime::wire::lock;
 
 use crate::metrics as m;
 
@@ -39,7 +42,7 @@ pub struct RouterLink {
     endpoint: String,
     /// The router's id (PROXY TLV 0xE0), learned from its replies.
     router_id: Mutex<Option<String>>,
-    /// Lease end in ns since [`Cluster::origin`]; 0 = no lease.
+    /// Lease end on [`Cluster::now`]'s clock, in ns; 0 = no lease.
     lease_until: AtomicU64,
     /// The router's latest view, as a ring to mint ids in.
     ring: Mutex<Option<Arc<Ring>>>,
@@ -49,7 +52,7 @@ pub struct RouterLink {
 
 impl RouterLink {
     fn id(&self) -> Option<String> {
-        crate::server::lock(&self.router_id).clone()
+        lock(&self.router_id).clone()
     }
 }
 
@@ -72,6 +75,7 @@ impl Cluster {
         incarnation: Incarnation,
         endpoints: &[String],
         lease_timeout: Duration,
+        origin: Instant,
     ) -> Arc<Self> {
         let links = endpoints
             .iter()
@@ -86,7 +90,7 @@ impl Cluster {
             })
             .collect();
         Arc::new(Self {
-            origin: Instant::now(),
+            origin,
             node_id,
             incarnation,
             links,
@@ -97,50 +101,65 @@ impl Cluster {
         })
     }
 
-    fn nanos(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    /// `t` on the clock leases are kept in.
+    fn mono(&self, t: Instant) -> Mono {
+        Mono::from_nanos(
+            u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
+        )
     }
 
-    fn lease_valid(&self, link: &RouterLink) -> bool {
+    /// Now on the clock leases are kept in (the origin the server gave:
+    /// the same clock as its engine's). The lease rules below take `now`
+    /// and read no clock.
+    pub fn now(&self) -> Mono {
+        self.mono(Instant::now())
+    }
+
+    fn lease_valid(&self, link: &RouterLink, now: Mono) -> bool {
         let until = link.lease_until.load(Ordering::Acquire);
-        until != 0 && self.nanos(Instant::now()) < until
+        until != 0 && now.as_nanos() < until
     }
 
     /// The ring to mint in for a HELLO forwarded by `router_id`, if the lease
     /// with that router is valid now.
-    pub fn hello_ring(&self, router_id: &str) -> Option<Arc<Ring>> {
+    pub fn hello_ring(&self, router_id: &str, now: Mono) -> Option<Arc<Ring>> {
         let link = self
             .links
             .iter()
             .find(|l| l.id().as_deref() == Some(router_id))?;
-        if !self.lease_valid(link) {
+        if !self.lease_valid(link, now) {
             return None;
         }
-        crate::server::lock(&link.ring).clone()
+        lock(&link.ring).clone()
     }
 
     /// The lease check repeated right before `HelloOk` is written.
-    pub fn lease_with(&self, router_id: &str) -> bool {
+    pub fn lease_with(&self, router_id: &str, now: Mono) -> bool {
         self.links
             .iter()
-            .any(|l| l.id().as_deref() == Some(router_id) && self.lease_valid(l))
+            .any(|l| l.id().as_deref() == Some(router_id) && self.lease_valid(l, now))
     }
 
     /// A direct HELLO needs leases with a majority of routers; minted in the
     /// view of the first of them.
-    pub fn majority_ring(&self) -> Option<Arc<Ring>> {
-        let valid: Vec<&Arc<RouterLink>> =
-            self.links.iter().filter(|l| self.lease_valid(l)).collect();
+    pub fn majority_ring(&self, now: Mono) -> Option<Arc<Ring>> {
+        let valid: Vec<&Arc<RouterLink>> = self
+            .links
+            .iter()
+            .filter(|l| self.lease_valid(l, now))
+            .collect();
         if valid.len() * 2 <= self.links.len() {
             return None;
         }
-        valid
-            .iter()
-            .find_map(|l| crate::server::lock(&l.ring).clone())
+        valid.iter().find_map(|l| lock(&l.ring).clone())
     }
 
-    pub fn has_majority_lease(&self) -> bool {
-        let valid = self.links.iter().filter(|l| self.lease_valid(l)).count();
+    pub fn has_majority_lease(&self, now: Mono) -> bool {
+        let valid = self
+            .links
+            .iter()
+            .filter(|l| self.lease_valid(l, now))
+            .count();
         valid * 2 > self.links.len()
     }
 
@@ -162,20 +181,29 @@ impl Cluster {
 
     /// True once every router that currently holds a lease acknowledged
     /// DRAINING (a router we cannot reach places nothing on us anyway).
-    pub fn draining_acknowledged(&self) -> bool {
+    pub fn draining_acknowledged(&self, now: Mono) -> bool {
         self.links
             .iter()
-            .all(|l| l.draining_acked.load(Ordering::Acquire) || !self.lease_valid(l))
+            .all(|l| l.draining_acked.load(Ordering::Acquire) || !self.lease_valid(l, now))
     }
 
     /// Publishes one lease gauge per identified router.
-    pub fn export_lease_gauges(&self) {
+    pub fn export_lease_gauges(&self, now: Mono) {
         for l in &self.links {
             if let Some(id) = l.id() {
-                let v = if self.lease_valid(l) { 1.0 } else { 0.0 };
+                let v = if self.lease_valid(l, now) { 1.0 } else { 0.0 };
                 gauge!(m::LEASE_VALID, "router" => id).set(v);
             }
         }
+    }
+
+    /// Test hook: router link `i` is `router_id`, with `ring`, leased until `until`.
+    #[cfg(test)]
+    pub(crate) fn grant_for_test(&self, i: usize, router_id: &str, ring: Arc<Ring>, until: Mono) {
+        let link = &self.links[i];
+        *lock(&link.router_id) = Some(router_id.to_owned());
+        *lock(&link.ring) = Some(ring);
+        link.lease_until.store(until.as_nanos(), Ordering::Release);
     }
 
     /// Resolves when a router says this incarnation was superseded.
@@ -318,8 +346,8 @@ fn request(
         state: state as i32,
         weight: s.weight,
         sessions: cluster.sessions.load(Ordering::Relaxed),
-        lease_ok: cluster.lease_valid(link),
-        in_view: crate::server::lock(&link.ring)
+        lease_ok: cluster.lease_valid(link, cluster.now()),
+        in_view: lock(&link.ring)
             .as_ref()
             .is_some_and(|r| r.view().contains(&cluster.node_id, cluster.incarnation)),
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -345,7 +373,7 @@ fn on_reply(
         return Ok(());
     };
     {
-        let mut id = crate::server::lock(&link.router_id);
+        let mut id = lock(&link.router_id);
         if id.as_deref() != Some(reply.router_id.as_str()) {
             info!(router = %link.endpoint, router_id = %reply.router_id, "router identified");
             *id = Some(reply.router_id.clone());
@@ -363,7 +391,7 @@ fn on_reply(
         }
     };
     let changed = {
-        let mut cur = crate::server::lock(&link.ring);
+        let mut cur = lock(&link.ring);
         let same = match (&*cur, &ring) {
             (Some(a), Some(b)) => a.view().id() == b.view().id(),
             (None, None) => true,
@@ -383,15 +411,19 @@ fn on_reply(
     if reply.lease_duration_ms > 0 {
         lease = lease.min(Duration::from_millis(reply.lease_duration_ms));
     }
-    let until = cluster.nanos(sent_at + lease);
-    link.lease_until.fetch_max(until, Ordering::AcqRel);
+    let until = cluster.mono(sent_at + lease);
+    link.lease_until
+        .fetch_max(until.as_nanos(), Ordering::AcqRel);
     if state == NodeState::Draining {
         link.draining_acked.store(true, Ordering::Release);
     }
     Ok(())
 }
 
-fn view_from(reply: &HeartbeatReply, keys: &ClusterKeys) -> Result<Option<Arc<Ring>>, String> {
-    let view = jvpn_proto::ring::view_from_reply(reply, keys).map_err(|e| e.to_string())?;
+fn view_from(
+    reply: &HeartbeatReply,
+    keys: &ClusterKeys,
+) -> Result<Option<Arc<Ring>>, jvpn_proto::ring::ReplyViewError> {
+    let view = jvpn_proto::ring::view_from_reply(reply, keys)?;
     Ok(view.map(|v| Arc::new(Ring::new(v, keys))))
 }

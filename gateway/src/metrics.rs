@@ -3,7 +3,7 @@
 //! states, the local enums below): never session ids, addresses or keys.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub const CONNECTIONS_ACCEPTED: &str = "jvpn_gateway_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "jvpn_gateway_connections_rejected_total";
@@ -23,7 +23,7 @@ pub const OVERFLOW_BUCKET: &str = "jvpn_gateway_rate_limit_overflow_total";
 pub const FRAMES_RECEIVED: &str = "jvpn_gateway_frames_received_total";
 pub const DATA_BYTES: &str = "jvpn_gateway_data_bytes_total";
 pub const DRAINING: &str = "jvpn_gateway_draining";
-pub const BUILD_INFO: &str = "jvpn_build_info";
+pub use jvpn_runtime::metrics::BUILD_INFO;
 pub const HEALTH_CHECKS: &str = "jvpn_gateway_proxy_health_checks_total";
 pub const HEARTBEATS_SENT: &str = "jvpn_gateway_heartbeats_sent_total";
 pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_total";
@@ -188,39 +188,6 @@ pub fn describe() {
 
 /// Installs the Prometheus recorder for this process. Histograms get
 /// buckets from 100 µs to 10 s.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    install_for("gateway", describe)
-}
-
-/// How often queued histogram samples are folded into their buckets.
-pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Installs the recorder for any binary: `describe` names its catalogue and
-/// `jvpn_build_info{component}` is set.
-pub fn install_for(component: &'static str, describe: fn()) -> anyhow::Result<PrometheusHandle> {
-    let buckets = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0,
-    ];
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
-        .install_recorder()?;
-    // Histogram samples queue in the recorder until a render or an upkeep
-    // drains them: without scrapes that queue grows with every request
-    // (found by the churn soak, ~60 bytes per session). `install_recorder`
-    // starts no upkeep of its own.
-    let upkeep = handle.clone();
-    std::thread::Builder::new()
-        .name("metrics-upkeep".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(UPKEEP_INTERVAL);
-                upkeep.run_upkeep();
-            }
-        })?;
-    describe();
-    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
-    metrics::gauge!(BUILD_INFO, "component" => component, "version" => env!("CARGO_PKG_VERSION"))
-        .set(1.0);
-    Ok(handle)
+pub fn install() -> Result<PrometheusHandle, jvpn_runtime::metrics::InstallError> {
+    jvpn_runtime::metrics::install_for("gateway", describe)
 }

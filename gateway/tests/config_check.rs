@@ -198,7 +198,7 @@ fn check_example(example: &str, nodes: &[&str], min_keys: usize) {
     );
     let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
     let text = std::fs::read_to_string(&example).unwrap();
-    let (keys, missing) = config::undocumented_keys(&text, &docs);
+    let (keys, missing) = jvpn_runtime::config::undocumented_keys(&text, &docs);
     assert!(
         missing.is_empty(),
         "not in docs/configuration.md: {missing:?}"
@@ -242,7 +242,7 @@ fn every_gateway_config_key_is_documented() {
     let path = d.path().join("gw.toml");
     std::fs::write(&path, base(&l)).unwrap();
     let cfg = config::load_with_env(&path, Vec::new()).unwrap();
-    let keys = config::all_keys(&cfg.raw);
+    let keys = jvpn_runtime::config::all_keys(&cfg.raw);
     assert!(keys.len() >= 40, "{keys:?}");
     assert!(
         keys.iter().any(|k| k == "admission.tls_queue_wait_ms"),
@@ -252,7 +252,7 @@ fn every_gateway_config_key_is_documented() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
     )
     .unwrap();
-    let missing = config::undocumented(&keys, &docs);
+    let missing = jvpn_runtime::config::undocumented(&keys, &docs);
     assert!(
         missing.is_empty(),
         "not in docs/configuration.md: {missing:?}"

@@ -109,7 +109,7 @@ pub(crate) fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
 
 /// Raises this process's open-file limit (see the gateway's `raise_nofile`).
 pub fn raise_nofile() -> u64 {
-    jvpn_gateway::cli::raise_nofile()
+    jvpn_runtime::process::raise_nofile()
 }
 
 /// Runs `f` from `concurrency` tasks until `duration` passes; returns completions/s.
@@ -246,7 +246,7 @@ pub async fn noop_target(
             }),
             token_key_id: 1,
         });
-        while let Ok(Some(kind)) = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await {
+        while let Ok(Some(kind)) = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await {
             let reply = match kind {
                 Kind::Hello(_) => ok.clone(),
                 Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
@@ -285,10 +285,10 @@ pub async fn bare_tls_server(
             // The same exchange as a gateway HELLO: a frame in, a reply out,
             // the client's closing frame in, then TLS close_notify.
             let mut buf = BytesMut::with_capacity(256);
-            let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+            let _ = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await;
             let _ = tls.write_all(&reply).await;
             let _ = tls.flush().await;
-            let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+            let _ = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await;
             let _ = tls.shutdown().await;
         }
     })

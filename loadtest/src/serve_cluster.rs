@@ -91,7 +91,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         pki.display()
     );
     println!("JVPN_CLUSTER_READY dir={}", opts.dir.display());
-    jvpn_gateway::cli::shutdown_signal().await;
+    jvpn_runtime::process::shutdown_signal().await;
     drop(c);
     Ok(())
 }

@@ -37,7 +37,7 @@ async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
                 s.read_exact(&mut pre).await.unwrap();
                 let mut tls = acceptor.accept(s).await.unwrap();
                 let mut buf = BytesMut::new();
-                let _ = jvpn_gateway::server::read_frame(&mut tls, &mut buf).await;
+                let _ = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await;
                 let ok = ResumeOk {
                     node_id: "g2".into(),
                     incarnation: 7,

@@ -303,7 +303,7 @@ async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
 /// port serves again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_admin_connections_cannot_hold_the_admin_port() {
-    use jvpn_gateway::admin::{ADMIN_HEADER_TIMEOUT, MAX_ADMIN_CONNECTIONS};
+    use jvpn_runtime::admin::{ADMIN_HEADER_TIMEOUT, MAX_ADMIN_CONNECTIONS};
     let env = common::start("").await;
     let admin = env.gw.admin_addr;
     let n = MAX_ADMIN_CONNECTIONS + 50;

@@ -15,6 +15,7 @@
 //! - [`frame`]: the length-delimited frame codec used inside TLS.
 //! - [`ring`]: views, `view_id`, the consistent-hash ring and owner tags.
 //! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
+//! - [`time`]: [`Mono`], the monotonic instant every sans-IO core takes as `now`.
 
 #![forbid(unsafe_code)]
 
@@ -29,10 +30,12 @@ pub mod preamble;
 pub mod proxy;
 pub mod reason;
 pub mod ring;
+pub mod time;
 pub mod token;
 
 pub use ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
 pub use reason::ReasonCode;
+pub use time::Mono;
 
 /// ALPN protocol id; the only protocol-version negotiation there is.
 pub const ALPN: &[u8] = b"jvpn/1";

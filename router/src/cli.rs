@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jvpn_gateway::cli::{
+use jvpn_runtime::process::{
     CheckArgs, RunArgs, check_config, raise_nofile, run_service, shutdown_signal,
 };
 
@@ -37,7 +37,7 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 
 async fn run(cfg: config::Validated) -> anyhow::Result<()> {
     raise_nofile();
-    let prom = jvpn_gateway::metrics::install_for("router", crate::metrics::describe)?;
+    let prom = jvpn_runtime::metrics::install_for("router", crate::metrics::describe)?;
     let bind = |a| async move {
         tokio::net::TcpListener::bind(a)
             .await
@@ -50,7 +50,7 @@ async fn run(cfg: config::Validated) -> anyhow::Result<()> {
     };
     // Signal handlers before readiness (see `shutdown_signal`).
     let shutdown = shutdown_signal();
-    jvpn_gateway::cli::announce_ready(&format!(
+    jvpn_runtime::process::announce_ready(&format!(
         "client={} membership={} admin={}",
         listeners.client.local_addr()?,
         listeners.membership.local_addr()?,

@@ -6,11 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jvpn_gateway::config::{
-    ConfigErrors, ConfigProblem, parse_layered, read_pem, read_secret, require_nonzero,
-};
 use jvpn_proto::NodeId;
 use jvpn_proto::keys::ClusterSecret;
+use jvpn_runtime::config::{
+    ConfigErrors, ConfigProblem, parse_layered, read_pem, read_secret, require_nonzero,
+};
 use serde::Deserialize;
 
 use crate::membership::MembershipConfig;
@@ -234,7 +234,7 @@ pub struct Validated {
     pub cert_pem: Vec<u8>,
     pub key_pem: zeroize::Zeroizing<Vec<u8>>,
     pub ca_pem: Vec<u8>,
-    pub admin_token: Option<jvpn_gateway::admin::AdminToken>,
+    pub admin_token: Option<jvpn_runtime::admin::AdminToken>,
     /// The file it was read from (reloads read it again).
     pub source: Option<PathBuf>,
 }
@@ -390,7 +390,7 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
         ));
     }
     let admin_token =
-        jvpn_gateway::config::load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
+        jvpn_runtime::config::load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
     let cert = read_pem("membership.cert_file", Some(&m.cert_file), &mut errs);
     let key = read_pem("membership.key_file", Some(&m.key_file), &mut errs);
     let ca = read_pem("membership.ca_file", Some(&m.ca_file), &mut errs);

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use jvpn_gateway::admission::SourceKey;
-use jvpn_gateway::server::send_status as status;
 use jvpn_proto::ids::{Incarnation, NodeId};
 use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status};
 use jvpn_proto::proxy::ProxyHeader;
+use jvpn_runtime::admission::SourceKey;
+use jvpn_runtime::wire::send_status as status;
 use metrics::{counter, histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

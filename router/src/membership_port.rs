@@ -7,16 +7,15 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use jvpn_gateway::admission::SourceKey;
+use jvpn_runtime::admission::SourceKey;
+use jvpn_runtime::wire::accept_until;
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::warn;
 
 use crate::metrics as m;
 use crate::state::{RouterState, Slot};
@@ -77,27 +76,6 @@ impl AsyncWrite for Capped {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-/// The next connection on `listener`, or `None` once `stop` changes. Accept
-/// errors (EMFILE and friends) back off instead of spinning. Both of the
-/// router's TCP listeners accept through this.
-pub(crate) async fn accept_until(
-    listener: &TcpListener,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, std::net::SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => return Some(x),
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            },
-            _ = stop.changed() => return None,
-        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use jvpn_gateway::admin::AdminApp;
 use jvpn_proto::pb::membership::membership_server::MembershipServer;
+use jvpn_runtime::admin::AdminApp;
 use metrics::histogram;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,7 +24,7 @@ pub const TICK: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub struct RouterHandle {
     pub state: Arc<RouterState>,
-    pub drain: jvpn_gateway::admin::DrainTrigger,
+    pub drain: jvpn_runtime::admin::DrainTrigger,
 }
 
 impl AdminApp for RouterHandle {
@@ -38,11 +38,11 @@ impl AdminApp for RouterHandle {
         }
     }
 
-    fn token(&self) -> Option<&jvpn_gateway::admin::AdminToken> {
+    fn token(&self) -> Option<&jvpn_runtime::admin::AdminToken> {
         self.state.cfg.admin_token.as_ref()
     }
 
-    fn drain(&self) -> &jvpn_gateway::admin::DrainTrigger {
+    fn drain(&self) -> &jvpn_runtime::admin::DrainTrigger {
         &self.drain
     }
 
@@ -137,14 +137,22 @@ pub struct Listeners {
 
 /// A SIGHUP's configuration: `[admission]` applies, anything else changed
 /// (or a file that does not validate) refuses the whole reload.
-fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), String> {
-    let new = crate::config::load(path).map_err(|e| e.to_string())?;
+/// Why a SIGHUP reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    /// The file no longer validates.
+    #[error("{0}")]
+    Config(#[from] jvpn_runtime::config::ConfigErrors),
+    /// Keys that only a restart may change differ.
+    #[error("{} cannot change without a restart", .0.join(", "))]
+    RestartOnly(Vec<&'static str>),
+}
+
+fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), ReloadError> {
+    let new = crate::config::load(path)?;
     let fixed = crate::config::restart_only_changes(&state.cfg.raw, &new.raw);
     if !fixed.is_empty() {
-        return Err(format!(
-            "{} cannot change without a restart",
-            fixed.join(", ")
-        ));
+        return Err(ReloadError::RestartOnly(fixed));
     }
     state.reconfigure_admission(&new.raw.admission);
     Ok(())
@@ -165,8 +173,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     tokio::spawn(ticker(state.clone(), stop_rx.clone()));
-    let drain = jvpn_gateway::admin::DrainTrigger::default();
-    tokio::spawn(jvpn_gateway::admin::serve(
+    let drain = jvpn_runtime::admin::DrainTrigger::default();
+    tokio::spawn(jvpn_runtime::admin::serve(
         listeners.admin,
         RouterHandle {
             state: state.clone(),
@@ -177,7 +185,7 @@ pub async fn serve(
     let shutdown = async move { drain.or(shutdown).await };
     if let Some(path) = state.cfg.source.clone() {
         let target = state.clone();
-        tokio::spawn(jvpn_gateway::cli::reload_on_hangup(
+        tokio::spawn(jvpn_runtime::process::reload_on_hangup(
             path,
             move |p| reload(&target, p),
             [
@@ -217,7 +225,7 @@ pub async fn serve(
     let client = listeners.client;
     let accept_task = tokio::spawn(async move {
         while let Some((stream, peer)) =
-            crate::membership_port::accept_until(&client, &mut accept_stop).await
+            jvpn_runtime::wire::accept_until(&client, &mut accept_stop).await
         {
             tokio::spawn(crate::forward::handle(acc_state.clone(), stream, peer));
         }

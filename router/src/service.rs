@@ -53,15 +53,36 @@ impl Refusal {
     }
 }
 
+/// Why a gateway's membership certificate names no usable identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The DER does not parse as X.509.
+    #[error("certificate: {0}")]
+    Parse(String),
+    /// No subjectAltName extension.
+    #[error("certificate has no subjectAltName")]
+    NoSan,
+    /// Two `jvpn://<cluster>/gateway/…` URIs: which node is it?
+    #[error("more than one gateway URI SAN")]
+    SeveralNodes,
+    /// The URI's node id is not a valid id.
+    #[error("node id: {0}")]
+    NodeId(#[from] jvpn_proto::ids::IdError),
+    /// No URI SAN of this cluster.
+    #[error("no URI SAN {0}<node_id>")]
+    NoNode(String),
+}
+
 /// Reads the node identity and IP SANs from a DER certificate. The node id
 /// comes from the one URI SAN of the form `jvpn://<cluster>/gateway/<node>`.
-pub fn identity_of(der: &[u8], cluster: &str) -> Result<PeerIdentity, String> {
+pub fn identity_of(der: &[u8], cluster: &str) -> Result<PeerIdentity, IdentityError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or("certificate has no subjectAltName")?;
+        .map_err(|e| IdentityError::Parse(e.to_string()))?
+        .ok_or(IdentityError::NoSan)?;
     let prefix = format!("jvpn://{cluster}/gateway/");
     let mut node = None;
     let mut ips = Vec::new();
@@ -70,24 +91,22 @@ pub fn identity_of(der: &[u8], cluster: &str) -> Result<PeerIdentity, String> {
             GeneralName::URI(uri) => {
                 if let Some(id) = uri.strip_prefix(&prefix) {
                     if node.is_some() {
-                        return Err("more than one gateway URI SAN".into());
+                        return Err(IdentityError::SeveralNodes);
                     }
-                    node = Some(NodeId::new(id).map_err(|e| e.to_string())?);
+                    node = Some(NodeId::new(id)?);
                 }
             }
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => ips.push(IpAddr::from(
-                    <[u8; 4]>::try_from(*b).map_err(|_| "bad IP SAN")?,
-                )),
-                16 => ips.push(IpAddr::from(
-                    <[u8; 16]>::try_from(*b).map_err(|_| "bad IP SAN")?,
-                )),
-                _ => {}
-            },
+            GeneralName::IPAddress(b) => {
+                if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                    ips.push(IpAddr::from(v4));
+                } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                    ips.push(IpAddr::from(v6));
+                }
+            }
             _ => {}
         }
     }
-    let node_id = node.ok_or_else(|| format!("no URI SAN {prefix}<node_id>"))?;
+    let node_id = node.ok_or(IdentityError::NoNode(prefix))?;
     Ok(PeerIdentity { node_id, ips })
 }
 
@@ -171,7 +190,8 @@ impl MembershipRpc for Service {
             .first()
             .ok_or_else(|| refuse(Refusal::Identity, "no client certificate".into()))?;
         let cluster = &self.state.cfg.raw.cluster.name;
-        let peer = identity_of(leaf.as_ref(), cluster).map_err(|e| refuse(Refusal::Identity, e))?;
+        let peer = identity_of(leaf.as_ref(), cluster)
+            .map_err(|e| refuse(Refusal::Identity, e.to_string()))?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<HeartbeatReply, Status>>(4);
         let state = self.state.clone();

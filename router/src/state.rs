@@ -6,16 +6,17 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use jvpn_gateway::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
-use jvpn_gateway::engine::Mono;
+use jvpn_proto::Mono;
 use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::ring::{Member, Ring, RingParams, View, owner_tag};
 use jvpn_proto::token::{TOKEN_LEN, TokenKey, TokenKeyring};
+use jvpn_runtime::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
+pub(crate) use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -23,10 +24,6 @@ use tracing::{info, warn};
 use crate::config::Validated;
 use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, OwnerRoute};
 use crate::metrics as m;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Where a RESUME goes, once its token was read.
 #[derive(Clone, Debug, PartialEq, Eq)]

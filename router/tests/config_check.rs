@@ -7,18 +7,53 @@
 use std::path::Path;
 use std::process::Command;
 
-use jvpn_gateway::pki::{PkiLayout, PkiSpec, init};
+use std::path::PathBuf;
+
 use jvpn_router::config;
 
+/// The files a router reads, at the paths `jvpn-gateway pki init` uses
+/// (the router's tests do not link the gateway to make them).
+struct PkiLayout {
+    dir: PathBuf,
+}
+
+impl PkiLayout {
+    fn secret(&self) -> PathBuf {
+        self.dir.join("cluster.secret")
+    }
+    fn membership_ca(&self) -> PathBuf {
+        self.dir.join("membership-ca.pem")
+    }
+    fn router_cert(&self, r: &str) -> PathBuf {
+        self.dir.join(format!("membership/router-{r}.pem"))
+    }
+    fn router_key(&self, r: &str) -> PathBuf {
+        self.dir.join(format!("membership/router-{r}.key"))
+    }
+}
+
 fn pki(dir: &Path) -> PkiLayout {
-    init(&PkiSpec {
-        out: dir.join("pki"),
-        cluster: "jvpn-dev".into(),
-        nodes: vec!["g1".into()],
-        routers: vec!["r1".into(), "r2".into()],
-        agents: 1,
-    })
-    .unwrap()
+    let l = PkiLayout {
+        dir: dir.join("pki"),
+    };
+    std::fs::create_dir_all(l.dir.join("membership")).unwrap();
+    std::fs::write(l.secret(), format!("1:{}\n", "5a".repeat(32))).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&ca_key)
+        .unwrap();
+    std::fs::write(l.membership_ca(), ca.pem()).unwrap();
+    for r in ["r1", "r2"] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["router.jvpn-dev".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(l.router_cert(r), cert.pem()).unwrap();
+        std::fs::write(l.router_key(r), key.serialize_pem()).unwrap();
+    }
+    l
 }
 
 fn base(l: &PkiLayout) -> String {
@@ -137,7 +172,7 @@ fn the_deploy_examples_pass_check_and_every_key_is_documented() {
         );
         let docs = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
         let text = std::fs::read_to_string(&example).unwrap();
-        let (keys, missing) = jvpn_gateway::config::undocumented_keys(&text, &docs);
+        let (keys, missing) = jvpn_runtime::config::undocumented_keys(&text, &docs);
         assert!(
             missing.is_empty(),
             "not in docs/configuration.md: {missing:?}"
@@ -170,13 +205,13 @@ fn every_router_config_key_is_documented() {
     let path = d.path().join("r.toml");
     std::fs::write(&path, base(&l)).unwrap();
     let cfg = jvpn_router::config::load_with_env(&path, Vec::new()).unwrap();
-    let keys = jvpn_gateway::config::all_keys(&cfg.raw);
+    let keys = jvpn_runtime::config::all_keys(&cfg.raw);
     assert!(keys.len() >= 28, "{keys:?}");
     let docs = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
     )
     .unwrap();
-    let missing = jvpn_gateway::config::undocumented(&keys, &docs);
+    let missing = jvpn_runtime::config::undocumented(&keys, &docs);
     assert!(
         missing.is_empty(),
         "not in docs/configuration.md: {missing:?}"

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::fsm::Denial;
 use super::policy::Policy;
-use super::time::Mono;
+use jvpn_proto::time::Mono;
 
 pub const SWITCH_WINDOW: Duration = Duration::from_secs(60);
 

@@ -22,13 +22,12 @@
 //! - [`policy`]: policy values and validation.
 //! - [`replay`]: the RESUME counter window.
 //! - `antiflap`: switch rate and cooldown.
-//! - [`time`]: the engine's notion of time.
+//! Time is [`Mono`] from `jvpn_proto::time`, passed in by the shell.
 
 mod antiflap;
 pub mod fsm;
 pub mod policy;
 pub mod replay;
-pub mod time;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -41,11 +40,11 @@ use rand::RngCore;
 
 pub use antiflap::{AntiFlap, SWITCH_WINDOW};
 pub use fsm::{Denial, Event, State, Termination};
+pub use jvpn_proto::time::Mono;
 pub use policy::{Policy, PolicyError};
 pub use replay::ReplayWindow;
-pub use time::Mono;
 
-use time::ceil_millis;
+use jvpn_proto::time::ceil_millis;
 
 /// The shell's handle for one client connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

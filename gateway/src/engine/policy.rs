@@ -68,6 +68,14 @@ pub enum PolicyError {
     },
 }
 
+/// Every problem of one policy, printed one after another.
+pub fn display_all(errs: &[PolicyError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl PolicyError {
     /// The key at fault.
     pub fn field(&self) -> &'static str {

@@ -1,9 +1,11 @@
-//! Monotonic time as the engine sees it: nanoseconds since an origin the shell picks.
+//! The one time type of every sans-IO core (engine, admission, membership):
+//! nanoseconds on a monotonic clock since an origin the shell picks. Cores
+//! take `now` as an argument and never read a clock.
 
 use std::ops::{Add, Sub};
 use std::time::Duration;
 
-/// A point on the shell's monotonic clock. The engine never reads a clock.
+/// A point on the shell's monotonic clock.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct Mono(u64);
 

@@ -9,7 +9,9 @@ fn config_corpus() {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        jvpn_router::fuzzing::config(&std::fs::read(&path).unwrap());
+        let input = std::fs::read(&path).unwrap();
+        jvpn_gateway::fuzzing::config(&input);
+        jvpn_router::fuzzing::config(&input);
         n += 1;
     }
     assert!(n >= 8, "config corpus has only {n} inputs");
@@ -50,6 +52,9 @@ fn mutated_configurations_never_panic() {
                 _ => v.extend_from_slice(b"\n[x]\nk = \"v\"\n"),
             }
         }
-        jvpn_router::fuzzing::config(&v);
+        {
+            jvpn_gateway::fuzzing::config(&v);
+            jvpn_router::fuzzing::config(&v)
+        };
     }
 }

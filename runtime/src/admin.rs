@@ -15,8 +15,6 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::server::GatewayHandle;
-
 /// The operator token, kept only as a hash (compared in constant time).
 #[derive(Clone)]
 pub struct AdminToken(blake3::Hash);
@@ -27,18 +25,30 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
+/// Why an admin token file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// The file could not be read.
+    #[error("{path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    /// The token is shorter than [`MIN_TOKEN_LEN`].
+    #[error("the token must be at least {MIN_TOKEN_LEN} characters")]
+    TooShort,
+}
+
 /// Shortest admin token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
 
 impl AdminToken {
     /// Reads a token file (surrounding whitespace ignored).
-    pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &std::path::Path) -> Result<Self, AdminTokenError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AdminTokenError::Read {
+            path: path.display().to_string(),
+            error: e,
+        })?;
         let token = text.trim();
         if token.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "the token must be at least {MIN_TOKEN_LEN} characters"
-            ));
+            return Err(AdminTokenError::TooShort);
         }
         Ok(Self(blake3::hash(token.as_bytes())))
     }
@@ -96,41 +106,12 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     }
 }
 
-impl AdminApp for GatewayHandle {
-    fn not_ready(&self) -> Option<&'static str> {
-        self.is_draining().then_some("draining")
-    }
-
-    fn token(&self) -> Option<&AdminToken> {
-        self.admin_token()
-    }
-
-    fn drain(&self) -> &DrainTrigger {
-        self.drain_trigger()
-    }
-
-    fn session(&self, id: &str) -> Option<Option<serde_json::Value>> {
-        Some(self.session_info(id))
-    }
-
-    fn json(&self, path: &str) -> Option<serde_json::Value> {
-        (path == "/sessions").then(|| {
-            let counts = self.session_counts();
-            let total: u64 = counts.iter().map(|(_, v)| v).sum();
-            let by_state: serde_json::Map<String, serde_json::Value> = counts
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect();
-            serde_json::json!({ "total": total, "by_state": by_state })
-        })
-    }
-}
-
 /// Connections the admin port holds at once; past it new ones are closed.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// A request's headers must arrive within this (slowloris).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Serves the admin port until the task is dropped.
 pub async fn serve<A: AdminApp>(listener: TcpListener, gw: A, prom: Option<PrometheusHandle>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {

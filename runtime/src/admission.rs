@@ -14,7 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::engine::Mono;
+use jvpn_proto::time::Mono;
 
 /// A token bucket: `rate` tokens per second up to `burst`.
 #[derive(Clone, Copy, Debug, PartialEq)]

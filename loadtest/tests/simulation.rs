@@ -13,7 +13,7 @@
 //!   `owner_lost` (then re-handshakes) within a bound, and once the faults
 //!   stop every agent is attached to a live owner that holds its session.
 //!
-//! A failing seed is printed; `JVPN_SIM_SEED=<n> cargo test -p jvpn-router
+//! A failing seed is printed; `JVPN_SIM_SEED=<n> cargo test -p jvpn-loadtest
 //! --test simulation` replays exactly that one.
 
 #![allow(clippy::unwrap_used)]

@@ -1,0 +1,214 @@
+//! The async shell around the session engine, split by stage.
+//!
+//! # Layout
+//!
+//! - this module: [`serve`] takes bound listeners and a shutdown future
+//!   (tests bind port 0), runs until shutdown or supersession, then drains.
+//! - `state`: what every task shares. Sessions are split over `2 × cores`
+//!   engine shards by session id; each shard is a mutex held for
+//!   microseconds, never across an await, plus a timer task. Engine outputs
+//!   are dispatched after the shard lock is released: events to the sink and
+//!   metrics, `CloseTransport` to the connection's task.
+//! - `conn`: one task per client connection up to the first frame: PROXY,
+//!   the pre-TLS gate, admission, TLS.
+//! - `session`: HELLO or RESUME through the engine, then the frame loop
+//!   (Ping/Pong, echo of `Data`, in-session RESUME, `Terminate`).
+//! - `handle`: [`GatewayHandle`] for the admin port and harnesses.
+
+mod conn;
+mod handle;
+mod session;
+mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use jvpn_runtime::wire::{accept_until, lock};
+use metrics::gauge;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use handle::GatewayHandle;
+use state::{Control, ReloadError, Shared, build, gauge_loop, timer_loop};
+
+use crate::config::Validated;
+use crate::engine::Termination;
+use crate::metrics as m;
+
+/// How [`serve`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested and the drain completed.
+    Drained,
+    /// A router said a newer incarnation of this node id exists: every
+    /// session was terminated with `superseded` (the process exits 75).
+    Superseded,
+}
+
+/// Runs a gateway on already-bound listeners until `shutdown` resolves, then
+/// drains (GoAway spread over the first half of `drain_timeout_ms`,
+/// `Terminate{draining}` near its end) and returns.
+pub async fn serve(
+    cfg: Validated,
+    client: TcpListener,
+    admin: TcpListener,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<Exit> {
+    let advertise = match cfg.raw.cluster.advertise_addr {
+        Some(a) => a,
+        None => client.local_addr()?,
+    };
+    let shared = build(cfg)?;
+    let mut superseded = None;
+    if let (Some(cluster), Some(files)) = (&shared.cluster, &shared.cfg.membership) {
+        let c = &shared.cfg.raw.cluster;
+        crate::membership::spawn(
+            cluster.clone(),
+            crate::membership::HeartbeatSettings {
+                cert_pem: files.cert_pem.clone(),
+                key_pem: files.key_pem.to_vec(),
+                ca_pem: files.ca_pem.clone(),
+                server_name: format!("router.{}", c.name),
+                advertise_addr: advertise,
+                weight: c.weight,
+                interval: Duration::from_millis(c.heartbeat_interval_ms),
+                keys: shared.cfg.secret.derive(),
+            },
+        )?;
+        superseded = Some(cluster.superseded());
+    }
+    let handle = GatewayHandle::new(shared.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for i in 0..shared.shards.len() {
+        tokio::spawn(timer_loop(shared.clone(), i, stop_rx.clone()));
+    }
+    tokio::spawn(jvpn_runtime::admin::serve(
+        admin,
+        handle.clone(),
+        prometheus,
+    ));
+    if let Some(path) = shared.cfg.source.clone() {
+        let target = shared.clone();
+        tokio::spawn(jvpn_runtime::process::reload_on_hangup(
+            path,
+            move |p| {
+                crate::config::load(p)
+                    .map_err(ReloadError::from)
+                    .and_then(|new| target.reload(&new))
+            },
+            [m::CONFIG_RELOADS, m::CONFIG_RELOAD_FAILURES],
+        ));
+    }
+    tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
+    info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
+
+    // Accept on a worker thread: connection tasks then start on the same
+    // worker instead of being handed over from the `block_on` thread.
+    let (accept_stop, mut accept_stopped) = watch::channel(false);
+    let acc = shared.clone();
+    let accept_task = tokio::spawn(async move {
+        while let Some((stream, peer)) = accept_until(&client, &mut accept_stopped).await {
+            conn::spawn(&acc, stream, peer);
+        }
+    });
+    if let Some(c) = &shared.cluster {
+        c.set_state(crate::membership::LocalState::Ready);
+    }
+    let trigger = shared.drain.clone();
+    let shutdown = async move { trigger.or(shutdown).await };
+    let was_superseded = match superseded.as_mut() {
+        Some(rx) => tokio::select! {
+            () = shutdown => false,
+            r = rx.wait_for(|s| *s) => r.is_ok(),
+        },
+        None => {
+            shutdown.await;
+            false
+        }
+    };
+    if was_superseded {
+        // Another process serves this node id now: our sessions are not ours
+        // to keep. End them explicitly and leave at once.
+        shared.draining.store(true, Ordering::Relaxed);
+        let _ = accept_stop.send(true);
+        let _ = accept_task.await;
+        let now = shared.now();
+        for i in 0..shared.shards.len() {
+            shared.with_engine(i, |e| e.terminate_all(now, Termination::Superseded));
+        }
+        let grace_end = Instant::now() + Duration::from_millis(500);
+        while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop_tx.send(true);
+        shared.events.flush(Duration::from_secs(1)).await;
+        warn!("superseded by a newer incarnation of this node id; exiting");
+        return Ok(Exit::Superseded);
+    }
+
+    // Drain.
+    shared.draining.store(true, Ordering::Relaxed);
+    gauge!(m::DRAINING).set(1.0);
+    let drain = Duration::from_millis(shared.cfg.raw.timeouts.drain_timeout_ms);
+    let started = Instant::now();
+    let terminate_at = started + drain.mul_f64(0.9);
+    info!(drain_ms = drain.as_millis() as u64, "draining");
+    if let Some(c) = &shared.cluster {
+        // GoAway only once every router stopped placing HELLOs here, so the
+        // re-handshakes it triggers cannot land on this node again.
+        c.set_state(crate::membership::LocalState::Draining);
+        let ack_deadline = Instant::now() + (drain / 4).min(Duration::from_secs(5));
+        while !c.draining_acknowledged(shared.now()) && Instant::now() < ack_deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let spread = (terminate_at.saturating_duration_since(Instant::now())).min(drain / 2);
+    spread_goaway(&shared, spread, terminate_at);
+    loop {
+        let live: u64 = shared.counts().iter().sum();
+        if live == 0 {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(terminate_at.into()) => break,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    let _ = accept_stop.send(true);
+    let _ = accept_task.await;
+    let now = shared.now();
+    for i in 0..shared.shards.len() {
+        shared.with_engine(i, |e| e.terminate_all(now, Termination::Drain));
+    }
+    // Give connection tasks a moment to write their Terminate frames.
+    let grace_end = (started + drain).min(Instant::now() + Duration::from_secs(1));
+    while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(true);
+    shared.events.flush(Duration::from_secs(2)).await;
+    info!("drained");
+    Ok(Exit::Drained)
+}
+
+fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {
+    let mut all = Vec::new();
+    for s in &shared.shards {
+        all.extend(lock(&s.conns).values().cloned());
+    }
+    let n = all.len().max(1) as u32;
+    for (i, tx) in all.into_iter().enumerate() {
+        let delay = over * i as u32 / n;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let left = terminate_at.saturating_duration_since(Instant::now());
+            let _ = tx.send(Control::GoAway {
+                deadline_ms: left.as_millis() as u64,
+            });
+        });
+    }
+}

@@ -1,0 +1,426 @@
+//! Session I/O: HELLO and RESUME through the engine, then the attached
+//! loop (pings, data, in-session RESUME, control from the engine) and the
+//! frames it writes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
+use jvpn_proto::pb::session::{GoAway, HelloOk, Pong, Reject, ResumeOk, Terminate, frame::Kind};
+use jvpn_proto::{ReasonCode, SessionId};
+use jvpn_runtime::wire::{read_frame, write_frame};
+use metrics::{counter, histogram};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+
+use super::state::{Control, Shared};
+use crate::engine::{
+    Conn, HelloRequest, Mono, Rejection, ResumeRequest, Termination, TransportId, shard_of,
+};
+use crate::gate::{hello_lease_holds, hello_placement};
+use crate::metrics::{self as m, ConnReject};
+
+type Tls = TlsStream<TcpStream>;
+
+/// When the agent's certificate expires, on the engine's clock: a session
+/// never outlives its credential. The certificate was verified moments ago,
+/// so a parse failure here is unexpected and leaves only the policy lifetime.
+fn cert_expiry(der: &[u8], now: Mono) -> Option<Mono> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    // Wall-clock time is needed to read an X.509 date; it is used once, here.
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let left = u64::try_from(not_after)
+        .ok()?
+        .saturating_sub(wall.as_secs());
+    Some(now + Duration::from_secs(left))
+}
+
+fn export(tls: &Tls, label: &[u8], ctx: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // Exporters exist once the handshake completed, which it has here.
+    let _ = tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut out, label, Some(ctx));
+    out
+}
+
+fn channel_binding(tls: &Tls) -> ChannelBinding {
+    export(tls, CHANNEL_BINDING_LABEL, &[])
+}
+
+pub(super) async fn do_hello(
+    shared: &Arc<Shared>,
+    mut tls: Tls,
+    buf: BytesMut,
+    hello: jvpn_proto::pb::session::Hello,
+    accepted_at: Instant,
+    router_id: Option<&str>,
+) -> Result<(), ConnReject> {
+    let refuse = |r: ReasonCode| counter!(m::HELLOS, "result" => r.as_str()).increment(1);
+    if hello.protocol_version != jvpn_proto::PROTOCOL_VERSION {
+        refuse(ReasonCode::ProtocolError);
+        let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
+        return Err(ConnReject::ProtocolError);
+    }
+    let now = shared.now();
+    let (principal, credential_expiry): (Arc<str>, Option<Mono>) =
+        match tls.get_ref().1.peer_certificates() {
+            Some([leaf, ..]) => (
+                Arc::from(format!(
+                    "cert:{}",
+                    &blake3::hash(leaf.as_ref()).to_hex()[..16]
+                )),
+                cert_expiry(leaf.as_ref(), now),
+            ),
+            _ if shared.token_ok(&hello.auth) => (Arc::from("dev-token"), None),
+            _ => {
+                refuse(ReasonCode::AuthFailed);
+                let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
+                return Err(ConnReject::AuthFailed);
+            }
+        };
+    if shared.draining.load(Ordering::Relaxed) {
+        refuse(ReasonCode::Draining);
+        let _ = send_reject(&mut tls, ReasonCode::Draining, 0, 0).await;
+        return Err(ConnReject::Draining);
+    }
+    // Fencing: mint only under a valid lease with the forwarding router
+    // (a direct HELLO needs leases with a majority of routers).
+    let cluster = shared.cluster.as_deref();
+    let Ok(placement) = hello_placement(cluster, router_id, shared.now()) else {
+        refuse(ReasonCode::NotInCluster);
+        let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
+        return Err(ConnReject::NoLease);
+    };
+    let n = shared.shards.len();
+    let shard = shared.next_hello_shard.fetch_add(1, Ordering::Relaxed) % n;
+    let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::unbounded_channel();
+    shared.register(shard, transport, tx);
+    let r = shared.with_engine(shard, |e| {
+        e.set_placement(placement);
+        e.hello(
+            now,
+            HelloRequest {
+                transport,
+                principal,
+                credential_expiry,
+            },
+            |ctx| ResumeKey::new(export(&tls, RESUME_KEY_LABEL, ctx)),
+        )
+    });
+    let acc = match r {
+        Ok(acc) => acc,
+        Err(rej) => {
+            shared.deregister(shard, transport);
+            refuse(rej.reason);
+            let _ = send_rejection(&mut tls, &rej).await;
+            return Ok(());
+        }
+    };
+    let (resume_token, token_key_id) = shared.seal_token(acc.session_id);
+    let ok = HelloOk {
+        session_id: acc.session_id.as_bytes().to_vec(),
+        node_id: shared.cfg.node_id.to_string(),
+        incarnation: shared.incarnation.0,
+        state_version: acc.state_version,
+        binding_epoch: acc.binding_epoch,
+        resume_token,
+        policy: Some(acc.policy.to_wire()),
+        token_key_id,
+    };
+    if !hello_lease_holds(cluster, router_id, shared.now()) {
+        // The lease lapsed while minting: this HelloOk must not be written.
+        shared.with_engine(shard, |e| {
+            e.terminate(shared.now(), &acc.session_id, Termination::LeaseLost)
+        });
+        shared.deregister(shard, transport);
+        refuse(ReasonCode::NotInCluster);
+        let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
+        return Err(ConnReject::NoLease);
+    }
+    if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
+        shared.with_engine(shard, |e| {
+            e.transport_closed(shared.now(), &acc.session_id, transport)
+        });
+        shared.deregister(shard, transport);
+        return Ok(());
+    }
+    counter!(m::HELLOS, "result" => "ok").increment(1);
+    histogram!(m::HELLO_SECONDS).record(accepted_at.elapsed().as_secs_f64());
+    session_loop(shared, shard, acc.session_id, transport, tls, buf, rx).await;
+    Ok(())
+}
+
+pub(super) async fn do_resume(
+    shared: &Arc<Shared>,
+    mut tls: Tls,
+    mut buf: BytesMut,
+    mut resume: jvpn_proto::pb::session::Resume,
+    accepted_at: Instant,
+) -> Result<(), ConnReject> {
+    let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
+    let binding = channel_binding(&tls);
+    let (tx, rx) = mpsc::unbounded_channel();
+    // A client may retry on the same connection (e.g. after stale_binding);
+    // each attempt carries a fresh counter and is bound to this connection.
+    for _attempt in 0..4 {
+        match resume_once(shared, &tls, &binding, transport, &resume, Some(&tx)) {
+            Ok((sid, shard, ok, _)) => {
+                if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
+                    shared
+                        .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
+                    shared.deregister(shard, transport);
+                    return Ok(());
+                }
+                histogram!(m::RESUME_SECONDS).record(accepted_at.elapsed().as_secs_f64());
+                session_loop(shared, shard, sid, transport, tls, buf, rx).await;
+                return Ok(());
+            }
+            Err(rej) => {
+                if send_rejection(&mut tls, &rej).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let t = Duration::from_millis(shared.cfg.raw.timeouts.first_frame_timeout_ms);
+        match tokio::time::timeout(t, read_frame(&mut tls, &mut buf)).await {
+            Ok(Ok(Some(Kind::Resume(r)))) => resume = r,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// One RESUME through the engine; on success the transport is registered.
+fn resume_once(
+    shared: &Arc<Shared>,
+    tls: &Tls,
+    binding: &ChannelBinding,
+    transport: TransportId,
+    r: &jvpn_proto::pb::session::Resume,
+    register: Option<&mpsc::UnboundedSender<Control>>,
+) -> Result<(SessionId, usize, ResumeOk, Option<TransportId>), Rejection> {
+    // Label values are static strings: no allocation per RESUME.
+    let count = |reason: &'static str| counter!(m::RESUMES, "result" => reason).increment(1);
+    let Ok(sid) = SessionId::from_slice(&r.session_id) else {
+        count(ReasonCode::UnknownSession.as_str());
+        return Err(Rejection {
+            reason: ReasonCode::UnknownSession,
+            retry_after_ms: 0,
+            current_binding_epoch: None,
+        });
+    };
+    let shard = shard_of(&sid, shared.shards.len());
+    if let Some(tx) = register {
+        shared.register(shard, transport, tx.clone());
+    }
+    let now = shared.now();
+    let req = ResumeRequest {
+        session_id: sid,
+        counter: r.counter,
+        binding_epoch: r.binding_epoch,
+        proof: &r.proof,
+    };
+    let res = shared.with_engine(shard, |e| {
+        e.resume(now, &req, Conn { transport, binding }, |ctx| {
+            ResumeKey::new(export(tls, RESUME_KEY_LABEL, ctx))
+        })
+    });
+    match res {
+        Ok(acc) => {
+            count("ok");
+            let (resume_token, token_key_id) = shared.seal_token(sid);
+            Ok((
+                sid,
+                shard,
+                ResumeOk {
+                    node_id: shared.cfg.node_id.to_string(),
+                    incarnation: shared.incarnation.0,
+                    owner_epoch: acc.owner_epoch,
+                    state_version: acc.state_version,
+                    binding_epoch: acc.binding_epoch,
+                    resume_token,
+                    server_proof: acc.server_proof.to_vec(),
+                    token_key_id,
+                },
+                acc.replaced,
+            ))
+        }
+        Err(rej) => {
+            if register.is_some() {
+                shared.deregister(shard, transport);
+            }
+            count(rej.reason.as_str());
+            Err(rej)
+        }
+    }
+}
+
+/// The attached connection: answer pings, echo data, watch for control.
+async fn session_loop(
+    shared: &Arc<Shared>,
+    shard: usize,
+    sid: SessionId,
+    transport: TransportId,
+    mut tls: Tls,
+    mut buf: BytesMut,
+    mut rx: mpsc::UnboundedReceiver<Control>,
+) {
+    let binding = channel_binding(&tls);
+    let interval_ms = shared
+        .with_engine(shard, |e| {
+            e.session(&sid).map(|s| s.policy().heartbeat_interval_ms)
+        })
+        .unwrap_or(shared.cfg.raw.policy.heartbeat_interval_ms);
+    let report_every = Duration::from_millis(interval_ms / 2);
+    let mut last_report = Instant::now();
+    // `Some(reason)`: the transport failed and the engine must hear about it.
+    let end = loop {
+        let read = tokio::select! {
+            biased;
+            ctl = rx.recv() => match ctl {
+                Some(Control::Terminate(reason)) => {
+                    let _ = send_terminate(&mut tls, reason).await;
+                    break None; // the engine already unbound this transport
+                }
+                Some(Control::GoAway { deadline_ms }) => {
+                    let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
+                    if write_frame(&mut tls, Kind::GoAway(g)).await.is_err() {
+                        break Some(ReasonCode::TransportDead);
+                    }
+                    continue;
+                }
+                None => break None,
+            },
+            r = read_frame(&mut tls, &mut buf) => r,
+        };
+        let kind = match read {
+            Ok(Some(k)) => k,
+            Ok(None) => break Some(ReasonCode::TransportDead),
+            Err(e) => {
+                let reason = e.reason();
+                let _ = send_terminate(&mut tls, reason).await;
+                counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
+                break Some(reason);
+            }
+        };
+        counter!(m::FRAMES_RECEIVED).increment(1);
+        if last_report.elapsed() >= report_every {
+            last_report = Instant::now();
+            let now = shared.now();
+            if !shared.with_engine(shard, |e| e.activity(now, &sid, transport)) {
+                break None; // no longer this session's binding
+            }
+        }
+        let reply = match kind {
+            Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
+            Kind::Data(d) => {
+                // The default egress is an echo service.
+                let n = d.payload.len() as u64;
+                counter!(m::DATA_BYTES, "direction" => "in").increment(n);
+                counter!(m::DATA_BYTES, "direction" => "out").increment(n);
+                Kind::Data(d)
+            }
+            Kind::Ack(_) | Kind::Pong(_) => continue,
+            Kind::Terminate(_) => {
+                let now = shared.now();
+                shared.with_engine(shard, |e| e.terminate(now, &sid, Termination::AgentClosed));
+                break None;
+            }
+            Kind::Resume(r) => {
+                // A RESUME on the attached connection itself (a replay, or an
+                // agent retrying): validated like any other.
+                match resume_once(shared, &tls, &binding, transport, &r, None) {
+                    Ok((_, _, ok, replaced)) => {
+                        if replaced == Some(transport) {
+                            // The engine "replaced" this transport by itself.
+                            let _ = rx.try_recv();
+                        }
+                        Kind::ResumeOk(ok)
+                    }
+                    Err(rej) => Kind::Reject(reject_frame(&rej)),
+                }
+            }
+            _ => {
+                let _ = send_terminate(&mut tls, ReasonCode::ProtocolError).await;
+                break Some(ReasonCode::ProtocolError);
+            }
+        };
+        if write_frame(&mut tls, reply).await.is_err() {
+            break Some(ReasonCode::TransportDead);
+        }
+    };
+    if end.is_some() {
+        let now = shared.now();
+        shared.with_engine(shard, |e| e.transport_closed(now, &sid, transport));
+    }
+    shared.deregister(shard, transport);
+    let _ = tls.shutdown().await;
+}
+
+fn reject_frame(rej: &Rejection) -> Reject {
+    Reject {
+        reason: rej.wire_reason() as i32,
+        retry_after_ms: rej.retry_after_ms,
+        current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
+    }
+}
+
+async fn send_rejection<W: AsyncWrite + Unpin>(w: &mut W, rej: &Rejection) -> std::io::Result<()> {
+    write_frame(w, Kind::Reject(reject_frame(rej))).await
+}
+
+pub(super) async fn send_reject<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reason: ReasonCode,
+    retry_after_ms: u64,
+    epoch: u64,
+) -> std::io::Result<()> {
+    let r = Reject {
+        reason: reason as i32,
+        retry_after_ms,
+        current_binding_epoch: epoch,
+    };
+    write_frame(w, Kind::Reject(r)).await
+}
+
+pub(super) async fn send_terminate<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reason: ReasonCode,
+) -> std::io::Result<()> {
+    write_frame(
+        w,
+        Kind::Terminate(Terminate {
+            reason: reason as i32,
+        }),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_expiry_bounds_the_session_on_the_engine_clock() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".into()]).unwrap();
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        params.not_after = in_an_hour.into();
+        let cert = params.self_signed(&key).unwrap();
+        let now = Mono::from_millis(5_000);
+        let exp = cert_expiry(cert.der(), now).unwrap();
+        let left = exp.saturating_since(now).as_secs();
+        assert!((3590..=3600).contains(&left), "{left}");
+        assert_eq!(cert_expiry(b"not a certificate", now), None);
+    }
+}

@@ -1,0 +1,370 @@
+//! State shared by every task of one gateway: the engine shards and their
+//! connection registries, the token issuer, admission tables, reload, and
+//! the per-shard timer and gauge tasks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jvpn_proto::ring::owner_tag;
+use jvpn_proto::token::{TokenContents, TokenKey};
+use jvpn_proto::{Incarnation, OwnerTag, ReasonCode, SessionId};
+use jvpn_runtime::admission::{HandshakeBudget, SourceLimiter, TlsQueue};
+use jvpn_runtime::wire::lock;
+use metrics::{counter, gauge};
+use rand::{RngCore, SeedableRng};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::info;
+
+use super::GatewayHandle;
+use crate::config::ConfigErrors;
+use crate::config::Validated;
+use crate::engine::policy::{PolicyError, display_all};
+use crate::engine::{Action, Engine, EngineConfig, EngineEvent, Mono, State, TransportId};
+use crate::events::EventSink;
+use crate::gate::Gate;
+use crate::metrics as m;
+
+/// Messages from the engine side to a connection task.
+#[derive(Debug)]
+pub(super) enum Control {
+    Terminate(ReasonCode),
+    GoAway { deadline_ms: u64 },
+}
+
+pub(super) struct Shard {
+    pub(super) engine: Mutex<Engine>,
+    pub(super) conns: Mutex<HashMap<TransportId, mpsc::UnboundedSender<Control>>>,
+    pub(super) wake: Notify,
+}
+
+/// The routing-token key and this incarnation's owner tag under it.
+pub(super) struct Issuer {
+    pub(super) key: TokenKey,
+    pub(super) tag: OwnerTag,
+}
+
+impl Issuer {
+    pub(super) fn new(
+        secret: &jvpn_proto::keys::ClusterSecret,
+        node: &jvpn_proto::NodeId,
+        inc: Incarnation,
+    ) -> Self {
+        let keys = secret.derive();
+        Self {
+            key: TokenKey::new(&keys),
+            tag: owner_tag(&keys, node, inc),
+        }
+    }
+}
+
+/// Why a SIGHUP reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReloadError {
+    /// The file no longer validates.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// Keys that only a restart may change differ.
+    #[error("{} cannot change without a restart", .0.join(", "))]
+    RestartOnly(Vec<&'static str>),
+    /// Same key id, different secret: routers could not tell the two apart.
+    #[error(
+        "cluster.secret_file: the secret changed but its key id did not; a rotation needs a new key id"
+    )]
+    SecretWithoutNewKeyId,
+    /// The new certificates or keys were refused.
+    #[error("tls: {0}")]
+    Tls(rustls::Error),
+    /// The new `[policy]` is invalid.
+    #[error("policy: {}", display_all(.0))]
+    Policy(Vec<PolicyError>),
+}
+
+/// State shared by every task of one gateway.
+pub(super) struct Shared {
+    /// The configuration at start; restart-only keys are read from here.
+    pub(super) cfg: Validated,
+    /// Reloadable (SIGHUP): the TLS configuration and the connection cap
+    /// (the other limits live in their limiters).
+    pub(super) acceptor: ArcSwap<TlsAcceptor>,
+    pub(super) max_connections: AtomicUsize,
+    /// Seals routing tokens; swapped when a reload rotates the cluster secret.
+    pub(super) issuer: ArcSwap<Issuer>,
+    pub(super) incarnation: Incarnation,
+    /// The pre-TLS rules (who is a router, who this node is).
+    pub(super) gate: Gate,
+    pub(super) shards: Vec<Shard>,
+    pub(super) next_transport: AtomicU64,
+    pub(super) next_hello_shard: AtomicUsize,
+    pub(super) origin: Instant,
+    pub(super) sources: Mutex<SourceLimiter>,
+    pub(super) budget: Mutex<HandshakeBudget>,
+    pub(super) tls_slots: Semaphore,
+    pub(super) tls_queue: Mutex<TlsQueue>,
+    pub(super) open_conns: AtomicUsize,
+    pub(super) draining: AtomicBool,
+    pub(super) events: EventSink,
+    pub(super) token_hashes: Vec<blake3::Hash>,
+    /// Leases and views; `None` without membership (single node, static PROXY).
+    pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
+    /// `POST /drain` on the admin port.
+    pub(super) drain: jvpn_runtime::admin::DrainTrigger,
+}
+
+impl Shared {
+    /// Applies a validated configuration read again from disk (SIGHUP):
+    /// `[policy]` for sessions created from now on, `[admission]` limits and
+    /// `[tls]` certificates. Anything else must be unchanged; otherwise
+    /// nothing is applied.
+    pub(super) fn reload(&self, new: &Validated) -> Result<(), ReloadError> {
+        let fixed = crate::config::restart_only_changes(&self.cfg.raw, &new.raw);
+        if !fixed.is_empty() {
+            return Err(ReloadError::RestartOnly(fixed));
+        }
+        // The same key id must mean the same secret: compare what it derives.
+        let next = Issuer::new(&new.secret, &self.cfg.node_id, self.incarnation);
+        let current = self.issuer.load();
+        let rotate = next.key.key_id() != current.key.key_id();
+        if !rotate && next.tag != current.tag {
+            return Err(ReloadError::SecretWithoutNewKeyId);
+        }
+        let tokenless = !new.dev_tokens.is_empty();
+        let tls = crate::tls::server_config(&new.tls, tokenless).map_err(ReloadError::Tls)?;
+        for i in 0..self.shards.len() {
+            self.with_engine(i, |e| e.set_policy(new.raw.policy.clone()))
+                .map_err(ReloadError::Policy)?;
+        }
+        let a = &new.raw.admission;
+        let now = self.now();
+        lock(&self.sources).reconfigure(
+            a.per_source_rate_per_s,
+            a.per_source_burst,
+            a.source_table_capacity,
+        );
+        *lock(&self.budget) = HandshakeBudget::new(a.handshakes_per_s, a.resume_share, now);
+        lock(&self.tls_queue)
+            .reconfigure(a.tls_queue_max, Duration::from_millis(a.tls_queue_wait_ms));
+        self.max_connections
+            .store(a.max_connections, Ordering::Relaxed);
+        self.acceptor
+            .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
+        if rotate {
+            // New tokens under the new key; tokens already issued stay
+            // valid while routers hold the old key as their previous one.
+            info!(
+                key_id = new.secret.key_id(),
+                "routing tokens now sealed under a new cluster key"
+            );
+            self.issuer.store(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    pub(super) fn now(&self) -> Mono {
+        Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn instant(&self, t: Mono) -> Instant {
+        self.origin + Duration::from_nanos(t.as_nanos())
+    }
+
+    /// Runs `f` on one shard's engine, then dispatches what it produced.
+    pub(super) fn with_engine<R>(&self, shard: usize, f: impl FnOnce(&mut Engine) -> R) -> R {
+        let s = &self.shards[shard];
+        let mut actions = Vec::new();
+        let mut events = Vec::new();
+        let r = {
+            let mut e = lock(&s.engine);
+            let r = f(&mut e);
+            while let Some(a) = e.poll_action() {
+                actions.push(a);
+            }
+            while let Some(ev) = e.poll_event() {
+                events.push(ev);
+            }
+            r
+        };
+        for ev in &events {
+            if let EngineEvent::StateChange(c) = ev {
+                counter!(m::TRANSITIONS, "from" => c.from.as_str(), "to" => c.to.as_str(),
+                    "reason" => c.reason.as_str())
+                .increment(1);
+            }
+            self.events.emit(ev);
+        }
+        if !actions.is_empty() {
+            let conns = lock(&s.conns);
+            for Action::CloseTransport {
+                transport, reason, ..
+            } in actions
+            {
+                if let Some(tx) = conns.get(&transport) {
+                    let _ = tx.send(Control::Terminate(reason));
+                }
+            }
+        }
+        s.wake.notify_one();
+        r
+    }
+
+    pub(super) fn register(
+        &self,
+        shard: usize,
+        t: TransportId,
+        tx: mpsc::UnboundedSender<Control>,
+    ) {
+        lock(&self.shards[shard].conns).insert(t, tx);
+    }
+
+    pub(super) fn deregister(&self, shard: usize, t: TransportId) {
+        lock(&self.shards[shard].conns).remove(&t);
+    }
+
+    pub(super) fn counts(&self) -> [u64; 6] {
+        let mut out = [0u64; 6];
+        for s in &self.shards {
+            let e = lock(&s.engine);
+            for st in State::ALL {
+                out[st.index()] += e.count(st);
+            }
+        }
+        out
+    }
+
+    pub(super) fn token_ok(&self, auth: &[u8]) -> bool {
+        // blake3::Hash compares in constant time.
+        let h = blake3::hash(auth);
+        !auth.is_empty() && self.token_hashes.contains(&h)
+    }
+
+    /// A fresh token for `sid` and the key id it is sealed under.
+    pub(super) fn seal_token(&self, sid: SessionId) -> (Vec<u8>, u32) {
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        let issuer = self.issuer.load();
+        let token = issuer.key.seal(
+            nonce,
+            &TokenContents {
+                session_id: sid,
+                owner_tag: issuer.tag,
+            },
+        );
+        (token.to_vec(), u32::from(issuer.key.key_id()))
+    }
+}
+
+pub(super) fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
+    let incarnation = Incarnation(rand::rng().next_u64());
+    let tokenless = !cfg.dev_tokens.is_empty();
+    let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
+    let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut engine = Engine::new(
+            EngineConfig {
+                node_id: cfg.node_id.clone(),
+                incarnation,
+                policy: cfg.raw.policy.clone(),
+            },
+            Box::new(rand::rngs::StdRng::from_os_rng()),
+        )
+        .map_err(|e| anyhow::anyhow!("policy: {}", display_all(&e)))?;
+        engine.set_shard(i, n);
+        shards.push(Shard {
+            engine: Mutex::new(engine),
+            conns: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        });
+    }
+    let a = &cfg.raw.admission;
+    let start = Mono::ZERO;
+    let origin = Instant::now();
+    let shared = Shared {
+        acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
+        max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
+        issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret, &cfg.node_id, incarnation)),
+        incarnation,
+        gate: Gate {
+            node_id: cfg.node_id.clone(),
+            incarnation,
+            routers: cfg.raw.cluster.routers.clone(),
+            direct_clients: cfg.raw.cluster.direct_clients,
+        },
+        shards,
+        next_transport: AtomicU64::new(1),
+        next_hello_shard: AtomicUsize::new(0),
+        origin,
+        sources: Mutex::new(SourceLimiter::new(
+            a.per_source_rate_per_s,
+            a.per_source_burst,
+            a.source_table_capacity,
+            start,
+        )),
+        budget: Mutex::new(HandshakeBudget::new(
+            a.handshakes_per_s,
+            a.resume_share,
+            start,
+        )),
+        tls_slots: Semaphore::new(cfg.max_tls_handshakes_in_flight),
+        tls_queue: Mutex::new(TlsQueue::new(
+            a.tls_queue_max,
+            Duration::from_millis(a.tls_queue_wait_ms),
+            start,
+        )),
+        open_conns: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        events: EventSink::start(&cfg.raw.events, cfg.node_id.clone(), incarnation),
+        token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
+        cluster: cfg.membership.as_ref().map(|_| {
+            crate::membership::Cluster::new(
+                cfg.node_id.clone(),
+                incarnation,
+                &cfg.raw.cluster.membership_endpoints,
+                Duration::from_millis(cfg.raw.cluster.lease_timeout_ms),
+                origin,
+            )
+        }),
+        drain: jvpn_runtime::admin::DrainTrigger::default(),
+        cfg,
+    };
+    Ok(Arc::new(shared))
+}
+
+pub(super) async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watch::Receiver<bool>) {
+    loop {
+        let next = lock(&shared.shards[shard].engine).poll_timeout();
+        let sleep = match next {
+            Some(t) => tokio::time::sleep_until(shared.instant(t).into()),
+            None => tokio::time::sleep(Duration::from_secs(3600)),
+        };
+        tokio::select! {
+            () = sleep => {
+                let now = shared.now();
+                shared.with_engine(shard, |e| e.handle_timeout(now));
+            }
+            () = shared.shards[shard].wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+pub(super) async fn gauge_loop(handle: GatewayHandle, mut stop: watch::Receiver<bool>) {
+    loop {
+        let mut total = 0;
+        for (state, n) in handle.session_counts() {
+            gauge!(m::SESSIONS, "state" => state).set(n as f64);
+            total += n;
+        }
+        if let Some(c) = &handle.shared.cluster {
+            c.set_sessions(total);
+            c.export_lease_gauges(handle.shared.now());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! jvpn-runtime: what every Jumping VPN service binary shares, and nothing
+//! about sessions, rings or routing.
+//!
+//! # Layout
+//!
+//! - [`process`]: `run`/`check` arguments, tracing, exit codes, readiness,
+//!   signals, SIGHUP reload, the open-file limit.
+//! - [`config`]: layered TOML + environment, problems that name their key,
+//!   the documented-keys checks.
+//! - [`admin`]: the admin HTTP port (`/metrics`, `/healthz`, `/readyz`,
+//!   operator actions behind a bearer token) for any [`admin::AdminApp`].
+//! - [`admission`]: per-source token buckets, the handshake budget and the
+//!   TLS waiting room; sans-IO, every call takes `now`.
+//! - [`metrics`]: the Prometheus recorder, its upkeep and `jvpn_build_info`.
+//! - [`wire`]: pre-TLS status replies, frame read/write, accept with
+//!   back-off, a poison-tolerant lock.
+//!
+//! Dependencies point one way: `jvpn-proto ← jvpn-runtime ← {gateway,
+//! router, agent}`.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod admission;
+pub mod config;
+pub mod metrics;
+pub mod process;
+pub mod wire;

@@ -1,0 +1,100 @@
+//! Socket-level helpers every service shares: the pre-TLS status reply with
+//! its lingering close, frame read/write over any async stream, an accept
+//! loop that backs off on errors, and a lock that survives poisoning.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use jvpn_proto::frame::{self, FrameError};
+use jvpn_proto::pb::session::frame::Kind;
+use jvpn_proto::preamble::{Status, StatusReply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Locks `m`, taking the data even if a holder panicked: every structure
+/// behind these mutexes is valid between statements, so poisoning carries no
+/// meaning here and must not take the whole process down.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long and how much a refused connection is read after its status reply.
+const STATUS_LINGER: Duration = Duration::from_millis(250);
+const STATUS_LINGER_BYTES: usize = 16 * 1024;
+
+/// Answers with the 8-byte pre-TLS status reply and closes the write side.
+pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration) {
+    let reply = StatusReply {
+        status,
+        retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
+    };
+    let _ = stream.write_all(&reply.encode()).await;
+    let _ = stream.shutdown().await;
+    // Lingering close: closing with unread input (the agent sends its
+    // ClientHello right after the preamble) makes the kernel answer with a
+    // RST, which can destroy the reply before the agent reads it. Read and
+    // discard until the agent closes, briefly and boundedly.
+    let mut sink = [0u8; 2048];
+    let mut left = STATUS_LINGER_BYTES;
+    let _ = tokio::time::timeout(STATUS_LINGER, async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// Writes one frame and flushes it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: Kind) -> std::io::Result<()> {
+    let bytes = frame::to_bytes(kind).map_err(std::io::Error::other)?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream. Cancel-safe: a
+/// partial frame stays in `buf`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Kind>, FrameError> {
+    loop {
+        if let Some(k) = frame::decode(buf)? {
+            return Ok(Some(k));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(1024);
+        }
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+/// The next connection on `listener`, or `None` once `stop` changes. Accept
+/// errors back off for [`ACCEPT_BACKOFF`] instead of spinning.
+pub async fn accept_until(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
