@@ -19,7 +19,9 @@
 //!
 //! # Layout
 //!
-//! - this file: [`Agent`], [`Transport`], errors and reports.
+//! - this file: [`Agent`], [`Transport`], errors and reports. The session
+//!   itself (counter, proofs, key rotation, owner check) is the sans-IO
+//!   [`ClientSession`] from `jvpn_proto::client`, which the simulations drive too.
 //! - [`sniff`]: tells a pre-TLS status reply from a TLS record.
 //! - [`run`]: the keep-alive loop.
 //! - [`cli`]: the `jvpn-agent` command line.
@@ -37,12 +39,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, RESUME_KEY_LABEL, ResumeKey, resume_key_context};
+use jvpn_proto::ReasonCode;
 use jvpn_proto::frame::{self, FrameError};
-use jvpn_proto::pb::session::{Hello, Policy, Resume, frame::Kind};
+use jvpn_proto::pb::session::{Hello, Resume, frame::Kind};
 use jvpn_proto::preamble::{Preamble, StatusReply};
-use jvpn_proto::token::TOKEN_LEN;
-use jvpn_proto::{ReasonCode, SessionId};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -164,20 +164,24 @@ pub enum AgentError {
     NoSession,
 }
 
+impl From<ClientError> for AgentError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::OwnerMismatch { expected, got } => {
+                AgentError::OwnerMismatch { expected, got }
+            }
+            other => AgentError::Protocol(other.to_string()),
+        }
+    }
+}
+
 impl AgentError {
     /// Does this failure mean the session is gone and a new HELLO is needed?
     pub fn session_gone(&self) -> bool {
         match self {
-            AgentError::Rejected { reason, .. } | AgentError::Terminated(reason) => matches!(
-                reason,
-                ReasonCode::UnknownSession
-                    | ReasonCode::OwnerLost
-                    | ReasonCode::SessionLifetimeExceeded
-                    | ReasonCode::TransportTtlExceeded
-                    | ReasonCode::Draining
-                    | ReasonCode::Superseded
-                    | ReasonCode::OperatorTerminated
-            ),
+            AgentError::Rejected { reason, .. } | AgentError::Terminated(reason) => {
+                jvpn_proto::client::ends_session(*reason)
+            }
             AgentError::Status(s) => s.status == jvpn_proto::preamble::Status::OwnerLost,
             // Never continue with an owner the session did not start on.
             AgentError::OwnerMismatch { .. } => true,
@@ -186,37 +190,8 @@ impl AgentError {
     }
 }
 
-/// The client's half of a session.
-#[derive(Clone)]
-pub struct SessionState {
-    pub id: SessionId,
-    pub node_id: String,
-    pub incarnation: u64,
-    pub binding_epoch: u64,
-    pub state_version: u64,
-    key: ResumeKey,
-    counter: u64,
-    token: [u8; TOKEN_LEN],
-    key_id: u8,
-    pub policy: Policy,
-}
-
-impl SessionState {
-    /// Key id of the routing token the next RESUME will carry.
-    pub fn token_key_id(&self) -> u8 {
-        self.key_id
-    }
-}
-
-impl std::fmt::Debug for SessionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionState")
-            .field("node_id", &self.node_id)
-            .field("binding_epoch", &self.binding_epoch)
-            .field("counter", &self.counter)
-            .finish_non_exhaustive()
-    }
-}
+/// The client's half of a session (sans-IO, shared with the simulations).
+pub use jvpn_proto::client::{ClientError, ClientSession, Exporter};
 
 /// One attached TLS connection.
 pub struct Transport {
@@ -303,7 +278,9 @@ impl Transport {
     pub fn abandon(self) {
         drop(self);
     }
+}
 
+impl Exporter for Transport {
     fn export(&self, label: &[u8], ctx: &[u8]) -> [u8; 32] {
         let mut out = [0u8; 32];
         let _ = self
@@ -331,7 +308,7 @@ fn rejected(r: &jvpn_proto::pb::session::Reject) -> AgentError {
 pub struct Agent {
     cfg: AgentConfig,
     connector: TlsConnector,
-    pub session: Option<SessionState>,
+    pub session: Option<ClientSession>,
     next_server: usize,
     /// Committed switches of the current session, for client-side pacing.
     switches: std::collections::VecDeque<std::time::Instant>,
@@ -476,54 +453,22 @@ impl Agent {
                 )));
             }
         };
-        let id = SessionId::from_slice(&ok.session_id)
-            .map_err(|_| AgentError::Protocol("bad session id".into()))?;
-        let token: [u8; TOKEN_LEN] = ok
-            .resume_token
-            .as_slice()
-            .try_into()
-            .map_err(|_| AgentError::Protocol("bad resume token".into()))?;
-        let key =
-            ResumeKey::new(t.export(RESUME_KEY_LABEL, &resume_key_context(&id, ok.binding_epoch)));
+        let session = ClientSession::from_hello_ok(ok, &t)?;
         self.switches.clear();
-        self.session = Some(SessionState {
-            id,
-            node_id: ok.node_id,
-            incarnation: ok.incarnation,
-            binding_epoch: ok.binding_epoch,
-            state_version: ok.state_version,
-            key,
-            counter: 0,
-            token,
-            key_id: u8::try_from(ok.token_key_id)
-                .map_err(|_| AgentError::Protocol("bad token key id".into()))?,
-            policy: ok.policy.unwrap_or_default(),
-        });
+        self.session = Some(session);
         Ok(t)
     }
 
     /// Builds the next `Resume` for transport `t` (advancing the counter).
     pub fn build_resume(&mut self, t: &Transport) -> Result<Resume, AgentError> {
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
-        s.counter += 1;
-        let b = t.export(CHANNEL_BINDING_LABEL, &[]);
-        let proof = s.key.resume_proof(&s.id, s.counter, s.binding_epoch, &b);
-        Ok(Resume {
-            session_id: s.id.as_bytes().to_vec(),
-            counter: s.counter,
-            binding_epoch: s.binding_epoch,
-            proof: proof.to_vec(),
-        })
+        Ok(s.build_resume(t))
     }
 
     /// Opens a transport for a RESUME (preamble carrying the routing token).
     pub async fn open_resume(&self) -> Result<Transport, AgentError> {
         let s = self.session.as_ref().ok_or(AgentError::NoSession)?;
-        self.open(&Preamble::Resume {
-            key_id: s.key_id,
-            token: s.token,
-        })
-        .await
+        self.open(&s.resume_preamble()).await
     }
 
     /// Reattaches over a fresh connection. A `stale_binding` answer is
@@ -538,19 +483,16 @@ impl Agent {
                     reason: ReasonCode::StaleBinding,
                     current_binding_epoch,
                     ..
-                }) if current_binding_epoch > 0 => {
-                    if let Some(s) = self.session.as_mut() {
-                        s.binding_epoch = current_binding_epoch;
-                    }
-                }
+                }) if current_binding_epoch > 0 => {}
                 other => return other.map(|()| t),
             }
         }
         Err(AgentError::Protocol("stale binding twice".into()))
     }
 
-    /// Waits for the answer to `sent` and applies it: verify the server
-    /// proof and the owner, rotate the key, take the new token.
+    /// Waits for the answer to `sent` and applies it through the session:
+    /// a `Reject` (a named epoch is adopted), or a `ResumeOk` (owner and
+    /// server proof checked, key rotated, new token taken).
     pub async fn await_resume(
         &mut self,
         t: &mut Transport,
@@ -559,7 +501,12 @@ impl Agent {
         let ok = loop {
             match t.recv().await? {
                 Kind::ResumeOk(ok) => break ok,
-                Kind::Reject(r) => return Err(rejected(&r)),
+                Kind::Reject(r) => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.apply_reject(&r);
+                    }
+                    return Err(rejected(&r));
+                }
                 Kind::Pong(_) | Kind::GoAway(_) => continue,
                 other => {
                     return Err(AgentError::Protocol(format!(
@@ -569,38 +516,12 @@ impl Agent {
             }
         };
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
-        if ok.node_id != s.node_id || ok.incarnation != s.incarnation {
-            // A session never moves silently to another owner.
-            return Err(AgentError::OwnerMismatch {
-                expected: format!("{}/{:016x}", s.node_id, s.incarnation),
-                got: format!("{}/{:016x}", ok.node_id, ok.incarnation),
-            });
-        }
-        let b = t.export(CHANNEL_BINDING_LABEL, &[]);
-        if !s
-            .key
-            .verify_server_proof(&s.id, sent.counter, ok.binding_epoch, &b, &ok.server_proof)
-        {
-            return Err(AgentError::Protocol("server proof does not verify".into()));
-        }
-        s.binding_epoch = ok.binding_epoch;
-        s.state_version = ok.state_version;
+        s.apply_resume_ok(sent, &ok, t)?;
         let max = s.policy.max_switches_per_min.max(1) as usize;
         while self.switches.len() >= max {
             self.switches.pop_front();
         }
         self.switches.push_back(std::time::Instant::now());
-        s.key = ResumeKey::new(t.export(
-            RESUME_KEY_LABEL,
-            &resume_key_context(&s.id, ok.binding_epoch),
-        ));
-        if let (Ok(tok), Ok(id)) = (
-            <[u8; TOKEN_LEN]>::try_from(ok.resume_token.as_slice()),
-            u8::try_from(ok.token_key_id),
-        ) {
-            s.token = tok;
-            s.key_id = id;
-        }
         Ok(())
     }
 }

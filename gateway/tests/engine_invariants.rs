@@ -95,7 +95,7 @@ fn inv_2_2_stale_binding_is_rejected_and_version_unchanged() {
     let mut a = sim.connect();
     a.resume(&mut sim).unwrap(); // epoch 2
     let v = sim.session(a.id).unwrap().state_version();
-    a.epoch = 1; // claims the epoch it had before
+    a.binding_epoch = 1; // claims the epoch it had before
     let rej = a.resume(&mut sim).unwrap_err();
     assert_eq!(
         (rej.reason, rej.current_binding_epoch),
@@ -380,7 +380,7 @@ fn ten_thousand_bad_resumes_change_nothing_then_a_genuine_one_succeeds() {
             _ => {
                 // Proof made for another connection (a relay).
                 let b = binding(jvpn_gateway::engine::TransportId(t.0 + 1_000_000));
-                w.proof = a.key.resume_proof(&a.id, w.counter, w.epoch, &b);
+                w.proof = a.key().resume_proof(&a.id, w.counter, w.epoch, &b);
             }
         }
         let rej = send(&mut sim, &w).unwrap_err();
@@ -422,7 +422,7 @@ fn requests_for_an_expired_session_change_nothing() {
 fn lost_resume_ok_is_recovered_with_the_previous_key() {
     let mut sim = Sim::new(fast_policy());
     let mut a = sim.connect();
-    let old_key = a.key.clone();
+    let old_key = a.key().clone();
     // A RESUME commits, but its ResumeOk never reaches the agent.
     let t = sim.transport();
     let w = a.build(t);
@@ -435,7 +435,7 @@ fn lost_resume_ok_is_recovered_with_the_previous_key() {
         (rej.reason, rej.current_binding_epoch),
         (R::StaleBinding, Some(2))
     );
-    assert_eq!(a.epoch, 2);
+    assert_eq!(a.binding_epoch, 2);
     // ...and the retry with current_binding_epoch and the previous key succeeds.
     let acc = a.resume(&mut sim).unwrap();
     assert_eq!(acc.binding_epoch, 3);
@@ -445,7 +445,7 @@ fn lost_resume_ok_is_recovered_with_the_previous_key() {
     a.resume(&mut sim).unwrap();
     // ...after which key 1 is refused.
     let mut stale = a.clone();
-    stale.key = old_key;
+    stale.set_key(old_key);
     let rej = stale.resume(&mut sim).unwrap_err();
     assert_eq!(rej.reason, R::BadProof);
 }
@@ -454,10 +454,10 @@ fn lost_resume_ok_is_recovered_with_the_previous_key() {
 fn the_previous_key_dies_once_the_new_one_is_used() {
     let mut sim = Sim::new(fast_policy());
     let mut a = sim.connect();
-    let key1 = a.key.clone();
+    let key1 = a.key().clone();
     a.resume(&mut sim).unwrap(); // agent now on key 2, gateway keeps key 1 as fallback
     let mut old = a.clone();
-    old.key = key1.clone();
+    old.set_key(key1.clone());
     sim.advance(250);
     // Before key 2 is used, key 1 still authenticates (the ResumeOk might have been lost).
     let mut probe = old.clone();
@@ -466,8 +466,8 @@ fn the_previous_key_dies_once_the_new_one_is_used() {
     let mut b = probe.clone();
     sim.advance(250);
     b.resume(&mut sim).unwrap();
-    old.counter = b.counter;
-    old.epoch = b.epoch;
+    old.set_counter(b.counter());
+    old.binding_epoch = b.binding_epoch;
     let rej = old.resume(&mut sim).unwrap_err();
     assert_eq!(rej.reason, R::BadProof);
 }

@@ -133,7 +133,7 @@ proptest! {
                     let t = sim.transport();
                     let w = agents[i].build(t);
                     let r = send(&mut sim, &w);
-                    agents[i].apply(&w, &r);
+                    agents[i].apply(&sim, &w, &r);
                     if let Err(rej) = &r { rejected = Some((i, rej.reason)); }
                     last_wire[i] = Some(w);
                 }
@@ -155,9 +155,9 @@ proptest! {
                 Op::Stale(i) => {
                     let t = sim.transport();
                     let mut a = agents[i].clone();
-                    a.epoch = a.epoch.saturating_sub(1);
+                    a.binding_epoch = a.binding_epoch.saturating_sub(1);
                     let w = a.build(t);
-                    agents[i].counter = a.counter;
+                    agents[i].set_counter(a.counter());
                     let r = send(&mut sim, &w);
                     prop_assert!(r.is_err());
                     rejected = Some((i, r.unwrap_err().reason));

@@ -1,14 +1,17 @@
 //! Deterministic simulation of a cluster over the real sans-IO cores: two
-//! routers (`membership::Membership`), three gateways (`engine::Engine`) and
-//! agents, on a virtual clock, with crashes, pauses, partitions of the
+//! routers (`membership::Membership` and the RESUME routing decision
+//! `routing::route_token`), three gateways (`engine::Engine` behind the
+//! pre-TLS `gate::Gate`) and agents (`client::ClientSession`, the agent's
+//! own session), on a virtual clock, with crashes, pauses, partitions of the
 //! heartbeat links and of the client ports, and dropped heartbeats drawn
 //! from a seed.
 //!
 //! Checked on every seed:
 //! * one owner per session id: no id is live on two gateway lives;
 //! * no silent migration: a RESUME is only ever accepted by the life of the
-//!   node that created the session (routers route by owner, a gateway
-//!   refuses an owner that is not itself);
+//!   node that created the session (routers route by the token's owner, a
+//!   gateway refuses an intended owner that is not itself, and the client
+//!   session refuses a `ResumeOk` from another owner);
 //! * every orphaned session is signalled: an agent whose owner is gone gets
 //!   `owner_lost` (then re-handshakes) within a bound, and once the faults
 //!   stop every agent is attached to a live owner that holds its session.
@@ -18,19 +21,32 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use jvpn_gateway::engine::{
     Conn, Engine, EngineConfig, HelloRequest, Mono, Policy, ResumeRequest, TransportId,
 };
-use jvpn_proto::crypto::{ChannelBinding, ResumeKey, resume_key_context};
-use jvpn_proto::{Incarnation, NodeId, SessionId};
-use jvpn_router::membership::{Heartbeat, Membership, MembershipConfig, NodeState, OwnerRoute};
+use jvpn_gateway::gate::Gate;
+use jvpn_gateway::metrics::ConnReject;
+use jvpn_proto::client::ClientSession;
+use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
+use jvpn_proto::pb::session::Reject;
+use jvpn_proto::preamble::Preamble;
+use jvpn_proto::ring::owner_tag;
+use jvpn_proto::testkit::SimConn;
+use jvpn_proto::token::{TokenContents, TokenKey, TokenKeyring};
+use jvpn_proto::{Incarnation, NodeId, OwnerTag, SessionId};
+use jvpn_router::membership::{
+    Heartbeat, HeartbeatVerdict, Membership, MembershipConfig, NodeState,
+};
+use jvpn_router::routing::{OwnerTags, route_token};
+use jvpn_router::state::ResumeRoute;
+use jvpn_runtime::admission::HandshakeBudget;
+use jvpn_runtime::wire::lock;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const MS: u64 = 1_000_000;
 const STEP_MS: u64 = 10;
 const FAULTY_UNTIL_MS: u64 = 14_000;
 const END_MS: u64 = 24_000;
@@ -45,6 +61,24 @@ const SIGNAL_BOUND_MS: u64 = 6_000;
 struct Life {
     incarnation: Incarnation,
     engine: Engine,
+    /// The gateway's pre-TLS rules: the intended-owner check.
+    gate: Gate,
+    budget: HandshakeBudget,
+    /// Seals routing tokens naming this life.
+    token_key: TokenKey,
+    tag: OwnerTag,
+}
+
+/// One router: the membership rules and the owner tags it learned.
+struct Router {
+    membership: Mutex<Membership>,
+    tags: Mutex<OwnerTags>,
+}
+
+impl Router {
+    fn m(&self) -> MutexGuard<'_, Membership> {
+        lock(&self.membership)
+    }
 }
 
 struct Gateway {
@@ -59,15 +93,19 @@ struct Gateway {
 }
 
 struct Session {
-    id: SessionId,
-    node: NodeId,
-    incarnation: Incarnation,
-    epoch: u64,
-    counter: u64,
-    key: ResumeKey,
+    client: ClientSession,
     /// The transport and when its gateway was last heard from.
     transport: Option<TransportId>,
     last_heard: u64,
+}
+
+impl Session {
+    fn node(&self) -> NodeId {
+        NodeId::new(&self.client.node_id).unwrap()
+    }
+    fn incarnation(&self) -> Incarnation {
+        Incarnation(self.client.incarnation)
+    }
 }
 
 struct Agent {
@@ -80,22 +118,12 @@ struct Agent {
     asked_another: bool,
 }
 
-/// What a TLS exporter gives both ends of one connection.
-fn export(conn: u64, ctx: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_keyed(&[7; 32]);
-    h.update(&conn.to_be_bytes());
-    h.update(ctx);
-    *h.finalize().as_bytes()
-}
-
-fn binding(conn: u64) -> ChannelBinding {
-    export(conn, b"binding")
-}
-
 struct World {
     rng: ChaCha8Rng,
     now: u64,
-    routers: Vec<Membership>,
+    keys: ClusterKeys,
+    tokens: TokenKeyring,
+    routers: Vec<Router>,
     gateways: Vec<Gateway>,
     agents: Vec<Agent>,
     next_conn: u64,
@@ -108,8 +136,14 @@ struct World {
 impl World {
     fn new(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let secret: ClusterSecret = format!("1:{}", "42".repeat(32)).parse().unwrap();
+        let keys = secret.derive();
+        let tokens = TokenKeyring::new(TokenKey::new(&keys), None);
         let routers = (0..ROUTERS)
-            .map(|_| Membership::new(MembershipConfig::default(), 0))
+            .map(|_| Router {
+                membership: Mutex::new(Membership::new(MembershipConfig::default(), Mono::ZERO)),
+                tags: Mutex::new(OwnerTags::default()),
+            })
             .collect();
         let mut gateways: Vec<Gateway> = (0..GATEWAYS)
             .map(|i| Gateway {
@@ -122,7 +156,7 @@ impl World {
             })
             .collect();
         for g in &mut gateways {
-            g.life = Some(new_life(&g.node, &mut rng));
+            g.life = Some(new_life(&g.node, &mut rng, &keys));
         }
         let agents = (0..AGENTS)
             .map(|i| Agent {
@@ -137,6 +171,8 @@ impl World {
         Self {
             rng,
             now: 0,
+            keys,
+            tokens,
             routers,
             gateways,
             agents,
@@ -179,8 +215,10 @@ impl World {
         if roll < 4 && self.gateways[g].life.is_some() {
             // SIGKILL: the streams close, the process restarts later.
             let life = self.gateways[g].life.take().unwrap();
-            for r in &mut self.routers {
-                r.on_stream_closed(self.now * MS, &self.gateways[g].node, life.incarnation);
+            let now = self.mono();
+            for r in &self.routers {
+                r.m()
+                    .on_stream_closed(now, &self.gateways[g].node, life.incarnation);
             }
             self.gateways[g].restart_at = self.now + self.rng.random_range(500..3_000);
         } else if roll < 8 {
@@ -201,7 +239,7 @@ impl World {
     fn heartbeats(&mut self) {
         for g in 0..GATEWAYS {
             if self.gateways[g].life.is_none() && self.now >= self.gateways[g].restart_at {
-                let life = new_life(&self.gateways[g].node, &mut self.rng);
+                let life = new_life(&self.gateways[g].node, &mut self.rng, &self.keys);
                 self.gateways[g].life = Some(life);
             }
             if !self.now.is_multiple_of(250) || !self.running(g) {
@@ -222,17 +260,30 @@ impl World {
                     lease_ok: true,
                     in_view: true,
                 };
-                self.routers[r].on_heartbeat(self.now * MS, &hb);
+                let router = &self.routers[r];
+                if router.m().on_heartbeat(self.mono(), &hb) == HeartbeatVerdict::Accepted {
+                    lock(&router.tags).learn([&self.keys], &hb.node_id, hb.incarnation);
+                }
             }
         }
         if self.now.is_multiple_of(50) {
+            let now = self.mono();
             for r in 0..ROUTERS {
-                self.routers[r].tick(self.now * MS);
+                self.routers[r].m().tick(now);
                 // Members that died unreachable come back only through a probe.
-                for (node, inc, _) in self.routers[r].probes_due(self.now * MS) {
+                let due = self.routers[r].m().probes_due(now);
+                for (node, inc, _) in due {
                     let ok = self.reachable(self.gateway_of(&node), r, inc);
-                    self.routers[r].on_connect(self.now * MS, &node, inc, ok);
+                    self.routers[r].m().on_connect(now, &node, inc, ok);
                 }
+                // Tags of incarnations the router no longer knows are forgotten.
+                let known: HashSet<(NodeId, Incarnation)> = self.routers[r]
+                    .m()
+                    .status(now)
+                    .into_iter()
+                    .map(|s| (s.node_id, s.incarnation))
+                    .collect();
+                lock(&self.routers[r].tags).retain(&known);
             }
         }
     }
@@ -257,17 +308,17 @@ impl World {
         if let Some(s) = &self.agents[i].session
             && let Some(t) = s.transport
         {
-            let g = self.gateway_of(&s.node);
+            let g = self.gateway_of(&s.node());
             let same_life = self.gateways[g]
                 .life
                 .as_ref()
-                .is_some_and(|l| l.incarnation == s.incarnation);
+                .is_some_and(|l| l.incarnation == s.incarnation());
             if !same_life {
                 // The process died: the TCP connection resets at once.
                 self.lose_transport(i);
             } else if self.running(g) {
                 if now.is_multiple_of(500) {
-                    let id = s.id;
+                    let id = s.client.id;
                     let m = self.mono();
                     let life = self.gateways[g].life.as_mut().unwrap();
                     if life.engine.activity(m, &id, t) {
@@ -306,7 +357,7 @@ impl World {
         {
             a.orphaned_since.get_or_insert(now);
             a.asked_another = false;
-            let (node, inc, id) = (s.node.clone(), s.incarnation, s.id);
+            let (node, inc, id) = (s.node(), s.incarnation(), s.client.id);
             let g = self.gateways.iter().position(|g| g.node == node).unwrap();
             if let Some(life) = self.gateways[g].life.as_mut()
                 && life.incarnation == inc
@@ -317,21 +368,34 @@ impl World {
     }
 
     fn reattach(&mut self, i: usize) {
-        let now = self.now;
         let r = self.agents[i].next_router;
-        let route = match &self.agents[i].session {
-            None => None,
-            Some(s) => Some(self.routers[r].route(now * MS, Some((&s.node, s.incarnation)))),
-        };
+        // The router's own decision from the token the agent presents.
+        let route = self.agents[i].session.as_ref().map(|s| {
+            let Preamble::Resume { key_id, token } = s.client.resume_preamble() else {
+                unreachable!("a session's preamble is a RESUME")
+            };
+            let router = &self.routers[r];
+            route_token(
+                &self.tokens,
+                &router.tags,
+                &router.membership,
+                self.mono(),
+                key_id,
+                &token,
+            )
+            .route
+        });
         match route {
-            Some(OwnerRoute::Alive(_)) => self.resume_on_owner(i),
-            Some(OwnerRoute::Unreachable) => self.retry_later(i, 100),
-            Some(OwnerRoute::Lost) if !self.agents[i].asked_another => {
+            Some(ResumeRoute::Splice {
+                node, incarnation, ..
+            }) => self.resume_on_owner(i, node, incarnation),
+            Some(ResumeRoute::Unreachable) => self.retry_later(i, 100),
+            Some(ResumeRoute::Lost) if !self.agents[i].asked_another => {
                 self.agents[i].asked_another = true;
                 self.agents[i].next_router = (r + 1) % ROUTERS;
                 self.retry_later(i, 10);
             }
-            Some(OwnerRoute::Lost) | None => {
+            Some(ResumeRoute::Lost | ResumeRoute::BadToken) | None => {
                 if route.is_some() {
                     self.owner_lost += 1;
                 }
@@ -346,13 +410,13 @@ impl World {
         self.agents[i].next_router = (self.agents[i].next_router + 1) % ROUTERS;
     }
 
-    fn resume_on_owner(&mut self, i: usize) {
-        let s = self.agents[i].session.as_ref().unwrap();
-        let g = self.gateway_of(&s.node);
+    /// The router spliced the RESUME towards `node`/`inc` (the token's owner).
+    fn resume_on_owner(&mut self, i: usize, node: NodeId, inc: Incarnation) {
+        let g = self.gateway_of(&node);
         let r = self.agents[i].next_router;
-        let (node, inc) = (s.node.clone(), s.incarnation);
+        let now = self.mono();
         let reached = self.reachable(g, r, inc);
-        self.routers[r].on_connect(self.now * MS, &node, inc, reached);
+        self.routers[r].m().on_connect(now, &node, inc, reached);
         if !reached && self.gateways[g].life.is_some() {
             // The router's connect failed: owner_unreachable, retry.
             return self.retry_later(i, 100);
@@ -361,72 +425,91 @@ impl World {
             // Connect refused (dead) or hanging (paused): try again later.
             return self.retry_later(i, 200);
         }
-        let life = self.gateways[g].life.as_ref().unwrap();
-        if life.incarnation != s.incarnation {
-            // Intended-owner check before TLS: owner_lost, explicitly.
-            self.owner_lost += 1;
-            return self.hello(i, self.agents[i].next_router);
-        }
-        let conn = self.next_conn;
-        self.next_conn += 1;
-        let s = self.agents[i].session.as_mut().unwrap();
-        s.counter += 1;
-        let b = binding(conn);
-        let proof = s.key.resume_proof(&s.id, s.counter, s.epoch, &b);
-        let (id, counter, epoch) = (s.id, s.counter, s.epoch);
-        let m = self.mono();
-        let node = self.gateways[g].node.clone();
+        let preamble = self.agents[i]
+            .session
+            .as_ref()
+            .unwrap()
+            .client
+            .resume_preamble()
+            .encode();
         let life = self.gateways[g].life.as_mut().unwrap();
-        let inc = life.incarnation;
+        // The gateway's pre-TLS gate, with the owner the router intended.
+        let gated = life.gate.preamble(
+            true,
+            Some(&(node.clone(), inc)),
+            &preamble,
+            &mut life.budget,
+            now,
+        );
+        match gated {
+            Ok(_) => {}
+            Err(refusal) if refusal.reject == ConnReject::OwnerLost => {
+                // Another life of this node: owner_lost, explicitly.
+                self.owner_lost += 1;
+                return self.hello(i, self.agents[i].next_router);
+            }
+            Err(refusal) => panic!("the gate refused a routed RESUME: {refusal:?}"),
+        }
+        let conn = SimConn(self.next_conn);
+        self.next_conn += 1;
+        let transport = TransportId(conn.0);
+        let sent = self.agents[i]
+            .session
+            .as_mut()
+            .unwrap()
+            .client
+            .build_resume(&conn);
+        let id = SessionId::from_slice(&sent.session_id).unwrap();
+        let life = self.gateways[g].life.as_mut().unwrap();
         let r = life.engine.resume(
-            m,
+            now,
             &ResumeRequest {
                 session_id: id,
-                counter,
-                binding_epoch: epoch,
-                proof: &proof,
+                counter: sent.counter,
+                binding_epoch: sent.binding_epoch,
+                proof: &sent.proof,
             },
             Conn {
-                transport: TransportId(conn),
-                binding: &b,
+                transport,
+                binding: &conn.binding(),
             },
-            |ctx| ResumeKey::new(export(conn, &[b"key".as_slice(), ctx].concat())),
+            |ctx| conn.resume_key(ctx),
         );
         match r {
             Ok(acc) => {
                 // No silent migration: only the minting life accepts.
                 assert_eq!(
                     self.minted.get(&id),
-                    Some(&(node, inc)),
+                    Some(&(node.clone(), life.incarnation)),
                     "a RESUME was accepted by a life that did not mint the session"
                 );
-                let key = ResumeKey::new(export(
-                    conn,
-                    &[
-                        b"key".as_slice(),
-                        &resume_key_context(&id, acc.binding_epoch),
-                    ]
-                    .concat(),
-                ));
+                let (token, key_id) = seal(life, id, &mut self.rng);
+                let ok = acc.to_wire(&node, life.incarnation, token, key_id);
                 let s = self.agents[i].session.as_mut().unwrap();
-                s.epoch = acc.binding_epoch;
-                s.key = key;
-                s.transport = Some(TransportId(conn));
+                // The agent's own checks: owner, server proof, key rotation.
+                s.client.apply_resume_ok(&sent, &ok, &conn).unwrap();
+                s.transport = Some(transport);
                 s.last_heard = self.now;
                 self.agents[i].orphaned_since = None;
                 self.resumes += 1;
             }
             Err(rej) => {
-                use jvpn_proto::ReasonCode as R;
-                match rej.reason {
+                let advice = self.agents[i]
+                    .session
+                    .as_mut()
+                    .unwrap()
+                    .client
+                    .apply_reject(&Reject {
+                        reason: rej.wire_reason() as i32,
+                        retry_after_ms: rej.retry_after_ms,
+                        current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
+                    });
+                if advice.session_gone {
                     // The session is gone (TTL): explicit, re-handshake.
-                    R::UnknownSession | R::TransportTtlExceeded | R::SessionLifetimeExceeded => {
-                        self.hello(i, self.agents[i].next_router)
-                    }
-                    _ => {
-                        let wait = rej.retry_after_ms.clamp(50, 2_000);
-                        self.retry_later(i, wait);
-                    }
+                    self.hello(i, self.agents[i].next_router)
+                } else {
+                    let wait = (advice.retry_after.as_millis() as u64).clamp(50, 2_000);
+                    self.retry_later(i, wait);
                 }
             }
         }
@@ -434,14 +517,17 @@ impl World {
 
     /// An explicit re-handshake through router `r`.
     fn hello(&mut self, i: usize, r: usize) {
-        let placeable = self.routers[r].placeable_members(self.now * MS);
+        let now = self.mono();
+        let placeable = self.routers[r].m().placeable_members(now);
         if placeable.is_empty() {
             return self.retry_later(i, 250);
         }
         let pick = &placeable[self.rng.random_range(0..placeable.len())];
         let g = self.gateway_of(&pick.node_id);
         let reached = self.reachable(g, r, pick.incarnation);
-        self.routers[r].on_connect(self.now * MS, &pick.node_id, pick.incarnation, reached);
+        self.routers[r]
+            .m()
+            .on_connect(now, &pick.node_id, pick.incarnation, reached);
         let fenced = self.now < self.gateways[g].cut_until[r];
         let matches = self.gateways[g]
             .life
@@ -451,41 +537,34 @@ impl World {
             // Dead, paused, a newer life, or no lease with this router.
             return self.retry_later(i, 250);
         }
-        let conn = self.next_conn;
+        let conn = SimConn(self.next_conn);
         self.next_conn += 1;
-        let m = self.mono();
+        let transport = TransportId(conn.0);
         let node = self.gateways[g].node.clone();
         let life = self.gateways[g].life.as_mut().unwrap();
         let acc = life
             .engine
             .hello(
-                m,
+                now,
                 HelloRequest {
-                    transport: TransportId(conn),
+                    transport,
                     principal: Arc::from("sim"),
                     credential_expiry: None,
                 },
-                |ctx| ResumeKey::new(export(conn, &[b"key".as_slice(), ctx].concat())),
+                |ctx| conn.resume_key(ctx),
             )
             .unwrap();
-        let owner = (node, life.incarnation);
+        let owner = (node.clone(), life.incarnation);
         // One owner per session id, ever.
         assert!(
-            self.minted.insert(acc.session_id, owner.clone()).is_none(),
+            self.minted.insert(acc.session_id, owner).is_none(),
             "a session id was minted twice"
         );
-        let key = ResumeKey::new(export(
-            conn,
-            &[b"key".as_slice(), &resume_key_context(&acc.session_id, 1)].concat(),
-        ));
+        let (token, key_id) = seal(life, acc.session_id, &mut self.rng);
+        let ok = acc.to_wire(&node, life.incarnation, token, key_id);
         self.agents[i].session = Some(Session {
-            id: acc.session_id,
-            node: owner.0,
-            incarnation: owner.1,
-            epoch: acc.binding_epoch,
-            counter: 0,
-            key,
-            transport: Some(TransportId(conn)),
+            client: ClientSession::from_hello_ok(ok, &conn).unwrap(),
+            transport: Some(transport),
             last_heard: self.now,
         });
         self.agents[i].orphaned_since = None;
@@ -519,22 +598,24 @@ impl World {
                 s.transport.is_some(),
                 "agent {i} is not attached at the end"
             );
-            let g = self.gateway_of(&s.node);
+            let g = self.gateway_of(&s.node());
             let life = self.gateways[g].life.as_ref().unwrap();
             assert_eq!(
-                life.incarnation, s.incarnation,
+                life.incarnation,
+                s.incarnation(),
                 "agent {i}'s owner is not alive"
             );
             assert!(
-                life.engine.session(&s.id).is_some(),
+                life.engine.session(&s.client.id).is_some(),
                 "agent {i}'s owner does not hold its session"
             );
         }
         // Once faults stop, every running gateway is alive again on every
         // router (one that died unreachable came back through a probe).
-        for (r, m) in self.routers.iter().enumerate() {
-            let alive: Vec<_> = m
-                .status(self.now * MS)
+        for (r, router) in self.routers.iter().enumerate() {
+            let alive: Vec<_> = router
+                .m()
+                .status(self.mono())
                 .into_iter()
                 .filter(|s| s.alive)
                 .map(|s| (s.node_id, s.incarnation))
@@ -553,9 +634,9 @@ impl World {
             if let Some(l) = &g.life {
                 for a in &self.agents {
                     if let Some(s) = &a.session
-                        && l.engine.session(&s.id).is_some()
+                        && l.engine.session(&s.client.id).is_some()
                     {
-                        assert_eq!(self.minted[&s.id], (g.node.clone(), l.incarnation));
+                        assert_eq!(self.minted[&s.client.id], (g.node.clone(), l.incarnation));
                     }
                 }
             }
@@ -563,7 +644,7 @@ impl World {
     }
 }
 
-fn new_life(node: &NodeId, rng: &mut ChaCha8Rng) -> Life {
+fn new_life(node: &NodeId, rng: &mut ChaCha8Rng, keys: &ClusterKeys) -> Life {
     let incarnation = Incarnation(rng.next_u64());
     let engine = Engine::new(
         EngineConfig {
@@ -577,7 +658,30 @@ fn new_life(node: &NodeId, rng: &mut ChaCha8Rng) -> Life {
     Life {
         incarnation,
         engine,
+        gate: Gate {
+            node_id: node.clone(),
+            incarnation,
+            routers: vec!["10.0.0.100".parse().unwrap()],
+            direct_clients: false,
+        },
+        budget: HandshakeBudget::new(1e9, 0.5, Mono::ZERO),
+        token_key: TokenKey::new(keys),
+        tag: owner_tag(keys, node, incarnation),
     }
+}
+
+/// A routing token naming `life` as the owner of `id`, as the gateway seals it.
+fn seal(life: &Life, id: SessionId, rng: &mut ChaCha8Rng) -> (Vec<u8>, u32) {
+    let mut nonce = [0u8; 12];
+    rng.fill_bytes(&mut nonce);
+    let token = life.token_key.seal(
+        nonce,
+        &TokenContents {
+            session_id: id,
+            owner_tag: life.tag,
+        },
+    );
+    (token.to_vec(), u32::from(life.token_key.key_id()))
 }
 
 /// Runs one seed to the end; returns (RESUMEs accepted, owner_lost answers).

@@ -15,10 +15,12 @@
 //! - [`frame`]: the length-delimited frame codec used inside TLS.
 //! - [`ring`]: views, `view_id`, the consistent-hash ring and owner tags.
 //! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
+//! - [`client`]: the client's half of a session, sans-IO ([`client::ClientSession`]).
 //! - [`time`]: [`Mono`], the monotonic instant every sans-IO core takes as `now`.
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod crypto;
 pub mod frame;
 #[doc(hidden)]
@@ -30,6 +32,8 @@ pub mod preamble;
 pub mod proxy;
 pub mod reason;
 pub mod ring;
+#[doc(hidden)]
+pub mod testkit;
 pub mod time;
 pub mod token;
 

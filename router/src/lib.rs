@@ -9,6 +9,7 @@
 //! - [`state`]: shared state: membership behind a mutex, the ring behind an
 //!   atomic swap, owner tags, admission tables, death signals.
 //! - [`service`]: the tonic heartbeat service (mTLS identity from URI SANs).
+//! - [`routing`]: the RESUME routing decision (token → owner → route), sans-IO.
 //! - [`forward`]: one client connection: preamble, placement/routing, PROXY v2.
 //! - [`splice`]: the copy loop (buffers only while data is in flight).
 //! - [`server`]: listeners, ticker, admin, shutdown.
@@ -23,6 +24,7 @@ pub mod fuzzing;
 pub mod membership;
 pub mod membership_port;
 pub mod metrics;
+pub mod routing;
 pub mod server;
 pub mod service;
 pub mod splice;

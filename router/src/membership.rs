@@ -26,14 +26,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use jvpn_proto::{Incarnation, NodeId};
-
-/// Time on the shell's monotonic clock, in nanoseconds since its origin.
-pub type Nanos = u64;
-
-fn ns(d: Duration) -> Nanos {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
+use jvpn_proto::{Incarnation, Mono, NodeId};
 
 /// Membership timing (DESIGN §10 defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,32 +102,32 @@ struct Member {
     weight: u32,
     lease_ok: bool,
     in_view: bool,
-    last_heartbeat: Nanos,
+    last_heartbeat: Mono,
     /// Heartbeats since (re)becoming alive, for the rise rule.
-    rise_first: Nanos,
+    rise_first: Mono,
     rise_count: u32,
-    stream_closed_at: Option<Nanos>,
-    connect_failures: VecDeque<Nanos>,
-    unreachable_since: Option<Nanos>,
-    held_until: Nanos,
+    stream_closed_at: Option<Mono>,
+    connect_failures: VecDeque<Mono>,
+    unreachable_since: Option<Mono>,
+    held_until: Mono,
     dead: bool,
     /// Died unreachable: heartbeats alone do not bring it back, a connect
     /// to its client address must succeed first (the router probes it).
     needs_probe: bool,
-    last_probe: Nanos,
+    last_probe: Mono,
 }
 
 impl Member {
     /// No heartbeat for longer than `timeout`.
-    fn silent(&self, now: Nanos, timeout: Duration) -> bool {
-        now.saturating_sub(self.last_heartbeat) > ns(timeout)
+    fn silent(&self, now: Mono, timeout: Duration) -> bool {
+        now.saturating_since(self.last_heartbeat) > (timeout)
     }
 }
 
 #[derive(Clone, Debug, Default)]
 struct FlapRecord {
     flaps: u32,
-    last_flap: Nanos,
+    last_flap: Mono,
 }
 
 /// A member's externally visible status (for `/ring` and tests).
@@ -154,17 +147,17 @@ pub struct MemberStatus {
 #[derive(Debug)]
 pub struct Membership {
     cfg: MembershipConfig,
-    started: Nanos,
+    started: Mono,
     members: BTreeMap<NodeId, Member>,
-    tombstones: HashMap<(NodeId, Incarnation), Nanos>,
+    tombstones: HashMap<(NodeId, Incarnation), Mono>,
     flaps: HashMap<NodeId, FlapRecord>,
-    last_tick: Option<Nanos>,
-    suspicious_until: Nanos,
+    last_tick: Option<Mono>,
+    suspicious_until: Mono,
     unhealthy: bool,
 }
 
 impl Membership {
-    pub fn new(cfg: MembershipConfig, now: Nanos) -> Self {
+    pub fn new(cfg: MembershipConfig, now: Mono) -> Self {
         Self {
             cfg,
             started: now,
@@ -172,13 +165,13 @@ impl Membership {
             tombstones: HashMap::new(),
             flaps: HashMap::new(),
             last_tick: None,
-            suspicious_until: 0,
+            suspicious_until: Mono::ZERO,
             unhealthy: false,
         }
     }
 
-    fn warming_up(&self, now: Nanos) -> bool {
-        now < self.started + ns(self.cfg.failure_timeout + 2 * self.cfg.interval)
+    fn warming_up(&self, now: Mono) -> bool {
+        now < self.started + (self.cfg.failure_timeout + 2 * self.cfg.interval)
     }
 
     /// True while the router distrusts its own timing or its own view.
@@ -186,7 +179,7 @@ impl Membership {
         self.unhealthy
     }
 
-    pub fn on_heartbeat(&mut self, now: Nanos, hb: &Heartbeat) -> HeartbeatVerdict {
+    pub fn on_heartbeat(&mut self, now: Mono, hb: &Heartbeat) -> HeartbeatVerdict {
         if self
             .tombstones
             .contains_key(&(hb.node_id.clone(), hb.incarnation))
@@ -220,15 +213,15 @@ impl Membership {
                 stream_closed_at: None,
                 connect_failures: VecDeque::new(),
                 unreachable_since: None,
-                held_until: now + ns(hold),
+                held_until: now + (hold),
                 dead: false,
                 needs_probe: false,
-                last_probe: 0,
+                last_probe: Mono::ZERO,
             });
         if m.dead && !m.needs_probe {
             revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
         }
-        if now.saturating_sub(m.rise_first) >= ns(self.cfg.interval / 2) || m.rise_count == 0 {
+        if now.saturating_since(m.rise_first) >= (self.cfg.interval / 2) || m.rise_count == 0 {
             m.rise_count += 1;
         }
         m.addr = hb.addr;
@@ -248,14 +241,14 @@ impl Membership {
         }
     }
 
-    fn record_flap(&mut self, node: &NodeId, now: Nanos) {
+    fn record_flap(&mut self, node: &NodeId, now: Mono) {
         let r = self.flaps.entry(node.clone()).or_default();
         r.flaps += 1;
         r.last_flap = now;
     }
 
     /// The member's heartbeat stream closed (fast death unless it reopens).
-    pub fn on_stream_closed(&mut self, now: Nanos, node: &NodeId, incarnation: Incarnation) {
+    pub fn on_stream_closed(&mut self, now: Mono, node: &NodeId, incarnation: Incarnation) {
         if let Some(m) = self.members.get_mut(node)
             && m.incarnation == incarnation
         {
@@ -265,7 +258,7 @@ impl Membership {
 
     /// A data-plane connect (or a reachability probe) to the member failed
     /// or succeeded.
-    pub fn on_connect(&mut self, now: Nanos, node: &NodeId, incarnation: Incarnation, ok: bool) {
+    pub fn on_connect(&mut self, now: Mono, node: &NodeId, incarnation: Incarnation, ok: bool) {
         let Some(m) = self.members.get_mut(node) else {
             return;
         };
@@ -282,40 +275,40 @@ impl Membership {
             m.connect_failures.push_back(now);
             m.unreachable_since.get_or_insert(now);
         }
-        let window = ns(self.cfg.connect_failure_window);
+        let window = self.cfg.connect_failure_window;
         while m
             .connect_failures
             .front()
-            .is_some_and(|t| now.saturating_sub(*t) > window)
+            .is_some_and(|t| now.saturating_since(*t) > window)
         {
             m.connect_failures.pop_front();
         }
     }
 
-    fn unreachable_too_long(&self, m: &Member, now: Nanos) -> bool {
+    fn unreachable_too_long(&self, m: &Member, now: Mono) -> bool {
         m.unreachable_since
-            .is_some_and(|t| now.saturating_sub(t) > ns(3 * self.cfg.failure_timeout))
+            .is_some_and(|t| now.saturating_since(t) > (3 * self.cfg.failure_timeout))
     }
 
-    fn would_die(&self, m: &Member, now: Nanos) -> bool {
+    fn would_die(&self, m: &Member, now: Mono) -> bool {
         let silent = m.silent(now, self.cfg.failure_timeout);
         let closed = m
             .stream_closed_at
-            .is_some_and(|t| now.saturating_sub(t) > ns(2 * self.cfg.interval));
+            .is_some_and(|t| now.saturating_since(t) > (2 * self.cfg.interval));
         silent || closed || self.unreachable_too_long(m, now)
     }
 
     /// Members that died unreachable and still heartbeat, due for a probe of
     /// their client address (at most one per heartbeat interval each). The
     /// shell connects and reports the result through [`Self::on_connect`].
-    pub fn probes_due(&mut self, now: Nanos) -> Vec<(NodeId, Incarnation, SocketAddr)> {
-        let (every, fresh) = (ns(self.cfg.interval), self.cfg.failure_timeout);
+    pub fn probes_due(&mut self, now: Mono) -> Vec<(NodeId, Incarnation, SocketAddr)> {
+        let (every, fresh) = (self.cfg.interval, self.cfg.failure_timeout);
         let mut due = Vec::new();
         for (n, m) in &mut self.members {
             if m.dead
                 && m.needs_probe
                 && !m.silent(now, fresh)
-                && now.saturating_sub(m.last_probe) >= every
+                && now.saturating_since(m.last_probe) >= every
             {
                 m.last_probe = now;
                 due.push((n.clone(), m.incarnation, m.addr));
@@ -325,21 +318,21 @@ impl Membership {
     }
 
     /// Runs death verdicts. Call every 50 ms; returns the members that died.
-    pub fn tick(&mut self, now: Nanos) -> Vec<(NodeId, Incarnation)> {
+    pub fn tick(&mut self, now: Mono) -> Vec<(NodeId, Incarnation)> {
         if let Some(last) = self.last_tick
-            && now.saturating_sub(last)
-                > ns(Duration::from_millis(50) + self.cfg.failure_timeout / 4)
+            && now.saturating_since(last)
+                > (Duration::from_millis(50) + self.cfg.failure_timeout / 4)
         {
             // Our own clock or scheduler stalled: trust nothing for a while.
-            self.suspicious_until = now + ns(self.cfg.failure_timeout);
+            self.suspicious_until = now + (self.cfg.failure_timeout);
         }
         self.last_tick = Some(now);
-        let memory = ns(self.cfg.flap_memory);
+        let memory = self.cfg.flap_memory;
         self.flaps
-            .retain(|_, r| now.saturating_sub(r.last_flap) < memory);
-        let tomb_ttl = ns(60 * self.cfg.failure_timeout);
+            .retain(|_, r| now.saturating_since(r.last_flap) < memory);
+        let tomb_ttl = 60 * self.cfg.failure_timeout;
         self.tombstones
-            .retain(|_, t| now.saturating_sub(*t) < tomb_ttl);
+            .retain(|_, t| now.saturating_since(*t) < tomb_ttl);
         if now < self.suspicious_until {
             return Vec::new();
         }
@@ -374,7 +367,7 @@ impl Membership {
         !m.dead
     }
 
-    fn placeable(&self, m: &Member, now: Nanos) -> bool {
+    fn placeable(&self, m: &Member, now: Mono) -> bool {
         let recent_failures = m.connect_failures.len() >= self.cfg.connect_failures_to_unplace;
         self.alive(m)
             && m.state == NodeState::Ready
@@ -385,7 +378,7 @@ impl Membership {
     }
 
     /// Every known member with its status, sorted by node id.
-    pub fn status(&self, now: Nanos) -> Vec<MemberStatus> {
+    pub fn status(&self, now: Mono) -> Vec<MemberStatus> {
         self.members
             .iter()
             .map(|(n, m)| MemberStatus {
@@ -401,21 +394,21 @@ impl Membership {
     }
 
     /// Whether this incarnation is placeable now.
-    pub fn is_placeable(&self, now: Nanos, node: &NodeId, incarnation: Incarnation) -> bool {
+    pub fn is_placeable(&self, now: Mono, node: &NodeId, incarnation: Incarnation) -> bool {
         self.members
             .get(node)
             .is_some_and(|m| m.incarnation == incarnation && self.placeable(m, now))
     }
 
     /// Whether a HELLO may be placed on this incarnation now.
-    pub fn hello_ready(&self, now: Nanos, node: &NodeId, incarnation: Incarnation) -> bool {
+    pub fn hello_ready(&self, now: Mono, node: &NodeId, incarnation: Incarnation) -> bool {
         self.members
             .get(node)
             .is_some_and(|m| m.incarnation == incarnation && m.in_view && self.placeable(m, now))
     }
 
     /// The members that form the ring now.
-    pub fn placeable_members(&self, now: Nanos) -> Vec<jvpn_proto::ring::Member> {
+    pub fn placeable_members(&self, now: Mono) -> Vec<jvpn_proto::ring::Member> {
         self.members
             .iter()
             .filter(|(_, m)| self.placeable(m, now))
@@ -430,7 +423,7 @@ impl Membership {
 
     /// How to answer a RESUME whose token names `(node, incarnation)`;
     /// `None` for the owner means the tag matched no known incarnation.
-    pub fn route(&self, now: Nanos, owner: Option<(&NodeId, Incarnation)>) -> OwnerRoute {
+    pub fn route(&self, now: Mono, owner: Option<(&NodeId, Incarnation)>) -> OwnerRoute {
         if let Some((node, inc)) = owner
             && let Some(m) = self.members.get(node)
             && m.incarnation == inc
@@ -453,7 +446,7 @@ fn revive(
     flaps: &mut HashMap<NodeId, FlapRecord>,
     node: &NodeId,
     cfg: &MembershipConfig,
-    now: Nanos,
+    now: Mono,
 ) {
     m.dead = false;
     m.needs_probe = false;
@@ -464,7 +457,7 @@ fn revive(
     let r = flaps.entry(node.clone()).or_default();
     r.flaps += 1;
     r.last_flap = now;
-    m.held_until = now + ns(hold_down_for(cfg, r.flaps));
+    m.held_until = now + (hold_down_for(cfg, r.flaps));
 }
 
 fn hold_down_for(cfg: &MembershipConfig, flaps: u32) -> Duration {
@@ -475,8 +468,6 @@ fn hold_down_for(cfg: &MembershipConfig, flaps: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const MS: Nanos = 1_000_000;
 
     fn hb(node: &str, inc: u64) -> Heartbeat {
         Heartbeat {
@@ -502,17 +493,17 @@ mod tests {
         while t < to {
             if t.is_multiple_of(250) {
                 for (n, inc) in nodes {
-                    m.on_heartbeat(t * MS, &hb(n, *inc));
+                    m.on_heartbeat(Mono::from_millis(t), &hb(n, *inc));
                 }
             }
-            died.extend(m.tick(t * MS));
+            died.extend(m.tick(Mono::from_millis(t)));
             t += 50;
         }
         died
     }
 
     fn placeable(m: &Membership, now_ms: u64) -> Vec<String> {
-        m.placeable_members(now_ms * MS)
+        m.placeable_members(Mono::from_millis(now_ms))
             .iter()
             .map(|x| x.node_id.to_string())
             .collect()
@@ -520,7 +511,7 @@ mod tests {
 
     #[test]
     fn rise_then_placeable_and_silence_kills_within_failure_timeout_plus_interval() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 200);
         assert!(placeable(&m, 200).is_empty(), "one heartbeat is not a rise");
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 200, 1000);
@@ -531,40 +522,40 @@ mod tests {
         assert_eq!(placeable(&m, 2300), ["g1", "g2"]);
         let g3 = NodeId::new("g3").unwrap();
         assert_eq!(
-            m.route(2300 * MS, Some((&g3, Incarnation(1)))),
+            m.route(Mono::from_millis(2300), Some((&g3, Incarnation(1)))),
             OwnerRoute::Lost
         );
     }
 
     #[test]
     fn closed_stream_is_fast_death() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
         let g2 = NodeId::new("g2").unwrap();
-        m.on_stream_closed(1000 * MS, &g2, Incarnation(1));
+        m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
         let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
         assert_eq!(died.len(), 1);
     }
 
     #[test]
     fn new_incarnation_supersedes_and_old_is_told_so() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 5)], 0, 1000);
         assert_eq!(
-            m.on_heartbeat(1000 * MS, &hb("g2", 6)),
+            m.on_heartbeat(Mono::from_millis(1000), &hb("g2", 6)),
             HeartbeatVerdict::Accepted
         );
         assert_eq!(
-            m.on_heartbeat(1010 * MS, &hb("g2", 5)),
+            m.on_heartbeat(Mono::from_millis(1010), &hb("g2", 5)),
             HeartbeatVerdict::Superseded
         );
         let g2 = NodeId::new("g2").unwrap();
         assert_eq!(
-            m.route(3000 * MS, Some((&g2, Incarnation(5)))),
+            m.route(Mono::from_millis(3000), Some((&g2, Incarnation(5)))),
             OwnerRoute::Lost
         );
         assert!(matches!(
-            m.route(3000 * MS, Some((&g2, Incarnation(6)))),
+            m.route(Mono::from_millis(3000), Some((&g2, Incarnation(6)))),
             OwnerRoute::Alive(_)
         ));
     }
@@ -572,7 +563,7 @@ mod tests {
     #[test]
     fn flapping_node_is_held_down_exponentially() {
         let cfg = MembershipConfig::default();
-        let mut m = Membership::new(cfg.clone(), 0);
+        let mut m = Membership::new(cfg.clone(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
         // g3 dies, comes back: held down 2 s.
         run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
@@ -586,19 +577,19 @@ mod tests {
 
     #[test]
     fn late_ticks_suspend_verdicts_and_mass_death_marks_unhealthy() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
         // The router itself stalls for 2 s: no deaths right after.
-        assert!(m.tick(3000 * MS).is_empty());
+        assert!(m.tick(Mono::from_millis(3000)).is_empty());
         let g1 = NodeId::new("g1").unwrap();
         assert_eq!(
-            m.route(3000 * MS, Some((&g1, Incarnation(9)))),
+            m.route(Mono::from_millis(3000), Some((&g1, Incarnation(9)))),
             OwnerRoute::Unreachable
         );
         // Past the suspicion window, everyone silent: unhealthy, not a massacre.
         let mut t = 3050;
         while t < 4200 {
-            assert!(m.tick(t * MS).is_empty());
+            assert!(m.tick(Mono::from_millis(t)).is_empty());
             t += 50;
         }
         assert!(m.is_unhealthy());
@@ -607,27 +598,30 @@ mod tests {
 
     #[test]
     fn warm_up_answers_unknown_owners_unreachable() {
-        let m = Membership::new(MembershipConfig::default(), 0);
+        let m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         let g = NodeId::new("gx").unwrap();
         assert_eq!(
-            m.route(100 * MS, Some((&g, Incarnation(1)))),
+            m.route(Mono::from_millis(100), Some((&g, Incarnation(1)))),
             OwnerRoute::Unreachable
         );
-        assert_eq!(m.route(100 * MS, None), OwnerRoute::Unreachable);
-        assert_eq!(m.route(2000 * MS, None), OwnerRoute::Lost);
+        assert_eq!(
+            m.route(Mono::from_millis(100), None),
+            OwnerRoute::Unreachable
+        );
+        assert_eq!(m.route(Mono::from_millis(2000), None), OwnerRoute::Lost);
     }
 
     #[test]
     fn failed_connects_unplace_then_unreachable_kills() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
         let g3 = NodeId::new("g3").unwrap();
         for t in [1000, 1100, 1200] {
-            m.on_connect(t * MS, &g3, Incarnation(1), false);
+            m.on_connect(Mono::from_millis(t), &g3, Incarnation(1), false);
         }
         assert_eq!(placeable(&m, 1200), ["g1", "g2"]);
         assert!(matches!(
-            m.route(1200 * MS, Some((&g3, Incarnation(1)))),
+            m.route(Mono::from_millis(1200), Some((&g3, Incarnation(1)))),
             OwnerRoute::Alive(_)
         ));
         // Heartbeats still arrive, but 3 × failure_timeout unreachable: not alive.
@@ -638,26 +632,26 @@ mod tests {
         let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 4300, 9000);
         assert!(died.is_empty());
         assert_eq!(
-            m.route(9000 * MS, Some((&g3, Incarnation(1)))),
+            m.route(Mono::from_millis(9000), Some((&g3, Incarnation(1)))),
             OwnerRoute::Lost
         );
         // The router probes it once per interval; a failed probe changes nothing.
-        let due = m.probes_due(9000 * MS);
+        let due = m.probes_due(Mono::from_millis(9000));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].0, g3);
         assert!(
-            m.probes_due(9100 * MS).is_empty(),
+            m.probes_due(Mono::from_millis(9100)).is_empty(),
             "at most one per interval"
         );
-        m.on_connect(9100 * MS, &g3, Incarnation(1), false);
-        assert_eq!(m.probes_due(9250 * MS).len(), 1);
+        m.on_connect(Mono::from_millis(9100), &g3, Incarnation(1), false);
+        assert_eq!(m.probes_due(Mono::from_millis(9250)).len(), 1);
         // A successful probe: back, as a flap (held down), then placeable.
-        m.on_connect(9300 * MS, &g3, Incarnation(1), true);
+        m.on_connect(Mono::from_millis(9300), &g3, Incarnation(1), true);
         assert!(matches!(
-            m.route(9300 * MS, Some((&g3, Incarnation(1)))),
+            m.route(Mono::from_millis(9300), Some((&g3, Incarnation(1)))),
             OwnerRoute::Alive(_)
         ));
-        assert!(m.probes_due(9600 * MS).is_empty());
+        assert!(m.probes_due(Mono::from_millis(9600)).is_empty());
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 9300, 10000);
         assert_eq!(placeable(&m, 10000), ["g1", "g2"], "held down");
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 10000, 11500);
@@ -666,15 +660,18 @@ mod tests {
 
     #[test]
     fn a_silent_death_is_undone_by_heartbeats_alone() {
-        let mut m = Membership::new(MembershipConfig::default(), 0);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
         let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
         assert_eq!(died.len(), 1);
-        assert!(m.probes_due(2500 * MS).is_empty(), "silence needs no probe");
+        assert!(
+            m.probes_due(Mono::from_millis(2500)).is_empty(),
+            "silence needs no probe"
+        );
         run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 2500, 2600);
         let g3 = NodeId::new("g3").unwrap();
         assert!(matches!(
-            m.route(2600 * MS, Some((&g3, Incarnation(1)))),
+            m.route(Mono::from_millis(2600), Some((&g3, Incarnation(1)))),
             OwnerRoute::Alive(_)
         ));
     }

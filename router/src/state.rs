@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use jvpn_proto::Mono;
-use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
+use jvpn_proto::ids::{Incarnation, NodeId, SessionId, ViewId};
 use jvpn_proto::keys::ClusterKeys;
-use jvpn_proto::ring::{Member, Ring, RingParams, View, owner_tag};
+use jvpn_proto::ring::{Member, Ring, RingParams, View};
 use jvpn_proto::token::{TOKEN_LEN, TokenKey, TokenKeyring};
 use jvpn_runtime::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
 pub(crate) use jvpn_runtime::wire::lock;
@@ -22,8 +22,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Validated;
-use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, OwnerRoute};
+use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership};
 use crate::metrics as m;
+use crate::routing::{OwnerTags, route_token};
 
 /// Where a RESUME goes, once its token was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub struct RouterState {
     membership: Mutex<Membership>,
     ring: ArcSwapOption<Ring>,
     /// `(key id, owner tag)` → member incarnation, under every key we hold.
-    tags: Mutex<HashMap<(u8, OwnerTag), (NodeId, Incarnation)>>,
+    tags: Mutex<OwnerTags>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
     /// Node ids that have per-node gauges.
     reported_nodes: Mutex<HashSet<String>>,
@@ -188,13 +189,13 @@ impl RouterState {
         Arc::new(Self {
             params,
             empty_view,
-            membership: Mutex::new(Membership::new(cfg.membership(), 0)),
+            membership: Mutex::new(Membership::new(cfg.membership(), Mono::ZERO)),
             origin: Instant::now(),
             keys,
             previous_keys,
             tokens,
             ring: ArcSwapOption::empty(),
-            tags: Mutex::new(HashMap::new()),
+            tags: Mutex::new(OwnerTags::default()),
             deaths: Mutex::new(HashMap::new()),
             reported_nodes: Mutex::new(HashSet::new()),
             admission: Mutex::new(admission),
@@ -207,13 +208,10 @@ impl RouterState {
         })
     }
 
-    /// Nanoseconds on this router's monotonic clock.
-    pub fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn mono(&self) -> Mono {
-        Mono::from_nanos(self.now())
+    /// Now on this router's monotonic clock: read here, passed to the
+    /// membership rules, which read no clock.
+    pub fn now(&self) -> Mono {
+        Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     pub fn keys(&self) -> &ClusterKeys {
@@ -246,12 +244,8 @@ impl RouterState {
         let now = self.now();
         let verdict = lock(&self.membership).on_heartbeat(now, hb);
         if verdict == HeartbeatVerdict::Accepted {
-            let mut tags = lock(&self.tags);
-            for keys in std::iter::once(&self.keys).chain(self.previous_keys.as_ref()) {
-                let tag = owner_tag(keys, &hb.node_id, hb.incarnation);
-                tags.entry((keys.key_id(), tag))
-                    .or_insert_with(|| (hb.node_id.clone(), hb.incarnation));
-            }
+            let keys = std::iter::once(&self.keys).chain(self.previous_keys.as_ref());
+            lock(&self.tags).learn(keys, &hb.node_id, hb.incarnation);
         }
         verdict
     }
@@ -317,7 +311,7 @@ impl RouterState {
                 .iter()
                 .map(|s| (s.node_id.clone(), s.incarnation))
                 .collect();
-            lock(&self.tags).retain(|_, v| current.contains(v));
+            lock(&self.tags).retain(&current);
         }
         let n_alive = status.iter().filter(|s| s.alive).count();
         let n_place = status.iter().filter(|s| s.placeable).count();
@@ -449,31 +443,24 @@ impl RouterState {
     }
 
     pub fn route_resume(&self, key_id: u8, token: &[u8; TOKEN_LEN]) -> ResumeRoute {
-        let Ok(contents) = self.tokens.open(key_id, token) else {
-            return ResumeRoute::BadToken;
-        };
-        let owner = lock(&self.tags).get(&(key_id, contents.owner_tag)).cloned();
-        let route = lock(&self.membership).route(self.now(), owner.as_ref().map(|(n, i)| (n, *i)));
-        match (route, owner) {
-            (OwnerRoute::Alive(addr), Some((node, incarnation))) => {
-                if let Some(ring) = self.ring.load().as_ref()
-                    && ring
-                        .owner(&contents.session_id)
-                        .is_some_and(|m| m.node_id != node)
-                {
-                    // Kept on its owner across a ring change: expected after
-                    // a scale-out, visible to operators.
-                    counter!(m::RESUMES_OFF_SHARD).increment(1);
-                }
-                ResumeRoute::Splice {
-                    node,
-                    incarnation,
-                    addr,
-                }
-            }
-            (OwnerRoute::Alive(_), None) | (OwnerRoute::Lost, _) => ResumeRoute::Lost,
-            (OwnerRoute::Unreachable, _) => ResumeRoute::Unreachable,
+        let now = self.now();
+        let routed = route_token(
+            &self.tokens,
+            &self.tags,
+            &self.membership,
+            now,
+            key_id,
+            token,
+        );
+        if let (ResumeRoute::Splice { node, .. }, Some(sid)) = (&routed.route, &routed.session_id)
+            && let Some(ring) = self.ring.load().as_ref()
+            && ring.owner(sid).is_some_and(|m| m.node_id != *node)
+        {
+            // Kept on its owner across a ring change: expected after
+            // a scale-out, visible to operators.
+            counter!(m::RESUMES_OFF_SHARD).increment(1);
         }
+        routed.route
     }
 
     // ---- admission ----------------------------------------------------------
@@ -498,7 +485,7 @@ impl RouterState {
 
     /// Per-source rate and concurrency at accept. `Err(retry)` refuses.
     pub fn admit(&self, source: SourceKey) -> Result<Slot, Duration> {
-        let now = self.mono();
+        let now = self.now();
         let mut a = lock(&self.admission);
         let v = a.rate.check(source, now);
         if v.overflow() {
@@ -526,7 +513,7 @@ impl RouterState {
 
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
     pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
-        let now = self.mono();
+        let now = self.now();
         let a = self.limits.load();
         let rate = if resume {
             a.resume_per_gateway_per_s

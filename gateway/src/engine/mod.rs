@@ -162,6 +162,50 @@ pub struct ResumeAccepted {
     pub replaced: Option<TransportId>,
 }
 
+impl HelloAccepted {
+    /// The `HelloOk` that tells the agent, with the routing token the shell sealed.
+    pub fn to_wire(
+        &self,
+        node_id: &NodeId,
+        incarnation: Incarnation,
+        resume_token: Vec<u8>,
+        token_key_id: u32,
+    ) -> jvpn_proto::pb::session::HelloOk {
+        jvpn_proto::pb::session::HelloOk {
+            session_id: self.session_id.as_bytes().to_vec(),
+            node_id: node_id.to_string(),
+            incarnation: incarnation.0,
+            state_version: self.state_version,
+            binding_epoch: self.binding_epoch,
+            resume_token,
+            policy: Some(self.policy.to_wire()),
+            token_key_id,
+        }
+    }
+}
+
+impl ResumeAccepted {
+    /// The `ResumeOk` that tells the agent, with a fresh routing token.
+    pub fn to_wire(
+        &self,
+        node_id: &NodeId,
+        incarnation: Incarnation,
+        resume_token: Vec<u8>,
+        token_key_id: u32,
+    ) -> jvpn_proto::pb::session::ResumeOk {
+        jvpn_proto::pb::session::ResumeOk {
+            node_id: node_id.to_string(),
+            incarnation: incarnation.0,
+            owner_epoch: self.owner_epoch,
+            state_version: self.state_version,
+            binding_epoch: self.binding_epoch,
+            resume_token,
+            server_proof: self.server_proof.to_vec(),
+            token_key_id,
+        }
+    }
+}
+
 /// One session as the engine holds it. `PartialEq` compares every field
 /// (tests use it to prove that rejected requests change nothing).
 #[derive(Clone, Debug, PartialEq, Eq)]

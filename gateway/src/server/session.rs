@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
-use jvpn_proto::pb::session::{GoAway, HelloOk, Pong, Reject, ResumeOk, Terminate, frame::Kind};
+use jvpn_proto::pb::session::{GoAway, Pong, Reject, ResumeOk, Terminate, frame::Kind};
 use jvpn_proto::{ReasonCode, SessionId};
 use jvpn_runtime::wire::{read_frame, write_frame};
 use metrics::{counter, histogram};
@@ -127,16 +127,12 @@ pub(super) async fn do_hello(
         }
     };
     let (resume_token, token_key_id) = shared.seal_token(acc.session_id);
-    let ok = HelloOk {
-        session_id: acc.session_id.as_bytes().to_vec(),
-        node_id: shared.cfg.node_id.to_string(),
-        incarnation: shared.incarnation.0,
-        state_version: acc.state_version,
-        binding_epoch: acc.binding_epoch,
+    let ok = acc.to_wire(
+        &shared.cfg.node_id,
+        shared.incarnation,
         resume_token,
-        policy: Some(acc.policy.to_wire()),
         token_key_id,
-    };
+    );
     if !hello_lease_holds(cluster, router_id, shared.now()) {
         // The lease lapsed while minting: this HelloOk must not be written.
         shared.with_engine(shard, |e| {
@@ -242,16 +238,12 @@ fn resume_once(
             Ok((
                 sid,
                 shard,
-                ResumeOk {
-                    node_id: shared.cfg.node_id.to_string(),
-                    incarnation: shared.incarnation.0,
-                    owner_epoch: acc.owner_epoch,
-                    state_version: acc.state_version,
-                    binding_epoch: acc.binding_epoch,
+                acc.to_wire(
+                    &shared.cfg.node_id,
+                    shared.incarnation,
                     resume_token,
-                    server_proof: acc.server_proof.to_vec(),
                     token_key_id,
-                },
+                ),
                 acc.replaced,
             ))
         }

@@ -1,6 +1,7 @@
 //! Deterministic harness for the session engine: a virtual clock, simulated
-//! TLS connections (exporter and channel binding derived from the transport
-//! id) and an agent that computes proofs exactly as the real one does.
+//! TLS connections (`jvpn_proto::testkit::SimConn`, named by the transport
+//! id) and an agent that is the real client session
+//! (`jvpn_proto::client::ClientSession`) plus its current transport.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -11,22 +12,26 @@ use jvpn_gateway::engine::{
     Conn, Engine, EngineConfig, EngineEvent, HelloRequest, Mono, Policy, Rejection, ResumeAccepted,
     ResumeRequest, Session, StateChange, TransportId,
 };
-use jvpn_proto::crypto::{ChannelBinding, RESUME_KEY_LABEL, ResumeKey, resume_key_context};
+use jvpn_proto::client::ClientSession;
+use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
+use jvpn_proto::pb::session::{Reject, Resume};
+use jvpn_proto::testkit::SimConn;
+use jvpn_proto::token::TOKEN_LEN;
 use jvpn_proto::{Incarnation, NodeId, SessionId};
 use rand::SeedableRng;
 
-/// What a TLS connection's exporter would give for `label`/`ctx`.
+/// The simulated connection of transport `t`.
+pub fn conn(t: TransportId) -> SimConn {
+    SimConn(t.0)
+}
+
+/// What the gateway's exporter closure gives the engine on transport `t`.
 pub fn exporter(t: TransportId, ctx: &[u8]) -> ResumeKey {
-    let mut h = blake3::Hasher::new();
-    h.update(b"sim-exporter");
-    h.update(&t.0.to_be_bytes());
-    h.update(RESUME_KEY_LABEL);
-    h.update(ctx);
-    ResumeKey::new(*h.finalize().as_bytes())
+    conn(t).resume_key(ctx)
 }
 
 pub fn binding(t: TransportId) -> ChannelBinding {
-    *blake3::hash(&[b"sim-binding".as_slice(), &t.0.to_be_bytes()].concat()).as_bytes()
+    conn(t).binding()
 }
 
 pub fn fast_policy() -> Policy {
@@ -44,6 +49,8 @@ pub fn fast_policy() -> Policy {
 
 pub struct Sim {
     pub engine: Engine,
+    pub node: NodeId,
+    pub incarnation: Incarnation,
     pub now: Mono,
     next_transport: u64,
     /// Every event drained so far.
@@ -56,9 +63,10 @@ impl Sim {
     }
 
     pub fn with_node(node: &str, policy: Policy, seed: u64) -> Self {
+        let node = NodeId::new(node).unwrap();
         let engine = Engine::new(
             EngineConfig {
-                node_id: NodeId::new(node).unwrap(),
+                node_id: node.clone(),
                 incarnation: Incarnation(seed),
                 policy,
             },
@@ -67,6 +75,8 @@ impl Sim {
         .unwrap();
         Self {
             engine,
+            node,
+            incarnation: Incarnation(seed),
             now: Mono::from_millis(1_000),
             next_transport: 1,
             log: Vec::new(),
@@ -130,24 +140,34 @@ impl Sim {
             )
             .unwrap();
         self.drain();
+        let ok = acc.to_wire(&self.node, self.incarnation, vec![0; TOKEN_LEN], 0);
         Agent {
-            id: acc.session_id,
-            key: exporter(t, &resume_key_context(&acc.session_id, 1)),
-            epoch: acc.binding_epoch,
-            counter: 0,
+            session: ClientSession::from_hello_ok(ok, &conn(t)).unwrap(),
             transport: t,
         }
     }
 }
 
-/// The agent's side of a session.
-#[derive(Clone)]
+/// The agent's side of a session: the real client session and the
+/// transport it is attached on. Derefs to the session (`a.id`,
+/// `a.binding_epoch`, `a.counter()`).
+#[derive(Clone, Debug)]
 pub struct Agent {
-    pub id: SessionId,
-    pub key: ResumeKey,
-    pub epoch: u64,
-    pub counter: u64,
+    pub session: ClientSession,
     pub transport: TransportId,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = ClientSession;
+    fn deref(&self) -> &ClientSession {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut ClientSession {
+        &mut self.session
+    }
 }
 
 /// A RESUME as built by the agent, ready to send (or to capture and replay).
@@ -163,15 +183,12 @@ pub struct Wire {
 impl Agent {
     /// Builds a RESUME for a new connection `t` (the counter advances).
     pub fn build(&mut self, t: TransportId) -> Wire {
-        self.counter += 1;
-        let proof = self
-            .key
-            .resume_proof(&self.id, self.counter, self.epoch, &binding(t));
+        let r = self.session.build_resume(&conn(t));
         Wire {
-            id: self.id,
-            counter: self.counter,
-            epoch: self.epoch,
-            proof,
+            id: self.session.id,
+            counter: r.counter,
+            epoch: r.binding_epoch,
+            proof: r.proof.as_slice().try_into().unwrap(),
             transport: t,
         }
     }
@@ -181,32 +198,34 @@ impl Agent {
         let t = sim.transport();
         let w = self.build(t);
         let r = send(sim, &w);
-        self.apply(&w, &r);
+        self.apply(sim, &w, &r);
         r
     }
 
-    /// Agent-side handling of the reply: verify the server proof, rotate keys.
-    pub fn apply(&mut self, w: &Wire, r: &Result<ResumeAccepted, Rejection>) {
+    /// The client session applies the reply as the real agent does: the
+    /// owner and server proof must verify, then the key rotates; a
+    /// `stale_binding` reject hands over the current epoch.
+    pub fn apply(&mut self, sim: &Sim, w: &Wire, r: &Result<ResumeAccepted, Rejection>) {
         match r {
             Ok(acc) => {
-                assert!(
-                    self.key.verify_server_proof(
-                        &self.id,
-                        w.counter,
-                        acc.binding_epoch,
-                        &binding(w.transport),
-                        &acc.server_proof
-                    ),
-                    "server proof must verify"
-                );
-                self.epoch = acc.binding_epoch;
-                self.key = exporter(w.transport, &resume_key_context(&self.id, self.epoch));
+                let sent = Resume {
+                    session_id: w.id.as_bytes().to_vec(),
+                    counter: w.counter,
+                    binding_epoch: w.epoch,
+                    proof: w.proof.to_vec(),
+                };
+                let ok = acc.to_wire(&sim.node, sim.incarnation, vec![0; TOKEN_LEN], 0);
+                self.session
+                    .apply_resume_ok(&sent, &ok, &conn(w.transport))
+                    .expect("server proof must verify");
                 self.transport = w.transport;
             }
             Err(rej) => {
-                if let Some(e) = rej.current_binding_epoch {
-                    self.epoch = e;
-                }
+                self.session.apply_reject(&Reject {
+                    reason: rej.wire_reason() as i32,
+                    retry_after_ms: rej.retry_after_ms,
+                    current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
+                });
             }
         }
     }

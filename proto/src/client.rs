@@ -1,0 +1,398 @@
+//! The client's half of a session, sans-IO: what a client keeps between
+//! transports, the `Resume` it builds for a new connection, and how it
+//! applies the gateway's answers. The real agent and every simulation drive
+//! this one type; none of them computes a proof or rotates a key itself.
+//!
+//! A connection is seen only through its TLS exporter ([`Exporter`]): the
+//! channel binding and the next resume key both come from it.
+//!
+//! # Calling order
+//!
+//! 1. [`ClientSession::from_hello_ok`] on the connection that carried the HELLO.
+//! 2. For each new connection: [`ClientSession::resume_preamble`] (plaintext,
+//!    before TLS), then [`ClientSession::build_resume`] (the counter
+//!    advances), then exactly one of [`ClientSession::apply_resume_ok`] or
+//!    [`ClientSession::apply_reject`] with the answer to that `Resume`.
+//!
+//! It lives here rather than in the agent crate because the gateway's engine
+//! tests and benchmarks drive it too, and the gateway may not depend on the
+//! agent; both halves of the RESUME exchange's cryptography are in this crate.
+
+use std::time::Duration;
+
+use crate::crypto::{
+    CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey, resume_key_context,
+};
+use crate::pb::session::{HelloOk, Policy, Reject, Resume, ResumeOk};
+use crate::preamble::Preamble;
+use crate::token::TOKEN_LEN;
+use crate::{ReasonCode, SessionId};
+
+/// What a client needs of one TLS connection: RFC 8446 §7.5 exporters.
+pub trait Exporter {
+    /// 32 bytes of keying material for `label` and `context`.
+    fn export(&self, label: &[u8], context: &[u8]) -> [u8; 32];
+
+    /// The connection's channel binding (RFC 9266 label, empty context).
+    fn channel_binding(&self) -> ChannelBinding {
+        self.export(CHANNEL_BINDING_LABEL, &[])
+    }
+}
+
+/// Why an answer from the gateway was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// `HelloOk.session_id` is not 16 bytes.
+    #[error("bad session id")]
+    SessionId,
+    /// The routing token has the wrong length.
+    #[error("bad resume token")]
+    Token,
+    /// The routing token's key id does not fit the preamble's byte.
+    #[error("bad token key id")]
+    TokenKeyId,
+    /// A `ResumeOk` from another node or incarnation than the one that
+    /// issued the session: a silent migration attempt, refused.
+    #[error("ResumeOk from {got}, session belongs to {expected}")]
+    OwnerMismatch { expected: String, got: String },
+    /// The gateway could not prove it holds the session key.
+    #[error("server proof does not verify")]
+    ServerProof,
+}
+
+/// What a `Reject` means for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RejectAdvice {
+    pub reason: ReasonCode,
+    /// The gateway's hint; zero when it gave none.
+    pub retry_after: Duration,
+    /// `stale_binding` named the current epoch and the session adopted it:
+    /// build the next `Resume` on the same connection.
+    pub retry_here: bool,
+    /// The session is gone ([`ends_session`]): a new HELLO, explicitly.
+    pub session_gone: bool,
+}
+
+/// Does a gateway answer with this reason mean the session is gone, so that
+/// only an explicit re-handshake can continue?
+pub fn ends_session(reason: ReasonCode) -> bool {
+    matches!(
+        reason,
+        ReasonCode::UnknownSession
+            | ReasonCode::OwnerLost
+            | ReasonCode::SessionLifetimeExceeded
+            | ReasonCode::TransportTtlExceeded
+            | ReasonCode::Draining
+            | ReasonCode::Superseded
+            | ReasonCode::OperatorTerminated
+    )
+}
+
+/// The client's state of one session.
+#[derive(Clone)]
+pub struct ClientSession {
+    pub id: SessionId,
+    pub node_id: String,
+    pub incarnation: u64,
+    pub binding_epoch: u64,
+    pub state_version: u64,
+    pub policy: Policy,
+    key: ResumeKey,
+    counter: u64,
+    token: [u8; TOKEN_LEN],
+    key_id: u8,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("node_id", &self.node_id)
+            .field("binding_epoch", &self.binding_epoch)
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientSession {
+    /// The session a `HelloOk` created, keyed from the connection it came on.
+    pub fn from_hello_ok(ok: HelloOk, conn: &impl Exporter) -> Result<Self, ClientError> {
+        let id = SessionId::from_slice(&ok.session_id).map_err(|_| ClientError::SessionId)?;
+        let token: [u8; TOKEN_LEN] = ok
+            .resume_token
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Token)?;
+        let key_id = u8::try_from(ok.token_key_id).map_err(|_| ClientError::TokenKeyId)?;
+        let key = ResumeKey::new(
+            conn.export(RESUME_KEY_LABEL, &resume_key_context(&id, ok.binding_epoch)),
+        );
+        Ok(Self {
+            id,
+            node_id: ok.node_id,
+            incarnation: ok.incarnation,
+            binding_epoch: ok.binding_epoch,
+            state_version: ok.state_version,
+            policy: ok.policy.unwrap_or_default(),
+            key,
+            counter: 0,
+            token,
+            key_id,
+        })
+    }
+
+    /// The plaintext preamble of a new connection for this session.
+    pub fn resume_preamble(&self) -> Preamble {
+        Preamble::Resume {
+            key_id: self.key_id,
+            token: self.token,
+        }
+    }
+
+    /// Key id of the routing token the next RESUME will carry.
+    pub fn token_key_id(&self) -> u8 {
+        self.key_id
+    }
+
+    /// The counter of the last `Resume` built.
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// Test hook: the current resume key (adversarial tests forge with it).
+    #[doc(hidden)]
+    pub fn key(&self) -> &ResumeKey {
+        &self.key
+    }
+
+    /// Test hook: a client that never received its last `ResumeOk` still
+    /// holds the previous key.
+    #[doc(hidden)]
+    pub fn set_key(&mut self, key: ResumeKey) {
+        self.key = key;
+    }
+
+    /// Test hook: two copies of one client share its counter.
+    #[doc(hidden)]
+    pub fn set_counter(&mut self, counter: u64) {
+        self.counter = counter;
+    }
+
+    /// The next `Resume`, bound to `conn` (the counter advances, so a
+    /// captured one can never be replayed as new).
+    pub fn build_resume(&mut self, conn: &impl Exporter) -> Resume {
+        self.counter += 1;
+        let binding = conn.channel_binding();
+        let proof = self
+            .key
+            .resume_proof(&self.id, self.counter, self.binding_epoch, &binding);
+        Resume {
+            session_id: self.id.as_bytes().to_vec(),
+            counter: self.counter,
+            binding_epoch: self.binding_epoch,
+            proof: proof.to_vec(),
+        }
+    }
+
+    /// Applies the `ResumeOk` that answered `sent` on `conn`: the owner must
+    /// be the one that issued the session and the server proof must verify;
+    /// then the key rotates to this connection and the new token is kept.
+    /// On an error nothing changes.
+    pub fn apply_resume_ok(
+        &mut self,
+        sent: &Resume,
+        ok: &ResumeOk,
+        conn: &impl Exporter,
+    ) -> Result<(), ClientError> {
+        if ok.node_id != self.node_id || ok.incarnation != self.incarnation {
+            return Err(ClientError::OwnerMismatch {
+                expected: format!("{}/{:016x}", self.node_id, self.incarnation),
+                got: format!("{}/{:016x}", ok.node_id, ok.incarnation),
+            });
+        }
+        let binding = conn.channel_binding();
+        if !self.key.verify_server_proof(
+            &self.id,
+            sent.counter,
+            ok.binding_epoch,
+            &binding,
+            &ok.server_proof,
+        ) {
+            return Err(ClientError::ServerProof);
+        }
+        self.binding_epoch = ok.binding_epoch;
+        self.state_version = ok.state_version;
+        self.key = ResumeKey::new(conn.export(
+            RESUME_KEY_LABEL,
+            &resume_key_context(&self.id, ok.binding_epoch),
+        ));
+        // A malformed token leaves the previous one, which still routes.
+        if let (Ok(tok), Ok(id)) = (
+            <[u8; TOKEN_LEN]>::try_from(ok.resume_token.as_slice()),
+            u8::try_from(ok.token_key_id),
+        ) {
+            self.token = tok;
+            self.key_id = id;
+        }
+        Ok(())
+    }
+
+    /// Applies a `Reject` of a `Resume`: `stale_binding` with the current
+    /// epoch is adopted (retry on the same connection); anything else is
+    /// the caller's to act on, with the hint.
+    pub fn apply_reject(&mut self, r: &Reject) -> RejectAdvice {
+        let reason = ReasonCode::try_from(r.reason).unwrap_or(ReasonCode::ProtocolError);
+        let retry_here = reason == ReasonCode::StaleBinding && r.current_binding_epoch > 0;
+        if retry_here {
+            self.binding_epoch = r.current_binding_epoch;
+        }
+        RejectAdvice {
+            reason,
+            retry_after: Duration::from_millis(r.retry_after_ms),
+            retry_here,
+            session_gone: ends_session(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::SimConn;
+
+    fn hello_ok(conn: &SimConn) -> (HelloOk, ResumeKey) {
+        let id = SessionId::from_bytes([9; 16]);
+        let ok = HelloOk {
+            session_id: id.as_bytes().to_vec(),
+            node_id: "g1".into(),
+            incarnation: 7,
+            state_version: 1,
+            binding_epoch: 1,
+            resume_token: vec![3; TOKEN_LEN],
+            policy: None,
+            token_key_id: 2,
+        };
+        let key = ResumeKey::new(conn.export(RESUME_KEY_LABEL, &resume_key_context(&id, 1)));
+        (ok, key)
+    }
+
+    /// The gateway's side, as the engine computes it.
+    fn resume_ok(key: &ResumeKey, r: &Resume, conn: &SimConn, epoch: u64) -> ResumeOk {
+        let id = SessionId::from_slice(&r.session_id).unwrap();
+        ResumeOk {
+            node_id: "g1".into(),
+            incarnation: 7,
+            owner_epoch: 1,
+            state_version: 2,
+            binding_epoch: epoch,
+            resume_token: vec![4; TOKEN_LEN],
+            server_proof: key
+                .server_proof(&id, r.counter, epoch, &conn.channel_binding())
+                .to_vec(),
+            token_key_id: 3,
+        }
+    }
+
+    #[test]
+    fn a_resume_carries_a_fresh_counter_and_a_proof_the_gateway_verifies() {
+        let c0 = SimConn(1);
+        let (ok, key) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        let c1 = SimConn(2);
+        let r1 = s.build_resume(&c1);
+        let r2 = s.build_resume(&c1);
+        assert_eq!((r1.counter, r2.counter), (1, 2));
+        let proof: [u8; 32] = r1.proof.as_slice().try_into().unwrap();
+        assert!(key.verify_resume_proof(&s.id, 1, 1, &c1.channel_binding(), &proof));
+        // Bound to its connection: the same proof does not verify on another.
+        assert!(!key.verify_resume_proof(&s.id, 1, 1, &c0.channel_binding(), &proof));
+    }
+
+    #[test]
+    fn resume_ok_rotates_the_key_and_takes_the_new_token() {
+        let c0 = SimConn(1);
+        let (ok, key) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        assert_eq!(s.token_key_id(), 2);
+        let c1 = SimConn(2);
+        let r = s.build_resume(&c1);
+        s.apply_resume_ok(&r, &resume_ok(&key, &r, &c1, 2), &c1)
+            .unwrap();
+        assert_eq!(
+            (s.binding_epoch, s.state_version, s.token_key_id()),
+            (2, 2, 3)
+        );
+        // The next proof is under the key exported from c1.
+        let next = ResumeKey::new(c1.export(RESUME_KEY_LABEL, &resume_key_context(&s.id, 2)));
+        let c2 = SimConn(3);
+        let r = s.build_resume(&c2);
+        let proof: [u8; 32] = r.proof.as_slice().try_into().unwrap();
+        assert!(next.verify_resume_proof(&s.id, 2, 2, &c2.channel_binding(), &proof));
+    }
+
+    #[test]
+    fn another_owner_or_a_wrong_proof_is_refused_and_changes_nothing() {
+        let c0 = SimConn(1);
+        let (ok, key) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        let c1 = SimConn(2);
+        let r = s.build_resume(&c1);
+        let mut other = resume_ok(&key, &r, &c1, 2);
+        other.incarnation = 8;
+        assert!(matches!(
+            s.apply_resume_ok(&r, &other, &c1),
+            Err(ClientError::OwnerMismatch { .. })
+        ));
+        // A proof computed for another connection (a relay) does not verify.
+        let relayed = resume_ok(&key, &r, &SimConn(99), 2);
+        assert_eq!(
+            s.apply_resume_ok(&r, &relayed, &c1),
+            Err(ClientError::ServerProof)
+        );
+        assert_eq!((s.binding_epoch, s.token_key_id()), (1, 2));
+    }
+
+    #[test]
+    fn stale_binding_adopts_the_named_epoch_other_rejects_do_not() {
+        let c0 = SimConn(1);
+        let (ok, _) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        let advice = s.apply_reject(&Reject {
+            reason: ReasonCode::StaleBinding as i32,
+            retry_after_ms: 0,
+            current_binding_epoch: 5,
+        });
+        assert!(advice.retry_here);
+        assert_eq!(s.binding_epoch, 5);
+        let advice = s.apply_reject(&Reject {
+            reason: ReasonCode::Overloaded as i32,
+            retry_after_ms: 250,
+            current_binding_epoch: 9,
+        });
+        assert!(!advice.retry_here && !advice.session_gone);
+        assert_eq!(advice.retry_after, Duration::from_millis(250));
+        assert_eq!(s.binding_epoch, 5);
+        let advice = s.apply_reject(&Reject {
+            reason: ReasonCode::UnknownSession as i32,
+            retry_after_ms: 0,
+            current_binding_epoch: 0,
+        });
+        assert!(advice.session_gone && !advice.retry_here);
+    }
+
+    #[test]
+    fn a_malformed_hello_ok_is_a_typed_error() {
+        let c0 = SimConn(1);
+        let (mut ok, _) = hello_ok(&c0);
+        ok.session_id.pop();
+        assert_eq!(
+            ClientSession::from_hello_ok(ok, &c0).unwrap_err(),
+            ClientError::SessionId
+        );
+        let (mut ok, _) = hello_ok(&c0);
+        ok.resume_token.pop();
+        assert_eq!(
+            ClientSession::from_hello_ok(ok, &c0).unwrap_err(),
+            ClientError::Token
+        );
+    }
+}
