@@ -82,12 +82,7 @@ fn resume(c: &mut Criterion) {
             let r = e
                 .resume(
                     now,
-                    &ResumeRequest {
-                        session_id: id,
-                        counter: sent.counter,
-                        binding_epoch: sent.binding_epoch,
-                        proof: &sent.proof,
-                    },
+                    &ResumeRequest::from_wire(&sent).unwrap(),
                     Conn {
                         transport: TransportId(t),
                         binding: &binding,

@@ -108,7 +108,7 @@ async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
         client.local_addr()?,
         admin.local_addr()?
     ));
-    server::serve(cfg, client, admin, Some(prom), shutdown).await
+    Ok(server::serve(cfg, client, admin, Some(prom), shutdown).await?)
 }
 
 /// Takes the exclusive lock on `dir/lock` (creating both), writing our pid.

@@ -8,6 +8,7 @@
 //!   their inputs and `now` (sans-IO).
 //! - [`server`]: the async shell, split by stage: serve and lifecycle,
 //!   connection admission, session I/O, shared state.
+//! - [`issuer`]: seals routing tokens naming this incarnation (pure).
 //! - [`membership`]: heartbeat streams to routers and the leases that fence HELLO.
 //! - [`config`]: TOML + environment configuration and its validation.
 //! - [`tls`]: rustls server configuration (TLS 1.3, ALPN `jvpn/1`).
@@ -28,6 +29,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+pub mod issuer;
 pub mod membership;
 pub mod metrics;
 pub mod pki;

@@ -278,11 +278,34 @@ async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<Heartbeat
     }
 }
 
+/// Why a heartbeat stream ended (it is opened again after a back-off).
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    /// The endpoint or its TLS settings were refused, or connecting failed.
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The router answered the call or a message with an error.
+    #[error("router: {0}")]
+    Status(#[from] tonic::Status),
+    /// The router closed the stream, or our request queue did.
+    #[error("router closed the stream")]
+    Closed,
+    /// A router says this incarnation was superseded.
+    #[error("superseded")]
+    Superseded,
+}
+
+impl<T> From<mpsc::error::SendError<T>> for StreamEnd {
+    fn from(_: mpsc::error::SendError<T>) -> Self {
+        StreamEnd::Closed
+    }
+}
+
 async fn stream_once(
     cluster: &Cluster,
     link: &RouterLink,
     s: &HeartbeatSettings,
-) -> anyhow::Result<()> {
+) -> Result<(), StreamEnd> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&s.ca_pem))
         .identity(Identity::from_pem(&s.cert_pem, &s.key_pem))
@@ -317,7 +340,7 @@ async fn stream_once(
             }
             msg = replies.message() => {
                 let Some(reply) = msg? else {
-                    anyhow::bail!("router closed the stream");
+                    return Err(StreamEnd::Closed);
                 };
                 on_reply(cluster, link, s, &mut sent, reply)?;
             }
@@ -361,12 +384,12 @@ fn on_reply(
     s: &HeartbeatSettings,
     sent: &mut VecDeque<(u64, Instant, NodeState)>,
     reply: HeartbeatReply,
-) -> anyhow::Result<()> {
+) -> Result<(), StreamEnd> {
     if reply.superseded {
         counter!(m::SUPERSEDED).increment(1);
         warn!(router = %link.endpoint, "a router says this incarnation was superseded");
         cluster.superseded.send_replace(true);
-        anyhow::bail!("superseded");
+        return Err(StreamEnd::Superseded);
     }
     let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
         // An echo we no longer remember grants nothing.

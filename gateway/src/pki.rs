@@ -21,7 +21,6 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -92,6 +91,35 @@ impl PkiLayout {
     }
 }
 
+/// Why the development PKI could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// `cluster.secret` exists: an existing PKI is never overwritten.
+    #[error("{0} already holds a PKI (cluster.secret exists)")]
+    Exists(String),
+    /// The cluster name or a node id is not a valid id.
+    #[error("{what}: {error}")]
+    Name {
+        what: String,
+        error: jvpn_proto::ids::IdError,
+    },
+    /// A certificate or key could not be generated.
+    #[error("certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// A file or directory could not be written.
+    #[error("writing {path}: {error}")]
+    Write { path: String, error: std::io::Error },
+}
+
+type Result<T> = std::result::Result<T, PkiError>;
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |error| PkiError::Write {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
 struct Ca {
     params: CertificateParams,
     key: KeyPair,
@@ -133,10 +161,7 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 fn dns(name: &str) -> Result<SanType> {
-    Ok(SanType::DnsName(
-        name.try_into()
-            .with_context(|| format!("bad DNS name {name}"))?,
-    ))
+    Ok(SanType::DnsName(name.try_into()?))
 }
 
 fn loopback() -> SanType {
@@ -144,7 +169,7 @@ fn loopback() -> SanType {
 }
 
 fn write_public(path: &Path, text: &str) -> Result<()> {
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    fs::write(path, text).map_err(write_error(path))
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -152,11 +177,8 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    let mut f = opts.open(path).map_err(write_error(path))?;
+    f.write_all(text.as_bytes()).map_err(write_error(path))
 }
 
 /// Generates the whole tree. Refuses to overwrite an existing cluster secret.
@@ -165,16 +187,17 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
         dir: spec.out.clone(),
     };
     if layout.secret().exists() {
-        anyhow::bail!(
-            "{} already holds a PKI (cluster.secret exists)",
-            spec.out.display()
-        );
+        return Err(PkiError::Exists(spec.out.display().to_string()));
     }
     for sub in ["gateways", "membership", "agents"] {
-        fs::create_dir_all(spec.out.join(sub))?;
+        let dir = spec.out.join(sub);
+        fs::create_dir_all(&dir).map_err(write_error(&dir))?;
     }
     let c = &spec.cluster;
-    jvpn_proto::NodeId::new(c).map_err(|e| anyhow::anyhow!("cluster name: {e}"))?;
+    jvpn_proto::NodeId::new(c).map_err(|error| PkiError::Name {
+        what: "cluster name".into(),
+        error,
+    })?;
 
     let (client_ca, pem) = Ca::new(&format!("jvpn {c} client-facing CA"))?;
     write_public(&layout.client_ca(), &pem)?;
@@ -196,7 +219,10 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
     )?;
 
     for node in &spec.nodes {
-        jvpn_proto::NodeId::new(node).map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+        jvpn_proto::NodeId::new(node).map_err(|error| PkiError::Name {
+            what: format!("node {node}"),
+            error,
+        })?;
         let (cert, key) = client_ca.issue(
             &format!("{node}.node.{c}"),
             vec![dns(c)?, dns(&format!("{node}.node.{c}"))?, loopback()],

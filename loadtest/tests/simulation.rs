@@ -28,15 +28,15 @@ use jvpn_gateway::engine::{
     Conn, Engine, EngineConfig, HelloRequest, Mono, Policy, ResumeRequest, TransportId,
 };
 use jvpn_gateway::gate::Gate;
+use jvpn_gateway::issuer::{Issuer, NONCE_LEN};
 use jvpn_gateway::metrics::ConnReject;
 use jvpn_proto::client::ClientSession;
 use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
 use jvpn_proto::pb::session::Reject;
 use jvpn_proto::preamble::Preamble;
-use jvpn_proto::ring::owner_tag;
 use jvpn_proto::testkit::SimConn;
-use jvpn_proto::token::{TokenContents, TokenKey, TokenKeyring};
-use jvpn_proto::{Incarnation, NodeId, OwnerTag, SessionId};
+use jvpn_proto::token::{TokenKey, TokenKeyring};
+use jvpn_proto::{Incarnation, NodeId, SessionId};
 use jvpn_router::membership::{
     Heartbeat, HeartbeatVerdict, Membership, MembershipConfig, NodeState,
 };
@@ -64,9 +64,8 @@ struct Life {
     /// The gateway's pre-TLS rules: the intended-owner check.
     gate: Gate,
     budget: HandshakeBudget,
-    /// Seals routing tokens naming this life.
-    token_key: TokenKey,
-    tag: OwnerTag,
+    /// Seals routing tokens naming this life, as the gateway does.
+    issuer: Issuer,
 }
 
 /// One router: the membership rules and the owner tags it learned.
@@ -459,16 +458,12 @@ impl World {
             .unwrap()
             .client
             .build_resume(&conn);
-        let id = SessionId::from_slice(&sent.session_id).unwrap();
+        let req = ResumeRequest::from_wire(&sent).unwrap();
+        let id = req.session_id;
         let life = self.gateways[g].life.as_mut().unwrap();
         let r = life.engine.resume(
             now,
-            &ResumeRequest {
-                session_id: id,
-                counter: sent.counter,
-                binding_epoch: sent.binding_epoch,
-                proof: &sent.proof,
-            },
+            &req,
             Conn {
                 transport,
                 binding: &conn.binding(),
@@ -665,23 +660,15 @@ fn new_life(node: &NodeId, rng: &mut ChaCha8Rng, keys: &ClusterKeys) -> Life {
             direct_clients: false,
         },
         budget: HandshakeBudget::new(1e9, 0.5, Mono::ZERO),
-        token_key: TokenKey::new(keys),
-        tag: owner_tag(keys, node, incarnation),
+        issuer: Issuer::new(keys, node, incarnation),
     }
 }
 
-/// A routing token naming `life` as the owner of `id`, as the gateway seals it.
+/// A routing token naming `life` as the owner of `id`.
 fn seal(life: &Life, id: SessionId, rng: &mut ChaCha8Rng) -> (Vec<u8>, u32) {
-    let mut nonce = [0u8; 12];
+    let mut nonce = [0u8; NONCE_LEN];
     rng.fill_bytes(&mut nonce);
-    let token = life.token_key.seal(
-        nonce,
-        &TokenContents {
-            session_id: id,
-            owner_tag: life.tag,
-        },
-    );
-    (token.to_vec(), u32::from(life.token_key.key_id()))
+    life.issuer.seal(id, nonce)
 }
 
 /// Runs one seed to the end; returns (RESUMEs accepted, owner_lost answers).

@@ -56,5 +56,5 @@ async fn run(cfg: config::Validated) -> anyhow::Result<()> {
         listeners.membership.local_addr()?,
         listeners.admin.local_addr()?
     ));
-    server::serve(cfg, listeners, Some(prom), shutdown).await
+    Ok(server::serve(cfg, listeners, Some(prom), shutdown).await?)
 }

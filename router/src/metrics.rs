@@ -102,11 +102,7 @@ pub fn describe() {
         Unit::Seconds,
         "How late the 50 ms membership ticker ran (self-suspicion input)."
     );
-    describe_counter!(CONFIG_RELOADS, "Configuration reloads applied (SIGHUP).");
-    describe_counter!(
-        CONFIG_RELOAD_FAILURES,
-        "Reloads refused (invalid, or a restart-only key changed); the old configuration stays."
-    );
+    jvpn_runtime::metrics::describe_reloads(CONFIG_RELOADS, CONFIG_RELOAD_FAILURES);
     // Series alerts read exist from the start at 0: `increase()` needs a
     // sample before the first event to see it.
     for name in [

@@ -161,6 +161,14 @@ fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), ReloadError
 /// A gateway's TLS handshake on the membership port must finish within this.
 pub const MEMBERSHIP_TLS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why the router could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The membership port's TLS identity or CA was refused.
+    #[error("membership TLS: {0}")]
+    MembershipTls(#[from] tonic::transport::Error),
+}
+
 /// Runs until `shutdown` resolves, then stops accepting and gives spliced
 /// connections up to `drain_timeout_ms` to finish.
 pub async fn serve(
@@ -168,7 +176,7 @@ pub async fn serve(
     listeners: Listeners,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let state = RouterState::new(cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
 

@@ -2,7 +2,7 @@
 //! `jvpn_build_info`. Each binary keeps its own catalogue (`metrics.rs`) and
 //! passes its `describe` function here.
 
-use metrics::describe_gauge;
+use metrics::{describe_counter, describe_gauge};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Build information, one series per process; the value is always 1.
@@ -53,4 +53,14 @@ pub fn install_for(
     metrics::gauge!(BUILD_INFO, "component" => component, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
     Ok(handle)
+}
+
+/// Describes a binary's SIGHUP reload counters, the pair it passes to
+/// [`crate::process::reload_on_hangup`].
+pub fn describe_reloads(applied: &'static str, refused: &'static str) {
+    describe_counter!(applied, "Configuration reloads applied (SIGHUP).");
+    describe_counter!(
+        refused,
+        "Reloads refused (invalid, or a restart-only key changed); the old configuration stays."
+    );
 }

@@ -22,250 +22,39 @@
 //! - [`policy`]: policy values and validation.
 //! - [`replay`]: the RESUME counter window.
 //! - `antiflap`: switch rate and cooldown.
+//! - `io`: requests, answers, events and actions.
+//! - `session`: one session's state and its read-only view.
+//!
 //! Time is [`Mono`] from `jvpn_proto::time`, passed in by the shell.
 
 mod antiflap;
 pub mod fsm;
+mod io;
 pub mod policy;
 pub mod replay;
+mod session;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use jvpn_proto::crypto::{ChannelBinding, PROOF_LEN, ResumeKey, resume_key_context};
+use jvpn_proto::crypto::{ResumeKey, resume_key_context};
 use jvpn_proto::ring::Ring;
 use jvpn_proto::{Incarnation, NodeId, ReasonCode, SessionId};
 use rand::RngCore;
 
 pub use antiflap::{AntiFlap, SWITCH_WINDOW};
 pub use fsm::{Denial, Event, State, Termination};
+pub use io::{
+    Action, Conn, EngineEvent, HelloAccepted, HelloRequest, Rejection, ResumeAccepted,
+    ResumeRequest, STICKY_OWNER_EPOCH, StateChange, TransportId,
+};
 pub use jvpn_proto::time::Mono;
 pub use policy::{Policy, PolicyError};
 pub use replay::ReplayWindow;
+pub use session::Session;
 
 use jvpn_proto::time::ceil_millis;
-
-/// The shell's handle for one client connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TransportId(pub u64);
-
-/// Owner epoch of sessions in the sticky topology: ownership never moves.
-pub const STICKY_OWNER_EPOCH: u64 = 1;
-
-/// One state transition of one session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StateChange {
-    pub at: Mono,
-    pub session_id: SessionId,
-    pub from: State,
-    pub to: State,
-    pub reason: ReasonCode,
-    /// The version after this transition.
-    pub state_version: u64,
-}
-
-/// What the engine reports for observability.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EngineEvent {
-    /// Exactly one per transition.
-    StateChange(StateChange),
-    /// An authenticated RESUME refused without a transition (replay, stale binding).
-    ResumeRefused {
-        at: Mono,
-        session_id: SessionId,
-        reason: ReasonCode,
-    },
-}
-
-/// Work for the shell.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Send `Terminate{reason}` on `transport` (if it is still open) and close it.
-    CloseTransport {
-        session_id: SessionId,
-        transport: TransportId,
-        reason: ReasonCode,
-    },
-}
-
-/// A refused HELLO or RESUME.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    /// The exact reason, for metrics and debug logs.
-    pub reason: ReasonCode,
-    /// Milliseconds after which a retry may succeed (0: no hint).
-    pub retry_after_ms: u64,
-    /// Disclosed only to authenticated requesters.
-    pub current_binding_epoch: Option<u64>,
-}
-
-impl Rejection {
-    fn quiet(reason: ReasonCode) -> Self {
-        Self {
-            reason,
-            retry_after_ms: 0,
-            current_binding_epoch: None,
-        }
-    }
-
-    /// What goes into the `Reject` frame: pre-authentication failures are all
-    /// `unknown_session`.
-    pub fn wire_reason(&self) -> ReasonCode {
-        self.reason.on_wire_before_auth()
-    }
-}
-
-/// A new session's identity and credentials.
-#[derive(Clone, Debug)]
-pub struct HelloRequest {
-    pub transport: TransportId,
-    /// Who authenticated (certificate subject or token name).
-    pub principal: Arc<str>,
-    /// The credential's expiry; the session ends no later.
-    pub credential_expiry: Option<Mono>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HelloAccepted {
-    pub session_id: SessionId,
-    pub state_version: u64,
-    pub binding_epoch: u64,
-    /// The policy the session runs under (tell the agent this one).
-    pub policy: Arc<Policy>,
-}
-
-/// A parsed `Resume` frame.
-#[derive(Clone, Copy, Debug)]
-pub struct ResumeRequest<'a> {
-    pub session_id: SessionId,
-    pub counter: u64,
-    pub binding_epoch: u64,
-    pub proof: &'a [u8],
-}
-
-/// The connection a RESUME arrived on.
-#[derive(Clone, Copy, Debug)]
-pub struct Conn<'a> {
-    pub transport: TransportId,
-    /// RFC 9266 `EXPORTER-Channel-Binding` of this connection.
-    pub binding: &'a ChannelBinding,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResumeAccepted {
-    pub state_version: u64,
-    pub binding_epoch: u64,
-    pub owner_epoch: u64,
-    pub server_proof: [u8; PROOF_LEN],
-    /// The transport this RESUME replaced, if the session was still ATTACHED.
-    pub replaced: Option<TransportId>,
-}
-
-impl HelloAccepted {
-    /// The `HelloOk` that tells the agent, with the routing token the shell sealed.
-    pub fn to_wire(
-        &self,
-        node_id: &NodeId,
-        incarnation: Incarnation,
-        resume_token: Vec<u8>,
-        token_key_id: u32,
-    ) -> jvpn_proto::pb::session::HelloOk {
-        jvpn_proto::pb::session::HelloOk {
-            session_id: self.session_id.as_bytes().to_vec(),
-            node_id: node_id.to_string(),
-            incarnation: incarnation.0,
-            state_version: self.state_version,
-            binding_epoch: self.binding_epoch,
-            resume_token,
-            policy: Some(self.policy.to_wire()),
-            token_key_id,
-        }
-    }
-}
-
-impl ResumeAccepted {
-    /// The `ResumeOk` that tells the agent, with a fresh routing token.
-    pub fn to_wire(
-        &self,
-        node_id: &NodeId,
-        incarnation: Incarnation,
-        resume_token: Vec<u8>,
-        token_key_id: u32,
-    ) -> jvpn_proto::pb::session::ResumeOk {
-        jvpn_proto::pb::session::ResumeOk {
-            node_id: node_id.to_string(),
-            incarnation: incarnation.0,
-            owner_epoch: self.owner_epoch,
-            state_version: self.state_version,
-            binding_epoch: self.binding_epoch,
-            resume_token,
-            server_proof: self.server_proof.to_vec(),
-            token_key_id,
-        }
-    }
-}
-
-/// One session as the engine holds it. `PartialEq` compares every field
-/// (tests use it to prove that rejected requests change nothing).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Session {
-    state: State,
-    version: u64,
-    epoch: u64,
-    transport: Option<TransportId>,
-    end_of_life: Mono,
-    last_rx: Mono,
-    volatile_since: Mono,
-    /// Set while there is no transport: the session ends at this time.
-    lost_deadline: Option<Mono>,
-    key: ResumeKey,
-    /// The key the agent last proved it holds, kept until it uses `key`, so a
-    /// lost `ResumeOk` can be recovered.
-    fallback: Option<ResumeKey>,
-    replay: ReplayWindow,
-    flap: AntiFlap,
-    principal: Arc<str>,
-    /// The policy the session was created under (and its agent was told in
-    /// `HelloOk`); a reload changes new sessions only.
-    policy: Arc<Policy>,
-    /// The earliest timer entry queued for this session.
-    scheduled: Option<Mono>,
-}
-
-impl Session {
-    pub fn state(&self) -> State {
-        self.state
-    }
-    pub fn state_version(&self) -> u64 {
-        self.version
-    }
-    pub fn binding_epoch(&self) -> u64 {
-        self.epoch
-    }
-    pub fn transport(&self) -> Option<TransportId> {
-        self.transport
-    }
-    pub fn principal(&self) -> &str {
-        &self.principal
-    }
-    pub fn transport_lost_deadline(&self) -> Option<Mono> {
-        self.lost_deadline
-    }
-    pub fn end_of_life(&self) -> Mono {
-        self.end_of_life
-    }
-    pub fn switches_in_window(&self, now: Mono) -> usize {
-        self.flap.switches_in_window(now)
-    }
-    /// Highest RESUME counter accepted so far.
-    pub fn replay_top(&self) -> u64 {
-        self.replay.top()
-    }
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-}
 
 /// Construction parameters.
 #[derive(Debug, Clone)]

@@ -32,7 +32,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use handle::GatewayHandle;
-use state::{Control, ReloadError, Shared, build, gauge_loop, timer_loop};
+pub use state::ReloadError;
+use state::{Control, Shared, build, gauge_loop, timer_loop};
 
 use crate::config::Validated;
 use crate::engine::Termination;
@@ -48,6 +49,23 @@ pub enum Exit {
     Superseded,
 }
 
+/// Why a gateway could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+    /// The TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The policy does not validate.
+    #[error("policy: {}", crate::engine::policy::display_all(.0))]
+    Policy(Vec<crate::engine::PolicyError>),
+    /// The heartbeat thread could not be started.
+    #[error("membership thread: {0}")]
+    Membership(#[source] std::io::Error),
+}
+
 /// Runs a gateway on already-bound listeners until `shutdown` resolves, then
 /// drains (GoAway spread over the first half of `drain_timeout_ms`,
 /// `Terminate{draining}` near its end) and returns.
@@ -57,10 +75,10 @@ pub async fn serve(
     admin: TcpListener,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<Exit> {
+) -> Result<Exit, ServeError> {
     let advertise = match cfg.raw.cluster.advertise_addr {
         Some(a) => a,
-        None => client.local_addr()?,
+        None => client.local_addr().map_err(ServeError::Listener)?,
     };
     let shared = build(cfg)?;
     let mut superseded = None;
@@ -78,7 +96,8 @@ pub async fn serve(
                 interval: Duration::from_millis(c.heartbeat_interval_ms),
                 keys: shared.cfg.secret.derive(),
             },
-        )?;
+        )
+        .map_err(ServeError::Membership)?;
         superseded = Some(cluster.superseded());
     }
     let handle = GatewayHandle::new(shared.clone());

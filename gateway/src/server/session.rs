@@ -207,7 +207,7 @@ fn resume_once(
 ) -> Result<(SessionId, usize, ResumeOk, Option<TransportId>), Rejection> {
     // Label values are static strings: no allocation per RESUME.
     let count = |reason: &'static str| counter!(m::RESUMES, "result" => reason).increment(1);
-    let Ok(sid) = SessionId::from_slice(&r.session_id) else {
+    let Some(req) = ResumeRequest::from_wire(r) else {
         count(ReasonCode::UnknownSession.as_str());
         return Err(Rejection {
             reason: ReasonCode::UnknownSession,
@@ -215,17 +215,12 @@ fn resume_once(
             current_binding_epoch: None,
         });
     };
+    let sid = req.session_id;
     let shard = shard_of(&sid, shared.shards.len());
     if let Some(tx) = register {
         shared.register(shard, transport, tx.clone());
     }
     let now = shared.now();
-    let req = ResumeRequest {
-        session_id: sid,
-        counter: r.counter,
-        binding_epoch: r.binding_epoch,
-        proof: &r.proof,
-    };
     let res = shared.with_engine(shard, |e| {
         e.resume(now, &req, Conn { transport, binding }, |ctx| {
             ResumeKey::new(export(tls, RESUME_KEY_LABEL, ctx))

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use jvpn_proto::ring::owner_tag;
-use jvpn_proto::token::{TokenContents, TokenKey};
-use jvpn_proto::{Incarnation, OwnerTag, ReasonCode, SessionId};
+use jvpn_proto::{Incarnation, ReasonCode, SessionId};
 use jvpn_runtime::admission::{HandshakeBudget, SourceLimiter, TlsQueue};
 use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge};
@@ -26,6 +24,7 @@ use crate::engine::policy::{PolicyError, display_all};
 use crate::engine::{Action, Engine, EngineConfig, EngineEvent, Mono, State, TransportId};
 use crate::events::EventSink;
 use crate::gate::Gate;
+use crate::issuer::{Issuer, NONCE_LEN};
 use crate::metrics as m;
 
 /// Messages from the engine side to a connection task.
@@ -41,29 +40,9 @@ pub(super) struct Shard {
     pub(super) wake: Notify,
 }
 
-/// The routing-token key and this incarnation's owner tag under it.
-pub(super) struct Issuer {
-    pub(super) key: TokenKey,
-    pub(super) tag: OwnerTag,
-}
-
-impl Issuer {
-    pub(super) fn new(
-        secret: &jvpn_proto::keys::ClusterSecret,
-        node: &jvpn_proto::NodeId,
-        inc: Incarnation,
-    ) -> Self {
-        let keys = secret.derive();
-        Self {
-            key: TokenKey::new(&keys),
-            tag: owner_tag(&keys, node, inc),
-        }
-    }
-}
-
 /// Why a SIGHUP reload was refused (the running configuration stays).
 #[derive(Debug, thiserror::Error)]
-pub(super) enum ReloadError {
+pub enum ReloadError {
     /// The file no longer validates.
     #[error("{0}")]
     Config(#[from] ConfigErrors),
@@ -125,10 +104,10 @@ impl Shared {
             return Err(ReloadError::RestartOnly(fixed));
         }
         // The same key id must mean the same secret: compare what it derives.
-        let next = Issuer::new(&new.secret, &self.cfg.node_id, self.incarnation);
+        let next = Issuer::new(&new.secret.derive(), &self.cfg.node_id, self.incarnation);
         let current = self.issuer.load();
-        let rotate = next.key.key_id() != current.key.key_id();
-        if !rotate && next.tag != current.tag {
+        let rotate = next.key_id() != current.key_id();
+        if !rotate && next.tag() != current.tag() {
             return Err(ReloadError::SecretWithoutNewKeyId);
         }
         let tokenless = !new.dev_tokens.is_empty();
@@ -242,21 +221,13 @@ impl Shared {
 
     /// A fresh token for `sid` and the key id it is sealed under.
     pub(super) fn seal_token(&self, sid: SessionId) -> (Vec<u8>, u32) {
-        let mut nonce = [0u8; 12];
+        let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
-        let issuer = self.issuer.load();
-        let token = issuer.key.seal(
-            nonce,
-            &TokenContents {
-                session_id: sid,
-                owner_tag: issuer.tag,
-            },
-        );
-        (token.to_vec(), u32::from(issuer.key.key_id()))
+        self.issuer.load().seal(sid, nonce)
     }
 }
 
-pub(super) fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
+pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, super::ServeError> {
     let incarnation = Incarnation(rand::rng().next_u64());
     let tokenless = !cfg.dev_tokens.is_empty();
     let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
@@ -271,7 +242,7 @@ pub(super) fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
             },
             Box::new(rand::rngs::StdRng::from_os_rng()),
         )
-        .map_err(|e| anyhow::anyhow!("policy: {}", display_all(&e)))?;
+        .map_err(super::ServeError::Policy)?;
         engine.set_shard(i, n);
         shards.push(Shard {
             engine: Mutex::new(engine),
@@ -285,7 +256,7 @@ pub(super) fn build(cfg: Validated) -> anyhow::Result<Arc<Shared>> {
     let shared = Shared {
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
         max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
-        issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret, &cfg.node_id, incarnation)),
+        issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret.derive(), &cfg.node_id, incarnation)),
         incarnation,
         gate: Gate {
             node_id: cfg.node_id.clone(),

@@ -1,0 +1,210 @@
+//! Unit tests of the membership rules on a virtual clock.
+
+use super::*;
+
+fn hb(node: &str, inc: u64) -> Heartbeat {
+    Heartbeat {
+        node_id: NodeId::new(node).unwrap(),
+        incarnation: Incarnation(inc),
+        addr: "198.51.100.3:7000".parse().unwrap(),
+        state: NodeState::Ready,
+        weight: 1,
+        lease_ok: true,
+        in_view: true,
+    }
+}
+
+/// Heartbeats every 250 ms for `node` from `from` to `to` (ms), ticking every 50 ms.
+fn run(
+    m: &mut Membership,
+    nodes: &[(&str, u64)],
+    from: u64,
+    to: u64,
+) -> Vec<(NodeId, Incarnation)> {
+    let mut died = Vec::new();
+    let mut t = from;
+    while t < to {
+        if t.is_multiple_of(250) {
+            for (n, inc) in nodes {
+                m.on_heartbeat(Mono::from_millis(t), &hb(n, *inc));
+            }
+        }
+        died.extend(m.tick(Mono::from_millis(t)));
+        t += 50;
+    }
+    died
+}
+
+fn placeable(m: &Membership, now_ms: u64) -> Vec<String> {
+    m.placeable_members(Mono::from_millis(now_ms))
+        .iter()
+        .map(|x| x.node_id.to_string())
+        .collect()
+}
+
+#[test]
+fn rise_then_placeable_and_silence_kills_within_failure_timeout_plus_interval() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 200);
+    assert!(placeable(&m, 200).is_empty(), "one heartbeat is not a rise");
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 200, 1000);
+    assert_eq!(placeable(&m, 1000), ["g1", "g2", "g3"]);
+    // g3 goes silent (SIGSTOP): dead within failure_timeout + one interval.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2300);
+    assert_eq!(died, vec![(NodeId::new("g3").unwrap(), Incarnation(1))]);
+    assert_eq!(placeable(&m, 2300), ["g1", "g2"]);
+    let g3 = NodeId::new("g3").unwrap();
+    assert_eq!(
+        m.route(Mono::from_millis(2300), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
+}
+
+#[test]
+fn closed_stream_is_fast_death() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g2 = NodeId::new("g2").unwrap();
+    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
+    assert_eq!(died.len(), 1);
+}
+
+#[test]
+fn new_incarnation_supersedes_and_old_is_told_so() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 5)], 0, 1000);
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(1000), &hb("g2", 6)),
+        HeartbeatVerdict::Accepted
+    );
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(1010), &hb("g2", 5)),
+        HeartbeatVerdict::Superseded
+    );
+    let g2 = NodeId::new("g2").unwrap();
+    assert_eq!(
+        m.route(Mono::from_millis(3000), Some((&g2, Incarnation(5)))),
+        OwnerRoute::Lost
+    );
+    assert!(matches!(
+        m.route(Mono::from_millis(3000), Some((&g2, Incarnation(6)))),
+        OwnerRoute::Alive(_)
+    ));
+}
+
+#[test]
+fn flapping_node_is_held_down_exponentially() {
+    let cfg = MembershipConfig::default();
+    let mut m = Membership::new(cfg.clone(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // g3 dies, comes back: held down 2 s.
+    run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 2500, 4000);
+    assert_eq!(placeable(&m, 4000), ["g1", "g2"], "held down");
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 4000, 5000);
+    assert_eq!(placeable(&m, 5000), ["g1", "g2", "g3"]);
+    assert_eq!(hold_down_for(&cfg, 2), Duration::from_secs(4));
+    assert_eq!(hold_down_for(&cfg, 10), Duration::from_secs(60));
+}
+
+#[test]
+fn late_ticks_suspend_verdicts_and_mass_death_marks_unhealthy() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // The router itself stalls for 2 s: no deaths right after.
+    assert!(m.tick(Mono::from_millis(3000)).is_empty());
+    let g1 = NodeId::new("g1").unwrap();
+    assert_eq!(
+        m.route(Mono::from_millis(3000), Some((&g1, Incarnation(9)))),
+        OwnerRoute::Unreachable
+    );
+    // Past the suspicion window, everyone silent: unhealthy, not a massacre.
+    let mut t = 3050;
+    while t < 4200 {
+        assert!(m.tick(Mono::from_millis(t)).is_empty());
+        t += 50;
+    }
+    assert!(m.is_unhealthy());
+    assert_eq!(placeable(&m, 4200).len(), 3, "nobody killed");
+}
+
+#[test]
+fn warm_up_answers_unknown_owners_unreachable() {
+    let m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    let g = NodeId::new("gx").unwrap();
+    assert_eq!(
+        m.route(Mono::from_millis(100), Some((&g, Incarnation(1)))),
+        OwnerRoute::Unreachable
+    );
+    assert_eq!(
+        m.route(Mono::from_millis(100), None),
+        OwnerRoute::Unreachable
+    );
+    assert_eq!(m.route(Mono::from_millis(2000), None), OwnerRoute::Lost);
+}
+
+#[test]
+fn failed_connects_unplace_then_unreachable_kills() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g3 = NodeId::new("g3").unwrap();
+    for t in [1000, 1100, 1200] {
+        m.on_connect(Mono::from_millis(t), &g3, Incarnation(1), false);
+    }
+    assert_eq!(placeable(&m, 1200), ["g1", "g2"]);
+    assert!(matches!(
+        m.route(Mono::from_millis(1200), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Alive(_)
+    ));
+    // Heartbeats still arrive, but 3 × failure_timeout unreachable: not alive.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 1200, 4300);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    // Its heartbeats keep arriving, yet it stays dead: a heartbeat says
+    // nothing about the client port.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 4300, 9000);
+    assert!(died.is_empty());
+    assert_eq!(
+        m.route(Mono::from_millis(9000), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
+    // The router probes it once per interval; a failed probe changes nothing.
+    let due = m.probes_due(Mono::from_millis(9000));
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].0, g3);
+    assert!(
+        m.probes_due(Mono::from_millis(9100)).is_empty(),
+        "at most one per interval"
+    );
+    m.on_connect(Mono::from_millis(9100), &g3, Incarnation(1), false);
+    assert_eq!(m.probes_due(Mono::from_millis(9250)).len(), 1);
+    // A successful probe: back, as a flap (held down), then placeable.
+    m.on_connect(Mono::from_millis(9300), &g3, Incarnation(1), true);
+    assert!(matches!(
+        m.route(Mono::from_millis(9300), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Alive(_)
+    ));
+    assert!(m.probes_due(Mono::from_millis(9600)).is_empty());
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 9300, 10000);
+    assert_eq!(placeable(&m, 10000), ["g1", "g2"], "held down");
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 10000, 11500);
+    assert_eq!(placeable(&m, 11500), ["g1", "g2", "g3"]);
+}
+
+#[test]
+fn a_silent_death_is_undone_by_heartbeats_alone() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2500);
+    assert_eq!(died.len(), 1);
+    assert!(
+        m.probes_due(Mono::from_millis(2500)).is_empty(),
+        "silence needs no probe"
+    );
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 2500, 2600);
+    let g3 = NodeId::new("g3").unwrap();
+    assert!(matches!(
+        m.route(Mono::from_millis(2600), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Alive(_)
+    ));
+}
