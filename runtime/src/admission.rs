@@ -44,7 +44,7 @@ impl Bucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+            Err(secs((1.0 - self.tokens) / rate))
         }
     }
 
@@ -52,6 +52,12 @@ impl Bucket {
         let dt = now.saturating_since(self.last).as_secs_f64();
         self.tokens + dt * rate >= burst
     }
+}
+
+/// `x` seconds, saturating: a tiny or zero rate means "a very long time",
+/// never a panic (`Duration::from_secs_f64` panics past `Duration::MAX`).
+fn secs(x: f64) -> Duration {
+    Duration::try_from_secs_f64(x).unwrap_or(Duration::MAX)
 }
 
 /// The key a source is limited by.
@@ -151,7 +157,7 @@ impl SourceLimiter {
         }
         if self.table.len() >= self.capacity && now >= self.next_sweep {
             self.table.retain(|_, b| !b.is_refilled(rate, burst, now));
-            self.next_sweep = now + Duration::from_secs_f64(burst / rate);
+            self.next_sweep = now + secs(burst / rate);
         }
         if self.table.len() < self.capacity {
             let mut b = Bucket::full(burst, now);
@@ -182,23 +188,27 @@ pub enum HandshakeKind {
 #[derive(Debug)]
 pub struct HandshakeBudget {
     shared: (Bucket, f64),
-    reserved: (Bucket, f64),
+    /// `None` when no share is reserved (`resume_share = 0`).
+    reserved: Option<(Bucket, f64)>,
 }
 
 impl HandshakeBudget {
     pub fn new(per_s: f64, resume_share: f64, now: Mono) -> Self {
-        let reserved_rate = (per_s * resume_share).max(f64::MIN_POSITIVE);
+        let reserved_rate = (per_s * resume_share).max(0.0);
         let shared_rate = (per_s - reserved_rate).max(f64::MIN_POSITIVE);
         // One second of burst each.
         Self {
             shared: (Bucket::full(shared_rate.max(1.0), now), shared_rate),
-            reserved: (Bucket::full(reserved_rate.max(1.0), now), reserved_rate),
+            reserved: (reserved_rate > 0.0)
+                .then(|| (Bucket::full(reserved_rate.max(1.0), now), reserved_rate)),
         }
     }
 
     pub fn take(&mut self, kind: HandshakeKind, now: Mono) -> Result<(), Duration> {
-        let (rb, rr) = &mut self.reserved;
-        if kind == HandshakeKind::Resume && rb.take(*rr, rr.max(1.0), now).is_ok() {
+        if kind == HandshakeKind::Resume
+            && let Some((rb, rr)) = &mut self.reserved
+            && rb.take(*rr, rr.max(1.0), now).is_ok()
+        {
             return Ok(());
         }
         let (sb, sr) = &mut self.shared;
@@ -515,5 +525,25 @@ mod tests {
             resumes as f64 >= 0.95 * 100.0 * 60.0,
             "reserved share kept: {resumes}"
         );
+    }
+
+    /// Issue 18 H3: `admission.resume_share = 0` (documented as valid)
+    /// made the second RESUME compute a wait of 1 / f64::MIN_POSITIVE
+    /// seconds, which panics in `Duration::from_secs_f64`.
+    #[test]
+    fn a_zero_resume_share_or_a_tiny_rate_never_panics() {
+        let mut b = HandshakeBudget::new(10.0, 0.0, ms(0));
+        let mut admitted = 0;
+        for i in 0..100 {
+            if b.take(HandshakeKind::Resume, ms(i)).is_ok() {
+                admitted += 1;
+            }
+        }
+        // 10/s for 100 ms after a one-second burst, all from the shared bucket.
+        assert!((10..=12).contains(&admitted), "{admitted}");
+        let mut tiny = Bucket::full(1.0, ms(0));
+        assert!(tiny.take(f64::MIN_POSITIVE, 1.0, ms(0)).is_ok());
+        let wait = tiny.take(f64::MIN_POSITIVE, 1.0, ms(0)).unwrap_err();
+        assert!(wait >= Duration::from_secs(3600), "{wait:?}");
     }
 }
