@@ -18,6 +18,7 @@ use serde::Deserialize;
 pub use jvpn_runtime::config::{ConfigErrors, ConfigProblem};
 
 use crate::engine::Policy;
+pub use crate::tls::TlsConfig;
 use crate::tls::{self, TlsMaterial};
 
 /// Environment prefix; `JVPN_GATEWAY__POLICY__SWITCH_COOLDOWN_MS=2000`.
@@ -63,18 +64,6 @@ fn default_client_addr() -> SocketAddr {
 }
 fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9443))
-}
-
-#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM chain presented to agents.
-    pub cert_file: PathBuf,
-    /// PEM private key (ECDSA P-256 or Ed25519).
-    pub key_file: PathBuf,
-    /// PEM CA whose client certificates authenticate agents (production).
-    #[serde(default)]
-    pub agent_ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize)]

@@ -6,7 +6,8 @@
 //!
 //! Pre-TLS, in order:
 //! 1. PROXY v2 only from configured routers ([`Gate::from_router`]); a
-//!    router's connection without one is refused by the shell.
+//!    router's connection must start with one ([`Gate::proxy`]: `LOCAL` is
+//!    a health check, anything else names the client and intended owner).
 //! 2. A PROXY signature from anyone else: `bad_preamble` (`proxy_forbidden`).
 //! 3. In cluster mode, an agent that came straight here: `no_gateway`
 //!    (`direct_forbidden`) unless `cluster.direct_clients`.
@@ -15,11 +16,12 @@
 //! 6. The handshake budget (RESUMEs keep their reserved share): `overloaded`
 //!    with the time until a token frees.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jvpn_proto::preamble::{PREAMBLE_LEN, Preamble, Status};
+use jvpn_proto::proxy::ProxyHeader;
 use jvpn_proto::ring::Ring;
 use jvpn_proto::{Incarnation, Mono, NodeId};
 use jvpn_runtime::admission::{HandshakeBudget, HandshakeKind};
@@ -62,6 +64,22 @@ impl Refusal {
     }
 }
 
+/// What a router's PROXY header says about the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    /// `LOCAL`: the router checks that we answer; no session follows.
+    HealthCheck,
+    /// A client's connection.
+    Client {
+        /// The client's address (limits and logs use it, not the router's).
+        source: Option<SocketAddr>,
+        /// For a RESUME, the owner the router routed to.
+        intended: Option<(NodeId, Incarnation)>,
+        /// The forwarding router (HELLO fencing needs a lease with it).
+        router_id: Option<String>,
+    },
+}
+
 /// A preamble the gate let through to the TLS handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admitted {
@@ -73,6 +91,20 @@ impl Gate {
     /// True when `ip` is a configured router: it must send a PROXY header.
     pub fn from_router(&self, ip: IpAddr) -> bool {
         self.routers.contains(&ip)
+    }
+
+    /// Rule 1 for a router's connection: `header` is what it began with
+    /// (`None`: not a PROXY header at all).
+    pub fn proxy(&self, header: Option<ProxyHeader>) -> Result<Forwarded, Refusal> {
+        match header {
+            None => Err(Refusal::new(ConnReject::ProxyRequired, Status::BadPreamble)),
+            Some(h) if h.is_local() => Ok(Forwarded::HealthCheck),
+            Some(h) => Ok(Forwarded::Client {
+                source: h.source(),
+                intended: h.intended_owner,
+                router_id: h.router_id,
+            }),
+        }
     }
 
     /// Rules 2–6 above on the 64 preamble bytes. `intended` is the owner a
@@ -190,6 +222,35 @@ mod tests {
         assert!(g.from_router("10.0.0.1".parse().unwrap()));
         assert!(!g.from_router("10.0.0.2".parse().unwrap()));
         assert!(!gate(&[], false).from_router("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_router_must_send_proxy_and_local_is_a_health_check() {
+        let g = gate(&["10.0.0.1"], false);
+        let r = g.proxy(None).unwrap_err();
+        assert_eq!(
+            (r.reject, r.status),
+            (ConnReject::ProxyRequired, Status::BadPreamble)
+        );
+        assert_eq!(
+            g.proxy(Some(ProxyHeader::local())),
+            Ok(Forwarded::HealthCheck)
+        );
+        let client: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let h = ProxyHeader {
+            addresses: Some((client, "10.0.0.9:7443".parse().unwrap())),
+            router_id: Some("r1".into()),
+            view_id: None,
+            intended_owner: Some((node("g1"), Incarnation(7))),
+        };
+        assert_eq!(
+            g.proxy(Some(h)),
+            Ok(Forwarded::Client {
+                source: Some(client),
+                intended: Some((node("g1"), Incarnation(7))),
+                router_id: Some("r1".into()),
+            })
+        );
     }
 
     #[test]

@@ -103,9 +103,7 @@ impl Cluster {
 
     /// `t` on the clock leases are kept in.
     fn mono(&self, t: Instant) -> Mono {
-        Mono::from_nanos(
-            u64::try_from(t.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX),
-        )
+        Mono::between(self.origin, t)
     }
 
     /// Now on the clock leases are kept in (the origin the server gave:

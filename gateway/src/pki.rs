@@ -103,6 +103,9 @@ pub enum PkiError {
         what: String,
         error: jvpn_proto::ids::IdError,
     },
+    /// A name that is not a valid DNS name for a certificate.
+    #[error("bad DNS name {0}")]
+    DnsName(String),
     /// A certificate or key could not be generated.
     #[error("certificate: {0}")]
     Certificate(#[from] rcgen::Error),
@@ -161,7 +164,10 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 fn dns(name: &str) -> Result<SanType> {
-    Ok(SanType::DnsName(name.try_into()?))
+    let n = name
+        .try_into()
+        .map_err(|_| PkiError::DnsName(name.to_owned()))?;
+    Ok(SanType::DnsName(n))
 }
 
 fn loopback() -> SanType {

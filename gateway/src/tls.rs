@@ -3,15 +3,29 @@
 //! tickets (every connection gets fresh exporters from a full handshake).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use jvpn_runtime::config::ConfigProblem;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
 
-use crate::config::{ConfigProblem, TlsConfig};
+/// `[tls]`: the certificate agents see and, in production, the CA of
+/// their client certificates.
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain presented to agents.
+    pub cert_file: PathBuf,
+    /// PEM private key (ECDSA P-256 or Ed25519).
+    pub key_file: PathBuf,
+    /// PEM CA whose client certificates authenticate agents (production).
+    #[serde(default)]
+    pub agent_ca_file: Option<PathBuf>,
+}
 
 /// Certificate, key and optional agent CA, read and parsed.
 pub struct TlsMaterial {

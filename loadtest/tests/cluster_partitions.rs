@@ -4,13 +4,16 @@
 //! gateway's namespace silently drops one of its ports.
 //!
 //! * membership port cut: the gateway stops being alive, loses its lease and
-//!   refuses HELLOs, and its sessions are told `owner_lost`;
+//!   refuses HELLOs, and its sessions are told `owner_lost` once the silence
+//!   grace has passed;
 //! * client port cut: unplaceable once 3 connects fail within 1 s, RESUMEs
 //!   answered `owner_unreachable`, then `owner_lost` after 3 × failure
 //!   timeout unreachable.
 //!
 //! * a pause (SIGSTOP for 2 × failure timeout, then SIGCONT): nothing
-//!   accepted from the paused gateway until it is admitted again.
+//!   accepted from the paused gateway until it is admitted again, and no
+//!   session lost: every one resumes on it once it is back;
+//! * a pause past the silence grace: its sessions are told `owner_lost`.
 //!
 //! After each heal: no session attached on two gateways, nothing routed to
 //! an unplaceable gateway, no `HelloOk` from a gateway without a lease.
@@ -280,6 +283,23 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
     });
 }
 
+/// Waits until every agent in `who` resumed once more than in `before`.
+async fn wait_each_resumed(
+    fleet: &jvpn_loadtest::fleet::Fleet,
+    before: &[jvpn_agent::AgentReport],
+    who: &std::collections::BTreeSet<usize>,
+) {
+    eventually(Duration::from_secs(20), "every victim resumed", || {
+        let snaps = fleet.snapshots();
+        let done = who
+            .iter()
+            .all(|i| snaps[*i].resumes_ok > before[*i].resumes_ok);
+        async move { done }
+    })
+    .await
+    .unwrap();
+}
+
 #[test]
 fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
     in_private_namespace(|| async {
@@ -297,9 +317,15 @@ fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
         c.gateway(victim).unwrap().signal(Signal::SIGCONT).unwrap();
         let t_cont = Instant::now();
 
-        common::wait_moved(&fleet, &who, victim, t_stop).await;
+        // A pause shorter than the silence grace costs no session (issue 18
+        // A2): each victim resumes on the paused gateway once it is back,
+        // and nobody re-handshakes.
+        wait_each_resumed(&fleet, &before, &who).await;
         let after = fleet.snapshots();
-        common::assert_survivors_untouched(&before, &after, &who);
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            assert_eq!(a.rehandshakes, b.rehandshakes, "agent {i} re-handshaked");
+            assert_eq!(a.node_id, b.node_id, "agent {i} moved");
+        }
         // Back: its first heartbeat after the pause is a flap, held down 2 s.
         c.wait_placeable(&all_nodes(), Duration::from_secs(15))
             .await
@@ -320,6 +346,49 @@ fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
         assert!(
             placed.iter().any(|(_, t)| *t > t_stop && *t < t_cont),
             "no HELLO was placed during the pause"
+        );
+        assert_healed_cleanly(&c, fleet).await;
+    });
+}
+
+/// Past the silence grace a paused gateway is certainly gone for the
+/// routers: its sessions are told `owner_lost` explicitly and re-handshake
+/// elsewhere, within failure timeout + grace + retries (issue 18 A2).
+#[test]
+fn a_gateway_paused_past_the_grace_loses_its_sessions_explicitly() {
+    in_private_namespace(|| async {
+        let c = partitioned_cluster(Vec::new()).await;
+        let victim = "g1";
+        let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
+        let t_stop = Instant::now();
+        c.gateway(victim).unwrap().signal(Signal::SIGSTOP).unwrap();
+        // Silence death after ~1 s, then 3 s of owner_unreachable, then
+        // owner_lost: every victim is elsewhere well before 15 s.
+        common::wait_moved(&fleet, &who, victim, t_stop).await;
+        let moved_after = t_stop.elapsed();
+        let after = fleet.snapshots();
+        common::assert_survivors_untouched(&before, &after, &who);
+        for i in &who {
+            let lost = |r: &jvpn_agent::AgentReport| {
+                r.rehandshake_reasons
+                    .get("owner_lost")
+                    .copied()
+                    .unwrap_or(0)
+            };
+            assert_eq!(lost(&after[*i]), lost(&before[*i]) + 1, "agent {i}");
+        }
+        assert!(
+            moved_after >= Duration::from_secs(4),
+            "told owner_lost after {moved_after:?}, inside the grace"
+        );
+        c.gateway(victim).unwrap().signal(Signal::SIGCONT).unwrap();
+        c.wait_placeable(&all_nodes(), Duration::from_secs(15))
+            .await
+            .unwrap();
+        eprintln!(
+            "paused past the grace: {} sessions told owner_lost after {} ms",
+            who.len(),
+            moved_after.as_millis()
         );
         assert_healed_cleanly(&c, fleet).await;
     });

@@ -40,8 +40,7 @@ use jvpn_proto::{Incarnation, NodeId, SessionId};
 use jvpn_router::membership::{
     Heartbeat, HeartbeatVerdict, Membership, MembershipConfig, NodeState,
 };
-use jvpn_router::routing::{OwnerTags, route_token};
-use jvpn_router::state::ResumeRoute;
+use jvpn_router::routing::{OwnerTags, ResumeRoute, route_token};
 use jvpn_runtime::admission::HandshakeBudget;
 use jvpn_runtime::wire::lock;
 use rand::{Rng, RngCore, SeedableRng};
@@ -374,11 +373,11 @@ impl World {
                 unreachable!("a session's preamble is a RESUME")
             };
             let router = &self.routers[r];
+            let now = self.mono();
             route_token(
                 &self.tokens,
-                &router.tags,
-                &router.membership,
-                self.mono(),
+                |id, tag| lock(&router.tags).owner(id, tag),
+                |owner| router.m().route(now, owner),
                 key_id,
                 &token,
             )

@@ -159,20 +159,20 @@ impl ClientSession {
     }
 
     /// Test hook: the current resume key (adversarial tests forge with it).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testkit"))]
     pub fn key(&self) -> &ResumeKey {
         &self.key
     }
 
     /// Test hook: a client that never received its last `ResumeOk` still
     /// holds the previous key.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testkit"))]
     pub fn set_key(&mut self, key: ResumeKey) {
         self.key = key;
     }
 
     /// Test hook: two copies of one client share its counter.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testkit"))]
     pub fn set_counter(&mut self, counter: u64) {
         self.counter = counter;
     }

@@ -32,7 +32,7 @@ pub mod preamble;
 pub mod proxy;
 pub mod reason;
 pub mod ring;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time;
 pub mod token;

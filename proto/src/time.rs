@@ -24,6 +24,12 @@ impl Mono {
     pub const fn as_millis(self) -> u64 {
         self.0 / 1_000_000
     }
+    /// `t` on a clock whose origin is `origin` (zero before it). Converts
+    /// instants the shell read; reads no clock itself.
+    pub fn between(origin: std::time::Instant, t: std::time::Instant) -> Self {
+        Mono(u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX))
+    }
+
     /// `self - earlier`, or zero if `earlier` is later.
     pub fn saturating_since(self, earlier: Mono) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))

@@ -100,6 +100,12 @@ pub struct MembershipSection {
     pub interval_ms: u64,
     #[serde(default = "default_failure_timeout")]
     pub failure_timeout_ms: u64,
+    /// How long after a death by silence alone RESUMEs for that gateway are
+    /// still answered `owner_unreachable` (retry) rather than `owner_lost`:
+    /// a paused gateway may come back with its sessions. Unset: 3 ×
+    /// `failure_timeout_ms`.
+    #[serde(default)]
+    pub silence_grace_ms: Option<u64>,
     /// Told to gateways; must be below `failure_timeout_ms`.
     #[serde(default = "default_lease_timeout")]
     pub lease_timeout_ms: u64,
@@ -245,6 +251,10 @@ impl Validated {
         MembershipConfig {
             interval: Duration::from_millis(m.interval_ms),
             failure_timeout: Duration::from_millis(m.failure_timeout_ms),
+            silence_grace: Duration::from_millis(
+                m.silence_grace_ms
+                    .unwrap_or(m.failure_timeout_ms.saturating_mul(3)),
+            ),
             hold_down_base: Duration::from_millis(m.hold_down_base_ms),
             hold_down_max: Duration::from_millis(m.hold_down_max_ms),
             ..MembershipConfig::default()

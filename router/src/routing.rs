@@ -1,23 +1,37 @@
 //! The RESUME routing decision, sans-IO: a routing token → the owner that
 //! minted it → where the connection goes. The router's shell and the
-//! cluster simulation both call [`route_token`]; neither has a copy.
+//! cluster simulation both call [`route_token`]; neither has a copy. It
+//! locks nothing: the caller passes how to look an owner tag up and how to
+//! route an owner (the router locks its tables inside those closures, one
+//! at a time).
 //!
 //! Owners are known by their owner tags (`jvpn_proto::ring::owner_tag`),
 //! learned from accepted heartbeats under every cluster key in use, and
 //! forgotten once no router state mentions that incarnation.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::net::SocketAddr;
 
-use jvpn_proto::Mono;
 use jvpn_proto::ids::{Incarnation, NodeId, OwnerTag, SessionId};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::ring::owner_tag;
 use jvpn_proto::token::{TOKEN_LEN, TokenKeyring};
-use jvpn_runtime::wire::lock;
 
-use crate::membership::{Membership, OwnerRoute};
-use crate::state::ResumeRoute;
+use crate::membership::OwnerRoute;
+
+/// Where a RESUME goes, once its token was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeRoute {
+    Splice {
+        node: NodeId,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+    },
+    Lost,
+    Unreachable,
+    /// The token did not open under any key we hold.
+    BadToken,
+}
 
 /// Owner tag (under a key id) → the incarnation it names.
 #[derive(Debug, Default)]
@@ -56,13 +70,13 @@ pub struct Routed {
     pub session_id: Option<SessionId>,
 }
 
-/// Where a RESUME carrying `token` (sealed under `key_id`) goes at `now`.
-/// Locks `tags`, then `membership`, one after the other.
+/// Where a RESUME carrying `token` (sealed under `key_id`) goes: the token
+/// opened, its owner tag looked up (`owner_of`), that owner routed by the
+/// membership rules (`route`, which knows `now`).
 pub fn route_token(
     tokens: &TokenKeyring,
-    tags: &Mutex<OwnerTags>,
-    membership: &Mutex<Membership>,
-    now: Mono,
+    owner_of: impl FnOnce(u8, &OwnerTag) -> Option<(NodeId, Incarnation)>,
+    route: impl FnOnce(Option<(&NodeId, Incarnation)>) -> OwnerRoute,
     key_id: u8,
     token: &[u8; TOKEN_LEN],
 ) -> Routed {
@@ -72,9 +86,8 @@ pub fn route_token(
             session_id: None,
         };
     };
-    let owner = lock(tags).owner(key_id, &contents.owner_tag);
-    let route = lock(membership).route(now, owner.as_ref().map(|(n, i)| (n, *i)));
-    let route = match (route, owner) {
+    let owner = owner_of(key_id, &contents.owner_tag);
+    let route = match (route(owner.as_ref().map(|(n, i)| (n, *i))), owner) {
         (OwnerRoute::Alive(addr), Some((node, incarnation))) => ResumeRoute::Splice {
             node,
             incarnation,
@@ -86,5 +99,91 @@ pub fn route_token(
     Routed {
         route,
         session_id: Some(contents.session_id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jvpn_proto::keys::ClusterSecret;
+    use jvpn_proto::token::{TokenContents, TokenKey};
+
+    fn keys(byte: &str) -> ClusterKeys {
+        format!("1:{}", byte.repeat(32))
+            .parse::<ClusterSecret>()
+            .unwrap()
+            .derive()
+    }
+
+    fn sealed(k: &ClusterKeys, node: &NodeId, inc: Incarnation) -> [u8; TOKEN_LEN] {
+        TokenKey::new(k).seal(
+            [1; 12],
+            &TokenContents {
+                session_id: SessionId::from_bytes([4; 16]),
+                owner_tag: owner_tag(k, node, inc),
+            },
+        )
+    }
+
+    #[test]
+    fn a_token_routes_to_the_owner_it_names_and_only_while_it_is_alive() {
+        let k = keys("11");
+        let ring = TokenKeyring::new(TokenKey::new(&k), None);
+        let g1 = NodeId::new("g1").unwrap();
+        let mut tags = OwnerTags::default();
+        tags.learn([&k], &g1, Incarnation(7));
+        let token = sealed(&k, &g1, Incarnation(7));
+        let addr: SocketAddr = "192.0.2.1:7443".parse().unwrap();
+        let owner_of = |id: u8, t: &OwnerTag| tags.owner(id, t);
+        let alive = |o: Option<(&NodeId, Incarnation)>| {
+            assert_eq!(o, Some((&g1, Incarnation(7))));
+            OwnerRoute::Alive(addr)
+        };
+        let r = route_token(&ring, owner_of, alive, 1, &token);
+        assert_eq!(
+            r.route,
+            ResumeRoute::Splice {
+                node: g1.clone(),
+                incarnation: Incarnation(7),
+                addr
+            }
+        );
+        assert_eq!(r.session_id, Some(SessionId::from_bytes([4; 16])));
+        for (says, expect) in [
+            (OwnerRoute::Lost, ResumeRoute::Lost),
+            (OwnerRoute::Unreachable, ResumeRoute::Unreachable),
+        ] {
+            let r = route_token(&ring, owner_of, |_| says.clone(), 1, &token);
+            assert_eq!(r.route, expect);
+        }
+    }
+
+    #[test]
+    fn an_unknown_owner_is_lost_and_a_foreign_token_is_bad() {
+        let k = keys("11");
+        let ring = TokenKeyring::new(TokenKey::new(&k), None);
+        let g1 = NodeId::new("g1").unwrap();
+        let tags = OwnerTags::default();
+        let token = sealed(&k, &g1, Incarnation(7));
+        // Alive says the membership, but no known incarnation has that tag.
+        let addr: SocketAddr = "192.0.2.1:7443".parse().unwrap();
+        let r = route_token(
+            &ring,
+            |id, t| tags.owner(id, t),
+            |_| OwnerRoute::Alive(addr),
+            1,
+            &token,
+        );
+        assert_eq!(r.route, ResumeRoute::Lost);
+        // Sealed under another cluster's key: never routed.
+        let foreign = sealed(&keys("22"), &g1, Incarnation(7));
+        let r = route_token(
+            &ring,
+            |id, t| tags.owner(id, t),
+            |_| OwnerRoute::Alive(addr),
+            1,
+            &foreign,
+        );
+        assert_eq!((r.route, r.session_id), (ResumeRoute::BadToken, None));
     }
 }

@@ -4,7 +4,6 @@
 //! connections when their gateway stops being alive.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,21 +23,8 @@ use tracing::{info, warn};
 use crate::config::Validated;
 use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership};
 use crate::metrics as m;
+pub use crate::routing::ResumeRoute;
 use crate::routing::{OwnerTags, route_token};
-
-/// Where a RESUME goes, once its token was read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ResumeRoute {
-    Splice {
-        node: NodeId,
-        incarnation: Incarnation,
-        addr: SocketAddr,
-    },
-    Lost,
-    Unreachable,
-    /// The token did not open under any key we hold.
-    BadToken,
-}
 
 /// A gateway chosen for a HELLO.
 #[derive(Clone, Debug)]
@@ -211,7 +197,7 @@ impl RouterState {
     /// Now on this router's monotonic clock: read here, passed to the
     /// membership rules, which read no clock.
     pub fn now(&self) -> Mono {
-        Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+        Mono::between(self.origin, Instant::now())
     }
 
     pub fn keys(&self) -> &ClusterKeys {
@@ -446,9 +432,8 @@ impl RouterState {
         let now = self.now();
         let routed = route_token(
             &self.tokens,
-            &self.tags,
-            &self.membership,
-            now,
+            |key_id, tag| lock(&self.tags).owner(key_id, tag),
+            |owner| lock(&self.membership).route(now, owner),
             key_id,
             token,
         );

@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info_span};
 
 use super::session::{do_hello, do_resume, send_reject, send_terminate};
 use super::state::Shared;
+use crate::gate::Forwarded;
 use crate::metrics::{self as m, ConnReject};
 
 /// Spawns the task that carries one accepted connection.
@@ -83,21 +84,25 @@ async fn handle_conn(
     let mut intended = None;
     let mut router_id = None;
     if from_router {
-        match read_proxy(&mut stream, deadline).await {
-            Ok(Some(h)) if h.is_local() => {
+        let header = read_proxy(&mut stream, deadline).await?;
+        match shared.gate.proxy(header) {
+            Ok(Forwarded::HealthCheck) => {
                 counter!(m::HEALTH_CHECKS).increment(1);
                 return Ok(());
             }
-            Ok(Some(h)) => {
-                source = h.source().unwrap_or(peer);
-                intended = h.intended_owner;
-                router_id = h.router_id;
+            Ok(Forwarded::Client {
+                source: s,
+                intended: i,
+                router_id: r,
+            }) => {
+                source = s.unwrap_or(peer);
+                intended = i;
+                router_id = r;
             }
-            Ok(None) => {
-                send_status(&mut stream, Status::BadPreamble, Duration::ZERO).await;
-                return Err(ConnReject::ProxyRequired);
+            Err(refusal) => {
+                send_status(&mut stream, refusal.status, refusal.retry).await;
+                return Err(refusal.reject);
             }
-            Err(why) => return Err(why),
         }
     }
     let verdict = lock(&shared.sources).check(SourceKey::from(source.ip()), shared.now());

@@ -8,7 +8,7 @@ use jvpn_proto::SessionId;
 use jvpn_runtime::admin::{AdminApp, AdminToken, DrainTrigger};
 
 use super::state::Shared;
-use crate::engine::{Mono, State};
+use crate::engine::Mono;
 
 /// What the admin endpoints need from a running gateway.
 #[derive(Clone)]
@@ -66,12 +66,7 @@ impl GatewayHandle {
 
     /// Sessions per state (TERMINATED is always 0: terminated sessions are removed).
     pub fn session_counts(&self) -> Vec<(&'static str, u64)> {
-        let c = self.shared.counts();
-        State::ALL
-            .iter()
-            .filter(|s| s.is_live())
-            .map(|s| (s.as_str(), c[s.index()]))
-            .collect()
+        self.shared.live_counts()
     }
 }
 

@@ -32,8 +32,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use handle::GatewayHandle;
-pub use state::ReloadError;
 use state::{Control, Shared, build, gauge_loop, timer_loop};
+pub use state::{ReloadError, ServeError};
 
 use crate::config::Validated;
 use crate::engine::Termination;
@@ -47,23 +47,6 @@ pub enum Exit {
     /// A router said a newer incarnation of this node id exists: every
     /// session was terminated with `superseded` (the process exits 75).
     Superseded,
-}
-
-/// Why a gateway could not start serving.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// A listener's address could not be read.
-    #[error("listener: {0}")]
-    Listener(#[source] std::io::Error),
-    /// The TLS configuration was refused.
-    #[error("tls: {0}")]
-    Tls(#[from] rustls::Error),
-    /// The policy does not validate.
-    #[error("policy: {}", crate::engine::policy::display_all(.0))]
-    Policy(Vec<crate::engine::PolicyError>),
-    /// The heartbeat thread could not be started.
-    #[error("membership thread: {0}")]
-    Membership(#[source] std::io::Error),
 }
 
 /// Runs a gateway on already-bound listeners until `shutdown` resolves, then
@@ -122,7 +105,7 @@ pub async fn serve(
             [m::CONFIG_RELOADS, m::CONFIG_RELOAD_FAILURES],
         ));
     }
-    tokio::spawn(gauge_loop(handle.clone(), stop_rx.clone()));
+    tokio::spawn(gauge_loop(shared.clone(), stop_rx.clone()));
     info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
 
     // Accept on a worker thread: connection tasks then start on the same

@@ -17,7 +17,6 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::info;
 
-use super::GatewayHandle;
 use crate::config::ConfigErrors;
 use crate::config::Validated;
 use crate::engine::policy::{PolicyError, display_all};
@@ -38,6 +37,23 @@ pub(super) struct Shard {
     pub(super) engine: Mutex<Engine>,
     pub(super) conns: Mutex<HashMap<TransportId, mpsc::UnboundedSender<Control>>>,
     pub(super) wake: Notify,
+}
+
+/// Why a gateway could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+    /// The TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The policy does not validate.
+    #[error("policy: {}", display_all(.0))]
+    Policy(Vec<PolicyError>),
+    /// The heartbeat thread could not be started.
+    #[error("membership thread: {0}")]
+    Membership(#[source] std::io::Error),
 }
 
 /// Why a SIGHUP reload was refused (the running configuration stays).
@@ -143,7 +159,7 @@ impl Shared {
     }
 
     pub(super) fn now(&self) -> Mono {
-        Mono::from_nanos(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
+        Mono::between(self.origin, Instant::now())
     }
 
     pub(super) fn instant(&self, t: Mono) -> Instant {
@@ -213,6 +229,16 @@ impl Shared {
         out
     }
 
+    /// Sessions per live state (terminated sessions are removed).
+    pub(super) fn live_counts(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counts();
+        State::ALL
+            .iter()
+            .filter(|s| s.is_live())
+            .map(|s| (s.as_str(), c[s.index()]))
+            .collect()
+    }
+
     pub(super) fn token_ok(&self, auth: &[u8]) -> bool {
         // blake3::Hash compares in constant time.
         let h = blake3::hash(auth);
@@ -227,7 +253,7 @@ impl Shared {
     }
 }
 
-pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, super::ServeError> {
+pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let incarnation = Incarnation(rand::rng().next_u64());
     let tokenless = !cfg.dev_tokens.is_empty();
     let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
@@ -242,7 +268,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, super::ServeError> {
             },
             Box::new(rand::rngs::StdRng::from_os_rng()),
         )
-        .map_err(super::ServeError::Policy)?;
+        .map_err(ServeError::Policy)?;
         engine.set_shard(i, n);
         shards.push(Shard {
             engine: Mutex::new(engine),
@@ -322,16 +348,16 @@ pub(super) async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watc
     }
 }
 
-pub(super) async fn gauge_loop(handle: GatewayHandle, mut stop: watch::Receiver<bool>) {
+pub(super) async fn gauge_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let mut total = 0;
-        for (state, n) in handle.session_counts() {
+        for (state, n) in shared.live_counts() {
             gauge!(m::SESSIONS, "state" => state).set(n as f64);
             total += n;
         }
-        if let Some(c) = &handle.shared.cluster {
+        if let Some(c) = &shared.cluster {
             c.set_sessions(total);
-            c.export_lease_gauges(handle.shared.now());
+            c.export_lease_gauges(shared.now());
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(250)) => {}

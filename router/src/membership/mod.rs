@@ -33,6 +33,9 @@ use jvpn_proto::{Incarnation, Mono, NodeId};
 pub struct MembershipConfig {
     pub interval: Duration,
     pub failure_timeout: Duration,
+    /// After a death by silence alone, RESUMEs for the member are answered
+    /// `Unreachable` (retry) this long before `Lost` (issue 18 A2).
+    pub silence_grace: Duration,
     pub hold_down_base: Duration,
     pub hold_down_max: Duration,
     /// A node stable this long forgets its flaps.
@@ -46,6 +49,7 @@ impl Default for MembershipConfig {
         Self {
             interval: Duration::from_millis(250),
             failure_timeout: Duration::from_millis(1000),
+            silence_grace: Duration::from_millis(3000),
             hold_down_base: Duration::from_secs(2),
             hold_down_max: Duration::from_secs(60),
             flap_memory: Duration::from_secs(300),
@@ -115,6 +119,10 @@ struct Member {
     /// to its client address must succeed first (the router probes it).
     needs_probe: bool,
     last_probe: Mono,
+    /// Died of silence alone (no closed stream, no failed connects): a
+    /// pause is as likely as a crash, so RESUMEs for it are answered
+    /// `Unreachable` until `silence_grace` after this time.
+    silent_death_at: Option<Mono>,
 }
 
 impl Member {
@@ -217,6 +225,7 @@ impl Membership {
                 dead: false,
                 needs_probe: false,
                 last_probe: Mono::ZERO,
+                silent_death_at: None,
             });
         if m.dead && !m.needs_probe {
             revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
@@ -253,6 +262,8 @@ impl Membership {
             && m.incarnation == incarnation
         {
             m.stream_closed_at.get_or_insert(now);
+            // A closed stream is not ambiguous: the process is gone.
+            m.silent_death_at = None;
         }
     }
 
@@ -337,12 +348,17 @@ impl Membership {
             return Vec::new();
         }
         let live = self.members.values().filter(|m| !m.dead).count();
-        // Each dying member, and whether unreachability is (one) cause.
-        let dying: Vec<(NodeId, bool)> = self
+        // Each dying member, whether unreachability is (one) cause, and
+        // whether silence is the only one.
+        let dying: Vec<(NodeId, bool, bool)> = self
             .members
             .iter()
             .filter(|(_, m)| !m.dead && self.would_die(m, now))
-            .map(|(n, m)| (n.clone(), self.unreachable_too_long(m, now)))
+            .map(|(n, m)| {
+                let unreachable = self.unreachable_too_long(m, now);
+                let silent_only = !unreachable && m.stream_closed_at.is_none();
+                (n.clone(), unreachable, silent_only)
+            })
             .collect();
         if live >= 2 && dying.len() * 2 > live {
             // More than half would die at once: more likely our fault.
@@ -351,9 +367,10 @@ impl Membership {
         }
         self.unhealthy = false;
         let mut died = Vec::new();
-        for (n, unreachable) in dying {
+        for (n, unreachable, silent_only) in dying {
             if let Some(m) = self.members.get_mut(&n) {
                 m.dead = true;
+                m.silent_death_at = silent_only.then_some(now);
                 // Heartbeats still arriving prove nothing about the client
                 // port: only a successful connect brings it back.
                 m.needs_probe = unreachable;
@@ -431,6 +448,15 @@ impl Membership {
         {
             return OwnerRoute::Alive(m.addr);
         }
+        if let Some((node, inc)) = owner
+            && let Some(m) = self.members.get(node)
+            && m.incarnation == inc
+            && m.silent_death_at
+                .is_some_and(|t| now.saturating_since(t) <= self.cfg.silence_grace)
+        {
+            // Silent, maybe paused: not certainly gone yet (issue 18 A2).
+            return OwnerRoute::Unreachable;
+        }
         if self.warming_up(now) || now < self.suspicious_until || self.unhealthy {
             OwnerRoute::Unreachable
         } else {
@@ -450,6 +476,7 @@ fn revive(
 ) {
     m.dead = false;
     m.needs_probe = false;
+    m.silent_death_at = None;
     m.rise_first = now;
     m.rise_count = 0;
     m.unreachable_since = None;

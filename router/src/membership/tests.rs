@@ -54,9 +54,11 @@ fn rise_then_placeable_and_silence_kills_within_failure_timeout_plus_interval() 
     assert_eq!(died, vec![(NodeId::new("g3").unwrap(), Incarnation(1))]);
     assert_eq!(placeable(&m, 2300), ["g1", "g2"]);
     let g3 = NodeId::new("g3").unwrap();
+    // Dead by silence alone: not certainly gone yet (issue 18 A2; the
+    // grace and the final `Lost` are tested below).
     assert_eq!(
         m.route(Mono::from_millis(2300), Some((&g3, Incarnation(1)))),
-        OwnerRoute::Lost
+        OwnerRoute::Unreachable
     );
 }
 
@@ -205,6 +207,73 @@ fn a_silent_death_is_undone_by_heartbeats_alone() {
     let g3 = NodeId::new("g3").unwrap();
     assert!(matches!(
         m.route(Mono::from_millis(2600), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Alive(_)
+    ));
+}
+
+/// Issue 18 A2: silence is ambiguous (a pause, a stalled host), a closed
+/// stream is not. A member dead by silence alone answers RESUMEs for it
+/// with `owner_unreachable` (retry) until `silence_grace` has passed since
+/// its death; only then `owner_lost`. A member back within the grace
+/// serves its sessions again.
+#[test]
+fn a_silent_owner_is_unreachable_until_certainly_gone() {
+    let cfg = MembershipConfig::default();
+    let grace = cfg.silence_grace;
+    assert_eq!(grace, 3 * cfg.failure_timeout);
+    let mut m = Membership::new(cfg, Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // g3 pauses: its last heartbeat was at 750 ms.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2300);
+    assert_eq!(died.len(), 1);
+    let g3 = NodeId::new("g3").unwrap();
+    let route = |m: &Membership, ms| m.route(Mono::from_millis(ms), Some((&g3, Incarnation(1))));
+    assert_eq!(
+        route(&m, 2300),
+        OwnerRoute::Unreachable,
+        "just dead by silence"
+    );
+    // Its death was at most at 1800 ms (750 + failure timeout + a tick).
+    run(&mut m, &[("g1", 1), ("g2", 1)], 2300, 4700);
+    assert_eq!(route(&m, 4700), OwnerRoute::Unreachable, "inside the grace");
+    run(&mut m, &[("g1", 1), ("g2", 1)], 4700, 5000);
+    assert_eq!(route(&m, 5000), OwnerRoute::Lost, "certainly gone");
+    // Another incarnation of the same node is not ambiguous: lost at once.
+    assert_eq!(
+        m.route(Mono::from_millis(2300), Some((&g3, Incarnation(2)))),
+        OwnerRoute::Lost
+    );
+}
+
+#[test]
+fn a_closed_stream_stays_a_fast_explicit_loss() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g2 = NodeId::new("g2").unwrap();
+    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
+    assert_eq!(died.len(), 1);
+    assert_eq!(
+        m.route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
+}
+
+#[test]
+fn a_paused_owner_back_within_the_grace_serves_its_sessions() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // Paused for 2 x failure timeout.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 3000);
+    assert_eq!(died.len(), 1);
+    let g3 = NodeId::new("g3").unwrap();
+    assert_eq!(
+        m.route(Mono::from_millis(2900), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Unreachable
+    );
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 3000, 3300);
+    assert!(matches!(
+        m.route(Mono::from_millis(3300), Some((&g3, Incarnation(1)))),
         OwnerRoute::Alive(_)
     ));
 }
