@@ -25,6 +25,9 @@ pub struct EventSink {
     tx: Option<mpsc::Sender<Msg>>,
     node_id: NodeId,
     incarnation: Incarnation,
+    /// The host's CLOCK_MONOTONIC at the engine clock's origin, so events
+    /// carry a stamp comparable across processes (`host_mono_ns`).
+    host_origin_ns: u64,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -37,20 +40,24 @@ impl std::fmt::Debug for EventSink {
 
 impl EventSink {
     /// Starts the writer task (if a path is configured). Needs a tokio runtime.
-    pub fn start(cfg: &EventsConfig, node_id: NodeId, incarnation: Incarnation) -> Self {
-        if cfg.path.is_empty() {
-            return Self {
-                tx: None,
-                node_id,
-                incarnation,
-            };
-        }
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
-        tokio::spawn(write_loop(cfg.path.clone(), rx));
+    /// `host_origin_ns`: the host's monotonic clock when the engine's
+    /// clock read zero.
+    pub fn start(
+        cfg: &EventsConfig,
+        node_id: NodeId,
+        incarnation: Incarnation,
+        host_origin_ns: u64,
+    ) -> Self {
+        let tx = (!cfg.path.is_empty()).then(|| {
+            let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+            tokio::spawn(write_loop(cfg.path.clone(), rx));
+            tx
+        });
         Self {
-            tx: Some(tx),
+            tx,
             node_id,
             incarnation,
+            host_origin_ns,
         }
     }
 
@@ -106,6 +113,7 @@ impl EventSink {
         };
         v["ts_ms"] = json!(ts_ms as u64);
         v["mono_ns"] = json!(Mono::as_nanos(at));
+        v["host_mono_ns"] = json!(self.host_origin_ns.saturating_add(at.as_nanos()));
         v["node_id"] = json!(self.node_id.as_str());
         v["incarnation"] = json!(self.incarnation.to_string());
         v.to_string()

@@ -146,8 +146,9 @@ async fn run_single_node(opts: DemoOptions) -> Result<bool> {
     gw.signal(Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(40), gw.wait()).await??;
     let mut inv = invariants::from_agents(&reports);
-    let (dual, events_checked) = invariants::dual_active(&[std::path::Path::new(&gw.events_path)]);
-    inv.dual_active_detected = dual;
+    let dual = invariants::dual_active(&[std::path::Path::new(&gw.events_path)]);
+    let events_checked = dual.events;
+    inv.dual_active_detected = dual.violations;
     let summary = DemoSummary {
         topology: "single_node",
         agents: opts.agents,
@@ -180,7 +181,7 @@ async fn run_single_node(opts: DemoOptions) -> Result<bool> {
         println!("  recovery ms p50/p99/max {}/{}/{}", r.p50, r.p99, r.max);
         println!("  silent migrations      {}", inv.silent_migrations);
         println!("  forced re-handshakes   {}", inv.forced_rehandshakes);
-        println!("  dual active detected   {}", inv.dual_active_detected);
+        println!("  dual active detected   {}", inv.dual_active_text());
         println!("  lost sessions          {}", inv.lost_sessions);
         println!(
             "  gateway exit code      {:?} (drained on SIGTERM)",

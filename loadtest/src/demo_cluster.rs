@@ -205,8 +205,9 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     }
     let mut inv = invariants::from_agents(&reports);
     let paths: Vec<&std::path::Path> = event_files.iter().map(PathBuf::as_path).collect();
-    let (dual, events_checked) = invariants::dual_active(&paths);
-    inv.dual_active_detected = dual;
+    let dual = invariants::dual_active(&paths);
+    let events_checked = dual.events;
+    inv.dual_active_detected = dual.violations;
     let summary = ClusterSummary {
         topology: "sticky_cluster",
         agents: reports.len(),
@@ -275,10 +276,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
             summary.echo_ok, summary.echo_failed
         );
         println!("  silent migrations             {}", inv.silent_migrations);
-        println!(
-            "  dual active detected          {}",
-            inv.dual_active_detected
-        );
+        println!("  dual active detected          {}", inv.dual_active_text());
         println!("  lost sessions                 {}", inv.lost_sessions);
         println!(
             "  routed to unplaceable         {}",

@@ -25,15 +25,26 @@ pub struct Invariants {
     pub silent_migrations: u64,
     /// New HELLOs while the owner was alive and had not said the session was gone.
     pub forced_rehandshakes: u64,
-    /// One session ATTACHED on two incarnations at the same instant.
-    pub dual_active_detected: u64,
+    /// One session ATTACHED on two incarnations at the same instant;
+    /// `None` (JSON `null`): not checked.
+    pub dual_active_detected: Option<u64>,
     /// Sessions that ended without an explicit reason reaching the agent.
     pub lost_sessions: u64,
 }
 
 impl Invariants {
+    /// No violation found (a check that was not made finds none).
     pub fn all_zero(&self) -> bool {
-        *self == Invariants::default()
+        self.silent_migrations == 0
+            && self.forced_rehandshakes == 0
+            && self.dual_active_detected.unwrap_or(0) == 0
+            && self.lost_sessions == 0
+    }
+
+    /// `dual_active_detected` for people: a number, or "not checked".
+    pub fn dual_active_text(&self) -> String {
+        self.dual_active_detected
+            .map_or_else(|| "not checked".to_owned(), |n| n.to_string())
     }
 }
 
@@ -56,11 +67,25 @@ pub fn from_agents(reports: &[AgentReport]) -> Invariants {
     inv
 }
 
+/// What [`dual_active`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DualActive {
+    /// Sessions seen attached on two incarnations at once; `None`: not
+    /// checked (some event had no stamp comparable across processes).
+    pub violations: Option<u64>,
+    /// State-change events read.
+    pub events: usize,
+}
+
 /// Scans event files (JSON lines) for one session attached on two
-/// incarnations at once, ordering by the monotonic stamps of each file
-/// (one host: one monotonic clock). Returns (violations, events read).
-pub fn dual_active(paths: &[&Path]) -> (u64, usize) {
+/// incarnations at once. Events of different processes are ordered by
+/// `host_mono_ns` (the host's CLOCK_MONOTONIC, one clock for every process
+/// on it); `mono_ns` counts from each process's own start and cannot be
+/// compared across files. Events without `host_mono_ns` (a gateway older
+/// than the stamp) make the answer "not checked".
+pub fn dual_active(paths: &[&Path]) -> DualActive {
     let mut evs: Vec<(u64, String, String, String)> = Vec::new();
+    let mut unstamped = 0;
     for p in paths {
         let Ok(text) = std::fs::read_to_string(p) else {
             continue;
@@ -73,16 +98,15 @@ pub fn dual_active(paths: &[&Path]) -> (u64, usize) {
                 continue;
             }
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-            evs.push((
-                v["mono_ns"].as_u64().unwrap_or(0),
-                s("session_id"),
-                s("incarnation"),
-                s("to"),
-            ));
+            let Some(at) = v["host_mono_ns"].as_u64() else {
+                unstamped += 1;
+                continue;
+            };
+            evs.push((at, s("session_id"), s("incarnation"), s("to")));
         }
     }
     evs.sort();
-    let read = evs.len();
+    let events = evs.len() + unstamped;
     let mut attached: HashMap<String, HashSet<String>> = HashMap::new();
     let mut dual = 0;
     for (_, sid, inc, to) in evs {
@@ -96,7 +120,10 @@ pub fn dual_active(paths: &[&Path]) -> (u64, usize) {
             set.remove(&inc);
         }
     }
-    (dual, read)
+    DualActive {
+        violations: (unstamped == 0).then_some(dual),
+        events,
+    }
 }
 
 /// Reasons of rejected resumes summed over agents.
@@ -108,4 +135,66 @@ pub fn rejected_by_reason(reports: &[AgentReport]) -> BTreeMap<String, u64> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sid: &str, inc: &str, to: &str, mono_ns: u64, host_ns: Option<u64>) -> String {
+        let mut v = serde_json::json!({
+            "event_type": "SessionStateChange",
+            "session_id": sid,
+            "incarnation": inc,
+            "to": to,
+            "mono_ns": mono_ns,
+        });
+        if let Some(h) = host_ns {
+            v["host_mono_ns"] = h.into();
+        }
+        v.to_string() + "\n"
+    }
+
+    fn files(a: &[String], b: &[String]) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+        let d = tempfile::tempdir().unwrap();
+        let pa = d.path().join("a.jsonl");
+        let pb = d.path().join("b.jsonl");
+        std::fs::write(&pa, a.concat()).unwrap();
+        std::fs::write(&pb, b.concat()).unwrap();
+        (d, vec![pa, pb])
+    }
+
+    /// Issue 18 T1: two processes' `mono_ns` count from different origins,
+    /// so ordering by them can hide an overlap. Here g1's life attaches the
+    /// session at host time 100 and detaches it at 300; g2's attaches it at
+    /// host time 200, inside that window, although its own `mono_ns` (from
+    /// a later process start) is smaller than all of g1's.
+    #[test]
+    fn an_overlap_between_processes_is_found_on_the_host_clock() {
+        let g1 = [
+            event("s1", "a", "attached", 5_000, Some(100)),
+            event("s1", "a", "volatile", 5_200, Some(300)),
+        ];
+        let g2 = [event("s1", "b", "attached", 10, Some(200))];
+        let (_d, paths) = files(&g1, &g2);
+        let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let r = dual_active(&paths);
+        assert_eq!((r.violations, r.events), (Some(1), 3));
+        // Once g1 let go first, there is no overlap.
+        let g2 = [event("s1", "b", "attached", 10, Some(400))];
+        let (_d, paths) = files(&g1, &g2);
+        let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        assert_eq!(dual_active(&paths).violations, Some(0));
+    }
+
+    /// Without a host clock stamp (an older gateway) the check cannot be
+    /// made: "not checked", never 0.
+    #[test]
+    fn events_without_a_host_clock_are_not_checked() {
+        let g1 = [event("s1", "a", "attached", 5_000, None)];
+        let (_d, paths) = files(&g1, &[]);
+        let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let r = dual_active(&paths);
+        assert_eq!((r.violations, r.events), (None, 1));
+    }
 }

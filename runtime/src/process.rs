@@ -192,3 +192,14 @@ pub fn raise_nofile() -> u64 {
     }
     hard.max(soft)
 }
+
+/// The host's CLOCK_MONOTONIC now, in nanoseconds: one clock shared by every
+/// process on the host (a `std::time::Instant` cannot be compared across
+/// processes), for stamps that tools order across processes.
+pub fn host_monotonic_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
+        u64::try_from(ns).unwrap_or(0)
+    })
+}

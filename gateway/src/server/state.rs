@@ -279,6 +279,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let a = &cfg.raw.admission;
     let start = Mono::ZERO;
     let origin = Instant::now();
+    let host_origin = jvpn_runtime::process::host_monotonic_ns();
     let shared = Shared {
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
         max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
@@ -313,7 +314,12 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         )),
         open_conns: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
-        events: EventSink::start(&cfg.raw.events, cfg.node_id.clone(), incarnation),
+        events: EventSink::start(
+            &cfg.raw.events,
+            cfg.node_id.clone(),
+            incarnation,
+            host_origin,
+        ),
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
         cluster: cfg.membership.as_ref().map(|_| {
             crate::membership::Cluster::new(

@@ -349,7 +349,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
             .map(|(_, g)| PathBuf::from(&g.events_path))
             .collect();
         let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
-        inv.dual_active_detected = invariants::dual_active(&paths).0;
+        inv.dual_active_detected = invariants::dual_active(&paths).violations;
     }
     let mut resume = histogram();
     let mut recovery = histogram();

@@ -132,8 +132,9 @@ pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult
     let limit: f64 = limit
         .parse()
         .with_context(|| format!("threshold {expr:?}: {limit:?} is not a number"))?;
-    let value = metric(report, name)
-        .with_context(|| format!("threshold {expr:?}: unknown metric {name:?}"))?;
+    let value = metric(report, name).with_context(|| {
+        format!("threshold {expr:?}: unknown metric {name:?} (or not measured in this run)")
+    })?;
     let ok = if op == '<' {
         value < limit
     } else {
@@ -181,7 +182,7 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "errors" => r.errors_by_reason.values().sum::<u64>() as f64,
         "silent_migrations" => i.silent_migrations as f64,
         "forced_rehandshakes" => i.forced_rehandshakes as f64,
-        "dual_active_detected" => i.dual_active_detected as f64,
+        "dual_active_detected" => i.dual_active_detected? as f64,
         "lost_sessions" => i.lost_sessions as f64,
         _ => return None,
     })
