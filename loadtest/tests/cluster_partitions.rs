@@ -126,15 +126,7 @@ fn a_gateway_cut_off_the_membership_port_dies_loses_its_lease_and_its_sessions_a
         common::wait_moved(&fleet, &who, victim, t0).await;
         let after = fleet.snapshots();
         common::assert_survivors_untouched(&before, &after, &who);
-        for i in &who {
-            let lost = |r: &jvpn_agent::AgentReport| {
-                r.rehandshake_reasons
-                    .get("owner_lost")
-                    .copied()
-                    .unwrap_or(0)
-            };
-            assert_eq!(lost(&after[*i]), lost(&before[*i]) + 1, "agent {i}");
-        }
+        assert_each_told_owner_lost_once(&before, &after, &who);
         assert_eq!(
             hellos_ok(&c, victim).await,
             hellos_before,
@@ -287,6 +279,23 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
     });
 }
 
+/// Every agent in `who` re-handshook exactly once more, told `owner_lost`.
+fn assert_each_told_owner_lost_once(
+    before: &[jvpn_agent::AgentReport],
+    after: &[jvpn_agent::AgentReport],
+    who: &std::collections::BTreeSet<usize>,
+) {
+    let lost = |r: &jvpn_agent::AgentReport| {
+        r.rehandshake_reasons
+            .get("owner_lost")
+            .copied()
+            .unwrap_or(0)
+    };
+    for i in who {
+        assert_eq!(lost(&after[*i]), lost(&before[*i]) + 1, "agent {i}");
+    }
+}
+
 /// Waits until every agent in `who` resumed once more than in `before`.
 async fn wait_each_resumed(
     fleet: &jvpn_loadtest::fleet::Fleet,
@@ -372,15 +381,7 @@ fn a_gateway_paused_past_the_grace_loses_its_sessions_explicitly() {
         let moved_after = t_stop.elapsed();
         let after = fleet.snapshots();
         common::assert_survivors_untouched(&before, &after, &who);
-        for i in &who {
-            let lost = |r: &jvpn_agent::AgentReport| {
-                r.rehandshake_reasons
-                    .get("owner_lost")
-                    .copied()
-                    .unwrap_or(0)
-            };
-            assert_eq!(lost(&after[*i]), lost(&before[*i]) + 1, "agent {i}");
-        }
+        assert_each_told_owner_lost_once(&before, &after, &who);
         // Death comes failure_timeout after the last heartbeat, which may
         // be one interval older than the SIGSTOP; the grace runs from death.
         assert!(

@@ -70,6 +70,11 @@ fn closed_stream_is_fast_death() {
     m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
     let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
     assert_eq!(died.len(), 1);
+    // Not ambiguous like silence: the owner is lost at once.
+    assert_eq!(
+        m.route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
 }
 
 #[test]
@@ -241,20 +246,6 @@ fn a_silent_owner_is_unreachable_until_certainly_gone() {
     // Another incarnation of the same node is not ambiguous: lost at once.
     assert_eq!(
         m.route(Mono::from_millis(2300), Some((&g3, Incarnation(2)))),
-        OwnerRoute::Lost
-    );
-}
-
-#[test]
-fn a_closed_stream_stays_a_fast_explicit_loss() {
-    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g2 = NodeId::new("g2").unwrap();
-    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
-    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
-    assert_eq!(died.len(), 1);
-    assert_eq!(
-        m.route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
         OwnerRoute::Lost
     );
 }
