@@ -89,8 +89,10 @@ pub struct Admitted {
 
 impl Gate {
     /// True when `ip` is a configured router: it must send a PROXY header.
+    /// IPv4-mapped IPv6 (a listener on `[::]`) is the IPv4 address it maps.
     pub fn from_router(&self, ip: IpAddr) -> bool {
-        self.routers.contains(&ip)
+        let ip = ip.to_canonical();
+        self.routers.iter().any(|r| r.to_canonical() == ip)
     }
 
     /// Rule 1 for a router's connection: `header` is what it began with
@@ -100,7 +102,9 @@ impl Gate {
             None => Err(Refusal::new(ConnReject::ProxyRequired, Status::BadPreamble)),
             Some(h) if h.is_local() => Ok(Forwarded::HealthCheck),
             Some(h) => Ok(Forwarded::Client {
-                source: h.source(),
+                source: h
+                    .source()
+                    .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
                 intended: h.intended_owner,
                 router_id: h.router_id,
             }),
@@ -222,6 +226,31 @@ mod tests {
         assert!(g.from_router("10.0.0.1".parse().unwrap()));
         assert!(!g.from_router("10.0.0.2".parse().unwrap()));
         assert!(!gate(&[], false).from_router("10.0.0.1".parse().unwrap()));
+    }
+
+    /// Issue 18 L3: a gateway listening on `[::]` sees a router's IPv4
+    /// connection as `::ffff:a.b.c.d`; it is still that router. A PROXY
+    /// source in mapped form is the IPv4 client.
+    #[test]
+    fn mapped_addresses_are_the_ipv4_they_map() {
+        let g = gate(&["10.0.0.1"], false);
+        assert!(g.from_router("::ffff:10.0.0.1".parse().unwrap()));
+        let mapped = Gate {
+            routers: vec!["::ffff:10.0.0.1".parse().unwrap()],
+            ..gate(&[], false)
+        };
+        assert!(mapped.from_router("10.0.0.1".parse().unwrap()));
+        let h = ProxyHeader {
+            addresses: Some((
+                "[::ffff:198.51.100.7]:40000".parse().unwrap(),
+                "[::ffff:10.0.0.9]:7443".parse().unwrap(),
+            )),
+            ..ProxyHeader::default()
+        };
+        let Ok(Forwarded::Client { source, .. }) = g.proxy(Some(h)) else {
+            panic!("a client connection")
+        };
+        assert_eq!(source, Some("198.51.100.7:40000".parse().unwrap()));
     }
 
     #[test]

@@ -625,3 +625,46 @@ fn minting_stays_in_the_own_shard_or_fails_not_in_cluster() {
     assert!(stranger.is_empty());
     assert!(stranger.poll_event().is_none());
 }
+
+/// Issue 18 L5: an authenticated agent sending stale-epoch RESUMEs (each
+/// with a fresh counter, so each is authenticated) or replays got one
+/// `ResumeRefused` event per request: event-log amplification. Refusal
+/// events are capped per session per minute; the refusals themselves, and
+/// the state, are unchanged.
+#[test]
+fn refusal_events_of_one_session_are_capped() {
+    let mut sim = Sim::new(jvpn_gateway::engine::Policy {
+        session_max_lifetime_ms: 3_600_000,
+        ..fast_policy()
+    });
+    let mut a = sim.connect();
+    a.resume(&mut sim).unwrap(); // epoch 2
+    let before = sim.session(a.id).unwrap().state_version();
+    let mut stale = a.clone();
+    for _ in 0..1_000 {
+        stale.binding_epoch = 1;
+        let t = sim.transport();
+        let w = stale.build(t);
+        let rej = send(&mut sim, &w).unwrap_err();
+        assert_eq!(rej.reason, R::StaleBinding);
+    }
+    let refused = |sim: &Sim| {
+        sim.log
+            .iter()
+            .filter(|e| matches!(e, EngineEvent::ResumeRefused { .. }))
+            .count()
+    };
+    let n = refused(&sim);
+    assert!(
+        (1..=jvpn_gateway::engine::REFUSED_EVENTS_PER_MIN as usize).contains(&n),
+        "{n} refusal events for one session"
+    );
+    assert_eq!(sim.session(a.id).unwrap().state_version(), before);
+    // A minute later the session may be reported again.
+    sim.now = sim.now + std::time::Duration::from_secs(61);
+    stale.binding_epoch = 1;
+    let t = sim.transport();
+    let w = stale.build(t);
+    let _ = send(&mut sim, &w);
+    assert_eq!(refused(&sim), n + 1);
+}

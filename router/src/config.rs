@@ -255,6 +255,7 @@ impl Validated {
                 m.silence_grace_ms
                     .unwrap_or(m.failure_timeout_ms.saturating_mul(3)),
             ),
+            mass_death_hold: Duration::from_millis(m.failure_timeout_ms.saturating_mul(10)),
             hold_down_base: Duration::from_millis(m.hold_down_base_ms),
             hold_down_max: Duration::from_millis(m.hold_down_max_ms),
             ..MembershipConfig::default()

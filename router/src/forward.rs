@@ -244,6 +244,25 @@ pub async fn probe(
     counter!(m::REACHABILITY_PROBES, "result" => ok).increment(1);
 }
 
+/// The (client, gateway) pair a PROXY v2 header carries, both of one
+/// family as the format requires: IPv4-mapped addresses are written as
+/// IPv4 (a router on `[::]` sees IPv4 clients mapped), and when the
+/// families still differ both are written as IPv6, IPv4 mapped, so the
+/// client's address is never lost.
+fn proxy_addresses(client: SocketAddr, gateway: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (c, g) = (canonical(client), canonical(gateway));
+    let as_v6 = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
+        std::net::IpAddr::V6(_) => a,
+    };
+    if c.is_ipv4() == g.is_ipv4() {
+        (c, g)
+    } else {
+        (as_v6(c), as_v6(g))
+    }
+}
+
 fn proxy_header(
     state: &RouterState,
     peer: SocketAddr,
@@ -252,13 +271,7 @@ fn proxy_header(
     intended: Option<(NodeId, Incarnation)>,
 ) -> Vec<u8> {
     let dst = gw.peer_addr().unwrap_or(peer);
-    // Both addresses must be of one family in PROXY v2.
-    let src = match (peer, dst) {
-        (SocketAddr::V4(_), SocketAddr::V6(_)) | (SocketAddr::V6(_), SocketAddr::V4(_)) => {
-            SocketAddr::new(dst.ip(), 0)
-        }
-        _ => peer,
-    };
+    let (src, dst) = proxy_addresses(peer, dst);
     let view_id = match placement {
         Some(p) => p.ring.view().id(),
         None => state.view_id(),
@@ -300,5 +313,44 @@ async fn forward(
             counter!(m::CLOSED_ON_DEATH).increment(1);
             Outcome::ClosedOnDeath
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Issue 18 H2: a router listening on `[::]` sees IPv4 clients as
+    /// `::ffff:a.b.c.d`. The PROXY header must still carry the client's
+    /// address (it used to carry the gateway's, port 0, so every client
+    /// shared one per-source bucket on the gateway).
+    #[test]
+    fn a_mapped_client_address_reaches_the_gateway_as_ipv4() {
+        let (src, dst) = proxy_addresses(a("[::ffff:198.51.100.7]:40000"), a("10.0.0.9:7443"));
+        assert_eq!(src, a("198.51.100.7:40000"));
+        assert_eq!(dst, a("10.0.0.9:7443"));
+    }
+
+    #[test]
+    fn mixed_families_are_both_written_as_ipv6_without_losing_the_client() {
+        // An IPv4 client to a gateway reached over IPv6.
+        let (src, dst) = proxy_addresses(a("198.51.100.7:40000"), a("[2001:db8::9]:7443"));
+        assert_eq!(src, a("[::ffff:198.51.100.7]:40000"));
+        assert_eq!(dst, a("[2001:db8::9]:7443"));
+        assert_eq!(
+            SourceKey::from(src.ip()),
+            SourceKey::from(a("198.51.100.7:1").ip())
+        );
+        // An IPv6 client to a gateway reached over IPv4.
+        let (src, dst) = proxy_addresses(a("[2001:db8::7]:40000"), a("10.0.0.9:7443"));
+        assert_eq!(src, a("[2001:db8::7]:40000"));
+        assert_eq!(dst, a("[::ffff:10.0.0.9]:7443"));
+        // One family: unchanged.
+        let same = (a("198.51.100.7:40000"), a("10.0.0.9:7443"));
+        assert_eq!(proxy_addresses(same.0, same.1), same);
     }
 }

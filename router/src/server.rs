@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use jvpn_proto::ViewId;
 use jvpn_proto::pb::membership::membership_server::MembershipServer;
 use jvpn_runtime::admin::AdminApp;
+use jvpn_runtime::wire::lock;
 use metrics::histogram;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,6 +27,48 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub struct RouterHandle {
     pub state: Arc<RouterState>,
     pub drain: jvpn_runtime::admin::DrainTrigger,
+    pub digest: Arc<DigestCache>,
+}
+
+/// `/ring/digest` is a million ring lookups (≈ 0.1–0.3 s of one core) and
+/// anyone who reaches the admin port may ask for it: it is computed at most
+/// once per view, and a request that arrives while it is being computed
+/// gets the previous answer (with its own `view_id`) instead of a second
+/// computation on another runtime worker (issue 18 M4).
+#[derive(Debug, Default)]
+pub struct DigestCache {
+    last: std::sync::Mutex<Option<(ViewId, serde_json::Value)>>,
+    computing: std::sync::atomic::AtomicBool,
+    computed: std::sync::atomic::AtomicU64,
+}
+
+impl DigestCache {
+    /// The digest of `view`, from the cache or from `compute`.
+    pub fn get(
+        &self,
+        view: ViewId,
+        compute: impl FnOnce() -> serde_json::Value,
+    ) -> serde_json::Value {
+        let cached = lock(&self.last).clone();
+        match cached {
+            Some((v, d)) if v == view => return d,
+            Some((_, d)) if self.computing.swap(true, Ordering::AcqRel) => return d,
+            None if self.computing.swap(true, Ordering::AcqRel) => {
+                return serde_json::json!({ "view_id": hex::encode(view.0), "computing": true });
+            }
+            _ => {}
+        }
+        let d = compute();
+        self.computed.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last) = Some((view, d.clone()));
+        self.computing.store(false, Ordering::Release);
+        d
+    }
+
+    /// How many times a digest was computed.
+    pub fn computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
 }
 
 impl AdminApp for RouterHandle {
@@ -49,7 +93,9 @@ impl AdminApp for RouterHandle {
     fn json(&self, path: &str) -> Option<serde_json::Value> {
         match path {
             "/ring" => Some(ring_json(&self.state)),
-            "/ring/digest" => Some(placement_digest(&self.state, DIGEST_KEYS)),
+            "/ring/digest" => Some(self.digest.get(self.state.view_id(), || {
+                placement_digest(&self.state, DIGEST_KEYS)
+            })),
             _ => None,
         }
     }
@@ -187,6 +233,7 @@ pub async fn serve(
         RouterHandle {
             state: state.clone(),
             drain: drain.clone(),
+            digest: Arc::default(),
         },
         prometheus,
     ));
@@ -277,5 +324,34 @@ async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
                 addr,
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18 M4: a thousand requests for one view compute the digest
+    /// once; a new view computes it again; a request during a computation
+    /// gets the previous answer instead of starting another.
+    #[test]
+    fn the_digest_is_computed_once_per_view() {
+        let cache = DigestCache::default();
+        let (v1, v2) = (ViewId([1; 8]), ViewId([2; 8]));
+        for _ in 0..1_000 {
+            let d = cache.get(v1, || serde_json::json!({ "digest": "one" }));
+            assert_eq!(d["digest"], "one");
+        }
+        assert_eq!(cache.computed(), 1);
+        assert_eq!(
+            cache.get(v2, || serde_json::json!({ "digest": "two" }))["digest"],
+            "two"
+        );
+        assert_eq!(cache.computed(), 2);
+        // Someone else is computing: no second computation.
+        cache.computing.store(true, Ordering::Release);
+        let d = cache.get(ViewId([3; 8]), || panic!("computed twice at once"));
+        assert_eq!(d["digest"], "two");
+        assert_eq!(cache.computed(), 2);
     }
 }

@@ -221,6 +221,10 @@ impl Engine {
             principal: req.principal,
             policy: self.policy.clone(),
             scheduled: None,
+            refusals: session::RefusalBudget {
+                window_start: now,
+                count: 0,
+            },
         };
         self.out.by_state[State::Birth.index()] += 1;
         step(
@@ -310,6 +314,7 @@ impl Engine {
         if s.replay.check(req.counter).is_err() {
             return Err(refuse(
                 &mut self.out,
+                s,
                 now,
                 id,
                 ReasonCode::ReplayDetected,
@@ -324,12 +329,14 @@ impl Engine {
         if req.binding_epoch != s.epoch {
             // A request from before the latest binding (a lost ResumeOk, or the
             // loser of a race) must not disturb that binding.
+            let epoch = Some(s.epoch);
             return Err(refuse(
                 &mut self.out,
+                s,
                 now,
                 id,
                 ReasonCode::StaleBinding,
-                Some(s.epoch),
+                epoch,
             ));
         }
         let replaced = s.transport;
@@ -490,19 +497,34 @@ pub fn shard_of(id: &SessionId, count: usize) -> usize {
     usize::from(id.as_bytes()[15]) % count.max(1)
 }
 
-/// Emits a refusal event for an authenticated request that changes no state.
+/// `ResumeRefused` events one session may cause per minute; past it the
+/// refusals still happen (and the shell still counts them) but are not
+/// written to the event log, which an authenticated agent could otherwise
+/// flood (issue 18 L5).
+pub const REFUSED_EVENTS_PER_MIN: u32 = 10;
+
+/// Emits a refusal event for an authenticated request that changes no
+/// state, at most [`REFUSED_EVENTS_PER_MIN`] per session per minute.
 fn refuse(
     out: &mut Outputs,
+    s: &mut Session,
     now: Mono,
     id: SessionId,
     reason: ReasonCode,
     epoch: Option<u64>,
 ) -> Rejection {
-    out.events.push_back(EngineEvent::ResumeRefused {
-        at: now,
-        session_id: id,
-        reason,
-    });
+    let b = &mut s.refusals;
+    if now.saturating_since(b.window_start) >= std::time::Duration::from_secs(60) {
+        (b.window_start, b.count) = (now, 0);
+    }
+    if b.count < REFUSED_EVENTS_PER_MIN {
+        b.count += 1;
+        out.events.push_back(EngineEvent::ResumeRefused {
+            at: now,
+            session_id: id,
+            reason,
+        });
+    }
     Rejection {
         reason,
         retry_after_ms: 0,

@@ -37,6 +37,8 @@ pub struct Session {
     pub(super) policy: Arc<Policy>,
     /// The earliest timer entry queued for this session.
     pub(super) scheduled: Option<Mono>,
+    /// Refusal events reported in the current minute.
+    pub(super) refusals: RefusalBudget,
 }
 
 impl Session {
@@ -72,3 +74,20 @@ impl Session {
         &self.policy
     }
 }
+
+/// How many refusal events a session reported in the current minute. It is
+/// bookkeeping of the event log, not session state: two sessions that
+/// differ only here compare equal (tests prove refusals change nothing).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RefusalBudget {
+    pub(super) window_start: Mono,
+    pub(super) count: u32,
+}
+
+impl PartialEq for RefusalBudget {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for RefusalBudget {}

@@ -36,6 +36,9 @@ pub struct MembershipConfig {
     /// After a death by silence alone, RESUMEs for the member are answered
     /// `Unreachable` (retry) this long before `Lost` (issue 18 A2).
     pub silence_grace: Duration,
+    /// The mass-death guard (more than half would die at once) holds the
+    /// verdicts this long at most; then they are accepted (issue 18 M5).
+    pub mass_death_hold: Duration,
     pub hold_down_base: Duration,
     pub hold_down_max: Duration,
     /// A node stable this long forgets its flaps.
@@ -50,6 +53,7 @@ impl Default for MembershipConfig {
             interval: Duration::from_millis(250),
             failure_timeout: Duration::from_millis(1000),
             silence_grace: Duration::from_millis(3000),
+            mass_death_hold: Duration::from_secs(10),
             hold_down_base: Duration::from_secs(2),
             hold_down_max: Duration::from_secs(60),
             flap_memory: Duration::from_secs(300),
@@ -162,6 +166,8 @@ pub struct Membership {
     last_tick: Option<Mono>,
     suspicious_until: Mono,
     unhealthy: bool,
+    /// When the mass-death guard last started holding verdicts.
+    unhealthy_since: Option<Mono>,
 }
 
 impl Membership {
@@ -175,6 +181,7 @@ impl Membership {
             last_tick: None,
             suspicious_until: Mono::ZERO,
             unhealthy: false,
+            unhealthy_since: None,
         }
     }
 
@@ -361,11 +368,16 @@ impl Membership {
             })
             .collect();
         if live >= 2 && dying.len() * 2 > live {
-            // More than half would die at once: more likely our fault.
-            self.unhealthy = true;
-            return Vec::new();
+            // More than half would die at once: more likely our fault, for
+            // a while. Past `mass_death_hold` it is what it looks like.
+            let since = *self.unhealthy_since.get_or_insert(now);
+            if now.saturating_since(since) <= self.cfg.mass_death_hold {
+                self.unhealthy = true;
+                return Vec::new();
+            }
         }
         self.unhealthy = false;
+        self.unhealthy_since = None;
         let mut died = Vec::new();
         for (n, unreachable, silent_only) in dying {
             if let Some(m) = self.members.get_mut(&n) {

@@ -268,3 +268,29 @@ fn a_paused_owner_back_within_the_grace_serves_its_sessions() {
         OwnerRoute::Alive(_)
     ));
 }
+
+/// Issue 18 M5: the mass-death guard had no exit. After a real failure of
+/// most gateways the dead stayed alive for ever and `/readyz` stayed 503.
+/// The guard now holds for `mass_death_hold` (10 × failure timeout); a
+/// majority still silent after that is dead.
+#[test]
+fn a_real_majority_failure_is_accepted_after_the_guard_holds() {
+    let cfg = MembershipConfig::default();
+    let hold = cfg.mass_death_hold;
+    assert_eq!(hold, 10 * cfg.failure_timeout);
+    let mut m = Membership::new(cfg, Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // g2 and g3 are killed silently; g1 lives.
+    let died = run(&mut m, &[("g1", 1)], 1000, 5000);
+    assert!(died.is_empty(), "guarded at first");
+    assert!(m.is_unhealthy());
+    // The guard began about a failure timeout after the kill (~1.8 s).
+    let died = run(&mut m, &[("g1", 1)], 5000, 13_000);
+    assert_eq!(
+        died.len(),
+        2,
+        "accepted once the guard has held long enough"
+    );
+    assert!(!m.is_unhealthy(), "ready again");
+    assert_eq!(placeable(&m, 13_000), ["g1"]);
+}
