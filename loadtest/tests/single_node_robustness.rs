@@ -418,3 +418,44 @@ async fn idle_client_connections_are_closed_and_agents_still_connect() {
     }
     common::wait_rejected(&env, "preamble_timeout", 300.0).await;
 }
+
+/// Issue 18 M1: an authenticated agent that stops reading while the
+/// gateway writes to it (here: the echoes of its own data) must not pin the
+/// gateway's task, descriptor and connection slot for ever: a write that
+/// cannot finish within the session's heartbeat timeout ends the transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_reading_is_let_go_after_the_heartbeat_timeout() {
+    use jvpn_proto::pb::session::{Data, frame::Kind};
+    let env = common::start("[policy]\nheartbeat_timeout_ms = 1000\n").await;
+    let addr = env.gw.client_addr;
+    let mut agent = harness::agent(&env.pki, addr, Some(harness::source_ip(9))).unwrap();
+    let mut t = common::hello(&mut agent).await;
+    let open = || async {
+        env.gw
+            .metric("jvpn_gateway_connections_open", &[])
+            .await
+            .unwrap()
+    };
+    assert_eq!(open().await, 1.0);
+    // Data until the pipes are full both ways: the echoes are never read.
+    let payload = bytes::Bytes::from(vec![7u8; 16 * 1024]);
+    for seq in 1.. {
+        let d = Kind::Data(Data {
+            seq,
+            payload: payload.clone(),
+        });
+        match tokio::time::timeout(Duration::from_millis(500), t.send(d)).await {
+            Ok(Ok(())) => assert!(seq < 100_000, "the gateway never pushed back"),
+            _ => break,
+        }
+    }
+    // The gateway is now blocked writing to us; it must let go.
+    eventually(
+        Duration::from_secs(10),
+        "the gateway closed the stuck connection",
+        || async { open().await == 0.0 },
+    )
+    .await
+    .unwrap();
+    drop(t);
+}

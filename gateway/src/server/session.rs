@@ -263,12 +263,23 @@ async fn session_loop(
     mut rx: mpsc::UnboundedReceiver<Control>,
 ) {
     let binding = channel_binding(&tls);
-    let interval_ms = shared
+    let (interval_ms, timeout_ms) = shared
         .with_engine(shard, |e| {
-            e.session(&sid).map(|s| s.policy().heartbeat_interval_ms)
+            e.session(&sid).map(|s| {
+                (
+                    s.policy().heartbeat_interval_ms,
+                    s.policy().heartbeat_timeout_ms,
+                )
+            })
         })
-        .unwrap_or(shared.cfg.raw.policy.heartbeat_interval_ms);
+        .unwrap_or((
+            shared.cfg.raw.policy.heartbeat_interval_ms,
+            shared.cfg.raw.policy.heartbeat_timeout_ms,
+        ));
     let report_every = Duration::from_millis(interval_ms / 2);
+    // An agent that stops reading must not pin this task: a write that
+    // cannot finish within the heartbeat timeout ends the transport.
+    let write_limit = Duration::from_millis(timeout_ms);
     let mut last_report = Instant::now();
     // `Some(reason)`: the transport failed and the engine must hear about it.
     let end = loop {
@@ -276,12 +287,12 @@ async fn session_loop(
             biased;
             ctl = rx.recv() => match ctl {
                 Some(Control::Terminate(reason)) => {
-                    let _ = send_terminate(&mut tls, reason).await;
+                    let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
                     break None; // the engine already unbound this transport
                 }
                 Some(Control::GoAway { deadline_ms }) => {
                     let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
-                    if write_frame(&mut tls, Kind::GoAway(g)).await.is_err() {
+                    if within(write_limit, write_frame(&mut tls, Kind::GoAway(g))).await.is_err() {
                         break Some(ReasonCode::TransportDead);
                     }
                     continue;
@@ -295,7 +306,7 @@ async fn session_loop(
             Ok(None) => break Some(ReasonCode::TransportDead),
             Err(e) => {
                 let reason = e.reason();
-                let _ = send_terminate(&mut tls, reason).await;
+                let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
                 counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
                 break Some(reason);
             }
@@ -338,11 +349,18 @@ async fn session_loop(
                 }
             }
             _ => {
-                let _ = send_terminate(&mut tls, ReasonCode::ProtocolError).await;
+                let _ = within(
+                    write_limit,
+                    send_terminate(&mut tls, ReasonCode::ProtocolError),
+                )
+                .await;
                 break Some(ReasonCode::ProtocolError);
             }
         };
-        if write_frame(&mut tls, reply).await.is_err() {
+        if within(write_limit, write_frame(&mut tls, reply))
+            .await
+            .is_err()
+        {
             break Some(ReasonCode::TransportDead);
         }
     };
@@ -351,7 +369,17 @@ async fn session_loop(
         shared.with_engine(shard, |e| e.transport_closed(now, &sid, transport));
     }
     shared.deregister(shard, transport);
-    let _ = tls.shutdown().await;
+    let _ = tokio::time::timeout(write_limit, tls.shutdown()).await;
+}
+
+/// `write` if it finishes within `limit`; a timeout is an I/O error.
+async fn within(
+    limit: Duration,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn reject_frame(rej: &Rejection) -> Reject {
