@@ -220,11 +220,16 @@ impl MembershipRpc for Service {
                         .await;
                     break;
                 }
-                if current.is_none() {
+                let first = current.is_none();
+                if first {
                     info!(node = %hb.node_id, "heartbeat stream from gateway");
                 }
                 current = Some(hb.incarnation);
                 let verdict = state.on_heartbeat(&hb);
+                if first {
+                    // After the heartbeat, which may have created the member.
+                    state.on_stream_opened(&hb.node_id, hb.incarnation);
+                }
                 let superseded = verdict == HeartbeatVerdict::Superseded;
                 counter!(m::HEARTBEATS, "verdict" => if superseded { "superseded" } else { "accepted" })
                     .increment(1);

@@ -236,6 +236,10 @@ impl RouterState {
         verdict
     }
 
+    pub fn on_stream_opened(&self, node: &NodeId, incarnation: Incarnation) {
+        lock(&self.membership).on_stream_opened(node, incarnation);
+    }
+
     pub fn on_stream_closed(&self, node: &NodeId, incarnation: Incarnation) {
         lock(&self.membership).on_stream_closed(self.now(), node, incarnation);
     }

@@ -115,6 +115,8 @@ struct Member {
     rise_first: Mono,
     rise_count: u32,
     stream_closed_at: Option<Mono>,
+    /// Heartbeat streams of this incarnation now open.
+    open_streams: u32,
     connect_failures: VecDeque<Mono>,
     unreachable_since: Option<Mono>,
     held_until: Mono,
@@ -226,6 +228,7 @@ impl Membership {
                 rise_first: now,
                 rise_count: 0,
                 stream_closed_at: None,
+                open_streams: 0,
                 connect_failures: VecDeque::new(),
                 unreachable_since: None,
                 held_until: now + (hold),
@@ -263,11 +266,25 @@ impl Membership {
         r.last_flap = now;
     }
 
-    /// The member's heartbeat stream closed (fast death unless it reopens).
+    /// A heartbeat stream of the member opened (after its first heartbeat).
+    pub fn on_stream_opened(&mut self, node: &NodeId, incarnation: Incarnation) {
+        if let Some(m) = self.members.get_mut(node)
+            && m.incarnation == incarnation
+        {
+            m.open_streams += 1;
+        }
+    }
+
+    /// A heartbeat stream of the member closed: fast death once none is
+    /// open (a reconnect briefly has two, and the old one closes late).
     pub fn on_stream_closed(&mut self, now: Mono, node: &NodeId, incarnation: Incarnation) {
         if let Some(m) = self.members.get_mut(node)
             && m.incarnation == incarnation
         {
+            m.open_streams = m.open_streams.saturating_sub(1);
+            if m.open_streams > 0 {
+                return;
+            }
             m.stream_closed_at.get_or_insert(now);
             // A closed stream is not ambiguous: the process is gone.
             m.silent_death_at = None;

@@ -68,7 +68,7 @@ fn closed_stream_is_fast_death() {
     run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
     let g2 = NodeId::new("g2").unwrap();
     m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
-    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1001, 1600);
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1000, 1600);
     assert_eq!(died.len(), 1);
     // Not ambiguous like silence: the owner is lost at once.
     assert_eq!(
@@ -293,4 +293,24 @@ fn a_real_majority_failure_is_accepted_after_the_guard_holds() {
     );
     assert!(!m.is_unhealthy(), "ready again");
     assert_eq!(placeable(&m, 13_000), ["g1"]);
+}
+
+/// Issue 18 L1: a gateway that reconnected has two streams for a moment;
+/// the late close of the older one is not the gateway going away.
+#[test]
+fn a_late_close_of_an_older_stream_is_no_death() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    let g2 = NodeId::new("g2").unwrap();
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 50);
+    m.on_stream_opened(&g2, Incarnation(1)); // stream A
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 50, 1000);
+    m.on_stream_opened(&g2, Incarnation(1)); // stream B, after a reconnect
+    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1)); // A, late
+    // B's next heartbeats are slow (700 ms, inside the failure timeout).
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1000, 1700);
+    assert!(died.is_empty(), "{died:?}");
+    // B closes too: now the gateway is gone.
+    m.on_stream_closed(Mono::from_millis(1700), &g2, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1700, 2600);
+    assert_eq!(died.len(), 1);
 }
