@@ -28,6 +28,9 @@ use std::time::Duration;
 
 use jvpn_proto::{Incarnation, Mono, NodeId};
 
+/// Tombstones kept per node id: the newest superseded incarnations.
+pub const TOMBSTONES_PER_NODE: usize = 16;
+
 /// Membership timing (DESIGN §10 defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MembershipConfig {
@@ -196,6 +199,11 @@ impl Membership {
         self.unhealthy
     }
 
+    /// Tombstones held (all nodes).
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
     pub fn on_heartbeat(&mut self, now: Mono, hb: &Heartbeat) -> HeartbeatVerdict {
         if self
             .tombstones
@@ -210,6 +218,7 @@ impl Membership {
             // are random: order is by arrival, and the old one is tombstoned).
             let old = m.incarnation;
             self.tombstones.insert((hb.node_id.clone(), old), now);
+            self.trim_tombstones(&hb.node_id);
             self.members.remove(&hb.node_id);
             self.record_flap(&hb.node_id, now);
         }
@@ -251,6 +260,25 @@ impl Membership {
         m.last_heartbeat = now;
         m.stream_closed_at = None;
         HeartbeatVerdict::Accepted
+    }
+
+    /// Keeps the newest [`TOMBSTONES_PER_NODE`] tombstones of `node`: a
+    /// gateway cycling incarnations cannot grow the map with its reconnect
+    /// rate (issue 18 L4). Supersessions are rare, so a scan is fine.
+    fn trim_tombstones(&mut self, node: &NodeId) {
+        let mut mine: Vec<(Mono, Incarnation)> = self
+            .tombstones
+            .iter()
+            .filter(|((n, _), _)| n == node)
+            .map(|((_, i), t)| (*t, *i))
+            .collect();
+        if mine.len() <= TOMBSTONES_PER_NODE {
+            return;
+        }
+        mine.sort();
+        for (_, inc) in &mine[..mine.len() - TOMBSTONES_PER_NODE] {
+            self.tombstones.remove(&(node.clone(), *inc));
+        }
     }
 
     fn hold_down(&self, node: &NodeId) -> Duration {

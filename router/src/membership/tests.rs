@@ -314,3 +314,29 @@ fn a_late_close_of_an_older_stream_is_no_death() {
     let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1700, 2600);
     assert_eq!(died.len(), 1);
 }
+
+/// Issue 18 L4: a certified gateway reconnecting with a new incarnation
+/// each time left one tombstone per incarnation for 60 failure timeouts:
+/// memory grew with its reconnect rate. A node keeps its newest
+/// `TOMBSTONES_PER_NODE` tombstones; the most recent old incarnation is
+/// still refused.
+#[test]
+fn tombstones_per_node_are_bounded() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    for inc in 1..=1_000u64 {
+        let now = Mono::from_millis(inc);
+        assert_eq!(
+            m.on_heartbeat(now, &hb("g1", inc)),
+            HeartbeatVerdict::Accepted
+        );
+    }
+    assert!(
+        m.tombstone_count() <= TOMBSTONES_PER_NODE,
+        "{} tombstones for one node",
+        m.tombstone_count()
+    );
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(1_001), &hb("g1", 999)),
+        HeartbeatVerdict::Superseded
+    );
+}
