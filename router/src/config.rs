@@ -205,6 +205,9 @@ pub struct SpliceSection {
     pub buffer_bytes: usize,
     /// `copy` (read/write through a buffer) or `pipe` (`splice(2)`).
     pub mode: crate::splice::Mode,
+    /// Once one side of a spliced connection closed its direction, how
+    /// long the other may go on before both are closed.
+    pub half_close_timeout_ms: u64,
 }
 
 impl Default for SpliceSection {
@@ -212,6 +215,7 @@ impl Default for SpliceSection {
         Self {
             buffer_bytes: 64 * 1024,
             mode: crate::splice::Mode::Copy,
+            half_close_timeout_ms: 10_000,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! idle spliced connection costs its two sockets and a small task, not two
 //! copy buffers. Reads use uninitialised capacity (`try_read_buf`), so a
 //! large buffer costs no zeroing. Half-close is forwarded (EOF on one side
-//! shuts down the write side of the other).
+//! shuts down the write side of the other), and the other direction then
+//! has `splice.half_close_timeout_ms` to finish.
 
 use std::io;
 
@@ -33,27 +34,45 @@ pub struct Moved {
     pub down: u64,
 }
 
+/// How long the other direction may go on after one reached EOF.
+pub const DEFAULT_HALF_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Copies until both directions reached EOF, or one failed.
 pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes: usize) -> Moved {
-    splice_with(agent, gateway, buffer_bytes, Mode::Copy).await
+    splice_with(agent, gateway, buffer_bytes, Mode::Copy, DEFAULT_HALF_CLOSE).await
 }
 
-/// As [`splice`], moving bytes the way `mode` says.
+/// As [`splice`], moving bytes the way `mode` says; once one direction
+/// reached EOF the other has `half_close` to finish.
 pub async fn splice_with(
     agent: &mut TcpStream,
     gateway: &mut TcpStream,
     buffer_bytes: usize,
     mode: Mode,
+    half_close: std::time::Duration,
 ) -> Moved {
     let (ar, aw) = agent.split();
     let (gr, gw) = gateway.split();
     let up = pump(ar, gw, buffer_bytes, mode);
     let down = pump(gr, aw, buffer_bytes, mode);
-    tokio::pin!(up, down);
+    // Armed when the first direction ends: a peer that never closes its
+    // side must not hold both sockets for ever.
+    let deadline = tokio::time::sleep(std::time::Duration::MAX);
+    tokio::pin!(up, down, deadline);
     let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
+        if up_done != down_done && deadline.is_elapsed() {
+            break;
+        }
+        let armed = up_done || down_done;
+        if armed && deadline.deadline() > tokio::time::Instant::now() + half_close {
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + half_close);
+        }
         tokio::select! {
+            () = &mut deadline, if armed => break,
             r = &mut up, if !up_done => {
                 up_done = true;
                 match r {
@@ -212,6 +231,34 @@ mod tests {
                 down: 10
             }
         );
+    }
+
+    /// Issue 18 H1: after one direction's EOF the other waited for ever, so
+    /// a client that sent its preamble and went idle held two descriptors
+    /// and a per-source slot after the gateway hung up. The other direction
+    /// now has `half_close` to finish.
+    #[tokio::test]
+    async fn a_half_closed_splice_ends_within_the_half_close_deadline() {
+        let (agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, gateway_end) = pair().await;
+        let task = tokio::spawn(async move {
+            splice_with(
+                &mut agent_side,
+                &mut gateway_side,
+                1024,
+                Mode::Copy,
+                std::time::Duration::from_millis(200),
+            )
+            .await
+        });
+        // The gateway hangs up; the agent stays connected and silent.
+        drop(gateway_end);
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the splice ended after the half-close deadline")
+            .unwrap();
+        assert_eq!(moved, Moved::default());
+        drop(agent_end);
     }
 
     #[tokio::test]
