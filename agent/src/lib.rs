@@ -139,6 +139,9 @@ pub enum AgentError {
         reason: ReasonCode,
         retry_after_ms: u64,
         current_binding_epoch: u64,
+        /// How long the gateway keeps the session without a transport from
+        /// now (0: not said).
+        transport_lost_deadline_ms: u64,
     },
     /// The gateway ended the transport or the session.
     #[error("terminated: {0}")]
@@ -301,6 +304,7 @@ fn rejected(r: &jvpn_proto::pb::session::Reject) -> AgentError {
         reason: reason_of(r.reason),
         retry_after_ms: r.retry_after_ms,
         current_binding_epoch: r.current_binding_epoch,
+        transport_lost_deadline_ms: r.transport_lost_deadline_ms,
     }
 }
 

@@ -379,15 +379,14 @@ async fn reattach(
 ) -> Result<Transport, AgentError> {
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
+    // Until the gateway says otherwise (anti-flap can move its deadline
+    // past the policy's TTL), the session lives for one TTL from the loss.
+    let mut deadline = lost_at + ttl;
     let mut attempt = 0u32;
     let mut asked_another_router = false;
     loop {
-        let pace = agent
-            .switch_allowed_in()
-            .min(ttl.saturating_sub(lost_at.elapsed()));
-        if !pace.is_zero() {
-            tokio::time::sleep(pace).await;
-        }
+        // No pacing of its own: a RESUME after a loss is a recovery, and
+        // when the gateway wants a wait it says how long.
         let attempt_started = Instant::now();
         match agent.resume().await {
             Ok(t) => {
@@ -416,7 +415,14 @@ async fn reattach(
                     }
                     _ => {}
                 }
-                let remaining = ttl.saturating_sub(lost_at.elapsed());
+                if let AgentError::Rejected {
+                    transport_lost_deadline_ms: ms @ 1..,
+                    ..
+                } = &e
+                {
+                    deadline = Instant::now() + Duration::from_millis(*ms);
+                }
+                let remaining = deadline.saturating_duration_since(Instant::now());
                 let router_says_lost = matches!(&e, AgentError::Status(s)
                     if s.status == jvpn_proto::preamble::Status::OwnerLost);
                 if router_says_lost

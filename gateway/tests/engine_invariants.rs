@@ -243,18 +243,18 @@ fn inv_6_1_repeated_runs_are_identical() {
 }
 
 #[test]
-fn inv_7_1_rapid_deaths_with_5_switches_per_min_end_degraded_or_terminated() {
+fn inv_7_1_rapid_switches_with_5_switches_per_min_end_degraded_or_terminated() {
+    // SPEC 7.1 says "rapid deaths"; since design note 30 only switches away
+    // from a live transport are governed (recoveries after a loss are
+    // `recoveries_from_lost_transports_do_not_spend_the_switch_budget`), so
+    // each RESUME here leaves the previous transport attached.
     let mut sim = Sim::new(fast_policy()); // 5/min, 200 ms cooldown
     let mut a = sim.connect();
     let mut denied = 0;
     for _ in 0..20 {
         sim.run_for(250);
         match a.resume(&mut sim) {
-            Ok(_) => {
-                let t = a.transport;
-                sim.engine.transport_closed(sim.now, &a.id, t);
-                sim.drain();
-            }
+            Ok(_) => {}
             Err(rej) => {
                 assert!(
                     matches!(rej.reason, R::SwitchRateLimited | R::CooldownActive),
@@ -533,8 +533,7 @@ fn deny_after_ttl_would_lapse_extends_the_deadline() {
     a.resume(&mut sim).unwrap();
     sim.advance(250);
     a.resume(&mut sim).unwrap();
-    sim.engine.transport_closed(sim.now, &a.id, a.transport);
-    sim.drain();
+    // A third switch away from the live transport (a chosen one).
     sim.advance(300);
     let rej = a.resume(&mut sim).unwrap_err();
     assert_eq!(rej.reason, R::SwitchRateLimited);
@@ -667,4 +666,63 @@ fn refusal_events_of_one_session_are_capped() {
     let w = stale.build(t);
     let _ = send(&mut sim, &w);
     assert_eq!(refused(&sim), n + 1);
+}
+
+/// Issue 18 A1: a transport the network took away is not a switch the client
+/// chose; recovering from it never spends the anti-flap budget.
+#[test]
+fn recoveries_from_lost_transports_do_not_spend_the_switch_budget() {
+    let p = Policy {
+        max_switches_per_min: 3,
+        switch_cooldown_ms: 1_500,
+        transport_lost_ttl_ms: 15_000,
+        session_max_lifetime_ms: 600_000,
+        ..fast_policy()
+    };
+    let mut sim = Sim::new(p.clone());
+    let mut a = sim.connect();
+    // Twelve losses in 30 s, each recovered 100 ms later: four times the budget.
+    for i in 0..12 {
+        sim.advance(2_400);
+        sim.engine.transport_closed(sim.now, &a.id, a.transport);
+        sim.drain();
+        sim.advance(100);
+        a.resume(&mut sim)
+            .unwrap_or_else(|rej| panic!("recovery {i} refused: {rej:?}"));
+        assert_eq!(sim.session(a.id).unwrap().state(), State::Attached);
+    }
+}
+
+/// Issue 18 A1: a refused switch names the deadline the gateway now keeps,
+/// so the agent can wait past its own copy of the TTL.
+#[test]
+fn a_denied_switch_tells_the_agent_the_extended_deadline() {
+    let p = Policy {
+        max_switches_per_min: 2,
+        session_max_lifetime_ms: 600_000,
+        ..fast_policy()
+    };
+    let mut sim = Sim::new(p.clone());
+    let mut a = sim.connect();
+    for _ in 0..2 {
+        sim.advance(250);
+        a.resume(&mut sim).unwrap();
+    }
+    sim.advance(300);
+    let rej = a.resume(&mut sim).unwrap_err();
+    assert_eq!(rej.reason, R::SwitchRateLimited);
+    let d = sim
+        .session(a.id)
+        .unwrap()
+        .transport_lost_deadline()
+        .unwrap();
+    let told = rej
+        .transport_lost_deadline_ms
+        .expect("an authenticated denial carries the deadline");
+    assert_eq!(sim.now + std::time::Duration::from_millis(told), d);
+    assert!(
+        told > rej.retry_after_ms,
+        "{told} <= {}",
+        rej.retry_after_ms
+    );
 }

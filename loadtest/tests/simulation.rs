@@ -32,7 +32,6 @@ use jvpn_gateway::issuer::{Issuer, NONCE_LEN};
 use jvpn_gateway::metrics::ConnReject;
 use jvpn_proto::client::ClientSession;
 use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
-use jvpn_proto::pb::session::Reject;
 use jvpn_proto::preamble::Preamble;
 use jvpn_proto::testkit::SimConn;
 use jvpn_proto::token::{TokenKey, TokenKeyring};
@@ -493,11 +492,7 @@ impl World {
                     .as_mut()
                     .unwrap()
                     .client
-                    .apply_reject(&Reject {
-                        reason: rej.wire_reason() as i32,
-                        retry_after_ms: rej.retry_after_ms,
-                        current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
-                    });
+                    .apply_reject(&rej.to_frame());
                 if advice.session_gone {
                     // The session is gone (TTL): explicit, re-handshake.
                     self.hello(i, self.agents[i].next_router)

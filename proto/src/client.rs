@@ -71,6 +71,9 @@ pub struct RejectAdvice {
     pub retry_here: bool,
     /// The session is gone ([`ends_session`]): a new HELLO, explicitly.
     pub session_gone: bool,
+    /// How long the gateway keeps the session without a transport from now,
+    /// when it said (it may have moved past the policy's TTL).
+    pub deadline: Option<Duration>,
 }
 
 /// Does a gateway answer with this reason mean the session is gone, so that
@@ -250,6 +253,8 @@ impl ClientSession {
             retry_after: Duration::from_millis(r.retry_after_ms),
             retry_here,
             session_gone: ends_session(reason),
+            deadline: (r.transport_lost_deadline_ms > 0)
+                .then(|| Duration::from_millis(r.transport_lost_deadline_ms)),
         }
     }
 }
@@ -360,6 +365,7 @@ mod tests {
             reason: ReasonCode::StaleBinding as i32,
             retry_after_ms: 0,
             current_binding_epoch: 5,
+            ..Reject::default()
         });
         assert!(advice.retry_here);
         assert_eq!(s.binding_epoch, 5);
@@ -367,16 +373,51 @@ mod tests {
             reason: ReasonCode::Overloaded as i32,
             retry_after_ms: 250,
             current_binding_epoch: 9,
+            transport_lost_deadline_ms: 40_000,
         });
         assert!(!advice.retry_here && !advice.session_gone);
+        assert_eq!(advice.deadline, Some(Duration::from_secs(40)));
         assert_eq!(advice.retry_after, Duration::from_millis(250));
         assert_eq!(s.binding_epoch, 5);
         let advice = s.apply_reject(&Reject {
             reason: ReasonCode::UnknownSession as i32,
             retry_after_ms: 0,
             current_binding_epoch: 0,
+            ..Reject::default()
         });
         assert!(advice.session_gone && !advice.retry_here);
+        assert_eq!(advice.deadline, None, "0 means not said");
+    }
+
+    /// `Reject` as gateways and agents before `transport_lost_deadline_ms`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RejectBefore {
+        #[prost(int32, tag = "1")]
+        reason: i32,
+        #[prost(uint64, tag = "2")]
+        retry_after_ms: u64,
+        #[prost(uint64, tag = "3")]
+        current_binding_epoch: u64,
+    }
+
+    #[test]
+    fn the_deadline_field_is_invisible_to_older_peers_and_absent_from_theirs() {
+        use prost::Message;
+        let new = Reject {
+            reason: ReasonCode::SwitchRateLimited as i32,
+            retry_after_ms: 45_000,
+            current_binding_epoch: 4,
+            transport_lost_deadline_ms: 47_000,
+        };
+        let old = RejectBefore::decode(new.encode_to_vec().as_slice()).unwrap();
+        assert_eq!((old.reason, old.retry_after_ms), (new.reason, 45_000));
+        assert_eq!(old.current_binding_epoch, 4);
+        let from_old = Reject::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(from_old.transport_lost_deadline_ms, 0);
+        let c0 = SimConn(1);
+        let (ok, _) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        assert_eq!(s.apply_reject(&from_old).deadline, None);
     }
 
     #[test]

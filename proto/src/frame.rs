@@ -95,6 +95,7 @@ mod tests {
                 reason: 8,
                 retry_after_ms: 5,
                 current_binding_epoch: 3,
+                transport_lost_deadline_ms: 9,
             }),
         ];
         let mut wire = BytesMut::new();

@@ -1,6 +1,11 @@
 //! Anti-flap: at most `max_switches_per_min` committed switches in any 60 s
 //! window, and `switch_cooldown_ms` between two of them. Only committed
 //! switches count: attempts are already bounded by rate limits and counters.
+//!
+//! Only switches the client chose are governed: leaving a transport the
+//! gateway still holds, or retrying such a switch after a refusal. A RESUME
+//! after the network took the transport away is a recovery; refusing it would
+//! leave the session with no transport at all (design note 30).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,9 +20,22 @@ pub const SWITCH_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AntiFlap {
     recent: VecDeque<Mono>,
+    /// A switch was refused and none has committed since.
+    held: bool,
 }
 
 impl AntiFlap {
+    /// Does anti-flap govern a switch that `replaces_live` transport? A
+    /// recovery is governed only while a refused switch is pending.
+    pub fn governs(&self, replaces_live: bool) -> bool {
+        replaces_live || self.held
+    }
+
+    /// A governed switch was refused: its retries stay governed.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
     /// May a switch commit at `now`? If not, why and for how long. Changes nothing.
     pub fn check(&self, now: Mono, p: &Policy) -> Result<(), (Denial, Duration)> {
         let cooldown_left = self
@@ -43,6 +61,7 @@ impl AntiFlap {
 
     /// Records a committed switch.
     pub fn record(&mut self, now: Mono, p: &Policy) {
+        self.held = false;
         while self.recent.len() >= (p.max_switches_per_min as usize).max(1) {
             self.recent.pop_front();
         }
@@ -90,5 +109,17 @@ mod tests {
         assert_eq!(f.check(ms(60_000), &p), Ok(()));
         assert_eq!(f.switches_in_window(ms(3000)), 3);
         assert_eq!(f.switches_in_window(ms(61_500)), 1);
+    }
+
+    #[test]
+    fn only_chosen_switches_and_their_retries_are_governed() {
+        let p = Policy::default();
+        let mut f = AntiFlap::default();
+        assert!(f.governs(true));
+        assert!(!f.governs(false));
+        f.hold();
+        assert!(f.governs(false), "the retry of a refused switch");
+        f.record(ms(0), &p);
+        assert!(!f.governs(false));
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use jvpn_proto::crypto::{ChannelBinding, PROOF_LEN};
+use jvpn_proto::pb::session::Reject;
 use jvpn_proto::{Incarnation, Mono, NodeId, ReasonCode, SessionId};
 
 use super::fsm::State;
@@ -61,14 +62,29 @@ pub struct Rejection {
     pub retry_after_ms: u64,
     /// Disclosed only to authenticated requesters.
     pub current_binding_epoch: Option<u64>,
+    /// Time left before the session ends without a transport; disclosed only
+    /// to authenticated requesters.
+    pub transport_lost_deadline_ms: Option<u64>,
 }
 
 impl Rejection {
-    pub(super) fn quiet(reason: ReasonCode) -> Self {
+    /// A refusal that discloses nothing beyond its (wire) reason.
+    pub fn quiet(reason: ReasonCode) -> Self {
         Self {
             reason,
             retry_after_ms: 0,
             current_binding_epoch: None,
+            transport_lost_deadline_ms: None,
+        }
+    }
+
+    /// The `Reject` frame the requester gets.
+    pub fn to_frame(&self) -> Reject {
+        Reject {
+            reason: self.wire_reason() as i32,
+            retry_after_ms: self.retry_after_ms,
+            current_binding_epoch: self.current_binding_epoch.unwrap_or(0),
+            transport_lost_deadline_ms: self.transport_lost_deadline_ms.unwrap_or(0),
         }
     }
 

@@ -342,7 +342,13 @@ impl Engine {
         let replaced = s.transport;
         let p = &*s.policy.clone();
         step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated).map_err(Rejection::quiet)?;
-        if let Err((denial, wait)) = s.flap.check(now, p) {
+        let governed = s.flap.governs(replaced.is_some());
+        if let Err((denial, wait)) = if governed {
+            s.flap.check(now, p)
+        } else {
+            Ok(())
+        } {
+            s.flap.hold();
             step(&mut self.out, p, now, id, s, Event::SwitchDenied(denial))
                 .map_err(Rejection::quiet)?;
             // Anti-flap never kills a session inside its TTL: keep it alive
@@ -356,6 +362,7 @@ impl Engine {
                 reason: denial.reason(),
                 retry_after_ms: ceil_millis(wait),
                 current_binding_epoch: Some(s.epoch),
+                transport_lost_deadline_ms: deadline_in(s, now),
             });
         }
         // Commit.
@@ -371,7 +378,9 @@ impl Engine {
                 .clone()
                 .unwrap_or_else(|| unreachable!("verified against fallback"))
         };
-        s.flap.record(now, p);
+        if governed {
+            s.flap.record(now, p);
+        }
         step(&mut self.out, p, now, id, s, Event::SwitchAllowed).map_err(Rejection::quiet)?;
         s.transport = Some(conn.transport);
         s.last_rx = now;
@@ -529,7 +538,15 @@ fn refuse(
         reason,
         retry_after_ms: 0,
         current_binding_epoch: epoch,
+        transport_lost_deadline_ms: deadline_in(s, now),
     }
+}
+
+/// Milliseconds until the session's transport-lost deadline, rounded down so
+/// an agent never waits past it; `None` while it has a transport.
+fn deadline_in(s: &Session, now: Mono) -> Option<u64> {
+    s.lost_deadline
+        .map(|d| (d.saturating_since(now).as_millis() as u64).max(1))
 }
 
 /// Applies one table transition with all its effects: version, counters,

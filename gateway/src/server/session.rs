@@ -209,11 +209,7 @@ fn resume_once(
     let count = |reason: &'static str| counter!(m::RESUMES, "result" => reason).increment(1);
     let Some(req) = ResumeRequest::from_wire(r) else {
         count(ReasonCode::UnknownSession.as_str());
-        return Err(Rejection {
-            reason: ReasonCode::UnknownSession,
-            retry_after_ms: 0,
-            current_binding_epoch: None,
-        });
+        return Err(Rejection::quiet(ReasonCode::UnknownSession));
     };
     let sid = req.session_id;
     let shard = shard_of(&sid, shared.shards.len());
@@ -345,7 +341,7 @@ async fn session_loop(
                         }
                         Kind::ResumeOk(ok)
                     }
-                    Err(rej) => Kind::Reject(reject_frame(&rej)),
+                    Err(rej) => Kind::Reject(rej.to_frame()),
                 }
             }
             _ => {
@@ -382,16 +378,8 @@ async fn within(
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-fn reject_frame(rej: &Rejection) -> Reject {
-    Reject {
-        reason: rej.wire_reason() as i32,
-        retry_after_ms: rej.retry_after_ms,
-        current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
-    }
-}
-
 async fn send_rejection<W: AsyncWrite + Unpin>(w: &mut W, rej: &Rejection) -> std::io::Result<()> {
-    write_frame(w, Kind::Reject(reject_frame(rej))).await
+    write_frame(w, Kind::Reject(rej.to_frame())).await
 }
 
 pub(super) async fn send_reject<W: AsyncWrite + Unpin>(
@@ -404,6 +392,7 @@ pub(super) async fn send_reject<W: AsyncWrite + Unpin>(
         reason: reason as i32,
         retry_after_ms,
         current_binding_epoch: epoch,
+        ..Reject::default()
     };
     write_frame(w, Kind::Reject(r)).await
 }

@@ -14,7 +14,7 @@ use jvpn_gateway::engine::{
 };
 use jvpn_proto::client::ClientSession;
 use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
-use jvpn_proto::pb::session::{Reject, Resume};
+use jvpn_proto::pb::session::Resume;
 use jvpn_proto::testkit::SimConn;
 use jvpn_proto::token::TOKEN_LEN;
 use jvpn_proto::{Incarnation, NodeId, SessionId};
@@ -221,11 +221,7 @@ impl Agent {
                 self.transport = w.transport;
             }
             Err(rej) => {
-                self.session.apply_reject(&Reject {
-                    reason: rej.wire_reason() as i32,
-                    retry_after_ms: rej.retry_after_ms,
-                    current_binding_epoch: rej.current_binding_epoch.unwrap_or(0),
-                });
+                self.session.apply_reject(&rej.to_frame());
             }
         }
     }
