@@ -249,6 +249,10 @@ pub async fn keep_alive(
             }
         };
         let Some(e) = lost else { continue };
+        // Close the lost transport before anything else: the gateway then
+        // sees a loss and takes the RESUME as a recovery, not as a switch
+        // away from a live transport (design note 30).
+        drop(t);
         if let AgentError::Protocol(_) = e {
             update(&report, |r| r.protocol_violations += 1);
         }

@@ -114,6 +114,11 @@ pub struct ClusterConfig {
     /// shorter than the routers' failure timeout.
     #[serde(default = "default_lease_timeout_ms")]
     pub lease_timeout_ms: u64,
+    /// Once leased, a gateway that no router has leased for this long exits
+    /// (75) rather than rejoin: routers may have forgotten that a newer
+    /// incarnation replaced it. 0: never.
+    #[serde(default = "default_unleased_exit_ms")]
+    pub unleased_exit_ms: u64,
 }
 
 fn default_cluster_name() -> String {
@@ -127,6 +132,11 @@ fn default_heartbeat_interval_ms() -> u64 {
 }
 fn default_lease_timeout_ms() -> u64 {
     750
+}
+
+/// The routers' tombstone lifetime at their defaults (60 × 1 s).
+fn default_unleased_exit_ms() -> u64 {
+    60_000
 }
 
 /// Membership files read at startup.

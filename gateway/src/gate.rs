@@ -379,6 +379,7 @@ mod tests {
             Incarnation(7),
             &["a:1".into(), "b:1".into(), "c:1".into()],
             Duration::from_millis(750),
+            Duration::from_secs(60),
             std::time::Instant::now(),
         );
         let ring = empty_ring(&keys);

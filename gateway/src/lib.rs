@@ -29,6 +29,7 @@ pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+pub mod incarnation;
 pub mod issuer;
 pub mod membership;
 pub mod metrics;

@@ -64,6 +64,11 @@ pub struct Cluster {
     pub incarnation: Incarnation,
     links: Vec<Arc<RouterLink>>,
     lease_timeout: Duration,
+    /// End of the latest lease any router granted, ns on the lease clock;
+    /// 0 = never leased.
+    last_lease_end: AtomicU64,
+    /// See [`Cluster::abandoned`]; zero: never.
+    unleased_exit: Duration,
     state: AtomicU8,
     sessions: AtomicU64,
     superseded: watch::Sender<bool>,
@@ -75,6 +80,7 @@ impl Cluster {
         incarnation: Incarnation,
         endpoints: &[String],
         lease_timeout: Duration,
+        unleased_exit: Duration,
         origin: Instant,
     ) -> Arc<Self> {
         let links = endpoints
@@ -95,10 +101,40 @@ impl Cluster {
             incarnation,
             links,
             lease_timeout,
+            last_lease_end: AtomicU64::new(0),
+            unleased_exit,
             state: AtomicU8::new(LocalState::Starting as u8),
             sessions: AtomicU64::new(0),
             superseded: watch::channel(false).0,
         })
+    }
+
+    /// Has this incarnation, once leased, gone without a lease from any
+    /// router for `unleased_exit`? Routers forget superseded incarnations
+    /// after a while (tombstones, or a restart), so rejoining could let it
+    /// undercut a newer process of its node id: it must exit instead.
+    pub fn abandoned(&self, now: Mono) -> bool {
+        let end = self.last_lease_end.load(Ordering::Acquire);
+        let limit = u64::try_from(self.unleased_exit.as_nanos()).unwrap_or(u64::MAX);
+        end != 0 && limit != 0 && now.as_nanos() > end.saturating_add(limit)
+    }
+
+    /// [`Cluster::abandoned`], and if so, tells the server to exit (as if
+    /// superseded: exit 75, and a supervisor starts a newer incarnation).
+    fn exit_if_abandoned(&self) -> Result<(), StreamEnd> {
+        if !self.abandoned(self.now()) {
+            return Ok(());
+        }
+        if !*self.superseded.borrow() {
+            counter!(m::SUPERSEDED).increment(1);
+            warn!(
+                unleased_exit_ms = self.unleased_exit.as_millis() as u64,
+                "no router has leased this incarnation for longer than cluster.unleased_exit_ms; \
+                 exiting instead of rejoining, so it cannot undercut a newer incarnation"
+            );
+            self.superseded.send_replace(true);
+        }
+        Err(StreamEnd::Abandoned)
     }
 
     /// `t` on the clock leases are kept in.
@@ -202,6 +238,8 @@ impl Cluster {
         *lock(&link.router_id) = Some(router_id.to_owned());
         *lock(&link.ring) = Some(ring);
         link.lease_until.store(until.as_nanos(), Ordering::Release);
+        self.last_lease_end
+            .fetch_max(until.as_nanos(), Ordering::AcqRel);
     }
 
     /// Resolves when a router says this incarnation was superseded.
@@ -291,6 +329,9 @@ enum StreamEnd {
     /// A router says this incarnation was superseded.
     #[error("superseded")]
     Superseded,
+    /// Unleased for longer than `cluster.unleased_exit_ms`.
+    #[error("unleased too long")]
+    Abandoned,
 }
 
 impl<T> From<mpsc::error::SendError<T>> for StreamEnd {
@@ -320,6 +361,7 @@ async fn stream_once(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
     let mut sent: VecDeque<(u64, Instant, NodeState)> = VecDeque::new();
+    cluster.exit_if_abandoned()?;
     // The first request must be queued before the call resolves: tonic
     // waits for response headers, which the router sends on the first message.
     let first = request(cluster, link, s, &mut seq, &mut sent);
@@ -333,6 +375,7 @@ async fn stream_once(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                cluster.exit_if_abandoned()?;
                 let req = request(cluster, link, s, &mut seq, &mut sent);
                 tx.send(req).await?;
             }
@@ -373,6 +416,7 @@ fn request(
             .is_some_and(|r| r.view().contains(&cluster.node_id, cluster.incarnation)),
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
         sequence: *seq,
+        incarnation_ordered: true,
     }
 }
 
@@ -389,6 +433,7 @@ fn on_reply(
         cluster.superseded.send_replace(true);
         return Err(StreamEnd::Superseded);
     }
+    cluster.exit_if_abandoned()?;
     let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
         // An echo we no longer remember grants nothing.
         return Ok(());
@@ -435,6 +480,9 @@ fn on_reply(
     let until = cluster.mono(sent_at + lease);
     link.lease_until
         .fetch_max(until.as_nanos(), Ordering::AcqRel);
+    cluster
+        .last_lease_end
+        .fetch_max(until.as_nanos(), Ordering::AcqRel);
     if state == NodeState::Draining {
         link.draining_acked.store(true, Ordering::Release);
     }
@@ -447,4 +495,41 @@ fn view_from(
 ) -> Result<Option<Arc<Ring>>, jvpn_proto::ring::ReplyViewError> {
     let view = jvpn_proto::ring::view_from_reply(reply, keys)?;
     Ok(view.map(|v| Arc::new(Ring::new(v, keys))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(unleased_exit: Duration) -> Arc<Cluster> {
+        Cluster::new(
+            NodeId::new("g1").unwrap(),
+            Incarnation(1),
+            &["a:1".into(), "b:1".into()],
+            Duration::from_millis(750),
+            unleased_exit,
+            Instant::now(),
+        )
+    }
+
+    /// Issue 18 A3: once leased, a gateway that no router leased for longer
+    /// than `cluster.unleased_exit_ms` is abandoned (it exits, never rejoins).
+    #[test]
+    fn a_gateway_unleased_for_too_long_is_abandoned() {
+        let c = cluster(Duration::from_secs(60));
+        let s = Mono::from_millis;
+        assert!(!c.abandoned(s(1_000_000)), "never leased: still starting");
+        c.last_lease_end
+            .fetch_max(s(10_000).as_nanos(), Ordering::AcqRel);
+        assert!(!c.abandoned(s(70_000)), "exactly the limit");
+        assert!(c.abandoned(s(70_001)));
+        // A lease from any router counts.
+        c.last_lease_end
+            .fetch_max(s(65_000).as_nanos(), Ordering::AcqRel);
+        assert!(!c.abandoned(s(70_001)));
+        // Zero: never.
+        let never = cluster(Duration::ZERO);
+        never.last_lease_end.fetch_max(1, Ordering::AcqRel);
+        assert!(!never.abandoned(s(u64::MAX / 2_000_000)));
+    }
 }

@@ -31,6 +31,8 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         build_version: "test".into(),
         sequence: 1,
         in_view: false,
+        // As a gateway one version older sends it.
+        incarnation_ordered: false,
     }
 }
 

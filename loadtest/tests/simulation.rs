@@ -153,7 +153,7 @@ impl World {
             })
             .collect();
         for g in &mut gateways {
-            g.life = Some(new_life(&g.node, &mut rng, &keys));
+            g.life = Some(new_life(&g.node, 0, &mut rng, &keys));
         }
         let agents = (0..AGENTS)
             .map(|i| Agent {
@@ -236,7 +236,7 @@ impl World {
     fn heartbeats(&mut self) {
         for g in 0..GATEWAYS {
             if self.gateways[g].life.is_none() && self.now >= self.gateways[g].restart_at {
-                let life = new_life(&self.gateways[g].node, &mut self.rng, &self.keys);
+                let life = new_life(&self.gateways[g].node, self.now, &mut self.rng, &self.keys);
                 self.gateways[g].life = Some(life);
             }
             if !self.now.is_multiple_of(250) || !self.running(g) {
@@ -256,6 +256,7 @@ impl World {
                     weight: 1,
                     lease_ok: true,
                     in_view: true,
+                    ordered: true,
                 };
                 let router = &self.routers[r];
                 if router.m().on_heartbeat(self.mono(), &hb) == HeartbeatVerdict::Accepted {
@@ -633,8 +634,9 @@ impl World {
     }
 }
 
-fn new_life(node: &NodeId, rng: &mut ChaCha8Rng, keys: &ClusterKeys) -> Life {
-    let incarnation = Incarnation(rng.next_u64());
+/// A process start at `now_ms`, with an ordered incarnation as real gateways have.
+fn new_life(node: &NodeId, now_ms: u64, rng: &mut ChaCha8Rng, keys: &ClusterKeys) -> Life {
+    let incarnation = jvpn_gateway::incarnation::next(now_ms, rng.next_u64() as u16, None);
     let engine = Engine::new(
         EngineConfig {
             node_id: node.clone(),

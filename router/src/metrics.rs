@@ -11,6 +11,7 @@ pub const CONNECT_SECONDS: &str = "jvpn_router_gateway_connect_duration_seconds"
 pub const CONNECT_FAILURES: &str = "jvpn_router_gateway_connect_failures_total";
 pub const CLOSED_ON_DEATH: &str = "jvpn_router_connections_closed_on_member_death_total";
 pub const MEMBERS: &str = "jvpn_router_members";
+pub const TOMBSTONES: &str = "jvpn_router_tombstones";
 pub const MEMBER_ALIVE: &str = "jvpn_router_member_alive";
 pub const MEMBER_PLACEABLE: &str = "jvpn_router_member_placeable";
 pub const CONFIG_RELOADS: &str = "jvpn_router_config_reloads_total";
@@ -55,6 +56,10 @@ pub fn describe() {
         "Gateways known to this router, by state (known, alive, placeable)."
     );
     describe_gauge!(RING_MEMBERS, "Gateways on the current ring.");
+    describe_gauge!(
+        TOMBSTONES,
+        "Superseded gateway incarnations remembered (refused if they come back)."
+    );
     describe_gauge!(
         MEMBER_ALIVE,
         "1 while this router holds a live incarnation of the gateway node_id, else 0."

@@ -159,6 +159,7 @@ pub fn check_request(
         weight: req.weight,
         lease_ok: req.lease_ok,
         in_view: req.in_view,
+        ordered: req.incarnation_ordered,
     })
 }
 

@@ -265,7 +265,7 @@ impl RouterState {
     /// closing the connections of members that stopped being alive.
     pub fn tick(&self) {
         let now = self.now();
-        let (died, placeable, status, unhealthy) = {
+        let (died, placeable, status, unhealthy, tombstones) = {
             let mut mship = lock(&self.membership);
             let died = mship.tick(now);
             (
@@ -273,6 +273,7 @@ impl RouterState {
                 mship.placeable_members(now),
                 mship.status(now),
                 mship.is_unhealthy(),
+                mship.tombstone_count(),
             )
         };
         for (node, inc) in &died {
@@ -310,6 +311,7 @@ impl RouterState {
         gauge!(m::MEMBERS, "state" => "alive").set(n_alive as f64);
         gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
         gauge!(m::UNHEALTHY).set(if unhealthy { 1.0 } else { 0.0 });
+        gauge!(m::TOMBSTONES).set(tombstones as f64);
         gauge!(m::CONNECTIONS_OPEN).set(self.active.load(Ordering::Relaxed) as f64);
     }
 

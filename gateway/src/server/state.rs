@@ -54,6 +54,9 @@ pub enum ServeError {
     /// The heartbeat thread could not be started.
     #[error("membership thread: {0}")]
     Membership(#[source] std::io::Error),
+    /// The new incarnation could not be recorded in `state_dir`.
+    #[error(transparent)]
+    Incarnation(#[from] crate::incarnation::IncarnationError),
 }
 
 /// Why a SIGHUP reload was refused (the running configuration stays).
@@ -254,7 +257,7 @@ impl Shared {
 }
 
 pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
-    let incarnation = Incarnation(rand::rng().next_u64());
+    let incarnation = crate::incarnation::start(cfg.raw.state_dir.as_deref())?;
     let tokenless = !cfg.dev_tokens.is_empty();
     let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
     let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -327,6 +330,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
                 incarnation,
                 &cfg.raw.cluster.membership_endpoints,
                 Duration::from_millis(cfg.raw.cluster.lease_timeout_ms),
+                Duration::from_millis(cfg.raw.cluster.unleased_exit_ms),
                 origin,
             )
         }),

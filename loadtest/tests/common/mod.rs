@@ -264,7 +264,7 @@ pub async fn close_clean(c: &LocalCluster, fleet: Fleet) -> Vec<AgentReport> {
 /// every `every`, until stopped.
 pub struct HelloLoad {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<(String, Instant)>>,
+    task: tokio::task::JoinHandle<Vec<(String, u64, Instant)>>,
 }
 
 impl HelloLoad {
@@ -278,7 +278,8 @@ impl HelloLoad {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut a = Agent::new(cfg.clone()).unwrap();
                 if a.hello().await.is_ok() {
-                    placed.push((a.session.as_ref().unwrap().node_id.clone(), Instant::now()));
+                    let s = a.session.as_ref().unwrap();
+                    placed.push((s.node_id.clone(), s.incarnation, Instant::now()));
                 }
                 tokio::time::sleep(every).await;
             }
@@ -289,6 +290,12 @@ impl HelloLoad {
 
     /// Stops it: which gateway answered each `HelloOk`, and when it was read.
     pub async fn stop(self) -> Vec<(String, Instant)> {
+        let placed = self.stop_with_incarnations().await;
+        placed.into_iter().map(|(n, _, t)| (n, t)).collect()
+    }
+
+    /// [`HelloLoad::stop`], with the incarnation that answered each.
+    pub async fn stop_with_incarnations(self) -> Vec<(String, u64, Instant)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap()
     }

@@ -84,6 +84,8 @@ pub struct Heartbeat {
     pub lease_ok: bool,
     /// The gateway holds a view from this router that contains it.
     pub in_view: bool,
+    /// `incarnation` is ordered: larger is newer (older gateways: arrival order).
+    pub ordered: bool,
 }
 
 /// The answer to one heartbeat.
@@ -108,6 +110,8 @@ pub enum OwnerRoute {
 #[derive(Clone, Debug)]
 struct Member {
     incarnation: Incarnation,
+    /// The incarnation is ordered (see [`Heartbeat::ordered`]).
+    ordered: bool,
     addr: SocketAddr,
     state: NodeState,
     weight: u32,
@@ -214,8 +218,14 @@ impl Membership {
         if let Some(m) = self.members.get(&hb.node_id)
             && m.incarnation != hb.incarnation
         {
-            // A new incarnation supersedes the old one at once (incarnations
-            // are random: order is by arrival, and the old one is tombstoned).
+            if m.ordered && hb.ordered && hb.incarnation < m.incarnation {
+                // An older process of this node id (it was paused, or this
+                // router restarted and heard the new one first): it lost.
+                return HeartbeatVerdict::Superseded;
+            }
+            // A newer incarnation supersedes the old one at once (between
+            // unordered incarnations, newer means later to arrive), and the
+            // old one is tombstoned.
             let old = m.incarnation;
             self.tombstones.insert((hb.node_id.clone(), old), now);
             self.trim_tombstones(&hb.node_id);
@@ -228,6 +238,7 @@ impl Membership {
             .entry(hb.node_id.clone())
             .or_insert_with(|| Member {
                 incarnation: hb.incarnation,
+                ordered: hb.ordered,
                 addr: hb.addr,
                 state: hb.state,
                 weight: hb.weight,

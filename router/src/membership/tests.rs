@@ -11,6 +11,15 @@ fn hb(node: &str, inc: u64) -> Heartbeat {
         weight: 1,
         lease_ok: true,
         in_view: true,
+        ordered: true,
+    }
+}
+
+/// A heartbeat from a gateway older than ordered incarnations.
+fn legacy_hb(node: &str, inc: u64) -> Heartbeat {
+    Heartbeat {
+        ordered: false,
+        ..hb(node, inc)
     }
 }
 
@@ -338,5 +347,66 @@ fn tombstones_per_node_are_bounded() {
     assert_eq!(
         m.on_heartbeat(Mono::from_millis(1_001), &hb("g1", 999)),
         HeartbeatVerdict::Superseded
+    );
+}
+
+/// Issue 18 A3: an older incarnation never supersedes a newer one, in
+/// whichever order a router hears them (a router that restarted may hear
+/// the old, paused process first).
+#[test]
+fn an_older_ordered_incarnation_never_supersedes_a_newer_one() {
+    let g1 = NodeId::new("g1").unwrap();
+    for first_old in [false, true] {
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+        let (old, new) = (hb("g1", 100), hb("g1", 200));
+        let order = if first_old {
+            [&old, &new]
+        } else {
+            [&new, &old]
+        };
+        let verdicts: Vec<_> = order
+            .iter()
+            .enumerate()
+            .map(|(i, h)| m.on_heartbeat(Mono::from_millis(10 * i as u64), h))
+            .collect();
+        let want = if first_old {
+            vec![HeartbeatVerdict::Accepted, HeartbeatVerdict::Accepted]
+        } else {
+            vec![HeartbeatVerdict::Accepted, HeartbeatVerdict::Superseded]
+        };
+        assert_eq!(verdicts, want, "old first: {first_old}");
+        // Either way the old one is refused from now on, tombstones or not.
+        assert_eq!(
+            m.on_heartbeat(Mono::from_millis(100_000), &old),
+            HeartbeatVerdict::Superseded
+        );
+        assert!(matches!(
+            m.route(Mono::from_millis(100_000), Some((&g1, Incarnation(200)))),
+            OwnerRoute::Alive(_) | OwnerRoute::Unreachable
+        ));
+    }
+}
+
+/// Rolling upgrade: between unordered incarnations (a gateway one version
+/// older), the newest to arrive still wins, as before.
+#[test]
+fn unordered_incarnations_keep_arrival_order() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    assert_eq!(
+        m.on_heartbeat(Mono::ZERO, &legacy_hb("g1", 200)),
+        HeartbeatVerdict::Accepted
+    );
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(10), &legacy_hb("g1", 100)),
+        HeartbeatVerdict::Accepted
+    );
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(20), &legacy_hb("g1", 200)),
+        HeartbeatVerdict::Superseded
+    );
+    // An upgraded process (ordered) supersedes an unordered one by arrival.
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(30), &hb("g1", 50)),
+        HeartbeatVerdict::Accepted
     );
 }
