@@ -456,7 +456,8 @@ impl World {
             .as_mut()
             .unwrap()
             .client
-            .build_resume(&conn);
+            .build_resume(&conn)
+            .unwrap();
         let req = ResumeRequest::from_wire(&sent).unwrap();
         let id = req.session_id;
         let life = self.gateways[g].life.as_mut().unwrap();

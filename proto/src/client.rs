@@ -31,13 +31,20 @@ use crate::{ReasonCode, SessionId};
 /// What a client needs of one TLS connection: RFC 8446 §7.5 exporters.
 pub trait Exporter {
     /// 32 bytes of keying material for `label` and `context`.
-    fn export(&self, label: &[u8], context: &[u8]) -> [u8; 32];
+    /// Never all zeros on failure: an error (issue 18 L2).
+    fn export(&self, label: &[u8], context: &[u8]) -> Result<[u8; 32], ExportError>;
 
     /// The connection's channel binding (RFC 9266 label, empty context).
-    fn channel_binding(&self) -> ChannelBinding {
+    fn channel_binding(&self) -> Result<ChannelBinding, ExportError> {
         self.export(CHANNEL_BINDING_LABEL, &[])
     }
 }
+
+/// The TLS exporter gave no keying material (e.g. the handshake is not
+/// complete): nothing may be keyed or proven on that connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the TLS exporter gave no keying material")]
+pub struct ExportError;
 
 /// Why an answer from the gateway was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +58,9 @@ pub enum ClientError {
     /// The routing token's key id does not fit the preamble's byte.
     #[error("bad token key id")]
     TokenKeyId,
+    /// The connection's exporter failed: fail closed, never a zero key.
+    #[error(transparent)]
+    Export(#[from] ExportError),
     /// A `ResumeOk` from another node or incarnation than the one that
     /// issued the session: a silent migration attempt, refused.
     #[error("ResumeOk from {got}, session belongs to {expected}")]
@@ -127,7 +137,7 @@ impl ClientSession {
             .map_err(|_| ClientError::Token)?;
         let key_id = u8::try_from(ok.token_key_id).map_err(|_| ClientError::TokenKeyId)?;
         let key = ResumeKey::new(
-            conn.export(RESUME_KEY_LABEL, &resume_key_context(&id, ok.binding_epoch)),
+            conn.export(RESUME_KEY_LABEL, &resume_key_context(&id, ok.binding_epoch))?,
         );
         Ok(Self {
             id,
@@ -182,18 +192,18 @@ impl ClientSession {
 
     /// The next `Resume`, bound to `conn` (the counter advances, so a
     /// captured one can never be replayed as new).
-    pub fn build_resume(&mut self, conn: &impl Exporter) -> Resume {
+    pub fn build_resume(&mut self, conn: &impl Exporter) -> Result<Resume, ClientError> {
+        let binding = conn.channel_binding()?;
         self.counter += 1;
-        let binding = conn.channel_binding();
         let proof = self
             .key
             .resume_proof(&self.id, self.counter, self.binding_epoch, &binding);
-        Resume {
+        Ok(Resume {
             session_id: self.id.as_bytes().to_vec(),
             counter: self.counter,
             binding_epoch: self.binding_epoch,
             proof: proof.to_vec(),
-        }
+        })
     }
 
     /// Applies the `ResumeOk` that answered `sent` on `conn`: the owner must
@@ -212,7 +222,7 @@ impl ClientSession {
                 got: format!("{}/{:016x}", ok.node_id, ok.incarnation),
             });
         }
-        let binding = conn.channel_binding();
+        let binding = conn.channel_binding()?;
         if !self.key.verify_server_proof(
             &self.id,
             sent.counter,
@@ -222,12 +232,13 @@ impl ClientSession {
         ) {
             return Err(ClientError::ServerProof);
         }
-        self.binding_epoch = ok.binding_epoch;
-        self.state_version = ok.state_version;
-        self.key = ResumeKey::new(conn.export(
+        let next_key = ResumeKey::new(conn.export(
             RESUME_KEY_LABEL,
             &resume_key_context(&self.id, ok.binding_epoch),
-        ));
+        )?);
+        self.binding_epoch = ok.binding_epoch;
+        self.state_version = ok.state_version;
+        self.key = next_key;
         // A malformed token leaves the previous one, which still routes.
         if let (Ok(tok), Ok(id)) = (
             <[u8; TOKEN_LEN]>::try_from(ok.resume_token.as_slice()),
@@ -276,7 +287,7 @@ mod tests {
             policy: None,
             token_key_id: 2,
         };
-        let key = ResumeKey::new(conn.export(RESUME_KEY_LABEL, &resume_key_context(&id, 1)));
+        let key = conn.resume_key(&resume_key_context(&id, 1));
         (ok, key)
     }
 
@@ -291,7 +302,7 @@ mod tests {
             binding_epoch: epoch,
             resume_token: vec![4; TOKEN_LEN],
             server_proof: key
-                .server_proof(&id, r.counter, epoch, &conn.channel_binding())
+                .server_proof(&id, r.counter, epoch, &conn.binding())
                 .to_vec(),
             token_key_id: 3,
         }
@@ -303,13 +314,13 @@ mod tests {
         let (ok, key) = hello_ok(&c0);
         let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
         let c1 = SimConn(2);
-        let r1 = s.build_resume(&c1);
-        let r2 = s.build_resume(&c1);
+        let r1 = s.build_resume(&c1).unwrap();
+        let r2 = s.build_resume(&c1).unwrap();
         assert_eq!((r1.counter, r2.counter), (1, 2));
         let proof: [u8; 32] = r1.proof.as_slice().try_into().unwrap();
-        assert!(key.verify_resume_proof(&s.id, 1, 1, &c1.channel_binding(), &proof));
+        assert!(key.verify_resume_proof(&s.id, 1, 1, &c1.binding(), &proof));
         // Bound to its connection: the same proof does not verify on another.
-        assert!(!key.verify_resume_proof(&s.id, 1, 1, &c0.channel_binding(), &proof));
+        assert!(!key.verify_resume_proof(&s.id, 1, 1, &c0.binding(), &proof));
     }
 
     #[test]
@@ -319,7 +330,7 @@ mod tests {
         let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
         assert_eq!(s.token_key_id(), 2);
         let c1 = SimConn(2);
-        let r = s.build_resume(&c1);
+        let r = s.build_resume(&c1).unwrap();
         s.apply_resume_ok(&r, &resume_ok(&key, &r, &c1, 2), &c1)
             .unwrap();
         assert_eq!(
@@ -327,11 +338,11 @@ mod tests {
             (2, 2, 3)
         );
         // The next proof is under the key exported from c1.
-        let next = ResumeKey::new(c1.export(RESUME_KEY_LABEL, &resume_key_context(&s.id, 2)));
+        let next = c1.resume_key(&resume_key_context(&s.id, 2));
         let c2 = SimConn(3);
-        let r = s.build_resume(&c2);
+        let r = s.build_resume(&c2).unwrap();
         let proof: [u8; 32] = r.proof.as_slice().try_into().unwrap();
-        assert!(next.verify_resume_proof(&s.id, 2, 2, &c2.channel_binding(), &proof));
+        assert!(next.verify_resume_proof(&s.id, 2, 2, &c2.binding(), &proof));
     }
 
     #[test]
@@ -340,7 +351,7 @@ mod tests {
         let (ok, key) = hello_ok(&c0);
         let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
         let c1 = SimConn(2);
-        let r = s.build_resume(&c1);
+        let r = s.build_resume(&c1).unwrap();
         let mut other = resume_ok(&key, &r, &c1, 2);
         other.incarnation = 8;
         assert!(matches!(
@@ -387,6 +398,36 @@ mod tests {
         });
         assert!(advice.session_gone && !advice.retry_here);
         assert_eq!(advice.deadline, None, "0 means not said");
+    }
+
+    /// Issue 18 L2: an exporter failure is an error at every step, never an
+    /// all-zero key or binding, and changes nothing.
+    #[test]
+    fn a_failing_exporter_fails_closed() {
+        use crate::testkit::BrokenConn;
+        let c0 = SimConn(1);
+        let (ok, key) = hello_ok(&c0);
+        assert_eq!(
+            ClientSession::from_hello_ok(ok.clone(), &BrokenConn).unwrap_err(),
+            ClientError::Export(ExportError)
+        );
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        let before = (s.counter, s.binding_epoch);
+        assert_eq!(
+            s.build_resume(&BrokenConn).unwrap_err(),
+            ClientError::Export(ExportError)
+        );
+        assert_eq!((s.counter, s.binding_epoch), before, "no counter spent");
+        let c1 = SimConn(2);
+        let r = s.build_resume(&c1).unwrap();
+        let answer = resume_ok(&key, &r, &c1, 2);
+        assert_eq!(
+            s.apply_resume_ok(&r, &answer, &BrokenConn).unwrap_err(),
+            ClientError::Export(ExportError)
+        );
+        assert_eq!(s.binding_epoch, 1, "nothing changed");
+        s.apply_resume_ok(&r, &answer, &c1).unwrap();
+        assert_eq!(s.binding_epoch, 2);
     }
 
     /// `Reject` as gateways and agents before `transport_lost_deadline_ms`.

@@ -3,7 +3,7 @@
 //! ([`crate::client`]) and the gateway's engine can be driven in memory.
 //! Not for production: its keys are a public function of the connection id.
 
-use crate::client::Exporter;
+use crate::client::{ExportError, Exporter};
 use crate::crypto::{ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
 
 /// One simulated connection, named by an id unique within a test.
@@ -11,7 +11,14 @@ use crate::crypto::{ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
 pub struct SimConn(pub u64);
 
 impl Exporter for SimConn {
-    fn export(&self, label: &[u8], context: &[u8]) -> [u8; 32] {
+    fn export(&self, label: &[u8], context: &[u8]) -> Result<[u8; 32], ExportError> {
+        Ok(self.material(label, context))
+    }
+}
+
+impl SimConn {
+    /// The simulated exporter (it never fails).
+    pub fn material(&self, label: &[u8], context: &[u8]) -> [u8; 32] {
         let mut h = blake3::Hasher::new_keyed(&[7; 32]);
         h.update(&self.0.to_be_bytes());
         h.update(&(label.len() as u64).to_be_bytes());
@@ -19,16 +26,25 @@ impl Exporter for SimConn {
         h.update(context);
         *h.finalize().as_bytes()
     }
-}
 
-impl SimConn {
     /// What the gateway's exporter closure gives the engine for `context`.
     pub fn resume_key(&self, context: &[u8]) -> ResumeKey {
-        ResumeKey::new(self.export(RESUME_KEY_LABEL, context))
+        ResumeKey::new(self.material(RESUME_KEY_LABEL, context))
     }
 
     /// The connection's channel binding, as the gateway passes it.
     pub fn binding(&self) -> ChannelBinding {
-        self.channel_binding()
+        self.material(crate::crypto::CHANNEL_BINDING_LABEL, &[])
+    }
+}
+
+/// A connection whose exporter always fails (a handshake that never
+/// completed), for fail-closed tests.
+#[derive(Clone, Copy, Debug)]
+pub struct BrokenConn;
+
+impl Exporter for BrokenConn {
+    fn export(&self, _label: &[u8], _context: &[u8]) -> Result<[u8; 32], ExportError> {
+        Err(ExportError)
     }
 }

@@ -121,6 +121,12 @@ pub struct MembershipSection {
     /// sources share one overflow allowance (fail closed).
     #[serde(default = "default_membership_sources")]
     pub max_sources: usize,
+    /// Gateway source IPs that always get a place on the membership port
+    /// (within `max_connections_per_source`), even when strangers filled
+    /// the table; sources of authenticated heartbeat streams are added
+    /// while the router runs. For the first minutes after a router restart.
+    #[serde(default)]
+    pub reserved_sources: Vec<IpAddr>,
 }
 
 fn default_membership_per_source() -> u32 {

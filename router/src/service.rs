@@ -16,6 +16,7 @@ use jvpn_proto::pb::membership::membership_server::Membership as MembershipRpc;
 use jvpn_proto::pb::membership::{
     HeartbeatReply, HeartbeatRequest, NodeState as PbState, RingParameters, ViewMember,
 };
+use jvpn_runtime::admission::SourceKey;
 use metrics::counter;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -193,6 +194,11 @@ impl MembershipRpc for Service {
         let cluster = &self.state.cfg.raw.cluster.name;
         let peer = identity_of(leaf.as_ref(), cluster)
             .map_err(|e| refuse(Refusal::Identity, e.to_string()))?;
+        // A certified gateway: keep room for its address (issue 18 M3).
+        if let Some(addr) = request.remote_addr() {
+            self.state
+                .reserve_membership_source(SourceKey::from(addr.ip()));
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<HeartbeatReply, Status>>(4);
         let state = self.state.clone();

@@ -43,7 +43,14 @@ struct Concurrency {
     capacity: usize,
     table: HashMap<SourceKey, u32>,
     overflow: u32,
+    /// Sources that get a table entry even when it is full (issue 18 M3):
+    /// configured ones (never forgotten) and those that proved to be
+    /// gateways, with when they last did (at most [`RESERVED_LEARNED`]).
+    reserved: HashMap<SourceKey, Option<Mono>>,
 }
+
+/// Learned reserved sources kept at most; the oldest is forgotten first.
+const RESERVED_LEARNED: usize = 1_024;
 
 /// Which slot a connection holds, to give it back.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +67,29 @@ impl Concurrency {
             capacity,
             table: HashMap::new(),
             overflow: 0,
+            reserved: HashMap::new(),
+        }
+    }
+
+    /// `key` always gets an entry: `at = None` configured, else learned at `at`.
+    fn reserve(&mut self, key: SourceKey, at: Option<Mono>) {
+        match self.reserved.get_mut(&key) {
+            Some(Some(t)) => *t = at.map_or(*t, |a| a.max(*t)),
+            Some(None) => {}
+            None => {
+                let learned = self.reserved.values().filter(|v| v.is_some()).count();
+                if at.is_some() && learned >= RESERVED_LEARNED {
+                    let oldest = self
+                        .reserved
+                        .iter()
+                        .filter_map(|(k, v)| v.map(|t| (t, *k)))
+                        .min_by_key(|(t, _)| *t);
+                    if let Some((_, k)) = oldest {
+                        self.reserved.remove(&k);
+                    }
+                }
+                self.reserved.insert(key, at);
+            }
         }
     }
 
@@ -71,7 +101,7 @@ impl Concurrency {
             *n += 1;
             return Some(Slot::Source(key));
         }
-        if self.table.len() < self.capacity {
+        if self.table.len() < self.capacity || self.reserved.contains_key(&key) {
             self.table.insert(key, 1);
             return Some(Slot::Source(key));
         }
@@ -165,8 +195,11 @@ impl RouterState {
             per_gateway: HashMap::new(),
         };
         let mc = &cfg.raw.membership;
-        let membership_conns =
+        let mut membership_conns =
             Concurrency::new("membership", mc.max_connections_per_source, mc.max_sources);
+        for ip in &mc.reserved_sources {
+            membership_conns.reserve(SourceKey::from(*ip), None);
+        }
         let params = RingParams {
             vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
         };
@@ -502,6 +535,13 @@ impl RouterState {
         lock(&self.membership_conns).release(slot);
     }
 
+    /// `source` opened an authenticated heartbeat stream: from now on it
+    /// gets a membership connection even when strangers filled the table.
+    pub fn reserve_membership_source(&self, source: SourceKey) {
+        let now = self.now();
+        lock(&self.membership_conns).reserve(source, Some(now));
+    }
+
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
     pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
         let now = self.now();
@@ -552,5 +592,34 @@ mod tests {
         c.release(Slot::Source(key(2)));
         assert!(!c.table.contains_key(&key(2)));
         assert!(matches!(c.acquire(key(6)), Some(Slot::Source(_))));
+    }
+
+    /// Issue 18 M3: strangers filling the membership port's source table
+    /// cannot keep a known gateway out.
+    #[test]
+    fn reserved_sources_get_in_when_strangers_filled_the_table() {
+        let mut c = Concurrency::new("test", 2, 2);
+        c.reserve(key(100), None);
+        c.reserve(key(101), Some(Mono::from_millis(5)));
+        let _s1 = c.acquire(key(1)).unwrap();
+        let _s2 = c.acquire(key(2)).unwrap();
+        let _o1 = c.acquire(key(3)).unwrap();
+        let _o2 = c.acquire(key(4)).unwrap();
+        assert!(c.acquire(key(5)).is_none(), "strangers: full");
+        for k in [100, 101] {
+            assert!(matches!(c.acquire(key(k)), Some(Slot::Source(_))), "{k}");
+            assert!(c.acquire(key(k)).is_some());
+            assert!(c.acquire(key(k)).is_none(), "still the per-source cap");
+        }
+        // Learned reservations are bounded; configured ones are never dropped.
+        for i in 0..(RESERVED_LEARNED as u32 + 10) {
+            c.reserve(key(10_000 + i), Some(Mono::from_millis(10 + u64::from(i))));
+        }
+        assert_eq!(c.reserved.len(), RESERVED_LEARNED + 1);
+        assert!(c.reserved.contains_key(&key(100)));
+        assert!(
+            !c.reserved.contains_key(&key(101)),
+            "the oldest learned one went"
+        );
     }
 }

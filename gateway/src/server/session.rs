@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use jvpn_proto::client::ExportError;
 use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
 use jvpn_proto::pb::session::{GoAway, Pong, Reject, ResumeOk, Terminate, frame::Kind};
 use jvpn_proto::{ReasonCode, SessionId};
@@ -42,18 +43,30 @@ fn cert_expiry(der: &[u8], now: Mono) -> Option<Mono> {
     Some(now + Duration::from_secs(left))
 }
 
-fn export(tls: &Tls, label: &[u8], ctx: &[u8]) -> [u8; 32] {
+/// Keying material from a TLS connection; an error (never zeros) if it has
+/// none (issue 18 L2).
+fn export(
+    conn: &rustls::ServerConnection,
+    label: &[u8],
+    ctx: &[u8],
+) -> Result<[u8; 32], ExportError> {
     let mut out = [0u8; 32];
-    // Exporters exist once the handshake completed, which it has here.
-    let _ = tls
-        .get_ref()
-        .1
-        .export_keying_material(&mut out, label, Some(ctx));
-    out
+    conn.export_keying_material(&mut out, label, Some(ctx))
+        .map_err(|_| ExportError)?;
+    Ok(out)
 }
 
-fn channel_binding(tls: &Tls) -> ChannelBinding {
-    export(tls, CHANNEL_BINDING_LABEL, &[])
+fn channel_binding(tls: &Tls) -> Result<ChannelBinding, ExportError> {
+    export(tls.get_ref().1, CHANNEL_BINDING_LABEL, &[])
+}
+
+/// The session key the engine stores. The channel binding of this
+/// connection was exported already, so this cannot fail; if it ever did, a
+/// random key fails closed (no proof made by the agent would verify).
+fn resume_key(tls: &Tls, ctx: &[u8]) -> ResumeKey {
+    ResumeKey::new(
+        export(tls.get_ref().1, RESUME_KEY_LABEL, ctx).unwrap_or_else(|_| rand::random()),
+    )
 }
 
 pub(super) async fn do_hello(
@@ -70,6 +83,10 @@ pub(super) async fn do_hello(
         let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
         return Err(ConnReject::ProtocolError);
     }
+    let Ok(binding) = channel_binding(&tls) else {
+        refuse(ReasonCode::ProtocolError);
+        return Err(ConnReject::ProtocolError);
+    };
     let now = shared.now();
     let (principal, credential_expiry): (Arc<str>, Option<Mono>) =
         match tls.get_ref().1.peer_certificates() {
@@ -114,7 +131,7 @@ pub(super) async fn do_hello(
                 principal,
                 credential_expiry,
             },
-            |ctx| ResumeKey::new(export(&tls, RESUME_KEY_LABEL, ctx)),
+            |ctx| resume_key(&tls, ctx),
         )
     });
     let acc = match r {
@@ -152,7 +169,13 @@ pub(super) async fn do_hello(
     }
     counter!(m::HELLOS, "result" => "ok").increment(1);
     histogram!(m::HELLO_SECONDS).record(accepted_at.elapsed().as_secs_f64());
-    session_loop(shared, shard, acc.session_id, transport, tls, buf, rx).await;
+    let at = Attached {
+        shard,
+        sid: acc.session_id,
+        transport,
+        binding,
+    };
+    session_loop(shared, at, tls, buf, rx).await;
     Ok(())
 }
 
@@ -164,7 +187,10 @@ pub(super) async fn do_resume(
     accepted_at: Instant,
 ) -> Result<(), ConnReject> {
     let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
-    let binding = channel_binding(&tls);
+    let Ok(binding) = channel_binding(&tls) else {
+        counter!(m::RESUMES, "result" => ReasonCode::ProtocolError.as_str()).increment(1);
+        return Err(ConnReject::ProtocolError);
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     // A client may retry on the same connection (e.g. after stale_binding);
     // each attempt carries a fresh counter and is bound to this connection.
@@ -178,7 +204,13 @@ pub(super) async fn do_resume(
                     return Ok(());
                 }
                 histogram!(m::RESUME_SECONDS).record(accepted_at.elapsed().as_secs_f64());
-                session_loop(shared, shard, sid, transport, tls, buf, rx).await;
+                let at = Attached {
+                    shard,
+                    sid,
+                    transport,
+                    binding,
+                };
+                session_loop(shared, at, tls, buf, rx).await;
                 return Ok(());
             }
             Err(rej) => {
@@ -219,7 +251,7 @@ fn resume_once(
     let now = shared.now();
     let res = shared.with_engine(shard, |e| {
         e.resume(now, &req, Conn { transport, binding }, |ctx| {
-            ResumeKey::new(export(tls, RESUME_KEY_LABEL, ctx))
+            resume_key(tls, ctx)
         })
     });
     match res {
@@ -248,17 +280,28 @@ fn resume_once(
     }
 }
 
-/// The attached connection: answer pings, echo data, watch for control.
-async fn session_loop(
-    shared: &Arc<Shared>,
+/// Which session a connection is attached to, and that connection's binding.
+struct Attached {
     shard: usize,
     sid: SessionId,
     transport: TransportId,
+    binding: ChannelBinding,
+}
+
+/// The attached connection: answer pings, echo data, watch for control.
+async fn session_loop(
+    shared: &Arc<Shared>,
+    at: Attached,
     mut tls: Tls,
     mut buf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Control>,
 ) {
-    let binding = channel_binding(&tls);
+    let Attached {
+        shard,
+        sid,
+        transport,
+        binding,
+    } = at;
     let (interval_ms, timeout_ms) = shared
         .with_engine(shard, |e| {
             e.session(&sid).map(|s| {

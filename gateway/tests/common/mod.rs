@@ -183,7 +183,7 @@ pub struct Wire {
 impl Agent {
     /// Builds a RESUME for a new connection `t` (the counter advances).
     pub fn build(&mut self, t: TransportId) -> Wire {
-        let r = self.session.build_resume(&conn(t));
+        let r = self.session.build_resume(&conn(t)).unwrap();
         Wire {
             id: self.session.id,
             counter: r.counter,
