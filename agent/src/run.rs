@@ -469,7 +469,10 @@ async fn reattach(
                         s.capped_retry_after_ms(remaining.as_millis() as u64),
                     )),
                     _ => None,
-                };
+                }
+                // No hint (e.g. `bad_preamble` from a router that cannot
+                // open our token) is no reason to retry at once: back off.
+                .filter(|d| !d.is_zero());
                 let wait = match (hint, overloaded) {
                     (Some(h), true) => h.max(exp()).min(remaining / 4),
                     (Some(h), false) => h,

@@ -380,6 +380,7 @@ mod tests {
             &["a:1".into(), "b:1".into(), "c:1".into()],
             Duration::from_millis(750),
             Duration::from_secs(60),
+            keys.clone(),
             std::time::Instant::now(),
         );
         let ring = empty_ring(&keys);

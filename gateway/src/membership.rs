@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use jvpn_proto::Mono;
 use jvpn_proto::ids::{Incarnation, NodeId};
 use jvpn_proto::keys::ClusterKeys;
+use jvpn_proto::membership_proof::{gateway_proof, verify_router_proof};
 use jvpn_proto::pb::membership::membership_client::MembershipClient;
 use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
 use jvpn_proto::ring::Ring;
@@ -72,6 +74,9 @@ pub struct Cluster {
     state: AtomicU8,
     sessions: AtomicU64,
     superseded: watch::Sender<bool>,
+    /// Keys of the current cluster secret, for the membership proofs, and
+    /// the previous ones after a rotation (a reply in flight may use them).
+    secret_keys: ArcSwap<(ClusterKeys, Option<ClusterKeys>)>,
 }
 
 impl Cluster {
@@ -81,6 +86,7 @@ impl Cluster {
         endpoints: &[String],
         lease_timeout: Duration,
         unleased_exit: Duration,
+        secret_keys: ClusterKeys,
         origin: Instant,
     ) -> Arc<Self> {
         let links = endpoints
@@ -106,7 +112,14 @@ impl Cluster {
             state: AtomicU8::new(LocalState::Starting as u8),
             sessions: AtomicU64::new(0),
             superseded: watch::channel(false).0,
+            secret_keys: ArcSwap::from_pointee((secret_keys, None)),
         })
+    }
+
+    /// A reload rotated the cluster secret: prove with the new keys from now on.
+    pub fn rotate_secret_keys(&self, next: ClusterKeys) {
+        let current = self.secret_keys.load().0.clone();
+        self.secret_keys.store(Arc::new((next, Some(current))));
     }
 
     /// Has this incarnation, once leased, gone without a lease from any
@@ -298,11 +311,16 @@ pub fn spawn(cluster: Arc<Cluster>, settings: HeartbeatSettings) -> std::io::Res
 async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<HeartbeatSettings>) {
     let mut backoff = Duration::from_millis(50);
     loop {
+        let mut max = Duration::from_millis(500);
         match stream_once(&cluster, &link, &s).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 debug!(router = %link.endpoint, error = %e, "heartbeat stream ended");
                 counter!(m::HEARTBEAT_STREAM_ERRORS).increment(1);
+                if e.is_refusal() {
+                    warn!(router = %link.endpoint, error = %e, "router refused this gateway");
+                    max = REFUSED_BACKOFF_MAX;
+                }
             }
         }
         if *cluster.superseded.borrow() {
@@ -310,9 +328,12 @@ async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<Heartbeat
         }
         link.draining_acked.store(false, Ordering::Release);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        backoff = (backoff * 2).min(max);
     }
 }
+
+/// Longest wait between attempts after a refusal (e.g. another secret).
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why a heartbeat stream ended (it is opened again after a back-off).
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +353,21 @@ enum StreamEnd {
     /// Unleased for longer than `cluster.unleased_exit_ms`.
     #[error("unleased too long")]
     Abandoned,
+    /// The router's reply proves another cluster secret.
+    #[error("cluster secret mismatch")]
+    SecretMismatch,
+}
+
+impl StreamEnd {
+    /// A refusal or a mismatch that retrying soon cannot fix (identity,
+    /// secret, configuration): retry slowly, not every 500 ms.
+    fn is_refusal(&self) -> bool {
+        match self {
+            StreamEnd::SecretMismatch => true,
+            StreamEnd::Status(s) => s.code() == tonic::Code::PermissionDenied,
+            _ => false,
+        }
+    }
 }
 
 impl<T> From<mpsc::error::SendError<T>> for StreamEnd {
@@ -417,6 +453,12 @@ fn request(
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
         sequence: *seq,
         incarnation_ordered: true,
+        secret_proof: gateway_proof(
+            &cluster.secret_keys.load().0,
+            cluster.node_id.as_str(),
+            cluster.incarnation.0,
+            *seq,
+        ),
     }
 }
 
@@ -434,6 +476,24 @@ fn on_reply(
         return Err(StreamEnd::Superseded);
     }
     cluster.exit_if_abandoned()?;
+    if !reply.secret_proof.is_empty() {
+        let keys = cluster.secret_keys.load();
+        let verifies = |k: &ClusterKeys| {
+            verify_router_proof(
+                k,
+                &reply.router_id,
+                reply.sequence,
+                &reply.view_id,
+                &reply.secret_proof,
+            )
+        };
+        if !verifies(&keys.0) && !keys.1.as_ref().is_some_and(verifies) {
+            counter!(m::VIEW_MISMATCH).increment(1);
+            warn!(router = %link.endpoint, "router reply proves another cluster secret; no lease");
+            link.lease_until.store(0, Ordering::Release);
+            return Err(StreamEnd::SecretMismatch);
+        }
+    }
     let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
         // An echo we no longer remember grants nothing.
         return Ok(());
@@ -508,6 +568,7 @@ mod tests {
             &["a:1".into(), "b:1".into()],
             Duration::from_millis(750),
             unleased_exit,
+            jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive(),
             Instant::now(),
         )
     }

@@ -140,7 +140,7 @@ pub fn describe() {
     );
     describe_counter!(
         VIEW_MISMATCH,
-        "Router views this gateway could not reproduce (cluster secret mismatch)."
+        "Router replies this gateway could not verify: a secret proof or a view made under another cluster secret."
     );
     describe_gauge!(
         LEASE_VALID,

@@ -33,6 +33,7 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         in_view: false,
         // As a gateway one version older sends it.
         incarnation_ordered: false,
+        secret_proof: Vec::new(),
     }
 }
 
@@ -221,4 +222,79 @@ async fn gateways_in_a_cluster_refuse_direct_clients_and_foreign_proxy_headers()
     })
     .await
     .unwrap();
+}
+
+/// Issue 18 M2: a certified gateway whose cluster secret differs (same key
+/// id) is refused before it becomes a member; the right secret is proven
+/// both ways; a gateway one version older (no proof) still joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_another_cluster_secret_never_joins() {
+    use jvpn_proto::keys::ClusterSecret;
+    use jvpn_proto::membership_proof::{gateway_proof, verify_router_proof};
+    let c = common::cluster(ClusterOptions::default()).await;
+    let r = &c.routers[0];
+    let l = &c.pki.layout;
+    let ca = l.membership_ca();
+    let g4 = (l.membership_cert("g4"), l.membership_key("g4"));
+    let g4_id = Some((g4.0.as_path(), g4.1.as_path()));
+    let client_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let own = client_port.local_addr().unwrap().to_string();
+    let text = std::fs::read_to_string(l.secret()).unwrap();
+    let right: ClusterSecret = text.trim().parse().unwrap();
+    let right = right.derive();
+    let wrong = ClusterSecret::new(right.key_id(), [0x5a; 32]).derive();
+    let proven = |keys| HeartbeatRequest {
+        secret_proof: gateway_proof(keys, "g4", 42, 1),
+        incarnation_ordered: true,
+        ..request("g4", &own, 1)
+    };
+
+    let e = heartbeat(r.membership_addr, g4_id, &ca, proven(&wrong))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("secret"),
+        "{e}"
+    );
+    assert_eq!(
+        r.metric(
+            "jvpn_router_membership_refused_total",
+            &[("reason", "secret")]
+        )
+        .await
+        .unwrap(),
+        1.0
+    );
+    let known: Vec<String> = r.ring().await.unwrap()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(known, ["g1", "g2", "g3"], "the wrong secret did not join");
+
+    // The right secret: accepted, and the router proves it back.
+    let reply = heartbeat(r.membership_addr, g4_id, &ca, proven(&right))
+        .await
+        .unwrap();
+    let verifies = |keys| {
+        verify_router_proof(
+            keys,
+            &reply.router_id,
+            1,
+            &reply.view_id,
+            &reply.secret_proof,
+        )
+    };
+    assert!(verifies(&right));
+    assert!(
+        !verifies(&wrong),
+        "a gateway with another secret would see it"
+    );
+
+    // One version older: no proof sent, none received, still a member.
+    let reply = heartbeat(r.membership_addr, g4_id, &ca, request("g4", &own, 1))
+        .await
+        .unwrap();
+    assert!(reply.secret_proof.is_empty());
 }

@@ -291,6 +291,32 @@ async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes()
         gw.log()
     );
 
+    // A new key id for the same secret is no rotation: refused (issue 18 M2).
+    let secret_path = env.pki.layout.secret().display().to_string();
+    assert!(slower.contains(&secret_path));
+    let text = std::fs::read_to_string(&secret_path).unwrap();
+    let (id, hex) = text.trim().split_once(':').unwrap();
+    let renamed = env.dir.path().join("renamed.secret");
+    let new_id = id.parse::<u8>().unwrap().wrapping_add(1);
+    std::fs::write(&renamed, format!("{new_id}:{hex}\n")).unwrap();
+    std::fs::set_permissions(
+        &renamed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    reload(
+        slower.replace(&secret_path, &renamed.display().to_string()),
+        1.0,
+        3.0,
+    )
+    .await;
+    assert!(
+        gw.log()
+            .contains("the key id changed but the secret did not"),
+        "{}",
+        gw.log()
+    );
+
     // A certificate from another CA: served from the next connection on.
     let other = harness::TestPki::new(&["g1"]).unwrap();
     let old_cert = env.pki.layout.gateway_cert("g1").display().to_string();
@@ -305,7 +331,7 @@ async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes()
             &old_key,
             &other.layout.gateway_key("g1").display().to_string(),
         );
-    reload(recert, 2.0, 2.0).await;
+    reload(recert, 2.0, 3.0).await;
     assert!(
         matches!(
             hello_policy(&env.pki, &env.pki).await,
@@ -320,7 +346,7 @@ async fn sighup_reloads_policy_limits_and_certificates_and_refuses_bad_changes()
         "{}\n[admission]\nper_source_rate_per_s = 0.01\nper_source_burst = 1\n",
         std::fs::read_to_string(&gw.config_path).unwrap()
     );
-    reload(strict, 3.0, 2.0).await;
+    reload(strict, 3.0, 3.0).await;
     let mut cfg =
         harness::agent_config(&other, vec![gw.client_addr], Some(harness::source_ip(50))).unwrap();
     cfg.credential = jvpn_agent::Credential::Token(zeroize::Zeroizing::new(

@@ -23,6 +23,7 @@ const CTX_RING: &str = "jvpn 2026-11 placement ring siphash v1";
 const CTX_VIEW: &str = "jvpn 2026-11 view id v1";
 const CTX_TAG: &str = "jvpn 2026-11 owner tag v1";
 const CTX_ROUTE: &str = "jvpn 2026-11 routing token chacha20poly1305 v1";
+const CTX_MEMBERSHIP: &str = "jvpn 2026-12 membership secret proof v1";
 /// Input of the placement keys: a constant, so placement survives rotations.
 const PLACEMENT_KEY_MATERIAL: &[u8] = b"jvpn placement v2";
 
@@ -75,6 +76,7 @@ impl ClusterSecret {
             view: Zeroizing::new(blake3::derive_key(CTX_VIEW, PLACEMENT_KEY_MATERIAL)),
             tag: Zeroizing::new(blake3::derive_key(CTX_TAG, &self.secret[..])),
             route: Zeroizing::new(blake3::derive_key(CTX_ROUTE, &self.secret[..])),
+            membership: Zeroizing::new(blake3::derive_key(CTX_MEMBERSHIP, &self.secret[..])),
         }
     }
 }
@@ -103,6 +105,7 @@ pub struct ClusterKeys {
     view: Zeroizing<[u8; 32]>,
     tag: Zeroizing<[u8; 32]>,
     route: Zeroizing<[u8; 32]>,
+    membership: Zeroizing<[u8; 32]>,
 }
 
 impl ClusterKeys {
@@ -124,6 +127,10 @@ impl ClusterKeys {
     /// ChaCha20-Poly1305 key of routing tokens.
     pub fn route_key(&self) -> &[u8; 32] {
         &self.route
+    }
+    /// HMAC key of the membership secret proofs ([`crate::membership_proof`]).
+    pub fn membership_key(&self) -> &[u8; 32] {
+        &self.membership
     }
 }
 

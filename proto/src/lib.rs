@@ -27,6 +27,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod ids;
 pub mod keys;
+pub mod membership_proof;
 pub mod pb;
 pub mod preamble;
 pub mod proxy;

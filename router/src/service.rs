@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use jvpn_proto::ids::{Incarnation, NodeId};
+use jvpn_proto::keys::ClusterKeys;
+use jvpn_proto::membership_proof::{router_proof, verify_gateway_proof};
 use jvpn_proto::pb::membership::membership_server::Membership as MembershipRpc;
 use jvpn_proto::pb::membership::{
     HeartbeatReply, HeartbeatRequest, NodeState as PbState, RingParameters, ViewMember,
@@ -41,6 +43,8 @@ pub enum Refusal {
     Advertise,
     Weight,
     Malformed,
+    /// The gateway's secret proof verifies under none of our keys.
+    Secret,
 }
 
 impl Refusal {
@@ -50,6 +54,7 @@ impl Refusal {
             Refusal::Advertise => "advertise",
             Refusal::Weight => "weight",
             Refusal::Malformed => "malformed",
+            Refusal::Secret => "secret",
         }
     }
 }
@@ -227,6 +232,19 @@ impl MembershipRpc for Service {
                         .await;
                     break;
                 }
+                // Before anything of it is believed: a gateway with another
+                // cluster secret must never become a member (issue 18 M2).
+                let Ok(proof_keys) = proof_keys(&state, &msg) else {
+                    let _ = tx
+                        .send(Err(refuse(
+                            Refusal::Secret,
+                            "cluster secret mismatch: the heartbeat's proof verifies under \
+                             none of this router's keys"
+                                .into(),
+                        )))
+                        .await;
+                    break;
+                };
                 let first = current.is_none();
                 if first {
                     info!(node = %hb.node_id, "heartbeat stream from gateway");
@@ -240,7 +258,7 @@ impl MembershipRpc for Service {
                 let superseded = verdict == HeartbeatVerdict::Superseded;
                 counter!(m::HEARTBEATS, "verdict" => if superseded { "superseded" } else { "accepted" })
                     .increment(1);
-                let reply = reply_for(&state, msg.sequence, superseded);
+                let reply = reply_for(&state, msg.sequence, superseded, proof_keys);
                 if tx.send(Ok(reply)).await.is_err() {
                     break;
                 }
@@ -259,11 +277,46 @@ impl MembershipRpc for Service {
     }
 }
 
-fn reply_for(state: &RouterState, sequence: u64, superseded: bool) -> HeartbeatReply {
+/// The key a gateway's secret proof verifies under: `Ok(None)` for a gateway
+/// one version older (no proof), `Err` for none of ours (another secret).
+fn proof_keys<'a>(
+    state: &'a RouterState,
+    req: &HeartbeatRequest,
+) -> Result<Option<&'a ClusterKeys>, ()> {
+    if req.secret_proof.is_empty() {
+        return Ok(None);
+    }
+    let verifies = |k: &ClusterKeys| {
+        verify_gateway_proof(
+            k,
+            &req.node_id,
+            req.incarnation,
+            req.sequence,
+            &req.secret_proof,
+        )
+    };
+    std::iter::once(state.keys())
+        .chain(state.previous_keys())
+        .find(|k| verifies(k))
+        .map(Some)
+        .ok_or(())
+}
+
+fn reply_for(
+    state: &RouterState,
+    sequence: u64,
+    superseded: bool,
+    proof_keys: Option<&ClusterKeys>,
+) -> HeartbeatReply {
     let view = state.view();
+    let view_id = view.id().0.to_vec();
+    let router_id = state.cfg.router_id.to_string();
     HeartbeatReply {
         sequence,
-        view_id: view.id().0.to_vec(),
+        secret_proof: proof_keys
+            .map(|k| router_proof(k, &router_id, sequence, &view_id))
+            .unwrap_or_default(),
+        view_id,
         members: view
             .members()
             .iter()
@@ -280,6 +333,6 @@ fn reply_for(state: &RouterState, sequence: u64, superseded: bool) -> HeartbeatR
         }),
         lease_duration_ms: state.cfg.raw.membership.lease_timeout_ms,
         superseded,
-        router_id: state.cfg.router_id.to_string(),
+        router_id,
     }
 }

@@ -233,6 +233,11 @@ impl RouterState {
         Mono::between(self.origin, Instant::now())
     }
 
+    /// The previous cluster key during a secret rotation.
+    pub fn previous_keys(&self) -> Option<&ClusterKeys> {
+        self.previous_keys.as_ref()
+    }
+
     pub fn keys(&self) -> &ClusterKeys {
         &self.keys
     }

@@ -73,6 +73,11 @@ pub enum ReloadError {
         "cluster.secret_file: the secret changed but its key id did not; a rotation needs a new key id"
     )]
     SecretWithoutNewKeyId,
+    /// A new key id with the same secret is no rotation (issue 18 M2).
+    #[error(
+        "cluster.secret_file: the key id changed but the secret did not; a rotation needs a new secret"
+    )]
+    KeyIdWithoutNewSecret,
     /// The new certificates or keys were refused.
     #[error("tls: {0}")]
     Tls(rustls::Error),
@@ -129,6 +134,9 @@ impl Shared {
         if !rotate && next.tag() != current.tag() {
             return Err(ReloadError::SecretWithoutNewKeyId);
         }
+        if rotate && next.tag() == current.tag() {
+            return Err(ReloadError::KeyIdWithoutNewSecret);
+        }
         let tokenless = !new.dev_tokens.is_empty();
         let tls = crate::tls::server_config(&new.tls, tokenless).map_err(ReloadError::Tls)?;
         for i in 0..self.shards.len() {
@@ -157,6 +165,9 @@ impl Shared {
                 "routing tokens now sealed under a new cluster key"
             );
             self.issuer.store(Arc::new(next));
+            if let Some(c) = &self.cluster {
+                c.rotate_secret_keys(new.secret.derive());
+            }
         }
         Ok(())
     }
@@ -331,6 +342,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
                 &cfg.raw.cluster.membership_endpoints,
                 Duration::from_millis(cfg.raw.cluster.lease_timeout_ms),
                 Duration::from_millis(cfg.raw.cluster.unleased_exit_ms),
+                cfg.secret.derive(),
                 origin,
             )
         }),
