@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::metrics as m;
+use crate::replay::TokenRefusal;
 use crate::state::{Placement, ResumeRoute, RouterState};
 
 /// Retry hint for transient refusals.
@@ -183,6 +184,15 @@ async fn resume(
             incarnation,
             addr,
         } => {
+            if let Err(refusal) = state.token_budget(token, peer.ip()) {
+                let (reason, retry) = match refusal {
+                    TokenRefusal::TooOften(d) => ("too_often", d),
+                    TokenRefusal::TableFull(d) => ("table_full", d),
+                };
+                counter!(m::TOKEN_SPLICES_REFUSED, "reason" => reason).increment(1);
+                status(client, Status::Overloaded, retry).await;
+                return Outcome::Overloaded;
+            }
             if let Err(retry) = state.gateway_budget(&node, true) {
                 status(client, Status::Overloaded, retry).await;
                 return Outcome::Overloaded;

@@ -24,6 +24,7 @@ pub mod fuzzing;
 pub mod membership;
 pub mod membership_port;
 pub mod metrics;
+pub mod replay;
 pub mod routing;
 pub mod server;
 pub mod service;

@@ -12,6 +12,7 @@ pub const CONNECT_FAILURES: &str = "jvpn_router_gateway_connect_failures_total";
 pub const CLOSED_ON_DEATH: &str = "jvpn_router_connections_closed_on_member_death_total";
 pub const MEMBERS: &str = "jvpn_router_members";
 pub const TOMBSTONES: &str = "jvpn_router_tombstones";
+pub const TOKEN_SPLICES_REFUSED: &str = "jvpn_router_token_splices_refused_total";
 pub const MEMBER_ALIVE: &str = "jvpn_router_member_alive";
 pub const MEMBER_PLACEABLE: &str = "jvpn_router_member_placeable";
 pub const CONFIG_RELOADS: &str = "jvpn_router_config_reloads_total";
@@ -56,6 +57,10 @@ pub fn describe() {
         "Gateways known to this router, by state (known, alive, placeable)."
     );
     describe_gauge!(RING_MEMBERS, "Gateways on the current ring.");
+    describe_counter!(
+        TOKEN_SPLICES_REFUSED,
+        "RESUMEs refused because one routing token was spliced too often, or too many tokens were in use (reason)."
+    );
     describe_gauge!(
         TOMBSTONES,
         "Superseded gateway incarnations remembered (refused if they come back)."

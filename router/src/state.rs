@@ -156,6 +156,8 @@ pub struct RouterState {
     admission: Mutex<Admission>,
     /// Open membership-port connections per source (before TLS).
     membership_conns: Mutex<Concurrency>,
+    /// Splices per routing token (replays aimed at one owner).
+    token_uses: Mutex<crate::replay::TokenUses>,
     /// `[admission]` as last (re)loaded.
     limits: ArcSwap<crate::config::AdmissionSection>,
     pub active: AtomicUsize,
@@ -219,6 +221,7 @@ impl RouterState {
             reported_nodes: Mutex::new(HashSet::new()),
             admission: Mutex::new(admission),
             membership_conns: Mutex::new(membership_conns),
+            token_uses: Mutex::new(crate::replay::TokenUses::default()),
             limits: ArcSwap::from_pointee(cfg.raw.admission.clone()),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -545,6 +548,21 @@ impl RouterState {
     pub fn reserve_membership_source(&self, source: SourceKey) {
         let now = self.now();
         lock(&self.membership_conns).reserve(source, Some(now));
+    }
+
+    /// May this routing token (one that opened) be spliced once more for
+    /// this client address?
+    pub fn token_budget(
+        &self,
+        token: &[u8],
+        source: std::net::IpAddr,
+    ) -> Result<(), crate::replay::TokenRefusal> {
+        let now = self.now();
+        let source = match source {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        lock(&self.token_uses).check(token, &source, now)
     }
 
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
