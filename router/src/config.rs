@@ -214,6 +214,9 @@ pub struct SpliceSection {
     /// Once one side of a spliced connection closed its direction, how
     /// long the other may go on before both are closed.
     pub half_close_timeout_ms: u64,
+    /// How long no byte may move either way before the splice is closed;
+    /// keep it well above the gateways' `heartbeat_interval_ms`.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for SpliceSection {
@@ -222,6 +225,7 @@ impl Default for SpliceSection {
             buffer_bytes: 64 * 1024,
             mode: crate::splice::Mode::Copy,
             half_close_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }
@@ -339,6 +343,11 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             ),
             ("timeouts.drain_timeout_ms", raw.timeouts.drain_timeout_ms),
             ("splice.buffer_bytes", raw.splice.buffer_bytes as u64),
+            (
+                "splice.half_close_timeout_ms",
+                raw.splice.half_close_timeout_ms,
+            ),
+            ("splice.idle_timeout_ms", raw.splice.idle_timeout_ms),
             (
                 "admission.per_source_burst",
                 u64::from(raw.admission.per_source_burst),

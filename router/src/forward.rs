@@ -313,9 +313,13 @@ async fn forward(
     let mut death = state.death_signal(node, incarnation);
     let size = state.cfg.raw.splice.buffer_bytes;
     let mode = state.cfg.raw.splice.mode;
-    let half_close = std::time::Duration::from_millis(state.cfg.raw.splice.half_close_timeout_ms);
+    let sc = &state.cfg.raw.splice;
+    let timeouts = crate::splice::Timeouts {
+        half_close: Duration::from_millis(sc.half_close_timeout_ms),
+        idle: Duration::from_millis(sc.idle_timeout_ms),
+    };
     tokio::select! {
-        moved = crate::splice::splice_with(client, gw, size, mode, half_close) => {
+        moved = crate::splice::splice_with(client, gw, size, mode, timeouts) => {
             counter!(m::SPLICED_BYTES, "direction" => "up").increment(moved.up);
             counter!(m::SPLICED_BYTES, "direction" => "down").increment(moved.down);
             Outcome::Spliced

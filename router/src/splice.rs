@@ -6,9 +6,13 @@
 //! copy buffers. Reads use uninitialised capacity (`try_read_buf`), so a
 //! large buffer costs no zeroing. Half-close is forwarded (EOF on one side
 //! shuts down the write side of the other), and the other direction then
-//! has `splice.half_close_timeout_ms` to finish.
+//! has `splice.half_close_timeout_ms` to finish. A splice in which no byte
+//! moved either way for `splice.idle_timeout_ms` is closed too (agents ping
+//! every `heartbeat_interval_ms`, so only dead peers are that quiet).
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::Deserialize;
@@ -34,31 +38,57 @@ pub struct Moved {
     pub down: u64,
 }
 
-/// How long the other direction may go on after one reached EOF.
-pub const DEFAULT_HALF_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a splice may wait on its peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// After one direction reached EOF, how long the other may go on.
+    pub half_close: Duration,
+    /// How long no byte may move either way (checked once per period, so
+    /// the splice ends between one and two periods after the last byte).
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            half_close: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
 
 /// Copies until both directions reached EOF, or one failed.
 pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes: usize) -> Moved {
-    splice_with(agent, gateway, buffer_bytes, Mode::Copy, DEFAULT_HALF_CLOSE).await
+    splice_with(
+        agent,
+        gateway,
+        buffer_bytes,
+        Mode::Copy,
+        Timeouts::default(),
+    )
+    .await
 }
 
-/// As [`splice`], moving bytes the way `mode` says; once one direction
-/// reached EOF the other has `half_close` to finish.
+/// As [`splice`], moving bytes the way `mode` says, within `t`.
 pub async fn splice_with(
     agent: &mut TcpStream,
     gateway: &mut TcpStream,
     buffer_bytes: usize,
     mode: Mode,
-    half_close: std::time::Duration,
+    t: Timeouts,
 ) -> Moved {
+    let half_close = t.half_close;
+    let activity = AtomicU64::new(0);
     let (ar, aw) = agent.split();
     let (gr, gw) = gateway.split();
-    let up = pump(ar, gw, buffer_bytes, mode);
-    let down = pump(gr, aw, buffer_bytes, mode);
+    let up = pump(ar, gw, buffer_bytes, mode, &activity);
+    let down = pump(gr, aw, buffer_bytes, mode, &activity);
     // Armed when the first direction ends: a peer that never closes its
     // side must not hold both sockets for ever.
-    let deadline = tokio::time::sleep(std::time::Duration::MAX);
-    tokio::pin!(up, down, deadline);
+    let deadline = tokio::time::sleep(Duration::MAX);
+    let idle = tokio::time::sleep(t.idle);
+    let mut seen = 0u64;
+    tokio::pin!(up, down, deadline, idle);
     let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -73,6 +103,14 @@ pub async fn splice_with(
         }
         tokio::select! {
             () = &mut deadline, if armed => break,
+            () = &mut idle => {
+                let now_seen = activity.load(Ordering::Relaxed);
+                if now_seen == seen {
+                    break;
+                }
+                seen = now_seen;
+                idle.as_mut().reset(tokio::time::Instant::now() + t.idle);
+            }
             r = &mut up, if !up_done => {
                 up_done = true;
                 match r {
@@ -93,14 +131,26 @@ pub async fn splice_with(
 }
 
 /// One direction. `Ok(bytes)` on EOF, `Err(bytes)` on an error.
-async fn pump(from: ReadHalf<'_>, to: WriteHalf<'_>, size: usize, mode: Mode) -> Result<u64, u64> {
+/// Every transfer bumps `activity` (for the idle timeout).
+async fn pump(
+    from: ReadHalf<'_>,
+    to: WriteHalf<'_>,
+    size: usize,
+    mode: Mode,
+    activity: &AtomicU64,
+) -> Result<u64, u64> {
     match mode {
-        Mode::Copy => pump_copy(from, to, size).await,
-        Mode::Pipe => pump_pipe(from, to, size).await,
+        Mode::Copy => pump_copy(from, to, size, activity).await,
+        Mode::Pipe => pump_pipe(from, to, size, activity).await,
     }
 }
 
-async fn pump_copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Result<u64, u64> {
+async fn pump_copy(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    size: usize,
+    activity: &AtomicU64,
+) -> Result<u64, u64> {
     let mut total = 0u64;
     loop {
         if from.as_ref().readable().await.is_err() {
@@ -119,6 +169,7 @@ async fn pump_copy(from: ReadHalf<'_>, mut to: WriteHalf<'_>, size: usize) -> Re
                         return Err(total);
                     }
                     total += n as u64;
+                    activity.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => return Err(total),
@@ -147,7 +198,12 @@ fn spliced(
 
 /// Zero-copy direction: socket → pipe → socket with `splice(2)`. The pipe
 /// exists only while data flows, like the copy buffer.
-async fn pump_pipe(from: ReadHalf<'_>, mut to: WriteHalf<'_>, chunk: usize) -> Result<u64, u64> {
+async fn pump_pipe(
+    from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    chunk: usize,
+    activity: &AtomicU64,
+) -> Result<u64, u64> {
     use nix::fcntl::OFlag;
     let mut total = 0u64;
     loop {
@@ -182,6 +238,7 @@ async fn pump_pipe(from: ReadHalf<'_>, mut to: WriteHalf<'_>, chunk: usize) -> R
                 }
             }
             total += n as u64;
+            activity.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -247,7 +304,10 @@ mod tests {
                 &mut gateway_side,
                 1024,
                 Mode::Copy,
-                std::time::Duration::from_millis(200),
+                Timeouts {
+                    half_close: Duration::from_millis(200),
+                    ..Timeouts::default()
+                },
             )
             .await
         });
@@ -259,6 +319,39 @@ mod tests {
             .unwrap();
         assert_eq!(moved, Moved::default());
         drop(agent_end);
+    }
+
+    /// Issue 18 H1: a splice whose two peers both went silent (a dead NAT
+    /// mapping behind a gateway that has not noticed yet) ended never; it
+    /// ends after `idle`, and traffic keeps it open.
+    #[tokio::test]
+    async fn a_silent_splice_ends_after_the_idle_timeout() {
+        let (mut agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, mut gateway_end) = pair().await;
+        let t = Timeouts {
+            half_close: Duration::from_secs(3600),
+            idle: Duration::from_millis(300),
+        };
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(async move {
+            splice_with(&mut agent_side, &mut gateway_side, 1024, Mode::Copy, t).await
+        });
+        // Traffic for a while: one byte every 100 ms keeps it open.
+        let mut b = [0u8; 1];
+        for _ in 0..10 {
+            agent_end.write_all(b"x").await.unwrap();
+            gateway_end.read_exact(&mut b).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!task.is_finished(), "closed while bytes moved");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the idle splice ended")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(1_000));
+        // Both sockets were closed: the peers see EOF.
+        assert_eq!(agent_end.read(&mut b).await.unwrap(), 0);
+        assert_eq!(gateway_end.read(&mut b).await.unwrap(), 0);
     }
 
     #[tokio::test]
