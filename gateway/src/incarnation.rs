@@ -26,7 +26,8 @@ pub struct IncarnationError {
 pub fn next(unix_ms: u64, random: u16, last: Option<u64>) -> Incarnation {
     let fresh = (unix_ms << 16) | u64::from(random);
     Incarnation(match last {
-        Some(l) if l >= fresh => l + 1,
+        // A record at the very end of the range is garbage: the clock orders.
+        Some(l) if l >= fresh => l.checked_add(1).unwrap_or(fresh),
         _ => fresh,
     })
 }

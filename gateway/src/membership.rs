@@ -469,13 +469,6 @@ fn on_reply(
     sent: &mut VecDeque<(u64, Instant, NodeState)>,
     reply: HeartbeatReply,
 ) -> Result<(), StreamEnd> {
-    if reply.superseded {
-        counter!(m::SUPERSEDED).increment(1);
-        warn!(router = %link.endpoint, "a router says this incarnation was superseded");
-        cluster.superseded.send_replace(true);
-        return Err(StreamEnd::Superseded);
-    }
-    cluster.exit_if_abandoned()?;
     if !reply.secret_proof.is_empty() {
         let keys = cluster.secret_keys.load();
         let verifies = |k: &ClusterKeys| {
@@ -494,6 +487,13 @@ fn on_reply(
             return Err(StreamEnd::SecretMismatch);
         }
     }
+    if reply.superseded {
+        counter!(m::SUPERSEDED).increment(1);
+        warn!(router = %link.endpoint, "a router says this incarnation was superseded");
+        cluster.superseded.send_replace(true);
+        return Err(StreamEnd::Superseded);
+    }
+    cluster.exit_if_abandoned()?;
     let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
         // An echo we no longer remember grants nothing.
         return Ok(());

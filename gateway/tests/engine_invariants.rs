@@ -726,3 +726,45 @@ fn a_denied_switch_tells_the_agent_the_extended_deadline() {
         rej.retry_after_ms
     );
 }
+
+/// SPEC 7.1 for deaths (design note 30): recoveries have a budget of their
+/// own, `RECOVERY_FACTOR` × `max_switches_per_min` per minute, so a client
+/// that closes its transport to dodge the switch budget, or a network that
+/// dies every 250 ms, still ends DEGRADED, inside its TTL.
+#[test]
+fn inv_7_1_rapid_deaths_end_degraded_within_the_recovery_budget() {
+    use jvpn_gateway::engine::RECOVERY_FACTOR;
+    let p = Policy {
+        max_switches_per_min: 3,
+        session_max_lifetime_ms: 600_000,
+        transport_lost_ttl_ms: 15_000,
+        ..fast_policy()
+    };
+    let budget = 3 * RECOVERY_FACTOR;
+    let mut sim = Sim::new(p.clone());
+    let mut a = sim.connect();
+    let mut ok = 0;
+    let refused = loop {
+        sim.advance(250);
+        sim.engine.transport_closed(sim.now, &a.id, a.transport);
+        sim.drain();
+        match a.resume(&mut sim) {
+            Ok(_) => ok += 1,
+            Err(rej) => break rej,
+        }
+        assert!(ok <= budget, "more recoveries than the budget");
+    };
+    assert_eq!(ok, budget);
+    assert_eq!(refused.reason, R::SwitchRateLimited);
+    let s = sim.session(a.id).unwrap();
+    assert_eq!(s.state(), State::Degraded);
+    // Asking again at once changes nothing: still the recovery budget.
+    assert_eq!(a.resume(&mut sim).unwrap_err().reason, R::SwitchRateLimited);
+    // After the hint it comes back, inside the (extended) deadline.
+    let back = sim.now + std::time::Duration::from_millis(refused.retry_after_ms);
+    while sim.now < back {
+        sim.advance(500);
+    }
+    a.resume(&mut sim).unwrap();
+    assert_eq!(sim.session(a.id).unwrap().state(), State::Attached);
+}

@@ -19,21 +19,34 @@ use nix::sys::signal::Signal;
 
 const VICTIM: &str = "g1";
 
+/// Gateways `g1` and `g2` behind `opts.routers` routers, both placeable.
+async fn two_gateways(opts: ClusterOptions) -> LocalCluster {
+    let c = common::cluster(ClusterOptions {
+        gateways: 2,
+        spare_gateways: 0,
+        ..opts
+    })
+    .await;
+    c.wait_placeable(&both(), Duration::from_secs(15))
+        .await
+        .unwrap();
+    c
+}
+
+fn both() -> Vec<String> {
+    vec!["g1".to_owned(), "g2".to_owned()]
+}
+
 /// Two gateways and two routers; `g1` frozen and replaced by a new process.
 /// Returns the cluster and the index of the frozen process.
 async fn replaced(router_env: Vec<(String, String)>) -> (LocalCluster, usize) {
-    let mut c = common::cluster(ClusterOptions {
-        gateways: 2,
+    let mut c = two_gateways(ClusterOptions {
         routers: 2,
-        spare_gateways: 0,
         router_env,
         ..ClusterOptions::default()
     })
     .await;
-    let all = vec!["g1".to_owned(), "g2".to_owned()];
-    c.wait_placeable(&all, Duration::from_secs(15))
-        .await
-        .unwrap();
+    let all = both();
     let old = c.gateways.iter().position(|(n, _)| n == VICTIM).unwrap();
     c.gateway(VICTIM).unwrap().signal(Signal::SIGSTOP).unwrap();
     c.wait_not_alive(VICTIM, Duration::from_secs(10))
@@ -151,10 +164,8 @@ async fn an_old_incarnation_loses_after_a_pause_longer_than_tombstones_live() {
 /// may have forgotten whatever replaced it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_unleased_for_too_long_exits_instead_of_rejoining() {
-    let mut c = common::cluster(ClusterOptions {
-        gateways: 2,
+    let mut c = two_gateways(ClusterOptions {
         routers: 1,
-        spare_gateways: 0,
         gateway_env: vec![(
             "JVPN_GATEWAY__CLUSTER__UNLEASED_EXIT_MS".to_owned(),
             "2000".to_owned(),
@@ -162,10 +173,6 @@ async fn a_gateway_unleased_for_too_long_exits_instead_of_rejoining() {
         ..ClusterOptions::default()
     })
     .await;
-    let all = vec!["g1".to_owned(), "g2".to_owned()];
-    c.wait_placeable(&all, Duration::from_secs(15))
-        .await
-        .unwrap();
     let frozen_at = std::time::Instant::now();
     c.gateway(VICTIM).unwrap().signal(Signal::SIGSTOP).unwrap();
     c.wait_not_alive(VICTIM, Duration::from_secs(10))

@@ -4,7 +4,7 @@
 //! token is spliced to that gateway, where it costs a TLS handshake before
 //! the RESUME is refused. An agent uses each token once, plus its retries
 //! while it waits for a `ResumeOk` (refusals, back-off); so each token gets
-//! a small bucket per source address: 2 per second, 8 at once. Per source,
+//! a small bucket per source address: a burst of 8, then 2 per second. Per source,
 //! so that whoever captured a token (it travels in the clear preamble)
 //! cannot use up its agent's bucket from elsewhere. Across sources the
 //! per-gateway RESUME budget is the bound. Only tokens that opened (real
@@ -21,8 +21,10 @@ use jvpn_runtime::admission::Bucket;
 pub const PER_TOKEN_RATE: f64 = 2.0;
 /// Splices one token may make at once.
 pub const PER_TOKEN_BURST: f64 = 8.0;
-/// Tokens tracked at most (about 3 MiB).
-pub const CAPACITY: usize = 65_536;
+/// Tokens tracked at most (about 16 MiB): four seconds of 65,000 RESUMEs/s.
+pub const CAPACITY: usize = 262_144;
+/// A full table is swept for idle tokens at most this often.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// After this long unused, a token's bucket is full again: forget it.
 const IDLE: Duration = Duration::from_secs(4);
 /// Retry hint when the table is full of tokens in use.
@@ -41,6 +43,7 @@ pub enum TokenRefusal {
 #[derive(Debug, Default)]
 pub struct TokenUses {
     table: HashMap<u128, (Bucket, Mono)>,
+    last_sweep: Option<Mono>,
 }
 
 impl TokenUses {
@@ -53,8 +56,15 @@ impl TokenUses {
         let h = h.finalize();
         let key = u128::from_le_bytes(h.as_bytes()[..16].try_into().unwrap_or([0; 16]));
         if !self.table.contains_key(&key) && self.table.len() >= CAPACITY {
-            self.table
-                .retain(|_, (_, last)| now.saturating_since(*last) < IDLE);
+            // One sweep per period, not one per refused token.
+            if self
+                .last_sweep
+                .is_none_or(|t| now.saturating_since(t) >= SWEEP_EVERY)
+            {
+                self.last_sweep = Some(now);
+                self.table
+                    .retain(|_, (_, last)| now.saturating_since(*last) < IDLE);
+            }
             if self.table.len() >= CAPACITY {
                 return Err(TokenRefusal::TableFull(FULL_RETRY));
             }

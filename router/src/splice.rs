@@ -344,10 +344,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(!task.is_finished(), "closed while bytes moved");
+        let last_byte = tokio::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the idle splice ended")
             .unwrap();
+        // Not before one whole idle period without a byte.
+        assert!(last_byte.elapsed() >= t.idle, "{:?}", last_byte.elapsed());
         assert!(started.elapsed() >= Duration::from_millis(1_000));
         // Both sockets were closed: the peers see EOF.
         assert_eq!(agent_end.read(&mut b).await.unwrap(), 0);

@@ -558,9 +558,10 @@ impl RouterState {
         source: std::net::IpAddr,
     ) -> Result<(), crate::replay::TokenRefusal> {
         let now = self.now();
-        let source = match source {
-            std::net::IpAddr::V4(a) => a.octets().to_vec(),
-            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        // The same grouping as admission (IPv6 per /64).
+        let source = match SourceKey::from(source) {
+            SourceKey::V4(a) => u64::from(a).to_le_bytes(),
+            SourceKey::V6(prefix) => (prefix ^ (1 << 63)).to_le_bytes(),
         };
         lock(&self.token_uses).check(token, &source, now)
     }

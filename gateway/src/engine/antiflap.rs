@@ -2,10 +2,12 @@
 //! window, and `switch_cooldown_ms` between two of them. Only committed
 //! switches count: attempts are already bounded by rate limits and counters.
 //!
-//! Only switches the client chose are governed: leaving a transport the
-//! gateway still holds, or retrying such a switch after a refusal. A RESUME
-//! after the network took the transport away is a recovery; refusing it would
-//! leave the session with no transport at all (design note 30).
+//! Only switches the client chose are governed by that budget: leaving a
+//! transport the gateway still holds, or retrying such a switch after a
+//! refusal. A RESUME after the transport was lost is a recovery, with a
+//! budget of its own, [`RECOVERY_FACTOR`] times as large and without
+//! cooldown: generous for flappy networks, still a bound on a client that
+//! closes its transport to dodge the switch budget (design note 30).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -15,6 +17,8 @@ use super::policy::Policy;
 use jvpn_proto::time::Mono;
 
 pub const SWITCH_WINDOW: Duration = Duration::from_secs(60);
+/// Recoveries allowed per window, as a multiple of `max_switches_per_min`.
+pub const RECOVERY_FACTOR: usize = 4;
 
 /// Times of the most recent committed switches (at most `max_switches_per_min`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,6 +26,8 @@ pub struct AntiFlap {
     recent: VecDeque<Mono>,
     /// A switch was refused and none has committed since.
     held: bool,
+    /// Times of the most recent recoveries (at most the recovery budget).
+    recoveries: VecDeque<Mono>,
 }
 
 impl AntiFlap {
@@ -59,6 +65,28 @@ impl AntiFlap {
         Ok(())
     }
 
+    /// May a recovery commit at `now`? Changes nothing.
+    pub fn check_recovery(&self, now: Mono, p: &Policy) -> Result<(), (Denial, Duration)> {
+        let max = recovery_budget(p);
+        if self.recoveries.len() >= max
+            && let Some(oldest) = self.recoveries.get(self.recoveries.len() - max)
+        {
+            let left = (*oldest + SWITCH_WINDOW).saturating_since(now);
+            if !left.is_zero() {
+                return Err((Denial::SwitchRateLimited, left));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a committed recovery.
+    pub fn record_recovery(&mut self, now: Mono, p: &Policy) {
+        while self.recoveries.len() >= recovery_budget(p).max(1) {
+            self.recoveries.pop_front();
+        }
+        self.recoveries.push_back(now);
+    }
+
     /// Records a committed switch.
     pub fn record(&mut self, now: Mono, p: &Policy) {
         self.held = false;
@@ -75,6 +103,10 @@ impl AntiFlap {
             .filter(|t| now.saturating_since(**t) < SWITCH_WINDOW)
             .count()
     }
+}
+
+fn recovery_budget(p: &Policy) -> usize {
+    (p.max_switches_per_min as usize).saturating_mul(RECOVERY_FACTOR)
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ use jvpn_proto::ring::Ring;
 use jvpn_proto::{Incarnation, NodeId, ReasonCode, SessionId};
 use rand::RngCore;
 
-pub use antiflap::{AntiFlap, SWITCH_WINDOW};
+pub use antiflap::{AntiFlap, RECOVERY_FACTOR, SWITCH_WINDOW};
 pub use fsm::{Denial, Event, State, Termination};
 pub use io::{
     Action, Conn, EngineEvent, HelloAccepted, HelloRequest, Rejection, ResumeAccepted,
@@ -346,9 +346,13 @@ impl Engine {
         if let Err((denial, wait)) = if governed {
             s.flap.check(now, p)
         } else {
-            Ok(())
+            s.flap.check_recovery(now, p)
         } {
-            s.flap.hold();
+            // A refused recovery stays a recovery: its retry is judged by
+            // the recovery budget again, never by the (emptier) switch one.
+            if governed {
+                s.flap.hold();
+            }
             step(&mut self.out, p, now, id, s, Event::SwitchDenied(denial))
                 .map_err(Rejection::quiet)?;
             // Anti-flap never kills a session inside its TTL: keep it alive
@@ -380,6 +384,8 @@ impl Engine {
         };
         if governed {
             s.flap.record(now, p);
+        } else {
+            s.flap.record_recovery(now, p);
         }
         step(&mut self.out, p, now, id, s, Event::SwitchAllowed).map_err(Rejection::quiet)?;
         s.transport = Some(conn.transport);

@@ -457,6 +457,23 @@ pub(super) async fn send_terminate<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
 
+    /// Issue 18 L2: a connection whose handshake has not completed has no
+    /// exporter; that is an error, never 32 zero bytes used as a binding.
+    #[test]
+    fn an_unfinished_handshake_exports_nothing() {
+        let cert = rcgen::generate_simple_self_signed(vec!["gw.example".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
+        assert_eq!(export(&conn, b"label", b"ctx"), Err(ExportError));
+    }
+
     #[test]
     fn certificate_expiry_bounds_the_session_on_the_engine_clock() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

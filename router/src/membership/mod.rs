@@ -218,7 +218,10 @@ impl Membership {
         if let Some(m) = self.members.get(&hb.node_id)
             && m.incarnation != hb.incarnation
         {
-            if m.ordered && hb.ordered && hb.incarnation < m.incarnation {
+            // Against a live newer one only: a dead member (even a newer
+            // one) must not lock its node id out, e.g. a replacement whose
+            // host clock is behind.
+            if m.ordered && hb.ordered && hb.incarnation < m.incarnation && !m.dead {
                 // An older process of this node id (it was paused, or this
                 // router restarted and heard the new one first): it lost.
                 return HeartbeatVerdict::Superseded;

@@ -410,3 +410,17 @@ fn unordered_incarnations_keep_arrival_order() {
         HeartbeatVerdict::Accepted
     );
 }
+
+/// A dead member, even a newer one, does not lock its node id out (a
+/// replacement whose host clock is behind must be able to join).
+#[test]
+fn a_dead_newer_incarnation_does_not_lock_its_node_id_out() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 200), ("g2", 1)], 0, 1000);
+    let died = run(&mut m, &[("g2", 1)], 1000, 3000);
+    assert!(died.iter().any(|(n, _)| n.as_str() == "g1"), "{died:?}");
+    assert_eq!(
+        m.on_heartbeat(Mono::from_millis(3000), &hb("g1", 100)),
+        HeartbeatVerdict::Accepted
+    );
+}
