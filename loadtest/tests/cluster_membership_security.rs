@@ -80,18 +80,43 @@ async fn heartbeat(
     }
 }
 
+/// Would-be gateway `g4` of a cluster: its membership files and a client
+/// port it really holds (the address it advertises).
+struct Candidate {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    port: tokio::net::TcpListener,
+}
+
+impl Candidate {
+    async fn new(c: &jvpn_loadtest::cluster::LocalCluster) -> Self {
+        let l = &c.pki.layout;
+        Self {
+            ca: l.membership_ca(),
+            cert: l.membership_cert("g4"),
+            key: l.membership_key("g4"),
+            port: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    fn id(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_path(), self.key.as_path()))
+    }
+
+    fn own(&self) -> String {
+        self.port.local_addr().unwrap().to_string()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_certified_gateways_join_under_their_own_name_and_address() {
     let c = common::cluster(ClusterOptions::default()).await;
     let r = &c.routers[0];
     let l = &c.pki.layout;
-    let ca = l.membership_ca();
-    let g4 = (l.membership_cert("g4"), l.membership_key("g4"));
-    let g4_id = Some((g4.0.as_path(), g4.1.as_path()));
-    // The address this would-be gateway advertises: a port it really holds.
-    let client_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let own = client_port.local_addr().unwrap().to_string();
-    let foreign = format!("127.0.0.9:{}", client_port.local_addr().unwrap().port());
+    let g = Candidate::new(&c).await;
+    let (ca, g4_id, own) = (g.ca.clone(), g.id(), g.own());
+    let foreign = format!("127.0.0.9:{}", g.port.local_addr().unwrap().port());
 
     // Another node's name with g4's certificate.
     let e = heartbeat(r.membership_addr, g4_id, &ca, request("g1", &own, 1))
@@ -234,11 +259,8 @@ async fn a_gateway_with_another_cluster_secret_never_joins() {
     let c = common::cluster(ClusterOptions::default()).await;
     let r = &c.routers[0];
     let l = &c.pki.layout;
-    let ca = l.membership_ca();
-    let g4 = (l.membership_cert("g4"), l.membership_key("g4"));
-    let g4_id = Some((g4.0.as_path(), g4.1.as_path()));
-    let client_port = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let own = client_port.local_addr().unwrap().to_string();
+    let g = Candidate::new(&c).await;
+    let (ca, g4_id, own) = (g.ca.clone(), g.id(), g.own());
     let text = std::fs::read_to_string(l.secret()).unwrap();
     let right: ClusterSecret = text.trim().parse().unwrap();
     let right = right.derive();
