@@ -3,9 +3,11 @@
 //! never starve it, and the leases that fence HELLO.
 //!
 //! Lease with router R: the send time (this process's monotonic clock) of the
-//! last heartbeat R acknowledged, plus `lease_timeout`. It is shorter than the
-//! router's `failure_timeout`, so by the time a router may declare this node
-//! dead, the node has already stopped minting sessions through that router.
+//! last heartbeat R acknowledged, plus `lease_timeout`, and never past the end
+//! of the stream that carried it. It is shorter than the router's
+//! `failure_timeout`, and a router's fast death (after a closed stream) comes
+//! after the close this side sees too, so by the time a router may declare
+//! this node dead, the node has already stopped minting through that router.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -312,7 +314,12 @@ async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<Heartbeat
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut max = Duration::from_millis(500);
-        match stream_once(&cluster, &link, &s).await {
+        let ended = stream_once(&cluster, &link, &s).await;
+        // A lease ends with the stream that granted it: the router may call
+        // this node dead 2 intervals after it saw the close, before the
+        // lease would run out (issue 18 L1).
+        link.lease_until.store(0, Ordering::Release);
+        match ended {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
                 debug!(router = %link.endpoint, error = %e, "heartbeat stream ended");

@@ -89,3 +89,48 @@ async fn hello_needs_a_live_lease_with_the_forwarding_router() {
         "a stalled router must not declare its gateways dead"
     );
 }
+
+/// Issue 18 L1: a lease ends with the stream it was granted on. A router
+/// may declare a gateway dead 2 heartbeat intervals after its stream
+/// closed, before a lease from that stream would run out; the gateway sees
+/// the same close, so it stops minting through that router at once. Leases
+/// are made long here (20 s) so that only the stream's end can explain a
+/// lapse within the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ends_with_its_heartbeat_stream() {
+    let long = [
+        ("JVPN_ROUTER__MEMBERSHIP__LEASE_TIMEOUT_MS", "20000"),
+        ("JVPN_ROUTER__MEMBERSHIP__FAILURE_TIMEOUT_MS", "30000"),
+    ];
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        routers: 2,
+        spare_gateways: 0,
+        router_env: long.map(|(k, v)| (k.into(), v.into())).to_vec(),
+        gateway_env: vec![(
+            "JVPN_GATEWAY__CLUSTER__LEASE_TIMEOUT_MS".into(),
+            "20000".into(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    let lease = |r: &'static str| {
+        let g1 = c.gateway("g1").unwrap();
+        async move {
+            g1.metric("jvpn_gateway_lease_valid", &[("router", r)])
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(lease("r1").await, 1.0);
+    assert_eq!(lease("r2").await, 1.0);
+    c.routers[1].signal(Signal::SIGKILL).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "g1's lease with r2 ended with its stream",
+        || async { lease("r2").await == 0.0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(lease("r1").await, 1.0, "the other router's lease stands");
+}
