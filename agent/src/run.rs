@@ -450,34 +450,7 @@ async fn reattach(
                     record_attach(report, agent, true);
                     return Ok(t);
                 }
-                // Back-off: what the server asked for, and when it says it is
-                // overloaded, at least an exponential step, jittered, so a
-                // storm of agents spreads out instead of retrying in lockstep.
-                let exp = || {
-                    let base = 25u64 << attempt.min(6);
-                    Duration::from_millis(base + rand::rng().random_range(0..=base))
-                };
-                let overloaded = matches!(&e, AgentError::Status(s)
-                    if s.status == jvpn_proto::preamble::Status::Overloaded)
-                    || matches!(&e, AgentError::Rejected { reason, .. }
-                        if matches!(reason, ReasonCode::Overloaded | ReasonCode::RateLimited));
-                let hint = match &e {
-                    AgentError::Rejected { retry_after_ms, .. } if *retry_after_ms > 0 => {
-                        Some(Duration::from_millis(*retry_after_ms))
-                    }
-                    AgentError::Status(s) => Some(Duration::from_millis(
-                        s.capped_retry_after_ms(remaining.as_millis() as u64),
-                    )),
-                    _ => None,
-                }
-                // No hint (e.g. `bad_preamble` from a router that cannot
-                // open our token) is no reason to retry at once: back off.
-                .filter(|d| !d.is_zero());
-                let wait = match (hint, overloaded) {
-                    (Some(h), true) => h.max(exp()).min(remaining / 4),
-                    (Some(h), false) => h,
-                    (None, _) => exp(),
-                };
+                let wait = retry_wait(&e, attempt, remaining);
                 let wait = wait.min(remaining);
                 note(
                     transitions,
@@ -490,5 +463,85 @@ async fn reattach(
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// How long to wait before the next RESUME after `e` (attempt `attempt`,
+/// `remaining` until the session's deadline): what the server asked for,
+/// and when it says it is overloaded, at least an exponential step,
+/// jittered, so a storm of agents spreads out instead of retrying in
+/// lockstep. No hint (e.g. `bad_preamble` from a router that cannot open our
+/// token) is no reason to retry at once: that backs off too.
+fn retry_wait(e: &AgentError, attempt: u32, remaining: Duration) -> Duration {
+    let exp = || {
+        let base = 25u64 << attempt.min(6);
+        Duration::from_millis(base + rand::rng().random_range(0..=base))
+    };
+    let overloaded = matches!(e, AgentError::Status(s)
+        if s.status == jvpn_proto::preamble::Status::Overloaded)
+        || matches!(e, AgentError::Rejected { reason, .. }
+            if matches!(reason, ReasonCode::Overloaded | ReasonCode::RateLimited));
+    let hint = match e {
+        AgentError::Rejected { retry_after_ms, .. } if *retry_after_ms > 0 => {
+            Some(Duration::from_millis(*retry_after_ms))
+        }
+        AgentError::Status(s) => Some(Duration::from_millis(
+            s.capped_retry_after_ms(remaining.as_millis() as u64),
+        )),
+        _ => None,
+    }
+    .filter(|d| !d.is_zero());
+    let wait = match (hint, overloaded) {
+        (Some(h), true) => h.max(exp()).min(remaining / 4),
+        (Some(h), false) => h,
+        (None, _) => exp(),
+    };
+    wait.min(remaining)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jvpn_proto::preamble::{Status, StatusReply};
+
+    fn status(status: Status, retry_after_ms: u16) -> AgentError {
+        AgentError::Status(StatusReply {
+            status,
+            retry_after_ms,
+        })
+    }
+
+    /// Issue 18 M2: a refusal without a hint (a router that cannot open the
+    /// token answers `bad_preamble`, retry 0) used to be retried at once, in
+    /// a tight loop for the whole TTL.
+    #[test]
+    fn a_refusal_without_a_hint_backs_off_exponentially() {
+        let remaining = Duration::from_secs(30);
+        let bad = status(Status::BadPreamble, 0);
+        for attempt in 0..8 {
+            let w = retry_wait(&bad, attempt, remaining);
+            let base = 25u64 << attempt.min(6);
+            assert!(
+                (base..=2 * base).contains(&(w.as_millis() as u64)),
+                "attempt {attempt}: waited {w:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hint_is_followed_and_the_deadline_caps_every_wait() {
+        let remaining = Duration::from_secs(30);
+        let w = retry_wait(&status(Status::OwnerUnreachable, 300), 0, remaining);
+        assert_eq!(w, Duration::from_millis(300));
+        // Overloaded: at least the exponential step, at most a quarter of
+        // what is left.
+        let w = retry_wait(&status(Status::Overloaded, 10), 6, remaining);
+        assert!(w >= Duration::from_millis(1_600), "{w:?}");
+        let w = retry_wait(
+            &status(Status::BadPreamble, 0),
+            6,
+            Duration::from_millis(40),
+        );
+        assert!(w <= Duration::from_millis(40), "{w:?}");
     }
 }
