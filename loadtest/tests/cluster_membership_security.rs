@@ -16,6 +16,7 @@ use jvpn_loadtest::harness::{CLUSTER, TestPki, eventually};
 use jvpn_proto::pb::membership::membership_client::MembershipClient;
 use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
 use jvpn_proto::preamble::{Preamble, Status, StatusReply};
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -319,4 +320,58 @@ async fn a_gateway_with_another_cluster_secret_never_joins() {
         .await
         .unwrap();
     assert!(reply.secret_proof.is_empty());
+}
+
+/// Issue 18 M3: strangers who fill the membership port's source table do
+/// not keep a gateway out. The router learned the gateway's address from its
+/// authenticated stream; when the gateway restarts after the flood arrived
+/// (its source entry gone with its last connection), it still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_strangers_does_not_keep_a_restarted_gateway_out() {
+    let mut c = common::cluster(ClusterOptions {
+        gateways: 1,
+        spare_gateways: 0,
+        router_env: vec![("JVPN_ROUTER__MEMBERSHIP__MAX_SOURCES".into(), "8".into())],
+        ..ClusterOptions::default()
+    })
+    .await;
+    let port = c.routers[0].membership_addr;
+    c.gateway("g1").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive("g1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    // 40 strangers, each from its own loopback address, each holding a
+    // plain TCP connection and opening another whenever the router closes
+    // one (its TLS handshake deadline): 8 fill the table, a few share the
+    // overflow allowance, the rest are refused, over and over.
+    let strangers: Vec<_> = (2..42u8)
+        .map(|i| {
+            tokio::spawn(async move {
+                loop {
+                    let s = tokio::net::TcpSocket::new_v4().unwrap();
+                    s.bind((std::net::Ipv4Addr::new(127, 0, 0, i), 0).into())
+                        .unwrap();
+                    if let Ok(mut conn) = s.connect(port).await {
+                        let _ = conn.read(&mut [0; 64]).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(5), "strangers refused", || async {
+        c.routers[0]
+            .metric("jvpn_router_membership_connections_refused_total", &[])
+            .await
+            .unwrap()
+            > 0.0
+    })
+    .await
+    .unwrap();
+    c.start_gateway("g1").await.unwrap();
+    c.wait_placeable(&["g1".to_owned()], Duration::from_secs(15))
+        .await
+        .unwrap();
+    for s in strangers {
+        s.abort();
+    }
 }
