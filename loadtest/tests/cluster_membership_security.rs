@@ -375,3 +375,38 @@ async fn a_flood_of_strangers_does_not_keep_a_restarted_gateway_out() {
         s.abort();
     }
 }
+
+/// Once every gateway sends secret proofs, an operator can require them:
+/// a heartbeat without one (a gateway one version older, or one that would
+/// hide a wrong secret by sending none) is refused like a wrong proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_requires_secret_proofs_refuses_a_heartbeat_without_one() {
+    let c = common::cluster(ClusterOptions {
+        router_env: vec![(
+            "JVPN_ROUTER__MEMBERSHIP__REQUIRE_SECRET_PROOF".into(),
+            "true".into(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    // Today's gateways prove the secret: they joined (LocalCluster::start
+    // waited for all three to be placeable).
+    let r = &c.routers[0];
+    let g = Candidate::new(&c).await;
+    let e = heartbeat(r.membership_addr, g.id(), &g.ca, request("g4", &g.own(), 1))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("PermissionDenied") && e.contains("secret"),
+        "{e}"
+    );
+    assert_eq!(
+        r.metric(
+            "jvpn_router_membership_refused_total",
+            &[("reason", "secret")]
+        )
+        .await
+        .unwrap(),
+        1.0
+    );
+}

@@ -127,6 +127,11 @@ pub struct MembershipSection {
     /// while the router runs. For the first minutes after a router restart.
     #[serde(default)]
     pub reserved_sources: Vec<IpAddr>,
+    /// Refuse heartbeats without a cluster-secret proof. Off by default so
+    /// gateways one version older (which send none) still join during a
+    /// rolling upgrade; turn on once every gateway is upgraded.
+    #[serde(default)]
+    pub require_secret_proof: bool,
 }
 
 fn default_membership_per_source() -> u32 {

@@ -278,13 +278,18 @@ impl MembershipRpc for Service {
 }
 
 /// The key a gateway's secret proof verifies under: `Ok(None)` for a gateway
-/// one version older (no proof), `Err` for none of ours (another secret).
+/// one version older (no proof), unless proofs are required; `Err` for none
+/// of ours (another secret).
 fn proof_keys<'a>(
     state: &'a RouterState,
     req: &HeartbeatRequest,
 ) -> Result<Option<&'a ClusterKeys>, ()> {
     if req.secret_proof.is_empty() {
-        return Ok(None);
+        return if state.cfg.raw.membership.require_secret_proof {
+            Err(())
+        } else {
+            Ok(None)
+        };
     }
     let verifies = |k: &ClusterKeys| {
         verify_gateway_proof(
