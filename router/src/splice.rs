@@ -78,18 +78,20 @@ pub async fn splice_with(
     t: Timeouts,
 ) -> Moved {
     let half_close = t.half_close;
-    let activity = AtomicU64::new(0);
+    // Bytes moved so far each way: read at the end however the splice ends
+    // (a deadline drops the pumps mid-way), and as activity for `idle`.
+    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let activity = || up_bytes.load(Ordering::Relaxed) + down_bytes.load(Ordering::Relaxed);
     let (ar, aw) = agent.split();
     let (gr, gw) = gateway.split();
-    let up = pump(ar, gw, buffer_bytes, mode, &activity);
-    let down = pump(gr, aw, buffer_bytes, mode, &activity);
+    let up = pump(ar, gw, buffer_bytes, mode, &up_bytes);
+    let down = pump(gr, aw, buffer_bytes, mode, &down_bytes);
     // Armed when the first direction ends: a peer that never closes its
     // side must not hold both sockets for ever.
     let deadline = tokio::time::sleep(Duration::MAX);
     let idle = tokio::time::sleep(t.idle);
     let mut seen = 0u64;
     tokio::pin!(up, down, deadline, idle);
-    let mut moved = Moved::default();
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         if up_done != down_done && deadline.is_elapsed() {
@@ -104,7 +106,7 @@ pub async fn splice_with(
         tokio::select! {
             () = &mut deadline, if armed => break,
             () = &mut idle => {
-                let now_seen = activity.load(Ordering::Relaxed);
+                let now_seen = activity();
                 if now_seen == seen {
                     break;
                 }
@@ -113,35 +115,36 @@ pub async fn splice_with(
             }
             r = &mut up, if !up_done => {
                 up_done = true;
-                match r {
-                    Ok(n) => moved.up = n,
-                    Err(n) => { moved.up = n; break; }
+                if r.is_err() {
+                    break;
                 }
             }
             r = &mut down, if !down_done => {
                 down_done = true;
-                match r {
-                    Ok(n) => moved.down = n,
-                    Err(n) => { moved.down = n; break; }
+                if r.is_err() {
+                    break;
                 }
             }
         }
     }
-    moved
+    Moved {
+        up: up_bytes.load(Ordering::Relaxed),
+        down: down_bytes.load(Ordering::Relaxed),
+    }
 }
 
-/// One direction. `Ok(bytes)` on EOF, `Err(bytes)` on an error.
-/// Every transfer bumps `activity` (for the idle timeout).
+/// One direction: `Ok` on EOF, `Err` on an error. Every byte written is
+/// added to `moved` as it goes.
 async fn pump(
     from: ReadHalf<'_>,
     to: WriteHalf<'_>,
     size: usize,
     mode: Mode,
-    activity: &AtomicU64,
-) -> Result<u64, u64> {
+    moved: &AtomicU64,
+) -> Result<(), ()> {
     match mode {
-        Mode::Copy => pump_copy(from, to, size, activity).await,
-        Mode::Pipe => pump_pipe(from, to, size, activity).await,
+        Mode::Copy => pump_copy(from, to, size, moved).await,
+        Mode::Pipe => pump_pipe(from, to, size, moved).await,
     }
 }
 
@@ -149,12 +152,11 @@ async fn pump_copy(
     from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     size: usize,
-    activity: &AtomicU64,
-) -> Result<u64, u64> {
-    let mut total = 0u64;
+    moved: &AtomicU64,
+) -> Result<(), ()> {
     loop {
         if from.as_ref().readable().await.is_err() {
-            return Err(total);
+            return Err(());
         }
         let mut buf = BytesMut::with_capacity(size);
         loop {
@@ -162,17 +164,16 @@ async fn pump_copy(
             match from.as_ref().try_read_buf(&mut buf) {
                 Ok(0) => {
                     let _ = to.shutdown().await;
-                    return Ok(total);
+                    return Ok(());
                 }
                 Ok(n) => {
                     if to.write_all(&buf).await.is_err() {
-                        return Err(total);
+                        return Err(());
                     }
-                    total += n as u64;
-                    activity.fetch_add(1, Ordering::Relaxed);
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(total),
+                Err(_) => return Err(()),
             }
         }
         // `buf` is dropped here: idle connections hold no copy buffer.
@@ -202,27 +203,26 @@ async fn pump_pipe(
     from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     chunk: usize,
-    activity: &AtomicU64,
-) -> Result<u64, u64> {
+    moved: &AtomicU64,
+) -> Result<(), ()> {
     use nix::fcntl::OFlag;
-    let mut total = 0u64;
     loop {
         if from.as_ref().readable().await.is_err() {
-            return Err(total);
+            return Err(());
         }
         let Ok((pipe_r, pipe_w)) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
-            return Err(total);
+            return Err(());
         };
         loop {
             let src: &TcpStream = from.as_ref();
             let n = match src.try_io(Interest::READABLE, || spliced(src, &pipe_w, chunk)) {
                 Ok(0) => {
                     let _ = to.shutdown().await;
-                    return Ok(total);
+                    return Ok(());
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(total),
+                Err(_) => return Err(()),
             };
             let mut left = n;
             while left > 0 {
@@ -231,14 +231,13 @@ async fn pump_pipe(
                     Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if dst.writable().await.is_err() {
-                            return Err(total);
+                            return Err(());
                         }
                     }
-                    Err(_) => return Err(total),
+                    Err(_) => return Err(()),
                 }
             }
-            total += n as u64;
-            activity.fetch_add(1, Ordering::Relaxed);
+            moved.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 }
@@ -345,10 +344,13 @@ mod tests {
         }
         assert!(!task.is_finished(), "closed while bytes moved");
         let last_byte = tokio::time::Instant::now();
-        tokio::time::timeout(Duration::from_secs(5), task)
+        let moved = tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the idle splice ended")
             .unwrap();
+        // A splice ended by a deadline still reports what it moved (the
+        // router's byte counters lost it before).
+        assert_eq!(moved, Moved { up: 10, down: 0 });
         // Not before one whole idle period without a byte.
         assert!(last_byte.elapsed() >= t.idle, "{:?}", last_byte.elapsed());
         assert!(started.elapsed() >= Duration::from_millis(1_000));
