@@ -222,6 +222,9 @@ pub struct SpliceSection {
     /// How long no byte may move either way before the splice is closed;
     /// keep it well above the gateways' `heartbeat_interval_ms`.
     pub idle_timeout_ms: u64,
+    /// TCP keepalive on both spliced sockets: probes after this much
+    /// silence (0 = off). Whole seconds; below 1 s counts as 1 s.
+    pub keepalive_ms: u64,
 }
 
 impl Default for SpliceSection {
@@ -231,6 +234,7 @@ impl Default for SpliceSection {
             mode: crate::splice::Mode::Copy,
             half_close_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            keepalive_ms: 60_000,
         }
     }
 }

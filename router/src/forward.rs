@@ -317,6 +317,7 @@ async fn forward(
     let timeouts = crate::splice::Timeouts {
         half_close: Duration::from_millis(sc.half_close_timeout_ms),
         idle: Duration::from_millis(sc.idle_timeout_ms),
+        keepalive: (sc.keepalive_ms > 0).then(|| Duration::from_millis(sc.keepalive_ms)),
     };
     tokio::select! {
         moved = crate::splice::splice_with(client, gw, size, mode, timeouts) => {

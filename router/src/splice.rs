@@ -8,7 +8,9 @@
 //! shuts down the write side of the other), and the other direction then
 //! has `splice.half_close_timeout_ms` to finish. A splice in which no byte
 //! moved either way for `splice.idle_timeout_ms` is closed too (agents ping
-//! every `heartbeat_interval_ms`, so only dead peers are that quiet).
+//! every `heartbeat_interval_ms`, so only dead peers are that quiet), and
+//! both sockets send TCP keepalive probes after `splice.keepalive_ms` of
+//! silence, which finds a peer that vanished without FIN or RST sooner.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +48,9 @@ pub struct Timeouts {
     /// How long no byte may move either way (checked once per period, so
     /// the splice ends between one and two periods after the last byte).
     pub idle: Duration,
+    /// TCP keepalive on both sockets: probes start after this much silence
+    /// (`None`: off).
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -53,6 +58,7 @@ impl Default for Timeouts {
         Self {
             half_close: Duration::from_secs(10),
             idle: Duration::from_secs(300),
+            keepalive: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -77,6 +83,10 @@ pub async fn splice_with(
     mode: Mode,
     t: Timeouts,
 ) -> Moved {
+    if let Some(k) = t.keepalive {
+        keepalive(agent, k);
+        keepalive(gateway, k);
+    }
     let half_close = t.half_close;
     // Bytes moved so far each way: read at the end however the splice ends
     // (a deadline drops the pumps mid-way), and as activity for `idle`.
@@ -131,6 +141,18 @@ pub async fn splice_with(
         up: up_bytes.load(Ordering::Relaxed),
         down: down_bytes.load(Ordering::Relaxed),
     }
+}
+
+/// Keepalive probes after `after` of silence, then every `after / 6` (at
+/// least 1 s), 3 unanswered probes ending the connection: a dead peer is
+/// found within about 1.5 × `after` instead of the idle timeout. A failure
+/// only loses the probes, so it is ignored.
+fn keepalive(s: &TcpStream, after: Duration) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(after.max(Duration::from_secs(1)))
+        .with_interval((after / 6).max(Duration::from_secs(1)))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&params);
 }
 
 /// One direction: `Ok` on EOF, `Err` on an error. Every byte written is
@@ -330,6 +352,7 @@ mod tests {
         let t = Timeouts {
             half_close: Duration::from_secs(3600),
             idle: Duration::from_millis(300),
+            keepalive: None,
         };
         let started = tokio::time::Instant::now();
         let task = tokio::spawn(async move {
@@ -377,5 +400,45 @@ mod tests {
             .unwrap();
         assert_eq!(moved, Moved::default());
         drop(agent_end);
+    }
+
+    /// Issue 18 H1: a spliced peer that vanished without a FIN or RST (a
+    /// dead NAT mapping, a powered-off phone) held both sockets until the
+    /// idle timeout at best. TCP keepalive probes them after `keepalive`.
+    #[tokio::test]
+    async fn spliced_sockets_probe_silent_peers_with_tcp_keepalive() {
+        use std::os::fd::AsFd;
+        let (_agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, _gateway_end) = pair().await;
+        // Duplicates: the same sockets, their options read after the move.
+        let fds = [
+            agent_side.as_fd().try_clone_to_owned().unwrap(),
+            gateway_side.as_fd().try_clone_to_owned().unwrap(),
+        ];
+        let task =
+            tokio::spawn(async move { splice(&mut agent_side, &mut gateway_side, 1024).await });
+        // The splice sets the options before it first waits.
+        tokio::task::yield_now().await;
+        eventually_set(|| {
+            fds.iter().all(|fd| {
+                let s = socket2::SockRef::from(fd);
+                s.keepalive().unwrap()
+                    && s.tcp_keepalive_time().unwrap() == Timeouts::default().keepalive.unwrap()
+            })
+        })
+        .await;
+        assert!(!task.is_finished());
+        task.abort();
+    }
+
+    /// Polls `ok` for up to 5 s (the splice task runs on another worker).
+    async fn eventually_set(ok: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("keepalive never set on the spliced sockets");
     }
 }
