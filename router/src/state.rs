@@ -559,11 +559,16 @@ impl RouterState {
     ) -> Result<(), crate::replay::TokenRefusal> {
         let now = self.now();
         // The same grouping as admission (IPv6 per /64).
-        let source = match SourceKey::from(source) {
-            SourceKey::V4(a) => u64::from(a).to_le_bytes(),
-            SourceKey::V6(prefix) => (prefix ^ (1 << 63)).to_le_bytes(),
-        };
-        lock(&self.token_uses).check(token, &source, now)
+        // A family tag keeps an IPv4 address and an IPv6 prefix apart.
+        let mut key = [0u8; 9];
+        match SourceKey::from(source) {
+            SourceKey::V4(a) => key[1..5].copy_from_slice(&a.to_le_bytes()),
+            SourceKey::V6(prefix) => {
+                key[0] = 6;
+                key[1..].copy_from_slice(&prefix.to_le_bytes());
+            }
+        }
+        lock(&self.token_uses).check(token, &key, now)
     }
 
     /// The per-gateway HELLO (`resume = false`) or RESUME budget.
