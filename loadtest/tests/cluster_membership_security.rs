@@ -354,6 +354,9 @@ async fn a_flood_of_strangers_does_not_keep_a_restarted_gateway_out() {
                     if let Ok(mut conn) = s.connect(port).await {
                         let _ = conn.read(&mut [0; 64]).await;
                     }
+                    // Pacing, not synchronisation: 40 refused strangers
+                    // spinning would starve the 2-core machine.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             })
         })
@@ -371,6 +374,21 @@ async fn a_flood_of_strangers_does_not_keep_a_restarted_gateway_out() {
     c.wait_placeable(&["g1".to_owned()], Duration::from_secs(15))
         .await
         .unwrap();
+    // The flood was still on while g1 got in.
+    let refused = || async {
+        c.routers[0]
+            .metric("jvpn_router_membership_connections_refused_total", &[])
+            .await
+            .unwrap()
+    };
+    let then = refused().await;
+    eventually(
+        Duration::from_secs(10),
+        "strangers still refused",
+        || async { refused().await > then },
+    )
+    .await
+    .unwrap();
     for s in strangers {
         s.abort();
     }

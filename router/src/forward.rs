@@ -319,17 +319,21 @@ async fn forward(
         idle: Duration::from_millis(sc.idle_timeout_ms),
         keepalive: (sc.keepalive_ms > 0).then(|| Duration::from_millis(sc.keepalive_ms)),
     };
-    tokio::select! {
-        moved = crate::splice::splice_with(client, gw, size, mode, timeouts) => {
-            counter!(m::SPLICED_BYTES, "direction" => "up").increment(moved.up);
-            counter!(m::SPLICED_BYTES, "direction" => "down").increment(moved.down);
+    let tally = crate::splice::Tally::default();
+    let outcome = tokio::select! {
+        () = crate::splice::splice_with(client, gw, size, mode, timeouts, &tally) => {
             Outcome::Spliced
         }
         _ = death.wait_for(|dead| *dead) => {
             counter!(m::CLOSED_ON_DEATH).increment(1);
             Outcome::ClosedOnDeath
         }
-    }
+    };
+    // Counted however the splice ended (a death drops it mid-way).
+    let moved = tally.moved();
+    counter!(m::SPLICED_BYTES, "direction" => "up").increment(moved.up);
+    counter!(m::SPLICED_BYTES, "direction" => "down").increment(moved.down);
+    outcome
 }
 
 #[cfg(test)]

@@ -40,6 +40,24 @@ pub struct Moved {
     pub down: u64,
 }
 
+/// Bytes moved so far, counted as they move: readable however the splice
+/// ends, even when its future is dropped mid-way (a deadline, the owner's
+/// death).
+#[derive(Debug, Default)]
+pub struct Tally {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Tally {
+    pub fn moved(&self) -> Moved {
+        Moved {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// How long a splice may wait on its peers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -65,37 +83,43 @@ impl Default for Timeouts {
 
 /// Copies until both directions reached EOF, or one failed.
 pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes: usize) -> Moved {
+    let tally = Tally::default();
     splice_with(
         agent,
         gateway,
         buffer_bytes,
         Mode::Copy,
         Timeouts::default(),
+        &tally,
     )
-    .await
+    .await;
+    tally.moved()
 }
 
-/// As [`splice`], moving bytes the way `mode` says, within `t`.
+/// As [`splice`], moving bytes the way `mode` says, within `t`, counting
+/// them in `tally`.
 pub async fn splice_with(
     agent: &mut TcpStream,
     gateway: &mut TcpStream,
     buffer_bytes: usize,
     mode: Mode,
     t: Timeouts,
-) -> Moved {
+    tally: &Tally,
+) {
     if let Some(k) = t.keepalive {
         keepalive(agent, k);
         keepalive(gateway, k);
     }
     let half_close = t.half_close;
-    // Bytes moved so far each way: read at the end however the splice ends
-    // (a deadline drops the pumps mid-way), and as activity for `idle`.
-    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let activity = || up_bytes.load(Ordering::Relaxed) + down_bytes.load(Ordering::Relaxed);
+    // The tally doubles as activity for `idle`.
+    let activity = || {
+        let m = tally.moved();
+        m.up + m.down
+    };
     let (ar, aw) = agent.split();
     let (gr, gw) = gateway.split();
-    let up = pump(ar, gw, buffer_bytes, mode, &up_bytes);
-    let down = pump(gr, aw, buffer_bytes, mode, &down_bytes);
+    let up = pump(ar, gw, buffer_bytes, mode, &tally.up);
+    let down = pump(gr, aw, buffer_bytes, mode, &tally.down);
     // Armed when the first direction ends: a peer that never closes its
     // side must not hold both sockets for ever.
     let deadline = tokio::time::sleep(Duration::MAX);
@@ -137,22 +161,25 @@ pub async fn splice_with(
             }
         }
     }
-    Moved {
-        up: up_bytes.load(Ordering::Relaxed),
-        down: down_bytes.load(Ordering::Relaxed),
-    }
 }
 
-/// Keepalive probes after `after` of silence, then every `after / 6` (at
-/// least 1 s), 3 unanswered probes ending the connection: a dead peer is
-/// found within about 1.5 × `after` instead of the idle timeout. A failure
+/// Keepalive probes after `after` of silence (at least 1 s), then every
+/// `after / 6` (at least 1 s), 3 unanswered probes ending the connection.
+/// Linux sends no probes while data waits for acknowledgement, so
+/// `TCP_USER_TIMEOUT` bounds that case with the same total: either way a
+/// vanished peer is found within `after` + 3 intervals (90 s at 60 s)
+/// instead of the idle timeout or ~15 min of retransmissions. A failure
 /// only loses the probes, so it is ignored.
 fn keepalive(s: &TcpStream, after: Duration) {
+    let time = after.max(Duration::from_secs(1));
+    let interval = (after / 6).max(Duration::from_secs(1));
     let params = socket2::TcpKeepalive::new()
-        .with_time(after.max(Duration::from_secs(1)))
-        .with_interval((after / 6).max(Duration::from_secs(1)))
+        .with_time(time)
+        .with_interval(interval)
         .with_retries(3);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&params);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_tcp_keepalive(&params);
+    let _ = sock.set_tcp_user_timeout(Some(time + 3 * interval));
 }
 
 /// One direction: `Ok` on EOF, `Err` on an error. Every byte written is
@@ -320,6 +347,7 @@ mod tests {
         let (agent_end, mut agent_side) = pair().await;
         let (mut gateway_side, gateway_end) = pair().await;
         let task = tokio::spawn(async move {
+            let tally = Tally::default();
             splice_with(
                 &mut agent_side,
                 &mut gateway_side,
@@ -329,8 +357,10 @@ mod tests {
                     half_close: Duration::from_millis(200),
                     ..Timeouts::default()
                 },
+                &tally,
             )
-            .await
+            .await;
+            tally.moved()
         });
         // The gateway hangs up; the agent stays connected and silent.
         drop(gateway_end);
@@ -356,7 +386,17 @@ mod tests {
         };
         let started = tokio::time::Instant::now();
         let task = tokio::spawn(async move {
-            splice_with(&mut agent_side, &mut gateway_side, 1024, Mode::Copy, t).await
+            let tally = Tally::default();
+            splice_with(
+                &mut agent_side,
+                &mut gateway_side,
+                1024,
+                Mode::Copy,
+                t,
+                &tally,
+            )
+            .await;
+            tally.moved()
         });
         // Traffic for a while: one byte every 100 ms keeps it open.
         let mut b = [0u8; 1];
@@ -422,8 +462,10 @@ mod tests {
         eventually_set(|| {
             fds.iter().all(|fd| {
                 let s = socket2::SockRef::from(fd);
+                let after = Timeouts::default().keepalive.unwrap();
                 s.keepalive().unwrap()
-                    && s.tcp_keepalive_time().unwrap() == Timeouts::default().keepalive.unwrap()
+                    && s.tcp_keepalive_time().unwrap() == after
+                    && s.tcp_user_timeout().unwrap() == Some(after + 3 * (after / 6))
             })
         })
         .await;

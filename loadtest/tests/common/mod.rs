@@ -264,7 +264,17 @@ pub async fn close_clean(c: &LocalCluster, fleet: Fleet) -> Vec<AgentReport> {
 /// every `every`, until stopped.
 pub struct HelloLoad {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<(String, u64, Instant)>>,
+    task: tokio::task::JoinHandle<Vec<Placed>>,
+}
+
+/// One answered HELLO: who answered, when the agent started it (before
+/// connecting) and when it read the `HelloOk`.
+#[derive(Debug)]
+pub struct Placed {
+    pub node: String,
+    pub incarnation: u64,
+    pub sent: Instant,
+    pub read: Instant,
 }
 
 impl HelloLoad {
@@ -277,9 +287,15 @@ impl HelloLoad {
             let mut placed = Vec::new();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut a = Agent::new(cfg.clone()).unwrap();
+                let sent = Instant::now();
                 if a.hello().await.is_ok() {
                     let s = a.session.as_ref().unwrap();
-                    placed.push((s.node_id.clone(), s.incarnation, Instant::now()));
+                    placed.push(Placed {
+                        node: s.node_id.clone(),
+                        incarnation: s.incarnation,
+                        sent,
+                        read: Instant::now(),
+                    });
                 }
                 tokio::time::sleep(every).await;
             }
@@ -290,12 +306,21 @@ impl HelloLoad {
 
     /// Stops it: which gateway answered each `HelloOk`, and when it was read.
     pub async fn stop(self) -> Vec<(String, Instant)> {
-        let placed = self.stop_with_incarnations().await;
-        placed.into_iter().map(|(n, _, t)| (n, t)).collect()
+        let placed = self.stop_placed().await;
+        placed.into_iter().map(|p| (p.node, p.read)).collect()
     }
 
     /// [`HelloLoad::stop`], with the incarnation that answered each.
     pub async fn stop_with_incarnations(self) -> Vec<(String, u64, Instant)> {
+        let placed = self.stop_placed().await;
+        placed
+            .into_iter()
+            .map(|p| (p.node, p.incarnation, p.read))
+            .collect()
+    }
+
+    /// Every answered HELLO, with when it was sent and when read.
+    pub async fn stop_placed(self) -> Vec<Placed> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap()
     }
