@@ -101,3 +101,77 @@ pub fn heartbeat(data: &[u8]) {
         }
     }
 }
+
+/// The session channel fed arbitrary peer input: `Data` at any offset and
+/// size, acks and resume offsets of any value, interleaved with local
+/// writes, sends and reads. Every peer error is typed, and the offsets
+/// keep their order whatever the input.
+pub fn channel(data: &[u8]) {
+    use crate::channel::{Channel, ChannelConfig};
+    use crate::time::Mono;
+
+    let mut c = Channel::new(ChannelConfig {
+        max_payload: 512,
+        ..ChannelConfig::with_window(4_096)
+    });
+    let mut src = data;
+    let mut take = |n: usize| -> Option<Vec<u8>> {
+        let (a, b) = src.split_at_checked(n)?;
+        src = b;
+        Some(a.to_vec())
+    };
+    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let mut now = 0u64;
+    while let Some(op) = take(1) {
+        // Offsets near the live range as often as anywhere.
+        let near = |raw: u64, base: u64| {
+            if raw & 1 == 0 {
+                base.wrapping_add((raw >> 1) % 8_192).wrapping_sub(4_096)
+            } else {
+                raw
+            }
+        };
+        match op[0] % 7 {
+            0 => {
+                let Some(seq) = take(8).map(u64_of) else {
+                    break;
+                };
+                let Some(len) = take(1) else { break };
+                let payload = bytes::Bytes::from(vec![0xab; usize::from(len[0]) * 8]);
+                let _ = c.on_data(near(seq, c.received()), payload);
+            }
+            1 => {
+                let Some(a) = take(8).map(u64_of) else { break };
+                let _ = c.on_ack(near(a, c.acked()));
+            }
+            2 => {
+                let Some(a) = take(8).map(u64_of) else { break };
+                let _ = c.resume_from(near(a, c.acked()));
+            }
+            3 => {
+                let Some(n) = take(2) else { break };
+                c.write(&vec![1; usize::from(u16::from_le_bytes([n[0], n[1]]))]);
+            }
+            4 => {
+                if let Some((seq, p)) = c.next_data() {
+                    assert!(p.len() <= 512 && !p.is_empty());
+                    assert!(seq + p.len() as u64 <= c.end());
+                }
+            }
+            5 => {
+                let Some(n) = take(2) else { break };
+                let unread = c.received() - c.consumed();
+                let n = u64::from(u16::from_le_bytes([n[0], n[1]])).min(unread);
+                now += 7;
+                c.consume(n as usize, Mono::from_millis(now));
+            }
+            _ => {
+                now += 20;
+                let _ = c.ack_due(Mono::from_millis(now), false);
+            }
+        }
+        assert!(c.acked() <= c.sent() && c.sent() <= c.end());
+        assert!(c.buffered() <= 4_096);
+        assert!(c.consumed() <= c.received());
+    }
+}

@@ -15,11 +15,13 @@
 //! - [`frame`]: the length-delimited frame codec used inside TLS.
 //! - [`ring`]: views, `view_id`, the consistent-hash ring and owner tags.
 //! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
+//! - [`channel`]: the resumable byte channel of the data plane, sans-IO ([`channel::Channel`]).
 //! - [`client`]: the client's half of a session, sans-IO ([`client::ClientSession`]).
 //! - [`time`]: [`Mono`], the monotonic instant every sans-IO core takes as `now`.
 
 #![forbid(unsafe_code)]
 
+pub mod channel;
 pub mod client;
 pub mod crypto;
 pub mod frame;

@@ -44,3 +44,8 @@ fn frame_corpus() {
 fn heartbeat_corpus() {
     replay("heartbeat", jvpn_proto::fuzzing::heartbeat, 8);
 }
+
+#[test]
+fn channel_corpus() {
+    replay("channel", jvpn_proto::fuzzing::channel, 10);
+}

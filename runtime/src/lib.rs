@@ -9,6 +9,8 @@
 //!   the documented-keys checks.
 //! - [`admin`]: the admin HTTP port (`/metrics`, `/healthz`, `/readyz`,
 //!   operator actions behind a bearer token) for any [`admin::AdminApp`].
+//! - [`channel_io`]: the resumable session channel as an async byte stream
+//!   (for the HTTP/2 multiplexer) and its transport side.
 //! - [`admission`]: per-source token buckets, the handshake budget and the
 //!   TLS waiting room; sans-IO, every call takes `now`.
 //! - [`metrics`]: the Prometheus recorder, its upkeep and `jvpn_build_info`.
@@ -22,6 +24,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod channel_io;
 pub mod config;
 pub mod metrics;
 pub mod process;

@@ -1,0 +1,251 @@
+//! The resumable session channel ([`jvpn_proto::channel`]) as an async byte
+//! stream, for a multiplexer (HTTP/2) that must see one connection that
+//! never breaks while the transports under it come and go.
+//!
+//! Two faces share one [`Channel`]:
+//! - [`ChannelStream`] (`AsyncRead + AsyncWrite`) for the multiplexer. A
+//!   write takes what the window allows and is pending when it is full
+//!   (backpressure reaches the multiplexer, and through its flow control
+//!   the application); a read takes received bytes and counts them
+//!   consumed, which is what acknowledgements report.
+//! - [`SessionChannel`] for whichever transport currently carries the
+//!   session: it takes arriving `Data`/`Ack` frames, hands out the frames to
+//!   send, and after a RESUME resends from the peer's offset.
+//!
+//! When the session ends, [`SessionChannel::close`] fails every pending
+//! read and write with `ConnectionReset`: streams end explicitly, never as
+//! a clean EOF that could pass for a complete transfer.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use jvpn_proto::Mono;
+use jvpn_proto::channel::{Channel, ChannelConfig, ChannelError};
+use jvpn_proto::pb::session::{Ack, Data, frame::Kind};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::wire::lock;
+
+#[derive(Debug)]
+struct Inner {
+    ch: Channel,
+    /// Received, not yet read by the multiplexer.
+    inbox: VecDeque<Bytes>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    /// Why the session's channel ended; every read and write fails after.
+    closed: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    /// A frame may be ready to send (a permit is kept if nobody waits).
+    outgoing: Notify,
+    origin: Instant,
+}
+
+impl Shared {
+    fn now(&self) -> Mono {
+        Mono::between(self.origin, Instant::now())
+    }
+}
+
+/// The transport side of a session's channel. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SessionChannel {
+    shared: Arc<Shared>,
+}
+
+/// The multiplexer side: one byte stream per direction.
+#[derive(Debug)]
+pub struct ChannelStream {
+    shared: Arc<Shared>,
+}
+
+impl SessionChannel {
+    /// A fresh channel (both offsets 0) and the stream over it.
+    pub fn new(cfg: ChannelConfig) -> (Self, ChannelStream) {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                ch: Channel::new(cfg),
+                inbox: VecDeque::new(),
+                read_waker: None,
+                write_waker: None,
+                closed: None,
+            }),
+            outgoing: Notify::new(),
+            origin: Instant::now(),
+        });
+        (
+            Self {
+                shared: shared.clone(),
+            },
+            ChannelStream { shared },
+        )
+    }
+
+    /// The offset to report in a RESUME / ResumeOk: everything received.
+    pub fn received(&self) -> u64 {
+        lock(&self.shared.inner).ch.received()
+    }
+
+    /// A new transport carries the session and the peer holds everything
+    /// below `peer_received`: resend from there, and acknowledge again.
+    pub fn resume_from(&self, peer_received: u64) -> Result<(), ChannelError> {
+        let mut g = lock(&self.shared.inner);
+        g.ch.resume_from(peer_received)?;
+        drop(g);
+        self.shared.outgoing.notify_one();
+        Ok(())
+    }
+
+    /// A `Data` frame arrived on the current transport.
+    pub fn on_data(&self, d: Data) -> Result<(), ChannelError> {
+        let mut g = lock(&self.shared.inner);
+        let fresh = g.ch.on_data(d.seq, d.payload)?;
+        if !fresh.is_empty() {
+            g.inbox.push_back(fresh);
+            if let Some(w) = g.read_waker.take() {
+                w.wake();
+            }
+        }
+        Ok(())
+    }
+
+    /// An `Ack` frame arrived: window space for the writer.
+    pub fn on_ack(&self, a: Ack) -> Result<(), ChannelError> {
+        let mut g = lock(&self.shared.inner);
+        g.ch.on_ack(a.seq)?;
+        if g.ch.space() > 0
+            && let Some(w) = g.write_waker.take()
+        {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// The next frame to send on the current transport, if any: an `Ack`
+    /// when one is due (`force_ack`: whatever is new, e.g. with a Pong),
+    /// else the next `Data`.
+    pub fn next_frame(&self, force_ack: bool) -> Option<Kind> {
+        let now = self.shared.now();
+        let mut g = lock(&self.shared.inner);
+        if let Some(seq) = g.ch.ack_due(now, force_ack) {
+            return Some(Kind::Ack(Ack { seq }));
+        }
+        g.ch.next_data()
+            .map(|(seq, payload)| Kind::Data(Data { seq, payload }))
+    }
+
+    /// Resolves when a frame may be ready: new bytes to send, or an
+    /// acknowledgement due (by bytes, or by time at [`Self::ack_at`]).
+    pub async fn wait_outgoing(&self) {
+        self.shared.outgoing.notified().await;
+    }
+
+    /// When an acknowledgement falls due by time alone.
+    pub fn ack_at(&self) -> Option<Instant> {
+        let g = lock(&self.shared.inner);
+        g.ch.ack_deadline()
+            .map(|t| self.shared.origin + t.saturating_since(Mono::ZERO))
+    }
+
+    /// Bytes held for the peer (unacknowledged).
+    pub fn buffered(&self) -> u64 {
+        lock(&self.shared.inner).ch.buffered()
+    }
+
+    /// The session ended (or its channel broke): every stream over it
+    /// fails with `ConnectionReset` carrying `why`; buffers are freed.
+    pub fn close(&self, why: &str) {
+        let mut g = lock(&self.shared.inner);
+        if g.closed.is_none() {
+            g.closed = Some(why.to_owned());
+        }
+        g.inbox.clear();
+        let wakers = [g.read_waker.take(), g.write_waker.take()];
+        drop(g);
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
+}
+
+fn reset(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, why.to_owned())
+}
+
+impl AsyncRead for ChannelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let now = self.shared.now();
+        let mut g = lock(&self.shared.inner);
+        if let Some(why) = &g.closed {
+            return Poll::Ready(Err(reset(why)));
+        }
+        let mut n = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = g.inbox.front_mut() else {
+                break;
+            };
+            let take = front.len().min(buf.remaining());
+            buf.put_slice(&front[..take]);
+            front.advance(take);
+            if front.is_empty() {
+                g.inbox.pop_front();
+            }
+            n += take;
+        }
+        if n == 0 {
+            g.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        g.ch.consume(n, now);
+        drop(g);
+        // An ack may be due now (by bytes) or later (by time): the
+        // transport side decides which when it wakes.
+        self.shared.outgoing.notify_one();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ChannelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut g = lock(&self.shared.inner);
+        if let Some(why) = &g.closed {
+            return Poll::Ready(Err(reset(why)));
+        }
+        let n = g.ch.write(buf);
+        if n == 0 && !buf.is_empty() {
+            g.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        drop(g);
+        self.shared.outgoing.notify_one();
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are in the channel; the transport side sends them.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The multiplexer's connection ends with the session, not here.
+        Poll::Ready(Ok(()))
+    }
+}
