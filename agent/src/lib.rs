@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod frontdoor;
 pub mod run;
 pub mod sniff;
 
