@@ -4,19 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
-fn replay(target: &str, f: fn(&[u8]), min_inputs: usize) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        f(&std::fs::read(entry.unwrap().path()).unwrap());
-        n += 1;
-    }
-    assert!(n >= min_inputs, "{target}: corpus has only {n} inputs");
-}
+use jvpn_proto::fuzzing::replay_corpus as replay;
 
 #[test]
 fn socks5_corpus() {

@@ -272,22 +272,8 @@ async fn a_gateway_with_another_cluster_secret_never_joins() {
         ..request("g4", &own, 1)
     };
 
-    let e = heartbeat(r.membership_addr, g4_id, &ca, proven(&wrong))
-        .await
-        .unwrap_err();
-    assert!(
-        e.contains("PermissionDenied") && e.contains("secret"),
-        "{e}"
-    );
-    assert_eq!(
-        r.metric(
-            "jvpn_router_membership_refused_total",
-            &[("reason", "secret")]
-        )
-        .await
-        .unwrap(),
-        1.0
-    );
+    let refused = heartbeat(r.membership_addr, g4_id, &ca, proven(&wrong)).await;
+    assert_refused_for_secret(r, refused).await;
     let known: Vec<String> = r.ring().await.unwrap()["members"]
         .as_array()
         .unwrap()
@@ -411,9 +397,16 @@ async fn a_router_that_requires_secret_proofs_refuses_a_heartbeat_without_one() 
     // waited for all three to be placeable).
     let r = &c.routers[0];
     let g = Candidate::new(&c).await;
-    let e = heartbeat(r.membership_addr, g.id(), &g.ca, request("g4", &g.own(), 1))
-        .await
-        .unwrap_err();
+    let refused = heartbeat(r.membership_addr, g.id(), &g.ca, request("g4", &g.own(), 1)).await;
+    assert_refused_for_secret(r, refused).await;
+}
+
+/// The heartbeat was refused for its secret proof, and counted (once).
+async fn assert_refused_for_secret(
+    r: &jvpn_loadtest::cluster::LocalRouter,
+    refused: Result<HeartbeatReply, String>,
+) {
+    let e = refused.unwrap_err();
     assert!(
         e.contains("PermissionDenied") && e.contains("secret"),
         "{e}"

@@ -4,6 +4,25 @@
 
 use bytes::BytesMut;
 
+/// Replays the kept corpus of `target` (`fuzz/corpus/<target>/`) through
+/// `f`, the target's entry point, so every input a fuzzer once found
+/// interesting stays a regression test; fails with fewer than
+/// `min_inputs` inputs. For tests in any crate of the workspace.
+pub fn replay_corpus(target: &str, f: fn(&[u8]), min_inputs: usize) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut n = 0;
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry.map(|e| e.path()).unwrap_or_else(|e| panic!("{e}"));
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        f(&data);
+        n += 1;
+    }
+    assert!(n >= min_inputs, "{target}: corpus has only {n} inputs");
+}
+
 use crate::frame;
 use crate::keys::ClusterSecret;
 use crate::preamble::{PREAMBLE_LEN, Preamble, STATUS_LEN, StatusReply};
