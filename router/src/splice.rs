@@ -299,6 +299,27 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
+    /// A copy splice with a 1 KiB buffer under `t`; resolves to what moved.
+    fn spawn_splice(
+        mut agent_side: TcpStream,
+        mut gateway_side: TcpStream,
+        t: Timeouts,
+    ) -> tokio::task::JoinHandle<Moved> {
+        tokio::spawn(async move {
+            let tally = Tally::default();
+            splice_with(
+                &mut agent_side,
+                &mut gateway_side,
+                1024,
+                Mode::Copy,
+                t,
+                &tally,
+            )
+            .await;
+            tally.moved()
+        })
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -344,24 +365,16 @@ mod tests {
     /// now has `half_close` to finish.
     #[tokio::test]
     async fn a_half_closed_splice_ends_within_the_half_close_deadline() {
-        let (agent_end, mut agent_side) = pair().await;
-        let (mut gateway_side, gateway_end) = pair().await;
-        let task = tokio::spawn(async move {
-            let tally = Tally::default();
-            splice_with(
-                &mut agent_side,
-                &mut gateway_side,
-                1024,
-                Mode::Copy,
-                Timeouts {
-                    half_close: Duration::from_millis(200),
-                    ..Timeouts::default()
-                },
-                &tally,
-            )
-            .await;
-            tally.moved()
-        });
+        let (agent_end, agent_side) = pair().await;
+        let (gateway_side, gateway_end) = pair().await;
+        let task = spawn_splice(
+            agent_side,
+            gateway_side,
+            Timeouts {
+                half_close: Duration::from_millis(200),
+                ..Timeouts::default()
+            },
+        );
         // The gateway hangs up; the agent stays connected and silent.
         drop(gateway_end);
         let moved = tokio::time::timeout(std::time::Duration::from_secs(5), task)
@@ -377,27 +390,15 @@ mod tests {
     /// ends after `idle`, and traffic keeps it open.
     #[tokio::test]
     async fn a_silent_splice_ends_after_the_idle_timeout() {
-        let (mut agent_end, mut agent_side) = pair().await;
-        let (mut gateway_side, mut gateway_end) = pair().await;
+        let (mut agent_end, agent_side) = pair().await;
+        let (gateway_side, mut gateway_end) = pair().await;
         let t = Timeouts {
             half_close: Duration::from_secs(3600),
             idle: Duration::from_millis(300),
             keepalive: None,
         };
         let started = tokio::time::Instant::now();
-        let task = tokio::spawn(async move {
-            let tally = Tally::default();
-            splice_with(
-                &mut agent_side,
-                &mut gateway_side,
-                1024,
-                Mode::Copy,
-                t,
-                &tally,
-            )
-            .await;
-            tally.moved()
-        });
+        let task = spawn_splice(agent_side, gateway_side, t);
         // Traffic for a while: one byte every 100 ms keeps it open.
         let mut b = [0u8; 1];
         for _ in 0..10 {
