@@ -57,6 +57,9 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    /// Where sessions' streams may go (the data plane; issue 15).
+    #[serde(default)]
+    pub egress: crate::egress::EgressConfig,
 }
 
 fn default_client_addr() -> SocketAddr {
@@ -250,6 +253,8 @@ pub struct Validated {
     /// The file it was read from (reloads read it again).
     pub source: Option<PathBuf>,
     pub admin_token: Option<jvpn_runtime::admin::AdminToken>,
+    /// `[egress]`, compiled; this gateway's own listeners are protected.
+    pub egress: Arc<crate::egress::EgressPolicy>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -449,8 +454,11 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         ));
     }
     let admin_token = load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
-    match (node_id, tls, secret) {
-        (Some(node_id), Some(tls), Some(secret)) if errs.is_empty() => {
+    let egress = crate::egress::EgressPolicy::new(&raw.egress, &[raw.client_addr, raw.admin_addr])
+        .map_err(|list| errs.extend(list))
+        .ok();
+    match (node_id, tls, secret, egress) {
+        (Some(node_id), Some(tls), Some(secret), Some(egress)) if errs.is_empty() => {
             let max_tls = match raw.admission.max_tls_handshakes_in_flight {
                 0 => {
                     TLS_SLOTS_PER_CORE * std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -473,6 +481,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 membership,
                 source: None,
                 admin_token,
+                egress: Arc::new(egress),
             })
         }
         _ => Err(ConfigErrors(errs)),

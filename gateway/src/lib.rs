@@ -24,6 +24,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod events;
 #[doc(hidden)]

@@ -68,6 +68,24 @@ fn an_unknown_key_is_named() {
 }
 
 #[test]
+fn an_egress_rule_that_opens_more_than_it_says_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let rules = "[[egress.rules]]\naction = \"allow\"\ncidrs = [\"10.0.0.1/8\"]\n";
+    let (code, err) = check(d.path(), &format!("{}{rules}", base(&l)));
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("egress.rules[0].cidrs") && err.contains("host bits"),
+        "{err}"
+    );
+    let (code, err) = check(
+        d.path(),
+        &format!("{}{}", base(&l), rules.replace("10.0.0.1/8", "10.0.0.0/8")),
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn zero_durations_are_named_each() {
     let d = tempfile::tempdir().unwrap();
     let l = pki(d.path());

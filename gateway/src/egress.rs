@@ -1,0 +1,354 @@
+//! Egress policy (seed §2 "Policy Engine", DESIGN §12), sans-IO: may this
+//! session's principal open a stream to this *resolved* address and port?
+//! Names are resolved first and every address is checked, so a name cannot
+//! smuggle a destination the rules would refuse as an address.
+//!
+//! Rules are `[[egress.rules]]`, first match wins, no match is a refusal.
+//! Some destinations are protected whatever the rules say in general:
+//! loopback, link-local (cloud metadata lives at 169.254.169.254),
+//! multicast, the unspecified/"this network" addresses (a connect to
+//! 0.0.0.0 reaches the local host on Linux) and the cluster's own
+//! listeners. A rule opens a protected range only by naming it: its CIDR
+//! must lie inside that range (`127.0.0.0/8` opens loopback,
+//! `0.0.0.0/0` does not), and a cluster listener only by a rule for that
+//! very host (`/32` or `/128`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+use jvpn_runtime::config::ConfigProblem;
+use serde::{Deserialize, Serialize};
+
+/// `[egress]` as written.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Rules in order; the first whose principals, CIDR and ports match
+    /// decides. Default: one rule allowing every principal everywhere
+    /// (protected ranges stay closed).
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            rules: vec![RuleConfig {
+                action: Action::Allow,
+                principals: vec!["*".into()],
+                cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+                ports: vec!["1-65535".into()],
+            }],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub action: Action,
+    /// Principal names (a certificate's subject name or a token's name);
+    /// `*` matches every principal.
+    #[serde(default = "star")]
+    pub principals: Vec<String>,
+    /// `10.0.0.0/8`, `2001:db8::/32`, or a single address.
+    pub cidrs: Vec<String>,
+    /// `443`, `8000-8100`; default every port.
+    #[serde(default = "all_ports")]
+    pub ports: Vec<String>,
+}
+
+fn star() -> Vec<String> {
+    vec!["*".into()]
+}
+fn all_ports() -> Vec<String> {
+    vec!["1-65535".into()]
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// An address block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    fn bits(a: IpAddr) -> (u128, u8) {
+        match a {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    pub fn contains(&self, a: IpAddr) -> bool {
+        let ((n, width), (x, xw)) = (Self::bits(self.net), Self::bits(a));
+        if width != xw {
+            return false;
+        }
+        let shift = u32::from(width - self.len);
+        shift >= 128 || (n >> shift) == (x >> shift)
+    }
+
+    /// Is all of `self` inside `outer`?
+    fn within(&self, outer: &Cidr) -> bool {
+        self.len >= outer.len && outer.contains(self.net)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let net = canonical(
+            addr.parse::<IpAddr>()
+                .map_err(|_| format!("{s:?} is not an address"))?,
+        );
+        let width = if net.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= width)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={width}"))?,
+            None => width,
+        };
+        let c = Cidr { net, len };
+        // The address part must be the network itself: a typo such as
+        // 10.0.0.1/8 would otherwise open more than the operator read.
+        if Cidr::from_parts(net, len) != c {
+            return Err(format!("{s:?} has host bits set"));
+        }
+        Ok(c)
+    }
+}
+
+impl Cidr {
+    fn from_parts(a: IpAddr, len: u8) -> Cidr {
+        let (x, width) = Self::bits(a);
+        let shift = u32::from(width - len);
+        let masked = if shift >= 128 {
+            0
+        } else {
+            (x >> shift) << shift
+        };
+        let net = if width == 32 {
+            IpAddr::V4(Ipv4Addr::from(masked as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(masked))
+        };
+        Cidr { net, len }
+    }
+}
+
+#[cfg(test)]
+impl Cidr {
+    fn to_string_for_test(self) -> String {
+        format!("{}/{}", self.net, self.len)
+    }
+}
+
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Why a destination is refused (the metric label of a policy denial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// A deny rule matched.
+    Rule,
+    /// No rule matched.
+    NoRule,
+    /// A protected range no rule named.
+    Protected(Protected),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protected {
+    Loopback,
+    LinkLocal,
+    Multicast,
+    Unspecified,
+    ClusterListener,
+}
+
+impl Denial {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::Rule => "rule",
+            Denial::NoRule => "no_rule",
+            Denial::Protected(Protected::Loopback) => "loopback",
+            Denial::Protected(Protected::LinkLocal) => "link_local",
+            Denial::Protected(Protected::Multicast) => "multicast",
+            Denial::Protected(Protected::Unspecified) => "unspecified",
+            Denial::Protected(Protected::ClusterListener) => "cluster_listener",
+        }
+    }
+}
+
+const PROTECTED: &[(&str, Protected)] = &[
+    ("127.0.0.0/8", Protected::Loopback),
+    ("::1/128", Protected::Loopback),
+    ("169.254.0.0/16", Protected::LinkLocal),
+    ("fe80::/10", Protected::LinkLocal),
+    ("224.0.0.0/4", Protected::Multicast),
+    ("ff00::/8", Protected::Multicast),
+    ("0.0.0.0/8", Protected::Unspecified),
+    ("255.255.255.255/32", Protected::Unspecified),
+    ("::/128", Protected::Unspecified),
+    // IPv4-compatible IPv6 (deprecated): ::127.0.0.1 must not be a way in.
+    ("::/96", Protected::Unspecified),
+];
+
+#[derive(Clone, Debug)]
+struct Rule {
+    allow: bool,
+    any_principal: bool,
+    principals: Vec<String>,
+    cidrs: Vec<Cidr>,
+    ports: Vec<(u16, u16)>,
+}
+
+/// The compiled policy.
+#[derive(Clone, Debug)]
+pub struct EgressPolicy {
+    rules: Vec<Rule>,
+    protected: Vec<(Cidr, Protected)>,
+    /// The cluster's own listeners (this gateway's and, when known, its
+    /// routers'): protected by exact address.
+    listeners: Vec<SocketAddr>,
+}
+
+impl EgressPolicy {
+    /// Compiles `[egress]`; every problem names its key.
+    pub fn new(cfg: &EgressConfig, listeners: &[SocketAddr]) -> Result<Self, Vec<ConfigProblem>> {
+        let mut errs = Vec::new();
+        let mut rules = Vec::new();
+        for (i, r) in cfg.rules.iter().enumerate() {
+            let key = |k: &str| format!("egress.rules[{i}].{k}");
+            let cidrs: Vec<Cidr> = r
+                .cidrs
+                .iter()
+                .filter_map(|c| {
+                    c.parse()
+                        .map_err(|e| errs.push(ConfigProblem::new(key("cidrs"), e)))
+                        .ok()
+                })
+                .collect();
+            if r.cidrs.is_empty() {
+                errs.push(ConfigProblem::new(
+                    key("cidrs"),
+                    "must name at least one block",
+                ));
+            }
+            let ports: Vec<(u16, u16)> = r
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    parse_ports(p)
+                        .map_err(|e| errs.push(ConfigProblem::new(key("ports"), e)))
+                        .ok()
+                })
+                .collect();
+            if r.principals.is_empty() {
+                errs.push(ConfigProblem::new(
+                    key("principals"),
+                    "must name at least one principal, or \"*\"",
+                ));
+            }
+            rules.push(Rule {
+                allow: r.action == Action::Allow,
+                any_principal: r.principals.iter().any(|p| p == "*"),
+                principals: r.principals.clone(),
+                cidrs,
+                ports,
+            });
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        let protected = PROTECTED
+            .iter()
+            .filter_map(|(c, p)| c.parse().ok().map(|c| (c, *p)))
+            .collect();
+        Ok(Self {
+            rules,
+            protected,
+            listeners: listeners
+                .iter()
+                .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
+                .collect(),
+        })
+    }
+
+    /// May `principal` open a stream to `dest` (an address, after any name
+    /// was resolved)?
+    pub fn check(&self, principal: &str, dest: SocketAddr) -> Result<(), Denial> {
+        let ip = canonical(dest.ip());
+        let port = dest.port();
+        let listener = self.listeners.iter().any(|l| {
+            l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && is_local(ip)))
+        });
+        let range = self.protected.iter().find(|(c, _)| c.contains(ip));
+        let host_len = if ip.is_ipv4() { 32 } else { 128 };
+        // A protected destination counts only the blocks that name it: a
+        // block inside its range, and for a cluster listener that very host.
+        let names =
+            |c: &Cidr| range.is_none_or(|(r, _)| c.within(r)) && (!listener || c.len == host_len);
+        for r in &self.rules {
+            if !(r.any_principal || r.principals.iter().any(|p| p == principal)) {
+                continue;
+            }
+            if !r.ports.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)) {
+                continue;
+            }
+            if r.cidrs.iter().any(|c| c.contains(ip) && names(c)) {
+                return if r.allow { Ok(()) } else { Err(Denial::Rule) };
+            }
+        }
+        if listener {
+            return Err(Denial::Protected(Protected::ClusterListener));
+        }
+        Err(range.map_or(Denial::NoRule, |(_, p)| Denial::Protected(*p)))
+    }
+}
+
+/// Addresses a wildcard listener (0.0.0.0 / ::) answers on this host,
+/// as far as the policy can tell without asking the kernel: loopback.
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let one = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{s:?}: ports are 1..=65535"))
+    };
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (one(a)?, one(b)?);
+            if a > b {
+                return Err(format!("{s:?}: range runs backwards"));
+            }
+            Ok((a, b))
+        }
+        None => one(s).map(|p| (p, p)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use proptest::prelude::*;
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const GW: &str = "10.0.0.5:7443";
+
+fn policy(rules: Vec<RuleConfig>) -> EgressPolicy {
+    EgressPolicy::new(&EgressConfig { rules }, &[a(GW), a("127.0.0.1:9443")]).unwrap()
+}
+
+fn rule(action: Action, principals: &[&str], cidrs: &[&str], ports: &[&str]) -> RuleConfig {
+    RuleConfig {
+        action,
+        principals: principals.iter().map(|s| s.to_string()).collect(),
+        cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        ports: ports.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_default_allows_the_world_but_not_the_host_or_the_cluster() {
+    let p = EgressPolicy::new(&EgressConfig::default(), &[a(GW)]).unwrap();
+    assert_eq!(p.check("alice", a("93.184.216.34:443")), Ok(()));
+    assert_eq!(p.check("alice", a("[2001:db8::1]:22")), Ok(()));
+    assert_eq!(
+        p.check("alice", a("10.0.0.5:80")),
+        Ok(()),
+        "the gateway's host, another port"
+    );
+    for (dest, why) in [
+        ("127.0.0.1:22", "loopback"),
+        ("127.9.9.9:80", "loopback"),
+        ("[::1]:22", "loopback"),
+        ("[::ffff:127.0.0.1]:22", "loopback"),
+        ("169.254.169.254:80", "link_local"),
+        ("[fe80::1]:80", "link_local"),
+        ("224.0.0.251:5353", "multicast"),
+        ("[ff02::1]:80", "multicast"),
+        ("0.0.0.0:22", "unspecified"),
+        ("[::]:22", "unspecified"),
+        ("[::7f00:1]:22", "unspecified"),
+        ("255.255.255.255:9", "unspecified"),
+        (GW, "cluster_listener"),
+    ] {
+        assert_eq!(
+            p.check("alice", a(dest)).map_err(Denial::as_str),
+            Err(why),
+            "{dest}"
+        );
+    }
+}
+
+#[test]
+fn a_protected_range_opens_only_to_a_rule_that_names_it() {
+    let p = policy(vec![
+        rule(Action::Allow, &["dev"], &["127.0.0.0/8"], &["1-65535"]),
+        rule(Action::Allow, &["*"], &["0.0.0.0/0"], &["1-65535"]),
+    ]);
+    assert_eq!(p.check("dev", a("127.0.0.1:8080")), Ok(()));
+    assert_eq!(
+        p.check("ops", a("127.0.0.1:8080")),
+        Err(Denial::Protected(Protected::Loopback)),
+        "0.0.0.0/0 does not name loopback"
+    );
+    // The gateway's own admin listener on loopback needs its very host.
+    assert_eq!(
+        p.check("dev", a("127.0.0.1:9443")),
+        Err(Denial::Protected(Protected::ClusterListener))
+    );
+    let q = policy(vec![rule(
+        Action::Allow,
+        &["dev"],
+        &["127.0.0.1/32"],
+        &["9443"],
+    )]);
+    assert_eq!(q.check("dev", a("127.0.0.1:9443")), Ok(()));
+}
+
+#[test]
+fn first_match_wins_and_no_match_refuses() {
+    let p = policy(vec![
+        rule(Action::Deny, &["*"], &["192.0.2.0/24"], &["22"]),
+        rule(
+            Action::Allow,
+            &["alice", "bob"],
+            &["192.0.2.0/24"],
+            &["22", "8000-8100"],
+        ),
+    ]);
+    assert_eq!(p.check("alice", a("192.0.2.7:22")), Err(Denial::Rule));
+    assert_eq!(p.check("alice", a("192.0.2.7:8050")), Ok(()));
+    assert_eq!(p.check("alice", a("192.0.2.7:8101")), Err(Denial::NoRule));
+    assert_eq!(p.check("carol", a("192.0.2.7:8050")), Err(Denial::NoRule));
+    assert_eq!(p.check("bob", a("198.51.100.1:8050")), Err(Denial::NoRule));
+}
+
+#[test]
+fn bad_rules_name_their_key() {
+    let bad = EgressConfig {
+        rules: vec![
+            rule(Action::Allow, &["*"], &["10.0.0.1/8"], &["443"]),
+            rule(
+                Action::Allow,
+                &["*"],
+                &["10.0.0.0/33", "nonsense"],
+                &["0", "90-80"],
+            ),
+            rule(Action::Allow, &[], &[], &["1"]),
+        ],
+    };
+    let errs = EgressPolicy::new(&bad, &[]).unwrap_err();
+    let keys: Vec<(&str, &str)> = errs
+        .iter()
+        .map(|e| (e.key.as_str(), e.problem.as_str()))
+        .collect();
+    let has = |k: &str, what: &str| keys.iter().any(|(key, p)| *key == k && p.contains(what));
+    assert!(has("egress.rules[0].cidrs", "host bits"), "{keys:?}");
+    assert!(has("egress.rules[1].cidrs", "prefix length"), "{keys:?}");
+    assert!(has("egress.rules[1].cidrs", "not an address"), "{keys:?}");
+    assert!(has("egress.rules[1].ports", "1..=65535"), "{keys:?}");
+    assert!(has("egress.rules[1].ports", "backwards"), "{keys:?}");
+    assert!(has("egress.rules[2].cidrs", "at least one"), "{keys:?}");
+    assert!(
+        has("egress.rules[2].principals", "at least one"),
+        "{keys:?}"
+    );
+}
+
+fn protected_addr() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | (x & 0x00ff_ffff)))),
+        any::<u16>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(0xa9fe_0000 | u32::from(x)))),
+        any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(0xe000_0000 | (x & 0x0fff_ffff)))),
+        any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(x & 0x00ff_ffff))),
+        any::<u128>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(0xfe80u128 << 112 | (x >> 10)))),
+        any::<u128>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(0xffu128 << 120 | (x >> 8)))),
+        any::<u32>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(u128::from(x)))),
+        // The same, IPv4-mapped.
+        any::<u32>().prop_map(|x| IpAddr::V6(
+            Ipv4Addr::from(0x7f00_0000 | (x & 0xffffff)).to_ipv6_mapped()
+        )),
+    ]
+}
+
+proptest! {
+    /// However broad the allow rules, a protected destination stays closed
+    /// unless a rule names its range.
+    #[test]
+    fn broad_rules_never_open_a_protected_range(
+        ip in protected_addr(),
+        port in 1u16..,
+        v4_len in 0u8..=3,
+        v6_len in 0u8..=7,
+    ) {
+        let broad_v4 = Cidr::from_parts(IpAddr::V4(Ipv4Addr::UNSPECIFIED), v4_len).to_string_for_test();
+        let broad_v6 = Cidr::from_parts(IpAddr::V6(Ipv6Addr::UNSPECIFIED), v6_len).to_string_for_test();
+        let p = policy(vec![rule(Action::Allow, &["*"], &[&broad_v4, &broad_v6], &["1-65535"])]);
+        let r = p.check("anyone", SocketAddr::new(ip, port));
+        prop_assert!(matches!(r, Err(Denial::Protected(_))), "{} {:?}", ip, r);
+    }
+}
