@@ -454,7 +454,9 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         ));
     }
     let admin_token = load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
-    let egress = crate::egress::EgressPolicy::new(&raw.egress, &[raw.client_addr, raw.admin_addr])
+    let mut own = vec![raw.client_addr, raw.admin_addr];
+    own.extend(raw.cluster.advertise_addr);
+    let egress = crate::egress::EgressPolicy::new(&raw.egress, &own, &host_addrs())
         .map_err(|list| errs.extend(list))
         .ok();
     match (node_id, tls, secret, egress) {
@@ -486,4 +488,20 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         }
         _ => Err(ConfigErrors(errs)),
     }
+}
+
+/// The host's interface addresses now (a wildcard listener answers on all
+/// of them, so egress protects its port on each). Addresses added later
+/// are not covered until the next start or reload.
+fn host_addrs() -> Vec<std::net::IpAddr> {
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    list.filter_map(|i| {
+        let a = i.address?;
+        a.as_sockaddr_in()
+            .map(|v4| std::net::IpAddr::V4(v4.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+    })
+    .collect()
 }

@@ -7,8 +7,10 @@
 //! Some destinations are protected whatever the rules say in general:
 //! loopback, link-local (cloud metadata lives at 169.254.169.254),
 //! multicast, the unspecified/"this network" addresses (a connect to
-//! 0.0.0.0 reaches the local host on Linux) and the cluster's own
-//! listeners. A rule opens a protected range only by naming it: its CIDR
+//! 0.0.0.0 reaches the local host on Linux), cloud metadata services
+//! outside link-local, IPv6 transition prefixes that embed IPv4 (6to4,
+//! local-use NAT64), and this gateway's own listeners. The well-known NAT64
+//! prefix `64:ff9b::/96` is checked as the IPv4 address it embeds. A rule opens a protected range only by naming it: its CIDR
 //! must lie inside that range (`127.0.0.0/8` opens loopback,
 //! `0.0.0.0/0` does not), and a cluster listener only by a rule for that
 //! very host (`/32` or `/128`).
@@ -156,9 +158,20 @@ impl Cidr {
     }
 }
 
+/// The one form policy sees: IPv4-mapped IPv6 and the well-known NAT64
+/// prefix (`64:ff9b::/96`, RFC 6052) are the IPv4 address they carry.
 fn canonical(a: IpAddr) -> IpAddr {
     match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let bits = u128::from(v6);
+            if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+                return IpAddr::V4(Ipv4Addr::from(bits as u32));
+            }
+            a
+        }
         v4 => v4,
     }
 }
@@ -180,6 +193,10 @@ pub enum Protected {
     LinkLocal,
     Multicast,
     Unspecified,
+    /// Cloud metadata services outside link-local.
+    Metadata,
+    /// IPv6 prefixes that reach IPv4 through a translator.
+    Transition,
     ClusterListener,
 }
 
@@ -192,6 +209,8 @@ impl Denial {
             Denial::Protected(Protected::LinkLocal) => "link_local",
             Denial::Protected(Protected::Multicast) => "multicast",
             Denial::Protected(Protected::Unspecified) => "unspecified",
+            Denial::Protected(Protected::Metadata) => "metadata",
+            Denial::Protected(Protected::Transition) => "transition",
             Denial::Protected(Protected::ClusterListener) => "cluster_listener",
         }
     }
@@ -209,6 +228,14 @@ const PROTECTED: &[(&str, Protected)] = &[
     ("::/128", Protected::Unspecified),
     // IPv4-compatible IPv6 (deprecated): ::127.0.0.1 must not be a way in.
     ("::/96", Protected::Unspecified),
+    // AWS IMDS over IPv6, Alibaba Cloud metadata, Azure WireServer.
+    ("fd00:ec2::254/128", Protected::Metadata),
+    ("100.100.100.200/32", Protected::Metadata),
+    ("168.63.129.16/32", Protected::Metadata),
+    // 6to4 and local-use NAT64 embed an IPv4 address a rule on IPv4
+    // would not see.
+    ("2002::/16", Protected::Transition),
+    ("64:ff9b:1::/48", Protected::Transition),
 ];
 
 #[derive(Clone, Debug)]
@@ -225,14 +252,22 @@ struct Rule {
 pub struct EgressPolicy {
     rules: Vec<Rule>,
     protected: Vec<(Cidr, Protected)>,
-    /// The cluster's own listeners (this gateway's and, when known, its
-    /// routers'): protected by exact address.
+    /// This gateway's own listeners, protected by exact address; one bound
+    /// to a wildcard address is protected on every address of the host.
     listeners: Vec<SocketAddr>,
+    /// The host's addresses when the policy was compiled (a wildcard
+    /// listener answers on all of them).
+    host_addrs: Vec<IpAddr>,
 }
 
 impl EgressPolicy {
-    /// Compiles `[egress]`; every problem names its key.
-    pub fn new(cfg: &EgressConfig, listeners: &[SocketAddr]) -> Result<Self, Vec<ConfigProblem>> {
+    /// Compiles `[egress]`; every problem names its key. `listeners` are
+    /// this gateway's own; `host_addrs` the host's interface addresses.
+    pub fn new(
+        cfg: &EgressConfig,
+        listeners: &[SocketAddr],
+        host_addrs: &[IpAddr],
+    ) -> Result<Self, Vec<ConfigProblem>> {
         let mut errs = Vec::new();
         let mut rules = Vec::new();
         for (i, r) in cfg.rules.iter().enumerate() {
@@ -289,6 +324,7 @@ impl EgressPolicy {
                 .iter()
                 .map(|a| SocketAddr::new(canonical(a.ip()), a.port()))
                 .collect(),
+            host_addrs: host_addrs.iter().map(|a| canonical(*a)).collect(),
         })
     }
 
@@ -298,7 +334,7 @@ impl EgressPolicy {
         let ip = canonical(dest.ip());
         let port = dest.port();
         let listener = self.listeners.iter().any(|l| {
-            l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && is_local(ip)))
+            l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && self.is_local(ip)))
         });
         let range = self.protected.iter().find(|(c, _)| c.contains(ip));
         let host_len = if ip.is_ipv4() { 32 } else { 128 };
@@ -313,7 +349,11 @@ impl EgressPolicy {
             if !r.ports.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)) {
                 continue;
             }
-            if r.cidrs.iter().any(|c| c.contains(ip) && names(c)) {
+            // A deny rule needs no naming: it may only narrow.
+            if r.cidrs
+                .iter()
+                .any(|c| c.contains(ip) && (!r.allow || names(c)))
+            {
                 return if r.allow { Ok(()) } else { Err(Denial::Rule) };
             }
         }
@@ -324,10 +364,11 @@ impl EgressPolicy {
     }
 }
 
-/// Addresses a wildcard listener (0.0.0.0 / ::) answers on this host,
-/// as far as the policy can tell without asking the kernel: loopback.
-fn is_local(ip: IpAddr) -> bool {
-    ip.is_loopback()
+impl EgressPolicy {
+    /// Does a wildcard listener (0.0.0.0 / ::) answer on `ip`?
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || ip.is_unspecified() || self.host_addrs.contains(&ip)
+    }
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {

@@ -35,6 +35,8 @@ pub enum TargetError {
     BadNameChar,
     #[error("host name has an empty label or one longer than 63 bytes")]
     BadLabel,
+    #[error("host name looks like a number (an IPv4 address in another spelling)")]
+    NumericName,
     #[error("not host:port")]
     NotHostPort,
 }
@@ -53,6 +55,12 @@ impl Target {
             });
         }
         let name = host.strip_suffix('.').unwrap_or(host);
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(Self {
+                host: Host::Ip(canonical(ip)),
+                port,
+            });
+        }
         if name.is_empty() {
             return Err(TargetError::EmptyHost);
         }
@@ -67,6 +75,15 @@ impl Target {
         }
         if name.split('.').any(|l| l.is_empty() || l.len() > 63) {
             return Err(TargetError::BadLabel);
+        }
+        // `127.1`, `2130706433`: resolvers read these as IPv4 addresses; a
+        // name is never all digits in its last label (RFC 3696 §2).
+        if name
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(TargetError::NumericName);
         }
         Ok(Self {
             host: Host::Name(name.to_ascii_lowercase()),
@@ -221,6 +238,12 @@ mod tests {
         assert_eq!(Target::new("a..b", 1), Err(TargetError::BadLabel));
         assert_eq!(Target::new(".a", 1), Err(TargetError::BadLabel));
         assert_eq!(Target::new(&"a".repeat(64), 1), Err(TargetError::BadLabel));
+        // Found by review: an IP literal with the root's dot is that IP.
+        let dotted = Target::new("127.0.0.1.", 80).unwrap();
+        assert_eq!(dotted.host, Host::Ip("127.0.0.1".parse().unwrap()));
+        assert_eq!(Target::new("127.1", 80), Err(TargetError::NumericName));
+        assert_eq!(Target::new("2130706433", 80), Err(TargetError::NumericName));
+        assert_eq!(Target::new("0x7f.1", 80), Err(TargetError::NumericName));
         assert_eq!(Target::new("a/b", 1), Err(TargetError::BadNameChar));
         assert_eq!(Target::new("é.fr", 1), Err(TargetError::BadNameChar));
         assert_eq!(

@@ -15,6 +15,12 @@
 //! When the session ends, [`SessionChannel::close`] fails every pending
 //! read and write with `ConnectionReset`: streams end explicitly, never as
 //! a clean EOF that could pass for a complete transfer.
+//!
+//! One transport at a time: the caller must stop the old transport's
+//! reader and writer before [`SessionChannel::resume_from`] (frames an old
+//! writer takes after it would be lost, and a stale ack from an old reader
+//! is a range error). The agent and gateway loops that will use this own
+//! exactly one transport task per session, so this is their invariant.
 
 use std::collections::VecDeque;
 use std::io;
@@ -106,15 +112,23 @@ impl SessionChannel {
         Ok(())
     }
 
-    /// A `Data` frame arrived on the current transport.
+    /// A `Data` frame arrived on the current transport (ignored once the
+    /// channel is closed).
     pub fn on_data(&self, d: Data) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
+        if g.closed.is_some() {
+            return Ok(());
+        }
         let fresh = g.ch.on_data(d.seq, d.payload)?;
-        if !fresh.is_empty() {
+        let waker = if fresh.is_empty() {
+            None
+        } else {
             g.inbox.push_back(fresh);
-            if let Some(w) = g.read_waker.take() {
-                w.wake();
-            }
+            g.read_waker.take()
+        };
+        drop(g);
+        if let Some(w) = waker {
+            w.wake();
         }
         Ok(())
     }
@@ -122,10 +136,17 @@ impl SessionChannel {
     /// An `Ack` frame arrived: window space for the writer.
     pub fn on_ack(&self, a: Ack) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
+        if g.closed.is_some() {
+            return Ok(());
+        }
         g.ch.on_ack(a.seq)?;
-        if g.ch.space() > 0
-            && let Some(w) = g.write_waker.take()
-        {
+        let waker = if g.ch.space() > 0 {
+            g.write_waker.take()
+        } else {
+            None
+        };
+        drop(g);
+        if let Some(w) = waker {
             w.wake();
         }
         Ok(())
@@ -137,6 +158,9 @@ impl SessionChannel {
     pub fn next_frame(&self, force_ack: bool) -> Option<Kind> {
         let now = self.shared.now();
         let mut g = lock(&self.shared.inner);
+        if g.closed.is_some() {
+            return None;
+        }
         if let Some(seq) = g.ch.ack_due(now, force_ack) {
             return Some(Kind::Ack(Ack { seq }));
         }
@@ -163,18 +187,28 @@ impl SessionChannel {
     }
 
     /// The session ended (or its channel broke): every stream over it
-    /// fails with `ConnectionReset` carrying `why`; buffers are freed.
+    /// fails with `ConnectionReset` carrying `why`, nothing more is sent or
+    /// taken in, and both buffers are freed.
     pub fn close(&self, why: &str) {
         let mut g = lock(&self.shared.inner);
         if g.closed.is_none() {
             g.closed = Some(why.to_owned());
         }
-        g.inbox.clear();
+        g.inbox = VecDeque::new();
+        let cfg = *g.ch.config();
+        g.ch = Channel::new(cfg);
         let wakers = [g.read_waker.take(), g.write_waker.take()];
         drop(g);
         for w in wakers.into_iter().flatten() {
             w.wake();
         }
+        // A transport waiting for frames learns there are none.
+        self.shared.outgoing.notify_one();
+    }
+
+    /// Why the channel was closed, if it was.
+    pub fn closed(&self) -> Option<String> {
+        lock(&self.shared.inner).closed.clone()
     }
 }
 
@@ -192,6 +226,9 @@ impl AsyncRead for ChannelStream {
         let mut g = lock(&self.shared.inner);
         if let Some(why) = &g.closed {
             return Poll::Ready(Err(reset(why)));
+        }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
         let mut n = 0;
         while buf.remaining() > 0 {

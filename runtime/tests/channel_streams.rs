@@ -204,3 +204,43 @@ async fn a_closed_session_resets_its_streams() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
     assert!(e.to_string().contains("owner_lost"));
 }
+
+/// A stream through HTTP/2 over a channel that closes (owner lost) ends in
+/// an error the application sees, never in a clean end of stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_stream_over_a_closed_session_ends_in_an_error() {
+    let cfg = ChannelConfig::default();
+    let (agent, agent_io) = SessionChannel::new(cfg);
+    let (gateway, gateway_io) = SessionChannel::new(cfg);
+    let link = tokio::spawn(jumping_link(
+        agent.clone(),
+        gateway.clone(),
+        3,
+        Arc::default(),
+    ));
+    let server = tokio::spawn(serve(gateway_io));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(agent_io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("dest.example:443")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    let up = hyper::upgrade::on(res).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+    w.write_all(b"half a transfer").await.unwrap();
+    let mut got = [0u8; 15];
+    r.read_exact(&mut got).await.unwrap();
+    agent.close("owner_lost");
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(30), r.read_to_end(&mut rest))
+        .await
+        .expect("the stream noticed the closed session");
+    assert!(end.is_err(), "a clean EOF after {} more bytes", rest.len());
+    link.abort();
+    server.abort();
+}

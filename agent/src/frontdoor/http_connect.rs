@@ -13,7 +13,7 @@ const MAX_HEADERS: usize = 64;
 pub enum ConnectError {
     #[error("malformed request: {0}")]
     Malformed(String),
-    #[error("request head over {MAX_HEAD} bytes")]
+    #[error("request head over {MAX_HEAD} bytes or {MAX_HEADERS} headers")]
     TooLarge,
     #[error("method {0} is not CONNECT")]
     Method(String),
@@ -46,6 +46,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Target, usize)>, ConnectError> {
                 Ok(None)
             };
         }
+        Err(httparse::Error::TooManyHeaders) => return Err(ConnectError::TooLarge),
         Err(e) => return Err(ConnectError::Malformed(e.to_string())),
     };
     if n > MAX_HEAD {

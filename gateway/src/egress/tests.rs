@@ -10,7 +10,7 @@ fn a(s: &str) -> SocketAddr {
 const GW: &str = "10.0.0.5:7443";
 
 fn policy(rules: Vec<RuleConfig>) -> EgressPolicy {
-    EgressPolicy::new(&EgressConfig { rules }, &[a(GW), a("127.0.0.1:9443")]).unwrap()
+    EgressPolicy::new(&EgressConfig { rules }, &[a(GW), a("127.0.0.1:9443")], &[]).unwrap()
 }
 
 fn rule(action: Action, principals: &[&str], cidrs: &[&str], ports: &[&str]) -> RuleConfig {
@@ -24,7 +24,7 @@ fn rule(action: Action, principals: &[&str], cidrs: &[&str], ports: &[&str]) -> 
 
 #[test]
 fn the_default_allows_the_world_but_not_the_host_or_the_cluster() {
-    let p = EgressPolicy::new(&EgressConfig::default(), &[a(GW)]).unwrap();
+    let p = EgressPolicy::new(&EgressConfig::default(), &[a(GW)], &[]).unwrap();
     assert_eq!(p.check("alice", a("93.184.216.34:443")), Ok(()));
     assert_eq!(p.check("alice", a("[2001:db8::1]:22")), Ok(()));
     assert_eq!(
@@ -45,6 +45,14 @@ fn the_default_allows_the_world_but_not_the_host_or_the_cluster() {
         ("[::]:22", "unspecified"),
         ("[::7f00:1]:22", "unspecified"),
         ("255.255.255.255:9", "unspecified"),
+        ("[fd00:ec2::254]:80", "metadata"),
+        ("100.100.100.200:80", "metadata"),
+        ("168.63.129.16:80", "metadata"),
+        ("[2002:7f00:1::]:80", "transition"),
+        ("[64:ff9b:1::a00:5]:80", "transition"),
+        // Well-known NAT64 is the IPv4 address it carries.
+        ("[64:ff9b::7f00:1]:22", "loopback"),
+        ("[64:ff9b::a9fe:a9fe]:80", "link_local"),
         (GW, "cluster_listener"),
     ] {
         assert_eq!(
@@ -81,6 +89,44 @@ fn a_protected_range_opens_only_to_a_rule_that_names_it() {
     assert_eq!(q.check("dev", a("127.0.0.1:9443")), Ok(()));
 }
 
+/// Review finding: a deny rule placed first must cover protected addresses
+/// too (it only narrows), or a later allow that names them would win.
+#[test]
+fn a_deny_rule_first_covers_protected_addresses_too() {
+    let p = policy(vec![
+        rule(Action::Deny, &["bob"], &["0.0.0.0/0"], &["1-65535"]),
+        rule(Action::Allow, &["*"], &["169.254.169.254/32"], &["80"]),
+    ]);
+    assert_eq!(p.check("bob", a("169.254.169.254:80")), Err(Denial::Rule));
+    assert_eq!(p.check("alice", a("169.254.169.254:80")), Ok(()));
+}
+
+/// Review finding: a listener on a wildcard address answers on every
+/// address of the host, not only loopback.
+#[test]
+fn a_wildcard_listener_is_protected_on_every_host_address() {
+    let host = ["10.0.0.5".parse().unwrap(), "2001:db8::5".parse().unwrap()];
+    let p = EgressPolicy::new(
+        &EgressConfig::default(),
+        &[a("0.0.0.0:7443"), a("[::]:9443")],
+        &host,
+    )
+    .unwrap();
+    for dest in [
+        "10.0.0.5:7443",
+        "[2001:db8::5]:9443",
+        "10.0.0.5:9443",
+        "0.0.0.0:7443",
+    ] {
+        assert!(p.check("alice", a(dest)).is_err(), "{dest}");
+    }
+    assert_eq!(
+        p.check("alice", a("10.0.0.5:7443")),
+        Err(Denial::Protected(Protected::ClusterListener))
+    );
+    assert_eq!(p.check("alice", a("10.0.0.6:7443")), Ok(()), "another host");
+}
+
 #[test]
 fn first_match_wins_and_no_match_refuses() {
     let p = policy(vec![
@@ -113,7 +159,7 @@ fn bad_rules_name_their_key() {
             rule(Action::Allow, &[], &[], &["1"]),
         ],
     };
-    let errs = EgressPolicy::new(&bad, &[]).unwrap_err();
+    let errs = EgressPolicy::new(&bad, &[], &[]).unwrap_err();
     let keys: Vec<(&str, &str)> = errs
         .iter()
         .map(|e| (e.key.as_str(), e.problem.as_str()))
