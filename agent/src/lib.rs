@@ -453,6 +453,7 @@ impl Agent {
         t.send(Kind::Hello(Hello {
             protocol_version: jvpn_proto::PROTOCOL_VERSION,
             auth,
+            channel: false,
         }))
         .await?;
         let ok = match t.recv().await? {

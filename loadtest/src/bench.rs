@@ -245,6 +245,7 @@ pub async fn noop_target(
                 switch_cooldown_ms: 1_500,
             }),
             token_key_id: 1,
+            channel_window: 0,
         });
         while let Ok(Some(kind)) = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await {
             let reply = match kind {

@@ -203,6 +203,8 @@ impl ClientSession {
             counter: self.counter,
             binding_epoch: self.binding_epoch,
             proof: proof.to_vec(),
+            // No channel yet (issue 15).
+            received: None,
         })
     }
 
@@ -286,6 +288,7 @@ mod tests {
             resume_token: vec![3; TOKEN_LEN],
             policy: None,
             token_key_id: 2,
+            channel_window: 0,
         };
         let key = conn.resume_key(&resume_key_context(&id, 1));
         (ok, key)
@@ -305,6 +308,7 @@ mod tests {
                 .server_proof(&id, r.counter, epoch, &conn.binding())
                 .to_vec(),
             token_key_id: 3,
+            received: None,
         }
     }
 
@@ -459,6 +463,77 @@ mod tests {
         let (ok, _) = hello_ok(&c0);
         let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
         assert_eq!(s.apply_reject(&from_old).deadline, None);
+    }
+
+    /// The data plane's fields (protocol.md §16) are additive: a peer one
+    /// version older decodes today's frames and loses only them, and its
+    /// frames decode here as "no channel".
+    #[test]
+    fn the_channel_fields_are_invisible_to_older_peers_and_absent_from_theirs() {
+        use crate::pb::session::Hello;
+        use prost::Message;
+
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct HelloBefore {
+            #[prost(uint32, tag = "1")]
+            protocol_version: u32,
+            #[prost(bytes = "vec", tag = "2")]
+            auth: Vec<u8>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct ResumeBefore {
+            #[prost(bytes = "vec", tag = "1")]
+            session_id: Vec<u8>,
+            #[prost(uint64, tag = "2")]
+            counter: u64,
+            #[prost(uint64, tag = "3")]
+            binding_epoch: u64,
+            #[prost(bytes = "vec", tag = "4")]
+            proof: Vec<u8>,
+        }
+        let hello = Hello {
+            protocol_version: 1,
+            auth: b"token-of-sixteen".to_vec(),
+            channel: true,
+        };
+        let old = HelloBefore::decode(hello.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(old.auth, hello.auth);
+        assert!(
+            !Hello::decode(old.encode_to_vec().as_slice())
+                .unwrap()
+                .channel
+        );
+
+        let c0 = SimConn(1);
+        let (ok, _) = hello_ok(&c0);
+        let mut s = ClientSession::from_hello_ok(ok.clone(), &c0).unwrap();
+        let mut r = s.build_resume(&SimConn(2)).unwrap();
+        r.received = Some(1 << 40);
+        let old = ResumeBefore::decode(r.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            (old.counter, old.proof.as_slice()),
+            (r.counter, r.proof.as_slice())
+        );
+        let from_old = Resume::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(from_old.received, None, "absent, not zero");
+        // An explicit zero survives as Some(0): "received nothing" differs
+        // from "speaks no channel".
+        r.received = Some(0);
+        assert_eq!(
+            Resume::decode(r.encode_to_vec().as_slice())
+                .unwrap()
+                .received,
+            Some(0)
+        );
+
+        let mut hok = ok;
+        hok.channel_window = 1 << 20;
+        assert_eq!(
+            HelloOk::decode(hok.encode_to_vec().as_slice())
+                .unwrap()
+                .channel_window,
+            1 << 20
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ impl fmt::Debug for session::Hello {
         f.debug_struct("Hello")
             .field("protocol_version", &self.protocol_version)
             .field("auth", &Redacted(self.auth.len()))
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -30,6 +31,7 @@ impl fmt::Debug for session::Resume {
             .field("counter", &self.counter)
             .field("binding_epoch", &self.binding_epoch)
             .field("proof", &Redacted(self.proof.len()))
+            .field("received", &self.received)
             .finish()
     }
 }
@@ -52,6 +54,7 @@ mod tests {
         let hello = Hello {
             protocol_version: 1,
             auth: b"s3cret-token".to_vec(),
+            channel: false,
         };
         let text = format!("{hello:?}");
         assert!(!text.contains("s3cret"), "{text}");
@@ -61,6 +64,7 @@ mod tests {
             counter: 7,
             binding_epoch: 2,
             proof: vec![0xcd; 32],
+            received: None,
         };
         let text = format!("{resume:?}");
         assert!(!text.contains("cdcd"), "{text}");

@@ -136,6 +136,7 @@ fn frame_decoder_never_panics_or_overallocates() {
             counter: 3,
             binding_epoch: 1,
             proof: vec![2; 32],
+            received: Some(1 << 20),
         }),
         &mut valid,
     )

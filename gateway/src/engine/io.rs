@@ -172,6 +172,8 @@ impl HelloAccepted {
             resume_token,
             policy: Some(self.policy.to_wire()),
             token_key_id,
+            // No channel yet: sessions carry the echo (issue 15).
+            channel_window: 0,
         }
     }
 }
@@ -194,6 +196,7 @@ impl ResumeAccepted {
             resume_token,
             server_proof: self.server_proof.to_vec(),
             token_key_id,
+            received: None,
         }
     }
 }

@@ -213,6 +213,7 @@ impl Agent {
                     counter: w.counter,
                     binding_epoch: w.epoch,
                     proof: w.proof.to_vec(),
+                    received: None,
                 };
                 let ok = acc.to_wire(&sim.node, sim.incarnation, vec![0; TOKEN_LEN], 0);
                 self.session
