@@ -49,8 +49,10 @@ fn every_fuzz_target_runs_clean_for_a_bounded_time() {
             "config",
             "frame",
             "heartbeat",
+            "http_connect",
             "preamble",
             "proxy",
+            "socks5",
             "token"
         ],
         "a target was added or removed: keep this list, the corpora and docs/security.md in step"
