@@ -16,11 +16,12 @@
 //! read and write with `ConnectionReset`: streams end explicitly, never as
 //! a clean EOF that could pass for a complete transfer.
 //!
-//! One transport at a time: the caller must stop the old transport's
-//! reader and writer before [`SessionChannel::resume_from`] (frames an old
-//! writer takes after it would be lost, and a stale ack from an old reader
-//! is a range error). The agent and gateway loops that will use this own
-//! exactly one transport task per session, so this is their invariant.
+//! One transport at a time: every call from the transport side names the
+//! [`Generation`] it was given ([`SessionChannel::first`] for the HELLO
+//! transport, [`SessionChannel::resume_from`] for each later one). Calls
+//! from an older generation are ignored: an old writer still running gets
+//! no frames (they would be lost), an old reader's frames change nothing
+//! (a stale ack would otherwise be a range error that ends the channel).
 
 use std::collections::VecDeque;
 use std::io;
@@ -38,9 +39,15 @@ use tokio::sync::Notify;
 
 use crate::wire::lock;
 
+/// Which transport a transport-side call comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation(u64);
+
 #[derive(Debug)]
 struct Inner {
     ch: Channel,
+    /// The current transport's generation.
+    generation: u64,
     /// Received, not yet read by the multiplexer.
     inbox: VecDeque<Bytes>,
     read_waker: Option<Waker>,
@@ -81,6 +88,7 @@ impl SessionChannel {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 ch: Channel::new(cfg),
+                generation: 0,
                 inbox: VecDeque::new(),
                 read_waker: None,
                 write_waker: None,
@@ -102,21 +110,31 @@ impl SessionChannel {
         lock(&self.shared.inner).ch.received()
     }
 
+    /// The generation of the first transport (the one the session was
+    /// established on).
+    pub fn first(&self) -> Generation {
+        Generation(0)
+    }
+
     /// A new transport carries the session and the peer holds everything
     /// below `peer_received`: resend from there, and acknowledge again.
-    pub fn resume_from(&self, peer_received: u64) -> Result<(), ChannelError> {
+    /// Returns the new transport's generation; older ones are ignored from
+    /// now on.
+    pub fn resume_from(&self, peer_received: u64) -> Result<Generation, ChannelError> {
         let mut g = lock(&self.shared.inner);
         g.ch.resume_from(peer_received)?;
+        g.generation += 1;
+        let next = Generation(g.generation);
         drop(g);
         self.shared.outgoing.notify_one();
-        Ok(())
+        Ok(next)
     }
 
     /// A `Data` frame arrived on the current transport (ignored once the
     /// channel is closed).
-    pub fn on_data(&self, d: Data) -> Result<(), ChannelError> {
+    pub fn on_data(&self, from: Generation, d: Data) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() {
+        if g.closed.is_some() || from.0 != g.generation {
             return Ok(());
         }
         let fresh = g.ch.on_data(d.seq, d.payload)?;
@@ -134,9 +152,9 @@ impl SessionChannel {
     }
 
     /// An `Ack` frame arrived: window space for the writer.
-    pub fn on_ack(&self, a: Ack) -> Result<(), ChannelError> {
+    pub fn on_ack(&self, from: Generation, a: Ack) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() {
+        if g.closed.is_some() || from.0 != g.generation {
             return Ok(());
         }
         g.ch.on_ack(a.seq)?;
@@ -155,10 +173,10 @@ impl SessionChannel {
     /// The next frame to send on the current transport, if any: an `Ack`
     /// when one is due (`force_ack`: whatever is new, e.g. with a Pong),
     /// else the next `Data`.
-    pub fn next_frame(&self, force_ack: bool) -> Option<Kind> {
+    pub fn next_frame(&self, to: Generation, force_ack: bool) -> Option<Kind> {
         let now = self.shared.now();
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() {
+        if g.closed.is_some() || to.0 != g.generation {
             return None;
         }
         if let Some(seq) = g.ch.ack_due(now, force_ack) {

@@ -18,24 +18,33 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use jvpn_proto::channel::ChannelConfig;
 use jvpn_proto::frame;
 use jvpn_proto::pb::session::frame::Kind;
-use jvpn_runtime::channel_io::{ChannelStream, SessionChannel};
+use jvpn_runtime::channel_io::{ChannelStream, Generation, SessionChannel};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 /// One transport's life on one side: send what the channel has, feed it
 /// what arrives, until the transport breaks or `budget` frames arrived.
-async fn pump(ch: SessionChannel, io: DuplexStream, budget: u64, frames_in: Arc<AtomicU64>) {
+/// Returns its end of the transport, still open, so that the other side's
+/// pump can go on reading what was in flight (a late, stale transport).
+async fn pump(
+    ch: SessionChannel,
+    generation: Generation,
+    io: DuplexStream,
+    budget: u64,
+    frames_in: Arc<AtomicU64>,
+) -> DuplexStream {
     let (mut rd, mut wr) = tokio::io::split(io);
     let reader = {
         let ch = ch.clone();
+        let rd = &mut rd;
         async move {
             let mut buf = BytesMut::new();
             let mut seen = 0;
             loop {
                 while let Some(f) = frame::decode(&mut buf).unwrap() {
                     match f {
-                        Kind::Data(d) => ch.on_data(d).unwrap(),
-                        Kind::Ack(a) => ch.on_ack(a).unwrap(),
+                        Kind::Data(d) => ch.on_data(generation, d).unwrap(),
+                        Kind::Ack(a) => ch.on_ack(generation, a).unwrap(),
                         other => panic!("unexpected {other:?}"),
                     }
                     frames_in.fetch_add(1, Ordering::Relaxed);
@@ -50,10 +59,12 @@ async fn pump(ch: SessionChannel, io: DuplexStream, budget: u64, frames_in: Arc<
             }
         }
     };
+    let wr_ref = &mut wr;
     let writer = async move {
+        let wr = wr_ref;
         loop {
             let mut out = BytesMut::new();
-            while let Some(k) = ch.next_frame(false) {
+            while let Some(k) = ch.next_frame(generation, false) {
                 frame::encode(k, &mut out).unwrap();
                 if out.len() > 64 * 1024 {
                     break;
@@ -77,30 +88,44 @@ async fn pump(ch: SessionChannel, io: DuplexStream, budget: u64, frames_in: Arc<
             }
         }
     };
-    // Whichever ends first ends this transport; the other half dies with it.
+    // Whichever ends first ends this transport's pump.
     tokio::select! {
         () = reader => {}
         () = writer => {}
     }
+    rd.unsplit(wr)
 }
 
 /// Connects the two channels over transport after transport; each lives
-/// until one side has read a random number of frames, then both ends are
-/// dropped with whatever was in flight, and the next one resumes.
+/// until one side has read a random number of frames. Then the next
+/// transport resumes at once, while the other side's old pump may still be
+/// running (as a real transport task notices its death late): its calls
+/// carry the old generation and change nothing.
 async fn jumping_link(a: SessionChannel, b: SessionChannel, seed: u64, jumps: Arc<AtomicU64>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let frames = Arc::new(AtomicU64::new(0));
+    let mut gens = (a.first(), b.first());
+    // Ends of old transports kept open a while, so their other pumps still
+    // deliver frames that were in flight after the next transport resumed.
+    let mut lingering = std::collections::VecDeque::new();
     loop {
         let (x, y) = tokio::io::duplex(rng.random_range(1_000..200_000));
-        let budget = rng.random_range(1..60);
-        tokio::select! {
-            () = pump(a.clone(), x, budget, frames.clone()) => {}
-            () = pump(b.clone(), y, budget, frames.clone()) => {}
+        let (ba, bb) = (rng.random_range(1..60), rng.random_range(1..60));
+        let mut pa = tokio::spawn(pump(a.clone(), gens.0, x, ba, frames.clone()));
+        let mut pb = tokio::spawn(pump(b.clone(), gens.1, y, bb, frames.clone()));
+        // The first pump to finish ends the transport for this side; the
+        // other one runs on, detached, with the old generation.
+        let end = tokio::select! {
+            e = &mut pa => e,
+            e = &mut pb => e,
+        };
+        lingering.push_back(end.unwrap());
+        if lingering.len() > 3 {
+            lingering.pop_front();
         }
         // The RESUME exchange: each side tells what it received.
         let (ra, rb) = (a.received(), b.received());
-        a.resume_from(rb).unwrap();
-        b.resume_from(ra).unwrap();
+        gens = (a.resume_from(rb).unwrap(), b.resume_from(ra).unwrap());
         jumps.fetch_add(1, Ordering::Relaxed);
     }
 }
