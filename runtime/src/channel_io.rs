@@ -35,7 +35,7 @@ use jvpn_proto::Mono;
 use jvpn_proto::channel::{Channel, ChannelConfig, ChannelError};
 use jvpn_proto::pb::session::{Ack, Data, frame::Kind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use crate::wire::lock;
 
@@ -59,14 +59,36 @@ struct Inner {
 #[derive(Debug)]
 struct Shared {
     inner: Mutex<Inner>,
-    /// A frame may be ready to send (a permit is kept if nobody waits).
-    outgoing: Notify,
+    /// Bumped whenever a frame may be ready to send. A watch, not a
+    /// `Notify`: every writer sees every bump, so a stale transport's
+    /// writer still waiting can never swallow the current one's wakeup.
+    outgoing: watch::Sender<()>,
     origin: Instant,
 }
 
 impl Shared {
     fn now(&self) -> Mono {
         Mono::between(self.origin, Instant::now())
+    }
+
+    fn wake_writers(&self) {
+        self.outgoing.send_replace(());
+    }
+}
+
+/// A transport writer's subscription to "a frame may be ready". Take it
+/// before the first [`SessionChannel::next_frame`]: a bump after that is
+/// never missed.
+#[derive(Debug)]
+pub struct Wakeups(watch::Receiver<()>);
+
+impl Wakeups {
+    /// Resolves at the next bump since the last call (or since
+    /// subscribing); never, once the channel is gone.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -94,7 +116,7 @@ impl SessionChannel {
                 write_waker: None,
                 closed: None,
             }),
-            outgoing: Notify::new(),
+            outgoing: watch::Sender::new(()),
             origin: Instant::now(),
         });
         (
@@ -126,7 +148,7 @@ impl SessionChannel {
         g.generation += 1;
         let next = Generation(g.generation);
         drop(g);
-        self.shared.outgoing.notify_one();
+        self.shared.wake_writers();
         Ok(next)
     }
 
@@ -186,10 +208,17 @@ impl SessionChannel {
             .map(|(seq, payload)| Kind::Data(Data { seq, payload }))
     }
 
-    /// Resolves when a frame may be ready: new bytes to send, or an
-    /// acknowledgement due (by bytes, or by time at [`Self::ack_at`]).
-    pub async fn wait_outgoing(&self) {
-        self.shared.outgoing.notified().await;
+    /// A subscription that resolves when a frame may be ready: new bytes
+    /// to send, or an acknowledgement due (by bytes; by time, see
+    /// [`Self::ack_at`]), or the channel closed or resumed.
+    pub fn wakeups(&self) -> Wakeups {
+        Wakeups(self.shared.outgoing.subscribe())
+    }
+
+    /// Whether `g` is still the transport carrying the session (a writer
+    /// of an older one should end).
+    pub fn is_current(&self, g: Generation) -> bool {
+        lock(&self.shared.inner).generation == g.0
     }
 
     /// When an acknowledgement falls due by time alone.
@@ -221,7 +250,7 @@ impl SessionChannel {
             w.wake();
         }
         // A transport waiting for frames learns there are none.
-        self.shared.outgoing.notify_one();
+        self.shared.wake_writers();
     }
 
     /// Why the channel was closed, if it was.
@@ -269,7 +298,7 @@ impl AsyncRead for ChannelStream {
         drop(g);
         // An ack may be due now (by bytes) or later (by time): the
         // transport side decides which when it wakes.
-        self.shared.outgoing.notify_one();
+        self.shared.wake_writers();
         Poll::Ready(Ok(()))
     }
 }
@@ -290,7 +319,7 @@ impl AsyncWrite for ChannelStream {
             return Poll::Pending;
         }
         drop(g);
-        self.shared.outgoing.notify_one();
+        self.shared.wake_writers();
         Poll::Ready(Ok(n))
     }
 

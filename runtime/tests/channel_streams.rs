@@ -62,6 +62,7 @@ async fn pump(
     let wr_ref = &mut wr;
     let writer = async move {
         let wr = wr_ref;
+        let mut wake = ch.wakeups();
         loop {
             let mut out = BytesMut::new();
             while let Some(k) = ch.next_frame(generation, false) {
@@ -78,7 +79,7 @@ async fn pump(
             }
             let ack_at = ch.ack_at();
             tokio::select! {
-                () = ch.wait_outgoing() => {}
+                () = wake.changed() => {}
                 () = async {
                     match ack_at {
                         Some(t) => tokio::time::sleep_until(t.into()).await,
