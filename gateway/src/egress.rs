@@ -29,11 +29,28 @@ pub struct EgressConfig {
     /// decides. Default: one rule allowing every principal everywhere
     /// (protected ranges stay closed).
     pub rules: Vec<RuleConfig>,
+    /// How long a stream's TCP connect to its destination may take.
+    pub connect_timeout_ms: u64,
+    /// Streams one session may have open at once (more are refused with
+    /// `too_many_streams`).
+    pub max_streams_per_session: usize,
+    /// Unacknowledged bytes each side of a session's channel may hold, per
+    /// direction: the memory a busy session costs, and its throughput cap
+    /// per round trip.
+    pub window_bytes: u64,
 }
+
+/// Bounds of `egress.window_bytes`: at least a few frames, at most what a
+/// session could reasonably pin per direction.
+pub const WINDOW_MIN: u64 = 64 * 1024;
+pub const WINDOW_MAX: u64 = 64 * 1024 * 1024;
 
 impl Default for EgressConfig {
     fn default() -> Self {
         Self {
+            connect_timeout_ms: 10_000,
+            max_streams_per_session: 256,
+            window_bytes: jvpn_proto::channel::ChannelConfig::DEFAULT_WINDOW,
             rules: vec![RuleConfig {
                 action: Action::Allow,
                 principals: vec!["*".into()],
@@ -250,6 +267,9 @@ struct Rule {
 /// The compiled policy.
 #[derive(Clone, Debug)]
 pub struct EgressPolicy {
+    pub connect_timeout: std::time::Duration,
+    pub max_streams_per_session: usize,
+    pub window_bytes: u64,
     rules: Vec<Rule>,
     protected: Vec<(Cidr, Protected)>,
     /// This gateway's own listeners, protected by exact address; one bound
@@ -310,6 +330,27 @@ impl EgressPolicy {
                 ports,
             });
         }
+        if cfg.connect_timeout_ms == 0 {
+            errs.push(ConfigProblem::new(
+                "egress.connect_timeout_ms",
+                "must be greater than zero",
+            ));
+        }
+        if cfg.max_streams_per_session == 0 {
+            errs.push(ConfigProblem::new(
+                "egress.max_streams_per_session",
+                "must be greater than zero",
+            ));
+        }
+        if !(WINDOW_MIN..=WINDOW_MAX).contains(&cfg.window_bytes) {
+            errs.push(ConfigProblem::new(
+                "egress.window_bytes",
+                format!(
+                    "{} is outside {WINDOW_MIN}..={WINDOW_MAX}",
+                    cfg.window_bytes
+                ),
+            ));
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -318,6 +359,9 @@ impl EgressPolicy {
             .filter_map(|(c, p)| c.parse().ok().map(|c| (c, *p)))
             .collect();
         Ok(Self {
+            connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
+            max_streams_per_session: cfg.max_streams_per_session,
+            window_bytes: cfg.window_bytes,
             rules,
             protected,
             listeners: listeners

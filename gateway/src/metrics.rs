@@ -32,6 +32,16 @@ pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
 pub const CONFIG_RELOADS: &str = "jvpn_gateway_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "jvpn_gateway_config_reload_failures_total";
+pub const STREAMS_OPENED: &str = "jvpn_gateway_streams_opened_total";
+pub const STREAMS_OPEN: &str = "jvpn_gateway_streams_open";
+pub const STREAMS_REFUSED: &str = "jvpn_gateway_streams_refused_total";
+pub const STREAMS_ENDED: &str = "jvpn_gateway_streams_ended_total";
+pub const STREAM_BYTES: &str = "jvpn_gateway_stream_bytes_total";
+pub const EGRESS_DENIED: &str = "jvpn_gateway_egress_denied_total";
+pub const EGRESS_CONNECT_SECONDS: &str = "jvpn_gateway_egress_connect_duration_seconds";
+pub const CHANNEL_BUFFERED: &str = "jvpn_gateway_channel_buffered_bytes";
+pub const CHANNEL_RESENT: &str = "jvpn_gateway_channel_resent_bytes_total";
+pub const CHANNEL_ERRORS: &str = "jvpn_gateway_channel_protocol_errors_total";
 
 /// Why a connection was closed before it reached the session engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +156,44 @@ pub fn describe() {
         LEASE_VALID,
         "1 while this gateway holds a valid lease with the router (label: router id)."
     );
+    describe_counter!(
+        STREAMS_OPENED,
+        "Streams (CONNECT) whose destination connection was established."
+    );
+    describe_gauge!(STREAMS_OPEN, "Streams currently open, over all sessions.");
+    describe_counter!(
+        STREAMS_REFUSED,
+        "CONNECT requests refused, by reason (not_allowed, timed_out, ...)."
+    );
+    describe_counter!(
+        STREAMS_ENDED,
+        "Streams ended, by how: closed (both halves) or reset."
+    );
+    describe_counter!(
+        STREAM_BYTES,
+        "Stream bytes moved between sessions and destinations, by direction."
+    );
+    describe_counter!(
+        EGRESS_DENIED,
+        "Resolved destination addresses the egress policy refused, by rule kind."
+    );
+    describe_histogram!(
+        EGRESS_CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time from a CONNECT request to the destination's TCP connection."
+    );
+    describe_gauge!(
+        CHANNEL_BUFFERED,
+        "Bytes held unacknowledged in session channels (toward agents)."
+    );
+    describe_counter!(
+        CHANNEL_RESENT,
+        "Channel bytes sent again after a RESUME (they were in flight on a lost transport)."
+    );
+    describe_counter!(
+        CHANNEL_ERRORS,
+        "Session channels ended because the agent broke their rules (the session ends)."
+    );
     jvpn_runtime::metrics::describe_reloads(CONFIG_RELOADS, CONFIG_RELOAD_FAILURES);
     // Series alerts read exist from the start at 0: `increase()` needs a
     // sample before the first event to see it.
@@ -161,6 +209,9 @@ pub fn describe() {
         HEARTBEAT_STREAM_ERRORS,
         SUPERSEDED,
         VIEW_MISMATCH,
+        STREAMS_OPENED,
+        CHANNEL_RESENT,
+        CHANNEL_ERRORS,
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -180,6 +231,11 @@ pub fn describe() {
     metrics::gauge!(TLS_QUEUE_WAITING).set(0.0);
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(DRAINING).set(0.0);
+    metrics::gauge!(STREAMS_OPEN).set(0.0);
+    metrics::gauge!(CHANNEL_BUFFERED).set(0.0);
+    for r in jvpn_proto::stream::Refusal::ALL {
+        metrics::counter!(STREAMS_REFUSED, "reason" => r.as_str()).absolute(0);
+    }
 }
 
 /// Installs the Prometheus recorder for this process. Histograms get

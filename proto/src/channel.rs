@@ -263,8 +263,9 @@ impl Channel {
     /// window) until it acknowledges them, so its receive buffer stays
     /// bounded by the window across the jump. Our own last `Ack` may have
     /// died with the old transport, so the next [`Channel::ack_due`]
-    /// repeats it.
-    pub fn resume_from(&mut self, offset: u64) -> Result<(), ChannelError> {
+    /// repeats it. Returns how many bytes go out again (they were sent on
+    /// a transport before, past what the peer holds).
+    pub fn resume_from(&mut self, offset: u64) -> Result<u64, ChannelError> {
         if offset < self.acked || offset > self.max_sent {
             return Err(ChannelError::ResumeOutOfRange {
                 offset,
@@ -274,7 +275,7 @@ impl Channel {
         }
         self.sent = offset;
         self.reack = true;
-        Ok(())
+        Ok(self.max_sent - offset)
     }
 
     /// `Data` at `seq` arrived: returns the bytes not seen before (a resend

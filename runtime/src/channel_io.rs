@@ -39,6 +39,15 @@ use tokio::sync::watch;
 
 use crate::wire::lock;
 
+/// What [`SessionChannel::resume_from`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct Resumed {
+    /// The new transport's generation.
+    pub generation: Generation,
+    /// Bytes that go out again (in flight on the lost transport).
+    pub resent: u64,
+}
+
 /// Which transport a transport-side call comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Generation(u64);
@@ -140,16 +149,19 @@ impl SessionChannel {
 
     /// A new transport carries the session and the peer holds everything
     /// below `peer_received`: resend from there, and acknowledge again.
-    /// Returns the new transport's generation; older ones are ignored from
-    /// now on.
-    pub fn resume_from(&self, peer_received: u64) -> Result<Generation, ChannelError> {
+    /// Returns the new transport's generation (older ones are ignored
+    /// from now on) and how many bytes go out again.
+    pub fn resume_from(&self, peer_received: u64) -> Result<Resumed, ChannelError> {
         let mut g = lock(&self.shared.inner);
-        g.ch.resume_from(peer_received)?;
+        let resent = g.ch.resume_from(peer_received)?;
         g.generation += 1;
         let next = Generation(g.generation);
         drop(g);
         self.shared.wake_writers();
-        Ok(next)
+        Ok(Resumed {
+            generation: next,
+            resent,
+        })
     }
 
     /// A `Data` frame arrived on the current transport (ignored once the

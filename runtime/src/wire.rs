@@ -98,3 +98,68 @@ pub async fn accept_until(
         }
     }
 }
+
+/// One stream read and written from two places (a connection's reader and
+/// writer), with the stream itself still reachable between polls (e.g. to
+/// export TLS keying material), which `tokio::io::split` does not allow.
+/// Each poll holds the lock only for that poll.
+#[derive(Debug)]
+pub struct SharedIo<T>(std::sync::Arc<Mutex<T>>);
+
+impl<T> Clone for SharedIo<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> SharedIo<T> {
+    pub fn new(io: T) -> Self {
+        Self(std::sync::Arc::new(Mutex::new(io)))
+    }
+
+    /// Runs `f` on the stream (between polls).
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut lock(&self.0))
+    }
+
+    /// The stream back, once every other handle is gone.
+    pub fn into_inner(self) -> Result<T, Self> {
+        std::sync::Arc::try_unwrap(self.0)
+            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .map_err(Self)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SharedIo<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *lock(&self.0)).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *lock(&self.0)).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *lock(&self.0)).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *lock(&self.0)).poll_shutdown(cx)
+    }
+}

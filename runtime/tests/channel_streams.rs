@@ -126,7 +126,10 @@ async fn jumping_link(a: SessionChannel, b: SessionChannel, seed: u64, jumps: Ar
         }
         // The RESUME exchange: each side tells what it received.
         let (ra, rb) = (a.received(), b.received());
-        gens = (a.resume_from(rb).unwrap(), b.resume_from(ra).unwrap());
+        gens = (
+            a.resume_from(rb).unwrap().generation,
+            b.resume_from(ra).unwrap().generation,
+        );
         jumps.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -10,7 +10,7 @@ fn a(s: &str) -> SocketAddr {
 const GW: &str = "10.0.0.5:7443";
 
 fn policy(rules: Vec<RuleConfig>) -> EgressPolicy {
-    EgressPolicy::new(&EgressConfig { rules }, &[a(GW), a("127.0.0.1:9443")], &[]).unwrap()
+    EgressPolicy::new(&EgressConfig { rules, ..EgressConfig::default() }, &[a(GW), a("127.0.0.1:9443")], &[]).unwrap()
 }
 
 fn rule(action: Action, principals: &[&str], cidrs: &[&str], ports: &[&str]) -> RuleConfig {
@@ -158,6 +158,9 @@ fn bad_rules_name_their_key() {
             ),
             rule(Action::Allow, &[], &[], &["1"]),
         ],
+        connect_timeout_ms: 0,
+        max_streams_per_session: 0,
+        window_bytes: 1024,
     };
     let errs = EgressPolicy::new(&bad, &[], &[]).unwrap_err();
     let keys: Vec<(&str, &str)> = errs
@@ -171,6 +174,9 @@ fn bad_rules_name_their_key() {
     assert!(has("egress.rules[1].ports", "1..=65535"), "{keys:?}");
     assert!(has("egress.rules[1].ports", "backwards"), "{keys:?}");
     assert!(has("egress.rules[2].cidrs", "at least one"), "{keys:?}");
+    assert!(has("egress.connect_timeout_ms", "zero"), "{keys:?}");
+    assert!(has("egress.max_streams_per_session", "zero"), "{keys:?}");
+    assert!(has("egress.window_bytes", "outside"), "{keys:?}");
     assert!(
         has("egress.rules[2].principals", "at least one"),
         "{keys:?}"

@@ -88,15 +88,20 @@ pub enum Termination {
     AgentClosed,
     /// The router lease lapsed between minting and `HelloOk` (fencing).
     LeaseLost,
+    /// The agent broke the session channel's rules (a `Data` out of its
+    /// window, an `Ack` or resume offset out of range): its streams cannot
+    /// be trusted to be byte-exact any more.
+    ChannelBroken,
 }
 
 impl Termination {
-    pub const ALL: [Termination; 5] = [
+    pub const ALL: [Termination; 6] = [
         Termination::Operator,
         Termination::Drain,
         Termination::Superseded,
         Termination::AgentClosed,
         Termination::LeaseLost,
+        Termination::ChannelBroken,
     ];
 
     pub fn reason(self) -> ReasonCode {
@@ -106,6 +111,7 @@ impl Termination {
             Termination::Superseded => ReasonCode::Superseded,
             Termination::AgentClosed => ReasonCode::AgentClosed,
             Termination::LeaseLost => ReasonCode::NotInCluster,
+            Termination::ChannelBroken => ReasonCode::ProtocolError,
         }
     }
 }

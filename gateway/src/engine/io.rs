@@ -172,7 +172,7 @@ impl HelloAccepted {
             resume_token,
             policy: Some(self.policy.to_wire()),
             token_key_id,
-            // No channel yet: sessions carry the echo (issue 15).
+            // The shell sets the window when the agent asked for a channel.
             channel_window: 0,
         }
     }

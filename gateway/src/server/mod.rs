@@ -11,14 +11,19 @@
 //!   metrics, `CloseTransport` to the connection's task.
 //! - `conn`: one task per client connection up to the first frame: PROXY,
 //!   the pre-TLS gate, admission, TLS.
-//! - `session`: HELLO or RESUME through the engine, then the frame loop
-//!   (Ping/Pong, echo of `Data`, in-session RESUME, `Terminate`).
+//! - `session`: HELLO or RESUME through the engine, then the attached
+//!   loop: a reader (Ping, `Data`/`Ack` into the session's channel, in-session
+//!   RESUME, `Terminate`) and a writer (replies, control, the channel's
+//!   frames) side by side, so neither direction waits for the other.
+//! - `streams`: the session's data plane: its resumable channel, the HTTP/2
+//!   server over it, `CONNECT` → egress policy → destination.
 //! - `handle`: [`GatewayHandle`] for the admin port and harnesses.
 
 mod conn;
 mod handle;
 mod session;
 mod state;
+mod streams;
 
 use std::future::Future;
 use std::sync::Arc;

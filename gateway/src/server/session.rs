@@ -11,7 +11,11 @@ use jvpn_proto::client::ExportError;
 use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
 use jvpn_proto::pb::session::{GoAway, Pong, Reject, ResumeOk, Terminate, frame::Kind};
 use jvpn_proto::{ReasonCode, SessionId};
-use jvpn_runtime::wire::{read_frame, write_frame};
+use jvpn_proto::channel::ChannelError;
+use jvpn_proto::frame;
+use jvpn_runtime::channel_io::{Generation, SessionChannel};
+use jvpn_runtime::wire::{SharedIo, lock, read_frame, write_frame};
+use tracing::debug;
 use metrics::{counter, histogram};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -128,7 +132,7 @@ pub(super) async fn do_hello(
             now,
             HelloRequest {
                 transport,
-                principal,
+                principal: principal.clone(),
                 credential_expiry,
             },
             |ctx| resume_key(&tls, ctx),
@@ -144,12 +148,19 @@ pub(super) async fn do_hello(
         }
     };
     let (resume_token, token_key_id) = shared.seal_token(acc.session_id);
-    let ok = acc.to_wire(
+    let mut ok = acc.to_wire(
         &shared.cfg.node_id,
         shared.incarnation,
         resume_token,
         token_key_id,
     );
+    // An agent that asks for a channel gets one; an older agent echoes.
+    let channel = hello.channel.then(|| {
+        let ch = super::streams::open(shared, shard, acc.session_id, principal.clone());
+        ok.channel_window = shared.egress.load().window_bytes;
+        let first = ch.first();
+        (ch, first)
+    });
     if !hello_lease_holds(cluster, router_id, shared.now()) {
         // The lease lapsed while minting: this HelloOk must not be written.
         shared.with_engine(shard, |e| {
@@ -174,6 +185,7 @@ pub(super) async fn do_hello(
         sid: acc.session_id,
         transport,
         binding,
+        channel,
     };
     session_loop(shared, at, tls, buf, rx).await;
     Ok(())
@@ -196,7 +208,8 @@ pub(super) async fn do_resume(
     // each attempt carries a fresh counter and is bound to this connection.
     for _attempt in 0..4 {
         match resume_once(shared, &tls, &binding, transport, &resume, Some(&tx)) {
-            Ok((sid, shard, ok, _)) => {
+            Ok((sid, shard, mut ok, _)) => {
+                let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared
                         .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
@@ -209,6 +222,7 @@ pub(super) async fn do_resume(
                     sid,
                     transport,
                     binding,
+                    channel,
                 };
                 session_loop(shared, at, tls, buf, rx).await;
                 return Ok(());
@@ -286,25 +300,72 @@ struct Attached {
     sid: SessionId,
     transport: TransportId,
     binding: ChannelBinding,
+    /// The session's data-plane channel and this transport's generation
+    /// of it (`None`: the session echoes `Data`, as before channels).
+    channel: Option<(SessionChannel, Generation)>,
 }
 
-/// The attached connection: answer pings, echo data, watch for control.
+/// The agent broke the channel's rules: the session ends (its streams
+/// could no longer be byte-exact), counted, and nothing else is touched.
+fn channel_broken(shared: &Shared, shard: usize, sid: &SessionId, why: &ChannelError) {
+    counter!(m::CHANNEL_ERRORS).increment(1);
+    debug!(error = %why, "session channel broken");
+    let now = shared.now();
+    shared.with_engine(shard, |e| e.terminate(now, sid, Termination::ChannelBroken));
+}
+
+/// A RESUME was accepted: the session's channel (if it has one) continues
+/// on this transport from the offset the agent holds, and the `ResumeOk`
+/// says what this side holds. A session with a channel resumed without an
+/// offset, or with one out of range, cannot continue byte-exactly: it ends.
+fn resume_channel(
+    shared: &Shared,
+    shard: usize,
+    sid: &SessionId,
+    agent_received: Option<u64>,
+    ok: &mut ResumeOk,
+) -> Option<(SessionChannel, Generation)> {
+    let ch = lock(&shared.shards[shard].channels).get(sid).cloned()?;
+    let Some(offset) = agent_received else {
+        channel_broken(shared, shard, sid, &ChannelError::ResumeOutOfRange {
+            offset: 0,
+            acked: 0,
+            sent: 0,
+        });
+        return None;
+    };
+    match ch.resume_from(offset) {
+        Ok(r) => {
+            counter!(m::CHANNEL_RESENT).increment(r.resent);
+            // Read after the generation moved: nothing from an older
+            // transport is taken in any more, so this is exact.
+            ok.received = Some(ch.received());
+            Some((ch, r.generation))
+        }
+        Err(e) => {
+            channel_broken(shared, shard, sid, &e);
+            None
+        }
+    }
+}
+
+/// What ended an attached connection; `Some(reason)`: the transport failed
+/// and the engine must hear about it.
+type End = Option<ReasonCode>;
+
+/// The attached connection: a reader and a writer side by side, so a
+/// large write never stops this side from reading (and the peer's writes
+/// from completing).
 async fn session_loop(
     shared: &Arc<Shared>,
     at: Attached,
-    mut tls: Tls,
-    mut buf: BytesMut,
+    tls: Tls,
+    buf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Control>,
 ) {
-    let Attached {
-        shard,
-        sid,
-        transport,
-        binding,
-    } = at;
     let (interval_ms, timeout_ms) = shared
-        .with_engine(shard, |e| {
-            e.session(&sid).map(|s| {
+        .with_engine(at.shard, |e| {
+            e.session(&at.sid).map(|s| {
                 (
                     s.policy().heartbeat_interval_ms,
                     s.policy().heartbeat_timeout_ms,
@@ -315,100 +376,208 @@ async fn session_loop(
             shared.cfg.raw.policy.heartbeat_interval_ms,
             shared.cfg.raw.policy.heartbeat_timeout_ms,
         ));
-    let report_every = Duration::from_millis(interval_ms / 2);
     // An agent that stops reading must not pin this task: a write that
     // cannot finish within the heartbeat timeout ends the transport.
     let write_limit = Duration::from_millis(timeout_ms);
-    let mut last_report = Instant::now();
-    // `Some(reason)`: the transport failed and the engine must hear about it.
-    let end = loop {
-        let read = tokio::select! {
-            biased;
-            ctl = rx.recv() => match ctl {
-                Some(Control::Terminate(reason)) => {
-                    let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
-                    break None; // the engine already unbound this transport
-                }
-                Some(Control::GoAway { deadline_ms }) => {
-                    let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
-                    if within(write_limit, write_frame(&mut tls, Kind::GoAway(g))).await.is_err() {
-                        break Some(ReasonCode::TransportDead);
-                    }
-                    continue;
-                }
-                None => break None,
-            },
-            r = read_frame(&mut tls, &mut buf) => r,
-        };
-        let kind = match read {
-            Ok(Some(k)) => k,
-            Ok(None) => break Some(ReasonCode::TransportDead),
-            Err(e) => {
-                let reason = e.reason();
+    let report_every = Duration::from_millis(interval_ms / 2);
+    let io = SharedIo::new(tls);
+    let (mut rd, mut wr) = (io.clone(), io.clone());
+    // Replies the reader asks the writer to send (Pong, ResumeOk, echo).
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Kind>(16);
+    let end = tokio::select! {
+        e = read_loop(shared, &at, &mut rd, buf, &reply_tx, report_every) => e,
+        e = write_loop(shared, &at, &mut wr, &mut rx, &mut reply_rx, write_limit) => e,
+    };
+    drop((rd, wr));
+    if end.is_some() {
+        let now = shared.now();
+        shared.with_engine(at.shard, |e| e.transport_closed(now, &at.sid, at.transport));
+    }
+    shared.deregister(at.shard, at.transport);
+    // Both halves are gone, so the stream is ours again.
+    let Ok(mut tls) = io.into_inner() else { return };
+    match end {
+        Some(reason @ (ReasonCode::ProtocolError | ReasonCode::FrameTooLarge)) => {
+            let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
+            counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
+        }
+        // The engine may have ended this transport while the reader
+        // finished first (a broken channel ends the session): say so.
+        _ => {
+            if let Ok(Control::Terminate(reason)) = rx.try_recv() {
                 let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
-                counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
-                break Some(reason);
             }
+        }
+    }
+    let _ = tokio::time::timeout(write_limit, tls.shutdown()).await;
+}
+
+/// What happens on the connection while attached: frames in.
+async fn read_loop(
+    shared: &Arc<Shared>,
+    at: &Attached,
+    rd: &mut SharedIo<Tls>,
+    mut buf: BytesMut,
+    replies: &mpsc::Sender<Kind>,
+    report_every: Duration,
+) -> End {
+    let (shard, sid, transport) = (at.shard, &at.sid, at.transport);
+    let mut last_report = Instant::now();
+    loop {
+        let kind = match read_frame(rd, &mut buf).await {
+            Ok(Some(k)) => k,
+            Ok(None) => return Some(ReasonCode::TransportDead),
+            Err(e) => return Some(e.reason()),
         };
         counter!(m::FRAMES_RECEIVED).increment(1);
         if last_report.elapsed() >= report_every {
             last_report = Instant::now();
             let now = shared.now();
-            if !shared.with_engine(shard, |e| e.activity(now, &sid, transport)) {
-                break None; // no longer this session's binding
+            if !shared.with_engine(shard, |e| e.activity(now, sid, transport)) {
+                return None; // no longer this session's binding
             }
         }
         let reply = match kind {
             Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
-            Kind::Data(d) => {
-                // The default egress is an echo service.
-                let n = d.payload.len() as u64;
-                counter!(m::DATA_BYTES, "direction" => "in").increment(n);
-                counter!(m::DATA_BYTES, "direction" => "out").increment(n);
-                Kind::Data(d)
+            Kind::Data(d) => match &at.channel {
+                Some((ch, g)) => {
+                    if let Err(e) = ch.on_data(*g, d) {
+                        channel_broken(shared, shard, sid, &e);
+                        return None;
+                    }
+                    continue;
+                }
+                None => {
+                    // A session without a channel: the echo service.
+                    let n = d.payload.len() as u64;
+                    counter!(m::DATA_BYTES, "direction" => "in").increment(n);
+                    counter!(m::DATA_BYTES, "direction" => "out").increment(n);
+                    Kind::Data(d)
+                }
+            },
+            Kind::Ack(a) => {
+                if let Some((ch, g)) = &at.channel {
+                    if let Err(e) = ch.on_ack(*g, a) {
+                        channel_broken(shared, shard, sid, &e);
+                        return None;
+                    }
+                }
+                continue;
             }
-            Kind::Ack(_) | Kind::Pong(_) => continue,
+            Kind::Pong(_) => continue,
             Kind::Terminate(_) => {
                 let now = shared.now();
-                shared.with_engine(shard, |e| e.terminate(now, &sid, Termination::AgentClosed));
-                break None;
+                shared.with_engine(shard, |e| e.terminate(now, sid, Termination::AgentClosed));
+                return None;
             }
             Kind::Resume(r) => {
                 // A RESUME on the attached connection itself (a replay, or an
-                // agent retrying): validated like any other.
-                match resume_once(shared, &tls, &binding, transport, &r, None) {
-                    Ok((_, _, ok, replaced)) => {
-                        if replaced == Some(transport) {
-                            // The engine "replaced" this transport by itself.
-                            let _ = rx.try_recv();
+                // agent retrying): validated like any other. The channel
+                // goes on over this same connection, so its offsets stay.
+                match rd.with(|tls| resume_once(shared, tls, &at.binding, transport, &r, None)) {
+                    Ok((_, _, mut ok, _)) => {
+                        if let Some((ch, _)) = &at.channel {
+                            ok.received = Some(ch.received());
                         }
                         Kind::ResumeOk(ok)
                     }
                     Err(rej) => Kind::Reject(rej.to_frame()),
                 }
             }
-            _ => {
-                let _ = within(
-                    write_limit,
-                    send_terminate(&mut tls, ReasonCode::ProtocolError),
-                )
-                .await;
-                break Some(ReasonCode::ProtocolError);
-            }
+            _ => return Some(ReasonCode::ProtocolError),
         };
-        if within(write_limit, write_frame(&mut tls, reply))
-            .await
-            .is_err()
-        {
-            break Some(ReasonCode::TransportDead);
+        if replies.send(reply).await.is_err() {
+            return Some(ReasonCode::TransportDead);
         }
-    };
-    if end.is_some() {
-        let now = shared.now();
-        shared.with_engine(shard, |e| e.transport_closed(now, &sid, transport));
     }
-    shared.deregister(shard, transport);
-    let _ = tokio::time::timeout(write_limit, tls.shutdown()).await;
+}
+
+/// What happens on the connection while attached: frames out (control from
+/// the engine, the reader's replies, the channel's `Data` and `Ack`).
+async fn write_loop(
+    shared: &Shared,
+    at: &Attached,
+    wr: &mut SharedIo<Tls>,
+    rx: &mut mpsc::UnboundedReceiver<Control>,
+    replies: &mut mpsc::Receiver<Kind>,
+    write_limit: Duration,
+) -> End {
+    let mut wake = at.channel.as_ref().map(|(ch, _)| ch.wakeups());
+    let mut out = BytesMut::new();
+    loop {
+        // Everything the channel has for this transport, in batches.
+        if let Some((ch, g)) = &at.channel {
+            while let Some(k) = ch.next_frame(*g, false) {
+                if frame::encode(k, &mut out).is_err() {
+                    return Some(ReasonCode::ProtocolError);
+                }
+                if out.len() >= WRITE_BATCH {
+                    break;
+                }
+            }
+        }
+        if !out.is_empty() {
+            if within(write_limit, write_all(wr, &out)).await.is_err() {
+                return Some(ReasonCode::TransportDead);
+            }
+            out.clear();
+            continue;
+        }
+        let ack_at = at.channel.as_ref().and_then(|(ch, _)| ch.ack_at());
+        tokio::select! {
+            biased;
+            ctl = rx.recv() => match ctl {
+                Some(Control::Terminate(ReasonCode::TransportReplaced)) if bound(shared, at) => {
+                    // A RESUME on this very connection "replaced" it with
+                    // itself (the reader's in-session RESUME): it stays.
+                }
+                Some(Control::Terminate(reason)) => {
+                    let _ = within(write_limit, send_terminate(wr, reason)).await;
+                    return None; // the engine already unbound this transport
+                }
+                Some(Control::GoAway { deadline_ms }) => {
+                    let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
+                    if within(write_limit, write_frame(wr, Kind::GoAway(g))).await.is_err() {
+                        return Some(ReasonCode::TransportDead);
+                    }
+                }
+                None => return None,
+            },
+            r = replies.recv() => {
+                let Some(k) = r else { return None };
+                if within(write_limit, write_frame(wr, k)).await.is_err() {
+                    return Some(ReasonCode::TransportDead);
+                }
+            }
+            () = async {
+                match wake.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            () = async {
+                match ack_at {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+/// Is this connection still the transport its session is bound to?
+fn bound(shared: &Shared, at: &Attached) -> bool {
+    shared.with_engine(at.shard, |e| {
+        e.session(&at.sid).and_then(|s| s.transport()) == Some(at.transport)
+    })
+}
+
+/// Channel frames are gathered up to this many bytes per write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// `write` if it finishes within `limit`; a timeout is an I/O error.

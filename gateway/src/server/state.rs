@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use jvpn_proto::{Incarnation, ReasonCode, SessionId};
 use jvpn_runtime::admission::{HandshakeBudget, SourceLimiter, TlsQueue};
+use jvpn_runtime::channel_io::SessionChannel;
 use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge};
 use rand::{RngCore, SeedableRng};
@@ -36,6 +37,8 @@ pub(super) enum Control {
 pub(super) struct Shard {
     pub(super) engine: Mutex<Engine>,
     pub(super) conns: Mutex<HashMap<TransportId, mpsc::UnboundedSender<Control>>>,
+    /// The data-plane channels of this shard's sessions that have one.
+    pub(super) channels: Mutex<HashMap<SessionId, SessionChannel>>,
     pub(super) wake: Notify,
 }
 
@@ -111,6 +114,8 @@ pub(super) struct Shared {
     pub(super) draining: AtomicBool,
     pub(super) events: EventSink,
     pub(super) token_hashes: Vec<blake3::Hash>,
+    /// Where streams may go (reloadable; applies to streams opened after).
+    pub(super) egress: ArcSwap<crate::egress::EgressPolicy>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
     /// `POST /drain` on the admin port.
@@ -155,6 +160,7 @@ impl Shared {
             .reconfigure(a.tls_queue_max, Duration::from_millis(a.tls_queue_wait_ms));
         self.max_connections
             .store(a.max_connections, Ordering::Relaxed);
+        self.egress.store(new.egress.clone());
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
         if rotate {
@@ -201,6 +207,10 @@ impl Shared {
                 counter!(m::TRANSITIONS, "from" => c.from.as_str(), "to" => c.to.as_str(),
                     "reason" => c.reason.as_str())
                 .increment(1);
+                if c.to == State::Terminated {
+                    // Every stream of the session ends, explicitly, with why.
+                    super::streams::close(self, shard, &c.session_id, c.reason.as_str());
+                }
             }
             self.events.emit(ev);
         }
@@ -287,6 +297,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         shards.push(Shard {
             engine: Mutex::new(engine),
             conns: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         });
     }
@@ -335,6 +346,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
             host_origin,
         ),
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
+        egress: ArcSwap::new(cfg.egress.clone()),
         cluster: cfg.membership.as_ref().map(|_| {
             crate::membership::Cluster::new(
                 cfg.node_id.clone(),
@@ -377,6 +389,12 @@ pub(super) async fn gauge_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
             gauge!(m::SESSIONS, "state" => state).set(n as f64);
             total += n;
         }
+        let buffered: u64 = shared
+            .shards
+            .iter()
+            .map(|s| lock(&s.channels).values().map(SessionChannel::buffered).sum::<u64>())
+            .sum();
+        gauge!(m::CHANNEL_BUFFERED).set(buffered as f64);
         if let Some(c) = &shared.cluster {
             c.set_sessions(total);
             c.export_lease_gauges(shared.now());

@@ -1,0 +1,248 @@
+//! The data plane of one session (DESIGN §12, design note 36): the
+//! resumable channel the session's transports carry, an HTTP/2 server over
+//! it, and for every `CONNECT host:port` a TCP connection to the
+//! destination under the egress policy ([`crate::egress`]).
+//!
+//! The channel outlives transports: the session loop feeds it frames and
+//! sends what it hands out; when the session ends, [`close`] resets every
+//! stream with the reason (an explicit end, never a clean EOF).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::server::conn::http2 as server_h2;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jvpn_proto::SessionId;
+use jvpn_proto::channel::ChannelConfig;
+use jvpn_proto::stream::{Host, REFUSAL_HEADER, Refusal, Target};
+use jvpn_runtime::channel_io::{ChannelStream, SessionChannel};
+use jvpn_runtime::wire::lock;
+use metrics::{counter, gauge, histogram};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::state::Shared;
+use crate::egress::EgressPolicy;
+use crate::metrics as m;
+
+/// Opens the channel of a new session and starts its HTTP/2 server.
+pub(super) fn open(
+    shared: &Arc<Shared>,
+    shard: usize,
+    sid: SessionId,
+    principal: Arc<str>,
+) -> SessionChannel {
+    let policy = shared.egress.load_full();
+    let (ch, io) = SessionChannel::new(ChannelConfig::with_window(policy.window_bytes));
+    lock(&shared.shards[shard].channels).insert(sid, ch.clone());
+    tokio::spawn(serve(shared.clone(), principal, io));
+    ch
+}
+
+/// The session `sid` ended: its channel (if any) is closed and every
+/// stream reset with `why`.
+pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
+    let ch = lock(&shared.shards[shard].channels).remove(sid);
+    if let Some(ch) = ch {
+        ch.close(why);
+    }
+}
+
+/// Streams of one session, counted for its limit and the gauge.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        let mut n = count.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => n = now,
+            }
+        }
+        gauge!(m::STREAMS_OPEN).increment(1.0);
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        gauge!(m::STREAMS_OPEN).decrement(1.0);
+    }
+}
+
+/// The session's HTTP/2 server; ends when the channel closes.
+async fn serve(shared: Arc<Shared>, principal: Arc<str>, io: ChannelStream) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let shared = shared.clone();
+        let principal = principal.clone();
+        let open = open.clone();
+        async move { Ok::<_, Infallible>(connect(&shared, &principal, &open, req).await) }
+    });
+    let r = server_h2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    if let Err(e) = r {
+        debug!(error = %e, "session streams ended");
+    }
+}
+
+fn refuse(r: Refusal) -> Response<Empty<Bytes>> {
+    counter!(m::STREAMS_REFUSED, "reason" => r.as_str()).increment(1);
+    let mut res = Response::new(Empty::new());
+    *res.status_mut() = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    res.headers_mut()
+        .insert(REFUSAL_HEADER, hyper::header::HeaderValue::from_static(r.as_str()));
+    res
+}
+
+/// One `CONNECT`: check, resolve, check again, connect, then splice.
+async fn connect(
+    shared: &Arc<Shared>,
+    principal: &str,
+    open: &Arc<AtomicUsize>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return refuse(Refusal::BadTarget);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| Target::parse_authority(a.as_str()).ok())
+    else {
+        return refuse(Refusal::BadTarget);
+    };
+    // The policy in force when the stream opens (SIGHUP applies to new ones).
+    let policy = shared.egress.load_full();
+    let Some(slot) = Open::try_new(open, policy.max_streams_per_session) else {
+        return refuse(Refusal::TooManyStreams);
+    };
+    let started = Instant::now();
+    let dest = match dial(&policy, principal, &target).await {
+        Ok(s) => s,
+        Err(r) => return refuse(r),
+    };
+    histogram!(m::EGRESS_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+    counter!(m::STREAMS_OPENED).increment(1);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let up = match hyper::upgrade::on(req).await {
+            Ok(up) => up,
+            Err(e) => {
+                debug!(error = %e, "stream upgrade failed");
+                return;
+            }
+        };
+        splice(TokioIo::new(up), dest).await;
+    });
+    Response::new(Empty::new())
+}
+
+/// Resolves `target` (a name at this gateway), keeps the addresses the
+/// policy allows, and connects to the first that answers within the
+/// connect timeout.
+async fn dial(policy: &EgressPolicy, principal: &str, target: &Target) -> Result<TcpStream, Refusal> {
+    let addrs: Vec<SocketAddr> = match &target.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        Host::Name(name) => {
+            let look = tokio::net::lookup_host((name.as_str(), target.port));
+            match tokio::time::timeout(policy.connect_timeout, look).await {
+                Ok(Ok(it)) => it.collect(),
+                Ok(Err(_)) => return Err(Refusal::NameNotResolved),
+                Err(_) => return Err(Refusal::TimedOut),
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(Refusal::NameNotResolved);
+    }
+    // Checked after resolution: a name cannot reach what its address could not.
+    let mut allowed = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        match policy.check(principal, a) {
+            Ok(()) => allowed.push(a),
+            Err(d) => counter!(m::EGRESS_DENIED, "rule" => d.as_str()).increment(1),
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Refusal::NotAllowed);
+    }
+    let deadline = tokio::time::Instant::now() + policy.connect_timeout;
+    let mut last = Refusal::Failed;
+    for a in allowed {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = refusal_of(&e),
+            Err(_) => return Err(Refusal::TimedOut),
+        }
+    }
+    Err(last)
+}
+
+fn refusal_of(e: &std::io::Error) -> Refusal {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => Refusal::ConnectionRefused,
+        K::NetworkUnreachable => Refusal::NetworkUnreachable,
+        K::HostUnreachable => Refusal::HostUnreachable,
+        K::TimedOut => Refusal::TimedOut,
+        _ => Refusal::Failed,
+    }
+}
+
+/// Copies both ways until both directions ended; bytes are counted as they
+/// move. A stream ended by an error (the session's channel closed) resets
+/// the destination's connection instead of closing it cleanly.
+async fn splice(stream: TokioIo<hyper::upgrade::Upgraded>, dest: TcpStream) {
+    let (mut sr, mut sw) = tokio::io::split(stream);
+    let (mut dr, mut dw) = dest.into_split();
+    let up = copy_counted(&mut sr, &mut dw, "to_destination");
+    let down = copy_counted(&mut dr, &mut sw, "from_destination");
+    // The first error ends both directions (a reset stream has no "other half").
+    if tokio::try_join!(up, down).is_ok() {
+        counter!(m::STREAMS_ENDED, "how" => "closed").increment(1);
+        return;
+    }
+    counter!(m::STREAMS_ENDED, "how" => "reset").increment(1);
+    if let Ok(d) = dr.reunite(dw) {
+        // SO_LINGER 0: the destination sees a reset, not a clean end. (The
+        // deprecation is about a linger > 0 blocking on drop; 0 never does.)
+        #[allow(deprecated)]
+        let _ = d.set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+/// Copies until EOF (then shuts the writer down: a half-close travels),
+/// counting each chunk.
+async fn copy_counted<R, W>(r: &mut R, w: &mut W, direction: &'static str) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        counter!(m::STREAM_BYTES, "direction" => direction).increment(n as u64);
+    }
+}
