@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::frontdoor::serve::{check_bind, serve_forward, serve_proxy};
 use crate::{Agent, AgentConfig, AgentReport, Command, Credential, keep_alive};
+use jvpn_proto::stream::Target;
+use tokio::net::TcpListener;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
@@ -47,7 +50,30 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long)]
         duration_s: Option<u64>,
+        /// Serve SOCKS5 and HTTP CONNECT here (e.g. 127.0.0.1:1080): each
+        /// connection becomes a stream through the session.
+        #[arg(long)]
+        socks: Option<SocketAddr>,
+        /// LOCAL=HOST:PORT: connections to LOCAL become streams to
+        /// HOST:PORT (resolved at the gateway). Repeatable.
+        #[arg(long = "forward", value_parser = parse_forward)]
+        forwards: Vec<(SocketAddr, Target)>,
+        /// Let front doors listen on addresses other than loopback (anyone
+        /// who can reach them can use the session).
+        #[arg(long)]
+        allow_non_loopback: bool,
     },
+}
+
+fn parse_forward(s: &str) -> Result<(SocketAddr, Target), String> {
+    let (local, remote) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected LOCAL=HOST:PORT"))?;
+    let local: SocketAddr = local
+        .parse()
+        .map_err(|e| format!("{local:?}: {e} (LOCAL is ip:port)"))?;
+    let target = Target::parse_authority(remote).map_err(|e| format!("{remote:?}: {e}"))?;
+    Ok((local, target))
 }
 
 /// The whole `jvpn-agent` program.
@@ -76,6 +102,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bind,
         jump_every_s,
         duration_s,
+        socks,
+        forwards,
+        allow_non_loopback,
     } = cli.command;
     let credential = match (token_file, cert, key) {
         (Some(f), _, _) => {
@@ -93,7 +122,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bind_ip: bind,
         connect_timeout: Duration::from_secs(5),
     };
-    let agent = Agent::new(cfg)?;
+    let mut agent = Agent::new(cfg)?;
+    let mut doors = Vec::new();
+    if socks.is_some() || !forwards.is_empty() {
+        let tunnel = agent.tunnel();
+        if let Some(addr) = socks {
+            check_bind(addr, allow_non_loopback)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--socks {addr}"))?;
+            println!("socks5 and http connect on {}", l.local_addr()?);
+            doors.push(tokio::spawn(serve_proxy(l, tunnel.clone())));
+        }
+        for (addr, target) in forwards {
+            check_bind(addr, allow_non_loopback)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--forward {addr}"))?;
+            println!("forward {} -> {target}", l.local_addr()?);
+            doors.push(tokio::spawn(serve_forward(l, tunnel.clone(), target)));
+        }
+    }
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let (line_tx, mut line_rx) = mpsc::unbounded_channel();
     let report = Arc::new(Mutex::new(AgentReport::default()));
@@ -143,6 +192,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     drop(cmd_tx);
+    for d in doors {
+        d.abort();
+    }
     println!("{}", serde_json::to_string_pretty(&final_report)?);
     Ok(())
 }

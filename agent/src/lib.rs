@@ -32,6 +32,7 @@ pub mod cli;
 pub mod frontdoor;
 pub mod run;
 pub mod sniff;
+pub mod streams;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -166,6 +167,11 @@ pub enum AgentError {
     /// There is no session to resume.
     #[error("no session")]
     NoSession,
+    /// The session's channel cannot continue byte-exactly (an offset out
+    /// of range, a frame outside the window): the session is given up and
+    /// a new one made, explicitly.
+    #[error("channel broken: {0}")]
+    ChannelBroken(String),
 }
 
 impl From<ClientError> for AgentError {
@@ -188,7 +194,7 @@ impl AgentError {
             }
             AgentError::Status(s) => s.status == jvpn_proto::preamble::Status::OwnerLost,
             // Never continue with an owner the session did not start on.
-            AgentError::OwnerMismatch { .. } => true,
+            AgentError::OwnerMismatch { .. } | AgentError::ChannelBroken(_) => true,
             _ => false,
         }
     }
@@ -323,6 +329,8 @@ pub struct Agent {
     next_server: usize,
     /// Committed switches of the current session, for client-side pacing.
     switches: std::collections::VecDeque<std::time::Instant>,
+    /// The data plane, once [`Agent::tunnel`] asked for one.
+    pub(crate) data: Option<(streams::DataPlane, streams::Tunnel)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -358,11 +366,28 @@ impl Agent {
             session: None,
             next_server: 0,
             switches: std::collections::VecDeque::new(),
+            data: None,
         })
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// Turns the data plane on (sessions from the next HELLO carry a
+    /// channel) and returns the handle that opens streams through it.
+    pub fn tunnel(&mut self) -> streams::Tunnel {
+        self.data
+            .get_or_insert_with(streams::DataPlane::new)
+            .1
+            .clone()
+    }
+
+    /// The session ended for `why`: its streams are reset with that reason.
+    pub(crate) fn end_streams(&mut self, why: &str) {
+        if let Some((d, _)) = self.data.as_mut() {
+            d.close(why);
+        }
     }
 
     /// How long to wait before the next switch is within the policy the
@@ -453,7 +478,7 @@ impl Agent {
         t.send(Kind::Hello(Hello {
             protocol_version: jvpn_proto::PROTOCOL_VERSION,
             auth,
-            channel: false,
+            channel: self.data.is_some(),
         }))
         .await?;
         let ok = match t.recv().await? {
@@ -465,16 +490,29 @@ impl Agent {
                 )));
             }
         };
+        let window = ok.channel_window;
         let session = ClientSession::from_hello_ok(ok, &t)?;
         self.switches.clear();
         self.session = Some(session);
+        if let Some((d, _)) = self.data.as_mut() {
+            if window > 0 {
+                d.start(window);
+            } else {
+                // An older gateway: sessions without streams.
+                d.close("the gateway has no data plane");
+            }
+        }
         Ok(t)
     }
 
     /// Builds the next `Resume` for transport `t` (advancing the counter).
     pub fn build_resume(&mut self, t: &Transport) -> Result<Resume, AgentError> {
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
-        Ok(s.build_resume(t)?)
+        let mut r = s.build_resume(t)?;
+        if let Some((ch, _)) = self.data.as_ref().and_then(|(d, _)| d.channel.as_ref()) {
+            r.received = Some(ch.received());
+        }
+        Ok(r)
     }
 
     /// Opens a transport for a RESUME (preamble carrying the routing token).
@@ -529,6 +567,20 @@ impl Agent {
         };
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
         s.apply_resume_ok(sent, &ok, t)?;
+        if let Some((d, _)) = self.data.as_mut() {
+            if let Some((ch, g)) = d.channel.as_mut() {
+                // The channel continues on this transport from what the
+                // gateway holds; without that offset it cannot.
+                let resumed = ok
+                    .received
+                    .ok_or_else(|| "ResumeOk without the channel offset".to_owned())
+                    .and_then(|x| ch.resume_from(x).map_err(|e| e.to_string()));
+                match resumed {
+                    Ok(r) => *g = r.generation,
+                    Err(why) => return Err(AgentError::ChannelBroken(why)),
+                }
+            }
+        }
         let max = s.policy.max_switches_per_min.max(1) as usize;
         while self.switches.len() >= max {
             self.switches.pop_front();

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Agent, AgentError, Transport};
+use jvpn_runtime::channel_io::Wakeups;
 
 /// What the caller can ask of a running session.
 #[derive(Debug)]
@@ -110,6 +111,7 @@ fn reason_str(e: &AgentError) -> String {
         AgentError::Status(s) => s.status.reason().to_string(),
         AgentError::Protocol(_) => "protocol_violation".into(),
         AgentError::OwnerMismatch { .. } => "owner_mismatch".into(),
+        AgentError::ChannelBroken(_) => "channel_broken".into(),
         AgentError::Connect(..) => "connect_failed".into(),
         AgentError::Tls(_) => "tls_failed".into(),
         _ => "transport_dead".into(),
@@ -142,7 +144,26 @@ pub async fn keep_alive(
     // Silence for heartbeat_timeout means the transport is dead even if TCP
     // has not noticed (a paused gateway, a blackholed path): reattach.
     let mut last_rx = Instant::now();
+    // The data plane's outgoing side: which channel we are subscribed to,
+    // and whether frames are known to be waiting.
+    let mut subscribed: Option<u64> = None;
+    let mut wake: Option<Wakeups> = None;
+    let mut more = false;
+    let mut out = bytes::BytesMut::new();
     loop {
+        if let Some((d, _)) = agent.data.as_ref() {
+            let epoch = d.epoch.load(std::sync::atomic::Ordering::Acquire);
+            if subscribed != Some(epoch) {
+                subscribed = Some(epoch);
+                wake = d.channel.as_ref().map(|(ch, _)| ch.wakeups());
+                more = true;
+            }
+        }
+        let ack_at = agent
+            .data
+            .as_ref()
+            .and_then(|(d, _)| d.channel.as_ref())
+            .and_then(|(ch, _)| ch.ack_at());
         let policy = agent.session.as_ref().map(|s| s.policy);
         let interval =
             Duration::from_millis(policy.map_or(500, |p| p.heartbeat_interval_ms.max(50)));
@@ -152,11 +173,28 @@ pub async fn keep_alive(
             Frame(Result<Kind, AgentError>),
             Tick,
             Cmd(Option<Command>),
+            /// The channel may have frames to send.
+            Out,
         }
+        // Unbiased: with frames both to send and to read, both happen.
         let ev = tokio::select! {
             f = t.recv() => Ev::Frame(f),
             () = tokio::time::sleep(interval) => Ev::Tick,
             c = cmds.recv() => Ev::Cmd(c),
+            () = async {
+                if !more {
+                    match wake.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }
+            } => Ev::Out,
+            () = async {
+                match ack_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => Ev::Out,
         };
         if matches!(ev, Ev::Frame(Ok(_))) {
             last_rx = Instant::now();
@@ -201,6 +239,24 @@ pub async fn keep_alive(
                 }
                 None
             }
+            Ev::Out => {
+                more = agent
+                    .data
+                    .as_ref()
+                    .is_some_and(|(d, _)| d.outgoing(&mut out));
+                let sent = if out.is_empty() {
+                    Ok(())
+                } else {
+                    t.send_raw(&out).await
+                };
+                out.clear();
+                sent.err()
+            }
+            Ev::Frame(Ok(k @ (Kind::Data(_) | Kind::Ack(_)))) => agent
+                .data
+                .as_ref()
+                .and_then(|(d, _)| d.on_frame(k).err())
+                .map(|e| AgentError::ChannelBroken(e.to_string())),
             Ev::Frame(Ok(_)) => None,
             Ev::Frame(Err(e)) => Some(e),
             Ev::Cmd(None) | Ev::Cmd(Some(Command::Close)) => {
@@ -211,6 +267,11 @@ pub async fn keep_alive(
                     .await;
                 update(&report, |r| r.ended = Some("agent_closed".into()));
                 return snapshot();
+            }
+            Ev::Cmd(Some(Command::Echo(_, reply))) if agent.data.is_some() => {
+                // The echo service is for sessions without a channel.
+                let _ = reply.send(Err("echo needs a session without streams".into()));
+                None
             }
             Ev::Cmd(Some(Command::Echo(payload, reply))) => {
                 let start = Instant::now();
@@ -260,6 +321,8 @@ pub async fn keep_alive(
         mark(&report, "transport_lost");
         let lost_at = Instant::now();
         if e.session_gone() {
+            // The session's streams end here, explicitly, with its reason.
+            agent.end_streams(&reason_str(&e));
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
                     update(&report, |r| {
@@ -442,6 +505,7 @@ async fn reattach(
                     continue;
                 }
                 if e.session_gone() || remaining.is_zero() {
+                    agent.end_streams(&why);
                     let t = establish(agent, transitions, Some(why.clone())).await?;
                     update(report, |r| {
                         r.rehandshakes += 1;

@@ -1,11 +1,12 @@
 //! Front doors: how applications on the agent's host open streams through
-//! the session (issue 15). Sans-IO parsers here; the listeners that use
-//! them come with the data plane's agent side.
+//! the session (issue 15).
 //!
-//! - [`socks5`]: SOCKS5 `CONNECT`, names resolved at the gateway.
-//! - [`http_connect`]: HTTP `CONNECT` tunnels.
+//! - [`socks5`]: SOCKS5 `CONNECT`, names resolved at the gateway (sans-IO).
+//! - [`http_connect`]: HTTP `CONNECT` tunnels (sans-IO).
+//! - [`serve`]: the listeners (proxy port, forwards) that use them.
 
 pub mod http_connect;
+pub mod serve;
 pub mod socks5;
 
 /// Entry points for the fuzz targets: arbitrary bytes into each parser;

@@ -1,0 +1,233 @@
+//! The agent's side of the data plane (DESIGN §12, design note 36): the
+//! session's resumable channel, an HTTP/2 client over it, and [`Tunnel`],
+//! the handle applications (and the front doors) open streams with.
+//!
+//! A session's channel lives as long as the session: transports come and
+//! go under it (the keep-alive loop feeds it frames and sends what it hands
+//! out; a RESUME continues it from the gateway's offset). When the session
+//! ends (a re-handshake), its channel is closed with the reason and every
+//! stream over it fails with `ConnectionReset`; streams opened after that
+//! go over the next session's channel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jvpn_proto::channel::ChannelConfig;
+use jvpn_proto::stream::{REFUSAL_HEADER, Refusal, Target};
+use jvpn_runtime::channel_io::{Generation, SessionChannel};
+use tokio::sync::watch;
+
+/// A stream through the session: bytes to and from its destination.
+pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The gateway refused it (policy, resolution, connect).
+    #[error("refused by the gateway: {}", .0.as_str())]
+    Refused(Refusal),
+    /// No session carried streams within the wait (establishing, or the
+    /// gateway has no data plane).
+    #[error("no session to carry the stream within {0:?}")]
+    NoSession(Duration),
+    /// The session ended while the stream was being opened.
+    #[error("session ended: {0}")]
+    SessionEnded(String),
+    /// The agent has stopped.
+    #[error("the agent stopped")]
+    Stopped,
+}
+
+/// The HTTP/2 connection of the current session, for opening streams.
+#[derive(Clone, Debug)]
+struct Link {
+    send: SendRequest<Empty<Bytes>>,
+}
+
+/// Opens streams through whatever session the agent currently has.
+/// Cheap to clone; usable from any task.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    link: watch::Receiver<Option<Link>>,
+    counters: Arc<StreamCounters>,
+}
+
+/// Stream counters of one agent (no identifiers).
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    pub opened: AtomicU64,
+    pub refused: AtomicU64,
+    /// Streams that ended with a reset (session gone, channel broken).
+    pub reset: AtomicU64,
+}
+
+impl Tunnel {
+    /// How long [`Tunnel::connect`] waits for a session that carries streams.
+    pub const WAIT: Duration = Duration::from_secs(30);
+
+    /// Opens a stream to `target`: resolved and checked at the gateway.
+    pub async fn connect(&self, target: &Target) -> Result<Stream, StreamError> {
+        let mut link_rx = self.link.clone();
+        let link = tokio::time::timeout(Self::WAIT, async {
+            loop {
+                if let Some(l) = link_rx.borrow_and_update().clone() {
+                    return Ok(l);
+                }
+                if link_rx.changed().await.is_err() {
+                    return Err(StreamError::Stopped);
+                }
+            }
+        })
+        .await
+        .map_err(|_| StreamError::NoSession(Self::WAIT))??;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| StreamError::SessionEnded(e.to_string()))?;
+        let mut send = link.send;
+        let ended = |e: hyper::Error| StreamError::SessionEnded(e.to_string());
+        send.ready().await.map_err(ended)?;
+        let res = send.send_request(req).await.map_err(ended)?;
+        if res.status() != StatusCode::OK {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            let name = res
+                .headers()
+                .get(REFUSAL_HEADER)
+                .and_then(|v| v.to_str().ok());
+            return Err(StreamError::Refused(Refusal::from_response(
+                res.status().as_u16(),
+                name,
+            )));
+        }
+        let up = hyper::upgrade::on(res).await.map_err(ended)?;
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(TokioIo::new(up))
+    }
+
+    /// This agent's stream counters.
+    pub fn counters(&self) -> &StreamCounters {
+        &self.counters
+    }
+
+    /// Counts a stream that ended with a reset (front doors call this).
+    pub fn count_reset(&self) {
+        self.counters.reset.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        // The agent stopped: its streams end explicitly, not by hanging.
+        self.close("agent stopped");
+    }
+}
+
+/// Channel frames are gathered up to this many bytes per write.
+pub(crate) const WRITE_BATCH: usize = 64 * 1024;
+
+/// The agent's data-plane state: the current session's channel, and where
+/// the tunnel finds its HTTP/2 connection.
+#[derive(Debug)]
+pub(crate) struct DataPlane {
+    /// The current session's channel and the current transport's generation.
+    pub(crate) channel: Option<(SessionChannel, Generation)>,
+    /// Bumped with every new channel and every close, so the loop
+    /// re-subscribes and a late handshake never publishes a dead session.
+    pub(crate) epoch: Arc<AtomicU64>,
+    link: watch::Sender<Option<Link>>,
+}
+
+impl DataPlane {
+    pub(crate) fn new() -> (Self, Tunnel) {
+        let (tx, rx) = watch::channel(None);
+        let counters = Arc::new(StreamCounters::default());
+        (
+            Self {
+                channel: None,
+                epoch: Arc::new(AtomicU64::new(0)),
+                link: tx,
+            },
+            Tunnel { link: rx, counters },
+        )
+    }
+
+    /// Frames the channel has for the current transport, encoded, up to
+    /// [`WRITE_BATCH`] bytes; `true` if more are waiting.
+    pub(crate) fn outgoing(&self, out: &mut bytes::BytesMut) -> bool {
+        let Some((ch, g)) = &self.channel else {
+            return false;
+        };
+        while let Some(k) = ch.next_frame(*g, false) {
+            // Frames the channel makes are always encodable.
+            let _ = jvpn_proto::frame::encode(k, out);
+            if out.len() >= WRITE_BATCH {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A `Data` or `Ack` from the gateway, into the channel.
+    pub(crate) fn on_frame(
+        &self,
+        k: jvpn_proto::pb::session::frame::Kind,
+    ) -> Result<(), jvpn_proto::channel::ChannelError> {
+        use jvpn_proto::pb::session::frame::Kind;
+        let Some((ch, g)) = &self.channel else {
+            return Ok(());
+        };
+        match k {
+            Kind::Data(d) => ch.on_data(*g, d),
+            Kind::Ack(a) => ch.on_ack(*g, a),
+            _ => Ok(()),
+        }
+    }
+
+    /// The session ended (or is being replaced): its streams are reset with
+    /// `why`; new streams wait for the next session.
+    pub(crate) fn close(&mut self, why: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.link.send_replace(None);
+        if let Some((ch, _)) = self.channel.take() {
+            ch.close(why);
+        }
+    }
+
+    /// A new session with a channel of `window` bytes: start its HTTP/2
+    /// client; the tunnel uses it once the handshake is done.
+    pub(crate) fn start(&mut self, window: u64) {
+        self.close("session replaced");
+        let (ch, io) = SessionChannel::new(ChannelConfig::with_window(window));
+        let mine = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let first = ch.first();
+        self.channel = Some((ch, first));
+        let link = self.link.clone();
+        let live = self.epoch.clone();
+        tokio::spawn(async move {
+            let Ok((send, conn)) =
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+                    .await
+            else {
+                return;
+            };
+            // Publish unless the session ended meanwhile (checked under the
+            // watch's lock, which `close` needs too).
+            link.send_if_modified(|l| {
+                let current = live.load(Ordering::Acquire) == mine;
+                if current {
+                    *l = Some(Link { send });
+                }
+                current
+            });
+            let _ = conn.await;
+        });
+    }
+}
