@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use crate::frontdoor::serve::{check_bind, serve_forward, serve_proxy};
 use crate::{Agent, AgentConfig, AgentReport, Command, Credential, keep_alive};
-use jvpn_proto::stream::Target;
-use tokio::net::TcpListener;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use jvpn_proto::stream::Target;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Parser)]

@@ -567,18 +567,16 @@ impl Agent {
         };
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
         s.apply_resume_ok(sent, &ok, t)?;
-        if let Some((d, _)) = self.data.as_mut() {
-            if let Some((ch, g)) = d.channel.as_mut() {
-                // The channel continues on this transport from what the
-                // gateway holds; without that offset it cannot.
-                let resumed = ok
-                    .received
-                    .ok_or_else(|| "ResumeOk without the channel offset".to_owned())
-                    .and_then(|x| ch.resume_from(x).map_err(|e| e.to_string()));
-                match resumed {
-                    Ok(r) => *g = r.generation,
-                    Err(why) => return Err(AgentError::ChannelBroken(why)),
-                }
+        if let Some((ch, g)) = self.data.as_mut().and_then(|(d, _)| d.channel.as_mut()) {
+            // The channel continues on this transport from what the
+            // gateway holds; without that offset it cannot.
+            let resumed = ok
+                .received
+                .ok_or_else(|| "ResumeOk without the channel offset".to_owned())
+                .and_then(|x| ch.resume_from(x).map_err(|e| e.to_string()));
+            match resumed {
+                Ok(r) => *g = r.generation,
+                Err(why) => return Err(AgentError::ChannelBroken(why)),
             }
         }
         let max = s.policy.max_switches_per_min.max(1) as usize;

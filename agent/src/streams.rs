@@ -211,10 +211,9 @@ impl DataPlane {
         let link = self.link.clone();
         let live = self.epoch.clone();
         tokio::spawn(async move {
-            let Ok((send, conn)) =
-                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-                    .await
+            let Ok((send, conn)) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+                .await
             else {
                 return;
             };

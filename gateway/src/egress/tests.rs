@@ -10,7 +10,15 @@ fn a(s: &str) -> SocketAddr {
 const GW: &str = "10.0.0.5:7443";
 
 fn policy(rules: Vec<RuleConfig>) -> EgressPolicy {
-    EgressPolicy::new(&EgressConfig { rules, ..EgressConfig::default() }, &[a(GW), a("127.0.0.1:9443")], &[]).unwrap()
+    EgressPolicy::new(
+        &EgressConfig {
+            rules,
+            ..EgressConfig::default()
+        },
+        &[a(GW), a("127.0.0.1:9443")],
+        &[],
+    )
+    .unwrap()
 }
 
 fn rule(action: Action, principals: &[&str], cidrs: &[&str], ports: &[&str]) -> RuleConfig {

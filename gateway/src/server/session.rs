@@ -7,20 +7,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use jvpn_proto::channel::ChannelError;
 use jvpn_proto::client::ExportError;
 use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
+use jvpn_proto::frame;
 use jvpn_proto::pb::session::{GoAway, Pong, Reject, ResumeOk, Terminate, frame::Kind};
 use jvpn_proto::{ReasonCode, SessionId};
-use jvpn_proto::channel::ChannelError;
-use jvpn_proto::frame;
 use jvpn_runtime::channel_io::{Generation, SessionChannel};
 use jvpn_runtime::wire::{SharedIo, lock, read_frame, write_frame};
-use tracing::debug;
 use metrics::{counter, histogram};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
+use tracing::debug;
 
 use super::state::{Control, Shared};
 use crate::engine::{
@@ -327,11 +327,16 @@ fn resume_channel(
 ) -> Option<(SessionChannel, Generation)> {
     let ch = lock(&shared.shards[shard].channels).get(sid).cloned()?;
     let Some(offset) = agent_received else {
-        channel_broken(shared, shard, sid, &ChannelError::ResumeOutOfRange {
-            offset: 0,
-            acked: 0,
-            sent: 0,
-        });
+        channel_broken(
+            shared,
+            shard,
+            sid,
+            &ChannelError::ResumeOutOfRange {
+                offset: 0,
+                acked: 0,
+                sent: 0,
+            },
+        );
         return None;
     };
     match ch.resume_from(offset) {
@@ -456,11 +461,11 @@ async fn read_loop(
                 }
             },
             Kind::Ack(a) => {
-                if let Some((ch, g)) = &at.channel {
-                    if let Err(e) = ch.on_ack(*g, a) {
-                        channel_broken(shared, shard, sid, &e);
-                        return None;
-                    }
+                if let Some((ch, g)) = &at.channel
+                    && let Err(e) = ch.on_ack(*g, a)
+                {
+                    channel_broken(shared, shard, sid, &e);
+                    return None;
                 }
                 continue;
             }
@@ -544,7 +549,8 @@ async fn write_loop(
                 None => return None,
             },
             r = replies.recv() => {
-                let Some(k) = r else { return None };
+                // The reader ended: so does this transport.
+                let k = r?;
                 if within(write_limit, write_frame(wr, k)).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }

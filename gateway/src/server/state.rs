@@ -392,7 +392,12 @@ pub(super) async fn gauge_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
         let buffered: u64 = shared
             .shards
             .iter()
-            .map(|s| lock(&s.channels).values().map(SessionChannel::buffered).sum::<u64>())
+            .map(|s| {
+                lock(&s.channels)
+                    .values()
+                    .map(SessionChannel::buffered)
+                    .sum::<u64>()
+            })
             .sum();
         gauge!(m::CHANNEL_BUFFERED).set(buffered as f64);
         if let Some(c) = &shared.cluster {

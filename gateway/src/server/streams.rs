@@ -103,8 +103,10 @@ fn refuse(r: Refusal) -> Response<Empty<Bytes>> {
     counter!(m::STREAMS_REFUSED, "reason" => r.as_str()).increment(1);
     let mut res = Response::new(Empty::new());
     *res.status_mut() = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    res.headers_mut()
-        .insert(REFUSAL_HEADER, hyper::header::HeaderValue::from_static(r.as_str()));
+    res.headers_mut().insert(
+        REFUSAL_HEADER,
+        hyper::header::HeaderValue::from_static(r.as_str()),
+    );
     res
 }
 
@@ -154,7 +156,11 @@ async fn connect(
 /// Resolves `target` (a name at this gateway), keeps the addresses the
 /// policy allows, and connects to the first that answers within the
 /// connect timeout.
-async fn dial(policy: &EgressPolicy, principal: &str, target: &Target) -> Result<TcpStream, Refusal> {
+async fn dial(
+    policy: &EgressPolicy,
+    principal: &str,
+    target: &Target,
+) -> Result<TcpStream, Refusal> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
