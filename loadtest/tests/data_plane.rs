@@ -329,3 +329,70 @@ async fn curl_fetches_through_socks5_and_http_connect() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// Bad channel input from an agent (a gap, an ack for bytes never sent, a
+/// resume offset never sent) ends that session with `protocol_error`,
+/// counted; another session's streams go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_channel_ends_only_its_own_session() {
+    use jvpn_agent::AgentError;
+    use jvpn_proto::ReasonCode;
+    use jvpn_proto::pb::session::{Ack, Data, frame::Kind};
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let echo = echo_server().await;
+    let good = run_agent(&env, env.gw.client_addr);
+    assert_eq!(
+        through_echo(&good.tunnel, echo, pattern(1, 100_000)).await,
+        pattern(1, 100_000)
+    );
+    let bad_frames = [
+        Kind::Data(Data {
+            seq: 1_000,
+            payload: vec![1u8; 10].into(),
+        }),
+        Kind::Ack(Ack { seq: 1 << 20 }),
+    ];
+    for (i, frame) in bad_frames.into_iter().enumerate() {
+        let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+        let _tunnel = a.tunnel();
+        let mut t = common::hello(&mut a).await;
+        t.send(frame).await.unwrap();
+        loop {
+            match t.recv().await {
+                Err(AgentError::Terminated(ReasonCode::ProtocolError)) => break,
+                Ok(_) => continue,
+                other => panic!("bad frame {i}: expected protocol_error, got {other:?}"),
+            }
+        }
+    }
+    // A RESUME claiming bytes the gateway never sent.
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let _tunnel = a.tunnel();
+    drop(common::hello(&mut a).await);
+    let mut t = a.open_resume().await.unwrap();
+    let mut r = a.build_resume(&t).unwrap();
+    r.received = Some(1 << 30);
+    t.send(Kind::Resume(r)).await.unwrap();
+    loop {
+        match t.recv().await {
+            Err(AgentError::Terminated(ReasonCode::ProtocolError)) => break,
+            Ok(_) => continue,
+            other => panic!("resume: expected protocol_error, got {other:?}"),
+        }
+    }
+    let broken = env
+        .gw
+        .metric("jvpn_gateway_channel_protocol_errors_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(broken, 3.0);
+    // The good session never noticed.
+    assert_eq!(
+        through_echo(&good.tunnel, echo, pattern(2, 100_000)).await,
+        pattern(2, 100_000)
+    );
+    let r = good.report.lock().unwrap().clone();
+    assert_eq!((r.rehandshakes, r.resumes_ok), (0, 0), "{r:?}");
+    drop(good.cmds);
+    good.task.await.unwrap();
+}

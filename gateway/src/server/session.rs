@@ -47,6 +47,13 @@ fn cert_expiry(der: &[u8], now: Mono) -> Option<Mono> {
     Some(now + Duration::from_secs(left))
 }
 
+/// The subject common name of a certificate, if it has one.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 /// Keying material from a TLS connection; an error (never zeros) if it has
 /// none (issue 18 L2).
 fn export(
@@ -92,16 +99,21 @@ pub(super) async fn do_hello(
         return Err(ConnReject::ProtocolError);
     };
     let now = shared.now();
-    let (principal, credential_expiry): (Arc<str>, Option<Mono>) =
+    // The engine's principal names the exact credential; the egress
+    // policy's is the name an operator writes in rules.
+    let (principal, egress_principal, credential_expiry): (Arc<str>, Arc<str>, Option<Mono>) =
         match tls.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => (
-                Arc::from(format!(
+            Some([leaf, ..]) => {
+                let id: Arc<str> = Arc::from(format!(
                     "cert:{}",
                     &blake3::hash(leaf.as_ref()).to_hex()[..16]
-                )),
-                cert_expiry(leaf.as_ref(), now),
-            ),
-            _ if shared.token_ok(&hello.auth) => (Arc::from("dev-token"), None),
+                ));
+                let name = common_name(leaf.as_ref()).map_or_else(|| id.clone(), Arc::from);
+                (id, name, cert_expiry(leaf.as_ref(), now))
+            }
+            _ if shared.token_ok(&hello.auth) => {
+                (Arc::from("dev-token"), Arc::from("dev-token"), None)
+            }
             _ => {
                 refuse(ReasonCode::AuthFailed);
                 let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
@@ -132,7 +144,7 @@ pub(super) async fn do_hello(
             now,
             HelloRequest {
                 transport,
-                principal: principal.clone(),
+                principal,
                 credential_expiry,
             },
             |ctx| resume_key(&tls, ctx),
@@ -156,7 +168,7 @@ pub(super) async fn do_hello(
     );
     // An agent that asks for a channel gets one; an older agent echoes.
     let channel = hello.channel.then(|| {
-        let ch = super::streams::open(shared, shard, acc.session_id, principal.clone());
+        let ch = super::streams::open(shared, shard, acc.session_id, egress_principal);
         ok.channel_window = shared.egress.load().window_bytes;
         let first = ch.first();
         (ch, first)
@@ -647,6 +659,23 @@ mod tests {
             .unwrap();
         let conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
         assert_eq!(export(&conn, b"label", b"ctx"), Err(ExportError));
+    }
+
+    /// Egress rules name principals by the certificate's common name.
+    #[test]
+    fn the_egress_principal_is_the_subject_common_name() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["agent".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "alice");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()).as_deref(), Some("alice"));
+        let mut bare = rcgen::CertificateParams::new(vec!["agent".into()]).unwrap();
+        bare.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = bare.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()), None);
+        assert_eq!(common_name(b"junk"), None);
     }
 
     #[test]
