@@ -1,0 +1,261 @@
+//! The data plane in the sticky cluster (issue 15), real router and
+//! gateway processes: streams keep going byte-exactly across a router
+//! restart and a scale-out; when the owner dies, every stream of its
+//! session ends with a reset the application sees, and new streams work
+//! after the explicit re-handshake.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jvpn_agent::streams::Tunnel;
+use jvpn_agent::{AgentReport, keep_alive};
+use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
+use jvpn_loadtest::harness;
+use jvpn_proto::stream::Target;
+use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+const LOOPBACK_ALLOWED: &str = "[[egress.rules]]\naction = \"allow\"\n\
+     cidrs = [\"127.0.0.0/8\"]\n";
+
+/// A destination that echoes every byte back, until EOF.
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn target(a: SocketAddr) -> Target {
+    Target::new(&a.ip().to_string(), a.port()).unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+struct Running {
+    tunnel: Tunnel,
+    cmds: mpsc::Sender<jvpn_agent::Command>,
+    report: Arc<Mutex<AgentReport>>,
+    task: tokio::task::JoinHandle<AgentReport>,
+}
+
+fn run_agent(c: &LocalCluster) -> Running {
+    let cfg = harness::agent_config(&c.pki, c.router_addrs(), None).unwrap();
+    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
+    let tunnel = agent.tunnel();
+    let (cmds, rx) = mpsc::channel(8);
+    let report = Arc::new(Mutex::new(AgentReport::default()));
+    let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
+    Running {
+        tunnel,
+        cmds,
+        report,
+        task,
+    }
+}
+
+/// Streams `len` bytes through the echo server in 64 KiB steps, pausing
+/// at `gate` until the caller has done its fault, then the rest; returns
+/// what came back.
+async fn echo_in_two_halves(
+    tunnel: Tunnel,
+    echo: SocketAddr,
+    seed: u64,
+    len: usize,
+    halfway: tokio::sync::oneshot::Sender<()>,
+    go_on: tokio::sync::watch::Receiver<bool>,
+) -> Vec<u8> {
+    let s = tunnel.connect(&target(echo)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    let data = pattern(seed, len);
+    let writer = tokio::spawn(async move {
+        let (a, b) = data.split_at(len / 2);
+        w.write_all(a).await.unwrap();
+        let _ = halfway.send(());
+        let mut go_on = go_on;
+        go_on.wait_for(|g| *g).await.unwrap();
+        w.write_all(b).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    back
+}
+
+/// Transfers half way through, waiting for the caller's fault.
+struct Transfers {
+    a: Running,
+    go: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+}
+
+const LEN: usize = 4 << 20;
+
+/// Starts `streams` transfers and returns once every one is half way.
+async fn half_way(c: &LocalCluster, streams: u64) -> Transfers {
+    let echo = echo_server().await;
+    let a = run_agent(c);
+    let (go, go_rx) = tokio::sync::watch::channel(false);
+    let mut halves = Vec::new();
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        halves.push(rx);
+        tasks.push(tokio::spawn(echo_in_two_halves(
+            a.tunnel.clone(),
+            echo,
+            s,
+            LEN,
+            tx,
+            go_rx.clone(),
+        )));
+    }
+    for h in halves {
+        h.await.unwrap();
+    }
+    Transfers { a, go, tasks }
+}
+
+impl Transfers {
+    /// Lets the second halves go and checks every byte came back, with no
+    /// reset and no re-handshake.
+    async fn finish(self) {
+        let Transfers { a, go, tasks } = self;
+        go.send(true).unwrap();
+        for (s, t) in tasks.into_iter().enumerate() {
+            let back = t.await.unwrap();
+            assert_eq!(back.len(), LEN, "stream {s}: bytes lost or duplicated");
+            assert!(back == pattern(s as u64, LEN), "stream {s}: bytes differ");
+        }
+        let r = a.report.lock().unwrap().clone();
+        assert_eq!(r.rehandshakes, 0, "{r:?}");
+        drop(a.cmds);
+        a.task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_router_restart_byte_exactly() {
+    let mut c = common::cluster(ClusterOptions {
+        gateways: 2,
+        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let t = half_way(&c, 4).await;
+    c.restart_router(0).await.unwrap();
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_scale_out_byte_exactly() {
+    let mut c = common::cluster(ClusterOptions {
+        gateways: 2,
+        spare_gateways: 1,
+        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let t = half_way(&c, 4).await;
+    c.start_gateway("g3").await.unwrap();
+    let all: Vec<String> = ["g1", "g2", "g3"].map(String::from).to_vec();
+    c.wait_placeable(&all, Duration::from_secs(15))
+        .await
+        .unwrap();
+    t.finish().await;
+}
+
+/// Owner SIGKILL during 20 transfers: each one ends with an error the
+/// application sees (never a clean end), within the router's failure
+/// timeout + 1 s; after the agent's explicit re-handshake new streams work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_death_resets_every_stream_and_new_ones_work() {
+    let c = common::cluster(ClusterOptions {
+        gateways: 2,
+        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let a = run_agent(&c);
+    let mut streams = Vec::new();
+    for s in 0..20u64 {
+        let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
+        // Bytes flow before the kill.
+        st.write_all(&pattern(s, 1000)).await.unwrap();
+        let mut back = vec![0u8; 1000];
+        st.read_exact(&mut back).await.unwrap();
+        streams.push(st);
+    }
+    let owner = a.report.lock().unwrap().node_id.clone();
+    let killed_at = Instant::now();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    let mut ends = Vec::new();
+    for (s, mut st) in streams.into_iter().enumerate() {
+        ends.push(tokio::spawn(async move {
+            // Keep writing and reading until the stream ends.
+            let mut buf = vec![0u8; 4096];
+            loop {
+                if let Err(e) = st.write_all(b"still there?").await {
+                    return (s, e.kind(), Instant::now());
+                }
+                match tokio::time::timeout(Duration::from_secs(30), st.read(&mut buf)).await {
+                    Ok(Ok(0)) => panic!("stream {s}: a clean end after the owner died"),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return (s, e.kind(), Instant::now()),
+                    Err(_) => panic!("stream {s}: hung 30 s after the owner died"),
+                }
+            }
+        }));
+    }
+    // The router's failure timeout (1 s by default) plus one second.
+    let bound = Duration::from_secs(2);
+    for e in ends {
+        let (s, kind, at) = e.await.unwrap();
+        let after = at.duration_since(killed_at);
+        assert!(after <= bound, "stream {s} ended {after:?} after the kill");
+        eprintln!("stream {s} ended with {kind:?} after {after:?}");
+    }
+    // New streams go over the new session.
+    let st = a.tunnel.connect(&target(echo)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(st);
+    w.write_all(b"after the re-handshake").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"after the re-handshake");
+    let rep = a.report.lock().unwrap().clone();
+    assert_eq!(rep.rehandshakes, 1, "{rep:?}");
+    assert_ne!(rep.node_id, owner);
+    assert_eq!(
+        a.tunnel
+            .counters()
+            .reset
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the tunnel's own counter is for front doors"
+    );
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
