@@ -19,6 +19,12 @@ use crate::demo::{DemoOptions, Percentiles, percentiles};
 use crate::fleet::Fleet;
 use crate::harness;
 use crate::invariants::{self, Invariants};
+use crate::streamload::{LOOPBACK_EGRESS, StreamLoad, StreamStats, echo_destination};
+
+/// Agents that move bytes through their sessions during the demo, one
+/// stream each, transfers of this size back to back.
+const DATA_AGENTS: usize = 8;
+const TRANSFER: usize = 512 * 1024;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClusterSummary {
@@ -45,6 +51,12 @@ pub struct ClusterSummary {
     #[serde(flatten)]
     pub invariants: Invariants,
     pub routed_to_unplaceable: f64,
+    /// Agents moving application bytes through their sessions all along.
+    pub data_agents: usize,
+    /// Of those, how many the killed gateway owned.
+    pub data_agents_on_killed_gateway: usize,
+    #[serde(flatten)]
+    pub streams: StreamStats,
     pub events_checked: usize,
     pub duration_ms: u64,
 }
@@ -71,9 +83,16 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let exe = std::env::current_exe()?;
     let (gw_launcher, router_launcher) = launchers(&exe);
     say("Jumping VPN demo: sticky cluster (agents → router → gateways), real TLS 1.3".into());
-    let mut c = LocalCluster::start(gw_launcher, router_launcher, ClusterOptions::default())
-        .await
-        .context("starting the cluster")?;
+    let mut c = LocalCluster::start(
+        gw_launcher,
+        router_launcher,
+        ClusterOptions {
+            gateway_extra_toml: LOOPBACK_EGRESS.into(),
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+    .context("starting the cluster")?;
     say(format!(
         "  router r1 on {} (membership {}, admin {}); gateways g1..g3 joined over mTLS heartbeats",
         c.routers[0].client_addr, c.routers[0].membership_addr, c.routers[0].admin_addr
@@ -88,9 +107,29 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         fleet.by_node()
     ));
 
+    // Agents with a data plane: streams to a destination behind the
+    // gateways, echoed and compared byte for byte, all along.
+    let data =
+        Fleet::start_with_tunnels(&c.pki, &c.router_addrs(), DATA_AGENTS, 3 * opts.agents + 64)?;
+    data.wait_established(Duration::from_secs(60)).await?;
+    let mut load = StreamLoad::start(&data.tunnels(), 1, TRANSFER, echo_destination().await?);
+    say(format!(
+        "  {DATA_AGENTS} more agents move bytes through their sessions (SOCKS-style streams to a local server, checked byte for byte)"
+    ));
+
     // 2. Every transport jumps.
-    fleet.jump_all_now(Duration::from_secs(60)).await?;
-    say("  every agent changed transport: all sessions resumed on their owner".into());
+    let jumped_at = Instant::now();
+    let (a, b) = tokio::join!(
+        fleet.jump_all_now(Duration::from_secs(60)),
+        data.jump_all_now(Duration::from_secs(60)),
+    );
+    a?;
+    b?;
+    load.record_stalls(jumped_at, Duration::from_secs(10)).await;
+    say(
+        "  every agent changed transport: all sessions resumed on their owner, streams going on"
+            .into(),
+    );
 
     // 3. Scale-out.
     let rh_before = fleet.rehandshakes();
@@ -114,17 +153,26 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     ));
 
     // 4. Router restart: every spliced connection breaks; sessions resume.
-    let rh_before = fleet.rehandshakes() + newcomers.rehandshakes();
-    let (before, newcomers_before) = (fleet.resume_counts(), newcomers.resume_counts());
+    let rh_before = fleet.rehandshakes() + newcomers.rehandshakes() + data.rehandshakes();
+    let (before, newcomers_before, data_before) = (
+        fleet.resume_counts(),
+        newcomers.resume_counts(),
+        data.resume_counts(),
+    );
     c.restart_router(0).await?;
-    let total = fleet.len() + newcomers.len();
+    let total = fleet.len() + newcomers.len() + data.len();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let what = "every session resumed after the router restart";
-    for (f, b) in [(&fleet, &before), (&newcomers, &newcomers_before)] {
+    for (f, b) in [
+        (&fleet, &before),
+        (&newcomers, &newcomers_before),
+        (&data, &data_before),
+    ] {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         f.wait_each_resumed(b, left, what).await?;
     }
-    let router_restart_rehandshakes = fleet.rehandshakes() + newcomers.rehandshakes() - rh_before;
+    let router_restart_rehandshakes =
+        fleet.rehandshakes() + newcomers.rehandshakes() + data.rehandshakes() - rh_before;
     say(format!(
         "  router restarted on the same ports: {total} sessions resumed, {router_restart_rehandshakes} re-handshakes"
     ));
@@ -135,28 +183,32 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let cooldown = Duration::from_millis(1_600);
     fleet.wait_switch_allowed(cooldown).await?;
     newcomers.wait_switch_allowed(cooldown).await?;
+    data.wait_switch_allowed(cooldown).await?;
     let mut by_node = fleet.by_node();
-    for (k, v) in newcomers.by_node() {
+    for (k, v) in newcomers.by_node().into_iter().chain(data.by_node()) {
         *by_node.entry(k).or_default() += v;
     }
+    // The gateway with the most streaming sessions (then the most
+    // sessions), so the demo always shows streams ending explicitly.
+    let data_by_node = data.by_node();
     let victim = by_node
         .iter()
-        .max_by_key(|(_, n)| **n)
+        .max_by_key(|(k, n)| (data_by_node.get(*k).copied().unwrap_or(0), **n))
         .map(|(k, _)| k.clone())
         .context("no sessions")?;
-    let on_victim: Vec<usize> = fleet
-        .snapshots()
+    let data_on_victim = data_by_node.get(&victim).copied().unwrap_or(0);
+    let all = |f: &Fleet, g: &Fleet| {
+        let mut v = f.snapshots();
+        v.extend(g.snapshots());
+        v.extend(data.snapshots());
+        v
+    };
+    let on_victim: Vec<usize> = all(&fleet, &newcomers)
         .iter()
-        .chain(newcomers.snapshots().iter())
         .enumerate()
         .filter(|(_, r)| r.node_id == victim)
         .map(|(i, _)| i)
         .collect();
-    let all = |f: &Fleet, g: &Fleet| {
-        let mut v = f.snapshots();
-        v.extend(g.snapshots());
-        v
-    };
     let owner_lost_before = reason_count(&all(&fleet, &newcomers), "owner_lost");
     let killed_at = Instant::now();
     c.gateway(&victim)?.signal(Signal::SIGKILL)?;
@@ -189,13 +241,27 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     ));
     let (echo_ok_1, echo_failed_1) = fleet.echo_all("after-failover").await;
     let (echo_ok_2, echo_failed_2) = newcomers.echo_all("after-failover").await;
+    // Streams go on over the new sessions: wait for a few more transfers.
+    let done = load.completed();
+    harness::eventually(
+        Duration::from_secs(30),
+        "streams complete again after the failover",
+        || {
+            let more = load.completed() >= done + DATA_AGENTS as u64;
+            async move { more }
+        },
+    )
+    .await?;
+    let streams = load.stop().await;
     let routed_to_unplaceable = c
         .router_metric("jvpn_router_routed_to_unplaceable_total", &[])
         .await?;
 
     // 6. Wind down: close sessions, drain gateways, stop the router.
+    let data_agents = data.len();
     let mut reports = fleet.close().await;
     reports.extend(newcomers.close().await);
+    reports.extend(data.close().await);
     let mut event_files: Vec<PathBuf> = Vec::new();
     for (node, gw) in &mut c.gateways {
         event_files.push(PathBuf::from(&gw.events_path));
@@ -228,6 +294,9 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         echo_failed: echo_failed_1 + echo_failed_2,
         invariants: inv.clone(),
         routed_to_unplaceable,
+        data_agents,
+        data_agents_on_killed_gateway: data_on_victim,
+        streams: streams.clone(),
         events_checked,
         duration_ms: started.elapsed().as_millis() as u64,
     };
@@ -284,11 +353,34 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
             "  routed to unplaceable         {}",
             summary.routed_to_unplaceable
         );
+        let s = &summary.streams;
+        println!(
+            "  stream bytes (exact)          {} ({} transfers)",
+            s.stream_bytes, s.streams_completed
+        );
+        println!(
+            "  stream bytes lost / dup       {} / {}",
+            s.stream_bytes_lost, s.stream_bytes_duplicated
+        );
+        println!(
+            "  streams reset explicitly      {} ({} streaming sessions on the killed gateway)",
+            s.streams_reset_explicitly, summary.data_agents_on_killed_gateway
+        );
+        println!("  streams failed otherwise      {}", s.streams_failed);
+        println!(
+            "  stall ms per jump p50/p99     {}/{}",
+            s.stall_ms_per_jump.p50, s.stall_ms_per_jump.p99
+        );
     }
     Ok(inv.all_zero()
         && summary.forced_rehandshakes_on_scale_out == 0
         && summary.rehandshakes_on_router_restart == 0
         && summary.echo_failed == 0
         && summary.routed_to_unplaceable == 0.0
-        && summary.rehandshakes_after_owner_loss == summary.sessions_on_killed_gateway)
+        && summary.rehandshakes_after_owner_loss == summary.sessions_on_killed_gateway
+        && streams.stream_bytes_lost == 0
+        && streams.stream_bytes_duplicated == 0
+        && streams.streams_failed == 0
+        && streams.stream_bytes > 0
+        && (data_on_victim == 0 || streams.streams_reset_explicitly > 0))
 }

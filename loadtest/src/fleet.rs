@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Result;
+use jvpn_agent::streams::Tunnel;
 use jvpn_agent::{Agent, AgentReport, Command, keep_alive};
 use tokio::sync::{mpsc, oneshot};
 
@@ -16,6 +17,8 @@ use crate::harness::{self, TestPki};
 #[derive(Debug)]
 pub struct Running {
     pub tx: mpsc::Sender<Command>,
+    /// Opens streams through this agent's session (agents with a data plane).
+    pub tunnel: Option<Tunnel>,
     pub report: Arc<Mutex<AgentReport>>,
     pub task: tokio::task::JoinHandle<AgentReport>,
 }
@@ -43,6 +46,27 @@ impl Fleet {
         n: usize,
         first_source: usize,
     ) -> Result<Self> {
+        Self::start_inner(pki, servers, n, first_source, false)
+    }
+
+    /// [`Fleet::start`] with each agent's data plane on (its sessions carry
+    /// streams; echo is for agents without).
+    pub fn start_with_tunnels(
+        pki: &TestPki,
+        servers: &[SocketAddr],
+        n: usize,
+        first_source: usize,
+    ) -> Result<Self> {
+        Self::start_inner(pki, servers, n, first_source, true)
+    }
+
+    fn start_inner(
+        pki: &TestPki,
+        servers: &[SocketAddr],
+        n: usize,
+        first_source: usize,
+        tunnels: bool,
+    ) -> Result<Self> {
         let mut agents = Vec::with_capacity(n);
         for i in 0..n {
             let cfg = harness::agent_config(
@@ -55,10 +79,16 @@ impl Fleet {
             for _ in 0..((first_source + i) % servers.len().max(1)) {
                 agent.rotate_server();
             }
+            let tunnel = tunnels.then(|| agent.tunnel());
             let (tx, rx) = mpsc::channel(8);
             let report = Arc::new(Mutex::new(AgentReport::default()));
             let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
-            agents.push(Running { tx, report, task });
+            agents.push(Running {
+                tx,
+                tunnel,
+                report,
+                task,
+            });
         }
         Ok(Self { agents })
     }
@@ -69,6 +99,14 @@ impl Fleet {
 
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty()
+    }
+
+    /// The tunnels of agents with a data plane.
+    pub fn tunnels(&self) -> Vec<Tunnel> {
+        self.agents
+            .iter()
+            .filter_map(|a| a.tunnel.clone())
+            .collect()
     }
 
     pub fn snapshots(&self) -> Vec<AgentReport> {

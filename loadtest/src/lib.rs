@@ -10,6 +10,8 @@
 //!   blackholes connections on command.
 //! - [`fleet`]: many agents running the real keep-alive loop, observed through reports.
 //! - [`invariants`]: the DESIGN §11 counters from agent reports and events.
+//! - [`streamload`]: application bytes through agents' tunnels, checked
+//!   byte for byte (lost, duplicated, explicitly reset).
 //! - [`demo`]: the README's quick-start demo.
 //! - [`report`]: the self-contained HTML page of a run report.
 //! - [`scenario`]: `jvpn-loadtest run`: open-loop scenarios with HDR latencies and invariants.
@@ -33,3 +35,4 @@ pub mod report;
 pub mod scenario;
 pub mod serve_cluster;
 pub mod soak;
+pub mod streamload;

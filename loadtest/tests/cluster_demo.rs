@@ -22,13 +22,13 @@ async fn the_cluster_demo_reports_explicit_failover_and_zero_invariant_violation
     );
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {v}"));
-    // 60 agents + 30 newcomers after the scale-out.
-    assert_eq!(v["agents"], 90);
+    // 60 agents + 30 newcomers after the scale-out + 8 moving bytes.
+    assert_eq!(v["agents"], 98);
     let killed = n("sessions_on_killed_gateway");
     assert!(killed > 0);
     assert_eq!(n("rehandshakes_after_owner_loss"), killed);
     // First sessions plus the explicit re-handshakes.
-    assert_eq!(n("sessions_established"), 90 + killed);
+    assert_eq!(n("sessions_established"), 98 + killed);
     // One jump each (60) + every session after the router restart (90).
     assert!(n("resumes_ok") >= 150, "{}", n("resumes_ok"));
     for k in [
@@ -39,9 +39,20 @@ async fn the_cluster_demo_reports_explicit_failover_and_zero_invariant_violation
         "dual_active_detected",
         "lost_sessions",
         "echo_failed",
+        "stream_bytes_lost",
+        "stream_bytes_duplicated",
+        "streams_failed",
     ] {
         assert_eq!(n(k), 0, "{k}");
     }
+    // Bytes moved through sessions across the jump, the scale-out, the
+    // router restart and the failover; the killed gateway's streams ended
+    // explicitly.
+    assert!(n("stream_bytes") > 0);
+    assert!(n("data_agents_on_killed_gateway") > 0);
+    assert!(n("streams_reset_explicitly") > 0);
+    let stall = &v["stall_ms_per_jump"];
+    assert!(stall["p99"].as_u64().is_some(), "{stall}");
     let f = &v["failover_ms"];
     for k in ["p50", "p99", "max"] {
         assert!(f[k].as_u64().is_some(), "failover_ms.{k}");
