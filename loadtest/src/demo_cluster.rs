@@ -112,7 +112,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let data =
         Fleet::start_with_tunnels(&c.pki, &c.router_addrs(), DATA_AGENTS, 3 * opts.agents + 64)?;
     data.wait_established(Duration::from_secs(60)).await?;
-    let mut load = StreamLoad::start(&data.tunnels(), 1, TRANSFER, echo_destination().await?);
+    let load = StreamLoad::start(&data.tunnels(), 1, TRANSFER, echo_destination().await?);
     say(format!(
         "  {DATA_AGENTS} more agents move bytes through their sessions (SOCKS-style streams to a local server, checked byte for byte)"
     ));
@@ -125,7 +125,8 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     );
     a?;
     b?;
-    load.record_stalls(jumped_at, Duration::from_secs(10)).await;
+    load.probe_stalls(None, jumped_at, Duration::from_secs(10))
+        .await;
     say(
         "  every agent changed transport: all sessions resumed on their owner, streams going on"
             .into(),

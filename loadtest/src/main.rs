@@ -175,6 +175,12 @@ struct RunArgs {
     /// One echo per session every this many ms; 0 = no echoes.
     #[arg(long, default_value_t = 1_000)]
     echo_interval_ms: u64,
+    /// `bulk`: streams per session.
+    #[arg(long, default_value_t = 4)]
+    streams_per_session: usize,
+    /// `bulk`: bytes per transfer (sent, echoed back, compared).
+    #[arg(long, default_value_t = 1 << 20)]
+    transfer_bytes: usize,
 }
 
 fn run_scenario(a: RunArgs) -> ExitCode {
@@ -198,8 +204,12 @@ fn run_scenario(a: RunArgs) -> ExitCode {
         heartbeat_interval: a
             .heartbeat_interval_ms
             .map(std::time::Duration::from_millis),
-        echo_every: (a.echo_interval_ms > 0)
+        // Sessions with a data plane carry streams, not the echo probe.
+        echo_every: (a.echo_interval_ms > 0
+            && a.scenario != jvpn_loadtest::scenario::Scenario::Bulk)
             .then(|| std::time::Duration::from_millis(a.echo_interval_ms)),
+        streams_per_session: a.streams_per_session,
+        transfer_bytes: a.transfer_bytes,
     };
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -226,6 +236,10 @@ fn run_scenario(a: RunArgs) -> ExitCode {
         None => println!("{text}"),
     }
     let mut ok = report.invariants.all_zero();
+    if let Some(s) = &report.streams {
+        // Streams lose and duplicate nothing, whatever the thresholds say.
+        ok &= s.stream_bytes_lost == 0 && s.stream_bytes_duplicated == 0;
+    }
     for t in &report.thresholds {
         eprintln!(
             "threshold {}: {} ({})",

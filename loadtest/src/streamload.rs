@@ -81,11 +81,18 @@ struct Counters {
 pub struct StreamLoad {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Per stream task: when it last read a byte (µs since `origin`).
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Per stream task: when it last read a byte (µs since `origin`);
+    /// tunnel `i`'s tasks are `i * per_tunnel ..`.
     progress: Vec<Arc<AtomicU64>>,
+    per_tunnel: usize,
     origin: Instant,
     counters: Arc<Counters>,
-    stalls: Vec<u64>,
+    stalls: std::sync::Mutex<Vec<u64>>,
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -124,52 +131,71 @@ impl StreamLoad {
         Self {
             stop,
             tasks,
-            progress,
-            origin,
-            counters,
-            stalls: Vec::new(),
+            shared: Arc::new(Shared {
+                progress,
+                per_tunnel,
+                origin,
+                counters,
+                stalls: std::sync::Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    /// Records, for a jump made at `at`, how long until each stream moved
-    /// a byte again (waiting at most `within`; a stream that did not move
-    /// counts as `within`).
-    pub async fn record_stalls(&mut self, at: Instant, within: Duration) {
-        let since = at.duration_since(self.origin).as_micros() as u64;
-        let deadline = Instant::now() + within;
-        let mut pending: Vec<usize> = (0..self.progress.len()).collect();
-        let mut out = Vec::new();
-        loop {
-            // Registered before looking, so no progress is missed.
-            let moved = self.counters.moved.notified();
-            tokio::pin!(moved);
-            moved.as_mut().enable();
-            pending.retain(|i| {
-                let p = self.progress[*i].load(Ordering::Relaxed);
-                if p > since {
-                    out.push((p - since) / 1_000);
-                    false
-                } else {
-                    true
+    /// Records, for a jump made at `at` by the agent of tunnel `tunnel`
+    /// (`None`: every agent), how long until each of its streams moved a
+    /// byte again (waiting at most `within`; a stream that did not move
+    /// counts as `within`). Runs on its own, so probes may overlap.
+    pub fn probe_stalls(
+        &self,
+        tunnel: Option<usize>,
+        at: Instant,
+        within: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let sh = self.shared.clone();
+        async move {
+            let since = at.duration_since(sh.origin).as_micros() as u64;
+            let deadline = Instant::now() + within;
+            let mut pending: Vec<usize> = match tunnel {
+                Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
+                None => (0..sh.progress.len()).collect(),
+            };
+            pending.retain(|i| *i < sh.progress.len());
+            let mut out = Vec::new();
+            loop {
+                // Registered before looking, so no progress is missed.
+                let moved = sh.counters.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                pending.retain(|i| {
+                    let p = sh.progress[*i].load(Ordering::Relaxed);
+                    if p > since {
+                        out.push((p - since) / 1_000);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if pending.is_empty() {
+                    break;
                 }
-            });
-            if pending.is_empty() {
-                break;
+                if tokio::time::timeout_at(deadline.into(), moved)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
-            if tokio::time::timeout_at(deadline.into(), moved)
-                .await
-                .is_err()
-            {
-                break;
-            }
+            out.extend(pending.iter().map(|_| within.as_millis() as u64));
+            sh.stalls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(out);
         }
-        out.extend(pending.iter().map(|_| within.as_millis() as u64));
-        self.stalls.extend(out);
     }
 
     /// Completed transfers so far.
     pub fn completed(&self) -> u64 {
-        self.counters.completed.load(Ordering::Relaxed)
+        self.shared.counters.completed.load(Ordering::Relaxed)
     }
 
     /// Stops after each stream's current transfer and returns the counts.
@@ -178,7 +204,14 @@ impl StreamLoad {
         for t in self.tasks {
             let _ = t.await;
         }
-        let c = &self.counters;
+        let c = &self.shared.counters;
+        let stalls = std::mem::take(
+            &mut *self
+                .shared
+                .stalls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         StreamStats {
             stream_bytes: c.bytes.load(Ordering::Relaxed),
             stream_bytes_lost: c.lost.load(Ordering::Relaxed),
@@ -186,7 +219,7 @@ impl StreamLoad {
             streams_completed: c.completed.load(Ordering::Relaxed),
             streams_reset_explicitly: c.reset.load(Ordering::Relaxed),
             streams_failed: c.failed.load(Ordering::Relaxed),
-            stall_ms_per_jump: percentiles(self.stalls),
+            stall_ms_per_jump: percentiles(stalls),
         }
     }
 }

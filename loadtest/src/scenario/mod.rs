@@ -27,6 +27,7 @@ use crate::cluster::{ClusterOptions, LocalCluster, launchers, node_name};
 use crate::fleet::{Fleet, Running};
 use crate::harness::{self, TestPki};
 use crate::invariants;
+use crate::streamload::StreamLoad;
 use jvpn_runtime::wire::lock;
 
 mod floods;
@@ -66,6 +67,12 @@ pub enum Scenario {
     /// `--flood-rate` replays/s of one captured `Resume` frame over new
     /// connections; every one must be refused and the session unaffected.
     ReplayFlood,
+    /// Sessions with a data plane move bytes: `--streams-per-session`
+    /// streams each, transfers of `--transfer-bytes` to an echo destination
+    /// behind the gateways, compared byte for byte; every session changes
+    /// transport every `--jump-every-s` and fault proxies cut `--loss-pct` %
+    /// of the open connections every second. Local cluster only.
+    Bulk,
 }
 
 /// Where the load goes.
@@ -100,21 +107,33 @@ pub struct RunOptions {
     pub heartbeat_interval: Option<Duration>,
     /// Echoes per session at this period; `None`: no echoes.
     pub echo_every: Option<Duration>,
+    /// `bulk`: streams per session, and the size of each transfer.
+    pub streams_per_session: usize,
+    pub transfer_bytes: usize,
 }
 
 impl RunOptions {
     /// The `[policy]` table local gateways get, if any.
     fn policy_toml(&self) -> String {
-        match self.heartbeat_interval {
-            Some(hb) => {
-                let hb = hb.as_millis().max(50) as u64;
-                format!(
-                    "\n[policy]\nheartbeat_interval_ms = {hb}\nheartbeat_timeout_ms = {}\n",
-                    hb * 4
-                )
-            }
-            None => String::new(),
+        let mut policy = String::new();
+        if let Some(hb) = self.heartbeat_interval {
+            let hb = hb.as_millis().max(50) as u64;
+            policy += &format!(
+                "heartbeat_interval_ms = {hb}\nheartbeat_timeout_ms = {}\n",
+                hb * 4
+            );
         }
+        let mut extra = String::new();
+        if self.scenario == Scenario::Bulk {
+            // A jump a second plus cuts: more switches than the default
+            // anti-flap allows (this run measures the data plane, not it).
+            policy += "max_switches_per_min = 600\nswitch_cooldown_ms = 100\n";
+            extra += crate::streamload::LOOPBACK_EGRESS;
+        }
+        if !policy.is_empty() {
+            extra = format!("\n[policy]\n{policy}{extra}");
+        }
+        extra
     }
 }
 
@@ -181,7 +200,11 @@ async fn arrive(
     for i in 0..opts.sessions {
         let due = start + Duration::from_secs_f64(i as f64 / opts.rate.max(1e-3));
         tokio::time::sleep_until(due.into()).await;
-        let one = Fleet::start(pki, routers, 1, i)?;
+        let one = if opts.scenario == Scenario::Bulk {
+            Fleet::start_with_tunnels(pki, routers, 1, i)?
+        } else {
+            Fleet::start(pki, routers, 1, i)?
+        };
         lock(watch).extend(one.agents.iter().map(|a| a.report.clone()));
         fleet.agents.extend(one.agents);
         intended.push(due);
@@ -210,7 +233,10 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
              sessions beyond it will fail to connect"
         );
     }
-    let needs_cluster = matches!(opts.scenario, Scenario::Failover | Scenario::ScaleOut);
+    let needs_cluster = matches!(
+        opts.scenario,
+        Scenario::Failover | Scenario::ScaleOut | Scenario::Bulk
+    );
     let mut cluster = None;
     let (pki, routers) = match &opts.target {
         Target::LocalCluster(n, routers) => {
@@ -254,7 +280,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
 
     // `loss`: agents reach the routers through fault proxies.
     let mut proxies = Vec::new();
-    if matches!(opts.scenario, Scenario::Loss | Scenario::StormLoss) {
+    let bulk_cuts = opts.scenario == Scenario::Bulk && opts.loss_pct > 0.0;
+    if matches!(opts.scenario, Scenario::Loss | Scenario::StormLoss) || bulk_cuts {
         for r in &routers {
             proxies.push(crate::faultproxy::FaultProxy::start(*r).await?);
         }
@@ -312,13 +339,34 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         ),
         None => Vec::new(),
     };
+    let load = (opts.scenario == Scenario::Bulk).then(|| {
+        (
+            fleet.tunnels(),
+            opts.streams_per_session.max(1),
+            opts.transfer_bytes.max(1),
+        )
+    });
+    let load = match load {
+        Some((tunnels, m, size)) => Some(StreamLoad::start(
+            &tunnels,
+            m,
+            size,
+            crate::streamload::echo_destination().await?,
+        )),
+        None => None,
+    };
     let setting = Setting {
         pki,
         entry: &entry,
         proxies: &proxies,
         watch: &watch,
+        load: load.as_ref(),
     };
     drive(&opts, &mut fleet, cluster.as_mut(), &setting, stop_at).await?;
+    let streams = match load {
+        Some(l) => Some(l.stop().await),
+        None => None,
+    };
     for e in echoes {
         let _ = e.await;
     }
@@ -411,6 +459,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         echo_lost,
         invariants: inv,
         flood,
+        streams,
         thresholds: Vec::new(),
         histograms,
         timeline,
@@ -489,6 +538,8 @@ struct Setting<'a> {
     proxies: &'a [crate::faultproxy::FaultProxy],
     /// Reports the progress lines read; sessions started later join it.
     watch: &'a Mutex<Vec<Arc<Mutex<AgentReport>>>>,
+    /// `bulk`: the streams moving bytes.
+    load: Option<&'a StreamLoad>,
 }
 
 /// Every second until `stop_at`, the fault proxies cut `--loss-pct` % of
@@ -550,6 +601,43 @@ async fn drive(
             }
         }
         Scenario::Steady => Ok(()),
+        Scenario::Bulk => {
+            // Jumps spread evenly, each followed by a probe of how long its
+            // session's streams stall; cuts meanwhile.
+            let jumps = async {
+                let mut probes = Vec::new();
+                let n = fleet.len().max(1) as u32;
+                let mut due = Instant::now();
+                let step = opts.jump_every / n;
+                while due + opts.jump_every < stop_at {
+                    for (i, a) in fleet.agents.iter().enumerate() {
+                        due += step;
+                        tokio::time::sleep_until(due.into()).await;
+                        let at = Instant::now();
+                        let _ = a.tx.send(Command::Jump).await;
+                        if let Some(l) = setting.load {
+                            probes.push(tokio::spawn(l.probe_stalls(
+                                Some(i),
+                                at,
+                                Duration::from_secs(10),
+                            )));
+                        }
+                    }
+                }
+                probes
+            };
+            let probes = if opts.loss_pct > 0.0 {
+                let (p, cuts) = tokio::join!(jumps, cut_connections(opts, setting, stop_at));
+                cuts?;
+                p
+            } else {
+                jumps.await
+            };
+            for p in probes {
+                let _ = p.await;
+            }
+            Ok(())
+        }
         Scenario::Jump => {
             let n = fleet.len().max(1) as u32;
             let mut due = Instant::now();

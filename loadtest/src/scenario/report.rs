@@ -83,6 +83,9 @@ pub struct RunReport {
     pub invariants: Invariants,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<FloodReport>,
+    /// `bulk`: what the streams saw (stream_bytes, stream_bytes_lost, ...).
+    #[serde(flatten)]
+    pub streams: Option<crate::streamload::StreamStats>,
     pub thresholds: Vec<ThresholdResult>,
     /// Per latency: `[upper bound ms, count]` on doubling buckets from 0.25 ms.
     pub histograms: BTreeMap<String, Vec<(f64, u64)>>,
@@ -184,6 +187,13 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "forced_rehandshakes" => i.forced_rehandshakes as f64,
         "dual_active_detected" => i.dual_active_detected? as f64,
         "lost_sessions" => i.lost_sessions as f64,
+        "stream_bytes" => r.streams.as_ref()?.stream_bytes as f64,
+        "stream_bytes_lost" => r.streams.as_ref()?.stream_bytes_lost as f64,
+        "stream_bytes_duplicated" => r.streams.as_ref()?.stream_bytes_duplicated as f64,
+        "streams_reset_explicitly" => r.streams.as_ref()?.streams_reset_explicitly as f64,
+        "streams_failed" => r.streams.as_ref()?.streams_failed as f64,
+        "stall_ms_per_jump_p50" => r.streams.as_ref()?.stall_ms_per_jump.p50 as f64,
+        "stall_ms_per_jump_p99" => r.streams.as_ref()?.stall_ms_per_jump.p99 as f64,
         _ => return None,
     })
 }
