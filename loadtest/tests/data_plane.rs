@@ -396,3 +396,104 @@ async fn a_broken_channel_ends_only_its_own_session() {
     drop(good.cmds);
     good.task.await.unwrap();
 }
+
+/// The CLI as a user runs it: `jvpn-agent connect --socks 127.0.0.1:0
+/// --forward 127.0.0.1:0=HOST:PORT` as its own process; curl through the
+/// proxy port and a plain TCP client through the forward. A non-loopback
+/// bind is refused unless asked for explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_cli_serves_socks_and_forwards() {
+    use tokio::io::AsyncBufReadExt;
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let body = pattern(7, 1 << 20);
+    let web = http_server(body.clone()).await;
+    let echo = echo_server().await;
+    let bin = env!("CARGO_BIN_EXE_jvpn-loadtest");
+    let base = |extra: &[String]| {
+        let mut c = tokio::process::Command::new(bin);
+        c.arg("agent")
+            .arg("connect")
+            .arg("--server")
+            .arg(env.gw.client_addr.to_string())
+            .arg("--ca")
+            .arg(env.pki.layout.client_ca())
+            .arg("--token-file")
+            .arg(env.pki.layout.dev_token())
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    // Refused: a front door on every address, without the flag.
+    let out = base(&["--socks".into(), "0.0.0.0:0".into()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allow-non-loopback"), "{err}");
+
+    let mut agent = base(&[
+        "--socks".into(),
+        "127.0.0.1:0".into(),
+        "--forward".into(),
+        format!("127.0.0.1:0={echo}"),
+    ])
+    .spawn()
+    .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let (mut socks, mut forward) = (None, None);
+    while socks.is_none() || forward.is_none() {
+        let line = lines.next_line().await.unwrap().expect("agent output");
+        if let Some(a) = line.strip_prefix("socks5 and http connect on ") {
+            socks = Some(a.trim().to_owned());
+        }
+        if let Some(rest) = line.strip_prefix("forward ") {
+            forward = rest.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    let (socks, forward) = (socks.unwrap(), forward.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("body");
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "60",
+            "-o",
+        ])
+        .arg(&file)
+        .arg("--socks5-hostname")
+        .arg(&socks)
+        .arg(format!("http://127.0.0.1:{}/", web.port()))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&file).unwrap() == body);
+    // The forward: bytes in, the same bytes back (the echo destination).
+    let mut c = TcpStream::connect(&forward).await.unwrap();
+    let data = pattern(8, 300_000);
+    let (mut r, mut w) = c.split();
+    let (_, back) = tokio::join!(
+        async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        },
+        async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            back
+        }
+    );
+    assert!(back == data, "forward: {} bytes back", back.len());
+    agent.kill().await.unwrap();
+}
