@@ -383,6 +383,13 @@ impl Agent {
             .clone()
     }
 
+    /// Streams open through the data plane now (0 without one).
+    pub fn open_streams(&self) -> u64 {
+        self.data.as_ref().map_or(0, |(_, t)| {
+            t.counters().open.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     /// The session ended for `why`: its streams are reset with that reason.
     pub(crate) fn end_streams(&mut self, why: &str) {
         if let Some((d, _)) = self.data.as_mut() {

@@ -150,6 +150,8 @@ pub async fn keep_alive(
     let mut wake: Option<Wakeups> = None;
     let mut more = false;
     let mut out = bytes::BytesMut::new();
+    // A GoAway with streams open: when to move at the latest.
+    let mut drain_until: Option<Instant> = None;
     loop {
         if let Some((d, _)) = agent.data.as_ref() {
             let epoch = d.epoch.load(std::sync::atomic::Ordering::Acquire);
@@ -204,41 +206,37 @@ pub async fn keep_alive(
                 note(&transitions, "no frame within heartbeat_timeout".into());
                 Some(AgentError::Closed)
             }
-            Ev::Tick => t.ping().await.err(),
             Ev::Frame(Ok(Kind::GoAway(g))) => {
                 update(&report, |r| r.go_aways += 1);
                 note(
                     &transitions,
                     format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
                 );
-                // Move before the deadline: a new session elsewhere (routers
-                // no longer place HELLOs on a draining gateway), then end the
-                // old one explicitly.
-                match establish(&mut agent, &transitions, Some("go_away".into())).await {
-                    Ok(new_t) => {
-                        last_rx = Instant::now();
-                        let mut old = std::mem::replace(&mut t, new_t);
-                        let _ = old
-                            .send(Kind::Terminate(Terminate {
-                                reason: ReasonCode::AgentClosed as i32,
-                            }))
-                            .await;
-                        update(&report, |r| {
-                            r.rehandshakes += 1;
-                            bump(&mut r.rehandshake_reasons, "go_away");
-                        });
-                        record_attach(&report, &agent, true);
-                    }
-                    Err(e) => note(
+                let open = agent.open_streams();
+                if open > 0 {
+                    // Open streams go on until the deadline (or until they
+                    // end); the session moves then.
+                    note(
                         &transitions,
-                        format!(
-                            "no new session yet ({}); staying until the deadline",
-                            reason_str(&e)
-                        ),
-                    ),
+                        format!("go_away: {open} open streams stay until the deadline"),
+                    );
+                    drain_until = Some(Instant::now() + Duration::from_millis(g.deadline_ms));
+                } else {
+                    move_off(&mut agent, &mut t, &transitions, &report).await;
+                    last_rx = Instant::now();
                 }
                 None
             }
+            Ev::Tick
+                if drain_until
+                    .is_some_and(|d| agent.open_streams() == 0 || Instant::now() >= d) =>
+            {
+                drain_until = None;
+                move_off(&mut agent, &mut t, &transitions, &report).await;
+                last_rx = Instant::now();
+                None
+            }
+            Ev::Tick => t.ping().await.err(),
             Ev::Out => {
                 more = agent
                     .data
@@ -350,6 +348,41 @@ pub async fn keep_alive(
                 return snapshot();
             }
         }
+    }
+}
+
+/// The gateway is draining: a new session elsewhere (routers no longer
+/// place HELLOs on a draining gateway), then the old one ended explicitly
+/// (the new session's channel replaces the old one, whose streams are
+/// reset: `session replaced`). If no new session can be had yet,
+/// the agent stays until the gateway ends the session itself.
+async fn move_off(
+    agent: &mut Agent,
+    t: &mut Transport,
+    transitions: &Option<Transitions>,
+    report: &Arc<Mutex<AgentReport>>,
+) {
+    match establish(agent, transitions, Some("go_away".into())).await {
+        Ok(new_t) => {
+            let mut old = std::mem::replace(t, new_t);
+            let _ = old
+                .send(Kind::Terminate(Terminate {
+                    reason: ReasonCode::AgentClosed as i32,
+                }))
+                .await;
+            update(report, |r| {
+                r.rehandshakes += 1;
+                bump(&mut r.rehandshake_reasons, "go_away");
+            });
+            record_attach(report, agent, true);
+        }
+        Err(e) => note(
+            transitions,
+            format!(
+                "no new session yet ({}); staying until the deadline",
+                reason_str(&e)
+            ),
+        ),
     }
 }
 

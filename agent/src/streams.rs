@@ -23,8 +23,57 @@ use jvpn_proto::stream::{REFUSAL_HEADER, Refusal, Target};
 use jvpn_runtime::channel_io::{Generation, SessionChannel};
 use tokio::sync::watch;
 
-/// A stream through the session: bytes to and from its destination.
-pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
+/// A stream through the session: bytes to and from its destination. Ends
+/// with `ConnectionReset` (never a clean EOF) if its session ends first.
+#[derive(Debug)]
+pub struct Stream {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _open: OpenStream,
+}
+
+/// Counts a stream as open while it lives.
+#[derive(Debug)]
+struct OpenStream(Arc<StreamCounters>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +111,8 @@ pub struct Tunnel {
 #[derive(Debug, Default)]
 pub struct StreamCounters {
     pub opened: AtomicU64,
+    /// Streams open now (dropped ones are not).
+    pub open: AtomicU64,
     pub refused: AtomicU64,
     /// Streams that ended with a reset (session gone, channel broken).
     pub reset: AtomicU64,
@@ -108,7 +159,11 @@ impl Tunnel {
         }
         let up = hyper::upgrade::on(res).await.map_err(ended)?;
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(TokioIo::new(up))
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Stream {
+            io: TokioIo::new(up),
+            _open: OpenStream(self.counters.clone()),
+        })
     }
 
     /// This agent's stream counters.
@@ -120,6 +175,20 @@ impl Tunnel {
     pub fn count_reset(&self) {
         self.counters.reset.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// HTTP/2's flow-control windows sized to the channel's: no stream, and
+/// not the whole connection, can have more in flight above the channel
+/// than the channel itself holds, so a reader that stops costs each side
+/// at most about twice the window (design note 36).
+fn h2_windows(
+    b: &mut hyper::client::conn::http2::Builder<TokioExecutor>,
+    window: u64,
+) -> &mut hyper::client::conn::http2::Builder<TokioExecutor> {
+    let w = u32::try_from(window).unwrap_or(u32::MAX);
+    b.initial_stream_window_size(w)
+        .initial_connection_window_size(w)
+        .adaptive_window(false)
 }
 
 impl Drop for DataPlane {
@@ -211,7 +280,8 @@ impl DataPlane {
         let link = self.link.clone();
         let live = self.epoch.clone();
         tokio::spawn(async move {
-            let Ok((send, conn)) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            let Ok((send, conn)) = h2_windows(&mut builder, window)
                 .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
                 .await
             else {

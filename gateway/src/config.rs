@@ -228,6 +228,9 @@ pub struct EventsConfig {
     pub path: String,
     /// Events buffered before new ones are dropped (and counted).
     pub queue_capacity: usize,
+    /// Stream events name their destination (`host:port` as asked): an
+    /// audit trail of where sessions connect, off unless the operator wants it.
+    pub audit_destinations: bool,
 }
 
 impl Default for EventsConfig {
@@ -235,6 +238,7 @@ impl Default for EventsConfig {
         Self {
             path: String::new(),
             queue_capacity: 8_192,
+            audit_destinations: false,
         }
     }
 }

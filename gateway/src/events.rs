@@ -13,6 +13,31 @@ use crate::config::EventsConfig;
 use crate::engine::{EngineEvent, Mono};
 use crate::metrics as m;
 
+/// A stream of a session opened, was refused, or closed.
+#[derive(Debug)]
+pub struct StreamEvent<'a> {
+    pub at: Mono,
+    pub session_id: &'a jvpn_proto::SessionId,
+    /// The stream's number within its session (1, 2, …).
+    pub stream: u64,
+    /// `host:port` as the agent asked (written only when auditing).
+    pub destination: &'a str,
+    pub what: StreamWhat,
+}
+
+#[derive(Debug)]
+pub enum StreamWhat {
+    Opened,
+    Refused {
+        reason: &'static str,
+    },
+    Closed {
+        how: &'static str,
+        to_destination: u64,
+        from_destination: u64,
+    },
+}
+
 enum Msg {
     Line(String),
     /// Write everything queued so far, then answer.
@@ -23,6 +48,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct EventSink {
     tx: Option<mpsc::Sender<Msg>>,
+    /// Stream events carry their destination.
+    audit: bool,
     node_id: NodeId,
     incarnation: Incarnation,
     /// The host's CLOCK_MONOTONIC at the engine clock's origin, so events
@@ -55,9 +82,41 @@ impl EventSink {
         });
         Self {
             tx,
+            audit: cfg.audit_destinations,
             node_id,
             incarnation,
             host_origin_ns,
+        }
+    }
+
+    /// Queues one stream event; never waits. The destination is written
+    /// only with `events.audit_destinations`.
+    pub fn emit_stream(&self, ev: &StreamEvent<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let mut v = match &ev.what {
+            StreamWhat::Opened => json!({ "event_type": "StreamOpened" }),
+            StreamWhat::Refused { reason } => {
+                json!({ "event_type": "StreamRefused", "reason": reason })
+            }
+            StreamWhat::Closed {
+                how,
+                to_destination,
+                from_destination,
+            } => json!({
+                "event_type": "StreamClosed",
+                "how": how,
+                "bytes_to_destination": to_destination,
+                "bytes_from_destination": from_destination,
+            }),
+        };
+        v["session_id"] = json!(ev.session_id.to_string());
+        v["stream"] = json!(ev.stream);
+        if self.audit {
+            v["destination"] = json!(ev.destination);
+        }
+        let line = self.stamp(v, ev.at);
+        if tx.try_send(Msg::Line(line)).is_err() {
+            metrics::counter!(m::EVENTS_DROPPED).increment(1);
         }
     }
 
@@ -82,11 +141,7 @@ impl EventSink {
     }
 
     fn to_json(&self, ev: &EngineEvent) -> String {
-        // Wall-clock time is for humans; ordering uses the monotonic stamp.
-        let ts_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let (at, mut v) = match ev {
+        let (at, v) = match ev {
             EngineEvent::StateChange(c) => (
                 c.at,
                 json!({
@@ -111,6 +166,16 @@ impl EventSink {
                 }),
             ),
         };
+        self.stamp(v, at)
+    }
+
+    /// The fields every event carries: when (wall, process and host
+    /// clocks) and where (node, incarnation).
+    fn stamp(&self, mut v: serde_json::Value, at: Mono) -> String {
+        // Wall-clock time is for humans; ordering uses the monotonic stamp.
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         v["ts_ms"] = json!(ts_ms as u64);
         v["mono_ns"] = json!(Mono::as_nanos(at));
         v["host_mono_ns"] = json!(self.host_origin_ns.saturating_add(at.as_nanos()));

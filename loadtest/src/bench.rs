@@ -96,7 +96,7 @@ pub(crate) fn cpu_seconds(pid: nix::unistd::Pid) -> Result<f64> {
     Ok(ticks / hz as f64)
 }
 
-pub(crate) fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
+pub fn rss_bytes(pid: nix::unistd::Pid) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()

@@ -92,6 +92,18 @@ enum Cmd {
         )]
         splice_variants: Vec<String>,
     },
+    /// The data plane next to `ssh -D` and a direct connection: bulk MiB/s
+    /// (1 and 16 streams), CPU per GiB, CONNECT-to-first-byte latency.
+    BenchStreams {
+        /// Bytes per test (one stream; 16 streams share the same total).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        #[arg(long, default_value_t = 200)]
+        connects: usize,
+        /// Leave `ssh -D` out (no sshd here).
+        #[arg(long)]
+        no_ssh: bool,
+    },
     /// The bare rustls baseline server used by bench-gateway; with --echo,
     /// the no-op target that measures the load tool's own overhead.
     #[command(hide = true)]
@@ -383,6 +395,34 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("bench-router: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::BenchStreams {
+            bytes,
+            connects,
+            no_ssh,
+        } => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = jvpn_loadtest::bench_streams::StreamBenchOptions {
+                bytes,
+                connects,
+                no_ssh,
+            };
+            match rt.block_on(jvpn_loadtest::bench_streams::run(opts)) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench-streams: {e:#}");
                     ExitCode::FAILURE
                 }
             }

@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use tracing::debug;
 
 use super::state::Shared;
 use crate::egress::EgressPolicy;
+use crate::events::{StreamEvent, StreamWhat};
 use crate::metrics as m;
 
 /// Opens the channel of a new session and starts its HTTP/2 server.
@@ -42,7 +43,13 @@ pub(super) fn open(
     let policy = shared.egress.load_full();
     let (ch, io) = SessionChannel::new(ChannelConfig::with_window(policy.window_bytes));
     lock(&shared.shards[shard].channels).insert(sid, ch.clone());
-    tokio::spawn(serve(shared.clone(), principal, io));
+    let ctx = Arc::new(SessionCtx {
+        principal,
+        sid,
+        open: Arc::new(AtomicUsize::new(0)),
+        next: AtomicU64::new(0),
+    });
+    tokio::spawn(serve(shared.clone(), ctx, io, policy.clone()));
     ch
 }
 
@@ -53,6 +60,17 @@ pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
     if let Some(ch) = ch {
         ch.close(why);
     }
+}
+
+/// What every stream of one session shares.
+struct SessionCtx {
+    /// The name egress rules match.
+    principal: Arc<str>,
+    sid: SessionId,
+    /// Streams open now (the session's limit).
+    open: Arc<AtomicUsize>,
+    /// The last stream number given (events number streams 1, 2, …).
+    next: AtomicU64,
 }
 
 /// Streams of one session, counted for its limit and the gauge.
@@ -83,15 +101,30 @@ impl Drop for Open {
 }
 
 /// The session's HTTP/2 server; ends when the channel closes.
-async fn serve(shared: Arc<Shared>, principal: Arc<str>, io: ChannelStream) {
-    let open = Arc::new(AtomicUsize::new(0));
+async fn serve(
+    shared: Arc<Shared>,
+    ctx: Arc<SessionCtx>,
+    io: ChannelStream,
+    policy: Arc<EgressPolicy>,
+) {
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let shared = shared.clone();
-        let principal = principal.clone();
-        let open = open.clone();
-        async move { Ok::<_, Infallible>(connect(&shared, &principal, &open, req).await) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(connect(&shared, &ctx, req).await) }
     });
+    // HTTP/2's windows sized to the channel's (as the agent does): a
+    // destination that sends to a reader that stopped costs this side at
+    // most about twice the window.
+    let w = u32::try_from(policy.window_bytes).unwrap_or(u32::MAX);
+    // Above the session's stream limit, so that the limit answers with a
+    // refusal (`too_many_streams`) instead of HTTP/2 queueing the request.
+    let concurrent =
+        u32::try_from(policy.max_streams_per_session.saturating_add(16)).unwrap_or(u32::MAX);
     let r = server_h2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(w)
+        .initial_connection_window_size(w)
+        .adaptive_window(false)
+        .max_concurrent_streams(concurrent)
         .serve_connection(TokioIo::new(io), svc)
         .await;
     if let Err(e) = r {
@@ -113,32 +146,47 @@ fn refuse(r: Refusal) -> Response<Empty<Bytes>> {
 /// One `CONNECT`: check, resolve, check again, connect, then splice.
 async fn connect(
     shared: &Arc<Shared>,
-    principal: &str,
-    open: &Arc<AtomicUsize>,
+    ctx: &Arc<SessionCtx>,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return refuse(Refusal::BadTarget);
-    }
-    let Some(target) = req
+    let stream = ctx.next.fetch_add(1, Ordering::Relaxed) + 1;
+    let asked = req
         .uri()
         .authority()
-        .and_then(|a| Target::parse_authority(a.as_str()).ok())
-    else {
-        return refuse(Refusal::BadTarget);
+        .map_or_else(String::new, |a| a.as_str().to_owned());
+    let event = |what: StreamWhat| {
+        shared.events.emit_stream(&StreamEvent {
+            at: shared.now(),
+            session_id: &ctx.sid,
+            stream,
+            destination: &asked,
+            what,
+        });
+    };
+    let refused = |r: Refusal| {
+        event(StreamWhat::Refused { reason: r.as_str() });
+        refuse(r)
+    };
+    if req.method() != Method::CONNECT {
+        return refused(Refusal::BadTarget);
+    }
+    let Ok(target) = Target::parse_authority(&asked) else {
+        return refused(Refusal::BadTarget);
     };
     // The policy in force when the stream opens (SIGHUP applies to new ones).
     let policy = shared.egress.load_full();
-    let Some(slot) = Open::try_new(open, policy.max_streams_per_session) else {
-        return refuse(Refusal::TooManyStreams);
+    let Some(slot) = Open::try_new(&ctx.open, policy.max_streams_per_session) else {
+        return refused(Refusal::TooManyStreams);
     };
     let started = Instant::now();
-    let dest = match dial(&policy, principal, &target).await {
+    let dest = match dial(&policy, &ctx.principal, &target).await {
         Ok(s) => s,
-        Err(r) => return refuse(r),
+        Err(r) => return refused(r),
     };
     histogram!(m::EGRESS_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
     counter!(m::STREAMS_OPENED).increment(1);
+    event(StreamWhat::Opened);
+    let (shared, ctx) = (shared.clone(), ctx.clone());
     tokio::spawn(async move {
         let _slot = slot;
         let up = match hyper::upgrade::on(req).await {
@@ -148,7 +196,18 @@ async fn connect(
                 return;
             }
         };
-        splice(TokioIo::new(up), dest).await;
+        let (how, to_destination, from_destination) = splice(TokioIo::new(up), dest).await;
+        shared.events.emit_stream(&StreamEvent {
+            at: shared.now(),
+            session_id: &ctx.sid,
+            stream,
+            destination: &asked,
+            what: StreamWhat::Closed {
+                how,
+                to_destination,
+                from_destination,
+            },
+        });
     });
     Response::new(Empty::new())
 }
@@ -214,29 +273,41 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
 
 /// Copies both ways until both directions ended; bytes are counted as they
 /// move. A stream ended by an error (the session's channel closed) resets
-/// the destination's connection instead of closing it cleanly.
-async fn splice(stream: TokioIo<hyper::upgrade::Upgraded>, dest: TcpStream) {
+/// the destination's connection instead of closing it cleanly. Returns how
+/// it ended and the bytes each way.
+async fn splice(
+    stream: TokioIo<hyper::upgrade::Upgraded>,
+    dest: TcpStream,
+) -> (&'static str, u64, u64) {
     let (mut sr, mut sw) = tokio::io::split(stream);
     let (mut dr, mut dw) = dest.into_split();
-    let up = copy_counted(&mut sr, &mut dw, "to_destination");
-    let down = copy_counted(&mut dr, &mut sw, "from_destination");
+    let (mut up_n, mut down_n) = (0, 0);
+    let up = copy_counted(&mut sr, &mut dw, "to_destination", &mut up_n);
+    let down = copy_counted(&mut dr, &mut sw, "from_destination", &mut down_n);
     // The first error ends both directions (a reset stream has no "other half").
-    if tokio::try_join!(up, down).is_ok() {
-        counter!(m::STREAMS_ENDED, "how" => "closed").increment(1);
-        return;
-    }
-    counter!(m::STREAMS_ENDED, "how" => "reset").increment(1);
-    if let Ok(d) = dr.reunite(dw) {
-        // SO_LINGER 0: the destination sees a reset, not a clean end. (The
-        // deprecation is about a linger > 0 blocking on drop; 0 never does.)
-        #[allow(deprecated)]
-        let _ = d.set_linger(Some(std::time::Duration::ZERO));
-    }
+    let how = if tokio::try_join!(up, down).is_ok() {
+        "closed"
+    } else {
+        if let Ok(d) = dr.reunite(dw) {
+            // SO_LINGER 0: the destination sees a reset, not a clean end. (The
+            // deprecation is about a linger > 0 blocking on drop; 0 never does.)
+            #[allow(deprecated)]
+            let _ = d.set_linger(Some(std::time::Duration::ZERO));
+        }
+        "reset"
+    };
+    counter!(m::STREAMS_ENDED, "how" => how).increment(1);
+    (how, up_n, down_n)
 }
 
 /// Copies until EOF (then shuts the writer down: a half-close travels),
-/// counting each chunk.
-async fn copy_counted<R, W>(r: &mut R, w: &mut W, direction: &'static str) -> std::io::Result<()>
+/// counting each chunk in the metric and in `moved`.
+async fn copy_counted<R, W>(
+    r: &mut R,
+    w: &mut W,
+    direction: &'static str,
+    moved: &mut u64,
+) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -249,6 +320,7 @@ where
             return w.shutdown().await;
         }
         w.write_all(&buf[..n]).await?;
+        *moved += n as u64;
         counter!(m::STREAM_BYTES, "direction" => direction).increment(n as u64);
     }
 }
