@@ -41,13 +41,28 @@ impl Drop for OpenStream {
     }
 }
 
+/// Every failure of a stream means it is gone (its session ended, its
+/// channel broke): the application sees one kind, `ConnectionReset`, as a
+/// TCP application would, with the cause kept in the message.
+fn as_reset<T>(p: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+    p.map(|r| {
+        r.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ConnectionReset {
+                e
+            } else {
+                std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
+            }
+        })
+    })
+}
+
 impl tokio::io::AsyncRead for Stream {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        as_reset(std::pin::Pin::new(&mut self.io).poll_read(cx, buf))
     }
 }
 
@@ -57,21 +72,21 @@ impl tokio::io::AsyncWrite for Stream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        as_reset(std::pin::Pin::new(&mut self.io).poll_write(cx, buf))
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        as_reset(std::pin::Pin::new(&mut self.io).poll_flush(cx))
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        as_reset(std::pin::Pin::new(&mut self.io).poll_shutdown(cx))
     }
 }
 

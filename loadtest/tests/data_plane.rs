@@ -497,3 +497,118 @@ async fn the_agent_cli_serves_socks_and_forwards() {
     assert!(back == data, "forward: {} bytes back", back.len());
     agent.kill().await.unwrap();
 }
+
+/// A page with its own resources, served by a tiny HTTP server that logs
+/// each path it is asked for.
+async fn site() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = log.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                // Keep-alive: several requests may come on one connection.
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match c.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    seen.lock().unwrap().push(path.clone());
+                    let (ctype, body): (&str, &[u8]) = match path.as_str() {
+                        "/" => (
+                            "text/html",
+                            b"<html><head><link rel=stylesheet href=/style.css>\
+                              <script src=/app.js></script></head>\
+                              <body><img src=/pixel.svg><p id=p>static</p></body></html>",
+                        ),
+                        "/style.css" => ("text/css", b"p { color: teal }"),
+                        "/app.js" => (
+                            "application/javascript",
+                            b"addEventListener('DOMContentLoaded', () => \
+                              { document.getElementById('p').textContent = 'ran-through-jvpn'; });",
+                        ),
+                        "/pixel.svg" => (
+                            "image/svg+xml",
+                            b"<svg xmlns='http://www.w3.org/2000/svg' width='1' height='1'/>",
+                        ),
+                        _ => ("text/plain", b"not here"),
+                    };
+                    let h = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if c.write_all(h.as_bytes()).await.is_err() || c.write_all(body).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// A real browser through the SOCKS front door: headless Chromium loads a
+/// page and its stylesheet, script and image through the session; the
+/// script's effect is in the DOM and every resource was fetched through
+/// the gateway's streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_loads_a_page_with_its_resources_through_socks() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let (web, log) = site().await;
+    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let door_addr = door.local_addr().unwrap();
+    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                // Loopback is never proxied unless this says otherwise.
+                "--proxy-bypass-list=<-loopback>",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--proxy-server=socks5://{door_addr}"))
+            .arg(format!("http://127.0.0.1:{}/", web.port()))
+            .output(),
+    )
+    .await
+    .expect("chromium finished")
+    .expect("chromium is installed (.ci/run installs Debian's package)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("ran-through-jvpn"),
+        "the page's script did not run: {dom}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = log.lock().unwrap().clone();
+    for p in ["/", "/style.css", "/app.js", "/pixel.svg"] {
+        assert!(seen.iter().any(|s| s == p), "{p} not fetched: {seen:?}");
+    }
+    let streams = env
+        .gw
+        .metric("jvpn_gateway_streams_opened_total", &[])
+        .await
+        .unwrap();
+    assert!(streams >= 1.0, "no stream went through the gateway");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

@@ -259,3 +259,60 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// A draining gateway's streams go on until the drain deadline (90 % of
+/// `drain_timeout_ms`), not before, then end explicitly; the agent's new
+/// streams go over its new session elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateways_streams_last_until_the_deadline() {
+    const DRAIN_MS: u64 = 6_000;
+    let c = common::cluster(ClusterOptions {
+        gateways: 2,
+        gateway_extra_toml: format!(
+            "{LOOPBACK_ALLOWED}[timeouts]\ndrain_timeout_ms = {DRAIN_MS}\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let a = run_agent(&c);
+    let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
+    let owner = a.report.lock().unwrap().node_id.clone();
+    let sigterm_at = Instant::now();
+    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
+    // Round trips on the stream until it ends.
+    let mut last_ok = sigterm_at;
+    let mut buf = [0u8; 8];
+    let ended = loop {
+        let r = async {
+            st.write_all(b"12345678").await?;
+            st.read_exact(&mut buf).await.map(|_| ())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), r).await {
+            Ok(Ok(())) => last_ok = Instant::now(),
+            Ok(Err(e)) => break e,
+            Err(_) => panic!("the stream hung after {:?}", last_ok - sigterm_at),
+        }
+        // A round trip every 50 ms is plenty to see when it ends.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let lived = last_ok.duration_since(sigterm_at);
+    eprintln!("stream worked for {lived:?} after SIGTERM, then: {ended}");
+    assert!(
+        lived >= Duration::from_millis(DRAIN_MS * 8 / 10),
+        "the stream ended {lived:?} after SIGTERM, before the drain deadline"
+    );
+    assert!(
+        lived <= Duration::from_millis(DRAIN_MS + 2_000),
+        "{lived:?}"
+    );
+    assert_eq!(ended.kind(), std::io::ErrorKind::ConnectionReset, "{ended}");
+    // New streams work, over the session the agent moved to.
+    let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
+    st.write_all(b"12345678").await.unwrap();
+    st.read_exact(&mut buf).await.unwrap();
+    let r = a.report.lock().unwrap().clone();
+    assert_ne!(r.node_id, owner, "{r:?}");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
