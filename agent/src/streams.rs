@@ -120,6 +120,15 @@ struct Link {
 pub struct Tunnel {
     link: watch::Receiver<Option<Link>>,
     counters: Arc<StreamCounters>,
+    want: Arc<Want>,
+}
+
+/// Streams were asked for: sessions start their HTTP/2 connection (until
+/// then an idle session costs only its channel, at both ends).
+#[derive(Debug, Default)]
+struct Want {
+    wanted: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
 }
 
 /// Stream counters of one agent (no identifiers).
@@ -139,6 +148,9 @@ impl Tunnel {
 
     /// Opens a stream to `target`: resolved and checked at the gateway.
     pub async fn connect(&self, target: &Target) -> Result<Stream, StreamError> {
+        if !self.want.wanted.swap(true, Ordering::AcqRel) {
+            self.want.notify.notify_waiters();
+        }
         let mut link_rx = self.link.clone();
         let link = tokio::time::timeout(Self::WAIT, async {
             loop {
@@ -226,19 +238,26 @@ pub(crate) struct DataPlane {
     /// re-subscribes and a late handshake never publishes a dead session.
     pub(crate) epoch: Arc<AtomicU64>,
     link: watch::Sender<Option<Link>>,
+    want: Arc<Want>,
 }
 
 impl DataPlane {
     pub(crate) fn new() -> (Self, Tunnel) {
         let (tx, rx) = watch::channel(None);
         let counters = Arc::new(StreamCounters::default());
+        let want = Arc::new(Want::default());
         (
             Self {
                 channel: None,
                 epoch: Arc::new(AtomicU64::new(0)),
                 link: tx,
+                want: want.clone(),
             },
-            Tunnel { link: rx, counters },
+            Tunnel {
+                link: rx,
+                counters,
+                want,
+            },
         )
     }
 
@@ -278,6 +297,8 @@ impl DataPlane {
     /// `why`; new streams wait for the next session.
     pub(crate) fn close(&mut self, why: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        // A session's task still waiting for the first stream ends.
+        self.want.notify.notify_waiters();
         self.link.send_replace(None);
         if let Some((ch, _)) = self.channel.take() {
             ch.close(why);
@@ -294,7 +315,21 @@ impl DataPlane {
         self.channel = Some((ch, first));
         let link = self.link.clone();
         let live = self.epoch.clone();
+        let want = self.want.clone();
         tokio::spawn(async move {
+            // HTTP/2 starts with the first stream asked for.
+            loop {
+                let woken = want.notify.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if live.load(Ordering::Acquire) != mine {
+                    return;
+                }
+                if want.wanted.load(Ordering::Acquire) {
+                    break;
+                }
+                woken.await;
+            }
             let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             let Ok((send, conn)) = h2_windows(&mut builder, window)
                 .handshake::<_, Empty<Bytes>>(TokioIo::new(io))

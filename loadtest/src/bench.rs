@@ -54,6 +54,8 @@ pub struct BenchReport {
     pub resume_latency_unloaded_us_p99: u64,
     pub sessions_measured: usize,
     pub rss_per_attached_session_bytes: f64,
+    /// The same with the data plane on (a channel, no stream open).
+    pub rss_per_attached_session_with_channel_bytes: f64,
     pub rss_per_detached_session_bytes: f64,
     pub pinned: bool,
 }
@@ -443,8 +445,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
 
     // 4. Memory per attached and per detached session.
     report.sessions_measured = opts.sessions;
-    for attached in [true, false] {
-        let sub = if attached { "attached" } else { "detached" };
+    for sub in ["attached", "detached", "channel"] {
+        // `channel`: attached, with the data plane on (a session channel
+        // and an HTTP/2 server per session at the gateway), no stream open.
+        let attached = sub != "detached";
+        let channel = sub == "channel";
         let gw = start_pinned_gateway(&exe, &pki, &dir.path().join(sub), bench_toml()).await?;
         let pid = gw.pid().context("gateway pid")?;
         let base = rss_bytes(pid)?;
@@ -459,9 +464,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                 let mut ts = Vec::new();
                 for _ in 0..per_task {
                     let mut a = jvpn_agent::Agent::new(cfg.clone())?;
+                    if channel {
+                        let _ = a.tunnel();
+                    }
                     let t = a.hello().await?;
                     if attached {
-                        ts.push(t);
+                        ts.push((t, a));
                     }
                 }
                 Ok::<_, anyhow::Error>(ts)
@@ -482,10 +490,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         })
         .await?;
         let per = (rss_bytes(pid)?.saturating_sub(base)) as f64 / total as f64;
-        if attached {
-            report.rss_per_attached_session_bytes = per;
-        } else {
-            report.rss_per_detached_session_bytes = per;
+        match sub {
+            "attached" => report.rss_per_attached_session_bytes = per,
+            "channel" => report.rss_per_attached_session_with_channel_bytes = per,
+            _ => report.rss_per_detached_session_bytes = per,
         }
         drop(keep);
     }

@@ -6,6 +6,8 @@
 //! - **direct**: the client connects to the server itself;
 //! - **jvpn**: `jvpn-agent connect --socks` (a process) → jvpn-router →
 //!   jvpn-gateway → server;
+//! - **jvpn-gw**: the same without the router (agent → gateway), to show
+//!   the cost of the router's hop;
 //! - **ssh -D**: Debian OpenSSH's dynamic forwarding through an `sshd`
 //!   started for the run (its own config, keys and port).
 //!
@@ -29,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::bench::cpu_seconds;
 use crate::cluster::{LocalCluster, launchers};
 use crate::demo::percentiles;
+use crate::harness::{GatewayOptions, LocalGateway, TestPki};
 
 #[derive(Clone, Debug)]
 pub struct StreamBenchOptions {
@@ -265,6 +268,31 @@ async fn start_and_read<T>(
     Ok((child, found))
 }
 
+/// `jvpn-agent connect --socks 127.0.0.1:0` as a process; its SOCKS address.
+async fn start_agent(
+    exe: &Path,
+    server: SocketAddr,
+    pki: &TestPki,
+) -> Result<(tokio::process::Child, SocketAddr)> {
+    start_and_read(
+        tokio::process::Command::new(exe)
+            .arg("agent")
+            .arg("connect")
+            .arg("--server")
+            .arg(server.to_string())
+            .arg("--ca")
+            .arg(pki.layout.client_ca())
+            .arg("--token-file")
+            .arg(pki.layout.dev_token())
+            .args(["--socks", "127.0.0.1:0"]),
+        |l| {
+            l.strip_prefix("socks5 and http connect on ")
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+        },
+    )
+    .await
+}
+
 fn pid_of(c: &tokio::process::Child) -> Result<nix::unistd::Pid> {
     let id = c.id().context("exited")?;
     Ok(nix::unistd::Pid::from_raw(i32::try_from(id)?))
@@ -379,6 +407,7 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
     // jvpn: agent process (SOCKS) → router → gateway, all real processes.
     let exe = std::env::current_exe()?;
     let (g, r) = launchers(&exe);
+    let g_launcher = g.clone();
     let c = LocalCluster::start(
         g,
         r,
@@ -391,23 +420,7 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
         },
     )
     .await?;
-    let (agent, socks) = start_and_read(
-        tokio::process::Command::new(&exe)
-            .arg("agent")
-            .arg("connect")
-            .arg("--server")
-            .arg(c.routers[0].client_addr.to_string())
-            .arg("--ca")
-            .arg(c.pki.layout.client_ca())
-            .arg("--token-file")
-            .arg(c.pki.layout.dev_token())
-            .args(["--socks", "127.0.0.1:0"]),
-        |l| {
-            l.strip_prefix("socks5 and http connect on ")
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-        },
-    )
-    .await?;
+    let (agent, socks) = start_agent(&exe, c.routers[0].client_addr, &c.pki).await?;
     let mut pids = vec![pid_of(&agent)?];
     pids.extend(c.routers.iter().filter_map(|r| r.pid()));
     pids.extend(c.gateways.iter().filter_map(|(_, g)| g.pid()));
@@ -416,6 +429,28 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
         .push(measure("jvpn", Some(socks), server, &pids, &opts).await?);
     drop(agent);
     drop(c);
+
+    // The same without the router (agent → gateway), to show what the
+    // router's hop costs.
+    let pki = TestPki::new(&["g1"])?;
+    let dir = tempfile::tempdir()?;
+    let gw = LocalGateway::start(
+        &g_launcher,
+        &pki,
+        dir.path(),
+        &GatewayOptions {
+            extra_toml: crate::streamload::LOOPBACK_EGRESS.into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (agent, socks) = start_agent(&exe, gw.client_addr, &pki).await?;
+    let pids = vec![pid_of(&agent)?, gw.pid().context("gateway exited")?];
+    report
+        .paths
+        .push(measure("jvpn-gw", Some(socks), server, &pids, &opts).await?);
+    drop(agent);
+    drop(gw);
 
     if opts.no_ssh {
         report.not_measured.push("ssh -D: --no-ssh".into());

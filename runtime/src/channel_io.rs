@@ -275,6 +275,24 @@ fn reset(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, why.to_owned())
 }
 
+impl ChannelStream {
+    /// Resolves once bytes arrived or the channel closed: a multiplexer
+    /// can wait for its peer before allocating anything (idle sessions
+    /// then cost only the channel).
+    pub async fn readable(&mut self) {
+        std::future::poll_fn(|cx| {
+            let mut g = lock(&self.shared.inner);
+            if g.closed.is_some() || !g.inbox.is_empty() {
+                Poll::Ready(())
+            } else {
+                g.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+}
+
 impl AsyncRead for ChannelStream {
     fn poll_read(
         self: Pin<&mut Self>,

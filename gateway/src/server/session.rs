@@ -400,7 +400,9 @@ async fn session_loop(
     let io = SharedIo::new(tls);
     let (mut rd, mut wr) = (io.clone(), io.clone());
     // Replies the reader asks the writer to send (Pong, ResumeOk, echo).
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Kind>(16);
+    // Boxed: the queue's slots are allocated up front, and a `Kind` is
+    // large; idle sessions should not pay for 16 of them.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Box<Kind>>(16);
     let end = tokio::select! {
         e = read_loop(shared, &at, &mut rd, buf, &reply_tx, report_every) => e,
         e = write_loop(shared, &at, &mut wr, &mut rx, &mut reply_rx, write_limit) => e,
@@ -435,7 +437,7 @@ async fn read_loop(
     at: &Attached,
     rd: &mut SharedIo<Tls>,
     mut buf: BytesMut,
-    replies: &mpsc::Sender<Kind>,
+    replies: &mpsc::Sender<Box<Kind>>,
     report_every: Duration,
 ) -> End {
     let (shard, sid, transport) = (at.shard, &at.sid, at.transport);
@@ -503,7 +505,7 @@ async fn read_loop(
             }
             _ => return Some(ReasonCode::ProtocolError),
         };
-        if replies.send(reply).await.is_err() {
+        if replies.send(Box::new(reply)).await.is_err() {
             return Some(ReasonCode::TransportDead);
         }
     }
@@ -516,7 +518,7 @@ async fn write_loop(
     at: &Attached,
     wr: &mut SharedIo<Tls>,
     rx: &mut mpsc::UnboundedReceiver<Control>,
-    replies: &mut mpsc::Receiver<Kind>,
+    replies: &mut mpsc::Receiver<Box<Kind>>,
     write_limit: Duration,
 ) -> End {
     let mut wake = at.channel.as_ref().map(|(ch, _)| ch.wakeups());
@@ -563,7 +565,7 @@ async fn write_loop(
             r = replies.recv() => {
                 // The reader ended: so does this transport.
                 let k = r?;
-                if within(write_limit, write_frame(wr, k)).await.is_err() {
+                if within(write_limit, write_frame(wr, *k)).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }
             }

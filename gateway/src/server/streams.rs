@@ -104,9 +104,13 @@ impl Drop for Open {
 async fn serve(
     shared: Arc<Shared>,
     ctx: Arc<SessionCtx>,
-    io: ChannelStream,
+    mut io: ChannelStream,
     policy: Arc<EgressPolicy>,
 ) {
+    // Nothing is allocated for HTTP/2 until the agent opens its first
+    // stream (its connection preface arrives): an idle session with the
+    // data plane on costs its channel, not an HTTP/2 connection.
+    io.readable().await;
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let shared = shared.clone();
         let ctx = ctx.clone();
