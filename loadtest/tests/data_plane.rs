@@ -612,3 +612,62 @@ async fn chromium_loads_a_page_with_its_resources_through_socks() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// `egress.max_streams_per_session` holds (the next stream is refused
+/// `too_many_streams` until one closes), and a SIGHUP reload of the egress
+/// rules applies to the streams opened after it while open ones go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nmax_streams_per_session = 2\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let echo = echo_server().await;
+    let host = echo.ip().to_string();
+    let mut one = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    let two = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    match a_connect(&a.tunnel, &host, echo.port()).await {
+        Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
+        other => panic!("third stream: expected too_many_streams, got {other:?}"),
+    }
+    drop(two);
+    // The slot frees when the gateway sees the stream end.
+    eventually(Duration::from_secs(10), "a slot is free again", || async {
+        env.gw
+            .metric("jvpn_gateway_streams_open", &[])
+            .await
+            .unwrap_or(2.0)
+            < 2.0
+    })
+    .await
+    .unwrap();
+    let three = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    drop(three);
+    // Reload without the loopback rule: new streams are refused, the open
+    // one still carries bytes.
+    let cfg = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let without = cfg.replace(LOOPBACK_ALLOWED, "");
+    assert_ne!(cfg, without, "the rule is in the file");
+    std::fs::write(&env.gw.config_path, without).unwrap();
+    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the reload applied", || async {
+        env.gw
+            .metric("jvpn_gateway_config_reloads_total", &[])
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await
+    .unwrap();
+    match a_connect(&a.tunnel, &host, echo.port()).await {
+        Err(StreamError::Refused(Refusal::NotAllowed)) => {}
+        other => panic!("after the reload: expected not_allowed, got {other:?}"),
+    }
+    one.write_all(b"still open").await.unwrap();
+    let mut back = [0u8; 10];
+    one.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still open");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
