@@ -38,6 +38,11 @@ pub struct EgressConfig {
     /// direction: the memory a busy session costs, and its throughput cap
     /// per round trip.
     pub window_bytes: u64,
+    /// Stream bytes per second one principal may move, both directions
+    /// and all its sessions together (a token bucket); 0 = no limit.
+    pub principal_bytes_per_s: u64,
+    /// The bucket's depth: bytes a principal may move at once after idling.
+    pub principal_burst_bytes: u64,
 }
 
 /// Bounds of `egress.window_bytes`: at least a few frames, at most what a
@@ -51,6 +56,8 @@ impl Default for EgressConfig {
             connect_timeout_ms: 10_000,
             max_streams_per_session: 256,
             window_bytes: jvpn_proto::channel::ChannelConfig::DEFAULT_WINDOW,
+            principal_bytes_per_s: 0,
+            principal_burst_bytes: 1 << 20,
             rules: vec![RuleConfig {
                 action: Action::Allow,
                 principals: vec!["*".into()],
@@ -270,6 +277,8 @@ pub struct EgressPolicy {
     pub connect_timeout: std::time::Duration,
     pub max_streams_per_session: usize,
     pub window_bytes: u64,
+    /// `None`: no rate limit; else (bytes/s, burst bytes).
+    pub principal_rate: Option<(u64, u64)>,
     rules: Vec<Rule>,
     protected: Vec<(Cidr, Protected)>,
     /// This gateway's own listeners, protected by exact address; one bound
@@ -351,6 +360,12 @@ impl EgressPolicy {
                 ),
             ));
         }
+        if cfg.principal_bytes_per_s > 0 && cfg.principal_burst_bytes < 16 * 1024 {
+            errs.push(ConfigProblem::new(
+                "egress.principal_burst_bytes",
+                "must be at least 16384 (one read of a stream) when principal_bytes_per_s is set",
+            ));
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -362,6 +377,8 @@ impl EgressPolicy {
             connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
             max_streams_per_session: cfg.max_streams_per_session,
             window_bytes: cfg.window_bytes,
+            principal_rate: (cfg.principal_bytes_per_s > 0)
+                .then_some((cfg.principal_bytes_per_s, cfg.principal_burst_bytes)),
             rules,
             protected,
             listeners: listeners
@@ -437,3 +454,45 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 
 #[cfg(test)]
 mod tests;
+
+/// A token bucket in debt form: taking more than is there leaves a debt
+/// the taker sleeps off, so a limited stream moves at the rate, smoothly,
+/// and concurrent takers share it fairly.
+#[derive(Debug)]
+pub struct Bucket {
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl Bucket {
+    /// A full bucket of `burst` bytes.
+    pub fn new(burst: u64) -> Self {
+        Self {
+            state: std::sync::Mutex::new((burst as f64, std::time::Instant::now())),
+        }
+    }
+
+    /// Takes `n` bytes at `rate` bytes/s (depth `burst`) and returns how long
+    /// the taker must wait before moving them.
+    pub fn take(
+        &self,
+        n: u64,
+        rate: u64,
+        burst: u64,
+        now: std::time::Instant,
+    ) -> std::time::Duration {
+        let mut g = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = &mut *g;
+        let rate = rate.max(1) as f64;
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * rate;
+        *tokens = (*tokens + refill).min(burst as f64) - n as f64;
+        *last = now.max(*last);
+        if *tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-*tokens / rate)
+        }
+    }
+}

@@ -671,3 +671,40 @@ async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// `egress.principal_bytes_per_s`: a principal's streams together move at
+/// most that many bytes per second after the burst (measured within 5 %
+/// above, and not far below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principals_byte_rate_holds() {
+    const RATE: u64 = 2 << 20;
+    const BURST: u64 = 256 << 10;
+    const TOTAL: usize = 6 << 20;
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nprincipal_bytes_per_s = {RATE}\nprincipal_burst_bytes = {BURST}\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        c.write_all(&pattern(3, TOTAL)).await.unwrap();
+        c.shutdown().await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let mut s = a_connect(&a.tunnel, "127.0.0.1", port).await.unwrap();
+    let mut got = Vec::with_capacity(TOTAL);
+    s.read_to_end(&mut got).await.unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert!(got == pattern(3, TOTAL));
+    let rate = (TOTAL as u64 - BURST) as f64 / took;
+    let ratio = rate / RATE as f64;
+    eprintln!(
+        "{TOTAL} bytes in {took:.3} s: {rate:.0} B/s after the burst, {ratio:.3} of the limit"
+    );
+    assert!(ratio <= 1.05, "faster than the limit: {ratio:.3}");
+    assert!(ratio >= 0.90, "far slower than the limit: {ratio:.3}");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

@@ -224,3 +224,22 @@ proptest! {
         prop_assert!(matches!(r, Err(Denial::Protected(_))), "{} {:?}", ip, r);
     }
 }
+
+#[test]
+fn the_bucket_moves_bytes_at_its_rate_after_the_burst() {
+    use std::time::{Duration, Instant};
+    let b = Bucket::new(1_000);
+    let t0 = Instant::now();
+    // The burst goes at once.
+    assert_eq!(b.take(1_000, 10_000, 1_000, t0), Duration::ZERO);
+    // Then 5,000 bytes at 10,000/s: half a second of debt.
+    let w = b.take(5_000, 10_000, 1_000, t0);
+    assert_eq!(w, Duration::from_millis(500));
+    // A second taker queues behind the first.
+    let w = b.take(1_000, 10_000, 1_000, t0);
+    assert_eq!(w, Duration::from_millis(600));
+    // Time pays the debt; the bucket never holds more than its depth.
+    let later = t0 + Duration::from_secs(10);
+    assert_eq!(b.take(1_000, 10_000, 1_000, later), Duration::ZERO);
+    assert!(b.take(1, 10_000, 1_000, later) > Duration::ZERO);
+}

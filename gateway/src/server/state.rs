@@ -116,6 +116,8 @@ pub(super) struct Shared {
     pub(super) token_hashes: Vec<blake3::Hash>,
     /// Where streams may go (reloadable; applies to streams opened after).
     pub(super) egress: ArcSwap<crate::egress::EgressPolicy>,
+    /// Per-principal byte-rate buckets (`egress.principal_bytes_per_s`).
+    pub(super) buckets: Mutex<HashMap<Arc<str>, Arc<crate::egress::Bucket>>>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
     /// `POST /drain` on the admin port.
@@ -347,6 +349,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         ),
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
         egress: ArcSwap::new(cfg.egress.clone()),
+        buckets: Mutex::new(HashMap::new()),
         cluster: cfg.membership.as_ref().map(|_| {
             crate::membership::Cluster::new(
                 cfg.node_id.clone(),

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::state::Shared;
-use crate::egress::EgressPolicy;
+use crate::egress::{Bucket, EgressPolicy};
 use crate::events::{StreamEvent, StreamWhat};
 use crate::metrics as m;
 
@@ -182,6 +182,18 @@ async fn connect(
     let Some(slot) = Open::try_new(&ctx.open, policy.max_streams_per_session) else {
         return refused(Refusal::TooManyStreams);
     };
+    let limit = match policy.principal_rate {
+        None => None,
+        Some((rate, burst)) => match bucket_for(shared, &ctx.principal) {
+            Some(b) => Some(Limit {
+                bucket: b,
+                rate,
+                burst,
+            }),
+            // The table is full of principals with streams open: fail closed.
+            None => return refused(Refusal::Failed),
+        },
+    };
     let started = Instant::now();
     let dest = match dial(&policy, &ctx.principal, &target).await {
         Ok(s) => s,
@@ -200,7 +212,8 @@ async fn connect(
                 return;
             }
         };
-        let (how, to_destination, from_destination) = splice(TokioIo::new(up), dest).await;
+        let (how, to_destination, from_destination) =
+            splice(TokioIo::new(up), dest, limit.as_ref()).await;
         shared.events.emit_stream(&StreamEvent {
             at: shared.now(),
             session_id: &ctx.sid,
@@ -214,6 +227,34 @@ async fn connect(
         });
     });
     Response::new(Empty::new())
+}
+
+/// A principal's byte rate, shared by all its streams.
+struct Limit {
+    bucket: Arc<Bucket>,
+    rate: u64,
+    burst: u64,
+}
+
+/// Principals with a bucket at once; past it, buckets of principals with
+/// no stream open are dropped, and if none can be, new streams are refused.
+const MAX_PRINCIPALS: usize = 65_536;
+
+fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
+    let mut t = lock(&shared.buckets);
+    if let Some(b) = t.get(principal) {
+        return Some(b.clone());
+    }
+    if t.len() >= MAX_PRINCIPALS {
+        t.retain(|_, b| Arc::strong_count(b) > 1);
+        if t.len() >= MAX_PRINCIPALS {
+            return None;
+        }
+    }
+    let burst = shared.egress.load().principal_rate.map_or(0, |(_, b)| b);
+    let b = Arc::new(Bucket::new(burst));
+    t.insert(principal.clone(), b.clone());
+    Some(b)
 }
 
 /// Resolves `target` (a name at this gateway), keeps the addresses the
@@ -282,12 +323,13 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
 async fn splice(
     stream: TokioIo<hyper::upgrade::Upgraded>,
     dest: TcpStream,
+    limit: Option<&Limit>,
 ) -> (&'static str, u64, u64) {
     let (mut sr, mut sw) = tokio::io::split(stream);
     let (mut dr, mut dw) = dest.into_split();
     let (mut up_n, mut down_n) = (0, 0);
-    let up = copy_counted(&mut sr, &mut dw, "to_destination", &mut up_n);
-    let down = copy_counted(&mut dr, &mut sw, "from_destination", &mut down_n);
+    let up = copy_counted(&mut sr, &mut dw, "to_destination", &mut up_n, limit);
+    let down = copy_counted(&mut dr, &mut sw, "from_destination", &mut down_n, limit);
     // The first error ends both directions (a reset stream has no "other half").
     let how = if tokio::try_join!(up, down).is_ok() {
         "closed"
@@ -311,6 +353,7 @@ async fn copy_counted<R, W>(
     w: &mut W,
     direction: &'static str,
     moved: &mut u64,
+    limit: Option<&Limit>,
 ) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -322,6 +365,12 @@ where
         let n = r.read(&mut buf).await?;
         if n == 0 {
             return w.shutdown().await;
+        }
+        if let Some(l) = limit {
+            let wait = l.bucket.take(n as u64, l.rate, l.burst, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         w.write_all(&buf[..n]).await?;
         *moved += n as u64;
