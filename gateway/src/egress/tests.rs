@@ -169,6 +169,8 @@ fn bad_rules_name_their_key() {
         connect_timeout_ms: 0,
         max_streams_per_session: 0,
         window_bytes: 1024,
+        principal_bytes_per_s: 1000,
+        principal_burst_bytes: 10,
     };
     let errs = EgressPolicy::new(&bad, &[], &[]).unwrap_err();
     let keys: Vec<(&str, &str)> = errs
@@ -185,6 +187,7 @@ fn bad_rules_name_their_key() {
     assert!(has("egress.connect_timeout_ms", "zero"), "{keys:?}");
     assert!(has("egress.max_streams_per_session", "zero"), "{keys:?}");
     assert!(has("egress.window_bytes", "outside"), "{keys:?}");
+    assert!(has("egress.principal_burst_bytes", "at least"), "{keys:?}");
     assert!(
         has("egress.rules[2].principals", "at least one"),
         "{keys:?}"
