@@ -268,6 +268,30 @@ fn run_scenario(a: RunArgs) -> ExitCode {
     }
 }
 
+/// Runs a benchmark to completion and prints its report as JSON.
+fn print_json_report<R: serde::Serialize>(
+    name: &str,
+    run: impl std::future::Future<Output = anyhow::Result<R>>,
+) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run) {
+        Ok(r) => {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::Run(args) => run_scenario(args),
@@ -374,13 +398,6 @@ fn main() -> ExitCode {
             trials,
             splice_variants,
         } => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let opts = jvpn_loadtest::bench_router::RouterBenchOptions {
                 duration: std::time::Duration::from_secs(duration_s),
                 concurrency,
@@ -388,44 +405,19 @@ fn main() -> ExitCode {
                 trials,
                 splice_variants,
             };
-            match rt.block_on(jvpn_loadtest::bench_router::run(opts)) {
-                Ok(r) => {
-                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("bench-router: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_json_report("bench-router", jvpn_loadtest::bench_router::run(opts))
         }
         Cmd::BenchStreams {
             bytes,
             connects,
             no_ssh,
         } => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let opts = jvpn_loadtest::bench_streams::StreamBenchOptions {
                 bytes,
                 connects,
                 no_ssh,
             };
-            match rt.block_on(jvpn_loadtest::bench_streams::run(opts)) {
-                Ok(r) => {
-                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("bench-streams: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_json_report("bench-streams", jvpn_loadtest::bench_streams::run(opts))
         }
         Cmd::Cluster {
             gateways,

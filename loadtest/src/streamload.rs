@@ -42,7 +42,7 @@ pub async fn echo_destination() -> Result<SocketAddr> {
 /// The egress rule a gateway needs for [`echo_destination`] (loopback is
 /// protected unless a rule names it).
 pub const LOOPBACK_EGRESS: &str =
-    "[[egress.rules]]\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n";
+    "[[egress.rules]]\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\", \"::1/128\"]\n";
 
 /// What the streams saw.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -95,7 +95,8 @@ struct Shared {
     stalls: std::sync::Mutex<Vec<u64>>,
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+/// `len` bytes from a seeded generator: each transfer's own, comparable.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill(&mut v[..]);
     v

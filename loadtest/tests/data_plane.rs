@@ -14,33 +14,18 @@ use std::time::Duration;
 
 use jvpn_agent::frontdoor::serve::serve_proxy;
 use jvpn_agent::streams::{StreamError, Tunnel};
-use jvpn_agent::{AgentReport, Command, keep_alive};
 use jvpn_loadtest::faultproxy::FaultProxy;
 use jvpn_loadtest::harness::{self, eventually};
+use jvpn_loadtest::streamload::pattern;
 use jvpn_proto::stream::{Refusal, Target};
-use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 /// Loopback destinations are protected unless a rule names them.
-const LOOPBACK_ALLOWED: &str = "[[egress.rules]]\naction = \"allow\"\n\
-     cidrs = [\"127.0.0.0/8\", \"::1/128\"]\n";
+const LOOPBACK_ALLOWED: &str = jvpn_loadtest::streamload::LOOPBACK_EGRESS;
 
-/// A destination that echoes every byte back, until EOF.
 async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = c.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    jvpn_loadtest::streamload::echo_destination().await.unwrap()
 }
 
 /// A minimal HTTP/1.1 server: every GET gets `body`.
@@ -73,38 +58,13 @@ async fn http_server(body: Vec<u8>) -> SocketAddr {
     addr
 }
 
-/// An agent with its data plane on, kept alive in the background.
-struct Running {
-    tunnel: Tunnel,
-    cmds: mpsc::Sender<Command>,
-    report: Arc<Mutex<AgentReport>>,
-    task: tokio::task::JoinHandle<AgentReport>,
-}
-
-fn run_agent(env: &common::Env, server: SocketAddr) -> Running {
-    let mut agent = harness::agent(&env.pki, server, None).unwrap();
-    let tunnel = agent.tunnel();
-    let (cmds, rx) = mpsc::channel(8);
-    let report = Arc::new(Mutex::new(AgentReport::default()));
-    let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
-    Running {
-        tunnel,
-        cmds,
-        report,
-        task,
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill(&mut v[..]);
-    v
+fn run_agent(env: &common::Env, server: SocketAddr) -> common::Streaming {
+    common::streaming_agent(&env.pki, vec![server])
 }
 
 /// Writes `data` into a stream to the echo server and reads it all back.
 async fn through_echo(tunnel: &Tunnel, echo: SocketAddr, data: Vec<u8>) -> Vec<u8> {
-    let target = Target::new(&echo.ip().to_string(), echo.port()).unwrap();
-    let s = tunnel.connect(&target).await.unwrap();
+    let s = tunnel.connect(&common::target(echo)).await.unwrap();
     let (mut r, mut w) = tokio::io::split(s);
     let writer = tokio::spawn(async move {
         w.write_all(&data).await.unwrap();

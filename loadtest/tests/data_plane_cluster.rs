@@ -9,69 +9,24 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jvpn_agent::streams::Tunnel;
-use jvpn_agent::{AgentReport, keep_alive};
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
-use jvpn_loadtest::harness;
-use jvpn_proto::stream::Target;
+use jvpn_loadtest::streamload::pattern;
 use nix::sys::signal::Signal;
-use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
-const LOOPBACK_ALLOWED: &str = "[[egress.rules]]\naction = \"allow\"\n\
-     cidrs = [\"127.0.0.0/8\"]\n";
+const LOOPBACK_ALLOWED: &str = jvpn_loadtest::streamload::LOOPBACK_EGRESS;
 
-/// A destination that echoes every byte back, until EOF.
 async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = c.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    jvpn_loadtest::streamload::echo_destination().await.unwrap()
 }
 
-fn target(a: SocketAddr) -> Target {
-    Target::new(&a.ip().to_string(), a.port()).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill(&mut v[..]);
-    v
-}
-
-struct Running {
-    tunnel: Tunnel,
-    cmds: mpsc::Sender<jvpn_agent::Command>,
-    report: Arc<Mutex<AgentReport>>,
-    task: tokio::task::JoinHandle<AgentReport>,
-}
+use common::{Streaming as Running, target};
 
 fn run_agent(c: &LocalCluster) -> Running {
-    let cfg = harness::agent_config(&c.pki, c.router_addrs(), None).unwrap();
-    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
-    let tunnel = agent.tunnel();
-    let (cmds, rx) = mpsc::channel(8);
-    let report = Arc::new(Mutex::new(AgentReport::default()));
-    let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
-    Running {
-        tunnel,
-        cmds,
-        report,
-        task,
-    }
+    common::streaming_agent(&c.pki, c.router_addrs())
 }
 
 /// Streams `len` bytes through the echo server in 64 KiB steps, pausing

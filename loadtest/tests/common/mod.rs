@@ -325,3 +325,32 @@ impl HelloLoad {
         self.task.await.unwrap()
     }
 }
+
+/// An agent with its data plane on, kept alive in the background.
+pub struct Streaming {
+    pub tunnel: jvpn_agent::streams::Tunnel,
+    pub cmds: tokio::sync::mpsc::Sender<jvpn_agent::Command>,
+    pub report: std::sync::Arc<std::sync::Mutex<AgentReport>>,
+    pub task: tokio::task::JoinHandle<AgentReport>,
+}
+
+/// Starts [`Streaming`] against `servers` (a gateway, or routers).
+pub fn streaming_agent(pki: &TestPki, servers: Vec<std::net::SocketAddr>) -> Streaming {
+    let cfg = harness::agent_config(pki, servers, None).unwrap();
+    let mut agent = Agent::new(cfg).unwrap();
+    let tunnel = agent.tunnel();
+    let (cmds, rx) = tokio::sync::mpsc::channel(8);
+    let report = std::sync::Arc::new(std::sync::Mutex::new(AgentReport::default()));
+    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    Streaming {
+        tunnel,
+        cmds,
+        report,
+        task,
+    }
+}
+
+/// A stream target for a socket address.
+pub fn target(a: std::net::SocketAddr) -> jvpn_proto::stream::Target {
+    jvpn_proto::stream::Target::new(&a.ip().to_string(), a.port()).unwrap()
+}
