@@ -124,13 +124,17 @@ async fn serve(
     // refusal (`too_many_streams`) instead of HTTP/2 queueing the request.
     let concurrent =
         u32::try_from(policy.max_streams_per_session.saturating_add(16)).unwrap_or(u32::MAX);
-    let r = server_h2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(w)
-        .initial_connection_window_size(w)
-        .adaptive_window(false)
-        .max_concurrent_streams(concurrent)
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
+    // Boxed: the waiting task above stays small; the HTTP/2 machinery's
+    // state is allocated only now.
+    let r = Box::pin(
+        server_h2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(w)
+            .initial_connection_window_size(w)
+            .adaptive_window(false)
+            .max_concurrent_streams(concurrent)
+            .serve_connection(TokioIo::new(io), svc),
+    )
+    .await;
     if let Err(e) = r {
         debug!(error = %e, "session streams ended");
     }
