@@ -383,6 +383,15 @@ impl Agent {
             .clone()
     }
 
+    /// Why the current session's channel was closed while the session
+    /// lives (its HTTP/2 connection ended), if it was.
+    pub fn channel_broken(&self) -> Option<String> {
+        self.data
+            .as_ref()
+            .and_then(|(d, _)| d.channel.as_ref())
+            .and_then(|(ch, _)| ch.closed())
+    }
+
     /// Streams open through the data plane now (0 without one).
     pub fn open_streams(&self) -> u64 {
         self.data.as_ref().map_or(0, |(_, t)| {

@@ -152,6 +152,7 @@ pub async fn keep_alive(
     let mut out = bytes::BytesMut::new();
     // A GoAway with streams open: when to move at the latest.
     let mut drain_until: Option<Instant> = None;
+    let mut next_tick = Instant::now();
     loop {
         if let Some((d, _)) = agent.data.as_ref() {
             let epoch = d.epoch.load(std::sync::atomic::Ordering::Acquire);
@@ -181,7 +182,7 @@ pub async fn keep_alive(
         // Unbiased: with frames both to send and to read, both happen.
         let ev = tokio::select! {
             f = t.recv() => Ev::Frame(f),
-            () = tokio::time::sleep(interval) => Ev::Tick,
+            () = tokio::time::sleep_until(next_tick.into()) => Ev::Tick,
             c = cmds.recv() => Ev::Cmd(c),
             () = async {
                 if !more {
@@ -200,6 +201,11 @@ pub async fn keep_alive(
         };
         if matches!(ev, Ev::Frame(Ok(_))) {
             last_rx = Instant::now();
+        }
+        if matches!(ev, Ev::Tick) {
+            // A steady ticker: arriving frames must not keep postponing it
+            // (pings, the silence check and the drain deadline ride on it).
+            next_tick = Instant::now() + interval;
         }
         let lost: Option<AgentError> = match ev {
             Ev::Tick if last_rx.elapsed() > silence_limit => {
@@ -236,16 +242,27 @@ pub async fn keep_alive(
                 last_rx = Instant::now();
                 None
             }
+            Ev::Tick if agent.channel_broken().is_some() => {
+                // The session's HTTP/2 connection ended under it: its
+                // streams cannot go on; a new session, explicitly.
+                let why = agent.channel_broken().unwrap_or_default();
+                Some(AgentError::ChannelBroken(why))
+            }
             Ev::Tick => t.ping().await.err(),
             Ev::Out => {
                 more = agent
                     .data
                     .as_ref()
                     .is_some_and(|(d, _)| d.outgoing(&mut out));
+                // A write that cannot finish within the silence limit means
+                // the path is gone (blackholed): reattach instead of waiting
+                // for TCP to give up.
                 let sent = if out.is_empty() {
                     Ok(())
                 } else {
-                    t.send_raw(&out).await
+                    tokio::time::timeout(silence_limit, t.send_raw(&out))
+                        .await
+                        .unwrap_or(Err(AgentError::Closed))
                 };
                 out.clear();
                 sent.err()

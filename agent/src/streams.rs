@@ -204,17 +204,24 @@ impl Tunnel {
     }
 }
 
-/// HTTP/2's flow-control windows sized to the channel's: no stream, and
-/// not the whole connection, can have more in flight above the channel
-/// than the channel itself holds, so a reader that stops costs each side
-/// at most about twice the window (design note 36).
+/// HTTP/2's flow-control windows from the channel's: a stream may have
+/// half the channel window in flight, the connection four windows, so a
+/// stream whose reader stopped holds at most half a window at the receiver
+/// and can never freeze the session's other streams (a connection window
+/// equal to the stream window would: the stopped stream would use it all).
+pub(crate) fn h2_windows_of(window: u64) -> (u32, u32) {
+    let stream = u32::try_from((window / 2).max(64 * 1024)).unwrap_or(u32::MAX);
+    let conn = u32::try_from(window.saturating_mul(4)).unwrap_or(u32::MAX);
+    (stream, conn)
+}
+
 fn h2_windows(
     b: &mut hyper::client::conn::http2::Builder<TokioExecutor>,
     window: u64,
 ) -> &mut hyper::client::conn::http2::Builder<TokioExecutor> {
-    let w = u32::try_from(window).unwrap_or(u32::MAX);
-    b.initial_stream_window_size(w)
-        .initial_connection_window_size(w)
+    let (stream, conn) = h2_windows_of(window);
+    b.initial_stream_window_size(stream)
+        .initial_connection_window_size(conn)
         .adaptive_window(false)
 }
 
@@ -312,6 +319,7 @@ impl DataPlane {
         let (ch, io) = SessionChannel::new(ChannelConfig::with_window(window));
         let mine = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let first = ch.first();
+        let task_ch = ch.clone();
         self.channel = Some((ch, first));
         let link = self.link.clone();
         let live = self.epoch.clone();
@@ -347,6 +355,17 @@ impl DataPlane {
                 current
             });
             let _ = conn.await;
+            // HTTP/2 ended while this session is still the current one:
+            // its streams cannot go on; the keep-alive loop sees the closed
+            // channel and makes a new session.
+            link.send_if_modified(|l| {
+                let current = live.load(Ordering::Acquire) == mine;
+                if current {
+                    task_ch.close("the session's HTTP/2 connection ended");
+                    *l = None;
+                }
+                current
+            });
         });
     }
 }

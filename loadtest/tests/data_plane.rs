@@ -668,3 +668,51 @@ async fn a_principals_byte_rate_holds() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// One stream whose reader stopped must not freeze the session's other
+/// streams (HTTP/2's connection window is larger than a stream's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_reader_does_not_freeze_the_sessions_other_streams() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    // A destination that sends without end to a reader that never reads.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let flood = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while c.write_all(&chunk).await.is_ok() {}
+    });
+    let stalled = a.tunnel.connect(&common::target(flood)).await.unwrap();
+    // Wait until the stalled stream's windows are full: the gateway holds
+    // bytes for the agent that it cannot send.
+    eventually(
+        Duration::from_secs(20),
+        "the stalled stream filled its window",
+        || async {
+            env.gw
+                .metric(
+                    "jvpn_gateway_stream_bytes_total",
+                    &[("direction", "from_destination")],
+                )
+                .await
+                .unwrap_or(0.0)
+                >= (256 << 10) as f64
+        },
+    )
+    .await
+    .unwrap();
+    // Another stream of the same session still moves 8 MiB both ways.
+    let echo = echo_server().await;
+    let data = pattern(11, 8 << 20);
+    let back = tokio::time::timeout(
+        Duration::from_secs(60),
+        through_echo(&a.tunnel, echo, data.clone()),
+    )
+    .await
+    .expect("the second stream froze behind the stalled one");
+    assert!(back == data);
+    drop(stalled);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

@@ -168,8 +168,10 @@ pub(super) async fn do_hello(
     );
     // An agent that asks for a channel gets one; an older agent echoes.
     let channel = hello.channel.then(|| {
-        let ch = super::streams::open(shared, shard, acc.session_id, egress_principal);
-        ok.channel_window = shared.egress.load().window_bytes;
+        let (ch, window) = super::streams::open(shared, shard, acc.session_id, egress_principal);
+        // The window the channel was made with, not a re-read of a policy
+        // a reload may have changed meanwhile.
+        ok.channel_window = window;
         let first = ch.first();
         (ch, first)
     });
@@ -489,6 +491,12 @@ async fn read_loop(
                 shared.with_engine(shard, |e| e.terminate(now, sid, Termination::AgentClosed));
                 return None;
             }
+            Kind::Resume(r) if r.session_id.as_slice() != at.sid.as_bytes() => {
+                // A connection carries one session: a RESUME for another
+                // one on it is a protocol error (and touches nothing else).
+                let _ = r;
+                return Some(ReasonCode::ProtocolError);
+            }
             Kind::Resume(r) => {
                 // A RESUME on the attached connection itself (a replay, or an
                 // agent retrying): validated like any other. The channel
@@ -524,6 +532,29 @@ async fn write_loop(
     let mut wake = at.channel.as_ref().map(|(ch, _)| ch.wakeups());
     let mut out = BytesMut::new();
     loop {
+        // Controls first, even while the channel has bytes queued: a GoAway
+        // must not wait behind a download.
+        while let Ok(ctl) = rx.try_recv() {
+            match ctl {
+                Control::Terminate(ReasonCode::TransportReplaced) if bound(shared, at) => {}
+                Control::Terminate(reason) => {
+                    let _ = within(write_limit, send_terminate(wr, reason)).await;
+                    return None;
+                }
+                Control::GoAway { deadline_ms } => {
+                    let g = GoAway {
+                        reason: ReasonCode::Draining as i32,
+                        deadline_ms,
+                    };
+                    if within(write_limit, write_frame(wr, Kind::GoAway(g)))
+                        .await
+                        .is_err()
+                    {
+                        return Some(ReasonCode::TransportDead);
+                    }
+                }
+            }
+        }
         // Everything the channel has for this transport, in batches.
         if let Some((ch, g)) = &at.channel {
             while let Some(k) = ch.next_frame(*g, false) {
@@ -536,7 +567,7 @@ async fn write_loop(
             }
         }
         if !out.is_empty() {
-            if within(write_limit, write_all(wr, &out)).await.is_err() {
+            if write_with_progress(wr, &out, write_limit).await.is_err() {
                 return Some(ReasonCode::TransportDead);
             }
             out.clear();
@@ -595,9 +626,24 @@ fn bound(shared: &Shared, at: &Attached) -> bool {
 /// Channel frames are gathered up to this many bytes per write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
+/// Writes all of `bytes`, failing only when no progress is made for
+/// `limit`: a slow link is not a dead one (a whole batch against one
+/// deadline would cut any link below batch / limit bytes per second).
+async fn write_with_progress<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = tokio::time::timeout(limit, w.write(bytes))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    within(limit, w.flush()).await
 }
 
 /// `write` if it finishes within `limit`; a timeout is an I/O error.

@@ -39,7 +39,7 @@ pub(super) fn open(
     shard: usize,
     sid: SessionId,
     principal: Arc<str>,
-) -> SessionChannel {
+) -> (SessionChannel, u64) {
     let policy = shared.egress.load_full();
     let (ch, io) = SessionChannel::new(ChannelConfig::with_window(policy.window_bytes));
     lock(&shared.shards[shard].channels).insert(sid, ch.clone());
@@ -49,8 +49,9 @@ pub(super) fn open(
         open: Arc::new(AtomicUsize::new(0)),
         next: AtomicU64::new(0),
     });
-    tokio::spawn(serve(shared.clone(), ctx, io, policy.clone()));
-    ch
+    let window = policy.window_bytes;
+    tokio::spawn(serve(shared.clone(), ctx, io, policy));
+    (ch, window)
 }
 
 /// The session `sid` ended: its channel (if any) is closed and every
@@ -111,15 +112,17 @@ async fn serve(
     // stream (its connection preface arrives): an idle session with the
     // data plane on costs its channel, not an HTTP/2 connection.
     io.readable().await;
+    let (shared_svc, ctx_svc) = (shared.clone(), ctx.clone());
     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let shared = shared.clone();
-        let ctx = ctx.clone();
+        let shared = shared_svc.clone();
+        let ctx = ctx_svc.clone();
         async move { Ok::<_, Infallible>(connect(&shared, &ctx, req).await) }
     });
-    // HTTP/2's windows sized to the channel's (as the agent does): a
-    // destination that sends to a reader that stopped costs this side at
-    // most about twice the window.
-    let w = u32::try_from(policy.window_bytes).unwrap_or(u32::MAX);
+    // HTTP/2's windows from the channel's, as the agent sets them: a stream
+    // may have half a window in flight, the connection four, so one stopped
+    // reader holds little and never freezes the session's other streams.
+    let stream_w = u32::try_from((policy.window_bytes / 2).max(64 * 1024)).unwrap_or(u32::MAX);
+    let conn_w = u32::try_from(policy.window_bytes.saturating_mul(4)).unwrap_or(u32::MAX);
     // Above the session's stream limit, so that the limit answers with a
     // refusal (`too_many_streams`) instead of HTTP/2 queueing the request.
     let concurrent =
@@ -128,8 +131,8 @@ async fn serve(
     // state is allocated only now.
     let r = Box::pin(
         server_h2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(w)
-            .initial_connection_window_size(w)
+            .initial_stream_window_size(stream_w)
+            .initial_connection_window_size(conn_w)
             .adaptive_window(false)
             .max_concurrent_streams(concurrent)
             .serve_connection(TokioIo::new(io), svc),
@@ -138,6 +141,23 @@ async fn serve(
     if let Err(e) = r {
         debug!(error = %e, "session streams ended");
     }
+    // The channel closed (the session ended) or HTTP/2 broke under a live
+    // session: then its streams cannot go on, and the session must not
+    // linger with a channel nobody reads. End it, explicitly.
+    if !closed_already(&shared, &ctx.sid) {
+        counter!(m::CHANNEL_ERRORS).increment(1);
+        let shard = crate::engine::shard_of(&ctx.sid, shared.shards.len());
+        let now = shared.now();
+        shared.with_engine(shard, |e| {
+            e.terminate(now, &ctx.sid, crate::engine::Termination::ChannelBroken)
+        });
+    }
+}
+
+/// Is the session's channel gone (closed and removed when it ended)?
+fn closed_already(shared: &Shared, sid: &SessionId) -> bool {
+    let shard = crate::engine::shard_of(sid, shared.shards.len());
+    !lock(&shared.shards[shard].channels).contains_key(sid)
 }
 
 fn refuse(r: Refusal) -> Response<Empty<Bytes>> {
