@@ -58,6 +58,24 @@ async fn http_server(body: Vec<u8>) -> SocketAddr {
     addr
 }
 
+/// Runs curl with `args`, failing on HTTP errors, the body into `file`.
+async fn curl_to_file(file: &std::path::Path, args: &[String]) -> std::process::Output {
+    tokio::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--fail",
+            "--max-time",
+            "60",
+            "-o",
+        ])
+        .arg(file)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
 fn run_agent(env: &common::Env, server: SocketAddr) -> common::Streaming {
     common::streaming_agent(&env.pki, vec![server])
 }
@@ -241,20 +259,7 @@ async fn curl_fetches_through_socks5_and_http_connect() {
         ),
     ] {
         let out_file = dir.path().join(name);
-        let out = tokio::process::Command::new("curl")
-            .args([
-                "--silent",
-                "--show-error",
-                "--fail",
-                "--max-time",
-                "60",
-                "-o",
-            ])
-            .arg(&out_file)
-            .args(&args)
-            .output()
-            .await
-            .unwrap();
+        let out = curl_to_file(&out_file, &args).await;
         assert!(
             out.status.success(),
             "curl via {name}: {}",
@@ -417,22 +422,15 @@ async fn the_agent_cli_serves_socks_and_forwards() {
     let (socks, forward) = (socks.unwrap(), forward.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("body");
-    let out = tokio::process::Command::new("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--max-time",
-            "60",
-            "-o",
-        ])
-        .arg(&file)
-        .arg("--socks5-hostname")
-        .arg(&socks)
-        .arg(format!("http://127.0.0.1:{}/", web.port()))
-        .output()
-        .await
-        .unwrap();
+    let out = curl_to_file(
+        &file,
+        &[
+            "--socks5-hostname".to_owned(),
+            socks.clone(),
+            format!("http://127.0.0.1:{}/", web.port()),
+        ],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -531,28 +529,20 @@ async fn chromium_loads_a_page_with_its_resources_through_socks() {
     let door_addr = door.local_addr().unwrap();
     tokio::spawn(serve_proxy(door, a.tunnel.clone()));
     let profile = tempfile::tempdir().unwrap();
-    let out = tokio::time::timeout(
+    let out = common::chromium(
+        &[
+            "--no-first-run".to_owned(),
+            // Loopback is never proxied unless this says otherwise.
+            "--proxy-bypass-list=<-loopback>".to_owned(),
+            "--virtual-time-budget=5000".to_owned(),
+            "--dump-dom".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+            format!("--proxy-server=socks5://{door_addr}"),
+            format!("http://127.0.0.1:{}/", web.port()),
+        ],
         Duration::from_secs(90),
-        tokio::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--no-first-run",
-                // Loopback is never proxied unless this says otherwise.
-                "--proxy-bypass-list=<-loopback>",
-                "--virtual-time-budget=5000",
-                "--dump-dom",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("--proxy-server=socks5://{door_addr}"))
-            .arg(format!("http://127.0.0.1:{}/", web.port()))
-            .output(),
     )
-    .await
-    .expect("chromium finished")
-    .expect("chromium is installed (.ci/run installs Debian's package)");
+    .await;
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(
         dom.contains("ran-through-jvpn"),

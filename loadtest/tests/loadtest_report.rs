@@ -13,23 +13,10 @@ async fn tool(args: &[&std::ffi::OsStr]) -> std::process::Output {
 }
 
 async fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output {
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--enable-logging=stderr",
-            ])
-            .args(args)
-            .arg(format!("file://{}", page.display()))
-            .output(),
-    )
-    .await
-    .expect("chromium finished")
-    .expect("chromium is installed (.ci/run installs Debian's package)")
+    let mut all: Vec<String> = vec!["--enable-logging=stderr".into()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    all.push(format!("file://{}", page.display()));
+    common::chromium(&all, Duration::from_secs(120)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

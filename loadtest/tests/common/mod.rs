@@ -354,3 +354,23 @@ pub fn streaming_agent(pki: &TestPki, servers: Vec<std::net::SocketAddr>) -> Str
 pub fn target(a: std::net::SocketAddr) -> jvpn_proto::stream::Target {
     jvpn_proto::stream::Target::new(&a.ip().to_string(), a.port()).unwrap()
 }
+
+/// Headless Chromium (Debian's package, installed by `.ci/run`) with the
+/// flags every test needs, then `args`; fails the test after `within`.
+pub async fn chromium(args: &[String], within: Duration) -> std::process::Output {
+    tokio::time::timeout(
+        within,
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+            ])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("chromium finished")
+    .expect("chromium is installed (.ci/run installs Debian's package)")
+}
