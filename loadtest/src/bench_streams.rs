@@ -42,6 +42,8 @@ pub struct StreamBenchOptions {
     pub connects: usize,
     /// Skip `ssh -D` (no `sshd` on this machine).
     pub no_ssh: bool,
+    /// Skip the namespace paths: direct over veth, wireguard-go, OpenVPN.
+    pub no_vpn: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -55,21 +57,29 @@ pub struct StreamPath {
     pub connect_first_byte_us_p99: u64,
 }
 
+/// jvpn's figures divided by a peer's (throughput: above 1 is better for
+/// jvpn; CPU and latency: below 1 is better).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Ratio {
+    pub peer: String,
+    pub one_stream: f64,
+    pub sixteen_streams: f64,
+    pub cpu_per_gib: f64,
+    pub connect_first_byte_p50: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamBenchReport {
     pub paths: Vec<StreamPath>,
-    /// Each path's throughput and CPU per GiB relative to `ssh -D`.
-    pub jvpn_vs_ssh_one_stream: Option<f64>,
-    pub jvpn_vs_ssh_sixteen_streams: Option<f64>,
-    pub jvpn_vs_ssh_cpu_per_gib: Option<f64>,
+    /// jvpn (agent → router → gateway) against each peer measured.
+    pub jvpn_vs: Vec<Ratio>,
     pub jvpn_vs_direct_one_stream: f64,
     pub not_measured: Vec<String>,
 }
 
 /// The one server program every path reaches: a request is 8 bytes, the
 /// number of bytes to send back; then it sends them and closes.
-async fn data_server() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+async fn data_server(l: TcpListener) -> Result<SocketAddr> {
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         let chunk = vec![0x5au8; 256 * 1024];
@@ -96,12 +106,27 @@ async fn data_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// A connection to `server`, through `proxy` (SOCKS5, no auth) if given.
-async fn open(proxy: Option<SocketAddr>, server: SocketAddr) -> Result<TcpStream> {
-    let Some(p) = proxy else {
-        let c = TcpStream::connect(server).await?;
-        c.set_nodelay(true)?;
-        return Ok(c);
+/// How the client reaches the server.
+#[derive(Clone, Debug)]
+enum Via {
+    Direct,
+    /// Through a SOCKS5 proxy (no auth).
+    Socks(SocketAddr),
+    /// Straight to the server, from inside a network namespace (routed by
+    /// that namespace's tunnel).
+    Netns(std::sync::Arc<str>),
+}
+
+/// A connection to `server` by `via`.
+async fn open(via: &Via, server: SocketAddr) -> Result<TcpStream> {
+    let p = match via {
+        Via::Direct => {
+            let c = TcpStream::connect(server).await?;
+            c.set_nodelay(true)?;
+            return Ok(c);
+        }
+        Via::Netns(ns) => return crate::bench_peers::connect_in(ns, server).await,
+        Via::Socks(p) => *p,
     };
     let mut c = TcpStream::connect(p).await?;
     c.set_nodelay(true)?;
@@ -127,8 +152,8 @@ async fn open(proxy: Option<SocketAddr>, server: SocketAddr) -> Result<TcpStream
 }
 
 /// Downloads `bytes` over one connection; returns them counted.
-async fn download(proxy: Option<SocketAddr>, server: SocketAddr, bytes: u64) -> Result<u64> {
-    let mut c = open(proxy, server).await?;
+async fn download(via: Via, server: SocketAddr, bytes: u64) -> Result<u64> {
+    let mut c = open(&via, server).await?;
     c.write_all(&bytes.to_be_bytes()).await?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0u64;
@@ -188,15 +213,15 @@ fn cpu_of(pids: &[nix::unistd::Pid]) -> f64 {
 
 async fn measure(
     name: &str,
-    proxy: Option<SocketAddr>,
+    via: Via,
     server: SocketAddr,
     pids: &[nix::unistd::Pid],
     opts: &StreamBenchOptions,
 ) -> Result<StreamPath> {
     // Warm-up: connections, allocations, TLS sessions already in place.
-    download(proxy, server, 4 << 20).await?;
+    download(via.clone(), server, 4 << 20).await?;
     let t = Instant::now();
-    let got = download(proxy, server, opts.bytes).await?;
+    let got = download(via.clone(), server, opts.bytes).await?;
     let one = mib_per_s(got, t.elapsed());
 
     let cpu0 = cpu_of(pids);
@@ -204,7 +229,7 @@ async fn measure(
     let per = opts.bytes / 16;
     let mut tasks = Vec::new();
     for _ in 0..16 {
-        tasks.push(tokio::spawn(download(proxy, server, per)));
+        tasks.push(tokio::spawn(download(via.clone(), server, per)));
     }
     let mut total = 0;
     for task in tasks {
@@ -217,7 +242,7 @@ async fn measure(
     let mut lat = Vec::with_capacity(opts.connects);
     for _ in 0..opts.connects {
         let t = Instant::now();
-        let mut c = open(proxy, server).await?;
+        let mut c = open(&via, server).await?;
         c.write_all(&1u64.to_be_bytes()).await?;
         let mut b = [0u8; 1];
         c.read_exact(&mut b).await?;
@@ -225,7 +250,7 @@ async fn measure(
     }
     let p = percentiles(lat);
     println!(
-        "  {name:<8} 1 stream {one:>8.1} MiB/s   16 streams {sixteen:>8.1} MiB/s   \
+        "  {name:<12} 1 stream {one:>8.1} MiB/s   16 streams {sixteen:>8.1} MiB/s   \
          CPU {cpu_s_per_gib:>6.2} s/GiB   connect→first byte p50 {} µs p99 {} µs",
         p.p50, p.p99
     );
@@ -394,7 +419,7 @@ async fn start_ssh(
 }
 
 pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
-    let server = data_server().await?;
+    let server = data_server(TcpListener::bind("127.0.0.1:0").await?).await?;
     let mut report = StreamBenchReport::default();
     println!(
         "bench-streams: {} MiB per test, one server program",
@@ -402,7 +427,7 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
     );
     report
         .paths
-        .push(measure("direct", None, server, &[], &opts).await?);
+        .push(measure("direct", Via::Direct, server, &[], &opts).await?);
 
     // jvpn: agent process (SOCKS) → router → gateway, all real processes.
     let exe = std::env::current_exe()?;
@@ -426,7 +451,7 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
     pids.extend(c.gateways.iter().filter_map(|(_, g)| g.pid()));
     report
         .paths
-        .push(measure("jvpn", Some(socks), server, &pids, &opts).await?);
+        .push(measure("jvpn", Via::Socks(socks), server, &pids, &opts).await?);
     drop(agent);
     drop(c);
 
@@ -448,7 +473,7 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
     let pids = vec![pid_of(&agent)?, gw.pid().context("gateway exited")?];
     report
         .paths
-        .push(measure("jvpn-gw", Some(socks), server, &pids, &opts).await?);
+        .push(measure("jvpn-gw", Via::Socks(socks), server, &pids, &opts).await?);
     drop(agent);
     drop(gw);
 
@@ -461,25 +486,90 @@ pub async fn run(opts: StreamBenchOptions) -> Result<StreamBenchReport> {
                 let pids = vec![pid_of(&sshd)?, pid_of(&ssh)?];
                 report
                     .paths
-                    .push(measure("ssh -D", Some(socks), server, &pids, &opts).await?);
+                    .push(measure("ssh -D", Via::Socks(socks), server, &pids, &opts).await?);
             }
             Err(e) => report.not_measured.push(format!("ssh -D: {e:#}")),
         }
     }
-    report.not_measured.push(
-        "OpenVPN (TCP) and wireguard-go: not built into this benchmark yet (they need \
-         network namespaces and tun devices)"
-            .into(),
-    );
+
+    if opts.no_vpn {
+        report
+            .not_measured
+            .push("direct-veth, wireguard-go, OpenVPN-TCP: --no-vpn".into());
+    } else if let Err(e) = measure_tunnels(&opts, &mut report).await {
+        report
+            .not_measured
+            .push(format!("direct-veth, wireguard-go, OpenVPN-TCP: {e:#}"));
+    }
+
     let find = |n: &str| report.paths.iter().find(|p| p.path == n).cloned();
     if let (Some(j), Some(d)) = (find("jvpn"), find("direct")) {
         report.jvpn_vs_direct_one_stream = j.one_stream_mib_per_s / d.one_stream_mib_per_s;
     }
-    if let (Some(j), Some(s)) = (find("jvpn"), find("ssh -D")) {
-        report.jvpn_vs_ssh_one_stream = Some(j.one_stream_mib_per_s / s.one_stream_mib_per_s);
-        report.jvpn_vs_ssh_sixteen_streams =
-            Some(j.sixteen_streams_mib_per_s / s.sixteen_streams_mib_per_s);
-        report.jvpn_vs_ssh_cpu_per_gib = Some(j.cpu_s_per_gib / s.cpu_s_per_gib);
+    if let Some(j) = find("jvpn") {
+        for peer in ["ssh -D", "wireguard-go", "OpenVPN-TCP"] {
+            if let Some(p) = find(peer) {
+                report.jvpn_vs.push(Ratio {
+                    peer: peer.into(),
+                    one_stream: j.one_stream_mib_per_s / p.one_stream_mib_per_s,
+                    sixteen_streams: j.sixteen_streams_mib_per_s / p.sixteen_streams_mib_per_s,
+                    cpu_per_gib: j.cpu_s_per_gib / p.cpu_s_per_gib,
+                    connect_first_byte_p50: j.connect_first_byte_us_p50 as f64
+                        / p.connect_first_byte_us_p50 as f64,
+                });
+            }
+        }
     }
     Ok(report)
+}
+
+/// The paths between two namespaces: direct over the veth (the baseline
+/// of the tunnels), wireguard-go and OpenVPN in TCP mode. The same server
+/// program, listening inside the server namespace.
+async fn measure_tunnels(opts: &StreamBenchOptions, report: &mut StreamBenchReport) -> Result<()> {
+    use crate::bench_peers::{NetPair, VETH_SERVER, listen_in, openvpn, wireguard};
+    let pair = NetPair::create()?;
+    let port = {
+        let l = listen_in(&pair.server, SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+        data_server(l).await?.port()
+    };
+    let via = Via::Netns(pair.client.as_str().into());
+    report.paths.push(
+        measure(
+            "direct-veth",
+            via.clone(),
+            SocketAddr::from((VETH_SERVER, port)),
+            &[],
+            opts,
+        )
+        .await?,
+    );
+    let dir = tempfile::tempdir()?;
+    // One tunnel at a time: each is stopped before the next starts.
+    let wg = wireguard(&pair, dir.path()).await;
+    measure_tunnel("wireguard-go", wg, &via, port, opts, report).await?;
+    let ovpn = openvpn(&pair, dir.path()).await;
+    measure_tunnel("OpenVPN-TCP", ovpn, &via, port, opts, report).await?;
+    Ok(())
+}
+
+async fn measure_tunnel(
+    name: &str,
+    tunnel: Result<crate::bench_peers::Tunnel>,
+    via: &Via,
+    port: u16,
+    opts: &StreamBenchOptions,
+    report: &mut StreamBenchReport,
+) -> Result<()> {
+    match tunnel {
+        Ok(t) => {
+            let pids: Vec<_> = t.children.iter().filter_map(|c| pid_of(c).ok()).collect();
+            let server = SocketAddr::from((t.server_ip, port));
+            report
+                .paths
+                .push(measure(name, via.clone(), server, &pids, opts).await?);
+        }
+        Err(e) => report.not_measured.push(format!("{name}: {e:#}")),
+    }
+    Ok(())
 }

@@ -18,12 +18,14 @@
 //! - [`bench`]: gateway capacity against bare rustls, pinned to cores.
 //! - [`bench_router`]: direct vs jvpn-router vs HAProxy, splice buffers,
 //!   router memory per connection, failure detection times.
-//! - [`bench_streams`]: the data plane vs `ssh -D` vs direct: bulk MiB/s,
-//!   CPU per GiB, CONNECT-to-first-byte.
+//! - [`bench_streams`]: the data plane vs `ssh -D`, wireguard-go, OpenVPN
+//!   (TCP) and direct: bulk MiB/s, CPU per GiB, CONNECT-to-first-byte.
+//! - [`bench_peers`]: the benchmark's namespace pair and tunnel peers.
 
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_peers;
 pub mod bench_router;
 pub mod bench_streams;
 pub mod cluster;

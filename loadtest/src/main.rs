@@ -103,6 +103,10 @@ enum Cmd {
         /// Leave `ssh -D` out (no sshd here).
         #[arg(long)]
         no_ssh: bool,
+        /// Leave out the paths between network namespaces (direct over
+        /// veth, wireguard-go, OpenVPN in TCP mode); they need root.
+        #[arg(long)]
+        no_vpn: bool,
     },
     /// The bare rustls baseline server used by bench-gateway; with --echo,
     /// the no-op target that measures the load tool's own overhead.
@@ -411,11 +415,13 @@ fn main() -> ExitCode {
             bytes,
             connects,
             no_ssh,
+            no_vpn,
         } => {
             let opts = jvpn_loadtest::bench_streams::StreamBenchOptions {
                 bytes,
                 connects,
                 no_ssh,
+                no_vpn,
             };
             print_json_report("bench-streams", jvpn_loadtest::bench_streams::run(opts))
         }
