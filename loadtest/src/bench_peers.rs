@@ -121,8 +121,18 @@ impl NetPair {
         run(
             "ip",
             &[
-                "link", "add", &c_if, "netns", &pair.client, "type", "veth", "peer", "name", &s_if,
-                "netns", &pair.server,
+                "link",
+                "add",
+                &c_if,
+                "netns",
+                &pair.client,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &s_if,
+                "netns",
+                &pair.server,
             ],
         )?;
         for (ns, dev, ip) in [
@@ -204,9 +214,15 @@ pub async fn wireguard(pair: &NetPair, dir: &Path) -> Result<Tunnel> {
             .stdout(Stdio::piped())
             .spawn()?;
         use std::io::Write;
-        p.stdin.take().context("stdin")?.write_all(private.as_bytes())?;
+        p.stdin
+            .take()
+            .context("stdin")?
+            .write_all(private.as_bytes())?;
         let out = p.wait_with_output()?;
-        Ok((path, String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        Ok((
+            path,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
     };
     let (s_key, s_pub) = key("server")?;
     let (c_key, c_pub) = key("client")?;
@@ -289,11 +305,24 @@ pub async fn openvpn(pair: &NetPair, dir: &Path) -> Result<Tunnel> {
         }
         Ok(())
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
     ca.extend([
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench-ca",
     ]);
     ossl(&ca)?;
     for n in ["server", "client"] {

@@ -121,13 +121,6 @@ impl<T> SharedIo<T> {
     pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         f(&mut lock(&self.0))
     }
-
-    /// The stream back, once every other handle is gone.
-    pub fn into_inner(self) -> Result<T, Self> {
-        std::sync::Arc::try_unwrap(self.0)
-            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
-            .map_err(Self)
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for SharedIo<T> {

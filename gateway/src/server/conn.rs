@@ -33,7 +33,7 @@ pub(super) fn spawn(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let span = info_span!("conn");
     tokio::spawn(
         async move {
-            let _guard = OpenConn::new(&shared);
+            let _guard = OpenConn::new(shared.clone());
             if let Err(why) = handle_conn(&shared, stream, peer).await {
                 counter!(m::CONNECTIONS_REJECTED, "reason" => why.as_str()).increment(1);
                 debug!(%peer, reason = why.as_str(), "connection refused");
@@ -43,17 +43,19 @@ pub(super) fn spawn(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     );
 }
 
-struct OpenConn<'a>(&'a Shared);
+/// One open connection, counted for `max_connections` and the gauge while
+/// it lives (an attached session's task takes one of its own).
+pub(super) struct OpenConn(Arc<Shared>);
 
-impl<'a> OpenConn<'a> {
-    fn new(s: &'a Shared) -> Self {
+impl OpenConn {
+    pub(super) fn new(s: Arc<Shared>) -> Self {
         let n = s.open_conns.fetch_add(1, Ordering::Relaxed) + 1;
         gauge!(m::CONNECTIONS_OPEN).set(n as f64);
         Self(s)
     }
 }
 
-impl Drop for OpenConn<'_> {
+impl Drop for OpenConn {
     fn drop(&mut self) {
         let n = self
             .0

@@ -20,7 +20,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::state::{Control, Shared};
 use crate::engine::{
@@ -201,7 +201,7 @@ pub(super) async fn do_hello(
         binding,
         channel,
     };
-    session_loop(shared, at, tls, buf, rx).await;
+    spawn_session_loop(shared, at, tls, buf, rx);
     Ok(())
 }
 
@@ -238,7 +238,7 @@ pub(super) async fn do_resume(
                     binding,
                     channel,
                 };
-                session_loop(shared, at, tls, buf, rx).await;
+                spawn_session_loop(shared, at, tls, buf, rx);
                 return Ok(());
             }
             Err(rej) => {
@@ -372,13 +372,38 @@ fn resume_channel(
 /// and the engine must hear about it.
 type End = Option<ReasonCode>;
 
+/// Hands an attached connection to a task of its own. The connection's
+/// first task (TLS handshake, preamble, HELLO/RESUME checks) has a future
+/// of several KiB that would otherwise stay allocated for the session's
+/// whole life; the attached loop's is a fraction of that, and the TLS
+/// stream moves to the heap once (into the shared I/O) instead of being
+/// held by every future it passed through.
+fn spawn_session_loop(
+    shared: &Arc<Shared>,
+    at: Attached,
+    tls: Tls,
+    buf: BytesMut,
+    rx: mpsc::UnboundedReceiver<Control>,
+) {
+    let shared = shared.clone();
+    let open = super::conn::OpenConn::new(shared.clone());
+    let io = SharedIo::new(tls);
+    tokio::spawn(
+        async move {
+            let _open = open;
+            session_loop(&shared, at, io, buf, rx).await;
+        }
+        .instrument(tracing::Span::current()),
+    );
+}
+
 /// The attached connection: a reader and a writer side by side, so a
 /// large write never stops this side from reading (and the peer's writes
 /// from completing).
 async fn session_loop(
     shared: &Arc<Shared>,
     at: Attached,
-    tls: Tls,
+    mut io: SharedIo<Tls>,
     buf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Control>,
 ) {
@@ -399,7 +424,6 @@ async fn session_loop(
     // cannot finish within the heartbeat timeout ends the transport.
     let write_limit = Duration::from_millis(timeout_ms);
     let report_every = Duration::from_millis(interval_ms / 2);
-    let io = SharedIo::new(tls);
     let (mut rd, mut wr) = (io.clone(), io.clone());
     // Replies the reader asks the writer to send (Pong, ResumeOk, echo).
     // Boxed: the queue's slots are allocated up front, and a `Kind` is
@@ -415,22 +439,21 @@ async fn session_loop(
         shared.with_engine(at.shard, |e| e.transport_closed(now, &at.sid, at.transport));
     }
     shared.deregister(at.shard, at.transport);
-    // Both halves are gone, so the stream is ours again.
-    let Ok(mut tls) = io.into_inner() else { return };
+    // Both halves are gone: the last words go out on `io` alone.
     match end {
         Some(reason @ (ReasonCode::ProtocolError | ReasonCode::FrameTooLarge)) => {
-            let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
+            let _ = within(write_limit, send_terminate(&mut io, reason)).await;
             counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
         }
         // The engine may have ended this transport while the reader
         // finished first (a broken channel ends the session): say so.
         _ => {
             if let Ok(Control::Terminate(reason)) = rx.try_recv() {
-                let _ = within(write_limit, send_terminate(&mut tls, reason)).await;
+                let _ = within(write_limit, send_terminate(&mut io, reason)).await;
             }
         }
     }
-    let _ = tokio::time::timeout(write_limit, tls.shutdown()).await;
+    let _ = tokio::time::timeout(write_limit, io.shutdown()).await;
 }
 
 /// What happens on the connection while attached: frames in.

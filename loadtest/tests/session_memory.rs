@@ -1,0 +1,52 @@
+//! Memory per idle attached session, as `jvpn-loadtest bench-gateway`
+//! measures it (gateway RSS growth over 1,000 sessions / 1,000), with the
+//! data plane on (a session channel each, no stream open) and off.
+//!
+//! Bound: the data-plane issue's "today's figure + 10 %", where today's
+//! figure is 19,771 B, measured before the data plane existed (release
+//! build, docs/benchmarks.md). This build is a debug one; its futures are
+//! no smaller than release ones, so the bound is no looser here.
+
+mod common;
+
+use std::time::Duration;
+
+const BEFORE_DATA_PLANE: f64 = 19_771.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_with_the_data_plane_costs_at_most_ten_percent_more_than_before() {
+    let out = common::loadtest(
+        [
+            "bench-gateway",
+            "--duration-s",
+            "1",
+            "--concurrency",
+            "8",
+            "--sessions",
+            "1000",
+        ],
+        Duration::from_secs(240),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench-gateway failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = &stdout[stdout.find('{').expect("a JSON report")..];
+    let r: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(r["sessions_measured"], 1000);
+    let with = r["rss_per_attached_session_with_channel_bytes"]
+        .as_f64()
+        .unwrap();
+    let without = r["rss_per_attached_session_bytes"].as_f64().unwrap();
+    println!("per idle attached session: {without:.0} B, with the data plane {with:.0} B");
+    // RSS really grew: a measurement that saw nothing must not pass.
+    assert!(without > 1_000.0 && with > 1_000.0, "{json}");
+    assert!(
+        with <= BEFORE_DATA_PLANE * 1.10,
+        "{with:.0} B per idle session with the data plane, over {:.0} B",
+        BEFORE_DATA_PLANE * 1.10
+    );
+}
