@@ -128,27 +128,7 @@ async fn open(via: &Via, server: SocketAddr) -> Result<TcpStream> {
         Via::Netns(ns) => return crate::bench_peers::connect_in(ns, server).await,
         Via::Socks(p) => *p,
     };
-    let mut c = TcpStream::connect(p).await?;
-    c.set_nodelay(true)?;
-    c.write_all(&[5, 1, 0]).await?;
-    let mut m = [0u8; 2];
-    c.read_exact(&mut m).await?;
-    if m != [5, 0] {
-        bail!("proxy {p}: method reply {m:?}");
-    }
-    let SocketAddr::V4(v4) = server else {
-        bail!("IPv4 servers only");
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&v4.ip().octets());
-    req.extend_from_slice(&v4.port().to_be_bytes());
-    c.write_all(&req).await?;
-    let mut rep = [0u8; 10];
-    c.read_exact(&mut rep).await?;
-    if rep[1] != 0 {
-        bail!("proxy {p}: CONNECT refused with code {}", rep[1]);
-    }
-    Ok(c)
+    Ok(crate::socks::connect(p, server).await?)
 }
 
 /// Downloads `bytes` over one connection; returns them counted.

@@ -112,9 +112,9 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let data =
         Fleet::start_with_tunnels(&c.pki, &c.router_addrs(), DATA_AGENTS, 3 * opts.agents + 64)?;
     data.wait_established(Duration::from_secs(60)).await?;
-    let load = StreamLoad::start(&data.tunnels(), 1, TRANSFER, echo_destination().await?);
+    let load = StreamLoad::start(&data.tunnels(), 1, TRANSFER, echo_destination().await?)?;
     say(format!(
-        "  {DATA_AGENTS} more agents move bytes through their sessions (SOCKS-style streams to a local server, checked byte for byte)"
+        "  {DATA_AGENTS} more agents move bytes through their sessions (through each agent's SOCKS5 front door to a local server, checked byte for byte)"
     ));
 
     // 2. Every transport jumps.

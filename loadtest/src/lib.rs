@@ -40,4 +40,5 @@ pub mod report;
 pub mod scenario;
 pub mod serve_cluster;
 pub mod soak;
+pub mod socks;
 pub mod streamload;

@@ -1,5 +1,7 @@
 //! Application bytes through sessions (issue 15): each stream task opens
-//! a stream to a local echo destination over an agent's tunnel, sends a
+//! a stream to a local echo destination through its agent's SOCKS5 front
+//! door (as an application would; the agent's own listener, serving the
+//! agent's tunnel), sends a
 //! seeded pattern, reads it back and compares, again and again until
 //! stopped. What it counts is what an application would see: bytes that
 //! came back exactly, bytes lost or duplicated (must stay 0), streams that
@@ -8,12 +10,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use jvpn_agent::streams::{StreamError, Tunnel};
-use jvpn_proto::stream::Target;
+use jvpn_agent::streams::Tunnel;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::demo::{Percentiles, percentiles};
+use crate::socks::SocksError;
 
 /// A destination on loopback that echoes every byte until EOF.
 pub async fn echo_destination() -> Result<SocketAddr> {
@@ -81,14 +83,26 @@ struct Counters {
 pub struct StreamLoad {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Each tunnel's SOCKS5 front door.
+    doors: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
+}
+
+/// One stream task's progress.
+#[derive(Debug, Default)]
+struct Progress {
+    /// When it last read a byte (µs since `origin`).
+    last: AtomicU64,
+    /// In a transfer (from opening its stream to the last byte back);
+    /// otherwise the task is doing the tool's own work, which no jump
+    /// can stall.
+    active: AtomicBool,
 }
 
 #[derive(Debug)]
 struct Shared {
-    /// Per stream task: when it last read a byte (µs since `origin`);
-    /// tunnel `i`'s tasks are `i * per_tunnel ..`.
-    progress: Vec<Arc<AtomicU64>>,
+    /// Per stream task (tunnel `i`'s tasks are `i * per_tunnel ..`).
+    progress: Vec<Arc<Progress>>,
     per_tunnel: usize,
     origin: Instant,
     counters: Arc<Counters>,
@@ -105,21 +119,34 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 impl StreamLoad {
     /// `per_tunnel` stream tasks on each tunnel, each moving `size`-byte
     /// transfers to `dest` back to back.
-    pub fn start(tunnels: &[Tunnel], per_tunnel: usize, size: usize, dest: SocketAddr) -> Self {
+    pub fn start(
+        tunnels: &[Tunnel],
+        per_tunnel: usize,
+        size: usize,
+        dest: SocketAddr,
+    ) -> Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
         let origin = Instant::now();
         let counters = Arc::new(Counters::default());
         let mut tasks = Vec::new();
+        let mut doors = Vec::new();
         let mut progress = Vec::new();
-        let target = Target::new(&dest.ip().to_string(), dest.port()).ok();
         for (i, t) in tunnels.iter().enumerate() {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(l)?;
+            let door = l.local_addr()?;
+            doors.push(tokio::spawn(jvpn_agent::frontdoor::serve::serve_proxy(
+                l,
+                t.clone(),
+            )));
             for j in 0..per_tunnel {
-                let p = Arc::new(AtomicU64::new(0));
+                let p = Arc::new(Progress::default());
                 progress.push(p.clone());
                 let seed = ((i as u64) << 32) | ((j as u64) << 16);
                 tasks.push(tokio::spawn(stream_task(
-                    t.clone(),
-                    target.clone(),
+                    door,
+                    dest,
                     size,
                     seed,
                     stop_rx.clone(),
@@ -129,9 +156,10 @@ impl StreamLoad {
                 )));
             }
         }
-        Self {
+        Ok(Self {
             stop,
             tasks,
+            doors,
             shared: Arc::new(Shared {
                 progress,
                 per_tunnel,
@@ -139,13 +167,14 @@ impl StreamLoad {
                 counters,
                 stalls: std::sync::Mutex::new(Vec::new()),
             }),
-        }
+        })
     }
 
     /// Records, for a jump made at `at` by the agent of tunnel `tunnel`
-    /// (`None`: every agent), how long until each of its streams moved a
-    /// byte again (waiting at most `within`; a stream that did not move
-    /// counts as `within`). Runs on its own, so probes may overlap.
+    /// (`None`: every agent), how long until each of its streams that was
+    /// in a transfer moved a byte again (waiting at most `within`; a
+    /// stream that did not move counts as `within`). Runs on its own, so
+    /// probes may overlap.
     pub fn probe_stalls(
         &self,
         tunnel: Option<usize>,
@@ -160,7 +189,11 @@ impl StreamLoad {
                 Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
                 None => (0..sh.progress.len()).collect(),
             };
-            pending.retain(|i| *i < sh.progress.len());
+            pending.retain(|i| {
+                sh.progress
+                    .get(*i)
+                    .is_some_and(|p| p.active.load(Ordering::Relaxed))
+            });
             let mut out = Vec::new();
             loop {
                 // Registered before looking, so no progress is missed.
@@ -168,7 +201,7 @@ impl StreamLoad {
                 tokio::pin!(moved);
                 moved.as_mut().enable();
                 pending.retain(|i| {
-                    let p = sh.progress[*i].load(Ordering::Relaxed);
+                    let p = sh.progress[*i].last.load(Ordering::Relaxed);
                     if p > since {
                         out.push((p - since) / 1_000);
                         false
@@ -205,6 +238,9 @@ impl StreamLoad {
         for t in self.tasks {
             let _ = t.await;
         }
+        for d in self.doors {
+            d.abort();
+        }
         let c = &self.shared.counters;
         let stalls = std::mem::take(
             &mut *self
@@ -225,30 +261,42 @@ impl StreamLoad {
     }
 }
 
+/// SOCKS5's reply code for "network unreachable" (RFC 1928 §6).
+const NETWORK_UNREACHABLE: u8 = 3;
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_task(
-    tunnel: Tunnel,
-    target: Option<Target>,
+    door: SocketAddr,
+    dest: SocketAddr,
     size: usize,
     seed: u64,
     stop: watch::Receiver<bool>,
-    progress: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     origin: Instant,
     c: Arc<Counters>,
 ) {
-    let Some(target) = target else {
-        c.failed.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let mut n = 0u64;
+    // The next transfer's bytes are made while this one runs, and arriving
+    // bytes are checked as they come, so the tool's own work seldom sits
+    // between two transfers; when it does, the stream is marked inactive
+    // and a jump's stall probe leaves it out.
+    let make = |n: u64| tokio::task::spawn_blocking(move || Arc::new(pattern(seed + n, size)));
+    let mut n = 1u64;
+    let mut next = make(n);
     while !*stop.borrow() {
+        progress.active.store(false, Ordering::Relaxed);
+        let Ok(data) = next.await else {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         n += 1;
-        let data = pattern(seed + n, size);
-        let s = match tunnel.connect(&target).await {
+        next = make(n);
+        progress.active.store(true, Ordering::Relaxed);
+        let s = match crate::socks::connect(door, dest).await {
             Ok(s) => s,
-            // The session ended while the stream was being opened: as
-            // explicit as a reset, and counted with them.
-            Err(StreamError::SessionEnded(_)) => {
+            // No session to carry the stream (it ended while the stream
+            // was being opened; the front door answers "network
+            // unreachable"): as explicit as a reset, and counted with them.
+            Err(SocksError::Refused(NETWORK_UNREACHABLE)) => {
                 c.reset.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -266,34 +314,28 @@ async fn stream_task(
             }
         };
         let down = async {
-            let mut back = Vec::with_capacity(size);
+            let mut check = Check::default();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let k = r.read(&mut buf).await?;
                 if k == 0 {
-                    return Ok::<_, std::io::Error>(back);
+                    return Ok::<_, std::io::Error>(check);
                 }
-                back.extend_from_slice(&buf[..k]);
-                progress.store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
+                check.arrived(&data, &buf[..k]);
+                progress
+                    .last
+                    .store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
                 c.moved.notify_waiters();
             }
         };
-        match tokio::try_join!(up, down) {
-            Ok(((), back)) => {
-                let same = back.iter().zip(&data).take_while(|(a, b)| a == b).count();
-                c.bytes.fetch_add(same as u64, Ordering::Relaxed);
-                c.lost.fetch_add(
-                    (data.len().min(back.len()) - same) as u64,
-                    Ordering::Relaxed,
-                );
-                c.lost.fetch_add(
-                    data.len().saturating_sub(back.len()) as u64,
-                    Ordering::Relaxed,
-                );
-                c.duplicated.fetch_add(
-                    back.len().saturating_sub(data.len()) as u64,
-                    Ordering::Relaxed,
-                );
+        let r = tokio::try_join!(up, down);
+        progress.active.store(false, Ordering::Relaxed);
+        match r {
+            Ok(((), check)) => {
+                let (same, lost, duplicated) = check.verdict(data.len());
+                c.bytes.fetch_add(same, Ordering::Relaxed);
+                c.lost.fetch_add(lost, Ordering::Relaxed);
+                c.duplicated.fetch_add(duplicated, Ordering::Relaxed);
                 c.completed.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -303,5 +345,66 @@ async fn stream_task(
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// A transfer's returned bytes, compared with what was sent as they
+/// arrive.
+#[derive(Debug, Default)]
+struct Check {
+    /// Bytes received.
+    got: usize,
+    /// Offset of the first byte that differs from what was sent.
+    first_bad: Option<usize>,
+}
+
+impl Check {
+    fn arrived(&mut self, sent: &[u8], chunk: &[u8]) {
+        if self.first_bad.is_none() {
+            let expect = sent.get(self.got..).unwrap_or_default();
+            let same = chunk.iter().zip(expect).take_while(|(a, b)| a == b).count();
+            if same < chunk.len() {
+                self.first_bad = Some(self.got + same);
+            }
+        }
+        self.got += chunk.len();
+    }
+
+    /// (bytes back exactly, bytes lost, bytes duplicated) for a transfer of
+    /// `len` bytes: exact up to the first difference; from there to the
+    /// shorter end, and any shortfall, lost; anything past `len`,
+    /// duplicated.
+    fn verdict(&self, len: usize) -> (u64, u64, u64) {
+        let both = len.min(self.got);
+        let same = self.first_bad.unwrap_or(both).min(both);
+        let lost = (both - same) + len.saturating_sub(self.got);
+        let duplicated = self.got.saturating_sub(len);
+        (same as u64, lost as u64, duplicated as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Check;
+
+    fn check(sent: &[u8], back: &[&[u8]]) -> (u64, u64, u64) {
+        let mut c = Check::default();
+        for chunk in back {
+            c.arrived(sent, chunk);
+        }
+        c.verdict(sent.len())
+    }
+
+    #[test]
+    fn exact_short_long_and_corrupt_transfers_are_told_apart() {
+        let sent = b"abcdefgh";
+        assert_eq!(check(sent, &[b"abc", b"defgh"]), (8, 0, 0));
+        assert_eq!(check(sent, &[b"abc"]), (3, 5, 0));
+        assert_eq!(check(sent, &[b"abcdefgh", b"gh"]), (8, 0, 2));
+        // A byte changed at offset 4: the rest counts as lost.
+        assert_eq!(check(sent, &[b"abcd", b"Xfgh"]), (4, 4, 0));
+        // A repeat inside the stream is a difference too.
+        assert_eq!(check(sent, &[b"abcd", b"cdefgh"]), (4, 4, 2));
+        assert_eq!(check(sent, &[]), (0, 8, 0));
     }
 }

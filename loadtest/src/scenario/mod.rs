@@ -352,7 +352,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
             m,
             size,
             crate::streamload::echo_destination().await?,
-        )),
+        )?),
         None => None,
     };
     let setting = Setting {
