@@ -51,7 +51,7 @@ impl ChannelConfig {
     pub fn with_window(window: u64) -> Self {
         Self {
             window: window.max(1),
-            max_payload: 16 * 1024,
+            max_payload: 60 * 1024,
             ack_bytes: (64 * 1024).min(window / 4).max(1),
             ack_delay: Duration::from_millis(50),
         }
@@ -338,6 +338,12 @@ impl Channel {
             return Some(self.consumed);
         }
         None
+    }
+
+    /// Whether enough bytes were consumed that [`Channel::ack_due`] would
+    /// acknowledge them now (without changing anything).
+    pub fn ack_due_by_bytes(&self) -> bool {
+        self.consumed - self.ack_sent >= self.cfg.ack_bytes
     }
 
     /// When [`Channel::ack_due`] becomes due by time alone, if it will.

@@ -324,11 +324,17 @@ impl AsyncRead for ChannelStream {
             g.read_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
+        let armed = g.ch.ack_deadline().is_some();
         g.ch.consume(n, now);
+        // The writer needs to hear of it only when an ack is now due by
+        // bytes, or when the first unacknowledged byte starts the ack
+        // timer it must arm; every other read would be a wake-up for
+        // nothing (most of a bulk transfer's reads).
+        let wake = !armed || g.ch.ack_due_by_bytes();
         drop(g);
-        // An ack may be due now (by bytes) or later (by time): the
-        // transport side decides which when it wakes.
-        self.shared.wake_writers();
+        if wake {
+            self.shared.wake_writers();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -343,13 +349,18 @@ impl AsyncWrite for ChannelStream {
         if let Some(why) = &g.closed {
             return Poll::Ready(Err(reset(why)));
         }
+        // A writer that still has unsent bytes is not waiting: it takes
+        // these with them. Only the first bytes after it ran dry wake it.
+        let was_dry = g.ch.sent() == g.ch.end();
         let n = g.ch.write(buf);
         if n == 0 && !buf.is_empty() {
             g.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
         drop(g);
-        self.shared.wake_writers();
+        if was_dry {
+            self.shared.wake_writers();
+        }
         Poll::Ready(Ok(n))
     }
 

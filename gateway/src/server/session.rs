@@ -596,6 +596,10 @@ async fn write_loop(
             out.clear();
             continue;
         }
+        // Nothing left to send: an idle session holds no batch buffer.
+        if out.capacity() > 0 {
+            out = BytesMut::new();
+        }
         let ack_at = at.channel.as_ref().and_then(|(ch, _)| ch.ack_at());
         tokio::select! {
             biased;
@@ -647,7 +651,7 @@ fn bound(shared: &Shared, at: &Attached) -> bool {
 }
 
 /// Channel frames are gathered up to this many bytes per write.
-const WRITE_BATCH: usize = 64 * 1024;
+const WRITE_BATCH: usize = 256 * 1024;
 
 /// Writes all of `bytes`, failing only when no progress is made for
 /// `limit`: a slow link is not a dead one (a whole batch against one
