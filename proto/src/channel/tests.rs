@@ -366,3 +366,47 @@ proptest! {
         }
     }
 }
+
+/// Rolling upgrades: every `Data` frame a channel makes at the default
+/// configuration, even at the largest offsets (longest varint), fits the
+/// 64 KiB frame limit that every released peer enforces, so an agent or
+/// gateway one version older decodes it; and a frame of the old 16 KiB
+/// size still decodes here.
+#[test]
+fn default_data_frames_fit_the_frame_limit_of_every_released_peer() {
+    use crate::frame::{MAX_FRAME_LEN, decode, encode};
+    use crate::pb::session::{Data, frame::Kind};
+    let cfg = ChannelConfig::default();
+    assert!(cfg.max_payload > 16 * 1024, "larger than the old payload");
+    let mut c = Channel::new(cfg);
+    c.write(&vec![7u8; cfg.window as usize]);
+    let mut frames = 0;
+    while let Some((_, payload)) = c.next_data() {
+        for seq in [0, u64::MAX - payload.len() as u64] {
+            let mut wire = BytesMut::new();
+            encode(
+                Kind::Data(Data {
+                    seq,
+                    payload: payload.clone(),
+                }),
+                &mut wire,
+            )
+            .unwrap();
+            assert!(
+                wire.len() - 4 <= MAX_FRAME_LEN,
+                "{} bytes over the frame limit",
+                wire.len() - 4
+            );
+            assert!(matches!(decode(&mut wire), Ok(Some(Kind::Data(_)))));
+        }
+        frames += 1;
+    }
+    assert_eq!(frames, (cfg.window as usize).div_ceil(cfg.max_payload));
+    let old = Kind::Data(Data {
+        seq: 5,
+        payload: vec![1u8; 16 * 1024].into(),
+    });
+    let mut wire = BytesMut::new();
+    encode(old, &mut wire).unwrap();
+    assert!(matches!(decode(&mut wire), Ok(Some(Kind::Data(d))) if d.payload.len() == 16 * 1024));
+}
