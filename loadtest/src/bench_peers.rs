@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::netns::run;
+
 /// The server's end of the veth pair; the client's end is `.2`.
 pub const VETH_SERVER: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 1);
 const VETH_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 2);
@@ -26,22 +28,6 @@ pub const WG_SERVER: Ipv4Addr = Ipv4Addr::new(10, 205, 0, 1);
 const WG_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 205, 0, 2);
 pub const OVPN_SERVER: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 1);
 const OVPN_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 2);
-
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Runs `f` on the calling thread inside namespace `name`, then moves the
 /// thread back. Call it from a blocking thread, never a runtime worker.

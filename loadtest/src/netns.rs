@@ -14,11 +14,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs `program args` to completion; its stdout, or an error naming the
+/// command with its stderr.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
+        .stdin(std::process::Stdio::null())
         .output()
-        .with_context(|| format!("running {program} (.ci/run installs iproute2 and iptables)"))?;
+        .with_context(|| format!("running {program} (.ci/run installs it)"))?;
     if !out.status.success() {
         bail!(
             "{program} {}: {}",
@@ -26,7 +29,7 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Moves the calling thread into a new, empty network namespace with its
@@ -36,7 +39,7 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
 pub fn enter_private_namespace() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .context("unshare(CLONE_NEWNET) needs root")?;
-    run("ip", &["link", "set", "lo", "up"])
+    run("ip", &["link", "set", "lo", "up"]).map(drop)
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -95,7 +98,7 @@ impl GatewayNet {
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<()> {
         let mut all = vec!["netns", "exec", &self.name, program];
         all.extend_from_slice(args);
-        run("ip", &all)
+        run("ip", &all).map(drop)
     }
 
     /// Silently drops every packet this gateway sends to TCP `port` (its

@@ -216,12 +216,16 @@ async fn floods_are_refused_and_leave_legitimate_sessions_alone() {
     assert_eq!(v["sessions_established"], 30, "{v}");
 }
 
-/// `bulk`: sessions with a data plane move bytes while each jumps every
-/// second and a fifth of the open connections is cut every second: every
-/// byte comes back exactly, no stream is reset, no session re-handshakes,
-/// and the stall per jump is measured.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
+/// `bulk` with a jump every second and a fifth of the open connections cut
+/// every second: the run passes its thresholds (no reset, no
+/// re-handshake), and no byte is lost, duplicated or failed.
+async fn bulk_under_jumps_and_cuts(
+    sessions: &str,
+    rate: &str,
+    duration_s: &str,
+    streams: &str,
+    bytes: &str,
+) -> serde_json::Value {
     let _s = SERIAL.lock().await;
     let (code, v, stderr) = run(&[
         "--local-cluster",
@@ -229,19 +233,19 @@ async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
         "--scenario",
         "bulk",
         "--sessions",
-        "4",
+        sessions,
         "--rate",
-        "20",
+        rate,
         "--duration-s",
-        "6",
+        duration_s,
         "--jump-every-s",
         "1",
         "--loss-pct",
         "20",
         "--streams-per-session",
-        "2",
+        streams,
         "--transfer-bytes",
-        "2097152",
+        bytes,
         "--threshold",
         "streams_reset_explicitly<1",
         "--threshold",
@@ -259,9 +263,6 @@ async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
     ] {
         assert_eq!(v[k], 0, "{k}: {v}");
     }
-    assert!(v["stream_bytes"].as_u64().unwrap() > 0, "{v}");
-    assert!(v["resumes_ok"].as_u64().unwrap() >= 8, "{v}");
-    assert!(v["stall_ms_per_jump"]["p99"].as_u64().is_some(), "{v}");
     assert!(
         v["thresholds"]
             .as_array()
@@ -269,6 +270,19 @@ async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
             .iter()
             .all(|t| t["ok"] == true)
     );
+    v
+}
+
+/// `bulk`: sessions with a data plane move bytes while each jumps every
+/// second and a fifth of the open connections is cut every second: every
+/// byte comes back exactly, no stream is reset, no session re-handshakes,
+/// and the stall per jump is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
+    let v = bulk_under_jumps_and_cuts("4", "20", "6", "2", "2097152").await;
+    assert!(v["stream_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["resumes_ok"].as_u64().unwrap() >= 8, "{v}");
+    assert!(v["stall_ms_per_jump"]["p99"].as_u64().is_some(), "{v}");
 }
 
 /// The data-plane issue's acceptance run: 256 MiB each way through the
@@ -279,43 +293,7 @@ async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
 /// no reset, no re-handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_256_mib_transfer_through_socks_is_byte_exact_across_jumps_and_cuts() {
-    let _s = SERIAL.lock().await;
-    let (code, v, stderr) = run(&[
-        "--local-cluster",
-        "2",
-        "--scenario",
-        "bulk",
-        "--sessions",
-        "1",
-        "--rate",
-        "1",
-        "--streams-per-session",
-        "1",
-        "--transfer-bytes",
-        "268435456",
-        "--duration-s",
-        "10",
-        "--jump-every-s",
-        "1",
-        "--loss-pct",
-        "20",
-        "--threshold",
-        "streams_reset_explicitly<1",
-        "--threshold",
-        "rehandshakes<1",
-    ])
-    .await;
-    assert_eq!(code, Some(0), "{stderr}\n{v}");
-    assert_invariants_zero(&v);
-    for k in [
-        "stream_bytes_lost",
-        "stream_bytes_duplicated",
-        "streams_failed",
-        "streams_reset_explicitly",
-        "rehandshakes",
-    ] {
-        assert_eq!(v[k], 0, "{k}: {v}");
-    }
+    let v = bulk_under_jumps_and_cuts("1", "1", "10", "1", "268435456").await;
     let transfers = v["streams_completed"].as_u64().unwrap();
     assert!(transfers >= 1, "{v}");
     assert_eq!(v["stream_bytes"].as_u64().unwrap(), transfers << 28, "{v}");

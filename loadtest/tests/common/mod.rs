@@ -140,6 +140,23 @@ where
     .unwrap()
 }
 
+/// Runs `jvpn-loadtest args`, fails the test (with its output) unless it
+/// exits 0 within `within`, and returns its stdout.
+pub async fn loadtest_ok<I, S>(args: I, within: Duration) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = loadtest(args, within).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "jvpn-loadtest failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 // ---- clusters: failures, leases, partitions --------------------------------
 
 /// The agents' switch cooldown in these clusters, plus slack.
