@@ -34,6 +34,9 @@ pub struct AgentReport {
     /// New HELLOs after a session was lost, explicit and counted.
     pub rehandshakes: u64,
     pub rehandshake_reasons: BTreeMap<String, u64>,
+    /// Streams reset because their session ended, by the session's reason
+    /// (e.g. `owner_lost`): explicit ends, each counted.
+    pub streams_reset: BTreeMap<String, u64>,
     pub resumes_ok: u64,
     pub resumes_rejected: BTreeMap<String, u64>,
     /// Security or protocol checks that failed.
@@ -103,6 +106,24 @@ fn update(report: &Mutex<AgentReport>, f: impl FnOnce(&mut AgentReport)) {
 
 fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     *map.entry(key.to_owned()).or_insert(0) += 1;
+}
+
+/// The session ended under its streams: every open one is reset with
+/// `why`, counted by reason and said once (no identifiers).
+fn end_streams(
+    agent: &mut Agent,
+    transitions: &Option<Transitions>,
+    report: &Mutex<AgentReport>,
+    why: &str,
+) {
+    let open = agent.open_streams();
+    agent.end_streams(why);
+    if open > 0 {
+        note(transitions, format!("{open} open streams reset: {why}"));
+        update(report, |r| {
+            *r.streams_reset.entry(why.to_owned()).or_insert(0) += open
+        });
+    }
 }
 
 fn reason_str(e: &AgentError) -> String {
@@ -337,7 +358,7 @@ pub async fn keep_alive(
         let lost_at = Instant::now();
         if e.session_gone() {
             // The session's streams end here, explicitly, with its reason.
-            agent.end_streams(&reason_str(&e));
+            end_streams(&mut agent, &transitions, &report, &reason_str(&e));
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
                     update(&report, |r| {
@@ -555,7 +576,7 @@ async fn reattach(
                     continue;
                 }
                 if e.session_gone() || remaining.is_zero() {
-                    agent.end_streams(&why);
+                    end_streams(agent, transitions, report, &why);
                     let t = establish(agent, transitions, Some(why.clone())).await?;
                     update(report, |r| {
                         r.rehandshakes += 1;

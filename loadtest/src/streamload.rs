@@ -97,7 +97,14 @@ struct Progress {
     /// otherwise the task is doing the tool's own work, which no jump
     /// can stall.
     active: AtomicBool,
+    /// Transfers started (a probe stops watching when this changes).
+    transfers: AtomicU64,
 }
+
+/// How long after a jump a stream's arrivals are watched for its longest
+/// gap: far beyond a resume (milliseconds on loopback), short of the
+/// next jump in the load tool's scenarios.
+pub const STALL_WINDOW: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Shared {
@@ -171,10 +178,17 @@ impl StreamLoad {
     }
 
     /// Records, for a jump made at `at` by the agent of tunnel `tunnel`
-    /// (`None`: every agent), how long until each of its streams that was
-    /// in a transfer moved a byte again (waiting at most `within`; a
-    /// stream that did not move counts as `within`). Runs on its own, so
-    /// probes may overlap.
+    /// (`None`: every agent), the longest time each of its streams that
+    /// was in a transfer went without a byte arriving, from the jump to
+    /// [`STALL_WINDOW`] after it. The longest gap, not the time to the next
+    /// byte: bytes already buffered (HTTP/2's window, the sockets) keep
+    /// arriving for a moment after a transport is gone, and the stall
+    /// shows only after them. A stream that got nothing in the window is
+    /// waited for up to `within` (a stream that never moves counts as
+    /// `within`). Gaps are read whenever any stream moves, so a late look
+    /// can only make a gap longer, never hide one. A stream whose transfer
+    /// ends in the window is measured up to its end (what follows is the
+    /// tool's own work). Runs on its own, so probes may overlap.
     pub fn probe_stalls(
         &self,
         tunnel: Option<usize>,
@@ -184,42 +198,71 @@ impl StreamLoad {
         let sh = self.shared.clone();
         async move {
             let since = at.duration_since(sh.origin).as_micros() as u64;
-            let deadline = Instant::now() + within;
-            let mut pending: Vec<usize> = match tunnel {
+            let window_end = at + STALL_WINDOW.min(within);
+            let give_up = at + within;
+            let picked: Vec<usize> = match tunnel {
                 Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
                 None => (0..sh.progress.len()).collect(),
             };
-            pending.retain(|i| {
-                sh.progress
-                    .get(*i)
-                    .is_some_and(|p| p.active.load(Ordering::Relaxed))
-            });
+            // Per watched stream: its index, the transfer it is in, the
+            // last arrival seen (the jump to start with), the longest gap.
+            let mut watched: Vec<(usize, u64, u64, u64)> = picked
+                .into_iter()
+                .filter_map(|i| {
+                    let p = sh.progress.get(i)?;
+                    p.active
+                        .load(Ordering::Relaxed)
+                        .then(|| (i, p.transfers.load(Ordering::Relaxed), since, 0))
+                })
+                .collect();
             let mut out = Vec::new();
             loop {
-                // Registered before looking, so no progress is missed.
+                // Registered before looking, so no arrival is missed.
                 let moved = sh.counters.moved.notified();
                 tokio::pin!(moved);
                 moved.as_mut().enable();
-                pending.retain(|i| {
-                    let p = sh.progress[*i].last.load(Ordering::Relaxed);
-                    if p > since {
-                        out.push((p - since) / 1_000);
-                        false
-                    } else {
-                        true
+                let now = Instant::now();
+                let now_us = now.duration_since(sh.origin).as_micros() as u64;
+                watched.retain_mut(|(i, transfer, prev, gap)| {
+                    let p = &sh.progress[*i];
+                    let last = p.last.load(Ordering::Relaxed);
+                    let same_transfer = p.transfers.load(Ordering::Relaxed) == *transfer
+                        && p.active.load(Ordering::Relaxed);
+                    if same_transfer && last > *prev {
+                        *gap = (*gap).max(last - *prev);
+                        *prev = last;
                     }
+                    let moved_since_jump = *prev > since;
+                    let done = if !same_transfer {
+                        // Ended (or a new transfer began): measured so far.
+                        true
+                    } else if now >= window_end && moved_since_jump {
+                        // The gap still open at the window's end counts too.
+                        *gap = (*gap).max(now_us.saturating_sub(*prev));
+                        true
+                    } else {
+                        now >= give_up
+                    };
+                    if done {
+                        let g = if moved_since_jump || !same_transfer {
+                            *gap
+                        } else {
+                            within.as_micros() as u64
+                        };
+                        out.push(g / 1_000);
+                    }
+                    !done
                 });
-                if pending.is_empty() {
+                if watched.is_empty() {
                     break;
                 }
-                if tokio::time::timeout_at(deadline.into(), moved)
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                let wake = if Instant::now() < window_end {
+                    window_end
+                } else {
+                    give_up
+                };
+                let _ = tokio::time::timeout_at(wake.into(), moved).await;
             }
-            out.extend(pending.iter().map(|_| within.as_millis() as u64));
             sh.stalls
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -290,6 +333,10 @@ async fn stream_task(
         };
         n += 1;
         next = make(n);
+        progress.transfers.fetch_add(1, Ordering::Relaxed);
+        progress
+            .last
+            .store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
         progress.active.store(true, Ordering::Relaxed);
         let s = match crate::socks::connect(door, dest).await {
             Ok(s) => s,

@@ -295,6 +295,69 @@ async fn curl_fetches_through_socks5_and_http_connect() {
     a.task.await.unwrap();
 }
 
+/// Malformed requests on the agent's front door get the protocol's own
+/// error answer and a closed connection, and touch nothing else: the same
+/// front door then carries a good stream, and the session never
+/// re-handshaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_front_door_requests_close_only_their_connection() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let door_addr = door.local_addr().unwrap();
+    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    // (bytes sent, exact answer expected before the close)
+    let cases: [(&[u8], &[u8]); 5] = [
+        // SOCKS5, BIND (command 2): "command not supported".
+        (
+            b"\x05\x01\x00\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50",
+            b"\x05\x00\x05\x07\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // SOCKS5, address type 9: "address type not supported".
+        (
+            b"\x05\x01\x00\x05\x01\x00\x09\x00",
+            b"\x05\x00\x05\x08\x00\x01\x00\x00\x00\x00\x00\x00",
+        ),
+        // SOCKS5 offering only username/password: no acceptable method.
+        (b"\x05\x01\x02", b"\x05\xff"),
+        // HTTP, not CONNECT.
+        (
+            b"GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\n\r\n",
+            b"HTTP/1.1 405",
+        ),
+        // HTTP CONNECT without a port.
+        (b"CONNECT example.org HTTP/1.1\r\n\r\n", b"HTTP/1.1 400"),
+    ];
+    for (sent, want) in cases {
+        let mut c = TcpStream::connect(door_addr).await.unwrap();
+        c.write_all(sent).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+            .await
+            .expect("the front door closes a malformed request")
+            .unwrap();
+        assert!(
+            got.starts_with(want),
+            "{sent:?}: answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // The same front door and session still carry a good stream.
+    let echo = echo_server().await;
+    let mut c = jvpn_loadtest::socks::connect(door_addr, echo)
+        .await
+        .unwrap();
+    c.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    drop(c);
+    drop(a.cmds);
+    let r = a.task.await.unwrap();
+    assert_eq!(r.rehandshakes, 0, "{r:?}");
+    assert_eq!(r.sessions_established, 1, "{r:?}");
+}
+
 /// Bad channel input from an agent (a gap, an ack for bytes never sent, a
 /// resume offset never sent) ends that session with `protocol_error`,
 /// counted; another session's streams go on.

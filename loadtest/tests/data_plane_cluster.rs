@@ -190,6 +190,8 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
         let (s, kind, at) = e.await.unwrap();
         let after = at.duration_since(killed_at);
         assert!(after <= bound, "stream {s} ended {after:?} after the kill");
+        // A reset, as the application sees it (never a clean end).
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "stream {s}");
         eprintln!("stream {s} ended with {kind:?} after {after:?}");
     }
     // New streams go over the new session.
@@ -203,6 +205,13 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
     let rep = a.report.lock().unwrap().clone();
     assert_eq!(rep.rehandshakes, 1, "{rep:?}");
     assert_ne!(rep.node_id, owner);
+    // The agent counted the 20 resets, with the session's reason.
+    assert_eq!(rep.streams_reset.values().sum::<u64>(), 20, "{rep:?}");
+    assert_eq!(
+        rep.streams_reset.keys().collect::<Vec<_>>(),
+        rep.rehandshake_reasons.keys().collect::<Vec<_>>(),
+        "{rep:?}"
+    );
     assert_eq!(
         a.tunnel
             .counters()

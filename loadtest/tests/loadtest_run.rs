@@ -270,6 +270,8 @@ async fn bulk_under_jumps_and_cuts(
             .iter()
             .all(|t| t["ok"] == true)
     );
+    // The cuts really happened (not only the jumps).
+    assert!(v["connections_cut"].as_u64().unwrap() > 0, "{v}");
     v
 }
 

@@ -273,3 +273,65 @@ async fn an_upgraded_stream_over_a_closed_session_ends_in_an_error() {
     link.abort();
     server.abort();
 }
+
+/// The channel wakes its transport writer only when the writer had run dry
+/// or an ack falls due (not on every write and read). Bytes written while
+/// the writer still has unsent ones need no wake-up: the writer takes them
+/// in the same drain. Every write after a drain, and the first read (which
+/// starts the ack timer), must still wake it.
+#[tokio::test]
+async fn the_writer_is_woken_when_it_must_be_and_loses_nothing() {
+    use std::time::Duration;
+    let mut cfg = ChannelConfig::with_window(1 << 20);
+    cfg.max_payload = 4;
+    let (ch, mut io) = SessionChannel::new(cfg);
+    let g = ch.first();
+    let mut wake = ch.wakeups();
+    io.write_all(b"abcdefgh").await.unwrap();
+    assert!(woken(&mut wake).await, "the first bytes wake the writer");
+    // The writer takes one frame, then more bytes arrive mid-drain.
+    let mut sent = Vec::new();
+    let Some(Kind::Data(d)) = ch.next_frame(g, false) else {
+        panic!("a Data frame")
+    };
+    sent.extend_from_slice(&d.payload);
+    io.write_all(b"ijkl").await.unwrap();
+    // Its drain goes on until nothing is left, and takes them too.
+    while let Some(k) = ch.next_frame(g, false) {
+        if let Kind::Data(d) = k {
+            sent.extend_from_slice(&d.payload);
+        }
+    }
+    assert_eq!(sent, b"abcdefghijkl");
+    // Dry now: the next write must wake it again.
+    let _ = woken(&mut wake).await;
+    io.write_all(b"m").await.unwrap();
+    assert!(woken(&mut wake).await, "a write after a drain wakes");
+
+    // The read side: the first byte consumed starts the ack timer, which
+    // the writer must learn about.
+    let _ = woken(&mut wake).await;
+    ch.on_data(
+        g,
+        jvpn_proto::pb::session::Data {
+            seq: 0,
+            payload: Bytes::from_static(b"xy"),
+        },
+    )
+    .unwrap();
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await.unwrap();
+    assert!(woken(&mut wake).await, "the first read arms the ack timer");
+    assert!(ch.ack_at().is_some());
+    // An ack due by time goes out when the writer's timer fires.
+    // (1 ms past it: the channel's clock counts whole milliseconds.)
+    tokio::time::sleep_until((ch.ack_at().unwrap() + Duration::from_millis(1)).into()).await;
+    assert!(matches!(ch.next_frame(g, false), Some(Kind::Ack(a)) if a.seq == 1));
+
+    /// Whether a wake-up is pending (a pending one resolves at once).
+    async fn woken(w: &mut jvpn_runtime::channel_io::Wakeups) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), w.changed())
+            .await
+            .is_ok()
+    }
+}

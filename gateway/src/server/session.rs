@@ -580,6 +580,13 @@ async fn write_loop(
         }
         // Everything the channel has for this transport, in batches.
         if let Some((ch, g)) = &at.channel {
+            if !ch.is_current(*g) {
+                // A newer transport carries the session's channel: this
+                // one has nothing left to send (and its ack timer would
+                // fire in a loop), so it ends; the engine has already
+                // moved the session.
+                return None;
+            }
             while let Some(k) = ch.next_frame(*g, false) {
                 if frame::encode(k, &mut out).is_err() {
                     return Some(ReasonCode::ProtocolError);

@@ -355,12 +355,14 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         )?),
         None => None,
     };
+    let cut = std::sync::atomic::AtomicU64::new(0);
     let setting = Setting {
         pki,
         entry: &entry,
         proxies: &proxies,
         watch: &watch,
         load: load.as_ref(),
+        cut: &cut,
     };
     drive(&opts, &mut fleet, cluster.as_mut(), &setting, stop_at).await?;
     let streams = match load {
@@ -457,6 +459,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         errors_by_reason: errors(&reports),
         echo_failed,
         echo_lost,
+        connections_cut: cut.load(std::sync::atomic::Ordering::Relaxed),
         invariants: inv,
         flood,
         streams,
@@ -540,6 +543,8 @@ struct Setting<'a> {
     watch: &'a Mutex<Vec<Arc<Mutex<AgentReport>>>>,
     /// `bulk`: the streams moving bytes.
     load: Option<&'a StreamLoad>,
+    /// Connections the fault proxies cut (`--loss-pct`).
+    cut: &'a std::sync::atomic::AtomicU64,
 }
 
 /// Every second until `stop_at`, the fault proxies cut `--loss-pct` % of
@@ -552,7 +557,10 @@ async fn cut_connections(opts: &RunOptions, setting: &Setting<'_>, stop_at: Inst
         due += Duration::from_secs(1);
         tokio::time::sleep_until(due.into()).await;
         for p in setting.proxies {
-            p.cut_fraction(opts.loss_pct / 100.0, &mut rng);
+            let n = p.cut_fraction(opts.loss_pct / 100.0, &mut rng);
+            setting
+                .cut
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
     Ok(())

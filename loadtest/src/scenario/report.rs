@@ -79,6 +79,9 @@ pub struct RunReport {
     pub echo_failed: u64,
     /// Echoes whose transport died under them (the session then resumed).
     pub echo_lost: u64,
+    /// Connections the fault proxies cut (`--loss-pct`), so a run can show
+    /// its faults really happened.
+    pub connections_cut: u64,
     #[serde(flatten)]
     pub invariants: Invariants,
     #[serde(skip_serializing_if = "Option::is_none")]
