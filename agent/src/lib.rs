@@ -383,6 +383,12 @@ impl Agent {
             .clone()
     }
 
+    /// Whether the current session has a channel (the gateway granted the
+    /// data plane in its HelloOk / ResumeOk).
+    pub fn has_channel(&self) -> bool {
+        self.data.as_ref().is_some_and(|(d, _)| d.channel.is_some())
+    }
+
     /// Why the current session's channel was closed while the session
     /// lives (its HTTP/2 connection ended), if it was.
     pub fn channel_broken(&self) -> Option<String> {

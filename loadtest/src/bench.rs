@@ -468,6 +468,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                         let _ = a.tunnel();
                     }
                     let t = a.hello().await?;
+                    if channel && !a.has_channel() {
+                        anyhow::bail!("the gateway granted no channel: nothing measured");
+                    }
                     if attached {
                         ts.push((t, a));
                     }
