@@ -179,9 +179,12 @@ async fn streams_stay_byte_exact_while_transports_are_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
-    // Only 127.0.0.2 is allowed: 127.0.0.1 stays protected loopback.
+    // Only 127.0.0.2 is allowed (but not its port 9): 127.0.0.1 stays
+    // protected loopback, and 127.0.0.3 is denied by a rule of its own.
     let env = common::start(
-        "[[egress.rules]]\naction = \"allow\"\ncidrs = [\"127.0.0.2/32\"]\nports = [\"1-65535\"]\n\
+        "[[egress.rules]]\naction = \"deny\"\ncidrs = [\"127.0.0.3/32\"]\n\
+         [[egress.rules]]\naction = \"deny\"\ncidrs = [\"127.0.0.2/32\"]\nports = [\"9\"]\n\
+         [[egress.rules]]\naction = \"allow\"\ncidrs = [\"127.0.0.2/32\"]\nports = [\"1-65535\"]\n\
          [egress]\nmax_streams_per_session = 1\n",
     )
     .await;
@@ -201,12 +204,34 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
         Err(StreamError::Refused(Refusal::ConnectionRefused)) => {}
         other => panic!("expected connection_refused, got {other:?}"),
     }
+    // Through the SOCKS front door, as an application sees them: a denied
+    // CIDR and a denied port answer 2 ("not allowed by ruleset"), a closed
+    // port 5 ("connection refused").
+    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let door_addr = door.local_addr().unwrap();
+    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    for (to, code) in [
+        (SocketAddr::from(([127, 0, 0, 3], echo.port())), 2),
+        (SocketAddr::from(([127, 0, 0, 2], 9)), 2),
+        (SocketAddr::from(([127, 0, 0, 2], 1)), 5),
+    ] {
+        match jvpn_loadtest::socks::connect(door_addr, to).await {
+            Err(jvpn_loadtest::socks::SocksError::Refused(c)) => assert_eq!(c, code, "{to}"),
+            other => panic!("{to}: expected SOCKS reply {code}, got {other:?}"),
+        }
+    }
     let denied = env
         .gw
         .metric("jvpn_gateway_egress_denied_total", &[("rule", "loopback")])
         .await
         .unwrap();
     assert!(denied >= 2.0, "loopback denials counted: {denied}");
+    let by_rule = env
+        .gw
+        .metric("jvpn_gateway_egress_denied_total", &[("rule", "rule")])
+        .await
+        .unwrap();
+    assert_eq!(by_rule, 2.0, "the CIDR and the port denial, by rule");
     let not_allowed = env
         .gw
         .metric(
@@ -215,7 +240,7 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
         )
         .await
         .unwrap();
-    assert_eq!(not_allowed, 2.0);
+    assert_eq!(not_allowed, 4.0);
     drop(a.cmds);
     a.task.await.unwrap();
 }
@@ -768,4 +793,75 @@ async fn a_stopped_reader_does_not_freeze_the_sessions_other_streams() {
     drop(stalled);
     drop(a.cmds);
     a.task.await.unwrap();
+}
+
+/// Stream events in the gateway's event stream: `StreamOpened`,
+/// `StreamRefused` and `StreamClosed` with the bytes each way; the
+/// destination only when the operator turned `events.audit_destinations`
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_events_carry_the_destination_only_when_audited() {
+    for audit in [false, true] {
+        let env = common::start_with(harness::GatewayOptions {
+            extra_toml: LOOPBACK_ALLOWED.into(),
+            env: vec![(
+                "JVPN_GATEWAY__EVENTS__AUDIT_DESTINATIONS".into(),
+                audit.to_string(),
+            )],
+            ..Default::default()
+        })
+        .await;
+        let a = run_agent(&env, env.gw.client_addr);
+        let echo = echo_server().await;
+        let back = through_echo(&a.tunnel, echo, b"0123456789".to_vec()).await;
+        assert_eq!(back, b"0123456789");
+        // Refused: link-local is protected.
+        assert!(a_connect(&a.tunnel, "169.254.169.254", 80).await.is_err());
+        let path = env.gw.events_path.clone();
+        let events = || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| {
+                    v["event_type"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("Stream"))
+                })
+                .collect::<Vec<_>>()
+        };
+        eventually(Duration::from_secs(10), "stream events written", || {
+            let n = events().len();
+            async move { n >= 3 }
+        })
+        .await
+        .unwrap();
+        let ev = events();
+        let of = |t: &str| {
+            let all: Vec<&serde_json::Value> = ev.iter().filter(|v| v["event_type"] == t).collect();
+            assert_eq!(all.len(), 1, "one {t}: {ev:?}");
+            all[0].clone()
+        };
+        // (Closed and Refused may be written in either order.)
+        assert_eq!(of("StreamOpened")["stream"], 1);
+        let closed = of("StreamClosed");
+        assert_eq!(closed["stream"], 1, "{closed}");
+        assert_eq!(closed["bytes_to_destination"], 10, "{closed}");
+        assert_eq!(closed["bytes_from_destination"], 10, "{closed}");
+        assert_eq!(closed["how"], "closed", "{closed}");
+        let refused = of("StreamRefused");
+        assert_eq!(refused["reason"], "not_allowed", "{refused}");
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        for v in &ev {
+            let text = v.to_string();
+            if audit {
+                assert!(v["destination"].is_string(), "audited: {v}");
+            } else {
+                assert!(v.get("destination").is_none(), "not audited: {v}");
+                assert!(!text.contains("169.254"), "{v}");
+            }
+        }
+        drop(a.cmds);
+        a.task.await.unwrap();
+    }
 }
