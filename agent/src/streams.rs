@@ -204,22 +204,11 @@ impl Tunnel {
     }
 }
 
-/// HTTP/2's flow-control windows from the channel's: a stream may have
-/// half the channel window in flight, the connection four windows, so a
-/// stream whose reader stopped holds at most half a window at the receiver
-/// and can never freeze the session's other streams (a connection window
-/// equal to the stream window would: the stopped stream would use it all).
-pub(crate) fn h2_windows_of(window: u64) -> (u32, u32) {
-    let stream = u32::try_from((window / 2).max(64 * 1024)).unwrap_or(u32::MAX);
-    let conn = u32::try_from(window.saturating_mul(4)).unwrap_or(u32::MAX);
-    (stream, conn)
-}
-
 fn h2_windows(
     b: &mut hyper::client::conn::http2::Builder<TokioExecutor>,
     window: u64,
 ) -> &mut hyper::client::conn::http2::Builder<TokioExecutor> {
-    let (stream, conn) = h2_windows_of(window);
+    let (stream, conn) = jvpn_runtime::channel_io::h2_windows(window);
     b.initial_stream_window_size(stream)
         .initial_connection_window_size(conn)
         .adaptive_window(false)

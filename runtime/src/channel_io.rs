@@ -39,6 +39,18 @@ use tokio::sync::watch;
 
 use crate::wire::lock;
 
+/// HTTP/2's initial (stream, connection) flow-control windows over a
+/// channel of `window` bytes, the same at both ends: a stream may have
+/// half the channel window in flight, the connection four windows, so a
+/// stream whose reader stopped holds at most half a window at the receiver
+/// and can never freeze the session's other streams (a connection window
+/// equal to the stream window would: the stopped stream would use it all).
+pub fn h2_windows(window: u64) -> (u32, u32) {
+    let stream = u32::try_from((window / 2).max(64 * 1024)).unwrap_or(u32::MAX);
+    let conn = u32::try_from(window.saturating_mul(4)).unwrap_or(u32::MAX);
+    (stream, conn)
+}
+
 /// What [`SessionChannel::resume_from`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Resumed {

@@ -118,11 +118,8 @@ async fn serve(
         let ctx = ctx_svc.clone();
         async move { Ok::<_, Infallible>(connect(&shared, &ctx, req).await) }
     });
-    // HTTP/2's windows from the channel's, as the agent sets them: a stream
-    // may have half a window in flight, the connection four, so one stopped
-    // reader holds little and never freezes the session's other streams.
-    let stream_w = u32::try_from((policy.window_bytes / 2).max(64 * 1024)).unwrap_or(u32::MAX);
-    let conn_w = u32::try_from(policy.window_bytes.saturating_mul(4)).unwrap_or(u32::MAX);
+    // HTTP/2's windows from the channel's, as the agent sets them.
+    let (stream_w, conn_w) = jvpn_runtime::channel_io::h2_windows(policy.window_bytes);
     // Above the session's stream limit, so that the limit answers with a
     // refusal (`too_many_streams`) instead of HTTP/2 queueing the request.
     let concurrent =
