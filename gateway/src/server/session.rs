@@ -558,24 +558,8 @@ async fn write_loop(
         // Controls first, even while the channel has bytes queued: a GoAway
         // must not wait behind a download.
         while let Ok(ctl) = rx.try_recv() {
-            match ctl {
-                Control::Terminate(ReasonCode::TransportReplaced) if bound(shared, at) => {}
-                Control::Terminate(reason) => {
-                    let _ = within(write_limit, send_terminate(wr, reason)).await;
-                    return None;
-                }
-                Control::GoAway { deadline_ms } => {
-                    let g = GoAway {
-                        reason: ReasonCode::Draining as i32,
-                        deadline_ms,
-                    };
-                    if within(write_limit, write_frame(wr, Kind::GoAway(g)))
-                        .await
-                        .is_err()
-                    {
-                        return Some(ReasonCode::TransportDead);
-                    }
-                }
+            if let Err(end) = on_control(shared, at, wr, ctl, write_limit).await {
+                return end;
             }
         }
         // Everything the channel has for this transport, in batches.
@@ -611,18 +595,9 @@ async fn write_loop(
         tokio::select! {
             biased;
             ctl = rx.recv() => match ctl {
-                Some(Control::Terminate(ReasonCode::TransportReplaced)) if bound(shared, at) => {
-                    // A RESUME on this very connection "replaced" it with
-                    // itself (the reader's in-session RESUME): it stays.
-                }
-                Some(Control::Terminate(reason)) => {
-                    let _ = within(write_limit, send_terminate(wr, reason)).await;
-                    return None; // the engine already unbound this transport
-                }
-                Some(Control::GoAway { deadline_ms }) => {
-                    let g = GoAway { reason: ReasonCode::Draining as i32, deadline_ms };
-                    if within(write_limit, write_frame(wr, Kind::GoAway(g))).await.is_err() {
-                        return Some(ReasonCode::TransportDead);
+                Some(ctl) => {
+                    if let Err(end) = on_control(shared, at, wr, ctl, write_limit).await {
+                        return end;
                     }
                 }
                 None => return None,
@@ -646,6 +621,35 @@ async fn write_loop(
                     None => std::future::pending().await,
                 }
             } => {}
+        }
+    }
+}
+
+/// Carries out one control from the engine. `Err(end)`: the writer ends
+/// with `end` (`None`: the engine already unbound this transport).
+async fn on_control(
+    shared: &Shared,
+    at: &Attached,
+    wr: &mut SharedIo<Tls>,
+    ctl: Control,
+    write_limit: Duration,
+) -> Result<(), End> {
+    match ctl {
+        // A RESUME on this very connection "replaced" it with itself (the
+        // reader's in-session RESUME): it stays.
+        Control::Terminate(ReasonCode::TransportReplaced) if bound(shared, at) => Ok(()),
+        Control::Terminate(reason) => {
+            let _ = within(write_limit, send_terminate(wr, reason)).await;
+            Err(None)
+        }
+        Control::GoAway { deadline_ms } => {
+            let g = GoAway {
+                reason: ReasonCode::Draining as i32,
+                deadline_ms,
+            };
+            within(write_limit, write_frame(wr, Kind::GoAway(g)))
+                .await
+                .map_err(|_| Some(ReasonCode::TransportDead))
         }
     }
 }
