@@ -46,6 +46,18 @@ pub async fn echo_destination() -> Result<SocketAddr> {
 pub const LOOPBACK_EGRESS: &str =
     "[[egress.rules]]\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\", \"::1/128\"]\n";
 
+/// Serves `tunnel`'s SOCKS5 / HTTP CONNECT front door on a fresh
+/// 127.0.0.1 port, as `jvpn-agent connect --socks` does; the port and the
+/// serving task (abort it to stop). Needs a tokio runtime.
+pub fn front_door(tunnel: &Tunnel) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let l = TcpListener::from_std(l)?;
+    let addr = l.local_addr()?;
+    let task = tokio::spawn(jvpn_agent::frontdoor::serve::serve_proxy(l, tunnel.clone()));
+    Ok((addr, task))
+}
+
 /// What the streams saw.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamStats {
@@ -139,14 +151,8 @@ impl StreamLoad {
         let mut doors = Vec::new();
         let mut progress = Vec::new();
         for (i, t) in tunnels.iter().enumerate() {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            let l = TcpListener::from_std(l)?;
-            let door = l.local_addr()?;
-            doors.push(tokio::spawn(jvpn_agent::frontdoor::serve::serve_proxy(
-                l,
-                t.clone(),
-            )));
+            let (door, task) = front_door(t)?;
+            doors.push(task);
             for j in 0..per_tunnel {
                 let p = Arc::new(Progress::default());
                 progress.push(p.clone());

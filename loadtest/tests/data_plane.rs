@@ -12,11 +12,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jvpn_agent::frontdoor::serve::serve_proxy;
 use jvpn_agent::streams::{StreamError, Tunnel};
 use jvpn_loadtest::faultproxy::FaultProxy;
 use jvpn_loadtest::harness::{self, eventually};
-use jvpn_loadtest::streamload::pattern;
+use jvpn_loadtest::streamload::{front_door, pattern};
 use jvpn_proto::stream::{Refusal, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -207,9 +206,7 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
     // Through the SOCKS front door, as an application sees them: a denied
     // CIDR and a denied port answer 2 ("not allowed by ruleset"), a closed
     // port 5 ("connection refused").
-    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let door_addr = door.local_addr().unwrap();
-    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    let (door_addr, _door) = front_door(&a.tunnel).unwrap();
     for (to, code) in [
         (SocketAddr::from(([127, 0, 0, 3], echo.port())), 2),
         (SocketAddr::from(([127, 0, 0, 2], 9)), 2),
@@ -259,9 +256,7 @@ async fn curl_fetches_through_socks5_and_http_connect() {
     let a = run_agent(&env, env.gw.client_addr);
     let body = pattern(42, 3 << 20);
     let web = http_server(body.clone()).await;
-    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let door_addr = door.local_addr().unwrap();
-    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    let (door_addr, _door) = front_door(&a.tunnel).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (name, args) in [
         (
@@ -328,9 +323,7 @@ async fn curl_fetches_through_socks5_and_http_connect() {
 async fn malformed_front_door_requests_close_only_their_connection() {
     let env = common::start(LOOPBACK_ALLOWED).await;
     let a = run_agent(&env, env.gw.client_addr);
-    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let door_addr = door.local_addr().unwrap();
-    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    let (door_addr, _door) = front_door(&a.tunnel).unwrap();
     // (bytes sent, exact answer expected before the close)
     let cases: [(&[u8], &[u8]); 5] = [
         // SOCKS5, BIND (command 2): "command not supported".
@@ -613,9 +606,7 @@ async fn chromium_loads_a_page_with_its_resources_through_socks() {
     let env = common::start(LOOPBACK_ALLOWED).await;
     let a = run_agent(&env, env.gw.client_addr);
     let (web, log) = site().await;
-    let door = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let door_addr = door.local_addr().unwrap();
-    tokio::spawn(serve_proxy(door, a.tunnel.clone()));
+    let (door_addr, _door) = front_door(&a.tunnel).unwrap();
     let profile = tempfile::tempdir().unwrap();
     let out = common::chromium(
         &[
