@@ -859,3 +859,87 @@ async fn stream_events_carry_the_destination_only_when_audited() {
         a.task.await.unwrap();
     }
 }
+
+/// The refusals a destination causes, as the application sees them, in a
+/// network namespace of the test's own (only `lo`, plus an `unreachable`
+/// route): no route → SOCKS 3 "network unreachable"; an unreachable route
+/// → 4 "host unreachable"; a destination that never answers the SYN (a
+/// listener whose accept queue is full drops it) → 6 "TTL expired", the
+/// SOCKS code for a timeout, and 504 through HTTP CONNECT, after
+/// `egress.connect_timeout_ms`; a name nothing resolves →
+/// `name_not_resolved`. Each counted by reason.
+#[test]
+fn unreachable_and_silent_destinations_are_refused_with_their_reason() {
+    let _serial = NAMESPACE.lock().unwrap_or_else(|e| e.into_inner());
+    jvpn_loadtest::netns::enter_private_namespace().unwrap();
+    let route = std::process::Command::new("ip")
+        .args(["route", "add", "unreachable", "198.51.100.0/24"])
+        .status()
+        .unwrap();
+    assert!(route.success(), "ip route add: {route}");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let env = common::start(&format!(
+                "{LOOPBACK_ALLOWED}[[egress.rules]]\naction = \"allow\"\n\
+                 cidrs = [\"192.0.2.0/24\", \"198.51.100.0/24\"]\n\
+                 [egress]\nconnect_timeout_ms = 300\n"
+            ))
+            .await;
+            let a = run_agent(&env, env.gw.client_addr);
+            let (door, _door) = front_door(&a.tunnel).unwrap();
+            // Backlog 0: the first connection fills the accept queue, and
+            // the kernel drops every SYN after it.
+            let silent = tokio::net::TcpSocket::new_v4().unwrap();
+            silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let silent = silent.listen(0).unwrap();
+            let silent_at = silent.local_addr().unwrap();
+            let _queued = TcpStream::connect(silent_at).await.unwrap();
+            for (to, code) in [
+                (SocketAddr::from(([192, 0, 2, 1], 80)), 3),
+                (SocketAddr::from(([198, 51, 100, 1], 80)), 4),
+                (silent_at, 6),
+            ] {
+                match jvpn_loadtest::socks::connect(door, to).await {
+                    Err(jvpn_loadtest::socks::SocksError::Refused(c)) => {
+                        assert_eq!(c, code, "{to}")
+                    }
+                    other => panic!("{to}: expected SOCKS reply {code}, got {other:?}"),
+                }
+            }
+            // A name that does not resolve (nothing answers DNS in here).
+            match a_connect(&a.tunnel, "no-such-name.invalid", 80).await {
+                Err(StreamError::Refused(Refusal::NameNotResolved)) => {}
+                other => panic!("expected name_not_resolved, got {other:?}"),
+            }
+            // The same silence through HTTP CONNECT: 504 and the reason.
+            let mut c = TcpStream::connect(door).await.unwrap();
+            let ask = format!("CONNECT {silent_at} HTTP/1.1\r\nHost: {silent_at}\r\n\r\n");
+            c.write_all(ask.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}");
+            assert!(answer.contains("timed_out"), "{answer}");
+            for (reason, want) in [
+                ("network_unreachable", 1.0),
+                ("host_unreachable", 1.0),
+                ("timed_out", 2.0),
+                ("name_not_resolved", 1.0),
+            ] {
+                let got = env
+                    .gw
+                    .metric("jvpn_gateway_streams_refused_total", &[("reason", reason)])
+                    .await
+                    .unwrap();
+                assert_eq!(got, want, "{reason}");
+            }
+            drop(a.cmds);
+            a.task.await.unwrap();
+        });
+}
+
+/// Tests that move their thread into a network namespace run one at a time.
+static NAMESPACE: std::sync::Mutex<()> = std::sync::Mutex::new(());
