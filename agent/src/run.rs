@@ -288,11 +288,22 @@ pub async fn keep_alive(
                 out.clear();
                 sent.err()
             }
-            Ev::Frame(Ok(k @ (Kind::Data(_) | Kind::Ack(_)))) => agent
-                .data
-                .as_ref()
-                .and_then(|(d, _)| d.on_frame(k).err())
-                .map(|e| AgentError::ChannelBroken(e.to_string())),
+            Ev::Frame(Ok(k @ (Kind::Data(_) | Kind::Ack(_)))) => {
+                match agent.data.as_ref().and_then(|(d, _)| d.on_frame(k).err()) {
+                    None => None,
+                    Some(e) => {
+                        // The gateway broke the channel's rules: the session
+                        // cannot go on. Say so, so that the gateway ends it
+                        // now rather than after transport_lost_ttl.
+                        update(&report, |r| r.protocol_violations += 1);
+                        let end = Kind::Terminate(Terminate {
+                            reason: ReasonCode::ProtocolError as i32,
+                        });
+                        let _ = tokio::time::timeout(silence_limit, t.send(end)).await;
+                        Some(AgentError::ChannelBroken(format!("protocol error: {e}")))
+                    }
+                }
+            }
             Ev::Frame(Ok(_)) => None,
             Ev::Frame(Err(e)) => Some(e),
             Ev::Cmd(None) | Ev::Cmd(Some(Command::Close)) => {

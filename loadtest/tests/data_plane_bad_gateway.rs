@@ -1,0 +1,167 @@
+//! Bad channel input from the gateway's side (issue 15, "from either
+//! side"): a fake gateway (real TLS with the cluster's certificate, the
+//! real wire) grants a channel and then breaks its rules. The agent must
+//! end that session explicitly (a `Terminate` with `protocol_error` to the
+//! gateway), count the violation, and start a new session that works.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use jvpn_loadtest::harness::{self, TestPki};
+use jvpn_proto::ReasonCode;
+use jvpn_proto::pb::session::{Ack, Data, HelloOk, Policy, Pong, frame::Kind};
+use jvpn_proto::preamble::PREAMBLE_LEN;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// What the fake gateway saw: (connection number, frame from the agent).
+type Seen = mpsc::UnboundedReceiver<(usize, Kind)>;
+
+/// A gateway that answers every HELLO with a session and a channel, then
+/// sends connection `i` the frame `bad[i]` (later connections get none),
+/// answers pings, and reports every frame it receives.
+async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
+    let material = jvpn_gateway::tls::load_material(&jvpn_gateway::tls::TlsConfig {
+        cert_file: pki.layout.gateway_cert("gw-fake"),
+        key_file: pki.layout.gateway_key("gw-fake"),
+        agent_ca_file: None,
+    })
+    .unwrap();
+    let tls = jvpn_gateway::tls::server_config(&material, true).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut bad = bad.into_iter();
+        for i in 0.. {
+            let (mut tcp, _) = l.accept().await.unwrap();
+            let mut preamble = [0u8; PREAMBLE_LEN];
+            tcp.read_exact(&mut preamble).await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let bad = bad.next();
+            let seen_tx = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                loop {
+                    let k = loop {
+                        if let Some(k) = jvpn_proto::frame::decode(&mut buf).unwrap() {
+                            break k;
+                        }
+                        if tls.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                    };
+                    let mut out = BytesMut::new();
+                    match &k {
+                        Kind::Hello(_) => {
+                            let ok = hello_ok(i);
+                            jvpn_proto::frame::encode(Kind::HelloOk(ok), &mut out).unwrap();
+                            if let Some(b) = bad.clone() {
+                                jvpn_proto::frame::encode(b, &mut out).unwrap();
+                            }
+                        }
+                        Kind::Ping(p) => {
+                            let pong = Kind::Pong(Pong { seq: p.seq });
+                            jvpn_proto::frame::encode(pong, &mut out).unwrap();
+                        }
+                        _ => {}
+                    }
+                    let _ = seen_tx.send((i, k));
+                    if tls.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn hello_ok(i: usize) -> HelloOk {
+    HelloOk {
+        session_id: vec![i as u8 + 1; 16].into(),
+        node_id: "gw-fake".into(),
+        incarnation: 1,
+        state_version: 1,
+        binding_epoch: 1,
+        resume_token: vec![7u8; jvpn_proto::token::TOKEN_LEN].into(),
+        policy: Some(Policy {
+            heartbeat_interval_ms: 100,
+            heartbeat_timeout_ms: 5_000,
+            transport_lost_ttl_ms: 10_000,
+            session_max_lifetime_ms: 0,
+            max_switches_per_min: 60,
+            switch_cooldown_ms: 0,
+        }),
+        token_key_id: 0,
+        channel_window: 1 << 20,
+    }
+}
+
+/// The next frame the fake saw, failing the test after 20 s.
+async fn next(seen: &mut Seen) -> (usize, Kind) {
+    tokio::time::timeout(Duration::from_secs(20), seen.recv())
+        .await
+        .expect("the agent went quiet")
+        .expect("the fake gateway stopped")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_breaks_the_channel_loses_only_that_session() {
+    let pki = TestPki::new(&["gw-fake"]).unwrap();
+    // Connection 0: bytes past a gap (the agent received nothing yet).
+    // Connection 1: an ack for bytes the agent never sent.
+    let bad = vec![
+        Kind::Data(Data {
+            seq: 1_000,
+            payload: vec![1u8; 10].into(),
+        }),
+        Kind::Ack(Ack { seq: 1 << 20 }),
+    ];
+    let (addr, mut seen) = fake_gateway(&pki, bad).await;
+    let cfg = harness::agent_config(&pki, vec![addr], None).unwrap();
+    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
+    let _tunnel = agent.tunnel();
+    let (cmds, rx) = mpsc::channel(8);
+    let report = Arc::new(std::sync::Mutex::new(jvpn_agent::AgentReport::default()));
+    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    // Each broken session ends at the gateway explicitly, then a new HELLO.
+    let mut terminated = Vec::new();
+    let mut hellos = Vec::new();
+    loop {
+        match next(&mut seen).await {
+            (i, Kind::Hello(_)) => hellos.push(i),
+            (i, Kind::Terminate(t)) => terminated.push((i, t.reason)),
+            // The third session is good: it carries on with pings.
+            (2, Kind::Ping(_)) => break,
+            _ => {}
+        }
+    }
+    let pe = ReasonCode::ProtocolError as i32;
+    assert_eq!(terminated, [(0, pe), (1, pe)]);
+    assert_eq!(hellos, [0, 1, 2]);
+    // Several pings on the good session and no other frame: it stays.
+    for _ in 0..5 {
+        match next(&mut seen).await {
+            (2, Kind::Ping(_)) => {}
+            other => panic!("the good session should only ping, got {other:?}"),
+        }
+    }
+    let r = report.lock().unwrap().clone();
+    assert_eq!(r.protocol_violations, 2, "{r:?}");
+    assert_eq!(r.rehandshakes, 2, "{r:?}");
+    assert_eq!(
+        r.rehandshake_reasons.get("channel_broken"),
+        Some(&2),
+        "{r:?}"
+    );
+    drop(cmds);
+    let end = task.await.unwrap();
+    assert_eq!(end.ended.as_deref(), Some("agent_closed"));
+}
