@@ -85,12 +85,12 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
 
 fn hello_ok(i: usize) -> HelloOk {
     HelloOk {
-        session_id: vec![i as u8 + 1; 16].into(),
+        session_id: vec![i as u8 + 1; 16],
         node_id: "gw-fake".into(),
         incarnation: 1,
         state_version: 1,
         binding_epoch: 1,
-        resume_token: vec![7u8; jvpn_proto::token::TOKEN_LEN].into(),
+        resume_token: vec![7u8; jvpn_proto::token::TOKEN_LEN],
         policy: Some(Policy {
             heartbeat_interval_ms: 100,
             heartbeat_timeout_ms: 5_000,
