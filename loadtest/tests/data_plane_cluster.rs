@@ -9,12 +9,16 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use jvpn_agent::streams::Tunnel;
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
+use jvpn_loadtest::harness;
 use jvpn_loadtest::streamload::pattern;
 use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LOOPBACK_ALLOWED: &str = jvpn_loadtest::streamload::LOOPBACK_EGRESS;
@@ -29,84 +33,119 @@ fn run_agent(c: &LocalCluster) -> Running {
     common::streaming_agent(&c.pki, c.router_addrs())
 }
 
-/// Streams `len` bytes through the echo server in 64 KiB steps, pausing
-/// at `gate` until the caller has done its fault, then the rest; returns
-/// what came back.
-async fn echo_in_two_halves(
+/// The most a paced stream writes (it stops earlier when told to).
+const MAX: usize = 1 << 30;
+/// One paced write: 64 KiB every 10 ms, about 6 MiB/s per stream, so a
+/// fault lands while every stream is writing and has bytes in flight.
+const STEP: usize = 64 << 10;
+
+/// Writes `pattern(seed)` through the echo server in paced steps until
+/// `stop`, counting what it wrote in `written`; returns what came back
+/// and the bytes written.
+async fn paced_echo(
     tunnel: Tunnel,
     echo: SocketAddr,
     seed: u64,
-    len: usize,
-    halfway: tokio::sync::oneshot::Sender<()>,
-    go_on: tokio::sync::watch::Receiver<bool>,
-) -> Vec<u8> {
+    written: Arc<AtomicUsize>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<u8>, usize) {
     let s = tunnel.connect(&target(echo)).await.unwrap();
     let (mut r, mut w) = tokio::io::split(s);
-    let data = pattern(seed, len);
     let writer = tokio::spawn(async move {
-        let (a, b) = data.split_at(len / 2);
-        w.write_all(a).await.unwrap();
-        let _ = halfway.send(());
-        let mut go_on = go_on;
-        go_on.wait_for(|g| *g).await.unwrap();
-        w.write_all(b).await.unwrap();
+        // The same bytes as `pattern(seed, ..)`, made a step at a time.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut step = vec![0u8; STEP];
+        let mut at = 0;
+        while !*stop.borrow() && at < MAX {
+            rng.fill(&mut step[..]);
+            w.write_all(&step).await.unwrap();
+            at += STEP;
+            written.store(at, Ordering::Release);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         w.shutdown().await.unwrap();
+        at
     });
     let mut back = Vec::new();
     r.read_to_end(&mut back).await.unwrap();
-    writer.await.unwrap();
-    back
+    (back, writer.await.unwrap())
 }
 
-/// Transfers half way through, waiting for the caller's fault.
+/// Paced transfers in progress, waiting for the caller's fault.
 struct Transfers {
     a: Running,
-    go: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u8>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    written: Vec<Arc<AtomicUsize>>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u8>, usize)>>,
 }
 
-const LEN: usize = 4 << 20;
+/// Waits until every stream has written at least `bytes`.
+async fn all_wrote(written: &[Arc<AtomicUsize>], bytes: &[usize]) {
+    harness::eventually(Duration::from_secs(60), "the streams to write on", || {
+        let ok = written
+            .iter()
+            .zip(bytes)
+            .all(|(w, b)| w.load(Ordering::Acquire) >= *b);
+        async move { ok }
+    })
+    .await
+    .unwrap();
+}
 
-/// Starts `streams` transfers and returns once every one is half way.
-async fn half_way(c: &LocalCluster, streams: u64) -> Transfers {
+/// Starts `streams` paced transfers and returns once each has written
+/// 1 MiB, so each has bytes in flight when the caller's fault comes.
+async fn under_way(c: &LocalCluster, streams: u64) -> Transfers {
     let echo = echo_server().await;
     let a = run_agent(c);
-    let (go, go_rx) = tokio::sync::watch::channel(false);
-    let mut halves = Vec::new();
-    let mut tasks = Vec::new();
-    for s in 0..streams {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        halves.push(rx);
-        tasks.push(tokio::spawn(echo_in_two_halves(
-            a.tunnel.clone(),
-            echo,
-            s,
-            LEN,
-            tx,
-            go_rx.clone(),
-        )));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let written: Vec<_> = (0..streams)
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
+    let tasks = written
+        .iter()
+        .zip(0..)
+        .map(|(w, s)| {
+            let t = a.tunnel.clone();
+            tokio::spawn(paced_echo(t, echo, s, w.clone(), stop_rx.clone()))
+        })
+        .collect();
+    all_wrote(&written, &vec![1 << 20; streams as usize]).await;
+    Transfers {
+        a,
+        stop,
+        written,
+        tasks,
     }
-    for h in halves {
-        h.await.unwrap();
-    }
-    Transfers { a, go, tasks }
 }
 
 impl Transfers {
-    /// Lets the second halves go and checks every byte came back, with no
-    /// reset and no re-handshake.
-    async fn finish(self) {
-        let Transfers { a, go, tasks } = self;
-        go.send(true).unwrap();
+    /// Once every stream has written another MiB after the fault, stops
+    /// them and checks every byte came back, with no reset and no
+    /// re-handshake; returns the agent's report.
+    async fn finish(self) -> jvpn_agent::AgentReport {
+        let Transfers {
+            a,
+            stop,
+            written,
+            tasks,
+        } = self;
+        let now: Vec<usize> = written
+            .iter()
+            .map(|w| w.load(Ordering::Acquire) + (1 << 20))
+            .collect();
+        all_wrote(&written, &now).await;
+        stop.send(true).unwrap();
         for (s, t) in tasks.into_iter().enumerate() {
-            let back = t.await.unwrap();
-            assert_eq!(back.len(), LEN, "stream {s}: bytes lost or duplicated");
-            assert!(back == pattern(s as u64, LEN), "stream {s}: bytes differ");
+            let (back, len) = t.await.unwrap();
+            assert_eq!(back.len(), len, "stream {s}: bytes lost or duplicated");
+            assert!(back == pattern(s as u64, len), "stream {s}: bytes differ");
         }
         let r = a.report.lock().unwrap().clone();
         assert_eq!(r.rehandshakes, 0, "{r:?}");
+        assert!(r.streams_reset.is_empty(), "{r:?}");
         drop(a.cmds);
         a.task.await.unwrap();
+        r
     }
 }
 
@@ -118,9 +157,11 @@ async fn streams_survive_a_router_restart_byte_exactly() {
         ..ClusterOptions::default()
     })
     .await;
-    let t = half_way(&c, 4).await;
+    let t = under_way(&c, 4).await;
     c.restart_router(0).await.unwrap();
-    t.finish().await;
+    let r = t.finish().await;
+    // The restart cut the transport under the writing streams.
+    assert!(r.resumes_ok >= 1, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +173,7 @@ async fn streams_survive_a_scale_out_byte_exactly() {
         ..ClusterOptions::default()
     })
     .await;
-    let t = half_way(&c, 4).await;
+    let t = under_way(&c, 4).await;
     c.start_gateway("g3").await.unwrap();
     let all: Vec<String> = ["g1", "g2", "g3"].map(String::from).to_vec();
     c.wait_placeable(&all, Duration::from_secs(15))
@@ -224,8 +265,8 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
     a.task.await.unwrap();
 }
 
-/// A draining gateway's streams go on until the drain deadline (90 % of
-/// `drain_timeout_ms`), not before, then end explicitly; the agent's new
+/// A draining gateway's streams go on byte-exactly until the drain
+/// deadline (90 % of `drain_timeout_ms`), not before, then end explicitly; the agent's new
 /// streams go over its new session elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_gateways_streams_last_until_the_deadline() {
@@ -244,31 +285,46 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
     let owner = a.report.lock().unwrap().node_id.clone();
     let sigterm_at = Instant::now();
     c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
-    // Round trips on the stream until it ends.
+    // Round trips on the stream until it ends, each with bytes of its own
+    // that must come back exactly.
     let mut last_ok = sigterm_at;
     let mut buf = [0u8; 8];
-    let ended = loop {
+    let mut round = 0u64;
+    let (ended, ended_at) = loop {
+        round += 1;
+        let sent = round.to_be_bytes();
         let r = async {
-            st.write_all(b"12345678").await?;
+            st.write_all(&sent).await?;
             st.read_exact(&mut buf).await.map(|_| ())
         };
         match tokio::time::timeout(Duration::from_secs(5), r).await {
-            Ok(Ok(())) => last_ok = Instant::now(),
-            Ok(Err(e)) => break e,
+            Ok(Ok(())) => {
+                assert_eq!(buf, sent, "round {round}: the echo differs");
+                last_ok = Instant::now();
+            }
+            Ok(Err(e)) => break (e, Instant::now()),
             Err(_) => panic!("the stream hung after {:?}", last_ok - sigterm_at),
         }
         // A round trip every 50 ms is plenty to see when it ends.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let lived = last_ok.duration_since(sigterm_at);
-    eprintln!("stream worked for {lived:?} after SIGTERM, then: {ended}");
+    let ended_after = ended_at.duration_since(sigterm_at);
+    eprintln!("stream worked for {lived:?} after SIGTERM, ended at {ended_after:?}: {ended}");
+    // The gateway's deadline is 90 % of the drain timeout after it got the
+    // signal (later than `sigterm_at`), sent in whole milliseconds: the
+    // stream cannot end before it.
     assert!(
-        lived >= Duration::from_millis(DRAIN_MS * 8 / 10),
-        "the stream ended {lived:?} after SIGTERM, before the drain deadline"
+        ended_after >= Duration::from_millis(DRAIN_MS * 9 / 10 - 1),
+        "the stream ended {ended_after:?} after SIGTERM, before the drain deadline"
     );
     assert!(
-        lived <= Duration::from_millis(DRAIN_MS + 2_000),
-        "{lived:?}"
+        lived >= Duration::from_millis(DRAIN_MS * 8 / 10),
+        "the stream stopped working {lived:?} after SIGTERM"
+    );
+    assert!(
+        ended_after <= Duration::from_millis(DRAIN_MS + 2_000),
+        "{ended_after:?}"
     );
     assert_eq!(ended.kind(), std::io::ErrorKind::ConnectionReset, "{ended}");
     // New streams work, over the session the agent moved to.
