@@ -212,6 +212,7 @@ fn h2_windows(
     b.initial_stream_window_size(stream)
         .initial_connection_window_size(conn)
         .adaptive_window(false)
+        .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
 }
 
 impl Drop for DataPlane {

@@ -51,6 +51,13 @@ pub fn h2_windows(window: u64) -> (u32, u32) {
     (stream, conn)
 }
 
+/// Bytes HTTP/2 may queue per stream before they reach the channel (h2's
+/// default is 400 KiB). The channel's own buffer, a window, is what rides
+/// out a transport change; h2's queue in front of it only needs to keep the
+/// channel fed, and on a busy session each stream's queue adds to the
+/// session's memory.
+pub const H2_SEND_BUF: usize = 64 * 1024;
+
 /// What [`SessionChannel::resume_from`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Resumed {

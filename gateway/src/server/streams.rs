@@ -131,6 +131,7 @@ async fn serve(
             .initial_stream_window_size(stream_w)
             .initial_connection_window_size(conn_w)
             .adaptive_window(false)
+            .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
             .max_concurrent_streams(concurrent)
             .serve_connection(TokioIo::new(io), svc),
     )
