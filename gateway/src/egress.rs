@@ -392,11 +392,25 @@ impl EgressPolicy {
     /// May `principal` open a stream to `dest` (an address, after any name
     /// was resolved)?
     pub fn check(&self, principal: &str, dest: SocketAddr) -> Result<(), Denial> {
+        self.check_with(principal, dest, &[])
+    }
+
+    /// [`EgressPolicy::check`], with `cluster` (the other members' and the
+    /// routers' listeners, as membership knows them) protected like this
+    /// gateway's own.
+    pub fn check_with(
+        &self,
+        principal: &str,
+        dest: SocketAddr,
+        cluster: &[SocketAddr],
+    ) -> Result<(), Denial> {
         let ip = canonical(dest.ip());
         let port = dest.port();
         let listener = self.listeners.iter().any(|l| {
             l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && self.is_local(ip)))
-        });
+        }) || cluster
+            .iter()
+            .any(|l| l.port() == port && canonical(l.ip()) == ip);
         let range = self.protected.iter().find(|(c, _)| c.contains(ip));
         let host_len = if ip.is_ipv4() { 32 } else { 128 };
         // A protected destination counts only the blocks that name it: a

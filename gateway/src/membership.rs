@@ -10,6 +10,7 @@
 //! this node dead, the node has already stopped minting through that router.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +39,21 @@ pub enum LocalState {
     Starting = 1,
     Ready = 2,
     Draining = 3,
+}
+
+/// The membership endpoints given as an address (a name is not resolved
+/// here; see docs/operations.md, "Egress").
+fn endpoint_addrs(endpoints: &[String]) -> Vec<SocketAddr> {
+    endpoints
+        .iter()
+        .filter_map(|e| {
+            let e = e
+                .strip_prefix("http://")
+                .or(e.strip_prefix("https://"))
+                .unwrap_or(e);
+            e.trim_end_matches('/').parse().ok()
+        })
+        .collect()
 }
 
 /// One router as seen from this gateway.
@@ -79,6 +95,11 @@ pub struct Cluster {
     /// Keys of the current cluster secret, for the membership proofs, and
     /// the previous ones after a rotation (a reply in flight may use them).
     secret_keys: ArcSwap<(ClusterKeys, Option<ClusterKeys>)>,
+    /// The cluster's listeners this gateway knows of: every member's client
+    /// address in any router's view, and the routers' membership endpoints
+    /// (those given as `ip:port`). Egress refuses them (no SSRF into the
+    /// cluster) unless a rule names the host.
+    listeners: ArcSwap<Vec<SocketAddr>>,
 }
 
 impl Cluster {
@@ -115,7 +136,28 @@ impl Cluster {
             sessions: AtomicU64::new(0),
             superseded: watch::channel(false).0,
             secret_keys: ArcSwap::from_pointee((secret_keys, None)),
+            listeners: ArcSwap::from_pointee(endpoint_addrs(endpoints)),
         })
+    }
+
+    /// The cluster's listeners this gateway knows of (see the field).
+    pub fn listeners(&self) -> Arc<Vec<SocketAddr>> {
+        self.listeners.load_full()
+    }
+
+    /// A router's view changed: the members' addresses again, from every
+    /// router's view (a member may be in one view and not yet in another).
+    fn refresh_listeners(&self) {
+        let endpoints: Vec<String> = self.links.iter().map(|l| l.endpoint.clone()).collect();
+        let mut all = endpoint_addrs(&endpoints);
+        for l in &self.links {
+            if let Some(r) = lock(&l.ring).as_ref() {
+                all.extend(r.view().members().iter().map(|m| m.addr));
+            }
+        }
+        all.sort_unstable();
+        all.dedup();
+        self.listeners.store(Arc::new(all));
     }
 
     /// A reload rotated the cluster secret: prove with the new keys from now on.
@@ -537,6 +579,7 @@ fn on_reply(
     };
     if changed {
         debug!(router = %link.endpoint, "router view changed");
+        cluster.refresh_listeners();
     }
     // The shorter of ours and the router's: both sides must agree the lease
     // ends before the router may declare us dead.
@@ -599,5 +642,58 @@ mod tests {
         let never = cluster(Duration::ZERO);
         never.last_lease_end.fetch_max(1, Ordering::AcqRel);
         assert!(!never.abandoned(s(u64::MAX / 2_000_000)));
+    }
+
+    /// Issue 15: egress protects the cluster's listeners; membership knows
+    /// them: the routers' endpoints given as addresses, and every member of
+    /// every router's view, refreshed when a view changes.
+    #[test]
+    fn the_cluster_listeners_are_the_endpoints_and_every_views_members() {
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = Cluster::new(
+            NodeId::new("g1").unwrap(),
+            Incarnation(1),
+            &[
+                "10.0.0.8:7100".into(),
+                "http://10.0.0.9:7100/".into(),
+                "router.example:7100".into(),
+            ],
+            Duration::from_millis(750),
+            Duration::ZERO,
+            keys.clone(),
+            Instant::now(),
+        );
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            *c.listeners(),
+            [addr("10.0.0.8:7100"), addr("10.0.0.9:7100")]
+        );
+        let member = |id: &str, a: &str| Member {
+            node_id: NodeId::new(id).unwrap(),
+            incarnation: Incarnation(1),
+            addr: addr(a),
+            weight: 1,
+        };
+        let ring = |m: Vec<Member>| {
+            Arc::new(Ring::new(
+                View::new(m, RingParams::default(), &keys).unwrap(),
+                &keys,
+            ))
+        };
+        let until = Mono::from_millis(1_000);
+        c.grant_for_test(0, "r1", ring(vec![member("g1", "10.0.1.1:7443")]), until);
+        c.grant_for_test(1, "r2", ring(vec![member("g2", "10.0.1.2:7443")]), until);
+        c.refresh_listeners();
+        let all = c.listeners();
+        for a in [
+            "10.0.0.8:7100",
+            "10.0.0.9:7100",
+            "10.0.1.1:7443",
+            "10.0.1.2:7443",
+        ] {
+            assert!(all.contains(&addr(a)), "{a} in {all:?}");
+        }
+        assert_eq!(all.len(), 4);
     }
 }

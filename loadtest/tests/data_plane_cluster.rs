@@ -336,3 +336,46 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// No SSRF into the cluster: with loopback allowed by a wide rule (the
+/// local cluster runs on it), a stream to another gateway's listener or to
+/// a router's membership endpoint is still refused (`not_allowed`) and
+/// counted as `cluster_listener`; the rest of loopback stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_own_listeners_are_refused() {
+    use jvpn_agent::streams::StreamError;
+    use jvpn_proto::stream::Refusal;
+    let c = common::cluster(ClusterOptions {
+        gateways: 2,
+        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let a = run_agent(&c);
+    let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
+    st.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    st.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    let owner = a.report.lock().unwrap().node_id.clone();
+    let other = c.gateways.iter().find(|(n, _)| *n != owner).unwrap();
+    for to in [other.1.client_addr, c.routers[0].membership_addr] {
+        match a.tunnel.connect(&target(to)).await {
+            Err(StreamError::Refused(Refusal::NotAllowed)) => {}
+            r => panic!("{to}: expected not_allowed, got {:?}", r.map(drop)),
+        }
+    }
+    let denied = c
+        .gateway(&owner)
+        .unwrap()
+        .metric(
+            "jvpn_gateway_egress_denied_total",
+            &[("rule", "cluster_listener")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(denied, 2.0);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

@@ -246,3 +246,51 @@ fn the_bucket_moves_bytes_at_its_rate_after_the_burst() {
     assert_eq!(b.take(1_000, 10_000, 1_000, later), Duration::ZERO);
     assert!(b.take(1, 10_000, 1_000, later) > Duration::ZERO);
 }
+
+/// Issue 15: the other members' listeners (from membership) are the
+/// cluster's too: refused even under an allow-everything rule, open only
+/// to a rule that names the host; other ports of that host stay open.
+#[test]
+fn the_other_members_listeners_are_protected_like_this_gateways() {
+    let cluster = [
+        a("10.0.0.6:7443"),
+        a("[2001:db8::7]:7443"),
+        a("10.0.0.9:7100"),
+    ];
+    let p = EgressPolicy::new(&EgressConfig::default(), &[a(GW)], &[]).unwrap();
+    for dest in ["10.0.0.6:7443", "[2001:db8::7]:7443", "10.0.0.9:7100"] {
+        assert_eq!(
+            p.check_with("alice", a(dest), &cluster),
+            Err(Denial::Protected(Protected::ClusterListener)),
+            "{dest}"
+        );
+        // Without membership's list, the same address is just the world.
+        assert_eq!(p.check("alice", a(dest)), Ok(()), "{dest}");
+    }
+    // An IPv4 member reached through its IPv4-mapped IPv6 form.
+    assert!(
+        p.check_with("alice", a("[::ffff:10.0.0.6]:7443"), &cluster)
+            .is_err()
+    );
+    assert_eq!(p.check_with("alice", a("10.0.0.6:443"), &cluster), Ok(()));
+    let wide = policy(vec![rule(
+        Action::Allow,
+        &["*"],
+        &["0.0.0.0/0"],
+        &["1-65535"],
+    )]);
+    assert_eq!(
+        wide.check_with("alice", a("10.0.0.6:7443"), &cluster),
+        Err(Denial::Protected(Protected::ClusterListener))
+    );
+    let named = policy(vec![rule(
+        Action::Allow,
+        &["ops"],
+        &["10.0.0.6/32"],
+        &["7443"],
+    )]);
+    assert_eq!(
+        named.check_with("ops", a("10.0.0.6:7443"), &cluster),
+        Ok(())
+    );
+}

@@ -217,7 +217,9 @@ async fn connect(
         },
     };
     let started = Instant::now();
-    let dest = match dial(&policy, &ctx.principal, &target).await {
+    let cluster = shared.cluster.as_ref().map(|c| c.listeners());
+    let cluster = cluster.as_deref().map_or(&[][..], Vec::as_slice);
+    let dest = match dial(&policy, &ctx.principal, &target, cluster).await {
         Ok(s) => s,
         Err(r) => return refused(r),
     };
@@ -280,12 +282,13 @@ fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
 }
 
 /// Resolves `target` (a name at this gateway), keeps the addresses the
-/// policy allows, and connects to the first that answers within the
+/// policy allows (`cluster`: the cluster's listeners membership knows of), and connects to the first that answers within the
 /// connect timeout.
 async fn dial(
     policy: &EgressPolicy,
     principal: &str,
     target: &Target,
+    cluster: &[SocketAddr],
 ) -> Result<TcpStream, Refusal> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -304,7 +307,7 @@ async fn dial(
     // Checked after resolution: a name cannot reach what its address could not.
     let mut allowed = Vec::with_capacity(addrs.len());
     for a in addrs {
-        match policy.check(principal, a) {
+        match policy.check_with(principal, a, cluster) {
             Ok(()) => allowed.push(a),
             Err(d) => counter!(m::EGRESS_DENIED, "rule" => d.as_str()).increment(1),
         }
