@@ -32,7 +32,7 @@ pub struct EgressConfig {
     /// How long a stream's TCP connect to its destination may take.
     pub connect_timeout_ms: u64,
     /// Streams one session may have open at once (more are refused with
-    /// `too_many_streams`).
+    /// `too_many_streams`), at most [`MAX_STREAMS_CEILING`].
     pub max_streams_per_session: usize,
     /// Unacknowledged bytes each side of a session's channel may hold, per
     /// direction: the memory a busy session costs, and its throughput cap
@@ -47,6 +47,11 @@ pub struct EgressConfig {
 
 /// Bounds of `egress.window_bytes`: at least a few frames, at most what a
 /// session could reasonably pin per direction.
+/// The largest `egress.max_streams_per_session`. A session's HTTP/2 is
+/// told this ceiling (plus a margin) when it starts, so that the policy in
+/// force, reloadable, is the limit that answers (`too_many_streams`):
+/// HTTP/2's own cap cannot change on an open connection.
+pub const MAX_STREAMS_CEILING: usize = 4096;
 pub const WINDOW_MIN: u64 = 64 * 1024;
 pub const WINDOW_MAX: u64 = 64 * 1024 * 1024;
 
@@ -345,10 +350,13 @@ impl EgressPolicy {
                 "must be greater than zero",
             ));
         }
-        if cfg.max_streams_per_session == 0 {
+        if !(1..=MAX_STREAMS_CEILING).contains(&cfg.max_streams_per_session) {
             errs.push(ConfigProblem::new(
                 "egress.max_streams_per_session",
-                "must be greater than zero",
+                format!(
+                    "{} is outside 1..={MAX_STREAMS_CEILING}",
+                    cfg.max_streams_per_session
+                ),
             ));
         }
         if !(WINDOW_MIN..=WINDOW_MAX).contains(&cfg.window_bytes) {

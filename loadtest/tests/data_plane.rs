@@ -701,6 +701,58 @@ async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
     a.task.await.unwrap();
 }
 
+/// A reload that raises `egress.max_streams_per_session` applies to the
+/// sessions already open too: HTTP/2's own stream cap, fixed when a
+/// session's HTTP/2 starts, must not stay at the old limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_stream_limit_applies_to_open_sessions() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nmax_streams_per_session = 2\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let echo = echo_server().await;
+    let first = a.tunnel.connect(&common::target(echo)).await.unwrap();
+    let cfg = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let raised = cfg.replace(
+        "max_streams_per_session = 2",
+        "max_streams_per_session = 64",
+    );
+    assert_ne!(cfg, raised);
+    std::fs::write(&env.gw.config_path, raised).unwrap();
+    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the reload applied", || async {
+        env.gw
+            .metric("jvpn_gateway_config_reloads_total", &[])
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await
+    .unwrap();
+    // 40 streams open at once on the same session.
+    let mut open = vec![first];
+    for i in 0..39 {
+        let s = tokio::time::timeout(
+            Duration::from_secs(10),
+            a.tunnel.connect(&common::target(echo)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("stream {}: no answer", i + 2));
+        open.push(s.unwrap_or_else(|e| panic!("stream {}: {e}", i + 2)));
+    }
+    for (i, s) in open.iter_mut().enumerate() {
+        let msg = format!("stream {i:02}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    drop(open);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// `egress.principal_bytes_per_s`: a principal's streams together move at
 /// most that many bytes per second after the burst (measured within 5 %
 /// above, and not far below).

@@ -185,7 +185,16 @@ fn bad_rules_name_their_key() {
     assert!(has("egress.rules[1].ports", "backwards"), "{keys:?}");
     assert!(has("egress.rules[2].cidrs", "at least one"), "{keys:?}");
     assert!(has("egress.connect_timeout_ms", "zero"), "{keys:?}");
-    assert!(has("egress.max_streams_per_session", "zero"), "{keys:?}");
+    assert!(
+        has("egress.max_streams_per_session", "0 is outside"),
+        "{keys:?}"
+    );
+    let too_many = EgressConfig {
+        max_streams_per_session: MAX_STREAMS_CEILING + 1,
+        ..EgressConfig::default()
+    };
+    let errs = EgressPolicy::new(&too_many, &[], &[]).unwrap_err();
+    assert_eq!(errs[0].key, "egress.max_streams_per_session", "{errs:?}");
     assert!(has("egress.window_bytes", "outside"), "{keys:?}");
     assert!(has("egress.principal_burst_bytes", "at least"), "{keys:?}");
     assert!(

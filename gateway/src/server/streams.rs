@@ -120,10 +120,10 @@ async fn serve(
     });
     // HTTP/2's windows from the channel's, as the agent sets them.
     let (stream_w, conn_w) = jvpn_runtime::channel_io::h2_windows(policy.window_bytes);
-    // Above the session's stream limit, so that the limit answers with a
-    // refusal (`too_many_streams`) instead of HTTP/2 queueing the request.
-    let concurrent =
-        u32::try_from(policy.max_streams_per_session.saturating_add(16)).unwrap_or(u32::MAX);
+    // Above any stream limit a reload can set, so that the limit in force
+    // answers with a refusal (`too_many_streams`) instead of HTTP/2
+    // queueing the request.
+    let concurrent = (crate::egress::MAX_STREAMS_CEILING + 16) as u32;
     // Boxed: the waiting task above stays small; the HTTP/2 machinery's
     // state is allocated only now.
     let r = Box::pin(
