@@ -242,6 +242,28 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
     a.task.await.unwrap();
 }
 
+/// Replaces `from` with `to` in the gateway's config file, sends SIGHUP and
+/// waits until the gateway counted a successful reload more.
+async fn reload_replacing(env: &common::Env, from: &str, to: &str) {
+    let count = || async {
+        env.gw
+            .metric("jvpn_gateway_config_reloads_total", &[])
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = count().await;
+    let cfg = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let changed = cfg.replace(from, to);
+    assert_ne!(cfg, changed, "{from:?} is in the file");
+    std::fs::write(&env.gw.config_path, changed).unwrap();
+    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the reload applied", || async {
+        count().await > before
+    })
+    .await
+    .unwrap();
+}
+
 async fn a_connect(
     tunnel: &Tunnel,
     host: &str,
@@ -675,20 +697,7 @@ async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
     drop(three);
     // Reload without the loopback rule: new streams are refused, the open
     // one still carries bytes.
-    let cfg = std::fs::read_to_string(&env.gw.config_path).unwrap();
-    let without = cfg.replace(LOOPBACK_ALLOWED, "");
-    assert_ne!(cfg, without, "the rule is in the file");
-    std::fs::write(&env.gw.config_path, without).unwrap();
-    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    eventually(Duration::from_secs(10), "the reload applied", || async {
-        env.gw
-            .metric("jvpn_gateway_config_reloads_total", &[])
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await
-    .unwrap();
+    reload_replacing(&env, LOOPBACK_ALLOWED, "").await;
     match a_connect(&a.tunnel, &host, echo.port()).await {
         Err(StreamError::Refused(Refusal::NotAllowed)) => {}
         other => panic!("after the reload: expected not_allowed, got {other:?}"),
@@ -713,23 +722,12 @@ async fn a_raised_stream_limit_applies_to_open_sessions() {
     let a = run_agent(&env, env.gw.client_addr);
     let echo = echo_server().await;
     let first = a.tunnel.connect(&common::target(echo)).await.unwrap();
-    let cfg = std::fs::read_to_string(&env.gw.config_path).unwrap();
-    let raised = cfg.replace(
+    reload_replacing(
+        &env,
         "max_streams_per_session = 2",
         "max_streams_per_session = 64",
-    );
-    assert_ne!(cfg, raised);
-    std::fs::write(&env.gw.config_path, raised).unwrap();
-    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
-    eventually(Duration::from_secs(10), "the reload applied", || async {
-        env.gw
-            .metric("jvpn_gateway_config_reloads_total", &[])
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     // 40 streams open at once on the same session.
     let mut open = vec![first];
     for i in 0..39 {

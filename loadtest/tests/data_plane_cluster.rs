@@ -29,6 +29,17 @@ async fn echo_server() -> SocketAddr {
 
 use common::{Streaming as Running, target};
 
+/// A cluster of two gateways (and `opts`' spares, routers and extra
+/// config) whose egress allows loopback, where the test's destinations are.
+async fn two_gateways(opts: ClusterOptions) -> LocalCluster {
+    common::cluster(ClusterOptions {
+        gateways: 2,
+        gateway_extra_toml: format!("{LOOPBACK_ALLOWED}{}", opts.gateway_extra_toml),
+        ..opts
+    })
+    .await
+}
+
 fn run_agent(c: &LocalCluster) -> Running {
     common::streaming_agent(&c.pki, c.router_addrs())
 }
@@ -151,12 +162,7 @@ impl Transfers {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_router_restart_byte_exactly() {
-    let mut c = common::cluster(ClusterOptions {
-        gateways: 2,
-        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
-        ..ClusterOptions::default()
-    })
-    .await;
+    let mut c = two_gateways(ClusterOptions::default()).await;
     let t = under_way(&c, 4).await;
     c.restart_router(0).await.unwrap();
     let r = t.finish().await;
@@ -166,10 +172,8 @@ async fn streams_survive_a_router_restart_byte_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_scale_out_byte_exactly() {
-    let mut c = common::cluster(ClusterOptions {
-        gateways: 2,
+    let mut c = two_gateways(ClusterOptions {
         spare_gateways: 1,
-        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
         ..ClusterOptions::default()
     })
     .await;
@@ -187,12 +191,7 @@ async fn streams_survive_a_scale_out_byte_exactly() {
 /// timeout + 1 s; after the agent's explicit re-handshake new streams work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owners_death_resets_every_stream_and_new_ones_work() {
-    let c = common::cluster(ClusterOptions {
-        gateways: 2,
-        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = two_gateways(ClusterOptions::default()).await;
     let echo = echo_server().await;
     let a = run_agent(&c);
     let mut streams = Vec::new();
@@ -271,11 +270,8 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_gateways_streams_last_until_the_deadline() {
     const DRAIN_MS: u64 = 6_000;
-    let c = common::cluster(ClusterOptions {
-        gateways: 2,
-        gateway_extra_toml: format!(
-            "{LOOPBACK_ALLOWED}[timeouts]\ndrain_timeout_ms = {DRAIN_MS}\n"
-        ),
+    let c = two_gateways(ClusterOptions {
+        gateway_extra_toml: format!("[timeouts]\ndrain_timeout_ms = {DRAIN_MS}\n"),
         ..ClusterOptions::default()
     })
     .await;
@@ -345,12 +341,7 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
 async fn the_clusters_own_listeners_are_refused() {
     use jvpn_agent::streams::StreamError;
     use jvpn_proto::stream::Refusal;
-    let c = common::cluster(ClusterOptions {
-        gateways: 2,
-        gateway_extra_toml: LOOPBACK_ALLOWED.into(),
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = two_gateways(ClusterOptions::default()).await;
     let echo = echo_server().await;
     let a = run_agent(&c);
     let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
