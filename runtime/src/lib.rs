@@ -11,6 +11,9 @@
 //!   operator actions behind a bearer token) for any [`admin::AdminApp`].
 //! - [`channel_io`]: the resumable session channel as an async byte stream
 //!   (for the HTTP/2 multiplexer) and its transport side.
+//! - [`relay`]: a stream's TCP end joined to its multiplexed stream (copy
+//!   both ways, half-close, reset on error), for the agent's front doors
+//!   and the gateway's egress.
 //! - [`admission`]: per-source token buckets, the handshake budget and the
 //!   TLS waiting room; sans-IO, every call takes `now`.
 //! - [`metrics`]: the Prometheus recorder, its upkeep and `jvpn_build_info`.
@@ -28,4 +31,5 @@ pub mod channel_io;
 pub mod config;
 pub mod metrics;
 pub mod process;
+pub mod relay;
 pub mod wire;

@@ -168,41 +168,15 @@ fn reset(c: TcpStream) {
     let _ = c.set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Copies both ways until both directions ended (half-closes travel); the
-/// first error resets the application's connection and is counted.
+/// Joins the application's connection and its stream until both
+/// directions ended (half-closes travel); the first error resets the
+/// application's connection (it sees RST) and is counted.
 async fn splice<S>(c: TcpStream, s: S, tunnel: &Tunnel, early: BytesMut)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite,
 {
-    let (mut sr, mut sw) = tokio::io::split(s);
-    let (mut cr, mut cw) = c.into_split();
-    let up = async {
-        // Bytes the application sent right behind its request.
-        if !early.is_empty() {
-            sw.write_all(&early).await?;
-        }
-        copy(&mut cr, &mut sw).await
-    };
-    let down = copy(&mut sr, &mut cw);
-    if tokio::try_join!(up, down).is_err() {
+    let r = jvpn_runtime::relay::relay(c, s, &early, &|_, _| std::time::Duration::ZERO).await;
+    if r.reset {
         tunnel.count_reset();
-        if let Ok(c) = cr.reunite(cw) {
-            reset(c);
-        }
-    }
-}
-
-async fn copy<R, W>(r: &mut R, w: &mut W) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
     }
 }

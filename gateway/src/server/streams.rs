@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -23,6 +23,7 @@ use jvpn_proto::SessionId;
 use jvpn_proto::channel::ChannelConfig;
 use jvpn_proto::stream::{Host, REFUSAL_HEADER, Refusal, Target};
 use jvpn_runtime::channel_io::{ChannelStream, SessionChannel};
+use jvpn_runtime::relay::{Way, relay};
 use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge, histogram};
 use tokio::net::TcpStream;
@@ -341,64 +342,28 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
     }
 }
 
-/// Copies both ways until both directions ended; bytes are counted as they
-/// move. A stream ended by an error (the session's channel closed) resets
-/// the destination's connection instead of closing it cleanly. Returns how
-/// it ended and the bytes each way.
+/// Joins the stream and the destination until both directions ended,
+/// counting bytes as they move and holding the principal's byte rate. A
+/// stream ended by an error (the session's channel closed) resets the
+/// destination's connection instead of closing it cleanly. Returns how it
+/// ended and the bytes each way.
 async fn splice(
     stream: TokioIo<hyper::upgrade::Upgraded>,
     dest: TcpStream,
     limit: Option<&Limit>,
 ) -> (&'static str, u64, u64) {
-    let (mut sr, mut sw) = tokio::io::split(stream);
-    let (mut dr, mut dw) = dest.into_split();
-    let (mut up_n, mut down_n) = (0, 0);
-    let up = copy_counted(&mut sr, &mut dw, "to_destination", &mut up_n, limit);
-    let down = copy_counted(&mut dr, &mut sw, "from_destination", &mut down_n, limit);
-    // The first error ends both directions (a reset stream has no "other half").
-    let how = if tokio::try_join!(up, down).is_ok() {
-        "closed"
-    } else {
-        if let Ok(d) = dr.reunite(dw) {
-            // SO_LINGER 0: the destination sees a reset, not a clean end. (The
-            // deprecation is about a linger > 0 blocking on drop; 0 never does.)
-            #[allow(deprecated)]
-            let _ = d.set_linger(Some(std::time::Duration::ZERO));
-        }
-        "reset"
-    };
-    counter!(m::STREAMS_ENDED, "how" => how).increment(1);
-    (how, up_n, down_n)
-}
-
-/// Copies until EOF (then shuts the writer down: a half-close travels),
-/// counting each chunk in the metric and in `moved`.
-async fn copy_counted<R, W>(
-    r: &mut R,
-    w: &mut W,
-    direction: &'static str,
-    moved: &mut u64,
-    limit: Option<&Limit>,
-) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        if let Some(l) = limit {
-            let wait = l.bucket.take(n as u64, l.rate, l.burst, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
-        w.write_all(&buf[..n]).await?;
-        *moved += n as u64;
+    let moved = |way: Way, n: usize| {
+        let direction = match way {
+            Way::ToTcp => "to_destination",
+            Way::FromTcp => "from_destination",
+        };
         counter!(m::STREAM_BYTES, "direction" => direction).increment(n as u64);
-    }
+        limit.map_or(Duration::ZERO, |l| {
+            l.bucket.take(n as u64, l.rate, l.burst, Instant::now())
+        })
+    };
+    let r = relay(dest, stream, &[], &moved).await;
+    let how = if r.reset { "reset" } else { "closed" };
+    counter!(m::STREAMS_ENDED, "how" => how).increment(1);
+    (how, r.to_tcp, r.from_tcp)
 }
