@@ -100,7 +100,13 @@ pub struct Cluster {
     /// (those given as `ip:port`). Egress refuses them (no SSRF into the
     /// cluster) unless a rule names the host.
     listeners: ArcSwap<Vec<SocketAddr>>,
+    /// Rings built lately, newest last, so that every router link that
+    /// reports the same view shares one ring (bounded: [`RING_CACHE`]).
+    rings: Mutex<VecDeque<Arc<Ring>>>,
 }
+
+/// Rings [`Cluster`] keeps for sharing between its router links.
+const RING_CACHE: usize = 8;
 
 impl Cluster {
     pub fn new(
@@ -137,7 +143,31 @@ impl Cluster {
             superseded: watch::channel(false).0,
             secret_keys: ArcSwap::from_pointee((secret_keys, None)),
             listeners: ArcSwap::from_pointee(endpoint_addrs(endpoints)),
+            rings: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// The ring of the view a full reply describes, checked against its id;
+    /// built only if no router link reported that view lately.
+    fn ring_for(
+        &self,
+        reply: &HeartbeatReply,
+        keys: &ClusterKeys,
+    ) -> Result<Option<Arc<Ring>>, jvpn_proto::ring::ReplyViewError> {
+        let Some(view) = jvpn_proto::ring::view_from_reply(reply, keys)? else {
+            return Ok(None);
+        };
+        let mut rings = lock(&self.rings);
+        if let Some(r) = rings.iter().find(|r| r.view().id() == view.id()) {
+            return Ok(Some(r.clone()));
+        }
+        counter!(m::RING_BUILDS).increment(1);
+        let ring = Arc::new(Ring::new(view, keys));
+        if rings.len() >= RING_CACHE {
+            rings.pop_front();
+        }
+        rings.push_back(ring.clone());
+        Ok(Some(ring))
     }
 
     /// The cluster's listeners this gateway knows of (see the field).
@@ -488,6 +518,15 @@ fn request(
         sent.pop_front();
     }
     counter!(m::HEARTBEATS_SENT).increment(1);
+    // One look at the held view (a guard taken inside the literal below
+    // would live to its end).
+    let (in_view, known_view_id) = match lock(&link.ring).as_ref() {
+        Some(r) => (
+            r.view().contains(&cluster.node_id, cluster.incarnation),
+            r.view().id().0.to_vec(),
+        ),
+        None => (false, Vec::new()),
+    };
     HeartbeatRequest {
         node_id: cluster.node_id.to_string(),
         incarnation: cluster.incarnation.0,
@@ -496,12 +535,11 @@ fn request(
         weight: s.weight,
         sessions: cluster.sessions.load(Ordering::Relaxed),
         lease_ok: cluster.lease_valid(link, cluster.now()),
-        in_view: lock(&link.ring)
-            .as_ref()
-            .is_some_and(|r| r.view().contains(&cluster.node_id, cluster.incarnation)),
+        in_view,
         build_version: env!("CARGO_PKG_VERSION").to_owned(),
         sequence: *seq,
         incarnation_ordered: true,
+        known_view_id,
         secret_proof: gateway_proof(
             &cluster.secret_keys.load().0,
             cluster.node_id.as_str(),
@@ -554,15 +592,36 @@ fn on_reply(
             *id = Some(reply.router_id.clone());
         }
     }
-    let ring = match view_from(&reply, &s.keys) {
-        Ok(r) => r,
-        Err(why) => {
-            // A view we cannot reproduce means a different cluster secret:
-            // we must not mint sessions for this router.
-            counter!(m::VIEW_MISMATCH).increment(1);
-            warn!(router = %link.endpoint, %why, "router view rejected; no lease");
-            link.lease_until.store(0, Ordering::Release);
+    // The view this reply stands for: the one this link holds (named
+    // without its members, or sent again by a router one version older),
+    // or another one, checked and then built or shared.
+    let held = lock(&link.ring).clone();
+    let holds = |id: &[u8]| {
+        held.as_ref()
+            .is_some_and(|r| r.view().id().0.as_slice() == id)
+    };
+    let ring = if reply.members_omitted {
+        if !holds(&reply.view_id) {
+            // It names a view this link no longer holds (the reply crossed
+            // a change): nothing to renew the lease with. The next request
+            // names the view held, and its reply brings the members.
+            counter!(m::VIEW_UNKNOWN).increment(1);
             return Ok(());
+        }
+        held
+    } else if !reply.members.is_empty() && holds(&reply.view_id) {
+        held
+    } else {
+        match cluster.ring_for(&reply, &s.keys) {
+            Ok(r) => r,
+            Err(why) => {
+                // A view we cannot reproduce means a different cluster
+                // secret: we must not mint sessions for this router.
+                counter!(m::VIEW_MISMATCH).increment(1);
+                warn!(router = %link.endpoint, %why, "router view rejected; no lease");
+                link.lease_until.store(0, Ordering::Release);
+                return Ok(());
+            }
         }
     };
     let changed = {
@@ -597,14 +656,6 @@ fn on_reply(
         link.draining_acked.store(true, Ordering::Release);
     }
     Ok(())
-}
-
-fn view_from(
-    reply: &HeartbeatReply,
-    keys: &ClusterKeys,
-) -> Result<Option<Arc<Ring>>, jvpn_proto::ring::ReplyViewError> {
-    let view = jvpn_proto::ring::view_from_reply(reply, keys)?;
-    Ok(view.map(|v| Arc::new(Ring::new(v, keys))))
 }
 
 #[cfg(test)]
@@ -642,6 +693,103 @@ mod tests {
         let never = cluster(Duration::ZERO);
         never.last_lease_end.fetch_max(1, Ordering::AcqRel);
         assert!(!never.abandoned(s(u64::MAX / 2_000_000)));
+    }
+
+    /// Issue 14: a view is built into a ring once and shared by every link
+    /// that reports it, whether the router names it without its members or
+    /// (one version older) sends them every time; a reply that names a view
+    /// the link no longer holds renews nothing.
+    #[test]
+    fn a_view_is_built_once_whatever_the_routers_send() {
+        use jvpn_proto::pb::membership::{RingParameters, ViewMember};
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = HeartbeatSettings {
+            cert_pem: Vec::new(),
+            key_pem: Vec::new(),
+            ca_pem: Vec::new(),
+            server_name: String::new(),
+            advertise_addr: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+            interval: Duration::from_millis(250),
+            keys: keys.clone(),
+        };
+        let view = |ids: &[&str]| {
+            let members = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Member {
+                    node_id: NodeId::new(id).unwrap(),
+                    incarnation: Incarnation(1),
+                    addr: format!("10.0.0.{}:7443", i + 1).parse().unwrap(),
+                    weight: 1,
+                })
+                .collect();
+            View::new(members, RingParams::default(), &keys).unwrap()
+        };
+        let full = |v: &View, sequence: u64| HeartbeatReply {
+            sequence,
+            view_id: v.id().0.to_vec(),
+            members: v
+                .members()
+                .iter()
+                .map(|m| ViewMember {
+                    node_id: m.node_id.to_string(),
+                    incarnation: m.incarnation.0,
+                    addr: m.addr.to_string(),
+                    weight: m.weight,
+                })
+                .collect(),
+            ring: Some(RingParameters {
+                vnodes_per_weight: v.params().vnodes_per_weight,
+                key_id: 1,
+            }),
+            lease_duration_ms: 750,
+            superseded: false,
+            router_id: "r1".into(),
+            secret_proof: Vec::new(),
+            members_omitted: false,
+        };
+        let omitted = |v: &View, sequence: u64| HeartbeatReply {
+            members: Vec::new(),
+            members_omitted: true,
+            ..full(v, sequence)
+        };
+        let mut sent: VecDeque<_> = (1..=10)
+            .map(|q| (q, Instant::now(), NodeState::Ready))
+            .collect();
+        let (x, y) = (view(&["g1", "g2"]), view(&["g1", "g2", "g3"]));
+        let (l0, l1) = (&c.links[0], &c.links[1]);
+        let held = |l: &RouterLink| lock(&l.ring).clone().unwrap();
+        on_reply(&c, l0, &s, &mut sent, full(&x, 1)).unwrap();
+        let rx = held(l0);
+        // A router one version older sends the same members again: kept.
+        on_reply(&c, l0, &s, &mut sent, full(&x, 2)).unwrap();
+        assert!(Arc::ptr_eq(&held(l0), &rx));
+        // Another router reports the same view: the same ring.
+        on_reply(&c, l1, &s, &mut sent, full(&x, 3)).unwrap();
+        assert!(Arc::ptr_eq(&held(l1), &rx));
+        // The view named without its members: held, and the lease renewed.
+        l0.lease_until.store(0, Ordering::Release);
+        on_reply(&c, l0, &s, &mut sent, omitted(&x, 4)).unwrap();
+        assert!(Arc::ptr_eq(&held(l0), &rx));
+        assert!(l0.lease_until.load(Ordering::Acquire) > 0);
+        // A new view: one more ring.
+        on_reply(&c, l0, &s, &mut sent, full(&y, 5)).unwrap();
+        assert_eq!(held(l0).view().id(), y.id());
+        // An omitted reply naming the view l0 no longer holds renews nothing.
+        l0.lease_until.store(0, Ordering::Release);
+        on_reply(&c, l0, &s, &mut sent, omitted(&x, 6)).unwrap();
+        assert_eq!(l0.lease_until.load(Ordering::Acquire), 0);
+        assert_eq!(held(l0).view().id(), y.id());
+        // Two views, two rings: nothing was built twice.
+        assert_eq!(lock(&c.rings).len(), 2);
+        // The next request names the view held.
+        let mut seq = 10;
+        let req = request(&c, l0, &s, &mut seq, &mut sent);
+        assert_eq!(req.known_view_id, y.id().0.to_vec());
+        assert!(req.in_view);
     }
 
     /// Issue 15: egress protects the cluster's listeners; membership knows

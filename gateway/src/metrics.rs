@@ -29,6 +29,8 @@ pub const HEARTBEATS_SENT: &str = "jvpn_gateway_heartbeats_sent_total";
 pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_total";
 pub const SUPERSEDED: &str = "jvpn_gateway_superseded_total";
 pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
+pub const RING_BUILDS: &str = "jvpn_gateway_ring_builds_total";
+pub const VIEW_UNKNOWN: &str = "jvpn_gateway_heartbeat_view_unknown_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
 pub const CONFIG_RELOADS: &str = "jvpn_gateway_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "jvpn_gateway_config_reload_failures_total";
@@ -152,6 +154,14 @@ pub fn describe() {
         VIEW_MISMATCH,
         "Router replies this gateway could not verify: a secret proof or a view made under another cluster secret."
     );
+    describe_counter!(
+        RING_BUILDS,
+        "Hash rings built from routers' views: one per distinct view, shared by every router that reports it."
+    );
+    describe_counter!(
+        VIEW_UNKNOWN,
+        "Router replies that named, without its members, a view this gateway no longer held (a reply that crossed a view change; no lease renewed by it)."
+    );
     describe_gauge!(
         LEASE_VALID,
         "1 while this gateway holds a valid lease with the router (label: router id)."
@@ -209,6 +219,8 @@ pub fn describe() {
         HEARTBEAT_STREAM_ERRORS,
         SUPERSEDED,
         VIEW_MISMATCH,
+        RING_BUILDS,
+        VIEW_UNKNOWN,
         STREAMS_OPENED,
         CHANNEL_RESENT,
         CHANNEL_ERRORS,

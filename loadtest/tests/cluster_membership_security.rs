@@ -35,16 +35,24 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         // As a gateway one version older sends it.
         incarnation_ordered: false,
         secret_proof: Vec::new(),
+        known_view_id: Vec::new(),
     }
 }
 
-/// One heartbeat over a fresh mTLS stream; `Err` carries why it failed.
-async fn heartbeat(
+/// A heartbeat stream over fresh mTLS: where requests go, and the replies.
+type Stream = (
+    tokio::sync::mpsc::Sender<HeartbeatRequest>,
+    tonic::Streaming<HeartbeatReply>,
+);
+
+/// Opens a heartbeat stream with `first` as its first request; `Err`
+/// carries why it failed.
+async fn open_stream(
     router: std::net::SocketAddr,
     identity: Option<(&Path, &Path)>,
     ca: &Path,
-    req: HeartbeatRequest,
-) -> Result<HeartbeatReply, String> {
+    first: HeartbeatRequest,
+) -> Result<Stream, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
         .domain_name(format!("router.{CLUSTER}"));
@@ -64,8 +72,8 @@ async fn heartbeat(
         .map_err(|e| format!("connect: {e:?}"))?;
     let mut client = MembershipClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(req).await.unwrap();
-    let mut replies = tokio::time::timeout(
+    tx.send(first).await.unwrap();
+    let replies = tokio::time::timeout(
         Duration::from_secs(5),
         client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
@@ -73,12 +81,30 @@ async fn heartbeat(
     .map_err(|_| "timeout".to_string())?
     .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
     .into_inner();
+    Ok((tx, replies))
+}
+
+/// The next reply on a stream; `Err` carries why there was none.
+async fn next_reply(
+    replies: &mut tonic::Streaming<HeartbeatReply>,
+) -> Result<HeartbeatReply, String> {
     match tokio::time::timeout(Duration::from_secs(5), replies.message()).await {
         Ok(Ok(Some(r))) => Ok(r),
         Ok(Ok(None)) => Err("stream closed".into()),
         Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
         Err(_) => Err("timeout".into()),
     }
+}
+
+/// One heartbeat over a fresh mTLS stream; `Err` carries why it failed.
+async fn heartbeat(
+    router: std::net::SocketAddr,
+    identity: Option<(&Path, &Path)>,
+    ca: &Path,
+    req: HeartbeatRequest,
+) -> Result<HeartbeatReply, String> {
+    let (_tx, mut replies) = open_stream(router, identity, ca, req).await?;
+    next_reply(&mut replies).await
 }
 
 /// Would-be gateway `g4` of a cluster: its membership files and a client
@@ -420,4 +446,72 @@ async fn assert_refused_for_secret(
         .unwrap(),
         1.0
     );
+}
+
+/// Issue 14, both sides of a rolling upgrade at the router: a gateway one
+/// version older (no `known_view_id`) gets the members in every reply; one
+/// that names the router's current view gets them left out, under the same
+/// view id; naming any other view brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_members_travel_only_to_a_gateway_without_the_view() {
+    let c = common::cluster(ClusterOptions::default()).await;
+    let r = &c.routers[0];
+    let g = Candidate::new(&c).await;
+    let req = |seq: u64, known: Vec<u8>| HeartbeatRequest {
+        sequence: seq,
+        known_view_id: known,
+        ..request("g4", &g.own(), 1)
+    };
+    let (tx, mut replies) = open_stream(r.membership_addr, g.id(), &g.ca, req(1, Vec::new()))
+        .await
+        .unwrap();
+    let mut last = next_reply(&mut replies).await.unwrap();
+    // As an older gateway: the members every time.
+    for seq in 2..5 {
+        tx.send(req(seq, Vec::new())).await.unwrap();
+        let reply = next_reply(&mut replies).await.unwrap();
+        assert!(
+            !reply.members_omitted && !reply.members.is_empty(),
+            "{reply:?}"
+        );
+        last = reply;
+    }
+    // Naming the view: left out while it is the router's view (g4 joining
+    // may change it once or twice on the way).
+    let mut omitted = 0;
+    for seq in 5..25 {
+        let known = last.view_id.clone();
+        tx.send(req(seq, known.clone())).await.unwrap();
+        let reply = next_reply(&mut replies).await.unwrap();
+        if reply.view_id == known {
+            assert!(
+                reply.members_omitted && reply.members.is_empty(),
+                "{reply:?}"
+            );
+            // What a steady cluster's reply costs, whatever its size.
+            let bytes = prost::Message::encoded_len(&reply);
+            assert!(bytes <= 128, "{bytes} bytes: {reply:?}");
+            eprintln!("an unchanged view's reply: {bytes} bytes");
+            omitted += 1;
+        } else {
+            assert!(
+                !reply.members_omitted && !reply.members.is_empty(),
+                "{reply:?}"
+            );
+            last = reply;
+        }
+    }
+    assert!(omitted >= 10, "{omitted} replies left the members out");
+    // Naming a view the router does not have: the members.
+    tx.send(req(25, vec![0; 8])).await.unwrap();
+    let reply = next_reply(&mut replies).await.unwrap();
+    assert!(
+        !reply.members_omitted && !reply.members.is_empty(),
+        "{reply:?}"
+    );
+    let counted = c.routers[0]
+        .metric("jvpn_router_heartbeat_views_omitted_total", &[])
+        .await
+        .unwrap();
+    assert!(counted >= f64::from(omitted), "{counted}");
 }

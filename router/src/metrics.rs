@@ -21,6 +21,7 @@ pub const RING_MEMBERS: &str = "jvpn_router_ring_members";
 pub const RING_CHANGES: &str = "jvpn_router_ring_changes_total";
 pub const MEMBER_DEATHS: &str = "jvpn_router_member_deaths_total";
 pub const HEARTBEATS: &str = "jvpn_router_heartbeats_total";
+pub const VIEWS_OMITTED: &str = "jvpn_router_heartbeat_views_omitted_total";
 pub const MEMBERSHIP_REFUSED: &str = "jvpn_router_membership_refused_total";
 pub const MEMBERSHIP_CONNECTIONS_REFUSED: &str = "jvpn_router_membership_connections_refused_total";
 pub const UNHEALTHY: &str = "jvpn_router_unhealthy";
@@ -80,6 +81,10 @@ pub fn describe() {
         "Heartbeats received, by verdict (accepted, superseded)."
     );
     describe_counter!(
+        VIEWS_OMITTED,
+        "Heartbeat replies sent without the members: the gateway already held the view."
+    );
+    describe_counter!(
         MEMBERSHIP_REFUSED,
         "Heartbeat streams refused, by reason (identity, advertise, weight, malformed)."
     );
@@ -123,6 +128,7 @@ pub fn describe() {
         ROUTED_TO_UNPLACEABLE,
         RESUMES_OFF_SHARD,
         RING_CHANGES,
+        VIEWS_OMITTED,
         CONNECT_FAILURES,
         MEMBERSHIP_CONNECTIONS_REFUSED,
     ] {

@@ -258,7 +258,13 @@ impl MembershipRpc for Service {
                 let superseded = verdict == HeartbeatVerdict::Superseded;
                 counter!(m::HEARTBEATS, "verdict" => if superseded { "superseded" } else { "accepted" })
                     .increment(1);
-                let reply = reply_for(&state, msg.sequence, superseded, proof_keys);
+                let reply = reply_for(
+                    &state,
+                    msg.sequence,
+                    &msg.known_view_id,
+                    superseded,
+                    proof_keys,
+                );
                 if tx.send(Ok(reply)).await.is_err() {
                     break;
                 }
@@ -307,23 +313,25 @@ fn proof_keys<'a>(
         .ok_or(())
 }
 
+/// The reply to heartbeat `sequence`. The view's members travel only when
+/// the gateway does not already hold this view (`known_view_id`): a steady
+/// cluster's replies stay the same size whatever its membership.
 fn reply_for(
     state: &RouterState,
     sequence: u64,
+    known_view_id: &[u8],
     superseded: bool,
     proof_keys: Option<&ClusterKeys>,
 ) -> HeartbeatReply {
     let view = state.view();
     let view_id = view.id().0.to_vec();
     let router_id = state.cfg.router_id.to_string();
-    HeartbeatReply {
-        sequence,
-        secret_proof: proof_keys
-            .map(|k| router_proof(k, &router_id, sequence, &view_id))
-            .unwrap_or_default(),
-        view_id,
-        members: view
-            .members()
+    let omit = !known_view_id.is_empty() && known_view_id == view_id.as_slice();
+    let members = if omit {
+        counter!(m::VIEWS_OMITTED).increment(1);
+        Vec::new()
+    } else {
+        view.members()
             .iter()
             .map(|m| ViewMember {
                 node_id: m.node_id.to_string(),
@@ -331,7 +339,16 @@ fn reply_for(
                 addr: m.addr.to_string(),
                 weight: m.weight,
             })
-            .collect(),
+            .collect()
+    };
+    HeartbeatReply {
+        sequence,
+        secret_proof: proof_keys
+            .map(|k| router_proof(k, &router_id, sequence, &view_id))
+            .unwrap_or_default(),
+        view_id,
+        members,
+        members_omitted: omit,
         ring: Some(RingParameters {
             vnodes_per_weight: view.params().vnodes_per_weight,
             key_id: u32::from(state.keys().key_id()),
