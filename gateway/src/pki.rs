@@ -112,6 +112,9 @@ pub enum PkiError {
     /// A file or directory could not be written.
     #[error("writing {path}: {error}")]
     Write { path: String, error: std::io::Error },
+    /// A file of an existing PKI could not be read.
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
 }
 
 type Result<T> = std::result::Result<T, PkiError>;
@@ -155,6 +158,51 @@ impl Ca {
         let cert = params.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+}
+
+impl Ca {
+    /// The CA `init` wrote as `<dir>/<file>.key` under `name`: the same
+    /// name and key make the same issuer, so what it signs now verifies
+    /// against the CA certificate written then.
+    fn load(dir: &Path, file: &str, name: &str) -> Result<Self> {
+        let path = dir.join(format!("{file}.key"));
+        let pem = fs::read_to_string(&path).map_err(|error| PkiError::Read {
+            path: path.display().to_string(),
+            error,
+        })?;
+        let key = KeyPair::from_pem(&pem)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(Self { params, key })
+    }
+}
+
+/// Membership certificates for more node ids under an existing PKI's
+/// membership CA (the load tool's member emulator mints its N identities
+/// this way). Existing files of those nodes are replaced.
+pub fn mint_members(layout: &PkiLayout, cluster: &str, nodes: &[String]) -> Result<()> {
+    let ca = Ca::load(
+        &layout.dir,
+        "membership-ca",
+        &format!("jvpn {cluster} membership CA"),
+    )?;
+    for node in nodes {
+        jvpn_proto::NodeId::new(node).map_err(|error| PkiError::Name {
+            what: format!("node {node}"),
+            error,
+        })?;
+        let uri = format!("jvpn://{cluster}/gateway/{node}");
+        let (cert, key) = ca.issue(
+            &uri,
+            vec![SanType::URI(uri.as_str().try_into()?), loopback()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        write_public(&layout.membership_cert(node), &cert)?;
+        write_secret(&layout.membership_key(node), &key)?;
+    }
+    Ok(())
 }
 
 fn dn(cn: &str) -> DistinguishedName {

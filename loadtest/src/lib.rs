@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_members;
 pub mod bench_peers;
 pub mod bench_router;
 pub mod bench_streams;
@@ -35,6 +36,7 @@ pub mod faultproxy;
 pub mod fleet;
 pub mod harness;
 pub mod invariants;
+pub mod members;
 pub mod netns;
 pub mod report;
 pub mod scenario;

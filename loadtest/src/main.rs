@@ -92,6 +92,24 @@ enum Cmd {
         )]
         splice_variants: Vec<String>,
     },
+    /// What membership costs a router at N emulated members: router CPU
+    /// and RSS, reply bytes, detection times (one run per N).
+    BenchMembers {
+        /// Member counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "100,300,1000")]
+        members: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        routers: usize,
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        /// The steady window measured at each N.
+        #[arg(long, default_value_t = 10)]
+        duration_s: u64,
+        /// Members never name the view they hold (gateways one version
+        /// older): every reply carries the members.
+        #[arg(long)]
+        old_format: bool,
+    },
     /// The data plane next to `ssh -D` and a direct connection: bulk MiB/s
     /// (1 and 16 streams), CPU per GiB, CONNECT-to-first-byte latency.
     BenchStreams {
@@ -410,6 +428,22 @@ fn main() -> ExitCode {
                 splice_variants,
             };
             print_json_report("bench-router", jvpn_loadtest::bench_router::run(opts))
+        }
+        Cmd::BenchMembers {
+            members,
+            routers,
+            interval_ms,
+            duration_s,
+            old_format,
+        } => {
+            let opts = jvpn_loadtest::bench_members::MembersBenchOptions {
+                members,
+                routers,
+                interval: std::time::Duration::from_millis(interval_ms),
+                duration: std::time::Duration::from_secs(duration_s),
+                old_format,
+            };
+            print_json_report("bench-members", jvpn_loadtest::bench_members::run(opts))
         }
         Cmd::BenchStreams {
             bytes,

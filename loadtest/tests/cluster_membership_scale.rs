@@ -74,3 +74,107 @@ async fn a_steady_view_is_built_once_per_gateway_not_per_reply() {
         );
     }
 }
+
+/// The member emulator against two real routers, beside a real gateway:
+/// 100 members join (placeable on both), a steady view then travels without its members
+/// (replies of at most 128 bytes whatever N), a member whose streams drop
+/// and one that goes silent are declared dead within the usual times, and
+/// the real gateway builds one ring per view change, not per reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
+    use jvpn_loadtest::members::{Emulator, EmulatorOptions, member_name};
+    const N: usize = 100;
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        routers: 2,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let opts = EmulatorOptions {
+        routers: c.routers.iter().map(|r| r.membership_addr).collect(),
+        interval: Duration::from_millis(250),
+        old_format: false,
+    };
+    let mut e = Emulator::start(&c.pki.layout.dir, N, opts).await.unwrap();
+    let all: Vec<String> = (0..N).map(member_name).collect();
+    for r in &c.routers {
+        eventually(
+            Duration::from_secs(60),
+            "every member placeable",
+            || async {
+                let placeable = r.placeable().await.unwrap_or_default();
+                placeable.contains(&node_name(0)) && all.iter().all(|m| placeable.contains(m))
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Steady: 2 s of heartbeats from 100 members to 2 routers.
+    let g1 = node_name(0);
+    // A window in which neither router's view changed (the last joins
+    // may still be settling when the first window starts).
+    let views = || async {
+        let mut v = Vec::new();
+        for r in &c.routers {
+            v.push(r.view_id().await.unwrap());
+        }
+        v
+    };
+    // A window counts when the views were the same already one window
+    // before it: replies to requests sent before the last change (naming
+    // the view before it) are out of the way by then.
+    let (mut s0, mut s1, mut builds0);
+    let mut tries = 0;
+    let mut before = None;
+    loop {
+        tries += 1;
+        let v0 = views().await;
+        builds0 = gateway_counter(&c, &g1, "jvpn_gateway_ring_builds_total").await;
+        s0 = e.stats.snapshot();
+        eventually(Duration::from_secs(30), "steady heartbeats", || {
+            let replies = e.stats.snapshot().replies;
+            async move { replies >= s0.replies + 1_600 }
+        })
+        .await
+        .unwrap();
+        s1 = e.stats.snapshot();
+        let v1 = views().await;
+        if v1 == v0 && before.as_ref() == Some(&v0) {
+            break;
+        }
+        before = Some(v1);
+        assert!(tries < 10, "the views never settled");
+    }
+    let replies = s1.replies - s0.replies;
+    let per_reply = (s1.reply_bytes - s0.reply_bytes) / replies;
+    let omitted = s1.omitted - s0.omitted;
+    eprintln!("steady: {replies} replies, {per_reply} bytes each, {omitted} without members");
+    assert!(per_reply <= 128, "{per_reply} bytes per reply");
+    assert!(
+        omitted * 10 >= replies * 9,
+        "{omitted} of {replies} omitted"
+    );
+    let builds1 = gateway_counter(&c, &g1, "jvpn_gateway_ring_builds_total").await;
+    assert_eq!(builds0, builds1, "the real gateway rebuilt a steady view");
+    // A member's streams drop (SIGKILL), another goes silent (paused).
+    let killed = e.kill(0);
+    let silent = e.pause(1, true);
+    let t0 = std::time::Instant::now();
+    for (who, within) in [(&killed, 2), (&silent, 4)] {
+        for r in &c.routers {
+            eventually(Duration::from_secs(within), "the member dead", || async {
+                !r.alive().await.unwrap_or_default().contains(who)
+            })
+            .await
+            .unwrap();
+        }
+        eprintln!("{who} not alive on both routers after {:?}", t0.elapsed());
+    }
+    // Nobody else died.
+    for r in &c.routers {
+        let alive = r.alive().await.unwrap();
+        let missing: Vec<_> = all[2..].iter().filter(|m| !alive.contains(*m)).collect();
+        assert!(missing.is_empty(), "{missing:?} died too");
+    }
+    assert!(e.len() == N);
+}

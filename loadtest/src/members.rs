@@ -1,0 +1,340 @@
+//! Emulated gateways on the membership plane (issue 14): N members, each
+//! with its own node id, membership certificate (minted under the
+//! cluster's membership CA), incarnation and client port on loopback, each
+//! holding one real mTLS heartbeat stream per router at the real interval,
+//! from one process. A member can be killed (its streams drop, as on
+//! SIGKILL) or paused (its streams stay open and go silent). It behaves
+//! like a gateway where the routers can tell: it names the view it holds
+//! (unless emulating a gateway one version older), says whether that view
+//! contains it, proves the cluster secret, and answers the routers'
+//! reachability probes (its port accepts and closes).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use jvpn_proto::keys::ClusterKeys;
+use jvpn_proto::membership_proof::gateway_proof;
+use jvpn_proto::pb::membership::membership_client::MembershipClient;
+use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use crate::harness::CLUSTER;
+
+/// How the emulated members talk to the routers.
+#[derive(Clone, Debug)]
+pub struct EmulatorOptions {
+    /// The routers' membership endpoints.
+    pub routers: Vec<SocketAddr>,
+    pub interval: Duration,
+    /// Never name the view held: a gateway one version older, which gets
+    /// the members in every reply.
+    pub old_format: bool,
+}
+
+/// Counters over every member and router.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub replies: AtomicU64,
+    /// Encoded size of the replies (protobuf bytes, without gRPC framing).
+    pub reply_bytes: AtomicU64,
+    /// Replies that left the members out.
+    pub omitted: AtomicU64,
+    /// Streams that failed or were refused (each is retried).
+    pub stream_errors: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub replies: u64,
+    pub reply_bytes: u64,
+    pub omitted: u64,
+    pub stream_errors: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            requests: l(&self.requests),
+            replies: l(&self.replies),
+            reply_bytes: l(&self.reply_bytes),
+            omitted: l(&self.omitted),
+            stream_errors: l(&self.stream_errors),
+        }
+    }
+}
+
+/// One emulated member (from its own source address, 127.1.x.y; at most
+/// 64,000 members).
+struct Member {
+    node: String,
+    paused: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// N members heartbeating to the routers until dropped.
+pub struct Emulator {
+    opts: EmulatorOptions,
+    ca: Vec<u8>,
+    keys: ClusterKeys,
+    pki: std::path::PathBuf,
+    members: Vec<Member>,
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("members", &self.members.len())
+            .field("routers", &self.opts.routers)
+            .finish()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        for m in &self.members {
+            for t in &m.tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// The node id of emulated member `i`.
+pub fn member_name(i: usize) -> String {
+    format!("m{i:04}")
+}
+
+impl Emulator {
+    /// Mints certificates for members `0..count` under the PKI in `pki`
+    /// (a `jvpn-gateway pki init` tree: its membership CA and secret) and
+    /// starts them.
+    pub async fn start(pki: &Path, count: usize, opts: EmulatorOptions) -> Result<Self> {
+        let layout = jvpn_gateway::pki::PkiLayout {
+            dir: pki.to_path_buf(),
+        };
+        let names: Vec<String> = (0..count).map(member_name).collect();
+        jvpn_gateway::pki::mint_members(&layout, CLUSTER, &names)
+            .context("minting member certificates")?;
+        let ca = std::fs::read(layout.membership_ca())?;
+        let secret = std::fs::read_to_string(layout.secret())?;
+        let keys = secret
+            .trim()
+            .parse::<jvpn_proto::keys::ClusterSecret>()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", layout.secret().display()))?
+            .derive();
+        let mut e = Self {
+            opts,
+            ca,
+            keys,
+            pki: pki.to_path_buf(),
+            members: Vec::new(),
+            stats: Arc::new(Stats::default()),
+        };
+        for name in names {
+            e.add(name).await?;
+        }
+        Ok(e)
+    }
+
+    /// Starts member `node` (its certificate must exist) as a new
+    /// incarnation; returns its index.
+    pub async fn add(&mut self, node: String) -> Result<usize> {
+        let layout = jvpn_gateway::pki::PkiLayout {
+            dir: self.pki.clone(),
+        };
+        let cert = std::fs::read(layout.membership_cert(&node))?;
+        let key = std::fs::read(layout.membership_key(&node))?;
+        // Its client port: routers probe it (connect, then close).
+        let port = TcpListener::bind("127.0.0.1:0").await?;
+        let advertise = port.local_addr()?;
+        let incarnation = ordered_incarnation();
+        let paused = Arc::new(AtomicBool::new(false));
+        // A source address of its own, as separate hosts would have
+        // (routers count membership connections per source).
+        let n = self.members.len();
+        let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            1,
+            (n / 250) as u8,
+            (n % 250) as u8 + 1,
+        ));
+        let mut tasks = vec![tokio::spawn(async move {
+            while let Ok((c, _)) = port.accept().await {
+                drop(c);
+            }
+        })];
+        for &router in &self.opts.routers {
+            let link = Link {
+                node: node.clone(),
+                incarnation,
+                advertise,
+                router,
+                source,
+                identity: Identity::from_pem(&cert, &key),
+                ca: self.ca.clone(),
+                keys: self.keys.clone(),
+                interval: self.opts.interval,
+                old_format: self.opts.old_format,
+                paused: paused.clone(),
+                stats: self.stats.clone(),
+            };
+            tasks.push(tokio::spawn(link.run()));
+        }
+        self.members.push(Member {
+            node,
+            paused,
+            tasks,
+        });
+        Ok(self.members.len() - 1)
+    }
+
+    /// Drops member `i`'s streams and port, as a SIGKILL would.
+    pub fn kill(&mut self, i: usize) -> String {
+        let m = &mut self.members[i];
+        for t in m.tasks.drain(..) {
+            t.abort();
+        }
+        m.node.clone()
+    }
+
+    /// Member `i` stops (or resumes) heartbeating; its streams stay open.
+    pub fn pause(&self, i: usize, paused: bool) -> String {
+        let m = &self.members[i];
+        m.paused.store(paused, Ordering::Relaxed);
+        m.node.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// Above any incarnation a real gateway started earlier recorded, ordered
+/// like theirs (Unix ms << 16 | 16 random bits).
+fn ordered_incarnation() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    (ms << 16) | u64::from(rand::random::<u16>())
+}
+
+/// One member's stream to one router.
+struct Link {
+    node: String,
+    incarnation: u64,
+    advertise: SocketAddr,
+    router: SocketAddr,
+    source: std::net::IpAddr,
+    identity: Identity,
+    ca: Vec<u8>,
+    keys: ClusterKeys,
+    interval: Duration,
+    old_format: bool,
+    paused: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+}
+
+impl Link {
+    /// Heartbeats forever, reconnecting after a failure like a gateway.
+    async fn run(self) {
+        let mut seq = 0u64;
+        loop {
+            if self.stream(&mut seq).await.is_err() {
+                self.stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    async fn stream(&self, seq: &mut u64) -> Result<()> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .domain_name(format!("router.{CLUSTER}"))
+            .identity(self.identity.clone());
+        let channel = Endpoint::from_shared(format!("https://{}", self.router))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .local_address(Some(self.source))
+            .connect()
+            .await?;
+        let mut client = MembershipClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut replies = client
+            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        // The view held from this router, and whether it contains us.
+        let mut held: Option<(Vec<u8>, bool)> = None;
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if self.paused.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    *seq += 1;
+                    tx.send(self.request(*seq, held.as_ref())).await?;
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                }
+                r = replies.message() => {
+                    let Some(reply) = r? else { return Ok(()) };
+                    self.on_reply(&reply, &mut held);
+                }
+            }
+        }
+    }
+
+    fn request(&self, seq: u64, held: Option<&(Vec<u8>, bool)>) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node_id: self.node.clone(),
+            incarnation: self.incarnation,
+            advertise_addr: self.advertise.to_string(),
+            state: NodeState::Ready as i32,
+            weight: 1,
+            sessions: 0,
+            lease_ok: held.is_some(),
+            build_version: "member-emulator".into(),
+            sequence: seq,
+            in_view: held.is_some_and(|(_, inside)| *inside),
+            incarnation_ordered: true,
+            secret_proof: gateway_proof(&self.keys, &self.node, self.incarnation, seq),
+            known_view_id: match held {
+                Some((id, _)) if !self.old_format => id.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    fn on_reply(&self, reply: &HeartbeatReply, held: &mut Option<(Vec<u8>, bool)>) {
+        self.stats.replies.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .reply_bytes
+            .fetch_add(prost::Message::encoded_len(reply) as u64, Ordering::Relaxed);
+        if reply.members_omitted {
+            self.stats.omitted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let inside = reply
+            .members
+            .iter()
+            .any(|m| m.node_id == self.node && m.incarnation == self.incarnation);
+        *held = Some((reply.view_id.clone(), inside));
+    }
+}
