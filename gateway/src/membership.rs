@@ -701,7 +701,7 @@ mod tests {
     /// the link no longer holds renews nothing.
     #[test]
     fn a_view_is_built_once_whatever_the_routers_send() {
-        use jvpn_proto::pb::membership::{RingParameters, ViewMember};
+        use jvpn_proto::pb::membership::RingParameters;
         use jvpn_proto::ring::{Member, RingParams, View};
         let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
         let c = cluster(Duration::ZERO);
@@ -731,16 +731,7 @@ mod tests {
         let full = |v: &View, sequence: u64| HeartbeatReply {
             sequence,
             view_id: v.id().0.to_vec(),
-            members: v
-                .members()
-                .iter()
-                .map(|m| ViewMember {
-                    node_id: m.node_id.to_string(),
-                    incarnation: m.incarnation.0,
-                    addr: m.addr.to_string(),
-                    weight: m.weight,
-                })
-                .collect(),
+            members: jvpn_proto::ring::members_to_reply(v),
             ring: Some(RingParameters {
                 vnodes_per_weight: v.params().vnodes_per_weight,
                 key_id: 1,

@@ -134,10 +134,7 @@ struct Ca {
 impl Ca {
     fn new(name: &str) -> Result<(Self, String)> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let params = ca_params(name);
         let cert = params.self_signed(&key)?;
         Ok((Self { params, key }, cert.pem()))
     }
@@ -171,11 +168,10 @@ impl Ca {
             error,
         })?;
         let key = KeyPair::from_pem(&pem)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        Ok(Self { params, key })
+        Ok(Self {
+            params: ca_params(name),
+            key,
+        })
     }
 }
 
@@ -193,16 +189,30 @@ pub fn mint_members(layout: &PkiLayout, cluster: &str, nodes: &[String]) -> Resu
             what: format!("node {node}"),
             error,
         })?;
-        let uri = format!("jvpn://{cluster}/gateway/{node}");
-        let (cert, key) = ca.issue(
-            &uri,
-            vec![SanType::URI(uri.as_str().try_into()?), loopback()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
-        write_public(&layout.membership_cert(node), &cert)?;
-        write_secret(&layout.membership_key(node), &key)?;
+        issue_membership(&ca, layout, cluster, node)?;
     }
     Ok(())
+}
+
+/// A CA's certificate parameters: what `new` signs and `load` rebuilds.
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// Writes `node`'s membership certificate and key, issued by `ca`.
+fn issue_membership(ca: &Ca, layout: &PkiLayout, cluster: &str, node: &str) -> Result<()> {
+    let uri = format!("jvpn://{cluster}/gateway/{node}");
+    let (cert, key) = ca.issue(
+        &uri,
+        vec![SanType::URI(uri.as_str().try_into()?), loopback()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    write_public(&layout.membership_cert(node), &cert)?;
+    write_secret(&layout.membership_key(node), &key)
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -284,14 +294,7 @@ pub fn init(spec: &PkiSpec) -> Result<PkiLayout> {
         )?;
         write_public(&layout.gateway_cert(node), &cert)?;
         write_secret(&layout.gateway_key(node), &key)?;
-        let uri = format!("jvpn://{c}/gateway/{node}");
-        let (cert, key) = member_ca.issue(
-            &uri,
-            vec![SanType::URI(uri.as_str().try_into()?), loopback()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
-        write_public(&layout.membership_cert(node), &cert)?;
-        write_secret(&layout.membership_key(node), &key)?;
+        issue_membership(&member_ca, &layout, c, node)?;
     }
     for r in &spec.routers {
         let name = format!("{r}.router.{c}");

@@ -119,6 +119,20 @@ pub fn view_from_reply(
     Ok(Some(view))
 }
 
+/// `view`'s members as a heartbeat reply carries them (the inverse of
+/// [`view_from_reply`]).
+pub fn members_to_reply(view: &View) -> Vec<crate::pb::membership::ViewMember> {
+    view.members()
+        .iter()
+        .map(|m| crate::pb::membership::ViewMember {
+            node_id: m.node_id.to_string(),
+            incarnation: m.incarnation.0,
+            addr: m.addr.to_string(),
+            weight: m.weight,
+        })
+        .collect()
+}
+
 /// An immutable, canonical member set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct View {

@@ -16,7 +16,7 @@ use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::membership_proof::{router_proof, verify_gateway_proof};
 use jvpn_proto::pb::membership::membership_server::Membership as MembershipRpc;
 use jvpn_proto::pb::membership::{
-    HeartbeatReply, HeartbeatRequest, NodeState as PbState, RingParameters, ViewMember,
+    HeartbeatReply, HeartbeatRequest, NodeState as PbState, RingParameters,
 };
 use jvpn_runtime::admission::SourceKey;
 use metrics::counter;
@@ -337,15 +337,7 @@ fn reply_for(
         let members = if omit {
             Vec::new()
         } else {
-            view.members()
-                .iter()
-                .map(|m| ViewMember {
-                    node_id: m.node_id.to_string(),
-                    incarnation: m.incarnation.0,
-                    addr: m.addr.to_string(),
-                    weight: m.weight,
-                })
-                .collect()
+            jvpn_proto::ring::members_to_reply(view)
         };
         (view_id, omit, members, view.params().vnodes_per_weight)
     });
