@@ -321,6 +321,13 @@ fn rejected(r: &jvpn_proto::pb::session::Reject) -> AgentError {
     }
 }
 
+/// A session just made by HELLO, not yet the agent's.
+pub(crate) struct Fresh {
+    session: ClientSession,
+    /// The channel window the gateway granted (0: no data plane).
+    window: u64,
+}
+
 /// A client agent: configuration, TLS setup and (once established) its session.
 pub struct Agent {
     cfg: AgentConfig,
@@ -398,11 +405,9 @@ impl Agent {
             .and_then(|(ch, _)| ch.closed())
     }
 
-    /// Streams open through the data plane now (0 without one).
+    /// Streams open through the current session now (0 without one).
     pub fn open_streams(&self) -> u64 {
-        self.data.as_ref().map_or(0, |(_, t)| {
-            t.counters().open.load(std::sync::atomic::Ordering::Relaxed)
-        })
+        self.data.as_ref().map_or(0, |(d, _)| d.open_streams())
     }
 
     /// The session ended for `why`: its streams are reset with that reason.
@@ -492,6 +497,15 @@ impl Agent {
 
     /// Opens a new session. Any previous session state is discarded.
     pub async fn hello(&mut self) -> Result<Transport, AgentError> {
+        let (t, fresh) = self.hello_only().await?;
+        self.adopt(fresh);
+        Ok(t)
+    }
+
+    /// HELLO on a new connection, leaving this agent's session as it is:
+    /// the new session is applied with [`Agent::adopt`] (a hand-over makes
+    /// the next session while the current one still serves).
+    pub(crate) async fn hello_only(&self) -> Result<(Transport, Fresh), AgentError> {
         let mut t = self.open(&Preamble::Hello { key_id: 0 }).await?;
         let auth = match &self.cfg.credential {
             Credential::Token(tok) => tok.to_vec(),
@@ -514,17 +528,51 @@ impl Agent {
         };
         let window = ok.channel_window;
         let session = ClientSession::from_hello_ok(ok, &t)?;
+        Ok((t, Fresh { session, window }))
+    }
+
+    /// Makes `fresh` this agent's session; the previous session's channel
+    /// (if still here) is closed and its streams reset.
+    pub(crate) fn adopt(&mut self, fresh: Fresh) {
         self.switches.clear();
-        self.session = Some(session);
+        self.session = Some(fresh.session);
         if let Some((d, _)) = self.data.as_mut() {
-            if window > 0 {
-                d.start(window);
+            if fresh.window > 0 {
+                d.start(fresh.window);
             } else {
                 // An older gateway: sessions without streams.
                 d.close("the gateway has no data plane");
             }
         }
-        Ok(t)
+    }
+
+    /// An agent with this one's configuration and no session, for making
+    /// a session in the background ([`Agent::hello_only`] asks for a
+    /// channel if this agent has a data plane).
+    pub(crate) fn fork(&self) -> Agent {
+        Agent {
+            cfg: self.cfg.clone(),
+            connector: self.connector.clone(),
+            session: None,
+            next_server: self.next_server,
+            switches: std::collections::VecDeque::new(),
+            data: self.data.as_ref().map(|_| streams::DataPlane::new()),
+        }
+    }
+
+    /// Moves the current session (with its channel and open streams) to a
+    /// new agent of its own, which keeps it until its streams end; this one
+    /// is left without a session and its tunnel opens no stream until the
+    /// next one is adopted.
+    pub(crate) fn split_off(&mut self) -> Agent {
+        Agent {
+            cfg: self.cfg.clone(),
+            connector: self.connector.clone(),
+            session: self.session.take(),
+            next_server: self.next_server,
+            switches: std::mem::take(&mut self.switches),
+            data: self.data.as_mut().map(|(d, _)| d.split_off()),
+        }
     }
 
     /// Builds the next `Resume` for transport `t` (advancing the counter).

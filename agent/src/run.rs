@@ -10,7 +10,8 @@ use rand::Rng;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Agent, AgentError, Transport};
+use crate::{Agent, AgentError, Fresh, Transport};
+use jvpn_proto::SessionId;
 use jvpn_runtime::channel_io::Wakeups;
 
 /// What the caller can ask of a running session.
@@ -143,7 +144,7 @@ fn reason_str(e: &AgentError) -> String {
 /// failure with no way back. Returns the final report.
 pub async fn keep_alive(
     mut agent: Agent,
-    mut cmds: mpsc::Receiver<Command>,
+    cmds: mpsc::Receiver<Command>,
     transitions: Option<Transitions>,
     report: Arc<Mutex<AgentReport>>,
 ) -> AgentReport {
@@ -153,7 +154,7 @@ pub async fn keep_alive(
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     };
-    let mut t = match establish(&mut agent, &transitions, None).await {
+    let t = match establish(&mut agent, &transitions, None).await {
         Ok(t) => t,
         Err(e) => {
             update(&report, |r| r.ended = Some(reason_str(&e)));
@@ -162,6 +163,74 @@ pub async fn keep_alive(
     };
     update(&report, |r| r.sessions_established += 1);
     record_attach(&report, &agent, true);
+    // Sessions a hand-over left on a draining gateway run beside this one
+    // until their streams end; they stop with it.
+    let (drains, mut drain_rx) = mpsc::unbounded_channel::<Draining>();
+    let drainer = {
+        let (transitions, report) = (transitions.clone(), report.clone());
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            while let Some(d) = drain_rx.recv().await {
+                let role = Role::Draining { until: d.until };
+                set.spawn(drive(
+                    d.agent,
+                    d.t,
+                    d.stop,
+                    role,
+                    transitions.clone(),
+                    report.clone(),
+                ));
+                while set.try_join_next().is_some() {}
+            }
+            while set.join_next().await.is_some() {}
+        })
+    };
+    let role = Role::Main {
+        drains,
+        stops: Vec::new(),
+    };
+    drive(agent, t, cmds, role, transitions, report.clone()).await;
+    let _ = drainer.await;
+    snapshot()
+}
+
+/// A session a GoAway hand-over left behind, with its transport.
+struct Draining {
+    agent: Agent,
+    t: Transport,
+    /// Closed when the agent stops.
+    stop: mpsc::Receiver<Command>,
+    until: Instant,
+}
+
+/// What a keep-alive loop is for.
+enum Role {
+    /// The agent's session: commands, re-handshakes, GoAway hand-overs
+    /// (sent to `drains`; each stops when its `stops` sender drops).
+    Main {
+        drains: mpsc::UnboundedSender<Draining>,
+        stops: Vec<mpsc::Sender<Command>>,
+    },
+    /// A session on a draining gateway that still carries streams: kept
+    /// (across transport losses too) until they end or `until`, then
+    /// ended; never re-handshaken.
+    Draining { until: Instant },
+}
+
+/// A session a background HELLO made, for a GoAway hand-over.
+type HandOver = oneshot::Receiver<Result<(Transport, Fresh), AgentError>>;
+
+/// One session's loop: keeps its transport alive, carries its channel,
+/// reattaches on loss.
+async fn drive(
+    mut agent: Agent,
+    mut t: Transport,
+    mut cmds: mpsc::Receiver<Command>,
+    mut role: Role,
+    transitions: Option<Transitions>,
+    report: Arc<Mutex<AgentReport>>,
+) {
+    let main = matches!(role, Role::Main { .. });
     // Silence for heartbeat_timeout means the transport is dead even if TCP
     // has not noticed (a paused gateway, a blackholed path): reattach.
     let mut last_rx = Instant::now();
@@ -172,7 +241,13 @@ pub async fn keep_alive(
     let mut more = false;
     let mut out = bytes::BytesMut::new();
     // A GoAway with streams open: when to move at the latest.
-    let mut drain_until: Option<Instant> = None;
+    let mut drain_until: Option<Instant> = match role {
+        Role::Draining { until } => Some(until),
+        Role::Main { .. } => None,
+    };
+    // The next session a GoAway asked for, while it is being made, and the
+    // session it is to replace.
+    let mut handover: Option<(HandOver, Option<SessionId>)> = None;
     let mut next_tick = Instant::now();
     loop {
         if let Some((d, _)) = agent.data.as_ref() {
@@ -199,6 +274,8 @@ pub async fn keep_alive(
             Cmd(Option<Command>),
             /// The channel may have frames to send.
             Out,
+            /// The hand-over's HELLO finished.
+            HandedOver(Box<Result<(Transport, Fresh), AgentError>>),
         }
         // Unbiased: with frames both to send and to read, both happen.
         let ev = tokio::select! {
@@ -219,6 +296,12 @@ pub async fn keep_alive(
                     None => std::future::pending().await,
                 }
             } => Ev::Out,
+            r = async {
+                match handover.as_mut() {
+                    Some((rx, _)) => rx.await.unwrap_or(Err(AgentError::NoSession)),
+                    None => std::future::pending().await,
+                }
+            } => Ev::HandedOver(Box::new(r)),
         };
         if matches!(ev, Ev::Frame(Ok(_))) {
             last_rx = Instant::now();
@@ -233,6 +316,7 @@ pub async fn keep_alive(
                 note(&transitions, "no frame within heartbeat_timeout".into());
                 Some(AgentError::Closed)
             }
+            Ev::Frame(Ok(Kind::GoAway(_))) if !main => None,
             Ev::Frame(Ok(Kind::GoAway(g))) => {
                 update(&report, |r| r.go_aways += 1);
                 note(
@@ -242,23 +326,95 @@ pub async fn keep_alive(
                 let open = agent.open_streams();
                 if open > 0 {
                     // Open streams go on until the deadline (or until they
-                    // end); the session moves then.
+                    // end) on this session; new ones wait for the next
+                    // session, made now beside it.
                     note(
                         &transitions,
                         format!("go_away: {open} open streams stay until the deadline"),
                     );
                     drain_until = Some(Instant::now() + Duration::from_millis(g.deadline_ms));
+                    if handover.is_none() {
+                        if let Some((d, _)) = agent.data.as_mut() {
+                            d.hold_new_streams();
+                        }
+                        let mut fork = agent.fork();
+                        let tr = transitions.clone();
+                        let (tx, rx) = oneshot::channel();
+                        tokio::spawn(async move {
+                            let _ = tx.send(establish_fresh(&mut fork, &tr, Some("go_away")).await);
+                        });
+                        handover = Some((rx, agent.session.as_ref().map(|s| s.id)));
+                    }
                 } else {
                     move_off(&mut agent, &mut t, &transitions, &report).await;
                     last_rx = Instant::now();
                 }
                 None
             }
+            Ev::HandedOver(r) => {
+                let Some((_, replacing)) = handover.take() else {
+                    continue;
+                };
+                let still = agent.session.as_ref().map(|s| s.id) == replacing;
+                match (*r, &mut role) {
+                    (Ok((new_t, fresh)), Role::Main { drains, stops }) if still => {
+                        let old = agent.split_off();
+                        agent.adopt(fresh);
+                        let old_t = std::mem::replace(&mut t, new_t);
+                        last_rx = Instant::now();
+                        let (stop, stop_rx) = mpsc::channel(1);
+                        stops.retain(|s| !s.is_closed());
+                        stops.push(stop);
+                        let until = drain_until.take().unwrap_or_else(Instant::now);
+                        let _ = drains.send(Draining {
+                            agent: old,
+                            t: old_t,
+                            stop: stop_rx,
+                            until,
+                        });
+                        update(&report, |r| {
+                            r.rehandshakes += 1;
+                            bump(&mut r.rehandshake_reasons, "go_away");
+                        });
+                        record_attach(&report, &agent, true);
+                        note(
+                            &transitions,
+                            "go_away: new streams go over the new session".into(),
+                        );
+                    }
+                    (Ok((mut new_t, _)), _) => {
+                        // The session it was to replace is gone already.
+                        let _ =
+                            tokio::time::timeout(silence_limit, new_t.send(agent_closed())).await;
+                    }
+                    (Err(e), _) => {
+                        if let Some((d, _)) = agent.data.as_mut() {
+                            d.release_new_streams();
+                        }
+                        note(
+                            &transitions,
+                            format!(
+                                "no new session yet ({}); staying until the deadline",
+                                reason_str(&e)
+                            ),
+                        );
+                    }
+                }
+                None
+            }
             Ev::Tick
-                if drain_until
-                    .is_some_and(|d| agent.open_streams() == 0 || Instant::now() >= d) =>
+                if drain_until.is_some_and(|d| {
+                    handover.is_none() && (agent.open_streams() == 0 || Instant::now() >= d)
+                }) =>
             {
                 drain_until = None;
+                if !main {
+                    // The streams that were left have ended, or the
+                    // gateway's deadline has come.
+                    end_streams(&mut agent, &transitions, &report, "go_away_deadline");
+                    let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
+                    return;
+                }
                 move_off(&mut agent, &mut t, &transitions, &report).await;
                 last_rx = Instant::now();
                 None
@@ -307,13 +463,11 @@ pub async fn keep_alive(
             Ev::Frame(Ok(_)) => None,
             Ev::Frame(Err(e)) => Some(e),
             Ev::Cmd(None) | Ev::Cmd(Some(Command::Close)) => {
-                let _ = t
-                    .send(Kind::Terminate(Terminate {
-                        reason: ReasonCode::AgentClosed as i32,
-                    }))
-                    .await;
-                update(&report, |r| r.ended = Some("agent_closed".into()));
-                return snapshot();
+                let _ = t.send(agent_closed()).await;
+                if main {
+                    update(&report, |r| r.ended = Some("agent_closed".into()));
+                }
+                return;
             }
             Ev::Cmd(Some(Command::Echo(_, reply))) if agent.data.is_some() => {
                 // The echo service is for sessions without a channel.
@@ -342,7 +496,7 @@ pub async fn keep_alive(
                 note(&transitions, "jump: old transport left half-open".into());
                 // Keep `t` alive (unread) until the new one is attached.
                 let lost_at = Instant::now();
-                match reattach(&mut agent, &transitions, &report, lost_at).await {
+                match reattach(&mut agent, &transitions, &report, lost_at, main).await {
                     Ok(new_t) => {
                         last_rx = Instant::now();
                         let old = std::mem::replace(&mut t, new_t);
@@ -351,7 +505,7 @@ pub async fn keep_alive(
                     }
                     Err(e) => {
                         update(&report, |r| r.ended = Some(reason_str(&e)));
-                        return snapshot();
+                        return;
                     }
                 }
             }
@@ -370,6 +524,9 @@ pub async fn keep_alive(
         if e.session_gone() {
             // The session's streams end here, explicitly, with its reason.
             end_streams(&mut agent, &transitions, &report, &reason_str(&e));
+            if !main {
+                return;
+            }
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
                     update(&report, |r| {
@@ -383,21 +540,29 @@ pub async fn keep_alive(
                 }
                 Err(e2) => {
                     update(&report, |r| r.ended = Some(reason_str(&e2)));
-                    return snapshot();
+                    return;
                 }
             }
         }
-        match reattach(&mut agent, &transitions, &report, lost_at).await {
+        match reattach(&mut agent, &transitions, &report, lost_at, main).await {
             Ok(new_t) => {
                 last_rx = Instant::now();
                 t = new_t;
             }
             Err(e) => {
-                update(&report, |r| r.ended = Some(reason_str(&e)));
-                return snapshot();
+                if main {
+                    update(&report, |r| r.ended = Some(reason_str(&e)));
+                }
+                return;
             }
         }
     }
+}
+
+fn agent_closed() -> Kind {
+    Kind::Terminate(Terminate {
+        reason: ReasonCode::AgentClosed as i32,
+    })
 }
 
 /// The gateway is draining: a new session elsewhere (routers no longer
@@ -414,11 +579,7 @@ async fn move_off(
     match establish(agent, transitions, Some("go_away".into())).await {
         Ok(new_t) => {
             let mut old = std::mem::replace(t, new_t);
-            let _ = old
-                .send(Kind::Terminate(Terminate {
-                    reason: ReasonCode::AgentClosed as i32,
-                }))
-                .await;
+            let _ = old.send(agent_closed()).await;
             update(report, |r| {
                 r.rehandshakes += 1;
                 bump(&mut r.rehandshake_reasons, "go_away");
@@ -458,21 +619,33 @@ fn transient(e: &AgentError) -> bool {
     }
 }
 
-/// HELLO with retries: transient refusals are retried for up to
-/// [`ESTABLISH_PATIENCE`], anything else five times. `after`: the reason a
-/// previous session ended (then this is an explicit re-handshake, and says so).
+/// HELLO with retries, adopted as the agent's session (see
+/// [`establish_fresh`]).
 async fn establish(
     agent: &mut Agent,
     transitions: &Option<Transitions>,
     after: Option<String>,
 ) -> Result<Transport, AgentError> {
+    let (t, fresh) = establish_fresh(agent, transitions, after.as_deref()).await?;
+    agent.adopt(fresh);
+    Ok(t)
+}
+
+/// HELLO with retries: transient refusals are retried for up to
+/// [`ESTABLISH_PATIENCE`], anything else five times. `after`: the reason a
+/// previous session ended (then this is an explicit re-handshake, and says
+/// so). The agent's own session is left as it is.
+async fn establish_fresh(
+    agent: &mut Agent,
+    transitions: &Option<Transitions>,
+    after: Option<&str>,
+) -> Result<(Transport, Fresh), AgentError> {
     let started = Instant::now();
     let mut hard_failures = 0u32;
     loop {
-        let e = match agent.hello().await {
-            Ok(t) => {
-                let s = agent.session.as_ref().ok_or(AgentError::NoSession)?;
-                let what = match &after {
+        let e = match agent.hello_only().await {
+            Ok((t, fresh)) => {
+                let what = match after {
                     Some(why) => format!("re-handshake after {why}"),
                     None => "handshake".into(),
                 };
@@ -480,10 +653,10 @@ async fn establish(
                     transitions,
                     format!(
                         "{what}: attached to {} (epoch {})",
-                        s.node_id, s.binding_epoch
+                        fresh.session.node_id, fresh.session.binding_epoch
                     ),
                 );
-                return Ok(t);
+                return Ok((t, fresh));
             }
             Err(e) => e,
         };
@@ -525,6 +698,7 @@ async fn reattach(
     transitions: &Option<Transitions>,
     report: &Arc<Mutex<AgentReport>>,
     lost_at: Instant,
+    main: bool,
 ) -> Result<Transport, AgentError> {
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
@@ -547,7 +721,9 @@ async fn reattach(
                     r.resume_ms.push(took);
                 });
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
-                record_attach(report, agent, false);
+                if main {
+                    record_attach(report, agent, false);
+                }
                 note(
                     transitions,
                     format!("reattached in {ms} ms (epoch {epoch})"),
@@ -588,6 +764,10 @@ async fn reattach(
                 }
                 if e.session_gone() || remaining.is_zero() {
                     end_streams(agent, transitions, report, &why);
+                    if !main {
+                        // A draining session is not made again.
+                        return Err(e);
+                    }
                     let t = establish(agent, transitions, Some(why.clone())).await?;
                     update(report, |r| {
                         r.rehandshakes += 1;

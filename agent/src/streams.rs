@@ -31,13 +31,15 @@ pub struct Stream {
     _open: OpenStream,
 }
 
-/// Counts a stream as open while it lives.
+/// Counts a stream as open while it lives: in the agent's counters and in
+/// its session's (a draining session lasts while it has streams).
 #[derive(Debug)]
-struct OpenStream(Arc<StreamCounters>);
+struct OpenStream(Arc<StreamCounters>, Arc<AtomicU64>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +114,8 @@ pub enum StreamError {
 #[derive(Clone, Debug)]
 struct Link {
     send: SendRequest<Empty<Bytes>>,
+    /// Streams open over this session.
+    open: Arc<AtomicU64>,
 }
 
 /// Opens streams through whatever session the agent currently has.
@@ -169,7 +173,7 @@ impl Tunnel {
             .uri(target.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| StreamError::SessionEnded(e.to_string()))?;
-        let mut send = link.send;
+        let Link { mut send, open } = link;
         let ended = |e: hyper::Error| StreamError::SessionEnded(e.to_string());
         send.ready().await.map_err(ended)?;
         let res = send.send_request(req).await.map_err(ended)?;
@@ -187,9 +191,10 @@ impl Tunnel {
         let up = hyper::upgrade::on(res).await.map_err(ended)?;
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
+        open.fetch_add(1, Ordering::Relaxed);
         Ok(Stream {
             io: TokioIo::new(up),
-            _open: OpenStream(self.counters.clone()),
+            _open: OpenStream(self.counters.clone(), open),
         })
     }
 
@@ -235,6 +240,11 @@ pub(crate) struct DataPlane {
     /// re-subscribes and a late handshake never publishes a dead session.
     pub(crate) epoch: Arc<AtomicU64>,
     link: watch::Sender<Option<Link>>,
+    /// The current session's link, taken off the tunnel while a hand-over
+    /// makes the next session (new streams wait for that one).
+    held: Option<Link>,
+    /// Streams open over the current session.
+    open: Arc<AtomicU64>,
     want: Arc<Want>,
 }
 
@@ -248,6 +258,8 @@ impl DataPlane {
                 channel: None,
                 epoch: Arc::new(AtomicU64::new(0)),
                 link: tx,
+                held: None,
+                open: Arc::new(AtomicU64::new(0)),
                 want: want.clone(),
             },
             Tunnel {
@@ -290,16 +302,58 @@ impl DataPlane {
         }
     }
 
-    /// The session ended (or is being replaced): its streams are reset with
-    /// `why`; new streams wait for the next session.
-    pub(crate) fn close(&mut self, why: &str) {
+    /// Streams open over the current session.
+    pub(crate) fn open_streams(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The current session is leaving: nothing new goes over it, and the
+    /// tunnel waits for the next session.
+    fn retire(&mut self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         // A session's task still waiting for the first stream ends.
         self.want.notify.notify_waiters();
         self.link.send_replace(None);
+        self.held = None;
+    }
+
+    /// The session ended (or is being replaced): its streams are reset with
+    /// `why`; new streams wait for the next session.
+    pub(crate) fn close(&mut self, why: &str) {
+        self.retire();
+        self.open = Arc::new(AtomicU64::new(0));
         if let Some((ch, _)) = self.channel.take() {
             ch.close(why);
         }
+    }
+
+    /// New streams wait for the next session instead of going over this
+    /// one (a hand-over is making it); [`DataPlane::release_new_streams`]
+    /// undoes this if there is no next session after all.
+    pub(crate) fn hold_new_streams(&mut self) {
+        if let Some(l) = self.link.send_replace(None) {
+            self.held = Some(l);
+        }
+    }
+
+    pub(crate) fn release_new_streams(&mut self) {
+        if let Some(l) = self.held.take() {
+            self.link.send_replace(Some(l));
+        }
+    }
+
+    /// Moves the current session's channel and its open streams to a data
+    /// plane of their own (no tunnel opens streams there); this one waits
+    /// for the next session.
+    pub(crate) fn split_off(&mut self) -> (DataPlane, Tunnel) {
+        let (mut d, t) = DataPlane::new();
+        d.channel = self.channel.take();
+        d.open = std::mem::replace(&mut self.open, Arc::new(AtomicU64::new(0)));
+        // HTTP/2 ends when its last request handle goes: the draining
+        // session keeps one while its streams last.
+        d.held = self.held.take().or_else(|| self.link.send_replace(None));
+        self.retire();
+        (d, t)
     }
 
     /// A new session with a channel of `window` bytes: start its HTTP/2
@@ -312,6 +366,7 @@ impl DataPlane {
         let task_ch = ch.clone();
         self.channel = Some((ch, first));
         let link = self.link.clone();
+        let open = self.open.clone();
         let live = self.epoch.clone();
         let want = self.want.clone();
         tokio::spawn(async move {
@@ -340,18 +395,18 @@ impl DataPlane {
             link.send_if_modified(|l| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {
-                    *l = Some(Link { send });
+                    *l = Some(Link { send, open });
                 }
                 current
             });
             let _ = conn.await;
-            // HTTP/2 ended while this session is still the current one:
-            // its streams cannot go on; the keep-alive loop sees the closed
-            // channel and makes a new session.
+            // HTTP/2 ended: the session's streams cannot go on; its
+            // keep-alive loop (or the draining session's) sees the closed
+            // channel. A replaced session's channel is closed already.
+            task_ch.close("the session's HTTP/2 connection ended");
             link.send_if_modified(|l| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {
-                    task_ch.close("the session's HTTP/2 connection ended");
                     *l = None;
                 }
                 current

@@ -264,9 +264,26 @@ async fn the_owners_death_resets_every_stream_and_new_ones_work() {
     a.task.await.unwrap();
 }
 
+/// One round trip on the stream opened during a drain: it must not fail.
+async fn late_round(late: &mut jvpn_agent::streams::Stream, round: u64) {
+    let sent = (round | 1 << 63).to_be_bytes();
+    let mut back = [0u8; 8];
+    let r = async {
+        late.write_all(&sent).await?;
+        late.read_exact(&mut back).await.map(|_| ())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), r).await {
+        Ok(Ok(())) => assert_eq!(back, sent, "late stream, round {round}"),
+        Ok(Err(e)) => panic!("the stream opened during the drain failed: {e}"),
+        Err(_) => panic!("the stream opened during the drain hung"),
+    }
+}
+
 /// A draining gateway's streams go on byte-exactly until the drain
-/// deadline (90 % of `drain_timeout_ms`), not before, then end explicitly; the agent's new
-/// streams go over its new session elsewhere.
+/// deadline (90 % of `drain_timeout_ms`), not before, then end explicitly.
+/// Streams opened after the GoAway go over the agent's new session
+/// elsewhere at once and outlive the deadline (they used to go to the
+/// draining gateway and be reset with the old ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_gateways_streams_last_until_the_deadline() {
     const DRAIN_MS: u64 = 6_000;
@@ -281,8 +298,23 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
     let owner = a.report.lock().unwrap().node_id.clone();
     let sigterm_at = Instant::now();
     c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
-    // Round trips on the stream until it ends, each with bytes of its own
-    // that must come back exactly.
+    harness::eventually(
+        Duration::from_secs(5),
+        "the GoAway reached the agent",
+        || {
+            let told = a.report.lock().unwrap().go_aways == 1;
+            async move { told }
+        },
+    )
+    .await
+    .unwrap();
+    // A stream opened now, during the drain.
+    let mut late = a.tunnel.connect(&target(echo)).await.unwrap();
+    let r = a.report.lock().unwrap().clone();
+    assert_ne!(r.node_id, owner, "the new stream's session: {r:?}");
+    // Round trips on both streams until the old one ends, each with bytes
+    // of their own that must come back exactly; the late stream must not
+    // fail at all.
     let mut last_ok = sigterm_at;
     let mut buf = [0u8; 8];
     let mut round = 0u64;
@@ -301,6 +333,7 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
             Ok(Err(e)) => break (e, Instant::now()),
             Err(_) => panic!("the stream hung after {:?}", last_ok - sigterm_at),
         }
+        late_round(&mut late, round).await;
         // A round trip every 50 ms is plenty to see when it ends.
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -323,12 +356,27 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
         "{ended_after:?}"
     );
     assert_eq!(ended.kind(), std::io::ErrorKind::ConnectionReset, "{ended}");
-    // New streams work, over the session the agent moved to.
+    // The late stream goes on past the old one's end and past the whole
+    // drain timeout (after which the draining gateway exits).
+    while sigterm_at.elapsed() < Duration::from_millis(DRAIN_MS + 1_000) {
+        round += 1;
+        late_round(&mut late, round).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    round += 1;
+    late_round(&mut late, round).await;
+    // And new streams work, over the same new session.
     let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
     st.write_all(b"12345678").await.unwrap();
     st.read_exact(&mut buf).await.unwrap();
     let r = a.report.lock().unwrap().clone();
     assert_ne!(r.node_id, owner, "{r:?}");
+    assert_eq!(r.rehandshake_reasons.get("go_away"), Some(&1), "{r:?}");
+    assert_eq!(
+        r.streams_reset.values().sum::<u64>(),
+        1,
+        "only the old stream was reset: {r:?}"
+    );
     drop(a.cmds);
     a.task.await.unwrap();
 }

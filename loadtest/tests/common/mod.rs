@@ -358,7 +358,15 @@ pub fn streaming_agent(pki: &TestPki, servers: Vec<std::net::SocketAddr>) -> Str
     let tunnel = agent.tunnel();
     let (cmds, rx) = tokio::sync::mpsc::channel(8);
     let report = std::sync::Arc::new(std::sync::Mutex::new(AgentReport::default()));
-    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    // The agent's state lines, in the output of a failed test.
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let start = std::time::Instant::now();
+    tokio::spawn(async move {
+        while let Some(l) = lines.recv().await {
+            eprintln!("agent {:>6} ms: {l}", start.elapsed().as_millis());
+        }
+    });
+    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, Some(tx), report.clone()));
     Streaming {
         tunnel,
         cmds,
