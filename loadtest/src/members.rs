@@ -216,6 +216,21 @@ impl Emulator {
         m.node.clone()
     }
 
+    /// Mints a certificate for a new member `node` and starts it.
+    pub async fn join(&mut self, node: String) -> Result<usize> {
+        let layout = jvpn_gateway::pki::PkiLayout {
+            dir: self.pki.clone(),
+        };
+        jvpn_gateway::pki::mint_members(&layout, CLUSTER, std::slice::from_ref(&node))
+            .context("minting a member certificate")?;
+        self.add(node).await
+    }
+
+    /// Whether member `i` is running (not killed).
+    pub fn running(&self, i: usize) -> bool {
+        !self.members[i].tasks.is_empty()
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }
@@ -337,4 +352,115 @@ impl Link {
             .any(|m| m.node_id == self.node && m.incarnation == self.incarnation);
         *held = Some((reply.view_id.clone(), inside));
     }
+}
+
+/// What a churn run saw ([`churn`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChurnResult {
+    pub joins: u64,
+    pub leaves: u64,
+    /// Deaths the routers counted beyond the members that left, summed
+    /// over routers (must be 0).
+    pub false_deaths: i64,
+    /// Per change: time until every router held the same view id and
+    /// counted exactly the expected members alive.
+    pub converge_ms: Vec<u64>,
+    /// Changes after which the routers had not converged within the
+    /// second before the next one.
+    pub late: u64,
+}
+
+impl ChurnResult {
+    /// The `q` quantile (0..=1) of the convergence times.
+    pub fn converge_quantile_ms(&self, q: f64) -> u64 {
+        let mut v = self.converge_ms.clone();
+        v.sort_unstable();
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One member joins or leaves every second for `changes` seconds
+/// (alternately; a leave drops a random running member's streams, as a
+/// SIGKILL would). After each change, waits until every router holds the
+/// same view id and counts exactly `others` (members not emulated here)
+/// and the running members alive, timing it; deaths are read from each
+/// router's `jvpn_router_member_deaths_total` before and after, so a
+/// healthy member declared dead even briefly is counted.
+pub async fn churn(
+    e: &mut Emulator,
+    routers: &[crate::cluster::LocalRouter],
+    others: &std::collections::BTreeSet<String>,
+    changes: u64,
+    seed: u64,
+) -> Result<ChurnResult> {
+    use rand::{Rng, SeedableRng};
+    const DEATHS: &str = "jvpn_router_member_deaths_total";
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = ChurnResult::default();
+    let mut deaths0 = Vec::new();
+    for r in routers {
+        deaths0.push(r.metric(DEATHS, &[]).await?);
+    }
+    let mut next_name = e.len();
+    let start = tokio::time::Instant::now();
+    for k in 0..changes {
+        // The schedule, not a wait for something: one change a second.
+        let at = start + Duration::from_secs(k);
+        tokio::time::sleep_until(at).await;
+        if k % 2 == 0 {
+            let mut name = member_name(next_name);
+            while e.members.iter().any(|m| m.node == name) {
+                next_name += 1;
+                name = member_name(next_name);
+            }
+            next_name += 1;
+            e.join(name).await?;
+            out.joins += 1;
+        } else {
+            let running: Vec<usize> = (0..e.len()).filter(|&i| e.running(i)).collect();
+            let Some(&i) = running.get(rng.random_range(0..running.len().max(1))) else {
+                continue;
+            };
+            e.kill(i);
+            out.leaves += 1;
+        }
+        let changed = tokio::time::Instant::now();
+        let mut expected = others.clone();
+        expected.extend(
+            (0..e.len())
+                .filter(|&i| e.running(i) && !e.members[i].paused.load(Ordering::Relaxed))
+                .map(|i| e.members[i].node.clone()),
+        );
+        let deadline = changed + Duration::from_secs(10);
+        loop {
+            let mut same = true;
+            let mut view = None;
+            for r in routers {
+                let ring = r.ring().await?;
+                let id = ring["view_id"].as_str().unwrap_or_default().to_owned();
+                same &= crate::cluster::members_where(&ring, "alive") == expected
+                    && view.get_or_insert_with(|| id.clone()) == &id;
+            }
+            if same {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the routers did not converge within 10 s of change {k}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let took = changed.elapsed();
+        if took > Duration::from_secs(1) {
+            out.late += 1;
+        }
+        out.converge_ms.push(took.as_millis() as u64);
+    }
+    for (r, d0) in routers.iter().zip(deaths0) {
+        out.false_deaths += (r.metric(DEATHS, &[]).await? - d0) as i64;
+    }
+    out.false_deaths -= (out.leaves as usize * routers.len()) as i64;
+    Ok(out)
 }

@@ -178,3 +178,49 @@ async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
     }
     assert!(e.len() == N);
 }
+
+/// Churn (issue 14): 150 emulated members beside a real gateway, two
+/// routers, one member joining or leaving every second for 20 s. No
+/// healthy member is ever declared dead (the routers' death counters grow
+/// by the leaves alone), and after every change both routers come to the
+/// same view with exactly the expected members alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_kills_no_healthy_member_and_the_routers_agree_after_each_change() {
+    use jvpn_loadtest::members::{Emulator, EmulatorOptions, churn, member_name};
+    const N: usize = 150;
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        routers: 2,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let opts = EmulatorOptions {
+        routers: c.routers.iter().map(|r| r.membership_addr).collect(),
+        interval: Duration::from_millis(250),
+        old_format: false,
+    };
+    let mut e = Emulator::start(&c.pki.layout.dir, N, opts).await.unwrap();
+    let all: Vec<String> = (0..N).map(member_name).collect();
+    for r in &c.routers {
+        eventually(Duration::from_secs(60), "every member alive", || async {
+            let alive = r.alive().await.unwrap_or_default();
+            alive.contains(&node_name(0)) && all.iter().all(|m| alive.contains(m))
+        })
+        .await
+        .unwrap();
+    }
+    let others = [node_name(0)].into_iter().collect();
+    let r = churn(&mut e, &c.routers, &others, 20, 7).await.unwrap();
+    eprintln!(
+        "churn: {} joins, {} leaves, converged p50 {} ms, max {} ms, {} late, {} false deaths",
+        r.joins,
+        r.leaves,
+        r.converge_quantile_ms(0.5),
+        r.converge_quantile_ms(1.0),
+        r.late,
+        r.false_deaths
+    );
+    assert_eq!((r.joins, r.leaves), (10, 10));
+    assert_eq!(r.false_deaths, 0, "{r:?}");
+    assert_eq!(r.converge_ms.len(), 20);
+}
