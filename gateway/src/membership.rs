@@ -23,7 +23,7 @@ use jvpn_proto::membership_proof::{gateway_proof, verify_router_proof};
 use jvpn_proto::pb::membership::membership_client::MembershipClient;
 use jvpn_proto::pb::membership::{HeartbeatReply, HeartbeatRequest, NodeState};
 use jvpn_proto::ring::Ring;
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
@@ -162,7 +162,9 @@ impl Cluster {
             return Ok(Some(r.clone()));
         }
         counter!(m::RING_BUILDS).increment(1);
+        let t0 = std::time::Instant::now();
         let ring = Arc::new(Ring::new(view, keys));
+        histogram!(m::RING_BUILD_SECONDS).record(t0.elapsed().as_secs_f64());
         if rings.len() >= RING_CACHE {
             rings.pop_front();
         }

@@ -30,6 +30,7 @@ pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_
 pub const SUPERSEDED: &str = "jvpn_gateway_superseded_total";
 pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
 pub const RING_BUILDS: &str = "jvpn_gateway_ring_builds_total";
+pub const RING_BUILD_SECONDS: &str = "jvpn_gateway_ring_build_duration_seconds";
 pub const VIEW_UNKNOWN: &str = "jvpn_gateway_heartbeat_view_unknown_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
 pub const CONFIG_RELOADS: &str = "jvpn_gateway_config_reloads_total";
@@ -157,6 +158,11 @@ pub fn describe() {
     describe_counter!(
         RING_BUILDS,
         "Hash rings built from routers' views: one per distinct view, shared by every router that reports it."
+    );
+    describe_histogram!(
+        RING_BUILD_SECONDS,
+        Unit::Seconds,
+        "Time to build the hash ring of a view a router reported."
     );
     describe_counter!(
         VIEW_UNKNOWN,

@@ -109,6 +109,14 @@ enum Cmd {
         /// older): every reply carries the members.
         #[arg(long)]
         old_format: bool,
+        /// Members killed (and as many paused) one after another, each
+        /// timed until every router declares it dead.
+        #[arg(long, default_value_t = 5)]
+        detect_trials: usize,
+        /// Seconds of churn after the detection trials: a member joins or
+        /// leaves every second (0: no churn phase).
+        #[arg(long, default_value_t = 0)]
+        churn_s: u64,
     },
     /// The data plane next to `ssh -D` and a direct connection: bulk MiB/s
     /// (1 and 16 streams), CPU per GiB, CONNECT-to-first-byte latency.
@@ -435,6 +443,8 @@ fn main() -> ExitCode {
             interval_ms,
             duration_s,
             old_format,
+            detect_trials,
+            churn_s,
         } => {
             let opts = jvpn_loadtest::bench_members::MembersBenchOptions {
                 members,
@@ -442,6 +452,8 @@ fn main() -> ExitCode {
                 interval: std::time::Duration::from_millis(interval_ms),
                 duration: std::time::Duration::from_secs(duration_s),
                 old_format,
+                detect_trials,
+                churn: churn_s,
             };
             print_json_report("bench-members", jvpn_loadtest::bench_members::run(opts))
         }

@@ -30,6 +30,8 @@ pub const RESUMES_OFF_SHARD: &str = "jvpn_router_resumes_off_shard_total";
 pub const OVERFLOW_BUCKET: &str = "jvpn_router_rate_limit_overflow_total";
 pub const REACHABILITY_PROBES: &str = "jvpn_router_reachability_probes_total";
 pub const TICK_LATENESS: &str = "jvpn_router_tick_lateness_seconds";
+pub const TICK_SECONDS: &str = "jvpn_router_tick_duration_seconds";
+pub const RING_BUILD_SECONDS: &str = "jvpn_router_ring_build_duration_seconds";
 
 /// Describes every metric (no HELP line fails `promtool check metrics`).
 pub fn describe() {
@@ -116,6 +118,16 @@ pub fn describe() {
         TICK_LATENESS,
         Unit::Seconds,
         "How late the 50 ms membership ticker ran (self-suspicion input)."
+    );
+    describe_histogram!(
+        TICK_SECONDS,
+        Unit::Seconds,
+        "Time one membership tick took (death verdicts, view, gauges), ring builds included."
+    );
+    describe_histogram!(
+        RING_BUILD_SECONDS,
+        Unit::Seconds,
+        "Time to build the hash ring of a new view."
     );
     jvpn_runtime::metrics::describe_reloads(CONFIG_RELOADS, CONFIG_RELOAD_FAILURES);
     // Series alerts read exist from the start at 0: `increase()` needs a

@@ -316,6 +316,7 @@ async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
         histogram!(m::TICK_LATENESS).record(late.as_secs_f64());
         last = now;
         state.tick();
+        histogram!(m::TICK_SECONDS).record(now.elapsed().as_secs_f64());
         for (node, incarnation, addr) in state.probes_due() {
             tokio::spawn(crate::forward::probe(
                 state.clone(),

@@ -16,7 +16,7 @@ use jvpn_proto::ring::{Member, Ring, RingParams, View};
 use jvpn_proto::token::{TOKEN_LEN, TokenKey, TokenKeyring};
 use jvpn_runtime::admission::{Bucket, SourceKey, SourceLimiter, Verdict};
 pub(crate) use jvpn_runtime::wire::lock;
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -399,8 +399,12 @@ impl RouterState {
         if placeable.is_empty() {
             self.ring.store(None);
         } else {
+            let t0 = std::time::Instant::now();
             match View::new(placeable, self.params, &self.keys) {
-                Ok(view) => self.ring.store(Some(Arc::new(Ring::new(view, &self.keys)))),
+                Ok(view) => {
+                    self.ring.store(Some(Arc::new(Ring::new(view, &self.keys))));
+                    histogram!(m::RING_BUILD_SECONDS).record(t0.elapsed().as_secs_f64());
+                }
                 Err(e) => {
                     // Weights and ids were validated on admission; keep the old ring.
                     warn!(error = %e, "invalid view; keeping the previous ring");
