@@ -34,7 +34,7 @@ pub enum ResumeRoute {
 }
 
 /// Owner tag (under a key id) → the incarnation it names.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct OwnerTags(HashMap<(u8, OwnerTag), (NodeId, Incarnation)>);
 
 impl OwnerTags {
@@ -57,9 +57,11 @@ impl OwnerTags {
         self.0.get(&(key_id, *tag)).cloned()
     }
 
-    /// Forgets incarnations not in `current`.
-    pub fn retain(&mut self, current: &HashSet<(NodeId, Incarnation)>) {
+    /// Forgets incarnations not in `current`; `true` if any was.
+    pub fn retain(&mut self, current: &HashSet<(NodeId, Incarnation)>) -> bool {
+        let before = self.0.len();
         self.0.retain(|_, v| current.contains(v));
+        self.0.len() != before
     }
 }
 

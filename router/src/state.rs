@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Validated;
-use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership};
+use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, Routes};
 use crate::metrics as m;
 pub use crate::routing::ResumeRoute;
 use crate::routing::{OwnerTags, route_token};
@@ -148,8 +148,15 @@ pub struct RouterState {
     empty_view: View,
     membership: Mutex<Membership>,
     ring: ArcSwapOption<Ring>,
-    /// `(key id, owner tag)` → member incarnation, under every key we hold.
+    /// `(key id, owner tag)` → member incarnation, under every key we hold:
+    /// changed under the mutex (heartbeats of new incarnations, ticks),
+    /// read by RESUME routing from `tag_view` without a lock.
     tags: Mutex<OwnerTags>,
+    tag_view: ArcSwap<OwnerTags>,
+    /// What HELLO placement and RESUME routing read of the membership,
+    /// published after every change and every tick (no lock per
+    /// connection).
+    routes: ArcSwap<Routes>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
     /// Node ids that have per-node gauges.
     /// Per node id, the (alive, placeable) last written to the gauges.
@@ -218,6 +225,8 @@ impl RouterState {
             tokens,
             ring: ArcSwapOption::empty(),
             tags: Mutex::new(OwnerTags::default()),
+            tag_view: ArcSwap::from_pointee(OwnerTags::default()),
+            routes: ArcSwap::from_pointee(Routes::default()),
             deaths: Mutex::new(HashMap::new()),
             reported_nodes: Mutex::new(HashMap::new()),
             admission: Mutex::new(admission),
@@ -268,26 +277,48 @@ impl RouterState {
 
     // ---- membership -------------------------------------------------------
 
-    pub fn on_heartbeat(&self, hb: &Heartbeat) -> HeartbeatVerdict {
+    /// Applies `event` to the membership and publishes the routing
+    /// snapshot again if `node`'s entry changed; returns the event's
+    /// result and the node's incarnation before it.
+    fn membership_event<T>(
+        &self,
+        node: &NodeId,
+        event: impl FnOnce(&mut Membership, Mono) -> T,
+    ) -> (T, Option<Incarnation>) {
         let now = self.now();
-        let verdict = lock(&self.membership).on_heartbeat(now, hb);
-        if verdict == HeartbeatVerdict::Accepted {
+        let mut mship = lock(&self.membership);
+        let before = mship.route_entry_of(node);
+        let out = event(&mut mship, now);
+        if mship.route_entry_of(node) != before {
+            self.routes.store(Arc::new(mship.routes()));
+        }
+        (out, before.map(|e| e.incarnation))
+    }
+
+    pub fn on_heartbeat(&self, hb: &Heartbeat) -> HeartbeatVerdict {
+        let (verdict, before) =
+            self.membership_event(&hb.node_id, |m, now| m.on_heartbeat(now, hb));
+        // Owner tags cost a keyed hash each: computed once per incarnation,
+        // not per heartbeat.
+        if verdict == HeartbeatVerdict::Accepted && before != Some(hb.incarnation) {
             let keys = std::iter::once(&self.keys).chain(self.previous_keys.as_ref());
-            lock(&self.tags).learn(keys, &hb.node_id, hb.incarnation);
+            let mut tags = lock(&self.tags);
+            tags.learn(keys, &hb.node_id, hb.incarnation);
+            self.tag_view.store(Arc::new(tags.clone()));
         }
         verdict
     }
 
     pub fn on_stream_opened(&self, node: &NodeId, incarnation: Incarnation) {
-        lock(&self.membership).on_stream_opened(node, incarnation);
+        self.membership_event(node, |m, _| m.on_stream_opened(node, incarnation));
     }
 
     pub fn on_stream_closed(&self, node: &NodeId, incarnation: Incarnation) {
-        lock(&self.membership).on_stream_closed(self.now(), node, incarnation);
+        self.membership_event(node, |m, now| m.on_stream_closed(now, node, incarnation));
     }
 
     pub fn on_connect(&self, node: &NodeId, incarnation: Incarnation, ok: bool) {
-        lock(&self.membership).on_connect(self.now(), node, incarnation, ok);
+        self.membership_event(node, |m, now| m.on_connect(now, node, incarnation, ok));
     }
 
     pub fn status(&self) -> Vec<MemberStatus> {
@@ -300,7 +331,9 @@ impl RouterState {
     }
 
     fn is_placeable(&self, node: &NodeId, incarnation: Incarnation) -> bool {
-        lock(&self.membership).is_placeable(self.now(), node, incarnation)
+        self.routes
+            .load()
+            .is_placeable(self.now(), node, incarnation)
     }
 
     /// One 50 ms step: death verdicts, ring rebuild on a view change, and
@@ -310,6 +343,9 @@ impl RouterState {
         let (died, placeable, status, unhealthy, tombstones) = {
             let mut mship = lock(&self.membership);
             let died = mship.tick(now);
+            // Time-driven changes (deaths, self-suspicion, warm-up's end)
+            // reach routing here.
+            self.routes.store(Arc::new(mship.routes()));
             (
                 died,
                 mship.placeable_members(now),
@@ -344,7 +380,10 @@ impl RouterState {
                 .iter()
                 .map(|s| (s.node_id.clone(), s.incarnation))
                 .collect();
-            lock(&self.tags).retain(&current);
+            let mut tags = lock(&self.tags);
+            if tags.retain(&current) {
+                self.tag_view.store(Arc::new(tags.clone()));
+            }
         }
         let n_alive = status.iter().filter(|s| s.alive).count();
         let n_place = status.iter().filter(|s| s.placeable).count();
@@ -474,10 +513,10 @@ impl RouterState {
         let members = ring.view().members();
         let now = self.now();
         let ready: Vec<&Member> = {
-            let mship = lock(&self.membership);
+            let routes = self.routes.load();
             (0..members.len())
                 .map(|i| &members[(idx + i) % members.len()])
-                .filter(|m| mship.hello_ready(now, &m.node_id, m.incarnation))
+                .filter(|m| routes.hello_ready(now, &m.node_id, m.incarnation))
                 .take(2)
                 .collect()
         };
@@ -501,8 +540,8 @@ impl RouterState {
         let now = self.now();
         let routed = route_token(
             &self.tokens,
-            |key_id, tag| lock(&self.tags).owner(key_id, tag),
-            |owner| lock(&self.membership).route(now, owner),
+            |key_id, tag| self.tag_view.load().owner(key_id, tag),
+            |owner| self.routes.load().route(now, owner),
             key_id,
             token,
         );

@@ -194,10 +194,6 @@ impl Membership {
         }
     }
 
-    fn warming_up(&self, now: Mono) -> bool {
-        now < self.started + (self.cfg.failure_timeout + 2 * self.cfg.interval)
-    }
-
     /// True while the router distrusts its own timing or its own view.
     pub fn is_unhealthy(&self) -> bool {
         self.unhealthy
@@ -511,6 +507,8 @@ impl Membership {
 
     /// How to answer a RESUME whose token names `(node, incarnation)`;
     /// `None` for the owner means the tag matched no known incarnation.
+    /// (The rules themselves; [`Routes`] is the copy connections read, and
+    /// a test holds the two to the same answers.)
     pub fn route(&self, now: Mono, owner: Option<(&NodeId, Incarnation)>) -> OwnerRoute {
         if let Some((node, inc)) = owner
             && let Some(m) = self.members.get(node)
@@ -533,6 +531,141 @@ impl Membership {
         } else {
             OwnerRoute::Lost
         }
+    }
+
+    fn warming_up(&self, now: Mono) -> bool {
+        now < self.route_globals().warm_until
+    }
+
+    /// What routing needs of one member (see [`Routes`]).
+    fn route_entry(&self, m: &Member) -> RouteEntry {
+        let recent_failures = m.connect_failures.len() >= self.cfg.connect_failures_to_unplace;
+        RouteEntry {
+            incarnation: m.incarnation,
+            addr: m.addr,
+            alive: self.alive(m),
+            placeable_unless_held: self.alive(m)
+                && m.state == NodeState::Ready
+                && m.lease_ok
+                && m.rise_count >= 2
+                && !recent_failures,
+            held_until: m.held_until,
+            in_view: m.in_view,
+            silent_death_at: m.silent_death_at,
+        }
+    }
+
+    fn route_globals(&self) -> RouteGlobals {
+        RouteGlobals {
+            warm_until: self.started + (self.cfg.failure_timeout + 2 * self.cfg.interval),
+            suspicious_until: self.suspicious_until,
+            unhealthy: self.unhealthy,
+            silence_grace: self.cfg.silence_grace,
+        }
+    }
+
+    /// What `node`'s routing entry is now (`None`: unknown); the shell
+    /// compares it before and after an event to know whether [`Routes`]
+    /// must be published again.
+    pub fn route_entry_of(&self, node: &NodeId) -> Option<RouteEntry> {
+        self.members.get(node).map(|m| self.route_entry(m))
+    }
+
+    /// A copy of everything connection routing reads, so that HELLO
+    /// placement and RESUME routing take no lock (issue 14).
+    pub fn routes(&self) -> Routes {
+        Routes {
+            members: self
+                .members
+                .iter()
+                .map(|(n, m)| (n.clone(), self.route_entry(m)))
+                .collect(),
+            globals: self.route_globals(),
+        }
+    }
+}
+
+/// One member as routing sees it. Time-dependent rules keep their times
+/// (hold-down end, silent death) and are evaluated when read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub incarnation: Incarnation,
+    pub addr: SocketAddr,
+    alive: bool,
+    /// Placeable once `held_until` has passed.
+    placeable_unless_held: bool,
+    held_until: Mono,
+    in_view: bool,
+    silent_death_at: Option<Mono>,
+}
+
+impl RouteEntry {
+    fn placeable(&self, now: Mono) -> bool {
+        self.placeable_unless_held && now >= self.held_until
+    }
+}
+
+/// The router-wide inputs of a RESUME's answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RouteGlobals {
+    warm_until: Mono,
+    suspicious_until: Mono,
+    unhealthy: bool,
+    silence_grace: Duration,
+}
+
+impl RouteGlobals {
+    /// How to answer a RESUME for an owner whose token names incarnation
+    /// `inc`, given that node's entry (if known).
+    fn route(&self, now: Mono, inc: Option<Incarnation>, entry: Option<&RouteEntry>) -> OwnerRoute {
+        let mine = entry.filter(|e| Some(e.incarnation) == inc);
+        if let Some(e) = mine {
+            if e.alive {
+                return OwnerRoute::Alive(e.addr);
+            }
+            if e.silent_death_at
+                .is_some_and(|t| now.saturating_since(t) <= self.silence_grace)
+            {
+                // Silent, maybe paused: not certainly gone yet (issue 18 A2).
+                return OwnerRoute::Unreachable;
+            }
+        }
+        if now < self.warm_until || now < self.suspicious_until || self.unhealthy {
+            OwnerRoute::Unreachable
+        } else {
+            OwnerRoute::Lost
+        }
+    }
+}
+
+/// A snapshot of the membership for connection routing, published by the
+/// shell after every change (and every tick); read without a lock.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    members: HashMap<NodeId, RouteEntry>,
+    globals: RouteGlobals,
+}
+
+impl Routes {
+    /// How to answer a RESUME whose token names `owner` (see
+    /// [`Membership::route`]).
+    pub fn route(&self, now: Mono, owner: Option<(&NodeId, Incarnation)>) -> OwnerRoute {
+        let entry = owner.and_then(|(n, _)| self.members.get(n));
+        self.globals.route(now, owner.map(|(_, i)| i), entry)
+    }
+
+    /// Whether a HELLO may be placed on this incarnation now.
+    pub fn hello_ready(&self, now: Mono, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.members
+            .get(node)
+            .is_some_and(|e| e.incarnation == incarnation && e.in_view && e.placeable(now))
+    }
+
+    /// Whether this incarnation is placeable now.
+    pub fn is_placeable(&self, now: Mono, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.members
+            .get(node)
+            .is_some_and(|e| e.incarnation == incarnation && e.placeable(now))
     }
 }
 

@@ -424,3 +424,68 @@ fn a_dead_newer_incarnation_does_not_lock_its_node_id_out() {
         HeartbeatVerdict::Accepted
     );
 }
+
+/// Issue 14: connection routing reads a published snapshot instead of
+/// locking the membership. Whatever happened (joins, rises, closes,
+/// failed connects, silence, supersession, holds, warm-up, suspicion), a
+/// snapshot taken after the last event answers exactly as the membership
+/// does at any later time, as long as nothing else happened: every
+/// time-dependent rule is evaluated when read, not frozen when copied.
+#[test]
+fn the_routing_snapshot_answers_as_the_membership_does() {
+    use rand::{Rng, SeedableRng};
+    let nodes = ["g1", "g2", "g3", "g4"];
+    for seed in 0..50u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+        let mut t = 0u64;
+        for _ in 0..300 {
+            t += rng.random_range(0..120);
+            let now = Mono::from_millis(t);
+            let n = nodes[rng.random_range(0..nodes.len())];
+            let node = NodeId::new(n).unwrap();
+            let inc = Incarnation(rng.random_range(1..3));
+            match rng.random_range(0..10) {
+                0..=4 => {
+                    let mut h = hb(n, inc.0);
+                    h.in_view = rng.random_bool(0.8);
+                    h.lease_ok = rng.random_bool(0.9);
+                    m.on_heartbeat(now, &h);
+                }
+                5 => m.on_stream_closed(now, &node, inc),
+                6 => m.on_stream_opened(&node, inc),
+                7 => m.on_connect(now, &node, inc, rng.random_bool(0.5)),
+                _ => {
+                    m.tick(now);
+                }
+            }
+            let routes = m.routes();
+            // The same answers now and at later times.
+            for later in [0u64, 30, 400, 2_500, 30_000] {
+                let at = Mono::from_millis(t + later);
+                for n in nodes {
+                    let node = NodeId::new(n).unwrap();
+                    for i in 1..3 {
+                        let owner = Some((&node, Incarnation(i)));
+                        assert_eq!(
+                            routes.route(at, owner),
+                            m.route(at, owner),
+                            "seed {seed}, t {t}+{later}, {n}/{i}"
+                        );
+                        assert_eq!(
+                            routes.hello_ready(at, &node, Incarnation(i)),
+                            m.hello_ready(at, &node, Incarnation(i)),
+                            "seed {seed}, t {t}+{later}, {n}/{i}"
+                        );
+                        assert_eq!(
+                            routes.is_placeable(at, &node, Incarnation(i)),
+                            m.is_placeable(at, &node, Incarnation(i)),
+                            "seed {seed}, t {t}+{later}, {n}/{i}"
+                        );
+                    }
+                }
+                assert_eq!(routes.route(at, None), m.route(at, None));
+            }
+        }
+    }
+}
