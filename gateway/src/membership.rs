@@ -56,6 +56,27 @@ fn endpoint_addrs(endpoints: &[String]) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// A router's listeners as it reported them, with an unspecified address
+/// (bound to every address) taken as the address we reach it at, when the
+/// endpoint is an `ip:port`. Unparsable entries are left out.
+fn router_listeners(endpoint: &str, reported: &[String]) -> Vec<SocketAddr> {
+    let reached = endpoint_addrs(&[endpoint.to_owned()])
+        .first()
+        .map(SocketAddr::ip);
+    let mut out: Vec<SocketAddr> = reported
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .filter_map(|a| match (a.ip().is_unspecified(), reached) {
+            (false, _) => Some(a),
+            (true, Some(ip)) => Some(SocketAddr::new(ip, a.port())),
+            (true, None) => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// One router as seen from this gateway.
 #[derive(Debug)]
 pub struct RouterLink {
@@ -68,6 +89,11 @@ pub struct RouterLink {
     ring: Mutex<Option<Arc<Ring>>>,
     /// The router acknowledged a heartbeat that said DRAINING.
     draining_acked: AtomicBool,
+    /// The router's own listeners, from its last full reply.
+    listeners: Mutex<Vec<SocketAddr>>,
+    /// A full reply came on the current stream: until then requests name
+    /// no view, so that the router's listeners arrive on every new stream.
+    full_seen: AtomicBool,
 }
 
 impl RouterLink {
@@ -127,6 +153,8 @@ impl Cluster {
                     lease_until: AtomicU64::new(0),
                     ring: Mutex::new(None),
                     draining_acked: AtomicBool::new(false),
+                    listeners: Mutex::new(Vec::new()),
+                    full_seen: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -186,6 +214,7 @@ impl Cluster {
             if let Some(r) = lock(&l.ring).as_ref() {
                 all.extend(r.view().members().iter().map(|m| m.addr));
             }
+            all.extend(lock(&l.listeners).iter().copied());
         }
         all.sort_unstable();
         all.dedup();
@@ -478,6 +507,7 @@ async fn stream_once(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
     let mut sent: VecDeque<(u64, Instant, NodeState)> = VecDeque::new();
+    link.full_seen.store(false, Ordering::Relaxed);
     cluster.exit_if_abandoned()?;
     // The first request must be queued before the call resolves: tonic
     // waits for response headers, which the router sends on the first message.
@@ -522,13 +552,16 @@ fn request(
     counter!(m::HEARTBEATS_SENT).increment(1);
     // One look at the held view (a guard taken inside the literal below
     // would live to its end).
-    let (in_view, known_view_id) = match lock(&link.ring).as_ref() {
+    let (in_view, mut known_view_id) = match lock(&link.ring).as_ref() {
         Some(r) => (
             r.view().contains(&cluster.node_id, cluster.incarnation),
             r.view().id().0.to_vec(),
         ),
         None => (false, Vec::new()),
     };
+    if !link.full_seen.load(Ordering::Relaxed) {
+        known_view_id.clear();
+    }
     HeartbeatRequest {
         node_id: cluster.node_id.to_string(),
         incarnation: cluster.incarnation.0,
@@ -592,6 +625,19 @@ fn on_reply(
         if id.as_deref() != Some(reply.router_id.as_str()) {
             info!(router = %link.endpoint, router_id = %reply.router_id, "router identified");
             *id = Some(reply.router_id.clone());
+        }
+    }
+    if !reply.members_omitted {
+        link.full_seen.store(true, Ordering::Relaxed);
+        let theirs = router_listeners(&link.endpoint, &reply.router_listeners);
+        let changed = {
+            let mut l = lock(&link.listeners);
+            let changed = *l != theirs;
+            *l = theirs;
+            changed
+        };
+        if changed {
+            cluster.refresh_listeners();
         }
     }
     // The view this reply stands for: the one this link holds (named
@@ -743,6 +789,7 @@ mod tests {
             router_id: "r1".into(),
             secret_proof: Vec::new(),
             members_omitted: false,
+            router_listeners: Vec::new(),
         };
         let omitted = |v: &View, sequence: u64| HeartbeatReply {
             members: Vec::new(),
@@ -788,6 +835,30 @@ mod tests {
     /// Issue 15: egress protects the cluster's listeners; membership knows
     /// them: the routers' endpoints given as addresses, and every member of
     /// every router's view, refreshed when a view changes.
+    #[test]
+    fn a_routers_wildcard_listeners_are_taken_at_the_address_we_reach_it() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let reported = [
+            "0.0.0.0:443".to_owned(),
+            "[::]:9100".to_owned(),
+            "10.0.0.9:7100".to_owned(),
+            "not an address".to_owned(),
+        ];
+        assert_eq!(
+            router_listeners("http://10.0.0.9:7100/", &reported),
+            [
+                addr("10.0.0.9:443"),
+                addr("10.0.0.9:7100"),
+                addr("10.0.0.9:9100")
+            ]
+        );
+        // A name we cannot map a wildcard to: only the explicit ones.
+        assert_eq!(
+            router_listeners("router.example:7100", &reported),
+            [addr("10.0.0.9:7100")]
+        );
+    }
+
     #[test]
     fn the_cluster_listeners_are_the_endpoints_and_every_views_members() {
         use jvpn_proto::ring::{Member, RingParams, View};

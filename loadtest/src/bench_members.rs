@@ -273,7 +273,8 @@ async fn one(opts: &MembersBenchOptions, n: usize) -> Result<MembersResult> {
         ..Default::default()
     };
     // Detection: members killed one after another, then as many paused.
-    let trials = opts.detect_trials.max(1).min(n / 4);
+    // At most a third of the members each way: the rest stay a cluster.
+    let trials = opts.detect_trials.max(1).min(n / 3).max(1);
     for i in 0..trials {
         r.kill_detect_ms
             .push(until_dead(routers, &e.kill(i)).await?);

@@ -419,7 +419,10 @@ pub async fn churn(
             e.join(name).await?;
             out.joins += 1;
         } else {
-            let running: Vec<usize> = (0..e.len()).filter(|&i| e.running(i)).collect();
+            // Healthy members only: a paused one is dead already.
+            let running: Vec<usize> = (0..e.len())
+                .filter(|&i| e.running(i) && !e.members[i].paused.load(Ordering::Relaxed))
+                .collect();
             let Some(&i) = running.get(rng.random_range(0..running.len().max(1))) else {
                 continue;
             };

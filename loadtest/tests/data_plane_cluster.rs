@@ -383,8 +383,9 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
 
 /// No SSRF into the cluster: with loopback allowed by a wide rule (the
 /// local cluster runs on it), a stream to another gateway's listener or to
-/// a router's membership endpoint is still refused (`not_allowed`) and
-/// counted as `cluster_listener`; the rest of loopback stays open.
+/// any of a router's listeners (membership, client, admin: the last two
+/// only known from the router's replies) is still refused (`not_allowed`)
+/// and counted as `cluster_listener`; the rest of loopback stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clusters_own_listeners_are_refused() {
     use jvpn_agent::streams::StreamError;
@@ -399,7 +400,13 @@ async fn the_clusters_own_listeners_are_refused() {
     assert_eq!(&b, b"ping");
     let owner = a.report.lock().unwrap().node_id.clone();
     let other = c.gateways.iter().find(|(n, _)| *n != owner).unwrap();
-    for to in [other.1.client_addr, c.routers[0].membership_addr] {
+    let r = &c.routers[0];
+    for to in [
+        other.1.client_addr,
+        r.membership_addr,
+        r.client_addr,
+        r.admin_addr,
+    ] {
         match a.tunnel.connect(&target(to)).await {
             Err(StreamError::Refused(Refusal::NotAllowed)) => {}
             r => panic!("{to}: expected not_allowed, got {:?}", r.map(drop)),
@@ -414,7 +421,7 @@ async fn the_clusters_own_listeners_are_refused() {
         )
         .await
         .unwrap();
-    assert_eq!(denied, 2.0);
+    assert_eq!(denied, 4.0);
     drop(a.cmds);
     a.task.await.unwrap();
 }

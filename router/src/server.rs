@@ -224,6 +224,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let state = RouterState::new(cfg);
+    let bound: Vec<_> = [&listeners.client, &listeners.membership, &listeners.admin]
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    state.set_listeners(&bound);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     tokio::spawn(ticker(state.clone(), stop_rx.clone()));

@@ -352,6 +352,11 @@ fn reply_for(
         view_id,
         members,
         members_omitted: omit,
+        router_listeners: if omit {
+            Vec::new()
+        } else {
+            state.listeners().to_vec()
+        },
         ring: Some(RingParameters {
             vnodes_per_weight,
             key_id: u32::from(state.keys().key_id()),

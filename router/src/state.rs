@@ -169,6 +169,9 @@ pub struct RouterState {
     /// `[admission]` as last (re)loaded.
     limits: ArcSwap<crate::config::AdmissionSection>,
     pub active: AtomicUsize,
+    /// This router's listening addresses, as bound (told to gateways with
+    /// every view, for their egress policy).
+    listeners: ArcSwap<Vec<String>>,
     draining: AtomicBool,
     ring_changes: AtomicU64,
 }
@@ -234,6 +237,7 @@ impl RouterState {
             token_uses: Mutex::new(crate::replay::TokenUses::default()),
             limits: ArcSwap::from_pointee(cfg.raw.admission.clone()),
             active: AtomicUsize::new(0),
+            listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
             ring_changes: AtomicU64::new(0),
             cfg,
@@ -265,6 +269,17 @@ impl RouterState {
 
     pub fn is_unhealthy(&self) -> bool {
         lock(&self.membership).is_unhealthy()
+    }
+
+    /// Records the addresses this router listens on.
+    pub fn set_listeners(&self, addrs: &[std::net::SocketAddr]) {
+        self.listeners
+            .store(Arc::new(addrs.iter().map(ToString::to_string).collect()));
+    }
+
+    /// The addresses this router listens on, as bound.
+    pub fn listeners(&self) -> Arc<Vec<String>> {
+        self.listeners.load_full()
     }
 
     pub fn set_draining(&self) {
