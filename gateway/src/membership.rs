@@ -175,14 +175,20 @@ impl Cluster {
         })
     }
 
-    /// The ring of the view a full reply describes, checked against its id;
-    /// built only if no router link reported that view lately.
+    /// The ring of the view a full reply describes (or, with `base`, a
+    /// delta from `base`), checked against its id; built only if no router
+    /// link reported that view lately.
     fn ring_for(
         &self,
         reply: &HeartbeatReply,
+        base: Option<&jvpn_proto::ring::View>,
         keys: &ClusterKeys,
     ) -> Result<Option<Arc<Ring>>, jvpn_proto::ring::ReplyViewError> {
-        let Some(view) = jvpn_proto::ring::view_from_reply(reply, keys)? else {
+        let view = match base {
+            Some(b) => jvpn_proto::ring::view_from_delta(b, reply, keys)?,
+            None => jvpn_proto::ring::view_from_reply(reply, keys)?,
+        };
+        let Some(view) = view else {
             return Ok(None);
         };
         let mut rings = lock(&self.rings);
@@ -575,6 +581,7 @@ fn request(
         sequence: *seq,
         incarnation_ordered: true,
         known_view_id,
+        accepts_view_delta: true,
         secret_proof: gateway_proof(
             &cluster.secret_keys.load().0,
             cluster.node_id.as_str(),
@@ -657,10 +664,31 @@ fn on_reply(
             return Ok(());
         }
         held
-    } else if !reply.members.is_empty() && holds(&reply.view_id) {
+    } else if holds(&reply.view_id)
+        && !(reply.members.is_empty() && reply.delta_base_view_id.is_empty())
+    {
+        // Sent again in full (a router one version older) or as a delta
+        // from a view we hold to the one we hold: nothing to build.
         held
     } else {
-        match cluster.ring_for(&reply, &s.keys) {
+        let base = if reply.delta_base_view_id.is_empty() {
+            None
+        } else {
+            // A delta applies to the view it names, which must be ours;
+            // if the reply crossed a change, the next request names the
+            // view held and gets a delta from that one.
+            match held
+                .as_ref()
+                .filter(|r| r.view().id().0.as_slice() == reply.delta_base_view_id)
+            {
+                Some(r) => Some(r.view()),
+                None => {
+                    counter!(m::VIEW_UNKNOWN).increment(1);
+                    return Ok(());
+                }
+            }
+        };
+        match cluster.ring_for(&reply, base, &s.keys) {
             Ok(r) => r,
             Err(why) => {
                 // A view we cannot reproduce means a different cluster
@@ -789,7 +817,7 @@ mod tests {
             router_id: "r1".into(),
             secret_proof: Vec::new(),
             members_omitted: false,
-            router_listeners: Vec::new(),
+            ..HeartbeatReply::default()
         };
         let omitted = |v: &View, sequence: u64| HeartbeatReply {
             members: Vec::new(),
@@ -830,6 +858,93 @@ mod tests {
         let req = request(&c, l0, &s, &mut seq, &mut sent);
         assert_eq!(req.known_view_id, y.id().0.to_vec());
         assert!(req.in_view);
+    }
+
+    /// Issue 14: a delta (what changed since the view held) builds the
+    /// same ring a full reply would; a delta from a view not held, or one
+    /// that does not add up to the view it names, changes nothing and
+    /// renews no lease.
+    #[test]
+    fn a_view_delta_applies_to_the_view_held_and_nothing_else() {
+        use jvpn_proto::pb::membership::RingParameters;
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = HeartbeatSettings {
+            cert_pem: Vec::new(),
+            key_pem: Vec::new(),
+            ca_pem: Vec::new(),
+            server_name: String::new(),
+            advertise_addr: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+            interval: Duration::from_millis(250),
+            keys: keys.clone(),
+        };
+        let member = |id: &str, i: u8| Member {
+            node_id: NodeId::new(id).unwrap(),
+            incarnation: Incarnation(1),
+            addr: format!("10.0.0.{i}:7443").parse().unwrap(),
+            weight: 1,
+        };
+        let view = |m: Vec<Member>| View::new(m, RingParams::default(), &keys).unwrap();
+        let reply = |v: &View, sequence: u64| HeartbeatReply {
+            sequence,
+            view_id: v.id().0.to_vec(),
+            members: jvpn_proto::ring::members_to_reply(v),
+            ring: Some(RingParameters {
+                vnodes_per_weight: v.params().vnodes_per_weight,
+                key_id: 1,
+            }),
+            lease_duration_ms: 750,
+            router_id: "r1".into(),
+            ..HeartbeatReply::default()
+        };
+        let delta = |base: &View, v: &View, sequence: u64| {
+            let (added, removed) = jvpn_proto::ring::view_delta(base, v);
+            HeartbeatReply {
+                members: added,
+                members_removed: removed,
+                delta_base_view_id: base.id().0.to_vec(),
+                ..reply(v, sequence)
+            }
+        };
+        let mut sent: VecDeque<_> = (1..=10)
+            .map(|q| (q, Instant::now(), NodeState::Ready))
+            .collect();
+        let x = view(vec![member("g1", 1), member("g2", 2), member("g3", 3)]);
+        // g3 left, g4 joined, g2 moved.
+        let y = view(vec![member("g1", 1), member("g2", 9), member("g4", 4)]);
+        let l0 = &c.links[0];
+        let held = |l: &RouterLink| lock(&l.ring).clone().unwrap();
+        on_reply(&c, l0, &s, &mut sent, reply(&x, 1)).unwrap();
+        let d = delta(&x, &y, 2);
+        assert!(
+            d.members.len() == 2 && d.members_removed.len() == 2,
+            "{d:?}"
+        );
+        on_reply(&c, l0, &s, &mut sent, d).unwrap();
+        assert_eq!(*held(l0).view(), y);
+        assert!(l0.lease_until.load(Ordering::Acquire) > 0);
+        // A delta from a view this link does not hold: nothing changes.
+        let z = view(vec![member("g1", 1)]);
+        l0.lease_until.store(0, Ordering::Release);
+        on_reply(&c, l0, &s, &mut sent, delta(&x, &z, 3)).unwrap();
+        assert_eq!(held(l0).view().id(), y.id());
+        assert_eq!(l0.lease_until.load(Ordering::Acquire), 0);
+        // A delta that does not add up to the view it names (a member
+        // left out): refused like a view built under another secret.
+        let mut bad = delta(&y, &z, 4);
+        bad.members_removed.pop();
+        on_reply(&c, l0, &s, &mut sent, bad).unwrap();
+        assert_eq!(held(l0).view().id(), y.id());
+        assert_eq!(l0.lease_until.load(Ordering::Acquire), 0);
+        // The good one applies.
+        on_reply(&c, l0, &s, &mut sent, delta(&y, &z, 5)).unwrap();
+        assert_eq!(*held(l0).view(), z);
+        let mut seq = 10;
+        let req = request(&c, l0, &s, &mut seq, &mut sent);
+        assert!(req.accepts_view_delta);
+        assert_eq!(req.known_view_id, z.id().0.to_vec());
     }
 
     /// Issue 15: egress protects the cluster's listeners; membership knows

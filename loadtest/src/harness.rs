@@ -247,6 +247,11 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// The cluster keys derived from this PKI's cluster secret.
+    pub fn cluster_keys(&self) -> Result<jvpn_proto::keys::ClusterKeys> {
+        cluster_keys_in(&self.layout)
+    }
+
     pub fn new(nodes: &[&str]) -> Result<Self> {
         Self::with_routers(nodes, &["r1"])
     }
@@ -522,4 +527,16 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// The cluster keys derived from the cluster secret of a PKI tree.
+pub fn cluster_keys_in(
+    layout: &jvpn_gateway::pki::PkiLayout,
+) -> Result<jvpn_proto::keys::ClusterKeys> {
+    let secret = std::fs::read_to_string(layout.secret())?;
+    Ok(secret
+        .trim()
+        .parse::<jvpn_proto::keys::ClusterSecret>()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", layout.secret().display()))?
+        .derive())
 }

@@ -47,6 +47,9 @@ pub struct Stats {
     pub reply_bytes: AtomicU64,
     /// Replies that left the members out.
     pub omitted: AtomicU64,
+    /// Replies that carried a change from the view held, and their bytes.
+    pub deltas: AtomicU64,
+    pub delta_bytes: AtomicU64,
     /// Streams that failed or were refused (each is retried).
     pub stream_errors: AtomicU64,
 }
@@ -58,6 +61,8 @@ pub struct StatsSnapshot {
     pub replies: u64,
     pub reply_bytes: u64,
     pub omitted: u64,
+    pub deltas: u64,
+    pub delta_bytes: u64,
     pub stream_errors: u64,
 }
 
@@ -69,6 +74,8 @@ impl Stats {
             replies: l(&self.replies),
             reply_bytes: l(&self.reply_bytes),
             omitted: l(&self.omitted),
+            deltas: l(&self.deltas),
+            delta_bytes: l(&self.delta_bytes),
             stream_errors: l(&self.stream_errors),
         }
     }
@@ -128,12 +135,7 @@ impl Emulator {
         jvpn_gateway::pki::mint_members(&layout, CLUSTER, &names)
             .context("minting member certificates")?;
         let ca = std::fs::read(layout.membership_ca())?;
-        let secret = std::fs::read_to_string(layout.secret())?;
-        let keys = secret
-            .trim()
-            .parse::<jvpn_proto::keys::ClusterSecret>()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", layout.secret().display()))?
-            .derive();
+        let keys = crate::harness::cluster_keys_in(&layout)?;
         let mut e = Self {
             opts,
             ca,
@@ -334,22 +336,37 @@ impl Link {
                 Some((id, _)) if !self.old_format => id.clone(),
                 _ => Vec::new(),
             },
+            accepts_view_delta: !self.old_format,
         }
     }
 
     fn on_reply(&self, reply: &HeartbeatReply, held: &mut Option<(Vec<u8>, bool)>) {
         self.stats.replies.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .reply_bytes
-            .fetch_add(prost::Message::encoded_len(reply) as u64, Ordering::Relaxed);
+        let bytes = prost::Message::encoded_len(reply) as u64;
+        self.stats.reply_bytes.fetch_add(bytes, Ordering::Relaxed);
         if reply.members_omitted {
             self.stats.omitted.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let inside = reply
-            .members
-            .iter()
-            .any(|m| m.node_id == self.node && m.incarnation == self.incarnation);
+        let me = |m: &jvpn_proto::pb::membership::ViewMember| {
+            m.node_id == self.node && m.incarnation == self.incarnation
+        };
+        let added = reply.members.iter().any(me);
+        let inside = if reply.delta_base_view_id.is_empty() {
+            added
+        } else {
+            self.stats.deltas.fetch_add(1, Ordering::Relaxed);
+            self.stats.delta_bytes.fetch_add(bytes, Ordering::Relaxed);
+            match held.as_ref() {
+                // What changed from the view held (checked by real
+                // gateways, which rebuild it; trusted here).
+                Some((id, was)) if *id == reply.delta_base_view_id => {
+                    added || (*was && !reply.members_removed.iter().any(me))
+                }
+                // Crossed a change: keep the view held.
+                _ => return,
+            }
+        };
         *held = Some((reply.view_id.clone(), inside));
     }
 }

@@ -202,15 +202,40 @@ async fn churn_kills_no_healthy_member_and_the_routers_agree_after_each_change()
     let mut e = Emulator::start(&c.pki.layout.dir, N, opts).await.unwrap();
     let all: Vec<String> = (0..N).map(member_name).collect();
     for r in &c.routers {
-        eventually(Duration::from_secs(60), "every member alive", || async {
-            let alive = r.alive().await.unwrap_or_default();
-            alive.contains(&node_name(0)) && all.iter().all(|m| alive.contains(m))
-        })
+        eventually(
+            Duration::from_secs(60),
+            "every member placeable",
+            || async {
+                let placeable = r.placeable().await.unwrap_or_default();
+                placeable.contains(&node_name(0)) && all.iter().all(|m| placeable.contains(m))
+            },
+        )
         .await
         .unwrap();
     }
+    // Until the members hold the settled view: two rounds of heartbeats
+    // in a row that brought no change.
+    let mut quiet = 0;
+    for _ in 0..40 {
+        let before = e.stats.snapshot();
+        eventually(Duration::from_secs(30), "a round of heartbeats", || {
+            let replies = e.stats.snapshot().replies;
+            async move { replies >= before.replies + 2 * N as u64 }
+        })
+        .await
+        .unwrap();
+        let after = e.stats.snapshot();
+        let changed = after.replies - after.omitted - (before.replies - before.omitted);
+        quiet = if changed == 0 { quiet + 1 } else { 0 };
+        if quiet == 2 {
+            break;
+        }
+    }
+    assert_eq!(quiet, 2, "the members' views never settled");
     let others = [node_name(0)].into_iter().collect();
+    let s0 = e.stats.snapshot();
     let r = churn(&mut e, &c.routers, &others, 20, 7).await.unwrap();
+    let s1 = e.stats.snapshot();
     eprintln!(
         "churn: {} joins, {} leaves, converged p50 {} ms, max {} ms, {} late, {} false deaths",
         r.joins,
@@ -223,4 +248,46 @@ async fn churn_kills_no_healthy_member_and_the_routers_agree_after_each_change()
     assert_eq!((r.joins, r.leaves), (10, 10));
     assert_eq!(r.false_deaths, 0, "{r:?}");
     assert_eq!(r.converge_ms.len(), 20);
+    // Changes travel as deltas: about one per member, router and change,
+    // each a fraction of the 150-member view (about 6 kB).
+    let (replies, bytes, deltas, delta_bytes, omitted) = (
+        s1.replies - s0.replies,
+        s1.reply_bytes - s0.reply_bytes,
+        s1.deltas - s0.deltas,
+        s1.delta_bytes - s0.delta_bytes,
+        s1.omitted - s0.omitted,
+    );
+    let full = replies - deltas - omitted;
+    eprintln!(
+        "churn: {replies} replies ({} B each on average): {omitted} without members, \
+         {deltas} deltas ({} B each), {full} whole views",
+        bytes / replies,
+        delta_bytes / deltas.max(1)
+    );
+    assert!(deltas >= 20 * 100 * 2, "{deltas} deltas");
+    assert!(
+        delta_bytes / deltas <= 256,
+        "{} bytes per delta",
+        delta_bytes / deltas
+    );
+    // The real gateway applied them all: no view it could not rebuild,
+    // and it still holds a lease.
+    let g = c.gateway(&node_name(0)).unwrap();
+    assert_eq!(
+        g.metric("jvpn_gateway_view_mismatch_total", &[])
+            .await
+            .unwrap(),
+        0.0,
+        "{}",
+        g.log()
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // One lease per router (the gauge has a router label).
+    assert_eq!(
+        g.metric("jvpn_gateway_lease_valid", &[]).await.unwrap(),
+        2.0
+    );
 }

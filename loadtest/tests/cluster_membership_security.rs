@@ -36,6 +36,7 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         incarnation_ordered: false,
         secret_proof: Vec::new(),
         known_view_id: Vec::new(),
+        accepts_view_delta: false,
     }
 }
 
@@ -494,8 +495,11 @@ async fn the_members_travel_only_to_a_gateway_without_the_view() {
             eprintln!("an unchanged view's reply: {bytes} bytes");
             omitted += 1;
         } else {
+            // A whole view: this gateway did not say it takes deltas.
             assert!(
-                !reply.members_omitted && !reply.members.is_empty(),
+                !reply.members_omitted
+                    && !reply.members.is_empty()
+                    && reply.delta_base_view_id.is_empty(),
                 "{reply:?}"
             );
             last = reply;
@@ -514,4 +518,62 @@ async fn the_members_travel_only_to_a_gateway_without_the_view() {
         .await
         .unwrap();
     assert!(counted >= f64::from(omitted), "{counted}");
+}
+
+/// Issue 14: a gateway that takes deltas and holds the view before a
+/// change gets only what changed: here g4 joining a cluster of three, as g4
+/// sees it (one member added to the view it held), in a reply far smaller
+/// than the view; the view it describes is the router's, checked by
+/// rebuilding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_holding_the_last_view_gets_only_the_change() {
+    let c = common::cluster(ClusterOptions::default()).await;
+    let r = &c.routers[0];
+    let g = Candidate::new(&c).await;
+    let keys = c.pki.cluster_keys().unwrap();
+    let req = |seq: u64, known: Vec<u8>| HeartbeatRequest {
+        sequence: seq,
+        known_view_id: known,
+        accepts_view_delta: true,
+        incarnation_ordered: true,
+        lease_ok: true,
+        ..request("g4", &g.own(), 1)
+    };
+    let (tx, mut replies) = open_stream(r.membership_addr, g.id(), &g.ca, req(1, Vec::new()))
+        .await
+        .unwrap();
+    let first = next_reply(&mut replies).await.unwrap();
+    assert!(first.delta_base_view_id.is_empty(), "{first:?}");
+    let base = jvpn_proto::ring::view_from_reply(&first, &keys)
+        .unwrap()
+        .unwrap();
+    assert!(!base.contains(&"g4".parse().unwrap(), jvpn_proto::Incarnation(42)));
+    // Heartbeats naming that view until g4 is placed (rise: two beats).
+    let mut seq = 1;
+    let delta = loop {
+        seq += 1;
+        assert!(seq < 40, "g4 never joined the view");
+        tx.send(req(seq, base.id().0.to_vec())).await.unwrap();
+        let reply = next_reply(&mut replies).await.unwrap();
+        if reply.view_id != base.id().0 {
+            break reply;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(delta.delta_base_view_id, base.id().0.to_vec(), "{delta:?}");
+    assert_eq!(delta.members.len(), 1, "{delta:?}");
+    assert_eq!(delta.members[0].node_id, "g4");
+    assert!(delta.members_removed.is_empty(), "{delta:?}");
+    let view = jvpn_proto::ring::view_from_delta(&base, &delta, &keys)
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.members().len(), base.members().len() + 1);
+    let bytes = prost::Message::encoded_len(&delta);
+    eprintln!("a one-member change: {bytes} bytes");
+    assert!(bytes <= 256, "{bytes} bytes");
+    let counted = r
+        .metric("jvpn_router_heartbeat_view_deltas_total", &[])
+        .await
+        .unwrap();
+    assert!(counted >= 1.0, "{counted}");
 }

@@ -87,6 +87,38 @@ pub enum ReplyViewError {
     IdMismatch,
 }
 
+fn member_from_reply(vm: &crate::pb::membership::ViewMember) -> Result<Member, ReplyViewError> {
+    Ok(Member {
+        node_id: NodeId::new(&vm.node_id)
+            .map_err(|_| ReplyViewError::NodeId(vm.node_id.clone()))?,
+        incarnation: Incarnation(vm.incarnation),
+        addr: vm
+            .addr
+            .parse()
+            .map_err(|_| ReplyViewError::Addr(vm.addr.clone()))?,
+        weight: vm.weight,
+    })
+}
+
+fn reply_params(reply: &crate::pb::membership::HeartbeatReply) -> RingParams {
+    RingParams {
+        vnodes_per_weight: reply.ring.as_ref().map_or(0, |r| r.vnodes_per_weight),
+    }
+}
+
+/// `members` as the view `reply` names, checked against its id.
+fn checked_view(
+    members: Vec<Member>,
+    reply: &crate::pb::membership::HeartbeatReply,
+    keys: &ClusterKeys,
+) -> Result<View, ReplyViewError> {
+    let view = View::new(members, reply_params(reply), keys)?;
+    if view.id().0.as_slice() != reply.view_id.as_slice() {
+        return Err(ReplyViewError::IdMismatch);
+    }
+    Ok(view)
+}
+
 /// Rebuilds and checks the view a router's heartbeat reply describes;
 /// `None` when it has no member. Shared by gateways and the fuzz target.
 pub fn view_from_reply(
@@ -96,27 +128,75 @@ pub fn view_from_reply(
     if reply.members.is_empty() {
         return Ok(None);
     }
-    let params = RingParams {
-        vnodes_per_weight: reply.ring.as_ref().map_or(0, |r| r.vnodes_per_weight),
-    };
-    let mut members = Vec::with_capacity(reply.members.len());
+    let members = reply
+        .members
+        .iter()
+        .map(member_from_reply)
+        .collect::<Result<Vec<_>, _>>()?;
+    checked_view(members, reply, keys).map(Some)
+}
+
+/// Rebuilds and checks the view a delta reply (`delta_base_view_id` set)
+/// describes from `base`, the view it names: `base`'s members less
+/// `members_removed`, plus `members`. The caller checks that `base` is the
+/// view named. `None` when no member is left.
+pub fn view_from_delta(
+    base: &View,
+    reply: &crate::pb::membership::HeartbeatReply,
+    keys: &ClusterKeys,
+) -> Result<Option<View>, ReplyViewError> {
+    let gone = reply
+        .members_removed
+        .iter()
+        .map(|vm| {
+            NodeId::new(&vm.node_id)
+                .map(|n| (n, Incarnation(vm.incarnation)))
+                .map_err(|_| ReplyViewError::NodeId(vm.node_id.clone()))
+        })
+        .collect::<Result<std::collections::HashSet<_>, _>>()?;
+    let mut members: Vec<Member> = base
+        .members()
+        .iter()
+        .filter(|m| !gone.contains(&(m.node_id.clone(), m.incarnation)))
+        .cloned()
+        .collect();
     for vm in &reply.members {
-        members.push(Member {
-            node_id: NodeId::new(&vm.node_id)
-                .map_err(|_| ReplyViewError::NodeId(vm.node_id.clone()))?,
-            incarnation: Incarnation(vm.incarnation),
-            addr: vm
-                .addr
-                .parse()
-                .map_err(|_| ReplyViewError::Addr(vm.addr.clone()))?,
-            weight: vm.weight,
-        });
+        members.push(member_from_reply(vm)?);
     }
-    let view = View::new(members, params, keys)?;
-    if view.id().0.as_slice() != reply.view_id.as_slice() {
-        return Err(ReplyViewError::IdMismatch);
+    if members.is_empty() {
+        return Ok(None);
     }
-    Ok(Some(view))
+    checked_view(members, reply, keys).map(Some)
+}
+
+/// What changed from `base` to `view`, as a delta reply carries it:
+/// (members added, members removed).
+pub fn view_delta(
+    base: &View,
+    view: &View,
+) -> (
+    Vec<crate::pb::membership::ViewMember>,
+    Vec<crate::pb::membership::ViewMember>,
+) {
+    let to_reply = |m: &Member| crate::pb::membership::ViewMember {
+        node_id: m.node_id.to_string(),
+        incarnation: m.incarnation.0,
+        addr: m.addr.to_string(),
+        weight: m.weight,
+    };
+    let added = view
+        .members()
+        .iter()
+        .filter(|m| !base.members().contains(m))
+        .map(to_reply)
+        .collect();
+    let removed = base
+        .members()
+        .iter()
+        .filter(|m| !view.members().contains(m))
+        .map(to_reply)
+        .collect();
+    (added, removed)
 }
 
 /// `view`'s members as a heartbeat reply carries them (the inverse of

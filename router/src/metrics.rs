@@ -22,6 +22,7 @@ pub const RING_CHANGES: &str = "jvpn_router_ring_changes_total";
 pub const MEMBER_DEATHS: &str = "jvpn_router_member_deaths_total";
 pub const HEARTBEATS: &str = "jvpn_router_heartbeats_total";
 pub const VIEWS_OMITTED: &str = "jvpn_router_heartbeat_views_omitted_total";
+pub const VIEW_DELTAS: &str = "jvpn_router_heartbeat_view_deltas_total";
 pub const MEMBERSHIP_REFUSED: &str = "jvpn_router_membership_refused_total";
 pub const MEMBERSHIP_CONNECTIONS_REFUSED: &str = "jvpn_router_membership_connections_refused_total";
 pub const UNHEALTHY: &str = "jvpn_router_unhealthy";
@@ -87,6 +88,10 @@ pub fn describe() {
         "Heartbeat replies sent without the members: the gateway already held the view."
     );
     describe_counter!(
+        VIEW_DELTAS,
+        "Heartbeat replies that carried only what changed since the view the gateway held."
+    );
+    describe_counter!(
         MEMBERSHIP_REFUSED,
         "Heartbeat streams refused, by reason (identity, advertise, weight, malformed)."
     );
@@ -141,6 +146,7 @@ pub fn describe() {
         RESUMES_OFF_SHARD,
         RING_CHANGES,
         VIEWS_OMITTED,
+        VIEW_DELTAS,
         CONNECT_FAILURES,
         MEMBERSHIP_CONNECTIONS_REFUSED,
     ] {

@@ -148,6 +148,10 @@ pub struct RouterState {
     empty_view: View,
     membership: Mutex<Membership>,
     ring: ArcSwapOption<Ring>,
+    /// The views before the current one (newest last), so that a gateway
+    /// holding one of them gets a delta instead of the whole view, and
+    /// deltas already computed for the current view (cleared with it).
+    past_views: Mutex<PastViews>,
     /// `(key id, owner tag)` → member incarnation, under every key we hold:
     /// changed under the mutex (heartbeats of new incarnations, ticks),
     /// read by RESUME routing from `tag_view` without a lock.
@@ -174,6 +178,43 @@ pub struct RouterState {
     listeners: ArcSwap<Vec<String>>,
     draining: AtomicBool,
     ring_changes: AtomicU64,
+}
+
+/// Recent views and the deltas from them to the current one.
+struct PastViews {
+    views: std::collections::VecDeque<Arc<Ring>>,
+    for_view: ViewId,
+    deltas: Vec<(ViewId, Arc<ViewDelta>)>,
+}
+
+/// Views a router keeps for deltas: gateways lag a change by a heartbeat
+/// or two, so a few are plenty; older ones get the whole view.
+const PAST_VIEWS: usize = 8;
+
+impl Default for PastViews {
+    fn default() -> Self {
+        Self {
+            views: std::collections::VecDeque::new(),
+            for_view: ViewId([0; 8]),
+            deltas: Vec::new(),
+        }
+    }
+}
+
+impl PastViews {
+    fn push(&mut self, ring: Arc<Ring>) {
+        if self.views.len() >= PAST_VIEWS {
+            self.views.pop_front();
+        }
+        self.views.push_back(ring);
+    }
+}
+
+/// What changed from a past view to the current one, as replies carry it.
+#[derive(Debug)]
+pub struct ViewDelta {
+    pub added: Vec<jvpn_proto::pb::membership::ViewMember>,
+    pub removed: Vec<jvpn_proto::pb::membership::ViewMember>,
 }
 
 impl std::fmt::Debug for RouterState {
@@ -227,6 +268,7 @@ impl RouterState {
             previous_keys,
             tokens,
             ring: ArcSwapOption::empty(),
+            past_views: Mutex::new(PastViews::default()),
             tags: Mutex::new(OwnerTags::default()),
             tag_view: ArcSwap::from_pointee(OwnerTags::default()),
             routes: ArcSwap::from_pointee(Routes::default()),
@@ -450,6 +492,9 @@ impl RouterState {
         if same {
             return;
         }
+        if let Some(old) = current.as_ref() {
+            lock(&self.past_views).push(old.clone());
+        }
         if placeable.is_empty() {
             self.ring.store(None);
         } else {
@@ -496,6 +541,30 @@ impl RouterState {
             Some(r) => f(r.view()),
             None => f(&self.empty_view),
         }
+    }
+
+    /// The members added to and removed from the view whose id is `base`
+    /// to make `current`, if `base` is a recent view: computed once per
+    /// pair, shared by every reply that needs it.
+    pub fn view_delta(&self, base: &[u8], current: &View) -> Option<Arc<ViewDelta>> {
+        let mut past = lock(&self.past_views);
+        if past.for_view != current.id() {
+            past.for_view = current.id();
+            past.deltas.clear();
+        }
+        if let Some(d) = past.deltas.iter().find(|(b, _)| b.0.as_slice() == base) {
+            return Some(d.1.clone());
+        }
+        let old = past
+            .views
+            .iter()
+            .rev()
+            .find(|r| r.view().id().0.as_slice() == base)?
+            .clone();
+        let (added, removed) = jvpn_proto::ring::view_delta(old.view(), current);
+        let d = Arc::new(ViewDelta { added, removed });
+        past.deltas.push((old.view().id(), d.clone()));
+        Some(d)
     }
 
     /// The current view's id, without copying the view (per RESUME).
