@@ -118,6 +118,23 @@ pub fn heartbeat(data: &[u8]) {
             assert_eq!(view.id().0.as_slice(), reply.view_id.as_slice());
             assert!(!view.is_empty());
         }
+        // The same reply as a delta from a small fixed view: whatever it
+        // adds or removes, a result is a valid view with the id it names.
+        let base = crate::ring::View::new(
+            vec![crate::ring::Member {
+                node_id: crate::NodeId::new("g1").unwrap_or_else(|_| unreachable!()),
+                incarnation: crate::Incarnation(1),
+                addr: std::net::SocketAddr::from(([10, 0, 0, 1], 7443)),
+                weight: 1,
+            }],
+            crate::ring::RingParams::default(),
+            &keys,
+        );
+        if let Ok(base) = base
+            && let Ok(Some(view)) = crate::ring::view_from_delta(&base, &reply, &keys)
+        {
+            assert_eq!(view.id().0.as_slice(), reply.view_id.as_slice());
+        }
     }
 }
 
