@@ -127,7 +127,7 @@ pub fn describe() {
     describe_histogram!(
         TICK_SECONDS,
         Unit::Seconds,
-        "Time one membership tick took (death verdicts, view, gauges), ring builds included."
+        "Time one membership tick took (death verdicts, routing snapshot, gauges); ring builds run apart."
     );
     describe_histogram!(
         RING_BUILD_SECONDS,

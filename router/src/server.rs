@@ -232,6 +232,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     tokio::spawn(ticker(state.clone(), stop_rx.clone()));
+    let builder = tokio::spawn(state.clone().build_views());
     let drain = jvpn_runtime::admin::DrainTrigger::default();
     tokio::spawn(jvpn_runtime::admin::serve(
         listeners.admin,
@@ -303,6 +304,7 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     grpc_task.abort();
+    builder.abort();
     info!("router stopped");
     Ok(())
 }

@@ -148,6 +148,8 @@ pub struct RouterState {
     empty_view: View,
     membership: Mutex<Membership>,
     ring: ArcSwapOption<Ring>,
+    /// The member set the last tick found placeable, for `build_views`.
+    want_view: watch::Sender<Vec<Member>>,
     /// The views before the current one (newest last), so that a gateway
     /// holding one of them gets a delta instead of the whole view, and
     /// deltas already computed for the current view (cleared with it).
@@ -268,6 +270,7 @@ impl RouterState {
             previous_keys,
             tokens,
             ring: ArcSwapOption::empty(),
+            want_view: watch::channel(Vec::new()).0,
             past_views: Mutex::new(PastViews::default()),
             tags: Mutex::new(OwnerTags::default()),
             tag_view: ArcSwap::from_pointee(OwnerTags::default()),
@@ -415,7 +418,16 @@ impl RouterState {
             counter!(m::MEMBER_DEATHS).increment(1);
             warn!(node = %node, incarnation = %inc, "gateway is no longer alive");
         }
-        self.publish_view(placeable);
+        // The ring is built off the tick (see `build_views`): at 1,000
+        // members a build takes tens of ms, which would delay the next
+        // tick's death verdicts and count as the router's own lateness.
+        self.want_view.send_if_modified(|w| {
+            let changed = *w != placeable;
+            if changed {
+                *w = placeable;
+            }
+            changed
+        });
         let alive: HashSet<(NodeId, Incarnation)> = status
             .iter()
             .filter(|s| s.alive)
@@ -480,6 +492,18 @@ impl RouterState {
             gauge!(m::MEMBER_PLACEABLE, "node_id" => node.clone())
                 .set(f64::from(u8::from(placeable)));
             seen.insert(node, (alive, placeable));
+        }
+    }
+
+    /// Builds and publishes the ring of every member set the tick asks for
+    /// (the latest one when several came during a build); runs until
+    /// aborted.
+    pub async fn build_views(self: Arc<Self>) {
+        let mut want = self.want_view.subscribe();
+        while want.changed().await.is_ok() {
+            let members = want.borrow_and_update().clone();
+            let state = self.clone();
+            let _ = tokio::task::spawn_blocking(move || state.publish_view(members)).await;
         }
     }
 
