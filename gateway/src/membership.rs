@@ -777,20 +777,10 @@ mod tests {
     /// the link no longer holds renews nothing.
     #[test]
     fn a_view_is_built_once_whatever_the_routers_send() {
-        use jvpn_proto::pb::membership::RingParameters;
         use jvpn_proto::ring::{Member, RingParams, View};
         let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
         let c = cluster(Duration::ZERO);
-        let s = HeartbeatSettings {
-            cert_pem: Vec::new(),
-            key_pem: Vec::new(),
-            ca_pem: Vec::new(),
-            server_name: String::new(),
-            advertise_addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 1,
-            interval: Duration::from_millis(250),
-            keys: keys.clone(),
-        };
+        let s = test_settings(&keys);
         let view = |ids: &[&str]| {
             let members = ids
                 .iter()
@@ -804,21 +794,7 @@ mod tests {
                 .collect();
             View::new(members, RingParams::default(), &keys).unwrap()
         };
-        let full = |v: &View, sequence: u64| HeartbeatReply {
-            sequence,
-            view_id: v.id().0.to_vec(),
-            members: jvpn_proto::ring::members_to_reply(v),
-            ring: Some(RingParameters {
-                vnodes_per_weight: v.params().vnodes_per_weight,
-                key_id: 1,
-            }),
-            lease_duration_ms: 750,
-            superseded: false,
-            router_id: "r1".into(),
-            secret_proof: Vec::new(),
-            members_omitted: false,
-            ..HeartbeatReply::default()
-        };
+        let full = |v: &View, sequence: u64| full_reply(v, sequence);
         let omitted = |v: &View, sequence: u64| HeartbeatReply {
             members: Vec::new(),
             members_omitted: true,
@@ -860,17 +836,25 @@ mod tests {
         assert!(req.in_view);
     }
 
-    /// Issue 14: a delta (what changed since the view held) builds the
-    /// same ring a full reply would; a delta from a view not held, or one
-    /// that does not add up to the view it names, changes nothing and
-    /// renews no lease.
-    #[test]
-    fn a_view_delta_applies_to_the_view_held_and_nothing_else() {
-        use jvpn_proto::pb::membership::RingParameters;
-        use jvpn_proto::ring::{Member, RingParams, View};
-        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
-        let c = cluster(Duration::ZERO);
-        let s = HeartbeatSettings {
+    /// A router's reply carrying the whole view `v`.
+    fn full_reply(v: &jvpn_proto::ring::View, sequence: u64) -> HeartbeatReply {
+        HeartbeatReply {
+            sequence,
+            view_id: v.id().0.to_vec(),
+            members: jvpn_proto::ring::members_to_reply(v),
+            ring: Some(jvpn_proto::pb::membership::RingParameters {
+                vnodes_per_weight: v.params().vnodes_per_weight,
+                key_id: 1,
+            }),
+            lease_duration_ms: 750,
+            router_id: "r1".into(),
+            ..HeartbeatReply::default()
+        }
+    }
+
+    /// Heartbeat settings for driving `on_reply` and `request` directly.
+    fn test_settings(keys: &ClusterKeys) -> HeartbeatSettings {
+        HeartbeatSettings {
             cert_pem: Vec::new(),
             key_pem: Vec::new(),
             ca_pem: Vec::new(),
@@ -879,7 +863,19 @@ mod tests {
             weight: 1,
             interval: Duration::from_millis(250),
             keys: keys.clone(),
-        };
+        }
+    }
+
+    /// Issue 14: a delta (what changed since the view held) builds the
+    /// same ring a full reply would; a delta from a view not held, or one
+    /// that does not add up to the view it names, changes nothing and
+    /// renews no lease.
+    #[test]
+    fn a_view_delta_applies_to_the_view_held_and_nothing_else() {
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = test_settings(&keys);
         let member = |id: &str, i: u8| Member {
             node_id: NodeId::new(id).unwrap(),
             incarnation: Incarnation(1),
@@ -887,18 +883,7 @@ mod tests {
             weight: 1,
         };
         let view = |m: Vec<Member>| View::new(m, RingParams::default(), &keys).unwrap();
-        let reply = |v: &View, sequence: u64| HeartbeatReply {
-            sequence,
-            view_id: v.id().0.to_vec(),
-            members: jvpn_proto::ring::members_to_reply(v),
-            ring: Some(RingParameters {
-                vnodes_per_weight: v.params().vnodes_per_weight,
-                key_id: 1,
-            }),
-            lease_duration_ms: 750,
-            router_id: "r1".into(),
-            ..HeartbeatReply::default()
-        };
+        let reply = |v: &View, sequence: u64| full_reply(v, sequence);
         let delta = |base: &View, v: &View, sequence: u64| {
             let (added, removed) = jvpn_proto::ring::view_delta(base, v);
             HeartbeatReply {

@@ -75,15 +75,12 @@ async fn a_steady_view_is_built_once_per_gateway_not_per_reply() {
     }
 }
 
-/// The member emulator against two real routers, beside a real gateway:
-/// 100 members join (placeable on both), a steady view then travels without its members
-/// (replies of at most 128 bytes whatever N), a member whose streams drop
-/// and one that goes silent are declared dead within the usual times, and
-/// the real gateway builds one ring per view change, not per reply.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
+/// A real gateway and two routers, then `n` emulated members (250 ms
+/// interval), once both routers place all of them; the members' names.
+async fn emulated_beside_a_gateway(
+    n: usize,
+) -> (LocalCluster, jvpn_loadtest::members::Emulator, Vec<String>) {
     use jvpn_loadtest::members::{Emulator, EmulatorOptions, member_name};
-    const N: usize = 100;
     let c = common::cluster(ClusterOptions {
         gateways: 1,
         routers: 2,
@@ -95,8 +92,8 @@ async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
         interval: Duration::from_millis(250),
         old_format: false,
     };
-    let mut e = Emulator::start(&c.pki.layout.dir, N, opts).await.unwrap();
-    let all: Vec<String> = (0..N).map(member_name).collect();
+    let e = Emulator::start(&c.pki.layout.dir, n, opts).await.unwrap();
+    let all: Vec<String> = (0..n).map(member_name).collect();
     for r in &c.routers {
         eventually(
             Duration::from_secs(60),
@@ -109,6 +106,18 @@ async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
         .await
         .unwrap();
     }
+    (c, e, all)
+}
+
+/// The member emulator against two real routers, beside a real gateway:
+/// 100 members join (placeable on both), a steady view then travels without its members
+/// (replies of at most 128 bytes whatever N), a member whose streams drop
+/// and one that goes silent are declared dead within the usual times, and
+/// the real gateway builds one ring per view change, not per reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
+    const N: usize = 100;
+    let (c, mut e, all) = emulated_beside_a_gateway(N).await;
     // Steady: 2 s of heartbeats from 100 members to 2 routers.
     let g1 = node_name(0);
     // A window in which neither router's view changed (the last joins
@@ -186,33 +195,9 @@ async fn a_hundred_emulated_members_cost_a_steady_view_nothing() {
 /// same view with exactly the expected members alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_kills_no_healthy_member_and_the_routers_agree_after_each_change() {
-    use jvpn_loadtest::members::{Emulator, EmulatorOptions, churn, member_name};
+    use jvpn_loadtest::members::churn;
     const N: usize = 150;
-    let c = common::cluster(ClusterOptions {
-        gateways: 1,
-        routers: 2,
-        ..ClusterOptions::default()
-    })
-    .await;
-    let opts = EmulatorOptions {
-        routers: c.routers.iter().map(|r| r.membership_addr).collect(),
-        interval: Duration::from_millis(250),
-        old_format: false,
-    };
-    let mut e = Emulator::start(&c.pki.layout.dir, N, opts).await.unwrap();
-    let all: Vec<String> = (0..N).map(member_name).collect();
-    for r in &c.routers {
-        eventually(
-            Duration::from_secs(60),
-            "every member placeable",
-            || async {
-                let placeable = r.placeable().await.unwrap_or_default();
-                placeable.contains(&node_name(0)) && all.iter().all(|m| placeable.contains(m))
-            },
-        )
-        .await
-        .unwrap();
-    }
+    let (c, mut e, _) = emulated_beside_a_gateway(N).await;
     // Until the members hold the settled view: two rounds of heartbeats
     // in a row that brought no change.
     let mut quiet = 0;
