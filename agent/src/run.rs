@@ -247,7 +247,7 @@ async fn drive(
     };
     // The next session a GoAway asked for, while it is being made, and the
     // session it is to replace.
-    let mut handover: Option<(HandOver, Option<SessionId>)> = None;
+    let mut handover: Option<(HandOver, Option<SessionId>, AbortOnDrop)> = None;
     let mut next_tick = Instant::now();
     loop {
         if let Some((d, _)) = agent.data.as_ref() {
@@ -298,7 +298,7 @@ async fn drive(
             } => Ev::Out,
             r = async {
                 match handover.as_mut() {
-                    Some((rx, _)) => rx.await.unwrap_or(Err(AgentError::NoSession)),
+                    Some((rx, _, _)) => rx.await.unwrap_or(Err(AgentError::NoSession)),
                     None => std::future::pending().await,
                 }
             } => Ev::HandedOver(Box::new(r)),
@@ -340,10 +340,11 @@ async fn drive(
                         let mut fork = agent.fork();
                         let tr = transitions.clone();
                         let (tx, rx) = oneshot::channel();
-                        tokio::spawn(async move {
+                        let task = tokio::spawn(async move {
                             let _ = tx.send(establish_fresh(&mut fork, &tr, Some("go_away")).await);
                         });
-                        handover = Some((rx, agent.session.as_ref().map(|s| s.id)));
+                        let replacing = agent.session.as_ref().map(|s| s.id);
+                        handover = Some((rx, replacing, AbortOnDrop(task)));
                     }
                 } else {
                     move_off(&mut agent, &mut t, &transitions, &report).await;
@@ -352,7 +353,7 @@ async fn drive(
                 None
             }
             Ev::HandedOver(r) => {
-                let Some((_, replacing)) = handover.take() else {
+                let Some((_, replacing, _)) = handover.take() else {
                     continue;
                 };
                 let still = agent.session.as_ref().map(|s| s.id) == replacing;
@@ -463,7 +464,7 @@ async fn drive(
             Ev::Frame(Ok(_)) => None,
             Ev::Frame(Err(e)) => Some(e),
             Ev::Cmd(None) | Ev::Cmd(Some(Command::Close)) => {
-                let _ = t.send(agent_closed()).await;
+                let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
                 if main {
                     update(&report, |r| r.ended = Some("agent_closed".into()));
                 }
@@ -519,7 +520,9 @@ async fn drive(
             update(&report, |r| r.protocol_violations += 1);
         }
         note(&transitions, format!("transport lost: {}", reason_str(&e)));
-        mark(&report, "transport_lost");
+        if main {
+            mark(&report, "transport_lost");
+        }
         let lost_at = Instant::now();
         if e.session_gone() {
             // The session's streams end here, explicitly, with its reason.
@@ -544,7 +547,17 @@ async fn drive(
                 }
             }
         }
-        match reattach(&mut agent, &transitions, &report, lost_at, main).await {
+        let attached = match role {
+            Role::Main { .. } => reattach(&mut agent, &transitions, &report, lost_at, true).await,
+            // A draining session stops reattaching when the agent stops or
+            // its deadline comes.
+            Role::Draining { until } => tokio::select! {
+                r = reattach(&mut agent, &transitions, &report, lost_at, false) => r,
+                _ = cmds.recv() => Err(AgentError::Closed),
+                () = tokio::time::sleep_until(until.into()) => Err(AgentError::Closed),
+            },
+        };
+        match attached {
             Ok(new_t) => {
                 last_rx = Instant::now();
                 t = new_t;
@@ -552,10 +565,21 @@ async fn drive(
             Err(e) => {
                 if main {
                     update(&report, |r| r.ended = Some(reason_str(&e)));
+                } else {
+                    end_streams(&mut agent, &transitions, &report, "go_away_deadline");
                 }
                 return;
             }
         }
+    }
+}
+
+/// Aborts a task when dropped (a hand-over's HELLO when the agent stops).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -715,11 +739,14 @@ async fn reattach(
             Ok(t) => {
                 let ms = lost_at.elapsed().as_millis() as u64;
                 let took = attempt_started.elapsed().as_millis() as u64;
-                update(report, |r| {
-                    r.resumes_ok += 1;
-                    r.recovery_ms.push(ms);
-                    r.resume_ms.push(took);
-                });
+                // The agent's recovery figures are its main session's.
+                if main {
+                    update(report, |r| {
+                        r.resumes_ok += 1;
+                        r.recovery_ms.push(ms);
+                        r.resume_ms.push(took);
+                    });
+                }
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
                 if main {
                     record_attach(report, agent, false);

@@ -696,6 +696,8 @@ fn on_reply(
                 counter!(m::VIEW_MISMATCH).increment(1);
                 warn!(router = %link.endpoint, %why, "router view rejected; no lease");
                 link.lease_until.store(0, Ordering::Release);
+                // Ask for the whole view next, not the same delta again.
+                link.full_seen.store(false, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -923,10 +925,17 @@ mod tests {
         on_reply(&c, l0, &s, &mut sent, bad).unwrap();
         assert_eq!(held(l0).view().id(), y.id());
         assert_eq!(l0.lease_until.load(Ordering::Acquire), 0);
+        // The next request asks for the whole view (naming none), so a
+        // router whose delta does not add up cannot keep it from a lease.
+        let mut seq = 10;
+        assert!(
+            request(&c, l0, &s, &mut seq, &mut sent)
+                .known_view_id
+                .is_empty()
+        );
         // The good one applies.
         on_reply(&c, l0, &s, &mut sent, delta(&y, &z, 5)).unwrap();
         assert_eq!(*held(l0).view(), z);
-        let mut seq = 10;
         let req = request(&c, l0, &s, &mut seq, &mut sent);
         assert!(req.accepts_view_delta);
         assert_eq!(req.known_view_id, z.id().0.to_vec());

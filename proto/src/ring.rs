@@ -184,18 +184,37 @@ pub fn view_delta(
         addr: m.addr.to_string(),
         weight: m.weight,
     };
-    let added = view
-        .members()
-        .iter()
-        .filter(|m| !base.members().contains(m))
-        .map(to_reply)
-        .collect();
-    let removed = base
-        .members()
-        .iter()
-        .filter(|m| !view.members().contains(m))
-        .map(to_reply)
-        .collect();
+    // Both member lists are sorted by node id: one merge pass.
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (
+        base.members().iter().peekable(),
+        view.members().iter().peekable(),
+    );
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.node_id == y.node_id => {
+                if x != y {
+                    removed.push(to_reply(x));
+                    added.push(to_reply(y));
+                }
+                a.next();
+                b.next();
+            }
+            (Some(x), Some(y)) if x.node_id < y.node_id => {
+                removed.push(to_reply(x));
+                a.next();
+            }
+            (Some(x), None) => {
+                removed.push(to_reply(x));
+                a.next();
+            }
+            (_, Some(y)) => {
+                added.push(to_reply(y));
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
     (added, removed)
 }
 
@@ -452,6 +471,50 @@ mod tests {
             ),
             Err(ViewError::Vnodes(10))
         );
+    }
+
+    #[test]
+    fn a_delta_rebuilds_the_view_it_was_made_for() {
+        let k = ClusterSecret::new(1, [5; 32]).derive();
+        let m = |id: &str, inc: u64, port: u16| Member {
+            node_id: NodeId::new(id).unwrap(),
+            incarnation: Incarnation(inc),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], port)),
+            weight: 1,
+        };
+        let base = View::new(
+            vec![m("a", 1, 1), m("b", 1, 2), m("c", 1, 3), m("e", 1, 5)],
+            RingParams::default(),
+            &k,
+        )
+        .unwrap();
+        // a kept, b moved, c gone, d new, e replaced by a new incarnation.
+        let view = View::new(
+            vec![m("a", 1, 1), m("b", 1, 9), m("d", 1, 4), m("e", 2, 5)],
+            RingParams::default(),
+            &k,
+        )
+        .unwrap();
+        let (added, removed) = view_delta(&base, &view);
+        let names = |v: &[crate::pb::membership::ViewMember]| {
+            v.iter().map(|x| x.node_id.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&added), ["b", "d", "e"]);
+        assert_eq!(names(&removed), ["b", "c", "e"]);
+        let reply = crate::pb::membership::HeartbeatReply {
+            view_id: view.id().0.to_vec(),
+            members: added,
+            members_removed: removed,
+            delta_base_view_id: base.id().0.to_vec(),
+            ring: Some(crate::pb::membership::RingParameters {
+                vnodes_per_weight: view.params().vnodes_per_weight,
+                key_id: 1,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(view_from_delta(&base, &reply, &k).unwrap().unwrap(), view);
+        // Applied to another base, it does not add up.
+        assert!(view_from_delta(&view, &reply, &k).is_err());
     }
 
     #[test]

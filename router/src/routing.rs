@@ -35,9 +35,19 @@ pub enum ResumeRoute {
 
 /// Owner tag (under a key id) → the incarnation it names.
 #[derive(Clone, Debug, Default)]
-pub struct OwnerTags(HashMap<(u8, OwnerTag), (NodeId, Incarnation)>);
+pub struct OwnerTags {
+    tags: HashMap<(u8, OwnerTag), (NodeId, Incarnation)>,
+    /// The incarnations learned, so that a heartbeat can tell cheaply
+    /// whether its tags are known.
+    known: HashSet<(NodeId, Incarnation)>,
+}
 
 impl OwnerTags {
+    /// Whether `(node, incarnation)` has been learned (and not forgotten).
+    pub fn knows(&self, node: &NodeId, incarnation: Incarnation) -> bool {
+        self.known.contains(&(node.clone(), incarnation))
+    }
+
     /// Learns a member whose heartbeat was accepted, under every key given.
     pub fn learn<'a>(
         &mut self,
@@ -46,22 +56,24 @@ impl OwnerTags {
         incarnation: Incarnation,
     ) {
         for k in keys {
-            self.0
+            self.tags
                 .entry((k.key_id(), owner_tag(k, node, incarnation)))
                 .or_insert_with(|| (node.clone(), incarnation));
         }
+        self.known.insert((node.clone(), incarnation));
     }
 
     /// The incarnation a token's owner tag names, if known.
     pub fn owner(&self, key_id: u8, tag: &OwnerTag) -> Option<(NodeId, Incarnation)> {
-        self.0.get(&(key_id, *tag)).cloned()
+        self.tags.get(&(key_id, *tag)).cloned()
     }
 
     /// Forgets incarnations not in `current`; `true` if any was.
     pub fn retain(&mut self, current: &HashSet<(NodeId, Incarnation)>) -> bool {
-        let before = self.0.len();
-        self.0.retain(|_, v| current.contains(v));
-        self.0.len() != before
+        let before = self.known.len();
+        self.tags.retain(|_, v| current.contains(v));
+        self.known.retain(|v| current.contains(v));
+        self.known.len() != before
     }
 }
 

@@ -183,25 +183,16 @@ pub struct RouterState {
 }
 
 /// Recent views and the deltas from them to the current one.
+#[derive(Default)]
 struct PastViews {
     views: std::collections::VecDeque<Arc<Ring>>,
-    for_view: ViewId,
-    deltas: Vec<(ViewId, Arc<ViewDelta>)>,
+    /// (base, to) → the delta, newest last (bounded).
+    deltas: Vec<((ViewId, ViewId), Arc<ViewDelta>)>,
 }
 
 /// Views a router keeps for deltas: gateways lag a change by a heartbeat
 /// or two, so a few are plenty; older ones get the whole view.
 const PAST_VIEWS: usize = 8;
-
-impl Default for PastViews {
-    fn default() -> Self {
-        Self {
-            views: std::collections::VecDeque::new(),
-            for_view: ViewId([0; 8]),
-            deltas: Vec::new(),
-        }
-    }
-}
 
 impl PastViews {
     fn push(&mut self, ring: Arc<Ring>) {
@@ -259,12 +250,14 @@ impl RouterState {
         let params = RingParams {
             vnodes_per_weight: cfg.raw.cluster.vnodes_per_weight,
         };
+        let membership = Membership::new(cfg.membership(), Mono::ZERO);
+        let membership_routes = membership.routes();
         let empty_view = View::new(Vec::new(), params, &keys)
             .unwrap_or_else(|_| unreachable!("an empty view with validated parameters"));
         Arc::new(Self {
             params,
             empty_view,
-            membership: Mutex::new(Membership::new(cfg.membership(), Mono::ZERO)),
+            membership: Mutex::new(membership),
             origin: Instant::now(),
             keys,
             previous_keys,
@@ -274,7 +267,9 @@ impl RouterState {
             past_views: Mutex::new(PastViews::default()),
             tags: Mutex::new(OwnerTags::default()),
             tag_view: ArcSwap::from_pointee(OwnerTags::default()),
-            routes: ArcSwap::from_pointee(Routes::default()),
+            // From the start: before the first tick, an unknown owner is
+            // `owner_unreachable` (warm-up), never `owner_lost`.
+            routes: ArcSwap::from_pointee(membership_routes),
             deaths: Mutex::new(HashMap::new()),
             reported_nodes: Mutex::new(HashMap::new()),
             admission: Mutex::new(admission),
@@ -338,13 +333,12 @@ impl RouterState {
     // ---- membership -------------------------------------------------------
 
     /// Applies `event` to the membership and publishes the routing
-    /// snapshot again if `node`'s entry changed; returns the event's
-    /// result and the node's incarnation before it.
+    /// snapshot again if `node`'s entry changed.
     fn membership_event<T>(
         &self,
         node: &NodeId,
         event: impl FnOnce(&mut Membership, Mono) -> T,
-    ) -> (T, Option<Incarnation>) {
+    ) -> T {
         let now = self.now();
         let mut mship = lock(&self.membership);
         let before = mship.route_entry_of(node);
@@ -352,15 +346,17 @@ impl RouterState {
         if mship.route_entry_of(node) != before {
             self.routes.store(Arc::new(mship.routes()));
         }
-        (out, before.map(|e| e.incarnation))
+        out
     }
 
     pub fn on_heartbeat(&self, hb: &Heartbeat) -> HeartbeatVerdict {
-        let (verdict, before) =
-            self.membership_event(&hb.node_id, |m, now| m.on_heartbeat(now, hb));
+        let verdict = self.membership_event(&hb.node_id, |m, now| m.on_heartbeat(now, hb));
         // Owner tags cost a keyed hash each: computed once per incarnation,
-        // not per heartbeat.
-        if verdict == HeartbeatVerdict::Accepted && before != Some(hb.incarnation) {
+        // not per heartbeat (whenever they are not known: a tick may have
+        // dropped those of an incarnation that joined while it ran).
+        if verdict == HeartbeatVerdict::Accepted
+            && !self.tag_view.load().knows(&hb.node_id, hb.incarnation)
+        {
             let keys = std::iter::once(&self.keys).chain(self.previous_keys.as_ref());
             let mut tags = lock(&self.tags);
             tags.learn(keys, &hb.node_id, hb.incarnation);
@@ -406,6 +402,19 @@ impl RouterState {
             // Time-driven changes (deaths, self-suspicion, warm-up's end)
             // reach routing here.
             self.routes.store(Arc::new(mship.routes()));
+            // Forget tags of incarnations nobody routes to any more, under
+            // the membership lock: an incarnation that joins meanwhile is
+            // then either in this list or learned after it.
+            let current: HashSet<(NodeId, Incarnation)> = mship
+                .status(now)
+                .iter()
+                .map(|s| (s.node_id.clone(), s.incarnation))
+                .collect();
+            let mut tags = lock(&self.tags);
+            if tags.retain(&current) {
+                self.tag_view.store(Arc::new(tags.clone()));
+            }
+            drop(tags);
             (
                 died,
                 mship.placeable_members(now),
@@ -442,17 +451,6 @@ impl RouterState {
                 tx.send_replace(true);
                 false
             });
-        }
-        {
-            // Forget tags of incarnations nobody routes to any more.
-            let current: HashSet<(NodeId, Incarnation)> = status
-                .iter()
-                .map(|s| (s.node_id.clone(), s.incarnation))
-                .collect();
-            let mut tags = lock(&self.tags);
-            if tags.retain(&current) {
-                self.tag_view.store(Arc::new(tags.clone()));
-            }
         }
         let n_alive = status.iter().filter(|s| s.alive).count();
         let n_place = status.iter().filter(|s| s.placeable).count();
@@ -572,11 +570,12 @@ impl RouterState {
     /// pair, shared by every reply that needs it.
     pub fn view_delta(&self, base: &[u8], current: &View) -> Option<Arc<ViewDelta>> {
         let mut past = lock(&self.past_views);
-        if past.for_view != current.id() {
-            past.for_view = current.id();
-            past.deltas.clear();
-        }
-        if let Some(d) = past.deltas.iter().find(|(b, _)| b.0.as_slice() == base) {
+        let to = current.id();
+        if let Some(d) = past
+            .deltas
+            .iter()
+            .find(|((b, t), _)| *t == to && b.0.as_slice() == base)
+        {
             return Some(d.1.clone());
         }
         let old = past
@@ -585,9 +584,13 @@ impl RouterState {
             .rev()
             .find(|r| r.view().id().0.as_slice() == base)?
             .clone();
+        // A linear merge of two sorted lists (under 0.1 ms at 1,000).
         let (added, removed) = jvpn_proto::ring::view_delta(old.view(), current);
         let d = Arc::new(ViewDelta { added, removed });
-        past.deltas.push((old.view().id(), d.clone()));
+        if past.deltas.len() >= 2 * PAST_VIEWS {
+            past.deltas.remove(0);
+        }
+        past.deltas.push(((old.view().id(), to), d.clone()));
         Some(d)
     }
 

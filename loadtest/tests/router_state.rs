@@ -1,0 +1,73 @@
+//! The router's routing decisions driven directly on its state (no
+//! process): what connections see before the first tick, and owner tags
+//! across ticks (issue 14 review findings).
+
+#![allow(clippy::unwrap_used)]
+
+use jvpn_loadtest::cluster::{RouterOptions, write_router_config};
+use jvpn_loadtest::harness::TestPki;
+use jvpn_proto::ring::owner_tag;
+use jvpn_proto::token::{TokenContents, TokenKey};
+use jvpn_proto::{Incarnation, NodeId, SessionId};
+use jvpn_router::membership::{Heartbeat, NodeState};
+use jvpn_router::state::{ResumeRoute, RouterState};
+
+fn state() -> (std::sync::Arc<RouterState>, TestPki, tempfile::TempDir) {
+    let pki = TestPki::new(&["g1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RouterOptions {
+        router_id: "r1".into(),
+        ..RouterOptions::default()
+    };
+    let path = write_router_config(&pki, dir.path(), &opts).unwrap();
+    let cfg = jvpn_router::config::load(&path).unwrap();
+    (RouterState::new(cfg), pki, dir)
+}
+
+fn token(pki: &TestPki, node: &str, inc: u64) -> (u8, [u8; jvpn_proto::token::TOKEN_LEN]) {
+    let keys = pki.cluster_keys().unwrap();
+    let key = TokenKey::new(&keys);
+    let contents = TokenContents {
+        session_id: SessionId::from_bytes([7; 16]),
+        owner_tag: owner_tag(&keys, &NodeId::new(node).unwrap(), Incarnation(inc)),
+    };
+    (key.key_id(), key.seal([3; 12], &contents))
+}
+
+/// Before the first tick has run (agents that queued during a restart
+/// arrive first), an unknown owner is transient, as during all of the
+/// warm-up: never `owner_lost`, which would make agents re-handshake.
+#[test]
+fn before_the_first_tick_an_unknown_owner_is_unreachable_not_lost() {
+    let (s, pki, _dir) = state();
+    let (key_id, t) = token(&pki, "g1", 5);
+    assert_eq!(s.route_resume(key_id, &t), ResumeRoute::Unreachable);
+}
+
+/// A gateway's first heartbeat makes its sessions routable at once, and
+/// ticks keep its owner tags.
+#[test]
+fn a_new_incarnation_is_routable_after_its_first_heartbeat_and_stays_so() {
+    let (s, pki, _dir) = state();
+    let hb = Heartbeat {
+        node_id: NodeId::new("g1").unwrap(),
+        incarnation: Incarnation(5),
+        addr: "127.0.0.1:7443".parse().unwrap(),
+        state: NodeState::Ready,
+        weight: 1,
+        lease_ok: true,
+        in_view: true,
+        ordered: true,
+    };
+    let (key_id, t) = token(&pki, "g1", 5);
+    s.on_heartbeat(&hb);
+    for _ in 0..3 {
+        assert!(
+            matches!(s.route_resume(key_id, &t), ResumeRoute::Splice { .. }),
+            "{:?}",
+            s.route_resume(key_id, &t)
+        );
+        s.tick();
+        s.on_heartbeat(&hb);
+    }
+}
