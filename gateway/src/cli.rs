@@ -51,7 +51,7 @@ pub enum PkiCommand {
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
     match cli.command {
-        Command::Check(a) => check_config(&a.config, config::load),
+        Command::Check(a) => check_config(&a.config, config::load_for_check),
         Command::Pki {
             command:
                 PkiCommand::Init {

@@ -277,6 +277,45 @@ pub fn load_with_env(
     Ok(v)
 }
 
+/// [`load`], plus what only `check` judges: things outside the config that
+/// a running gateway tolerates (it warns and drops events) but an operator
+/// checking a deployment wants to hear about.
+pub fn load_for_check(path: &Path) -> Result<Validated, ConfigErrors> {
+    let v = load(path)?;
+    match events_sink_problem(&v.raw.events.path) {
+        Some(why) => Err(ConfigErrors(vec![ConfigProblem::new("events.path", why)])),
+        None => Ok(v),
+    }
+}
+
+/// Why events could not be written to `path` (a file or FIFO to append to,
+/// `-` for stdout, empty for none), if they could not.
+pub fn events_sink_problem(path: &str) -> Option<String> {
+    use nix::unistd::{AccessFlags, access};
+    if path.is_empty() || path == "-" {
+        return None;
+    }
+    let p = Path::new(path);
+    if p.exists() {
+        return access(p, AccessFlags::W_OK)
+            .err()
+            .map(|e| format!("{path} is not writable: {e}"));
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Some(format!(
+            "directory {} does not exist (for {path})",
+            dir.display()
+        ));
+    }
+    access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
+        .err()
+        .map(|e| format!("directory {} is not writable: {e}", dir.display()))
+}
+
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
 /// `[tls]`, `[admission]` (less its TLS slot count) and
 /// `cluster.secret_file`. Returns the names of those that differ.

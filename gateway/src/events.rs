@@ -198,7 +198,7 @@ async fn write_loop(path: String, mut rx: mpsc::Receiver<Msg>) {
         {
             Ok(f) => Box::new(f),
             Err(e) => {
-                tracing::warn!(error = %e, "event sink cannot be opened; events will be dropped");
+                tracing::warn!(error = %e, %path, "event sink cannot be opened; events will be dropped");
                 while let Some(msg) = rx.recv().await {
                     if let Msg::Line(_) = msg {
                         metrics::counter!(m::EVENTS_DROPPED).increment(1);
@@ -244,7 +244,7 @@ async fn write_loop(path: String, mut rx: mpsc::Receiver<Msg>) {
             match written {
                 Ok(()) => metrics::counter!(m::EVENTS_WRITTEN).increment(pending),
                 Err(e) => {
-                    tracing::warn!(error = %e, "event sink broke; further events are dropped");
+                    tracing::warn!(error = %e, %path, "event sink broke; further events are dropped");
                     metrics::counter!(m::EVENTS_DROPPED).increment(pending);
                     broken = true;
                 }

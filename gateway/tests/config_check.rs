@@ -201,11 +201,14 @@ fn check_example(example: &str, nodes: &[&str], min_keys: usize) {
         agents: 1,
     })
     .unwrap();
-    // Relative paths resolve against the directory holding pki/.
+    // Relative paths resolve against the directory holding pki/. The
+    // examples log events under /var/log/jvpn (made by the systemd unit's
+    // LogsDirectory=); here they go to the PKI's directory instead.
     let out = Command::new(env!("CARGO_BIN_EXE_jvpn-gateway"))
         .args(["check", "--config"])
         .arg(&example)
         .current_dir(d.path())
+        .env("JVPN_GATEWAY__EVENTS__PATH", d.path().join("events.jsonl"))
         .output()
         .unwrap();
     assert!(
@@ -289,4 +292,55 @@ fn version_flag_prints_the_release() {
         text.trim(),
         format!("jvpn-gateway {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_refused_under_its_full_key() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let good = base(&l);
+    for (text, key) in [
+        (good.replace("node_id = \"g1\"", "node_id = 7"), "node_id"),
+        (good.replace("node_id = \"g1\"", "node_id = true"), "node_id"),
+        (format!("{good}weight = 1.0\n"), "cluster.weight"),
+        (
+            format!("{good}[policy]\nheartbeat_interval_ms = \"500\"\n"),
+            "policy.heartbeat_interval_ms",
+        ),
+    ] {
+        let (code, err) = check(d.path(), &text);
+        assert_eq!(code, 64, "{key} accepted: {text}");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(err.contains("invalid type"), "{key}: {err}");
+    }
+}
+
+#[test]
+fn an_unknown_key_in_a_section_is_named_with_its_section() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let (code, err) = check(
+        d.path(),
+        &format!("{}[policy]\nheartbeat_interval = 5\n", base(&l)),
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("policy.heartbeat_interval"), "{err}");
+}
+
+#[test]
+fn check_names_an_events_directory_that_does_not_exist_or_cannot_be_written() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let missing = d.path().join("no-such-dir").join("events.jsonl");
+    let (code, err) = check(
+        d.path(),
+        &format!(
+            "{}[events]\npath = \"{}\"\n",
+            base(&l),
+            missing.display()
+        ),
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("events.path"), "{err}");
+    assert!(err.contains(&missing.parent().unwrap().display().to_string()), "{err}");
 }

@@ -231,3 +231,15 @@ fn version_flag_prints_the_release() {
         format!("jvpn-router {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn wrong_types_and_unknown_values_are_refused_under_their_full_key() {
+    let e = check("[splice]\nmode = \"fast\"\n", vec![]).unwrap_err();
+    assert!(e.contains("splice.mode"), "{e}");
+    assert!(e.contains("copy") && e.contains("pipe"), "allowed values: {e}");
+    let e = check("[timeouts]\nconnect_timeout_ms = \"1000\"\n", vec![]).unwrap_err();
+    assert!(e.contains("timeouts.connect_timeout_ms"), "{e}");
+    assert!(e.contains("invalid type"), "{e}");
+    let e = check("[splice]\nbogus = 1\n", vec![]).unwrap_err();
+    assert!(e.contains("splice.bogus"), "{e}");
+}

@@ -92,6 +92,9 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
     for k in list_keys {
         environment = environment.with_list_parse_key(k);
     }
+    if let Ok(text) = std::fs::read_to_string(path) {
+        strict_types::<T>(&text)?;
+    }
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(environment.source(Some(env_map)))
@@ -103,11 +106,50 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
 /// Parses TOML text (no environment) into `T` the same way files are read:
 /// what the configuration fuzz target feeds.
 pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
+    strict_types::<T>(text)?;
     config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize::<T>())
         .map_err(|e| ConfigProblem::new(key_of(&e), e))
+}
+
+/// The file alone, read as TOML into `T` with no coercion: the `config`
+/// crate turns `node_id = 7` into `"7"` and `weight = 1.0` into `1`, which
+/// hides typos of type. Problems are filed under the key's full path
+/// (`policy.heartbeat_interval_ms`). A missing key is not judged here: the
+/// environment may supply it, and the layered parse below reports it.
+fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), ConfigProblem> {
+    let de = match toml::Deserializer::parse(text) {
+        Ok(de) => de,
+        // Syntax errors are reported by the layered parse, with its context.
+        Err(_) => return Ok(()),
+    };
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let msg = e.inner().message().to_owned();
+            if msg.starts_with("missing field") {
+                return Ok(());
+            }
+            let mut key = e.path().to_string();
+            // An unknown key's error is raised on its parent: name the key.
+            if let Some(rest) = msg.strip_prefix("unknown field `") {
+                let field = rest.split('`').next().unwrap_or_default();
+                if !key.ends_with(field) {
+                    key = if key == "." || key.is_empty() {
+                        field.to_owned()
+                    } else {
+                        format!("{key}.{field}")
+                    };
+                }
+            }
+            if key == "." || key.is_empty() {
+                key = "config".to_owned();
+            }
+            Err(ConfigProblem::new(key, msg))
+        }
+    }
 }
 
 /// Reads a `<key_id>:<hex>` cluster secret file; a problem is filed under `key`.
