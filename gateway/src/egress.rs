@@ -230,6 +230,18 @@ pub enum Protected {
 }
 
 impl Denial {
+    pub const ALL: [Denial; 9] = [
+        Denial::Rule,
+        Denial::NoRule,
+        Denial::Protected(Protected::Loopback),
+        Denial::Protected(Protected::LinkLocal),
+        Denial::Protected(Protected::Multicast),
+        Denial::Protected(Protected::Unspecified),
+        Denial::Protected(Protected::Metadata),
+        Denial::Protected(Protected::Transition),
+        Denial::Protected(Protected::ClusterListener),
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Denial::Rule => "rule",

@@ -2,8 +2,11 @@
 //! and nowhere else. Label values come only from closed sets (reason codes,
 //! states, the local enums below): never session ids, addresses or keys.
 
+use jvpn_proto::reason::ReasonCode;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::engine::fsm::{Event, State, transition};
 
 pub const CONNECTIONS_ACCEPTED: &str = "jvpn_gateway_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "jvpn_gateway_connections_rejected_total";
@@ -70,6 +73,27 @@ pub enum ConnReject {
 }
 
 impl ConnReject {
+    pub const ALL: [ConnReject; 18] = [
+        ConnReject::RateLimited,
+        ConnReject::Overloaded,
+        ConnReject::BadPreamble,
+        ConnReject::PreambleTimeout,
+        ConnReject::ProxyForbidden,
+        ConnReject::ProxyRequired,
+        ConnReject::BadProxy,
+        ConnReject::DirectForbidden,
+        ConnReject::OwnerLost,
+        ConnReject::TlsFailed,
+        ConnReject::TlsTimeout,
+        ConnReject::AlpnMismatch,
+        ConnReject::FirstFrameTimeout,
+        ConnReject::FrameTooLarge,
+        ConnReject::ProtocolError,
+        ConnReject::AuthFailed,
+        ConnReject::Draining,
+        ConnReject::NoLease,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConnReject::RateLimited => "rate_limited",
@@ -93,6 +117,32 @@ impl ConnReject {
         }
     }
 }
+
+/// What a HELLO can be refused with (besides `ok`): each has a series at 0
+/// from start-up.
+pub const HELLO_REFUSALS: [ReasonCode; 6] = [
+    ReasonCode::ProtocolError,
+    ReasonCode::AuthFailed,
+    ReasonCode::Draining,
+    ReasonCode::NotInCluster,
+    ReasonCode::InvalidTransition,
+    ReasonCode::FrameTooLarge,
+];
+
+/// What a RESUME can be refused with (besides `ok`).
+pub const RESUME_REFUSALS: [ReasonCode; 11] = [
+    ReasonCode::ProtocolError,
+    ReasonCode::UnknownSession,
+    ReasonCode::SessionLifetimeExceeded,
+    ReasonCode::TransportTtlExceeded,
+    ReasonCode::BadProof,
+    ReasonCode::ReplayDetected,
+    ReasonCode::StaleBinding,
+    ReasonCode::SwitchRateLimited,
+    ReasonCode::CooldownActive,
+    ReasonCode::InvalidTransition,
+    ReasonCode::FrameTooLarge,
+];
 
 /// Describes every metric (a metric without a description has no HELP line
 /// and fails `promtool check metrics`).
@@ -217,6 +267,7 @@ pub fn describe() {
         CONFIG_RELOADS,
         CONFIG_RELOAD_FAILURES,
         CONNECTIONS_ACCEPTED,
+        FRAMES_RECEIVED,
         EVENTS_WRITTEN,
         EVENTS_DROPPED,
         OVERFLOW_BUCKET,
@@ -241,20 +292,72 @@ pub fn describe() {
     ] {
         metrics::counter!(RATE_LIMITED, "stage" => stage).absolute(0);
     }
-    metrics::counter!(CONNECTIONS_REJECTED, "reason" => "overloaded").absolute(0);
-    metrics::counter!(HELLOS, "result" => "ok").absolute(0);
-    metrics::counter!(RESUMES, "result" => "ok").absolute(0);
-    metrics::counter!(RESUMES, "result" => "replay_detected").absolute(0);
+    zero_labelled_counters();
     metrics::gauge!(TLS_IN_FLIGHT).set(0.0);
     metrics::gauge!(TLS_QUEUE_WAITING).set(0.0);
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(DRAINING).set(0.0);
     metrics::gauge!(STREAMS_OPEN).set(0.0);
     metrics::gauge!(CHANNEL_BUFFERED).set(0.0);
+}
+
+/// Every series of a labelled counter exists at 0 from start-up, so that
+/// `rate()` and `increase()` see the first burst (a series born at its
+/// burst's count has no earlier sample to compare with).
+fn zero_labelled_counters() {
+    let zero = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::from_static_parts(k, v))
+            .collect();
+        metrics::counter!(name, labels).absolute(0);
+    };
+    for r in ConnReject::ALL {
+        zero(CONNECTIONS_REJECTED, &[("reason", r.as_str())]);
+    }
+    zero(HELLOS, &[("result", "ok")]);
+    for r in HELLO_REFUSALS {
+        zero(HELLOS, &[("result", r.as_str())]);
+    }
+    zero(RESUMES, &[("result", "ok")]);
+    for r in RESUME_REFUSALS {
+        zero(RESUMES, &[("result", r.as_str())]);
+    }
+    // Every transition the state machine's table allows, with its reason.
+    for from in State::ALL {
+        for event in Event::all() {
+            if let Ok((to, reason)) = transition(from, event) {
+                zero(
+                    TRANSITIONS,
+                    &[
+                        ("from", from.as_str()),
+                        ("to", to.as_str()),
+                        ("reason", reason.as_str()),
+                    ],
+                );
+            }
+        }
+    }
+    for direction in ["in", "out"] {
+        zero(DATA_BYTES, &[("direction", direction)]);
+    }
+    for direction in STREAM_DIRECTIONS {
+        zero(STREAM_BYTES, &[("direction", direction)]);
+    }
+    for how in STREAM_ENDINGS {
+        zero(STREAMS_ENDED, &[("how", how)]);
+    }
+    for d in crate::egress::Denial::ALL {
+        zero(EGRESS_DENIED, &[("rule", d.as_str())]);
+    }
     for r in jvpn_proto::stream::Refusal::ALL {
-        metrics::counter!(STREAMS_REFUSED, "reason" => r.as_str()).absolute(0);
+        zero(STREAMS_REFUSED, &[("reason", r.as_str())]);
     }
 }
+
+/// Label values of `STREAM_BYTES` and `STREAMS_ENDED`.
+pub const STREAM_DIRECTIONS: [&str; 2] = ["to_destination", "from_destination"];
+pub const STREAM_ENDINGS: [&str; 2] = ["closed", "reset"];
 
 /// Installs the Prometheus recorder for this process. Histograms get
 /// buckets from 100 µs to 10 s.

@@ -47,6 +47,27 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every (kind, result) pair a client connection can be counted under:
+    /// each series exists at 0 from start-up.
+    pub const SERIES: [(&'static str, Outcome); 16] = [
+        ("none", Outcome::Overloaded),
+        ("none", Outcome::RateLimited),
+        ("none", Outcome::PreambleTimeout),
+        ("none", Outcome::BadPreamble),
+        ("hello", Outcome::NoGateway),
+        ("hello", Outcome::Overloaded),
+        ("hello", Outcome::ConnectFailed),
+        ("hello", Outcome::Spliced),
+        ("hello", Outcome::ClosedOnDeath),
+        ("resume", Outcome::BadToken),
+        ("resume", Outcome::OwnerLost),
+        ("resume", Outcome::OwnerUnreachable),
+        ("resume", Outcome::Overloaded),
+        ("resume", Outcome::ConnectFailed),
+        ("resume", Outcome::Spliced),
+        ("resume", Outcome::ClosedOnDeath),
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Spliced => "spliced",
@@ -85,6 +106,10 @@ pub async fn handle(state: Arc<RouterState>, mut client: TcpStream, peer: Socket
         }
     };
     state.active.fetch_sub(1, Ordering::Relaxed);
+    debug_assert!(
+        Outcome::SERIES.contains(&(kind, outcome)),
+        "({kind}, {outcome:?}) has no series at 0"
+    );
     counter!(m::CONNECTIONS, "kind" => kind, "result" => outcome.as_str()).increment(1);
 }
 
@@ -186,8 +211,8 @@ async fn resume(
         } => {
             if let Err(refusal) = state.token_budget(token, peer.ip()) {
                 let (reason, retry) = match refusal {
-                    TokenRefusal::TooOften(d) => ("too_often", d),
-                    TokenRefusal::TableFull(d) => ("table_full", d),
+                    TokenRefusal::TooOften(d) => (m::TOKEN_REFUSALS[0], d),
+                    TokenRefusal::TableFull(d) => (m::TOKEN_REFUSALS[1], d),
                 };
                 counter!(m::TOKEN_SPLICES_REFUSED, "reason" => reason).increment(1);
                 status(client, Status::Overloaded, retry).await;

@@ -34,6 +34,9 @@ pub const TICK_LATENESS: &str = "jvpn_router_tick_lateness_seconds";
 pub const TICK_SECONDS: &str = "jvpn_router_tick_duration_seconds";
 pub const RING_BUILD_SECONDS: &str = "jvpn_router_ring_build_duration_seconds";
 
+/// Label values of `TOKEN_SPLICES_REFUSED`.
+pub const TOKEN_REFUSALS: [&str; 2] = ["too_often", "table_full"];
+
 /// Describes every metric (no HELP line fails `promtool check metrics`).
 pub fn describe() {
     describe_counter!(
@@ -153,6 +156,21 @@ pub fn describe() {
         metrics::counter!(name).absolute(0);
     }
     metrics::counter!(HEARTBEATS, "verdict" => "superseded").absolute(0);
+    metrics::counter!(HEARTBEATS, "verdict" => "accepted").absolute(0);
+    // Every series of a labelled counter exists at 0 from start-up, so that
+    // `rate()` and `increase()` see the first burst.
+    for (kind, outcome) in crate::forward::Outcome::SERIES {
+        metrics::counter!(CONNECTIONS, "kind" => kind, "result" => outcome.as_str()).absolute(0);
+    }
+    for reason in TOKEN_REFUSALS {
+        metrics::counter!(TOKEN_SPLICES_REFUSED, "reason" => reason).absolute(0);
+    }
+    for direction in ["up", "down"] {
+        metrics::counter!(SPLICED_BYTES, "direction" => direction).absolute(0);
+    }
+    for r in crate::service::Refusal::ALL {
+        metrics::counter!(MEMBERSHIP_REFUSED, "reason" => r.as_str()).absolute(0);
+    }
     metrics::counter!(OVERFLOW_BUCKET, "table" => "rate").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "concurrency").absolute(0);
     metrics::counter!(OVERFLOW_BUCKET, "table" => "membership").absolute(0);

@@ -48,6 +48,14 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Identity,
+        Refusal::Advertise,
+        Refusal::Weight,
+        Refusal::Malformed,
+        Refusal::Secret,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Identity => "identity",

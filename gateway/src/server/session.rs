@@ -88,7 +88,10 @@ pub(super) async fn do_hello(
     accepted_at: Instant,
     router_id: Option<&str>,
 ) -> Result<(), ConnReject> {
-    let refuse = |r: ReasonCode| counter!(m::HELLOS, "result" => r.as_str()).increment(1);
+    let refuse = |r: ReasonCode| {
+        debug_assert!(m::HELLO_REFUSALS.contains(&r), "{r:?} has no series at 0");
+        counter!(m::HELLOS, "result" => r.as_str()).increment(1);
+    };
     if hello.protocol_version != jvpn_proto::PROTOCOL_VERSION {
         refuse(ReasonCode::ProtocolError);
         let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;
@@ -266,7 +269,13 @@ fn resume_once(
     register: Option<&mpsc::UnboundedSender<Control>>,
 ) -> Result<(SessionId, usize, ResumeOk, Option<TransportId>), Rejection> {
     // Label values are static strings: no allocation per RESUME.
-    let count = |reason: &'static str| counter!(m::RESUMES, "result" => reason).increment(1);
+    let count = |reason: &'static str| {
+        debug_assert!(
+            reason == "ok" || m::RESUME_REFUSALS.iter().any(|r| r.as_str() == reason),
+            "{reason} has no series at 0"
+        );
+        counter!(m::RESUMES, "result" => reason).increment(1);
+    };
     let Some(req) = ResumeRequest::from_wire(r) else {
         count(ReasonCode::UnknownSession.as_str());
         return Err(Rejection::quiet(ReasonCode::UnknownSession));

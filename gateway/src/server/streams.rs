@@ -354,8 +354,8 @@ async fn splice(
 ) -> (&'static str, u64, u64) {
     let moved = |way: Way, n: usize| {
         let direction = match way {
-            Way::ToTcp => "to_destination",
-            Way::FromTcp => "from_destination",
+            Way::ToTcp => m::STREAM_DIRECTIONS[0],
+            Way::FromTcp => m::STREAM_DIRECTIONS[1],
         };
         counter!(m::STREAM_BYTES, "direction" => direction).increment(n as u64);
         limit.map_or(Duration::ZERO, |l| {
@@ -363,7 +363,7 @@ async fn splice(
         })
     };
     let r = relay(dest, stream, &[], &moved).await;
-    let how = if r.reset { "reset" } else { "closed" };
+    let how = m::STREAM_ENDINGS[usize::from(r.reset)];
     counter!(m::STREAMS_ENDED, "how" => how).increment(1);
     (how, r.to_tcp, r.from_tcp)
 }
