@@ -25,9 +25,10 @@ struct Cli {
 enum Cmd {
     /// Open a session and keep it alive; press Enter to force a transport jump.
     Connect {
-        /// Gateway (single node) or router addresses, comma-separated.
+        /// Gateway (single node) or router addresses, HOST:PORT,
+        /// comma-separated; host names are resolved once at start.
         #[arg(long, value_delimiter = ',', required = true)]
-        server: Vec<SocketAddr>,
+        server: Vec<String>,
         /// CA that signed the gateway certificates (client-ca.pem).
         #[arg(long)]
         ca: PathBuf,
@@ -37,8 +38,10 @@ enum Cmd {
         /// Development token file.
         #[arg(long, conflicts_with_all = ["cert", "key"])]
         token_file: Option<PathBuf>,
+        /// Client certificate chain (PEM), with --key.
         #[arg(long, requires = "key")]
         cert: Option<PathBuf>,
+        /// Private key of --cert (PEM).
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
         /// Local address to connect from.
@@ -47,7 +50,7 @@ enum Cmd {
         /// Force a transport jump every N seconds.
         #[arg(long)]
         jump_every_s: Option<u64>,
-        /// Stop after this many seconds.
+        /// Stop after this many seconds (whatever the agent is waiting for).
         #[arg(long)]
         duration_s: Option<u64>,
         /// Serve SOCKS5 and HTTP CONNECT here (e.g. 127.0.0.1:1080): each
@@ -108,16 +111,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } = cli.command;
     let credential = match (token_file, cert, key) {
         (Some(f), _, _) => {
-            let tok = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
+            let tok = std::fs::read_to_string(&f)
+                .with_context(|| format!("--token-file {}", f.display()))?;
             Credential::Token(zeroize::Zeroizing::new(tok.trim().as_bytes().to_vec()))
         }
-        (None, Some(c), Some(k)) => AgentConfig::certificate_from_pem(&c, &k)?,
+        (None, Some(c), Some(k)) => {
+            for (flag, path) in [("--cert", &c), ("--key", &k)] {
+                readable(flag, path)?;
+            }
+            AgentConfig::certificate_from_pem(&c, &k)?
+        }
         _ => anyhow::bail!("give --token-file, or --cert and --key"),
     };
+    readable("--ca", &ca)?;
+    let roots =
+        AgentConfig::roots_from_pem(&ca).with_context(|| format!("--ca {}", ca.display()))?;
     let cfg = AgentConfig {
-        servers: server,
+        servers: resolve(&server).await?,
         server_name,
-        roots: Arc::new(AgentConfig::roots_from_pem(&ca)?),
+        roots: Arc::new(roots),
         credential,
         bind_ip: bind,
         connect_timeout: Duration::from_secs(5),
@@ -176,19 +188,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         });
     }
-    if let Some(d) = duration_s {
-        let tx = cmd_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(d)).await;
-            let _ = tx.send(Command::Close).await;
-        });
-    }
-    let run = keep_alive(agent, cmd_rx, Some(line_tx), report);
+    let run = tokio::spawn(keep_alive(agent, cmd_rx, Some(line_tx), report.clone()));
+    let stop = stop_requested(duration_s);
+    tokio::pin!(run, stop);
     let final_report = tokio::select! {
-        r = run => r,
-        _ = tokio::signal::ctrl_c() => {
-            println!("interrupted");
-            return Ok(());
+        r = &mut run => r?,
+        why = &mut stop => {
+            println!("stopping: {why}");
+            // Close ends the session with Terminate when attached; while the
+            // agent waits (handshake retries, reattach) it cannot, and the
+            // report is taken as it stands.
+            let _ = cmd_tx.try_send(Command::Close);
+            match tokio::time::timeout(STOP_GRACE, &mut run).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    run.abort();
+                    report.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+                }
+            }
         }
     };
     drop(cmd_tx);
@@ -196,5 +213,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         d.abort();
     }
     println!("{}", serde_json::to_string_pretty(&final_report)?);
+    if final_report.sessions_established == 0 {
+        anyhow::bail!(
+            "never connected: {}",
+            final_report
+                .ended
+                .as_deref()
+                .unwrap_or("no handshake completed")
+        );
+    }
     Ok(())
+}
+
+/// How long a stopping agent may take to end its session.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves when the agent should stop: `--duration-s` elapsed, or SIGINT
+/// or SIGTERM arrived. Says which.
+async fn stop_requested(duration_s: Option<u64>) -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let deadline = async {
+        match duration_s {
+            Some(d) => tokio::time::sleep(Duration::from_secs(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        deadline.await;
+        return "duration elapsed";
+    };
+    tokio::select! {
+        () = deadline => "duration elapsed",
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Fails naming `flag` when `path` cannot be read.
+fn readable(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .with_context(|| format!("{flag} {}", path.display()))
+}
+
+/// Every address of every `--server` (HOST:PORT), in order, once each.
+async fn resolve(servers: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for s in servers {
+        let addrs = tokio::net::lookup_host(s.as_str())
+            .await
+            .with_context(|| format!("--server {s}: expected HOST:PORT that resolves"))?;
+        for a in addrs {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "--server: no address");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let cmd = <super::Cli as clap::CommandFactory>::command();
+        let bare = jvpn_runtime::process::undocumented_flags(&cmd);
+        assert!(bare.is_empty(), "--help leaves these bare: {bare:?}");
+    }
 }

@@ -87,29 +87,13 @@ async fn a_resume_ok_from_another_owner_is_refused() {
     assert_eq!(after.binding_epoch, before.binding_epoch);
 }
 
-/// `jvpn-agent` beside the test binary if it was built, else the same
-/// program through the multi-call `jvpn-loadtest agent` (`cargo test`
-/// builds another package's binaries only when that package has
-/// integration tests).
-fn agent_command() -> tokio::process::Command {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("jvpn-agent");
-    if bin.is_file() {
-        tokio::process::Command::new(bin)
-    } else {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"));
-        c.arg("agent");
-        c
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_cli_prints_each_transition_with_its_reason() {
     let env = common::start("[policy]\nswitch_cooldown_ms = 200\n").await;
     let l = &env.pki.layout;
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        agent_command()
+        common::agent_command()
             .arg("connect")
             .arg("--server")
             .arg(env.gw.client_addr.to_string())

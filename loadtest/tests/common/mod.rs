@@ -399,3 +399,19 @@ pub async fn chromium(args: &[String], within: Duration) -> std::process::Output
     .expect("chromium finished")
     .expect("chromium is installed (.ci/run installs Debian's package)")
 }
+
+/// `jvpn-agent` beside the test binary if it was built, else the same
+/// program through the multi-call `jvpn-loadtest agent` (`cargo test`
+/// builds another package's binaries only when that package has
+/// integration tests).
+pub fn agent_command() -> tokio::process::Command {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("jvpn-agent");
+    if bin.is_file() {
+        tokio::process::Command::new(bin)
+    } else {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"));
+        c.arg("agent");
+        c
+    }
+}

@@ -1,0 +1,193 @@
+//! `jvpn-agent connect` as a user runs it (issue 19, item 5): a signal ends
+//! the session explicitly (the gateway sees `Terminate`, not a silent drop
+//! it would keep for `transport_lost_ttl`) and prints the report; an agent
+//! that never connected exits non-zero; a missing file names its flag;
+//! `--server` takes host names; `--duration-s` holds during every wait.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use jvpn_loadtest::harness::eventually;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+/// `connect` with the dev PKI's agent certificate, to `server`.
+fn connect(env: &common::Env, server: &str) -> tokio::process::Command {
+    let l = &env.pki.layout;
+    connect_with(server, &[l.client_ca(), l.agent_cert(0), l.agent_key(0)])
+}
+
+/// `connect` with `files` as --ca, --cert and --key.
+fn connect_with(server: &str, files: &[std::path::PathBuf; 3]) -> tokio::process::Command {
+    let mut c = common::agent_command();
+    c.arg("connect").arg("--server").arg(server);
+    for (flag, f) in ["--ca", "--cert", "--key"].iter().zip(files) {
+        c.arg(flag).arg(f);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+async fn output_within(c: &mut tokio::process::Command, within: Duration) -> Output {
+    tokio::time::timeout(within, c.output())
+        .await
+        .expect("the agent exited in time")
+        .unwrap()
+}
+
+async fn agent_closed(env: &common::Env) -> f64 {
+    env.gw
+        .metric(
+            "jvpn_gateway_state_transitions_total",
+            &[("to", "terminated"), ("reason", "agent_closed")],
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_ends_the_session_explicitly_and_prints_the_report() {
+    let env = common::start("").await;
+    for (i, sig) in [Signal::SIGTERM, Signal::SIGINT].into_iter().enumerate() {
+        let mut child = connect(&env, &env.gw.client_addr.to_string())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("handshake: attached") {
+            line.clear();
+            let n = out.read_line(&mut line).await.unwrap();
+            assert!(n > 0, "the agent exited before attaching");
+        }
+        let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        kill(pid, sig).unwrap();
+        let t0 = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{sig}: the agent did not exit"))
+            .unwrap();
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).await.unwrap();
+        assert!(status.success(), "{sig}: {status}\n{rest}");
+        let json = &rest[rest
+            .find('{')
+            .unwrap_or_else(|| panic!("{sig}: no report in {rest}"))..];
+        let report: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(report["ended"], "agent_closed", "{sig}: {report}");
+        assert_eq!(report["sessions_established"], 1, "{sig}: {report}");
+        // The gateway ended the session at once (Terminate), not after
+        // transport_lost_ttl.
+        let want = (i + 1) as f64;
+        eventually(
+            Duration::from_secs(3),
+            "the gateway saw Terminate",
+            || async { agent_closed(&env).await >= want },
+        )
+        .await
+        .unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(3));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_connected_exits_non_zero_within_its_duration() {
+    let env = common::start("").await;
+    // A port with nothing behind it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let t0 = Instant::now();
+    let out = output_within(
+        connect(&env, &closed.to_string()).args(["--duration-s", "2"]),
+        Duration::from_secs(20),
+    )
+    .await;
+    let elapsed = t0.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(err.contains("never connected"), "{err}");
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duration_holds_while_reattaching() {
+    let env = common::start("").await;
+    let mut child = connect(&env, &env.gw.client_addr.to_string())
+        .args(["--duration-s", "3"])
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("handshake: attached") {
+        line.clear();
+        assert!(out.read_line(&mut line).await.unwrap() > 0);
+    }
+    // The gateway freezes: the agent is left reattaching to nobody.
+    env.gw.signal(Signal::SIGSTOP).unwrap();
+    let t0 = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    env.gw.signal(Signal::SIGCONT).unwrap();
+    let status = status.expect("the agent outlived its duration").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).await.unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("\"sessions_established\": 1"), "{rest}");
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_names_its_flag_and_path() {
+    let env = common::start("").await;
+    let server = env.gw.client_addr.to_string();
+    let missing = env.dir.path().join("no-such.pem");
+    let l = &env.pki.layout;
+    for (i, flag) in ["--ca", "--cert", "--key"].into_iter().enumerate() {
+        let mut files = [l.client_ca(), l.agent_cert(0), l.agent_key(0)];
+        files[i].clone_from(&missing);
+        let out = output_within(&mut connect_with(&server, &files), Duration::from_secs(10)).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}");
+        assert!(
+            err.contains(flag) && err.contains(&missing.display().to_string()),
+            "{flag}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_may_be_a_host_name() {
+    let env = common::start("").await;
+    let server = format!("localhost:{}", env.gw.client_addr.port());
+    let out = output_within(
+        connect(&env, &server).args(["--duration-s", "1"]),
+        Duration::from_secs(20),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("handshake: attached"), "{text}");
+    let out = output_within(
+        connect(&env, "no-such-host.invalid:7443").args(["--duration-s", "1"]),
+        Duration::from_secs(20),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--server") && err.contains("no-such-host.invalid"),
+        "{err}"
+    );
+}
