@@ -45,8 +45,12 @@ pub struct AgentReport {
     /// `ResumeOk` answers from another owner than the session's (refused).
     pub silent_migration_attempts: u64,
     pub go_aways: u64,
-    /// Transport loss → attached again, per successful resume.
+    /// Transport loss → attached again, per recovery (a resume, or a
+    /// re-handshake when the session was gone).
     pub recovery_ms: Vec<u64>,
+    /// The part of `recovery_ms` that came back by explicit re-handshake
+    /// (the rest resumed).
+    pub rehandshake_recovery_ms: Vec<u64>,
     /// Duration of each successful RESUME attempt (connect → `ResumeOk`).
     pub resume_ms: Vec<u64>,
     /// Why the session finally ended, if it did.
@@ -532,10 +536,7 @@ async fn drive(
             }
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
-                    update(&report, |r| {
-                        r.rehandshakes += 1;
-                        bump(&mut r.rehandshake_reasons, &reason_str(&e));
-                    });
+                    rehandshaken(&report, lost_at, &reason_str(&e));
                     record_attach(&report, &agent, true);
                     last_rx = Instant::now();
                     t = new_t;
@@ -653,6 +654,19 @@ async fn establish(
     let (t, fresh) = establish_fresh(agent, transitions, after.as_deref()).await?;
     agent.adopt(fresh);
     Ok(t)
+}
+
+/// Counts a recovery by explicit re-handshake after the transport was lost
+/// at `lost_at`: its time joins the recovery figures (a re-handshake is
+/// how the session's user got back, and usually the slowest way).
+fn rehandshaken(report: &Arc<Mutex<AgentReport>>, lost_at: Instant, why: &str) {
+    let ms = lost_at.elapsed().as_millis() as u64;
+    update(report, |r| {
+        r.rehandshakes += 1;
+        bump(&mut r.rehandshake_reasons, why);
+        r.recovery_ms.push(ms);
+        r.rehandshake_recovery_ms.push(ms);
+    });
 }
 
 /// HELLO with retries: transient refusals are retried for up to
@@ -796,10 +810,7 @@ async fn reattach(
                         return Err(e);
                     }
                     let t = establish(agent, transitions, Some(why.clone())).await?;
-                    update(report, |r| {
-                        r.rehandshakes += 1;
-                        bump(&mut r.rehandshake_reasons, &why);
-                    });
+                    rehandshaken(report, lost_at, &why);
                     record_attach(report, agent, true);
                     return Ok(t);
                 }

@@ -85,6 +85,32 @@ async fn the_html_report_renders_every_chart_with_data() {
         timeline.contains("span up") && timeline.contains("span lost"),
         "{timeline}"
     );
+    // A time axis under the sessions, in seconds from the run's start.
+    assert!(
+        timeline.matches("class=\"tick time-tick\"").count() >= 2 && timeline.contains(">0 s<"),
+        "{timeline}"
+    );
+    // The verdict, then the run's context and its errors by reason.
+    assert!(dom_text.contains("class=\"verdict pass\""), "no verdict");
+    let at = dom_text.find("id=\"context\"").expect("no context table");
+    let context = &dom_text[at..at + dom_text[at..].find("</table>").unwrap()];
+    for k in [
+        "target",
+        "local cluster: 2 gateways",
+        "started (UTC)",
+        "storm",
+        "arrivals achieved",
+    ] {
+        assert!(context.contains(k), "{k} missing from {context}");
+    }
+    assert!(dom_text.contains("id=\"errors\""), "no errors section");
+    // Numbers for people: no float noise like 12.345678901.
+    assert!(
+        !dom_text.split(['<', '>']).any(|t| t.len() > 8
+            && t.contains('.')
+            && t.chars().all(|c| c.is_ascii_digit() || c == '.')),
+        "unformatted numbers"
+    );
 
     let png = dir.path().join("storm.png");
     let shot = chromium(
@@ -111,4 +137,78 @@ async fn the_html_report_renders_every_chart_with_data() {
     ])
     .await;
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A failover run: the recovery chart shows the re-handshake recoveries
+/// (they were left out, so the chart ended at 1.5 s while the timeline
+/// showed 15 s gaps), the page says FAIL in red when a threshold fails, and
+/// lists the errors by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_html_report_shows_rehandshake_recoveries_and_a_failed_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("failover.json");
+    let html = dir.path().join("failover.html");
+    let out = tool(&[
+        "run".as_ref(),
+        "--local-cluster".as_ref(),
+        "2".as_ref(),
+        "--scenario".as_ref(),
+        "failover".as_ref(),
+        "--sessions".as_ref(),
+        "20".as_ref(),
+        "--rate".as_ref(),
+        "40".as_ref(),
+        "--duration-s".as_ref(),
+        "2".as_ref(),
+        "--threshold".as_ref(),
+        "rehandshakes<1".as_ref(),
+        "--json".as_ref(),
+        json.as_os_str(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "the threshold fails the run");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rehandshakes = v["rehandshakes"].as_u64().unwrap();
+    assert!(rehandshakes > 0, "{v}");
+    let out = tool(&[
+        "report".as_ref(),
+        json.as_os_str(),
+        "--html".as_ref(),
+        html.as_os_str(),
+    ])
+    .await;
+    assert!(out.status.success());
+    let dom = chromium(&["--dump-dom"], &html).await;
+    let dom_text = String::from_utf8_lossy(&dom.stdout);
+    let at = dom_text.find("id=\"hist-recovery\"").unwrap();
+    let chart = &dom_text[at..at + dom_text[at..].find("</svg>").unwrap()];
+    assert!(
+        chart.contains("class=\"bar part\""),
+        "no re-handshake recoveries: {chart}"
+    );
+    let drawn: u64 = chart
+        .split("class=\"bar part\"")
+        .skip(1)
+        .filter_map(|b| {
+            let t = &b[b.find("<title>")? + 7..b.find("</title>")?];
+            t.split(": ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .replace(',', "")
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(drawn, rehandshakes, "every re-handshake recovery is drawn");
+    let at = dom_text.find("id=\"verdict\"").unwrap();
+    let verdict = &dom_text[at..at + dom_text[at..].find("</div>").unwrap()];
+    assert!(
+        verdict.contains("verdict fail") && verdict.contains("rehandshakes&lt;1"),
+        "{verdict}"
+    );
+    let at = dom_text.find("id=\"errors\"").unwrap();
+    let errors = &dom_text[at..at + dom_text[at..].find("</table>").unwrap()];
+    assert!(errors.contains("owner_"), "{errors}");
 }

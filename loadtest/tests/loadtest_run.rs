@@ -9,8 +9,14 @@ use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Runs the tool; returns its exit code and JSON report.
+/// Runs the tool; returns its exit code, JSON report and stderr.
 async fn run(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let (code, v, stderr, _) = run_with_stdout(args).await;
+    (code, v, stderr)
+}
+
+/// As [`run`], with what it printed on stdout (the human summary).
+async fn run_with_stdout(args: &[&str]) -> (Option<i32>, serde_json::Value, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
     let mut argv: Vec<std::ffi::OsString> = vec!["run".into()];
@@ -23,6 +29,7 @@ async fn run(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
         out.status.code(),
         serde_json::from_str(&text).unwrap(),
         stderr,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
 
@@ -139,7 +146,7 @@ async fn failover_and_scale_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_violated_threshold_fails_the_run() {
     let _s = SERIAL.lock().await;
-    let (code, v, _) = run(&[
+    let (code, v, _, summary) = run_with_stdout(&[
         "--local-cluster",
         "2",
         "--sessions",
@@ -157,6 +164,20 @@ async fn a_violated_threshold_fails_the_run() {
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["thresholds"][0]["ok"], false);
     assert_eq!(v["thresholds"][1]["ok"], true);
+    // With the JSON in a file, a person still reads what happened: one
+    // verdict line naming the failed threshold (and only it).
+    let verdict: Vec<&str> = summary
+        .lines()
+        .filter(|l| l.starts_with("verdict:"))
+        .collect();
+    assert_eq!(verdict.len(), 1, "{summary}");
+    assert!(
+        verdict[0].starts_with("verdict: FAIL")
+            && verdict[0].contains("handshake_p50_ms<0.001")
+            && !verdict[0].contains("sessions_established>4"),
+        "{summary}"
+    );
+    assert!(summary.contains("sessions established"), "{summary}");
     // An unknown metric is a usage error, not a pass.
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
@@ -179,6 +200,31 @@ async fn a_violated_threshold_fails_the_run() {
     .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown metric"));
+    // Without --json: the summary only, not 37 KB of JSON. With `--json -`:
+    // the JSON on stdout (for pipes), the summary on stderr.
+    let small = [
+        "run",
+        "--local-cluster",
+        "1",
+        "--sessions",
+        "1",
+        "--duration-s",
+        "1",
+    ];
+    let out = common::loadtest(small, Duration::from_secs(180)).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.lines().any(|l| l == "verdict: PASS"), "{text}");
+    assert!(!text.contains("\"histograms\""), "{text}");
+    let out = common::loadtest(
+        small.iter().copied().chain(["--json", "-"]),
+        Duration::from_secs(180),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sessions_established"], 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().any(|l| l == "verdict: PASS"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

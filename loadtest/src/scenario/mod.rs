@@ -310,6 +310,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         _ => None,
     };
     let t0 = Instant::now();
+    // The report's start date, for people; every duration uses `t0`.
+    let started_at = report::rfc3339_utc(std::time::SystemTime::now());
     let watch = Arc::new(Mutex::new(Vec::new()));
     let progress_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress = spawn_progress(watch.clone(), t0, progress_stop.clone());
@@ -403,9 +405,13 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     }
     let mut resume = histogram();
     let mut recovery = histogram();
+    let mut recovery_rehandshake = histogram();
     for r in &reports {
         for ms in &r.recovery_ms {
             let _ = recovery.record((ms * 1000).max(1));
+        }
+        for ms in &r.rehandshake_recovery_ms {
+            let _ = recovery_rehandshake.record((ms * 1000).max(1));
         }
         for ms in &r.resume_ms {
             let _ = resume.record((ms * 1000).max(1));
@@ -419,6 +425,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         ("resume", &resume),
         ("echo_rtt", &echo_hist),
         ("recovery", &recovery),
+        ("recovery_rehandshake", &recovery_rehandshake),
     ]
     .into_iter()
     .map(|(k, h)| (k.to_owned(), buckets(h)))
@@ -444,6 +451,20 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     let mut report = RunReport {
         schema: "jvpn-loadtest-run/1",
         scenario: format!("{:?}", opts.scenario).to_lowercase(),
+        target: match &opts.target {
+            Target::LocalCluster(g, r) => {
+                let n =
+                    |k: usize, what: &str| format!("{k} {what}{}", if k == 1 { "" } else { "s" });
+                format!("local cluster: {}, {}", n(*g, "gateway"), n(*r, "router"))
+            }
+            Target::Routers(list, _) => {
+                let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+                format!("routers {}", list.join(","))
+            }
+        },
+        started_at,
+        verdict: "",
+        failures: Vec::new(),
         seed: opts.seed,
         sessions_requested: opts.sessions,
         sessions_established: reports.iter().map(|r| r.sessions_established).sum(),
@@ -471,6 +492,12 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         let r = check_threshold(&report, t)?;
         report.thresholds.push(r);
     }
+    report.failures = report.failures();
+    report.verdict = if report.failures.is_empty() {
+        "pass"
+    } else {
+        "fail"
+    };
     Ok(report)
 }
 

@@ -62,6 +62,14 @@ pub(super) fn histogram() -> Histogram<u64> {
 pub struct RunReport {
     pub schema: &'static str,
     pub scenario: String,
+    /// What was loaded: a local cluster's size, or the routers' addresses.
+    pub target: String,
+    /// When the run started (UTC, RFC 3339).
+    pub started_at: String,
+    /// `pass` or `fail`, as the exit code says.
+    pub verdict: &'static str,
+    /// Each failed check (see [`RunReport::failures`]); empty on a pass.
+    pub failures: Vec<String>,
     pub seed: u64,
     pub sessions_requested: usize,
     pub sessions_established: u64,
@@ -94,6 +102,158 @@ pub struct RunReport {
     pub histograms: BTreeMap<String, Vec<(f64, u64)>>,
     /// Up to 8 sample sessions: `[ms since the run started, what]`.
     pub timeline: Vec<SampleTimeline>,
+}
+
+/// `t` as an RFC 3339 UTC timestamp with seconds (`2026-12-04T17:08:43Z`).
+pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by
+    // 400-year eras of 146,097 days starting on March 1st.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+impl RunReport {
+    /// Every check the run failed, by name and value: invariant counters,
+    /// stream bytes lost or duplicated, thresholds. Empty: the run passed.
+    pub fn failures(&self) -> Vec<String> {
+        let i = &self.invariants;
+        let mut out: Vec<String> = [
+            ("silent_migrations", i.silent_migrations),
+            ("forced_rehandshakes", i.forced_rehandshakes),
+            ("dual_active_detected", i.dual_active_detected.unwrap_or(0)),
+            ("lost_sessions", i.lost_sessions),
+        ]
+        .into_iter()
+        .chain(self.streams.iter().flat_map(|s| {
+            [
+                ("stream_bytes_lost", s.stream_bytes_lost),
+                ("stream_bytes_duplicated", s.stream_bytes_duplicated),
+            ]
+        }))
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
+        out.extend(
+            self.thresholds
+                .iter()
+                .filter(|t| !t.ok)
+                .map(|t| format!("threshold {} (was {})", t.expr, t.value)),
+        );
+        out
+    }
+
+    /// What `run` prints for people: what ran, the main figures, the most
+    /// frequent errors, each threshold, and one verdict line last.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let lat = |l: &Latency| {
+            if l.count == 0 {
+                "none".to_owned()
+            } else {
+                format!(
+                    "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({})",
+                    l.p50, l.p99, l.max, l.count
+                )
+            }
+        };
+        let i = &self.invariants;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "run {} (seed {}) against {}, started {}, {:.1} s",
+            self.scenario, self.seed, self.target, self.started_at, self.duration_s
+        );
+        let _ = writeln!(
+            o,
+            "{} of {} sessions established, {:.1}/s of {:.1}/s requested",
+            self.sessions_established,
+            self.sessions_requested,
+            self.rate_achieved_per_s,
+            self.rate_requested_per_s
+        );
+        let _ = writeln!(o, "handshake {}", lat(&self.handshake_ms));
+        let _ = writeln!(o, "resume    {}", lat(&self.resume_ms));
+        let _ = writeln!(o, "recovery  {}", lat(&self.recovery_ms));
+        let _ = writeln!(
+            o,
+            "resumes {}, re-handshakes {}, echoes failed {}, connections cut {}",
+            self.resumes_ok, self.rehandshakes, self.echo_failed, self.connections_cut
+        );
+        if let Some(s) = &self.streams {
+            let _ = writeln!(
+                o,
+                "streams: {} bytes exact, {} lost, {} duplicated; {} completed, {} reset explicitly, {} failed; stall per jump p99 {} ms",
+                s.stream_bytes,
+                s.stream_bytes_lost,
+                s.stream_bytes_duplicated,
+                s.streams_completed,
+                s.streams_reset_explicitly,
+                s.streams_failed,
+                s.stall_ms_per_jump.p99
+            );
+        }
+        if let Some(f) = &self.flood {
+            let _ = writeln!(
+                o,
+                "flood: {} attempts, {} admitted, {} refused ({} before TLS)",
+                f.attempts, f.admitted, f.refused, f.refused_before_tls
+            );
+        }
+        let _ = writeln!(
+            o,
+            "invariants: silent_migrations {}, forced_rehandshakes {}, dual_active_detected {}, lost_sessions {}",
+            i.silent_migrations,
+            i.forced_rehandshakes,
+            i.dual_active_text(),
+            i.lost_sessions
+        );
+        let mut errors: Vec<(&String, &u64)> = self.errors_by_reason.iter().collect();
+        errors.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        if errors.is_empty() {
+            let _ = writeln!(o, "errors: none");
+        } else {
+            let top: Vec<String> = errors
+                .iter()
+                .take(5)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let more = errors.len().saturating_sub(5);
+            let tail = if more > 0 {
+                format!(" (and {more} more reasons)")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "errors: {}{tail}", top.join(", "));
+        }
+        for t in &self.thresholds {
+            let verdict = if t.ok { "ok" } else { "FAILED" };
+            let _ = writeln!(o, "threshold {}: {verdict} (was {})", t.expr, t.value);
+        }
+        let failures = self.failures();
+        if failures.is_empty() {
+            let _ = writeln!(o, "verdict: PASS");
+        } else {
+            let _ = writeln!(o, "verdict: FAIL: {}", failures.join("; "));
+        }
+        o
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -199,4 +359,44 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "stall_ms_per_jump_p99" => r.streams.as_ref()?.stall_ms_per_jump.p99 as f64,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_civil_dates() {
+        let at = |s: u64| rfc3339_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(at(1_796_412_345), "2026-12-04T19:25:45Z");
+    }
+
+    #[test]
+    fn the_verdict_names_every_failure_and_only_failures() {
+        let mut r = RunReport::default();
+        assert!(r.failures().is_empty());
+        assert!(r.summary().ends_with("verdict: PASS\n"));
+        r.invariants.forced_rehandshakes = 3;
+        r.thresholds.push(ThresholdResult {
+            expr: "recovery_p99_ms<1000".into(),
+            value: 1480.5,
+            ok: false,
+        });
+        r.thresholds.push(ThresholdResult {
+            expr: "rehandshakes<1".into(),
+            value: 0.0,
+            ok: true,
+        });
+        r.errors_by_reason.insert("owner_lost".into(), 7);
+        let s = r.summary();
+        let verdict = s.lines().last().unwrap();
+        assert_eq!(
+            verdict,
+            "verdict: FAIL: forced_rehandshakes = 3; threshold recovery_p99_ms<1000 (was 1480.5)"
+        );
+        assert!(s.contains("errors: owner_lost 7"), "{s}");
+    }
 }
