@@ -301,7 +301,10 @@ fn a_value_of_the_wrong_type_is_refused_under_its_full_key() {
     let good = base(&l);
     for (text, key) in [
         (good.replace("node_id = \"g1\"", "node_id = 7"), "node_id"),
-        (good.replace("node_id = \"g1\"", "node_id = true"), "node_id"),
+        (
+            good.replace("node_id = \"g1\"", "node_id = true"),
+            "node_id",
+        ),
         (format!("{good}weight = 1.0\n"), "cluster.weight"),
         (
             format!("{good}[policy]\nheartbeat_interval_ms = \"500\"\n"),
@@ -334,13 +337,12 @@ fn check_names_an_events_directory_that_does_not_exist_or_cannot_be_written() {
     let missing = d.path().join("no-such-dir").join("events.jsonl");
     let (code, err) = check(
         d.path(),
-        &format!(
-            "{}[events]\npath = \"{}\"\n",
-            base(&l),
-            missing.display()
-        ),
+        &format!("{}[events]\npath = \"{}\"\n", base(&l), missing.display()),
     );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("events.path"), "{err}");
-    assert!(err.contains(&missing.parent().unwrap().display().to_string()), "{err}");
+    assert!(
+        err.contains(&missing.parent().unwrap().display().to_string()),
+        "{err}"
+    );
 }

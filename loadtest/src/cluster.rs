@@ -176,8 +176,12 @@ impl LocalRouter {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.log", self.router_id)))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file its stdout and stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.router_id))
     }
 }
 
@@ -238,6 +242,9 @@ pub struct ClusterOptions {
     /// caller's (see [`crate::netns`]; the caller must have entered a private
     /// namespace first). Routers then listen for heartbeats on every address.
     pub netns: bool,
+    /// Keep configs and logs here (created if missing) instead of a
+    /// temporary directory removed with the cluster.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -250,17 +257,35 @@ impl Default for ClusterOptions {
             gateway_env: Vec::new(),
             router_env: Vec::new(),
             netns: false,
+            dir: None,
         }
     }
 }
 
-/// Routers and gateways as separate processes, in one temporary directory.
+/// Where a cluster's configs and logs go: a temporary directory removed
+/// with the cluster, or one the caller keeps ([`ClusterOptions::dir`]).
+#[derive(Debug)]
+pub enum ClusterDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl ClusterDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            ClusterDir::Temp(t) => t.path(),
+            ClusterDir::Kept(p) => p,
+        }
+    }
+}
+
+/// Routers and gateways as separate processes, in one directory.
 #[derive(Debug)]
 pub struct LocalCluster {
     pub pki: TestPki,
     pub gateway_launcher: Launcher,
     pub router_launcher: Launcher,
-    pub dir: tempfile::TempDir,
+    pub dir: ClusterDir,
     pub opts: ClusterOptions,
     pub routers: Vec<LocalRouter>,
     /// Gateways by start order; a killed one stays here, exited.
@@ -292,7 +317,13 @@ impl LocalCluster {
         let router_refs: Vec<&str> = routers.iter().map(String::as_str).collect();
         let pki = TestPki::with_routers(&node_refs, &router_refs)?;
         let _ = crate::bench::raise_nofile();
-        let dir = tempfile::tempdir()?;
+        let dir = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+                ClusterDir::Kept(d.clone())
+            }
+            None => ClusterDir::Temp(tempfile::tempdir()?),
+        };
         let mut c = Self {
             pki,
             gateway_launcher,

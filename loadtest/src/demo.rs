@@ -50,6 +50,19 @@ pub struct DemoSummary {
     pub duration_ms: u64,
 }
 
+/// The summary's "resumes rejected" line, then why each reason happened.
+pub fn print_rejections(label: &str, by_reason: &std::collections::BTreeMap<String, u64>) {
+    let total: u64 = by_reason.values().sum();
+    if total == 0 {
+        println!("{label}0");
+        return;
+    }
+    println!("{label}{total} (expected around the demo's faults; by reason:)");
+    for line in crate::invariants::explain_rejections(by_reason) {
+        println!("    {line}");
+    }
+}
+
 pub fn percentiles(mut v: Vec<u64>) -> Percentiles {
     if v.is_empty() {
         return Percentiles::default();
@@ -171,7 +184,7 @@ async fn run_single_node(opts: DemoOptions) -> Result<bool> {
         println!("summary");
         println!("  sessions established   {}", summary.sessions_established);
         println!("  resumes ok             {}", summary.resumes_ok);
-        println!("  resumes rejected       {:?}", summary.resumes_rejected);
+        print_rejections("  resumes rejected       ", &summary.resumes_rejected);
         println!("  re-handshakes          {}", summary.rehandshakes);
         println!(
             "  echo ok / failed       {} / {}",

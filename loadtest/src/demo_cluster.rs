@@ -313,9 +313,9 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
             summary.sessions_established
         );
         println!("  resumes ok                    {}", summary.resumes_ok);
-        println!(
-            "  resumes rejected              {:?}",
-            summary.resumes_rejected
+        crate::demo::print_rejections(
+            "  resumes rejected              ",
+            &summary.resumes_rejected,
         );
         println!(
             "  sessions by gateway           {:?}",

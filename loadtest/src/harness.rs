@@ -418,7 +418,12 @@ impl LocalGateway {
 
     /// The gateway's log so far (for test failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file its stdout and stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("gateway.log")
     }
 }
 

@@ -137,9 +137,66 @@ pub fn rejected_by_reason(reports: &[AgentReport]) -> BTreeMap<String, u64> {
     out
 }
 
+/// Why a demo's RESUMEs were refused, one line per reason, for people
+/// reading its summary: most refusals are the protocol doing its job
+/// around the faults the demo injects, not errors.
+pub fn explain_rejections(by_reason: &BTreeMap<String, u64>) -> Vec<String> {
+    by_reason
+        .iter()
+        .map(|(reason, n)| format!("{reason} {n}: {}", why_rejected(reason)))
+        .collect()
+}
+
+fn why_rejected(reason: &str) -> &'static str {
+    match reason {
+        "owner_lost" => {
+            "the router knows the owner is gone (the killed gateway): the agent re-handshakes, explicitly; expected once per session it held"
+        }
+        "owner_unreachable" => {
+            "the owner was dying but not yet declared dead: the agent retries, then gets owner_lost; expected right after the kill"
+        }
+        "cooldown_active" | "switch_rate_limited" => {
+            "anti-flap: the jump came sooner than the policy allows; the agent waits the hinted time and resumes; expected with forced jumps"
+        }
+        "stale_binding" => {
+            "a RESUME overtaken by a newer one of the same session; the newer binding holds, nothing is lost"
+        }
+        "unknown_session" | "transport_ttl_exceeded" => {
+            "the session had already ended on that gateway; the agent re-handshakes"
+        }
+        "overloaded" | "no_gateway" | "rate_limited" => {
+            "a router or gateway shed load for a moment (restart, storm); retried after the hinted time"
+        }
+        _ => "see the reason codes in docs/protocol.md",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_the_demos_cause_is_explained() {
+        let seen: BTreeMap<String, u64> = [
+            "owner_lost",
+            "owner_unreachable",
+            "cooldown_active",
+            "switch_rate_limited",
+            "stale_binding",
+            "unknown_session",
+            "overloaded",
+        ]
+        .into_iter()
+        .map(|r| (r.to_owned(), 1))
+        .collect();
+        let lines = explain_rejections(&seen);
+        assert_eq!(lines.len(), seen.len());
+        for l in &lines {
+            assert!(!l.contains("docs/protocol.md"), "unexplained: {l}");
+        }
+        let other: BTreeMap<String, u64> = [("bad_proof".to_owned(), 2)].into();
+        assert!(explain_rejections(&other)[0].contains("docs/protocol.md"));
+    }
 
     fn event(sid: &str, inc: &str, to: &str, mono_ns: u64, host_ns: Option<u64>) -> String {
         let mut v = serde_json::json!({

@@ -17,27 +17,34 @@ const ALERTS: &str = include_str!("../../deploy/prometheus/alerts.yml");
 pub struct ServeOptions {
     pub gateways: usize,
     pub routers: usize,
-    /// Where `prometheus.yml`, `alerts.yml` and the cluster's PKI go.
+    /// Where `prometheus.yml`, `alerts.yml`, the cluster's PKI and every
+    /// process's config and log go; kept after the cluster stops.
     pub dir: PathBuf,
 }
 
-/// The scrape configuration for a running cluster's admin ports.
+/// The scrape configuration for a running cluster's admin ports; each
+/// target's `instance` label is its node name (`r1`, `g2`), as dashboards
+/// and alerts show it.
 pub fn prometheus_yml(c: &LocalCluster) -> String {
-    let quote = |a: std::net::SocketAddr| format!("\"{a}\"");
-    let routers: Vec<String> = c.routers.iter().map(|r| quote(r.admin_addr)).collect();
-    let gateways: Vec<String> = c
+    let target = |a: std::net::SocketAddr, node: &str| {
+        format!("      - targets: [\"{a}\"]\n        labels: {{instance: {node}}}\n")
+    };
+    let routers: String = c
+        .routers
+        .iter()
+        .map(|r| target(r.admin_addr, &r.router_id))
+        .collect();
+    let gateways: String = c
         .gateways
         .iter()
-        .map(|(_, g)| quote(g.admin_addr))
+        .map(|(n, g)| target(g.admin_addr, n))
         .collect();
     format!(
         "# Written by `jvpn-loadtest cluster` for the processes it started.\n\
          global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n\
          rule_files:\n  - alerts.yml\n\
-         scrape_configs:\n  - job_name: jvpn-router\n    static_configs:\n      - targets: [{}]\n\
-         \x20 - job_name: jvpn-gateway\n    static_configs:\n      - targets: [{}]\n",
-        routers.join(", "),
-        gateways.join(", ")
+         scrape_configs:\n  - job_name: jvpn-router\n    static_configs:\n{routers}\
+         \x20 - job_name: jvpn-gateway\n    static_configs:\n{gateways}"
     )
 }
 
@@ -56,11 +63,11 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         ClusterOptions {
             gateways: opts.gateways.max(1),
             routers: opts.routers.max(1),
+            dir: Some(opts.dir.clone()),
             ..ClusterOptions::default()
         },
     )
     .await?;
-    std::fs::create_dir_all(&opts.dir)?;
     write(&opts.dir, "prometheus.yml", &prometheus_yml(&c))?;
     write(&opts.dir, "alerts.yml", ALERTS)?;
     let pki = opts.dir.join("pki");
@@ -71,14 +78,29 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         c.routers.len(),
         c.gateways.len()
     );
+    let pid = |p: Option<nix::unistd::Pid>| p.map_or_else(|| "-".to_owned(), |p| p.to_string());
     for r in &c.routers {
         println!(
-            "  router {}  client {}  admin http://{}/ring",
-            r.router_id, r.client_addr, r.admin_addr
+            "  router {}  pid {}  client {}  membership {}  admin http://{}/ring  log {}  config {}",
+            r.router_id,
+            pid(r.pid()),
+            r.client_addr,
+            r.membership_addr,
+            r.admin_addr,
+            r.log_path().display(),
+            r.config_path.display()
         );
     }
     for (n, gw) in &c.gateways {
-        println!("  gateway {n}  admin http://{}/sessions", gw.admin_addr);
+        println!(
+            "  gateway {n}  pid {}  client {}  admin http://{}/sessions  log {}  config {}  events {}",
+            pid(gw.pid()),
+            gw.client_addr,
+            gw.admin_addr,
+            gw.log_path().display(),
+            gw.config_path.display(),
+            gw.events_path
+        );
     }
     println!(
         "prometheus: prometheus --config.file={}/prometheus.yml",

@@ -208,22 +208,58 @@ async fn the_one_command_local_cluster_is_ready_for_prometheus() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
     let ready = tokio::time::timeout(std::time::Duration::from_secs(60), async {
         while let Some(l) = lines.next_line().await.unwrap() {
             if l.starts_with("JVPN_CLUSTER_READY") {
                 return true;
             }
+            printed.push(l);
         }
         false
     })
     .await
     .expect("cluster not ready within 60 s");
     assert!(ready, "cluster exited before it was ready");
+    // Every process on a line of its own: role, node, pid, addresses, the
+    // log and config files, kept in --dir.
+    let procs: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.trim_start().starts_with("router ") || l.trim_start().starts_with("gateway "))
+        .collect();
+    assert_eq!(procs.len(), 3, "{printed:#?}");
+    let mut logs = Vec::new();
+    for l in &procs {
+        let field = |k: &str| {
+            let i = l
+                .find(&format!("{k} "))
+                .unwrap_or_else(|| panic!("no {k} in {l}"));
+            l[i + k.len() + 1..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let pid: i32 = field("pid").parse().unwrap();
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "{l}");
+        for k in ["log", "config"] {
+            let f = PathBuf::from(field(k));
+            assert!(f.is_file() && f.starts_with(&dir), "{k} of {l}");
+            if k == "log" {
+                logs.push(f);
+            }
+        }
+        assert!(field("admin").starts_with("http://127.0.0.1:"), "{l}");
+    }
     run_ok("promtool", &["check", "config", "prometheus.yml"], &dir);
     let yml = std::fs::read_to_string(dir.join("prometheus.yml")).unwrap();
     let targets: Vec<std::net::SocketAddr> =
         yml.split('"').filter_map(|s| s.parse().ok()).collect();
     assert_eq!(targets.len(), 3, "{yml}");
+    // Dashboards and alerts name nodes, not ports.
+    for node in ["r1", "g1", "g2"] {
+        assert!(yml.contains(&format!("instance: {node}")), "{yml}");
+    }
     for t in targets {
         let text = jvpn_loadtest::harness::scrape(t).await.unwrap();
         assert!(text.contains("jvpn_build_info"), "{t}");
@@ -239,4 +275,58 @@ async fn the_one_command_local_cluster_is_ready_for_prometheus() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // What the processes wrote stays for the operator to read.
+    for f in &logs {
+        assert!(f.is_file(), "{} was removed", f.display());
+    }
+}
+
+/// Metric names a text mentions: `jvpn_` followed by lower-case words.
+fn jvpn_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("jvpn_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The metric tables in docs/operations.md list exactly the metrics the
+/// binaries' catalogues (`metrics.rs`, the one place each metric is named)
+/// export: none missing, none stale.
+#[test]
+fn the_metric_tables_list_every_exported_metric_and_nothing_else() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut exported = BTreeSet::new();
+    for f in [
+        "gateway/src/metrics.rs",
+        "router/src/metrics.rs",
+        "runtime/src/metrics.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        for l in text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("pub const") && l.contains(": &str = \"jvpn_"))
+        {
+            exported.extend(jvpn_names(l));
+        }
+    }
+    assert!(exported.len() >= 60, "catalogue read: {exported:?}");
+    let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let mut documented = BTreeSet::new();
+    for row in docs.lines().filter(|l| l.starts_with("| `jvpn_")) {
+        // The first column names the metric(s); the rest may mention others.
+        documented.extend(jvpn_names(row.split('|').nth(1).unwrap()));
+    }
+    let missing: Vec<_> = exported.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "not in the tables: {missing:?}; in the tables but not exported: {stale:?}"
+    );
 }

@@ -58,3 +58,13 @@ async fn run(cfg: config::Validated) -> anyhow::Result<()> {
     ));
     Ok(server::serve(cfg, listeners, Some(prom), shutdown).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let cmd = <super::Cli as clap::CommandFactory>::command();
+        let bare = jvpn_runtime::process::undocumented_flags(&cmd);
+        assert!(bare.is_empty(), "--help leaves these bare: {bare:?}");
+    }
+}

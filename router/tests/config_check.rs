@@ -236,7 +236,10 @@ fn version_flag_prints_the_release() {
 fn wrong_types_and_unknown_values_are_refused_under_their_full_key() {
     let e = check("[splice]\nmode = \"fast\"\n", vec![]).unwrap_err();
     assert!(e.contains("splice.mode"), "{e}");
-    assert!(e.contains("copy") && e.contains("pipe"), "allowed values: {e}");
+    assert!(
+        e.contains("copy") && e.contains("pipe"),
+        "allowed values: {e}"
+    );
     let e = check("[timeouts]\nconnect_timeout_ms = \"1000\"\n", vec![]).unwrap_err();
     assert!(e.contains("timeouts.connect_timeout_ms"), "{e}");
     assert!(e.contains("invalid type"), "{e}");

@@ -17,8 +17,11 @@ use crate::config::ConfigErrors;
 /// `run --config FILE [--log-format …]`, shared by every service binary.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// The TOML configuration (docs/configuration.md); environment
+    /// overrides apply on top.
     #[arg(long)]
     pub config: PathBuf,
+    /// Log lines for people, or one JSON object per line for collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 }
@@ -26,6 +29,7 @@ pub struct RunArgs {
 /// `check --config FILE`, shared by every service binary.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
+    /// The TOML configuration to validate (files it names included).
     #[arg(long)]
     pub config: PathBuf,
 }
@@ -202,4 +206,31 @@ pub fn host_monotonic_ns() -> u64 {
         let ns = i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec());
         u64::try_from(ns).unwrap_or(0)
     })
+}
+
+/// Every flag, argument and subcommand of `cmd` (recursively) that has no
+/// help text, as `"sub command --flag"`: what `--help` would leave bare.
+pub fn undocumented_flags(cmd: &clap::Command) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(cmd, cmd.get_name(), &mut out);
+    out
+}
+
+fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+    for a in cmd.get_arguments() {
+        if a.get_help().is_none() && a.get_long_help().is_none() {
+            let name = a
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .unwrap_or_else(|| a.get_id().to_string());
+            out.push(format!("{path} {name}"));
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        let p = format!("{path} {}", sub.get_name());
+        if sub.get_about().is_none() && sub.get_long_about().is_none() {
+            out.push(p.clone());
+        }
+        walk(sub, &p, out);
+    }
 }
