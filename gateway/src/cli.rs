@@ -1,4 +1,4 @@
-//! Command line of `jvpn-gateway`: `run`, `check`, `pki init`.
+//! Command line of `jvpn-gateway`: `run`, `check`, `pki init`, `events timeline`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +27,34 @@ pub enum Command {
     Pki {
         #[command(subcommand)]
         command: PkiCommand,
+    },
+    /// Read event files.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// One session's life, or every session in a time window, across the
+    /// event files of several gateways, in one clock-skew-safe order.
+    Timeline {
+        /// Event files (`events.path` of each gateway), in any order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// A session id, or its first 8+ hex digits.
+        #[arg(long)]
+        session: Option<String>,
+        /// Window start: `2026-12-04T17:00:00Z` (UTC) or ms since the epoch.
+        #[arg(long)]
+        from: Option<String>,
+        /// Window end, as --from.
+        #[arg(long)]
+        to: Option<String>,
+        /// Also write a self-contained HTML page here.
+        #[arg(long)]
+        html: Option<PathBuf>,
     },
 }
 
@@ -84,6 +112,28 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
                 }
             }
         }
+        Command::Events {
+            command:
+                EventsCommand::Timeline {
+                    files,
+                    session,
+                    from,
+                    to,
+                    html,
+                },
+        } => match timeline(
+            &files,
+            session,
+            from.as_deref(),
+            to.as_deref(),
+            html.as_deref(),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("events timeline: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(a) => run_service(&a.config, a.log_format, config::load, |cfg| async move {
             Ok(match run(cfg).await? {
                 server::Exit::Drained => ExitCode::SUCCESS,
@@ -91,6 +141,46 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
             })
         }),
     }
+}
+
+/// `events timeline`: reads, merges, selects, prints (and writes HTML).
+fn timeline(
+    files: &[PathBuf],
+    session: Option<String>,
+    from: Option<&str>,
+    to: Option<&str>,
+    html: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use crate::timeline as tl;
+    use anyhow::Context;
+    let time = |flag: &str, v: Option<&str>| -> anyhow::Result<Option<u64>> {
+        v.map(|s| {
+            tl::parse_time(s).with_context(|| {
+                format!(
+                    "{flag} {s}: expected YYYY-MM-DDTHH:MM:SS[.fff]Z (UTC) or ms since the epoch"
+                )
+            })
+        })
+        .transpose()
+    };
+    let filter = tl::Filter {
+        session,
+        from_ns: time("--from", from)?,
+        to_ns: time("--to", to)?,
+    };
+    let mut parsed = tl::Parsed::default();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| f.display().to_string())?;
+        tl::parse(&text, &mut parsed);
+    }
+    let (merged, order) = tl::merge(parsed.events);
+    let lives = tl::lives(&merged, &filter)?;
+    print!("{}", tl::render_text(&lives, order, parsed.skipped));
+    if let Some(path) = html {
+        std::fs::write(path, tl::render_html(&lives, order, parsed.skipped))
+            .with_context(|| format!("--html {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Exit status of a gateway superseded by a newer incarnation of its node id

@@ -36,4 +36,5 @@ pub mod membership;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod timeline;
 pub mod tls;
