@@ -231,6 +231,14 @@ pub struct EventsConfig {
     /// Stream events name their destination (`host:port` as asked): an
     /// audit trail of where sessions connect, off unless the operator wants it.
     pub audit_destinations: bool,
+    /// Also send every event to this syslog collector (`host:port`; RFC
+    /// 5424 over TCP, octet counting); empty: none.
+    pub syslog_addr: String,
+    /// TLS to the collector, its certificate verified against this CA.
+    pub syslog_tls_ca_file: Option<PathBuf>,
+    /// The name the collector's certificate must carry (default: the host
+    /// of `syslog_addr`).
+    pub syslog_tls_server_name: String,
 }
 
 impl Default for EventsConfig {
@@ -239,8 +247,83 @@ impl Default for EventsConfig {
             path: String::new(),
             queue_capacity: 8_192,
             audit_destinations: false,
+            syslog_addr: String::new(),
+            syslog_tls_ca_file: None,
+            syslog_tls_server_name: String::new(),
         }
     }
+}
+
+/// The syslog collector `[events]` names, checked; `None` when there is none.
+fn syslog_target(e: &EventsConfig, errs: &mut Vec<ConfigProblem>) -> Option<crate::syslog::Target> {
+    if e.syslog_addr.is_empty() {
+        if e.syslog_tls_ca_file.is_some() {
+            errs.push(ConfigProblem::new(
+                "events.syslog_tls_ca_file",
+                "set without events.syslog_addr",
+            ));
+        }
+        return None;
+    }
+    let host = match e.syslog_addr.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        }
+        _ => {
+            errs.push(ConfigProblem::new(
+                "events.syslog_addr",
+                format!("{:?}: expected HOST:PORT", e.syslog_addr),
+            ));
+            return None;
+        }
+    };
+    let tls = match &e.syslog_tls_ca_file {
+        None => None,
+        Some(path) => {
+            let pem = read_pem("events.syslog_tls_ca_file", Some(path), errs)?;
+            use rustls_pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                match c
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => {}
+                    Err(why) => {
+                        errs.push(ConfigProblem::new("events.syslog_tls_ca_file", why));
+                        return None;
+                    }
+                }
+            }
+            let name = if e.syslog_tls_server_name.is_empty() {
+                host
+            } else {
+                e.syslog_tls_server_name.clone()
+            };
+            let name = match rustls_pki_types::ServerName::try_from(name.clone()) {
+                Ok(n) => n,
+                Err(_) => {
+                    errs.push(ConfigProblem::new(
+                        "events.syslog_tls_server_name",
+                        format!("{name:?} is not a DNS name or IP address"),
+                    ));
+                    return None;
+                }
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| errs.push(ConfigProblem::new("events.syslog_tls_ca_file", e)))
+                .ok()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Some((Arc::new(cfg), name))
+        }
+    };
+    Some(crate::syslog::Target {
+        addr: e.syslog_addr.clone(),
+        tls,
+    })
 }
 
 /// A configuration that passed every check, with its files loaded.
@@ -259,6 +342,8 @@ pub struct Validated {
     pub admin_token: Option<jvpn_runtime::admin::AdminToken>,
     /// `[egress]`, compiled; this gateway's own listeners are protected.
     pub egress: Arc<crate::egress::EgressPolicy>,
+    /// `events.syslog_*`, checked.
+    pub syslog: Option<crate::syslog::Target>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -422,6 +507,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             ("admission.tls_queue_wait_ms", a.tls_queue_wait_ms),
         ],
     );
+    let syslog = syslog_target(&raw.events, &mut errs);
     if raw.events.queue_capacity == 0 {
         errs.push(ConfigProblem::new(
             "events.queue_capacity",
@@ -527,6 +613,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 source: None,
                 admin_token,
                 egress: Arc::new(egress),
+                syslog,
             })
         }
         _ => Err(ConfigErrors(errs)),

@@ -55,6 +55,8 @@ pub struct EventSink {
     /// The host's CLOCK_MONOTONIC at the engine clock's origin, so events
     /// carry a stamp comparable across processes (`host_mono_ns`).
     host_origin_ns: u64,
+    /// A syslog collector that gets every event too.
+    syslog: Option<crate::syslog::Syslog>,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -71,6 +73,7 @@ impl EventSink {
     /// clock read zero.
     pub fn start(
         cfg: &EventsConfig,
+        syslog: Option<crate::syslog::Target>,
         node_id: NodeId,
         incarnation: Incarnation,
         host_origin_ns: u64,
@@ -86,46 +89,68 @@ impl EventSink {
             node_id,
             incarnation,
             host_origin_ns,
+            syslog: syslog.map(|t| crate::syslog::Syslog::start(t, cfg.queue_capacity)),
         }
+    }
+
+    /// Queues one event line for the file and the collector; never waits.
+    fn send(&self, kind: &str, ts_ms: u64, line: String) {
+        if let Some(s) = &self.syslog {
+            s.send(kind, ts_ms, &line);
+        }
+        if let Some(tx) = &self.tx
+            && tx.try_send(Msg::Line(line)).is_err()
+        {
+            metrics::counter!(m::EVENTS_DROPPED).increment(1);
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.tx.is_some() || self.syslog.is_some()
     }
 
     /// Queues one stream event; never waits. The destination is written
     /// only with `events.audit_destinations`.
     pub fn emit_stream(&self, ev: &StreamEvent<'_>) {
-        let Some(tx) = &self.tx else { return };
-        let mut v = match &ev.what {
-            StreamWhat::Opened => json!({ "event_type": "StreamOpened" }),
-            StreamWhat::Refused { reason } => {
-                json!({ "event_type": "StreamRefused", "reason": reason })
-            }
+        if !self.enabled() {
+            return;
+        }
+        let (kind, mut v) = match &ev.what {
+            StreamWhat::Opened => ("StreamOpened", json!({ "event_type": "StreamOpened" })),
+            StreamWhat::Refused { reason } => (
+                "StreamRefused",
+                json!({ "event_type": "StreamRefused", "reason": reason }),
+            ),
             StreamWhat::Closed {
                 how,
                 to_destination,
                 from_destination,
-            } => json!({
-                "event_type": "StreamClosed",
-                "how": how,
-                "bytes_to_destination": to_destination,
-                "bytes_from_destination": from_destination,
-            }),
+            } => (
+                "StreamClosed",
+                json!({
+                    "event_type": "StreamClosed",
+                    "how": how,
+                    "bytes_to_destination": to_destination,
+                    "bytes_from_destination": from_destination,
+                }),
+            ),
         };
         v["session_id"] = json!(ev.session_id.to_string());
         v["stream"] = json!(ev.stream);
         if self.audit {
             v["destination"] = json!(ev.destination);
         }
-        let line = self.stamp(v, ev.at);
-        if tx.try_send(Msg::Line(line)).is_err() {
-            metrics::counter!(m::EVENTS_DROPPED).increment(1);
-        }
+        let (ts_ms, line) = self.stamp(v, ev.at);
+        self.send(kind, ts_ms, line);
     }
 
     /// Queues one event; never waits.
     pub fn emit(&self, ev: &EngineEvent) {
-        let Some(tx) = &self.tx else { return };
-        if tx.try_send(Msg::Line(self.to_json(ev))).is_err() {
-            metrics::counter!(m::EVENTS_DROPPED).increment(1);
+        if !self.enabled() {
+            return;
         }
+        let (kind, ts_ms, line) = self.to_json(ev);
+        self.send(kind, ts_ms, line);
     }
 
     /// Waits (at most `within`) until everything queued so far is written.
@@ -140,9 +165,10 @@ impl EventSink {
         .await;
     }
 
-    fn to_json(&self, ev: &EngineEvent) -> String {
-        let (at, v) = match ev {
+    fn to_json(&self, ev: &EngineEvent) -> (&'static str, u64, String) {
+        let (kind, at, v) = match ev {
             EngineEvent::StateChange(c) => (
+                "SessionStateChange",
                 c.at,
                 json!({
                     "event_type": "SessionStateChange",
@@ -158,6 +184,7 @@ impl EventSink {
                 session_id,
                 reason,
             } => (
+                "ResumeRefused",
                 *at,
                 json!({
                     "event_type": "ResumeRefused",
@@ -166,12 +193,13 @@ impl EventSink {
                 }),
             ),
         };
-        self.stamp(v, at)
+        let (ts_ms, line) = self.stamp(v, at);
+        (kind, ts_ms, line)
     }
 
     /// The fields every event carries: when (wall, process and host
-    /// clocks) and where (node, incarnation).
-    fn stamp(&self, mut v: serde_json::Value, at: Mono) -> String {
+    /// clocks) and where (node, incarnation). Returns `ts_ms` and the line.
+    fn stamp(&self, mut v: serde_json::Value, at: Mono) -> (u64, String) {
         // Wall-clock time is for humans; ordering uses the monotonic stamp.
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -181,7 +209,7 @@ impl EventSink {
         v["host_mono_ns"] = json!(self.host_origin_ns.saturating_add(at.as_nanos()));
         v["node_id"] = json!(self.node_id.as_str());
         v["incarnation"] = json!(self.incarnation.to_string());
-        v.to_string()
+        (ts_ms as u64, v.to_string())
     }
 }
 

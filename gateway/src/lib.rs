@@ -36,5 +36,6 @@ pub mod membership;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod syslog;
 pub mod timeline;
 pub mod tls;

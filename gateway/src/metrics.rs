@@ -21,6 +21,9 @@ pub const SESSIONS: &str = "jvpn_gateway_sessions";
 pub const TRANSITIONS: &str = "jvpn_gateway_state_transitions_total";
 pub const EVENTS_WRITTEN: &str = "jvpn_gateway_events_written_total";
 pub const EVENTS_DROPPED: &str = "jvpn_gateway_events_dropped_total";
+pub const SYSLOG_SENT: &str = "jvpn_gateway_syslog_events_sent_total";
+pub const SYSLOG_DROPPED: &str = "jvpn_gateway_syslog_events_dropped_total";
+pub const SYSLOG_CONNECTED: &str = "jvpn_gateway_syslog_connected";
 pub const RATE_LIMITED: &str = "jvpn_gateway_rate_limited_total";
 pub const OVERFLOW_BUCKET: &str = "jvpn_gateway_rate_limit_overflow_total";
 pub const FRAMES_RECEIVED: &str = "jvpn_gateway_frames_received_total";
@@ -180,6 +183,18 @@ pub fn describe() {
     );
     describe_counter!(EVENTS_WRITTEN, "Events written to the event sink.");
     describe_counter!(
+        SYSLOG_SENT,
+        "Events sent to the syslog collector (events.syslog_addr)."
+    );
+    describe_counter!(
+        SYSLOG_DROPPED,
+        "Events not sent to the syslog collector: its queue was full, or it broke or stalled mid-batch."
+    );
+    describe_gauge!(
+        SYSLOG_CONNECTED,
+        "1 while connected to the syslog collector."
+    );
+    describe_counter!(
         EVENTS_DROPPED,
         "Events dropped because the sink was full or broken."
     );
@@ -270,6 +285,8 @@ pub fn describe() {
         FRAMES_RECEIVED,
         EVENTS_WRITTEN,
         EVENTS_DROPPED,
+        SYSLOG_SENT,
+        SYSLOG_DROPPED,
         OVERFLOW_BUCKET,
         HEALTH_CHECKS,
         HEARTBEATS_SENT,
@@ -297,6 +314,7 @@ pub fn describe() {
     metrics::gauge!(TLS_QUEUE_WAITING).set(0.0);
     metrics::gauge!(CONNECTIONS_OPEN).set(0.0);
     metrics::gauge!(DRAINING).set(0.0);
+    metrics::gauge!(SYSLOG_CONNECTED).set(0.0);
     metrics::gauge!(STREAMS_OPEN).set(0.0);
     metrics::gauge!(CHANNEL_BUFFERED).set(0.0);
 }

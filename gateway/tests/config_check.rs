@@ -346,3 +346,37 @@ fn check_names_an_events_directory_that_does_not_exist_or_cannot_be_written() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bad_syslog_collector_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let (code, err) = check(
+        d.path(),
+        &format!("{}[events]\nsyslog_addr = \"siem.example.net\"\n", base(&l)),
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("events.syslog_addr") && err.contains("HOST:PORT"),
+        "{err}"
+    );
+    let (code, err) = check(
+        d.path(),
+        &format!(
+            "{}[events]\nsyslog_addr = \"127.0.0.1:6514\"\nsyslog_tls_ca_file = \"{}\"\n",
+            base(&l),
+            d.path().join("missing.pem").display()
+        ),
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("events.syslog_tls_ca_file"), "{err}");
+    let (code, err) = check(
+        d.path(),
+        &format!(
+            "{}[events]\nsyslog_addr = \"127.0.0.1:6514\"\nsyslog_tls_ca_file = \"{}\"\n",
+            base(&l),
+            l.client_ca().display()
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+}

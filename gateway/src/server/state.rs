@@ -343,6 +343,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         draining: AtomicBool::new(false),
         events: EventSink::start(
             &cfg.raw.events,
+            cfg.syslog.clone(),
             cfg.node_id.clone(),
             incarnation,
             host_origin,
