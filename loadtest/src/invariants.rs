@@ -164,6 +164,9 @@ fn why_rejected(reason: &str) -> &'static str {
         "unknown_session" | "transport_ttl_exceeded" => {
             "the session had already ended on that gateway; the agent re-handshakes"
         }
+        "connect_failed" | "tls_failed" | "transport_dead" => {
+            "the connection broke before the RESUME was answered (a router restarting, a gateway dying); the agent tries again"
+        }
         "overloaded" | "no_gateway" | "rate_limited" => {
             "a router or gateway shed load for a moment (restart, storm); retried after the hinted time"
         }
@@ -185,6 +188,8 @@ mod tests {
             "stale_binding",
             "unknown_session",
             "overloaded",
+            "tls_failed",
+            "connect_failed",
         ]
         .into_iter()
         .map(|r| (r.to_owned(), 1))
