@@ -453,3 +453,37 @@ async fn an_agent_that_stops_reading_is_let_go_after_the_heartbeat_timeout() {
     .unwrap();
     drop(t);
 }
+
+/// An event path whose directory is missing: the gateway serves anyway
+/// (`check` refuses it), drops and counts the events, and its warning says
+/// which path (issue 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sink_that_cannot_be_opened_is_named_in_the_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("events.jsonl");
+    let env = common::start_with(GatewayOptions {
+        events_path: Some(missing.display().to_string()),
+        ..Default::default()
+    })
+    .await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    drop(common::hello(&mut a).await);
+    eventually(Duration::from_secs(5), "events dropped", || async {
+        env.gw
+            .metric("jvpn_gateway_events_dropped_total", &[])
+            .await
+            .unwrap()
+            > 0.0
+    })
+    .await
+    .unwrap();
+    let log = env.gw.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("event sink cannot be opened"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains(&missing.display().to_string()),
+        "{warning}"
+    );
+}
