@@ -36,6 +36,18 @@ fn connect_with(server: &str, files: &[std::path::PathBuf; 3]) -> tokio::process
     c
 }
 
+/// Reads the agent's output until it says it attached; the rest of it.
+async fn attached(child: &mut tokio::process::Child) -> BufReader<tokio::process::ChildStdout> {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("handshake: attached") {
+        line.clear();
+        let n = out.read_line(&mut line).await.unwrap();
+        assert!(n > 0, "the agent exited before attaching");
+    }
+    out
+}
+
 async fn output_within(c: &mut tokio::process::Command, within: Duration) -> Output {
     tokio::time::timeout(within, c.output())
         .await
@@ -60,13 +72,7 @@ async fn a_signal_ends_the_session_explicitly_and_prints_the_report() {
         let mut child = connect(&env, &env.gw.client_addr.to_string())
             .spawn()
             .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("handshake: attached") {
-            line.clear();
-            let n = out.read_line(&mut line).await.unwrap();
-            assert!(n > 0, "the agent exited before attaching");
-        }
+        let mut out = attached(&mut child).await;
         let pid = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
         kill(pid, sig).unwrap();
         let t0 = Instant::now();
@@ -125,12 +131,7 @@ async fn the_duration_holds_while_reattaching() {
         .args(["--duration-s", "3"])
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("handshake: attached") {
-        line.clear();
-        assert!(out.read_line(&mut line).await.unwrap() > 0);
-    }
+    let mut out = attached(&mut child).await;
     // The gateway freezes: the agent is left reattaching to nobody.
     env.gw.signal(Signal::SIGSTOP).unwrap();
     let t0 = Instant::now();

@@ -94,6 +94,18 @@ async fn bad_input_is_counted_and_closed_and_other_sessions_carry_on() {
     gt.echo(b"unaffected").await.unwrap();
 }
 
+async fn some_events_dropped(env: &common::Env) {
+    eventually(Duration::from_secs(5), "events dropped", || async {
+        env.gw
+            .metric("jvpn_gateway_events_dropped_total", &[])
+            .await
+            .unwrap()
+            > 0.0
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_nobody_reads_drops_events_and_never_slows_sessions() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,15 +129,7 @@ async fn a_sink_nobody_reads_drops_events_and_never_slows_sessions() {
         *t = common::resume(a).await.unwrap();
         t.echo(b"still flowing").await.unwrap();
     }
-    eventually(Duration::from_secs(5), "events dropped", || async {
-        env.gw
-            .metric("jvpn_gateway_events_dropped_total", &[])
-            .await
-            .unwrap()
-            > 0.0
-    })
-    .await
-    .unwrap();
+    some_events_dropped(&env).await;
     assert_eq!(
         env.gw
             .metric("jvpn_gateway_events_written_total", &[])
@@ -468,15 +472,7 @@ async fn an_event_sink_that_cannot_be_opened_is_named_in_the_warning() {
     .await;
     let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     drop(common::hello(&mut a).await);
-    eventually(Duration::from_secs(5), "events dropped", || async {
-        env.gw
-            .metric("jvpn_gateway_events_dropped_total", &[])
-            .await
-            .unwrap()
-            > 0.0
-    })
-    .await
-    .unwrap();
+    some_events_dropped(&env).await;
     let log = env.gw.log();
     let warning = log
         .lines()

@@ -208,6 +208,12 @@ pub fn host_monotonic_ns() -> u64 {
     })
 }
 
+/// Fails (for a unit test) naming what `--help` leaves bare in `cmd`.
+pub fn assert_every_flag_has_help(cmd: &clap::Command) {
+    let bare = undocumented_flags(cmd);
+    assert!(bare.is_empty(), "--help leaves these bare: {bare:?}");
+}
+
 /// Every flag, argument and subcommand of `cmd` (recursively) that has no
 /// help text, as `"sub command --flag"`: what `--help` would leave bare.
 pub fn undocumented_flags(cmd: &clap::Command) -> Vec<String> {

@@ -104,29 +104,13 @@ pub struct RunReport {
     pub timeline: Vec<SampleTimeline>,
 }
 
-/// `t` as an RFC 3339 UTC timestamp with seconds (`2026-12-04T17:08:43Z`).
+/// `t` as an RFC 3339 UTC timestamp with milliseconds
+/// (`2026-12-04T17:08:43.123Z`).
 pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
-    let secs = t
+    let ns = t
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by
-    // 400-year eras of 146,097 days starting on March 1st.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    jvpn_gateway::timeline::format_time(ns)
 }
 
 impl RunReport {
@@ -368,10 +352,10 @@ mod tests {
     #[test]
     fn dates_are_utc_civil_dates() {
         let at = |s: u64| rfc3339_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
-        assert_eq!(at(0), "1970-01-01T00:00:00Z");
-        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
-        assert_eq!(at(1_796_412_345), "2026-12-04T19:25:45Z");
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000Z");
+        assert_eq!(at(1_796_412_345), "2026-12-04T19:25:45.000Z");
     }
 
     #[test]
