@@ -126,8 +126,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     readable("--ca", &ca)?;
     let roots =
         AgentConfig::roots_from_pem(&ca).with_context(|| format!("--ca {}", ca.display()))?;
+    // Resolution waits no longer than the run may last.
+    let resolving = Duration::from_secs(duration_s.unwrap_or(30).clamp(1, 30));
+    let servers = tokio::time::timeout(resolving, resolve(&server))
+        .await
+        .map_err(|_| anyhow::anyhow!("--server: names not resolved within {resolving:?}"))??;
     let cfg = AgentConfig {
-        servers: resolve(&server).await?,
+        servers,
         server_name,
         roots: Arc::new(roots),
         credential,
@@ -198,7 +203,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Close ends the session with Terminate when attached; while the
             // agent waits (handshake retries, reattach) it cannot, and the
             // report is taken as it stands.
-            let _ = cmd_tx.try_send(Command::Close);
+            // Bounded: a full command queue (jumps piling up while the
+            // agent waits) must not keep it from stopping.
+            let _ = tokio::time::timeout(STOP_GRACE / 4, cmd_tx.send(Command::Close)).await;
             match tokio::time::timeout(STOP_GRACE, &mut run).await {
                 Ok(r) => r?,
                 Err(_) => {

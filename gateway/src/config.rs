@@ -356,7 +356,7 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Validated, ConfigErrors> {
-    let raw = parse(path, env).map_err(|e| ConfigErrors(vec![e]))?;
+    let raw = parse(path, env)?;
     let mut v = validate(raw)?;
     v.source = Some(path.to_path_buf());
     Ok(v)
@@ -438,7 +438,7 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
 fn parse(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<GatewayConfig, ConfigProblem> {
+) -> Result<GatewayConfig, ConfigErrors> {
     parse_layered(
         path,
         env,

@@ -154,15 +154,24 @@ impl EventSink {
     }
 
     /// Waits (at most `within`) until everything queued so far is written.
+    /// The file and the syslog collector are flushed side by side.
     pub async fn flush(&self, within: std::time::Duration) {
-        let Some(tx) = &self.tx else { return };
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let _ = tokio::time::timeout(within, async {
-            if tx.send(Msg::Flush(done)).await.is_ok() {
-                let _ = wait.await;
+        let syslog = async {
+            if let Some(s) = &self.syslog {
+                s.flush(within).await;
             }
-        })
-        .await;
+        };
+        let file = async {
+            let Some(tx) = &self.tx else { return };
+            let (done, wait) = tokio::sync::oneshot::channel();
+            let _ = tokio::time::timeout(within, async {
+                if tx.send(Msg::Flush(done)).await.is_ok() {
+                    let _ = wait.await;
+                }
+            })
+            .await;
+        };
+        tokio::join!(syslog, file);
     }
 
     fn to_json(&self, ev: &EngineEvent) -> (&'static str, u64, String) {

@@ -29,10 +29,16 @@ pub struct Target {
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
+enum Item {
+    Frame(Vec<u8>),
+    /// Send everything queued before this, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The sending side: what [`crate::events::EventSink`] holds.
 #[derive(Clone, Debug)]
 pub struct Syslog {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Item>,
     host: String,
     pid: u32,
 }
@@ -52,8 +58,22 @@ impl Syslog {
     /// Queues one event (its JSON line); never waits.
     pub fn send(&self, kind: &str, ts_ms: u64, json: &str) {
         let frame = frame(&self.host, self.pid, kind, ts_ms, json);
-        if self.tx.try_send(frame).is_err() {
+        if self.tx.try_send(Item::Frame(frame)).is_err() {
             metrics::counter!(m::SYSLOG_DROPPED).increment(1);
+        }
+    }
+
+    /// Waits (at most `within`) until what was queued so far is sent; what
+    /// is still queued then is counted as dropped (the process is stopping).
+    pub async fn flush(&self, within: Duration) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let sent = tokio::time::timeout(within, async {
+            self.tx.send(Item::Flush(done)).await.is_ok() && wait.await.is_ok()
+        })
+        .await;
+        if !matches!(sent, Ok(true)) {
+            let queued = self.tx.max_capacity() - self.tx.capacity();
+            metrics::counter!(m::SYSLOG_DROPPED).increment(queued as u64);
         }
     }
 }
@@ -106,21 +126,40 @@ async fn connect(t: &Target) -> std::io::Result<Conn> {
     })
 }
 
-async fn send_loop(target: Target, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn send_loop(target: Target, mut rx: mpsc::Receiver<Item>) {
     let mut conn: Option<Conn> = None;
     let mut backoff = Duration::from_millis(100);
     let mut batch: Vec<u8> = Vec::new();
     let mut in_batch = 0u64;
+    // A flush waiting for the batch in hand to be sent (or dropped).
+    let mut flush: Option<tokio::sync::oneshot::Sender<()>> = None;
+    // Says once per outage why the collector cannot be reached.
+    let mut outage_told = false;
     loop {
         if in_batch == 0 {
-            let Some(first) = rx.recv().await else { break };
-            batch = first;
-            in_batch = 1;
+            if let Some(done) = flush.take() {
+                let _ = done.send(());
+            }
+            match rx.recv().await {
+                None => break,
+                Some(Item::Flush(done)) => {
+                    let _ = done.send(());
+                    continue;
+                }
+                Some(Item::Frame(first)) => {
+                    batch = first;
+                    in_batch = 1;
+                }
+            }
             while batch.len() < BATCH_MAX {
                 match rx.try_recv() {
-                    Ok(more) => {
+                    Ok(Item::Frame(more)) => {
                         batch.extend_from_slice(&more);
                         in_batch += 1;
+                    }
+                    Ok(Item::Flush(done)) => {
+                        flush = Some(done);
+                        break;
                     }
                     Err(_) => break,
                 }
@@ -133,12 +172,16 @@ async fn send_loop(target: Target, mut rx: mpsc::Receiver<Vec<u8>>) {
                     tracing::info!("syslog collector connected");
                     metrics::gauge!(m::SYSLOG_CONNECTED).set(1.0);
                     backoff = Duration::from_millis(100);
+                    outage_told = false;
                     conn.insert(c)
                 }
                 Err(e) => {
                     // Nothing of this batch was sent: it waits for the next
                     // connection while newer events queue (then drop).
-                    tracing::debug!(error = %e, "syslog collector unreachable");
+                    if !outage_told {
+                        tracing::warn!(error = %e, addr = %target.addr, "syslog collector unreachable; retrying, events queue then drop");
+                        outage_told = true;
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -152,10 +195,16 @@ async fn send_loop(target: Target, mut rx: mpsc::Receiver<Vec<u8>>) {
         .await;
         match sent {
             Ok(Ok(())) => metrics::counter!(m::SYSLOG_SENT).increment(in_batch),
-            _ => {
+            Ok(Err(e)) => {
                 // Part of the batch may have arrived: dropped rather than
                 // sent twice.
-                tracing::warn!("syslog collector broke or stalled; reconnecting");
+                tracing::warn!(error = %e, "syslog collector broke; reconnecting");
+                metrics::counter!(m::SYSLOG_DROPPED).increment(in_batch);
+                metrics::gauge!(m::SYSLOG_CONNECTED).set(0.0);
+                conn = None;
+            }
+            Err(_) => {
+                tracing::warn!("syslog collector stalled for 5 s; reconnecting");
                 metrics::counter!(m::SYSLOG_DROPPED).increment(in_batch);
                 metrics::gauge!(m::SYSLOG_CONNECTED).set(0.0);
                 conn = None;

@@ -87,7 +87,9 @@ pub enum Order {
 impl Order {
     pub fn describe(self) -> &'static str {
         match self {
-            Order::HostMonotonic => "one host: merged by its monotonic clock (exact)",
+            Order::HostMonotonic => {
+                "one host (the stamps agree on its boot time): merged by its monotonic clock"
+            }
             Order::Wall => {
                 "several hosts: each gateway's own order kept (monotonic clock), gateways merged by wall time (as close as their clocks)"
             }
@@ -170,7 +172,23 @@ pub fn parse_time(s: &str) -> Option<u64> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
     let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let month_days = usize::try_from(m - 1).ok().and_then(|i| days_in.get(i));
+    if !month_days.is_some_and(|n| (1..=*n).contains(&day)) || hh > 23 || mm > 59 || ss > 59 {
         return None;
     }
     let nanos: u64 = if frac.is_empty() {
@@ -294,7 +312,13 @@ pub fn lives(merged: &[Event], filter: &Filter) -> Result<Vec<SessionLife>, Filt
         if wanted.is_none() && !all.iter().any(|e| in_window(e)) {
             continue;
         }
-        let events: Vec<Event> = all.iter().map(|e| (*e).clone()).collect();
+        // A session and a window: only that session's events in the window.
+        let windowed = wanted.is_some() && (filter.from_ns.is_some() || filter.to_ns.is_some());
+        let events: Vec<Event> = all
+            .iter()
+            .filter(|e| !windowed || in_window(e))
+            .map(|e| (*e).clone())
+            .collect();
         let end = ending(&events, &last_of_stream);
         out.push(SessionLife {
             session_id: id.to_owned(),
@@ -632,6 +656,7 @@ mod tests {
             assert_eq!(format_time(parse_time(s).unwrap()), s);
         }
         assert_eq!(parse_time("1733333333000"), Some(1_733_333_333_000 * MS));
+        assert!(parse_time("2024-02-29T00:00:00Z").is_some());
         assert_eq!(parse_time("2026-12-04T17:25:45Z").unwrap() % S, 0);
         for bad in [
             "",

@@ -380,3 +380,32 @@ fn a_bad_syslog_collector_is_named() {
     );
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn every_wrong_type_is_named_even_after_a_section_the_environment_completes() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let cert = l.gateway_cert("g1").display().to_string();
+    // [tls] lacks cert_file (the environment gives it); two wrong types
+    // after it must both be named.
+    let text = base(&l)
+        .replace(&format!("cert_file = \"{cert}\"\n"), "")
+        .replace("node_id = \"g1\"", "node_id = 7")
+        + "weight = 1.0\n";
+    let path = d.path().join("gw.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_jvpn-gateway"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("JVPN_GATEWAY__TLS__CERT_FILE", &cert)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for key in ["node_id", "cluster.weight"] {
+        assert!(
+            err.contains(&format!("{key}: invalid type")),
+            "{key}: {err}"
+        );
+    }
+}

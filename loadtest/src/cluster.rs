@@ -315,13 +315,20 @@ impl LocalCluster {
         let routers: Vec<String> = (0..opts.routers).map(|i| format!("r{}", i + 1)).collect();
         let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
         let router_refs: Vec<&str> = routers.iter().map(String::as_str).collect();
-        let pki = TestPki::with_routers(&node_refs, &router_refs)?;
+        // A kept directory (absolute: configs name files in it) keeps its
+        // PKI too, since the configs there point at it.
+        let mut opts = opts;
+        if let Some(d) = &opts.dir {
+            std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+            opts.dir = Some(d.canonicalize()?);
+        }
+        let pki = match &opts.dir {
+            Some(d) => TestPki::kept_in(&d.join("pki"), &node_refs, &router_refs)?,
+            None => TestPki::with_routers(&node_refs, &router_refs)?,
+        };
         let _ = crate::bench::raise_nofile();
         let dir = match &opts.dir {
-            Some(d) => {
-                std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-                ClusterDir::Kept(d.clone())
-            }
+            Some(d) => ClusterDir::Kept(d.clone()),
             None => ClusterDir::Temp(tempfile::tempdir()?),
         };
         let mut c = Self {

@@ -258,17 +258,41 @@ impl TestPki {
 
     pub fn with_routers(nodes: &[&str], routers: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let layout = pki::init(&PkiSpec {
-            out: dir.path().join("pki"),
-            cluster: CLUSTER.into(),
-            nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
-            routers: routers.iter().map(|s| (*s).to_owned()).collect(),
-            agents: 2,
-        })?;
-        Ok(Self {
-            layout,
-            _dir: Some(dir),
-        })
+        let mut p = Self::kept_in(&dir.path().join("pki"), nodes, routers)?;
+        p._dir = Some(dir);
+        Ok(p)
+    }
+
+    /// A PKI in `out`, kept: written there if it holds none, used again if
+    /// it holds one with every certificate these nodes and routers need.
+    pub fn kept_in(out: &Path, nodes: &[&str], routers: &[&str]) -> Result<Self> {
+        let layout = PkiLayout {
+            dir: out.to_path_buf(),
+        };
+        if !layout.secret().exists() {
+            let layout = pki::init(&PkiSpec {
+                out: out.to_path_buf(),
+                cluster: CLUSTER.into(),
+                nodes: nodes.iter().map(|s| (*s).to_owned()).collect(),
+                routers: routers.iter().map(|s| (*s).to_owned()).collect(),
+                agents: 2,
+            })?;
+            return Ok(Self { layout, _dir: None });
+        }
+        let needed = nodes
+            .iter()
+            .map(|n| layout.gateway_cert(n))
+            .chain(routers.iter().map(|r| layout.router_cert(r)));
+        for f in needed {
+            if !f.is_file() {
+                bail!(
+                    "{} holds a PKI without {}: remove it, or choose another directory",
+                    out.display(),
+                    f.display()
+                );
+            }
+        }
+        Self::existing(out)
     }
 
     /// A PKI written earlier by `jvpn-gateway pki init --out DIR`.

@@ -33,12 +33,22 @@ pub struct Invariants {
 }
 
 impl Invariants {
+    /// Each counter by name (a check that was not made counts 0).
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        [
+            ("silent_migrations", self.silent_migrations),
+            ("forced_rehandshakes", self.forced_rehandshakes),
+            (
+                "dual_active_detected",
+                self.dual_active_detected.unwrap_or(0),
+            ),
+            ("lost_sessions", self.lost_sessions),
+        ]
+    }
+
     /// No violation found (a check that was not made finds none).
     pub fn all_zero(&self) -> bool {
-        self.silent_migrations == 0
-            && self.forced_rehandshakes == 0
-            && self.dual_active_detected.unwrap_or(0) == 0
-            && self.lost_sessions == 0
+        self.counts().iter().all(|(_, n)| *n == 0)
     }
 
     /// `dual_active_detected` for people: a number, or "not checked".

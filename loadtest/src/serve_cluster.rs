@@ -70,8 +70,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     .await?;
     write(&opts.dir, "prometheus.yml", &prometheus_yml(&c))?;
     write(&opts.dir, "alerts.yml", ALERTS)?;
-    let pki = opts.dir.join("pki");
-    copy_dir(&c.pki.layout.dir, &pki)?;
+    let pki = c.pki.layout.dir.clone();
     let routers: Vec<String> = c.router_addrs().iter().map(ToString::to_string).collect();
     println!(
         "cluster up: {} routers, {} gateways",
@@ -115,19 +114,5 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     println!("JVPN_CLUSTER_READY dir={}", opts.dir.display());
     jvpn_runtime::process::shutdown_signal().await;
     drop(c);
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target)?;
-        }
-    }
     Ok(())
 }

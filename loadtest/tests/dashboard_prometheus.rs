@@ -48,9 +48,15 @@ fn percent_encode(s: &str) -> String {
 
 /// An instant query; the result vector as (labels, value).
 async fn query(prom: SocketAddr, expr: &str) -> Vec<(serde_json::Value, f64)> {
+    query_at(prom, expr, None).await
+}
+
+/// An instant query evaluated at `at` (seconds since the epoch) or now.
+async fn query_at(prom: SocketAddr, expr: &str, at: Option<f64>) -> Vec<(serde_json::Value, f64)> {
+    let time = at.map_or(String::new(), |t| format!("&time={t:.3}"));
     let (code, body) = http_get(
         prom,
-        &format!("/api/v1/query?query={}", percent_encode(expr)),
+        &format!("/api/v1/query?query={}{time}", percent_encode(expr)),
     )
     .await
     .unwrap();
@@ -149,6 +155,32 @@ async fn the_dashboard_shows_a_gateway_kill_as_the_routers_counted_it() {
     for a in &admins {
         born.insert(*a, counter_series(&scrape(*a).await.unwrap()));
     }
+    // Every series the catalogues list is there before any traffic (what
+    // the alerts read, e.g. HELLOs refused as auth_failed, included).
+    let fresh_router = &born[&c.routers[0].admin_addr];
+    for (kind, outcome) in jvpn_router::forward::Outcome::SERIES {
+        let s = format!(
+            "jvpn_router_connections_total{{kind=\"{kind}\",result=\"{}\"}}",
+            outcome.as_str()
+        );
+        assert!(fresh_router.contains(&s), "{s} missing at start-up");
+    }
+    let fresh_gateway = &born[&c.gateways[0].1.admin_addr];
+    for (name, reasons) in [
+        (
+            "jvpn_gateway_hellos_total",
+            &jvpn_gateway::metrics::HELLO_REFUSALS[..],
+        ),
+        (
+            "jvpn_gateway_resumes_total",
+            &jvpn_gateway::metrics::RESUME_REFUSALS[..],
+        ),
+    ] {
+        for r in reasons.iter().map(|r| r.as_str()).chain(["ok"]) {
+            let s = format!("{name}{{result=\"{r}\"}}");
+            assert!(fresh_gateway.contains(&s), "{s} missing at start-up");
+        }
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let (_prom, prom) = prometheus(dir.path(), &admins).await;
@@ -171,23 +203,39 @@ async fn the_dashboard_shows_a_gateway_kill_as_the_routers_counted_it() {
     .await
     .unwrap();
 
+    // increase() extrapolates from the samples it has: with a window well
+    // covered (20 s of 1 s scrapes) the extrapolation stays within a few %.
+    eventually(Duration::from_secs(40), "20 s of scrapes", || async {
+        let n = query(prom, "min(count_over_time(up[1m]))").await;
+        n.first().is_some_and(|(_, v)| *v >= 20.0)
+    })
+    .await
+    .unwrap();
     let victim = "g2";
     let (fleet, _before, who) = common::settled_fleet(&c, 150, victim).await;
-    // One resume, so that the recovery panel has observations.
-    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(200))).unwrap();
-    let mut a = jvpn_agent::Agent::new(cfg).unwrap();
-    drop(common::hello(&mut a).await);
-    let _t = common::resume(&mut a).await.unwrap();
 
     let before = router_counts(&c).await;
     let t0 = Instant::now();
     c.gateway(victim).unwrap().signal(Signal::SIGKILL).unwrap();
     common::wait_moved(&fleet, &who, victim, t0).await;
+    // One resume on a survivor (the victim's metrics are gone with it), so
+    // that the recovery panel has an observation.
+    let cfg = agent_config(&c.pki, c.router_addrs(), Some(source_ip(200))).unwrap();
+    let mut a = jvpn_agent::Agent::new(cfg).unwrap();
+    drop(common::hello(&mut a).await);
+    let _t = common::resume(&mut a).await.unwrap();
     let after = router_counts(&c).await;
     let counted: BTreeMap<&str, f64> = after.iter().map(|(k, v)| (*k, v - before[k])).collect();
     eprintln!("routers counted over the kill: {counted:?}");
     assert_eq!(counted["member deaths"], 1.0);
     assert!(counted["RESUMEs answered owner_lost"] >= who.len() as f64 / 2.0);
+    // The panel is compared on real counts, not 0 against 0 (splices cut
+    // at a death need a death before the socket closes, which a SIGKILL's
+    // reset usually beats: that one may be 0).
+    assert!(
+        counted["RESUMEs answered owner_unreachable"] > 0.0,
+        "{counted:?}"
+    );
 
     // Prometheus holds the routers' latest values (a scrape after the
     // moves), then the panel is read while its window still covers the kill.
@@ -205,11 +253,29 @@ async fn the_dashboard_shows_a_gateway_kill_as_the_routers_counted_it() {
     )
     .await
     .unwrap();
+    // rate() needs two samples of the resume histogram, born at the resume.
+    eventually(
+        Duration::from_secs(20),
+        "two scrapes of the resume histogram",
+        || async {
+            let n = query(
+                prom,
+                "max(count_over_time(jvpn_gateway_resume_duration_seconds_count[1m]))",
+            )
+            .await;
+            n.first().is_some_and(|(_, v)| *v >= 2.0)
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         t0.elapsed() < Duration::from_secs(50),
         "the kill left the 1m window"
     );
 
+    // Read the panel at the newest scrape (a Grafana refresh lands anywhere
+    // in the scrape interval; this is the fairest point for a test).
+    let at = query(prom, "max(timestamp(up))").await[0].1;
     let dash = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/jvpn-cluster.json"),
     )
@@ -220,7 +286,7 @@ async fn the_dashboard_shows_a_gateway_kill_as_the_routers_counted_it() {
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
-            let result = query(prom, expr).await;
+            let result = query_at(prom, expr, Some(at)).await;
             if result.is_empty() {
                 empty.push(expr.to_owned());
             }

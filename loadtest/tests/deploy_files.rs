@@ -229,6 +229,7 @@ async fn the_one_command_local_cluster_is_ready_for_prometheus() {
         .collect();
     assert_eq!(procs.len(), 3, "{printed:#?}");
     let mut logs = Vec::new();
+    let mut configs = Vec::new();
     for l in &procs {
         let field = |k: &str| {
             let i = l
@@ -247,6 +248,8 @@ async fn the_one_command_local_cluster_is_ready_for_prometheus() {
             assert!(f.is_file() && f.starts_with(&dir), "{k} of {l}");
             if k == "log" {
                 logs.push(f);
+            } else {
+                configs.push(f);
             }
         }
         assert!(field("admin").starts_with("http://127.0.0.1:"), "{l}");
@@ -275,9 +278,28 @@ async fn the_one_command_local_cluster_is_ready_for_prometheus() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    // What the processes wrote stays for the operator to read.
+    // What the processes wrote stays for the operator to read, and every
+    // file their configs name is still there (the PKI is kept in --dir).
     for f in &logs {
         assert!(f.is_file(), "{} was removed", f.display());
+    }
+    for c in &configs {
+        let text = std::fs::read_to_string(c).unwrap();
+        let named: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("_file") && l.contains('='))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert!(!named.is_empty(), "{}", c.display());
+        for f in named {
+            let f = Path::new(f);
+            assert!(
+                f.is_file() && f.starts_with(&dir),
+                "{} names {}",
+                c.display(),
+                f.display()
+            );
+        }
     }
 }
 

@@ -286,6 +286,21 @@ async fn events_go_to_a_tls_collector_whose_certificate_checks_out() {
     })
     .await;
     sessions(&env, 3).await;
+    // The operator is told why, once, in the log.
+    eventually(
+        Duration::from_secs(10),
+        "a warning naming the failure",
+        || {
+            let log = env.gw.log();
+            async move {
+                log.lines().any(|l| {
+                    l.contains("syslog collector unreachable") && l.contains("certificate")
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(
         metric(&env, "jvpn_gateway_syslog_events_sent_total").await,
         0.0
@@ -295,4 +310,49 @@ async fn events_go_to_a_tls_collector_whose_certificate_checks_out() {
         rx.try_recv().is_err(),
         "nothing arrived from the misnamed collector"
     );
+}
+
+/// A drain ends every session (one event each) and the gateway exits: the
+/// collector gets those last events too, before the process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_its_last_events_before_the_gateway_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let rs = Rsyslog::start(dir.path()).await;
+    let mut env = common::start_with(GatewayOptions {
+        env: vec![
+            (
+                "JVPN_GATEWAY__EVENTS__SYSLOG_ADDR".into(),
+                format!("127.0.0.1:{}", rs.port),
+            ),
+            // These agents do not leave on GoAway: the drain ends them.
+            (
+                "JVPN_GATEWAY__TIMEOUTS__DRAIN_TIMEOUT_MS".into(),
+                "1000".into(),
+            ),
+        ],
+        ..GatewayOptions::default()
+    })
+    .await;
+    let mut live = Vec::new();
+    for _ in 0..5 {
+        let mut a = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+        let t = common::hello(&mut a).await;
+        live.push((a, t));
+    }
+    env.gw.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), env.gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    // 5 births, 5 terminations by the drain.
+    let file = event_lines(&env);
+    assert_eq!(file.len(), 10, "{file:#?}");
+    eventually(Duration::from_secs(5), "rsyslog has all 10", || {
+        let n = rs.messages().len();
+        async move { n == 10 }
+    })
+    .await
+    .unwrap();
+    drop(live);
 }

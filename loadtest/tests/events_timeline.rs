@@ -135,7 +135,9 @@ async fn the_timeline_follows_a_session_across_a_resume_and_its_owners_kill() {
     eprintln!("{text}");
     assert!(text.contains(&format!("session {sid}")), "{text}");
     assert!(
-        text.contains("one host: merged by its monotonic clock"),
+        text.contains(
+            "one host (the stamps agree on its boot time): merged by its monotonic clock"
+        ),
         "{text}"
     );
     for want in [

@@ -60,7 +60,8 @@ fn bin_dir(work: &Path) -> PathBuf {
 fn script(block: &[String], stop_after_s: u64) -> String {
     let mut s = String::from(
         "set -eu\nip link set lo up\n\
-         trap 'for j in $(jobs -p); do kill \"$j\" 2>/dev/null || true; done; wait || true' EXIT\n",
+         trap 'rc=$?; for j in $(jobs -p); do kill -TERM \"$j\" 2>/dev/null || true; \
+         if ! wait \"$j\"; then echo \"a background command exited non-zero after SIGTERM\" >&2; rc=1; fi; done; exit $rc' EXIT\n",
     );
     let n = block.len();
     let mut i = 0;

@@ -294,8 +294,7 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Validated, ConfigErrors> {
-    let raw: RouterConfig = parse_layered(path, env, ENV_PREFIX, &["membership.advertise_allow"])
-        .map_err(|e| ConfigErrors(vec![e]))?;
+    let raw: RouterConfig = parse_layered(path, env, ENV_PREFIX, &["membership.advertise_allow"])?;
     let mut v = validate(raw)?;
     v.source = Some(path.to_path_buf());
     Ok(v)

@@ -73,12 +73,12 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
     env: impl IntoIterator<Item = (String, String)>,
     prefix: &str,
     list_keys: &[&str],
-) -> Result<T, ConfigProblem> {
+) -> Result<T, ConfigErrors> {
     if !path.exists() {
-        return Err(ConfigProblem::new(
+        return Err(ConfigErrors(vec![ConfigProblem::new(
             "--config",
             format!("{} does not exist", path.display()),
-        ));
+        )]));
     }
     let env_map: config::Map<String, String> = env
         .into_iter()
@@ -93,20 +93,22 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
         environment = environment.with_list_parse_key(k);
     }
     if let Ok(text) = std::fs::read_to_string(path) {
-        strict_types::<T>(&text)?;
+        strict_types::<T>(&text).map_err(ConfigErrors)?;
     }
     config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(environment.source(Some(env_map)))
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigProblem::new(key_of(&e), e))
+        .map_err(|e| ConfigErrors(vec![ConfigProblem::new(key_of(&e), e)]))
 }
 
 /// Parses TOML text (no environment) into `T` the same way files are read:
 /// what the configuration fuzz target feeds.
 pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
-    strict_types::<T>(text)?;
+    if let Err(mut problems) = strict_types::<T>(text) {
+        return Err(problems.swap_remove(0));
+    }
     config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
@@ -116,21 +118,24 @@ pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, C
 
 /// The file alone, read as TOML into `T` with no coercion: the `config`
 /// crate turns `node_id = 7` into `"7"` and `weight = 1.0` into `1`, which
-/// hides typos of type. Problems are filed under the key's full path
+/// hides typos of type. Every problem is filed under the key's full path
 /// (`policy.heartbeat_interval_ms`). A missing key is not judged here: the
-/// environment may supply it, and the layered parse below reports it.
-fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), ConfigProblem> {
-    let de = match toml::Deserializer::parse(text) {
-        Ok(de) => de,
-        // Syntax errors are reported by the layered parse, with its context.
-        Err(_) => return Ok(()),
+/// environment may supply it, and the layered parse reports it. Each
+/// top-level key is checked on its own, so a section that lacks a key
+/// (serde stops at the end of that section) hides nothing elsewhere.
+fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), Vec<ConfigProblem>> {
+    // Syntax errors are reported by the layered parse, with its context.
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Ok(());
     };
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let msg = e.inner().message().to_owned();
+    let mut problems = Vec::new();
+    for (k, v) in table {
+        let mut one = toml::Table::new();
+        one.insert(k, v);
+        if let Err(e) = serde_path_to_error::deserialize::<_, T>(toml::Value::Table(one)) {
+            let msg = e.inner().to_string();
             if msg.starts_with("missing field") {
-                return Ok(());
+                continue;
             }
             let mut key = e.path().to_string();
             // An unknown key's error is raised on its parent: name the key.
@@ -147,8 +152,13 @@ fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), Config
             if key == "." || key.is_empty() {
                 key = "config".to_owned();
             }
-            Err(ConfigProblem::new(key, msg))
+            problems.push(ConfigProblem::new(key, msg));
         }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 

@@ -117,23 +117,19 @@ impl RunReport {
     /// Every check the run failed, by name and value: invariant counters,
     /// stream bytes lost or duplicated, thresholds. Empty: the run passed.
     pub fn failures(&self) -> Vec<String> {
-        let i = &self.invariants;
-        let mut out: Vec<String> = [
-            ("silent_migrations", i.silent_migrations),
-            ("forced_rehandshakes", i.forced_rehandshakes),
-            ("dual_active_detected", i.dual_active_detected.unwrap_or(0)),
-            ("lost_sessions", i.lost_sessions),
-        ]
-        .into_iter()
-        .chain(self.streams.iter().flat_map(|s| {
-            [
-                ("stream_bytes_lost", s.stream_bytes_lost),
-                ("stream_bytes_duplicated", s.stream_bytes_duplicated),
-            ]
-        }))
-        .filter(|(_, v)| *v > 0)
-        .map(|(k, v)| format!("{k} = {v}"))
-        .collect();
+        let mut out: Vec<String> = self
+            .invariants
+            .counts()
+            .into_iter()
+            .chain(self.streams.iter().flat_map(|s| {
+                [
+                    ("stream_bytes_lost", s.stream_bytes_lost),
+                    ("stream_bytes_duplicated", s.stream_bytes_duplicated),
+                ]
+            }))
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
         out.extend(
             self.thresholds
                 .iter()
