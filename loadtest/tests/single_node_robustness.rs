@@ -483,3 +483,38 @@ async fn an_event_sink_that_cannot_be_opened_is_named_in_the_warning() {
         "{warning}"
     );
 }
+
+/// An agent that ends its session because the gateway broke the channel's
+/// rules says so (`Terminate{protocol_error}`): the gateway records that
+/// reason, not a normal close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ending_its_session_for_a_protocol_error_is_not_counted_as_a_close() {
+    use jvpn_proto::pb::session::{Terminate, frame::Kind};
+    let env = common::start("").await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = common::hello(&mut a).await;
+    t.send(Kind::Terminate(Terminate {
+        reason: jvpn_proto::ReasonCode::ProtocolError as i32,
+    }))
+    .await
+    .unwrap();
+    let ended = |reason: &'static str| {
+        let env = &env;
+        async move {
+            env.gw
+                .metric(
+                    "jvpn_gateway_state_transitions_total",
+                    &[("to", "terminated"), ("reason", reason)],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(5), "the session ended", || async {
+        ended("protocol_error").await + ended("agent_closed").await >= 1.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended("protocol_error").await, 1.0);
+    assert_eq!(ended("agent_closed").await, 0.0);
+}

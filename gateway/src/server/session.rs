@@ -518,9 +518,16 @@ async fn read_loop(
                 continue;
             }
             Kind::Pong(_) => continue,
-            Kind::Terminate(_) => {
+            Kind::Terminate(t) => {
+                // An agent that ends the session because this side broke
+                // the channel's rules says so; anything else is a close.
+                let why = if t.reason == ReasonCode::ProtocolError as i32 {
+                    Termination::ChannelBroken
+                } else {
+                    Termination::AgentClosed
+                };
                 let now = shared.now();
-                shared.with_engine(shard, |e| e.terminate(now, sid, Termination::AgentClosed));
+                shared.with_engine(shard, |e| e.terminate(now, sid, why));
                 return None;
             }
             Kind::Resume(r) if r.session_id.as_slice() != at.sid.as_bytes() => {
