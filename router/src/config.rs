@@ -138,7 +138,7 @@ fn default_membership_per_source() -> u32 {
     8
 }
 fn default_membership_sources() -> usize {
-    256
+    4_096
 }
 
 fn default_interval() -> u64 {
