@@ -109,8 +109,31 @@ pub fn frame(host: &str, pid: u32, kind: &str, ts_ms: u64, json: &str) -> Vec<u8
 
 type Conn = Box<dyn AsyncWrite + Unpin + Send>;
 
+/// Kernel send buffer for the collector's connection: bounded, so a
+/// collector that stops reading is noticed (the write times out) after
+/// this much instead of after megabytes of autotuned buffer; large enough
+/// for thousands of events a second over a WAN round trip.
+const SEND_BUFFER: u32 = 128 * 1024;
+
+async fn tcp(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_send_buffer_size(SEND_BUFFER)?;
+        match sock.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 async fn connect(t: &Target) -> std::io::Result<Conn> {
-    let tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(t.addr.as_str()))
+    let tcp = tokio::time::timeout(IO_TIMEOUT, tcp(&t.addr))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = tcp.set_nodelay(true);

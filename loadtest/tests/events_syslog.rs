@@ -356,3 +356,59 @@ async fn a_drain_sends_its_last_events_before_the_gateway_exits() {
     .unwrap();
     drop(live);
 }
+
+/// A collector that accepts and never reads (a hung SIEM): the sender's
+/// writes stall, it gives the batch up after 5 s (counted), and sessions
+/// never wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_collector_costs_sessions_nothing_and_its_events_are_counted() {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                held.lock().unwrap().push(s); // never read
+            }
+        });
+    }
+    let env = common::start_with(GatewayOptions {
+        env: vec![
+            ("JVPN_GATEWAY__EVENTS__SYSLOG_ADDR".into(), addr.to_string()),
+            ("JVPN_GATEWAY__EVENTS__QUEUE_CAPACITY".into(), "64".into()),
+        ],
+        ..GatewayOptions::default()
+    })
+    .await;
+    // 1,200 events, about 400 KiB: more than the sender's bounded kernel
+    // buffer (128 KiB, doubled by Linux) and the collector's 2 KiB.
+    let slowest = sessions(&env, 600).await;
+    assert!(slowest < Duration::from_secs(1), "a HELLO took {slowest:?}");
+    // The file has every event, whatever the collector does.
+    eventually(Duration::from_secs(10), "the file has every event", || {
+        let n = event_lines(&env).len();
+        async move { n == 1_200 }
+    })
+    .await
+    .unwrap();
+    let r = eventually(
+        Duration::from_secs(20),
+        "the collector's share dropped and counted",
+        || async { metric(&env, "jvpn_gateway_syslog_events_dropped_total").await >= 200.0 },
+    )
+    .await;
+    eprintln!(
+        "sent {} dropped {}",
+        metric(&env, "jvpn_gateway_syslog_events_sent_total").await,
+        metric(&env, "jvpn_gateway_syslog_events_dropped_total").await
+    );
+    r.unwrap();
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the collector was reached"
+    );
+}

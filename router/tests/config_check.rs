@@ -83,7 +83,11 @@ fn defaults_validate() {
     assert_eq!(v.router_id.as_str(), "r1");
     // A cluster of 1,000 gateways (each from its own address) fits the
     // defaults: nobody has to find this key before scaling out.
-    assert!(v.raw.membership.max_sources >= 1_250, "{}", v.raw.membership.max_sources);
+    assert!(
+        v.raw.membership.max_sources >= 1_250,
+        "{}",
+        v.raw.membership.max_sources
+    );
 }
 
 #[test]
