@@ -57,6 +57,9 @@ pub struct EventSink {
     host_origin_ns: u64,
     /// A syslog collector that gets every event too.
     syslog: Option<crate::syslog::Syslog>,
+    /// This boot of the host (`/proc/sys/kernel/random/boot_id`): events
+    /// with the same one share `host_mono_ns`'s clock.
+    boot_id: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -90,6 +93,10 @@ impl EventSink {
             incarnation,
             host_origin_ns,
             syslog: syslog.map(|t| crate::syslog::Syslog::start(t, cfg.queue_capacity)),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|b| b.trim().into())
+                .filter(|b: &std::sync::Arc<str>| !b.is_empty()),
         }
     }
 
@@ -216,6 +223,9 @@ impl EventSink {
         v["ts_ms"] = json!(ts_ms as u64);
         v["mono_ns"] = json!(Mono::as_nanos(at));
         v["host_mono_ns"] = json!(self.host_origin_ns.saturating_add(at.as_nanos()));
+        if let Some(b) = &self.boot_id {
+            v["host_boot_id"] = json!(&**b);
+        }
         v["node_id"] = json!(self.node_id.as_str());
         v["incarnation"] = json!(self.incarnation.to_string());
         (ts_ms as u64, v.to_string())

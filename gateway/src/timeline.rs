@@ -23,6 +23,9 @@ pub struct Event {
     pub ts_ms: u64,
     pub mono_ns: u64,
     pub host_mono_ns: Option<u64>,
+    /// The host boot the event was written in (events from older gateways
+    /// have none).
+    pub boot_id: Option<String>,
     pub node_id: String,
     pub incarnation: String,
     pub session_id: Option<String>,
@@ -61,6 +64,7 @@ fn event(line: &str) -> Option<Event> {
         ts_ms: v["ts_ms"].as_u64()?,
         mono_ns: v["mono_ns"].as_u64()?,
         host_mono_ns: v["host_mono_ns"].as_u64(),
+        boot_id: s("host_boot_id"),
         node_id: s("node_id")?,
         incarnation: s("incarnation")?,
         session_id: s("session_id"),
@@ -88,7 +92,7 @@ impl Order {
     pub fn describe(self) -> &'static str {
         match self {
             Order::HostMonotonic => {
-                "one host (the stamps agree on its boot time): merged by its monotonic clock"
+                "one host (one boot id, or stamps that agree on the boot time): merged by its monotonic clock"
             }
             Order::Wall => {
                 "several hosts: each gateway's own order kept (monotonic clock), gateways merged by wall time (as close as their clocks)"
@@ -131,11 +135,20 @@ pub fn merge(mut events: Vec<Event>) -> (Vec<Event>, Order) {
             (d.len() == s.len()).then(|| median(d))
         })
         .collect();
-    let one_host = boots.iter().all(Option::is_some) && {
-        let b: Vec<i128> = boots.iter().flatten().copied().collect();
-        let (lo, hi) = (b.iter().min(), b.iter().max());
-        matches!((lo, hi), (Some(lo), Some(hi)) if hi - lo < SAME_HOST_NS)
-    };
+    // One host: every incarnation names the same boot, or (events from
+    // gateways that do not name it) their stamps agree on the boot time.
+    let boot_ids: Vec<Option<&str>> = streams
+        .values()
+        .map(|s| s.first().and_then(|e| e.boot_id.as_deref()))
+        .collect();
+    let one_host = boots.iter().all(Option::is_some)
+        && if boot_ids.iter().all(Option::is_some) {
+            boot_ids.windows(2).all(|w| w[0] == w[1])
+        } else {
+            let b: Vec<i128> = boots.iter().flatten().copied().collect();
+            let (lo, hi) = (b.iter().min(), b.iter().max());
+            matches!((lo, hi), (Some(lo), Some(hi)) if hi - lo < SAME_HOST_NS)
+        };
     let order = if one_host {
         Order::HostMonotonic
     } else {
@@ -564,6 +577,7 @@ mod tests {
             ts_ms,
             mono_ns,
             host_mono_ns: host,
+            boot_id: None,
             node_id: node.into(),
             incarnation: inc.into(),
             session_id: Some(sid.into()),
@@ -606,6 +620,42 @@ mod tests {
         assert_eq!(order, Order::HostMonotonic);
         assert_eq!(all[0].node_id, "g2");
         assert_eq!(all[1].at_ns - all[0].at_ns, 500 * MS);
+    }
+
+    #[test]
+    fn a_boot_id_decides_one_host_where_stamps_could_mislead() {
+        // Two hosts booted within a second of each other: their stamps
+        // agree on the boot time, their boot ids do not.
+        let boot_ms = 1_700_000_000_000;
+        let mut a = ev(
+            "g1",
+            "1",
+            "aa",
+            "attached",
+            boot_ms + 100_000,
+            S,
+            Some(100 * S),
+        );
+        let mut b = ev(
+            "g2",
+            "1",
+            "bb",
+            "attached",
+            boot_ms + 100_500,
+            S,
+            Some(99 * S + 500 * MS + 700 * MS),
+        );
+        a.boot_id = Some("boot-a".into());
+        b.boot_id = Some("boot-b".into());
+        let (_, order) = merge(vec![a.clone(), b.clone()]);
+        assert_eq!(order, Order::Wall);
+        // One host whose wall clock was stepped by 10 s between the two
+        // gateways' starts: the same boot id keeps the exact clock.
+        b.boot_id = Some("boot-a".into());
+        b.ts_ms += 10_000;
+        let (all, order) = merge(vec![a, b]);
+        assert_eq!(order, Order::HostMonotonic);
+        assert_eq!(all[0].node_id, "g1");
     }
 
     #[test]

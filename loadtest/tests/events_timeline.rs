@@ -136,7 +136,7 @@ async fn the_timeline_follows_a_session_across_a_resume_and_its_owners_kill() {
     assert!(text.contains(&format!("session {sid}")), "{text}");
     assert!(
         text.contains(
-            "one host (the stamps agree on its boot time): merged by its monotonic clock"
+            "one host (one boot id, or stamps that agree on the boot time): merged by its monotonic clock"
         ),
         "{text}"
     );
