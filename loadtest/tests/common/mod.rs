@@ -400,18 +400,12 @@ pub async fn chromium(args: &[String], within: Duration) -> std::process::Output
     .expect("chromium is installed (.ci/run installs Debian's package)")
 }
 
-/// `jvpn-agent` beside the test binary if it was built, else the same
-/// program through the multi-call `jvpn-loadtest agent` (`cargo test`
-/// builds another package's binaries only when that package has
-/// integration tests).
+/// The agent program through the multi-call `jvpn-loadtest agent`: the
+/// same `jvpn_agent::cli::main_with` as the `jvpn-agent` binary, and always
+/// built for this test run (`cargo test -p jvpn-loadtest` does not rebuild
+/// another package's binaries, so a `target/debug/jvpn-agent` can be stale).
 pub fn agent_command() -> tokio::process::Command {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("jvpn-agent");
-    if bin.is_file() {
-        tokio::process::Command::new(bin)
-    } else {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"));
-        c.arg("agent");
-        c
-    }
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_jvpn-loadtest"));
+    c.arg("agent");
+    c
 }
