@@ -43,6 +43,15 @@ pub struct OwnerTags {
 }
 
 impl OwnerTags {
+    /// Incarnations learned.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
     /// Whether `(node, incarnation)` has been learned (and not forgotten).
     pub fn knows(&self, node: &NodeId, incarnation: Incarnation) -> bool {
         self.known.contains(&(node.clone(), incarnation))

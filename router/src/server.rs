@@ -314,15 +314,22 @@ async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Instant::now();
     loop {
-        tokio::select! {
-            _ = iv.tick() => {}
+        let early = state.next_early_tick();
+        let at = tokio::time::Instant::from_std(early.unwrap_or_else(Instant::now));
+        let regular = tokio::select! {
+            _ = iv.tick() => true,
+            _ = tokio::time::sleep_until(at), if early.is_some() => false,
+            _ = state.early_tick_added() => continue,
             _ = stop.changed() => return,
-        }
+        };
         let now = Instant::now();
-        let late = now.duration_since(last).saturating_sub(TICK);
-        histogram!(m::TICK_LATENESS).record(late.as_secs_f64());
-        last = now;
+        if regular {
+            let late = now.duration_since(last).saturating_sub(TICK);
+            histogram!(m::TICK_LATENESS).record(late.as_secs_f64());
+            last = now;
+        }
         state.tick();
+        state.early_ticks_served(now);
         histogram!(m::TICK_SECONDS).record(now.elapsed().as_secs_f64());
         for (node, incarnation, addr) in state.probes_due() {
             tokio::spawn(crate::forward::probe(

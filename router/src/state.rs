@@ -164,6 +164,11 @@ pub struct RouterState {
     /// connection).
     routes: ArcSwap<Routes>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
+    /// Extra ticks asked for (deaths falling due between steps), in order.
+    early_ticks: Mutex<std::collections::VecDeque<Instant>>,
+    early_tick_added: tokio::sync::Notify,
+    /// What the last tick found, to skip what only a change needs.
+    last_status: Mutex<LastStatus>,
     /// Node ids that have per-node gauges.
     /// Per node id, the (alive, placeable) last written to the gauges.
     reported_nodes: Mutex<HashMap<String, (bool, bool)>>,
@@ -180,6 +185,18 @@ pub struct RouterState {
     listeners: ArcSwap<Vec<String>>,
     draining: AtomicBool,
     ring_changes: AtomicU64,
+}
+
+/// An extra tick comes this long after the death it is for falls due
+/// (verdicts are strictly after), and serves every death due within it.
+const EARLY_TICK_SLACK: Duration = Duration::from_millis(2);
+
+/// The statuses a tick last published, and the alive incarnations among
+/// them (death signals are checked against it).
+#[derive(Default)]
+struct LastStatus {
+    status: Vec<MemberStatus>,
+    alive: HashSet<(NodeId, Incarnation)>,
 }
 
 /// Recent views and the deltas from them to the current one.
@@ -271,6 +288,9 @@ impl RouterState {
             // `owner_unreachable` (warm-up), never `owner_lost`.
             routes: ArcSwap::from_pointee(membership_routes),
             deaths: Mutex::new(HashMap::new()),
+            last_status: Mutex::default(),
+            early_ticks: Mutex::default(),
+            early_tick_added: tokio::sync::Notify::new(),
             reported_nodes: Mutex::new(HashMap::new()),
             admission: Mutex::new(admission),
             membership_conns: Mutex::new(membership_conns),
@@ -370,7 +390,44 @@ impl RouterState {
     }
 
     pub fn on_stream_closed(&self, node: &NodeId, incarnation: Incarnation) {
-        self.membership_event(node, |m, now| m.on_stream_closed(now, node, incarnation));
+        let due = self.membership_event(node, |m, now| m.on_stream_closed(now, node, incarnation));
+        if let Some(due) = due {
+            self.tick_at(self.origin + due.saturating_since(Mono::ZERO) + EARLY_TICK_SLACK);
+        }
+    }
+
+    /// Asks the ticker for an extra tick at `at`: a death due between two
+    /// 50 ms steps is then declared when due, not up to a step later.
+    /// Deadlines close together share one tick (a mass disconnect must
+    /// not become a tick per member).
+    fn tick_at(&self, at: Instant) {
+        let mut q = lock(&self.early_ticks);
+        if q.back()
+            .is_some_and(|b| at.saturating_duration_since(*b) < EARLY_TICK_SLACK)
+        {
+            return;
+        }
+        q.push_back(at);
+        drop(q);
+        self.early_tick_added.notify_one();
+    }
+
+    /// The earliest extra tick asked for, if any.
+    pub fn next_early_tick(&self) -> Option<Instant> {
+        lock(&self.early_ticks).front().copied()
+    }
+
+    /// Resolves when an extra tick was asked for.
+    pub async fn early_tick_added(&self) {
+        self.early_tick_added.notified().await;
+    }
+
+    /// Forgets the extra ticks a tick at `now` served.
+    pub fn early_ticks_served(&self, now: Instant) {
+        let mut q = lock(&self.early_ticks);
+        while q.front().is_some_and(|t| *t <= now) {
+            q.pop_front();
+        }
     }
 
     pub fn on_connect(&self, node: &NodeId, incarnation: Incarnation, ok: bool) {
@@ -400,25 +457,31 @@ impl RouterState {
             let mut mship = lock(&self.membership);
             let died = mship.tick(now);
             // Time-driven changes (deaths, self-suspicion, warm-up's end)
-            // reach routing here.
-            self.routes.store(Arc::new(mship.routes()));
+            // reach routing here; events publish their own. Rebuilding the
+            // snapshot every 50 ms regardless cost a thousand inserts a
+            // tick at 1,000 members.
+            if !died.is_empty() || mship.routes_stale(&self.routes.load()) {
+                self.routes.store(Arc::new(mship.routes()));
+            }
+            let status = mship.status(now);
             // Forget tags of incarnations nobody routes to any more, under
             // the membership lock: an incarnation that joins meanwhile is
             // then either in this list or learned after it.
-            let current: HashSet<(NodeId, Incarnation)> = mship
-                .status(now)
-                .iter()
-                .map(|s| (s.node_id.clone(), s.incarnation))
-                .collect();
             let mut tags = lock(&self.tags);
-            if tags.retain(&current) {
-                self.tag_view.store(Arc::new(tags.clone()));
+            if tags.len() > status.len() {
+                let current: HashSet<(NodeId, Incarnation)> = status
+                    .iter()
+                    .map(|s| (s.node_id.clone(), s.incarnation))
+                    .collect();
+                if tags.retain(&current) {
+                    self.tag_view.store(Arc::new(tags.clone()));
+                }
             }
             drop(tags);
             (
                 died,
                 mship.placeable_members(now),
-                mship.status(now),
+                status,
                 mship.is_unhealthy(),
                 mship.tombstone_count(),
             )
@@ -437,27 +500,34 @@ impl RouterState {
             }
             changed
         });
-        let alive: HashSet<(NodeId, Incarnation)> = status
-            .iter()
-            .filter(|s| s.alive)
-            .map(|s| (s.node_id.clone(), s.incarnation))
-            .collect();
+        // What follows depends on the statuses only: skipped while they
+        // stay the same (the steady state), except for death signals
+        // registered since, which are checked against the last alive set.
+        let mut last = lock(&self.last_status);
+        if last.status != status {
+            last.alive = status
+                .iter()
+                .filter(|s| s.alive)
+                .map(|s| (s.node_id.clone(), s.incarnation))
+                .collect();
+            let n_place = status.iter().filter(|s| s.placeable).count();
+            self.publish_member_gauges(&status);
+            gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
+            gauge!(m::MEMBERS, "state" => "alive").set(last.alive.len() as f64);
+            gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
+            last.status = status;
+        }
         {
             let mut deaths = lock(&self.deaths);
             deaths.retain(|k, tx| {
-                if alive.contains(k) {
+                if last.alive.contains(k) {
                     return true;
                 }
                 tx.send_replace(true);
                 false
             });
         }
-        let n_alive = status.iter().filter(|s| s.alive).count();
-        let n_place = status.iter().filter(|s| s.placeable).count();
-        self.publish_member_gauges(&status);
-        gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
-        gauge!(m::MEMBERS, "state" => "alive").set(n_alive as f64);
-        gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
+        drop(last);
         gauge!(m::UNHEALTHY).set(if unhealthy { 1.0 } else { 0.0 });
         gauge!(m::TOMBSTONES).set(tombstones as f64);
         gauge!(m::CONNECTIONS_OPEN).set(self.active.load(Ordering::Relaxed) as f64);

@@ -315,18 +315,33 @@ impl Membership {
 
     /// A heartbeat stream of the member closed: fast death once none is
     /// open (a reconnect briefly has two, and the old one closes late).
-    pub fn on_stream_closed(&mut self, now: Mono, node: &NodeId, incarnation: Incarnation) {
-        if let Some(m) = self.members.get_mut(node)
-            && m.incarnation == incarnation
-        {
-            m.open_streams = m.open_streams.saturating_sub(1);
-            if m.open_streams > 0 {
-                return;
-            }
-            m.stream_closed_at.get_or_insert(now);
-            // A closed stream is not ambiguous: the process is gone.
-            m.silent_death_at = None;
+    /// Returns when that death falls due, if it now may (the shell ticks
+    /// then rather than at its next 50 ms step).
+    pub fn on_stream_closed(
+        &mut self,
+        now: Mono,
+        node: &NodeId,
+        incarnation: Incarnation,
+    ) -> Option<Mono> {
+        let after = self.fast_death_after();
+        let m = self.members.get_mut(node)?;
+        if m.incarnation != incarnation {
+            return None;
         }
+        m.open_streams = m.open_streams.saturating_sub(1);
+        if m.open_streams > 0 {
+            return None;
+        }
+        let closed = *m.stream_closed_at.get_or_insert(now);
+        // A closed stream is not ambiguous: the process is gone.
+        m.silent_death_at = None;
+        (!m.dead).then_some(closed + after)
+    }
+
+    /// How long after its last stream closed a member dies (unless a
+    /// stream reopens): two heartbeat intervals, room for a reconnect.
+    pub fn fast_death_after(&self) -> Duration {
+        2 * self.cfg.interval
     }
 
     /// A data-plane connect (or a reachability probe) to the member failed
@@ -367,7 +382,7 @@ impl Membership {
         let silent = m.silent(now, self.cfg.failure_timeout);
         let closed = m
             .stream_closed_at
-            .is_some_and(|t| now.saturating_since(t) > (2 * self.cfg.interval));
+            .is_some_and(|t| now.saturating_since(t) > self.fast_death_after());
         silent || closed || self.unreachable_too_long(m, now)
     }
 
@@ -569,6 +584,13 @@ impl Membership {
     /// must be published again.
     pub fn route_entry_of(&self, node: &NodeId) -> Option<RouteEntry> {
         self.members.get(node).map(|m| self.route_entry(m))
+    }
+
+    /// Whether `published` misses a router-wide change (self-suspicion,
+    /// the mass-death guard): members' own changes are published with
+    /// the event or tick that made them.
+    pub fn routes_stale(&self, published: &Routes) -> bool {
+        published.globals != self.route_globals()
     }
 
     /// A copy of everything connection routing reads, so that HELLO
