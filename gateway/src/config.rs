@@ -280,21 +280,9 @@ fn syslog_target(e: &EventsConfig, errs: &mut Vec<ConfigProblem>) -> Option<crat
     let tls = match &e.syslog_tls_ca_file {
         None => None,
         Some(path) => {
-            let pem = read_pem("events.syslog_tls_ca_file", Some(path), errs)?;
-            use rustls_pki_types::pem::PemObject as _;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                match c
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| roots.add(c).map_err(|e| e.to_string()))
-                {
-                    Ok(()) => {}
-                    Err(why) => {
-                        errs.push(ConfigProblem::new("events.syslog_tls_ca_file", why));
-                        return None;
-                    }
-                }
-            }
+            let roots = tls::roots_from(path, "events.syslog_tls_ca_file")
+                .map_err(|e| errs.push(e))
+                .ok()?;
             let name = if e.syslog_tls_server_name.is_empty() {
                 host
             } else {

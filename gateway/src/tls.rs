@@ -73,6 +73,20 @@ fn certs_from(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, Co
     Ok(certs)
 }
 
+/// A CA file's certificates as trust roots; a problem is filed under `key`
+/// (no certificate, or one that is not a usable CA).
+pub fn roots_from(path: &Path, key: &str) -> Result<RootCertStore, ConfigProblem> {
+    let mut roots = RootCertStore::empty();
+    let (_, bad) = roots.add_parsable_certificates(certs_from(path, key)?);
+    if bad > 0 || roots.is_empty() {
+        return Err(ConfigProblem {
+            key: key.to_owned(),
+            problem: format!("{}: {bad} unusable CA certificates", path.display()),
+        });
+    }
+    Ok(roots)
+}
+
 /// Reads every TLS file; reports each bad one under its own key.
 pub fn load_material(cfg: &TlsConfig) -> Result<TlsMaterial, Vec<ConfigProblem>> {
     let mut errs = Vec::new();
@@ -89,18 +103,8 @@ pub fn load_material(cfg: &TlsConfig) -> Result<TlsMaterial, Vec<ConfigProblem>>
         .ok();
     let mut agent_roots = None;
     if let Some(ca) = &cfg.agent_ca_file {
-        match certs_from(ca, "tls.agent_ca_file") {
-            Ok(list) => {
-                let mut roots = RootCertStore::empty();
-                let (_, bad) = roots.add_parsable_certificates(list);
-                if bad > 0 || roots.is_empty() {
-                    errs.push(ConfigProblem {
-                        key: "tls.agent_ca_file".into(),
-                        problem: format!("{}: {bad} unusable CA certificates", ca.display()),
-                    });
-                }
-                agent_roots = Some(roots);
-            }
+        match roots_from(ca, "tls.agent_ca_file") {
+            Ok(roots) => agent_roots = Some(roots),
             Err(e) => errs.push(e),
         }
     }
