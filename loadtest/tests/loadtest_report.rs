@@ -19,27 +19,33 @@ async fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output
     common::chromium(&all, Duration::from_secs(120)).await
 }
 
+/// `run` of `scenario` on a 2-gateway local cluster, 20 sessions at 40/s
+/// for 2 s, with `extra` arguments, its report written to `json`.
+async fn run_small(json: &std::path::Path, scenario: &str, extra: &[&str]) -> std::process::Output {
+    let base = [
+        "run",
+        "--local-cluster",
+        "2",
+        "--scenario",
+        scenario,
+        "--sessions",
+        "20",
+        "--rate",
+        "40",
+        "--duration-s",
+        "2",
+    ];
+    let mut args: Vec<&std::ffi::OsStr> = base.iter().chain(extra).map(|a| a.as_ref()).collect();
+    args.extend(["--json".as_ref(), json.as_os_str()]);
+    tool(&args).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_html_report_renders_every_chart_with_data() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("storm.json");
     let html = dir.path().join("storm.html");
-    let out = tool(&[
-        "run".as_ref(),
-        "--local-cluster".as_ref(),
-        "2".as_ref(),
-        "--scenario".as_ref(),
-        "storm".as_ref(),
-        "--sessions".as_ref(),
-        "20".as_ref(),
-        "--rate".as_ref(),
-        "40".as_ref(),
-        "--duration-s".as_ref(),
-        "2".as_ref(),
-        "--json".as_ref(),
-        json.as_os_str(),
-    ])
-    .await;
+    let out = run_small(&json, "storm", &[]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -148,24 +154,7 @@ async fn the_html_report_shows_rehandshake_recoveries_and_a_failed_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("failover.json");
     let html = dir.path().join("failover.html");
-    let out = tool(&[
-        "run".as_ref(),
-        "--local-cluster".as_ref(),
-        "2".as_ref(),
-        "--scenario".as_ref(),
-        "failover".as_ref(),
-        "--sessions".as_ref(),
-        "20".as_ref(),
-        "--rate".as_ref(),
-        "40".as_ref(),
-        "--duration-s".as_ref(),
-        "2".as_ref(),
-        "--threshold".as_ref(),
-        "rehandshakes<1".as_ref(),
-        "--json".as_ref(),
-        json.as_os_str(),
-    ])
-    .await;
+    let out = run_small(&json, "failover", &["--threshold", "rehandshakes<1"]).await;
     assert_eq!(out.status.code(), Some(1), "the threshold fails the run");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
