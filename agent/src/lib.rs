@@ -33,6 +33,7 @@ pub mod frontdoor;
 pub mod run;
 pub mod sniff;
 pub mod streams;
+pub mod tickets;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -220,6 +221,12 @@ impl std::fmt::Debug for Transport {
 }
 
 impl Transport {
+    /// Whether this connection resumed TLS from a ticket (no certificates
+    /// exchanged) rather than running a full handshake.
+    pub fn resumed_tls(&self) -> bool {
+        self.tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     pub async fn send(&mut self, kind: Kind) -> Result<(), AgentError> {
         let bytes = frame::to_bytes(kind)?;
         self.tls.write_all(&bytes).await?;
@@ -328,10 +335,39 @@ pub(crate) struct Fresh {
     window: u64,
 }
 
+/// The TLS connectors of an agent: HELLO (full handshakes) and RESUME
+/// (offers the last ticket once), sharing one ticket store.
+fn connectors(cfg: &AgentConfig) -> Result<(TlsConnector, TlsConnector), AgentError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| AgentError::Config(e.to_string()))?
+        .with_root_certificates(cfg.roots.clone());
+    let mut tls = match &cfg.credential {
+        Credential::Token(_) => builder.with_no_client_auth(),
+        Credential::Certificate { chain, key } => builder
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(|e| AgentError::Config(e.to_string()))?,
+    };
+    tls.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let store = tickets::TicketStore::default();
+    let mut resume_tls = tls.clone();
+    tls.resumption = rustls::client::Resumption::store(store.for_hello());
+    resume_tls.resumption = rustls::client::Resumption::store(store.for_resume());
+    Ok((
+        TlsConnector::from(Arc::new(tls)),
+        TlsConnector::from(Arc::new(resume_tls)),
+    ))
+}
+
 /// A client agent: configuration, TLS setup and (once established) its session.
 pub struct Agent {
     cfg: AgentConfig,
+    /// HELLO: full handshakes only. RESUME: offers the gateway's last
+    /// ticket (once). Both keep the tickets they receive.
     connector: TlsConnector,
+    resume_connector: TlsConnector,
     pub session: Option<ClientSession>,
     next_server: usize,
     /// Committed switches of the current session, for client-side pacing.
@@ -350,26 +386,14 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Result<Self, AgentError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| AgentError::Config(e.to_string()))?
-            .with_root_certificates(cfg.roots.clone());
-        let mut tls = match &cfg.credential {
-            Credential::Token(_) => builder.with_no_client_auth(),
-            Credential::Certificate { chain, key } => builder
-                .with_client_auth_cert(chain.clone(), key.clone_key())
-                .map_err(|e| AgentError::Config(e.to_string()))?,
-        };
-        tls.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
-        tls.resumption = rustls::client::Resumption::disabled();
-        tls.enable_early_data = false;
         if cfg.servers.is_empty() {
             return Err(AgentError::Config("no servers configured".into()));
         }
+        let (connector, resume_connector) = connectors(&cfg)?;
         Ok(Self {
             cfg,
-            connector: TlsConnector::from(Arc::new(tls)),
+            connector,
+            resume_connector,
             session: None,
             next_server: 0,
             switches: std::collections::VecDeque::new(),
@@ -472,9 +496,13 @@ impl Agent {
             .map_err(|e| AgentError::Connect(addr, e))?;
         let name = ServerName::try_from(self.cfg.server_name.clone())
             .map_err(|e| AgentError::Config(e.to_string()))?;
+        let connector = match preamble {
+            Preamble::Resume { .. } => &self.resume_connector,
+            _ => &self.connector,
+        };
         let tls = tokio::time::timeout(
             self.cfg.connect_timeout,
-            self.connector.connect(name, Sniff::new(tcp)),
+            connector.connect(name, Sniff::new(tcp)),
         )
         .await
         .map_err(|_| AgentError::Tls(io::ErrorKind::TimedOut.into()))?
@@ -553,6 +581,7 @@ impl Agent {
         Agent {
             cfg: self.cfg.clone(),
             connector: self.connector.clone(),
+            resume_connector: self.resume_connector.clone(),
             session: None,
             next_server: self.next_server,
             switches: std::collections::VecDeque::new(),
@@ -565,9 +594,14 @@ impl Agent {
     /// is left without a session and its tunnel opens no stream until the
     /// next one is adopted.
     pub(crate) fn split_off(&mut self) -> Agent {
+        // Tickets of its own: the next session's HELLO replaces this
+        // agent's ticket with one only the next gateway can open.
+        let (connector, resume_connector) = connectors(&self.cfg)
+            .unwrap_or_else(|_| (self.connector.clone(), self.resume_connector.clone()));
         Agent {
             cfg: self.cfg.clone(),
-            connector: self.connector.clone(),
+            connector,
+            resume_connector,
             session: self.session.take(),
             next_server: self.next_server,
             switches: std::mem::take(&mut self.switches),

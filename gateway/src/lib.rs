@@ -37,5 +37,6 @@ pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod syslog;
+pub mod tickets;
 pub mod timeline;
 pub mod tls;

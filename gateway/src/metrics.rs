@@ -13,6 +13,8 @@ pub const CONNECTIONS_REJECTED: &str = "jvpn_gateway_connections_rejected_total"
 pub const CONNECTIONS_OPEN: &str = "jvpn_gateway_connections_open";
 pub const TLS_IN_FLIGHT: &str = "jvpn_gateway_tls_handshakes_in_flight";
 pub const TLS_QUEUE_WAITING: &str = "jvpn_gateway_tls_queue_waiting";
+pub const TLS_HANDSHAKES: &str = "jvpn_gateway_tls_handshakes_total";
+pub const TLS_TICKETS_REFUSED: &str = "jvpn_gateway_tls_tickets_refused_total";
 pub const HELLOS: &str = "jvpn_gateway_hellos_total";
 pub const RESUMES: &str = "jvpn_gateway_resumes_total";
 pub const HELLO_SECONDS: &str = "jvpn_gateway_hello_duration_seconds";
@@ -160,6 +162,14 @@ pub fn describe() {
     describe_gauge!(
         TLS_QUEUE_WAITING,
         "Connections waiting for a TLS handshake slot."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "Completed TLS handshakes by kind: full, or resumed from a ticket."
+    );
+    describe_counter!(
+        TLS_TICKETS_REFUSED,
+        "Resumption tickets refused (a full handshake follows), by reason."
     );
     describe_counter!(HELLOS, "HELLO attempts by result (ok or reason code).");
     describe_counter!(
@@ -332,6 +342,12 @@ fn zero_labelled_counters() {
     };
     for r in ConnReject::ALL {
         zero(CONNECTIONS_REJECTED, &[("reason", r.as_str())]);
+    }
+    for kind in ["full", "resumed"] {
+        zero(TLS_HANDSHAKES, &[("kind", kind)]);
+    }
+    for r in crate::tickets::TicketRefusal::ALL {
+        zero(TLS_TICKETS_REFUSED, &[("reason", r.as_str())]);
     }
     zero(HELLOS, &[("result", "ok")]);
     for r in HELLO_REFUSALS {

@@ -1,6 +1,7 @@
 //! TLS 1.3 server setup: certificate files, agent CA, and a rustls config
-//! that speaks only TLS 1.3 with ALPN `jvpn/1`, no 0-RTT and no resumption
-//! tickets (every connection gets fresh exporters from a full handshake).
+//! that speaks only TLS 1.3 with ALPN `jvpn/1`, no 0-RTT, and one
+//! single-use resumption ticket per connection ([`crate::tickets`]; every
+//! connection, resumed or not, gets fresh exporters).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -116,7 +117,7 @@ pub fn load_material(cfg: &TlsConfig) -> Result<TlsMaterial, Vec<ConfigProblem>>
                 agent_roots,
             };
             // Build once now so a key that does not match the certificate is a config error.
-            server_config(&material, true).map_err(|e| {
+            server_config(&material, true, None).map_err(|e| {
                 vec![ConfigProblem {
                     key: "tls.key_file".into(),
                     problem: e.to_string(),
@@ -130,9 +131,11 @@ pub fn load_material(cfg: &TlsConfig) -> Result<TlsMaterial, Vec<ConfigProblem>>
 
 /// The rustls server configuration. `allow_tokenless`: agents without a
 /// client certificate may connect (they must then present a dev token).
+/// `tickets`: the process's ticketer (none: no resumption).
 pub fn server_config(
     m: &TlsMaterial,
     allow_tokenless: bool,
+    tickets: Option<Arc<crate::tickets::Tickets>>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -156,7 +159,16 @@ pub fn server_config(
     let mut cfg = builder.with_single_cert(m.certs.clone(), m.key.clone_key())?;
     cfg.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
     cfg.max_early_data_size = 0;
-    cfg.send_tls13_tickets = 0;
+    // Stateless tickets only: nothing per session is kept server-side.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    match tickets {
+        Some(t) => {
+            cfg.ticketer = t;
+            // One per connection: each is used once, so the next
+            // reattach presents a ticket never seen on the wire.
+            cfg.send_tls13_tickets = 1;
+        }
+        None => cfg.send_tls13_tickets = 0,
+    }
     Ok(cfg)
 }

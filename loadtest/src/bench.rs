@@ -200,7 +200,7 @@ where
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
-        &material, true,
+        &material, true, None,
     )?));
     loop {
         let (mut s, _) = listener.accept().await?;

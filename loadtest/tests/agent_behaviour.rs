@@ -25,7 +25,7 @@ async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
     })
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
-        jvpn_gateway::tls::server_config(&material, true).unwrap(),
+        jvpn_gateway::tls::server_config(&material, true, None).unwrap(),
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

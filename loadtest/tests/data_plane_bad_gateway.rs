@@ -32,7 +32,7 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
         agent_ca_file: None,
     })
     .unwrap();
-    let tls = jvpn_gateway::tls::server_config(&material, true).unwrap();
+    let tls = jvpn_gateway::tls::server_config(&material, true, None).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

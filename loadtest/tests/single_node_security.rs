@@ -71,6 +71,16 @@ async fn replayed_relayed_and_forged_resumes_change_nothing() {
     assert_eq!(count("replay_detected"), 1.0);
     assert_eq!(count("bad_proof"), 2.0, "relayed and forged");
     assert_eq!(count("ok"), 1.0);
+    // Every RESUME connection above resumed TLS from the ticket of the
+    // connection before it (issue 17): the forged one changed nothing
+    // either.
+    let tls =
+        |k: &str| harness::metric_value(&m, "jvpn_gateway_tls_handshakes_total", &[("kind", k)]);
+    assert_eq!(
+        (tls("full"), tls("resumed")),
+        (1.0, 3.0),
+        "HELLO full, RESUMEs resumed"
+    );
     // The session is untouched: same epoch, still attached, still echoing.
     assert_eq!(a.session.as_ref().unwrap().binding_epoch, epoch);
     t.echo(b"after all that").await.unwrap();

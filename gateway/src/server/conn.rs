@@ -161,6 +161,11 @@ async fn handle_conn(
     if tls.get_ref().1.alpn_protocol() != Some(jvpn_proto::ALPN) {
         return Err(ConnReject::AlpnMismatch);
     }
+    let tls_kind = match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    };
+    counter!(m::TLS_HANDSHAKES, "kind" => tls_kind).increment(1);
 
     let mut buf = BytesMut::with_capacity(256);
     let t = Duration::from_millis(cfg.timeouts.first_frame_timeout_ms);

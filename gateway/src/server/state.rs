@@ -96,6 +96,9 @@ pub(super) struct Shared {
     /// Reloadable (SIGHUP): the TLS configuration and the connection cap
     /// (the other limits live in their limiters).
     pub(super) acceptor: ArcSwap<TlsAcceptor>,
+    /// Resumption tickets: one ticketer for the process's life (its keys
+    /// are this incarnation's), kept across certificate reloads.
+    pub(super) tickets: Arc<crate::tickets::Tickets>,
     pub(super) max_connections: AtomicUsize,
     /// Seals routing tokens; swapped when a reload rotates the cluster secret.
     pub(super) issuer: ArcSwap<Issuer>,
@@ -145,11 +148,13 @@ impl Shared {
             return Err(ReloadError::KeyIdWithoutNewSecret);
         }
         let tokenless = !new.dev_tokens.is_empty();
-        let tls = crate::tls::server_config(&new.tls, tokenless).map_err(ReloadError::Tls)?;
+        let tls = crate::tls::server_config(&new.tls, tokenless, Some(self.tickets.clone()))
+            .map_err(ReloadError::Tls)?;
         for i in 0..self.shards.len() {
             self.with_engine(i, |e| e.set_policy(new.raw.policy.clone()))
                 .map_err(ReloadError::Policy)?;
         }
+        self.tickets.set_ttl(new.raw.policy.transport_lost_ttl());
         let a = &new.raw.admission;
         let now = self.now();
         lock(&self.sources).reconfigure(
@@ -282,7 +287,11 @@ impl Shared {
 pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let incarnation = crate::incarnation::start(cfg.raw.state_dir.as_deref())?;
     let tokenless = !cfg.dev_tokens.is_empty();
-    let tls = crate::tls::server_config(&cfg.tls, tokenless)?;
+    let tickets = Arc::new(
+        crate::tickets::Tickets::new(cfg.raw.policy.transport_lost_ttl())
+            .ok_or(ServeError::Tls(rustls::Error::FailedToGetRandomBytes))?,
+    );
+    let tls = crate::tls::server_config(&cfg.tls, tokenless, Some(tickets.clone()))?;
     let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::with_capacity(n);
     for i in 0..n {
@@ -309,6 +318,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let host_origin = jvpn_runtime::process::host_monotonic_ns();
     let shared = Shared {
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
+        tickets,
         max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
         issuer: ArcSwap::from_pointee(Issuer::new(&cfg.secret.derive(), &cfg.node_id, incarnation)),
         incarnation,

@@ -1,0 +1,224 @@
+//! TLS 1.3 resumption for RESUME (issue 17): reattaches resume TLS from a
+//! ticket of the owner, each ticket is presented once (visible on the wire:
+//! every RESUME's ClientHello carries another PSK identity), a ticket
+//! presented twice or to another gateway gets a full handshake, never a
+//! resumed session (visible on the wire too: no `pre_shared_key` in the
+//! ServerHello), and a HELLO never resumes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use jvpn_loadtest::harness;
+use jvpn_proto::preamble::PREAMBLE_LEN;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// A relay in front of the gateway that hands over the preamble and the
+/// first TLS record (the ClientHello) of every connection.
+async fn hello_capturing_relay(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<(Vec<u8>, Vec<u8>)>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; PREAMBLE_LEN + 5];
+                if c.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = usize::from(u16::from_be_bytes([
+                    head[PREAMBLE_LEN + 3],
+                    head[PREAMBLE_LEN + 4],
+                ]));
+                let mut record = vec![0u8; len];
+                if c.read_exact(&mut record).await.is_err() {
+                    return;
+                }
+                let mut u = TcpStream::connect(upstream).await.unwrap();
+                u.write_all(&head).await.unwrap();
+                u.write_all(&record).await.unwrap();
+                let mut hello = head.split_off(PREAMBLE_LEN);
+                hello.extend_from_slice(&record);
+                let _ = tx.send((head, hello));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The extensions of a handshake record holding a ClientHello (`0x01`) or
+/// a ServerHello (`0x02`): (type, body) each.
+fn extensions(record: &[u8], msg: u8) -> Vec<(u16, Vec<u8>)> {
+    let u16_at = |b: &[u8], i: usize| usize::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    assert_eq!(record[0], 0x16, "a handshake record");
+    let b = &record[5..];
+    assert_eq!(b[0], msg, "handshake message type");
+    // type, length, legacy version, random; then the session id.
+    let mut i = 4 + 2 + 32;
+    i += 1 + usize::from(b[i]);
+    if msg == 0x01 {
+        i += 2 + u16_at(b, i); // cipher suites
+        i += 1 + usize::from(b[i]); // compression methods
+    } else {
+        i += 2 + 1; // the cipher suite, the compression method
+    }
+    let end = i + 2 + u16_at(b, i);
+    i += 2;
+    let mut out = Vec::new();
+    while i < end {
+        let (ty, len) = (u16_at(b, i) as u16, u16_at(b, i + 2));
+        out.push((ty, b[i + 4..i + 4 + len].to_vec()));
+        i += 4 + len;
+    }
+    out
+}
+
+fn extension_types(record: &[u8], msg: u8) -> Vec<u16> {
+    extensions(record, msg)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// The PSK identities (tickets) a ClientHello record offers.
+fn psk_identities(record: &[u8]) -> Vec<Vec<u8>> {
+    let u16_at = |b: &[u8], i: usize| usize::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    let mut out = Vec::new();
+    for (_, body) in extensions(record, 0x01)
+        .into_iter()
+        .filter(|(t, _)| *t == 41)
+    {
+        let end = 2 + u16_at(&body, 0);
+        let mut i = 2;
+        while i < end {
+            let len = u16_at(&body, i);
+            out.push(body[i + 2..i + 2 + len].to_vec());
+            i += 2 + len + 4; // identity, obfuscated age
+        }
+    }
+    out
+}
+
+const POLICY: &str = "[policy]\nswitch_cooldown_ms = 300\nmax_switches_per_min = 3\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattaches_resume_tls_with_a_fresh_ticket_each_time() {
+    let env = common::start(POLICY).await;
+    let (relay, mut hellos) = hello_capturing_relay(env.gw.client_addr).await;
+    let mut a = harness::agent(&env.pki, relay, None).unwrap();
+    let t = common::hello(&mut a).await;
+    assert!(!t.resumed_tls(), "a HELLO runs a full handshake");
+    assert!(
+        psk_identities(&hellos.recv().await.unwrap().1).is_empty(),
+        "and offers no ticket"
+    );
+    drop(t);
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let mut t = common::resume(&mut a).await.unwrap();
+        assert!(t.resumed_tls(), "RESUME {i} resumed TLS");
+        t.echo(b"x").await.unwrap();
+        let ids = psk_identities(&hellos.recv().await.unwrap().1);
+        assert_eq!(ids.len(), 1, "RESUME {i} offers one ticket");
+        assert!(
+            !seen.contains(&ids[0]),
+            "RESUME {i} presents a ticket never seen before"
+        );
+        seen.push(ids[0].clone());
+    }
+    let m = env.gw.metrics().await.unwrap();
+    let tls =
+        |k: &str| harness::metric_value(&m, "jvpn_gateway_tls_handshakes_total", &[("kind", k)]);
+    assert_eq!((tls("full"), tls("resumed")), (1.0, 3.0));
+    // Tickets are secrets: none reaches the log, in any encoding.
+    let log = std::fs::read(env.gw.log_path()).unwrap();
+    let text = String::from_utf8_lossy(&log);
+    for id in &seen {
+        assert!(
+            !text.contains(&hex::encode(id)),
+            "a ticket in the log (hex)"
+        );
+        assert!(
+            !log.windows(id.len()).any(|w| w == id.as_slice()),
+            "a ticket in the log"
+        );
+    }
+}
+
+/// Sends `client_hello` (preamble and ClientHello record, as captured) on
+/// a new connection to `to`; whether the server's answer accepts a PSK (a
+/// resumption): its ServerHello carries `pre_shared_key`.
+async fn server_accepts_psk(to: std::net::SocketAddr, client_hello: &[u8]) -> bool {
+    let mut c = TcpStream::connect(to).await.unwrap();
+    c.write_all(client_hello).await.unwrap();
+    let mut head = [0u8; 5];
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x16, "a handshake record, not an alert");
+    let mut record = vec![0u8; usize::from(u16::from_be_bytes([head[3], head[4]]))];
+    c.read_exact(&mut record).await.unwrap();
+    let mut whole = head.to_vec();
+    whole.extend_from_slice(&record);
+    extension_types(&whole, 0x02).contains(&41)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_replayed_or_taken_elsewhere_gets_a_full_handshake() {
+    let env = common::start(POLICY).await;
+    let (relay, mut hellos) = hello_capturing_relay(env.gw.client_addr).await;
+    let mut a = harness::agent(&env.pki, relay, None).unwrap();
+    let _t = common::hello(&mut a).await;
+    hellos.recv().await.unwrap();
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert!(t.resumed_tls());
+    t.echo(b"x").await.unwrap();
+    let (preamble, record) = hellos.recv().await.unwrap();
+    assert_eq!(psk_identities(&record).len(), 1);
+    let mut captured = preamble;
+    captured.extend_from_slice(&record);
+
+    // The same bytes again, as an eavesdropper would send them.
+    assert!(
+        !server_accepts_psk(env.gw.client_addr, &captured).await,
+        "a ticket used once is not accepted again"
+    );
+    let refused = |gw: &harness::LocalGateway, r: &'static str| {
+        let gw = gw.admin_addr;
+        async move {
+            let m = harness::scrape(gw).await.unwrap();
+            harness::metric_value(
+                &m,
+                "jvpn_gateway_tls_tickets_refused_total",
+                &[("reason", r)],
+            )
+        }
+    };
+    assert_eq!(refused(&env.gw, "reused").await, 1.0);
+    // The session is untouched by it.
+    t.echo(b"y").await.unwrap();
+
+    // Another gateway process (same PKI, same name): its keys are its own.
+    let dir = tempfile::tempdir().unwrap();
+    let other = harness::LocalGateway::start(
+        &common::launcher(),
+        &env.pki,
+        dir.path(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !server_accepts_psk(other.client_addr, &captured).await,
+        "a ticket of another gateway"
+    );
+    assert_eq!(refused(&other, "unknown").await, 1.0);
+    assert_eq!(refused(&other, "reused").await, 0.0);
+}
