@@ -401,6 +401,15 @@ impl Agent {
         })
     }
 
+    /// Turns TLS resumption for RESUME off (every reattach then runs a
+    /// full handshake, as before issue 17) or back on; for benchmarks and
+    /// for diagnosing a gateway's ticket handling.
+    pub fn set_tls_resumption(&mut self, on: bool) -> Result<(), AgentError> {
+        let (hello, resume) = connectors(&self.cfg)?;
+        self.resume_connector = if on { resume } else { hello };
+        Ok(())
+    }
+
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
     }

@@ -32,20 +32,37 @@ pub struct BenchOptions {
     pub duration: Duration,
     pub concurrency: usize,
     pub sessions: usize,
+    /// Handshake measurements with client certificates instead of the
+    /// development token.
+    pub agent_certs: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BenchReport {
     /// Completed per wall-clock second (bounded by the one-core load generator).
     pub bare_rustls_handshakes_per_s: f64,
+    pub bare_rustls_resumed_per_s: f64,
     pub gateway_hellos_per_s: f64,
+    /// RESUMEs resuming TLS from a ticket (the default since issue 17).
     pub gateway_resumes_per_s: f64,
+    /// RESUMEs with a full TLS handshake each (resumption turned off).
+    pub gateway_full_resumes_per_s: f64,
     /// Completed per second of server CPU time: what one server core sustains.
     pub bare_rustls_handshakes_per_core_s: f64,
+    pub bare_rustls_resumed_per_core_s: f64,
     pub gateway_hellos_per_core_s: f64,
     pub gateway_resumes_per_core_s: f64,
+    pub gateway_full_resumes_per_core_s: f64,
     /// `gateway_hellos_per_core_s / bare_rustls_handshakes_per_core_s`.
     pub hello_vs_bare_ratio: f64,
+    /// `gateway_resumes_per_core_s / gateway_hellos_per_core_s` (goal ≥ 2).
+    pub resume_vs_hello_ratio: f64,
+    /// `gateway_resumes_per_core_s / bare_rustls_resumed_per_core_s` (goal
+    /// ≥ 0.8).
+    pub resume_vs_bare_resumed_ratio: f64,
+    /// Share of the timed RESUMEs that resumed TLS (from the gateway's
+    /// counters: a check that the rows measure what they say).
+    pub resumed_fraction: f64,
     /// At saturation (`concurrency` clients): mostly queueing.
     pub resume_latency_us_p50: u64,
     pub resume_latency_us_p99: u64,
@@ -58,6 +75,9 @@ pub struct BenchReport {
     pub rss_per_attached_session_with_channel_bytes: f64,
     pub rss_per_detached_session_bytes: f64,
     pub pinned: bool,
+    /// The agents of the handshake measurements presented client
+    /// certificates.
+    pub agent_certs: bool,
 }
 
 pub(crate) fn bench_toml() -> &'static str {
@@ -199,11 +219,19 @@ where
         agent_ca_file: agent_ca.map(Into::into),
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // Tickets like a gateway's (one per connection, single use).
+    let tickets =
+        jvpn_gateway::tickets::Tickets::new(Duration::from_secs(900)).context("ticket keys")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
-        &material, true, None,
+        &material,
+        true,
+        Some(Arc::new(tickets)),
     )?));
     loop {
         let (mut s, _) = listener.accept().await?;
+        // As the gateway does: a reply right behind the ticket must not
+        // wait for a delayed ACK.
+        let _ = s.set_nodelay(true);
         let (acceptor, per_conn) = (acceptor.clone(), per_conn.clone());
         tokio::spawn(async move {
             let mut pre = [0u8; 64];
@@ -325,7 +353,19 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     // Whoever runs us: pin the load generator to CPU 1 (the server gets CPU 0).
     let mut report = BenchReport {
         pinned: pin_self(1),
+        agent_certs: opts.agent_certs,
         ..Default::default()
+    };
+    // The credential of the handshake measurements.
+    let config = |server: SocketAddr| -> Result<jvpn_agent::AgentConfig> {
+        let mut cfg = harness::agent_config(&pki, vec![server], None)?;
+        if opts.agent_certs {
+            cfg.credential = jvpn_agent::AgentConfig::certificate_from_pem(
+                &pki.layout.agent_cert(0),
+                &pki.layout.agent_key(0),
+            )?;
+        }
+        Ok(cfg)
     };
 
     // 1. Bare rustls, in a pinned child process (same binary, multi-call).
@@ -352,7 +392,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         tokio::net::TcpStream::connect(bare_addr).await.is_ok()
     })
     .await?;
-    let cfg = Arc::new(harness::agent_config(&pki, vec![bare_addr], None)?);
+    let cfg = Arc::new(config(bare_addr)?);
+    let bare_cfg = cfg.clone();
     let bare_pid = nix::unistd::Pid::from_raw(bare.id().context("bare pid")? as i32);
     let cpu0 = cpu_seconds(bare_pid)?;
     let (r, _, n) = rate(opts.concurrency, opts.duration, move |i| {
@@ -375,11 +416,45 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     .await?;
     report.bare_rustls_handshakes_per_s = r;
     report.bare_rustls_handshakes_per_core_s = n as f64 / (cpu_seconds(bare_pid)? - cpu0);
+    // 1b. The same exchange resuming TLS: one agent per client slot, each
+    // connection offering the ticket of the one before.
+    let slots: Arc<Vec<_>> = Arc::new(
+        (0..opts.concurrency)
+            .map(|i| {
+                let mut cfg = (*bare_cfg).clone();
+                cfg.bind_ip = Some(harness::source_ip(i));
+                jvpn_agent::Agent::new(cfg).map(tokio::sync::Mutex::new)
+            })
+            .collect::<Result<_, _>>()?,
+    );
+    let cpu0 = cpu_seconds(bare_pid)?;
+    let (r, _, n) = rate(opts.concurrency, opts.duration, move |i| {
+        let slots = slots.clone();
+        async move {
+            let agent = slots[i].lock().await;
+            let mut t = agent
+                .open(&jvpn_proto::preamble::Preamble::Resume {
+                    key_id: 0,
+                    token: [0; jvpn_proto::token::TOKEN_LEN],
+                })
+                .await?;
+            t.ping().await?;
+            t.recv().await?;
+            t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
+                reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+            }))
+            .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    report.bare_rustls_resumed_per_s = r;
+    report.bare_rustls_resumed_per_core_s = n as f64 / (cpu_seconds(bare_pid)? - cpu0);
     let _ = bare.kill().await;
 
     // 2 and 3. HELLO and RESUME rates on a pinned gateway.
     let gw = start_pinned_gateway(&exe, &pki, &dir.path().join("rate"), bench_toml()).await?;
-    let cfg = Arc::new(harness::agent_config(&pki, vec![gw.client_addr], None)?);
+    let cfg = Arc::new(config(gw.client_addr)?);
     let c2 = cfg.clone();
     let gw_pid = gw.pid().context("gateway pid")?;
     let cpu0 = cpu_seconds(gw_pid)?;
@@ -435,12 +510,41 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     let (_, hist, _) = rate(1, opts.duration, resume_one.clone()).await?;
     report.resume_latency_unloaded_us_p50 = hist.value_at_quantile(0.5);
     report.resume_latency_unloaded_us_p99 = hist.value_at_quantile(0.99);
+    let handshakes = |kind: &'static str| {
+        let admin = gw.admin_addr;
+        async move {
+            let m = harness::scrape(admin).await?;
+            Ok::<_, anyhow::Error>(harness::metric_value(
+                &m,
+                "jvpn_gateway_tls_handshakes_total",
+                &[("kind", kind)],
+            ))
+        }
+    };
+    let (full0, resumed0) = (handshakes("full").await?, handshakes("resumed").await?);
     let cpu0 = cpu_seconds(gw_pid)?;
-    let (r, hist, n) = rate(opts.concurrency, opts.duration, resume_one).await?;
+    let (r, hist, n) = rate(opts.concurrency, opts.duration, resume_one.clone()).await?;
     report.gateway_resumes_per_s = r;
     report.gateway_resumes_per_core_s = n as f64 / (cpu_seconds(gw_pid)? - cpu0);
     report.resume_latency_us_p50 = hist.value_at_quantile(0.5);
     report.resume_latency_us_p99 = hist.value_at_quantile(0.99);
+    let (full, resumed) = (
+        handshakes("full").await? - full0,
+        handshakes("resumed").await? - resumed0,
+    );
+    report.resumed_fraction = resumed / (full + resumed).max(1.0);
+    // The same RESUMEs with a full handshake each.
+    for a in agents.iter() {
+        a.lock().await.0.set_tls_resumption(false)?;
+    }
+    let cpu0 = cpu_seconds(gw_pid)?;
+    let (r, _, n) = rate(opts.concurrency, opts.duration, resume_one).await?;
+    report.gateway_full_resumes_per_s = r;
+    report.gateway_full_resumes_per_core_s = n as f64 / (cpu_seconds(gw_pid)? - cpu0);
+    report.resume_vs_hello_ratio =
+        report.gateway_resumes_per_core_s / report.gateway_hellos_per_core_s.max(1e-9);
+    report.resume_vs_bare_resumed_ratio =
+        report.gateway_resumes_per_core_s / report.bare_rustls_resumed_per_core_s.max(1e-9);
     drop(gw);
 
     // 4. Memory per attached and per detached session.

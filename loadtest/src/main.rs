@@ -66,6 +66,10 @@ enum Cmd {
         /// Sessions for the memory measurement.
         #[arg(long, default_value_t = 10_000)]
         sessions: usize,
+        /// Agents authenticate with client certificates (as in production)
+        /// instead of the development token, in the handshake measurements.
+        #[arg(long)]
+        agent_certs: bool,
     },
     /// Session churn on one gateway (create, resume, terminate): RSS,
     /// descriptors and the session table must return to their baseline.
@@ -372,11 +376,13 @@ fn main() -> ExitCode {
             duration_s,
             concurrency,
             sessions,
+            agent_certs,
         } => {
             let opts = jvpn_loadtest::bench::BenchOptions {
                 duration: std::time::Duration::from_secs(duration_s),
                 concurrency,
                 sessions,
+                agent_certs,
             };
             match runtime().and_then(|rt| rt.block_on(jvpn_loadtest::bench::run(opts))) {
                 Ok(r) => {

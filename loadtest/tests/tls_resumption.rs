@@ -222,3 +222,24 @@ async fn a_ticket_replayed_or_taken_elsewhere_gets_a_full_handshake() {
     assert_eq!(refused(&other, "unknown").await, 1.0);
     assert_eq!(refused(&other, "reused").await, 0.0);
 }
+
+/// Rolling upgrades: an agent that does not resume (one version older, or
+/// resumption turned off) still reattaches, with full handshakes; a
+/// gateway that sends no tickets is covered by the fake gateways of
+/// `agent_behaviour.rs` and `data_plane_bad_gateway.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_resume_still_reattaches() {
+    let env = common::start(POLICY).await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    a.set_tls_resumption(false).unwrap();
+    let _t = common::hello(&mut a).await;
+    for _ in 0..2 {
+        let mut t = common::resume(&mut a).await.unwrap();
+        assert!(!t.resumed_tls());
+        t.echo(b"x").await.unwrap();
+    }
+    let m = env.gw.metrics().await.unwrap();
+    let tls =
+        |k: &str| harness::metric_value(&m, "jvpn_gateway_tls_handshakes_total", &[("kind", k)]);
+    assert_eq!((tls("full"), tls("resumed")), (3.0, 0.0));
+}
