@@ -89,10 +89,25 @@ pub(crate) fn bench_toml() -> &'static str {
      heartbeat_timeout_ms = 600000\ntransport_lost_ttl_ms = 1200000\n"
 }
 
+/// Pins every thread of this process to `cpu` (threads started later
+/// inherit it). Affinity is per thread: pinning only the caller left the
+/// runtime's other workers free to run on the server's core.
 pub(crate) fn pin_self(cpu: usize) -> bool {
     let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).is_ok()
-        && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_ok()
+    if set.set(cpu).is_err() {
+        return false;
+    }
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    let mut all = true;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        all &= nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set).is_ok();
+    }
+    all
 }
 
 /// User + system CPU seconds consumed so far by `pid`.

@@ -33,6 +33,8 @@ pub struct MembersBenchOptions {
     pub detect_trials: usize,
     /// Changes of the churn phase (one join or leave a second); 0: none.
     pub churn: u64,
+    /// Routers on CPU 0, the emulator and the real gateway on CPU 1.
+    pub pin: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -83,6 +85,8 @@ pub struct ChurnFigures {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MembersBenchReport {
     pub interval_ms: u64,
+    /// Routers ran on CPU 0, everything else on CPU 1.
+    pub pinned: bool,
     pub old_format: bool,
     pub runs: Vec<MembersResult>,
 }
@@ -100,6 +104,7 @@ pub async fn run(opts: MembersBenchOptions) -> Result<MembersBenchReport> {
     let mut report = MembersBenchReport {
         interval_ms: opts.interval.as_millis() as u64,
         old_format: opts.old_format,
+        pinned: opts.pin && crate::bench::pin_self(1),
         ..Default::default()
     };
     for &n in &opts.members {
@@ -178,6 +183,11 @@ const GATEWAY_BUILD: &str = "jvpn_gateway_ring_build_duration_seconds";
 async fn one(opts: &MembersBenchOptions, n: usize) -> Result<MembersResult> {
     let exe = std::env::current_exe()?;
     let (gl, rl) = launchers(&exe);
+    let (gl, rl) = if opts.pin {
+        (gl.pinned(1), rl.pinned(0))
+    } else {
+        (gl, rl)
+    };
     // Every member has a source address of its own, like separate hosts:
     // the router's table of membership sources must hold them all.
     let sources = (n + n / 4).max(256);

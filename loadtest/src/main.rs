@@ -134,6 +134,10 @@ enum Cmd {
         /// leaves every second (0: no churn phase).
         #[arg(long, default_value_t = 0)]
         churn_s: u64,
+        /// Routers on CPU 0, the member emulator and the real gateway on
+        /// CPU 1 (needs taskset).
+        #[arg(long)]
+        pin: bool,
     },
     /// The data plane next to `ssh -D` and a direct connection: bulk MiB/s
     /// (1 and 16 streams), CPU per GiB, CONNECT-to-first-byte latency.
@@ -469,6 +473,7 @@ fn main() -> ExitCode {
             old_format,
             detect_trials,
             churn_s,
+            pin,
         } => {
             let opts = jvpn_loadtest::bench_members::MembersBenchOptions {
                 members,
@@ -478,6 +483,7 @@ fn main() -> ExitCode {
                 old_format,
                 detect_trials,
                 churn: churn_s,
+                pin,
             };
             print_json_report("bench-members", jvpn_loadtest::bench_members::run(opts))
         }
