@@ -406,7 +406,8 @@ impl Agent {
     /// for diagnosing a gateway's ticket handling.
     pub fn set_tls_resumption(&mut self, on: bool) -> Result<(), AgentError> {
         let (hello, resume) = connectors(&self.cfg)?;
-        self.resume_connector = if on { resume } else { hello };
+        self.resume_connector = if on { resume } else { hello.clone() };
+        self.connector = hello;
         Ok(())
     }
 
@@ -587,10 +588,14 @@ impl Agent {
     /// a session in the background ([`Agent::hello_only`] asks for a
     /// channel if this agent has a data plane).
     pub(crate) fn fork(&self) -> Agent {
+        // Tickets of its own: the new session's gateway is another one, and
+        // its ticket must not displace the current session's.
+        let (connector, resume_connector) = connectors(&self.cfg)
+            .unwrap_or_else(|_| (self.connector.clone(), self.resume_connector.clone()));
         Agent {
             cfg: self.cfg.clone(),
-            connector: self.connector.clone(),
-            resume_connector: self.resume_connector.clone(),
+            connector,
+            resume_connector,
             session: None,
             next_server: self.next_server,
             switches: std::collections::VecDeque::new(),
@@ -603,19 +608,24 @@ impl Agent {
     /// is left without a session and its tunnel opens no stream until the
     /// next one is adopted.
     pub(crate) fn split_off(&mut self) -> Agent {
-        // Tickets of its own: the next session's HELLO replaces this
-        // agent's ticket with one only the next gateway can open.
-        let (connector, resume_connector) = connectors(&self.cfg)
-            .unwrap_or_else(|_| (self.connector.clone(), self.resume_connector.clone()));
+        // It keeps the tickets of its gateway; this agent then takes the
+        // fork's ([`Agent::take_tickets_of`]).
         Agent {
             cfg: self.cfg.clone(),
-            connector,
-            resume_connector,
+            connector: self.connector.clone(),
+            resume_connector: self.resume_connector.clone(),
             session: self.session.take(),
             next_server: self.next_server,
             switches: std::mem::take(&mut self.switches),
             data: self.data.as_mut().map(|(d, _)| d.split_off()),
         }
+    }
+
+    /// Takes over `other`'s TLS connectors and so its tickets (the fork
+    /// that made the session this agent adopts).
+    pub(crate) fn take_tickets_of(&mut self, other: &Agent) {
+        self.connector = other.connector.clone();
+        self.resume_connector = other.resume_connector.clone();
     }
 
     /// Builds the next `Resume` for transport `t` (advancing the counter).

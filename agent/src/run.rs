@@ -222,7 +222,7 @@ enum Role {
 }
 
 /// A session a background HELLO made, for a GoAway hand-over.
-type HandOver = oneshot::Receiver<Result<(Transport, Fresh), AgentError>>;
+type HandOver = oneshot::Receiver<Result<(Transport, Fresh, Agent), AgentError>>;
 
 /// One session's loop: keeps its transport alive, carries its channel,
 /// reattaches on loss.
@@ -279,7 +279,7 @@ async fn drive(
             /// The channel may have frames to send.
             Out,
             /// The hand-over's HELLO finished.
-            HandedOver(Box<Result<(Transport, Fresh), AgentError>>),
+            HandedOver(Box<Result<(Transport, Fresh, Agent), AgentError>>),
         }
         // Unbiased: with frames both to send and to read, both happen.
         let ev = tokio::select! {
@@ -345,7 +345,8 @@ async fn drive(
                         let tr = transitions.clone();
                         let (tx, rx) = oneshot::channel();
                         let task = tokio::spawn(async move {
-                            let _ = tx.send(establish_fresh(&mut fork, &tr, Some("go_away")).await);
+                            let r = establish_fresh(&mut fork, &tr, Some("go_away")).await;
+                            let _ = tx.send(r.map(|(t, fresh)| (t, fresh, fork)));
                         });
                         let replacing = agent.session.as_ref().map(|s| s.id);
                         handover = Some((rx, replacing, AbortOnDrop(task)));
@@ -362,8 +363,9 @@ async fn drive(
                 };
                 let still = agent.session.as_ref().map(|s| s.id) == replacing;
                 match (*r, &mut role) {
-                    (Ok((new_t, fresh)), Role::Main { drains, stops }) if still => {
+                    (Ok((new_t, fresh, fork)), Role::Main { drains, stops }) if still => {
                         let old = agent.split_off();
+                        agent.take_tickets_of(&fork);
                         agent.adopt(fresh);
                         let old_t = std::mem::replace(&mut t, new_t);
                         last_rx = Instant::now();
@@ -387,7 +389,7 @@ async fn drive(
                             "go_away: new streams go over the new session".into(),
                         );
                     }
-                    (Ok((mut new_t, _)), _) => {
+                    (Ok((mut new_t, _, _)), _) => {
                         // The session it was to replace is gone already.
                         let _ =
                             tokio::time::timeout(silence_limit, new_t.send(agent_closed())).await;

@@ -3,20 +3,20 @@
 //! handshake with certificates on both sides.
 //!
 //! * Keys are random per process (so per incarnation, and never shared
-//!   between gateways) and rotated every half `transport_lost_ttl`; a key
-//!   is forgotten one rotation after it stopped sealing, so no ticket is
-//!   accepted for longer than `transport_lost_ttl`.
-//! * Every ticket is accepted once: its nonce is remembered until its key
-//!   is forgotten. A second use gets a full handshake, never a resumed
-//!   session. The table is bounded; when it is full, tickets are refused
-//!   (full handshakes), never accepted unchecked.
+//!   between gateways). A key seals for half `transport_lost_ttl` and
+//!   opens until a whole one after it was made, so no ticket is accepted
+//!   later than `transport_lost_ttl` after it was issued.
+//! * Every ticket is accepted once: its nonce is remembered with its key
+//!   and forgotten with it. A second use gets a full handshake, never a
+//!   resumed session. The memory is bounded per key; when it is full,
+//!   tickets are refused (full handshakes), never accepted unchecked.
 //! * Tickets carry the TLS session's secret and the client's certificate
 //!   chain, sealed with ChaCha20-Poly1305; they never reach logs.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
@@ -25,7 +25,8 @@ use rustls::server::ProducesTickets;
 
 use crate::metrics as m;
 
-/// Remembered ticket nonces at most (about 40 bytes each).
+/// Used tickets remembered per key at most (12-byte nonces: with the hash
+/// table's overhead about 16 MiB per key when full).
 pub const USED_CAPACITY: usize = 1 << 20;
 
 /// Why a ticket was not accepted (metric label values).
@@ -52,36 +53,42 @@ impl TicketRefusal {
     }
 }
 
+/// One ticket key: seals for half the ttl from `since`, opens until a
+/// whole ttl after `since` (so no ticket opens later than a ttl after it
+/// was sealed), and remembers the nonces of the tickets it opened.
 struct Key {
-    id: u8,
     key: LessSafeKey,
+    since: Instant,
+    used: HashSet<[u8; NONCE_LEN]>,
 }
 
 impl Key {
-    fn random(id: u8) -> Option<Self> {
+    fn random(since: Instant) -> Self {
         let mut bytes = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).ok()?;
-        Some(Self {
-            id,
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
+            .unwrap_or_else(|_| unreachable!("a 32-byte ChaCha20-Poly1305 key"));
+        Self {
             key: LessSafeKey::new(key),
-        })
+            since,
+            used: HashSet::new(),
+        }
     }
 }
 
 struct Keys {
+    /// Seals new tickets while younger than half the ttl.
     current: Key,
+    /// The one before: opens only.
     previous: Option<Key>,
-    since: Instant,
 }
 
 /// The gateway's ticketer: give it to rustls as `ServerConfig::ticketer`.
 pub struct Tickets {
-    keys: RwLock<Keys>,
+    keys: Mutex<Keys>,
     /// `transport_lost_ttl` in ms (changes with a policy reload).
     ttl_ms: AtomicU64,
-    /// Nonce → when it was used; kept until its key could be gone.
-    used: Mutex<HashMap<[u8; NONCE_LEN], Instant>>,
+    /// Used nonces remembered per key at most.
     capacity: usize,
 }
 
@@ -94,74 +101,64 @@ impl fmt::Debug for Tickets {
 }
 
 impl Tickets {
-    /// Tickets accepted for at most `ttl` (`transport_lost_ttl`).
-    pub fn new(ttl: Duration) -> Option<Self> {
+    /// Tickets accepted for at most `ttl` (`transport_lost_ttl`) after they
+    /// were issued.
+    pub fn new(ttl: Duration) -> Self {
         Self::with_capacity(ttl, USED_CAPACITY)
     }
 
-    pub fn with_capacity(ttl: Duration, capacity: usize) -> Option<Self> {
-        Some(Self {
-            keys: RwLock::new(Keys {
-                current: Key::random(0)?,
+    pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            keys: Mutex::new(Keys {
+                current: Key::random(Instant::now()),
                 previous: None,
-                since: Instant::now(),
             }),
             ttl_ms: AtomicU64::new(ttl_ms(ttl)),
-            used: Mutex::new(HashMap::new()),
             capacity,
-        })
+        }
     }
 
-    /// A reloaded `transport_lost_ttl`.
+    /// A reloaded `transport_lost_ttl`: keys already made expire by the
+    /// new one too.
     pub fn set_ttl(&self, ttl: Duration) {
         self.ttl_ms.store(ttl_ms(ttl), Ordering::Relaxed);
     }
 
-    fn rotation(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed) / 2)
+    /// Every ticket issued so far stops opening (a reload may have changed
+    /// who is trusted: a resumed handshake does not verify the client's
+    /// certificate again).
+    pub fn forget_keys(&self) {
+        let mut k = lock(&self.keys);
+        k.current = Key::random(Instant::now());
+        k.previous = None;
     }
 
-    /// Rotates if due: the current key stops sealing after one period and
-    /// is forgotten after two.
-    fn roll(&self, now: Instant) {
-        let period = self.rotation();
-        if now.saturating_duration_since(read(&self.keys).since) < period {
-            return;
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Drops keys past their ttl and starts a new sealing key when the
+    /// current one is half a ttl old. Called on every ticket and by the
+    /// gateway's timer, so an idle gateway erases old keys too.
+    pub fn roll(&self, now: Instant) {
+        let ttl = self.ttl();
+        let mut k = lock(&self.keys);
+        if k.previous
+            .as_ref()
+            .is_some_and(|p| now.saturating_duration_since(p.since) >= ttl)
+        {
+            k.previous = None;
         }
-        let mut k = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let age = now.saturating_duration_since(k.since);
-        if age < period {
-            return;
+        let age = now.saturating_duration_since(k.current.since);
+        if age >= ttl / 2 {
+            let old = std::mem::replace(&mut k.current, Key::random(now));
+            k.previous = (age < ttl).then_some(old);
         }
-        let Some(next) = Key::random(k.current.id.wrapping_add(1)) else {
-            return;
-        };
-        let old = std::mem::replace(&mut k.current, next);
-        k.previous = (age < 2 * period).then_some(old);
-        k.since = now;
     }
 
     fn refuse(r: TicketRefusal) -> Option<Vec<u8>> {
         counter!(m::TLS_TICKETS_REFUSED, "reason" => r.as_str()).increment(1);
         None
-    }
-
-    /// Marks `nonce` used; false if it was already, or if the table is
-    /// full even after forgetting what no key can open any more.
-    fn first_use(&self, nonce: [u8; NONCE_LEN], now: Instant) -> Result<(), TicketRefusal> {
-        let keep = 2 * self.rotation();
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if used.contains_key(&nonce) {
-            return Err(TicketRefusal::Reused);
-        }
-        if used.len() >= self.capacity {
-            used.retain(|_, t| now.saturating_duration_since(*t) < keep);
-            if used.len() >= self.capacity {
-                return Err(TicketRefusal::TableFull);
-            }
-        }
-        used.insert(nonce, now);
-        Ok(())
     }
 }
 
@@ -169,8 +166,8 @@ fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(2)
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ProducesTickets for Tickets {
@@ -178,74 +175,76 @@ impl ProducesTickets for Tickets {
         true
     }
 
-    /// Whole seconds, rounded down: a client never holds a ticket longer
-    /// than the gateway would accept it.
+    /// Whole seconds, rounded down (at least 1: the field cannot say
+    /// less). A hint to clients: the gateway decides by its keys.
     fn lifetime(&self) -> u32 {
         let s = self.ttl_ms.load(Ordering::Relaxed) / 1000;
         u32::try_from(s).unwrap_or(u32::MAX).max(1)
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.roll(Instant::now());
+        self.seal_at(plain, Instant::now())
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open_at(cipher, Instant::now())
+    }
+}
+
+impl Tickets {
+    fn seal_at(&self, plain: &[u8], now: Instant) -> Option<Vec<u8>> {
+        self.roll(now);
         let mut nonce = [0u8; NONCE_LEN];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
-        let keys = read(&self.keys);
-        let id = keys.current.id;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + 16);
-        out.push(id);
+        let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + 16);
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        keys.current
+        lock(&self.keys)
+            .current
             .key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from([id]),
-                &mut body,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut body)
             .ok()?;
         out.extend_from_slice(&body);
         Some(out)
     }
 
-    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        let now = Instant::now();
+    fn open_at(&self, cipher: &[u8], now: Instant) -> Option<Vec<u8>> {
         self.roll(now);
-        let (&id, rest) = cipher.split_first()?;
-        if rest.len() < NONCE_LEN {
+        let ttl = self.ttl();
+        if cipher.len() < NONCE_LEN {
             return Self::refuse(TicketRefusal::Unknown);
         }
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let (nonce, sealed) = cipher.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
-        let plain = {
-            let keys = read(&self.keys);
-            let key = std::iter::once(&keys.current)
-                .chain(keys.previous.as_ref())
-                .find(|k| k.id == id);
-            let mut body = sealed.to_vec();
-            let opened = key.and_then(|k| {
-                k.key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from([id]),
-                        &mut body,
-                    )
-                    .ok()
-                    .map(|p| p.len())
-            });
-            match opened {
-                Some(n) => {
-                    body.truncate(n);
-                    body
-                }
-                None => return Self::refuse(TicketRefusal::Unknown),
+        let mut k = lock(&self.keys);
+        let Keys { current, previous } = &mut *k;
+        for key in std::iter::once(current).chain(previous.as_mut()) {
+            // Past its ttl it opens nothing, even before `roll` dropped it.
+            if now.saturating_duration_since(key.since) >= ttl {
+                continue;
             }
-        };
-        // Only an authentic ticket is remembered: garbage cannot fill the
-        // table.
-        match self.first_use(nonce, now) {
-            Ok(()) => Some(plain),
-            Err(r) => Self::refuse(r),
+            let mut body = sealed.to_vec();
+            let Ok(n) = key
+                .key
+                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut body)
+                .map(|p| p.len())
+            else {
+                continue;
+            };
+            // Only an authentic ticket is remembered: garbage cannot fill
+            // the table. Under the same lock as the check: two
+            // connections presenting one ticket at once get one resume.
+            if key.used.contains(&nonce) {
+                return Self::refuse(TicketRefusal::Reused);
+            }
+            if key.used.len() >= self.capacity {
+                return Self::refuse(TicketRefusal::TableFull);
+            }
+            key.used.insert(nonce);
+            body.truncate(n);
+            return Some(body);
         }
+        Self::refuse(TicketRefusal::Unknown)
     }
 }
 
@@ -253,13 +252,21 @@ impl ProducesTickets for Tickets {
 mod tests {
     use super::*;
 
-    fn tickets() -> Tickets {
-        Tickets::new(Duration::from_secs(15)).unwrap()
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn tickets() -> (Tickets, Instant) {
+        let t = Tickets::new(TTL);
+        let start = lock(&t.keys).current.since;
+        (t, start)
+    }
+
+    fn at(start: Instant, ttl_fraction: f64) -> Instant {
+        start + TTL.mul_f64(ttl_fraction)
     }
 
     #[test]
     fn a_ticket_opens_once() {
-        let t = tickets();
+        let (t, _) = tickets();
         let c = t.encrypt(b"session state").unwrap();
         assert_eq!(t.decrypt(&c).as_deref(), Some(&b"session state"[..]));
         assert_eq!(t.decrypt(&c), None, "a second use");
@@ -267,7 +274,7 @@ mod tests {
 
     #[test]
     fn another_processes_ticket_and_tampering_are_refused() {
-        let (a, b) = (tickets(), tickets());
+        let ((a, _), (b, _)) = (tickets(), tickets());
         let c = a.encrypt(b"x").unwrap();
         assert_eq!(b.decrypt(&c), None, "another gateway or incarnation");
         let mut bad = a.encrypt(b"x").unwrap();
@@ -278,35 +285,72 @@ mod tests {
         assert_eq!(a.decrypt(&[0; 5]), None);
     }
 
+    /// No ticket opens a ttl or more after it was sealed, whenever the
+    /// keys happened to roll (here: late, at 0.95 of a ttl).
     #[test]
-    fn keys_expire_within_the_ttl() {
-        assert_eq!(
-            Tickets::new(Duration::from_millis(400)).unwrap().lifetime(),
-            1,
-            "at least a second is announced"
+    fn no_ticket_opens_a_ttl_after_it_was_sealed() {
+        let (t, start) = tickets();
+        let early = t.seal_at(b"x", start).unwrap();
+        let late = t.seal_at(b"y", at(start, 0.49)).unwrap();
+        let next = t.seal_at(b"z", at(start, 0.95)).unwrap();
+        let next2 = t.seal_at(b"w", at(start, 0.96)).unwrap();
+        assert!(
+            t.open_at(&late, at(start, 0.99)).is_some(),
+            "younger than a ttl"
         );
-        let t = Tickets::new(Duration::from_secs(60)).unwrap();
-        assert_eq!(t.lifetime(), 60);
+        assert_eq!(t.open_at(&early, at(start, 1.0)), None, "a ttl old");
+        assert_eq!(t.open_at(&early, at(start, 1.45)), None);
+        assert!(
+            t.open_at(&next, at(start, 1.45)).is_some(),
+            "sealed by the next key"
+        );
+        assert_eq!(
+            t.open_at(&next2, at(start, 1.95)),
+            None,
+            "a ttl after that key"
+        );
+        // A shorter ttl by reload applies to keys already made.
+        let (t, start) = tickets();
+        let c = t.seal_at(b"x", start).unwrap();
+        t.set_ttl(TTL / 4);
+        assert_eq!(t.open_at(&c, at(start, 0.25)), None);
+    }
+
+    #[test]
+    fn forgotten_keys_open_nothing() {
+        let (t, _) = tickets();
         let c = t.encrypt(b"x").unwrap();
-        // One rotation later the key no longer seals but still opens;
-        // two later it is gone (times ahead of the real clock, which the
-        // calls below then do not move).
-        let start = read(&t.keys).since;
-        t.roll(start + Duration::from_secs(30));
-        let d = t.encrypt(b"y").unwrap();
-        assert_ne!(c[0], d[0], "a new key seals");
-        t.roll(start + Duration::from_secs(60));
-        assert_eq!(t.decrypt(&c), None, "older than the ttl");
-        assert!(t.decrypt(&d).is_some(), "younger than the ttl");
+        t.forget_keys();
+        assert_eq!(t.decrypt(&c), None);
+        assert!(t.decrypt(&t.encrypt(b"y").unwrap()).is_some());
+    }
+
+    #[test]
+    fn an_idle_roll_erases_expired_keys() {
+        let (t, start) = tickets();
+        t.roll(at(start, 0.5));
+        assert!(lock(&t.keys).previous.is_some());
+        t.roll(at(start, 1.0));
+        let k = lock(&t.keys);
+        assert!(
+            k.previous.as_ref().is_none_or(|p| p.since > start),
+            "the first key is gone"
+        );
     }
 
     #[test]
     fn a_full_table_refuses_instead_of_forgetting() {
-        let t = Tickets::with_capacity(Duration::from_secs(15), 2).unwrap();
+        let t = Tickets::with_capacity(TTL, 2);
         let c: Vec<_> = (0..3).map(|_| t.encrypt(b"x").unwrap()).collect();
         assert!(t.decrypt(&c[0]).is_some());
         assert!(t.decrypt(&c[1]).is_some());
         assert_eq!(t.decrypt(&c[2]), None, "full: refused");
         assert_eq!(t.decrypt(&c[0]), None, "and still remembered");
+    }
+
+    #[test]
+    fn lifetime_is_announced_in_whole_seconds() {
+        assert_eq!(Tickets::new(Duration::from_millis(400)).lifetime(), 1);
+        assert_eq!(Tickets::new(Duration::from_millis(15_900)).lifetime(), 15);
     }
 }

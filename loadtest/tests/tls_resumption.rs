@@ -112,7 +112,13 @@ const POLICY: &str = "[policy]\nswitch_cooldown_ms = 300\nmax_switches_per_min =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reattaches_resume_tls_with_a_fresh_ticket_each_time() {
-    let env = common::start(POLICY).await;
+    // The most verbose logs: rustls prints tickets at trace.
+    let env = common::start_with(harness::GatewayOptions {
+        extra_toml: POLICY.into(),
+        env: vec![("RUST_LOG".into(), "trace".into())],
+        ..Default::default()
+    })
+    .await;
     let (relay, mut hellos) = hello_capturing_relay(env.gw.client_addr).await;
     let mut a = harness::agent(&env.pki, relay, None).unwrap();
     let t = common::hello(&mut a).await;
@@ -242,4 +248,158 @@ async fn an_agent_that_does_not_resume_still_reattaches() {
     let tls =
         |k: &str| harness::metric_value(&m, "jvpn_gateway_tls_handshakes_total", &[("kind", k)]);
     assert_eq!((tls("full"), tls("resumed")), (3.0, 0.0));
+}
+
+/// Keeps the first ticket it gets and offers it once, on any connection.
+#[derive(Debug, Default)]
+struct OneTicket(std::sync::Mutex<Option<rustls::client::Tls13ClientSessionValue>>);
+
+impl rustls::client::ClientSessionStore for OneTicket {
+    fn set_kx_hint(&self, _: rustls_pki_types::ServerName<'static>, _: rustls::NamedGroup) {}
+    fn kx_hint(&self, _: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        None
+    }
+    fn set_tls12_session(
+        &self,
+        _: rustls_pki_types::ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+    fn tls12_session(
+        &self,
+        _: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+    fn remove_tls12_session(&self, _: &rustls_pki_types::ServerName<'static>) {}
+    fn insert_tls13_ticket(
+        &self,
+        _: rustls_pki_types::ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0.lock().unwrap().get_or_insert(v);
+    }
+    fn take_tls13_ticket(
+        &self,
+        _: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.0.lock().unwrap().take()
+    }
+}
+
+/// A client configuration that keeps one ticket (rustls offers a ticket
+/// only with the configuration that got it).
+fn one_ticket_client(env: &common::Env) -> std::sync::Arc<rustls::ClientConfig> {
+    let roots = jvpn_agent::AgentConfig::roots_from_pem(&env.pki.layout.client_ca()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![jvpn_proto::ALPN.to_vec()];
+    cfg.resumption = rustls::client::Resumption::store(std::sync::Arc::new(OneTicket::default()));
+    std::sync::Arc::new(cfg)
+}
+
+/// A HELLO (preamble, TLS with `cfg`, the frame); whether TLS resumed, and
+/// the answer.
+async fn raw_hello(
+    env: &common::Env,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> (bool, Option<jvpn_proto::pb::session::frame::Kind>) {
+    use jvpn_proto::pb::session::Hello;
+    use jvpn_proto::pb::session::frame::Kind;
+    let mut tcp = TcpStream::connect(env.gw.client_addr).await.unwrap();
+    let preamble = jvpn_proto::preamble::Preamble::Hello { key_id: 0 };
+    tcp.write_all(&preamble.encode()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(harness::CLUSTER).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let hello = Kind::Hello(Hello {
+        protocol_version: jvpn_proto::PROTOCOL_VERSION,
+        auth: env.pki.dev_token().unwrap().into_bytes(),
+        channel: false,
+    });
+    jvpn_runtime::wire::write_frame(&mut tls, hello)
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let answer = jvpn_runtime::wire::read_frame(&mut tls, &mut buf)
+        .await
+        .ok()
+        .flatten();
+    (resumed, answer)
+}
+
+/// A new session is made over a full handshake only: a HELLO over a
+/// resumed connection (its principal would come from the ticket, not from
+/// a verification now) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_over_a_resumed_connection_is_refused() {
+    use jvpn_proto::pb::session::frame::Kind;
+    let env = common::start("").await;
+    let cfg = one_ticket_client(&env);
+    let (resumed, answer) = raw_hello(&env, cfg.clone()).await;
+    assert!(!resumed);
+    assert!(matches!(answer, Some(Kind::HelloOk(_))), "{answer:?}");
+    let (resumed, answer) = raw_hello(&env, cfg).await;
+    assert!(resumed, "the second connection resumed TLS");
+    match answer {
+        Some(Kind::Reject(r)) => {
+            assert_eq!(r.reason, jvpn_proto::ReasonCode::AuthFailed as i32);
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    assert_eq!(
+        env.gw
+            .metric("jvpn_gateway_hellos_total", &[("result", "auth_failed")])
+            .await
+            .unwrap(),
+        1.0
+    );
+}
+
+/// A resumed handshake does not check the client's certificate again, so a
+/// reload (perhaps of the agent CA) makes every earlier ticket worthless:
+/// the next reattach runs a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_retires_every_earlier_ticket() {
+    let env = common::start(POLICY).await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let _t = common::hello(&mut a).await;
+    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    harness::eventually(
+        std::time::Duration::from_secs(5),
+        "gateway reloaded",
+        || async {
+            env.gw
+                .metric("jvpn_gateway_config_reloads_total", &[])
+                .await
+                .unwrap()
+                == 1.0
+        },
+    )
+    .await
+    .unwrap();
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert!(!t.resumed_tls(), "the ticket from before the reload");
+    t.echo(b"x").await.unwrap();
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert!(t.resumed_tls(), "a ticket from after it");
+    t.echo(b"y").await.unwrap();
+    assert_eq!(
+        env.gw
+            .metric(
+                "jvpn_gateway_tls_tickets_refused_total",
+                &[("reason", "unknown")]
+            )
+            .await
+            .unwrap(),
+        1.0
+    );
 }

@@ -43,15 +43,26 @@ pub enum LogFormat {
 /// Logs go to stderr; ANSI colours only on a terminal.
 pub fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let base = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(secrets_stay_out));
     match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Human => b.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => base.with(fmt.json()).init(),
+        LogFormat::Human => base
+            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
     }
+}
+
+/// rustls logs handshake messages, resumption tickets included, at debug
+/// and trace: those levels of its targets stay off whatever `RUST_LOG`
+/// asks for.
+fn secrets_stay_out(meta: &tracing::Metadata<'_>) -> bool {
+    !meta.target().starts_with("rustls") || *meta.level() <= tracing::Level::INFO
 }
 
 /// sysexits EX_USAGE: the configuration is wrong.

@@ -182,6 +182,14 @@ async fn handle_conn(
         }
     };
     match (kind, first) {
+        // A new session's principal comes from a full handshake: a resumed
+        // one would take it from a ticket, unverified since (design note
+        // 45). Our agent never resumes a HELLO.
+        (HandshakeKind::Hello, Kind::Hello(_)) if tls_kind == "resumed" => {
+            counter!(m::HELLOS, "result" => ReasonCode::AuthFailed.as_str()).increment(1);
+            let _ = send_reject(&mut tls, ReasonCode::AuthFailed, 0, 0).await;
+            Err(ConnReject::AuthFailed)
+        }
         (HandshakeKind::Hello, Kind::Hello(h)) => {
             do_hello(shared, tls, buf, h, accepted_at, router_id.as_deref()).await
         }

@@ -155,6 +155,10 @@ impl Shared {
                 .map_err(ReloadError::Policy)?;
         }
         self.tickets.set_ttl(new.raw.policy.transport_lost_ttl());
+        // A resumed handshake does not verify the client certificate
+        // again: after a reload (perhaps of the agent CA), no ticket from
+        // before it is honoured.
+        self.tickets.forget_keys();
         let a = &new.raw.admission;
         let now = self.now();
         lock(&self.sources).reconfigure(
@@ -287,10 +291,9 @@ impl Shared {
 pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let incarnation = crate::incarnation::start(cfg.raw.state_dir.as_deref())?;
     let tokenless = !cfg.dev_tokens.is_empty();
-    let tickets = Arc::new(
-        crate::tickets::Tickets::new(cfg.raw.policy.transport_lost_ttl())
-            .ok_or(ServeError::Tls(rustls::Error::FailedToGetRandomBytes))?,
-    );
+    let tickets = Arc::new(crate::tickets::Tickets::new(
+        cfg.raw.policy.transport_lost_ttl(),
+    ));
     let tls = crate::tls::server_config(&cfg.tls, tokenless, Some(tickets.clone()))?;
     let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::with_capacity(n);
@@ -414,6 +417,8 @@ pub(super) async fn gauge_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bo
             })
             .sum();
         gauge!(m::CHANNEL_BUFFERED).set(buffered as f64);
+        // Ticket keys are erased on time even when no handshake comes.
+        shared.tickets.roll(std::time::Instant::now());
         if let Some(c) = &shared.cluster {
             c.set_sessions(total);
             c.export_lease_gauges(shared.now());
