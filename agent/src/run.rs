@@ -39,6 +39,9 @@ pub struct AgentReport {
     /// (e.g. `owner_lost`): explicit ends, each counted.
     pub streams_reset: BTreeMap<String, u64>,
     pub resumes_ok: u64,
+    /// Of those, the ones whose TLS resumed from a ticket (no certificates
+    /// exchanged).
+    pub resumes_tls_resumed: u64,
     pub resumes_rejected: BTreeMap<String, u64>,
     /// Security or protocol checks that failed.
     pub protocol_violations: u64,
@@ -757,8 +760,10 @@ async fn reattach(
                 let took = attempt_started.elapsed().as_millis() as u64;
                 // The agent's recovery figures are its main session's.
                 if main {
+                    let resumed = t.resumed_tls();
                     update(report, |r| {
                         r.resumes_ok += 1;
+                        r.resumes_tls_resumed += u64::from(resumed);
                         r.recovery_ms.push(ms);
                         r.resume_ms.push(took);
                     });

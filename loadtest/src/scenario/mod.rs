@@ -476,6 +476,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         echo_rtt_ms: echo_rtt,
         recovery_ms: latency(&recovery),
         resumes_ok: reports.iter().map(|r| r.resumes_ok).sum(),
+        resumes_tls_resumed: reports.iter().map(|r| r.resumes_tls_resumed).sum(),
         rehandshakes: reports.iter().map(|r| r.rehandshakes).sum(),
         errors_by_reason: errors(&reports),
         echo_failed,

@@ -81,6 +81,8 @@ pub struct RunReport {
     pub echo_rtt_ms: Latency,
     pub recovery_ms: Latency,
     pub resumes_ok: u64,
+    /// RESUMEs whose TLS resumed from a ticket (design note 45).
+    pub resumes_tls_resumed: u64,
     pub rehandshakes: u64,
     pub errors_by_reason: BTreeMap<String, u64>,
     /// Echoes with no answer within 10 s on a live session.
@@ -173,8 +175,12 @@ impl RunReport {
         let _ = writeln!(o, "recovery  {}", lat(&self.recovery_ms));
         let _ = writeln!(
             o,
-            "resumes {}, re-handshakes {}, echoes failed {}, connections cut {}",
-            self.resumes_ok, self.rehandshakes, self.echo_failed, self.connections_cut
+            "resumes {} ({} resumed TLS), re-handshakes {}, echoes failed {}, connections cut {}",
+            self.resumes_ok,
+            self.resumes_tls_resumed,
+            self.rehandshakes,
+            self.echo_failed,
+            self.connections_cut
         );
         if let Some(s) = &self.streams {
             let _ = writeln!(
