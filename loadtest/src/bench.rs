@@ -359,6 +359,22 @@ pub(crate) async fn start_pinned_gateway(
     .await
 }
 
+/// One exchange with the bare server: connect with `preamble`, a frame
+/// each way, the closing frame.
+async fn bare_exchange(
+    agent: &jvpn_agent::Agent,
+    preamble: &jvpn_proto::preamble::Preamble,
+) -> Result<()> {
+    let mut t = agent.open(preamble).await?;
+    t.ping().await?;
+    t.recv().await?;
+    t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
+        reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+    }))
+    .await?;
+    Ok(())
+}
+
 pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     raise_nofile();
     let exe = std::env::current_exe()?;
@@ -415,16 +431,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         cfg.bind_ip = Some(harness::source_ip(i));
         async move {
             let agent = jvpn_agent::Agent::new(cfg)?;
-            let mut t = agent
-                .open(&jvpn_proto::preamble::Preamble::Hello { key_id: 0 })
-                .await?;
-            t.ping().await?;
-            t.recv().await?;
-            t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
-                reason: jvpn_proto::ReasonCode::AgentClosed as i32,
-            }))
-            .await?;
-            Ok(())
+            bare_exchange(&agent, &jvpn_proto::preamble::Preamble::Hello { key_id: 0 }).await
         }
     })
     .await?;
@@ -446,19 +453,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         let slots = slots.clone();
         async move {
             let agent = slots[i].lock().await;
-            let mut t = agent
-                .open(&jvpn_proto::preamble::Preamble::Resume {
-                    key_id: 0,
-                    token: [0; jvpn_proto::token::TOKEN_LEN],
-                })
-                .await?;
-            t.ping().await?;
-            t.recv().await?;
-            t.send(Kind::Terminate(jvpn_proto::pb::session::Terminate {
-                reason: jvpn_proto::ReasonCode::AgentClosed as i32,
-            }))
-            .await?;
-            Ok(())
+            // A RESUME preamble: the agent offers its ticket only there.
+            let resume = jvpn_proto::preamble::Preamble::Resume {
+                key_id: 0,
+                token: [0; jvpn_proto::token::TOKEN_LEN],
+            };
+            bare_exchange(&agent, &resume).await
         }
     })
     .await?;
