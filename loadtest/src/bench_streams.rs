@@ -186,9 +186,27 @@ fn cpu_of(pids: &[nix::unistd::Pid]) -> f64 {
             break;
         }
     }
-    all.iter()
-        .filter_map(|p| cpu_seconds(nix::unistd::Pid::from_raw(*p)).ok())
-        .sum()
+    all.iter().map(|p| on_cpu_seconds(*p)).sum()
+}
+
+/// Time on CPU of a process's live threads, in ns resolution from
+/// `/proc/PID/task/*/schedstat` (the tick-based figure of `/proc/PID/stat`
+/// moves in 10 ms steps, too coarse for a short window: a peer's CPU read
+/// 0.0 in one CI run); the tick-based figure where schedstat is missing.
+fn on_cpu_seconds(pid: i32) -> f64 {
+    let precise = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        });
+    match precise {
+        Some(ns) if ns > 0 => ns as f64 / 1e9,
+        _ => cpu_seconds(nix::unistd::Pid::from_raw(pid)).unwrap_or(0.0),
+    }
 }
 
 async fn measure(

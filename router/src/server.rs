@@ -317,10 +317,12 @@ async fn ticker(state: Arc<RouterState>, mut stop: watch::Receiver<bool>) {
         let early = state.next_early_tick();
         let at = tokio::time::Instant::from_std(early.unwrap_or_else(Instant::now));
         let regular = tokio::select! {
+            // A regular tick that is due serves the early one too.
+            biased;
+            _ = stop.changed() => return,
             _ = iv.tick() => true,
             _ = tokio::time::sleep_until(at), if early.is_some() => false,
             _ = state.early_tick_added() => continue,
-            _ = stop.changed() => return,
         };
         let now = Instant::now();
         if regular {

@@ -275,12 +275,13 @@ impl HeartbeatStream {
         if first {
             info!(node = %hb.node_id, "heartbeat stream from gateway");
         }
-        self.current = Some(hb.incarnation);
         let verdict = state.on_heartbeat(&hb);
         if first {
             // After the heartbeat, which may have created the member.
             state.on_stream_opened(&hb.node_id, hb.incarnation);
         }
+        // Only now: `Drop` closes what was opened, nothing else.
+        self.current = Some(hb.incarnation);
         let superseded = verdict == HeartbeatVerdict::Superseded;
         if superseded {
             counter!(m::HEARTBEATS, "verdict" => "superseded").increment(1);

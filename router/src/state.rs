@@ -160,8 +160,8 @@ pub struct RouterState {
     tags: Mutex<OwnerTags>,
     tag_view: ArcSwap<OwnerTags>,
     /// What HELLO placement and RESUME routing read of the membership,
-    /// published after every change and every tick (no lock per
-    /// connection).
+    /// published after every change (events, and ticks with deaths or a
+    /// router-wide change; no lock per connection).
     routes: ArcSwap<Routes>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
     /// Extra ticks asked for (deaths falling due between steps), in order.
@@ -188,14 +188,36 @@ pub struct RouterState {
 }
 
 /// An extra tick comes this long after the death it is for falls due
-/// (verdicts are strictly after), and serves every death due within it.
+/// (verdicts are strictly after).
 const EARLY_TICK_SLACK: Duration = Duration::from_millis(2);
+
+/// Deaths falling due this close together share one extra tick (at most
+/// five extra ticks per 50 ms step).
+const EARLY_TICK_SHARED: Duration = Duration::from_millis(10);
+
+/// Adds `at` to the ordered queue of extra ticks unless one within
+/// [`EARLY_TICK_SHARED`] is there already; true if added. In order even
+/// when asked out of order (a close recorded late by a preempted thread).
+fn queue_early_tick(q: &mut std::collections::VecDeque<Instant>, at: Instant) -> bool {
+    let near = |t: &Instant| {
+        t.saturating_duration_since(at) < EARLY_TICK_SHARED
+            && at.saturating_duration_since(*t) < EARLY_TICK_SHARED
+    };
+    let i = q.partition_point(|t| *t < at);
+    if q.get(i).is_some_and(near) || i.checked_sub(1).and_then(|j| q.get(j)).is_some_and(near) {
+        return false;
+    }
+    q.insert(i, at);
+    true
+}
 
 /// The statuses a tick last published, and the alive incarnations among
 /// them (death signals are checked against it).
 #[derive(Default)]
 struct LastStatus {
-    status: Vec<MemberStatus>,
+    /// None before the first tick (which then writes every gauge, at 0
+    /// for a router without members).
+    status: Option<Vec<MemberStatus>>,
     alive: HashSet<(NodeId, Incarnation)>,
 }
 
@@ -398,18 +420,13 @@ impl RouterState {
 
     /// Asks the ticker for an extra tick at `at`: a death due between two
     /// 50 ms steps is then declared when due, not up to a step later.
-    /// Deadlines close together share one tick (a mass disconnect must
-    /// not become a tick per member).
+    /// Deadlines within [`EARLY_TICK_SHARED`] of one already asked for
+    /// share its tick, so a mass disconnect costs at most a few extra
+    /// ticks per step, not one per member.
     fn tick_at(&self, at: Instant) {
-        let mut q = lock(&self.early_ticks);
-        if q.back()
-            .is_some_and(|b| at.saturating_duration_since(*b) < EARLY_TICK_SLACK)
-        {
-            return;
+        if queue_early_tick(&mut lock(&self.early_ticks), at) {
+            self.early_tick_added.notify_one();
         }
-        q.push_back(at);
-        drop(q);
-        self.early_tick_added.notify_one();
     }
 
     /// The earliest extra tick asked for, if any.
@@ -460,7 +477,7 @@ impl RouterState {
             // reach routing here; events publish their own. Rebuilding the
             // snapshot every 50 ms regardless cost a thousand inserts a
             // tick at 1,000 members.
-            if !died.is_empty() || mship.routes_stale(&self.routes.load()) {
+            if mship.tick_publishes(&died, &self.routes.load()) {
                 self.routes.store(Arc::new(mship.routes()));
             }
             let status = mship.status(now);
@@ -504,7 +521,7 @@ impl RouterState {
         // stay the same (the steady state), except for death signals
         // registered since, which are checked against the last alive set.
         let mut last = lock(&self.last_status);
-        if last.status != status {
+        if last.status.as_ref() != Some(&status) {
             last.alive = status
                 .iter()
                 .filter(|s| s.alive)
@@ -515,7 +532,7 @@ impl RouterState {
             gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
             gauge!(m::MEMBERS, "state" => "alive").set(last.alive.len() as f64);
             gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
-            last.status = status;
+            last.status = Some(status);
         }
         {
             let mut deaths = lock(&self.deaths);
@@ -839,6 +856,31 @@ mod tests {
 
     fn key(i: u32) -> SourceKey {
         SourceKey::V4(i)
+    }
+
+    /// Extra ticks: near deadlines share one, the queue stays ordered
+    /// whatever order they come in, far ones each get their own.
+    #[test]
+    fn early_ticks_are_shared_and_ordered() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut q = std::collections::VecDeque::new();
+        assert!(queue_early_tick(&mut q, ms(100)));
+        assert!(!queue_early_tick(&mut q, ms(105)), "within 10 ms: shared");
+        assert!(!queue_early_tick(&mut q, ms(95)), "also before it");
+        assert!(queue_early_tick(&mut q, ms(130)));
+        assert!(
+            queue_early_tick(&mut q, ms(60)),
+            "late and earlier: its own"
+        );
+        assert!(queue_early_tick(&mut q, ms(115)), "between, far from both");
+        assert_eq!(q, [ms(60), ms(100), ms(115), ms(130)]);
+        // A thousand closes over half a second: at most one tick per 10 ms.
+        let mut q = std::collections::VecDeque::new();
+        let added = (0..1000u64)
+            .filter(|i| queue_early_tick(&mut q, t0 + Duration::from_micros(i * 500)))
+            .count();
+        assert!(added <= 51, "{added} extra ticks");
     }
 
     #[test]

@@ -179,6 +179,9 @@ pub struct Membership {
     unhealthy_since: Option<Mono>,
 }
 
+/// The mass-death guard judges deaths due within one tick step together.
+const GUARD_STEP: Duration = Duration::from_millis(50);
+
 impl Membership {
     pub fn new(cfg: MembershipConfig, now: Mono) -> Self {
         Self {
@@ -405,7 +408,8 @@ impl Membership {
         due
     }
 
-    /// Runs death verdicts. Call every 50 ms; returns the members that died.
+    /// Runs death verdicts. Call at least every 50 ms (and whenever a
+    /// closed stream's death falls due); returns the members that died.
     pub fn tick(&mut self, now: Mono) -> Vec<(NodeId, Incarnation)> {
         if let Some(last) = self.last_tick
             && now.saturating_since(last)
@@ -437,7 +441,16 @@ impl Membership {
                 (n.clone(), unreachable, silent_only)
             })
             .collect();
-        if live >= 2 && dying.len() * 2 > live {
+        // The guard judges a whole step: deaths due within the next 50 ms
+        // count too, so that extra ticks (one per closed stream's due time)
+        // cannot split a mass death into small batches that each pass.
+        let soon = now + GUARD_STEP;
+        let dying_soon = self
+            .members
+            .values()
+            .filter(|m| !m.dead && self.would_die(m, soon))
+            .count();
+        if live >= 2 && dying_soon * 2 > live {
             // More than half would die at once: more likely our fault, for
             // a while. Past `mass_death_hold` it is what it looks like.
             let since = *self.unhealthy_since.get_or_insert(now);
@@ -586,11 +599,12 @@ impl Membership {
         self.members.get(node).map(|m| self.route_entry(m))
     }
 
-    /// Whether `published` misses a router-wide change (self-suspicion,
-    /// the mass-death guard): members' own changes are published with
-    /// the event or tick that made them.
-    pub fn routes_stale(&self, published: &Routes) -> bool {
-        published.globals != self.route_globals()
+    /// Whether a tick that found `died` must publish the routing snapshot
+    /// again: someone died, or a router-wide rule (self-suspicion, the
+    /// mass-death guard) changed. Members' own changes are published with
+    /// the event that made them.
+    pub fn tick_publishes(&self, died: &[(NodeId, Incarnation)], published: &Routes) -> bool {
+        !died.is_empty() || published.globals != self.route_globals()
     }
 
     /// A copy of everything connection routing reads, so that HELLO
@@ -661,7 +675,8 @@ impl RouteGlobals {
 }
 
 /// A snapshot of the membership for connection routing, published by the
-/// shell after every change (and every tick); read without a lock.
+/// shell after every change (see [`Membership::tick_publishes`]); read
+/// without a lock.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     members: HashMap<NodeId, RouteEntry>,

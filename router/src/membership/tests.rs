@@ -116,6 +116,37 @@ fn a_closed_streams_death_falls_due_when_announced() {
     );
 }
 
+/// Review of issue 14's extra ticks: closes spread over a few ms are one
+/// mass death, even though each death now gets a tick of its own when it
+/// falls due; the guard judges a whole step, not one tick.
+#[test]
+fn closes_spread_over_a_few_ms_still_trip_the_mass_death_guard() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    let names: Vec<String> = (0..10).map(|i| format!("g{i}")).collect();
+    let all: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+    run(&mut m, &all, 0, 1000);
+    // Six of ten lose their streams 1 ms apart (a middlebox restart).
+    let dues: Vec<Mono> = names[..6]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let at = Mono::from_millis(1000 + i as u64);
+            m.on_stream_closed(at, &NodeId::new(n).unwrap(), Incarnation(1))
+                .unwrap()
+        })
+        .collect();
+    let healthy = &all[6..];
+    let mut died = run(&mut m, healthy, 1000, 1500);
+    for due in dues {
+        for (n, inc) in healthy {
+            m.on_heartbeat(due, &hb(n, *inc));
+        }
+        died.extend(m.tick(due + Duration::from_millis(2)));
+    }
+    assert!(died.is_empty(), "{died:?}");
+    assert!(m.is_unhealthy());
+}
+
 #[test]
 fn new_incarnation_supersedes_and_old_is_told_so() {
     let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
@@ -462,8 +493,8 @@ fn a_dead_newer_incarnation_does_not_lock_its_node_id_out() {
 /// does at any later time, as long as nothing else happened: every
 /// time-dependent rule is evaluated when read, not frozen when copied.
 /// The snapshot checked is published as the shell publishes it: after an
-/// event that changed that member's entry, and after a tick only when
-/// someone died or a router-wide rule changed.
+/// event that changed that member's entry, and after a tick when
+/// `tick_publishes` says so (the rule the shell calls).
 #[test]
 fn the_routing_snapshot_answers_as_the_membership_does() {
     use rand::{Rng, SeedableRng};
@@ -503,7 +534,7 @@ fn the_routing_snapshot_answers_as_the_membership_does() {
                 _ => Some(m.tick(now)),
             };
             let publish = match ticked {
-                Some(died) => !died.is_empty() || m.routes_stale(&published),
+                Some(died) => m.tick_publishes(&died, &published),
                 None => m.route_entry_of(&node) != before,
             };
             if publish {
