@@ -278,6 +278,8 @@ async fn drive(
         enum Ev {
             Frame(Result<Kind, AgentError>),
             Tick,
+            /// Nothing heard for `heartbeat_timeout`.
+            Silent,
             Cmd(Option<Command>),
             /// The channel may have frames to send.
             Out,
@@ -288,6 +290,10 @@ async fn drive(
         let ev = tokio::select! {
             f = t.recv() => Ev::Frame(f),
             () = tokio::time::sleep_until(next_tick.into()) => Ev::Tick,
+            // Its own deadline, not the next tick's: with pings every
+            // `interval`, a check on the tick gave up as late as
+            // `heartbeat_timeout + interval` after the last frame.
+            () = tokio::time::sleep_until((last_rx + silence_limit).into()) => Ev::Silent,
             c = cmds.recv() => Ev::Cmd(c),
             () = async {
                 if !more {
@@ -319,7 +325,7 @@ async fn drive(
             next_tick = Instant::now() + interval;
         }
         let lost: Option<AgentError> = match ev {
-            Ev::Tick if last_rx.elapsed() > silence_limit => {
+            Ev::Silent => {
                 note(&transitions, "no frame within heartbeat_timeout".into());
                 Some(AgentError::Closed)
             }

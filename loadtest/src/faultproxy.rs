@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -48,6 +48,8 @@ struct Inner {
     conns: Mutex<HashMap<u64, watch::Sender<ConnCtl>>>,
     next: AtomicU64,
     prefix: Vec<u8>,
+    /// When a byte last went from the upstream to a client.
+    last_down: Mutex<Option<Instant>>,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -79,6 +81,7 @@ impl FaultProxy {
             conns: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             prefix,
+            last_down: Mutex::new(None),
         });
         let i2 = inner.clone();
         let task = tokio::spawn(async move {
@@ -147,6 +150,16 @@ impl FaultProxy {
         cut.len()
     }
 
+    /// When bytes were last written to a client (what the client last
+    /// heard from the upstream, give or take the loopback).
+    pub fn last_forwarded_to_client(&self) -> Option<Instant> {
+        *self
+            .inner
+            .last_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn open_connections(&self) -> usize {
         self.inner
             .conns
@@ -192,8 +205,8 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     };
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let a = tokio::spawn(pump(cr, uw, rx.clone(), delay));
-    let b = tokio::spawn(pump(ur, cw, rx, delay));
+    let a = tokio::spawn(pump(cr, uw, rx.clone(), delay, None));
+    let b = tokio::spawn(pump(ur, cw, rx, delay, Some(inner.clone())));
     let _ = tokio::join!(a, b);
     inner
         .conns
@@ -203,8 +216,14 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     Ok(())
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, mut ctl: watch::Receiver<ConnCtl>, delay: Duration)
-where
+/// One direction; `down` (towards the client) records when it wrote.
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    mut ctl: watch::Receiver<ConnCtl>,
+    delay: Duration,
+    down: Option<Arc<Inner>>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -232,6 +251,10 @@ where
                     }
                     if w.write_all(&buf[..n]).await.is_err() {
                         return;
+                    }
+                    if let Some(i) = &down {
+                        *i.last_down.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Instant::now());
                     }
                 }
             },

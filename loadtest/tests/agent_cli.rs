@@ -153,6 +153,47 @@ async fn the_duration_holds_while_reattaching() {
     assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
 }
 
+/// A path that dies silently is given up `heartbeat_timeout` after the
+/// last frame that came through it, not at the next keep-alive tick: with
+/// pings every 1.9 s and a 2 s timeout, a check riding the tick gave up
+/// 3.8 s after the last pong (issue 17, item 2: a longer interval must not
+/// stretch detection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_path_is_given_up_within_heartbeat_timeout_of_the_last_frame() {
+    let env =
+        common::start("[policy]\nheartbeat_interval_ms = 1900\nheartbeat_timeout_ms = 2000\n")
+            .await;
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
+        .await
+        .unwrap();
+    let mut child = connect(&env, &proxy.addr.to_string())
+        .args(["--duration-s", "30"])
+        .spawn()
+        .unwrap();
+    let mut out = attached(&mut child).await;
+    // The path goes silent, sockets open: no FIN, no RST; the reattach
+    // that follows gets nowhere (and moves no byte to the agent).
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
+    proxy.stall_all();
+    let mut line = String::new();
+    while !line.contains("transport lost") {
+        line.clear();
+        let n = tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line))
+            .await
+            .expect("the agent noticed the silence")
+            .unwrap();
+        assert!(n > 0, "the agent exited");
+    }
+    // Read now: a frame in flight when the stall began may still have
+    // gone through.
+    let after = proxy.last_forwarded_to_client().unwrap().elapsed();
+    let limit = Duration::from_millis(2_000 + 300);
+    assert!(
+        after <= limit,
+        "given up {after:?} after the last frame, limit {limit:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_file_names_its_flag_and_path() {
     let env = common::start("").await;

@@ -35,7 +35,7 @@ mod report;
 
 use floods::{hello_flood, replay_flood};
 pub use report::{
-    FloodReport, Latency, RunReport, SampleTimeline, ThresholdResult, check_threshold,
+    FloodReport, Latency, RunReport, SampleTimeline, ThresholdResult, WindowCpu, check_threshold,
 };
 use report::{buckets, histogram, latency};
 
@@ -330,6 +330,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
     let echo_hist = Arc::new(Mutex::new(histogram()));
     let echo_failed = Arc::new(Mutex::new((0u64, 0u64)));
     let stop_at = Instant::now() + opts.duration;
+    let cpu0 = cluster_cpu(cluster.as_ref());
     let echoes = match opts.echo_every {
         Some(period) => spawn_echoes(
             &fleet,
@@ -375,6 +376,18 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         let _ = e.await;
     }
     tokio::time::sleep_until(stop_at.into()).await;
+    let cpu = cpu0
+        .zip(cluster_cpu(cluster.as_ref()))
+        .map(|((t0, c0), (t1, c1))| {
+            let s = t1.duration_since(t0).as_secs_f64().max(1e-3);
+            let pct = |a: f64, b: f64| (b - a) * 100.0 / s;
+            WindowCpu {
+                window_s: s,
+                routers_pct: pct(c0[0], c1[0]),
+                gateways_pct: pct(c0[1], c1[1]),
+                tool_pct: pct(c0[2], c1[2]),
+            }
+        });
     flood_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     progress_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = progress.await;
@@ -485,6 +498,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         invariants: inv,
         flood,
         streams,
+        cpu,
         thresholds: Vec::new(),
         histograms,
         timeline,
@@ -550,6 +564,18 @@ fn over_gateways<T: std::iter::Sum>(
     f: impl Fn(nix::unistd::Pid) -> Result<T>,
 ) -> Option<T> {
     c?.gateways.iter().map(|(_, g)| f(g.pid()?).ok()).sum()
+}
+
+/// When, and the CPU seconds the local routers, gateways and this tool
+/// have used (`None` without a local cluster or once one has exited).
+fn cluster_cpu(c: Option<&LocalCluster>) -> Option<(Instant, [f64; 3])> {
+    let routers: Option<f64> = c?
+        .routers
+        .iter()
+        .map(|r| crate::bench::cpu_seconds(r.pid()?).ok())
+        .sum();
+    let tool = crate::bench::cpu_seconds(nix::unistd::getpid()).ok()?;
+    Some((Instant::now(), [routers?, gateway_cpu(c)?, tool]))
 }
 
 /// CPU seconds the local gateways have used.

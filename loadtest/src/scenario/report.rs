@@ -99,6 +99,10 @@ pub struct RunReport {
     /// `bulk`: what the streams saw (stream_bytes, stream_bytes_lost, ...).
     #[serde(flatten)]
     pub streams: Option<crate::streamload::StreamStats>,
+    /// Local clusters: CPU over the scenario window (after every session
+    /// was established), so `steady` with no echoes is the idle cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<WindowCpu>,
     pub thresholds: Vec<ThresholdResult>,
     /// Per latency: `[upper bound ms, count]` on doubling buckets from 0.25 ms.
     pub histograms: BTreeMap<String, Vec<(f64, u64)>>,
@@ -195,6 +199,13 @@ impl RunReport {
                 s.stall_ms_per_jump.p99
             );
         }
+        if let Some(c) = &self.cpu {
+            let _ = writeln!(
+                o,
+                "cpu over the last {:.1} s, % of one core: routers {:.1}, gateways {:.1}, tool {:.1}",
+                c.window_s, c.routers_pct, c.gateways_pct, c.tool_pct
+            );
+        }
         if let Some(f) = &self.flood {
             let _ = writeln!(
                 o,
@@ -240,6 +251,17 @@ impl RunReport {
         }
         o
     }
+}
+
+/// CPU used over the scenario window, in % of one core (summed over the
+/// processes of a kind: 2 routers each at 25 % are 50).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct WindowCpu {
+    pub window_s: f64,
+    pub routers_pct: f64,
+    pub gateways_pct: f64,
+    /// This process: the agents, their TLS and the scenario's own work.
+    pub tool_pct: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
