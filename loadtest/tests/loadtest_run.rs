@@ -85,6 +85,15 @@ async fn steady_and_jump() {
     let v = scenario("steady", "3", &[]).await;
     assert_eq!(v["resumes_ok"], 0);
     assert_eq!(v["rehandshakes"], 0);
+    // The idle-cost figures: the window is the scenario's 3 s; every
+    // process kind was read (the tool's own CPU cannot be 0).
+    let cpu = &v["cpu"];
+    let window = cpu["window_s"].as_f64().unwrap_or(0.0);
+    assert!((2.9..4.0).contains(&window), "{cpu}");
+    for k in ["routers_pct", "gateways_pct", "tool_pct"] {
+        assert!(cpu[k].as_f64().is_some_and(|p| p >= 0.0), "{k}: {cpu}");
+    }
+    assert!(cpu["tool_pct"].as_f64().unwrap() > 0.0, "{cpu}");
     let v = scenario("jump", "5", &["--jump-every-s", "2"]).await;
     assert!(v["resumes_ok"].as_u64().unwrap() >= 30, "{v}");
     assert_eq!(v["rehandshakes"], 0);
