@@ -48,6 +48,9 @@ pub struct AgentReport {
     /// `ResumeOk` answers from another owner than the session's (refused).
     pub silent_migration_attempts: u64,
     pub go_aways: u64,
+    /// Keep-alive pings sent. A tick finds none needed while frames went
+    /// both ways within the interval (data and acks prove the path).
+    pub pings_sent: u64,
     /// Transport loss → attached again, per recovery (a resume, or a
     /// re-handshake when the session was gone).
     pub recovery_ms: Vec<u64>,
@@ -105,6 +108,21 @@ fn note(tx: &Option<Transitions>, line: String) {
     if let Some(tx) = tx {
         let _ = tx.send(line);
     }
+}
+
+/// The next frame if one can be read without waiting. `recv` keeps what
+/// it read in the transport's buffer, so dropping it unfinished (as every
+/// `select!` does) loses nothing.
+async fn recv_now(t: &mut Transport) -> Option<Result<Kind, AgentError>> {
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        let recv = std::pin::pin!(t.recv());
+        match recv.poll(cx) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+        }
+    })
+    .await
 }
 
 /// Applies `f` to the shared report.
@@ -241,6 +259,10 @@ async fn drive(
     // Silence for heartbeat_timeout means the transport is dead even if TCP
     // has not noticed (a paused gateway, a blackholed path): reattach.
     let mut last_rx = Instant::now();
+    // When a frame last went out: with `last_rx`, traffic both ways within
+    // the interval makes a ping redundant (the gateway times its silence
+    // from any frame, as the agent does).
+    let mut last_tx = Instant::now();
     // The data plane's outgoing side: which channel we are subscribed to,
     // and whether frames are known to be waiting.
     let mut subscribed: Option<u64> = None;
@@ -315,6 +337,15 @@ async fn drive(
                     None => std::future::pending().await,
                 }
             } => Ev::HandedOver(Box::new(r)),
+        };
+        // A deadline that passed while the loop was busy in another arm:
+        // a frame that arrived meanwhile proves the path alive.
+        let ev = match ev {
+            Ev::Silent => match recv_now(&mut t).await {
+                Some(f) => Ev::Frame(f),
+                None => Ev::Silent,
+            },
+            ev => ev,
         };
         if matches!(ev, Ev::Frame(Ok(_))) {
             last_rx = Instant::now();
@@ -441,7 +472,19 @@ async fn drive(
                 let why = agent.channel_broken().unwrap_or_default();
                 Some(AgentError::ChannelBroken(why))
             }
-            Ev::Tick => t.ping().await.err(),
+            // Bounded by the silence deadline: a ping stuck behind a full
+            // send buffer on a blackholed path must not outlast it.
+            Ev::Tick if last_tx.elapsed() < interval && last_rx.elapsed() < interval => None,
+            Ev::Tick => {
+                let sent = tokio::time::timeout_at((last_rx + silence_limit).into(), t.ping())
+                    .await
+                    .unwrap_or(Err(AgentError::Closed));
+                if sent.is_ok() {
+                    last_tx = Instant::now();
+                    update(&report, |r| r.pings_sent += 1);
+                }
+                sent.err()
+            }
             Ev::Out => {
                 more = agent
                     .data
@@ -457,6 +500,9 @@ async fn drive(
                         .await
                         .unwrap_or(Err(AgentError::Closed))
                 };
+                if sent.is_ok() && !out.is_empty() {
+                    last_tx = Instant::now();
+                }
                 out.clear();
                 sent.err()
             }

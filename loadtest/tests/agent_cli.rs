@@ -176,6 +176,7 @@ async fn a_silent_path_is_given_up_within_heartbeat_timeout_of_the_last_frame() 
     proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
     proxy.stall_all();
     let mut line = String::new();
+    let mut said = String::new();
     while !line.contains("transport lost") {
         line.clear();
         let n = tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line))
@@ -183,13 +184,17 @@ async fn a_silent_path_is_given_up_within_heartbeat_timeout_of_the_last_frame() 
             .expect("the agent noticed the silence")
             .unwrap();
         assert!(n > 0, "the agent exited");
+        said.push_str(&line);
     }
+    assert!(said.contains("no frame within heartbeat_timeout"), "{said}");
     // Read now: a frame in flight when the stall began may still have
     // gone through.
     let after = proxy.last_forwarded_to_client().unwrap().elapsed();
+    // Not before the timeout either: the proxy wrote the last frame
+    // before the agent read it.
     let limit = Duration::from_millis(2_000 + 300);
     assert!(
-        after <= limit,
+        after >= Duration::from_millis(2_000) && after <= limit,
         "given up {after:?} after the last frame, limit {limit:?}"
     );
 }

@@ -176,6 +176,44 @@ async fn streams_stay_byte_exact_while_transports_are_cut() {
     a.task.await.unwrap();
 }
 
+/// Frames both ways prove the path alive, so a busy session sends no
+/// keep-alive pings (issue 17 item 2); an idle one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_both_ways_stands_in_for_pings() {
+    const INTERVAL: Duration = Duration::from_millis(50);
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[policy]\nheartbeat_interval_ms = {}\n",
+        INTERVAL.as_millis()
+    ))
+    .await;
+    let echo = echo_server().await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let pings = || a.report.lock().unwrap().pings_sent;
+    // Attached, and idle: pings go out.
+    let p0 = pings();
+    eventually(Duration::from_secs(10), "idle pings", || async {
+        pings() >= p0 + 3
+    })
+    .await
+    .unwrap();
+    // Busy: echoes keep bytes moving both ways for at least 10 intervals
+    // (the data is made before, outside the measured window).
+    let data = pattern(7, 16 << 20);
+    let before = pings();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < INTERVAL * 10 {
+        let back = through_echo(&a.tunnel, echo, data.clone()).await;
+        assert!(back == data, "bytes differ");
+    }
+    let busy = t0.elapsed();
+    let during = pings() - before;
+    let ticks = (busy.as_millis() / INTERVAL.as_millis()) as u64;
+    eprintln!("{ticks} keep-alive ticks in {busy:?} of traffic, {during} pings");
+    // Without the rule every tick pinged.
+    assert!(during * 4 <= ticks, "{during} pings in {ticks} ticks");
+    drop(a.cmds);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
     // Only 127.0.0.2 is allowed (but not its port 9): 127.0.0.1 stays

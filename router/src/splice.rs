@@ -3,7 +3,7 @@
 //! Each direction waits for readiness without holding a buffer, then reads
 //! into a buffer of `buffer_bytes` that lives only while data is flowing: an
 //! idle spliced connection costs its two sockets and a small task, not two
-//! copy buffers. Reads use uninitialised capacity (`try_read_buf`), so a
+//! copy buffers. Reads use uninitialised capacity (`read_buf`), so a
 //! large buffer costs no zeroing. Half-close is forwarded (EOF on one side
 //! shuts down the write side of the other), and the other direction then
 //! has `splice.half_close_timeout_ms` to finish. A splice in which no byte
@@ -204,7 +204,13 @@ async fn pump_copy(
     moved: &AtomicU64,
 ) -> Result<(), ()> {
     loop {
-        if from.as_ref().readable().await.is_err() {
+        // `poll_read_ready`, not `readable()`: it takes from the task's
+        // cooperative budget, so when `read_now` says "nothing" because the
+        // budget ran out, this yields instead of spinning.
+        if std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx))
+            .await
+            .is_err()
+        {
             return Err(());
         }
         let mut buf = BytesMut::with_capacity(size);
@@ -229,7 +235,8 @@ async fn pump_copy(
     }
 }
 
-/// One read if the socket has data, `None` if it has none. Through
+/// One read if the socket has data, `None` if it has none (or the task's
+/// budget is spent: the caller then waits in `poll_read_ready`). Through
 /// `poll_read`, which takes a short read as proof the socket is drained:
 /// a small message (a keep-alive) then costs one `recv`, not a second one
 /// that finds nothing (a third of an idle router's system calls).
