@@ -110,21 +110,6 @@ fn note(tx: &Option<Transitions>, line: String) {
     }
 }
 
-/// The next frame if one can be read without waiting. `recv` keeps what
-/// it read in the transport's buffer, so dropping it unfinished (as every
-/// `select!` does) loses nothing.
-async fn recv_now(t: &mut Transport) -> Option<Result<Kind, AgentError>> {
-    use std::task::Poll;
-    std::future::poll_fn(|cx| {
-        let recv = std::pin::pin!(t.recv());
-        match recv.poll(cx) {
-            Poll::Pending => Poll::Ready(None),
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-        }
-    })
-    .await
-}
-
 /// Applies `f` to the shared report.
 fn update(report: &Mutex<AgentReport>, f: impl FnOnce(&mut AgentReport)) {
     f(&mut report.lock().unwrap_or_else(PoisonError::into_inner));
@@ -339,9 +324,11 @@ async fn drive(
             } => Ev::HandedOver(Box::new(r)),
         };
         // A deadline that passed while the loop was busy in another arm:
-        // a frame that arrived meanwhile proves the path alive.
+        // a frame that arrived meanwhile proves the path alive. (`recv`
+        // keeps what it read in the transport's buffer, so a read left
+        // unfinished loses nothing, as in every `select!`.)
         let ev = match ev {
-            Ev::Silent => match recv_now(&mut t).await {
+            Ev::Silent => match jvpn_runtime::wire::poll_once(t.recv()).await {
                 Some(f) => Ev::Frame(f),
                 None => Ev::Silent,
             },
@@ -472,9 +459,9 @@ async fn drive(
                 let why = agent.channel_broken().unwrap_or_default();
                 Some(AgentError::ChannelBroken(why))
             }
+            Ev::Tick if last_tx.elapsed() < interval && last_rx.elapsed() < interval => None,
             // Bounded by the silence deadline: a ping stuck behind a full
             // send buffer on a blackholed path must not outlast it.
-            Ev::Tick if last_tx.elapsed() < interval && last_rx.elapsed() < interval => None,
             Ev::Tick => {
                 let sent = tokio::time::timeout_at((last_rx + silence_limit).into(), t.ping())
                     .await

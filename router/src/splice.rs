@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::Deserialize;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -205,8 +205,8 @@ async fn pump_copy(
 ) -> Result<(), ()> {
     loop {
         // `poll_read_ready`, not `readable()`: it takes from the task's
-        // cooperative budget, so when `read_now` says "nothing" because the
-        // budget ran out, this yields instead of spinning.
+        // cooperative budget, so when the read below says "nothing" because
+        // the budget ran out, this yields instead of spinning.
         if std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx))
             .await
             .is_err()
@@ -216,7 +216,12 @@ async fn pump_copy(
         let mut buf = BytesMut::with_capacity(size);
         loop {
             buf.clear();
-            match read_now(&mut from, &mut buf).await {
+            // `None`: no data, or the task's budget is spent (the wait
+            // above then yields). Through `poll_read`, which takes a short
+            // read as proof the socket is drained: a small message (a
+            // keep-alive) costs one `recv`, not a second one that finds
+            // nothing (a third of an idle router's system calls).
+            match jvpn_runtime::wire::poll_once(from.read_buf(&mut buf)).await {
                 None => break,
                 Some(Ok(0)) => {
                     let _ = to.shutdown().await;
@@ -233,24 +238,6 @@ async fn pump_copy(
         }
         // `buf` is dropped here: idle connections hold no copy buffer.
     }
-}
-
-/// One read if the socket has data, `None` if it has none (or the task's
-/// budget is spent: the caller then waits in `poll_read_ready`). Through
-/// `poll_read`, which takes a short read as proof the socket is drained:
-/// a small message (a keep-alive) then costs one `recv`, not a second one
-/// that finds nothing (a third of an idle router's system calls).
-async fn read_now(from: &mut ReadHalf<'_>, buf: &mut BytesMut) -> Option<io::Result<usize>> {
-    use std::task::Poll;
-    use tokio::io::AsyncReadExt;
-    std::future::poll_fn(|cx| {
-        let read = std::pin::pin!(from.read_buf(buf));
-        match read.poll(cx) {
-            Poll::Pending => Poll::Ready(None),
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-        }
-    })
-    .await
 }
 
 fn spliced(

@@ -1,6 +1,7 @@
 //! Socket-level helpers every service shares: the pre-TLS status reply with
 //! its lingering close, frame read/write over any async stream, an accept
-//! loop that backs off on errors, and a lock that survives poisoning.
+//! loop that backs off on errors, a lock that survives poisoning, and a
+//! read that does not wait.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -18,6 +19,19 @@ use tokio::sync::watch;
 /// meaning here and must not take the whole process down.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Polls `fut` once with the caller's waker: its output if it is ready,
+/// `None` if not. The future is then dropped, so only for cancel-safe ones
+/// (a socket read, a frame read that keeps its partial bytes).
+pub async fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    use std::task::Poll;
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 /// How long and how much a refused connection is read after its status reply.
