@@ -14,7 +14,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug(["jvpn.session.v1.Hello", "jvpn.session.v1.Resume"])
         .compile_with_config(
             config,
-            &["proto/session.proto", "proto/membership.proto"],
+            &[
+                "proto/session.proto",
+                "proto/membership.proto",
+                "proto/store.proto",
+                "proto/etcd.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

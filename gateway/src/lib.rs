@@ -15,6 +15,7 @@
 //! - [`events`]: the JSON-lines event sink behind a bounded queue.
 //! - [`metrics`]: the metrics catalogue.
 //! - [`pki`]: the development PKI (`jvpn-gateway pki init`).
+//! - [`store`]: the shared session store on etcd (topology 3) and its self-fence.
 //! - [`cli`]: the `jvpn-gateway` command line (`run`, `check`, `pki init`).
 //!
 //! Process running, config helpers, the admin port and admission buckets
@@ -36,6 +37,7 @@ pub mod membership;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod store;
 pub mod syslog;
 pub mod tickets;
 pub mod timeline;

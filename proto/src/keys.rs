@@ -24,6 +24,7 @@ const CTX_VIEW: &str = "jvpn 2026-11 view id v1";
 const CTX_TAG: &str = "jvpn 2026-11 owner tag v1";
 const CTX_ROUTE: &str = "jvpn 2026-11 routing token chacha20poly1305 v1";
 const CTX_MEMBERSHIP: &str = "jvpn 2026-12 membership secret proof v1";
+const CTX_STORE: &str = "jvpn 2026-12 store record key chacha20poly1305 v1";
 /// Input of the placement keys: a constant, so placement survives rotations.
 const PLACEMENT_KEY_MATERIAL: &[u8] = b"jvpn placement v2";
 
@@ -77,6 +78,7 @@ impl ClusterSecret {
             tag: Zeroizing::new(blake3::derive_key(CTX_TAG, &self.secret[..])),
             route: Zeroizing::new(blake3::derive_key(CTX_ROUTE, &self.secret[..])),
             membership: Zeroizing::new(blake3::derive_key(CTX_MEMBERSHIP, &self.secret[..])),
+            store: Zeroizing::new(blake3::derive_key(CTX_STORE, &self.secret[..])),
         }
     }
 }
@@ -106,6 +108,7 @@ pub struct ClusterKeys {
     tag: Zeroizing<[u8; 32]>,
     route: Zeroizing<[u8; 32]>,
     membership: Zeroizing<[u8; 32]>,
+    store: Zeroizing<[u8; 32]>,
 }
 
 impl ClusterKeys {
@@ -132,6 +135,11 @@ impl ClusterKeys {
     pub fn membership_key(&self) -> &[u8; 32] {
         &self.membership
     }
+    /// ChaCha20-Poly1305 key wrapping resume keys in the shared store
+    /// ([`crate::store_record`]).
+    pub fn store_key(&self) -> &[u8; 32] {
+        &self.store
+    }
 }
 
 impl fmt::Debug for ClusterKeys {
@@ -152,11 +160,14 @@ mod tests {
         assert_eq!(a.route_key(), b.route_key());
         assert_ne!(a.route_key(), a.tag_key());
         assert_ne!(a.view_key(), a.tag_key());
+        assert_ne!(a.store_key(), a.route_key());
+        assert_ne!(a.store_key(), a.membership_key());
         assert_eq!(a.key_id(), 3);
         let other = ClusterSecret::new(4, [8; 32]).derive();
         // Secret keys change with the secret; placement does not.
         assert_ne!(a.route_key(), other.route_key());
         assert_ne!(a.tag_key(), other.tag_key());
+        assert_ne!(a.store_key(), other.store_key());
         assert_eq!(a.ring_sip_keys(), other.ring_sip_keys());
         assert_eq!(a.view_key(), other.view_key());
     }

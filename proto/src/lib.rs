@@ -17,6 +17,7 @@
 //! - [`crypto`]: proofs and exporter labels of the RESUME exchange.
 //! - [`channel`]: the resumable byte channel of the data plane, sans-IO ([`channel::Channel`]).
 //! - [`client`]: the client's half of a session, sans-IO ([`client::ClientSession`]).
+//! - [`store_record`]: a session's record in the shared store and its wrapped resume key.
 //! - [`stream`]: a stream's destination (`host:port`) and why a gateway refused one.
 //! - [`time`]: [`Mono`], the monotonic instant every sans-IO core takes as `now`.
 
@@ -36,6 +37,7 @@ pub mod preamble;
 pub mod proxy;
 pub mod reason;
 pub mod ring;
+pub mod store_record;
 pub mod stream;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -14,6 +14,18 @@ pub mod membership {
     tonic::include_proto!("jvpn.membership.v1");
 }
 
+/// A session's record in the shared store (`proto/store.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod store {
+    tonic::include_proto!("jvpn.store.v1");
+}
+
+/// The part of etcd's v3 API the shared store calls (`proto/etcd.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 impl fmt::Debug for session::Hello {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hello")

@@ -1,0 +1,354 @@
+//! The session store on etcd (topology 3, DESIGN.md §9): records, owner
+//! leases and the compare-and-set transactions that fence every write.
+//!
+//! Keys under the configured prefix:
+//! - `<prefix>/sessions/<session id hex>`: the [`SessionRecord`]; no lease
+//!   (a session outlives its owner: that is the point of the topology);
+//! - `<prefix>/owners/<node>/<incarnation hex>`: empty, put under the
+//!   owner's lease, so it exists exactly while the lease does. A taker's
+//!   claim compares its absence inside the claim's own transaction: the
+//!   old lease is *seen* gone by etcd at the claim's revision, never
+//!   assumed gone on a local timer.
+//!
+//! Every write names the record's `mod_revision` it read; a write from a
+//! stale owner (one whose session was taken over) fails at etcd.
+
+use std::time::Duration;
+
+use jvpn_proto::pb::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
+use jvpn_proto::pb::etcd::kv_client::KvClient;
+use jvpn_proto::pb::etcd::lease_client::LeaseClient;
+use jvpn_proto::pb::etcd::request_op::Request as Op;
+use jvpn_proto::pb::etcd::{
+    Compare, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest,
+    RangeRequest, RequestOp, TxnRequest,
+};
+use jvpn_proto::pb::store::SessionRecord;
+use jvpn_proto::store_record::{self, RecordError};
+use jvpn_proto::{Incarnation, NodeId, SessionId};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Why a store operation did not happen. Each is explicit: the caller fails
+/// closed (no claim, no `ResumeOk`) on every one of them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// etcd could not be reached or did not answer in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The record changed since it was read (another writer, a takeover).
+    #[error("store record changed since revision {expected}")]
+    Stale { expected: i64 },
+    /// A record for this session exists already.
+    #[error("store record exists already")]
+    Exists,
+    /// The owner's lease key still exists: no takeover.
+    #[error("the owner's lease is still alive")]
+    OwnerAlive,
+    /// No record for this session.
+    #[error("no store record")]
+    Missing,
+    /// A stored record does not read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// A configuration value (endpoint, certificate) is unusable.
+    #[error("store config: {0}")]
+    Config(String),
+}
+
+impl From<tonic::Status> for StoreError {
+    fn from(s: tonic::Status) -> Self {
+        StoreError::Unavailable(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+/// How to reach etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    /// `https://host:port` (or `http://` without TLS), one per member.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster's records.
+    pub prefix: String,
+    /// PEM: the CA of etcd's client port, our client certificate and key.
+    pub tls: Option<EtcdTls>,
+    /// Bound on every request (a store that cannot decide fails closed).
+    pub request_timeout: Duration,
+}
+
+/// mTLS material for etcd's client port.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls(<redacted>)")
+    }
+}
+
+/// A record as read, with the revision every write must name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub record: SessionRecord,
+    pub mod_revision: i64,
+}
+
+/// The store's client. Cheap to clone (one HTTP/2 channel over the
+/// endpoints, which reconnects by itself; streams are per call, so nothing
+/// needs restoring after an etcd restart).
+#[derive(Clone, Debug)]
+pub struct EtcdStore {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl EtcdStore {
+    /// A client for `cfg`'s endpoints; connects lazily, so a store down at
+    /// start-up fails the first operation, not the process.
+    pub fn new(cfg: &EtcdConfig) -> Result<Self, StoreError> {
+        if cfg.endpoints.is_empty() {
+            return Err(StoreError::Config("no endpoints".into()));
+        }
+        let mut eps = Vec::with_capacity(cfg.endpoints.len());
+        for url in &cfg.endpoints {
+            let mut ep = Endpoint::from_shared(url.clone())
+                .map_err(|e| StoreError::Config(format!("endpoint {url}: {e}")))?
+                .connect_timeout(cfg.request_timeout)
+                .timeout(cfg.request_timeout)
+                .tcp_nodelay(true);
+            if let Some(t) = &cfg.tls {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&t.ca_pem))
+                    .identity(Identity::from_pem(&t.cert_pem, &t.key_pem));
+                ep = ep
+                    .tls_config(tls)
+                    .map_err(|e| StoreError::Config(format!("tls for {url}: {e}")))?;
+            }
+            eps.push(ep);
+        }
+        let channel = Channel::balance_list(eps.into_iter());
+        Ok(Self {
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            prefix: cfg.prefix.trim_end_matches('/').to_owned(),
+            timeout: cfg.request_timeout,
+        })
+    }
+
+    /// Where `sid`'s record lives.
+    pub fn session_key(&self, sid: &SessionId) -> Vec<u8> {
+        format!("{}/sessions/{sid}", self.prefix).into_bytes()
+    }
+
+    /// The key that exists while `node`'s incarnation holds its lease.
+    pub fn owner_key(&self, node: &NodeId, inc: Incarnation) -> Vec<u8> {
+        format!("{}/owners/{node}/{:016x}", self.prefix, inc.0).into_bytes()
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| StoreError::Unavailable("request timed out".into()))?
+    }
+
+    /// A lease of `ttl` (whole seconds, at least one): its id and the TTL
+    /// etcd granted.
+    pub async fn grant(&self, ttl: Duration) -> Result<(i64, i64), StoreError> {
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut c = self.lease.clone();
+        self.bounded(async move {
+            let r = c
+                .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                .await?
+                .into_inner();
+            if !r.error.is_empty() {
+                return Err(StoreError::Unavailable(format!("lease grant: {}", r.error)));
+            }
+            Ok((r.id, r.ttl))
+        })
+        .await
+    }
+
+    /// One keep-alive round trip: the TTL etcd reports (0: the lease is gone).
+    /// A stream per call: after an etcd restart the next call reconnects.
+    pub async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        let mut c = self.lease.clone();
+        self.bounded(async move {
+            let req = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
+            let mut answers = c.lease_keep_alive(req).await?.into_inner();
+            match answers.message().await? {
+                Some(a) => Ok(a.ttl),
+                None => Err(StoreError::Unavailable("keep-alive stream ended".into())),
+            }
+        })
+        .await
+    }
+
+    /// Ends a lease now (a clean shutdown hands its sessions over at once).
+    pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        let mut c = self.lease.clone();
+        self.bounded(async move {
+            c.lease_revoke(LeaseRevokeRequest { id: lease }).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Puts the owner key of `node`'s incarnation under `lease`.
+    pub async fn register_owner(
+        &self,
+        node: &NodeId,
+        inc: Incarnation,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let put = put(self.owner_key(node, inc), Vec::new(), lease);
+        self.txn(Vec::new(), vec![put]).await.map(|_| ())
+    }
+
+    /// Does the owner key of `node`'s incarnation exist (its lease alive)?
+    pub async fn owner_alive(&self, node: &NodeId, inc: Incarnation) -> Result<bool, StoreError> {
+        Ok(self.get(self.owner_key(node, inc)).await?.is_some())
+    }
+
+    async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
+        let mut c = self.kv.clone();
+        self.bounded(async move {
+            let r = c
+                .range(RangeRequest {
+                    key,
+                    range_end: Vec::new(),
+                    limit: 1,
+                })
+                .await?
+                .into_inner();
+            Ok(r.kvs.into_iter().next())
+        })
+        .await
+    }
+
+    /// Runs a transaction: `Ok(Some(revision))` when every compare held and
+    /// the writes happened at that revision, `Ok(None)` when one failed.
+    async fn txn(
+        &self,
+        compare: Vec<Compare>,
+        success: Vec<RequestOp>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut c = self.kv.clone();
+        self.bounded(async move {
+            let r = c
+                .txn(TxnRequest {
+                    compare,
+                    success,
+                    failure: Vec::new(),
+                })
+                .await?
+                .into_inner();
+            Ok(r.succeeded.then(|| r.header.map_or(0, |h| h.revision)))
+        })
+        .await
+    }
+
+    /// Reads `sid`'s record.
+    pub async fn load(&self, sid: &SessionId) -> Result<Option<Stored>, StoreError> {
+        match self.get(self.session_key(sid)).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some(Stored {
+                record: store_record::decode(&kv.value)?,
+                mod_revision: kv.mod_revision,
+            })),
+        }
+    }
+
+    /// Writes a new session's record; fails if one exists.
+    pub async fn create(&self, sid: &SessionId, rec: &SessionRecord) -> Result<i64, StoreError> {
+        let key = self.session_key(sid);
+        let absent = compare(
+            key.clone(),
+            CompareTarget::Create,
+            TargetUnion::CreateRevision(0),
+        );
+        self.txn(vec![absent], vec![put(key, store_record::encode(rec), 0)])
+            .await?
+            .ok_or(StoreError::Exists)
+    }
+
+    /// A binding change by the owner: written only if the record is still
+    /// the one read at `expected` (a takeover in between makes it fail).
+    pub async fn update(
+        &self,
+        sid: &SessionId,
+        expected: i64,
+        rec: &SessionRecord,
+    ) -> Result<i64, StoreError> {
+        let key = self.session_key(sid);
+        let same = compare(
+            key.clone(),
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(expected),
+        );
+        self.txn(vec![same], vec![put(key, store_record::encode(rec), 0)])
+            .await?
+            .ok_or(StoreError::Stale { expected })
+    }
+
+    /// A takeover: `rec` (the caller bumped `owner_epoch` and rewrapped a
+    /// fresh key) replaces the record read at `expected`, only if the
+    /// previous owner's lease key is gone at this very revision.
+    pub async fn claim(
+        &self,
+        sid: &SessionId,
+        expected: i64,
+        previous: (&NodeId, Incarnation),
+        rec: &SessionRecord,
+    ) -> Result<i64, StoreError> {
+        let key = self.session_key(sid);
+        let owner = self.owner_key(previous.0, previous.1);
+        let same = compare(
+            key.clone(),
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(expected),
+        );
+        let gone = compare(
+            owner.clone(),
+            CompareTarget::Create,
+            TargetUnion::CreateRevision(0),
+        );
+        if let Some(rev) = self
+            .txn(
+                vec![same, gone],
+                vec![put(key, store_record::encode(rec), 0)],
+            )
+            .await?
+        {
+            return Ok(rev);
+        }
+        // Which compare failed decides what the caller does next.
+        if self.get(owner).await?.is_some() {
+            Err(StoreError::OwnerAlive)
+        } else {
+            Err(StoreError::Stale { expected })
+        }
+    }
+}
+
+fn compare(key: Vec<u8>, target: CompareTarget, value: TargetUnion) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: target as i32,
+        key,
+        target_union: Some(value),
+    }
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestPut(PutRequest { key, value, lease })),
+    }
+}
