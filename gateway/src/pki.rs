@@ -14,6 +14,14 @@
 //! DIR/dev-token                a development agent token
 //! ```
 //!
+//! For topology 3, [`mint_etcd`] adds the store's own CA:
+//!
+//! ```text
+//! DIR/etcd/ca.pem              CA of etcd's client and peer ports (mTLS)
+//! DIR/etcd/member-<i>.{pem,key}    serverAuth + clientAuth, SANs 127.0.0.1, localhost
+//! DIR/etcd/client.{pem,key}    clientAuth, what gateways present to etcd
+//! ```
+//!
 //! Every private key and secret is written with mode 0600.
 
 use std::fs;
@@ -145,11 +153,20 @@ impl Ca {
         sans: Vec<SanType>,
         eku: ExtendedKeyUsagePurpose,
     ) -> Result<(String, String)> {
+        self.issue_for(cn, sans, vec![eku])
+    }
+
+    fn issue_for(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<(String, String)> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(cn);
         params.subject_alt_names = sans;
-        params.extended_key_usages = vec![eku];
+        params.extended_key_usages = ekus;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
@@ -192,6 +209,57 @@ pub fn mint_members(layout: &PkiLayout, cluster: &str, nodes: &[String]) -> Resu
         issue_membership(&ca, layout, cluster, node)?;
     }
     Ok(())
+}
+
+/// Files of the store's PKI ([`mint_etcd`]).
+#[derive(Clone, Debug)]
+pub struct EtcdPki {
+    pub ca: PathBuf,
+    pub members: Vec<(PathBuf, PathBuf)>,
+    pub client: (PathBuf, PathBuf),
+}
+
+/// A CA for an etcd cluster of `members` members on loopback, their
+/// certificates (etcd uses one certificate as server and as peer client,
+/// so both usages) and one client certificate for the gateways, under
+/// `<dir>/etcd`. Existing files are replaced.
+pub fn mint_etcd(dir: &Path, cluster: &str, members: usize) -> Result<EtcdPki> {
+    let d = dir.join("etcd");
+    fs::create_dir_all(&d).map_err(write_error(&d))?;
+    let (ca, ca_pem) = Ca::new(&format!("jvpn {cluster} etcd CA"))?;
+    let ca_path = d.join("ca.pem");
+    write_public(&ca_path, &ca_pem)?;
+    let mut out = Vec::with_capacity(members);
+    for i in 0..members {
+        let (cert, key) = ca.issue_for(
+            &format!("etcd-{i}.{cluster}"),
+            vec![loopback(), dns("localhost")?],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )?;
+        let (c, k) = (
+            d.join(format!("member-{i}.pem")),
+            d.join(format!("member-{i}.key")),
+        );
+        write_public(&c, &cert)?;
+        write_secret(&k, &key)?;
+        out.push((c, k));
+    }
+    let (cert, key) = ca.issue(
+        &format!("gateways.{cluster}"),
+        vec![dns(&format!("gateways.{cluster}"))?],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    let (c, k) = (d.join("client.pem"), d.join("client.key"));
+    write_public(&c, &cert)?;
+    write_secret(&k, &key)?;
+    Ok(EtcdPki {
+        ca: ca_path,
+        members: out,
+        client: (c, k),
+    })
 }
 
 /// A CA's certificate parameters: what `new` signs and `load` rebuilds.

@@ -32,6 +32,7 @@ pub mod bench_streams;
 pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;
+pub mod etcd;
 pub mod faultproxy;
 pub mod fleet;
 pub mod harness;

@@ -13,6 +13,8 @@
 //! Every write names the record's `mod_revision` it read; a write from a
 //! stale owner (one whose session was taken over) fails at etcd.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use jvpn_proto::pb::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -95,13 +97,27 @@ pub struct Stored {
     pub mod_revision: i64,
 }
 
-/// The store's client. Cheap to clone (one HTTP/2 channel over the
-/// endpoints, which reconnects by itself; streams are per call, so nothing
-/// needs restoring after an etcd restart).
+/// One member's clients (one lazily connected HTTP/2 channel each).
 #[derive(Clone, Debug)]
-pub struct EtcdStore {
+struct Member {
     kv: KvClient<Channel>,
     lease: LeaseClient<Channel>,
+}
+
+/// The store's client. Cheap to clone. It sticks to the member that last
+/// answered and moves on to the next one when a member cannot be reached
+/// (a balanced channel would keep sending a share of calls to a dead
+/// member). Channels reconnect by themselves and streams are per call, so
+/// nothing needs restoring after an etcd restart.
+///
+/// Moving on is safe for writes too: every write is a compare-and-set, so
+/// one that did land before its connection broke fails its compare when
+/// sent again (`Exists` / `Stale`) instead of landing twice; the caller
+/// then reads the record back before it believes either outcome.
+#[derive(Clone, Debug)]
+pub struct EtcdStore {
+    members: Arc<[Member]>,
+    current: Arc<AtomicUsize>,
     prefix: String,
     timeout: Duration,
 }
@@ -130,13 +146,55 @@ impl EtcdStore {
             }
             eps.push(ep);
         }
-        let channel = Channel::balance_list(eps.into_iter());
+        let members: Vec<Member> = eps
+            .into_iter()
+            .map(|ep| {
+                let ch = ep.connect_lazy();
+                Member {
+                    kv: KvClient::new(ch.clone()),
+                    lease: LeaseClient::new(ch),
+                }
+            })
+            .collect();
         Ok(Self {
-            kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel),
+            members: members.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             prefix: cfg.prefix.trim_end_matches('/').to_owned(),
             timeout: cfg.request_timeout,
         })
+    }
+
+    /// Runs `call` on the member that last answered, then on the others in
+    /// turn while a member is unreachable; the whole within the request
+    /// bound. Any other answer (including etcd's own errors) is final.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Member) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let n = self.members.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let attempts = async {
+            let mut last = None;
+            for k in 0..n {
+                let i = (start + k) % n;
+                match call(self.members[i].clone()).await {
+                    Ok(v) => {
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
+                    Err(s) => return Err(StoreError::from(s)),
+                }
+            }
+            Err(last.map_or_else(
+                || StoreError::Unavailable("no endpoint".into()),
+                StoreError::from,
+            ))
+        };
+        tokio::time::timeout(self.timeout, attempts)
+            .await
+            .map_err(|_| StoreError::Unavailable("request timed out".into()))?
     }
 
     /// Where `sid`'s record lives.
@@ -149,43 +207,33 @@ impl EtcdStore {
         format!("{}/owners/{node}/{:016x}", self.prefix, inc.0).into_bytes()
     }
 
-    async fn bounded<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, f)
-            .await
-            .map_err(|_| StoreError::Unavailable("request timed out".into()))?
-    }
-
     /// A lease of `ttl` (whole seconds, at least one): its id and the TTL
     /// etcd granted.
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, i64), StoreError> {
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut c = self.lease.clone();
-        self.bounded(async move {
-            let r = c
-                .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-                .await?
-                .into_inner();
-            if !r.error.is_empty() {
-                return Err(StoreError::Unavailable(format!("lease grant: {}", r.error)));
-            }
-            Ok((r.id, r.ttl))
-        })
-        .await
+        let r = self
+            .call(|mut m| async move {
+                Ok(m.lease
+                    .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        if !r.error.is_empty() {
+            return Err(StoreError::Unavailable(format!("lease grant: {}", r.error)));
+        }
+        Ok((r.id, r.ttl))
     }
 
     /// One keep-alive round trip: the TTL etcd reports (0: the lease is gone).
     /// A stream per call: after an etcd restart the next call reconnects.
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        let mut c = self.lease.clone();
-        self.bounded(async move {
+        self.call(|mut m| async move {
             let req = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
-            let mut answers = c.lease_keep_alive(req).await?.into_inner();
+            let mut answers = m.lease.lease_keep_alive(req).await?.into_inner();
             match answers.message().await? {
                 Some(a) => Ok(a.ttl),
-                None => Err(StoreError::Unavailable("keep-alive stream ended".into())),
+                None => Err(tonic::Status::unavailable("keep-alive stream ended")),
             }
         })
         .await
@@ -193,9 +241,10 @@ impl EtcdStore {
 
     /// Ends a lease now (a clean shutdown hands its sessions over at once).
     pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        let mut c = self.lease.clone();
-        self.bounded(async move {
-            c.lease_revoke(LeaseRevokeRequest { id: lease }).await?;
+        self.call(|mut m| async move {
+            m.lease
+                .lease_revoke(LeaseRevokeRequest { id: lease })
+                .await?;
             Ok(())
         })
         .await
@@ -218,17 +267,19 @@ impl EtcdStore {
     }
 
     async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
-        let mut c = self.kv.clone();
-        self.bounded(async move {
-            let r = c
-                .range(RangeRequest {
-                    key,
-                    range_end: Vec::new(),
-                    limit: 1,
-                })
-                .await?
-                .into_inner();
-            Ok(r.kvs.into_iter().next())
+        self.call(|mut m| {
+            let key = key.clone();
+            async move {
+                let r =
+                    m.kv.range(RangeRequest {
+                        key,
+                        range_end: Vec::new(),
+                        limit: 1,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(r.kvs.into_iter().next())
+            }
         })
         .await
     }
@@ -240,17 +291,17 @@ impl EtcdStore {
         compare: Vec<Compare>,
         success: Vec<RequestOp>,
     ) -> Result<Option<i64>, StoreError> {
-        let mut c = self.kv.clone();
-        self.bounded(async move {
-            let r = c
-                .txn(TxnRequest {
-                    compare,
-                    success,
-                    failure: Vec::new(),
-                })
-                .await?
-                .into_inner();
-            Ok(r.succeeded.then(|| r.header.map_or(0, |h| h.revision)))
+        let req = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        self.call(|mut m| {
+            let req = req.clone();
+            async move {
+                let r = m.kv.txn(req).await?.into_inner();
+                Ok(r.succeeded.then(|| r.header.map_or(0, |h| h.revision)))
+            }
         })
         .await
     }

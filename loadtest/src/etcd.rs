@@ -1,0 +1,220 @@
+//! A real etcd cluster on loopback for topology 3's tests and runs: N
+//! members of Debian's `etcd` (3.4), mTLS on the client and peer ports
+//! under a CA of their own, data directories on tmpfs (`/dev/shm`: etcd
+//! 3.4 cannot skip fsync). Members can be killed and started again.
+//!
+//! etcd cannot take port 0 once `--initial-cluster` names its peers, so
+//! the ports are picked by binding port 0 and releasing it; a member that
+//! then fails to bind is started again on fresh ports (bounded).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use jvpn_gateway::pki::{self, EtcdPki};
+use jvpn_gateway::store::{EtcdConfig, EtcdStore, EtcdTls};
+use tokio::process::{Child, Command};
+
+/// The etcd binary (Debian `etcd-server`).
+pub const ETCD: &str = "/usr/bin/etcd";
+
+/// One member's addresses and process.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    data: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// A running etcd cluster; killed (and its data removed) when dropped.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    pki: EtcdPki,
+    token: String,
+    _dir: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?)
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers a read.
+    pub async fn start(n: usize) -> Result<Self> {
+        if !Path::new(ETCD).is_file() {
+            bail!("{ETCD} not found: install Debian's etcd-server (.ci/run does)");
+        }
+        let dir = tempfile::tempdir()?;
+        let shm = Path::new("/dev/shm");
+        let data = if shm.is_dir() {
+            tempfile::tempdir_in(shm)?
+        } else {
+            tempfile::tempdir()?
+        };
+        let pki = pki::mint_etcd(dir.path(), crate::harness::CLUSTER, n)?;
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            members.push(Member {
+                name: format!("m{i}"),
+                client: free_port()?,
+                peer: free_port()?,
+                data: data.path().join(format!("m{i}")),
+                child: None,
+                log: dir.path().join(format!("etcd-m{i}.log")),
+            });
+        }
+        let token = format!("jvpn-test-{}", rand::random::<u64>());
+        let mut c = Self {
+            members,
+            pki,
+            token,
+            _dir: dir,
+            _data: data,
+        };
+        for i in 0..n {
+            c.spawn(i)?;
+        }
+        c.wait_ready(Duration::from_secs(30)).await?;
+        Ok(c)
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=https://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let initial = self.initial_cluster();
+        let (cert, key) = self.pki.members[i].clone();
+        let ca = self.pki.ca.clone();
+        let token = self.token.clone();
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
+        let client = format!("https://{}", m.client);
+        let peer = format!("https://{}", m.peer);
+        let child = Command::new(ETCD)
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--client-cert-auth")
+            .arg("--peer-cert-file")
+            .arg(&cert)
+            .arg("--peer-key-file")
+            .arg(&key)
+            .arg("--peer-trusted-ca-file")
+            .arg(&ca)
+            .arg("--peer-client-cert-auth")
+            // Fast elections: a lost leader is replaced within about a second.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {ETCD}"))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// Client endpoints of the members (every member, running or not).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("https://{}", m.client))
+            .collect()
+    }
+
+    /// A store configuration for this cluster with the gateways' client
+    /// certificate.
+    pub fn store_config(&self, prefix: &str, timeout: Duration) -> Result<EtcdConfig> {
+        Ok(EtcdConfig {
+            endpoints: self.endpoints(),
+            prefix: prefix.to_owned(),
+            tls: Some(self.client_tls()?),
+            request_timeout: timeout,
+        })
+    }
+
+    /// The gateways' mTLS material for this cluster.
+    pub fn client_tls(&self) -> Result<EtcdTls> {
+        Ok(EtcdTls {
+            ca_pem: std::fs::read(&self.pki.ca)?,
+            cert_pem: std::fs::read(&self.pki.client.0)?,
+            key_pem: std::fs::read(&self.pki.client.1)?,
+        })
+    }
+
+    /// Kills member `i` (SIGKILL); its data stays, so [`Self::restart`]
+    /// brings it back as the same member.
+    pub async fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.members[i].child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.spawn(i)
+    }
+
+    /// Member `i`'s log so far (for failure messages).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+
+    /// Waits until a linearizable read succeeds through every running member.
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let tls = self.client_tls()?;
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let store = EtcdStore::new(&EtcdConfig {
+                endpoints: vec![format!("https://{}", m.client)],
+                prefix: "/jvpn-ready".into(),
+                tls: Some(tls.clone()),
+                request_timeout: Duration::from_millis(500),
+            })?;
+            let probe = jvpn_proto::SessionId::from_bytes([0; 16]);
+            let ok = crate::harness::eventually(within, "an etcd member to answer", || {
+                let store = store.clone();
+                async move { store.load(&probe).await.is_ok() }
+            })
+            .await;
+            if let Err(e) = ok {
+                bail!("{e}; etcd member {i} log:\n{}", self.log(i));
+            }
+        }
+        Ok(())
+    }
+}
