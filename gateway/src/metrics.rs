@@ -38,6 +38,8 @@ pub const HEARTBEAT_STREAM_ERRORS: &str = "jvpn_gateway_heartbeat_stream_errors_
 pub const SUPERSEDED: &str = "jvpn_gateway_superseded_total";
 pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
 pub const RING_BUILDS: &str = "jvpn_gateway_ring_builds_total";
+pub const STORE_KEEPALIVE_FAILURES: &str = "jvpn_gateway_store_keepalive_failures_total";
+pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
 pub const RING_BUILD_SECONDS: &str = "jvpn_gateway_ring_build_duration_seconds";
 pub const VIEW_UNKNOWN: &str = "jvpn_gateway_heartbeat_view_unknown_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
@@ -152,6 +154,14 @@ pub const RESUME_REFUSALS: [ReasonCode; 11] = [
 /// Describes every metric (a metric without a description has no HELP line
 /// and fails `promtool check metrics`).
 pub fn describe() {
+    describe_counter!(
+        STORE_KEEPALIVE_FAILURES,
+        "Topology 3: owner lease grants or keep-alives that failed (store unreachable or slow)."
+    );
+    describe_counter!(
+        STORE_LEASES_LOST,
+        "Topology 3: owner leases lost, by how (deadline, lease_gone); each ends the store-backed sessions of that lease."
+    );
     describe_counter!(CONNECTIONS_ACCEPTED, "Client TCP connections accepted.");
     describe_counter!(
         CONNECTIONS_REJECTED,

@@ -7,13 +7,16 @@
 
 use std::time::{Duration, Instant};
 
-use jvpn_gateway::store::{EtcdConfig, EtcdStore, LeaseFence, Renewal, StoreError};
+use jvpn_gateway::store::{
+    EtcdConfig, EtcdStore, Keeper, KeeperConfig, LeaseFence, LeaseStatus, Renewal, StoreError,
+};
 use jvpn_loadtest::etcd::EtcdCluster;
 use jvpn_loadtest::harness::eventually;
 use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
 use jvpn_proto::pb::store::SessionRecord;
 use jvpn_proto::store_record::{open_record_key, wrap_key};
 use jvpn_proto::{Incarnation, Mono, NodeId, SessionId};
+use tokio::sync::watch;
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -244,10 +247,20 @@ async fn the_store_needs_a_majority_fails_closed_without_one_and_comes_back() {
         "{:?}",
         t.elapsed()
     );
-    assert!(matches!(
-        store.keep_alive(lease).await,
-        Err(StoreError::Unavailable(_))
-    ));
+    // A keep-alive needs no consensus: a leader left alone still renews
+    // until its quorum check makes it step down (about an election
+    // timeout). Then renewals fail too.
+    eventually(Duration::from_secs(10), "keep-alives to fail", || {
+        let store = store.clone();
+        async move {
+            matches!(
+                store.keep_alive(lease).await,
+                Err(StoreError::Unavailable(_))
+            )
+        }
+    })
+    .await
+    .unwrap();
     // Members back: the same client serves again (its channel reconnects;
     // keep-alive streams are per call, so none is left dead), and the
     // record written with a majority is there.
@@ -303,4 +316,128 @@ async fn a_client_without_the_stores_certificate_is_refused() {
         plain.load(&sid).await,
         Err(StoreError::Unavailable(_))
     ));
+}
+
+async fn wait_status(
+    rx: &mut watch::Receiver<LeaseStatus>,
+    within: Duration,
+    what: &str,
+    f: impl FnMut(&LeaseStatus) -> bool,
+) -> LeaseStatus {
+    let got = match tokio::time::timeout(within, rx.wait_for(f)).await {
+        Ok(Ok(s)) => Some(*s),
+        _ => None,
+    };
+    got.unwrap_or_else(|| {
+        panic!(
+            "timed out after {within:?} waiting for {what}: {:?}",
+            *rx.borrow()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_stops_serving_by_its_deadline_without_a_majority_and_comes_back() {
+    let (mut c, store) = cluster_and_store().await;
+    let (node, inc) = (NodeId::new("gw-a").unwrap(), Incarnation(5));
+    let (ttl, margin) = (Duration::from_secs(2), Duration::from_millis(300));
+    let keeper = Keeper::spawn(
+        store.clone(),
+        KeeperConfig {
+            node: node.clone(),
+            incarnation: inc,
+            ttl,
+            margin,
+        },
+    );
+    let mut rx = keeper.status.clone();
+    let first = wait_status(&mut rx, Duration::from_secs(10), "a lease", |s| {
+        s.generation == 1 && s.serving_until.is_some()
+    })
+    .await;
+    assert!(keeper.serving());
+    assert!(store.owner_alive(&node, inc).await.unwrap());
+    // Renewals move the deadline on.
+    wait_status(&mut rx, Duration::from_secs(5), "a renewal", |s| {
+        s.serving_until > first.serving_until
+    })
+    .await;
+
+    // Every etcd member gone: no renewal can arrive.
+    let killed_at = keeper.now();
+    for i in 0..3 {
+        c.kill(i).await.unwrap();
+    }
+    let last = *rx.borrow();
+    // The deadline already published comes from a keep-alive sent before
+    // the kill, so serving ends within TTL − margin of it: before etcd
+    // (were it up) could let a taker claim.
+    let until = last.serving_until.unwrap();
+    assert!(
+        until <= killed_at + (ttl - margin),
+        "{until:?} after {killed_at:?}"
+    );
+    wait_status(&mut rx, Duration::from_secs(10), "the fence", |s| {
+        s.serving_until.is_none()
+    })
+    .await;
+    assert!(!keeper.serving());
+    assert!(keeper.now() >= until);
+
+    // etcd back: the same keeper takes a new lease (a new generation; the
+    // old generation's sessions stay ended).
+    for i in 0..3 {
+        c.restart(i).unwrap();
+    }
+    let second = wait_status(&mut rx, Duration::from_secs(30), "a second lease", |s| {
+        s.generation == 2 && s.serving_until.is_some()
+    })
+    .await;
+    assert_ne!(second.lease, first.lease);
+    assert!(
+        !second.serving(1, keeper.now()),
+        "generation 1 stays fenced"
+    );
+    assert!(store.owner_alive(&node, inc).await.unwrap());
+
+    // A clean stop revokes the lease: the owner key goes at once.
+    keeper.stop().await;
+    assert!(!store.owner_alive(&node, inc).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keeper_sees_an_early_revoke_at_its_next_renewal() {
+    let (_c, store) = cluster_and_store().await;
+    let ttl = Duration::from_secs(9);
+    let keeper = Keeper::spawn(
+        store.clone(),
+        KeeperConfig {
+            node: NodeId::new("gw-a").unwrap(),
+            incarnation: Incarnation(6),
+            ttl,
+            margin: Duration::from_millis(500),
+        },
+    );
+    let mut rx = keeper.status.clone();
+    let first = wait_status(&mut rx, Duration::from_secs(10), "a lease", |s| {
+        s.generation == 1 && s.serving_until.is_some()
+    })
+    .await;
+    let revoked_at = keeper.now();
+    store.revoke(first.lease).await.unwrap();
+    wait_status(&mut rx, Duration::from_secs(10), "the fence", |s| {
+        s.generation == 1 && s.serving_until.is_none()
+    })
+    .await;
+    let seen = keeper.now().saturating_since(revoked_at);
+    // One renewal interval (TTL / 3 = 3 s), not the 8.5 s local deadline.
+    assert!(
+        seen < Duration::from_secs(6),
+        "fenced {seen:?} after the revoke"
+    );
+    wait_status(&mut rx, Duration::from_secs(10), "a new lease", |s| {
+        s.generation == 2 && s.serving_until.is_some()
+    })
+    .await;
+    keeper.stop().await;
 }
