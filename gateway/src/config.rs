@@ -60,6 +60,149 @@ pub struct GatewayConfig {
     /// Where sessions' streams may go (the data plane; issue 15).
     #[serde(default)]
     pub egress: crate::egress::EgressConfig,
+    /// The shared session store (topology 3); in memory by default.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Which session store a gateway uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Sessions live in their owner's memory only (topologies 1 and 2).
+    #[default]
+    Memory,
+    /// Topology 3: records in etcd, owner liveness as an etcd lease.
+    Etcd,
+}
+
+/// `[store]`: the shared session store of topology 3 (DESIGN.md §9).
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// etcd client URLs, `https://host:port`, one per member.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Key prefix; records go under `<prefix>/<cluster.name>/`.
+    #[serde(default = "default_store_prefix")]
+    pub prefix: String,
+    /// The owner lease's TTL (etcd counts whole seconds).
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// How long before the lease's end this gateway stops serving.
+    #[serde(default = "default_lease_margin_ms")]
+    pub lease_margin_ms: u64,
+    /// Bound on every store request; past it the request failed (closed).
+    #[serde(default = "default_store_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// PEM: the CA of etcd's client port, and this gateway's client
+    /// certificate and key (mTLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Memory,
+            endpoints: Vec::new(),
+            prefix: default_store_prefix(),
+            lease_ttl_ms: default_lease_ttl_ms(),
+            lease_margin_ms: default_lease_margin_ms(),
+            request_timeout_ms: default_store_request_timeout_ms(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+fn default_store_prefix() -> String {
+    "/jvpn".into()
+}
+fn default_lease_ttl_ms() -> u64 {
+    2000
+}
+fn default_lease_margin_ms() -> u64 {
+    300
+}
+fn default_store_request_timeout_ms() -> u64 {
+    600
+}
+
+/// Checks `[store]`; with the etcd backend, the client configuration.
+fn store_config(
+    s: &StoreConfig,
+    cluster: &str,
+    errs: &mut Vec<ConfigProblem>,
+) -> Option<crate::store::EtcdConfig> {
+    if s.backend == StoreBackend::Memory {
+        return None;
+    }
+    let before = errs.len();
+    if s.endpoints.is_empty() {
+        errs.push(ConfigProblem::new(
+            "store.endpoints",
+            "the etcd backend needs at least one endpoint",
+        ));
+    }
+    for e in &s.endpoints {
+        let ok = e
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("https") && u.authority().is_some());
+        if !ok {
+            errs.push(ConfigProblem::new(
+                "store.endpoints",
+                format!("{e:?} is not an https://host:port URL (etcd is reached over mTLS)"),
+            ));
+        }
+    }
+    if !s.prefix.starts_with('/') || s.prefix.ends_with('/') {
+        errs.push(ConfigProblem::new(
+            "store.prefix",
+            "must start with '/' and not end with one",
+        ));
+    }
+    if s.lease_ttl_ms < 2000 || s.lease_ttl_ms % 1000 != 0 {
+        errs.push(ConfigProblem::new(
+            "store.lease_ttl_ms",
+            "etcd leases are whole seconds: a multiple of 1000, at least 2000",
+        ));
+    }
+    if s.lease_margin_ms == 0 || s.lease_margin_ms.saturating_mul(2) > s.lease_ttl_ms {
+        errs.push(ConfigProblem::new(
+            "store.lease_margin_ms",
+            "must be above zero and at most half of store.lease_ttl_ms",
+        ));
+    }
+    if s.request_timeout_ms == 0 || s.request_timeout_ms.saturating_mul(3) > s.lease_ttl_ms {
+        errs.push(ConfigProblem::new(
+            "store.request_timeout_ms",
+            "must be above zero and at most a third of store.lease_ttl_ms (one renewal interval)",
+        ));
+    }
+    let ca = read_pem("store.ca_file", s.ca_file.as_deref(), errs);
+    let cert = read_pem("store.cert_file", s.cert_file.as_deref(), errs);
+    let key = read_pem("store.key_file", s.key_file.as_deref(), errs);
+    let (Some(ca_pem), Some(cert_pem), Some(key_pem)) = (ca, cert, key) else {
+        return None;
+    };
+    (errs.len() == before).then(|| crate::store::EtcdConfig {
+        endpoints: s.endpoints.clone(),
+        prefix: format!("{}/{cluster}", s.prefix),
+        tls: Some(crate::store::EtcdTls {
+            ca_pem,
+            cert_pem,
+            key_pem,
+        }),
+        request_timeout: std::time::Duration::from_millis(s.request_timeout_ms),
+    })
 }
 
 fn default_client_addr() -> SocketAddr {
@@ -332,6 +475,8 @@ pub struct Validated {
     pub egress: Arc<crate::egress::EgressPolicy>,
     /// `events.syslog_*`, checked.
     pub syslog: Option<crate::syslog::Target>,
+    /// `[store]` with the etcd backend, checked and its files read.
+    pub store: Option<crate::store::EtcdConfig>,
 }
 
 /// Reads `path` and the environment, then validates everything.
@@ -571,6 +716,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         ));
     }
     let admin_token = load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
+    let store = store_config(&raw.store, &raw.cluster.name, &mut errs);
     let mut own = vec![raw.client_addr, raw.admin_addr];
     own.extend(raw.cluster.advertise_addr);
     let egress = crate::egress::EgressPolicy::new(&raw.egress, &own, &host_addrs())
@@ -602,6 +748,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 admin_token,
                 egress: Arc::new(egress),
                 syslog,
+                store,
             })
         }
         _ => Err(ConfigErrors(errs)),

@@ -359,6 +359,10 @@ fn zero_labelled_counters() {
     for r in crate::tickets::TicketRefusal::ALL {
         zero(TLS_TICKETS_REFUSED, &[("reason", r.as_str())]);
     }
+    for by in crate::store::LostBy::ALL {
+        zero(STORE_LEASES_LOST, &[("by", by.as_str())]);
+    }
+    zero(STORE_KEEPALIVE_FAILURES, &[]);
     zero(HELLOS, &[("result", "ok")]);
     for r in HELLO_REFUSALS {
         zero(HELLOS, &[("result", r.as_str())]);

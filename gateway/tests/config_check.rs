@@ -409,3 +409,54 @@ fn every_wrong_type_is_named_even_after_a_section_the_environment_completes() {
         );
     }
 }
+
+#[test]
+fn a_bad_store_section_names_each_key() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let store = "[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+                 prefix = \"jvpn/\"\nlease_ttl_ms = 2500\nlease_margin_ms = 0\n\
+                 request_timeout_ms = 0\nca_file = \"/nonexistent/ca.pem\"\n";
+    let (code, err) = check(d.path(), &format!("{}{store}", base(&l)));
+    assert_eq!(code, 64, "{err}");
+    for key in [
+        "store.endpoints",
+        "store.prefix",
+        "store.lease_ttl_ms",
+        "store.lease_margin_ms",
+        "store.request_timeout_ms",
+        "store.ca_file",
+        "store.cert_file",
+        "store.key_file",
+    ] {
+        assert!(err.contains(key), "{key} not named: {err}");
+    }
+    // The default (memory) needs none of it; an unknown backend is named.
+    let (code, err) = check(
+        d.path(),
+        &format!("{}[store]\nbackend = \"redis\"\n", base(&l)),
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("store.backend"), "{err}");
+}
+
+#[test]
+fn a_good_store_section_passes() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let e = jvpn_gateway::pki::mint_etcd(d.path(), "jvpn-dev", 1).unwrap();
+    let store = format!(
+        "[store]\nbackend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\"]\n\
+         ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        e.ca.display(),
+        e.client.0.display(),
+        e.client.1.display()
+    );
+    let (code, err) = check(d.path(), &format!("{}{store}", base(&l)));
+    assert_eq!(code, 0, "{err}");
+    let path = d.path().join("gw.toml");
+    let cfg = config::load_with_env(&path, Vec::new()).unwrap();
+    let s = cfg.store.unwrap();
+    assert_eq!(s.prefix, format!("/jvpn/{}", cfg.raw.cluster.name));
+    assert_eq!(s.endpoints, ["https://127.0.0.1:2379"]);
+}

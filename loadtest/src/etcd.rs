@@ -164,6 +164,24 @@ impl EtcdCluster {
         })
     }
 
+    /// The certificate files (CA, members, the gateways' client pair).
+    pub fn files(&self) -> &EtcdPki {
+        &self.pki
+    }
+
+    /// A gateway's `[store]` table for this cluster.
+    pub fn gateway_toml(&self) -> String {
+        let eps: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [{}]\nca_file = \"{}\"\n\
+             cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            eps.join(", "),
+            self.pki.ca.display(),
+            self.pki.client.0.display(),
+            self.pki.client.1.display()
+        )
+    }
+
     /// The gateways' mTLS material for this cluster.
     pub fn client_tls(&self) -> Result<EtcdTls> {
         Ok(EtcdTls {

@@ -1,9 +1,12 @@
 //! The shared session store of topology 3 (issue 16) against a real etcd
 //! cluster: 3 members of Debian's etcd 3.4 on loopback, mTLS, data on
 //! tmpfs, started by each test. What is checked here is the store's own
-//! contract (DESIGN.md §9); the session path does not use it yet.
+//! contract (DESIGN.md §9) and a gateway process keeping its owner lease;
+//! the session path does not use the store yet.
 
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -440,4 +443,70 @@ async fn the_keeper_sees_an_early_revoke_at_its_next_renewal() {
     })
     .await;
     keeper.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_holds_its_owner_lease_while_it_runs_and_revokes_it_on_the_way_out() {
+    let c = EtcdCluster::start(3).await.unwrap();
+    let mut env = common::start(&format!(
+        "{}[timeouts]\ndrain_timeout_ms = 1000\n",
+        c.gateway_toml()
+    ))
+    .await;
+    // The gateway's keys live under <prefix>/<cluster.name> (default "jvpn").
+    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
+    let node = NodeId::new("g1").unwrap();
+    eventually(Duration::from_secs(10), "the gateway's owner key", || {
+        let (store, node) = (store.clone(), node.clone());
+        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
+    })
+    .await
+    .unwrap();
+    // Renewed past its 2 s TTL.
+    let owner = store.owners(&node).await.unwrap()[0];
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(3) {
+        assert_eq!(store.owners(&node).await.unwrap(), [owner]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let lost = |by: &'static str| ("by", by);
+    assert_eq!(
+        env.gw
+            .metric("jvpn_gateway_store_leases_lost_total", &[lost("deadline")])
+            .await
+            .unwrap(),
+        0.0
+    );
+    // SIGTERM: the lease is revoked before the process exits, so the owner
+    // key is gone at once, not a TTL later (renewals ran every 667 ms, so
+    // an expiry could not have removed it yet).
+    env.gw.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = env.gw.wait().await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(store.owners(&node).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_store_is_unreachable_still_serves_topology_2_and_counts_it() {
+    // A store that is down: its one member killed (its certificates stay).
+    let mut c = EtcdCluster::start(1).await.unwrap();
+    c.kill(0).await.unwrap();
+    let env = common::start(&c.gateway_toml()).await;
+    eventually(Duration::from_secs(10), "failed renewals counted", || {
+        let gw = &env.gw;
+        async move {
+            gw.metric("jvpn_gateway_store_keepalive_failures_total", &[])
+                .await
+                .is_ok_and(|v| v >= 2.0)
+        }
+    })
+    .await
+    .unwrap();
+    // Sessions in memory carry on: a HELLO and a RESUME go through.
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = agent.hello().await.unwrap();
+    t.echo(b"before").await.unwrap();
+    drop(t);
+    let mut t = common::resume(&mut agent).await.unwrap();
+    t.echo(b"after").await.unwrap();
 }

@@ -88,6 +88,23 @@ pub async fn serve(
         .map_err(ServeError::Membership)?;
         superseded = Some(cluster.superseded());
     }
+    // Topology 3: the owner lease runs for the whole life of the process
+    // and is revoked on the way out, so takers need not wait for its TTL.
+    let keeper = match &shared.cfg.store {
+        Some(c) => {
+            let s = &shared.cfg.raw.store;
+            Some(crate::store::Keeper::spawn(
+                crate::store::EtcdStore::new(c)?,
+                crate::store::KeeperConfig {
+                    node: shared.cfg.node_id.clone(),
+                    incarnation: shared.incarnation,
+                    ttl: Duration::from_millis(s.lease_ttl_ms),
+                    margin: Duration::from_millis(s.lease_margin_ms),
+                },
+            ))
+        }
+        None => None,
+    };
     let handle = GatewayHandle::new(shared.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     for i in 0..shared.shards.len() {
@@ -152,6 +169,9 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = stop_tx.send(true);
+        if let Some(k) = keeper {
+            k.stop().await;
+        }
         shared.events.flush(Duration::from_secs(1)).await;
         warn!("superseded by a newer incarnation of this node id; exiting");
         return Ok(Exit::Superseded);
@@ -197,6 +217,9 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop_tx.send(true);
+    if let Some(k) = keeper {
+        k.stop().await;
+    }
     shared.events.flush(Duration::from_secs(2)).await;
     info!("drained");
     Ok(Exit::Drained)

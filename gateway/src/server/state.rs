@@ -60,6 +60,10 @@ pub enum ServeError {
     /// The new incarnation could not be recorded in `state_dir`.
     #[error(transparent)]
     Incarnation(#[from] crate::incarnation::IncarnationError),
+    /// `[store]` could not make an etcd client (an unusable endpoint or
+    /// certificate that `check` could not see).
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Why a SIGHUP reload was refused (the running configuration stays).

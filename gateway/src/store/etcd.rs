@@ -261,6 +261,41 @@ impl EtcdStore {
         self.txn(Vec::new(), vec![put]).await.map(|_| ())
     }
 
+    /// The incarnations of `node` whose owner keys exist now (leases alive).
+    pub async fn owners(&self, node: &NodeId) -> Result<Vec<Incarnation>, StoreError> {
+        let key = format!("{}/owners/{node}/", self.prefix).into_bytes();
+        let mut end = key.clone();
+        // The range of every key with this prefix: the prefix with its
+        // last byte ('/') incremented.
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let kvs = self
+            .call(|mut m| {
+                let (key, range_end) = (key.clone(), end.clone());
+                async move {
+                    let r =
+                        m.kv.range(RangeRequest {
+                            key,
+                            range_end,
+                            limit: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(r.kvs)
+                }
+            })
+            .await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let tail = kv.key.rsplit(|b| *b == b'/').next()?;
+                let hex = std::str::from_utf8(tail).ok()?;
+                u64::from_str_radix(hex, 16).ok().map(Incarnation)
+            })
+            .collect())
+    }
+
     /// Does the owner key of `node`'s incarnation exist (its lease alive)?
     pub async fn owner_alive(&self, node: &NodeId, inc: Incarnation) -> Result<bool, StoreError> {
         Ok(self.get(self.owner_key(node, inc)).await?.is_some())
