@@ -169,7 +169,7 @@ fn store_config(
             "must start with '/' and not end with one",
         ));
     }
-    if s.lease_ttl_ms < 2000 || s.lease_ttl_ms % 1000 != 0 {
+    if s.lease_ttl_ms < 2000 || !s.lease_ttl_ms.is_multiple_of(1000) {
         errs.push(ConfigProblem::new(
             "store.lease_ttl_ms",
             "etcd leases are whole seconds: a multiple of 1000, at least 2000",
