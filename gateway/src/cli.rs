@@ -77,6 +77,11 @@ pub enum PkiCommand {
         /// Agent client certificates to issue (agents/agent-N.pem).
         #[arg(long, default_value_t = 2)]
         agents: usize,
+        /// Also an etcd CA with this many member certificates (loopback
+        /// SANs) and a gateway client certificate, under etcd/ (topology 3
+        /// on one host; 0: none).
+        #[arg(long, default_value_t = 0)]
+        etcd_members: usize,
     },
 }
 
@@ -93,16 +98,22 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
                     nodes,
                     routers,
                     agents,
+                    etcd_members,
                 },
         } => {
-            match pki::init(&pki::PkiSpec {
+            let written = pki::init(&pki::PkiSpec {
                 out: out.clone(),
-                cluster,
+                cluster: cluster.clone(),
                 nodes,
                 routers,
                 agents,
-            }) {
-                Ok(_) => {
+            })
+            .and_then(|_| match etcd_members {
+                0 => Ok(()),
+                n => pki::mint_etcd(&out, &cluster, n).map(|_| ()),
+            });
+            match written {
+                Ok(()) => {
                     println!("development PKI written to {}", out.display());
                     ExitCode::SUCCESS
                 }

@@ -201,6 +201,12 @@ fn check_example(example: &str, nodes: &[&str], min_keys: usize) {
         agents: 1,
     })
     .unwrap();
+    if std::fs::read_to_string(&example)
+        .unwrap()
+        .contains("\n[store]")
+    {
+        jvpn_gateway::pki::mint_etcd(&d.path().join("pki"), "jvpn-dev", 3).unwrap();
+    }
     // Relative paths resolve against the directory holding pki/. The
     // examples log events under /var/log/jvpn (made by the systemd unit's
     // LogsDirectory=); here they go to the PKI's directory instead.
@@ -232,6 +238,11 @@ fn the_deploy_examples_pass_check_and_every_key_is_documented() {
     check_example("deploy/single-node/g1.toml", &["g1"], 25);
     for g in ["g1", "g2", "g3"] {
         check_example(&format!("deploy/cluster/{g}.toml"), &["g1", "g2", "g3"], 38);
+        check_example(
+            &format!("deploy/cluster-etcd/{g}.toml"),
+            &["g1", "g2", "g3"],
+            47,
+        );
     }
 }
 

@@ -41,7 +41,8 @@ pub struct EtcdCluster {
     _data: tempfile::TempDir,
 }
 
-fn free_port() -> Result<SocketAddr> {
+/// A loopback port free a moment ago (etcd cannot take port 0).
+pub fn free_port() -> Result<SocketAddr> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(l.local_addr()?)
 }

@@ -109,6 +109,18 @@ fn systemd_accepts_the_units() {
             d.path(),
         );
     }
+    // The store's etcd members (topology 3): Debian's /usr/bin/etcd as is.
+    let unit = "etcd@.service";
+    let text = std::fs::read_to_string(deploy().join("etcd").join(unit)).unwrap();
+    assert!(text.contains("\nType=notify\n"), "{unit}: etcd notifies");
+    assert!(text.contains("ExecStart=/usr/bin/etcd\n"), "{unit}");
+    std::fs::write(d.path().join(unit), &text).unwrap();
+    std::os::unix::fs::symlink(d.path().join(unit), d.path().join("etcd@e1.service")).unwrap();
+    run_ok(
+        "systemd-analyze",
+        &["verify", "--man=no", "etcd@e1.service"],
+        d.path(),
+    );
 }
 
 /// Metric names an expression reads (`_bucket`/`_sum`/`_count` folded into

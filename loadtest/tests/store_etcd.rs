@@ -510,3 +510,126 @@ async fn a_gateway_whose_store_is_unreachable_still_serves_topology_2_and_counts
     let mut t = common::resume(&mut agent).await.unwrap();
     t.echo(b"after").await.unwrap();
 }
+
+/// deploy/etcd/e{1,2,3}.env as written, with only their hosts, ports and
+/// file paths moved to loopback and this test's PKI: the example forms a
+/// working 3-member mTLS store that survives the loss of a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_example_members_form_a_working_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir_in("/dev/shm").unwrap();
+    let pki = jvpn_gateway::pki::mint_etcd(dir.path(), "jvpn-dev", 3).unwrap();
+    let ports: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = (0..3)
+        .map(|_| {
+            (
+                jvpn_loadtest::etcd::free_port().unwrap(),
+                jvpn_loadtest::etcd::free_port().unwrap(),
+            )
+        })
+        .collect();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/etcd");
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let text = std::fs::read_to_string(deploy.join(format!("e{}.env", i + 1))).unwrap();
+        let mut vars = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').unwrap();
+            let mut v = v.to_owned();
+            for (j, (client, peer)) in ports.iter().enumerate() {
+                v = v
+                    .replace(&format!("10.0.0.1{}:2379", j + 1), &client.to_string())
+                    .replace(&format!("10.0.0.1{}:2380", j + 1), &peer.to_string());
+            }
+            let (cert, key) = &pki.members[i];
+            v = v
+                .replace(
+                    &format!("/etc/jvpn/etcd/e{}.pem", i + 1),
+                    cert.to_str().unwrap(),
+                )
+                .replace(
+                    &format!("/etc/jvpn/etcd/e{}.key", i + 1),
+                    key.to_str().unwrap(),
+                )
+                .replace("/etc/jvpn/etcd/ca.pem", pki.ca.to_str().unwrap())
+                .replace(
+                    &format!("/var/lib/jvpn-etcd/e{}", i + 1),
+                    data.path().join(format!("e{}", i + 1)).to_str().unwrap(),
+                );
+            assert!(
+                !v.contains("10.0.0.") && !v.contains("/etc/jvpn") && !v.contains("/var/lib"),
+                "e{}.env: {k} not moved to the test's hosts and files: {v}",
+                i + 1
+            );
+            vars.push((k.to_owned(), v));
+        }
+        let log = std::fs::File::create(dir.path().join(format!("e{}.log", i + 1))).unwrap();
+        let child = tokio::process::Command::new(jvpn_loadtest::etcd::ETCD)
+            .env_clear()
+            .envs(vars)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        members.push(child);
+    }
+    let read = std::fs::read;
+    let store = EtcdStore::new(&EtcdConfig {
+        endpoints: ports.iter().map(|(c, _)| format!("https://{c}")).collect(),
+        prefix: "/jvpn/jvpn-dev".into(),
+        tls: Some(jvpn_gateway::store::EtcdTls {
+            ca_pem: read(&pki.ca).unwrap(),
+            cert_pem: read(&pki.client.0).unwrap(),
+            key_pem: read(&pki.client.1).unwrap(),
+        }),
+        request_timeout: TIMEOUT,
+    })
+    .unwrap();
+    let sid = SessionId::from_bytes(rand::random());
+    let rec = record("g1", 1, 1, &sid, [3; 32]);
+    let logs = || {
+        (1..=3)
+            .map(|i| {
+                std::fs::read_to_string(dir.path().join(format!("e{i}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let up = eventually(
+        Duration::from_secs(30),
+        "the example cluster to take a write",
+        || {
+            let (store, rec) = (store.clone(), rec.clone());
+            async move {
+                matches!(
+                    store.create(&sid, &rec).await,
+                    Ok(_) | Err(StoreError::Exists)
+                )
+            }
+        },
+    )
+    .await;
+    assert!(up.is_ok(), "{up:?}\n{}", logs());
+    members[0].kill().await.unwrap();
+    let other = SessionId::from_bytes(rand::random());
+    let rec2 = record("g1", 1, 1, &other, [4; 32]);
+    eventually(
+        Duration::from_secs(15),
+        "a write with 2 of 3 members",
+        || {
+            let (store, rec2) = (store.clone(), rec2.clone());
+            async move {
+                matches!(
+                    store.create(&other, &rec2).await,
+                    Ok(_) | Err(StoreError::Exists)
+                )
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.load(&sid).await.unwrap().unwrap().record, rec);
+}
