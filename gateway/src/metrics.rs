@@ -40,6 +40,8 @@ pub const VIEW_MISMATCH: &str = "jvpn_gateway_view_mismatch_total";
 pub const RING_BUILDS: &str = "jvpn_gateway_ring_builds_total";
 pub const STORE_KEEPALIVE_FAILURES: &str = "jvpn_gateway_store_keepalive_failures_total";
 pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
+pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
+pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const RING_BUILD_SECONDS: &str = "jvpn_gateway_ring_build_duration_seconds";
 pub const VIEW_UNKNOWN: &str = "jvpn_gateway_heartbeat_view_unknown_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
@@ -127,7 +129,8 @@ impl ConnReject {
 
 /// What a HELLO can be refused with (besides `ok`): each has a series at 0
 /// from start-up.
-pub const HELLO_REFUSALS: [ReasonCode; 6] = [
+pub const HELLO_REFUSALS: [ReasonCode; 7] = [
+    ReasonCode::StoreUnavailable,
     ReasonCode::ProtocolError,
     ReasonCode::AuthFailed,
     ReasonCode::Draining,
@@ -137,7 +140,8 @@ pub const HELLO_REFUSALS: [ReasonCode; 6] = [
 ];
 
 /// What a RESUME can be refused with (besides `ok`).
-pub const RESUME_REFUSALS: [ReasonCode; 11] = [
+pub const RESUME_REFUSALS: [ReasonCode; 12] = [
+    ReasonCode::StoreUnavailable,
     ReasonCode::ProtocolError,
     ReasonCode::UnknownSession,
     ReasonCode::SessionLifetimeExceeded,
@@ -154,6 +158,14 @@ pub const RESUME_REFUSALS: [ReasonCode; 11] = [
 /// Describes every metric (a metric without a description has no HELP line
 /// and fails `promtool check metrics`).
 pub fn describe() {
+    describe_counter!(
+        STORE_WRITES,
+        "Topology 3: session record writes, by op (create at HELLO, bind at RESUME) and result (ok, conflict, unavailable, error)."
+    );
+    describe_counter!(
+        STORE_FENCED_SESSIONS,
+        "Topology 3: sessions ended with store_unavailable because the owner lease they were recorded under was lost."
+    );
     describe_counter!(
         STORE_KEEPALIVE_FAILURES,
         "Topology 3: owner lease grants or keep-alives that failed (store unreachable or slow)."
@@ -363,6 +375,12 @@ fn zero_labelled_counters() {
         zero(STORE_LEASES_LOST, &[("by", by.as_str())]);
     }
     zero(STORE_KEEPALIVE_FAILURES, &[]);
+    zero(STORE_FENCED_SESSIONS, &[]);
+    for op in ["create", "bind"] {
+        for result in ["ok", "conflict", "unavailable", "error"] {
+            zero(STORE_WRITES, &[("op", op), ("result", result)]);
+        }
+    }
     zero(HELLOS, &[("result", "ok")]);
     for r in HELLO_REFUSALS {
         zero(HELLOS, &[("result", r.as_str())]);

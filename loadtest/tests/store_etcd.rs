@@ -633,3 +633,128 @@ async fn the_deploy_example_members_form_a_working_store() {
     .unwrap();
     assert_eq!(store.load(&sid).await.unwrap().unwrap().record, rec);
 }
+
+/// A gateway with `[store]` on `c`, its owner lease held.
+async fn store_gateway(c: &EtcdCluster) -> (common::Env, EtcdStore) {
+    let env = common::start(&format!(
+        "{}[timeouts]\ndrain_timeout_ms = 1000\n",
+        c.gateway_toml()
+    ))
+    .await;
+    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
+    let node = NodeId::new("g1").unwrap();
+    eventually(Duration::from_secs(10), "the gateway's owner lease", || {
+        let (store, node) = (store.clone(), node.clone());
+        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
+    })
+    .await
+    .unwrap();
+    (env, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_recorded_before_hello_ok_and_each_resume_moves_its_binding() {
+    let c = EtcdCluster::start(3).await.unwrap();
+    let (env, store) = store_gateway(&c).await;
+    let keys = env.pki.cluster_keys().unwrap();
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = agent.hello().await.unwrap();
+    let sid = agent.session.as_ref().unwrap().id;
+    // Already there when HelloOk arrived.
+    let first = store
+        .load(&sid)
+        .await
+        .unwrap()
+        .expect("recorded before HelloOk");
+    let inc = agent.session.as_ref().unwrap().incarnation;
+    assert_eq!(first.record.owner_node, "g1");
+    assert_eq!(first.record.owner_incarnation, inc);
+    assert_eq!(first.record.owner_epoch, 1);
+    assert_eq!(first.record.binding_epoch, 1);
+    assert_eq!(first.record.principal, "dev-token");
+    let k1 = open_record_key([&keys], &sid, &first.record).unwrap();
+    t.echo(b"one").await.unwrap();
+    drop(t);
+
+    let mut t = common::resume(&mut agent).await.unwrap();
+    let epoch = agent.session.as_ref().unwrap().binding_epoch;
+    assert!(epoch > 1);
+    // The binding the agent was told of is the one in the store.
+    let second = store.load(&sid).await.unwrap().unwrap();
+    assert_eq!(second.record.binding_epoch, epoch);
+    assert_eq!(second.record.state_version, 2);
+    assert!(second.mod_revision > first.mod_revision);
+    let k2 = open_record_key([&keys], &sid, &second.record).unwrap();
+    assert_ne!(*k1, *k2, "the key follows the binding");
+    t.echo(b"two").await.unwrap();
+    for (op, want) in [("create", 1.0), ("bind", 1.0)] {
+        assert_eq!(
+            env.gw
+                .metric(
+                    "jvpn_gateway_store_writes_total",
+                    &[("op", op), ("result", "ok")]
+                )
+                .await
+                .unwrap(),
+            want,
+            "{op}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_store_attached_sessions_end_explicitly_and_hellos_are_refused() {
+    let mut c = EtcdCluster::start(3).await.unwrap();
+    let (env, _store) = store_gateway(&c).await;
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = agent.hello().await.unwrap();
+    t.echo(b"attached").await.unwrap();
+    // Every etcd member gone: the owner lease cannot be renewed.
+    for i in 0..3 {
+        c.kill(i).await.unwrap();
+    }
+    let killed = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match t.recv().await {
+                Err(jvpn_agent::AgentError::Terminated(r)) => return r,
+                Err(e) => panic!("the session ended without Terminate: {e}"),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("Terminate within 10 s");
+    assert_eq!(reason, jvpn_proto::ReasonCode::StoreUnavailable);
+    // Within the lease's TTL (2 s) of the last renewal, which came at most
+    // a renewal interval before the kill.
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "ended {:?} after the store went",
+        killed.elapsed()
+    );
+    // A new session cannot be recorded: refused, explicitly.
+    let mut other = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    match other.hello().await {
+        Err(jvpn_agent::AgentError::Rejected { reason, .. }) => {
+            assert_eq!(reason, jvpn_proto::ReasonCode::StoreUnavailable)
+        }
+        r => panic!("HELLO without a store: {r:?}"),
+    }
+    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let gw = &env.gw;
+        async move { gw.metric(name, labels).await.unwrap() }
+    };
+    assert_eq!(
+        m("jvpn_gateway_store_fenced_sessions_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        m(
+            "jvpn_gateway_hellos_total",
+            &[("result", "store_unavailable")]
+        )
+        .await,
+        1.0
+    );
+}

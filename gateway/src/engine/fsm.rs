@@ -92,16 +92,21 @@ pub enum Termination {
     /// window, an `Ack` or resume offset out of range): its streams cannot
     /// be trusted to be byte-exact any more.
     ChannelBroken,
+    /// Topology 3: the owner lease this session was recorded under is lost
+    /// (its deadline passed, or etcd ended it), or the store refused the
+    /// session's binding change: a taker may own it now.
+    StoreUnavailable,
 }
 
 impl Termination {
-    pub const ALL: [Termination; 6] = [
+    pub const ALL: [Termination; 7] = [
         Termination::Operator,
         Termination::Drain,
         Termination::Superseded,
         Termination::AgentClosed,
         Termination::LeaseLost,
         Termination::ChannelBroken,
+        Termination::StoreUnavailable,
     ];
 
     pub fn reason(self) -> ReasonCode {
@@ -112,6 +117,7 @@ impl Termination {
             Termination::AgentClosed => ReasonCode::AgentClosed,
             Termination::LeaseLost => ReasonCode::NotInCluster,
             Termination::ChannelBroken => ReasonCode::ProtocolError,
+            Termination::StoreUnavailable => ReasonCode::StoreUnavailable,
         }
     }
 }

@@ -23,6 +23,7 @@ mod conn;
 mod handle;
 mod session;
 mod state;
+mod stored;
 mod streams;
 
 use std::future::Future;
@@ -93,15 +94,25 @@ pub async fn serve(
     let keeper = match &shared.cfg.store {
         Some(c) => {
             let s = &shared.cfg.raw.store;
-            Some(crate::store::Keeper::spawn(
-                crate::store::EtcdStore::new(c)?,
+            let etcd = crate::store::EtcdStore::new(c)?;
+            let k = crate::store::Keeper::spawn(
+                etcd.clone(),
                 crate::store::KeeperConfig {
                     node: shared.cfg.node_id.clone(),
                     incarnation: shared.incarnation,
                     ttl: Duration::from_millis(s.lease_ttl_ms),
                     margin: Duration::from_millis(s.lease_margin_ms),
                 },
-            ))
+            );
+            let stored = Arc::new(stored::Stored::new(
+                etcd,
+                k.status.clone(),
+                k.origin(),
+                shared.cfg.secret.derive(),
+            ));
+            let _ = shared.store.set(stored.clone());
+            tokio::spawn(stored.fence_loop(shared.clone()));
+            Some(k)
         }
         None => None,
     };

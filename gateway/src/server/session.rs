@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use jvpn_proto::channel::ChannelError;
 use jvpn_proto::client::ExportError;
-use jvpn_proto::crypto::{CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey};
+use jvpn_proto::crypto::{
+    CHANNEL_BINDING_LABEL, ChannelBinding, RESUME_KEY_LABEL, ResumeKey, resume_key_context,
+};
 use jvpn_proto::frame;
 use jvpn_proto::pb::session::{GoAway, Pong, Reject, ResumeOk, Terminate, frame::Kind};
 use jvpn_proto::{ReasonCode, SessionId};
@@ -162,6 +164,37 @@ pub(super) async fn do_hello(
             return Ok(());
         }
     };
+    // Topology 3: recorded in the store before anything of the session
+    // reaches the agent; a store that cannot decide refuses the HELLO.
+    if let Some(st) = shared.store.get() {
+        let key = export(
+            tls.get_ref().1,
+            RESUME_KEY_LABEL,
+            &resume_key_context(&acc.session_id, acc.binding_epoch),
+        );
+        let r = match key {
+            Ok(k) => {
+                st.on_hello(
+                    shared,
+                    &acc.session_id,
+                    &egress_principal,
+                    acc.binding_epoch,
+                    &k,
+                )
+                .await
+            }
+            Err(_) => Err(ReasonCode::ProtocolError),
+        };
+        if let Err(reason) = r {
+            shared.with_engine(shard, |e| {
+                e.terminate(shared.now(), &acc.session_id, Termination::StoreUnavailable)
+            });
+            shared.deregister(shard, transport);
+            refuse(reason);
+            let _ = send_reject(&mut tls, reason, 250, 0).await;
+            return Ok(());
+        }
+    }
     let (resume_token, token_key_id) = shared.seal_token(acc.session_id);
     let mut ok = acc.to_wire(
         &shared.cfg.node_id,
@@ -226,6 +259,24 @@ pub(super) async fn do_resume(
     for _attempt in 0..4 {
         match resume_once(shared, &tls, &binding, transport, &resume, Some(&tx)) {
             Ok((sid, shard, mut ok, _)) => {
+                // Topology 3: the binding change is in the store before
+                // the agent hears of it; if it cannot be, the session ends.
+                if let Some(st) = shared.store.get() {
+                    let key = export(
+                        tls.get_ref().1,
+                        RESUME_KEY_LABEL,
+                        &resume_key_context(&sid, ok.binding_epoch),
+                    )
+                    .ok();
+                    if let Err(reason) = st.on_resume(&sid, ok.binding_epoch, key).await {
+                        shared.with_engine(shard, |e| {
+                            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
+                        });
+                        shared.deregister(shard, transport);
+                        let _ = send_terminate(&mut tls, reason).await;
+                        return Ok(());
+                    }
+                }
                 let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared

@@ -129,6 +129,9 @@ pub(super) struct Shared {
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
     /// `POST /drain` on the admin port.
     pub(super) drain: jvpn_runtime::admin::DrainTrigger,
+    /// Topology 3: the shared store, set once at start when `[store]`
+    /// names etcd.
+    pub(super) store: std::sync::OnceLock<Arc<super::stored::Stored>>,
 }
 
 impl Shared {
@@ -225,6 +228,9 @@ impl Shared {
                 if c.to == State::Terminated {
                     // Every stream of the session ends, explicitly, with why.
                     super::streams::close(self, shard, &c.session_id, c.reason.as_str());
+                    if let Some(st) = self.store.get() {
+                        st.forget(&c.session_id);
+                    }
                 }
             }
             self.events.emit(ev);
@@ -380,6 +386,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
             )
         }),
         drain: jvpn_runtime::admin::DrainTrigger::default(),
+        store: std::sync::OnceLock::new(),
         cfg,
     };
     Ok(Arc::new(shared))

@@ -99,6 +99,11 @@ impl Keeper {
         }
     }
 
+    /// The origin of the clock the published deadlines use.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
     /// `now` on the clock the published deadlines use.
     pub fn now(&self) -> Mono {
         Mono::between(self.origin, Instant::now())
