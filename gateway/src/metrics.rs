@@ -160,7 +160,7 @@ pub const RESUME_REFUSALS: [ReasonCode; 12] = [
 pub fn describe() {
     describe_counter!(
         STORE_WRITES,
-        "Topology 3: session record writes, by op (create at HELLO, bind at RESUME) and result (ok, conflict, unavailable, error)."
+        "Topology 3: session record writes, by op (create at HELLO, bind at RESUME, delete when the session ends) and result (ok, conflict, unavailable, error)."
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,
@@ -376,7 +376,7 @@ fn zero_labelled_counters() {
     }
     zero(STORE_KEEPALIVE_FAILURES, &[]);
     zero(STORE_FENCED_SESSIONS, &[]);
-    for op in ["create", "bind"] {
+    for op in ["create", "bind", "delete"] {
         for result in ["ok", "conflict", "unavailable", "error"] {
             zero(STORE_WRITES, &[("op", op), ("result", result)]);
         }

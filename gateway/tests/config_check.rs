@@ -442,6 +442,15 @@ fn a_bad_store_section_names_each_key() {
     ] {
         assert!(err.contains(key), "{key} not named: {err}");
     }
+    // Above zero but too long for the TTL: named too.
+    let store = "[store]\nbackend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\"]\n\
+                 lease_ttl_ms = 3000\nlease_margin_ms = 1600\nrequest_timeout_ms = 1001\n";
+    let (code, err) = check(d.path(), &format!("{}{store}", base(&l)));
+    assert_eq!(code, 64, "{err}");
+    for key in ["store.lease_margin_ms", "store.request_timeout_ms"] {
+        assert!(err.contains(key), "{key} not named: {err}");
+    }
+    assert!(!err.contains("store.lease_ttl_ms:"), "{err}");
     // The default (memory) needs none of it; an unknown backend is named.
     let (code, err) = check(
         d.path(),

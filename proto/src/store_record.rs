@@ -3,11 +3,13 @@
 //!
 //! The resume key travels to etcd only wrapped: `nonce(12) ‖
 //! ChaCha20-Poly1305(k_store, nonce, aad, key(32)) ‖ tag(16)` with `aad =
-//! "jvpn store v1" ‖ session_id ‖ owner_epoch` (big-endian). Binding the
-//! epoch into the AAD means a wrapped key copied from an older record (or
-//! another session's) does not open under the record it was pasted into:
-//! whoever can write etcd but does not hold the cluster secret can neither
-//! read a key nor move one.
+//! "jvpn store v1" ‖ session_id ‖ owner_epoch ‖ state_version` (big-endian).
+//! Every write bumps `state_version`, so a wrapped key copied from an older
+//! record of the same session (or from another session's) does not open
+//! under the record it was pasted into: whoever can write etcd but does not
+//! hold the cluster secret can neither read a key, move one, nor roll one
+//! back. (Rolling back a whole record, version included, is what the
+//! agent's `owner_epoch` check and the record's revision guard against.)
 
 use ::ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use prost::Message;
@@ -42,11 +44,23 @@ pub enum RecordError {
     Open,
 }
 
-fn aad(sid: &SessionId, owner_epoch: u64) -> [u8; AAD_LABEL.len() + 16 + 8] {
-    let mut a = [0u8; AAD_LABEL.len() + 16 + 8];
-    a[..AAD_LABEL.len()].copy_from_slice(AAD_LABEL);
-    a[AAD_LABEL.len()..AAD_LABEL.len() + 16].copy_from_slice(sid.as_bytes());
-    a[AAD_LABEL.len() + 16..].copy_from_slice(&owner_epoch.to_be_bytes());
+const AAD_LEN: usize = AAD_LABEL.len() + 16 + 8 + 8;
+
+/// Where a wrapped key belongs: its session and the record version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyPlace<'a> {
+    pub sid: &'a SessionId,
+    pub owner_epoch: u64,
+    pub state_version: u64,
+}
+
+fn aad(at: KeyPlace<'_>) -> [u8; AAD_LEN] {
+    let mut a = [0u8; AAD_LEN];
+    let l = AAD_LABEL.len();
+    a[..l].copy_from_slice(AAD_LABEL);
+    a[l..l + 16].copy_from_slice(at.sid.as_bytes());
+    a[l + 16..l + 24].copy_from_slice(&at.owner_epoch.to_be_bytes());
+    a[l + 24..].copy_from_slice(&at.state_version.to_be_bytes());
     a
 }
 
@@ -57,13 +71,12 @@ fn aead(keys: &ClusterKeys) -> LessSafeKey {
     LessSafeKey::new(unbound)
 }
 
-/// Wraps `resume_key` for `sid` at `owner_epoch`, with a caller-supplied
+/// Wraps `resume_key` for the record at `at`, with a caller-supplied
 /// random nonce (the caller owns the RNG; never reuse one under a key).
 pub fn wrap_key(
     keys: &ClusterKeys,
     nonce: [u8; NONCE_LEN],
-    sid: &SessionId,
-    owner_epoch: u64,
+    at: KeyPlace<'_>,
     resume_key: &[u8; KEY_LEN],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(WRAPPED_LEN);
@@ -72,7 +85,7 @@ pub fn wrap_key(
     let tag = aead(keys)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(sid, owner_epoch)),
+            Aad::from(aad(at)),
             &mut out[NONCE_LEN..],
         )
         .unwrap_or_else(|_| unreachable!("32 bytes fit ChaCha20-Poly1305"));
@@ -84,8 +97,7 @@ pub fn wrap_key(
 pub fn unwrap_key(
     keys: &ClusterKeys,
     wrapped: &[u8],
-    sid: &SessionId,
-    owner_epoch: u64,
+    at: KeyPlace<'_>,
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, RecordError> {
     if wrapped.len() != WRAPPED_LEN {
         return Err(RecordError::Length(wrapped.len()));
@@ -97,7 +109,7 @@ pub fn unwrap_key(
     let plain = aead(keys)
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(sid, owner_epoch)),
+            Aad::from(aad(at)),
             &mut body[..],
         )
         .map_err(|_| RecordError::Open)?;
@@ -117,7 +129,15 @@ pub fn open_record_key<'a>(
         .into_iter()
         .find(|k| u32::from(k.key_id()) == rec.key_id)
         .ok_or(RecordError::UnknownKeyId(rec.key_id))?;
-    unwrap_key(k, &rec.wrapped_key, sid, rec.owner_epoch)
+    unwrap_key(
+        k,
+        &rec.wrapped_key,
+        KeyPlace {
+            sid,
+            owner_epoch: rec.owner_epoch,
+            state_version: rec.state_version,
+        },
+    )
 }
 
 /// Decodes a stored value.
@@ -139,28 +159,41 @@ mod tests {
         ClusterSecret::new(id, [b; 32]).derive()
     }
 
+    fn at(sid: &SessionId, owner_epoch: u64, state_version: u64) -> KeyPlace<'_> {
+        KeyPlace {
+            sid,
+            owner_epoch,
+            state_version,
+        }
+    }
+
     #[test]
-    fn a_wrapped_key_opens_only_for_its_session_epoch_and_secret() {
+    fn a_wrapped_key_opens_only_for_its_session_epoch_version_and_secret() {
         let k = keys(1, 7);
         let sid = SessionId::from_bytes([3; 16]);
-        let w = wrap_key(&k, [9; 12], &sid, 4, &[5; 32]);
+        let w = wrap_key(&k, [9; 12], at(&sid, 4, 2), &[5; 32]);
         assert_eq!(w.len(), WRAPPED_LEN);
-        assert_eq!(*unwrap_key(&k, &w, &sid, 4).unwrap(), [5; 32]);
+        assert_eq!(*unwrap_key(&k, &w, at(&sid, 4, 2)).unwrap(), [5; 32]);
         // Pasted into a record of a later epoch (a takeover rotates the key).
-        assert_eq!(unwrap_key(&k, &w, &sid, 5), Err(RecordError::Open));
+        assert_eq!(unwrap_key(&k, &w, at(&sid, 5, 2)), Err(RecordError::Open));
+        // Rolled back into a later version of the same epoch.
+        assert_eq!(unwrap_key(&k, &w, at(&sid, 4, 3)), Err(RecordError::Open));
         // Another session's record.
         let other = SessionId::from_bytes([4; 16]);
-        assert_eq!(unwrap_key(&k, &w, &other, 4), Err(RecordError::Open));
+        assert_eq!(unwrap_key(&k, &w, at(&other, 4, 2)), Err(RecordError::Open));
         // Another cluster secret.
-        assert_eq!(unwrap_key(&keys(1, 8), &w, &sid, 4), Err(RecordError::Open));
+        assert_eq!(
+            unwrap_key(&keys(1, 8), &w, at(&sid, 4, 2)),
+            Err(RecordError::Open)
+        );
         // One bit flipped anywhere.
         for i in 0..w.len() {
             let mut bad = w.clone();
             bad[i] ^= 1;
-            assert_eq!(unwrap_key(&k, &bad, &sid, 4), Err(RecordError::Open));
+            assert_eq!(unwrap_key(&k, &bad, at(&sid, 4, 2)), Err(RecordError::Open));
         }
         assert_eq!(
-            unwrap_key(&k, &w[1..], &sid, 4),
+            unwrap_key(&k, &w[1..], at(&sid, 4, 2)),
             Err(RecordError::Length(WRAPPED_LEN - 1))
         );
     }
@@ -171,8 +204,9 @@ mod tests {
         let sid = SessionId::from_bytes([1; 16]);
         let rec = SessionRecord {
             owner_epoch: 3,
+            state_version: 7,
             key_id: 1,
-            wrapped_key: wrap_key(&prev, [0; 12], &sid, 3, &[8; 32]),
+            wrapped_key: wrap_key(&prev, [0; 12], at(&sid, 3, 7), &[8; 32]),
             ..Default::default()
         };
         let back = decode(&encode(&rec)).unwrap();

@@ -273,10 +273,12 @@ pub(super) async fn do_resume(
                             e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
                         });
                         shared.deregister(shard, transport);
+                        counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
                         let _ = send_terminate(&mut tls, reason).await;
                         return Ok(());
                     }
                 }
+                counter!(m::RESUMES, "result" => "ok").increment(1);
                 let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared
@@ -343,8 +345,8 @@ fn resume_once(
         })
     });
     match res {
+        // Counted `ok` by the caller, once the store (if any) took it.
         Ok(acc) => {
-            count("ok");
             let (resume_token, token_key_id) = shared.seal_token(sid);
             Ok((
                 sid,
@@ -593,6 +595,27 @@ async fn read_loop(
                 // goes on over this same connection, so its offsets stay.
                 match rd.with(|tls| resume_once(shared, tls, &at.binding, transport, &r, None)) {
                     Ok((_, _, mut ok, _)) => {
+                        // Topology 3: as on a new connection, the binding
+                        // change is in the store before the agent hears.
+                        if let Some(st) = shared.store.get() {
+                            let key = rd.with(|tls| {
+                                export(
+                                    tls.get_ref().1,
+                                    RESUME_KEY_LABEL,
+                                    &resume_key_context(sid, ok.binding_epoch),
+                                )
+                                .ok()
+                            });
+                            if let Err(reason) = st.on_resume(sid, ok.binding_epoch, key).await {
+                                counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
+                                let now = shared.now();
+                                shared.with_engine(shard, |e| {
+                                    e.terminate(now, sid, Termination::StoreUnavailable)
+                                });
+                                return Some(reason);
+                            }
+                        }
+                        counter!(m::RESUMES, "result" => "ok").increment(1);
                         if let Some((ch, _)) = &at.channel {
                             ok.received = Some(ch.received());
                         }

@@ -229,7 +229,7 @@ impl Shared {
                     // Every stream of the session ends, explicitly, with why.
                     super::streams::close(self, shard, &c.session_id, c.reason.as_str());
                     if let Some(st) = self.store.get() {
-                        st.forget(&c.session_id);
+                        st.ended(&c.session_id);
                     }
                 }
             }

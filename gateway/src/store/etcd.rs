@@ -4,14 +4,17 @@
 //! Keys under the configured prefix:
 //! - `<prefix>/sessions/<session id hex>`: the [`SessionRecord`]; no lease
 //!   (a session outlives its owner: that is the point of the topology);
-//! - `<prefix>/owners/<node>/<incarnation hex>`: empty, put under the
-//!   owner's lease, so it exists exactly while the lease does. A taker's
-//!   claim compares its absence inside the claim's own transaction: the
-//!   old lease is *seen* gone by etcd at the claim's revision, never
-//!   assumed gone on a local timer.
+//! - `<prefix>/owners/<node>/<incarnation hex>/<lease hex>`: empty, put
+//!   under that owner lease, so it exists exactly while the lease does
+//!   (one key per lease: a gateway's next lease does not revive the key
+//!   its sessions' records name). A taker's claim compares its absence
+//!   inside the claim's own transaction: the old lease is *seen* gone by
+//!   etcd at the claim's revision, never assumed gone on a local timer.
 //!
-//! Every write names the record's `mod_revision` it read; a write from a
-//! stale owner (one whose session was taken over) fails at etcd.
+//! Every write names the record's `mod_revision` it read (a write from a
+//! stale owner, one whose session was taken over, fails at etcd) and the
+//! writer's own owner key with its lease (a write from an owner whose lease
+//! etcd already ended fails too, whatever its local clock says).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +25,8 @@ use jvpn_proto::pb::etcd::kv_client::KvClient;
 use jvpn_proto::pb::etcd::lease_client::LeaseClient;
 use jvpn_proto::pb::etcd::request_op::Request as Op;
 use jvpn_proto::pb::etcd::{
-    Compare, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest,
-    RangeRequest, RequestOp, TxnRequest,
+    Compare, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use jvpn_proto::pb::store::SessionRecord;
 use jvpn_proto::store_record::{self, RecordError};
@@ -46,6 +49,9 @@ pub enum StoreError {
     /// The owner's lease key still exists: no takeover.
     #[error("the owner's lease is still alive")]
     OwnerAlive,
+    /// The writer's own owner lease is gone at etcd: it may write nothing.
+    #[error("this gateway's owner lease is gone")]
+    LeaseGone,
     /// No record for this session.
     #[error("no store record")]
     Missing,
@@ -105,10 +111,12 @@ struct Member {
 }
 
 /// The store's client. Cheap to clone. It sticks to the member that last
-/// answered and moves on to the next one when a member cannot be reached
-/// (a balanced channel would keep sending a share of calls to a dead
-/// member). Channels reconnect by themselves and streams are per call, so
-/// nothing needs restoring after an etcd restart.
+/// answered and moves on to the next one when a member cannot be reached or
+/// does not answer within its share of the request bound (a balanced
+/// channel would keep sending a share of calls to a dead member, and one
+/// paused member must not eat the whole bound). Channels reconnect by
+/// themselves and streams are per call, so nothing needs restoring after
+/// an etcd restart.
 ///
 /// Moving on is safe for writes too: every write is a compare-and-set, so
 /// one that did land before its connection broke fails its compare when
@@ -134,8 +142,9 @@ impl EtcdStore {
             let mut ep = Endpoint::from_shared(url.clone())
                 .map_err(|e| StoreError::Config(format!("endpoint {url}: {e}")))?
                 .connect_timeout(cfg.request_timeout)
-                .timeout(cfg.request_timeout)
-                .tcp_nodelay(true);
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
             if let Some(t) = &cfg.tls {
                 let tls = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&t.ca_pem))
@@ -165,8 +174,9 @@ impl EtcdStore {
     }
 
     /// Runs `call` on the member that last answered, then on the others in
-    /// turn while a member is unreachable; the whole within the request
-    /// bound. Any other answer (including etcd's own errors) is final.
+    /// turn while a member is unreachable or slow (each gets an equal share
+    /// of the request bound); the whole within the bound. Any other answer
+    /// (including etcd's own errors) is final.
     async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
     where
         F: Fn(Member) -> Fut,
@@ -174,23 +184,24 @@ impl EtcdStore {
     {
         let n = self.members.len();
         let start = self.current.load(Ordering::Relaxed);
+        let share = self.timeout / u32::try_from(n).unwrap_or(u32::MAX).max(1);
         let attempts = async {
-            let mut last = None;
+            let mut last = StoreError::Unavailable("no endpoint".into());
             for k in 0..n {
                 let i = (start + k) % n;
-                match call(self.members[i].clone()).await {
-                    Ok(v) => {
+                match tokio::time::timeout(share, call(self.members[i].clone())).await {
+                    Ok(Ok(v)) => {
                         self.current.store(i, Ordering::Relaxed);
                         return Ok(v);
                     }
-                    Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
-                    Err(s) => return Err(StoreError::from(s)),
+                    Ok(Err(s)) if s.code() == tonic::Code::Unavailable => last = s.into(),
+                    Ok(Err(s)) => return Err(StoreError::from(s)),
+                    Err(_) => last = StoreError::Unavailable("member did not answer".into()),
                 }
+                // The next call starts at the next member.
+                self.current.store((i + 1) % n, Ordering::Relaxed);
             }
-            Err(last.map_or_else(
-                || StoreError::Unavailable("no endpoint".into()),
-                StoreError::from,
-            ))
+            Err(last)
         };
         tokio::time::timeout(self.timeout, attempts)
             .await
@@ -202,9 +213,19 @@ impl EtcdStore {
         format!("{}/sessions/{sid}", self.prefix).into_bytes()
     }
 
-    /// The key that exists while `node`'s incarnation holds its lease.
-    pub fn owner_key(&self, node: &NodeId, inc: Incarnation) -> Vec<u8> {
-        format!("{}/owners/{node}/{:016x}", self.prefix, inc.0).into_bytes()
+    /// The key that exists while `node`'s incarnation holds `lease`.
+    pub fn owner_key(&self, node: &str, inc: u64, lease: i64) -> Vec<u8> {
+        format!(
+            "{}/owners/{node}/{inc:016x}/{:016x}",
+            self.prefix,
+            lease.cast_unsigned()
+        )
+        .into_bytes()
+    }
+
+    /// The owner key a record names.
+    pub fn owner_key_of(&self, rec: &SessionRecord) -> Vec<u8> {
+        self.owner_key(&rec.owner_node, rec.owner_incarnation, rec.owner_lease)
     }
 
     /// A lease of `ttl` (whole seconds, at least one): its id and the TTL
@@ -257,48 +278,70 @@ impl EtcdStore {
         inc: Incarnation,
         lease: i64,
     ) -> Result<(), StoreError> {
-        let put = put(self.owner_key(node, inc), Vec::new(), lease);
+        let put = put(
+            self.owner_key(node.as_str(), inc.0, lease),
+            Vec::new(),
+            lease,
+        );
         self.txn(Vec::new(), vec![put]).await.map(|_| ())
     }
 
-    /// The incarnations of `node` whose owner keys exist now (leases alive).
-    pub async fn owners(&self, node: &NodeId) -> Result<Vec<Incarnation>, StoreError> {
-        let key = format!("{}/owners/{node}/", self.prefix).into_bytes();
+    /// Every key under `prefix`.
+    async fn range_prefix(&self, key: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
         let mut end = key.clone();
         // The range of every key with this prefix: the prefix with its
         // last byte ('/') incremented.
         if let Some(last) = end.last_mut() {
             *last += 1;
         }
+        self.call(|mut m| {
+            let (key, range_end) = (key.clone(), end.clone());
+            async move {
+                let r =
+                    m.kv.range(RangeRequest {
+                        key,
+                        range_end,
+                        limit: 0,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(r.kvs)
+            }
+        })
+        .await
+    }
+
+    /// The incarnations of `node` holding an owner lease now.
+    pub async fn owners(&self, node: &NodeId) -> Result<Vec<Incarnation>, StoreError> {
+        Ok(self
+            .owner_leases(node)
+            .await?
+            .into_iter()
+            .map(|(inc, _)| inc)
+            .collect())
+    }
+
+    /// `(incarnation, lease)` of every owner key of `node` now.
+    pub async fn owner_leases(&self, node: &NodeId) -> Result<Vec<(Incarnation, i64)>, StoreError> {
         let kvs = self
-            .call(|mut m| {
-                let (key, range_end) = (key.clone(), end.clone());
-                async move {
-                    let r =
-                        m.kv.range(RangeRequest {
-                            key,
-                            range_end,
-                            limit: 0,
-                        })
-                        .await?
-                        .into_inner();
-                    Ok(r.kvs)
-                }
-            })
+            .range_prefix(format!("{}/owners/{node}/", self.prefix).into_bytes())
             .await?;
         Ok(kvs
             .iter()
             .filter_map(|kv| {
-                let tail = kv.key.rsplit(|b| *b == b'/').next()?;
-                let hex = std::str::from_utf8(tail).ok()?;
-                u64::from_str_radix(hex, 16).ok().map(Incarnation)
+                let text = std::str::from_utf8(&kv.key).ok()?;
+                let mut parts = text.rsplit('/');
+                let lease = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let inc = u64::from_str_radix(parts.next()?, 16).ok()?;
+                Some((Incarnation(inc), lease.cast_signed()))
             })
             .collect())
     }
 
-    /// Does the owner key of `node`'s incarnation exist (its lease alive)?
+    /// Does `node`'s incarnation hold an owner lease now?
     pub async fn owner_alive(&self, node: &NodeId, inc: Incarnation) -> Result<bool, StoreError> {
-        Ok(self.get(self.owner_key(node, inc)).await?.is_some())
+        let key = format!("{}/owners/{node}/{:016x}/", self.prefix, inc.0).into_bytes();
+        Ok(!self.range_prefix(key).await?.is_empty())
     }
 
     async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
@@ -352,7 +395,29 @@ impl EtcdStore {
         }
     }
 
-    /// Writes a new session's record; fails if one exists.
+    /// The compare that holds while the record's owner lease lives at etcd.
+    fn owner_holds(&self, rec: &SessionRecord) -> Compare {
+        compare(
+            self.owner_key_of(rec),
+            CompareTarget::Lease,
+            TargetUnion::Lease(rec.owner_lease),
+        )
+    }
+
+    /// Why a write that compared `key` at `expected` (0: absent) and the
+    /// writer's lease failed.
+    async fn why_not(&self, key: Vec<u8>, expected: i64) -> Result<StoreError, StoreError> {
+        let now = self.get(key).await?.map_or(0, |kv| kv.mod_revision);
+        Ok(match (expected, now) {
+            (0, 0) => StoreError::LeaseGone,
+            (0, _) => StoreError::Exists,
+            (e, n) if e == n => StoreError::LeaseGone,
+            (e, _) => StoreError::Stale { expected: e },
+        })
+    }
+
+    /// Writes a new session's record; fails if one exists or if the owner
+    /// lease the record names is gone.
     pub async fn create(&self, sid: &SessionId, rec: &SessionRecord) -> Result<i64, StoreError> {
         let key = self.session_key(sid);
         let absent = compare(
@@ -360,13 +425,19 @@ impl EtcdStore {
             CompareTarget::Create,
             TargetUnion::CreateRevision(0),
         );
-        self.txn(vec![absent], vec![put(key, store_record::encode(rec), 0)])
+        let put = put(key.clone(), store_record::encode(rec), 0);
+        match self
+            .txn(vec![absent, self.owner_holds(rec)], vec![put])
             .await?
-            .ok_or(StoreError::Exists)
+        {
+            Some(rev) => Ok(rev),
+            None => Err(self.why_not(key, 0).await?),
+        }
     }
 
     /// A binding change by the owner: written only if the record is still
-    /// the one read at `expected` (a takeover in between makes it fail).
+    /// the one read at `expected` (a takeover in between makes it fail) and
+    /// the owner lease `rec` names is alive.
     pub async fn update(
         &self,
         sid: &SessionId,
@@ -379,23 +450,49 @@ impl EtcdStore {
             CompareTarget::Mod,
             TargetUnion::ModRevision(expected),
         );
-        self.txn(vec![same], vec![put(key, store_record::encode(rec), 0)])
+        let put = put(key.clone(), store_record::encode(rec), 0);
+        match self
+            .txn(vec![same, self.owner_holds(rec)], vec![put])
+            .await?
+        {
+            Some(rev) => Ok(rev),
+            None => Err(self.why_not(key, expected).await?),
+        }
+    }
+
+    /// Removes an ended session's record, only if it is still the one
+    /// written at `expected` (never one a taker wrote since).
+    pub async fn delete(&self, sid: &SessionId, expected: i64) -> Result<i64, StoreError> {
+        let key = self.session_key(sid);
+        let same = compare(
+            key.clone(),
+            CompareTarget::Mod,
+            TargetUnion::ModRevision(expected),
+        );
+        let del = RequestOp {
+            request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                key,
+                range_end: Vec::new(),
+            })),
+        };
+        self.txn(vec![same], vec![del])
             .await?
             .ok_or(StoreError::Stale { expected })
     }
 
-    /// A takeover: `rec` (the caller bumped `owner_epoch` and rewrapped a
-    /// fresh key) replaces the record read at `expected`, only if the
-    /// previous owner's lease key is gone at this very revision.
+    /// A takeover: `rec` (the taker's: `owner_epoch` bumped, a fresh key,
+    /// its own owner lease) replaces `previous`, read at `expected`, only if
+    /// the owner lease `previous` names is gone at this very revision and
+    /// the taker's own lease lives.
     pub async fn claim(
         &self,
         sid: &SessionId,
         expected: i64,
-        previous: (&NodeId, Incarnation),
+        previous: &SessionRecord,
         rec: &SessionRecord,
     ) -> Result<i64, StoreError> {
         let key = self.session_key(sid);
-        let owner = self.owner_key(previous.0, previous.1);
+        let owner = self.owner_key_of(previous);
         let same = compare(
             key.clone(),
             CompareTarget::Mod,
@@ -406,21 +503,18 @@ impl EtcdStore {
             CompareTarget::Create,
             TargetUnion::CreateRevision(0),
         );
+        let put = put(key.clone(), store_record::encode(rec), 0);
         if let Some(rev) = self
-            .txn(
-                vec![same, gone],
-                vec![put(key, store_record::encode(rec), 0)],
-            )
+            .txn(vec![same, gone, self.owner_holds(rec)], vec![put])
             .await?
         {
             return Ok(rev);
         }
         // Which compare failed decides what the caller does next.
         if self.get(owner).await?.is_some() {
-            Err(StoreError::OwnerAlive)
-        } else {
-            Err(StoreError::Stale { expected })
+            return Err(StoreError::OwnerAlive);
         }
+        Err(self.why_not(key, expected).await?)
     }
 }
 

@@ -149,15 +149,26 @@ async fn run(
             }
         };
         let mut fence = LeaseFence::new(cfg.ttl, cfg.margin);
-        if fence.granted(now(), sent, granted) == Renewal::Fenced {
-            continue;
-        }
-        if let Err(e) = store
-            .register_owner(&cfg.node, cfg.incarnation, lease)
-            .await
-        {
-            warn!(error = %e, "store: owner key not written");
+        let usable = fence.granted(now(), sent, granted) != Renewal::Fenced;
+        let registered = usable
+            && match store
+                .register_owner(&cfg.node, cfg.incarnation, lease)
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "store: owner key not written");
+                    false
+                }
+            };
+        if !registered {
+            // Granted too late to be of use, or no owner key: give the
+            // lease back and wait before the next try.
+            counter!(m::STORE_KEEPALIVE_FAILURES).increment(1);
             let _ = store.revoke(lease).await;
+            if sleep_or_stop(&mut stop, Instant::now() + interval).await {
+                return;
+            }
             continue;
         }
         generation += 1;

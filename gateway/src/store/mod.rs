@@ -3,9 +3,8 @@
 //! gateway keeps on its owner lease ([`fence`], sans-IO) and the task that
 //! keeps that lease ([`keeper`]).
 //!
-//! Not yet wired into the session path: the in-memory store stays the only
-//! one a gateway serves from (docs/design-notes.md, "The store's etcd
-//! client").
+//! The session path's side (records at HELLO and RESUME, the fence loop)
+//! is `server/stored.rs`; design note 47 says why it is built this way.
 
 pub mod etcd;
 pub mod fence;
