@@ -63,6 +63,28 @@ async fn owner(store: &EtcdStore, node: &str, inc: u64, ttl: Duration) -> i64 {
     lease
 }
 
+/// Creates `rec` once the store takes writes (a leader elected). A write
+/// that timed out may still have been committed, so "exists" after a
+/// timeout is the same record (the caller reads it back).
+async fn create_eventually(
+    store: &EtcdStore,
+    sid: SessionId,
+    rec: &SessionRecord,
+    within: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    eventually(within, what, || {
+        let (store, rec) = (store.clone(), rec.clone());
+        async move {
+            matches!(
+                store.create(&sid, &rec).await,
+                Ok(_) | Err(StoreError::Exists)
+            )
+        }
+    })
+    .await
+}
+
 async fn cluster_and_store() -> (EtcdCluster, EtcdStore) {
     let c = EtcdCluster::start(3).await.unwrap();
     let s = EtcdStore::new(&c.store_config("/jvpn/test", TIMEOUT).unwrap()).unwrap();
@@ -251,24 +273,17 @@ async fn the_store_needs_a_majority_fails_closed_without_one_and_comes_back() {
     let lease = owner(&store, "gw-a", 1, Duration::from_secs(5)).await;
     // One member of three down: a majority still decides, once it has a
     // leader (if the killed member led, until then every write fails
-    // closed). A write that timed out may still have been committed, so
-    // "exists" after a timeout is the same record.
+    // closed).
     c.kill(0).await.unwrap();
     let sid = SessionId::from_bytes(rand::random());
     let rec = record(("gw-a", 1, lease), (1, 1), &sid, [1; 32]);
     let t = Instant::now();
-    eventually(
+    create_eventually(
+        &store,
+        sid,
+        &rec,
         Duration::from_secs(15),
         "a write with 2 of 3 members",
-        || {
-            let (store, rec) = (store.clone(), rec.clone());
-            async move {
-                matches!(
-                    store.create(&sid, &rec).await,
-                    Ok(_) | Err(StoreError::Exists)
-                )
-            }
-        },
     )
     .await
     .unwrap();
@@ -654,36 +669,24 @@ async fn the_deploy_example_members_form_a_working_store() {
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
-    let up = eventually(
+    let up = create_eventually(
+        &store,
+        sid,
+        &rec,
         Duration::from_secs(30),
         "the example cluster to take a write",
-        || {
-            let (store, rec) = (store.clone(), rec.clone());
-            async move {
-                matches!(
-                    store.create(&sid, &rec).await,
-                    Ok(_) | Err(StoreError::Exists)
-                )
-            }
-        },
     )
     .await;
     assert!(up.is_ok(), "{up:?}\n{}", logs());
     members[0].kill().await.unwrap();
     let other = SessionId::from_bytes(rand::random());
     let rec2 = record(("g1", 1, lease), (1, 1), &other, [4; 32]);
-    eventually(
+    create_eventually(
+        &store,
+        other,
+        &rec2,
         Duration::from_secs(15),
         "a write with 2 of 3 members",
-        || {
-            let (store, rec2) = (store.clone(), rec2.clone());
-            async move {
-                matches!(
-                    store.create(&other, &rec2).await,
-                    Ok(_) | Err(StoreError::Exists)
-                )
-            }
-        },
     )
     .await
     .unwrap();
