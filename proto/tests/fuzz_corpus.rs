@@ -36,3 +36,8 @@ fn heartbeat_corpus() {
 fn channel_corpus() {
     replay("channel", jvpn_proto::fuzzing::channel, 10);
 }
+
+#[test]
+fn store_record_corpus() {
+    replay("store_record", jvpn_proto::fuzzing::store_record, 4);
+}
