@@ -374,6 +374,19 @@ pub struct Agent {
     switches: std::collections::VecDeque<std::time::Instant>,
     /// The data plane, once [`Agent::tunnel`] asked for one.
     pub(crate) data: Option<(streams::DataPlane, streams::Tunnel)>,
+    /// The last takeover the agent accepted, until [`Agent::take_migration`].
+    migration: Option<Migration>,
+}
+
+/// Topology 3: the session moved to a taker after its owner died (an
+/// explicit migration: higher owner epoch, proven with the session's key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Migration {
+    /// `node/incarnation` of the dead owner and of the taker.
+    pub from: String,
+    pub to: String,
+    /// Streams that lived on the dead owner, reset (`taken_over`).
+    pub streams_reset: u64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -398,6 +411,7 @@ impl Agent {
             next_server: 0,
             switches: std::collections::VecDeque::new(),
             data: None,
+            migration: None,
         })
     }
 
@@ -474,6 +488,11 @@ impl Agent {
             Duration::ZERO
         };
         cooldown.max(window)
+    }
+
+    /// The takeover the last RESUME accepted, if it was one (topology 3).
+    pub fn take_migration(&mut self) -> Option<Migration> {
+        self.migration.take()
     }
 
     /// Moves on to the next configured server (router fail-over).
@@ -600,6 +619,7 @@ impl Agent {
             next_server: self.next_server,
             switches: std::collections::VecDeque::new(),
             data: self.data.as_ref().map(|_| streams::DataPlane::new()),
+            migration: None,
         }
     }
 
@@ -618,6 +638,7 @@ impl Agent {
             next_server: self.next_server,
             switches: std::mem::take(&mut self.switches),
             data: self.data.as_mut().map(|(d, _)| d.split_off()),
+            migration: self.migration.take(),
         }
     }
 
@@ -688,9 +709,26 @@ impl Agent {
                 }
             }
         };
+        let streams_open = self.open_streams();
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
-        s.apply_resume_ok(sent, &ok, t)?;
-        if let Some((ch, g)) = self.data.as_mut().and_then(|(d, _)| d.channel.as_mut()) {
+        let resumed = s.apply_resume_ok(sent, &ok, t)?;
+        if let jvpn_proto::client::Resumed::Migrated { from, to, .. } = resumed {
+            // Topology 3: the owner died and a taker carries the session
+            // on. The channel and its streams lived in the dead owner's
+            // process: they are reset, explicitly; the session (and the
+            // front doors) continue on a fresh channel.
+            if let Some((d, _)) = self.data.as_mut() {
+                d.close("taken_over");
+                if ok.channel_window > 0 {
+                    d.start(ok.channel_window);
+                }
+            }
+            self.migration = Some(Migration {
+                from,
+                to,
+                streams_reset: streams_open,
+            });
+        } else if let Some((ch, g)) = self.data.as_mut().and_then(|(d, _)| d.channel.as_mut()) {
             // The channel continues on this transport from what the
             // gateway holds; without that offset it cannot.
             let resumed = ok

@@ -47,6 +47,9 @@ pub struct AgentReport {
     pub protocol_violations: u64,
     /// `ResumeOk` answers from another owner than the session's (refused).
     pub silent_migration_attempts: u64,
+    /// Topology 3: sessions carried on by a taker after their owner died
+    /// (higher owner epoch, proven with the session key): explicit, counted.
+    pub explicit_migrations: u64,
     pub go_aways: u64,
     /// Keep-alive pings sent. A tick finds none needed while frames went
     /// both ways within the interval (data and acks prove the path).
@@ -808,6 +811,19 @@ async fn reattach(
                     });
                 }
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
+                if let Some(mig) = agent.take_migration() {
+                    note(
+                        transitions,
+                        format!("owner {} gone: session taken over by {}", mig.from, mig.to),
+                    );
+                    update(report, |r| {
+                        r.explicit_migrations += 1;
+                        if mig.streams_reset > 0 {
+                            *r.streams_reset.entry("taken_over".into()).or_insert(0) +=
+                                mig.streams_reset;
+                        }
+                    });
+                }
                 if main {
                     record_attach(report, agent, false);
                 }

@@ -77,6 +77,9 @@ pub enum Forwarded {
         intended: Option<(NodeId, Incarnation)>,
         /// The forwarding router (HELLO fencing needs a lease with it).
         router_id: Option<String>,
+        /// Topology 3: the router found this RESUME's owner dead and asks
+        /// this gateway (the session's shard owner) to claim it.
+        takeover: bool,
     },
 }
 
@@ -107,6 +110,7 @@ impl Gate {
                     .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port())),
                 intended: h.intended_owner,
                 router_id: h.router_id,
+                takeover: h.takeover,
             }),
         }
     }
@@ -271,6 +275,7 @@ mod tests {
             router_id: Some("r1".into()),
             view_id: None,
             intended_owner: Some((node("g1"), Incarnation(7))),
+            takeover: true,
         };
         assert_eq!(
             g.proxy(Some(h)),
@@ -278,6 +283,7 @@ mod tests {
                 source: Some(client),
                 intended: Some((node("g1"), Incarnation(7))),
                 router_id: Some("r1".into()),
+                takeover: true,
             })
         );
     }

@@ -42,6 +42,19 @@ pub const STORE_KEEPALIVE_FAILURES: &str = "jvpn_gateway_store_keepalive_failure
 pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
 pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
+pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
+/// Every `result` of [`STORE_CLAIMS`].
+pub const CLAIM_RESULTS: [&str; 9] = [
+    "ok",
+    "no_record",
+    "own",
+    "bad_proof",
+    "expired",
+    "owner_alive",
+    "conflict",
+    "unavailable",
+    "error",
+];
 pub const RING_BUILD_SECONDS: &str = "jvpn_gateway_ring_build_duration_seconds";
 pub const VIEW_UNKNOWN: &str = "jvpn_gateway_heartbeat_view_unknown_total";
 pub const LEASE_VALID: &str = "jvpn_gateway_lease_valid";
@@ -140,8 +153,9 @@ pub const HELLO_REFUSALS: [ReasonCode; 7] = [
 ];
 
 /// What a RESUME can be refused with (besides `ok`).
-pub const RESUME_REFUSALS: [ReasonCode; 12] = [
+pub const RESUME_REFUSALS: [ReasonCode; 13] = [
     ReasonCode::StoreUnavailable,
+    ReasonCode::OwnerUnreachable,
     ReasonCode::ProtocolError,
     ReasonCode::UnknownSession,
     ReasonCode::SessionLifetimeExceeded,
@@ -161,6 +175,10 @@ pub fn describe() {
     describe_counter!(
         STORE_WRITES,
         "Topology 3: session record writes, by op (create at HELLO, bind at RESUME, delete when the session ends) and result (ok, conflict, unavailable, error)."
+    );
+    describe_counter!(
+        STORE_CLAIMS,
+        "Topology 3: takeovers this gateway attempted for sessions whose owner died, by result (ok; no_record, own, bad_proof, expired: refused as unknown_session; owner_alive, conflict: the agent retries; unavailable, error)."
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,
@@ -376,6 +394,9 @@ fn zero_labelled_counters() {
     }
     zero(STORE_KEEPALIVE_FAILURES, &[]);
     zero(STORE_FENCED_SESSIONS, &[]);
+    for result in CLAIM_RESULTS {
+        zero(STORE_CLAIMS, &[("result", result)]);
+    }
     for op in ["create", "bind", "delete"] {
         for result in ["ok", "conflict", "unavailable", "error"] {
             zero(STORE_WRITES, &[("op", op), ("result", result)]);

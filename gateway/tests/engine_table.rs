@@ -22,6 +22,7 @@ fn expected(from: State, ev: Event) -> Option<(State, R)> {
             S::Attached,
             R::HandshakeOk,
         ),
+        (vec![S::Birth], E::TakenOver, S::Attached, R::TakenOver),
         (
             vec![S::Attached],
             E::TransportClosed,
@@ -154,7 +155,7 @@ fn every_state_event_pair_matches_the_design_table() {
         }
     }
     assert_eq!(listed + rejected, State::ALL.len() * Event::all().len());
-    assert_eq!(listed, 46, "(state, event) pairs the table allows");
+    assert_eq!(listed, 47, "(state, event) pairs the table allows");
 }
 
 #[test]
@@ -164,7 +165,8 @@ fn terminated_and_birth_accept_almost_nothing() {
             transition(State::Terminated, ev).is_err(),
             "TERMINATED is absorbing: {ev:?}"
         );
-        if ev != Event::HandshakeDone {
+        // BIRTH leaves only by a handshake or a takeover (topology 3).
+        if ev != Event::HandshakeDone && ev != Event::TakenOver {
             assert!(transition(State::Birth, ev).is_err(), "{ev:?}");
         }
     }

@@ -290,6 +290,7 @@ pub async fn noop_target(
             }),
             token_key_id: 1,
             channel_window: 0,
+            migratable: false,
         });
         while let Ok(Some(kind)) = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await {
             let reply = match kind {

@@ -253,6 +253,7 @@ async fn gateways_in_a_cluster_refuse_direct_clients_and_foreign_proxy_headers()
         router_id: Some("r1".into()),
         view_id: None,
         intended_owner: None,
+        takeover: false,
     }
     .encode()
     .unwrap();

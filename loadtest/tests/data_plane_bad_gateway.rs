@@ -101,6 +101,7 @@ fn hello_ok(i: usize) -> HelloOk {
         }),
         token_key_id: 0,
         channel_window: 1 << 20,
+        migratable: false,
     }
 }
 

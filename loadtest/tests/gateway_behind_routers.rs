@@ -35,6 +35,7 @@ fn proxy_header(intended: Option<(&str, u64)>) -> Vec<u8> {
         router_id: Some("r1".into()),
         view_id: None,
         intended_owner: intended.map(|(n, i)| (NodeId::new(n).unwrap(), Incarnation(i))),
+        takeover: false,
     }
     .encode()
     .unwrap()

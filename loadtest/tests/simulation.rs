@@ -393,7 +393,10 @@ impl World {
                 self.agents[i].next_router = (r + 1) % ROUTERS;
                 self.retry_later(i, 10);
             }
-            Some(ResumeRoute::Lost | ResumeRoute::BadToken) | None => {
+            // route_token never decides a takeover (the router's shell
+            // does, in topology 3, which this simulation does not model).
+            Some(ResumeRoute::Lost | ResumeRoute::BadToken | ResumeRoute::Takeover { .. })
+            | None => {
                 if route.is_some() {
                     self.owner_lost += 1;
                 }

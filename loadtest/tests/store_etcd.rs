@@ -50,6 +50,7 @@ fn record(
         wrapped_key: wrap_key(&keys(), rand::random(), at, &key),
         principal: "agent-0".into(),
         owner_lease: lease,
+        ..SessionRecord::default()
     }
 }
 

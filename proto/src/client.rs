@@ -62,9 +62,16 @@ pub enum ClientError {
     #[error(transparent)]
     Export(#[from] ExportError),
     /// A `ResumeOk` from another node or incarnation than the one that
-    /// issued the session: a silent migration attempt, refused.
+    /// issued the session: a silent migration attempt, refused. (Topology
+    /// 3's takeover is the one exception: a migratable session, a higher
+    /// owner epoch and a valid server proof.)
     #[error("ResumeOk from {got}, session belongs to {expected}")]
     OwnerMismatch { expected: String, got: String },
+    /// A new owner (or the same one) named an owner epoch that is not the
+    /// one this client holds, or not higher for a takeover: a stale or
+    /// replayed claim, refused.
+    #[error("ResumeOk with owner epoch {got}, client holds {held}")]
+    OwnerEpoch { held: u64, got: u64 },
     /// The gateway could not prove it holds the session key.
     #[error("server proof does not verify")]
     ServerProof,
@@ -101,12 +108,34 @@ pub fn ends_session(reason: ReasonCode) -> bool {
     )
 }
 
+/// What an accepted `ResumeOk` did to the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resumed {
+    /// Its owner took the new transport.
+    Same,
+    /// Topology 3: another gateway took the session over from its dead
+    /// owner (the store's claim bumped the owner epoch; the proof was made
+    /// with the session's key). Whatever lived in the old owner's process
+    /// (the channel and its streams) is gone; the session carries on.
+    Migrated {
+        /// `node/incarnation` of the previous and the new owner.
+        from: String,
+        to: String,
+        owner_epoch: u64,
+    },
+}
+
 /// The client's state of one session.
 #[derive(Clone)]
 pub struct ClientSession {
     pub id: SessionId,
     pub node_id: String,
     pub incarnation: u64,
+    /// Bumped by every takeover (topology 3); 1 from the HELLO.
+    pub owner_epoch: u64,
+    /// `HelloOk.migratable`: the session is recorded in a shared store and
+    /// may be taken over by another gateway when its owner dies.
+    pub migratable: bool,
     pub binding_epoch: u64,
     pub state_version: u64,
     pub policy: Policy,
@@ -143,6 +172,8 @@ impl ClientSession {
             id,
             node_id: ok.node_id,
             incarnation: ok.incarnation,
+            owner_epoch: 1,
+            migratable: ok.migratable,
             binding_epoch: ok.binding_epoch,
             state_version: ok.state_version,
             policy: ok.policy.unwrap_or_default(),
@@ -209,7 +240,8 @@ impl ClientSession {
     }
 
     /// Applies the `ResumeOk` that answered `sent` on `conn`: the owner must
-    /// be the one that issued the session and the server proof must verify;
+    /// be the one that issued the session (or, for a migratable session, a
+    /// taker with a higher owner epoch) and the server proof must verify;
     /// then the key rotates to this connection and the new token is kept.
     /// On an error nothing changes.
     pub fn apply_resume_ok(
@@ -217,11 +249,27 @@ impl ClientSession {
         sent: &Resume,
         ok: &ResumeOk,
         conn: &impl Exporter,
-    ) -> Result<(), ClientError> {
-        if ok.node_id != self.node_id || ok.incarnation != self.incarnation {
+    ) -> Result<Resumed, ClientError> {
+        let same = ok.node_id == self.node_id && ok.incarnation == self.incarnation;
+        let held = format!("{}/{:016x}", self.node_id, self.incarnation);
+        let offered = format!("{}/{:016x}", ok.node_id, ok.incarnation);
+        if !same && !self.migratable {
             return Err(ClientError::OwnerMismatch {
-                expected: format!("{}/{:016x}", self.node_id, self.incarnation),
-                got: format!("{}/{:016x}", ok.node_id, ok.incarnation),
+                expected: held,
+                got: offered,
+            });
+        }
+        // The owner that keeps a session keeps its epoch (0: a gateway from
+        // before owner epochs); a taker must name a higher one.
+        let epoch_ok = if same {
+            ok.owner_epoch == self.owner_epoch || ok.owner_epoch == 0
+        } else {
+            ok.owner_epoch > self.owner_epoch
+        };
+        if !epoch_ok {
+            return Err(ClientError::OwnerEpoch {
+                held: self.owner_epoch,
+                got: ok.owner_epoch,
             });
         }
         let binding = conn.channel_binding()?;
@@ -238,6 +286,18 @@ impl ClientSession {
             RESUME_KEY_LABEL,
             &resume_key_context(&self.id, ok.binding_epoch),
         )?);
+        let resumed = if same {
+            Resumed::Same
+        } else {
+            self.node_id.clone_from(&ok.node_id);
+            self.incarnation = ok.incarnation;
+            self.owner_epoch = ok.owner_epoch;
+            Resumed::Migrated {
+                from: held,
+                to: offered,
+                owner_epoch: ok.owner_epoch,
+            }
+        };
         self.binding_epoch = ok.binding_epoch;
         self.state_version = ok.state_version;
         self.key = next_key;
@@ -249,7 +309,7 @@ impl ClientSession {
             self.token = tok;
             self.key_id = id;
         }
-        Ok(())
+        Ok(resumed)
     }
 
     /// Applies a `Reject` of a `Resume`: `stale_binding` with the current
@@ -289,6 +349,7 @@ mod tests {
             policy: None,
             token_key_id: 2,
             channel_window: 0,
+            migratable: false,
         };
         let key = conn.resume_key(&resume_key_context(&id, 1));
         (ok, key)
@@ -309,6 +370,7 @@ mod tests {
                 .to_vec(),
             token_key_id: 3,
             received: None,
+            channel_window: 0,
         }
     }
 
@@ -369,6 +431,75 @@ mod tests {
             Err(ClientError::ServerProof)
         );
         assert_eq!((s.binding_epoch, s.token_key_id()), (1, 2));
+    }
+
+    /// Topology 3: a taker is accepted only for a migratable session, only
+    /// with a higher owner epoch and a proof under the session's key; the
+    /// client then follows the new owner (and keeps its epoch from then on).
+    #[test]
+    fn a_takeover_needs_a_migratable_session_a_higher_epoch_and_the_proof() {
+        let c0 = SimConn(1);
+        let (mut ok, key) = hello_ok(&c0);
+        ok.migratable = true;
+        let mut s = ClientSession::from_hello_ok(ok, &c0).unwrap();
+        let c1 = SimConn(2);
+        let r = s.build_resume(&c1).unwrap();
+        let taker = |owner_epoch: u64, k: &ResumeKey, on: &SimConn| ResumeOk {
+            node_id: "g2".into(),
+            incarnation: 9,
+            owner_epoch,
+            ..resume_ok(k, &r, on, 2)
+        };
+        let before = (s.node_id.clone(), s.owner_epoch, s.binding_epoch);
+        // Not higher: refused.
+        assert_eq!(
+            s.apply_resume_ok(&r, &taker(1, &key, &c1), &c1),
+            Err(ClientError::OwnerEpoch { held: 1, got: 1 })
+        );
+        // Higher, but proven with another key (a taker that never read the
+        // session's record): refused.
+        let forged = ResumeKey::new([5; 32]);
+        assert_eq!(
+            s.apply_resume_ok(&r, &taker(2, &forged, &c1), &c1),
+            Err(ClientError::ServerProof)
+        );
+        // Higher and proven for another connection: refused.
+        assert_eq!(
+            s.apply_resume_ok(&r, &taker(2, &key, &SimConn(99)), &c1),
+            Err(ClientError::ServerProof)
+        );
+        assert_eq!(before, (s.node_id.clone(), s.owner_epoch, s.binding_epoch));
+        assert_eq!(
+            s.apply_resume_ok(&r, &taker(2, &key, &c1), &c1),
+            Ok(Resumed::Migrated {
+                from: format!("g1/{:016x}", 7),
+                to: format!("g2/{:016x}", 9),
+                owner_epoch: 2,
+            })
+        );
+        assert_eq!(
+            (
+                s.node_id.as_str(),
+                s.incarnation,
+                s.owner_epoch,
+                s.binding_epoch
+            ),
+            ("g2", 9, 2, 2)
+        );
+        // The new owner keeps the session at its epoch: a plain resume; the
+        // old owner (epoch 1) coming back is refused.
+        let next = c1.resume_key(&resume_key_context(&s.id, 2));
+        let c2 = SimConn(3);
+        let r = s.build_resume(&c2).unwrap();
+        let mut back = resume_ok(&next, &r, &c2, 3);
+        assert_eq!(
+            s.apply_resume_ok(&r, &back, &c2),
+            Err(ClientError::OwnerEpoch { held: 2, got: 1 })
+        );
+        back.node_id = "g2".into();
+        back.incarnation = 9;
+        back.owner_epoch = 2;
+        assert_eq!(s.apply_resume_ok(&r, &back, &c2), Ok(Resumed::Same));
     }
 
     #[test]

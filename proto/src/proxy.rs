@@ -8,6 +8,8 @@
 //! | 0xE0 | router id (UTF-8) |
 //! | 0xE1 | view id (8 bytes) the router placed under |
 //! | 0xE2 | intended owner for a RESUME: `node_id ‖ incarnation(u64 BE)` |
+//! | 0xE3 | takeover (topology 3): one byte `1`; the RESUME's owner is dead |
+//! |      | and the intended owner is the session's shard owner, asked to claim |
 
 use std::net::SocketAddr;
 
@@ -18,6 +20,9 @@ use crate::{Incarnation, NodeId, ViewId};
 pub const TLV_ROUTER_ID: u8 = 0xE0;
 pub const TLV_VIEW_ID: u8 = 0xE1;
 pub const TLV_INTENDED_OWNER: u8 = 0xE2;
+/// Added with topology 3's takeover; a gateway one version older ignores
+/// it (and answers `unknown_session`, so the agent re-handshakes).
+pub const TLV_TAKEOVER: u8 = 0xE3;
 /// Largest header a gateway accepts.
 pub const MAX_HEADER_LEN: usize = 512;
 /// The 12-byte v2 signature.
@@ -33,6 +38,9 @@ pub struct ProxyHeader {
     pub router_id: Option<String>,
     pub view_id: Option<ViewId>,
     pub intended_owner: Option<(NodeId, Incarnation)>,
+    /// The router found the RESUME's owner dead and sent it to the
+    /// session's shard owner to claim it from the shared store.
+    pub takeover: bool,
 }
 
 /// Why bytes were not an acceptable PROXY v2 header.
@@ -106,6 +114,9 @@ impl ProxyHeader {
             val.extend_from_slice(&inc.0.to_be_bytes());
             b = b.write_tlv(TLV_INTENDED_OWNER, &val).map_err(err)?;
         }
+        if self.takeover {
+            b = b.write_tlv(TLV_TAKEOVER, &[1]).map_err(err)?;
+        }
         let out = b.build().map_err(err)?;
         if out.len() > MAX_HEADER_LEN {
             return Err(ProxyError::TooLong(out.len()));
@@ -171,6 +182,12 @@ impl ProxyHeader {
                     inc.copy_from_slice(&v[split..]);
                     out.intended_owner = Some((node, Incarnation(u64::from_be_bytes(inc))));
                 }
+                TLV_TAKEOVER => {
+                    if v[..] != [1u8] {
+                        return Err(ProxyError::BadTlv(TLV_TAKEOVER));
+                    }
+                    out.takeover = true;
+                }
                 // Other TLVs (e.g. from a standard load balancer) are ignored.
                 _ => {}
             }
@@ -192,6 +209,7 @@ mod tests {
             router_id: Some("r1".into()),
             view_id: Some(ViewId([1, 2, 3, 4, 5, 6, 7, 8])),
             intended_owner: Some((NodeId::new("g2").unwrap(), Incarnation(0xdead_beef))),
+            takeover: true,
         }
     }
 
@@ -254,5 +272,33 @@ mod tests {
             ProxyHeader::decode(&bytes),
             Err(ProxyError::BadTlv(TLV_INTENDED_OWNER))
         );
+    }
+
+    /// The takeover TLV is one byte `1`; absent means no takeover (every
+    /// router before topology 3's takeover), anything else is refused.
+    #[test]
+    fn takeover_is_explicit_and_exact() {
+        let plain = ProxyHeader {
+            takeover: false,
+            ..full()
+        };
+        let b = plain.encode().unwrap();
+        assert!(!b.windows(2).any(|w| w == [TLV_TAKEOVER, 0]));
+        assert_eq!(
+            ProxyHeader::decode(&b),
+            Ok(Decoded::Done(plain.clone(), b.len()))
+        );
+        for value in [&[0u8][..], &[2], &[1, 1], &[]] {
+            let mut bytes = plain.encode().unwrap();
+            bytes.extend_from_slice(&[TLV_TAKEOVER, 0, value.len() as u8]);
+            bytes.extend_from_slice(value);
+            let len = (bytes.len() - 16) as u16;
+            bytes[14..16].copy_from_slice(&len.to_be_bytes());
+            assert_eq!(
+                ProxyHeader::decode(&bytes),
+                Err(ProxyError::BadTlv(TLV_TAKEOVER)),
+                "{value:?}"
+            );
+        }
     }
 }

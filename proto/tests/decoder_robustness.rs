@@ -97,6 +97,7 @@ fn proxy_decoder_never_panics_or_overreads() {
         router_id: Some("r1".into()),
         view_id: Some(ViewId([1; 8])),
         intended_owner: Some((NodeId::new("g1").unwrap(), Incarnation(5))),
+        takeover: true,
     }
     .encode()
     .unwrap();

@@ -73,6 +73,13 @@ pub struct ClusterSection {
     /// Largest weight a gateway may claim.
     #[serde(default = "default_max_weight")]
     pub max_weight: u32,
+    /// Topology 3 (the gateways share a session store on etcd): a RESUME
+    /// whose owner is lost goes to the session's owner on the current
+    /// ring, which claims it from the store (fenced), instead of being
+    /// answered `owner_lost`. Off by default: a cluster without a store
+    /// would only turn `owner_lost` into `unknown_session`, later.
+    #[serde(default)]
+    pub takeover: bool,
 }
 
 fn default_cluster_name() -> String {

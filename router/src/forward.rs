@@ -204,33 +204,85 @@ async fn resume(
             status(client, Status::OwnerUnreachable, RETRY_SOON).await;
             Outcome::OwnerUnreachable
         }
+        ResumeRoute::Takeover {
+            node,
+            incarnation,
+            addr,
+        } => {
+            counter!(m::TAKEOVERS_ROUTED).increment(1);
+            splice_resume(
+                state,
+                client,
+                peer,
+                pre,
+                token,
+                (node, incarnation, addr),
+                true,
+            )
+            .await
+        }
         ResumeRoute::Splice {
             node,
             incarnation,
             addr,
         } => {
-            if let Err(refusal) = state.token_budget(token, peer.ip()) {
-                let (reason, retry) = match refusal {
-                    TokenRefusal::TooOften(d) => (m::TOKEN_REFUSALS[0], d),
-                    TokenRefusal::TableFull(d) => (m::TOKEN_REFUSALS[1], d),
-                };
-                counter!(m::TOKEN_SPLICES_REFUSED, "reason" => reason).increment(1);
-                status(client, Status::Overloaded, retry).await;
-                return Outcome::Overloaded;
-            }
-            if let Err(retry) = state.gateway_budget(&node, true) {
-                status(client, Status::Overloaded, retry).await;
-                return Outcome::Overloaded;
-            }
-            let Some(mut gw) = connect(state, &node, incarnation, addr).await else {
-                // Often a dying owner: the verdict is at most a few ticks away.
-                status(client, Status::OwnerUnreachable, RETRY_DYING).await;
-                return Outcome::OwnerUnreachable;
-            };
-            let header = proxy_header(state, peer, &gw, None, Some((node.clone(), incarnation)));
-            forward(state, client, &mut gw, header, pre, &node, incarnation).await
+            splice_resume(
+                state,
+                client,
+                peer,
+                pre,
+                token,
+                (node, incarnation, addr),
+                false,
+            )
+            .await
         }
     }
+}
+
+/// Splices a RESUME to `to`: its owner, or for a takeover the session's
+/// shard owner (PROXY TLV 0xE3 says so).
+async fn splice_resume(
+    state: &RouterState,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    pre: &[u8; PREAMBLE_LEN],
+    token: &[u8; jvpn_proto::token::TOKEN_LEN],
+    (node, incarnation, addr): (NodeId, Incarnation, SocketAddr),
+    takeover: bool,
+) -> Outcome {
+    if let Err(refusal) = state.token_budget(token, peer.ip()) {
+        let (reason, retry) = match refusal {
+            TokenRefusal::TooOften(d) => (m::TOKEN_REFUSALS[0], d),
+            TokenRefusal::TableFull(d) => (m::TOKEN_REFUSALS[1], d),
+        };
+        counter!(m::TOKEN_SPLICES_REFUSED, "reason" => reason).increment(1);
+        status(client, Status::Overloaded, retry).await;
+        return Outcome::Overloaded;
+    }
+    if let Err(retry) = state.gateway_budget(&node, true) {
+        status(client, Status::Overloaded, retry).await;
+        return Outcome::Overloaded;
+    }
+    let Some(mut gw) = connect(state, &node, incarnation, addr).await else {
+        // Often a dying owner: the verdict is at most a few ticks away.
+        status(client, Status::OwnerUnreachable, RETRY_DYING).await;
+        return Outcome::OwnerUnreachable;
+    };
+    let intended = Resume {
+        owner: (node.clone(), incarnation),
+        takeover,
+    };
+    let header = proxy_header(state, peer, &gw, None, Some(intended));
+    forward(state, client, &mut gw, header, pre, &node, incarnation).await
+}
+
+/// What a RESUME's PROXY header says about where it is going.
+struct Resume {
+    /// TLV 0xE2: the incarnation the router routed to.
+    owner: (NodeId, Incarnation),
+    /// TLV 0xE3: that incarnation is asked to take the session over.
+    takeover: bool,
 }
 
 async fn connect(
@@ -303,7 +355,7 @@ fn proxy_header(
     peer: SocketAddr,
     gw: &TcpStream,
     placement: Option<&Placement>,
-    intended: Option<(NodeId, Incarnation)>,
+    resume: Option<Resume>,
 ) -> Vec<u8> {
     let dst = gw.peer_addr().unwrap_or(peer);
     let (src, dst) = proxy_addresses(peer, dst);
@@ -315,7 +367,8 @@ fn proxy_header(
         addresses: Some((src, dst)),
         router_id: Some(state.cfg.router_id.to_string()),
         view_id: Some(view_id),
-        intended_owner: intended,
+        takeover: resume.as_ref().is_some_and(|r| r.takeover),
+        intended_owner: resume.map(|r| r.owner),
     };
     // Our own TLVs are short and valid: encoding cannot exceed the limit.
     h.encode().unwrap_or_default()

@@ -13,6 +13,7 @@ pub const CLOSED_ON_DEATH: &str = "jvpn_router_connections_closed_on_member_deat
 pub const MEMBERS: &str = "jvpn_router_members";
 pub const TOMBSTONES: &str = "jvpn_router_tombstones";
 pub const TOKEN_SPLICES_REFUSED: &str = "jvpn_router_token_splices_refused_total";
+pub const TAKEOVERS_ROUTED: &str = "jvpn_router_takeovers_routed_total";
 pub const MEMBER_ALIVE: &str = "jvpn_router_member_alive";
 pub const MEMBER_PLACEABLE: &str = "jvpn_router_member_placeable";
 pub const CONFIG_RELOADS: &str = "jvpn_router_config_reloads_total";
@@ -64,6 +65,10 @@ pub fn describe() {
         "Gateways known to this router, by state (known, alive, placeable)."
     );
     describe_gauge!(RING_MEMBERS, "Gateways on the current ring.");
+    describe_counter!(
+        TAKEOVERS_ROUTED,
+        "Topology 3 ([cluster] takeover): RESUMEs whose owner was lost, sent to the session's shard owner to be claimed from the shared store."
+    );
     describe_counter!(
         TOKEN_SPLICES_REFUSED,
         "RESUMEs refused because one routing token was spliced too often, or too many tokens were in use (reason)."
@@ -152,6 +157,7 @@ pub fn describe() {
         VIEW_DELTAS,
         CONNECT_FAILURES,
         MEMBERSHIP_CONNECTIONS_REFUSED,
+        TAKEOVERS_ROUTED,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -31,6 +31,33 @@ pub enum ResumeRoute {
     Unreachable,
     /// The token did not open under any key we hold.
     BadToken,
+    /// Topology 3: the owner is lost; the session's shard owner on the
+    /// current ring is asked to claim it from the shared store.
+    Takeover {
+        node: NodeId,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+    },
+}
+
+/// Topology 3: where a RESUME whose owner is lost goes instead of
+/// `owner_lost`: the session's owner on the current ring, once it can take
+/// sessions (`ready`); until then, `Unreachable` (retry), so a taker that
+/// joined a moment ago is not skipped for one that is not the shard owner.
+pub fn takeover_route(
+    ring: &jvpn_proto::ring::Ring,
+    sid: &SessionId,
+    ready: impl Fn(&NodeId, Incarnation) -> bool,
+) -> ResumeRoute {
+    match ring.owner(sid) {
+        Some(m) if ready(&m.node_id, m.incarnation) => ResumeRoute::Takeover {
+            node: m.node_id.clone(),
+            incarnation: m.incarnation,
+            addr: m.addr,
+        },
+        Some(_) => ResumeRoute::Unreachable,
+        None => ResumeRoute::Lost,
+    }
 }
 
 /// Owner tag (under a key id) → the incarnation it names.
@@ -178,6 +205,39 @@ mod tests {
         ] {
             let r = route_token(&ring, owner_of, |_| says.clone(), 1, &token);
             assert_eq!(r.route, expect);
+        }
+    }
+
+    #[test]
+    fn a_takeover_goes_to_the_shard_owner_once_it_is_ready() {
+        use jvpn_proto::ring::{Member, Ring, RingParams, View};
+        let members: Vec<Member> = (1..=3)
+            .map(|i| Member {
+                node_id: NodeId::new(&format!("g{i}")).unwrap(),
+                incarnation: Incarnation(i),
+                addr: SocketAddr::from(([127, 0, 0, i as u8], 7443)),
+                weight: 1,
+            })
+            .collect();
+        let k = keys("11");
+        let ring = Ring::new(View::new(members, RingParams::default(), &k).unwrap(), &k);
+        for b in 0..32u8 {
+            let sid = SessionId::from_bytes([b; 16]);
+            let owner = ring.owner(&sid).unwrap().clone();
+            assert_eq!(
+                takeover_route(&ring, &sid, |_, _| true),
+                ResumeRoute::Takeover {
+                    node: owner.node_id.clone(),
+                    incarnation: owner.incarnation,
+                    addr: owner.addr
+                }
+            );
+            // Not ready (e.g. joined a moment ago): retry, never another
+            // member (the claim must be the shard owner's).
+            assert_eq!(
+                takeover_route(&ring, &sid, |n, _| *n != owner.node_id),
+                ResumeRoute::Unreachable
+            );
         }
     }
 

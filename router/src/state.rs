@@ -24,7 +24,7 @@ use crate::config::Validated;
 use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, Routes};
 use crate::metrics as m;
 pub use crate::routing::ResumeRoute;
-use crate::routing::{OwnerTags, route_token};
+use crate::routing::{OwnerTags, route_token, takeover_route};
 
 /// A gateway chosen for a HELLO.
 #[derive(Clone, Debug)]
@@ -743,6 +743,16 @@ impl RouterState {
             key_id,
             token,
         );
+        if routed.route == ResumeRoute::Lost
+            && self.cfg.raw.cluster.takeover
+            && let Some(sid) = &routed.session_id
+        {
+            let Some(ring) = self.ring.load_full() else {
+                return ResumeRoute::Lost;
+            };
+            let routes = self.routes.load();
+            return takeover_route(&ring, sid, |n, i| routes.hello_ready(now, n, i));
+        }
         if let (ResumeRoute::Splice { node, .. }, Some(sid)) = (&routed.route, &routed.session_id)
             && let Some(ring) = self.ring.load().as_ref()
             && ring.owner(sid).is_some_and(|m| m.node_id != *node)

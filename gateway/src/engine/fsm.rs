@@ -7,7 +7,7 @@
 use jvpn_proto::ReasonCode;
 
 /// Session states. RECOVERING exists only inside one engine call (a RESUME
-/// being decided); BIRTH only inside the HELLO call.
+/// being decided); BIRTH only inside the HELLO (or takeover) call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
     Birth,
@@ -126,6 +126,9 @@ impl Termination {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
     HandshakeDone,
+    /// Topology 3: this gateway claimed the session from its dead owner in
+    /// the shared store (the claim is the handshake of this incarnation).
+    TakenOver,
     TransportClosed,
     HeartbeatTimeout,
     /// A RESUME passed proof and replay checks.
@@ -145,6 +148,7 @@ impl Event {
     pub fn all() -> Vec<Event> {
         let mut v = vec![
             Event::HandshakeDone,
+            Event::TakenOver,
             Event::TransportClosed,
             Event::HeartbeatTimeout,
             Event::ResumeAuthenticated,
@@ -165,6 +169,7 @@ pub fn transition(from: State, event: Event) -> Result<(State, ReasonCode), Reas
     use State as S;
     let to = match (from, event) {
         (S::Birth, E::HandshakeDone) => (S::Attached, ReasonCode::HandshakeOk),
+        (S::Birth, E::TakenOver) => (S::Attached, ReasonCode::TakenOver),
         (S::Attached, E::TransportClosed) => (S::Volatile, ReasonCode::TransportDead),
         (S::Attached, E::HeartbeatTimeout) => (S::Volatile, ReasonCode::HeartbeatTimeout),
         (S::Attached | S::Volatile | S::Degraded, E::ResumeAuthenticated) => {

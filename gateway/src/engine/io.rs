@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use jvpn_proto::crypto::{ChannelBinding, PROOF_LEN};
+use jvpn_proto::crypto::{ChannelBinding, PROOF_LEN, ResumeKey};
 use jvpn_proto::pb::session::Reject;
 use jvpn_proto::{Incarnation, Mono, NodeId, ReasonCode, SessionId};
 
@@ -136,6 +136,24 @@ impl<'a> ResumeRequest<'a> {
     }
 }
 
+/// A session claimed from the shared store (topology 3), as the claim
+/// wrote it: the binding and owner epochs already bumped.
+#[derive(Clone, Debug)]
+pub struct Takeover<'a> {
+    pub session_id: SessionId,
+    /// The connection whose RESUME asked for it (its proof verified).
+    pub conn: Conn<'a>,
+    /// That RESUME's counter (recorded in the fresh replay window).
+    pub counter: u64,
+    /// The key the agent proved with: the `server_proof` is made with it.
+    pub used_key: &'a ResumeKey,
+    pub principal: Arc<str>,
+    pub end_of_life: Mono,
+    pub owner_epoch: u64,
+    pub binding_epoch: u64,
+    pub state_version: u64,
+}
+
 /// The connection a RESUME arrived on.
 #[derive(Clone, Copy, Debug)]
 pub struct Conn<'a> {
@@ -174,6 +192,8 @@ impl HelloAccepted {
             token_key_id,
             // The shell sets the window when the agent asked for a channel.
             channel_window: 0,
+            // The shell sets it when the session is in a shared store.
+            migratable: false,
         }
     }
 }
@@ -197,6 +217,7 @@ impl ResumeAccepted {
             server_proof: self.server_proof.to_vec(),
             token_key_id,
             received: None,
+            channel_window: 0,
         }
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! # Calling order
 //!
-//! - Inputs: [`Engine::hello`], [`Engine::resume`], [`Engine::activity`],
+//! - Inputs: [`Engine::hello`], [`Engine::resume`], [`Engine::adopt`]
+//!   (topology 3's takeover), [`Engine::activity`],
 //!   [`Engine::transport_closed`], [`Engine::terminate`],
 //!   [`Engine::terminate_all`], [`Engine::handle_timeout`].
 //! - After any input: drain [`Engine::poll_action`] (transports to close, with
@@ -47,7 +48,7 @@ pub use antiflap::{AntiFlap, RECOVERY_FACTOR, SWITCH_WINDOW};
 pub use fsm::{Denial, Event, State, Termination};
 pub use io::{
     Action, Conn, EngineEvent, HelloAccepted, HelloRequest, Rejection, ResumeAccepted,
-    ResumeRequest, STICKY_OWNER_EPOCH, StateChange, TransportId,
+    ResumeRequest, STICKY_OWNER_EPOCH, StateChange, Takeover, TransportId,
 };
 pub use jvpn_proto::time::Mono;
 pub use policy::{Policy, PolicyError};
@@ -209,6 +210,7 @@ impl Engine {
             state: State::Birth,
             version: 0,
             epoch: 1,
+            owner_epoch: STICKY_OWNER_EPOCH,
             transport: None,
             end_of_life,
             last_rx: now,
@@ -243,6 +245,74 @@ impl Engine {
             state_version: s.version,
             binding_epoch: s.epoch,
             policy: s.policy.clone(),
+        };
+        self.sessions.insert(id, s);
+        Ok(accepted)
+    }
+
+    /// Topology 3: installs a session this gateway just claimed from its
+    /// dead owner in the shared store, attached to the transport whose
+    /// RESUME asked for it. The shell has verified that RESUME's proof with
+    /// the stored key (`used_key`) and written the claim; this only builds
+    /// the session from what the claim wrote and answers as a RESUME would,
+    /// with the claimed owner epoch and a server proof under `used_key`.
+    /// A session already here is refused (`unknown_session`, nothing
+    /// changes): a claim never replaces a live session.
+    pub fn adopt(
+        &mut self,
+        now: Mono,
+        t: Takeover<'_>,
+        export: impl FnOnce(&[u8]) -> ResumeKey,
+    ) -> Result<ResumeAccepted, Rejection> {
+        let id = t.session_id;
+        if self.sessions.contains_key(&id) || t.end_of_life <= now {
+            return Err(Rejection::quiet(ReasonCode::UnknownSession));
+        }
+        let mut replay = ReplayWindow::new(self.policy.replay_window);
+        replay.record(t.counter);
+        let mut s = Session {
+            state: State::Birth,
+            // The HELLO's step below bumps it to the claimed version.
+            version: t.state_version.saturating_sub(1),
+            epoch: t.binding_epoch,
+            owner_epoch: t.owner_epoch,
+            transport: None,
+            end_of_life: t.end_of_life,
+            last_rx: now,
+            volatile_since: now,
+            lost_deadline: None,
+            key: export(&resume_key_context(&id, t.binding_epoch)),
+            fallback: None,
+            replay,
+            flap: AntiFlap::default(),
+            principal: t.principal,
+            policy: self.policy.clone(),
+            scheduled: None,
+            refusals: session::RefusalBudget {
+                window_start: now,
+                count: 0,
+            },
+        };
+        self.out.by_state[State::Birth.index()] += 1;
+        step(
+            &mut self.out,
+            &self.policy,
+            now,
+            id,
+            &mut s,
+            Event::TakenOver,
+        )
+        .map_err(Rejection::quiet)?;
+        s.transport = Some(t.conn.transport);
+        schedule(&mut self.timers, &self.policy, id, &mut s);
+        let accepted = ResumeAccepted {
+            state_version: s.version,
+            binding_epoch: s.epoch,
+            owner_epoch: s.owner_epoch,
+            server_proof: t
+                .used_key
+                .server_proof(&id, t.counter, s.epoch, t.conn.binding),
+            replaced: None,
         };
         self.sessions.insert(id, s);
         Ok(accepted)
@@ -395,7 +465,7 @@ impl Engine {
         Ok(ResumeAccepted {
             state_version: s.version,
             binding_epoch: s.epoch,
-            owner_epoch: STICKY_OWNER_EPOCH,
+            owner_epoch: s.owner_epoch,
             server_proof: used_key.server_proof(&id, req.counter, s.epoch, conn.binding),
             replaced,
         })

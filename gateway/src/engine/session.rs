@@ -19,6 +19,8 @@ pub struct Session {
     pub(super) state: State,
     pub(super) version: u64,
     pub(super) epoch: u64,
+    /// 1 from the HELLO; a takeover (topology 3) sets the epoch it claimed.
+    pub(super) owner_epoch: u64,
     pub(super) transport: Option<TransportId>,
     pub(super) end_of_life: Mono,
     pub(super) last_rx: Mono,
@@ -50,6 +52,9 @@ impl Session {
     }
     pub fn binding_epoch(&self) -> u64 {
         self.epoch
+    }
+    pub fn owner_epoch(&self) -> u64 {
+        self.owner_epoch
     }
     pub fn transport(&self) -> Option<TransportId> {
         self.transport

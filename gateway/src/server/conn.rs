@@ -85,6 +85,7 @@ async fn handle_conn(
     let mut source = peer;
     let mut intended = None;
     let mut router_id = None;
+    let mut takeover = false;
     if from_router {
         let header = read_proxy(&mut stream, deadline).await?;
         match shared.gate.proxy(header) {
@@ -96,10 +97,12 @@ async fn handle_conn(
                 source: s,
                 intended: i,
                 router_id: r,
+                takeover: t,
             }) => {
                 source = s.unwrap_or(peer);
                 intended = i;
                 router_id = r;
+                takeover = t;
             }
             Err(refusal) => {
                 send_status(&mut stream, refusal.status, refusal.retry).await;
@@ -194,7 +197,7 @@ async fn handle_conn(
             do_hello(shared, tls, buf, h, accepted_at, router_id.as_deref()).await
         }
         (HandshakeKind::Resume, Kind::Resume(r)) => {
-            do_resume(shared, tls, buf, r, accepted_at).await
+            do_resume(shared, tls, buf, r, accepted_at, takeover).await
         }
         _ => {
             let _ = send_reject(&mut tls, ReasonCode::ProtocolError, 0, 0).await;

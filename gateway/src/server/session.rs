@@ -26,7 +26,8 @@ use tracing::{Instrument, debug};
 
 use super::state::{Control, Shared};
 use crate::engine::{
-    Conn, HelloRequest, Mono, Rejection, ResumeRequest, Termination, TransportId, shard_of,
+    Conn, HelloRequest, Mono, Rejection, ResumeRequest, Takeover, Termination, TransportId,
+    shard_of,
 };
 use crate::gate::{hello_lease_holds, hello_placement};
 use crate::metrics::{self as m, ConnReject};
@@ -149,7 +150,7 @@ pub(super) async fn do_hello(
             now,
             HelloRequest {
                 transport,
-                principal,
+                principal: principal.clone(),
                 credential_expiry,
             },
             |ctx| resume_key(&tls, ctx),
@@ -172,16 +173,23 @@ pub(super) async fn do_hello(
             RESUME_KEY_LABEL,
             &resume_key_context(&acc.session_id, acc.binding_epoch),
         );
+        // Absolute: a taker restores the session's lifetime from it.
+        let left = shared.with_engine(shard, |e| {
+            e.session(&acc.session_id)
+                .map(|s| s.end_of_life().saturating_since(now))
+        });
+        let who = super::stored::Principal {
+            name: &egress_principal,
+            credential: &principal,
+            end_of_life_unix_ms: left.map_or(0, |d| {
+                super::stored::unix_ms_now()
+                    .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            }),
+        };
         let r = match key {
             Ok(k) => {
-                st.on_hello(
-                    shared,
-                    &acc.session_id,
-                    &egress_principal,
-                    acc.binding_epoch,
-                    &k,
-                )
-                .await
+                st.on_hello(shared, &acc.session_id, who, acc.binding_epoch, &k)
+                    .await
             }
             Err(_) => Err(ReasonCode::ProtocolError),
         };
@@ -202,6 +210,8 @@ pub(super) async fn do_hello(
         resume_token,
         token_key_id,
     );
+    // Recorded in a shared store: a taker may carry it on (topology 3).
+    ok.migratable = shared.store.get().is_some();
     // An agent that asks for a channel gets one; an older agent echoes.
     let channel = hello.channel.then(|| {
         let (ch, window) = super::streams::open(shared, shard, acc.session_id, egress_principal);
@@ -247,12 +257,30 @@ pub(super) async fn do_resume(
     mut buf: BytesMut,
     mut resume: jvpn_proto::pb::session::Resume,
     accepted_at: Instant,
+    takeover: bool,
 ) -> Result<(), ConnReject> {
     let transport = TransportId(shared.next_transport.fetch_add(1, Ordering::Relaxed));
     let Ok(binding) = channel_binding(&tls) else {
         counter!(m::RESUMES, "result" => ReasonCode::ProtocolError.as_str()).increment(1);
         return Err(ConnReject::ProtocolError);
     };
+    // Topology 3: a RESUME the router sent here because its owner died,
+    // for a session this gateway does not have: claim it from the store.
+    if takeover
+        && let Some(st) = shared.store.get()
+        && let Some(req) = ResumeRequest::from_wire(&resume)
+    {
+        let shard = shard_of(&req.session_id, shared.shards.len());
+        let here = shared.with_engine(shard, |e| e.session(&req.session_id).is_some());
+        if !here {
+            let at = TakeoverConn {
+                binding,
+                transport,
+                accepted_at,
+            };
+            return take_over(shared, st, tls, buf, &resume, at).await;
+        }
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     // A client may retry on the same connection (e.g. after stale_binding);
     // each attempt carries a fresh counter and is bound to this connection.
@@ -309,6 +337,139 @@ pub(super) async fn do_resume(
             _ => return Ok(()),
         }
     }
+    Ok(())
+}
+
+/// The connection a takeover arrived on.
+struct TakeoverConn {
+    binding: ChannelBinding,
+    transport: TransportId,
+    accepted_at: Instant,
+}
+
+/// Topology 3's takeover on the taker: the claim in the store (which
+/// checks the RESUME's proof with the stored key first), then the session
+/// installed in the engine at the claimed epochs, a fresh channel if the
+/// agent has a data plane (the old one's streams died with their owner),
+/// and a `ResumeOk` carrying the higher owner epoch and a server proof
+/// under the stored key. A refusal changes nothing here: `unknown_session`
+/// when the agent could not prove the session (it re-handshakes),
+/// `owner_unreachable` with a retry hint while the old owner's lease is
+/// not seen gone, `store_unavailable` when the store cannot decide.
+async fn take_over(
+    shared: &Arc<Shared>,
+    st: &super::stored::Stored,
+    mut tls: Tls,
+    buf: BytesMut,
+    resume: &jvpn_proto::pb::session::Resume,
+    at: TakeoverConn,
+) -> Result<(), ConnReject> {
+    let Some(req) = ResumeRequest::from_wire(resume) else {
+        return Err(ConnReject::ProtocolError);
+    };
+    let sid = req.session_id;
+    let shard = shard_of(&sid, shared.shards.len());
+    async fn refuse(tls: &mut Tls, reason: ReasonCode) {
+        counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
+        let retry = match reason {
+            ReasonCode::OwnerUnreachable | ReasonCode::StoreUnavailable => 250,
+            _ => 0,
+        };
+        let _ = send_reject(tls, reason, retry, 0).await;
+    }
+    let claimed = st
+        .take_over(shared, &req, &at.binding, |epoch| {
+            export(
+                tls.get_ref().1,
+                RESUME_KEY_LABEL,
+                &resume_key_context(&sid, epoch),
+            )
+            .ok()
+        })
+        .await;
+    let claimed = match claimed {
+        Ok(c) => c,
+        Err(reason) => {
+            refuse(&mut tls, reason).await;
+            return Ok(());
+        }
+    };
+    let rec = &claimed.record;
+    let credential: Arc<str> = if rec.credential.is_empty() {
+        Arc::from(rec.principal.as_str())
+    } else {
+        Arc::from(rec.credential.as_str())
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    shared.register(shard, at.transport, tx);
+    let now = shared.now();
+    let adopted = shared.with_engine(shard, |e| {
+        let end_of_life = now
+            + claimed
+                .end_of_life
+                .unwrap_or_else(|| e.policy().session_max_lifetime());
+        e.adopt(
+            now,
+            Takeover {
+                session_id: sid,
+                conn: Conn {
+                    transport: at.transport,
+                    binding: &at.binding,
+                },
+                counter: req.counter,
+                used_key: &claimed.used_key,
+                principal: credential,
+                end_of_life,
+                owner_epoch: rec.owner_epoch,
+                binding_epoch: rec.binding_epoch,
+                state_version: rec.state_version,
+            },
+            |ctx| resume_key(&tls, ctx),
+        )
+    });
+    let acc = match adopted {
+        Ok(acc) => acc,
+        Err(rej) => {
+            shared.deregister(shard, at.transport);
+            st.ended(&sid);
+            refuse(&mut tls, rej.reason).await;
+            return Ok(());
+        }
+    };
+    let (resume_token, token_key_id) = shared.seal_token(sid);
+    let mut ok = acc.to_wire(
+        &shared.cfg.node_id,
+        shared.incarnation,
+        resume_token,
+        token_key_id,
+    );
+    // The agent's data plane starts over: a fresh channel, offset 0.
+    let channel = resume.received.is_some().then(|| {
+        let (ch, window) =
+            super::streams::open(shared, shard, sid, Arc::from(rec.principal.as_str()));
+        ok.channel_window = window;
+        ok.received = Some(0);
+        let first = ch.first();
+        (ch, first)
+    });
+    if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
+        shared.with_engine(shard, |e| {
+            e.transport_closed(shared.now(), &sid, at.transport)
+        });
+        shared.deregister(shard, at.transport);
+        return Ok(());
+    }
+    counter!(m::RESUMES, "result" => "ok").increment(1);
+    histogram!(m::RESUME_SECONDS).record(at.accepted_at.elapsed().as_secs_f64());
+    debug!("store: session taken over from its dead owner");
+    let attached = Attached {
+        shard,
+        sid,
+        transport: at.transport,
+        binding: at.binding,
+        channel,
+    };
+    spawn_session_loop(shared, attached, tls, buf, rx);
     Ok(())
 }
 

@@ -11,16 +11,18 @@
 //!
 //! When a session ends its record is deleted (compare-and-set: never a
 //! record someone else wrote since); a session fenced by a lost lease keeps
-//! its record for a taker. Not here yet: the takeover itself. Sessions this
-//! module never recorded (a gateway without `[store]`) are untouched.
+//! its record for a taker, which claims it with [`Stored::take_over`].
+//! Sessions this module never recorded (a gateway without `[store]`) are
+//! untouched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::store::SessionRecord;
-use jvpn_proto::store_record::{KeyPlace, wrap_key};
+use jvpn_proto::store_record::{KeyPlace, open_record_key, wrap_key};
 use jvpn_proto::{Mono, ReasonCode, SessionId};
 use jvpn_runtime::wire::lock;
 use metrics::counter;
@@ -28,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::state::Shared;
-use crate::engine::Termination;
+use crate::engine::{ResumeRequest, Termination};
 use crate::metrics as m;
 use crate::store::{EtcdStore, LeaseStatus, StoreError};
 
@@ -40,6 +42,36 @@ struct Bound {
     /// The owner lease generation it was recorded under.
     generation: u64,
     record: SessionRecord,
+}
+
+/// Who a session belongs to, as its record keeps it (a taker restores it).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Principal<'a> {
+    /// The name egress policy rules use.
+    pub name: &'a str,
+    /// The engine's principal: the exact credential.
+    pub credential: &'a str,
+    /// When the session must end whatever happens (Unix ms; 0: not known).
+    pub end_of_life_unix_ms: u64,
+}
+
+/// A session this gateway just claimed (the record already says so).
+pub(super) struct Claimed {
+    /// The key the agent proved with; the `server_proof` is made with it.
+    pub used_key: ResumeKey,
+    /// The record as claimed: owner, epochs, version, principal.
+    pub record: SessionRecord,
+    /// How long the session may live from now (`None`: not recorded, the
+    /// policy's lifetime from now).
+    pub end_of_life: Option<std::time::Duration>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (records carry absolute
+/// lifetimes: monotonic clocks are per process).
+pub(super) fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The store as the session path sees it.
@@ -105,7 +137,7 @@ impl Stored {
         &self,
         shared: &Shared,
         sid: &SessionId,
-        principal: &str,
+        who: Principal<'_>,
         binding_epoch: u64,
         key: &[u8; 32],
     ) -> Result<(), ReasonCode> {
@@ -119,7 +151,9 @@ impl Stored {
             owner_epoch: 1,
             state_version: 1,
             binding_epoch,
-            principal: principal.to_owned(),
+            principal: who.name.to_owned(),
+            credential: who.credential.to_owned(),
+            end_of_life_unix_ms: who.end_of_life_unix_ms,
             owner_lease: lease,
             ..SessionRecord::default()
         };
@@ -148,6 +182,138 @@ impl Stored {
             },
         );
         Ok(())
+    }
+
+    /// Topology 3's takeover, taker side: the router found the owner of the
+    /// session `req` resumes dead and sent the RESUME here (the session's
+    /// shard owner). The record is read, its key opened and the RESUME's
+    /// proof checked with it (nothing is written for an agent that cannot
+    /// prove the session); then one compare-and-set claims it: the record
+    /// unchanged since the read, the old owner's lease key gone at that
+    /// very revision (seen gone, never a timer), this gateway's lease
+    /// alive; owner epoch, binding epoch and version bumped, the key
+    /// rotated to `next_key` (this connection's, at the new binding
+    /// epoch).
+    pub(super) async fn take_over(
+        &self,
+        shared: &Shared,
+        req: &ResumeRequest<'_>,
+        binding: &ChannelBinding,
+        next_key: impl FnOnce(u64) -> Option<[u8; 32]>,
+    ) -> Result<Claimed, ReasonCode> {
+        let sid = req.session_id;
+        let count = |result: &'static str| {
+            counter!(m::STORE_CLAIMS, "result" => result).increment(1);
+        };
+        let Some((generation, lease)) = self.serving() else {
+            count("unavailable");
+            return Err(ReasonCode::StoreUnavailable);
+        };
+        let stored = match self.etcd.load(&sid).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                count("no_record");
+                return Err(ReasonCode::UnknownSession);
+            }
+            Err(e) => {
+                count(result_of(&e));
+                return Err(ReasonCode::StoreUnavailable);
+            }
+        };
+        let old = &stored.record;
+        let me = (shared.cfg.node_id.as_str(), shared.incarnation.0);
+        if (old.owner_node.as_str(), old.owner_incarnation) == me {
+            // This process's own session (fenced or ended): never revived.
+            count("own");
+            return Err(ReasonCode::UnknownSession);
+        }
+        let Ok(key) = open_record_key([&self.keys], &sid, old) else {
+            count("error");
+            return Err(ReasonCode::UnknownSession);
+        };
+        let used_key = ResumeKey::new(*key);
+        // The agent proves the session as it would to its owner: with the
+        // key of the binding the record holds.
+        if req.binding_epoch != old.binding_epoch
+            || !used_key.verify_resume_proof(
+                &sid,
+                req.counter,
+                req.binding_epoch,
+                binding,
+                req.proof,
+            )
+        {
+            count("bad_proof");
+            return Err(ReasonCode::UnknownSession);
+        }
+        let wall_ms = unix_ms_now();
+        if old.end_of_life_unix_ms != 0 && old.end_of_life_unix_ms <= wall_ms {
+            count("expired");
+            return Err(ReasonCode::UnknownSession);
+        }
+        let mut record = SessionRecord {
+            owner_node: me.0.to_owned(),
+            owner_incarnation: me.1,
+            owner_epoch: old.owner_epoch + 1,
+            state_version: old.state_version + 1,
+            binding_epoch: old.binding_epoch + 1,
+            owner_lease: lease,
+            ..old.clone()
+        };
+        let Some(new_key) = next_key(record.binding_epoch) else {
+            count("error");
+            return Err(ReasonCode::ProtocolError);
+        };
+        self.wrap(&sid, &mut record, &new_key);
+        let rev = match self
+            .etcd
+            .claim(&sid, stored.mod_revision, old, &record)
+            .await
+        {
+            Ok(rev) => rev,
+            Err(StoreError::OwnerAlive) => {
+                // Not seen gone yet: the router's verdict was early (or a
+                // partition); the agent retries, nothing was taken.
+                count("owner_alive");
+                return Err(ReasonCode::OwnerUnreachable);
+            }
+            Err(e @ (StoreError::Stale { .. } | StoreError::Exists | StoreError::Missing)) => {
+                // Someone wrote it since the read (another taker, or the
+                // owner after all): retry; the next read decides.
+                count(result_of(&e));
+                return Err(ReasonCode::OwnerUnreachable);
+            }
+            Err(e) => {
+                warn!(error = %e, "store: takeover not claimed");
+                count(result_of(&e));
+                return Err(ReasonCode::StoreUnavailable);
+            }
+        };
+        let mut map = lock(&self.sessions);
+        if !self.still(generation) {
+            // Our lease went while claiming: the record names it, so the
+            // next taker (maybe this gateway, under its next lease) can
+            // claim it again.
+            count("unavailable");
+            return Err(ReasonCode::StoreUnavailable);
+        }
+        count("ok");
+        map.insert(
+            sid,
+            Bound {
+                mod_revision: rev,
+                generation,
+                record: record.clone(),
+            },
+        );
+        let end_of_life = (record.end_of_life_unix_ms != 0).then(|| {
+            std::time::Duration::from_millis(record.end_of_life_unix_ms.saturating_sub(wall_ms))
+        });
+        Ok(Claimed {
+            used_key,
+            record,
+            end_of_life,
+        })
     }
 
     /// Moves a recorded session's binding before its `ResumeOk`. Every

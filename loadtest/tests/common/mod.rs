@@ -228,6 +228,7 @@ pub async fn as_router(router_id: &str, gateway: std::net::SocketAddr) -> FaultP
         router_id: Some(router_id.into()),
         view_id: None,
         intended_owner: None,
+        takeover: false,
     }
     .encode()
     .unwrap();
