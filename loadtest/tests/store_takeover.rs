@@ -24,16 +24,30 @@ use nix::sys::signal::Signal;
 
 const SESSIONS: usize = 24;
 
-async fn takeover_cluster(c: &EtcdCluster) -> LocalCluster {
+/// `gateways` gateways with `[store]` on `c` (egress to loopback allowed,
+/// where the tests' destinations are) behind one router with takeover on.
+async fn takeover_cluster(c: &EtcdCluster, gateways: usize) -> LocalCluster {
     common::cluster(ClusterOptions {
-        gateways: 3,
+        gateways,
         routers: 1,
         spare_gateways: 0,
-        gateway_extra_toml: c.gateway_toml(),
+        gateway_extra_toml: format!(
+            "{}{}",
+            jvpn_loadtest::streamload::LOOPBACK_EGRESS,
+            c.gateway_toml()
+        ),
         router_env: vec![("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into())],
         ..ClusterOptions::default()
     })
     .await
+}
+
+fn store_of(etcd: &EtcdCluster) -> jvpn_gateway::store::EtcdStore {
+    let prefix = format!("/jvpn/{}", jvpn_loadtest::harness::CLUSTER);
+    jvpn_gateway::store::EtcdStore::new(
+        &etcd.store_config(&prefix, Duration::from_secs(3)).unwrap(),
+    )
+    .unwrap()
 }
 
 /// RESUME until attached or refused for good: retries what a real agent
@@ -71,17 +85,9 @@ async fn resume_until_attached(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_owners_sessions_are_taken_over_at_a_higher_epoch_without_a_handshake() {
     let etcd = EtcdCluster::start(3).await.unwrap();
-    let c = takeover_cluster(&etcd).await;
+    let c = takeover_cluster(&etcd, 3).await;
     let keys = c.pki.cluster_keys().unwrap();
-    let store = jvpn_gateway::store::EtcdStore::new(
-        &etcd
-            .store_config(
-                &format!("/jvpn/{}", jvpn_loadtest::harness::CLUSTER),
-                Duration::from_secs(3),
-            )
-            .unwrap(),
-    )
-    .unwrap();
+    let store = store_of(&etcd);
     let router = c.routers[0].client_addr;
     let mut agents = Vec::new();
     for _ in 0..SESSIONS {
@@ -189,4 +195,137 @@ async fn a_killed_owners_sessions_are_taken_over_at_a_higher_epoch_without_a_han
             .unwrap()
             >= victims as f64
     );
+}
+
+/// The streams of a session lived in its owner's process: when a taker
+/// carries the session on, each of them ends with a reset the application
+/// sees (never a clean end, never a hang), counted as `taken_over`; the
+/// session, its front door (the tunnel) and new streams carry on, with no
+/// re-handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_resets_the_dead_owners_streams_and_new_streams_work() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let echo = jvpn_loadtest::streamload::echo_destination().await.unwrap();
+    let a = common::streaming_agent(&c.pki, c.router_addrs());
+    let mut streams = Vec::new();
+    for s in 0..5u8 {
+        let mut st = a.tunnel.connect(&common::target(echo)).await.unwrap();
+        st.write_all(&[s; 100]).await.unwrap();
+        let mut back = [0u8; 100];
+        st.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [s; 100]);
+        streams.push(st);
+    }
+    let owner = a.report.lock().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    let killed_at = Instant::now();
+    let mut ends = Vec::new();
+    for (s, mut st) in streams.into_iter().enumerate() {
+        ends.push(tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            loop {
+                if let Err(e) = st.write_all(b"still there?").await {
+                    return (s, e.kind());
+                }
+                match tokio::time::timeout(Duration::from_secs(30), st.read(&mut buf)).await {
+                    Ok(Ok(0)) => panic!("stream {s}: a clean end after its owner died"),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return (s, e.kind()),
+                    Err(_) => panic!("stream {s}: hung 30 s after its owner died"),
+                }
+            }
+        }));
+    }
+    for e in ends {
+        let (s, kind) = e.await.unwrap();
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset, "stream {s}");
+    }
+    eprintln!("streams reset {:?} after the kill", killed_at.elapsed());
+    // New streams go through the same session, now on the taker.
+    let st = a.tunnel.connect(&common::target(echo)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(st);
+    w.write_all(b"after the takeover").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"after the takeover");
+    let rep = a.report.lock().unwrap().clone();
+    assert_eq!(rep.rehandshakes, 0, "{rep:?}");
+    assert_eq!(rep.explicit_migrations, 1, "{rep:?}");
+    assert_eq!(rep.silent_migration_attempts, 0, "{rep:?}");
+    assert_ne!(rep.node_id, owner);
+    assert_eq!(rep.streams_reset.get("taken_over"), Some(&5), "{rep:?}");
+}
+
+/// A claim needs the old owner's lease seen gone in etcd: a takeover asked
+/// of another gateway while the owner lives (a router's wrong verdict, or
+/// a forged TLV from a configured router address) claims nothing, answers
+/// `owner_unreachable` (retry), and the session stays with its owner,
+/// whose next RESUME works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_claim_while_the_owner_lives() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let store = store_of(&etcd);
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    let t = common::hello(&mut a).await;
+    let s = a.session.clone().unwrap();
+    let before = store.load(&s.id).await.unwrap().unwrap();
+    let other = c
+        .gateways
+        .iter()
+        .find(|(n, _)| *n != s.node_id)
+        .map(|(n, g)| (n.clone(), g.client_addr))
+        .unwrap();
+    // The RESUME, straight to the other gateway, as a router asking it to
+    // take the session over.
+    let header = jvpn_proto::proxy::ProxyHeader {
+        addresses: Some(("10.9.8.7:5555".parse().unwrap(), other.1)),
+        router_id: Some("r1".into()),
+        view_id: None,
+        intended_owner: None,
+        takeover: true,
+    }
+    .encode()
+    .unwrap();
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::with_prefix(other.1, header)
+        .await
+        .unwrap();
+    let mut forger = jvpn_loadtest::harness::agent(&c.pki, proxy.addr, None).unwrap();
+    forger.session = Some(s.clone());
+    for _ in 0..3 {
+        match forger.resume().await {
+            Err(AgentError::Rejected { reason, .. }) => {
+                assert_eq!(reason, jvpn_proto::ReasonCode::OwnerUnreachable)
+            }
+            other => panic!("a claim while the owner lives: {other:?}"),
+        }
+    }
+    let g = c.gateway(&other.0).unwrap();
+    assert_eq!(
+        g.metric(
+            "jvpn_gateway_store_claims_total",
+            &[("result", "owner_alive")]
+        )
+        .await
+        .unwrap(),
+        3.0
+    );
+    assert_eq!(
+        g.metric("jvpn_gateway_store_claims_total", &[("result", "ok")])
+            .await
+            .unwrap(),
+        0.0
+    );
+    // Nothing was written, and the owner still serves the session.
+    let after = store.load(&s.id).await.unwrap().unwrap();
+    assert_eq!(after.mod_revision, before.mod_revision);
+    assert_eq!(after.record, before.record);
+    drop(t);
+    let mut t = common::resume(&mut a).await.unwrap();
+    t.echo(b"still the owner").await.unwrap();
+    let now = a.session.clone().unwrap();
+    assert_eq!((now.node_id, now.owner_epoch), (s.node_id, 1));
 }
