@@ -27,6 +27,15 @@ const SESSIONS: usize = 24;
 /// `gateways` gateways with `[store]` on `c` (egress to loopback allowed,
 /// where the tests' destinations are) behind one router with takeover on.
 async fn takeover_cluster(c: &EtcdCluster, gateways: usize) -> LocalCluster {
+    takeover_cluster_with(c, gateways, vec![]).await
+}
+
+async fn takeover_cluster_with(
+    c: &EtcdCluster,
+    gateways: usize,
+    mut router_env: Vec<(String, String)>,
+) -> LocalCluster {
+    router_env.push(("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()));
     common::cluster(ClusterOptions {
         gateways,
         routers: 1,
@@ -36,7 +45,7 @@ async fn takeover_cluster(c: &EtcdCluster, gateways: usize) -> LocalCluster {
             jvpn_loadtest::streamload::LOOPBACK_EGRESS,
             c.gateway_toml()
         ),
-        router_env: vec![("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into())],
+        router_env,
         ..ClusterOptions::default()
     })
     .await
@@ -328,4 +337,85 @@ async fn no_claim_while_the_owner_lives() {
     t.echo(b"still the owner").await.unwrap();
     let now = a.session.clone().unwrap();
     assert_eq!((now.node_id, now.owner_epoch), (s.node_id, 1));
+}
+
+/// Fencing: the owner is paused (SIGSTOP) for twice the lease TTL while its
+/// session is taken over; frames the agent's old transport sent meanwhile
+/// (a ping, data, an in-session RESUME) wait in the paused process's socket.
+/// After SIGCONT the old process answers none of them: no `Pong`, no
+/// `Data`, no `ResumeOk`; at most `Terminate{store_unavailable}`. The taker
+/// keeps serving the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
+    use jvpn_proto::pb::session::{Data, Ping, frame::Kind};
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    // Silent deaths go to takeover after 1 s of grace instead of 3 s.
+    let grace = vec![(
+        "JVPN_ROUTER__MEMBERSHIP__SILENCE_GRACE_MS".into(),
+        "1000".into(),
+    )];
+    let c = takeover_cluster_with(&etcd, 2, grace).await;
+    let router = c.routers[0].client_addr;
+    // The old transport goes straight to the owner (as router r1 would
+    // splice it): the real router closes its splices to a gateway it
+    // declares dead, and this test needs one that stays open.
+    let (owner, gw) = (c.gateways[0].0.clone(), c.gateways[0].1.client_addr);
+    let direct = common::as_router("r1", gw).await;
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, direct.addr, None).unwrap();
+    let mut old = common::hello(&mut a).await;
+    old.echo(b"before the pause").await.unwrap();
+    assert_eq!(a.session.as_ref().unwrap().node_id, owner);
+    let stopped_at = Instant::now();
+    c.gateway(&owner).unwrap().signal(Signal::SIGSTOP).unwrap();
+    // The same session from a second agent (the agent's next network).
+    let mut b = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+    b.session = a.session.clone();
+    let mut moved = resume_until_attached(&mut b, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let s = b.session.clone().unwrap();
+    assert_ne!(s.node_id, owner);
+    assert_eq!(s.owner_epoch, 2);
+    // Queued in the paused owner's socket: a ping, data, and a RESUME
+    // made with the keys the old transport's agent still holds.
+    old.send(Kind::Ping(Ping { seq: 7 })).await.unwrap();
+    old.send(Kind::Data(Data {
+        seq: 1,
+        payload: b"after the takeover".to_vec().into(),
+    }))
+    .await
+    .unwrap();
+    let r = a.build_resume(&old).unwrap();
+    old.send(Kind::Resume(r)).await.unwrap();
+    // Twice the lease TTL (2 s) paused: the scenario, not a wait for a state.
+    let pause = Duration::from_secs(4);
+    tokio::time::sleep(pause.saturating_sub(stopped_at.elapsed())).await;
+    c.gateway(&owner).unwrap().signal(Signal::SIGCONT).unwrap();
+    let mut answers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), old.recv()).await {
+            Ok(Ok(k)) => answers.push(k),
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the old transport neither closed nor ended: {answers:?}"),
+        }
+    }
+    for k in &answers {
+        match k {
+            Kind::Terminate(t) => assert_eq!(
+                t.reason,
+                jvpn_proto::ReasonCode::StoreUnavailable as i32,
+                "{answers:?}"
+            ),
+            other => panic!("the paused owner answered after the takeover: {other:?}"),
+        }
+    }
+    // The taker still serves the session.
+    moved.echo(b"on the taker").await.unwrap();
+    let g = c.gateway(&owner).unwrap();
+    assert!(
+        g.metric("jvpn_gateway_store_leases_lost_total", &[])
+            .await
+            .unwrap()
+            >= 1.0
+    );
 }

@@ -25,6 +25,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug};
 
 use super::state::{Control, Shared};
+use super::stored::Fence;
 use crate::engine::{
     Conn, HelloRequest, Mono, Rejection, ResumeRequest, Takeover, Termination, TransportId,
     shard_of,
@@ -213,8 +214,10 @@ pub(super) async fn do_hello(
     // Recorded in a shared store: a taker may carry it on (topology 3).
     ok.migratable = shared.store.get().is_some();
     // An agent that asks for a channel gets one; an older agent echoes.
+    let fence = shared.store.get().map(|st| st.fence_of(&acc.session_id));
     let channel = hello.channel.then(|| {
-        let (ch, window) = super::streams::open(shared, shard, acc.session_id, egress_principal);
+        let (ch, window) =
+            super::streams::open(shared, shard, acc.session_id, egress_principal, fence);
         // The window the channel was made with, not a re-read of a policy
         // a reload may have changed meanwhile.
         ok.channel_window = window;
@@ -446,7 +449,13 @@ async fn take_over(
     // The agent's data plane starts over: a fresh channel, offset 0.
     let channel = resume.received.is_some().then(|| {
         let (ch, window) =
-            super::streams::open(shared, shard, sid, Arc::from(rec.principal.as_str()));
+            super::streams::open(
+                shared,
+                shard,
+                sid,
+                Arc::from(rec.principal.as_str()),
+                shared.store.get().map(|st| st.fence_of(&sid)),
+            );
         ok.channel_window = window;
         ok.received = Some(0);
         let first = ch.first();
@@ -540,6 +549,18 @@ struct Attached {
     /// The session's data-plane channel and this transport's generation
     /// of it (`None`: the session echoes `Data`, as before channels).
     channel: Option<(SessionChannel, Generation)>,
+}
+
+/// Topology 3: the session's owner lease no longer serves (checked on
+/// every frame read and before every write, not only by the fence loop):
+/// it ends now, explicitly, and nothing more of it leaves this process.
+fn fenced(shared: &Shared, fence: Option<&Fence>, shard: usize, sid: &SessionId) -> bool {
+    if fence.is_none_or(Fence::holds) {
+        return false;
+    }
+    let now = shared.now();
+    shared.with_engine(shard, |e| e.terminate(now, sid, Termination::StoreUnavailable));
+    true
 }
 
 /// The agent broke the channel's rules: the session ends (its streams
@@ -648,13 +669,14 @@ async fn session_loop(
     let write_limit = Duration::from_millis(timeout_ms);
     let report_every = Duration::from_millis(interval_ms / 2);
     let (mut rd, mut wr) = (io.clone(), io.clone());
+    let fence = shared.store.get().map(|st| st.fence_of(&at.sid));
     // Replies the reader asks the writer to send (Pong, ResumeOk, echo).
     // Boxed: the queue's slots are allocated up front, and a `Kind` is
     // large; idle sessions should not pay for 16 of them.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Box<Kind>>(16);
     let end = tokio::select! {
-        e = read_loop(shared, &at, &mut rd, buf, &reply_tx, report_every) => e,
-        e = write_loop(shared, &at, &mut wr, &mut rx, &mut reply_rx, write_limit) => e,
+        e = read_loop(shared, &at, fence.as_ref(), &mut rd, buf, &reply_tx, report_every) => e,
+        e = write_loop(shared, &at, fence.as_ref(), &mut wr, &mut rx, &mut reply_rx, write_limit) => e,
     };
     drop((rd, wr));
     if end.is_some() {
@@ -683,6 +705,7 @@ async fn session_loop(
 async fn read_loop(
     shared: &Arc<Shared>,
     at: &Attached,
+    fence: Option<&Fence>,
     rd: &mut SharedIo<Tls>,
     mut buf: BytesMut,
     replies: &mpsc::Sender<Box<Kind>>,
@@ -697,6 +720,9 @@ async fn read_loop(
             Err(e) => return Some(e.reason()),
         };
         counter!(m::FRAMES_RECEIVED).increment(1);
+        if fenced(shared, fence, shard, sid) {
+            return None;
+        }
         if last_report.elapsed() >= report_every {
             last_report = Instant::now();
             let now = shared.now();
@@ -798,6 +824,7 @@ async fn read_loop(
 async fn write_loop(
     shared: &Shared,
     at: &Attached,
+    fence: Option<&Fence>,
     wr: &mut SharedIo<Tls>,
     rx: &mut mpsc::UnboundedReceiver<Control>,
     replies: &mut mpsc::Receiver<Box<Kind>>,
@@ -832,6 +859,9 @@ async fn write_loop(
             }
         }
         if !out.is_empty() {
+            if fenced(shared, fence, at.shard, &at.sid) {
+                return None;
+            }
             if write_with_progress(wr, &out, write_limit).await.is_err() {
                 return Some(ReasonCode::TransportDead);
             }
@@ -856,6 +886,9 @@ async fn write_loop(
             r = replies.recv() => {
                 // The reader ended: so does this transport.
                 let k = r?;
+                if fenced(shared, fence, at.shard, &at.sid) {
+                    return None;
+                }
                 if within(write_limit, write_frame(wr, *k)).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }

@@ -66,6 +66,33 @@ pub(super) struct Claimed {
     pub end_of_life: Option<std::time::Duration>,
 }
 
+/// The owner lease generation one session was recorded under, checked on
+/// its data path: every frame read, every batch written and every chunk
+/// going to a destination asks it first, so a process that was paused
+/// past its deadline sends nothing for the session when it runs again,
+/// whichever of its tasks runs first (the fence loop ends the session
+/// too, but it is one task among many).
+#[derive(Clone)]
+pub(crate) struct Fence {
+    stored: Arc<Stored>,
+    generation: u64,
+}
+
+impl Fence {
+    /// The lease the session was recorded under still serves.
+    pub(crate) fn holds(&self) -> bool {
+        self.stored.still(self.generation)
+    }
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch (records carry absolute
 /// lifetimes: monotonic clocks are per process).
 pub(super) fn unix_ms_now() -> u64 {
@@ -115,6 +142,18 @@ impl Stored {
         let s = *self.status.borrow();
         s.serving(s.generation, self.now())
             .then_some((s.generation, s.lease))
+    }
+
+    /// The fence of a recorded session; a session not (or no longer)
+    /// recorded gets one that never holds (fail closed).
+    pub(crate) fn fence_of(self: &Arc<Self>, sid: &SessionId) -> Fence {
+        let generation = lock(&self.sessions)
+            .get(sid)
+            .map_or(u64::MAX, |b| b.generation);
+        Fence {
+            stored: self.clone(),
+            generation,
+        }
     }
 
     /// Is `generation` still the one serving?

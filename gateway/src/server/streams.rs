@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::state::Shared;
+use super::stored::Fence;
 use crate::egress::{Bucket, EgressPolicy};
 use crate::events::{StreamEvent, StreamWhat};
 use crate::metrics as m;
@@ -40,12 +41,14 @@ pub(super) fn open(
     shard: usize,
     sid: SessionId,
     principal: Arc<str>,
+    fence: Option<Fence>,
 ) -> (SessionChannel, u64) {
     let policy = shared.egress.load_full();
     let (ch, io) = SessionChannel::new(ChannelConfig::with_window(policy.window_bytes));
     lock(&shared.shards[shard].channels).insert(sid, ch.clone());
     let ctx = Arc::new(SessionCtx {
         principal,
+        fence,
         sid,
         open: Arc::new(AtomicUsize::new(0)),
         next: AtomicU64::new(0),
@@ -68,6 +71,9 @@ pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
 struct SessionCtx {
     /// The name egress rules match.
     principal: Arc<str>,
+    /// Topology 3: the owner lease the session was recorded under; no byte
+    /// goes to a destination once it stopped serving.
+    fence: Option<Fence>,
     sid: SessionId,
     /// Streams open now (the session's limit).
     open: Arc<AtomicUsize>,
@@ -238,7 +244,15 @@ async fn connect(
             }
         };
         let (how, to_destination, from_destination) =
-            splice(TokioIo::new(up), dest, limit.as_ref()).await;
+            splice(
+                Fenced {
+                    inner: TokioIo::new(up),
+                    fence: ctx.fence.clone(),
+                },
+                dest,
+                limit.as_ref(),
+            )
+            .await;
         shared.events.emit_stream(&StreamEvent {
             at: shared.now(),
             session_id: &ctx.sid,
@@ -348,7 +362,7 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
 /// destination's connection instead of closing it cleanly. Returns how it
 /// ended and the bytes each way.
 async fn splice(
-    stream: TokioIo<hyper::upgrade::Upgraded>,
+    stream: Fenced<TokioIo<hyper::upgrade::Upgraded>>,
     dest: TcpStream,
     limit: Option<&Limit>,
 ) -> (&'static str, u64, u64) {
@@ -366,4 +380,47 @@ async fn splice(
     let how = m::STREAM_ENDINGS[usize::from(r.reset)];
     counter!(m::STREAMS_ENDED, "how" => how).increment(1);
     (how, r.to_tcp, r.from_tcp)
+}
+
+/// A stream whose reads fail (a reset) once its session's owner lease
+/// stopped serving: what comes out of it goes to the destination, so after
+/// the fence not one more chunk does.
+struct Fenced<S> {
+    inner: S,
+    fence: Option<Fence>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Fenced<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.fence.as_ref().is_some_and(|f| !f.holds()) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
