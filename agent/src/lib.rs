@@ -572,6 +572,9 @@ impl Agent {
             protocol_version: jvpn_proto::PROTOCOL_VERSION,
             auth,
             channel: self.data.is_some(),
+            // This agent follows a taker (topology 3), with the checks of
+            // `ClientSession::apply_resume_ok`.
+            migration: true,
         }))
         .await?;
         let ok = match t.recv().await? {

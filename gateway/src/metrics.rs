@@ -44,11 +44,13 @@ pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
 /// Every `result` of [`STORE_CLAIMS`].
-pub const CLAIM_RESULTS: [&str; 9] = [
+pub const CLAIM_RESULTS: [&str; 11] = [
     "ok",
     "no_record",
     "own",
+    "not_migratable",
     "bad_proof",
+    "stale_binding",
     "expired",
     "owner_alive",
     "conflict",
@@ -178,7 +180,7 @@ pub fn describe() {
     );
     describe_counter!(
         STORE_CLAIMS,
-        "Topology 3: takeovers this gateway attempted for sessions whose owner died, by result (ok; no_record, own, bad_proof, expired: refused as unknown_session; owner_alive, conflict: the agent retries; unavailable, error)."
+        "Topology 3: takeovers this gateway attempted for sessions whose owner died, by result (ok; no_record, not_migratable, bad_proof, stale_binding, expired: refused as unknown_session; own, owner_alive, conflict: the agent retries; unavailable, error)."
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,

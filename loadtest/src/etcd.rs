@@ -41,15 +41,46 @@ pub struct EtcdCluster {
     _data: tempfile::TempDir,
 }
 
-/// A loopback port free a moment ago (etcd cannot take port 0).
+/// A loopback port free a moment ago, for etcd, which cannot take port 0.
+/// Drawn below the kernel's ephemeral range, so the port-0 binds and
+/// outgoing connections of every other process in a test run never land
+/// on it between this check and etcd's bind; two etcd clusters drawing the
+/// same port are caught by [`EtcdCluster::start`], which starts again.
 pub fn free_port() -> Result<SocketAddr> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(l.local_addr()?)
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    for _ in 0..200 {
+        let port = rand::Rng::random_range(&mut rand::rng(), from..to);
+        if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            return Ok(l.local_addr()?);
+        }
+    }
+    bail!("no free loopback port in {from}..{to}")
 }
+
+/// Attempts at starting a cluster whose ports another one took meanwhile.
+const START_ATTEMPTS: usize = 3;
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers a read.
     pub async fn start(n: usize) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::start_once(n).await {
+                Ok(c) => return Ok(c),
+                // Only a port taken between the draw and etcd's bind is
+                // worth a new draw; anything else is the test's failure.
+                Err(e) if e.to_string().contains("address already in use") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    async fn start_once(n: usize) -> Result<Self> {
         if !Path::new(ETCD).is_file() {
             bail!("{ETCD} not found: install Debian's etcd-server (.ci/run does)");
         }
@@ -227,11 +258,17 @@ impl EtcdCluster {
             let probe = jvpn_proto::SessionId::from_bytes([0; 16]);
             let ok = crate::harness::eventually(within, "an etcd member to answer", || {
                 let store = store.clone();
-                async move { store.load(&probe).await.is_ok() }
+                // A member that could not bind has exited: stop waiting.
+                let gave_up = self.log(i).contains("address already in use");
+                async move { gave_up || store.load(&probe).await.is_ok() }
             })
             .await;
-            if let Err(e) = ok {
-                bail!("{e}; etcd member {i} log:\n{}", self.log(i));
+            let log = self.log(i);
+            if ok.is_err() || log.contains("address already in use") {
+                let e = ok
+                    .err()
+                    .map_or_else(|| "etcd failed".to_owned(), |e| e.to_string());
+                bail!("{e}; etcd member {i} log:\n{log}");
             }
         }
         Ok(())

@@ -419,3 +419,63 @@ async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
             >= 1.0
     );
 }
+
+/// The taker's `ResumeOk` is lost: the agent still holds the dead owner's
+/// key and binding. Its next RESUME reaches the taker (which has the
+/// session now), authenticates with the key it proved with before, learns
+/// the current binding (`stale_binding`), and commits on the same
+/// connection: the same session, migrated, no re-handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_takeover_resume_ok_is_recovered_without_a_handshake() {
+    use jvpn_proto::pb::session::frame::Kind;
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let router = c.routers[0].client_addr;
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+    drop(common::hello(&mut a).await);
+    let owner = a.session.as_ref().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive(&owner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // A copy of the agent takes the session over, and its ResumeOk is
+    // never applied (lost on the way).
+    let mut lost = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+    lost.session = a.session.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "no takeover\n{}", c.logs());
+        let Ok(mut t) = lost.open_resume().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let r = lost.build_resume(&t).unwrap();
+        t.send(Kind::Resume(r)).await.unwrap();
+        match t.recv().await {
+            Ok(Kind::ResumeOk(ok)) => {
+                assert_eq!(ok.owner_epoch, 2);
+                break;
+            }
+            Ok(Kind::Reject(r)) => {
+                assert_eq!(r.reason, jvpn_proto::ReasonCode::OwnerUnreachable as i32);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let held = a.session.clone().unwrap();
+    assert_eq!(
+        (held.node_id.as_str(), held.owner_epoch, held.binding_epoch),
+        (owner.as_str(), 1, 1)
+    );
+    let mut t = resume_until_attached(&mut a, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let s = a.session.clone().unwrap();
+    assert_eq!(s.id, held.id);
+    assert_ne!(s.node_id, owner);
+    assert_eq!(s.owner_epoch, 2);
+    assert_eq!(s.binding_epoch, 3, "the lost binding (2), then this one");
+    assert!(a.take_migration().is_some());
+    t.echo(b"recovered").await.unwrap();
+}

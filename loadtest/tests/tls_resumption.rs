@@ -324,6 +324,7 @@ async fn raw_hello(
         protocol_version: jvpn_proto::PROTOCOL_VERSION,
         auth: env.pki.dev_token().unwrap().into_bytes(),
         channel: false,
+        migration: false,
     });
     jvpn_runtime::wire::write_frame(&mut tls, hello)
         .await

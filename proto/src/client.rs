@@ -626,6 +626,7 @@ mod tests {
             protocol_version: 1,
             auth: b"token-of-sixteen".to_vec(),
             channel: true,
+            migration: true,
         };
         let old = HelloBefore::decode(hello.encode_to_vec().as_slice()).unwrap();
         assert_eq!(old.auth, hello.auth);

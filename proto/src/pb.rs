@@ -67,6 +67,7 @@ mod tests {
             protocol_version: 1,
             auth: b"s3cret-token".to_vec(),
             channel: false,
+            migration: false,
         };
         let text = format!("{hello:?}");
         assert!(!text.contains("s3cret"), "{text}");

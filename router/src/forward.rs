@@ -209,7 +209,6 @@ async fn resume(
             incarnation,
             addr,
         } => {
-            counter!(m::TAKEOVERS_ROUTED).increment(1);
             splice_resume(
                 state,
                 client,
@@ -269,6 +268,9 @@ async fn splice_resume(
         status(client, Status::OwnerUnreachable, RETRY_DYING).await;
         return Outcome::OwnerUnreachable;
     };
+    if takeover {
+        counter!(m::TAKEOVERS_ROUTED).increment(1);
+    }
     let intended = Resume {
         owner: (node.clone(), incarnation),
         takeover,

@@ -282,7 +282,10 @@ impl Engine {
             volatile_since: now,
             lost_deadline: None,
             key: export(&resume_key_context(&id, t.binding_epoch)),
-            fallback: None,
+            // As after any RESUME: an agent that missed this `ResumeOk`
+            // still holds the key it proved with, and recovers with it
+            // (`stale_binding`, then a retry at the current epoch).
+            fallback: Some(t.used_key.clone()),
             replay,
             flap: AntiFlap::default(),
             principal: t.principal,

@@ -182,6 +182,7 @@ pub(super) async fn do_hello(
         let who = super::stored::Principal {
             name: &egress_principal,
             credential: &principal,
+            migrates: hello.migration,
             end_of_life_unix_ms: left.map_or(0, |d| {
                 super::stored::unix_ms_now()
                     .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -212,7 +213,7 @@ pub(super) async fn do_hello(
         token_key_id,
     );
     // Recorded in a shared store: a taker may carry it on (topology 3).
-    ok.migratable = shared.store.get().is_some();
+    ok.migratable = hello.migration && shared.store.get().is_some();
     // An agent that asks for a channel gets one; an older agent echoes.
     let fence = shared.store.get().map(|st| st.fence_of(&acc.session_id));
     let channel = hello.channel.then(|| {
@@ -311,6 +312,17 @@ pub(super) async fn do_resume(
                 }
                 counter!(m::RESUMES, "result" => "ok").increment(1);
                 let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
+                if let Some(st) = shared.store.get()
+                    && !st.fence_of(&sid).holds()
+                {
+                    // The lease went between the write and now.
+                    shared.with_engine(shard, |e| {
+                        e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
+                    });
+                    shared.deregister(shard, transport);
+                    let _ = send_terminate(&mut tls, ReasonCode::StoreUnavailable).await;
+                    return Ok(());
+                }
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared
                         .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
@@ -361,7 +373,7 @@ struct TakeoverConn {
 /// not seen gone, `store_unavailable` when the store cannot decide.
 async fn take_over(
     shared: &Arc<Shared>,
-    st: &super::stored::Stored,
+    st: &Arc<super::stored::Stored>,
     mut tls: Tls,
     buf: BytesMut,
     resume: &jvpn_proto::pb::session::Resume,
@@ -398,19 +410,15 @@ async fn take_over(
         }
     };
     let rec = &claimed.record;
-    let credential: Arc<str> = if rec.credential.is_empty() {
-        Arc::from(rec.principal.as_str())
-    } else {
-        Arc::from(rec.credential.as_str())
-    };
     let (tx, rx) = mpsc::unbounded_channel();
     shared.register(shard, at.transport, tx);
     let now = shared.now();
+    // The record's absolute end, on this process's clock, read now.
+    let left = rec
+        .end_of_life_unix_ms
+        .saturating_sub(super::stored::unix_ms_now());
+    let end_of_life = now + Duration::from_millis(left);
     let adopted = shared.with_engine(shard, |e| {
-        let end_of_life = now
-            + claimed
-                .end_of_life
-                .unwrap_or_else(|| e.policy().session_max_lifetime());
         e.adopt(
             now,
             Takeover {
@@ -421,7 +429,7 @@ async fn take_over(
                 },
                 counter: req.counter,
                 used_key: &claimed.used_key,
-                principal: credential,
+                principal: Arc::from(rec.credential.as_str()),
                 end_of_life,
                 owner_epoch: rec.owner_epoch,
                 binding_epoch: rec.binding_epoch,
@@ -434,11 +442,20 @@ async fn take_over(
         Ok(acc) => acc,
         Err(rej) => {
             shared.deregister(shard, at.transport);
-            st.ended(&sid);
             refuse(&mut tls, rej.reason).await;
             return Ok(());
         }
     };
+    // Fenced like any recorded session from here; a lease lost since the
+    // claim ends it before anything is said.
+    if !st.adopted(&sid, &claimed) {
+        shared.with_engine(shard, |e| {
+            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
+        });
+        shared.deregister(shard, at.transport);
+        refuse(&mut tls, ReasonCode::StoreUnavailable).await;
+        return Ok(());
+    }
     let (resume_token, token_key_id) = shared.seal_token(sid);
     let mut ok = acc.to_wire(
         &shared.cfg.node_id,
@@ -448,19 +465,26 @@ async fn take_over(
     );
     // The agent's data plane starts over: a fresh channel, offset 0.
     let channel = resume.received.is_some().then(|| {
-        let (ch, window) =
-            super::streams::open(
-                shared,
-                shard,
-                sid,
-                Arc::from(rec.principal.as_str()),
-                shared.store.get().map(|st| st.fence_of(&sid)),
-            );
+        let (ch, window) = super::streams::open(
+            shared,
+            shard,
+            sid,
+            Arc::from(rec.principal.as_str()),
+            shared.store.get().map(|st| st.fence_of(&sid)),
+        );
         ok.channel_window = window;
         ok.received = Some(0);
         let first = ch.first();
         (ch, first)
     });
+    if !st.fence_of(&sid).holds() {
+        shared.with_engine(shard, |e| {
+            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
+        });
+        shared.deregister(shard, at.transport);
+        refuse(&mut tls, ReasonCode::StoreUnavailable).await;
+        return Ok(());
+    }
     if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
         shared.with_engine(shard, |e| {
             e.transport_closed(shared.now(), &sid, at.transport)
@@ -559,7 +583,9 @@ fn fenced(shared: &Shared, fence: Option<&Fence>, shard: usize, sid: &SessionId)
         return false;
     }
     let now = shared.now();
-    shared.with_engine(shard, |e| e.terminate(now, sid, Termination::StoreUnavailable));
+    shared.with_engine(shard, |e| {
+        e.terminate(now, sid, Termination::StoreUnavailable)
+    });
     true
 }
 

@@ -53,17 +53,20 @@ pub(super) struct Principal<'a> {
     pub credential: &'a str,
     /// When the session must end whatever happens (Unix ms; 0: not known).
     pub end_of_life_unix_ms: u64,
+    /// The agent accepts a taker (`Hello.migration`).
+    pub migrates: bool,
 }
 
-/// A session this gateway just claimed (the record already says so).
+/// A session this gateway just claimed (the record already says so); the
+/// session path adopts it, then [`Stored::adopted`] makes it fenced like
+/// any recorded session.
 pub(super) struct Claimed {
     /// The key the agent proved with; the `server_proof` is made with it.
     pub used_key: ResumeKey,
-    /// The record as claimed: owner, epochs, version, principal.
+    /// The record as claimed: owner, epochs, version, principal, lifetime.
     pub record: SessionRecord,
-    /// How long the session may live from now (`None`: not recorded, the
-    /// policy's lifetime from now).
-    pub end_of_life: Option<std::time::Duration>,
+    mod_revision: i64,
+    generation: u64,
 }
 
 /// The owner lease generation one session was recorded under, checked on
@@ -193,6 +196,7 @@ impl Stored {
             principal: who.name.to_owned(),
             credential: who.credential.to_owned(),
             end_of_life_unix_ms: who.end_of_life_unix_ms,
+            agent_migrates: who.migrates,
             owner_lease: lease,
             ..SessionRecord::default()
         };
@@ -261,9 +265,16 @@ impl Stored {
         };
         let old = &stored.record;
         let me = (shared.cfg.node_id.as_str(), shared.incarnation.0);
-        if (old.owner_node.as_str(), old.owner_incarnation) == me {
-            // This process's own session (fenced or ended): never revived.
+        if (old.owner_node.as_str(), old.owner_incarnation) == me && old.owner_lease == lease {
+            // Claimed under this very lease a moment ago (a retry that
+            // crossed the first claim): the agent retries and finds it.
             count("own");
+            return Err(ReasonCode::OwnerUnreachable);
+        }
+        if !old.agent_migrates || old.end_of_life_unix_ms == 0 || old.owner_lease == 0 {
+            // Written for an agent that would refuse a taker (or by a
+            // gateway from before takeovers): its owner's end is its end.
+            count("not_migratable");
             return Err(ReasonCode::UnknownSession);
         }
         let Ok(key) = open_record_key([&self.keys], &sid, old) else {
@@ -273,20 +284,18 @@ impl Stored {
         let used_key = ResumeKey::new(*key);
         // The agent proves the session as it would to its owner: with the
         // key of the binding the record holds.
-        if req.binding_epoch != old.binding_epoch
-            || !used_key.verify_resume_proof(
-                &sid,
-                req.counter,
-                req.binding_epoch,
-                binding,
-                req.proof,
-            )
-        {
+        if !used_key.verify_resume_proof(&sid, req.counter, req.binding_epoch, binding, req.proof) {
             count("bad_proof");
             return Err(ReasonCode::UnknownSession);
         }
+        if req.binding_epoch != old.binding_epoch {
+            // Proven with the stored key, at another binding epoch: an
+            // agent (or a copy of it) out of step with the record.
+            count("stale_binding");
+            return Err(ReasonCode::UnknownSession);
+        }
         let wall_ms = unix_ms_now();
-        if old.end_of_life_unix_ms != 0 && old.end_of_life_unix_ms <= wall_ms {
+        if old.end_of_life_unix_ms <= wall_ms {
             count("expired");
             return Err(ReasonCode::UnknownSession);
         }
@@ -319,7 +328,8 @@ impl Stored {
             Err(e @ (StoreError::Stale { .. } | StoreError::Exists | StoreError::Missing)) => {
                 // Someone wrote it since the read (another taker, or the
                 // owner after all): retry; the next read decides.
-                count(result_of(&e));
+                let _ = e;
+                count("conflict");
                 return Err(ReasonCode::OwnerUnreachable);
             }
             Err(e) => {
@@ -328,31 +338,33 @@ impl Stored {
                 return Err(ReasonCode::StoreUnavailable);
             }
         };
-        let mut map = lock(&self.sessions);
-        if !self.still(generation) {
-            // Our lease went while claiming: the record names it, so the
-            // next taker (maybe this gateway, under its next lease) can
-            // claim it again.
-            count("unavailable");
-            return Err(ReasonCode::StoreUnavailable);
-        }
         count("ok");
-        map.insert(
-            sid,
-            Bound {
-                mod_revision: rev,
-                generation,
-                record: record.clone(),
-            },
-        );
-        let end_of_life = (record.end_of_life_unix_ms != 0).then(|| {
-            std::time::Duration::from_millis(record.end_of_life_unix_ms.saturating_sub(wall_ms))
-        });
         Ok(Claimed {
             used_key,
             record,
-            end_of_life,
+            mod_revision: rev,
+            generation,
         })
+    }
+
+    /// The claimed session is in the engine now: it is fenced from here on
+    /// like any recorded one. `false` if the lease was lost meanwhile (the
+    /// fence loop may have scanned already): the caller ends the session,
+    /// and no `ResumeOk` goes out.
+    pub(super) fn adopted(&self, sid: &SessionId, c: &Claimed) -> bool {
+        let mut map = lock(&self.sessions);
+        if !self.still(c.generation) {
+            return false;
+        }
+        map.insert(
+            *sid,
+            Bound {
+                mod_revision: c.mod_revision,
+                generation: c.generation,
+                record: c.record.clone(),
+            },
+        );
+        true
     }
 
     /// Moves a recorded session's binding before its `ResumeOk`. Every

@@ -243,16 +243,15 @@ async fn connect(
                 return;
             }
         };
-        let (how, to_destination, from_destination) =
-            splice(
-                Fenced {
-                    inner: TokioIo::new(up),
-                    fence: ctx.fence.clone(),
-                },
-                dest,
-                limit.as_ref(),
-            )
-            .await;
+        let (how, to_destination, from_destination) = splice(
+            Fenced {
+                inner: TokioIo::new(up),
+                fence: ctx.fence.clone(),
+            },
+            dest,
+            limit.as_ref(),
+        )
+        .await;
         shared.events.emit_stream(&StreamEvent {
             at: shared.now(),
             session_id: &ctx.sid,
