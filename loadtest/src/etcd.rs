@@ -196,6 +196,11 @@ impl EtcdCluster {
         })
     }
 
+    /// Where the members keep their data (tmpfs when there is one).
+    pub fn data_dir(&self) -> &Path {
+        self._data.path()
+    }
+
     /// The certificate files (CA, members, the gateways' client pair).
     pub fn files(&self) -> &EtcdPki {
         &self.pki

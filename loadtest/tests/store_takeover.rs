@@ -479,3 +479,168 @@ async fn a_lost_takeover_resume_ok_is_recovered_without_a_handshake() {
     assert!(a.take_migration().is_some());
     t.echo(b"recovered").await.unwrap();
 }
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(mut bytes) = std::fs::read(&p) {
+                // WAL segments are preallocated with zeros: only what was
+                // written is worth scanning.
+                let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+                bytes.truncate(end);
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+/// Keys at rest: after sessions were recorded, moved by RESUMEs and taken
+/// over, no resume key any of them ever had appears in etcd's files (WAL,
+/// snapshots, the bolt database), while their wrapped forms do (so the
+/// scan reads where the records are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_resume_key_is_stored_in_the_clear() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let keys = c.pki.cluster_keys().unwrap();
+    let store = store_of(&etcd);
+    let router = c.routers[0].client_addr;
+    let mut seen_keys: Vec<[u8; 32]> = Vec::new();
+    let mut wrapped: Vec<Vec<u8>> = Vec::new();
+    let mut agents = Vec::new();
+    let remember = |rec: &jvpn_proto::pb::store::SessionRecord,
+                    sid: &SessionId,
+                    seen_keys: &mut Vec<[u8; 32]>,
+                    wrapped: &mut Vec<Vec<u8>>| {
+        seen_keys.push(*open_record_key([&keys], sid, rec).unwrap());
+        wrapped.push(rec.wrapped_key.clone());
+    };
+    for _ in 0..6 {
+        let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+        drop(common::hello(&mut a).await);
+        let sid = a.session.as_ref().unwrap().id;
+        let rec = store.load(&sid).await.unwrap().unwrap().record;
+        remember(&rec, &sid, &mut seen_keys, &mut wrapped);
+        drop(common::resume(&mut a).await.unwrap());
+        let rec = store.load(&sid).await.unwrap().unwrap().record;
+        remember(&rec, &sid, &mut seen_keys, &mut wrapped);
+        agents.push(a);
+    }
+    let owner = agents[0].session.as_ref().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    for a in &mut agents {
+        drop(
+            resume_until_attached(a, Duration::from_secs(15))
+                .await
+                .unwrap(),
+        );
+        let sid = a.session.as_ref().unwrap().id;
+        let rec = store.load(&sid).await.unwrap().unwrap().record;
+        remember(&rec, &sid, &mut seen_keys, &mut wrapped);
+    }
+    let files = files_under(etcd.data_dir());
+    assert!(!files.is_empty());
+    let contains = |hay: &[u8], needle: &[u8]| memchr::memmem::find(hay, needle).is_some();
+    for w in &wrapped {
+        assert!(
+            files.iter().any(|(_, f)| contains(f, w)),
+            "a wrapped key is nowhere in etcd's files: the scan misses the records"
+        );
+    }
+    for k in &seen_keys {
+        for (p, f) in &files {
+            assert!(!contains(f, k), "a raw resume key in {}", p.display());
+        }
+    }
+    eprintln!(
+        "{} keys and {} wrapped keys checked in {} files",
+        seen_keys.len(),
+        wrapped.len(),
+        files.len()
+    );
+}
+
+/// Store faults: with two of three etcd members down, a dead owner's
+/// session is not taken over (the taker cannot decide: it says
+/// `store_unavailable`, and nothing is claimed); when the members return,
+/// the same RESUMEs take it over, at the next owner epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
+    use jvpn_proto::pb::session::frame::Kind;
+    let mut etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let router = c.routers[0].client_addr;
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+    drop(common::hello(&mut a).await);
+    let owner = a.session.as_ref().unwrap().node_id.clone();
+    let taker = c
+        .gateways
+        .iter()
+        .find(|(n, _)| *n != owner)
+        .map(|(n, _)| n.clone())
+        .unwrap();
+    etcd.kill(1).await.unwrap();
+    etcd.kill(2).await.unwrap();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive(&owner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // RESUMEs reach the taker, which cannot decide: store_unavailable, and
+    // never a ResumeOk while the store has no majority.
+    let mut copy = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+    copy.session = a.session.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no store_unavailable\n{}",
+            c.logs()
+        );
+        let Ok(mut t) = copy.open_resume().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let r = copy.build_resume(&t).unwrap();
+        t.send(Kind::Resume(r)).await.unwrap();
+        match t.recv().await {
+            Ok(Kind::Reject(r)) if r.reason == jvpn_proto::ReasonCode::StoreUnavailable as i32 => {
+                break;
+            }
+            Ok(Kind::Reject(r)) => {
+                assert_eq!(r.reason, jvpn_proto::ReasonCode::OwnerUnreachable as i32);
+            }
+            Ok(other) => panic!("without a majority: {other:?}"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let g = c.gateway(&taker).unwrap();
+    assert_eq!(
+        g.metric("jvpn_gateway_store_claims_total", &[("result", "ok")])
+            .await
+            .unwrap(),
+        0.0
+    );
+    etcd.restart(1).unwrap();
+    etcd.restart(2).unwrap();
+    etcd.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let mut t = resume_until_attached(&mut a, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let s = a.session.clone().unwrap();
+    assert_eq!((s.node_id.as_str(), s.owner_epoch), (taker.as_str(), 2));
+    t.echo(b"after the store came back").await.unwrap();
+    assert_eq!(
+        g.metric("jvpn_gateway_store_claims_total", &[("result", "ok")])
+            .await
+            .unwrap(),
+        1.0
+    );
+}
