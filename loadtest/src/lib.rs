@@ -29,6 +29,7 @@ pub mod bench_members;
 pub mod bench_peers;
 pub mod bench_router;
 pub mod bench_streams;
+pub mod bench_takeover;
 pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;

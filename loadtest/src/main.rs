@@ -107,6 +107,19 @@ enum Cmd {
         )]
         splice_variants: Vec<String>,
     },
+    /// Topology 3 measured: etcd compare-and-set latency, and the time
+    /// sessions take to come back on a taker after their owner's SIGKILL
+    /// (a 3-member etcd on loopback, one router, gateways with [store]).
+    BenchTakeover {
+        /// Sessions through the router (about 1/gateways of them die).
+        #[arg(long, default_value_t = 300)]
+        sessions: usize,
+        #[arg(long, default_value_t = 3)]
+        gateways: usize,
+        /// Sequential compare-and-set writes timed.
+        #[arg(long, default_value_t = 500)]
+        cas_writes: usize,
+    },
     /// What membership costs a router at N emulated members: router CPU
     /// and RSS, reply bytes, detection times (one run per N).
     BenchMembers {
@@ -464,6 +477,18 @@ fn main() -> ExitCode {
                 splice_variants,
             };
             print_json_report("bench-router", jvpn_loadtest::bench_router::run(opts))
+        }
+        Cmd::BenchTakeover {
+            sessions,
+            gateways,
+            cas_writes,
+        } => {
+            let opts = jvpn_loadtest::bench_takeover::TakeoverBenchOptions {
+                sessions,
+                gateways,
+                cas_writes,
+            };
+            print_json_report("bench-takeover", jvpn_loadtest::bench_takeover::run(opts))
         }
         Cmd::BenchMembers {
             members,

@@ -14,81 +14,43 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use jvpn_agent::{Agent, AgentError};
-use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
+use jvpn_loadtest::bench_takeover::{
+    resume_until_attached, takeover_cluster as takeover_cluster_lib,
+};
+use jvpn_loadtest::cluster::LocalCluster;
 use jvpn_loadtest::etcd::EtcdCluster;
+use jvpn_loadtest::harness::Launcher;
 use jvpn_proto::SessionId;
 use jvpn_proto::client::Exporter;
-use jvpn_proto::preamble::Status;
 use jvpn_proto::store_record::open_record_key;
 use nix::sys::signal::Signal;
 
 const SESSIONS: usize = 24;
 
-/// `gateways` gateways with `[store]` on `c` (egress to loopback allowed,
-/// where the tests' destinations are) behind one router with takeover on.
 async fn takeover_cluster(c: &EtcdCluster, gateways: usize) -> LocalCluster {
     takeover_cluster_with(c, gateways, vec![]).await
 }
 
+/// The library's takeover cluster with the binaries this test run built.
 async fn takeover_cluster_with(
     c: &EtcdCluster,
     gateways: usize,
-    mut router_env: Vec<(String, String)>,
+    router_env: Vec<(String, String)>,
 ) -> LocalCluster {
-    router_env.push(("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()));
-    common::cluster(ClusterOptions {
+    let bin = env!("CARGO_BIN_EXE_jvpn-loadtest");
+    takeover_cluster_lib(
+        c,
+        Launcher::for_tests(bin),
+        Launcher::for_tests_as(bin, jvpn_loadtest::harness::Role::Router),
         gateways,
-        routers: 1,
-        spare_gateways: 0,
-        gateway_extra_toml: format!(
-            "{}{}",
-            jvpn_loadtest::streamload::LOOPBACK_EGRESS,
-            c.gateway_toml()
-        ),
         router_env,
-        ..ClusterOptions::default()
-    })
-    .await
-}
-
-fn store_of(etcd: &EtcdCluster) -> jvpn_gateway::store::EtcdStore {
-    let prefix = format!("/jvpn/{}", jvpn_loadtest::harness::CLUSTER);
-    jvpn_gateway::store::EtcdStore::new(
-        &etcd.store_config(&prefix, Duration::from_secs(3)).unwrap(),
     )
+    .await
     .unwrap()
 }
 
-/// RESUME until attached or refused for good: retries what a real agent
-/// retries (the taker's `owner_unreachable` while the old lease lives,
-/// overload, a connect to a dying owner).
-async fn resume_until_attached(
-    agent: &mut Agent,
-    within: Duration,
-) -> Result<jvpn_agent::Transport, AgentError> {
-    let deadline = Instant::now() + within;
-    loop {
-        let e = match agent.resume().await {
-            Ok(t) => return Ok(t),
-            Err(e) => e,
-        };
-        let retry = match &e {
-            AgentError::Status(s) => matches!(
-                s.status,
-                Status::Overloaded | Status::OwnerUnreachable | Status::NoGateway
-            ),
-            AgentError::Rejected { reason, .. } => matches!(
-                reason,
-                jvpn_proto::ReasonCode::OwnerUnreachable | jvpn_proto::ReasonCode::StoreUnavailable
-            ),
-            AgentError::Connect(..) | AgentError::Tls(_) => true,
-            _ => false,
-        };
-        if !retry || Instant::now() > deadline {
-            return Err(e);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+fn store_of(etcd: &EtcdCluster) -> jvpn_gateway::store::EtcdStore {
+    jvpn_loadtest::bench_takeover::store_of(etcd).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

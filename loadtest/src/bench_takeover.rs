@@ -1,0 +1,238 @@
+//! `jvpn-loadtest bench-takeover`: topology 3 measured (issue 16). A real
+//! etcd cluster of 3 members on loopback (data on tmpfs), one router with
+//! takeover, gateways with `[store]`; then
+//!
+//! 1. the store's compare-and-set latency: sequential binding updates of
+//!    one record through the gateway's etcd client;
+//! 2. takeover: N sessions through the router, the gateway holding the
+//!    most of them SIGKILLed, every agent RESUMEs at once (each retrying as
+//!    the real agent does), and each one's time from the kill until it is
+//!    attached again is recorded, with how it came back (taken over at a
+//!    higher owner epoch, or not).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use jvpn_agent::{Agent, AgentError, Transport};
+use jvpn_gateway::store::EtcdStore;
+use jvpn_proto::pb::store::SessionRecord;
+use jvpn_proto::preamble::Status;
+use jvpn_proto::{ReasonCode, SessionId};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+
+use crate::cluster::{ClusterOptions, LocalCluster, launchers};
+use crate::demo::{Percentiles, percentiles};
+use crate::etcd::EtcdCluster;
+use crate::harness::{self, CLUSTER};
+
+#[derive(Clone, Debug)]
+pub struct TakeoverBenchOptions {
+    pub sessions: usize,
+    pub gateways: usize,
+    /// Sequential compare-and-set writes timed.
+    pub cas_writes: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TakeoverBenchReport {
+    pub cas_writes: usize,
+    /// One compare-and-set binding update, ms (µs resolution).
+    pub cas_p50_ms: f64,
+    pub cas_p99_ms: f64,
+    pub sessions: usize,
+    pub gateways: usize,
+    /// Sessions the killed gateway owned.
+    pub victims: usize,
+    /// Of those, back at a higher owner epoch on another gateway, same
+    /// session, no HELLO.
+    pub taken_over: usize,
+    /// Of those, not back within the deadline, or refused for good.
+    pub failed: usize,
+    /// SIGKILL → attached again, per victim.
+    pub takeover_ms: Percentiles,
+    /// The owner lease TTL of the gateways (the floor of a takeover).
+    pub lease_ttl_ms: u64,
+}
+
+/// RESUME until attached or refused for good: retries what the real agent
+/// retries (the taker's `owner_unreachable` while the old lease lives,
+/// `store_unavailable`, overload, a connect to a dying owner).
+pub async fn resume_until_attached(
+    agent: &mut Agent,
+    within: Duration,
+) -> Result<Transport, AgentError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let e = match agent.resume().await {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let retry = match &e {
+            AgentError::Status(s) => matches!(
+                s.status,
+                Status::Overloaded | Status::OwnerUnreachable | Status::NoGateway
+            ),
+            AgentError::Rejected { reason, .. } => matches!(
+                reason,
+                ReasonCode::OwnerUnreachable | ReasonCode::StoreUnavailable
+            ),
+            AgentError::Connect(..) | AgentError::Tls(_) => true,
+            _ => false,
+        };
+        if !retry || Instant::now() > deadline {
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Gateways with `[store]` on `etcd` behind `routers` routers with
+/// takeover on (egress to loopback allowed), plus `router_env`.
+pub async fn takeover_cluster(
+    etcd: &EtcdCluster,
+    gateway: crate::harness::Launcher,
+    router: crate::harness::Launcher,
+    gateways: usize,
+    mut router_env: Vec<(String, String)>,
+) -> Result<LocalCluster> {
+    router_env.push(("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()));
+    LocalCluster::start(
+        gateway,
+        router,
+        ClusterOptions {
+            gateways,
+            routers: 1,
+            spare_gateways: 0,
+            gateway_extra_toml: format!(
+                "{}{}",
+                crate::streamload::LOOPBACK_EGRESS,
+                etcd.gateway_toml()
+            ),
+            router_env,
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+}
+
+/// The gateways' store, as a test or benchmark reads it.
+pub fn store_of(etcd: &EtcdCluster) -> Result<EtcdStore> {
+    let prefix = format!("/jvpn/{CLUSTER}");
+    Ok(EtcdStore::new(
+        &etcd.store_config(&prefix, Duration::from_secs(3))?,
+    )?)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// Compare-and-set binding updates of one record, one after another, as
+/// a gateway writes them at each RESUME (record revision, writer's lease).
+async fn cas_latency(store: &EtcdStore, writes: usize) -> Result<(f64, f64)> {
+    let node = jvpn_proto::NodeId::new("bench")?;
+    let (lease, _) = store.grant(Duration::from_secs(60)).await?;
+    store
+        .register_owner(&node, jvpn_proto::Incarnation(1), lease)
+        .await?;
+    let sid = SessionId::from_bytes(rand::random());
+    let mut rec = SessionRecord {
+        owner_node: node.to_string(),
+        owner_incarnation: 1,
+        owner_epoch: 1,
+        state_version: 1,
+        binding_epoch: 1,
+        wrapped_key: vec![0; 60],
+        owner_lease: lease,
+        ..SessionRecord::default()
+    };
+    let mut rev = store.create(&sid, &rec).await?;
+    let mut took = Vec::with_capacity(writes);
+    for _ in 0..writes {
+        rec.binding_epoch += 1;
+        rec.state_version += 1;
+        let t = Instant::now();
+        rev = store.update(&sid, rev, &rec).await?;
+        took.push(t.elapsed());
+    }
+    store.delete(&sid, rev).await?;
+    store.revoke(lease).await?;
+    took.sort_unstable();
+    let at = |q: f64| ms(took[((took.len() - 1) as f64 * q).round() as usize]);
+    Ok((at(0.5), at(0.99)))
+}
+
+pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
+    if opts.gateways < 2 {
+        bail!("--gateways must be at least 2 (one dies, one takes over)");
+    }
+    let _ = crate::bench::raise_nofile();
+    let etcd = EtcdCluster::start(3).await?;
+    let store = store_of(&etcd)?;
+    let (cas_p50_ms, cas_p99_ms) = cas_latency(&store, opts.cas_writes.max(1)).await?;
+    let exe = std::env::current_exe()?;
+    let (gl, rl) = launchers(&exe);
+    let c = takeover_cluster(&etcd, gl, rl, opts.gateways, vec![]).await?;
+    let router = c.routers[0].client_addr;
+    let mut agents: Vec<Agent> = Vec::with_capacity(opts.sessions);
+    for _ in 0..opts.sessions {
+        let mut a = harness::agent(&c.pki, router, None)?;
+        drop(a.hello().await.context("HELLO")?);
+        agents.push(a);
+    }
+    let owner_of = |a: &Agent| a.session.as_ref().map(|s| s.node_id.clone());
+    let mut per_node = std::collections::BTreeMap::<String, usize>::new();
+    for a in &agents {
+        *per_node.entry(owner_of(a).unwrap_or_default()).or_default() += 1;
+    }
+    let victim = per_node
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(n, _)| n.clone())
+        .context("no sessions")?;
+    let victims: Vec<Agent> = agents
+        .into_iter()
+        .filter(|a| owner_of(a).as_deref() == Some(victim.as_str()))
+        .collect();
+    c.gateway(&victim)?.signal(Signal::SIGKILL)?;
+    let killed = Instant::now();
+    let mut tasks = Vec::new();
+    for mut a in victims {
+        tasks.push(tokio::spawn(async move {
+            let before = a.session.clone();
+            let r = resume_until_attached(&mut a, Duration::from_secs(30)).await;
+            let took = killed.elapsed();
+            let moved = r.is_ok()
+                && match (before, a.session.as_ref()) {
+                    (Some(b), Some(s)) => {
+                        s.id == b.id && s.owner_epoch > b.owner_epoch && s.node_id != b.node_id
+                    }
+                    _ => false,
+                };
+            (moved, took)
+        }));
+    }
+    let n = tasks.len();
+    let mut times = Vec::new();
+    let mut taken_over = 0;
+    for t in tasks {
+        let (moved, took) = t.await?;
+        if moved {
+            taken_over += 1;
+            times.push(took.as_millis() as u64);
+        }
+    }
+    Ok(TakeoverBenchReport {
+        cas_writes: opts.cas_writes.max(1),
+        cas_p50_ms,
+        cas_p99_ms,
+        sessions: opts.sessions,
+        gateways: opts.gateways,
+        victims: n,
+        taken_over,
+        failed: n - taken_over,
+        takeover_ms: percentiles(times),
+        lease_ttl_ms: 2_000,
+    })
+}
