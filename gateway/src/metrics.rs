@@ -43,6 +43,7 @@ pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
 pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
+pub const STORE_SECONDS: &str = "jvpn_gateway_store_request_duration_seconds";
 /// Every `result` of [`STORE_CLAIMS`].
 pub const CLAIM_RESULTS: [&str; 11] = [
     "ok",
@@ -217,6 +218,11 @@ pub fn describe() {
     describe_counter!(
         RESUMES,
         "RESUME attempts by result (ok or exact reason code)."
+    );
+    describe_histogram!(
+        STORE_SECONDS,
+        Unit::Seconds,
+        "Topology 3: session store requests in the session path, by op (create, bind, load, claim, delete), whatever their result; a HELLO or RESUME waits for create or bind."
     );
     describe_histogram!(
         HELLO_SECONDS,

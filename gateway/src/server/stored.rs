@@ -25,7 +25,7 @@ use jvpn_proto::pb::store::SessionRecord;
 use jvpn_proto::store_record::{KeyPlace, open_record_key, wrap_key};
 use jvpn_proto::{Mono, ReasonCode, SessionId};
 use jvpn_runtime::wire::lock;
-use metrics::counter;
+use metrics::{counter, histogram};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -201,7 +201,7 @@ impl Stored {
             ..SessionRecord::default()
         };
         self.wrap(sid, &mut record, key);
-        let rev = match self.etcd.create(sid, &record).await {
+        let rev = match timed("create", self.etcd.create(sid, &record)).await {
             Ok(rev) => rev,
             Err(e) => {
                 counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e)).increment(1);
@@ -252,7 +252,7 @@ impl Stored {
             count("unavailable");
             return Err(ReasonCode::StoreUnavailable);
         };
-        let stored = match self.etcd.load(&sid).await {
+        let stored = match timed("load", self.etcd.load(&sid)).await {
             Ok(Some(s)) => s,
             Ok(None) => {
                 count("no_record");
@@ -313,10 +313,11 @@ impl Stored {
             return Err(ReasonCode::ProtocolError);
         };
         self.wrap(&sid, &mut record, &new_key);
-        let rev = match self
-            .etcd
-            .claim(&sid, stored.mod_revision, old, &record)
-            .await
+        let rev = match timed(
+            "claim",
+            self.etcd.claim(&sid, stored.mod_revision, old, &record),
+        )
+        .await
         {
             Ok(rev) => rev,
             Err(StoreError::OwnerAlive) => {
@@ -393,7 +394,7 @@ impl Stored {
         record.binding_epoch = binding_epoch;
         record.state_version += 1;
         self.wrap(sid, &mut record, &key);
-        let rev = match self.etcd.update(sid, bound.mod_revision, &record).await {
+        let rev = match timed("bind", self.etcd.update(sid, bound.mod_revision, &record)).await {
             Ok(rev) => rev,
             Err(e) => {
                 warn!(error = %e, "store: binding change not recorded; the session ends");
@@ -425,7 +426,7 @@ impl Stored {
         }
         let (etcd, sid) = (self.etcd.clone(), *sid);
         tokio::spawn(async move {
-            let result = match etcd.delete(&sid, bound.mod_revision).await {
+            let result = match timed("delete", etcd.delete(&sid, bound.mod_revision)).await {
                 Ok(_) => "ok",
                 Err(e) => {
                     debug!(error = %e, "store: ended session's record not deleted");
@@ -487,6 +488,14 @@ impl Stored {
             }
         }
     }
+}
+
+/// A store request, timed into the latency histogram by `op`.
+async fn timed<T>(op: &'static str, f: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let r = f.await;
+    histogram!(m::STORE_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
+    r
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
