@@ -178,7 +178,18 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
     let mut agents: Vec<Agent> = Vec::with_capacity(opts.sessions);
     for _ in 0..opts.sessions {
         let mut a = harness::agent(&c.pki, router, None)?;
-        drop(a.hello().await.context("HELLO")?);
+        loop {
+            match a.hello().await {
+                Ok(t) => break drop(t),
+                // The router's per-source admission paces one host's
+                // HELLOs: wait as told.
+                Err(AgentError::Status(s)) if s.status == Status::Overloaded => {
+                    let ms = u64::from(s.retry_after_ms).max(10);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Err(e) => return Err(e).context("HELLO"),
+            }
+        }
         agents.push(a);
     }
     let owner_of = |a: &Agent| a.session.as_ref().map(|s| s.node_id.clone());

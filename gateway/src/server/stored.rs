@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
 use jvpn_proto::keys::ClusterKeys;
@@ -96,6 +96,9 @@ impl std::fmt::Debug for Fence {
     }
 }
 
+/// How often a dead owner's lease key is looked up while takers wait.
+const GONE_POLL: Duration = Duration::from_millis(100);
+
 /// Wall-clock milliseconds since the Unix epoch (records carry absolute
 /// lifetimes: monotonic clocks are per process).
 pub(super) fn unix_ms_now() -> u64 {
@@ -112,6 +115,9 @@ pub(super) struct Stored {
     origin: Instant,
     keys: ClusterKeys,
     sessions: Mutex<HashMap<SessionId, Bound>>,
+    /// Dead owners' lease keys takers are waiting on: one poller per key,
+    /// however many of its sessions wait (`true` once etcd has no such key).
+    gone: Arc<Mutex<HashMap<Vec<u8>, watch::Receiver<bool>>>>,
 }
 
 impl std::fmt::Debug for Stored {
@@ -133,6 +139,7 @@ impl Stored {
             origin,
             keys,
             sessions: Mutex::new(HashMap::new()),
+            gone: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -313,15 +320,35 @@ impl Stored {
             return Err(ReasonCode::ProtocolError);
         };
         self.wrap(&sid, &mut record, &new_key);
-        let rev = match timed(
-            "claim",
-            self.etcd.claim(&sid, stored.mod_revision, old, &record),
-        )
-        .await
-        {
+        // The old owner's lease usually outlives its process by up to a
+        // TTL: rather than have the agent retry through the router (a
+        // TLS handshake each time), wait here until etcd ended it, at most
+        // a TTL and a second; the claim's compare still decides.
+        let bound =
+            Duration::from_millis(shared.cfg.raw.store.lease_ttl_ms) + Duration::from_secs(1);
+        let mut waited = false;
+        let rev = loop {
+            let claimed = timed(
+                "claim",
+                self.etcd.claim(&sid, stored.mod_revision, old, &record),
+            )
+            .await;
+            match claimed {
+                Err(StoreError::OwnerAlive) if !waited => {
+                    waited = true;
+                    if self.wait_gone(old, bound).await {
+                        continue;
+                    }
+                    count("owner_alive");
+                    return Err(ReasonCode::OwnerUnreachable);
+                }
+                other => break other,
+            }
+        };
+        let rev = match rev {
             Ok(rev) => rev,
             Err(StoreError::OwnerAlive) => {
-                // Not seen gone yet: the router's verdict was early (or a
+                // Not seen gone: the router's verdict was early (or a
                 // partition); the agent retries, nothing was taken.
                 count("owner_alive");
                 return Err(ReasonCode::OwnerUnreachable);
@@ -346,6 +373,40 @@ impl Stored {
             mod_revision: rev,
             generation,
         })
+    }
+
+    /// Waits (at most `bound`) until etcd has no owner key for the lease
+    /// `rec` names; `false` if it still had one. Takers of one dead owner's
+    /// sessions share one poller per key.
+    async fn wait_gone(&self, rec: &SessionRecord, bound: Duration) -> bool {
+        let key = self.etcd.owner_key_of(rec);
+        let mut rx = {
+            let mut map = lock(&self.gone);
+            match map.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    map.insert(key.clone(), rx.clone());
+                    let (etcd, rec, gone) = (self.etcd.clone(), rec.clone(), self.gone.clone());
+                    tokio::spawn(async move {
+                        let until = Instant::now() + bound;
+                        while Instant::now() < until {
+                            if let Ok(false) = etcd.owner_key_exists(&rec).await {
+                                let _ = tx.send(true);
+                                break;
+                            }
+                            tokio::time::sleep(GONE_POLL).await;
+                        }
+                        lock(&gone).remove(&etcd.owner_key_of(&rec));
+                    });
+                    rx
+                }
+            }
+        };
+        matches!(
+            tokio::time::timeout(bound, rx.wait_for(|g| *g)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The claimed session is in the engine now: it is fenced from here on

@@ -344,6 +344,11 @@ impl EtcdStore {
         Ok(!self.range_prefix(key).await?.is_empty())
     }
 
+    /// Whether the owner key a record names still exists (its lease lives).
+    pub async fn owner_key_exists(&self, rec: &SessionRecord) -> Result<bool, StoreError> {
+        Ok(self.get(self.owner_key_of(rec)).await?.is_some())
+    }
+
     async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
         self.call(|mut m| {
             let key = key.clone();
