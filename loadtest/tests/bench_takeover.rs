@@ -1,0 +1,43 @@
+//! `jvpn-loadtest bench-takeover` as docs/benchmarks.md shows it, with
+//! fewer sessions (the 300-session runs are benchmarks): the store's CAS
+//! latency is measured and every session of the killed owner comes back on
+//! a taker. This checks that the benchmark works, not its numbers.
+
+mod common;
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_takeover_measures_cas_latency_and_every_takeover() {
+    let stdout = common::loadtest_ok(
+        [
+            "bench-takeover",
+            "--sessions",
+            "30",
+            "--gateways",
+            "2",
+            "--cas-writes",
+            "50",
+        ],
+        Duration::from_secs(300),
+    )
+    .await;
+    let json = &stdout[stdout.find('{').expect("a JSON report")..];
+    let r: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(r["cas_writes"], 50, "{r}");
+    let (p50, p99) = (
+        r["cas_p50_ms"].as_f64().unwrap(),
+        r["cas_p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p99 >= p50, "{r}");
+    let victims = r["victims"].as_u64().unwrap();
+    assert!(victims > 0, "{r}");
+    assert_eq!(r["taken_over"].as_u64().unwrap(), victims, "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    let t = &r["takeover_ms"];
+    assert!(t["p50"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        t["max"].as_u64().unwrap() >= t["p99"].as_u64().unwrap(),
+        "{r}"
+    );
+}
