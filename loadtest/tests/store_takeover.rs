@@ -49,6 +49,36 @@ async fn takeover_cluster_with(
     .unwrap()
 }
 
+/// SIGKILLs the gateway owning `a`'s session and waits until the router
+/// declares it dead; returns its node id.
+async fn kill_owner_of(c: &LocalCluster, a: &Agent) -> String {
+    let owner = a.session.as_ref().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive(&owner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    owner
+}
+
+/// Another agent holding `a`'s session (the same agent on its next
+/// network, or a copy whose answers a test inspects).
+fn copy_of(c: &LocalCluster, a: &Agent) -> Agent {
+    let mut b = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    b.session = a.session.clone();
+    b
+}
+
+/// One RESUME on a new connection, answered but not applied: the answer,
+/// or `None` when no connection or no answer came.
+async fn one_resume(agent: &mut Agent) -> Option<jvpn_proto::pb::session::frame::Kind> {
+    let mut t = agent.open_resume().await.ok()?;
+    let r = agent.build_resume(&t).unwrap();
+    t.send(jvpn_proto::pb::session::frame::Kind::Resume(r))
+        .await
+        .ok()?;
+    t.recv().await.ok()
+}
+
 fn store_of(etcd: &EtcdCluster) -> jvpn_gateway::store::EtcdStore {
     jvpn_loadtest::bench_takeover::store_of(etcd).unwrap()
 }
@@ -317,7 +347,6 @@ async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
         "1000".into(),
     )];
     let c = takeover_cluster_with(&etcd, 2, grace).await;
-    let router = c.routers[0].client_addr;
     // The old transport goes straight to the owner (as router r1 would
     // splice it): the real router closes its splices to a gateway it
     // declares dead, and this test needs one that stays open.
@@ -330,8 +359,7 @@ async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
     let stopped_at = Instant::now();
     c.gateway(&owner).unwrap().signal(Signal::SIGSTOP).unwrap();
     // The same session from a second agent (the agent's next network).
-    let mut b = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
-    b.session = a.session.clone();
+    let mut b = copy_of(&c, &a);
     let mut moved = resume_until_attached(&mut b, Duration::from_secs(20))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -395,35 +423,25 @@ async fn a_lost_takeover_resume_ok_is_recovered_without_a_handshake() {
     let router = c.routers[0].client_addr;
     let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
     drop(common::hello(&mut a).await);
-    let owner = a.session.as_ref().unwrap().node_id.clone();
-    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
-    c.wait_not_alive(&owner, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let owner = kill_owner_of(&c, &a).await;
     // A copy of the agent takes the session over, and its ResumeOk is
     // never applied (lost on the way).
-    let mut lost = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
-    lost.session = a.session.clone();
+    let mut lost = copy_of(&c, &a);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         assert!(Instant::now() < deadline, "no takeover\n{}", c.logs());
-        let Ok(mut t) = lost.open_resume().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let r = lost.build_resume(&t).unwrap();
-        t.send(Kind::Resume(r)).await.unwrap();
-        match t.recv().await {
-            Ok(Kind::ResumeOk(ok)) => {
+        match one_resume(&mut lost).await {
+            Some(Kind::ResumeOk(ok)) => {
                 assert_eq!(ok.owner_epoch, 2);
                 break;
             }
-            Ok(Kind::Reject(r)) => {
+            Some(Kind::Reject(r)) => {
                 assert_eq!(r.reason, jvpn_proto::ReasonCode::OwnerUnreachable as i32);
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            None => {}
             other => panic!("{other:?}"),
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // One agent in reality: its counter went on with the lost attempt.
     let used = lost.session.as_ref().unwrap().counter();
@@ -553,14 +571,10 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
         .unwrap();
     etcd.kill(1).await.unwrap();
     etcd.kill(2).await.unwrap();
-    c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
-    c.wait_not_alive(&owner, Duration::from_secs(5))
-        .await
-        .unwrap();
+    assert_eq!(kill_owner_of(&c, &a).await, owner);
     // RESUMEs reach the taker, which cannot decide: store_unavailable, and
     // never a ResumeOk while the store has no majority.
-    let mut copy = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
-    copy.session = a.session.clone();
+    let mut copy = copy_of(&c, &a);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(
@@ -568,21 +582,17 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
             "no store_unavailable\n{}",
             c.logs()
         );
-        let Ok(mut t) = copy.open_resume().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let r = copy.build_resume(&t).unwrap();
-        t.send(Kind::Resume(r)).await.unwrap();
-        match t.recv().await {
-            Ok(Kind::Reject(r)) if r.reason == jvpn_proto::ReasonCode::StoreUnavailable as i32 => {
+        match one_resume(&mut copy).await {
+            Some(Kind::Reject(r))
+                if r.reason == jvpn_proto::ReasonCode::StoreUnavailable as i32 =>
+            {
                 break;
             }
-            Ok(Kind::Reject(r)) => {
+            Some(Kind::Reject(r)) => {
                 assert_eq!(r.reason, jvpn_proto::ReasonCode::OwnerUnreachable as i32);
             }
-            Ok(other) => panic!("without a majority: {other:?}"),
-            Err(_) => {}
+            Some(other) => panic!("without a majority: {other:?}"),
+            None => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -191,52 +191,31 @@ async fn resume(
     key_id: u8,
     token: &[u8; jvpn_proto::token::TOKEN_LEN],
 ) -> Outcome {
-    match state.route_resume(key_id, token) {
+    let (to, takeover) = match state.route_resume(key_id, token) {
         ResumeRoute::BadToken => {
             status(client, Status::BadPreamble, Duration::ZERO).await;
-            Outcome::BadToken
+            return Outcome::BadToken;
         }
         ResumeRoute::Lost => {
             status(client, Status::OwnerLost, Duration::ZERO).await;
-            Outcome::OwnerLost
+            return Outcome::OwnerLost;
         }
         ResumeRoute::Unreachable => {
             status(client, Status::OwnerUnreachable, RETRY_SOON).await;
-            Outcome::OwnerUnreachable
+            return Outcome::OwnerUnreachable;
         }
         ResumeRoute::Takeover {
             node,
             incarnation,
             addr,
-        } => {
-            splice_resume(
-                state,
-                client,
-                peer,
-                pre,
-                token,
-                (node, incarnation, addr),
-                true,
-            )
-            .await
-        }
+        } => ((node, incarnation, addr), true),
         ResumeRoute::Splice {
             node,
             incarnation,
             addr,
-        } => {
-            splice_resume(
-                state,
-                client,
-                peer,
-                pre,
-                token,
-                (node, incarnation, addr),
-                false,
-            )
-            .await
-        }
-    }
+        } => ((node, incarnation, addr), false),
+    };
+    splice_resume(state, client, peer, pre, token, to, takeover).await
 }
 
 /// Splices a RESUME to `to`: its owner, or for a takeover the session's

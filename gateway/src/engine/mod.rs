@@ -206,40 +206,8 @@ impl Engine {
         }
         let id = self.mint()?;
         let key = export(&resume_key_context(&id, 1));
-        let mut s = Session {
-            state: State::Birth,
-            version: 0,
-            epoch: 1,
-            owner_epoch: STICKY_OWNER_EPOCH,
-            transport: None,
-            end_of_life,
-            last_rx: now,
-            volatile_since: now,
-            lost_deadline: None,
-            key,
-            fallback: None,
-            replay: ReplayWindow::new(self.policy.replay_window),
-            flap: AntiFlap::default(),
-            principal: req.principal,
-            policy: self.policy.clone(),
-            scheduled: None,
-            refusals: session::RefusalBudget {
-                window_start: now,
-                count: 0,
-            },
-        };
-        self.out.by_state[State::Birth.index()] += 1;
-        step(
-            &mut self.out,
-            &self.policy,
-            now,
-            id,
-            &mut s,
-            Event::HandshakeDone,
-        )
-        .map_err(Rejection::quiet)?;
-        s.transport = Some(req.transport);
-        schedule(&mut self.timers, &self.policy, id, &mut s);
+        let mut s = self.newborn(now, end_of_life, key, req.principal);
+        self.birth(now, id, &mut s, Event::HandshakeDone, req.transport)?;
         let accepted = HelloAccepted {
             session_id: id,
             state_version: s.version,
@@ -268,46 +236,18 @@ impl Engine {
         if self.sessions.contains_key(&id) || t.end_of_life <= now {
             return Err(Rejection::quiet(ReasonCode::UnknownSession));
         }
-        let mut replay = ReplayWindow::new(self.policy.replay_window);
-        replay.record(t.counter);
-        let mut s = Session {
-            state: State::Birth,
-            // The HELLO's step below bumps it to the claimed version.
-            version: t.state_version.saturating_sub(1),
-            epoch: t.binding_epoch,
-            owner_epoch: t.owner_epoch,
-            transport: None,
-            end_of_life: t.end_of_life,
-            last_rx: now,
-            volatile_since: now,
-            lost_deadline: None,
-            key: export(&resume_key_context(&id, t.binding_epoch)),
-            // As after any RESUME: an agent that missed this `ResumeOk`
-            // still holds the key it proved with, and recovers with it
-            // (`stale_binding`, then a retry at the current epoch).
-            fallback: Some(t.used_key.clone()),
-            replay,
-            flap: AntiFlap::default(),
-            principal: t.principal,
-            policy: self.policy.clone(),
-            scheduled: None,
-            refusals: session::RefusalBudget {
-                window_start: now,
-                count: 0,
-            },
-        };
-        self.out.by_state[State::Birth.index()] += 1;
-        step(
-            &mut self.out,
-            &self.policy,
-            now,
-            id,
-            &mut s,
-            Event::TakenOver,
-        )
-        .map_err(Rejection::quiet)?;
-        s.transport = Some(t.conn.transport);
-        schedule(&mut self.timers, &self.policy, id, &mut s);
+        let key = export(&resume_key_context(&id, t.binding_epoch));
+        let mut s = self.newborn(now, t.end_of_life, key, t.principal);
+        // The step below bumps the version to the claimed one.
+        s.version = t.state_version.saturating_sub(1);
+        s.epoch = t.binding_epoch;
+        s.owner_epoch = t.owner_epoch;
+        // As after any RESUME: an agent that missed this `ResumeOk` still
+        // holds the key it proved with, and recovers with it
+        // (`stale_binding`, then a retry at the current epoch).
+        s.fallback = Some(t.used_key.clone());
+        s.replay.record(t.counter);
+        self.birth(now, id, &mut s, Event::TakenOver, t.conn.transport)?;
         let accepted = ResumeAccepted {
             state_version: s.version,
             binding_epoch: s.epoch,
@@ -319,6 +259,56 @@ impl Engine {
         };
         self.sessions.insert(id, s);
         Ok(accepted)
+    }
+
+    /// A session in BIRTH under the current policy: binding and owner
+    /// epoch 1, no fallback key, an empty replay window.
+    fn newborn(
+        &self,
+        now: Mono,
+        end_of_life: Mono,
+        key: ResumeKey,
+        principal: Arc<str>,
+    ) -> Session {
+        Session {
+            state: State::Birth,
+            version: 0,
+            epoch: 1,
+            owner_epoch: STICKY_OWNER_EPOCH,
+            transport: None,
+            end_of_life,
+            last_rx: now,
+            volatile_since: now,
+            lost_deadline: None,
+            key,
+            fallback: None,
+            replay: ReplayWindow::new(self.policy.replay_window),
+            flap: AntiFlap::default(),
+            principal,
+            policy: self.policy.clone(),
+            scheduled: None,
+            refusals: session::RefusalBudget {
+                window_start: now,
+                count: 0,
+            },
+        }
+    }
+
+    /// A new session leaves BIRTH by `event` (a handshake, or a takeover)
+    /// onto `transport`, counted and timed like every session.
+    fn birth(
+        &mut self,
+        now: Mono,
+        id: SessionId,
+        s: &mut Session,
+        event: Event,
+        transport: TransportId,
+    ) -> Result<(), Rejection> {
+        self.out.by_state[State::Birth.index()] += 1;
+        step(&mut self.out, &self.policy, now, id, s, event).map_err(Rejection::quiet)?;
+        s.transport = Some(transport);
+        schedule(&mut self.timers, &self.policy, id, s);
+        Ok(())
     }
 
     /// Draws a fresh id inside this node's own shard of the current view.
