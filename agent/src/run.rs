@@ -882,7 +882,18 @@ async fn reattach(
                     transitions,
                     format!("resume refused: {why}; retry in {} ms", wait.as_millis()),
                 );
-                if matches!(e, AgentError::Connect(..) | AgentError::Status(_)) {
+                // A taker that finds the owner alive (topology 3) says
+                // `owner_unreachable`: the router that sent us there may be
+                // the one that is wrong, so the next try asks another.
+                if matches!(
+                    e,
+                    AgentError::Connect(..)
+                        | AgentError::Status(_)
+                        | AgentError::Rejected {
+                            reason: ReasonCode::OwnerUnreachable,
+                            ..
+                        }
+                ) {
                     agent.rotate_server();
                 }
                 attempt += 1;

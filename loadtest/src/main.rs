@@ -114,6 +114,7 @@ enum Cmd {
         /// Sessions through the router (about 1/gateways of them die).
         #[arg(long, default_value_t = 300)]
         sessions: usize,
+        /// Gateways with [store]; one of them is killed (at least 2).
         #[arg(long, default_value_t = 3)]
         gateways: usize,
         /// Sequential compare-and-set writes timed.

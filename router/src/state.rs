@@ -748,7 +748,8 @@ impl RouterState {
             && let Some(sid) = &routed.session_id
         {
             let Some(ring) = self.ring.load_full() else {
-                return ResumeRoute::Lost;
+                // No ring yet (a router that just started): ask again.
+                return ResumeRoute::Unreachable;
             };
             let routes = self.routes.load();
             return takeover_route(&ring, sid, |n, i| routes.hello_ready(now, n, i));

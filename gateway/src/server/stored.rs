@@ -15,7 +15,7 @@
 //! Sessions this module never recorded (a gateway without `[store]`) are
 //! untouched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,7 @@ pub(super) struct Claimed {
     pub record: SessionRecord,
     mod_revision: i64,
     generation: u64,
+    _claiming: ClaimGuard,
 }
 
 /// The owner lease generation one session was recorded under, checked on
@@ -118,6 +119,20 @@ pub(super) struct Stored {
     /// Dead owners' lease keys takers are waiting on: one poller per key,
     /// however many of its sessions wait (`true` once etcd has no such key).
     gone: Arc<Mutex<HashMap<Vec<u8>, watch::Receiver<bool>>>>,
+    /// Sessions this process is claiming right now (claim to adoption).
+    claiming: Arc<Mutex<HashSet<SessionId>>>,
+}
+
+/// A claim in progress; dropped once the session is adopted (or not).
+struct ClaimGuard {
+    set: Arc<Mutex<HashSet<SessionId>>>,
+    sid: SessionId,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.sid);
+    }
 }
 
 impl std::fmt::Debug for Stored {
@@ -140,6 +155,7 @@ impl Stored {
             keys,
             sessions: Mutex::new(HashMap::new()),
             gone: Arc::new(Mutex::new(HashMap::new())),
+            claiming: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -259,6 +275,15 @@ impl Stored {
             count("unavailable");
             return Err(ReasonCode::StoreUnavailable);
         };
+        if !lock(&self.claiming).insert(sid) {
+            // Another connection of this session is claiming it here.
+            count("conflict");
+            return Err(ReasonCode::OwnerUnreachable);
+        }
+        let claiming = ClaimGuard {
+            set: self.claiming.clone(),
+            sid,
+        };
         let stored = match timed("load", self.etcd.load(&sid)).await {
             Ok(Some(s)) => s,
             Ok(None) => {
@@ -273,10 +298,12 @@ impl Stored {
         let old = &stored.record;
         let me = (shared.cfg.node_id.as_str(), shared.incarnation.0);
         if (old.owner_node.as_str(), old.owner_incarnation) == me && old.owner_lease == lease {
-            // Claimed under this very lease a moment ago (a retry that
-            // crossed the first claim): the agent retries and finds it.
+            // Claimed under this very lease, yet the session is not here
+            // (the caller looked): a claim whose adoption failed. Nobody
+            // can serve that record; it goes, and the agent re-handshakes.
             count("own");
-            return Err(ReasonCode::OwnerUnreachable);
+            let _ = self.etcd.delete(&sid, stored.mod_revision).await;
+            return Err(ReasonCode::UnknownSession);
         }
         if !old.agent_migrates || old.end_of_life_unix_ms == 0 || old.owner_lease == 0 {
             // Written for an agent that would refuse a taker (or by a
@@ -323,48 +350,46 @@ impl Stored {
         // The old owner's lease usually outlives its process by up to a
         // TTL: rather than have the agent retry through the router (a
         // TLS handshake each time), wait here until etcd ended it, at most
-        // a TTL and a second; the claim's compare still decides.
+        // a TTL and a second; the claim's compare still decides. The key
+        // is looked at first, so a live owner costs reads, not writes.
         let bound =
             Duration::from_millis(shared.cfg.raw.store.lease_ttl_ms) + Duration::from_secs(1);
-        let mut waited = false;
-        let rev = loop {
-            let claimed = timed(
-                "claim",
-                self.etcd.claim(&sid, stored.mod_revision, old, &record),
-            )
-            .await;
-            match claimed {
-                Err(StoreError::OwnerAlive) if !waited => {
-                    waited = true;
-                    if self.wait_gone(old, bound).await {
-                        continue;
-                    }
-                    count("owner_alive");
-                    return Err(ReasonCode::OwnerUnreachable);
-                }
-                other => break other,
-            }
-        };
-        let rev = match rev {
+        let alive = timed("load", self.etcd.owner_key_exists(old)).await;
+        if matches!(alive, Ok(true)) && !self.wait_gone(old, bound).await {
+            // Not seen gone: the router's verdict was early (or wrong: a
+            // partition); nothing was taken, the agent asks again.
+            count("owner_alive");
+            return Err(ReasonCode::OwnerUnreachable);
+        }
+        let claimed = timed(
+            "claim",
+            self.etcd.claim(&sid, stored.mod_revision, old, &record),
+        )
+        .await;
+        let rev = match claimed {
             Ok(rev) => rev,
-            Err(StoreError::OwnerAlive) => {
-                // Not seen gone: the router's verdict was early (or a
-                // partition); the agent retries, nothing was taken.
-                count("owner_alive");
-                return Err(ReasonCode::OwnerUnreachable);
-            }
-            Err(e @ (StoreError::Stale { .. } | StoreError::Exists | StoreError::Missing)) => {
-                // Someone wrote it since the read (another taker, or the
-                // owner after all): retry; the next read decides.
-                let _ = e;
-                count("conflict");
-                return Err(ReasonCode::OwnerUnreachable);
-            }
-            Err(e) => {
-                warn!(error = %e, "store: takeover not claimed");
-                count(result_of(&e));
-                return Err(ReasonCode::StoreUnavailable);
-            }
+            Err(e) => match self.landed(&sid, &record).await {
+                // The answer was lost but the write landed (a timeout, or
+                // the same transaction resent to another member whose
+                // compare then failed): it is ours.
+                Some(rev) => rev,
+                None => {
+                    let (result, reason) = match e {
+                        StoreError::OwnerAlive => ("owner_alive", ReasonCode::OwnerUnreachable),
+                        // Someone wrote it since the read (another taker, or
+                        // the owner after all): the next read decides.
+                        StoreError::Stale { .. } | StoreError::Exists | StoreError::Missing => {
+                            ("conflict", ReasonCode::OwnerUnreachable)
+                        }
+                        e => {
+                            warn!(error = %e, "store: takeover not claimed");
+                            (result_of(&e), ReasonCode::StoreUnavailable)
+                        }
+                    };
+                    count(result);
+                    return Err(reason);
+                }
+            },
         };
         count("ok");
         Ok(Claimed {
@@ -372,41 +397,67 @@ impl Stored {
             record,
             mod_revision: rev,
             generation,
+            _claiming: claiming,
         })
+    }
+
+    /// The revision of `rec` if the record stored now is exactly it (its
+    /// wrapped key has a fresh nonce: no other write is equal).
+    async fn landed(&self, sid: &SessionId, rec: &SessionRecord) -> Option<i64> {
+        match self.etcd.load(sid).await {
+            Ok(Some(s)) if s.record == *rec => Some(s.mod_revision),
+            _ => None,
+        }
     }
 
     /// Waits (at most `bound`) until etcd has no owner key for the lease
     /// `rec` names; `false` if it still had one. Takers of one dead owner's
     /// sessions share one poller per key.
     async fn wait_gone(&self, rec: &SessionRecord, bound: Duration) -> bool {
-        let key = self.etcd.owner_key_of(rec);
-        let mut rx = {
-            let mut map = lock(&self.gone);
-            match map.get(&key) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(false);
-                    map.insert(key.clone(), rx.clone());
-                    let (etcd, rec, gone) = (self.etcd.clone(), rec.clone(), self.gone.clone());
-                    tokio::spawn(async move {
-                        let until = Instant::now() + bound;
-                        while Instant::now() < until {
-                            if let Ok(false) = etcd.owner_key_exists(&rec).await {
-                                let _ = tx.send(true);
-                                break;
-                            }
-                            tokio::time::sleep(GONE_POLL).await;
-                        }
-                        lock(&gone).remove(&etcd.owner_key_of(&rec));
-                    });
-                    rx
-                }
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let mut rx = self.poller(rec, bound);
+            // (The watch's guard is not held across the awaits below.)
+            let waited = tokio::time::timeout_at(deadline, rx.wait_for(|g| *g))
+                .await
+                .map(|r| r.is_ok());
+            match waited {
+                Ok(true) => return true,
+                // This waiter's own bound passed.
+                Err(_) => return matches!(self.etcd.owner_key_exists(rec).await, Ok(false)),
+                // The poller started for an earlier waiter and gave up
+                // (its entry is gone): a new one, for the time left.
+                Ok(false) => {}
             }
-        };
-        matches!(
-            tokio::time::timeout(bound, rx.wait_for(|g| *g)).await,
-            Ok(Ok(_))
-        )
+        }
+    }
+
+    /// The poller of `rec`'s owner key (started if there is none): it
+    /// publishes `true` once etcd has no such key, for at most `bound`.
+    fn poller(&self, rec: &SessionRecord, bound: Duration) -> watch::Receiver<bool> {
+        let key = self.etcd.owner_key_of(rec);
+        let mut map = lock(&self.gone);
+        if let Some(rx) = map.get(&key) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(false);
+        map.insert(key.clone(), rx.clone());
+        let (etcd, rec, gone) = (self.etcd.clone(), rec.clone(), self.gone.clone());
+        tokio::spawn(async move {
+            let until = Instant::now() + bound;
+            while Instant::now() < until {
+                if let Ok(false) = etcd.owner_key_exists(&rec).await {
+                    let _ = tx.send(true);
+                    break;
+                }
+                tokio::time::sleep(GONE_POLL).await;
+            }
+            // Out of the table before `tx` goes, so a waiter that sees the
+            // poller end finds no stale entry.
+            lock(&gone).remove(&key);
+            drop(tx);
+        });
+        rx
     }
 
     /// The claimed session is in the engine now: it is fenced from here on

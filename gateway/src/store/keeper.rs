@@ -181,11 +181,16 @@ async fn run(
             });
         };
         publish(&fence);
+        // After a failed renewal the next one goes out soon, not a third
+        // of a TTL later: one slow answer (an election, a paused member)
+        // must not cost a live gateway its lease and every session.
+        let mut wait = interval;
         let lost = loop {
             let Some(deadline) = fence.deadline() else {
                 break LostBy::LeaseGone;
             };
-            let next = now() + interval;
+            let next = now() + wait;
+            wait = interval;
             if sleep_or_stop(&mut stop, at(next.min(deadline))).await {
                 status.send_replace(LeaseStatus {
                     generation,
@@ -211,7 +216,8 @@ async fn run(
                 },
                 Ok(Err(e)) => {
                     counter!(m::STORE_KEEPALIVE_FAILURES).increment(1);
-                    warn!(error = %e, "store: keep-alive failed");
+                    warn!(error = %e, "store: keep-alive failed; retrying");
+                    wait = RETRY_AFTER_FAILURE;
                 }
                 Err(_) => break LostBy::Deadline,
             }
@@ -229,6 +235,9 @@ async fn run(
         );
     }
 }
+
+/// How soon a failed renewal is tried again (while the deadline allows).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(100);
 
 /// Sleeps until `until`; true when asked to stop first.
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, until: Instant) -> bool {
