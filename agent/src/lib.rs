@@ -376,6 +376,8 @@ pub struct Agent {
     pub(crate) data: Option<(streams::DataPlane, streams::Tunnel)>,
     /// The last takeover the agent accepted, until [`Agent::take_migration`].
     migration: Option<Migration>,
+    /// Whether HELLOs say the agent follows a taker (`Hello.migration`).
+    accepts_migration: bool,
 }
 
 /// Topology 3: the session moved to a taker after its owner died (an
@@ -412,6 +414,7 @@ impl Agent {
             switches: std::collections::VecDeque::new(),
             data: None,
             migration: None,
+            accepts_migration: true,
         })
     }
 
@@ -488,6 +491,14 @@ impl Agent {
             Duration::ZERO
         };
         cooldown.max(window)
+    }
+
+    /// Whether new sessions may be carried on by a taker when their owner
+    /// dies (topology 3; on by default). Off, the agent behaves as one
+    /// from before takeovers: its sessions end with their owner, and it
+    /// re-handshakes. Applies from the next HELLO.
+    pub fn set_accepts_migration(&mut self, on: bool) {
+        self.accepts_migration = on;
     }
 
     /// The takeover the last RESUME accepted, if it was one (topology 3).
@@ -573,8 +584,8 @@ impl Agent {
             auth,
             channel: self.data.is_some(),
             // This agent follows a taker (topology 3), with the checks of
-            // `ClientSession::apply_resume_ok`.
-            migration: true,
+            // `ClientSession::apply_resume_ok`, unless told not to.
+            migration: self.accepts_migration,
         }))
         .await?;
         let ok = match t.recv().await? {
@@ -623,6 +634,7 @@ impl Agent {
             switches: std::collections::VecDeque::new(),
             data: self.data.as_ref().map(|_| streams::DataPlane::new()),
             migration: None,
+            accepts_migration: self.accepts_migration,
         }
     }
 
@@ -642,6 +654,7 @@ impl Agent {
             switches: std::mem::take(&mut self.switches),
             data: self.data.as_mut().map(|(d, _)| d.split_off()),
             migration: self.migration.take(),
+            accepts_migration: self.accepts_migration,
         }
     }
 

@@ -630,3 +630,46 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
         1.0
     );
 }
+
+/// Rolling upgrade: an agent from before takeovers (no `Hello.migration`)
+/// gets a session that is not migratable, and when its owner dies no
+/// gateway claims it (it would refuse the taker): the taker answers
+/// `unknown_session` without writing, and the agent re-handshakes, as
+/// before takeovers existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_agents_session_is_never_claimed() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let store = store_of(&etcd);
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    a.set_accepts_migration(false);
+    drop(common::hello(&mut a).await);
+    let s = a.session.clone().unwrap();
+    assert!(!s.migratable);
+    let before = store.load(&s.id).await.unwrap().unwrap();
+    assert!(!before.record.agent_migrates);
+    let owner = kill_owner_of(&c, &a).await;
+    match resume_until_attached(&mut a, Duration::from_secs(15)).await {
+        Err(AgentError::Rejected { reason, .. }) => {
+            assert_eq!(reason, jvpn_proto::ReasonCode::UnknownSession)
+        }
+        other => panic!("an older agent's session was carried on: {other:?}"),
+    }
+    let after = store.load(&s.id).await.unwrap().unwrap();
+    assert_eq!(after.mod_revision, before.mod_revision, "nothing claimed");
+    let taker = c.gateways.iter().find(|(n, _)| *n != owner).unwrap();
+    assert_eq!(
+        taker
+            .1
+            .metric(
+                "jvpn_gateway_store_claims_total",
+                &[("result", "not_migratable")]
+            )
+            .await
+            .unwrap(),
+        1.0
+    );
+    // Its re-handshake works.
+    let mut t = common::hello(&mut a).await;
+    t.echo(b"a new session").await.unwrap();
+}
