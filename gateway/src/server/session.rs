@@ -819,7 +819,11 @@ async fn read_loop(
                                 )
                                 .ok()
                             });
-                            if let Err(reason) = st.on_resume(sid, ok.binding_epoch, key).await {
+                            // Boxed: the store's request future is large,
+                            // and inline it would sit in every attached
+                            // session's loop, store or not, idle or not.
+                            let bound = Box::pin(st.on_resume(sid, ok.binding_epoch, key));
+                            if let Err(reason) = bound.await {
                                 counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
                                 let now = shared.now();
                                 shared.with_engine(shard, |e| {
