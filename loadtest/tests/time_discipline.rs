@@ -20,6 +20,11 @@ const ALLOWED: &[(&str, usize, &str)] = &[
         "an agent certificate's notAfter is a wall date, read once per HELLO; and its test",
     ),
     (
+        "gateway/src/server/stored.rs",
+        1,
+        "a store record carries the session's absolute end (a taker in another process restores it), read at HELLO and at a takeover",
+    ),
+    (
         "gateway/src/incarnation.rs",
         1,
         "the start time orders incarnations across hosts, once per process start (design note 31)",
