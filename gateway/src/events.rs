@@ -192,6 +192,7 @@ impl EventSink {
                     "from": c.from.as_str(),
                     "to": c.to.as_str(),
                     "state_version": c.state_version,
+                    "owner_epoch": c.owner_epoch,
                     "reason_code": c.reason.as_str(),
                 }),
             ),

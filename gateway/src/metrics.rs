@@ -41,6 +41,7 @@ pub const RING_BUILDS: &str = "jvpn_gateway_ring_builds_total";
 pub const STORE_KEEPALIVE_FAILURES: &str = "jvpn_gateway_store_keepalive_failures_total";
 pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
 pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
+pub const STORE_WRITE_RETRIES: &str = "jvpn_gateway_store_write_retries_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
 pub const STORE_SECONDS: &str = "jvpn_gateway_store_request_duration_seconds";
@@ -178,6 +179,10 @@ pub fn describe() {
     describe_counter!(
         STORE_WRITES,
         "Topology 3: session record writes, by op (create at HELLO, bind at RESUME, delete when the session ends) and result (ok, conflict, unavailable, error)."
+    );
+    describe_counter!(
+        STORE_WRITE_RETRIES,
+        "Topology 3: record writes sent again because etcd did not answer (an election, a member down), by op (create, bind); each write waits at most until its lease's self-fence."
     );
     describe_counter!(
         STORE_CLAIMS,
@@ -404,6 +409,9 @@ fn zero_labelled_counters() {
     zero(STORE_FENCED_SESSIONS, &[]);
     for result in CLAIM_RESULTS {
         zero(STORE_CLAIMS, &[("result", result)]);
+    }
+    for op in ["create", "bind"] {
+        zero(STORE_WRITE_RETRIES, &[("op", op)]);
     }
     for op in ["create", "bind", "delete"] {
         for result in ["ok", "conflict", "unavailable", "error"] {

@@ -224,6 +224,12 @@ pub struct EtcdPki {
 /// so both usages) and one client certificate for the gateways, under
 /// `<dir>/etcd`. Existing files are replaced.
 pub fn mint_etcd(dir: &Path, cluster: &str, members: usize) -> Result<EtcdPki> {
+    mint_etcd_for(dir, cluster, members, &[])
+}
+
+/// [`mint_etcd`] with member certificates that also name `ips` (members
+/// reached at addresses other than loopback, e.g. from a network namespace).
+pub fn mint_etcd_for(dir: &Path, cluster: &str, members: usize, ips: &[IpAddr]) -> Result<EtcdPki> {
     let d = dir.join("etcd");
     fs::create_dir_all(&d).map_err(write_error(&d))?;
     let (ca, ca_pem) = Ca::new(&format!("jvpn {cluster} etcd CA"))?;
@@ -233,7 +239,10 @@ pub fn mint_etcd(dir: &Path, cluster: &str, members: usize) -> Result<EtcdPki> {
     for i in 0..members {
         let (cert, key) = ca.issue_for(
             &format!("etcd-{i}.{cluster}"),
-            vec![loopback(), dns("localhost")?],
+            [loopback(), dns("localhost")?]
+                .into_iter()
+                .chain(ips.iter().map(|ip| SanType::IpAddress(*ip)))
+                .collect(),
             vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,

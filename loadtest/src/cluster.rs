@@ -227,6 +227,10 @@ membership_ca_file = "{ca}""#,
     )
 }
 
+/// Placeholder in [`ClusterOptions::gateway_extra_toml`]: where a gateway
+/// reaches services of the caller's namespace (etcd, an egress target).
+pub const HUB_IP: &str = "{hub_ip}";
+
 /// Shape of a local cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -234,7 +238,9 @@ pub struct ClusterOptions {
     pub routers: usize,
     /// Node ids with certificates but not started (for scale-out and restarts).
     pub spare_gateways: usize,
-    /// Appended to every gateway config (e.g. a `[policy]` table).
+    /// Appended to every gateway config (e.g. a `[policy]` table);
+    /// [`HUB_IP`] in it becomes the address the gateway reaches the
+    /// caller's namespace at (loopback without `netns`).
     pub gateway_extra_toml: String,
     pub gateway_env: Vec<(String, String)>,
     pub router_env: Vec<(String, String)>,
@@ -409,7 +415,14 @@ impl LocalCluster {
         let dir = self.dir.path().join(format!("{node}-{}", self.starts));
         let opts = GatewayOptions {
             node_id: node.to_owned(),
-            extra_toml: self.opts.gateway_extra_toml.clone(),
+            extra_toml: self.opts.gateway_extra_toml.replace(
+                HUB_IP,
+                &self
+                    .nets
+                    .get(node)
+                    .map_or(Ipv4Addr::LOCALHOST, |n| n.hub_ip)
+                    .to_string(),
+            ),
             events_path: None,
             env: self.opts.gateway_env.clone(),
             cluster_toml: self.gateway_cluster_toml(node),

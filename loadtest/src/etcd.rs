@@ -7,7 +7,7 @@
 //! the ports are picked by binding port 0 and releasing it; a member that
 //! then fails to bind is started again on fresh ports (bounded).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -35,6 +35,8 @@ struct Member {
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// Client ports listen on every address (reached from namespaces).
+    listen_all: bool,
     pki: EtcdPki,
     token: String,
     _dir: tempfile::TempDir,
@@ -67,9 +69,16 @@ const START_ATTEMPTS: usize = 3;
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers a read.
     pub async fn start(n: usize) -> Result<Self> {
+        Self::start_reachable(n, &[]).await
+    }
+
+    /// [`Self::start`] with client ports on every address and member
+    /// certificates naming `ips` too: for gateways in network namespaces,
+    /// which reach the members at their hub address ([`crate::netns`]).
+    pub async fn start_reachable(n: usize, ips: &[IpAddr]) -> Result<Self> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(n).await {
+            match Self::start_once(n, ips).await {
                 Ok(c) => return Ok(c),
                 // Only a port taken between the draw and etcd's bind is
                 // worth a new draw; anything else is the test's failure.
@@ -80,7 +89,7 @@ impl EtcdCluster {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
     }
 
-    async fn start_once(n: usize) -> Result<Self> {
+    async fn start_once(n: usize, ips: &[IpAddr]) -> Result<Self> {
         if !Path::new(ETCD).is_file() {
             bail!("{ETCD} not found: install Debian's etcd-server (.ci/run does)");
         }
@@ -91,7 +100,7 @@ impl EtcdCluster {
         } else {
             tempfile::tempdir()?
         };
-        let pki = pki::mint_etcd(dir.path(), crate::harness::CLUSTER, n)?;
+        let pki = pki::mint_etcd_for(dir.path(), crate::harness::CLUSTER, n, ips)?;
         let mut members = Vec::with_capacity(n);
         for i in 0..n {
             members.push(Member {
@@ -106,6 +115,7 @@ impl EtcdCluster {
         let token = format!("jvpn-test-{}", rand::random::<u64>());
         let mut c = Self {
             members,
+            listen_all: !ips.is_empty(),
             pki,
             token,
             _dir: dir,
@@ -137,13 +147,18 @@ impl EtcdCluster {
             .append(true)
             .open(&m.log)?;
         let client = format!("https://{}", m.client);
+        let listen = if self.listen_all {
+            format!("https://0.0.0.0:{}", m.client.port())
+        } else {
+            client.clone()
+        };
         let peer = format!("https://{}", m.peer);
         let child = Command::new(ETCD)
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&m.data)
-            .args(["--listen-client-urls", &client])
+            .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
@@ -164,8 +179,10 @@ impl EtcdCluster {
             .arg("--peer-trusted-ca-file")
             .arg(&ca)
             .arg("--peer-client-cert-auth")
-            // Fast elections: a lost leader is replaced within about a second.
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            // A lost leader is replaced within 0.5–1 s: well inside the
+            // gateways' lease deadline (2 s TTL, 300 ms margin, renewals
+            // every TTL / 5), as docs/operations.md sizes it.
+            .args(["--heartbeat-interval", "30", "--election-timeout", "300"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -208,7 +225,17 @@ impl EtcdCluster {
 
     /// A gateway's `[store]` table for this cluster.
     pub fn gateway_toml(&self) -> String {
-        let eps: Vec<String> = self.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        self.gateway_toml_via(&Ipv4Addr::LOCALHOST.to_string())
+    }
+
+    /// [`Self::gateway_toml`] reaching the members at `host` (their client
+    /// ports): for a gateway in a namespace, its hub address.
+    pub fn gateway_toml_via(&self, host: &str) -> String {
+        let eps: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("\"https://{host}:{}\"", m.client.port()))
+            .collect();
         format!(
             "[store]\nbackend = \"etcd\"\nendpoints = [{}]\nca_file = \"{}\"\n\
              cert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -235,6 +262,27 @@ impl EtcdCluster {
             c.kill().await?;
         }
         Ok(())
+    }
+
+    /// Sends `sig` to member `i` (SIGSTOP/SIGCONT to pause it).
+    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.members[i]
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .with_context(|| format!("etcd member {i} is not running"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// Whether member `i` has a process (killed members have none).
+    pub fn running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    /// The members' client ports (to cut a gateway off them).
+    pub fn client_ports(&self) -> Vec<u16> {
+        self.members.iter().map(|m| m.client.port()).collect()
     }
 
     /// Starts member `i` again on its data directory.

@@ -431,6 +431,11 @@ impl LocalGateway {
         Ok(self.child.wait().await?)
     }
 
+    /// Whether the process has exited (reaped if so).
+    pub fn exited(&mut self) -> Result<bool> {
+        Ok(self.child.try_wait()?.is_some())
+    }
+
     pub async fn metrics(&self) -> Result<String> {
         scrape(self.admin_addr).await
     }

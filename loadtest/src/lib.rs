@@ -21,6 +21,9 @@
 //! - [`bench_streams`]: the data plane vs `ssh -D`, wireguard-go, OpenVPN
 //!   (TCP) and direct: bulk MiB/s, CPU per GiB, CONNECT-to-first-byte.
 //! - [`bench_peers`]: the benchmark's namespace pair and tunnel peers.
+//! - [`bench_takeover`]: topology 3's CAS latency and takeover times.
+//! - [`chaos_store`]: topology 3 under seeded faults, with an independent
+//!   checker of owner epochs over events and agents' answers.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +33,7 @@ pub mod bench_peers;
 pub mod bench_router;
 pub mod bench_streams;
 pub mod bench_takeover;
+pub mod chaos_store;
 pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;

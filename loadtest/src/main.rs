@@ -121,6 +121,28 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         cas_writes: usize,
     },
+    /// Topology 3 under a seeded fault schedule (gateways and etcd
+    /// members killed and paused, a gateway cut from etcd in its own
+    /// network namespace; as root), then an independent check that owner
+    /// epochs only rise and no two gateways accept one (session, epoch).
+    ChaosStore {
+        /// The first seed; seeds run one after another on one cluster.
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        /// How many seeds.
+        #[arg(long, default_value_t = 50)]
+        seeds: u64,
+        /// Agents resuming and jumping throughout (one session each).
+        #[arg(long, default_value_t = 12)]
+        sessions: usize,
+        /// Gateways with [store] (at least 2).
+        #[arg(long, default_value_t = 3)]
+        gateways: usize,
+        /// Keep the cluster's configs, logs and event files in this
+        /// directory (default: a temporary one, removed).
+        #[arg(long)]
+        keep: Option<std::path::PathBuf>,
+    },
     /// What membership costs a router at N emulated members: router CPU
     /// and RSS, reply bytes, detection times (one run per N).
     BenchMembers {
@@ -490,6 +512,30 @@ fn main() -> ExitCode {
                 cas_writes,
             };
             print_json_report("bench-takeover", jvpn_loadtest::bench_takeover::run(opts))
+        }
+        Cmd::ChaosStore {
+            first_seed,
+            seeds,
+            sessions,
+            gateways,
+            keep,
+        } => {
+            // Before the runtime: its threads, and every process they
+            // start, live in the new namespace.
+            if let Err(e) = jvpn_loadtest::netns::enter_private_namespace() {
+                eprintln!("chaos-store: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            let opts = jvpn_loadtest::chaos_store::ChaosOptions {
+                first_seed,
+                seeds,
+                sessions,
+                gateways,
+                keep,
+            };
+            let exe = std::env::current_exe().unwrap_or_default();
+            let (gl, rl) = jvpn_loadtest::cluster::launchers(&exe);
+            print_json_report("chaos-store", jvpn_loadtest::chaos_store::run(opts, gl, rl))
         }
         Cmd::BenchMembers {
             members,

@@ -491,7 +491,7 @@ async fn the_keeper_sees_an_early_revoke_at_its_next_renewal() {
     })
     .await;
     let seen = keeper.now().saturating_since(revoked_at);
-    // One renewal interval (TTL / 3 = 3 s), not the 8.5 s local deadline.
+    // One renewal interval (TTL / 5 = 1.8 s), not the 8.5 s local deadline.
     assert!(
         seen < Duration::from_secs(6),
         "fenced {seen:?} after the revoke"
@@ -696,8 +696,13 @@ async fn the_deploy_example_members_form_a_working_store() {
 
 /// A gateway with `[store]` on `c`, its owner lease held.
 async fn store_gateway(c: &EtcdCluster) -> (common::Env, EtcdStore) {
+    store_gateway_with(c, "").await
+}
+
+/// [`store_gateway`] with `extra` in its config.
+async fn store_gateway_with(c: &EtcdCluster, extra: &str) -> (common::Env, EtcdStore) {
     let env = common::start(&format!(
-        "{}[timeouts]\ndrain_timeout_ms = 1000\n",
+        "{}[timeouts]\ndrain_timeout_ms = 1000\n{extra}",
         c.gateway_toml()
     ))
     .await;
@@ -890,4 +895,99 @@ async fn a_resume_whose_binding_cannot_be_written_gets_no_resume_ok() {
     );
     // The other writer's record is still there: the owner overwrote nothing.
     assert_eq!(store.load(&sid).await.unwrap().unwrap().record, behind);
+}
+
+/// Quorum kept, nothing visible: each etcd member in turn is SIGKILLed
+/// (one of them the leader), then each in turn SIGSTOPped, while agents
+/// RESUME back to back. No session ends: a RESUME whose binding write
+/// meets the election waits for the new leader (within the lease) instead
+/// of ending its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etcd_member_down_at_a_time_ends_no_session() {
+    use jvpn_loadtest::bench_takeover::resume_until_attached;
+    use nix::sys::signal::Signal;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = EtcdCluster::start(3).await.unwrap();
+    // Back-to-back RESUMEs are this test's load, not abuse.
+    let (env, _store) = store_gateway_with(
+        &c,
+        "[policy]\nswitch_cooldown_ms = 1\nmax_switches_per_min = 1000\n",
+    )
+    .await;
+    let mut agents = Vec::new();
+    for _ in 0..6 {
+        let mut a = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+        drop(common::hello(&mut a).await);
+        agents.push(a);
+    }
+    let sessions: Vec<SessionId> = agents
+        .iter()
+        .map(|a| a.session.as_ref().unwrap().id)
+        .collect();
+    let mut resumes = 0;
+    for (i, kill) in [
+        (0, true),
+        (1, true),
+        (2, true),
+        (0, false),
+        (1, false),
+        (2, false),
+    ] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for mut a in agents.drain(..) {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match resume_until_attached(&mut a, Duration::from_secs(10)).await {
+                        Ok(mut t) => t.echo(b"on").await.map(|()| n += 1)?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((a, n))
+            }));
+        }
+        if kill {
+            c.kill(i).await.unwrap();
+        } else {
+            c.signal(i, Signal::SIGSTOP).unwrap();
+        }
+        // Held past an election and past the owner lease's TTL (2 s).
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        if kill {
+            c.restart(i).unwrap();
+        } else {
+            c.signal(i, Signal::SIGCONT).unwrap();
+        }
+        c.wait_ready(Duration::from_secs(30)).await.unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok((a, n)) => {
+                    resumes += n;
+                    agents.push(a);
+                }
+                Err(e) => panic!(
+                    "member {i} {}: a session failed: {e}\n{}",
+                    if kill { "killed" } else { "paused" },
+                    env.gw.log()
+                ),
+            }
+        }
+    }
+    let now: Vec<SessionId> = agents
+        .iter()
+        .map(|a| a.session.as_ref().unwrap().id)
+        .collect();
+    assert_eq!(now, sessions, "the same sessions throughout");
+    assert!(resumes > 6 * 6, "{resumes} RESUMEs");
+    assert_eq!(
+        env.gw
+            .metric("jvpn_gateway_store_fenced_sessions_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
 }

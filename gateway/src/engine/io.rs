@@ -27,6 +27,9 @@ pub struct StateChange {
     pub reason: ReasonCode,
     /// The version after this transition.
     pub state_version: u64,
+    /// The owner epoch the session has on this gateway (1 unless taken
+    /// over in topology 3): with node and incarnation, who holds it.
+    pub owner_epoch: u64,
 }
 
 /// What the engine reports for observability.

@@ -662,6 +662,7 @@ fn step(
         to,
         reason,
         state_version: s.version,
+        owner_epoch: s.owner_epoch,
     }));
     Ok(())
 }

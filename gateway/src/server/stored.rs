@@ -100,6 +100,12 @@ impl std::fmt::Debug for Fence {
 /// How often a dead owner's lease key is looked up while takers wait.
 const GONE_POLL: Duration = Duration::from_millis(100);
 
+/// Pause between attempts of a write that met an etcd unable to answer.
+const WRITE_RETRY: Duration = Duration::from_millis(50);
+/// Bound on riding out such an etcd; the lease's self-fence (TTL less a
+/// margin after the last renewal) usually ends the wait first.
+const WRITE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Wall-clock milliseconds since the Unix epoch (records carry absolute
 /// lifetimes: monotonic clocks are per process).
 pub(super) fn unix_ms_now() -> u64 {
@@ -197,6 +203,47 @@ impl Stored {
         rec.wrapped_key = wrap_key(&self.keys, rand::random(), at, key);
     }
 
+    /// Writes `record` at `sid`: a create (`expected` `None`) or a
+    /// compare-and-set on revision `expected`. While etcd cannot answer (a
+    /// member died and the rest elect a leader: about a second) and this
+    /// lease generation still serves, the write is sent again. A retry
+    /// whose earlier attempt did land meets its own compare (`Exists`,
+    /// `Stale`): the record is read back, and the write stands only if the
+    /// stored record is exactly this one.
+    async fn write(
+        &self,
+        op: &'static str,
+        generation: u64,
+        sid: &SessionId,
+        expected: Option<i64>,
+        record: &SessionRecord,
+    ) -> Result<i64, StoreError> {
+        let until = Instant::now() + WRITE_PATIENCE;
+        let mut sent_before = false;
+        loop {
+            let r = match expected {
+                None => timed(op, self.etcd.create(sid, record)).await,
+                Some(rev) => timed(op, self.etcd.update(sid, rev, record)).await,
+            };
+            match r {
+                Err(StoreError::Unavailable(_))
+                    if self.still(generation) && Instant::now() < until =>
+                {
+                    sent_before = true;
+                    counter!(m::STORE_WRITE_RETRIES, "op" => op).increment(1);
+                    tokio::time::sleep(WRITE_RETRY).await;
+                }
+                Err(e @ (StoreError::Exists | StoreError::Stale { .. })) if sent_before => {
+                    return match timed("load", self.etcd.load(sid)).await {
+                        Ok(Some(s)) if s.record == *record => Ok(s.mod_revision),
+                        _ => Err(e),
+                    };
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Records a new session before its `HelloOk`. Fails closed.
     pub(super) async fn on_hello(
         &self,
@@ -224,7 +271,7 @@ impl Stored {
             ..SessionRecord::default()
         };
         self.wrap(sid, &mut record, key);
-        let rev = match timed("create", self.etcd.create(sid, &record)).await {
+        let rev = match self.write("create", generation, sid, None, &record).await {
             Ok(rev) => rev,
             Err(e) => {
                 counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e)).increment(1);
@@ -506,7 +553,16 @@ impl Stored {
         record.binding_epoch = binding_epoch;
         record.state_version += 1;
         self.wrap(sid, &mut record, &key);
-        let rev = match timed("bind", self.etcd.update(sid, bound.mod_revision, &record)).await {
+        let rev = match self
+            .write(
+                "bind",
+                bound.generation,
+                sid,
+                Some(bound.mod_revision),
+                &record,
+            )
+            .await
+        {
             Ok(rev) => rev,
             Err(e) => {
                 warn!(error = %e, "store: binding change not recorded; the session ends");

@@ -247,17 +247,39 @@ impl EtcdStore {
     }
 
     /// One keep-alive round trip: the TTL etcd reports (0: the lease is gone).
-    /// A stream per call: after an etcd restart the next call reconnects.
+    /// Sent to every member at once, the first answer wins: after a leader
+    /// is lost, the renewal lands as soon as any member can forward it to
+    /// the new one, instead of after a paused member's share of the bound
+    /// (the lease deadline has no time for that). A stream per call: after
+    /// an etcd restart the next call reconnects.
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.call(|mut m| async move {
-            let req = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
-            let mut answers = m.lease.lease_keep_alive(req).await?.into_inner();
-            match answers.message().await? {
-                Some(a) => Ok(a.ttl),
-                None => Err(tonic::Status::unavailable("keep-alive stream ended")),
+        let mut asked = tokio::task::JoinSet::new();
+        for m in self.members.iter().cloned() {
+            let mut lc = m.lease;
+            asked.spawn(async move {
+                let req = tokio_stream::once(LeaseKeepAliveRequest { id: lease });
+                let mut answers = lc.lease_keep_alive(req).await?.into_inner();
+                match answers.message().await? {
+                    Some(a) => Ok(a.ttl),
+                    None => Err(tonic::Status::unavailable("keep-alive stream ended")),
+                }
+            });
+        }
+        let first = async {
+            let mut last = StoreError::Unavailable("no endpoint".into());
+            while let Some(r) = asked.join_next().await {
+                match r {
+                    Ok(Ok(ttl)) => return Ok(ttl),
+                    Ok(Err(s)) => last = s.into(),
+                    Err(e) => last = StoreError::Unavailable(e.to_string()),
+                }
             }
-        })
-        .await
+            Err(last)
+        };
+        // Dropping the set cancels the members still being asked.
+        tokio::time::timeout(self.timeout, first)
+            .await
+            .map_err(|_| StoreError::Unavailable("request timed out".into()))?
     }
 
     /// Ends a lease now (a clean shutdown hands its sessions over at once).

@@ -132,7 +132,10 @@ async fn run(
 ) {
     let now = || Mono::between(origin, Instant::now());
     let at = |t: Mono| origin + t.saturating_since(Mono::ZERO);
-    let interval = cfg.ttl / 3;
+    // Renewals every fifth of the TTL: a leader lost just after one
+    // leaves TTL − margin − TTL/5 (1.3 s by default) for etcd to elect
+    // the next before this gateway fences itself.
+    let interval = cfg.ttl / 5;
     let mut generation = 0u64;
     while !*stop.borrow() {
         // A new lease. While the store cannot grant one, nothing is served.
