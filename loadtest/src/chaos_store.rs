@@ -455,12 +455,26 @@ async fn cluster(
             dir: opts.keep.clone(),
             routers: 1,
             spare_gateways: 0,
+            // Agents jump every few hundred ms: more RESUMEs, more checks.
             gateway_extra_toml: format!(
-                "{}{}",
+                "{}{}[policy]\nswitch_cooldown_ms = 1\nmax_switches_per_min = 1000\n",
                 crate::streamload::LOOPBACK_EGRESS,
                 etcd.gateway_toml_via(HUB_IP)
             ),
-            router_env: vec![("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into())],
+            // Gateways here flap every few seconds, far more than the
+            // router's flap hold-down (2 s doubling to 60 s) expects of a
+            // production gateway; capped, so each seed starts whole.
+            router_env: vec![
+                ("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()),
+                (
+                    "JVPN_ROUTER__MEMBERSHIP__HOLD_DOWN_BASE_MS".into(),
+                    "500".into(),
+                ),
+                (
+                    "JVPN_ROUTER__MEMBERSHIP__HOLD_DOWN_MAX_MS".into(),
+                    "2000".into(),
+                ),
+            ],
             netns: true,
             ..ClusterOptions::default()
         },
