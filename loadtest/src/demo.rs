@@ -22,6 +22,8 @@ pub struct DemoOptions {
     pub json: bool,
     /// The single-node topology instead of the cluster.
     pub single_node: bool,
+    /// The cluster with a shared session store on etcd (topology 3).
+    pub etcd_store: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -4,6 +4,12 @@
 //! killed and restarted, and one gateway is SIGKILLed so that its sessions
 //! re-handshake, explicitly, elsewhere. The summary carries the invariant
 //! counters of DESIGN §11; the exit code is non-zero when one fails.
+//!
+//! With `--store etcd` (topology 3) the gateways record their sessions in a
+//! real 3-member etcd on loopback and the router routes a dead owner's
+//! RESUMEs for takeover: the killed gateway's sessions carry on at a higher
+//! owner epoch on takers, each counted by its agent as an explicit
+//! migration, with no re-handshake.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +22,7 @@ use serde::Serialize;
 
 use crate::cluster::{ClusterOptions, LocalCluster, launchers, node_name};
 use crate::demo::{DemoOptions, Percentiles, percentiles};
+use crate::etcd::EtcdCluster;
 use crate::fleet::Fleet;
 use crate::harness;
 use crate::invariants::{self, Invariants};
@@ -29,6 +36,8 @@ const TRANSFER: usize = 512 * 1024;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClusterSummary {
     pub topology: &'static str,
+    /// `memory` (topology 2) or `etcd` (topology 3).
+    pub store: &'static str,
     pub agents: usize,
     pub sessions_established: u64,
     pub resumes_ok: u64,
@@ -37,8 +46,12 @@ pub struct ClusterSummary {
     pub sessions_by_gateway: BTreeMap<String, usize>,
     pub killed_gateway: String,
     pub sessions_on_killed_gateway: u64,
-    /// Re-handshakes of sessions whose owner was killed (explicit: `owner_lost`).
+    /// Re-handshakes of sessions whose owner was killed (explicit:
+    /// `owner_lost`; with the etcd store, 0: they are taken over).
     pub rehandshakes_after_owner_loss: u64,
+    /// Sessions carried on by a new owner at a higher owner epoch, each
+    /// told to its agent and counted there (topology 3).
+    pub explicit_migrations: u64,
     /// Re-handshakes caused by adding the 4th gateway (must be 0).
     pub forced_rehandshakes_on_scale_out: u64,
     /// Re-handshakes caused by restarting the router (must be 0).
@@ -82,17 +95,30 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     };
     let exe = std::env::current_exe()?;
     let (gw_launcher, router_launcher) = launchers(&exe);
-    say("Jumping VPN demo: sticky cluster (agents → router → gateways), real TLS 1.3".into());
-    let mut c = LocalCluster::start(
-        gw_launcher,
-        router_launcher,
-        ClusterOptions {
-            gateway_extra_toml: LOOPBACK_EGRESS.into(),
-            ..ClusterOptions::default()
-        },
-    )
-    .await
-    .context("starting the cluster")?;
+    let store = opts.etcd_store;
+    // Outlives the cluster (declared first, dropped last).
+    let etcd = if store {
+        say("Jumping VPN demo: shared-store cluster (agents → router → gateways → etcd), real TLS 1.3".into());
+        let e = EtcdCluster::start(3).await.context("starting etcd")?;
+        say("  etcd: 3 members on loopback, mTLS, data on tmpfs".into());
+        Some(e)
+    } else {
+        say("Jumping VPN demo: sticky cluster (agents → router → gateways), real TLS 1.3".into());
+        None
+    };
+    let mut cluster_opts = ClusterOptions {
+        gateway_extra_toml: LOOPBACK_EGRESS.into(),
+        ..ClusterOptions::default()
+    };
+    if let Some(e) = &etcd {
+        cluster_opts.gateway_extra_toml.push_str(&e.gateway_toml());
+        cluster_opts
+            .router_env
+            .push(("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()));
+    }
+    let mut c = LocalCluster::start(gw_launcher, router_launcher, cluster_opts)
+        .await
+        .context("starting the cluster")?;
     say(format!(
         "  router r1 on {} (membership {}, admin {}); gateways g1..g3 joined over mTLS heartbeats",
         c.routers[0].client_addr, c.routers[0].membership_addr, c.routers[0].admin_addr
@@ -211,20 +237,29 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         .map(|(i, _)| i)
         .collect();
     let owner_lost_before = reason_count(&all(&fleet, &newcomers), "owner_lost");
+    let migrations = |snaps: &[AgentReport]| sum(snaps, |r| r.explicit_migrations);
+    let migrations_before = migrations(&all(&fleet, &newcomers));
     let killed_at = Instant::now();
     c.gateway(&victim)?.signal(Signal::SIGKILL)?;
+    let died_ns = jvpn_runtime::process::host_monotonic_ns();
     c.wait_not_alive(&victim, Duration::from_secs(10)).await?;
     let detected_ms = killed_at.elapsed().as_millis();
+    // Back on another gateway: a new session (sticky), or the same one
+    // taken over (store).
+    let back = |r: &AgentReport| {
+        let at = if store {
+            r.attached_at
+        } else {
+            r.established_at
+        };
+        at.filter(|t| *t > killed_at && r.node_id != victim)
+    };
     harness::eventually(
         Duration::from_secs(60),
-        "every session of the killed gateway re-established",
+        "every session of the killed gateway back on another gateway",
         || {
             let snaps = all(&fleet, &newcomers);
-            let done = on_victim.iter().all(|i| {
-                snaps[*i]
-                    .established_at
-                    .is_some_and(|t| t > killed_at && snaps[*i].node_id != victim)
-            });
+            let done = on_victim.iter().all(|i| back(&snaps[*i]).is_some());
             async move { done }
         },
     )
@@ -232,13 +267,21 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let snaps = all(&fleet, &newcomers);
     let failover: Vec<u64> = on_victim
         .iter()
-        .filter_map(|i| snaps[*i].established_at)
+        .filter_map(|i| back(&snaps[*i]))
         .map(|t| t.duration_since(killed_at).as_millis() as u64)
         .collect();
     let rehandshakes_after_owner_loss = reason_count(&snaps, "owner_lost") - owner_lost_before;
+    let explicit_migrations = migrations(&snaps) - migrations_before;
     say(format!(
-        "  SIGKILL {victim} ({} sessions): not alive after {detected_ms} ms; all re-handshaked elsewhere",
-        on_victim.len()
+        "  SIGKILL {victim} ({} sessions): not alive after {detected_ms} ms; {}",
+        on_victim.len(),
+        if store {
+            format!(
+                "{explicit_migrations} taken over by other gateways (explicit migrations, same sessions)"
+            )
+        } else {
+            "all re-handshaked elsewhere".to_owned()
+        }
     ));
     let (echo_ok_1, echo_failed_1) = fleet.echo_all("after-failover").await;
     let (echo_ok_2, echo_failed_2) = newcomers.echo_all("after-failover").await;
@@ -263,22 +306,31 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let mut reports = fleet.close().await;
     reports.extend(newcomers.close().await);
     reports.extend(data.close().await);
-    let mut event_files: Vec<PathBuf> = Vec::new();
+    let mut event_files: Vec<(PathBuf, Option<u64>)> = Vec::new();
     for (node, gw) in &mut c.gateways {
-        event_files.push(PathBuf::from(&gw.events_path));
         if *node == victim {
+            event_files.push((PathBuf::from(&gw.events_path), Some(died_ns)));
             continue;
         }
+        event_files.push((PathBuf::from(&gw.events_path), None));
         gw.signal(Signal::SIGTERM)?;
         let _ = tokio::time::timeout(Duration::from_secs(40), gw.wait()).await;
     }
     let mut inv = invariants::from_agents(&reports);
-    let paths: Vec<&std::path::Path> = event_files.iter().map(PathBuf::as_path).collect();
-    let dual = invariants::dual_active(&paths);
+    let lives: Vec<(&std::path::Path, Option<u64>)> = event_files
+        .iter()
+        .map(|(p, died)| (p.as_path(), *died))
+        .collect();
+    let dual = invariants::dual_active_until(&lives);
     let events_checked = dual.events;
     inv.dual_active_detected = dual.violations;
     let summary = ClusterSummary {
-        topology: "sticky_cluster",
+        topology: if store {
+            "shared_store_cluster"
+        } else {
+            "sticky_cluster"
+        },
+        store: if store { "etcd" } else { "memory" },
         agents: reports.len(),
         sessions_established: sum(&reports, |r| r.sessions_established + r.rehandshakes),
         resumes_ok: sum(&reports, |r| r.resumes_ok),
@@ -287,6 +339,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         killed_gateway: victim,
         sessions_on_killed_gateway: on_victim.len() as u64,
         rehandshakes_after_owner_loss,
+        explicit_migrations,
         forced_rehandshakes_on_scale_out: scale_out_rehandshakes,
         rehandshakes_on_router_restart: router_restart_rehandshakes,
         failover_ms: percentiles(failover),
@@ -328,6 +381,10 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         println!(
             "  re-handshakes after loss      {} (explicit: owner_lost)",
             summary.rehandshakes_after_owner_loss
+        );
+        println!(
+            "  explicit migrations           {} (taken over at a higher owner epoch)",
+            summary.explicit_migrations
         );
         println!(
             "  forced re-handshakes          {} ({} on scale-out, {} on router restart)",
@@ -378,7 +435,14 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         && summary.rehandshakes_on_router_restart == 0
         && summary.echo_failed == 0
         && summary.routed_to_unplaceable == 0.0
-        && summary.rehandshakes_after_owner_loss == summary.sessions_on_killed_gateway
+        && if store {
+            // Every session of the dead owner carried on, none re-made.
+            summary.rehandshakes_after_owner_loss == 0
+                && summary.explicit_migrations == summary.sessions_on_killed_gateway
+        } else {
+            summary.rehandshakes_after_owner_loss == summary.sessions_on_killed_gateway
+                && summary.explicit_migrations == 0
+        }
         && streams.stream_bytes_lost == 0
         && streams.stream_bytes_duplicated == 0
         && streams.streams_failed == 0

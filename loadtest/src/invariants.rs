@@ -94,12 +94,21 @@ pub struct DualActive {
 /// compared across files. Events without `host_mono_ns` (a gateway older
 /// than the stamp) make the answer "not checked".
 pub fn dual_active(paths: &[&Path]) -> DualActive {
+    let lives: Vec<(&Path, Option<u64>)> = paths.iter().map(|p| (*p, None)).collect();
+    dual_active_until(&lives)
+}
+
+/// [`dual_active`] over each file with the host clock time its process
+/// died, if it was killed: a SIGKILLed process writes no final events, yet
+/// holds nothing after its death (a taker may attach its sessions then).
+pub fn dual_active_until(lives: &[(&Path, Option<u64>)]) -> DualActive {
     let mut evs: Vec<(u64, String, String, String)> = Vec::new();
     let mut unstamped = 0;
-    for p in paths {
+    for (p, died) in lives {
         let Ok(text) = std::fs::read_to_string(p) else {
             continue;
         };
+        let mut held: HashSet<(String, String)> = HashSet::new();
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
@@ -112,7 +121,15 @@ pub fn dual_active(paths: &[&Path]) -> DualActive {
                 unstamped += 1;
                 continue;
             };
+            if died.is_some() {
+                held.insert((s("session_id"), s("incarnation")));
+            }
             evs.push((at, s("session_id"), s("incarnation"), s("to")));
+        }
+        if let Some(at) = died {
+            for (sid, inc) in held {
+                evs.push((*at, sid, inc, "died".into()));
+            }
         }
     }
     evs.sort();
@@ -163,7 +180,7 @@ fn why_rejected(reason: &str) -> &'static str {
             "the router knows the owner is gone (the killed gateway): the agent re-handshakes, explicitly; expected once per session it held"
         }
         "owner_unreachable" => {
-            "the owner was dying but not yet declared dead: the agent retries, then gets owner_lost; expected right after the kill"
+            "the owner was dying but not yet declared dead (with a shared store: its lease not yet ended at etcd): the agent retries, then gets owner_lost (or is taken over); expected right after the kill"
         }
         "cooldown_active" | "switch_rate_limited" => {
             "anti-flap: the jump came sooner than the policy allows; the agent waits the hinted time and resumes; expected with forced jumps"
@@ -257,6 +274,25 @@ mod tests {
         let (_d, paths) = files(&g1, &g2);
         let paths: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
         assert_eq!(dual_active(&paths).violations, Some(0));
+    }
+
+    /// A SIGKILLed owner's last events leave its sessions attached; past
+    /// its death a taker attaching them is no overlap, before it is one.
+    #[test]
+    fn a_killed_process_holds_nothing_after_its_death() {
+        let g1 = [event("s1", "a", "attached", 5_000, Some(100))];
+        let g2 = [event("s1", "b", "attached", 10, Some(400))];
+        let (_d, paths) = files(&g1, &g2);
+        let (a, b) = (paths[0].as_path(), paths[1].as_path());
+        assert_eq!(dual_active(&[a, b]).violations, Some(1));
+        assert_eq!(
+            dual_active_until(&[(a, Some(300)), (b, None)]).violations,
+            Some(0)
+        );
+        assert_eq!(
+            dual_active_until(&[(a, Some(500)), (b, None)]).violations,
+            Some(1)
+        );
     }
 
     /// Without a host clock stamp (an older gateway) the check cannot be

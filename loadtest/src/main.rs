@@ -40,6 +40,12 @@ enum Cmd {
         /// The single-node topology (agent → gateway) instead.
         #[arg(long)]
         single_node: bool,
+        /// Where the cluster's sessions live: `memory` (each gateway's
+        /// own: topology 2) or `etcd` (a shared store, topology 3: the
+        /// killed gateway's sessions are taken over; needs Debian's
+        /// etcd-server).
+        #[arg(long, default_value = "memory", value_parser = ["memory", "etcd"])]
+        store: String,
     },
     /// Start a local cluster and keep it up (Ctrl-C stops it): prints its
     /// addresses and writes a Prometheus config for its admin ports.
@@ -595,7 +601,12 @@ fn main() -> ExitCode {
             json,
             agents,
             single_node,
+            store,
         } => {
+            if single_node && store == "etcd" {
+                eprintln!("demo: --store etcd is a cluster topology; drop --single-node");
+                return ExitCode::from(2);
+            }
             let agents = agents.unwrap_or(if single_node { 20 } else { 200 });
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -608,6 +619,7 @@ fn main() -> ExitCode {
                 agents,
                 json,
                 single_node,
+                etcd_store: store == "etcd",
             })) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => {
