@@ -360,6 +360,59 @@ pub(crate) async fn start_pinned_gateway(
     .await
 }
 
+/// One agent's session and its current transport.
+pub(crate) type PooledSession =
+    tokio::sync::Mutex<(jvpn_agent::Agent, Option<jvpn_agent::Transport>)>;
+
+/// `pool` sessions on `cfg`'s server (from 64 source addresses) and a
+/// function that RESUMEs the next one, round-robin, so no session exceeds
+/// the anti-flap budget (1000 switches a minute in [`bench_toml`]) during
+/// a run; the pool, to change its agents between runs.
+pub(crate) async fn resume_pool(cfg: &jvpn_agent::AgentConfig, pool: usize) -> Result<ResumeOne> {
+    let mut v = Vec::with_capacity(pool);
+    for i in 0..pool {
+        let mut c = cfg.clone();
+        c.bind_ip = Some(harness::source_ip(i % 64));
+        let mut a = jvpn_agent::Agent::new(c)?;
+        let t = a.hello().await?;
+        v.push(tokio::sync::Mutex::new((a, Some(t))));
+    }
+    Ok(ResumeOne {
+        agents: Arc::new(v),
+        next: Arc::new(AtomicU64::new(0)),
+    })
+}
+
+/// See [`resume_pool`].
+#[derive(Clone)]
+pub(crate) struct ResumeOne {
+    pub agents: Arc<Vec<PooledSession>>,
+    next: Arc<AtomicU64>,
+}
+
+impl ResumeOne {
+    /// The function [`rate`] runs: one RESUME of the next session.
+    pub(crate) fn runner(
+        &self,
+    ) -> impl Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>
+    + Send
+    + Sync
+    + 'static
+    + Clone {
+        let (agents, next) = (self.agents.clone(), self.next.clone());
+        move |_: usize| {
+            let (agents, next) = (agents.clone(), next.clone());
+            Box::pin(async move {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % agents.len();
+                let mut g = agents[i].lock().await;
+                let (a, t) = &mut *g;
+                *t = Some(a.resume().await?);
+                Ok(())
+            })
+        }
+    }
+}
+
 /// One exchange with the bare server: connect with `preamble`, a frame
 /// each way, the closing frame.
 async fn bare_exchange(
@@ -494,34 +547,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
     report.hello_vs_bare_ratio =
         report.gateway_hellos_per_core_s / report.bare_rustls_handshakes_per_core_s.max(1e-9);
 
-    // A pool of sessions used round-robin, so no session exceeds the
-    // anti-flap budget (1000 switches a minute here) during the run.
-    let pool = 512usize.max(opts.concurrency);
-    let agents: Arc<Vec<_>> = {
-        let mut v = Vec::new();
-        for i in 0..pool {
-            let mut c = (*cfg).clone();
-            c.bind_ip = Some(harness::source_ip(i % 64));
-            let mut a = jvpn_agent::Agent::new(c)?;
-            let t = a.hello().await?;
-            v.push(tokio::sync::Mutex::new((a, Some(t))));
-        }
-        Arc::new(v)
-    };
-    let next = Arc::new(AtomicU64::new(0));
-    let resume_one = {
-        let (agents, next) = (agents.clone(), next.clone());
-        move |_: usize| {
-            let (agents, next) = (agents.clone(), next.clone());
-            async move {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize % agents.len();
-                let mut g = agents[i].lock().await;
-                let (a, t) = &mut *g;
-                *t = Some(a.resume().await?);
-                Ok(())
-            }
-        }
-    };
+    let resume_one = resume_pool(&cfg, 512usize.max(opts.concurrency)).await?;
+    let agents = resume_one.agents.clone();
+    let resume_one = resume_one.runner();
     let (_, hist, _) = rate(1, opts.duration, resume_one.clone()).await?;
     report.resume_latency_unloaded_us_p50 = hist.value_at_quantile(0.5);
     report.resume_latency_unloaded_us_p99 = hist.value_at_quantile(0.99);

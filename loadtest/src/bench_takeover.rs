@@ -8,7 +8,11 @@
 //!    most of them SIGKILLed, every agent RESUMEs at once (each retrying as
 //!    the real agent does), and each one's time from the kill until it is
 //!    attached again is recorded, with how it came back (taken over at a
-//!    higher owner epoch, or not).
+//!    higher owner epoch, or not);
+//! 3. RESUMEs per gateway core: one gateway pinned to CPU 0 (the load on
+//!    CPU 1), without a store and then with `[store]` on this etcd, the
+//!    same pool of sessions resumed round-robin for the same time; per
+//!    core-second of the gateway process, and etcd's CPU per RESUME.
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,23 @@ pub struct TakeoverBenchOptions {
     pub gateways: usize,
     /// Sequential compare-and-set writes timed.
     pub cas_writes: usize,
+    /// Each RESUME-rate run (0: not measured).
+    pub resume_duration: Duration,
+    pub resume_concurrency: usize,
+}
+
+/// RESUMEs on one pinned gateway, with or without the store.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ResumeRate {
+    pub store: &'static str,
+    pub resumes: u64,
+    pub resumes_per_s: f64,
+    /// Per CPU-second of the gateway process: what one core sustains.
+    pub resumes_per_core_s: f64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+    /// CPU of the 3 etcd members per RESUME (0 without the store).
+    pub etcd_cpu_us_per_resume: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -53,6 +74,12 @@ pub struct TakeoverBenchReport {
     pub takeover_ms: Percentiles,
     /// The owner lease TTL of the gateways (the floor of a takeover).
     pub lease_ttl_ms: u64,
+    /// Without the store, then with it (empty: not measured).
+    pub resume_rates: Vec<ResumeRate>,
+    /// `resumes_per_core_s` with the store / without (goal ≥ 0.7).
+    pub store_vs_memory_resumes_per_core: Option<f64>,
+    /// The gateway was pinned to CPU 0 and the load generator to CPU 1.
+    pub pinned: bool,
 }
 
 /// RESUME until attached or refused for good: retries what the real agent
@@ -163,6 +190,66 @@ async fn cas_latency(store: &EtcdStore, writes: usize) -> Result<(f64, f64)> {
     Ok((at(0.5), at(0.99)))
 }
 
+/// RESUMEs per second and per gateway core-second on one gateway pinned
+/// to CPU 0, without a store and then with `[store]` on `etcd`.
+async fn resume_rates(
+    etcd: &EtcdCluster,
+    duration: Duration,
+    concurrency: usize,
+) -> Result<Vec<ResumeRate>> {
+    use crate::bench::{bench_toml, cpu_seconds, rate, resume_pool, start_pinned_gateway};
+    let exe = std::env::current_exe()?;
+    let pki = crate::harness::TestPki::new(&["g1"])?;
+    let dir = tempfile::tempdir()?;
+    let mut out = Vec::new();
+    for store in ["memory", "etcd"] {
+        let mut toml = bench_toml().to_owned();
+        if store == "etcd" {
+            toml.push_str(&etcd.gateway_toml());
+        }
+        let gw = start_pinned_gateway(&exe, &pki, &dir.path().join(store), &toml).await?;
+        let cfg = harness::agent_config(&pki, vec![gw.client_addr], None)?;
+        // A store-backed gateway takes HELLOs once it holds its lease.
+        harness::eventually(Duration::from_secs(10), "a first HELLO", || {
+            let cfg = cfg.clone();
+            async move {
+                match jvpn_agent::Agent::new(cfg) {
+                    Ok(mut a) => a.hello().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await?;
+        let pool = resume_pool(&cfg, 512usize.max(concurrency)).await?;
+        let gw_pid = gw.pid().context("gateway pid")?;
+        let etcd_cpu = || -> Result<f64> {
+            let mut s = 0.0;
+            for p in etcd.pids() {
+                s += cpu_seconds(p)?;
+            }
+            Ok(s)
+        };
+        let (cpu0, etcd0) = (cpu_seconds(gw_pid)?, etcd_cpu()?);
+        let (r, hist, n) = rate(concurrency, duration, pool.runner()).await?;
+        let cpu = cpu_seconds(gw_pid)? - cpu0;
+        let etcd_used = etcd_cpu()? - etcd0;
+        out.push(ResumeRate {
+            store,
+            resumes: n,
+            resumes_per_s: r,
+            resumes_per_core_s: n as f64 / cpu.max(1e-9),
+            latency_us_p50: hist.value_at_quantile(0.5),
+            latency_us_p99: hist.value_at_quantile(0.99),
+            etcd_cpu_us_per_resume: if store == "etcd" {
+                etcd_used * 1e6 / (n.max(1) as f64)
+            } else {
+                0.0
+            },
+        });
+    }
+    Ok(out)
+}
+
 pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
     if opts.gateways < 2 {
         bail!("--gateways must be at least 2 (one dies, one takes over)");
@@ -171,6 +258,7 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
     let etcd = EtcdCluster::start(3).await?;
     let store = store_of(&etcd)?;
     let (cas_p50_ms, cas_p99_ms) = cas_latency(&store, opts.cas_writes.max(1)).await?;
+
     let exe = std::env::current_exe()?;
     let (gl, rl) = launchers(&exe);
     let c = takeover_cluster(&etcd, gl, rl, opts.gateways, vec![]).await?;
@@ -234,6 +322,19 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
             times.push(took.as_millis() as u64);
         }
     }
+    drop(c);
+    // Last: pinning this process (the load generator, on CPU 1) would pin
+    // every process it starts after it too.
+    let pinned = crate::bench::pin_self(1);
+    let resume_rates = if opts.resume_duration.is_zero() {
+        Vec::new()
+    } else {
+        resume_rates(&etcd, opts.resume_duration, opts.resume_concurrency.max(1)).await?
+    };
+    let store_vs_memory_resumes_per_core = match resume_rates.as_slice() {
+        [m, e] => Some(e.resumes_per_core_s / m.resumes_per_core_s.max(1e-9)),
+        _ => None,
+    };
     Ok(TakeoverBenchReport {
         cas_writes: opts.cas_writes.max(1),
         cas_p50_ms,
@@ -245,5 +346,8 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
         failed: n - taken_over,
         takeover_ms: percentiles(times),
         lease_ttl_ms: 2_000,
+        resume_rates,
+        store_vs_memory_resumes_per_core,
+        pinned,
     })
 }

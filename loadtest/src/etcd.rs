@@ -275,6 +275,15 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// The running members' process ids (for CPU accounting).
+    pub fn pids(&self) -> Vec<nix::unistd::Pid> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref()?.id())
+            .map(|p| nix::unistd::Pid::from_raw(p as i32))
+            .collect()
+    }
+
     /// Whether member `i` has a process (killed members have none).
     pub fn running(&self, i: usize) -> bool {
         self.members[i].child.is_some()

@@ -126,6 +126,13 @@ enum Cmd {
         /// Sequential compare-and-set writes timed.
         #[arg(long, default_value_t = 500)]
         cas_writes: usize,
+        /// Seconds of each RESUME-rate run, without and with the store
+        /// (0: skip them).
+        #[arg(long, default_value_t = 5)]
+        resume_seconds: u64,
+        /// Clients resuming at once in those runs.
+        #[arg(long, default_value_t = 32)]
+        resume_concurrency: usize,
     },
     /// Topology 3 under a seeded fault schedule (gateways and etcd
     /// members killed and paused, a gateway cut from etcd in its own
@@ -511,11 +518,15 @@ fn main() -> ExitCode {
             sessions,
             gateways,
             cas_writes,
+            resume_seconds,
+            resume_concurrency,
         } => {
             let opts = jvpn_loadtest::bench_takeover::TakeoverBenchOptions {
                 sessions,
                 gateways,
                 cas_writes,
+                resume_duration: std::time::Duration::from_secs(resume_seconds),
+                resume_concurrency,
             };
             print_json_report("bench-takeover", jvpn_loadtest::bench_takeover::run(opts))
         }

@@ -1,7 +1,8 @@
 //! `jvpn-loadtest bench-takeover` as docs/benchmarks.md shows it, with
 //! fewer sessions (the 300-session runs are benchmarks): the store's CAS
 //! latency is measured and every session of the killed owner comes back on
-//! a taker. This checks that the benchmark works, not its numbers.
+//! a taker, and RESUMEs are counted on one gateway without and with the
+//! store. This checks that the benchmark works, not its numbers.
 
 mod common;
 
@@ -18,6 +19,10 @@ async fn bench_takeover_measures_cas_latency_and_every_takeover() {
             "2",
             "--cas-writes",
             "50",
+            "--resume-seconds",
+            "1",
+            "--resume-concurrency",
+            "8",
         ],
         Duration::from_secs(300),
     )
@@ -34,6 +39,27 @@ async fn bench_takeover_measures_cas_latency_and_every_takeover() {
     assert!(victims > 0, "{r}");
     assert_eq!(r["taken_over"].as_u64().unwrap(), victims, "{r}");
     assert_eq!(r["failed"], 0, "{r}");
+    // RESUMEs on one gateway without the store, then with it: both ran,
+    // the store's etcd did work for the second only, and the ratio is theirs.
+    let rates = r["resume_rates"].as_array().unwrap();
+    assert_eq!(rates.len(), 2, "{r}");
+    assert_eq!(
+        (rates[0]["store"].as_str(), rates[1]["store"].as_str()),
+        (Some("memory"), Some("etcd"))
+    );
+    for x in rates {
+        assert!(x["resumes"].as_u64().unwrap() > 0, "{r}");
+        assert!(x["resumes_per_core_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rates[0]["etcd_cpu_us_per_resume"], 0.0);
+    assert!(
+        rates[1]["etcd_cpu_us_per_resume"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    let ratio = r["store_vs_memory_resumes_per_core"].as_f64().unwrap();
+    let want = rates[1]["resumes_per_core_s"].as_f64().unwrap()
+        / rates[0]["resumes_per_core_s"].as_f64().unwrap();
+    assert!((ratio - want).abs() < 1e-9, "{r}");
     let t = &r["takeover_ms"];
     assert!(t["p50"].as_u64().unwrap() > 0, "{r}");
     assert!(
