@@ -50,6 +50,8 @@ struct Inner {
     prefix: Vec<u8>,
     /// When a byte last went from the upstream to a client.
     last_down: Mutex<Option<Instant>>,
+    /// Bytes written towards the upstream, over every connection.
+    up_bytes: AtomicU64,
 }
 
 /// A running proxy; stops accepting when dropped.
@@ -82,6 +84,7 @@ impl FaultProxy {
             next: AtomicU64::new(0),
             prefix,
             last_down: Mutex::new(None),
+            up_bytes: AtomicU64::new(0),
         });
         let i2 = inner.clone();
         let task = tokio::spawn(async move {
@@ -160,6 +163,11 @@ impl FaultProxy {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Bytes forwarded towards the upstream so far (all connections).
+    pub fn forwarded_upstream(&self) -> u64 {
+        self.inner.up_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn open_connections(&self) -> usize {
         self.inner
             .conns
@@ -205,8 +213,8 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     };
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let a = tokio::spawn(pump(cr, uw, rx.clone(), delay, None));
-    let b = tokio::spawn(pump(ur, cw, rx, delay, Some(inner.clone())));
+    let a = tokio::spawn(pump(cr, uw, rx.clone(), delay, inner.clone(), false));
+    let b = tokio::spawn(pump(ur, cw, rx, delay, inner.clone(), true));
     let _ = tokio::join!(a, b);
     inner
         .conns
@@ -216,13 +224,15 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     Ok(())
 }
 
-/// One direction; `down` (towards the client) records when it wrote.
+/// One direction; `down` (towards the client) records when it wrote, the
+/// other direction how much.
 async fn pump<R, W>(
     mut r: R,
     mut w: W,
     mut ctl: watch::Receiver<ConnCtl>,
     delay: Duration,
-    down: Option<Arc<Inner>>,
+    inner: Arc<Inner>,
+    down: bool,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -252,9 +262,11 @@ async fn pump<R, W>(
                     if w.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
-                    if let Some(i) = &down {
-                        *i.last_down.lock().unwrap_or_else(PoisonError::into_inner) =
+                    if down {
+                        *inner.last_down.lock().unwrap_or_else(PoisonError::into_inner) =
                             Some(Instant::now());
+                    } else {
+                        inner.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
             },

@@ -418,6 +418,128 @@ async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
     );
 }
 
+/// Fencing, seen from the destination and the events: a session with a
+/// stream to a destination; its owner is paused (SIGSTOP, 2 × TTL) after
+/// the stream's first bytes arrived, more stream bytes reach the paused
+/// process's socket, the session is taken over meanwhile (the agent's
+/// stream is reset, `taken_over`). After SIGCONT the old process writes no
+/// byte to the destination (whose connection from it closes: every byte
+/// before that close has arrived) and records no acceptance of the
+/// session, only its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_sends_no_egress_byte_for_a_session_taken_over_meanwhile() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let grace = vec![(
+        "JVPN_ROUTER__MEMBERSHIP__SILENCE_GRACE_MS".into(),
+        "1000".into(),
+    )];
+    let c = takeover_cluster_with(&etcd, 2, grace).await;
+    // The destination: counts what arrives, says when its one
+    // connection closed.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    {
+        let got = got.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = sink.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                got.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            let _ = closed_tx.send(());
+        });
+    }
+    // The agent reaches the first gateway straight (as router r1 would
+    // splice it), then the router once that path is gone.
+    let (owner, gw) = (c.gateways[0].0.clone(), c.gateways[0].1.client_addr);
+    let direct = common::as_router("r1", gw).await;
+    let a = common::streaming_agent(&c.pki, vec![direct.addr, c.routers[0].client_addr]);
+    let mut st = a.tunnel.connect(&common::target(sink_addr)).await.unwrap();
+    st.write_all(&[1; 1000]).await.unwrap();
+    jvpn_loadtest::harness::eventually(Duration::from_secs(10), "the first bytes", || {
+        let got = got.clone();
+        async move { got.load(Ordering::SeqCst) == 1000 }
+    })
+    .await
+    .unwrap();
+    assert_eq!(a.report.lock().unwrap().node_id, owner);
+    let paused_ns = jvpn_runtime::process::host_monotonic_ns();
+    let stopped_at = Instant::now();
+    c.gateway(&owner).unwrap().signal(Signal::SIGSTOP).unwrap();
+    // More stream bytes, into the paused process's socket.
+    let up = direct.forwarded_upstream();
+    st.write_all(&[2; 5000]).await.unwrap();
+    jvpn_loadtest::harness::eventually(
+        Duration::from_secs(10),
+        "the stream's next bytes at the paused owner's socket",
+        || {
+            let more = direct.forwarded_upstream() >= up + 5000;
+            async move { more }
+        },
+    )
+    .await
+    .unwrap();
+    // That path is gone: the agent RESUMEs through the router, whose
+    // verdict (owner silent) sends it to the taker.
+    drop(direct);
+    jvpn_loadtest::harness::eventually(Duration::from_secs(20), "the takeover", || {
+        let r = a.report.lock().unwrap().clone();
+        async move { r.explicit_migrations == 1 }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(10), st.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Err(ref e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the stream is reset at the agent: {r:?}"
+    );
+    // Twice the lease TTL (2 s) paused: the scenario, not a wait.
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(stopped_at.elapsed())).await;
+    c.gateway(&owner).unwrap().signal(Signal::SIGCONT).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the old owner closes its connection to the destination")
+        .unwrap();
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        1000,
+        "no byte reached the destination from the paused owner after the pause"
+    );
+    // Its events: the session ends there (explicitly), never attaches again.
+    let events = c.gateway(&owner).unwrap().events_path.clone();
+    let after = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event_type"] == "SessionStateChange")
+            .filter(|v| v["host_mono_ns"].as_u64().unwrap_or(0) > paused_ns)
+            .collect()
+    };
+    jvpn_loadtest::harness::eventually(
+        Duration::from_secs(10),
+        "the old owner's end event",
+        || {
+            let done = after().iter().any(|v| v["to"] == "terminated");
+            async move { done }
+        },
+    )
+    .await
+    .unwrap();
+    for v in after() {
+        assert_ne!(v["to"], "attached", "{v}");
+    }
+    let rep = a.report.lock().unwrap().clone();
+    assert_eq!(rep.rehandshakes, 0, "{rep:?}");
+    assert_eq!(rep.streams_reset.get("taken_over"), Some(&1), "{rep:?}");
+}
+
 /// The taker's `ResumeOk` is lost: the agent still holds the dead owner's
 /// key and binding. Its next RESUME reaches the taker (which has the
 /// session now), authenticates with the key it proved with before, learns
@@ -564,12 +686,18 @@ async fn no_resume_key_is_stored_in_the_clear() {
 /// the same RESUMEs take it over, at the next owner epoch. (Without a
 /// majority the taker's own lease lapses within a TTL, so the refusal
 /// usually comes from its fence before any etcd request; the claim's own
-/// refusal without a majority is the store test's.)
+/// refusal without a majority is the store test's.) Topology 3 is opt-in
+/// per cluster: a gateway without `[store]` beside it keeps resuming its
+/// session throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
     use jvpn_proto::pb::session::frame::Kind;
     let mut etcd = EtcdCluster::start(3).await.unwrap();
     let c = takeover_cluster(&etcd, 2).await;
+    let sticky = common::start("").await;
+    let mut t2 = jvpn_loadtest::harness::agent(&sticky.pki, sticky.gw.client_addr, None).unwrap();
+    drop(common::hello(&mut t2).await);
+    let t2_session = t2.session.as_ref().unwrap().id;
     let router = c.routers[0].client_addr;
     let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
     drop(common::hello(&mut a).await);
@@ -614,6 +742,10 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
             .unwrap(),
         0.0
     );
+    // Meanwhile, topology 2: resumed on its owner, same session.
+    let mut tr2 = common::resume(&mut t2).await.unwrap();
+    tr2.echo(b"no store, no store fault").await.unwrap();
+    assert_eq!(t2.session.as_ref().unwrap().id, t2_session);
     etcd.restart(1).unwrap();
     etcd.restart(2).unwrap();
     etcd.wait_ready(Duration::from_secs(30)).await.unwrap();
