@@ -805,3 +805,112 @@ async fn an_older_agents_session_is_never_claimed() {
     let mut t = common::hello(&mut a).await;
     t.echo(b"a new session").await.unwrap();
 }
+
+/// etcd restarted mid-claim: a gateway dies with its sessions resuming
+/// at once; while the takers wait for its lease to end (their claims
+/// about to be made, or in flight), every etcd member is SIGKILLed, and
+/// started again 1.5 s later. However each RESUME ends (taken over, or
+/// refused), no session has two owners: the independent checker of the
+/// fault schedule over every gateway's events and the agents' answers
+/// finds nothing, each agent taken over holds what the store names, and
+/// no session is claimed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_mid_claim_gives_no_session_two_owners() {
+    use jvpn_loadtest::chaos_store::{Seen, accepted_in, check};
+    let mut etcd = EtcdCluster::start(3).await.unwrap();
+    let mut c = takeover_cluster(&etcd, 3).await;
+    let router = c.routers[0].client_addr;
+    let mut agents = Vec::new();
+    for _ in 0..12 {
+        let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+        drop(common::hello(&mut a).await);
+        agents.push(a);
+    }
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &agents {
+        *per_node
+            .entry(a.session.as_ref().unwrap().node_id.clone())
+            .or_default() += 1;
+    }
+    let victim = per_node
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(n, _)| n.clone())
+        .unwrap();
+    let seen_of = |a: &Agent| {
+        let s = a.session.as_ref().unwrap();
+        Seen {
+            session: s.id.to_string(),
+            owner: format!("{}/{:016x}", s.node_id, s.incarnation),
+            owner_epoch: s.owner_epoch,
+        }
+    };
+    let mut seen: Vec<Seen> = agents.iter().map(seen_of).collect();
+    c.gateway(&victim).unwrap().signal(Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let mut tasks = Vec::new();
+    for mut a in agents
+        .into_iter()
+        .filter(|a| a.session.as_ref().unwrap().node_id == victim)
+    {
+        tasks.push(tokio::spawn(async move {
+            let r = resume_until_attached(&mut a, Duration::from_secs(20)).await;
+            (a, r.map(drop).map_err(|e| e.to_string()))
+        }));
+    }
+    // The takers claim once the dead owner's lease ends, 2 s (its TTL)
+    // after its last renewal: the store goes just before that.
+    tokio::time::sleep(Duration::from_millis(1_500).saturating_sub(killed.elapsed())).await;
+    for i in 0..3 {
+        etcd.kill(i).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..3 {
+        etcd.restart(i).unwrap();
+    }
+    etcd.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let store = store_of(&etcd);
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        if r.is_ok() {
+            let s = a.session.clone().unwrap();
+            seen.push(seen_of(&a));
+            // Taken over: the store names the owner the agent holds.
+            let rec = store.load(&s.id).await.unwrap().unwrap().record;
+            assert_eq!(
+                (
+                    rec.owner_node.as_str(),
+                    rec.owner_incarnation,
+                    rec.owner_epoch
+                ),
+                (s.node_id.as_str(), s.incarnation, s.owner_epoch)
+            );
+            assert_ne!(s.node_id, victim);
+        }
+        outcomes.push(r);
+    }
+    assert!(!outcomes.is_empty());
+    // Every process's events, written out by a clean stop of the living.
+    let mut events = Vec::new();
+    let logs = c.logs();
+    for (n, g) in &mut c.gateways {
+        if *n != victim {
+            g.signal(Signal::SIGTERM).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), g.wait())
+                .await
+                .expect("a clean stop")
+                .unwrap();
+        }
+        events.extend(accepted_in(
+            &std::fs::read_to_string(&g.events_path).unwrap_or_default(),
+        ));
+    }
+    let v = check(&events, &seen, &[]);
+    assert_eq!(v.violations, Vec::<String>::new(), "{outcomes:?}\n{logs}");
+    assert!(v.accepted_events >= 12, "{v:?}");
+    eprintln!(
+        "mid-claim outcomes: {outcomes:?}; takeovers in events: {}",
+        v.takeover_births
+    );
+}
