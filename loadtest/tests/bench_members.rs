@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_members_measures_a_steady_view_and_both_deaths() {
-    let stdout = common::loadtest_ok(
+    let report = common::loadtest_json(
         [
             "bench-members",
             "--members",
@@ -27,10 +27,8 @@ async fn bench_members_measures_a_steady_view_and_both_deaths() {
         Duration::from_secs(300),
     )
     .await;
-    let json = &stdout[stdout.find('{').expect("a JSON report")..];
-    let report: serde_json::Value = serde_json::from_str(json).unwrap();
     let runs = report["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 1, "{json}");
+    assert_eq!(runs.len(), 1, "{report}");
     let r = &runs[0];
     assert_eq!(r["members"], 40, "{r}");
     assert_eq!(r["routers"], 2, "{r}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_takeover_measures_cas_latency_and_every_takeover() {
-    let stdout = common::loadtest_ok(
+    let r = common::loadtest_json(
         [
             "bench-takeover",
             "--sessions",
@@ -27,8 +27,6 @@ async fn bench_takeover_measures_cas_latency_and_every_takeover() {
         Duration::from_secs(300),
     )
     .await;
-    let json = &stdout[stdout.find('{').expect("a JSON report")..];
-    let r: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(r["cas_writes"], 50, "{r}");
     let (p50, p99) = (
         r["cas_p50_ms"].as_f64().unwrap(),

@@ -20,7 +20,7 @@ const SEEDS: u64 = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
-    let stdout = common::loadtest_ok(
+    let r = common::loadtest_json(
         [
             "chaos-store",
             "--seeds",
@@ -31,8 +31,6 @@ async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
         Duration::from_secs(900),
     )
     .await;
-    let json = &stdout[stdout.find('{').expect("a JSON report")..];
-    let r: serde_json::Value = serde_json::from_str(json).unwrap();
     let v = &r["verdict"];
     assert_eq!(v["violations"], serde_json::json!([]), "{r:#}");
     // The run did what the schedule says, and the checker had something

@@ -49,6 +49,16 @@ async fn takeover_cluster_with(
     .unwrap()
 }
 
+/// Two gateways whose router sends silent deaths to takeover after 1 s of
+/// grace instead of 3 s (the pause tests: a SIGSTOPped owner is silent).
+async fn paused_owner_cluster(etcd: &EtcdCluster) -> LocalCluster {
+    let grace = vec![(
+        "JVPN_ROUTER__MEMBERSHIP__SILENCE_GRACE_MS".into(),
+        "1000".into(),
+    )];
+    takeover_cluster_with(etcd, 2, grace).await
+}
+
 /// SIGKILLs the gateway owning `a`'s session and waits until the router
 /// declares it dead; returns its node id.
 async fn kill_owner_of(c: &LocalCluster, a: &Agent) -> String {
@@ -349,12 +359,7 @@ async fn no_claim_while_the_owner_lives() {
 async fn a_paused_owner_sends_nothing_for_a_session_taken_over_meanwhile() {
     use jvpn_proto::pb::session::{Data, Ping, frame::Kind};
     let etcd = EtcdCluster::start(3).await.unwrap();
-    // Silent deaths go to takeover after 1 s of grace instead of 3 s.
-    let grace = vec![(
-        "JVPN_ROUTER__MEMBERSHIP__SILENCE_GRACE_MS".into(),
-        "1000".into(),
-    )];
-    let c = takeover_cluster_with(&etcd, 2, grace).await;
+    let c = paused_owner_cluster(&etcd).await;
     // The old transport goes straight to the owner (as router r1 would
     // splice it): the real router closes its splices to a gateway it
     // declares dead, and this test needs one that stays open.
@@ -432,11 +437,7 @@ async fn a_paused_owner_sends_no_egress_byte_for_a_session_taken_over_meanwhile(
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let etcd = EtcdCluster::start(3).await.unwrap();
-    let grace = vec![(
-        "JVPN_ROUTER__MEMBERSHIP__SILENCE_GRACE_MS".into(),
-        "1000".into(),
-    )];
-    let c = takeover_cluster_with(&etcd, 2, grace).await;
+    let c = paused_owner_cluster(&etcd).await;
     // The destination: counts what arrives, says when its one
     // connection closed.
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -142,6 +142,18 @@ where
 
 /// Runs `jvpn-loadtest args`, fails the test (with its output) unless it
 /// exits 0 within `within`, and returns its stdout.
+/// `jvpn-loadtest args` that must succeed and print a JSON report (after
+/// any log lines): the report.
+pub async fn loadtest_json<I, S>(args: I, within: Duration) -> serde_json::Value
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let stdout = loadtest_ok(args, within).await;
+    let json = &stdout[stdout.find('{').expect("a JSON report")..];
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+
 pub async fn loadtest_ok<I, S>(args: I, within: Duration) -> String
 where
     I: IntoIterator<Item = S>,
