@@ -552,7 +552,28 @@ fn main() -> ExitCode {
             };
             let exe = std::env::current_exe().unwrap_or_default();
             let (gl, rl) = jvpn_loadtest::cluster::launchers(&exe);
-            print_json_report("chaos-store", jvpn_loadtest::chaos_store::run(opts, gl, rl))
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(jvpn_loadtest::chaos_store::run(opts, gl, rl)) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    if r.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!("chaos-store: a violation, or a seed not recovered from");
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("chaos-store: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::BenchMembers {
             members,

@@ -31,6 +31,8 @@ async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
         Duration::from_secs(900),
     )
     .await;
+    assert_eq!(r["recovery_failure"], serde_json::Value::Null, "{r:#}");
+    assert_eq!(r["seeds_completed"], SEEDS, "{r:#}");
     let v = &r["verdict"];
     assert_eq!(v["violations"], serde_json::json!([]), "{r:#}");
     // The run did what the schedule says, and the checker had something
