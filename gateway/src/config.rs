@@ -184,7 +184,7 @@ fn store_config(
     if s.request_timeout_ms == 0 || s.request_timeout_ms.saturating_mul(3) > s.lease_ttl_ms {
         errs.push(ConfigProblem::new(
             "store.request_timeout_ms",
-            "must be above zero and at most a third of store.lease_ttl_ms (one renewal interval)",
+            "must be above zero and at most a third of store.lease_ttl_ms (a failed renewal must leave time for the next before the deadline)",
         ));
     }
     let ca = read_pem("store.ca_file", s.ca_file.as_deref(), errs);

@@ -151,6 +151,31 @@ impl EventSink {
         self.send(kind, ts_ms, line);
     }
 
+    /// The gateway is about to tell an agent it owns `session_id` at
+    /// `owner_epoch` (`answer`: `hello_ok` or `resume_ok`), every check
+    /// passed: what the agent is told, where state changes record what the
+    /// engine did (a RESUME the store then refuses changes state, but is
+    /// never answered).
+    pub fn answered(
+        &self,
+        at: Mono,
+        session_id: &jvpn_proto::SessionId,
+        owner_epoch: u64,
+        answer: &str,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let v = json!({
+            "event_type": "SessionAnswered",
+            "session_id": session_id.to_string(),
+            "answer": answer,
+            "owner_epoch": owner_epoch,
+        });
+        let (ts_ms, line) = self.stamp(v, at);
+        self.send("SessionAnswered", ts_ms, line);
+    }
+
     /// Queues one event; never waits.
     pub fn emit(&self, ev: &EngineEvent) {
         if !self.enabled() {

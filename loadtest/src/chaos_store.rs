@@ -11,14 +11,16 @@
 //! each seed everything is healed and the cluster must place on every
 //! gateway again.
 //!
-//! Then [`check`] reads every gateway process's event file and every
-//! answer the agents accepted, and reports a violation for:
-//! - two owners (node, incarnation) accepting one session at one owner
-//!   epoch (events, or what the agents were told);
-//! - a session born on a new owner (`birth → attached`) at an epoch not
-//!   above every earlier birth of it;
-//! - an agent told an owner for (session, epoch) that the events give to
-//!   another;
+//! Then [`check`] reads every gateway process's event file (state changes
+//! to `attached`, and `SessionAnswered`: what an agent is told, written
+//! after every check) and every answer the agents accepted, and reports a
+//! violation for:
+//! - two owners (node, incarnation) for one session at one owner epoch
+//!   (in the engines, in the answers, or in what the agents were told);
+//! - an answer at an owner epoch below one already answered for that
+//!   session (a stale owner serving after a takeover);
+//! - an agent told an owner for (session, epoch) that no answer event
+//!   shows;
 //! - an agent refusing an answer (another owner than its session's, a
 //!   lower epoch, a bad proof): a silent migration attempt.
 //!
@@ -137,34 +139,50 @@ pub struct Seen {
     pub owner_epoch: u64,
 }
 
-/// One gateway's `→ attached` transition, from its event file.
+/// What a gateway's event says it did with a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Did {
+    /// `birth → attached`: a new owner (a HELLO, or a takeover).
+    Born,
+    /// `→ attached` from another state (a RESUME), in the engine: the
+    /// store may still refuse it, and then nothing is answered.
+    Attached,
+    /// `SessionAnswered`: the agent is told (every check passed).
+    Answered,
+}
+
+/// One event of one gateway process about one session's ownership.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
     pub session: String,
+    /// `node/incarnation`.
     pub owner: String,
     pub owner_epoch: u64,
-    /// A new owner (`birth → attached`: a HELLO or a takeover).
-    pub birth: bool,
+    pub did: Did,
     /// Host monotonic time: one clock for every process on the machine.
     pub at_ns: u64,
 }
 
-/// Parses the `SessionStateChange … → attached` lines of an event file.
+/// Parses the ownership events of an event file: state changes to
+/// `attached` and answers.
 pub fn accepted_in(text: &str) -> Vec<Accepted> {
     let mut out = Vec::new();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if v["event_type"] != "SessionStateChange" || v["to"] != "attached" {
-            continue;
-        }
+        let did = match (v["event_type"].as_str(), v["to"].as_str()) {
+            (Some("SessionStateChange"), Some("attached")) if v["from"] == "birth" => Did::Born,
+            (Some("SessionStateChange"), Some("attached")) => Did::Attached,
+            (Some("SessionAnswered"), _) => Did::Answered,
+            _ => continue,
+        };
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
         out.push(Accepted {
             session: s("session_id"),
             owner: format!("{}/{}", s("node_id"), s("incarnation")),
             owner_epoch: v["owner_epoch"].as_u64().unwrap_or(0),
-            birth: v["from"] == "birth",
+            did,
             at_ns: v["host_mono_ns"].as_u64().unwrap_or(0),
         });
     }
@@ -174,65 +192,94 @@ pub fn accepted_in(text: &str) -> Vec<Accepted> {
 /// The checker's verdict.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Verdict {
-    /// Acceptances read from events (every `→ attached`).
+    /// State changes to `attached` read from events.
     pub accepted_events: usize,
-    /// Of those, births at an owner epoch above 1 (takeovers).
+    /// `SessionAnswered` events (what agents were told) read.
+    pub answered_events: usize,
+    /// Births at an owner epoch above 1 (takeovers).
     pub takeover_births: usize,
     /// Answers the agents accepted.
     pub agent_answers: usize,
-    /// Agent answers with no event for their (session, epoch): events the
-    /// SIGKILLed processes had not written yet. Not a violation.
+    /// Agent answers with no answer event for their (session, epoch):
+    /// events the SIGKILLed processes had not written yet. Not a violation.
     pub agent_answers_without_event: usize,
     pub violations: Vec<String>,
 }
 
-/// Checks the invariants over `events` (every gateway's acceptances) and
-/// `seen` (every answer agents accepted), and `refused` (answers agents
-/// refused, as text).
-pub fn check(events: &[Accepted], seen: &[Seen], refused: &[String]) -> Verdict {
-    let mut v = Verdict {
-        accepted_events: events.len(),
-        agent_answers: seen.len(),
-        ..Verdict::default()
-    };
-    // (session, epoch) → owners, from the events.
+/// `(session, epoch) → owners` over the events `keep` selects.
+fn owners_by_epoch(
+    events: &[Accepted],
+    keep: impl Fn(&Accepted) -> bool,
+) -> BTreeMap<(&str, u64), BTreeSet<&str>> {
     let mut owners: BTreeMap<(&str, u64), BTreeSet<&str>> = BTreeMap::new();
-    for a in events {
+    for a in events.iter().filter(|a| keep(a)) {
         owners
             .entry((&a.session, a.owner_epoch))
             .or_default()
             .insert(&a.owner);
-        if a.birth && a.owner_epoch > 1 {
-            v.takeover_births += 1;
-        }
-        if a.owner_epoch == 0 {
-            v.violations
-                .push(format!("session {} accepted without an epoch", a.session));
-        }
     }
-    for ((s, e), o) in &owners {
+    owners
+}
+
+/// Checks the invariants over `events` (every gateway process's ownership
+/// events), `seen` (every answer agents accepted) and `refused` (answers
+/// agents refused, as text):
+/// - one owner per (session, epoch), in the engines' acceptances, in the
+///   answers, and in what agents were told;
+/// - per session, in time, answered epochs never go down: nobody answers
+///   at an epoch below one already answered (a stale owner serving after
+///   a takeover);
+/// - agents were told only what an answer event shows;
+/// - no agent refused an answer.
+pub fn check(events: &[Accepted], seen: &[Seen], refused: &[String]) -> Verdict {
+    let answers: Vec<&Accepted> = events.iter().filter(|a| a.did == Did::Answered).collect();
+    let mut v = Verdict {
+        accepted_events: events.len() - answers.len(),
+        answered_events: answers.len(),
+        takeover_births: events
+            .iter()
+            .filter(|a| a.did == Did::Born && a.owner_epoch > 1)
+            .count(),
+        agent_answers: seen.len(),
+        ..Verdict::default()
+    };
+    for a in events.iter().filter(|a| a.owner_epoch == 0) {
+        v.violations
+            .push(format!("session {} without an owner epoch", a.session));
+    }
+    for ((s, e), o) in owners_by_epoch(events, |a| a.did != Did::Answered) {
         if o.len() > 1 {
             v.violations
                 .push(format!("session {s} epoch {e} accepted by {o:?}"));
         }
     }
-    // Births per session in time order: epochs strictly increase.
-    let mut births: BTreeMap<&str, Vec<&Accepted>> = BTreeMap::new();
-    for a in events.iter().filter(|a| a.birth) {
-        births.entry(&a.session).or_default().push(a);
+    let answered = owners_by_epoch(events, |a| a.did == Did::Answered);
+    for ((s, e), o) in &answered {
+        if o.len() > 1 {
+            v.violations
+                .push(format!("session {s} epoch {e} answered by {o:?}"));
+        }
     }
-    for (s, mut b) in births {
-        b.sort_by_key(|a| a.at_ns);
-        for w in b.windows(2) {
-            if w[1].owner_epoch <= w[0].owner_epoch {
-                v.violations.push(format!(
-                    "session {s}: born on {} at epoch {} after {} at epoch {}",
-                    w[1].owner, w[1].owner_epoch, w[0].owner, w[0].owner_epoch
-                ));
+    // Answers per session in time order: the epoch never goes down.
+    let mut by_session: BTreeMap<&str, Vec<&Accepted>> = BTreeMap::new();
+    for a in &answers {
+        by_session.entry(&a.session).or_default().push(a);
+    }
+    for (s, mut list) in by_session {
+        list.sort_by_key(|a| a.at_ns);
+        let mut top: Option<&Accepted> = None;
+        for a in list {
+            match top {
+                Some(t) if a.owner_epoch < t.owner_epoch => v.violations.push(format!(
+                    "session {s}: {} answered at epoch {} after {} at epoch {}",
+                    a.owner, a.owner_epoch, t.owner, t.owner_epoch
+                )),
+                Some(t) if a.owner_epoch == t.owner_epoch => {}
+                _ => top = Some(a),
             }
         }
     }
-    // What agents were told, against itself and against the events.
+    // What agents were told, against itself and against the answers.
     let mut told: BTreeMap<(&str, u64), BTreeSet<&str>> = BTreeMap::new();
     for s in seen {
         told.entry((&s.session, s.owner_epoch))
@@ -244,10 +291,10 @@ pub fn check(events: &[Accepted], seen: &[Seen], refused: &[String]) -> Verdict 
             v.violations
                 .push(format!("session {s} epoch {e}: agents told {o:?}"));
         }
-        match owners.get(&(*s, *e)) {
+        match answered.get(&(*s, *e)) {
             None => v.agent_answers_without_event += 1,
             Some(ev) if !o.is_subset(ev) => v.violations.push(format!(
-                "session {s} epoch {e}: agents told {o:?}, events say {ev:?}"
+                "session {s} epoch {e}: agents told {o:?}, answers say {ev:?}"
             )),
             Some(_) => {}
         }
@@ -281,6 +328,9 @@ pub struct ChaosReport {
     /// Claims by result, summed over the gateway processes alive at the
     /// end (a killed process's counts died with it).
     pub claims_at_end: BTreeMap<String, u64>,
+    /// Events the gateways alive at the end dropped (a full sink queue):
+    /// not 0 would leave the checker blind to some of what happened.
+    pub events_dropped_at_end: u64,
     /// Seeds whose faults were applied, healed and recovered from.
     pub seeds_completed: u64,
     /// A seed after which the cluster did not recover (the run stopped
@@ -582,6 +632,8 @@ pub async fn run(opts: ChaosOptions, gateway: Launcher, router: Launcher) -> Res
         for (result, n) in claims_by_result(&text) {
             *report.claims_at_end.entry(result).or_default() += n;
         }
+        report.events_dropped_at_end +=
+            harness::metric_value(&text, "jvpn_gateway_events_dropped_total", &[]) as u64;
     }
     // A clean stop writes out every event still queued.
     for (_, g) in &mut c.gateways {
@@ -621,12 +673,12 @@ fn read_or_empty(p: &Path) -> String {
 mod tests {
     use super::*;
 
-    fn acc(session: &str, owner: &str, epoch: u64, birth: bool, at_ns: u64) -> Accepted {
+    fn ev(session: &str, owner: &str, epoch: u64, did: Did, at_ns: u64) -> Accepted {
         Accepted {
             session: session.into(),
             owner: owner.into(),
             owner_epoch: epoch,
-            birth,
+            did,
             at_ns,
         }
     }
@@ -641,52 +693,77 @@ mod tests {
 
     #[test]
     fn a_clean_history_has_no_violation() {
-        let ev = [
-            acc("s1", "g1/01", 1, true, 10),
-            acc("s1", "g1/01", 1, false, 20),
-            acc("s1", "g2/01", 2, true, 30),
-            acc("s1", "g1/02", 3, true, 40),
+        use Did::*;
+        let h = [
+            ev("s1", "g1/01", 1, Born, 10),
+            ev("s1", "g1/01", 1, Answered, 11),
+            ev("s1", "g1/01", 1, Attached, 20),
+            ev("s1", "g1/01", 1, Answered, 21),
+            ev("s1", "g2/01", 2, Born, 30),
+            ev("s1", "g2/01", 2, Answered, 31),
+            // A stale owner's engine accepting after the takeover, refused
+            // by the store and never answered: not judged.
+            ev("s1", "g1/01", 1, Attached, 35),
+            ev("s1", "g1/02", 3, Born, 40),
+            ev("s1", "g1/02", 3, Answered, 41),
         ];
-        let v = check(&ev, &[seen("s1", "g1/01", 1), seen("s1", "g2/01", 2)], &[]);
+        let v = check(&h, &[seen("s1", "g1/01", 1), seen("s1", "g2/01", 2)], &[]);
         assert_eq!(v.violations, Vec::<String>::new());
-        assert_eq!((v.accepted_events, v.takeover_births), (4, 2));
+        assert_eq!(
+            (v.accepted_events, v.answered_events, v.takeover_births),
+            (5, 4, 2)
+        );
         assert_eq!(v.agent_answers_without_event, 0);
     }
 
     #[test]
     fn two_owners_at_one_epoch_are_a_violation() {
-        let ev = [
-            acc("s1", "g1/01", 1, true, 10),
-            acc("s1", "g2/01", 2, true, 30),
-            acc("s1", "g3/01", 2, true, 31),
+        use Did::*;
+        let h = [
+            ev("s1", "g1/01", 1, Born, 10),
+            ev("s1", "g2/01", 2, Born, 30),
+            ev("s1", "g3/01", 2, Born, 31),
         ];
-        let v = check(&ev, &[], &[]);
+        let v = check(&h, &[], &[]);
         assert!(
             v.violations
                 .iter()
                 .any(|m| m.contains("epoch 2 accepted by {\"g2/01\", \"g3/01\"}")),
             "{v:?}"
         );
+        let h = [
+            ev("s1", "g2/01", 2, Answered, 30),
+            ev("s1", "g3/01", 2, Answered, 31),
+        ];
+        let v = check(&h, &[], &[]);
+        assert!(v.violations[0].contains("answered by"), "{v:?}");
     }
 
+    /// The double owner fencing exists to prevent: the old owner answers
+    /// at its epoch after the taker answered at the next one.
     #[test]
-    fn a_birth_at_an_epoch_not_above_the_last_is_a_violation() {
-        let ev = [
-            acc("s1", "g1/01", 1, true, 10),
-            acc("s1", "g2/01", 3, true, 30),
-            acc("s1", "g3/01", 2, true, 40),
+    fn a_stale_owner_answering_after_a_takeover_is_a_violation() {
+        use Did::*;
+        let h = [
+            ev("s1", "g1/01", 1, Answered, 10),
+            ev("s1", "g2/01", 2, Answered, 30),
+            ev("s1", "g1/01", 1, Answered, 40),
         ];
-        let v = check(&ev, &[], &[]);
+        let v = check(&h, &[], &[]);
+        assert_eq!(v.violations.len(), 1, "{v:?}");
         assert!(
-            v.violations.iter().any(|m| m.contains("born on g3/01")),
+            v.violations[0].contains("g1/01 answered at epoch 1 after g2/01 at epoch 2"),
             "{v:?}"
         );
+        // Before the taker answered, the old owner's answers are fine.
+        let v = check(&h[..2], &[], &[]);
+        assert!(v.violations.is_empty(), "{v:?}");
     }
 
     #[test]
-    fn agents_told_another_owner_than_the_events_is_a_violation() {
-        let ev = [acc("s1", "g1/01", 1, true, 10)];
-        let v = check(&ev, &[seen("s1", "g2/01", 1)], &[]);
+    fn agents_told_another_owner_than_the_answers_is_a_violation() {
+        let h = [ev("s1", "g1/01", 1, Did::Answered, 10)];
+        let v = check(&h, &[seen("s1", "g2/01", 1)], &[]);
         assert_eq!(v.violations.len(), 1, "{v:?}");
         let v = check(&[], &[seen("s1", "g1/01", 2), seen("s1", "g2/01", 2)], &[]);
         assert!(v.violations[0].contains("agents told"), "{v:?}");
@@ -703,18 +780,23 @@ mod tests {
     }
 
     #[test]
-    fn the_event_file_is_read_for_attached_transitions_only() {
+    fn the_event_file_is_read_for_attachments_and_answers_only() {
         let text = concat!(
             r#"{"event_type":"SessionStateChange","session_id":"ab","node_id":"g1","incarnation":"0000000000000001","from":"birth","to":"attached","owner_epoch":2,"host_mono_ns":5}"#,
             "\n",
             r#"{"event_type":"SessionStateChange","session_id":"ab","node_id":"g1","incarnation":"0000000000000001","from":"attached","to":"volatile","owner_epoch":2,"host_mono_ns":6}"#,
+            "\n",
+            r#"{"event_type":"SessionAnswered","session_id":"ab","node_id":"g1","incarnation":"0000000000000001","answer":"resume_ok","owner_epoch":2,"host_mono_ns":7}"#,
             "\n",
             r#"{"event_type":"ResumeRefused","session_id":"ab"}"#,
             "\nnot json\n"
         );
         assert_eq!(
             accepted_in(text),
-            vec![acc("ab", "g1/0000000000000001", 2, true, 5)]
+            vec![
+                ev("ab", "g1/0000000000000001", 2, Did::Born, 5),
+                ev("ab", "g1/0000000000000001", 2, Did::Answered, 7)
+            ]
         );
     }
 

@@ -18,6 +18,11 @@ use jvpn_loadtest::chaos_store::schedule;
 
 const SEEDS: u64 = 50;
 
+/// Answer events the checker read.
+fn v_answers(r: &serde_json::Value) -> u64 {
+    r["verdict"]["answered_events"].as_u64().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
     let r = common::loadtest_json(
@@ -33,6 +38,8 @@ async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
     .await;
     assert_eq!(r["recovery_failure"], serde_json::Value::Null, "{r:#}");
     assert_eq!(r["seeds_completed"], SEEDS, "{r:#}");
+    assert_eq!(r["events_dropped_at_end"], 0, "{r:#}");
+    assert!(v_answers(&r) > 0, "{r:#}");
     let v = &r["verdict"];
     assert_eq!(v["violations"], serde_json::json!([]), "{r:#}");
     // The run did what the schedule says, and the checker had something
@@ -50,8 +57,11 @@ async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
     assert!(v["takeover_births"].as_u64().unwrap() > 0, "{r:#}");
     assert!(r["migrations"].as_u64().unwrap() > 0, "{r:#}");
     assert!(v["agent_answers"].as_u64().unwrap() > 500, "{r:#}");
+    // Nearly every answer an agent accepted is matched by the answering
+    // gateway's event (a SIGKILL loses at most 100 ms of them).
+    let told = v["agent_answers"].as_u64().unwrap();
     assert!(
-        v["accepted_events"].as_u64().unwrap() >= v["agent_answers"].as_u64().unwrap() / 2,
+        v["agent_answers_without_event"].as_u64().unwrap() <= told / 10,
         "{r:#}"
     );
 }

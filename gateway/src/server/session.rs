@@ -235,6 +235,12 @@ pub(super) async fn do_hello(
         let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
         return Err(ConnReject::NoLease);
     }
+    shared.events.answered(
+        shared.now(),
+        &acc.session_id,
+        crate::engine::STICKY_OWNER_EPOCH,
+        "hello_ok",
+    );
     if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
         shared.with_engine(shard, |e| {
             e.transport_closed(shared.now(), &acc.session_id, transport)
@@ -323,6 +329,9 @@ pub(super) async fn do_resume(
                     let _ = send_terminate(&mut tls, ReasonCode::StoreUnavailable).await;
                     return Ok(());
                 }
+                shared
+                    .events
+                    .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared
                         .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
@@ -485,6 +494,9 @@ async fn take_over(
         refuse(&mut tls, ReasonCode::StoreUnavailable).await;
         return Ok(());
     }
+    shared
+        .events
+        .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
     if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
         shared.with_engine(shard, |e| {
             e.transport_closed(shared.now(), &sid, at.transport)
@@ -836,6 +848,9 @@ async fn read_loop(
                         if let Some((ch, _)) = &at.channel {
                             ok.received = Some(ch.received());
                         }
+                        shared
+                            .events
+                            .answered(shared.now(), sid, ok.owner_epoch, "resume_ok");
                         Kind::ResumeOk(ok)
                     }
                     Err(rej) => Kind::Reject(rej.to_frame()),

@@ -677,6 +677,9 @@ fn result_of(e: &StoreError) -> &'static str {
     match e {
         StoreError::Stale { .. } | StoreError::Exists | StoreError::OwnerAlive => "conflict",
         StoreError::Unavailable(_) | StoreError::LeaseGone => "unavailable",
-        StoreError::Missing | StoreError::Record(_) | StoreError::Config(_) => "error",
+        StoreError::Missing
+        | StoreError::Record(_)
+        | StoreError::Config(_)
+        | StoreError::Refused(_) => "error",
     }
 }

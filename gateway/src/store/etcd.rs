@@ -33,6 +33,10 @@ use jvpn_proto::store_record::{self, RecordError};
 use jvpn_proto::{Incarnation, NodeId, SessionId};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// How long a keep-alive waits, after a first member said "alive", for
+/// another to say "gone".
+pub const KEEP_ALIVE_SETTLE: Duration = Duration::from_millis(100);
+
 /// Why a store operation did not happen. Each is explicit: the caller fails
 /// closed (no claim, no `ResumeOk`) on every one of them.
 #[derive(Debug, thiserror::Error)]
@@ -61,11 +65,28 @@ pub enum StoreError {
     /// A configuration value (endpoint, certificate) is unusable.
     #[error("store config: {0}")]
     Config(String),
+    /// etcd answered and refused (permissions, a request too large, an
+    /// invalid one): sending it again would not help.
+    #[error("store refused: {0}")]
+    Refused(String),
 }
 
 impl From<tonic::Status> for StoreError {
     fn from(s: tonic::Status) -> Self {
-        StoreError::Unavailable(format!("{:?}: {}", s.code(), s.message()))
+        use tonic::Code;
+        let text = format!("{:?}: {}", s.code(), s.message());
+        match s.code() {
+            Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented => StoreError::Refused(text),
+            // Unavailable, deadlines, leader changes, cancellations, "too
+            // many requests" (ResourceExhausted): the store could not
+            // decide now.
+            _ => StoreError::Unavailable(text),
+        }
     }
 }
 
@@ -247,11 +268,14 @@ impl EtcdStore {
     }
 
     /// One keep-alive round trip: the TTL etcd reports (0: the lease is gone).
-    /// Sent to every member at once, the first answer wins: after a leader
-    /// is lost, the renewal lands as soon as any member can forward it to
-    /// the new one, instead of after a paused member's share of the bound
-    /// (the lease deadline has no time for that). A stream per call: after
-    /// an etcd restart the next call reconnects.
+    /// Sent to every member at once: after a leader is lost, the renewal
+    /// lands as soon as any member can forward it to the new one, instead
+    /// of after a paused member's share of the bound (the lease deadline
+    /// has no time for that). A "gone" answer from any member wins over
+    /// "alive" from another (a deposed leader may still say alive): after
+    /// the first "alive", the others get [`KEEP_ALIVE_SETTLE`] more to say
+    /// otherwise. A stream per call: after an etcd restart the next call
+    /// reconnects.
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
         let mut asked = tokio::task::JoinSet::new();
         for m in self.members.iter().cloned() {
@@ -265,21 +289,37 @@ impl EtcdStore {
                 }
             });
         }
-        let first = async {
-            let mut last = StoreError::Unavailable("no endpoint".into());
-            while let Some(r) = asked.join_next().await {
-                match r {
-                    Ok(Ok(ttl)) => return Ok(ttl),
-                    Ok(Err(s)) => last = s.into(),
-                    Err(e) => last = StoreError::Unavailable(e.to_string()),
+        let mut alive: Option<i64> = None;
+        let mut last = StoreError::Unavailable("no endpoint".into());
+        let bound = tokio::time::Instant::now() + self.timeout;
+        // Until the first "alive", the bound; then at most the settle window.
+        let mut until = bound;
+        loop {
+            let next = match tokio::time::timeout_at(until, asked.join_next()).await {
+                Ok(Some(r)) => r,
+                // Everyone answered, or the time is up.
+                Ok(None) | Err(_) => break,
+            };
+            match next {
+                Ok(Ok(ttl)) if ttl <= 0 => return Ok(0),
+                Ok(Ok(ttl)) => {
+                    if alive.is_none() {
+                        alive = Some(ttl);
+                        until = bound.min(tokio::time::Instant::now() + KEEP_ALIVE_SETTLE);
+                    }
                 }
+                Ok(Err(s)) => last = s.into(),
+                Err(e) => last = StoreError::Unavailable(e.to_string()),
             }
-            Err(last)
-        };
+        }
         // Dropping the set cancels the members still being asked.
-        tokio::time::timeout(self.timeout, first)
-            .await
-            .map_err(|_| StoreError::Unavailable("request timed out".into()))?
+        match alive {
+            Some(ttl) => Ok(ttl),
+            None if tokio::time::Instant::now() >= bound => {
+                Err(StoreError::Unavailable("request timed out".into()))
+            }
+            None => Err(last),
+        }
     }
 
     /// Ends a lease now (a clean shutdown hands its sessions over at once).

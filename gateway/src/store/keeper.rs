@@ -1,5 +1,5 @@
 //! The owner lease's keeper: grants this incarnation's etcd lease, puts its
-//! owner key under it, renews it every third of the TTL, and publishes
+//! owner key under it, renews it every fifth of the TTL, and publishes
 //! until when store-backed sessions may be served.
 //!
 //! Consumers compare the published deadline with their own `now`: a keeper
@@ -184,7 +184,7 @@ async fn run(
             });
         };
         publish(&fence);
-        // After a failed renewal the next one goes out soon, not a third
+        // After a failed renewal the next one goes out soon, not a fifth
         // of a TTL later: one slow answer (an election, a paused member)
         // must not cost a live gateway its lease and every session.
         let mut wait = interval;
