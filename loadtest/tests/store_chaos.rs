@@ -5,8 +5,9 @@
 //! gateway SIGKILL (restarted) and SIGSTOP, etcd member SIGKILL
 //! (restarted) and SIGSTOP, a gateway cut from etcd by iptables. Agents
 //! resume and jump throughout. The checker reads every gateway process's
-//! events and every answer the agents accepted: per session, owner epochs
-//! strictly increase and no two gateways accept one (session, epoch).
+//! events and every answer the agents accepted: per session, no answer
+//! at an owner epoch below one already answered (owner changes only ever
+//! raise it), and no two gateways accept or answer one (session, epoch).
 //! The checker's own rules are unit-tested with histories that break them
 //! (`chaos_store::tests`); 1,000 seeds are a benchmark (docs/benchmarks.md).
 
