@@ -136,13 +136,14 @@ async fn every_event_reaches_rsyslog_once_and_a_dead_collector_costs_nothing() {
     })
     .await;
     sessions(&env, 20).await;
-    // Both sinks have every event: 2 per session.
+    // Both sinks have every event: 3 per session (its birth, the HelloOk
+    // it was answered, its end).
     eventually(
         Duration::from_secs(10),
-        "40 events in the file and at rsyslog",
+        "60 events in the file and at rsyslog",
         || {
             let (file, got) = (event_lines(&env).len(), rs.messages().len());
-            async move { file == 40 && got == 40 }
+            async move { file == 60 && got == 60 }
         },
     )
     .await
@@ -173,7 +174,7 @@ async fn every_event_reaches_rsyslog_once_and_a_dead_collector_costs_nothing() {
     assert_eq!(got, want, "each event once, byte for byte");
     assert_eq!(
         metric(&env, "jvpn_gateway_syslog_events_sent_total").await,
-        40.0
+        60.0
     );
     assert_eq!(metric(&env, "jvpn_gateway_syslog_connected").await, 1.0);
 
@@ -184,12 +185,12 @@ async fn every_event_reaches_rsyslog_once_and_a_dead_collector_costs_nothing() {
     assert!(slowest < Duration::from_secs(1), "a HELLO took {slowest:?}");
     eventually(Duration::from_secs(10), "the file has every event", || {
         let n = event_lines(&env).len();
-        async move { n == 340 }
+        async move { n == 510 }
     })
     .await
     .unwrap();
     let dropped = metric(&env, "jvpn_gateway_syslog_events_dropped_total").await;
-    // 300 events: at most the queue (64) and one batch in hand (at most
+    // 450 events: at most the queue (64) and one batch in hand (at most
     // another 64) wait for a collector; a few went into the dead socket.
     assert!(dropped >= 150.0, "dropped {dropped}");
     assert_eq!(metric(&env, "jvpn_gateway_syslog_connected").await, 0.0);
@@ -265,10 +266,10 @@ async fn events_go_to_a_tls_collector_whose_certificate_checks_out() {
     .await;
     sessions(&env, 3).await;
     let mut got = Vec::new();
-    while got.len() < 6 {
+    while got.len() < 9 {
         let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
-            .expect("6 events over TLS")
+            .expect("9 events over TLS")
             .unwrap();
         got.push(m);
     }
@@ -345,12 +346,12 @@ async fn a_drain_sends_its_last_events_before_the_gateway_exits() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
-    // 5 births, 5 terminations by the drain.
+    // 5 births, 5 answers, 5 terminations by the drain.
     let file = event_lines(&env);
-    assert_eq!(file.len(), 10, "{file:#?}");
-    eventually(Duration::from_secs(5), "rsyslog has all 10", || {
+    assert_eq!(file.len(), 15, "{file:#?}");
+    eventually(Duration::from_secs(5), "rsyslog has all 15", || {
         let n = rs.messages().len();
-        async move { n == 10 }
+        async move { n == 15 }
     })
     .await
     .unwrap();
@@ -384,14 +385,14 @@ async fn a_stalled_collector_costs_sessions_nothing_and_its_events_are_counted()
         ..GatewayOptions::default()
     })
     .await;
-    // 1,200 events, about 400 KiB: more than the sender's bounded kernel
+    // 1,800 events, about 600 KiB: more than the sender's bounded kernel
     // buffer (128 KiB, doubled by Linux) and the collector's 2 KiB.
     let slowest = sessions(&env, 600).await;
     assert!(slowest < Duration::from_secs(1), "a HELLO took {slowest:?}");
     // The file has every event, whatever the collector does.
     eventually(Duration::from_secs(10), "the file has every event", || {
         let n = event_lines(&env).len();
-        async move { n == 1_200 }
+        async move { n == 1_800 }
     })
     .await
     .unwrap();
