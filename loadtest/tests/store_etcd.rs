@@ -800,7 +800,10 @@ async fn with_two_members_killed_attached_sessions_end_explicitly_and_hellos_are
 
 async fn attached_sessions_end_without_a_majority(members: &[usize]) {
     let mut c = EtcdCluster::start(3).await.unwrap();
-    let (env, _store) = store_gateway(&c).await;
+    // The agent here sends no pings: the heartbeat timeout must not end
+    // its session before the fence does (a lone leader answers renewals
+    // a little longer, and CI found the race).
+    let (env, _store) = store_gateway_with(&c, "[policy]\nheartbeat_timeout_ms = 10000\n").await;
     let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     let mut t = agent.hello().await.unwrap();
     t.echo(b"attached").await.unwrap();
