@@ -271,8 +271,7 @@ impl EtcdCluster {
             .as_ref()
             .and_then(Child::id)
             .with_context(|| format!("etcd member {i} is not running"))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
-        Ok(())
+        crate::harness::signal_pid(nix::unistd::Pid::from_raw(pid as i32), sig)
     }
 
     /// The running members' process ids (for CPU accounting).

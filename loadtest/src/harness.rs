@@ -232,8 +232,46 @@ pub(crate) fn signal_child(child: &Child, sig: Signal) -> Result<()> {
         .and_then(|p| i32::try_from(p).ok())
         .map(Pid::from_raw)
         .context("process already exited")?;
+    signal_pid(pid, sig)
+}
+
+/// Sends `sig` to `pid`; a SIGSTOP returns only once every thread of the
+/// process has stopped. `kill` alone returns while threads still run (each
+/// stops when next scheduled, which on a busy machine is later), and a
+/// test pausing a process must know it runs no more code.
+pub fn signal_pid(pid: Pid, sig: Signal) -> Result<()> {
     kill(pid, sig)?;
-    Ok(())
+    if sig != Signal::SIGSTOP {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let running = threads_running(pid);
+        if running == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{running} thread(s) of process {pid} still running 5 s after SIGSTOP");
+        }
+        // A scheduling quantum is milliseconds: poll well below it.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// How many threads of `pid` are neither stopped nor dead (0 once the
+/// process is gone).
+fn threads_running(pid: Pid) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            // The state follows the command name's closing parenthesis.
+            let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+            !matches!(state, Some('T' | 't' | 'Z' | 'X') | None)
+        })
+        .count()
 }
 
 /// The cluster name of every test and demo PKI.

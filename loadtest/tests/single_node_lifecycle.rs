@@ -450,3 +450,39 @@ async fn admin_token_guards_session_lookup_and_drain() {
         .unwrap();
     assert_eq!(code, 403);
 }
+
+/// Every test that pauses a process assumes it runs no more code once the
+/// signal call returns. `kill(SIGSTOP)` alone does not give that: the
+/// stop takes effect as each thread is next scheduled, so a busy machine
+/// lets a "paused" gateway serve for a while (CI saw one send a stream's
+/// bytes to a destination after its pause). The harness waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_is_stopped_in_every_thread_once_sigstop_returns() {
+    let env = common::start("").await;
+    let pid = env.gw.pid().unwrap();
+    let states = || -> Vec<(String, char)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.ok()?.path();
+                let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+                let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                Some((t.display().to_string(), state))
+            })
+            .collect()
+    };
+    for _ in 0..50 {
+        env.gw.signal(Signal::SIGSTOP).unwrap();
+        let running: Vec<_> = states().into_iter().filter(|(_, s)| *s != 'T').collect();
+        assert!(running.is_empty(), "threads not stopped yet: {running:?}");
+        env.gw.signal(Signal::SIGCONT).unwrap();
+    }
+    // And it runs again after SIGCONT.
+    assert_eq!(
+        harness::http_get(env.gw.admin_addr, "/readyz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+}
