@@ -45,6 +45,7 @@ pub const STORE_WRITE_RETRIES: &str = "jvpn_gateway_store_write_retries_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
 pub const STORE_SECONDS: &str = "jvpn_gateway_store_request_duration_seconds";
+pub const STORE_BATCH_WRITES: &str = "jvpn_gateway_store_batch_writes";
 /// Every `result` of [`STORE_CLAIMS`].
 pub const CLAIM_RESULTS: [&str; 11] = [
     "ok",
@@ -228,6 +229,10 @@ pub fn describe() {
         STORE_SECONDS,
         Unit::Seconds,
         "Topology 3: session store requests in the session path, by op (create, bind, load, claim, delete), whatever their result; a HELLO or RESUME waits for create or bind."
+    );
+    describe_histogram!(
+        STORE_BATCH_WRITES,
+        "Topology 3: record writes (creates at HELLO, binds at RESUME) carried by one etcd request; batches grow only while earlier requests are out."
     );
     describe_histogram!(
         HELLO_SECONDS,

@@ -1016,3 +1016,132 @@ async fn one_etcd_member_down_at_a_time_ends_no_session() {
         0.0
     );
 }
+
+/// Group commit: one request carries many sessions' writes, each with its
+/// own compares, and each lands or fails alone with the answer a write of
+/// its own would get (created, exists, bound, stale, lease gone), at the
+/// most writes a batch holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_writes_lands_or_fails_each_on_its_own_compares() {
+    use jvpn_gateway::store::{MAX_BATCH, RecordWrite};
+    let (_c, store) = cluster_and_store().await;
+    let live = owner(&store, "gw-a", 1, Duration::from_secs(30)).await;
+    let gone = owner(&store, "gw-b", 1, Duration::from_secs(30)).await;
+    // Records of the lease about to go, written while it lives.
+    let mut writes = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..MAX_BATCH {
+        let sid = SessionId::from_bytes(rand::random());
+        let kind = i % 6;
+        let lease = if kind >= 4 {
+            ("gw-b", 1, gone)
+        } else {
+            ("gw-a", 1, live)
+        };
+        let rec = record(lease, (1, 1), &sid, [i as u8; 32]);
+        let mut next = rec.clone();
+        next.binding_epoch = 2;
+        next.state_version = 2;
+        let (expected, record) = match kind {
+            // Created.
+            0 | 4 => (None, rec),
+            // Created already.
+            1 => (None, {
+                store.create(&sid, &rec).await.unwrap();
+                rec
+            }),
+            // Bound at the revision read; at an older one.
+            2 | 3 | 5 => {
+                let r = store.create(&sid, &rec).await.unwrap();
+                let at = if kind == 3 {
+                    store.update(&sid, r, &next).await.unwrap();
+                    r
+                } else {
+                    r
+                };
+                (Some(at), next)
+            }
+            _ => unreachable!(),
+        };
+        want.push(kind);
+        writes.push(RecordWrite {
+            sid,
+            expected,
+            record,
+        });
+    }
+    store.revoke(gone).await.unwrap();
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for w in &writes {
+            v.push(store.load(&w.sid).await.unwrap());
+        }
+        v
+    };
+    let results = store.write_many(&writes).await.unwrap();
+    assert_eq!(results.len(), writes.len());
+    let mut revisions = std::collections::HashSet::new();
+    for (((w, r), kind), was) in writes.iter().zip(&results).zip(&want).zip(&before) {
+        let now = store.load(&w.sid).await.unwrap();
+        match (kind, r) {
+            (0 | 2, Ok(rev)) => {
+                revisions.insert(*rev);
+                let now = now.unwrap();
+                assert_eq!((&now.record, now.mod_revision), (&w.record, *rev));
+            }
+            (1, Err(StoreError::Exists)) => assert_eq!(&now, was),
+            (3, Err(StoreError::Stale { expected })) => {
+                assert_eq!(Some(*expected), w.expected);
+                assert_eq!(&now, was);
+            }
+            (4 | 5, Err(StoreError::LeaseGone)) => assert_eq!(&now, was),
+            _ => panic!("kind {kind}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        revisions.len(),
+        1,
+        "one request, one revision: {revisions:?}"
+    );
+}
+
+/// The writer batches only what queues behind requests already out: many
+/// concurrent writes need fewer requests than writes, every write gets its
+/// own answer, and two writes of one session never share a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_requests_and_each_gets_its_answer() {
+    use jvpn_gateway::store::{Batcher, RecordWrite};
+    let (_c, store) = cluster_and_store().await;
+    let live = owner(&store, "gw-a", 1, Duration::from_secs(30)).await;
+    let batcher = Batcher::spawn(store.clone());
+    let sids: Vec<_> = (0..300)
+        .map(|_| SessionId::from_bytes(rand::random()))
+        .collect();
+    // Each session created twice at once: one lands, one finds it there.
+    let mut tasks = tokio::task::JoinSet::new();
+    for sid in sids.iter().chain(&sids) {
+        let w = RecordWrite {
+            sid: *sid,
+            expected: None,
+            record: record(("gw-a", 1, live), (1, 1), sid, [3; 32]),
+        };
+        let b = batcher.clone();
+        tasks.spawn(async move { b.write(w).await });
+    }
+    let results = tasks.join_all().await;
+    let (ok, exists) = results.iter().fold((0, 0), |(o, e), r| match r {
+        Ok(_) => (o + 1, e),
+        Err(StoreError::Exists) => (o, e + 1),
+        Err(other) => panic!("{other}"),
+    });
+    assert_eq!((ok, exists), (sids.len(), sids.len()));
+    for sid in &sids {
+        assert!(store.load(sid).await.unwrap().is_some());
+    }
+    let (requests, writes) = batcher.sent();
+    assert_eq!(writes, 2 * sids.len() as u64);
+    assert!(
+        requests < writes / 2,
+        "{requests} requests for {writes} writes: not batched"
+    );
+}

@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 use super::state::Shared;
 use crate::engine::{ResumeRequest, Termination};
 use crate::metrics as m;
-use crate::store::{EtcdStore, LeaseStatus, StoreError};
+use crate::store::{Batcher, EtcdStore, LeaseStatus, RecordWrite, StoreError};
 
 /// What the shell keeps per recorded session.
 #[derive(Clone, Debug)]
@@ -117,6 +117,9 @@ pub(super) fn unix_ms_now() -> u64 {
 /// The store as the session path sees it.
 pub(super) struct Stored {
     etcd: EtcdStore,
+    /// Creates and binds, group-committed (many sessions' writes per etcd
+    /// request under load).
+    batch: Batcher,
     status: watch::Receiver<LeaseStatus>,
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
@@ -155,6 +158,7 @@ impl Stored {
         keys: ClusterKeys,
     ) -> Self {
         Self {
+            batch: Batcher::spawn(etcd.clone()),
             etcd,
             status,
             origin,
@@ -221,10 +225,12 @@ impl Stored {
         let until = Instant::now() + WRITE_PATIENCE;
         let mut sent_before = false;
         loop {
-            let r = match expected {
-                None => timed(op, self.etcd.create(sid, record)).await,
-                Some(rev) => timed(op, self.etcd.update(sid, rev, record)).await,
+            let write = RecordWrite {
+                sid: *sid,
+                expected,
+                record: record.clone(),
             };
+            let r = timed(op, self.batch.write(write)).await;
             match r {
                 Err(StoreError::Unavailable(_))
                     if self.still(generation) && Instant::now() < until =>

@@ -24,6 +24,7 @@ use jvpn_proto::pb::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
 use jvpn_proto::pb::etcd::kv_client::KvClient;
 use jvpn_proto::pb::etcd::lease_client::LeaseClient;
 use jvpn_proto::pb::etcd::request_op::Request as Op;
+use jvpn_proto::pb::etcd::response_op::Response as Answer;
 use jvpn_proto::pb::etcd::{
     Compare, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
     LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
@@ -71,6 +72,19 @@ pub enum StoreError {
     Refused(String),
 }
 
+impl StoreError {
+    /// The same error for another waiter of one failed batch request (only
+    /// request-level errors are shared: unavailable or refused).
+    pub fn again(&self) -> Self {
+        match self {
+            StoreError::Refused(s) => StoreError::Refused(s.clone()),
+            StoreError::Config(s) => StoreError::Config(s.clone()),
+            StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 impl From<tonic::Status> for StoreError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
@@ -115,6 +129,20 @@ impl std::fmt::Debug for EtcdTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("EtcdTls(<redacted>)")
     }
+}
+
+/// Most record writes one etcd request carries (etcd's `--max-txn-ops`,
+/// 128 by default, bounds the outer and inner operations together).
+pub const MAX_BATCH: usize = 64;
+
+/// One record write of a batch: a create (`expected` `None`) or a
+/// compare-and-set on revision `expected`, both only while the owner lease
+/// the record names lives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordWrite {
+    pub sid: SessionId,
+    pub expected: Option<i64>,
+    pub record: SessionRecord,
 }
 
 /// A record as read, with the revision every write must name.
@@ -364,6 +392,7 @@ impl EtcdStore {
                         key,
                         range_end,
                         limit: 0,
+                        keys_only: false,
                     })
                     .await?
                     .into_inner();
@@ -420,6 +449,7 @@ impl EtcdStore {
                         key,
                         range_end: Vec::new(),
                         limit: 1,
+                        keys_only: false,
                     })
                     .await?
                     .into_inner();
@@ -475,12 +505,97 @@ impl EtcdStore {
     /// writer's lease failed.
     async fn why_not(&self, key: Vec<u8>, expected: i64) -> Result<StoreError, StoreError> {
         let now = self.get(key).await?.map_or(0, |kv| kv.mod_revision);
-        Ok(match (expected, now) {
-            (0, 0) => StoreError::LeaseGone,
-            (0, _) => StoreError::Exists,
-            (e, n) if e == n => StoreError::LeaseGone,
-            (e, _) => StoreError::Stale { expected: e },
-        })
+        Ok(why(expected, now))
+    }
+
+    /// Writes every record of `writes` in one etcd request (group commit):
+    /// each in a transaction of its own, with exactly the compares of
+    /// [`Self::create`] or [`Self::update`], nested in one outer
+    /// transaction that compares nothing. Each lands or fails alone; they
+    /// share one round trip and one raft entry. A failed one reads its
+    /// key's revision in the same request, so why it failed costs no
+    /// second round trip. Keys must be distinct (etcd refuses a request
+    /// that writes one key twice) and at most [`MAX_BATCH`].
+    pub async fn write_many(
+        &self,
+        writes: &[RecordWrite],
+    ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+        let one = |w: &RecordWrite| {
+            let key = self.session_key(&w.sid);
+            let first = match w.expected {
+                None => compare(
+                    key.clone(),
+                    CompareTarget::Create,
+                    TargetUnion::CreateRevision(0),
+                ),
+                Some(rev) => compare(
+                    key.clone(),
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(rev),
+                ),
+            };
+            let look = RequestOp {
+                request: Some(Op::RequestRange(RangeRequest {
+                    key: key.clone(),
+                    range_end: Vec::new(),
+                    limit: 1,
+                    keys_only: true,
+                })),
+            };
+            RequestOp {
+                request: Some(Op::RequestTxn(TxnRequest {
+                    compare: vec![first, self.owner_holds(&w.record)],
+                    success: vec![put(key, store_record::encode(&w.record), 0)],
+                    failure: vec![look],
+                })),
+            }
+        };
+        let req = TxnRequest {
+            compare: Vec::new(),
+            success: writes.iter().map(one).collect(),
+            failure: Vec::new(),
+        };
+        let r = self
+            .call(|mut m| {
+                let req = req.clone();
+                async move { Ok(m.kv.txn(req).await?.into_inner()) }
+            })
+            .await?;
+        if r.responses.len() != writes.len() {
+            return Err(StoreError::Refused(format!(
+                "a batch of {} writes answered with {} results",
+                writes.len(),
+                r.responses.len()
+            )));
+        }
+        // Every write of one transaction lands at its revision.
+        let revision = r.header.map_or(0, |h| h.revision);
+        Ok(writes
+            .iter()
+            .zip(r.responses)
+            .map(|(w, answer)| match answer.response {
+                Some(Answer::ResponseTxn(t)) if t.succeeded => Ok(revision),
+                Some(Answer::ResponseTxn(t)) => {
+                    let now = t.responses.into_iter().find_map(|r| match r.response {
+                        Some(Answer::ResponseRange(rr)) => {
+                            Some(rr.kvs.first().map_or(0, |kv| kv.mod_revision))
+                        }
+                        _ => None,
+                    });
+                    now.map(|n| why(w.expected.unwrap_or(0), n)).map_or_else(
+                        || {
+                            Err(StoreError::Refused(
+                                "a failed batched write came back without its read".into(),
+                            ))
+                        },
+                        Err,
+                    )
+                }
+                _ => Err(StoreError::Refused(
+                    "a batched write came back without its transaction".into(),
+                )),
+            })
+            .collect())
     }
 
     /// Writes a new session's record; fails if one exists or if the owner
@@ -582,6 +697,19 @@ impl EtcdStore {
             return Err(StoreError::OwnerAlive);
         }
         Err(self.why_not(key, expected).await?)
+    }
+}
+
+/// Why a write that compared a record at `expected` (0: absent) and the
+/// writer's lease failed, from the record's revision `now` (0: absent) at
+/// etcd when it did: the record as expected means the lease compare
+/// failed.
+fn why(expected: i64, now: i64) -> StoreError {
+    match (expected, now) {
+        (0, 0) => StoreError::LeaseGone,
+        (0, _) => StoreError::Exists,
+        (e, n) if e == n => StoreError::LeaseGone,
+        (e, _) => StoreError::Stale { expected: e },
     }
 }
 

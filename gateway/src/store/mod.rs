@@ -1,15 +1,18 @@
 //! The shared session store of topology 3 (DESIGN.md §9, issue 16): the
-//! etcd client with its fenced transactions ([`etcd`]), the self-fence a
+//! etcd client with its fenced transactions ([`etcd`]) and the group
+//! commit of record writes over it ([`batch`]), the self-fence a
 //! gateway keeps on its owner lease ([`fence`], sans-IO) and the task that
 //! keeps that lease ([`keeper`]).
 //!
 //! The session path's side (records at HELLO and RESUME, the fence loop)
 //! is `server/stored.rs`; design note 47 says why it is built this way.
 
+pub mod batch;
 pub mod etcd;
 pub mod fence;
 pub mod keeper;
 
-pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, StoreError, Stored};
+pub use batch::Batcher;
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, MAX_BATCH, RecordWrite, StoreError, Stored};
 pub use fence::{LeaseFence, Renewal};
 pub use keeper::{Keeper, KeeperConfig, LeaseStatus, LostBy};
