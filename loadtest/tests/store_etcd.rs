@@ -99,8 +99,12 @@ async fn binding_changes_are_compare_and_set_on_the_records_revision() {
     let sid = SessionId::from_bytes(rand::random());
     let rec = record(("gw-a", 7, lease), (1, 1), &sid, [1; 32]);
     let r1 = store.create(&sid, &rec).await.unwrap();
+    // Another record (its own key nonce) for the same session: refused.
+    // The same bytes again would be this very write resent, answered as
+    // landed (`a_write_sent_again_after_it_landed_is_answered_as_landed`).
+    let other = record(("gw-a", 7, lease), (1, 1), &sid, [1; 32]);
     assert!(matches!(
-        store.create(&sid, &rec).await,
+        store.create(&sid, &other).await,
         Err(StoreError::Exists)
     ));
     let got = store.load(&sid).await.unwrap().unwrap();
@@ -1045,20 +1049,22 @@ async fn a_batch_of_writes_lands_or_fails_each_on_its_own_compares() {
         let (expected, record) = match kind {
             // Created.
             0 | 4 => (None, rec),
-            // Created already.
-            1 => (None, {
-                store.create(&sid, &rec).await.unwrap();
-                rec
-            }),
+            // Created already (by another write: its own key nonce).
+            1 => {
+                let earlier = record(lease, (1, 1), &sid, [i as u8; 32]);
+                store.create(&sid, &earlier).await.unwrap();
+                (None, rec)
+            }
             // Bound at the revision read; at an older one.
             2 | 3 | 5 => {
                 let r = store.create(&sid, &rec).await.unwrap();
-                let at = if kind == 3 {
-                    store.update(&sid, r, &next).await.unwrap();
-                    r
-                } else {
-                    r
-                };
+                if kind == 3 {
+                    // Another writer moved it on since `r` was read.
+                    let mut theirs = next.clone();
+                    theirs.binding_epoch = 3;
+                    store.update(&sid, r, &theirs).await.unwrap();
+                }
+                let at = r;
                 (Some(at), next)
             }
             _ => unreachable!(),
@@ -1117,16 +1123,18 @@ async fn concurrent_writes_share_requests_and_each_gets_its_answer() {
     let sids: Vec<_> = (0..300)
         .map(|_| SessionId::from_bytes(rand::random()))
         .collect();
-    // Each session created twice at once: one lands, one finds it there.
+    // Each session created twice at once, back to back (two records with
+    // their own nonces): one lands, the other finds it there.
+    let until = Instant::now() + Duration::from_secs(10);
     let mut tasks = tokio::task::JoinSet::new();
-    for sid in sids.iter().chain(&sids) {
+    for sid in sids.iter().flat_map(|s| [s, s]) {
         let w = RecordWrite {
             sid: *sid,
             expected: None,
             record: record(("gw-a", 1, live), (1, 1), sid, [3; 32]),
         };
         let b = batcher.clone();
-        tasks.spawn(async move { b.write(w).await });
+        tasks.spawn(async move { b.write(w, until).await });
     }
     let results = tasks.join_all().await;
     let (ok, exists) = results.iter().fold((0, 0), |(o, e), r| match r {
@@ -1144,4 +1152,108 @@ async fn concurrent_writes_share_requests_and_each_gets_its_answer() {
         requests < writes / 2,
         "{requests} requests for {writes} writes: not batched"
     );
+}
+
+/// A request resent after it landed (the client moves to another member
+/// when one is slow, and the first may have applied it) fails its own
+/// compares; the answer must still say it landed, at its revision, and
+/// only for exactly that record: another record at the same place is
+/// still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_again_after_it_landed_is_answered_as_landed() {
+    use jvpn_gateway::store::RecordWrite;
+    let (_c, store) = cluster_and_store().await;
+    let live = owner(&store, "gw-a", 1, Duration::from_secs(30)).await;
+    let sid = SessionId::from_bytes(rand::random());
+    let first = RecordWrite {
+        sid,
+        expected: None,
+        record: record(("gw-a", 1, live), (1, 1), &sid, [1; 32]),
+    };
+    let once = |w: RecordWrite| {
+        let store = store.clone();
+        async move { store.write_many(&[w]).await.unwrap().pop().unwrap() }
+    };
+    let r1 = once(first.clone()).await.unwrap();
+    assert_eq!(once(first.clone()).await.unwrap(), r1, "a create resent");
+    let other = RecordWrite {
+        record: record(("gw-a", 1, live), (1, 1), &sid, [1; 32]),
+        ..first.clone()
+    };
+    assert!(matches!(once(other).await, Err(StoreError::Exists)));
+    let mut next = first.record.clone();
+    next.binding_epoch = 2;
+    let bind = RecordWrite {
+        sid,
+        expected: Some(r1),
+        record: next,
+    };
+    let r2 = once(bind.clone()).await.unwrap();
+    assert!(r2 > r1);
+    assert_eq!(once(bind.clone()).await.unwrap(), r2, "a bind resent");
+    let mut late = first.record.clone();
+    late.binding_epoch = 9;
+    let late = RecordWrite {
+        record: late,
+        ..bind
+    };
+    assert!(matches!(
+        once(late).await,
+        Err(StoreError::Stale { expected }) if expected == r1
+    ));
+    assert_eq!(store.load(&sid).await.unwrap().unwrap().mod_revision, r2);
+}
+
+/// A write whose writer gave up (its lease deadline passed) while it
+/// queued is never sent; one etcd refuses (too large) fails alone, not the
+/// writes that shared its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_up_write_is_never_sent_and_a_refused_one_fails_alone() {
+    use jvpn_gateway::store::{Batcher, RecordWrite};
+    let (_c, store) = cluster_and_store().await;
+    let live = owner(&store, "gw-a", 1, Duration::from_secs(30)).await;
+    let batcher = Batcher::spawn(store.clone());
+    let write = |sid: SessionId| RecordWrite {
+        sid,
+        expected: None,
+        record: record(("gw-a", 1, live), (1, 1), &sid, [5; 32]),
+    };
+    let late = SessionId::from_bytes(rand::random());
+    let r = batcher.write(write(late), Instant::now()).await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    // The writer handles writes in order: once a later one is answered,
+    // the given-up one was dropped or sent.
+    let later = SessionId::from_bytes(rand::random());
+    let until = Instant::now() + Duration::from_secs(10);
+    batcher.write(write(later), until).await.unwrap();
+    assert!(
+        store.load(&late).await.unwrap().is_none(),
+        "sent after its deadline"
+    );
+    assert_eq!(batcher.sent().1, 1);
+
+    // 1.6 MiB: past etcd's request limit (1.5 MiB), within its gRPC one.
+    let big = SessionId::from_bytes(rand::random());
+    let mut huge = write(big);
+    huge.record.principal = "x".repeat(1_600_000);
+    let mut tasks = tokio::task::JoinSet::new();
+    let small: Vec<_> = (0..40)
+        .map(|_| SessionId::from_bytes(rand::random()))
+        .collect();
+    for (i, sid) in small.iter().enumerate() {
+        let (b, w) = (batcher.clone(), write(*sid));
+        tasks.spawn(async move { (false, b.write(w, until).await) });
+        if i == 20 {
+            let (b, w) = (batcher.clone(), huge.clone());
+            tasks.spawn(async move { (true, b.write(w, until).await) });
+        }
+    }
+    for (is_big, r) in tasks.join_all().await {
+        if is_big {
+            assert!(matches!(r, Err(StoreError::Refused(_))), "{r:?}");
+        } else {
+            r.unwrap();
+        }
+    }
+    assert!(store.load(&big).await.unwrap().is_none());
 }

@@ -180,6 +180,13 @@ impl Stored {
             .then_some((s.generation, s.lease))
     }
 
+    /// When the lease serving now stops serving unless renewed.
+    fn serving_until(&self) -> Option<Instant> {
+        let s = *self.status.borrow();
+        s.serving_until
+            .map(|d| self.origin + d.saturating_since(Mono::ZERO))
+    }
+
     /// The fence of a recorded session; a session not (or no longer)
     /// recorded gets one that never holds (fail closed).
     pub(crate) fn fence_of(self: &Arc<Self>, sid: &SessionId) -> Fence {
@@ -210,10 +217,11 @@ impl Stored {
     /// Writes `record` at `sid`: a create (`expected` `None`) or a
     /// compare-and-set on revision `expected`. While etcd cannot answer (a
     /// member died and the rest elect a leader: about a second) and this
-    /// lease generation still serves, the write is sent again. A retry
-    /// whose earlier attempt did land meets its own compare (`Exists`,
-    /// `Stale`): the record is read back, and the write stands only if the
-    /// stored record is exactly this one.
+    /// lease generation still serves, the write is sent again. A resend
+    /// (this one, or the etcd client's to another member) whose earlier
+    /// attempt did land fails its compare, and the store's answer then
+    /// says it landed only if the stored record is exactly this one
+    /// ([`crate::store::EtcdStore::write_many`]).
     async fn write(
         &self,
         op: &'static str,
@@ -223,27 +231,25 @@ impl Stored {
         record: &SessionRecord,
     ) -> Result<i64, StoreError> {
         let until = Instant::now() + WRITE_PATIENCE;
-        let mut sent_before = false;
         loop {
             let write = RecordWrite {
                 sid: *sid,
                 expected,
                 record: record.clone(),
             };
-            let r = timed(op, self.batch.write(write)).await;
+            // Never past the lease's deadline: a write that waits longer
+            // is of no use (and must not land late).
+            let deadline = match self.serving_until() {
+                Some(d) if self.still(generation) => d.min(until),
+                _ => return Err(StoreError::Unavailable("the lease stopped serving".into())),
+            };
+            let r = timed(op, self.batch.write(write, deadline)).await;
             match r {
                 Err(StoreError::Unavailable(_))
                     if self.still(generation) && Instant::now() < until =>
                 {
-                    sent_before = true;
                     counter!(m::STORE_WRITE_RETRIES, "op" => op).increment(1);
                     tokio::time::sleep(WRITE_RETRY).await;
-                }
-                Err(e @ (StoreError::Exists | StoreError::Stale { .. })) if sent_before => {
-                    return match timed("load", self.etcd.load(sid)).await {
-                        Ok(Some(s)) if s.record == *record => Ok(s.mod_revision),
-                        _ => Err(e),
-                    };
                 }
                 r => return r,
             }

@@ -15,6 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use metrics::histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -31,7 +32,17 @@ const QUEUE: usize = 4096;
 
 struct Pending {
     write: RecordWrite,
+    /// Past this the writer has given up (its lease stops serving): the
+    /// write must not go out any more.
+    until: Instant,
     reply: oneshot::Sender<Result<i64, StoreError>>,
+}
+
+impl Pending {
+    /// Still worth sending at `now`: its writer waits and may still use it.
+    fn wanted(&self, now: Instant) -> bool {
+        now < self.until && !self.reply.is_closed()
+    }
 }
 
 /// The writer: cheap to clone; its task ends when the last clone is gone.
@@ -66,15 +77,31 @@ impl Batcher {
     }
 
     /// Writes one record, in whichever batch has room; the answer is the
-    /// one [`EtcdStore::create`] or [`EtcdStore::update`] would give.
-    pub async fn write(&self, write: RecordWrite) -> Result<i64, StoreError> {
+    /// one [`EtcdStore::create`] or [`EtcdStore::update`] would give (or
+    /// that it landed, when a resend of the request met it). No answer by
+    /// `until` (the writer's lease deadline): `Unavailable`, and a write
+    /// still queued then is never sent.
+    pub async fn write(&self, write: RecordWrite, until: Instant) -> Result<i64, StoreError> {
         let (reply, answer) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the store writer stopped".into());
-        self.tx
-            .send(Pending { write, reply })
+        let queued = async {
+            self.tx
+                .send(Pending {
+                    write,
+                    until,
+                    reply,
+                })
+                .await
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        };
+        tokio::time::timeout_at(until.into(), queued)
             .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "no store answer before the lease's deadline".into(),
+                ))
+            })
     }
 }
 
@@ -102,6 +129,12 @@ async fn run(store: EtcdStore, mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats
             |p: &Pending| p.write.sid,
             || rx.try_recv().ok(),
         );
+        // Writes whose writer gave up while they queued stay unsent.
+        let now = Instant::now();
+        batch.retain(|p| p.wanted(now));
+        if batch.is_empty() {
+            continue;
+        }
         stats.requests.fetch_add(1, Ordering::Relaxed);
         stats
             .writes
@@ -114,22 +147,30 @@ async fn run(store: EtcdStore, mut rx: mpsc::Receiver<Pending>, stats: Arc<Stats
     }
 }
 
-/// One request for `batch`; every writer gets its own answer (a failed
-/// request fails each of them the same way).
+/// One request for `batch`; every writer gets its own answer. A request
+/// etcd refuses as a whole (one write too large, say) is sent again one
+/// write at a time, so only the write at fault fails; a request etcd could
+/// not answer fails each writer the same way (each resends on its own).
 async fn send(store: &EtcdStore, batch: Vec<Pending>) {
     histogram!(m::STORE_BATCH_WRITES).record(batch.len() as f64);
     let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.write, p.reply)).unzip();
-    match store.write_many(&writes).await {
-        Ok(results) => {
-            for (reply, r) in replies.into_iter().zip(results) {
-                let _ = reply.send(r);
+    let results = match store.write_many(&writes).await {
+        Ok(results) => results,
+        Err(StoreError::Refused(_)) if writes.len() > 1 => {
+            let mut results = Vec::with_capacity(writes.len());
+            for w in &writes {
+                let r = store.write_many(std::slice::from_ref(w)).await;
+                results.push(r.and_then(|mut r| {
+                    r.pop()
+                        .unwrap_or_else(|| Err(StoreError::Refused("no result".into())))
+                }));
             }
+            results
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.again()));
-            }
-        }
+        Err(e) => writes.iter().map(|_| Err(e.again())).collect(),
+    };
+    for (reply, r) in replies.into_iter().zip(results) {
+        let _ = reply.send(r);
     }
 }
 

@@ -131,8 +131,10 @@ impl std::fmt::Debug for EtcdTls {
     }
 }
 
-/// Most record writes one etcd request carries (etcd's `--max-txn-ops`,
-/// 128 by default, bounds the outer and inner operations together).
+/// Most record writes one etcd request carries. etcd's `--max-txn-ops`
+/// (128 by default) bounds the outer transaction's operations and each
+/// nested one's by what the outer left: a batch of `n` needs at least
+/// `n + 2`, so 64 fits the default with room.
 pub const MAX_BATCH: usize = 64;
 
 /// One record write of a batch: a create (`expected` `None`) or a
@@ -501,26 +503,26 @@ impl EtcdStore {
         )
     }
 
-    /// Why a write that compared `key` at `expected` (0: absent) and the
-    /// writer's lease failed.
-    async fn why_not(&self, key: Vec<u8>, expected: i64) -> Result<StoreError, StoreError> {
-        let now = self.get(key).await?.map_or(0, |kv| kv.mod_revision);
-        Ok(why(expected, now))
-    }
-
     /// Writes every record of `writes` in one etcd request (group commit):
     /// each in a transaction of its own, with exactly the compares of
     /// [`Self::create`] or [`Self::update`], nested in one outer
     /// transaction that compares nothing. Each lands or fails alone; they
-    /// share one round trip and one raft entry. A failed one reads its
-    /// key's revision in the same request, so why it failed costs no
-    /// second round trip. Keys must be distinct (etcd refuses a request
+    /// share one round trip and one raft entry. A failed one reads its key
+    /// in the same request: why it failed costs no second round trip, and
+    /// a write that already landed (the request was resent to another
+    /// member after the first one applied it) is recognised as landed: the
+    /// stored bytes are exactly its own (the wrapped key's fresh nonce
+    /// makes them unique). Keys must be distinct (etcd refuses a request
     /// that writes one key twice) and at most [`MAX_BATCH`].
     pub async fn write_many(
         &self,
         writes: &[RecordWrite],
     ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
-        let one = |w: &RecordWrite| {
+        let encoded: Vec<Vec<u8>> = writes
+            .iter()
+            .map(|w| store_record::encode(&w.record))
+            .collect();
+        let one = |(w, value): (&RecordWrite, &Vec<u8>)| {
             let key = self.session_key(&w.sid);
             let first = match w.expected {
                 None => compare(
@@ -539,20 +541,20 @@ impl EtcdStore {
                     key: key.clone(),
                     range_end: Vec::new(),
                     limit: 1,
-                    keys_only: true,
+                    keys_only: false,
                 })),
             };
             RequestOp {
                 request: Some(Op::RequestTxn(TxnRequest {
                     compare: vec![first, self.owner_holds(&w.record)],
-                    success: vec![put(key, store_record::encode(&w.record), 0)],
+                    success: vec![put(key, value.clone(), 0)],
                     failure: vec![look],
                 })),
             }
         };
         let req = TxnRequest {
             compare: Vec::new(),
-            success: writes.iter().map(one).collect(),
+            success: writes.iter().zip(&encoded).map(one).collect(),
             failure: Vec::new(),
         };
         let r = self
@@ -570,26 +572,31 @@ impl EtcdStore {
         }
         // Every write of one transaction lands at its revision.
         let revision = r.header.map_or(0, |h| h.revision);
+        let landed = |kv: &KeyValue, value: &[u8]| kv.value == value;
         Ok(writes
             .iter()
+            .zip(&encoded)
             .zip(r.responses)
-            .map(|(w, answer)| match answer.response {
-                Some(Answer::ResponseTxn(t)) if t.succeeded => Ok(revision),
+            .map(|((w, value), answer)| match answer.response {
+                Some(Answer::ResponseTxn(t)) if t.succeeded && revision > 0 => Ok(revision),
+                Some(Answer::ResponseTxn(t)) if t.succeeded => Err(StoreError::Unavailable(
+                    "a batched write landed at no revision".into(),
+                )),
                 Some(Answer::ResponseTxn(t)) => {
                     let now = t.responses.into_iter().find_map(|r| match r.response {
-                        Some(Answer::ResponseRange(rr)) => {
-                            Some(rr.kvs.first().map_or(0, |kv| kv.mod_revision))
-                        }
+                        Some(Answer::ResponseRange(rr)) => Some(rr.kvs.into_iter().next()),
                         _ => None,
                     });
-                    now.map(|n| why(w.expected.unwrap_or(0), n)).map_or_else(
-                        || {
-                            Err(StoreError::Refused(
-                                "a failed batched write came back without its read".into(),
-                            ))
-                        },
-                        Err,
-                    )
+                    match now {
+                        Some(Some(kv)) if landed(&kv, value) => Ok(kv.mod_revision),
+                        Some(kv) => Err(why(
+                            w.expected.unwrap_or(0),
+                            kv.map_or(0, |kv| kv.mod_revision),
+                        )),
+                        None => Err(StoreError::Refused(
+                            "a failed batched write came back without its read".into(),
+                        )),
+                    }
                 }
                 _ => Err(StoreError::Refused(
                     "a batched write came back without its transaction".into(),
@@ -601,20 +608,7 @@ impl EtcdStore {
     /// Writes a new session's record; fails if one exists or if the owner
     /// lease the record names is gone.
     pub async fn create(&self, sid: &SessionId, rec: &SessionRecord) -> Result<i64, StoreError> {
-        let key = self.session_key(sid);
-        let absent = compare(
-            key.clone(),
-            CompareTarget::Create,
-            TargetUnion::CreateRevision(0),
-        );
-        let put = put(key.clone(), store_record::encode(rec), 0);
-        match self
-            .txn(vec![absent, self.owner_holds(rec)], vec![put])
-            .await?
-        {
-            Some(rev) => Ok(rev),
-            None => Err(self.why_not(key, 0).await?),
-        }
+        self.write_one(sid, None, rec).await
     }
 
     /// A binding change by the owner: written only if the record is still
@@ -626,20 +620,24 @@ impl EtcdStore {
         expected: i64,
         rec: &SessionRecord,
     ) -> Result<i64, StoreError> {
-        let key = self.session_key(sid);
-        let same = compare(
-            key.clone(),
-            CompareTarget::Mod,
-            TargetUnion::ModRevision(expected),
-        );
-        let put = put(key.clone(), store_record::encode(rec), 0);
-        match self
-            .txn(vec![same, self.owner_holds(rec)], vec![put])
+        self.write_one(sid, Some(expected), rec).await
+    }
+
+    async fn write_one(
+        &self,
+        sid: &SessionId,
+        expected: Option<i64>,
+        rec: &SessionRecord,
+    ) -> Result<i64, StoreError> {
+        let w = RecordWrite {
+            sid: *sid,
+            expected,
+            record: rec.clone(),
+        };
+        self.write_many(std::slice::from_ref(&w))
             .await?
-        {
-            Some(rev) => Ok(rev),
-            None => Err(self.why_not(key, expected).await?),
-        }
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Refused("no result".into())))
     }
 
     /// Removes an ended session's record, only if it is still the one
@@ -685,25 +683,54 @@ impl EtcdStore {
             CompareTarget::Create,
             TargetUnion::CreateRevision(0),
         );
-        let put = put(key.clone(), store_record::encode(rec), 0);
-        if let Some(rev) = self
-            .txn(vec![same, gone, self.owner_holds(rec)], vec![put])
-            .await?
-        {
-            return Ok(rev);
+        let look = |key: Vec<u8>| RequestOp {
+            request: Some(Op::RequestRange(RangeRequest {
+                key,
+                range_end: Vec::new(),
+                limit: 1,
+                keys_only: true,
+            })),
+        };
+        let req = TxnRequest {
+            compare: vec![same, gone, self.owner_holds(rec)],
+            success: vec![put(key.clone(), store_record::encode(rec), 0)],
+            // Which compare failed, read at the same revision: a lease
+            // expiring between the claim and a later read must not pass
+            // for the taker's own lease gone.
+            failure: vec![look(owner), look(key)],
+        };
+        let r = self
+            .call(|mut m| {
+                let req = req.clone();
+                async move { Ok(m.kv.txn(req).await?.into_inner()) }
+            })
+            .await?;
+        if r.succeeded {
+            return match r.header.map_or(0, |h| h.revision) {
+                rev if rev > 0 => Ok(rev),
+                _ => Err(StoreError::Unavailable(
+                    "a claim landed at no revision".into(),
+                )),
+            };
         }
-        // Which compare failed decides what the caller does next.
-        if self.get(owner).await?.is_some() {
+        let mut read = r.responses.into_iter().map(|r| match r.response {
+            Some(Answer::ResponseRange(rr)) => Ok(rr.kvs.into_iter().next()),
+            _ => Err(StoreError::Refused(
+                "a failed claim came back without its reads".into(),
+            )),
+        });
+        let (Some(owner_now), Some(record_now)) = (read.next(), read.next()) else {
+            return Err(StoreError::Refused(
+                "a failed claim came back without its reads".into(),
+            ));
+        };
+        if owner_now?.is_some() {
             return Err(StoreError::OwnerAlive);
         }
-        Err(self.why_not(key, expected).await?)
+        Err(why(expected, record_now?.map_or(0, |kv| kv.mod_revision)))
     }
 }
 
-/// Why a write that compared a record at `expected` (0: absent) and the
-/// writer's lease failed, from the record's revision `now` (0: absent) at
-/// etcd when it did: the record as expected means the lease compare
-/// failed.
 fn why(expected: i64, now: i64) -> StoreError {
     match (expected, now) {
         (0, 0) => StoreError::LeaseGone,
