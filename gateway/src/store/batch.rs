@@ -23,8 +23,14 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use super::etcd::{EtcdStore, MAX_BATCH, RecordWrite, StoreError};
 use crate::metrics as m;
 
-/// etcd requests of batched writes out at once.
-pub const IN_FLIGHT: usize = 2;
+/// etcd requests of batched writes out at once. One: the next batch forms
+/// while a request is out (a write waits at most about two round trips),
+/// and measured against two it gave the larger batches and the cheaper
+/// RESUME (0.71–0.75 of the RESUMEs per gateway core without a store,
+/// against 0.68–0.72; docs/benchmarks.md). Several requests would not get
+/// past a slow member either: they all go to the member that last
+/// answered.
+pub const IN_FLIGHT: usize = 1;
 
 /// Writes waiting for a slot before a writer waits to queue (back
 /// pressure, not a drop).
