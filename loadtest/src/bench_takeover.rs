@@ -305,7 +305,8 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
             let moved = r.is_ok()
                 && match (before, a.session.as_ref()) {
                     (Some(b), Some(s)) => {
-                        s.id == b.id && s.owner_epoch > b.owner_epoch && s.node_id != b.node_id
+                        // The same session, one owner epoch up, elsewhere.
+                        s.id == b.id && s.owner_epoch == b.owner_epoch + 1 && s.node_id != b.node_id
                     }
                     _ => false,
                 };
@@ -345,7 +346,8 @@ pub async fn run(opts: TakeoverBenchOptions) -> Result<TakeoverBenchReport> {
         taken_over,
         failed: n - taken_over,
         takeover_ms: percentiles(times),
-        lease_ttl_ms: 2_000,
+        // The gateways run `[store]` with its default lease.
+        lease_ttl_ms: jvpn_gateway::config::StoreConfig::default().lease_ttl_ms,
         resume_rates,
         store_vs_memory_resumes_per_core,
         pinned,

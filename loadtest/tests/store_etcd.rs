@@ -918,9 +918,9 @@ async fn a_resume_whose_binding_cannot_be_written_gets_no_resume_ok() {
 
 /// Quorum kept, nothing visible: each etcd member in turn is SIGKILLed
 /// (one of them the leader), then each in turn SIGSTOPped, while agents
-/// RESUME back to back. No session ends: a RESUME whose binding write
-/// meets the election waits for the new leader (within the lease) instead
-/// of ending its session.
+/// RESUME back to back and new agents HELLO one after another. No session
+/// ends and no HELLO is refused: a write that meets the election waits
+/// for the new leader (within the lease) instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_down_at_a_time_ends_no_session() {
     use jvpn_loadtest::bench_takeover::resume_until_attached;
@@ -944,7 +944,7 @@ async fn one_etcd_member_down_at_a_time_ends_no_session() {
         .iter()
         .map(|a| a.session.as_ref().unwrap().id)
         .collect();
-    let mut resumes = 0;
+    let (mut resumes, mut hellos) = (0, 0);
     for (i, kill) in [
         (0, true),
         (1, true),
@@ -973,8 +973,24 @@ async fn one_etcd_member_down_at_a_time_ends_no_session() {
         } else {
             c.signal(i, Signal::SIGSTOP).unwrap();
         }
-        // Held past an election and past the owner lease's TTL (2 s).
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        // Held past an election and past the owner lease's TTL (2 s),
+        // while new sessions keep arriving: every HELLO is answered.
+        let held = Instant::now() + Duration::from_millis(2_500);
+        let mut hellos_now = 0;
+        while Instant::now() < held {
+            let from = Some(jvpn_loadtest::harness::source_ip(hellos));
+            let mut a = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, from).unwrap();
+            if let Err(e) = a.hello().await {
+                panic!(
+                    "member {i} {}: a HELLO was refused: {e}\n{}",
+                    if kill { "killed" } else { "paused" },
+                    env.gw.log()
+                );
+            }
+            hellos += 1;
+            hellos_now += 1;
+        }
+        assert!(hellos_now > 0);
         if kill {
             c.restart(i).unwrap();
         } else {

@@ -125,6 +125,21 @@ async fn a_killed_owners_sessions_are_taken_over_at_a_higher_epoch_without_a_han
             (s.id, s.node_id.clone(), s.incarnation)
         })
         .collect();
+    // What the session is, apart from its owner: it must survive the
+    // takeover unchanged (principal, credential, lifetime, migration).
+    let mut identity = BTreeMap::new();
+    for (sid, _, _) in &before {
+        let r = store.load(sid).await.unwrap().unwrap().record;
+        identity.insert(
+            *sid,
+            (
+                r.principal,
+                r.credential,
+                r.end_of_life_unix_ms,
+                r.agent_migrates,
+            ),
+        );
+    }
     c.gateway(&victim).unwrap().signal(Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
     for (_, t) in &mut agents {
@@ -162,6 +177,18 @@ async fn a_killed_owners_sessions_are_taken_over_at_a_higher_epoch_without_a_han
                 (s.node_id.as_str(), s.incarnation, 2)
             );
             assert_eq!(rec.binding_epoch, s.binding_epoch);
+            let was = &identity[sid];
+            assert_eq!(
+                (
+                    &rec.principal,
+                    &rec.credential,
+                    rec.end_of_life_unix_ms,
+                    rec.agent_migrates
+                ),
+                (&was.0, &was.1, was.2, was.3),
+                "the session's identity and lifetime carried over"
+            );
+            assert!(!rec.principal.is_empty() && rec.end_of_life_unix_ms > 0);
             let key = open_record_key([&keys], sid, &rec).unwrap();
             let key = jvpn_proto::crypto::ResumeKey::new(*key);
             let r = a.build_resume(&tr).unwrap();
@@ -514,15 +541,16 @@ async fn a_paused_owner_sends_no_egress_byte_for_a_session_taken_over_meanwhile(
     );
     // Its events: the session ends there (explicitly), never attaches again.
     let events = c.gateway(&owner).unwrap().events_path.clone();
-    let after = || -> Vec<serde_json::Value> {
+    let since_pause = |kind: &'static str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(&events)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event_type"] == "SessionStateChange")
+            .filter(|v| v["event_type"] == kind)
             .filter(|v| v["host_mono_ns"].as_u64().unwrap_or(0) > paused_ns)
             .collect()
     };
+    let after = || since_pause("SessionStateChange");
     jvpn_loadtest::harness::eventually(
         Duration::from_secs(10),
         "the old owner's end event",
@@ -536,6 +564,11 @@ async fn a_paused_owner_sends_no_egress_byte_for_a_session_taken_over_meanwhile(
     for v in after() {
         assert_ne!(v["to"], "attached", "{v}");
     }
+    // Nor did it tell any agent anything (no HelloOk, no ResumeOk).
+    assert_eq!(
+        since_pause("SessionAnswered"),
+        Vec::<serde_json::Value>::new()
+    );
     let rep = a.report.lock().unwrap().clone();
     assert_eq!(rep.rehandshakes, 0, "{rep:?}");
     assert_eq!(rep.streams_reset.get("taken_over"), Some(&1), "{rep:?}");
@@ -695,10 +728,16 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
     use jvpn_proto::pb::session::frame::Kind;
     let mut etcd = EtcdCluster::start(3).await.unwrap();
     let c = takeover_cluster(&etcd, 2).await;
-    let sticky = common::start("").await;
-    let mut t2 = jvpn_loadtest::harness::agent(&sticky.pki, sticky.gw.client_addr, None).unwrap();
+    // A topology-2 cluster beside it (router and gateways, no `[store]`).
+    let sticky = common::cluster(jvpn_loadtest::cluster::ClusterOptions {
+        gateways: 2,
+        ..Default::default()
+    })
+    .await;
+    let sticky_router = sticky.routers[0].client_addr;
+    let mut t2 = jvpn_loadtest::harness::agent(&sticky.pki, sticky_router, None).unwrap();
     drop(common::hello(&mut t2).await);
-    let t2_session = t2.session.as_ref().unwrap().id;
+    let t2_session = t2.session.clone().unwrap();
     let router = c.routers[0].client_addr;
     let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
     drop(common::hello(&mut a).await);
@@ -743,10 +782,21 @@ async fn without_a_majority_no_takeover_and_with_it_back_the_session_moves() {
             .unwrap(),
         0.0
     );
-    // Meanwhile, topology 2: resumed on its owner, same session.
+    // Meanwhile, topology 2: resumed through its router on its owner, the
+    // same session at the same owner epoch; and new sessions are placed.
     let mut tr2 = common::resume(&mut t2).await.unwrap();
     tr2.echo(b"no store, no store fault").await.unwrap();
-    assert_eq!(t2.session.as_ref().unwrap().id, t2_session);
+    let now2 = t2.session.clone().unwrap();
+    assert_eq!(
+        (now2.id, now2.node_id, now2.owner_epoch),
+        (t2_session.id, t2_session.node_id, t2_session.owner_epoch)
+    );
+    let mut fresh = jvpn_loadtest::harness::agent(&sticky.pki, sticky_router, None).unwrap();
+    common::hello(&mut fresh)
+        .await
+        .echo(b"a new one")
+        .await
+        .unwrap();
     etcd.restart(1).unwrap();
     etcd.restart(2).unwrap();
     etcd.wait_ready(Duration::from_secs(30)).await.unwrap();

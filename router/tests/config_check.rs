@@ -162,8 +162,13 @@ fn environment_beats_file_beats_default() {
 #[test]
 fn the_deploy_examples_pass_check_and_every_key_is_documented() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for r in ["r1", "r2"] {
-        let example = root.join(format!("deploy/cluster/{r}.toml"));
+    for (dir, r) in [
+        ("cluster", "r1"),
+        ("cluster", "r2"),
+        ("cluster-etcd", "r1"),
+        ("cluster-etcd", "r2"),
+    ] {
+        let example = root.join(format!("deploy/{dir}/{r}.toml"));
         let d = tempfile::tempdir().unwrap();
         pki(d.path());
         let out = Command::new(env!("CARGO_BIN_EXE_jvpn-router"))
@@ -185,6 +190,11 @@ fn the_deploy_examples_pass_check_and_every_key_is_documented() {
             "not in docs/configuration.md: {missing:?}"
         );
         assert!(keys >= 27, "the example covers every key ({keys})");
+        // Topology 3's routers route takeovers; the others do not.
+        let takeover = text
+            .lines()
+            .any(|l| l.split('#').next().unwrap().trim() == "takeover = true");
+        assert_eq!(takeover, dir == "cluster-etcd", "{dir}/{r}");
     }
 }
 
