@@ -196,10 +196,12 @@ pub(super) async fn do_hello(
             Err(_) => Err(ReasonCode::ProtocolError),
         };
         if let Err(reason) = r {
-            shared.with_engine(shard, |e| {
-                e.terminate(shared.now(), &acc.session_id, Termination::StoreUnavailable)
-            });
-            shared.deregister(shard, transport);
+            shared.abandon(
+                shard,
+                &acc.session_id,
+                transport,
+                Termination::StoreUnavailable,
+            );
             refuse(reason);
             let _ = send_reject(&mut tls, reason, 250, 0).await;
             return Ok(());
@@ -227,10 +229,7 @@ pub(super) async fn do_hello(
     });
     if !hello_lease_holds(cluster, router_id, shared.now()) {
         // The lease lapsed while minting: this HelloOk must not be written.
-        shared.with_engine(shard, |e| {
-            e.terminate(shared.now(), &acc.session_id, Termination::LeaseLost)
-        });
-        shared.deregister(shard, transport);
+        shared.abandon(shard, &acc.session_id, transport, Termination::LeaseLost);
         refuse(ReasonCode::NotInCluster);
         let _ = send_reject(&mut tls, ReasonCode::NotInCluster, 250, 0).await;
         return Err(ConnReject::NoLease);
@@ -242,10 +241,7 @@ pub(super) async fn do_hello(
         "hello_ok",
     );
     if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
-        shared.with_engine(shard, |e| {
-            e.transport_closed(shared.now(), &acc.session_id, transport)
-        });
-        shared.deregister(shard, transport);
+        shared.answer_lost(shard, &acc.session_id, transport);
         return Ok(());
     }
     counter!(m::HELLOS, "result" => "ok").increment(1);
@@ -307,10 +303,7 @@ pub(super) async fn do_resume(
                     )
                     .ok();
                     if let Err(reason) = st.on_resume(&sid, ok.binding_epoch, key).await {
-                        shared.with_engine(shard, |e| {
-                            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
-                        });
-                        shared.deregister(shard, transport);
+                        shared.abandon(shard, &sid, transport, Termination::StoreUnavailable);
                         counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
                         let _ = send_terminate(&mut tls, reason).await;
                         return Ok(());
@@ -322,10 +315,7 @@ pub(super) async fn do_resume(
                     && !st.fence_of(&sid).holds()
                 {
                     // The lease went between the write and now.
-                    shared.with_engine(shard, |e| {
-                        e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
-                    });
-                    shared.deregister(shard, transport);
+                    shared.abandon(shard, &sid, transport, Termination::StoreUnavailable);
                     let _ = send_terminate(&mut tls, ReasonCode::StoreUnavailable).await;
                     return Ok(());
                 }
@@ -333,9 +323,7 @@ pub(super) async fn do_resume(
                     .events
                     .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
-                    shared
-                        .with_engine(shard, |e| e.transport_closed(shared.now(), &sid, transport));
-                    shared.deregister(shard, transport);
+                    shared.answer_lost(shard, &sid, transport);
                     return Ok(());
                 }
                 histogram!(m::RESUME_SECONDS).record(accepted_at.elapsed().as_secs_f64());
@@ -458,10 +446,7 @@ async fn take_over(
     // Fenced like any recorded session from here; a lease lost since the
     // claim ends it before anything is said.
     if !st.adopted(&sid, &claimed) {
-        shared.with_engine(shard, |e| {
-            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
-        });
-        shared.deregister(shard, at.transport);
+        shared.abandon(shard, &sid, at.transport, Termination::StoreUnavailable);
         refuse(&mut tls, ReasonCode::StoreUnavailable).await;
         return Ok(());
     }
@@ -487,10 +472,7 @@ async fn take_over(
         (ch, first)
     });
     if !st.fence_of(&sid).holds() {
-        shared.with_engine(shard, |e| {
-            e.terminate(shared.now(), &sid, Termination::StoreUnavailable)
-        });
-        shared.deregister(shard, at.transport);
+        shared.abandon(shard, &sid, at.transport, Termination::StoreUnavailable);
         refuse(&mut tls, ReasonCode::StoreUnavailable).await;
         return Ok(());
     }
@@ -498,10 +480,7 @@ async fn take_over(
         .events
         .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
     if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
-        shared.with_engine(shard, |e| {
-            e.transport_closed(shared.now(), &sid, at.transport)
-        });
-        shared.deregister(shard, at.transport);
+        shared.answer_lost(shard, &sid, at.transport);
         return Ok(());
     }
     counter!(m::RESUMES, "result" => "ok").increment(1);

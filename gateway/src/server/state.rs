@@ -21,7 +21,9 @@ use tracing::info;
 use crate::config::ConfigErrors;
 use crate::config::Validated;
 use crate::engine::policy::{PolicyError, display_all};
-use crate::engine::{Action, Engine, EngineConfig, EngineEvent, Mono, State, TransportId};
+use crate::engine::{
+    Action, Engine, EngineConfig, EngineEvent, Mono, State, Termination, TransportId,
+};
 use crate::events::EventSink;
 use crate::gate::Gate;
 use crate::issuer::{Issuer, NONCE_LEN};
@@ -261,6 +263,22 @@ impl Shared {
 
     pub(super) fn deregister(&self, shard: usize, t: TransportId) {
         lock(&self.shards[shard].conns).remove(&t);
+    }
+
+    /// A session accepted on connection `t` that must not go on (its
+    /// store write failed, its lease went before the answer): it ends
+    /// with `why`, and the connection leaves the shard. The caller says
+    /// so on the wire.
+    pub(super) fn abandon(&self, shard: usize, sid: &SessionId, t: TransportId, why: Termination) {
+        self.with_engine(shard, |e| e.terminate(self.now(), sid, why));
+        self.deregister(shard, t);
+    }
+
+    /// The answer to `sid` could not be written on connection `t`: that
+    /// transport is lost (the session waits for the next one).
+    pub(super) fn answer_lost(&self, shard: usize, sid: &SessionId, t: TransportId) {
+        self.with_engine(shard, |e| e.transport_closed(self.now(), sid, t));
+        self.deregister(shard, t);
     }
 
     pub(super) fn counts(&self) -> [u64; 6] {
