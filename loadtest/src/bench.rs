@@ -235,7 +235,10 @@ where
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // Tickets like a gateway's (one per connection, single use).
-    let tickets = jvpn_gateway::tickets::Tickets::new(Duration::from_secs(900));
+    let tickets = jvpn_gateway::tickets::Tickets::new(
+        Duration::from_secs(900),
+        Duration::from_secs(8 * 3600),
+    );
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(jvpn_gateway::tls::server_config(
         &material,
         true,

@@ -404,3 +404,78 @@ async fn a_reload_retires_every_earlier_ticket() {
         1.0
     );
 }
+
+/// A NAT reset hits transports of every age, most of them long-lived: the
+/// ticket issued with a connection still resumes when that connection has
+/// been up longer than `transport_lost_ttl`, for as long as its session
+/// lives; once the session has ended, it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_resumes_while_its_session_lives_however_old_its_connection() {
+    let env = common::start(
+        "[policy]\ntransport_lost_ttl_ms = 2500\nswitch_cooldown_ms = 300\nmax_switches_per_min = 3\n",
+    )
+    .await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = common::hello(&mut a).await;
+    // Up for longer than transport_lost_ttl (2.5 s), kept alive by pings.
+    let up = std::time::Instant::now();
+    while up.elapsed() < std::time::Duration::from_millis(3_500) {
+        t.ping().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    drop(t);
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert!(
+        t.resumed_tls(),
+        "the ticket of a connection older than transport_lost_ttl resumes"
+    );
+    t.echo(b"x").await.unwrap();
+
+    // The session ends (the agent closes it): the ticket this last
+    // connection got must not resume anything any more.
+    t.send(jvpn_proto::pb::session::frame::Kind::Terminate(
+        jvpn_proto::pb::session::Terminate {
+            reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+        },
+    ))
+    .await
+    .unwrap();
+    harness::eventually(
+        std::time::Duration::from_secs(5),
+        "the session ended",
+        || async {
+            env.gw
+                .metric("jvpn_gateway_sessions", &[("state", "attached")])
+                .await
+                .unwrap()
+                == 0.0
+        },
+    )
+    .await
+    .unwrap();
+    drop(t);
+    let r = common::resume(&mut a).await;
+    assert!(r.is_err(), "the session is gone");
+    // Refused as expired, or as unknown once the gateway has forgotten the
+    // ended session's tickets and the key that sealed them.
+    let m = env.gw.metrics().await.unwrap();
+    let refused = |r: &str| {
+        harness::metric_value(
+            &m,
+            "jvpn_gateway_tls_tickets_refused_total",
+            &[("reason", r)],
+        )
+    };
+    assert_eq!(
+        refused("expired") + refused("unknown"),
+        1.0,
+        "the ended session's ticket was refused"
+    );
+    assert_eq!(
+        env.gw
+            .metric("jvpn_gateway_tls_handshakes_total", &[("kind", "resumed")])
+            .await
+            .unwrap(),
+        1.0
+    );
+}

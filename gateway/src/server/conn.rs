@@ -34,7 +34,9 @@ pub(super) fn spawn(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     tokio::spawn(
         async move {
             let _guard = OpenConn::new(shared.clone());
-            if let Err(why) = handle_conn(&shared, stream, peer).await {
+            // As this connection: its ticket lives as long as its session.
+            let ended = crate::tickets::on_connection(handle_conn(&shared, stream, peer)).await;
+            if let Err(why) = ended {
                 counter!(m::CONNECTIONS_REJECTED, "reason" => why.as_str()).increment(1);
                 debug!(%peer, reason = why.as_str(), "connection refused");
             }

@@ -646,6 +646,9 @@ fn spawn_session_loop(
     buf: BytesMut,
     rx: mpsc::UnboundedReceiver<Control>,
 ) {
+    // The ticket this connection's handshake issued is good while the
+    // session lives.
+    crate::tickets::carries(at.sid);
     let shared = shared.clone();
     let open = super::conn::OpenConn::new(shared.clone());
     let io = SharedIo::new(tls);

@@ -163,7 +163,10 @@ impl Shared {
             self.with_engine(i, |e| e.set_policy(new.raw.policy.clone()))
                 .map_err(ReloadError::Policy)?;
         }
-        self.tickets.set_ttl(new.raw.policy.transport_lost_ttl());
+        self.tickets.set_limits(
+            new.raw.policy.transport_lost_ttl(),
+            new.raw.policy.session_max_lifetime(),
+        );
         // A resumed handshake does not verify the client certificate
         // again: after a reload (perhaps of the agent CA), no ticket from
         // before it is honoured.
@@ -321,6 +324,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let tokenless = !cfg.dev_tokens.is_empty();
     let tickets = Arc::new(crate::tickets::Tickets::new(
         cfg.raw.policy.transport_lost_ttl(),
+        cfg.raw.policy.session_max_lifetime(),
     ));
     let tls = crate::tls::server_config(&cfg.tls, tokenless, Some(tickets.clone()))?;
     let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -407,7 +411,19 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         store: std::sync::OnceLock::new(),
         cfg,
     };
-    Ok(Arc::new(shared))
+    let shared = Arc::new(shared);
+    // A ticket is good while its session lives: the engine says so. Weak:
+    // the ticketer lives inside `shared`.
+    let weak = Arc::downgrade(&shared);
+    shared.tickets.set_liveness(move |sid| {
+        weak.upgrade().is_some_and(|s| {
+            let shard = &s.shards[crate::engine::shard_of(sid, s.shards.len())];
+            lock(&shard.engine)
+                .session(sid)
+                .is_some_and(|x| x.state() != crate::engine::State::Terminated)
+        })
+    });
+    Ok(shared)
 }
 
 pub(super) async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watch::Receiver<bool>) {
