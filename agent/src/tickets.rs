@@ -1,10 +1,12 @@
-//! Where the agent keeps the TLS resumption ticket its gateway sent
-//! (issue 17, design note 45): one per server name, the newest, offered at
-//! most once, and only by RESUME connections. A HELLO always runs a full
+//! Where the agent keeps the TLS resumption tickets its gateway sent
+//! (issue 17, design notes 45 and 51): per server name the two newest (a
+//! gateway sends two per connection), the newest offered first, each at
+//! most once, and only by RESUME connections. The second is for the retry
+//! of a RESUME refused before TLS, whose ClientHello took the first. A HELLO always runs a full
 //! handshake (the session's principal comes from it) but keeps the ticket
 //! it receives, so the first reattach already resumes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use rustls::NamedGroup;
@@ -14,8 +16,11 @@ use rustls_pki_types::ServerName;
 #[derive(Debug, Default)]
 struct Slots {
     kx: HashMap<ServerName<'static>, NamedGroup>,
-    tickets: HashMap<ServerName<'static>, Tls13ClientSessionValue>,
+    tickets: HashMap<ServerName<'static>, VecDeque<Tls13ClientSessionValue>>,
 }
+
+/// Tickets kept per server name.
+const KEPT: usize = 2;
 
 /// The store of one agent; [`TicketStore::for_hello`] and
 /// [`TicketStore::for_resume`] are its two views.
@@ -65,14 +70,19 @@ impl ClientSessionStore for TicketStore {
 
     fn remove_tls12_session(&self, _: &ServerName<'static>) {}
 
-    /// The newest replaces the one held: a gateway sends one per
-    /// connection, and an older one is either used or stale.
+    /// The newest are kept: a gateway sends fresh ones with every
+    /// connection, and older ones are either used or the first to go stale.
     fn insert_tls13_ticket(
         &self,
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        self.slots().tickets.insert(server_name, value);
+        let mut slots = self.slots();
+        let kept = slots.tickets.entry(server_name).or_default();
+        kept.push_back(value);
+        while kept.len() > KEPT {
+            kept.pop_front();
+        }
     }
 
     fn take_tls13_ticket(
@@ -82,6 +92,9 @@ impl ClientSessionStore for TicketStore {
         if !self.offer {
             return None;
         }
-        self.slots().tickets.remove(server_name)
+        self.slots()
+            .tickets
+            .get_mut(server_name)
+            .and_then(VecDeque::pop_back)
     }
 }

@@ -236,9 +236,11 @@ impl Tickets {
 
     /// Starts a new sealing key when the current one is half a ttl old,
     /// and then forgets what can no longer be accepted: tickets whose
-    /// session ended, used ones a ttl after their use (a replay is then
-    /// refused as unknown to the table rather than as reused), and keys
-    /// with nothing left to open or older than any session can live.
+    /// session ended, unused ones of a connection that a newer one of the
+    /// same session has superseded, used ones a ttl after their use (a
+    /// replay is then refused as unknown to the table rather than as
+    /// reused), and keys with nothing left to open or older than any
+    /// session can live.
     /// Called on every ticket and by the gateway's timer, so an idle
     /// gateway forgets too.
     pub fn roll(&self, now: Instant) {
@@ -254,6 +256,31 @@ impl Tickets {
         }
         k.start_key(now);
         let current = k.current;
+        // Per session, its newest connection: an agent keeps only the
+        // tickets of its last connection, so older unused ones (the spare
+        // of each earlier reattach) would only fill the table.
+        let mut newest: HashMap<SessionId, (Instant, &Arc<Connection>)> = HashMap::new();
+        for t in k.by_id.values().flat_map(|key| key.issued.values()) {
+            if let Some(sid) = t.connection.session.get() {
+                let n = newest.entry(*sid).or_insert((t.at, &t.connection));
+                if t.at > n.0 {
+                    *n = (t.at, &t.connection);
+                }
+            }
+        }
+        // By connection, not by time: a connection's two tickets are made
+        // a moment apart.
+        let newest: HashMap<SessionId, *const Connection> = newest
+            .into_iter()
+            .map(|(sid, (_, c))| (sid, Arc::as_ptr(c)))
+            .collect();
+        let superseded = |t: &Issued| {
+            t.connection
+                .session
+                .get()
+                .and_then(|sid| newest.get(sid))
+                .is_some_and(|n| !std::ptr::eq(*n, Arc::as_ptr(&t.connection)))
+        };
         let mut forgotten = 0;
         k.by_id.retain(|id, key| {
             if *id == current {
@@ -266,7 +293,7 @@ impl Tickets {
             let before = key.issued.len();
             key.issued.retain(|_, t| match t.used {
                 Some(at) => now.saturating_duration_since(at) < ttl,
-                None => self.good(t, now),
+                None => !superseded(t) && self.good(t, now),
             });
             forgotten += before - key.issued.len();
             !key.issued.is_empty()
@@ -438,6 +465,19 @@ mod tests {
         ticket
     }
 
+    /// The two tickets of one connection, made at `a` and `b`.
+    fn sealed_pair(t: &Tickets, sid: SessionId, a: Instant, b: Instant) -> (Vec<u8>, Vec<u8>) {
+        let c = Arc::new(Connection::default());
+        let pair = CONNECTION.sync_scope(c.clone(), || {
+            (
+                t.seal_at(b"state", a).unwrap(),
+                t.seal_at(b"state", b).unwrap(),
+            )
+        });
+        CONNECTION.sync_scope(c, || carries(sid));
+        pair
+    }
+
     fn remembered(t: &Tickets) -> (usize, usize) {
         let k = lock(&t.keys);
         (k.issued, k.by_id.len())
@@ -557,6 +597,26 @@ mod tests {
         t.roll(at(start, 1.7));
         assert_eq!(remembered(&t), (0, 1), "only the sealing key is left");
         assert_eq!(t.open_at(&keep, at(start, 1.8)), None);
+    }
+
+    /// Each reattach leaves the spare ticket of the connection before; the
+    /// table keeps only the tickets of a session's newest connection.
+    #[test]
+    fn a_newer_connection_supersedes_the_tickets_of_older_ones() {
+        let (t, start) = tickets();
+        let alive = sessions(&t);
+        let s = SessionId::from_bytes([1; 16]);
+        lock(&alive).insert(s);
+        let old = sealed_pair(&t, s, start, start);
+        let newer = sealed_pair(&t, s, at(start, 0.1), at(start, 0.11));
+        let unbound = t.seal_at(b"n", start).unwrap();
+        t.roll(at(start, 0.5));
+        assert_eq!(remembered(&t).0, 3);
+        assert_eq!(t.open_at(&old.0, at(start, 0.6)), None, "superseded");
+        assert_eq!(t.open_at(&old.1, at(start, 0.6)), None, "superseded");
+        assert!(t.open_at(&newer.0, at(start, 0.6)).is_some(), "the newest");
+        assert!(t.open_at(&newer.1, at(start, 0.6)).is_some(), "its spare");
+        assert!(t.open_at(&unbound, at(start, 0.6)).is_some());
     }
 
     #[test]

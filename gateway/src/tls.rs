@@ -164,9 +164,11 @@ pub fn server_config(
     match tickets {
         Some(t) => {
             cfg.ticketer = t;
-            // One per connection: each is used once, so the next
-            // reattach presents a ticket never seen on the wire.
-            cfg.send_tls13_tickets = 1;
+            // Each is used once, so the next reattach presents a ticket
+            // never seen on the wire. Two: a RESUME refused before TLS
+            // (overloaded, in a storm) has sent one in its ClientHello,
+            // and its retry resumes with the other.
+            cfg.send_tls13_tickets = 2;
         }
         None => cfg.send_tls13_tickets = 0,
     }

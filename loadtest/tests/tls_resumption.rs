@@ -479,3 +479,51 @@ async fn a_ticket_resumes_while_its_session_lives_however_old_its_connection() {
         1.0
     );
 }
+
+/// In a storm, a RESUME refused before TLS (`overloaded`) has already sent
+/// its ticket in the ClientHello, unread by the gateway; the agent's retry
+/// must still resume, with the spare ticket its connection received (a
+/// gateway sends two per connection, each still used once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_refusal_before_tls_still_resumes() {
+    // One open connection at most: a RESUME while the first transport is
+    // up is refused before TLS.
+    let env = common::start(
+        "[policy]\nswitch_cooldown_ms = 300\nmax_switches_per_min = 3\n\
+         [admission]\nmax_connections = 1\n",
+    )
+    .await;
+    let (relay, mut hellos) = hello_capturing_relay(env.gw.client_addr).await;
+    let mut a = harness::agent(&env.pki, relay, None).unwrap();
+    let t = common::hello(&mut a).await;
+    hellos.recv().await.unwrap();
+    tokio::time::sleep(a.switch_allowed_in()).await;
+    match a.resume().await {
+        Err(jvpn_agent::AgentError::Status(s)) => {
+            assert_eq!(s.status, jvpn_proto::preamble::Status::Overloaded)
+        }
+        other => panic!("expected a refusal before TLS, got {other:?}"),
+    }
+    let refused = psk_identities(&hellos.recv().await.unwrap().1);
+    assert_eq!(refused.len(), 1, "the refused RESUME offered a ticket");
+    drop(t);
+    harness::eventually(
+        std::time::Duration::from_secs(5),
+        "the first transport closed",
+        || async {
+            env.gw
+                .metric("jvpn_gateway_connections_open", &[])
+                .await
+                .unwrap()
+                == 0.0
+        },
+    )
+    .await
+    .unwrap();
+    let mut t = common::resume(&mut a).await.unwrap();
+    assert!(t.resumed_tls(), "the retry resumed TLS");
+    t.echo(b"x").await.unwrap();
+    let retried = psk_identities(&hellos.recv().await.unwrap().1);
+    assert_eq!(retried.len(), 1);
+    assert_ne!(retried, refused, "with another ticket");
+}
