@@ -210,6 +210,9 @@ pub struct Transport {
     buf: BytesMut,
     next_seq: u64,
     pub local_addr: SocketAddr,
+    /// The gateway's keep-alive interval on this connection (`HelloOk` /
+    /// `ResumeOk`); 0: none, the agent pings.
+    keepalive_ms: u64,
 }
 
 impl std::fmt::Debug for Transport {
@@ -225,6 +228,13 @@ impl Transport {
     /// exchanged) rather than running a full handshake.
     pub fn resumed_tls(&self) -> bool {
         self.tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    /// How often the gateway sends a keep-alive on this connection when it
+    /// has nothing else to send (design note 52); `None`: it does not, and
+    /// the agent must ping.
+    pub fn gateway_keepalive(&self) -> Option<std::time::Duration> {
+        (self.keepalive_ms > 0).then(|| std::time::Duration::from_millis(self.keepalive_ms))
     }
 
     pub async fn send(&mut self, kind: Kind) -> Result<(), AgentError> {
@@ -378,6 +388,11 @@ pub struct Agent {
     migration: Option<Migration>,
     /// Whether HELLOs say the agent follows a taker (`Hello.migration`).
     accepts_migration: bool,
+    /// Whether HELLOs and RESUMEs ask for gateway keep-alives
+    /// (`Hello.keepalive`): the session loop ([`run`]) listens for them
+    /// and only checks in; a caller that drives a transport by hand keeps
+    /// pinging, so the default is off.
+    listens_for_keepalives: bool,
 }
 
 /// Topology 3: the session moved to a taker after its owner died (an
@@ -415,6 +430,7 @@ impl Agent {
             data: None,
             migration: None,
             accepts_migration: true,
+            listens_for_keepalives: false,
         })
     }
 
@@ -501,6 +517,14 @@ impl Agent {
         self.accepts_migration = on;
     }
 
+    /// Whether the next HELLOs and RESUMEs ask the gateway for keep-alives
+    /// (design note 52). Whoever turns this on must read the transport
+    /// (the keep-alives arrive as `Pong` frames) and should ping only to
+    /// check in, every 10 × [`Transport::gateway_keepalive`].
+    pub fn set_listens_for_keepalives(&mut self, on: bool) {
+        self.listens_for_keepalives = on;
+    }
+
     /// The takeover the last RESUME accepted, if it was one (topology 3).
     pub fn take_migration(&mut self) -> Option<Migration> {
         self.migration.take()
@@ -560,6 +584,7 @@ impl Agent {
             buf: BytesMut::with_capacity(256),
             next_seq: 0,
             local_addr,
+            keepalive_ms: 0,
         })
     }
 
@@ -580,6 +605,7 @@ impl Agent {
             Credential::Certificate { .. } => Vec::new(),
         };
         t.send(Kind::Hello(Hello {
+            keepalive: self.listens_for_keepalives,
             protocol_version: jvpn_proto::PROTOCOL_VERSION,
             auth,
             channel: self.data.is_some(),
@@ -598,6 +624,11 @@ impl Agent {
             }
         };
         let window = ok.channel_window;
+        t.keepalive_ms = if self.listens_for_keepalives {
+            ok.keepalive_ms
+        } else {
+            0
+        };
         let session = ClientSession::from_hello_ok(ok, &t)?;
         Ok((t, Fresh { session, window }))
     }
@@ -635,6 +666,7 @@ impl Agent {
             data: self.data.as_ref().map(|_| streams::DataPlane::new()),
             migration: None,
             accepts_migration: self.accepts_migration,
+            listens_for_keepalives: self.listens_for_keepalives,
         }
     }
 
@@ -655,6 +687,7 @@ impl Agent {
             data: self.data.as_mut().map(|(d, _)| d.split_off()),
             migration: self.migration.take(),
             accepts_migration: self.accepts_migration,
+            listens_for_keepalives: self.listens_for_keepalives,
         }
     }
 
@@ -669,6 +702,7 @@ impl Agent {
     pub fn build_resume(&mut self, t: &Transport) -> Result<Resume, AgentError> {
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
         let mut r = s.build_resume(t)?;
+        r.keepalive = self.listens_for_keepalives;
         if let Some((ch, _)) = self.data.as_ref().and_then(|(d, _)| d.channel.as_ref()) {
             r.received = Some(ch.received());
         }
@@ -728,6 +762,7 @@ impl Agent {
         let streams_open = self.open_streams();
         let s = self.session.as_mut().ok_or(AgentError::NoSession)?;
         let resumed = s.apply_resume_ok(sent, &ok, t)?;
+        t.keepalive_ms = if sent.keepalive { ok.keepalive_ms } else { 0 };
         if let jvpn_proto::client::Resumed::Migrated { from, to, .. } = resumed {
             // Topology 3: the owner died and a taker carries the session
             // on. The channel and its streams lived in the dead owner's

@@ -167,6 +167,9 @@ pub async fn keep_alive(
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     };
+    // This loop reads every frame: it can let the gateway keep the
+    // transport alive and only check in (design note 52).
+    agent.set_listens_for_keepalives(true);
     let t = match establish(&mut agent, &transitions, None).await {
         Ok(t) => t,
         Err(e) => {
@@ -463,6 +466,17 @@ async fn drive(
                 Some(AgentError::ChannelBroken(why))
             }
             Ev::Tick if last_tx.elapsed() < interval && last_rx.elapsed() < interval => None,
+            // The gateway sends keep-alives on this transport: its frames
+            // prove the path (the silence deadline above), and a ping is
+            // only a check-in, so that the gateway hears from this agent
+            // now and then (it retires a transport silent for 30 × its
+            // keep-alive interval).
+            Ev::Tick
+                if t.gateway_keepalive()
+                    .is_some_and(|k| last_tx.elapsed() < k * jvpn_proto::KEEPALIVE_CHECK_IN) =>
+            {
+                None
+            }
             // Bounded by the silence deadline: a ping stuck behind a full
             // send buffer on a blackholed path must not outlast it.
             Ev::Tick => {

@@ -16,6 +16,7 @@ pub const TLS_QUEUE_WAITING: &str = "jvpn_gateway_tls_queue_waiting";
 pub const TLS_HANDSHAKES: &str = "jvpn_gateway_tls_handshakes_total";
 pub const TLS_TICKETS_REFUSED: &str = "jvpn_gateway_tls_tickets_refused_total";
 pub const HELLOS: &str = "jvpn_gateway_hellos_total";
+pub const KEEPALIVES_SENT: &str = "jvpn_gateway_keepalives_sent_total";
 pub const RESUMES: &str = "jvpn_gateway_resumes_total";
 pub const HELLO_SECONDS: &str = "jvpn_gateway_hello_duration_seconds";
 pub const RESUME_SECONDS: &str = "jvpn_gateway_resume_duration_seconds";
@@ -222,6 +223,10 @@ pub fn describe() {
     );
     describe_counter!(HELLOS, "HELLO attempts by result (ok or reason code).");
     describe_counter!(
+        KEEPALIVES_SENT,
+        "Keep-alives sent to agents that listen for them (nothing else went out for keepalive_interval_ms)."
+    );
+    describe_counter!(
         RESUMES,
         "RESUME attempts by result (ok or exact reason code)."
     );
@@ -424,6 +429,7 @@ fn zero_labelled_counters() {
         }
     }
     zero(HELLOS, &[("result", "ok")]);
+    zero(KEEPALIVES_SENT, &[]);
     for r in HELLO_REFUSALS {
         zero(HELLOS, &[("result", r.as_str())]);
     }

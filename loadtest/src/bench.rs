@@ -277,6 +277,7 @@ pub async fn noop_target(
         let mut id = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
         let ok = Kind::HelloOk(HelloOk {
+            keepalive_ms: 0,
             session_id: id.to_vec(),
             node_id: "noop".into(),
             incarnation: 1,

@@ -184,12 +184,13 @@ async fn streams_stay_byte_exact_while_transports_are_cut() {
 }
 
 /// Frames both ways prove the path alive, so a busy session sends no
-/// keep-alive pings (issue 17 item 2); an idle one does.
+/// keep-alive pings (issue 17 item 2); an idle one does (when its gateway
+/// sends no keep-alives: turned off here, `keepalives.rs` covers them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_both_ways_stands_in_for_pings() {
     const INTERVAL: Duration = Duration::from_millis(50);
     let env = common::start(&format!(
-        "{LOOPBACK_ALLOWED}[policy]\nheartbeat_interval_ms = {}\n",
+        "{LOOPBACK_ALLOWED}[policy]\nheartbeat_interval_ms = {}\nkeepalive_interval_ms = 0\n",
         INTERVAL.as_millis()
     ))
     .await;

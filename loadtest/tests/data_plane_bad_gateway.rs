@@ -85,6 +85,7 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
 
 fn hello_ok(i: usize) -> HelloOk {
     HelloOk {
+        keepalive_ms: 0,
         session_id: vec![i as u8 + 1; 16],
         node_id: "gw-fake".into(),
         incarnation: 1,

@@ -321,6 +321,7 @@ async fn raw_hello(
         .unwrap();
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let hello = Kind::Hello(Hello {
+        keepalive: false,
         protocol_version: jvpn_proto::PROTOCOL_VERSION,
         auth: env.pki.dev_token().unwrap().into_bytes(),
         channel: false,

@@ -234,8 +234,9 @@ impl ClientSession {
             counter: self.counter,
             binding_epoch: self.binding_epoch,
             proof: proof.to_vec(),
-            // No channel yet (issue 15).
+            // The agent sets these for its channel and its keep-alives.
             received: None,
+            keepalive: false,
         })
     }
 
@@ -340,6 +341,7 @@ mod tests {
     fn hello_ok(conn: &SimConn) -> (HelloOk, ResumeKey) {
         let id = SessionId::from_bytes([9; 16]);
         let ok = HelloOk {
+            keepalive_ms: 0,
             session_id: id.as_bytes().to_vec(),
             node_id: "g1".into(),
             incarnation: 7,
@@ -359,6 +361,7 @@ mod tests {
     fn resume_ok(key: &ResumeKey, r: &Resume, conn: &SimConn, epoch: u64) -> ResumeOk {
         let id = SessionId::from_slice(&r.session_id).unwrap();
         ResumeOk {
+            keepalive_ms: 0,
             node_id: "g1".into(),
             incarnation: 7,
             owner_epoch: 1,
@@ -623,6 +626,7 @@ mod tests {
             proof: Vec<u8>,
         }
         let hello = Hello {
+            keepalive: false,
             protocol_version: 1,
             auth: b"token-of-sixteen".to_vec(),
             channel: true,

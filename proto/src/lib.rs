@@ -46,6 +46,13 @@ pub mod token;
 
 pub use ids::{Incarnation, NodeId, OwnerTag, SessionId, ViewId};
 pub use reason::ReasonCode;
+
+/// With gateway keep-alives every `k` (`HelloOk.keepalive_ms`), the agent
+/// checks in (a `Ping`) every `KEEPALIVE_CHECK_IN × k`, and the gateway
+/// retires a transport it has heard nothing on for `KEEPALIVE_SILENCE ×
+/// k` (docs/protocol.md, "Liveness"; design note 52).
+pub const KEEPALIVE_CHECK_IN: u32 = 10;
+pub const KEEPALIVE_SILENCE: u32 = 30;
 pub use time::Mono;
 
 /// ALPN protocol id; the only protocol-version negotiation there is.

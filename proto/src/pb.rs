@@ -64,6 +64,7 @@ mod tests {
     #[test]
     fn debug_redacts_secrets() {
         let hello = Hello {
+            keepalive: false,
             protocol_version: 1,
             auth: b"s3cret-token".to_vec(),
             channel: false,
@@ -73,6 +74,7 @@ mod tests {
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("redacted 12 bytes"), "{text}");
         let resume = Resume {
+            keepalive: false,
             session_id: vec![0xab; 16],
             counter: 7,
             binding_epoch: 2,

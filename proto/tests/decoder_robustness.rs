@@ -133,6 +133,7 @@ fn frame_decoder_never_panics_or_overallocates() {
     .unwrap();
     frame::encode(
         Kind::Resume(Resume {
+            keepalive: false,
             session_id: vec![1; 16],
             counter: 3,
             binding_epoch: 1,

@@ -185,6 +185,7 @@ impl HelloAccepted {
         token_key_id: u32,
     ) -> jvpn_proto::pb::session::HelloOk {
         jvpn_proto::pb::session::HelloOk {
+            keepalive_ms: 0,
             session_id: self.session_id.as_bytes().to_vec(),
             node_id: node_id.to_string(),
             incarnation: incarnation.0,
@@ -211,6 +212,7 @@ impl ResumeAccepted {
         token_key_id: u32,
     ) -> jvpn_proto::pb::session::ResumeOk {
         jvpn_proto::pb::session::ResumeOk {
+            keepalive_ms: 0,
             node_id: node_id.to_string(),
             incarnation: incarnation.0,
             owner_epoch: self.owner_epoch,

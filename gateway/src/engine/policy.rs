@@ -27,6 +27,12 @@ pub struct Policy {
     pub switch_cooldown_ms: u64,
     /// RESUME counters remembered below the highest seen.
     pub replay_window: u32,
+    /// Agents that listen for them get a keep-alive whenever the gateway
+    /// has sent nothing for this long, and ping only to check in (design
+    /// note 52). Unset: half of `heartbeat_timeout_ms`; 0: off, agents
+    /// ping every `heartbeat_interval_ms`. At most half the timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_interval_ms: Option<u64>,
 }
 
 impl Default for Policy {
@@ -40,6 +46,7 @@ impl Default for Policy {
             max_switches_per_min: 8,
             switch_cooldown_ms: 1_500,
             replay_window: 128,
+            keepalive_interval_ms: None,
         }
     }
 }
@@ -142,6 +149,20 @@ impl Policy {
                 max: u64::from(MAX_WINDOW),
             });
         }
+        // A keep-alive must have a second chance to arrive before the
+        // agent's silence limit.
+        let k_max = self.heartbeat_timeout_ms / 2;
+        if let Some(k) = self.keepalive_interval_ms
+            && k != 0
+            && !(50..=k_max).contains(&k)
+        {
+            errs.push(PolicyError::Range {
+                field: "keepalive_interval_ms",
+                value: k,
+                min: 50,
+                max: k_max,
+            });
+        }
         // A switch budget no window can hold would deny every switch.
         if self.max_switches_per_min > 1_000 {
             errs.push(PolicyError::Range {
@@ -154,6 +175,13 @@ impl Policy {
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
+    /// `None`: no gateway keep-alives.
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        let k = self
+            .keepalive_interval_ms
+            .unwrap_or(self.heartbeat_timeout_ms / 2);
+        (k > 0).then(|| Duration::from_millis(k))
+    }
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
     }

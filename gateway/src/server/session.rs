@@ -216,6 +216,8 @@ pub(super) async fn do_hello(
     );
     // Recorded in a shared store: a taker may carry it on (topology 3).
     ok.migratable = hello.migration && shared.store.get().is_some();
+    let keepalive = keepalive(shared, shard, &acc.session_id, hello.keepalive, &tls);
+    ok.keepalive_ms = announced(keepalive);
     // An agent that asks for a channel gets one; an older agent echoes.
     let fence = shared.store.get().map(|st| st.fence_of(&acc.session_id));
     let channel = hello.channel.then(|| {
@@ -252,6 +254,7 @@ pub(super) async fn do_hello(
         transport,
         binding,
         channel,
+        keepalive,
     };
     spawn_session_loop(shared, at, tls, buf, rx);
     Ok(())
@@ -311,6 +314,8 @@ pub(super) async fn do_resume(
                 }
                 counter!(m::RESUMES, "result" => "ok").increment(1);
                 let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
+                let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
+                ok.keepalive_ms = announced(keepalive);
                 if let Some(st) = shared.store.get()
                     && !st.fence_of(&sid).holds()
                 {
@@ -333,6 +338,7 @@ pub(super) async fn do_resume(
                     transport,
                     binding,
                     channel,
+                    keepalive,
                 };
                 spawn_session_loop(shared, at, tls, buf, rx);
                 return Ok(());
@@ -471,6 +477,8 @@ async fn take_over(
         let first = ch.first();
         (ch, first)
     });
+    let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
+    ok.keepalive_ms = announced(keepalive);
     if !st.fence_of(&sid).holds() {
         shared.abandon(shard, &sid, at.transport, Termination::StoreUnavailable);
         refuse(&mut tls, ReasonCode::StoreUnavailable).await;
@@ -492,6 +500,7 @@ async fn take_over(
         transport: at.transport,
         binding: at.binding,
         channel,
+        keepalive,
     };
     spawn_session_loop(shared, attached, tls, buf, rx);
     Ok(())
@@ -556,6 +565,43 @@ fn resume_once(
 }
 
 /// Which session a connection is attached to, and that connection's binding.
+/// Gateway keep-alives for a transport whose agent asked for them (design
+/// note 52), if the session's policy has them. The agent then only checks
+/// in, so this side's evidence of the path is TCP's: a keep-alive left
+/// unacknowledged for the heartbeat timeout aborts the connection.
+fn keepalive(
+    shared: &Shared,
+    shard: usize,
+    sid: &SessionId,
+    asked: bool,
+    tls: &Tls,
+) -> Option<Duration> {
+    if !asked {
+        return None;
+    }
+    let (k, timeout) = shared.with_engine(shard, |e| {
+        e.session(sid).map(|s| {
+            (
+                s.policy().keepalive_interval(),
+                s.policy().heartbeat_timeout(),
+            )
+        })
+    })?;
+    let k = k?;
+    if let Err(e) = socket2::SockRef::from(tls.get_ref().0).set_tcp_user_timeout(Some(timeout)) {
+        // Without it a silent agent's dead path would go unnoticed here:
+        // the agent keeps pinging instead.
+        debug!(error = %e, "TCP_USER_TIMEOUT refused: no keep-alives");
+        return None;
+    }
+    Some(k)
+}
+
+/// `keepalive_ms` for `HelloOk` / `ResumeOk`.
+fn announced(k: Option<Duration>) -> u64 {
+    k.map_or(0, |k| u64::try_from(k.as_millis()).unwrap_or(u64::MAX))
+}
+
 struct Attached {
     shard: usize,
     sid: SessionId,
@@ -564,6 +610,9 @@ struct Attached {
     /// The session's data-plane channel and this transport's generation
     /// of it (`None`: the session echoes `Data`, as before channels).
     channel: Option<(SessionChannel, Generation)>,
+    /// Gateway keep-alives on this transport (the agent asked, the policy
+    /// has them): send one when nothing went out for this long.
+    keepalive: Option<Duration>,
 }
 
 /// Topology 3: the session's owner lease no longer serves (checked on
@@ -694,9 +743,10 @@ async fn session_loop(
     // Boxed: the queue's slots are allocated up front, and a `Kind` is
     // large; idle sessions should not pay for 16 of them.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Box<Kind>>(16);
+    let heard = Heard::default();
     let end = tokio::select! {
-        e = read_loop(shared, &at, fence.as_ref(), &mut rd, buf, &reply_tx, report_every) => e,
-        e = write_loop(shared, &at, fence.as_ref(), &mut wr, &mut rx, &mut reply_rx, write_limit) => e,
+        e = read_loop(shared, &at, fence.as_ref(), &mut rd, buf, &reply_tx, report_every, &heard) => e,
+        e = write_loop(shared, &at, fence.as_ref(), &mut wr, &mut rx, &mut reply_rx, write_limit, &heard) => e,
     };
     drop((rd, wr));
     if end.is_some() {
@@ -721,7 +771,36 @@ async fn session_loop(
     let _ = tokio::time::timeout(write_limit, io.shutdown()).await;
 }
 
+/// When the reader last got a frame, for the writer's keep-alives (the
+/// two halves run in one task, but the task must be `Send`).
+struct Heard {
+    origin: Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heard {
+    fn now(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn since(&self) -> Duration {
+        let at = self.origin + Duration::from_millis(self.ms.load(Ordering::Relaxed));
+        at.elapsed()
+    }
+}
+
 /// What happens on the connection while attached: frames in.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     shared: &Arc<Shared>,
     at: &Attached,
@@ -730,6 +809,7 @@ async fn read_loop(
     mut buf: BytesMut,
     replies: &mpsc::Sender<Box<Kind>>,
     report_every: Duration,
+    heard: &Heard,
 ) -> End {
     let (shard, sid, transport) = (at.shard, &at.sid, at.transport);
     let mut last_report = Instant::now();
@@ -740,6 +820,9 @@ async fn read_loop(
             Err(e) => return Some(e.reason()),
         };
         counter!(m::FRAMES_RECEIVED).increment(1);
+        if at.keepalive.is_some() {
+            heard.now();
+        }
         if fenced(shared, fence, shard, sid) {
             return None;
         }
@@ -848,6 +931,7 @@ async fn read_loop(
 
 /// What happens on the connection while attached: frames out (control from
 /// the engine, the reader's replies, the channel's `Data` and `Ack`).
+#[allow(clippy::too_many_arguments)]
 async fn write_loop(
     shared: &Shared,
     at: &Attached,
@@ -856,9 +940,12 @@ async fn write_loop(
     rx: &mut mpsc::UnboundedReceiver<Control>,
     replies: &mut mpsc::Receiver<Box<Kind>>,
     write_limit: Duration,
+    heard: &Heard,
 ) -> End {
     let mut wake = at.channel.as_ref().map(|(ch, _)| ch.wakeups());
     let mut out = BytesMut::new();
+    // The HelloOk or ResumeOk has just gone out.
+    let mut last_write = Instant::now();
     loop {
         // Controls first, even while the channel has bytes queued: a GoAway
         // must not wait behind a download.
@@ -892,6 +979,7 @@ async fn write_loop(
             if write_with_progress(wr, &out, write_limit).await.is_err() {
                 return Some(ReasonCode::TransportDead);
             }
+            last_write = Instant::now();
             out.clear();
             continue;
         }
@@ -907,6 +995,7 @@ async fn write_loop(
                     if let Err(end) = on_control(shared, at, wr, ctl, write_limit).await {
                         return end;
                     }
+                    last_write = Instant::now();
                 }
                 None => return None,
             },
@@ -919,6 +1008,7 @@ async fn write_loop(
                 if within(write_limit, write_frame(wr, *k)).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }
+                last_write = Instant::now();
             }
             () = async {
                 match wake.as_mut() {
@@ -932,6 +1022,37 @@ async fn write_loop(
                     None => std::future::pending().await,
                 }
             } => {}
+            k = async {
+                match at.keepalive {
+                    Some(k) => {
+                        tokio::time::sleep_until((last_write + k).into()).await;
+                        k
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                if fenced(shared, fence, at.shard, &at.sid) {
+                    return None;
+                }
+                let ping = Kind::Pong(Pong { seq: 0 });
+                if within(write_limit, write_frame(wr, ping)).await.is_err() {
+                    return Some(ReasonCode::TransportDead);
+                }
+                last_write = Instant::now();
+                counter!(m::KEEPALIVES_SENT).increment(1);
+                // The agent is silent between check-ins. This side's
+                // evidence of the path is TCP's (a keep-alive left
+                // unacknowledged for the heartbeat timeout aborts the
+                // connection), and the check-ins prove the agent is
+                // there: without one for KEEPALIVE_SILENCE intervals the
+                // engine's silence limit retires the transport.
+                if heard.since() < k * jvpn_proto::KEEPALIVE_SILENCE {
+                    let now = shared.now();
+                    if !shared.with_engine(at.shard, |e| e.activity(now, &at.sid, at.transport)) {
+                        return None;
+                    }
+                }
+            }
         }
     }
 }

@@ -44,6 +44,7 @@ pub fn fast_policy() -> Policy {
         max_switches_per_min: 5,
         switch_cooldown_ms: 200,
         replay_window: 128,
+        keepalive_interval_ms: None,
     }
 }
 
@@ -209,6 +210,7 @@ impl Agent {
         match r {
             Ok(acc) => {
                 let sent = Resume {
+                    keepalive: false,
                     session_id: w.id.as_bytes().to_vec(),
                     counter: w.counter,
                     binding_epoch: w.epoch,
