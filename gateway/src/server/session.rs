@@ -834,6 +834,9 @@ async fn read_loop(
             }
         }
         let reply = match kind {
+            // A check-in of an agent that listens for keep-alives: they
+            // answer it (the agent times silence from any frame).
+            Kind::Ping(_) if at.keepalive.is_some() => continue,
             Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
             Kind::Data(d) => match &at.channel {
                 Some((ch, g)) => {
@@ -1025,7 +1028,7 @@ async fn write_loop(
             k = async {
                 match at.keepalive {
                     Some(k) => {
-                        tokio::time::sleep_until((last_write + k).into()).await;
+                        tokio::time::sleep_until(super::state::aligned(last_write + k).into()).await;
                         k
                     }
                     None => std::future::pending().await,

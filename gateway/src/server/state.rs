@@ -426,11 +426,31 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     Ok(shared)
 }
 
+/// Timers that need not be exact (keep-alives, the engines' deadlines)
+/// are rounded up to the next multiple of this, the same instants for the
+/// whole process: what falls due in one step is done in one wake-up, and
+/// the router reads the keep-alives of one step in one. With a wake-up per
+/// keep-alive, those wake-ups were most of an idle session's cost.
+pub(super) const TIMER_STEP: Duration = Duration::from_millis(50);
+
+pub(super) fn aligned(t: Instant) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let step = TIMER_STEP.as_nanos();
+    let up = t
+        .saturating_duration_since(origin)
+        .as_nanos()
+        .div_ceil(step)
+        * step;
+    origin + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
+}
+
 pub(super) async fn timer_loop(shared: Arc<Shared>, shard: usize, mut stop: watch::Receiver<bool>) {
     loop {
         let next = lock(&shared.shards[shard].engine).poll_timeout();
         let sleep = match next {
-            Some(t) => tokio::time::sleep_until(shared.instant(t).into()),
+            // Up to a step late: a session's deadlines are seconds long.
+            Some(t) => tokio::time::sleep_until(aligned(shared.instant(t)).into()),
             None => tokio::time::sleep(Duration::from_secs(3600)),
         };
         tokio::select! {
