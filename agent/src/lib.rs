@@ -294,6 +294,13 @@ impl Transport {
         }
     }
 
+    /// A check-in to a gateway that sends keep-alives (design note 52): a
+    /// `Ping` with `seq` 0, which it does not answer.
+    pub async fn check_in(&mut self) -> Result<(), AgentError> {
+        self.send(Kind::Ping(jvpn_proto::pb::session::Ping { seq: 0 }))
+            .await
+    }
+
     pub async fn ping(&mut self) -> Result<(), AgentError> {
         self.next_seq += 1;
         let seq = self.next_seq;

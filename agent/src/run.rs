@@ -288,6 +288,10 @@ async fn drive(
             Duration::from_millis(policy.map_or(500, |p| p.heartbeat_interval_ms.max(50)));
         let silence_limit =
             Duration::from_millis(policy.map_or(2_000, |p| p.heartbeat_timeout_ms.max(100)));
+        // The gateway's keep-alives stand in for pongs only if two fit in
+        // the silence limit (a taker's policy may differ from the one this
+        // agent was told); otherwise it pings, and gets answers.
+        let keepalive = t.gateway_keepalive().filter(|k| *k * 2 <= silence_limit);
         enum Ev {
             Frame(Result<Kind, AgentError>),
             Tick,
@@ -472,7 +476,7 @@ async fn drive(
             // now and then (it retires a transport silent for 30 × its
             // keep-alive interval).
             Ev::Tick
-                if t.gateway_keepalive()
+                if keepalive
                     .is_some_and(|k| last_tx.elapsed() < k * jvpn_proto::KEEPALIVE_CHECK_IN) =>
             {
                 None
@@ -480,7 +484,14 @@ async fn drive(
             // Bounded by the silence deadline: a ping stuck behind a full
             // send buffer on a blackholed path must not outlast it.
             Ev::Tick => {
-                let sent = tokio::time::timeout_at((last_rx + silence_limit).into(), t.ping())
+                let ping = async {
+                    if keepalive.is_some() {
+                        t.check_in().await
+                    } else {
+                        t.ping().await
+                    }
+                };
+                let sent = tokio::time::timeout_at((last_rx + silence_limit).into(), ping)
                     .await
                     .unwrap_or(Err(AgentError::Closed));
                 if sent.is_ok() {

@@ -3,9 +3,10 @@
 //! full handshake with certificates on both sides.
 //!
 //! * Keys are random per process (so per incarnation, and never shared
-//!   between gateways). A key seals for half `transport_lost_ttl`; each
-//!   ticket names its key by a random id, so opening is one lookup however
-//!   many keys are still needed.
+//!   between gateways). A key seals for half `transport_lost_ttl`. A
+//!   ticket on the wire is a random nonce and its ciphertext, nothing
+//!   else; the gateway finds the key by the nonce in its table, so
+//!   opening is one lookup however many keys are still needed.
 //! * A ticket is good for as long as the session its connection came to
 //!   carry lives (the engine ends a session `transport_lost_ttl` after its
 //!   transport was lost, and at its lifetime), so the ticket of a connection
@@ -39,9 +40,6 @@ pub const ISSUED_CAPACITY: usize = 1 << 20;
 
 /// The longest lifetime a TLS 1.3 ticket may announce (RFC 8446 §4.6.1).
 const MAX_ANNOUNCED_S: u64 = 7 * 24 * 3600;
-
-/// A ticket begins with the id of the key that sealed it, then the nonce.
-const KEY_ID_LEN: usize = 4;
 
 /// Why a ticket was not accepted (metric label values).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,16 +97,20 @@ pub fn carries(sid: SessionId) {
 }
 
 struct Issued {
+    /// The key that sealed it. Kept here, not in the ticket: an id on the
+    /// wire would show which tickets were issued in the same key window.
+    key: u32,
     connection: Arc<Connection>,
     at: Instant,
     used: Option<Instant>,
 }
 
-/// One ticket key and the tickets it sealed that are still remembered.
+/// One ticket key.
 struct Key {
     key: LessSafeKey,
     since: Instant,
-    issued: HashMap<[u8; NONCE_LEN], Issued>,
+    /// Remembered tickets it sealed: at 0 (and not current) it goes.
+    tickets: usize,
 }
 
 impl Key {
@@ -120,7 +122,7 @@ impl Key {
         Self {
             key: LessSafeKey::new(key),
             since,
-            issued: HashMap::new(),
+            tickets: 0,
         }
     }
 }
@@ -128,34 +130,37 @@ impl Key {
 struct Keys {
     /// Seals new tickets while younger than half the ttl.
     current: u32,
+    next_id: u32,
     /// Every key that may still open a ticket, the current one included.
     by_id: HashMap<u32, Key>,
-    /// Tickets remembered, over all keys.
-    issued: usize,
+    /// Every ticket remembered, by its nonce (random, so unique).
+    issued: HashMap<[u8; NONCE_LEN], Issued>,
 }
 
 impl Keys {
     fn fresh(now: Instant) -> Self {
         let mut k = Self {
             current: 0,
+            next_id: 0,
             by_id: HashMap::new(),
-            issued: 0,
+            issued: HashMap::new(),
         };
         k.start_key(now);
         k
     }
 
-    /// A new sealing key under an id no held key has (ids are random: a
-    /// ticket shows which key sealed it, not when).
     fn start_key(&mut self, now: Instant) {
-        let id = loop {
-            let id = rand::RngCore::next_u32(&mut rand::rng());
-            if !self.by_id.contains_key(&id) {
-                break id;
-            }
-        };
-        self.by_id.insert(id, Key::random(now));
-        self.current = id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.by_id.insert(self.next_id, Key::random(now));
+        self.current = self.next_id;
+    }
+
+    fn forget(&mut self, nonce: &[u8; NONCE_LEN]) {
+        if let Some(t) = self.issued.remove(nonce)
+            && let Some(k) = self.by_id.get_mut(&t.key)
+        {
+            k.tickets -= 1;
+        }
     }
 }
 
@@ -225,80 +230,104 @@ impl Tickets {
         Duration::from_millis(self.max_life_ms.load(Ordering::Relaxed))
     }
 
-    /// Whether an unused ticket may still be accepted: while its session
-    /// lives, or for a ttl when its connection carried none.
-    fn good(&self, t: &Issued, now: Instant) -> bool {
-        match (t.connection.session.get(), self.live.get()) {
-            (Some(sid), Some(live)) => live(sid),
+    /// Whether an unused ticket may still be accepted, `dead` being the
+    /// sessions known to have ended: while its session lives, or for a ttl
+    /// when its connection carried none (or no liveness was set).
+    fn good(&self, t: &Issued, now: Instant, dead: &dyn Fn(&SessionId) -> bool) -> bool {
+        match t.connection.session.get() {
+            Some(sid) if self.live.get().is_some() => !dead(sid),
             _ => now.saturating_duration_since(t.at) < self.ttl(),
         }
+    }
+
+    fn alive(&self, sid: &SessionId) -> bool {
+        self.live.get().is_none_or(|live| live(sid))
     }
 
     /// Starts a new sealing key when the current one is half a ttl old,
     /// and then forgets what can no longer be accepted: tickets whose
     /// session ended, unused ones of a connection that a newer one of the
     /// same session has superseded, used ones a ttl after their use (a
-    /// replay is then refused as unknown to the table rather than as
-    /// reused), and keys with nothing left to open or older than any
-    /// session can live.
+    /// replay is then refused as unknown rather than reused), and keys
+    /// with nothing left to open or older than any session can live.
     /// Called on every ticket and by the gateway's timer, so an idle
-    /// gateway forgets too.
+    /// gateway forgets too. The engine is asked about sessions with the
+    /// table unlocked: handshakes do not wait for it.
     pub fn roll(&self, now: Instant) {
         let ttl = self.ttl();
         let oldest = self.max_life() + ttl * 2;
+        let sessions: Vec<SessionId> = {
+            let mut k = lock(&self.keys);
+            let age = k
+                .by_id
+                .get(&k.current)
+                .map_or(ttl, |c| now.saturating_duration_since(c.since));
+            if age < ttl / 2 {
+                return;
+            }
+            k.start_key(now);
+            let mut sids: Vec<SessionId> = k
+                .issued
+                .values()
+                .filter(|t| t.used.is_none())
+                .filter_map(|t| t.connection.session.get().copied())
+                .collect();
+            sids.sort_unstable_by_key(|s| *s.as_bytes());
+            sids.dedup();
+            sids
+        };
+        let dead: std::collections::HashSet<SessionId> =
+            sessions.into_iter().filter(|s| !self.alive(s)).collect();
         let mut k = lock(&self.keys);
-        let age = k
-            .by_id
-            .get(&k.current)
-            .map_or(ttl, |c| now.saturating_duration_since(c.since));
-        if age < ttl / 2 {
-            return;
-        }
-        k.start_key(now);
         let current = k.current;
+        let expired: Vec<u32> = k
+            .by_id
+            .iter()
+            .filter(|(id, key)| {
+                **id != current && now.saturating_duration_since(key.since) >= oldest
+            })
+            .map(|(id, _)| *id)
+            .collect();
         // Per session, its newest connection: an agent keeps only the
         // tickets of its last connection, so older unused ones (the spare
-        // of each earlier reattach) would only fill the table.
-        let mut newest: HashMap<SessionId, (Instant, &Arc<Connection>)> = HashMap::new();
-        for t in k.by_id.values().flat_map(|key| key.issued.values()) {
+        // of each earlier reattach) would only fill the table. By
+        // connection, not by time: a connection's two tickets are made a
+        // moment apart.
+        let mut newest: HashMap<SessionId, (Instant, *const Connection)> = HashMap::new();
+        for t in k.issued.values() {
             if let Some(sid) = t.connection.session.get() {
-                let n = newest.entry(*sid).or_insert((t.at, &t.connection));
+                let n = newest
+                    .entry(*sid)
+                    .or_insert((t.at, Arc::as_ptr(&t.connection)));
                 if t.at > n.0 {
-                    *n = (t.at, &t.connection);
+                    *n = (t.at, Arc::as_ptr(&t.connection));
                 }
             }
         }
-        // By connection, not by time: a connection's two tickets are made
-        // a moment apart.
-        let newest: HashMap<SessionId, *const Connection> = newest
-            .into_iter()
-            .map(|(sid, (_, c))| (sid, Arc::as_ptr(c)))
-            .collect();
         let superseded = |t: &Issued| {
             t.connection
                 .session
                 .get()
                 .and_then(|sid| newest.get(sid))
-                .is_some_and(|n| !std::ptr::eq(*n, Arc::as_ptr(&t.connection)))
+                .is_some_and(|n| !std::ptr::eq(n.1, Arc::as_ptr(&t.connection)))
         };
-        let mut forgotten = 0;
-        k.by_id.retain(|id, key| {
-            if *id == current {
-                return true;
-            }
-            if now.saturating_duration_since(key.since) >= oldest {
-                forgotten += key.issued.len();
-                return false;
-            }
-            let before = key.issued.len();
-            key.issued.retain(|_, t| match t.used {
-                Some(at) => now.saturating_duration_since(at) < ttl,
-                None => !superseded(t) && self.good(t, now),
-            });
-            forgotten += before - key.issued.len();
-            !key.issued.is_empty()
-        });
-        k.issued -= forgotten;
+        let gone: Vec<[u8; NONCE_LEN]> = k
+            .issued
+            .iter()
+            .filter(|(_, t)| {
+                expired.contains(&t.key)
+                    || match t.used {
+                        Some(at) => now.saturating_duration_since(at) >= ttl,
+                        None => superseded(t) || !self.good(t, now, &|s| dead.contains(s)),
+                    }
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for n in &gone {
+            k.forget(n);
+        }
+        k.by_id
+            .retain(|id, key| *id == current || (key.tickets > 0 && !expired.contains(id)));
     }
 
     fn refuse(r: TicketRefusal) -> Option<Vec<u8>> {
@@ -341,36 +370,34 @@ impl Tickets {
     fn seal_at(&self, plain: &[u8], now: Instant) -> Option<Vec<u8>> {
         self.roll(now);
         let connection = CONNECTION.try_with(Arc::clone).unwrap_or_default();
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
         let mut k = lock(&self.keys);
-        if k.issued >= self.capacity {
+        if k.issued.len() >= self.capacity {
             return Self::refuse(TicketRefusal::TableFull);
         }
+        let nonce = loop {
+            let mut n = [0u8; NONCE_LEN];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut n);
+            if !k.issued.contains_key(&n) {
+                break n;
+            }
+        };
         let id = k.current;
         let key = k.by_id.get_mut(&id)?;
         let mut body = plain.to_vec();
         key.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(id.to_be_bytes()),
-                &mut body,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut body)
             .ok()?;
-        let fresh = key
-            .issued
-            .insert(
-                nonce,
-                Issued {
-                    connection,
-                    at: now,
-                    used: None,
-                },
-            )
-            .is_none();
-        k.issued += usize::from(fresh);
-        let mut out = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + body.len());
-        out.extend_from_slice(&id.to_be_bytes());
+        key.tickets += 1;
+        k.issued.insert(
+            nonce,
+            Issued {
+                key: id,
+                connection,
+                at: now,
+                used: None,
+            },
+        );
+        let mut out = Vec::with_capacity(NONCE_LEN + body.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&body);
         Some(out)
@@ -378,49 +405,52 @@ impl Tickets {
 
     fn open_at(&self, cipher: &[u8], now: Instant) -> Option<Vec<u8>> {
         self.roll(now);
-        if cipher.len() < KEY_ID_LEN + NONCE_LEN {
+        if cipher.len() < NONCE_LEN {
             return Self::refuse(TicketRefusal::Unknown);
         }
-        let (id, rest) = cipher.split_at(KEY_ID_LEN);
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let id: [u8; KEY_ID_LEN] = id.try_into().ok()?;
+        let (nonce, sealed) = cipher.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
+        // Authentic and unused? (Its session is asked about unlocked.)
+        let (body, session) = {
+            let k = lock(&self.keys);
+            let Some(t) = k.issued.get(&nonce) else {
+                return Self::refuse(TicketRefusal::Unknown);
+            };
+            if t.used.is_some() {
+                return Self::refuse(TicketRefusal::Reused);
+            }
+            let Some(key) = k.by_id.get(&t.key) else {
+                return Self::refuse(TicketRefusal::Unknown);
+            };
+            let mut body = sealed.to_vec();
+            let Ok(n) = key
+                .key
+                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut body)
+                .map(|p| p.len())
+            else {
+                return Self::refuse(TicketRefusal::Unknown);
+            };
+            body.truncate(n);
+            (body, t.connection.session.get().copied())
+        };
+        let alive = session.is_none_or(|s| self.alive(&s));
         // Check and use under one lock: two connections presenting one
         // ticket at once get one resumption.
         let mut k = lock(&self.keys);
-        let Some(key) = k.by_id.get_mut(&u32::from_be_bytes(id)) else {
-            return Self::refuse(TicketRefusal::Unknown);
-        };
-        let mut body = sealed.to_vec();
-        let Ok(n) = key
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(id),
-                &mut body,
-            )
-            .map(|p| p.len())
-        else {
-            return Self::refuse(TicketRefusal::Unknown);
-        };
-        let verdict = match key.issued.get_mut(&nonce) {
-            None => Err(TicketRefusal::Expired),
+        let verdict = match k.issued.get_mut(&nonce) {
+            None => Err(TicketRefusal::Unknown),
             Some(t) if t.used.is_some() => Err(TicketRefusal::Reused),
-            Some(t) if self.good(t, now) => {
+            Some(t) if self.good(t, now, &|_| !alive) => {
                 t.used = Some(now);
                 Ok(())
             }
             Some(_) => {
-                key.issued.remove(&nonce);
-                k.issued -= 1;
+                k.forget(&nonce);
                 Err(TicketRefusal::Expired)
             }
         };
         match verdict {
-            Ok(()) => {
-                body.truncate(n);
-                Some(body)
-            }
+            Ok(()) => Some(body),
             Err(r) => Self::refuse(r),
         }
     }
@@ -480,13 +510,16 @@ mod tests {
 
     fn remembered(t: &Tickets) -> (usize, usize) {
         let k = lock(&t.keys);
-        (k.issued, k.by_id.len())
+        (k.issued.len(), k.by_id.len())
     }
 
     #[test]
     fn a_ticket_opens_once() {
         let (t, _) = tickets();
         let c = t.encrypt(b"session state").unwrap();
+        // On the wire in each ClientHello: a random nonce and the sealed
+        // state, nothing shared with the window's other tickets.
+        assert_eq!(c.len(), NONCE_LEN + b"session state".len() + 16);
         assert_eq!(t.decrypt(&c).as_deref(), Some(&b"session state"[..]));
         assert_eq!(t.decrypt(&c), None, "a second use");
     }
@@ -496,7 +529,7 @@ mod tests {
         let ((a, _), (b, _)) = (tickets(), tickets());
         let c = a.encrypt(b"x").unwrap();
         assert_eq!(b.decrypt(&c), None, "another gateway or incarnation");
-        for i in [0, KEY_ID_LEN, KEY_ID_LEN + NONCE_LEN] {
+        for i in [0, NONCE_LEN] {
             let mut bad = a.encrypt(b"x").unwrap();
             bad[i] ^= 1;
             assert_eq!(a.decrypt(&bad), None, "tampered at {i}");

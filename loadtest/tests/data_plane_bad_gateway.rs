@@ -25,7 +25,7 @@ type Seen = mpsc::UnboundedReceiver<(usize, Kind)>;
 /// A gateway that answers every HELLO with a session and a channel, then
 /// sends connection `i` the frame `bad[i]` (later connections get none),
 /// answers pings, and reports every frame it receives.
-async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
+async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>, keepalive_ms: u64) -> (SocketAddr, Seen) {
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::tls::TlsConfig {
         cert_file: pki.layout.gateway_cert("gw-fake"),
         key_file: pki.layout.gateway_key("gw-fake"),
@@ -60,7 +60,7 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
                     let mut out = BytesMut::new();
                     match &k {
                         Kind::Hello(_) => {
-                            let ok = hello_ok(i);
+                            let ok = hello_ok(i, keepalive_ms);
                             jvpn_proto::frame::encode(Kind::HelloOk(ok), &mut out).unwrap();
                             if let Some(b) = bad.clone() {
                                 jvpn_proto::frame::encode(b, &mut out).unwrap();
@@ -83,9 +83,9 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>) -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
-fn hello_ok(i: usize) -> HelloOk {
+fn hello_ok(i: usize, keepalive_ms: u64) -> HelloOk {
     HelloOk {
-        keepalive_ms: 0,
+        keepalive_ms,
         session_id: vec![i as u8 + 1; 16],
         node_id: "gw-fake".into(),
         incarnation: 1,
@@ -126,7 +126,9 @@ async fn a_gateway_that_breaks_the_channel_loses_only_that_session() {
         }),
         Kind::Ack(Ack { seq: 1 << 20 }),
     ];
-    let (addr, mut seen) = fake_gateway(&pki, bad).await;
+    // No keep-alives announced (as from a gateway one version older): the
+    // agent pings.
+    let (addr, mut seen) = fake_gateway(&pki, bad, 0).await;
     let cfg = harness::agent_config(&pki, vec![addr], None).unwrap();
     let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
     let _tunnel = agent.tunnel();
@@ -166,4 +168,33 @@ async fn a_gateway_that_breaks_the_channel_loses_only_that_session() {
     drop(cmds);
     let end = task.await.unwrap();
     assert_eq!(end.ended.as_deref(), Some("agent_closed"));
+}
+
+/// Keep-alives announced at an interval two of which do not fit in the
+/// agent's silence limit (a taker in topology 3 may run another policy
+/// than the one the agent was told): the agent does not rely on them and
+/// pings at its interval, with pings the gateway answers (`seq` ≥ 1, not
+/// the unanswered check-in `seq` 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_that_do_not_fit_the_silence_limit_are_not_relied_on() {
+    let pki = TestPki::new(&["gw-fake"]).unwrap();
+    // Silence limit 5 s (the policy in `hello_ok`), keep-alives every 4 s.
+    let (addr, mut seen) = fake_gateway(&pki, Vec::new(), 4_000).await;
+    let cfg = harness::agent_config(&pki, vec![addr], None).unwrap();
+    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
+    let _tunnel = agent.tunnel();
+    let (cmds, rx) = mpsc::channel(8);
+    let report = Arc::new(std::sync::Mutex::new(jvpn_agent::AgentReport::default()));
+    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    let mut pings = Vec::new();
+    while pings.len() < 5 {
+        match next(&mut seen).await {
+            (0, Kind::Ping(p)) => pings.push(p.seq),
+            (0, Kind::Hello(h)) => assert!(h.keepalive, "the agent asks"),
+            other => panic!("expected pings on the one session, got {other:?}"),
+        }
+    }
+    assert!(pings.iter().all(|s| *s >= 1), "answered pings: {pings:?}");
+    drop(cmds);
+    task.await.unwrap();
 }

@@ -177,10 +177,16 @@ impl Policy {
 
     /// `None`: no gateway keep-alives.
     pub fn keepalive_interval(&self) -> Option<Duration> {
-        let k = self
-            .keepalive_interval_ms
-            .unwrap_or(self.heartbeat_timeout_ms / 2);
-        (k > 0).then(|| Duration::from_millis(k))
+        match self.keepalive_interval_ms {
+            Some(0) => None,
+            Some(k) => Some(Duration::from_millis(k)),
+            // Half the timeout, unless that is below the 50 ms an explicit
+            // value may not go under.
+            None => {
+                let k = self.heartbeat_timeout_ms / 2;
+                (k >= 50).then(|| Duration::from_millis(k))
+            }
+        }
     }
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)

@@ -834,9 +834,11 @@ async fn read_loop(
             }
         }
         let reply = match kind {
-            // A check-in of an agent that listens for keep-alives: they
-            // answer it (the agent times silence from any frame).
-            Kind::Ping(_) if at.keepalive.is_some() => continue,
+            // A check-in (seq 0) of an agent that listens for keep-alives:
+            // they answer it (the agent times silence from any frame). Its
+            // other pings are answered: an agent whose silence limit the
+            // keep-alives do not fit pings instead.
+            Kind::Ping(p) if p.seq == 0 && at.keepalive.is_some() => continue,
             Kind::Ping(p) => Kind::Pong(Pong { seq: p.seq }),
             Kind::Data(d) => match &at.channel {
                 Some((ch, g)) => {
@@ -915,6 +917,10 @@ async fn read_loop(
                         counter!(m::RESUMES, "result" => "ok").increment(1);
                         if let Some((ch, _)) = &at.channel {
                             ok.received = Some(ch.received());
+                        }
+                        // The connection's keep-alives go on.
+                        if r.keepalive {
+                            ok.keepalive_ms = announced(at.keepalive);
                         }
                         shared
                             .events
