@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,9 @@ pub struct Cluster {
     /// Rings built lately, newest last, so that every router link that
     /// reports the same view shares one ring (bounded: [`RING_CACHE`]).
     rings: Mutex<VecDeque<Arc<Ring>>>,
+    /// The policy's `heartbeat_timeout_ms`, told to routers (see
+    /// [`Cluster::set_agent_silence`]).
+    agent_silence_ms: AtomicU32,
 }
 
 /// Rings [`Cluster`] keeps for sharing between its router links.
@@ -172,7 +175,18 @@ impl Cluster {
             secret_keys: ArcSwap::from_pointee((secret_keys, None)),
             listeners: ArcSwap::from_pointee(endpoint_addrs(endpoints)),
             rings: Mutex::new(VecDeque::new()),
+            agent_silence_ms: AtomicU32::new(0),
         })
+    }
+
+    /// How long this gateway's agents may go without a frame (the policy's
+    /// `heartbeat_timeout_ms`): sent with every heartbeat, so routers give
+    /// up a splice whose agent stopped acknowledging within that time. With
+    /// keep-alives the gateway's own socket faces the router, whose TCP
+    /// stays healthy when the agent's path dies (design note 53).
+    pub fn set_agent_silence(&self, silence: Duration) {
+        let ms = u32::try_from(silence.as_millis()).unwrap_or(u32::MAX);
+        self.agent_silence_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The ring of the view a full reply describes (or, with `base`, a
@@ -582,6 +596,7 @@ fn request(
         incarnation_ordered: true,
         known_view_id,
         accepts_view_delta: true,
+        agent_silence_ms: cluster.agent_silence_ms.load(Ordering::Relaxed),
         secret_proof: gateway_proof(
             &cluster.secret_keys.load().0,
             cluster.node_id.as_str(),
@@ -866,6 +881,28 @@ mod tests {
             interval: Duration::from_millis(250),
             keys: keys.clone(),
         }
+    }
+
+    /// Design note 53: every heartbeat tells the routers how long this
+    /// gateway's agents may be silent, as the policy says now.
+    #[test]
+    fn heartbeats_carry_the_policys_agent_silence() {
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = test_settings(&keys);
+        let (mut seq, mut sent) = (0, VecDeque::new());
+        let l0 = &c.links[0];
+        assert_eq!(request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms, 0);
+        c.set_agent_silence(Duration::from_millis(2_000));
+        assert_eq!(
+            request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms,
+            2_000
+        );
+        c.set_agent_silence(Duration::from_millis(7_500));
+        assert_eq!(
+            request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms,
+            7_500
+        );
     }
 
     /// Issue 14: a delta (what changed since the view held) builds the

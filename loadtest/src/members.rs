@@ -337,6 +337,7 @@ impl Link {
                 _ => Vec::new(),
             },
             accepts_view_delta: !self.old_format,
+            agent_silence_ms: 0,
         }
     }
 

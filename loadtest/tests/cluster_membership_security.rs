@@ -37,6 +37,7 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         secret_proof: Vec::new(),
         known_view_id: Vec::new(),
         accepts_view_delta: false,
+        agent_silence_ms: 0,
     }
 }
 

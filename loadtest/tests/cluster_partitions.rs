@@ -405,3 +405,73 @@ fn a_gateway_paused_past_the_grace_loses_its_sessions_explicitly() {
         assert_healed_cleanly(&c, fleet).await;
     });
 }
+
+/// Design note 53: behind a router, the gateway's socket faces the router,
+/// whose TCP stays healthy when the path to an agent dies silently; with
+/// keep-alives the agent sends nothing to miss for 10 s at a time. The
+/// router bounds how long the keep-alives it splices towards the agent may
+/// go unacknowledged by what the gateway's heartbeats say (its policy's
+/// heartbeat timeout, 2 s here), so the splice ends and the gateway sees
+/// the transport close within seconds, not after 30 missed keep-alive
+/// intervals (about 32 s before this change).
+#[test]
+fn a_silent_path_to_an_agent_behind_a_router_ends_its_transport_at_the_gateway() {
+    in_private_namespace(|| async {
+        let c = common::cluster(ClusterOptions {
+            gateways: 1,
+            routers: 1,
+            spare_gateways: 0,
+            ..ClusterOptions::default()
+        })
+        .await;
+        let node = node_name(0);
+        c.wait_placeable(std::slice::from_ref(&node), Duration::from_secs(15))
+            .await
+            .unwrap();
+        let router = c.routers[0].client_addr;
+        let mut a = jvpn_loadtest::harness::agent(&c.pki, router, None).unwrap();
+        a.set_listens_for_keepalives(true);
+        let t = common::hello(&mut a).await;
+        assert_eq!(t.gateway_keepalive(), Some(Duration::from_secs(1)));
+        let attached = || async {
+            gateway_metric(&c, &node, "jvpn_gateway_sessions", &[("state", "attached")]).await
+        };
+        eventually(Duration::from_secs(5), "attached", || async {
+            attached().await == 1.0
+        })
+        .await
+        .unwrap();
+
+        // Every packet to or from the router's client port vanishes (the
+        // agent's FIN too): only the router can notice, by its keep-alives
+        // going unacknowledged.
+        let port = router.port().to_string();
+        for dir in ["--sport", "--dport"] {
+            let out = std::process::Command::new("iptables")
+                .args(["-A", "INPUT", "-p", "tcp", dir, &port, "-j", "DROP"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let t0 = Instant::now();
+        eventually(Duration::from_secs(12), "the transport to end", || async {
+            attached().await == 0.0
+        })
+        .await
+        .unwrap();
+        let after = t0.elapsed();
+        let dead = gateway_metric(
+            &c,
+            &node,
+            "jvpn_gateway_state_transitions_total",
+            &[("to", "volatile"), ("reason", "transport_dead")],
+        )
+        .await;
+        assert_eq!(dead, 1.0, "closed by the router, not retired for silence");
+        eprintln!(
+            "silent agent path: transport ended after {} ms",
+            after.as_millis()
+        );
+        drop(t);
+    });
+}

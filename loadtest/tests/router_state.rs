@@ -71,3 +71,37 @@ fn a_new_incarnation_is_routable_after_its_first_heartbeat_and_stays_so() {
         s.on_heartbeat(&hb);
     }
 }
+
+/// Design note 53: a member's agent silence is kept per incarnation while
+/// the member is known, dropped when it says 0 (or is forgotten), and a
+/// member that never said one (a gateway one version older) has none.
+#[test]
+fn a_members_agent_silence_is_kept_per_incarnation() {
+    let (s, _pki, _dir) = state();
+    let g1 = NodeId::new("g1").unwrap();
+    let hb = Heartbeat {
+        node_id: g1.clone(),
+        incarnation: Incarnation(5),
+        addr: "127.0.0.1:7443".parse().unwrap(),
+        state: NodeState::Ready,
+        weight: 1,
+        lease_ok: true,
+        in_view: true,
+        ordered: true,
+    };
+    s.on_heartbeat(&hb);
+    assert_eq!(s.agent_silence(&g1, Incarnation(5)), None);
+    s.set_agent_silence(&g1, Incarnation(5), 2_000);
+    s.tick();
+    let two = Some(std::time::Duration::from_millis(2_000));
+    assert_eq!(s.agent_silence(&g1, Incarnation(5)), two);
+    assert_eq!(s.agent_silence(&g1, Incarnation(6)), None);
+    s.set_agent_silence(&g1, Incarnation(5), 0);
+    assert_eq!(s.agent_silence(&g1, Incarnation(5)), None);
+    // An incarnation the membership does not know is forgotten at a tick.
+    s.set_agent_silence(&g1, Incarnation(5), 2_000);
+    s.set_agent_silence(&g1, Incarnation(9), 3_000);
+    s.tick();
+    assert_eq!(s.agent_silence(&g1, Incarnation(5)), two);
+    assert_eq!(s.agent_silence(&g1, Incarnation(9)), None);
+}

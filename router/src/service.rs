@@ -220,6 +220,7 @@ impl MembershipRpc for Service {
             state: self.state.clone(),
             peer,
             current: None,
+            agent_silence_ms: 0,
             counters: StreamCounters::new(),
             done: false,
         })))
@@ -238,6 +239,9 @@ struct HeartbeatStream {
     allow: Vec<IpAddr>,
     max_weight: u32,
     current: Option<Incarnation>,
+    /// The last `agent_silence_ms` handed to the state (0: none): the
+    /// state hears of it when it changes, not per heartbeat.
+    agent_silence_ms: u32,
     counters: StreamCounters,
     done: bool,
 }
@@ -306,6 +310,10 @@ impl HeartbeatStream {
             self.done = true;
         } else {
             self.counters.accepted.increment(1);
+            if msg.agent_silence_ms != self.agent_silence_ms {
+                self.agent_silence_ms = msg.agent_silence_ms;
+                state.set_agent_silence(&hb.node_id, hb.incarnation, msg.agent_silence_ms);
+            }
         }
         Ok(reply_for(
             state,

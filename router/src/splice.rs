@@ -69,6 +69,11 @@ pub struct Timeouts {
     /// TCP keepalive on both sockets: probes start after this much silence
     /// (`None`: off).
     pub keepalive: Option<Duration>,
+    /// How long bytes towards the agent may stay unacknowledged
+    /// (`TCP_USER_TIMEOUT` on the agent's socket; `None`: the keepalive's
+    /// bound). Its gateway's agents give a silent transport up after this
+    /// long; so does the splice, and the gateway sees it close.
+    pub agent_silence: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -77,6 +82,7 @@ impl Default for Timeouts {
             half_close: Duration::from_secs(10),
             idle: Duration::from_secs(300),
             keepalive: Some(Duration::from_secs(60)),
+            agent_silence: None,
         }
     }
 }
@@ -109,6 +115,10 @@ pub async fn splice_with(
     if let Some(k) = t.keepalive {
         keepalive(agent, k);
         keepalive(gateway, k);
+    }
+    if let Some(s) = t.agent_silence {
+        // A failure leaves the keepalive's bound, as before.
+        let _ = socket2::SockRef::from(&*agent).set_tcp_user_timeout(Some(s));
     }
     let half_close = t.half_close;
     // The tally doubles as activity for `idle`.
@@ -407,6 +417,7 @@ mod tests {
             half_close: Duration::from_secs(3600),
             idle: Duration::from_millis(300),
             keepalive: None,
+            agent_silence: None,
         };
         let started = tokio::time::Instant::now();
         let task = spawn_splice(agent_side, gateway_side, t);
@@ -482,6 +493,45 @@ mod tests {
         })
         .await;
         assert!(!task.is_finished());
+        task.abort();
+    }
+
+    /// Design note 53: the agent's socket gets the gateway's agent silence
+    /// as its unacknowledged-data bound; the gateway's keeps the keepalive's.
+    #[tokio::test]
+    async fn the_agents_socket_is_given_up_after_the_agent_silence() {
+        use std::os::fd::AsFd;
+        let (_agent_end, mut agent_side) = pair().await;
+        let (mut gateway_side, _gateway_end) = pair().await;
+        let fds = [
+            agent_side.as_fd().try_clone_to_owned().unwrap(),
+            gateway_side.as_fd().try_clone_to_owned().unwrap(),
+        ];
+        let t = Timeouts {
+            agent_silence: Some(Duration::from_millis(2_000)),
+            ..Timeouts::default()
+        };
+        let task = tokio::spawn(async move {
+            let tally = Tally::default();
+            splice_with(
+                &mut agent_side,
+                &mut gateway_side,
+                1024,
+                Mode::Copy,
+                t,
+                &tally,
+            )
+            .await;
+        });
+        let after = Timeouts::default().keepalive.unwrap();
+        eventually_set(|| {
+            let [a, g] = &fds;
+            socket2::SockRef::from(a).tcp_user_timeout().unwrap()
+                == Some(Duration::from_millis(2_000))
+                && socket2::SockRef::from(g).tcp_user_timeout().unwrap()
+                    == Some(after + 3 * (after / 6))
+        })
+        .await;
         task.abort();
     }
 

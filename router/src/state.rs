@@ -164,6 +164,10 @@ pub struct RouterState {
     /// router-wide change; no lock per connection).
     routes: ArcSwap<Routes>,
     deaths: Mutex<HashMap<(NodeId, Incarnation), watch::Sender<bool>>>,
+    /// Per member, how long its agents may be silent (its heartbeats'
+    /// `agent_silence_ms`): changed when a member reports a new value,
+    /// read without a lock by every splice to it (design note 53).
+    agent_silences: ArcSwap<HashMap<(NodeId, Incarnation), Duration>>,
     /// Extra ticks asked for (deaths falling due between steps), in order.
     early_ticks: Mutex<std::collections::VecDeque<Instant>>,
     early_tick_added: tokio::sync::Notify,
@@ -309,6 +313,7 @@ impl RouterState {
             // From the start: before the first tick, an unknown owner is
             // `owner_unreachable` (warm-up), never `owner_lost`.
             routes: ArcSwap::from_pointee(membership_routes),
+            agent_silences: ArcSwap::from_pointee(HashMap::new()),
             deaths: Mutex::new(HashMap::new()),
             last_status: Mutex::default(),
             early_ticks: Mutex::default(),
@@ -485,13 +490,21 @@ impl RouterState {
             // the membership lock: an incarnation that joins meanwhile is
             // then either in this list or learned after it.
             let mut tags = lock(&self.tags);
-            if tags.len() > status.len() {
+            let silences = self.agent_silences.load().len();
+            if tags.len() > status.len() || silences > status.len() {
                 let current: HashSet<(NodeId, Incarnation)> = status
                     .iter()
                     .map(|s| (s.node_id.clone(), s.incarnation))
                     .collect();
                 if tags.retain(&current) {
                     self.tag_view.store(Arc::new(tags.clone()));
+                }
+                if silences > status.len() {
+                    self.agent_silences.rcu(|m| {
+                        let mut m = HashMap::clone(m);
+                        m.retain(|k, _| current.contains(k));
+                        m
+                    });
                 }
             }
             drop(tags);
@@ -690,6 +703,30 @@ impl RouterState {
     }
 
     /// Signal that resolves when `(node, incarnation)` stops being alive.
+    /// Records what a member's heartbeats say of its agents' silence
+    /// (0: nothing; an older gateway).
+    pub fn set_agent_silence(&self, node: &NodeId, incarnation: Incarnation, ms: u32) {
+        let key = (node.clone(), incarnation);
+        self.agent_silences.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            if ms == 0 {
+                m.remove(&key);
+            } else {
+                m.insert(key.clone(), Duration::from_millis(u64::from(ms)));
+            }
+            m
+        });
+    }
+
+    /// How long bytes spliced towards an agent of this member may stay
+    /// unacknowledged before the splice is given up, if it said.
+    pub fn agent_silence(&self, node: &NodeId, incarnation: Incarnation) -> Option<Duration> {
+        self.agent_silences
+            .load()
+            .get(&(node.clone(), incarnation))
+            .copied()
+    }
+
     pub fn death_signal(&self, node: &NodeId, incarnation: Incarnation) -> watch::Receiver<bool> {
         lock(&self.deaths)
             .entry((node.clone(), incarnation))

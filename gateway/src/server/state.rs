@@ -163,6 +163,9 @@ impl Shared {
             self.with_engine(i, |e| e.set_policy(new.raw.policy.clone()))
                 .map_err(ReloadError::Policy)?;
         }
+        if let Some(c) = &self.cluster {
+            c.set_agent_silence(new.raw.policy.heartbeat_timeout());
+        }
         self.tickets.set_limits(
             new.raw.policy.transport_lost_ttl(),
             new.raw.policy.session_max_lifetime(),
@@ -397,7 +400,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         egress: ArcSwap::new(cfg.egress.clone()),
         buckets: Mutex::new(HashMap::new()),
         cluster: cfg.membership.as_ref().map(|_| {
-            crate::membership::Cluster::new(
+            let c = crate::membership::Cluster::new(
                 cfg.node_id.clone(),
                 incarnation,
                 &cfg.raw.cluster.membership_endpoints,
@@ -405,7 +408,9 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
                 Duration::from_millis(cfg.raw.cluster.unleased_exit_ms),
                 cfg.secret.derive(),
                 origin,
-            )
+            );
+            c.set_agent_silence(cfg.raw.policy.heartbeat_timeout());
+            c
         }),
         drain: jvpn_runtime::admin::DrainTrigger::default(),
         store: std::sync::OnceLock::new(),
