@@ -542,18 +542,24 @@ mod tests {
         assert_eq!(a.decrypt(&[0; 5]), None);
     }
 
+    /// Two sessions the engine (`sessions`) calls alive.
+    fn two_live_sessions(t: &Tickets) -> (Arc<Mutex<HashSet<SessionId>>>, SessionId, SessionId) {
+        let alive = sessions(t);
+        let (s1, s2) = (
+            SessionId::from_bytes([1; 16]),
+            SessionId::from_bytes([2; 16]),
+        );
+        lock(&alive).extend([s1, s2]);
+        (alive, s1, s2)
+    }
+
     /// The storm: a connection up for longer than the ttl is cut;
     /// its ticket resumes because its session lives, however often the
     /// keys rolled meanwhile; once the session ended it does not.
     #[test]
     fn a_ticket_opens_while_its_session_lives() {
         let (t, start) = tickets();
-        let alive = sessions(&t);
-        let (s1, s2) = (
-            SessionId::from_bytes([1; 16]),
-            SessionId::from_bytes([2; 16]),
-        );
-        lock(&alive).extend([s1, s2]);
+        let (alive, s1, s2) = two_live_sessions(&t);
         let c1 = sealed_for(&t, s1, start);
         let c2 = sealed_for(&t, s2, start);
         for i in 1..=20 {
@@ -604,12 +610,7 @@ mod tests {
     #[test]
     fn rolling_forgets_what_can_no_longer_open() {
         let (t, start) = tickets();
-        let alive = sessions(&t);
-        let (s1, s2) = (
-            SessionId::from_bytes([1; 16]),
-            SessionId::from_bytes([2; 16]),
-        );
-        lock(&alive).extend([s1, s2]);
+        let (alive, s1, s2) = two_live_sessions(&t);
         let keep = sealed_for(&t, s1, start);
         let _gone = sealed_for(&t, s2, start);
         let used = t.seal_at(b"u", start).unwrap();

@@ -114,6 +114,26 @@ async fn next(seen: &mut Seen) -> (usize, Kind) {
         .expect("the fake gateway stopped")
 }
 
+/// An agent with a tunnel (so it asks for a channel) running the real
+/// session loop against `addr`: its command sender, report and task.
+fn keep_alive_agent(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+) -> (
+    mpsc::Sender<jvpn_agent::Command>,
+    Arc<std::sync::Mutex<jvpn_agent::AgentReport>>,
+    tokio::task::JoinHandle<jvpn_agent::AgentReport>,
+    jvpn_agent::streams::Tunnel,
+) {
+    let cfg = harness::agent_config(pki, vec![addr], None).unwrap();
+    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
+    let tunnel = agent.tunnel();
+    let (cmds, rx) = mpsc::channel(8);
+    let report = Arc::new(std::sync::Mutex::new(jvpn_agent::AgentReport::default()));
+    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    (cmds, report, task, tunnel)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_breaks_the_channel_loses_only_that_session() {
     let pki = TestPki::new(&["gw-fake"]).unwrap();
@@ -129,12 +149,7 @@ async fn a_gateway_that_breaks_the_channel_loses_only_that_session() {
     // No keep-alives announced (as from a gateway one version older): the
     // agent pings.
     let (addr, mut seen) = fake_gateway(&pki, bad, 0).await;
-    let cfg = harness::agent_config(&pki, vec![addr], None).unwrap();
-    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
-    let _tunnel = agent.tunnel();
-    let (cmds, rx) = mpsc::channel(8);
-    let report = Arc::new(std::sync::Mutex::new(jvpn_agent::AgentReport::default()));
-    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    let (cmds, report, task, _tunnel) = keep_alive_agent(&pki, addr);
     // Each broken session ends at the gateway explicitly, then a new HELLO.
     let mut terminated = Vec::new();
     let mut hellos = Vec::new();
@@ -180,12 +195,7 @@ async fn keepalives_that_do_not_fit_the_silence_limit_are_not_relied_on() {
     let pki = TestPki::new(&["gw-fake"]).unwrap();
     // Silence limit 5 s (the policy in `hello_ok`), keep-alives every 4 s.
     let (addr, mut seen) = fake_gateway(&pki, Vec::new(), 4_000).await;
-    let cfg = harness::agent_config(&pki, vec![addr], None).unwrap();
-    let mut agent = jvpn_agent::Agent::new(cfg).unwrap();
-    let _tunnel = agent.tunnel();
-    let (cmds, rx) = mpsc::channel(8);
-    let report = Arc::new(std::sync::Mutex::new(jvpn_agent::AgentReport::default()));
-    let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, None, report.clone()));
+    let (cmds, _report, task, _tunnel) = keep_alive_agent(&pki, addr);
     let mut pings = Vec::new();
     while pings.len() < 5 {
         match next(&mut seen).await {

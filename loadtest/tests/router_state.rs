@@ -24,6 +24,20 @@ fn state() -> (std::sync::Arc<RouterState>, TestPki, tempfile::TempDir) {
     (RouterState::new(cfg), pki, dir)
 }
 
+/// A heartbeat of a ready, leased member `node` at `inc`.
+fn ready(node: &str, inc: u64) -> Heartbeat {
+    Heartbeat {
+        node_id: NodeId::new(node).unwrap(),
+        incarnation: Incarnation(inc),
+        addr: "127.0.0.1:7443".parse().unwrap(),
+        state: NodeState::Ready,
+        weight: 1,
+        lease_ok: true,
+        in_view: true,
+        ordered: true,
+    }
+}
+
 fn token(pki: &TestPki, node: &str, inc: u64) -> (u8, [u8; jvpn_proto::token::TOKEN_LEN]) {
     let keys = pki.cluster_keys().unwrap();
     let key = TokenKey::new(&keys);
@@ -49,16 +63,7 @@ fn before_the_first_tick_an_unknown_owner_is_unreachable_not_lost() {
 #[test]
 fn a_new_incarnation_is_routable_after_its_first_heartbeat_and_stays_so() {
     let (s, pki, _dir) = state();
-    let hb = Heartbeat {
-        node_id: NodeId::new("g1").unwrap(),
-        incarnation: Incarnation(5),
-        addr: "127.0.0.1:7443".parse().unwrap(),
-        state: NodeState::Ready,
-        weight: 1,
-        lease_ok: true,
-        in_view: true,
-        ordered: true,
-    };
+    let hb = ready("g1", 5);
     let (key_id, t) = token(&pki, "g1", 5);
     s.on_heartbeat(&hb);
     for _ in 0..3 {
@@ -79,17 +84,7 @@ fn a_new_incarnation_is_routable_after_its_first_heartbeat_and_stays_so() {
 fn a_members_agent_silence_is_kept_per_incarnation() {
     let (s, _pki, _dir) = state();
     let g1 = NodeId::new("g1").unwrap();
-    let hb = Heartbeat {
-        node_id: g1.clone(),
-        incarnation: Incarnation(5),
-        addr: "127.0.0.1:7443".parse().unwrap(),
-        state: NodeState::Ready,
-        weight: 1,
-        lease_ok: true,
-        in_view: true,
-        ordered: true,
-    };
-    s.on_heartbeat(&hb);
+    s.on_heartbeat(&ready("g1", 5));
     assert_eq!(s.agent_silence(&g1, Incarnation(5)), None);
     s.set_agent_silence(&g1, Incarnation(5), 2_000);
     s.tick();

@@ -501,8 +501,8 @@ mod tests {
     #[tokio::test]
     async fn the_agents_socket_is_given_up_after_the_agent_silence() {
         use std::os::fd::AsFd;
-        let (_agent_end, mut agent_side) = pair().await;
-        let (mut gateway_side, _gateway_end) = pair().await;
+        let (_agent_end, agent_side) = pair().await;
+        let (gateway_side, _gateway_end) = pair().await;
         let fds = [
             agent_side.as_fd().try_clone_to_owned().unwrap(),
             gateway_side.as_fd().try_clone_to_owned().unwrap(),
@@ -511,18 +511,7 @@ mod tests {
             agent_silence: Some(Duration::from_millis(2_000)),
             ..Timeouts::default()
         };
-        let task = tokio::spawn(async move {
-            let tally = Tally::default();
-            splice_with(
-                &mut agent_side,
-                &mut gateway_side,
-                1024,
-                Mode::Copy,
-                t,
-                &tally,
-            )
-            .await;
-        });
+        let task = spawn_splice(agent_side, gateway_side, t);
         let after = Timeouts::default().keepalive.unwrap();
         eventually_set(|| {
             let [a, g] = &fds;
