@@ -129,9 +129,13 @@ pub struct Cluster {
     /// Rings built lately, newest last, so that every router link that
     /// reports the same view shares one ring (bounded: [`RING_CACHE`]).
     rings: Mutex<VecDeque<Arc<Ring>>>,
-    /// The policy's `heartbeat_timeout_ms`, told to routers (see
+    /// What routers are told of the agents' silence (see
     /// [`Cluster::set_agent_silence`]).
     agent_silence_ms: AtomicU32,
+    /// A lower value a reload asked for, and from when it may be told
+    /// (sessions keep the policy they were made under); the longest
+    /// session lifetime of any policy this process ran.
+    agent_silence_lowered: Mutex<(Option<(u32, Instant)>, Duration)>,
 }
 
 /// Rings [`Cluster`] keeps for sharing between its router links.
@@ -176,6 +180,7 @@ impl Cluster {
             listeners: ArcSwap::from_pointee(endpoint_addrs(endpoints)),
             rings: Mutex::new(VecDeque::new()),
             agent_silence_ms: AtomicU32::new(0),
+            agent_silence_lowered: Mutex::new((None, Duration::ZERO)),
         })
     }
 
@@ -184,9 +189,39 @@ impl Cluster {
     /// up a splice whose agent stopped acknowledging within that time. With
     /// keep-alives the gateway's own socket faces the router, whose TCP
     /// stays healthy when the agent's path dies (design note 53).
-    pub fn set_agent_silence(&self, silence: Duration) {
+    ///
+    /// A longer silence is told at once. A shorter one (a reload) only once
+    /// the longest session lifetime of any policy so far (`life` is the new
+    /// policy's) has passed: sessions made under an old policy keep its
+    /// timeout, and a router must not cut their paths sooner than their
+    /// agents would give them up.
+    pub fn set_agent_silence(&self, silence: Duration, life: Duration) {
+        self.set_agent_silence_at(silence, life, Instant::now());
+    }
+
+    fn set_agent_silence_at(&self, silence: Duration, life: Duration, now: Instant) {
         let ms = u32::try_from(silence.as_millis()).unwrap_or(u32::MAX);
-        self.agent_silence_ms.store(ms, Ordering::Relaxed);
+        let mut l = lock(&self.agent_silence_lowered);
+        let (pending, longest) = &mut *l;
+        *longest = (*longest).max(life);
+        if ms >= self.agent_silence_ms.load(Ordering::Relaxed) {
+            self.agent_silence_ms.store(ms, Ordering::Relaxed);
+            *pending = None;
+        } else {
+            *pending = Some((ms, now + *longest));
+        }
+    }
+
+    /// What the next heartbeat tells of the agents' silence at `now`.
+    fn agent_silence_at(&self, now: Instant) -> u32 {
+        let mut l = lock(&self.agent_silence_lowered);
+        if let Some((ms, from)) = l.0
+            && now >= from
+        {
+            self.agent_silence_ms.store(ms, Ordering::Relaxed);
+            l.0 = None;
+        }
+        self.agent_silence_ms.load(Ordering::Relaxed)
     }
 
     /// The ring of the view a full reply describes (or, with `base`, a
@@ -596,7 +631,7 @@ fn request(
         incarnation_ordered: true,
         known_view_id,
         accepts_view_delta: true,
-        agent_silence_ms: cluster.agent_silence_ms.load(Ordering::Relaxed),
+        agent_silence_ms: cluster.agent_silence_at(Instant::now()),
         secret_proof: gateway_proof(
             &cluster.secret_keys.load().0,
             cluster.node_id.as_str(),
@@ -893,16 +928,31 @@ mod tests {
         let (mut seq, mut sent) = (0, VecDeque::new());
         let l0 = &c.links[0];
         assert_eq!(request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms, 0);
-        c.set_agent_silence(Duration::from_millis(2_000));
+        let (ms, day) = (Duration::from_millis, Duration::from_secs(86_400));
+        c.set_agent_silence(ms(2_000), day);
         assert_eq!(
             request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms,
             2_000
         );
-        c.set_agent_silence(Duration::from_millis(7_500));
+        // Longer: at once.
+        c.set_agent_silence(ms(7_500), day);
         assert_eq!(
             request(&c, l0, &s, &mut seq, &mut sent).agent_silence_ms,
             7_500
         );
+        // Shorter: only once the sessions of the longer one have ended.
+        let t0 = Instant::now();
+        c.set_agent_silence_at(ms(3_000), day, t0);
+        assert_eq!(c.agent_silence_at(t0 + day - ms(1)), 7_500);
+        assert_eq!(c.agent_silence_at(t0 + day), 3_000);
+        // A longer one meanwhile cancels a pending shorter one.
+        c.set_agent_silence_at(ms(1_000), day, t0);
+        c.set_agent_silence_at(ms(4_000), day, t0);
+        assert_eq!(c.agent_silence_at(t0 + 2 * day), 4_000);
+        // The wait is the longest lifetime any policy had, not the new one's.
+        c.set_agent_silence_at(ms(1_000), ms(1), t0);
+        assert_eq!(c.agent_silence_at(t0 + day - ms(1)), 4_000);
+        assert_eq!(c.agent_silence_at(t0 + day), 1_000);
     }
 
     /// Issue 14: a delta (what changed since the view held) builds the

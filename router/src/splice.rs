@@ -117,6 +117,9 @@ pub async fn splice_with(
         keepalive(gateway, k);
     }
     if let Some(s) = t.agent_silence {
+        // Never later than the keepalive's bound: a gateway with a very
+        // long timeout must not make a vanished peer cost more than before.
+        let s = t.keepalive.map_or(s, |k| s.min(keepalive_params(k).2));
         // A failure leaves the keepalive's bound, as before.
         let _ = socket2::SockRef::from(&*agent).set_tcp_user_timeout(Some(s));
     }
@@ -181,15 +184,21 @@ pub async fn splice_with(
 /// instead of the idle timeout or ~15 min of retransmissions. A failure
 /// only loses the probes, so it is ignored.
 fn keepalive(s: &TcpStream, after: Duration) {
-    let time = after.max(Duration::from_secs(1));
-    let interval = (after / 6).max(Duration::from_secs(1));
+    let (time, interval, bound) = keepalive_params(after);
     let params = socket2::TcpKeepalive::new()
         .with_time(time)
         .with_interval(interval)
         .with_retries(3);
     let sock = socket2::SockRef::from(s);
     let _ = sock.set_tcp_keepalive(&params);
-    let _ = sock.set_tcp_user_timeout(Some(time + 3 * interval));
+    let _ = sock.set_tcp_user_timeout(Some(bound));
+}
+
+/// (first probe, probe interval, give-up bound) for a keepalive `after`.
+fn keepalive_params(after: Duration) -> (Duration, Duration, Duration) {
+    let time = after.max(Duration::from_secs(1));
+    let interval = (after / 6).max(Duration::from_secs(1));
+    (time, interval, time + 3 * interval)
 }
 
 /// One direction: `Ok` on EOF, `Err` on an error. Every byte written is
@@ -497,9 +506,24 @@ mod tests {
     }
 
     /// Design note 53: the agent's socket gets the gateway's agent silence
-    /// as its unacknowledged-data bound; the gateway's keeps the keepalive's.
+    /// as its unacknowledged-data bound (never beyond the keepalive's); the
+    /// gateway's keeps the keepalive's.
     #[tokio::test]
     async fn the_agents_socket_is_given_up_after_the_agent_silence() {
+        let bound = Timeouts::default()
+            .keepalive
+            .map(keepalive_params)
+            .unwrap()
+            .2;
+        for (silence, want) in [
+            (Duration::from_millis(2_000), Duration::from_millis(2_000)),
+            (Duration::from_secs(600), bound),
+        ] {
+            agent_silence_applies(silence, want).await;
+        }
+    }
+
+    async fn agent_silence_applies(silence: Duration, want: Duration) {
         use std::os::fd::AsFd;
         let (_agent_end, agent_side) = pair().await;
         let (gateway_side, _gateway_end) = pair().await;
@@ -508,15 +532,14 @@ mod tests {
             gateway_side.as_fd().try_clone_to_owned().unwrap(),
         ];
         let t = Timeouts {
-            agent_silence: Some(Duration::from_millis(2_000)),
+            agent_silence: Some(silence),
             ..Timeouts::default()
         };
         let task = spawn_splice(agent_side, gateway_side, t);
         let after = Timeouts::default().keepalive.unwrap();
         eventually_set(|| {
             let [a, g] = &fds;
-            socket2::SockRef::from(a).tcp_user_timeout().unwrap()
-                == Some(Duration::from_millis(2_000))
+            socket2::SockRef::from(a).tcp_user_timeout().unwrap() == Some(want)
                 && socket2::SockRef::from(g).tcp_user_timeout().unwrap()
                     == Some(after + 3 * (after / 6))
         })

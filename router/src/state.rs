@@ -702,7 +702,6 @@ impl RouterState {
         }
     }
 
-    /// Signal that resolves when `(node, incarnation)` stops being alive.
     /// Records what a member's heartbeats say of its agents' silence
     /// (0: nothing; an older gateway).
     pub fn set_agent_silence(&self, node: &NodeId, incarnation: Incarnation, ms: u32) {
@@ -727,6 +726,7 @@ impl RouterState {
             .copied()
     }
 
+    /// Signal that resolves when `(node, incarnation)` stops being alive.
     pub fn death_signal(&self, node: &NodeId, incarnation: Incarnation) -> watch::Receiver<bool> {
         lock(&self.deaths)
             .entry((node.clone(), incarnation))

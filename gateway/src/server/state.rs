@@ -164,7 +164,10 @@ impl Shared {
                 .map_err(ReloadError::Policy)?;
         }
         if let Some(c) = &self.cluster {
-            c.set_agent_silence(new.raw.policy.heartbeat_timeout());
+            c.set_agent_silence(
+                new.raw.policy.heartbeat_timeout(),
+                new.raw.policy.session_max_lifetime(),
+            );
         }
         self.tickets.set_limits(
             new.raw.policy.transport_lost_ttl(),
@@ -409,7 +412,10 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
                 cfg.secret.derive(),
                 origin,
             );
-            c.set_agent_silence(cfg.raw.policy.heartbeat_timeout());
+            c.set_agent_silence(
+                cfg.raw.policy.heartbeat_timeout(),
+                cfg.raw.policy.session_max_lifetime(),
+            );
             c
         }),
         drain: jvpn_runtime::admin::DrainTrigger::default(),
