@@ -51,10 +51,12 @@ fn ring_lookup(c: &mut Criterion) {
 
 fn ring_build(c: &mut Criterion) {
     let k = keys();
-    let v = view(100, &k);
-    c.bench_function("ring_build/100", |b| {
-        b.iter(|| Ring::new(black_box(v.clone()), &k))
-    });
+    for n in [100, 1000] {
+        let v = view(n, &k);
+        c.bench_function(&format!("ring_build/{n}"), |b| {
+            b.iter(|| Ring::new(black_box(v.clone()), &k))
+        });
+    }
 }
 
 fn token(c: &mut Criterion) {

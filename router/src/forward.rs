@@ -29,10 +29,6 @@ use crate::state::{Placement, ResumeRoute, RouterState};
 const RETRY_SOON: Duration = Duration::from_millis(250);
 /// Retry hint when the owner refused a connect.
 const RETRY_DYING: Duration = Duration::from_millis(100);
-/// The least unacknowledged time a splice allows its agent, whatever a
-/// gateway says: below a few retransmissions, a healthy but lossy path
-/// would be cut.
-const MIN_AGENT_SILENCE: Duration = Duration::from_millis(500);
 
 /// How a connection ended (the `result` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -381,9 +377,7 @@ async fn forward(
         half_close: Duration::from_millis(sc.half_close_timeout_ms),
         idle: Duration::from_millis(sc.idle_timeout_ms),
         keepalive: (sc.keepalive_ms > 0).then(|| Duration::from_millis(sc.keepalive_ms)),
-        agent_silence: state
-            .agent_silence(node, incarnation)
-            .map(|s| s.max(MIN_AGENT_SILENCE)),
+        agent_silence: state.agent_silence(node, incarnation),
     };
     let tally = crate::splice::Tally::default();
     let outcome = tokio::select! {

@@ -87,6 +87,22 @@ impl Default for Timeouts {
     }
 }
 
+/// The least unacknowledged time a splice allows its agent, whatever a
+/// gateway says: below a few retransmissions, a healthy but lossy path
+/// would be cut.
+const MIN_AGENT_SILENCE: Duration = Duration::from_millis(500);
+
+impl Timeouts {
+    /// The agent socket's unacknowledged-data bound from `agent_silence`:
+    /// at least [`MIN_AGENT_SILENCE`], and never later than the keepalive's
+    /// bound (a gateway with a very long timeout must not make a vanished
+    /// peer cost more than before).
+    fn agent_bound(&self) -> Option<Duration> {
+        let s = self.agent_silence?.max(MIN_AGENT_SILENCE);
+        Some(self.keepalive.map_or(s, |k| s.min(keepalive_params(k).2)))
+    }
+}
+
 /// Copies until both directions reached EOF, or one failed.
 pub async fn splice(agent: &mut TcpStream, gateway: &mut TcpStream, buffer_bytes: usize) -> Moved {
     let tally = Tally::default();
@@ -116,10 +132,7 @@ pub async fn splice_with(
         keepalive(agent, k);
         keepalive(gateway, k);
     }
-    if let Some(s) = t.agent_silence {
-        // Never later than the keepalive's bound: a gateway with a very
-        // long timeout must not make a vanished peer cost more than before.
-        let s = t.keepalive.map_or(s, |k| s.min(keepalive_params(k).2));
+    if let Some(s) = t.agent_bound() {
         // A failure leaves the keepalive's bound, as before.
         let _ = socket2::SockRef::from(&*agent).set_tcp_user_timeout(Some(s));
     }
@@ -506,7 +519,8 @@ mod tests {
     }
 
     /// Design note 53: the agent's socket gets the gateway's agent silence
-    /// as its unacknowledged-data bound (never beyond the keepalive's); the
+    /// as its unacknowledged-data bound (never beyond the keepalive's, never
+    /// below `MIN_AGENT_SILENCE`); the
     /// gateway's keeps the keepalive's.
     #[tokio::test]
     async fn the_agents_socket_is_given_up_after_the_agent_silence() {
@@ -518,6 +532,7 @@ mod tests {
         for (silence, want) in [
             (Duration::from_millis(2_000), Duration::from_millis(2_000)),
             (Duration::from_secs(600), bound),
+            (Duration::from_millis(1), MIN_AGENT_SILENCE),
         ] {
             agent_silence_applies(silence, want).await;
         }

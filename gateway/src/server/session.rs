@@ -955,6 +955,8 @@ async fn write_loop(
     let mut out = BytesMut::new();
     // The HelloOk or ResumeOk has just gone out.
     let mut last_write = Instant::now();
+    // Looked up once per transport, not once per keep-alive.
+    let keepalives_sent = counter!(m::KEEPALIVES_SENT);
     loop {
         // Controls first, even while the channel has bytes queued: a GoAway
         // must not wait behind a download.
@@ -1048,7 +1050,7 @@ async fn write_loop(
                     return Some(ReasonCode::TransportDead);
                 }
                 last_write = Instant::now();
-                counter!(m::KEEPALIVES_SENT).increment(1);
+                keepalives_sent.increment(1);
                 // The agent is silent between check-ins. This side's
                 // evidence of the path is TCP's (a keep-alive left
                 // unacknowledged for the heartbeat timeout aborts the
