@@ -97,6 +97,12 @@ pub struct StoreConfig {
     /// Bound on every store request; past it the request failed (closed).
     #[serde(default = "default_store_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Between two pages of the sweep of unusable records (0: no sweep).
+    #[serde(default = "default_sweep_interval_ms")]
+    pub sweep_interval_ms: u64,
+    /// Records the sweep reads per page.
+    #[serde(default = "default_sweep_page")]
+    pub sweep_page: u32,
     /// PEM: the CA of etcd's client port, and this gateway's client
     /// certificate and key (mTLS).
     #[serde(default)]
@@ -116,6 +122,8 @@ impl Default for StoreConfig {
             lease_ttl_ms: default_lease_ttl_ms(),
             lease_margin_ms: default_lease_margin_ms(),
             request_timeout_ms: default_store_request_timeout_ms(),
+            sweep_interval_ms: default_sweep_interval_ms(),
+            sweep_page: default_sweep_page(),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -134,6 +142,12 @@ fn default_lease_margin_ms() -> u64 {
 }
 fn default_store_request_timeout_ms() -> u64 {
     600
+}
+fn default_sweep_interval_ms() -> u64 {
+    5000
+}
+fn default_sweep_page() -> u32 {
+    256
 }
 
 /// Checks `[store]`; with the etcd backend, the client configuration.
@@ -185,6 +199,12 @@ fn store_config(
         errs.push(ConfigProblem::new(
             "store.request_timeout_ms",
             "must be above zero and at most a third of store.lease_ttl_ms (a failed renewal must leave time for the next before the deadline)",
+        ));
+    }
+    if !(1..=10_000).contains(&s.sweep_page) {
+        errs.push(ConfigProblem::new(
+            "store.sweep_page",
+            "must be between 1 and 10000 (records read per sweep request)",
         ));
     }
     let ca = read_pem("store.ca_file", s.ca_file.as_deref(), errs);

@@ -45,6 +45,8 @@ pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
 pub const STORE_WRITE_RETRIES: &str = "jvpn_gateway_store_write_retries_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
+pub const STORE_SWEPT: &str = "jvpn_gateway_store_swept_total";
+pub const STORE_SWEEP_PAGES: &str = "jvpn_gateway_store_sweep_pages_total";
 pub const STORE_SECONDS: &str = "jvpn_gateway_store_request_duration_seconds";
 pub const STORE_BATCH_WRITES: &str = "jvpn_gateway_store_batch_writes";
 /// Every `result` of [`STORE_CLAIMS`].
@@ -189,6 +191,14 @@ pub fn describe() {
     describe_counter!(
         STORE_CLAIMS,
         "Topology 3: takeovers this gateway attempted for sessions whose owner died, by result (ok; no_record, not_migratable, bad_proof, stale_binding, expired: refused as unknown_session; own, owner_alive, conflict: the agent retries; unavailable, error)."
+    );
+    describe_counter!(
+        STORE_SWEPT,
+        "Topology 3: session records the sweep removed, by reason (expired: past the session's end of life; unclaimable: no taker may claim it and its owner is gone)."
+    );
+    describe_counter!(
+        STORE_SWEEP_PAGES,
+        "Topology 3: pages of session records the sweep read, by result (ok, error: etcd did not answer; the page is read again next time)."
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,
@@ -422,6 +432,12 @@ fn zero_labelled_counters() {
     }
     for op in ["create", "bind"] {
         zero(STORE_WRITE_RETRIES, &[("op", op)]);
+    }
+    for why in crate::store::sweep::Swept::ALL {
+        zero(STORE_SWEPT, &[("reason", why.as_str())]);
+    }
+    for result in ["ok", "error"] {
+        zero(STORE_SWEEP_PAGES, &[("result", result)]);
     }
     for op in ["create", "bind", "delete"] {
         for result in ["ok", "conflict", "unavailable", "error"] {

@@ -1273,3 +1273,86 @@ async fn a_given_up_write_is_never_sent_and_a_refused_one_fails_alone() {
     }
     assert!(store.load(&big).await.unwrap().is_none());
 }
+
+/// Records nobody can use again are swept by a running gateway with the
+/// default configuration: a session past its end of life (whoever owns it),
+/// and one no taker may claim (its agent refuses takers) whose owner is
+/// gone. Records a taker may still claim, records of a live owner, and
+/// records from writers that name no owner lease stay. Without the sweep
+/// every crashed owner leaves its sessions' records in etcd for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
+    let c = EtcdCluster::start(3).await.unwrap();
+    let (env, store) = store_gateway(&c).await;
+    let live = owner(&store, "gw-live", 1, Duration::from_secs(60)).await;
+    // An owner that dies once its records are written.
+    let dead = owner(&store, "gw-dead", 2, Duration::from_secs(60)).await;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let hour = 3_600_000;
+    let case = |who: (&str, u64, i64), migrates: bool, end_of_life: u64| {
+        let sid = SessionId::from_bytes(rand::random());
+        let mut r = record(who, (1, 1), &sid, rand::random());
+        r.agent_migrates = migrates;
+        r.end_of_life_unix_ms = end_of_life;
+        (sid, r)
+    };
+    let swept = [
+        case(("gw-dead", 2, dead), true, now - hour),
+        case(("gw-live", 1, live), true, now - hour),
+        case(("gw-dead", 2, dead), false, now + hour),
+    ];
+    let kept = [
+        case(("gw-dead", 2, dead), true, now + hour),
+        case(("gw-live", 1, live), false, now + hour),
+        case(("gw-old", 3, 0), false, 0),
+    ];
+    for (sid, r) in swept.iter().chain(&kept) {
+        store.create(sid, r).await.unwrap();
+    }
+    store.revoke(dead).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the unusable records swept",
+        || {
+            let (store, sids) = (
+                store.clone(),
+                swept.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            );
+            async move {
+                for sid in sids {
+                    if !matches!(store.load(&sid).await, Ok(None)) {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await
+    .unwrap();
+    for (sid, _) in &kept {
+        assert!(
+            store.load(sid).await.unwrap().is_some(),
+            "a record that may still be used was swept"
+        );
+    }
+    for (reason, n) in [("expired", 2.0), ("unclaimable", 1.0)] {
+        let labels = [("reason", reason)];
+        let got = env.gw.metric("jvpn_gateway_store_swept_total", &labels);
+        assert_eq!(got.await.unwrap(), n, "swept {reason}");
+    }
+    let pages = &[("result", "ok")];
+    assert!(
+        env.gw
+            .metric("jvpn_gateway_store_sweep_pages_total", pages)
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}

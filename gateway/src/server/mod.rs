@@ -104,6 +104,16 @@ pub async fn serve(
                     margin: Duration::from_millis(s.lease_margin_ms),
                 },
             );
+            // Removes records nobody can use again (store/sweep.rs).
+            let sweep = (s.sweep_interval_ms > 0).then(|| {
+                tokio::spawn(crate::store::sweep::run(
+                    etcd.clone(),
+                    crate::store::SweepConfig {
+                        interval: Duration::from_millis(s.sweep_interval_ms),
+                        page: i64::from(s.sweep_page),
+                    },
+                ))
+            });
             let stored = Arc::new(stored::Stored::new(
                 etcd,
                 k.status.clone(),
@@ -112,7 +122,7 @@ pub async fn serve(
             ));
             let _ = shared.store.set(stored.clone());
             tokio::spawn(stored.fence_loop(shared.clone()));
-            Some(k)
+            Some((k, sweep))
         }
         None => None,
     };
@@ -180,9 +190,7 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = stop_tx.send(true);
-        if let Some(k) = keeper {
-            k.stop().await;
-        }
+        stop_store(keeper).await;
         shared.events.flush(Duration::from_secs(1)).await;
         warn!("superseded by a newer incarnation of this node id; exiting");
         return Ok(Exit::Superseded);
@@ -228,12 +236,20 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop_tx.send(true);
-    if let Some(k) = keeper {
-        k.stop().await;
-    }
+    stop_store(keeper).await;
     shared.events.flush(Duration::from_secs(2)).await;
     info!("drained");
     Ok(Exit::Drained)
+}
+
+/// Stops the sweep and revokes the owner lease (topology 3).
+async fn stop_store(store: Option<(crate::store::Keeper, Option<tokio::task::JoinHandle<()>>)>) {
+    if let Some((k, sweep)) = store {
+        if let Some(t) = sweep {
+            t.abort();
+        }
+        k.stop().await;
+    }
 }
 
 fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {

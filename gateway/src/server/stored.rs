@@ -106,13 +106,7 @@ const WRITE_RETRY: Duration = Duration::from_millis(50);
 /// margin after the last renewal) usually ends the wait first.
 const WRITE_PATIENCE: Duration = Duration::from_secs(5);
 
-/// Wall-clock milliseconds since the Unix epoch (records carry absolute
-/// lifetimes: monotonic clocks are per process).
-pub(super) fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(super) use crate::store::unix_ms_now;
 
 /// The store as the session path sees it.
 pub(super) struct Stored {

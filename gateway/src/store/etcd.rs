@@ -439,7 +439,7 @@ impl EtcdStore {
 
     /// Whether the owner key a record names still exists (its lease lives).
     pub async fn owner_key_exists(&self, rec: &SessionRecord) -> Result<bool, StoreError> {
-        Ok(self.get(self.owner_key_of(rec)).await?.is_some())
+        self.exists(self.owner_key_of(rec)).await
     }
 
     async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
@@ -643,7 +643,54 @@ impl EtcdStore {
     /// Removes an ended session's record, only if it is still the one
     /// written at `expected` (never one a taker wrote since).
     pub async fn delete(&self, sid: &SessionId, expected: i64) -> Result<i64, StoreError> {
-        let key = self.session_key(sid);
+        self.delete_key(self.session_key(sid), expected).await
+    }
+
+    /// Up to `limit` session records (raw), in key order, from the first
+    /// key after `after` (`None`: from the first record). Fewer than
+    /// `limit`: the end was reached.
+    pub async fn session_page(
+        &self,
+        after: Option<&[u8]>,
+        limit: i64,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let first = format!("{}/sessions/", self.prefix).into_bytes();
+        let mut end = first.clone();
+        // Every key with that prefix: its last byte ('/') incremented.
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let key = match after {
+            // The least key above `after`.
+            Some(a) => [a, &[0]].concat(),
+            None => first,
+        };
+        self.call(|mut m| {
+            let (key, range_end) = (key.clone(), end.clone());
+            async move {
+                let r =
+                    m.kv.range(RangeRequest {
+                        key,
+                        range_end,
+                        limit,
+                        keys_only: false,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(r.kvs)
+            }
+        })
+        .await
+    }
+
+    /// Whether `key` exists now.
+    pub async fn exists(&self, key: Vec<u8>) -> Result<bool, StoreError> {
+        Ok(self.get(key).await?.is_some())
+    }
+
+    /// Removes the record at `key` if it is still the one written at
+    /// `expected`.
+    pub async fn delete_key(&self, key: Vec<u8>, expected: i64) -> Result<i64, StoreError> {
         let same = compare(
             key.clone(),
             CompareTarget::Mod,
