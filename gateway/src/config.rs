@@ -201,10 +201,16 @@ fn store_config(
             "must be above zero and at most a third of store.lease_ttl_ms (a failed renewal must leave time for the next before the deadline)",
         ));
     }
-    if !(1..=10_000).contains(&s.sweep_page) {
+    if !(1..=1_000).contains(&s.sweep_page) {
         errs.push(ConfigProblem::new(
             "store.sweep_page",
-            "must be between 1 and 10000 (records read per sweep request)",
+            "must be between 1 and 1000 (records read per sweep request)",
+        ));
+    }
+    if s.sweep_interval_ms != 0 && !(100..=3_600_000).contains(&s.sweep_interval_ms) {
+        errs.push(ConfigProblem::new(
+            "store.sweep_interval_ms",
+            "must be 0 (no sweep) or between 100 and 3600000",
         ));
     }
     let ca = read_pem("store.ca_file", s.ca_file.as_deref(), errs);

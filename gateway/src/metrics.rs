@@ -47,6 +47,7 @@ pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_tota
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
 pub const STORE_SWEPT: &str = "jvpn_gateway_store_swept_total";
 pub const STORE_SWEEP_PAGES: &str = "jvpn_gateway_store_sweep_pages_total";
+pub const STORE_SWEEP_PASSES: &str = "jvpn_gateway_store_sweep_passes_total";
 pub const STORE_SECONDS: &str = "jvpn_gateway_store_request_duration_seconds";
 pub const STORE_BATCH_WRITES: &str = "jvpn_gateway_store_batch_writes";
 /// Every `result` of [`STORE_CLAIMS`].
@@ -194,11 +195,15 @@ pub fn describe() {
     );
     describe_counter!(
         STORE_SWEPT,
-        "Topology 3: session records the sweep removed, by reason (expired: past the session's end of life; unclaimable: no taker may claim it and its owner is gone)."
+        "Topology 3: session records the sweep removed, by reason (expired: a minute past the session's end of life, its owner gone or its delete lost; unclaimable: no taker may claim it and its owner is gone)."
     );
     describe_counter!(
         STORE_SWEEP_PAGES,
-        "Topology 3: pages of session records the sweep read, by result (ok, error: etcd did not answer; the page is read again next time)."
+        "Topology 3: ranges of session records the sweep read, by result (ok; error: etcd failed or refused, the range is read again, and skipped after three failures)."
+    );
+    describe_counter!(
+        STORE_SWEEP_PASSES,
+        "Topology 3: times this gateway's sweep went past the last session id and started over (a full pass over the store)."
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,
@@ -439,6 +444,7 @@ fn zero_labelled_counters() {
     for result in ["ok", "error"] {
         zero(STORE_SWEEP_PAGES, &[("result", result)]);
     }
+    zero(STORE_SWEEP_PASSES, &[]);
     for op in ["create", "bind", "delete"] {
         for result in ["ok", "conflict", "unavailable", "error"] {
             zero(STORE_WRITES, &[("op", op), ("result", result)]);

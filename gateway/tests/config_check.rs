@@ -427,7 +427,7 @@ fn a_bad_store_section_names_each_key() {
     let l = pki(d.path());
     let store = "[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
                  prefix = \"jvpn/\"\nlease_ttl_ms = 2500\nlease_margin_ms = 0\n\
-                 request_timeout_ms = 0\nsweep_page = 0\nca_file = \"/nonexistent/ca.pem\"\n";
+                 request_timeout_ms = 0\nsweep_page = 0\nsweep_interval_ms = 5\nca_file = \"/nonexistent/ca.pem\"\n";
     let (code, err) = check(d.path(), &format!("{}{store}", base(&l)));
     assert_eq!(code, 64, "{err}");
     for key in [
@@ -437,6 +437,7 @@ fn a_bad_store_section_names_each_key() {
         "store.lease_margin_ms",
         "store.request_timeout_ms",
         "store.sweep_page",
+        "store.sweep_interval_ms",
         "store.ca_file",
         "store.cert_file",
         "store.key_file",

@@ -705,8 +705,17 @@ async fn store_gateway(c: &EtcdCluster) -> (common::Env, EtcdStore) {
 
 /// [`store_gateway`] with `extra` in its config.
 async fn store_gateway_with(c: &EtcdCluster, extra: &str) -> (common::Env, EtcdStore) {
+    store_gateway_full(c, "", extra).await
+}
+
+/// [`store_gateway_with`], with `store_keys` added to its `[store]`.
+async fn store_gateway_full(
+    c: &EtcdCluster,
+    store_keys: &str,
+    extra: &str,
+) -> (common::Env, EtcdStore) {
     let env = common::start(&format!(
-        "{}[timeouts]\ndrain_timeout_ms = 1000\n{extra}",
+        "{}{store_keys}[timeouts]\ndrain_timeout_ms = 1000\n{extra}",
         c.gateway_toml()
     ))
     .await;
@@ -1274,16 +1283,18 @@ async fn a_given_up_write_is_never_sent_and_a_refused_one_fails_alone() {
     assert!(store.load(&big).await.unwrap().is_none());
 }
 
-/// Records nobody can use again are swept by a running gateway with the
-/// default configuration: a session past its end of life (whoever owns it),
-/// and one no taker may claim (its agent refuses takers) whose owner is
-/// gone. Records a taker may still claim, records of a live owner, and
-/// records from writers that name no owner lease stay. Without the sweep
-/// every crashed owner leaves its sessions' records in etcd for good.
+/// Records nobody can use again are swept by a running gateway: once their
+/// owner is gone, a session past its end of life and one no taker may
+/// claim (its agent refuses takers, or no end of life was recorded); a
+/// record naming no owner lease, past its end of life. Records a taker may
+/// still claim (also within the minute's grace after their end of life),
+/// records of a live owner, and a lease-less record without an end of
+/// life stay, through two full passes of the sweep. (Failed first against
+/// the gateway without a sweep: the records were still there after 20 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
     let c = EtcdCluster::start(3).await.unwrap();
-    let (env, store) = store_gateway(&c).await;
+    let (env, store) = store_gateway_full(&c, "sweep_interval_ms = 100\n", "").await;
     let live = owner(&store, "gw-live", 1, Duration::from_secs(60)).await;
     // An owner that dies once its records are written.
     let dead = owner(&store, "gw-dead", 2, Duration::from_secs(60)).await;
@@ -1304,12 +1315,16 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
     };
     let swept = [
         case(("gw-dead", 2, dead), true, now - hour),
-        case(("gw-live", 1, live), true, now - hour),
         case(("gw-dead", 2, dead), false, now + hour),
+        case(("gw-dead", 2, dead), true, 0),
+        case(("gw-old", 3, 0), false, now - hour),
     ];
     let kept = [
         case(("gw-dead", 2, dead), true, now + hour),
+        case(("gw-dead", 2, dead), true, now - 30_000),
         case(("gw-live", 1, live), false, now + hour),
+        // Its owner deletes it (a clock ahead must not cut a live owner's).
+        case(("gw-live", 1, live), true, now - hour),
         case(("gw-old", 3, 0), false, 0),
     ];
     for (sid, r) in swept.iter().chain(&kept) {
@@ -1317,7 +1332,7 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
     }
     store.revoke(dead).await.unwrap();
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "the unusable records swept",
         || {
             let (store, sids) = (
@@ -1336,23 +1351,76 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
     )
     .await
     .unwrap();
+    // Two more passes over every id: each kept record was looked at since.
+    let passes = || env.gw.metric("jvpn_gateway_store_sweep_passes_total", &[]);
+    let before = passes().await.unwrap();
+    eventually(Duration::from_secs(30), "two more passes", || async {
+        passes().await.unwrap() >= before + 2.0
+    })
+    .await
+    .unwrap();
     for (sid, _) in &kept {
         assert!(
             store.load(sid).await.unwrap().is_some(),
             "a record that may still be used was swept"
         );
     }
-    for (reason, n) in [("expired", 2.0), ("unclaimable", 1.0)] {
+    for (reason, n) in [("expired", 2.0), ("unclaimable", 2.0)] {
         let labels = [("reason", reason)];
         let got = env.gw.metric("jvpn_gateway_store_swept_total", &labels);
         assert_eq!(got.await.unwrap(), n, "swept {reason}");
     }
-    let pages = &[("result", "ok")];
-    assert!(
-        env.gw
-            .metric("jvpn_gateway_store_sweep_pages_total", pages)
-            .await
-            .unwrap()
-            >= 1.0
-    );
+}
+
+/// The sweep's ranges, driven by hand with a page of 2 over 40 records: a
+/// range that holds more than a page narrows and goes on after its last
+/// record, an empty one widens, and every record is read in each pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_reads_every_record_a_page_at_a_time() {
+    let (_c, store) = cluster_and_store().await;
+    let dead = owner(&store, "gw-dead", 2, Duration::from_secs(60)).await;
+    let live = owner(&store, "gw-live", 1, Duration::from_secs(60)).await;
+    let mut garbage = Vec::new();
+    for i in 0..40 {
+        let sid = SessionId::from_bytes(rand::random());
+        let (who, migrates) = if i % 2 == 0 {
+            (("gw-dead", 2, dead), false)
+        } else {
+            (("gw-live", 1, live), false)
+        };
+        let rec = record(who, (1, 1), &sid, rand::random());
+        let rec = SessionRecord {
+            agent_migrates: migrates,
+            ..rec
+        };
+        store.create(&sid, &rec).await.unwrap();
+        if i % 2 == 0 {
+            garbage.push(sid);
+        }
+    }
+    store.revoke(dead).await.unwrap();
+    let mut sweeper = jvpn_gateway::store::Sweeper::new(store.clone(), 2, None);
+    // Records read in each pass (a pass ends where the sweep wraps; the
+    // first starts at a random id, so it is partial).
+    let mut passes = vec![0];
+    let mut steps = 0;
+    while passes.len() < 4 {
+        let step = sweeper.step(0).await.unwrap();
+        *passes.last_mut().unwrap() += step.read;
+        if step.wrapped {
+            passes.push(0);
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the sweep never came round");
+    }
+    // The second pass read every record left (the live owner's 20, and
+    // what the first, partial pass had not swept yet); the third read
+    // exactly the 20 that stay: none skipped, none read twice.
+    assert!(passes[1] >= 20, "{passes:?}");
+    assert_eq!(passes[2], 20, "{passes:?}");
+    for sid in &garbage {
+        assert!(store.load(sid).await.unwrap().is_none(), "not swept");
+    }
+    let left = store.session_range(0, None, 1000).await.unwrap().0.len();
+    assert_eq!(left, 20, "the live owner's records stay");
 }

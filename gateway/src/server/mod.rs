@@ -104,16 +104,6 @@ pub async fn serve(
                     margin: Duration::from_millis(s.lease_margin_ms),
                 },
             );
-            // Removes records nobody can use again (store/sweep.rs).
-            let sweep = (s.sweep_interval_ms > 0).then(|| {
-                tokio::spawn(crate::store::sweep::run(
-                    etcd.clone(),
-                    crate::store::SweepConfig {
-                        interval: Duration::from_millis(s.sweep_interval_ms),
-                        page: i64::from(s.sweep_page),
-                    },
-                ))
-            });
             let stored = Arc::new(stored::Stored::new(
                 etcd,
                 k.status.clone(),
@@ -121,7 +111,27 @@ pub async fn serve(
                 shared.cfg.secret.derive(),
             ));
             let _ = shared.store.set(stored.clone());
+            let held = stored.clone();
             tokio::spawn(stored.fence_loop(shared.clone()));
+            // Removes records nobody can use again (store/sweep.rs), with a
+            // client of its own: its requests never move the session path's
+            // choice of etcd member.
+            let sweep = if s.sweep_interval_ms > 0 {
+                let me = crate::store::Me {
+                    node: shared.cfg.node_id.as_str().to_owned(),
+                    incarnation: shared.incarnation.0,
+                    holds: Arc::new(move |sid| held.holds(sid)),
+                };
+                let sweeper = crate::store::Sweeper::new(
+                    crate::store::EtcdStore::new(c)?,
+                    i64::from(s.sweep_page),
+                    Some(me),
+                );
+                let every = Duration::from_millis(s.sweep_interval_ms);
+                Some(tokio::spawn(crate::store::sweep::run(sweeper, every)))
+            } else {
+                None
+            };
             Some((k, sweep))
         }
         None => None,

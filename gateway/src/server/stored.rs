@@ -588,6 +588,11 @@ impl Stored {
         }
     }
 
+    /// Whether `sid`'s record is this gateway's to keep now.
+    pub(super) fn holds(&self, sid: &SessionId) -> bool {
+        lock(&self.sessions).contains_key(sid)
+    }
+
     /// The session ended: its record goes too (in the background, and only
     /// if nobody wrote it since: a taker's record stays). Not when its
     /// lease is lost: the record is for a taker then.

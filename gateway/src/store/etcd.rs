@@ -643,30 +643,28 @@ impl EtcdStore {
     /// Removes an ended session's record, only if it is still the one
     /// written at `expected` (never one a taker wrote since).
     pub async fn delete(&self, sid: &SessionId, expected: i64) -> Result<i64, StoreError> {
-        self.delete_key(self.session_key(sid), expected).await
+        self.delete_key(self.session_key(sid), expected, None).await
     }
 
-    /// Up to `limit` session records (raw), in key order, from the first
-    /// key after `after` (`None`: from the first record). Fewer than
-    /// `limit`: the end was reached.
-    pub async fn session_page(
+    /// Up to `limit` session records (raw), in key order, whose session
+    /// ids lie in `[from, to)` (`to` `None`: to the last id), and whether
+    /// the range holds more. A bounded range keeps etcd's work bounded:
+    /// it counts every key of the range whatever the limit.
+    pub async fn session_range(
         &self,
-        after: Option<&[u8]>,
+        from: u128,
+        to: Option<u128>,
         limit: i64,
-    ) -> Result<Vec<KeyValue>, StoreError> {
-        let first = format!("{}/sessions/", self.prefix).into_bytes();
-        let mut end = first.clone();
-        // Every key with that prefix: its last byte ('/') incremented.
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
-        let key = match after {
-            // The least key above `after`.
-            Some(a) => [a, &[0]].concat(),
-            None => first,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        let at = |id: u128| format!("{}/sessions/{id:032x}", self.prefix).into_bytes();
+        let key = at(from);
+        let range_end = match to {
+            Some(t) => at(t),
+            // Past every session key: the prefix with its '/' incremented.
+            None => format!("{}/sessions0", self.prefix).into_bytes(),
         };
         self.call(|mut m| {
-            let (key, range_end) = (key.clone(), end.clone());
+            let (key, range_end) = (key.clone(), range_end.clone());
             async move {
                 let r =
                     m.kv.range(RangeRequest {
@@ -677,7 +675,7 @@ impl EtcdStore {
                     })
                     .await?
                     .into_inner();
-                Ok(r.kvs)
+                Ok((r.kvs, r.more))
             }
         })
         .await
@@ -689,20 +687,32 @@ impl EtcdStore {
     }
 
     /// Removes the record at `key` if it is still the one written at
-    /// `expected`.
-    pub async fn delete_key(&self, key: Vec<u8>, expected: i64) -> Result<i64, StoreError> {
-        let same = compare(
+    /// `expected` and, with `owner_gone`, if that owner key does not exist.
+    pub async fn delete_key(
+        &self,
+        key: Vec<u8>,
+        expected: i64,
+        owner_gone: Option<Vec<u8>>,
+    ) -> Result<i64, StoreError> {
+        let mut compares = vec![compare(
             key.clone(),
             CompareTarget::Mod,
             TargetUnion::ModRevision(expected),
-        );
+        )];
+        if let Some(owner) = owner_gone {
+            compares.push(compare(
+                owner,
+                CompareTarget::Create,
+                TargetUnion::CreateRevision(0),
+            ));
+        }
         let del = RequestOp {
             request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
                 key,
                 range_end: Vec::new(),
             })),
         };
-        self.txn(vec![same], vec![del])
+        self.txn(compares, vec![del])
             .await?
             .ok_or(StoreError::Stale { expected })
     }
