@@ -1286,8 +1286,9 @@ async fn a_given_up_write_is_never_sent_and_a_refused_one_fails_alone() {
 /// Records nobody can use again are swept by a running gateway: once their
 /// owner is gone, a session past its end of life and one no taker may
 /// claim (its agent refuses takers, or no end of life was recorded); a
-/// record naming no owner lease, past its end of life. Records a taker may
-/// still claim (also within the minute's grace after their end of life),
+/// record naming no owner lease, past its end of life; and one of its own,
+/// expired, whose session it does not hold (a lost delete). Records a taker
+/// may still claim (also within the minute's grace after their end of life),
 /// records of a live owner, and a lease-less record without an end of
 /// life stay, through two full passes of the sweep. (Failed first against
 /// the gateway without a sweep: the records were still there after 20 s.)
@@ -1313,7 +1314,14 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
         r.end_of_life_unix_ms = end_of_life;
         (sid, r)
     };
+    // The gateway's own owner key: an expired record of its own whose
+    // session it does not hold is a delete it lost.
+    let (inc, lease) = store
+        .owner_leases(&NodeId::new("g1").unwrap())
+        .await
+        .unwrap()[0];
     let swept = [
+        case(("g1", inc.0, lease), true, now - hour),
         case(("gw-dead", 2, dead), true, now - hour),
         case(("gw-dead", 2, dead), false, now + hour),
         case(("gw-dead", 2, dead), true, 0),
@@ -1365,7 +1373,7 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
             "a record that may still be used was swept"
         );
     }
-    for (reason, n) in [("expired", 2.0), ("unclaimable", 2.0)] {
+    for (reason, n) in [("expired", 3.0), ("unclaimable", 2.0)] {
         let labels = [("reason", reason)];
         let got = env.gw.metric("jvpn_gateway_store_swept_total", &labels);
         assert_eq!(got.await.unwrap(), n, "swept {reason}");
