@@ -27,7 +27,7 @@ use jvpn_proto::pb::etcd::request_op::Request as Op;
 use jvpn_proto::pb::etcd::response_op::Response as Answer;
 use jvpn_proto::pb::etcd::{
     Compare, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
-    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
 };
 use jvpn_proto::pb::store::SessionRecord;
 use jvpn_proto::store_record::{self, RecordError};
@@ -386,19 +386,29 @@ impl EtcdStore {
         if let Some(last) = end.last_mut() {
             *last += 1;
         }
+        Ok(self.range(key, end, 0).await?.kvs)
+    }
+
+    /// One range read: `range_end` empty for `key` alone, `limit` 0 for no
+    /// limit.
+    async fn range(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        limit: i64,
+    ) -> Result<RangeResponse, StoreError> {
         self.call(|mut m| {
-            let (key, range_end) = (key.clone(), end.clone());
+            let (key, range_end) = (key.clone(), range_end.clone());
             async move {
-                let r =
-                    m.kv.range(RangeRequest {
+                Ok(m.kv
+                    .range(RangeRequest {
                         key,
                         range_end,
-                        limit: 0,
+                        limit,
                         keys_only: false,
                     })
                     .await?
-                    .into_inner();
-                Ok(r.kvs)
+                    .into_inner())
             }
         })
         .await
@@ -443,22 +453,7 @@ impl EtcdStore {
     }
 
     async fn get(&self, key: Vec<u8>) -> Result<Option<KeyValue>, StoreError> {
-        self.call(|mut m| {
-            let key = key.clone();
-            async move {
-                let r =
-                    m.kv.range(RangeRequest {
-                        key,
-                        range_end: Vec::new(),
-                        limit: 1,
-                        keys_only: false,
-                    })
-                    .await?
-                    .into_inner();
-                Ok(r.kvs.into_iter().next())
-            }
-        })
-        .await
+        Ok(self.range(key, Vec::new(), 1).await?.kvs.into_iter().next())
     }
 
     /// Runs a transaction: `Ok(Some(revision))` when every compare held and
@@ -663,22 +658,8 @@ impl EtcdStore {
             // Past every session key: the prefix with its '/' incremented.
             None => format!("{}/sessions0", self.prefix).into_bytes(),
         };
-        self.call(|mut m| {
-            let (key, range_end) = (key.clone(), range_end.clone());
-            async move {
-                let r =
-                    m.kv.range(RangeRequest {
-                        key,
-                        range_end,
-                        limit,
-                        keys_only: false,
-                    })
-                    .await?
-                    .into_inner();
-                Ok((r.kvs, r.more))
-            }
-        })
-        .await
+        let r = self.range(key, range_end, limit).await?;
+        Ok((r.kvs, r.more))
     }
 
     /// Whether `key` exists now.
