@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use jvpn_proto::Mono;
 use jvpn_proto::channel::{Channel, ChannelConfig, ChannelError};
 use jvpn_proto::pb::session::{Ack, Data, frame::Kind};
@@ -77,11 +77,70 @@ struct Inner {
     /// The current transport's generation.
     generation: u64,
     /// Received, not yet read by the multiplexer.
-    inbox: VecDeque<Bytes>,
+    inbox: Inbox,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
     /// Why the session's channel ended; every read and write fails after.
     closed: Option<String>,
+}
+
+/// Received bytes in order: pieces as they came (no copy), then a tail of
+/// small pieces copied together. A peer sending many tiny `Data` frames
+/// would otherwise make the receiver hold one entry per frame, each
+/// keeping alive the buffer it was decoded from: tens of times the window.
+#[derive(Debug, Default)]
+struct Inbox {
+    pieces: VecDeque<Bytes>,
+    tail: BytesMut,
+}
+
+impl Inbox {
+    /// Pieces below this are copied into the tail.
+    const COPY_BELOW: usize = 16 * 1024;
+
+    fn push(&mut self, b: Bytes) {
+        if b.len() < Self::COPY_BELOW {
+            self.tail.extend_from_slice(&b);
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.pieces.push_back(self.tail.split().freeze());
+        }
+        self.pieces.push_back(b);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pieces.is_empty() && self.tail.is_empty()
+    }
+
+    /// Moves as much as fits into `buf`; returns how much.
+    fn read_into(&mut self, buf: &mut ReadBuf<'_>) -> usize {
+        let mut n = 0;
+        while buf.remaining() > 0 {
+            let front: &mut dyn Buf = match self.pieces.front_mut() {
+                Some(f) => f,
+                None if !self.tail.is_empty() => &mut self.tail,
+                None => break,
+            };
+            let take = front.remaining().min(buf.remaining());
+            buf.put_slice(&front.chunk()[..take]);
+            front.advance(take);
+            if self.pieces.front().is_some_and(Bytes::is_empty) {
+                self.pieces.pop_front();
+            }
+            n += take;
+        }
+        if self.tail.is_empty() && self.tail.capacity() > 0 {
+            // Read out: an idle session holds no buffer.
+            self.tail = BytesMut::new();
+        }
+        n
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.pieces.len() + usize::from(!self.tail.is_empty())
+    }
 }
 
 #[derive(Debug)]
@@ -139,7 +198,7 @@ impl SessionChannel {
             inner: Mutex::new(Inner {
                 ch: Channel::new(cfg),
                 generation: 0,
-                inbox: VecDeque::new(),
+                inbox: Inbox::default(),
                 read_waker: None,
                 write_waker: None,
                 closed: None,
@@ -194,7 +253,7 @@ impl SessionChannel {
         let waker = if fresh.is_empty() {
             None
         } else {
-            g.inbox.push_back(fresh);
+            g.inbox.push(fresh);
             g.read_waker.take()
         };
         drop(g);
@@ -272,7 +331,7 @@ impl SessionChannel {
         if g.closed.is_none() {
             g.closed = Some(why.to_owned());
         }
-        g.inbox = VecDeque::new();
+        g.inbox = Inbox::default();
         let cfg = *g.ch.config();
         g.ch = Channel::new(cfg);
         let wakers = [g.read_waker.take(), g.write_waker.take()];
@@ -326,19 +385,7 @@ impl AsyncRead for ChannelStream {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let mut n = 0;
-        while buf.remaining() > 0 {
-            let Some(front) = g.inbox.front_mut() else {
-                break;
-            };
-            let take = front.len().min(buf.remaining());
-            buf.put_slice(&front[..take]);
-            front.advance(take);
-            if front.is_empty() {
-                g.inbox.pop_front();
-            }
-            n += take;
-        }
+        let n = g.inbox.read_into(buf);
         if n == 0 {
             g.read_waker = Some(cx.waker().clone());
             return Poll::Pending;
@@ -391,5 +438,56 @@ impl AsyncWrite for ChannelStream {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // The multiplexer's connection ends with the session, not here.
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+impl SessionChannel {
+    /// Pieces the multiplexer has not read yet.
+    fn inbox_entries(&self) -> usize {
+        lock(&self.shared.inner).inbox.entries()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jvpn_proto::pb::session::Data;
+    use tokio::io::AsyncReadExt;
+
+    /// Each received piece as a slice of a buffer of its own, as a frame
+    /// decoded from a TLS read buffer is.
+    fn piece(seq: u64, len: usize, fill: u8) -> Data {
+        let mut b = vec![0u8; 16 * 1024];
+        b[..len].fill(fill);
+        Data {
+            seq,
+            payload: Bytes::from(b).slice(..len),
+        }
+    }
+
+    /// A peer sending a window's worth of 1-byte `Data` frames to a reader
+    /// that does not read must not make the receiver keep one buffer per
+    /// frame (each pinning what it was read with): small pieces are copied
+    /// together, large ones kept as they came; the bytes read back are the
+    /// same, in order.
+    #[tokio::test]
+    async fn tiny_data_frames_are_held_together_not_one_by_one() {
+        let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
+        let g = ch.first();
+        let mut want = Vec::new();
+        let mut seq = 0;
+        for i in 0..20_000u32 {
+            let len = if i % 5_000 == 4_999 { 9_000 } else { 1 };
+            ch.on_data(g, piece(seq, len, i as u8)).unwrap();
+            want.extend(std::iter::repeat_n(i as u8, len));
+            seq += len as u64;
+        }
+        let entries = ch.inbox_entries();
+        assert!(entries <= 10, "{entries} pieces held for 20,000 frames");
+        let mut got = vec![0u8; want.len()];
+        stream.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "bytes differ");
+        assert_eq!(ch.inbox_entries(), 0);
     }
 }
