@@ -127,6 +127,8 @@ pub(super) struct Shared {
     pub(super) egress: ArcSwap<crate::egress::EgressPolicy>,
     /// Per-principal byte-rate buckets (`egress.principal_bytes_per_s`).
     pub(super) buckets: Mutex<HashMap<Arc<str>, Arc<crate::egress::Bucket>>>,
+    /// Name lookups of streams running at once (`streams::RESOLVING`).
+    pub(super) resolving: Arc<tokio::sync::Semaphore>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
     /// `POST /drain` on the admin port.
@@ -402,6 +404,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
         egress: ArcSwap::new(cfg.egress.clone()),
         buckets: Mutex::new(HashMap::new()),
+        resolving: Arc::new(tokio::sync::Semaphore::new(super::streams::RESOLVING)),
         cluster: cfg.membership.as_ref().map(|_| {
             let c = crate::membership::Cluster::new(
                 cfg.node_id.clone(),

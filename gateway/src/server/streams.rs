@@ -27,6 +27,7 @@ use jvpn_runtime::relay::{Way, relay};
 use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge, histogram};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::state::Shared;
@@ -52,6 +53,7 @@ pub(super) fn open(
         sid,
         open: Arc::new(AtomicUsize::new(0)),
         next: AtomicU64::new(0),
+        resolving: Arc::new(Semaphore::new(RESOLVING_PER_SESSION)),
     });
     let window = policy.window_bytes;
     tokio::spawn(serve(shared.clone(), ctx, io, policy));
@@ -79,6 +81,8 @@ struct SessionCtx {
     open: Arc<AtomicUsize>,
     /// The last stream number given (events number streams 1, 2, …).
     next: AtomicU64,
+    /// Its name lookups running at once ([`RESOLVING_PER_SESSION`]).
+    resolving: Arc<Semaphore>,
 }
 
 /// Streams of one session, counted for its limit and the gauge.
@@ -226,7 +230,8 @@ async fn connect(
     let started = Instant::now();
     let cluster = shared.cluster.as_ref().map(|c| c.listeners());
     let cluster = cluster.as_deref().map_or(&[][..], Vec::as_slice);
-    let dest = match dial(&policy, &ctx.principal, &target, cluster).await {
+    let limits = [&ctx.resolving, &shared.resolving];
+    let dest = match dial(&policy, &ctx.principal, &target, cluster, limits).await {
         Ok(s) => s,
         Err(r) => return refused(r),
     };
@@ -295,6 +300,56 @@ fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
     Some(b)
 }
 
+/// Name lookups running at once in a gateway. A lookup holds a blocking
+/// thread until the system resolver answers, whether or not its stream
+/// still waits (a timeout cannot cancel it); without a bound, names whose
+/// servers never answer would take every blocking thread, and with them
+/// every name-based stream and the event file writer.
+pub(super) const RESOLVING: usize = 64;
+/// Name lookups running at once for one session: one session cannot take
+/// all of [`RESOLVING`]. Beyond it, a lookup waits (within the connect
+/// timeout), as a browser's many parallel connections do.
+const RESOLVING_PER_SESSION: usize = 16;
+
+/// A blocking lookup: the system resolver, or a test's.
+type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+
+fn system_lookup(name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    Ok((name, port).to_socket_addrs()?.collect())
+}
+
+/// Resolves `name` within `within`. The lookup holds a permit of each of
+/// `limits` (the session's first, so a session at its own limit does not
+/// sit on the gateway's) until it returns, not until it is given up.
+async fn resolve(
+    name: &str,
+    port: u16,
+    within: Duration,
+    limits: [&Arc<Semaphore>; 2],
+    lookup: Lookup,
+) -> Result<Vec<SocketAddr>, Refusal> {
+    let deadline = tokio::time::Instant::now() + within;
+    let permits = async {
+        let session = limits[0].clone().acquire_owned().await.ok()?;
+        let gateway = limits[1].clone().acquire_owned().await.ok()?;
+        Some((session, gateway))
+    };
+    let Ok(Some(permits)) = tokio::time::timeout_at(deadline, permits).await else {
+        return Err(Refusal::TimedOut);
+    };
+    let name = name.to_owned();
+    let job = tokio::task::spawn_blocking(move || {
+        let _held = permits;
+        lookup(&name, port)
+    });
+    match tokio::time::timeout_at(deadline, job).await {
+        Ok(Ok(Ok(addrs))) => Ok(addrs),
+        Ok(_) => Err(Refusal::NameNotResolved),
+        Err(_) => Err(Refusal::TimedOut),
+    }
+}
+
 /// Resolves `target` (a name at this gateway), keeps the addresses the
 /// policy allows (`cluster`: the cluster's listeners membership knows of), and connects to the first that answers within the
 /// connect timeout.
@@ -303,16 +358,13 @@ async fn dial(
     principal: &str,
     target: &Target,
     cluster: &[SocketAddr],
+    limits: [&Arc<Semaphore>; 2],
 ) -> Result<TcpStream, Refusal> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
-            let look = tokio::net::lookup_host((name.as_str(), target.port));
-            match tokio::time::timeout(policy.connect_timeout, look).await {
-                Ok(Ok(it)) => it.collect(),
-                Ok(Err(_)) => return Err(Refusal::NameNotResolved),
-                Err(_) => return Err(Refusal::TimedOut),
-            }
+            let within = policy.connect_timeout;
+            resolve(name, target.port, within, limits, system_lookup).await?
         }
     };
     if addrs.is_empty() {
@@ -421,5 +473,50 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static RUNNING: AtomicUsize = AtomicUsize::new(0);
+    static MOST: AtomicUsize = AtomicUsize::new(0);
+
+    /// A name server that never answers: each lookup holds its thread.
+    fn stuck(_: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
+        let n = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+        MOST.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        Err(std::io::Error::other("no answer"))
+    }
+
+    /// 20 sessions each asking for 20 names whose servers never answer:
+    /// lookups given up on still run, and at no time more than the
+    /// gateway's limit of them (nor one session's more than its own).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_that_never_answer_hold_at_most_the_limits() {
+        let gateway = Arc::new(Semaphore::new(RESOLVING));
+        let mut all = Vec::new();
+        for _ in 0..20 {
+            let session = Arc::new(Semaphore::new(RESOLVING_PER_SESSION));
+            for _ in 0..20 {
+                let (session, gateway) = (session.clone(), gateway.clone());
+                all.push(tokio::spawn(async move {
+                    let within = Duration::from_millis(50);
+                    resolve("x.invalid", 443, within, [&session, &gateway], stuck).await
+                }));
+            }
+        }
+        for t in all {
+            assert_eq!(t.await.unwrap(), Err(Refusal::TimedOut));
+        }
+        // Every lookup that started has ended; the most at once:
+        while RUNNING.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let most = MOST.load(Ordering::SeqCst);
+        assert!(most > 0 && most <= RESOLVING, "{most} lookups at once");
     }
 }
