@@ -9,11 +9,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use jvpn_proto::stream::{Refusal, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::{http_connect, socks5};
 use crate::streams::{StreamError, Tunnel};
@@ -35,68 +39,104 @@ pub fn check_bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<(), NotL
     }
 }
 
+/// How long a client may take to send its request (the SOCKS5 greeting and
+/// request, or the HTTP `CONNECT` head): a connection that sends nothing
+/// is closed, so idle ones cannot pile up.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one front door serves at once; more wait in the listen
+/// queue until one ends.
+const MAX_CONNECTIONS: usize = 4096;
+
 /// Serves SOCKS5 and HTTP `CONNECT` on `listener` until the task is dropped.
 pub async fn serve_proxy(listener: TcpListener, tunnel: Tunnel) {
-    loop {
-        let Ok((c, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            continue;
-        };
+    serve_proxy_with(listener, tunnel, MAX_CONNECTIONS).await;
+}
+
+async fn serve_proxy_with(listener: TcpListener, tunnel: Tunnel, max: usize) {
+    accept_loop(listener, max, move |c| {
         let tunnel = tunnel.clone();
-        tokio::spawn(async move {
-            let _ = c.set_nodelay(true);
+        async move {
             let _ = proxy_conn(c, &tunnel).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Serves a fixed forward: every connection on `listener` becomes a stream
 /// to `target`.
 pub async fn serve_forward(listener: TcpListener, tunnel: Tunnel, target: Target) {
-    loop {
-        let Ok((c, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            continue;
-        };
-        let tunnel = tunnel.clone();
-        let target = target.clone();
-        tokio::spawn(async move {
-            let _ = c.set_nodelay(true);
+    accept_loop(listener, MAX_CONNECTIONS, move |c| {
+        let (tunnel, target) = (tunnel.clone(), target.clone());
+        async move {
             match tunnel.connect(&target).await {
                 Ok(s) => splice(c, s, &tunnel, BytesMut::new()).await,
                 // Nothing to answer in a raw forward: the application sees a reset.
                 Err(_) => reset(c),
             }
+        }
+    })
+    .await;
+}
+
+/// Accepts while fewer than `max` connections are served, each in a task
+/// of its own.
+async fn accept_loop<F, Fut>(listener: TcpListener, max: usize, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((c, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let _ = c.set_nodelay(true);
+        let work = serve(c);
+        tokio::spawn(async move {
+            let _slot = slot;
+            work.await;
         });
     }
 }
 
-/// Reads more of the request; an EOF before it is complete is an error.
-async fn read_more(c: &mut TcpStream, buf: &mut BytesMut) -> io::Result<()> {
-    if c.read_buf(buf).await? == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+/// Reads more of the request by `by`; an EOF before it is complete, or
+/// the deadline, is an error.
+async fn read_more(c: &mut TcpStream, buf: &mut BytesMut, by: Instant) -> io::Result<()> {
+    match tokio::time::timeout_at(by, c.read_buf(buf)).await {
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        Ok(Ok(0)) => Err(io::ErrorKind::UnexpectedEof.into()),
+        Ok(r) => r.map(drop),
     }
-    Ok(())
 }
 
 async fn proxy_conn(mut c: TcpStream, tunnel: &Tunnel) -> io::Result<()> {
+    let by = Instant::now() + HEAD_TIMEOUT;
     let mut buf = BytesMut::with_capacity(1024);
-    read_more(&mut c, &mut buf).await?;
+    read_more(&mut c, &mut buf, by).await?;
     if buf[0] == 5 {
-        socks(c, buf, tunnel).await
+        socks(c, buf, tunnel, by).await
     } else {
-        http(c, buf, tunnel).await
+        http(c, buf, tunnel, by).await
     }
 }
 
-async fn socks(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel) -> io::Result<()> {
+async fn socks(
+    mut c: TcpStream,
+    mut buf: BytesMut,
+    tunnel: &Tunnel,
+    by: Instant,
+) -> io::Result<()> {
     loop {
         match socks5::parse_greeting(&buf) {
             Ok(Some(n)) => {
                 buf.advance(n);
                 break;
             }
-            Ok(None) => read_more(&mut c, &mut buf).await?,
+            Ok(None) => read_more(&mut c, &mut buf, by).await?,
             Err(e) => return answer_and_close(c, e.reply()).await,
         }
     }
@@ -107,7 +147,7 @@ async fn socks(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel) -> io::Resu
                 buf.advance(n);
                 break t;
             }
-            Ok(None) => read_more(&mut c, &mut buf).await?,
+            Ok(None) => read_more(&mut c, &mut buf, by).await?,
             Err(e) => return answer_and_close(c, e.reply()).await,
         }
     };
@@ -124,11 +164,11 @@ async fn socks(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel) -> io::Resu
     }
 }
 
-async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel) -> io::Result<()> {
+async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant) -> io::Result<()> {
     let (target, n) = loop {
         match http_connect::parse(&buf) {
             Ok(Some(x)) => break x,
-            Ok(None) => read_more(&mut c, &mut buf).await?,
+            Ok(None) => read_more(&mut c, &mut buf, by).await?,
             Err(e) => return answer_and_close(c, Some(e.response())).await,
         }
     };
@@ -178,5 +218,53 @@ where
     let r = jvpn_runtime::relay::relay(c, s, &early, &|_, _| std::time::Duration::ZERO).await;
     if r.reset {
         tunnel.count_reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::streams::DataPlane;
+
+    /// A client that connects and never sends its request is closed after
+    /// the head timeout (time paused: the timeout passes at once), so idle
+    /// connections cannot pile up until the agent runs out of descriptors.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_nothing_is_closed() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_plane, tunnel) = DataPlane::new();
+        tokio::spawn(serve_proxy(l, tunnel));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(60), c.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "still open after 60 s: {r:?}"
+        );
+    }
+
+    /// Past the connection limit, clients wait in the listen queue and are
+    /// served as slots free (here when the two idle ones are closed).
+    #[tokio::test(start_paused = true)]
+    async fn connections_past_the_limit_wait_for_a_slot() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_plane, tunnel) = DataPlane::new();
+        tokio::spawn(serve_proxy_with(l, tunnel, 2));
+        let _idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&[5, 1, 0]).await.unwrap();
+        let mut reply = [0u8; 2];
+        let held = tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut reply)).await;
+        assert!(held.is_err(), "served past the limit: {held:?}");
+        tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, socks5::METHOD_REPLY);
     }
 }
