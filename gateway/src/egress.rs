@@ -34,6 +34,11 @@ pub struct EgressConfig {
     /// Streams one session may have open at once (more are refused with
     /// `too_many_streams`), at most [`MAX_STREAMS_CEILING`].
     pub max_streams_per_session: usize,
+    /// Streams the whole gateway may have open at once, each a socket to
+    /// its destination (more are refused with `too_many_streams`); 0: half
+    /// the process's open-file limit, so sessions, handshakes and the
+    /// membership keep descriptors whatever agents open.
+    pub max_streams: usize,
     /// Unacknowledged bytes each side of a session's channel may hold, per
     /// direction: the memory a busy session costs, and its throughput cap
     /// per round trip.
@@ -43,6 +48,14 @@ pub struct EgressConfig {
     pub principal_bytes_per_s: u64,
     /// The bucket's depth: bytes a principal may move at once after idling.
     pub principal_burst_bytes: u64,
+}
+
+/// Half the process's soft open-file limit (at least 1): the default cap
+/// on the gateway's egress sockets.
+fn half_the_open_file_limit() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 2).unwrap_or(usize::MAX).max(1)
 }
 
 /// Bounds of `egress.window_bytes`: at least a few frames, at most what a
@@ -60,6 +73,7 @@ impl Default for EgressConfig {
         Self {
             connect_timeout_ms: 10_000,
             max_streams_per_session: 256,
+            max_streams: 0,
             window_bytes: jvpn_proto::channel::ChannelConfig::DEFAULT_WINDOW,
             principal_bytes_per_s: 0,
             principal_burst_bytes: 1 << 20,
@@ -293,6 +307,8 @@ struct Rule {
 pub struct EgressPolicy {
     pub connect_timeout: std::time::Duration,
     pub max_streams_per_session: usize,
+    /// The gateway's (`egress.max_streams`, 0 resolved).
+    pub max_streams: usize,
     pub window_bytes: u64,
     /// `None`: no rate limit; else (bytes/s, burst bytes).
     pub principal_rate: Option<(u64, u64)>,
@@ -396,6 +412,10 @@ impl EgressPolicy {
         Ok(Self {
             connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
             max_streams_per_session: cfg.max_streams_per_session,
+            max_streams: match cfg.max_streams {
+                0 => half_the_open_file_limit(),
+                n => n,
+            },
             window_bytes: cfg.window_bytes,
             principal_rate: (cfg.principal_bytes_per_s > 0)
                 .then_some((cfg.principal_bytes_per_s, cfg.principal_burst_bytes)),

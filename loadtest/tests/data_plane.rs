@@ -756,6 +756,40 @@ async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
     a.task.await.unwrap();
 }
 
+/// `egress.max_streams` bounds the whole gateway's egress sockets, whatever
+/// the sessions: many sessions of one credential, each within its own
+/// limit, cannot run the gateway out of descriptors. Another session's
+/// stream is refused `too_many_streams` while the gateway is full, and
+/// goes through once a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_stream_limit_holds_across_sessions() {
+    let env = common::start(&format!("{LOOPBACK_ALLOWED}[egress]\nmax_streams = 2\n")).await;
+    let (a, b) = (
+        run_agent(&env, env.gw.client_addr),
+        run_agent(&env, env.gw.client_addr),
+    );
+    let echo = echo_server().await;
+    let host = echo.ip().to_string();
+    let _one = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    let two = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    match a_connect(&b.tunnel, &host, echo.port()).await {
+        Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
+        other => panic!("another session's stream: expected too_many_streams, got {other:?}"),
+    }
+    drop(two);
+    eventually(
+        Duration::from_secs(10),
+        "a gateway slot is free again",
+        || async { a_connect(&b.tunnel, &host, echo.port()).await.is_ok() },
+    )
+    .await
+    .unwrap();
+    for x in [a, b] {
+        drop(x.cmds);
+        x.task.await.unwrap();
+    }
+}
+
 /// A reload that raises `egress.max_streams_per_session` applies to the
 /// sessions already open too: HTTP/2's own stream cap, fixed when a
 /// session's HTTP/2 starts, must not stay at the old limit.

@@ -129,6 +129,8 @@ pub(super) struct Shared {
     pub(super) buckets: Mutex<HashMap<Arc<str>, Arc<crate::egress::Bucket>>>,
     /// Name lookups of streams running at once (`streams::RESOLVING`).
     pub(super) resolving: Arc<tokio::sync::Semaphore>,
+    /// Streams open in the whole gateway (`egress.max_streams`).
+    pub(super) streams_open: Arc<std::sync::atomic::AtomicUsize>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
     /// `POST /drain` on the admin port.
@@ -405,6 +407,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         egress: ArcSwap::new(cfg.egress.clone()),
         buckets: Mutex::new(HashMap::new()),
         resolving: Arc::new(tokio::sync::Semaphore::new(super::streams::RESOLVING)),
+        streams_open: Arc::default(),
         cluster: cfg.membership.as_ref().map(|_| {
             let c = crate::membership::Cluster::new(
                 cfg.node_id.clone(),

@@ -85,29 +85,46 @@ struct SessionCtx {
     resolving: Arc<Semaphore>,
 }
 
-/// Streams of one session, counted for its limit and the gauge.
-struct Open(Arc<AtomicUsize>);
+/// One open stream, counted against its session's limit and the
+/// gateway's, and in the gauge.
+struct Open([Arc<AtomicUsize>; 2]);
 
 impl Open {
-    fn try_new(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        let mut n = count.load(Ordering::Relaxed);
-        loop {
-            if n >= max {
-                return None;
-            }
-            match count.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(now) => n = now,
-            }
+    /// Both slots or none: `(session count, its max)`, `(gateway count,
+    /// its max)`.
+    fn try_new(limits: [(&Arc<AtomicUsize>, usize); 2]) -> Option<Self> {
+        let [(session, per_session), (gateway, per_gateway)] = limits;
+        if !take(session, per_session) {
+            return None;
+        }
+        if !take(gateway, per_gateway) {
+            session.fetch_sub(1, Ordering::AcqRel);
+            return None;
         }
         gauge!(m::STREAMS_OPEN).increment(1.0);
-        Some(Self(count.clone()))
+        Some(Self([session.clone(), gateway.clone()]))
+    }
+}
+
+/// One more of `count` if it stays within `max`.
+fn take(count: &AtomicUsize, max: usize) -> bool {
+    let mut n = count.load(Ordering::Relaxed);
+    loop {
+        if n >= max {
+            return false;
+        }
+        match count.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => n = now,
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        for c in &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
         gauge!(m::STREAMS_OPEN).decrement(1.0);
     }
 }
@@ -212,7 +229,10 @@ async fn connect(
     };
     // The policy in force when the stream opens (SIGHUP applies to new ones).
     let policy = shared.egress.load_full();
-    let Some(slot) = Open::try_new(&ctx.open, policy.max_streams_per_session) else {
+    let Some(slot) = Open::try_new([
+        (&ctx.open, policy.max_streams_per_session),
+        (&shared.streams_open, policy.max_streams),
+    ]) else {
         return refused(Refusal::TooManyStreams);
     };
     let limit = match policy.principal_rate {
