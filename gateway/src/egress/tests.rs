@@ -154,6 +154,19 @@ fn first_match_wins_and_no_match_refuses() {
 }
 
 #[test]
+fn the_gateways_stream_limit_defaults_to_half_the_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let p = EgressPolicy::new(&EgressConfig::default(), &[], &[]).unwrap();
+    assert_eq!(p.max_streams as u64, (soft / 2).max(1));
+    let set = EgressConfig {
+        max_streams: 7,
+        ..EgressConfig::default()
+    };
+    assert_eq!(EgressPolicy::new(&set, &[], &[]).unwrap().max_streams, 7);
+}
+
+#[test]
 fn bad_rules_name_their_key() {
     let bad = EgressConfig {
         rules: vec![
@@ -168,6 +181,7 @@ fn bad_rules_name_their_key() {
         ],
         connect_timeout_ms: 0,
         max_streams_per_session: 0,
+        max_streams: 0,
         window_bytes: 1024,
         principal_bytes_per_s: 1000,
         principal_burst_bytes: 10,
