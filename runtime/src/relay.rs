@@ -3,7 +3,10 @@
 //! that carries it through the session.
 //!
 //! Bytes are copied both ways until both directions ended; a half-close
-//! travels (EOF on one side shuts the other side's writer down). The first
+//! travels (EOF on one side shuts the other side's writer down), and once
+//! one direction ended the other may go quiet for [`HALF_CLOSED_IDLE`] at
+//! most (a peer that never closes its side cannot hold the stream for the
+//! session's life). The first
 //! error ends both directions and resets the TCP connection (RST, not a
 //! clean FIN): a stream whose session died must never look like one that
 //! ended, to the application or to the destination.
@@ -13,6 +16,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Once one direction ended, how long the other may move nothing before
+/// the stream ends.
+pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(300);
 
 /// One copy's read size. Allocated per direction while the stream lives.
 pub const CHUNK: usize = 16 * 1024;
@@ -52,13 +60,16 @@ where
     let (mut sr, mut sw) = tokio::io::split(stream);
     let (mut tr, mut tw) = tcp.into_split();
     let (mut to_tcp, mut from_tcp) = (0, 0);
+    // Set when a direction ended cleanly: the other then has
+    // HALF_CLOSED_IDLE between bytes.
+    let ended = watch::Sender::new(false);
     let up = async {
         if !early.is_empty() {
             sw.write_all(early).await?;
         }
-        copy(&mut tr, &mut sw, Way::FromTcp, &mut from_tcp, moved).await
+        copy(&mut tr, &mut sw, Way::FromTcp, &mut from_tcp, moved, &ended).await
     };
-    let down = copy(&mut sr, &mut tw, Way::ToTcp, &mut to_tcp, moved);
+    let down = copy(&mut sr, &mut tw, Way::ToTcp, &mut to_tcp, moved, &ended);
     let reset = tokio::try_join!(up, down).is_err();
     if reset && let Ok(t) = tr.reunite(tw) {
         // SO_LINGER 0: a reset. (The deprecation is about a linger > 0
@@ -73,31 +84,52 @@ where
     }
 }
 
-/// Copies until EOF, then shuts the writer down (a half-close travels).
+/// Copies until EOF, then shuts the writer down (a half-close travels) and
+/// says so in `ended`. Once the other direction ended, this one fails if
+/// it moves nothing for [`HALF_CLOSED_IDLE`].
 async fn copy<R, W>(
     r: &mut R,
     w: &mut W,
     way: Way,
     count: &mut u64,
     moved: &(dyn Fn(Way, usize) -> Duration + Sync),
+    ended: &watch::Sender<bool>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut other = ended.subscribe();
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n?,
+            () = quiet(&mut other) => return Err(io::ErrorKind::TimedOut.into()),
+        };
         if n == 0 {
-            return w.shutdown().await;
+            w.shutdown().await?;
+            ended.send_replace(true);
+            return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
+        tokio::select! {
+            r = w.write_all(&buf[..n]) => r?,
+            () = quiet(&mut other) => return Err(io::ErrorKind::TimedOut.into()),
+        }
         *count += n as u64;
         let wait = moved(way, n);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Resolves [`HALF_CLOSED_IDLE`] after the other direction ended (never
+/// before it did).
+async fn quiet(other: &mut watch::Receiver<bool>) {
+    if other.wait_for(|e| *e).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(HALF_CLOSED_IDLE).await;
 }
 
 #[cfg(test)]
@@ -192,5 +224,33 @@ mod tests {
         let mut b = [0u8; 1];
         let e = app.read(&mut b).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// One side half-closed and the other then moves nothing: the stream
+    /// ends (a reset) after the idle bound instead of holding its slot and
+    /// sockets for the session's life; bytes moving keep it open.
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_stream_that_goes_quiet_ends() {
+        let (tcp, mut app) = pair().await;
+        let (stream, mut far) = tokio::io::duplex(64 * 1024);
+        let relay = relay(tcp, stream, b"", &|_, _| Duration::ZERO);
+        let ends = async {
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.unwrap();
+            // Bytes within the bound keep the stream open...
+            tokio::time::sleep(HALF_CLOSED_IDLE / 2).await;
+            far.write_all(b"late").await.unwrap();
+            let mut b = [0u8; 4];
+            app.read_exact(&mut b).await.unwrap();
+            // ...then nothing more: the far end stays open and silent.
+            far
+        };
+        let (r, _far) =
+            tokio::time::timeout(HALF_CLOSED_IDLE * 3, async { tokio::join!(relay, ends) })
+                .await
+                .expect("the quiet half-closed stream never ended");
+        assert!(r.reset, "{r:?}");
+        assert_eq!(r.to_tcp, 4);
     }
 }
