@@ -55,7 +55,8 @@ pub struct AgentReport {
     /// both ways within the interval (data and acks prove the path).
     pub pings_sent: u64,
     /// Transport loss → attached again, per recovery (a resume, or a
-    /// re-handshake when the session was gone).
+    /// re-handshake when the session was gone); the latest
+    /// [`RECOVERY_SAMPLES`], as are the two below.
     pub recovery_ms: Vec<u64>,
     /// The part of `recovery_ms` that came back by explicit re-handshake
     /// (the rest resumed).
@@ -81,6 +82,19 @@ pub struct AgentReport {
 
 /// Timeline entries kept per agent.
 pub const TIMELINE_MAX: usize = 64;
+/// Recovery figures kept per kind (the latest; percentiles are of those).
+pub const RECOVERY_SAMPLES: usize = 65_536;
+
+/// Adds the `seen`-th figure (counting from 1) to `v`, which keeps the
+/// latest [`RECOVERY_SAMPLES`] as a ring.
+fn sample(v: &mut Vec<u64>, seen: u64, x: u64) {
+    if v.len() < RECOVERY_SAMPLES {
+        v.push(x);
+    } else {
+        let at = usize::try_from(seen.saturating_sub(1) % RECOVERY_SAMPLES as u64).unwrap_or(0);
+        v[at] = x;
+    }
+}
 
 fn mark(report: &Mutex<AgentReport>, what: &'static str) {
     update(report, |r| {
@@ -736,8 +750,9 @@ fn rehandshaken(report: &Arc<Mutex<AgentReport>>, lost_at: Instant, why: &str) {
     update(report, |r| {
         r.rehandshakes += 1;
         bump(&mut r.rehandshake_reasons, why);
-        r.recovery_ms.push(ms);
-        r.rehandshake_recovery_ms.push(ms);
+        let (all, these) = (r.resumes_ok + r.rehandshakes, r.rehandshakes);
+        sample(&mut r.recovery_ms, all, ms);
+        sample(&mut r.rehandshake_recovery_ms, these, ms);
     });
 }
 
@@ -831,8 +846,9 @@ async fn reattach(
                     update(report, |r| {
                         r.resumes_ok += 1;
                         r.resumes_tls_resumed += u64::from(resumed);
-                        r.recovery_ms.push(ms);
-                        r.resume_ms.push(took);
+                        let (all, these) = (r.resumes_ok + r.rehandshakes, r.resumes_ok);
+                        sample(&mut r.recovery_ms, all, ms);
+                        sample(&mut r.resume_ms, these, took);
                     });
                 }
                 let epoch = agent.session.as_ref().map_or(0, |s| s.binding_epoch);
@@ -965,6 +981,21 @@ fn retry_wait(e: &AgentError, attempt: u32, remaining: Duration) -> Duration {
 mod tests {
     use super::*;
     use jvpn_proto::preamble::{Status, StatusReply};
+
+    /// An agent that recovers again and again for days (a path reset every
+    /// second) keeps its recent recovery figures, not every one of them.
+    #[test]
+    fn recovery_figures_stay_bounded() {
+        let report = Arc::new(Mutex::new(AgentReport::default()));
+        let n = RECOVERY_SAMPLES + 1_000;
+        for _ in 0..n {
+            rehandshaken(&report, Instant::now(), "owner_lost");
+        }
+        let r = report.lock().unwrap();
+        assert_eq!(r.rehandshakes, n as u64);
+        assert_eq!(r.recovery_ms.len(), RECOVERY_SAMPLES);
+        assert_eq!(r.rehandshake_recovery_ms.len(), RECOVERY_SAMPLES);
+    }
 
     fn status(status: Status, retry_after_ms: u16) -> AgentError {
         AgentError::Status(StatusReply {
