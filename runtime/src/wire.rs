@@ -93,6 +93,56 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// Pause after a failed accept (EMFILE and friends) instead of spinning.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 
+/// Lets a repeated warning through at most once per interval and counts
+/// the ones it held back (to log with the next): a condition that repeats
+/// per connection or per request (a store refusing writes, a process out
+/// of descriptors) is then one line per interval, not thousands a second.
+#[derive(Debug)]
+pub struct AtMost {
+    every_ms: u64,
+    /// When one last went through (ms on [`AtMost::now_ms`]'s clock + 1;
+    /// 0: never).
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl AtMost {
+    pub const fn per(every: Duration) -> Self {
+        Self {
+            every_ms: every.as_millis() as u64,
+            last: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last one)` when this one may be logged.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(Self::now_ms())
+    }
+
+    fn now_ms() -> u64 {
+        static START: std::sync::LazyLock<std::time::Instant> =
+            std::sync::LazyLock::new(std::time::Instant::now);
+        START.elapsed().as_millis() as u64
+    }
+
+    fn allow_at(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms + 1 >= last.saturating_add(self.every_ms);
+        if due
+            && self
+                .last
+                .compare_exchange(last, now_ms + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// The next connection on `listener`, or `None` once `stop` changes. Accept
 /// errors back off for [`ACCEPT_BACKOFF`] instead of spinning.
 pub async fn accept_until(
@@ -104,7 +154,11 @@ pub async fn accept_until(
             r = listener.accept() => match r {
                 Ok(x) => return Some(x),
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors, this repeats every backoff.
+                    static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                    if let Some(held) = WARN.allow() {
+                        tracing::warn!(error = %e, held, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
@@ -168,5 +222,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *lock(&self.0)).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_goes_through_once_per_interval_with_a_count() {
+        let w = AtMost::per(Duration::from_secs(10));
+        assert_eq!(w.allow_at(5), Some(0));
+        assert_eq!(w.allow_at(6), None);
+        assert_eq!(w.allow_at(9_000), None);
+        assert_eq!(w.allow_at(10_005), Some(2));
+        assert_eq!(w.allow_at(10_006), None);
+        assert_eq!(w.allow_at(20_005), Some(1));
     }
 }

@@ -24,7 +24,7 @@ use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::store::SessionRecord;
 use jvpn_proto::store_record::{KeyPlace, open_record_key, wrap_key};
 use jvpn_proto::{Mono, ReasonCode, SessionId};
-use jvpn_runtime::wire::lock;
+use jvpn_runtime::wire::{AtMost, lock};
 use metrics::{counter, histogram};
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -281,7 +281,10 @@ impl Stored {
             Ok(rev) => rev,
             Err(e) => {
                 counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e)).increment(1);
-                warn!(error = %e, "store: HELLO not recorded; refused");
+                static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                if let Some(held) = WARN.allow() {
+                    warn!(error = %e, held, "store: HELLO not recorded; refused");
+                }
                 return Err(ReasonCode::StoreUnavailable);
             }
         };
@@ -571,7 +574,10 @@ impl Stored {
         {
             Ok(rev) => rev,
             Err(e) => {
-                warn!(error = %e, "store: binding change not recorded; the session ends");
+                static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                if let Some(held) = WARN.allow() {
+                    warn!(error = %e, held, "store: binding change not recorded; the session ends");
+                }
                 return fail(result_of(&e));
             }
         };
