@@ -63,6 +63,10 @@ pub struct AgentReport {
     pub rehandshake_recovery_ms: Vec<u64>,
     /// Duration of each successful RESUME attempt (connect → `ResumeOk`).
     pub resume_ms: Vec<u64>,
+    /// Figures ever added to `recovery_ms`, `rehandshake_recovery_ms` and
+    /// `resume_ms` (where each ring writes next).
+    #[serde(skip)]
+    pub samples_seen: [u64; 3],
     /// Why the session finally ended, if it did.
     pub ended: Option<String>,
     /// The gateway that owns the current session (a node name, not a secret).
@@ -85,15 +89,16 @@ pub const TIMELINE_MAX: usize = 64;
 /// Recovery figures kept per kind (the latest; percentiles are of those).
 pub const RECOVERY_SAMPLES: usize = 65_536;
 
-/// Adds the `seen`-th figure (counting from 1) to `v`, which keeps the
-/// latest [`RECOVERY_SAMPLES`] as a ring.
-fn sample(v: &mut Vec<u64>, seen: u64, x: u64) {
+/// Adds a figure to `v`, which keeps the latest [`RECOVERY_SAMPLES`] as a
+/// ring; `seen` counts the figures ever added (where the next one goes).
+fn sample(v: &mut Vec<u64>, seen: &mut u64, x: u64) {
     if v.len() < RECOVERY_SAMPLES {
         v.push(x);
     } else {
-        let at = usize::try_from(seen.saturating_sub(1) % RECOVERY_SAMPLES as u64).unwrap_or(0);
+        let at = usize::try_from(*seen % RECOVERY_SAMPLES as u64).unwrap_or(0);
         v[at] = x;
     }
+    *seen += 1;
 }
 
 fn mark(report: &Mutex<AgentReport>, what: &'static str) {
@@ -750,7 +755,7 @@ fn rehandshaken(report: &Arc<Mutex<AgentReport>>, lost_at: Instant, why: &str) {
     update(report, |r| {
         r.rehandshakes += 1;
         bump(&mut r.rehandshake_reasons, why);
-        let (all, these) = (r.resumes_ok + r.rehandshakes, r.rehandshakes);
+        let [all, these, _] = &mut r.samples_seen;
         sample(&mut r.recovery_ms, all, ms);
         sample(&mut r.rehandshake_recovery_ms, these, ms);
     });
@@ -846,7 +851,7 @@ async fn reattach(
                     update(report, |r| {
                         r.resumes_ok += 1;
                         r.resumes_tls_resumed += u64::from(resumed);
-                        let (all, these) = (r.resumes_ok + r.rehandshakes, r.resumes_ok);
+                        let [all, _, these] = &mut r.samples_seen;
                         sample(&mut r.recovery_ms, all, ms);
                         sample(&mut r.resume_ms, these, took);
                     });
@@ -995,6 +1000,22 @@ mod tests {
         assert_eq!(r.rehandshakes, n as u64);
         assert_eq!(r.recovery_ms.len(), RECOVERY_SAMPLES);
         assert_eq!(r.rehandshake_recovery_ms.len(), RECOVERY_SAMPLES);
+        drop(r);
+        // The ring keeps the latest: a marked figure written last is there,
+        // and after a whole lap more it is gone.
+        let mark = |lost_ms: u64| {
+            let at = Instant::now()
+                .checked_sub(Duration::from_millis(lost_ms))
+                .unwrap();
+            rehandshaken(&report, at, "owner_lost");
+        };
+        mark(60_000);
+        let has = |r: &AgentReport| r.recovery_ms.iter().any(|ms| *ms >= 60_000);
+        assert!(has(&report.lock().unwrap()));
+        for _ in 0..RECOVERY_SAMPLES {
+            rehandshaken(&report, Instant::now(), "owner_lost");
+        }
+        assert!(!has(&report.lock().unwrap()));
     }
 
     fn status(status: Status, retry_after_ms: u16) -> AgentError {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use jvpn_runtime::process::{
-    CheckArgs, RunArgs, announce_ready, check_config, raise_nofile, run_service, shutdown_signal,
+    CheckArgs, RunArgs, announce_ready, check_config, run_service, shutdown_signal,
 };
 
 use crate::{config, metrics, pki, server};
@@ -199,7 +199,6 @@ fn timeline(
 pub const EXIT_SUPERSEDED: u8 = 75;
 
 async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
-    raise_nofile();
     // Held until the process exits.
     let _lock = match &cfg.raw.state_dir {
         Some(dir) => Some(lock_state_dir(dir)?),

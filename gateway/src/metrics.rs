@@ -71,6 +71,7 @@ pub const CONFIG_RELOADS: &str = "jvpn_gateway_config_reloads_total";
 pub const CONFIG_RELOAD_FAILURES: &str = "jvpn_gateway_config_reload_failures_total";
 pub const STREAMS_OPENED: &str = "jvpn_gateway_streams_opened_total";
 pub const STREAMS_OPEN: &str = "jvpn_gateway_streams_open";
+pub const STREAMS_LIMIT: &str = "jvpn_gateway_streams_limit";
 pub const STREAMS_REFUSED: &str = "jvpn_gateway_streams_refused_total";
 pub const STREAMS_ENDED: &str = "jvpn_gateway_streams_ended_total";
 pub const STREAM_BYTES: &str = "jvpn_gateway_stream_bytes_total";
@@ -330,6 +331,10 @@ pub fn describe() {
         "Streams (CONNECT) whose destination connection was established."
     );
     describe_gauge!(STREAMS_OPEN, "Streams currently open, over all sessions.");
+    describe_gauge!(
+        STREAMS_LIMIT,
+        "Streams the whole gateway may have open (egress.max_streams, resolved): streams_open over this is the saturation."
+    );
     describe_counter!(
         STREAMS_REFUSED,
         "CONNECT requests refused, by reason (not_allowed, timed_out, ...)."

@@ -117,6 +117,20 @@ impl Launcher {
         &self.program
     }
 
+    /// The same program started with a soft open-file limit of `soft`
+    /// (`prlimit`, util-linux), as from a shell that leaves it at 1,024.
+    pub fn with_soft_nofile(self, soft: u64) -> Self {
+        let mut prefix = vec![
+            format!("--nofile={soft}:"),
+            self.program.display().to_string(),
+        ];
+        prefix.extend(self.prefix);
+        Self {
+            program: "prlimit".into(),
+            prefix,
+        }
+    }
+
     /// The same program under `taskset -c <cpu>`.
     pub fn pinned(self, cpu: usize) -> Self {
         let mut prefix = vec![

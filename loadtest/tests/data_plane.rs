@@ -790,6 +790,32 @@ async fn the_gateways_stream_limit_holds_across_sessions() {
     }
 }
 
+/// The gateway-wide limit's default, half the open-file limit, is taken
+/// from the raised limit: started with a soft limit of 1,024 (a shell's
+/// default), the gateway raises it before reading its configuration, so
+/// the limit is not 512. (Failed first: the default was computed from the
+/// limit before the raise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_stream_limit_follows_the_raised_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard > 2048,
+        "this test needs a hard open-file limit above 2,048"
+    );
+    let pki = harness::TestPki::new(&["g1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = common::launcher().with_soft_nofile(1024);
+    let opts = harness::GatewayOptions::default();
+    let gw = harness::LocalGateway::start(&launcher, &pki, dir.path(), &opts)
+        .await
+        .unwrap();
+    let limit = gw.metric("jvpn_gateway_streams_limit", &[]).await.unwrap();
+    // The process may raise its hard limit too (as root): at least half
+    // of this one's.
+    assert!(limit as u64 >= hard / 2, "limit {limit}, hard {hard}");
+}
+
 /// A reload that raises `egress.max_streams_per_session` applies to the
 /// sessions already open too: HTTP/2's own stream cap, fixed when a
 /// session's HTTP/2 starts, must not stay at the old limit.

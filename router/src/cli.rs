@@ -3,9 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use jvpn_runtime::process::{
-    CheckArgs, RunArgs, check_config, raise_nofile, run_service, shutdown_signal,
-};
+use jvpn_runtime::process::{CheckArgs, RunArgs, check_config, run_service, shutdown_signal};
 
 use crate::{config, server};
 
@@ -36,7 +34,6 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 }
 
 async fn run(cfg: config::Validated) -> anyhow::Result<()> {
-    raise_nofile();
     let prom = jvpn_runtime::metrics::install_for("router", crate::metrics::describe)?;
     let bind = |a| async move {
         tokio::net::TcpListener::bind(a)

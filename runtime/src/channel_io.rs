@@ -98,8 +98,10 @@ impl Inbox {
     /// Pieces below this are copied into the tail.
     const COPY_BELOW: usize = 16 * 1024;
 
-    fn push(&mut self, b: Bytes) {
-        if b.len() < Self::COPY_BELOW {
+    /// `part`: `b` is a slice of a larger payload (a resend overlapping
+    /// what arrived), copied too: it would keep the whole frame alive.
+    fn push(&mut self, b: Bytes, part: bool) {
+        if part || b.len() < Self::COPY_BELOW {
             self.tail.extend_from_slice(&b);
             return;
         }
@@ -249,11 +251,13 @@ impl SessionChannel {
         if g.closed.is_some() || from.0 != g.generation {
             return Ok(());
         }
+        let whole = d.payload.len();
         let fresh = g.ch.on_data(d.seq, d.payload)?;
         let waker = if fresh.is_empty() {
             None
         } else {
-            g.inbox.push(fresh);
+            let part = fresh.len() < whole;
+            g.inbox.push(fresh, part);
             g.read_waker.take()
         };
         drop(g);
@@ -447,6 +451,11 @@ impl SessionChannel {
     fn inbox_entries(&self) -> usize {
         lock(&self.shared.inner).inbox.entries()
     }
+
+    /// Bytes waiting in the copied tail.
+    fn inbox_copied(&self) -> usize {
+        lock(&self.shared.inner).inbox.tail.len()
+    }
 }
 
 #[cfg(test)]
@@ -455,10 +464,10 @@ mod tests {
     use jvpn_proto::pb::session::Data;
     use tokio::io::AsyncReadExt;
 
-    /// Each received piece as a slice of a buffer of its own, as a frame
-    /// decoded from a TLS read buffer is.
+    /// Each received piece as a slice of a buffer of its own (at least
+    /// 16 KiB), as a frame decoded from a TLS read buffer is.
     fn piece(seq: u64, len: usize, fill: u8) -> Data {
-        let mut b = vec![0u8; 16 * 1024];
+        let mut b = vec![0u8; len.max(16 * 1024)];
         b[..len].fill(fill);
         Data {
             seq,
@@ -470,24 +479,58 @@ mod tests {
     /// that does not read must not make the receiver keep one buffer per
     /// frame (each pinning what it was read with): small pieces are copied
     /// together, large ones kept as they came; the bytes read back are the
-    /// same, in order.
+    /// same, in order, also when reads and arrivals interleave.
     #[tokio::test]
     async fn tiny_data_frames_are_held_together_not_one_by_one() {
         let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
         let g = ch.first();
         let mut want = Vec::new();
         let mut seq = 0;
-        for i in 0..20_000u32 {
-            let len = if i % 5_000 == 4_999 { 9_000 } else { 1 };
-            ch.on_data(g, piece(seq, len, i as u8)).unwrap();
-            want.extend(std::iter::repeat_n(i as u8, len));
-            seq += len as u64;
-        }
-        let entries = ch.inbox_entries();
-        assert!(entries <= 10, "{entries} pieces held for 20,000 frames");
-        let mut got = vec![0u8; want.len()];
+        let mut send = |from: u32, to: u32, want: &mut Vec<u8>| {
+            for i in from..to {
+                let len = if i % 5_000 == 4_999 { 20_000 } else { 1 };
+                ch.on_data(g, piece(seq, len, i as u8)).unwrap();
+                want.extend(std::iter::repeat_n(i as u8, len));
+                seq += len as u64;
+            }
+        };
+        send(0, 20_000, &mut want);
+        // Four runs of small pieces, each copied into one, and the four
+        // large pieces between them.
+        assert_eq!(ch.inbox_entries(), 8);
+        // Half read, then more arrives behind a partly read tail.
+        let mut got = vec![0u8; want.len() / 2];
         stream.read_exact(&mut got).await.unwrap();
+        send(20_000, 22_000, &mut want);
+        let mut rest = vec![0u8; want.len() - got.len()];
+        stream.read_exact(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
         assert!(got == want, "bytes differ");
         assert_eq!(ch.inbox_entries(), 0);
+    }
+
+    /// A resend that overlaps what arrived leaves a slice of its frame:
+    /// copied, not kept with the whole frame behind it.
+    #[tokio::test]
+    async fn the_new_part_of_a_resend_is_copied() {
+        let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
+        let g = ch.first();
+        ch.on_data(g, piece(0, 20_000, 1)).unwrap();
+        let mut resend = vec![1u8; 40_000];
+        resend[20_000..].fill(2);
+        ch.on_data(
+            g,
+            Data {
+                seq: 0,
+                payload: Bytes::from(resend),
+            },
+        )
+        .unwrap();
+        // The first frame as it came, the resend's new half copied.
+        assert_eq!(ch.inbox_entries(), 2);
+        assert_eq!(ch.inbox_copied(), 20_000);
+        let mut got = vec![0u8; 40_000];
+        stream.read_exact(&mut got).await.unwrap();
+        assert!(got[..20_000].iter().all(|b| *b == 1) && got[20_000..].iter().all(|b| *b == 2));
     }
 }

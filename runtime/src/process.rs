@@ -100,6 +100,9 @@ where
     F: Future<Output = anyhow::Result<ExitCode>>,
 {
     init_tracing(log_format);
+    // Before the configuration: defaults derived from the open-file limit
+    // (the gateway's `egress.max_streams`) see the raised one.
+    raise_nofile();
     let cfg = match load(path) {
         Ok(c) => c,
         Err(errs) => {

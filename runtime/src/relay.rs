@@ -103,6 +103,7 @@ where
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = tokio::select! {
+            biased;
             n = r.read(&mut buf) => n?,
             () = quiet(&mut other) => return Err(io::ErrorKind::TimedOut.into()),
         };
@@ -112,6 +113,7 @@ where
             return Ok(());
         }
         tokio::select! {
+            biased;
             r = w.write_all(&buf[..n]) => r?,
             () = quiet(&mut other) => return Err(io::ErrorKind::TimedOut.into()),
         }
@@ -228,29 +230,39 @@ mod tests {
 
     /// One side half-closed and the other then moves nothing: the stream
     /// ends (a reset) after the idle bound instead of holding its slot and
-    /// sockets for the session's life; bytes moving keep it open.
+    /// sockets for the session's life. Bytes moving keep it open: two
+    /// writes, each less than the bound after the one before but together
+    /// more than it after the half-close, both arrive, and the reset comes
+    /// no sooner than the bound after the last.
     #[tokio::test(start_paused = true)]
     async fn a_half_closed_stream_that_goes_quiet_ends() {
         let (tcp, mut app) = pair().await;
         let (stream, mut far) = tokio::io::duplex(64 * 1024);
-        let relay = relay(tcp, stream, b"", &|_, _| Duration::ZERO);
+        let relay = async {
+            let r = relay(tcp, stream, b"", &|_, _| Duration::ZERO).await;
+            (r, tokio::time::Instant::now())
+        };
         let ends = async {
             app.shutdown().await.unwrap();
             let mut got = Vec::new();
             far.read_to_end(&mut got).await.unwrap();
-            // Bytes within the bound keep the stream open...
-            tokio::time::sleep(HALF_CLOSED_IDLE / 2).await;
-            far.write_all(b"late").await.unwrap();
-            let mut b = [0u8; 4];
-            app.read_exact(&mut b).await.unwrap();
-            // ...then nothing more: the far end stays open and silent.
-            far
+            let mut last = tokio::time::Instant::now();
+            for _ in 0..2 {
+                tokio::time::sleep(HALF_CLOSED_IDLE * 5 / 6).await;
+                far.write_all(b"late").await.unwrap();
+                let mut b = [0u8; 4];
+                app.read_exact(&mut b).await.unwrap();
+                last = tokio::time::Instant::now();
+            }
+            // Then nothing more: the far end stays open and silent.
+            (far, last)
         };
-        let (r, _far) =
-            tokio::time::timeout(HALF_CLOSED_IDLE * 3, async { tokio::join!(relay, ends) })
+        let ((r, ended), (_far, last)) =
+            tokio::time::timeout(HALF_CLOSED_IDLE * 4, async { tokio::join!(relay, ends) })
                 .await
                 .expect("the quiet half-closed stream never ended");
         assert!(r.reset, "{r:?}");
-        assert_eq!(r.to_tcp, 4);
+        assert_eq!(r.to_tcp, 8);
+        assert!(ended >= last + HALF_CLOSED_IDLE, "ended too soon");
     }
 }

@@ -194,6 +194,7 @@ impl Shared {
         self.max_connections
             .store(a.max_connections, Ordering::Relaxed);
         self.egress.store(new.egress.clone());
+        gauge!(m::STREAMS_LIMIT).set(new.egress.max_streams as f64);
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
         if rotate {
@@ -337,6 +338,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         cfg.raw.policy.session_max_lifetime(),
     ));
     let tls = crate::tls::server_config(&cfg.tls, tokenless, Some(tickets.clone()))?;
+    gauge!(m::STREAMS_LIMIT).set(cfg.egress.max_streams as f64);
     let n = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut shards = Vec::with_capacity(n);
     for i in 0..n {

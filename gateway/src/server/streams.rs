@@ -502,12 +502,27 @@ mod tests {
 
     static RUNNING: AtomicUsize = AtomicUsize::new(0);
     static MOST: AtomicUsize = AtomicUsize::new(0);
+    /// Per session (the name's first label): running now, and the most.
+    static PER_SESSION: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+    fn session_of(name: &str) -> usize {
+        name.split('.').next().unwrap().parse().unwrap()
+    }
+
+    fn per_session(name: &str, delta: isize) {
+        let mut t = PER_SESSION.lock().unwrap();
+        let (now, most) = &mut t[session_of(name)];
+        *now = now.checked_add_signed(delta).unwrap();
+        *most = (*most).max(*now);
+    }
 
     /// A name server that never answers: each lookup holds its thread.
-    fn stuck(_: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
+    fn stuck(name: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
         let n = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
         MOST.fetch_max(n, Ordering::SeqCst);
+        per_session(name, 1);
         std::thread::sleep(Duration::from_millis(300));
+        per_session(name, -1);
         RUNNING.fetch_sub(1, Ordering::SeqCst);
         Err(std::io::Error::other("no answer"))
     }
@@ -518,14 +533,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lookups_that_never_answer_hold_at_most_the_limits() {
         let gateway = Arc::new(Semaphore::new(RESOLVING));
+        *PER_SESSION.lock().unwrap() = vec![(0, 0); 20];
         let mut all = Vec::new();
-        for _ in 0..20 {
+        for i in 0..20 {
             let session = Arc::new(Semaphore::new(RESOLVING_PER_SESSION));
             for _ in 0..20 {
                 let (session, gateway) = (session.clone(), gateway.clone());
                 all.push(tokio::spawn(async move {
                     let within = Duration::from_millis(50);
-                    resolve("x.invalid", 443, within, [&session, &gateway], stuck).await
+                    let name = format!("{i}.invalid");
+                    resolve(&name, 443, within, [&session, &gateway], stuck).await
                 }));
             }
         }
@@ -538,5 +555,10 @@ mod tests {
         }
         let most = MOST.load(Ordering::SeqCst);
         assert!(most > 0 && most <= RESOLVING, "{most} lookups at once");
+        let per: Vec<usize> = PER_SESSION.lock().unwrap().iter().map(|p| p.1).collect();
+        assert!(
+            per.iter().all(|m| *m <= RESOLVING_PER_SESSION),
+            "most at once per session: {per:?}"
+        );
     }
 }
