@@ -380,12 +380,7 @@ impl EtcdStore {
 
     /// Every key under `prefix`.
     async fn range_prefix(&self, key: Vec<u8>) -> Result<Vec<KeyValue>, StoreError> {
-        let mut end = key.clone();
-        // The range of every key with this prefix: the prefix with its
-        // last byte ('/') incremented.
-        if let Some(last) = end.last_mut() {
-            *last += 1;
-        }
+        let end = past_prefix(&key);
         Ok(self.range(key, end, 0).await?.kvs)
     }
 
@@ -651,12 +646,11 @@ impl EtcdStore {
         to: Option<u128>,
         limit: i64,
     ) -> Result<(Vec<KeyValue>, bool), StoreError> {
-        let at = |id: u128| format!("{}/sessions/{id:032x}", self.prefix).into_bytes();
+        let at = |id: u128| self.session_key(&SessionId::from_bytes(id.to_be_bytes()));
         let key = at(from);
         let range_end = match to {
             Some(t) => at(t),
-            // Past every session key: the prefix with its '/' incremented.
-            None => format!("{}/sessions0", self.prefix).into_bytes(),
+            None => past_prefix(format!("{}/sessions/", self.prefix).as_bytes()),
         };
         let r = self.range(key, range_end, limit).await?;
         Ok((r.kvs, r.more))
@@ -767,6 +761,16 @@ impl EtcdStore {
         }
         Err(why(expected, record_now?.map_or(0, |kv| kv.mod_revision)))
     }
+}
+
+/// The end of the range of every key starting with `prefix`: `prefix`
+/// with its last byte incremented (every prefix here ends in '/').
+fn past_prefix(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
 }
 
 fn why(expected: i64, now: i64) -> StoreError {

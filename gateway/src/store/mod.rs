@@ -18,7 +18,7 @@ pub use batch::Batcher;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, MAX_BATCH, RecordWrite, StoreError, Stored};
 pub use fence::{LeaseFence, Renewal};
 pub use keeper::{Keeper, KeeperConfig, LeaseStatus, LostBy};
-pub use sweep::{Me, SweepConfig, Sweeper};
+pub use sweep::{Me, Sweeper};
 
 /// Wall-clock milliseconds since the Unix epoch (records carry absolute
 /// lifetimes: monotonic clocks are per process).

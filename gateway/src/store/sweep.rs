@@ -98,15 +98,6 @@ impl Swept {
     }
 }
 
-/// `[store] sweep_*`.
-#[derive(Clone, Copy, Debug)]
-pub struct SweepConfig {
-    /// Between two ranges (jittered by ±20 %).
-    pub interval: Duration,
-    /// Records read per range at most.
-    pub page: i64,
-}
-
 /// This gateway, as the owner its own records name.
 pub struct Me {
     pub node: String,
