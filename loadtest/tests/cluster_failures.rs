@@ -328,3 +328,76 @@ async fn a_flapping_gateway_changes_the_ring_a_bounded_number_of_times() {
     assert!(hellos > 50);
     assert_eq!(unplaceable(&c).await, 0.0);
 }
+
+/// Whether the router's `/metrics` has a per-gateway series for `node`.
+async fn listed(c: &LocalCluster, node: &str) -> Option<f64> {
+    let text = c.routers[0].metrics().await.unwrap();
+    let series = format!("jvpn_router_member_alive{{node_id=\"{node}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Scale-in: a gateway that drained and exited leaves the router's view and
+/// its metrics within seconds (no `JvpnGatewayNotAlive` paging for a
+/// gateway taken out on purpose); one that crashed stays reported not alive
+/// until `forget_dead_after_ms`, then goes too. Before, both read 0 for
+/// the router's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_gateway_is_forgotten_at_once_and_a_crashed_one_after_forget_dead_after() {
+    let _serial = SERIAL.lock().await;
+    let forget = Duration::from_secs(8);
+    let c = common::cluster(ClusterOptions {
+        router_env: vec![(
+            "JVPN_ROUTER__MEMBERSHIP__FORGET_DEAD_AFTER_MS".into(),
+            forget.as_millis().to_string(),
+        )],
+        gateway_env: vec![(
+            "JVPN_GATEWAY__TIMEOUTS__DRAIN_TIMEOUT_MS".into(),
+            "1000".into(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    for n in ["g1", "g2", "g3"] {
+        assert_eq!(listed(&c, n).await, Some(1.0), "{n}\n{}", c.logs());
+    }
+    // g3 is taken out of service: drained, then it exits.
+    c.gateway("g3").unwrap().signal(Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(10), "g3 forgotten", || async {
+        listed(&c, "g3").await.is_none()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !c.routers[0]
+            .ring()
+            .await
+            .unwrap()
+            .to_string()
+            .contains("\"g3\"")
+    );
+    // g2 crashes: reported not alive, and still so well after its death.
+    c.gateway("g2").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive("g2", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let dead_seen = Instant::now();
+    assert_eq!(listed(&c, "g2").await, Some(0.0));
+    eventually(forget + Duration::from_secs(5), "g2 forgotten", || async {
+        listed(&c, "g2").await.is_none()
+    })
+    .await
+    .unwrap();
+    let kept = dead_seen.elapsed();
+    assert!(
+        kept + Duration::from_secs(1) >= forget,
+        "a crashed gateway was forgotten after {kept:?}, before {forget:?}"
+    );
+    assert_eq!(listed(&c, "g1").await, Some(1.0));
+    let known = c.routers[0]
+        .metric("jvpn_router_members", &[("state", "known")])
+        .await
+        .unwrap();
+    assert_eq!(known, 1.0);
+}

@@ -120,6 +120,12 @@ pub struct MembershipSection {
     pub hold_down_base_ms: u64,
     #[serde(default = "default_hold_down_max")]
     pub hold_down_max_ms: u64,
+    /// How long a gateway that died without draining (and stopped
+    /// heartbeating) stays known, reported not alive, before this router
+    /// forgets it. One that drained first is forgotten after
+    /// `failure_timeout_ms`.
+    #[serde(default = "default_forget_dead_after")]
+    pub forget_dead_after_ms: u64,
     /// Open membership connections one source IP may hold (each gateway
     /// needs one; reconnects overlap briefly).
     #[serde(default = "default_membership_per_source")]
@@ -162,6 +168,9 @@ fn default_hold_down_base() -> u64 {
 }
 fn default_hold_down_max() -> u64 {
     60_000
+}
+fn default_forget_dead_after() -> u64 {
+    24 * 3600 * 1000
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
@@ -288,6 +297,8 @@ impl Validated {
             mass_death_hold: Duration::from_millis(m.failure_timeout_ms.saturating_mul(10)),
             hold_down_base: Duration::from_millis(m.hold_down_base_ms),
             hold_down_max: Duration::from_millis(m.hold_down_max_ms),
+            forget_left_after: Duration::from_millis(m.failure_timeout_ms),
+            forget_failed_after: Duration::from_millis(m.forget_dead_after_ms),
             ..MembershipConfig::default()
         }
     }
@@ -391,6 +402,12 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
         errs.push(ConfigProblem::new(
             "membership.failure_timeout_ms",
             "must be at least twice membership.interval_ms",
+        ));
+    }
+    if m.forget_dead_after_ms < m.failure_timeout_ms {
+        errs.push(ConfigProblem::new(
+            "membership.forget_dead_after_ms",
+            "must be at least membership.failure_timeout_ms",
         ));
     }
     if m.hold_down_max_ms < m.hold_down_base_ms {

@@ -77,14 +77,6 @@ pub fn describe() {
         TOMBSTONES,
         "Superseded gateway incarnations remembered (refused if they come back)."
     );
-    describe_gauge!(
-        MEMBER_ALIVE,
-        "1 while this router holds a live incarnation of the gateway node_id, else 0."
-    );
-    describe_gauge!(
-        MEMBER_PLACEABLE,
-        "1 while the gateway node_id receives new sessions from this router, else 0."
-    );
     describe_counter!(RING_CHANGES, "Ring rebuilds (view changes).");
     describe_counter!(MEMBER_DEATHS, "Gateways declared not alive.");
     describe_counter!(
@@ -183,4 +175,37 @@ pub fn describe() {
     metrics::counter!(REACHABILITY_PROBES, "result" => "ok").absolute(0);
     metrics::counter!(REACHABILITY_PROBES, "result" => "failed").absolute(0);
     metrics::gauge!(UNHEALTHY).set(0.0);
+}
+
+/// The per-gateway gauges ([`MEMBER_ALIVE`], [`MEMBER_PLACEABLE`]), drawn
+/// at scrape time from the membership the last tick published: a gateway
+/// the router forgot is not listed at all (the recorder can only set a
+/// series, never remove one, so a decommissioned gateway would read 0, and
+/// page, for the router's life). `(node id, alive, placeable)`, one per
+/// node id; node ids are `[A-Za-z0-9._-]`, nothing to escape.
+pub fn render_member_gauges(members: &[(String, bool, bool)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if members.is_empty() {
+        return out;
+    }
+    for (name, help, pick) in [
+        (
+            MEMBER_ALIVE,
+            "1 while this router holds a live incarnation of the gateway node_id, else 0; gateways the router forgot are not listed.",
+            (|m: &(String, bool, bool)| m.1) as fn(&(String, bool, bool)) -> bool,
+        ),
+        (
+            MEMBER_PLACEABLE,
+            "1 while the gateway node_id receives new sessions from this router, else 0.",
+            |m: &(String, bool, bool)| m.2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for m in members {
+            let _ = writeln!(out, "{name}{{node_id=\"{}\"}} {}", m.0, u8::from(pick(m)));
+        }
+        out.push('\n');
+    }
+    out
 }

@@ -90,6 +90,10 @@ impl AdminApp for RouterHandle {
         &self.drain
     }
 
+    fn state_metrics(&self) -> String {
+        self.state.member_gauges()
+    }
+
     fn json(&self, path: &str) -> Option<serde_json::Value> {
         match path {
             "/ring" => Some(ring_json(&self.state)),

@@ -173,9 +173,6 @@ pub struct RouterState {
     early_tick_added: tokio::sync::Notify,
     /// What the last tick found, to skip what only a change needs.
     last_status: Mutex<LastStatus>,
-    /// Node ids that have per-node gauges.
-    /// Per node id, the (alive, placeable) last written to the gauges.
-    reported_nodes: Mutex<HashMap<String, (bool, bool)>>,
     admission: Mutex<Admission>,
     /// Open membership-port connections per source (before TLS).
     membership_conns: Mutex<Concurrency>,
@@ -318,7 +315,6 @@ impl RouterState {
             last_status: Mutex::default(),
             early_ticks: Mutex::default(),
             early_tick_added: tokio::sync::Notify::new(),
-            reported_nodes: Mutex::new(HashMap::new()),
             admission: Mutex::new(admission),
             membership_conns: Mutex::new(membership_conns),
             token_uses: Mutex::new(crate::replay::TokenUses::default()),
@@ -541,7 +537,6 @@ impl RouterState {
                 .map(|s| (s.node_id.clone(), s.incarnation))
                 .collect();
             let n_place = status.iter().filter(|s| s.placeable).count();
-            self.publish_member_gauges(&status);
             gauge!(m::MEMBERS, "state" => "known").set(status.len() as f64);
             gauge!(m::MEMBERS, "state" => "alive").set(last.alive.len() as f64);
             gauge!(m::MEMBERS, "state" => "placeable").set(n_place as f64);
@@ -563,34 +558,26 @@ impl RouterState {
         gauge!(m::CONNECTIONS_OPEN).set(self.active.load(Ordering::Relaxed) as f64);
     }
 
-    /// Per node id (a configured, certified name: a bounded label); a node
-    /// that is no longer known at all reads 0 rather than its last value.
-    /// Only changes are written: at 1,000 members, two gauge lookups per
-    /// member per tick were a tenth of the router's CPU.
-    fn publish_member_gauges(&self, status: &[MemberStatus]) {
-        let mut now: HashMap<String, (bool, bool)> = HashMap::with_capacity(status.len());
+    /// The per-gateway gauges as of the last tick, one line per node id
+    /// this router knows (see [`m::render_member_gauges`]).
+    pub fn member_gauges(&self) -> String {
+        let last = lock(&self.last_status);
+        let Some(status) = last.status.as_ref() else {
+            return String::new();
+        };
+        let mut per_node: Vec<(String, bool, bool)> = Vec::with_capacity(status.len());
+        // Sorted by node id: one line per node id.
         for s in status {
-            let e = now.entry(s.node_id.to_string()).or_default();
-            e.0 |= s.alive;
-            e.1 |= s.placeable;
-        }
-        let mut seen = lock(&self.reported_nodes);
-        for (gone, last) in seen.iter_mut().filter(|(n, _)| !now.contains_key(*n)) {
-            if *last != (false, false) {
-                gauge!(m::MEMBER_ALIVE, "node_id" => gone.clone()).set(0.0);
-                gauge!(m::MEMBER_PLACEABLE, "node_id" => gone.clone()).set(0.0);
-                *last = (false, false);
+            match per_node.last_mut() {
+                Some(l) if l.0 == s.node_id.as_str() => {
+                    l.1 |= s.alive;
+                    l.2 |= s.placeable;
+                }
+                _ => per_node.push((s.node_id.to_string(), s.alive, s.placeable)),
             }
         }
-        for (node, (alive, placeable)) in now {
-            if seen.get(&node) == Some(&(alive, placeable)) {
-                continue;
-            }
-            gauge!(m::MEMBER_ALIVE, "node_id" => node.clone()).set(f64::from(u8::from(alive)));
-            gauge!(m::MEMBER_PLACEABLE, "node_id" => node.clone())
-                .set(f64::from(u8::from(placeable)));
-            seen.insert(node, (alive, placeable));
-        }
+        drop(last);
+        m::render_member_gauges(&per_node)
     }
 
     /// Builds and publishes the ring of every member set the tick asks for

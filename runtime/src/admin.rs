@@ -104,6 +104,12 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     fn session(&self, _id: &str) -> Option<Option<serde_json::Value>> {
         None
     }
+    /// Series drawn from the binary's state at scrape time, appended to the
+    /// recorder's (Prometheus text format): for series that must disappear,
+    /// which the recorder cannot do.
+    fn state_metrics(&self) -> String {
+        String::new()
+    }
 }
 
 /// Connections the admin port holds at once; past it new ones are closed.
@@ -195,7 +201,14 @@ fn route<A: AdminApp>(
     }
     match req.uri().path() {
         "/metrics" => match prom {
-            Some(p) => text(StatusCode::OK, p.render(), "text/plain; version=0.0.4"),
+            Some(p) => {
+                let mut body = p.render();
+                if !body.is_empty() && !body.ends_with('\n') {
+                    body.push('\n');
+                }
+                body.push_str(&gw.state_metrics());
+                text(StatusCode::OK, body, "text/plain; version=0.0.4")
+            }
             None => text(
                 StatusCode::NOT_FOUND,
                 "metrics not installed\n".into(),

@@ -20,7 +20,12 @@
 //!   no death verdicts for one `failure_timeout`; when more than half of the
 //!   members would die at once, the router marks itself unhealthy instead;
 //! - warm-up: for `failure_timeout + 2 × interval` after start, unknown
-//!   owners are `owner_unreachable`, never `owner_lost`.
+//!   owners are `owner_unreachable`, never `owner_lost`;
+//! - forgetting: a dead member that no longer heartbeats is forgotten
+//!   `forget_left_after` after its death when it was DRAINING (it left),
+//!   `forget_failed_after` otherwise (it failed, and may come back). A
+//!   RESUME for a forgotten owner is answered as for any dead one past its
+//!   grace: `owner_lost`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -48,6 +53,10 @@ pub struct MembershipConfig {
     pub flap_memory: Duration,
     pub connect_failures_to_unplace: usize,
     pub connect_failure_window: Duration,
+    /// A member that died while DRAINING is forgotten this long after.
+    pub forget_left_after: Duration,
+    /// Any other dead, silent member is forgotten this long after its death.
+    pub forget_failed_after: Duration,
 }
 
 impl Default for MembershipConfig {
@@ -62,6 +71,8 @@ impl Default for MembershipConfig {
             flap_memory: Duration::from_secs(300),
             connect_failures_to_unplace: 3,
             connect_failure_window: Duration::from_secs(1),
+            forget_left_after: Duration::from_secs(1),
+            forget_failed_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -136,6 +147,8 @@ struct Member {
     /// pause is as likely as a crash, so RESUMEs for it are answered
     /// `Unreachable` until `silence_grace` after this time.
     silent_death_at: Option<Mono>,
+    /// When it was last declared dead (kept while dead).
+    died_at: Option<Mono>,
 }
 
 impl Member {
@@ -258,6 +271,7 @@ impl Membership {
                 needs_probe: false,
                 last_probe: Mono::ZERO,
                 silent_death_at: None,
+                died_at: None,
             });
         if m.dead && !m.needs_probe {
             revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
@@ -465,6 +479,7 @@ impl Membership {
         for (n, unreachable, silent_only) in dying {
             if let Some(m) = self.members.get_mut(&n) {
                 m.dead = true;
+                m.died_at = Some(now);
                 m.silent_death_at = silent_only.then_some(now);
                 // Heartbeats still arriving prove nothing about the client
                 // port: only a successful connect brings it back.
@@ -472,7 +487,31 @@ impl Membership {
                 died.push((n, m.incarnation));
             }
         }
+        self.forget_departed(now);
         died
+    }
+
+    /// Drops the dead members nobody will hear from again (see the
+    /// module): without it every gateway ever decommissioned would stay
+    /// known, and reported not alive, until the router restarts. One that
+    /// still heartbeats (dead only for its client port) is kept.
+    fn forget_departed(&mut self, now: Mono) {
+        let (cfg, timeout) = (&self.cfg, self.cfg.failure_timeout);
+        self.members.retain(|_, m| {
+            let Some(died) = m.died_at.filter(|_| m.dead) else {
+                return true;
+            };
+            let mut after = if m.state == NodeState::Draining {
+                cfg.forget_left_after
+            } else {
+                cfg.forget_failed_after
+            };
+            if m.silent_death_at.is_some() {
+                // Its RESUMEs are answered "retry" until the grace ends.
+                after = after.max(cfg.silence_grace);
+            }
+            !(m.silent(now, timeout) && now.saturating_since(died) >= after)
+        });
     }
 
     fn alive(&self, m: &Member) -> bool {
@@ -604,7 +643,9 @@ impl Membership {
     /// mass-death guard) changed. Members' own changes are published with
     /// the event that made them.
     pub fn tick_publishes(&self, died: &[(NodeId, Incarnation)], published: &Routes) -> bool {
-        !died.is_empty() || published.globals != self.route_globals()
+        !died.is_empty()
+            || published.globals != self.route_globals()
+            || published.members.len() != self.members.len()
     }
 
     /// A copy of everything connection routing reads, so that HELLO
@@ -716,6 +757,7 @@ fn revive(
     now: Mono,
 ) {
     m.dead = false;
+    m.died_at = None;
     m.needs_probe = false;
     m.silent_death_at = None;
     m.rise_first = now;

@@ -570,3 +570,101 @@ fn the_routing_snapshot_answers_as_the_membership_does() {
         }
     }
 }
+
+fn known(m: &Membership, now_ms: u64) -> Vec<String> {
+    m.status(Mono::from_millis(now_ms))
+        .iter()
+        .map(|s| s.node_id.to_string())
+        .collect()
+}
+
+#[test]
+fn a_gateway_that_drained_and_left_is_forgotten() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g3 = NodeId::new("g3").unwrap();
+    // g3 drains (its heartbeats say so), then exits: its stream closes.
+    let draining = Heartbeat {
+        state: NodeState::Draining,
+        ..hb("g3", 1)
+    };
+    m.on_stream_opened(&g3, Incarnation(1));
+    for (from, to) in [(1000, 1250), (1250, 1300)] {
+        m.on_heartbeat(Mono::from_millis(from), &draining);
+        run(&mut m, &[("g1", 1), ("g2", 1)], from, to);
+    }
+    m.on_stream_closed(Mono::from_millis(1300), &g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1300, 1900);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(known(&m, 1900), ["g1", "g2", "g3"], "dead, still known");
+    // It left: forgotten soon after (not alive, not reported at all).
+    run(&mut m, &[("g1", 1), ("g2", 1)], 1900, 3000);
+    assert_eq!(known(&m, 3000), ["g1", "g2"]);
+    assert_eq!(
+        m.route(Mono::from_millis(3000), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
+    // The snapshot connections read follows.
+    assert_eq!(m.routes().members.len(), 2);
+}
+
+#[test]
+fn a_failed_gateway_is_remembered_until_forget_failed_after() {
+    let cfg = MembershipConfig {
+        forget_failed_after: Duration::from_secs(60),
+        ..MembershipConfig::default()
+    };
+    let mut m = Membership::new(cfg, Mono::ZERO);
+    run(
+        &mut m,
+        &[("g1", 1), ("g2", 1), ("g3", 1), ("g4", 1)],
+        0,
+        1000,
+    );
+    let (g3, g4) = (NodeId::new("g3").unwrap(), NodeId::new("g4").unwrap());
+    // g3 crashes (its stream closes while READY).
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_stream_closed(Mono::from_millis(1000), &g3, Incarnation(1));
+    // g4's client port stops answering while its heartbeats go on: dead,
+    // but heard from, so never forgotten.
+    for t in [1000, 1100, 1200] {
+        m.on_connect(Mono::from_millis(t), &g4, Incarnation(1), false);
+    }
+    let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g4", 1)], 1000, 59_000);
+    assert_eq!(died.len(), 2, "{died:?}");
+    assert_eq!(known(&m, 59_000), ["g1", "g2", "g3", "g4"]);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g4", 1)], 59_000, 62_000);
+    assert_eq!(known(&m, 62_000), ["g1", "g2", "g4"]);
+    // A new process of the forgotten node id joins like any new member.
+    run(
+        &mut m,
+        &[("g1", 1), ("g2", 1), ("g4", 1), ("g3", 2)],
+        62_000,
+        63_000,
+    );
+    assert_eq!(placeable(&m, 63_000), ["g1", "g2", "g3"]);
+}
+
+#[test]
+fn a_gateway_that_went_silent_while_draining_keeps_its_grace() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g3 = NodeId::new("g3").unwrap();
+    let draining = Heartbeat {
+        state: NodeState::Draining,
+        ..hb("g3", 1)
+    };
+    m.on_heartbeat(Mono::from_millis(1000), &draining);
+    // Silence (a pause, maybe): dead after failure_timeout, "retry" for
+    // its RESUMEs during the grace, so still known until the grace ends.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2300);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    run(&mut m, &[("g1", 1), ("g2", 1)], 2300, 4000);
+    assert_eq!(
+        m.route(Mono::from_millis(4000), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Unreachable
+    );
+    assert_eq!(known(&m, 4000), ["g1", "g2", "g3"]);
+    run(&mut m, &[("g1", 1), ("g2", 1)], 4000, 6000);
+    assert_eq!(known(&m, 6000), ["g1", "g2"]);
+}
