@@ -1432,3 +1432,91 @@ async fn the_sweep_reads_every_record_a_page_at_a_time() {
     let left = store.session_range(0, None, 1000).await.unwrap().0.len();
     assert_eq!(left, 20, "the live owner's records stay");
 }
+
+/// A session that ends while its record's create is in flight (here its
+/// lifetime runs out while etcd answers slowly) leaves nothing behind: the
+/// agent gets no `HelloOk`, the record is deleted, and no entry is left
+/// that would make the gateway believe it still holds the session (and
+/// keep the sweep off its record). Before, the create landed after the
+/// end: `HelloOk` went out for a session that no longer existed and its
+/// record stayed in etcd for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_ends_while_its_record_is_written_leaves_nothing_behind() {
+    let c = EtcdCluster::start(1).await.unwrap();
+    let member: std::net::SocketAddr = c.endpoints()[0]
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    // Every chunk to and from etcd waits 300 ms: a write takes 600 ms at
+    // least, twice the sessions' whole lifetime.
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(member)
+        .await
+        .unwrap();
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Delay(
+        Duration::from_millis(300),
+    ));
+    let store_toml = c
+        .gateway_toml()
+        .replace(&member.to_string(), &proxy.addr.to_string());
+    let env = common::start(&format!(
+        "{store_toml}lease_ttl_ms = 15000\nrequest_timeout_ms = 5000\nsweep_interval_ms = 0\n\
+         [timeouts]\ndrain_timeout_ms = 1000\n\
+         [policy]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 200\n\
+         transport_lost_ttl_ms = 250\nsession_max_lifetime_ms = 300\n"
+    ))
+    .await;
+    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
+    let node = NodeId::new("g1").unwrap();
+    eventually(Duration::from_secs(20), "the gateway's owner lease", || {
+        let (store, node) = (store.clone(), node.clone());
+        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
+    })
+    .await
+    .unwrap();
+    let metric = |op: &'static str| {
+        let gw = &env.gw;
+        async move {
+            gw.metric(
+                "jvpn_gateway_store_writes_total",
+                &[("op", op), ("result", "ok")],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    // The gateway serves once its lease grant's answer came through the
+    // slow proxy; HELLOs before that are refused without a write.
+    let until = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let r = agent.hello().await;
+        if r.is_ok() || metric("create").await > 0.0 || Instant::now() > until {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        r.is_err(),
+        "HelloOk for a session that ended before it was recorded"
+    );
+    // The create did land (the case at hand, not a refused write)...
+    assert_eq!(metric("create").await, 1.0, "{}", env.gw.log());
+    // ...and its record goes.
+    eventually(Duration::from_secs(10), "no record left", || {
+        let store = store.clone();
+        async move {
+            store
+                .session_range(0, None, 10)
+                .await
+                .is_ok_and(|(kvs, _)| kvs.is_empty())
+        }
+    })
+    .await
+    .unwrap();
+    // Deleted by the gateway (its answer comes back through the proxy).
+    eventually(Duration::from_secs(10), "the delete counted", || async {
+        metric("delete").await == 1.0
+    })
+    .await
+    .unwrap();
+}

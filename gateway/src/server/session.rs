@@ -166,6 +166,9 @@ pub(super) async fn do_hello(
             return Ok(());
         }
     };
+    let end_of_life = shared.with_engine(shard, |e| {
+        e.session(&acc.session_id).map(|s| s.end_of_life())
+    });
     // Topology 3: recorded in the store before anything of the session
     // reaches the agent; a store that cannot decide refuses the HELLO.
     if let Some(st) = shared.store.get() {
@@ -175,10 +178,7 @@ pub(super) async fn do_hello(
             &resume_key_context(&acc.session_id, acc.binding_epoch),
         );
         // Absolute: a taker restores the session's lifetime from it.
-        let left = shared.with_engine(shard, |e| {
-            e.session(&acc.session_id)
-                .map(|s| s.end_of_life().saturating_since(now))
-        });
+        let left = end_of_life.map(|t| t.saturating_since(now));
         let who = super::stored::Principal {
             name: &egress_principal,
             credential: &principal,
@@ -229,6 +229,29 @@ pub(super) async fn do_hello(
         let first = ch.first();
         (ch, first)
     });
+    // The session may have ended (its lifetime or credential ran out, a
+    // drain, an operator) while it was recorded or its channel opened:
+    // the end's clean-up found neither yet. Undo both and refuse; a
+    // HelloOk would name a session that no longer exists, and its record
+    // would stay in the store for good.
+    if !shared.with_engine(shard, |e| e.session(&acc.session_id).is_some()) {
+        super::streams::close(shared, shard, &acc.session_id, "session ended");
+        if let Some(st) = shared.store.get() {
+            st.ended(&acc.session_id);
+        }
+        shared.deregister(shard, transport);
+        let reason = if shared.draining.load(Ordering::Relaxed) {
+            ReasonCode::Draining
+        } else if end_of_life.is_none_or(|t| t <= shared.now()) {
+            // As for a credential already expired at HELLO.
+            ReasonCode::AuthFailed
+        } else {
+            ReasonCode::InvalidTransition
+        };
+        refuse(reason);
+        let _ = send_reject(&mut tls, reason, 250, 0).await;
+        return Ok(());
+    }
     if !hello_lease_holds(cluster, router_id, shared.now()) {
         // The lease lapsed while minting: this HelloOk must not be written.
         shared.abandon(shard, &acc.session_id, transport, Termination::LeaseLost);
