@@ -39,6 +39,10 @@ pub struct EgressConfig {
     /// the process's open-file limit, so sessions, handshakes and the
     /// membership keep descriptors whatever agents open.
     pub max_streams: usize,
+    /// Streams one principal may have open at once, all its sessions
+    /// together (more are refused with `too_many_streams`): one credential
+    /// cannot take the whole gateway's limit. 0: no limit of its own.
+    pub max_streams_per_principal: usize,
     /// Unacknowledged bytes each side of a session's channel may hold, per
     /// direction: the memory a busy session costs, and its throughput cap
     /// per round trip.
@@ -74,6 +78,7 @@ impl Default for EgressConfig {
             connect_timeout_ms: 10_000,
             max_streams_per_session: 256,
             max_streams: 0,
+            max_streams_per_principal: 0,
             window_bytes: jvpn_proto::channel::ChannelConfig::DEFAULT_WINDOW,
             principal_bytes_per_s: 0,
             principal_burst_bytes: 1 << 20,
@@ -309,6 +314,8 @@ pub struct EgressPolicy {
     pub max_streams_per_session: usize,
     /// The gateway's (`egress.max_streams`, 0 resolved).
     pub max_streams: usize,
+    /// Per principal (`egress.max_streams_per_principal`, 0: unbounded).
+    pub max_streams_per_principal: usize,
     pub window_bytes: u64,
     /// `None`: no rate limit; else (bytes/s, burst bytes).
     pub principal_rate: Option<(u64, u64)>,
@@ -414,6 +421,10 @@ impl EgressPolicy {
             max_streams_per_session: cfg.max_streams_per_session,
             max_streams: match cfg.max_streams {
                 0 => half_the_open_file_limit(),
+                n => n,
+            },
+            max_streams_per_principal: match cfg.max_streams_per_principal {
+                0 => usize::MAX,
                 n => n,
             },
             window_bytes: cfg.window_bytes,

@@ -790,6 +790,54 @@ async fn the_gateways_stream_limit_holds_across_sessions() {
     }
 }
 
+/// A principal's stream limit spans its sessions: two sessions of one
+/// credential share it, each well within its own session limit, and a
+/// slot freed in one session serves the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principals_stream_limit_holds_across_its_sessions() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nmax_streams_per_principal = 3\n"
+    ))
+    .await;
+    let (a, b) = (
+        run_agent(&env, env.gw.client_addr),
+        run_agent(&env, env.gw.client_addr),
+    );
+    let echo = echo_server().await;
+    let host = echo.ip().to_string();
+    let _one = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    let two = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
+    let _three = a_connect(&b.tunnel, &host, echo.port()).await.unwrap();
+    for t in [&a.tunnel, &b.tunnel] {
+        match a_connect(t, &host, echo.port()).await {
+            Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
+            other => panic!("a fourth stream of the principal: got {other:?}"),
+        }
+    }
+    assert_eq!(
+        env.gw
+            .metric(
+                "jvpn_gateway_streams_refused_total",
+                &[("reason", "too_many_streams")]
+            )
+            .await
+            .unwrap(),
+        2.0
+    );
+    drop(two);
+    eventually(
+        Duration::from_secs(10),
+        "the principal's slot is free again",
+        || async { a_connect(&b.tunnel, &host, echo.port()).await.is_ok() },
+    )
+    .await
+    .unwrap();
+    for x in [a, b] {
+        drop(x.cmds);
+        x.task.await.unwrap();
+    }
+}
+
 /// The gateway-wide limit's default, half the open-file limit, is taken
 /// from the raised limit: started with a soft limit of 1,024 (a shell's
 /// default), the gateway raises it before reading its configuration, so

@@ -182,6 +182,7 @@ fn bad_rules_name_their_key() {
         connect_timeout_ms: 0,
         max_streams_per_session: 0,
         max_streams: 0,
+        max_streams_per_principal: 0,
         window_bytes: 1024,
         principal_bytes_per_s: 1000,
         principal_burst_bytes: 10,

@@ -126,7 +126,9 @@ pub(super) struct Shared {
     /// Where streams may go (reloadable; applies to streams opened after).
     pub(super) egress: ArcSwap<crate::egress::EgressPolicy>,
     /// Per-principal byte-rate buckets (`egress.principal_bytes_per_s`).
-    pub(super) buckets: Mutex<HashMap<Arc<str>, Arc<crate::egress::Bucket>>>,
+    pub(super) buckets: super::streams::PerPrincipal<crate::egress::Bucket>,
+    /// Streams open per principal (`egress.max_streams_per_principal`).
+    pub(super) principal_streams: super::streams::PerPrincipal<std::sync::atomic::AtomicUsize>,
     /// Name lookups of streams running at once (`streams::RESOLVING`).
     pub(super) resolving: Arc<tokio::sync::Semaphore>,
     /// Streams open in the whole gateway (`egress.max_streams`).
@@ -407,7 +409,8 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         ),
         token_hashes: cfg.dev_tokens.iter().map(|t| blake3::hash(t)).collect(),
         egress: ArcSwap::new(cfg.egress.clone()),
-        buckets: Mutex::new(HashMap::new()),
+        buckets: super::streams::PerPrincipal::default(),
+        principal_streams: super::streams::PerPrincipal::default(),
         resolving: Arc::new(tokio::sync::Semaphore::new(super::streams::RESOLVING)),
         streams_open: Arc::default(),
         cluster: cfg.membership.as_ref().map(|_| {

@@ -7,10 +7,11 @@
 //! sends what it hands out; when the session ends, [`close`] resets every
 //! stream with the reason (an explicit end, never a clean EOF).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -87,22 +88,23 @@ struct SessionCtx {
 
 /// One open stream, counted against its session's limit and the
 /// gateway's, and in the gauge.
-struct Open([Arc<AtomicUsize>; 2]);
+struct Open([Arc<AtomicUsize>; 3]);
 
 impl Open {
-    /// Both slots or none: `(session count, its max)`, `(gateway count,
-    /// its max)`.
-    fn try_new(limits: [(&Arc<AtomicUsize>, usize); 2]) -> Option<Self> {
-        let [(session, per_session), (gateway, per_gateway)] = limits;
-        if !take(session, per_session) {
-            return None;
-        }
-        if !take(gateway, per_gateway) {
-            session.fetch_sub(1, Ordering::AcqRel);
-            return None;
+    /// Every slot or none: `(count, its max)` of the session, its
+    /// principal and the gateway, in that order (the narrowest first, so
+    /// that a session at its own limit takes nothing from the others).
+    fn try_new(limits: [(&Arc<AtomicUsize>, usize); 3]) -> Option<Self> {
+        for (i, (count, max)) in limits.iter().enumerate() {
+            if !take(count, *max) {
+                for (taken, _) in &limits[..i] {
+                    taken.fetch_sub(1, Ordering::AcqRel);
+                }
+                return None;
+            }
         }
         gauge!(m::STREAMS_OPEN).increment(1.0);
-        Some(Self([session.clone(), gateway.clone()]))
+        Some(Self(limits.map(|(c, _)| c.clone())))
     }
 }
 
@@ -230,12 +232,21 @@ async fn connect(
     };
     // The policy in force when the stream opens (SIGHUP applies to new ones).
     let policy = shared.egress.load_full();
+    // The table is full of principals with streams open: fail closed.
+    let Some(mine) = shared
+        .principal_streams
+        .get(&ctx.principal, AtomicUsize::default)
+    else {
+        return refused(Refusal::Failed);
+    };
     let Some(slot) = Open::try_new([
         (&ctx.open, policy.max_streams_per_session),
+        (&mine, policy.max_streams_per_principal),
         (&shared.streams_open, policy.max_streams),
     ]) else {
         return refused(Refusal::TooManyStreams);
     };
+    drop(mine);
     let limit = match policy.principal_rate {
         None => None,
         Some((rate, burst)) => match bucket_for(shared, &ctx.principal) {
@@ -300,25 +311,50 @@ struct Limit {
     burst: u64,
 }
 
-/// Principals with a bucket at once; past it, buckets of principals with
-/// no stream open are dropped, and if none can be, new streams are refused.
+/// Principals with an entry in a per-principal table at once; past it,
+/// entries of principals with no stream open are dropped, and if none can
+/// be, new streams are refused.
 const MAX_PRINCIPALS: usize = 65_536;
 
-fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
-    let mut t = lock(&shared.buckets);
-    if let Some(b) = t.get(principal) {
-        return Some(b.clone());
+/// A value per principal, shared by its open streams (each holds a clone).
+/// Bounded by [`MAX_PRINCIPALS`]: fails closed when that many principals
+/// have streams open.
+pub(super) struct PerPrincipal<T>(Mutex<HashMap<Arc<str>, Arc<T>>>);
+
+impl<T> Default for PerPrincipal<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
     }
-    if t.len() >= MAX_PRINCIPALS {
-        t.retain(|_, b| Arc::strong_count(b) > 1);
-        if t.len() >= MAX_PRINCIPALS {
-            return None;
+}
+
+impl<T> PerPrincipal<T> {
+    /// `principal`'s value, made by `new` if it has none; `None` when the
+    /// table is full of principals whose values are in use.
+    pub(super) fn get(&self, principal: &Arc<str>, new: impl FnOnce() -> T) -> Option<Arc<T>> {
+        let mut t = lock(&self.0);
+        if let Some(v) = t.get(principal) {
+            return Some(v.clone());
         }
+        if t.len() >= MAX_PRINCIPALS {
+            t.retain(|_, v| Arc::strong_count(v) > 1);
+            if t.len() >= MAX_PRINCIPALS {
+                return None;
+            }
+        }
+        let v = Arc::new(new());
+        t.insert(principal.clone(), v.clone());
+        Some(v)
     }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.0).len()
+    }
+}
+
+fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
     let burst = shared.egress.load().principal_rate.map_or(0, |(_, b)| b);
-    let b = Arc::new(Bucket::new(burst));
-    t.insert(principal.clone(), b.clone());
-    Some(b)
+    shared.buckets.get(principal, || Bucket::new(burst))
 }
 
 /// Name lookups running at once in a gateway. A lookup holds a blocking
@@ -500,6 +536,68 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream takes a slot of its session, its principal and the gateway,
+    /// or none: a refusal by any of them gives back what it took.
+    #[test]
+    fn a_stream_counts_against_all_three_limits_or_none() {
+        let (session, principal, gateway) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let open = |limits: [usize; 3]| {
+            Open::try_new([
+                (&session, limits[0]),
+                (&principal, limits[1]),
+                (&gateway, limits[2]),
+            ])
+        };
+        let first = open([4, 2, 4]).unwrap();
+        let _second = open([4, 2, 4]).unwrap();
+        // The principal is at its limit: refused, and the session's slot
+        // it took first is given back.
+        assert!(open([4, 2, 4]).is_none());
+        assert_eq!(session.load(Ordering::Relaxed), 2);
+        // The gateway is at its limit (the last one checked).
+        assert!(open([4, 4, 2]).is_none());
+        assert_eq!(
+            [&session, &principal, &gateway].map(|c| c.load(Ordering::Relaxed)),
+            [2, 2, 2]
+        );
+        drop(first);
+        assert_eq!(
+            [&session, &principal, &gateway].map(|c| c.load(Ordering::Relaxed)),
+            [1, 1, 1]
+        );
+    }
+
+    /// Each principal has its own entry, shared by its streams; entries in
+    /// use are never dropped, so a table full of them fails closed.
+    #[test]
+    fn the_per_principal_table_is_shared_bounded_and_fails_closed() {
+        let t = PerPrincipal::<AtomicUsize>::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
+        let a1 = t.get(&a, AtomicUsize::default).unwrap();
+        let a2 = t.get(&a, AtomicUsize::default).unwrap();
+        assert!(Arc::ptr_eq(&a1, &a2));
+        let b1 = t.get(&b, AtomicUsize::default).unwrap();
+        assert!(!Arc::ptr_eq(&a1, &b1));
+        // Fill the table with principals whose entries are held.
+        let held: Vec<_> = (2..MAX_PRINCIPALS)
+            .map(|i| {
+                t.get(&Arc::from(format!("p{i}")), AtomicUsize::default)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(t.len(), MAX_PRINCIPALS);
+        assert!(t.get(&Arc::from("carol"), AtomicUsize::default).is_none());
+        // Once a principal's streams are gone its entry may go.
+        drop((a1, a2));
+        assert!(t.get(&Arc::from("carol"), AtomicUsize::default).is_some());
+        assert!(t.len() <= MAX_PRINCIPALS);
+        drop(held);
+    }
 
     static RUNNING: AtomicUsize = AtomicUsize::new(0);
     static MOST: AtomicUsize = AtomicUsize::new(0);
