@@ -218,7 +218,6 @@ fn h2_windows(
         .initial_connection_window_size(conn)
         .adaptive_window(false)
         .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
-        .max_frame_size(jvpn_runtime::channel_io::H2_MAX_FRAME)
 }
 
 impl Drop for DataPlane {

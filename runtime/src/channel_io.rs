@@ -58,12 +58,6 @@ pub fn h2_windows(window: u64) -> (u32, u32) {
 /// session's memory.
 pub const H2_SEND_BUF: usize = 64 * 1024;
 
-/// Largest HTTP/2 frame each end accepts (`SETTINGS_MAX_FRAME_SIZE`; the
-/// default is 16 KiB): a bulk stream's 64 KiB reads go out as one frame,
-/// not four. A peer that advertises less (one version older) is sent
-/// frames no larger than it asked for.
-pub const H2_MAX_FRAME: u32 = 64 * 1024;
-
 /// What [`SessionChannel::resume_from`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Resumed {

@@ -22,15 +22,8 @@ use tokio::sync::watch;
 /// the stream ends.
 pub const HALF_CLOSED_IDLE: Duration = Duration::from_secs(300);
 
-/// Each direction's first read size, allocated while the stream lives:
-/// plenty for interactive traffic.
+/// One copy's read size. Allocated per direction while the stream lives.
 pub const CHUNK: usize = 16 * 1024;
-
-/// A direction's read size once it moves bulk (a read filled the buffer
-/// and no byte-rate limit held it back): a quarter of the syscalls, frames
-/// and wake-ups per byte of a 16 KiB read (issue 15's benchmarks), paid
-/// for only by streams that move data that fast.
-pub const BULK_CHUNK: usize = 64 * 1024;
 
 /// Which way a chunk moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,8 +121,6 @@ where
         let wait = moved(way, n);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
-        } else if n == buf.len() && n < BULK_CHUNK {
-            buf.resize(BULK_CHUNK, 0);
         }
     }
 }
@@ -192,39 +183,6 @@ mod tests {
         // The early bytes are not the TCP side's.
         assert_eq!(seen[0].load(Ordering::Relaxed), 2);
         assert_eq!(seen[1].load(Ordering::Relaxed), 4);
-    }
-
-    /// The largest read each way while `total` bytes go down, with `wait`
-    /// answered for every chunk.
-    async fn largest_read(total: usize, wait: Duration) -> [usize; 2] {
-        let (tcp, mut app) = pair().await;
-        let (stream, mut far) = tokio::io::duplex(BULK_CHUNK);
-        let largest = [AtomicU64::new(0), AtomicU64::new(0)];
-        let moved = |w: Way, n: usize| {
-            largest[usize::from(w == Way::ToTcp)].fetch_max(n as u64, Ordering::Relaxed);
-            wait
-        };
-        let ends = async {
-            far.write_all(&vec![7u8; total]).await.unwrap();
-            far.shutdown().await.unwrap();
-            let mut got = Vec::new();
-            app.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got.len(), total);
-            app.shutdown().await.unwrap();
-        };
-        let (r, ()) = tokio::join!(relay(tcp, stream, b"", &moved), ends);
-        assert!(!r.reset);
-        largest.map(|a| a.load(Ordering::Relaxed) as usize)
-    }
-
-    /// A direction that moves bulk reads in [`BULK_CHUNK`]s; one held back
-    /// by a byte-rate limit keeps [`CHUNK`]s (its pacing stays as fine).
-    #[tokio::test]
-    async fn bulk_grows_the_read_size_and_a_rate_limit_does_not() {
-        let [_, bulk] = largest_read(1 << 20, Duration::ZERO).await;
-        assert_eq!(bulk, BULK_CHUNK);
-        let [_, paced] = largest_read(256 << 10, Duration::from_micros(1)).await;
-        assert_eq!(paced, CHUNK);
     }
 
     /// A failing stream resets the TCP connection: its peer reads an error,

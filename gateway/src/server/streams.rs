@@ -162,7 +162,6 @@ async fn serve(
             .initial_connection_window_size(conn_w)
             .adaptive_window(false)
             .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
-            .max_frame_size(jvpn_runtime::channel_io::H2_MAX_FRAME)
             .max_concurrent_streams(concurrent)
             .serve_connection(TokioIo::new(io), svc),
     )
