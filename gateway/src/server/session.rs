@@ -242,6 +242,9 @@ pub(super) async fn do_hello(
         shared.deregister(shard, transport);
         let reason = if shared.draining.load(Ordering::Relaxed) {
             ReasonCode::Draining
+        } else if shared.store.get().is_some_and(|st| !st.serves()) {
+            // Fenced: the lease went while the HELLO was answered.
+            ReasonCode::StoreUnavailable
         } else if end_of_life.is_none_or(|t| t <= shared.now()) {
             // As for a credential already expired at HELLO.
             ReasonCode::AuthFailed

@@ -174,6 +174,11 @@ impl Stored {
             .then_some((s.generation, s.lease))
     }
 
+    /// Whether a lease serves now (records may be written).
+    pub(super) fn serves(&self) -> bool {
+        self.serving().is_some()
+    }
+
     /// When the lease serving now stops serving unless renewed.
     fn serving_until(&self) -> Option<Instant> {
         let s = *self.status.borrow();
