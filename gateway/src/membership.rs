@@ -77,6 +77,10 @@ fn router_listeners(endpoint: &str, reported: &[String]) -> Vec<SocketAddr> {
     out
 }
 
+/// A heartbeat sent and not yet answered: sequence, when, the state and
+/// whether it said leaving.
+type Sent = (u64, Instant, NodeState, bool);
+
 /// One router as seen from this gateway.
 #[derive(Debug)]
 pub struct RouterLink {
@@ -132,6 +136,8 @@ pub struct Cluster {
     /// What routers are told of the agents' silence (see
     /// [`Cluster::set_agent_silence`]).
     agent_silence_ms: AtomicU32,
+    /// Told to routers with every heartbeat once set ([`Cluster::leave`]).
+    leaving: AtomicBool,
     /// A lower value a reload asked for, and from when it may be told
     /// (sessions keep the policy they were made under); the longest
     /// session lifetime of any policy this process ran.
@@ -180,6 +186,7 @@ impl Cluster {
             listeners: ArcSwap::from_pointee(endpoint_addrs(endpoints)),
             rings: Mutex::new(VecDeque::new()),
             agent_silence_ms: AtomicU32::new(0),
+            leaving: AtomicBool::new(false),
             agent_silence_lowered: Mutex::new((None, Duration::ZERO)),
         })
     }
@@ -374,6 +381,17 @@ impl Cluster {
         self.state.store(s as u8, Ordering::Release);
     }
 
+    /// This gateway is taken out for good (it drains and exits next):
+    /// routers forget it soon after its death rather than report it not
+    /// alive, and page, for a day.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
     fn state(&self) -> NodeState {
         match self.state.load(Ordering::Acquire) {
             x if x == LocalState::Ready as u8 => NodeState::Ready,
@@ -561,7 +579,7 @@ async fn stream_once(
     let mut ticker = tokio::time::interval(s.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
-    let mut sent: VecDeque<(u64, Instant, NodeState)> = VecDeque::new();
+    let mut sent: VecDeque<Sent> = VecDeque::new();
     link.full_seen.store(false, Ordering::Relaxed);
     cluster.exit_if_abandoned()?;
     // The first request must be queued before the call resolves: tonic
@@ -596,11 +614,11 @@ fn request(
     link: &RouterLink,
     s: &HeartbeatSettings,
     seq: &mut u64,
-    sent: &mut VecDeque<(u64, Instant, NodeState)>,
+    sent: &mut VecDeque<Sent>,
 ) -> HeartbeatRequest {
     *seq += 1;
     let state = cluster.state();
-    sent.push_back((*seq, Instant::now(), state));
+    sent.push_back((*seq, Instant::now(), state, cluster.is_leaving()));
     while sent.len() > 32 {
         sent.pop_front();
     }
@@ -632,6 +650,7 @@ fn request(
         known_view_id,
         accepts_view_delta: true,
         agent_silence_ms: cluster.agent_silence_at(Instant::now()),
+        leaving: cluster.is_leaving(),
         secret_proof: gateway_proof(
             &cluster.secret_keys.load().0,
             cluster.node_id.as_str(),
@@ -645,7 +664,7 @@ fn on_reply(
     cluster: &Cluster,
     link: &RouterLink,
     s: &HeartbeatSettings,
-    sent: &mut VecDeque<(u64, Instant, NodeState)>,
+    sent: &mut VecDeque<Sent>,
     reply: HeartbeatReply,
 ) -> Result<(), StreamEnd> {
     if !reply.secret_proof.is_empty() {
@@ -673,7 +692,7 @@ fn on_reply(
         return Err(StreamEnd::Superseded);
     }
     cluster.exit_if_abandoned()?;
-    let Some(&(_, sent_at, state)) = sent.iter().find(|(q, _, _)| *q == reply.sequence) else {
+    let Some(&(_, sent_at, state, leaving)) = sent.iter().find(|s| s.0 == reply.sequence) else {
         // An echo we no longer remember grants nothing.
         return Ok(());
     };
@@ -780,7 +799,9 @@ fn on_reply(
     cluster
         .last_lease_end
         .fetch_max(until.as_nanos(), Ordering::AcqRel);
-    if state == NodeState::Draining {
+    // A leaving gateway's drain waits for the router to have seen that
+    // too: without it the router would keep it for a day.
+    if state == NodeState::Draining && (leaving || !cluster.is_leaving()) {
         link.draining_acked.store(true, Ordering::Release);
     }
     Ok(())
@@ -853,7 +874,7 @@ mod tests {
             ..full(v, sequence)
         };
         let mut sent: VecDeque<_> = (1..=10)
-            .map(|q| (q, Instant::now(), NodeState::Ready))
+            .map(|q| (q, Instant::now(), NodeState::Ready, false))
             .collect();
         let (x, y) = (view(&["g1", "g2"]), view(&["g1", "g2", "g3"]));
         let (l0, l1) = (&c.links[0], &c.links[1]);
@@ -916,6 +937,37 @@ mod tests {
             interval: Duration::from_millis(250),
             keys: keys.clone(),
         }
+    }
+
+    /// Design note 56: once leaving, a drain counts a router as having
+    /// seen it only from a reply to a heartbeat that said so (a DRAINING
+    /// heartbeat sent before the leave would otherwise end the wait, and
+    /// that router would keep this gateway for a day).
+    #[test]
+    fn a_leave_is_acknowledged_only_by_a_reply_to_a_heartbeat_that_said_it() {
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = test_settings(&keys);
+        let members = vec![Member {
+            node_id: NodeId::new("g1").unwrap(),
+            incarnation: Incarnation(1),
+            addr: "10.0.0.1:7443".parse().unwrap(),
+            weight: 1,
+        }];
+        let v = View::new(members, RingParams::default(), &keys).unwrap();
+        let (mut seq, mut sent) = (0, VecDeque::new());
+        let l0 = &c.links[0];
+        c.set_state(LocalState::Draining);
+        let before = request(&c, l0, &s, &mut seq, &mut sent);
+        assert!(!before.leaving);
+        c.leave();
+        on_reply(&c, l0, &s, &mut sent, full_reply(&v, before.sequence)).unwrap();
+        assert!(!l0.draining_acked.load(Ordering::Acquire));
+        let after = request(&c, l0, &s, &mut seq, &mut sent);
+        assert!(after.leaving);
+        on_reply(&c, l0, &s, &mut sent, full_reply(&v, after.sequence)).unwrap();
+        assert!(l0.draining_acked.load(Ordering::Acquire));
     }
 
     /// Design note 53: every heartbeat tells the routers how long this
@@ -983,7 +1035,7 @@ mod tests {
             }
         };
         let mut sent: VecDeque<_> = (1..=10)
-            .map(|q| (q, Instant::now(), NodeState::Ready))
+            .map(|q| (q, Instant::now(), NodeState::Ready, false))
             .collect();
         let x = view(vec![member("g1", 1), member("g2", 2), member("g3", 3)]);
         // g3 left, g4 joined, g2 moved.

@@ -338,6 +338,7 @@ impl Link {
             },
             accepts_view_delta: !self.old_format,
             agent_silence_ms: 0,
+            leaving: false,
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use jvpn_loadtest::cluster::{ClusterOptions, LocalCluster};
 use jvpn_loadtest::fleet::Fleet;
-use jvpn_loadtest::harness::{eventually, http_get};
+use jvpn_loadtest::harness::{eventually, http_get, http_request};
 use jvpn_loadtest::invariants;
 use nix::sys::signal::Signal;
 
@@ -338,33 +338,50 @@ async fn listed(c: &LocalCluster, node: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-/// Scale-in: a gateway that drained and exited leaves the router's view and
-/// its metrics within seconds (no `JvpnGatewayNotAlive` paging for a
-/// gateway taken out on purpose); one that crashed stays reported not alive
-/// until `forget_dead_after_ms`, then goes too. Before, both read 0 for
-/// the router's life.
+/// Scale-in: a gateway told to leave (`POST /leave`) drains, exits, and
+/// leaves the router's view and its metrics within seconds (no
+/// `JvpnGatewayNotAlive` paging for a gateway taken out on purpose). One
+/// that only drained (SIGTERM: a restart, maybe) or crashed may come back,
+/// so it stays reported not alive until `forget_dead_after_ms`, then goes
+/// too. Before, every dead gateway read 0 for the router's life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drained_gateway_is_forgotten_at_once_and_a_crashed_one_after_forget_dead_after() {
+async fn a_gateway_that_left_is_forgotten_at_once_and_a_dead_one_after_forget_dead_after() {
     let _serial = SERIAL.lock().await;
-    let forget = Duration::from_secs(8);
+    let forget = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "gateway-operator-token-1\n").unwrap();
     let c = common::cluster(ClusterOptions {
+        gateways: 4,
+        spare_gateways: 0,
         router_env: vec![(
             "JVPN_ROUTER__MEMBERSHIP__FORGET_DEAD_AFTER_MS".into(),
             forget.as_millis().to_string(),
         )],
-        gateway_env: vec![(
-            "JVPN_GATEWAY__TIMEOUTS__DRAIN_TIMEOUT_MS".into(),
-            "1000".into(),
-        )],
+        gateway_env: vec![
+            (
+                "JVPN_GATEWAY__TIMEOUTS__DRAIN_TIMEOUT_MS".into(),
+                "4000".into(),
+            ),
+            (
+                "JVPN_GATEWAY__ADMIN_TOKEN_FILE".into(),
+                token_file.display().to_string(),
+            ),
+        ],
         ..ClusterOptions::default()
     })
     .await;
-    for n in ["g1", "g2", "g3"] {
+    for n in ["g1", "g2", "g3", "g4"] {
         assert_eq!(listed(&c, n).await, Some(1.0), "{n}\n{}", c.logs());
     }
-    // g3 is taken out of service: drained, then it exits.
-    c.gateway("g3").unwrap().signal(Signal::SIGTERM).unwrap();
-    eventually(Duration::from_secs(10), "g3 forgotten", || async {
+    // g3 is taken out for good.
+    let admin = c.gateway("g3").unwrap().admin_addr;
+    let (code, body) = http_request(admin, "POST", "/leave", Some("gateway-operator-token-1"))
+        .await
+        .unwrap();
+    assert_eq!(code, 202, "{body}");
+    // Well before `forget`: as one that left, not as one that died.
+    eventually(Duration::from_secs(8), "g3 forgotten", || async {
         listed(&c, "g3").await.is_none()
     })
     .await
@@ -377,24 +394,42 @@ async fn a_drained_gateway_is_forgotten_at_once_and_a_crashed_one_after_forget_d
             .to_string()
             .contains("\"g3\"")
     );
-    // g2 crashes: reported not alive, and still so well after its death.
+    // g1 drains (SIGTERM), then g2 crashes: both reported not alive, and
+    // still so well after their deaths.
+    c.gateway("g1").unwrap().signal(Signal::SIGTERM).unwrap();
+    c.wait_not_alive("g1", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let g1_dead = Instant::now();
     c.gateway("g2").unwrap().signal(Signal::SIGKILL).unwrap();
     c.wait_not_alive("g2", Duration::from_secs(5))
         .await
         .unwrap();
     let dead_seen = Instant::now();
-    assert_eq!(listed(&c, "g2").await, Some(0.0));
-    eventually(forget + Duration::from_secs(5), "g2 forgotten", || async {
-        listed(&c, "g2").await.is_none()
-    })
+    for n in ["g1", "g2"] {
+        assert_eq!(listed(&c, n).await, Some(0.0), "{n}");
+    }
+    // Well past what a gateway that left is given (failure_timeout), the
+    // drained one is still reported: a drain alone is not a departure.
+    tokio::time::sleep_until((g1_dead + Duration::from_secs(4)).into()).await;
+    assert_eq!(
+        listed(&c, "g1").await,
+        Some(0.0),
+        "a drained gateway forgotten early"
+    );
+    eventually(
+        forget + Duration::from_secs(5),
+        "g1 and g2 forgotten",
+        || async { listed(&c, "g1").await.is_none() && listed(&c, "g2").await.is_none() },
+    )
     .await
     .unwrap();
     let kept = dead_seen.elapsed();
     assert!(
         kept + Duration::from_secs(1) >= forget,
-        "a crashed gateway was forgotten after {kept:?}, before {forget:?}"
+        "a dead gateway was forgotten after {kept:?}, before {forget:?}"
     );
-    assert_eq!(listed(&c, "g1").await, Some(1.0));
+    assert_eq!(listed(&c, "g4").await, Some(1.0));
     let known = c.routers[0]
         .metric("jvpn_router_members", &[("state", "known")])
         .await

@@ -38,6 +38,7 @@ fn request(node: &str, advertise: &str, weight: u32) -> HeartbeatRequest {
         known_view_id: Vec::new(),
         accepts_view_delta: false,
         agent_silence_ms: 0,
+        leaving: false,
     }
 }
 

@@ -35,6 +35,7 @@ fn ready(node: &str, inc: u64) -> Heartbeat {
         lease_ok: true,
         in_view: true,
         ordered: true,
+        leaving: false,
     }
 }
 

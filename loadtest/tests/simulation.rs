@@ -257,6 +257,7 @@ impl World {
                     lease_ok: true,
                     in_view: true,
                     ordered: true,
+                    leaving: false,
                 };
                 let router = &self.routers[r];
                 if router.m().on_heartbeat(self.mono(), &hb) == HeartbeatVerdict::Accepted {

@@ -32,6 +32,7 @@ fn hb(i: usize) -> Heartbeat {
         lease_ok: true,
         in_view: true,
         ordered: true,
+        leaving: false,
     }
 }
 

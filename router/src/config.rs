@@ -120,10 +120,10 @@ pub struct MembershipSection {
     pub hold_down_base_ms: u64,
     #[serde(default = "default_hold_down_max")]
     pub hold_down_max_ms: u64,
-    /// How long a gateway that died without draining (and stopped
-    /// heartbeating) stays known, reported not alive, before this router
-    /// forgets it. One that drained first is forgotten after
-    /// `failure_timeout_ms`.
+    /// How long a dead gateway that stopped heartbeating (crashed, or
+    /// drained for a restart) stays known, reported not alive, before this
+    /// router forgets it. One that said it was leaving (`POST /leave`) is
+    /// forgotten after `failure_timeout_ms`.
     #[serde(default = "default_forget_dead_after")]
     pub forget_dead_after_ms: u64,
     /// Open membership connections one source IP may hold (each gateway

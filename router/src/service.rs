@@ -173,6 +173,7 @@ pub fn check_request(
         lease_ok: req.lease_ok,
         in_view: req.in_view,
         ordered: req.incarnation_ordered,
+        leaving: req.leaving,
     })
 }
 

@@ -99,6 +99,11 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     fn token(&self) -> Option<&AdminToken>;
     /// `POST /drain`.
     fn drain(&self) -> &DrainTrigger;
+    /// `POST /leave`: marks the process as leaving for good before the
+    /// drain starts; false where the binary has no such notion (404).
+    fn leave(&self) -> bool {
+        false
+    }
     /// `GET /sessions/<id>`: `Some(None)` for an unknown id, `None` where the
     /// binary has no sessions.
     fn session(&self, _id: &str) -> Option<Option<serde_json::Value>> {
@@ -162,7 +167,7 @@ fn json_reply(status: StatusCode, body: &serde_json::Value) -> Response<Full<Byt
 fn privileged<A: AdminApp>(req: &Request<Incoming>, app: &A) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     let lookup = path.strip_prefix("/sessions/");
-    if path != "/drain" && lookup.is_none() {
+    if path != "/drain" && path != "/leave" && lookup.is_none() {
         return None;
     }
     let refuse = |status, why: &str| Some(json_reply(status, &serde_json::json!({ "error": why })));
@@ -173,6 +178,16 @@ fn privileged<A: AdminApp>(req: &Request<Incoming>, app: &A) -> Option<Response<
         return refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     match (req.method(), lookup) {
+        (&Method::POST, None) if path == "/leave" => {
+            if !app.leave() {
+                return refuse(StatusCode::NOT_FOUND, "no /leave here");
+            }
+            app.drain().fire();
+            Some(json_reply(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "draining": true, "leaving": true }),
+            ))
+        }
         (&Method::POST, None) => {
             app.drain().fire();
             Some(json_reply(

@@ -83,6 +83,13 @@ impl AdminApp for GatewayHandle {
         self.drain_trigger()
     }
 
+    fn leave(&self) -> bool {
+        if let Some(c) = &self.shared.cluster {
+            c.leave();
+        }
+        true
+    }
+
     fn session(&self, id: &str) -> Option<Option<serde_json::Value>> {
         Some(self.session_info(id))
     }

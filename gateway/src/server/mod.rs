@@ -217,7 +217,10 @@ pub async fn serve(
         // GoAway only once every router stopped placing HELLOs here, so the
         // re-handshakes it triggers cannot land on this node again.
         c.set_state(crate::membership::LocalState::Draining);
-        let ack_deadline = Instant::now() + (drain / 4).min(Duration::from_secs(5));
+        // Leaving for good: the whole drain if need be, so that every
+        // router forgets this gateway instead of reporting it dead.
+        let ack_wait = if c.is_leaving() { drain } else { drain / 4 };
+        let ack_deadline = Instant::now() + ack_wait.min(Duration::from_secs(5));
         while !c.draining_acknowledged(shared.now()) && Instant::now() < ack_deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -22,8 +22,9 @@
 //! - warm-up: for `failure_timeout + 2 × interval` after start, unknown
 //!   owners are `owner_unreachable`, never `owner_lost`;
 //! - forgetting: a dead member that no longer heartbeats is forgotten
-//!   `forget_left_after` after its death when it was DRAINING (it left),
-//!   `forget_failed_after` otherwise (it failed, and may come back). A
+//!   `forget_left_after` after its death when its heartbeats said it was
+//!   leaving (taken out for good), `forget_failed_after` otherwise (it
+//!   crashed, or drained for a restart: it may come back). A
 //!   RESUME for a forgotten owner is answered as for any dead one past its
 //!   grace: `owner_lost`.
 
@@ -53,7 +54,7 @@ pub struct MembershipConfig {
     pub flap_memory: Duration,
     pub connect_failures_to_unplace: usize,
     pub connect_failure_window: Duration,
-    /// A member that died while DRAINING is forgotten this long after.
+    /// A member that died leaving is forgotten this long after.
     pub forget_left_after: Duration,
     /// Any other dead, silent member is forgotten this long after its death.
     pub forget_failed_after: Duration,
@@ -97,6 +98,8 @@ pub struct Heartbeat {
     pub in_view: bool,
     /// `incarnation` is ordered: larger is newer (older gateways: arrival order).
     pub ordered: bool,
+    /// Taken out for good: forget it soon after it dies.
+    pub leaving: bool,
 }
 
 /// The answer to one heartbeat.
@@ -149,6 +152,8 @@ struct Member {
     silent_death_at: Option<Mono>,
     /// When it was last declared dead (kept while dead).
     died_at: Option<Mono>,
+    /// Its heartbeats said it is leaving for good.
+    leaving: bool,
 }
 
 impl Member {
@@ -272,6 +277,7 @@ impl Membership {
                 last_probe: Mono::ZERO,
                 silent_death_at: None,
                 died_at: None,
+                leaving: false,
             });
         if m.dead && !m.needs_probe {
             revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
@@ -284,6 +290,7 @@ impl Membership {
         m.weight = hb.weight;
         m.lease_ok = hb.lease_ok;
         m.in_view = hb.in_view;
+        m.leaving = hb.leaving;
         m.last_heartbeat = now;
         m.stream_closed_at = None;
         HeartbeatVerdict::Accepted
@@ -497,11 +504,12 @@ impl Membership {
     /// still heartbeats (dead only for its client port) is kept.
     fn forget_departed(&mut self, now: Mono) {
         let (cfg, timeout) = (&self.cfg, self.cfg.failure_timeout);
-        self.members.retain(|_, m| {
+        let mut forgot = Vec::new();
+        self.members.retain(|n, m| {
             let Some(died) = m.died_at.filter(|_| m.dead) else {
                 return true;
             };
-            let mut after = if m.state == NodeState::Draining {
+            let mut after = if m.leaving {
                 cfg.forget_left_after
             } else {
                 cfg.forget_failed_after
@@ -510,8 +518,20 @@ impl Membership {
                 // Its RESUMEs are answered "retry" until the grace ends.
                 after = after.max(cfg.silence_grace);
             }
-            !(m.silent(now, timeout) && now.saturating_since(died) >= after)
+            // A stream still open: it may speak again, as this member.
+            let gone = m.open_streams == 0
+                && m.silent(now, timeout)
+                && now.saturating_since(died) >= after;
+            if gone {
+                forgot.push(n.clone());
+            }
+            !gone
         });
+        // Coming back is a flap, as it would have been unforgotten: the
+        // hold-down still applies (within `flap_memory`).
+        for n in forgot {
+            self.record_flap(&n, now);
+        }
     }
 
     fn alive(&self, m: &Member) -> bool {

@@ -12,6 +12,7 @@ fn hb(node: &str, inc: u64) -> Heartbeat {
         lease_ok: true,
         in_view: true,
         ordered: true,
+        leaving: false,
     }
 }
 
@@ -579,13 +580,14 @@ fn known(m: &Membership, now_ms: u64) -> Vec<String> {
 }
 
 #[test]
-fn a_gateway_that_drained_and_left_is_forgotten() {
+fn a_gateway_that_left_is_forgotten() {
     let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
     run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
     let g3 = NodeId::new("g3").unwrap();
-    // g3 drains (its heartbeats say so), then exits: its stream closes.
+    // g3 is taken out: it drains saying it leaves, then exits.
     let draining = Heartbeat {
         state: NodeState::Draining,
+        leaving: true,
         ..hb("g3", 1)
     };
     m.on_stream_opened(&g3, Incarnation(1));
@@ -597,6 +599,7 @@ fn a_gateway_that_drained_and_left_is_forgotten() {
     let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1300, 1900);
     assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
     assert_eq!(known(&m, 1900), ["g1", "g2", "g3"], "dead, still known");
+    let published = m.routes();
     // It left: forgotten soon after (not alive, not reported at all).
     run(&mut m, &[("g1", 1), ("g2", 1)], 1900, 3000);
     assert_eq!(known(&m, 3000), ["g1", "g2"]);
@@ -604,8 +607,49 @@ fn a_gateway_that_drained_and_left_is_forgotten() {
         m.route(Mono::from_millis(3000), Some((&g3, Incarnation(1)))),
         OwnerRoute::Lost
     );
-    // The snapshot connections read follows.
+    // The snapshot connections read is published again, without it.
+    assert!(m.tick_publishes(&[], &published));
     assert_eq!(m.routes().members.len(), 2);
+    // Back after all (within the flap memory): held down like any flap.
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 2)], 3000, 4000);
+    assert_eq!(placeable(&m, 4000), ["g1", "g2"], "held down");
+}
+
+/// A plain drain (SIGTERM, a restart) is not a departure: the gateway may
+/// be meant to come back, so it is remembered like a crash.
+#[test]
+fn a_gateway_that_drained_without_leaving_is_remembered() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g3 = NodeId::new("g3").unwrap();
+    let draining = Heartbeat {
+        state: NodeState::Draining,
+        ..hb("g3", 1)
+    };
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_heartbeat(Mono::from_millis(1000), &draining);
+    run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 1300);
+    m.on_stream_closed(Mono::from_millis(1300), &g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1300, 10_000);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(known(&m, 10_000), ["g1", "g2", "g3"]);
+}
+
+/// A member whose heartbeat stream is still open is never forgotten, even
+/// silent past every bound: it may speak again as the same member.
+#[test]
+fn a_member_with_a_stream_open_is_not_forgotten() {
+    let cfg = MembershipConfig {
+        forget_failed_after: Duration::from_secs(5),
+        ..MembershipConfig::default()
+    };
+    let mut m = Membership::new(cfg, Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g3 = NodeId::new("g3").unwrap();
+    m.on_stream_opened(&g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 20_000);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(known(&m, 20_000), ["g1", "g2", "g3"]);
 }
 
 #[test]
@@ -635,23 +679,23 @@ fn a_failed_gateway_is_remembered_until_forget_failed_after() {
     assert_eq!(known(&m, 59_000), ["g1", "g2", "g3", "g4"]);
     run(&mut m, &[("g1", 1), ("g2", 1), ("g4", 1)], 59_000, 62_000);
     assert_eq!(known(&m, 62_000), ["g1", "g2", "g4"]);
-    // A new process of the forgotten node id joins like any new member.
-    run(
-        &mut m,
-        &[("g1", 1), ("g2", 1), ("g4", 1), ("g3", 2)],
-        62_000,
-        63_000,
-    );
-    assert_eq!(placeable(&m, 63_000), ["g1", "g2", "g3"]);
+    // A new process of the forgotten node id joins, held down first as
+    // after any flap.
+    let all = [("g1", 1), ("g2", 1), ("g4", 1), ("g3", 2)];
+    run(&mut m, &all, 62_000, 63_000);
+    assert_eq!(placeable(&m, 63_000), ["g1", "g2"]);
+    run(&mut m, &all, 63_000, 65_000);
+    assert_eq!(placeable(&m, 65_000), ["g1", "g2", "g3"]);
 }
 
 #[test]
-fn a_gateway_that_went_silent_while_draining_keeps_its_grace() {
+fn a_gateway_that_went_silent_while_leaving_keeps_its_grace() {
     let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
     run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
     let g3 = NodeId::new("g3").unwrap();
     let draining = Heartbeat {
         state: NodeState::Draining,
+        leaving: true,
         ..hb("g3", 1)
     };
     m.on_heartbeat(Mono::from_millis(1000), &draining);
