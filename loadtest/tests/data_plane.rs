@@ -763,31 +763,7 @@ async fn stream_limits_hold_and_a_reload_applies_to_new_streams() {
 /// goes through once a stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateways_stream_limit_holds_across_sessions() {
-    let env = common::start(&format!("{LOOPBACK_ALLOWED}[egress]\nmax_streams = 2\n")).await;
-    let (a, b) = (
-        run_agent(&env, env.gw.client_addr),
-        run_agent(&env, env.gw.client_addr),
-    );
-    let echo = echo_server().await;
-    let host = echo.ip().to_string();
-    let _one = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
-    let two = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
-    match a_connect(&b.tunnel, &host, echo.port()).await {
-        Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
-        other => panic!("another session's stream: expected too_many_streams, got {other:?}"),
-    }
-    drop(two);
-    eventually(
-        Duration::from_secs(10),
-        "a gateway slot is free again",
-        || async { a_connect(&b.tunnel, &host, echo.port()).await.is_ok() },
-    )
-    .await
-    .unwrap();
-    for x in [a, b] {
-        drop(x.cmds);
-        x.task.await.unwrap();
-    }
+    limit_across_sessions("max_streams", 2, 2).await;
 }
 
 /// A principal's stream limit spans its sessions: two sessions of one
@@ -795,23 +771,30 @@ async fn the_gateways_stream_limit_holds_across_sessions() {
 /// slot freed in one session serves the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principals_stream_limit_holds_across_its_sessions() {
-    let env = common::start(&format!(
-        "{LOOPBACK_ALLOWED}[egress]\nmax_streams_per_principal = 3\n"
-    ))
-    .await;
+    limit_across_sessions("max_streams_per_principal", 3, 2).await;
+}
+
+/// `[egress] key = limit` over two sessions of one credential: session a
+/// opens `in_a` streams and b the rest up to the limit; the next stream is
+/// refused `too_many_streams` in either session (and counted), and a slot
+/// freed in a serves b.
+async fn limit_across_sessions(key: &str, limit: usize, in_a: usize) {
+    let env = common::start(&format!("{LOOPBACK_ALLOWED}[egress]\n{key} = {limit}\n")).await;
     let (a, b) = (
         run_agent(&env, env.gw.client_addr),
         run_agent(&env, env.gw.client_addr),
     );
     let echo = echo_server().await;
     let host = echo.ip().to_string();
-    let _one = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
-    let two = a_connect(&a.tunnel, &host, echo.port()).await.unwrap();
-    let _three = a_connect(&b.tunnel, &host, echo.port()).await.unwrap();
+    let mut open = Vec::new();
+    for i in 0..limit {
+        let t = if i < in_a { &a.tunnel } else { &b.tunnel };
+        open.push(a_connect(t, &host, echo.port()).await.unwrap());
+    }
     for t in [&a.tunnel, &b.tunnel] {
         match a_connect(t, &host, echo.port()).await {
             Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
-            other => panic!("a fourth stream of the principal: got {other:?}"),
+            other => panic!("{key}: expected too_many_streams, got {other:?}"),
         }
     }
     assert_eq!(
@@ -824,12 +807,10 @@ async fn a_principals_stream_limit_holds_across_its_sessions() {
             .unwrap(),
         2.0
     );
-    drop(two);
-    eventually(
-        Duration::from_secs(10),
-        "the principal's slot is free again",
-        || async { a_connect(&b.tunnel, &host, echo.port()).await.is_ok() },
-    )
+    drop(open.remove(0));
+    eventually(Duration::from_secs(10), "a slot is free again", || async {
+        a_connect(&b.tunnel, &host, echo.port()).await.is_ok()
+    })
     .await
     .unwrap();
     for x in [a, b] {
