@@ -189,21 +189,25 @@ pub fn render_member_gauges(members: &[(String, bool, bool)]) -> String {
     if members.is_empty() {
         return out;
     }
-    for (name, help, pick) in [
+    let gauges = [
         (
             MEMBER_ALIVE,
             "1 while this router holds a live incarnation of the gateway node_id, else 0; gateways the router forgot are not listed.",
-            (|m: &(String, bool, bool)| m.1) as fn(&(String, bool, bool)) -> bool,
         ),
         (
             MEMBER_PLACEABLE,
             "1 while the gateway node_id receives new sessions from this router, else 0.",
-            |m: &(String, bool, bool)| m.2,
         ),
-    ] {
+    ];
+    for (i, (name, help)) in gauges.into_iter().enumerate() {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for m in members {
-            let _ = writeln!(out, "{name}{{node_id=\"{}\"}} {}", m.0, u8::from(pick(m)));
+            let _ = writeln!(
+                out,
+                "{name}{{node_id=\"{}\"}} {}",
+                m.0,
+                u8::from(if i == 0 { m.1 } else { m.2 })
+            );
         }
         out.push('\n');
     }

@@ -235,10 +235,7 @@ pub(super) async fn do_hello(
     // HelloOk would name a session that no longer exists, and its record
     // would stay in the store for good.
     if !shared.with_engine(shard, |e| e.session(&acc.session_id).is_some()) {
-        super::streams::close(shared, shard, &acc.session_id, "session ended");
-        if let Some(st) = shared.store.get() {
-            st.ended(&acc.session_id);
-        }
+        shared.ended(shard, &acc.session_id, "session ended");
         shared.deregister(shard, transport);
         let reason = if shared.draining.load(Ordering::Relaxed) {
             ReasonCode::Draining

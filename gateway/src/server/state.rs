@@ -244,11 +244,7 @@ impl Shared {
                     "reason" => c.reason.as_str())
                 .increment(1);
                 if c.to == State::Terminated {
-                    // Every stream of the session ends, explicitly, with why.
-                    super::streams::close(self, shard, &c.session_id, c.reason.as_str());
-                    if let Some(st) = self.store.get() {
-                        st.ended(&c.session_id);
-                    }
+                    self.ended(shard, &c.session_id, c.reason.as_str());
                 }
             }
             self.events.emit(ev);
@@ -266,6 +262,15 @@ impl Shared {
         }
         s.wake.notify_one();
         r
+    }
+
+    /// What a session's end releases outside the engine: every stream of
+    /// it ends, explicitly, with `why`, and its store record goes.
+    pub(super) fn ended(&self, shard: usize, sid: &SessionId, why: &str) {
+        super::streams::close(self, shard, sid, why);
+        if let Some(st) = self.store.get() {
+            st.ended(sid);
+        }
     }
 
     pub(super) fn register(

@@ -224,9 +224,7 @@ fn warm_up_answers_unknown_owners_unreachable() {
 
 #[test]
 fn failed_connects_unplace_then_unreachable_kills() {
-    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g3 = NodeId::new("g3").unwrap();
+    let (mut m, g3) = three_members(MembershipConfig::default());
     for t in [1000, 1100, 1200] {
         m.on_connect(Mono::from_millis(t), &g3, Incarnation(1), false);
     }
@@ -579,17 +577,28 @@ fn known(m: &Membership, now_ms: u64) -> Vec<String> {
         .collect()
 }
 
+/// g1, g2 and g3 live for a second under `cfg`; g3 is the one the test
+/// takes out.
+fn three_members(cfg: MembershipConfig) -> (Membership, NodeId) {
+    let mut m = Membership::new(cfg, Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    (m, NodeId::new("g3").unwrap())
+}
+
+/// g3's heartbeat while it drains, saying it leaves or not.
+fn g3_draining(leaving: bool) -> Heartbeat {
+    Heartbeat {
+        state: NodeState::Draining,
+        leaving,
+        ..hb("g3", 1)
+    }
+}
+
 #[test]
 fn a_gateway_that_left_is_forgotten() {
-    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g3 = NodeId::new("g3").unwrap();
+    let (mut m, g3) = three_members(MembershipConfig::default());
     // g3 is taken out: it drains saying it leaves, then exits.
-    let draining = Heartbeat {
-        state: NodeState::Draining,
-        leaving: true,
-        ..hb("g3", 1)
-    };
+    let draining = g3_draining(true);
     m.on_stream_opened(&g3, Incarnation(1));
     for (from, to) in [(1000, 1250), (1250, 1300)] {
         m.on_heartbeat(Mono::from_millis(from), &draining);
@@ -619,13 +628,8 @@ fn a_gateway_that_left_is_forgotten() {
 /// be meant to come back, so it is remembered like a crash.
 #[test]
 fn a_gateway_that_drained_without_leaving_is_remembered() {
-    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g3 = NodeId::new("g3").unwrap();
-    let draining = Heartbeat {
-        state: NodeState::Draining,
-        ..hb("g3", 1)
-    };
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let draining = g3_draining(false);
     m.on_stream_opened(&g3, Incarnation(1));
     m.on_heartbeat(Mono::from_millis(1000), &draining);
     run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 1300);
@@ -643,9 +647,7 @@ fn a_member_with_a_stream_open_is_not_forgotten() {
         forget_failed_after: Duration::from_secs(5),
         ..MembershipConfig::default()
     };
-    let mut m = Membership::new(cfg, Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g3 = NodeId::new("g3").unwrap();
+    let (mut m, g3) = three_members(cfg);
     m.on_stream_opened(&g3, Incarnation(1));
     let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 20_000);
     assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
@@ -690,14 +692,8 @@ fn a_failed_gateway_is_remembered_until_forget_failed_after() {
 
 #[test]
 fn a_gateway_that_went_silent_while_leaving_keeps_its_grace() {
-    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    let g3 = NodeId::new("g3").unwrap();
-    let draining = Heartbeat {
-        state: NodeState::Draining,
-        leaving: true,
-        ..hb("g3", 1)
-    };
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let draining = g3_draining(true);
     m.on_heartbeat(Mono::from_millis(1000), &draining);
     // Silence (a pause, maybe): dead after failure_timeout, "retry" for
     // its RESUMEs during the grace, so still known until the grace ends.
