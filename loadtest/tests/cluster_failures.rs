@@ -436,3 +436,59 @@ async fn a_gateway_that_left_is_forgotten_at_once_and_a_dead_one_after_forget_de
         .unwrap();
     assert_eq!(known, 1.0);
 }
+
+/// A gateway whose host is gone for good never said it was leaving: the
+/// operator tells each router to forget it (`POST
+/// /members/<node_id>/forget`), and its series go at once instead of after
+/// `forget_dead_after_ms` (24 h by default). A live gateway is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_makes_routers_forget_a_dead_gateway_at_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "router-operator-token-1\n").unwrap();
+    let c = common::cluster(ClusterOptions {
+        gateways: 3,
+        spare_gateways: 0,
+        router_env: vec![(
+            "JVPN_ROUTER__ADMIN_TOKEN_FILE".into(),
+            token_file.display().to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    let admin = c.routers[0].admin_addr;
+    let token = Some("router-operator-token-1");
+    let forget = |node: &'static str, bearer: Option<&'static str>| async move {
+        http_request(admin, "POST", &format!("/members/{node}/forget"), bearer).await
+    };
+    for n in ["g1", "g2", "g3"] {
+        assert_eq!(listed(&c, n).await, Some(1.0), "{n}\n{}", c.logs());
+    }
+    let (code, body) = forget("g2", token).await.unwrap();
+    assert_eq!(code, 409, "a live gateway: {body}");
+    assert!(body.contains("alive"), "{body}");
+    c.gateway("g2").unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive("g2", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(listed(&c, "g2").await, Some(0.0));
+    assert_eq!(forget("g2", None).await.unwrap().0, 401);
+    assert_eq!(
+        forget("g2", Some("wrong-token-xxxxxxxx")).await.unwrap().0,
+        401
+    );
+    assert_eq!(forget("g9", token).await.unwrap().0, 404);
+    let (code, body) = forget("g2", token).await.unwrap();
+    assert_eq!(code, 200, "{body}\n{}", c.logs());
+    assert!(body.contains("\"forgotten\":\"g2\""), "{body}");
+    // Gone from the series and /ring at once, not at a later tick.
+    assert_eq!(listed(&c, "g2").await, None);
+    let ring = c.routers[0].ring().await.unwrap().to_string();
+    assert!(!ring.contains("\"g2\""), "{ring}");
+    // Forgetting twice: there is nothing left to forget.
+    assert_eq!(forget("g2", token).await.unwrap().0, 404);
+    for n in ["g1", "g3"] {
+        assert_eq!(listed(&c, n).await, Some(1.0), "{n}");
+    }
+}

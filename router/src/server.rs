@@ -94,6 +94,25 @@ impl AdminApp for RouterHandle {
         self.state.member_gauges()
     }
 
+    fn forget_member(
+        &self,
+        node_id: &str,
+    ) -> Option<Result<serde_json::Value, jvpn_runtime::admin::MemberRefused>> {
+        use crate::membership::NotForgotten;
+        use jvpn_runtime::admin::MemberRefused;
+        let forgotten = jvpn_proto::NodeId::new(node_id)
+            .map_err(|_| NotForgotten::Unknown)
+            .and_then(|node| self.state.forget(&node));
+        Some(match forgotten {
+            Ok(inc) => Ok(serde_json::json!({
+                "forgotten": node_id,
+                "incarnation": format!("{:016x}", inc.0),
+            })),
+            Err(NotForgotten::Unknown) => Err(MemberRefused::Unknown),
+            Err(e) => Err(MemberRefused::Conflict(e.to_string())),
+        })
+    }
+
     fn json(&self, path: &str) -> Option<serde_json::Value> {
         match path {
             "/ring" => Some(ring_json(&self.state)),

@@ -21,7 +21,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Validated;
-use crate::membership::{Heartbeat, HeartbeatVerdict, MemberStatus, Membership, Routes};
+use crate::membership::{
+    Heartbeat, HeartbeatVerdict, MemberStatus, Membership, NotForgotten, Routes,
+};
 use crate::metrics as m;
 pub use crate::routing::ResumeRoute;
 use crate::routing::{OwnerTags, route_token, takeover_route};
@@ -406,6 +408,18 @@ impl RouterState {
             self.tag_view.store(Arc::new(tags.clone()));
         }
         verdict
+    }
+
+    /// An operator forgets a gateway that is gone for good
+    /// (`POST /members/<node_id>/forget`; see [`Membership::forget`]).
+    pub fn forget(&self, node: &NodeId) -> Result<Incarnation, NotForgotten> {
+        let r = self.membership_event(node, |m, now| m.forget(now, node));
+        if let Ok(inc) = r {
+            warn!(node = %node, incarnation = %inc, "gateway forgotten at an operator's request");
+            // Its series go now, not at the next step.
+            self.tick();
+        }
+        r
     }
 
     pub fn on_stream_opened(&self, node: &NodeId, incarnation: Incarnation) {

@@ -89,6 +89,15 @@ impl DrainTrigger {
     }
 }
 
+/// Why an operator action on one member was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberRefused {
+    /// No such member (404).
+    Unknown,
+    /// Not in a state that allows it, and why (409).
+    Conflict(String),
+}
+
 /// What a binary exposes on its admin port.
 pub trait AdminApp: Clone + Send + Sync + 'static {
     /// `Some(why)` makes `/readyz` answer 503 with that word.
@@ -103,6 +112,11 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     /// drain starts; false where the binary has no such notion (404).
     fn leave(&self) -> bool {
         false
+    }
+    /// `POST /members/<node_id>/forget`: forgets a gateway that is gone for
+    /// good; `None` where the binary has no members (404).
+    fn forget_member(&self, _node_id: &str) -> Option<Result<serde_json::Value, MemberRefused>> {
+        None
     }
     /// `GET /sessions/<id>`: `Some(None)` for an unknown id, `None` where the
     /// binary has no sessions.
@@ -167,7 +181,10 @@ fn json_reply(status: StatusCode, body: &serde_json::Value) -> Response<Full<Byt
 fn privileged<A: AdminApp>(req: &Request<Incoming>, app: &A) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     let lookup = path.strip_prefix("/sessions/");
-    if path != "/drain" && path != "/leave" && lookup.is_none() {
+    let forget = path
+        .strip_prefix("/members/")
+        .and_then(|p| p.strip_suffix("/forget"));
+    if path != "/drain" && path != "/leave" && lookup.is_none() && forget.is_none() {
         return None;
     }
     let refuse = |status, why: &str| Some(json_reply(status, &serde_json::json!({ "error": why })));
@@ -176,6 +193,17 @@ fn privileged<A: AdminApp>(req: &Request<Incoming>, app: &A) -> Option<Response<
     };
     if !token.admits(req) {
         return refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    if let Some(node) = forget {
+        if req.method() != Method::POST {
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+        }
+        return match app.forget_member(node) {
+            Some(Ok(body)) => Some(json_reply(StatusCode::OK, &body)),
+            Some(Err(MemberRefused::Unknown)) => refuse(StatusCode::NOT_FOUND, "no such gateway"),
+            Some(Err(MemberRefused::Conflict(why))) => refuse(StatusCode::CONFLICT, &why),
+            None => refuse(StatusCode::NOT_FOUND, "no members here"),
+        };
     }
     match (req.method(), lookup) {
         (&Method::POST, None) if path == "/leave" => {

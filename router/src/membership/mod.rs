@@ -26,7 +26,8 @@
 //!   leaving (taken out for good), `forget_failed_after` otherwise (it
 //!   crashed, or drained for a restart: it may come back). A
 //!   RESUME for a forgotten owner is answered as for any dead one past its
-//!   grace: `owner_lost`.
+//!   grace: `owner_lost`. An operator may forget such a member at once
+//!   ([`Membership::forget`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -161,6 +162,24 @@ impl Member {
     fn silent(&self, now: Mono, timeout: Duration) -> bool {
         now.saturating_since(self.last_heartbeat) > (timeout)
     }
+
+    /// Dead, not heard from since, and without a heartbeat stream: nothing
+    /// says it is still there (one with a stream open may speak again as
+    /// itself; one that died for its client port may still heartbeat).
+    fn gone(&self) -> bool {
+        self.dead && self.open_streams == 0 && self.died_at.is_some_and(|d| self.last_heartbeat < d)
+    }
+}
+
+/// Why an operator's forget was refused ([`Membership::forget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotForgotten {
+    #[error("no such gateway")]
+    Unknown,
+    #[error("the gateway is alive")]
+    Alive,
+    #[error("the gateway's heartbeat stream is still open or its heartbeats still arrive")]
+    StillHeard,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -503,7 +522,7 @@ impl Membership {
     /// known, and reported not alive, until the router restarts. One that
     /// still heartbeats (dead only for its client port) is kept.
     fn forget_departed(&mut self, now: Mono) {
-        let (cfg, timeout) = (&self.cfg, self.cfg.failure_timeout);
+        let cfg = &self.cfg;
         let mut forgot = Vec::new();
         self.members.retain(|n, m| {
             let Some(died) = m.died_at.filter(|_| m.dead) else {
@@ -518,10 +537,7 @@ impl Membership {
                 // Its RESUMEs are answered "retry" until the grace ends.
                 after = after.max(cfg.silence_grace);
             }
-            // A stream still open: it may speak again, as this member.
-            let gone = m.open_streams == 0
-                && m.silent(now, timeout)
-                && now.saturating_since(died) >= after;
+            let gone = m.gone() && now.saturating_since(died) >= after;
             if gone {
                 forgot.push(n.clone());
             }
@@ -532,6 +548,24 @@ impl Membership {
         for n in forgot {
             self.record_flap(&n, now);
         }
+    }
+
+    /// An operator's forget (a gateway known to be gone for good that did
+    /// not say so: its host died): what [`Self::tick`] does after
+    /// `forget_failed_after`, now. Only a member nothing says is still
+    /// there qualifies. A return is held down like any flap.
+    pub fn forget(&mut self, now: Mono, node: &NodeId) -> Result<Incarnation, NotForgotten> {
+        let m = self.members.get(node).ok_or(NotForgotten::Unknown)?;
+        if !m.dead {
+            return Err(NotForgotten::Alive);
+        }
+        if !m.gone() {
+            return Err(NotForgotten::StillHeard);
+        }
+        let incarnation = m.incarnation;
+        self.members.remove(node);
+        self.record_flap(node, now);
+        Ok(incarnation)
     }
 
     fn alive(&self, m: &Member) -> bool {

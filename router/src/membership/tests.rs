@@ -708,3 +708,42 @@ fn a_gateway_that_went_silent_while_leaving_keeps_its_grace() {
     run(&mut m, &[("g1", 1), ("g2", 1)], 4000, 6000);
     assert_eq!(known(&m, 6000), ["g1", "g2"]);
 }
+
+/// An operator forgets a gateway whose host is gone (it never said it was
+/// leaving) at once; one that is alive, still has a heartbeat stream open
+/// or still heartbeats is refused, and a return is held down.
+#[test]
+fn an_operator_forgets_only_a_member_nothing_says_is_there() {
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let at = Mono::from_millis;
+    let nobody = NodeId::new("g9").unwrap();
+    assert_eq!(m.forget(at(1000), &nobody), Err(NotForgotten::Unknown));
+    assert_eq!(m.forget(at(1000), &g3), Err(NotForgotten::Alive));
+    // g3's host dies: its stream closes, then it is declared dead.
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_stream_closed(at(1000), &g3, Incarnation(1));
+    // Dead, but its (second) stream is still open: it may speak again.
+    m.on_stream_opened(&g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2100);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(m.forget(at(2100), &g3), Err(NotForgotten::StillHeard));
+    m.on_stream_closed(at(2100), &g3, Incarnation(1));
+    assert_eq!(m.forget(at(2100), &g3), Ok(Incarnation(1)));
+    assert_eq!(known(&m, 2100), ["g1", "g2"]);
+    assert_eq!(
+        m.route(at(2100), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Lost
+    );
+    // Back after all: held down like any flap.
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 2)], 2100, 3100);
+    assert_eq!(placeable(&m, 3100), ["g1", "g2"], "held down");
+
+    // One that died for its client port but still heartbeats is heard.
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    for t in [1000, 1100, 1200] {
+        m.on_connect(at(t), &g3, Incarnation(1), false);
+    }
+    let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 1200, 4300);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(m.forget(at(4300), &g3), Err(NotForgotten::StillHeard));
+}
