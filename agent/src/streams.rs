@@ -14,20 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
 use jvpn_proto::channel::ChannelConfig;
 use jvpn_proto::stream::{REFUSAL_HEADER, Refusal, Target};
 use jvpn_runtime::channel_io::{Generation, SessionChannel};
+use jvpn_runtime::h2_stream::H2Stream;
 use tokio::sync::watch;
 
 /// A stream through the session: bytes to and from its destination. Ends
-/// with `ConnectionReset` (never a clean EOF) if its session ends first.
+/// with `ConnectionReset` (never a clean EOF) if its session ends first or
+/// the destination's connection was reset; dropped before it ended both
+/// ways, it resets the destination's.
 #[derive(Debug)]
 pub struct Stream {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    io: H2Stream,
     _open: OpenStream,
 }
 
@@ -113,7 +114,7 @@ pub enum StreamError {
 /// The HTTP/2 connection of the current session, for opening streams.
 #[derive(Clone, Debug)]
 struct Link {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
     /// Streams open over this session.
     open: Arc<AtomicU64>,
 }
@@ -171,12 +172,13 @@ impl Tunnel {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|e| StreamError::SessionEnded(e.to_string()))?;
-        let Link { mut send, open } = link;
-        let ended = |e: hyper::Error| StreamError::SessionEnded(e.to_string());
-        send.ready().await.map_err(ended)?;
-        let res = send.send_request(req).await.map_err(ended)?;
+        let Link { send, open } = link;
+        let ended = |e: h2::Error| StreamError::SessionEnded(e.to_string());
+        let mut send = send.ready().await.map_err(ended)?;
+        let (answer, up) = send.send_request(req, false).map_err(ended)?;
+        let res = answer.await.map_err(ended)?;
         if res.status() != StatusCode::OK {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             let name = res
@@ -188,12 +190,11 @@ impl Tunnel {
                 name,
             )));
         }
-        let up = hyper::upgrade::on(res).await.map_err(ended)?;
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.counters.open.fetch_add(1, Ordering::Relaxed);
         open.fetch_add(1, Ordering::Relaxed);
         Ok(Stream {
-            io: TokioIo::new(up),
+            io: H2Stream::new(up, res.into_body()),
             _open: OpenStream(self.counters.clone(), open),
         })
     }
@@ -209,15 +210,15 @@ impl Tunnel {
     }
 }
 
-fn h2_windows(
-    b: &mut hyper::client::conn::http2::Builder<TokioExecutor>,
-    window: u64,
-) -> &mut hyper::client::conn::http2::Builder<TokioExecutor> {
+/// The agent's HTTP/2 client settings over a channel of `window` bytes
+/// (the gateway's server sets the same).
+fn h2_client(window: u64) -> h2::client::Builder {
     let (stream, conn) = jvpn_runtime::channel_io::h2_windows(window);
-    b.initial_stream_window_size(stream)
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(stream)
         .initial_connection_window_size(conn)
-        .adaptive_window(false)
-        .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
+        .max_send_buffer_size(jvpn_runtime::channel_io::H2_SEND_BUF);
+    b
 }
 
 impl Drop for DataPlane {
@@ -383,11 +384,7 @@ impl DataPlane {
                 }
                 woken.await;
             }
-            let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-            let Ok((send, conn)) = h2_windows(&mut builder, window)
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
-                .await
-            else {
+            let Ok((send, conn)) = h2_client(window).handshake::<_, Bytes>(io).await else {
                 return;
             };
             // Publish unless the session ended meanwhile (checked under the

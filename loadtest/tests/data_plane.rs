@@ -1128,3 +1128,73 @@ fn unreachable_and_silent_destinations_are_refused_with_their_reason() {
 
 /// Tests that move their thread into a network namespace run one at a time.
 static NAMESPACE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A reset at either end crosses the tunnel as a reset, never as a clean
+/// end: a destination that resets after 100 KiB must not look like a
+/// complete 100 KiB download to the application, and an application that
+/// resets after 1 MiB must not look like a complete upload to the
+/// destination (RFC 9113 §8.5: RST_STREAM(CONNECT_ERROR)). Before, both
+/// ends saw a clean EOF: the multiplexer ended a failed stream with
+/// END_STREAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_at_either_end_reaches_the_other_as_a_reset() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let (door, _door) = front_door(&a.tunnel).unwrap();
+    let resets = |s: &TcpStream| {
+        // SO_LINGER 0: closing sends RST, not FIN.
+        #[allow(deprecated)]
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+    };
+
+    // Download: the destination sends 100 KiB, then resets.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        c.write_all(&vec![1u8; 100 << 10]).await.unwrap();
+        // Let the bytes leave before the reset discards what is unsent.
+        c.flush().await.unwrap();
+        let mut b = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_millis(200), c.read(&mut b)).await;
+        resets(&c);
+    });
+    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), app.read_to_end(&mut got))
+        .await
+        .expect("the download hung");
+    server.await.unwrap();
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a destination's reset reached the application as {r:?} after {} bytes",
+        got.len()
+    );
+
+    // Upload: the application sends 1 MiB, then resets.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let r = c.read_to_end(&mut got).await;
+        (r.map(|_| ()), got.len())
+    });
+    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
+    app.write_all(&vec![2u8; 1 << 20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    resets(&app);
+    drop(app);
+    let (r, n) = tokio::time::timeout(Duration::from_secs(20), server)
+        .await
+        .expect("the upload hung")
+        .unwrap();
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "an application's reset reached the destination as {r:?} after {n} bytes"
+    );
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

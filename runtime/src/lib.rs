@@ -29,6 +29,7 @@ pub mod admin;
 pub mod admission;
 pub mod channel_io;
 pub mod config;
+pub mod h2_stream;
 pub mod metrics;
 pub mod process;
 pub mod relay;

@@ -72,16 +72,22 @@ where
     let down = copy(&mut sr, &mut tw, Way::ToTcp, &mut to_tcp, moved, &ended);
     let reset = tokio::try_join!(up, down).is_err();
     if reset && let Ok(t) = tr.reunite(tw) {
-        // SO_LINGER 0: a reset. (The deprecation is about a linger > 0
-        // blocking on drop; 0 never does.)
-        #[allow(deprecated)]
-        let _ = t.set_linger(Some(Duration::ZERO));
+        self::reset(t);
     }
     Relayed {
         reset,
         to_tcp,
         from_tcp,
     }
+}
+
+/// Closes `tcp` with a reset (RST), not a clean FIN: its peer must not
+/// take what it got for the whole.
+pub fn reset(tcp: TcpStream) {
+    // SO_LINGER 0. (The deprecation is about a linger > 0 blocking on
+    // drop; 0 never does.)
+    #[allow(deprecated)]
+    let _ = tcp.set_linger(Some(Duration::ZERO));
 }
 
 /// Copies until EOF, then shuts the writer down (a half-close travels) and

@@ -8,22 +8,20 @@
 //! stream with the reason (an explicit end, never a clean EOF).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::server::conn::http2 as server_h2;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
 use jvpn_proto::SessionId;
 use jvpn_proto::channel::ChannelConfig;
 use jvpn_proto::stream::{Host, REFUSAL_HEADER, Refusal, Target};
 use jvpn_runtime::channel_io::{ChannelStream, SessionChannel};
+use jvpn_runtime::h2_stream::H2Stream;
 use jvpn_runtime::relay::{Way, relay};
 use jvpn_runtime::wire::lock;
 use metrics::{counter, gauge, histogram};
@@ -142,30 +140,32 @@ async fn serve(
     // stream (its connection preface arrives): an idle session with the
     // data plane on costs its channel, not an HTTP/2 connection.
     io.readable().await;
-    let (shared_svc, ctx_svc) = (shared.clone(), ctx.clone());
-    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-        let shared = shared_svc.clone();
-        let ctx = ctx_svc.clone();
-        async move { Ok::<_, Infallible>(connect(&shared, &ctx, req).await) }
-    });
     // HTTP/2's windows from the channel's, as the agent sets them.
     let (stream_w, conn_w) = jvpn_runtime::channel_io::h2_windows(policy.window_bytes);
     // Above any stream limit a reload can set, so that the limit in force
     // answers with a refusal (`too_many_streams`) instead of HTTP/2
     // queueing the request.
     let concurrent = (crate::egress::MAX_STREAMS_CEILING + 16) as u32;
+    let accept = async {
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(stream_w)
+            .initial_connection_window_size(conn_w)
+            .max_send_buffer_size(jvpn_runtime::channel_io::H2_SEND_BUF)
+            .max_concurrent_streams(concurrent)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        // Accepting drives the connection: every stream's bytes move
+        // while this loop waits for the next request.
+        while let Some(next) = conn.accept().await {
+            let (req, respond) = next?;
+            let (shared, ctx) = (shared.clone(), ctx.clone());
+            tokio::spawn(async move { connect(&shared, &ctx, req, respond).await });
+        }
+        Ok::<(), h2::Error>(())
+    };
     // Boxed: the waiting task above stays small; the HTTP/2 machinery's
     // state is allocated only now.
-    let r = Box::pin(
-        server_h2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(stream_w)
-            .initial_connection_window_size(conn_w)
-            .adaptive_window(false)
-            .max_send_buf_size(jvpn_runtime::channel_io::H2_SEND_BUF)
-            .max_concurrent_streams(concurrent)
-            .serve_connection(TokioIo::new(io), svc),
-    )
-    .await;
+    let r = Box::pin(accept).await;
     if let Err(e) = r {
         debug!(error = %e, "session streams ended");
     }
@@ -188,23 +188,37 @@ fn closed_already(shared: &Shared, sid: &SessionId) -> bool {
     !lock(&shared.shards[shard].channels).contains_key(sid)
 }
 
-fn refuse(r: Refusal) -> Response<Empty<Bytes>> {
+fn refuse(r: Refusal) -> Response<()> {
     counter!(m::STREAMS_REFUSED, "reason" => r.as_str()).increment(1);
-    let mut res = Response::new(Empty::new());
+    let mut res = Response::new(());
     *res.status_mut() = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-    res.headers_mut().insert(
-        REFUSAL_HEADER,
-        hyper::header::HeaderValue::from_static(r.as_str()),
-    );
+    res.headers_mut()
+        .insert(REFUSAL_HEADER, http::HeaderValue::from_static(r.as_str()));
     res
 }
 
-/// One `CONNECT`: check, resolve, check again, connect, then splice.
+/// One `CONNECT`: check, resolve, check again, connect, answer, then
+/// splice until both directions ended.
 async fn connect(
     shared: &Arc<Shared>,
     ctx: &Arc<SessionCtx>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    if let Some(refusal) = open_and_splice(shared, ctx, req, &mut respond).await {
+        // Refused before the stream opened: the answer ends it.
+        let _ = respond.send_response(refusal, true);
+    }
+}
+
+/// [`connect`]'s work; a refusal to answer with, or `None` once the
+/// stream was answered (or the agent gave up on it).
+async fn open_and_splice(
+    shared: &Arc<Shared>,
+    ctx: &Arc<SessionCtx>,
+    req: Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+) -> Option<Response<()>> {
     let stream = ctx.next.fetch_add(1, Ordering::Relaxed) + 1;
     let asked = req
         .uri()
@@ -221,7 +235,7 @@ async fn connect(
     };
     let refused = |r: Refusal| {
         event(StreamWhat::Refused { reason: r.as_str() });
-        refuse(r)
+        Some(refuse(r))
     };
     if req.method() != Method::CONNECT {
         return refused(Refusal::BadTarget);
@@ -262,45 +276,51 @@ async fn connect(
     let cluster = shared.cluster.as_ref().map(|c| c.listeners());
     let cluster = cluster.as_deref().map_or(&[][..], Vec::as_slice);
     let limits = [&ctx.resolving, &shared.resolving];
-    let dest = match dial(&policy, &ctx.principal, &target, cluster, limits).await {
+    let dialed = tokio::select! {
+        d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
+        // The agent reset the stream (its application left): stop dialing
+        // and give the slots back.
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return None,
+    };
+    let dest = match dialed {
         Ok(s) => s,
         Err(r) => return refused(r),
     };
     histogram!(m::EGRESS_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
     counter!(m::STREAMS_OPENED).increment(1);
     event(StreamWhat::Opened);
-    let (shared, ctx) = (shared.clone(), ctx.clone());
-    tokio::spawn(async move {
-        let _slot = slot;
-        let up = match hyper::upgrade::on(req).await {
-            Ok(up) => up,
-            Err(e) => {
-                debug!(error = %e, "stream upgrade failed");
-                return;
-            }
-        };
-        let (how, to_destination, from_destination) = splice(
-            Fenced {
-                inner: TokioIo::new(up),
-                fence: ctx.fence.clone(),
-            },
-            dest,
-            limit.as_ref(),
-        )
-        .await;
-        shared.events.emit_stream(&StreamEvent {
-            at: shared.now(),
-            session_id: &ctx.sid,
-            stream,
-            destination: &asked,
-            what: StreamWhat::Closed {
-                how,
-                to_destination,
-                from_destination,
-            },
-        });
+    let _slot = slot;
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            // The agent reset the stream as it opened: so is the
+            // destination's connection.
+            debug!(error = %e, "stream gone before its answer");
+            jvpn_runtime::relay::reset(dest);
+            return None;
+        }
+    };
+    let (how, to_destination, from_destination) = splice(
+        Fenced {
+            inner: H2Stream::new(send, req.into_body()),
+            fence: ctx.fence.clone(),
+        },
+        dest,
+        limit.as_ref(),
+    )
+    .await;
+    shared.events.emit_stream(&StreamEvent {
+        at: shared.now(),
+        session_id: &ctx.sid,
+        stream,
+        destination: &asked,
+        what: StreamWhat::Closed {
+            how,
+            to_destination,
+            from_destination,
+        },
     });
-    Response::new(Empty::new())
+    None
 }
 
 /// A principal's byte rate, shared by all its streams.
@@ -469,7 +489,7 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
 /// destination's connection instead of closing it cleanly. Returns how it
 /// ended and the bytes each way.
 async fn splice(
-    stream: Fenced<TokioIo<hyper::upgrade::Upgraded>>,
+    stream: Fenced<H2Stream>,
     dest: TcpStream,
     limit: Option<&Limit>,
 ) -> (&'static str, u64, u64) {
