@@ -19,7 +19,7 @@ use jvpn_runtime::wire::send_status as status;
 use metrics::{counter, histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics as m;
 use crate::replay::TokenRefusal;
@@ -281,6 +281,14 @@ async fn connect(
             let _ = s.set_nodelay(true);
             Some(s)
         }
+        Ok(Err(e)) if !says_gateway_unreachable(&e) => {
+            // This router's own trouble (no file descriptors, no ephemeral
+            // port, no buffers): not the gateway's, so it counts against no
+            // member; every gateway would otherwise die of it at once.
+            counter!(m::CONNECT_FAILURES).increment(1);
+            warn!(error = %e, "cannot connect to any gateway: a local resource ran out");
+            None
+        }
         _ => {
             counter!(m::CONNECT_FAILURES).increment(1);
             debug!(node = %node, "connect to gateway failed");
@@ -288,6 +296,21 @@ async fn connect(
             None
         }
     }
+}
+
+/// A connect error that says something about the gateway or the path to
+/// it (refused, unreachable, reset, timed out), not about this router.
+fn says_gateway_unreachable(e: &std::io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(
+            nix::libc::EMFILE
+                | nix::libc::ENFILE
+                | nix::libc::ENOBUFS
+                | nix::libc::ENOMEM
+                | nix::libc::EADDRNOTAVAIL
+        )
+    )
 }
 
 /// Probes a member that died unreachable: a TCP connect to its client

@@ -416,8 +416,9 @@ impl RouterState {
         let r = self.membership_event(node, |m, now| m.forget(now, node));
         if let Ok(inc) = r {
             warn!(node = %node, incarnation = %inc, "gateway forgotten at an operator's request");
-            // Its series go now, not at the next step.
-            self.tick();
+            // Its series go at an extra tick now, not at the next step
+            // (the ticker's: two ticks at once could publish out of order).
+            self.tick_at(Instant::now());
         }
         r
     }

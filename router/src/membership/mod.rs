@@ -163,11 +163,14 @@ impl Member {
         now.saturating_since(self.last_heartbeat) > (timeout)
     }
 
-    /// Dead, not heard from since, and without a heartbeat stream: nothing
-    /// says it is still there (one with a stream open may speak again as
-    /// itself; one that died for its client port may still heartbeat).
-    fn gone(&self) -> bool {
-        self.dead && self.open_streams == 0 && self.died_at.is_some_and(|d| self.last_heartbeat < d)
+    /// Dead, without a heartbeat stream, and not heartbeating: not heard
+    /// since its death, or silent for `timeout` now (one that died for its
+    /// client port heartbeats on after its death, and may stop later). One
+    /// with a stream open may speak again as itself.
+    fn gone(&self, now: Mono, timeout: Duration) -> bool {
+        self.dead
+            && self.open_streams == 0
+            && (self.died_at.is_some_and(|d| self.last_heartbeat < d) || self.silent(now, timeout))
     }
 }
 
@@ -429,18 +432,20 @@ impl Membership {
         silent || closed || self.unreachable_too_long(m, now)
     }
 
-    /// Members that died unreachable and still heartbeat, due for a probe of
-    /// their client address (at most one per heartbeat interval each). The
-    /// shell connects and reports the result through [`Self::on_connect`].
+    /// Members due for a probe of their client address (at most one per
+    /// heartbeat interval each): those that died unreachable and still
+    /// heartbeat, and live ones with a failed connect not yet followed by
+    /// a good one (the probes are the evidence the unreachability verdict
+    /// needs: without them, one lost SYN to a gateway that gets no other
+    /// connect for `3 × failure_timeout` would kill it). The shell
+    /// connects and reports the result through [`Self::on_connect`].
     pub fn probes_due(&mut self, now: Mono) -> Vec<(NodeId, Incarnation, SocketAddr)> {
         let (every, fresh) = (self.cfg.interval, self.cfg.failure_timeout);
         let mut due = Vec::new();
         for (n, m) in &mut self.members {
-            if m.dead
-                && m.needs_probe
-                && !m.silent(now, fresh)
-                && now.saturating_since(m.last_probe) >= every
-            {
+            let dead_unreachable = m.dead && m.needs_probe && !m.silent(now, fresh);
+            let failing = !m.dead && m.unreachable_since.is_some();
+            if (dead_unreachable || failing) && now.saturating_since(m.last_probe) >= every {
                 m.last_probe = now;
                 due.push((n.clone(), m.incarnation, m.addr));
             }
@@ -537,7 +542,7 @@ impl Membership {
                 // Its RESUMEs are answered "retry" until the grace ends.
                 after = after.max(cfg.silence_grace);
             }
-            let gone = m.gone() && now.saturating_since(died) >= after;
+            let gone = m.gone(now, cfg.failure_timeout) && now.saturating_since(died) >= after;
             if gone {
                 forgot.push(n.clone());
             }
@@ -559,7 +564,7 @@ impl Membership {
         if !m.dead {
             return Err(NotForgotten::Alive);
         }
-        if !m.gone() {
+        if !m.gone(now, self.cfg.failure_timeout) {
             return Err(NotForgotten::StillHeard);
         }
         let incarnation = m.incarnation;

@@ -747,3 +747,67 @@ fn an_operator_forgets_only_a_member_nothing_says_is_there() {
     assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
     assert_eq!(m.forget(at(4300), &g3), Err(NotForgotten::StillHeard));
 }
+
+/// One failed connect (a lost SYN) to a gateway that then gets no other
+/// connect: the router probes it, the probe connects, and it stays alive.
+/// Before, it died `3 × failure_timeout` later for want of a good connect.
+#[test]
+fn one_failed_connect_is_probed_not_fatal() {
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let at = Mono::from_millis;
+    m.on_connect(at(1000), &g3, Incarnation(1), false);
+    let mut probed = 0;
+    let mut t = 1000;
+    while t < 4300 {
+        t += 50;
+        for (n, inc, _) in m.probes_due(at(t)) {
+            probed += 1;
+            m.on_connect(at(t), &n, inc, true);
+        }
+        run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], t - 50, t);
+    }
+    assert_eq!(probed, 1, "one probe, then nothing to probe");
+    assert_eq!(placeable(&m, 4300), ["g1", "g2", "g3"]);
+
+    // Probes that keep failing are what kills it.
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    m.on_connect(at(1000), &g3, Incarnation(1), false);
+    let mut died = Vec::new();
+    let mut t = 1000;
+    while t < 4300 {
+        t += 50;
+        for (n, inc, _) in m.probes_due(at(t)) {
+            m.on_connect(at(t), &n, inc, false);
+        }
+        died.extend(run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], t - 50, t));
+    }
+    assert_eq!(died, vec![(g3, Incarnation(1))]);
+}
+
+/// A member that died for its client port heartbeats on after its death;
+/// once it stops too (its host is gone), it is forgotten like any other,
+/// and an operator may forget it.
+#[test]
+fn a_member_that_died_unreachable_and_then_fell_silent_is_forgotten() {
+    let at = Mono::from_millis;
+    let fell_silent = || {
+        let cfg = MembershipConfig {
+            forget_failed_after: Duration::from_secs(5),
+            ..MembershipConfig::default()
+        };
+        let (mut m, g3) = three_members(cfg);
+        for t in [1000, 1100, 1200] {
+            m.on_connect(at(t), &g3, Incarnation(1), false);
+        }
+        let died = run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 1200, 4500);
+        assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+        assert_eq!(m.forget(at(4500), &g3), Err(NotForgotten::StillHeard));
+        run(&mut m, &[("g1", 1), ("g2", 1)], 4500, 6000);
+        (m, g3)
+    };
+    let (mut m, g3) = fell_silent();
+    assert_eq!(m.forget(at(6000), &g3), Ok(Incarnation(1)));
+    let (mut m, _) = fell_silent();
+    run(&mut m, &[("g1", 1), ("g2", 1)], 6000, 12_000);
+    assert_eq!(known(&m, 12_000), ["g1", "g2"]);
+}
