@@ -45,9 +45,13 @@ use crate::wire::lock;
 /// stream whose reader stopped holds at most half a window at the receiver
 /// and can never freeze the session's other streams (a connection window
 /// equal to the stream window would: the stopped stream would use it all).
+///
+/// Both at most HTTP/2's largest window (2³¹ − 1; h2 panics past it): a
+/// peer announcing a huge channel window gets that, not a dead session.
 pub fn h2_windows(window: u64) -> (u32, u32) {
-    let stream = u32::try_from((window / 2).max(64 * 1024)).unwrap_or(u32::MAX);
-    let conn = u32::try_from(window.saturating_mul(4)).unwrap_or(u32::MAX);
+    const MAX: u64 = (1 << 31) - 1;
+    let stream = (window / 2).clamp(64 * 1024, MAX) as u32;
+    let conn = window.saturating_mul(4).clamp(u64::from(stream), MAX) as u32;
     (stream, conn)
 }
 
@@ -461,6 +465,17 @@ impl SessionChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http2_windows_stay_within_what_http2_allows() {
+        assert_eq!(h2_windows(1 << 20), (512 << 10, 4 << 20));
+        assert_eq!(h2_windows(0), (64 << 10, 64 << 10));
+        // A window of 1 GiB (a newer or broken gateway) used to give a
+        // connection window past 2^31 - 1, which h2 asserts on.
+        let max = (1 << 31) - 1;
+        assert_eq!(h2_windows(1 << 30), (512 << 20, max));
+        assert_eq!(h2_windows(u64::MAX), (max, max));
+    }
     use jvpn_proto::pb::session::Data;
     use tokio::io::AsyncReadExt;
 
