@@ -29,7 +29,17 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct Stream {
     io: H2Stream,
+    /// The session's channel the stream runs over.
+    channel: SessionChannel,
     _open: OpenStream,
+}
+
+impl Stream {
+    /// Resolves once the stream's session ended (the stream then cannot
+    /// go on): for a relay waiting only on its application's side.
+    pub fn session_gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.channel.gone()
+    }
 }
 
 /// Counts a stream as open while it lives: in the agent's counters and in
@@ -115,6 +125,7 @@ pub enum StreamError {
 #[derive(Clone, Debug)]
 struct Link {
     send: SendRequest<Bytes>,
+    channel: SessionChannel,
     /// Streams open over this session.
     open: Arc<AtomicU64>,
 }
@@ -174,7 +185,11 @@ impl Tunnel {
             .uri(target.to_string())
             .body(())
             .map_err(|e| StreamError::SessionEnded(e.to_string()))?;
-        let Link { send, open } = link;
+        let Link {
+            send,
+            channel,
+            open,
+        } = link;
         let ended = |e: h2::Error| StreamError::SessionEnded(e.to_string());
         let mut send = send.ready().await.map_err(ended)?;
         let (answer, up) = send.send_request(req, false).map_err(ended)?;
@@ -195,6 +210,7 @@ impl Tunnel {
         open.fetch_add(1, Ordering::Relaxed);
         Ok(Stream {
             io: H2Stream::new(up, res.into_body()),
+            channel,
             _open: OpenStream(self.counters.clone(), open),
         })
     }
@@ -392,7 +408,11 @@ impl DataPlane {
             link.send_if_modified(|l| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {
-                    *l = Some(Link { send, open });
+                    *l = Some(Link {
+                        send,
+                        channel: task_ch.clone(),
+                        open,
+                    });
                 }
                 current
             });

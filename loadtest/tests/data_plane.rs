@@ -1198,3 +1198,73 @@ async fn a_reset_at_either_end_reaches_the_other_as_a_reset() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// A stream whose agent side already ended (the application half-closed)
+/// and whose destination is quiet (a long poll) ends when its session
+/// does: the destination is reset at once and the stream's slot is given
+/// back. Before, nothing watched the session while only the destination's
+/// side was open: the stream outlived its session by up to five minutes
+/// (the half-closed idle bound), holding its slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_stream_ends_with_its_session() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[policy]\nheartbeat_interval_ms = 200\nheartbeat_timeout_ms = 800\n\
+         transport_lost_ttl_ms = 1000\nsession_max_lifetime_ms = 3000\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let (door, _door) = front_door(&a.tunnel).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        // The request, then the application's half-close; then a long
+        // poll: the destination keeps its side open and says nothing.
+        c.read_to_end(&mut got).await.unwrap();
+        let _ = got_tx.send((got, c));
+    });
+    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
+    app.write_all(b"GET /poll").await.unwrap();
+    app.shutdown().await.unwrap();
+    let (got, mut held) = got_rx.await.unwrap();
+    assert_eq!(got, b"GET /poll");
+    let open = || async {
+        env.gw
+            .metric("jvpn_gateway_streams_open", &[])
+            .await
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(open().await, 1.0);
+    // The session's lifetime (3 s) ends it; its stream goes with it.
+    eventually(
+        Duration::from_secs(8),
+        "the stream's slot given back",
+        || async { open().await == 0.0 },
+    )
+    .await
+    .unwrap();
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), app.read(&mut b))
+        .await
+        .expect("the application was never told");
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    // The destination's connection was reset, not left open: its writes
+    // fail (the first may still be taken by the kernel).
+    let mut wrote = Ok(());
+    for _ in 0..10 {
+        wrote = held.write_all(b"late").await;
+        if wrote.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(wrote.is_err(), "the destination's connection is still open");
+    drop(a.cmds);
+    let _ = a.task.await;
+}

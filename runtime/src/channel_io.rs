@@ -156,6 +156,8 @@ struct Shared {
     /// `Notify`: every writer sees every bump, so a stale transport's
     /// writer still waiting can never swallow the current one's wakeup.
     outgoing: watch::Sender<()>,
+    /// Set once the channel closed (see [`SessionChannel::gone`]).
+    gone: watch::Sender<bool>,
     origin: Instant,
 }
 
@@ -210,6 +212,7 @@ impl SessionChannel {
                 closed: None,
             }),
             outgoing: watch::Sender::new(()),
+            gone: watch::Sender::new(false),
             origin: Instant::now(),
         });
         (
@@ -349,6 +352,18 @@ impl SessionChannel {
         }
         // A transport waiting for frames learns there are none.
         self.shared.wake_writers();
+        self.shared.gone.send_replace(true);
+    }
+
+    /// Resolves once the channel closed. For a stream's relay that is only
+    /// waiting on its TCP side (the stream's own side ended): it learns
+    /// here that the stream cannot go on, instead of at its next write.
+    pub fn gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shared.gone.subscribe();
+        async move {
+            // The sender lives as long as the channel's last handle: gone.
+            let _ = rx.wait_for(|g| *g).await;
+        }
     }
 
     /// Why the channel was closed, if it was.

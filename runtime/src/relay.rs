@@ -47,12 +47,14 @@ pub struct Relayed {
 /// the stream first (bytes an application sent right behind its request).
 /// `moved` is told of every chunk after it was written and answers how long
 /// to wait before the next read that way (a byte-rate limit; zero for
-/// none).
+/// none). Once `gone` resolves (the stream's carrier, its session, ended)
+/// the relay ends as on an error, whatever it was waiting for.
 pub async fn relay<S>(
     tcp: TcpStream,
     stream: S,
     early: &[u8],
     moved: &(dyn Fn(Way, usize) -> Duration + Sync),
+    gone: impl std::future::Future<Output = ()>,
 ) -> Relayed
 where
     S: AsyncRead + AsyncWrite,
@@ -70,7 +72,10 @@ where
         copy(&mut tr, &mut sw, Way::FromTcp, &mut from_tcp, moved, &ended).await
     };
     let down = copy(&mut sr, &mut tw, Way::ToTcp, &mut to_tcp, moved, &ended);
-    let reset = tokio::try_join!(up, down).is_err();
+    let reset = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.is_err(),
+        () = gone => true,
+    };
     if reset && let Ok(t) = tr.reunite(tw) {
         self::reset(t);
     }
@@ -164,7 +169,7 @@ mod tests {
             seen[usize::from(w == Way::ToTcp)].fetch_add(n as u64, Ordering::Relaxed);
             Duration::ZERO
         };
-        let relay = relay(tcp, stream, b"early ", &moved);
+        let relay = relay(tcp, stream, b"early ", &moved, std::future::pending());
         let ends = async {
             app.write_all(b"up").await.unwrap();
             app.shutdown().await.unwrap();
@@ -227,11 +232,52 @@ mod tests {
             }
         }
         let (tcp, mut app) = pair().await;
-        let r = relay(tcp, Broken, b"", &|_, _| Duration::ZERO).await;
+        let r = relay(
+            tcp,
+            Broken,
+            b"",
+            &|_, _| Duration::ZERO,
+            std::future::pending(),
+        )
+        .await;
         assert!(r.reset);
         let mut b = [0u8; 1];
         let e = app.read(&mut b).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// The carrier went (`gone`) while the relay waited only on the TCP
+    /// side (the stream's side had ended): the relay ends at once, with a
+    /// reset the TCP peer sees.
+    #[tokio::test]
+    async fn the_carrier_going_ends_a_relay_that_waits_on_tcp() {
+        let (tcp, mut app) = pair().await;
+        let (stream, mut far) = tokio::io::duplex(64 * 1024);
+        let (went, gone) = tokio::sync::oneshot::channel::<()>();
+        let relay = relay(tcp, stream, b"", &|_, _| Duration::ZERO, async {
+            let _ = gone.await;
+        });
+        let ends = async {
+            far.shutdown().await.unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(app.read(&mut b).await.unwrap(), 0, "the half-close");
+            went.send(()).unwrap();
+            (app, far)
+        };
+        let (r, (mut app, _far)) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
+                .await
+                .expect("the relay outlived its carrier");
+        assert!(r.reset);
+        let mut wrote = Ok(());
+        for _ in 0..10 {
+            wrote = app.write_all(b"late").await;
+            if wrote.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(wrote.is_err(), "the TCP side was not reset");
     }
 
     /// One side half-closed and the other then moves nothing: the stream
@@ -245,7 +291,14 @@ mod tests {
         let (tcp, mut app) = pair().await;
         let (stream, mut far) = tokio::io::duplex(64 * 1024);
         let relay = async {
-            let r = relay(tcp, stream, b"", &|_, _| Duration::ZERO).await;
+            let r = relay(
+                tcp,
+                stream,
+                b"",
+                &|_, _| Duration::ZERO,
+                std::future::pending(),
+            )
+            .await;
             (r, tokio::time::Instant::now())
         };
         let ends = async {

@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use jvpn_proto::stream::{Refusal, Target};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::{http_connect, socks5};
-use crate::streams::{StreamError, Tunnel};
+use crate::streams::{Stream, StreamError, Tunnel};
 
 /// Why a listen address was refused.
 #[derive(Debug, thiserror::Error)]
@@ -211,11 +211,11 @@ fn reset(c: TcpStream) {
 /// Joins the application's connection and its stream until both
 /// directions ended (half-closes travel); the first error resets the
 /// application's connection (it sees RST) and is counted.
-async fn splice<S>(c: TcpStream, s: S, tunnel: &Tunnel, early: BytesMut)
-where
-    S: AsyncRead + AsyncWrite,
-{
-    let r = jvpn_runtime::relay::relay(c, s, &early, &|_, _| std::time::Duration::ZERO).await;
+/// The relay also ends (a reset) when the stream's session does, while it
+/// waits only on the application.
+async fn splice(c: TcpStream, s: Stream, tunnel: &Tunnel, early: BytesMut) {
+    let gone = s.session_gone();
+    let r = jvpn_runtime::relay::relay(c, s, &early, &|_, _| std::time::Duration::ZERO, gone).await;
     if r.reset {
         tunnel.count_reset();
     }

@@ -47,6 +47,7 @@ pub(super) fn open(
     let (ch, io) = SessionChannel::new(ChannelConfig::with_window(policy.window_bytes));
     lock(&shared.shards[shard].channels).insert(sid, ch.clone());
     let ctx = Arc::new(SessionCtx {
+        channel: ch.clone(),
         principal,
         fence,
         sid,
@@ -70,6 +71,8 @@ pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
 
 /// What every stream of one session shares.
 struct SessionCtx {
+    /// The session's channel: its streams end when it closes.
+    channel: SessionChannel,
     /// The name egress rules match.
     principal: Arc<str>,
     /// Topology 3: the owner lease the session was recorded under; no byte
@@ -307,6 +310,7 @@ async fn open_and_splice(
         },
         dest,
         limit.as_ref(),
+        ctx.channel.gone(),
     )
     .await;
     shared.events.emit_stream(&StreamEvent {
@@ -492,6 +496,7 @@ async fn splice(
     stream: Fenced<H2Stream>,
     dest: TcpStream,
     limit: Option<&Limit>,
+    gone: impl std::future::Future<Output = ()>,
 ) -> (&'static str, u64, u64) {
     let moved = |way: Way, n: usize| {
         let direction = match way {
@@ -503,7 +508,7 @@ async fn splice(
             l.bucket.take(n as u64, l.rate, l.burst, Instant::now())
         })
     };
-    let r = relay(dest, stream, &[], &moved).await;
+    let r = relay(dest, stream, &[], &moved, gone).await;
     let how = m::STREAM_ENDINGS[usize::from(r.reset)];
     counter!(m::STREAMS_ENDED, "how" => how).increment(1);
     (how, r.to_tcp, r.from_tcp)
