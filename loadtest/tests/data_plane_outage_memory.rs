@@ -147,10 +147,10 @@ async fn a_stalled_transport_holds_the_window_not_every_streams_queue_too() {
     );
     // What the gateway may hold ahead of the applications: the channel's
     // window (in flight included), and in front of it, per stream, HTTP/2's
-    // send queue plus what hyper's upgrade pipe holds on its way there (up
-    // to three of the gateway's 16 KiB copy chunks, and one more that h2
-    // takes past its limit), and one 16 KiB frame being written.
-    let per_stream = (jvpn_runtime::channel_io::H2_SEND_BUF + 4 * 16 * 1024) as u64;
+    // send queue (a write takes send capacity before it copies) plus the
+    // relay's one chunk read and not yet written, and one 16 KiB frame
+    // being written.
+    let per_stream = (jvpn_runtime::channel_io::H2_SEND_BUF + jvpn_runtime::relay::CHUNK) as u64;
     let bound = WINDOW + STREAMS as u64 * per_stream + 16 * 1024;
     assert!(
         held <= bound,
