@@ -90,6 +90,9 @@ pub enum ChannelError {
     Overflow,
 }
 
+/// Sealed chunks below this merge with a small chunk before them.
+const SMALL_CHUNK: usize = 4 * 1024;
+
 /// One direction pair of a session's byte streams.
 #[derive(Debug)]
 pub struct Channel {
@@ -161,14 +164,31 @@ impl Channel {
         n
     }
 
-    /// Moves the gathered tail into the queue as one chunk.
+    /// Moves the gathered tail into the queue as one chunk. A small tail
+    /// after a small chunk is merged into it (a copy of under
+    /// 2 × [`SMALL_CHUNK`]): tiny writes sent one by one would otherwise
+    /// make one chunk each, each costing more than its bytes and every
+    /// [`Self::next_data`] scanning them. So no two small chunks are
+    /// adjacent: at most `2 × window / SMALL_CHUNK + 1` chunks.
     fn seal_tail(&mut self) {
-        if !self.tail.is_empty() {
-            let chunk = self.tail.split().freeze();
-            self.queue.push_back(chunk);
-            // `split` keeps the spare capacity; an idle channel holds none.
-            self.tail = BytesMut::new();
+        if self.tail.is_empty() {
+            return;
         }
+        if self.tail.len() < SMALL_CHUNK
+            && let Some(back) = self.queue.back_mut()
+            && back.len() < SMALL_CHUNK
+        {
+            let mut merged = BytesMut::with_capacity(back.len() + self.tail.len());
+            merged.extend_from_slice(back);
+            merged.extend_from_slice(&self.tail);
+            *back = merged.freeze();
+            self.tail = BytesMut::new();
+            return;
+        }
+        let chunk = self.tail.split().freeze();
+        self.queue.push_back(chunk);
+        // `split` keeps the spare capacity; an idle channel holds none.
+        self.tail = BytesMut::new();
     }
 
     /// The next `Data` to put on the transport: `(offset, payload)`, at most

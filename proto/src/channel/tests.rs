@@ -66,6 +66,42 @@ fn an_idle_channel_holds_no_buffer() {
     assert_eq!(c.queue.capacity(), 0, "the queue's memory was given back");
 }
 
+/// Many tiny writes, each sent as it comes while the peer acknowledges
+/// nothing (a peer that never acks, a destination trickling bytes): the
+/// queue holds the window's bytes in few chunks, not one chunk per write
+/// (each costs far more than its 17 bytes, and `next_data` scans them),
+/// and the bytes are the ones written, in order, on a resend too.
+#[test]
+fn tiny_writes_sent_one_by_one_make_few_chunks() {
+    let window = 1 << 20;
+    let mut c = Channel::new(ChannelConfig::with_window(window));
+    let data = stream(0, 0, window as usize);
+    let mut at = 0;
+    let mut sent = Vec::new();
+    while at < data.len() {
+        let n = c.write(&data[at..(at + 17).min(data.len())]);
+        assert!(n > 0);
+        at += n;
+        while let Some((seq, p)) = c.next_data() {
+            assert_eq!(seq, sent.len() as u64);
+            sent.extend_from_slice(&p);
+        }
+    }
+    assert!(sent == data);
+    assert!(
+        c.queue.len() as u64 <= 2 * window / SMALL_CHUNK as u64 + 1,
+        "{} chunks for {window} bytes",
+        c.queue.len()
+    );
+    // Everything again after a resume from the start.
+    c.resume_from(0).unwrap();
+    let mut again = Vec::new();
+    while let Some((_, p)) = c.next_data() {
+        again.extend_from_slice(&p);
+    }
+    assert!(again == data);
+}
+
 #[test]
 fn acks_and_resume_offsets_outside_the_rules_are_errors() {
     let mut c = Channel::new(ChannelConfig::default());
