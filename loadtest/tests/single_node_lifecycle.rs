@@ -84,6 +84,52 @@ async fn switch_rate_limited_then_success_after_the_hinted_wait() {
     t.echo(b"back").await.unwrap();
 }
 
+/// A session whose transport was gone when the drain began (so the
+/// drain's GoAway went nowhere) and that resumes during the drain is told
+/// GoAway on its new transport, so its agent can move before the
+/// deadline, not only `Terminate{draining}` at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_during_a_drain_is_told_goaway() {
+    let mut env = common::start(
+        "[timeouts]\ndrain_timeout_ms = 4000\n[policy]\nheartbeat_timeout_ms = 10000\ntransport_lost_ttl_ms = 20000\n",
+    )
+    .await;
+    let mut a = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let t = common::hello(&mut a).await;
+    // The transport goes before the drain.
+    drop(t);
+    env.gw.signal(Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(2), "/readyz 503", || async {
+        matches!(
+            harness::http_get(env.gw.admin_addr, "/readyz").await,
+            Ok((503, _))
+        )
+    })
+    .await
+    .unwrap();
+    let mut t = common::resume(&mut a)
+        .await
+        .expect("resumed while draining");
+    let told = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match t.recv().await {
+                Ok(Kind::GoAway(g)) => return g,
+                Ok(_) => {}
+                Err(e) => panic!("no GoAway before {e}"),
+            }
+        }
+    })
+    .await
+    .expect("no GoAway within 2 s of the resume");
+    assert_eq!(told.reason, R::Draining as i32);
+    assert!(told.deadline_ms > 0 && told.deadline_ms < 4000, "{told:?}");
+    let status = tokio::time::timeout(Duration::from_secs(6), env.gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_with_goaway_then_terminate_and_exits_zero() {
     // These raw transports send no pings: keep liveness out of the way.

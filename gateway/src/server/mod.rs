@@ -266,6 +266,9 @@ async fn stop_store(store: Option<(crate::store::Keeper, Option<tokio::task::Joi
 }
 
 fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {
+    // Transports attached from now on are told at once (a session whose
+    // transport was lost now resumes later).
+    let _ = shared.goaway_deadline.set(terminate_at);
     let mut all = Vec::new();
     for s in &shared.shards {
         all.extend(lock(&s.conns).values().cloned());
@@ -275,10 +278,7 @@ fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {
         let delay = over * i as u32 / n;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let left = terminate_at.saturating_duration_since(Instant::now());
-            let _ = tx.send(Control::GoAway {
-                deadline_ms: left.as_millis() as u64,
-            });
+            let _ = tx.send(Control::goaway(terminate_at));
         });
     }
 }

@@ -721,6 +721,13 @@ fn spawn_session_loop(
     // The ticket this connection's handshake issued is good while the
     // session lives.
     crate::tickets::carries(at.sid);
+    // Attached after the drain's GoAways went out: told now (its answer
+    // was written; the loop writes controls after it).
+    if let Some(&deadline) = shared.goaway_deadline.get()
+        && let Some(tx) = lock(&shared.shards[at.shard].conns).get(&at.transport)
+    {
+        let _ = tx.send(Control::goaway(deadline));
+    }
     let shared = shared.clone();
     let open = super::conn::OpenConn::new(shared.clone());
     let io = SharedIo::new(tls);

@@ -36,6 +36,16 @@ pub(super) enum Control {
     GoAway { deadline_ms: u64 },
 }
 
+impl Control {
+    /// GoAway with the time left until `deadline`.
+    pub(super) fn goaway(deadline: Instant) -> Self {
+        let left = deadline.saturating_duration_since(Instant::now());
+        Self::GoAway {
+            deadline_ms: left.as_millis() as u64,
+        }
+    }
+}
+
 pub(super) struct Shard {
     pub(super) engine: Mutex<Engine>,
     pub(super) conns: Mutex<HashMap<TransportId, mpsc::UnboundedSender<Control>>>,
@@ -121,6 +131,9 @@ pub(super) struct Shared {
     pub(super) tls_queue: Mutex<TlsQueue>,
     pub(super) open_conns: AtomicUsize,
     pub(super) draining: AtomicBool,
+    /// The drain's deadline, once its GoAways go out: a transport attached
+    /// after that is told GoAway too.
+    pub(super) goaway_deadline: std::sync::OnceLock<Instant>,
     pub(super) events: EventSink,
     pub(super) token_hashes: Vec<blake3::Hash>,
     /// Where streams may go (reloadable; applies to streams opened after).
@@ -405,6 +418,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         )),
         open_conns: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        goaway_deadline: std::sync::OnceLock::new(),
         events: EventSink::start(
             &cfg.raw.events,
             cfg.syslog.clone(),
