@@ -625,6 +625,10 @@ async fn drive(
             if !main {
                 return;
             }
+            // A GoAway's deadline was the gone session's: the next one
+            // must not be moved by it (a hand-over still under way is
+            // dropped when it finishes: it no longer replaces anything).
+            drain_until = None;
             match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
                 Ok(new_t) => {
                     rehandshaken(&report, lost_at, &reason_str(&e));
@@ -692,6 +696,9 @@ async fn move_off(
     transitions: &Option<Transitions>,
     report: &Arc<Mutex<AgentReport>>,
 ) {
+    // Streams still open at the deadline end with the session: counted,
+    // with why, like every reset.
+    end_streams(agent, transitions, report, "go_away_deadline");
     match establish(agent, transitions, Some("go_away".into())).await {
         Ok(new_t) => {
             let mut old = std::mem::replace(t, new_t);

@@ -425,3 +425,66 @@ async fn the_clusters_own_listeners_are_refused() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// A GoAway with a stream open starts a hand-over HELLO; when the old
+/// session ends first (its gateway drained while no other gateway could
+/// take a HELLO), the agent re-handshakes for it, and the hand-over that
+/// finishes later is dropped. Its deadline must go with it: before, the
+/// stale deadline then moved the healthy new session off too, resetting
+/// the streams opened on it (uncounted) and re-handshaking once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_goaway_deadline_does_not_move_the_next_session() {
+    let mut c = common::cluster(ClusterOptions {
+        gateways: 1,
+        spare_gateways: 1,
+        gateway_extra_toml: format!("{LOOPBACK_ALLOWED}[timeouts]\ndrain_timeout_ms = 2000\n"),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let echo = echo_server().await;
+    let a = run_agent(&c);
+    let mut st = a.tunnel.connect(&target(echo)).await.unwrap();
+    late_round(&mut st, 1).await;
+    let owner = a.report.lock().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
+    // The only gateway drains and exits: no HELLO is placed meanwhile.
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.gateway_mut(&owner).unwrap().wait(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    let spare = jvpn_loadtest::cluster::node_name(1);
+    c.start_gateway(&spare).await.unwrap();
+    // The agent's sessions land on the new gateway.
+    harness::eventually(
+        Duration::from_secs(30),
+        "a session on the new gateway",
+        || {
+            let on = a.report.lock().unwrap().node_id == spare;
+            async move { on }
+        },
+    )
+    .await
+    .unwrap();
+    let before = a.report.lock().unwrap().clone();
+    // A stream on the new session lives on: rounds for 3 s.
+    let mut fresh = a.tunnel.connect(&target(echo)).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut round = 0;
+    while Instant::now() < until {
+        round += 1;
+        late_round(&mut fresh, round).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = a.report.lock().unwrap().clone();
+    assert_eq!(
+        after.rehandshakes, before.rehandshakes,
+        "the new session was moved off: {:?}",
+        after.rehandshake_reasons
+    );
+    drop(a.cmds);
+    let _ = a.task.await;
+}
