@@ -490,9 +490,19 @@ async fn a_broken_channel_ends_only_its_own_session() {
     loop {
         match t.recv().await {
             Err(AgentError::Terminated(ReasonCode::ProtocolError)) => break,
+            // The session ended: it must not be said to have resumed.
+            Ok(Kind::ResumeOk(_)) => panic!("a ResumeOk for a session whose channel broke"),
             Ok(_) => continue,
             other => panic!("resume: expected protocol_error, got {other:?}"),
         }
+    }
+    for (result, want) in [("ok", 0.0), ("protocol_error", 1.0)] {
+        let n = env
+            .gw
+            .metric("jvpn_gateway_resumes_total", &[("result", result)])
+            .await
+            .unwrap();
+        assert_eq!(n, want, "resumes {result}");
     }
     let broken = env
         .gw

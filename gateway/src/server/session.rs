@@ -335,8 +335,17 @@ pub(super) async fn do_resume(
                         return Ok(());
                     }
                 }
+                let Ok(channel) = resume_channel(shared, shard, &sid, resume.received, &mut ok)
+                else {
+                    // The channel cannot go on byte-exactly: the session
+                    // ended, and the agent hears why instead of a ResumeOk.
+                    counter!(m::RESUMES, "result" => ReasonCode::ProtocolError.as_str())
+                        .increment(1);
+                    shared.deregister(shard, transport);
+                    let _ = send_terminate(&mut tls, ReasonCode::ProtocolError).await;
+                    return Ok(());
+                };
                 counter!(m::RESUMES, "result" => "ok").increment(1);
-                let channel = resume_channel(shared, shard, &sid, resume.received, &mut ok);
                 let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
                 ok.keepalive_ms = announced(keepalive);
                 if let Some(st) = shared.store.get()
@@ -664,15 +673,18 @@ fn channel_broken(shared: &Shared, shard: usize, sid: &SessionId, why: &ChannelE
 /// A RESUME was accepted: the session's channel (if it has one) continues
 /// on this transport from the offset the agent holds, and the `ResumeOk`
 /// says what this side holds. A session with a channel resumed without an
-/// offset, or with one out of range, cannot continue byte-exactly: it ends.
+/// offset, or with one out of range, cannot continue byte-exactly: it ends
+/// (`Err`). `Ok(None)`: the session has no channel.
 fn resume_channel(
     shared: &Shared,
     shard: usize,
     sid: &SessionId,
     agent_received: Option<u64>,
     ok: &mut ResumeOk,
-) -> Option<(SessionChannel, Generation)> {
-    let ch = lock(&shared.shards[shard].channels).get(sid).cloned()?;
+) -> Result<Option<(SessionChannel, Generation)>, ()> {
+    let Some(ch) = lock(&shared.shards[shard].channels).get(sid).cloned() else {
+        return Ok(None);
+    };
     let Some(offset) = agent_received else {
         channel_broken(
             shared,
@@ -684,7 +696,7 @@ fn resume_channel(
                 sent: 0,
             },
         );
-        return None;
+        return Err(());
     };
     match ch.resume_from(offset) {
         Ok(r) => {
@@ -692,11 +704,11 @@ fn resume_channel(
             // Read after the generation moved: nothing from an older
             // transport is taken in any more, so this is exact.
             ok.received = Some(ch.received());
-            Some((ch, r.generation))
+            Ok(Some((ch, r.generation)))
         }
         Err(e) => {
             channel_broken(shared, shard, sid, &e);
-            None
+            Err(())
         }
     }
 }

@@ -300,6 +300,13 @@ async fn open_and_splice(
             // destination's connection.
             debug!(error = %e, "stream gone before its answer");
             jvpn_runtime::relay::reset(dest);
+            let how = m::STREAM_ENDINGS[1];
+            counter!(m::STREAMS_ENDED, "how" => how).increment(1);
+            event(StreamWhat::Closed {
+                how,
+                to_destination: 0,
+                from_destination: 0,
+            });
             return None;
         }
     };
