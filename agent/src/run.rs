@@ -151,6 +151,16 @@ fn end_streams(
 ) {
     let open = agent.open_streams();
     agent.end_streams(why);
+    counted_resets(transitions, report, open, why);
+}
+
+/// `open` streams were reset, `why`: said and counted.
+fn counted_resets(
+    transitions: &Option<Transitions>,
+    report: &Mutex<AgentReport>,
+    open: u64,
+    why: &str,
+) {
     if open > 0 {
         note(transitions, format!("{open} open streams reset: {why}"));
         update(report, |r| {
@@ -696,11 +706,13 @@ async fn move_off(
     transitions: &Option<Transitions>,
     report: &Arc<Mutex<AgentReport>>,
 ) {
-    // Streams still open at the deadline end with the session: counted,
-    // with why, like every reset.
-    end_streams(agent, transitions, report, "go_away_deadline");
+    // Streams still open at the deadline end with the session once the
+    // next one is there (adopting it closes this channel): counted, with
+    // why, like every reset. Without a next session they stay.
+    let open = agent.open_streams();
     match establish(agent, transitions, Some("go_away".into())).await {
         Ok(new_t) => {
+            counted_resets(transitions, report, open, "go_away_deadline");
             let mut old = std::mem::replace(t, new_t);
             let _ = old.send(agent_closed()).await;
             update(report, |r| {

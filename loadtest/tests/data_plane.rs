@@ -1278,3 +1278,67 @@ async fn a_half_closed_stream_ends_with_its_session() {
     drop(a.cmds);
     let _ = a.task.await;
 }
+
+/// A stream's reader and writer in two tasks (the library API allows it):
+/// the writer waits for send credit while the reader reads the
+/// destination's last bytes and its half-close. The writer must still be
+/// woken when credit comes. Before, reading the end registered the
+/// reader's waker where h2 keeps the writer's, and the write hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waiting_for_credit_is_woken_after_the_reader_saw_the_end() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    const UP: usize = 32 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        // Not reading until told: the agent's writer runs out of credit.
+        let _ = stalled_rx.await;
+        c.write_all(b"hi").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut n = 0;
+        let mut b = vec![0u8; 64 << 10];
+        loop {
+            match c.read(&mut b).await.unwrap() {
+                0 => break n,
+                k => n += k,
+            }
+        }
+    });
+    let s = a.tunnel.connect(&common::target(dest)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![5u8; 64 << 10];
+        for _ in 0..UP / chunk.len() {
+            w.write_all(&chunk).await.unwrap();
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        w.shutdown().await.unwrap();
+    });
+    // The writer stops moving: out of credit.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(now < UP, "everything fit in the buffers: no credit wait");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let _ = stalled_tx.send(());
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hi");
+    tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer was never woken")
+        .unwrap();
+    assert_eq!(server.await.unwrap(), UP);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}

@@ -52,16 +52,8 @@ impl H2Stream {
         }
     }
 
-    /// Ends the stream with `RST_STREAM(CONNECT_ERROR)`: the other end
-    /// resets its TCP connection.
-    pub fn reset(&mut self) {
-        self.send.send_reset(Reason::CONNECT_ERROR);
-        self.sent_end = true;
-        self.read_end = true;
-    }
-
     /// A reset the other end sent, if any, as an error (registers the
-    /// waker for one otherwise).
+    /// waker for one otherwise: call it from the writing side only).
     fn poll_peer_reset(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         match self.send.poll_reset(cx) {
             Poll::Ready(Ok(reason)) => Some(reset_error(reason.into())),
@@ -95,14 +87,11 @@ impl AsyncRead for H2Stream {
             match ready!(me.recv.poll_data(cx)) {
                 Some(Ok(b)) => me.buf = b,
                 Some(Err(e)) => return Poll::Ready(Err(reset_error(e))),
-                None => {
-                    // `None` is END_STREAM only once the stream says so; a
-                    // reset surfaces through `poll_reset` too.
-                    if let Some(e) = me.poll_peer_reset(cx) {
-                        return Poll::Ready(Err(e));
-                    }
-                    me.read_end = true;
-                }
+                // END_STREAM (a reset reads as `Some(Err)`). No
+                // `poll_reset` here: h2 keeps one waker for a stream's
+                // sending side, and the reader's would replace a waiting
+                // writer's, which would then never wake.
+                None => me.read_end = true,
             }
         }
         let n = me.buf.len().min(out.remaining());

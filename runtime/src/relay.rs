@@ -73,6 +73,9 @@ where
     };
     let down = copy(&mut sr, &mut tw, Way::ToTcp, &mut to_tcp, moved, &ended);
     let reset = tokio::select! {
+        // A relay that ended cleanly stays clean even if its carrier went
+        // at the same moment.
+        biased;
         r = async { tokio::try_join!(up, down) } => r.is_err(),
         () = gone => true,
     };
