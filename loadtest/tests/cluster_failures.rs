@@ -444,21 +444,14 @@ async fn a_gateway_that_left_is_forgotten_at_once_and_a_dead_one_after_forget_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_makes_routers_forget_a_dead_gateway_at_once() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, "router-operator-token-1\n").unwrap();
-    let c = common::cluster(ClusterOptions {
+    let (c, _dir) = common::cluster_with_router_token(ClusterOptions {
         gateways: 3,
         spare_gateways: 0,
-        router_env: vec![(
-            "JVPN_ROUTER__ADMIN_TOKEN_FILE".into(),
-            token_file.display().to_string(),
-        )],
         ..ClusterOptions::default()
     })
     .await;
     let admin = c.routers[0].admin_addr;
-    let token = Some("router-operator-token-1");
+    let token = Some(common::ROUTER_TOKEN);
     let forget = |node: &'static str, bearer: Option<&'static str>| async move {
         http_request(admin, "POST", &format!("/members/{node}/forget"), bearer).await
     };

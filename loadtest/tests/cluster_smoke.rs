@@ -57,15 +57,8 @@ async fn sessions_spread_over_gateways_and_resume_on_their_owner() {
 async fn a_router_drains_on_an_authorized_post() {
     use jvpn_loadtest::harness::{http_get, http_request};
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, "router-operator-token-1\n").unwrap();
-    let mut c = common::cluster(ClusterOptions {
+    let (mut c, _dir) = common::cluster_with_router_token(ClusterOptions {
         gateways: 1,
-        router_env: vec![(
-            "JVPN_ROUTER__ADMIN_TOKEN_FILE".into(),
-            token_file.display().to_string(),
-        )],
         ..ClusterOptions::default()
     })
     .await;
@@ -73,7 +66,7 @@ async fn a_router_drains_on_an_authorized_post() {
     let (code, _) = http_request(admin, "POST", "/drain", None).await.unwrap();
     assert_eq!(code, 401);
     assert!(matches!(http_get(admin, "/readyz").await, Ok((200, _))));
-    let (code, _) = http_request(admin, "POST", "/drain", Some("router-operator-token-1"))
+    let (code, _) = http_request(admin, "POST", "/drain", Some(common::ROUTER_TOKEN))
         .await
         .unwrap();
     assert_eq!(code, 202);

@@ -84,6 +84,19 @@ async fn switch_rate_limited_then_success_after_the_hinted_wait() {
     t.echo(b"back").await.unwrap();
 }
 
+/// SIGTERM, then wait until the gateway says it is draining.
+async fn sigterm_and_wait_draining(env: &common::Env) {
+    env.gw.signal(Signal::SIGTERM).unwrap();
+    eventually(Duration::from_secs(2), "/readyz 503", || async {
+        matches!(
+            harness::http_get(env.gw.admin_addr, "/readyz").await,
+            Ok((503, _))
+        )
+    })
+    .await
+    .unwrap();
+}
+
 /// A session whose transport was gone when the drain began (so the
 /// drain's GoAway went nowhere) and that resumes during the drain is told
 /// GoAway on its new transport, so its agent can move before the
@@ -98,15 +111,7 @@ async fn a_session_resumed_during_a_drain_is_told_goaway() {
     let t = common::hello(&mut a).await;
     // The transport goes before the drain.
     drop(t);
-    env.gw.signal(Signal::SIGTERM).unwrap();
-    eventually(Duration::from_secs(2), "/readyz 503", || async {
-        matches!(
-            harness::http_get(env.gw.admin_addr, "/readyz").await,
-            Ok((503, _))
-        )
-    })
-    .await
-    .unwrap();
+    sigterm_and_wait_draining(&env).await;
     let mut t = common::resume(&mut a)
         .await
         .expect("resumed while draining");
@@ -145,15 +150,7 @@ async fn sigterm_drains_with_goaway_then_terminate_and_exits_zero() {
         agents.push((a, t));
     }
     let started = std::time::Instant::now();
-    env.gw.signal(Signal::SIGTERM).unwrap();
-    eventually(Duration::from_secs(2), "/readyz 503", || async {
-        matches!(
-            harness::http_get(env.gw.admin_addr, "/readyz").await,
-            Ok((503, _))
-        )
-    })
-    .await
-    .unwrap();
+    sigterm_and_wait_draining(&env).await;
     // New sessions are refused with an explicit reason.
     let mut late =
         harness::agent(&env.pki, env.gw.client_addr, Some(harness::source_ip(9))).unwrap();

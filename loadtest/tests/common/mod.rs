@@ -122,6 +122,28 @@ pub async fn cluster(
     .unwrap()
 }
 
+/// The bearer token of [`cluster_with_router_token`]'s routers.
+#[allow(dead_code)]
+pub const ROUTER_TOKEN: &str = "router-operator-token-1";
+
+/// [`cluster`] whose routers take operator actions with [`ROUTER_TOKEN`];
+/// the directory holding the token file must outlive the cluster.
+#[allow(dead_code)]
+pub async fn cluster_with_router_token(
+    opts: jvpn_loadtest::cluster::ClusterOptions,
+) -> (jvpn_loadtest::cluster::LocalCluster, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ROUTER_TOKEN}\n")).unwrap();
+    let mut router_env = opts.router_env.clone();
+    router_env.push((
+        "JVPN_ROUTER__ADMIN_TOKEN_FILE".into(),
+        token_file.display().to_string(),
+    ));
+    let c = cluster(jvpn_loadtest::cluster::ClusterOptions { router_env, ..opts }).await;
+    (c, dir)
+}
+
 /// Runs this crate's `jvpn-loadtest` binary with `args` and returns its
 /// output; fails the test if it takes longer than `within`.
 pub async fn loadtest<I, S>(args: I, within: Duration) -> std::process::Output
