@@ -41,7 +41,10 @@ pub async fn start_with(opts: GatewayOptions) -> Env {
     Env { pki, dir, gw }
 }
 
-/// Retries while the gateway's admission says `overloaded` (storms in tests).
+/// Retries while the gateway's admission says `overloaded` (storms in
+/// tests), or while a gateway in a cluster does not hold the placing
+/// router's lease at that instant (`not_in_cluster`: a heartbeat late on a
+/// loaded machine), as the agent's own HELLO does.
 pub async fn hello(agent: &mut Agent) -> Transport {
     for _ in 0..50 {
         match agent.hello().await {
@@ -50,10 +53,14 @@ pub async fn hello(agent: &mut Agent) -> Transport {
                 tokio::time::sleep(Duration::from_millis(u64::from(s.retry_after_ms).max(20)))
                     .await;
             }
+            Err(AgentError::Rejected {
+                reason: ReasonCode::NotInCluster,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) => panic!("hello failed: {e}"),
         }
     }
-    panic!("hello kept being refused as overloaded");
+    panic!("hello kept being refused as overloaded or not in the cluster");
 }
 
 /// RESUME after waiting for the agent's own pacing, retrying admission refusals.
