@@ -37,7 +37,7 @@ pub struct H2Stream {
 
 /// An HTTP/2 failure as the I/O error a TCP application expects of a
 /// connection that was cut: `ConnectionReset`, the cause kept.
-pub fn reset_error(e: h2::Error) -> io::Error {
+fn reset_error(e: h2::Error) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e)
 }
 

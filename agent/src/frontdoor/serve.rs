@@ -71,7 +71,7 @@ pub async fn serve_forward(listener: TcpListener, tunnel: Tunnel, target: Target
             match tunnel.connect(&target).await {
                 Ok(s) => splice(c, s, &tunnel, BytesMut::new()).await,
                 // Nothing to answer in a raw forward: the application sees a reset.
-                Err(_) => reset(c),
+                Err(_) => jvpn_runtime::relay::reset(c),
             }
         }
     })
@@ -199,13 +199,6 @@ async fn answer_and_close(mut c: TcpStream, reply: Option<Vec<u8>>) -> io::Resul
         c.write_all(&r).await?;
     }
     c.shutdown().await
-}
-
-/// Closes with RST (SO_LINGER 0): the application sees a reset.
-fn reset(c: TcpStream) {
-    // A zero linger never blocks on drop (the deprecation is about > 0).
-    #[allow(deprecated)]
-    let _ = c.set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Joins the application's connection and its stream until both
