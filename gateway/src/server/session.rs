@@ -786,9 +786,15 @@ async fn session_loop(
     // large; idle sessions should not pay for 16 of them.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Box<Kind>>(16);
     let heard = Heard::default();
+    let mid = MidFrame::default();
+    let writer = Writer {
+        io: &mut wr,
+        mid: &mid,
+        limit: write_limit,
+    };
     let end = tokio::select! {
         e = read_loop(shared, &at, fence.as_ref(), &mut rd, buf, &reply_tx, report_every, &heard) => e,
-        e = write_loop(shared, &at, fence.as_ref(), &mut wr, &mut rx, &mut reply_rx, write_limit, &heard) => e,
+        e = write_loop(shared, &at, fence.as_ref(), writer, &mut rx, &mut reply_rx, &heard) => e,
     };
     drop((rd, wr));
     if end.is_some() {
@@ -797,20 +803,59 @@ async fn session_loop(
     }
     shared.deregister(at.shard, at.transport);
     // Both halves are gone: the last words go out on `io` alone.
-    match end {
+    last_words(&mut io, end, &mut rx, &mid, write_limit).await;
+}
+
+/// The `Terminate` that closes a transport, when there is one to send:
+/// the reader's own protocol error, or the engine's ending of the
+/// transport while the reader finished first (a broken channel ends the
+/// session). Then the stream is shut down.
+async fn last_words<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    end: End,
+    rx: &mut mpsc::UnboundedReceiver<Control>,
+    mid: &MidFrame,
+    write_limit: Duration,
+) {
+    let reason = match end {
         Some(reason @ (ReasonCode::ProtocolError | ReasonCode::FrameTooLarge)) => {
-            let _ = within(write_limit, send_terminate(&mut io, reason)).await;
             counter!(m::CONNECTIONS_REJECTED, "reason" => reason.as_str()).increment(1);
+            Some(reason)
         }
-        // The engine may have ended this transport while the reader
-        // finished first (a broken channel ends the session): say so.
-        _ => {
-            if let Ok(Control::Terminate(reason)) = rx.try_recv() {
-                let _ = within(write_limit, send_terminate(&mut io, reason)).await;
-            }
-        }
+        _ => match rx.try_recv() {
+            Ok(Control::Terminate(reason)) => Some(reason),
+            _ => None,
+        },
+    };
+    if let Some(reason) = reason.filter(|_| !mid.cut()) {
+        let _ = within(write_limit, send_terminate(io, reason)).await;
     }
     let _ = tokio::time::timeout(write_limit, io.shutdown()).await;
+}
+
+/// Set while a frame is being written, cleared once it is whole. A writer
+/// dropped mid-write (the reader ended first, or a write timed out) leaves
+/// a frame cut short, and the agent would read any frame written after it
+/// as the cut frame's remaining bytes: nothing may follow.
+#[derive(Default)]
+struct MidFrame(std::sync::atomic::AtomicBool);
+
+impl MidFrame {
+    async fn write<T>(
+        &self,
+        w: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        self.0.store(true, Ordering::Relaxed);
+        let r = w.await;
+        if r.is_ok() {
+            self.0.store(false, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn cut(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// When the reader last got a frame, for the writer's keep-alives (the
@@ -987,10 +1032,9 @@ async fn write_loop(
     shared: &Shared,
     at: &Attached,
     fence: Option<&Fence>,
-    wr: &mut SharedIo<Tls>,
+    mut wr: Writer<'_>,
     rx: &mut mpsc::UnboundedReceiver<Control>,
     replies: &mut mpsc::Receiver<Box<Kind>>,
-    write_limit: Duration,
     heard: &Heard,
 ) -> End {
     let mut wake = at.channel.as_ref().map(|(ch, _)| ch.wakeups());
@@ -1003,7 +1047,7 @@ async fn write_loop(
         // Controls first, even while the channel has bytes queued: a GoAway
         // must not wait behind a download.
         while let Ok(ctl) = rx.try_recv() {
-            if let Err(end) = on_control(shared, at, wr, ctl, write_limit).await {
+            if let Err(end) = on_control(shared, at, &mut wr, ctl).await {
                 return end;
             }
         }
@@ -1029,7 +1073,7 @@ async fn write_loop(
             if fenced(shared, fence, at.shard, &at.sid) {
                 return None;
             }
-            if write_with_progress(wr, &out, write_limit).await.is_err() {
+            if wr.batch(&out).await.is_err() {
                 return Some(ReasonCode::TransportDead);
             }
             last_write = Instant::now();
@@ -1045,7 +1089,7 @@ async fn write_loop(
             biased;
             ctl = rx.recv() => match ctl {
                 Some(ctl) => {
-                    if let Err(end) = on_control(shared, at, wr, ctl, write_limit).await {
+                    if let Err(end) = on_control(shared, at, &mut wr, ctl).await {
                         return end;
                     }
                     last_write = Instant::now();
@@ -1058,7 +1102,7 @@ async fn write_loop(
                 if fenced(shared, fence, at.shard, &at.sid) {
                     return None;
                 }
-                if within(write_limit, write_frame(wr, *k)).await.is_err() {
+                if wr.frame(*k).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }
                 last_write = Instant::now();
@@ -1088,7 +1132,7 @@ async fn write_loop(
                     return None;
                 }
                 let ping = Kind::Pong(Pong { seq: 0 });
-                if within(write_limit, write_frame(wr, ping)).await.is_err() {
+                if wr.frame(ping).await.is_err() {
                     return Some(ReasonCode::TransportDead);
                 }
                 last_write = Instant::now();
@@ -1115,16 +1159,15 @@ async fn write_loop(
 async fn on_control(
     shared: &Shared,
     at: &Attached,
-    wr: &mut SharedIo<Tls>,
+    wr: &mut Writer<'_>,
     ctl: Control,
-    write_limit: Duration,
 ) -> Result<(), End> {
     match ctl {
         // A RESUME on this very connection "replaced" it with itself (the
         // reader's in-session RESUME): it stays.
         Control::Terminate(ReasonCode::TransportReplaced) if bound(shared, at) => Ok(()),
         Control::Terminate(reason) => {
-            let _ = within(write_limit, send_terminate(wr, reason)).await;
+            let _ = wr.frame(terminate(reason)).await;
             Err(None)
         }
         Control::GoAway { deadline_ms } => {
@@ -1132,7 +1175,7 @@ async fn on_control(
                 reason: ReasonCode::Draining as i32,
                 deadline_ms,
             };
-            within(write_limit, write_frame(wr, Kind::GoAway(g)))
+            wr.frame(Kind::GoAway(g))
                 .await
                 .map_err(|_| Some(ReasonCode::TransportDead))
         }
@@ -1144,6 +1187,25 @@ fn bound(shared: &Shared, at: &Attached) -> bool {
     shared.with_engine(at.shard, |e| {
         e.session(&at.sid).and_then(|s| s.transport()) == Some(at.transport)
     })
+}
+
+/// The writer half, its deadline, and the record of a frame cut short.
+struct Writer<'a> {
+    io: &'a mut SharedIo<Tls>,
+    mid: &'a MidFrame,
+    limit: Duration,
+}
+
+impl Writer<'_> {
+    async fn frame(&mut self, k: Kind) -> std::io::Result<()> {
+        let w = within(self.limit, write_frame(self.io, k));
+        self.mid.write(w).await
+    }
+
+    async fn batch(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let w = write_with_progress(self.io, bytes, self.limit);
+        self.mid.write(w).await
+    }
 }
 
 /// Channel frames are gathered up to this many bytes per write.
@@ -1202,13 +1264,13 @@ pub(super) async fn send_terminate<W: AsyncWrite + Unpin>(
     w: &mut W,
     reason: ReasonCode,
 ) -> std::io::Result<()> {
-    write_frame(
-        w,
-        Kind::Terminate(Terminate {
-            reason: reason as i32,
-        }),
-    )
-    .await
+    write_frame(w, terminate(reason)).await
+}
+
+fn terminate(reason: ReasonCode) -> Kind {
+    Kind::Terminate(Terminate {
+        reason: reason as i32,
+    })
 }
 
 #[cfg(test)]
@@ -1261,5 +1323,56 @@ mod tests {
         let left = exp.saturating_since(now).as_secs();
         assert!((3590..=3600).contains(&left), "{left}");
         assert_eq!(cert_expiry(b"not a certificate", now), None);
+    }
+
+    /// A frame cut short (the writer dropped mid-write when the reader
+    /// ended first) is followed by nothing: a `Terminate` written after it
+    /// would be read by the agent as the rest of the cut frame.
+    #[tokio::test]
+    async fn no_frame_follows_one_cut_short() {
+        use tokio::io::AsyncReadExt;
+        let data = jvpn_proto::pb::session::Data {
+            seq: 0,
+            payload: vec![0xA5; 1000].into(),
+        };
+        let big = frame::to_bytes(Kind::Data(data)).unwrap();
+        let limit = Duration::from_secs(5);
+        for cut in [true, false] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                b.read_to_end(&mut got).await.map(|_| got)
+            });
+            let mid = MidFrame::default();
+            if cut {
+                // Polled once: 64 bytes go into the pipe, then it is dropped.
+                tokio::select! {
+                    biased;
+                    _ = mid.write(write_with_progress(&mut a, &big, limit)) => {
+                        panic!("1,000 bytes went into a 64-byte pipe nobody had read yet")
+                    }
+                    () = std::future::ready(()) => {}
+                }
+            }
+            let (_tx, mut rx) = mpsc::unbounded_channel();
+            last_words(
+                &mut a,
+                Some(ReasonCode::ProtocolError),
+                &mut rx,
+                &mid,
+                limit,
+            )
+            .await;
+            drop(a);
+            let got = reader.await.unwrap().unwrap();
+            if cut {
+                assert_eq!(got, big[..64], "bytes followed a frame cut short");
+            } else {
+                let mut got = BytesMut::from(&got[..]);
+                let k = frame::decode(&mut got).unwrap();
+                assert_eq!(k, Some(terminate(ReasonCode::ProtocolError)));
+                assert!(got.is_empty());
+            }
+        }
     }
 }
