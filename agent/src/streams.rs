@@ -226,17 +226,6 @@ impl Tunnel {
     }
 }
 
-/// The agent's HTTP/2 client settings over a channel of `window` bytes
-/// (the gateway's server sets the same).
-fn h2_client(window: u64) -> h2::client::Builder {
-    let (stream, conn) = jvpn_runtime::channel_io::h2_windows(window);
-    let mut b = h2::client::Builder::new();
-    b.initial_window_size(stream)
-        .initial_connection_window_size(conn)
-        .max_send_buffer_size(jvpn_runtime::channel_io::H2_SEND_BUF);
-    b
-}
-
 impl Drop for DataPlane {
     fn drop(&mut self) {
         // The agent stopped: its streams end explicitly, not by hanging.
@@ -400,7 +389,10 @@ impl DataPlane {
                 }
                 woken.await;
             }
-            let Ok((send, conn)) = h2_client(window).handshake::<_, Bytes>(io).await else {
+            let Ok((send, conn)) = jvpn_runtime::h2_stream::client_builder(window)
+                .handshake::<_, Bytes>(io)
+                .await
+            else {
                 return;
             };
             // Publish unless the session ended meanwhile (checked under the

@@ -22,6 +22,36 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The data plane's HTTP/2 settings, the same at both ends (`h2` has a
+/// builder type for each side, with the same methods).
+macro_rules! settings {
+    ($b:expr, $window:expr) => {{
+        let (stream, conn) = crate::channel_io::h2_windows($window);
+        $b.initial_window_size(stream)
+            .initial_connection_window_size(conn)
+            .max_send_buffer_size(crate::channel_io::H2_SEND_BUF)
+            // h2 counts its own resets over the connection's whole life:
+            // a session that lives for days would reach any finite limit
+            // (test below). Concurrent streams stay bounded by the stream
+            // limits, which is what that limit protects.
+            .max_local_error_reset_streams(None);
+    }};
+}
+
+/// The gateway's HTTP/2 server over a channel of `window` bytes.
+pub fn server_builder(window: u64) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    settings!(b, window);
+    b
+}
+
+/// The agent's HTTP/2 client over a channel of `window` bytes.
+pub fn client_builder(window: u64) -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    settings!(b, window);
+    b
+}
+
 /// A `CONNECT` stream's two halves, read and written as bytes.
 #[derive(Debug)]
 pub struct H2Stream {
@@ -159,5 +189,91 @@ impl AsyncWrite for H2Stream {
             me.sent_end = true;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/2 frame: 9-byte header, then the payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// Frames from a raw peer until one of `kind` arrives; panics on a
+    /// GOAWAY (its debug data in the message) or the end of the stream.
+    async fn until(raw: &mut tokio::io::DuplexStream, kind: u8) {
+        loop {
+            let mut h = [0u8; 9];
+            raw.read_exact(&mut h).await.expect("connection ended");
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            let mut p = vec![0; len];
+            raw.read_exact(&mut p).await.unwrap();
+            if h[3] == 0x7 {
+                panic!("GOAWAY: {}", String::from_utf8_lossy(&p[8..]));
+            }
+            if h[3] == kind {
+                return;
+            }
+        }
+    }
+
+    /// h2 counts every reset it makes itself over a connection's life and
+    /// ends the connection after 1,024 (`max_local_error_reset_streams`).
+    /// One such reset answers each `DATA` frame that arrives for a stream
+    /// this end reset and has already forgotten, which an application
+    /// closing a download whose bytes are in flight produces; a transport
+    /// outage makes them later still. A session lives for days: a lifetime
+    /// count would end it, and every stream in it, for ordinary traffic.
+    /// (A peer's concurrent work stays bounded by the stream limits.)
+    #[tokio::test]
+    async fn late_data_for_forgotten_streams_does_not_end_the_connection() {
+        let (io, mut raw) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder(1 << 20).handshake::<_, Bytes>(io).await?;
+            while let Some(r) = conn.accept().await {
+                let (_req, mut respond) = r?;
+                // As a stream whose application went away does.
+                respond.send_reset(Reason::CANCEL);
+            }
+            Ok::<(), h2::Error>(())
+        });
+        raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        raw.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+        // `:method CONNECT`, `:authority example:80`, literal, not indexed.
+        let mut block = vec![0x02, 7];
+        block.extend(b"CONNECT");
+        block.extend([0x01, 10]);
+        block.extend(b"example:80");
+        let streams = 1_500u32;
+        for i in 0..streams {
+            // END_HEADERS; each stream is reset before the next opens.
+            raw.write_all(&frame(0x1, 0x4, 2 * i + 1, &block))
+                .await
+                .unwrap();
+            until(&mut raw, 0x3).await;
+        }
+        // Bytes each stream had in flight, arriving after all the resets.
+        // (A write fails once the server has gone: its GOAWAY says why.)
+        for i in 0..streams {
+            let data = frame(0x0, 0, 2 * i + 1, b"late");
+            if raw.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        // The connection still answers.
+        let _ = raw.write_all(&frame(0x6, 0, 0, &[0; 8])).await;
+        until(&mut raw, 0x6).await;
+        drop(raw);
+        let _ = server.await.unwrap();
     }
 }

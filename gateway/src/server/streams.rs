@@ -143,17 +143,13 @@ async fn serve(
     // stream (its connection preface arrives): an idle session with the
     // data plane on costs its channel, not an HTTP/2 connection.
     io.readable().await;
-    // HTTP/2's windows from the channel's, as the agent sets them.
-    let (stream_w, conn_w) = jvpn_runtime::channel_io::h2_windows(policy.window_bytes);
     // Above any stream limit a reload can set, so that the limit in force
     // answers with a refusal (`too_many_streams`) instead of HTTP/2
     // queueing the request.
     let concurrent = (crate::egress::MAX_STREAMS_CEILING + 16) as u32;
     let accept = async {
-        let mut conn = h2::server::Builder::new()
-            .initial_window_size(stream_w)
-            .initial_connection_window_size(conn_w)
-            .max_send_buffer_size(jvpn_runtime::channel_io::H2_SEND_BUF)
+        // HTTP/2's windows from the channel's, as the agent sets them.
+        let mut conn = jvpn_runtime::h2_stream::server_builder(policy.window_bytes)
             .max_concurrent_streams(concurrent)
             .handshake::<_, Bytes>(io)
             .await?;
