@@ -28,6 +28,9 @@ pub struct DemoOptions {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Percentiles {
+    /// Samples behind the figures: 0 means not measured (the figures then
+    /// say nothing, they are not a measured 0).
+    pub count: u64,
     pub p50: u64,
     pub p99: u64,
     pub max: u64,
@@ -72,6 +75,7 @@ pub fn percentiles(mut v: Vec<u64>) -> Percentiles {
     v.sort_unstable();
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     Percentiles {
+        count: v.len() as u64,
         p50: at(0.5),
         p99: at(0.99),
         max: *v.last().unwrap_or(&0),

@@ -374,7 +374,35 @@ fn run_scenario(a: RunArgs) -> ExitCode {
     }
 }
 
-fn print_json_report<R: serde::Serialize>(
+/// A report with a verdict beyond "it ran".
+struct Verdict<R> {
+    report: R,
+    failed: Option<String>,
+}
+
+trait Outcome {
+    fn json(&self) -> String;
+    fn failed(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl<R: serde::Serialize> Outcome for R {
+    fn json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl<R: serde::Serialize> Outcome for Verdict<R> {
+    fn json(&self) -> String {
+        self.report.json()
+    }
+    fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+}
+
+fn print_json_report<R: Outcome>(
     name: &str,
     run: impl std::future::Future<Output = anyhow::Result<R>>,
 ) -> ExitCode {
@@ -387,8 +415,14 @@ fn print_json_report<R: serde::Serialize>(
     };
     match rt.block_on(run) {
         Ok(r) => {
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            ExitCode::SUCCESS
+            println!("{}", r.json());
+            match r.failed() {
+                None => ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("{name}: {why}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("{name}: {e:#}");
@@ -528,7 +562,16 @@ fn main() -> ExitCode {
                 resume_duration: std::time::Duration::from_secs(resume_seconds),
                 resume_concurrency,
             };
-            print_json_report("bench-takeover", jvpn_loadtest::bench_takeover::run(opts))
+            let run = async {
+                let r = jvpn_loadtest::bench_takeover::run(opts).await?;
+                // The figures are printed either way; the exit code says
+                // whether every session was taken over.
+                Ok(Verdict {
+                    failed: (r.failed > 0).then(|| format!("{} sessions not taken over", r.failed)),
+                    report: r,
+                })
+            };
+            print_json_report("bench-takeover", run)
         }
         Cmd::ChaosStore {
             first_seed,

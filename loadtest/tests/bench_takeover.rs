@@ -49,11 +49,10 @@ async fn bench_takeover_measures_cas_latency_and_every_takeover() {
         assert!(x["resumes"].as_u64().unwrap() > 0, "{r}");
         assert!(x["resumes_per_core_s"].as_f64().unwrap() > 0.0, "{r}");
     }
-    assert_eq!(rates[0]["etcd_cpu_us_per_resume"], 0.0);
-    assert!(
-        rates[1]["etcd_cpu_us_per_resume"].as_f64().unwrap() > 0.0,
-        "{r}"
-    );
+    // etcd works for the store's RESUMEs, and only idles beside the others.
+    let etcd = |i: usize| rates[i]["etcd_cpu_us_per_resume"].as_f64().unwrap();
+    assert!(etcd(1) > 0.0, "{r}");
+    assert!(etcd(0) < etcd(1) / 2.0, "{r}");
     let ratio = r["store_vs_memory_resumes_per_core"].as_f64().unwrap();
     let want = rates[1]["resumes_per_core_s"].as_f64().unwrap()
         / rates[0]["resumes_per_core_s"].as_f64().unwrap();

@@ -49,11 +49,9 @@ async fn the_cluster_demo_reports_explicit_failover_and_zero_invariant_violation
     assert!(n("data_agents_on_killed_gateway") > 0);
     assert!(n("streams_reset_explicitly") > 0);
     let stall = &v["stall_ms_per_jump"];
-    assert!(stall["p99"].as_u64().is_some(), "{stall}");
+    assert!(stall["count"].as_u64().unwrap() > 0, "{stall}");
     let f = &v["failover_ms"];
-    for k in ["p50", "p99", "max"] {
-        assert!(f[k].as_u64().is_some(), "failover_ms.{k}");
-    }
+    assert!(f["count"].as_u64().unwrap() > 0, "{f}");
     assert!(f["p99"].as_u64().unwrap() <= 2_000, "{f}");
     assert_eq!(v["sessions_by_gateway"].as_object().unwrap().len(), 4);
     assert!(n("events_checked") > 100);

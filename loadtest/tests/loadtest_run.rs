@@ -339,7 +339,11 @@ async fn bulk_streams_are_byte_exact_under_jumps_and_cuts() {
     let v = bulk_under_jumps_and_cuts("4", "20", "6", "2", "2097152").await;
     assert!(v["stream_bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(v["resumes_ok"].as_u64().unwrap() >= 8, "{v}");
-    assert!(v["stall_ms_per_jump"]["p99"].as_u64().is_some(), "{v}");
+    // Measured: every session jumped every second for 6 s.
+    assert!(
+        v["stall_ms_per_jump"]["count"].as_u64().unwrap() >= 4,
+        "{v}"
+    );
 }
 
 /// The data-plane issue's acceptance run: 256 MiB each way through the

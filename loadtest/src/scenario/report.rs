@@ -136,12 +136,72 @@ impl RunReport {
             .filter(|(_, v)| *v > 0)
             .map(|(k, v)| format!("{k} = {v}"))
             .collect();
+        out.extend(self.scenario_failures());
         out.extend(
             self.thresholds
                 .iter()
                 .filter(|t| !t.ok)
                 .map(|t| format!("threshold {} (was {})", t.expr, t.value)),
         );
+        out
+    }
+
+    /// What the scenario itself promises (docs/loadtest.md, "Scenarios"),
+    /// beyond the invariants every run keeps.
+    fn scenario_failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.scenario.as_str() {
+            "replay-flood" => match &self.flood {
+                Some(f) => {
+                    if f.admitted > 0 {
+                        out.push(format!("replays accepted = {}", f.admitted));
+                    }
+                    match f.victim_resumed_after {
+                        Some(true) => {}
+                        Some(false) => out.push("victim_resumed_after = false".into()),
+                        None => out.push("victim_resumed_after not checked".into()),
+                    }
+                }
+                None => out.push("flood not measured".into()),
+            },
+            "scale-out" if self.rehandshakes > 0 => {
+                out.push(format!("rehandshakes = {}", self.rehandshakes));
+            }
+            "failover" => {
+                // Only the dead owner's sessions re-handshake, and say why.
+                let explicit = self
+                    .errors_by_reason
+                    .get("rehandshake:owner_lost")
+                    .copied()
+                    .unwrap_or(0);
+                if self.rehandshakes > explicit {
+                    out.push(format!(
+                        "rehandshakes other than owner_lost = {}",
+                        self.rehandshakes - explicit
+                    ));
+                }
+            }
+            "bulk" => match &self.streams {
+                // Nothing ends a bulk run's sessions: every stream must
+                // complete, and bytes must have moved.
+                Some(s) => {
+                    if s.stream_bytes == 0 {
+                        out.push("stream_bytes = 0 (no transfer completed)".into());
+                    }
+                    if s.streams_failed > 0 {
+                        out.push(format!("streams_failed = {}", s.streams_failed));
+                    }
+                    if s.streams_reset_explicitly > 0 {
+                        out.push(format!(
+                            "streams_reset_explicitly = {}",
+                            s.streams_reset_explicitly
+                        ));
+                    }
+                }
+                None => out.push("streams not measured".into()),
+            },
+            _ => {}
+        }
         out
     }
 
@@ -187,16 +247,19 @@ impl RunReport {
             self.connections_cut
         );
         if let Some(s) = &self.streams {
+            let stall = match s.stall_ms_per_jump.count {
+                0 => "not measured".to_owned(),
+                n => format!("p99 {} ms ({n} jumps)", s.stall_ms_per_jump.p99),
+            };
             let _ = writeln!(
                 o,
-                "streams: {} bytes exact, {} lost, {} duplicated; {} completed, {} reset explicitly, {} failed; stall per jump p99 {} ms",
+                "streams: {} bytes exact, {} lost, {} duplicated; {} completed, {} reset explicitly, {} failed; stall per jump {stall}",
                 s.stream_bytes,
                 s.stream_bytes_lost,
                 s.stream_bytes_duplicated,
                 s.streams_completed,
                 s.streams_reset_explicitly,
                 s.streams_failed,
-                s.stall_ms_per_jump.p99
             );
         }
         if let Some(c) = &self.cpu {
@@ -325,6 +388,8 @@ pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult
 /// and recovery; and the counters.
 fn metric(r: &RunReport, name: &str) -> Option<f64> {
     let lat = |l: &Latency, q: &str| match q {
+        // An empty histogram's quantiles read 0: not measured, not fast.
+        _ if l.count == 0 => None,
         "p50" => Some(l.p50),
         "p90" => Some(l.p90),
         "p99" => Some(l.p99),
@@ -363,10 +428,16 @@ fn metric(r: &RunReport, name: &str) -> Option<f64> {
         "stream_bytes_duplicated" => r.streams.as_ref()?.stream_bytes_duplicated as f64,
         "streams_reset_explicitly" => r.streams.as_ref()?.streams_reset_explicitly as f64,
         "streams_failed" => r.streams.as_ref()?.streams_failed as f64,
-        "stall_ms_per_jump_p50" => r.streams.as_ref()?.stall_ms_per_jump.p50 as f64,
-        "stall_ms_per_jump_p99" => r.streams.as_ref()?.stall_ms_per_jump.p99 as f64,
+        "stall_ms_per_jump_p50" => stall(r)?.p50 as f64,
+        "stall_ms_per_jump_p99" => stall(r)?.p99 as f64,
         _ => return None,
     })
+}
+
+/// The stall figures, if any jump was measured.
+fn stall(r: &RunReport) -> Option<&crate::demo::Percentiles> {
+    let s = &r.streams.as_ref()?.stall_ms_per_jump;
+    (s.count > 0).then_some(s)
 }
 
 #[cfg(test)]
@@ -406,5 +477,65 @@ mod tests {
             "verdict: FAIL: forced_rehandshakes = 3; threshold recovery_p99_ms<1000 (was 1480.5)"
         );
         assert!(s.contains("errors: owner_lost 7"), "{s}");
+    }
+
+    /// Each scenario's own promise fails the run when broken: a replay
+    /// accepted, a scale-out that re-handshakes, a bulk run whose streams
+    /// failed or moved nothing; and a latency nobody measured is no
+    /// threshold's value.
+    #[test]
+    fn a_scenario_fails_on_its_own_promise() {
+        let run = |scenario: &str| RunReport {
+            scenario: scenario.into(),
+            ..RunReport::default()
+        };
+        let mut r = run("replay-flood");
+        r.flood = Some(FloodReport {
+            victim_resumed_after: Some(true),
+            ..FloodReport::default()
+        });
+        assert!(r.failures().is_empty(), "{:?}", r.failures());
+        r.flood.as_mut().unwrap().admitted = 1;
+        assert_eq!(r.failures(), ["replays accepted = 1"]);
+        r.flood.as_mut().unwrap().victim_resumed_after = None;
+        assert_eq!(r.failures().len(), 2, "{:?}", r.failures());
+
+        let mut r = run("scale-out");
+        r.rehandshakes = 2;
+        assert_eq!(r.failures(), ["rehandshakes = 2"]);
+        // The same count is what a failover is for, when explicit.
+        let mut r = run("failover");
+        r.rehandshakes = 2;
+        r.errors_by_reason
+            .insert("rehandshake:owner_lost".into(), 2);
+        assert!(r.failures().is_empty());
+        r.rehandshakes = 3;
+        assert_eq!(r.failures(), ["rehandshakes other than owner_lost = 1"]);
+
+        let mut r = run("bulk");
+        assert_eq!(r.failures(), ["streams not measured"]);
+        r.streams = Some(crate::streamload::StreamStats {
+            stream_bytes: 1 << 20,
+            ..Default::default()
+        });
+        assert!(r.failures().is_empty());
+        let s = r.streams.as_mut().unwrap();
+        s.stream_bytes = 0;
+        s.streams_failed = 4;
+        assert_eq!(
+            r.failures(),
+            [
+                "stream_bytes = 0 (no transfer completed)",
+                "streams_failed = 4"
+            ]
+        );
+        assert!(r.summary().contains("stall per jump not measured"));
+
+        // Thresholds on figures with no samples are refused, not passed.
+        let e = check_threshold(&r, "resume_p99_ms<500").unwrap_err();
+        assert!(e.to_string().contains("not measured"), "{e}");
+        assert!(check_threshold(&r, "stall_ms_per_jump_p99<100").is_err());
+        r.resume_ms.count = 1;
+        assert!(check_threshold(&r, "resume_p99_ms<500").unwrap().ok);
     }
 }
