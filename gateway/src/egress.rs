@@ -158,11 +158,10 @@ impl FromStr for Cidr {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let net = canonical(
-            addr.parse::<IpAddr>()
-                .map_err(|_| format!("{s:?} is not an address"))?,
-        );
-        let width = if net.is_ipv4() { 32 } else { 128 };
+        let written = addr
+            .parse::<IpAddr>()
+            .map_err(|_| format!("{s:?} is not an address"))?;
+        let width = if written.is_ipv4() { 32 } else { 128 };
         let len = match len {
             Some(l) => l
                 .parse::<u8>()
@@ -170,6 +169,18 @@ impl FromStr for Cidr {
                 .filter(|l| *l <= width)
                 .ok_or_else(|| format!("{s:?}: prefix length must be 0..={width}"))?,
             None => width,
+        };
+        let net = canonical(written);
+        // An IPv4 block written as IPv4-mapped or NAT64 IPv6 is the block
+        // of the last 32 bits: the prefix must lie inside them.
+        let len = match (written, net) {
+            (IpAddr::V6(_), IpAddr::V4(_)) => len.checked_sub(96).ok_or_else(|| {
+                format!(
+                    "{s:?}: an IPv4-mapped or NAT64 block needs a prefix of /96 or longer \
+                     (it stands for the IPv4 block it carries)"
+                )
+            })?,
+            _ => len,
         };
         let c = Cidr { net, len };
         // The address part must be the network itself: a typo such as
@@ -365,6 +376,14 @@ impl EgressPolicy {
                         .ok()
                 })
                 .collect();
+            if r.ports.is_empty() {
+                // A rule with no ports never matches: a deny rule would
+                // silently deny nothing.
+                errs.push(ConfigProblem::new(
+                    key("ports"),
+                    "must name at least one port or range (leave the key out for all ports)",
+                ));
+            }
             if r.principals.is_empty() {
                 errs.push(ConfigProblem::new(
                     key("principals"),

@@ -178,6 +178,16 @@ fn bad_rules_name_their_key() {
                 &["0", "90-80"],
             ),
             rule(Action::Allow, &[], &[], &["1"]),
+            // No ports: a deny rule like this would never match.
+            rule(Action::Deny, &["*"], &["10.0.0.0/8"], &[]),
+            // The IPv4 block these carry needs the IPv6 prefix's last 32
+            // bits: /32 is not 0.0.0.0/32.
+            rule(
+                Action::Allow,
+                &["*"],
+                &["64:ff9b::/32", "::ffff:0:0/95"],
+                &["1"],
+            ),
         ],
         connect_timeout_ms: 0,
         max_streams_per_session: 0,
@@ -199,6 +209,12 @@ fn bad_rules_name_their_key() {
     assert!(has("egress.rules[1].ports", "1..=65535"), "{keys:?}");
     assert!(has("egress.rules[1].ports", "backwards"), "{keys:?}");
     assert!(has("egress.rules[2].cidrs", "at least one"), "{keys:?}");
+    assert!(has("egress.rules[3].ports", "at least one"), "{keys:?}");
+    let nat64 = keys
+        .iter()
+        .filter(|(k, p)| *k == "egress.rules[4].cidrs" && p.contains("/96"))
+        .count();
+    assert_eq!(nat64, 2, "{keys:?}");
     assert!(has("egress.connect_timeout_ms", "zero"), "{keys:?}");
     assert!(
         has("egress.max_streams_per_session", "0 is outside"),
@@ -317,4 +333,26 @@ fn the_other_members_listeners_are_protected_like_this_gateways() {
         named.check_with("ops", a("10.0.0.6:7443"), &cluster),
         Ok(())
     );
+}
+
+#[test]
+fn an_ipv4_block_written_as_ipv6_is_the_ipv4_block() {
+    let as_v4 = |s: &str| s.parse::<Cidr>().map(Cidr::to_string_for_test);
+    assert_eq!(as_v4("::ffff:10.0.0.0/104").as_deref(), Ok("10.0.0.0/8"));
+    assert_eq!(as_v4("64:ff9b::a00:0/104").as_deref(), Ok("10.0.0.0/8"));
+    assert_eq!(as_v4("::ffff:0:0/96").as_deref(), Ok("0.0.0.0/0"));
+    assert_eq!(as_v4("::ffff:10.0.0.1").as_deref(), Ok("10.0.0.1/32"));
+    assert!(as_v4("::ffff:10.0.0.1/104").is_err(), "host bits");
+    // A block that reaches beyond the mapped range is not an IPv4 block.
+    assert!(as_v4("64:ff9b::/32").is_err());
+    // And such a rule opens nothing: the unspecified address stays shut.
+    let p = EgressPolicy::new(
+        &EgressConfig {
+            rules: vec![rule(Action::Allow, &["*"], &["64:ff9b::/32"], &["22"])],
+            ..EgressConfig::default()
+        },
+        &[],
+        &[],
+    );
+    assert!(p.is_err());
 }
