@@ -466,21 +466,24 @@ impl EgressPolicy {
     }
 
     /// [`EgressPolicy::check`], with `cluster` (the other members' and the
-    /// routers' listeners, as membership knows them) protected like this
-    /// gateway's own.
+    /// routers' listeners, as membership knows them, and this gateway's
+    /// own as bound) protected like this gateway's configured ones.
     pub fn check_with(
         &self,
         principal: &str,
         dest: SocketAddr,
-        cluster: &[SocketAddr],
+        cluster: &[&[SocketAddr]],
     ) -> Result<(), Denial> {
         let ip = canonical(dest.ip());
         let port = dest.port();
         let listener = self.listeners.iter().any(|l| {
             l.port() == port && (l.ip() == ip || (l.ip().is_unspecified() && self.is_local(ip)))
-        }) || cluster
-            .iter()
-            .any(|l| l.port() == port && canonical(l.ip()) == ip);
+        }) || cluster.iter().copied().flatten().any(|l| {
+            // An unspecified address is a listener bound on every address
+            // of a host; the only such list entries are this gateway's.
+            l.port() == port
+                && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && self.is_local(ip)))
+        });
         let range = self.protected.iter().find(|(c, _)| c.contains(ip));
         let host_len = if ip.is_ipv4() { 32 } else { 128 };
         // A protected destination counts only the blocks that name it: a

@@ -34,9 +34,15 @@ macro_rules! settings {
             // a session that lives for days would reach any finite limit
             // (test below). Concurrent streams stay bounded by the stream
             // limits, which is what that limit protects.
-            .max_local_error_reset_streams(None);
+            .max_local_error_reset_streams(None)
+            // A CONNECT and its answer need a few hundred bytes; h2's
+            // default (16 MiB) let one pending request hold that much.
+            .max_header_list_size(MAX_HEADER_LIST);
     }};
 }
+
+/// The decoded headers one request or response may carry.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The gateway's HTTP/2 server over a channel of `window` bytes.
 pub fn server_builder(window: u64) -> h2::server::Builder {
@@ -275,5 +281,61 @@ mod tests {
         until(&mut raw, 0x6).await;
         drop(raw);
         let _ = server.await.unwrap();
+    }
+
+    /// A request's headers are bounded: h2's default (16 MiB of decoded
+    /// headers) let one pending CONNECT hold that much of a gateway's
+    /// memory until its dial ended. A CONNECT needs a few hundred bytes.
+    #[tokio::test]
+    async fn a_request_with_oversized_headers_is_refused() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = server_builder(1 << 20).handshake::<_, Bytes>(a).await?;
+            let mut accepted = 0;
+            while let Some(r) = conn.accept().await {
+                let (_req, mut respond) = r?;
+                accepted += 1;
+                let ok = http::Response::new(());
+                let _ = respond.send_response(ok, true);
+            }
+            Ok::<usize, h2::Error>(accepted)
+        });
+        let (send, conn) = client_builder(1 << 20)
+            .handshake::<_, Bytes>(b)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let connect = |extra: usize| {
+            let mut req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("example:80");
+            if extra > 0 {
+                req = req.header("x-padding", "p".repeat(extra));
+            }
+            req.body(()).unwrap()
+        };
+        let mut send = send.ready().await.unwrap();
+        // Just over the bound. (Far over it, h2 ends the connection as a
+        // CONTINUATION flood: this agent's own session only.)
+        let extra = MAX_HEADER_LIST as usize + 1024;
+        let (big, _) = send.send_request(connect(extra), false).unwrap();
+        match big.await {
+            Ok(r) => assert_eq!(
+                r.status(),
+                http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            ),
+            Err(e) => assert!(e.is_reset() || e.is_remote(), "{e}"),
+        }
+        // The connection goes on: a normal CONNECT still answers.
+        let mut send = send.ready().await.unwrap();
+        let (small, _) = send.send_request(connect(0), false).unwrap();
+        assert_eq!(small.await.unwrap().status(), http::StatusCode::OK);
+        drop(send);
+        conn.abort();
+        let accepted = server.await.unwrap().unwrap_or(1);
+        assert_eq!(
+            accepted, 1,
+            "only the small request reached the application"
+        );
     }
 }

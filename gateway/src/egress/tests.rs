@@ -300,7 +300,7 @@ fn the_other_members_listeners_are_protected_like_this_gateways() {
     let p = EgressPolicy::new(&EgressConfig::default(), &[a(GW)], &[]).unwrap();
     for dest in ["10.0.0.6:7443", "[2001:db8::7]:7443", "10.0.0.9:7100"] {
         assert_eq!(
-            p.check_with("alice", a(dest), &cluster),
+            p.check_with("alice", a(dest), &[&cluster]),
             Err(Denial::Protected(Protected::ClusterListener)),
             "{dest}"
         );
@@ -309,10 +309,13 @@ fn the_other_members_listeners_are_protected_like_this_gateways() {
     }
     // An IPv4 member reached through its IPv4-mapped IPv6 form.
     assert!(
-        p.check_with("alice", a("[::ffff:10.0.0.6]:7443"), &cluster)
+        p.check_with("alice", a("[::ffff:10.0.0.6]:7443"), &[&cluster])
             .is_err()
     );
-    assert_eq!(p.check_with("alice", a("10.0.0.6:443"), &cluster), Ok(()));
+    assert_eq!(
+        p.check_with("alice", a("10.0.0.6:443"), &[&cluster]),
+        Ok(())
+    );
     let wide = policy(vec![rule(
         Action::Allow,
         &["*"],
@@ -320,7 +323,7 @@ fn the_other_members_listeners_are_protected_like_this_gateways() {
         &["1-65535"],
     )]);
     assert_eq!(
-        wide.check_with("alice", a("10.0.0.6:7443"), &cluster),
+        wide.check_with("alice", a("10.0.0.6:7443"), &[&cluster]),
         Err(Denial::Protected(Protected::ClusterListener))
     );
     let named = policy(vec![rule(
@@ -330,7 +333,7 @@ fn the_other_members_listeners_are_protected_like_this_gateways() {
         &["7443"],
     )]);
     assert_eq!(
-        named.check_with("ops", a("10.0.0.6:7443"), &cluster),
+        named.check_with("ops", a("10.0.0.6:7443"), &[&cluster]),
         Ok(())
     );
 }

@@ -70,6 +70,11 @@ pub async fn serve(
         None => client.local_addr().map_err(ServeError::Listener)?,
     };
     let shared = build(cfg)?;
+    let bound = [
+        client.local_addr().map_err(ServeError::Listener)?,
+        admin.local_addr().map_err(ServeError::Listener)?,
+    ];
+    let _ = shared.bound.set(bound);
     let mut superseded = None;
     if let (Some(cluster), Some(files)) = (&shared.cluster, &shared.cfg.membership) {
         let c = &shared.cfg.raw.cluster;

@@ -148,6 +148,9 @@ pub(super) struct Shared {
     pub(super) streams_open: Arc<std::sync::atomic::AtomicUsize>,
     /// Leases and views; `None` without membership (single node, static PROXY).
     pub(super) cluster: Option<Arc<crate::membership::Cluster>>,
+    /// This gateway's listeners as bound (a configured port 0 is not the
+    /// port agents could reach): protected from streams like the cluster's.
+    pub(super) bound: std::sync::OnceLock<[std::net::SocketAddr; 2]>,
     /// `POST /drain` on the admin port.
     pub(super) drain: jvpn_runtime::admin::DrainTrigger,
     /// Topology 3: the shared store, set once at start when `[store]`
@@ -432,6 +435,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         principal_streams: super::streams::PerPrincipal::default(),
         resolving: Arc::new(tokio::sync::Semaphore::new(super::streams::RESOLVING)),
         streams_open: Arc::default(),
+        bound: std::sync::OnceLock::new(),
         cluster: cfg.membership.as_ref().map(|_| {
             let c = crate::membership::Cluster::new(
                 cfg.node_id.clone(),

@@ -272,8 +272,12 @@ async fn open_and_splice(
         },
     };
     let started = Instant::now();
-    let cluster = shared.cluster.as_ref().map(|c| c.listeners());
-    let cluster = cluster.as_deref().map_or(&[][..], Vec::as_slice);
+    let members = shared.cluster.as_ref().map(|c| c.listeners());
+    let cluster = [
+        members.as_deref().map_or(&[][..], Vec::as_slice),
+        shared.bound.get().map_or(&[][..], |b| &b[..]),
+    ];
+    let cluster = &cluster[..];
     let limits = [&ctx.resolving, &shared.resolving];
     let dialed = tokio::select! {
         d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
@@ -440,9 +444,11 @@ async fn dial(
     policy: &EgressPolicy,
     principal: &str,
     target: &Target,
-    cluster: &[SocketAddr],
+    cluster: &[&[SocketAddr]],
     limits: [&Arc<Semaphore>; 2],
 ) -> Result<TcpStream, Refusal> {
+    // One deadline for resolution and connect together, as documented.
+    let deadline = tokio::time::Instant::now() + policy.connect_timeout;
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
@@ -453,18 +459,7 @@ async fn dial(
     if addrs.is_empty() {
         return Err(Refusal::NameNotResolved);
     }
-    // Checked after resolution: a name cannot reach what its address could not.
-    let mut allowed = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        match policy.check_with(principal, a, cluster) {
-            Ok(()) => allowed.push(a),
-            Err(d) => counter!(m::EGRESS_DENIED, "rule" => d.as_str()).increment(1),
-        }
-    }
-    if allowed.is_empty() {
-        return Err(Refusal::NotAllowed);
-    }
-    let deadline = tokio::time::Instant::now() + policy.connect_timeout;
+    let allowed = permitted(policy, principal, addrs, cluster)?;
     let mut last = Refusal::Failed;
     for a in allowed {
         match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
@@ -477,6 +472,33 @@ async fn dial(
         }
     }
     Err(last)
+}
+
+/// The addresses `principal` may reach, checked after resolution (a name
+/// cannot reach what its address could not).
+fn permitted(
+    policy: &EgressPolicy,
+    principal: &str,
+    addrs: Vec<SocketAddr>,
+    cluster: &[&[SocketAddr]],
+) -> Result<Vec<SocketAddr>, Refusal> {
+    let mut allowed = Vec::with_capacity(addrs.len());
+    let mut first_denial = None;
+    for a in addrs {
+        match policy.check_with(principal, a, cluster) {
+            Ok(()) => allowed.push(a),
+            Err(d) => {
+                first_denial.get_or_insert(d);
+            }
+        }
+    }
+    match first_denial {
+        Some(d) if allowed.is_empty() => {
+            counter!(m::EGRESS_DENIED, "rule" => d.as_str()).increment(1);
+            Err(Refusal::NotAllowed)
+        }
+        _ => Ok(allowed),
+    }
 }
 
 fn refusal_of(e: &std::io::Error) -> Refusal {
@@ -563,6 +585,47 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A denial is counted once per refused stream, by the reason of its
+    /// first address; a stream that reaches one of its addresses is no
+    /// denial (a name with a loopback and a public address is allowed).
+    #[test]
+    fn a_denial_counts_refused_streams_not_addresses() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let policy = EgressPolicy::new(&crate::egress::EgressConfig::default(), &[], &[]).unwrap();
+        let rec = DebuggingRecorder::new();
+        let snap = rec.snapshotter();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        metrics::with_local_recorder(&rec, || {
+            let mixed = vec![addr("127.0.0.1:80"), addr("192.0.2.1:80")];
+            assert_eq!(
+                permitted(&policy, "p", mixed, &[]),
+                Ok(vec![addr("192.0.2.1:80")])
+            );
+            let denied = vec![
+                addr("127.0.0.1:80"),
+                addr("[::1]:80"),
+                addr("169.254.169.254:80"),
+            ];
+            assert_eq!(
+                permitted(&policy, "p", denied, &[]),
+                Err(Refusal::NotAllowed)
+            );
+        });
+        let counts: Vec<(String, u64)> = snap
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(k, _, _, v)| match v {
+                DebugValue::Counter(n) if k.key().name() == m::EGRESS_DENIED => {
+                    let rule = k.key().labels().next().map(|l| l.value().to_owned());
+                    Some((rule.unwrap_or_default(), n))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counts, [("loopback".to_owned(), 1)]);
+    }
 
     /// A stream takes a slot of its session, its principal and the gateway,
     /// or none: a refusal by any of them gives back what it took.
