@@ -903,9 +903,23 @@ async fn a_raised_stream_limit_applies_to_open_sessions() {
 /// above, and not far below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principals_byte_rate_holds() {
+    byte_rate_holds(1).await;
+}
+
+/// The same with 32 streams at once, measured when half the bytes have
+/// arrived (the time to the end hides bytes moved early: the last stream
+/// sleeps the debt off before its end). Each stream moved one chunk
+/// before paying for it, so 32 streams ran 32 chunks ahead of the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principals_byte_rate_holds_across_many_streams() {
+    byte_rate_holds(32).await;
+}
+
+async fn byte_rate_holds(streams: usize) {
     const RATE: u64 = 2 << 20;
     const BURST: u64 = 256 << 10;
     const TOTAL: usize = 6 << 20;
+    let each = TOTAL / streams;
     let env = common::start(&format!(
         "{LOOPBACK_ALLOWED}[egress]\nprincipal_bytes_per_s = {RATE}\nprincipal_burst_bytes = {BURST}\n"
     ))
@@ -914,22 +928,60 @@ async fn a_principals_byte_rate_holds() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     tokio::spawn(async move {
-        let (mut c, _) = l.accept().await.unwrap();
-        c.write_all(&pattern(3, TOTAL)).await.unwrap();
-        c.shutdown().await.unwrap();
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                c.write_all(&pattern(3, each)).await.unwrap();
+                c.shutdown().await.unwrap();
+            });
+        }
     });
+    // From the first connect: bytes move as soon as a stream is open.
     let started = std::time::Instant::now();
-    let mut s = a_connect(&a.tunnel, "127.0.0.1", port).await.unwrap();
-    let mut got = Vec::with_capacity(TOTAL);
-    s.read_to_end(&mut got).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..streams {
+        open.push(a_connect(&a.tunnel, "127.0.0.1", port).await.unwrap());
+    }
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let half = Arc::new(tokio::sync::OnceCell::new());
+    let readers: Vec<_> = open
+        .into_iter()
+        .map(|mut s| {
+            let (arrived, half) = (arrived.clone(), half.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(each);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let sum = arrived.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                    if sum >= TOTAL / 2 {
+                        let _ = half.set(started.elapsed().as_secs_f64());
+                    }
+                }
+                assert!(got == pattern(3, each));
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
     let took = started.elapsed().as_secs_f64();
-    assert!(got == pattern(3, TOTAL));
+    let at_half = *half.get().unwrap();
     let rate = (TOTAL as u64 - BURST) as f64 / took;
     let ratio = rate / RATE as f64;
+    let half_ratio = (TOTAL as u64 / 2 - BURST) as f64 / at_half / RATE as f64;
     eprintln!(
-        "{TOTAL} bytes in {took:.3} s: {rate:.0} B/s after the burst, {ratio:.3} of the limit"
+        "{streams} streams, {TOTAL} bytes in {took:.3} s: {ratio:.3} of the limit to the end, \
+         {half_ratio:.3} to the half ({at_half:.3} s)"
     );
     assert!(ratio <= 1.05, "faster than the limit: {ratio:.3}");
+    assert!(
+        half_ratio <= 1.05,
+        "faster than the limit by the half: {half_ratio:.3}"
+    );
     // A limiter that throttles far below its rate is broken too; the bound
     // is loose because a loaded machine (CI, parallel tests) is slower
     // than the limit on its own.

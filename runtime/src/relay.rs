@@ -45,9 +45,8 @@ pub struct Relayed {
 
 /// Relays between `tcp` and `stream` (see the module). `early` goes into
 /// the stream first (bytes an application sent right behind its request).
-/// `moved` is told of every chunk after it was written and answers how long
-/// to wait before the next read that way (a byte-rate limit; zero for
-/// none). Once `gone` resolves (the stream's carrier, its session, ended)
+/// `moved` is told of every chunk before it is written and answers how
+/// long to wait before writing it (a byte-rate limit; zero for none). Once `gone` resolves (the stream's carrier, its session, ended)
 /// the relay ends as on an error, whatever it was waiting for.
 pub async fn relay<S>(
     tcp: TcpStream,
@@ -126,16 +125,18 @@ where
             ended.send_replace(true);
             return Ok(());
         }
+        // Paid for before it moves: paying after let every stream sharing
+        // a rate move one chunk ahead of it (32 streams, 32 chunks).
+        let wait = moved(way, n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         tokio::select! {
             biased;
             r = w.write_all(&buf[..n]) => r?,
             () = quiet(&mut other) => return Err(io::ErrorKind::TimedOut.into()),
         }
         *count += n as u64;
-        let wait = moved(way, n);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
     }
 }
 
