@@ -42,15 +42,39 @@ impl Stream {
     }
 }
 
-/// Counts a stream as open while it lives: in the agent's counters and in
-/// its session's (a draining session lasts while it has streams).
+/// Counts a stream as open while it lives: in its session's count from
+/// its request on (a draining session lasts while it has streams, and a
+/// CONNECT waiting for its answer is one), and in the agent's counters
+/// once the gateway accepted it.
 #[derive(Debug)]
-struct OpenStream(Arc<StreamCounters>, Arc<AtomicU64>);
+struct OpenStream {
+    session: Arc<AtomicU64>,
+    agent: Option<Arc<StreamCounters>>,
+}
+
+impl OpenStream {
+    fn on(session: Arc<AtomicU64>) -> Self {
+        session.fetch_add(1, Ordering::Relaxed);
+        Self {
+            session,
+            agent: None,
+        }
+    }
+
+    fn accepted(mut self, agent: &Arc<StreamCounters>) -> Self {
+        agent.opened.fetch_add(1, Ordering::Relaxed);
+        agent.open.fetch_add(1, Ordering::Relaxed);
+        self.agent = Some(agent.clone());
+        self
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.1.fetch_sub(1, Ordering::Relaxed);
+        self.session.fetch_sub(1, Ordering::Relaxed);
+        if let Some(a) = &self.agent {
+            a.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -190,6 +214,7 @@ impl Tunnel {
             channel,
             open,
         } = link;
+        let using = OpenStream::on(open);
         let ended = |e: h2::Error| StreamError::SessionEnded(e.to_string());
         let mut send = send.ready().await.map_err(ended)?;
         let (answer, up) = send.send_request(req, false).map_err(ended)?;
@@ -205,13 +230,10 @@ impl Tunnel {
                 name,
             )));
         }
-        self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        self.counters.open.fetch_add(1, Ordering::Relaxed);
-        open.fetch_add(1, Ordering::Relaxed);
         Ok(Stream {
             io: H2Stream::new(up, res.into_body()),
             channel,
-            _open: OpenStream(self.counters.clone(), open),
+            _open: using.accepted(&self.counters),
         })
     }
 
@@ -421,5 +443,68 @@ impl DataPlane {
                 current
             });
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jvpn_proto::pb::session::frame::Kind;
+
+    /// Moves frames between two channels until the test ends (what the
+    /// transports do between agent and gateway).
+    async fn pump(a: (SessionChannel, Generation), b: (SessionChannel, Generation)) {
+        let (mut wa, mut wb) = (a.0.wakeups(), b.0.wakeups());
+        loop {
+            for (from, to) in [(&a, &b), (&b, &a)] {
+                while let Some(k) = from.0.next_frame(from.1, true) {
+                    let r = match k {
+                        Kind::Data(d) => to.0.on_data(to.1, d),
+                        Kind::Ack(x) => to.0.on_ack(to.1, x),
+                        _ => Ok(()),
+                    };
+                    r.unwrap();
+                }
+            }
+            tokio::select! {
+                () = wa.changed() => {}
+                () = wb.changed() => {}
+            }
+        }
+    }
+
+    /// A CONNECT waiting for the gateway's answer already uses its session:
+    /// at a GoAway the agent must keep the session until the answer, not
+    /// replace it at once and fail the CONNECT with "session replaced".
+    #[tokio::test]
+    async fn a_connect_waiting_for_its_answer_counts_as_open() {
+        let (mut d, tunnel) = DataPlane::new();
+        d.start(1 << 20);
+        let agent = d.channel.clone().unwrap();
+        let (gw, io) = SessionChannel::new(ChannelConfig::with_window(1 << 20));
+        let first = gw.first();
+        let pumping = tokio::spawn(pump(agent, (gw, first)));
+        let (asked, got_asked) = tokio::sync::oneshot::channel();
+        let gateway = tokio::spawn(async move {
+            let mut conn = jvpn_runtime::h2_stream::server_builder(1 << 20)
+                .handshake::<_, Bytes>(io)
+                .await
+                .unwrap();
+            let (_req, respond) = conn.accept().await.unwrap().unwrap();
+            let _ = asked.send(());
+            // The answer never comes (a slow dial); the connection runs.
+            let _respond = respond;
+            while conn.accept().await.is_some() {}
+        });
+        let target = Target::new("example", 80).unwrap();
+        let connect = tokio::spawn(async move { tunnel.connect(&target).await.map(drop) });
+        got_asked.await.unwrap();
+        assert_eq!(d.open_streams(), 1, "the CONNECT in flight");
+        // Given up (the application left): the session is free again.
+        connect.abort();
+        let _ = connect.await;
+        assert_eq!(d.open_streams(), 0);
+        gateway.abort();
+        pumping.abort();
     }
 }
