@@ -1,4 +1,5 @@
-//! The README's commands, run as written (issue 19): every shell block is
+//! The README's commands (and deploy/README.md's, last test), run as
+//! written (issue 19): every shell block is
 //! run by bash in a network namespace of its own (the README uses the
 //! default ports: 7443, 9443, 1080, 9090), in an empty directory, within a
 //! time bound. What differs from a reader's machine, and only that:
@@ -73,7 +74,9 @@ fn script(block: &[String], stop_after_s: u64) -> String {
         let cmd = line.split('#').next().unwrap_or("").trim_end().to_owned();
         if cmd.trim() == "cargo build --release" {
             s.push_str(": already built\n");
-        } else if cmd.contains(" cluster") && cmd.starts_with("target/release/jvpn-loadtest") {
+        } else if cmd.contains(" cluster")
+            && (cmd.starts_with("target/release/jvpn-loadtest") || cmd.starts_with("jvpn-loadtest"))
+        {
             // Stays up: in the background, until its files are written.
             s.push_str(&format!(
                 "{cmd} > cluster.out &\nfor i in $(seq 300); do grep -q JVPN_CLUSTER_READY cluster.out && break; sleep 0.2; done\ngrep -q JVPN_CLUSTER_READY cluster.out\n"
@@ -187,4 +190,38 @@ async fn every_readme_command_runs_as_written() {
         }
     }
     assert_eq!(ran.len(), 5, "{ran:?}");
+}
+
+/// deploy/README.md's commands, in order in one directory (the checks use
+/// the PKI the first block writes), with `deploy/` there as in a checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_deploy_readme_command_runs_as_written() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("deploy/README.md")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    bin_dir(work.path());
+    std::os::unix::fs::symlink(root.join("deploy"), work.path().join("deploy")).unwrap();
+    let mut ran = Vec::new();
+    for block in blocks(&readme) {
+        let text = block.join("\n");
+        let known = ["pki init", " check --config", " cluster"];
+        assert!(
+            known.iter().any(|k| text.contains(k)),
+            "a deploy/README.md block this test cannot run yet:\n{text}"
+        );
+        let s = script(&block, 8);
+        let out = run(&s, work.path(), Duration::from_secs(300)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{text}\n--- ran as\n{s}\n--- exit {:?}\n{stdout}\n{stderr}",
+            out.status
+        );
+        if text.contains(" cluster") {
+            assert!(stdout.contains("prometheus targets up: 5"), "{stdout}");
+        }
+        ran.push(block[0].clone());
+    }
+    assert_eq!(ran.len(), 3, "{ran:?}");
 }
