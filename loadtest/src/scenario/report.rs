@@ -94,6 +94,9 @@ pub struct RunReport {
     pub connections_cut: u64,
     #[serde(flatten)]
     pub invariants: Invariants,
+    /// Gateway state-change events read for `dual_active_detected` (local
+    /// clusters, after the gateways stopped cleanly).
+    pub events_checked: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<FloodReport>,
     /// `bulk`: what the streams saw (stream_bytes, stream_bytes_lost, ...).
