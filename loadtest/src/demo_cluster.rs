@@ -68,6 +68,9 @@ pub struct ClusterSummary {
     pub data_agents: usize,
     /// Of those, how many the killed gateway owned.
     pub data_agents_on_killed_gateway: usize,
+    /// Streams reset although their session neither ended nor moved (a
+    /// jump, the scale-out or the router restart broke them): must be 0.
+    pub streams_reset_on_live_sessions: u64,
     #[serde(flatten)]
     pub streams: StreamStats,
     pub events_checked: usize,
@@ -305,7 +308,17 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let data_agents = data.len();
     let mut reports = fleet.close().await;
     reports.extend(newcomers.close().await);
-    reports.extend(data.close().await);
+    let data_reports = data.close().await;
+    // A reset is explicit only where its session ended (or moved to a
+    // taker): the streams of every other session must go on.
+    let streams_reset_on_live_sessions: u64 = streams
+        .resets_by_tunnel
+        .iter()
+        .zip(&data_reports)
+        .filter(|(_, r)| r.rehandshake_reasons.is_empty() && r.explicit_migrations == 0)
+        .map(|(n, _)| *n)
+        .sum();
+    reports.extend(data_reports);
     let mut event_files: Vec<(PathBuf, Option<u64>)> = Vec::new();
     for (node, gw) in &mut c.gateways {
         if *node == victim {
@@ -350,6 +363,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         routed_to_unplaceable,
         data_agents,
         data_agents_on_killed_gateway: data_on_victim,
+        streams_reset_on_live_sessions,
         streams: streams.clone(),
         events_checked,
         duration_ms: started.elapsed().as_millis() as u64,
@@ -424,6 +438,10 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
             "  streams reset explicitly      {} ({} streaming sessions on the killed gateway)",
             s.streams_reset_explicitly, summary.data_agents_on_killed_gateway
         );
+        println!(
+            "  streams reset on live sessions {}",
+            summary.streams_reset_on_live_sessions
+        );
         println!("  streams failed otherwise      {}", s.streams_failed);
         println!(
             "  stall ms per jump p50/p99     {}/{}",
@@ -447,5 +465,6 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         && streams.stream_bytes_duplicated == 0
         && streams.streams_failed == 0
         && streams.stream_bytes > 0
+        && summary.streams_reset_on_live_sessions == 0
         && (data_on_victim == 0 || streams.streams_reset_explicitly > 0))
 }

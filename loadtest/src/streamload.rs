@@ -76,6 +76,11 @@ pub struct StreamStats {
     pub streams_failed: u64,
     /// From each forced jump to each running stream's next byte.
     pub stall_ms_per_jump: Percentiles,
+    /// `streams_reset_explicitly` by tunnel, in the order of the tunnels
+    /// given to [`StreamLoad::start`]: a caller that knows which sessions
+    /// ended can check that only their streams were reset.
+    #[serde(skip)]
+    pub resets_by_tunnel: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +130,8 @@ struct Shared {
     per_tunnel: usize,
     origin: Instant,
     counters: Arc<Counters>,
+    /// Streams reset, per tunnel.
+    resets: Vec<Arc<AtomicU64>>,
     stalls: std::sync::Mutex<Vec<u64>>,
 }
 
@@ -147,6 +154,7 @@ impl StreamLoad {
         let (stop, stop_rx) = watch::channel(false);
         let origin = Instant::now();
         let counters = Arc::new(Counters::default());
+        let resets: Vec<Arc<AtomicU64>> = tunnels.iter().map(|_| Arc::default()).collect();
         let mut tasks = Vec::new();
         let mut doors = Vec::new();
         let mut progress = Vec::new();
@@ -166,6 +174,7 @@ impl StreamLoad {
                     p,
                     origin,
                     counters.clone(),
+                    resets[i].clone(),
                 )));
             }
         }
@@ -178,6 +187,7 @@ impl StreamLoad {
                 per_tunnel,
                 origin,
                 counters,
+                resets,
                 stalls: std::sync::Mutex::new(Vec::new()),
             }),
         })
@@ -306,6 +316,12 @@ impl StreamLoad {
             streams_reset_explicitly: c.reset.load(Ordering::Relaxed),
             streams_failed: c.failed.load(Ordering::Relaxed),
             stall_ms_per_jump: percentiles(stalls),
+            resets_by_tunnel: self
+                .shared
+                .resets
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }
@@ -323,6 +339,7 @@ async fn stream_task(
     progress: Arc<Progress>,
     origin: Instant,
     c: Arc<Counters>,
+    tunnel_resets: Arc<AtomicU64>,
 ) {
     // The next transfer's bytes are made while this one runs, and arriving
     // bytes are checked as they come, so the tool's own work seldom sits
@@ -351,6 +368,7 @@ async fn stream_task(
             // unreachable"): as explicit as a reset, and counted with them.
             Err(SocksError::Refused(NETWORK_UNREACHABLE)) => {
                 c.reset.fetch_add(1, Ordering::Relaxed);
+                tunnel_resets.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             Err(_) => {
@@ -393,6 +411,7 @@ async fn stream_task(
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 c.reset.fetch_add(1, Ordering::Relaxed);
+                tunnel_resets.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 /// The summary's counters that are 0 in every demo run.
-const MUST_BE_ZERO: [&str; 10] = [
+const MUST_BE_ZERO: [&str; 11] = [
     "forced_rehandshakes",
     "forced_rehandshakes_on_scale_out",
     "rehandshakes_on_router_restart",
@@ -19,6 +19,7 @@ const MUST_BE_ZERO: [&str; 10] = [
     "stream_bytes_lost",
     "stream_bytes_duplicated",
     "streams_failed",
+    "streams_reset_on_live_sessions",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
