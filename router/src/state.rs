@@ -134,8 +134,41 @@ impl Concurrency {
 struct Admission {
     rate: SourceLimiter,
     conc: Concurrency,
-    /// `[hello, resume]` buckets per gateway.
-    per_gateway: HashMap<NodeId, [Bucket; 2]>,
+    per_gateway: PerGateway,
+}
+
+/// `[hello, resume]` buckets per gateway.
+#[derive(Debug, Default)]
+struct PerGateway(HashMap<NodeId, [Bucket; 2]>);
+
+impl PerGateway {
+    /// Past this many gateways, buckets that refilled are dropped before a
+    /// new one is added: a full bucket is what a new one would be, and
+    /// node ids come and go over a router's life.
+    const PRUNE_AT: usize = 1024;
+
+    /// One HELLO (`resume = false`) or RESUME to `node` at `[hello, resume]`
+    /// per second.
+    fn take(
+        &mut self,
+        node: &NodeId,
+        resume: bool,
+        rates: [f64; 2],
+        now: Mono,
+    ) -> Result<(), Duration> {
+        let rate = rates[usize::from(resume)];
+        if self.0.len() >= Self::PRUNE_AT && !self.0.contains_key(node) {
+            self.0.retain(|_, b| {
+                !(b[0].is_refilled(rates[0], rates[0], now)
+                    && b[1].is_refilled(rates[1], rates[1], now))
+            });
+        }
+        let buckets = self
+            .0
+            .entry(node.clone())
+            .or_insert_with(|| [Bucket::full(rates[0], now), Bucket::full(rates[1], now)]);
+        buckets[usize::from(resume)].take(rate, rate, now)
+    }
 }
 
 /// Everything the router's tasks share.
@@ -281,7 +314,7 @@ impl RouterState {
                 a.per_source_max_connections,
                 a.source_table_capacity,
             ),
-            per_gateway: HashMap::new(),
+            per_gateway: PerGateway::default(),
         };
         let mc = &cfg.raw.membership;
         let mut membership_conns =
@@ -884,19 +917,10 @@ impl RouterState {
     pub fn gateway_budget(&self, node: &NodeId, resume: bool) -> Result<(), Duration> {
         let now = self.now();
         let a = self.limits.load();
-        let rate = if resume {
-            a.resume_per_gateway_per_s
-        } else {
-            a.hello_per_gateway_per_s
-        };
-        let mut adm = lock(&self.admission);
-        let buckets = adm.per_gateway.entry(node.clone()).or_insert_with(|| {
-            [
-                Bucket::full(a.hello_per_gateway_per_s, now),
-                Bucket::full(a.resume_per_gateway_per_s, now),
-            ]
-        });
-        buckets[usize::from(resume)].take(rate, rate, now)
+        let rates = [a.hello_per_gateway_per_s, a.resume_per_gateway_per_s];
+        lock(&self.admission)
+            .per_gateway
+            .take(node, resume, rates, now)
     }
 }
 
@@ -931,6 +955,36 @@ mod tests {
             .filter(|i| queue_early_tick(&mut q, t0 + Duration::from_micros(i * 500)))
             .count();
         assert!(added <= 51, "{added} extra ticks");
+    }
+
+    /// Gateways come and go over a router's life (new node ids at each
+    /// scale-out): the per-gateway buckets of those gone must not pile up.
+    #[test]
+    fn per_gateway_buckets_do_not_pile_up() {
+        let mut p = PerGateway::default();
+        let rates = [100.0, 200.0];
+        let node = |i: usize| NodeId::new(&format!("g{i}")).unwrap();
+        for i in 0..10_000 {
+            // One HELLO each, a second apart: each bucket refilled long
+            // before the next gateway is seen.
+            let now = Mono::from_millis(i as u64 * 1000);
+            assert!(p.take(&node(i), false, rates, now).is_ok());
+        }
+        assert!(p.0.len() <= PerGateway::PRUNE_AT, "{} buckets", p.0.len());
+        // A bucket in use keeps its debt through a prune.
+        let mut p = PerGateway::default();
+        let now = Mono::from_millis(0);
+        for _ in 0..100 {
+            let _ = p.take(&node(0), false, rates, now);
+        }
+        assert!(p.take(&node(0), false, rates, now).is_err());
+        for i in 1..=PerGateway::PRUNE_AT + 1 {
+            let _ = p.take(&node(i), false, rates, now);
+        }
+        assert!(
+            p.take(&node(0), false, rates, now).is_err(),
+            "debt forgotten"
+        );
     }
 
     #[test]

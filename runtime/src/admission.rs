@@ -48,7 +48,9 @@ impl Bucket {
         }
     }
 
-    fn is_refilled(&self, rate: f64, burst: f64, now: Mono) -> bool {
+    /// Whether the bucket would be full now: then it is no different from
+    /// a new one and can be forgotten.
+    pub fn is_refilled(&self, rate: f64, burst: f64, now: Mono) -> bool {
         let dt = now.saturating_since(self.last).as_secs_f64();
         self.tokens + dt * rate >= burst
     }
