@@ -229,25 +229,7 @@ pub(super) async fn do_hello(
         let first = ch.first();
         (ch, first)
     });
-    // The session may have ended (its lifetime or credential ran out, a
-    // drain, an operator) while it was recorded or its channel opened:
-    // the end's clean-up found neither yet. Undo both and refuse; a
-    // HelloOk would name a session that no longer exists, and its record
-    // would stay in the store for good.
-    if !shared.with_engine(shard, |e| e.session(&acc.session_id).is_some()) {
-        shared.ended(shard, &acc.session_id, "session ended");
-        shared.deregister(shard, transport);
-        let reason = if shared.draining.load(Ordering::Relaxed) {
-            ReasonCode::Draining
-        } else if shared.store.get().is_some_and(|st| !st.serves()) {
-            // Fenced: the lease went while the HELLO was answered.
-            ReasonCode::StoreUnavailable
-        } else if end_of_life.is_none_or(|t| t <= shared.now()) {
-            // As for a credential already expired at HELLO.
-            ReasonCode::AuthFailed
-        } else {
-            ReasonCode::InvalidTransition
-        };
+    if let Some(reason) = gone_meanwhile(shared, shard, &acc.session_id, transport, end_of_life) {
         refuse(reason);
         let _ = send_reject(&mut tls, reason, 250, 0).await;
         return Ok(());
@@ -390,6 +372,37 @@ pub(super) async fn do_resume(
     Ok(())
 }
 
+/// A session accepted on `transport` may have ended (its lifetime or
+/// credential ran out, a drain, an operator) while it was recorded or its
+/// channel opened: the end's clean-up found neither yet (design note 57).
+/// Then both are undone here and the answer must be a refusal, for the
+/// reason returned: a `HelloOk` or `ResumeOk` would name a session that
+/// no longer exists, and its record would stay in the store for good.
+fn gone_meanwhile(
+    shared: &Shared,
+    shard: usize,
+    sid: &SessionId,
+    transport: TransportId,
+    end_of_life: Option<Mono>,
+) -> Option<ReasonCode> {
+    if shared.with_engine(shard, |e| e.session(sid).is_some()) {
+        return None;
+    }
+    shared.ended(shard, sid, "session ended");
+    shared.deregister(shard, transport);
+    Some(if shared.draining.load(Ordering::Relaxed) {
+        ReasonCode::Draining
+    } else if shared.store.get().is_some_and(|st| !st.serves()) {
+        // Fenced: the lease went while the answer was made.
+        ReasonCode::StoreUnavailable
+    } else if end_of_life.is_none_or(|t| t <= shared.now()) {
+        // As for a credential already expired at the handshake.
+        ReasonCode::AuthFailed
+    } else {
+        ReasonCode::InvalidTransition
+    })
+}
+
 /// The connection a takeover arrived on.
 struct TakeoverConn {
     binding: ChannelBinding,
@@ -511,6 +524,12 @@ async fn take_over(
     });
     let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
     ok.keepalive_ms = announced(keepalive);
+    // Ended since the engine adopted it (another thread: a drain, its
+    // end of life): the end found neither the record nor the channel.
+    if let Some(reason) = gone_meanwhile(shared, shard, &sid, at.transport, Some(end_of_life)) {
+        refuse(&mut tls, reason).await;
+        return Ok(());
+    }
     if !st.fence_of(&sid).holds() {
         shared.abandon(shard, &sid, at.transport, Termination::StoreUnavailable);
         refuse(&mut tls, ReasonCode::StoreUnavailable).await;
