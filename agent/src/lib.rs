@@ -39,7 +39,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use jvpn_proto::ReasonCode;
@@ -388,7 +388,7 @@ pub struct Agent {
     pub session: Option<ClientSession>,
     next_server: usize,
     /// Committed switches of the current session, for client-side pacing.
-    switches: std::collections::VecDeque<std::time::Instant>,
+    switches: std::collections::VecDeque<Instant>,
     /// The data plane, once [`Agent::tunnel`] asked for one.
     pub(crate) data: Option<(streams::DataPlane, streams::Tunnel)>,
     /// The last takeover the agent accepted, until [`Agent::take_migration`].
@@ -498,7 +498,7 @@ impl Agent {
         let Some(p) = self.session.as_ref().map(|s| s.policy) else {
             return Duration::ZERO;
         };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let cooldown = self
             .switches
             .back()
@@ -602,6 +602,21 @@ impl Agent {
         Ok(t)
     }
 
+    /// The next frame of the answer to a request sent at `asked`: within
+    /// the connect timeout of it, or an error. A gateway that completed
+    /// TLS and then says nothing (paused; the path died after the
+    /// handshake) would otherwise hold the agent until TCP gives up.
+    async fn answer(&self, t: &mut Transport, asked: Instant) -> Result<Kind, AgentError> {
+        let by = asked + self.cfg.connect_timeout;
+        match tokio::time::timeout_at(by.into(), t.recv()).await {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.cfg.connect_timeout),
+            ))),
+        }
+    }
+
     /// HELLO on a new connection, leaving this agent's session as it is:
     /// the new session is applied with [`Agent::adopt`] (a hand-over makes
     /// the next session while the current one still serves).
@@ -621,7 +636,7 @@ impl Agent {
             migration: self.accepts_migration,
         }))
         .await?;
-        let ok = match t.recv().await? {
+        let ok = match self.answer(&mut t, Instant::now()).await? {
             Kind::HelloOk(ok) => ok,
             Kind::Reject(r) => return Err(rejected(&r)),
             other => {
@@ -749,8 +764,9 @@ impl Agent {
         t: &mut Transport,
         sent: &Resume,
     ) -> Result<(), AgentError> {
+        let asked = Instant::now();
         let ok = loop {
-            match t.recv().await? {
+            match self.answer(t, asked).await? {
                 Kind::ResumeOk(ok) => break ok,
                 Kind::Reject(r) => {
                     if let Some(s) = self.session.as_mut() {

@@ -18,6 +18,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A server holding a valid gateway certificate that answers any RESUME
 /// with a `ResumeOk` claiming another node.
 async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
+    fake_gateway(pki, true).await
+}
+
+/// A server holding a valid gateway certificate that completes TLS, reads
+/// the first frame and then says nothing: `impostor` answers a
+/// `ResumeOk` claiming another node, otherwise nothing ever comes.
+async fn fake_gateway(pki: &harness::TestPki, impostor: bool) -> std::net::SocketAddr {
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::config::TlsConfig {
         cert_file: pki.layout.gateway_cert("g2"),
         key_file: pki.layout.gateway_key("g2"),
@@ -38,6 +45,11 @@ async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
                 let mut tls = acceptor.accept(s).await.unwrap();
                 let mut buf = BytesMut::new();
                 let _ = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await;
+                if !impostor {
+                    // Holds the connection open, silent (a paused gateway).
+                    let _ = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await;
+                    return;
+                }
                 let ok = ResumeOk {
                     node_id: "g2".into(),
                     incarnation: 7,
@@ -53,6 +65,44 @@ async fn impostor(pki: &harness::TestPki) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// A gateway that completes TLS and then never answers (paused, or the
+/// path died after the handshake): the HELLO and the RESUME each give up
+/// within the connect timeout instead of waiting for TCP, for ever or 15
+/// minutes, with the agent's whole loop behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_hello_or_resume_gives_up() {
+    let pki = harness::TestPki::new(&["g1", "g2"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw =
+        harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
+            .await
+            .unwrap();
+    let mute = fake_gateway(&pki, false).await;
+    let mut cfg = harness::agent_config(&pki, vec![mute], None).unwrap();
+    cfg.connect_timeout = std::time::Duration::from_millis(500);
+    let mut a = jvpn_agent::Agent::new(cfg.clone()).unwrap();
+    let bound = std::time::Duration::from_secs(3);
+    match tokio::time::timeout(bound, a.hello()).await {
+        Ok(Err(e)) => assert!(e.to_string().contains("no answer"), "{e}"),
+        other => panic!(
+            "HELLO to a silent gateway: {:?}",
+            other.map(|r| r.map(drop))
+        ),
+    }
+    // A real session, whose next transport lands on the silent server.
+    let mut real = harness::agent(&pki, gw.client_addr, None).unwrap();
+    let _t = common::hello(&mut real).await;
+    let mut moved = jvpn_agent::Agent::new(cfg).unwrap();
+    moved.session = real.session.clone();
+    match tokio::time::timeout(bound, moved.resume()).await {
+        Ok(Err(e)) => assert!(e.to_string().contains("no answer"), "{e}"),
+        other => panic!(
+            "RESUME to a silent gateway: {:?}",
+            other.map(|r| r.map(drop))
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
