@@ -602,8 +602,14 @@ async fn drive(
                 note(&transitions, "jump: old transport left half-open".into());
                 // Keep `t` alive (unread) until the new one is attached.
                 let lost_at = Instant::now();
+                let was = session_id(&agent);
                 match reattach(&mut agent, &transitions, &report, lost_at, main).await {
                     Ok(new_t) => {
+                        if session_id(&agent) != was {
+                            // Re-handshaken inside: a GoAway's deadline
+                            // was the old session's.
+                            drain_until = None;
+                        }
                         last_rx = Instant::now();
                         let old = std::mem::replace(&mut t, new_t);
                         drop(old);
@@ -653,6 +659,7 @@ async fn drive(
                 }
             }
         }
+        let was = session_id(&agent);
         let attached = match role {
             Role::Main { .. } => reattach(&mut agent, &transitions, &report, lost_at, true).await,
             // A draining session stops reattaching when the agent stops or
@@ -665,6 +672,11 @@ async fn drive(
         };
         match attached {
             Ok(new_t) => {
+                if session_id(&agent) != was {
+                    // The RESUME found the session gone and a new one was
+                    // made: a GoAway's deadline was the old session's.
+                    drain_until = None;
+                }
                 last_rx = Instant::now();
                 t = new_t;
             }
@@ -678,6 +690,10 @@ async fn drive(
             }
         }
     }
+}
+
+fn session_id(agent: &Agent) -> Option<jvpn_proto::SessionId> {
+    agent.session.as_ref().map(|s| s.id)
 }
 
 /// Aborts a task when dropped (a hand-over's HELLO when the agent stops).

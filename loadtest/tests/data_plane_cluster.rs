@@ -439,6 +439,19 @@ async fn the_clusters_own_listeners_are_refused() {
 /// the streams opened on it (uncounted) and re-handshaking once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_goaway_deadline_does_not_move_the_next_session() {
+    stale_goaway_deadline(false).await;
+}
+
+/// The same when the draining owner dies (SIGKILL) after its GoAway: the
+/// agent sees a transport loss, and its RESUME finds the owner gone, so
+/// the re-handshake happens inside the reattach. The deadline must go
+/// there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_goaway_deadline_does_not_move_a_session_a_resume_remade() {
+    stale_goaway_deadline(true).await;
+}
+
+async fn stale_goaway_deadline(kill_after_goaway: bool) {
     let mut c = common::cluster(ClusterOptions {
         gateways: 1,
         spare_gateways: 1,
@@ -452,7 +465,17 @@ async fn a_stale_goaway_deadline_does_not_move_the_next_session() {
     late_round(&mut st, 1).await;
     let owner = a.report.lock().unwrap().node_id.clone();
     c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
-    // The only gateway drains and exits: no HELLO is placed meanwhile.
+    if kill_after_goaway {
+        harness::eventually(Duration::from_secs(10), "the GoAway", || {
+            let got = a.report.lock().unwrap().go_aways > 0;
+            async move { got }
+        })
+        .await
+        .unwrap();
+        c.gateway(&owner).unwrap().signal(Signal::SIGKILL).unwrap();
+    }
+    // The only gateway drains and exits (or dies): no HELLO is placed
+    // meanwhile.
     let status = tokio::time::timeout(
         Duration::from_secs(10),
         c.gateway_mut(&owner).unwrap().wait(),
@@ -460,7 +483,7 @@ async fn a_stale_goaway_deadline_does_not_move_the_next_session() {
     .await
     .unwrap()
     .unwrap();
-    assert!(status.success(), "{status:?}");
+    assert!(status.success() || kill_after_goaway, "{status:?}");
     let spare = jvpn_loadtest::cluster::node_name(1);
     c.start_gateway(&spare).await.unwrap();
     // The agent's sessions land on the new gateway.
