@@ -72,9 +72,27 @@ impl TicketRefusal {
 
 /// The connection a ticket was issued on, and the session it came to
 /// carry once its first frame was accepted.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connection {
     session: OnceLock<SessionId>,
+    /// When it was accepted: a handshake begun before a reload ran under
+    /// the old TLS configuration (perhaps the old agent CA).
+    began: Instant,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self::begun_at(Instant::now())
+    }
+}
+
+impl Connection {
+    fn begun_at(began: Instant) -> Self {
+        Self {
+            session: OnceLock::new(),
+            began,
+        }
+    }
 }
 
 tokio::task_local! {
@@ -135,6 +153,9 @@ struct Keys {
     by_id: HashMap<u32, Key>,
     /// Every ticket remembered, by its nonce (random, so unique).
     issued: HashMap<[u8; NONCE_LEN], Issued>,
+    /// When these keys replaced the previous ones at a reload: handshakes
+    /// begun before it get no ticket.
+    since_reload: Option<Instant>,
 }
 
 impl Keys {
@@ -144,6 +165,7 @@ impl Keys {
             next_id: 0,
             by_id: HashMap::new(),
             issued: HashMap::new(),
+            since_reload: None,
         };
         k.start_key(now);
         k
@@ -218,8 +240,15 @@ impl Tickets {
     /// Every ticket issued so far stops opening (a reload may have changed
     /// who is trusted: a resumed handshake does not verify the client's
     /// certificate again).
+    ///
+    /// Handshakes already under way ran with the old TLS configuration:
+    /// they get no ticket (the caller installs the new configuration
+    /// first, so every handshake begun after this runs with it).
     pub fn forget_keys(&self) {
-        *lock(&self.keys) = Keys::fresh(Instant::now());
+        let now = Instant::now();
+        let mut k = Keys::fresh(now);
+        k.since_reload = Some(now);
+        *lock(&self.keys) = k;
     }
 
     fn ttl(&self) -> Duration {
@@ -371,6 +400,10 @@ impl Tickets {
         self.roll(now);
         let connection = CONNECTION.try_with(Arc::clone).unwrap_or_default();
         let mut k = lock(&self.keys);
+        if k.since_reload.is_some_and(|r| connection.began < r) {
+            // Begun under the configuration a reload replaced.
+            return None;
+        }
         if k.issued.len() >= self.capacity {
             return Self::refuse(TicketRefusal::TableFull);
         }
@@ -511,6 +544,28 @@ mod tests {
     fn remembered(t: &Tickets) -> (usize, usize) {
         let k = lock(&t.keys);
         (k.issued.len(), k.by_id.len())
+    }
+
+    /// A reload drops every key, and a handshake still under way when it
+    /// came ran with the old TLS configuration (perhaps the agent CA the
+    /// reload removed): it gets no ticket under the new keys either.
+    #[test]
+    fn a_handshake_begun_before_a_reload_gets_no_ticket() {
+        let (t, _) = tickets();
+        let now = Instant::now();
+        let before = Arc::new(Connection::begun_at(now - Duration::from_secs(1)));
+        t.forget_keys();
+        let sealed = CONNECTION.sync_scope(before, || t.seal_at(b"state", now));
+        assert!(
+            sealed.is_none(),
+            "a ticket for a handshake begun before the reload"
+        );
+        let after = Arc::new(Connection::begun_at(
+            Instant::now() + Duration::from_secs(1),
+        ));
+        let sealed = CONNECTION.sync_scope(after, || t.seal_at(b"state", now));
+        let ticket = sealed.expect("a handshake begun after the reload gets its ticket");
+        assert!(t.open_at(&ticket, now).is_some());
     }
 
     #[test]
