@@ -196,9 +196,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let run = tokio::spawn(keep_alive(agent, cmd_rx, Some(line_tx), report.clone()));
     let stop = stop_requested(duration_s);
     tokio::pin!(run, stop);
+    let mut stopped = false;
     let final_report = tokio::select! {
         r = &mut run => r?,
         why = &mut stop => {
+            stopped = true;
             println!("stopping: {why}");
             // Close ends the session with Terminate when attached; while the
             // agent waits (handshake retries, reattach) it cannot, and the
@@ -227,6 +229,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .ended
                 .as_deref()
                 .unwrap_or("no handshake completed")
+        );
+    }
+    if !stopped {
+        // Nobody asked it to stop: a supervisor must see a failure.
+        anyhow::bail!(
+            "the agent stopped on its own: {}",
+            final_report
+                .ended
+                .as_deref()
+                .unwrap_or("no reason recorded")
         );
     }
     Ok(())

@@ -199,7 +199,7 @@ pub async fn keep_alive(
     // This loop reads every frame: it can let the gateway keep the
     // transport alive and only check in (design note 52).
     agent.set_listens_for_keepalives(true);
-    let t = match establish(&mut agent, &transitions, None).await {
+    let t = match establish(&mut agent, &transitions, None, Persist::Limited).await {
         Ok(t) => t,
         Err(e) => {
             update(&report, |r| r.ended = Some(reason_str(&e)));
@@ -411,7 +411,9 @@ async fn drive(
                         let tr = transitions.clone();
                         let (tx, rx) = oneshot::channel();
                         let task = tokio::spawn(async move {
-                            let r = establish_fresh(&mut fork, &tr, Some("go_away")).await;
+                            let r =
+                                establish_fresh(&mut fork, &tr, Some("go_away"), Persist::Limited)
+                                    .await;
                             let _ = tx.send(r.map(|(t, fresh)| (t, fresh, fork)));
                         });
                         let replacing = agent.session.as_ref().map(|s| s.id);
@@ -603,7 +605,12 @@ async fn drive(
                 // Keep `t` alive (unread) until the new one is attached.
                 let lost_at = Instant::now();
                 let was = session_id(&agent);
-                match reattach(&mut agent, &transitions, &report, lost_at, main).await {
+                let persist = if main {
+                    Persist::UntilStopped(&mut cmds)
+                } else {
+                    Persist::Limited
+                };
+                match reattach(&mut agent, &transitions, &report, lost_at, main, persist).await {
                     Ok(new_t) => {
                         if session_id(&agent) != was {
                             // Re-handshaken inside: a GoAway's deadline
@@ -645,7 +652,8 @@ async fn drive(
             // must not be moved by it (a hand-over still under way is
             // dropped when it finishes: it no longer replaces anything).
             drain_until = None;
-            match establish(&mut agent, &transitions, Some(reason_str(&e))).await {
+            let persist = Persist::UntilStopped(&mut cmds);
+            match establish(&mut agent, &transitions, Some(reason_str(&e)), persist).await {
                 Ok(new_t) => {
                     rehandshaken(&report, lost_at, &reason_str(&e));
                     record_attach(&report, &agent, true);
@@ -661,11 +669,14 @@ async fn drive(
         }
         let was = session_id(&agent);
         let attached = match role {
-            Role::Main { .. } => reattach(&mut agent, &transitions, &report, lost_at, true).await,
+            Role::Main { .. } => {
+                let persist = Persist::UntilStopped(&mut cmds);
+                reattach(&mut agent, &transitions, &report, lost_at, true, persist).await
+            }
             // A draining session stops reattaching when the agent stops or
             // its deadline comes.
             Role::Draining { until } => tokio::select! {
-                r = reattach(&mut agent, &transitions, &report, lost_at, false) => r,
+                r = reattach(&mut agent, &transitions, &report, lost_at, false, Persist::Limited) => r,
                 _ = cmds.recv() => Err(AgentError::Closed),
                 () = tokio::time::sleep_until(until.into()) => Err(AgentError::Closed),
             },
@@ -726,7 +737,7 @@ async fn move_off(
     // next one is there (adopting it closes this channel): counted, with
     // why, like every reset. Without a next session they stay.
     let open = agent.open_streams();
-    match establish(agent, transitions, Some("go_away".into())).await {
+    match establish(agent, transitions, Some("go_away".into()), Persist::Limited).await {
         Ok(new_t) => {
             counted_resets(transitions, report, open, "go_away_deadline");
             let mut old = std::mem::replace(t, new_t);
@@ -776,8 +787,9 @@ async fn establish(
     agent: &mut Agent,
     transitions: &Option<Transitions>,
     after: Option<String>,
+    persist: Persist<'_>,
 ) -> Result<Transport, AgentError> {
-    let (t, fresh) = establish_fresh(agent, transitions, after.as_deref()).await?;
+    let (t, fresh) = establish_fresh(agent, transitions, after.as_deref(), persist).await?;
     agent.adopt(fresh);
     Ok(t)
 }
@@ -796,14 +808,30 @@ fn rehandshaken(report: &Arc<Mutex<AgentReport>>, lost_at: Instant, why: &str) {
     });
 }
 
-/// HELLO with retries: transient refusals are retried for up to
-/// [`ESTABLISH_PATIENCE`], anything else five times. `after`: the reason a
-/// previous session ended (then this is an explicit re-handshake, and says
-/// so). The agent's own session is left as it is.
+/// Whether HELLO retries end.
+pub(crate) enum Persist<'a> {
+    /// After [`ESTABLISH_PATIENCE`] of transient refusals or five other
+    /// failures: the first handshake (a wrong address or CA should say so
+    /// at once) and a hand-over (the current session still serves).
+    Limited,
+    /// Only when the agent is told to stop (`Close`, or its commands
+    /// closed): the session was lost and the front doors wait for the next
+    /// one. Past the limits above the waits grow to [`PERSIST_MAX_WAIT`]; a
+    /// stop then ends it with the last failure, as the limit would have.
+    UntilStopped(&'a mut mpsc::Receiver<Command>),
+}
+
+/// The longest wait between HELLOs of an agent that keeps trying.
+const PERSIST_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// HELLO with retries (see [`Persist`]). `after`: the reason a previous
+/// session ended (then this is an explicit re-handshake, and says so). The
+/// agent's own session is left as it is.
 async fn establish_fresh(
     agent: &mut Agent,
     transitions: &Option<Transitions>,
     after: Option<&str>,
+    mut persist: Persist<'_>,
 ) -> Result<(Transport, Fresh), AgentError> {
     let started = Instant::now();
     let mut hard_failures = 0u32;
@@ -825,15 +853,12 @@ async fn establish_fresh(
             }
             Err(e) => e,
         };
-        if transient(&e) {
-            if started.elapsed() > ESTABLISH_PATIENCE {
-                return Err(e);
-            }
-        } else {
+        if !transient(&e) {
             hard_failures += 1;
-            if hard_failures >= 5 {
-                return Err(e);
-            }
+        }
+        let past_limits = started.elapsed() > ESTABLISH_PATIENCE || hard_failures >= 5;
+        if past_limits && matches!(persist, Persist::Limited) {
+            return Err(e);
         }
         let jitter = rand::rng().random_range(0..=50);
         let wait = match &e {
@@ -841,8 +866,11 @@ async fn establish_fresh(
             AgentError::Rejected { retry_after_ms, .. } => {
                 Duration::from_millis((*retry_after_ms).clamp(50, 1_000))
             }
+            _ if past_limits => Duration::from_millis(100 << hard_failures.min(7)),
             _ => Duration::from_millis(100 << hard_failures.min(4)),
-        } + Duration::from_millis(jitter);
+        }
+        .min(PERSIST_MAX_WAIT)
+            + Duration::from_millis(jitter);
         note(
             transitions,
             format!(
@@ -852,7 +880,22 @@ async fn establish_fresh(
             ),
         );
         agent.rotate_server();
-        tokio::time::sleep(wait).await;
+        match &mut persist {
+            Persist::Limited => tokio::time::sleep(wait).await,
+            Persist::UntilStopped(stop) => {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    c = stop.recv() => match c {
+                        None | Some(Command::Close) => return Err(e),
+                        // No session to echo over; a jump asks for a try now.
+                        Some(Command::Echo(_, reply)) => {
+                            let _ = reply.send(Err("no session".into()));
+                        }
+                        Some(Command::Jump | Command::StallAndJump) => {}
+                    },
+                }
+            }
+        }
     }
 }
 
@@ -864,6 +907,7 @@ async fn reattach(
     report: &Arc<Mutex<AgentReport>>,
     lost_at: Instant,
     main: bool,
+    mut persist: Persist<'_>,
 ) -> Result<Transport, AgentError> {
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
@@ -952,7 +996,8 @@ async fn reattach(
                         // A draining session is not made again.
                         return Err(e);
                     }
-                    let t = establish(agent, transitions, Some(why.clone())).await?;
+                    let persist = std::mem::replace(&mut persist, Persist::Limited);
+                    let t = establish(agent, transitions, Some(why.clone()), persist).await?;
                     rehandshaken(report, lost_at, &why);
                     record_attach(report, agent, true);
                     return Ok(t);

@@ -32,6 +32,9 @@ pub enum Mode {
     Delay(Duration),
     /// New connections are accepted and never forwarded.
     Blackhole,
+    /// New connections are accepted and closed at once (a path that
+    /// answers but leads nowhere: every connect fails fast).
+    Refuse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +182,10 @@ impl FaultProxy {
 
 async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result<()> {
     let mode = *inner.mode.lock().unwrap_or_else(PoisonError::into_inner);
+    if mode == Mode::Refuse {
+        jvpn_runtime::relay::reset(client);
+        return Ok(());
+    }
     let id = inner.next.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = watch::channel(ConnCtl::Run);
     inner

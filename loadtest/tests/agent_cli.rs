@@ -246,3 +246,55 @@ async fn the_server_may_be_a_host_name() {
         "{err}"
     );
 }
+
+/// An outage far longer than the session's `transport_lost_ttl`: the
+/// session is gone when the path comes back, and the agent makes a new one
+/// (explicitly) instead of giving up after a few failed connects and
+/// exiting 0 with its front doors closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_outlives_a_long_outage() {
+    let env = common::start("[policy]\ntransport_lost_ttl_ms = 2500\n").await;
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
+        .await
+        .unwrap();
+    let mut child = connect(&env, &proxy.addr.to_string())
+        .args(["--duration-s", "60"])
+        .spawn()
+        .unwrap();
+    let mut out = attached(&mut child).await;
+    // Every connect now fails at once, and the current transport is cut.
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Refuse);
+    proxy.cut_all();
+    // Long enough for the session to expire and for several HELLOs to
+    // fail: before, the agent stopped after five and exited.
+    let mut said = String::new();
+    let mut failed = 0;
+    while failed < 8 {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line))
+            .await
+            .expect("the agent kept trying")
+            .unwrap();
+        assert!(n > 0, "the agent exited during the outage:\n{said}");
+        failed += usize::from(line.contains("handshake failed"));
+        said.push_str(&line);
+    }
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Pass);
+    let mut line = String::new();
+    while !line.contains("attached to") {
+        line.clear();
+        let n = tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line))
+            .await
+            .expect("the agent came back after the outage")
+            .unwrap();
+        assert!(n > 0, "the agent exited:\n{said}");
+        said.push_str(&line);
+    }
+    assert!(said.contains("re-handshake after"), "{said}");
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
