@@ -542,7 +542,10 @@ async fn drive(
                 let sent = if out.is_empty() {
                     Ok(())
                 } else {
-                    tokio::time::timeout(silence_limit, t.send_raw(&out))
+                    // Until the silence limit counted from the last frame,
+                    // as for a ping: a write that blocks late in a quiet
+                    // spell must not stretch detection to twice the limit.
+                    tokio::time::timeout_at((last_rx + silence_limit).into(), t.send_raw(&out))
                         .await
                         .unwrap_or(Err(AgentError::Closed))
                 };
@@ -741,7 +744,14 @@ async fn move_off(
         Ok(new_t) => {
             counted_resets(transitions, report, open, "go_away_deadline");
             let mut old = std::mem::replace(t, new_t);
-            let _ = old.send(agent_closed()).await;
+            // Bounded like every other send: a blackholed old path must not
+            // hold the loop (and the new transport unread) until TCP gives up.
+            let limit = agent
+                .session
+                .as_ref()
+                .map_or(2_000, |s| s.policy.heartbeat_timeout_ms);
+            let limit = Duration::from_millis(limit.max(100));
+            let _ = tokio::time::timeout(limit, old.send(agent_closed())).await;
             update(report, |r| {
                 r.rehandshakes += 1;
                 bump(&mut r.rehandshake_reasons, "go_away");
