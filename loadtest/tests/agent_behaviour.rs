@@ -73,12 +73,7 @@ async fn fake_gateway(pki: &harness::TestPki, impostor: bool) -> std::net::Socke
 /// minutes, with the agent's whole loop behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_hello_or_resume_gives_up() {
-    let pki = harness::TestPki::new(&["g1", "g2"]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let gw =
-        harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
-            .await
-            .unwrap();
+    let (pki, _dir, gw) = g1_with_g2_material().await;
     let mute = fake_gateway(&pki, false).await;
     let mut cfg = harness::agent_config(&pki, vec![mute], None).unwrap();
     cfg.connect_timeout = std::time::Duration::from_millis(500);
@@ -105,14 +100,20 @@ async fn an_unanswered_hello_or_resume_gives_up() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_ok_from_another_owner_is_refused() {
+/// A gateway g1, and a PKI that also holds g2's certificate (for a fake).
+async fn g1_with_g2_material() -> (harness::TestPki, tempfile::TempDir, harness::LocalGateway) {
     let pki = harness::TestPki::new(&["g1", "g2"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gw =
         harness::LocalGateway::start(&common::launcher(), &pki, dir.path(), &Default::default())
             .await
             .unwrap();
+    (pki, dir, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_ok_from_another_owner_is_refused() {
+    let (pki, _dir, gw) = g1_with_g2_material().await;
     let mut a = harness::agent(&pki, gw.client_addr, None).unwrap();
     let _t = common::hello(&mut a).await;
     let before = a.session.clone().unwrap();

@@ -137,6 +137,22 @@ async fn run(script: &str, work: &Path, within: Duration) -> std::process::Outpu
         .unwrap()
 }
 
+/// Runs one block as [`script`] writes it, in `work`; it must succeed.
+/// Its standard output and error.
+async fn run_block(block: &[String], work: &Path, within: Duration) -> (String, String) {
+    let s = script(block, 8);
+    let out = run(&s, work, within).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n--- ran as\n{s}\n--- exit {:?}\n{stdout}\n{stderr}",
+        block.join("\n"),
+        out.status
+    );
+    (stdout, stderr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_readme_command_runs_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -162,15 +178,7 @@ async fn every_readme_command_runs_as_written() {
         );
         let work = tempfile::tempdir().unwrap();
         bin_dir(work.path());
-        let s = script(&block, 8);
-        let out = run(&s, work.path(), Duration::from_secs(420)).await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "{text}\n--- ran as\n{s}\n--- exit {:?}\n{stdout}\n{stderr}",
-            out.status
-        );
+        let (stdout, stderr) = run_block(&block, work.path(), Duration::from_secs(420)).await;
         // What a reader would look for.
         if text.contains("-- demo") {
             assert!(stdout.contains("summary"), "{stdout}");
@@ -209,15 +217,7 @@ async fn every_deploy_readme_command_runs_as_written() {
             known.iter().any(|k| text.contains(k)),
             "a deploy/README.md block this test cannot run yet:\n{text}"
         );
-        let s = script(&block, 8);
-        let out = run(&s, work.path(), Duration::from_secs(300)).await;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "{text}\n--- ran as\n{s}\n--- exit {:?}\n{stdout}\n{stderr}",
-            out.status
-        );
+        let (stdout, _) = run_block(&block, work.path(), Duration::from_secs(300)).await;
         if text.contains(" cluster") {
             assert!(stdout.contains("prometheus targets up: 5"), "{stdout}");
         }
