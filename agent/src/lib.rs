@@ -152,6 +152,11 @@ pub enum AgentError {
     /// The transport closed.
     #[error("transport closed")]
     Closed,
+    /// TLS completed but the answer to the HELLO or RESUME did not come in
+    /// time (a paused or swamped gateway, a path that died after the
+    /// handshake): treated like an overloaded gateway.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
     /// The peer broke the protocol (or a security check failed).
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -603,17 +608,16 @@ impl Agent {
     }
 
     /// The next frame of the answer to a request sent at `asked`: within
-    /// the connect timeout of it, or an error. A gateway that completed
-    /// TLS and then says nothing (paused; the path died after the
-    /// handshake) would otherwise hold the agent until TCP gives up.
+    /// twice the connect timeout of it (a gateway under a storm answers
+    /// late, and giving up wastes what it did), or [`AgentError::NoAnswer`].
+    /// A gateway that completed TLS and then says nothing (paused; the path
+    /// died after the handshake) would otherwise hold the agent until TCP
+    /// gives up.
     async fn answer(&self, t: &mut Transport, asked: Instant) -> Result<Kind, AgentError> {
-        let by = asked + self.cfg.connect_timeout;
-        match tokio::time::timeout_at(by.into(), t.recv()).await {
+        let within = self.cfg.connect_timeout * 2;
+        match tokio::time::timeout_at((asked + within).into(), t.recv()).await {
             Ok(r) => r,
-            Err(_) => Err(AgentError::Io(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.cfg.connect_timeout),
-            ))),
+            Err(_) => Err(AgentError::NoAnswer(within)),
         }
     }
 

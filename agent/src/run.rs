@@ -178,6 +178,7 @@ fn reason_str(e: &AgentError) -> String {
         AgentError::ChannelBroken(_) => "channel_broken".into(),
         AgentError::Connect(..) => "connect_failed".into(),
         AgentError::Tls(_) => "tls_failed".into(),
+        AgentError::NoAnswer(_) => "no_answer".into(),
         _ => "transport_dead".into(),
     }
 }
@@ -543,9 +544,12 @@ async fn drive(
                     Ok(())
                 } else {
                     // Until the silence limit counted from the last frame,
-                    // as for a ping: a write that blocks late in a quiet
-                    // spell must not stretch detection to twice the limit.
-                    tokio::time::timeout_at((last_rx + silence_limit).into(), t.send_raw(&out))
+                    // as for a ping (a write that blocks late in a quiet
+                    // spell must not stretch detection to twice the
+                    // limit), but never less than half the limit: frames
+                    // that arrived meanwhile wait unread behind the write.
+                    let by = (last_rx + silence_limit).max(Instant::now() + silence_limit / 2);
+                    tokio::time::timeout_at(by.into(), t.send_raw(&out))
                         .await
                         .unwrap_or(Err(AgentError::Closed))
                 };
@@ -787,6 +791,8 @@ fn transient(e: &AgentError) -> bool {
                 | ReasonCode::NotInCluster
                 | ReasonCode::Draining
         ),
+        // A swamped gateway that answers late, like one that says so.
+        AgentError::NoAnswer(_) => true,
         _ => false,
     }
 }
@@ -825,9 +831,10 @@ pub(crate) enum Persist<'a> {
     /// at once) and a hand-over (the current session still serves).
     Limited,
     /// Only when the agent is told to stop (`Close`, or its commands
-    /// closed): the session was lost and the front doors wait for the next
-    /// one. Past the limits above the waits grow to [`PERSIST_MAX_WAIT`]; a
-    /// stop then ends it with the last failure, as the limit would have.
+    /// closed), or the cluster refuses its credential: the session was lost
+    /// and the front doors wait for the next one. Past the limits above the
+    /// waits grow to [`PERSIST_MAX_WAIT`], spread; a stop is taken only
+    /// then, and ends it with the last failure, as the limit would have.
     UntilStopped(&'a mut mpsc::Receiver<Command>),
 }
 
@@ -863,24 +870,39 @@ async fn establish_fresh(
             }
             Err(e) => e,
         };
-        if !transient(&e) {
+        let past_limits = if transient(&e) {
+            started.elapsed() > ESTABLISH_PATIENCE
+        } else {
             hard_failures += 1;
-        }
-        let past_limits = started.elapsed() > ESTABLISH_PATIENCE || hard_failures >= 5;
-        if past_limits && matches!(persist, Persist::Limited) {
+            hard_failures >= 5
+        };
+        // A credential the cluster refuses will not get better by waiting.
+        let final_refusal = matches!(
+            e,
+            AgentError::Rejected {
+                reason: ReasonCode::AuthFailed,
+                ..
+            }
+        );
+        if past_limits && (matches!(persist, Persist::Limited) || final_refusal) {
             return Err(e);
         }
-        let jitter = rand::rng().random_range(0..=50);
-        let wait = match &e {
-            AgentError::Status(s) => Duration::from_millis(s.capped_retry_after_ms(4_000).max(50)),
-            AgentError::Rejected { retry_after_ms, .. } => {
-                Duration::from_millis((*retry_after_ms).clamp(50, 1_000))
-            }
-            _ if past_limits => Duration::from_millis(100 << hard_failures.min(7)),
-            _ => Duration::from_millis(100 << hard_failures.min(4)),
-        }
-        .min(PERSIST_MAX_WAIT)
-            + Duration::from_millis(jitter);
+        let hinted = match &e {
+            AgentError::Status(s) => Some(s.capped_retry_after_ms(4_000).max(50)),
+            AgentError::Rejected { retry_after_ms, .. } => Some((*retry_after_ms).clamp(50, 1_000)),
+            _ => None,
+        };
+        let wait = if past_limits {
+            // Kept trying: the longer of the hint and a growing step,
+            // spread over half its length, so that agents that lost their
+            // sessions together do not retry together for ever.
+            let step = (100u64 << hard_failures.clamp(4, 7)).max(hinted.unwrap_or(0));
+            let step = Duration::from_millis(step).min(PERSIST_MAX_WAIT);
+            step / 2 + step.mul_f64(rand::rng().random_range(0.0..0.5))
+        } else {
+            let jitter = Duration::from_millis(rand::rng().random_range(0..=50));
+            Duration::from_millis(hinted.unwrap_or(100 << hard_failures.min(4))) + jitter
+        };
         note(
             transitions,
             format!(
@@ -891,8 +913,10 @@ async fn establish_fresh(
         );
         agent.rotate_server();
         match &mut persist {
-            Persist::Limited => tokio::time::sleep(wait).await,
-            Persist::UntilStopped(stop) => {
+            // Within the limits a stop waits, as it always did: the report
+            // then says how the attempts ended (the load tool's invariants
+            // read it).
+            Persist::UntilStopped(stop) if past_limits => {
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     c = stop.recv() => match c {
@@ -905,6 +929,7 @@ async fn establish_fresh(
                     },
                 }
             }
+            _ => tokio::time::sleep(wait).await,
         }
     }
 }

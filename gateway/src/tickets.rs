@@ -241,14 +241,17 @@ impl Tickets {
     /// who is trusted: a resumed handshake does not verify the client's
     /// certificate again).
     ///
-    /// Handshakes already under way ran with the old TLS configuration:
-    /// they get no ticket (the caller installs the new configuration
-    /// first, so every handshake begun after this runs with it).
+    /// Call it before the new TLS configuration is installed (no old
+    /// ticket resumes under the new one), and [`Tickets::reloaded`] after.
     pub fn forget_keys(&self) {
-        let now = Instant::now();
-        let mut k = Keys::fresh(now);
-        k.since_reload = Some(now);
-        *lock(&self.keys) = k;
+        *lock(&self.keys) = Keys::fresh(Instant::now());
+    }
+
+    /// The new TLS configuration is in: handshakes begun before now ran
+    /// with the old one (perhaps an agent CA the reload removed) and get no
+    /// ticket.
+    pub fn reloaded(&self) {
+        lock(&self.keys).since_reload = Some(Instant::now());
     }
 
     fn ttl(&self) -> Duration {
@@ -555,6 +558,7 @@ mod tests {
         let now = Instant::now();
         let before = Arc::new(Connection::begun_at(now - Duration::from_secs(1)));
         t.forget_keys();
+        t.reloaded();
         let sealed = CONNECTION.sync_scope(before, || t.seal_at(b"state", now));
         assert!(
             sealed.is_none(),

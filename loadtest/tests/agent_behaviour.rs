@@ -76,9 +76,10 @@ async fn an_unanswered_hello_or_resume_gives_up() {
     let (pki, _dir, gw) = g1_with_g2_material().await;
     let mute = fake_gateway(&pki, false).await;
     let mut cfg = harness::agent_config(&pki, vec![mute], None).unwrap();
-    cfg.connect_timeout = std::time::Duration::from_millis(500);
+    // The answer is awaited twice this (TCP and TLS once each).
+    cfg.connect_timeout = std::time::Duration::from_secs(1);
     let mut a = jvpn_agent::Agent::new(cfg.clone()).unwrap();
-    let bound = std::time::Duration::from_secs(3);
+    let bound = std::time::Duration::from_secs(6);
     match tokio::time::timeout(bound, a.hello()).await {
         Ok(Err(e)) => assert!(e.to_string().contains("no answer"), "{e}"),
         other => panic!(

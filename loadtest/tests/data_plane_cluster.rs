@@ -452,10 +452,14 @@ async fn a_stale_goaway_deadline_does_not_move_a_session_a_resume_remade() {
 }
 
 async fn stale_goaway_deadline(kill_after_goaway: bool) {
+    // Killed: long enough that the kill lands before the drain's own end.
+    let drain_ms = if kill_after_goaway { 10_000 } else { 2_000 };
     let mut c = common::cluster(ClusterOptions {
         gateways: 1,
         spare_gateways: 1,
-        gateway_extra_toml: format!("{LOOPBACK_ALLOWED}[timeouts]\ndrain_timeout_ms = 2000\n"),
+        gateway_extra_toml: format!(
+            "{LOOPBACK_ALLOWED}[timeouts]\ndrain_timeout_ms = {drain_ms}\n"
+        ),
         ..ClusterOptions::default()
     })
     .await;

@@ -195,6 +195,12 @@ impl Shared {
             new.raw.policy.transport_lost_ttl(),
             new.raw.policy.session_max_lifetime(),
         );
+        // A resumed handshake does not verify the client certificate
+        // again: after a reload (perhaps of the agent CA), no ticket from
+        // before it is honoured (dropped before the new configuration is
+        // in), and handshakes still running under the old configuration
+        // get none (marked once it is in).
+        self.tickets.forget_keys();
         let a = &new.raw.admission;
         let now = self.now();
         lock(&self.sources).reconfigure(
@@ -211,12 +217,7 @@ impl Shared {
         gauge!(m::STREAMS_LIMIT).set(new.egress.max_streams as f64);
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
-        // A resumed handshake does not verify the client certificate
-        // again: after a reload (perhaps of the agent CA), no ticket from
-        // before it is honoured, and handshakes still running under the
-        // old configuration get none. After the new configuration is in:
-        // every handshake begun from here runs with it.
-        self.tickets.forget_keys();
+        self.tickets.reloaded();
         if rotate {
             // New tokens under the new key; tokens already issued stay
             // valid while routers hold the old key as their previous one.

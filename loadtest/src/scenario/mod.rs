@@ -228,25 +228,38 @@ fn errors(reports: &[AgentReport]) -> BTreeMap<String, u64> {
 /// be read, or there was nothing to read: a 0 must mean it looked.
 async fn dual_active_after_stop(c: &mut LocalCluster) -> Result<(Option<u64>, usize)> {
     let mut dropped = 0.0;
+    let mut scraped = true;
     let mut files = Vec::new();
     for (_, g) in &mut c.gateways {
         files.push(PathBuf::from(&g.events_path));
         if g.exited()? {
             continue;
         }
-        let text = g.metrics().await.unwrap_or_default();
-        dropped += harness::metric_value(&text, "jvpn_gateway_events_dropped_total", &[]);
+        match g.metrics().await {
+            Ok(text) => {
+                dropped += harness::metric_value(&text, "jvpn_gateway_events_dropped_total", &[]);
+            }
+            // Dropped events unknown: the answer cannot be a clean 0.
+            Err(_) => scraped = false,
+        }
         g.signal(Signal::SIGTERM)?;
+    }
+    // Signalled together, so they drain at once: the waits overlap.
+    for (_, g) in &mut c.gateways {
         let _ = tokio::time::timeout(Duration::from_secs(40), g.wait()).await;
     }
     let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
     let found = invariants::dual_active(&paths);
-    let looked = dropped == 0.0 && found.events > 0 && paths.iter().all(|p| p.is_file());
+    let looked = scraped && dropped == 0.0 && found.events > 0 && paths.iter().all(|p| p.is_file());
     Ok((found.violations.filter(|_| looked), found.events))
 }
 
 /// Runs one scenario and returns its report (thresholds evaluated).
 pub async fn run(opts: RunOptions) -> Result<RunReport> {
+    // A threshold naming nothing is a usage error before any work.
+    for t in &opts.thresholds {
+        report::valid_threshold(t)?;
+    }
     let limit = crate::bench::raise_nofile();
     // One socket per session here, plus listeners, files and floods.
     let want = opts.sessions as u64 + 512;

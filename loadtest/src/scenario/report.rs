@@ -144,7 +144,10 @@ impl RunReport {
             self.thresholds
                 .iter()
                 .filter(|t| !t.ok)
-                .map(|t| format!("threshold {} (was {})", t.expr, t.value)),
+                .map(|t| match t.value {
+                    v if v.is_nan() => format!("threshold {} (not measured)", t.expr),
+                    v => format!("threshold {} (was {v})", t.expr),
+                }),
         );
         out
     }
@@ -360,8 +363,33 @@ pub struct ThresholdResult {
     pub ok: bool,
 }
 
-/// Evaluates `name<value` or `name>value` against the report's metrics.
-pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult> {
+/// Checks before a run that `expr` names a metric a run can report.
+pub fn valid_threshold(expr: &str) -> Result<()> {
+    let (name, _, _) = parse_threshold(expr)?;
+    // Every figure measured once: only an unknown name finds nothing.
+    let one = Latency {
+        count: 1,
+        ..Latency::default()
+    };
+    let mut probe = RunReport {
+        handshake_ms: one.clone(),
+        resume_ms: one.clone(),
+        echo_rtt_ms: one.clone(),
+        recovery_ms: one,
+        flood: Some(FloodReport::default()),
+        streams: Some(crate::streamload::StreamStats::default()),
+        ..RunReport::default()
+    };
+    probe.invariants.dual_active_detected = Some(0);
+    if let Some(s) = probe.streams.as_mut() {
+        s.stall_ms_per_jump.count = 1;
+    }
+    metric(&probe, name)
+        .map(|_| ())
+        .with_context(|| format!("threshold {expr:?}: unknown metric {name:?}"))
+}
+
+fn parse_threshold(expr: &str) -> Result<(&str, char, f64)> {
     let (name, op, limit) = if let Some((n, v)) = expr.split_once('<') {
         (n.trim(), '<', v.trim())
     } else if let Some((n, v)) = expr.split_once('>') {
@@ -372,9 +400,22 @@ pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult
     let limit: f64 = limit
         .parse()
         .with_context(|| format!("threshold {expr:?}: {limit:?} is not a number"))?;
-    let value = metric(report, name).with_context(|| {
-        format!("threshold {expr:?}: unknown metric {name:?} (or not measured in this run)")
-    })?;
+    Ok((name, op, limit))
+}
+
+/// Evaluates `name<value` or `name>value` against the report's metrics. A
+/// figure this run did not measure fails the threshold (value NaN, `null`
+/// in JSON): nothing was shown to hold.
+pub fn check_threshold(report: &RunReport, expr: &str) -> Result<ThresholdResult> {
+    valid_threshold(expr)?;
+    let (name, op, limit) = parse_threshold(expr)?;
+    let Some(value) = metric(report, name) else {
+        return Ok(ThresholdResult {
+            expr: expr.to_owned(),
+            value: f64::NAN,
+            ok: false,
+        });
+    };
     let ok = if op == '<' {
         value < limit
     } else {
@@ -534,11 +575,21 @@ mod tests {
         );
         assert!(r.summary().contains("stall per jump not measured"));
 
-        // Thresholds on figures with no samples are refused, not passed.
-        let e = check_threshold(&r, "resume_p99_ms<500").unwrap_err();
-        assert!(e.to_string().contains("not measured"), "{e}");
-        assert!(check_threshold(&r, "stall_ms_per_jump_p99<100").is_err());
+        // Thresholds on figures with no samples fail, not pass; an unknown
+        // name is refused before any run.
+        let t = check_threshold(&r, "resume_p99_ms<500").unwrap();
+        assert!(!t.ok && t.value.is_nan(), "{t:?}");
+        assert!(!check_threshold(&r, "stall_ms_per_jump_p99<100").unwrap().ok);
+        r.thresholds.push(t);
+        assert!(
+            r.failures()
+                .contains(&"threshold resume_p99_ms<500 (not measured)".to_owned())
+        );
         r.resume_ms.count = 1;
         assert!(check_threshold(&r, "resume_p99_ms<500").unwrap().ok);
+        assert!(valid_threshold("resume_p99_ms<500").is_ok());
+        assert!(valid_threshold("stall_ms_per_jump_p99<100").is_ok());
+        assert!(valid_threshold("resume_p98_ms<500").is_err());
+        assert!(valid_threshold("nonsense>1").is_err());
     }
 }
