@@ -421,7 +421,7 @@ async fn drive(
                         handover = Some((rx, replacing, AbortOnDrop(task)));
                     }
                 } else {
-                    move_off(&mut agent, &mut t, &transitions, &report).await;
+                    move_off(&mut agent, &mut t, &transitions, &report, silence_limit).await;
                     last_rx = Instant::now();
                 }
                 None
@@ -491,7 +491,7 @@ async fn drive(
                     let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
                     return;
                 }
-                move_off(&mut agent, &mut t, &transitions, &report).await;
+                move_off(&mut agent, &mut t, &transitions, &report, silence_limit).await;
                 last_rx = Instant::now();
                 None
             }
@@ -739,6 +739,7 @@ async fn move_off(
     t: &mut Transport,
     transitions: &Option<Transitions>,
     report: &Arc<Mutex<AgentReport>>,
+    silence_limit: Duration,
 ) {
     // Streams still open at the deadline end with the session once the
     // next one is there (adopting it closes this channel): counted, with
@@ -750,12 +751,7 @@ async fn move_off(
             let mut old = std::mem::replace(t, new_t);
             // Bounded like every other send: a blackholed old path must not
             // hold the loop (and the new transport unread) until TCP gives up.
-            let limit = agent
-                .session
-                .as_ref()
-                .map_or(2_000, |s| s.policy.heartbeat_timeout_ms);
-            let limit = Duration::from_millis(limit.max(100));
-            let _ = tokio::time::timeout(limit, old.send(agent_closed())).await;
+            let _ = tokio::time::timeout(silence_limit, old.send(agent_closed())).await;
             update(report, |r| {
                 r.rehandshakes += 1;
                 bump(&mut r.rehandshake_reasons, "go_away");

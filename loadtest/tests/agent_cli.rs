@@ -48,6 +48,27 @@ async fn attached(child: &mut tokio::process::Child) -> BufReader<tokio::process
     out
 }
 
+/// `connect` for `duration_s` through a fault proxy in front of the
+/// gateway, attached: the proxy, the agent and the rest of its output.
+async fn attached_behind_proxy(
+    env: &common::Env,
+    duration_s: &str,
+) -> (
+    jvpn_loadtest::faultproxy::FaultProxy,
+    tokio::process::Child,
+    BufReader<tokio::process::ChildStdout>,
+) {
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
+        .await
+        .unwrap();
+    let mut child = connect(env, &proxy.addr.to_string())
+        .args(["--duration-s", duration_s])
+        .spawn()
+        .unwrap();
+    let out = attached(&mut child).await;
+    (proxy, child, out)
+}
+
 async fn output_within(c: &mut tokio::process::Command, within: Duration) -> Output {
     tokio::time::timeout(within, c.output())
         .await
@@ -163,14 +184,7 @@ async fn a_silent_path_is_given_up_within_heartbeat_timeout_of_the_last_frame() 
     let env =
         common::start("[policy]\nheartbeat_interval_ms = 1900\nheartbeat_timeout_ms = 2000\n")
             .await;
-    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
-        .await
-        .unwrap();
-    let mut child = connect(&env, &proxy.addr.to_string())
-        .args(["--duration-s", "30"])
-        .spawn()
-        .unwrap();
-    let mut out = attached(&mut child).await;
+    let (proxy, _child, mut out) = attached_behind_proxy(&env, "30").await;
     // The path goes silent, sockets open: no FIN, no RST; the reattach
     // that follows gets nowhere (and moves no byte to the agent).
     proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
@@ -254,14 +268,7 @@ async fn the_server_may_be_a_host_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_outlives_a_long_outage() {
     let env = common::start("[policy]\ntransport_lost_ttl_ms = 2500\n").await;
-    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
-        .await
-        .unwrap();
-    let mut child = connect(&env, &proxy.addr.to_string())
-        .args(["--duration-s", "60"])
-        .spawn()
-        .unwrap();
-    let mut out = attached(&mut child).await;
+    let (proxy, mut child, mut out) = attached_behind_proxy(&env, "60").await;
     // Every connect now fails at once, and the current transport is cut.
     proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Refuse);
     proxy.cut_all();
