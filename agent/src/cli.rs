@@ -21,6 +21,12 @@ struct Cli {
     command: Cmd,
 }
 
+/// The command line as clap sees it (tests check the docs' commands
+/// against it).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Open a session and keep it alive; press Enter to force a transport jump.

@@ -21,6 +21,7 @@
 //! - [`bench_streams`]: the data plane vs `ssh -D`, wireguard-go, OpenVPN
 //!   (TCP) and direct: bulk MiB/s, CPU per GiB, CONNECT-to-first-byte.
 //! - [`bench_peers`]: the benchmark's namespace pair and tunnel peers.
+//! - [`cli`]: the command line (the binary is a thin main around it).
 //! - [`bench_takeover`]: topology 3's CAS latency and takeover times.
 //! - [`chaos_store`]: topology 3 under seeded faults, with an independent
 //!   checker of owner epochs over events and agents' answers.
@@ -34,6 +35,7 @@ pub mod bench_router;
 pub mod bench_streams;
 pub mod bench_takeover;
 pub mod chaos_store;
+pub mod cli;
 pub mod cluster;
 pub mod demo;
 pub mod demo_cluster;
