@@ -74,7 +74,8 @@ pub struct StreamStats {
     pub streams_reset_explicitly: u64,
     /// Streams that could not be opened or ended any other way.
     pub streams_failed: u64,
-    /// From each forced jump to each running stream's next byte.
+    /// Per forced jump and running stream: the longest time without an
+    /// arrival (a byte, or the stream's end) in the [`STALL_WINDOW`] after it.
     pub stall_ms_per_jump: Percentiles,
     /// `streams_reset_explicitly` by tunnel, in the order of the tunnels
     /// given to [`StreamLoad::start`]: a caller that knows which sessions
@@ -116,6 +117,32 @@ struct Progress {
     active: AtomicBool,
     /// Transfers started (a probe stops watching when this changes).
     transfers: AtomicU64,
+    /// (transfer, µs since `origin`) of the last transfer that ended: its
+    /// end (the last byte, EOF or reset) is an arrival a stall ends at.
+    ended: std::sync::Mutex<(u64, u64)>,
+}
+
+impl Progress {
+    /// The current transfer ended (or never got going).
+    fn end(&self, origin: Instant) {
+        if self.active.swap(false, Ordering::Relaxed) {
+            let t = self.transfers.load(Ordering::Relaxed);
+            *self
+                .ended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                (t, origin.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// When transfer `t` ended, if it did and that is still known.
+    fn ended_at(&self, t: u64) -> Option<u64> {
+        let (which, at) = *self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (which == t).then_some(at)
+    }
 }
 
 /// How long after a jump a stream's arrivals are watched for its longest
@@ -204,86 +231,16 @@ impl StreamLoad {
     /// `within`). Gaps are read whenever any stream moves, so a late look
     /// can only make a gap longer, never hide one. A stream whose transfer
     /// ends in the window is measured up to its end (what follows is the
-    /// tool's own work). Runs on its own, so probes may overlap.
+    /// tool's own work), the end itself included: a stream that moved
+    /// nothing after the jump and then ended stalled until that end. Runs
+    /// on its own, so probes may overlap.
     pub fn probe_stalls(
         &self,
         tunnel: Option<usize>,
         at: Instant,
         within: Duration,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let sh = self.shared.clone();
-        async move {
-            let since = at.duration_since(sh.origin).as_micros() as u64;
-            let window_end = at + STALL_WINDOW.min(within);
-            let give_up = at + within;
-            let picked: Vec<usize> = match tunnel {
-                Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
-                None => (0..sh.progress.len()).collect(),
-            };
-            // Per watched stream: its index, the transfer it is in, the
-            // last arrival seen (the jump to start with), the longest gap.
-            let mut watched: Vec<(usize, u64, u64, u64)> = picked
-                .into_iter()
-                .filter_map(|i| {
-                    let p = sh.progress.get(i)?;
-                    p.active
-                        .load(Ordering::Relaxed)
-                        .then(|| (i, p.transfers.load(Ordering::Relaxed), since, 0))
-                })
-                .collect();
-            let mut out = Vec::new();
-            loop {
-                // Registered before looking, so no arrival is missed.
-                let moved = sh.counters.moved.notified();
-                tokio::pin!(moved);
-                moved.as_mut().enable();
-                let now = Instant::now();
-                let now_us = now.duration_since(sh.origin).as_micros() as u64;
-                watched.retain_mut(|(i, transfer, prev, gap)| {
-                    let p = &sh.progress[*i];
-                    let last = p.last.load(Ordering::Relaxed);
-                    let same_transfer = p.transfers.load(Ordering::Relaxed) == *transfer
-                        && p.active.load(Ordering::Relaxed);
-                    if same_transfer && last > *prev {
-                        *gap = (*gap).max(last - *prev);
-                        *prev = last;
-                    }
-                    let moved_since_jump = *prev > since;
-                    let done = if !same_transfer {
-                        // Ended (or a new transfer began): measured so far.
-                        true
-                    } else if now >= window_end && moved_since_jump {
-                        // The gap still open at the window's end counts too.
-                        *gap = (*gap).max(now_us.saturating_sub(*prev));
-                        true
-                    } else {
-                        now >= give_up
-                    };
-                    if done {
-                        let g = if moved_since_jump || !same_transfer {
-                            *gap
-                        } else {
-                            within.as_micros() as u64
-                        };
-                        out.push(g / 1_000);
-                    }
-                    !done
-                });
-                if watched.is_empty() {
-                    break;
-                }
-                let wake = if Instant::now() < window_end {
-                    window_end
-                } else {
-                    give_up
-                };
-                let _ = tokio::time::timeout_at(wake.into(), moved).await;
-            }
-            sh.stalls
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(out);
-        }
+        probe(self.shared.clone(), tunnel, at, within)
     }
 
     /// Completed transfers so far.
@@ -329,6 +286,91 @@ impl StreamLoad {
 /// SOCKS5's reply code for "network unreachable" (RFC 1928 §6).
 const NETWORK_UNREACHABLE: u8 = 3;
 
+/// [`StreamLoad::probe_stalls`], on the shared progress.
+fn probe(
+    sh: Arc<Shared>,
+    tunnel: Option<usize>,
+    at: Instant,
+    within: Duration,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let since = at.duration_since(sh.origin).as_micros() as u64;
+        let window_end = at + STALL_WINDOW.min(within);
+        let give_up = at + within;
+        let picked: Vec<usize> = match tunnel {
+            Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
+            None => (0..sh.progress.len()).collect(),
+        };
+        // Per watched stream: its index, the transfer it is in, the
+        // last arrival seen (the jump to start with), the longest gap.
+        let mut watched: Vec<(usize, u64, u64, u64)> = picked
+            .into_iter()
+            .filter_map(|i| {
+                let p = sh.progress.get(i)?;
+                p.active
+                    .load(Ordering::Relaxed)
+                    .then(|| (i, p.transfers.load(Ordering::Relaxed), since, 0))
+            })
+            .collect();
+        let mut out = Vec::new();
+        loop {
+            // Registered before looking, so no arrival is missed.
+            let moved = sh.counters.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let now = Instant::now();
+            let now_us = now.duration_since(sh.origin).as_micros() as u64;
+            watched.retain_mut(|(i, transfer, prev, gap)| {
+                let p = &sh.progress[*i];
+                let last = p.last.load(Ordering::Relaxed);
+                let same_transfer = p.transfers.load(Ordering::Relaxed) == *transfer
+                    && p.active.load(Ordering::Relaxed);
+                if same_transfer && last > *prev {
+                    *gap = (*gap).max(last - *prev);
+                    *prev = last;
+                }
+                let moved_since_jump = *prev > since;
+                let done = if !same_transfer {
+                    // Ended (or a new transfer began): measured up to its
+                    // end; an end no longer known counts at this look (a
+                    // late look only lengthens a gap).
+                    let end = p.ended_at(*transfer).unwrap_or(now_us);
+                    *gap = (*gap).max(end.saturating_sub(*prev));
+                    true
+                } else if now >= window_end && moved_since_jump {
+                    // The gap still open at the window's end counts too.
+                    *gap = (*gap).max(now_us.saturating_sub(*prev));
+                    true
+                } else {
+                    now >= give_up
+                };
+                if done {
+                    let g = if moved_since_jump || !same_transfer {
+                        *gap
+                    } else {
+                        within.as_micros() as u64
+                    };
+                    out.push(g / 1_000);
+                }
+                !done
+            });
+            if watched.is_empty() {
+                break;
+            }
+            let wake = if Instant::now() < window_end {
+                window_end
+            } else {
+                give_up
+            };
+            let _ = tokio::time::timeout_at(wake.into(), moved).await;
+        }
+        sh.stalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(out);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_task(
     door: SocketAddr,
@@ -349,7 +391,7 @@ async fn stream_task(
     let mut n = 1u64;
     let mut next = make(n);
     while !*stop.borrow() {
-        progress.active.store(false, Ordering::Relaxed);
+        progress.end(origin);
         let Ok(data) = next.await else {
             c.failed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -400,7 +442,7 @@ async fn stream_task(
             }
         };
         let r = tokio::try_join!(up, down);
-        progress.active.store(false, Ordering::Relaxed);
+        progress.end(origin);
         match r {
             Ok(((), check)) => {
                 let (same, lost, duplicated) = check.verdict(data.len());
@@ -457,7 +499,39 @@ impl Check {
 
 #[cfg(test)]
 mod tests {
-    use super::Check;
+    use super::{Arc, Check, Counters, Duration, Instant, Ordering, Progress, Shared, probe};
+
+    /// A stream that moves nothing after a jump and then ends stalled from
+    /// the jump to its end; it used to be recorded as 0 ms.
+    #[tokio::test]
+    async fn a_stream_that_ends_without_moving_stalled_until_its_end() {
+        let origin = Instant::now();
+        let p = Arc::new(Progress::default());
+        p.transfers.store(1, Ordering::Relaxed);
+        p.active.store(true, Ordering::Relaxed);
+        let sh = Arc::new(Shared {
+            progress: vec![p.clone()],
+            per_tunnel: 1,
+            origin,
+            counters: Arc::new(Counters::default()),
+            resets: Vec::new(),
+            stalls: std::sync::Mutex::new(Vec::new()),
+        });
+        let jump = Instant::now();
+        let watch = tokio::spawn(probe(sh.clone(), None, jump, Duration::from_secs(5)));
+        // The stall itself: nothing arrives for 150 ms, then the end.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        p.end(origin);
+        sh.counters.moved.notify_waiters();
+        watch.await.unwrap();
+        let stalls = sh.stalls.lock().unwrap().clone();
+        assert_eq!(stalls.len(), 1);
+        assert!(
+            (150..5_000).contains(&stalls[0]),
+            "recorded {} ms for a 150 ms stall",
+            stalls[0]
+        );
+    }
 
     fn check(sent: &[u8], back: &[&[u8]]) -> (u64, u64, u64) {
         let mut c = Check::default();
