@@ -287,88 +287,81 @@ impl StreamLoad {
 const NETWORK_UNREACHABLE: u8 = 3;
 
 /// [`StreamLoad::probe_stalls`], on the shared progress.
-fn probe(
-    sh: Arc<Shared>,
-    tunnel: Option<usize>,
-    at: Instant,
-    within: Duration,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
-        let since = at.duration_since(sh.origin).as_micros() as u64;
-        let window_end = at + STALL_WINDOW.min(within);
-        let give_up = at + within;
-        let picked: Vec<usize> = match tunnel {
-            Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
-            None => (0..sh.progress.len()).collect(),
-        };
-        // Per watched stream: its index, the transfer it is in, the
-        // last arrival seen (the jump to start with), the longest gap.
-        let mut watched: Vec<(usize, u64, u64, u64)> = picked
-            .into_iter()
-            .filter_map(|i| {
-                let p = sh.progress.get(i)?;
-                p.active
-                    .load(Ordering::Relaxed)
-                    .then(|| (i, p.transfers.load(Ordering::Relaxed), since, 0))
-            })
-            .collect();
-        let mut out = Vec::new();
-        loop {
-            // Registered before looking, so no arrival is missed.
-            let moved = sh.counters.moved.notified();
-            tokio::pin!(moved);
-            moved.as_mut().enable();
-            let now = Instant::now();
-            let now_us = now.duration_since(sh.origin).as_micros() as u64;
-            watched.retain_mut(|(i, transfer, prev, gap)| {
-                let p = &sh.progress[*i];
-                let last = p.last.load(Ordering::Relaxed);
-                let same_transfer = p.transfers.load(Ordering::Relaxed) == *transfer
-                    && p.active.load(Ordering::Relaxed);
-                if same_transfer && last > *prev {
-                    *gap = (*gap).max(last - *prev);
-                    *prev = last;
-                }
-                let moved_since_jump = *prev > since;
-                let done = if !same_transfer {
-                    // Ended (or a new transfer began): measured up to its
-                    // end; an end no longer known counts at this look (a
-                    // late look only lengthens a gap).
-                    let end = p.ended_at(*transfer).unwrap_or(now_us);
-                    *gap = (*gap).max(end.saturating_sub(*prev));
-                    true
-                } else if now >= window_end && moved_since_jump {
-                    // The gap still open at the window's end counts too.
-                    *gap = (*gap).max(now_us.saturating_sub(*prev));
-                    true
-                } else {
-                    now >= give_up
-                };
-                if done {
-                    let g = if moved_since_jump || !same_transfer {
-                        *gap
-                    } else {
-                        within.as_micros() as u64
-                    };
-                    out.push(g / 1_000);
-                }
-                !done
-            });
-            if watched.is_empty() {
-                break;
+async fn probe(sh: Arc<Shared>, tunnel: Option<usize>, at: Instant, within: Duration) {
+    let since = at.duration_since(sh.origin).as_micros() as u64;
+    let window_end = at + STALL_WINDOW.min(within);
+    let give_up = at + within;
+    let picked: Vec<usize> = match tunnel {
+        Some(t) => (t * sh.per_tunnel..(t + 1) * sh.per_tunnel).collect(),
+        None => (0..sh.progress.len()).collect(),
+    };
+    // Per watched stream: its index, the transfer it is in, the
+    // last arrival seen (the jump to start with), the longest gap.
+    let mut watched: Vec<(usize, u64, u64, u64)> = picked
+        .into_iter()
+        .filter_map(|i| {
+            let p = sh.progress.get(i)?;
+            p.active
+                .load(Ordering::Relaxed)
+                .then(|| (i, p.transfers.load(Ordering::Relaxed), since, 0))
+        })
+        .collect();
+    let mut out = Vec::new();
+    loop {
+        // Registered before looking, so no arrival is missed.
+        let moved = sh.counters.moved.notified();
+        tokio::pin!(moved);
+        moved.as_mut().enable();
+        let now = Instant::now();
+        let now_us = now.duration_since(sh.origin).as_micros() as u64;
+        watched.retain_mut(|(i, transfer, prev, gap)| {
+            let p = &sh.progress[*i];
+            let last = p.last.load(Ordering::Relaxed);
+            let same_transfer = p.transfers.load(Ordering::Relaxed) == *transfer
+                && p.active.load(Ordering::Relaxed);
+            if same_transfer && last > *prev {
+                *gap = (*gap).max(last - *prev);
+                *prev = last;
             }
-            let wake = if Instant::now() < window_end {
-                window_end
+            let moved_since_jump = *prev > since;
+            let done = if !same_transfer {
+                // Ended (or a new transfer began): measured up to its
+                // end; an end no longer known counts at this look (a
+                // late look only lengthens a gap).
+                let end = p.ended_at(*transfer).unwrap_or(now_us);
+                *gap = (*gap).max(end.saturating_sub(*prev));
+                true
+            } else if now >= window_end && moved_since_jump {
+                // The gap still open at the window's end counts too.
+                *gap = (*gap).max(now_us.saturating_sub(*prev));
+                true
             } else {
-                give_up
+                now >= give_up
             };
-            let _ = tokio::time::timeout_at(wake.into(), moved).await;
+            if done {
+                let g = if moved_since_jump || !same_transfer {
+                    *gap
+                } else {
+                    within.as_micros() as u64
+                };
+                out.push(g / 1_000);
+            }
+            !done
+        });
+        if watched.is_empty() {
+            break;
         }
-        sh.stalls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(out);
+        let wake = if Instant::now() < window_end {
+            window_end
+        } else {
+            give_up
+        };
+        let _ = tokio::time::timeout_at(wake.into(), moved).await;
     }
+    sh.stalls
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(out);
 }
 
 #[allow(clippy::too_many_arguments)]
