@@ -498,7 +498,9 @@ fn zero_labelled_counters() {
 
 /// Label values of `STREAM_BYTES` and `STREAMS_ENDED`.
 pub const STREAM_DIRECTIONS: [&str; 2] = ["to_destination", "from_destination"];
-pub const STREAM_ENDINGS: [&str; 2] = ["closed", "reset"];
+/// `cancelled`: the agent reset the stream while its destination was being
+/// dialed (it never opened).
+pub const STREAM_ENDINGS: [&str; 3] = ["closed", "reset", "cancelled"];
 
 /// Installs the Prometheus recorder for this process. Histograms get
 /// buckets from 100 µs to 10 s.

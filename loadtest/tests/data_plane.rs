@@ -1109,6 +1109,67 @@ async fn stream_events_carry_the_destination_only_when_audited() {
     }
 }
 
+/// A stream the agent resets while the gateway is still dialing its
+/// destination (the application gave up) ends with a `StreamClosed` event
+/// (`how`: `cancelled`, no bytes) and is counted: every `CONNECT` the
+/// gateway takes ends in exactly one of refused, closed, reset or
+/// cancelled. It used to leave no trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_abandoned_while_dialing_is_counted_and_leaves_an_event() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nconnect_timeout_ms = 30000\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    // Backlog 0 and one queued connection: every later SYN is dropped, so
+    // the gateway's dial waits (up to its 30 s timeout).
+    let silent = tokio::net::TcpSocket::new_v4().unwrap();
+    silent.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = silent.listen(0).unwrap();
+    let silent_at = silent.local_addr().unwrap();
+    let _queued = TcpStream::connect(silent_at).await.unwrap();
+    let dialing = a_connect(&a.tunnel, "127.0.0.1", silent_at.port());
+    // The application gives up on the CONNECT (dropping it resets the
+    // stream) while the gateway still dials.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), dialing)
+            .await
+            .is_err(),
+        "the silent destination answered"
+    );
+    let path = env.gw.events_path.clone();
+    let closed = || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event_type"] == "StreamClosed")
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "a StreamClosed event", || {
+        let n = closed().len();
+        async move { n >= 1 }
+    })
+    .await
+    .unwrap();
+    let ev = closed();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["how"], "cancelled", "{}", ev[0]);
+    assert_eq!(ev[0]["bytes_to_destination"], 0, "{}", ev[0]);
+    let cancelled = env
+        .gw
+        .metric("jvpn_gateway_streams_ended_total", &[("how", "cancelled")])
+        .await;
+    assert_eq!(cancelled.unwrap_or(0.0), 1.0);
+    let opened = env
+        .gw
+        .metric("jvpn_gateway_streams_opened_total", &[])
+        .await;
+    assert_eq!(opened.unwrap_or(0.0), 0.0, "never opened");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// The refusals a destination causes, as the application sees them, in a
 /// network namespace of the test's own (only `lo`, plus an `unreachable`
 /// route): no route → SOCKS 3 "network unreachable"; an unreachable route

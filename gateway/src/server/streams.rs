@@ -283,7 +283,16 @@ async fn open_and_splice(
         d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
         // The agent reset the stream (its application left): stop dialing
         // and give the slots back.
-        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return None,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            let how = m::STREAM_ENDINGS[2];
+            counter!(m::STREAMS_ENDED, "how" => how).increment(1);
+            event(StreamWhat::Closed {
+                how,
+                to_destination: 0,
+                from_destination: 0,
+            });
+            return None;
+        }
     };
     let dest = match dialed {
         Ok(s) => s,
