@@ -487,31 +487,64 @@ pub fn spawn(cluster: Arc<Cluster>, settings: HeartbeatSettings) -> std::io::Res
 }
 
 async fn run_link(cluster: Arc<Cluster>, link: Arc<RouterLink>, s: Arc<HeartbeatSettings>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::default();
     loop {
-        let mut max = Duration::from_millis(500);
-        let ended = stream_once(&cluster, &link, &s).await;
+        let mut replies = 0;
+        let ended = stream_once(&cluster, &link, &s, &mut replies).await;
         // A lease ends with the stream that granted it: the router may call
         // this node dead 2 intervals after it saw the close, before the
         // lease would run out (issue 18 L1).
         link.lease_until.store(0, Ordering::Release);
-        match ended {
-            Ok(()) => backoff = Duration::from_millis(50),
-            Err(e) => {
-                debug!(router = %link.endpoint, error = %e, "heartbeat stream ended");
-                counter!(m::HEARTBEAT_STREAM_ERRORS).increment(1);
-                if e.is_refusal() {
-                    warn!(router = %link.endpoint, error = %e, "router refused this gateway");
-                    max = REFUSED_BACKOFF_MAX;
-                }
+        let mut refused = false;
+        if let Err(e) = ended {
+            debug!(router = %link.endpoint, error = %e, "heartbeat stream ended");
+            counter!(m::HEARTBEAT_STREAM_ERRORS).increment(1);
+            if e.is_refusal() {
+                warn!(router = %link.endpoint, error = %e, "router refused this gateway");
+                refused = true;
             }
         }
         if *cluster.superseded.borrow() {
             return;
         }
         link.draining_acked.store(false, Ordering::Release);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(max);
+        tokio::time::sleep(backoff.after(replies, refused)).await;
+    }
+}
+
+/// The wait before a heartbeat stream is opened again: doubling from
+/// 50 ms to 500 ms (5 s after a refusal).
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::BASE }
+    }
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_millis(500);
+
+    /// The wait after a stream that carried `replies` replies. Two or
+    /// more: it worked for an interval at least, so the earlier failures
+    /// say nothing about this break (one reply and a close, again and
+    /// again, still backs off).
+    fn after(&mut self, replies: u64, refused: bool) -> Duration {
+        if replies >= 2 && !refused {
+            self.next = Self::BASE;
+        }
+        let wait = self.next;
+        let max = if refused {
+            REFUSED_BACKOFF_MAX
+        } else {
+            Self::MAX
+        };
+        self.next = (self.next * 2).min(max);
+        wait
     }
 }
 
@@ -559,10 +592,13 @@ impl<T> From<mpsc::error::SendError<T>> for StreamEnd {
     }
 }
 
+/// One heartbeat stream, until it ends (it never ends well: `Ok` is
+/// never returned); `carried` counts the replies it carried.
 async fn stream_once(
     cluster: &Cluster,
     link: &RouterLink,
     s: &HeartbeatSettings,
+    carried: &mut u64,
 ) -> Result<(), StreamEnd> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&s.ca_pem))
@@ -603,6 +639,7 @@ async fn stream_once(
                 let Some(reply) = msg? else {
                     return Err(StreamEnd::Closed);
                 };
+                *carried += 1;
                 on_reply(cluster, link, s, &mut sent, reply)?;
             }
         }
@@ -810,6 +847,30 @@ fn on_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that worked and broke is opened again at once, whatever
+    /// failed before it: the router declares a gateway dead 2 intervals
+    /// (500 ms by default) after its stream closed, so a wait stuck at
+    /// 500 ms from earlier failures (start-up, router restarts) turned
+    /// every later brief break into a death. The wait used to reset only on
+    /// an `Ok` that a stream never returns.
+    #[test]
+    fn a_stream_that_worked_is_reopened_at_once() {
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..6).map(|_| b.after(0, false)).collect();
+        assert_eq!(waits.last(), Some(&Backoff::MAX), "{waits:?}");
+        // Hours of heartbeats, then one break.
+        assert_eq!(b.after(50_000, false), Backoff::BASE);
+        assert_eq!(b.after(0, false), Backoff::BASE * 2, "then doubling again");
+        // A stream that closes after its first reply still backs off.
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..6).map(|_| b.after(1, false)).collect();
+        assert_eq!(waits.last(), Some(&Backoff::MAX), "{waits:?}");
+        // Refusals: up to 5 s, and a refusal is no working stream.
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..10).map(|_| b.after(0, true)).collect();
+        assert_eq!(waits.last(), Some(&REFUSED_BACKOFF_MAX), "{waits:?}");
+    }
 
     fn cluster(unleased_exit: Duration) -> Arc<Cluster> {
         Cluster::new(
