@@ -385,7 +385,12 @@ impl Cluster {
     /// routers forget it soon after its death rather than report it not
     /// alive, and page, for a day.
     pub fn leave(&self) {
-        self.leaving.store(true, Ordering::Release);
+        if !self.leaving.swap(true, Ordering::AcqRel) {
+            // Acknowledgements of DRAINING said nothing of leaving.
+            for l in &self.links {
+                l.draining_acked.store(false, Ordering::Release);
+            }
+        }
     }
 
     pub fn is_leaving(&self) -> bool {
@@ -410,6 +415,15 @@ impl Cluster {
         self.links
             .iter()
             .all(|l| l.draining_acked.load(Ordering::Acquire) || !self.lease_valid(l, now))
+    }
+
+    /// True once every router this gateway has heard from answered a
+    /// heartbeat that said leaving (a router with no lease now may still
+    /// hold this gateway, and would report it dead for a day).
+    pub fn leave_acknowledged(&self) -> bool {
+        self.links
+            .iter()
+            .all(|l| l.draining_acked.load(Ordering::Acquire) || l.id().is_none())
     }
 
     /// Publishes one lease gauge per identified router.
@@ -1004,6 +1018,48 @@ mod tests {
     /// seen it only from a reply to a heartbeat that said so (a DRAINING
     /// heartbeat sent before the leave would otherwise end the wait, and
     /// that router would keep this gateway for a day).
+    /// A leave that comes after the drain began: routers that acknowledged
+    /// DRAINING have not seen it yet, and one that granted no lease has not
+    /// either; the final wait needs a reply to a heartbeat that said
+    /// leaving from every router this gateway knows (it used to count the
+    /// DRAINING acknowledgements, and a router without a lease, as done).
+    #[test]
+    fn a_leave_after_the_drain_began_waits_for_its_own_acknowledgement() {
+        use jvpn_proto::ring::{Member, RingParams, View};
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let c = cluster(Duration::ZERO);
+        let s = test_settings(&keys);
+        let members = vec![Member {
+            node_id: NodeId::new("g1").unwrap(),
+            incarnation: Incarnation(1),
+            addr: "10.0.0.1:7443".parse().unwrap(),
+            weight: 1,
+        }];
+        let v = View::new(members, RingParams::default(), &keys).unwrap();
+        let (mut seq, mut sent) = (0, VecDeque::new());
+        c.set_state(LocalState::Draining);
+        for l in &c.links {
+            let r = request(&c, l, &s, &mut seq, &mut sent);
+            on_reply(&c, l, &s, &mut sent, full_reply(&v, r.sequence)).unwrap();
+        }
+        assert!(c.draining_acknowledged(Mono::from_millis(1)));
+        c.leave();
+        assert!(
+            !c.leave_acknowledged(),
+            "DRAINING acknowledgements are not a leave's"
+        );
+        let (l0, l1) = (&c.links[0], &c.links[1]);
+        let r = request(&c, l0, &s, &mut seq, &mut sent);
+        on_reply(&c, l0, &s, &mut sent, full_reply(&v, r.sequence)).unwrap();
+        // l1's router is known but its lease lapsed (a partition, a
+        // reconnect): it has not seen the leave.
+        l1.lease_until.store(0, Ordering::Release);
+        assert!(!c.leave_acknowledged());
+        let r = request(&c, l1, &s, &mut seq, &mut sent);
+        on_reply(&c, l1, &s, &mut sent, full_reply(&v, r.sequence)).unwrap();
+        assert!(c.leave_acknowledged());
+    }
+
     #[test]
     fn a_leave_is_acknowledged_only_by_a_reply_to_a_heartbeat_that_said_it() {
         use jvpn_proto::ring::{Member, RingParams, View};

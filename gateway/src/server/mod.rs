@@ -253,6 +253,14 @@ pub async fn serve(
     while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    if let Some(c) = shared.cluster.as_ref().filter(|c| c.is_leaving()) {
+        // A leave may have come after the wait above (`POST /leave` during
+        // a drain): exit once every router saw it, or after 5 s.
+        let until = Instant::now() + Duration::from_secs(5);
+        while !c.leave_acknowledged() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let _ = stop_tx.send(true);
     stop_store(keeper).await;
     shared.events.flush(Duration::from_secs(2)).await;
