@@ -473,7 +473,15 @@ impl Membership {
         if now < self.suspicious_until {
             return Vec::new();
         }
-        let live = self.members.values().filter(|m| !m.dead).count();
+        // The guard counts members that did not say they drain: those
+        // that did are expected to go (a scale-in, a rolling restart).
+        let unplanned = |m: &&Member| m.state != NodeState::Draining;
+        let live = self
+            .members
+            .values()
+            .filter(|m| !m.dead)
+            .filter(unplanned)
+            .count();
         // Each dying member, whether unreachability is (one) cause, and
         // whether silence is the only one.
         let dying: Vec<(NodeId, bool, bool)> = self
@@ -493,6 +501,7 @@ impl Membership {
         let dying_soon = self
             .members
             .values()
+            .filter(unplanned)
             .filter(|m| !m.dead && self.would_die(m, soon))
             .count();
         if live >= 2 && dying_soon * 2 > live {

@@ -594,6 +594,34 @@ fn g3_draining(leaving: bool) -> Heartbeat {
     }
 }
 
+/// A planned scale-in (two of three gateways told to leave, exiting in
+/// the same step) is not a mass death: members that said they drain are
+/// expected to go. The guard used to count them, marked the router
+/// unhealthy (`/readyz` 503 on every router at once) and held their deaths
+/// back for `mass_death_hold`.
+#[test]
+fn gateways_that_said_they_drain_do_not_trip_the_mass_death_guard() {
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let g2 = NodeId::new("g2").unwrap();
+    let g2_draining = Heartbeat {
+        node_id: g2.clone(),
+        ..g3_draining(true)
+    };
+    m.on_stream_opened(&g2, Incarnation(1));
+    m.on_stream_opened(&g3, Incarnation(1));
+    for (from, to) in [(1000, 1250), (1250, 1300)] {
+        m.on_heartbeat(Mono::from_millis(from), &g2_draining);
+        m.on_heartbeat(Mono::from_millis(from), &g3_draining(true));
+        run(&mut m, &[("g1", 1)], from, to);
+    }
+    m.on_stream_closed(Mono::from_millis(1300), &g2, Incarnation(1));
+    m.on_stream_closed(Mono::from_millis(1300), &g3, Incarnation(1));
+    let mut died = run(&mut m, &[("g1", 1)], 1300, 1900);
+    died.sort();
+    assert_eq!(died, vec![(g2, Incarnation(1)), (g3, Incarnation(1))]);
+    assert!(!m.is_unhealthy());
+}
+
 #[test]
 fn a_gateway_that_left_is_forgotten() {
     let (mut m, g3) = three_members(MembershipConfig::default());
