@@ -562,6 +562,14 @@ impl Backoff {
     }
 }
 
+/// How long a heartbeat stream may take to open, or go without a reply,
+/// before it is given up and opened again: far past a lease (750 ms) and
+/// a router's death verdicts (about 1 s), so a router that is only slow
+/// (a ring build on a saturated host) keeps its stream.
+fn patience(interval: Duration) -> Duration {
+    (interval * 16).max(Duration::from_secs(4))
+}
+
 /// Longest wait between attempts after a refusal (e.g. another secret).
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -586,6 +594,9 @@ enum StreamEnd {
     /// The router's reply proves another cluster secret.
     #[error("cluster secret mismatch")]
     SecretMismatch,
+    /// Opening the stream, or the router's replies, took too long.
+    #[error("router silent")]
+    Silent,
 }
 
 impl StreamEnd {
@@ -614,17 +625,15 @@ async fn stream_once(
     s: &HeartbeatSettings,
     carried: &mut u64,
 ) -> Result<(), StreamEnd> {
+    let patience = patience(s.interval);
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&s.ca_pem))
         .identity(Identity::from_pem(&s.cert_pem, &s.key_pem))
         .domain_name(s.server_name.clone());
-    let channel = Endpoint::from_shared(format!("https://{}", link.endpoint))?
+    let endpoint = Endpoint::from_shared(format!("https://{}", link.endpoint))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut client = MembershipClient::new(channel);
+        .tcp_nodelay(true);
     let (tx, rx) = mpsc::channel::<HeartbeatRequest>(4);
     let mut ticker = tokio::time::interval(s.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -636,23 +645,42 @@ async fn stream_once(
     // waits for response headers, which the router sends on the first message.
     let first = request(cluster, link, s, &mut seq, &mut sent);
     tx.send(first).await?;
-    let mut replies = client
-        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    // TLS and the response headers have no timeout of their own.
+    let open = async {
+        let mut client = MembershipClient::new(endpoint.connect().await?);
+        let call = client
+            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        Ok::<_, StreamEnd>(call.into_inner())
+    };
+    let mut replies = tokio::time::timeout(patience, open)
+        .await
+        .map_err(|_| StreamEnd::Silent)??;
     ticker.tick().await;
     info!(router = %link.endpoint, "heartbeat stream open");
+    let mut last_reply = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 cluster.exit_if_abandoned()?;
+                // A router answers every heartbeat: one that stopped (a
+                // stopped process, a path that lost its packets) is left
+                // for a new stream.
+                if last_reply.elapsed() > patience {
+                    return Err(StreamEnd::Silent);
+                }
                 let req = request(cluster, link, s, &mut seq, &mut sent);
-                tx.send(req).await?;
+                match tx.try_send(req) {
+                    // Queued requests not taken: the silence above ends it.
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamEnd::Closed),
+                }
             }
             msg = replies.message() => {
                 let Some(reply) = msg? else {
                     return Err(StreamEnd::Closed);
                 };
+                last_reply = Instant::now();
                 *carried += 1;
                 on_reply(cluster, link, s, &mut sent, reply)?;
             }
@@ -1014,10 +1042,52 @@ mod tests {
         }
     }
 
-    /// Design note 56: once leaving, a drain counts a router as having
-    /// seen it only from a reply to a heartbeat that said so (a DRAINING
-    /// heartbeat sent before the leave would otherwise end the wait, and
-    /// that router would keep this gateway for a day).
+    /// A router endpoint that accepts TCP and then says nothing (a load
+    /// balancer in front of a dead router, a stopped process whose kernel
+    /// still accepts): the stream attempt ends, and is made again, instead
+    /// of waiting for ever (tonic's connect timeout covers TCP only).
+    #[tokio::test]
+    async fn a_router_that_accepts_and_says_nothing_is_given_up_on() {
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let c = Cluster::new(
+            NodeId::new("g1").unwrap(),
+            Incarnation(1),
+            &[addr.to_string()],
+            Duration::from_millis(750),
+            Duration::ZERO,
+            keys.clone(),
+            Instant::now(),
+        );
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                conns.push(conn);
+            }
+        });
+        let ca = rcgen::generate_simple_self_signed(vec!["router.test".into()]).unwrap();
+        let s = HeartbeatSettings {
+            cert_pem: ca.cert.pem().into_bytes(),
+            key_pem: ca.signing_key.serialize_pem().into_bytes(),
+            ca_pem: ca.cert.pem().into_bytes(),
+            server_name: "router.test".into(),
+            interval: Duration::from_millis(50),
+            ..test_settings(&keys)
+        };
+        let mut carried = 0;
+        let ended = tokio::time::timeout(
+            patience(s.interval) * 2,
+            stream_once(&c, &c.links[0], &s, &mut carried),
+        )
+        .await;
+        assert!(
+            matches!(ended, Ok(Err(StreamEnd::Silent))),
+            "still waiting, or ended otherwise: {ended:?}"
+        );
+        held.abort();
+    }
+
     /// A leave that comes after the drain began: routers that acknowledged
     /// DRAINING have not seen it yet, and one that granted no lease has not
     /// either; the final wait needs a reply to a heartbeat that said
@@ -1060,6 +1130,10 @@ mod tests {
         assert!(c.leave_acknowledged());
     }
 
+    /// Design note 56: once leaving, a drain counts a router as having
+    /// seen it only from a reply to a heartbeat that said so (a DRAINING
+    /// heartbeat sent before the leave would otherwise end the wait, and
+    /// that router would keep this gateway for a day).
     #[test]
     fn a_leave_is_acknowledged_only_by_a_reply_to_a_heartbeat_that_said_it() {
         use jvpn_proto::ring::{Member, RingParams, View};
