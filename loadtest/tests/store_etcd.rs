@@ -1524,3 +1524,79 @@ async fn a_session_that_ends_while_its_record_is_written_leaves_nothing_behind()
     .await
     .unwrap();
 }
+
+/// Review of topology 3: a session that ends while etcd cannot be reached
+/// loses its record once etcd is back. Its delete used to be tried once:
+/// the record stayed, and a later takeover (after its owner died) brought
+/// a session its agent or an operator had ended back to life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_sessions_record_goes_once_etcd_is_back() {
+    let c = EtcdCluster::start(1).await.unwrap();
+    let member: std::net::SocketAddr = c.endpoints()[0]
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(member)
+        .await
+        .unwrap();
+    let store_toml = c
+        .gateway_toml()
+        .replace(&member.to_string(), &proxy.addr.to_string());
+    // A long lease: the outage below is shorter, the gateway keeps serving.
+    let env = common::start(&format!(
+        "{store_toml}lease_ttl_ms = 30000\nsweep_interval_ms = 0\n\
+         [timeouts]\ndrain_timeout_ms = 1000\n"
+    ))
+    .await;
+    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
+    let node = NodeId::new("g1").unwrap();
+    eventually(Duration::from_secs(20), "the gateway's owner lease", || {
+        let (store, node) = (store.clone(), node.clone());
+        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
+    })
+    .await
+    .unwrap();
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut t = agent.hello().await.unwrap();
+    let sid = agent.session.as_ref().unwrap().id;
+    assert!(store.load(&sid).await.unwrap().is_some());
+    // etcd goes out of reach, then the agent ends its session.
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
+    proxy.stall_all();
+    t.send(jvpn_proto::pb::session::frame::Kind::Terminate(
+        jvpn_proto::pb::session::Terminate {
+            reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+        },
+    ))
+    .await
+    .unwrap();
+    let failed = || {
+        let gw = &env.gw;
+        async move {
+            gw.metric(
+                "jvpn_gateway_store_writes_total",
+                &[("op", "delete"), ("result", "unavailable")],
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    eventually(Duration::from_secs(20), "a delete that failed", || async {
+        failed().await >= 1.0
+    })
+    .await
+    .unwrap();
+    // etcd is back.
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Pass);
+    proxy.cut_all();
+    eventually(
+        Duration::from_secs(20),
+        "the ended session's record gone",
+        || {
+            let store = store.clone();
+            async move { store.load(&sid).await.is_ok_and(|r| r.is_none()) }
+        },
+    )
+    .await
+    .unwrap();
+}

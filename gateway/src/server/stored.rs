@@ -616,14 +616,37 @@ impl Stored {
         }
         let (etcd, sid) = (self.etcd.clone(), *sid);
         tokio::spawn(async move {
-            let result = match timed("delete", etcd.delete(&sid, bound.mod_revision)).await {
-                Ok(_) => "ok",
-                Err(e) => {
-                    debug!(error = %e, "store: ended session's record not deleted");
-                    result_of(&e)
+            // Tried again while etcd cannot be reached: a record left behind
+            // would let a taker bring the ended session back (after its owner
+            // died). Safe to repeat: it deletes only the record written at
+            // `mod_revision`, never one a taker wrote since, and a delete
+            // that landed unanswered reads as stale the next time.
+            let mut wait = DELETE_RETRY_FIRST;
+            let give_up = Instant::now() + DELETE_RETRY_FOR;
+            loop {
+                let r = timed("delete", etcd.delete(&sid, bound.mod_revision)).await;
+                let result = match &r {
+                    Ok(_) => "ok",
+                    Err(e) => {
+                        debug!(error = %e, "store: ended session's record not deleted");
+                        result_of(e)
+                    }
+                };
+                counter!(m::STORE_WRITES, "op" => "delete", "result" => result).increment(1);
+                let retry = matches!(r, Err(StoreError::Unavailable(_)));
+                if !retry || Instant::now() + wait > give_up {
+                    static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                    if retry && let Some(held) = WARN.allow() {
+                        warn!(
+                            held,
+                            "store: an ended session's record could not be deleted"
+                        );
+                    }
+                    return;
                 }
-            };
-            counter!(m::STORE_WRITES, "op" => "delete", "result" => result).increment(1);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(DELETE_RETRY_MAX);
+            }
         });
     }
 
@@ -681,6 +704,12 @@ impl Stored {
 }
 
 /// A store request, timed into the latency histogram by `op`.
+/// An ended session's record delete is tried again after this, doubling
+/// up to [`DELETE_RETRY_MAX`], for [`DELETE_RETRY_FOR`] at most.
+const DELETE_RETRY_FIRST: Duration = Duration::from_millis(250);
+const DELETE_RETRY_MAX: Duration = Duration::from_secs(5);
+const DELETE_RETRY_FOR: Duration = Duration::from_secs(300);
+
 async fn timed<T>(op: &'static str, f: impl std::future::Future<Output = T>) -> T {
     let started = Instant::now();
     let r = f.await;
