@@ -1338,6 +1338,9 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
     for (sid, r) in swept.iter().chain(&kept) {
         store.create(sid, r).await.unwrap();
     }
+    // Bytes that are no record: nobody can use them either.
+    let garbage = SessionId::from_bytes(rand::random());
+    c.put_raw(&store.session_key(&garbage), &[0xff; 3]).unwrap();
     store.revoke(dead).await.unwrap();
     eventually(
         Duration::from_secs(30),
@@ -1348,7 +1351,7 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
                 swept.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
             );
             async move {
-                for sid in sids {
+                for sid in sids.into_iter().chain([garbage]) {
                     if !matches!(store.load(&sid).await, Ok(None)) {
                         return false;
                     }
@@ -1373,7 +1376,7 @@ async fn records_nobody_can_use_are_swept_and_the_rest_stay() {
             "a record that may still be used was swept"
         );
     }
-    for (reason, n) in [("expired", 3.0), ("unclaimable", 2.0)] {
+    for (reason, n) in [("expired", 3.0), ("unclaimable", 2.0), ("undecodable", 1.0)] {
         let labels = [("reason", reason)];
         let got = env.gw.metric("jvpn_gateway_store_swept_total", &labels);
         assert_eq!(got.await.unwrap(), n, "swept {reason}");

@@ -999,3 +999,29 @@ async fn etcd_restarted_mid_claim_gives_no_session_two_owners() {
     assert!(v.answered_events >= 12 - outcomes.len() + taken, "{v:?}");
     eprintln!("mid-claim outcomes: {outcomes:?}; {v:?}");
 }
+
+/// A record that does not decode (written by something else, or damaged)
+/// is no session anyone can take over: the RESUME is answered
+/// `unknown_session` and the agent re-handshakes. It used to be answered
+/// `store_unavailable` with a retry hint, for as long as the agent kept
+/// trying (a TLS handshake and an etcd read each time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_does_not_decode_is_no_session() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let c = takeover_cluster(&etcd, 2).await;
+    let store = store_of(&etcd);
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    drop(common::hello(&mut a).await);
+    let sid = a.session.as_ref().unwrap().id;
+    assert!(store.load(&sid).await.unwrap().is_some());
+    // Overwritten with bytes that are no record.
+    etcd.put_raw(&store.session_key(&sid), &[0xff; 3]).unwrap();
+    assert!(store.load(&sid).await.is_err(), "the record still decodes");
+    kill_owner_of(&c, &a).await;
+    match resume_until_attached(&mut a, Duration::from_secs(15)).await {
+        Err(AgentError::Rejected { reason, .. }) => {
+            assert_eq!(reason, jvpn_proto::ReasonCode::UnknownSession)
+        }
+        other => panic!("expected unknown_session, got {other:?}"),
+    }
+}

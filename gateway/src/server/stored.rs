@@ -351,6 +351,11 @@ impl Stored {
                 count("no_record");
                 return Err(ReasonCode::UnknownSession);
             }
+            // Bytes that are no record: no retry makes them one.
+            Err(StoreError::Record(_)) => {
+                count("error");
+                return Err(ReasonCode::UnknownSession);
+            }
             Err(e) => {
                 count(result_of(&e));
                 return Err(ReasonCode::StoreUnavailable);

@@ -85,15 +85,19 @@ fn is_expired(rec: &SessionRecord, now_unix_ms: u64) -> bool {
 pub enum Swept {
     Expired,
     Unclaimable,
+    /// Bytes that are no record (damaged, or written by something else):
+    /// no gateway can serve or take over what they held.
+    Undecodable,
 }
 
 impl Swept {
-    pub const ALL: [Self; 2] = [Self::Expired, Self::Unclaimable];
+    pub const ALL: [Self; 3] = [Self::Expired, Self::Unclaimable, Self::Undecodable];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Expired => "expired",
             Self::Unclaimable => "unclaimable",
+            Self::Undecodable => "undecodable",
         }
     }
 }
@@ -214,23 +218,22 @@ impl Sweeper {
             self.owners.clear();
         }
         for kv in kvs {
-            let Ok(rec) = store_record::decode(&kv.value) else {
-                debug!("store sweep: a record that does not decode is left alone");
-                continue;
-            };
-            let (why, owner_gone) = match fate(&rec, now_unix_ms) {
-                Fate::Keep => continue,
-                Fate::Remove(why) => (why, None),
-                Fate::IfOwnerGone(why) => {
-                    let key = self.etcd.owner_key_of(&rec);
-                    if !self.owner_alive(&key).await? {
-                        (why, Some(key))
-                    } else if self.leaked_here(&rec, &kv.key, now_unix_ms) {
-                        (Swept::Expired, None)
-                    } else {
-                        continue;
+            let (why, owner_gone) = match store_record::decode(&kv.value) {
+                Err(_) => (Swept::Undecodable, None),
+                Ok(rec) => match fate(&rec, now_unix_ms) {
+                    Fate::Keep => continue,
+                    Fate::Remove(why) => (why, None),
+                    Fate::IfOwnerGone(why) => {
+                        let key = self.etcd.owner_key_of(&rec);
+                        if !self.owner_alive(&key).await? {
+                            (why, Some(key))
+                        } else if self.leaked_here(&rec, &kv.key, now_unix_ms) {
+                            (Swept::Expired, None)
+                        } else {
+                            continue;
+                        }
                     }
-                }
+                },
             };
             match self
                 .etcd
