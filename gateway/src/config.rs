@@ -103,6 +103,11 @@ pub struct StoreConfig {
     /// Records the sweep reads per page.
     #[serde(default = "default_sweep_page")]
     pub sweep_page: u32,
+    /// How records are sealed: 2 (every field; the default) or 1 (the
+    /// resume key's place only, as the previous version wrote, which that
+    /// version can still take over during a rolling upgrade).
+    #[serde(default = "default_record_seal")]
+    pub record_seal: u8,
     /// PEM: the CA of etcd's client port, and this gateway's client
     /// certificate and key (mTLS).
     #[serde(default)]
@@ -124,6 +129,7 @@ impl Default for StoreConfig {
             request_timeout_ms: default_store_request_timeout_ms(),
             sweep_interval_ms: default_sweep_interval_ms(),
             sweep_page: default_sweep_page(),
+            record_seal: default_record_seal(),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -146,6 +152,10 @@ fn default_store_request_timeout_ms() -> u64 {
 fn default_sweep_interval_ms() -> u64 {
     5000
 }
+fn default_record_seal() -> u8 {
+    2
+}
+
 fn default_sweep_page() -> u32 {
     256
 }
@@ -199,6 +209,12 @@ fn store_config(
         errs.push(ConfigProblem::new(
             "store.request_timeout_ms",
             "must be above zero and at most a third of store.lease_ttl_ms (a failed renewal must leave time for the next before the deadline)",
+        ));
+    }
+    if !(1..=2).contains(&s.record_seal) {
+        errs.push(ConfigProblem::new(
+            "store.record_seal",
+            "must be 2 (every field of a record sealed) or 1 (as the previous version, during a rolling upgrade)",
         ));
     }
     if !(1..=1_000).contains(&s.sweep_page) {

@@ -750,6 +750,7 @@ async fn a_session_is_recorded_before_hello_ok_and_each_resume_moves_its_binding
     assert_eq!(first.record.owner_epoch, 1);
     assert_eq!(first.record.binding_epoch, 1);
     assert_eq!(first.record.principal, "dev-token");
+    assert_eq!(first.record.seal, 2, "every field sealed");
     let k1 = open_record_key([&keys], &sid, &first.record).unwrap();
     t.echo(b"one").await.unwrap();
     drop(t);

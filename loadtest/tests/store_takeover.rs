@@ -1025,3 +1025,47 @@ async fn a_record_that_does_not_decode_is_no_session() {
         other => panic!("expected unknown_session, got {other:?}"),
     }
 }
+
+/// Rolling upgrade of topology 3: records as the previous version seals
+/// them (`store.record_seal = 1`: only the resume key's place, `seal` 0)
+/// are taken over by this version without a handshake. (A record this
+/// version seals by default, every field, is `seal` 2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_sealed_as_the_previous_version_seals_it_is_taken_over() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let bin = env!("CARGO_BIN_EXE_jvpn-loadtest");
+    let c = LocalCluster::start(
+        Launcher::for_tests(bin),
+        Launcher::for_tests_as(bin, jvpn_loadtest::harness::Role::Router),
+        jvpn_loadtest::cluster::ClusterOptions {
+            gateways: 2,
+            routers: 1,
+            spare_gateways: 0,
+            gateway_extra_toml: format!(
+                "{}{}record_seal = 1\n",
+                jvpn_loadtest::streamload::LOOPBACK_EGRESS,
+                etcd.gateway_toml()
+            ),
+            router_env: vec![("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into())],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = store_of(&etcd);
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    drop(common::hello(&mut a).await);
+    let sid = a.session.as_ref().unwrap().id;
+    let before = store.load(&sid).await.unwrap().unwrap().record;
+    assert_eq!(before.seal, 0, "sealed as the previous version seals");
+    let owner = kill_owner_of(&c, &a).await;
+    let mut t = resume_until_attached(&mut a, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let s = a.session.as_ref().unwrap();
+    assert_ne!(s.node_id, owner, "taken over");
+    assert_eq!(s.owner_epoch, 2);
+    t.echo(b"carried on").await.unwrap();
+    let after = store.load(&sid).await.unwrap().unwrap().record;
+    assert_eq!((after.owner_epoch, after.principal), (2, before.principal));
+}

@@ -2,8 +2,13 @@
 //! sealing of its resume key.
 //!
 //! The resume key travels to etcd only wrapped: `nonce(12) ‖
-//! ChaCha20-Poly1305(k_store, nonce, aad, key(32)) ‖ tag(16)` with `aad =
-//! "jvpn store v1" ‖ session_id ‖ owner_epoch ‖ state_version` (big-endian).
+//! ChaCha20-Poly1305(k_store, nonce, aad, key(32)) ‖ tag(16)`. Records this
+//! version writes (`seal = 2`) have `aad = "jvpn store v2" ‖ session_id ‖`
+//! every other field of the record, so whoever cannot open the key cannot
+//! change the principal, the credential, the end of life, the owner or the
+//! migration flag either (a taker restores them). Older writers' records
+//! (`seal` 0) have `aad = "jvpn store v1" ‖ session_id ‖ owner_epoch ‖
+//! state_version` (big-endian) and are still read.
 //! Every write bumps `state_version`, so a wrapped key copied from an older
 //! record of the same session (or from another session's) does not open
 //! under the record it was pasted into: whoever can write etcd but does not
@@ -25,6 +30,7 @@ const TAG_LEN: usize = 16;
 /// Length of a wrapped resume key.
 pub const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 const AAD_LABEL: &[u8] = b"jvpn store v1";
+const AAD_LABEL_V2: &[u8] = b"jvpn store v2";
 
 /// Why a record or its key could not be read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +48,13 @@ pub enum RecordError {
     /// a tampered record.
     #[error("wrapped resume key failed to authenticate")]
     Open,
+    /// A way of sealing this version does not know (a newer writer's).
+    #[error("store record sealed as {0}, unknown here")]
+    UnknownSeal(u32),
 }
+
+/// `SessionRecord.seal` of records whose every field is sealed with the key.
+pub const SEAL_V2: u32 = 2;
 
 const AAD_LEN: usize = AAD_LABEL.len() + 16 + 8 + 8;
 
@@ -99,6 +111,14 @@ pub fn unwrap_key(
     wrapped: &[u8],
     at: KeyPlace<'_>,
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, RecordError> {
+    open_with(keys, wrapped, &aad(at))
+}
+
+fn open_with(
+    keys: &ClusterKeys,
+    wrapped: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<[u8; KEY_LEN]>, RecordError> {
     if wrapped.len() != WRAPPED_LEN {
         return Err(RecordError::Length(wrapped.len()));
     }
@@ -109,13 +129,64 @@ pub fn unwrap_key(
     let plain = aead(keys)
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(at)),
+            Aad::from(aad),
             &mut body[..],
         )
         .map_err(|_| RecordError::Open)?;
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     key.copy_from_slice(plain);
     Ok(key)
+}
+
+/// Seals `resume_key` into `rec` under `keys` (sets `key_id`, `seal` and
+/// `wrapped_key`): every other field must be final, they are all sealed.
+pub fn seal_record(
+    keys: &ClusterKeys,
+    nonce: [u8; NONCE_LEN],
+    sid: &SessionId,
+    rec: &mut SessionRecord,
+    resume_key: &[u8; KEY_LEN],
+) {
+    rec.key_id = u32::from(keys.key_id());
+    rec.seal = SEAL_V2;
+    let mut out = Vec::with_capacity(WRAPPED_LEN);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(resume_key);
+    let tag = aead(keys)
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad_v2(sid, rec)),
+            &mut out[NONCE_LEN..],
+        )
+        .unwrap_or_else(|_| unreachable!("32 bytes fit ChaCha20-Poly1305"));
+    out.extend_from_slice(tag.as_ref());
+    rec.wrapped_key = out;
+}
+
+/// `"jvpn store v2"` ‖ session id ‖ every field of `rec` but the wrapped
+/// key, in field order: numbers big-endian, strings length-prefixed (u32),
+/// the flag one byte. A field added later needs a new seal version.
+fn aad_v2(sid: &SessionId, rec: &SessionRecord) -> Vec<u8> {
+    let mut a = Vec::with_capacity(128);
+    let text = |a: &mut Vec<u8>, s: &str| {
+        a.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        a.extend_from_slice(s.as_bytes());
+    };
+    a.extend_from_slice(AAD_LABEL_V2);
+    a.extend_from_slice(sid.as_bytes());
+    text(&mut a, &rec.owner_node);
+    a.extend_from_slice(&rec.owner_incarnation.to_be_bytes());
+    a.extend_from_slice(&rec.owner_epoch.to_be_bytes());
+    a.extend_from_slice(&rec.state_version.to_be_bytes());
+    a.extend_from_slice(&rec.binding_epoch.to_be_bytes());
+    a.extend_from_slice(&rec.key_id.to_be_bytes());
+    text(&mut a, &rec.principal);
+    a.extend_from_slice(&rec.owner_lease.to_be_bytes());
+    text(&mut a, &rec.credential);
+    a.extend_from_slice(&rec.end_of_life_unix_ms.to_be_bytes());
+    a.push(u8::from(rec.agent_migrates));
+    a.extend_from_slice(&rec.seal.to_be_bytes());
+    a
 }
 
 /// Picks, among `keys` (current first, then previous), the one the record
@@ -129,15 +200,20 @@ pub fn open_record_key<'a>(
         .into_iter()
         .find(|k| u32::from(k.key_id()) == rec.key_id)
         .ok_or(RecordError::UnknownKeyId(rec.key_id))?;
-    unwrap_key(
-        k,
-        &rec.wrapped_key,
-        KeyPlace {
-            sid,
-            owner_epoch: rec.owner_epoch,
-            state_version: rec.state_version,
-        },
-    )
+    match rec.seal {
+        // An older writer's: only the key's place is sealed.
+        0 => unwrap_key(
+            k,
+            &rec.wrapped_key,
+            KeyPlace {
+                sid,
+                owner_epoch: rec.owner_epoch,
+                state_version: rec.state_version,
+            },
+        ),
+        SEAL_V2 => open_with(k, &rec.wrapped_key, &aad_v2(sid, rec)),
+        other => Err(RecordError::UnknownSeal(other)),
+    }
 }
 
 /// Decodes a stored value.
@@ -196,6 +272,87 @@ mod tests {
             unwrap_key(&k, &w[1..], at(&sid, 4, 2)),
             Err(RecordError::Length(WRAPPED_LEN - 1))
         );
+    }
+
+    /// Review of topology 3: whoever can write etcd without the cluster
+    /// secret must not be able to change who a session is, how long it
+    /// lives, or whom it belongs to: the taker restores those from the
+    /// record. Every field but the wrapped key itself is sealed with it.
+    #[test]
+    fn a_sealed_records_fields_cannot_be_changed() {
+        let k = keys(1, 7);
+        let sid = SessionId::from_bytes([3; 16]);
+        let mut rec = SessionRecord {
+            owner_node: "g1".into(),
+            owner_incarnation: 5,
+            owner_epoch: 2,
+            state_version: 4,
+            binding_epoch: 3,
+            principal: "alice".into(),
+            owner_lease: 77,
+            credential: "cert:abc".into(),
+            end_of_life_unix_ms: 1_000,
+            agent_migrates: true,
+            ..Default::default()
+        };
+        seal_record(&k, [9; 12], &sid, &mut rec, &[5; 32]);
+        assert_eq!(rec.seal, SEAL_V2);
+        let back = decode(&encode(&rec)).unwrap();
+        assert_eq!(*open_record_key([&k], &sid, &back).unwrap(), [5; 32]);
+        let tampered: Vec<(&str, Box<dyn Fn(&mut SessionRecord)>)> = vec![
+            ("principal", Box::new(|r| r.principal = "admin".into())),
+            (
+                "credential",
+                Box::new(|r| r.credential = "cert:root".into()),
+            ),
+            (
+                "end of life",
+                Box::new(|r| r.end_of_life_unix_ms = u64::MAX),
+            ),
+            ("migrates", Box::new(|r| r.agent_migrates = false)),
+            ("owner node", Box::new(|r| r.owner_node = "g2".into())),
+            ("owner incarnation", Box::new(|r| r.owner_incarnation = 6)),
+            ("owner lease", Box::new(|r| r.owner_lease = 78)),
+            ("binding epoch", Box::new(|r| r.binding_epoch = 4)),
+            ("owner epoch", Box::new(|r| r.owner_epoch = 3)),
+            ("state version", Box::new(|r| r.state_version = 5)),
+            // Read as an older writer's record instead.
+            ("seal", Box::new(|r| r.seal = 0)),
+        ];
+        for (what, change) in tampered {
+            let mut bad = back.clone();
+            change(&mut bad);
+            assert_eq!(
+                open_record_key([&k], &sid, &bad),
+                Err(RecordError::Open),
+                "{what} changed, yet the key opened"
+            );
+        }
+        let mut unknown = back.clone();
+        unknown.seal = 9;
+        assert_eq!(
+            open_record_key([&k], &sid, &unknown),
+            Err(RecordError::UnknownSeal(9))
+        );
+    }
+
+    /// A record an older gateway wrote (its key sealed with the session,
+    /// epoch and version only) still opens: a rolling upgrade takes such
+    /// sessions over.
+    #[test]
+    fn an_older_writers_record_still_opens() {
+        let k = keys(1, 7);
+        let sid = SessionId::from_bytes([3; 16]);
+        let rec = SessionRecord {
+            owner_epoch: 2,
+            state_version: 4,
+            key_id: 1,
+            principal: "alice".into(),
+            wrapped_key: wrap_key(&k, [1; 12], at(&sid, 2, 4), &[6; 32]),
+            ..Default::default()
+        };
+        assert_eq!(rec.seal, 0);
+        assert_eq!(*open_record_key([&k], &sid, &rec).unwrap(), [6; 32]);
     }
 
     #[test]

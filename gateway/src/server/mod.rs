@@ -114,6 +114,7 @@ pub async fn serve(
                 k.status.clone(),
                 k.origin(),
                 shared.cfg.secret.derive(),
+                s.record_seal == 1,
             ));
             let _ = shared.store.set(stored.clone());
             let held = stored.clone();

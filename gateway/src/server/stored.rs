@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::store::SessionRecord;
-use jvpn_proto::store_record::{KeyPlace, open_record_key, wrap_key};
+use jvpn_proto::store_record::{KeyPlace, open_record_key, seal_record, wrap_key};
 use jvpn_proto::{Mono, ReasonCode, SessionId};
 use jvpn_runtime::wire::{AtMost, lock};
 use metrics::{counter, histogram};
@@ -118,6 +118,9 @@ pub(super) struct Stored {
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
     keys: ClusterKeys,
+    /// `store.record_seal = 1`: records sealed as the previous version
+    /// seals them (a rolling upgrade), not every field.
+    seal_v1: bool,
     sessions: Mutex<HashMap<SessionId, Bound>>,
     /// Dead owners' lease keys takers are waiting on: one poller per key,
     /// however many of its sessions wait (`true` once etcd has no such key).
@@ -150,6 +153,7 @@ impl Stored {
         status: watch::Receiver<LeaseStatus>,
         origin: Instant,
         keys: ClusterKeys,
+        seal_v1: bool,
     ) -> Self {
         Self {
             batch: Batcher::spawn(etcd.clone()),
@@ -157,6 +161,7 @@ impl Stored {
             status,
             origin,
             keys,
+            seal_v1,
             sessions: Mutex::new(HashMap::new()),
             gone: Arc::new(Mutex::new(HashMap::new())),
             claiming: Arc::new(Mutex::new(HashSet::new())),
@@ -203,14 +208,21 @@ impl Stored {
         self.serving().is_some_and(|(g, _)| g == generation)
     }
 
+    /// Seals `key` into `rec`, whose other fields are final.
     fn wrap(&self, sid: &SessionId, rec: &mut SessionRecord, key: &[u8; 32]) {
-        let at = KeyPlace {
-            sid,
-            owner_epoch: rec.owner_epoch,
-            state_version: rec.state_version,
-        };
-        rec.key_id = u32::from(self.keys.key_id());
-        rec.wrapped_key = wrap_key(&self.keys, rand::random(), at, key);
+        if self.seal_v1 {
+            // As the previous version writes (a rolling upgrade).
+            let at = KeyPlace {
+                sid,
+                owner_epoch: rec.owner_epoch,
+                state_version: rec.state_version,
+            };
+            rec.key_id = u32::from(self.keys.key_id());
+            rec.seal = 0;
+            rec.wrapped_key = wrap_key(&self.keys, rand::random(), at, key);
+        } else {
+            seal_record(&self.keys, rand::random(), sid, rec, key);
+        }
     }
 
     /// Writes `record` at `sid`: a create (`expected` `None`) or a
