@@ -299,25 +299,20 @@ mod tests {
         assert_eq!(rec.seal, SEAL_V2);
         let back = decode(&encode(&rec)).unwrap();
         assert_eq!(*open_record_key([&k], &sid, &back).unwrap(), [5; 32]);
-        let tampered: Vec<(&str, Box<dyn Fn(&mut SessionRecord)>)> = vec![
-            ("principal", Box::new(|r| r.principal = "admin".into())),
-            (
-                "credential",
-                Box::new(|r| r.credential = "cert:root".into()),
-            ),
-            (
-                "end of life",
-                Box::new(|r| r.end_of_life_unix_ms = u64::MAX),
-            ),
-            ("migrates", Box::new(|r| r.agent_migrates = false)),
-            ("owner node", Box::new(|r| r.owner_node = "g2".into())),
-            ("owner incarnation", Box::new(|r| r.owner_incarnation = 6)),
-            ("owner lease", Box::new(|r| r.owner_lease = 78)),
-            ("binding epoch", Box::new(|r| r.binding_epoch = 4)),
-            ("owner epoch", Box::new(|r| r.owner_epoch = 3)),
-            ("state version", Box::new(|r| r.state_version = 5)),
+        type Change = fn(&mut SessionRecord);
+        let tampered: [(&str, Change); 11] = [
+            ("principal", |r| r.principal = "admin".into()),
+            ("credential", |r| r.credential = "cert:root".into()),
+            ("end of life", |r| r.end_of_life_unix_ms = u64::MAX),
+            ("migrates", |r| r.agent_migrates = false),
+            ("owner node", |r| r.owner_node = "g2".into()),
+            ("owner incarnation", |r| r.owner_incarnation = 6),
+            ("owner lease", |r| r.owner_lease = 78),
+            ("binding epoch", |r| r.binding_epoch = 4),
+            ("owner epoch", |r| r.owner_epoch = 3),
+            ("state version", |r| r.state_version = 5),
             // Read as an older writer's record instead.
-            ("seal", Box::new(|r| r.seal = 0)),
+            ("seal", |r| r.seal = 0),
         ];
         for (what, change) in tampered {
             let mut bad = back.clone();
