@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use jvpn_proto::NodeId;
 use jvpn_proto::keys::ClusterSecret;
-use jvpn_runtime::config::{
-    load_admin_token, parse_layered, read_pem, read_secret, require_nonzero,
-};
+use jvpn_runtime::config::{load_admin_token, parse_layered, read_pem, require_nonzero};
 use serde::Deserialize;
 
 pub use jvpn_runtime::config::{ConfigErrors, ConfigProblem};
@@ -267,6 +265,10 @@ pub struct AuthConfig {
 pub struct ClusterConfig {
     /// File holding `<key_id>:<64 hex digits>`.
     pub secret_file: PathBuf,
+    /// The secret before the last rotation: topology 3's records sealed
+    /// under it are still opened (a takeover of an idle session).
+    #[serde(default)]
+    pub previous_secret_file: Option<PathBuf>,
     /// Router source addresses (exact IPs). Empty: single-node mode. Non-empty:
     /// a PROXY v2 header is mandatory from these and forbidden from anyone else.
     #[serde(default)]
@@ -506,6 +508,8 @@ pub struct Validated {
     pub node_id: NodeId,
     pub tls: Arc<TlsMaterial>,
     pub secret: ClusterSecret,
+    /// `cluster.previous_secret_file`, when set.
+    pub previous_secret: Option<ClusterSecret>,
     pub dev_tokens: Vec<zeroize::Zeroizing<Vec<u8>>>,
     pub max_tls_handshakes_in_flight: usize,
     /// Set when `cluster.membership_endpoints` is not empty.
@@ -578,7 +582,8 @@ pub fn events_sink_problem(path: &str) -> Option<String> {
 
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
 /// `[tls]`, `[admission]` (less its TLS slot count) and
-/// `cluster.secret_file`. Returns the names of those that differ.
+/// `cluster.secret_file` (and `previous_secret_file`). Returns the names of
+/// those that differ.
 pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
     let mut out = Vec::new();
     let mut check = |name, same: bool| {
@@ -598,6 +603,7 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
     // The secret may rotate (design note 20); the rest of [cluster] may not.
     let same_cluster = ClusterConfig {
         secret_file: old.cluster.secret_file.clone(),
+        previous_secret_file: old.cluster.previous_secret_file.clone(),
         ..new.cluster.clone()
     } == old.cluster;
     check("cluster", same_cluster);
@@ -696,7 +702,11 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             None
         }
     };
-    let secret = read_secret("cluster.secret_file", &raw.cluster.secret_file, &mut errs);
+    let (secret, previous_secret) = jvpn_runtime::config::read_secrets(
+        &raw.cluster.secret_file,
+        raw.cluster.previous_secret_file.as_deref(),
+        &mut errs,
+    );
     let c = &raw.cluster;
     let mut membership = None;
     if !c.membership_endpoints.is_empty() {
@@ -783,6 +793,7 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
                 node_id,
                 tls,
                 secret,
+                previous_secret,
                 dev_tokens,
                 max_tls_handshakes_in_flight: max_tls,
                 membership,

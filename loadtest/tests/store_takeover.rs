@@ -1069,3 +1069,75 @@ async fn a_record_sealed_as_the_previous_version_seals_it_is_taken_over() {
     let after = store.load(&sid).await.unwrap().unwrap().record;
     assert_eq!((after.owner_epoch, after.principal), (2, before.principal));
 }
+
+/// Rotating the cluster secret in topology 3: a gateway that starts with
+/// only the new secret (`cluster.previous_secret_file` naming the old one)
+/// takes over an idle session whose record was sealed under the old
+/// secret, and seals it anew under the new one. Gateways had no previous
+/// secret: such a takeover was refused and the agent re-handshook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_sealed_before_a_secret_rotation_is_taken_over_after_it() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let mut c = takeover_cluster(&etcd, 2).await;
+    let store = store_of(&etcd);
+    let mut a = jvpn_loadtest::harness::agent(&c.pki, c.routers[0].client_addr, None).unwrap();
+    drop(common::hello(&mut a).await);
+    let sid = a.session.as_ref().unwrap().id;
+    let old_id = store.load(&sid).await.unwrap().unwrap().record.key_id;
+    // The new secret, the router first (new current, old previous).
+    let old = c.pki.layout.secret();
+    let new = c.dir.path().join("cluster-next.secret");
+    let new_id = (old_id as u8).wrapping_add(1);
+    let hex: String = (0..32)
+        .map(|i| format!("{:02x}", (i * 5 + 1) as u8))
+        .collect();
+    std::fs::write(&new, format!("{new_id}:{hex}\n")).unwrap();
+    c.opts.router_env = vec![
+        ("JVPN_ROUTER__CLUSTER__TAKEOVER".into(), "true".into()),
+        (
+            "JVPN_ROUTER__CLUSTER__SECRET_FILE".into(),
+            new.display().to_string(),
+        ),
+        (
+            "JVPN_ROUTER__CLUSTER__PREVIOUS_SECRET_FILE".into(),
+            old.display().to_string(),
+        ),
+    ];
+    c.restart_router(0).await.unwrap();
+    // The gateway that does not own the session restarts, knowing the old
+    // secret only as previous.
+    let owner = a.session.as_ref().unwrap().node_id.clone();
+    let other = if owner == "g1" { "g2" } else { "g1" }.to_owned();
+    c.gateway(&other).unwrap().signal(Signal::SIGKILL).unwrap();
+    c.wait_not_alive(&other, Duration::from_secs(5))
+        .await
+        .unwrap();
+    c.opts.gateway_env = vec![
+        (
+            "JVPN_GATEWAY__CLUSTER__SECRET_FILE".into(),
+            new.display().to_string(),
+        ),
+        (
+            "JVPN_GATEWAY__CLUSTER__PREVIOUS_SECRET_FILE".into(),
+            old.display().to_string(),
+        ),
+    ];
+    c.start_gateway(&other).await.unwrap();
+    c.wait_placeable(&["g1".to_owned(), "g2".to_owned()], Duration::from_secs(20))
+        .await
+        .unwrap();
+    // The owner dies: the restarted gateway is the only one left.
+    kill_owner_of(&c, &a).await;
+    let mut t = resume_until_attached(&mut a, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let s = a.session.as_ref().unwrap();
+    assert_eq!((&s.node_id, s.owner_epoch), (&other, 2));
+    t.echo(b"across the rotation").await.unwrap();
+    let rec = store.load(&sid).await.unwrap().unwrap().record;
+    assert_eq!(
+        rec.key_id,
+        u32::from(new_id),
+        "sealed anew under the new secret"
+    );
+}

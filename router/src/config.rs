@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use jvpn_proto::NodeId;
 use jvpn_proto::keys::ClusterSecret;
-use jvpn_runtime::config::{
-    ConfigErrors, ConfigProblem, parse_layered, read_pem, read_secret, require_nonzero,
-};
+use jvpn_runtime::config::{ConfigErrors, ConfigProblem, parse_layered, read_pem, require_nonzero};
 use serde::Deserialize;
 
 use crate::membership::MembershipConfig;
@@ -438,19 +436,11 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             errs.push(ConfigProblem::new(key, "must be a positive number"));
         }
     }
-    let secret = read_secret("cluster.secret_file", &c.secret_file, &mut errs);
-    let previous_secret = c
-        .previous_secret_file
-        .as_ref()
-        .and_then(|p| read_secret("cluster.previous_secret_file", p, &mut errs));
-    if let (Some(cur), Some(prev)) = (&secret, &previous_secret)
-        && cur.key_id() == prev.key_id()
-    {
-        errs.push(ConfigProblem::new(
-            "cluster.previous_secret_file",
-            "has the same key id as cluster.secret_file",
-        ));
-    }
+    let (secret, previous_secret) = jvpn_runtime::config::read_secrets(
+        &c.secret_file,
+        c.previous_secret_file.as_deref(),
+        &mut errs,
+    );
     let admin_token =
         jvpn_runtime::config::load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
     let cert = read_pem("membership.cert_file", Some(&m.cert_file), &mut errs);

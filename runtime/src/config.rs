@@ -177,6 +177,26 @@ pub fn read_secret(key: &str, path: &Path, errs: &mut Vec<ConfigProblem>) -> Opt
     }
 }
 
+/// `cluster.secret_file` and, when set, `cluster.previous_secret_file` (the
+/// secret before the last rotation), which must name another key id.
+pub fn read_secrets(
+    current: &Path,
+    previous: Option<&Path>,
+    errs: &mut Vec<ConfigProblem>,
+) -> (Option<ClusterSecret>, Option<ClusterSecret>) {
+    let secret = read_secret("cluster.secret_file", current, errs);
+    let previous = previous.and_then(|p| read_secret("cluster.previous_secret_file", p, errs));
+    if let (Some(cur), Some(prev)) = (&secret, &previous)
+        && cur.key_id() == prev.key_id()
+    {
+        errs.push(ConfigProblem::new(
+            "cluster.previous_secret_file",
+            "has the same key id as cluster.secret_file",
+        ));
+    }
+    (secret, previous)
+}
+
 /// Files a problem for every zero value among `(key, value)`.
 pub fn require_nonzero(errs: &mut Vec<ConfigProblem>, items: &[(&str, u64)]) {
     for (key, v) in items {

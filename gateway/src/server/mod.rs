@@ -113,7 +113,10 @@ pub async fn serve(
                 etcd,
                 k.status.clone(),
                 k.origin(),
-                shared.cfg.secret.derive(),
+                stored::StoreKeys {
+                    current: shared.cfg.secret.derive(),
+                    previous: shared.cfg.previous_secret.as_ref().map(|p| p.derive()),
+                },
                 s.record_seal == 1,
             ));
             let _ = shared.store.set(stored.clone());

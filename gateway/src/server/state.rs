@@ -218,6 +218,12 @@ impl Shared {
         self.acceptor
             .store(Arc::new(TlsAcceptor::from(Arc::new(tls))));
         self.tickets.reloaded();
+        if let Some(stored) = self.store.get() {
+            stored.reload_keys(
+                new.secret.derive(),
+                new.previous_secret.as_ref().map(|p| p.derive()),
+            );
+        }
         if rotate {
             // New tokens under the new key; tokens already issued stay
             // valid while routers hold the old key as their previous one.

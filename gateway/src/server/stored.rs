@@ -44,6 +44,20 @@ struct Bound {
     record: SessionRecord,
 }
 
+/// The cluster keys of the store: records are sealed under `current` and
+/// opened under whichever of the two they name.
+#[derive(Clone, Debug)]
+pub(super) struct StoreKeys {
+    pub current: ClusterKeys,
+    pub previous: Option<ClusterKeys>,
+}
+
+impl StoreKeys {
+    fn all(&self) -> impl Iterator<Item = &ClusterKeys> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
 /// Who a session belongs to, as its record keeps it (a taker restores it).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Principal<'a> {
@@ -117,7 +131,9 @@ pub(super) struct Stored {
     status: watch::Receiver<LeaseStatus>,
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
-    keys: ClusterKeys,
+    /// Seals records (current) and opens them (current, then previous: the
+    /// secret before the last rotation); a reload that rotates swaps them.
+    keys: Mutex<Arc<StoreKeys>>,
     /// `store.record_seal = 1`: records sealed as the previous version
     /// seals them (a rolling upgrade), not every field.
     seal_v1: bool,
@@ -152,7 +168,7 @@ impl Stored {
         etcd: EtcdStore,
         status: watch::Receiver<LeaseStatus>,
         origin: Instant,
-        keys: ClusterKeys,
+        keys: StoreKeys,
         seal_v1: bool,
     ) -> Self {
         Self {
@@ -160,7 +176,7 @@ impl Stored {
             etcd,
             status,
             origin,
-            keys,
+            keys: Mutex::new(Arc::new(keys)),
             seal_v1,
             sessions: Mutex::new(HashMap::new()),
             gone: Arc::new(Mutex::new(HashMap::new())),
@@ -208,8 +224,29 @@ impl Stored {
         self.serving().is_some_and(|(g, _)| g == generation)
     }
 
+    /// The keys records are sealed and opened with now.
+    fn keys(&self) -> Arc<StoreKeys> {
+        lock(&self.keys).clone()
+    }
+
+    /// A reload: records are sealed under `current` from now on, and
+    /// opened under it or `previous` (the configured previous secret; when
+    /// none is configured and the secret changed, the one it replaced).
+    pub(super) fn reload_keys(&self, current: ClusterKeys, previous: Option<ClusterKeys>) {
+        let mut keys = lock(&self.keys);
+        let rotated = current.key_id() != keys.current.key_id();
+        let previous = match previous {
+            Some(p) => Some(p),
+            None if rotated => Some(keys.current.clone()),
+            None => None,
+        };
+        *keys = Arc::new(StoreKeys { current, previous });
+    }
+
     /// Seals `key` into `rec`, whose other fields are final.
     fn wrap(&self, sid: &SessionId, rec: &mut SessionRecord, key: &[u8; 32]) {
+        let keys = self.keys();
+        let current = &keys.current;
         if self.seal_v1 {
             // As the previous version writes (a rolling upgrade).
             let at = KeyPlace {
@@ -217,11 +254,11 @@ impl Stored {
                 owner_epoch: rec.owner_epoch,
                 state_version: rec.state_version,
             };
-            rec.key_id = u32::from(self.keys.key_id());
+            rec.key_id = u32::from(current.key_id());
             rec.seal = 0;
-            rec.wrapped_key = wrap_key(&self.keys, rand::random(), at, key);
+            rec.wrapped_key = wrap_key(current, rand::random(), at, key);
         } else {
-            seal_record(&self.keys, rand::random(), sid, rec, key);
+            seal_record(current, rand::random(), sid, rec, key);
         }
     }
 
@@ -389,7 +426,8 @@ impl Stored {
             count("not_migratable");
             return Err(ReasonCode::UnknownSession);
         }
-        let Ok(key) = open_record_key([&self.keys], &sid, old) else {
+        let keys = self.keys();
+        let Ok(key) = open_record_key(keys.all(), &sid, old) else {
             count("error");
             return Err(ReasonCode::UnknownSession);
         };
