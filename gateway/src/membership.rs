@@ -1088,17 +1088,10 @@ mod tests {
         held.abort();
     }
 
-    /// A leave that comes after the drain began: routers that acknowledged
-    /// DRAINING have not seen it yet, and one that granted no lease has not
-    /// either; the final wait needs a reply to a heartbeat that said
-    /// leaving from every router this gateway knows (it used to count the
-    /// DRAINING acknowledgements, and a router without a lease, as done).
-    #[test]
-    fn a_leave_after_the_drain_began_waits_for_its_own_acknowledgement() {
+    /// A gateway (g1) with its heartbeat settings, and a view of it alone.
+    fn this_gateway_alone() -> (Arc<Cluster>, HeartbeatSettings, jvpn_proto::ring::View) {
         use jvpn_proto::ring::{Member, RingParams, View};
         let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
-        let c = cluster(Duration::ZERO);
-        let s = test_settings(&keys);
         let members = vec![Member {
             node_id: NodeId::new("g1").unwrap(),
             incarnation: Incarnation(1),
@@ -1106,6 +1099,17 @@ mod tests {
             weight: 1,
         }];
         let v = View::new(members, RingParams::default(), &keys).unwrap();
+        (cluster(Duration::ZERO), test_settings(&keys), v)
+    }
+
+    /// A leave that comes after the drain began: routers that acknowledged
+    /// DRAINING have not seen it yet, and one that granted no lease has not
+    /// either; the final wait needs a reply to a heartbeat that said
+    /// leaving from every router this gateway knows (it used to count the
+    /// DRAINING acknowledgements, and a router without a lease, as done).
+    #[test]
+    fn a_leave_after_the_drain_began_waits_for_its_own_acknowledgement() {
+        let (c, s, v) = this_gateway_alone();
         let (mut seq, mut sent) = (0, VecDeque::new());
         c.set_state(LocalState::Draining);
         for l in &c.links {
@@ -1136,17 +1140,7 @@ mod tests {
     /// that router would keep this gateway for a day).
     #[test]
     fn a_leave_is_acknowledged_only_by_a_reply_to_a_heartbeat_that_said_it() {
-        use jvpn_proto::ring::{Member, RingParams, View};
-        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
-        let c = cluster(Duration::ZERO);
-        let s = test_settings(&keys);
-        let members = vec![Member {
-            node_id: NodeId::new("g1").unwrap(),
-            incarnation: Incarnation(1),
-            addr: "10.0.0.1:7443".parse().unwrap(),
-            weight: 1,
-        }];
-        let v = View::new(members, RingParams::default(), &keys).unwrap();
+        let (c, s, v) = this_gateway_alone();
         let (mut seq, mut sent) = (0, VecDeque::new());
         let l0 = &c.links[0];
         c.set_state(LocalState::Draining);

@@ -1446,37 +1446,16 @@ async fn the_sweep_reads_every_record_a_page_at_a_time() {
 /// record stayed in etcd for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_ends_while_its_record_is_written_leaves_nothing_behind() {
-    let c = EtcdCluster::start(1).await.unwrap();
-    let member: std::net::SocketAddr = c.endpoints()[0]
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
     // Every chunk to and from etcd waits 300 ms: a write takes 600 ms at
     // least, twice the sessions' whole lifetime.
-    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(member)
-        .await
-        .unwrap();
-    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Delay(
-        Duration::from_millis(300),
-    ));
-    let store_toml = c
-        .gateway_toml()
-        .replace(&member.to_string(), &proxy.addr.to_string());
-    let env = common::start(&format!(
-        "{store_toml}lease_ttl_ms = 15000\nrequest_timeout_ms = 5000\nsweep_interval_ms = 0\n\
+    let (_c, _proxy, env, store) = behind_a_proxy(
+        jvpn_loadtest::faultproxy::Mode::Delay(Duration::from_millis(300)),
+        "lease_ttl_ms = 15000\nrequest_timeout_ms = 5000\nsweep_interval_ms = 0\n\
          [timeouts]\ndrain_timeout_ms = 1000\n\
          [policy]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 200\n\
-         transport_lost_ttl_ms = 250\nsession_max_lifetime_ms = 300\n"
-    ))
+         transport_lost_ttl_ms = 250\nsession_max_lifetime_ms = 300\n",
+    )
     .await;
-    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
-    let node = NodeId::new("g1").unwrap();
-    eventually(Duration::from_secs(20), "the gateway's owner lease", || {
-        let (store, node) = (store.clone(), node.clone());
-        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
-    })
-    .await
-    .unwrap();
     let metric = |op: &'static str| {
         let gw = &env.gw;
         async move {
@@ -1535,31 +1514,12 @@ async fn a_session_that_ends_while_its_record_is_written_leaves_nothing_behind()
 /// a session its agent or an operator had ended back to life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_sessions_record_goes_once_etcd_is_back() {
-    let c = EtcdCluster::start(1).await.unwrap();
-    let member: std::net::SocketAddr = c.endpoints()[0]
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
-    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(member)
-        .await
-        .unwrap();
-    let store_toml = c
-        .gateway_toml()
-        .replace(&member.to_string(), &proxy.addr.to_string());
     // A long lease: the outage below is shorter, the gateway keeps serving.
-    let env = common::start(&format!(
-        "{store_toml}lease_ttl_ms = 30000\nsweep_interval_ms = 0\n\
-         [timeouts]\ndrain_timeout_ms = 1000\n"
-    ))
+    let (_c, proxy, env, store) = behind_a_proxy(
+        jvpn_loadtest::faultproxy::Mode::Pass,
+        "lease_ttl_ms = 30000\nsweep_interval_ms = 0\n[timeouts]\ndrain_timeout_ms = 1000\n",
+    )
     .await;
-    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
-    let node = NodeId::new("g1").unwrap();
-    eventually(Duration::from_secs(20), "the gateway's owner lease", || {
-        let (store, node) = (store.clone(), node.clone());
-        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
-    })
-    .await
-    .unwrap();
     let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     let mut t = agent.hello().await.unwrap();
     let sid = agent.session.as_ref().unwrap().id;
@@ -1603,4 +1563,40 @@ async fn an_ended_sessions_record_goes_once_etcd_is_back() {
     )
     .await
     .unwrap();
+}
+
+/// A one-member etcd, a fault proxy in `mode` in front of it, and a gateway
+/// whose store goes through the proxy (`extra` follows its `[store]`
+/// keys), its owner lease held.
+async fn behind_a_proxy(
+    mode: jvpn_loadtest::faultproxy::Mode,
+    extra: &str,
+) -> (
+    EtcdCluster,
+    jvpn_loadtest::faultproxy::FaultProxy,
+    common::Env,
+    EtcdStore,
+) {
+    let c = EtcdCluster::start(1).await.unwrap();
+    let member: std::net::SocketAddr = c.endpoints()[0]
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(member)
+        .await
+        .unwrap();
+    proxy.set_mode(mode);
+    let store_toml = c
+        .gateway_toml()
+        .replace(&member.to_string(), &proxy.addr.to_string());
+    let env = common::start(&format!("{store_toml}{extra}")).await;
+    let store = EtcdStore::new(&c.store_config("/jvpn/jvpn", TIMEOUT).unwrap()).unwrap();
+    let node = NodeId::new("g1").unwrap();
+    eventually(Duration::from_secs(20), "the gateway's owner lease", || {
+        let (store, node) = (store.clone(), node.clone());
+        async move { store.owners(&node).await.is_ok_and(|o| o.len() == 1) }
+    })
+    .await
+    .unwrap();
+    (c, proxy, env, store)
 }

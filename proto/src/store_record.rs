@@ -91,13 +91,22 @@ pub fn wrap_key(
     at: KeyPlace<'_>,
     resume_key: &[u8; KEY_LEN],
 ) -> Vec<u8> {
+    seal_with(keys, nonce, &aad(at), resume_key)
+}
+
+fn seal_with(
+    keys: &ClusterKeys,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    resume_key: &[u8; KEY_LEN],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(WRAPPED_LEN);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(resume_key);
     let tag = aead(keys)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(at)),
+            Aad::from(aad),
             &mut out[NONCE_LEN..],
         )
         .unwrap_or_else(|_| unreachable!("32 bytes fit ChaCha20-Poly1305"));
@@ -149,18 +158,7 @@ pub fn seal_record(
 ) {
     rec.key_id = u32::from(keys.key_id());
     rec.seal = SEAL_V2;
-    let mut out = Vec::with_capacity(WRAPPED_LEN);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(resume_key);
-    let tag = aead(keys)
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad_v2(sid, rec)),
-            &mut out[NONCE_LEN..],
-        )
-        .unwrap_or_else(|_| unreachable!("32 bytes fit ChaCha20-Poly1305"));
-    out.extend_from_slice(tag.as_ref());
-    rec.wrapped_key = out;
+    rec.wrapped_key = seal_with(keys, nonce, &aad_v2(sid, rec), resume_key);
 }
 
 /// `"jvpn store v2"` ‖ session id ‖ every field of `rec` but the wrapped

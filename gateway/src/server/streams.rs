@@ -236,6 +236,15 @@ async fn open_and_splice(
         event(StreamWhat::Refused { reason: r.as_str() });
         Some(refuse(r))
     };
+    // Ended before a byte moved: counted and written like any end.
+    let ended_empty = |how: &'static str| {
+        counter!(m::STREAMS_ENDED, "how" => how).increment(1);
+        event(StreamWhat::Closed {
+            how,
+            to_destination: 0,
+            from_destination: 0,
+        });
+    };
     if req.method() != Method::CONNECT {
         return refused(Refusal::BadTarget);
     }
@@ -284,13 +293,7 @@ async fn open_and_splice(
         // The agent reset the stream (its application left): stop dialing
         // and give the slots back.
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
-            let how = m::STREAM_ENDINGS[2];
-            counter!(m::STREAMS_ENDED, "how" => how).increment(1);
-            event(StreamWhat::Closed {
-                how,
-                to_destination: 0,
-                from_destination: 0,
-            });
+            ended_empty(m::STREAM_ENDINGS[2]);
             return None;
         }
     };
@@ -309,13 +312,7 @@ async fn open_and_splice(
             // destination's connection.
             debug!(error = %e, "stream gone before its answer");
             jvpn_runtime::relay::reset(dest);
-            let how = m::STREAM_ENDINGS[1];
-            counter!(m::STREAMS_ENDED, "how" => how).increment(1);
-            event(StreamWhat::Closed {
-                how,
-                to_destination: 0,
-                from_destination: 0,
-            });
+            ended_empty(m::STREAM_ENDINGS[1]);
             return None;
         }
     };
