@@ -767,23 +767,8 @@ async fn a_session_is_recorded_before_hello_ok_and_each_resume_moves_its_binding
     assert_ne!(*k1, *k2, "the key follows the binding");
     t.echo(b"two").await.unwrap();
     // The agent ends its session: the record goes with it.
-    t.send(jvpn_proto::pb::session::frame::Kind::Terminate(
-        jvpn_proto::pb::session::Terminate {
-            reason: jvpn_proto::ReasonCode::AgentClosed as i32,
-        },
-    ))
-    .await
-    .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the ended session's record gone",
-        || {
-            let store = store.clone();
-            async move { store.load(&sid).await.is_ok_and(|r| r.is_none()) }
-        },
-    )
-    .await
-    .unwrap();
+    agent_ends(&mut t).await;
+    record_gone(&store, &sid, Duration::from_secs(10)).await;
     for (op, want) in [("create", 1.0), ("bind", 1.0), ("delete", 1.0)] {
         assert_eq!(
             env.gw
@@ -1527,13 +1512,7 @@ async fn an_ended_sessions_record_goes_once_etcd_is_back() {
     // etcd goes out of reach, then the agent ends its session.
     proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
     proxy.stall_all();
-    t.send(jvpn_proto::pb::session::frame::Kind::Terminate(
-        jvpn_proto::pb::session::Terminate {
-            reason: jvpn_proto::ReasonCode::AgentClosed as i32,
-        },
-    ))
-    .await
-    .unwrap();
+    agent_ends(&mut t).await;
     let failed = || {
         let gw = &env.gw;
         async move {
@@ -1553,16 +1532,7 @@ async fn an_ended_sessions_record_goes_once_etcd_is_back() {
     // etcd is back.
     proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Pass);
     proxy.cut_all();
-    eventually(
-        Duration::from_secs(20),
-        "the ended session's record gone",
-        || {
-            let store = store.clone();
-            async move { store.load(&sid).await.is_ok_and(|r| r.is_none()) }
-        },
-    )
-    .await
-    .unwrap();
+    record_gone(&store, &sid, Duration::from_secs(20)).await;
 }
 
 /// A one-member etcd, a fault proxy in `mode` in front of it, and a gateway
@@ -1599,4 +1569,25 @@ async fn behind_a_proxy(
     .await
     .unwrap();
     (c, proxy, env, store)
+}
+
+/// The agent ends its session (`Terminate{agent_closed}`).
+async fn agent_ends(t: &mut jvpn_agent::Transport) {
+    t.send(jvpn_proto::pb::session::frame::Kind::Terminate(
+        jvpn_proto::pb::session::Terminate {
+            reason: jvpn_proto::ReasonCode::AgentClosed as i32,
+        },
+    ))
+    .await
+    .unwrap();
+}
+
+/// Waits until `sid`'s record is gone from the store.
+async fn record_gone(store: &EtcdStore, sid: &SessionId, within: Duration) {
+    eventually(within, "the ended session's record gone", || {
+        let store = store.clone();
+        async move { store.load(sid).await.is_ok_and(|r| r.is_none()) }
+    })
+    .await
+    .unwrap();
 }
