@@ -581,7 +581,7 @@ pub fn events_sink_problem(path: &str) -> Option<String> {
 }
 
 /// Sections a reload (SIGHUP) cannot change; everything but `[policy]`,
-/// `[tls]`, `[admission]` (less its TLS slot count) and
+/// `[tls]`, `[admission]` (less its TLS slot count), `[egress]` and
 /// `cluster.secret_file` (and `previous_secret_file`). Returns the names of
 /// those that differ.
 pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'static str> {
@@ -609,6 +609,13 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
     check("cluster", same_cluster);
     check("timeouts", old.timeouts == new.timeouts);
     check("events", old.events == new.events);
+    // Read once at start (the store client, its lease), but the record
+    // seal, which a rolling upgrade sets and then sets back.
+    let same_store = StoreConfig {
+        record_seal: old.store.record_seal,
+        ..new.store.clone()
+    } == old.store;
+    check("store", same_store);
     check(
         "admission.max_tls_handshakes_in_flight",
         old.admission.max_tls_handshakes_in_flight == new.admission.max_tls_handshakes_in_flight,

@@ -482,3 +482,35 @@ fn a_good_store_section_passes() {
     assert_eq!(s.prefix, format!("/jvpn/{}", cfg.raw.cluster.name));
     assert_eq!(s.endpoints, ["https://127.0.0.1:2379"]);
 }
+
+/// A reload may rotate the cluster secret (and its previous one) and set
+/// `store.record_seal`, but change nothing else of `[store]`, which is read
+/// once at start: such a reload used to be accepted and had no effect. It
+/// is refused, named, like any restart-only change.
+#[test]
+fn a_reload_may_rotate_the_secrets_but_not_change_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("gw.toml");
+    std::fs::write(&path, base(&l)).unwrap();
+    let none: Vec<(String, String)> = vec![];
+    let old = config::load_with_env(&path, none.clone()).unwrap().raw;
+    let env = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+    let seal = config::load_with_env(&path, env("JVPN_GATEWAY__STORE__RECORD_SEAL", "1"))
+        .unwrap()
+        .raw;
+    assert!(config::restart_only_changes(&old, &seal).is_empty());
+    let ttl = config::load_with_env(&path, env("JVPN_GATEWAY__STORE__LEASE_TTL_MS", "4000"))
+        .unwrap()
+        .raw;
+    assert_eq!(config::restart_only_changes(&old, &ttl), ["store"]);
+    let previous = config::load_with_env(
+        &path,
+        env(
+            "JVPN_GATEWAY__CLUSTER__PREVIOUS_SECRET_FILE",
+            &l.secret().display().to_string(),
+        ),
+    );
+    // The same file twice is the same key id: refused by validation.
+    assert!(previous.is_err());
+}

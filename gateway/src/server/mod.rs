@@ -116,6 +116,7 @@ pub async fn serve(
                 stored::StoreKeys {
                     current: shared.cfg.secret.derive(),
                     previous: shared.cfg.previous_secret.as_ref().map(|p| p.derive()),
+                    replaced: false,
                 },
                 s.record_seal == 1,
             ));

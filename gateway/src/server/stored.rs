@@ -50,9 +50,29 @@ struct Bound {
 pub(super) struct StoreKeys {
     pub current: ClusterKeys,
     pub previous: Option<ClusterKeys>,
+    /// `previous` is the secret a reload replaced, not a configured one.
+    pub replaced: bool,
 }
 
 impl StoreKeys {
+    /// The keys after a reload to `current` with `previous` configured.
+    fn reloaded(&self, current: ClusterKeys, previous: Option<ClusterKeys>) -> Self {
+        let rotated = current.key_id() != self.current.key_id();
+        let (previous, replaced) = match previous {
+            Some(p) => (Some(p), false),
+            None if rotated => (Some(self.current.clone()), true),
+            // A reload that changed neither secret: a replaced one stays (a
+            // configured one was just removed from the configuration).
+            None if self.replaced => (self.previous.clone(), true),
+            None => (None, false),
+        };
+        Self {
+            current,
+            previous,
+            replaced,
+        }
+    }
+
     fn all(&self) -> impl Iterator<Item = &ClusterKeys> {
         std::iter::once(&self.current).chain(self.previous.as_ref())
     }
@@ -135,8 +155,8 @@ pub(super) struct Stored {
     /// secret before the last rotation); a reload that rotates swaps them.
     keys: Mutex<Arc<StoreKeys>>,
     /// `store.record_seal = 1`: records sealed as the previous version
-    /// seals them (a rolling upgrade), not every field.
-    seal_v1: bool,
+    /// seals them (a rolling upgrade), not every field. Reloadable.
+    seal_v1: std::sync::atomic::AtomicBool,
     sessions: Mutex<HashMap<SessionId, Bound>>,
     /// Dead owners' lease keys takers are waiting on: one poller per key,
     /// however many of its sessions wait (`true` once etcd has no such key).
@@ -177,7 +197,7 @@ impl Stored {
             status,
             origin,
             keys: Mutex::new(Arc::new(keys)),
-            seal_v1,
+            seal_v1: std::sync::atomic::AtomicBool::new(seal_v1),
             sessions: Mutex::new(HashMap::new()),
             gone: Arc::new(Mutex::new(HashMap::new())),
             claiming: Arc::new(Mutex::new(HashSet::new())),
@@ -229,25 +249,28 @@ impl Stored {
         lock(&self.keys).clone()
     }
 
-    /// A reload: records are sealed under `current` from now on, and
+    /// A reload: records are sealed under `current` (as `seal_v1` says)
+    /// from now on, and
     /// opened under it or `previous` (the configured previous secret; when
     /// none is configured and the secret changed, the one it replaced).
-    pub(super) fn reload_keys(&self, current: ClusterKeys, previous: Option<ClusterKeys>) {
+    pub(super) fn reload_keys(
+        &self,
+        current: ClusterKeys,
+        previous: Option<ClusterKeys>,
+        seal_v1: bool,
+    ) {
+        self.seal_v1
+            .store(seal_v1, std::sync::atomic::Ordering::Relaxed);
         let mut keys = lock(&self.keys);
-        let rotated = current.key_id() != keys.current.key_id();
-        let previous = match previous {
-            Some(p) => Some(p),
-            None if rotated => Some(keys.current.clone()),
-            None => None,
-        };
-        *keys = Arc::new(StoreKeys { current, previous });
+        let next = keys.reloaded(current, previous);
+        *keys = Arc::new(next);
     }
 
     /// Seals `key` into `rec`, whose other fields are final.
     fn wrap(&self, sid: &SessionId, rec: &mut SessionRecord, key: &[u8; 32]) {
         let keys = self.keys();
         let current = &keys.current;
-        if self.seal_v1 {
+        if self.seal_v1.load(std::sync::atomic::Ordering::Relaxed) {
             // As the previous version writes (a rolling upgrade).
             let at = KeyPlace {
                 sid,
@@ -787,5 +810,45 @@ fn result_of(e: &StoreError) -> &'static str {
         | StoreError::Record(_)
         | StoreError::Config(_)
         | StoreError::Refused(_) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreKeys;
+    use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
+
+    fn k(id: u8) -> ClusterKeys {
+        ClusterSecret::new(id, [id; 32]).derive()
+    }
+
+    fn ids(keys: &StoreKeys) -> (u8, Option<u8>) {
+        (
+            keys.current.key_id(),
+            keys.previous.as_ref().map(ClusterKeys::key_id),
+        )
+    }
+
+    /// A rotation by reload with no previous secret configured keeps the
+    /// replaced secret for opening records, and a later reload that
+    /// changes nothing of the secrets (a policy, a certificate) keeps it
+    /// too; it used to drop it, and takeovers of sessions idle since the
+    /// rotation were refused. A configured previous secret is what it says,
+    /// and removing it from the configuration removes it.
+    #[test]
+    fn a_replaced_secret_outlives_later_reloads() {
+        let start = StoreKeys {
+            current: k(1),
+            previous: None,
+            replaced: false,
+        };
+        let rotated = start.reloaded(k(2), None);
+        assert_eq!(ids(&rotated), (2, Some(1)));
+        let again = rotated.reloaded(k(2), None);
+        assert_eq!(ids(&again), (2, Some(1)), "a later reload forgot it");
+        let configured = again.reloaded(k(2), Some(k(1)));
+        assert_eq!(ids(&configured), (2, Some(1)));
+        let dropped = configured.reloaded(k(2), None);
+        assert_eq!(ids(&dropped), (2, None), "removed from the configuration");
     }
 }
