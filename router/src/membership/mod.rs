@@ -473,15 +473,7 @@ impl Membership {
         if now < self.suspicious_until {
             return Vec::new();
         }
-        // The guard counts members that did not say they drain: those
-        // that did are expected to go (a scale-in, a rolling restart).
-        let unplanned = |m: &&Member| m.state != NodeState::Draining;
-        let live = self
-            .members
-            .values()
-            .filter(|m| !m.dead)
-            .filter(unplanned)
-            .count();
+        let live = self.members.values().filter(|m| !m.dead).count();
         // Each dying member, whether unreachability is (one) cause, and
         // whether silence is the only one.
         let dying: Vec<(NodeId, bool, bool)> = self
@@ -498,13 +490,20 @@ impl Membership {
         // count too, so that extra ticks (one per closed stream's due time)
         // cannot split a mass death into small batches that each pass.
         let soon = now + GUARD_STEP;
-        let dying_soon = self
+        let (dying_soon, unplanned) = self
             .members
             .values()
-            .filter(unplanned)
             .filter(|m| !m.dead && self.would_die(m, soon))
-            .count();
-        if live >= 2 && dying_soon * 2 > live {
+            .fold((0, 0), |(all, unplanned), m| {
+                (
+                    all + 1,
+                    unplanned + usize::from(m.state != NodeState::Draining),
+                )
+            });
+        // Members that said they drain are expected to go (a scale-in, a
+        // rolling restart): their deaths alone never trip the guard, but
+        // beside another's they count.
+        if live >= 2 && unplanned > 0 && dying_soon * 2 > live {
             // More than half would die at once: more likely our fault, for
             // a while. Past `mass_death_hold` it is what it looks like.
             let since = *self.unhealthy_since.get_or_insert(now);

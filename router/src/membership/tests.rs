@@ -622,6 +622,31 @@ fn gateways_that_said_they_drain_do_not_trip_the_mass_death_guard() {
     assert!(!m.is_unhealthy());
 }
 
+/// ...but the guard still protects the others: two gateways draining
+/// and one Ready, all silent at once (this router's own network flapped):
+/// the guard holds every death, the Ready one's included. Counting only
+/// the members that did not say they drain left one "live" member, below
+/// the guard's minimum of two, and all three died.
+#[test]
+fn the_guard_still_holds_when_draining_and_ready_members_go_silent_together() {
+    let (mut m, g3) = three_members(MembershipConfig::default());
+    let g2 = NodeId::new("g2").unwrap();
+    let g2_draining = Heartbeat {
+        node_id: g2.clone(),
+        ..g3_draining(false)
+    };
+    for t in [1000, 1250] {
+        m.on_heartbeat(Mono::from_millis(t), &g2_draining);
+        m.on_heartbeat(Mono::from_millis(t), &g3_draining(false));
+        m.on_heartbeat(Mono::from_millis(t), &hb("g1", 1));
+    }
+    let _ = g3;
+    // Nothing arrives from anyone after 1250.
+    let died = run(&mut m, &[], 1300, 3500);
+    assert!(died.is_empty(), "{died:?}");
+    assert!(m.is_unhealthy());
+}
+
 #[test]
 fn a_gateway_that_left_is_forgotten() {
     let (mut m, g3) = three_members(MembershipConfig::default());
