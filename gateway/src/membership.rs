@@ -645,6 +645,7 @@ async fn stream_once(
     // waits for response headers, which the router sends on the first message.
     let first = request(cluster, link, s, &mut seq, &mut sent);
     tx.send(first).await?;
+    counter!(m::HEARTBEATS_SENT).increment(1);
     // TLS and the response headers have no timeout of their own.
     let open = async {
         let mut client = MembershipClient::new(endpoint.connect().await?);
@@ -671,8 +672,9 @@ async fn stream_once(
                 }
                 let req = request(cluster, link, s, &mut seq, &mut sent);
                 match tx.try_send(req) {
+                    Ok(()) => counter!(m::HEARTBEATS_SENT).increment(1),
                     // Queued requests not taken: the silence above ends it.
-                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
                     Err(mpsc::error::TrySendError::Closed(_)) => return Err(StreamEnd::Closed),
                 }
             }
@@ -701,7 +703,6 @@ fn request(
     while sent.len() > 32 {
         sent.pop_front();
     }
-    counter!(m::HEARTBEATS_SENT).increment(1);
     // One look at the held view (a guard taken inside the literal below
     // would live to its end).
     let (in_view, mut known_view_id) = match lock(&link.ring).as_ref() {
@@ -882,6 +883,11 @@ fn on_reply(
     // too: without it the router would keep it for a day.
     if state == NodeState::Draining && (leaving || !cluster.is_leaving()) {
         link.draining_acked.store(true, Ordering::Release);
+        // A leave between the check and the store cleared the flags
+        // before this set it: this reply is no acknowledgement of it.
+        if !leaving && cluster.is_leaving() {
+            link.draining_acked.store(false, Ordering::Release);
+        }
     }
     Ok(())
 }

@@ -117,31 +117,40 @@ struct Progress {
     active: AtomicBool,
     /// Transfers started (a probe stops watching when this changes).
     transfers: AtomicU64,
-    /// (transfer, µs since `origin`) of the last transfer that ended: its
-    /// end (the last byte, EOF or reset) is an arrival a stall ends at.
-    ended: std::sync::Mutex<(u64, u64)>,
+    /// (transfer, µs since `origin`) of the last transfers that ended
+    /// (several: after a reset, refused opens can end more in a row before
+    /// a probe looks): an end (the last byte, EOF or reset) is an arrival a
+    /// stall ends at.
+    ended: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
 }
 
 impl Progress {
-    /// The current transfer ended (or never got going).
-    fn end(&self, origin: Instant) {
-        if self.active.swap(false, Ordering::Relaxed) {
+    /// The current transfer ended (or never got going); whether one was
+    /// under way.
+    fn end(&self, origin: Instant) -> bool {
+        let was = self.active.swap(false, Ordering::Relaxed);
+        if was {
             let t = self.transfers.load(Ordering::Relaxed);
-            *self
+            let mut ended = self
                 .ended
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                (t, origin.elapsed().as_micros() as u64);
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ended.len() == 16 {
+                ended.pop_front();
+            }
+            ended.push_back((t, origin.elapsed().as_micros() as u64));
         }
+        was
     }
 
     /// When transfer `t` ended, if it did and that is still known.
     fn ended_at(&self, t: u64) -> Option<u64> {
-        let (which, at) = *self
-            .ended
+        self.ended
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (which == t).then_some(at)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(which, _)| *which == t)
+            .map(|(_, at)| *at)
     }
 }
 
@@ -384,7 +393,10 @@ async fn stream_task(
     let mut n = 1u64;
     let mut next = make(n);
     while !*stop.borrow() {
-        progress.end(origin);
+        if progress.end(origin) {
+            // An end is an arrival too: a stall probe looks now.
+            c.moved.notify_waiters();
+        }
         let Ok(data) = next.await else {
             c.failed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -435,7 +447,9 @@ async fn stream_task(
             }
         };
         let r = tokio::try_join!(up, down);
-        progress.end(origin);
+        if progress.end(origin) {
+            c.moved.notify_waiters();
+        }
         match r {
             Ok(((), check)) => {
                 let (same, lost, duplicated) = check.verdict(data.len());
@@ -514,7 +528,7 @@ mod tests {
         let watch = tokio::spawn(probe(sh.clone(), None, jump, Duration::from_secs(5)));
         // The stall itself: nothing arrives for 150 ms, then the end.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        p.end(origin);
+        assert!(p.end(origin));
         sh.counters.moved.notify_waiters();
         watch.await.unwrap();
         let stalls = sh.stalls.lock().unwrap().clone();

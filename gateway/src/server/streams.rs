@@ -290,10 +290,15 @@ async fn open_and_splice(
     let limits = [&ctx.resolving, &shared.resolving];
     let dialed = tokio::select! {
         d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
-        // The agent reset the stream (its application left): stop dialing
-        // and give the slots back.
-        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
-            ended_empty(m::STREAM_ENDINGS[2]);
+        // The agent reset the stream (its application left), or the
+        // session's HTTP/2 connection ended: stop dialing and give the
+        // slots back.
+        gone = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            let how = match gone {
+                Ok(_) => m::STREAM_ENDINGS[2],
+                Err(_) => m::STREAM_ENDINGS[1],
+            };
+            ended_empty(how);
             return None;
         }
     };
