@@ -11,6 +11,9 @@ const GW: &str = "10.0.0.5:7443";
 /// A listener the policy protects (data for the rules compiler: nothing
 /// binds it).
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9443);
+/// A loopback destination the rules are checked against (policy data:
+/// nothing binds or connects to it).
+const LOOPBACK_DEST: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
 
 fn policy(rules: Vec<RuleConfig>) -> EgressPolicy {
     EgressPolicy::new(
@@ -80,9 +83,9 @@ fn a_protected_range_opens_only_to_a_rule_that_names_it() {
         rule(Action::Allow, &["dev"], &["127.0.0.0/8"], &["1-65535"]),
         rule(Action::Allow, &["*"], &["0.0.0.0/0"], &["1-65535"]),
     ]);
-    assert_eq!(p.check("dev", a("127.0.0.1:8080")), Ok(()));
+    assert_eq!(p.check("dev", LOOPBACK_DEST), Ok(()));
     assert_eq!(
-        p.check("ops", a("127.0.0.1:8080")),
+        p.check("ops", LOOPBACK_DEST),
         Err(Denial::Protected(Protected::Loopback)),
         "0.0.0.0/0 does not name loopback"
     );
