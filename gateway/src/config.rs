@@ -150,6 +150,14 @@ fn default_store_request_timeout_ms() -> u64 {
 fn default_sweep_interval_ms() -> u64 {
     5000
 }
+/// How `store` says records are sealed (validated: 1 or 2).
+pub fn record_seal(store: &StoreConfig) -> jvpn_proto::store_record::Seal {
+    match store.record_seal {
+        1 => jvpn_proto::store_record::Seal::V1,
+        _ => jvpn_proto::store_record::Seal::V2,
+    }
+}
+
 fn default_record_seal() -> u8 {
     2
 }

@@ -147,18 +147,42 @@ fn open_with(
     Ok(key)
 }
 
-/// Seals `resume_key` into `rec` under `keys` (sets `key_id`, `seal` and
-/// `wrapped_key`): every other field must be final, they are all sealed.
+/// How a record's resume key is sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// As the previous version seals (`seal` 0): the key's place only (its
+    /// session, owner epoch and state version), which that version opens.
+    V1,
+    /// Every field of the record (`seal` 2).
+    V2,
+}
+
+/// Seals `resume_key` into `rec` under `keys` as `seal` says (sets
+/// `key_id`, `seal` and `wrapped_key`): every other field must be final.
 pub fn seal_record(
     keys: &ClusterKeys,
     nonce: [u8; NONCE_LEN],
     sid: &SessionId,
     rec: &mut SessionRecord,
     resume_key: &[u8; KEY_LEN],
+    seal: Seal,
 ) {
     rec.key_id = u32::from(keys.key_id());
-    rec.seal = SEAL_V2;
-    rec.wrapped_key = seal_with(keys, nonce, &aad_v2(sid, rec), resume_key);
+    rec.wrapped_key = match seal {
+        Seal::V1 => {
+            rec.seal = 0;
+            let at = KeyPlace {
+                sid,
+                owner_epoch: rec.owner_epoch,
+                state_version: rec.state_version,
+            };
+            wrap_key(keys, nonce, at, resume_key)
+        }
+        Seal::V2 => {
+            rec.seal = SEAL_V2;
+            seal_with(keys, nonce, &aad_v2(sid, rec), resume_key)
+        }
+    };
 }
 
 /// `"jvpn store v2"` ‖ session id ‖ every field of `rec` but the wrapped
@@ -293,7 +317,7 @@ mod tests {
             agent_migrates: true,
             ..Default::default()
         };
-        seal_record(&k, [9; 12], &sid, &mut rec, &[5; 32]);
+        seal_record(&k, [9; 12], &sid, &mut rec, &[5; 32], Seal::V2);
         assert_eq!(rec.seal, SEAL_V2);
         let back = decode(&encode(&rec)).unwrap();
         assert_eq!(*open_record_key([&k], &sid, &back).unwrap(), [5; 32]);
@@ -336,15 +360,19 @@ mod tests {
     fn an_older_writers_record_still_opens() {
         let k = keys(1, 7);
         let sid = SessionId::from_bytes([3; 16]);
-        let rec = SessionRecord {
+        let mut rec = SessionRecord {
             owner_epoch: 2,
             state_version: 4,
-            key_id: 1,
             principal: "alice".into(),
-            wrapped_key: wrap_key(&k, [1; 12], at(&sid, 2, 4), &[6; 32]),
             ..Default::default()
         };
+        seal_record(&k, [1; 12], &sid, &mut rec, &[6; 32], Seal::V1);
         assert_eq!(rec.seal, 0);
+        assert_eq!(
+            rec.wrapped_key,
+            wrap_key(&k, [1; 12], at(&sid, 2, 4), &[6; 32]),
+            "exactly what the previous version writes"
+        );
         assert_eq!(*open_record_key([&k], &sid, &rec).unwrap(), [6; 32]);
     }
 

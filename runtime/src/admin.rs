@@ -139,14 +139,10 @@ pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// Serves the admin port until the task is dropped.
 pub async fn serve<A: AdminApp>(listener: TcpListener, gw: A, prom: Option<PrometheusHandle>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    // Never told to stop (the task is dropped); kept so that it never is.
-    let (_never, mut stop) = tokio::sync::watch::channel(false);
     loop {
         // Backs off on errors: out of descriptors, a bare `continue` spun
         // a worker the sessions share.
-        let Some((stream, _)) = crate::wire::accept_until(&listener, &mut stop).await else {
-            return;
-        };
+        let (stream, _) = crate::wire::accept(&listener).await;
         // Full: drop the connection rather than queue it behind idle ones.
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;

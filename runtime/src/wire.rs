@@ -143,27 +143,32 @@ impl AtMost {
     }
 }
 
-/// The next connection on `listener`, or `None` once `stop` changes. Accept
-/// errors back off for [`ACCEPT_BACKOFF`] instead of spinning.
+/// The next connection on `listener`. Accept errors (out of descriptors)
+/// back off for [`ACCEPT_BACKOFF`] instead of spinning.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                // Out of descriptors, this repeats every backoff.
+                static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                if let Some(held) = WARN.allow() {
+                    tracing::warn!(error = %e, held, "accept failed");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// [`accept`], or `None` once `stop` changes.
 pub async fn accept_until(
     listener: &TcpListener,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<(TcpStream, std::net::SocketAddr)> {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => return Some(x),
-                Err(e) => {
-                    // Out of descriptors, this repeats every backoff.
-                    static WARN: AtMost = AtMost::per(Duration::from_secs(10));
-                    if let Some(held) = WARN.allow() {
-                        tracing::warn!(error = %e, held, "accept failed");
-                    }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-            _ = stop.changed() => return None,
-        }
+    tokio::select! {
+        x = accept(listener) => Some(x),
+        _ = stop.changed() => None,
     }
 }
 

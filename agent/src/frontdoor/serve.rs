@@ -90,10 +90,7 @@ where
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((c, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
+        let (c, _) = jvpn_runtime::wire::accept(&listener).await;
         let _ = c.set_nodelay(true);
         let work = serve(c);
         tokio::spawn(async move {

@@ -117,8 +117,8 @@ pub async fn serve(
                     current: shared.cfg.secret.derive(),
                     previous: shared.cfg.previous_secret.as_ref().map(|p| p.derive()),
                     replaced: false,
+                    seal: crate::config::record_seal(s),
                 },
-                s.record_seal == 1,
             ));
             let _ = shared.store.set(stored.clone());
             let held = stored.clone();
@@ -206,9 +206,10 @@ pub async fn serve(
             shared.with_engine(i, |e| e.terminate_all(now, Termination::Superseded));
         }
         let grace_end = Instant::now() + Duration::from_millis(500);
-        while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        poll_until(grace_end, CONNS_POLL, || {
+            shared.open_conns.load(Ordering::Relaxed) == 0
+        })
+        .await;
         let _ = stop_tx.send(true);
         stop_store(keeper).await;
         shared.events.flush(Duration::from_secs(1)).await;
@@ -231,9 +232,10 @@ pub async fn serve(
         // router forgets this gateway instead of reporting it dead.
         let ack_wait = if c.is_leaving() { drain } else { drain / 4 };
         let ack_deadline = Instant::now() + ack_wait.min(Duration::from_secs(5));
-        while !c.draining_acknowledged(shared.now()) && Instant::now() < ack_deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(ack_deadline, ACK_POLL, || {
+            c.draining_acknowledged(shared.now())
+        })
+        .await;
     }
     let spread = (terminate_at.saturating_duration_since(Instant::now())).min(drain / 2);
     spread_goaway(&shared, spread, terminate_at);
@@ -255,16 +257,15 @@ pub async fn serve(
     }
     // Give connection tasks a moment to write their Terminate frames.
     let grace_end = (started + drain).min(Instant::now() + Duration::from_secs(1));
-    while shared.open_conns.load(Ordering::Relaxed) > 0 && Instant::now() < grace_end {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll_until(grace_end, CONNS_POLL, || {
+        shared.open_conns.load(Ordering::Relaxed) == 0
+    })
+    .await;
     if let Some(c) = shared.cluster.as_ref().filter(|c| c.is_leaving()) {
         // A leave may have come after the wait above (`POST /leave` during
         // a drain): exit once every router saw it, or after 5 s.
         let until = Instant::now() + Duration::from_secs(5);
-        while !c.leave_acknowledged() && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll_until(until, ACK_POLL, || c.leave_acknowledged()).await;
     }
     let _ = stop_tx.send(true);
     stop_store(keeper).await;
@@ -298,5 +299,17 @@ fn spread_goaway(shared: &Arc<Shared>, over: Duration, terminate_at: Instant) {
             tokio::time::sleep(delay).await;
             let _ = tx.send(Control::goaway(terminate_at));
         });
+    }
+}
+
+/// How often the drain looks at open connections, and at routers'
+/// acknowledgements.
+const CONNS_POLL: Duration = Duration::from_millis(10);
+const ACK_POLL: Duration = Duration::from_millis(20);
+
+/// Until `done` says so, looking every `step`, or until `deadline`.
+async fn poll_until(deadline: Instant, step: Duration, done: impl Fn() -> bool) {
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(step).await;
     }
 }

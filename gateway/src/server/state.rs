@@ -222,7 +222,7 @@ impl Shared {
             stored.reload_keys(
                 new.secret.derive(),
                 new.previous_secret.as_ref().map(|p| p.derive()),
-                new.raw.store.record_seal == 1,
+                crate::config::record_seal(&new.raw.store),
             );
         }
         if rotate {

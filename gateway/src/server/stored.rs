@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use jvpn_proto::crypto::{ChannelBinding, ResumeKey};
 use jvpn_proto::keys::ClusterKeys;
 use jvpn_proto::pb::store::SessionRecord;
-use jvpn_proto::store_record::{KeyPlace, open_record_key, seal_record, wrap_key};
+use jvpn_proto::store_record::{Seal, open_record_key, seal_record};
 use jvpn_proto::{Mono, ReasonCode, SessionId};
 use jvpn_runtime::wire::{AtMost, lock};
 use metrics::{counter, histogram};
@@ -44,19 +44,21 @@ struct Bound {
     record: SessionRecord,
 }
 
-/// The cluster keys of the store: records are sealed under `current` and
-/// opened under whichever of the two they name.
+/// How the store's records are sealed: under `current`, as `seal` says
+/// (`store.record_seal`), and opened under whichever key they name.
 #[derive(Clone, Debug)]
 pub(super) struct StoreKeys {
     pub current: ClusterKeys,
     pub previous: Option<ClusterKeys>,
     /// `previous` is the secret a reload replaced, not a configured one.
     pub replaced: bool,
+    pub seal: Seal,
 }
 
 impl StoreKeys {
-    /// The keys after a reload to `current` with `previous` configured.
-    fn reloaded(&self, current: ClusterKeys, previous: Option<ClusterKeys>) -> Self {
+    /// After a reload to `current`, with `previous` configured, sealing as
+    /// `seal`.
+    fn reloaded(&self, current: ClusterKeys, previous: Option<ClusterKeys>, seal: Seal) -> Self {
         let rotated = current.key_id() != self.current.key_id();
         let (previous, replaced) = match previous {
             Some(p) => (Some(p), false),
@@ -70,6 +72,7 @@ impl StoreKeys {
             current,
             previous,
             replaced,
+            seal,
         }
     }
 
@@ -152,11 +155,8 @@ pub(super) struct Stored {
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
     /// Seals records (current) and opens them (current, then previous: the
-    /// secret before the last rotation); a reload that rotates swaps them.
+    /// secret before the last rotation); a reload swaps them.
     keys: Mutex<Arc<StoreKeys>>,
-    /// `store.record_seal = 1`: records sealed as the previous version
-    /// seals them (a rolling upgrade), not every field. Reloadable.
-    seal_v1: std::sync::atomic::AtomicBool,
     sessions: Mutex<HashMap<SessionId, Bound>>,
     /// Dead owners' lease keys takers are waiting on: one poller per key,
     /// however many of its sessions wait (`true` once etcd has no such key).
@@ -189,7 +189,6 @@ impl Stored {
         status: watch::Receiver<LeaseStatus>,
         origin: Instant,
         keys: StoreKeys,
-        seal_v1: bool,
     ) -> Self {
         Self {
             batch: Batcher::spawn(etcd.clone()),
@@ -197,7 +196,6 @@ impl Stored {
             status,
             origin,
             keys: Mutex::new(Arc::new(keys)),
-            seal_v1: std::sync::atomic::AtomicBool::new(seal_v1),
             sessions: Mutex::new(HashMap::new()),
             gone: Arc::new(Mutex::new(HashMap::new())),
             claiming: Arc::new(Mutex::new(HashSet::new())),
@@ -249,40 +247,24 @@ impl Stored {
         lock(&self.keys).clone()
     }
 
-    /// A reload: records are sealed under `current` (as `seal_v1` says)
-    /// from now on, and
-    /// opened under it or `previous` (the configured previous secret; when
-    /// none is configured and the secret changed, the one it replaced).
+    /// A reload: records are sealed under `current`, as `seal` says, from
+    /// now on, and opened under it or `previous` (the configured previous
+    /// secret; when none is configured, the one a rotation replaced).
     pub(super) fn reload_keys(
         &self,
         current: ClusterKeys,
         previous: Option<ClusterKeys>,
-        seal_v1: bool,
+        seal: Seal,
     ) {
-        self.seal_v1
-            .store(seal_v1, std::sync::atomic::Ordering::Relaxed);
         let mut keys = lock(&self.keys);
-        let next = keys.reloaded(current, previous);
+        let next = keys.reloaded(current, previous, seal);
         *keys = Arc::new(next);
     }
 
     /// Seals `key` into `rec`, whose other fields are final.
     fn wrap(&self, sid: &SessionId, rec: &mut SessionRecord, key: &[u8; 32]) {
         let keys = self.keys();
-        let current = &keys.current;
-        if self.seal_v1.load(std::sync::atomic::Ordering::Relaxed) {
-            // As the previous version writes (a rolling upgrade).
-            let at = KeyPlace {
-                sid,
-                owner_epoch: rec.owner_epoch,
-                state_version: rec.state_version,
-            };
-            rec.key_id = u32::from(current.key_id());
-            rec.seal = 0;
-            rec.wrapped_key = wrap_key(current, rand::random(), at, key);
-        } else {
-            seal_record(current, rand::random(), sid, rec, key);
-        }
+        seal_record(&keys.current, rand::random(), sid, rec, key, keys.seal);
     }
 
     /// Writes `record` at `sid`: a create (`expected` `None`) or a
@@ -781,13 +763,13 @@ impl Stored {
     }
 }
 
-/// A store request, timed into the latency histogram by `op`.
 /// An ended session's record delete is tried again after this, doubling
 /// up to [`DELETE_RETRY_MAX`], for [`DELETE_RETRY_FOR`] at most.
 const DELETE_RETRY_FIRST: Duration = Duration::from_millis(250);
 const DELETE_RETRY_MAX: Duration = Duration::from_secs(5);
 const DELETE_RETRY_FOR: Duration = Duration::from_secs(300);
 
+/// A store request, timed into the latency histogram by `op`.
 async fn timed<T>(op: &'static str, f: impl std::future::Future<Output = T>) -> T {
     let started = Instant::now();
     let r = f.await;
@@ -815,7 +797,7 @@ fn result_of(e: &StoreError) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::StoreKeys;
+    use super::{Seal, StoreKeys};
     use jvpn_proto::keys::{ClusterKeys, ClusterSecret};
 
     fn k(id: u8) -> ClusterKeys {
@@ -841,14 +823,15 @@ mod tests {
             current: k(1),
             previous: None,
             replaced: false,
+            seal: Seal::V2,
         };
-        let rotated = start.reloaded(k(2), None);
+        let rotated = start.reloaded(k(2), None, Seal::V2);
         assert_eq!(ids(&rotated), (2, Some(1)));
-        let again = rotated.reloaded(k(2), None);
+        let again = rotated.reloaded(k(2), None, Seal::V2);
         assert_eq!(ids(&again), (2, Some(1)), "a later reload forgot it");
-        let configured = again.reloaded(k(2), Some(k(1)));
+        let configured = again.reloaded(k(2), Some(k(1)), Seal::V2);
         assert_eq!(ids(&configured), (2, Some(1)));
-        let dropped = configured.reloaded(k(2), None);
+        let dropped = configured.reloaded(k(2), None, Seal::V2);
         assert_eq!(ids(&dropped), (2, None), "removed from the configuration");
     }
 }
