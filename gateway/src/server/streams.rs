@@ -417,17 +417,16 @@ fn system_lookup(name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     Ok((name, port).to_socket_addrs()?.collect())
 }
 
-/// Resolves `name` within `within`. The lookup holds a permit of each of
+/// Resolves `name` by `deadline`. The lookup holds a permit of each of
 /// `limits` (the session's first, so a session at its own limit does not
 /// sit on the gateway's) until it returns, not until it is given up.
 async fn resolve(
     name: &str,
     port: u16,
-    within: Duration,
+    deadline: tokio::time::Instant,
     limits: [&Arc<Semaphore>; 2],
     lookup: Lookup,
 ) -> Result<Vec<SocketAddr>, Refusal> {
-    let deadline = tokio::time::Instant::now() + within;
     let permits = async {
         let session = limits[0].clone().acquire_owned().await.ok()?;
         let gateway = limits[1].clone().acquire_owned().await.ok()?;
@@ -463,8 +462,7 @@ async fn dial(
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
-            let within = policy.connect_timeout;
-            resolve(name, target.port, within, limits, system_lookup).await?
+            resolve(name, target.port, deadline, limits, system_lookup).await?
         }
     };
     if addrs.is_empty() {
@@ -519,6 +517,8 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
         K::NetworkUnreachable => Refusal::NetworkUnreachable,
         K::HostUnreachable => Refusal::HostUnreachable,
         K::TimedOut => Refusal::TimedOut,
+        // This host's firewall said no: a refusal by policy, as SOCKS has it.
+        K::PermissionDenied => Refusal::NotAllowed,
         _ => Refusal::Failed,
     }
 }
@@ -638,6 +638,22 @@ mod tests {
         assert_eq!(counts, [("loopback".to_owned(), 1)]);
     }
 
+    /// A connect that this host's own firewall refuses (`EPERM`, `EACCES`)
+    /// is a refusal by policy, not a failure of the destination.
+    #[test]
+    fn a_local_firewall_refusal_reads_as_not_allowed() {
+        use std::io::{Error, ErrorKind};
+        for errno in [nix::errno::Errno::EPERM as i32, nix::errno::Errno::EACCES as i32] {
+            let e = Error::from_raw_os_error(errno);
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+            assert_eq!(refusal_of(&e), Refusal::NotAllowed, "errno {errno}");
+        }
+        assert_eq!(
+            refusal_of(&Error::from(ErrorKind::ConnectionRefused)),
+            Refusal::ConnectionRefused
+        );
+    }
+
     /// A stream takes a slot of its session, its principal and the gateway,
     /// or none: a refusal by any of them gives back what it took.
     #[test]
@@ -740,9 +756,9 @@ mod tests {
             for _ in 0..20 {
                 let (session, gateway) = (session.clone(), gateway.clone());
                 all.push(tokio::spawn(async move {
-                    let within = Duration::from_millis(50);
+                    let by = tokio::time::Instant::now() + Duration::from_millis(50);
                     let name = format!("{i}.invalid");
-                    resolve(&name, 443, within, [&session, &gateway], stuck).await
+                    resolve(&name, 443, by, [&session, &gateway], stuck).await
                 }));
             }
         }
