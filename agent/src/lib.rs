@@ -353,6 +353,8 @@ fn rejected(r: &jvpn_proto::pb::session::Reject) -> AgentError {
 /// A session just made by HELLO, not yet the agent's.
 pub(crate) struct Fresh {
     session: ClientSession,
+    /// The configured server that made it.
+    server: usize,
     /// The channel window the gateway granted (0: no data plane).
     window: u64,
 }
@@ -392,6 +394,10 @@ pub struct Agent {
     resume_connector: TlsConnector,
     pub session: Option<ClientSession>,
     next_server: usize,
+    /// The configured server the session was made or last reattached
+    /// through: where a RESUME goes first. Given several gateways without
+    /// a router, only that one holds the session.
+    home: usize,
     /// Committed switches of the current session, for client-side pacing.
     switches: std::collections::VecDeque<Instant>,
     /// The data plane, once [`Agent::tunnel`] asked for one.
@@ -438,6 +444,7 @@ impl Agent {
             resume_connector,
             session: None,
             next_server: 0,
+            home: 0,
             switches: std::collections::VecDeque::new(),
             data: None,
             migration: None,
@@ -545,6 +552,16 @@ impl Agent {
     /// Moves on to the next configured server (router fail-over).
     pub fn rotate_server(&mut self) {
         self.next_server = (self.next_server + 1) % self.cfg.servers.len();
+    }
+
+    /// Whether the next connection goes to the session's own server.
+    pub(crate) fn at_home(&self) -> bool {
+        self.next_server == self.home
+    }
+
+    /// The next connection goes to the session's own server.
+    pub(crate) fn go_home(&mut self) {
+        self.next_server = self.home;
     }
 
     /// Opens TCP (from `bind_ip` if set), sends the preamble, runs TLS and checks ALPN.
@@ -656,13 +673,22 @@ impl Agent {
             0
         };
         let session = ClientSession::from_hello_ok(ok, &t)?;
-        Ok((t, Fresh { session, window }))
+        let server = self.next_server;
+        Ok((
+            t,
+            Fresh {
+                session,
+                server,
+                window,
+            },
+        ))
     }
 
     /// Makes `fresh` this agent's session; the previous session's channel
     /// (if still here) is closed and its streams reset.
     pub(crate) fn adopt(&mut self, fresh: Fresh) {
         self.switches.clear();
+        (self.home, self.next_server) = (fresh.server, fresh.server);
         self.session = Some(fresh.session);
         if let Some((d, _)) = self.data.as_mut() {
             if fresh.window > 0 {
@@ -688,6 +714,7 @@ impl Agent {
             resume_connector,
             session: None,
             next_server: self.next_server,
+            home: self.home,
             switches: std::collections::VecDeque::new(),
             data: self.data.as_ref().map(|_| streams::DataPlane::new()),
             migration: None,
@@ -709,6 +736,7 @@ impl Agent {
             resume_connector: self.resume_connector.clone(),
             session: self.session.take(),
             next_server: self.next_server,
+            home: self.home,
             switches: std::mem::take(&mut self.switches),
             data: self.data.as_mut().map(|(d, _)| d.split_off()),
             migration: self.migration.take(),
@@ -818,6 +846,8 @@ impl Agent {
                 Err(why) => return Err(AgentError::ChannelBroken(why)),
             }
         }
+        // The server that answered holds the session (or leads to it).
+        self.home = self.next_server;
         let max = s.policy.max_switches_per_min.max(1) as usize;
         while self.switches.len() >= max {
             self.switches.pop_front();

@@ -394,35 +394,19 @@ async fn drive(
                     &transitions,
                     format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
                 );
+                // Open streams go on until the deadline (or until they end)
+                // on this session; new ones wait for the next session, made
+                // now beside it, while this loop keeps serving this one.
                 let open = agent.open_streams();
                 if open > 0 {
-                    // Open streams go on until the deadline (or until they
-                    // end) on this session; new ones wait for the next
-                    // session, made now beside it.
                     note(
                         &transitions,
                         format!("go_away: {open} open streams stay until the deadline"),
                     );
-                    drain_until = Some(Instant::now() + Duration::from_millis(g.deadline_ms));
-                    if handover.is_none() {
-                        if let Some((d, _)) = agent.data.as_mut() {
-                            d.hold_new_streams();
-                        }
-                        let mut fork = agent.fork();
-                        let tr = transitions.clone();
-                        let (tx, rx) = oneshot::channel();
-                        let task = tokio::spawn(async move {
-                            let r =
-                                establish_fresh(&mut fork, &tr, Some("go_away"), Persist::Limited)
-                                    .await;
-                            let _ = tx.send(r.map(|(t, fresh)| (t, fresh, fork)));
-                        });
-                        let replacing = agent.session.as_ref().map(|s| s.id);
-                        handover = Some((rx, replacing, AbortOnDrop(task)));
-                    }
-                } else {
-                    move_off(&mut agent, &mut t, &transitions, &report, silence_limit).await;
-                    last_rx = Instant::now();
+                }
+                drain_until = Some(Instant::now() + Duration::from_millis(g.deadline_ms));
+                if handover.is_none() {
+                    handover = Some(hand_over(&mut agent, &transitions, true));
                 }
                 None
             }
@@ -483,7 +467,6 @@ async fn drive(
                     handover.is_none() && (agent.open_streams() == 0 || Instant::now() >= d)
                 }) =>
             {
-                drain_until = None;
                 if !main {
                     // The streams that were left have ended, or the
                     // gateway's deadline has come.
@@ -491,8 +474,12 @@ async fn drive(
                     let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
                     return;
                 }
-                move_off(&mut agent, &mut t, &transitions, &report, silence_limit).await;
-                last_rx = Instant::now();
+                // No next session yet (the first try failed): another try,
+                // in the background like the first. This one holds no new
+                // streams back (a next session may be far off): they use
+                // this session, which serves until it is handed over or the
+                // draining gateway ends it at its deadline.
+                handover = Some(hand_over(&mut agent, &transitions, false));
                 None
             }
             Ev::Tick if agent.channel_broken().is_some() => {
@@ -729,43 +716,28 @@ fn agent_closed() -> Kind {
     })
 }
 
-/// The gateway is draining: a new session elsewhere (routers no longer
-/// place HELLOs on a draining gateway), then the old one ended explicitly
-/// (the new session's channel replaces the old one, whose streams are
-/// reset: `session replaced`). If no new session can be had yet,
-/// the agent stays until the gateway ends the session itself.
-async fn move_off(
+/// The gateway is draining: makes the next session elsewhere in the
+/// background (routers no longer place HELLOs on a draining gateway) while
+/// the loop goes on serving this one; [`Ev::HandedOver`] brings it. With
+/// `hold`, new streams wait for it instead of starting on a session that
+/// is leaving.
+fn hand_over(
     agent: &mut Agent,
-    t: &mut Transport,
     transitions: &Option<Transitions>,
-    report: &Arc<Mutex<AgentReport>>,
-    silence_limit: Duration,
-) {
-    // Streams still open at the deadline end with the session once the
-    // next one is there (adopting it closes this channel): counted, with
-    // why, like every reset. Without a next session they stay.
-    let open = agent.open_streams();
-    match establish(agent, transitions, Some("go_away".into()), Persist::Limited).await {
-        Ok(new_t) => {
-            counted_resets(transitions, report, open, "go_away_deadline");
-            let mut old = std::mem::replace(t, new_t);
-            // Bounded like every other send: a blackholed old path must not
-            // hold the loop (and the new transport unread) until TCP gives up.
-            let _ = tokio::time::timeout(silence_limit, old.send(agent_closed())).await;
-            update(report, |r| {
-                r.rehandshakes += 1;
-                bump(&mut r.rehandshake_reasons, "go_away");
-            });
-            record_attach(report, agent, true);
-        }
-        Err(e) => note(
-            transitions,
-            format!(
-                "no new session yet ({}); staying until the deadline",
-                reason_str(&e)
-            ),
-        ),
+    hold: bool,
+) -> (HandOver, Option<SessionId>, AbortOnDrop) {
+    if let Some((d, _)) = agent.data.as_mut().filter(|_| hold) {
+        d.hold_new_streams();
     }
+    let mut fork = agent.fork();
+    let tr = transitions.clone();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let r = establish_fresh(&mut fork, &tr, Some("go_away"), Persist::Limited).await;
+        let _ = tx.send(r.map(|(t, fresh)| (t, fresh, fork)));
+    });
+    let replacing = agent.session.as_ref().map(|s| s.id);
+    (rx, replacing, AbortOnDrop(task))
 }
 
 /// How long a HELLO keeps being retried while the cluster answers with
@@ -947,10 +919,16 @@ async fn reattach(
     let mut deadline = lost_at + ttl;
     let mut attempt = 0u32;
     let mut asked_another_router = false;
+    // Whether the session's own server failed to answer during this
+    // reattach: until it has, another server's `unknown_session` is only
+    // that server not holding it (several gateways, no router).
+    let mut home_failed = false;
+    agent.go_home();
     loop {
         // No pacing of its own: a RESUME after a loss is a recovery, and
         // when the gateway wants a wait it says how long.
         let attempt_started = Instant::now();
+        let asked_home = agent.at_home();
         match agent.resume().await {
             Ok(t) => {
                 let ms = lost_at.elapsed().as_millis() as u64;
@@ -1007,6 +985,35 @@ async fn reattach(
                     deadline = Instant::now() + Duration::from_millis(*ms);
                 }
                 let remaining = deadline.saturating_duration_since(Instant::now());
+                if asked_home
+                    && matches!(
+                        e,
+                        AgentError::Connect(..) | AgentError::Tls(_) | AgentError::NoAnswer(_)
+                    )
+                {
+                    home_failed = true;
+                }
+                let not_asked_where_it_lives = !asked_home
+                    && !home_failed
+                    && matches!(
+                        e,
+                        AgentError::Rejected {
+                            reason: ReasonCode::UnknownSession,
+                            ..
+                        }
+                    );
+                if not_asked_where_it_lives && !remaining.is_zero() {
+                    note(
+                        transitions,
+                        "unknown_session from a server the session was not made on: \
+                         asking its own again"
+                            .into(),
+                    );
+                    agent.go_home();
+                    attempt += 1;
+                    tokio::time::sleep(retry_wait(&e, attempt, remaining)).await;
+                    continue;
+                }
                 let router_says_lost = matches!(&e, AgentError::Status(s)
                     if s.status == jvpn_proto::preamble::Status::OwnerLost);
                 if router_says_lost

@@ -154,11 +154,20 @@ struct Link {
     open: Arc<AtomicU64>,
 }
 
+/// Where new streams go: the current session's link once its HTTP/2 is
+/// up, unless a hand-over is making the next session (`held`: new streams
+/// wait for that one, also when this session's HTTP/2 comes up meanwhile).
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    link: Option<Link>,
+    held: bool,
+}
+
 /// Opens streams through whatever session the agent currently has.
 /// Cheap to clone; usable from any task.
 #[derive(Clone, Debug)]
 pub struct Tunnel {
-    link: watch::Receiver<Option<Link>>,
+    link: watch::Receiver<Slot>,
     counters: Arc<StreamCounters>,
     want: Arc<Want>,
 }
@@ -194,7 +203,11 @@ impl Tunnel {
         let mut link_rx = self.link.clone();
         let link = tokio::time::timeout(Self::WAIT, async {
             loop {
-                if let Some(l) = link_rx.borrow_and_update().clone() {
+                let ready = {
+                    let slot = link_rx.borrow_and_update();
+                    slot.link.clone().filter(|_| !slot.held)
+                };
+                if let Some(l) = ready {
                     return Ok(l);
                 }
                 if link_rx.changed().await.is_err() {
@@ -267,10 +280,7 @@ pub(crate) struct DataPlane {
     /// Bumped with every new channel and every close, so the loop
     /// re-subscribes and a late handshake never publishes a dead session.
     pub(crate) epoch: Arc<AtomicU64>,
-    link: watch::Sender<Option<Link>>,
-    /// The current session's link, taken off the tunnel while a hand-over
-    /// makes the next session (new streams wait for that one).
-    held: Option<Link>,
+    link: watch::Sender<Slot>,
     /// Streams open over the current session.
     open: Arc<AtomicU64>,
     want: Arc<Want>,
@@ -278,7 +288,7 @@ pub(crate) struct DataPlane {
 
 impl DataPlane {
     pub(crate) fn new() -> (Self, Tunnel) {
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(Slot::default());
         let counters = Arc::new(StreamCounters::default());
         let want = Arc::new(Want::default());
         (
@@ -286,7 +296,6 @@ impl DataPlane {
                 channel: None,
                 epoch: Arc::new(AtomicU64::new(0)),
                 link: tx,
-                held: None,
                 open: Arc::new(AtomicU64::new(0)),
                 want: want.clone(),
             },
@@ -341,8 +350,7 @@ impl DataPlane {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         // A session's task still waiting for the first stream ends.
         self.want.notify.notify_waiters();
-        self.link.send_replace(None);
-        self.held = None;
+        self.link.send_replace(Slot::default());
     }
 
     /// The session ended (or is being replaced): its streams are reset with
@@ -359,15 +367,11 @@ impl DataPlane {
     /// one (a hand-over is making it); [`DataPlane::release_new_streams`]
     /// undoes this if there is no next session after all.
     pub(crate) fn hold_new_streams(&mut self) {
-        if let Some(l) = self.link.send_replace(None) {
-            self.held = Some(l);
-        }
+        self.link.send_modify(|s| s.held = true);
     }
 
     pub(crate) fn release_new_streams(&mut self) {
-        if let Some(l) = self.held.take() {
-            self.link.send_replace(Some(l));
-        }
+        self.link.send_modify(|s| s.held = false);
     }
 
     /// Moves the current session's channel and its open streams to a data
@@ -379,7 +383,8 @@ impl DataPlane {
         d.open = std::mem::replace(&mut self.open, Arc::new(AtomicU64::new(0)));
         // HTTP/2 ends when its last request handle goes: the draining
         // session keeps one while its streams last.
-        d.held = self.held.take().or_else(|| self.link.send_replace(None));
+        let link = self.link.send_replace(Slot::default()).link;
+        d.link.send_replace(Slot { link, held: true });
         self.retire();
         (d, t)
     }
@@ -419,10 +424,10 @@ impl DataPlane {
             };
             // Publish unless the session ended meanwhile (checked under the
             // watch's lock, which `close` needs too).
-            link.send_if_modified(|l| {
+            link.send_if_modified(|s| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {
-                    *l = Some(Link {
+                    s.link = Some(Link {
                         send,
                         channel: task_ch.clone(),
                         open,
@@ -435,10 +440,10 @@ impl DataPlane {
             // keep-alive loop (or the draining session's) sees the closed
             // channel. A replaced session's channel is closed already.
             task_ch.close("the session's HTTP/2 connection ended");
-            link.send_if_modified(|l| {
+            link.send_if_modified(|s| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {
-                    *l = None;
+                    s.link = None;
                 }
                 current
             });

@@ -144,6 +144,9 @@ pub(super) struct Shared {
     pub(super) principal_streams: super::streams::PerPrincipal<std::sync::atomic::AtomicUsize>,
     /// Name lookups of streams running at once (`streams::RESOLVING`).
     pub(super) resolving: Arc<tokio::sync::Semaphore>,
+    /// Name lookups running at once per principal
+    /// (`streams::RESOLVING_PER_PRINCIPAL`).
+    pub(super) principal_resolving: super::streams::PerPrincipal<Semaphore>,
     /// Streams open in the whole gateway (`egress.max_streams`).
     pub(super) streams_open: Arc<std::sync::atomic::AtomicUsize>,
     /// Leases and views; `None` without membership (single node, static PROXY).
@@ -444,6 +447,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
         buckets: super::streams::PerPrincipal::default(),
         principal_streams: super::streams::PerPrincipal::default(),
         resolving: Arc::new(tokio::sync::Semaphore::new(super::streams::RESOLVING)),
+        principal_resolving: super::streams::PerPrincipal::default(),
         streams_open: Arc::default(),
         bound: std::sync::OnceLock::new(),
         cluster: cfg.membership.as_ref().map(|_| {

@@ -287,7 +287,21 @@ async fn open_and_splice(
         shared.bound.get().map_or(&[][..], |b| &b[..]),
     ];
     let cluster = &cluster[..];
-    let limits = [&ctx.resolving, &shared.resolving];
+    // A name's lookup also counts against its principal's share.
+    let principal_lookups = match &target.host {
+        Host::Ip(_) => None,
+        Host::Name(_) => match shared
+            .principal_resolving
+            .get(&ctx.principal, || Semaphore::new(RESOLVING_PER_PRINCIPAL))
+        {
+            Some(s) => Some(s),
+            // The table is full of principals with lookups running: fail closed.
+            None => return refused(Refusal::Failed),
+        },
+    };
+    let limits = principal_lookups
+        .as_ref()
+        .map(|p| [&ctx.resolving, p, &shared.resolving]);
     let dialed = tokio::select! {
         d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
         // The agent reset the stream (its application left), or the
@@ -408,6 +422,10 @@ pub(super) const RESOLVING: usize = 64;
 /// all of [`RESOLVING`]. Beyond it, a lookup waits (within the connect
 /// timeout), as a browser's many parallel connections do.
 const RESOLVING_PER_SESSION: usize = 16;
+/// Name lookups running at once for one principal (all its sessions on
+/// this gateway): half of [`RESOLVING`], so one principal's names that
+/// never resolve leave the other half to everyone else.
+pub(super) const RESOLVING_PER_PRINCIPAL: usize = RESOLVING / 2;
 
 /// A blocking lookup: the system resolver, or a test's.
 type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
@@ -418,19 +436,22 @@ fn system_lookup(name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
 }
 
 /// Resolves `name` by `deadline`. The lookup holds a permit of each of
-/// `limits` (the session's first, so a session at its own limit does not
-/// sit on the gateway's) until it returns, not until it is given up.
+/// `limits` (session, principal, gateway: the narrowest first, so one at
+/// its own limit does not sit on the wider ones) until it returns, not
+/// until it is given up.
 async fn resolve(
     name: &str,
     port: u16,
     deadline: tokio::time::Instant,
-    limits: [&Arc<Semaphore>; 2],
+    limits: [&Arc<Semaphore>; 3],
     lookup: Lookup,
 ) -> Result<Vec<SocketAddr>, Refusal> {
     let permits = async {
-        let session = limits[0].clone().acquire_owned().await.ok()?;
-        let gateway = limits[1].clone().acquire_owned().await.ok()?;
-        Some((session, gateway))
+        let mut held = Vec::with_capacity(limits.len());
+        for l in limits {
+            held.push(l.clone().acquire_owned().await.ok()?);
+        }
+        Some(held)
     };
     let Ok(Some(permits)) = tokio::time::timeout_at(deadline, permits).await else {
         return Err(Refusal::TimedOut);
@@ -455,13 +476,14 @@ async fn dial(
     principal: &str,
     target: &Target,
     cluster: &[&[SocketAddr]],
-    limits: [&Arc<Semaphore>; 2],
+    lookups: Option<[&Arc<Semaphore>; 3]>,
 ) -> Result<TcpStream, Refusal> {
     // One deadline for resolution and connect together, as documented.
     let deadline = tokio::time::Instant::now() + policy.connect_timeout;
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
+            let limits = lookups.ok_or(Refusal::Failed)?;
             resolve(name, target.port, deadline, limits, system_lookup).await?
         }
     };
@@ -643,7 +665,10 @@ mod tests {
     #[test]
     fn a_local_firewall_refusal_reads_as_not_allowed() {
         use std::io::{Error, ErrorKind};
-        for errno in [nix::errno::Errno::EPERM as i32, nix::errno::Errno::EACCES as i32] {
+        for errno in [
+            nix::errno::Errno::EPERM as i32,
+            nix::errno::Errno::EACCES as i32,
+        ] {
             let e = Error::from_raw_os_error(errno);
             assert_eq!(e.kind(), ErrorKind::PermissionDenied);
             assert_eq!(refusal_of(&e), Refusal::NotAllowed, "errno {errno}");
@@ -749,16 +774,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lookups_that_never_answer_hold_at_most_the_limits() {
         let gateway = Arc::new(Semaphore::new(RESOLVING));
+        let principal = Arc::new(Semaphore::new(RESOLVING));
         *PER_SESSION.lock().unwrap() = vec![(0, 0); 20];
         let mut all = Vec::new();
         for i in 0..20 {
             let session = Arc::new(Semaphore::new(RESOLVING_PER_SESSION));
             for _ in 0..20 {
-                let (session, gateway) = (session.clone(), gateway.clone());
+                let (session, principal, gateway) =
+                    (session.clone(), principal.clone(), gateway.clone());
                 all.push(tokio::spawn(async move {
                     let by = tokio::time::Instant::now() + Duration::from_millis(50);
                     let name = format!("{i}.invalid");
-                    resolve(&name, 443, by, [&session, &gateway], stuck).await
+                    resolve(&name, 443, by, [&session, &principal, &gateway], stuck).await
                 }));
             }
         }
@@ -776,5 +803,55 @@ mod tests {
             per.iter().all(|m| *m <= RESOLVING_PER_SESSION),
             "most at once per session: {per:?}"
         );
+    }
+
+    /// One principal's sessions whose names never resolve cannot take
+    /// every lookup of the gateway: another principal's name still
+    /// resolves at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_principal_cannot_hold_every_lookup() {
+        static STUCK: AtomicUsize = AtomicUsize::new(0);
+        fn stuck(_: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
+            STUCK.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(500));
+            STUCK.fetch_sub(1, Ordering::SeqCst);
+            Err(std::io::Error::other("no answer"))
+        }
+        fn answers(_: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            Ok(vec![SocketAddr::from(([192, 0, 2, 1], port))])
+        }
+        let gateway = Arc::new(Semaphore::new(RESOLVING));
+        let table = PerPrincipal::<Semaphore>::default();
+        let share = || Semaphore::new(RESOLVING_PER_PRINCIPAL);
+        let hog = table.get(&Arc::from("hog"), share).unwrap();
+        let mut all = Vec::new();
+        // Four sessions of one principal, each at its own limit.
+        for _ in 0..4 {
+            let session = Arc::new(Semaphore::new(RESOLVING_PER_SESSION));
+            for _ in 0..RESOLVING_PER_SESSION {
+                let (session, hog, gateway) = (session.clone(), hog.clone(), gateway.clone());
+                all.push(tokio::spawn(async move {
+                    let by = tokio::time::Instant::now() + Duration::from_secs(2);
+                    resolve("x.invalid", 443, by, [&session, &hog, &gateway], stuck).await
+                }));
+            }
+        }
+        while STUCK.load(Ordering::SeqCst) < RESOLVING_PER_PRINCIPAL.min(RESOLVING) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let most = STUCK.load(Ordering::SeqCst);
+        assert!(
+            most <= RESOLVING_PER_PRINCIPAL,
+            "{most} lookups of one principal"
+        );
+        let other = table.get(&Arc::from("other"), share).unwrap();
+        let session = Arc::new(Semaphore::new(RESOLVING_PER_SESSION));
+        let by = tokio::time::Instant::now() + Duration::from_millis(200);
+        let r = resolve("y.example", 443, by, [&session, &other, &gateway], answers).await;
+        assert_eq!(r, Ok(vec![SocketAddr::from(([192, 0, 2, 1], 443))]));
+        for t in all {
+            let _ = t.await.unwrap();
+        }
     }
 }
