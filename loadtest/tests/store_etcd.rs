@@ -911,6 +911,63 @@ async fn a_resume_whose_binding_cannot_be_written_gets_no_resume_ok() {
     assert_eq!(store.load(&sid).await.unwrap().unwrap().record, behind);
 }
 
+/// A write that finds the owner lease gone (etcd ended it early, issues
+/// 12528 and 15247) fences every session of that lease at once: the
+/// keeper renews at once and hears TTL 0, instead of at its next turn (a
+/// fifth of the TTL: 60 s here), while a taker may already serve them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_finds_the_lease_gone_fences_every_session_of_it_at_once() {
+    let c = EtcdCluster::start(3).await.unwrap();
+    let (env, store) = store_gateway_full(&c, "lease_ttl_ms = 300000\n", "").await;
+    let mut a = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    drop(a.hello().await.unwrap());
+    let mut b = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let mut tb = b.hello().await.unwrap();
+    for (_, lease) in store
+        .owner_leases(&NodeId::new("g1").unwrap())
+        .await
+        .unwrap()
+    {
+        store.revoke(lease).await.unwrap();
+    }
+    // A's RESUME: its binding write finds the lease gone.
+    match common::resume(&mut a).await {
+        Err(jvpn_agent::AgentError::Terminated(r)) => {
+            assert_eq!(r, jvpn_proto::ReasonCode::StoreUnavailable)
+        }
+        r => panic!("RESUME under a revoked lease: {r:?}"),
+    }
+    // B, which only exchanges a frame now and then, hears at once that
+    // its session ended too.
+    let heard = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Err(e) = tb.echo(b"still served?").await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the other session of the revoked lease still served after 3 s");
+    assert!(
+        matches!(
+            heard,
+            jvpn_agent::AgentError::Terminated(jvpn_proto::ReasonCode::StoreUnavailable)
+        ),
+        "{heard:?}"
+    );
+    assert_eq!(
+        env.gw
+            .metric(
+                "jvpn_gateway_store_leases_lost_total",
+                &[("by", "lease_gone")]
+            )
+            .await
+            .unwrap(),
+        1.0
+    );
+}
+
 /// Quorum kept, nothing visible: each etcd member in turn is SIGKILLed
 /// (one of them the leader), then each in turn SIGSTOPped, while agents
 /// RESUME back to back and new agents HELLO one after another. No session

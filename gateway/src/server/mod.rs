@@ -112,6 +112,7 @@ pub async fn serve(
             let stored = Arc::new(stored::Stored::new(
                 etcd,
                 k.status.clone(),
+                k.suspicion(),
                 k.origin(),
                 stored::StoreKeys {
                     current: shared.cfg.secret.derive(),

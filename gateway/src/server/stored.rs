@@ -152,6 +152,8 @@ pub(super) struct Stored {
     /// request under load).
     batch: Batcher,
     status: watch::Receiver<LeaseStatus>,
+    /// Tells the keeper to renew now ([`crate::store::Keeper::suspicion`]).
+    suspect: Arc<tokio::sync::Notify>,
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
     /// Seals records (current) and opens them (current, then previous: the
@@ -187,6 +189,7 @@ impl Stored {
     pub(super) fn new(
         etcd: EtcdStore,
         status: watch::Receiver<LeaseStatus>,
+        suspect: Arc<tokio::sync::Notify>,
         origin: Instant,
         keys: StoreKeys,
     ) -> Self {
@@ -194,6 +197,7 @@ impl Stored {
             batch: Batcher::spawn(etcd.clone()),
             etcd,
             status,
+            suspect,
             origin,
             keys: Mutex::new(Arc::new(keys)),
             sessions: Mutex::new(HashMap::new()),
@@ -297,6 +301,11 @@ impl Stored {
                 _ => return Err(StoreError::Unavailable("the lease stopped serving".into())),
             };
             let r = timed(op, self.batch.write(write, deadline)).await;
+            if matches!(r, Err(StoreError::LeaseGone)) {
+                // Gone for every session of this lease, not only this one:
+                // the keeper's renewal confirms it and fences them all now.
+                self.suspect.notify_one();
+            }
             match r {
                 Err(StoreError::Unavailable(_))
                     if self.still(generation) && Instant::now() < until =>

@@ -302,6 +302,12 @@ async fn open_and_splice(
     let limits = principal_lookups
         .as_ref()
         .map(|p| [&ctx.resolving, p, &shared.resolving]);
+    // Topology 3: a session fenced since its CONNECT was read opens no
+    // connection to its destination (a taker may serve it now).
+    let fenced = || ctx.fence.as_ref().is_some_and(|f| !f.holds());
+    if fenced() {
+        return refused(Refusal::Failed);
+    }
     let dialed = tokio::select! {
         d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
         // The agent reset the stream (its application left), or the
@@ -317,6 +323,10 @@ async fn open_and_splice(
         }
     };
     let dest = match dialed {
+        Ok(s) if fenced() => {
+            jvpn_runtime::relay::reset(s);
+            return refused(Refusal::Failed);
+        }
         Ok(s) => s,
         Err(r) => return refused(r),
     };

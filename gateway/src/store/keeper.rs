@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use jvpn_proto::{Incarnation, Mono, NodeId};
 use metrics::counter;
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -79,6 +81,8 @@ impl LostBy {
 #[derive(Debug)]
 pub struct Keeper {
     pub status: watch::Receiver<LeaseStatus>,
+    /// Renews at once when notified ([`Keeper::suspicion`]).
+    suspect: Arc<Notify>,
     origin: Instant,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -90,13 +94,23 @@ impl Keeper {
         let origin = Instant::now();
         let (tx, status) = watch::channel(LeaseStatus::default());
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(store, cfg, origin, tx, stop_rx));
+        let suspect = Arc::new(Notify::new());
+        let task = tokio::spawn(run(store, cfg, origin, tx, stop_rx, suspect.clone()));
         Self {
             status,
+            suspect,
             origin,
             stop,
             task,
         }
+    }
+
+    /// A handle that makes the keeper renew now instead of at its next
+    /// turn: a write refused because the lease is gone says so for every
+    /// session of this lease, and the renewal's answer (TTL 0) fences them
+    /// all at once rather than up to a fifth of a TTL later.
+    pub fn suspicion(&self) -> Arc<Notify> {
+        self.suspect.clone()
     }
 
     /// The origin of the clock the published deadlines use.
@@ -129,6 +143,7 @@ async fn run(
     origin: Instant,
     status: watch::Sender<LeaseStatus>,
     mut stop: watch::Receiver<bool>,
+    suspect: Arc<Notify>,
 ) {
     let now = || Mono::between(origin, Instant::now());
     let at = |t: Mono| origin + t.saturating_since(Mono::ZERO);
@@ -194,7 +209,12 @@ async fn run(
             };
             let next = now() + wait;
             wait = interval;
-            if sleep_or_stop(&mut stop, at(next.min(deadline))).await {
+            let stopped = tokio::select! {
+                stopped = sleep_or_stop(&mut stop, at(next.min(deadline))) => stopped,
+                // A write met the lease gone: ask etcd now.
+                () = suspect.notified() => *stop.borrow(),
+            };
+            if stopped {
                 status.send_replace(LeaseStatus {
                     generation,
                     lease,
