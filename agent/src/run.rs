@@ -389,7 +389,6 @@ async fn drive(
             }
             Ev::Frame(Ok(Kind::GoAway(_))) if !main => None,
             Ev::Frame(Ok(Kind::GoAway(g))) => {
-                update(&report, |r| r.go_aways += 1);
                 note(
                     &transitions,
                     format!("go_away: gateway draining, deadline {} ms", g.deadline_ms),
@@ -408,6 +407,9 @@ async fn drive(
                 if handover.is_none() {
                     handover = Some(hand_over(&mut agent, &transitions, true));
                 }
+                // Counted once new streams are held: whoever sees the count
+                // and opens a stream gets the next session.
+                update(&report, |r| r.go_aways += 1);
                 None
             }
             Ev::HandedOver(r) => {
@@ -474,11 +476,14 @@ async fn drive(
                     let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
                     return;
                 }
-                // No next session yet (the first try failed): another try,
-                // in the background like the first. This one holds no new
-                // streams back (a next session may be far off): they use
-                // this session, which serves until it is handed over or the
-                // draining gateway ends it at its deadline.
+                // No next session yet (the first try failed): one more try,
+                // in the background like the first, now that this session
+                // is idle or past its deadline (if it fails too, the
+                // draining gateway ends the session and the agent makes
+                // the next one then). It holds no new streams back (a next
+                // session may be far off): they use this session until it
+                // is handed over, and then leave with it at once.
+                drain_until = None;
                 handover = Some(hand_over(&mut agent, &transitions, false));
                 None
             }
@@ -598,7 +603,7 @@ async fn drive(
                 note(&transitions, "jump: old transport left half-open".into());
                 // Keep `t` alive (unread) until the new one is attached.
                 let lost_at = Instant::now();
-                let was = session_id(&agent);
+                let was = owner_of(&agent);
                 let persist = if main {
                     Persist::UntilStopped(&mut cmds)
                 } else {
@@ -606,10 +611,12 @@ async fn drive(
                 };
                 match reattach(&mut agent, &transitions, &report, lost_at, main, persist).await {
                     Ok(new_t) => {
-                        if session_id(&agent) != was {
-                            // Re-handshaken inside: a GoAway's deadline
-                            // was the old session's.
+                        if owner_of(&agent) != was {
+                            // Re-handshaken (or taken over) inside: a
+                            // GoAway's deadline and hand-over were the old
+                            // session's or the old owner's.
                             drain_until = None;
+                            handover = None;
                         }
                         last_rx = Instant::now();
                         let old = std::mem::replace(&mut t, new_t);
@@ -642,10 +649,11 @@ async fn drive(
             if !main {
                 return;
             }
-            // A GoAway's deadline was the gone session's: the next one
-            // must not be moved by it (a hand-over still under way is
-            // dropped when it finishes: it no longer replaces anything).
+            // A GoAway's deadline and hand-over were the gone session's:
+            // the next one must not be moved by them, and its own GoAway
+            // must start a hand-over of its own.
             drain_until = None;
+            handover = None;
             let persist = Persist::UntilStopped(&mut cmds);
             match establish(&mut agent, &transitions, Some(reason_str(&e)), persist).await {
                 Ok(new_t) => {
@@ -661,7 +669,7 @@ async fn drive(
                 }
             }
         }
-        let was = session_id(&agent);
+        let was = owner_of(&agent);
         let attached = match role {
             Role::Main { .. } => {
                 let persist = Persist::UntilStopped(&mut cmds);
@@ -677,10 +685,13 @@ async fn drive(
         };
         match attached {
             Ok(new_t) => {
-                if session_id(&agent) != was {
+                if owner_of(&agent) != was {
                     // The RESUME found the session gone and a new one was
-                    // made: a GoAway's deadline was the old session's.
+                    // made, or a taker took it over (topology 3): a
+                    // GoAway's deadline and hand-over were the old
+                    // session's or the old owner's.
                     drain_until = None;
+                    handover = None;
                 }
                 last_rx = Instant::now();
                 t = new_t;
@@ -697,8 +708,13 @@ async fn drive(
     }
 }
 
-fn session_id(agent: &Agent) -> Option<jvpn_proto::SessionId> {
-    agent.session.as_ref().map(|s| s.id)
+/// The session and the owner that holds it: either changing means the
+/// session a GoAway was about is not the one served now.
+fn owner_of(agent: &Agent) -> Option<(jvpn_proto::SessionId, String, u64)> {
+    agent
+        .session
+        .as_ref()
+        .map(|s| (s.id, s.node_id.clone(), s.incarnation))
 }
 
 /// Aborts a task when dropped (a hand-over's HELLO when the agent stops).
@@ -730,6 +746,11 @@ fn hand_over(
         d.hold_new_streams();
     }
     let mut fork = agent.fork();
+    // Not at the draining gateway first (behind routers: another router,
+    // which places it elsewhere just the same).
+    if fork.config().servers.len() > 1 {
+        fork.rotate_server();
+    }
     let tr = transitions.clone();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(async move {
@@ -919,10 +940,13 @@ async fn reattach(
     let mut deadline = lost_at + ttl;
     let mut attempt = 0u32;
     let mut asked_another_router = false;
-    // Whether the session's own server failed to answer during this
-    // reattach: until it has, another server's `unknown_session` is only
-    // that server not holding it (several gateways, no router).
+    // Given several gateways and no router, another server's
+    // `unknown_session` may only mean it does not hold the session; behind
+    // routers it is the owner's answer. So it is taken as final once the
+    // session's own server failed to answer in this reattach, or the
+    // second time; the first time, the agent asks its own server again.
     let mut home_failed = false;
+    let mut asked_home_again = false;
     agent.go_home();
     loop {
         // No pacing of its own: a RESUME after a loss is a recovery, and
@@ -995,6 +1019,7 @@ async fn reattach(
                 }
                 let not_asked_where_it_lives = !asked_home
                     && !home_failed
+                    && !asked_home_again
                     && matches!(
                         e,
                         AgentError::Rejected {
@@ -1010,6 +1035,7 @@ async fn reattach(
                             .into(),
                     );
                     agent.go_home();
+                    asked_home_again = true;
                     attempt += 1;
                     tokio::time::sleep(retry_wait(&e, attempt, remaining)).await;
                     continue;

@@ -914,11 +914,12 @@ async fn a_resume_whose_binding_cannot_be_written_gets_no_resume_ok() {
 /// A write that finds the owner lease gone (etcd ended it early, issues
 /// 12528 and 15247) fences every session of that lease at once: the
 /// keeper renews at once and hears TTL 0, instead of at its next turn (a
-/// fifth of the TTL: 60 s here), while a taker may already serve them.
+/// fifth of the TTL: 12 minutes here), while a taker may already serve
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_finds_the_lease_gone_fences_every_session_of_it_at_once() {
     let c = EtcdCluster::start(3).await.unwrap();
-    let (env, store) = store_gateway_full(&c, "lease_ttl_ms = 300000\n", "").await;
+    let (env, store) = store_gateway_full(&c, "lease_ttl_ms = 3600000\n", "").await;
     let mut a = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     drop(a.hello().await.unwrap());
     let mut b = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();

@@ -512,6 +512,10 @@ impl Stored {
                             ("conflict", ReasonCode::OwnerUnreachable)
                         }
                         e => {
+                            if matches!(e, StoreError::LeaseGone) {
+                                // Our own lease, as for a record write.
+                                self.suspect.notify_one();
+                            }
                             warn!(error = %e, "store: takeover not claimed");
                             (result_of(&e), ReasonCode::StoreUnavailable)
                         }

@@ -322,6 +322,8 @@ async fn open_and_splice(
             return None;
         }
     };
+    // The principal's lookup share is for the dial only.
+    drop(principal_lookups);
     let dest = match dialed {
         Ok(s) if fenced() => {
             jvpn_runtime::relay::reset(s);
