@@ -33,8 +33,8 @@ pub fn next(unix_ms: u64, random: u16, last: Option<u64>) -> Incarnation {
 }
 
 /// A new incarnation for this start; recorded in `state_dir` when there is
-/// one (written to a temporary file, then renamed, so a crash leaves the
-/// old or the new value, never a torn one).
+/// one (written to a temporary file, synced, then renamed, so a crash
+/// leaves the old or the new value, never a torn one).
 pub fn start(state_dir: Option<&Path>) -> Result<Incarnation, IncarnationError> {
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -54,8 +54,18 @@ pub fn start(state_dir: Option<&Path>) -> Result<Incarnation, IncarnationError> 
         .and_then(|s| s.trim().parse::<u64>().ok());
     let inc = next(unix_ms, random, last);
     let tmp = dir.join(format!("{FILE}.tmp"));
-    std::fs::write(&tmp, format!("{}\n", inc.0)).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    // On disk before it is used: after a power loss the record must not be
+    // older than an incarnation routers and the store have already seen
+    // (the file's bytes, then the rename in the directory).
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{}\n", inc.0).as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(err)?;
     Ok(inc)
 }
 
