@@ -609,7 +609,11 @@ async fn drive(
                 } else {
                     Persist::Limited
                 };
-                match reattach(&mut agent, &transitions, &report, lost_at, main, persist).await {
+                let lost = Loss {
+                    at: lost_at,
+                    said: None,
+                };
+                match reattach(&mut agent, &transitions, &report, lost, main, persist).await {
                     Ok(new_t) => {
                         if owner_of(&agent) != was {
                             // Re-handshaken (or taken over) inside: a
@@ -670,15 +674,22 @@ async fn drive(
             }
         }
         let was = owner_of(&agent);
+        let lost = Loss {
+            at: lost_at,
+            said: match e {
+                AgentError::Terminated(r) => Some(r),
+                _ => None,
+            },
+        };
         let attached = match role {
             Role::Main { .. } => {
                 let persist = Persist::UntilStopped(&mut cmds);
-                reattach(&mut agent, &transitions, &report, lost_at, true, persist).await
+                reattach(&mut agent, &transitions, &report, lost, true, persist).await
             }
             // A draining session stops reattaching when the agent stops or
             // its deadline comes.
             Role::Draining { until } => tokio::select! {
-                r = reattach(&mut agent, &transitions, &report, lost_at, false, Persist::Limited) => r,
+                r = reattach(&mut agent, &transitions, &report, lost, false, Persist::Limited) => r,
                 _ = cmds.recv() => Err(AgentError::Closed),
                 () = tokio::time::sleep_until(until.into()) => Err(AgentError::Closed),
             },
@@ -929,10 +940,16 @@ async fn reattach(
     agent: &mut Agent,
     transitions: &Option<Transitions>,
     report: &Arc<Mutex<AgentReport>>,
-    lost_at: Instant,
+    lost: Loss,
     main: bool,
     mut persist: Persist<'_>,
 ) -> Result<Transport, AgentError> {
+    let lost_at = lost.at;
+    // The gateway ended the session for a protocol error (its channel
+    // broke there) while saying only `protocol_error`, which may also end
+    // just the connection: a RESUME finds out, and a session it finds gone
+    // is remade under the reason the gateway gave.
+    let mut said_protocol_error = lost.said == Some(ReasonCode::ProtocolError);
     let policy = agent.session.as_ref().map(|s| s.policy).unwrap_or_default();
     let ttl = Duration::from_millis(policy.transport_lost_ttl_ms.max(1_000));
     // Until the gateway says otherwise (anti-flap can move its deadline
@@ -992,8 +1009,23 @@ async fn reattach(
                 return Ok(t);
             }
             Err(e) => {
-                let why = reason_str(&e);
+                let mut why = reason_str(&e);
                 update(report, |r| bump(&mut r.resumes_rejected, &why));
+                if matches!(e, AgentError::Terminated(ReasonCode::ProtocolError)) {
+                    // Instead of a ResumeOk: the channel could not go on.
+                    said_protocol_error = true;
+                }
+                if said_protocol_error
+                    && matches!(
+                        e,
+                        AgentError::Rejected {
+                            reason: ReasonCode::UnknownSession,
+                            ..
+                        }
+                    )
+                {
+                    why = "protocol_error".into();
+                }
                 match e {
                     AgentError::Protocol(_) => update(report, |r| r.protocol_violations += 1),
                     AgentError::OwnerMismatch { .. } => {
@@ -1091,6 +1123,14 @@ async fn reattach(
             }
         }
     }
+}
+
+/// A transport loss: when, and the reason the gateway gave if it ended
+/// the connection with a `Terminate`.
+#[derive(Clone, Copy, Debug)]
+struct Loss {
+    at: Instant,
+    said: Option<ReasonCode>,
 }
 
 /// How long to wait before the next RESUME after `e` (attempt `attempt`,

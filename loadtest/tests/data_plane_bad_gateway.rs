@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use jvpn_loadtest::harness::{self, TestPki};
 use jvpn_proto::ReasonCode;
-use jvpn_proto::pb::session::{Ack, Data, HelloOk, Policy, Pong, frame::Kind};
+use jvpn_proto::pb::session::{Ack, Data, HelloOk, Policy, Pong, Reject, Terminate, frame::Kind};
 use jvpn_proto::preamble::PREAMBLE_LEN;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -24,7 +24,8 @@ type Seen = mpsc::UnboundedReceiver<(usize, Kind)>;
 
 /// A gateway that answers every HELLO with a session and a channel, then
 /// sends connection `i` the frame `bad[i]` (later connections get none),
-/// answers pings, and reports every frame it receives.
+/// answers pings, refuses every RESUME (`unknown_session`), and reports
+/// every frame it receives.
 async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>, keepalive_ms: u64) -> (SocketAddr, Seen) {
     let material = jvpn_gateway::tls::load_material(&jvpn_gateway::tls::TlsConfig {
         cert_file: pki.layout.gateway_cert("gw-fake"),
@@ -69,6 +70,13 @@ async fn fake_gateway(pki: &TestPki, bad: Vec<Kind>, keepalive_ms: u64) -> (Sock
                         Kind::Ping(p) => {
                             let pong = Kind::Pong(Pong { seq: p.seq });
                             jvpn_proto::frame::encode(pong, &mut out).unwrap();
+                        }
+                        Kind::Resume(_) => {
+                            let no = Kind::Reject(Reject {
+                                reason: ReasonCode::UnknownSession as i32,
+                                ..Default::default()
+                            });
+                            jvpn_proto::frame::encode(no, &mut out).unwrap();
                         }
                         _ => {}
                     }
@@ -208,6 +216,38 @@ async fn keepalives_that_do_not_fit_the_silence_limit_are_not_relied_on() {
         }
     }
     assert!(pings.iter().all(|s| *s >= 1), "answered pings: {pings:?}");
+    drop(cmds);
+    task.await.unwrap();
+}
+
+/// A gateway that ends the session with `Terminate{protocol_error}` (its
+/// channel broke there): the agent's RESUME then finds no session, and the
+/// re-handshake that follows is counted as `protocol_error`, the reason
+/// the gateway gave, not as the `unknown_session` it led to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_gateway_ended_for_a_protocol_error_is_remade_as_such() {
+    let pki = TestPki::new(&["gw-fake"]).unwrap();
+    let bad = vec![Kind::Terminate(Terminate {
+        reason: ReasonCode::ProtocolError as i32,
+    })];
+    let (addr, mut seen) = fake_gateway(&pki, bad, 0).await;
+    let (cmds, report, task, _tunnel) = keep_alive_agent(&pki, addr);
+    let mut hellos = 0;
+    loop {
+        match next(&mut seen).await {
+            (_, Kind::Hello(_)) => hellos += 1,
+            // The new session carries on with pings.
+            (i, Kind::Ping(_)) if i >= 1 && hellos == 2 => break,
+            _ => {}
+        }
+    }
+    let r = report.lock().unwrap().clone();
+    assert_eq!(r.rehandshakes, 1, "{r:?}");
+    assert_eq!(
+        r.rehandshake_reasons.get("protocol_error"),
+        Some(&1),
+        "{r:?}"
+    );
     drop(cmds);
     task.await.unwrap();
 }
