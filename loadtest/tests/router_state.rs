@@ -101,3 +101,32 @@ fn a_members_agent_silence_is_kept_per_incarnation() {
     assert_eq!(s.agent_silence(&g1, Incarnation(5)), two);
     assert_eq!(s.agent_silence(&g1, Incarnation(9)), None);
 }
+
+/// The table of open connections per source holds at least as many
+/// sources as the router takes connections: a router full of distinct
+/// clients (each with a connection open) still admits the next one as
+/// long as `max_connections` allows. It used to share one small overflow
+/// pool among every source past `source_table_capacity` (65,536 by
+/// default, under the default 100,000 connections), refusing them all.
+#[test]
+fn distinct_sources_are_admitted_up_to_max_connections() {
+    let pki = TestPki::new(&["g1"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RouterOptions {
+        router_id: "r1".into(),
+        extra_toml: "[admission]\nsource_table_capacity = 2\n\
+                     per_source_max_connections = 1\nmax_connections = 10\n"
+            .into(),
+        ..RouterOptions::default()
+    };
+    let path = write_router_config(&pki, dir.path(), &opts).unwrap();
+    let s = RouterState::new(jvpn_router::config::load(&path).unwrap());
+    let slots: Vec<_> = (1..=10u32)
+        .map(|i| {
+            let ip = std::net::IpAddr::from([10, 0, 0, i as u8]);
+            s.admit(ip.into())
+                .unwrap_or_else(|_| panic!("source {i} refused"))
+        })
+        .collect();
+    assert_eq!(slots.len(), 10);
+}

@@ -309,10 +309,14 @@ impl RouterState {
                 a.source_table_capacity,
                 Mono::ZERO,
             ),
+            // An entry lives while its source has a connection open, so
+            // `max_connections` bounds the table anyway: smaller, it would
+            // send every source past it to the overflow pool long before
+            // the router is full.
             conc: Concurrency::new(
                 "concurrency",
                 a.per_source_max_connections,
-                a.source_table_capacity,
+                a.source_table_capacity.max(a.max_connections as usize),
             ),
             per_gateway: PerGateway::default(),
         };
