@@ -156,24 +156,21 @@ async fn hello(
             status(client, Status::Overloaded, retry).await;
             return Outcome::Overloaded;
         }
-        let Some(mut gw) = connect(
-            state,
-            &p.member.node_id,
-            p.member.incarnation,
-            p.member.addr,
-        )
-        .await
-        else {
+        let member = (&p.member.node_id, p.member.incarnation);
+        let Some(mut gw) = connect(state, member, p.member.addr, true).await else {
             continue;
         };
         state.check_placeable(&p);
         let header = proxy_header(state, peer, &gw, Some(&p), None);
+        if send_header(&mut gw, header, pre).await.is_err() {
+            // Nothing reached the gateway: the next placement, as for a
+            // failed connect.
+            continue;
+        }
         return forward(
             state,
             client,
             &mut gw,
-            header,
-            pre,
             &p.member.node_id,
             p.member.incarnation,
         )
@@ -242,7 +239,7 @@ async fn splice_resume(
         status(client, Status::Overloaded, retry).await;
         return Outcome::Overloaded;
     }
-    let Some(mut gw) = connect(state, &node, incarnation, addr).await else {
+    let Some(mut gw) = connect(state, (&node, incarnation), addr, true).await else {
         // Often a dying owner: the verdict is at most a few ticks away.
         status(client, Status::OwnerUnreachable, RETRY_DYING).await;
         return Outcome::OwnerUnreachable;
@@ -255,7 +252,11 @@ async fn splice_resume(
         takeover,
     };
     let header = proxy_header(state, peer, &gw, None, Some(intended));
-    forward(state, client, &mut gw, header, pre, &node, incarnation).await
+    if send_header(&mut gw, header, pre).await.is_err() {
+        status(client, Status::OwnerUnreachable, RETRY_SOON).await;
+        return Outcome::ConnectFailed;
+    }
+    forward(state, client, &mut gw, &node, incarnation).await
 }
 
 /// What a RESUME's PROXY header says about where it is going.
@@ -266,17 +267,26 @@ struct Resume {
     takeover: bool,
 }
 
+/// Connects to a gateway for a splice (`splice`: the connect metrics
+/// count it) or for a reachability probe (counted as a probe only).
 async fn connect(
     state: &RouterState,
-    node: &NodeId,
-    incarnation: Incarnation,
+    (node, incarnation): (&NodeId, Incarnation),
     addr: SocketAddr,
+    splice: bool,
 ) -> Option<TcpStream> {
     let t = Duration::from_millis(state.cfg.raw.timeouts.connect_timeout_ms);
     let started = Instant::now();
+    let failed = || {
+        if splice {
+            counter!(m::CONNECT_FAILURES).increment(1);
+        }
+    };
     match tokio::time::timeout(t, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
-            histogram!(m::CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+            if splice {
+                histogram!(m::CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+            }
             state.on_connect(node, incarnation, true);
             let _ = s.set_nodelay(true);
             Some(s)
@@ -285,12 +295,16 @@ async fn connect(
             // This router's own trouble (no file descriptors, no ephemeral
             // port, no buffers): not the gateway's, so it counts against no
             // member; every gateway would otherwise die of it at once.
-            counter!(m::CONNECT_FAILURES).increment(1);
-            warn!(error = %e, "cannot connect to any gateway: a local resource ran out");
+            failed();
+            static WARN: jvpn_runtime::wire::AtMost =
+                jvpn_runtime::wire::AtMost::per(Duration::from_secs(10));
+            if let Some(held) = WARN.allow() {
+                warn!(error = %e, held, "cannot connect to any gateway: a local resource ran out");
+            }
             None
         }
         _ => {
-            counter!(m::CONNECT_FAILURES).increment(1);
+            failed();
             debug!(node = %node, "connect to gateway failed");
             state.on_connect(node, incarnation, false);
             None
@@ -322,7 +336,7 @@ pub async fn probe(
     incarnation: Incarnation,
     addr: SocketAddr,
 ) {
-    let ok = match connect(&state, &node, incarnation, addr).await {
+    let ok = match connect(&state, (&node, incarnation), addr, false).await {
         Some(mut s) => {
             if let Ok(h) = ProxyHeader::local().encode() {
                 let _ = s.write_all(&h).await;
@@ -378,20 +392,25 @@ fn proxy_header(
     h.encode().unwrap_or_default()
 }
 
+/// Writes the PROXY header and the agent's preamble to the gateway.
+async fn send_header(
+    gw: &mut TcpStream,
+    mut header: Vec<u8>,
+    pre: &[u8; PREAMBLE_LEN],
+) -> std::io::Result<()> {
+    header.extend_from_slice(pre);
+    gw.write_all(&header).await
+}
+
+/// Splices the agent and the gateway (header sent) until either ends, or
+/// the gateway is declared dead.
 async fn forward(
     state: &RouterState,
     client: &mut TcpStream,
     gw: &mut TcpStream,
-    mut header: Vec<u8>,
-    pre: &[u8; PREAMBLE_LEN],
     node: &NodeId,
     incarnation: Incarnation,
 ) -> Outcome {
-    header.extend_from_slice(pre);
-    if gw.write_all(&header).await.is_err() {
-        status(client, Status::OwnerUnreachable, RETRY_SOON).await;
-        return Outcome::ConnectFailed;
-    }
     let mut death = state.death_signal(node, incarnation);
     let size = state.cfg.raw.splice.buffer_bytes;
     let mode = state.cfg.raw.splice.mode;

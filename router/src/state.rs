@@ -316,7 +316,7 @@ impl RouterState {
             conc: Concurrency::new(
                 "concurrency",
                 a.per_source_max_connections,
-                a.source_table_capacity.max(a.max_connections as usize),
+                a.source_table_capacity.max(a.max_connections),
             ),
             per_gateway: PerGateway::default(),
         };

@@ -38,11 +38,17 @@ pub async fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
 const STATUS_LINGER: Duration = Duration::from_millis(250);
 const STATUS_LINGER_BYTES: usize = 16 * 1024;
 
+/// A retry hint in whole milliseconds, rounded up: a wait under a
+/// millisecond is still a wait (0 would mean "no hint").
+fn hint_ms(retry: Duration) -> u16 {
+    u16::try_from(retry.as_nanos().div_ceil(1_000_000)).unwrap_or(u16::MAX)
+}
+
 /// Answers with the 8-byte pre-TLS status reply and closes the write side.
 pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration) {
     let reply = StatusReply {
         status,
-        retry_after_ms: u16::try_from(retry.as_millis()).unwrap_or(u16::MAX),
+        retry_after_ms: hint_ms(retry),
     };
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;
@@ -233,6 +239,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SharedIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_hint_under_a_millisecond_is_one_not_none() {
+        assert_eq!(hint_ms(Duration::from_micros(150)), 1);
+        assert_eq!(hint_ms(Duration::from_micros(1_001)), 2);
+        assert_eq!(hint_ms(Duration::from_millis(250)), 250);
+        assert_eq!(hint_ms(Duration::ZERO), 0);
+        assert_eq!(hint_ms(Duration::from_secs(3_600)), u16::MAX);
+    }
 
     #[test]
     fn a_repeated_warning_goes_through_once_per_interval_with_a_count() {
