@@ -160,13 +160,18 @@ async fn hello(
         let Some(mut gw) = connect(state, member, p.member.addr, true).await else {
             continue;
         };
-        state.check_placeable(&p);
+        if !state.still_placeable(&p) {
+            // It turned draining (a rolling restart begins) or died while
+            // we connected: the next placement, nothing sent to it.
+            continue;
+        }
         let header = proxy_header(state, peer, &gw, Some(&p), None);
         if send_header(&mut gw, header, pre).await.is_err() {
             // Nothing reached the gateway: the next placement, as for a
             // failed connect.
             continue;
         }
+        state.check_placeable(&p);
         return forward(
             state,
             client,

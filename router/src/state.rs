@@ -802,10 +802,16 @@ impl RouterState {
         Some((first, it.next()))
     }
 
-    /// Counts a HELLO about to be spliced to a member that stopped being
-    /// placeable since it was chosen (must stay 0 in every test).
+    /// Whether a chosen member is still placeable (it may have turned
+    /// draining, or died, during the connect to it).
+    pub fn still_placeable(&self, p: &Placement) -> bool {
+        self.is_placeable(&p.member.node_id, p.member.incarnation)
+    }
+
+    /// Counts a HELLO spliced to a member that stopped being placeable
+    /// after its last check (must stay 0 in every test).
     pub fn check_placeable(&self, p: &Placement) {
-        if !self.is_placeable(&p.member.node_id, p.member.incarnation) {
+        if !self.still_placeable(p) {
             counter!(m::ROUTED_TO_UNPLACEABLE).increment(1);
         }
     }
