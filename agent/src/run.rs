@@ -1015,17 +1015,6 @@ async fn reattach(
                     // Instead of a ResumeOk: the channel could not go on.
                     said_protocol_error = true;
                 }
-                if said_protocol_error
-                    && matches!(
-                        e,
-                        AgentError::Rejected {
-                            reason: ReasonCode::UnknownSession,
-                            ..
-                        }
-                    )
-                {
-                    why = "protocol_error".into();
-                }
                 match e {
                     AgentError::Protocol(_) => update(report, |r| r.protocol_violations += 1),
                     AgentError::OwnerMismatch { .. } => {
@@ -1087,6 +1076,20 @@ async fn reattach(
                     continue;
                 }
                 if e.session_gone() || remaining.is_zero() {
+                    // The owner itself found no session, within its TTL,
+                    // after it had said `protocol_error`: that is why.
+                    let owner_said = said_protocol_error && !home_failed && !remaining.is_zero();
+                    if owner_said
+                        && matches!(
+                            e,
+                            AgentError::Rejected {
+                                reason: ReasonCode::UnknownSession,
+                                ..
+                            }
+                        )
+                    {
+                        why = "protocol_error".into();
+                    }
                     end_streams(agent, transitions, report, &why);
                     if !main {
                         // A draining session is not made again.

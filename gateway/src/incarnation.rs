@@ -62,10 +62,14 @@ pub fn start(state_dir: Option<&Path>) -> Result<Incarnation, IncarnationError> 
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(format!("{}\n", inc.0).as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, &path)
     };
     write().map_err(err)?;
+    // Some file systems (vboxsf, 9p) cannot sync a directory: the rename
+    // stands, less surely, and the start goes on.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(error = %e, "state_dir: the incarnation's rename could not be synced");
+    }
     Ok(inc)
 }
 

@@ -121,12 +121,14 @@ fn distinct_sources_are_admitted_up_to_max_connections() {
     };
     let path = write_router_config(&pki, dir.path(), &opts).unwrap();
     let s = RouterState::new(jvpn_router::config::load(&path).unwrap());
-    let slots: Vec<_> = (1..=10u32)
-        .map(|i| {
-            let ip = std::net::IpAddr::from([10, 0, 0, i as u8]);
-            s.admit(ip.into())
-                .unwrap_or_else(|_| panic!("source {i} refused"))
-        })
-        .collect();
+    let admit = |i: u32| {
+        let ip = std::net::IpAddr::from([10, 0, 0, i as u8]);
+        s.admit(ip.into())
+            .unwrap_or_else(|_| panic!("source {i} refused"))
+    };
+    let mut slots: Vec<_> = (1..=5).map(admit).collect();
+    // A reload (SIGHUP) keeps the table's size.
+    s.reconfigure_admission(&s.cfg.raw.admission);
+    slots.extend((6..=10).map(admit));
     assert_eq!(slots.len(), 10);
 }

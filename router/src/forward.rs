@@ -151,6 +151,7 @@ async fn hello(
         status(client, Status::NoGateway, Duration::from_secs(1)).await;
         return Outcome::NoGateway;
     };
+    let mut connect_failed = false;
     for p in std::iter::once(first).chain(next) {
         if let Err(retry) = state.gateway_budget(&p.member.node_id, false) {
             status(client, Status::Overloaded, retry).await;
@@ -158,17 +159,24 @@ async fn hello(
         }
         let member = (&p.member.node_id, p.member.incarnation);
         let Some(mut gw) = connect(state, member, p.member.addr, true).await else {
+            connect_failed = true;
             continue;
         };
         if !state.still_placeable(&p) {
-            // It turned draining (a rolling restart begins) or died while
-            // we connected: the next placement, nothing sent to it.
+            // It turned draining (a rolling restart begins), died or left
+            // the view while we connected: the next placement. The
+            // gateway reads a LOCAL header, as from a probe, and no HELLO.
+            debug!(node = %p.member.node_id, "placement no longer ready once connected");
+            if let Ok(h) = ProxyHeader::local().encode() {
+                let _ = gw.write_all(&h).await;
+            }
             continue;
         }
         let header = proxy_header(state, peer, &gw, Some(&p), None);
         if send_header(&mut gw, header, pre).await.is_err() {
             // Nothing reached the gateway: the next placement, as for a
             // failed connect.
+            connect_failed = true;
             continue;
         }
         state.check_placeable(&p);
@@ -182,7 +190,11 @@ async fn hello(
         .await;
     }
     status(client, Status::NoGateway, RETRY_SOON).await;
-    Outcome::ConnectFailed
+    if connect_failed {
+        Outcome::ConnectFailed
+    } else {
+        Outcome::NoGateway
+    }
 }
 
 async fn resume(

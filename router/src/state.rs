@@ -309,14 +309,10 @@ impl RouterState {
                 a.source_table_capacity,
                 Mono::ZERO,
             ),
-            // An entry lives while its source has a connection open, so
-            // `max_connections` bounds the table anyway: smaller, it would
-            // send every source past it to the overflow pool long before
-            // the router is full.
             conc: Concurrency::new(
                 "concurrency",
                 a.per_source_max_connections,
-                a.source_table_capacity.max(a.max_connections),
+                concurrency_capacity(a),
             ),
             per_gateway: PerGateway::default(),
         };
@@ -802,16 +798,17 @@ impl RouterState {
         Some((first, it.next()))
     }
 
-    /// Whether a chosen member is still placeable (it may have turned
-    /// draining, or died, during the connect to it).
+    /// Whether a chosen member would still be chosen (it may have turned
+    /// draining, died or left the view during the connect to it).
     pub fn still_placeable(&self, p: &Placement) -> bool {
-        self.is_placeable(&p.member.node_id, p.member.incarnation)
+        let (node, inc) = (&p.member.node_id, p.member.incarnation);
+        self.routes.load().hello_ready(self.now(), node, inc)
     }
 
     /// Counts a HELLO spliced to a member that stopped being placeable
     /// after its last check (must stay 0 in every test).
     pub fn check_placeable(&self, p: &Placement) {
-        if !self.still_placeable(p) {
+        if !self.is_placeable(&p.member.node_id, p.member.incarnation) {
             counter!(m::ROUTED_TO_UNPLACEABLE).increment(1);
         }
     }
@@ -863,7 +860,7 @@ impl RouterState {
             a.source_table_capacity,
         );
         adm.conc.max_per_source = a.per_source_max_connections;
-        adm.conc.capacity = a.source_table_capacity;
+        adm.conc.capacity = concurrency_capacity(a);
         self.limits.store(Arc::new(a.clone()));
     }
 
@@ -932,6 +929,14 @@ impl RouterState {
             .per_gateway
             .take(node, resume, rates, now)
     }
+}
+
+/// Sources the table of open connections per source holds. An entry lives
+/// while its source has a connection open, so `max_connections` bounds the
+/// table anyway: smaller, it would send every source past it to the
+/// overflow pool long before the router is full.
+fn concurrency_capacity(a: &crate::config::AdmissionSection) -> usize {
+    a.source_table_capacity.max(a.max_connections)
 }
 
 #[cfg(test)]
