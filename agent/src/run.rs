@@ -1038,16 +1038,15 @@ async fn reattach(
                 {
                     home_failed = true;
                 }
-                let not_asked_where_it_lives = !asked_home
-                    && !home_failed
-                    && !asked_home_again
-                    && matches!(
-                        e,
-                        AgentError::Rejected {
-                            reason: ReasonCode::UnknownSession,
-                            ..
-                        }
-                    );
+                let unknown = matches!(
+                    e,
+                    AgentError::Rejected {
+                        reason: ReasonCode::UnknownSession,
+                        ..
+                    }
+                );
+                let not_asked_where_it_lives =
+                    unknown && !asked_home && !home_failed && !asked_home_again;
                 if not_asked_where_it_lives && !remaining.is_zero() {
                     note(
                         transitions,
@@ -1078,16 +1077,7 @@ async fn reattach(
                 if e.session_gone() || remaining.is_zero() {
                     // The owner itself found no session, within its TTL,
                     // after it had said `protocol_error`: that is why.
-                    let owner_said = said_protocol_error && !home_failed && !remaining.is_zero();
-                    if owner_said
-                        && matches!(
-                            e,
-                            AgentError::Rejected {
-                                reason: ReasonCode::UnknownSession,
-                                ..
-                            }
-                        )
-                    {
+                    if unknown && said_protocol_error && !home_failed && !remaining.is_zero() {
                         why = "protocol_error".into();
                     }
                     end_streams(agent, transitions, report, &why);

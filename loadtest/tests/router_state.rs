@@ -29,7 +29,8 @@ fn ready(node: &str, inc: u64) -> Heartbeat {
     Heartbeat {
         node_id: NodeId::new(node).unwrap(),
         incarnation: Incarnation(inc),
-        addr: "127.0.0.1:7443".parse().unwrap(),
+        // The member's advertised address: routing data, nothing binds it.
+        addr: std::net::SocketAddr::from(([127, 0, 0, 1], 7443)),
         state: NodeState::Ready,
         weight: 1,
         lease_ok: true,

@@ -167,9 +167,7 @@ async fn hello(
             // the view while we connected: the next placement. The
             // gateway reads a LOCAL header, as from a probe, and no HELLO.
             debug!(node = %p.member.node_id, "placement no longer ready once connected");
-            if let Ok(h) = ProxyHeader::local().encode() {
-                let _ = gw.write_all(&h).await;
-            }
+            send_local(&mut gw).await;
             continue;
         }
         let header = proxy_header(state, peer, &gw, Some(&p), None);
@@ -355,9 +353,7 @@ pub async fn probe(
 ) {
     let ok = match connect(&state, (&node, incarnation), addr, false).await {
         Some(mut s) => {
-            if let Ok(h) = ProxyHeader::local().encode() {
-                let _ = s.write_all(&h).await;
-            }
+            send_local(&mut s).await;
             let _ = s.shutdown().await;
             "ok"
         }
@@ -407,6 +403,14 @@ fn proxy_header(
     };
     // Our own TLVs are short and valid: encoding cannot exceed the limit.
     h.encode().unwrap_or_default()
+}
+
+/// A LOCAL PROXY header and nothing after it: the gateway takes the
+/// connection for a health check, not a bad client.
+async fn send_local(gw: &mut TcpStream) {
+    if let Ok(h) = ProxyHeader::local().encode() {
+        let _ = gw.write_all(&h).await;
+    }
 }
 
 /// Writes the PROXY header and the agent's preamble to the gateway.

@@ -301,10 +301,8 @@ impl Stored {
                 _ => return Err(StoreError::Unavailable("the lease stopped serving".into())),
             };
             let r = timed(op, self.batch.write(write, deadline)).await;
-            if matches!(r, Err(StoreError::LeaseGone)) {
-                // Gone for every session of this lease, not only this one:
-                // the keeper's renewal confirms it and fences them all now.
-                self.suspect.notify_one();
+            if let Err(e) = &r {
+                self.heard(e);
             }
             match r {
                 Err(StoreError::Unavailable(_))
@@ -315,6 +313,15 @@ impl Stored {
                 }
                 r => return r,
             }
+        }
+    }
+
+    /// A write or claim refused because this gateway's lease is gone says
+    /// so for every session of the lease, not only its own: the keeper
+    /// renews now, and its answer (TTL 0) fences them all.
+    fn heard(&self, e: &StoreError) {
+        if matches!(e, StoreError::LeaseGone) {
+            self.suspect.notify_one();
         }
     }
 
@@ -512,10 +519,7 @@ impl Stored {
                             ("conflict", ReasonCode::OwnerUnreachable)
                         }
                         e => {
-                            if matches!(e, StoreError::LeaseGone) {
-                                // Our own lease, as for a record write.
-                                self.suspect.notify_one();
-                            }
+                            self.heard(&e);
                             warn!(error = %e, "store: takeover not claimed");
                             (result_of(&e), ReasonCode::StoreUnavailable)
                         }
