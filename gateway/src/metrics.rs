@@ -44,6 +44,7 @@ pub const STORE_LEASES_LOST: &str = "jvpn_gateway_store_leases_lost_total";
 pub const STORE_WRITES: &str = "jvpn_gateway_store_writes_total";
 pub const STORE_WRITE_RETRIES: &str = "jvpn_gateway_store_write_retries_total";
 pub const STORE_FENCED_SESSIONS: &str = "jvpn_gateway_store_fenced_sessions_total";
+pub const STORE_SESSIONS_MOVED: &str = "jvpn_gateway_store_sessions_moved_total";
 pub const STORE_CLAIMS: &str = "jvpn_gateway_store_claims_total";
 pub const STORE_SWEPT: &str = "jvpn_gateway_store_swept_total";
 pub const STORE_SWEEP_PAGES: &str = "jvpn_gateway_store_sweep_pages_total";
@@ -208,7 +209,11 @@ pub fn describe() {
     );
     describe_counter!(
         STORE_FENCED_SESSIONS,
-        "Topology 3: sessions ended with store_unavailable because the owner lease they were recorded under was lost."
+        "Topology 3: sessions ended with store_unavailable because the owner lease they were recorded under was lost (and they could not move to the next one)."
+    );
+    describe_counter!(
+        STORE_SESSIONS_MOVED,
+        "Topology 3: sessions of a lost owner lease moved to this gateway's next lease, by result (ok; lost: another gateway wrote the record meanwhile, the session ends; error)."
     );
     describe_counter!(
         STORE_KEEPALIVE_FAILURES,
@@ -216,7 +221,7 @@ pub fn describe() {
     );
     describe_counter!(
         STORE_LEASES_LOST,
-        "Topology 3: owner leases lost, by how (deadline, lease_gone); each ends the store-backed sessions of that lease."
+        "Topology 3: owner leases lost, by how (deadline, lease_gone); the store-backed sessions of that lease stop being served until they move to the next lease (or end)."
     );
     describe_counter!(CONNECTIONS_ACCEPTED, "Client TCP connections accepted.");
     describe_counter!(
@@ -437,10 +442,13 @@ fn zero_labelled_counters() {
     }
     zero(STORE_KEEPALIVE_FAILURES, &[]);
     zero(STORE_FENCED_SESSIONS, &[]);
+    for result in ["ok", "lost", "error"] {
+        zero(STORE_SESSIONS_MOVED, &[("result", result)]);
+    }
     for result in CLAIM_RESULTS {
         zero(STORE_CLAIMS, &[("result", result)]);
     }
-    for op in ["create", "bind"] {
+    for op in ["create", "bind", "move"] {
         zero(STORE_WRITE_RETRIES, &[("op", op)]);
     }
     for why in crate::store::sweep::Swept::ALL {

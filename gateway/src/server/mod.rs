@@ -120,6 +120,7 @@ pub async fn serve(
                     replaced: false,
                     seal: crate::config::record_seal(s),
                 },
+                Duration::from_millis(s.lease_ttl_ms),
             ));
             let _ = shared.store.set(stored.clone());
             let held = stored.clone();

@@ -331,9 +331,10 @@ pub(super) async fn do_resume(
                 let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
                 ok.keepalive_ms = announced(keepalive);
                 if let Some(st) = shared.store.get()
-                    && !st.fence_of(&sid).holds()
+                    && !st.fence_of(&sid).regained().await
                 {
-                    // The lease went between the write and now.
+                    // The lease went between the write and now, and the
+                    // session could not move to the next.
                     shared.abandon(shard, &sid, transport, Termination::StoreUnavailable);
                     let _ = send_terminate(&mut tls, ReasonCode::StoreUnavailable).await;
                     return Ok(());
@@ -668,9 +669,14 @@ struct Attached {
 
 /// Topology 3: the session's owner lease no longer serves (checked on
 /// every frame read and before every write, not only by the fence loop):
-/// it ends now, explicitly, and nothing more of it leaves this process.
-fn fenced(shared: &Shared, fence: Option<&Fence>, shard: usize, sid: &SessionId) -> bool {
-    if fence.is_none_or(Fence::holds) {
+/// nothing of the session moves until it is recorded under the next lease
+/// (within a TTL); if it cannot be, it ends now, explicitly, and nothing
+/// more of it leaves this process.
+async fn fenced(shared: &Shared, fence: Option<&Fence>, shard: usize, sid: &SessionId) -> bool {
+    let Some(f) = fence.filter(|f| !f.holds()) else {
+        return false;
+    };
+    if f.clone().regained().await {
         return false;
     }
     let now = shared.now();
@@ -929,7 +935,7 @@ async fn read_loop(
         if at.keepalive.is_some() {
             heard.now();
         }
-        if fenced(shared, fence, shard, sid) {
+        if fenced(shared, fence, shard, sid).await {
             return None;
         }
         if last_report.elapsed() >= report_every {
@@ -1089,7 +1095,7 @@ async fn write_loop(
             }
         }
         if !out.is_empty() {
-            if fenced(shared, fence, at.shard, &at.sid) {
+            if fenced(shared, fence, at.shard, &at.sid).await {
                 return None;
             }
             if wr.batch(&out).await.is_err() {
@@ -1118,7 +1124,7 @@ async fn write_loop(
             r = replies.recv() => {
                 // The reader ended: so does this transport.
                 let k = r?;
-                if fenced(shared, fence, at.shard, &at.sid) {
+                if fenced(shared, fence, at.shard, &at.sid).await {
                     return None;
                 }
                 if wr.frame(*k).await.is_err() {
@@ -1147,7 +1153,7 @@ async fn write_loop(
                     None => std::future::pending().await,
                 }
             } => {
-                if fenced(shared, fence, at.shard, &at.sid) {
+                if fenced(shared, fence, at.shard, &at.sid).await {
                     return None;
                 }
                 let ping = Kind::Pong(Pong { seq: 0 });

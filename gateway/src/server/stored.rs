@@ -1,8 +1,12 @@
 //! Topology 3 in the session path (owner side): a HELLO is recorded in the
 //! shared store before its `HelloOk`, every accepted RESUME moves the
 //! record's binding by compare-and-set before its `ResumeOk`, and the
-//! sessions recorded under an owner lease end, explicitly
-//! (`Terminate{store_unavailable}`), once that lease is lost.
+//! sessions recorded under an owner lease stop being served the moment
+//! that lease is lost. They then move to this gateway's next lease, each
+//! by one compare-and-set on the revision it last wrote (nobody else wrote
+//! the record meanwhile: no taker has it), or, when that fails or no next
+//! lease comes within a TTL, they end, explicitly
+//! (`Terminate{store_unavailable}`).
 //!
 //! Every write also compares the owner key of the lease it names, so etcd
 //! itself refuses a write from a gateway whose lease it ended; and the
@@ -35,13 +39,37 @@ use crate::metrics as m;
 use crate::store::{Batcher, EtcdStore, LeaseStatus, RecordWrite, StoreError};
 
 /// What the shell keeps per recorded session.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Bound {
     /// The revision every next write must name.
     mod_revision: i64,
     /// The owner lease generation it was recorded under.
     generation: u64,
     record: SessionRecord,
+    /// The generation its fences follow (a move to the next lease sends
+    /// the new one); dropped with the entry, which tells them it ended.
+    follow: watch::Sender<u64>,
+    /// One write of the record at a time: a RESUME's binding and a move
+    /// to the next lease both compare the revision the other would change.
+    writing: Arc<tokio::sync::Mutex<()>>,
+    /// When its generation was seen to stop serving (`None`: serving).
+    orphaned: Option<Instant>,
+    /// A move to the next lease is under way.
+    moving: bool,
+}
+
+impl Bound {
+    fn new(mod_revision: i64, generation: u64, record: SessionRecord) -> Self {
+        Self {
+            mod_revision,
+            generation,
+            record,
+            follow: watch::Sender::new(generation),
+            writing: Arc::new(tokio::sync::Mutex::new(())),
+            orphaned: None,
+            moving: false,
+        }
+    }
 }
 
 /// How the store's records are sealed: under `current`, as `seal` says
@@ -113,23 +141,41 @@ pub(super) struct Claimed {
 /// past its deadline sends nothing for the session when it runs again,
 /// whichever of its tasks runs first (the fence loop ends the session
 /// too, but it is one task among many).
+///
+/// A fence that does not hold is not yet an end: the session may move to
+/// the next lease ([`Fence::regained`] waits for that, or for its end).
 #[derive(Clone)]
 pub(crate) struct Fence {
     stored: Arc<Stored>,
-    generation: u64,
+    generation: watch::Receiver<u64>,
 }
 
 impl Fence {
-    /// The lease the session was recorded under still serves.
+    /// The lease the session is recorded under serves now.
     pub(crate) fn holds(&self) -> bool {
-        self.stored.still(self.generation)
+        self.stored.still(*self.generation.borrow())
+    }
+
+    /// Waits until the session is served again (`true`: it moved to the
+    /// next lease) or ended (`false`); a session whose lease is lost does
+    /// one or the other within a lease TTL.
+    pub(crate) async fn regained(mut self) -> bool {
+        loop {
+            if self.holds() {
+                return true;
+            }
+            // An error: the entry (and its sender) went, the session ended.
+            if self.generation.changed().await.is_err() {
+                return false;
+            }
+        }
     }
 }
 
 impl std::fmt::Debug for Fence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fence")
-            .field("generation", &self.generation)
+            .field("generation", &*self.generation.borrow())
             .finish()
     }
 }
@@ -154,6 +200,9 @@ pub(super) struct Stored {
     status: watch::Receiver<LeaseStatus>,
     /// Tells the keeper to renew now ([`crate::store::Keeper::suspicion`]).
     suspect: Arc<tokio::sync::Notify>,
+    /// How long the sessions of a lost lease wait for the next lease (and
+    /// a HELLO or RESUME for a lease to write under): the lease TTL.
+    patience: Duration,
     /// The keeper's clock origin (its deadlines are on it).
     origin: Instant,
     /// Seals records (current) and opens them (current, then previous: the
@@ -192,12 +241,14 @@ impl Stored {
         suspect: Arc<tokio::sync::Notify>,
         origin: Instant,
         keys: StoreKeys,
+        patience: Duration,
     ) -> Self {
         Self {
             batch: Batcher::spawn(etcd.clone()),
             etcd,
             status,
             suspect,
+            patience,
             origin,
             keys: Mutex::new(Arc::new(keys)),
             sessions: Mutex::new(HashMap::new()),
@@ -229,12 +280,33 @@ impl Stored {
             .map(|d| self.origin + d.saturating_since(Mono::ZERO))
     }
 
+    /// Waits (until `until`) for a lease that serves: its generation and
+    /// id. A lease lost early is replaced within milliseconds; a store
+    /// that cannot grant one is waited for no longer than `until`.
+    async fn serving_by(&self, until: Instant) -> Option<(u64, i64)> {
+        let mut rx = self.status.clone();
+        loop {
+            rx.borrow_and_update();
+            if let Some(s) = self.serving() {
+                return Some(s);
+            }
+            // Not serving until the keeper publishes again (a deadline
+            // that passed is never taken back under the same lease).
+            match tokio::time::timeout_at(until.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+    }
+
     /// The fence of a recorded session; a session not (or no longer)
     /// recorded gets one that never holds (fail closed).
     pub(crate) fn fence_of(self: &Arc<Self>, sid: &SessionId) -> Fence {
-        let generation = lock(&self.sessions)
-            .get(sid)
-            .map_or(u64::MAX, |b| b.generation);
+        let generation = match lock(&self.sessions).get(sid) {
+            Some(b) => b.follow.subscribe(),
+            // The sender goes at once: never holds, and never regained.
+            None => watch::channel(u64::MAX).1,
+        };
         Fence {
             stored: self.clone(),
             generation,
@@ -325,7 +397,9 @@ impl Stored {
         }
     }
 
-    /// Records a new session before its `HelloOk`. Fails closed.
+    /// Records a new session before its `HelloOk`. Fails closed. With no
+    /// lease serving (one was just lost) it waits for the next one, as a
+    /// write that finds its lease gone is sent again under the next.
     pub(super) async fn on_hello(
         &self,
         shared: &Shared,
@@ -334,10 +408,6 @@ impl Stored {
         binding_epoch: u64,
         key: &[u8; 32],
     ) -> Result<(), ReasonCode> {
-        let Some((generation, lease)) = self.serving() else {
-            counter!(m::STORE_WRITES, "op" => "create", "result" => "unavailable").increment(1);
-            return Err(ReasonCode::StoreUnavailable);
-        };
         let mut record = SessionRecord {
             owner_node: shared.cfg.node_id.to_string(),
             owner_incarnation: shared.incarnation.0,
@@ -348,19 +418,28 @@ impl Stored {
             credential: who.credential.to_owned(),
             end_of_life_unix_ms: who.end_of_life_unix_ms,
             agent_migrates: who.migrates,
-            owner_lease: lease,
             ..SessionRecord::default()
         };
-        self.wrap(sid, &mut record, key);
-        let rev = match self.write("create", generation, sid, None, &record).await {
-            Ok(rev) => rev,
-            Err(e) => {
-                counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e)).increment(1);
-                static WARN: AtMost = AtMost::per(Duration::from_secs(10));
-                if let Some(held) = WARN.allow() {
-                    warn!(error = %e, held, "store: HELLO not recorded; refused");
-                }
+        let until = Instant::now() + self.patience;
+        let (generation, rev) = loop {
+            let Some((generation, lease)) = self.serving_by(until).await else {
+                counter!(m::STORE_WRITES, "op" => "create", "result" => "unavailable").increment(1);
                 return Err(ReasonCode::StoreUnavailable);
+            };
+            record.owner_lease = lease;
+            self.wrap(sid, &mut record, key);
+            match self.write("create", generation, sid, None, &record).await {
+                Ok(rev) => break (generation, rev),
+                Err(e) if self.lost_meanwhile(&e, generation) => {}
+                Err(e) => {
+                    counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e))
+                        .increment(1);
+                    static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                    if let Some(held) = WARN.allow() {
+                        warn!(error = %e, held, "store: HELLO not recorded; refused");
+                    }
+                    return Err(ReasonCode::StoreUnavailable);
+                }
             }
         };
         counter!(m::STORE_WRITES, "op" => "create", "result" => "ok").increment(1);
@@ -370,15 +449,19 @@ impl Stored {
         if !self.still(generation) {
             return Err(ReasonCode::StoreUnavailable);
         }
-        map.insert(
-            *sid,
-            Bound {
-                mod_revision: rev,
-                generation,
-                record,
-            },
-        );
+        map.insert(*sid, Bound::new(rev, generation, record));
         Ok(())
+    }
+
+    /// Whether a write failed only because the lease it was written under
+    /// stopped serving (etcd ended it, or its deadline passed while the
+    /// write waited): then it is sent again under the next lease.
+    fn lost_meanwhile(&self, e: &StoreError, generation: u64) -> bool {
+        match e {
+            StoreError::LeaseGone => true,
+            StoreError::Unavailable(_) => !self.still(generation),
+            _ => false,
+        }
     }
 
     /// Topology 3's takeover, taker side: the router found the owner of the
@@ -609,18 +692,15 @@ impl Stored {
         }
         map.insert(
             *sid,
-            Bound {
-                mod_revision: c.mod_revision,
-                generation: c.generation,
-                record: c.record.clone(),
-            },
+            Bound::new(c.mod_revision, c.generation, c.record.clone()),
         );
         true
     }
 
     /// Moves a recorded session's binding before its `ResumeOk`. Every
     /// session of a gateway with a store was recorded at its HELLO; one
-    /// that is not here any more was fenced or ended: refused.
+    /// that is not here any more ended: refused. A session whose lease was
+    /// lost moves to the next lease in the same write.
     pub(super) async fn on_resume(
         &self,
         sid: &SessionId,
@@ -631,48 +711,143 @@ impl Stored {
             counter!(m::STORE_WRITES, "op" => "bind", "result" => result).increment(1);
             Err(ReasonCode::StoreUnavailable)
         };
-        let Some(bound) = lock(&self.sessions).get(sid).cloned() else {
-            return fail("unavailable");
-        };
-        if !self.still(bound.generation) {
-            return fail("unavailable");
-        }
         let Some(key) = key else {
             return fail("error");
         };
-        let mut record = bound.record.clone();
-        record.binding_epoch = binding_epoch;
-        record.state_version += 1;
-        self.wrap(sid, &mut record, &key);
-        let rev = match self
-            .write(
-                "bind",
-                bound.generation,
-                sid,
-                Some(bound.mod_revision),
-                &record,
-            )
+        let until = Instant::now() + self.patience;
+        match self
+            .rewrite("bind", sid, Some((binding_epoch, key)), until)
             .await
         {
-            Ok(rev) => rev,
-            Err(e) => {
-                static WARN: AtMost = AtMost::per(Duration::from_secs(10));
-                if let Some(held) = WARN.allow() {
-                    warn!(error = %e, held, "store: binding change not recorded; the session ends");
+            Ok(moved) => {
+                if moved {
+                    counter!(m::STORE_SESSIONS_MOVED, "result" => "ok").increment(1);
                 }
-                return fail(result_of(&e));
-            }
-        };
-        let mut map = lock(&self.sessions);
-        match map.get_mut(sid) {
-            Some(b) if self.still(bound.generation) => {
-                b.mod_revision = rev;
-                b.record = record;
                 counter!(m::STORE_WRITES, "op" => "bind", "result" => "ok").increment(1);
                 Ok(())
             }
-            // Fenced or ended while the write was in flight.
-            _ => fail("unavailable"),
+            Err(e) => {
+                if !matches!(e, Rewrite::Gone) {
+                    static WARN: AtMost = AtMost::per(Duration::from_secs(10));
+                    if let Some(held) = WARN.allow() {
+                        warn!(error = %e, held, "store: binding change not recorded; the session ends");
+                    }
+                }
+                fail(e.result())
+            }
+        }
+    }
+
+    /// Writes `sid`'s record again, by compare-and-set on the revision
+    /// this gateway last wrote, under the lease serving now (waiting for
+    /// one until `until`): with a new binding (a RESUME) or as it is (a
+    /// move to the next lease, `binding` `None`). A write that finds its
+    /// lease gone is sent again under the next. `Ok(true)`: the session
+    /// moved to another lease.
+    async fn rewrite(
+        &self,
+        op: &'static str,
+        sid: &SessionId,
+        binding: Option<(u64, [u8; 32])>,
+        until: Instant,
+    ) -> Result<bool, Rewrite> {
+        let Some(writing) = lock(&self.sessions).get(sid).map(|b| b.writing.clone()) else {
+            return Err(Rewrite::Gone);
+        };
+        let _one = writing.lock().await;
+        loop {
+            let Some((generation, lease)) = self.serving_by(until).await else {
+                return Err(Rewrite::Store(StoreError::Unavailable(
+                    "no owner lease serves".into(),
+                )));
+            };
+            let Some((expected, was, mut record)) = lock(&self.sessions)
+                .get(sid)
+                .map(|b| (b.mod_revision, b.generation, b.record.clone()))
+            else {
+                return Err(Rewrite::Gone);
+            };
+            if binding.is_none() && was == generation {
+                // Moved already (a RESUME's write did it).
+                return Ok(false);
+            }
+            let key = match binding {
+                Some((epoch, key)) => {
+                    record.binding_epoch = epoch;
+                    zeroize::Zeroizing::new(key)
+                }
+                None => match open_record_key(self.keys().all(), sid, &record) {
+                    Ok(k) => k,
+                    Err(e) => return Err(Rewrite::Store(StoreError::Record(e))),
+                },
+            };
+            record.state_version += 1;
+            record.owner_lease = lease;
+            self.wrap(sid, &mut record, &key);
+            match self
+                .write(op, generation, sid, Some(expected), &record)
+                .await
+            {
+                Ok(rev) => {
+                    let mut map = lock(&self.sessions);
+                    let Some(b) = map.get_mut(sid) else {
+                        return Err(Rewrite::Gone);
+                    };
+                    // Landed: whatever follows compares this revision.
+                    b.mod_revision = rev;
+                    b.record = record;
+                    if !self.still(generation) {
+                        // Lost again while the write was in flight: the
+                        // record names a lease that no longer serves.
+                        b.generation = generation;
+                        continue;
+                    }
+                    let moved = b.generation != generation;
+                    b.generation = generation;
+                    b.orphaned = None;
+                    b.follow.send_replace(generation);
+                    return Ok(moved);
+                }
+                Err(e) if self.lost_meanwhile(&e, generation) => {}
+                Err(e) => return Err(Rewrite::Store(e)),
+            }
+        }
+    }
+
+    /// A session of a lost lease moves to the next one, or ends: written by
+    /// another meanwhile (a taker may serve it), or no lease within its
+    /// patience.
+    async fn move_to_next_lease(self: Arc<Self>, shared: Arc<Shared>, sid: SessionId) {
+        let Some(since) = lock(&self.sessions).get(&sid).and_then(|b| b.orphaned) else {
+            return;
+        };
+        let r = self
+            .rewrite("move", &sid, None, since + self.patience)
+            .await;
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(Rewrite::Gone) => return,
+            Err(Rewrite::Store(StoreError::Stale { .. } | StoreError::Missing)) => "lost",
+            Err(Rewrite::Store(StoreError::Unavailable(_) | StoreError::LeaseGone)) => {
+                // No lease came: the fence loop ends it at its patience.
+                if let Some(b) = lock(&self.sessions).get_mut(&sid) {
+                    b.moving = false;
+                }
+                return;
+            }
+            Err(Rewrite::Store(_)) => "error",
+        };
+        if matches!(r, Ok(true) | Err(_)) {
+            counter!(m::STORE_SESSIONS_MOVED, "result" => result).increment(1);
+        }
+        if r.is_err() {
+            debug!(
+                result,
+                "store: a session of a lost lease not moved; it ends"
+            );
+            self.end_fenced(&shared, vec![sid]);
+        } else if let Some(b) = lock(&self.sessions).get_mut(&sid) {
+            b.moving = false;
         }
     }
 
@@ -727,25 +902,47 @@ impl Stored {
         });
     }
 
-    /// Ends, with `store_unavailable`, every session whose generation no
-    /// longer serves (all of them when `all`). The record stays: with the
-    /// lease lost it is for a taker now.
-    fn fence(&self, shared: &Shared, all: bool) {
+    /// Sessions whose generation no longer serves: each waits (unserved)
+    /// for the next lease, moves to it once one serves, and ends when its
+    /// patience runs out; all of them end at once when `all` (the keeper
+    /// is gone). Returns when the next of them runs out of patience.
+    fn fence(self: &Arc<Self>, shared: &Arc<Shared>, all: bool) -> Option<Instant> {
         let serving = self.serving().map(|(g, _)| g);
-        let lost: Vec<SessionId> = lock(&self.sessions)
-            .iter()
-            .filter(|(_, b)| all || serving != Some(b.generation))
-            .map(|(sid, _)| *sid)
-            .collect();
-        if lost.is_empty() {
-            return;
+        let now = Instant::now();
+        let (mut end, mut moves, mut next) = (Vec::new(), Vec::new(), None::<Instant>);
+        for (sid, b) in lock(&self.sessions).iter_mut() {
+            if !all && serving == Some(b.generation) {
+                continue;
+            }
+            let give_up = *b.orphaned.get_or_insert(now) + self.patience;
+            if all || now >= give_up {
+                end.push(*sid);
+                continue;
+            }
+            next = Some(next.map_or(give_up, |n| n.min(give_up)));
+            if serving.is_some() && !b.moving {
+                b.moving = true;
+                moves.push(*sid);
+            }
         }
-        counter!(m::STORE_FENCED_SESSIONS).increment(lost.len() as u64);
-        debug!(
-            sessions = lost.len(),
-            "store: owner lease lost; sessions end"
-        );
-        for sid in lost {
+        if !end.is_empty() {
+            debug!(
+                sessions = end.len(),
+                "store: owner lease lost; sessions end"
+            );
+            self.end_fenced(shared, end);
+        }
+        for sid in moves {
+            tokio::spawn(self.clone().move_to_next_lease(shared.clone(), sid));
+        }
+        next
+    }
+
+    /// Ends, with `store_unavailable`, sessions of a lost lease. Their
+    /// records stay: with the lease lost they are for a taker now.
+    fn end_fenced(&self, shared: &Shared, sids: Vec<SessionId>) {
+        counter!(m::STORE_FENCED_SESSIONS).increment(sids.len() as u64);
+        for sid in sids {
             // Terminated first (its end drops the entry, keeping the
             // record): a RESUME in between finds the engine's session
             // gone, never a session without its record.
@@ -758,17 +955,24 @@ impl Stored {
         }
     }
 
-    /// Fences sessions whenever the keeper publishes and at each deadline
-    /// (a keeper late to publish cannot keep sessions served past it);
-    /// if the keeper is gone, every recorded session ends.
+    /// Fences sessions whenever the keeper publishes, at each deadline (a
+    /// keeper late to publish cannot keep sessions served past it) and
+    /// when a lost lease's session runs out of patience; if the keeper is
+    /// gone, every recorded session ends.
     pub(super) async fn fence_loop(self: Arc<Self>, shared: Arc<Shared>) {
         let mut rx = self.status.clone();
         loop {
             let s = *rx.borrow_and_update();
-            self.fence(&shared, false);
+            let give_up = self.fence(&shared, false);
+            // A deadline already passed wakes nobody: the keeper publishes.
             let until = s
                 .serving_until
-                .map(|d| self.origin + d.saturating_since(Mono::ZERO));
+                .map(|d| self.origin + d.saturating_since(Mono::ZERO))
+                .filter(|d| *d > Instant::now());
+            let until = match (until, give_up) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 r = rx.changed() => if r.is_err() {
                     self.fence(&shared, true);
@@ -776,6 +980,25 @@ impl Stored {
                 },
                 () = sleep_until_opt(until) => {}
             }
+        }
+    }
+}
+
+/// Why a record could not be written again.
+#[derive(Debug, thiserror::Error)]
+enum Rewrite {
+    /// The session ended meanwhile (its entry is gone).
+    #[error("the session ended")]
+    Gone,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl Rewrite {
+    fn result(&self) -> &'static str {
+        match self {
+            Rewrite::Gone => "unavailable",
+            Rewrite::Store(e) => result_of(e),
         }
     }
 }

@@ -303,9 +303,15 @@ async fn open_and_splice(
         .as_ref()
         .map(|p| [&ctx.resolving, p, &shared.resolving]);
     // Topology 3: a session fenced since its CONNECT was read opens no
-    // connection to its destination (a taker may serve it now).
-    let fenced = || ctx.fence.as_ref().is_some_and(|f| !f.holds());
-    if fenced() {
+    // connection to its destination (a taker may serve it now) unless it
+    // moves to the next lease first.
+    let fenced = || async {
+        match ctx.fence.as_ref().filter(|f| !f.holds()) {
+            Some(f) => !f.clone().regained().await,
+            None => false,
+        }
+    };
+    if fenced().await {
         return refused(Refusal::Failed);
     }
     let dialed = tokio::select! {
@@ -325,7 +331,7 @@ async fn open_and_splice(
     // The principal's lookup share is for the dial only.
     drop(principal_lookups);
     let dest = match dialed {
-        Ok(s) if fenced() => {
+        Ok(s) if fenced().await => {
             jvpn_runtime::relay::reset(s);
             return refused(Refusal::Failed);
         }
@@ -348,10 +354,7 @@ async fn open_and_splice(
         }
     };
     let (how, to_destination, from_destination) = splice(
-        Fenced {
-            inner: H2Stream::new(send, req.into_body()),
-            fence: ctx.fence.clone(),
-        },
+        Fenced::new(H2Stream::new(send, req.into_body()), ctx.fence.clone()),
         dest,
         limit.as_ref(),
         ctx.channel.gone(),
@@ -584,12 +587,25 @@ async fn splice(
     (how, r.to_tcp, r.from_tcp)
 }
 
-/// A stream whose reads fail (a reset) once its session's owner lease
-/// stopped serving: what comes out of it goes to the destination, so after
-/// the fence not one more chunk does.
+/// A stream whose reads wait while its session's owner lease does not
+/// serve, and fail (a reset) if the session ends for it: what comes out of
+/// it goes to the destination, so after the fence not one more chunk does
+/// unless the session moved to the next lease first.
 struct Fenced<S> {
     inner: S,
     fence: Option<Fence>,
+    /// The wait for the session to move, while one is under way.
+    waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>>,
+}
+
+impl<S> Fenced<S> {
+    fn new(inner: S, fence: Option<Fence>) -> Self {
+        Self {
+            inner,
+            fence,
+            waiting: None,
+        }
+    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Fenced<S> {
@@ -598,10 +614,24 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Fenced<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.fence.as_ref().is_some_and(|f| !f.holds()) {
-            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        let this = &mut *self;
+        if let Some(f) = this.fence.as_ref().filter(|f| !f.holds()) {
+            let wait = this
+                .waiting
+                .get_or_insert_with(|| Box::pin(f.clone().regained()));
+            match wait.as_mut().poll(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(moved) => {
+                    this.waiting = None;
+                    if !moved {
+                        return std::task::Poll::Ready(Err(
+                            std::io::ErrorKind::ConnectionReset.into()
+                        ));
+                    }
+                }
+            }
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
