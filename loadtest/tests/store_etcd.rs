@@ -1038,6 +1038,72 @@ async fn a_session_written_by_another_while_its_lease_was_gone_ends() {
     assert_eq!(store.load(&sid).await.unwrap().unwrap().record, behind);
 }
 
+/// The store without a majority for less than a TTL past the lease's
+/// deadline: the session is not served meanwhile (bytes its application
+/// sends wait at the gateway, none reaches the destination), and once etcd
+/// is back it moves to the next lease and its stream carries on
+/// byte-exactly. No stream is reset, nothing is re-made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_shorter_than_a_ttl_past_the_deadline_ends_no_stream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = EtcdCluster::start(3).await.unwrap();
+    let (env, _store) = store_gateway_full(
+        &c,
+        "lease_ttl_ms = 5000\n",
+        jvpn_loadtest::streamload::LOOPBACK_EGRESS,
+    )
+    .await;
+    let echo = jvpn_loadtest::streamload::echo_destination().await.unwrap();
+    let a = common::streaming_agent(&env.pki, vec![env.gw.client_addr]);
+    let mut st = a.tunnel.connect(&common::target(echo)).await.unwrap();
+    st.write_all(b"before").await.unwrap();
+    let mut back = [0u8; 6];
+    st.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"before");
+    // No majority: the lease passes its deadline and the session waits.
+    for i in [1, 2] {
+        c.kill(i).await.unwrap();
+    }
+    eventually(Duration::from_secs(15), "the lease lost by its deadline", || {
+        let gw = &env.gw;
+        async move {
+            gw.metric("jvpn_gateway_store_leases_lost_total", &[("by", "deadline")])
+                .await
+                .is_ok_and(|v| v == 1.0)
+        }
+    })
+    .await
+    .unwrap();
+    let during: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    st.write_all(&during).await.unwrap();
+    for i in [1, 2] {
+        c.restart(i).unwrap();
+    }
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let mut got = vec![0u8; during.len()];
+    tokio::time::timeout(Duration::from_secs(20), st.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("no echo 20 s after etcd came back\n{}", env.gw.log()))
+        .unwrap();
+    assert!(got == during, "the bytes sent while unserved came back changed");
+    st.write_all(b"after").await.unwrap();
+    let mut back = [0u8; 5];
+    st.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"after");
+    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let gw = &env.gw;
+        async move { gw.metric(name, labels).await.unwrap() }
+    };
+    assert_eq!(m("jvpn_gateway_store_fenced_sessions_total", &[]).await, 0.0);
+    assert_eq!(
+        m("jvpn_gateway_store_sessions_moved_total", &[("result", "ok")]).await,
+        1.0
+    );
+    let rep = a.report.lock().unwrap().clone();
+    assert_eq!(rep.rehandshakes, 0, "{rep:?}");
+    assert!(rep.streams_reset.is_empty(), "{rep:?}");
+}
+
 /// Quorum kept, nothing visible: each etcd member in turn is SIGKILLed
 /// (one of them the leader), then each in turn SIGSTOPped, while agents
 /// RESUME back to back and new agents HELLO one after another. No session
