@@ -1064,14 +1064,21 @@ async fn a_store_outage_shorter_than_a_ttl_past_the_deadline_ends_no_stream() {
     for i in [1, 2] {
         c.kill(i).await.unwrap();
     }
-    eventually(Duration::from_secs(15), "the lease lost by its deadline", || {
-        let gw = &env.gw;
-        async move {
-            gw.metric("jvpn_gateway_store_leases_lost_total", &[("by", "deadline")])
+    eventually(
+        Duration::from_secs(15),
+        "the lease lost by its deadline",
+        || {
+            let gw = &env.gw;
+            async move {
+                gw.metric(
+                    "jvpn_gateway_store_leases_lost_total",
+                    &[("by", "deadline")],
+                )
                 .await
                 .is_ok_and(|v| v == 1.0)
-        }
-    })
+            }
+        },
+    )
     .await
     .unwrap();
     let during: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
@@ -1085,7 +1092,10 @@ async fn a_store_outage_shorter_than_a_ttl_past_the_deadline_ends_no_stream() {
         .await
         .unwrap_or_else(|_| panic!("no echo 20 s after etcd came back\n{}", env.gw.log()))
         .unwrap();
-    assert!(got == during, "the bytes sent while unserved came back changed");
+    assert!(
+        got == during,
+        "the bytes sent while unserved came back changed"
+    );
     st.write_all(b"after").await.unwrap();
     let mut back = [0u8; 5];
     st.read_exact(&mut back).await.unwrap();
@@ -1094,9 +1104,16 @@ async fn a_store_outage_shorter_than_a_ttl_past_the_deadline_ends_no_stream() {
         let gw = &env.gw;
         async move { gw.metric(name, labels).await.unwrap() }
     };
-    assert_eq!(m("jvpn_gateway_store_fenced_sessions_total", &[]).await, 0.0);
     assert_eq!(
-        m("jvpn_gateway_store_sessions_moved_total", &[("result", "ok")]).await,
+        m("jvpn_gateway_store_fenced_sessions_total", &[]).await,
+        0.0
+    );
+    assert_eq!(
+        m(
+            "jvpn_gateway_store_sessions_moved_total",
+            &[("result", "ok")]
+        )
+        .await,
         1.0
     );
     let rep = a.report.lock().unwrap().clone();

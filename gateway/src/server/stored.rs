@@ -791,6 +791,11 @@ impl Stored {
                 Ok(rev) => {
                     let mut map = lock(&self.sessions);
                     let Some(b) = map.get_mut(sid) else {
+                        // It ended while the write was in flight, and its
+                        // end deleted the revision before this one: this
+                        // record goes too (nobody will write it again).
+                        drop(map);
+                        self.delete_in_background(sid, rev);
                         return Err(Rewrite::Gone);
                     };
                     // Landed: whatever follows compares this revision.
@@ -809,6 +814,8 @@ impl Stored {
                     return Ok(moved);
                 }
                 Err(e) if self.lost_meanwhile(&e, generation) => {}
+                // Ended meanwhile: its end may be what changed the record.
+                Err(_) if !self.holds(sid) => return Err(Rewrite::Gone),
                 Err(e) => return Err(Rewrite::Store(e)),
             }
         }
@@ -818,8 +825,19 @@ impl Stored {
     /// another meanwhile (a taker may serve it), or no lease within its
     /// patience.
     async fn move_to_next_lease(self: Arc<Self>, shared: Arc<Shared>, sid: SessionId) {
-        let Some(since) = lock(&self.sessions).get(&sid).and_then(|b| b.orphaned) else {
-            return;
+        let since = {
+            let mut map = lock(&self.sessions);
+            let Some(b) = map.get_mut(&sid) else {
+                return;
+            };
+            match b.orphaned {
+                Some(since) => since,
+                // A RESUME moved it before this task ran.
+                None => {
+                    b.moving = false;
+                    return;
+                }
+            }
         };
         let r = self
             .rewrite("move", &sid, None, since + self.patience)
@@ -866,6 +884,11 @@ impl Stored {
         if !self.still(bound.generation) {
             return;
         }
+        self.delete_in_background(sid, bound.mod_revision);
+    }
+
+    /// Deletes `sid`'s record written at `mod_revision`, in the background.
+    fn delete_in_background(&self, sid: &SessionId, mod_revision: i64) {
         let (etcd, sid) = (self.etcd.clone(), *sid);
         tokio::spawn(async move {
             // Tried again while etcd cannot be reached: a record left behind
@@ -876,7 +899,7 @@ impl Stored {
             let mut wait = DELETE_RETRY_FIRST;
             let give_up = Instant::now() + DELETE_RETRY_FOR;
             loop {
-                let r = timed("delete", etcd.delete(&sid, bound.mod_revision)).await;
+                let r = timed("delete", etcd.delete(&sid, mod_revision)).await;
                 let result = match &r {
                     Ok(_) => "ok",
                     Err(e) => {
