@@ -56,6 +56,8 @@ struct Bound {
     orphaned: Option<Instant>,
     /// A move to the next lease is under way.
     moving: bool,
+    /// Being ended for its lost lease.
+    ending: bool,
 }
 
 impl Bound {
@@ -68,6 +70,7 @@ impl Bound {
             writing: Arc::new(tokio::sync::Mutex::new(())),
             orphaned: None,
             moving: false,
+            ending: false,
         }
     }
 }
@@ -280,14 +283,16 @@ impl Stored {
             .map(|d| self.origin + d.saturating_since(Mono::ZERO))
     }
 
-    /// Waits (until `until`) for a lease that serves: its generation and
-    /// id. A lease lost early is replaced within milliseconds; a store
-    /// that cannot grant one is waited for no longer than `until`.
-    async fn serving_by(&self, until: Instant) -> Option<(u64, i64)> {
+    /// Waits (until `until`) for a lease that serves, other than
+    /// generation `not` (one a write just found gone, which the keeper is
+    /// about to hear): its generation and id. A lease lost early is
+    /// replaced within milliseconds; a store that cannot grant one is
+    /// waited for no longer than `until`.
+    async fn serving_by(&self, until: Instant, not: Option<u64>) -> Option<(u64, i64)> {
         let mut rx = self.status.clone();
         loop {
             rx.borrow_and_update();
-            if let Some(s) = self.serving() {
+            if let Some(s) = self.serving().filter(|(g, _)| Some(*g) != not) {
                 return Some(s);
             }
             // Not serving until the keeper publishes again (a deadline
@@ -421,16 +426,39 @@ impl Stored {
             ..SessionRecord::default()
         };
         let until = Instant::now() + self.patience;
+        // `expected`: a create, until an earlier attempt is found landed.
+        let (mut expected, mut failed) = (None, None::<(u64, SessionRecord)>);
         let (generation, rev) = loop {
-            let Some((generation, lease)) = self.serving_by(until).await else {
+            let not = failed.as_ref().map(|(g, _)| *g);
+            let Some((generation, lease)) = self.serving_by(until, not).await else {
                 counter!(m::STORE_WRITES, "op" => "create", "result" => "unavailable").increment(1);
                 return Err(ReasonCode::StoreUnavailable);
             };
-            record.owner_lease = lease;
-            self.wrap(sid, &mut record, key);
-            match self.write("create", generation, sid, None, &record).await {
-                Ok(rev) => break (generation, rev),
-                Err(e) if self.lost_meanwhile(&e, generation) => {}
+            let mut attempt = record.clone();
+            attempt.owner_lease = lease;
+            if expected.is_some() {
+                attempt.state_version += 1;
+            }
+            self.wrap(sid, &mut attempt, key);
+            match self
+                .write("create", generation, sid, expected, &attempt)
+                .await
+            {
+                Ok(rev) => {
+                    record = attempt;
+                    break (generation, rev);
+                }
+                Err(e) if self.lost_meanwhile(&e, generation) => {
+                    failed = Some((generation, attempt))
+                }
+                Err(StoreError::Stale { .. } | StoreError::Exists)
+                    if let Some(rev) = self.landed_before(sid, &mut failed).await =>
+                {
+                    // The attempt whose answer was lost did land: go on
+                    // from it (it names a lease that no longer serves).
+                    let (_, landed) = failed.take().unwrap_or_default();
+                    (expected, record) = (Some(rev), landed);
+                }
                 Err(e) => {
                     counter!(m::STORE_WRITES, "op" => "create", "result" => result_of(&e))
                         .increment(1);
@@ -451,6 +479,24 @@ impl Stored {
         }
         map.insert(*sid, Bound::new(rev, generation, record));
         Ok(())
+    }
+
+    /// The revision of the last attempt that failed for its lease, if that
+    /// attempt did land after all (its answer was lost; the retry under
+    /// the next lease then fails its compare). `None` clears `failed`.
+    async fn landed_before(
+        &self,
+        sid: &SessionId,
+        failed: &mut Option<(u64, SessionRecord)>,
+    ) -> Option<i64> {
+        let rev = match failed.as_ref() {
+            Some((_, rec)) => self.landed(sid, rec).await,
+            None => None,
+        };
+        if rev.is_none() {
+            *failed = None;
+        }
+        rev
     }
 
     /// Whether a write failed only because the lease it was written under
@@ -755,8 +801,10 @@ impl Stored {
             return Err(Rewrite::Gone);
         };
         let _one = writing.lock().await;
+        let mut failed = None::<(u64, SessionRecord)>;
         loop {
-            let Some((generation, lease)) = self.serving_by(until).await else {
+            let not = failed.as_ref().map(|(g, _)| *g);
+            let Some((generation, lease)) = self.serving_by(until, not).await else {
                 return Err(Rewrite::Store(StoreError::Unavailable(
                     "no owner lease serves".into(),
                 )));
@@ -788,14 +836,16 @@ impl Stored {
                 .write(op, generation, sid, Some(expected), &record)
                 .await
             {
+                Ok(rev) if !self.holds(sid) => {
+                    // It ended while the write was in flight, and its end
+                    // deleted the revision before this one: this record
+                    // goes too (nobody will write it again).
+                    self.delete_in_background(sid, rev);
+                    return Err(Rewrite::Gone);
+                }
                 Ok(rev) => {
                     let mut map = lock(&self.sessions);
                     let Some(b) = map.get_mut(sid) else {
-                        // It ended while the write was in flight, and its
-                        // end deleted the revision before this one: this
-                        // record goes too (nobody will write it again).
-                        drop(map);
-                        self.delete_in_background(sid, rev);
                         return Err(Rewrite::Gone);
                     };
                     // Landed: whatever follows compares this revision.
@@ -810,12 +860,28 @@ impl Stored {
                     let moved = b.generation != generation;
                     b.generation = generation;
                     b.orphaned = None;
+                    // A later loss gets a move of its own.
+                    b.moving = false;
                     b.follow.send_replace(generation);
                     return Ok(moved);
                 }
-                Err(e) if self.lost_meanwhile(&e, generation) => {}
+                Err(e) if self.lost_meanwhile(&e, generation) => {
+                    failed = Some((generation, record))
+                }
                 // Ended meanwhile: its end may be what changed the record.
                 Err(_) if !self.holds(sid) => return Err(Rewrite::Gone),
+                Err(StoreError::Stale { .. } | StoreError::Exists)
+                    if let Some(rev) = self.landed_before(sid, &mut failed).await =>
+                {
+                    // The attempt whose answer was lost did land: go on
+                    // from it (it names a lease that no longer serves).
+                    let Some((g, landed)) = failed.take() else {
+                        continue;
+                    };
+                    if let Some(b) = lock(&self.sessions).get_mut(sid) {
+                        (b.mod_revision, b.generation, b.record) = (rev, g, landed);
+                    }
+                }
                 Err(e) => return Err(Rewrite::Store(e)),
             }
         }
@@ -964,8 +1030,14 @@ impl Stored {
     /// Ends, with `store_unavailable`, sessions of a lost lease. Their
     /// records stay: with the lease lost they are for a taker now.
     fn end_fenced(&self, shared: &Shared, sids: Vec<SessionId>) {
-        counter!(m::STORE_FENCED_SESSIONS).increment(sids.len() as u64);
         for sid in sids {
+            // Once, whoever asks first (the fence loop at its patience, a
+            // move that found the record written by another).
+            match lock(&self.sessions).get_mut(&sid) {
+                Some(b) if !b.ending => b.ending = true,
+                _ => continue,
+            }
+            counter!(m::STORE_FENCED_SESSIONS).increment(1);
             // Terminated first (its end drops the entry, keeping the
             // record): a RESUME in between finds the engine's session
             // gone, never a session without its record.
