@@ -131,6 +131,24 @@ impl Launcher {
         }
     }
 
+    /// The same program with an open-file limit of `n`, soft and hard, and
+    /// without the capability to raise it (`setpriv`, util-linux), as on a
+    /// host whose limit is low.
+    pub fn with_nofile(self, n: u64) -> Self {
+        let mut prefix = vec![
+            format!("--nofile={n}:{n}"),
+            "setpriv".to_owned(),
+            "--bounding-set".to_owned(),
+            "-sys_resource".to_owned(),
+            self.program.display().to_string(),
+        ];
+        prefix.extend(self.prefix);
+        Self {
+            program: "prlimit".into(),
+            prefix,
+        }
+    }
+
     /// The same program under `taskset -c <cpu>`.
     pub fn pinned(self, cpu: usize) -> Self {
         let mut prefix = vec![

@@ -252,3 +252,65 @@ async fn a_membership_connection_flood_is_capped_per_source() {
     .unwrap();
     g1_kept_its_place(&c).await;
 }
+
+/// A router whose open-file limit cannot hold `admission.max_connections`
+/// (100,000 by default, two descriptors each) admits what the limit holds
+/// and answers the rest `overloaded` at once, instead of leaving them
+/// unaccepted in the listen backlog, unanswered, while accepts fail for
+/// want of descriptors. It says so at start, naming the key, and exports
+/// the cap in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_admits_what_its_open_file_limit_holds_and_answers_the_rest() {
+    use jvpn_loadtest::harness::{Launcher, Role};
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let bin = env!("CARGO_BIN_EXE_jvpn-loadtest");
+    // Per-source limits out of the way: one source opens every connection.
+    let env = [
+        ("PER_SOURCE_MAX_CONNECTIONS", "100000"),
+        ("PER_SOURCE_RATE_PER_S", "100000"),
+        ("PER_SOURCE_BURST", "100000"),
+    ]
+    .map(|(k, v)| (format!("JVPN_ROUTER__ADMISSION__{k}"), v.to_owned()));
+    let c = jvpn_loadtest::cluster::LocalCluster::start(
+        Launcher::for_tests(bin),
+        Launcher::for_tests_as(bin, Role::Router).with_nofile(512),
+        jvpn_loadtest::cluster::ClusterOptions {
+            gateways: 1,
+            router_env: env.to_vec(),
+            ..jvpn_loadtest::cluster::ClusterOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = &c.routers[0];
+    // More idle connections than the router has descriptors.
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        held.push(tokio::net::TcpStream::connect(r.client_addr).await.unwrap());
+    }
+    let mut last = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    let mut reply = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), last.read_exact(&mut reply))
+        .await
+        .expect("no answer within 10 s")
+        .expect("closed without a status");
+    assert_eq!(&reply[..4], b"JVPN");
+    assert_eq!(reply[5], jvpn_proto::preamble::Status::Overloaded as u8);
+    let cap = r.metric("jvpn_router_max_connections", &[]).await.unwrap();
+    // 512 less a reserve of 256 + 512 / 16, two descriptors each.
+    assert_eq!(cap, 112.0);
+    let log = std::fs::read_to_string(r.dir.join("r1.log")).unwrap();
+    assert!(log.contains("admission.max_connections"), "{log}");
+    assert_eq!(
+        r.metric(
+            "jvpn_router_connections_total",
+            &[("kind", "none"), ("outcome", "rate_limited")]
+        )
+        .await
+        .unwrap(),
+        0.0,
+        "refused by the per-source limits, not by the cap"
+    );
+    drop(held);
+}

@@ -6,6 +6,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const CONNECTIONS: &str = "jvpn_router_connections_total";
 pub const CONNECTIONS_OPEN: &str = "jvpn_router_connections_open";
+pub const MAX_CONNECTIONS: &str = "jvpn_router_max_connections";
 pub const SPLICED_BYTES: &str = "jvpn_router_spliced_bytes_total";
 pub const CONNECT_SECONDS: &str = "jvpn_router_gateway_connect_duration_seconds";
 pub const CONNECT_FAILURES: &str = "jvpn_router_gateway_connect_failures_total";
@@ -45,6 +46,10 @@ pub fn describe() {
         "Client connections by preamble kind and outcome (spliced or why not)."
     );
     describe_gauge!(CONNECTIONS_OPEN, "Client connections currently open.");
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        "Client connections admitted at most: admission.max_connections, or less when the open-file limit holds fewer."
+    );
     describe_counter!(
         SPLICED_BYTES,
         Unit::Bytes,

@@ -353,7 +353,11 @@ impl RouterState {
             admission: Mutex::new(admission),
             membership_conns: Mutex::new(membership_conns),
             token_uses: Mutex::new(crate::replay::TokenUses::default()),
-            limits: ArcSwap::from_pointee(cfg.raw.admission.clone()),
+            limits: ArcSwap::from_pointee(within_open_files(
+                &cfg.raw.admission,
+                cfg.raw.splice.mode,
+                None,
+            )),
             active: AtomicUsize::new(0),
             listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
@@ -861,7 +865,9 @@ impl RouterState {
         );
         adm.conc.max_per_source = a.per_source_max_connections;
         adm.conc.capacity = concurrency_capacity(a);
-        self.limits.store(Arc::new(a.clone()));
+        let before = self.max_connections();
+        let fitted = within_open_files(a, self.cfg.raw.splice.mode, Some(before));
+        self.limits.store(Arc::new(fitted));
     }
 
     /// Per-source rate and concurrency at accept. `Err(retry)` refuses.
@@ -931,6 +937,52 @@ impl RouterState {
     }
 }
 
+/// Descriptors one spliced connection may hold: the client's and the
+/// gateway's sockets, and in pipe mode a pipe (two ends) per direction
+/// while bytes flow.
+fn descriptors_per_connection(mode: crate::splice::Mode) -> u64 {
+    match mode {
+        crate::splice::Mode::Copy => 2,
+        crate::splice::Mode::Pipe => 6,
+    }
+}
+
+/// The connections an open-file limit of `open_files` can hold in `mode`,
+/// after a reserve for everything else (listeners, heartbeat streams from
+/// every gateway, the admin port, logs, the runtime's own).
+pub fn connections_within(open_files: u64, mode: crate::splice::Mode) -> usize {
+    let reserve = 256 + open_files / 16;
+    let n = open_files.saturating_sub(reserve) / descriptors_per_connection(mode);
+    usize::try_from(n).unwrap_or(usize::MAX).max(1)
+}
+
+/// `a` with `max_connections` lowered to what the process's open-file
+/// limit holds: past it accepts fail (EMFILE) and clients would wait in
+/// the listen backlog with no answer, where under the cap they are
+/// answered `overloaded` at once. Warns when it lowers the cap, naming the
+/// key (not again on a reload that leaves it as `before`).
+fn within_open_files(
+    a: &crate::config::AdmissionSection,
+    mode: crate::splice::Mode,
+    before: Option<usize>,
+) -> crate::config::AdmissionSection {
+    use nix::sys::resource::{Resource, getrlimit};
+    let mut fitted = a.clone();
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        fitted.max_connections = a.max_connections.min(connections_within(soft, mode));
+    }
+    if fitted.max_connections < a.max_connections && before != Some(fitted.max_connections) {
+        warn!(
+            configured = a.max_connections,
+            admitted = fitted.max_connections,
+            "admission.max_connections is more than the open-file limit can hold; \
+             raise the limit (LimitNOFILE) to admit more"
+        );
+    }
+    metrics::gauge!(crate::metrics::MAX_CONNECTIONS).set(fitted.max_connections as f64);
+    fitted
+}
+
 /// Sources the table of open connections per source holds. An entry lives
 /// while its source has a connection open, so `max_connections` bounds the
 /// table anyway: smaller, it would send every source past it to the
@@ -942,6 +994,19 @@ fn concurrency_capacity(a: &crate::config::AdmissionSection) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cap an open-file limit allows: two descriptors a connection
+    /// (six in pipe mode) after the reserve; a limit too small for one
+    /// still admits one (and accepts then fail, as before).
+    #[test]
+    fn the_open_file_limit_bounds_the_connections() {
+        use crate::splice::Mode;
+        assert_eq!(connections_within(512, Mode::Copy), 112);
+        assert_eq!(connections_within(512, Mode::Pipe), 37);
+        assert_eq!(connections_within(20_000, Mode::Copy), 9_247);
+        assert!(connections_within(1_048_576, Mode::Copy) > 100_000);
+        assert_eq!(connections_within(100, Mode::Copy), 1);
+    }
 
     fn key(i: u32) -> SourceKey {
         SourceKey::V4(i)
