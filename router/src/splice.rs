@@ -236,39 +236,53 @@ async fn pump_copy(
     moved: &AtomicU64,
 ) -> Result<(), ()> {
     loop {
-        // `poll_read_ready`, not `readable()`: it takes from the task's
-        // cooperative budget, so when the read below says "nothing" because
-        // the budget ran out, this yields instead of spinning.
-        if std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx))
-            .await
-            .is_err()
-        {
-            return Err(());
+        wait_readable(&from).await?;
+        if copy_burst(&mut from, &mut to, size, moved).await? {
+            return Ok(());
         }
-        let mut buf = BytesMut::with_capacity(size);
-        loop {
-            buf.clear();
-            // `None`: no data, or the task's budget is spent (the wait
-            // above then yields). Through `poll_read`, which takes a short
-            // read as proof the socket is drained: a small message (a
-            // keep-alive) costs one `recv`, not a second one that finds
-            // nothing (a third of an idle router's system calls).
-            match jvpn_runtime::wire::poll_once(from.read_buf(&mut buf)).await {
-                None => break,
-                Some(Ok(0)) => {
-                    let _ = to.shutdown().await;
-                    return Ok(());
-                }
-                Some(Ok(n)) => {
-                    if to.write_all(&buf).await.is_err() {
-                        return Err(());
-                    }
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Some(Err(_)) => return Err(()),
+    }
+}
+
+/// Waits until `from` has bytes (or EOF). Through `poll_read_ready`, not
+/// `readable()`: it takes from the task's cooperative budget, so when a
+/// read then says "nothing" because the budget ran out, the caller
+/// yields here instead of spinning.
+async fn wait_readable(from: &ReadHalf<'_>) -> Result<(), ()> {
+    std::future::poll_fn(|cx| from.as_ref().poll_read_ready(cx))
+        .await
+        .map_err(|_| ())
+}
+
+/// Moves what `from` holds now through a buffer of `size`, dropped after
+/// (idle connections hold no copy buffer). `Ok(true)`: EOF, passed on.
+async fn copy_burst(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    size: usize,
+    moved: &AtomicU64,
+) -> Result<bool, ()> {
+    let mut buf = BytesMut::with_capacity(size);
+    loop {
+        buf.clear();
+        // `None`: no data, or the task's budget is spent (the caller's
+        // wait then yields). Through `poll_read`, which takes a short
+        // read as proof the socket is drained: a small message (a
+        // keep-alive) costs one `recv`, not a second one that finds
+        // nothing (a third of an idle router's system calls).
+        match jvpn_runtime::wire::poll_once(from.read_buf(&mut buf)).await {
+            None => return Ok(false),
+            Some(Ok(0)) => {
+                let _ = to.shutdown().await;
+                return Ok(true);
             }
+            Some(Ok(n)) => {
+                if to.write_all(&buf).await.is_err() {
+                    return Err(());
+                }
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Some(Err(_)) => return Err(()),
         }
-        // `buf` is dropped here: idle connections hold no copy buffer.
     }
 }
 
@@ -289,6 +303,21 @@ fn spliced(
     .map_err(io::Error::from)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: every pipe fails, as when the process is out of descriptors.
+    static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn make_pipe() -> nix::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use nix::fcntl::OFlag;
+    #[cfg(test)]
+    if NO_PIPES.get() {
+        return Err(nix::errno::Errno::EMFILE);
+    }
+    nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+}
+
 /// Zero-copy direction: socket → pipe → socket with `splice(2)`. The pipe
 /// exists only while data flows, like the copy buffer.
 async fn pump_pipe(
@@ -297,15 +326,21 @@ async fn pump_pipe(
     chunk: usize,
     moved: &AtomicU64,
 ) -> Result<(), ()> {
-    use nix::fcntl::OFlag;
+    let mut from = from;
     loop {
-        if from.as_ref().readable().await.is_err() {
-            return Err(());
-        }
-        let Ok((pipe_r, pipe_w)) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
-            return Err(());
+        wait_readable(&from).await?;
+        let Ok((pipe_r, pipe_w)) = make_pipe() else {
+            // Out of descriptors for a moment: this burst goes through a
+            // buffer, and the connection lives on.
+            if copy_burst(&mut from, &mut to, chunk, moved).await? {
+                return Ok(());
+            }
+            continue;
         };
         loop {
+            // `try_io` takes nothing from the task's budget: without this a
+            // sender as fast as the splice would keep this task running.
+            tokio::task::coop::consume_budget().await;
             let src: &TcpStream = from.as_ref();
             let n = match src.try_io(Interest::READABLE, || spliced(src, &pipe_w, chunk)) {
                 Ok(0) => {
@@ -368,6 +403,49 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         (c, s)
+    }
+
+    /// Pipe mode, when no pipe can be made (the process is out of
+    /// descriptors): each burst goes through a buffer instead, and the
+    /// splice carries on; it used to end the connection.
+    #[tokio::test]
+    async fn a_pipe_splice_without_pipes_copies_instead_of_ending() {
+        NO_PIPES.set(true);
+        let (mut agent_end, agent_side) = pair().await;
+        let (gateway_side, mut gateway_end) = pair().await;
+        let task = tokio::spawn(async move {
+            let (mut a, mut g) = (agent_side, gateway_side);
+            let tally = Tally::default();
+            splice_with(
+                &mut a,
+                &mut g,
+                1024,
+                Mode::Pipe,
+                Timeouts::default(),
+                &tally,
+            )
+            .await;
+            tally.moved()
+        });
+        let up: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        agent_end.write_all(&up).await.unwrap();
+        agent_end.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        gateway_end.read_to_end(&mut got).await.unwrap();
+        assert!(got == up, "{} bytes of {} arrived", got.len(), up.len());
+        gateway_end.write_all(b"back").await.unwrap();
+        gateway_end.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        agent_end.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"back");
+        let moved = task.await.unwrap();
+        assert_eq!(
+            moved,
+            Moved {
+                up: 100_000,
+                down: 4
+            }
+        );
     }
 
     #[tokio::test]
