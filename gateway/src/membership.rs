@@ -541,7 +541,7 @@ impl Default for Backoff {
 
 impl Backoff {
     const BASE: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_millis(500);
+    const MAX: Duration = jvpn_proto::HEARTBEAT_BACKOFF_MAX;
 
     /// The wait after a stream that carried `replies` replies. Two or
     /// more: it worked for an interval at least, so the earlier failures
@@ -632,7 +632,7 @@ async fn stream_once(
         .domain_name(s.server_name.clone());
     let endpoint = Endpoint::from_shared(format!("https://{}", link.endpoint))?
         .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(jvpn_proto::HEARTBEAT_CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let (tx, rx) = mpsc::channel::<HeartbeatRequest>(4);
     let mut ticker = tokio::time::interval(s.interval);

@@ -53,6 +53,12 @@ pub use reason::ReasonCode;
 /// k` (docs/protocol.md, "Liveness"; design note 52).
 pub const KEEPALIVE_CHECK_IN: u32 = 10;
 pub const KEEPALIVE_SILENCE: u32 = 30;
+/// A gateway's heartbeat stream gives a TCP connect to a router this long
+/// (a router host that is rebooting drops SYNs rather than refusing) ...
+pub const HEARTBEAT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// ... and waits at most this long before opening the stream again
+/// (doubling from 50 ms). A restarted router's warm-up outlasts both.
+pub const HEARTBEAT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 pub use time::Mono;
 
 /// ALPN protocol id; the only protocol-version negotiation there is.

@@ -19,8 +19,9 @@
 //! - self-suspicion: when the tick runs more than `failure_timeout / 4` late,
 //!   no death verdicts for one `failure_timeout`; when more than half of the
 //!   members would die at once, the router marks itself unhealthy instead;
-//! - warm-up: for `failure_timeout + 2 × interval` after start, unknown
-//!   owners are `owner_unreachable`, never `owner_lost`;
+//! - warm-up: for `failure_timeout + 2 × interval` after start, plus a
+//!   gateway's heartbeat connect timeout and longest back-off (1.5 s),
+//!   unknown owners are `owner_unreachable`, never `owner_lost`;
 //! - forgetting: a dead member that no longer heartbeats is forgotten
 //!   `forget_left_after` after its death when its heartbeats said it was
 //!   leaving (taken out for good), `forget_failed_after` otherwise (it
@@ -691,7 +692,7 @@ impl Membership {
 
     fn route_globals(&self) -> RouteGlobals {
         RouteGlobals {
-            warm_until: self.started + (self.cfg.failure_timeout + 2 * self.cfg.interval),
+            warm_until: self.started + warm_up(&self.cfg),
             suspicious_until: self.suspicious_until,
             unhealthy: self.unhealthy,
             silence_grace: self.cfg.silence_grace,
@@ -727,6 +728,18 @@ impl Membership {
             globals: self.route_globals(),
         }
     }
+}
+
+/// How long after its start a router answers unknown owners
+/// `owner_unreachable`: a live gateway's next heartbeat may come a
+/// failure timeout and two intervals late, and before it, a gateway whose
+/// connect met a router host still booting (no answer to its SYN) waits
+/// out its connect timeout and one back-off before it tries again.
+fn warm_up(cfg: &MembershipConfig) -> Duration {
+    cfg.failure_timeout
+        + 2 * cfg.interval
+        + jvpn_proto::HEARTBEAT_CONNECT_TIMEOUT
+        + jvpn_proto::HEARTBEAT_BACKOFF_MAX
 }
 
 /// One member as routing sees it. Time-dependent rules keep their times

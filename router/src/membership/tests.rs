@@ -75,14 +75,15 @@ fn rise_then_placeable_and_silence_kills_within_failure_timeout_plus_interval() 
 #[test]
 fn closed_stream_is_fast_death() {
     let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    // Past the warm-up (3 s), when an unknown owner may be lost.
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 4000);
     let g2 = NodeId::new("g2").unwrap();
-    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
-    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1000, 1600);
+    m.on_stream_closed(Mono::from_millis(4000), &g2, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 4000, 4600);
     assert_eq!(died.len(), 1);
     // Not ambiguous like silence: the owner is lost at once.
     assert_eq!(
-        m.route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
+        m.route(Mono::from_millis(4600), Some((&g2, Incarnation(1)))),
         OwnerRoute::Lost
     );
 }
@@ -219,7 +220,37 @@ fn warm_up_answers_unknown_owners_unreachable() {
         m.route(Mono::from_millis(100), None),
         OwnerRoute::Unreachable
     );
-    assert_eq!(m.route(Mono::from_millis(2000), None), OwnerRoute::Lost);
+    assert_eq!(m.route(Mono::from_millis(3000), None), OwnerRoute::Lost);
+}
+
+/// A gateway whose first connect to a restarted router was dropped (a
+/// host that is still booting answers no SYN) opens its stream again only
+/// after its connect timeout and one back-off: until then its sessions'
+/// RESUMEs are `owner_unreachable` (retry), not `owner_lost`, which would
+/// make every agent of a live gateway re-handshake.
+#[test]
+fn warm_up_outlasts_a_gateways_slowest_reconnect() {
+    let cfg = MembershipConfig::default();
+    let mut m = Membership::new(cfg.clone(), Mono::ZERO);
+    let reopened = cfg.failure_timeout
+        + 2 * cfg.interval
+        + jvpn_proto::HEARTBEAT_CONNECT_TIMEOUT
+        + jvpn_proto::HEARTBEAT_BACKOFF_MAX;
+    let just_before = Mono::ZERO + (reopened - Duration::from_millis(1));
+    let g = NodeId::new("g1").unwrap();
+    assert_eq!(
+        m.route(just_before, Some((&g, Incarnation(7)))),
+        OwnerRoute::Unreachable,
+        "a gateway still reconnecting was declared lost"
+    );
+    m.on_heartbeat(just_before, &hb("g1", 7));
+    assert!(matches!(
+        m.route(just_before, Some((&g, Incarnation(7)))),
+        OwnerRoute::Alive(_)
+    ));
+    // An owner never heard of is lost once the warm-up is over.
+    let after = Mono::ZERO + reopened;
+    assert_eq!(m.route(after, None), OwnerRoute::Lost);
 }
 
 #[test]
@@ -296,25 +327,26 @@ fn a_silent_owner_is_unreachable_until_certainly_gone() {
     let grace = cfg.silence_grace;
     assert_eq!(grace, 3 * cfg.failure_timeout);
     let mut m = Membership::new(cfg, Mono::ZERO);
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
-    // g3 pauses: its last heartbeat was at 750 ms.
-    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 1000, 2300);
+    // Past the warm-up (3 s), when an owner may be lost.
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 4000);
+    // g3 pauses: its last heartbeat was at 3,750 ms.
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 4000, 5300);
     assert_eq!(died.len(), 1);
     let g3 = NodeId::new("g3").unwrap();
     let route = |m: &Membership, ms| m.route(Mono::from_millis(ms), Some((&g3, Incarnation(1))));
     assert_eq!(
-        route(&m, 2300),
+        route(&m, 5300),
         OwnerRoute::Unreachable,
         "just dead by silence"
     );
-    // Its death was at most at 1800 ms (750 + failure timeout + a tick).
-    run(&mut m, &[("g1", 1), ("g2", 1)], 2300, 4700);
-    assert_eq!(route(&m, 4700), OwnerRoute::Unreachable, "inside the grace");
-    run(&mut m, &[("g1", 1), ("g2", 1)], 4700, 5000);
-    assert_eq!(route(&m, 5000), OwnerRoute::Lost, "certainly gone");
+    // Its death was at most at 4,800 ms (3,750 + failure timeout + a tick).
+    run(&mut m, &[("g1", 1), ("g2", 1)], 5300, 7700);
+    assert_eq!(route(&m, 7700), OwnerRoute::Unreachable, "inside the grace");
+    run(&mut m, &[("g1", 1), ("g2", 1)], 7700, 8000);
+    assert_eq!(route(&m, 8000), OwnerRoute::Lost, "certainly gone");
     // Another incarnation of the same node is not ambiguous: lost at once.
     assert_eq!(
-        m.route(Mono::from_millis(2300), Some((&g3, Incarnation(2)))),
+        m.route(Mono::from_millis(5300), Some((&g3, Incarnation(2)))),
         OwnerRoute::Lost
     );
 }
@@ -783,13 +815,15 @@ fn an_operator_forgets_only_a_member_nothing_says_is_there() {
     m.on_stream_closed(at(2100), &g3, Incarnation(1));
     assert_eq!(m.forget(at(2100), &g3), Ok(Incarnation(1)));
     assert_eq!(known(&m, 2100), ["g1", "g2"]);
+    // Once the warm-up (3 s) is over, its sessions are lost.
+    run(&mut m, &[("g1", 1), ("g2", 1)], 2100, 3000);
     assert_eq!(
-        m.route(at(2100), Some((&g3, Incarnation(1)))),
+        m.route(at(3000), Some((&g3, Incarnation(1)))),
         OwnerRoute::Lost
     );
     // Back after all: held down like any flap.
-    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 2)], 2100, 3100);
-    assert_eq!(placeable(&m, 3100), ["g1", "g2"], "held down");
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 2)], 3000, 4000);
+    assert_eq!(placeable(&m, 4000), ["g1", "g2"], "held down");
 
     // One that died for its client port but still heartbeats is heard.
     let (mut m, g3) = three_members(MembershipConfig::default());
