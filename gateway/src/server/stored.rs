@@ -531,7 +531,10 @@ impl Stored {
         let count = |result: &'static str| {
             counter!(m::STORE_CLAIMS, "result" => result).increment(1);
         };
-        let Some((generation, lease)) = self.serving() else {
+        // A lease lost a moment ago is replaced within milliseconds: wait
+        // for the next, as a HELLO does, rather than refuse the claim.
+        let until = Instant::now() + self.patience;
+        let Some((generation, lease)) = self.serving_by(until, None).await else {
             count("unavailable");
             return Err(ReasonCode::StoreUnavailable);
         };
