@@ -811,17 +811,7 @@ async fn attached_sessions_end_without_a_majority(members: &[usize]) {
         c.kill(*i).await.unwrap();
     }
     let killed = Instant::now();
-    let reason = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match t.recv().await {
-                Err(jvpn_agent::AgentError::Terminated(r)) => return r,
-                Err(e) => panic!("the session ended without Terminate: {e}"),
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("Terminate within 10 s");
+    let reason = terminated(&mut t).await;
     assert_eq!(reason, jvpn_proto::ReasonCode::StoreUnavailable);
     // Served until the deadline (the last renewal's send time + TTL −
     // margin, at most 1.7 s after the kill), then waiting unserved for a
@@ -839,10 +829,7 @@ async fn attached_sessions_end_without_a_majority(members: &[usize]) {
         }
         r => panic!("HELLO without a store: {r:?}"),
     }
-    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
-        let gw = &env.gw;
-        async move { gw.metric(name, labels).await.unwrap() }
-    };
+    let m = |name, labels| metric(&env, name, labels);
     assert_eq!(
         m("jvpn_gateway_store_fenced_sessions_total", &[]).await,
         1.0
@@ -884,10 +871,7 @@ async fn a_resume_whose_binding_cannot_be_written_gets_no_resume_ok() {
         }
         r => panic!("RESUME whose binding was not written: {r:?}"),
     }
-    let m = |labels: &'static [(&'static str, &'static str)], name: &'static str| {
-        let gw = &env.gw;
-        async move { gw.metric(name, labels).await.unwrap() }
-    };
+    let m = |labels, name| metric(&env, name, labels);
     assert_eq!(
         m(
             &[("result", "store_unavailable")],
@@ -946,10 +930,7 @@ async fn sessions_of_a_lease_etcd_ended_early_move_to_the_next_lease() {
     ta.echo(b"a goes on").await.unwrap();
     // B was attached throughout: its transport carries on.
     tb.echo(b"b goes on").await.unwrap();
-    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
-        let gw = &env.gw;
-        async move { gw.metric(name, labels).await.unwrap() }
-    };
+    let m = |name, labels| metric(&env, name, labels);
     assert_eq!(
         m(
             "jvpn_gateway_store_leases_lost_total",
@@ -1006,22 +987,9 @@ async fn a_session_whose_record_another_wrote_is_not_moved_and_ends() {
     {
         store.revoke(lease).await.unwrap();
     }
-    let reason = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match t.recv().await {
-                Err(jvpn_agent::AgentError::Terminated(r)) => return r,
-                Err(e) => panic!("the session ended without Terminate: {e}"),
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("Terminate within 10 s");
+    let reason = terminated(&mut t).await;
     assert_eq!(reason, jvpn_proto::ReasonCode::StoreUnavailable);
-    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
-        let gw = &env.gw;
-        async move { gw.metric(name, labels).await.unwrap() }
-    };
+    let m = |name, labels| metric(&env, name, labels);
     assert_eq!(
         m(
             "jvpn_gateway_store_sessions_moved_total",
@@ -1101,10 +1069,7 @@ async fn a_store_outage_shorter_than_a_ttl_past_the_deadline_ends_no_stream() {
     let mut back = [0u8; 5];
     st.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"after");
-    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
-        let gw = &env.gw;
-        async move { gw.metric(name, labels).await.unwrap() }
-    };
+    let m = |name, labels| metric(&env, name, labels);
     assert_eq!(
         m("jvpn_gateway_store_fenced_sessions_total", &[]).await,
         0.0
@@ -1780,6 +1745,26 @@ async fn behind_a_proxy(
     .await
     .unwrap();
     (c, proxy, env, store)
+}
+
+/// The value of the gateway's metric `name` with `labels`.
+async fn metric(env: &common::Env, name: &str, labels: &[(&str, &str)]) -> f64 {
+    env.gw.metric(name, labels).await.unwrap()
+}
+
+/// Why the gateway ended the session on `t` (its `Terminate`), within 10 s.
+async fn terminated(t: &mut jvpn_agent::Transport) -> jvpn_proto::ReasonCode {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match t.recv().await {
+                Err(jvpn_agent::AgentError::Terminated(r)) => return r,
+                Err(e) => panic!("the session ended without Terminate: {e}"),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("Terminate within 10 s")
 }
 
 /// The agent ends its session (`Terminate{agent_closed}`).

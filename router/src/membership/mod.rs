@@ -21,7 +21,8 @@
 //!   members would die at once, the router marks itself unhealthy instead;
 //! - warm-up: for `failure_timeout + 2 × interval` after start, plus a
 //!   gateway's heartbeat connect timeout and longest back-off (1.5 s),
-//!   unknown owners are `owner_unreachable`, never `owner_lost`;
+//!   owners not heard of yet are `owner_unreachable`, never `owner_lost`
+//!   (one heard and then seen to die is lost as at any other time);
 //! - forgetting: a dead member that no longer heartbeats is forgotten
 //!   `forget_left_after` after its death when its heartbeats said it was
 //!   leaving (taken out for good), `forget_failed_after` otherwise (it
@@ -661,7 +662,10 @@ impl Membership {
             // Silent, maybe paused: not certainly gone yet (issue 18 A2).
             return OwnerRoute::Unreachable;
         }
-        if self.warming_up(now) || now < self.suspicious_until || self.unhealthy {
+        let seen_dead = owner.is_some_and(|(node, inc)| {
+            self.members.get(node).is_some_and(|m| m.incarnation == inc)
+        });
+        if (self.warming_up(now) && !seen_dead) || now < self.suspicious_until || self.unhealthy {
             OwnerRoute::Unreachable
         } else {
             OwnerRoute::Lost
@@ -776,7 +780,7 @@ impl RouteGlobals {
     /// `inc`, given that node's entry (if known).
     fn route(&self, now: Mono, inc: Option<Incarnation>, entry: Option<&RouteEntry>) -> OwnerRoute {
         let mine = entry.filter(|e| Some(e.incarnation) == inc);
-        if let Some(e) = mine {
+        if let Some(e) = &mine {
             if e.alive {
                 return OwnerRoute::Alive(e.addr);
             }
@@ -787,7 +791,10 @@ impl RouteGlobals {
                 return OwnerRoute::Unreachable;
             }
         }
-        if now < self.warm_until || now < self.suspicious_until || self.unhealthy {
+        // The warm-up is for owners not heard of yet: one seen to die
+        // (its stream closed) is certainly gone.
+        let warming = now < self.warm_until && mine.is_none();
+        if warming || now < self.suspicious_until || self.unhealthy {
             OwnerRoute::Unreachable
         } else {
             OwnerRoute::Lost

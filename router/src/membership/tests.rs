@@ -253,6 +253,32 @@ fn warm_up_outlasts_a_gateways_slowest_reconnect() {
     assert_eq!(m.route(after, None), OwnerRoute::Lost);
 }
 
+/// The warm-up is for owners this router has not heard of yet. One it
+/// heard, whose stream then closed (a SIGKILL soon after the router
+/// started), is certainly gone: `owner_lost` at once, warm-up or not, so
+/// its agents re-handshake within the failure timeout.
+#[test]
+fn a_death_seen_during_the_warm_up_is_lost_at_once() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1), ("g3", 1)], 0, 1000);
+    let g2 = NodeId::new("g2").unwrap();
+    m.on_stream_closed(Mono::from_millis(1000), &g2, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g3", 1)], 1000, 1600);
+    assert_eq!(died.len(), 1);
+    for route in [
+        m.route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
+        m.routes()
+            .route(Mono::from_millis(1600), Some((&g2, Incarnation(1)))),
+    ] {
+        assert_eq!(route, OwnerRoute::Lost);
+    }
+    // Still warming up for owners it never heard of.
+    assert_eq!(
+        m.route(Mono::from_millis(1600), None),
+        OwnerRoute::Unreachable
+    );
+}
+
 #[test]
 fn failed_connects_unplace_then_unreachable_kills() {
     let (mut m, g3) = three_members(MembershipConfig::default());
