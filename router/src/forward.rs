@@ -89,7 +89,13 @@ impl Outcome {
 pub async fn handle(state: Arc<RouterState>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let open = state.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let (kind, outcome) = if open > state.max_connections() {
+    let max = state.max_connections();
+    let (kind, outcome) = if open > max.saturating_add(state.status_room) {
+        // So far past the cap that answering would take the descriptors
+        // the rest of the router needs: closed at once.
+        drop(client);
+        ("none", Outcome::Overloaded)
+    } else if open > max {
         status(&mut client, Status::Overloaded, Duration::from_millis(500)).await;
         ("none", Outcome::Overloaded)
     } else {

@@ -216,6 +216,9 @@ pub struct RouterState {
     /// `[admission]` as last (re)loaded.
     limits: ArcSwap<crate::config::AdmissionSection>,
     pub active: AtomicUsize,
+    /// Connections past the cap that may still be answered (see
+    /// [`status_room`]).
+    pub status_room: usize,
     /// This router's listening addresses, as bound (told to gateways with
     /// every view, for their egress policy).
     listeners: ArcSwap<Vec<String>>,
@@ -356,9 +359,12 @@ impl RouterState {
             limits: ArcSwap::from_pointee(within_open_files(
                 &cfg.raw.admission,
                 cfg.raw.splice.mode,
-                None,
             )),
             active: AtomicUsize::new(0),
+            status_room: {
+                use nix::sys::resource::{Resource, getrlimit};
+                getrlimit(Resource::RLIMIT_NOFILE).map_or(64, |(soft, _)| status_room(soft))
+            },
             listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
             ring_changes: AtomicU64::new(0),
@@ -865,8 +871,7 @@ impl RouterState {
         );
         adm.conc.max_per_source = a.per_source_max_connections;
         adm.conc.capacity = concurrency_capacity(a);
-        let before = self.max_connections();
-        let fitted = within_open_files(a, self.cfg.raw.splice.mode, Some(before));
+        let fitted = within_open_files(a, self.cfg.raw.splice.mode);
         self.limits.store(Arc::new(fitted));
     }
 
@@ -951,27 +956,39 @@ fn descriptors_per_connection(mode: crate::splice::Mode) -> u64 {
 /// after a reserve for everything else (listeners, heartbeat streams from
 /// every gateway, the admin port, logs, the runtime's own).
 pub fn connections_within(open_files: u64, mode: crate::splice::Mode) -> usize {
-    let reserve = 256 + open_files / 16;
-    let n = open_files.saturating_sub(reserve) / descriptors_per_connection(mode);
+    let n = open_files.saturating_sub(reserve(open_files)) / descriptors_per_connection(mode);
     usize::try_from(n).unwrap_or(usize::MAX).max(1)
+}
+
+/// Descriptors kept out of the connection budget.
+fn reserve(open_files: u64) -> u64 {
+    256 + open_files / 16
+}
+
+/// How many connections past the cap may wait for their `overloaded`
+/// answer to be read (up to 250 ms each, a descriptor each): a quarter of
+/// the reserve, so a flood past the cap cannot take the descriptors the
+/// heartbeat streams and the admin port need. Past it they are closed
+/// without an answer.
+pub fn status_room(open_files: u64) -> usize {
+    usize::try_from(reserve(open_files) / 4).unwrap_or(usize::MAX)
 }
 
 /// `a` with `max_connections` lowered to what the process's open-file
 /// limit holds: past it accepts fail (EMFILE) and clients would wait in
 /// the listen backlog with no answer, where under the cap they are
 /// answered `overloaded` at once. Warns when it lowers the cap, naming the
-/// key (not again on a reload that leaves it as `before`).
+/// key (at start, and at each reload that asks for more).
 fn within_open_files(
     a: &crate::config::AdmissionSection,
     mode: crate::splice::Mode,
-    before: Option<usize>,
 ) -> crate::config::AdmissionSection {
     use nix::sys::resource::{Resource, getrlimit};
     let mut fitted = a.clone();
     if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
         fitted.max_connections = a.max_connections.min(connections_within(soft, mode));
     }
-    if fitted.max_connections < a.max_connections && before != Some(fitted.max_connections) {
+    if fitted.max_connections < a.max_connections {
         warn!(
             configured = a.max_connections,
             admitted = fitted.max_connections,

@@ -22,7 +22,8 @@
 //! - warm-up: for `failure_timeout + 2 × interval` after start, plus a
 //!   gateway's heartbeat connect timeout and longest back-off (1.5 s),
 //!   owners not heard of yet are `owner_unreachable`, never `owner_lost`
-//!   (one heard and then seen to die is lost as at any other time);
+//!   (one that heartbeated at least twice and then closed its stream is
+//!   lost as at any other time);
 //! - forgetting: a dead member that no longer heartbeats is forgotten
 //!   `forget_left_after` after its death when its heartbeats said it was
 //!   leaving (taken out for good), `forget_failed_after` otherwise (it
@@ -157,6 +158,13 @@ struct Member {
     died_at: Option<Mono>,
     /// Its heartbeats said it is leaving for good.
     leaving: bool,
+    /// Its last stream closed after it had heartbeated at least twice: a
+    /// gateway's back-off is back at its shortest then, so a flap reopens
+    /// before the fast death, and a death from it is certain.
+    closed_settled: bool,
+    /// Dead of such a closed stream: certainly gone, even for a router
+    /// still warming up.
+    certain_death: bool,
 }
 
 impl Member {
@@ -302,6 +310,8 @@ impl Membership {
                 silent_death_at: None,
                 died_at: None,
                 leaving: false,
+                closed_settled: false,
+                certain_death: false,
             });
         if m.dead && !m.needs_probe {
             revive(m, &mut self.flaps, &hb.node_id, &self.cfg, now);
@@ -381,6 +391,7 @@ impl Membership {
             return None;
         }
         let closed = *m.stream_closed_at.get_or_insert(now);
+        m.closed_settled = m.rise_count >= 2;
         // A closed stream is not ambiguous: the process is gone.
         m.silent_death_at = None;
         (!m.dead).then_some(closed + after)
@@ -522,6 +533,7 @@ impl Membership {
                 m.dead = true;
                 m.died_at = Some(now);
                 m.silent_death_at = silent_only.then_some(now);
+                m.certain_death = !unreachable && !silent_only && m.closed_settled;
                 // Heartbeats still arriving prove nothing about the client
                 // port: only a successful connect brings it back.
                 m.needs_probe = unreachable;
@@ -663,7 +675,9 @@ impl Membership {
             return OwnerRoute::Unreachable;
         }
         let seen_dead = owner.is_some_and(|(node, inc)| {
-            self.members.get(node).is_some_and(|m| m.incarnation == inc)
+            self.members
+                .get(node)
+                .is_some_and(|m| m.incarnation == inc && m.certain_death)
         });
         if (self.warming_up(now) && !seen_dead) || now < self.suspicious_until || self.unhealthy {
             OwnerRoute::Unreachable
@@ -691,6 +705,7 @@ impl Membership {
             held_until: m.held_until,
             in_view: m.in_view,
             silent_death_at: m.silent_death_at,
+            certain_death: m.dead && m.certain_death,
         }
     }
 
@@ -758,6 +773,8 @@ pub struct RouteEntry {
     held_until: Mono,
     in_view: bool,
     silent_death_at: Option<Mono>,
+    /// Dead of a closed stream after settling (see `Member::certain_death`).
+    certain_death: bool,
 }
 
 impl RouteEntry {
@@ -793,7 +810,7 @@ impl RouteGlobals {
         }
         // The warm-up is for owners not heard of yet: one seen to die
         // (its stream closed) is certainly gone.
-        let warming = now < self.warm_until && mine.is_none();
+        let warming = now < self.warm_until && !mine.is_some_and(|e| e.certain_death);
         if warming || now < self.suspicious_until || self.unhealthy {
             OwnerRoute::Unreachable
         } else {
@@ -845,6 +862,7 @@ fn revive(
 ) {
     m.dead = false;
     m.died_at = None;
+    m.certain_death = false;
     m.needs_probe = false;
     m.silent_death_at = None;
     m.rise_first = now;

@@ -279,6 +279,31 @@ fn a_death_seen_during_the_warm_up_is_lost_at_once() {
     );
 }
 
+/// During the warm-up, a gateway's first stream to the restarted router
+/// may break after a single reply (the network of a booting host); the
+/// gateway, whose back-off grew while the router was away, reopens only
+/// 500 ms later, after the router has declared it dead. Not certainly
+/// gone: its sessions' RESUMEs are `owner_unreachable` until the warm-up
+/// ends, not `owner_lost`.
+#[test]
+fn a_stream_that_breaks_at_its_first_reply_during_the_warm_up_loses_nothing() {
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1)], 0, 300);
+    let g3 = NodeId::new("g3").unwrap();
+    m.on_heartbeat(Mono::from_millis(300), &hb("g3", 1));
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_stream_closed(Mono::from_millis(400), &g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 400, 1000);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    for route in [
+        m.route(Mono::from_millis(1000), Some((&g3, Incarnation(1)))),
+        m.routes()
+            .route(Mono::from_millis(1000), Some((&g3, Incarnation(1)))),
+    ] {
+        assert_eq!(route, OwnerRoute::Unreachable);
+    }
+}
+
 #[test]
 fn failed_connects_unplace_then_unreachable_kills() {
     let (mut m, g3) = three_members(MembershipConfig::default());
@@ -568,11 +593,12 @@ fn the_routing_snapshot_answers_as_the_membership_does() {
             let node = NodeId::new(n).unwrap();
             let inc = Incarnation(rng.random_range(1..3));
             let before = m.route_entry_of(&node);
-            let ticked = match rng.random_range(0..10) {
+            let ticked = match rng.random_range(0..11) {
                 0..=4 => {
                     let mut h = hb(n, inc.0);
                     h.in_view = rng.random_bool(0.8);
                     h.lease_ok = rng.random_bool(0.9);
+                    h.leaving = rng.random_bool(0.05);
                     m.on_heartbeat(now, &h);
                     None
                 }
@@ -586,6 +612,10 @@ fn the_routing_snapshot_answers_as_the_membership_does() {
                 }
                 7 => {
                     m.on_connect(now, &node, inc, rng.random_bool(0.5));
+                    None
+                }
+                8 => {
+                    let _ = m.forget(now, &node);
                     None
                 }
                 _ => Some(m.tick(now)),
