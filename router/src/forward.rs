@@ -90,10 +90,10 @@ pub async fn handle(state: Arc<RouterState>, mut client: TcpStream, peer: Socket
     let _ = client.set_nodelay(true);
     let open = state.active.fetch_add(1, Ordering::Relaxed) + 1;
     let max = state.max_connections();
-    let (kind, outcome) = if open > max.saturating_add(state.status_room) {
-        // So far past the cap that answering would take the descriptors
-        // the rest of the router needs: closed at once.
-        drop(client);
+    let (kind, outcome) = if open > max.saturating_add(state.status_room()) {
+        // So far past the cap that holding the socket while the answer is
+        // read would take descriptors the rest of the router needs.
+        jvpn_runtime::wire::send_status_now(client, Status::Overloaded, Duration::from_millis(500));
         ("none", Outcome::Overloaded)
     } else if open > max {
         status(&mut client, Status::Overloaded, Duration::from_millis(500)).await;

@@ -218,7 +218,7 @@ pub struct RouterState {
     pub active: AtomicUsize,
     /// Connections past the cap that may still be answered (see
     /// [`status_room`]).
-    pub status_room: usize,
+    status_room: AtomicUsize,
     /// This router's listening addresses, as bound (told to gateways with
     /// every view, for their egress policy).
     listeners: ArcSwap<Vec<String>>,
@@ -361,10 +361,10 @@ impl RouterState {
                 cfg.raw.splice.mode,
             )),
             active: AtomicUsize::new(0),
-            status_room: {
-                use nix::sys::resource::{Resource, getrlimit};
-                getrlimit(Resource::RLIMIT_NOFILE).map_or(64, |(soft, _)| status_room(soft))
-            },
+            status_room: AtomicUsize::new(status_room_now(
+                cfg.raw.admission.max_connections,
+                cfg.raw.splice.mode,
+            )),
             listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
             ring_changes: AtomicU64::new(0),
@@ -861,6 +861,11 @@ impl RouterState {
         self.limits.load().max_connections
     }
 
+    /// Connections past the cap that may still wait for their answer.
+    pub fn status_room(&self) -> usize {
+        self.status_room.load(Ordering::Relaxed)
+    }
+
     /// A reload's `[admission]`: known sources keep their buckets and slots.
     pub fn reconfigure_admission(&self, a: &crate::config::AdmissionSection) {
         let mut adm = lock(&self.admission);
@@ -872,6 +877,10 @@ impl RouterState {
         adm.conc.max_per_source = a.per_source_max_connections;
         adm.conc.capacity = concurrency_capacity(a);
         let fitted = within_open_files(a, self.cfg.raw.splice.mode);
+        self.status_room.store(
+            status_room_now(a.max_connections, self.cfg.raw.splice.mode),
+            Ordering::Relaxed,
+        );
         self.limits.store(Arc::new(fitted));
     }
 
@@ -965,13 +974,29 @@ fn reserve(open_files: u64) -> u64 {
     256 + open_files / 16
 }
 
-/// How many connections past the cap may wait for their `overloaded`
-/// answer to be read (up to 250 ms each, a descriptor each): a quarter of
-/// the reserve, so a flood past the cap cannot take the descriptors the
-/// heartbeat streams and the admin port need. Past it they are closed
-/// without an answer.
-pub fn status_room(open_files: u64) -> usize {
-    usize::try_from(reserve(open_files) / 4).unwrap_or(usize::MAX)
+/// How many connections past a cap of `max` may wait for their
+/// `overloaded` answer to be read (up to 250 ms each, a descriptor each):
+/// what the limit has left beyond the admitted connections and three
+/// quarters of the reserve, so a flood past the cap cannot take the
+/// descriptors heartbeat streams and the admin port need. Past it they
+/// get the answer without the wait.
+pub fn status_room(open_files: u64, max: usize, mode: crate::splice::Mode) -> usize {
+    let admitted = u64::try_from(max)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(descriptors_per_connection(mode));
+    let left = open_files
+        .saturating_sub(admitted)
+        .saturating_sub(reserve(open_files) * 3 / 4);
+    usize::try_from(left).unwrap_or(usize::MAX)
+}
+
+/// [`status_room`] under the process's limit now, for the cap `max` that
+/// [`within_open_files`] gives `configured`.
+fn status_room_now(configured: usize, mode: crate::splice::Mode) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(64, |(soft, _)| {
+        status_room(soft, configured.min(connections_within(soft, mode)), mode)
+    })
 }
 
 /// `a` with `max_connections` lowered to what the process's open-file
@@ -1023,6 +1048,10 @@ mod tests {
         assert_eq!(connections_within(20_000, Mode::Copy), 9_247);
         assert!(connections_within(1_048_576, Mode::Copy) > 100_000);
         assert_eq!(connections_within(100, Mode::Copy), 1);
+        // Past the cap: answered with a wait while three quarters of the
+        // reserve stay free.
+        assert_eq!(status_room(512, 112, Mode::Copy), 72);
+        assert_eq!(status_room(1_048_576, 100_000, Mode::Copy), 799_232);
     }
 
     fn key(i: u32) -> SourceKey {

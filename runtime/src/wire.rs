@@ -44,6 +44,19 @@ fn hint_ms(retry: Duration) -> u16 {
     u16::try_from(retry.as_nanos().div_ceil(1_000_000)).unwrap_or(u16::MAX)
 }
 
+/// The status reply written without waiting, then the socket dropped: for
+/// a router too short of descriptors to hold a socket while its answer is
+/// read. Best effort (a fresh socket's send buffer takes 8 bytes; unread
+/// input may still turn the close into a reset), but an agent that reads
+/// it waits the hint instead of taking a bare close for a failure.
+pub fn send_status_now(stream: TcpStream, status: Status, retry: Duration) {
+    let reply = StatusReply {
+        status,
+        retry_after_ms: hint_ms(retry),
+    };
+    let _ = stream.try_write(&reply.encode());
+}
+
 /// Answers with the 8-byte pre-TLS status reply and closes the write side.
 pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration) {
     let reply = StatusReply {

@@ -547,6 +547,15 @@ impl Stored {
             set: self.claiming.clone(),
             sid,
         };
+        // Another connection of this session may have claimed and adopted
+        // it while this one waited for a lease: it is here now, and its
+        // record (ours, under this lease) must not be taken for a failed
+        // adoption. The agent's next RESUME finds it.
+        let shard = crate::engine::shard_of(&sid, shared.shards.len());
+        if shared.with_engine(shard, |e| e.session(&sid).is_some()) {
+            count("conflict");
+            return Err(ReasonCode::OwnerUnreachable);
+        }
         let stored = match timed("load", self.etcd.load(&sid)).await {
             Ok(Some(s)) => s,
             Ok(None) => {

@@ -22,8 +22,8 @@
 //! - warm-up: for `failure_timeout + 2 × interval` after start, plus a
 //!   gateway's heartbeat connect timeout and longest back-off (1.5 s),
 //!   owners not heard of yet are `owner_unreachable`, never `owner_lost`
-//!   (one that heartbeated at least twice and then closed its stream is
-//!   lost as at any other time);
+//!   (one whose stream carried three heartbeats and then closed is lost
+//!   as at any other time);
 //! - forgetting: a dead member that no longer heartbeats is forgotten
 //!   `forget_left_after` after its death when its heartbeats said it was
 //!   leaving (taken out for good), `forget_failed_after` otherwise (it
@@ -158,9 +158,13 @@ struct Member {
     died_at: Option<Mono>,
     /// Its heartbeats said it is leaving for good.
     leaving: bool,
-    /// Its last stream closed after it had heartbeated at least twice: a
-    /// gateway's back-off is back at its shortest then, so a flap reopens
-    /// before the fast death, and a death from it is certain.
+    /// Heartbeats since its newest stream opened (that stream's first
+    /// not counted).
+    stream_heartbeats: u32,
+    /// Its last stream closed after carrying at least three heartbeats:
+    /// the gateway had two replies on it, so its back-off is back at its
+    /// shortest, a flap reopens before the fast death, and a death from it
+    /// is certain.
     closed_settled: bool,
     /// Dead of such a closed stream: certainly gone, even for a router
     /// still warming up.
@@ -310,6 +314,7 @@ impl Membership {
                 silent_death_at: None,
                 died_at: None,
                 leaving: false,
+                stream_heartbeats: 0,
                 closed_settled: false,
                 certain_death: false,
             });
@@ -327,6 +332,7 @@ impl Membership {
         m.leaving = hb.leaving;
         m.last_heartbeat = now;
         m.stream_closed_at = None;
+        m.stream_heartbeats = m.stream_heartbeats.saturating_add(1);
         HeartbeatVerdict::Accepted
     }
 
@@ -368,6 +374,7 @@ impl Membership {
             && m.incarnation == incarnation
         {
             m.open_streams += 1;
+            m.stream_heartbeats = 0;
         }
     }
 
@@ -391,7 +398,7 @@ impl Membership {
             return None;
         }
         let closed = *m.stream_closed_at.get_or_insert(now);
-        m.closed_settled = m.rise_count >= 2;
+        m.closed_settled = m.stream_heartbeats >= 2;
         // A closed stream is not ambiguous: the process is gone.
         m.silent_death_at = None;
         (!m.dead).then_some(closed + after)

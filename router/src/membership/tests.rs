@@ -302,6 +302,26 @@ fn a_stream_that_breaks_at_its_first_reply_during_the_warm_up_loses_nothing() {
     ] {
         assert_eq!(route, OwnerRoute::Unreachable);
     }
+
+    // Two short streams, one reply each: the router has heard two
+    // heartbeats, but no stream carried two replies, so the gateway's
+    // back-off is still long. Not certain either.
+    let mut m = Membership::new(MembershipConfig::default(), Mono::ZERO);
+    run(&mut m, &[("g1", 1), ("g2", 1)], 0, 300);
+    let at = Mono::from_millis;
+    m.on_heartbeat(at(300), &hb("g3", 1));
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_stream_closed(at(350), &g3, Incarnation(1));
+    assert!(run(&mut m, &[("g1", 1), ("g2", 1)], 350, 700).is_empty());
+    m.on_heartbeat(at(700), &hb("g3", 1));
+    m.on_stream_opened(&g3, Incarnation(1));
+    m.on_stream_closed(at(750), &g3, Incarnation(1));
+    let died = run(&mut m, &[("g1", 1), ("g2", 1)], 700, 1400);
+    assert_eq!(died, vec![(g3.clone(), Incarnation(1))]);
+    assert_eq!(
+        m.route(at(1400), Some((&g3, Incarnation(1)))),
+        OwnerRoute::Unreachable
+    );
 }
 
 #[test]
