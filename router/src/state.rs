@@ -332,6 +332,7 @@ impl RouterState {
         let membership_routes = membership.routes();
         let empty_view = View::new(Vec::new(), params, &keys)
             .unwrap_or_else(|_| unreachable!("an empty view with validated parameters"));
+        let (fitted, room) = within_open_files(a, cfg.raw.splice.mode);
         Arc::new(Self {
             params,
             empty_view,
@@ -356,15 +357,9 @@ impl RouterState {
             admission: Mutex::new(admission),
             membership_conns: Mutex::new(membership_conns),
             token_uses: Mutex::new(crate::replay::TokenUses::default()),
-            limits: ArcSwap::from_pointee(within_open_files(
-                &cfg.raw.admission,
-                cfg.raw.splice.mode,
-            )),
+            limits: ArcSwap::from_pointee(fitted),
             active: AtomicUsize::new(0),
-            status_room: AtomicUsize::new(status_room_now(
-                cfg.raw.admission.max_connections,
-                cfg.raw.splice.mode,
-            )),
+            status_room: AtomicUsize::new(room),
             listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
             ring_changes: AtomicU64::new(0),
@@ -876,11 +871,8 @@ impl RouterState {
         );
         adm.conc.max_per_source = a.per_source_max_connections;
         adm.conc.capacity = concurrency_capacity(a);
-        let fitted = within_open_files(a, self.cfg.raw.splice.mode);
-        self.status_room.store(
-            status_room_now(a.max_connections, self.cfg.raw.splice.mode),
-            Ordering::Relaxed,
-        );
+        let (fitted, room) = within_open_files(a, self.cfg.raw.splice.mode);
+        self.status_room.store(room, Ordering::Relaxed);
         self.limits.store(Arc::new(fitted));
     }
 
@@ -990,28 +982,22 @@ pub fn status_room(open_files: u64, max: usize, mode: crate::splice::Mode) -> us
     usize::try_from(left).unwrap_or(usize::MAX)
 }
 
-/// [`status_room`] under the process's limit now, for the cap `max` that
-/// [`within_open_files`] gives `configured`.
-fn status_room_now(configured: usize, mode: crate::splice::Mode) -> usize {
-    use nix::sys::resource::{Resource, getrlimit};
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(64, |(soft, _)| {
-        status_room(soft, configured.min(connections_within(soft, mode)), mode)
-    })
-}
-
 /// `a` with `max_connections` lowered to what the process's open-file
 /// limit holds: past it accepts fail (EMFILE) and clients would wait in
 /// the listen backlog with no answer, where under the cap they are
 /// answered `overloaded` at once. Warns when it lowers the cap, naming the
-/// key (at start, and at each reload that asks for more).
+/// key (at start, and at each reload that asks for more). Also returns
+/// the [`status_room`] past that cap (64 if the limit cannot be read).
 fn within_open_files(
     a: &crate::config::AdmissionSection,
     mode: crate::splice::Mode,
-) -> crate::config::AdmissionSection {
+) -> (crate::config::AdmissionSection, usize) {
     use nix::sys::resource::{Resource, getrlimit};
     let mut fitted = a.clone();
+    let mut room = 64;
     if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
         fitted.max_connections = a.max_connections.min(connections_within(soft, mode));
+        room = status_room(soft, fitted.max_connections, mode);
     }
     if fitted.max_connections < a.max_connections {
         warn!(
@@ -1022,7 +1008,7 @@ fn within_open_files(
         );
     }
     metrics::gauge!(crate::metrics::MAX_CONNECTIONS).set(fitted.max_connections as f64);
-    fitted
+    (fitted, room)
 }
 
 /// Sources the table of open connections per source holds. An entry lives

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use jvpn_proto::frame::{self, FrameError};
 use jvpn_proto::pb::session::frame::Kind;
-use jvpn_proto::preamble::{Status, StatusReply};
+use jvpn_proto::preamble::{STATUS_LEN, Status, StatusReply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -44,26 +44,27 @@ fn hint_ms(retry: Duration) -> u16 {
     u16::try_from(retry.as_nanos().div_ceil(1_000_000)).unwrap_or(u16::MAX)
 }
 
+/// The 8-byte pre-TLS status reply.
+fn reply(status: Status, retry: Duration) -> [u8; STATUS_LEN] {
+    StatusReply {
+        status,
+        retry_after_ms: hint_ms(retry),
+    }
+    .encode()
+}
+
 /// The status reply written without waiting, then the socket dropped: for
 /// a router too short of descriptors to hold a socket while its answer is
 /// read. Best effort (a fresh socket's send buffer takes 8 bytes; unread
 /// input may still turn the close into a reset), but an agent that reads
 /// it waits the hint instead of taking a bare close for a failure.
 pub fn send_status_now(stream: TcpStream, status: Status, retry: Duration) {
-    let reply = StatusReply {
-        status,
-        retry_after_ms: hint_ms(retry),
-    };
-    let _ = stream.try_write(&reply.encode());
+    let _ = stream.try_write(&reply(status, retry));
 }
 
 /// Answers with the 8-byte pre-TLS status reply and closes the write side.
 pub async fn send_status(stream: &mut TcpStream, status: Status, retry: Duration) {
-    let reply = StatusReply {
-        status,
-        retry_after_ms: hint_ms(retry),
-    };
-    let _ = stream.write_all(&reply.encode()).await;
+    let _ = stream.write_all(&reply(status, retry)).await;
     let _ = stream.shutdown().await;
     // Lingering close: closing with unread input (the agent sends its
     // ClientHello right after the preamble) makes the kernel answer with a

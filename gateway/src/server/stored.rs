@@ -920,30 +920,34 @@ impl Stored {
         let r = self
             .rewrite("move", &sid, None, since + self.patience)
             .await;
-        let result = match &r {
-            Ok(_) => "ok",
+        // `Some`: it ends, counted under that result.
+        let ends = match r {
+            Ok(moved) => {
+                if moved {
+                    counter!(m::STORE_SESSIONS_MOVED, "result" => "ok").increment(1);
+                }
+                None
+            }
             Err(Rewrite::Gone) => return,
-            Err(Rewrite::Store(StoreError::Stale { .. } | StoreError::Missing)) => "lost",
-            Err(Rewrite::Store(StoreError::Unavailable(_) | StoreError::LeaseGone)) => {
-                // No lease came: the fence loop ends it at its patience.
+            // No lease came: the fence loop ends it at its patience.
+            Err(Rewrite::Store(StoreError::Unavailable(_) | StoreError::LeaseGone)) => None,
+            Err(Rewrite::Store(StoreError::Stale { .. } | StoreError::Missing)) => Some("lost"),
+            Err(Rewrite::Store(_)) => Some("error"),
+        };
+        match ends {
+            Some(result) => {
+                counter!(m::STORE_SESSIONS_MOVED, "result" => result).increment(1);
+                debug!(
+                    result,
+                    "store: a session of a lost lease not moved; it ends"
+                );
+                self.end_fenced(&shared, vec![sid]);
+            }
+            None => {
                 if let Some(b) = lock(&self.sessions).get_mut(&sid) {
                     b.moving = false;
                 }
-                return;
             }
-            Err(Rewrite::Store(_)) => "error",
-        };
-        if matches!(r, Ok(true) | Err(_)) {
-            counter!(m::STORE_SESSIONS_MOVED, "result" => result).increment(1);
-        }
-        if r.is_err() {
-            debug!(
-                result,
-                "store: a session of a lost lease not moved; it ends"
-            );
-            self.end_fenced(&shared, vec![sid]);
-        } else if let Some(b) = lock(&self.sessions).get_mut(&sid) {
-            b.moving = false;
         }
     }
 
@@ -1075,11 +1079,10 @@ impl Stored {
             let until = s
                 .serving_until
                 .map(|d| self.origin + d.saturating_since(Mono::ZERO))
-                .filter(|d| *d > Instant::now());
-            let until = match (until, give_up) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+                .filter(|d| *d > Instant::now())
+                .into_iter()
+                .chain(give_up)
+                .min();
             tokio::select! {
                 r = rx.changed() => if r.is_err() {
                     self.fence(&shared, true);
