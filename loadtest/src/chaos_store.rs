@@ -328,9 +328,12 @@ pub struct ChaosReport {
     /// Claims by result, summed over the gateway processes alive at the
     /// end (a killed process's counts died with it).
     pub claims_at_end: BTreeMap<String, u64>,
-    /// Events the gateways alive at the end dropped (a full sink queue):
-    /// not 0 would leave the checker blind to some of what happened.
-    pub events_dropped_at_end: u64,
+    /// Events the gateway processes dropped (a full sink queue), each
+    /// read just before its SIGKILL or at the end: not 0 would leave the
+    /// checker blind to some of what happened. `None` (JSON `null`): some
+    /// process's count could not be read (a scrape failed, or it exited
+    /// by itself), so nobody knows.
+    pub events_dropped: Option<u64>,
     /// Seeds whose faults were applied, healed and recovered from.
     pub seeds_completed: u64,
     /// A seed after which the cluster did not recover (the run stopped
@@ -344,11 +347,14 @@ pub struct ChaosReport {
 }
 
 impl ChaosReport {
-    /// Every seed ran and recovered, and the checker found nothing.
+    /// Every seed ran and recovered, and the checker, missing no event,
+    /// found nothing.
     pub fn passed(&self) -> bool {
         self.recovery_failure.is_none()
             && self.seeds_completed == self.seeds
             && self.verdict.violations.is_empty()
+            // A checker that missed events could not see every violation.
+            && self.events_dropped == Some(0)
     }
 }
 
@@ -476,6 +482,12 @@ async fn run_seed(
     let start = tokio::time::Instant::now();
     for (at, on, f) in timeline {
         tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+        if let (Fault::KillGateway(i), true) = (f, on) {
+            // Its count dies with it: read it first.
+            let g = c.gateway(&node_name(i))?;
+            let n = tokio::time::timeout(Duration::from_secs(2), dropped_events(g)).await;
+            count_dropped(report, n.ok().flatten());
+        }
         act(c, etcd, f, on)
             .await
             .with_context(|| format!("{} {}", if on { "apply" } else { "heal" }, f.kind()))?;
@@ -584,6 +596,7 @@ pub async fn run(opts: ChaosOptions, gateway: Launcher, router: Launcher) -> Res
         seeds: opts.seeds,
         sessions: opts.sessions,
         gateways: opts.gateways,
+        events_dropped: Some(0),
         ..ChaosReport::default()
     };
     let mut failure = None;
@@ -626,14 +639,15 @@ pub async fn run(opts: ChaosOptions, gateway: Launcher, router: Launcher) -> Res
     }
     for (_, g) in &mut c.gateways {
         if g.exited()? {
+            // Exited by itself since the last recovery: its count is gone.
+            count_dropped(&mut report, None);
             continue;
         }
         let text = g.metrics().await.unwrap_or_default();
         for (result, n) in claims_by_result(&text) {
             *report.claims_at_end.entry(result).or_default() += n;
         }
-        report.events_dropped_at_end +=
-            harness::metric_value(&text, "jvpn_gateway_events_dropped_total", &[]) as u64;
+        count_dropped(&mut report, dropped_events(g).await);
     }
     // A clean stop writes out every event still queued.
     for (_, g) in &mut c.gateways {
@@ -649,6 +663,19 @@ pub async fn run(opts: ChaosOptions, gateway: Launcher, router: Launcher) -> Res
     report.verdict = check(&events, &seen, &refused);
     report.seconds = began.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The events a gateway process dropped so far; `None` if not read.
+async fn dropped_events(g: &harness::LocalGateway) -> Option<u64> {
+    g.metric("jvpn_gateway_events_dropped_total", &[])
+        .await
+        .ok()
+        .map(|n| n as u64)
+}
+
+/// Adds one process's dropped events; one unknown makes the sum unknown.
+fn count_dropped(report: &mut ChaosReport, n: Option<u64>) {
+    report.events_dropped = report.events_dropped.zip(n).map(|(a, b)| a + b);
 }
 
 /// `jvpn_gateway_store_claims_total{result="…"} n` samples.

@@ -74,8 +74,22 @@ async fn hellos_ok(c: &LocalCluster, node: &str) -> f64 {
 /// The checks after a heal: every agent explicit and never migrated, no
 /// session attached on two gateways (from their event streams), nothing
 /// placed on an unplaceable gateway.
-async fn assert_healed_cleanly(c: &LocalCluster, fleet: jvpn_loadtest::fleet::Fleet) {
+async fn assert_healed_cleanly(c: &mut LocalCluster, fleet: jvpn_loadtest::fleet::Fleet) {
     common::close_clean(c, fleet).await;
+    // Every event written before reading: none dropped, and the
+    // gateways stopped cleanly (a clean stop writes what is queued).
+    for (node, g) in &mut c.gateways {
+        let dropped = g
+            .metric("jvpn_gateway_events_dropped_total", &[])
+            .await
+            .unwrap();
+        assert_eq!(dropped, 0.0, "{node} dropped events");
+        g.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+        tokio::time::timeout(Duration::from_secs(40), g.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{node} did not stop"))
+            .unwrap();
+    }
     let paths: Vec<&Path> = c
         .gateways
         .iter()
@@ -93,7 +107,7 @@ async fn assert_healed_cleanly(c: &LocalCluster, fleet: jvpn_loadtest::fleet::Fl
 #[test]
 fn a_gateway_cut_off_the_membership_port_dies_loses_its_lease_and_its_sessions_are_told() {
     in_private_namespace(|| async {
-        let c = partitioned_cluster(Vec::new()).await;
+        let mut c = partitioned_cluster(Vec::new()).await;
         let victim = "g2";
         let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
         let hellos_before = hellos_ok(&c, victim).await;
@@ -147,7 +161,7 @@ fn a_gateway_cut_off_the_membership_port_dies_loses_its_lease_and_its_sessions_a
             gateway_metric(&c, victim, "jvpn_gateway_lease_valid", &[]).await,
             1.0
         );
-        assert_healed_cleanly(&c, fleet).await;
+        assert_healed_cleanly(&mut c, fleet).await;
     });
 }
 
@@ -163,7 +177,7 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
         "250".to_owned(),
     )];
     in_private_namespace(|| async move {
-        let c = partitioned_cluster(env).await;
+        let mut c = partitioned_cluster(env).await;
         let victim = "g2";
         let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
         let hellos_before = hellos_ok(&c, victim).await;
@@ -275,7 +289,7 @@ fn a_gateway_cut_off_its_client_port_is_unplaced_then_unreachable_then_lost() {
             .await
             .unwrap();
         assert!(probes("ok").await >= 1.0, "back without a successful probe");
-        assert_healed_cleanly(&c, fleet).await;
+        assert_healed_cleanly(&mut c, fleet).await;
     });
 }
 
@@ -316,7 +330,7 @@ async fn wait_each_resumed(
 #[test]
 fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
     in_private_namespace(|| async {
-        let c = partitioned_cluster(Vec::new()).await;
+        let mut c = partitioned_cluster(Vec::new()).await;
         let victim = "g3";
         let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
         let load = common::HelloLoad::start(&c, 500, Duration::from_millis(30));
@@ -365,7 +379,7 @@ fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
             placed.iter().any(|p| p.read > t_stop && p.read < t_cont),
             "no HELLO was placed during the pause"
         );
-        assert_healed_cleanly(&c, fleet).await;
+        assert_healed_cleanly(&mut c, fleet).await;
     });
 }
 
@@ -375,7 +389,7 @@ fn a_gateway_paused_for_twice_the_failure_timeout_accepts_nothing_stale() {
 #[test]
 fn a_gateway_paused_past_the_grace_loses_its_sessions_explicitly() {
     in_private_namespace(|| async {
-        let c = partitioned_cluster(Vec::new()).await;
+        let mut c = partitioned_cluster(Vec::new()).await;
         let victim = "g1";
         let (fleet, before, who) = common::settled_fleet(&c, 60, victim).await;
         let t_stop = Instant::now();
@@ -402,7 +416,7 @@ fn a_gateway_paused_past_the_grace_loses_its_sessions_explicitly() {
             who.len(),
             moved_after.as_millis()
         );
-        assert_healed_cleanly(&c, fleet).await;
+        assert_healed_cleanly(&mut c, fleet).await;
     });
 }
 

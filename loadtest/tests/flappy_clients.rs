@@ -109,6 +109,9 @@ async fn a_router_crash_loop_costs_no_session() {
         .wait_established(Duration::from_secs(30))
         .await
         .unwrap();
+    // Where each session lives before the loop: a move during it would
+    // show as another node at the end.
+    let before = fleet.snapshots();
     let started = Instant::now();
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs(90) {
@@ -119,7 +122,6 @@ async fn a_router_crash_loop_costs_no_session() {
         assert_eq!(lost, 0, "after {kills} router kills\n{}", c.logs());
     }
     // Every session is attached again after the loop.
-    let before = fleet.snapshots();
     eventually(Duration::from_secs(30), "every session attached", || {
         let echoes = fleet.echo_all("after the crash loop");
         async move { echoes.await.1 == 0 }

@@ -39,7 +39,8 @@ async fn fifty_seeds_of_faults_never_give_one_session_epoch_two_owners() {
     .await;
     assert_eq!(r["recovery_failure"], serde_json::Value::Null, "{r:#}");
     assert_eq!(r["seeds_completed"], SEEDS, "{r:#}");
-    assert_eq!(r["events_dropped_at_end"], 0, "{r:#}");
+    // Read from every process (before each SIGKILL too), never assumed.
+    assert_eq!(r["events_dropped"], 0, "{r:#}");
     assert!(v_answers(&r) > 0, "{r:#}");
     let v = &r["verdict"];
     assert_eq!(v["violations"], serde_json::json!([]), "{r:#}");

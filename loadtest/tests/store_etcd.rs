@@ -802,9 +802,10 @@ async fn attached_sessions_end_without_a_majority(members: &[usize]) {
     // The agent here sends no pings: the heartbeat timeout must not end
     // its session before the fence does (a lone leader answers renewals
     // a little longer, and CI found the race).
-    let (env, _store) = store_gateway_with(&c, "[policy]\nheartbeat_timeout_ms = 10000\n").await;
+    let (env, store) = store_gateway_with(&c, "[policy]\nheartbeat_timeout_ms = 10000\n").await;
     let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
     let mut t = agent.hello().await.unwrap();
+    let sid = agent.session.as_ref().unwrap().id;
     t.echo(b"attached").await.unwrap();
     // No majority: the owner lease cannot be renewed.
     for i in members {
@@ -834,13 +835,6 @@ async fn attached_sessions_end_without_a_majority(members: &[usize]) {
         m("jvpn_gateway_store_fenced_sessions_total", &[]).await,
         1.0
     );
-    // A fenced session's record is left for a taker: no delete was tried.
-    let tried = m(
-        "jvpn_gateway_store_writes_total",
-        &[("op", "delete"), ("result", "unavailable")],
-    )
-    .await;
-    assert_eq!(tried, 0.0);
     assert_eq!(
         m(
             "jvpn_gateway_hellos_total",
@@ -849,6 +843,21 @@ async fn attached_sessions_end_without_a_majority(members: &[usize]) {
         .await,
         1.0
     );
+    // A fenced session's record is left for a taker: with a majority
+    // back, it is still there, and no delete was tried (whatever its
+    // result: one sent without a majority ends `unavailable` or `error`).
+    for i in members {
+        c.restart(*i).unwrap();
+    }
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    eventually(Duration::from_secs(10), "the record read back", || {
+        let store = store.clone();
+        async move { matches!(store.load(&sid).await, Ok(Some(_))) }
+    })
+    .await
+    .unwrap();
+    let tried = m("jvpn_gateway_store_writes_total", &[("op", "delete")]).await;
+    assert_eq!(tried, 0.0, "a delete of a fenced session's record");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

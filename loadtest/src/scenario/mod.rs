@@ -530,6 +530,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport> {
         connections_cut: cut.load(std::sync::atomic::Ordering::Relaxed),
         invariants: inv,
         events_checked,
+        dual_active_required: matches!(opts.target, Target::LocalCluster(g, _) if g >= 2),
         flood,
         streams,
         cpu,

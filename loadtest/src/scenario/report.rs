@@ -97,6 +97,10 @@ pub struct RunReport {
     /// Gateway state-change events read for `dual_active_detected` (local
     /// clusters, after the gateways stopped cleanly).
     pub events_checked: usize,
+    /// A local cluster of two gateways or more: `dual_active_detected`
+    /// must have been checked for the run to pass.
+    #[serde(skip)]
+    pub dual_active_required: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood: Option<FloodReport>,
     /// `bulk`: what the streams saw (stream_bytes, stream_bytes_lost, ...).
@@ -139,6 +143,9 @@ impl RunReport {
             .filter(|(_, v)| *v > 0)
             .map(|(k, v)| format!("{k} = {v}"))
             .collect();
+        if self.dual_active_required && self.invariants.dual_active_detected.is_none() {
+            out.push("dual_active_detected not checked".into());
+        }
         out.extend(self.scenario_failures());
         out.extend(
             self.thresholds
@@ -514,6 +521,15 @@ mod tests {
             ok: true,
         });
         r.errors_by_reason.insert("owner_lost".into(), 7);
+        // A local cluster's run that could not check dual-activity fails.
+        r.dual_active_required = true;
+        assert!(
+            r.failures()
+                .contains(&"dual_active_detected not checked".to_owned()),
+            "{:?}",
+            r.failures()
+        );
+        r.invariants.dual_active_detected = Some(0);
         let s = r.summary();
         let verdict = s.lines().last().unwrap();
         assert_eq!(
