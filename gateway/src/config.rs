@@ -343,6 +343,9 @@ pub struct MembershipFiles {
     pub cert_pem: Vec<u8>,
     pub key_pem: zeroize::Zeroizing<Vec<u8>>,
     pub ca_pem: Vec<u8>,
+    /// Certificate, key and CA paths: heartbeat streams read them again
+    /// when they (re)connect.
+    pub paths: [PathBuf; 3],
 }
 
 impl std::fmt::Debug for MembershipFiles {
@@ -603,10 +606,6 @@ pub fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'s
     check("client_addr", old.client_addr == new.client_addr);
     check("admin_addr", old.admin_addr == new.admin_addr);
     check("state_dir", old.state_dir == new.state_dir);
-    check(
-        "admin_token_file",
-        old.admin_token_file == new.admin_token_file,
-    );
     check("auth", old.auth == new.auth);
     // The secret may rotate (design note 20); the rest of [cluster] may not.
     let same_cluster = ClusterConfig {
@@ -750,10 +749,16 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             &mut errs,
         );
         if let (Some(cert_pem), Some(key), Some(ca_pem)) = (cert, key, ca) {
+            let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
             membership = Some(MembershipFiles {
                 cert_pem,
                 key_pem: zeroize::Zeroizing::new(key),
                 ca_pem,
+                paths: [
+                    path(&c.membership_cert_file),
+                    path(&c.membership_key_file),
+                    path(&c.membership_ca_file),
+                ],
             });
         }
     }

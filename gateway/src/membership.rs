@@ -459,12 +459,63 @@ pub struct HeartbeatSettings {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub ca_pem: Vec<u8>,
+    /// Where the three came from (certificate, key, CA), read again at
+    /// each stream's connect; `None`: only the bytes above.
+    pub files: Option<[std::path::PathBuf; 3]>,
     /// The name every router's membership certificate carries (`router.<cluster>`).
     pub server_name: String,
     pub advertise_addr: std::net::SocketAddr,
     pub weight: u32,
     pub interval: Duration,
     pub keys: ClusterKeys,
+}
+
+impl HeartbeatSettings {
+    /// The membership certificate, key and CA as their files hold them
+    /// now: a stream (re)connecting after the operator replaced them (a
+    /// rotation before the old certificate expires) presents the new ones,
+    /// with no restart. A file that cannot be read or is no PEM (caught
+    /// mid-replacement) leaves the ones read at start, with a warning
+    /// naming its key.
+    fn current(&self) -> (Vec<u8>, zeroize::Zeroizing<Vec<u8>>, Vec<u8>) {
+        let loaded = || {
+            (
+                self.cert_pem.clone(),
+                zeroize::Zeroizing::new(self.key_pem.clone()),
+                self.ca_pem.clone(),
+            )
+        };
+        let Some(paths) = &self.files else {
+            return loaded();
+        };
+        let mut errs = Vec::new();
+        let [cert, key, ca] = [
+            "cluster.membership_cert_file",
+            "cluster.membership_key_file",
+            "cluster.membership_ca_file",
+        ]
+        .into_iter()
+        .zip(paths)
+        .map(|(k, p)| {
+            jvpn_runtime::config::read_pem(k, Some(p), &mut errs).map(zeroize::Zeroizing::new)
+        })
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("three files"));
+        match (cert, key, ca) {
+            (Some(cert), Some(key), Some(ca)) => (cert.to_vec(), key, ca.to_vec()),
+            _ => {
+                static WARN: jvpn_runtime::wire::AtMost =
+                    jvpn_runtime::wire::AtMost::per(Duration::from_secs(60));
+                if let Some(held) = WARN.allow() {
+                    for e in &errs {
+                        warn!(key = %e.key, held, "membership file not read again; the one read at start is used");
+                    }
+                }
+                loaded()
+            }
+        }
+    }
 }
 
 /// Starts the heartbeat thread: one stream per router, reconnecting forever.
@@ -626,9 +677,10 @@ async fn stream_once(
     carried: &mut u64,
 ) -> Result<(), StreamEnd> {
     let patience = patience(s.interval);
+    let (cert_pem, key_pem, ca_pem) = s.current();
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&s.ca_pem))
-        .identity(Identity::from_pem(&s.cert_pem, &s.key_pem))
+        .ca_certificate(Certificate::from_pem(&ca_pem))
+        .identity(Identity::from_pem(&cert_pem, &*key_pem))
         .domain_name(s.server_name.clone());
     let endpoint = Endpoint::from_shared(format!("https://{}", link.endpoint))?
         .tls_config(tls)?
@@ -1040,12 +1092,45 @@ mod tests {
             cert_pem: Vec::new(),
             key_pem: Vec::new(),
             ca_pem: Vec::new(),
+            files: None,
             server_name: String::new(),
             advertise_addr: "127.0.0.1:1".parse().unwrap(),
             weight: 1,
             interval: Duration::from_millis(250),
             keys: keys.clone(),
         }
+    }
+
+    /// Replaced membership files are what the next stream presents (a
+    /// rotation needs no restart, as operations.md says); a file caught
+    /// mid-replacement leaves the ones read at start.
+    #[test]
+    fn each_stream_reads_the_membership_files_again() {
+        let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
+        let dir = tempfile::tempdir().unwrap();
+        let paths = ["cert.pem", "key.pem", "ca.pem"].map(|f| dir.path().join(f));
+        let pem = |what: &str| format!("-----BEGIN {what}-----\n").into_bytes();
+        for (p, what) in paths.iter().zip(["OLD CERT", "OLD KEY", "CA"]) {
+            std::fs::write(p, pem(what)).unwrap();
+        }
+        let s = HeartbeatSettings {
+            cert_pem: pem("OLD CERT"),
+            key_pem: pem("OLD KEY"),
+            ca_pem: pem("CA"),
+            files: Some(paths.clone()),
+            ..test_settings(&keys)
+        };
+        std::fs::write(&paths[0], pem("NEW CERT")).unwrap();
+        std::fs::write(&paths[1], pem("NEW KEY")).unwrap();
+        let (cert, key, ca) = s.current();
+        assert_eq!(
+            (cert, key.to_vec(), ca),
+            (pem("NEW CERT"), pem("NEW KEY"), pem("CA"))
+        );
+        // Half-written: not a PEM yet.
+        std::fs::write(&paths[1], b"").unwrap();
+        let (cert, key, _) = s.current();
+        assert_eq!((cert, key.to_vec()), (pem("OLD CERT"), pem("OLD KEY")));
     }
 
     /// A router endpoint that accepts TCP and then says nothing (a load

@@ -134,6 +134,28 @@ async fn a_router_reloads_its_admission_limits_on_sighup() {
     .unwrap();
     r.signal(Signal::SIGHUP).unwrap();
     reloads(1.0, 1.0).await;
+    assert!(r.log().contains("router_id cannot change"), "{}", r.log());
+
+    // The secret file rewritten in place: read only at start, so the
+    // reload is refused naming it (it used to say "applied" and keep the
+    // old secret).
+    std::fs::write(&r.config_path, &text).unwrap();
+    let secret_file = text
+        .lines()
+        .find_map(|l| l.strip_prefix("secret_file = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("the router's secret_file");
+    let old = std::fs::read_to_string(&secret_file).unwrap();
+    let key_id = old.split(':').next().unwrap().to_owned();
+    std::fs::write(&secret_file, format!("{key_id}:{}\n", "5a".repeat(32))).unwrap();
+    r.signal(Signal::SIGHUP).unwrap();
+    reloads(1.0, 2.0).await;
+    assert!(
+        r.log().contains("cluster.secret_file cannot change"),
+        "{}",
+        r.log()
+    );
+    std::fs::write(&secret_file, old).unwrap();
     assert!(matches!(
         http_get(r.admin_addr, "/readyz").await,
         Ok((200, _))

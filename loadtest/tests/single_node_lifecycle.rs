@@ -457,6 +457,28 @@ async fn admin_token_guards_session_lookup_and_drain() {
         "the session id reached the log"
     );
 
+    // A leaked token revoked: the file rewritten, SIGHUP. The old token
+    // no longer passes, the new one does (it used to be kept until a
+    // restart, while the reload said it had applied).
+    let token = "fedcba9876543210-rotated";
+    let reloads = || env.gw.metric("jvpn_gateway_config_reloads_total", &[]);
+    let before = reloads().await.unwrap();
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    env.gw.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the reload applied", || async {
+        reloads().await.unwrap_or(0.0) > before
+    })
+    .await
+    .unwrap();
+    let (code, _) = http_request(admin, "GET", &path, Some("0123456789abcdef-operator"))
+        .await
+        .unwrap();
+    assert_eq!(code, 401, "the revoked token still passes");
+    let (code, _) = http_request(admin, "GET", &path, Some(token))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "the new token");
+
     // POST /drain: readyz goes 503, the session is told, the process exits 0.
     let (code, _) = http_request(admin, "POST", "/drain", Some(token))
         .await

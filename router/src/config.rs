@@ -256,15 +256,48 @@ impl Default for SpliceSection {
 /// Names the sections a reload (SIGHUP) cannot change: everything but
 /// `[admission]`. Routers hold no sessions, so the rest is a restart away.
 pub fn restart_only_changes(old: &RouterConfig, new: &RouterConfig) -> Vec<&'static str> {
-    let probe = RouterConfig {
-        admission: old.admission.clone(),
-        ..new.clone()
+    let mut out = Vec::new();
+    let mut check = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
     };
-    if probe == *old {
-        Vec::new()
-    } else {
-        vec!["every section but [admission]"]
+    check("router_id", old.router_id == new.router_id);
+    check("client_addr", old.client_addr == new.client_addr);
+    check(
+        "membership_addr",
+        old.membership_addr == new.membership_addr,
+    );
+    check("admin_addr", old.admin_addr == new.admin_addr);
+    check("cluster", old.cluster == new.cluster);
+    check("membership", old.membership == new.membership);
+    check("timeouts", old.timeouts == new.timeouts);
+    check("splice", old.splice == new.splice);
+    // [admission] and the admin token (its file may move) apply at once.
+    out
+}
+
+/// Files read once at start whose contents differ in `new` (the same
+/// paths rewritten): a reload cannot apply them, and must not say it did.
+pub fn restart_only_files(old: &Validated, new: &Validated) -> Vec<&'static str> {
+    let tag = |s: &ClusterSecret| *s.derive().tag_key();
+    let mut out = Vec::new();
+    if tag(&old.secret) != tag(&new.secret) {
+        out.push("cluster.secret_file");
     }
+    if old.previous_secret.as_ref().map(tag) != new.previous_secret.as_ref().map(tag) {
+        out.push("cluster.previous_secret_file");
+    }
+    for (key, a, b) in [
+        ("membership.cert_file", &old.cert_pem, &new.cert_pem),
+        ("membership.key_file", &*old.key_pem, &*new.key_pem),
+        ("membership.ca_file", &old.ca_pem, &new.ca_pem),
+    ] {
+        if a != b {
+            out.push(key);
+        }
+    }
+    out
 }
 
 /// A configuration that passed every check, with its files read.

@@ -82,8 +82,8 @@ impl AdminApp for RouterHandle {
         }
     }
 
-    fn token(&self) -> Option<&jvpn_runtime::admin::AdminToken> {
-        self.state.cfg.admin_token.as_ref()
+    fn token(&self) -> Option<jvpn_runtime::admin::AdminToken> {
+        self.state.admin_token.get()
     }
 
     fn drain(&self) -> &jvpn_runtime::admin::DrainTrigger {
@@ -219,11 +219,15 @@ enum ReloadError {
 
 fn reload(state: &RouterState, path: &std::path::Path) -> Result<(), ReloadError> {
     let new = crate::config::load(path)?;
-    let fixed = crate::config::restart_only_changes(&state.cfg.raw, &new.raw);
+    let mut fixed = crate::config::restart_only_changes(&state.cfg.raw, &new.raw);
+    if fixed.is_empty() {
+        fixed = crate::config::restart_only_files(&state.cfg, &new);
+    }
     if !fixed.is_empty() {
         return Err(ReloadError::RestartOnly(fixed));
     }
     state.reconfigure_admission(&new.raw.admission);
+    state.admin_token.set(new.admin_token);
     Ok(())
 }
 

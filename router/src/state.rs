@@ -174,6 +174,8 @@ impl PerGateway {
 /// Everything the router's tasks share.
 pub struct RouterState {
     pub cfg: Validated,
+    /// The admin token in force (a reload replaces it).
+    pub admin_token: jvpn_runtime::admin::LiveToken,
     origin: Instant,
     keys: ClusterKeys,
     previous_keys: Option<ClusterKeys>,
@@ -334,6 +336,7 @@ impl RouterState {
             .unwrap_or_else(|_| unreachable!("an empty view with validated parameters"));
         let (fitted, room) = within_open_files(a, cfg.raw.splice.mode);
         Arc::new(Self {
+            admin_token: jvpn_runtime::admin::LiveToken::new(cfg.admin_token.clone()),
             params,
             empty_view,
             membership: Mutex::new(membership),

@@ -25,6 +25,26 @@ impl std::fmt::Debug for AdminToken {
     }
 }
 
+/// The admin token in force: set at start, replaced by each reload that
+/// passed (a token file rewritten to revoke a leaked token takes effect on
+/// `SIGHUP`, not at the next restart).
+#[derive(Debug, Default)]
+pub struct LiveToken(std::sync::Mutex<Option<AdminToken>>);
+
+impl LiveToken {
+    pub fn new(token: Option<AdminToken>) -> Self {
+        Self(std::sync::Mutex::new(token))
+    }
+
+    pub fn get(&self) -> Option<AdminToken> {
+        crate::wire::lock(&self.0).clone()
+    }
+
+    pub fn set(&self, token: Option<AdminToken>) {
+        *crate::wire::lock(&self.0) = token;
+    }
+}
+
 /// Why an admin token file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminTokenError {
@@ -105,7 +125,7 @@ pub trait AdminApp: Clone + Send + Sync + 'static {
     /// JSON for binary-specific paths; `None` is a 404.
     fn json(&self, path: &str) -> Option<serde_json::Value>;
     /// The token that guards operator actions; `None`: they are disabled.
-    fn token(&self) -> Option<&AdminToken>;
+    fn token(&self) -> Option<AdminToken>;
     /// `POST /drain`.
     fn drain(&self) -> &DrainTrigger;
     /// `POST /leave`: marks the process as leaving for good before the

@@ -40,20 +40,34 @@ use tokio::sync::watch;
 use crate::wire::lock;
 
 /// HTTP/2's initial (stream, connection) flow-control windows over a
-/// channel of `window` bytes, the same at both ends: a stream may have
-/// half the channel window in flight, the connection four windows, so a
-/// stream whose reader stopped holds at most half a window at the receiver
-/// and can never freeze the session's other streams (a connection window
-/// equal to the stream window would: the stopped stream would use it all).
+/// channel of `window` bytes, for a receiver that lets `stalled` streams'
+/// readers stop before the session's other streams wait: a stream may have
+/// half the channel window in flight, so a stream whose reader stopped
+/// holds at most half a window at the receiver; the connection window is
+/// `stalled` stream windows, since HTTP/2 gives connection credit back only
+/// as a stream's reader takes its bytes (a connection window equal to the
+/// stream window froze every other stream behind one stopped reader).
 ///
 /// Both at most HTTP/2's largest window (2³¹ − 1; h2 panics past it): a
 /// peer announcing a huge channel window gets that, not a dead session.
-pub fn h2_windows(window: u64) -> (u32, u32) {
+pub fn h2_windows(window: u64, stalled: u64) -> (u32, u32) {
     const MAX: u64 = (1 << 31) - 1;
     let stream = (window / 2).clamp(64 * 1024, MAX) as u32;
-    let conn = window.saturating_mul(4).clamp(u64::from(stream), MAX) as u32;
+    let conn = u64::from(stream)
+        .saturating_mul(stalled)
+        .clamp(u64::from(stream), MAX) as u32;
     (stream, conn)
 }
+
+/// Stopped readers the agent holds before other streams wait: its
+/// applications' (a browser's paused downloads), held in its own memory
+/// (32 MiB at the default window when all of them stopped).
+pub const AGENT_STALLED_STREAMS: u64 = 64;
+
+/// Stopped readers the gateway holds (destinations that stopped taking an
+/// upload): eight, four channel windows, since the gateway's memory is
+/// every session's.
+pub const GATEWAY_STALLED_STREAMS: u64 = 8;
 
 /// Bytes HTTP/2 may queue per stream before they reach the channel (h2's
 /// default is 400 KiB). The channel's own buffer, a window, is what rides
@@ -483,13 +497,15 @@ mod tests {
 
     #[test]
     fn http2_windows_stay_within_what_http2_allows() {
-        assert_eq!(h2_windows(1 << 20), (512 << 10, 4 << 20));
-        assert_eq!(h2_windows(0), (64 << 10, 64 << 10));
+        assert_eq!(h2_windows(1 << 20, 8), (512 << 10, 4 << 20));
+        assert_eq!(h2_windows(1 << 20, 64), (512 << 10, 32 << 20));
+        assert_eq!(h2_windows(0, 8), (64 << 10, 512 << 10));
+        assert_eq!(h2_windows(0, 0), (64 << 10, 64 << 10));
         // A window of 1 GiB (a newer or broken gateway) used to give a
         // connection window past 2^31 - 1, which h2 asserts on.
         let max = (1 << 31) - 1;
-        assert_eq!(h2_windows(1 << 30), (512 << 20, max));
-        assert_eq!(h2_windows(u64::MAX), (max, max));
+        assert_eq!(h2_windows(1 << 30, 8), (512 << 20, max));
+        assert_eq!(h2_windows(u64::MAX, 64), (max, max));
     }
     use jvpn_proto::pb::session::Data;
     use tokio::io::AsyncReadExt;

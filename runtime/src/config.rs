@@ -100,7 +100,12 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
         .add_source(environment.source(Some(env_map)))
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigErrors(vec![ConfigProblem::new(key_of(&e), e)]))
+        .map_err(|e| {
+            ConfigErrors(vec![ConfigProblem::new(
+                key_of(&e),
+                without_values(&e.to_string()),
+            )])
+        })
 }
 
 /// Parses TOML text (no environment) into `T` the same way files are read:
@@ -113,7 +118,57 @@ pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, C
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigProblem::new(key_of(&e), e))
+        .map_err(|e| ConfigProblem::new(key_of(&e), without_values(&e.to_string())))
+}
+
+/// A parse error without the values it quotes: a problem is logged at
+/// error level, and the value may be a secret (a dev token written where
+/// a list belongs). serde's "invalid type: string \"…\", expected a
+/// sequence" keeps the type ("string"); a TOML syntax error keeps its
+/// position and message, not the quoted line.
+fn without_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for line in msg.lines() {
+        let t = line.trim_start();
+        // The quoted source: "12 | dev_tokens = ..." and the caret line.
+        let quoted = t.starts_with('|')
+            || t.split_once('|').is_some_and(|(n, _)| {
+                !n.trim().is_empty() && n.trim().chars().all(|c| c.is_ascii_digit())
+            });
+        if quoted {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&without_unexpected(line));
+    }
+    out
+}
+
+/// "invalid type: integer `42`, expected …" → "invalid type: integer, expected …".
+fn without_unexpected(line: &str) -> String {
+    let mut rest = line;
+    let mut out = String::with_capacity(line.len());
+    while let Some(at) = ["invalid type: ", "invalid value: ", "invalid length "]
+        .iter()
+        .filter_map(|p| rest.find(p).map(|i| (i, p.len())))
+        .min()
+    {
+        let (i, len) = at;
+        out.push_str(&rest[..i + len]);
+        rest = &rest[i + len..];
+        let end = rest.find(", expected").unwrap_or(rest.len());
+        let kind = rest[..end]
+            .split(['"', '`'])
+            .next()
+            .unwrap_or_default()
+            .trim_end();
+        out.push_str(kind);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The file alone, read as TOML into `T` with no coercion: the `config`
@@ -152,7 +207,7 @@ fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), Vec<Co
             if key == "." || key.is_empty() {
                 key = "config".to_owned();
             }
-            problems.push(ConfigProblem::new(key, msg));
+            problems.push(ConfigProblem::new(key, without_values(&msg)));
         }
     }
     if problems.is_empty() {
@@ -303,5 +358,59 @@ mod tests {
             panic!("not TOML");
         };
         assert!(!p.key.is_empty(), "a problem without a key: {p}");
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Tokens {
+        auth: Auth,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Auth {
+        dev_tokens: Vec<String>,
+        #[serde(default)]
+        weight: u8,
+    }
+
+    /// A problem is logged at error level: a token written where a list
+    /// belongs (in the file, in the environment, or on a line with a
+    /// syntax error) must not reach the log; the key and the kind do.
+    #[test]
+    fn a_problem_names_the_key_but_not_the_value() {
+        const SECRET: &str = "tok0123456789abcdef";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let cases: [(String, Vec<(String, String)>); 4] = [
+            (format!("[auth]\ndev_tokens = \"{SECRET}\"\n"), vec![]),
+            (format!("[auth]\ndev_tokens = [\"{SECRET}\"\n"), vec![]),
+            (
+                "[auth]\ndev_tokens = []\n".into(),
+                vec![("T__AUTH__WEIGHT".into(), format!("9{SECRET}"))],
+            ),
+            (
+                "[auth]\ndev_tokens = []\n".into(),
+                vec![("T__AUTH__DEV_TOKENS".into(), "12345678901234567".into())],
+            ),
+        ];
+        for (text, env) in cases {
+            std::fs::write(&file, &text).unwrap();
+            let e = parse_layered::<Tokens>(&file, env.clone(), "T", &[]).expect_err("a bad value");
+            let shown = e.to_string();
+            for secret in [SECRET, "12345678901234567"] {
+                assert!(!shown.contains(secret), "{env:?}: {shown}");
+            }
+            assert!(!shown.trim().is_empty(), "{env:?}");
+        }
+        std::fs::write(&file, format!("[auth]\ndev_tokens = \"{SECRET}\"\n")).unwrap();
+        let e = parse_layered::<Tokens>(&file, Vec::new(), "T", &[]).unwrap_err();
+        assert_eq!(e.0[0].key, "auth.dev_tokens");
+        assert!(
+            e.0[0].problem.starts_with("invalid type: string, expected"),
+            "{e}"
+        );
     }
 }

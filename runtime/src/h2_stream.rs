@@ -22,11 +22,12 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The data plane's HTTP/2 settings, the same at both ends (`h2` has a
-/// builder type for each side, with the same methods).
+/// The data plane's HTTP/2 settings, the same at both ends but for how
+/// many stopped readers the connection window holds (`h2` has a builder
+/// type for each side, with the same methods).
 macro_rules! settings {
-    ($b:expr, $window:expr) => {{
-        let (stream, conn) = crate::channel_io::h2_windows($window);
+    ($b:expr, $window:expr, $stalled:expr) => {{
+        let (stream, conn) = crate::channel_io::h2_windows($window, $stalled);
         $b.initial_window_size(stream)
             .initial_connection_window_size(conn)
             .max_send_buffer_size(crate::channel_io::H2_SEND_BUF)
@@ -47,14 +48,14 @@ pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// The gateway's HTTP/2 server over a channel of `window` bytes.
 pub fn server_builder(window: u64) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
-    settings!(b, window);
+    settings!(b, window, crate::channel_io::GATEWAY_STALLED_STREAMS);
     b
 }
 
 /// The agent's HTTP/2 client over a channel of `window` bytes.
 pub fn client_builder(window: u64) -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    settings!(b, window);
+    settings!(b, window, crate::channel_io::AGENT_STALLED_STREAMS);
     b
 }
 

@@ -33,8 +33,8 @@ impl GatewayHandle {
         self.shared.draining.load(Ordering::Relaxed)
     }
 
-    pub fn admin_token(&self) -> Option<&AdminToken> {
-        self.shared.cfg.admin_token.as_ref()
+    pub fn admin_token(&self) -> Option<AdminToken> {
+        self.shared.admin_token.get()
     }
 
     pub fn drain_trigger(&self) -> &DrainTrigger {
@@ -75,7 +75,7 @@ impl AdminApp for GatewayHandle {
         self.is_draining().then_some("draining")
     }
 
-    fn token(&self) -> Option<&AdminToken> {
+    fn token(&self) -> Option<AdminToken> {
         self.admin_token()
     }
 

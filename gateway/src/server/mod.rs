@@ -84,6 +84,7 @@ pub async fn serve(
                 cert_pem: files.cert_pem.clone(),
                 key_pem: files.key_pem.to_vec(),
                 ca_pem: files.ca_pem.clone(),
+                files: Some(files.paths.clone()),
                 server_name: format!("router.{}", c.name),
                 advertise_addr: advertise,
                 weight: c.weight,

@@ -109,6 +109,8 @@ pub enum ReloadError {
 pub(super) struct Shared {
     /// The configuration at start; restart-only keys are read from here.
     pub(super) cfg: Validated,
+    /// The admin token in force (a reload replaces it).
+    pub(super) admin_token: jvpn_runtime::admin::LiveToken,
     /// Reloadable (SIGHUP): the TLS configuration and the connection cap
     /// (the other limits live in their limiters).
     pub(super) acceptor: ArcSwap<TlsAcceptor>,
@@ -240,6 +242,7 @@ impl Shared {
                 c.rotate_secret_keys(new.secret.derive());
             }
         }
+        self.admin_token.set(new.admin_token.clone());
         Ok(())
     }
 
@@ -400,6 +403,7 @@ pub(super) fn build(cfg: Validated) -> Result<Arc<Shared>, ServeError> {
     let origin = Instant::now();
     let host_origin = jvpn_runtime::process::host_monotonic_ns();
     let shared = Shared {
+        admin_token: jvpn_runtime::admin::LiveToken::new(cfg.admin_token.clone()),
         acceptor: ArcSwap::from_pointee(TlsAcceptor::from(Arc::new(tls))),
         tickets,
         max_connections: AtomicUsize::new(cfg.raw.admission.max_connections),
