@@ -299,8 +299,10 @@ const PROTECTED: &[(&str, Protected)] = &[
     ("::/128", Protected::Unspecified),
     // IPv4-compatible IPv6 (deprecated): ::127.0.0.1 must not be a way in.
     ("::/96", Protected::Unspecified),
-    // AWS IMDS over IPv6, Alibaba Cloud metadata, Azure WireServer.
+    // AWS IMDS over IPv6, Google Cloud's metadata server over IPv6,
+    // Alibaba Cloud metadata, Azure WireServer.
     ("fd00:ec2::254/128", Protected::Metadata),
+    ("fd20:ce::254/128", Protected::Metadata),
     ("100.100.100.200/32", Protected::Metadata),
     ("168.63.129.16/32", Protected::Metadata),
     // 6to4 and local-use NAT64 embed an IPv4 address a rule on IPv4
@@ -513,9 +515,21 @@ impl EgressPolicy {
 }
 
 impl EgressPolicy {
-    /// Does a wildcard listener (0.0.0.0 / ::) answer on `ip`?
+    /// Does a wildcard listener (0.0.0.0 / ::) answer on `ip`? The
+    /// addresses known when the policy was made, else the kernel's word
+    /// now: an address added since (a floating IP moved here) is local
+    /// too, and so is any `ip` it cannot answer for (fail closed).
     fn is_local(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || ip.is_unspecified() || self.host_addrs.contains(&ip)
+        ip.is_loopback() || ip.is_unspecified() || self.host_addrs.contains(&ip) || bound_here(ip)
+    }
+}
+
+/// Whether this host holds `ip`: a socket binds to it. Only "not
+/// available" says no; any other failure (no descriptor left) says yes.
+fn bound_here(ip: IpAddr) -> bool {
+    match std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
     }
 }
 

@@ -52,6 +52,7 @@ fn the_default_allows_the_world_but_not_the_host_or_the_cluster() {
         ("[::1]:22", "loopback"),
         ("[::ffff:127.0.0.1]:22", "loopback"),
         ("169.254.169.254:80", "link_local"),
+        ("[fd20:ce::254]:80", "metadata"),
         ("[fe80::1]:80", "link_local"),
         ("224.0.0.251:5353", "multicast"),
         ("[ff02::1]:80", "multicast"),
@@ -139,6 +140,26 @@ fn a_wildcard_listener_is_protected_on_every_host_address() {
         Err(Denial::Protected(Protected::ClusterListener))
     );
     assert_eq!(p.check("alice", a("10.0.0.6:7443")), Ok(()), "another host");
+}
+
+/// Review finding: the host's addresses were known only as they were
+/// when the policy was made (an address added later, or a `getifaddrs`
+/// that failed at a reload, left a wildcard listener's port open). The
+/// kernel is asked at check time too.
+#[test]
+fn a_host_address_the_policy_was_not_told_of_is_still_the_hosts() {
+    let mine = nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter_map(|i| Some(i.address?.as_sockaddr_in()?.ip()))
+        .find(|ip| !ip.is_loopback())
+        .expect("this test needs a non-loopback IPv4 address on the host");
+    let p = EgressPolicy::new(&EgressConfig::default(), &[a("0.0.0.0:7443")], &[]).unwrap();
+    assert_eq!(
+        p.check("alice", SocketAddr::from((mine, 7443))),
+        Err(Denial::Protected(Protected::ClusterListener)),
+        "{mine}"
+    );
+    assert_eq!(p.check("alice", SocketAddr::from((mine, 7444))), Ok(()));
 }
 
 #[test]

@@ -484,8 +484,9 @@ async fn resolve(
 }
 
 /// Resolves `target` (a name at this gateway), keeps the addresses the
-/// policy allows (`cluster`: the cluster's listeners membership knows of), and connects to the first that answers within the
-/// connect timeout.
+/// policy allows (`cluster`: the cluster's listeners membership knows of),
+/// and connects to the first that answers within the connect timeout
+/// ([`connect_first`]).
 async fn dial(
     policy: &EgressPolicy,
     principal: &str,
@@ -506,18 +507,57 @@ async fn dial(
         return Err(Refusal::NameNotResolved);
     }
     let allowed = permitted(policy, principal, addrs, cluster)?;
+    let s = connect_first(allowed, deadline, CONNECT_STAGGER).await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// How long one address has to answer before the next is tried beside
+/// it (RFC 8305's connection attempt delay).
+const CONNECT_STAGGER: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers by `deadline`. Each
+/// address gets `stagger` alone; then the next one races it, so one that
+/// drops SYNs (a black-holed IPv6 route listed first) costs `stagger`,
+/// not the whole deadline; a refusal starts the next at once.
+async fn connect_first(
+    addrs: Vec<SocketAddr>,
+    deadline: tokio::time::Instant,
+    stagger: Duration,
+) -> Result<TcpStream, Refusal> {
+    let mut waiting = addrs.into_iter();
+    let mut racing = tokio::task::JoinSet::new();
     let mut last = Refusal::Failed;
-    for a in allowed {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+    let mut next_at = tokio::time::Instant::now();
+    loop {
+        if racing.is_empty() || tokio::time::Instant::now() >= next_at {
+            match waiting.next() {
+                Some(a) => {
+                    racing.spawn(TcpStream::connect(a));
+                    next_at = tokio::time::Instant::now() + stagger;
+                    continue;
+                }
+                None if racing.is_empty() => return Err(last),
+                None => next_at = deadline,
             }
-            Ok(Err(e)) => last = refusal_of(&e),
-            Err(_) => return Err(Refusal::TimedOut),
+        }
+        tokio::select! {
+            done = racing.join_next() => match done {
+                Some(Ok(Ok(s))) => return Ok(s),
+                Some(Ok(Err(e))) => {
+                    last = refusal_of(&e);
+                    next_at = tokio::time::Instant::now();
+                }
+                // A task cannot panic in `connect`; if it did, go on.
+                Some(Err(_)) | None => {}
+            },
+            () = tokio::time::sleep_until(next_at.min(deadline)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Refusal::TimedOut);
+                }
+            }
         }
     }
-    Err(last)
 }
 
 /// The addresses `principal` may reach, checked after resolution (a name
@@ -660,6 +700,51 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener whose accept queue is full: the kernel drops further
+    /// SYNs, as a black-holed route does, so a connect to it hangs.
+    async fn black_hole() -> (tokio::net::TcpListener, Vec<TcpStream>, SocketAddr) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let l = sock.listen(0).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut filled = Vec::new();
+        // Fill the queue until a connect no longer completes at once.
+        while let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            filled.push(c);
+            assert!(filled.len() < 64, "the accept queue never filled");
+        }
+        (l, filled, addr)
+    }
+
+    /// A first address that drops SYNs (an IPv6 route black-holed, listed
+    /// first) costs the stagger, not the whole connect timeout: the next
+    /// address answers. It used to wait out the deadline and refuse the
+    /// stream `timed_out`.
+    #[tokio::test]
+    async fn a_silent_first_address_does_not_hide_the_next() {
+        let (_hole, _filled, silent) = black_hole().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let s = connect_first(vec![silent, good_addr], deadline, CONNECT_STAGGER)
+            .await
+            .expect("the second address answers");
+        assert_eq!(s.peer_addr().unwrap(), good_addr);
+        // Only silent addresses: the deadline, as a timeout.
+        let short = tokio::time::Instant::now() + Duration::from_millis(600);
+        let r = connect_first(vec![silent, silent], short, CONNECT_STAGGER).await;
+        assert_eq!(r.err(), Some(Refusal::TimedOut));
+        // A refusal moves on at once and is what is said if all refuse.
+        let closed = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let r = connect_first(vec![closed], deadline, CONNECT_STAGGER).await;
+        assert_eq!(r.err(), Some(Refusal::ConnectionRefused));
+    }
 
     /// A denial is counted once per refused stream, by the reason of its
     /// first address; a stream that reaches one of its addresses is no
