@@ -733,6 +733,17 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         if let Err(e) = NodeId::new(&c.name) {
             errs.push(ConfigProblem::new("cluster.name", e));
         }
+        // Dialled as `https://<entry>`: a scheme, a path or no port would
+        // fail at every connect, logged at debug only.
+        for e in &c.membership_endpoints {
+            let authority = e.parse::<http::uri::Authority>();
+            if e.contains('/') || !authority.is_ok_and(|a| a.port_u16().is_some()) {
+                errs.push(ConfigProblem::new(
+                    "cluster.membership_endpoints",
+                    format!("{e:?} is not host:port"),
+                ));
+            }
+        }
         let cert = read_pem(
             "cluster.membership_cert_file",
             c.membership_cert_file.as_deref(),
@@ -775,6 +786,20 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             ("cluster.lease_timeout_ms", c.lease_timeout_ms),
         ],
     );
+    // A lease must outlast the gap to the next heartbeat, or it lapses
+    // between two and HELLOs are refused `not_in_cluster` now and then.
+    if c.lease_timeout_ms <= c.heartbeat_interval_ms {
+        errs.push(ConfigProblem::new(
+            "cluster.lease_timeout_ms",
+            "must be above cluster.heartbeat_interval_ms",
+        ));
+    }
+    if c.unleased_exit_ms != 0 && c.unleased_exit_ms < c.lease_timeout_ms {
+        errs.push(ConfigProblem::new(
+            "cluster.unleased_exit_ms",
+            "must be 0 (never) or at least cluster.lease_timeout_ms",
+        ));
+    }
     if raw.auth.dev_tokens.is_empty() && raw.tls.agent_ca_file.is_none() {
         errs.push(ConfigProblem::new(
             "auth.dev_tokens",

@@ -99,6 +99,33 @@ fn zero_durations_are_named_each() {
     assert!(err.contains("timeouts.preamble_timeout_ms"), "{err}");
 }
 
+/// Values that pass one by one but not together, and endpoints that
+/// could never be dialled: each refused under its key.
+#[test]
+fn inconsistent_cluster_timings_and_bad_endpoints_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    for (extra, key) in [
+        (
+            "heartbeat_interval_ms = 250\nlease_timeout_ms = 200\n",
+            "cluster.lease_timeout_ms",
+        ),
+        ("unleased_exit_ms = 100\n", "cluster.unleased_exit_ms"),
+        (
+            "membership_endpoints = [\"https://r1:7600\"]\nrouters = [\"127.0.0.1\"]\n",
+            "cluster.membership_endpoints",
+        ),
+        (
+            "membership_endpoints = [\"r1\"]\nrouters = [\"127.0.0.1\"]\n",
+            "cluster.membership_endpoints",
+        ),
+    ] {
+        let (code, err) = check(d.path(), &format!("{}{extra}", base(&l)));
+        assert_eq!(code, 64, "{extra}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
 #[test]
 fn a_negative_duration_is_named() {
     let d = tempfile::tempdir().unwrap();

@@ -423,6 +423,12 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             ),
         ],
     );
+    if m.lease_timeout_ms <= m.interval_ms {
+        errs.push(ConfigProblem::new(
+            "membership.lease_timeout_ms",
+            "must be above membership.interval_ms (a lease outlasts the gap to the next heartbeat)",
+        ));
+    }
     if m.lease_timeout_ms >= m.failure_timeout_ms {
         errs.push(ConfigProblem::new(
             "membership.lease_timeout_ms",

@@ -96,6 +96,22 @@ fn bad_values_are_named_by_key() {
     assert!(e.contains("timeouts.connect_timeout_ms"), "{e}");
     let e = check("[splice]\nbogus = 1\n", vec![]).unwrap_err();
     assert!(e.contains("bogus"), "{e}");
+    // A lease no longer than the heartbeat period lapses between two.
+    let e = check(
+        "",
+        vec![
+            ("JVPN_ROUTER__MEMBERSHIP__INTERVAL_MS".into(), "250".into()),
+            (
+                "JVPN_ROUTER__MEMBERSHIP__LEASE_TIMEOUT_MS".into(),
+                "200".into(),
+            ),
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("membership.lease_timeout_ms: must be above membership.interval_ms"),
+        "{e}"
+    );
     // Several problems at once, each under its own key.
     let env = vec![
         (
