@@ -431,15 +431,20 @@ async fn stream_task(
                 w.shutdown().await
             }
         };
+        // Kept outside the read so that a transfer ended by a reset is
+        // checked too: what arrived before the reset must be exact.
+        let check = std::sync::Mutex::new(Check::default());
         let down = async {
-            let mut check = Check::default();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let k = r.read(&mut buf).await?;
                 if k == 0 {
-                    return Ok::<_, std::io::Error>(check);
+                    return Ok::<_, std::io::Error>(());
                 }
-                check.arrived(&data, &buf[..k]);
+                check
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .arrived(&data, &buf[..k]);
                 progress
                     .last
                     .store(origin.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -450,8 +455,11 @@ async fn stream_task(
         if progress.end(origin) {
             c.moved.notify_waiters();
         }
+        let check = check
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match r {
-            Ok(((), check)) => {
+            Ok(((), ())) => {
                 let (same, lost, duplicated) = check.verdict(data.len());
                 c.bytes.fetch_add(same, Ordering::Relaxed);
                 c.lost.fetch_add(lost, Ordering::Relaxed);
@@ -459,6 +467,10 @@ async fn stream_task(
                 c.completed.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                // The rest never came, explicitly; what came must be exact.
+                let (_, wrong, duplicated) = check.verdict_before_reset(data.len());
+                c.lost.fetch_add(wrong, Ordering::Relaxed);
+                c.duplicated.fetch_add(duplicated, Ordering::Relaxed);
                 c.reset.fetch_add(1, Ordering::Relaxed);
                 tunnel_resets.fetch_add(1, Ordering::Relaxed);
             }
@@ -501,6 +513,20 @@ impl Check {
         let lost = (both - same) + len.saturating_sub(self.got);
         let duplicated = self.got.saturating_sub(len);
         (same as u64, lost as u64, duplicated as u64)
+    }
+
+    /// [`Check::verdict`] for a transfer a reset cut short: the bytes not
+    /// received are no loss (the application was told), but any that
+    /// arrived wrong, from the first difference on, are; and any past
+    /// `len` are duplicated.
+    fn verdict_before_reset(&self, len: usize) -> (u64, u64, u64) {
+        let got = self.got.min(len);
+        let same = self.first_bad.unwrap_or(got).min(got);
+        (
+            same as u64,
+            (got - same) as u64,
+            self.got.saturating_sub(len) as u64,
+        )
     }
 }
 
@@ -559,5 +585,24 @@ mod tests {
         // A repeat inside the stream is a difference too.
         assert_eq!(check(sent, &[b"abcd", b"cdefgh"]), (4, 4, 2));
         assert_eq!(check(sent, &[]), (0, 8, 0));
+    }
+
+    /// A transfer a reset cut short: what did not come is no loss, what
+    /// came wrong is (it used to be thrown away with the transfer).
+    #[test]
+    fn a_reset_transfer_is_judged_on_what_arrived() {
+        let sent = b"abcdefgh";
+        let cut = |back: &[&[u8]]| {
+            let mut c = Check::default();
+            for chunk in back {
+                c.arrived(sent, chunk);
+            }
+            c.verdict_before_reset(sent.len())
+        };
+        assert_eq!(cut(&[b"abc"]), (3, 0, 0));
+        assert_eq!(cut(&[]), (0, 0, 0));
+        assert_eq!(cut(&[b"abX"]), (2, 1, 0));
+        assert_eq!(cut(&[b"abcd", b"cd"]), (4, 2, 0));
+        assert_eq!(cut(&[b"abcdefgh", b"h"]), (8, 0, 1));
     }
 }

@@ -56,14 +56,18 @@ async fn an_idle_session_is_kept_alive_by_the_gateways_keepalives_alone() {
             .unwrap()
     };
     let (k0, p0) = (sent().await, report().pings_sent);
+    let watched = std::time::Instant::now();
     // The window under observation: 30 ping intervals, 3 silence limits.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = report();
     let keepalives = sent().await - k0;
+    // Judged on the window as it really lasted (a loaded machine wakes
+    // the test late), with two keep-alives of slack each side.
+    let due = watched.elapsed().as_secs_f64() / 0.5;
     assert_eq!(r.pings_sent - p0, 0, "no ping between check-ins: {r:?}");
     assert!(
-        (4.0..=7.0).contains(&keepalives),
-        "about one keep-alive per 500 ms: {keepalives}"
+        (due - 2.0..=due + 2.0).contains(&keepalives),
+        "about one keep-alive per 500 ms: {keepalives} in {due:.1} intervals"
     );
     assert_eq!(
         (r.resumes_ok, r.rehandshakes),
