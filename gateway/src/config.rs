@@ -642,6 +642,7 @@ fn parse(
             "auth.dev_tokens",
             "cluster.routers",
             "cluster.membership_endpoints",
+            "store.endpoints",
         ],
     )
 }

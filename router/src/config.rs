@@ -343,7 +343,12 @@ pub fn load_with_env(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Validated, ConfigErrors> {
-    let raw: RouterConfig = parse_layered(path, env, ENV_PREFIX, &["membership.advertise_allow"])?;
+    let raw: RouterConfig = parse_layered(
+        path,
+        env,
+        ENV_PREFIX,
+        &["membership.advertise_allow", "membership.reserved_sources"],
+    )?;
     let mut v = validate(raw)?;
     v.source = Some(path.to_path_buf());
     Ok(v)

@@ -80,24 +80,39 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
             format!("{} does not exist", path.display()),
         )]));
     }
-    let env_map: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(&format!("{prefix}__")))
-        .collect();
-    let mut environment = config::Environment::with_prefix(prefix)
-        .prefix_separator("__")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",");
-    for k in list_keys {
-        environment = environment.with_list_parse_key(k);
-    }
     if let Ok(text) = std::fs::read_to_string(path) {
         strict_types::<T>(&text).map_err(ConfigErrors)?;
     }
-    config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Toml))
-        .add_source(environment.source(Some(env_map)))
+    // Each override as the text it is: the key's type decides how it is
+    // read (`node_id = 007` stays "007"; the crate's own environment
+    // source guessed types first and made it 7).
+    let head = format!("{prefix}__");
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml));
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix(&head) else {
+            continue;
+        };
+        let key = rest.to_lowercase().replace("__", ".");
+        let set = if list_keys.contains(&key.as_str()) {
+            let items: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            builder.set_override(key.as_str(), items)
+        } else {
+            builder.set_override(key.as_str(), v)
+        };
+        builder = set.map_err(|e| {
+            ConfigErrors(vec![ConfigProblem::new(
+                key.clone(),
+                without_values(&e.to_string()),
+            )])
+        })?;
+    }
+    builder
         .build()
         .and_then(|c| c.try_deserialize::<T>())
         .map_err(|e| {
@@ -374,6 +389,43 @@ mod tests {
         dev_tokens: Vec<String>,
         #[serde(default)]
         weight: u8,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    struct Named {
+        node_id: String,
+        weight: u32,
+        on: bool,
+        list: Vec<String>,
+    }
+
+    /// An override is read as the key's type wants it: a string stays the
+    /// text given ("007" was made 7, "1.10" was made "1.1"), numbers and
+    /// booleans parse, and a list key splits on commas.
+    #[test]
+    fn environment_overrides_keep_strings_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "node_id = \"g1\"\nweight = 1\non = false\nlist = []\n",
+        )
+        .unwrap();
+        let env = [
+            ("T__NODE_ID", "007"),
+            ("T__WEIGHT", "3"),
+            ("T__ON", "true"),
+            ("T__LIST", "a, b,c"),
+            ("OTHER__WEIGHT", "9"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let n: Named = parse_layered(&file, env, "T", &["list"]).unwrap();
+        assert_eq!(n.node_id, "007");
+        assert_eq!((n.weight, n.on), (3, true));
+        assert_eq!(n.list, ["a", "b", "c"]);
+        let env = [("T__WEIGHT".to_owned(), "1.5".to_owned())];
+        let e = parse_layered::<Named>(&file, env, "T", &["list"]).unwrap_err();
+        assert_eq!(e.0[0].key, "weight", "{e}");
     }
 
     /// A problem is logged at error level: a token written where a list
