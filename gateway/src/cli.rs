@@ -205,8 +205,13 @@ async fn run(cfg: config::Validated) -> anyhow::Result<server::Exit> {
         None => None,
     };
     let prom = metrics::install()?;
-    let client = tokio::net::TcpListener::bind(cfg.raw.client_addr).await?;
-    let admin = tokio::net::TcpListener::bind(cfg.raw.admin_addr).await?;
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{key} {addr}: {e}"))
+    };
+    let client = bind("client_addr", cfg.raw.client_addr).await?;
+    let admin = bind("admin_addr", cfg.raw.admin_addr).await?;
     let shutdown = shutdown_signal();
     announce_ready(&format!(
         "client={} admin={}",

@@ -704,10 +704,16 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         ],
     );
     let syslog = syslog_target(&raw.events, &mut errs);
-    if raw.events.queue_capacity == 0 {
+    if !(1..=1 << 24).contains(&raw.events.queue_capacity) {
         errs.push(ConfigProblem::new(
             "events.queue_capacity",
-            "must be greater than zero",
+            "must be in 1..=16777216",
+        ));
+    }
+    if raw.admission.max_tls_handshakes_in_flight > 1 << 20 {
+        errs.push(ConfigProblem::new(
+            "admission.max_tls_handshakes_in_flight",
+            "must be at most 1048576 (0: by core count)",
         ));
     }
     let tls = match tls::load_material(&raw.tls) {
@@ -815,6 +821,12 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
     }
     let admin_token = load_admin_token(raw.admin_token_file.as_deref(), &mut errs);
     let store = store_config(&raw.store, &raw.cluster.name, &mut errs);
+    if raw.client_addr == raw.admin_addr && raw.client_addr.port() != 0 {
+        errs.push(ConfigProblem::new(
+            "admin_addr",
+            "is client_addr's address: the second listener could not bind",
+        ));
+    }
     let mut own = vec![raw.client_addr, raw.admin_addr];
     own.extend(raw.cluster.advertise_addr);
     let egress = crate::egress::EgressPolicy::new(&raw.egress, &own, &host_addrs())

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
@@ -119,11 +120,36 @@ fn inconsistent_cluster_timings_and_bad_endpoints_are_named() {
             "membership_endpoints = [\"r1\"]\nrouters = [\"127.0.0.1\"]\n",
             "cluster.membership_endpoints",
         ),
+        // Sizes that would panic at start (a queue or semaphore that big).
+        (
+            "[events]\nqueue_capacity = 100000000000\n",
+            "events.queue_capacity",
+        ),
+        (
+            "[admission]\nmax_tls_handshakes_in_flight = 100000000000\n",
+            "admission.max_tls_handshakes_in_flight",
+        ),
     ] {
         let (code, err) = check(d.path(), &format!("{}{extra}", base(&l)));
         assert_eq!(code, 64, "{extra}");
         assert!(err.contains(key), "{key}: {err}");
     }
+    // Both listeners on one address (nothing binds in `check`).
+    let same = SocketAddr::from(([127, 0, 0, 1], 9));
+    let text = base(&l).replace(
+        "admin_addr = \"127.0.0.1:0\"",
+        &format!("admin_addr = \"{same}\""),
+    );
+    let text = text.replace(
+        "client_addr = \"127.0.0.1:0\"",
+        &format!("client_addr = \"{same}\""),
+    );
+    let (code, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        err.contains("admin_addr: is client_addr's address"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -452,6 +452,20 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
             "must be at least membership.failure_timeout_ms",
         ));
     }
+    // Past these, a value is a typo: a gateway held down for days, or a
+    // keepalive the kernel refuses (TCP_KEEPIDLE is at most 32,767 s).
+    if m.hold_down_max_ms > 86_400_000 {
+        errs.push(ConfigProblem::new(
+            "membership.hold_down_max_ms",
+            "must be at most 86400000 (a day)",
+        ));
+    }
+    if raw.splice.keepalive_ms > 32_767_000 {
+        errs.push(ConfigProblem::new(
+            "splice.keepalive_ms",
+            "must be at most 32767000 (the kernel's TCP_KEEPIDLE limit)",
+        ));
+    }
     if m.hold_down_max_ms < m.hold_down_base_ms {
         errs.push(ConfigProblem::new(
             "membership.hold_down_max_ms",

@@ -112,6 +112,24 @@ fn bad_values_are_named_by_key() {
         e.contains("membership.lease_timeout_ms: must be above membership.interval_ms"),
         "{e}"
     );
+    // Values that would overflow a hold-down or that the kernel refuses.
+    let e = check(
+        "",
+        vec![
+            (
+                "JVPN_ROUTER__MEMBERSHIP__HOLD_DOWN_MAX_MS".into(),
+                "100000000000".into(),
+            ),
+            (
+                "JVPN_ROUTER__SPLICE__KEEPALIVE_MS".into(),
+                "40000000".into(),
+            ),
+        ],
+    )
+    .unwrap_err();
+    for key in ["membership.hold_down_max_ms", "splice.keepalive_ms"] {
+        assert!(e.contains(key), "{key}: {e}");
+    }
     // Several problems at once, each under its own key.
     let env = vec![
         (

@@ -884,7 +884,10 @@ fn revive(
 
 fn hold_down_for(cfg: &MembershipConfig, flaps: u32) -> Duration {
     let exp = flaps.saturating_sub(1).min(16);
-    (cfg.hold_down_base * 2u32.pow(exp)).min(cfg.hold_down_max)
+    cfg.hold_down_base
+        .checked_mul(2u32.pow(exp))
+        .unwrap_or(Duration::MAX)
+        .min(cfg.hold_down_max)
 }
 
 #[cfg(test)]

@@ -185,6 +185,13 @@ fn flapping_node_is_held_down_exponentially() {
     assert_eq!(placeable(&m, 5000), ["g1", "g2", "g3"]);
     assert_eq!(hold_down_for(&cfg, 2), Duration::from_secs(4));
     assert_eq!(hold_down_for(&cfg, 10), Duration::from_secs(60));
+    // A base so large that doubling it overflows: the cap, no panic.
+    let huge = MembershipConfig {
+        hold_down_base: Duration::from_secs(u64::MAX / 1_000),
+        hold_down_max: Duration::from_secs(86_400),
+        ..MembershipConfig::default()
+    };
+    assert_eq!(hold_down_for(&huge, 20), Duration::from_secs(86_400));
 }
 
 #[test]
