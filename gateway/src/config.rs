@@ -742,12 +742,12 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
         }
         // Dialled as `https://<entry>`: a scheme, a path or no port would
         // fail at every connect, logged at debug only.
-        for e in &c.membership_endpoints {
+        for (i, e) in c.membership_endpoints.iter().enumerate() {
             let authority = e.parse::<http::uri::Authority>();
-            if e.contains('/') || !authority.is_ok_and(|a| a.port_u16().is_some()) {
+            if e.contains(['/', '@']) || !authority.is_ok_and(|a| a.port_u16().is_some()) {
                 errs.push(ConfigProblem::new(
                     "cluster.membership_endpoints",
-                    format!("{e:?} is not host:port"),
+                    format!("entry {} is not host:port", i + 1),
                 ));
             }
         }
@@ -867,17 +867,8 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
 }
 
 /// The host's interface addresses now (a wildcard listener answers on all
-/// of them, so egress protects its port on each). Addresses added later
-/// are not covered until the next start or reload.
+/// of them, so egress protects its port on each; addresses added later are
+/// read again when a stream asks).
 fn host_addrs() -> Vec<std::net::IpAddr> {
-    let Ok(list) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    list.filter_map(|i| {
-        let a = i.address?;
-        a.as_sockaddr_in()
-            .map(|v4| std::net::IpAddr::V4(v4.ip()))
-            .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-    })
-    .collect()
+    crate::egress::read_host_addrs().unwrap_or_default()
 }

@@ -516,21 +516,55 @@ impl EgressPolicy {
 
 impl EgressPolicy {
     /// Does a wildcard listener (0.0.0.0 / ::) answer on `ip`? The
-    /// addresses known when the policy was made, else the kernel's word
-    /// now: an address added since (a floating IP moved here) is local
-    /// too, and so is any `ip` it cannot answer for (fail closed).
+    /// addresses known when the policy was made, else the host's
+    /// addresses now: an address added since (a floating IP moved here)
+    /// is local too, and so is any `ip` when they cannot be read (fail
+    /// closed).
     fn is_local(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || ip.is_unspecified() || self.host_addrs.contains(&ip) || bound_here(ip)
+        ip.is_loopback() || ip.is_unspecified() || self.host_addrs.contains(&ip) || host_has(ip)
     }
 }
 
-/// Whether this host holds `ip`: a socket binds to it. Only "not
-/// available" says no; any other failure (no descriptor left) says yes.
-fn bound_here(ip: IpAddr) -> bool {
-    match std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
-        Ok(_) => true,
-        Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
+/// How long a reading of the host's addresses is trusted.
+const HOST_ADDRS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `ip` is one of the host's interface addresses, read at most
+/// once per [`HOST_ADDRS_FRESH`] (a stream to a wildcard listener's port
+/// asks; others never do). Binding a socket would not do: hosts with
+/// `ip_nonlocal_bind` (floating IPs) bind any address. A failed read says
+/// yes: the stream is refused rather than let in unchecked.
+fn host_has(ip: IpAddr) -> bool {
+    type Seen = Option<(std::time::Instant, Option<Vec<IpAddr>>)>;
+    static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(None);
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let stale = seen
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() >= HOST_ADDRS_FRESH);
+    if stale {
+        *seen = Some((std::time::Instant::now(), read_host_addrs()));
     }
+    match seen.as_ref().map(|(_, addrs)| addrs) {
+        Some(Some(addrs)) => addrs.contains(&ip),
+        _ => true,
+    }
+}
+
+/// The host's interface addresses (canonical), or `None` if they cannot
+/// be read.
+pub(crate) fn read_host_addrs() -> Option<Vec<IpAddr>> {
+    let list = nix::ifaddrs::getifaddrs().ok()?;
+    Some(
+        list.filter_map(|i| {
+            let a = i.address?;
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .map(canonical)
+        .collect(),
+    )
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
 
+use jvpn_runtime::config::ConfigProblem;
 use jvpn_runtime::wire::lock;
 
 use crate::metrics as m;
@@ -454,7 +455,7 @@ impl Cluster {
 }
 
 /// TLS material and parameters for the heartbeat streams.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HeartbeatSettings {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
@@ -462,6 +463,8 @@ pub struct HeartbeatSettings {
     /// Where the three came from (certificate, key, CA), read again at
     /// each stream's connect; `None`: only the bytes above.
     pub files: Option<[std::path::PathBuf; 3]>,
+    /// The last set read from `files` that made a TLS client.
+    pub last_good: Arc<Mutex<Option<PemSet>>>,
     /// The name every router's membership certificate carries (`router.<cluster>`).
     pub server_name: String,
     pub advertise_addr: std::net::SocketAddr,
@@ -470,14 +473,29 @@ pub struct HeartbeatSettings {
     pub keys: ClusterKeys,
 }
 
+/// A membership certificate, its key and the routers' CA, as PEM.
+type PemSet = (Vec<u8>, zeroize::Zeroizing<Vec<u8>>, Vec<u8>);
+
+impl std::fmt::Debug for HeartbeatSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("HeartbeatSettings")
+            .field("server_name", &self.server_name)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("weight", &self.weight)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HeartbeatSettings {
     /// The membership certificate, key and CA as their files hold them
     /// now: a stream (re)connecting after the operator replaced them (a
     /// rotation before the old certificate expires) presents the new ones,
-    /// with no restart. A file that cannot be read or is no PEM (caught
-    /// mid-replacement) leaves the ones read at start, with a warning
-    /// naming its key.
-    fn current(&self) -> (Vec<u8>, zeroize::Zeroizing<Vec<u8>>, Vec<u8>) {
+    /// with no restart. A set that does not make a TLS client (a file
+    /// caught half-written, a new certificate beside the old key) leaves
+    /// the last set that did, with a warning naming the key.
+    fn current(&self) -> PemSet {
         let loaded = || {
             (
                 self.cert_pem.clone(),
@@ -488,34 +506,74 @@ impl HeartbeatSettings {
         let Some(paths) = &self.files else {
             return loaded();
         };
-        let mut errs = Vec::new();
-        let [cert, key, ca] = [
-            "cluster.membership_cert_file",
-            "cluster.membership_key_file",
-            "cluster.membership_ca_file",
-        ]
-        .into_iter()
-        .zip(paths)
-        .map(|(k, p)| {
-            jvpn_runtime::config::read_pem(k, Some(p), &mut errs).map(zeroize::Zeroizing::new)
-        })
-        .collect::<Vec<_>>()
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("three files"));
-        match (cert, key, ca) {
-            (Some(cert), Some(key), Some(ca)) => (cert.to_vec(), key, ca.to_vec()),
-            _ => {
+        let read = || -> Result<_, ConfigProblem> {
+            let file = |key: &str, p: &std::path::PathBuf| {
+                std::fs::read(p)
+                    .map_err(|e| ConfigProblem::new(key, format!("{}: {e}", p.display())))
+            };
+            let cert = file("cluster.membership_cert_file", &paths[0])?;
+            let key = zeroize::Zeroizing::new(file("cluster.membership_key_file", &paths[1])?);
+            let ca = file("cluster.membership_ca_file", &paths[2])?;
+            usable(&cert, &key, &ca)?;
+            Ok((cert, key, ca))
+        };
+        let mut good = self
+            .last_good
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match read() {
+            Ok(set) => {
+                *good = Some(set.clone());
+                set
+            }
+            Err(e) => {
                 static WARN: jvpn_runtime::wire::AtMost =
                     jvpn_runtime::wire::AtMost::per(Duration::from_secs(60));
                 if let Some(held) = WARN.allow() {
-                    for e in &errs {
-                        warn!(key = %e.key, held, "membership file not read again; the one read at start is used");
-                    }
+                    warn!(key = %e.key, problem = %e.problem, held,
+                        "membership files not usable; the last good ones are used");
                 }
-                loaded()
+                good.clone().unwrap_or_else(loaded)
             }
         }
     }
+}
+
+/// Whether a membership certificate, key and CA make a TLS client: each
+/// parses, and the key is the certificate's.
+fn usable(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<(), ConfigProblem> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |k: &str, e: &dyn std::fmt::Display| ConfigProblem::new(k, e.to_string());
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("cluster.membership_cert_file", &e))?;
+    if certs.is_empty() {
+        return Err(bad("cluster.membership_cert_file", &"no certificate"));
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("cluster.membership_key_file", &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, unusable) = roots.add_parsable_certificates(
+        CertificateDer::pem_slice_iter(ca)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("cluster.membership_ca_file", &e))?,
+    );
+    if roots.is_empty() || unusable > 0 {
+        return Err(bad(
+            "cluster.membership_ca_file",
+            &"no usable CA certificate",
+        ));
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("cluster.membership_key_file", &e))?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .map_err(|e| bad("cluster.membership_key_file", &e))?;
+    Ok(())
 }
 
 /// Starts the heartbeat thread: one stream per router, reconnecting forever.
@@ -1093,6 +1151,7 @@ mod tests {
             key_pem: Vec::new(),
             ca_pem: Vec::new(),
             files: None,
+            last_good: Default::default(),
             server_name: String::new(),
             advertise_addr: "127.0.0.1:1".parse().unwrap(),
             weight: 1,
@@ -1102,35 +1161,52 @@ mod tests {
     }
 
     /// Replaced membership files are what the next stream presents (a
-    /// rotation needs no restart, as operations.md says); a file caught
-    /// mid-replacement leaves the ones read at start.
+    /// rotation needs no restart, as operations.md says); a set caught
+    /// mid-replacement (a new certificate beside the old key, an empty
+    /// file) leaves the last good one.
     #[test]
     fn each_stream_reads_the_membership_files_again() {
         let keys = jvpn_proto::keys::ClusterSecret::new(1, [7; 32]).derive();
         let dir = tempfile::tempdir().unwrap();
         let paths = ["cert.pem", "key.pem", "ca.pem"].map(|f| dir.path().join(f));
-        let pem = |what: &str| format!("-----BEGIN {what}-----\n").into_bytes();
-        for (p, what) in paths.iter().zip(["OLD CERT", "OLD KEY", "CA"]) {
-            std::fs::write(p, pem(what)).unwrap();
-        }
+        let mint = || {
+            let c = rcgen::generate_simple_self_signed(vec!["g1.test".into()]).unwrap();
+            (
+                c.cert.pem().into_bytes(),
+                c.signing_key.serialize_pem().into_bytes(),
+            )
+        };
+        let (old_cert, old_key) = mint();
+        let (new_cert, new_key) = mint();
+        let write = |i: usize, b: &[u8]| std::fs::write(&paths[i], b).unwrap();
+        write(0, &old_cert);
+        write(1, &old_key);
+        write(2, &old_cert);
         let s = HeartbeatSettings {
-            cert_pem: pem("OLD CERT"),
-            key_pem: pem("OLD KEY"),
-            ca_pem: pem("CA"),
+            cert_pem: old_cert.clone(),
+            key_pem: old_key.clone(),
+            ca_pem: old_cert.clone(),
             files: Some(paths.clone()),
             ..test_settings(&keys)
         };
-        std::fs::write(&paths[0], pem("NEW CERT")).unwrap();
-        std::fs::write(&paths[1], pem("NEW KEY")).unwrap();
+        write(0, &new_cert);
+        write(1, &new_key);
         let (cert, key, ca) = s.current();
         assert_eq!(
             (cert, key.to_vec(), ca),
-            (pem("NEW CERT"), pem("NEW KEY"), pem("CA"))
+            (new_cert.clone(), new_key.clone(), old_cert.clone())
         );
-        // Half-written: not a PEM yet.
-        std::fs::write(&paths[1], b"").unwrap();
-        let (cert, key, _) = s.current();
-        assert_eq!((cert, key.to_vec()), (pem("OLD CERT"), pem("OLD KEY")));
+        // Half-replaced: the newest certificate beside another key, then
+        // an empty key file. The last good set, not the one from start.
+        for (i, b) in [(0, old_cert.as_slice()), (1, b"".as_slice())] {
+            write(i, b);
+            let (cert, key, _) = s.current();
+            assert_eq!(
+                (cert, key.to_vec()),
+                (new_cert.clone(), new_key.clone()),
+                "{i}"
+            );
+        }
     }
 
     /// A router endpoint that accepts TCP and then says nothing (a load

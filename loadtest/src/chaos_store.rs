@@ -509,6 +509,8 @@ async fn recover(c: &mut LocalCluster, etcd: &EtcdCluster, report: &mut ChaosRep
     for n in &nodes {
         if c.gateway_mut(n)?.exited()? {
             report.gateway_exits += 1;
+            // Its dropped events died with it, unread.
+            count_dropped(report, None);
             c.start_gateway(n).await?;
         }
     }

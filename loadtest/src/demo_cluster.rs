@@ -242,6 +242,13 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let owner_lost_before = reason_count(&all(&fleet, &newcomers), "owner_lost");
     let migrations = |snaps: &[AgentReport]| sum(snaps, |r| r.explicit_migrations);
     let migrations_before = migrations(&all(&fleet, &newcomers));
+    // Its dropped events die with it: read them first (the check below
+    // is blind to what any gateway dropped).
+    let victim_dropped = c
+        .gateway(&victim)?
+        .metric("jvpn_gateway_events_dropped_total", &[])
+        .await
+        .ok();
     let killed_at = Instant::now();
     c.gateway(&victim)?.signal(Signal::SIGKILL)?;
     let died_ns = jvpn_runtime::process::host_monotonic_ns();
@@ -322,7 +329,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
     let mut event_files: Vec<(PathBuf, Option<u64>)> = Vec::new();
     // Whether every event of the live gateways reached its file: a
     // dropped one (or a scrape that failed) leaves the check blind.
-    let mut all_written = true;
+    let mut all_written = victim_dropped == Some(0.0);
     for (node, gw) in &mut c.gateways {
         if *node == victim {
             event_files.push((PathBuf::from(&gw.events_path), Some(died_ns)));

@@ -262,18 +262,28 @@ pub fn restart_only_changes(old: &RouterConfig, new: &RouterConfig) -> Vec<&'sta
             out.push(name);
         }
     };
-    check("router_id", old.router_id == new.router_id);
-    check("client_addr", old.client_addr == new.client_addr);
-    check(
-        "membership_addr",
-        old.membership_addr == new.membership_addr,
-    );
-    check("admin_addr", old.admin_addr == new.admin_addr);
-    check("cluster", old.cluster == new.cluster);
-    check("membership", old.membership == new.membership);
-    check("timeouts", old.timeouts == new.timeouts);
-    check("splice", old.splice == new.splice);
+    // Every field named, so that a new one must be placed here.
     // [admission] and the admin token (its file may move) apply at once.
+    let RouterConfig {
+        router_id,
+        client_addr,
+        membership_addr,
+        admin_addr,
+        admin_token_file: _,
+        cluster,
+        membership,
+        admission: _,
+        timeouts,
+        splice,
+    } = old;
+    check("router_id", *router_id == new.router_id);
+    check("client_addr", *client_addr == new.client_addr);
+    check("membership_addr", *membership_addr == new.membership_addr);
+    check("admin_addr", *admin_addr == new.admin_addr);
+    check("cluster", *cluster == new.cluster);
+    check("membership", *membership == new.membership);
+    check("timeouts", *timeouts == new.timeouts);
+    check("splice", *splice == new.splice);
     out
 }
 

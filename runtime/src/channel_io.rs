@@ -53,15 +53,21 @@ use crate::wire::lock;
 pub fn h2_windows(window: u64, stalled: u64) -> (u32, u32) {
     const MAX: u64 = (1 << 31) - 1;
     let stream = (window / 2).clamp(64 * 1024, MAX) as u32;
+    // Never more than four windows or 32 MiB, whichever is larger: a
+    // policy's large window buys fewer stopped readers, not gigabytes.
+    let cap = window.saturating_mul(4).max(32 << 20);
     let conn = u64::from(stream)
         .saturating_mul(stalled)
+        .min(cap)
         .clamp(u64::from(stream), MAX) as u32;
     (stream, conn)
 }
 
 /// Stopped readers the agent holds before other streams wait: its
 /// applications' (a browser's paused downloads), held in its own memory
-/// (32 MiB at the default window when all of them stopped).
+/// (32 MiB at the default window when all of them stopped; fewer with a
+/// larger window, the connection window being at most 32 MiB or four
+/// channel windows).
 pub const AGENT_STALLED_STREAMS: u64 = 64;
 
 /// Stopped readers the gateway holds (destinations that stopped taking an
@@ -505,6 +511,8 @@ mod tests {
         // connection window past 2^31 - 1, which h2 asserts on.
         let max = (1 << 31) - 1;
         assert_eq!(h2_windows(1 << 30, 8), (512 << 20, max));
+        // A 64 MiB window: not 64 × 32 MiB, four windows.
+        assert_eq!(h2_windows(64 << 20, 64), (32 << 20, 256 << 20));
         assert_eq!(h2_windows(u64::MAX, 64), (max, max));
     }
     use jvpn_proto::pb::session::Data;

@@ -94,16 +94,24 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
             continue;
         };
         let key = rest.to_lowercase().replace("__", ".");
+        // Errors then say "in the environment", not which file.
+        let origin = format!("the environment ({k})");
+        let text = |t: &str| config::Value::new(Some(&origin), t);
         let set = if list_keys.contains(&key.as_str()) {
-            let items: Vec<String> = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
-            builder.set_override(key.as_str(), items)
+            let items: Vec<&str> = v.split(',').map(str::trim).collect();
+            // An empty item is a typo or an unset template variable; an
+            // empty list would silently drop the file's value (for
+            // `cluster.routers`, the cluster itself).
+            if items.iter().any(|i| i.is_empty()) {
+                return Err(ConfigErrors(vec![ConfigProblem::new(
+                    key,
+                    format!("{k} has an empty list item"),
+                )]));
+            }
+            let list: Vec<config::Value> = items.into_iter().map(text).collect();
+            builder.set_override(key.as_str(), config::Value::new(Some(&origin), list))
         } else {
-            builder.set_override(key.as_str(), v)
+            builder.set_override(key.as_str(), text(&v))
         };
         builder = set.map_err(|e| {
             ConfigErrors(vec![ConfigProblem::new(
@@ -173,7 +181,8 @@ fn without_unexpected(line: &str) -> String {
         let (i, len) = at;
         out.push_str(&rest[..i + len]);
         rest = &rest[i + len..];
-        let end = rest.find(", expected").unwrap_or(rest.len());
+        // The last one: a quoted value may hold the words too.
+        let end = rest.rfind(", expected").unwrap_or(rest.len());
         let kind = rest[..end]
             .split(['"', '`'])
             .next()
@@ -183,6 +192,10 @@ fn without_unexpected(line: &str) -> String {
         rest = &rest[end..];
     }
     out.push_str(rest);
+    // "enum X does not have variant constructor <value>"
+    if let Some(i) = out.find("variant constructor ") {
+        out.truncate(i + "variant constructor".len());
+    }
     out
 }
 
@@ -423,6 +436,12 @@ mod tests {
         assert_eq!(n.node_id, "007");
         assert_eq!((n.weight, n.on), (3, true));
         assert_eq!(n.list, ["a", "b", "c"]);
+        // An empty list item (an unset template variable) is refused.
+        for v in ["", "a,,b"] {
+            let env = [("T__LIST".to_owned(), v.to_owned())];
+            let e = parse_layered::<Named>(&file, env, "T", &["list"]).unwrap_err();
+            assert_eq!(e.0[0].key, "list", "{e}");
+        }
         let env = [("T__WEIGHT".to_owned(), "1.5".to_owned())];
         let e = parse_layered::<Named>(&file, env, "T", &["list"]).unwrap_err();
         assert_eq!(e.0[0].key, "weight", "{e}");

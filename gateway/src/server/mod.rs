@@ -85,6 +85,7 @@ pub async fn serve(
                 key_pem: files.key_pem.to_vec(),
                 ca_pem: files.ca_pem.clone(),
                 files: Some(files.paths.clone()),
+                last_good: Default::default(),
                 server_name: format!("router.{}", c.name),
                 advertise_addr: advertise,
                 weight: c.weight,

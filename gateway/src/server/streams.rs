@@ -516,10 +516,15 @@ async fn dial(
 /// it (RFC 8305's connection attempt delay).
 const CONNECT_STAGGER: Duration = Duration::from_millis(250);
 
+/// Attempts one stream may have in flight: each holds a socket, and the
+/// stream limits count one per stream.
+const CONNECT_RACING: usize = 2;
+
 /// Connects to the first of `addrs` that answers by `deadline`. Each
 /// address gets `stagger` alone; then the next one races it, so one that
 /// drops SYNs (a black-holed IPv6 route listed first) costs `stagger`,
-/// not the whole deadline; a refusal starts the next at once.
+/// not the whole deadline; a refusal starts the next at once. At most
+/// [`CONNECT_RACING`] attempts at a time: a third gives up the oldest.
 async fn connect_first(
     addrs: Vec<SocketAddr>,
     deadline: tokio::time::Instant,
@@ -527,29 +532,37 @@ async fn connect_first(
 ) -> Result<TcpStream, Refusal> {
     let mut waiting = addrs.into_iter();
     let mut racing = tokio::task::JoinSet::new();
+    let mut live: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
     let mut last = Refusal::Failed;
     let mut next_at = tokio::time::Instant::now();
     loop {
-        if racing.is_empty() || tokio::time::Instant::now() >= next_at {
+        if live.is_empty() || tokio::time::Instant::now() >= next_at {
             match waiting.next() {
                 Some(a) => {
-                    racing.spawn(TcpStream::connect(a));
+                    if live.len() >= CONNECT_RACING
+                        && let Some(oldest) = live.pop_front()
+                    {
+                        oldest.abort();
+                    }
+                    live.push_back(racing.spawn(TcpStream::connect(a)));
                     next_at = tokio::time::Instant::now() + stagger;
                     continue;
                 }
-                None if racing.is_empty() => return Err(last),
+                None if live.is_empty() => return Err(last),
                 None => next_at = deadline,
             }
         }
         tokio::select! {
-            done = racing.join_next() => match done {
-                Some(Ok(Ok(s))) => return Ok(s),
-                Some(Ok(Err(e))) => {
+            done = racing.join_next_with_id() => match done {
+                Some(Ok((_, Ok(s)))) => return Ok(s),
+                Some(Ok((id, Err(e)))) => {
+                    live.retain(|h| h.id() != id);
                     last = refusal_of(&e);
                     next_at = tokio::time::Instant::now();
                 }
-                // A task cannot panic in `connect`; if it did, go on.
-                Some(Err(_)) | None => {}
+                // Given up (aborted) above, or a task that panicked.
+                Some(Err(e)) => live.retain(|h| h.id() != e.id()),
+                None => live.clear(),
             },
             () = tokio::time::sleep_until(next_at.min(deadline)) => {
                 if tokio::time::Instant::now() >= deadline {
@@ -732,6 +745,16 @@ mod tests {
         let s = connect_first(vec![silent, good_addr], deadline, CONNECT_STAGGER)
             .await
             .expect("the second address answers");
+        assert_eq!(s.peer_addr().unwrap(), good_addr);
+        // Three silent ones first: two race at most, the oldest is given
+        // up for the next, and the good one is still reached.
+        let s = connect_first(
+            vec![silent, silent, silent, good_addr],
+            deadline,
+            CONNECT_STAGGER,
+        )
+        .await
+        .expect("the fourth address answers");
         assert_eq!(s.peer_addr().unwrap(), good_addr);
         // Only silent addresses: the deadline, as a timeout.
         let short = tokio::time::Instant::now() + Duration::from_millis(600);
