@@ -639,7 +639,14 @@ pub async fn run(opts: ChaosOptions, gateway: Launcher, router: Launcher) -> Res
         eprintln!("{:#}\n{}", e, c.logs());
         report.recovery_failure = Some(format!("{e:#}"));
     }
-    for (_, g) in &mut c.gateways {
+    for i in 0..c.gateways.len() {
+        // A process started again later was read before its SIGKILL, or
+        // counted unknown when found exited by itself.
+        let node = &c.gateways[i].0;
+        if c.gateways[i + 1..].iter().any(|(n, _)| n == node) {
+            continue;
+        }
+        let (_, g) = &mut c.gateways[i];
         if g.exited()? {
             // Exited by itself since the last recovery: its count is gone.
             count_dropped(&mut report, None);
