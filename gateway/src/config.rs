@@ -766,7 +766,17 @@ fn validate(raw: GatewayConfig) -> Result<Validated, ConfigErrors> {
             c.membership_ca_file.as_deref(),
             &mut errs,
         );
-        if let (Some(cert_pem), Some(key), Some(ca_pem)) = (cert, key, ca) {
+        // The same check as a rotation's: a set that makes no TLS client
+        // (a key that is not the certificate's) would fail every stream.
+        let read = (cert, key, ca);
+        if let (Some(cert), Some(key), Some(ca)) = &read
+            && let Err(p) = crate::membership::usable(cert, key, ca)
+        {
+            errs.push(p);
+        }
+        if let (Some(cert_pem), Some(key), Some(ca_pem)) = read
+            && errs.is_empty()
+        {
             let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
             membership = Some(MembershipFiles {
                 cert_pem,

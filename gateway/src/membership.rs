@@ -541,38 +541,15 @@ impl HeartbeatSettings {
 
 /// Whether a membership certificate, key and CA make a TLS client: each
 /// parses, and the key is the certificate's.
-fn usable(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<(), ConfigProblem> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |k: &str, e: &dyn std::fmt::Display| ConfigProblem::new(k, e.to_string());
-    let certs = CertificateDer::pem_slice_iter(cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("cluster.membership_cert_file", &e))?;
-    if certs.is_empty() {
-        return Err(bad("cluster.membership_cert_file", &"no certificate"));
-    }
-    let key =
-        PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("cluster.membership_key_file", &e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (_, unusable) = roots.add_parsable_certificates(
-        CertificateDer::pem_slice_iter(ca)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("cluster.membership_ca_file", &e))?,
-    );
-    if roots.is_empty() || unusable > 0 {
-        return Err(bad(
-            "cluster.membership_ca_file",
-            &"no usable CA certificate",
-        ));
-    }
-    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad("cluster.membership_key_file", &e))?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(certs, key)
-    .map_err(|e| bad("cluster.membership_key_file", &e))?;
+pub(crate) fn usable(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<(), ConfigProblem> {
+    use jvpn_runtime::pem;
+    pem::identity(
+        cert,
+        "cluster.membership_cert_file",
+        key,
+        "cluster.membership_key_file",
+    )?;
+    pem::roots_in(ca, "cluster.membership_ca_file")?;
     Ok(())
 }
 

@@ -56,36 +56,22 @@ impl fmt::Debug for TlsMaterial {
 }
 
 fn certs_from(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigProblem> {
-    let problem = |p: String| ConfigProblem {
-        key: key.to_owned(),
-        problem: p,
-    };
-    let iter = CertificateDer::pem_file_iter(path)
-        .map_err(|e| problem(format!("{}: {e}", path.display())))?;
-    let certs: Vec<_> = iter
-        .collect::<Result<_, _>>()
-        .map_err(|e| problem(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(problem(format!(
-            "{}: no PEM certificate found",
-            path.display()
-        )));
-    }
-    Ok(certs)
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigProblem::new(key, format!("{}: {e}", path.display())))?;
+    jvpn_runtime::pem::certs_in(&pem, key).map_err(|p| in_file(p, path))
 }
 
 /// A CA file's certificates as trust roots; a problem is filed under `key`
 /// (no certificate, or one that is not a usable CA).
 pub fn roots_from(path: &Path, key: &str) -> Result<RootCertStore, ConfigProblem> {
-    let mut roots = RootCertStore::empty();
-    let (_, bad) = roots.add_parsable_certificates(certs_from(path, key)?);
-    if bad > 0 || roots.is_empty() {
-        return Err(ConfigProblem {
-            key: key.to_owned(),
-            problem: format!("{}: {bad} unusable CA certificates", path.display()),
-        });
-    }
-    Ok(roots)
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigProblem::new(key, format!("{}: {e}", path.display())))?;
+    jvpn_runtime::pem::roots_in(&pem, key).map_err(|p| in_file(p, path))
+}
+
+fn in_file(mut p: ConfigProblem, path: &Path) -> ConfigProblem {
+    p.problem = format!("{}: {}", path.display(), p.problem);
+    p
 }
 
 /// Reads every TLS file; reports each bad one under its own key.

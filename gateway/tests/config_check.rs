@@ -153,6 +153,36 @@ fn inconsistent_cluster_timings_and_bad_endpoints_are_named() {
 }
 
 #[test]
+fn membership_files_that_make_no_tls_client_are_named_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let l = init(&PkiSpec {
+        out: d.path().join("pki"),
+        cluster: "jvpn-dev".into(),
+        nodes: vec!["g1".into(), "g2".into()],
+        routers: vec!["r1".into()],
+        agents: 1,
+    })
+    .unwrap();
+    let with = |key: &Path| {
+        format!(
+            "{}membership_endpoints = [\"127.0.0.1:7600\"]\nrouters = [\"127.0.0.1\"]\n\
+             membership_cert_file = \"{}\"\nmembership_key_file = \"{}\"\n\
+             membership_ca_file = \"{}\"\n",
+            base(&l),
+            l.membership_cert("g1").display(),
+            key.display(),
+            l.membership_ca().display()
+        )
+    };
+    let (code, err) = check(d.path(), &with(&l.membership_key("g1")));
+    assert_eq!(code, 0, "{err}");
+    // Each file is PEM; the key is another node's.
+    let (code, err) = check(d.path(), &with(&l.membership_key("g2")));
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("cluster.membership_key_file"), "{err}");
+}
+
+#[test]
 fn a_negative_duration_is_named() {
     let d = tempfile::tempdir().unwrap();
     let l = pki(d.path());

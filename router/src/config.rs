@@ -514,6 +514,19 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
     let cert = read_pem("membership.cert_file", Some(&m.cert_file), &mut errs);
     let key = read_pem("membership.key_file", Some(&m.key_file), &mut errs);
     let ca = read_pem("membership.ca_file", Some(&m.ca_file), &mut errs);
+    // As TLS will use them: a key that is not the certificate's would
+    // otherwise stop the router at start with a bare TLS error.
+    if let (Some(cert), Some(key)) = (&cert, &key)
+        && let Err(p) =
+            jvpn_runtime::pem::identity(cert, "membership.cert_file", key, "membership.key_file")
+    {
+        errs.push(p);
+    }
+    if let Some(ca) = &ca
+        && let Err(p) = jvpn_runtime::pem::roots_in(ca, "membership.ca_file")
+    {
+        errs.push(p);
+    }
     match (router_id, secret, cert, key, ca) {
         (Some(router_id), Some(secret), Some(cert_pem), Some(key), Some(ca_pem))
             if errs.is_empty() =>

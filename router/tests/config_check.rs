@@ -91,6 +91,31 @@ fn defaults_validate() {
 }
 
 #[test]
+fn membership_files_that_make_no_tls_server_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let path = d.path().join("r.toml");
+    let load = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        config::load_with_env(&path, vec![]).map_err(|e| e.to_string())
+    };
+    // Each file is PEM; the key is another router's.
+    let other_key = base(&l).replace(
+        &l.router_key("r1").display().to_string(),
+        &l.router_key("r2").display().to_string(),
+    );
+    let e = load(other_key).unwrap_err();
+    assert!(e.contains("membership.key_file"), "{e}");
+    // A CA file holding a key instead of a certificate.
+    let key_as_ca = base(&l).replace(
+        &l.membership_ca().display().to_string(),
+        &l.router_key("r1").display().to_string(),
+    );
+    let e = load(key_as_ca).unwrap_err();
+    assert!(e.contains("membership.ca_file"), "{e}");
+}
+
+#[test]
 fn bad_values_are_named_by_key() {
     let e = check("[timeouts]\nconnect_timeout_ms = 0\n", vec![]).unwrap_err();
     assert!(e.contains("timeouts.connect_timeout_ms"), "{e}");

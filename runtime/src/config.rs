@@ -26,6 +26,12 @@ impl ConfigProblem {
             problem: problem.to_string(),
         }
     }
+
+    /// A parser's error with the values it quotes left out (see
+    /// `without_values`).
+    fn scrubbed(key: impl Into<String>, error: &dyn std::fmt::Display) -> Self {
+        Self::new(key, without_values(&error.to_string()))
+    }
 }
 
 /// Every problem found; `Display` prints one per line.
@@ -113,22 +119,12 @@ pub fn parse_layered<T: serde::de::DeserializeOwned>(
         } else {
             builder.set_override(key.as_str(), text(&v))
         };
-        builder = set.map_err(|e| {
-            ConfigErrors(vec![ConfigProblem::new(
-                key.clone(),
-                without_values(&e.to_string()),
-            )])
-        })?;
+        builder = set.map_err(|e| ConfigErrors(vec![ConfigProblem::scrubbed(key.clone(), &e)]))?;
     }
     builder
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| {
-            ConfigErrors(vec![ConfigProblem::new(
-                key_of(&e),
-                without_values(&e.to_string()),
-            )])
-        })
+        .map_err(|e| ConfigErrors(vec![ConfigProblem::scrubbed(key_of(&e), &e)]))
 }
 
 /// Parses TOML text (no environment) into `T` the same way files are read:
@@ -141,7 +137,7 @@ pub fn parse_toml_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, C
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize::<T>())
-        .map_err(|e| ConfigProblem::new(key_of(&e), without_values(&e.to_string())))
+        .map_err(|e| ConfigProblem::scrubbed(key_of(&e), &e))
 }
 
 /// A parse error without the values it quotes: a problem is logged at
@@ -235,7 +231,7 @@ fn strict_types<T: serde::de::DeserializeOwned>(text: &str) -> Result<(), Vec<Co
             if key == "." || key.is_empty() {
                 key = "config".to_owned();
             }
-            problems.push(ConfigProblem::new(key, without_values(&msg)));
+            problems.push(ConfigProblem::scrubbed(key, &msg));
         }
     }
     if problems.is_empty() {
