@@ -321,20 +321,8 @@ impl Transport {
 
 impl Exporter for Transport {
     fn export(&self, label: &[u8], ctx: &[u8]) -> Result<[u8; 32], ExportError> {
-        export_from(self.tls.get_ref().1, label, ctx)
+        jvpn_runtime::tls::export(self.tls.get_ref().1, label, ctx)
     }
-}
-
-/// Keying material from a TLS connection; an error (never zeros) if it has none.
-fn export_from(
-    conn: &rustls::ClientConnection,
-    label: &[u8],
-    ctx: &[u8],
-) -> Result<[u8; 32], ExportError> {
-    let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, label, Some(ctx))
-        .map_err(|_| ExportError)?;
-    Ok(out)
 }
 
 fn reason_of(v: i32) -> ReasonCode {
@@ -854,25 +842,5 @@ impl Agent {
         }
         self.switches.push_back(std::time::Instant::now());
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 18 L2: a connection whose handshake has not completed has no
-    /// exporter; that is an error, never 32 zero bytes used as a key.
-    #[test]
-    fn an_unfinished_handshake_exports_nothing() {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let conn =
-            rustls::ClientConnection::new(Arc::new(cfg), "gw.example".try_into().unwrap()).unwrap();
-        assert_eq!(export_from(&conn, b"label", b"ctx"), Err(ExportError));
     }
 }

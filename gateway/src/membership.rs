@@ -542,7 +542,7 @@ impl HeartbeatSettings {
 /// Whether a membership certificate, key and CA make a TLS client: each
 /// parses, and the key is the certificate's.
 pub(crate) fn usable(cert: &[u8], key: &[u8], ca: &[u8]) -> Result<(), ConfigProblem> {
-    use jvpn_runtime::pem;
+    use jvpn_runtime::tls as pem;
     pem::identity(
         cert,
         "cluster.membership_cert_file",

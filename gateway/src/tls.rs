@@ -58,7 +58,7 @@ impl fmt::Debug for TlsMaterial {
 fn certs_from(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigProblem> {
     let pem = std::fs::read(path)
         .map_err(|e| ConfigProblem::new(key, format!("{}: {e}", path.display())))?;
-    jvpn_runtime::pem::certs_in(&pem, key).map_err(|p| in_file(p, path))
+    jvpn_runtime::tls::certs_in(&pem, key).map_err(|p| in_file(p, path))
 }
 
 /// A CA file's certificates as trust roots; a problem is filed under `key`
@@ -66,7 +66,7 @@ fn certs_from(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, Co
 pub fn roots_from(path: &Path, key: &str) -> Result<RootCertStore, ConfigProblem> {
     let pem = std::fs::read(path)
         .map_err(|e| ConfigProblem::new(key, format!("{}: {e}", path.display())))?;
-    jvpn_runtime::pem::roots_in(&pem, key).map_err(|p| in_file(p, path))
+    jvpn_runtime::tls::roots_in(&pem, key).map_err(|p| in_file(p, path))
 }
 
 fn in_file(mut p: ConfigProblem, path: &Path) -> ConfigProblem {

@@ -518,12 +518,12 @@ fn validate(raw: RouterConfig) -> Result<Validated, ConfigErrors> {
     // otherwise stop the router at start with a bare TLS error.
     if let (Some(cert), Some(key)) = (&cert, &key)
         && let Err(p) =
-            jvpn_runtime::pem::identity(cert, "membership.cert_file", key, "membership.key_file")
+            jvpn_runtime::tls::identity(cert, "membership.cert_file", key, "membership.key_file")
     {
         errs.push(p);
     }
     if let Some(ca) = &ca
-        && let Err(p) = jvpn_runtime::pem::roots_in(ca, "membership.ca_file")
+        && let Err(p) = jvpn_runtime::tls::roots_in(ca, "membership.ca_file")
     {
         errs.push(p);
     }

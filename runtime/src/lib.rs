@@ -7,7 +7,8 @@
 //!   signals, SIGHUP reload, the open-file limit.
 //! - [`config`]: layered TOML + environment, problems that name their key,
 //!   the documented-keys checks.
-//! - [`pem`]: certificates, keys and CAs checked as TLS will use them.
+//! - [`tls`]: certificates, keys and CAs checked as TLS will use them;
+//!   keying material exported from a connection.
 //! - [`admin`]: the admin HTTP port (`/metrics`, `/healthz`, `/readyz`,
 //!   operator actions behind a bearer token) for any [`admin::AdminApp`].
 //! - [`channel_io`]: the resumable session channel as an async byte stream
@@ -32,7 +33,7 @@ pub mod channel_io;
 pub mod config;
 pub mod h2_stream;
 pub mod metrics;
-pub mod pem;
 pub mod process;
 pub mod relay;
+pub mod tls;
 pub mod wire;

@@ -2,6 +2,7 @@
 //! loop (pings, data, in-session RESUME, control from the engine) and the
 //! frames it writes.
 
+use jvpn_runtime::tls::export;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -56,19 +57,6 @@ fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
-}
-
-/// Keying material from a TLS connection; an error (never zeros) if it has
-/// none (issue 18 L2).
-fn export(
-    conn: &rustls::ServerConnection,
-    label: &[u8],
-    ctx: &[u8],
-) -> Result<[u8; 32], ExportError> {
-    let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, label, Some(ctx))
-        .map_err(|_| ExportError)?;
-    Ok(out)
 }
 
 fn channel_binding(tls: &Tls) -> Result<ChannelBinding, ExportError> {
@@ -1301,23 +1289,6 @@ fn terminate(reason: ReasonCode) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Issue 18 L2: a connection whose handshake has not completed has no
-    /// exporter; that is an error, never 32 zero bytes used as a binding.
-    #[test]
-    fn an_unfinished_handshake_exports_nothing() {
-        let cert = rcgen::generate_simple_self_signed(vec!["gw.example".into()]).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
-        let conn = rustls::ServerConnection::new(Arc::new(cfg)).unwrap();
-        assert_eq!(export(&conn, b"label", b"ctx"), Err(ExportError));
-    }
 
     /// Egress rules name principals by the certificate's common name.
     #[test]

@@ -1,6 +1,7 @@
-//! PEM files checked the way TLS will use them, so a bad set is a
-//! configuration problem naming its key at start (or at a rotation), not a
-//! failure at the first connection.
+//! TLS helpers every binary shares: PEM files checked the way TLS will use
+//! them (a bad set is a configuration problem naming its key at start or
+//! at a rotation, not a failure at the first connection), and keying
+//! material exported from a connection.
 
 use rustls::RootCertStore;
 use rustls::crypto::ring::default_provider;
@@ -8,7 +9,23 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use jvpn_proto::client::ExportError;
+
 use crate::config::ConfigProblem;
+
+/// 32 bytes of keying material (RFC 8446 §7.5) from a client or server
+/// connection; an error, never zeros, before its handshake completed
+/// (issue 18 L2).
+pub fn export<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    label: &[u8],
+    ctx: &[u8],
+) -> Result<[u8; 32], ExportError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, label, Some(ctx))
+        .map_err(|_| ExportError)?;
+    Ok(out)
+}
 
 /// The certificates of a PEM text; a problem is filed under `key`.
 pub fn certs_in(pem: &[u8], key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigProblem> {
@@ -57,6 +74,20 @@ pub fn identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unfinished_handshake_exports_nothing() {
+        use std::sync::Arc;
+        let provider = Arc::new(default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "gw.example".try_into().unwrap()).unwrap();
+        assert_eq!(export(&conn, b"label", b"ctx"), Err(ExportError));
+    }
 
     #[test]
     fn a_key_that_is_not_the_certificates_is_named() {
