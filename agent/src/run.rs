@@ -841,6 +841,59 @@ pub(crate) enum Persist<'a> {
 /// The longest wait between HELLOs of an agent that keeps trying.
 const PERSIST_MAX_WAIT: Duration = Duration::from_secs(10);
 
+/// The limits and waits of [`establish_fresh`]'s HELLO retries.
+struct HelloPacing {
+    started: Instant,
+    /// Failures that are not [`transient`].
+    hard_failures: u32,
+    /// Retries made past the limits (only with [`Persist::UntilStopped`]).
+    beyond: u32,
+}
+
+impl HelloPacing {
+    fn new(started: Instant) -> Self {
+        HelloPacing {
+            started,
+            hard_failures: 0,
+            beyond: 0,
+        }
+    }
+
+    /// Counts `e`; whether the limits are past: [`ESTABLISH_PATIENCE`] of
+    /// transient refusals, or five other failures.
+    fn failed(&mut self, e: &AgentError) -> bool {
+        if transient(e) {
+            self.started.elapsed() > ESTABLISH_PATIENCE
+        } else {
+            self.hard_failures += 1;
+            self.hard_failures >= 5
+        }
+    }
+
+    /// The wait before the next HELLO after `e`.
+    fn wait(&mut self, e: &AgentError, past_limits: bool) -> Duration {
+        let hinted = match e {
+            AgentError::Status(s) => Some(s.capped_retry_after_ms(4_000).max(50)),
+            AgentError::Rejected { retry_after_ms, .. } => Some((*retry_after_ms).clamp(50, 1_000)),
+            _ => None,
+        };
+        if past_limits {
+            // Kept trying: the longer of the hint and a growing step,
+            // spread over half its length, so that agents that lost their
+            // sessions together do not retry together for ever.
+            // Each retry past the limits counts, transient or not.
+            self.beyond += 1;
+            let grown = (self.hard_failures + self.beyond).clamp(4, 7);
+            let step = (100u64 << grown).max(hinted.unwrap_or(0));
+            let step = Duration::from_millis(step).min(PERSIST_MAX_WAIT);
+            step / 2 + step.mul_f64(rand::rng().random_range(0.0..0.5))
+        } else {
+            let jitter = Duration::from_millis(rand::rng().random_range(0..=50));
+            Duration::from_millis(hinted.unwrap_or(100 << self.hard_failures.min(4))) + jitter
+        }
+    }
+}
+
 /// HELLO with retries (see [`Persist`]). `after`: the reason a previous
 /// session ended (then this is an explicit re-handshake, and says so). The
 /// agent's own session is left as it is.
@@ -850,8 +903,7 @@ async fn establish_fresh(
     after: Option<&str>,
     mut persist: Persist<'_>,
 ) -> Result<(Transport, Fresh), AgentError> {
-    let started = Instant::now();
-    let mut hard_failures = 0u32;
+    let mut pacing = HelloPacing::new(Instant::now());
     loop {
         let e = match agent.hello_only().await {
             Ok((t, fresh)) => {
@@ -870,12 +922,7 @@ async fn establish_fresh(
             }
             Err(e) => e,
         };
-        let past_limits = if transient(&e) {
-            started.elapsed() > ESTABLISH_PATIENCE
-        } else {
-            hard_failures += 1;
-            hard_failures >= 5
-        };
+        let past_limits = pacing.failed(&e);
         // A credential the cluster refuses will not get better by waiting.
         let final_refusal = matches!(
             e,
@@ -887,22 +934,7 @@ async fn establish_fresh(
         if past_limits && (matches!(persist, Persist::Limited) || final_refusal) {
             return Err(e);
         }
-        let hinted = match &e {
-            AgentError::Status(s) => Some(s.capped_retry_after_ms(4_000).max(50)),
-            AgentError::Rejected { retry_after_ms, .. } => Some((*retry_after_ms).clamp(50, 1_000)),
-            _ => None,
-        };
-        let wait = if past_limits {
-            // Kept trying: the longer of the hint and a growing step,
-            // spread over half its length, so that agents that lost their
-            // sessions together do not retry together for ever.
-            let step = (100u64 << hard_failures.clamp(4, 7)).max(hinted.unwrap_or(0));
-            let step = Duration::from_millis(step).min(PERSIST_MAX_WAIT);
-            step / 2 + step.mul_f64(rand::rng().random_range(0.0..0.5))
-        } else {
-            let jitter = Duration::from_millis(rand::rng().random_range(0..=50));
-            Duration::from_millis(hinted.unwrap_or(100 << hard_failures.min(4))) + jitter
-        };
+        let wait = pacing.wait(&e, past_limits);
         note(
             transitions,
             format!(
@@ -1200,6 +1232,36 @@ mod tests {
             status,
             retry_after_ms,
         })
+    }
+
+    /// An agent that keeps trying (its session lost, the cluster without
+    /// a gateway to place it on) waits longer and longer, up to
+    /// `PERSIST_MAX_WAIT`, whatever the refusal: 10,000 agents retrying
+    /// about once a second for as long as an outage lasts are a storm of
+    /// their own when it ends.
+    #[test]
+    fn waits_past_the_limits_grow_for_transient_refusals_too() {
+        for e in [
+            status(Status::NoGateway, 1_000),
+            status(Status::Overloaded, 500),
+            AgentError::NoAnswer(Duration::from_secs(5)),
+        ] {
+            let long_ago = Instant::now()
+                .checked_sub(ESTABLISH_PATIENCE + Duration::from_secs(1))
+                .unwrap();
+            let mut p = HelloPacing::new(long_ago);
+            let mut waits = Vec::new();
+            for _ in 0..8 {
+                let past = p.failed(&e);
+                assert!(past);
+                waits.push(p.wait(&e, past));
+            }
+            let last = *waits.last().unwrap();
+            assert!(
+                last >= PERSIST_MAX_WAIT / 2 && last <= PERSIST_MAX_WAIT,
+                "{e}: {waits:?}"
+            );
+        }
     }
 
     /// Issue 18 M2: a refusal without a hint (a router that cannot open the
