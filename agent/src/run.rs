@@ -996,6 +996,7 @@ async fn reattach(
     // second time; the first time, the agent asks its own server again.
     let mut home_failed = false;
     let mut asked_home_again = false;
+    let reach = Reach::of(agent);
     agent.go_home();
     loop {
         // No pacing of its own: a RESUME after a loss is a recovery, and
@@ -1062,12 +1063,7 @@ async fn reattach(
                     deadline = Instant::now() + Duration::from_millis(*ms);
                 }
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                if asked_home
-                    && matches!(
-                        e,
-                        AgentError::Connect(..) | AgentError::Tls(_) | AgentError::NoAnswer(_)
-                    )
-                {
+                if asked_home && reach.home_failed(&e) {
                     home_failed = true;
                 }
                 let unknown = matches!(
@@ -1077,8 +1073,10 @@ async fn reattach(
                         ..
                     }
                 );
-                let not_asked_where_it_lives =
-                    unknown && !asked_home && !home_failed && !asked_home_again;
+                let not_asked_where_it_lives = unknown
+                    && !asked_home
+                    && !home_failed
+                    && reach.asks_home_again(asked_home_again);
                 if not_asked_where_it_lives && !remaining.is_zero() {
                     note(
                         transitions,
@@ -1129,18 +1127,7 @@ async fn reattach(
                     transitions,
                     format!("resume refused: {why}; retry in {} ms", wait.as_millis()),
                 );
-                // A taker that finds the owner alive (topology 3) says
-                // `owner_unreachable`: the router that sent us there may be
-                // the one that is wrong, so the next try asks another.
-                if matches!(
-                    e,
-                    AgentError::Connect(..)
-                        | AgentError::Status(_)
-                        | AgentError::Rejected {
-                            reason: ReasonCode::OwnerUnreachable,
-                            ..
-                        }
-                ) {
+                if reach.moves_on(&e) {
                     agent.rotate_server();
                 }
                 attempt += 1;
@@ -1148,6 +1135,99 @@ async fn reattach(
             }
         }
     }
+}
+
+/// How the session is reached, as its gateway said at HELLO
+/// (`HelloOk.via_router`, design note 66): what a RESUME's failures say
+/// about the session, and where the next one goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// Through routers: any of them reaches the owner, and the owner's
+    /// `unknown_session` is final whichever router carried it.
+    Routers,
+    /// Gateways given directly: only the one that made the session holds
+    /// it; the others know nothing of it.
+    Direct,
+    /// An older gateway did not say: the rules from before.
+    Unsaid,
+}
+
+impl Reach {
+    fn of(agent: &Agent) -> Self {
+        match agent.session.as_ref().and_then(|s| s.via_router) {
+            Some(true) => Reach::Routers,
+            Some(false) => Reach::Direct,
+            None => Reach::Unsaid,
+        }
+    }
+
+    /// Whether the next RESUME goes to the next server after `e`.
+    fn moves_on(self, e: &AgentError) -> bool {
+        // A taker that finds the owner alive (topology 3) says
+        // `owner_unreachable`: the router that sent us there may be the
+        // one that is wrong.
+        let owner_unreachable = matches!(
+            e,
+            AgentError::Rejected {
+                reason: ReasonCode::OwnerUnreachable,
+                ..
+            }
+        );
+        match self {
+            // A router that does not answer, or answers for itself before
+            // TLS (a hung, swamped or restarting one), is stepped around:
+            // the owner is as near through the next.
+            Reach::Routers => {
+                owner_unreachable
+                    || matches!(
+                        e,
+                        AgentError::Connect(..)
+                            | AgentError::Status(_)
+                            | AgentError::Tls(_)
+                            | AgentError::NoAnswer(_)
+                    )
+            }
+            // Another gateway cannot help, except to tell a refused
+            // connection (its process gone, and the session with it) apart
+            // from a passing failure.
+            Reach::Direct => refused(e),
+            Reach::Unsaid => {
+                owner_unreachable || matches!(e, AgentError::Connect(..) | AgentError::Status(_))
+            }
+        }
+    }
+
+    /// Whether `e`, from the session's own server, says that server no
+    /// longer holds it (so another's `unknown_session` may be believed).
+    fn home_failed(self, e: &AgentError) -> bool {
+        match self {
+            // A timeout, an unreachable network (the agent's own, after a
+            // change), an overloaded gateway: nothing about the session.
+            Reach::Direct => refused(e),
+            Reach::Routers | Reach::Unsaid => matches!(
+                e,
+                AgentError::Connect(..) | AgentError::Tls(_) | AgentError::NoAnswer(_)
+            ),
+        }
+    }
+
+    /// Whether another server's `unknown_session` sends the agent to ask
+    /// its own server (again), `asked` being whether it did once already.
+    fn asks_home_again(self, asked: bool) -> bool {
+        match self {
+            // The owner answered, through whichever router.
+            Reach::Routers => false,
+            // Only the session's own gateway can say: as often as it takes,
+            // until the deadline.
+            Reach::Direct => true,
+            Reach::Unsaid => !asked,
+        }
+    }
+}
+
+/// A connection the server's host refused: nothing listens there.
+fn refused(e: &AgentError) -> bool {
+    matches!(e, AgentError::Connect(_, io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// A transport loss: when, and the reason the gateway gave if it ended
@@ -1262,6 +1342,46 @@ mod tests {
                 "{e}: {waits:?}"
             );
         }
+    }
+
+    /// What a RESUME's failure means depends on how the session is
+    /// reached (design note 66); a session from an older gateway, which
+    /// does not say, keeps the rules from before.
+    #[test]
+    fn each_reach_reads_a_resumes_failures_its_own_way() {
+        use std::io::{Error, ErrorKind};
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 1).into();
+        let connect = |k: ErrorKind| AgentError::Connect(addr, Error::from(k));
+        let refused = connect(ErrorKind::ConnectionRefused);
+        let timed_out = connect(ErrorKind::TimedOut);
+        let tls = AgentError::Tls(Error::from(ErrorKind::TimedOut));
+        let silent = AgentError::NoAnswer(Duration::from_secs(5));
+        let busy = status(Status::Overloaded, 500);
+        // Through routers: every failure of a router moves on.
+        for e in [&refused, &timed_out, &tls, &silent, &busy] {
+            assert!(Reach::Routers.moves_on(e), "{e}");
+        }
+        assert!(!Reach::Routers.asks_home_again(false));
+        // Direct: only a refused connection (nothing listens) moves on and
+        // counts as the home gateway gone.
+        assert!(Reach::Direct.moves_on(&refused));
+        assert!(Reach::Direct.home_failed(&refused));
+        for e in [&timed_out, &tls, &silent, &busy] {
+            assert!(!Reach::Direct.moves_on(e), "{e}");
+            assert!(!Reach::Direct.home_failed(e), "{e}");
+        }
+        assert!(Reach::Direct.asks_home_again(true));
+        // Unsaid (an older gateway): as before.
+        assert!(Reach::Unsaid.moves_on(&timed_out));
+        assert!(Reach::Unsaid.moves_on(&busy));
+        assert!(!Reach::Unsaid.moves_on(&tls));
+        assert!(!Reach::Unsaid.moves_on(&silent));
+        for e in [&timed_out, &tls, &silent] {
+            assert!(Reach::Unsaid.home_failed(e), "{e}");
+        }
+        assert!(!Reach::Unsaid.home_failed(&busy));
+        assert!(Reach::Unsaid.asks_home_again(false));
+        assert!(!Reach::Unsaid.asks_home_again(true));
     }
 
     /// Issue 18 M2: a refusal without a hint (a router that cannot open the

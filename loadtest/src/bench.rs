@@ -295,6 +295,8 @@ pub async fn noop_target(
             token_key_id: 1,
             channel_window: 0,
             migratable: false,
+            // Like a gateway that predates the field.
+            via_router: None,
         });
         while let Ok(Some(kind)) = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await {
             let reply = match kind {

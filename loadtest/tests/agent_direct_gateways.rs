@@ -21,10 +21,19 @@ use common::{Streaming, target};
 const DRAIN_MS: u64 = 3_000;
 
 async fn gateway(pki: &TestPki, dir: &tempfile::TempDir, node: &str) -> LocalGateway {
+    gateway_with(pki, dir, node, "").await
+}
+
+async fn gateway_with(
+    pki: &TestPki,
+    dir: &tempfile::TempDir,
+    node: &str,
+    extra: &str,
+) -> LocalGateway {
     let opts = GatewayOptions {
         node_id: node.into(),
         extra_toml: format!(
-            "{}[timeouts]\ndrain_timeout_ms = {DRAIN_MS}\n",
+            "{}[timeouts]\ndrain_timeout_ms = {DRAIN_MS}\n{extra}",
             jvpn_loadtest::streamload::LOOPBACK_EGRESS
         ),
         ..Default::default()
@@ -149,4 +158,46 @@ async fn a_stream_asked_for_during_a_move_goes_to_the_next_session() {
         drop(a.cmds);
         a.task.await.unwrap();
     }
+}
+
+/// The session's own gateway answers `overloaded` (its per-source rate:
+/// one connection per 5 s) to the RESUMEs after a transport loss. The
+/// agent waits for it as it asks, and never takes the other gateway's
+/// `unknown_session` (it never held the session) for the session's end.
+/// It used to ask the other one after each refusal and believe its second
+/// `unknown_session`: a re-handshake while its own gateway held the
+/// session (design note 66).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_home_gateway_is_waited_for() {
+    let pki = TestPki::new(&["g1", "g2"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let g1 = gateway_with(
+        &pki,
+        &dir,
+        "g1",
+        "[admission]\nper_source_rate_per_s = 0.2\nper_source_burst = 1\n",
+    )
+    .await;
+    let g2 = gateway(&pki, &dir, "g2").await;
+    let a = common::streaming_agent(&pki, vec![g1.client_addr, g2.client_addr]);
+    until(&a, "the agent attached", |r| r.node_id == "g1").await;
+    let before = a.report.lock().unwrap().clone();
+    // The HELLO spent g1's only token: the next connections are refused
+    // `overloaded` until the next one, 5 s later.
+    a.cmds.send(Command::Jump).await.unwrap();
+    harness::eventually(Duration::from_secs(30), "reattached", || {
+        let r = a.report.lock().unwrap().clone();
+        assert_eq!(r.rehandshakes, before.rehandshakes, "{r:?}");
+        async move { r.resumes_ok > before.resumes_ok }
+    })
+    .await
+    .unwrap();
+    let r = a.report.lock().unwrap().clone();
+    assert_eq!(r.node_id, "g1", "{r:?}");
+    assert!(
+        r.resumes_rejected.contains_key("overloaded"),
+        "g1 refused first: {r:?}"
+    );
+    drop(a.cmds);
+    a.task.await.unwrap();
 }

@@ -111,6 +111,7 @@ fn hello_ok(i: usize, keepalive_ms: u64) -> HelloOk {
         token_key_id: 0,
         channel_window: 1 << 20,
         migratable: false,
+        via_router: None,
     }
 }
 

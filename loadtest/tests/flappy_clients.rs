@@ -139,3 +139,38 @@ async fn a_router_crash_loop_costs_no_session() {
     );
     assert!(invariants::from_agents(&reports).all_zero());
 }
+
+/// A router that accepts connections and then says nothing (hung, or
+/// swamped past answering): a RESUME through it goes on to the next router
+/// once the handshake times out. It used to be tried again and again until
+/// the session's TTL ran out, and then the agent re-handshook through the
+/// next router while the owner still held the session (design note 66).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_router_is_stepped_around_by_a_resume() {
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        routers: 2,
+        spare_gateways: 0,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let routers = c.router_addrs();
+    let first = jvpn_loadtest::faultproxy::FaultProxy::start(routers[0])
+        .await
+        .unwrap();
+    let fleet = Fleet::start(&c.pki, &[first.addr, routers[1]], 1, 0).unwrap();
+    fleet
+        .wait_established(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let before = fleet.agents[0].snapshot();
+    // The session was made through the first router, its home.
+    assert_eq!(first.open_connections(), 1, "{:?}", before.timeline);
+    first.set_mode(jvpn_loadtest::faultproxy::Mode::Blackhole);
+    fleet.each(|| Command::Jump).await;
+    resumed_or_lost(&fleet, 0, &before, "resumed through the other router").await;
+    let reports = fleet.close().await;
+    assert_eq!(reports[0].rehandshakes, 0, "{:?}", reports[0].timeline);
+    assert_eq!(reports[0].node_id, before.node_id);
+    assert!(invariants::from_agents(&reports).all_zero());
+}

@@ -136,6 +136,9 @@ pub struct ClientSession {
     /// `HelloOk.migratable`: the session is recorded in a shared store and
     /// may be taken over by another gateway when its owner dies.
     pub migratable: bool,
+    /// `HelloOk.via_router`: how the session is reached (`None`: an
+    /// older gateway did not say).
+    pub via_router: Option<bool>,
     pub binding_epoch: u64,
     pub state_version: u64,
     pub policy: Policy,
@@ -174,6 +177,7 @@ impl ClientSession {
             incarnation: ok.incarnation,
             owner_epoch: 1,
             migratable: ok.migratable,
+            via_router: ok.via_router,
             binding_epoch: ok.binding_epoch,
             state_version: ok.state_version,
             policy: ok.policy.unwrap_or_default(),
@@ -352,6 +356,7 @@ mod tests {
             token_key_id: 2,
             channel_window: 0,
             migratable: false,
+            via_router: None,
         };
         let key = conn.resume_key(&resume_key_context(&id, 1));
         (ok, key)

@@ -198,6 +198,8 @@ impl HelloAccepted {
             channel_window: 0,
             // The shell sets it when the session is in a shared store.
             migratable: false,
+            // The shell knows how the connection came.
+            via_router: None,
         }
     }
 }

@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span};
 
-use super::session::{do_hello, do_resume, send_reject, send_terminate};
+use super::session::{Via, do_hello, do_resume, send_reject, send_terminate};
 use super::state::Shared;
 use crate::gate::Forwarded;
 use crate::metrics::{self as m, ConnReject};
@@ -196,7 +196,11 @@ async fn handle_conn(
             Err(ConnReject::AuthFailed)
         }
         (HandshakeKind::Hello, Kind::Hello(h)) => {
-            do_hello(shared, tls, buf, h, accepted_at, router_id.as_deref()).await
+            let via = Via {
+                router_id: router_id.as_deref(),
+                router: from_router,
+            };
+            do_hello(shared, tls, buf, h, accepted_at, via).await
         }
         (HandshakeKind::Resume, Kind::Resume(r)) => {
             do_resume(shared, tls, buf, r, accepted_at, takeover).await

@@ -72,14 +72,23 @@ fn resume_key(tls: &Tls, ctx: &[u8]) -> ResumeKey {
     )
 }
 
+/// How a HELLO's connection reached this gateway.
+pub(super) struct Via<'a> {
+    /// The router its PROXY header named, if any.
+    pub router_id: Option<&'a str>,
+    /// It came from a configured router (told to the agent: design note 66).
+    pub router: bool,
+}
+
 pub(super) async fn do_hello(
     shared: &Arc<Shared>,
     mut tls: Tls,
     buf: BytesMut,
     hello: jvpn_proto::pb::session::Hello,
     accepted_at: Instant,
-    router_id: Option<&str>,
+    via: Via<'_>,
 ) -> Result<(), ConnReject> {
+    let router_id = via.router_id;
     let refuse = |r: ReasonCode| {
         debug_assert!(m::HELLO_REFUSALS.contains(&r), "{r:?} has no series at 0");
         counter!(m::HELLOS, "result" => r.as_str()).increment(1);
@@ -204,6 +213,7 @@ pub(super) async fn do_hello(
     );
     // Recorded in a shared store: a taker may carry it on (topology 3).
     ok.migratable = hello.migration && shared.store.get().is_some();
+    ok.via_router = Some(via.router);
     let keepalive = keepalive(shared, shard, &acc.session_id, hello.keepalive, &tls);
     ok.keepalive_ms = announced(keepalive);
     // An agent that asks for a channel gets one; an older agent echoes.
