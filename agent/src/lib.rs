@@ -274,9 +274,10 @@ impl Transport {
         }
     }
 
-    /// Sends `payload` and waits for the gateway's echo of it, skipping
-    /// pongs and other frames.
-    pub async fn echo(&mut self, payload: &[u8]) -> Result<(), AgentError> {
+    /// Sends `payload` to the gateway's echo service (sessions without a
+    /// channel); the echo comes back as a `Data` frame with the returned
+    /// `seq`.
+    pub async fn send_echo(&mut self, payload: &[u8]) -> Result<u64, AgentError> {
         self.next_seq += 1;
         let seq = self.next_seq;
         let data = jvpn_proto::pb::session::Data {
@@ -284,6 +285,14 @@ impl Transport {
             payload: payload.to_vec().into(),
         };
         self.send(Kind::Data(data)).await?;
+        Ok(seq)
+    }
+
+    /// Sends `payload` and waits for the gateway's echo of it, skipping
+    /// pongs and other frames (for tests and tools that drive a transport
+    /// themselves; the agent's loop keeps reading other frames meanwhile).
+    pub async fn echo(&mut self, payload: &[u8]) -> Result<(), AgentError> {
+        let seq = self.send_echo(payload).await?;
         loop {
             match self.recv().await? {
                 Kind::Data(d) if d.seq == seq => {

@@ -299,6 +299,7 @@ async fn drive(
     // session it is to replace.
     let mut handover: Option<(HandOver, Option<SessionId>, AbortOnDrop)> = None;
     let mut next_tick = Instant::now();
+    let mut echoing: Option<Echoing> = None;
     loop {
         if let Some((d, _)) = agent.data.as_ref() {
             let epoch = d.epoch.load(std::sync::atomic::Ordering::Acquire);
@@ -551,6 +552,20 @@ async fn drive(
                 out.clear();
                 sent.err()
             }
+            // Without a channel, `Data` frames are echoes.
+            Ev::Frame(Ok(Kind::Data(d))) if agent.data.is_none() => {
+                match echoing.take_if(|e| e.seq == d.seq) {
+                    Some(e) if d.payload.as_ref() == e.payload.as_slice() => {
+                        let _ = e.reply.send(Ok(e.start.elapsed()));
+                        None
+                    }
+                    Some(e) => {
+                        let _ = e.reply.send(Err("echo payload differs".into()));
+                        Some(AgentError::Protocol("echo payload differs".into()))
+                    }
+                    None => None,
+                }
+            }
             Ev::Frame(Ok(k @ (Kind::Data(_) | Kind::Ack(_)))) => {
                 match agent.data.as_ref().and_then(|(d, _)| d.on_frame(k).err()) {
                     None => None,
@@ -581,12 +596,30 @@ async fn drive(
                 let _ = reply.send(Err("echo needs a session without streams".into()));
                 None
             }
+            Ev::Cmd(Some(Command::Echo(_, reply))) if echoing.is_some() => {
+                let _ = reply.send(Err("an echo is under way".into()));
+                None
+            }
+            // The reply is read by this loop like any frame: silence ends
+            // the transport as always, and a GoAway or a Terminate that
+            // comes first is not lost.
             Ev::Cmd(Some(Command::Echo(payload, reply))) => {
                 let start = Instant::now();
-                match t.echo(&payload).await {
-                    Ok(()) => {
-                        last_rx = Instant::now();
-                        let _ = reply.send(Ok(start.elapsed()));
+                let sent = tokio::time::timeout_at(
+                    (last_rx + silence_limit).into(),
+                    t.send_echo(&payload),
+                )
+                .await
+                .unwrap_or(Err(AgentError::Closed));
+                match sent {
+                    Ok(seq) => {
+                        last_tx = Instant::now();
+                        echoing = Some(Echoing {
+                            seq,
+                            payload,
+                            start,
+                            reply,
+                        });
                         None
                     }
                     Err(e) => {
@@ -635,6 +668,10 @@ async fn drive(
             }
         };
         let Some(e) = lost else { continue };
+        if let Some(echo) = echoing.take() {
+            // Its reply, if any, would come on the transport being left.
+            let _ = echo.reply.send(Err(e.to_string()));
+        }
         // Close the lost transport before anything else: the gateway then
         // sees a loss and takes the RESUME as a recovery, not as a switch
         // away from a live transport (design note 30).
@@ -1228,6 +1265,14 @@ impl Reach {
 /// A connection the server's host refused: nothing listens there.
 fn refused(e: &AgentError) -> bool {
     matches!(e, AgentError::Connect(_, io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// An echo sent, waiting for its reply.
+struct Echoing {
+    seq: u64,
+    payload: Vec<u8>,
+    start: Instant,
+    reply: oneshot::Sender<Result<Duration, String>>,
 }
 
 /// A transport loss: when, and the reason the gateway gave if it ended

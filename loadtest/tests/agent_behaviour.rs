@@ -179,3 +179,60 @@ async fn the_agent_cli_prints_each_transition_with_its_reason() {
     assert!(report["resumes_ok"].as_u64().unwrap() >= 1);
     assert_eq!(report["rehandshakes"], 0);
 }
+
+/// An echo (sessions without a channel: the load tool's probe) on a path
+/// that stalls (the sockets stay open, nothing crosses): the agent gives
+/// the transport up within its silence limit and resumes, like for any
+/// other silence. The echo used to wait for its reply with the whole loop
+/// behind it, for as long as TCP kept the connection (for ever here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_on_a_stalled_path_gives_the_transport_up_within_the_silence_limit() {
+    use jvpn_agent::{AgentReport, Command, keep_alive};
+    use std::time::{Duration, Instant};
+    let env =
+        common::start("[policy]\nheartbeat_interval_ms = 250\nheartbeat_timeout_ms = 1000\n").await;
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(env.gw.client_addr)
+        .await
+        .unwrap();
+    let agent = harness::agent(&env.pki, proxy.addr, None).unwrap();
+    let (cmds, rx) = tokio::sync::mpsc::channel(8);
+    let report = Arc::new(std::sync::Mutex::new(AgentReport::default()));
+    let task = tokio::spawn(keep_alive(agent, rx, None, report.clone()));
+    let echo = |payload: &'static [u8]| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        cmds.try_send(Command::Echo(payload.to_vec(), tx)).unwrap();
+        rx
+    };
+    harness::eventually(Duration::from_secs(10), "attached", || {
+        let up = report.lock().unwrap().sessions_established == 1;
+        async move { up }
+    })
+    .await
+    .unwrap();
+    echo(b"one").await.unwrap().unwrap();
+    proxy.stall_all();
+    let asked = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), echo(b"two")).await;
+    assert!(
+        matches!(answer, Ok(Ok(Err(_)))),
+        "the echo on the stalled path: {answer:?}"
+    );
+    // The silence limit (1 s) and a generous margin, far below TCP's.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    // New connections pass: the session resumes.
+    harness::eventually(Duration::from_secs(20), "resumed", || {
+        let r = report.lock().unwrap().clone();
+        async move { r.resumes_ok >= 1 }
+    })
+    .await
+    .unwrap();
+    echo(b"three").await.unwrap().unwrap();
+    let r = report.lock().unwrap().clone();
+    assert_eq!(r.rehandshakes, 0, "{r:?}");
+    drop(cmds);
+    task.await.unwrap();
+}
