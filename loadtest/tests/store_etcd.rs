@@ -1678,6 +1678,46 @@ async fn a_session_that_ends_while_its_record_is_written_leaves_nothing_behind()
     .unwrap();
 }
 
+/// Review of the attached loop: the engine's liveness clock started when a
+/// HELLO or RESUME committed, and a slow store write (an etcd leader
+/// change, a lease renewal) took most of it before the answer went out:
+/// the gateway's first keep-alive then came too late, and a healthy new
+/// transport was retired (`heartbeat_timeout`) just after its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_write_does_not_retire_the_transport_it_answers() {
+    // Every chunk to and from etcd waits 600 ms: a write takes 1.2 s at
+    // least, more than the heartbeat timeout (2 s) less the keep-alive
+    // interval (1 s).
+    let (_c, _proxy, env, _store) = behind_a_proxy(
+        jvpn_loadtest::faultproxy::Mode::Delay(Duration::from_millis(600)),
+        "lease_ttl_ms = 15000\nrequest_timeout_ms = 5000\nsweep_interval_ms = 0\n",
+    )
+    .await;
+    let mut agent = jvpn_loadtest::harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    agent.set_listens_for_keepalives(true);
+    // Nothing from the agent for 3 s: the gateway's keep-alives come, and
+    // no `Terminate`.
+    async fn quiet(t: &mut jvpn_agent::Transport, what: &str) {
+        use jvpn_proto::pb::session::frame::Kind;
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut keepalives = 0;
+        while let Ok(f) = tokio::time::timeout_at(until.into(), t.recv()).await {
+            match f {
+                Ok(Kind::Terminate(x)) => panic!("{what}: terminated, reason {}", x.reason),
+                Ok(Kind::Pong(_)) => keepalives += 1,
+                Ok(_) => {}
+                Err(e) => panic!("{what}: the transport ended: {e}"),
+            }
+        }
+        assert!(keepalives >= 2, "{what}: {keepalives} keep-alives in 3 s");
+    }
+    let mut t = common::hello(&mut agent).await;
+    quiet(&mut t, "after the HelloOk").await;
+    drop(t);
+    let mut t = agent.resume().await.unwrap();
+    quiet(&mut t, "after the ResumeOk").await;
+}
+
 /// Review of topology 3: a session that ends while etcd cannot be reached
 /// loses its record once etcd is back. Its delete used to be tried once:
 /// the record stayed, and a later takeover (after its owner died) brought

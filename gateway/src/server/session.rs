@@ -187,8 +187,8 @@ pub(super) async fn do_hello(
         };
         let r = match key {
             Ok(k) => {
-                st.on_hello(shared, &acc.session_id, who, acc.binding_epoch, &k)
-                    .await
+                let write = st.on_hello(shared, &acc.session_id, who, acc.binding_epoch, &k);
+                holding(shared, shard, &acc.session_id, transport, write).await
             }
             Err(_) => Err(ReasonCode::ProtocolError),
         };
@@ -245,6 +245,7 @@ pub(super) async fn do_hello(
         crate::engine::STICKY_OWNER_EPOCH,
         "hello_ok",
     );
+    answering(shared, shard, &acc.session_id, transport);
     if write_frame(&mut tls, Kind::HelloOk(ok)).await.is_err() {
         shared.answer_lost(shard, &acc.session_id, transport);
         return Ok(());
@@ -308,7 +309,8 @@ pub(super) async fn do_resume(
                         &resume_key_context(&sid, ok.binding_epoch),
                     )
                     .ok();
-                    if let Err(reason) = st.on_resume(&sid, ok.binding_epoch, key).await {
+                    let write = st.on_resume(&sid, ok.binding_epoch, key);
+                    if let Err(reason) = holding(shared, shard, &sid, transport, write).await {
                         shared.abandon(shard, &sid, transport, Termination::StoreUnavailable);
                         counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
                         let _ = send_terminate(&mut tls, reason).await;
@@ -329,7 +331,7 @@ pub(super) async fn do_resume(
                 let keepalive = keepalive(shared, shard, &sid, resume.keepalive, &tls);
                 ok.keepalive_ms = announced(keepalive);
                 if let Some(st) = shared.store.get()
-                    && !st.fence_of(&sid).regained().await
+                    && !holding(shared, shard, &sid, transport, st.fence_of(&sid).regained()).await
                 {
                     // The lease went between the write and now, and the
                     // session could not move to the next.
@@ -340,6 +342,7 @@ pub(super) async fn do_resume(
                 shared
                     .events
                     .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
+                answering(shared, shard, &sid, transport);
                 if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
                     shared.answer_lost(shard, &sid, transport);
                     return Ok(());
@@ -370,6 +373,40 @@ pub(super) async fn do_resume(
     }
     Ok(())
 }
+
+/// The answer on `transport` goes out now: the engine's liveness clock
+/// for it, started when the HELLO or RESUME committed, starts again, so
+/// that what came between (a store write that waited out an etcd leader
+/// change) does not retire the transport just after its answer. It only
+/// moves later, and only while `transport` is still the binding.
+fn answering(shared: &Shared, shard: usize, sid: &SessionId, transport: TransportId) {
+    let now = shared.now();
+    shared.with_engine(shard, |e| e.activity(now, sid, transport));
+}
+
+/// Runs `work` (the store's part of an answer) while `transport`'s
+/// liveness clock is kept from running out: its agent is waiting for this
+/// side, not silent. A store write can wait out an etcd leader change
+/// (up to its patience), longer than a heartbeat timeout.
+async fn holding<F: std::future::Future>(
+    shared: &Shared,
+    shard: usize,
+    sid: &SessionId,
+    transport: TransportId,
+    work: F,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            () = tokio::time::sleep(HOLD_STEP) => answering(shared, shard, sid, transport),
+        }
+    }
+}
+
+/// How often [`holding`] moves the clock: below any heartbeat timeout a
+/// policy can set.
+const HOLD_STEP: Duration = Duration::from_millis(50);
 
 /// A session accepted on `transport` may have ended (its lifetime or
 /// credential ran out, a drain, an operator) while it was recorded or its
@@ -537,6 +574,7 @@ async fn take_over(
     shared
         .events
         .answered(shared.now(), &sid, ok.owner_epoch, "resume_ok");
+    answering(shared, shard, &sid, at.transport);
     if write_frame(&mut tls, Kind::ResumeOk(ok)).await.is_err() {
         shared.answer_lost(shard, &sid, at.transport);
         return Ok(());
@@ -1015,7 +1053,8 @@ async fn read_loop(
                             // and inline it would sit in every attached
                             // session's loop, store or not, idle or not.
                             let bound = Box::pin(st.on_resume(sid, ok.binding_epoch, key));
-                            if let Err(reason) = bound.await {
+                            if let Err(reason) = holding(shared, shard, sid, transport, bound).await
+                            {
                                 counter!(m::RESUMES, "result" => reason.as_str()).increment(1);
                                 let now = shared.now();
                                 shared.with_engine(shard, |e| {
