@@ -768,3 +768,42 @@ fn inv_7_1_rapid_deaths_end_degraded_within_the_recovery_budget() {
     a.resume(&mut sim).unwrap();
     assert_eq!(sim.session(a.id).unwrap().state(), State::Attached);
 }
+
+/// A RESUME on the connection the session is attached on (an agent
+/// retrying there) is not a switch: anti-flap does not apply, and that
+/// connection is neither retired nor counted. It used to be taken as a
+/// switch away from itself: inside the cooldown it was refused and the
+/// very connection it came on was closed.
+#[test]
+fn a_resume_on_the_attached_connection_is_not_a_switch() {
+    let mut sim = Sim::new(fast_policy());
+    let mut a = sim.connect();
+    let t = a.transport;
+    // More than the switch budget (5 a minute), inside one cooldown.
+    for i in 0..8 {
+        let w = a.build(t);
+        let r = sim.engine.resume(
+            sim.now,
+            &jvpn_gateway::engine::ResumeRequest {
+                session_id: w.id,
+                counter: w.counter,
+                binding_epoch: w.epoch,
+                proof: &w.proof,
+            },
+            jvpn_gateway::engine::Conn {
+                transport: t,
+                binding: &binding(t),
+            },
+            |ctx| exporter(t, ctx),
+        );
+        assert!(r.is_ok(), "resume {i}: {:?}", r.as_ref().err());
+        assert_eq!(r.as_ref().unwrap().replaced, None, "resume {i}");
+        assert_eq!(sim.engine.poll_action(), None, "resume {i}");
+        sim.drain();
+        a.apply(&sim, &w, &r);
+        let s = sim.session(a.id).unwrap();
+        assert_eq!((s.state(), s.transport()), (State::Attached, Some(t)));
+    }
+    // The budget is whole: a real switch now is allowed.
+    assert!(a.resume(&mut sim).is_ok());
+}

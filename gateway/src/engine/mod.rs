@@ -402,15 +402,24 @@ impl Engine {
                 epoch,
             ));
         }
-        let replaced = s.transport;
         let p = &*s.policy.clone();
+        // On the connection it is attached on (an agent retrying there):
+        // not a switch, so neither anti-flap nor a retirement of it.
+        let in_place = s.transport == Some(conn.transport);
+        if in_place {
+            s.transport = None;
+        }
+        let replaced = s.transport;
         step(&mut self.out, p, now, id, s, Event::ResumeAuthenticated).map_err(Rejection::quiet)?;
         let governed = s.flap.governs(replaced.is_some());
-        if let Err((denial, wait)) = if governed {
+        let judged = if in_place {
+            Ok(())
+        } else if governed {
             s.flap.check(now, p)
         } else {
             s.flap.check_recovery(now, p)
-        } {
+        };
+        if let Err((denial, wait)) = judged {
             // A refused recovery stays a recovery: its retry is judged by
             // the recovery budget again, never by the (emptier) switch one.
             if governed {
@@ -445,7 +454,9 @@ impl Engine {
                 .clone()
                 .unwrap_or_else(|| unreachable!("verified against fallback"))
         };
-        if governed {
+        if in_place {
+            // Not a switch: nothing counted.
+        } else if governed {
             s.flap.record(now, p);
         } else {
             s.flap.record_recovery(now, p);
