@@ -218,6 +218,8 @@ pub struct Transport {
     /// The gateway's keep-alive interval on this connection (`HelloOk` /
     /// `ResumeOk`); 0: none, the agent pings.
     keepalive_ms: u64,
+    /// When bytes last came, whole frames or not.
+    heard: std::time::Instant,
 }
 
 impl std::fmt::Debug for Transport {
@@ -271,7 +273,15 @@ impl Transport {
             if self.tls.read_buf(&mut self.buf).await? == 0 {
                 return Err(AgentError::Closed);
             }
+            self.heard = std::time::Instant::now();
         }
+    }
+
+    /// When bytes last arrived on this connection, part of a frame or not:
+    /// on a slow link a large frame takes longer than the silence limit,
+    /// and its bytes prove the path as well as a whole frame does.
+    pub fn heard(&self) -> std::time::Instant {
+        self.heard
     }
 
     /// Sends `payload` to the gateway's echo service (sessions without a
@@ -611,6 +621,7 @@ impl Agent {
             next_seq: 0,
             local_addr,
             keepalive_ms: 0,
+            heard: std::time::Instant::now(),
         })
     }
 

@@ -301,6 +301,9 @@ async fn drive(
     let mut next_tick = Instant::now();
     let mut echoing: Option<Echoing> = None;
     loop {
+        // Bytes of a frame still arriving prove the path too (a large frame
+        // on a slow link takes longer than the silence limit).
+        last_rx = last_rx.max(t.heard());
         if let Some((d, _)) = agent.data.as_ref() {
             let epoch = d.epoch.load(std::sync::atomic::Ordering::Acquire);
             if subscribed != Some(epoch) {
@@ -328,6 +331,8 @@ async fn drive(
             Tick,
             /// Nothing heard for `heartbeat_timeout`.
             Silent,
+            /// The silence deadline passed, but bytes of a frame came.
+            Heard,
             Cmd(Option<Command>),
             /// The channel may have frames to send.
             Out,
@@ -371,6 +376,8 @@ async fn drive(
         let ev = match ev {
             Ev::Silent => match jvpn_runtime::wire::poll_once(t.recv()).await {
                 Some(f) => Ev::Frame(f),
+                // Part of a frame came meanwhile: the deadline moves.
+                None if t.heard().elapsed() < silence_limit => Ev::Heard,
                 None => Ev::Silent,
             },
             ev => ev,
@@ -388,6 +395,7 @@ async fn drive(
                 note(&transitions, "no frame within heartbeat_timeout".into());
                 Some(AgentError::Closed)
             }
+            Ev::Heard => None,
             Ev::Frame(Ok(Kind::GoAway(_))) if !main => None,
             Ev::Frame(Ok(Kind::GoAway(g))) => {
                 note(

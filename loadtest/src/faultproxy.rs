@@ -35,6 +35,10 @@ pub enum Mode {
     /// New connections are accepted and closed at once (a path that
     /// answers but leads nowhere: every connect fails fast).
     Refuse,
+    /// New connections carry at most this many bytes a second each way,
+    /// behind a buffer of a few MiB (a slow mobile link: the sender sees
+    /// its bytes taken at once, the receiver gets them at the rate).
+    Throttle(u32),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,14 +218,15 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     if !inner.prefix.is_empty() {
         upstream.write_all(&inner.prefix).await?;
     }
-    let delay = match mode {
-        Mode::Delay(d) => d,
-        _ => Duration::ZERO,
+    let pace = match mode {
+        Mode::Delay(d) => Pace::Delay(d),
+        Mode::Throttle(rate) => Pace::Rate(rate.max(1)),
+        _ => Pace::Delay(Duration::ZERO),
     };
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let a = tokio::spawn(pump(cr, uw, rx.clone(), delay, inner.clone(), false));
-    let b = tokio::spawn(pump(ur, cw, rx, delay, inner.clone(), true));
+    let a = tokio::spawn(pump(cr, uw, rx.clone(), pace, inner.clone(), false));
+    let b = tokio::spawn(pump(ur, cw, rx, pace, inner.clone(), true));
     let _ = tokio::join!(a, b);
     inner
         .conns
@@ -231,19 +236,31 @@ async fn serve(inner: Arc<Inner>, client: TcpStream, peer: SocketAddr) -> Result
     Ok(())
 }
 
+/// How a connection's bytes are held back.
+#[derive(Clone, Copy, Debug)]
+enum Pace {
+    /// Each chunk waits this long.
+    Delay(Duration),
+    /// Bytes a second.
+    Rate(u32),
+}
+
 /// One direction; `down` (towards the client) records when it wrote, the
 /// other direction how much.
 async fn pump<R, W>(
     mut r: R,
     mut w: W,
     mut ctl: watch::Receiver<ConnCtl>,
-    delay: Duration,
+    pace: Pace,
     inner: Arc<Inner>,
     down: bool,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if let Pace::Rate(rate) = pace {
+        return paced(r, w, ctl, rate, inner, down).await;
+    }
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let state = *ctl.borrow();
@@ -263,8 +280,10 @@ async fn pump<R, W>(
             r = r.read(&mut buf) => match r {
                 Ok(0) | Err(_) => { let _ = w.shutdown().await; return; }
                 Ok(n) => {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                    if let Pace::Delay(wait) = pace
+                        && !wait.is_zero()
+                    {
+                        tokio::time::sleep(wait).await;
                     }
                     if w.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -279,5 +298,71 @@ async fn pump<R, W>(
             },
             c = ctl.changed() => if c.is_err() { return },
         }
+    }
+}
+
+/// [`pump`] at `rate` bytes a second: read at once into a bounded queue
+/// (the link's buffer), written out a tenth of a second's bytes at a time.
+async fn paced<R, W>(
+    mut r: R,
+    mut w: W,
+    mut ctl: watch::Receiver<ConnCtl>,
+    rate: u32,
+    inner: Arc<Inner>,
+    down: bool,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // 256 reads of at most 16 KiB: up to 4 MiB in the link.
+    let (tx, mut queue) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+    let reading = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            if tx.send(buf[..n].to_vec()).await.is_err() {
+                break;
+            }
+        }
+        // `tx` goes: the writer drains what is queued, then ends.
+    };
+    let step = (rate as usize / 10).max(1);
+    let writing = async {
+        loop {
+            let chunk = tokio::select! {
+                c = queue.recv() => c,
+                c = ctl.changed() => {
+                    if c.is_err() || *ctl.borrow() != ConnCtl::Run {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(chunk) = chunk else {
+                let _ = w.shutdown().await;
+                return;
+            };
+            for piece in chunk.chunks(step) {
+                let wait = Duration::from_secs_f64(piece.len() as f64 / f64::from(rate));
+                tokio::time::sleep(wait).await;
+                if w.write_all(piece).await.is_err() {
+                    return;
+                }
+                if down {
+                    *inner
+                        .last_down
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                } else {
+                    inner
+                        .up_bytes
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    // Reading goes on beside the writing, which decides the end.
+    tokio::select! {
+        () = writing => {}
+        () = async { reading.await; std::future::pending::<()>().await } => {}
     }
 }

@@ -1475,3 +1475,42 @@ async fn a_writer_waiting_for_credit_is_woken_after_the_reader_saw_the_end() {
     drop(a.cmds);
     a.task.await.unwrap();
 }
+
+/// A slow link (a mobile edge: 20 KB/s each way): a 60 KiB `Data` frame
+/// takes three seconds to arrive, longer than the silence limit, and the
+/// gateway's keep-alives cannot come between its bytes. The bytes of a
+/// frame still arriving prove the path as well as a whole frame: the
+/// download completes on its first transport. The agent used to count
+/// whole frames only, gave the transport up in the middle of each large
+/// frame, resumed, was sent the same frame again, and never got past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_carries_a_download_on_one_transport() {
+    const LEN: usize = 200 * 1024;
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let proxy = FaultProxy::start(env.gw.client_addr).await.unwrap();
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Throttle(20_000));
+    let data = pattern(7, LEN);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    {
+        let data = data.clone();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            c.write_all(&data).await.unwrap();
+            c.shutdown().await.unwrap();
+        });
+    }
+    let a = run_agent(&env, proxy.addr);
+    let mut s = a.tunnel.connect(&common::target(dest)).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut got))
+        .await
+        .expect("the download did not finish")
+        .unwrap();
+    assert!(got == data, "{} bytes, not the {LEN} sent", got.len());
+    let r = a.report.lock().unwrap().clone();
+    assert_eq!(r.resumes_ok + r.rehandshakes, 0, "{:?}", r.timeline);
+    drop(s);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
