@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Sim, binding, exporter, fast_policy, send, send_on};
+use common::{Sim, binding, exporter, fast_policy, resume_on, send, send_on};
 use jvpn_gateway::engine::{
     Action, Engine, EngineConfig, EngineEvent, HelloRequest, Mono, Policy, State, Termination,
 };
@@ -23,21 +23,7 @@ fn inv_1_1_reattach_a_to_b_leaves_only_b_active() {
     let old = a.transport;
     let t = sim.transport();
     let w = a.build(t);
-    let b = sim.engine.resume(
-        sim.now,
-        &jvpn_gateway::engine::ResumeRequest {
-            session_id: w.id,
-            counter: w.counter,
-            binding_epoch: w.epoch,
-            proof: &w.proof,
-        },
-        jvpn_gateway::engine::Conn {
-            transport: t,
-            binding: &binding(t),
-        },
-        |ctx| exporter(t, ctx),
-    );
-    let acc = b.unwrap();
+    let acc = resume_on(&mut sim, &w, t).unwrap();
     assert_eq!(acc.replaced, Some(old));
     assert_eq!(
         sim.engine.poll_action(),
@@ -782,20 +768,7 @@ fn a_resume_on_the_attached_connection_is_not_a_switch() {
     // More than the switch budget (5 a minute), inside one cooldown.
     for i in 0..8 {
         let w = a.build(t);
-        let r = sim.engine.resume(
-            sim.now,
-            &jvpn_gateway::engine::ResumeRequest {
-                session_id: w.id,
-                counter: w.counter,
-                binding_epoch: w.epoch,
-                proof: &w.proof,
-            },
-            jvpn_gateway::engine::Conn {
-                transport: t,
-                binding: &binding(t),
-            },
-            |ctx| exporter(t, ctx),
-        );
+        let r = resume_on(&mut sim, &w, t);
         assert!(r.is_ok(), "resume {i}: {:?}", r.as_ref().err());
         assert_eq!(r.as_ref().unwrap().replaced, None, "resume {i}");
         assert_eq!(sim.engine.poll_action(), None, "resume {i}");

@@ -236,8 +236,15 @@ pub fn send(sim: &mut Sim, w: &Wire) -> Result<ResumeAccepted, Rejection> {
 
 /// Sends a captured RESUME on connection `t` (possibly not the one it was built for).
 pub fn send_on(sim: &mut Sim, w: &Wire, t: TransportId) -> Result<ResumeAccepted, Rejection> {
+    let r = resume_on(sim, w, t);
+    sim.drain();
+    r
+}
+
+/// [`send_on`] leaving the engine's events and actions to the caller.
+pub fn resume_on(sim: &mut Sim, w: &Wire, t: TransportId) -> Result<ResumeAccepted, Rejection> {
     let b = binding(t);
-    let r = sim.engine.resume(
+    sim.engine.resume(
         sim.now,
         &ResumeRequest {
             session_id: w.id,
@@ -250,7 +257,5 @@ pub fn send_on(sim: &mut Sim, w: &Wire, t: TransportId) -> Result<ResumeAccepted
             binding: &b,
         },
         |ctx| exporter(t, ctx),
-    );
-    sim.drain();
-    r
+    )
 }
