@@ -72,6 +72,18 @@ fn resume_key(tls: &Tls, ctx: &[u8]) -> ResumeKey {
     )
 }
 
+/// `HelloOk.via_router` (design note 66): through jvpn routers, which
+/// route every RESUME to its owner; directly; or through a plain proxy
+/// (static PROXY mode, no membership), which may send a RESUME to any
+/// gateway, so the agent is told nothing and keeps its older rules.
+fn reached_through(from_router: bool, membership: bool) -> Option<bool> {
+    match (from_router, membership) {
+        (false, _) => Some(false),
+        (true, true) => Some(true),
+        (true, false) => None,
+    }
+}
+
 /// How a HELLO's connection reached this gateway.
 pub(super) struct Via<'a> {
     /// The router its PROXY header named, if any.
@@ -213,7 +225,7 @@ pub(super) async fn do_hello(
     );
     // Recorded in a shared store: a taker may carry it on (topology 3).
     ok.migratable = hello.migration && shared.store.get().is_some();
-    ok.via_router = Some(via.router);
+    ok.via_router = reached_through(via.router, cluster.is_some());
     let keepalive = keepalive(shared, shard, &acc.session_id, hello.keepalive, &tls);
     ok.keepalive_ms = announced(keepalive);
     // An agent that asks for a channel gets one; an older agent echoes.
@@ -1338,6 +1350,16 @@ fn terminate(reason: ReasonCode) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only jvpn routers (a gateway with membership) route each RESUME to
+    /// its owner; a plain proxy in front says nothing of the kind.
+    #[test]
+    fn via_router_is_said_only_when_it_is_known() {
+        assert_eq!(reached_through(false, false), Some(false));
+        assert_eq!(reached_through(false, true), Some(false));
+        assert_eq!(reached_through(true, true), Some(true));
+        assert_eq!(reached_through(true, false), None);
+    }
 
     /// Egress rules name principals by the certificate's common name.
     #[test]
