@@ -5,7 +5,10 @@
 //!
 //! etcd cannot take port 0 once `--initial-cluster` names its peers, so
 //! the ports are picked by binding port 0 and releasing it; a member that
-//! then fails to bind is started again on fresh ports (bounded).
+//! then fails to bind is started again on fresh ports (bounded). A killed
+//! member's ports are held by the harness until it is started again: a
+//! restart cannot move them (its peers know its URLs), so another cluster
+//! drawing them meanwhile would fail the test.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -29,6 +32,8 @@ struct Member {
     data: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The ports of a killed member, bound until its restart.
+    held: Vec<TcpListener>,
 }
 
 /// A running etcd cluster; killed (and its data removed) when dropped.
@@ -110,6 +115,7 @@ impl EtcdCluster {
                 data: data.path().join(format!("m{i}")),
                 child: None,
                 log: dir.path().join(format!("etcd-m{i}.log")),
+                held: Vec::new(),
             });
         }
         let token = format!("jvpn-test-{}", rand::random::<u64>());
@@ -142,6 +148,7 @@ impl EtcdCluster {
         let ca = self.pki.ca.clone();
         let token = self.token.clone();
         let m = &mut self.members[i];
+        m.held.clear();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -258,8 +265,18 @@ impl EtcdCluster {
     /// Kills member `i` (SIGKILL); its data stays, so [`Self::restart`]
     /// brings it back as the same member.
     pub async fn kill(&mut self, i: usize) -> Result<()> {
-        if let Some(mut c) = self.members[i].child.take() {
+        let m = &mut self.members[i];
+        if let Some(mut c) = m.child.take() {
             c.kill().await?;
+            // The process is gone (waited for), so its listeners are
+            // closed and the ports bind; std sets SO_REUSEADDR, so the
+            // killed member's closing connections do not stand in the way.
+            for addr in [m.client, m.peer] {
+                m.held.push(
+                    TcpListener::bind(addr)
+                        .with_context(|| format!("holding killed etcd member {i}'s {addr}"))?,
+                );
+            }
         }
         Ok(())
     }

@@ -280,6 +280,13 @@ async fn the_store_needs_a_majority_fails_closed_without_one_and_comes_back() {
     // leader (if the killed member led, until then every write fails
     // closed).
     c.kill(0).await.unwrap();
+    // Its ports stay the harness's while it is down (a restart cannot move
+    // them: its peers know its URLs), so nothing else can take them.
+    let port = c.client_ports()[0];
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err(),
+        "a killed member's port {port} was free for anyone"
+    );
     let sid = SessionId::from_bytes(rand::random());
     let rec = record(("gw-a", 1, lease), (1, 1), &sid, [1; 32]);
     let t = Instant::now();
