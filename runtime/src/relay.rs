@@ -59,7 +59,13 @@ where
     S: AsyncRead + AsyncWrite,
 {
     let (mut sr, mut sw) = tokio::io::split(stream);
-    let (mut tr, mut tw) = tcp.into_split();
+    // Armed until the relay ends cleanly: however else the socket closes
+    // (this future dropped, the process leaving) it resets, never a FIN
+    // that would pass a cut stream off as whole.
+    // Borrowed halves: an owned write half sends a FIN when dropped.
+    arm_reset(&tcp);
+    let mut tcp = tcp;
+    let (mut tr, mut tw) = tcp.split();
     let (mut to_tcp, mut from_tcp) = (0, 0);
     // Set when a direction ended cleanly: the other then has
     // HALF_CLOSED_IDLE between bytes.
@@ -78,8 +84,8 @@ where
         r = async { tokio::try_join!(up, down) } => r.is_err(),
         () = gone => true,
     };
-    if reset && let Ok(t) = tr.reunite(tw) {
-        self::reset(t);
+    if !reset {
+        disarm_reset(&tcp);
     }
     Relayed {
         reset,
@@ -91,10 +97,20 @@ where
 /// Closes `tcp` with a reset (RST), not a clean FIN: its peer must not
 /// take what it got for the whole.
 pub fn reset(tcp: TcpStream) {
-    // SO_LINGER 0. (The deprecation is about a linger > 0 blocking on
-    // drop; 0 never does.)
+    arm_reset(&tcp);
+}
+
+/// From now on, closing `tcp` resets it (SO_LINGER 0). (The deprecation
+/// is about a linger > 0 blocking on drop; 0 never does.)
+fn arm_reset(tcp: &TcpStream) {
     #[allow(deprecated)]
     let _ = tcp.set_linger(Some(Duration::ZERO));
+}
+
+/// Closing `tcp` is a clean FIN again, after what was written.
+fn disarm_reset(tcp: &TcpStream) {
+    #[allow(deprecated)]
+    let _ = tcp.set_linger(None);
 }
 
 /// Copies until EOF, then shuts the writer down (a half-close travels) and
@@ -282,6 +298,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(wrote.is_err(), "the TCP side was not reset");
+    }
+
+    /// A relay that stops without ending (its task dropped, its process
+    /// leaving) resets the TCP side: a clean FIN would pass what got through
+    /// off as the whole.
+    #[tokio::test]
+    async fn a_relay_dropped_midway_resets_the_tcp_side() {
+        let (tcp, mut app) = pair().await;
+        let (stream, mut far) = tokio::io::duplex(64 * 1024);
+        let relay = relay(
+            tcp,
+            stream,
+            b"",
+            &|_, _| Duration::ZERO,
+            std::future::pending(),
+        );
+        let cut = async {
+            far.write_all(b"part").await.unwrap();
+            let mut b = [0u8; 4];
+            app.read_exact(&mut b).await.unwrap();
+        };
+        tokio::select! {
+            _ = relay => panic!("the relay ended by itself"),
+            () = cut => {}
+        }
+        let mut b = [0u8; 1];
+        let r = app.read(&mut b).await;
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "a cut stream read as a clean end"
+        );
     }
 
     /// One side half-closed and the other then moves nothing: the stream
