@@ -503,6 +503,18 @@ impl Agent {
         self.data.as_ref().map_or(0, |(d, _)| d.open_streams())
     }
 
+    /// Its streams have all ended: HTTP/2 may finish (see `DataPlane::let_finish`).
+    pub(crate) fn let_streams_finish(&mut self) {
+        if let Some((d, _)) = self.data.as_mut() {
+            d.let_finish();
+        }
+    }
+
+    /// Every byte its streams sent has reached the gateway.
+    pub(crate) fn streams_delivered(&self) -> bool {
+        self.data.as_ref().is_none_or(|(d, _)| d.delivered())
+    }
+
     /// The session ended for `why`: its streams are reset with that reason.
     pub(crate) fn end_streams(&mut self, why: &str) {
         if let Some((d, _)) = self.data.as_mut() {

@@ -480,21 +480,33 @@ async fn drive(
             {
                 if !main {
                     // The streams that were left have ended, or the
-                    // gateway's deadline has come.
-                    end_streams(&mut agent, &transitions, &report, "go_away_deadline");
-                    let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
-                    return;
+                    // gateway's deadline has come. Ended streams' last
+                    // bytes may still be on their way (in HTTP/2, in the
+                    // channel): the session ends once the gateway has
+                    // every one, which it then delivers (ended at once, it
+                    // reset the streams still delivering).
+                    let early = drain_until.is_some_and(|d| Instant::now() < d);
+                    if early && agent.channel_broken().is_none() && !agent.streams_delivered() {
+                        agent.let_streams_finish();
+                        None
+                    } else {
+                        end_streams(&mut agent, &transitions, &report, "go_away_deadline");
+                        let _ = tokio::time::timeout(silence_limit, t.send(agent_closed())).await;
+                        return;
+                    }
+                } else {
+                    // No next session yet (the first try failed): one more
+                    // try, in the background like the first, now that this
+                    // session is idle or past its deadline (if it fails
+                    // too, the draining gateway ends the session and the
+                    // agent makes the next one then). It holds no new
+                    // streams back (a next session may be far off): they
+                    // use this session until it is handed over, and then
+                    // leave with it at once.
+                    drain_until = None;
+                    handover = Some(hand_over(&mut agent, &transitions, false));
+                    None
                 }
-                // No next session yet (the first try failed): one more try,
-                // in the background like the first, now that this session
-                // is idle or past its deadline (if it fails too, the
-                // draining gateway ends the session and the agent makes
-                // the next one then). It holds no new streams back (a next
-                // session may be far off): they use this session until it
-                // is handed over, and then leave with it at once.
-                drain_until = None;
-                handover = Some(hand_over(&mut agent, &transitions, false));
-                None
             }
             Ev::Tick if agent.channel_broken().is_some() => {
                 // The session's HTTP/2 connection ended under it: its

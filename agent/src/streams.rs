@@ -344,6 +344,19 @@ impl DataPlane {
         self.open.load(Ordering::Relaxed)
     }
 
+    /// The session's streams have all ended: its HTTP/2 connection may
+    /// finish (its last request handle goes), writing what it still holds
+    /// into the channel.
+    pub(crate) fn let_finish(&mut self) {
+        self.link.send_modify(|s| s.link = None);
+    }
+
+    /// Every byte the session's streams sent has reached the gateway
+    /// (after [`Self::let_finish`], once HTTP/2 wrote its last).
+    pub(crate) fn delivered(&self) -> bool {
+        self.channel.as_ref().is_none_or(|(ch, _)| ch.delivered())
+    }
+
     /// The current session is leaving: nothing new goes over it, and the
     /// tunnel waits for the next session.
     fn retire(&mut self) {
@@ -435,11 +448,16 @@ impl DataPlane {
                 }
                 current
             });
-            let _ = conn.await;
+            let ended = conn.await;
             // HTTP/2 ended: the session's streams cannot go on; its
             // keep-alive loop (or the draining session's) sees the closed
-            // channel. A replaced session's channel is closed already.
-            task_ch.close("the session's HTTP/2 connection ended");
+            // channel. A replaced session's channel is closed already. One
+            // that finished after its last stream (a draining session let
+            // it) wrote its last into the channel, which stays until the
+            // gateway has every byte.
+            if ended.is_err() || !task_ch.write_shut() {
+                task_ch.close("the session's HTTP/2 connection ended");
+            }
             link.send_if_modified(|s| {
                 let current = live.load(Ordering::Acquire) == mine;
                 if current {

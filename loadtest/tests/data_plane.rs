@@ -1412,6 +1412,57 @@ async fn a_half_closed_stream_ends_with_its_session() {
     let _ = a.task.await;
 }
 
+/// The same when the agent closes the session (`agent_closed`): a stream
+/// that had not ended at the agent (here its destination's side is still
+/// open) is reset at once. Streams that had ended there get a grace to
+/// deliver what they hold (design note 69); this one must not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_stream_ends_at_once_when_the_agent_closes() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let (door, _door) = front_door(&a.tunnel).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        let _ = got_tx.send((got, c));
+    });
+    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
+    app.write_all(b"GET /poll").await.unwrap();
+    app.shutdown().await.unwrap();
+    let (got, mut held) = got_rx.await.unwrap();
+    assert_eq!(got, b"GET /poll");
+    let open = || async {
+        env.gw
+            .metric("jvpn_gateway_streams_open", &[])
+            .await
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(open().await, 1.0);
+    drop(a.cmds);
+    a.task.await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the stream's slot given back",
+        || async { open().await == 0.0 },
+    )
+    .await
+    .unwrap();
+    let mut wrote = Ok(());
+    for _ in 0..10 {
+        wrote = held.write_all(b"late").await;
+        if wrote.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(wrote.is_err(), "the destination's connection is still open");
+    drop(app);
+}
+
 /// A stream's reader and writer in two tasks (the library API allows it):
 /// the writer waits for send credit while the reader reads the
 /// destination's last bytes and its half-close. The writer must still be

@@ -381,6 +381,179 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
     a.task.await.unwrap();
 }
 
+/// A destination that answers at once, half-closes, and takes nothing
+/// until `go`; then it reads to the end and reports what it got and
+/// whether that ended with a clean EOF.
+async fn held_sink() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"ok").await.unwrap();
+        s.shutdown().await.unwrap();
+        let _ = go_rx.await;
+        let mut got = Vec::new();
+        let clean = s.read_to_end(&mut got).await.is_ok();
+        let _ = tx.send((got, clean));
+    });
+    (addr, go, rx)
+}
+
+/// An upload that ends on a draining session reaches its destination
+/// whole. The destination takes nothing for a while, so every buffer on
+/// the way fills up to the gateway's; the application then ends its upload
+/// and closes the stream, whose bytes still wait at the gateway. The agent
+/// ends the draining session (`Terminate{agent_closed}`) once no stream is
+/// left: that used to close the gateway's channel and reset the relay,
+/// and the destination got a reset instead of the upload's tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_ends_on_a_draining_session_reaches_its_destination_whole() {
+    let c = two_gateways(ClusterOptions {
+        gateway_extra_toml: "[timeouts]\ndrain_timeout_ms = 60000\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let (sink, go, got) = held_sink().await;
+    let a = run_agent(&c);
+    let mut st = a.tunnel.connect(&target(sink)).await.unwrap();
+    let owner = a.report.lock().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
+    harness::eventually(Duration::from_secs(5), "the GoAway", || {
+        let told = a.report.lock().unwrap().go_aways == 1;
+        async move { told }
+    })
+    .await
+    .unwrap();
+    // Writes until one waits 500 ms for credit: everything on the way is
+    // full (a write that waits takes nothing, so dropping it loses
+    // nothing).
+    let all = pattern(7, 64 << 20);
+    let mut sent = 0;
+    while let Ok(n) = tokio::time::timeout(
+        Duration::from_millis(500),
+        st.write(&all[sent..(sent + (64 << 10))]),
+    )
+    .await
+    {
+        sent += n.unwrap();
+    }
+    eprintln!("{sent} bytes written before the stall");
+    st.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    st.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"ok");
+    drop(st);
+    // The draining session ends now that it has no stream.
+    let gw = c.gateway(&owner).unwrap();
+    harness::eventually(
+        Duration::from_secs(10),
+        "the draining session to end",
+        || async {
+            // (Or the gateway left: it does once it has no session.)
+            !gw.metric("jvpn_gateway_sessions", &[("state", "attached")])
+                .await
+                .is_ok_and(|v| v > 0.0)
+        },
+    )
+    .await
+    .unwrap();
+    go.send(()).unwrap();
+    let (got, clean) = tokio::time::timeout(Duration::from_secs(60), got)
+        .await
+        .expect("the destination finished reading")
+        .unwrap();
+    assert!(
+        clean,
+        "the destination's connection was reset after {} of {sent} bytes",
+        got.len()
+    );
+    assert_eq!(got.len(), sent);
+    assert!(got == all[..sent], "the upload's bytes differ");
+    let r = a.report.lock().unwrap().clone();
+    assert!(r.streams_reset.is_empty(), "{r:?}");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
+/// The same when the last bytes are still at the agent as its streams
+/// end: on a slow link, three uploads fill the channel's window, so each
+/// stream's tail waits in the agent's HTTP/2 for window space after the
+/// application closed it. The draining session ends only once the gateway
+/// has every byte; it used to end at the next tick, dropping the tails
+/// with the channel, and the gateway reset the streams that never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_whose_tails_wait_at_the_agent_reach_their_destinations_whole() {
+    const LEN: usize = 512 << 10;
+    let c = two_gateways(ClusterOptions {
+        gateway_extra_toml: "[timeouts]\ndrain_timeout_ms = 60000\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(c.router_addrs()[0])
+        .await
+        .unwrap();
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Throttle(400_000));
+    let a = common::streaming_agent(&c.pki, vec![proxy.addr]);
+    let mut streams = Vec::new();
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let (sink, go, got) = held_sink().await;
+        go.send(()).unwrap();
+        streams.push(a.tunnel.connect(&target(sink)).await.unwrap());
+        results.push(got);
+    }
+    let owner = a.report.lock().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
+    harness::eventually(Duration::from_secs(10), "the GoAway", || {
+        let told = a.report.lock().unwrap().go_aways == 1;
+        async move { told }
+    })
+    .await
+    .unwrap();
+    let uploads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut st)| {
+            tokio::spawn(async move {
+                st.write_all(&pattern(i as u64, LEN)).await.unwrap();
+                st.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                st.read_to_end(&mut answer).await.unwrap();
+                assert_eq!(answer, b"ok");
+            })
+        })
+        .collect();
+    for u in uploads {
+        u.await.unwrap();
+    }
+    for (i, got) in results.into_iter().enumerate() {
+        let (got, clean) = tokio::time::timeout(Duration::from_secs(60), got)
+            .await
+            .expect("the destination finished reading")
+            .unwrap();
+        assert!(
+            clean,
+            "stream {i}: reset after {} of {LEN} bytes",
+            got.len()
+        );
+        assert!(
+            got == pattern(i as u64, LEN),
+            "stream {i}: {} bytes, not the {LEN} sent",
+            got.len()
+        );
+    }
+    let r = a.report.lock().unwrap().clone();
+    assert!(r.streams_reset.is_empty(), "{r:?}");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// No SSRF into the cluster: with loopback allowed by a wide rule (the
 /// local cluster runs on it), a stream to another gateway's listener or to
 /// any of a router's listeners (membership, client, admin: the last two

@@ -106,6 +106,19 @@ struct Inner {
     write_waker: Option<Waker>,
     /// Why the session's channel ended; every read and write fails after.
     closed: Option<String>,
+    /// The peer ended the session after its last bytes
+    /// ([`SessionChannel::finish`]): what came is read, then EOF.
+    finished: bool,
+    /// The multiplexer shut its writing side down: all it will ever send
+    /// is in the channel.
+    write_shut: bool,
+}
+
+impl Inner {
+    /// No frame moves any more (closed, or finished by the peer).
+    fn still(&self) -> bool {
+        self.closed.is_some() || self.finished
+    }
 }
 
 /// Received bytes in order: pieces as they came (no copy), then a tail of
@@ -176,8 +189,8 @@ struct Shared {
     /// `Notify`: every writer sees every bump, so a stale transport's
     /// writer still waiting can never swallow the current one's wakeup.
     outgoing: watch::Sender<()>,
-    /// Set once the channel closed (see [`SessionChannel::gone`]).
-    gone: watch::Sender<bool>,
+    /// How far the channel has ended (see [`SessionChannel::gone`]).
+    end: watch::Sender<End>,
     origin: Instant,
 }
 
@@ -189,6 +202,23 @@ impl Shared {
     fn wake_writers(&self) {
         self.outgoing.send_replace(());
     }
+}
+
+/// How a channel ended (see [`SessionChannel::ending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Closed,
+    Finished,
+}
+
+/// How far a channel has ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Open,
+    /// [`SessionChannel::finish`]: streams the peer ended finish here.
+    Finishing,
+    /// [`SessionChannel::close`]: every stream fails.
+    Closed,
 }
 
 /// A transport writer's subscription to "a frame may be ready". Take it
@@ -230,9 +260,11 @@ impl SessionChannel {
                 read_waker: None,
                 write_waker: None,
                 closed: None,
+                finished: false,
+                write_shut: false,
             }),
             outgoing: watch::Sender::new(()),
-            gone: watch::Sender::new(false),
+            end: watch::Sender::new(End::Open),
             origin: Instant::now(),
         });
         (
@@ -275,7 +307,7 @@ impl SessionChannel {
     /// channel is closed).
     pub fn on_data(&self, from: Generation, d: Data) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() || from.0 != g.generation {
+        if g.still() || from.0 != g.generation {
             return Ok(());
         }
         let whole = d.payload.len();
@@ -297,7 +329,7 @@ impl SessionChannel {
     /// An `Ack` frame arrived: window space for the writer.
     pub fn on_ack(&self, from: Generation, a: Ack) -> Result<(), ChannelError> {
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() || from.0 != g.generation {
+        if g.still() || from.0 != g.generation {
             return Ok(());
         }
         g.ch.on_ack(a.seq)?;
@@ -319,7 +351,7 @@ impl SessionChannel {
     pub fn next_frame(&self, to: Generation, force_ack: bool) -> Option<Kind> {
         let now = self.shared.now();
         let mut g = lock(&self.shared.inner);
-        if g.closed.is_some() || to.0 != g.generation {
+        if g.still() || to.0 != g.generation {
             return None;
         }
         if let Some(seq) = g.ch.ack_due(now, force_ack) {
@@ -372,18 +404,67 @@ impl SessionChannel {
         }
         // A transport waiting for frames learns there are none.
         self.shared.wake_writers();
-        self.shared.gone.send_replace(true);
+        self.shared.end.send_replace(End::Closed);
+    }
+
+    /// The peer ended the session after its last bytes (the agent closed
+    /// it once each of its streams had ended and the gateway held every
+    /// byte): what arrived is still read, then reads end (EOF), so streams
+    /// that ended at the peer finish delivering; nothing more goes out
+    /// (writes are taken and dropped) and the outgoing buffer is freed.
+    /// [`Self::close`] ends whatever is left.
+    pub fn finish(&self) {
+        let mut g = lock(&self.shared.inner);
+        if g.still() {
+            return;
+        }
+        g.finished = true;
+        let cfg = *g.ch.config();
+        g.ch = Channel::new(cfg);
+        let wakers = [g.read_waker.take(), g.write_waker.take()];
+        drop(g);
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+        self.shared.wake_writers();
+        self.shared.end.send_replace(End::Finishing);
     }
 
     /// Resolves once the channel closed. For a stream's relay that is only
     /// waiting on its TCP side (the stream's own side ended): it learns
     /// here that the stream cannot go on, instead of at its next write.
     pub fn gone(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.shared.gone.subscribe();
+        let mut rx = self.shared.end.subscribe();
         async move {
             // The sender lives as long as the channel's last handle: gone.
-            let _ = rx.wait_for(|g| *g).await;
+            let _ = rx.wait_for(|e| *e == End::Closed).await;
         }
+    }
+
+    /// Resolves once the channel ended, saying how: closed (every stream
+    /// fails), or finished by the peer ([`Self::finish`]: a stream the
+    /// peer had ended may still deliver what it holds).
+    pub fn ending(&self) -> impl std::future::Future<Output = Ending> + Send + 'static {
+        let mut rx = self.shared.end.subscribe();
+        async move {
+            match rx.wait_for(|e| *e != End::Open).await.map(|e| *e) {
+                Ok(End::Finishing) => Ending::Finished,
+                _ => Ending::Closed,
+            }
+        }
+    }
+
+    /// Everything the multiplexer wrote is acknowledged by the peer, and
+    /// it shut its writing side down (or never wrote): nothing of this
+    /// side's is on its way any more.
+    pub fn delivered(&self) -> bool {
+        let g = lock(&self.shared.inner);
+        g.closed.is_none() && g.ch.buffered() == 0 && (g.write_shut || g.ch.end() == 0)
+    }
+
+    /// The multiplexer shut its writing side down.
+    pub fn write_shut(&self) -> bool {
+        lock(&self.shared.inner).write_shut
     }
 
     /// Why the channel was closed, if it was.
@@ -403,7 +484,7 @@ impl ChannelStream {
     pub async fn readable(&mut self) {
         std::future::poll_fn(|cx| {
             let mut g = lock(&self.shared.inner);
-            if g.closed.is_some() || !g.inbox.is_empty() {
+            if g.still() || !g.inbox.is_empty() {
                 Poll::Ready(())
             } else {
                 g.read_waker = Some(cx.waker().clone());
@@ -429,6 +510,10 @@ impl AsyncRead for ChannelStream {
             return Poll::Ready(Ok(()));
         }
         let n = g.inbox.read_into(buf);
+        if g.finished {
+            // What came is read out; then the end (EOF).
+            return Poll::Ready(Ok(()));
+        }
         if n == 0 {
             g.read_waker = Some(cx.waker().clone());
             return Poll::Pending;
@@ -458,6 +543,10 @@ impl AsyncWrite for ChannelStream {
         if let Some(why) = &g.closed {
             return Poll::Ready(Err(reset(why)));
         }
+        if g.finished {
+            // The peer has gone: nothing reaches it any more.
+            return Poll::Ready(Ok(buf.len()));
+        }
         // A writer that still has unsent bytes is not waiting: it takes
         // these with them. Only the first bytes after it ran dry wake it.
         let was_dry = g.ch.sent() == g.ch.end();
@@ -479,7 +568,9 @@ impl AsyncWrite for ChannelStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The multiplexer's connection ends with the session, not here.
+        // The multiplexer's connection ends with the session, not here; it
+        // only says that it has written its last.
+        lock(&self.shared.inner).write_shut = true;
         Poll::Ready(Ok(()))
     }
 }
@@ -586,5 +677,58 @@ mod tests {
         let mut got = vec![0u8; 40_000];
         stream.read_exact(&mut got).await.unwrap();
         assert!(got[..20_000].iter().all(|b| *b == 1) && got[20_000..].iter().all(|b| *b == 2));
+    }
+
+    /// Polls `f` once: has it finished?
+    fn ready<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(f).poll(&mut cx).is_ready()
+    }
+
+    /// Finished by the peer: what arrived is read, then EOF; writes are
+    /// taken and go nowhere; no frame goes out; streams learn it is a
+    /// finish, and are told the channel is gone only at `close`.
+    #[tokio::test]
+    async fn a_finished_channel_reads_out_then_ends() {
+        use tokio::io::AsyncWriteExt;
+        let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
+        let g = ch.first();
+        ch.on_data(g, piece(0, 5, 7)).unwrap();
+        let mut ending = Box::pin(ch.ending());
+        let mut gone = Box::pin(ch.gone());
+        assert!(!ready(&mut ending));
+        ch.finish();
+        assert_eq!(ending.await, Ending::Finished);
+        assert!(ch.next_frame(g, true).is_none(), "a frame after the finish");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, vec![7u8; 5]);
+        stream.write_all(b"nobody reads this").await.unwrap();
+        assert!(ch.next_frame(g, true).is_none());
+        assert!(!ready(&mut gone));
+        ch.close("ended");
+        assert!(ready(&mut gone));
+        assert_eq!(ch.ending().await, Ending::Closed);
+    }
+
+    /// What the multiplexer wrote is delivered once the peer acknowledged
+    /// all of it and the multiplexer shut its side down; never after a
+    /// close.
+    #[tokio::test]
+    async fn delivered_means_acknowledged_and_shut_down() {
+        use jvpn_proto::pb::session::Ack;
+        use tokio::io::AsyncWriteExt;
+        let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
+        let g = ch.first();
+        assert!(ch.delivered(), "nothing written, nothing owed");
+        stream.write_all(b"hello").await.unwrap();
+        assert!(!ch.delivered());
+        assert!(matches!(ch.next_frame(g, false), Some(Kind::Data(_))));
+        ch.on_ack(g, Ack { seq: 5 }).unwrap();
+        assert!(!ch.delivered(), "the writer may still write");
+        stream.shutdown().await.unwrap();
+        assert!(ch.write_shut() && ch.delivered());
+        ch.close("ended");
+        assert!(!ch.delivered());
     }
 }

@@ -245,7 +245,9 @@ pub async fn serve(
     spread_goaway(&shared, spread, terminate_at);
     loop {
         let live: u64 = shared.counts().iter().sum();
-        if live == 0 {
+        // Streams of sessions their agents closed may still be delivering
+        // what they got (`streams::finish`).
+        if live == 0 && shared.streams_open.load(Ordering::Relaxed) == 0 {
             break;
         }
         tokio::select! {

@@ -297,9 +297,15 @@ impl Shared {
     }
 
     /// What a session's end releases outside the engine: every stream of
-    /// it ends, explicitly, with `why`, and its store record goes.
+    /// it ends, explicitly, with `why` (streams that ended at the agent
+    /// finish first when the agent closed the session), and its store
+    /// record goes.
     pub(super) fn ended(&self, shard: usize, sid: &SessionId, why: &str) {
-        super::streams::close(self, shard, sid, why);
+        if why == ReasonCode::AgentClosed.as_str() {
+            super::streams::finish(self, shard, sid);
+        } else {
+            super::streams::close(self, shard, sid, why);
+        }
         if let Some(st) = self.store.get() {
             st.ended(sid);
         }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use jvpn_proto::SessionId;
 use jvpn_proto::channel::ChannelConfig;
 use jvpn_proto::stream::{Host, REFUSAL_HEADER, Refusal, Target};
-use jvpn_runtime::channel_io::{ChannelStream, SessionChannel};
+use jvpn_runtime::channel_io::{ChannelStream, Ending, SessionChannel};
 use jvpn_runtime::h2_stream::H2Stream;
 use jvpn_runtime::relay::{Way, relay};
 use jvpn_runtime::wire::lock;
@@ -66,6 +66,21 @@ pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
     let ch = lock(&shared.shards[shard].channels).remove(sid);
     if let Some(ch) = ch {
         ch.close(why);
+    }
+}
+
+/// How long a stream may take to deliver what it got after its agent
+/// ended the session ([`finish`]); then it is reset.
+pub(super) const FINISH_GRACE: Duration = Duration::from_secs(30);
+
+/// The agent ended session `sid` once every stream had ended at its end
+/// and every byte had reached this side: streams that ended cleanly there
+/// finish here (what they got still goes to their destinations, within
+/// [`FINISH_GRACE`]); any other stream is reset, as on [`close`].
+pub(super) fn finish(shared: &Shared, shard: usize, sid: &SessionId) {
+    let ch = lock(&shared.shards[shard].channels).remove(sid);
+    if let Some(ch) = ch {
+        ch.finish();
     }
 }
 
@@ -165,13 +180,17 @@ async fn serve(
     // Boxed: the waiting task above stays small; the HTTP/2 machinery's
     // state is allocated only now.
     let r = Box::pin(accept).await;
-    if let Err(e) = r {
+    if let Err(e) = &r {
         debug!(error = %e, "session streams ended");
     }
     // The channel closed (the session ended) or HTTP/2 broke under a live
     // session: then its streams cannot go on, and the session must not
-    // linger with a channel nobody reads. End it, explicitly.
-    if !closed_already(&shared, &ctx.sid) {
+    // linger with a channel nobody reads. End it, explicitly. HTTP/2 that
+    // the agent ended cleanly (its `GOAWAY` once a draining session had no
+    // stream left) broke nothing: streams it had ended still deliver what
+    // they got, and the agent ends the session once this side holds every
+    // byte it sent.
+    if r.is_err() && !closed_already(&shared, &ctx.sid) {
         counter!(m::CHANNEL_ERRORS).increment(1);
         let shard = crate::engine::shard_of(&ctx.sid, shared.shards.len());
         let now = shared.now();
@@ -353,13 +372,9 @@ async fn open_and_splice(
             return None;
         }
     };
-    let (how, to_destination, from_destination) = splice(
-        Fenced::new(H2Stream::new(send, req.into_body()), ctx.fence.clone()),
-        dest,
-        limit.as_ref(),
-        ctx.channel.gone(),
-    )
-    .await;
+    let io = Fenced::new(H2Stream::new(send, req.into_body()), ctx.fence.clone());
+    let gone = carrier_gone(&ctx.channel, io.sent_end.clone());
+    let (how, to_destination, from_destination) = splice(io, dest, limit.as_ref(), gone).await;
     shared.events.emit_stream(&StreamEvent {
         at: shared.now(),
         session_id: &ctx.sid,
@@ -372,6 +387,21 @@ async fn open_and_splice(
         },
     });
     None
+}
+
+/// When a stream's relay must stop, whatever it waits for: its session's
+/// channel closed; or the agent finished the session, and the stream had
+/// not sent its end (so it had not ended at the agent, which would have
+/// waited for it), or it had and [`FINISH_GRACE`] passed.
+async fn carrier_gone(channel: &SessionChannel, sent_end: Arc<AtomicBool>) {
+    let ending = channel.ending();
+    let gone = channel.gone();
+    if ending.await == Ending::Finished && sent_end.load(Ordering::Acquire) {
+        tokio::select! {
+            () = gone => {}
+            () = tokio::time::sleep(FINISH_GRACE) => {}
+        }
+    }
 }
 
 /// A principal's byte rate, shared by all its streams.
@@ -647,6 +677,8 @@ async fn splice(
 struct Fenced<S> {
     inner: S,
     fence: Option<Fence>,
+    /// This side's end was sent (the destination's half-close went on).
+    sent_end: Arc<AtomicBool>,
     /// The wait for the session to move, while one is under way.
     waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>>,
 }
@@ -656,6 +688,7 @@ impl<S> Fenced<S> {
         Self {
             inner,
             fence,
+            sent_end: Arc::default(),
             waiting: None,
         }
     }
@@ -706,7 +739,11 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        if matches!(r, std::task::Poll::Ready(Ok(()))) {
+            self.sent_end.store(true, Ordering::Release);
+        }
+        r
     }
 }
 
