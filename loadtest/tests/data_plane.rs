@@ -1342,6 +1342,51 @@ async fn a_reset_at_either_end_reaches_the_other_as_a_reset() {
     a.task.await.unwrap();
 }
 
+/// A stream through a front door whose application sent a request and
+/// half-closed, while the destination keeps its side open and says
+/// nothing (a long poll). Returns once the request arrived: the
+/// application's socket, the destination's, and the front door's task.
+async fn long_poll(tunnel: &Tunnel) -> (TcpStream, TcpStream, tokio::task::JoinHandle<()>) {
+    let (door, door_task) = front_door(tunnel).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        let _ = got_tx.send((got, c));
+    });
+    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
+    app.write_all(b"GET /poll").await.unwrap();
+    app.shutdown().await.unwrap();
+    let (got, held) = got_rx.await.unwrap();
+    assert_eq!(got, b"GET /poll");
+    (app, held, door_task)
+}
+
+/// The gateway's open streams (-1 if it does not answer).
+async fn streams_open(env: &common::Env) -> f64 {
+    env.gw
+        .metric("jvpn_gateway_streams_open", &[])
+        .await
+        .unwrap_or(-1.0)
+}
+
+/// The destination's connection was reset, not left open: its writes
+/// fail (the first may still be taken by the kernel).
+async fn assert_was_reset(mut held: TcpStream) {
+    let mut wrote = Ok(());
+    for _ in 0..10 {
+        wrote = held.write_all(b"late").await;
+        if wrote.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(wrote.is_err(), "the destination's connection is still open");
+}
+
 /// A stream whose agent side already ended (the application half-closed)
 /// and whose destination is quiet (a long poll) ends when its session
 /// does: the destination is reset at once and the stream's slot is given
@@ -1356,29 +1401,8 @@ async fn a_half_closed_stream_ends_with_its_session() {
     ))
     .await;
     let a = run_agent(&env, env.gw.client_addr);
-    let (door, _door) = front_door(&a.tunnel).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dest = l.local_addr().unwrap();
-    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut c, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        // The request, then the application's half-close; then a long
-        // poll: the destination keeps its side open and says nothing.
-        c.read_to_end(&mut got).await.unwrap();
-        let _ = got_tx.send((got, c));
-    });
-    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
-    app.write_all(b"GET /poll").await.unwrap();
-    app.shutdown().await.unwrap();
-    let (got, mut held) = got_rx.await.unwrap();
-    assert_eq!(got, b"GET /poll");
-    let open = || async {
-        env.gw
-            .metric("jvpn_gateway_streams_open", &[])
-            .await
-            .unwrap_or(-1.0)
-    };
+    let (mut app, held, _door) = long_poll(&a.tunnel).await;
+    let open = || streams_open(&env);
     assert_eq!(open().await, 1.0);
     // The session's lifetime (3 s) ends it; its stream goes with it.
     eventually(
@@ -1397,17 +1421,7 @@ async fn a_half_closed_stream_ends_with_its_session() {
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "{r:?}"
     );
-    // The destination's connection was reset, not left open: its writes
-    // fail (the first may still be taken by the kernel).
-    let mut wrote = Ok(());
-    for _ in 0..10 {
-        wrote = held.write_all(b"late").await;
-        if wrote.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(wrote.is_err(), "the destination's connection is still open");
+    assert_was_reset(held).await;
     drop(a.cmds);
     let _ = a.task.await;
 }
@@ -1420,27 +1434,8 @@ async fn a_half_closed_stream_ends_with_its_session() {
 async fn a_half_closed_stream_ends_at_once_when_the_agent_closes() {
     let env = common::start(LOOPBACK_ALLOWED).await;
     let a = run_agent(&env, env.gw.client_addr);
-    let (door, _door) = front_door(&a.tunnel).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dest = l.local_addr().unwrap();
-    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut c, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).await.unwrap();
-        let _ = got_tx.send((got, c));
-    });
-    let mut app = jvpn_loadtest::socks::connect(door, dest).await.unwrap();
-    app.write_all(b"GET /poll").await.unwrap();
-    app.shutdown().await.unwrap();
-    let (got, mut held) = got_rx.await.unwrap();
-    assert_eq!(got, b"GET /poll");
-    let open = || async {
-        env.gw
-            .metric("jvpn_gateway_streams_open", &[])
-            .await
-            .unwrap_or(-1.0)
-    };
+    let (app, held, _door) = long_poll(&a.tunnel).await;
+    let open = || streams_open(&env);
     assert_eq!(open().await, 1.0);
     drop(a.cmds);
     a.task.await.unwrap();
@@ -1451,15 +1446,7 @@ async fn a_half_closed_stream_ends_at_once_when_the_agent_closes() {
     )
     .await
     .unwrap();
-    let mut wrote = Ok(());
-    for _ in 0..10 {
-        wrote = held.write_all(b"late").await;
-        if wrote.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(wrote.is_err(), "the destination's connection is still open");
+    assert_was_reset(held).await;
     drop(app);
 }
 

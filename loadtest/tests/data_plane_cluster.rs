@@ -381,6 +381,36 @@ async fn a_draining_gateways_streams_last_until_the_deadline() {
     a.task.await.unwrap();
 }
 
+/// Gateways whose drain lasts a minute: longer than any test below.
+fn long_drain() -> ClusterOptions {
+    ClusterOptions {
+        gateway_extra_toml: "[timeouts]\ndrain_timeout_ms = 60000\n".into(),
+        ..ClusterOptions::default()
+    }
+}
+
+/// Drains the agent's gateway (SIGTERM) and waits for the agent's GoAway;
+/// returns the draining gateway's name.
+async fn drain_owner(c: &LocalCluster, a: &Running) -> String {
+    let owner = a.report.lock().unwrap().node_id.clone();
+    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
+    harness::eventually(Duration::from_secs(10), "the GoAway", || {
+        let told = a.report.lock().unwrap().go_aways == 1;
+        async move { told }
+    })
+    .await
+    .unwrap();
+    owner
+}
+
+/// The agent reset no stream; then it stops.
+async fn no_stream_reset(a: Running) {
+    let r = a.report.lock().unwrap().clone();
+    assert!(r.streams_reset.is_empty(), "{r:?}");
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// A destination that answers at once, half-closes, and takes nothing
 /// until `go`; then it reads to the end and reports what it got and
 /// whether that ended with a clean EOF.
@@ -405,6 +435,24 @@ async fn held_sink() -> (
     (addr, go, rx)
 }
 
+/// What a [`held_sink`] got must be `want`, whole, and end with a clean EOF.
+async fn assert_received(
+    got: tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>,
+    want: &[u8],
+    what: &str,
+) {
+    let (got, clean) = tokio::time::timeout(Duration::from_secs(60), got)
+        .await
+        .expect("the destination finished reading")
+        .unwrap();
+    let (n, len) = (got.len(), want.len());
+    assert!(
+        clean,
+        "{what}: the destination was reset after {n} of {len} bytes"
+    );
+    assert!(got == want, "{what}: {n} bytes, not the {len} sent");
+}
+
 /// An upload that ends on a draining session reaches its destination
 /// whole. The destination takes nothing for a while, so every buffer on
 /// the way fills up to the gateway's; the application then ends its upload
@@ -414,22 +462,11 @@ async fn held_sink() -> (
 /// and the destination got a reset instead of the upload's tail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_that_ends_on_a_draining_session_reaches_its_destination_whole() {
-    let c = two_gateways(ClusterOptions {
-        gateway_extra_toml: "[timeouts]\ndrain_timeout_ms = 60000\n".into(),
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = two_gateways(long_drain()).await;
     let (sink, go, got) = held_sink().await;
     let a = run_agent(&c);
     let mut st = a.tunnel.connect(&target(sink)).await.unwrap();
-    let owner = a.report.lock().unwrap().node_id.clone();
-    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
-    harness::eventually(Duration::from_secs(5), "the GoAway", || {
-        let told = a.report.lock().unwrap().go_aways == 1;
-        async move { told }
-    })
-    .await
-    .unwrap();
+    let owner = drain_owner(&c, &a).await;
     // Writes until one waits 500 ms for credit: everything on the way is
     // full (a write that waits takes nothing, so dropping it loses
     // nothing).
@@ -464,21 +501,8 @@ async fn an_upload_that_ends_on_a_draining_session_reaches_its_destination_whole
     .await
     .unwrap();
     go.send(()).unwrap();
-    let (got, clean) = tokio::time::timeout(Duration::from_secs(60), got)
-        .await
-        .expect("the destination finished reading")
-        .unwrap();
-    assert!(
-        clean,
-        "the destination's connection was reset after {} of {sent} bytes",
-        got.len()
-    );
-    assert_eq!(got.len(), sent);
-    assert!(got == all[..sent], "the upload's bytes differ");
-    let r = a.report.lock().unwrap().clone();
-    assert!(r.streams_reset.is_empty(), "{r:?}");
-    drop(a.cmds);
-    a.task.await.unwrap();
+    assert_received(got, &all[..sent], "the upload").await;
+    no_stream_reset(a).await;
 }
 
 /// The same when the last bytes are still at the agent as its streams
@@ -490,11 +514,7 @@ async fn an_upload_that_ends_on_a_draining_session_reaches_its_destination_whole
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_whose_tails_wait_at_the_agent_reach_their_destinations_whole() {
     const LEN: usize = 512 << 10;
-    let c = two_gateways(ClusterOptions {
-        gateway_extra_toml: "[timeouts]\ndrain_timeout_ms = 60000\n".into(),
-        ..ClusterOptions::default()
-    })
-    .await;
+    let c = two_gateways(long_drain()).await;
     let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(c.router_addrs()[0])
         .await
         .unwrap();
@@ -508,14 +528,7 @@ async fn uploads_whose_tails_wait_at_the_agent_reach_their_destinations_whole() 
         streams.push(a.tunnel.connect(&target(sink)).await.unwrap());
         results.push(got);
     }
-    let owner = a.report.lock().unwrap().node_id.clone();
-    c.gateway(&owner).unwrap().signal(Signal::SIGTERM).unwrap();
-    harness::eventually(Duration::from_secs(10), "the GoAway", || {
-        let told = a.report.lock().unwrap().go_aways == 1;
-        async move { told }
-    })
-    .await
-    .unwrap();
+    drain_owner(&c, &a).await;
     let uploads: Vec<_> = streams
         .into_iter()
         .enumerate()
@@ -533,25 +546,9 @@ async fn uploads_whose_tails_wait_at_the_agent_reach_their_destinations_whole() 
         u.await.unwrap();
     }
     for (i, got) in results.into_iter().enumerate() {
-        let (got, clean) = tokio::time::timeout(Duration::from_secs(60), got)
-            .await
-            .expect("the destination finished reading")
-            .unwrap();
-        assert!(
-            clean,
-            "stream {i}: reset after {} of {LEN} bytes",
-            got.len()
-        );
-        assert!(
-            got == pattern(i as u64, LEN),
-            "stream {i}: {} bytes, not the {LEN} sent",
-            got.len()
-        );
+        assert_received(got, &pattern(i as u64, LEN), &format!("stream {i}")).await;
     }
-    let r = a.report.lock().unwrap().clone();
-    assert!(r.streams_reset.is_empty(), "{r:?}");
-    drop(a.cmds);
-    a.task.await.unwrap();
+    no_stream_reset(a).await;
 }
 
 /// No SSRF into the cluster: with loopback allowed by a wide rule (the

@@ -395,6 +395,12 @@ impl SessionChannel {
             g.closed = Some(why.to_owned());
         }
         g.inbox = Inbox::default();
+        self.ended(g, End::Closed);
+    }
+
+    /// Frees the outgoing buffer, wakes whoever waits on the channel, and
+    /// says how it ended.
+    fn ended(&self, mut g: std::sync::MutexGuard<'_, Inner>, end: End) {
         let cfg = *g.ch.config();
         g.ch = Channel::new(cfg);
         let wakers = [g.read_waker.take(), g.write_waker.take()];
@@ -404,7 +410,7 @@ impl SessionChannel {
         }
         // A transport waiting for frames learns there are none.
         self.shared.wake_writers();
-        self.shared.end.send_replace(End::Closed);
+        self.shared.end.send_replace(end);
     }
 
     /// The peer ended the session after its last bytes (the agent closed
@@ -419,15 +425,7 @@ impl SessionChannel {
             return;
         }
         g.finished = true;
-        let cfg = *g.ch.config();
-        g.ch = Channel::new(cfg);
-        let wakers = [g.read_waker.take(), g.write_waker.take()];
-        drop(g);
-        for w in wakers.into_iter().flatten() {
-            w.wake();
-        }
-        self.shared.wake_writers();
-        self.shared.end.send_replace(End::Finishing);
+        self.ended(g, End::Finishing);
     }
 
     /// Resolves once the channel closed. For a stream's relay that is only
