@@ -61,6 +61,20 @@ struct Inner {
     up_bytes: AtomicU64,
 }
 
+impl Inner {
+    /// `n` bytes were written on: towards the client (`down`) or upstream.
+    fn moved(&self, down: bool, n: usize) {
+        if down {
+            *self
+                .last_down
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        } else {
+            self.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A running proxy; stops accepting when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
@@ -288,12 +302,7 @@ async fn pump<R, W>(
                     if w.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
-                    if down {
-                        *inner.last_down.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(Instant::now());
-                    } else {
-                        inner.up_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    }
+                    inner.moved(down, n);
                 }
             },
             c = ctl.changed() => if c.is_err() { return },
@@ -347,16 +356,7 @@ async fn paced<R, W>(
                 if w.write_all(piece).await.is_err() {
                     return;
                 }
-                if down {
-                    *inner
-                        .last_down
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-                } else {
-                    inner
-                        .up_bytes
-                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                }
+                inner.moved(down, piece.len());
             }
         }
     };
