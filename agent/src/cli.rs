@@ -88,6 +88,9 @@ fn parse_forward(s: &str) -> Result<(SocketAddr, Target), String> {
 /// The whole `jvpn-agent` program.
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
     let cli = Cli::parse_from(args);
+    // Each front-door connection is a descriptor, and transports must
+    // still open when the doors are full (the doors' bound follows this).
+    jvpn_runtime::process::raise_nofile();
     let run = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(run(cli)));

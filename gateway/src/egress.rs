@@ -57,8 +57,7 @@ pub struct EgressConfig {
 /// Half the process's soft open-file limit (at least 1): the default cap
 /// on the gateway's egress sockets.
 fn half_the_open_file_limit() -> usize {
-    use nix::sys::resource::{Resource, getrlimit};
-    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let soft = jvpn_runtime::process::open_file_limit();
     usize::try_from(soft / 2).unwrap_or(usize::MAX).max(1)
 }
 

@@ -124,6 +124,48 @@ async fn a_signal_ends_the_session_explicitly_and_prints_the_report() {
     }
 }
 
+/// The agent raises its open-file limit to the hard limit at start, as the
+/// gateway and router do: its front doors serve up to thousands of
+/// connections, one descriptor each, and it must still open transports
+/// when they are full. It used to keep the soft limit it was given (1024
+/// on most desktops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_raises_its_open_file_limit() {
+    let env = common::start("").await;
+    let l = &env.pki.layout;
+    let mut c = tokio::process::Command::new("prlimit");
+    c.arg("--nofile=256:")
+        .arg(env!("CARGO_BIN_EXE_jvpn-loadtest"))
+        .args(["agent", "connect", "--server"])
+        .arg(env.gw.client_addr.to_string())
+        .args(["--socks", "127.0.0.1:0"]);
+    for (flag, f) in
+        ["--ca", "--cert", "--key"]
+            .iter()
+            .zip([l.client_ca(), l.agent_cert(0), l.agent_key(0)])
+    {
+        c.arg(flag).arg(f);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c.spawn().unwrap();
+    let _out = attached(&mut child).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id().unwrap())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (soft, hard) = (n[0], n[1]);
+    assert!(hard > 256, "the test needs a hard limit above 256: {line}");
+    assert_eq!(soft, hard, "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_never_connected_exits_non_zero_within_its_duration() {
     let env = common::start("").await;

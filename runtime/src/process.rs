@@ -192,6 +192,12 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
     }
 }
 
+/// The process's soft open-file limit (1024 if it cannot be read).
+pub fn open_file_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
 /// Every connection is a file descriptor: use as many as allowed (raising
 /// the hard limit too when privileged), and say when that is not possible.
 /// Returns the soft limit in force.

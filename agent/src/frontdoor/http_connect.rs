@@ -22,12 +22,17 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// The response that tells the client why.
+    /// The response that tells the client why; a target or method the
+    /// front door refuses carries the reason the gateway would give
+    /// (`bad_target`), so clients read one header for both.
     pub fn response(&self) -> Vec<u8> {
+        let bad = Some(Refusal::BadTarget);
         match self {
-            ConnectError::Method(_) => response(405, "Method Not Allowed"),
-            ConnectError::TooLarge => response(431, "Request Header Fields Too Large"),
-            ConnectError::Malformed(_) | ConnectError::Target(_) => response(400, "Bad Request"),
+            ConnectError::Method(_) => response(405, "Method Not Allowed", bad),
+            ConnectError::TooLarge => response(431, "Request Header Fields Too Large", None),
+            ConnectError::Malformed(_) | ConnectError::Target(_) => {
+                response(400, "Bad Request", bad)
+            }
         }
     }
 }
@@ -60,8 +65,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Target, usize)>, ConnectError> {
     Ok(Some((target, n)))
 }
 
-fn response(status: u16, reason: &str) -> Vec<u8> {
-    format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+fn response(status: u16, reason: &str, refusal: Option<Refusal>) -> Vec<u8> {
+    let header = refusal.map_or_else(String::new, |r| {
+        format!("{}: {}\r\n", jvpn_proto::stream::REFUSAL_HEADER, r.as_str())
+    });
+    format!("HTTP/1.1 {status} {reason}\r\n{header}Content-Length: 0\r\nConnection: close\r\n\r\n")
         .into_bytes()
 }
 
@@ -81,12 +89,7 @@ pub fn refused(r: Refusal) -> Vec<u8> {
         504 => "Gateway Timeout",
         _ => "Bad Gateway",
     };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\n{}: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        jvpn_proto::stream::REFUSAL_HEADER,
-        r.as_str()
-    )
-    .into_bytes()
+    response(status, reason, Some(r))
 }
 
 #[cfg(test)]
@@ -112,9 +115,21 @@ mod tests {
         let get = b"GET http://example.org/ HTTP/1.1\r\n\r\n";
         let e = parse(get).unwrap_err();
         assert_eq!(e, ConnectError::Method("GET".into()));
-        assert!(e.response().starts_with(b"HTTP/1.1 405 "));
+        let said = String::from_utf8(e.response()).unwrap();
+        assert!(said.starts_with("HTTP/1.1 405 "), "{said}");
+        assert!(said.contains("\r\njvpn-refusal: bad_target\r\n"), "{said}");
         let origin_form = b"CONNECT / HTTP/1.1\r\n\r\n";
-        assert!(matches!(parse(origin_form), Err(ConnectError::Target(_))));
+        let e = parse(origin_form).unwrap_err();
+        assert!(matches!(e, ConnectError::Target(_)));
+        let said = String::from_utf8(e.response()).unwrap();
+        assert!(said.starts_with("HTTP/1.1 400 "), "{said}");
+        assert!(said.contains("\r\njvpn-refusal: bad_target\r\n"), "{said}");
+        let port_zero = parse(b"CONNECT example.com:0 HTTP/1.1\r\n\r\n").unwrap_err();
+        assert!(
+            String::from_utf8(port_zero.response())
+                .unwrap()
+                .contains("jvpn-refusal: bad_target")
+        );
         assert!(matches!(
             parse(b"CONNECT\x00 x HTTP/1.1\r\n\r\n"),
             Err(ConnectError::Malformed(_))

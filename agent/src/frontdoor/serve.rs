@@ -43,13 +43,22 @@ pub fn check_bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<(), NotL
 /// request, or the HTTP `CONNECT` head): a connection that sends nothing
 /// is closed, so idle ones cannot pile up.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections one front door serves at once; more wait in the listen
-/// queue until one ends.
+/// Connections one front door serves at once, at most; more wait in the
+/// listen queue until one ends.
 const MAX_CONNECTIONS: usize = 4096;
+
+/// A door's bound within `open_files`: an eighth of them (a few doors
+/// must leave room for the session's transports), at least 16.
+fn door_limit(open_files: u64) -> usize {
+    usize::try_from(open_files / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(16, MAX_CONNECTIONS)
+}
 
 /// Serves SOCKS5 and HTTP `CONNECT` on `listener` until the task is dropped.
 pub async fn serve_proxy(listener: TcpListener, tunnel: Tunnel) {
-    serve_proxy_with(listener, tunnel, MAX_CONNECTIONS).await;
+    let max = door_limit(jvpn_runtime::process::open_file_limit());
+    serve_proxy_with(listener, tunnel, max).await;
 }
 
 async fn serve_proxy_with(listener: TcpListener, tunnel: Tunnel, max: usize) {
@@ -65,7 +74,8 @@ async fn serve_proxy_with(listener: TcpListener, tunnel: Tunnel, max: usize) {
 /// Serves a fixed forward: every connection on `listener` becomes a stream
 /// to `target`.
 pub async fn serve_forward(listener: TcpListener, tunnel: Tunnel, target: Target) {
-    accept_loop(listener, MAX_CONNECTIONS, move |c| {
+    let max = door_limit(jvpn_runtime::process::open_file_limit());
+    accept_loop(listener, max, move |c| {
         let (tunnel, target) = (tunnel.clone(), target.clone());
         async move {
             match tunnel.connect(&target).await {
@@ -215,6 +225,14 @@ async fn splice(c: TcpStream, s: Stream, tunnel: &Tunnel, early: BytesMut) {
 mod tests {
     use super::*;
     use crate::streams::DataPlane;
+
+    #[test]
+    fn a_door_takes_an_eighth_of_the_open_files_within_its_bounds() {
+        assert_eq!(door_limit(1024), 128);
+        assert_eq!(door_limit(20_000), 2500);
+        assert_eq!(door_limit(1 << 20), MAX_CONNECTIONS);
+        assert_eq!(door_limit(64), 16);
+    }
 
     /// A client that connects and never sends its request is closed after
     /// the head timeout (time paused: the timeout passes at once), so idle
