@@ -77,6 +77,49 @@ async fn a_router_drains_on_an_authorized_post() {
     assert!(status.success(), "{status:?}");
 }
 
+/// A client that leaves before its preamble is whole (a load balancer's
+/// health check, a port scan) is counted `closed_early`, not as the broken
+/// agent `bad_preamble` means; a whole preamble that is wrong still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_its_preamble_is_not_a_bad_preamble() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = common::cluster(ClusterOptions {
+        gateways: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let r = &c.routers[0];
+    let count = |result: &'static str| async move {
+        r.metric(
+            "jvpn_router_connections_total",
+            &[("kind", "none"), ("result", result)],
+        )
+        .await
+        .unwrap()
+    };
+    for sent in [&b""[..], b"JVPN\x01hi"] {
+        let mut s = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    }
+    // A whole preamble of garbage.
+    let mut s = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
+    s.write_all(&[0x5a; 64]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+    jvpn_loadtest::harness::eventually(
+        std::time::Duration::from_secs(5),
+        "the three connections counted",
+        || async { count("closed_early").await + count("bad_preamble").await >= 3.0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(count("closed_early").await, 2.0);
+    assert_eq!(count("bad_preamble").await, 1.0);
+}
+
 /// SIGHUP on a router applies `[admission]` at once and refuses anything
 /// else; the router keeps running either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,9 @@ pub enum Outcome {
     OwnerUnreachable,
     BadToken,
     BadPreamble,
+    /// The client left before its preamble was whole (a load balancer's
+    /// health check, a port scan): not a broken agent.
+    ClosedEarly,
     PreambleTimeout,
     RateLimited,
     Overloaded,
@@ -49,11 +52,12 @@ pub enum Outcome {
 impl Outcome {
     /// Every (kind, result) pair a client connection can be counted under:
     /// each series exists at 0 from start-up.
-    pub const SERIES: [(&'static str, Outcome); 16] = [
+    pub const SERIES: [(&'static str, Outcome); 17] = [
         ("none", Outcome::Overloaded),
         ("none", Outcome::RateLimited),
         ("none", Outcome::PreambleTimeout),
         ("none", Outcome::BadPreamble),
+        ("none", Outcome::ClosedEarly),
         ("hello", Outcome::NoGateway),
         ("hello", Outcome::Overloaded),
         ("hello", Outcome::ConnectFailed),
@@ -77,6 +81,7 @@ impl Outcome {
             Outcome::OwnerUnreachable => "owner_unreachable",
             Outcome::BadToken => "bad_token",
             Outcome::BadPreamble => "bad_preamble",
+            Outcome::ClosedEarly => "closed_early",
             Outcome::PreambleTimeout => "preamble_timeout",
             Outcome::RateLimited => "rate_limited",
             Outcome::Overloaded => "overloaded",
@@ -128,7 +133,7 @@ async fn serve(
     let mut pre = [0u8; PREAMBLE_LEN];
     match tokio::time::timeout(t, client.read_exact(&mut pre)).await {
         Err(_) => return ("none", Outcome::PreambleTimeout),
-        Ok(Err(_)) => return ("none", Outcome::BadPreamble),
+        Ok(Err(_)) => return ("none", Outcome::ClosedEarly),
         Ok(Ok(_)) => {}
     }
     let preamble = match Preamble::decode(&pre) {

@@ -142,51 +142,76 @@ pub async fn splice_with(
         let m = tally.moved();
         m.up + m.down
     };
-    let (ar, aw) = agent.split();
-    let (gr, gw) = gateway.split();
-    let up = pump(ar, gw, buffer_bytes, mode, &tally.up);
-    let down = pump(gr, aw, buffer_bytes, mode, &tally.down);
-    // Armed when the first direction ends: a peer that never closes its
-    // side must not hold both sockets for ever.
-    let deadline = tokio::time::sleep(Duration::MAX);
-    let idle = tokio::time::sleep(t.idle);
-    let mut seen = 0u64;
-    tokio::pin!(up, down, deadline, idle);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        if up_done != down_done && deadline.is_elapsed() {
-            break;
-        }
-        let armed = up_done || down_done;
-        if armed && deadline.deadline() > tokio::time::Instant::now() + half_close {
-            deadline
-                .as_mut()
-                .reset(tokio::time::Instant::now() + half_close);
-        }
-        tokio::select! {
-            () = &mut deadline, if armed => break,
-            () = &mut idle => {
-                let now_seen = activity();
-                if now_seen == seen {
-                    break;
-                }
-                seen = now_seen;
-                idle.as_mut().reset(tokio::time::Instant::now() + t.idle);
+    // Armed until both directions ended cleanly: a splice cut for any
+    // other reason (an error, a deadline, its task dropped when its gateway
+    // died) resets both sockets, so that neither peer takes a cut for a
+    // clean end.
+    reset_on_close(agent, true);
+    reset_on_close(gateway, true);
+    let clean = {
+        let (ar, aw) = agent.split();
+        let (gr, gw) = gateway.split();
+        let up = pump(ar, gw, buffer_bytes, mode, &tally.up);
+        let down = pump(gr, aw, buffer_bytes, mode, &tally.down);
+        // Armed when the first direction ends: a peer that never closes its
+        // side must not hold both sockets for ever.
+        let deadline = tokio::time::sleep(Duration::MAX);
+        let idle = tokio::time::sleep(t.idle);
+        let mut seen = 0u64;
+        tokio::pin!(up, down, deadline, idle);
+        let (mut up_done, mut down_done) = (false, false);
+        let mut failed = false;
+        while !(up_done && down_done) {
+            if up_done != down_done && deadline.is_elapsed() {
+                failed = true;
+                break;
             }
-            r = &mut up, if !up_done => {
-                up_done = true;
-                if r.is_err() {
-                    break;
-                }
+            let armed = up_done || down_done;
+            if armed && deadline.deadline() > tokio::time::Instant::now() + half_close {
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + half_close);
             }
-            r = &mut down, if !down_done => {
-                down_done = true;
-                if r.is_err() {
-                    break;
+            tokio::select! {
+                () = &mut deadline, if armed => { failed = true; break }
+                () = &mut idle => {
+                    let now_seen = activity();
+                    if now_seen == seen {
+                        failed = true;
+                        break;
+                    }
+                    seen = now_seen;
+                    idle.as_mut().reset(tokio::time::Instant::now() + t.idle);
+                }
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if r.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if r.is_err() {
+                        failed = true;
+                        break;
+                    }
                 }
             }
         }
+        !failed
+    };
+    if clean {
+        reset_on_close(agent, false);
+        reset_on_close(gateway, false);
     }
+}
+
+/// Whether closing `s` sends a reset (SO_LINGER 0) or a FIN after what was
+/// written. (The deprecation is about a linger > 0 blocking on drop.)
+fn reset_on_close(s: &TcpStream, reset: bool) {
+    #[allow(deprecated)]
+    let _ = s.set_linger(reset.then_some(Duration::ZERO));
 }
 
 /// Keepalive probes after `after` of silence (at least 1 s), then every
@@ -540,9 +565,16 @@ mod tests {
         // Not before one whole idle period without a byte.
         assert!(last_byte.elapsed() >= t.idle, "{:?}", last_byte.elapsed());
         assert!(started.elapsed() >= Duration::from_millis(1_000));
-        // Both sockets were closed: the peers see EOF.
-        assert_eq!(agent_end.read(&mut b).await.unwrap(), 0);
-        assert_eq!(gateway_end.read(&mut b).await.unwrap(), 0);
+        // Both sockets were cut: the peers see a reset, not a clean end
+        // (a splice ended by the router is not a stream that ended).
+        for (end, s) in [("agent", &mut agent_end), ("gateway", &mut gateway_end)] {
+            let r = s.read(&mut b).await;
+            assert_eq!(
+                r.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "the {end} read a cut as a clean end"
+            );
+        }
     }
 
     #[tokio::test]
@@ -562,7 +594,15 @@ mod tests {
             .expect("splice ended")
             .unwrap();
         assert_eq!(moved, Moved::default());
-        drop(agent_end);
+        // The reset went on: the agent does not read a clean end.
+        let mut agent_end = agent_end;
+        let mut b = [0u8; 1];
+        let r = tokio::io::AsyncReadExt::read(&mut agent_end, &mut b).await;
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "a reset reached the agent as a clean end"
+        );
     }
 
     /// Issue 18 H1: a spliced peer that vanished without a FIN or RST (a
