@@ -295,6 +295,10 @@ async fn drive(
         Role::Draining { until } => Some(until),
         Role::Main { .. } => None,
     };
+    // The last GoAway's deadline, kept for the session a later hand-over
+    // leaves behind when the first one failed (`drain_until` is cleared
+    // for the retry, but the old session must still get to deliver).
+    let mut goaway_until: Option<Instant> = None;
     // The next session a GoAway asked for, while it is being made, and the
     // session it is to replace.
     let mut handover: Option<(HandOver, Option<SessionId>, AbortOnDrop)> = None;
@@ -413,6 +417,7 @@ async fn drive(
                     );
                 }
                 drain_until = Some(Instant::now() + Duration::from_millis(g.deadline_ms));
+                goaway_until = drain_until;
                 if handover.is_none() {
                     handover = Some(hand_over(&mut agent, &transitions, true));
                 }
@@ -436,7 +441,10 @@ async fn drive(
                         let (stop, stop_rx) = mpsc::channel(1);
                         stops.retain(|s| !s.is_closed());
                         stops.push(stop);
-                        let until = drain_until.take().unwrap_or_else(Instant::now);
+                        let until = drain_until
+                            .take()
+                            .or(goaway_until.take())
+                            .unwrap_or_else(Instant::now);
                         let _ = drains.send(Draining {
                             agent: old,
                             t: old_t,
@@ -486,7 +494,14 @@ async fn drive(
                     // every one, which it then delivers (ended at once, it
                     // reset the streams still delivering).
                     let early = drain_until.is_some_and(|d| Instant::now() < d);
-                    if early && agent.channel_broken().is_none() && !agent.streams_delivered() {
+                    // An older gateway would take HTTP/2's goodbye for a
+                    // broken channel, and resets at the end anyway.
+                    let finishes = agent.session.as_ref().is_some_and(|s| s.channel_finish);
+                    if early
+                        && finishes
+                        && agent.channel_broken().is_none()
+                        && !agent.streams_delivered()
+                    {
                         agent.let_streams_finish();
                         None
                     } else {
@@ -668,11 +683,13 @@ async fn drive(
                 };
                 match reattach(&mut agent, &transitions, &report, lost, main, persist).await {
                     Ok(new_t) => {
-                        if owner_of(&agent) != was {
+                        if main && owner_of(&agent) != was {
                             // Re-handshaken (or taken over) inside: a
                             // GoAway's deadline and hand-over were the old
-                            // session's or the old owner's.
+                            // session's or the old owner's. (A draining
+                            // session keeps its deadline: it still ends.)
                             drain_until = None;
+                            goaway_until = None;
                             handover = None;
                         }
                         last_rx = Instant::now();
@@ -714,6 +731,7 @@ async fn drive(
             // the next one must not be moved by them, and its own GoAway
             // must start a hand-over of its own.
             drain_until = None;
+            goaway_until = None;
             handover = None;
             let persist = Persist::UntilStopped(&mut cmds);
             match establish(&mut agent, &transitions, Some(reason_str(&e)), persist).await {
@@ -753,12 +771,15 @@ async fn drive(
         };
         match attached {
             Ok(new_t) => {
-                if owner_of(&agent) != was {
+                if main && owner_of(&agent) != was {
                     // The RESUME found the session gone and a new one was
                     // made, or a taker took it over (topology 3): a
                     // GoAway's deadline and hand-over were the old
-                    // session's or the old owner's.
+                    // session's or the old owner's. (A draining session
+                    // keeps its deadline: it still ends when its streams
+                    // do, wherever it now lives.)
                     drain_until = None;
+                    goaway_until = None;
                     handover = None;
                 }
                 last_rx = Instant::now();

@@ -297,6 +297,7 @@ pub async fn noop_target(
             migratable: false,
             // Like a gateway that predates the field.
             via_router: None,
+            channel_finish: false,
         });
         while let Ok(Some(kind)) = jvpn_runtime::wire::read_frame(&mut tls, &mut buf).await {
             let reply = match kind {

@@ -89,14 +89,7 @@ async fn a_client_that_leaves_before_its_preamble_is_not_a_bad_preamble() {
     })
     .await;
     let r = &c.routers[0];
-    let count = |result: &'static str| async move {
-        r.metric(
-            "jvpn_router_connections_total",
-            &[("kind", "none"), ("result", result)],
-        )
-        .await
-        .unwrap()
-    };
+    let count = |result: &'static str| refused_before_routing(r, result);
     for sent in [&b""[..], b"JVPN\x01hi"] {
         let mut s = tokio::net::TcpStream::connect(r.client_addr).await.unwrap();
         s.write_all(sent).await.unwrap();
@@ -378,14 +371,7 @@ async fn a_router_admits_what_its_open_file_limit_holds_and_answers_the_rest() {
     assert_eq!(cap, 112.0);
     let log = std::fs::read_to_string(r.dir.join("r1.log")).unwrap();
     assert!(log.contains("admission.max_connections"), "{log}");
-    let count = |result: &'static str| async move {
-        r.metric(
-            "jvpn_router_connections_total",
-            &[("kind", "none"), ("result", result)],
-        )
-        .await
-        .unwrap()
-    };
+    let count = |result: &'static str| refused_before_routing(r, result);
     assert!(count("overloaded").await >= 488.0, "past the cap: refused");
     assert_eq!(
         count("rate_limited").await,
@@ -393,4 +379,15 @@ async fn a_router_admits_what_its_open_file_limit_holds_and_answers_the_rest() {
         "refused by the per-source limits, not by the cap"
     );
     drop(held);
+}
+
+/// A router's count of connections that ended before a HELLO or RESUME
+/// was read (`kind="none"`), for `result`.
+async fn refused_before_routing(r: &jvpn_loadtest::cluster::LocalRouter, result: &str) -> f64 {
+    r.metric(
+        "jvpn_router_connections_total",
+        &[("kind", "none"), ("result", result)],
+    )
+    .await
+    .unwrap()
 }

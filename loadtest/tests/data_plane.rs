@@ -454,6 +454,21 @@ async fn malformed_front_door_requests_close_only_their_connection() {
     assert_eq!(r.sessions_established, 1, "{r:?}");
 }
 
+/// `HelloOk.channel_finish` (design note 69) is said to an agent that
+/// asked for a channel, and only to it: an agent reads its absence (an
+/// older gateway) as "end a draining session at once".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_says_it_finishes_channels_it_opened() {
+    let env = common::start(LOOPBACK_ALLOWED).await;
+    let mut with = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    let _tunnel = with.tunnel();
+    drop(common::hello(&mut with).await);
+    assert!(with.session.as_ref().unwrap().channel_finish);
+    let mut without = harness::agent(&env.pki, env.gw.client_addr, None).unwrap();
+    drop(common::hello(&mut without).await);
+    assert!(!without.session.as_ref().unwrap().channel_finish);
+}
+
 /// Bad channel input from an agent (a gap, an ack for bytes never sent, a
 /// resume offset never sent) ends that session with `protocol_error`,
 /// counted; another session's streams go on.

@@ -112,6 +112,8 @@ fn hello_ok(i: usize, keepalive_ms: u64) -> HelloOk {
         channel_window: 1 << 20,
         migratable: false,
         via_router: None,
+        // Like a gateway that predates the field.
+        channel_finish: false,
     }
 }
 

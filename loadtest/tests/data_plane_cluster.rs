@@ -435,6 +435,68 @@ async fn held_sink() -> (
     (addr, go, rx)
 }
 
+/// `n` streams to [`held_sink`]s that read at once: the streams, and what
+/// each sink will report.
+async fn held_uploads(
+    a: &Running,
+    n: usize,
+) -> (
+    Vec<jvpn_agent::streams::Stream>,
+    Vec<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>,
+) {
+    let mut streams = Vec::new();
+    let mut results = Vec::new();
+    for _ in 0..n {
+        let (sink, go, got) = held_sink().await;
+        go.send(()).unwrap();
+        streams.push(a.tunnel.connect(&target(sink)).await.unwrap());
+        results.push(got);
+    }
+    (streams, results)
+}
+
+/// Stream `i` uploads `pattern(i, len)`, ends its side, and reads the
+/// sink's answer to the end; all at once, each in a task.
+async fn upload_all(streams: Vec<jvpn_agent::streams::Stream>, len: usize) {
+    let uploads: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut st)| {
+            tokio::spawn(async move {
+                st.write_all(&pattern(i as u64, len)).await.unwrap();
+                st.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                st.read_to_end(&mut answer).await.unwrap();
+                assert_eq!(answer, b"ok");
+            })
+        })
+        .collect();
+    for u in uploads {
+        u.await.unwrap();
+    }
+}
+
+/// An agent whose every connection goes through a link of `rate` bytes a
+/// second each way (a fault proxy in front of the first router).
+async fn behind_a_slow_link(
+    c: &LocalCluster,
+    rate: u32,
+) -> (jvpn_loadtest::faultproxy::FaultProxy, Running) {
+    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(c.router_addrs()[0])
+        .await
+        .unwrap();
+    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Throttle(rate));
+    let a = common::streaming_agent(&c.pki, vec![proxy.addr]);
+    (proxy, a)
+}
+
+/// Sink `i` of [`held_uploads`] got `pattern(i, len)`, whole.
+async fn all_received(results: Vec<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>, len: usize) {
+    for (i, got) in results.into_iter().enumerate() {
+        assert_received(got, &pattern(i as u64, len), &format!("stream {i}")).await;
+    }
+}
+
 /// What a [`held_sink`] got must be `want`, whole, and end with a clean EOF.
 async fn assert_received(
     got: tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>,
@@ -515,39 +577,36 @@ async fn an_upload_that_ends_on_a_draining_session_reaches_its_destination_whole
 async fn uploads_whose_tails_wait_at_the_agent_reach_their_destinations_whole() {
     const LEN: usize = 512 << 10;
     let c = two_gateways(long_drain()).await;
-    let proxy = jvpn_loadtest::faultproxy::FaultProxy::start(c.router_addrs()[0])
-        .await
-        .unwrap();
-    proxy.set_mode(jvpn_loadtest::faultproxy::Mode::Throttle(400_000));
-    let a = common::streaming_agent(&c.pki, vec![proxy.addr]);
-    let mut streams = Vec::new();
-    let mut results = Vec::new();
-    for _ in 0..3 {
-        let (sink, go, got) = held_sink().await;
-        go.send(()).unwrap();
-        streams.push(a.tunnel.connect(&target(sink)).await.unwrap());
-        results.push(got);
-    }
+    let (_proxy, a) = behind_a_slow_link(&c, 400_000).await;
+    let (streams, results) = held_uploads(&a, 3).await;
     drain_owner(&c, &a).await;
-    let uploads: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut st)| {
-            tokio::spawn(async move {
-                st.write_all(&pattern(i as u64, LEN)).await.unwrap();
-                st.shutdown().await.unwrap();
-                let mut answer = Vec::new();
-                st.read_to_end(&mut answer).await.unwrap();
-                assert_eq!(answer, b"ok");
-            })
-        })
-        .collect();
-    for u in uploads {
-        u.await.unwrap();
-    }
-    for (i, got) in results.into_iter().enumerate() {
-        assert_received(got, &pattern(i as u64, LEN), &format!("stream {i}")).await;
-    }
+    upload_all(streams, LEN).await;
+    all_received(results, LEN).await;
+    no_stream_reset(a).await;
+}
+
+/// The same when the first hand-over failed: the GoAway came while the
+/// agent could reach no router, the path came back, and the uploads ended
+/// with their tails still at the agent; the retried hand-over then left
+/// the old session behind. It used to leave it without the GoAway's
+/// deadline, so it ended at its first tick and dropped the tails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_left_behind_by_a_retried_hand_over_reach_their_destinations_whole() {
+    use jvpn_loadtest::faultproxy::Mode;
+    const LEN: usize = 512 << 10;
+    let c = two_gateways(long_drain()).await;
+    let (proxy, a) = behind_a_slow_link(&c, 200_000).await;
+    let (streams, results) = held_uploads(&a, 3).await;
+    // New connections fail at once (the ones open go on): the hand-over
+    // the GoAway starts gives up.
+    proxy.set_mode(Mode::Refuse);
+    drain_owner(&c, &a).await;
+    a.said("no new session yet", Duration::from_secs(30)).await;
+    proxy.set_mode(Mode::Throttle(200_000));
+    upload_all(streams, LEN).await;
+    all_received(results, LEN).await;
+    let r = a.report.lock().unwrap().clone();
+    assert_eq!(r.rehandshake_reasons.get("go_away"), Some(&1), "{r:?}");
     no_stream_reset(a).await;
 }
 

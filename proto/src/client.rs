@@ -139,6 +139,9 @@ pub struct ClientSession {
     /// `HelloOk.via_router`: how the session is reached (`None`: an
     /// older gateway did not say).
     pub via_router: Option<bool>,
+    /// `HelloOk.channel_finish`: the gateway delivers what a closed
+    /// session's ended streams got (false: an older gateway).
+    pub channel_finish: bool,
     pub binding_epoch: u64,
     pub state_version: u64,
     pub policy: Policy,
@@ -178,6 +181,7 @@ impl ClientSession {
             owner_epoch: 1,
             migratable: ok.migratable,
             via_router: ok.via_router,
+            channel_finish: ok.channel_finish,
             binding_epoch: ok.binding_epoch,
             state_version: ok.state_version,
             policy: ok.policy.unwrap_or_default(),
@@ -357,6 +361,7 @@ mod tests {
             channel_window: 0,
             migratable: false,
             via_router: None,
+            channel_finish: false,
         };
         let key = conn.resume_key(&resume_key_context(&id, 1));
         (ok, key)

@@ -428,6 +428,17 @@ impl SessionChannel {
         self.ended(g, End::Finishing);
     }
 
+    /// The session ended for `why`: [`Self::finish`] if this side's
+    /// multiplexer ended cleanly before (the peer's said goodbye, so only
+    /// streams it had ended are left, delivering), else [`Self::close`].
+    pub fn end(&self, why: &str) {
+        if self.write_shut() {
+            self.finish();
+        } else {
+            self.close(why);
+        }
+    }
+
     /// Resolves once the channel closed. For a stream's relay that is only
     /// waiting on its TCP side (the stream's own side ended): it learns
     /// here that the stream cannot go on, instead of at its next write.
@@ -707,6 +718,20 @@ mod tests {
         ch.close("ended");
         assert!(ready(&mut gone));
         assert_eq!(ch.ending().await, Ending::Closed);
+    }
+
+    /// A session that ends with its multiplexer done (it shut its side
+    /// down cleanly) finishes instead of closing.
+    #[tokio::test]
+    async fn an_end_after_a_clean_shutdown_is_a_finish() {
+        use tokio::io::AsyncWriteExt;
+        let (ch, mut stream) = SessionChannel::new(ChannelConfig::default());
+        let (other, _s) = SessionChannel::new(ChannelConfig::default());
+        stream.shutdown().await.unwrap();
+        ch.end("ended");
+        other.end("ended");
+        assert_eq!(ch.ending().await, Ending::Finished);
+        assert_eq!(other.ending().await, Ending::Closed);
     }
 
     /// What the multiplexer wrote is delivered once the peer acknowledged

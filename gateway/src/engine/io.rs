@@ -200,6 +200,8 @@ impl HelloAccepted {
             migratable: false,
             // The shell knows how the connection came.
             via_router: None,
+            // The shell says so when the session has a channel.
+            channel_finish: false,
         }
     }
 }

@@ -236,6 +236,7 @@ pub(super) async fn do_hello(
         // The window the channel was made with, not a re-read of a policy
         // a reload may have changed meanwhile.
         ok.channel_window = window;
+        ok.channel_finish = true;
         let first = ch.first();
         (ch, first)
     });

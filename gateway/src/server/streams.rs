@@ -65,18 +65,22 @@ pub(super) fn open(
 pub(super) fn close(shared: &Shared, shard: usize, sid: &SessionId, why: &str) {
     let ch = lock(&shared.shards[shard].channels).remove(sid);
     if let Some(ch) = ch {
-        ch.close(why);
+        // If the agent's HTTP/2 had said goodbye (its `GOAWAY`, once its
+        // last stream ended) and the session then ended another way (its
+        // `Terminate` lost), streams it had ended still deliver.
+        ch.end(why);
     }
 }
 
-/// How long a stream may take to deliver what it got after its agent
-/// ended the session ([`finish`]); then it is reset.
-pub(super) const FINISH_GRACE: Duration = Duration::from_secs(30);
+/// How long a stream delivering what it got after its agent ended the
+/// session ([`finish`]) may move nothing before it is reset.
+pub(super) const FINISH_IDLE: Duration = Duration::from_secs(30);
 
 /// The agent ended session `sid` once every stream had ended at its end
 /// and every byte had reached this side: streams that ended cleanly there
-/// finish here (what they got still goes to their destinations, within
-/// [`FINISH_GRACE`]); any other stream is reset, as on [`close`].
+/// finish here (what they got still goes to their destinations, for as
+/// long as it moves: [`FINISH_IDLE`]); any other stream is reset, as on
+/// [`close`].
 pub(super) fn finish(shared: &Shared, shard: usize, sid: &SessionId) {
     let ch = lock(&shared.shards[shard].channels).remove(sid);
     if let Some(ch) = ch {
@@ -373,7 +377,7 @@ async fn open_and_splice(
         }
     };
     let io = Fenced::new(H2Stream::new(send, req.into_body()), ctx.fence.clone());
-    let gone = carrier_gone(&ctx.channel, io.sent_end.clone());
+    let gone = carrier_gone(&ctx.channel, io.progress.clone());
     let (how, to_destination, from_destination) = splice(io, dest, limit.as_ref(), gone).await;
     shared.events.emit_stream(&StreamEvent {
         at: shared.now(),
@@ -392,16 +396,32 @@ async fn open_and_splice(
 /// When a stream's relay must stop, whatever it waits for: its session's
 /// channel closed; or the agent finished the session, and the stream had
 /// not sent its end (so it had not ended at the agent, which would have
-/// waited for it), or it had and [`FINISH_GRACE`] passed.
-async fn carrier_gone(channel: &SessionChannel, sent_end: Arc<AtomicBool>) {
+/// waited for it), or it had and then moved nothing for [`FINISH_IDLE`].
+async fn carrier_gone(channel: &SessionChannel, progress: Arc<Progress>) {
     let ending = channel.ending();
     let gone = channel.gone();
-    if ending.await == Ending::Finished && sent_end.load(Ordering::Acquire) {
-        tokio::select! {
-            () = gone => {}
-            () = tokio::time::sleep(FINISH_GRACE) => {}
+    if ending.await == Ending::Finished && progress.sent_end.load(Ordering::Acquire) {
+        tokio::pin!(gone);
+        loop {
+            let before = progress.read.load(Ordering::Relaxed);
+            tokio::select! {
+                () = &mut gone => return,
+                () = tokio::time::sleep(FINISH_IDLE) => {}
+            }
+            if progress.read.load(Ordering::Relaxed) == before {
+                return;
+            }
         }
     }
+}
+
+/// What a stream did, for [`carrier_gone`].
+#[derive(Debug, Default)]
+struct Progress {
+    /// This side's end was sent (the destination's half-close went on).
+    sent_end: AtomicBool,
+    /// Bytes read from the stream (on their way to the destination).
+    read: AtomicU64,
 }
 
 /// A principal's byte rate, shared by all its streams.
@@ -677,8 +697,7 @@ async fn splice(
 struct Fenced<S> {
     inner: S,
     fence: Option<Fence>,
-    /// This side's end was sent (the destination's half-close went on).
-    sent_end: Arc<AtomicBool>,
+    progress: Arc<Progress>,
     /// The wait for the session to move, while one is under way.
     waiting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>>,
 }
@@ -688,7 +707,7 @@ impl<S> Fenced<S> {
         Self {
             inner,
             fence,
-            sent_end: Arc::default(),
+            progress: Arc::default(),
             waiting: None,
         }
     }
@@ -717,7 +736,11 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Fenced<S> {
                 }
             }
         }
-        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.progress.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
     }
 }
 
@@ -741,7 +764,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
         if matches!(r, std::task::Poll::Ready(Ok(()))) {
-            self.sent_end.store(true, Ordering::Release);
+            self.progress.sent_end.store(true, Ordering::Release);
         }
         r
     }
@@ -750,6 +773,43 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Fenced<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After the agent finished the session, a stream that had sent its
+    /// end lives while bytes move towards its destination and ends once
+    /// they stop for [`FINISH_IDLE`] (a slow destination is not cut at a
+    /// fixed grace); one that had not sent its end ends at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_finishing_stream_lives_while_it_moves() {
+        let (ch, _io) = SessionChannel::new(ChannelConfig::default());
+        let ended = Arc::new(Progress::default());
+        ended.sent_end.store(true, Ordering::Release);
+        let open = Arc::new(Progress::default());
+        let watch = |p: &Arc<Progress>| {
+            let (ch, p) = (ch.clone(), p.clone());
+            tokio::spawn(async move { carrier_gone(&ch, p).await })
+        };
+        let (ended_gone, open_gone) = (watch(&ended), watch(&open));
+        tokio::time::sleep(FINISH_IDLE * 4).await;
+        assert!(
+            !ended_gone.is_finished() && !open_gone.is_finished(),
+            "before the finish"
+        );
+        ch.finish();
+        tokio::time::timeout(Duration::from_millis(1), open_gone)
+            .await
+            .expect("a stream that had not ended lives on")
+            .unwrap();
+        // Bytes move for four idle bounds: it lives.
+        for _ in 0..12 {
+            ended.read.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(FINISH_IDLE / 3).await;
+        }
+        assert!(!ended_gone.is_finished(), "cut while it moved");
+        tokio::time::timeout(FINISH_IDLE * 2, ended_gone)
+            .await
+            .expect("a stream that stopped moving lives on")
+            .unwrap();
+    }
 
     /// A listener whose accept queue is full: the kernel drops further
     /// SYNs, as a black-holed route does, so a connect to it hangs.

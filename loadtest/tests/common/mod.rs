@@ -391,6 +391,20 @@ pub struct Streaming {
     pub cmds: tokio::sync::mpsc::Sender<jvpn_agent::Command>,
     pub report: std::sync::Arc<std::sync::Mutex<AgentReport>>,
     pub task: tokio::task::JoinHandle<AgentReport>,
+    /// The agent's state lines so far.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Streaming {
+    /// Waits until the agent said something containing `what`.
+    pub async fn said(&self, what: &str, within: Duration) {
+        harness::eventually(within, what, || {
+            let seen = self.lines.lock().unwrap().iter().any(|l| l.contains(what));
+            async move { seen }
+        })
+        .await
+        .unwrap();
+    }
 }
 
 /// Starts [`Streaming`] against `servers` (a gateway, or routers).
@@ -401,11 +415,14 @@ pub fn streaming_agent(pki: &TestPki, servers: Vec<std::net::SocketAddr>) -> Str
     let (cmds, rx) = tokio::sync::mpsc::channel(8);
     let report = std::sync::Arc::new(std::sync::Mutex::new(AgentReport::default()));
     // The agent's state lines, in the output of a failed test.
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, mut rx_lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let start = std::time::Instant::now();
+    let kept = lines.clone();
     tokio::spawn(async move {
-        while let Some(l) = lines.recv().await {
+        while let Some(l) = rx_lines.recv().await {
             eprintln!("agent {:>6} ms: {l}", start.elapsed().as_millis());
+            kept.lock().unwrap().push(l);
         }
     });
     let task = tokio::spawn(jvpn_agent::keep_alive(agent, rx, Some(tx), report.clone()));
@@ -414,6 +431,7 @@ pub fn streaming_agent(pki: &TestPki, servers: Vec<std::net::SocketAddr>) -> Str
         cmds,
         report,
         task,
+        lines,
     }
 }
 
