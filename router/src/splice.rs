@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use jvpn_runtime::relay::reset_on_close;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -160,11 +161,12 @@ pub async fn splice_with(
         let mut seen = 0u64;
         tokio::pin!(up, down, deadline, idle);
         let (mut up_done, mut down_done) = (false, false);
-        let mut failed = false;
-        while !(up_done && down_done) {
+        loop {
+            if up_done && down_done {
+                break true;
+            }
             if up_done != down_done && deadline.is_elapsed() {
-                failed = true;
-                break;
+                break false;
             }
             let armed = up_done || down_done;
             if armed && deadline.deadline() > tokio::time::Instant::now() + half_close {
@@ -173,12 +175,11 @@ pub async fn splice_with(
                     .reset(tokio::time::Instant::now() + half_close);
             }
             tokio::select! {
-                () = &mut deadline, if armed => { failed = true; break }
+                () = &mut deadline, if armed => break false,
                 () = &mut idle => {
                     let now_seen = activity();
                     if now_seen == seen {
-                        failed = true;
-                        break;
+                        break false;
                     }
                     seen = now_seen;
                     idle.as_mut().reset(tokio::time::Instant::now() + t.idle);
@@ -186,32 +187,22 @@ pub async fn splice_with(
                 r = &mut up, if !up_done => {
                     up_done = true;
                     if r.is_err() {
-                        failed = true;
-                        break;
+                        break false;
                     }
                 }
                 r = &mut down, if !down_done => {
                     down_done = true;
                     if r.is_err() {
-                        failed = true;
-                        break;
+                        break false;
                     }
                 }
             }
         }
-        !failed
     };
     if clean {
         reset_on_close(agent, false);
         reset_on_close(gateway, false);
     }
-}
-
-/// Whether closing `s` sends a reset (SO_LINGER 0) or a FIN after what was
-/// written. (The deprecation is about a linger > 0 blocking on drop.)
-fn reset_on_close(s: &TcpStream, reset: bool) {
-    #[allow(deprecated)]
-    let _ = s.set_linger(reset.then_some(Duration::ZERO));
 }
 
 /// Keepalive probes after `after` of silence (at least 1 s), then every

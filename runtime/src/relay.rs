@@ -63,7 +63,7 @@ where
     // (this future dropped, the process leaving) it resets, never a FIN
     // that would pass a cut stream off as whole.
     // Borrowed halves: an owned write half sends a FIN when dropped.
-    arm_reset(&tcp);
+    reset_on_close(&tcp, true);
     let mut tcp = tcp;
     let (mut tr, mut tw) = tcp.split();
     let (mut to_tcp, mut from_tcp) = (0, 0);
@@ -85,7 +85,7 @@ where
         () = gone => true,
     };
     if !reset {
-        disarm_reset(&tcp);
+        reset_on_close(&tcp, false);
     }
     Relayed {
         reset,
@@ -97,20 +97,15 @@ where
 /// Closes `tcp` with a reset (RST), not a clean FIN: its peer must not
 /// take what it got for the whole.
 pub fn reset(tcp: TcpStream) {
-    arm_reset(&tcp);
+    reset_on_close(&tcp, true);
 }
 
-/// From now on, closing `tcp` resets it (SO_LINGER 0). (The deprecation
-/// is about a linger > 0 blocking on drop; 0 never does.)
-fn arm_reset(tcp: &TcpStream) {
+/// Whether closing `tcp` from now on sends a reset (SO_LINGER 0) or a FIN
+/// after what was written. (The deprecation is about a linger > 0
+/// blocking on drop; 0 never does.)
+pub fn reset_on_close(tcp: &TcpStream, reset: bool) {
     #[allow(deprecated)]
-    let _ = tcp.set_linger(Some(Duration::ZERO));
-}
-
-/// Closing `tcp` is a clean FIN again, after what was written.
-fn disarm_reset(tcp: &TcpStream) {
-    #[allow(deprecated)]
-    let _ = tcp.set_linger(None);
+    let _ = tcp.set_linger(reset.then_some(Duration::ZERO));
 }
 
 /// Copies until EOF, then shuts the writer down (a half-close travels) and
