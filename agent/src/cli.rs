@@ -202,6 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         });
     }
+    // The agent process's heap is its own: free pages go back after bursts.
+    let _reclaim = jvpn_runtime::memory::reclaim_after_bursts(|_| {});
     let run = tokio::spawn(keep_alive(agent, cmd_rx, Some(line_tx), report.clone()));
     let stop = stop_requested(duration_s);
     tokio::pin!(run, stop);

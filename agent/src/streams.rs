@@ -470,13 +470,13 @@ impl DataPlane {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use jvpn_proto::pb::session::frame::Kind;
 
     /// Moves frames between two channels until the test ends (what the
     /// transports do between agent and gateway).
-    async fn pump(a: (SessionChannel, Generation), b: (SessionChannel, Generation)) {
+    pub(crate) async fn pump(a: (SessionChannel, Generation), b: (SessionChannel, Generation)) {
         let (mut wa, mut wb) = (a.0.wakeups(), b.0.wakeups());
         loop {
             for (from, to) in [(&a, &b), (&b, &a)] {
@@ -494,6 +494,34 @@ mod tests {
                 () = wb.changed() => {}
             }
         }
+    }
+
+    /// The gateway end of `d`'s current session (`start`ed): answers every
+    /// CONNECT `200` and hands over its request body.
+    pub(crate) fn gateway_for(
+        d: &DataPlane,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<h2::RecvStream> {
+        let agent = d.channel.clone().unwrap();
+        let (gw, io) = SessionChannel::new(ChannelConfig::with_window(1 << 20));
+        let first = gw.first();
+        tokio::spawn(pump(agent, (gw, first)));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn = jvpn_runtime::h2_stream::server_builder(1 << 20)
+                .handshake::<_, Bytes>(io)
+                .await
+                .unwrap();
+            let mut answered = Vec::new();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                answered.push(
+                    respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap(),
+                );
+                let _ = tx.send(req.into_body());
+            }
+        });
+        rx
     }
 
     /// A CONNECT waiting for the gateway's answer already uses its session:

@@ -79,6 +79,7 @@ pub const STREAM_BYTES: &str = "jvpn_gateway_stream_bytes_total";
 pub const EGRESS_DENIED: &str = "jvpn_gateway_egress_denied_total";
 pub const EGRESS_CONNECT_SECONDS: &str = "jvpn_gateway_egress_connect_duration_seconds";
 pub const CHANNEL_BUFFERED: &str = "jvpn_gateway_channel_buffered_bytes";
+pub const MEMORY_RECLAIM_SECONDS: &str = "jvpn_gateway_memory_reclaim_duration_seconds";
 pub const CHANNEL_RESENT: &str = "jvpn_gateway_channel_resent_bytes_total";
 pub const CHANNEL_ERRORS: &str = "jvpn_gateway_channel_protocol_errors_total";
 
@@ -364,6 +365,11 @@ pub fn describe() {
     describe_gauge!(
         CHANNEL_BUFFERED,
         "Bytes held unacknowledged in session channels (toward agents)."
+    );
+    describe_histogram!(
+        MEMORY_RECLAIM_SECONDS,
+        Unit::Seconds,
+        "Time each return of free heap pages to the kernel took (once after each burst of stream traffic, at most every 10 s)."
     );
     describe_counter!(
         CHANNEL_RESENT,

@@ -1,15 +1,16 @@
 //! Backpressure (issue 15), in a process of its own so that its memory
 //! figures are this test's alone: a destination keeps sending to an
 //! application that stops reading for 30 s. Nothing is dropped and nothing
-//! piles up: the gateway's and the agent's resident memory each grow by
-//! about the channel window at most (HTTP/2's stream window, half the
-//! channel's, limits the bytes one stopped stream holds across both ends;
-//! the rest is buffers those bytes keep allocated), the destination is held
-//! back by TCP, and once the reader reads again every byte arrives exactly.
+//! piles up: the gateway's and the agent's resident memory each grow by at
+//! most the channel window, the issue's bound (HTTP/2's stream window, half
+//! the channel's, limits the bytes one stopped stream holds across both
+//! ends; the allocator's free pages go back to the kernel once traffic
+//! stops, `jvpn_runtime::memory`), the destination is held back by TCP, and
+//! once the reader reads again every byte arrives exactly.
 //!
-//! The issue's bound is the window itself; measured growth was within it in
-//! most runs but not all (agent up to 1,060 KiB against 1,024), so this
-//! asserts 1.25 windows and docs/benchmarks.md reports the miss.
+//! Before free pages were given back, the agent grew by 996 to 1,060 KiB
+//! and the gateway by up to 888 KiB here (bound 1,024), so this asserted
+//! 1.25 windows; with them, 584–748 and 440–628 KiB (eight runs).
 
 #![allow(clippy::unwrap_used)]
 
@@ -68,6 +69,8 @@ async fn a_reader_that_stops_costs_at_most_the_windows_and_loses_nothing() {
     let (cmds, rx) = mpsc::channel(8);
     let report = Arc::new(std::sync::Mutex::new(AgentReport::default()));
     let task = tokio::spawn(keep_alive(agent, rx, None, report));
+    // As the agent binary does (the test process is this agent's embedder).
+    let _reclaim = jvpn_runtime::memory::reclaim_after_bursts(|_| {});
     // A first stream (to a listener that closes at once) so that the
     // session, its channel and HTTP/2 are up before the baseline.
     let warm = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -100,7 +103,7 @@ async fn a_reader_that_stops_costs_at_most_the_windows_and_loses_nothing() {
         (me1 as i64 - me0 as i64) / 1024,
         held / 1024
     );
-    let bound = (WINDOW + WINDOW / 4) as i64;
+    let bound = WINDOW as i64;
     assert!(
         gw1 as i64 - gw0 as i64 <= bound,
         "gateway grew {} bytes",

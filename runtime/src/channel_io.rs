@@ -312,6 +312,7 @@ impl SessionChannel {
         }
         let whole = d.payload.len();
         let fresh = g.ch.on_data(d.seq, d.payload)?;
+        crate::memory::note_moved(fresh.len());
         let waker = if fresh.is_empty() {
             None
         } else {
@@ -357,8 +358,9 @@ impl SessionChannel {
         if let Some(seq) = g.ch.ack_due(now, force_ack) {
             return Some(Kind::Ack(Ack { seq }));
         }
-        g.ch.next_data()
-            .map(|(seq, payload)| Kind::Data(Data { seq, payload }))
+        let (seq, payload) = g.ch.next_data()?;
+        crate::memory::note_moved(payload.len());
+        Some(Kind::Data(Data { seq, payload }))
     }
 
     /// A subscription that resolves when a frame may be ready: new bytes

@@ -18,6 +18,8 @@
 //!   and the gateway's egress.
 //! - [`admission`]: per-source token buckets, the handshake budget and the
 //!   TLS waiting room; sans-IO, every call takes `now`.
+//! - [`memory`]: freed heap pages given back to the kernel once a burst
+//!   of stream traffic is over.
 //! - [`metrics`]: the Prometheus recorder, its upkeep and `jvpn_build_info`.
 //! - [`wire`]: pre-TLS status replies, frame read/write, accept with
 //!   back-off, a poison-tolerant lock.
@@ -25,13 +27,14 @@
 //! Dependencies point one way: `jvpn-proto ← jvpn-runtime ← {gateway,
 //! router, agent}`.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod admission;
 pub mod channel_io;
 pub mod config;
 pub mod h2_stream;
+pub mod memory;
 pub mod metrics;
 pub mod process;
 pub mod relay;

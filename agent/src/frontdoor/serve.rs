@@ -78,10 +78,13 @@ pub async fn serve_forward(listener: TcpListener, tunnel: Tunnel, target: Target
     accept_loop(listener, max, move |c| {
         let (tunnel, target) = (tunnel.clone(), target.clone());
         async move {
-            match tunnel.connect(&target).await {
-                Ok(s) => splice(c, s, &tunnel, BytesMut::new()).await,
+            let mut c = c;
+            let mut early = BytesMut::new();
+            match open_watching(&mut c, &mut early, &tunnel, &target).await {
+                Some(Ok(s)) => splice(c, s, &tunnel, early).await,
                 // Nothing to answer in a raw forward: the application sees a reset.
-                Err(_) => jvpn_runtime::relay::reset(c),
+                Some(Err(_)) => jvpn_runtime::relay::reset(c),
+                None => {}
             }
         }
     })
@@ -158,16 +161,17 @@ async fn socks(
             Err(e) => return answer_and_close(c, e.reply()).await,
         }
     };
-    match tunnel.connect(&target).await {
-        Ok(s) => {
+    match open_watching(&mut c, &mut buf, tunnel, &target).await {
+        Some(Ok(s)) => {
             c.write_all(&socks5::success()).await?;
             splice(c, s, tunnel, buf).await;
             Ok(())
         }
-        Err(e) => {
+        Some(Err(e)) => {
             let code = socks5::refusal_code(refusal_of(&e));
             answer_and_close(c, Some(socks5::reply(code))).await
         }
+        None => Ok(()),
     }
 }
 
@@ -180,13 +184,48 @@ async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant)
         }
     };
     buf.advance(n);
-    match tunnel.connect(&target).await {
-        Ok(s) => {
+    match open_watching(&mut c, &mut buf, tunnel, &target).await {
+        Some(Ok(s)) => {
             c.write_all(&http_connect::established()).await?;
             splice(c, s, tunnel, buf).await;
             Ok(())
         }
-        Err(e) => answer_and_close(c, Some(http_connect::refused(refusal_of(&e)))).await,
+        Some(Err(e)) => answer_and_close(c, Some(http_connect::refused(refusal_of(&e)))).await,
+        None => Ok(()),
+    }
+}
+
+/// Bytes an application may send ahead of its stream's answer that the
+/// door takes in while it waits (they go first once the stream is open);
+/// past them it stops reading, and stops watching for a reset.
+const EARLY_MAX: usize = 64 * 1024;
+
+/// Opens a stream to `target` (which may wait up to [`Tunnel::WAIT`] for a
+/// session) while watching the application's connection: what it sends
+/// meanwhile joins `early`, and if it resets or fails, the stream is given
+/// up (`None`; a CONNECT already sent is cancelled), so a request its
+/// application abandoned (and may be retrying elsewhere) never reaches its
+/// destination later. An end of its sending (FIN) is a half-close, not
+/// giving up: it travels once the stream is open.
+async fn open_watching(
+    c: &mut TcpStream,
+    early: &mut BytesMut,
+    tunnel: &Tunnel,
+    target: &Target,
+) -> Option<Result<Stream, StreamError>> {
+    let open = tunnel.connect(target);
+    tokio::pin!(open);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut open => return Some(r),
+            r = c.read_buf(early), if watching && early.len() < EARLY_MAX => match r {
+                Ok(0) => watching = false,
+                Ok(_) => {}
+                Err(_) => return None,
+            },
+        }
     }
 }
 
@@ -225,6 +264,84 @@ async fn splice(c: TcpStream, s: Stream, tunnel: &Tunnel, early: BytesMut) {
 mod tests {
     use super::*;
     use crate::streams::DataPlane;
+    use crate::streams::tests::gateway_for;
+
+    /// A SOCKS5 greeting (no authentication).
+    const GREETING: [u8; 3] = [5, 1, 0];
+
+    /// A SOCKS5 CONNECT to example:80.
+    fn socks_connect() -> Vec<u8> {
+        let mut r = vec![5, 1, 0, 3, 7];
+        r.extend_from_slice(b"example");
+        r.extend_from_slice(&80u16.to_be_bytes());
+        r
+    }
+
+    /// An application that gives up (its connection reset) while its
+    /// stream waits for a session is forgotten: its CONNECT never reaches
+    /// the gateway once a session comes (it may be retrying elsewhere: its
+    /// request would arrive twice). The door serves one connection at a
+    /// time here, so the second client is served only once the first
+    /// one's task ended; the door used to hold it until the session came
+    /// and then send the abandoned CONNECT first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_its_application_abandoned_is_never_sent() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut d, tunnel) = DataPlane::new();
+        // A session whose HTTP/2 cannot come up yet: nothing carries its
+        // frames.
+        d.start(1 << 20);
+        tokio::spawn(serve_proxy_with(l, tunnel, 1));
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        a.write_all(&GREETING).await.unwrap();
+        let mut method = [0u8; 2];
+        a.read_exact(&mut method).await.unwrap();
+        a.write_all(&socks_connect()).await.unwrap();
+        a.write_all(b"A").await.unwrap();
+        jvpn_runtime::relay::reset(a);
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        b.write_all(&GREETING).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut method))
+            .await
+            .expect("the second client was not served: the door still waits to open the stream of the first, which left")
+            .unwrap();
+        let mut requests = gateway_for(&d);
+        b.write_all(&socks_connect()).await.unwrap();
+        let mut ok = vec![0u8; socks5::success().len()];
+        b.read_exact(&mut ok).await.unwrap();
+        assert_eq!(ok, socks5::success());
+        b.write_all(b"B").await.unwrap();
+        let mut first = requests.recv().await.unwrap();
+        let got = first.data().await.unwrap().unwrap();
+        assert_eq!(&got[..], b"B", "the first CONNECT was the abandoned one");
+        assert!(requests.try_recv().is_err(), "a second CONNECT came");
+    }
+
+    /// An application that ends its sending (FIN) while its stream waits
+    /// for a session has not given up: its bytes and its half-close reach
+    /// the destination once the stream opens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_close_while_waiting_travels_once_the_stream_opens() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut d, tunnel) = DataPlane::new();
+        d.start(1 << 20);
+        let target = Target::new("example", 80).unwrap();
+        tokio::spawn(serve_forward(l, tunnel, target));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"early bytes").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut requests = gateway_for(&d);
+        let mut body = requests.recv().await.unwrap();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"early bytes");
+    }
 
     #[test]
     fn a_door_takes_an_eighth_of_the_open_files_within_its_bounds() {

@@ -173,6 +173,9 @@ pub async fn serve(
         ));
     }
     tokio::spawn(gauge_loop(shared.clone(), stop_rx.clone()));
+    let _reclaim = jvpn_runtime::memory::reclaim_after_bursts(|took| {
+        metrics::histogram!(m::MEMORY_RECLAIM_SECONDS).record(took.as_secs_f64());
+    });
     info!(node = %shared.cfg.node_id, incarnation = %shared.incarnation, "gateway serving");
 
     // Accept on a worker thread: connection tasks then start on the same
