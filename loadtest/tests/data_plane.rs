@@ -1203,6 +1203,96 @@ async fn a_stream_abandoned_while_dialing_is_counted_and_leaves_an_event() {
     a.task.await.unwrap();
 }
 
+/// CONNECTs whose applications gave up while the transport was down: each
+/// request and its reset were queued in the session's channel, and reach
+/// the gateway together after the RESUME. The gateway dials none of them;
+/// it raced the dial against the reset and, on loopback, often connected
+/// to the destination first (a connection nobody wanted any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_abandoned_while_the_transport_was_down_are_never_dialed() {
+    const N: usize = 16;
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[policy]\nswitch_cooldown_ms = 100\nmax_switches_per_min = 600\n"
+    ))
+    .await;
+    let proxy = FaultProxy::start(env.gw.client_addr).await.unwrap();
+    // The destination hands over every connection it accepts.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = common::target(l.local_addr().unwrap());
+    let (tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            let _ = tx.send(c);
+        }
+    });
+    let a = run_agent(&env, proxy.addr);
+    // The session and its HTTP/2 are up.
+    drop(a.tunnel.connect(&dest).await.unwrap());
+    drop(accepted.recv().await.unwrap());
+    let resumed = a.report.lock().unwrap().resumes_ok;
+    assert_eq!(proxy.stall_all(), 1);
+    // Each CONNECT is written into the channel on its first poll (the
+    // session's HTTP/2 is up), then given up: its reset follows it.
+    for _ in 0..N {
+        let mut open = Box::pin(a.tunnel.connect(&dest));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(open.as_mut().poll(&mut cx).is_pending());
+    }
+    proxy.cut_all();
+    eventually(Duration::from_secs(20), "the agent resumed", || {
+        let r = a.report.lock().unwrap().resumes_ok;
+        async move { r > resumed }
+    })
+    .await
+    .unwrap();
+    // A stream after them: once it is through, the gateway has read every
+    // frame before it.
+    let mut s = a.tunnel.connect(&dest).await.unwrap();
+    s.write_all(b"last").await.unwrap();
+    let ended = || async {
+        let mut n = 0.0;
+        for how in ["cancelled", "reset"] {
+            n += env
+                .gw
+                .metric("jvpn_gateway_streams_ended_total", &[("how", how)])
+                .await
+                .unwrap_or(0.0);
+        }
+        n
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the abandoned streams ended",
+        || async { ended().await >= N as f64 },
+    )
+    .await
+    .unwrap();
+    let mut c = accepted.recv().await.unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).await.unwrap();
+    let mut dialed = 0;
+    while &b != b"last" {
+        // An abandoned CONNECT's connection (it never carries bytes).
+        dialed += 1;
+        c = accepted.recv().await.unwrap();
+        let n = c.read(&mut b).await.unwrap_or(0);
+        if n == 0 {
+            continue;
+        }
+        c.read_exact(&mut b[n..]).await.unwrap();
+    }
+    let cancelled = env
+        .gw
+        .metric("jvpn_gateway_streams_ended_total", &[("how", "cancelled")])
+        .await
+        .unwrap();
+    assert_eq!(dialed, 0, "{dialed} abandoned CONNECTs were dialed");
+    assert_eq!(cancelled, N as f64, "every abandoned CONNECT was cancelled");
+    drop(s);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// The refusals a destination causes, as the application sees them, in a
 /// network namespace of the test's own (only `lo`, plus an `unreachable`
 /// route): no route → SOCKS 3 "network unreachable"; an unreachable route

@@ -158,12 +158,20 @@ async fn hello(
     peer: SocketAddr,
     pre: &[u8; PREAMBLE_LEN],
 ) -> Outcome {
-    let Some((first, next)) = state.place_hello() else {
+    let Some(first) = state.place_hello() else {
         status(client, Status::NoGateway, Duration::from_secs(1)).await;
         return Outcome::NoGateway;
     };
     let mut connect_failed = false;
-    for p in std::iter::once(first).chain(next) {
+    let mut p = first;
+    for attempt in 0..2 {
+        // One retry, elsewhere, chosen only when the first failed.
+        if attempt == 1 {
+            match state.place_retry(&p) {
+                Some(next) => p = next,
+                None => break,
+            }
+        }
         if let Err(retry) = state.gateway_budget(&p.member.node_id, false) {
             status(client, Status::Overloaded, retry).await;
             return Outcome::Overloaded;

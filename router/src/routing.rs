@@ -60,6 +60,35 @@ pub fn takeover_route(
     }
 }
 
+/// Random keys a HELLO placement draws before it walks the member list.
+const DRAWS: usize = 16;
+
+/// Where a HELLO goes: the index into `ring.view().members()` of the
+/// owner of a random key from `draw`, among the members `ready` accepts.
+/// Drawing again, rather than taking the member after the owner, spreads
+/// the share of a member passed over (it cannot take HELLOs yet; for the
+/// one retry, `ready` also refuses the member whose connect failed) over
+/// all the others in proportion to theirs. After [`DRAWS`] misses (most
+/// members not ready) it walks the members from the last owner drawn, so a
+/// placement exists whenever a ready member does.
+pub fn place_hello(
+    ring: &jvpn_proto::ring::Ring,
+    mut draw: impl FnMut() -> SessionId,
+    ready: impl Fn(&jvpn_proto::ring::Member) -> bool,
+) -> Option<usize> {
+    let members = ring.view().members();
+    let mut last = 0;
+    for _ in 0..DRAWS {
+        last = ring.owner_index(&draw())?;
+        if ready(&members[last]) {
+            return Some(last);
+        }
+    }
+    (1..=members.len())
+        .map(|k| (last + k) % members.len())
+        .find(|&i| ready(&members[i]))
+}
+
 /// Owner tag (under a key id) → the incarnation it names.
 #[derive(Clone, Debug, Default)]
 pub struct OwnerTags {
@@ -155,6 +184,76 @@ pub fn route_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ring_of(n: usize) -> jvpn_proto::ring::Ring {
+        use jvpn_proto::ring::{Member, Ring, RingParams, View};
+        let members = (0..n)
+            .map(|i| Member {
+                node_id: NodeId::new(&format!("gw-{i:02}")).unwrap(),
+                incarnation: Incarnation(1),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                weight: 1,
+            })
+            .collect();
+        let k = jvpn_proto::keys::ClusterSecret::new(1, [3; 32]).derive();
+        Ring::new(View::new(members, RingParams::default(), &k).unwrap(), &k)
+    }
+
+    /// Random keys, reproducibly.
+    fn draws(seed: u64) -> impl FnMut() -> SessionId {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        move || SessionId::from_bytes(rng.random())
+    }
+
+    /// A member that cannot take HELLOs yet (it joined a moment ago): its
+    /// share goes to every other member in proportion, not all to one
+    /// neighbour (which then took twice its share); and a retry after a
+    /// failed connect goes anywhere but the member that failed, in
+    /// proportion too (it went to the same neighbour).
+    #[test]
+    fn a_member_that_is_not_ready_spreads_its_share() {
+        const N: usize = 10;
+        const HELLOS: usize = 40_000;
+        let ring = ring_of(N);
+        let members = ring.view().members();
+        let not_ready = NodeId::new("gw-04").unwrap();
+        let ready = |m: &jvpn_proto::ring::Member| m.node_id != not_ready;
+        let mut draw = draws(1);
+        let (mut first, mut retry) = ([0usize; N], [0usize; N]);
+        for _ in 0..HELLOS {
+            let a = place_hello(&ring, &mut draw, ready).unwrap();
+            let failed = &members[a].node_id;
+            let b = place_hello(&ring, &mut draw, |m| ready(m) && m.node_id != *failed).unwrap();
+            assert_ne!(a, b, "the retry goes elsewhere");
+            first[a] += 1;
+            retry[b] += 1;
+        }
+        assert_eq!(first[4] + retry[4], 0, "never the member not ready");
+        // Each ready member's share of a fair 1/9, within a third (the
+        // ring's own spread at 512 points a member is a few per cent).
+        let fair = HELLOS / (N - 1);
+        for (i, (f, r)) in first.iter().zip(&retry).enumerate() {
+            if i == 4 {
+                continue;
+            }
+            assert!(
+                *f < fair * 4 / 3 && *r < fair * 4 / 3,
+                "member {i}: {f} first placements, {r} retries; fair {fair}: {first:?} {retry:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn placement_needs_a_ready_member() {
+        let ring = ring_of(3);
+        let only = NodeId::new("gw-02").unwrap();
+        assert_eq!(place_hello(&ring, draws(2), |m| m.node_id == only), Some(2));
+        assert_eq!(place_hello(&ring, draws(3), |_| false), None);
+        let one = ring_of(1);
+        assert_eq!(place_hello(&one, draws(4), |_| true), Some(0));
+    }
+
     use jvpn_proto::keys::ClusterSecret;
     use jvpn_proto::token::{TokenContents, TokenKey};
 

@@ -779,31 +779,34 @@ impl RouterState {
 
     // ---- routing ----------------------------------------------------------
 
-    /// The ring owner of a fresh random key, plus the next member for the
-    /// single retry. A member that does not yet hold a view containing itself
-    /// (it joined less than one heartbeat ago) is skipped for the next one
-    /// along the ring. `None`: nothing can take a HELLO.
-    pub fn place_hello(&self) -> Option<(Placement, Option<Placement>)> {
+    /// A member to send a HELLO to (`routing::place_hello`): the owner of a
+    /// fresh random key among the members that hold a view containing
+    /// themselves and may take HELLOs. `None`: nothing can take a HELLO.
+    pub fn place_hello(&self) -> Option<Placement> {
+        self.place(None)
+    }
+
+    /// The single retry after `failed` could not be reached: placed the
+    /// same way on the current ring, on any member but that one.
+    pub fn place_retry(&self, failed: &Placement) -> Option<Placement> {
+        self.place(Some(&failed.member.node_id))
+    }
+
+    fn place(&self, not: Option<&NodeId>) -> Option<Placement> {
         let ring = self.ring.load_full()?;
-        let mut key = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
-        let idx = ring.owner_index(&SessionId::from_bytes(key))?;
-        let members = ring.view().members();
         let now = self.now();
-        let ready: Vec<&Member> = {
-            let routes = self.routes.load();
-            (0..members.len())
-                .map(|i| &members[(idx + i) % members.len()])
-                .filter(|m| routes.hello_ready(now, &m.node_id, m.incarnation))
-                .take(2)
-                .collect()
+        let routes = self.routes.load();
+        let mut rng = rand::rng();
+        let draw = || {
+            let mut key = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rng, &mut key);
+            SessionId::from_bytes(key)
         };
-        let mut it = ready.into_iter().map(|m| Placement {
-            ring: ring.clone(),
-            member: m.clone(),
-        });
-        let first = it.next()?;
-        Some((first, it.next()))
+        let i = crate::routing::place_hello(&ring, draw, |m| {
+            Some(&m.node_id) != not && routes.hello_ready(now, &m.node_id, m.incarnation)
+        })?;
+        let member = ring.view().members()[i].clone();
+        Some(Placement { ring, member })
     }
 
     /// Whether a chosen member would still be chosen (it may have turned

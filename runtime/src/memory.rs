@@ -76,9 +76,12 @@ pub fn reclaim_after_bursts(done: impl Fn(Duration) + Send + 'static) -> Reclaim
         loop {
             tick.tick().await;
             if quiet.look(MOVED.load(Ordering::Relaxed), Instant::now()) {
+                // Off the async workers: a large heap's walk can take
+                // milliseconds.
                 let t = Instant::now();
-                trim();
-                done(t.elapsed());
+                if tokio::task::spawn_blocking(trim).await.is_ok() {
+                    done(t.elapsed());
+                }
             }
         }
     }))

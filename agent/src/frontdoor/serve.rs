@@ -78,10 +78,8 @@ pub async fn serve_forward(listener: TcpListener, tunnel: Tunnel, target: Target
     accept_loop(listener, max, move |c| {
         let (tunnel, target) = (tunnel.clone(), target.clone());
         async move {
-            let mut c = c;
-            let mut early = BytesMut::new();
-            match open_watching(&mut c, &mut early, &tunnel, &target).await {
-                Some(Ok(s)) => splice(c, s, &tunnel, early).await,
+            match open_watching(&c, &tunnel, &target, Eof::HalfClose).await {
+                Some(Ok(s)) => splice(c, s, &tunnel, BytesMut::new()).await,
                 // Nothing to answer in a raw forward: the application sees a reset.
                 Some(Err(_)) => jvpn_runtime::relay::reset(c),
                 None => {}
@@ -161,7 +159,7 @@ async fn socks(
             Err(e) => return answer_and_close(c, e.reply()).await,
         }
     };
-    match open_watching(&mut c, &mut buf, tunnel, &target).await {
+    match open_watching(&c, tunnel, &target, Eof::GaveUp).await {
         Some(Ok(s)) => {
             c.write_all(&socks5::success()).await?;
             splice(c, s, tunnel, buf).await;
@@ -184,7 +182,7 @@ async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant)
         }
     };
     buf.advance(n);
-    match open_watching(&mut c, &mut buf, tunnel, &target).await {
+    match open_watching(&c, tunnel, &target, Eof::GaveUp).await {
         Some(Ok(s)) => {
             c.write_all(&http_connect::established()).await?;
             splice(c, s, tunnel, buf).await;
@@ -195,34 +193,44 @@ async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant)
     }
 }
 
-/// Bytes an application may send ahead of its stream's answer that the
-/// door takes in while it waits (they go first once the stream is open);
-/// past them it stops reading, and stops watching for a reset.
-const EARLY_MAX: usize = 64 * 1024;
+/// What an end of the application's sending (FIN) means while its stream
+/// waits to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Eof {
+    /// A raw forward: the application may have sent all it has; the FIN
+    /// travels once the stream opens.
+    HalfClose,
+    /// A SOCKS5 or HTTP `CONNECT` client before its answer: it closed
+    /// (a timeout, Ctrl-C). Clients of either protocol read the answer
+    /// before they end their side.
+    GaveUp,
+}
 
 /// Opens a stream to `target` (which may wait up to [`Tunnel::WAIT`] for a
-/// session) while watching the application's connection: what it sends
-/// meanwhile joins `early`, and if it resets or fails, the stream is given
-/// up (`None`; a CONNECT already sent is cancelled), so a request its
-/// application abandoned (and may be retrying elsewhere) never reaches its
-/// destination later. An end of its sending (FIN) is a half-close, not
-/// giving up: it travels once the stream is open.
+/// session) while watching the application's connection: if it resets,
+/// fails, or (`Eof::GaveUp`) closes, the stream is given up (`None`; a
+/// CONNECT already sent is cancelled), so a request its application
+/// abandoned (and may be retrying elsewhere) never reaches its destination
+/// later. Bytes the application sends meanwhile stay in the kernel (TCP
+/// holds it back, as the stream would) and end the watch: what follows
+/// them cannot be seen without taking them.
 async fn open_watching(
-    c: &mut TcpStream,
-    early: &mut BytesMut,
+    c: &TcpStream,
     tunnel: &Tunnel,
     target: &Target,
+    eof: Eof,
 ) -> Option<Result<Stream, StreamError>> {
     let open = tunnel.connect(target);
     tokio::pin!(open);
     let mut watching = true;
+    let mut probe = [0u8; 1];
     loop {
         tokio::select! {
             biased;
             r = &mut open => return Some(r),
-            r = c.read_buf(early), if watching && early.len() < EARLY_MAX => match r {
-                Ok(0) => watching = false,
-                Ok(_) => {}
+            r = c.peek(&mut probe), if watching => match r {
+                Ok(0) if eof == Eof::GaveUp => return None,
+                Ok(_) => watching = false,
                 Err(_) => return None,
             },
         }
@@ -277,70 +285,93 @@ mod tests {
         r
     }
 
-    /// An application that gives up (its connection reset) while its
-    /// stream waits for a session is forgotten: its CONNECT never reaches
-    /// the gateway once a session comes (it may be retrying elsewhere: its
-    /// request would arrive twice). The door serves one connection at a
-    /// time here, so the second client is served only once the first
-    /// one's task ended; the door used to hold it until the session came
-    /// and then send the abandoned CONNECT first.
+    /// An application that gives up (resets or closes its connection)
+    /// while its stream waits for a session is forgotten: its CONNECT never
+    /// reaches the gateway once a session comes (it may be retrying
+    /// elsewhere: its request would arrive twice). The door serves one
+    /// connection at a time here, so the second client is served only once
+    /// the first one's task ended; the door used to hold it until the
+    /// session came and then send the abandoned CONNECT first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_its_application_abandoned_is_never_sent() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (mut d, tunnel) = DataPlane::new();
-        // A session whose HTTP/2 cannot come up yet: nothing carries its
-        // frames.
-        d.start(1 << 20);
-        tokio::spawn(serve_proxy_with(l, tunnel, 1));
-        let mut a = TcpStream::connect(addr).await.unwrap();
-        a.write_all(&GREETING).await.unwrap();
-        let mut method = [0u8; 2];
-        a.read_exact(&mut method).await.unwrap();
-        a.write_all(&socks_connect()).await.unwrap();
-        a.write_all(b"A").await.unwrap();
-        jvpn_runtime::relay::reset(a);
-        let mut b = TcpStream::connect(addr).await.unwrap();
-        b.write_all(&GREETING).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut method))
-            .await
-            .expect("the second client was not served: the door still waits to open the stream of the first, which left")
-            .unwrap();
-        let mut requests = gateway_for(&d);
-        b.write_all(&socks_connect()).await.unwrap();
-        let mut ok = vec![0u8; socks5::success().len()];
-        b.read_exact(&mut ok).await.unwrap();
-        assert_eq!(ok, socks5::success());
-        b.write_all(b"B").await.unwrap();
-        let mut first = requests.recv().await.unwrap();
-        let got = first.data().await.unwrap().unwrap();
-        assert_eq!(&got[..], b"B", "the first CONNECT was the abandoned one");
-        assert!(requests.try_recv().is_err(), "a second CONNECT came");
+        for reset in [true, false] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            // No session yet (the agent is handshaking): streams wait.
+            let (mut d, tunnel) = DataPlane::new();
+            tokio::spawn(serve_proxy_with(l, tunnel, 1));
+            let mut a = TcpStream::connect(addr).await.unwrap();
+            a.write_all(&GREETING).await.unwrap();
+            let mut method = [0u8; 2];
+            a.read_exact(&mut method).await.unwrap();
+            a.write_all(&socks_connect()).await.unwrap();
+            if reset {
+                jvpn_runtime::relay::reset(a);
+            } else {
+                drop(a);
+            }
+            let mut b = TcpStream::connect(addr).await.unwrap();
+            b.write_all(&GREETING).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut method))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "reset {reset}: the second client was not served: the door \
+                         still waits to open the stream of the first, which left"
+                    )
+                })
+                .unwrap();
+            d.start(1 << 20);
+            let mut requests = gateway_for(&d);
+            b.write_all(&socks_connect()).await.unwrap();
+            let mut ok = vec![0u8; socks5::success().len()];
+            b.read_exact(&mut ok).await.unwrap();
+            assert_eq!(ok, socks5::success());
+            b.write_all(b"B").await.unwrap();
+            let mut first = requests.recv().await.unwrap();
+            let got = first.data().await.unwrap().unwrap();
+            assert_eq!(
+                &got[..],
+                b"B",
+                "reset {reset}: the abandoned CONNECT came first"
+            );
+            assert!(
+                requests.try_recv().is_err(),
+                "reset {reset}: a second CONNECT"
+            );
+        }
     }
 
-    /// An application that ends its sending (FIN) while its stream waits
-    /// for a session has not given up: its bytes and its half-close reach
-    /// the destination once the stream opens.
+    /// A raw forward's application that ends its sending (FIN) while its
+    /// stream waits for a session has not given up: its bytes, if any, and
+    /// its half-close reach the destination once the stream opens.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_half_close_while_waiting_travels_once_the_stream_opens() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (mut d, tunnel) = DataPlane::new();
-        d.start(1 << 20);
-        let target = Target::new("example", 80).unwrap();
-        tokio::spawn(serve_forward(l, tunnel, target));
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"early bytes").await.unwrap();
-        c.shutdown().await.unwrap();
-        let mut requests = gateway_for(&d);
-        let mut body = requests.recv().await.unwrap();
-        let mut got = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            got.extend_from_slice(&chunk);
+    async fn a_forward_half_closed_while_waiting_travels_once_the_stream_opens() {
+        for early in [&b""[..], b"early bytes"] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (mut d, tunnel) = DataPlane::new();
+            let target = Target::new("example", 80).unwrap();
+            tokio::spawn(serve_forward(l, tunnel, target));
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(early).await.unwrap();
+            c.shutdown().await.unwrap();
+            d.start(1 << 20);
+            let mut requests = gateway_for(&d);
+            let got = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut body = requests.recv().await.unwrap();
+                let mut got = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    got.extend_from_slice(&chunk);
+                }
+                got
+            })
+            .await
+            .expect("no stream, or its end never came");
+            assert_eq!(got, early);
         }
-        assert_eq!(got, b"early bytes");
     }
 
     #[test]

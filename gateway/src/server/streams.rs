@@ -338,7 +338,10 @@ async fn open_and_splice(
         return refused(Refusal::Failed);
     }
     let dialed = tokio::select! {
-        d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
+        // Looked at first: a CONNECT that arrived already reset (its
+        // application gave up while the transport was down, and the reset
+        // was queued behind it) dials nothing.
+        biased;
         // The agent reset the stream (its application left), or the
         // session's HTTP/2 connection ended: stop dialing and give the
         // slots back.
@@ -350,6 +353,7 @@ async fn open_and_splice(
             ended_empty(how);
             return None;
         }
+        d = dial(&policy, &ctx.principal, &target, cluster, limits) => d,
     };
     // The principal's lookup share is for the dial only.
     drop(principal_lookups);
