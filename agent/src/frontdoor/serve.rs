@@ -159,7 +159,7 @@ async fn socks(
             Err(e) => return answer_and_close(c, e.reply()).await,
         }
     };
-    match open_watching(&c, tunnel, &target, Eof::GaveUp).await {
+    match open_watching(&c, tunnel, &target, Eof::before_answer(&buf)).await {
         Some(Ok(s)) => {
             c.write_all(&socks5::success()).await?;
             splice(c, s, tunnel, buf).await;
@@ -182,7 +182,7 @@ async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant)
         }
     };
     buf.advance(n);
-    match open_watching(&c, tunnel, &target, Eof::GaveUp).await {
+    match open_watching(&c, tunnel, &target, Eof::before_answer(&buf)).await {
         Some(Ok(s)) => {
             c.write_all(&http_connect::established()).await?;
             splice(c, s, tunnel, buf).await;
@@ -200,10 +200,23 @@ enum Eof {
     /// A raw forward: the application may have sent all it has; the FIN
     /// travels once the stream opens.
     HalfClose,
-    /// A SOCKS5 or HTTP `CONNECT` client before its answer: it closed
-    /// (a timeout, Ctrl-C). Clients of either protocol read the answer
-    /// before they end their side.
+    /// A SOCKS5 or HTTP `CONNECT` client before its answer, with nothing
+    /// sent behind its request: it closed (a timeout, Ctrl-C). Clients of
+    /// either protocol read the answer before they end their side.
     GaveUp,
+}
+
+impl Eof {
+    /// For a SOCKS5 or HTTP `CONNECT` client: a client that sent bytes
+    /// behind its request (`early`) and then a FIN half-closed; one that
+    /// sent nothing more gave up.
+    fn before_answer(early: &[u8]) -> Self {
+        if early.is_empty() {
+            Eof::GaveUp
+        } else {
+            Eof::HalfClose
+        }
+    }
 }
 
 /// Opens a stream to `target` (which may wait up to [`Tunnel::WAIT`] for a
@@ -340,6 +353,43 @@ mod tests {
                 "reset {reset}: a second CONNECT"
             );
         }
+    }
+
+    /// A SOCKS client that sent bytes behind its request and then ended
+    /// its sending has not given up: it half-closed. Its bytes and its FIN
+    /// travel once the stream opens, and it gets its answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_socks_client_that_sent_early_bytes_and_half_closed_is_served() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (mut d, tunnel) = DataPlane::new();
+        tokio::spawn(serve_proxy(l, tunnel));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&GREETING).await.unwrap();
+        let mut method = [0u8; 2];
+        c.read_exact(&mut method).await.unwrap();
+        let mut ask = socks_connect();
+        ask.extend_from_slice(b"early");
+        c.write_all(&ask).await.unwrap();
+        c.shutdown().await.unwrap();
+        d.start(1 << 20);
+        let mut requests = gateway_for(&d);
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut body = requests.recv().await.unwrap();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            got
+        })
+        .await
+        .expect("no stream, or its end never came");
+        assert_eq!(got, b"early");
+        let mut ok = vec![0u8; socks5::success().len()];
+        c.read_exact(&mut ok).await.unwrap();
+        assert_eq!(ok, socks5::success());
     }
 
     /// A raw forward's application that ends its sending (FIN) while its

@@ -170,6 +170,10 @@ async fn serve(
         // HTTP/2's windows from the channel's, as the agent sets them.
         let mut conn = jvpn_runtime::h2_stream::server_builder(policy.window_bytes)
             .max_concurrent_streams(concurrent)
+            // CONNECTs given up while the transport was down arrive with
+            // their resets after the RESUME, all before the first accept:
+            // h2's default allowance (20) ended the session past it.
+            .max_pending_accept_reset_streams(concurrent as usize)
             .handshake::<_, Bytes>(io)
             .await?;
         // Accepting drives the connection: every stream's bytes move
