@@ -298,6 +298,25 @@ mod tests {
         r
     }
 
+    /// Everything the first stream the gateway got carried, up to its end
+    /// (within 10 s).
+    async fn first_body(
+        requests: &mut tokio::sync::mpsc::UnboundedReceiver<h2::RecvStream>,
+    ) -> Vec<u8> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let mut body = requests.recv().await.unwrap();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            got
+        })
+        .await
+        .expect("no stream, or its end never came")
+    }
+
     /// An application that gives up (resets or closes its connection)
     /// while its stream waits for a session is forgotten: its CONNECT never
     /// reaches the gateway once a session comes (it may be retrying
@@ -374,18 +393,7 @@ mod tests {
         c.shutdown().await.unwrap();
         d.start(1 << 20);
         let mut requests = gateway_for(&d);
-        let got = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut body = requests.recv().await.unwrap();
-            let mut got = Vec::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                let _ = body.flow_control().release_capacity(chunk.len());
-                got.extend_from_slice(&chunk);
-            }
-            got
-        })
-        .await
-        .expect("no stream, or its end never came");
+        let got = first_body(&mut requests).await;
         assert_eq!(got, b"early");
         let mut ok = vec![0u8; socks5::success().len()];
         c.read_exact(&mut ok).await.unwrap();
@@ -408,18 +416,7 @@ mod tests {
             c.shutdown().await.unwrap();
             d.start(1 << 20);
             let mut requests = gateway_for(&d);
-            let got = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut body = requests.recv().await.unwrap();
-                let mut got = Vec::new();
-                while let Some(chunk) = body.data().await {
-                    let chunk = chunk.unwrap();
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    got.extend_from_slice(&chunk);
-                }
-                got
-            })
-            .await
-            .expect("no stream, or its end never came");
+            let got = first_body(&mut requests).await;
             assert_eq!(got, early);
         }
     }
