@@ -52,6 +52,42 @@ pub struct EgressConfig {
     pub principal_bytes_per_s: u64,
     /// The bucket's depth: bytes a principal may move at once after idling.
     pub principal_burst_bytes: u64,
+    /// `[[egress.limits]]`: limits of their own for the principals they
+    /// name; what an entry leaves out is the `[egress]` value above.
+    pub limits: Vec<LimitsConfig>,
+}
+
+/// One `[[egress.limits]]` entry as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The principals these limits are for (each in one entry at most).
+    pub principals: Vec<String>,
+    /// Their `max_streams_per_principal` (0: no limit of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<usize>,
+    /// Their `principal_bytes_per_s` (0: no rate limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s: Option<u64>,
+    /// Their `principal_burst_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_bytes: Option<u64>,
+    /// Their `connect_timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+/// What one principal's streams may do, compiled: `[egress]`'s values, or
+/// those of the `[[egress.limits]]` entry naming it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Streams open at once, all the principal's sessions together
+    /// (`usize::MAX`: no limit of its own).
+    pub max_streams: usize,
+    /// `None`: no rate limit; else (bytes/s, burst bytes).
+    pub rate: Option<(u64, u64)>,
+    /// Name resolution plus the TCP connect to a destination.
+    pub connect_timeout: std::time::Duration,
 }
 
 /// Half the process's soft open-file limit (at least 1): the default cap
@@ -81,6 +117,7 @@ impl Default for EgressConfig {
             window_bytes: jvpn_proto::channel::ChannelConfig::DEFAULT_WINDOW,
             principal_bytes_per_s: 0,
             principal_burst_bytes: 1 << 20,
+            limits: Vec::new(),
             rules: vec![RuleConfig {
                 action: Action::Allow,
                 principals: vec!["*".into()],
@@ -322,15 +359,13 @@ struct Rule {
 /// The compiled policy.
 #[derive(Clone, Debug)]
 pub struct EgressPolicy {
-    pub connect_timeout: std::time::Duration,
     pub max_streams_per_session: usize,
     /// The gateway's (`egress.max_streams`, 0 resolved).
     pub max_streams: usize,
-    /// Per principal (`egress.max_streams_per_principal`, 0: unbounded).
-    pub max_streams_per_principal: usize,
     pub window_bytes: u64,
-    /// `None`: no rate limit; else (bytes/s, burst bytes).
-    pub principal_rate: Option<(u64, u64)>,
+    /// Every principal's limits but those `[[egress.limits]]` names.
+    defaults: Limits,
+    by_principal: std::collections::HashMap<String, Limits>,
     rules: Vec<Rule>,
     protected: Vec<(Cidr, Protected)>,
     /// This gateway's own listeners, protected by exact address; one bound
@@ -423,12 +458,19 @@ impl EgressPolicy {
                 ),
             ));
         }
-        if cfg.principal_bytes_per_s > 0 && cfg.principal_burst_bytes < 16 * 1024 {
+        if cfg.principal_bytes_per_s > 0 && cfg.principal_burst_bytes < BURST_MIN {
             errs.push(ConfigProblem::new(
                 "egress.principal_burst_bytes",
                 "must be at least 16384 (one read of a stream) when principal_bytes_per_s is set",
             ));
         }
+        let defaults = Limits {
+            max_streams: unbounded(cfg.max_streams_per_principal),
+            rate: (cfg.principal_bytes_per_s > 0)
+                .then_some((cfg.principal_bytes_per_s, cfg.principal_burst_bytes)),
+            connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
+        };
+        let by_principal = compile_limits(cfg, &mut errs);
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -437,19 +479,14 @@ impl EgressPolicy {
             .filter_map(|(c, p)| c.parse().ok().map(|c| (c, *p)))
             .collect();
         Ok(Self {
-            connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
             max_streams_per_session: cfg.max_streams_per_session,
             max_streams: match cfg.max_streams {
                 0 => half_the_open_file_limit(),
                 n => n,
             },
-            max_streams_per_principal: match cfg.max_streams_per_principal {
-                0 => usize::MAX,
-                n => n,
-            },
             window_bytes: cfg.window_bytes,
-            principal_rate: (cfg.principal_bytes_per_s > 0)
-                .then_some((cfg.principal_bytes_per_s, cfg.principal_burst_bytes)),
+            defaults,
+            by_principal,
             rules,
             protected,
             listeners: listeners
@@ -458,6 +495,12 @@ impl EgressPolicy {
                 .collect(),
             host_addrs: host_addrs.iter().map(|a| canonical(*a)).collect(),
         })
+    }
+
+    /// `principal`'s limits: its `[[egress.limits]]` entry's, else
+    /// `[egress]`'s.
+    pub fn limits(&self, principal: &str) -> &Limits {
+        self.by_principal.get(principal).unwrap_or(&self.defaults)
     }
 
     /// May `principal` open a stream to `dest` (an address, after any name
@@ -511,6 +554,72 @@ impl EgressPolicy {
         }
         Err(range.map_or(Denial::NoRule, |(_, p)| Denial::Protected(*p)))
     }
+}
+
+/// A principal's token bucket holds at least one read of a stream.
+const BURST_MIN: u64 = 16 * 1024;
+
+/// A stream count where 0 means no limit.
+fn unbounded(n: usize) -> usize {
+    if n == 0 { usize::MAX } else { n }
+}
+
+/// `[[egress.limits]]` by principal, each entry's gaps filled from
+/// `[egress]`; every problem names its key.
+fn compile_limits(
+    cfg: &EgressConfig,
+    errs: &mut Vec<ConfigProblem>,
+) -> std::collections::HashMap<String, Limits> {
+    let mut out = std::collections::HashMap::new();
+    let mut named_in = std::collections::HashMap::new();
+    for (i, l) in cfg.limits.iter().enumerate() {
+        let key = |k: &str| format!("egress.limits[{i}].{k}");
+        if l.principals.is_empty() {
+            errs.push(ConfigProblem::new(
+                key("principals"),
+                "must name at least one principal",
+            ));
+        }
+        let timeout = l.connect_timeout_ms.unwrap_or(cfg.connect_timeout_ms);
+        if timeout == 0 {
+            errs.push(ConfigProblem::new(
+                key("connect_timeout_ms"),
+                "must be greater than zero",
+            ));
+        }
+        let rate = l.bytes_per_s.unwrap_or(cfg.principal_bytes_per_s);
+        let burst = l.burst_bytes.unwrap_or(cfg.principal_burst_bytes);
+        if rate > 0 && burst < BURST_MIN {
+            errs.push(ConfigProblem::new(
+                key("burst_bytes"),
+                format!(
+                    "{burst} (or egress.principal_burst_bytes when unset) must be at least \
+                     16384 (one read of a stream) when a byte rate is set"
+                ),
+            ));
+        }
+        let limits = Limits {
+            max_streams: unbounded(l.max_streams.unwrap_or(cfg.max_streams_per_principal)),
+            rate: (rate > 0).then_some((rate, burst)),
+            connect_timeout: std::time::Duration::from_millis(timeout),
+        };
+        for p in &l.principals {
+            if p == "*" {
+                errs.push(ConfigProblem::new(
+                    key("principals"),
+                    "\"*\" is every principal: set the [egress] keys instead",
+                ));
+            } else if let Some(j) = named_in.insert(p.clone(), i) {
+                errs.push(ConfigProblem::new(
+                    key("principals"),
+                    format!("{p:?} is already named by egress.limits[{j}]"),
+                ));
+            } else {
+                out.insert(p.clone(), limits.clone());
+            }
+        }
+    }
+    out
 }
 
 impl EgressPolicy {

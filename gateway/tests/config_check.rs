@@ -597,3 +597,36 @@ fn a_reload_may_rotate_the_secrets_but_not_change_the_store() {
     // The same file twice is the same key id: refused by validation.
     assert!(previous.is_err());
 }
+
+/// The `[egress]` examples in docs/configuration.md pass `check` as
+/// written, and an `[[egress.limits]]` naming a principal twice is refused
+/// with the key of the entry that did.
+#[test]
+fn the_egress_examples_in_the_docs_pass_check() {
+    let d = tempfile::tempdir().unwrap();
+    let l = pki(d.path());
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .unwrap();
+    let section = docs
+        .split("\n## ")
+        .find(|s| s.starts_with("`[egress]`"))
+        .expect("an [egress] section");
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(blocks.len() >= 2, "{blocks:?}");
+    assert!(blocks.iter().any(|b| b.contains("[[egress.limits]]")));
+    for b in &blocks {
+        let (code, err) = check(d.path(), &format!("{}{b}", base(&l)));
+        assert_eq!(code, 0, "{b}\n{err}");
+    }
+    let twice = "[[egress.limits]]\nprincipals = [\"backup\"]\nmax_streams = 2\n\n\
+                 [[egress.limits]]\nprincipals = [\"backup\"]\nconnect_timeout_ms = 10\n";
+    let (code, err) = check(d.path(), &format!("{}{twice}", base(&l)));
+    assert_ne!(code, 0);
+    assert!(err.contains("egress.limits[1].principals"), "{err}");
+}

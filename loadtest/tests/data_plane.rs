@@ -809,6 +809,36 @@ async fn a_principals_stream_limit_holds_across_its_sessions() {
     limit_across_sessions("max_streams_per_principal", 3, 2).await;
 }
 
+/// A principal named in `[[egress.limits]]` has that entry's stream limit
+/// instead of `[egress]`'s: the development token's principal may open
+/// three streams where every other principal may open one, and its fourth
+/// is refused `too_many_streams`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principals_own_limits_replace_the_egress_values() {
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[egress]\nmax_streams_per_principal = 1\n\n\
+         [[egress.limits]]\nprincipals = [\"dev-token\"]\nmax_streams = 3\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    let echo = echo_server().await;
+    let host = echo.ip().to_string();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let s = a_connect(&a.tunnel, &host, echo.port())
+            .await
+            .unwrap_or_else(|e| panic!("stream {}: {e}", i + 1));
+        open.push(s);
+    }
+    match a_connect(&a.tunnel, &host, echo.port()).await {
+        Err(StreamError::Refused(Refusal::TooManyStreams)) => {}
+        other => panic!("fourth stream: expected too_many_streams, got {other:?}"),
+    }
+    drop(open);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
 /// `[egress] key = limit` over two sessions of one credential: session a
 /// opens `in_a` streams and b the rest up to the limit; the next stream is
 /// refused `too_many_streams` in either session (and counted), and a slot

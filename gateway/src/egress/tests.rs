@@ -223,6 +223,7 @@ fn bad_rules_name_their_key() {
         window_bytes: 1024,
         principal_bytes_per_s: 1000,
         principal_burst_bytes: 10,
+        limits: Vec::new(),
     };
     let errs = EgressPolicy::new(&bad, &[], &[]).unwrap_err();
     let keys: Vec<(&str, &str)> = errs
@@ -385,4 +386,107 @@ fn an_ipv4_block_written_as_ipv6_is_the_ipv4_block() {
         &[],
     );
     assert!(p.is_err());
+}
+
+fn limits_entry(principals: &[&str]) -> LimitsConfig {
+    LimitsConfig {
+        principals: principals.iter().map(|s| s.to_string()).collect(),
+        ..LimitsConfig::default()
+    }
+}
+
+/// `[[egress.limits]]` gives the principals it names limits of their own;
+/// what an entry leaves out, and every other principal, keeps `[egress]`'s.
+#[test]
+fn a_principals_limits_entry_overrides_the_egress_values() {
+    use std::time::Duration;
+    let cfg = EgressConfig {
+        max_streams_per_principal: 10,
+        principal_bytes_per_s: 1000,
+        principal_burst_bytes: 32_768,
+        connect_timeout_ms: 5000,
+        limits: vec![
+            LimitsConfig {
+                max_streams: Some(2),
+                bytes_per_s: Some(0),
+                ..limits_entry(&["alice", "bob"])
+            },
+            LimitsConfig {
+                connect_timeout_ms: Some(300),
+                burst_bytes: Some(65_536),
+                ..limits_entry(&["carol"])
+            },
+            LimitsConfig {
+                max_streams: Some(0),
+                ..limits_entry(&["dave"])
+            },
+        ],
+        ..EgressConfig::default()
+    };
+    let p = EgressPolicy::new(&cfg, &[], &[]).unwrap();
+    let own = |max_streams, rate, ms| Limits {
+        max_streams,
+        rate,
+        connect_timeout: Duration::from_millis(ms),
+    };
+    assert_eq!(p.limits("alice"), &own(2, None, 5000));
+    assert_eq!(p.limits("bob"), &own(2, None, 5000));
+    assert_eq!(p.limits("carol"), &own(10, Some((1000, 65_536)), 300));
+    assert_eq!(
+        p.limits("dave"),
+        &own(usize::MAX, Some((1000, 32_768)), 5000)
+    );
+    assert_eq!(p.limits("erin"), &own(10, Some((1000, 32_768)), 5000));
+    // Without entries every principal has [egress]'s, 0 meaning none.
+    let plain = EgressPolicy::new(&EgressConfig::default(), &[], &[]).unwrap();
+    assert_eq!(plain.limits("alice"), &own(usize::MAX, None, 10_000));
+}
+
+#[test]
+fn bad_limits_entries_name_their_key() {
+    let bad = EgressConfig {
+        limits: vec![
+            limits_entry(&[]),
+            limits_entry(&["*"]),
+            limits_entry(&["alice"]),
+            LimitsConfig {
+                connect_timeout_ms: Some(0),
+                bytes_per_s: Some(1000),
+                burst_bytes: Some(10),
+                ..limits_entry(&["alice"])
+            },
+        ],
+        ..EgressConfig::default()
+    };
+    let errs = EgressPolicy::new(&bad, &[], &[]).unwrap_err();
+    let has = |k: &str, what: &str| errs.iter().any(|e| e.key == k && e.problem.contains(what));
+    assert!(
+        has("egress.limits[0].principals", "at least one"),
+        "{errs:?}"
+    );
+    assert!(
+        has("egress.limits[1].principals", "every principal"),
+        "{errs:?}"
+    );
+    assert!(
+        has("egress.limits[3].principals", "egress.limits[2]"),
+        "{errs:?}"
+    );
+    assert!(
+        has("egress.limits[3].connect_timeout_ms", "zero"),
+        "{errs:?}"
+    );
+    assert!(has("egress.limits[3].burst_bytes", "16384"), "{errs:?}");
+    assert_eq!(errs.len(), 5, "{errs:?}");
+    // A rate set in [egress] needs the entry's burst to be big enough too.
+    let inherited = EgressConfig {
+        principal_bytes_per_s: 1000,
+        limits: vec![LimitsConfig {
+            burst_bytes: Some(100),
+            ..limits_entry(&["alice"])
+        }],
+        ..EgressConfig::default()
+    };
+    let errs = EgressPolicy::new(&inherited, &[], &[]).unwrap_err();
+    assert_eq!(errs[0].key, "egress.limits[0].burst_bytes", "{errs:?}");
 }

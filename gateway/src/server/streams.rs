@@ -280,6 +280,7 @@ async fn open_and_splice(
     };
     // The policy in force when the stream opens (SIGHUP applies to new ones).
     let policy = shared.egress.load_full();
+    let limits = policy.limits(&ctx.principal);
     // The table is full of principals with streams open: fail closed.
     let Some(mine) = shared
         .principal_streams
@@ -289,15 +290,15 @@ async fn open_and_splice(
     };
     let Some(slot) = Open::try_new([
         (&ctx.open, policy.max_streams_per_session),
-        (&mine, policy.max_streams_per_principal),
+        (&mine, limits.max_streams),
         (&shared.streams_open, policy.max_streams),
     ]) else {
         return refused(Refusal::TooManyStreams);
     };
     drop(mine);
-    let limit = match policy.principal_rate {
+    let limit = match limits.rate {
         None => None,
-        Some((rate, burst)) => match bucket_for(shared, &ctx.principal) {
+        Some((rate, burst)) => match bucket_for(shared, &ctx.principal, burst) {
             Some(b) => Some(Limit {
                 bucket: b,
                 rate,
@@ -480,8 +481,7 @@ impl<T> PerPrincipal<T> {
     }
 }
 
-fn bucket_for(shared: &Shared, principal: &Arc<str>) -> Option<Arc<Bucket>> {
-    let burst = shared.egress.load().principal_rate.map_or(0, |(_, b)| b);
+fn bucket_for(shared: &Shared, principal: &Arc<str>, burst: u64) -> Option<Arc<Bucket>> {
     shared.buckets.get(principal, || Bucket::new(burst))
 }
 
@@ -553,7 +553,7 @@ async fn dial(
     lookups: Option<[&Arc<Semaphore>; 3]>,
 ) -> Result<TcpStream, Refusal> {
     // One deadline for resolution and connect together, as documented.
-    let deadline = tokio::time::Instant::now() + policy.connect_timeout;
+    let deadline = tokio::time::Instant::now() + policy.limits(principal).connect_timeout;
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => {
