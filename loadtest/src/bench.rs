@@ -73,6 +73,10 @@ pub struct BenchReport {
     pub rss_per_attached_session_bytes: f64,
     /// The same with the data plane on (a channel, no stream open).
     pub rss_per_attached_session_with_channel_bytes: f64,
+    /// The same after one stream went through each session and ended:
+    /// what a session that used the data plane keeps while idle (its
+    /// HTTP/2 connection, started by that stream, stays).
+    pub rss_per_attached_session_after_a_stream_bytes: f64,
     pub rss_per_detached_session_bytes: f64,
     pub pinned: bool,
     /// The agents of the handshake measurements presented client
@@ -367,6 +371,31 @@ pub(crate) async fn start_pinned_gateway(
     .await
 }
 
+/// Runs `a` as the agent binary does, sends one byte through a stream to
+/// `echo` and back, ends the stream, and returns what keeps the session
+/// running (idle from then on).
+async fn one_stream_then_idle(
+    mut a: jvpn_agent::Agent,
+    echo: SocketAddr,
+) -> Result<(
+    jvpn_agent::streams::Tunnel,
+    tokio::sync::mpsc::Sender<jvpn_agent::Command>,
+    tokio::task::JoinHandle<jvpn_agent::AgentReport>,
+)> {
+    let tunnel = a.tunnel();
+    let (cmds, rx) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(jvpn_agent::keep_alive(a, rx, None, Arc::default()));
+    let target = jvpn_proto::stream::Target::new(&echo.ip().to_string(), echo.port())?;
+    let s = tunnel.connect(&target).await?;
+    let (mut r, mut w) = tokio::io::split(s);
+    w.write_all(b"x").await?;
+    w.shutdown().await?;
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await?;
+    anyhow::ensure!(back == b"x", "the stream's byte did not come back");
+    Ok((tunnel, cmds, task))
+}
+
 /// One agent's session and its current transport.
 pub(crate) type PooledSession =
     tokio::sync::Mutex<(jvpn_agent::Agent, Option<jvpn_agent::Transport>)>;
@@ -599,12 +628,20 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
 
     // 4. Memory per attached and per detached session.
     report.sessions_measured = opts.sessions;
-    for sub in ["attached", "detached", "channel"] {
+    let echo = crate::streamload::echo_destination().await?;
+    for sub in ["attached", "detached", "channel", "used"] {
         // `channel`: attached, with the data plane on (a session channel
-        // and an HTTP/2 server per session at the gateway), no stream open.
+        // per session at the gateway), no stream open. `used`: the same,
+        // after one stream went through each session and ended.
         let attached = sub != "detached";
         let channel = sub == "channel";
-        let gw = start_pinned_gateway(&exe, &pki, &dir.path().join(sub), bench_toml()).await?;
+        let used = sub == "used";
+        let toml = if used {
+            format!("{}{}", bench_toml(), crate::streamload::LOOPBACK_EGRESS)
+        } else {
+            bench_toml().to_owned()
+        };
+        let gw = start_pinned_gateway(&exe, &pki, &dir.path().join(sub), &toml).await?;
         let pid = gw.pid().context("gateway pid")?;
         let base = rss_bytes(pid)?;
         let mut keep = Vec::with_capacity(if attached { opts.sessions } else { 0 });
@@ -615,9 +652,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
             let mut cfg = cfg.clone();
             cfg.bind_ip = Some(harness::source_ip(c));
             set.spawn(async move {
-                let mut ts = Vec::new();
+                let mut ts: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
                 for _ in 0..per_task {
                     let mut a = jvpn_agent::Agent::new(cfg.clone())?;
+                    if used {
+                        ts.push(Box::new(one_stream_then_idle(a, echo).await?));
+                        continue;
+                    }
                     if channel {
                         let _ = a.tunnel();
                     }
@@ -626,7 +667,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
                         anyhow::bail!("the gateway granted no channel: nothing measured");
                     }
                     if attached {
-                        ts.push((t, a));
+                        ts.push(Box::new((t, a)));
                     }
                 }
                 Ok::<_, anyhow::Error>(ts)
@@ -646,10 +687,23 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
             live && (attached_now == total as u64) == attached
         })
         .await?;
+        if used {
+            // Every stream ended at the gateway, and it gave back what the
+            // burst freed (as it does once bytes stop moving).
+            harness::eventually(Duration::from_secs(60), "streams ended, heap trimmed", || async {
+                let open = gw.metric("jvpn_gateway_streams_open", &[]).await;
+                let trims = gw
+                    .metric("jvpn_gateway_memory_reclaim_duration_seconds_count", &[])
+                    .await;
+                open.is_ok_and(|n| n == 0.0) && trims.is_ok_and(|n| n >= 1.0)
+            })
+            .await?;
+        }
         let per = (rss_bytes(pid)?.saturating_sub(base)) as f64 / total as f64;
         match sub {
             "attached" => report.rss_per_attached_session_bytes = per,
             "channel" => report.rss_per_attached_session_with_channel_bytes = per,
+            "used" => report.rss_per_attached_session_after_a_stream_bytes = per,
             _ => report.rss_per_detached_session_bytes = per,
         }
         drop(keep);

@@ -33,7 +33,15 @@ async fn an_idle_session_with_the_data_plane_costs_at_most_ten_percent_more_than
         .as_f64()
         .unwrap();
     let without = r["rss_per_attached_session_bytes"].as_f64().unwrap();
-    println!("per idle attached session: {without:.0} B, with the data plane {with:.0} B");
+    // Reported, not asserted: a session whose HTTP/2 started keeps it
+    // (docs/benchmarks.md, "Memory": over the bound, a known miss).
+    let used = r["rss_per_attached_session_after_a_stream_bytes"]
+        .as_f64()
+        .unwrap();
+    println!(
+        "per idle attached session: {without:.0} B, with the data plane {with:.0} B, \
+         after one stream {used:.0} B"
+    );
     // RSS really grew: a measurement that saw nothing must not pass.
     assert!(without > 1_000.0 && with > 1_000.0, "{r}");
     assert!(
