@@ -189,6 +189,10 @@ pub struct StreamCounters {
     pub refused: AtomicU64,
     /// Streams that ended with a reset (session gone, channel broken).
     pub reset: AtomicU64,
+    /// Front-door requests answered with an error before any stream:
+    /// malformed, or asking for what the door does not do (SOCKS5 BIND, a
+    /// method other than `CONNECT`, no acceptable SOCKS5 method).
+    pub bad_requests: AtomicU64,
 }
 
 impl Tunnel {
@@ -258,6 +262,11 @@ impl Tunnel {
     /// Counts a stream that ended with a reset (front doors call this).
     pub fn count_reset(&self) {
         self.counters.reset.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a front-door request answered with an error.
+    pub fn count_bad_request(&self) {
+        self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 }
 

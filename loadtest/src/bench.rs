@@ -690,13 +690,17 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport> {
         if used {
             // Every stream ended at the gateway, and it gave back what the
             // burst freed (as it does once bytes stop moving).
-            harness::eventually(Duration::from_secs(60), "streams ended, heap trimmed", || async {
-                let open = gw.metric("jvpn_gateway_streams_open", &[]).await;
-                let trims = gw
-                    .metric("jvpn_gateway_memory_reclaim_duration_seconds_count", &[])
-                    .await;
-                open.is_ok_and(|n| n == 0.0) && trims.is_ok_and(|n| n >= 1.0)
-            })
+            harness::eventually(
+                Duration::from_secs(60),
+                "streams ended, heap trimmed",
+                || async {
+                    let open = gw.metric("jvpn_gateway_streams_open", &[]).await;
+                    let trims = gw
+                        .metric("jvpn_gateway_memory_reclaim_duration_seconds_count", &[])
+                        .await;
+                    open.is_ok_and(|n| n == 0.0) && trims.is_ok_and(|n| n >= 1.0)
+                },
+            )
             .await?;
         }
         let per = (rss_bytes(pid)?.saturating_sub(base)) as f64 / total as f64;

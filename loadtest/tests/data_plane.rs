@@ -438,6 +438,9 @@ async fn malformed_front_door_requests_close_only_their_connection() {
             String::from_utf8_lossy(&got)
         );
     }
+    // Each was counted, with nothing else.
+    let counted = &a.tunnel.counters().bad_requests;
+    assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 5);
     // The same front door and session still carry a good stream.
     let echo = echo_server().await;
     let mut c = jvpn_loadtest::socks::connect(door_addr, echo)

@@ -145,7 +145,7 @@ async fn socks(
                 break;
             }
             Ok(None) => read_more(&mut c, &mut buf, by).await?,
-            Err(e) => return answer_and_close(c, e.reply()).await,
+            Err(e) => return bad_request(c, tunnel, e.reply()).await,
         }
     }
     c.write_all(&socks5::METHOD_REPLY).await?;
@@ -156,7 +156,7 @@ async fn socks(
                 break t;
             }
             Ok(None) => read_more(&mut c, &mut buf, by).await?,
-            Err(e) => return answer_and_close(c, e.reply()).await,
+            Err(e) => return bad_request(c, tunnel, e.reply()).await,
         }
     };
     match open_watching(&c, tunnel, &target, Eof::before_answer(&buf)).await {
@@ -178,7 +178,7 @@ async fn http(mut c: TcpStream, mut buf: BytesMut, tunnel: &Tunnel, by: Instant)
         match http_connect::parse(&buf) {
             Ok(Some(x)) => break x,
             Ok(None) => read_more(&mut c, &mut buf, by).await?,
-            Err(e) => return answer_and_close(c, Some(e.response())).await,
+            Err(e) => return bad_request(c, tunnel, Some(e.response())).await,
         }
     };
     buf.advance(n);
@@ -259,6 +259,12 @@ fn refusal_of(e: &StreamError) -> Refusal {
             Refusal::NetworkUnreachable
         }
     }
+}
+
+/// A request the door will not serve: counted, answered, closed.
+async fn bad_request(c: TcpStream, tunnel: &Tunnel, reply: Option<Vec<u8>>) -> io::Result<()> {
+    tunnel.count_bad_request();
+    answer_and_close(c, reply).await
 }
 
 async fn answer_and_close(mut c: TcpStream, reply: Option<Vec<u8>>) -> io::Result<()> {
