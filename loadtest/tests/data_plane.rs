@@ -253,27 +253,36 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
         other => panic!("expected connection_refused, got {other:?}"),
     }
     // Through the SOCKS front door, as an application sees them: a denied
-    // CIDR and a denied port answer 2 ("not allowed by ruleset"), a closed
-    // port 5 ("connection refused").
+    // CIDR, a denied port and protected loopback answer 2 ("not allowed by
+    // ruleset"), a closed port 5 ("connection refused").
     let (door_addr, _door) = front_door(&a.tunnel).unwrap();
     for (to, code) in [
         (SocketAddr::from(([127, 0, 0, 3], echo.port())), 2),
         (SocketAddr::from(([127, 0, 0, 2], 9)), 2),
         (SocketAddr::from(([127, 0, 0, 2], 1)), 5),
+        (echo, 2),
     ] {
         match jvpn_loadtest::socks::connect(door_addr, to).await {
             Err(jvpn_loadtest::socks::SocksError::Refused(c)) => assert_eq!(c, code, "{to}"),
             other => panic!("{to}: expected SOCKS reply {code}, got {other:?}"),
         }
     }
+    // A name (resolved at the gateway) to a protected address: 2 as well.
+    let mut c = TcpStream::connect(door_addr).await.unwrap();
+    let mut req = b"\x05\x01\x00\x05\x01\x00\x03\x09localhost".to_vec();
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    c.write_all(&req).await.unwrap();
+    let mut answer = [0u8; 4];
+    c.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer, [5, 0, 5, 2], "localhost through SOCKS5");
     let denied = env
         .gw
         .metric("jvpn_gateway_egress_denied_total", &[("rule", "loopback")])
         .await
         .unwrap();
-    // One per refused stream (127.0.0.1, then localhost), not one per
-    // address a name resolved to.
-    assert_eq!(denied, 2.0, "loopback denials counted");
+    // One per refused stream (127.0.0.1 and localhost, each directly and
+    // through SOCKS), not one per address a name resolved to.
+    assert_eq!(denied, 4.0, "loopback denials counted");
     let by_rule = env
         .gw
         .metric("jvpn_gateway_egress_denied_total", &[("rule", "rule")])
@@ -288,7 +297,8 @@ async fn the_egress_policy_refuses_with_a_reason_and_counts_it() {
         )
         .await
         .unwrap();
-    assert_eq!(not_allowed, 4.0);
+    // Loopback twice directly and twice through SOCKS, the rule twice.
+    assert_eq!(not_allowed, 6.0);
     drop(a.cmds);
     a.task.await.unwrap();
 }
