@@ -461,15 +461,18 @@ impl EgressPolicy {
         if cfg.principal_bytes_per_s > 0 && cfg.principal_burst_bytes < BURST_MIN {
             errs.push(ConfigProblem::new(
                 "egress.principal_burst_bytes",
-                "must be at least 16384 (one read of a stream) when principal_bytes_per_s is set",
+                format!(
+                    "must be at least {BURST_MIN} (one read of a stream) when \
+                     principal_bytes_per_s is set"
+                ),
             ));
         }
-        let defaults = Limits {
-            max_streams: unbounded(cfg.max_streams_per_principal),
-            rate: (cfg.principal_bytes_per_s > 0)
-                .then_some((cfg.principal_bytes_per_s, cfg.principal_burst_bytes)),
-            connect_timeout: std::time::Duration::from_millis(cfg.connect_timeout_ms),
-        };
+        let defaults = Limits::new(
+            cfg.max_streams_per_principal,
+            cfg.principal_bytes_per_s,
+            cfg.principal_burst_bytes,
+            cfg.connect_timeout_ms,
+        );
         let by_principal = compile_limits(cfg, &mut errs);
         if !errs.is_empty() {
             return Err(errs);
@@ -559,9 +562,19 @@ impl EgressPolicy {
 /// A principal's token bucket holds at least one read of a stream.
 const BURST_MIN: u64 = 16 * 1024;
 
-/// A stream count where 0 means no limit.
-fn unbounded(n: usize) -> usize {
-    if n == 0 { usize::MAX } else { n }
+impl Limits {
+    /// From the keys as written: 0 streams or 0 bytes/s is no limit.
+    fn new(max_streams: usize, bytes_per_s: u64, burst: u64, connect_timeout_ms: u64) -> Self {
+        Self {
+            max_streams: if max_streams == 0 {
+                usize::MAX
+            } else {
+                max_streams
+            },
+            rate: (bytes_per_s > 0).then_some((bytes_per_s, burst)),
+            connect_timeout: std::time::Duration::from_millis(connect_timeout_ms),
+        }
+    }
 }
 
 /// `[[egress.limits]]` by principal, each entry's gaps filled from
@@ -574,49 +587,64 @@ fn compile_limits(
     let mut named_in = std::collections::HashMap::new();
     for (i, l) in cfg.limits.iter().enumerate() {
         let key = |k: &str| format!("egress.limits[{i}].{k}");
+        let problem = |k: &str, p: String| ConfigProblem::new(key(k), p);
         if l.principals.is_empty() {
-            errs.push(ConfigProblem::new(
-                key("principals"),
-                "must name at least one principal",
+            errs.push(problem(
+                "principals",
+                "must name at least one principal".into(),
             ));
         }
-        let timeout = l.connect_timeout_ms.unwrap_or(cfg.connect_timeout_ms);
-        if timeout == 0 {
+        if l.max_streams.is_none()
+            && l.bytes_per_s.is_none()
+            && l.burst_bytes.is_none()
+            && l.connect_timeout_ms.is_none()
+        {
             errs.push(ConfigProblem::new(
-                key("connect_timeout_ms"),
-                "must be greater than zero",
+                format!("egress.limits[{i}]"),
+                "sets none of max_streams, bytes_per_s, burst_bytes, connect_timeout_ms",
+            ));
+        }
+        if l.connect_timeout_ms == Some(0) {
+            errs.push(problem(
+                "connect_timeout_ms",
+                "must be greater than zero".into(),
             ));
         }
         let rate = l.bytes_per_s.unwrap_or(cfg.principal_bytes_per_s);
         let burst = l.burst_bytes.unwrap_or(cfg.principal_burst_bytes);
-        if rate > 0 && burst < BURST_MIN {
-            errs.push(ConfigProblem::new(
-                key("burst_bytes"),
+        // A burst taken from [egress] is [egress]'s problem, said there.
+        if rate > 0 && burst < BURST_MIN && (l.burst_bytes.is_some() || l.bytes_per_s.is_some()) {
+            errs.push(problem(
+                "burst_bytes",
                 format!(
-                    "{burst} (or egress.principal_burst_bytes when unset) must be at least \
-                     16384 (one read of a stream) when a byte rate is set"
+                    "{burst} (egress.principal_burst_bytes when unset) must be at least \
+                     {BURST_MIN} (one read of a stream) when a byte rate is set"
                 ),
             ));
         }
-        let limits = Limits {
-            max_streams: unbounded(l.max_streams.unwrap_or(cfg.max_streams_per_principal)),
-            rate: (rate > 0).then_some((rate, burst)),
-            connect_timeout: std::time::Duration::from_millis(timeout),
-        };
+        let limits = Limits::new(
+            l.max_streams.unwrap_or(cfg.max_streams_per_principal),
+            rate,
+            burst,
+            l.connect_timeout_ms.unwrap_or(cfg.connect_timeout_ms),
+        );
         for p in &l.principals {
-            if p == "*" {
-                errs.push(ConfigProblem::new(
-                    key("principals"),
-                    "\"*\" is every principal: set the [egress] keys instead",
-                ));
-            } else if let Some(j) = named_in.insert(p.clone(), i) {
-                errs.push(ConfigProblem::new(
-                    key("principals"),
-                    format!("{p:?} is already named by egress.limits[{j}]"),
-                ));
+            let taken = named_in.insert(p.clone(), i);
+            let why = if p == "*" {
+                "\"*\" is every principal: set the [egress] keys instead".to_owned()
+            } else if p.is_empty() {
+                "an empty name is no principal".to_owned()
+            } else if let Some(j) = taken {
+                if j == i {
+                    format!("{p:?} is named twice")
+                } else {
+                    format!("{p:?} is already named by egress.limits[{j}]")
+                }
             } else {
                 out.insert(p.clone(), limits.clone());
-            }
+                continue;
+            };
+            errs.push(problem("principals", why));
         }
     }
     out

@@ -448,9 +448,11 @@ async fn malformed_front_door_requests_close_only_their_connection() {
             String::from_utf8_lossy(&got)
         );
     }
-    // Each was counted, with nothing else.
-    let counted = &a.tunnel.counters().bad_requests;
-    assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 5);
+    // Each was counted, and as nothing else.
+    let counters = a.tunnel.counters();
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(n(&counters.bad_requests), 5);
+    assert_eq!((n(&counters.refused), n(&counters.reset)), (0, 0));
     // The same front door and session still carry a good stream.
     let echo = echo_server().await;
     let mut c = jvpn_loadtest::socks::connect(door_addr, echo)
@@ -848,6 +850,52 @@ async fn a_principals_own_limits_replace_the_egress_values() {
         other => panic!("fourth stream: expected too_many_streams, got {other:?}"),
     }
     drop(open);
+    drop(a.cmds);
+    a.task.await.unwrap();
+}
+
+/// A principal's `[[egress.limits]]` byte rate, lowered by a reload,
+/// holds for the stream it already has open: the principal's streams share
+/// one bucket, and a stream that kept the rate it opened with would keep
+/// moving (and filling that bucket) at the old one. Lower bound only: a
+/// loaded machine can be slower, never faster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lowers_the_rate_of_a_principals_open_streams() {
+    const FAST: &str = "bytes_per_s = 1073741824";
+    const RATE: u64 = 2 << 20;
+    const BURST: u64 = 256 << 10;
+    const TOTAL: usize = 6 << 20;
+    let env = common::start(&format!(
+        "{LOOPBACK_ALLOWED}[[egress.limits]]\nprincipals = [\"dev-token\"]\n{FAST}\n\
+         burst_bytes = {BURST}\n"
+    ))
+    .await;
+    let a = run_agent(&env, env.gw.client_addr);
+    // Sends TOTAL bytes once asked (one byte).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut ask = [0u8; 1];
+        c.read_exact(&mut ask).await.unwrap();
+        c.write_all(&pattern(5, TOTAL)).await.unwrap();
+        c.shutdown().await.unwrap();
+    });
+    let mut s = a_connect(&a.tunnel, "127.0.0.1", port).await.unwrap();
+    reload_replacing(&env, FAST, &format!("bytes_per_s = {RATE}")).await;
+    let started = std::time::Instant::now();
+    s.write_all(b"?").await.unwrap();
+    let mut got = Vec::with_capacity(TOTAL);
+    s.read_to_end(&mut got).await.unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert!(got == pattern(5, TOTAL), "bytes differ");
+    // At most the bucket's depth moves at once, the rest at RATE.
+    let least = (TOTAL as u64 - BURST) as f64 / RATE as f64;
+    eprintln!("{TOTAL} bytes after the reload in {took:.3} s (at the new rate: {least:.3} s)");
+    assert!(
+        took >= least * 0.9,
+        "{took:.3} s: faster than the reloaded rate allows ({least:.3} s)"
+    );
     drop(a.cmds);
     a.task.await.unwrap();
 }
@@ -1408,6 +1456,25 @@ fn unreachable_and_silent_destinations_are_refused_with_their_reason() {
                     .await
                     .unwrap();
                 assert_eq!(got, want, "{reason}");
+            }
+            // A principal's own connect timeout ([[egress.limits]]) is the
+            // one its streams wait: a minute for everyone, 400 ms for it.
+            reload_replacing(
+                &env,
+                "[egress]\nconnect_timeout_ms = 300\n",
+                "[egress]\nconnect_timeout_ms = 60000\n\n[[egress.limits]]\n\
+                 principals = [\"dev-token\"]\nconnect_timeout_ms = 400\n",
+            )
+            .await;
+            let quick = tokio::time::timeout(
+                Duration::from_secs(10),
+                jvpn_loadtest::socks::connect(door, silent_at),
+            )
+            .await
+            .expect("the principal's 400 ms, not the minute of [egress]");
+            match quick {
+                Err(jvpn_loadtest::socks::SocksError::Refused(6)) => {}
+                other => panic!("expected SOCKS reply 6, got {other:?}"),
             }
             drop(a.cmds);
             a.task.await.unwrap();

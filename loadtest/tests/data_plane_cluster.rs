@@ -171,9 +171,9 @@ async fn streams_survive_a_router_restart_byte_exactly() {
 }
 
 /// A gateway joins during the transfers; then the agent's transport jumps,
-/// so its RESUME is routed on the new ring (where the session's key may now
-/// belong to the newcomer): the owner keeps the session, byte-exact, with
-/// no re-handshake.
+/// so its RESUME goes through a router whose ring now has the newcomer
+/// (which may own the session's ring position now; the router routes by
+/// the token's owner): resumed, byte-exact, no re-handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_scale_out_byte_exactly() {
     let mut c = two_gateways(ClusterOptions {
@@ -182,7 +182,6 @@ async fn streams_survive_a_scale_out_byte_exactly() {
     })
     .await;
     let t = under_way(&c, 4).await;
-    let owner = t.a.report.lock().unwrap().node_id.clone();
     c.start_gateway("g3").await.unwrap();
     let all: Vec<String> = ["g1", "g2", "g3"].map(String::from).to_vec();
     c.wait_placeable(&all, Duration::from_secs(15))
@@ -191,7 +190,6 @@ async fn streams_survive_a_scale_out_byte_exactly() {
     t.a.cmds.send(jvpn_agent::Command::Jump).await.unwrap();
     let r = t.finish().await;
     assert!(r.resumes_ok >= 1, "no RESUME after the scale-out: {r:?}");
-    assert_eq!(r.node_id, owner, "the session moved: {r:?}");
 }
 
 /// Owner SIGKILL during 20 transfers: each one ends with an error the

@@ -444,17 +444,24 @@ fn a_principals_limits_entry_overrides_the_egress_values() {
 
 #[test]
 fn bad_limits_entries_name_their_key() {
+    let streams = |names: &[&str]| LimitsConfig {
+        max_streams: Some(1),
+        ..limits_entry(names)
+    };
     let bad = EgressConfig {
         limits: vec![
-            limits_entry(&[]),
-            limits_entry(&["*"]),
-            limits_entry(&["alice"]),
+            streams(&[]),
+            streams(&["*"]),
+            streams(&["alice"]),
             LimitsConfig {
                 connect_timeout_ms: Some(0),
                 bytes_per_s: Some(1000),
                 burst_bytes: Some(10),
                 ..limits_entry(&["alice"])
             },
+            streams(&["", "bob", "bob"]),
+            // Nothing set: a mistake, not a no-op.
+            limits_entry(&["carol"]),
         ],
         ..EgressConfig::default()
     };
@@ -477,7 +484,13 @@ fn bad_limits_entries_name_their_key() {
         "{errs:?}"
     );
     assert!(has("egress.limits[3].burst_bytes", "16384"), "{errs:?}");
-    assert_eq!(errs.len(), 5, "{errs:?}");
+    assert!(has("egress.limits[4].principals", "empty name"), "{errs:?}");
+    assert!(
+        has("egress.limits[4].principals", "\"bob\" is named twice"),
+        "{errs:?}"
+    );
+    assert!(has("egress.limits[5]", "sets none"), "{errs:?}");
+    assert_eq!(errs.len(), 8, "{errs:?}");
     // A rate set in [egress] needs the entry's burst to be big enough too.
     let inherited = EgressConfig {
         principal_bytes_per_s: 1000,
@@ -489,4 +502,14 @@ fn bad_limits_entries_name_their_key() {
     };
     let errs = EgressPolicy::new(&inherited, &[], &[]).unwrap_err();
     assert_eq!(errs[0].key, "egress.limits[0].burst_bytes", "{errs:?}");
+    // [egress]'s own small burst is said once, at its own key.
+    let small = EgressConfig {
+        principal_bytes_per_s: 1000,
+        principal_burst_bytes: 100,
+        limits: vec![streams(&["alice"])],
+        ..EgressConfig::default()
+    };
+    let errs = EgressPolicy::new(&small, &[], &[]).unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["egress.principal_burst_bytes"], "{errs:?}");
 }

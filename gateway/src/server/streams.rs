@@ -280,7 +280,7 @@ async fn open_and_splice(
     };
     // The policy in force when the stream opens (SIGHUP applies to new ones).
     let policy = shared.egress.load_full();
-    let limits = policy.limits(&ctx.principal);
+    let own = policy.limits(&ctx.principal);
     // The table is full of principals with streams open: fail closed.
     let Some(mine) = shared
         .principal_streams
@@ -290,19 +290,19 @@ async fn open_and_splice(
     };
     let Some(slot) = Open::try_new([
         (&ctx.open, policy.max_streams_per_session),
-        (&mine, limits.max_streams),
+        (&mine, own.max_streams),
         (&shared.streams_open, policy.max_streams),
     ]) else {
         return refused(Refusal::TooManyStreams);
     };
     drop(mine);
-    let limit = match limits.rate {
+    let limit = match own.rate {
         None => None,
-        Some((rate, burst)) => match bucket_for(shared, &ctx.principal, burst) {
+        Some((_, burst)) => match bucket_for(shared, &ctx.principal, burst) {
             Some(b) => Some(Limit {
                 bucket: b,
-                rate,
-                burst,
+                egress: &shared.egress,
+                principal: &ctx.principal,
             }),
             // The table is full of principals with streams open: fail closed.
             None => return refused(Refusal::Failed),
@@ -434,10 +434,23 @@ struct Progress {
 }
 
 /// A principal's byte rate, shared by all its streams.
-struct Limit {
+struct Limit<'a> {
     bucket: Arc<Bucket>,
-    rate: u64,
-    burst: u64,
+    /// The policy in force: a reload changes the rate and depth of the
+    /// principal's open streams too (they share its bucket, so one rate).
+    egress: &'a arc_swap::ArcSwap<crate::egress::EgressPolicy>,
+    principal: &'a str,
+}
+
+impl Limit<'_> {
+    /// How long to wait before moving `n` bytes.
+    fn wait(&self, n: usize) -> Duration {
+        match self.egress.load().limits(self.principal).rate {
+            Some((rate, burst)) => self.bucket.take(n as u64, rate, burst, Instant::now()),
+            // A reload took the principal's rate away.
+            None => Duration::ZERO,
+        }
+    }
 }
 
 /// Principals with an entry in a per-principal table at once; past it,
@@ -679,7 +692,7 @@ fn refusal_of(e: &std::io::Error) -> Refusal {
 async fn splice(
     stream: Fenced<H2Stream>,
     dest: TcpStream,
-    limit: Option<&Limit>,
+    limit: Option<&Limit<'_>>,
     gone: impl std::future::Future<Output = ()>,
 ) -> (&'static str, u64, u64) {
     let moved = |way: Way, n: usize| {
@@ -688,9 +701,7 @@ async fn splice(
             Way::FromTcp => m::STREAM_DIRECTIONS[1],
         };
         counter!(m::STREAM_BYTES, "direction" => direction).increment(n as u64);
-        limit.map_or(Duration::ZERO, |l| {
-            l.bucket.take(n as u64, l.rate, l.burst, Instant::now())
-        })
+        limit.map_or(Duration::ZERO, |l| l.wait(n))
     };
     let r = relay(dest, stream, &[], &moved, gone).await;
     let how = m::STREAM_ENDINGS[usize::from(r.reset)];
