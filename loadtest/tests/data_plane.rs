@@ -448,10 +448,26 @@ async fn malformed_front_door_requests_close_only_their_connection() {
             String::from_utf8_lossy(&got)
         );
     }
+    // A head over 8 KiB: 431.
+    let mut c = TcpStream::connect(door_addr).await.unwrap();
+    let mut huge = b"CONNECT example.org:443 HTTP/1.1\r\nX-Pad: ".to_vec();
+    huge.resize(9 * 1024, b'a');
+    c.write_all(&huge).await.unwrap();
+    let mut got = Vec::new();
+    // The door closes with the rest of the head unread, which may end the
+    // connection with a reset after its answer: the answer is what counts.
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the front door closes an oversized head");
+    assert!(
+        got.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
     // Each was counted, and as nothing else.
     let counters = a.tunnel.counters();
     let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(n(&counters.bad_requests), 5);
+    assert_eq!(n(&counters.bad_requests), 6);
     assert_eq!((n(&counters.refused), n(&counters.reset)), (0, 0));
     // The same front door and session still carry a good stream.
     let echo = echo_server().await;
